@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The project's test command (see README): make sure PostgreSQL and RabbitMQ
+# are up, build everything, run the whole workspace's tests.
+#
+# Usage: deploy/test.sh [cargo-test args] [-- test-harness args]
+#   deploy/test.sh                      # everything
+#   deploy/test.sh e2e_linear           # only tests whose name contains e2e_linear
+#   deploy/test.sh -p tasker-tests -- --nocapture
+#
+# Environment: TASKER_TEST_THREADS (default 4), TASKER_SERVICE_TIMEOUT (see
+# deploy/services.sh).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+# shellcheck source=deploy/lib.sh
+. "$here/lib.sh"
+cd "$(dirname "$here")"
+
+deploy/services.sh up
+ensure_cargo
+
+# --locked keeps CI honest about Cargo.lock, but would fail outright if the
+# lock file does not exist yet (it is generated on first build).
+locked=()
+if [[ -f Cargo.lock ]]; then
+    locked=(--locked)
+else
+    log "note: no Cargo.lock, building without --locked"
+fi
+
+# Split our arguments at the first `--`: before it they are cargo-test
+# arguments (test name filters, -p, --features...), after it they go to the
+# test harness together with our --test-threads. Appending the caller's `--`
+# verbatim would give libtest two `--` and break.
+cargo_args=()
+harness_args=()
+while (($#)); do
+    if [[ $1 == -- ]]; then
+        shift
+        harness_args=("$@")
+        break
+    fi
+    cargo_args+=("$1")
+    shift
+done
+# End-to-end tests each start their own coordinator and workers; 4 at a time
+# fits 2 cores. An explicit --test-threads from the caller wins.
+threads_given=no
+for a in "${harness_args[@]}"; do
+    [[ $a == --test-threads || $a == --test-threads=* ]] && threads_given=yes
+done
+if [[ $threads_given == no ]]; then
+    harness_args+=("--test-threads=${TASKER_TEST_THREADS:-4}")
+fi
+
+set -x
+cargo build --workspace --bins --examples "${locked[@]}"
+cargo test --workspace "${locked[@]}" "${cargo_args[@]}" -- "${harness_args[@]}"
