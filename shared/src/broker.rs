@@ -1,0 +1,259 @@
+//! RabbitMQ: connecting, the topology every process declares, and publishing with confirms.
+//!
+//! Names (with the default prefix `tasker`):
+//!
+//! | name | kind | what flows |
+//! |---|---|---|
+//! | `tasker.steps` | direct exchange | step messages, routing key = namespace |
+//! | `tasker.steps.<namespace>` | durable queue | one per namespace; workers consume it |
+//! | `tasker.results` | durable queue | results and started notices (default exchange) |
+//! | `tasker.control` | fanout exchange | namespace announcements and worker hellos |
+//! | `tasker.dlx` / `tasker.dead_letter` | fanout exchange / durable queue | poison messages, with an `x-tasker-reason` header |
+//!
+//! Every declaration is idempotent with the same arguments, so whichever process starts
+//! first creates the topology and the others find it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::BrokerSettings;
+
+/// The header that says why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-tasker-reason";
+/// The header that names the queue a dead-lettered message came from.
+pub const SOURCE_HEADER: &str = "x-tasker-source-queue";
+/// The W3C trace context header.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The names of Tasker's exchanges and queues under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    /// The topology under `prefix` (normally `tasker`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The direct exchange steps are published to.
+    pub fn steps_exchange(&self) -> String {
+        format!("{}.steps", self.prefix)
+    }
+
+    /// The queue holding one namespace's steps.
+    pub fn step_queue(&self, namespace: &str) -> String {
+        format!("{}.steps.{namespace}", self.prefix)
+    }
+
+    /// The queue coordinators consume results from.
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    /// The fanout exchange for control messages.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// The exchange poison messages are published to.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+
+    /// The queue poison messages end in.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead_letter", self.prefix)
+    }
+
+    /// Declare the exchanges and queues every process relies on.
+    pub async fn declare_base(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.steps_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.control_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        declare_durable_queue(channel, &self.dead_letter_queue()).await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue().into(),
+                self.dead_letter_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        declare_durable_queue(channel, &self.results_queue()).await?;
+        Ok(())
+    }
+
+    /// Declare one namespace's step queue and bind it to the steps exchange.
+    pub async fn declare_namespace(&self, channel: &Channel, namespace: &str) -> lapin::Result<()> {
+        let queue = self.step_queue(namespace);
+        declare_durable_queue(channel, &queue).await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                self.steps_exchange().into(),
+                namespace.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Publish a poison message to the dead-letter exchange with the reason, and wait for
+    /// the broker's confirm. The caller acks the original only after this returns `Ok`.
+    pub async fn dead_letter(
+        &self,
+        channel: &Channel,
+        body: &[u8],
+        source_queue: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(truncate(reason, 1024).into()),
+        );
+        headers.insert(
+            SOURCE_HEADER.into(),
+            AMQPValue::LongString(source_queue.into()),
+        );
+        let confirm = channel
+            .basic_publish(
+                self.dead_letter_exchange().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                persistent().with_headers(headers),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
+        Ok(())
+    }
+}
+
+/// Properties for a durable JSON message.
+pub fn persistent() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+}
+
+/// Read a string header from a message's properties.
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(value) => Some(value.to_string()),
+        AMQPValue::ShortString(value) => Some(value.to_string()),
+        _ => None,
+    }
+}
+
+async fn declare_durable_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Connect to RabbitMQ, retrying with backoff for about a minute so that a process started
+/// alongside the broker waits for it instead of failing.
+pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Connection> {
+    let url = settings.amqp_url.expose().to_owned();
+    let properties = || ConnectionProperties::default().with_connection_name(name.into());
+    (|| Connection::connect(&url, properties()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(15),
+        )
+        .notify(|error, wait| {
+            tracing::warn!(%error, ?wait, broker = %settings.amqp_url, "RabbitMQ not reachable yet; retrying");
+        })
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.amqp_url))
+}
+
+/// A channel in publisher-confirm mode.
+pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_live_under_the_prefix() {
+        let topology = Topology::new("t1");
+        assert_eq!(topology.step_queue("payments"), "t1.steps.payments");
+        assert_eq!(topology.results_queue(), "t1.results");
+        assert_eq!(topology.dead_letter_queue(), "t1.dead_letter");
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

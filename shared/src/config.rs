@@ -1,0 +1,124 @@
+//! Settings shared by every Tasker process. Each is an environment variable and the same
+//! as a command-line flag (clap reads both; the flag wins); every one has a default that
+//! works on a developer's machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Where PostgreSQL's Tasker database is by default.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tasker";
+/// Where RabbitMQ is by default.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A connection URL that may hold a password: it never prints the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL, password included: only for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        // scheme://user:password@host…: hide what lies between the first ':' after the
+        // scheme's "//" and the '@'.
+        let Some(scheme_end) = self.0.find("://") else {
+            return self.0.clone();
+        };
+        let rest = &self.0[scheme_end + 3..];
+        let Some(at) = rest.find('@') else {
+            return self.0.clone();
+        };
+        match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &self.0[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretUrl(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseSettings {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: SecretUrl,
+    /// Connections in the pool.
+    #[arg(long, env = "TASKER_DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+}
+
+/// How to reach RabbitMQ, and the names Tasker's exchanges and queues start with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerSettings {
+    /// RabbitMQ connection URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    pub amqp_url: SecretUrl,
+    /// Prefix of every exchange and queue name, so several Tasker installations (or test
+    /// runs) can share one broker without seeing each other's messages.
+    #[arg(long, env = "TASKER_AMQP_PREFIX", default_value = "tasker")]
+    pub amqp_prefix: String,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogSettings {
+    /// `human` or `json`.
+    #[arg(long, env = "TASKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Filter in `tracing_subscriber::EnvFilter` syntax, e.g. `info,tasker_coordinator=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_print() {
+        let url: SecretUrl = "amqp://guest:s3cret@127.0.0.1:5672/%2f".parse().unwrap();
+        assert_eq!(url.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let no_password: SecretUrl = "postgres://postgres@127.0.0.1/tasker".parse().unwrap();
+        assert_eq!(
+            no_password.to_string(),
+            "postgres://postgres@127.0.0.1/tasker"
+        );
+    }
+}

@@ -1,0 +1,46 @@
+//! PostgreSQL: the pool, and the migrations (embedded from the workspace's `migrations/`).
+
+use anyhow::Context;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::config::DatabaseSettings;
+
+/// The schema, compiled into every binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Open a pool. Connections are made lazily, so a database that is down at start does not
+/// stop the process: `/health/ready` reports it and work resumes when it is back.
+pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(settings.database_url.expose())
+        .with_context(|| format!("invalid DATABASE_URL {}", settings.database_url))?
+        .application_name("tasker");
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.db_pool_size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+/// Create the database if it is missing, then apply every pending migration.
+pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let url = settings.database_url.expose();
+    if !Postgres::database_exists(url)
+        .await
+        .with_context(|| format!("cannot reach PostgreSQL at {}", settings.database_url))?
+    {
+        tracing::info!(database = %settings.database_url, "creating database");
+        if let Err(error) = Postgres::create_database(url).await {
+            // Another process may have created it a moment ago.
+            if !Postgres::database_exists(url).await.unwrap_or(false) {
+                return Err(error).context("creating the database");
+            }
+        }
+    }
+    let pool = connect_lazy(settings)?;
+    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    pool.close().await;
+    Ok(())
+}

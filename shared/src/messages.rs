@@ -1,0 +1,249 @@
+//! The message protocol between coordinators and workers (AMQP 0-9-1, JSON bodies).
+//!
+//! - [`StepMessage`]: coordinator → worker, on the steps exchange, routed by namespace.
+//! - [`WorkerMessage`]: worker → coordinator, on the results queue: a step's
+//!   [`StepResult`], or a batch of [`StepStarted`] notices.
+//! - [`ControlMessage`]: anyone → everyone, on the fanout control exchange.
+//!
+//! Every message carries `schema_version`; a receiver refuses versions it does not know
+//! (the message goes to the dead-letter queue with the reason). The JSON Schemas of these
+//! messages live in `docs/protocol.md`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The protocol version this build speaks.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Everything a stateless worker needs to run one attempt of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepMessage {
+    /// Always [`SCHEMA_VERSION`] when produced by this build.
+    pub schema_version: u32,
+    /// The task the step belongs to.
+    pub task_id: Uuid,
+    /// The step.
+    pub step_id: Uuid,
+    /// The step's name within its template.
+    pub step_name: String,
+    /// The task's namespace (also the routing key).
+    pub namespace: String,
+    /// `name@version` of the task's template.
+    pub template: String,
+    /// The handler to run.
+    pub handler: String,
+    /// The step's handler configuration from the template.
+    pub config: Value,
+    /// The task's context.
+    pub context: Value,
+    /// Results of the step's parents, by parent step name.
+    pub parents: BTreeMap<String, Value>,
+    /// This attempt's number, starting at 1.
+    pub attempt: i32,
+    /// The maximum number of attempts.
+    pub retry_limit: i32,
+    /// Fences the result: only a result carrying the step's current token is applied.
+    pub dispatch_token: Uuid,
+    /// How long the handler may run before the worker cancels it.
+    pub timeout_ms: i64,
+    /// When the coordinator claimed the step.
+    pub dispatched_at: DateTime<Utc>,
+}
+
+/// A message a worker sends to the coordinators' results queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// The outcome of one attempt.
+    Result(StepResult),
+    /// Steps the worker has started since its last notice.
+    Started(StartedBatch),
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The handler succeeded; `results` holds its output.
+    Success,
+    /// The handler failed and may succeed if tried again.
+    RetryableError,
+    /// The handler failed and trying again would not help.
+    PermanentError,
+}
+
+/// The error half of a failed attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepError {
+    /// What went wrong, for people.
+    pub message: String,
+    /// A machine-readable code, if the handler gave one (`timeout`, `panic`, `http_404`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The handler's own idea of when to try again, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<f64>,
+}
+
+/// The result of one attempt of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepResult {
+    /// Always [`SCHEMA_VERSION`] when produced by this build.
+    pub schema_version: u32,
+    /// The task the step belongs to.
+    pub task_id: Uuid,
+    /// The step.
+    pub step_id: Uuid,
+    /// The token of the dispatch this result answers.
+    pub dispatch_token: Uuid,
+    /// How the attempt ended.
+    pub outcome: Outcome,
+    /// The handler's output, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<Value>,
+    /// The failure, on error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+    /// When the handler started.
+    pub started_at: DateTime<Utc>,
+    /// When the handler finished.
+    pub finished_at: DateTime<Utc>,
+    /// The worker that ran the attempt.
+    pub worker_id: String,
+}
+
+/// A batch of "I have started these steps" notices from one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartedBatch {
+    /// Always [`SCHEMA_VERSION`] when produced by this build.
+    pub schema_version: u32,
+    /// The worker that started the steps.
+    pub worker_id: String,
+    /// The steps.
+    pub steps: Vec<StepStarted>,
+}
+
+/// One started step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepStarted {
+    /// The step.
+    pub step_id: Uuid,
+    /// The token of the dispatch being run.
+    pub dispatch_token: Uuid,
+    /// When the handler started.
+    pub started_at: DateTime<Utc>,
+}
+
+/// Broadcast on the control exchange; every coordinator and worker receives every one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// The namespaces that have templates. Workers that serve every namespace start
+    /// consuming the queues of the ones they did not know.
+    Namespaces {
+        /// Every namespace with at least one template.
+        namespaces: Vec<String>,
+    },
+    /// A worker has started and asks coordinators to announce the namespaces.
+    Hello {
+        /// The worker's id.
+        worker_id: String,
+    },
+}
+
+/// Why a message could not be used, for the dead-letter queue's `x-tasker-reason` header.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is not JSON of the expected shape.
+    #[error("undecodable message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The message speaks a protocol version this build does not.
+    #[error("unsupported schema_version {0} (this build speaks {SCHEMA_VERSION})")]
+    UnsupportedVersion(u32),
+}
+
+impl StepMessage {
+    /// Decode and check the version.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let message: StepMessage = serde_json::from_slice(body)?;
+        check_version(message.schema_version)?;
+        Ok(message)
+    }
+}
+
+impl WorkerMessage {
+    /// Decode and check the version.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let message: WorkerMessage = serde_json::from_slice(body)?;
+        let version = match &message {
+            WorkerMessage::Result(result) => result.schema_version,
+            WorkerMessage::Started(batch) => batch.schema_version,
+        };
+        check_version(version)?;
+        Ok(message)
+    }
+}
+
+fn check_version(version: u32) -> Result<(), DecodeError> {
+    if version == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(DecodeError::UnsupportedVersion(version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_result_round_trips_and_carries_its_type_tag() {
+        let result = WorkerMessage::Result(StepResult {
+            schema_version: SCHEMA_VERSION,
+            task_id: Uuid::nil(),
+            step_id: Uuid::nil(),
+            dispatch_token: Uuid::nil(),
+            outcome: Outcome::RetryableError,
+            results: None,
+            error: Some(StepError {
+                message: "boom".into(),
+                code: None,
+                retry_after_seconds: Some(2.0),
+            }),
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            worker_id: "w1".into(),
+        });
+        let body = serde_json::to_vec(&result).unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["type"], "result");
+        assert_eq!(value["outcome"], "retryable_error");
+        assert_eq!(WorkerMessage::decode(&body).unwrap(), result);
+    }
+
+    #[test]
+    fn wrong_shapes_and_versions_are_refused() {
+        assert!(matches!(
+            WorkerMessage::decode(b"not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        let wrong_shape = json!({"type": "result", "step_id": 7});
+        assert!(WorkerMessage::decode(wrong_shape.to_string().as_bytes()).is_err());
+        let future =
+            json!({"type": "started", "schema_version": 99, "worker_id": "w", "steps": []});
+        assert!(matches!(
+            WorkerMessage::decode(future.to_string().as_bytes()),
+            Err(DecodeError::UnsupportedVersion(99))
+        ));
+    }
+}

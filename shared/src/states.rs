@@ -1,0 +1,183 @@
+//! Task and step states, and the transitions between them that Tasker allows.
+//!
+//! ```text
+//!  step:  pending ──▶ enqueued ──▶ in_progress ──▶ complete
+//!            │           │  ▲            │
+//!            │  lease    │  │ backoff    ├──▶ waiting_for_retry ──▶ enqueued …
+//!            │  lost     ▼  │ expired    │
+//!            │     waiting_for_retry     └──▶ error (permanent, or attempts exhausted)
+//!            │
+//!            └─ pending | waiting_for_retry | error ──▶ resolved_manually
+//!               any non-terminal state ──▶ cancelled
+//!
+//!  task:  pending ──▶ in_progress ──▶ complete | error | cancelled
+//!         error ──▶ in_progress (retry) | resolved_manually
+//! ```
+//!
+//! The states are stored as text; [`std::fmt::Display`] and [`std::str::FromStr`] round-trip
+//! them. The SQL in [`crate::store`] applies transitions with a guard on the current state;
+//! [`StepStatus::can_transition_to`] is the same rule in Rust, used by tests and the API.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Returned when a stored or supplied status name is not one Tasker knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status `{0}`")]
+pub struct UnknownStatus(pub String);
+
+macro_rules! status_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every status, in lifecycle order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The stored name of this status.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownStatus;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownStatus(other.to_owned())),
+                }
+            }
+        }
+    };
+}
+
+status_enum! {
+    /// The state of a task.
+    TaskStatus {
+        /// Created; no step dispatched yet.
+        Pending => "pending",
+        /// At least one step has been dispatched.
+        InProgress => "in_progress",
+        /// Every step is complete or resolved manually.
+        Complete => "complete",
+        /// No step can make progress and at least one is in `error`.
+        Error => "error",
+        /// Cancelled by an operator; nothing more runs.
+        Cancelled => "cancelled",
+        /// An operator marked the failed task as dealt with.
+        ResolvedManually => "resolved_manually",
+    }
+}
+
+status_enum! {
+    /// The state of a step.
+    StepStatus {
+        /// Waiting for its parents (or never dispatched yet).
+        Pending => "pending",
+        /// Claimed by a coordinator and published to the broker; not yet started.
+        Enqueued => "enqueued",
+        /// A worker has started it.
+        InProgress => "in_progress",
+        /// Finished successfully; its results are visible to its dependents.
+        Complete => "complete",
+        /// Failed with a retryable error; runs again once its backoff expires.
+        WaitingForRetry => "waiting_for_retry",
+        /// Failed permanently, or ran out of attempts.
+        Error => "error",
+        /// Its task was cancelled before it finished.
+        Cancelled => "cancelled",
+        /// An operator resolved it by hand; its dependents may run.
+        ResolvedManually => "resolved_manually",
+    }
+}
+
+impl TaskStatus {
+    /// Whether nothing more happens to a task in this state without an operator.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Complete
+                | TaskStatus::Error
+                | TaskStatus::Cancelled
+                | TaskStatus::ResolvedManually
+        )
+    }
+}
+
+impl StepStatus {
+    /// Whether the step's dependents may run (the step counts as done).
+    pub fn satisfies_dependents(self) -> bool {
+        matches!(self, StepStatus::Complete | StepStatus::ResolvedManually)
+    }
+
+    /// Whether the step will not change again on its own.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Complete
+                | StepStatus::Error
+                | StepStatus::Cancelled
+                | StepStatus::ResolvedManually
+        )
+    }
+
+    /// The step transition rule of DESIGN.md; every other change is refused.
+    pub fn can_transition_to(self, to: StepStatus) -> bool {
+        use StepStatus::*;
+        match (self, to) {
+            (Pending | WaitingForRetry, Enqueued) => true,
+            (Enqueued, InProgress | WaitingForRetry) => true,
+            // A result may arrive before the worker's "started" notice is applied.
+            (Enqueued | InProgress, Complete | WaitingForRetry | Error) => true,
+            (Pending | WaitingForRetry | Error, ResolvedManually) => true,
+            (from, Cancelled) => !from.is_terminal(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip_through_text() {
+        for status in StepStatus::ALL {
+            assert_eq!(status.as_str().parse::<StepStatus>(), Ok(*status));
+        }
+        for status in TaskStatus::ALL {
+            assert_eq!(status.to_string().parse::<TaskStatus>(), Ok(*status));
+        }
+        assert!("done".parse::<StepStatus>().is_err());
+    }
+
+    #[test]
+    fn terminal_steps_cannot_be_cancelled_or_restarted() {
+        use StepStatus::*;
+        assert!(Pending.can_transition_to(Cancelled));
+        assert!(InProgress.can_transition_to(Cancelled));
+        assert!(!Complete.can_transition_to(Cancelled));
+        assert!(!Complete.can_transition_to(Enqueued));
+        assert!(!Error.can_transition_to(Enqueued));
+        assert!(Error.can_transition_to(ResolvedManually));
+        assert!(!InProgress.can_transition_to(ResolvedManually));
+        assert!(!Pending.can_transition_to(InProgress));
+    }
+}

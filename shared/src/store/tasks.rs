@@ -1,0 +1,295 @@
+//! Creating tasks and reading them.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::states::{StepStatus, TaskStatus};
+use crate::store::templates::TemplateRecord;
+
+/// A task as the API shows it (without steps).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TaskRecord {
+    /// The task's id (UUIDv7, so ids sort by creation).
+    pub task_id: Uuid,
+    /// Template namespace.
+    pub namespace: String,
+    /// Template name.
+    pub name: String,
+    /// Template version.
+    pub version: String,
+    /// Current status.
+    pub status: TaskStatus,
+    /// The caller's context.
+    pub context: Value,
+    /// Who asked for it.
+    pub initiator: Option<String>,
+    /// Which system asked for it.
+    pub source_system: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// Free-form tags.
+    pub tags: Value,
+    /// The caller's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it finished.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A step as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StepRecord {
+    /// The step's id.
+    pub step_id: Uuid,
+    /// Its name in the template.
+    pub name: String,
+    /// The handler that runs it.
+    pub handler: String,
+    /// Current status.
+    pub status: StepStatus,
+    /// Attempts made so far (the one running included).
+    pub attempts: i32,
+    /// Maximum attempts.
+    pub retry_limit: i32,
+    /// Whether failures are retried.
+    pub retryable: bool,
+    /// How long one attempt may run.
+    pub timeout_ms: i64,
+    /// Names of the steps it waits for.
+    pub depends_on: Vec<String>,
+    /// Its handler's output, once complete (or as resolved by an operator).
+    pub results: Option<Value>,
+    /// The last failure: `{"kind","message","code"?}`.
+    pub last_error: Option<Value>,
+    /// When the next attempt may start, while waiting for a retry.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the current or last attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// What a caller asks for when creating a task (already checked against the template).
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    /// The context.
+    pub context: Value,
+    /// Who asks.
+    pub initiator: Option<String>,
+    /// Which system asks.
+    pub source_system: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// Tags (any JSON, usually a list of strings).
+    pub tags: Value,
+    /// Makes creation idempotent within the template's namespace and name.
+    pub idempotency_key: Option<String>,
+}
+
+/// Whether a create made a new task or found the one with the same idempotency key.
+#[derive(Debug)]
+pub enum Created {
+    /// A new task.
+    New(TaskRecord),
+    /// The task created earlier with the same idempotency key.
+    Existing(TaskRecord),
+}
+
+const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \
+     source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
+
+/// Create a task with all its steps and edges in one statement.
+pub async fn create(
+    pool: &PgPool,
+    template: &TemplateRecord,
+    new: &NewTask,
+) -> sqlx::Result<Created> {
+    let definition = &template.definition;
+    let task_id = Uuid::now_v7();
+    let step_ids: Vec<Uuid> = definition.steps.iter().map(|_| Uuid::now_v7()).collect();
+    let index_of = |name: &str| definition.steps.iter().position(|s| s.name == name);
+    let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
+    for (child, step) in definition.steps.iter().enumerate() {
+        for parent in &step.depends_on {
+            // The template was validated: every dependency names a step.
+            if let Some(parent) = index_of(parent) {
+                edge_from.push(step_ids[parent]);
+                edge_to.push(step_ids[child]);
+            }
+        }
+    }
+    let steps = &definition.steps;
+    let inserted: Option<TaskRecord> = sqlx::query_as(
+        r#"
+        WITH task AS (
+            INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
+                               initiator, source_system, reason, tags, idempotency_key)
+            VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11)
+            ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL
+            DO NOTHING
+            RETURNING *
+        ),
+        new_steps AS (
+            INSERT INTO steps (step_id, task_id, name, position, handler, config, status,
+                               remaining_parents, retry_limit, retryable, timeout_ms)
+            SELECT s.step_id, task.task_id, s.name, s.position, s.handler, s.config, 'pending',
+                   s.parents, s.retry_limit, s.retryable, s.timeout_ms
+            FROM task,
+                 unnest($12::uuid[], $13::text[], $14::int[], $15::text[], $16::jsonb[],
+                        $17::int[], $18::int[], $19::bool[], $20::bigint[])
+                   AS s(step_id, name, position, handler, config, parents, retry_limit,
+                        retryable, timeout_ms)
+            RETURNING step_id
+        ),
+        new_edges AS (
+            INSERT INTO step_edges (task_id, from_step, to_step)
+            SELECT task.task_id, e.from_step, e.to_step
+            FROM task, unnest($21::uuid[], $22::uuid[]) AS e(from_step, to_step)
+        ),
+        history AS (
+            INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+            SELECT task_id, NULL, 'pending', 'created' FROM task
+        )
+        SELECT task_id, namespace, name, version, status, context, initiator, source_system,
+               reason, tags, idempotency_key, created_at, updated_at, completed_at
+        FROM task
+        "#,
+    )
+    .bind(task_id)
+    .bind(template.template_id)
+    .bind(&definition.namespace)
+    .bind(&definition.name)
+    .bind(&definition.version)
+    .bind(&new.context)
+    .bind(&new.initiator)
+    .bind(&new.source_system)
+    .bind(&new.reason)
+    .bind(&new.tags)
+    .bind(&new.idempotency_key)
+    .bind(&step_ids)
+    .bind(steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
+    .bind((0..steps.len() as i32).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.handler.clone()).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.config.clone()).collect::<Vec<_>>())
+    .bind(
+        steps
+            .iter()
+            .map(|s| s.depends_on.len() as i32)
+            .collect::<Vec<_>>(),
+    )
+    .bind(steps.iter().map(|s| s.retry_limit).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.retryable).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.timeout_ms).collect::<Vec<_>>())
+    .bind(&edge_from)
+    .bind(&edge_to)
+    .fetch_optional(pool)
+    .await?;
+
+    match inserted {
+        Some(task) => Ok(Created::New(task)),
+        None => {
+            let key = new.idempotency_key.as_deref().unwrap_or_default();
+            let existing =
+                find_by_idempotency_key(pool, &definition.namespace, &definition.name, key)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound)?;
+            Ok(Created::Existing(existing))
+        }
+    }
+}
+
+async fn find_by_idempotency_key(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> sqlx::Result<Option<TaskRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE namespace = $1 AND name = $2 AND idempotency_key = $3"
+    )))
+    .bind(namespace)
+    .bind(name)
+    .bind(key)
+    .fetch_optional(pool)
+    .await
+}
+
+/// One task.
+pub async fn get(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Option<TaskRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1"
+    )))
+    .bind(task_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A task's steps in template order, each with the names of its parents.
+pub async fn steps(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>> {
+    sqlx::query_as(
+        r#"
+        SELECT s.step_id, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.retryable,
+               s.timeout_ms, s.results, s.last_error, s.next_attempt_at, s.started_at,
+               s.completed_at,
+               ARRAY(SELECT p.name FROM step_edges e JOIN steps p ON p.step_id = e.from_step
+                     WHERE e.to_step = s.step_id ORDER BY p.position) AS depends_on
+        FROM steps s
+        WHERE s.task_id = $1
+        ORDER BY s.position
+        "#,
+    )
+    .bind(task_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Filters for [`list`].
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Only this template name.
+    pub name: Option<String>,
+    /// Only this status.
+    pub status: Option<TaskStatus>,
+    /// Only tasks older than this one (the cursor).
+    pub before: Option<Uuid>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Tasks, newest first, one page at a time: returns the page and the cursor of the next.
+pub async fn list(
+    pool: &PgPool,
+    filter: &TaskFilter,
+) -> sqlx::Result<(Vec<TaskRecord>, Option<Uuid>)> {
+    let mut tasks: Vec<TaskRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks
+         WHERE ($1::text IS NULL OR namespace = $1)
+           AND ($2::text IS NULL OR name = $2)
+           AND ($3::text IS NULL OR status = $3)
+           AND ($4::uuid IS NULL OR task_id < $4)
+         ORDER BY task_id DESC
+         LIMIT $5"
+    )))
+    .bind(&filter.namespace)
+    .bind(&filter.name)
+    .bind(filter.status)
+    .bind(filter.before)
+    .bind(filter.limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let next = if tasks.len() as i64 > filter.limit {
+        tasks.truncate(filter.limit as usize);
+        tasks.last().map(|t| t.task_id)
+    } else {
+        None
+    };
+    Ok((tasks, next))
+}

@@ -1,0 +1,180 @@
+//! Registering and reading templates.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+
+use crate::template::TemplateDefinition;
+
+/// A stored template.
+#[derive(Debug, Clone, Serialize)]
+pub struct TemplateRecord {
+    /// The validated definition.
+    #[serde(flatten)]
+    pub definition: TemplateDefinition,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+    /// The database id (used by tasks).
+    #[serde(skip)]
+    pub template_id: i64,
+}
+
+/// One line of the template list.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TemplateSummary {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Number of steps.
+    pub step_count: i32,
+}
+
+/// What registering a template did.
+#[derive(Debug)]
+pub enum Registered {
+    /// It is new.
+    Created {
+        /// The stored template.
+        template: TemplateRecord,
+        /// Whether its namespace is new too (queues must be declared and announced).
+        new_namespace: bool,
+    },
+    /// The identical template was already there.
+    Identical(TemplateRecord),
+    /// `namespace/name/version` exists with another definition.
+    Conflict(TemplateRecord),
+}
+
+/// Store a validated template, or report that it is already there.
+pub async fn register(pool: &PgPool, definition: &TemplateDefinition) -> sqlx::Result<Registered> {
+    let body = serde_json::to_value(definition).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    // One statement: create the namespace if needed, then the template if absent.
+    let row = sqlx::query(
+        r#"
+        WITH new_namespace AS (
+            INSERT INTO namespaces (name) VALUES ($1)
+            ON CONFLICT (name) DO NOTHING
+            RETURNING namespace_id
+        ),
+        namespace AS (
+            SELECT namespace_id, true AS is_new FROM new_namespace
+            UNION ALL
+            SELECT namespace_id, false FROM namespaces WHERE name = $1
+        ),
+        inserted AS (
+            INSERT INTO templates (namespace_id, name, version, description, definition)
+            SELECT namespace_id, $2, $3, $4, $5 FROM namespace LIMIT 1
+            ON CONFLICT (namespace_id, name, version) DO NOTHING
+            RETURNING template_id, created_at
+        )
+        SELECT i.template_id, i.created_at, (SELECT bool_or(is_new) FROM namespace) AS new_namespace
+        FROM inserted i
+        "#,
+    )
+    .bind(&definition.namespace)
+    .bind(&definition.name)
+    .bind(&definition.version)
+    .bind(&definition.description)
+    .bind(&body)
+    .fetch_optional(pool)
+    .await?;
+
+    if let Some(row) = row {
+        return Ok(Registered::Created {
+            template: TemplateRecord {
+                definition: definition.clone(),
+                created_at: row.try_get("created_at")?,
+                template_id: row.try_get("template_id")?,
+            },
+            new_namespace: row
+                .try_get::<Option<bool>, _>("new_namespace")?
+                .unwrap_or(false),
+        });
+    }
+    let existing = find(
+        pool,
+        &definition.namespace,
+        &definition.name,
+        Some(&definition.version),
+    )
+    .await?
+    .ok_or(sqlx::Error::RowNotFound)?;
+    if existing.definition == *definition {
+        Ok(Registered::Identical(existing))
+    } else {
+        Ok(Registered::Conflict(existing))
+    }
+}
+
+/// A template by namespace and name: the given version, or else the highest by semver.
+pub async fn find(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    version: Option<&str>,
+) -> sqlx::Result<Option<TemplateRecord>> {
+    let rows = sqlx::query(
+        r#"
+        SELECT t.template_id, t.version, t.definition, t.created_at
+        FROM templates t JOIN namespaces n USING (namespace_id)
+        WHERE n.name = $1 AND t.name = $2 AND ($3::text IS NULL OR t.version = $3)
+        "#,
+    )
+    .bind(namespace)
+    .bind(name)
+    .bind(version)
+    .fetch_all(pool)
+    .await?;
+    let newest = rows
+        .into_iter()
+        .max_by_key(|row| semver::Version::parse(row.get::<&str, _>("version")).ok());
+    newest.map(|row| record_from_row(&row)).transpose()
+}
+
+/// Every template, ordered by namespace, name and version.
+pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TemplateSummary>> {
+    let mut summaries = sqlx::query_as::<_, TemplateSummary>(
+        r#"
+        SELECT n.name AS namespace, t.name, t.version, t.description,
+               jsonb_array_length(t.definition -> 'steps') AS step_count
+        FROM templates t JOIN namespaces n USING (namespace_id)
+        "#,
+    )
+    .fetch_all(pool)
+    .await?;
+    summaries.sort_by(|a, b| {
+        (
+            &a.namespace,
+            &a.name,
+            semver::Version::parse(&a.version).ok(),
+        )
+            .cmp(&(
+                &b.namespace,
+                &b.name,
+                semver::Version::parse(&b.version).ok(),
+            ))
+    });
+    Ok(summaries)
+}
+
+/// The names of every namespace that has a template.
+pub async fn namespaces(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT name FROM namespaces ORDER BY name")
+        .fetch_all(pool)
+        .await
+}
+
+fn record_from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<TemplateRecord> {
+    let definition: serde_json::Value = row.try_get("definition")?;
+    Ok(TemplateRecord {
+        definition: serde_json::from_value(definition)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        created_at: row.try_get("created_at")?,
+        template_id: row.try_get("template_id")?,
+    })
+}
