@@ -1,0 +1,125 @@
+//! The control loop: tells workers which namespaces exist.
+//!
+//! Workers started without `TASKER_NAMESPACES` serve every namespace. They learn the
+//! namespaces from `namespaces` broadcasts on the control exchange, which a coordinator
+//! sends at start, whenever a template brings a new namespace, and in answer to a
+//! worker's `hello`.
+
+use futures::StreamExt;
+use lapin::Channel;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use tasker_shared::broker::{Topology, persistent};
+use tasker_shared::messages::ControlMessage;
+use tasker_shared::store::templates;
+
+#[derive(Clone)]
+pub(crate) struct Control {
+    pool: PgPool,
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Control {
+    pub(crate) fn new(pool: PgPool, channel: Channel, topology: Topology) -> Self {
+        Control {
+            pool,
+            channel,
+            topology,
+        }
+    }
+
+    /// Broadcast every namespace that has a template.
+    pub(crate) async fn announce_namespaces(&self) -> anyhow::Result<()> {
+        let namespaces = templates::namespaces(&self.pool).await?;
+        let body = serde_json::to_vec(&ControlMessage::Namespaces { namespaces })?;
+        self.channel
+            .basic_publish(
+                self.topology.control_exchange().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                persistent(),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// Answer hellos until `shutdown` turns true.
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let span = tracing::info_span!("control");
+        async move {
+            let mut consumer = match self.subscribe().await {
+                Ok(consumer) => consumer,
+                Err(error) => {
+                    tracing::error!(%error, "cannot subscribe to the control exchange");
+                    return;
+                }
+            };
+            if let Err(error) = self.announce_namespaces().await {
+                tracing::warn!(error = format!("{error:#}"), "cannot announce namespaces");
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.changed() => break,
+                    next = consumer.next() => next,
+                };
+                let Some(Ok(delivery)) = next else { break };
+                // Control messages are advisory: acked on receipt (the queue is auto-ack).
+                if let Ok(ControlMessage::Hello { worker_id }) =
+                    serde_json::from_slice::<ControlMessage>(&delivery.data)
+                {
+                    tracing::debug!(%worker_id, "worker said hello");
+                    if let Err(error) = self.announce_namespaces().await {
+                        tracing::warn!(error = format!("{error:#}"), "cannot announce namespaces");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn subscribe(&self) -> lapin::Result<lapin::Consumer> {
+        // A private, server-named queue that disappears with this process.
+        let queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.control_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+    }
+}

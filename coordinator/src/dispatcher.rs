@@ -1,0 +1,100 @@
+//! The dispatcher: claims ready steps in batches and publishes them.
+//!
+//! Woken at once when a task is created (in this process, or in another coordinator
+//! through PostgreSQL's LISTEN/NOTIFY in a later change) and by the sweeper; otherwise it
+//! looks every `poll_interval` for steps whose backoff expired. Dependents of finished
+//! steps do not wait for it: the result processor claims them in its own transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{Notify, watch};
+use tracing::Instrument;
+
+use crate::publisher::StepPublisher;
+use tasker_shared::store::transitions;
+
+/// The dispatcher's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct DispatcherConfig {
+    /// Most steps claimed per transaction.
+    pub(crate) batch_size: i64,
+    /// Lease on a claimed step before it counts as lost.
+    pub(crate) lease_ms: i64,
+    /// How often to look for expired backoffs when nothing wakes it.
+    pub(crate) poll_interval: Duration,
+}
+
+pub(crate) struct Dispatcher {
+    pool: PgPool,
+    publisher: Arc<StepPublisher>,
+    wake: Arc<Notify>,
+    config: DispatcherConfig,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        pool: PgPool,
+        publisher: Arc<StepPublisher>,
+        wake: Arc<Notify>,
+        config: DispatcherConfig,
+    ) -> Self {
+        Dispatcher {
+            pool,
+            publisher,
+            wake,
+            config,
+        }
+    }
+
+    /// Claim one batch, commit, publish it. Returns how many steps were dispatched.
+    pub(crate) async fn dispatch_once(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let messages =
+            transitions::claim_ready(&mut tx, self.config.batch_size, self.config.lease_ms).await?;
+        tx.commit().await?;
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        let published = self.publisher.publish(&messages).await;
+        tracing::debug!(
+            claimed = messages.len(),
+            confirmed = published.confirmed,
+            "dispatched"
+        );
+        Ok(messages.len())
+    }
+
+    /// Run until `shutdown` turns true.
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let span = tracing::info_span!("dispatcher");
+        async move {
+            tracing::info!("started");
+            loop {
+                // Drain: keep claiming while batches come back full.
+                loop {
+                    match self.dispatch_once().await {
+                        Ok(n) if (n as i64) < self.config.batch_size => break,
+                        Ok(_) => continue,
+                        Err(error) => {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "dispatch failed; retrying shortly"
+                            );
+                            break;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
+            tracing::info!("stopped");
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,49 @@
+//! The HTTP API (`../shared/API.md` fixes its names).
+
+mod body;
+mod error;
+mod health;
+mod tasks;
+mod templates;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::control::Control;
+use crate::publisher::StepPublisher;
+
+pub(crate) use templates::register_template;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) pool: PgPool,
+    pub(crate) publisher: Arc<StepPublisher>,
+    pub(crate) control: Control,
+    /// Wakes the dispatcher when a task is created.
+    pub(crate) wake_dispatcher: Arc<Notify>,
+    /// Selects tasker-engine `environments` overrides.
+    pub(crate) environment: String,
+    pub(crate) broker: Arc<lapin::Connection>,
+}
+
+pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(
+            "/v1/templates",
+            post(templates::create).get(templates::list),
+        )
+        .route("/v1/templates/{namespace}/{name}", get(templates::get))
+        .route("/v1/tasks", post(tasks::create).get(tasks::list))
+        .route("/v1/tasks/{task_id}", get(tasks::get))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .fallback(health::not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}

@@ -1,0 +1,183 @@
+//! `POST /v1/tasks`, `GET /v1/tasks/{task_id}`, `GET /v1/tasks`.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::AppState;
+use super::body::{Fields, body_rejection, json_object};
+use super::error::{ApiError, ApiResult};
+use tasker_shared::states::TaskStatus;
+use tasker_shared::store::tasks::{self, Created, NewTask, StepRecord, TaskFilter, TaskRecord};
+use tasker_shared::store::templates;
+
+/// A task with its steps.
+#[derive(Serialize)]
+pub(crate) struct TaskView {
+    #[serde(flatten)]
+    task: TaskRecord,
+    steps: Vec<StepRecord>,
+}
+
+/// Longest `initiator`, `source_system` and `reason` (as tasker-engine).
+const SHORT_TEXT: usize = 128;
+/// Longest idempotency key.
+const KEY_LENGTH: usize = 255;
+/// Most tasks per page.
+const MAX_PAGE: i64 = 500;
+
+/// Create a task from a template.
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<TaskView>)> {
+    let body = body.map_err(body_rejection)?;
+    let mut fields = Fields::new(
+        json_object(&body)?,
+        &[
+            "namespace",
+            "name",
+            "version",
+            "context",
+            "initiator",
+            "source_system",
+            "reason",
+            "tags",
+            "idempotency_key",
+        ],
+    );
+    let namespace = fields.string("namespace", true, SHORT_TEXT);
+    let name = fields.string("name", true, SHORT_TEXT);
+    let version = fields.string("version", false, SHORT_TEXT);
+    let context = fields.value("context").unwrap_or_else(|| json!({}));
+    if !context.is_object() {
+        fields.problem("context", "`context` must be a JSON object");
+    }
+    let new = NewTask {
+        context,
+        initiator: fields.string("initiator", false, SHORT_TEXT),
+        source_system: fields.string("source_system", false, SHORT_TEXT),
+        reason: fields.string("reason", false, SHORT_TEXT),
+        tags: fields.value("tags").unwrap_or_else(|| json!([])),
+        idempotency_key: fields.string("idempotency_key", false, KEY_LENGTH),
+    };
+    fields.finish("invalid_request")?;
+    let (Some(namespace), Some(name)) = (namespace, name) else {
+        return Err(ApiError::malformed("namespace and name are required"));
+    };
+
+    let template = templates::find(&state.pool, &namespace, &name, version.as_deref())
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "template_not_found",
+                match &version {
+                    Some(version) => format!("no template {namespace}/{name} version {version}"),
+                    None => format!("no template {namespace}/{name}"),
+                },
+            )
+        })?;
+    template
+        .definition
+        .validate_context(&new.context)
+        .map_err(|problems| {
+            let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
+            ApiError::invalid(
+                "invalid_context",
+                format!(
+                    "the context breaks the template's schema in {} place(s)",
+                    details.len()
+                ),
+                details,
+            )
+        })?;
+
+    match tasks::create(&state.pool, &template, &new).await? {
+        Created::New(task) => {
+            tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
+            state.wake_dispatcher.notify_one();
+            Ok((StatusCode::CREATED, Json(with_steps(&state, task).await?)))
+        }
+        Created::Existing(task) => {
+            if task.context != new.context || task.version != template.definition.version {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_conflict",
+                    format!(
+                        "idempotency_key was already used for task {} with a different version or context",
+                        task.task_id
+                    ),
+                ));
+            }
+            Ok((StatusCode::OK, Json(with_steps(&state, task).await?)))
+        }
+    }
+}
+
+/// One task with its steps.
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> ApiResult<Json<TaskView>> {
+    let task_id = parse_task_id(&task_id)?;
+    let task = tasks::get(&state.pool, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
+    Ok(Json(with_steps(&state, task).await?))
+}
+
+/// Tasks, newest first, filtered, one page at a time.
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let mut problems = Vec::new();
+    let mut filter = TaskFilter {
+        limit: 50,
+        ..TaskFilter::default()
+    };
+    for (key, value) in query {
+        match key.as_str() {
+            "namespace" => filter.namespace = Some(value),
+            "name" => filter.name = Some(value),
+            "status" => match value.parse::<TaskStatus>() {
+                Ok(status) => filter.status = Some(status),
+                Err(_) => problems.push(json!({"path": "status", "message": format!(
+                    "unknown status `{value}`; expected one of: {}",
+                    TaskStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))})),
+            },
+            "limit" => match value.parse::<i64>() {
+                Ok(limit) if (1..=MAX_PAGE).contains(&limit) => filter.limit = limit,
+                _ => problems.push(json!({"path": "limit", "message": format!("`limit` must be a whole number from 1 to {MAX_PAGE}")})),
+            },
+            "cursor" => match Uuid::parse_str(&value) {
+                Ok(cursor) => filter.before = Some(cursor),
+                Err(_) => problems.push(json!({"path": "cursor", "message": "`cursor` must be a `next_cursor` from an earlier page"})),
+            },
+            _ => problems.push(json!({"path": key, "message": format!(
+                "unknown query parameter `{key}`; expected namespace, name, status, limit or cursor")})),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::malformed("invalid query parameters").with_details(problems));
+    }
+    let (page, next) = tasks::list(&state.pool, &filter).await?;
+    Ok(Json(json!({"tasks": page, "next_cursor": next})))
+}
+
+fn parse_task_id(text: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(text)
+        .map_err(|error| ApiError::malformed(format!("`{text}` is not a task id (UUID): {error}")))
+}
+
+async fn with_steps(state: &AppState, task: TaskRecord) -> ApiResult<TaskView> {
+    let steps = tasks::steps(&state.pool, task.task_id).await?;
+    Ok(TaskView { task, steps })
+}

@@ -1,0 +1,27 @@
+//! # tasker-coordinator
+//!
+//! The coordinator owns the truth in PostgreSQL and moves work through RabbitMQ: it
+//! serves the HTTP API, claims ready steps and publishes them, applies workers' results,
+//! and heals lost work. Several coordinators may run against one database.
+//!
+//! ## Layout
+//! - [`Application`] (`startup`): builds everything from [`CoordinatorSettings`] and runs it.
+//! - `http/`: the API of `API.md` (templates, tasks, health).
+//! - `dispatcher`: claims ready steps in batches (`FOR UPDATE SKIP LOCKED`) and publishes them.
+//! - `result_processor`: applies results in batches and dispatches the dependents they
+//!   make ready, in the same transaction.
+//! - `sweeper`: expires leases of lost steps.
+//! - `control`: announces namespaces to workers.
+//! - `publisher`: publishes claimed steps with publisher confirms.
+
+mod control;
+mod dispatcher;
+mod http;
+mod publisher;
+mod result_processor;
+mod settings;
+mod startup;
+mod sweeper;
+
+pub use settings::CoordinatorSettings;
+pub use startup::Application;

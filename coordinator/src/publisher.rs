@@ -1,0 +1,132 @@
+//! Publishing claimed steps to RabbitMQ, after the claim committed.
+//!
+//! Publishes a whole batch, then awaits all of its confirms together (one broker round
+//! trip per batch, not per step). A step whose publish is refused or unroutable stays
+//! `enqueued`; the sweeper dispatches it again when its lease expires.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use futures::future::join_all;
+use lapin::Channel;
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use tasker_shared::broker::{Topology, persistent};
+use tasker_shared::messages::StepMessage;
+
+/// Publishes step messages on one confirm-mode channel.
+pub(crate) struct StepPublisher {
+    channel: Channel,
+    topology: Topology,
+    /// Also the message TTL: a copy that waited in its queue past the lease is dropped by
+    /// the broker, because by then the step has been (or is about to be) dispatched again.
+    lease_ms: i64,
+    /// Namespaces whose queue this process has declared. A std Mutex: held only to look
+    /// up or insert, never across an await.
+    declared: Mutex<HashSet<String>>,
+}
+
+/// What happened to a published batch.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    pub(crate) confirmed: usize,
+    pub(crate) failed: usize,
+}
+
+impl StepPublisher {
+    pub(crate) fn new(channel: Channel, topology: Topology, lease_ms: i64) -> Self {
+        StepPublisher {
+            channel,
+            topology,
+            lease_ms,
+            declared: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Make sure a namespace's queue exists and is bound, so its steps are never dropped
+    /// by the exchange for want of a queue.
+    pub(crate) async fn ensure_namespace(&self, namespace: &str) -> lapin::Result<()> {
+        if self.is_declared(namespace) {
+            return Ok(());
+        }
+        self.topology
+            .declare_namespace(&self.channel, namespace)
+            .await?;
+        self.declared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(namespace.to_owned());
+        Ok(())
+    }
+
+    fn is_declared(&self, namespace: &str) -> bool {
+        self.declared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(namespace)
+    }
+
+    /// Publish every message and wait for the broker to confirm them all.
+    pub(crate) async fn publish(&self, messages: &[StepMessage]) -> Published {
+        let mut report = Published::default();
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in messages {
+            match self.publish_one(message).await {
+                Ok(confirm) => confirms.push((message, confirm)),
+                Err(error) => {
+                    report.failed += 1;
+                    tracing::warn!(%error, step_id = %message.step_id, task_id = %message.task_id,
+                        "publishing a step failed; the sweeper will dispatch it again when its lease expires");
+                }
+            }
+        }
+        let outcomes = join_all(
+            confirms
+                .into_iter()
+                .map(|(message, confirm)| async move { (message, confirm.await) }),
+        )
+        .await;
+        for (message, outcome) in outcomes {
+            match outcome {
+                Ok(confirmation) => {
+                    let acked = confirmation.is_ack();
+                    // A mandatory message the broker could not route comes back with an ack.
+                    let returned = confirmation.take_message().is_some();
+                    if acked && !returned {
+                        report.confirmed += 1;
+                    } else {
+                        report.failed += 1;
+                        tracing::warn!(step_id = %message.step_id, namespace = %message.namespace,
+                            "the broker refused or could not route a step; it will be dispatched again when its lease expires");
+                    }
+                }
+                Err(error) => {
+                    report.failed += 1;
+                    tracing::warn!(%error, step_id = %message.step_id, "no confirm for a step");
+                }
+            }
+        }
+        report
+    }
+
+    async fn publish_one(&self, message: &StepMessage) -> anyhow::Result<lapin::PublisherConfirm> {
+        self.ensure_namespace(&message.namespace).await?;
+        let body = serde_json::to_vec(message)?;
+        let properties = persistent()
+            .with_message_id(ShortString::from(message.dispatch_token.to_string()))
+            .with_expiration(ShortString::from(self.lease_ms.max(1).to_string()));
+        Ok(self
+            .channel
+            .basic_publish(
+                self.topology.steps_exchange().into(),
+                message.namespace.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await?)
+    }
+}

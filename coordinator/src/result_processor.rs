@@ -1,0 +1,224 @@
+//! The result processor: applies workers' results and started notices in batches.
+//!
+//! One consumer on the results queue. It takes the first delivery, then whatever else the
+//! prefetch buffer already holds (up to the batch size), and in **one transaction**:
+//! marks started steps `in_progress`, applies results (fenced by dispatch token), claims
+//! the dependents that just became ready, and finishes tasks that can finish. After the
+//! commit it publishes the claimed steps, then acks the whole batch with one `multiple`
+//! ack. A crash before the ack redelivers the batch; the fence makes re-applying it a
+//! no-op. Undecodable messages go to the dead-letter queue with the reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::publisher::StepPublisher;
+use tasker_shared::broker::Topology;
+use tasker_shared::messages::{StepResult, StepStarted, WorkerMessage};
+use tasker_shared::store::transitions;
+
+pub(crate) struct ResultProcessor {
+    pool: PgPool,
+    publisher: Arc<StepPublisher>,
+    channel: Channel,
+    confirm_channel: Channel,
+    topology: Topology,
+    batch_size: i64,
+    lease_ms: i64,
+    lease_grace_ms: i64,
+}
+
+/// What one batch did, for logs and tests.
+#[derive(Debug, Default)]
+pub(crate) struct BatchReport {
+    pub(crate) results_applied: usize,
+    pub(crate) results_stale: usize,
+    pub(crate) started: u64,
+    pub(crate) dispatched: usize,
+    pub(crate) tasks_finished: usize,
+    pub(crate) dead_lettered: usize,
+}
+
+pub(crate) struct ResultProcessorConfig {
+    pub(crate) batch_size: i64,
+    pub(crate) lease_ms: i64,
+    pub(crate) lease_grace_ms: i64,
+}
+
+impl ResultProcessor {
+    pub(crate) fn new(
+        pool: PgPool,
+        publisher: Arc<StepPublisher>,
+        channel: Channel,
+        confirm_channel: Channel,
+        topology: Topology,
+        config: ResultProcessorConfig,
+    ) -> Self {
+        ResultProcessor {
+            pool,
+            publisher,
+            channel,
+            confirm_channel,
+            topology,
+            batch_size: config.batch_size,
+            lease_ms: config.lease_ms,
+            lease_grace_ms: config.lease_grace_ms,
+        }
+    }
+
+    async fn consume(&self) -> lapin::Result<Consumer> {
+        // Enough prefetch for two batches: one being applied, the next arriving.
+        let prefetch = u16::try_from(self.batch_size * 2).unwrap_or(u16::MAX);
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        self.channel
+            .basic_consume(
+                self.topology.results_queue().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Apply one batch of deliveries; the caller acks them after this returns `Ok`.
+    pub(crate) async fn apply_batch(&self, deliveries: &[Delivery]) -> anyhow::Result<BatchReport> {
+        let mut report = BatchReport::default();
+        let mut results: Vec<StepResult> = Vec::new();
+        let mut started: BTreeMap<String, Vec<StepStarted>> = BTreeMap::new();
+        for delivery in deliveries {
+            match WorkerMessage::decode(&delivery.data) {
+                Ok(WorkerMessage::Result(result)) => results.push(result),
+                Ok(WorkerMessage::Started(batch)) => started
+                    .entry(batch.worker_id)
+                    .or_default()
+                    .extend(batch.steps),
+                Err(error) => {
+                    tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
+                    self.topology
+                        .dead_letter(
+                            &self.confirm_channel,
+                            &delivery.data,
+                            &self.topology.results_queue(),
+                            &error.to_string(),
+                        )
+                        .await?;
+                    report.dead_lettered += 1;
+                }
+            }
+        }
+
+        let mut tx = self.pool.begin().await?;
+        for (worker_id, steps) in &started {
+            report.started +=
+                transitions::mark_started(&mut tx, worker_id, steps, self.lease_grace_ms).await?;
+        }
+        let applied = transitions::apply_results(&mut tx, &results).await?;
+        report.results_applied = applied.applied;
+        report.results_stale = applied.stale;
+        let claimed = if applied.applied > 0 {
+            transitions::claim_ready(&mut tx, self.batch_size, self.lease_ms).await?
+        } else {
+            Vec::new()
+        };
+        let finished = transitions::finish_tasks(&mut tx, &applied.tasks).await?;
+        tx.commit().await?;
+        report.dispatched = claimed.len();
+        report.tasks_finished = finished.len();
+        if applied.stale > 0 {
+            tracing::info!(
+                stale = applied.stale,
+                "dropped stale results (dispatch token not current)"
+            );
+        }
+        for task in &finished {
+            tracing::info!(task_id = %task.task_id, status = %task.status, "task finished");
+        }
+        if !claimed.is_empty() {
+            self.publisher.publish(&claimed).await;
+        }
+        Ok(report)
+    }
+
+    /// Run until `shutdown` turns true.
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let span = tracing::info_span!("result_processor");
+        async move {
+            let mut consumer = match self.consume().await {
+                Ok(consumer) => consumer,
+                Err(error) => {
+                    tracing::error!(%error, "cannot consume the results queue");
+                    return;
+                }
+            };
+            tracing::info!(queue = %self.topology.results_queue(), "started");
+            loop {
+                let first = tokio::select! {
+                    _ = shutdown.changed() => break,
+                    next = consumer.next() => next,
+                };
+                let Some(first) = first else { break };
+                let mut deliveries = Vec::new();
+                match first {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(error) => {
+                        tracing::error!(%error, "results consumer failed");
+                        break;
+                    }
+                }
+                // Take what is already buffered, without waiting.
+                while (deliveries.len() as i64) < self.batch_size {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(delivery))) => deliveries.push(delivery),
+                        _ => break,
+                    }
+                }
+                self.finish_batch(&deliveries).await;
+            }
+            tracing::info!("stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn finish_batch(&self, deliveries: &[Delivery]) {
+        let Some(last) = deliveries.last() else {
+            return;
+        };
+        let multiple = BasicAckOptions { multiple: true };
+        match self.apply_batch(deliveries).await {
+            Ok(report) => {
+                tracing::debug!(?report, "batch applied");
+                if let Err(error) = last.acker.ack(multiple).await {
+                    tracing::warn!(%error, "ack failed; the batch will be redelivered and fenced");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    size = deliveries.len(),
+                    "applying results failed; requeueing the batch"
+                );
+                let requeue = BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                if let Err(error) = last.acker.nack(requeue).await {
+                    tracing::warn!(%error, "nack failed");
+                }
+                // Give the database a moment before the redelivered batch comes back.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
