@@ -1,0 +1,91 @@
+//! `tasker.noop`, `tasker.sleep`, `tasker.echo`, `tasker.fail`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::handler::{StepContext, StepError, StepHandler};
+
+/// Succeeds with `{}`.
+pub(crate) struct Noop;
+
+#[async_trait::async_trait]
+impl StepHandler for Noop {
+    async fn call(&self, _step: &StepContext) -> Result<Value, StepError> {
+        Ok(json!({}))
+    }
+}
+
+/// Sleeps `config.ms` milliseconds (default 0), then succeeds.
+pub(crate) struct Sleep;
+
+#[async_trait::async_trait]
+impl StepHandler for Sleep {
+    async fn call(&self, step: &StepContext) -> Result<Value, StepError> {
+        let ms = match step.config.get("ms") {
+            None => 0,
+            Some(value) => value.as_u64().ok_or_else(|| {
+                StepError::permanent(format!(
+                    "config.ms must be a whole number of milliseconds, got {value}"
+                ))
+                .with_code("invalid_config")
+            })?,
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(json!({"slept_ms": ms}))
+    }
+}
+
+/// Succeeds with its config, the task's context and its parents' results.
+pub(crate) struct Echo;
+
+#[async_trait::async_trait]
+impl StepHandler for Echo {
+    async fn call(&self, step: &StepContext) -> Result<Value, StepError> {
+        Ok(json!({"config": step.config, "context": step.context, "parents": step.parents}))
+    }
+}
+
+/// Fails while `attempt <= config.times` (default: always), with `config.kind`
+/// (`retryable`, the default, or `permanent`) and an optional `retry_after_seconds`;
+/// then succeeds with `{"attempt"}`.
+pub(crate) struct Fail;
+
+#[async_trait::async_trait]
+impl StepHandler for Fail {
+    async fn call(&self, step: &StepContext) -> Result<Value, StepError> {
+        let times = step
+            .config
+            .get("times")
+            .and_then(Value::as_i64)
+            .unwrap_or(i64::MAX);
+        if i64::from(step.attempt) > times {
+            return Ok(json!({"attempt": step.attempt}));
+        }
+        let message = format!("tasker.fail: failing attempt {} of {times}", step.attempt);
+        match step
+            .config
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("retryable")
+        {
+            "permanent" => Err(StepError::permanent(message).with_code("tasker.fail")),
+            "retryable" => {
+                let mut error = StepError::retryable(message).with_code("tasker.fail");
+                if let Some(seconds) = step
+                    .config
+                    .get("retry_after_seconds")
+                    .and_then(Value::as_f64)
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                {
+                    error = error.retry_after(Duration::from_secs_f64(seconds));
+                }
+                Err(error)
+            }
+            other => Err(StepError::permanent(format!(
+                "config.kind must be `retryable` or `permanent`, got `{other}`"
+            ))
+            .with_code("invalid_config")),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `tasker.http`: one HTTP call.
+//!
+//! Config: `url` (required), `method` (default `GET`), `headers` (object of strings),
+//! `body` (a string is sent as is; any other JSON is sent as JSON), `timeout_ms` (default:
+//! the step's timeout).
+//!
+//! Outcome: 2xx succeeds with `{"status", "body"}` (the body parsed as JSON when it is
+//! JSON, else text); 429 and 503 are retryable, honouring `Retry-After` (seconds or an
+//! HTTP date); other 5xx, timeouts and network errors are retryable; other statuses are
+//! permanent, with code `http_<status>`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::handler::{StepContext, StepError, StepHandler};
+
+/// The `tasker.http` handler: one connection pool shared by every step.
+pub struct Http {
+    client: reqwest::Client,
+}
+
+impl Http {
+    /// A handler with its own connection pool.
+    pub fn new() -> Self {
+        Http {
+            client: reqwest::Client::builder()
+                .user_agent(concat!("tasker-worker/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn invalid_config(message: impl Into<String>) -> StepError {
+    StepError::permanent(message).with_code("invalid_config")
+}
+
+#[async_trait::async_trait]
+impl StepHandler for Http {
+    async fn call(&self, step: &StepContext) -> Result<Value, StepError> {
+        let config = &step.config;
+        let url = config
+            .get("url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid_config("config.url (a string) is required"))?;
+        let method = match config.get("method") {
+            None => Method::GET,
+            Some(Value::String(name)) => Method::from_bytes(name.to_ascii_uppercase().as_bytes())
+                .map_err(|_| {
+                invalid_config(format!("config.method `{name}` is not an HTTP method"))
+            })?,
+            Some(other) => {
+                return Err(invalid_config(format!(
+                    "config.method must be a string, got {other}"
+                )));
+            }
+        };
+        let timeout = match config.get("timeout_ms") {
+            None => step.timeout,
+            Some(value) => Duration::from_millis(value.as_u64().ok_or_else(|| {
+                invalid_config(format!(
+                    "config.timeout_ms must be a whole number, got {value}"
+                ))
+            })?),
+        };
+        let mut request = self
+            .client
+            .request(method, url)
+            .timeout(timeout)
+            .headers(headers(config.get("headers"))?);
+        match config.get("body") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(text)) => request = request.body(text.clone()),
+            Some(other) => request = request.json(other),
+        }
+
+        let response = request.send().await.map_err(|error| {
+            let kind = if error.is_timeout() {
+                "timeout"
+            } else {
+                "http_network"
+            };
+            StepError::retryable(format!("{url}: {error}")).with_code(kind)
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, Utc::now()));
+        let text = response.text().await.map_err(|error| {
+            StepError::retryable(format!("{url}: reading the body: {error}"))
+                .with_code("http_network")
+        })?;
+        let body = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
+
+        if status.is_success() {
+            return Ok(json!({"status": status.as_u16(), "body": body}));
+        }
+        let message = format!("{url} answered {status}: {}", snippet(&body));
+        let code = format!("http_{}", status.as_u16());
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            let error = StepError::retryable(message).with_code(code);
+            Err(match retry_after {
+                Some(delay) => error.retry_after(delay),
+                None => error,
+            })
+        } else if status.is_server_error() {
+            Err(StepError::retryable(message).with_code(code))
+        } else {
+            Err(StepError::permanent(message).with_code(code))
+        }
+    }
+}
+
+fn headers(config: Option<&Value>) -> Result<HeaderMap, StepError> {
+    let mut map = HeaderMap::new();
+    let Some(config) = config else { return Ok(map) };
+    let object = config
+        .as_object()
+        .ok_or_else(|| invalid_config("config.headers must be an object of strings"))?;
+    for (name, value) in object {
+        let value = value
+            .as_str()
+            .ok_or_else(|| invalid_config(format!("config.headers.{name} must be a string")))?;
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid_config(format!("`{name}` is not a valid header name")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| invalid_config(format!("the value of header `{name}` is not valid")))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+/// `Retry-After` as seconds (`120`) or an HTTP date (`Wed, 21 Oct 2015 07:28:00 GMT`).
+/// A date in the past means "now".
+pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let when = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
+    Some((when - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+fn snippet(body: &Value) -> String {
+    let text = match body {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let mut cut: String = text.chars().take(200).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = DateTime::parse_from_rfc3339("2015-10-21T07:27:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_retry_after(" 1.5 ", now),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
+    }
+}

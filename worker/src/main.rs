@@ -1,0 +1,28 @@
+//! `tasker-worker`: a worker with the built-in handlers.
+
+use clap::Parser;
+use tasker_shared::config::LogSettings;
+use tasker_worker::{HandlerRegistry, Worker, WorkerSettings};
+
+#[derive(Parser)]
+#[command(
+    name = "tasker-worker",
+    version,
+    about = "A Tasker worker with the built-in handlers"
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogSettings,
+    #[command(flatten)]
+    worker: WorkerSettings,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tasker_shared::telemetry::init(&cli.log);
+    let worker = Worker::build(cli.worker, HandlerRegistry::with_builtins()).await?;
+    worker
+        .run_until_stopped(tasker_shared::shutdown_signal())
+        .await
+}

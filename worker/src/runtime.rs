@@ -1,0 +1,479 @@
+//! The worker runtime: consume steps, run them concurrently, publish results, ack.
+//!
+//! ```text
+//!  namespace queues ──consumers──▶ deliveries (bounded) ──▶ one task per step
+//!                                                            │ started notice ──▶ batcher ──▶ results queue
+//!                                                            │ run handler (timeout, panic caught)
+//!                                                            └ publish result, await confirm, then ack
+//! ```
+//!
+//! Concurrency is bounded twice: the broker's prefetch (channel-wide, equal to
+//! `concurrency`) means the worker never holds more messages than it can run, and a
+//! semaphore of the same size bounds the running tasks. On shutdown the consumers are
+//! cancelled, messages received but not started are handed back to the broker, running
+//! steps finish and publish their results, and only then does the connection close.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection};
+use tasker_shared::broker::{self, Topology, persistent};
+use tasker_shared::messages::{
+    ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
+    StepStarted, WorkerMessage,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::executor;
+use crate::handler::HandlerRegistry;
+use crate::settings::WorkerSettings;
+
+/// A connected worker, ready to run.
+pub struct Worker {
+    registry: Arc<HandlerRegistry>,
+    connection: Connection,
+    topology: Topology,
+    worker_id: String,
+    concurrency: u16,
+    namespaces: Option<Vec<String>>,
+}
+
+/// What every step task shares.
+struct Shared {
+    registry: Arc<HandlerRegistry>,
+    topology: Topology,
+    worker_id: String,
+    /// Confirm-mode channel for results and dead letters.
+    publish: Channel,
+    started: mpsc::UnboundedSender<StepStarted>,
+}
+
+/// The consumers this worker runs, so shutdown can cancel them.
+#[derive(Default)]
+struct Consumers {
+    /// Namespaces being consumed. A std Mutex: held only to read or insert.
+    namespaces: Mutex<HashSet<String>>,
+    tags: Mutex<Vec<ShortString>>,
+}
+
+impl Worker {
+    /// Connect to RabbitMQ and declare the topology.
+    pub async fn build(
+        settings: WorkerSettings,
+        registry: HandlerRegistry,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            settings.concurrency > 0,
+            "TASKER_CONCURRENCY must be at least 1"
+        );
+        let topology = Topology::new(settings.broker.amqp_prefix.clone());
+        let worker_id = settings.worker_id();
+        let connection =
+            broker::connect(&settings.broker, &format!("tasker-worker {worker_id}")).await?;
+        let channel = connection.create_channel().await?;
+        topology
+            .declare_base(&channel)
+            .await
+            .context("declaring the broker topology")?;
+        channel.close(200, "OK".into()).await?;
+        Ok(Worker {
+            registry: Arc::new(registry),
+            connection,
+            topology,
+            worker_id,
+            concurrency: settings.concurrency,
+            namespaces: settings.selected_namespaces(),
+        })
+    }
+
+    /// This worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Run until `shutdown` resolves, then drain gracefully. Returns an error when the
+    /// broker connection is lost (a supervisor restarts the worker; unacked steps are
+    /// redelivered to other workers).
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let consume = self.connection.create_channel().await?;
+        // Channel-wide prefetch: the limit holds across every namespace consumed.
+        consume
+            .basic_qos(self.concurrency, BasicQosOptions { global: true })
+            .await?;
+        let (started_tx, started_rx) = mpsc::unbounded_channel();
+        let batcher = tokio::spawn(crate::started::run(
+            started_rx,
+            self.connection.create_channel().await?,
+            self.topology.clone(),
+            self.worker_id.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            registry: self.registry.clone(),
+            topology: self.topology.clone(),
+            worker_id: self.worker_id.clone(),
+            publish: broker::confirm_channel(&self.connection).await?,
+            started: started_tx,
+        });
+        let consumers = Arc::new(Consumers::default());
+        let (deliveries_tx, mut deliveries) =
+            mpsc::channel::<Delivery>(usize::from(self.concurrency));
+
+        let control = match &self.namespaces {
+            Some(namespaces) => {
+                for namespace in namespaces {
+                    start_consumer(
+                        &consume,
+                        &self.topology,
+                        &consumers,
+                        namespace,
+                        deliveries_tx.clone(),
+                    )
+                    .await?;
+                }
+                None
+            }
+            None => Some(tokio::spawn(follow_namespaces(
+                self.connection.create_channel().await?,
+                consume.clone(),
+                self.topology.clone(),
+                consumers.clone(),
+                deliveries_tx.clone(),
+                self.worker_id.clone(),
+            ))),
+        };
+        drop(deliveries_tx);
+        tracing::info!(worker_id = %self.worker_id, concurrency = self.concurrency,
+            namespaces = ?self.namespaces.as_deref().unwrap_or(&["*".to_owned()]),
+            handlers = ?self.registry.names(), "worker started");
+
+        let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        tokio::pin!(shutdown);
+        let outcome = loop {
+            tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                _ = health.tick() => {
+                    if !self.connection.status().connected() {
+                        break Err(anyhow::anyhow!("lost the connection to RabbitMQ"));
+                    }
+                }
+                delivery = deliveries.recv() => {
+                    let Some(delivery) = delivery else {
+                        break Err(anyhow::anyhow!("every consumer stopped"));
+                    };
+                    let permit = permits.clone().acquire_owned().await?;
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        handle(&shared, delivery).await;
+                        drop(permit);
+                    });
+                }
+            }
+        };
+
+        tracing::info!("stopping: no new steps; finishing the running ones");
+        if let Some(control) = control {
+            control.abort();
+        }
+        let tags: Vec<ShortString> = consumers
+            .tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for tag in tags {
+            let _ = consume
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await;
+        }
+        // Received but not started: hand back to the broker for another worker.
+        deliveries.close();
+        while let Ok(delivery) = deliveries.try_recv() {
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+        }
+        let _ = permits.acquire_many(u32::from(self.concurrency)).await;
+        drop(shared);
+        let _ = batcher.await;
+        let _ = self.connection.close(200, "worker stopped".into()).await;
+        tracing::info!(worker_id = %self.worker_id, "worker stopped");
+        outcome
+    }
+}
+
+async fn start_consumer(
+    channel: &Channel,
+    topology: &Topology,
+    consumers: &Consumers,
+    namespace: &str,
+    deliveries: mpsc::Sender<Delivery>,
+) -> anyhow::Result<()> {
+    if !consumers
+        .namespaces
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(namespace.to_owned())
+    {
+        return Ok(());
+    }
+    topology.declare_namespace(channel, namespace).await?;
+    let mut consumer = channel
+        .basic_consume(
+            topology.step_queue(namespace).into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    consumers
+        .tags
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(consumer.tag());
+    tracing::info!(%namespace, queue = %topology.step_queue(namespace), "consuming");
+    tokio::spawn(async move {
+        while let Some(delivery) = consumer.next().await {
+            match delivery {
+                Ok(delivery) => {
+                    if deliveries.send(delivery).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "step consumer failed");
+                    break;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Serve every namespace: consume each one the coordinators announce.
+async fn follow_namespaces(
+    control: Channel,
+    consume: Channel,
+    topology: Topology,
+    consumers: Arc<Consumers>,
+    deliveries: mpsc::Sender<Delivery>,
+    worker_id: String,
+) {
+    let subscribe = async {
+        let queue = control
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        control
+            .queue_bind(
+                queue.name().clone(),
+                topology.control_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = control
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let hello = serde_json::to_vec(&ControlMessage::Hello {
+            worker_id: worker_id.clone(),
+        })
+        .unwrap_or_default();
+        control
+            .basic_publish(
+                topology.control_exchange().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &hello,
+                persistent(),
+            )
+            .await?;
+        lapin::Result::Ok(consumer)
+    };
+    let mut consumer = match subscribe.await {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::error!(%error, "cannot follow namespace announcements");
+            return;
+        }
+    };
+    while let Some(Ok(delivery)) = consumer.next().await {
+        if let Ok(ControlMessage::Namespaces { namespaces }) =
+            serde_json::from_slice(&delivery.data)
+        {
+            for namespace in namespaces {
+                if let Err(error) = start_consumer(
+                    &consume,
+                    &topology,
+                    &consumers,
+                    &namespace,
+                    deliveries.clone(),
+                )
+                .await
+                {
+                    tracing::error!(%error, %namespace, "cannot consume namespace");
+                }
+            }
+        }
+    }
+}
+
+/// Run one delivered step to the end: its result confirmed by the broker, then the ack.
+async fn handle(shared: &Shared, delivery: Delivery) {
+    let source_queue = delivery.routing_key.to_string();
+    let message = match StepMessage::decode(&delivery.data) {
+        Ok(message) => message,
+        Err(error) => {
+            tracing::warn!(%error, "poison step message; dead-lettering it");
+            dead_letter(shared, &delivery, &error.to_string(), &source_queue).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("step", task_id = %message.task_id, step_id = %message.step_id,
+        step = %message.step_name, handler = %message.handler, attempt = message.attempt);
+    let _guard = span.enter();
+    let Some(handler) = shared.registry.get(&message.handler) else {
+        let reason = format!(
+            "unknown handler `{}`; this worker has: {}",
+            message.handler,
+            shared.registry.names().join(", ")
+        );
+        tracing::warn!(%reason, "dead-lettering the step and failing it");
+        let now = chrono::Utc::now();
+        let result = StepResult {
+            schema_version: SCHEMA_VERSION,
+            task_id: message.task_id,
+            step_id: message.step_id,
+            dispatch_token: message.dispatch_token,
+            outcome: Outcome::PermanentError,
+            results: None,
+            error: Some(WireError {
+                message: reason.clone(),
+                code: Some("unknown_handler".into()),
+                retry_after_seconds: None,
+            }),
+            started_at: now,
+            finished_at: now,
+            worker_id: shared.worker_id.clone(),
+        };
+        if publish_result(shared, &result).await.is_ok() {
+            dead_letter(shared, &delivery, &reason, &source_queue).await;
+        } else {
+            requeue(&delivery).await;
+        }
+        return;
+    };
+    drop(_guard);
+
+    let _ = shared.started.send(StepStarted {
+        step_id: message.step_id,
+        dispatch_token: message.dispatch_token,
+        started_at: chrono::Utc::now(),
+    });
+    let result = executor::execute(handler, &message, &shared.worker_id).await;
+    let _guard = span.enter();
+    match &result.error {
+        None => tracing::debug!("step succeeded"),
+        Some(error) => {
+            tracing::info!(outcome = ?result.outcome, code = ?error.code, message = %error.message, "step failed")
+        }
+    }
+    match publish_result(shared, &result).await {
+        Ok(()) => {
+            if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                tracing::warn!(%error, "ack failed; the step will be redelivered and its duplicate result dropped");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot publish the result; handing the step back"
+            );
+            requeue(&delivery).await;
+        }
+    }
+}
+
+async fn publish_result(shared: &Shared, result: &StepResult) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&WorkerMessage::Result(result.clone()))?;
+    let confirm = shared
+        .publish
+        .basic_publish(
+            "".into(),
+            shared.topology.results_queue().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &body,
+            persistent(),
+        )
+        .await?
+        .await?;
+    anyhow::ensure!(confirm.is_ack(), "the broker refused the result");
+    anyhow::ensure!(
+        confirm.take_message().is_none(),
+        "the results queue is missing"
+    );
+    Ok(())
+}
+
+async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str, source_queue: &str) {
+    match shared
+        .topology
+        .dead_letter(&shared.publish, &delivery.data, source_queue, reason)
+        .await
+    {
+        Ok(()) => {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "cannot dead-letter a message; handing it back"
+            );
+            requeue(delivery).await;
+        }
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    // Pause so a broker in trouble is not hammered with the same message.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await;
+}

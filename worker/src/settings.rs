@@ -1,0 +1,50 @@
+//! The worker's settings: flags, or the environment variables named beside them.
+
+use tasker_shared::config::BrokerSettings;
+
+/// Everything a worker needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerSettings {
+    /// How to reach RabbitMQ.
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+    /// Namespaces to serve, comma separated. Empty: every namespace, including ones
+    /// registered after the worker started.
+    #[arg(
+        long,
+        env = "TASKER_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub namespaces: Vec<String>,
+    /// Steps run at once; also the broker prefetch, so a worker never holds more
+    /// messages than it can run.
+    #[arg(long, env = "TASKER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// This worker's id in results and logs. Default: host name and process id.
+    #[arg(long, env = "TASKER_WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+impl WorkerSettings {
+    /// The namespaces to serve, or `None` for all.
+    pub fn selected_namespaces(&self) -> Option<Vec<String>> {
+        let namespaces: Vec<String> = self
+            .namespaces
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        (!namespaces.is_empty()).then_some(namespaces)
+    }
+
+    /// The configured id, or `<host>-<pid>`.
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "worker".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
