@@ -1,0 +1,218 @@
+//! Workflows of every shape complete, each step after all its parents, once.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tasker_tests::{StatusCode, TestEnv};
+
+use crate::{step_history, steps_by_name};
+
+/// A template of `tasker.echo` steps with the given `(name, parents)` edges.
+fn template(name: &str, steps: &[(&str, &[&str])]) -> String {
+    let mut yaml = format!("namespace: shapes\nname: {name}\nversion: 1.0.0\nsteps:\n");
+    for (step, parents) in steps {
+        yaml.push_str(&format!(
+            "  - name: {step}\n    handler: tasker.echo\n    depends_on: [{}]\n    config: {{step: {step}}}\n",
+            parents.join(", ")
+        ));
+    }
+    yaml
+}
+
+const LINEAR: &[(&str, &[&str])] = &[("a", &[]), ("b", &["a"]), ("c", &["b"]), ("d", &["c"])];
+const DIAMOND: &[(&str, &[&str])] = &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["b", "c"])];
+const TREE: &[(&str, &[&str])] = &[
+    ("root", &[]),
+    ("left", &["root"]),
+    ("right", &["root"]),
+    ("left_a", &["left"]),
+    ("left_b", &["left"]),
+    ("right_a", &["right"]),
+    ("right_b", &["right"]),
+];
+const MIXED: &[(&str, &[&str])] = &[
+    ("extract_a", &[]),
+    ("extract_b", &[]),
+    ("extract_c", &[]),
+    ("clean_a", &["extract_a"]),
+    ("clean_b", &["extract_b"]),
+    ("join", &["clean_a", "clean_b", "extract_c"]),
+    ("score", &["join"]),
+    ("report", &["join"]),
+    ("archive", &["clean_a"]),
+    ("notify", &["score", "report", "archive"]),
+];
+
+#[tokio::test]
+async fn every_shape_completes_with_each_step_after_its_parents_once() {
+    let mut env = TestEnv::start("shapes").await.unwrap();
+    env.start_worker("w1", &["shapes"]).await.unwrap();
+    env.start_worker("w2", &["shapes"]).await.unwrap();
+
+    for (name, steps) in [
+        ("linear", LINEAR),
+        ("diamond", DIAMOND),
+        ("tree", TREE),
+        ("mixed", MIXED),
+    ] {
+        let (status, body) = env.register_template(&template(name, steps)).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let task = env
+            .run_task(
+                json!({"namespace": "shapes", "name": name, "context": {"shape": name}}),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(task["status"], "complete", "{name}: {task:#}");
+        assert!(task["completed_at"].is_string());
+        let by_name = steps_by_name(&task);
+        assert_eq!(by_name.len(), steps.len());
+        let task_id = task["task_id"].as_str().unwrap();
+        let history = step_history(&env.pool, task_id).await;
+
+        for (step, parents) in steps {
+            let this = &by_name[*step];
+            assert_eq!(this["status"], "complete", "{name}.{step}");
+            assert_eq!(this["attempts"], 1, "{name}.{step} ran more than once");
+            let completions = history
+                .iter()
+                .filter(|h| h.0 == *step && h.2 == "complete")
+                .count();
+            assert_eq!(
+                completions, 1,
+                "{name}.{step} completed {completions} times"
+            );
+            let mut expected_parents: Vec<&str> = parents.to_vec();
+            expected_parents.sort_unstable();
+            let mut depends_on: Vec<&str> = this["depends_on"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            depends_on.sort_unstable();
+            assert_eq!(depends_on, expected_parents, "{name}.{step} depends_on");
+
+            // Started only after every parent completed; and it saw every parent's results.
+            let started = this["started_at"].as_str().unwrap();
+            for parent in *parents {
+                let parent_done = by_name[*parent]["completed_at"].as_str().unwrap();
+                let (started, parent_done) = (
+                    chrono::DateTime::parse_from_rfc3339(started).unwrap(),
+                    chrono::DateTime::parse_from_rfc3339(parent_done).unwrap(),
+                );
+                assert!(
+                    started >= parent_done,
+                    "{name}.{step} started before {parent} completed"
+                );
+                assert_eq!(
+                    this["results"]["parents"][parent], by_name[*parent]["results"],
+                    "{name}.{step} sees {parent}'s results"
+                );
+            }
+            assert_eq!(
+                this["results"]["parents"].as_object().unwrap().len(),
+                parents.len()
+            );
+            assert_eq!(this["results"]["config"], json!({"step": step}));
+            assert_eq!(this["results"]["context"], json!({"shape": name}));
+        }
+    }
+
+    // The task's own history: created, started, completed.
+    let (_, page) = env.get("/v1/tasks?namespace=shapes").await.unwrap();
+    let tasks = page["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 4);
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t["status"] == "complete" && t.get("steps").is_none())
+    );
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
+    )
+    .bind(tasks[0]["task_id"].as_str().unwrap())
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reasons,
+        ["created", "first_step_dispatched", "all_steps_done"]
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn listing_pages_with_a_cursor_and_filters() {
+    let mut env = TestEnv::start("listing").await.unwrap();
+    env.start_worker("w1", &["shapes"]).await.unwrap();
+    env.register_template(&template("linear", LINEAR))
+        .await
+        .unwrap();
+    env.register_template(&template("diamond", DIAMOND))
+        .await
+        .unwrap();
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let name = if i % 2 == 0 { "linear" } else { "diamond" };
+        let task = env
+            .run_task(
+                json!({"namespace": "shapes", "name": name, "context": {"i": i}}),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        created.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    created.reverse(); // newest first
+
+    let (status, first) = env.get("/v1/tasks?limit=2").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&first), created[..2]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = env
+        .get(&format!("/v1/tasks?limit=2&cursor={cursor}"))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), created[2..4]);
+    let cursor = second["next_cursor"].as_str().unwrap();
+    let (_, third) = env
+        .get(&format!("/v1/tasks?limit=2&cursor={cursor}"))
+        .await
+        .unwrap();
+    assert_eq!(ids(&third), created[4..]);
+    assert!(third["next_cursor"].is_null());
+
+    let (_, diamonds) = env
+        .get("/v1/tasks?name=diamond&status=complete")
+        .await
+        .unwrap();
+    assert_eq!(diamonds["tasks"].as_array().unwrap().len(), 2);
+    let (_, none) = env.get("/v1/tasks?status=error").await.unwrap();
+    assert!(none["tasks"].as_array().unwrap().is_empty());
+
+    let (status, bad) = env
+        .get("/v1/tasks?status=finished&limit=0&color=red")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let paths: Vec<&str> = bad["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    for expected in ["status", "limit", "color"] {
+        assert!(paths.contains(&expected), "{expected} not named in {bad}");
+    }
+    env.finish().await.unwrap();
+}

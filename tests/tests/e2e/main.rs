@@ -1,0 +1,38 @@
+//! End-to-end tests: the real binaries, real PostgreSQL, real RabbitMQ.
+//! Each test has its own database and queue prefix (see `tasker_tests::TestEnv`).
+
+mod dags;
+mod tasker_engine;
+mod validation;
+mod workers;
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// Step transitions of a task: (step name, from, to, reason, metadata), in order.
+pub(crate) async fn step_history(
+    pool: &PgPool,
+    task_id: &str,
+) -> Vec<(String, Option<String>, String, String, Value)> {
+    sqlx::query_as(
+        "SELECT s.name, t.from_status, t.to_status, t.reason, t.metadata
+         FROM step_transitions t JOIN steps s USING (step_id)
+         WHERE t.task_id = $1::uuid ORDER BY t.transition_id",
+    )
+    .bind(task_id)
+    .fetch_all(pool)
+    .await
+    .expect("step history")
+}
+
+/// The steps of a task JSON by name.
+pub(crate) fn steps_by_name(task: &Value) -> HashMap<String, Value> {
+    task["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap().to_owned(), s.clone()))
+        .collect()
+}

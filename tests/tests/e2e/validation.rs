@@ -1,0 +1,253 @@
+//! Bad input gets a 4xx that names every problem; idempotency keys make creation safe to
+//! repeat.
+
+use serde_json::{Value, json};
+use tasker_tests::{StatusCode, TestEnv};
+
+const CHECKOUT: &str = r#"
+namespace: shop
+name: checkout
+version: 1.2.0
+description: Take an order
+context_schema:
+  type: object
+  required: [order_id, email]
+  properties:
+    order_id: {type: integer, minimum: 1}
+    email: {type: string}
+  additionalProperties: false
+steps:
+  - name: validate
+    handler: tasker.noop
+  - name: charge
+    handler: tasker.noop
+    depends_on: [validate]
+"#;
+
+fn detail_paths(body: &Value) -> Vec<String> {
+    body["error"]["details"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no details in {body}"))
+        .iter()
+        .map(|d| d["path"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_context_that_breaks_the_schema_is_refused_naming_each_field() {
+    let env = TestEnv::start("context").await.unwrap();
+    let (status, _) = env.register_template(CHECKOUT).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+
+    let (status, body) = env
+        .create_task(json!({"namespace": "shop", "name": "checkout", "context": {"order_id": 0, "coupon": "X"}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_context");
+    let details = body["error"]["details"].as_array().unwrap();
+    let text = serde_json::to_string(details).unwrap();
+    assert!(text.contains("/order_id"), "order_id not named: {text}");
+    assert!(text.contains("email"), "missing email not named: {text}");
+    assert!(
+        text.contains("coupon"),
+        "unexpected coupon not named: {text}"
+    );
+
+    // Nothing was created.
+    let (_, page) = env.get("/v1/tasks").await.unwrap();
+    assert!(page["tasks"].as_array().unwrap().is_empty());
+
+    // And a valid one is.
+    let (status, task) = env
+        .create_task(json!({"namespace": "shop", "name": "checkout", "context": {"order_id": 7, "email": "a@b.c"}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    assert_eq!(task["version"], "1.2.0");
+    assert_eq!(task["steps"].as_array().unwrap().len(), 2);
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_template_is_refused_with_every_problem_in_one_answer() {
+    let env = TestEnv::start("template").await.unwrap();
+    let broken = r#"
+namespace: shop
+name: broken
+steps:
+  - name: a
+    handler: tasker.noop
+    depends_on: [c]
+  - name: b
+    handler: tasker.noop
+    depends_on: [a]
+  - name: c
+    handler: tasker.noop
+    depends_on: [b]
+  - name: d
+    handler: tasker.noop
+    depends_on: [nowhere]
+  - name: d
+    handler: tasker.noop
+  - name: e
+    handlr: tasker.noop
+"#;
+    let (status, body) = env.register_template(broken).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_template");
+    let details = body["error"]["details"].as_array().unwrap();
+    let codes: Vec<&str> = details
+        .iter()
+        .map(|d| d["code"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "cycle",
+        "unknown_dependency",
+        "duplicate_step",
+        "unknown_key",
+    ] {
+        assert!(
+            codes.contains(&expected),
+            "{expected} missing from {codes:?}"
+        );
+    }
+    let cycle = details.iter().find(|d| d["code"] == "cycle").unwrap()["message"]
+        .as_str()
+        .unwrap();
+    for step in ["a", "b", "c"] {
+        assert!(
+            cycle.contains(step),
+            "the cycle message should name {step}: {cycle}"
+        );
+    }
+    let unknown = details
+        .iter()
+        .find(|d| d["code"] == "unknown_dependency")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap();
+    assert!(unknown.contains("nowhere"), "{unknown}");
+
+    // Malformed YAML is a 400; an unknown template a 404; nothing was registered.
+    let (status, body) = env.register_template("steps: [unclosed").await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = env.get("/v1/templates/shop/broken").await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "template_not_found");
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn registering_is_idempotent_and_versions_are_immutable() {
+    let env = TestEnv::start("versions").await.unwrap();
+    let (status, first) = env.register_template(CHECKOUT).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, again) = env.register_template(CHECKOUT).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first, again);
+    let changed = CHECKOUT.replace(
+        "handler: tasker.noop\n    depends_on",
+        "handler: tasker.echo\n    depends_on",
+    );
+    let (status, body) = env.register_template(&changed).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let newer = changed.replace("version: 1.2.0", "version: 1.10.0");
+    let (status, _) = env.register_template(&newer).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Latest by semver (1.10.0 > 1.2.0), or the version asked for.
+    let (_, latest) = env.get("/v1/templates/shop/checkout").await.unwrap();
+    assert_eq!(latest["version"], "1.10.0");
+    assert_eq!(latest["steps"][1]["handler"], "tasker.echo");
+    assert_eq!(latest["steps"][1]["depends_on"], json!(["validate"]));
+    let (_, older) = env
+        .get("/v1/templates/shop/checkout?version=1.2.0")
+        .await
+        .unwrap();
+    assert_eq!(older["steps"][1]["handler"], "tasker.noop");
+    let (_, list) = env.get("/v1/templates").await.unwrap();
+    let versions: Vec<&str> = list["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["1.2.0", "1.10.0"]);
+    assert_eq!(list["templates"][0]["step_count"], 2);
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_twice_yields_one_task() {
+    let env = TestEnv::start("idempotency").await.unwrap();
+    env.register_template(CHECKOUT).await.unwrap();
+    let request = json!({"namespace": "shop", "name": "checkout", "idempotency_key": "order-7",
+        "context": {"order_id": 7, "email": "a@b.c"}, "initiator": "test", "tags": ["web"]});
+    let (first_status, first) = env.create_task(request.clone()).await.unwrap();
+    let (second_status, second) = env.create_task(request.clone()).await.unwrap();
+    assert_eq!(first_status, StatusCode::CREATED, "{first}");
+    assert_eq!(second_status, StatusCode::OK, "{second}");
+    assert_eq!(first["task_id"], second["task_id"]);
+    assert_eq!(second["initiator"], "test");
+    let (_, page) = env.get("/v1/tasks").await.unwrap();
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 1);
+
+    // The same key for a different request is a conflict, not a silent reuse.
+    let mut other = request.clone();
+    other["context"]["order_id"] = json!(8);
+    let (status, body) = env.create_task(other).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "idempotency_conflict");
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_4xx_naming_every_problem() {
+    let env = TestEnv::start("malformed").await.unwrap();
+    env.register_template(CHECKOUT).await.unwrap();
+    let post = |body: &'static str| {
+        env.http
+            .post(format!("{}/v1/tasks", env.base_url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let response = post("{not json").await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "malformed_request");
+
+    let response = post(r#"{"namespace": 5, "context": [], "colour": "red", "reason": 1}"#)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = response.json().await.unwrap();
+    let paths = detail_paths(&body);
+    for expected in ["namespace", "name", "context", "colour", "reason"] {
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not named in {body}"
+        );
+    }
+
+    let (status, body) = env
+        .create_task(json!({"namespace": "shop", "name": "nope"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "template_not_found");
+    let (status, body) = env.get("/v1/tasks/not-a-uuid").await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = env
+        .get(&format!("/v1/tasks/{}", uuid::Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _) = env.get("/v1/nothing-here").await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, ready) = env.get("/health/ready").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["checks"], json!({"database": "ok", "broker": "ok"}));
+    env.finish().await.unwrap();
+}

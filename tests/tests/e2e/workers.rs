@@ -1,0 +1,196 @@
+//! Workers: sharing a namespace, staying out of others', waiting for a worker, and
+//! stopping gracefully.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::json;
+use tasker_tests::{StatusCode, TestEnv};
+
+use crate::step_history;
+
+fn sleepy(namespace: &str, ms: u64) -> String {
+    format!(
+        "namespace: {namespace}\nname: sleepy\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {{ms: {ms}}}\n  - name: two\n    handler: tasker.sleep\n    config: {{ms: {ms}}}\n  - name: three\n    handler: tasker.noop\n    depends_on: [one, two]\n"
+    )
+}
+
+/// Which worker ran each step, from the `started` transitions.
+async fn workers_of(env: &TestEnv, task_ids: &[String]) -> HashMap<String, HashSet<String>> {
+    let mut by_task = HashMap::new();
+    for id in task_ids {
+        let workers: HashSet<String> = step_history(&env.pool, id)
+            .await
+            .into_iter()
+            .filter_map(|(_, _, _, _, metadata)| metadata["worker_id"].as_str().map(str::to_owned))
+            .collect();
+        by_task.insert(id.clone(), workers);
+    }
+    by_task
+}
+
+#[tokio::test]
+async fn workers_share_their_namespace_and_never_see_another() {
+    let mut env = TestEnv::start("sharing").await.unwrap();
+    env.register_template(&sleepy("alpha", 100)).await.unwrap();
+    env.register_template(&sleepy("beta", 10)).await.unwrap();
+    env.start_worker("alpha-1", &["alpha"]).await.unwrap();
+    env.start_worker("alpha-2", &["alpha"]).await.unwrap();
+    env.start_worker("beta-1", &["beta"]).await.unwrap();
+
+    let mut alpha = Vec::new();
+    let mut beta = Vec::new();
+    for i in 0..12 {
+        let (_, task) = env
+            .create_task(json!({"namespace": "alpha", "name": "sleepy", "context": {"i": i}}))
+            .await
+            .unwrap();
+        alpha.push(task["task_id"].as_str().unwrap().to_owned());
+        let (_, task) = env
+            .create_task(json!({"namespace": "beta", "name": "sleepy", "context": {"i": i}}))
+            .await
+            .unwrap();
+        beta.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    for id in alpha.iter().chain(&beta) {
+        let task = env
+            .wait_for_task(id, &["complete", "error"], Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(task["status"], "complete");
+    }
+
+    let alpha_workers: HashSet<String> = workers_of(&env, &alpha)
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    let beta_workers: HashSet<String> = workers_of(&env, &beta)
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    assert_eq!(
+        alpha_workers,
+        HashSet::from(["alpha-1".to_owned(), "alpha-2".to_owned()]),
+        "both alpha workers work"
+    );
+    assert_eq!(
+        beta_workers,
+        HashSet::from(["beta-1".to_owned()]),
+        "only the beta worker runs beta"
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_waits_for_a_worker_and_completes_once_one_starts() {
+    let mut env = TestEnv::start("waiting").await.unwrap();
+    env.register_template(&sleepy("gamma", 10)).await.unwrap();
+    let (status, task) = env
+        .create_task(json!({"namespace": "gamma", "name": "sleepy"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    let id = task["task_id"].as_str().unwrap().to_owned();
+
+    // Both roots are claimed and waiting in the queue; nothing is lost or failed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        let statuses: Vec<&str> = task["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["status"].as_str().unwrap())
+            .collect();
+        if statuses == ["enqueued", "enqueued", "pending"] {
+            break task;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "steps never enqueued: {task:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(waiting["status"], "in_progress");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, still) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(
+        still["steps"], waiting["steps"],
+        "nothing moves without a worker"
+    );
+
+    // A worker that serves every namespace learns about gamma and drains it.
+    env.start_worker("late", &[]).await.unwrap();
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "complete");
+    assert!(
+        done["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["attempts"] == 1)
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_worker_finish_its_running_step_before_it_exits() {
+    let mut env = TestEnv::start("sigterm").await.unwrap();
+    env.register_template(&sleepy("delta", 1500)).await.unwrap();
+    let index = env.start_worker("leaving", &["delta"]).await.unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "delta", "name": "sleepy"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+
+    // Wait until both sleeps are running, then ask the worker to stop.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        if task["steps"][0]["status"] == "in_progress"
+            && task["steps"][1]["status"] == "in_progress"
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "steps never started: {task:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exit = env.workers[index].terminate().await.unwrap();
+    assert!(
+        exit.success(),
+        "worker exit: {exit}; log:\n{}",
+        env.workers[index].log()
+    );
+
+    // Both running steps finished and reported; the third waits for a worker.
+    let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut task = task;
+    while task["steps"][0]["status"] != "complete" || task["steps"][1]["status"] != "complete" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "running steps were lost: {task:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        task = env.get(&format!("/v1/tasks/{id}")).await.unwrap().1;
+    }
+    assert_eq!(task["steps"][0]["attempts"], 1);
+    assert_eq!(task["steps"][1]["attempts"], 1);
+
+    env.start_worker("arriving", &["delta"]).await.unwrap();
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "complete");
+    env.finish().await.unwrap();
+}
