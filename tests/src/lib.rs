@@ -40,12 +40,15 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("TASKER_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // target/<profile>/deps/<this test binary>
+    // Tests run from target/<profile>/deps/; binaries such as tasker-example from
+    // target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target folder")
-        .to_path_buf()
+    let dir = exe.parent().expect("the executable's folder");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target folder").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A binary of the workspace (or an example, with `examples/` in front).
@@ -67,7 +70,7 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(mut command: Command, name: String, log_dir: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(mut command: Command, name: String, log_dir: &Path) -> anyhow::Result<Self> {
         command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
