@@ -1,0 +1,191 @@
+//! Text to JSON value: the strict YAML/JSON parsing behind
+//! [`parse_template`](super::parse_template).
+
+use std::fmt::{self, Write as _};
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+use super::{Problem, codes};
+
+/// Parse the text into a JSON value, rejecting duplicate keys.
+pub(super) fn parse_document(text: &str) -> Result<Value, Problem> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let looks_like_json = matches!(text.trim_start().chars().next(), Some('{' | '['));
+    if looks_like_json {
+        match serde_json::from_str::<StrictValue<false>>(text) {
+            Ok(StrictValue(value)) => return Ok(value),
+            Err(json_error) => {
+                // Flow-style YAML (`{a: 1}`) is not JSON; give YAML a chance
+                // but report the JSON error, which is the likelier intent.
+                return match yaml_serde::from_str::<StrictValue<true>>(text) {
+                    Ok(StrictValue(value)) => Ok(value),
+                    Err(_) => Err(Problem::new(
+                        "",
+                        codes::SYNTAX,
+                        format!("JSON syntax error: {json_error}"),
+                    )),
+                };
+            }
+        }
+    }
+    yaml_serde::from_str::<StrictValue<true>>(text)
+        .map(|StrictValue(value)| value)
+        .map_err(|error| {
+            let mut message = format!("YAML syntax error: {error}");
+            if let Some(location) = error.location()
+                && !message.contains(" line ")
+            {
+                let _ = write!(
+                    message,
+                    " at line {} column {}",
+                    location.line(),
+                    location.column()
+                );
+            }
+            Problem::new("", codes::SYNTAX, message)
+        })
+}
+
+/// A JSON value deserialised strictly: duplicate keys and non-finite numbers
+/// are errors. With `YAML`, merge keys (`<<`) are applied.
+struct StrictValue<const YAML: bool>(Value);
+
+impl<'de, const YAML: bool> Deserialize<'de> for StrictValue<YAML> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(StrictVisitor::<YAML>)
+            .map(StrictValue)
+    }
+}
+
+struct StrictVisitor<const YAML: bool>;
+
+impl<'de, const YAML: bool> Visitor<'de> for StrictVisitor<YAML> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON-compatible value (null, boolean, number, string, list or mapping)")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+        if let Ok(small) = i64::try_from(v) {
+            Ok(Value::Number(small.into()))
+        } else if let Ok(small) = u64::try_from(v) {
+            Ok(Value::Number(small.into()))
+        } else {
+            // Like serde_json: integers beyond 64 bits become floats.
+            #[allow(clippy::cast_precision_loss)]
+            let approximate = v as f64;
+            self.visit_f64(approximate)
+        }
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+        match u64::try_from(v) {
+            Ok(small) => Ok(Value::Number(small.into())),
+            Err(_) => {
+                #[allow(clippy::cast_precision_loss)]
+                let approximate = v as f64;
+                self.visit_f64(approximate)
+            }
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom(format!("the number {v} is not supported (not finite)")))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        StrictValue::<YAML>::deserialize(deserializer).map(|StrictValue(value)| value)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(StrictValue(item)) = seq.next_element::<StrictValue<YAML>>()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        let mut merges = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(value) = map.next_value::<StrictValue<YAML>>()?;
+            if YAML && key == "<<" {
+                merges.push(value);
+                continue;
+            }
+            if object.contains_key(&key) {
+                // The YAML parser places the error at the start of the
+                // mapping; the JSON parser just after the repeated entry.
+                let message = if YAML {
+                    format!("duplicate key `{key}` in the mapping that starts")
+                } else {
+                    format!("duplicate key `{key}`")
+                };
+                return Err(de::Error::custom(message));
+            }
+            object.insert(key, value);
+        }
+        // YAML merge keys: explicit keys win, then earlier merged mappings win.
+        for merge in merges {
+            let sources = match merge {
+                Value::Object(source) => vec![source],
+                Value::Array(items) => {
+                    let mut sources = Vec::with_capacity(items.len());
+                    for item in items {
+                        match item {
+                            Value::Object(source) => sources.push(source),
+                            _ => return Err(merge_error()),
+                        }
+                    }
+                    sources
+                }
+                _ => return Err(merge_error()),
+            };
+            for source in sources {
+                for (key, value) in source {
+                    object.entry(key).or_insert(value);
+                }
+            }
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+fn merge_error<E: de::Error>() -> E {
+    E::custom("the merge key `<<` needs a mapping or a list of mappings")
+}

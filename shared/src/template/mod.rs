@@ -1,0 +1,384 @@
+//! Workflow templates: parsing, validation and normalisation.
+//!
+//! Tasker reads two template formats and turns both into one normalised
+//! [`TemplateDefinition`], which is what the rest of the system stores (as
+//! JSON) and executes:
+//!
+//! * the **project format** (`namespace`, `name`, `steps`, ...), written in
+//!   YAML or JSON;
+//! * the **tasker-engine 1.x format** (`step_templates`, `task_handler_class`,
+//!   ...), read unchanged from the Ruby predecessor, including its per
+//!   environment `handler_config` overrides.
+//!
+//! Validation never stops at the first mistake: [`parse_template`] and
+//! [`template_from_value`] walk the whole document and return every
+//! [`Problem`] they find (wrong types, missing and unknown keys, bad values,
+//! duplicate step names, unknown or self dependencies, dependency cycles and
+//! invalid context schemas), each with a path such as `steps[2].handler`.
+//!
+//! ```text
+//! let template = parse_template(&text, "production")?;
+//! template.validate_context(&context)?;
+//! for step in template.topological_order() { /* parents first */ }
+//! ```
+//!
+//! ## Layout
+//!
+//! * this module: the public types, constants and entry points;
+//! * `document`: YAML/JSON text to a [`serde_json::Value`], strictly
+//!   (duplicate keys, tags and non-finite numbers are errors; merge keys are
+//!   applied);
+//! * `schema`: compiling and checking JSON Schemas;
+//! * `walker`: the [`Problem`]-collecting `Walker`, its typed field readers
+//!   and the path, suggestion and identifier helpers;
+//! * `draft`: the template as read from either format, before the graph checks;
+//! * `project`: walking a project-format document;
+//! * `legacy`: walking a tasker-engine 1.x document, including its
+//!   `environments` overrides;
+//! * `graph`: duplicate names, unknown and self dependencies, and cycles.
+
+mod document;
+mod draft;
+mod graph;
+mod legacy;
+mod project;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod walker;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::fmt;
+
+use document::parse_document;
+use graph::check_graph;
+use legacy::walk_legacy;
+use project::walk_project;
+use schema::{compile_schema, guarded};
+use walker::{Walker, kind};
+
+/// Problem codes carried in [`Problem::code`].
+///
+/// Callers can match on these constants instead of repeating the strings.
+pub mod codes {
+    /// The text is not valid YAML/JSON (also: duplicate keys, non-finite numbers).
+    pub const SYNTAX: &str = "syntax";
+    /// An object (mapping) was expected.
+    pub const NOT_AN_OBJECT: &str = "not_an_object";
+    /// A required key is absent (or `null`).
+    pub const MISSING_KEY: &str = "missing_key";
+    /// A key that the format does not know.
+    pub const UNKNOWN_KEY: &str = "unknown_key";
+    /// A value has the wrong JSON type.
+    pub const WRONG_TYPE: &str = "wrong_type";
+    /// A value has the right type but is not acceptable (empty, out of range, malformed).
+    pub const INVALID_VALUE: &str = "invalid_value";
+    /// The step list is empty.
+    pub const NO_STEPS: &str = "no_steps";
+    /// Two or more steps share a name.
+    pub const DUPLICATE_STEP: &str = "duplicate_step";
+    /// A step depends on a name that is not a step of the template.
+    pub const UNKNOWN_DEPENDENCY: &str = "unknown_dependency";
+    /// A step depends on itself.
+    pub const SELF_DEPENDENCY: &str = "self_dependency";
+    /// The dependencies form a cycle.
+    pub const CYCLE: &str = "cycle";
+    /// The context schema is not a usable JSON Schema.
+    pub const INVALID_SCHEMA: &str = "invalid_schema";
+    /// A task context violates the template's context schema.
+    pub const SCHEMA: &str = "schema";
+}
+
+/// Template version used when a template does not declare one.
+pub const DEFAULT_VERSION: &str = "0.1.0";
+/// Default for [`StepDefinition::retry_limit`] (maximum number of attempts).
+pub const DEFAULT_RETRY_LIMIT: i32 = 3;
+/// Default for [`StepDefinition::timeout_ms`] (five minutes).
+pub const DEFAULT_TIMEOUT_MS: i64 = 300_000;
+/// Largest accepted [`StepDefinition::retry_limit`].
+pub const MAX_RETRY_LIMIT: i32 = 100;
+/// Largest accepted [`StepDefinition::timeout_ms`] (24 hours).
+pub const MAX_TIMEOUT_MS: i64 = 86_400_000;
+/// Largest number of steps a template may have.
+pub const MAX_STEPS: usize = 10_000;
+
+/// Longest template or step name.
+const MAX_NAME_LEN: usize = 128;
+/// Longest namespace.
+const MAX_NAMESPACE_LEN: usize = 64;
+/// Longest handler class name or dependent system name.
+const MAX_LABEL_LEN: usize = 256;
+/// At most this many cycles are listed individually.
+const MAX_REPORTED_CYCLES: usize = 100;
+/// Cycles longer than this many steps are shown with the middle elided.
+const MAX_CYCLE_NAMES_SHOWN: usize = 40;
+
+/// A validated, normalised template (the project's own format, as stored in the DB as JSON).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TemplateDefinition {
+    /// Namespace the template belongs to (1–64 characters, identifier rules).
+    pub namespace: String,
+    /// Template name, unique within the namespace and version (1–128 characters).
+    pub name: String,
+    /// Semantic version of the template; `"0.1.0"` when the source does not say.
+    pub version: String,
+    /// Free-text description.
+    pub description: Option<String>,
+    /// JSON Schema that task contexts must satisfy; see [`TemplateDefinition::validate_context`].
+    pub context_schema: Option<serde_json::Value>,
+    /// The steps, in the order of the source file.
+    pub steps: Vec<StepDefinition>,
+}
+
+/// One step of a [`TemplateDefinition`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepDefinition {
+    /// Step name, unique within the template (1–128 characters, identifier rules).
+    pub name: String,
+    /// Name of the handler that executes the step (for example a Ruby class name).
+    pub handler: String,
+    /// Free-text description.
+    pub description: Option<String>,
+    /// Names of the steps that must complete before this one, without duplicates.
+    pub depends_on: Vec<String>,
+    /// Whether a failed attempt may be retried; default `true`.
+    pub retryable: bool,
+    /// Maximum number of attempts, `1..=100`; default 3.
+    pub retry_limit: i32,
+    /// Timeout of one attempt in milliseconds, `1..=86_400_000`; default `300_000`.
+    pub timeout_ms: i64,
+    /// Handler configuration, any JSON value; default `{}`.
+    pub config: serde_json::Value,
+    /// Whether the step may be skipped; default `false` (tasker-engine key, kept).
+    pub skippable: bool,
+    /// External system the step talks to (tasker-engine key, kept).
+    pub dependent_system: Option<String>,
+}
+
+/// One thing wrong with a template (or with a task context).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// Where: a template path such as `steps[2].handler` (empty for the whole
+    /// document), or a JSON pointer such as `/customer/email` for context problems.
+    pub path: String,
+    /// What kind of problem; one of the constants in [`codes`].
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(path: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{} [{}]", self.message, self.code)
+        } else {
+            write!(f, "{}: {} [{}]", self.path, self.message, self.code)
+        }
+    }
+}
+
+/// Every problem found in a template; never empty when returned as an error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid template: {} problem(s)", .0.len())]
+pub struct TemplateError(pub Vec<Problem>);
+
+impl TemplateError {
+    /// The problems, in the order they were found.
+    #[must_use]
+    pub fn problems(&self) -> &[Problem] {
+        &self.0
+    }
+}
+
+/// Parse a template from YAML or JSON text.
+///
+/// JSON is accepted by the YAML parser (JSON-looking text is tried with the
+/// JSON parser first, for better error messages). A syntax error is one
+/// [`Problem`] with code `syntax` and the parser's line/column in the message.
+/// `environment` selects the tasker-engine `environments.<env>` overrides
+/// (e.g. `"development"`); it is ignored by project-format templates.
+///
+/// Besides plain syntax errors, duplicate keys in one mapping, YAML tags and
+/// non-finite numbers are reported as `syntax` problems. YAML merge keys
+/// (`<<: *anchor`) are applied.
+///
+/// # Errors
+///
+/// Returns every problem found; see [`codes`] for the possible codes.
+pub fn parse_template(text: &str, environment: &str) -> Result<TemplateDefinition, TemplateError> {
+    let value = parse_document(text).map_err(|problem| TemplateError(vec![problem]))?;
+    template_from_value(&value, environment)
+}
+
+/// Same as [`parse_template`], from an already-parsed JSON value.
+///
+/// The format is detected from the top-level keys: a document with
+/// `step_templates` or `task_handler_class` is read as a tasker-engine 1.x
+/// template, anything else as a project-format template.
+///
+/// # Errors
+///
+/// Returns every problem found; see [`codes`] for the possible codes.
+pub fn template_from_value(
+    value: &serde_json::Value,
+    environment: &str,
+) -> Result<TemplateDefinition, TemplateError> {
+    let mut walker = Walker::default();
+    let Some(root) = value.as_object() else {
+        let message = if value.is_null() {
+            "the template is empty; expected an object (mapping) at the top level".to_owned()
+        } else {
+            format!(
+                "expected an object (mapping) at the top level, found {}",
+                kind(value)
+            )
+        };
+        return Err(TemplateError(vec![Problem::new(
+            "",
+            codes::NOT_AN_OBJECT,
+            message,
+        )]));
+    };
+    let legacy = root.contains_key("step_templates") || root.contains_key("task_handler_class");
+    let draft = if legacy {
+        walk_legacy(&mut walker, root, environment)
+    } else {
+        walk_project(&mut walker, root)
+    };
+    check_graph(&mut walker, &draft);
+    if walker.problems.is_empty() {
+        Ok(draft.into_definition())
+    } else {
+        Err(TemplateError(walker.problems))
+    }
+}
+
+/// Validate `instance` against the JSON Schema `schema`, listing every violation.
+///
+/// Each violation is a [`Problem`] with code `schema`, the JSON pointer of the
+/// offending instance location as path (`""` for the root) and the validator's
+/// message. `format` keywords (such as `email` or `date-time`) are enforced.
+/// A schema that cannot be compiled yields a single `invalid_schema` problem.
+///
+/// # Errors
+///
+/// Returns the violations when the instance does not conform.
+pub fn validate_against_schema(
+    schema: &serde_json::Value,
+    instance: &serde_json::Value,
+) -> Result<(), Vec<Problem>> {
+    let outcome = guarded(|| {
+        let validator = compile_schema(schema).map_err(|error| {
+            vec![Problem::new(
+                "",
+                codes::INVALID_SCHEMA,
+                format!("the schema cannot be compiled: {error}"),
+            )]
+        })?;
+        let problems: Vec<Problem> = validator
+            .iter_errors(instance)
+            .map(|error| {
+                Problem::new(
+                    error.instance_path().as_str(),
+                    codes::SCHEMA,
+                    error.to_string(),
+                )
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    });
+    outcome.unwrap_or_else(|| {
+        Err(vec![Problem::new(
+            "",
+            codes::INVALID_SCHEMA,
+            "the JSON Schema validator failed unexpectedly on this schema",
+        )])
+    })
+}
+
+impl TemplateDefinition {
+    /// Validate a task context against `context_schema`; `Ok` when there is no schema.
+    ///
+    /// Each violation is a [`Problem`] whose path is the JSON pointer of the
+    /// offending instance location (e.g. `"/customer/email"`, `""` for the
+    /// root), whose message is the validator's message and whose code is
+    /// `schema`.
+    ///
+    /// # Errors
+    ///
+    /// Returns every violation; see [`validate_against_schema`].
+    pub fn validate_context(&self, context: &serde_json::Value) -> Result<(), Vec<Problem>> {
+        match &self.context_schema {
+            Some(schema) => validate_against_schema(schema, context),
+            None => Ok(()),
+        }
+    }
+
+    /// The steps in a topological order (parents first), ties broken by file order.
+    ///
+    /// Among the steps whose dependencies have all been emitted, the one that
+    /// comes first in the file is emitted next. Every step appears exactly
+    /// once: for a definition that did not come from validation (and so may
+    /// contain a cycle), steps that cannot be ordered are appended in file
+    /// order; dependencies naming no step are ignored.
+    pub fn topological_order(&self) -> Vec<&StepDefinition> {
+        let n = self.steps.len();
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
+        for (i, step) in self.steps.iter().enumerate() {
+            index.entry(step.name.as_str()).or_insert(i);
+        }
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut pending = vec![0_usize; n];
+        for (i, step) in self.steps.iter().enumerate() {
+            let mut seen = HashSet::new();
+            for dep in &step.depends_on {
+                if let Some(&parent) = index.get(dep.as_str())
+                    && parent != i
+                    && seen.insert(parent)
+                {
+                    children[parent].push(i);
+                    pending[i] += 1;
+                }
+            }
+        }
+        let mut ready: BinaryHeap<Reverse<usize>> =
+            (0..n).filter(|&i| pending[i] == 0).map(Reverse).collect();
+        let mut emitted = vec![false; n];
+        let mut order = Vec::with_capacity(n);
+        while let Some(Reverse(i)) = ready.pop() {
+            emitted[i] = true;
+            order.push(&self.steps[i]);
+            for &child in &children[i] {
+                pending[child] -= 1;
+                if pending[child] == 0 {
+                    ready.push(Reverse(child));
+                }
+            }
+        }
+        if order.len() < n {
+            order.extend(
+                self.steps
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !emitted[*i])
+                    .map(|(_, step)| step),
+            );
+        }
+        order
+    }
+}

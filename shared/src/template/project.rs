@@ -1,0 +1,167 @@
+//! Walking a project-format document (`namespace`, `name`, `steps`, ...).
+
+use serde_json::{Map, Value};
+
+use super::draft::{Draft, StepDraft, dedup_deps};
+use super::walker::{Walker, field, item, join, retry_limit};
+use super::{
+    DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAME_LEN, MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
+};
+
+const PROJECT_TOP_KEYS: &[&str] = &[
+    "namespace",
+    "name",
+    "version",
+    "description",
+    "context_schema",
+    "defaults",
+    "steps",
+];
+const PROJECT_TOP_HINTS: &[(&str, &str)] = &[
+    ("namespace_name", "namespace"),
+    ("schema", "context_schema"),
+];
+const PROJECT_DEFAULT_KEYS: &[&str] = &["retryable", "retry_limit", "timeout_ms"];
+const PROJECT_DEFAULT_HINTS: &[(&str, &str)] = &[
+    ("default_retryable", "retryable"),
+    ("default_retry_limit", "retry_limit"),
+    ("timeout_seconds", "timeout_ms"),
+];
+const PROJECT_STEP_KEYS: &[&str] = &[
+    "name",
+    "handler",
+    "description",
+    "depends_on",
+    "retryable",
+    "retry_limit",
+    "timeout_ms",
+    "config",
+    "skippable",
+    "dependent_system",
+];
+const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
+    ("handler_class", "handler"),
+    ("handler_config", "config"),
+    ("depends_on_step", "depends_on"),
+    ("depends_on_steps", "depends_on"),
+    ("default_retryable", "retryable"),
+    ("default_retry_limit", "retry_limit"),
+    ("timeout_seconds", "timeout_ms"),
+];
+
+/// Step settings that `defaults` (project format) can change.
+#[derive(Clone, Copy)]
+struct StepDefaults {
+    retryable: bool,
+    retry_limit: i32,
+    timeout_ms: i64,
+}
+
+impl Default for StepDefaults {
+    fn default() -> Self {
+        Self {
+            retryable: true,
+            retry_limit: DEFAULT_RETRY_LIMIT,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        }
+    }
+}
+
+pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
+    w.unknown_keys(root, "", PROJECT_TOP_KEYS, PROJECT_TOP_HINTS);
+    let namespace = w.required_identifier(root, "", "namespace", "namespace", MAX_NAMESPACE_LEN);
+    let name = w.required_identifier(root, "", "name", "template name", MAX_NAME_LEN);
+    let version = w.version(root, "");
+    let description = w
+        .optional_string(root, "", "description")
+        .map(str::to_owned);
+    let context_schema = w.context_schema(root, "context_schema");
+
+    let mut defaults = StepDefaults::default();
+    if let Some(value) = field(root, "defaults") {
+        match value.as_object() {
+            Some(object) => {
+                w.unknown_keys(
+                    object,
+                    "defaults",
+                    PROJECT_DEFAULT_KEYS,
+                    PROJECT_DEFAULT_HINTS,
+                );
+                if let Some(flag) = w.optional_bool(object, "defaults", "retryable") {
+                    defaults.retryable = flag;
+                }
+                if let Some(limit) = retry_limit(w, object, "defaults", "retry_limit") {
+                    defaults.retry_limit = limit;
+                }
+                if let Some(timeout) =
+                    w.optional_int(object, "defaults", "timeout_ms", 1, MAX_TIMEOUT_MS)
+                {
+                    defaults.timeout_ms = timeout;
+                }
+            }
+            None => w.not_an_object("defaults", value, "`defaults`"),
+        }
+    }
+
+    let mut steps = Vec::new();
+    if let Some(list) = w.step_list(root, "steps") {
+        steps.reserve(list.len());
+        for (index, value) in list.iter().enumerate() {
+            let path = item("steps", index);
+            match value.as_object() {
+                Some(object) => steps.push(walk_project_step(w, object, path, defaults)),
+                None => w.not_an_object(&path, value, "a step"),
+            }
+        }
+    }
+
+    Draft {
+        namespace,
+        name,
+        version,
+        description,
+        context_schema,
+        steps,
+    }
+}
+
+fn walk_project_step(
+    w: &mut Walker,
+    object: &Map<String, Value>,
+    path: String,
+    defaults: StepDefaults,
+) -> StepDraft {
+    w.unknown_keys(object, &path, PROJECT_STEP_KEYS, PROJECT_STEP_HINTS);
+    let name = w.step_name(object, &path);
+    let handler = w.required_label(object, &path, "handler", "handler");
+    let description = w
+        .optional_string(object, &path, "description")
+        .map(str::to_owned);
+    let deps = match field(object, "depends_on") {
+        Some(value) => dedup_deps(w.name_list(value, &join(&path, "depends_on"), "step names")),
+        None => Vec::new(),
+    };
+    let retryable = w
+        .optional_bool(object, &path, "retryable")
+        .unwrap_or(defaults.retryable);
+    let retry_limit = retry_limit(w, object, &path, "retry_limit").unwrap_or(defaults.retry_limit);
+    let timeout_ms = w
+        .optional_int(object, &path, "timeout_ms", 1, MAX_TIMEOUT_MS)
+        .unwrap_or(defaults.timeout_ms);
+    let skippable = w.optional_bool(object, &path, "skippable").unwrap_or(false);
+    let dependent_system = w.optional_label(object, &path, "dependent_system", "dependent system");
+    StepDraft {
+        name_path: join(&path, "name"),
+        path,
+        name,
+        handler,
+        description,
+        deps,
+        retryable,
+        retry_limit,
+        timeout_ms,
+        config: Walker::config(object, "config"),
+        skippable,
+        dependent_system,
+    }
+}

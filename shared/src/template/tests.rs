@@ -1,0 +1,959 @@
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use super::graph::elementary_cycles;
+use super::legacy::deep_merge;
+use super::schema::schema_problems;
+use super::walker::{Walker, identifier_error, item, join};
+use super::*;
+
+fn codes_of(error: &TemplateError) -> Vec<&str> {
+    error
+        .0
+        .iter()
+        .map(|problem| problem.code.as_str())
+        .collect()
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match parse_template(text, "production") {
+        Ok(definition) => panic!("expected problems, got {definition:?}"),
+        Err(error) => error.0,
+    }
+}
+
+const PROJECT_YAML: &str = r#"
+namespace: ecommerce
+name: order_fulfilment
+version: 1.2.3
+description: Fulfil a customer order
+context_schema:
+  type: object
+  required: [order_id]
+  properties:
+    order_id: {type: integer}
+defaults:
+  retry_limit: 5
+  timeout_ms: 60000
+steps:
+  - name: validate
+    handler: Ecommerce::Validate
+    description: Check the order
+    config:
+      strict: true
+      limits: [1, 2]
+  - name: charge
+    handler: payments.charge
+    depends_on: [validate]
+    retryable: false
+    retry_limit: 1
+  - name: reserve
+    handler: inventory.reserve
+    depends_on: [validate]
+    timeout_ms: 1000
+    skippable: true
+    dependent_system: warehouse
+  - name: ship
+    handler: shipping.ship
+    depends_on: [charge, reserve, charge]
+"#;
+
+fn expected_project() -> TemplateDefinition {
+    let step = |name: &str, handler: &str, deps: &[&str]| StepDefinition {
+        name: name.to_owned(),
+        handler: handler.to_owned(),
+        description: None,
+        depends_on: deps.iter().map(|d| (*d).to_owned()).collect(),
+        retryable: true,
+        retry_limit: 5,
+        timeout_ms: 60_000,
+        config: json!({}),
+        skippable: false,
+        dependent_system: None,
+    };
+    let mut validate = step("validate", "Ecommerce::Validate", &[]);
+    validate.description = Some("Check the order".to_owned());
+    validate.config = json!({"strict": true, "limits": [1, 2]});
+    let mut charge = step("charge", "payments.charge", &["validate"]);
+    charge.retryable = false;
+    charge.retry_limit = 1;
+    let mut reserve = step("reserve", "inventory.reserve", &["validate"]);
+    reserve.timeout_ms = 1000;
+    reserve.skippable = true;
+    reserve.dependent_system = Some("warehouse".to_owned());
+    TemplateDefinition {
+        namespace: "ecommerce".to_owned(),
+        name: "order_fulfilment".to_owned(),
+        version: "1.2.3".to_owned(),
+        description: Some("Fulfil a customer order".to_owned()),
+        context_schema: Some(json!({
+            "type": "object",
+            "required": ["order_id"],
+            "properties": {"order_id": {"type": "integer"}}
+        })),
+        steps: vec![
+            validate,
+            charge,
+            reserve,
+            step("ship", "shipping.ship", &["charge", "reserve"]),
+        ],
+    }
+}
+
+#[test]
+fn project_yaml_parses_to_expected_definition() {
+    let definition = parse_template(PROJECT_YAML, "development").unwrap();
+    assert_eq!(definition, expected_project());
+}
+
+#[test]
+fn project_json_parses_to_same_definition() {
+    let json_text = r#"{
+	"namespace": "ecommerce",
+	"name": "order_fulfilment",
+	"version": "1.2.3",
+	"description": "Fulfil a customer order",
+	"context_schema": {"type": "object", "required": ["order_id"],
+		"properties": {"order_id": {"type": "integer"}}},
+	"defaults": {"retry_limit": 5, "timeout_ms": 60000},
+	"steps": [
+		{"name": "validate", "handler": "Ecommerce::Validate", "description": "Check the order",
+		 "config": {"strict": true, "limits": [1, 2]}},
+		{"name": "charge", "handler": "payments.charge", "depends_on": ["validate"],
+		 "retryable": false, "retry_limit": 1},
+		{"name": "reserve", "handler": "inventory.reserve", "depends_on": ["validate"],
+		 "timeout_ms": 1000, "skippable": true, "dependent_system": "warehouse"},
+		{"name": "ship", "handler": "shipping.ship", "depends_on": ["charge", "reserve", "charge"]}
+	]
+}"#;
+    let definition = parse_template(json_text, "development").unwrap();
+    assert_eq!(definition, expected_project());
+}
+
+#[test]
+fn minimal_template_gets_defaults() {
+    let definition = parse_template(
+        "namespace: ns\nname: t\nsteps:\n  - {name: a, handler: H}\n",
+        "",
+    )
+    .unwrap();
+    assert_eq!(definition.version, "0.1.0");
+    assert_eq!(definition.description, None);
+    assert_eq!(definition.context_schema, None);
+    let step = &definition.steps[0];
+    assert!(step.retryable);
+    assert_eq!(step.retry_limit, 3);
+    assert_eq!(step.timeout_ms, 300_000);
+    assert_eq!(step.config, json!({}));
+    assert!(!step.skippable);
+    assert!(step.depends_on.is_empty());
+}
+
+#[test]
+fn definition_round_trips_through_serde_and_the_parser() {
+    let definition = expected_project();
+    let stored = serde_json::to_string(&definition).unwrap();
+    let back: TemplateDefinition = serde_json::from_str(&stored).unwrap();
+    assert_eq!(back, definition);
+    // The stored JSON is itself a valid project-format template.
+    assert_eq!(parse_template(&stored, "").unwrap(), definition);
+}
+
+const ENGINE_YAML: &str = r#"
+---
+name: process_order
+namespace_name: order_processing
+version: 1.0.0
+module_namespace: OrderProcessing
+task_handler_class: OrderProcessing::OrderHandler
+concurrent: true
+description: Process an order from validation to shipment
+default_dependent_system: ecommerce_system
+named_steps:
+  - validate_order
+  - reserve_inventory
+  - process_payment
+  - send_confirmation
+  - ship_order
+schema:
+  type: object
+  required: [order_id, customer]
+  properties:
+    order_id:
+      type: integer
+    customer:
+      type: object
+      required: [email]
+      properties:
+        email:
+          type: string
+step_templates:
+  - name: validate_order
+    description: Validate the order contents
+    handler_class: OrderProcessing::StepHandler::ValidateOrder
+    handler_config:
+      strict: true
+  - name: reserve_inventory
+    description: Reserve stock
+    depends_on_step: validate_order
+    handler_class: OrderProcessing::StepHandler::ReserveInventory
+    dependent_system: inventory_system
+    default_retryable: true
+    default_retry_limit: 5
+    handler_config:
+      type: api
+      url: https://inventory.example.com/reserve
+      params:
+        warehouse: main
+        hold_minutes: 30
+  - name: process_payment
+    description: Charge the customer
+    depends_on_step: validate_order
+    handler_class: OrderProcessing::StepHandler::ProcessPayment
+    default_retryable: false
+    default_retry_limit: 1
+    custom_events:
+      - name: payment.charged
+        description: The card was charged
+      - name: payment.declined
+  - name: send_confirmation
+    depends_on_steps: [reserve_inventory, process_payment]
+    handler_class: OrderProcessing::StepHandler::SendConfirmation
+    skippable: true
+  - name: ship_order
+    depends_on_step: process_payment
+    depends_on_steps:
+      - reserve_inventory
+      - process_payment
+    handler_class: OrderProcessing::StepHandler::ShipOrder
+environments:
+  development:
+    step_templates:
+      - name: reserve_inventory
+        handler_config:
+          url: http://localhost:3000/reserve
+          params:
+            hold_minutes: 1
+            debug: true
+  production:
+    step_templates:
+      - name: process_payment
+        handler_config:
+          gateway: live
+"#;
+
+#[test]
+fn tasker_engine_template_maps_to_definition() {
+    let definition = parse_template(ENGINE_YAML, "development").unwrap();
+    let step = |name: &str, class: &str, deps: &[&str]| StepDefinition {
+        name: name.to_owned(),
+        handler: format!("OrderProcessing::StepHandler::{class}"),
+        description: None,
+        depends_on: deps.iter().map(|d| (*d).to_owned()).collect(),
+        retryable: true,
+        retry_limit: 3,
+        timeout_ms: 300_000,
+        config: json!({}),
+        skippable: false,
+        dependent_system: Some("ecommerce_system".to_owned()),
+    };
+    let mut validate = step("validate_order", "ValidateOrder", &[]);
+    validate.description = Some("Validate the order contents".to_owned());
+    validate.config = json!({"strict": true});
+    let mut reserve = step("reserve_inventory", "ReserveInventory", &["validate_order"]);
+    reserve.description = Some("Reserve stock".to_owned());
+    reserve.dependent_system = Some("inventory_system".to_owned());
+    reserve.retry_limit = 5;
+    reserve.config = json!({
+        "type": "api",
+        "url": "http://localhost:3000/reserve",
+        "params": {"warehouse": "main", "hold_minutes": 1, "debug": true}
+    });
+    let mut payment = step("process_payment", "ProcessPayment", &["validate_order"]);
+    payment.description = Some("Charge the customer".to_owned());
+    payment.retryable = false;
+    payment.retry_limit = 1;
+    let mut confirm = step(
+        "send_confirmation",
+        "SendConfirmation",
+        &["reserve_inventory", "process_payment"],
+    );
+    confirm.skippable = true;
+    let ship = step(
+        "ship_order",
+        "ShipOrder",
+        &["process_payment", "reserve_inventory"],
+    );
+    let expected = TemplateDefinition {
+        namespace: "order_processing".to_owned(),
+        name: "process_order".to_owned(),
+        version: "1.0.0".to_owned(),
+        description: Some("Process an order from validation to shipment".to_owned()),
+        context_schema: Some(json!({
+            "type": "object",
+            "required": ["order_id", "customer"],
+            "properties": {
+                "order_id": {"type": "integer"},
+                "customer": {
+                    "type": "object",
+                    "required": ["email"],
+                    "properties": {"email": {"type": "string"}}
+                }
+            }
+        })),
+        steps: vec![validate, reserve, payment, confirm, ship],
+    };
+    assert_eq!(definition, expected);
+
+    // Another environment only changes its own overrides.
+    let production = parse_template(ENGINE_YAML, "production").unwrap();
+    assert_eq!(
+        production.steps[1].config["url"],
+        json!("https://inventory.example.com/reserve")
+    );
+    assert_eq!(production.steps[2].config, json!({"gateway": "live"}));
+    // An environment that is not listed means no overrides.
+    let staging = parse_template(ENGINE_YAML, "staging").unwrap();
+    assert_eq!(staging.steps[2].config, json!({}));
+}
+
+#[test]
+fn tasker_engine_minimal_defaults() {
+    let text =
+        "name: t\ntask_handler_class: T\nstep_templates:\n  - name: a\n    handler_class: A\n";
+    let definition = parse_template(text, "").unwrap();
+    assert_eq!(definition.namespace, "default");
+    assert_eq!(definition.version, "0.1.0");
+    assert_eq!(definition.steps[0].dependent_system, None);
+    assert_eq!(definition.steps[0].config, json!({}));
+}
+
+#[test]
+fn environment_deep_merge() {
+    let mut base = json!({
+        "a": 1,
+        "nested": {"keep": true, "replace": [1, 2], "deeper": {"x": 1, "y": 2}},
+        "scalar_to_object": 5
+    });
+    deep_merge(
+        &mut base,
+        &json!({
+            "b": 2,
+            "nested": {"replace": [3], "deeper": {"y": 20, "z": 30}, "added": null},
+            "scalar_to_object": {"now": "object"}
+        }),
+    );
+    assert_eq!(
+        base,
+        json!({
+            "a": 1,
+            "b": 2,
+            "nested": {
+                "keep": true,
+                "replace": [3],
+                "deeper": {"x": 1, "y": 20, "z": 30},
+                "added": null
+            },
+            "scalar_to_object": {"now": "object"}
+        })
+    );
+    let mut replaced = json!({"a": 1});
+    deep_merge(&mut replaced, &json!("text"));
+    assert_eq!(replaced, json!("text"));
+}
+
+#[test]
+fn environment_naming_unknown_step_is_a_problem() {
+    let text = "name: t\ntask_handler_class: T\nstep_templates:\n  - {name: a, handler_class: A}\nenvironments:\n  test:\n    step_templates:\n      - name: nope\n        handler_config: {x: 1}\n        handler_class: X\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert_eq!(
+        found[0].path,
+        "environments.test.step_templates[0].handler_class"
+    );
+    assert_eq!(found[0].code, "unknown_key");
+    assert_eq!(found[1].path, "environments.test.step_templates[0].name");
+    assert_eq!(found[1].code, "invalid_value");
+    assert!(found[1].message.contains("`nope`"));
+}
+
+#[test]
+fn all_five_problems_are_reported_together() {
+    let text = r#"
+namespace: shop
+name: broken
+context_schema:
+  type: invalid_type
+steps:
+  - name: a
+    handler: A
+    depends_on: [c]
+  - name: b
+    handler: B
+    depends_on: [a]
+  - name: c
+    handler: C
+    depends_on: [b]
+  - name: a
+    handler: A2
+  - name: d
+    handler: D
+    descripton: typo
+    depends_on: [zzz]
+"#;
+    let error = parse_template(text, "").unwrap_err();
+    let mut found = codes_of(&error);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "cycle",
+            "duplicate_step",
+            "invalid_schema",
+            "unknown_dependency",
+            "unknown_key"
+        ],
+        "{error:#?}"
+    );
+    let by_code = |code: &str| error.0.iter().find(|p| p.code == code).unwrap();
+    assert_eq!(by_code("invalid_schema").path, "context_schema");
+    assert!(by_code("invalid_schema").message.contains("/type"));
+    assert_eq!(by_code("duplicate_step").path, "steps[3].name");
+    assert!(by_code("duplicate_step").message.contains("`a`"));
+    assert_eq!(by_code("unknown_key").path, "steps[4].descripton");
+    assert_eq!(
+        by_code("unknown_key").message,
+        "unknown key `descripton`; did you mean `description`?"
+    );
+    assert_eq!(by_code("unknown_dependency").path, "steps[4].depends_on[0]");
+    assert!(by_code("unknown_dependency").message.contains("`d`"));
+    assert!(by_code("unknown_dependency").message.contains("`zzz`"));
+    assert_eq!(
+        by_code("cycle").message,
+        "dependency cycle: a -> b -> c -> a"
+    );
+    assert_eq!(by_code("cycle").path, "steps[0].depends_on[0]");
+    assert_eq!(error.to_string(), "invalid template: 5 problem(s)");
+}
+
+#[test]
+fn every_structural_problem_is_collected() {
+    let text = r#"
+name: "bad name"
+version: "1.0"
+extra: 1
+defaults: [1]
+steps:
+  - name: a
+    handlr: X
+    retry_limit: 0
+    timeout_ms: "fast"
+    retryable: "yes"
+    depends_on: a
+  - 42
+  - name: ""
+    handler: "   "
+    depends_on: [a, 7, ""]
+    retry_limit: 2.5
+"#;
+    let found = problems(text);
+    let pairs: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    let expected = [
+        ("extra", "unknown_key"),
+        ("namespace", "missing_key"),
+        ("name", "invalid_value"),
+        ("version", "invalid_value"),
+        ("defaults", "not_an_object"),
+        ("steps[0].handlr", "unknown_key"),
+        ("steps[0].handler", "missing_key"),
+        ("steps[0].depends_on", "wrong_type"),
+        ("steps[0].retryable", "wrong_type"),
+        ("steps[0].retry_limit", "invalid_value"),
+        ("steps[0].timeout_ms", "wrong_type"),
+        ("steps[1]", "not_an_object"),
+        ("steps[2].name", "invalid_value"),
+        ("steps[2].handler", "invalid_value"),
+        ("steps[2].depends_on[1]", "wrong_type"),
+        ("steps[2].depends_on[2]", "invalid_value"),
+        ("steps[2].retry_limit", "wrong_type"),
+    ];
+    assert_eq!(pairs, expected, "{found:#?}");
+    assert_eq!(
+        found[5].message,
+        "unknown key `handlr`; did you mean `handler`?"
+    );
+}
+
+#[test]
+fn legacy_paths_and_problems() {
+    let text = r#"
+name: api_task/integration
+task_handler_class: ApiTask
+namespace: wrong_key
+schema: [not, an, object]
+step_templates:
+  - name: fetch
+    handler: Fetch
+    depends_on_steps: [fetch, ghost]
+    custom_events:
+      - name: ok
+        payload: 1
+      - just_a_string
+  - name: store
+    handler_class: ApiTask::Store
+    depends_on_step: 12
+    default_retry_limit: 101
+"#;
+    let found = problems(text);
+    let pairs: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    let expected = [
+        ("namespace", "unknown_key"),
+        ("name", "invalid_value"),
+        ("schema", "not_an_object"),
+        ("step_templates[0].handler", "unknown_key"),
+        ("step_templates[0].handler_class", "missing_key"),
+        ("step_templates[0].custom_events[0].payload", "unknown_key"),
+        ("step_templates[0].custom_events[1]", "not_an_object"),
+        ("step_templates[1].default_retry_limit", "invalid_value"),
+        ("step_templates[1].depends_on_step", "wrong_type"),
+        ("step_templates[0].depends_on_steps[0]", "self_dependency"),
+        (
+            "step_templates[0].depends_on_steps[1]",
+            "unknown_dependency",
+        ),
+    ];
+    assert_eq!(pairs, expected, "{found:#?}");
+    assert_eq!(
+        found[0].message,
+        "unknown key `namespace`; did you mean `namespace_name`?"
+    );
+    assert!(found[1].message.contains("`/`"), "{}", found[1].message);
+}
+
+#[test]
+fn duplicate_names_reported_once_per_name() {
+    let text = "namespace: n\nname: t\nsteps:\n  - {name: a, handler: H}\n  - {name: b, handler: H}\n  - {name: a, handler: H}\n  - {name: a, handler: H}\n  - {name: b, handler: H}\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert_eq!(found[0].path, "steps[2].name");
+    assert!(found[0].message.contains("3 times"));
+    assert!(found[0].message.contains("steps[0], steps[2], steps[3]"));
+    assert_eq!(found[1].path, "steps[4].name");
+}
+
+#[test]
+fn cycles_are_named_once_each() {
+    let text = r#"
+namespace: n
+name: t
+steps:
+  - {name: a, handler: H, depends_on: [b, c]}
+  - {name: b, handler: H, depends_on: [a]}
+  - {name: c, handler: H, depends_on: [a]}
+  - {name: d, handler: H, depends_on: [d]}
+  - {name: e, handler: H, depends_on: [g]}
+  - {name: f, handler: H, depends_on: [e]}
+  - {name: g, handler: H, depends_on: [f]}
+"#;
+    let found = problems(text);
+    let messages: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.code.as_str(), p.message.as_str()))
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            ("self_dependency", "step `d` depends on itself"),
+            ("cycle", "dependency cycle: a -> b -> a"),
+            ("cycle", "dependency cycle: a -> c -> a"),
+            ("cycle", "dependency cycle: e -> f -> g -> e"),
+        ],
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn johnson_finds_every_elementary_cycle() {
+    // Complete digraph on 4 nodes has 20 elementary cycles.
+    let adjacency: Vec<Vec<usize>> = (0..4)
+        .map(|v| (0..4).filter(|&w| w != v).collect())
+        .collect();
+    let (cycles, more) = elementary_cycles(&adjacency, 100);
+    assert!(!more);
+    assert_eq!(cycles.len(), 20);
+    let unique: HashSet<Vec<usize>> = cycles.iter().cloned().collect();
+    assert_eq!(unique.len(), 20);
+    let (limited, more) = elementary_cycles(&adjacency, 5);
+    assert!(more);
+    assert_eq!(limited.len(), 5);
+}
+
+#[test]
+fn too_many_cycles_are_summarised() {
+    // 12 steps that all depend on each other: far more than 100 cycles.
+    let names: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    let steps: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            let deps: Vec<&String> = names.iter().filter(|other| *other != name).collect();
+            json!({"name": name, "handler": "H", "depends_on": deps})
+        })
+        .collect();
+    let value = json!({"namespace": "n", "name": "t", "steps": steps});
+    let error = template_from_value(&value, "").unwrap_err();
+    assert_eq!(error.0.len(), MAX_REPORTED_CYCLES + 1);
+    assert!(error.0.iter().all(|p| p.code == "cycle"));
+    assert!(
+        error.0[MAX_REPORTED_CYCLES]
+            .message
+            .starts_with("more dependency cycles")
+    );
+}
+
+fn chain(count: usize) -> Value {
+    let steps: Vec<Value> = (0..count)
+        .map(|i| {
+            if i == 0 {
+                json!({"name": "step-0", "handler": "H"})
+            } else {
+                json!({"name": format!("step-{i}"), "handler": "H",
+                       "depends_on": [format!("step-{}", i - 1)]})
+            }
+        })
+        .collect();
+    json!({"namespace": "big", "name": "chain", "steps": steps})
+}
+
+#[test]
+fn ten_thousand_step_chain_validates() {
+    let value = chain(MAX_STEPS);
+    let definition = template_from_value(&value, "").unwrap();
+    assert_eq!(definition.steps.len(), MAX_STEPS);
+    let order = definition.topological_order();
+    assert_eq!(order.len(), MAX_STEPS);
+    assert_eq!(order[0].name, "step-0");
+    assert_eq!(order[MAX_STEPS - 1].name, format!("step-{}", MAX_STEPS - 1));
+    // Also through the text parser.
+    let text = serde_json::to_string(&value).unwrap();
+    assert_eq!(parse_template(&text, "").unwrap(), definition);
+}
+
+#[test]
+fn ten_thousand_step_cycle_is_found_without_recursion() {
+    let mut value = chain(MAX_STEPS);
+    value["steps"][0]["depends_on"] = json!([format!("step-{}", MAX_STEPS - 1)]);
+    let error = template_from_value(&value, "").unwrap_err();
+    assert_eq!(codes_of(&error), ["cycle"]);
+    let message = &error.0[0].message;
+    assert!(
+        message.starts_with("dependency cycle: step-0 -> step-1 -> "),
+        "{message}"
+    );
+    assert!(message.ends_with("step-9999 -> step-0"), "{message}");
+    assert!(message.contains("(9960 more steps)"), "{message}");
+}
+
+#[test]
+fn more_than_ten_thousand_steps_is_rejected() {
+    let value = chain(MAX_STEPS + 1);
+    let error = template_from_value(&value, "").unwrap_err();
+    assert_eq!(error.0.len(), 1, "{error:#?}");
+    assert_eq!(error.0[0].path, "steps");
+    assert_eq!(error.0[0].code, "invalid_value");
+}
+
+#[test]
+fn topological_order_breaks_ties_by_file_order() {
+    let text = r#"
+namespace: n
+name: t
+steps:
+  - {name: d, handler: H, depends_on: [b]}
+  - {name: a, handler: H}
+  - {name: b, handler: H, depends_on: [a]}
+  - {name: c, handler: H}
+  - {name: e, handler: H, depends_on: [d, c]}
+"#;
+    let definition = parse_template(text, "").unwrap();
+    let order: Vec<&str> = definition
+        .topological_order()
+        .iter()
+        .map(|step| step.name.as_str())
+        .collect();
+    assert_eq!(order, ["a", "b", "d", "c", "e"]);
+}
+
+#[test]
+fn topological_order_of_unvalidated_cycle_keeps_every_step() {
+    let mut definition = expected_project();
+    definition.steps[0].depends_on = vec!["ship".to_owned(), "missing".to_owned()];
+    let order: Vec<&str> = definition
+        .topological_order()
+        .iter()
+        .map(|step| step.name.as_str())
+        .collect();
+    assert_eq!(order, ["validate", "charge", "reserve", "ship"]);
+}
+
+#[test]
+fn validate_context_lists_every_violation() {
+    let definition = parse_template(ENGINE_YAML, "").unwrap();
+    assert_eq!(
+        definition.validate_context(&json!({"order_id": 1, "customer": {"email": "a@b.c"}})),
+        Ok(())
+    );
+    let mut found = definition
+        .validate_context(&json!({"customer": {"email": 42}}))
+        .unwrap_err();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert_eq!(found[0].path, "");
+    assert_eq!(found[0].code, "schema");
+    assert!(
+        found[0].message.contains("order_id"),
+        "{}",
+        found[0].message
+    );
+    assert_eq!(found[1].path, "/customer/email");
+    assert_eq!(found[1].code, "schema");
+    assert!(found[1].message.contains("string"), "{}", found[1].message);
+
+    let mut no_schema = definition;
+    no_schema.context_schema = None;
+    assert_eq!(no_schema.validate_context(&json!("anything")), Ok(()));
+}
+
+#[test]
+fn formats_are_enforced() {
+    let schema = json!({"properties": {"email": {"type": "string", "format": "email"}}});
+    let found = validate_against_schema(&schema, &json!({"email": "nope"})).unwrap_err();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].path, "/email");
+
+    // Local references, date-time and ipv4 formats, an older dialect.
+    let schema = json!({
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "definitions": {"when": {"type": "string", "format": "date-time"}},
+        "properties": {
+            "at": {"$ref": "#/definitions/when"},
+            "ip": {"type": "string", "format": "ipv4"}
+        }
+    });
+    assert!(schema_problems(&schema).is_empty());
+    let good = json!({"at": "2024-05-01T10:00:00Z", "ip": "10.0.0.1"});
+    assert_eq!(validate_against_schema(&schema, &good), Ok(()));
+    let mut found =
+        validate_against_schema(&schema, &json!({"at": "yesterday", "ip": "x"})).unwrap_err();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    let paths: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["/at", "/ip"]);
+}
+
+#[test]
+fn schema_compile_errors_are_invalid_schema() {
+    for schema in [
+        json!({"pattern": "("}),
+        json!({"$ref": "#/definitions/missing"}),
+        json!({"$ref": "https://example.com/schema.json"}),
+        json!({"$schema": "https://example.com/custom-meta"}),
+        json!({"properties": {"a": {"type": 5}, "b": {"minimum": "x"}}}),
+    ] {
+        let value = json!({"namespace": "n", "name": "t", "context_schema": schema,
+                           "steps": [{"name": "a", "handler": "H"}]});
+        let error = template_from_value(&value, "").unwrap_err();
+        assert!(!error.0.is_empty());
+        assert!(
+            error
+                .0
+                .iter()
+                .all(|p| p.code == "invalid_schema" && p.path == "context_schema"),
+            "{error:#?}"
+        );
+    }
+}
+
+#[test]
+fn syntax_errors_carry_line_and_column() {
+    let found =
+        problems("namespace: n\nname: t\nsteps:\n  - name: a\n    handler: b\n   retry_limit: 3\n");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].code, "syntax");
+    assert!(
+        found[0].message.contains("line 6 column 4"),
+        "{}",
+        found[0].message
+    );
+
+    let found = problems("{\"namespace\": \"n\",\n \"name\": [}");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].code, "syntax");
+    assert!(
+        found[0].message.starts_with("JSON syntax error"),
+        "{}",
+        found[0].message
+    );
+    assert!(
+        found[0].message.contains("line 2 column 11"),
+        "{}",
+        found[0].message
+    );
+
+    // JSON that is only valid as YAML (flow style) is still accepted.
+    let flow = parse_template(
+        "{namespace: n, name: t, steps: [{name: a, handler: H}]}",
+        "",
+    );
+    assert_eq!(flow.unwrap().steps[0].name, "a");
+}
+
+#[test]
+fn duplicate_keys_are_syntax_errors() {
+    let found = problems("namespace: n\nname: t\nname: u\nsteps: []\n");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].code, "syntax");
+    assert_eq!(
+        found[0].message,
+        "YAML syntax error: duplicate key `name` in the mapping that starts at line 1 column 1"
+    );
+    let found =
+        problems("namespace: n\nname: t\nsteps:\n  - name: a\n    handler: H\n    handler: J\n");
+    assert!(
+        found[0].message.contains("`handler`"),
+        "{}",
+        found[0].message
+    );
+    assert!(
+        found[0].message.contains("line 4 column 5"),
+        "{}",
+        found[0].message
+    );
+
+    let found = problems("{\"namespace\": \"n\", \"namespace\": \"m\"}");
+    assert_eq!(found[0].code, "syntax");
+    assert!(
+        found[0].message.contains("duplicate key"),
+        "{}",
+        found[0].message
+    );
+}
+
+#[test]
+fn yaml_merge_keys_are_applied() {
+    let text = r#"
+namespace: n
+name: t
+steps:
+  - &base
+    name: a
+    handler: Shared
+    retry_limit: 7
+  - <<: *base
+    name: b
+    depends_on: [a]
+"#;
+    let definition = parse_template(text, "").unwrap();
+    assert_eq!(definition.steps[1].handler, "Shared");
+    assert_eq!(definition.steps[1].retry_limit, 7);
+    assert_eq!(definition.steps[1].name, "b");
+}
+
+#[test]
+fn top_level_shapes() {
+    for (text, code) in [
+        ("", "not_an_object"),
+        ("- a\n- b\n", "not_an_object"),
+        ("just text", "not_an_object"),
+        ("a: 1\n---\nb: 2\n", "syntax"),
+        ("a: !tag x\n", "syntax"),
+        ("a: .nan\n", "syntax"),
+    ] {
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{text:?}: {found:#?}");
+        assert_eq!(found[0].code, code, "{text:?}: {found:#?}");
+        assert_eq!(found[0].path, "");
+    }
+}
+
+#[test]
+fn empty_steps_and_ranges() {
+    let found = problems("namespace: n\nname: t\nsteps: []\n");
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].path.as_str(), found[0].code.as_str()),
+        ("steps", "no_steps")
+    );
+
+    let found = problems(
+        "namespace: a-very-long-namespace-that-goes-on-and-on-and-on-beyond-sixty-four-chars\nname: t\nversion: 1.0\nsteps:\n  - {name: a, handler: H, timeout_ms: 86400001, retry_limit: 10000000000000000000}\n",
+    );
+    let pairs: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("namespace", "invalid_value"),
+            ("version", "wrong_type"),
+            ("steps[0].retry_limit", "invalid_value"),
+            ("steps[0].timeout_ms", "invalid_value"),
+        ],
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn identifiers_and_handlers() {
+    assert_eq!(identifier_error("order.v2_final-1", 128), None);
+    assert!(identifier_error("_x", 128).is_some());
+    assert!(identifier_error("a b", 128).is_some());
+    assert!(identifier_error("ä", 128).is_some());
+    assert!(identifier_error(&"a".repeat(129), 128).is_some());
+    assert_eq!(identifier_error(&"a".repeat(128), 128), None);
+
+    let mut walker = Walker::default();
+    walker.check_label(
+        "OrderProcessing::StepHandler::ValidateOrder",
+        "h",
+        "handler",
+    );
+    walker.check_label("módulo.función", "h", "handler");
+    assert!(walker.problems.is_empty());
+    walker.check_label(&"H".repeat(257), "h", "handler");
+    walker.check_label("a\tb", "h", "handler");
+    assert_eq!(walker.problems.len(), 2);
+}
+
+#[test]
+fn unknown_keys_without_close_match_list_allowed_keys() {
+    let found = problems("namespace: n\nname: t\nsteps:\n  - {name: a, handler: H, zzzzzz: 1}\n");
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0]
+            .message
+            .starts_with("unknown key `zzzzzz`; allowed keys here: name, handler")
+    );
+    let found = problems("namespace: n\nname: t\nsteps:\n  - {name: a, handler_class: H}\n");
+    let messages: Vec<&str> = found.iter().map(|p| p.message.as_str()).collect();
+    assert_eq!(
+        messages,
+        [
+            "unknown key `handler_class`; did you mean `handler`?",
+            "missing required key `handler`"
+        ]
+    );
+}
+
+#[test]
+fn odd_keys_are_quoted_in_paths() {
+    assert_eq!(join("", "steps"), "steps");
+    assert_eq!(join("environments", "dev.eu"), "environments[\"dev.eu\"]");
+    assert_eq!(item("steps", 3), "steps[3]");
+}
