@@ -65,8 +65,16 @@ CREATE TABLE steps (
     retry_limit        INT NOT NULL CHECK (retry_limit >= 1),
     retryable          BOOLEAN NOT NULL,
     timeout_ms         BIGINT NOT NULL,
-    backoff_base_ms    BIGINT NOT NULL DEFAULT 1000,
-    backoff_max_ms     BIGINT NOT NULL DEFAULT 30000,
+    -- Backoff policy: exponential (base, cap, jitter) unless a schedule is given, in
+    -- which case attempt n waits schedule[n] (the last entry repeats). A handler's
+    -- retry_after wins, capped by backoff_max_ms. See tasker_backoff_ms().
+    backoff_base_ms      BIGINT NOT NULL DEFAULT 1000,
+    backoff_max_ms       BIGINT NOT NULL DEFAULT 30000,
+    backoff_jitter       BOOLEAN NOT NULL DEFAULT true,
+    backoff_schedule_ms  BIGINT[],
+    -- "Not now" answers that did not spend an attempt, and how many are allowed.
+    deferrals          INT NOT NULL DEFAULT 0,
+    max_deferrals      INT NOT NULL DEFAULT 20,
     results            JSONB,
     last_error         JSONB,
     -- Fencing: results are applied only when they carry the current token.

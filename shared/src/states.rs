@@ -8,6 +8,7 @@
 //!            │     waiting_for_retry     └──▶ error (permanent, or attempts exhausted)
 //!            │
 //!            └─ pending | waiting_for_retry | error ──▶ resolved_manually
+//!               error ──▶ pending (the task is retried: a fresh attempt budget)
 //!               any non-terminal state ──▶ cancelled
 //!
 //!  task:  pending ──▶ in_progress ──▶ complete | error | cancelled
@@ -147,6 +148,8 @@ impl StepStatus {
             // A result may arrive before the worker's "started" notice is applied.
             (Enqueued | InProgress, Complete | WaitingForRetry | Error) => true,
             (Pending | WaitingForRetry | Error, ResolvedManually) => true,
+            // An operator retries a failed task: its failed steps start over.
+            (Error, Pending) => true,
             (from, Cancelled) => !from.is_terminal(),
             _ => false,
         }

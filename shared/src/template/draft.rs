@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::{StepDefinition, TemplateDefinition};
+use super::{Backoff, StepDefinition, TemplateDefinition};
 
 /// A dependency reference as written in the source.
 pub(super) struct Dep {
@@ -28,6 +28,8 @@ pub(super) struct StepDraft {
     pub(super) config: Value,
     pub(super) skippable: bool,
     pub(super) dependent_system: Option<String>,
+    pub(super) backoff: Backoff,
+    pub(super) max_deferrals: i32,
 }
 
 /// A template as read from the source, before the graph checks.
@@ -63,6 +65,8 @@ impl Draft {
                     config: step.config,
                     skippable: step.skippable,
                     dependent_system: step.dependent_system,
+                    backoff: step.backoff,
+                    max_deferrals: step.max_deferrals,
                 })
                 .collect(),
         }

@@ -7,7 +7,10 @@ use serde_json::{Map, Value};
 
 use super::draft::{Dep, Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
-use super::{DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAME_LEN, MAX_NAMESPACE_LEN, codes};
+use super::{
+    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAME_LEN,
+    MAX_NAMESPACE_LEN, codes,
+};
 
 const LEGACY_TOP_KEYS: &[&str] = &[
     "name",
@@ -169,6 +172,8 @@ fn walk_legacy_step(
         config: Walker::config(object, "handler_config"),
         skippable,
         dependent_system,
+        backoff: Backoff::default(),
+        max_deferrals: DEFAULT_MAX_DEFERRALS,
     }
 }
 

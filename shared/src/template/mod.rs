@@ -37,6 +37,7 @@
 //!   `environments` overrides;
 //! * `graph`: duplicate names, unknown and self dependencies, and cycles.
 
+mod backoff;
 mod document;
 mod draft;
 mod graph;
@@ -100,6 +101,10 @@ pub const DEFAULT_TIMEOUT_MS: i64 = 300_000;
 pub const MAX_RETRY_LIMIT: i32 = 100;
 /// Largest accepted [`StepDefinition::timeout_ms`] (24 hours).
 pub const MAX_TIMEOUT_MS: i64 = 86_400_000;
+/// Default for [`StepDefinition::max_deferrals`].
+pub const DEFAULT_MAX_DEFERRALS: i32 = 20;
+/// Largest accepted [`StepDefinition::max_deferrals`].
+pub const MAX_DEFERRALS: i32 = 10_000;
 /// Largest number of steps a template may have.
 pub const MAX_STEPS: usize = 10_000;
 
@@ -131,6 +136,87 @@ pub struct TemplateDefinition {
     pub steps: Vec<StepDefinition>,
 }
 
+/// How long a failed step waits before its next attempt. A handler's `retry_after` wins,
+/// capped by `max_ms`.
+///
+/// Stored and shown in the form it is written in templates (seconds), so a stored
+/// definition reads back through the parser unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "BackoffRepr", from = "BackoffRepr")]
+pub struct Backoff {
+    /// Exponential policy: the first retry waits this long, each next one twice as long.
+    pub base_ms: i64,
+    /// No wait is longer (also caps a handler's `retry_after`).
+    pub max_ms: i64,
+    /// Randomise each exponential wait to 50–100% of its value, so failures that
+    /// happened together do not retry together.
+    pub jitter: bool,
+    /// Explicit schedule instead: retry n waits `schedule_ms[n-1]`; the last entry repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ms: Option<Vec<i64>>,
+}
+
+impl Default for Backoff {
+    /// Base 1 s, cap 30 s, with jitter (tasker-engine's formula).
+    fn default() -> Self {
+        Backoff {
+            base_ms: 1_000,
+            max_ms: 30_000,
+            jitter: true,
+            schedule_ms: None,
+        }
+    }
+}
+
+/// [`Backoff`] as written in templates.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BackoffRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_seconds: Option<f64>,
+    max_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jitter: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schedule: Option<Vec<f64>>,
+}
+
+impl From<Backoff> for BackoffRepr {
+    fn from(backoff: Backoff) -> Self {
+        let seconds = |ms: i64| ms as f64 / 1000.0;
+        match backoff.schedule_ms {
+            Some(schedule) => BackoffRepr {
+                base_seconds: None,
+                max_seconds: seconds(backoff.max_ms),
+                jitter: None,
+                schedule: Some(schedule.into_iter().map(seconds).collect()),
+            },
+            None => BackoffRepr {
+                base_seconds: Some(seconds(backoff.base_ms)),
+                max_seconds: seconds(backoff.max_ms),
+                jitter: Some(backoff.jitter),
+                schedule: None,
+            },
+        }
+    }
+}
+
+impl From<BackoffRepr> for Backoff {
+    fn from(repr: BackoffRepr) -> Self {
+        let ms = |seconds: f64| (seconds * 1000.0).round() as i64;
+        let default = Backoff::default();
+        Backoff {
+            base_ms: repr.base_seconds.map_or(default.base_ms, ms),
+            max_ms: ms(repr.max_seconds),
+            jitter: repr.jitter.unwrap_or(repr.schedule.is_none()),
+            schedule_ms: repr.schedule.map(|s| s.into_iter().map(ms).collect()),
+        }
+    }
+}
+
+fn default_max_deferrals() -> i32 {
+    DEFAULT_MAX_DEFERRALS
+}
+
 /// One step of a [`TemplateDefinition`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepDefinition {
@@ -154,6 +240,13 @@ pub struct StepDefinition {
     pub skippable: bool,
     /// External system the step talks to (tasker-engine key, kept).
     pub dependent_system: Option<String>,
+    /// Wait between attempts.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// How many times a handler may answer "not now" (a deferral, which spends no
+    /// attempt) before the step fails.
+    #[serde(default = "default_max_deferrals")]
+    pub max_deferrals: i32,
 }
 
 /// One thing wrong with a template (or with a task context).

@@ -2,10 +2,12 @@
 
 use serde_json::{Map, Value};
 
+use super::backoff::walk_backoff;
 use super::draft::{Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
-    DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAME_LEN, MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
+    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_DEFERRALS,
+    MAX_NAME_LEN, MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
 };
 
 const PROJECT_TOP_KEYS: &[&str] = &[
@@ -21,7 +23,13 @@ const PROJECT_TOP_HINTS: &[(&str, &str)] = &[
     ("namespace_name", "namespace"),
     ("schema", "context_schema"),
 ];
-const PROJECT_DEFAULT_KEYS: &[&str] = &["retryable", "retry_limit", "timeout_ms"];
+const PROJECT_DEFAULT_KEYS: &[&str] = &[
+    "retryable",
+    "retry_limit",
+    "timeout_ms",
+    "backoff",
+    "max_deferrals",
+];
 const PROJECT_DEFAULT_HINTS: &[(&str, &str)] = &[
     ("default_retryable", "retryable"),
     ("default_retry_limit", "retry_limit"),
@@ -38,6 +46,8 @@ const PROJECT_STEP_KEYS: &[&str] = &[
     "config",
     "skippable",
     "dependent_system",
+    "backoff",
+    "max_deferrals",
 ];
 const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("handler_class", "handler"),
@@ -50,11 +60,13 @@ const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
 ];
 
 /// Step settings that `defaults` (project format) can change.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct StepDefaults {
     retryable: bool,
     retry_limit: i32,
     timeout_ms: i64,
+    backoff: Backoff,
+    max_deferrals: i32,
 }
 
 impl Default for StepDefaults {
@@ -63,6 +75,8 @@ impl Default for StepDefaults {
             retryable: true,
             retry_limit: DEFAULT_RETRY_LIMIT,
             timeout_ms: DEFAULT_TIMEOUT_MS,
+            backoff: Backoff::default(),
+            max_deferrals: DEFAULT_MAX_DEFERRALS,
         }
     }
 }
@@ -93,6 +107,12 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
                 if let Some(limit) = retry_limit(w, object, "defaults", "retry_limit") {
                     defaults.retry_limit = limit;
                 }
+                defaults.backoff = walk_backoff(w, object, "defaults", &defaults.backoff);
+                if let Some(max) =
+                    w.optional_int(object, "defaults", "max_deferrals", 0, MAX_DEFERRALS.into())
+                {
+                    defaults.max_deferrals = max as i32;
+                }
                 if let Some(timeout) =
                     w.optional_int(object, "defaults", "timeout_ms", 1, MAX_TIMEOUT_MS)
                 {
@@ -109,7 +129,7 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         for (index, value) in list.iter().enumerate() {
             let path = item("steps", index);
             match value.as_object() {
-                Some(object) => steps.push(walk_project_step(w, object, path, defaults)),
+                Some(object) => steps.push(walk_project_step(w, object, path, &defaults)),
                 None => w.not_an_object(&path, value, "a step"),
             }
         }
@@ -129,7 +149,7 @@ fn walk_project_step(
     w: &mut Walker,
     object: &Map<String, Value>,
     path: String,
-    defaults: StepDefaults,
+    defaults: &StepDefaults,
 ) -> StepDraft {
     w.unknown_keys(object, &path, PROJECT_STEP_KEYS, PROJECT_STEP_HINTS);
     let name = w.step_name(object, &path);
@@ -149,6 +169,10 @@ fn walk_project_step(
         .optional_int(object, &path, "timeout_ms", 1, MAX_TIMEOUT_MS)
         .unwrap_or(defaults.timeout_ms);
     let skippable = w.optional_bool(object, &path, "skippable").unwrap_or(false);
+    let backoff = walk_backoff(w, object, &path, &defaults.backoff);
+    let max_deferrals = w
+        .optional_int(object, &path, "max_deferrals", 0, MAX_DEFERRALS.into())
+        .map_or(defaults.max_deferrals, |max| max as i32);
     let dependent_system = w.optional_label(object, &path, "dependent_system", "dependent system");
     StepDraft {
         name_path: join(&path, "name"),
@@ -163,5 +187,7 @@ fn walk_project_step(
         config: Walker::config(object, "config"),
         skippable,
         dependent_system,
+        backoff,
+        max_deferrals,
     }
 }

@@ -71,6 +71,8 @@ fn expected_project() -> TemplateDefinition {
         config: json!({}),
         skippable: false,
         dependent_system: None,
+        backoff: Backoff::default(),
+        max_deferrals: DEFAULT_MAX_DEFERRALS,
     };
     let mut validate = step("validate", "Ecommerce::Validate", &[]);
     validate.description = Some("Check the order".to_owned());
@@ -257,6 +259,8 @@ fn tasker_engine_template_maps_to_definition() {
         config: json!({}),
         skippable: false,
         dependent_system: Some("ecommerce_system".to_owned()),
+        backoff: Backoff::default(),
+        max_deferrals: DEFAULT_MAX_DEFERRALS,
     };
     let mut validate = step("validate_order", "ValidateOrder", &[]);
     validate.description = Some("Validate the order contents".to_owned());
@@ -956,4 +960,98 @@ fn odd_keys_are_quoted_in_paths() {
     assert_eq!(join("", "steps"), "steps");
     assert_eq!(join("environments", "dev.eu"), "environments[\"dev.eu\"]");
     assert_eq!(item("steps", 3), "steps[3]");
+}
+
+#[test]
+fn backoff_policies_come_from_defaults_and_step_overrides() {
+    let yaml = r#"
+namespace: ops
+name: policies
+defaults:
+  backoff: {base_seconds: 0.5, max_seconds: 10, jitter: false}
+  max_deferrals: 3
+steps:
+  - {name: inherit, handler: h}
+  - {name: scheduled, handler: h, backoff: {schedule: [1, 5, 30, 120]}}
+  - {name: capped, handler: h, backoff: {schedule: [1, 2], max_seconds: 60}, max_deferrals: 0}
+  - {name: jittery, handler: h, backoff: {jitter: true}}
+"#;
+    let template = parse_template(yaml, "test").expect("valid");
+    let steps = &template.steps;
+    assert_eq!(
+        steps[0].backoff,
+        Backoff {
+            base_ms: 500,
+            max_ms: 10_000,
+            jitter: false,
+            schedule_ms: None
+        }
+    );
+    assert_eq!(steps[0].max_deferrals, 3);
+    assert_eq!(
+        steps[1].backoff.schedule_ms,
+        Some(vec![1_000, 5_000, 30_000, 120_000])
+    );
+    assert_eq!(
+        steps[1].backoff.max_ms, 120_000,
+        "a schedule's cap defaults to its longest wait"
+    );
+    assert_eq!(steps[2].backoff.max_ms, 60_000);
+    assert_eq!(steps[2].max_deferrals, 0);
+    assert_eq!(
+        steps[3].backoff,
+        Backoff {
+            base_ms: 500,
+            max_ms: 10_000,
+            jitter: true,
+            schedule_ms: None
+        }
+    );
+    // Stored form round-trips, and old stored definitions without the keys get defaults.
+    let stored = serde_json::to_value(&template).expect("serialise");
+    assert_eq!(
+        serde_json::from_value::<TemplateDefinition>(stored).expect("read"),
+        template
+    );
+    let mut old = serde_json::to_value(&template.steps[0]).expect("serialise");
+    old.as_object_mut().expect("object").remove("backoff");
+    let old: StepDefinition = serde_json::from_value(old).expect("read");
+    assert_eq!(old.backoff, Backoff::default());
+}
+
+#[test]
+fn bad_backoff_policies_are_all_reported() {
+    let yaml = r#"
+namespace: ops
+name: policies
+steps:
+  - {name: a, handler: h, backoff: {base_seconds: 10, max_seconds: 2}}
+  - {name: b, handler: h, backoff: {schedule: []}}
+  - {name: c, handler: h, backoff: {schedule: [1, -2, "x"], jitter: true}}
+  - {name: d, handler: h, backoff: {base_ms: 100}}
+  - {name: e, handler: h, backoff: 5, max_deferrals: -1}
+"#;
+    let problems = parse_template(yaml, "test").expect_err("invalid").0;
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "steps[0].backoff",
+        "steps[1].backoff.schedule",
+        "steps[2].backoff.schedule[1]",
+        "steps[2].backoff.schedule[2]",
+        "steps[2].backoff",
+        "steps[3].backoff.base_ms",
+        "steps[4].backoff",
+        "steps[4].max_deferrals",
+    ] {
+        assert!(paths.contains(&expected), "{expected} not in {paths:?}");
+    }
+    let unknown = problems
+        .iter()
+        .find(|p| p.path == "steps[3].backoff.base_ms")
+        .expect("base_ms");
+    assert!(
+        unknown.message.contains("base_seconds"),
+        "{}",
+        unknown.message
+    );
 }
