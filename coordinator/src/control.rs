@@ -38,7 +38,18 @@ impl Control {
     /// Broadcast every namespace that has a template.
     pub(crate) async fn announce_namespaces(&self) -> anyhow::Result<()> {
         let namespaces = templates::namespaces(&self.pool).await?;
-        let body = serde_json::to_vec(&ControlMessage::Namespaces { namespaces })?;
+        self.broadcast(&ControlMessage::Namespaces { namespaces })
+            .await
+    }
+
+    /// Tell every worker to abort what it runs for `task_id`.
+    pub(crate) async fn cancel_task(&self, task_id: uuid::Uuid) -> anyhow::Result<()> {
+        self.broadcast(&ControlMessage::CancelTask { task_id })
+            .await
+    }
+
+    async fn broadcast(&self, message: &ControlMessage) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(message)?;
         self.channel
             .basic_publish(
                 self.topology.control_exchange().into(),

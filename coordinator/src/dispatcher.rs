@@ -2,7 +2,7 @@
 //!
 //! Woken at once when a task is created (in this process, or in another coordinator
 //! through PostgreSQL's LISTEN/NOTIFY in a later change) and by the sweeper; otherwise it
-//! looks every `poll_interval` for steps whose backoff expired. Dependents of finished
+//! sleeps until the next step in backoff is due (at most `poll_interval`). Dependents of finished
 //! steps do not wait for it: the result processor claims them in its own transaction.
 
 use std::sync::Arc;
@@ -66,6 +66,25 @@ impl Dispatcher {
         Ok(messages.len())
     }
 
+    /// How long to sleep: until the next step in backoff is due, at most `poll_interval`.
+    async fn idle_for(&self) -> Duration {
+        let due = async {
+            let mut conn = self.pool.acquire().await?;
+            transitions::next_due(&mut conn).await
+        };
+        match due.await {
+            Ok(Some(at)) => (at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(self.config.poll_interval),
+            Ok(None) => self.config.poll_interval,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the next due time");
+                self.config.poll_interval
+            }
+        }
+    }
+
     /// Run until `shutdown` turns true.
     pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let span = tracing::info_span!("dispatcher");
@@ -86,10 +105,11 @@ impl Dispatcher {
                         }
                     }
                 }
+                let idle = self.idle_for().await;
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     () = self.wake.notified() => {}
-                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = tokio::time::sleep(idle) => {}
                 }
             }
             tracing::info!("stopped");

@@ -18,23 +18,25 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
 use crate::publisher::StepPublisher;
 use tasker_shared::broker::Topology;
-use tasker_shared::messages::{StepResult, StepStarted, WorkerMessage};
-use tasker_shared::store::transitions;
+use tasker_shared::messages::{RunningStep, StepResult, StepStarted, WorkerMessage};
+use tasker_shared::store::transitions::{self, LeasePolicy};
 
 pub(crate) struct ResultProcessor {
     pool: PgPool,
     publisher: Arc<StepPublisher>,
+    /// Woken when a retry is scheduled, so the dispatcher sleeps until it is due.
+    wake_dispatcher: Arc<Notify>,
     channel: Channel,
     confirm_channel: Channel,
     topology: Topology,
     batch_size: i64,
     lease_ms: i64,
-    lease_grace_ms: i64,
+    lease: LeasePolicy,
 }
 
 /// What one batch did, for logs and tests.
@@ -43,6 +45,7 @@ pub(crate) struct BatchReport {
     pub(crate) results_applied: usize,
     pub(crate) results_stale: usize,
     pub(crate) started: u64,
+    pub(crate) heartbeats: u64,
     pub(crate) dispatched: usize,
     pub(crate) tasks_finished: usize,
     pub(crate) dead_lettered: usize,
@@ -51,13 +54,14 @@ pub(crate) struct BatchReport {
 pub(crate) struct ResultProcessorConfig {
     pub(crate) batch_size: i64,
     pub(crate) lease_ms: i64,
-    pub(crate) lease_grace_ms: i64,
+    pub(crate) lease: LeasePolicy,
 }
 
 impl ResultProcessor {
     pub(crate) fn new(
         pool: PgPool,
         publisher: Arc<StepPublisher>,
+        wake_dispatcher: Arc<Notify>,
         channel: Channel,
         confirm_channel: Channel,
         topology: Topology,
@@ -66,12 +70,13 @@ impl ResultProcessor {
         ResultProcessor {
             pool,
             publisher,
+            wake_dispatcher,
             channel,
             confirm_channel,
             topology,
             batch_size: config.batch_size,
             lease_ms: config.lease_ms,
-            lease_grace_ms: config.lease_grace_ms,
+            lease: config.lease,
         }
     }
 
@@ -96,6 +101,7 @@ impl ResultProcessor {
         let mut report = BatchReport::default();
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: BTreeMap<String, Vec<StepStarted>> = BTreeMap::new();
+        let mut running: Vec<RunningStep> = Vec::new();
         for delivery in deliveries {
             match WorkerMessage::decode(&delivery.data) {
                 Ok(WorkerMessage::Result(result)) => results.push(result),
@@ -103,6 +109,7 @@ impl ResultProcessor {
                     .entry(batch.worker_id)
                     .or_default()
                     .extend(batch.steps),
+                Ok(WorkerMessage::Heartbeat(batch)) => running.extend(batch.steps),
                 Err(error) => {
                     tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
                     self.topology
@@ -121,8 +128,9 @@ impl ResultProcessor {
         let mut tx = self.pool.begin().await?;
         for (worker_id, steps) in &started {
             report.started +=
-                transitions::mark_started(&mut tx, worker_id, steps, self.lease_grace_ms).await?;
+                transitions::mark_started(&mut tx, worker_id, steps, self.lease).await?;
         }
+        report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
         let applied = transitions::apply_results(&mut tx, &results).await?;
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
@@ -135,6 +143,9 @@ impl ResultProcessor {
         tx.commit().await?;
         report.dispatched = claimed.len();
         report.tasks_finished = finished.len();
+        if applied.retries_scheduled > 0 {
+            self.wake_dispatcher.notify_one();
+        }
         if applied.stale > 0 {
             tracing::info!(
                 stale = applied.stale,

@@ -34,6 +34,10 @@ pub struct CoordinatorSettings {
     /// treated as lost (worker vanished).
     #[arg(long, env = "TASKER_LEASE_GRACE_MS", default_value_t = 30_000)]
     pub lease_grace_ms: i64,
+    /// A running step whose worker sent no heartbeat for this long counts as lost (its
+    /// worker vanished) and is retried. Workers beat every third of it.
+    #[arg(long, env = "TASKER_HEARTBEAT_LEASE_MS", default_value_t = 30_000)]
+    pub heartbeat_lease_ms: i64,
     /// How often the dispatcher looks for steps whose backoff expired. New tasks and
     /// results wake it at once; this is the safety net.
     #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 1_000)]

@@ -18,6 +18,7 @@ use crate::result_processor::{ResultProcessor, ResultProcessorConfig};
 use crate::settings::CoordinatorSettings;
 use crate::sweeper::Sweeper;
 use tasker_shared::broker::{self, Topology};
+use tasker_shared::store::transitions::LeasePolicy;
 use tasker_shared::template::parse_template;
 
 /// A coordinator, built and ready to run.
@@ -104,13 +105,17 @@ impl Application {
         let processor = ResultProcessor::new(
             self.state.pool.clone(),
             self.state.publisher.clone(),
+            self.state.wake_dispatcher.clone(),
             self.channel.clone(),
             self.confirm_channel.clone(),
             self.topology.clone(),
             ResultProcessorConfig {
                 batch_size: settings.batch_size,
                 lease_ms: settings.dispatch_lease_ms,
-                lease_grace_ms: settings.lease_grace_ms,
+                lease: LeasePolicy {
+                    grace_ms: settings.lease_grace_ms,
+                    heartbeat_lease_ms: settings.heartbeat_lease_ms,
+                },
             },
         );
         loops.spawn(processor.run(stop_rx.clone()));

@@ -47,6 +47,10 @@ pub struct StepMessage {
     pub attempt: i32,
     /// The maximum number of attempts.
     pub retry_limit: i32,
+    /// How many times the step has been deferred so far ("not now" answers, which
+    /// spend no attempt).
+    #[serde(default)]
+    pub deferrals: i32,
     /// Fences the result: only a result carrying the step's current token is applied.
     pub dispatch_token: Uuid,
     /// How long the handler may run before the worker cancels it.
@@ -63,6 +67,8 @@ pub enum WorkerMessage {
     Result(StepResult),
     /// Steps the worker has started since its last notice.
     Started(StartedBatch),
+    /// Steps the worker is still running: keeps their leases alive.
+    Heartbeat(HeartbeatBatch),
 }
 
 /// How an attempt ended.
@@ -75,6 +81,10 @@ pub enum Outcome {
     RetryableError,
     /// The handler failed and trying again would not help.
     PermanentError,
+    /// The handler said "not now" (rate limited, resource busy): run it again after
+    /// `retry_after_seconds` without spending an attempt, up to the step's
+    /// `max_deferrals`.
+    Deferred,
 }
 
 /// The error half of a failed attempt.
@@ -141,6 +151,32 @@ pub struct StepStarted {
     pub dispatch_token: Uuid,
     /// When the handler started.
     pub started_at: DateTime<Utc>,
+    /// The broker delivered this message before (the worker that had it may have died
+    /// mid-step): if the step was already running, this run counts as a new attempt.
+    #[serde(default)]
+    pub redelivered: bool,
+}
+
+/// Steps one worker is still running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatBatch {
+    /// Always [`SCHEMA_VERSION`] when produced by this build.
+    pub schema_version: u32,
+    /// The worker.
+    pub worker_id: String,
+    /// The running steps, each with the token of the dispatch being run.
+    pub steps: Vec<RunningStep>,
+}
+
+/// A step a worker is running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningStep {
+    /// The step.
+    pub step_id: Uuid,
+    /// The token of the dispatch being run.
+    pub dispatch_token: Uuid,
 }
 
 /// Broadcast on the control exchange; every coordinator and worker receives every one.
@@ -157,6 +193,11 @@ pub enum ControlMessage {
     Hello {
         /// The worker's id.
         worker_id: String,
+    },
+    /// A task was cancelled: workers abort what they run for it and report nothing.
+    CancelTask {
+        /// The cancelled task.
+        task_id: Uuid,
     },
 }
 
@@ -187,6 +228,7 @@ impl WorkerMessage {
         let version = match &message {
             WorkerMessage::Result(result) => result.schema_version,
             WorkerMessage::Started(batch) => batch.schema_version,
+            WorkerMessage::Heartbeat(batch) => batch.schema_version,
         };
         check_version(version)?;
         Ok(message)

@@ -1,23 +1,89 @@
 //! Decides the outcome of one step: runs its handler under the step's timeout, turning a
 //! panic or a timeout into a retryable failure, and builds the result message. It never
 //! touches the broker: the runtime publishes what it decides.
+//!
+//! While the handler runs, the step is in the worker's [`InFlight`] registry: heartbeats
+//! keep its lease alive, and a cancel of its task aborts it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use tasker_shared::messages::{
-    Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
+    Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
 };
+use tokio::task::AbortHandle;
+use uuid::Uuid;
 
 use crate::handler::{StepContext, StepError, StepHandler};
 
-/// Run `handler` for `message` and decide the result.
+/// The steps this worker is running. A std Mutex: held only to insert, remove or read,
+/// never across an await.
+#[derive(Clone, Default)]
+pub(crate) struct InFlight {
+    steps: Arc<Mutex<HashMap<Uuid, Running>>>,
+}
+
+struct Running {
+    task_id: Uuid,
+    dispatch_token: Uuid,
+    abort: AbortHandle,
+}
+
+impl InFlight {
+    fn insert(&self, message: &StepMessage, abort: AbortHandle) {
+        self.lock().insert(
+            message.step_id,
+            Running {
+                task_id: message.task_id,
+                dispatch_token: message.dispatch_token,
+                abort,
+            },
+        );
+    }
+
+    fn remove(&self, step_id: Uuid) {
+        self.lock().remove(&step_id);
+    }
+
+    /// Every running step, for a heartbeat.
+    pub(crate) fn running(&self) -> Vec<RunningStep> {
+        self.lock()
+            .iter()
+            .map(|(step_id, running)| RunningStep {
+                step_id: *step_id,
+                dispatch_token: running.dispatch_token,
+            })
+            .collect()
+    }
+
+    /// Abort every step of `task_id`; returns how many were running.
+    pub(crate) fn cancel_task(&self, task_id: Uuid) -> usize {
+        let steps = self.lock();
+        let mut aborted = 0;
+        for running in steps.values().filter(|r| r.task_id == task_id) {
+            running.abort.abort();
+            aborted += 1;
+        }
+        aborted
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
+        self.steps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Run `handler` for `message` and decide the result; `None` when the run was aborted
+/// because its task was cancelled (nothing to report: the coordinator ignores it anyway).
 pub(crate) async fn execute(
     handler: Arc<dyn StepHandler>,
     message: &StepMessage,
     worker_id: &str,
-) -> StepResult {
+    inflight: &InFlight,
+) -> Option<StepResult> {
     let timeout = Duration::from_millis(u64::try_from(message.timeout_ms).unwrap_or(0).max(1));
     let context = StepContext {
         task_id: message.task_id,
@@ -31,13 +97,21 @@ pub(crate) async fn execute(
         parents: message.parents.clone(),
         attempt: message.attempt,
         retry_limit: message.retry_limit,
+        deferrals: message.deferrals,
         timeout,
     };
     let started_at = Utc::now();
-    // A task of its own, so a panic is caught as a JoinError instead of unwinding here.
+    // A task of its own, so a panic is caught as a JoinError instead of unwinding here,
+    // and so a cancel can abort it.
     let mut run = tokio::spawn(async move { handler.call(&context).await });
+    inflight.insert(message, run.abort_handle());
     let outcome = match tokio::time::timeout(timeout, &mut run).await {
         Ok(Ok(outcome)) => outcome,
+        Ok(Err(join_error)) if join_error.is_cancelled() => {
+            inflight.remove(message.step_id);
+            tracing::info!("aborted: the task was cancelled");
+            return None;
+        }
         Ok(Err(join_error)) => Err(StepError::retryable(format!(
             "handler panicked: {}",
             panic_message(join_error)
@@ -52,6 +126,7 @@ pub(crate) async fn execute(
             .with_code("timeout"))
         }
     };
+    inflight.remove(message.step_id);
     let finished_at = Utc::now();
     let (outcome, results, error) = match outcome {
         Ok(results) => (Outcome::Success, Some(results), None),
@@ -77,8 +152,17 @@ pub(crate) async fn execute(
                 retry_after_seconds: None,
             }),
         ),
+        Err(StepError::Deferred { message, after }) => (
+            Outcome::Deferred,
+            None,
+            Some(WireError {
+                message,
+                code: None,
+                retry_after_seconds: Some(after.as_secs_f64()),
+            }),
+        ),
     };
-    StepResult {
+    Some(StepResult {
         schema_version: SCHEMA_VERSION,
         task_id: message.task_id,
         step_id: message.step_id,
@@ -89,7 +173,7 @@ pub(crate) async fn execute(
         started_at,
         finished_at,
         worker_id: worker_id.to_owned(),
-    }
+    })
 }
 
 fn panic_message(error: tokio::task::JoinError) -> String {

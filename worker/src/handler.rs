@@ -6,7 +6,9 @@
 //!
 //! - [`StepError::retryable`]: try again after the step's backoff (or after
 //!   [`StepError::retry_after`], when the handler knows better, e.g. from `Retry-After`);
-//! - [`StepError::permanent`]: stop; the step goes to `error`.
+//! - [`StepError::permanent`]: stop; the step goes to `error`;
+//! - [`StepError::defer`]: "not now" (rate limited, resource busy): run again after the
+//!   given delay **without spending an attempt**, up to the step's `max_deferrals`.
 //!
 //! A handler that panics, or outlives the step's `timeout_ms`, is a retryable failure;
 //! the worker survives both.
@@ -65,6 +67,8 @@ pub struct StepContext {
     pub attempt: i32,
     /// The maximum number of attempts.
     pub retry_limit: i32,
+    /// How many times the step was deferred before this run.
+    pub deferrals: i32,
     /// How long this attempt may run.
     pub timeout: Duration,
 }
@@ -90,6 +94,14 @@ pub enum StepError {
         /// A machine-readable code.
         code: Option<String>,
     },
+    /// Not now: run again after `after`, without spending an attempt.
+    #[error("deferred for {after:?}: {message}")]
+    Deferred {
+        /// Why (rate limited, resource busy…).
+        message: String,
+        /// How long to wait.
+        after: Duration,
+    },
 }
 
 impl StepError {
@@ -110,12 +122,22 @@ impl StepError {
         }
     }
 
-    /// Attach a machine-readable code.
+    /// "Not now, try again after `after`": spends no attempt (bounded by the step's
+    /// `max_deferrals`).
+    pub fn defer(message: impl Into<String>, after: Duration) -> Self {
+        StepError::Deferred {
+            message: message.into(),
+            after,
+        }
+    }
+
+    /// Attach a machine-readable code (ignored on a deferral).
     pub fn with_code(mut self, new_code: impl Into<String>) -> Self {
         match &mut self {
             StepError::Retryable { code, .. } | StepError::Permanent { code, .. } => {
                 *code = Some(new_code.into());
             }
+            StepError::Deferred { .. } => {}
         }
         self
     }

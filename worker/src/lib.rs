@@ -29,16 +29,16 @@
 //! - [`handlers`]: the built-in handlers.
 //! - `executor`: decides one step's outcome (timeout, panics).
 //! - `runtime`: [`Worker`]: consuming, concurrency, publishing, acking, shutdown.
-//! - `started`: batched started notices.
+//! - `notices`: batched started notices and heartbeats.
 
 #![warn(missing_docs)]
 
 mod executor;
 pub mod handler;
 pub mod handlers;
+mod notices;
 mod runtime;
 mod settings;
-mod started;
 
 pub use handler::{HandlerRegistry, StepContext, StepError, StepHandler};
 pub use runtime::Worker;

@@ -1,14 +1,20 @@
-//! Started notices, batched: the worker tells coordinators which steps it has started
-//! (so they show `in_progress` and get a lease sized to their timeout) with one message
-//! per few milliseconds, not one per step.
+//! What the worker tells coordinators besides results:
+//! - started notices, batched (one message per few milliseconds, not one per step), so
+//!   steps show `in_progress` and get a running lease;
+//! - heartbeats for every running step, so a long step keeps its lease while a worker
+//!   that died loses its steps within one heartbeat lease.
 
 use std::time::Duration;
 
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::messages::{SCHEMA_VERSION, StartedBatch, StepStarted, WorkerMessage};
-use tokio::sync::mpsc;
+use tasker_shared::messages::{
+    HeartbeatBatch, SCHEMA_VERSION, StartedBatch, StepStarted, WorkerMessage,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::executor::InFlight;
 
 /// Most notices in one message.
 const MAX_BATCH: usize = 256;
@@ -40,24 +46,59 @@ pub(crate) async fn run(
         });
         // Best effort: a lost notice only means the step shows `enqueued` until its
         // result arrives.
-        let body = match serde_json::to_vec(&message) {
-            Ok(body) => body,
-            Err(error) => {
-                tracing::warn!(%error, "cannot encode started notices");
-                continue;
-            }
-        };
-        let published = channel
-            .basic_publish(
-                "".into(),
-                topology.results_queue().into(),
-                BasicPublishOptions::default(),
-                &body,
-                persistent(),
-            )
-            .await;
-        if let Err(error) = published {
-            tracing::warn!(%error, "cannot publish started notices");
+        publish(&channel, &topology, &message).await;
+    }
+}
+
+/// Every `interval`, tell coordinators which steps are still running, until `stop`.
+pub(crate) async fn heartbeats(
+    inflight: InFlight,
+    channel: Channel,
+    topology: Topology,
+    worker_id: String,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = ticks.tick() => {}
         }
+        let steps = inflight.running();
+        if steps.is_empty() {
+            continue;
+        }
+        let message = WorkerMessage::Heartbeat(HeartbeatBatch {
+            schema_version: SCHEMA_VERSION,
+            worker_id: worker_id.clone(),
+            steps,
+        });
+        publish(&channel, &topology, &message).await;
+    }
+}
+
+/// Best effort: a lost notice only means a step shows `enqueued` until its result
+/// arrives; a lost heartbeat is covered by the next one.
+async fn publish(channel: &Channel, topology: &Topology, message: &WorkerMessage) {
+    let body = match serde_json::to_vec(message) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::warn!(%error, "cannot encode a notice");
+            return;
+        }
+    };
+    let published = channel
+        .basic_publish(
+            "".into(),
+            topology.results_queue().into(),
+            BasicPublishOptions::default(),
+            &body,
+            persistent(),
+        )
+        .await;
+    if let Err(error) = published {
+        tracing::warn!(%error, "cannot publish a notice");
     }
 }

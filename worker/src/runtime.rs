@@ -32,9 +32,9 @@ use tasker_shared::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
     StepStarted, WorkerMessage,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::executor;
+use crate::executor::{self, InFlight};
 use crate::handler::HandlerRegistry;
 use crate::settings::WorkerSettings;
 
@@ -46,6 +46,7 @@ pub struct Worker {
     worker_id: String,
     concurrency: u16,
     namespaces: Option<Vec<String>>,
+    heartbeat_interval: Duration,
 }
 
 /// What every step task shares.
@@ -56,6 +57,7 @@ struct Shared {
     /// Confirm-mode channel for results and dead letters.
     publish: Channel,
     started: mpsc::UnboundedSender<StepStarted>,
+    inflight: InFlight,
 }
 
 /// The consumers this worker runs, so shutdown can cancel them.
@@ -93,6 +95,7 @@ impl Worker {
             worker_id,
             concurrency: settings.concurrency,
             namespaces: settings.selected_namespaces(),
+            heartbeat_interval: Duration::from_millis(settings.heartbeat_interval_ms.max(100)),
         })
     }
 
@@ -111,11 +114,21 @@ impl Worker {
             .basic_qos(self.concurrency, BasicQosOptions { global: true })
             .await?;
         let (started_tx, started_rx) = mpsc::unbounded_channel();
-        let batcher = tokio::spawn(crate::started::run(
+        let batcher = tokio::spawn(crate::notices::run(
             started_rx,
             self.connection.create_channel().await?,
             self.topology.clone(),
             self.worker_id.clone(),
+        ));
+        let inflight = InFlight::default();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let heartbeats = tokio::spawn(crate::notices::heartbeats(
+            inflight.clone(),
+            self.connection.create_channel().await?,
+            self.topology.clone(),
+            self.worker_id.clone(),
+            self.heartbeat_interval,
+            stop_rx,
         ));
         let shared = Arc::new(Shared {
             registry: self.registry.clone(),
@@ -123,34 +136,34 @@ impl Worker {
             worker_id: self.worker_id.clone(),
             publish: broker::confirm_channel(&self.connection).await?,
             started: started_tx,
+            inflight: inflight.clone(),
         });
         let consumers = Arc::new(Consumers::default());
         let (deliveries_tx, mut deliveries) =
             mpsc::channel::<Delivery>(usize::from(self.concurrency));
 
-        let control = match &self.namespaces {
-            Some(namespaces) => {
-                for namespace in namespaces {
-                    start_consumer(
-                        &consume,
-                        &self.topology,
-                        &consumers,
-                        namespace,
-                        deliveries_tx.clone(),
-                    )
-                    .await?;
-                }
-                None
+        if let Some(namespaces) = &self.namespaces {
+            for namespace in namespaces {
+                start_consumer(
+                    &consume,
+                    &self.topology,
+                    &consumers,
+                    namespace,
+                    deliveries_tx.clone(),
+                )
+                .await?;
             }
-            None => Some(tokio::spawn(follow_namespaces(
-                self.connection.create_channel().await?,
-                consume.clone(),
-                self.topology.clone(),
-                consumers.clone(),
-                deliveries_tx.clone(),
-                self.worker_id.clone(),
-            ))),
-        };
+        }
+        let control = tokio::spawn(follow_control(
+            self.connection.create_channel().await?,
+            consume.clone(),
+            self.topology.clone(),
+            consumers.clone(),
+            // Only a worker serving every namespace follows the announcements.
+            self.namespaces.is_none().then(|| deliveries_tx.clone()),
+            self.worker_id.clone(),
+            inflight,
+        ));
         drop(deliveries_tx);
         tracing::info!(worker_id = %self.worker_id, concurrency = self.concurrency,
             namespaces = ?self.namespaces.as_deref().unwrap_or(&["*".to_owned()]),
@@ -182,9 +195,7 @@ impl Worker {
         };
 
         tracing::info!("stopping: no new steps; finishing the running ones");
-        if let Some(control) = control {
-            control.abort();
-        }
+        control.abort();
         let tags: Vec<ShortString> = consumers
             .tags
             .lock()
@@ -207,6 +218,8 @@ impl Worker {
                 .await;
         }
         let _ = permits.acquire_many(u32::from(self.concurrency)).await;
+        let _ = stop_tx.send(true);
+        let _ = heartbeats.await;
         drop(shared);
         let _ = batcher.await;
         let _ = self.connection.close(200, "worker stopped".into()).await;
@@ -263,14 +276,16 @@ async fn start_consumer(
     Ok(())
 }
 
-/// Serve every namespace: consume each one the coordinators announce.
-async fn follow_namespaces(
+/// Follow the control exchange: abort the steps of cancelled tasks and, for a worker
+/// serving every namespace (`deliveries` given), consume each namespace announced.
+async fn follow_control(
     control: Channel,
     consume: Channel,
     topology: Topology,
     consumers: Arc<Consumers>,
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: Option<mpsc::Sender<Delivery>>,
     worker_id: String,
+    inflight: InFlight,
 ) {
     let subscribe = async {
         let queue = control
@@ -304,45 +319,57 @@ async fn follow_namespaces(
                 FieldTable::default(),
             )
             .await?;
-        let hello = serde_json::to_vec(&ControlMessage::Hello {
-            worker_id: worker_id.clone(),
-        })
-        .unwrap_or_default();
-        control
-            .basic_publish(
-                topology.control_exchange().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &hello,
-                persistent(),
-            )
-            .await?;
+        if deliveries.is_some() {
+            let hello = serde_json::to_vec(&ControlMessage::Hello {
+                worker_id: worker_id.clone(),
+            })
+            .unwrap_or_default();
+            control
+                .basic_publish(
+                    topology.control_exchange().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &hello,
+                    persistent(),
+                )
+                .await?;
+        }
         lapin::Result::Ok(consumer)
     };
     let mut consumer = match subscribe.await {
         Ok(consumer) => consumer,
         Err(error) => {
-            tracing::error!(%error, "cannot follow namespace announcements");
+            tracing::error!(%error, "cannot follow the control exchange");
             return;
         }
     };
     while let Some(Ok(delivery)) = consumer.next().await {
-        if let Ok(ControlMessage::Namespaces { namespaces }) =
-            serde_json::from_slice(&delivery.data)
-        {
-            for namespace in namespaces {
-                if let Err(error) = start_consumer(
-                    &consume,
-                    &topology,
-                    &consumers,
-                    &namespace,
-                    deliveries.clone(),
-                )
-                .await
-                {
-                    tracing::error!(%error, %namespace, "cannot consume namespace");
+        match serde_json::from_slice(&delivery.data) {
+            Ok(ControlMessage::Namespaces { namespaces }) => {
+                let Some(deliveries) = &deliveries else {
+                    continue;
+                };
+                for namespace in namespaces {
+                    if let Err(error) = start_consumer(
+                        &consume,
+                        &topology,
+                        &consumers,
+                        &namespace,
+                        deliveries.clone(),
+                    )
+                    .await
+                    {
+                        tracing::error!(%error, %namespace, "cannot consume namespace");
+                    }
                 }
             }
+            Ok(ControlMessage::CancelTask { task_id }) => {
+                let aborted = inflight.cancel_task(task_id);
+                if aborted > 0 {
+                    tracing::info!(%task_id, aborted, "task cancelled: aborted its running steps");
+                }
+            }
+            Ok(ControlMessage::Hello { .. }) | Err(_) => {}
         }
     }
 }
@@ -398,9 +425,15 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         step_id: message.step_id,
         dispatch_token: message.dispatch_token,
         started_at: chrono::Utc::now(),
+        redelivered: delivery.redelivered,
     });
-    let result = executor::execute(handler, &message, &shared.worker_id).await;
+    let result = executor::execute(handler, &message, &shared.worker_id, &shared.inflight).await;
     let _guard = span.enter();
+    let Some(result) = result else {
+        // Aborted because the task was cancelled: nothing to report.
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        return;
+    };
     match &result.error {
         None => tracing::debug!("step succeeded"),
         Some(error) => {

@@ -21,6 +21,10 @@ pub struct WorkerSettings {
     /// messages than it can run.
     #[arg(long, env = "TASKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// How often the worker tells coordinators which steps it is still running. Keep it
+    /// well under the coordinators' `TASKER_HEARTBEAT_LEASE_MS`.
+    #[arg(long, env = "TASKER_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    pub heartbeat_interval_ms: u64,
     /// This worker's id in results and logs. Default: host name and process id.
     #[arg(long, env = "TASKER_WORKER_ID")]
     pub worker_id: Option<String>,

@@ -3,6 +3,7 @@
 mod body;
 mod error;
 mod health;
+mod operate;
 mod tasks;
 mod templates;
 
@@ -41,6 +42,14 @@ pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/templates/{namespace}/{name}", get(templates::get))
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/v1/tasks/{task_id}", get(tasks::get))
+        .route("/v1/tasks/{task_id}/cancel", post(operate::cancel))
+        .route("/v1/tasks/{task_id}/retry", post(operate::retry))
+        .route(
+            "/v1/tasks/{task_id}/steps/{step_name}/resolve",
+            post(operate::resolve),
+        )
+        .route("/v1/tasks/{task_id}/readiness", get(operate::readiness))
+        .route("/v1/tasks/{task_id}/transitions", get(operate::history))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .fallback(health::not_found)

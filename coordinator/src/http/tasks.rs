@@ -15,15 +15,17 @@ use super::AppState;
 use super::body::{Fields, body_rejection, json_object};
 use super::error::{ApiError, ApiResult};
 use tasker_shared::states::TaskStatus;
+use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{self, Created, NewTask, StepRecord, TaskFilter, TaskRecord};
 use tasker_shared::store::templates;
 
-/// A task with its steps.
+/// A task with its steps and its execution context.
 #[derive(Serialize)]
 pub(crate) struct TaskView {
     #[serde(flatten)]
     task: TaskRecord,
     steps: Vec<StepRecord>,
+    execution: Option<ExecutionContext>,
 }
 
 /// Longest `initiator`, `source_system` and `reason` (as tasker-engine).
@@ -103,7 +105,10 @@ pub(crate) async fn create(
         Created::New(task) => {
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
             state.wake_dispatcher.notify_one();
-            Ok((StatusCode::CREATED, Json(with_steps(&state, task).await?)))
+            Ok((
+                StatusCode::CREATED,
+                Json(task_view(&state, task.task_id).await?),
+            ))
         }
         Created::Existing(task) => {
             if task.context != new.context || task.version != template.definition.version {
@@ -116,7 +121,7 @@ pub(crate) async fn create(
                     ),
                 ));
             }
-            Ok((StatusCode::OK, Json(with_steps(&state, task).await?)))
+            Ok((StatusCode::OK, Json(task_view(&state, task.task_id).await?)))
         }
     }
 }
@@ -127,10 +132,7 @@ pub(crate) async fn get(
     Path(task_id): Path<String>,
 ) -> ApiResult<Json<TaskView>> {
     let task_id = parse_task_id(&task_id)?;
-    let task = tasks::get(&state.pool, task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
-    Ok(Json(with_steps(&state, task).await?))
+    Ok(Json(task_view(&state, task_id).await?))
 }
 
 /// Tasks, newest first, filtered, one page at a time.
@@ -172,12 +174,27 @@ pub(crate) async fn list(
     Ok(Json(json!({"tasks": page, "next_cursor": next})))
 }
 
-fn parse_task_id(text: &str) -> ApiResult<Uuid> {
+pub(crate) fn parse_task_id(text: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(text)
         .map_err(|error| ApiError::malformed(format!("`{text}` is not a task id (UUID): {error}")))
 }
 
-async fn with_steps(state: &AppState, task: TaskRecord) -> ApiResult<TaskView> {
-    let steps = tasks::steps(&state.pool, task.task_id).await?;
-    Ok(TaskView { task, steps })
+/// The task as `GET /v1/tasks/{task_id}` shows it: task, steps and execution context
+/// read in one snapshot, so they never contradict each other.
+pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<TaskView> {
+    let mut tx = state
+        .pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let task = tasks::get(&mut *tx, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
+    let steps = tasks::steps(&mut *tx, task_id).await?;
+    let execution = inspect::execution_context(&mut *tx, task_id).await?;
+    tx.commit().await?;
+    Ok(TaskView {
+        task,
+        steps,
+        execution,
+    })
 }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::states::{StepStatus, TaskStatus};
@@ -57,6 +57,8 @@ pub struct StepRecord {
     pub attempts: i32,
     /// Maximum attempts.
     pub retry_limit: i32,
+    /// "Not now" answers so far (they spend no attempt).
+    pub deferrals: i32,
     /// Whether failures are retried.
     pub retryable: bool,
     /// How long one attempt may run.
@@ -137,14 +139,21 @@ pub async fn create(
         ),
         new_steps AS (
             INSERT INTO steps (step_id, task_id, name, position, handler, config, status,
-                               remaining_parents, retry_limit, retryable, timeout_ms)
+                               remaining_parents, retry_limit, retryable, timeout_ms,
+                               backoff_base_ms, backoff_max_ms, backoff_jitter,
+                               backoff_schedule_ms, max_deferrals)
             SELECT s.step_id, task.task_id, s.name, s.position, s.handler, s.config, 'pending',
-                   s.parents, s.retry_limit, s.retryable, s.timeout_ms
+                   s.parents, s.retry_limit, s.retryable, s.timeout_ms, s.base_ms, s.max_ms,
+                   s.jitter,
+                   CASE WHEN jsonb_typeof(s.schedule) = 'array'
+                        THEN ARRAY(SELECT jsonb_array_elements_text(s.schedule)::bigint) END,
+                   s.max_deferrals
             FROM task,
                  unnest($12::uuid[], $13::text[], $14::int[], $15::text[], $16::jsonb[],
-                        $17::int[], $18::int[], $19::bool[], $20::bigint[])
+                        $17::int[], $18::int[], $19::bool[], $20::bigint[], $23::bigint[],
+                        $24::bigint[], $25::bool[], $26::jsonb[], $27::int[])
                    AS s(step_id, name, position, handler, config, parents, retry_limit,
-                        retryable, timeout_ms)
+                        retryable, timeout_ms, base_ms, max_ms, jitter, schedule, max_deferrals)
             RETURNING step_id
         ),
         new_edges AS (
@@ -188,6 +197,16 @@ pub async fn create(
     .bind(steps.iter().map(|s| s.timeout_ms).collect::<Vec<_>>())
     .bind(&edge_from)
     .bind(&edge_to)
+    .bind(steps.iter().map(|s| s.backoff.base_ms).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.backoff.max_ms).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.backoff.jitter).collect::<Vec<_>>())
+    .bind(
+        steps
+            .iter()
+            .map(|s| serde_json::json!(s.backoff.schedule_ms))
+            .collect::<Vec<_>>(),
+    )
+    .bind(steps.iter().map(|s| s.max_deferrals).collect::<Vec<_>>())
     .fetch_optional(pool)
     .await?;
 
@@ -221,20 +240,21 @@ async fn find_by_idempotency_key(
 }
 
 /// One task.
-pub async fn get(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Option<TaskRecord>> {
+pub async fn get<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Option<TaskRecord>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1"
     )))
     .bind(task_id)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
 }
 
 /// A task's steps in template order, each with the names of its parents.
-pub async fn steps(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>> {
+pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>> {
     sqlx::query_as(
         r#"
-        SELECT s.step_id, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.retryable,
+        SELECT s.step_id, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.deferrals,
+               s.retryable,
                s.timeout_ms, s.results, s.last_error, s.next_attempt_at, s.started_at,
                s.completed_at,
                ARRAY(SELECT p.name FROM step_edges e JOIN steps p ON p.step_id = e.from_step
@@ -245,7 +265,7 @@ pub async fn steps(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>
         "#,
     )
     .bind(task_id)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
 }
 

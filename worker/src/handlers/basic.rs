@@ -48,7 +48,9 @@ impl StepHandler for Echo {
 
 /// Fails while `attempt <= config.times` (default: always), with `config.kind`
 /// (`retryable`, the default, or `permanent`) and an optional `retry_after_seconds`;
-/// then succeeds with `{"attempt"}`.
+/// then succeeds with `{"attempt"}`. With `kind: defer` it defers (spending no attempt)
+/// `times` times, each for `retry_after_seconds` (default 1), then succeeds; with
+/// `kind: panic` it panics.
 pub(crate) struct Fail;
 
 #[async_trait::async_trait]
@@ -59,31 +61,43 @@ impl StepHandler for Fail {
             .get("times")
             .and_then(Value::as_i64)
             .unwrap_or(i64::MAX);
+        let retry_after = step
+            .config
+            .get("retry_after_seconds")
+            .and_then(Value::as_f64)
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
+        let kind = step
+            .config
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("retryable");
+        if kind == "defer" {
+            if i64::from(step.deferrals) < times {
+                return Err(StepError::defer(
+                    format!("tasker.fail: deferral {} of {times}", step.deferrals + 1),
+                    retry_after.unwrap_or(Duration::from_secs(1)),
+                ));
+            }
+            return Ok(json!({"attempt": step.attempt, "deferrals": step.deferrals}));
+        }
         if i64::from(step.attempt) > times {
             return Ok(json!({"attempt": step.attempt}));
         }
         let message = format!("tasker.fail: failing attempt {} of {times}", step.attempt);
-        match step
-            .config
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("retryable")
-        {
+        match kind {
             "permanent" => Err(StepError::permanent(message).with_code("tasker.fail")),
+            // Proves a panicking handler is a retryable failure and the worker survives.
+            "panic" => panic!("{message}"),
             "retryable" => {
-                let mut error = StepError::retryable(message).with_code("tasker.fail");
-                if let Some(seconds) = step
-                    .config
-                    .get("retry_after_seconds")
-                    .and_then(Value::as_f64)
-                    .filter(|s| s.is_finite() && *s >= 0.0)
-                {
-                    error = error.retry_after(Duration::from_secs_f64(seconds));
-                }
-                Err(error)
+                let error = StepError::retryable(message).with_code("tasker.fail");
+                Err(match retry_after {
+                    Some(delay) => error.retry_after(delay),
+                    None => error,
+                })
             }
             other => Err(StepError::permanent(format!(
-                "config.kind must be `retryable` or `permanent`, got `{other}`"
+                "config.kind must be `retryable`, `permanent`, `defer` or `panic`, got `{other}`"
             ))
             .with_code("invalid_config")),
         }

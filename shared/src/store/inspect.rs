@@ -1,0 +1,128 @@
+//! Reads for operators: why steps are (not) running, a task's execution context, and its
+//! transition history. All computed in SQL (`migrations/0002_readiness.sql`).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgExecutor, PgPool};
+use uuid::Uuid;
+
+/// One step's readiness: is it ready, and if not, why not.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StepReadiness {
+    /// The step.
+    pub step_id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: String,
+    /// Whether the dispatcher would claim it now.
+    pub ready: bool,
+    /// Parents not yet complete or resolved.
+    pub waiting_on: Vec<String>,
+    /// When its backoff ends.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Attempts made.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub retry_limit: i32,
+    /// A code: `ready`, `waiting_on_parents`, `blocked_by_failed_parent`, `in_backoff`,
+    /// `attempts_exhausted`, `deferrals_exhausted`, `failed_permanently`, `enqueued`,
+    /// `running`, `complete`, `resolved_manually`, `cancelled`, `task_cancelled`.
+    pub reason: String,
+    /// The same for people, with the names and times that matter.
+    pub message: String,
+}
+
+/// Per step, why it is or is not running (one SQL call).
+pub async fn readiness(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Vec<StepReadiness>> {
+    sqlx::query_as("SELECT * FROM tasker_step_readiness($1)")
+        .bind(task_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Where a task stands, as tasker-engine's task execution context.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ExecutionContext {
+    /// Steps in the task.
+    pub total_steps: i64,
+    /// Waiting for parents (or not yet claimed).
+    pub pending_steps: i64,
+    /// Dispatched, not started.
+    pub enqueued_steps: i64,
+    /// Running.
+    pub in_progress_steps: i64,
+    /// Complete or resolved manually.
+    pub completed_steps: i64,
+    /// Waiting for their next attempt.
+    pub waiting_for_retry_steps: i64,
+    /// In error.
+    pub failed_steps: i64,
+    /// Cancelled.
+    pub cancelled_steps: i64,
+    /// Ready to be claimed now.
+    pub ready_steps: i64,
+    /// `has_ready_steps`, `processing`, `blocked_by_failures`, `all_complete`,
+    /// `waiting_for_dependencies`, or `cancelled`.
+    pub execution_status: String,
+    /// `execute_ready_steps`, `wait_for_completion`, `handle_failures`, `finalize_task`,
+    /// `wait_for_dependencies`, or `none`.
+    pub recommended_action: String,
+    /// `healthy`, `recovering`, `blocked`, or `unknown`.
+    pub health: String,
+    /// Share of steps done, 0–100.
+    pub completion_percentage: f64,
+}
+
+/// The task's execution context (one SQL call).
+pub async fn execution_context<'e>(
+    db: impl PgExecutor<'e>,
+    task_id: Uuid,
+) -> sqlx::Result<Option<ExecutionContext>> {
+    sqlx::query_as("SELECT * FROM tasker_task_execution_context($1)")
+        .bind(task_id)
+        .fetch_optional(db)
+        .await
+}
+
+/// One recorded transition.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Transition {
+    /// The step's name (`None` for the task's own transitions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// State before (`None` at creation).
+    pub from_status: Option<String>,
+    /// State after.
+    pub to_status: String,
+    /// Why.
+    pub reason: String,
+    /// Attempt, worker, error code, operator's reason…
+    pub metadata: Value,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A task's history: its own transitions and its steps', each in order.
+pub async fn history(
+    pool: &PgPool,
+    task_id: Uuid,
+) -> sqlx::Result<(Vec<Transition>, Vec<Transition>)> {
+    let task = sqlx::query_as(
+        "SELECT NULL::text AS step, from_status, to_status, reason, metadata, created_at
+         FROM task_transitions WHERE task_id = $1 ORDER BY transition_id",
+    )
+    .bind(task_id)
+    .fetch_all(pool)
+    .await?;
+    let steps = sqlx::query_as(
+        "SELECT s.name AS step, t.from_status, t.to_status, t.reason, t.metadata, t.created_at
+         FROM step_transitions t JOIN steps s USING (step_id)
+         WHERE t.task_id = $1 ORDER BY t.transition_id",
+    )
+    .bind(task_id)
+    .fetch_all(pool)
+    .await?;
+    Ok((task, steps))
+}

@@ -1,0 +1,136 @@
+//! Claiming ready steps for dispatch.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::messages::{SCHEMA_VERSION, StepMessage};
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    step_id: Uuid,
+    task_id: Uuid,
+    name: String,
+    handler: String,
+    config: Value,
+    attempts: i32,
+    retry_limit: i32,
+    deferrals: i32,
+    dispatch_token: Uuid,
+    timeout_ms: i64,
+    namespace: String,
+    template: String,
+    context: Value,
+    parents: Value,
+    dispatched_at: DateTime<Utc>,
+}
+
+/// Claim up to `limit` ready steps: mark them `enqueued` with a fresh dispatch token and a
+/// lease of `lease_ms`, count the attempt, move their tasks to `in_progress`, and return
+/// the messages to publish once the caller's transaction commits.
+///
+/// Ready means: `pending` or `waiting_for_retry`, no unfinished parent, backoff expired,
+/// attempts left. Rows locked by another coordinator are skipped, so two coordinators
+/// never claim the same step.
+pub async fn claim_ready(
+    conn: &mut PgConnection,
+    limit: i64,
+    lease_ms: i64,
+) -> sqlx::Result<Vec<StepMessage>> {
+    let rows: Vec<ClaimedRow> = sqlx::query_as(
+        r#"
+        WITH candidates AS (
+            SELECT step_id, status AS from_status
+            FROM steps
+            WHERE status IN ('pending', 'waiting_for_retry')
+              AND remaining_parents = 0
+              AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+              AND attempts < retry_limit
+            ORDER BY next_attempt_at NULLS FIRST, created_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE steps s
+            SET status = 'enqueued',
+                attempts = s.attempts + 1,
+                dispatch_token = gen_random_uuid(),
+                lease_expires_at = now() + $2 * interval '1 millisecond',
+                next_attempt_at = NULL,
+                enqueued_at = now(),
+                updated_at = now()
+            FROM candidates c
+            WHERE s.step_id = c.step_id
+            RETURNING s.step_id, s.task_id, s.name, s.handler, s.config, s.attempts,
+                      s.retry_limit, s.deferrals, s.dispatch_token, s.timeout_ms, c.from_status
+        ),
+        step_history AS (
+            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+            SELECT step_id, task_id, from_status, 'enqueued', 'dispatched',
+                   jsonb_build_object('attempt', attempts, 'dispatch_token', dispatch_token)
+            FROM claimed
+        ),
+        started_tasks AS (
+            UPDATE tasks t SET status = 'in_progress', updated_at = now()
+            WHERE t.task_id IN (SELECT task_id FROM claimed) AND t.status = 'pending'
+            RETURNING t.task_id
+        ),
+        task_history AS (
+            INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+            SELECT task_id, 'pending', 'in_progress', 'first_step_dispatched' FROM started_tasks
+        )
+        SELECT c.step_id, c.task_id, c.name, c.handler, c.config, c.attempts, c.retry_limit,
+               c.deferrals, c.dispatch_token, c.timeout_ms, t.namespace, t.name || '@' || t.version AS template,
+               t.context,
+               COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
+                         FROM step_edges e JOIN steps p ON p.step_id = e.from_step
+                         WHERE e.to_step = c.step_id), '{}'::jsonb) AS parents,
+               now() AS dispatched_at
+        FROM claimed c JOIN tasks t ON t.task_id = c.task_id
+        "#,
+    )
+    .bind(limit)
+    .bind(lease_ms)
+    .fetch_all(conn)
+    .await?;
+
+    Ok(rows
+        .into_iter()
+        .map(|row| StepMessage {
+            schema_version: SCHEMA_VERSION,
+            task_id: row.task_id,
+            step_id: row.step_id,
+            step_name: row.name,
+            namespace: row.namespace,
+            template: row.template,
+            handler: row.handler,
+            config: row.config,
+            context: row.context,
+            parents: match row.parents {
+                Value::Object(map) => map.into_iter().collect(),
+                _ => Default::default(),
+            },
+            attempt: row.attempts,
+            retry_limit: row.retry_limit,
+            deferrals: row.deferrals,
+            dispatch_token: row.dispatch_token,
+            timeout_ms: row.timeout_ms,
+            dispatched_at: row.dispatched_at,
+        })
+        .collect())
+}
+
+/// When the next step in backoff becomes ready, if any: the dispatcher sleeps until then
+/// rather than polling.
+pub async fn next_due(conn: &mut PgConnection) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        r#"
+        SELECT min(next_attempt_at) FROM steps
+        WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
+          AND next_attempt_at > now()
+        "#,
+    )
+    .fetch_one(conn)
+    .await
+}

@@ -1,0 +1,93 @@
+//! Healing lost work when leases expire.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// What [`expire_leases`] did.
+#[derive(Debug, Default)]
+pub struct ExpiredLeases {
+    /// Steps that were never started and will be dispatched again (no attempt spent).
+    pub requeued: usize,
+    /// Steps whose worker went silent: counted as a timed-out attempt.
+    pub timed_out: usize,
+    /// Tasks whose steps changed.
+    pub tasks: Vec<Uuid>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ExpiredRow {
+    task_id: Uuid,
+    from_status: String,
+}
+
+/// Heal lost work. A step `enqueued` past its lease was never started (its message was
+/// lost, or the coordinator died before publishing): it goes back to `waiting_for_retry`,
+/// ready at once, and the attempt is not counted. A step `in_progress` past its lease
+/// lost its worker: that is a retryable timeout (or `error` when attempts are exhausted).
+pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<ExpiredLeases> {
+    let rows: Vec<ExpiredRow> = sqlx::query_as(
+        r#"
+        WITH expired AS (
+            SELECT step_id, status AS from_status
+            FROM steps
+            WHERE status IN ('enqueued', 'in_progress') AND lease_expires_at < now()
+            ORDER BY lease_expires_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ),
+        updated AS (
+            UPDATE steps s
+            SET status = CASE
+                    WHEN e.from_status = 'enqueued' THEN 'waiting_for_retry'
+                    WHEN NOT s.retryable OR s.attempts >= s.retry_limit THEN 'error'
+                    ELSE 'waiting_for_retry'
+                END,
+                attempts = CASE WHEN e.from_status = 'enqueued' THEN s.attempts - 1
+                                ELSE s.attempts END,
+                next_attempt_at = CASE
+                    WHEN e.from_status = 'enqueued' THEN now()
+                    WHEN NOT s.retryable OR s.attempts >= s.retry_limit THEN NULL
+                    ELSE now() + tasker_backoff_ms(s.attempts, NULL, s.backoff_base_ms,
+                                                   s.backoff_max_ms, s.backoff_jitter,
+                                                   s.backoff_schedule_ms)
+                                 * interval '1 millisecond'
+                END,
+                last_error = CASE
+                    WHEN e.from_status = 'in_progress' THEN jsonb_build_object(
+                        'kind', 'timeout', 'code', 'lease_expired',
+                        'message', 'no result from the worker within timeout_ms plus the lease grace')
+                    ELSE s.last_error
+                END,
+                completed_at = CASE WHEN e.from_status = 'in_progress'
+                                         AND (NOT s.retryable OR s.attempts >= s.retry_limit)
+                                    THEN now() END,
+                lease_expires_at = NULL,
+                updated_at = now()
+            FROM expired e
+            WHERE s.step_id = e.step_id
+            RETURNING s.step_id, s.task_id, s.status AS to_status, s.attempts, e.from_status
+        ),
+        history AS (
+            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+            SELECT step_id, task_id, from_status, to_status,
+                   CASE WHEN from_status = 'enqueued' THEN 'lease_lost' ELSE 'lease_expired' END,
+                   jsonb_build_object('attempt', attempts)
+            FROM updated
+        )
+        SELECT task_id, from_status FROM updated
+        "#,
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+
+    let requeued = rows.iter().filter(|r| r.from_status == "enqueued").count();
+    let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    Ok(ExpiredLeases {
+        requeued,
+        timed_out: rows.len() - requeued,
+        tasks,
+    })
+}

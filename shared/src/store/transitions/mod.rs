@@ -1,0 +1,111 @@
+//! The one door for state changes.
+//!
+//! Every function here is one batched statement (or a few, inside the caller's
+//! transaction) that moves steps or tasks between states with a guard on their current
+//! state, and appends a row per change to the transition history. Nothing else in Tasker
+//! writes a `status` column.
+//!
+//! | function | step transition | reason recorded |
+//! |---|---|---|
+//! | [`claim_ready`] | pending / waiting_for_retry → enqueued | `dispatched` |
+//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
+//! | [`heartbeat`] | none: extends the lease of running steps | — |
+//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `attempts_exhausted`, `deferral_limit` |
+//! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
+//! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
+//! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
+//! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
+//! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator` |
+//!
+//! Results are fenced: a result is applied only while the step is `enqueued` or
+//! `in_progress` *and* carries the step's current dispatch token. Anything else (late,
+//! duplicated, from an expired lease or a cancelled task) is counted as stale and dropped.
+
+mod claim;
+mod leases;
+mod operator;
+mod worker;
+
+pub use claim::{claim_ready, next_due};
+pub use leases::{ExpiredLeases, expire_leases};
+pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
+pub use worker::{AppliedResults, LeasePolicy, apply_results, heartbeat, mark_started};
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::states::TaskStatus;
+
+/// A task that [`finish_tasks`] finished.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FinishedTask {
+    /// The task.
+    pub task_id: Uuid,
+    /// `complete` or `error`.
+    pub status: TaskStatus,
+}
+
+/// Finish the given tasks that can finish: `complete` when every step is complete or
+/// resolved; `error` when a step is in `error` and nothing else can run (no step queued,
+/// running, waiting for a retry, or ready).
+pub async fn finish_tasks(
+    conn: &mut PgConnection,
+    tasks: &[Uuid],
+) -> sqlx::Result<Vec<FinishedTask>> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Lock the tasks first, in a statement of its own: when two coordinators apply the
+    // last results of one task at once, the second waits here for the first to commit and
+    // then counts with a snapshot that includes the first one's steps. Counting in the
+    // same statement as the lock would use a snapshot taken before the wait, and neither
+    // would see the task as done.
+    sqlx::query("SELECT 1 FROM tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE")
+        .bind(tasks)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_as(
+        r#"
+        WITH counts AS (
+            SELECT task_id,
+                   count(*) AS total,
+                   count(*) FILTER (WHERE status IN ('complete', 'resolved_manually')) AS done,
+                   count(*) FILTER (WHERE status = 'error') AS failed,
+                   count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')
+                                       OR (status = 'pending' AND remaining_parents = 0)) AS live
+            FROM steps
+            WHERE task_id = ANY($1)
+            GROUP BY task_id
+        ),
+        outcome AS (
+            SELECT task_id,
+                   CASE WHEN done = total THEN 'complete'
+                        WHEN failed > 0 AND live = 0 THEN 'error'
+                   END AS to_status
+            FROM counts
+        ),
+        locked AS (
+            SELECT t.task_id, t.status AS from_status, o.to_status
+            FROM tasks t JOIN outcome o USING (task_id)
+            WHERE o.to_status IS NOT NULL AND t.status IN ('pending', 'in_progress')
+        ),
+        finished AS (
+            UPDATE tasks t
+            SET status = l.to_status, completed_at = now(), updated_at = now()
+            FROM locked l
+            WHERE t.task_id = l.task_id
+            RETURNING t.task_id, t.status, l.from_status
+        ),
+        history AS (
+            INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+            SELECT task_id, from_status, status,
+                   CASE WHEN status = 'complete' THEN 'all_steps_done' ELSE 'blocked_by_failures' END
+            FROM finished
+        )
+        SELECT task_id, status FROM finished
+        "#,
+    )
+    .bind(tasks)
+    .fetch_all(conn)
+    .await
+}

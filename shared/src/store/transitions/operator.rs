@@ -1,0 +1,242 @@
+//! What operators do: cancel a task, retry a failed task, resolve a step by hand.
+//!
+//! Each runs in the caller's transaction, locks the task row first (so it serialises
+//! with result application and with other operators), checks the task's state, and
+//! records who asked and why in the history's metadata.
+
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::states::{StepStatus, TaskStatus};
+
+/// Why an operator action was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// No such task.
+    #[error("no task {0}")]
+    TaskNotFound(Uuid),
+    /// No such step in the task.
+    #[error("task {task_id} has no step `{step}`")]
+    StepNotFound {
+        /// The task.
+        task_id: Uuid,
+        /// The step name asked for.
+        step: String,
+    },
+    /// The action does not apply in the task's or step's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+async fn lock_task(conn: &mut PgConnection, task_id: Uuid) -> Result<TaskStatus, OperatorError> {
+    sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1 FOR UPDATE")
+        .bind(task_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(OperatorError::TaskNotFound(task_id))
+}
+
+async fn move_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    from: TaskStatus,
+    to: TaskStatus,
+    reason: &str,
+    metadata: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        r#"
+        WITH moved AS (
+            UPDATE tasks
+            SET status = $3, updated_at = now(),
+                completed_at = CASE WHEN $3 IN ('complete', 'error', 'cancelled', 'resolved_manually')
+                                    THEN now() END
+            WHERE task_id = $1 AND status = $2
+            RETURNING task_id
+        )
+        INSERT INTO task_transitions (task_id, from_status, to_status, reason, metadata)
+        SELECT task_id, $2, $3, $4, $5 FROM moved
+        "#,
+    )
+    .bind(task_id)
+    .bind(from)
+    .bind(to)
+    .bind(reason)
+    .bind(metadata)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Cancel a task: every unfinished step becomes `cancelled` (results still in flight
+/// will be fenced out) and the task `cancelled`. Refused once the task has finished.
+/// Returns how many steps were cancelled.
+pub async fn cancel_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<u64, OperatorError> {
+    let status = lock_task(conn, task_id).await?;
+    if status.is_finished() {
+        return Err(OperatorError::Conflict(format!(
+            "task {task_id} is already {status}; only pending or in-progress tasks can be cancelled"
+        )));
+    }
+    let metadata = json!({"reason": reason});
+    let cancelled = sqlx::query(
+        r#"
+        WITH cancelled AS (
+            UPDATE steps s
+            SET status = 'cancelled', lease_expires_at = NULL, next_attempt_at = NULL,
+                completed_at = now(), updated_at = now()
+            FROM (SELECT step_id, status FROM steps
+                  WHERE task_id = $1
+                    AND status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
+                  ORDER BY step_id FOR UPDATE) old
+            WHERE s.step_id = old.step_id
+            RETURNING s.step_id, s.task_id, old.status AS from_status
+        )
+        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+        SELECT step_id, task_id, from_status, 'cancelled', 'task_cancelled', $2 FROM cancelled
+        "#,
+    )
+    .bind(task_id)
+    .bind(&metadata)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    move_task(
+        conn,
+        task_id,
+        status,
+        TaskStatus::Cancelled,
+        "cancelled_by_operator",
+        &metadata,
+    )
+    .await?;
+    Ok(cancelled)
+}
+
+/// Retry a task in `error`: its failed steps go back to `pending` with a fresh attempt
+/// (and deferral) budget, and the task runs on. Returns how many steps were reset.
+pub async fn retry_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<u64, OperatorError> {
+    let status = lock_task(conn, task_id).await?;
+    if status != TaskStatus::Error {
+        return Err(OperatorError::Conflict(format!(
+            "task {task_id} is {status}; only a task in error can be retried"
+        )));
+    }
+    let metadata = json!({"reason": reason});
+    let reset = sqlx::query(
+        r#"
+        WITH reset AS (
+            UPDATE steps
+            SET status = 'pending', attempts = 0, deferrals = 0, next_attempt_at = NULL,
+                completed_at = NULL, updated_at = now()
+            WHERE task_id = $1 AND status = 'error'
+            RETURNING step_id, task_id
+        )
+        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+        SELECT step_id, task_id, 'error', 'pending', 'retry_requested', $2 FROM reset
+        "#,
+    )
+    .bind(task_id)
+    .bind(&metadata)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    move_task(
+        conn,
+        task_id,
+        status,
+        TaskStatus::InProgress,
+        "retry_requested",
+        &metadata,
+    )
+    .await?;
+    Ok(reset)
+}
+
+/// Resolve a step by hand with `results` (what its dependents will see as its results):
+/// allowed while the step is `pending`, `waiting_for_retry` or `error`, in a task that is
+/// neither finished successfully nor cancelled. A task in `error` runs on. The caller then
+/// finishes the task ([`super::finish_tasks`]) and wakes the dispatcher.
+pub async fn resolve_step(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    step: &str,
+    results: Option<&Value>,
+    reason: Option<&str>,
+) -> Result<(), OperatorError> {
+    let status = lock_task(conn, task_id).await?;
+    if matches!(
+        status,
+        TaskStatus::Complete | TaskStatus::Cancelled | TaskStatus::ResolvedManually
+    ) {
+        return Err(OperatorError::Conflict(format!(
+            "task {task_id} is {status}; its steps can no longer be resolved"
+        )));
+    }
+    let current: Option<StepStatus> =
+        sqlx::query_scalar("SELECT status FROM steps WHERE task_id = $1 AND name = $2 FOR UPDATE")
+            .bind(task_id)
+            .bind(step)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let current = current.ok_or_else(|| OperatorError::StepNotFound {
+        task_id,
+        step: step.to_owned(),
+    })?;
+    if !current.can_transition_to(StepStatus::ResolvedManually) {
+        return Err(OperatorError::Conflict(format!(
+            "step `{step}` is {current}; only a pending, waiting_for_retry or error step can be resolved"
+        )));
+    }
+    let metadata = json!({"reason": reason});
+    sqlx::query(
+        r#"
+        WITH resolved AS (
+            UPDATE steps
+            SET status = 'resolved_manually', results = $3, lease_expires_at = NULL,
+                next_attempt_at = NULL, completed_at = now(), updated_at = now()
+            WHERE task_id = $1 AND name = $2
+            RETURNING step_id, task_id
+        ),
+        history AS (
+            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+            SELECT step_id, task_id, $4, 'resolved_manually', 'resolved_by_operator', $5 FROM resolved
+        )
+        UPDATE steps c
+        SET remaining_parents = c.remaining_parents - 1
+        FROM step_edges e JOIN resolved r ON r.step_id = e.from_step
+        WHERE c.step_id = e.to_step
+        "#,
+    )
+    .bind(task_id)
+    .bind(step)
+    .bind(results)
+    .bind(current)
+    .bind(&metadata)
+    .execute(&mut *conn)
+    .await?;
+    if status == TaskStatus::Error {
+        move_task(
+            conn,
+            task_id,
+            status,
+            TaskStatus::InProgress,
+            "step_resolved",
+            &metadata,
+        )
+        .await?;
+    }
+    Ok(())
+}

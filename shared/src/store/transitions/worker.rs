@@ -1,0 +1,305 @@
+//! What workers report: started notices, heartbeats and results.
+
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::messages::{Outcome, RunningStep, StepResult, StepStarted};
+
+/// Leases of running steps: how long a step may run before it counts as lost.
+#[derive(Debug, Clone, Copy)]
+pub struct LeasePolicy {
+    /// Added to the step's `timeout_ms`: the longest a run may take in any case.
+    pub grace_ms: i64,
+    /// Without a heartbeat for this long, the worker counts as gone.
+    pub heartbeat_lease_ms: i64,
+}
+
+/// Mark steps `in_progress` from workers' started notices, with a lease of
+/// `min(timeout + grace, heartbeat lease)`. A notice for a step that is already running
+/// under the same dispatch token, on a redelivered message, means its first worker died
+/// mid-step: the new run counts as a new attempt. Notices for steps that moved on are
+/// ignored. Returns how many steps changed.
+pub async fn mark_started(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    started: &[StepStarted],
+    lease: LeasePolicy,
+) -> sqlx::Result<u64> {
+    if started.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        r#"
+        WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[])
+                AS i(step_id, token, started_at, redelivered)
+        ),
+        locked AS (
+            SELECT s.step_id, s.status AS from_status, i.started_at
+            FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
+            WHERE s.status = 'enqueued' OR (s.status = 'in_progress' AND i.redelivered)
+            ORDER BY s.step_id
+            FOR UPDATE OF s
+        ),
+        moved AS (
+            UPDATE steps s
+            SET status = 'in_progress',
+                started_at = l.started_at,
+                attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' THEN 1 ELSE 0 END,
+                lease_expires_at = now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond',
+                updated_at = now()
+            FROM locked l
+            WHERE s.step_id = l.step_id
+            RETURNING s.step_id, s.task_id, s.attempts, l.from_status
+        )
+        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+        SELECT step_id, task_id, from_status, 'in_progress',
+               CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
+               jsonb_build_object('attempt', attempts, 'worker_id', $7::text)
+        FROM moved
+        "#,
+    )
+    .bind(started.iter().map(|s| s.step_id).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.started_at).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.redelivered).collect::<Vec<_>>())
+    .bind(lease.grace_ms)
+    .bind(lease.heartbeat_lease_ms)
+    .bind(worker_id)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Extend the leases of steps a worker says it is still running, up to the step's
+/// timeout plus grace. Not a state change, so nothing is added to the history.
+/// Returns how many leases were extended.
+pub async fn heartbeat(
+    conn: &mut PgConnection,
+    running: &[RunningStep],
+    lease: LeasePolicy,
+) -> sqlx::Result<u64> {
+    if running.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        r#"
+        WITH locked AS (
+            SELECT s.step_id
+            FROM steps s
+            JOIN unnest($1::uuid[], $2::uuid[]) AS i(step_id, token)
+              ON i.step_id = s.step_id AND s.dispatch_token = i.token
+            WHERE s.status = 'in_progress'
+            ORDER BY s.step_id
+            FOR UPDATE OF s
+        )
+        UPDATE steps s
+        SET lease_expires_at = least(
+                COALESCE(s.started_at, now()) + (s.timeout_ms + $3) * interval '1 millisecond',
+                now() + $4 * interval '1 millisecond')
+        FROM locked l
+        WHERE s.step_id = l.step_id
+        "#,
+    )
+    .bind(running.iter().map(|s| s.step_id).collect::<Vec<_>>())
+    .bind(running.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
+    .bind(lease.grace_ms)
+    .bind(lease.heartbeat_lease_ms)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// What [`apply_results`] did.
+#[derive(Debug, Default)]
+pub struct AppliedResults {
+    /// Results that changed a step.
+    pub applied: usize,
+    /// Results dropped by the fence (late, duplicated, or for a step that moved on).
+    pub stale: usize,
+    /// Steps now waiting for a later attempt: the dispatcher must wake when it is due.
+    pub retries_scheduled: usize,
+    /// Tasks whose steps changed: the caller finishes them with [`super::finish_tasks`].
+    pub tasks: Vec<Uuid>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AppliedRow {
+    task_id: Uuid,
+    to_status: String,
+}
+
+/// Apply a batch of results:
+/// - success completes the step and makes its children one parent closer to ready;
+/// - a deferral schedules the step again after the handler's delay, refunding the
+///   attempt, unless the step used up its `max_deferrals` (then `error`);
+/// - a retryable failure schedules the next attempt after the backoff
+///   (`tasker_backoff_ms`: the handler's `retry_after` capped by the step's maximum, or
+///   the step's policy);
+/// - a permanent failure, a non-retryable step or the last attempt failing: `error`.
+pub async fn apply_results(
+    conn: &mut PgConnection,
+    results: &[StepResult],
+) -> sqlx::Result<AppliedResults> {
+    // One result per step per batch: a duplicate in the same batch is stale by definition.
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&StepResult> = results
+        .iter()
+        .filter(|r| seen.insert((r.step_id, r.dispatch_token)))
+        .collect();
+    if unique.is_empty() {
+        return Ok(AppliedResults::default());
+    }
+    let outcome = |r: &StepResult| match r.outcome {
+        Outcome::Success => "success",
+        Outcome::RetryableError => "retryable_error",
+        Outcome::PermanentError => "permanent_error",
+        Outcome::Deferred => "deferred",
+    };
+    let rows: Vec<AppliedRow> = sqlx::query_as(
+        r#"
+        WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
+                                 $6::float8[], $7::timestamptz[], $8::timestamptz[], $9::text[])
+                AS i(step_id, token, outcome, results, error, retry_after, started_at,
+                     finished_at, worker_id)
+        ),
+        current AS (
+            SELECT s.step_id, s.status AS from_status, s.attempts, s.retry_limit, s.retryable,
+                   s.backoff_base_ms, s.backoff_max_ms, s.backoff_jitter, s.backoff_schedule_ms,
+                   s.deferrals, s.max_deferrals, i.outcome, i.results, i.error,
+                   i.retry_after, i.started_at, i.finished_at, i.worker_id
+            FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
+            WHERE s.status IN ('enqueued', 'in_progress')
+            ORDER BY s.step_id
+            FOR UPDATE OF s
+        ),
+        decided AS (
+            SELECT c.*,
+                   CASE
+                       WHEN c.outcome = 'success' THEN 'complete'
+                       WHEN c.outcome = 'deferred' AND c.deferrals >= c.max_deferrals THEN 'error'
+                       WHEN c.outcome = 'deferred' THEN 'waiting_for_retry'
+                       WHEN c.outcome = 'permanent_error' OR NOT c.retryable
+                            OR c.attempts >= c.retry_limit THEN 'error'
+                       ELSE 'waiting_for_retry'
+                   END AS to_status,
+                   CASE
+                       WHEN c.outcome = 'deferred'
+                           THEN least(greatest(COALESCE(c.retry_after, c.backoff_base_ms / 1000.0), 0),
+                                      86400) * 1000
+                       ELSE tasker_backoff_ms(c.attempts, c.retry_after, c.backoff_base_ms,
+                                              c.backoff_max_ms, c.backoff_jitter,
+                                              c.backoff_schedule_ms)
+                   END AS delay_ms
+            FROM current c
+        ),
+        updated AS (
+            UPDATE steps s
+            SET status = d.to_status,
+                results = CASE WHEN d.to_status = 'complete' THEN d.results ELSE s.results END,
+                last_error = CASE
+                    WHEN d.to_status = 'complete' THEN NULL
+                    WHEN d.outcome = 'deferred' AND d.to_status = 'error' THEN jsonb_build_object(
+                        'kind', 'deferred', 'code', 'deferral_limit',
+                        'message', 'deferred ' || d.deferrals || ' times, the step''s max_deferrals; last reason: '
+                                   || COALESCE(d.error ->> 'message', 'none given'))
+                    ELSE d.error
+                END,
+                attempts = CASE WHEN d.outcome = 'deferred' THEN s.attempts - 1 ELSE s.attempts END,
+                deferrals = CASE WHEN d.outcome = 'deferred' AND d.to_status = 'waiting_for_retry'
+                                 THEN s.deferrals + 1 ELSE s.deferrals END,
+                next_attempt_at = CASE WHEN d.to_status = 'waiting_for_retry'
+                                       THEN now() + d.delay_ms * interval '1 millisecond' END,
+                started_at = d.started_at,
+                completed_at = CASE WHEN d.to_status IN ('complete', 'error')
+                                    THEN d.finished_at END,
+                lease_expires_at = NULL,
+                updated_at = now()
+            FROM decided d
+            WHERE s.step_id = d.step_id
+            RETURNING s.step_id, s.task_id, d.attempts, s.next_attempt_at, d.from_status,
+                      d.to_status, d.outcome, d.worker_id, d.finished_at, d.started_at,
+                      d.error ->> 'code' AS code
+        ),
+        history AS (
+            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+            SELECT step_id, task_id, from_status, to_status,
+                   CASE
+                       WHEN to_status = 'complete' THEN 'succeeded'
+                       WHEN outcome = 'deferred' AND to_status = 'error' THEN 'deferral_limit'
+                       WHEN outcome = 'deferred' THEN 'deferred'
+                       WHEN to_status = 'waiting_for_retry' THEN 'retry_scheduled'
+                       WHEN outcome = 'retryable_error' THEN 'attempts_exhausted'
+                       ELSE 'failed'
+                   END,
+                   jsonb_strip_nulls(jsonb_build_object(
+                       'attempt', attempts, 'worker_id', worker_id, 'error_code', code,
+                       'duration_ms', round(extract(epoch FROM finished_at - started_at) * 1000),
+                       'next_attempt_at', next_attempt_at))
+            FROM updated
+        ),
+        children AS (
+            UPDATE steps c
+            SET remaining_parents = c.remaining_parents - x.done
+            FROM (SELECT e.to_step, count(*)::int AS done
+                  FROM step_edges e JOIN updated u ON u.step_id = e.from_step
+                  WHERE u.to_status = 'complete'
+                  GROUP BY e.to_step) x
+            WHERE c.step_id = x.to_step
+        )
+        SELECT task_id, to_status FROM updated
+        "#,
+    )
+    .bind(unique.iter().map(|r| r.step_id).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| r.dispatch_token).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| outcome(r)).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|r| r.results.clone().unwrap_or_else(|| json!({})))
+            .collect::<Vec<_>>(),
+    )
+    .bind(unique.iter().map(|r| last_error(r)).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|r| r.error.as_ref().and_then(|e| e.retry_after_seconds))
+            .collect::<Vec<_>>(),
+    )
+    .bind(unique.iter().map(|r| r.started_at).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+    .bind(unique.iter().map(|r| r.worker_id.clone()).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+
+    let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    Ok(AppliedResults {
+        retries_scheduled: rows
+            .iter()
+            .filter(|r| r.to_status == "waiting_for_retry")
+            .count(),
+        applied: rows.len(),
+        stale: results.len() - rows.len(),
+        tasks,
+    })
+}
+
+/// The `last_error` a failed (or deferred) result leaves on its step.
+fn last_error(result: &StepResult) -> Option<Value> {
+    let error = result.error.as_ref()?;
+    let kind = match (result.outcome, error.code.as_deref()) {
+        (Outcome::Deferred, _) => "deferred",
+        (_, Some("timeout")) => "timeout",
+        (Outcome::PermanentError, _) => "permanent",
+        _ => "retryable",
+    };
+    let mut value = json!({"kind": kind, "message": error.message});
+    if let Some(code) = &error.code {
+        value["code"] = json!(code);
+    }
+    Some(value)
+}
