@@ -8,6 +8,8 @@
 
 #![allow(missing_docs)]
 
+pub mod http_stub;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -238,6 +240,19 @@ impl TestEnv {
         namespaces: &[&str],
         concurrency: u16,
     ) -> anyhow::Result<usize> {
+        self.start_worker_with(binary_path, worker_id, namespaces, concurrency, &[])
+            .await
+    }
+
+    /// Start a worker binary with extra environment variables.
+    pub async fn start_worker_with(
+        &mut self,
+        binary_path: PathBuf,
+        worker_id: &str,
+        namespaces: &[&str],
+        concurrency: u16,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<usize> {
         let mut command = Command::new(binary_path);
         command
             .env("AMQP_URL", amqp_url())
@@ -245,6 +260,9 @@ impl TestEnv {
             .env("TASKER_NAMESPACES", namespaces.join(","))
             .env("TASKER_CONCURRENCY", concurrency.to_string())
             .env("TASKER_WORKER_ID", worker_id);
+        for (key, value) in env {
+            command.env(key, value);
+        }
         let mut worker = Process::spawn(command, worker_id.to_owned(), &self.log_dir)?;
         worker
             .wait_for_log("worker started", Duration::from_secs(30))
@@ -312,6 +330,49 @@ impl TestEnv {
             .send()
             .await?;
         Ok((response.status(), response.json().await?))
+    }
+
+    /// `POST` a JSON body to a path of the API.
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .json(&body)
+            .send()
+            .await?;
+        Ok((response.status(), response.json().await?))
+    }
+
+    /// Poll the task until `done` holds for it.
+    pub async fn wait_until(
+        &self,
+        task_id: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (_, task) = self.get(&format!("/v1/tasks/{task_id}")).await?;
+            if done(&task) {
+                return Ok(task);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "task {task_id}: {what} did not happen in {timeout:?}:\n{}",
+                    serde_json::to_string_pretty(&task)?
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The step of a task JSON with this name.
+    pub fn step<'a>(task: &'a Value, name: &str) -> &'a Value {
+        task["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().find(|s| s["name"] == name))
+            .unwrap_or_else(|| panic!("no step {name} in {task}"))
     }
 
     /// Poll the task until its status is one of `statuses`.

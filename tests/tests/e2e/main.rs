@@ -2,6 +2,8 @@
 //! Each test has its own database and queue prefix (see `tasker_tests::TestEnv`).
 
 mod dags;
+mod failures;
+mod operator;
 mod tasker_engine;
 mod validation;
 mod workers;

@@ -1,0 +1,456 @@
+//! Failure semantics: retries and their limits, backoff, deferrals, timeouts, panics,
+//! lost workers, and the fence against duplicated results.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tasker_tests::http_stub::{Answer, HttpStub};
+use tasker_tests::{StatusCode, TestEnv, binary};
+
+use crate::step_history;
+
+/// A one-step template in namespace `failing`.
+fn one_step(name: &str, step: &str) -> String {
+    format!("namespace: failing\nname: {name}\nsteps:\n  - name: only\n{step}")
+}
+
+async fn run(env: &TestEnv, name: &str) -> Value {
+    env.run_task(
+        json!({"namespace": "failing", "name": name}),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+}
+
+/// Milliseconds between each failure being recorded and the next dispatch.
+async fn retry_gaps(env: &TestEnv, task_id: &str) -> Vec<i64> {
+    let history: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT reason, created_at FROM step_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
+    )
+    .bind(task_id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut gaps = Vec::new();
+    let mut failed_at = None;
+    for (reason, at) in history {
+        match reason.as_str() {
+            "retry_scheduled" | "deferred" => failed_at = Some(at),
+            "dispatched" => {
+                if let Some(failed) = failed_at.take() {
+                    gaps.push((at - failed).num_milliseconds());
+                }
+            }
+            _ => {}
+        }
+    }
+    gaps
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
+    let mut env = TestEnv::start("retries").await.unwrap();
+    env.start_worker("w1", &["failing"]).await.unwrap();
+    let fast = "    backoff: {base_seconds: 0.05, jitter: false}\n";
+    let cases = [
+        (
+            "recovers",
+            format!(
+                "    handler: tasker.fail\n    retry_limit: 3\n    config: {{times: 2}}\n{fast}"
+            ),
+            "complete",
+            3,
+        ),
+        (
+            "exhausts",
+            format!(
+                "    handler: tasker.fail\n    retry_limit: 3\n    config: {{times: 5}}\n{fast}"
+            ),
+            "error",
+            3,
+        ),
+        (
+            "permanent",
+            format!(
+                "    handler: tasker.fail\n    retry_limit: 3\n    config: {{times: 5, kind: permanent}}\n{fast}"
+            ),
+            "error",
+            1,
+        ),
+        (
+            "not_retryable",
+            format!(
+                "    handler: tasker.fail\n    retryable: false\n    config: {{times: 5}}\n{fast}"
+            ),
+            "error",
+            1,
+        ),
+        (
+            "panics",
+            format!(
+                "    handler: tasker.fail\n    retry_limit: 2\n    config: {{times: 1, kind: panic}}\n{fast}"
+            ),
+            "complete",
+            2,
+        ),
+    ];
+    for (name, step, status, attempts) in &cases {
+        let (code, body) = env.register_template(&one_step(name, step)).await.unwrap();
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+        let task = run(&env, name).await;
+        assert_eq!(task["status"], *status, "{name}: {task:#}");
+        let only = TestEnv::step(&task, "only");
+        assert_eq!(only["attempts"], *attempts, "{name}: {only:#}");
+        let task_id = task["task_id"].as_str().unwrap();
+        let dispatches = step_history(&env.pool, task_id)
+            .await
+            .iter()
+            .filter(|h| h.3 == "dispatched")
+            .count();
+        assert_eq!(
+            dispatches, *attempts as usize,
+            "{name} ran {dispatches} times"
+        );
+        if *status == "error" {
+            assert_eq!(only["status"], "error");
+            assert!(
+                only["last_error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("tasker.fail"),
+                "{only:#}"
+            );
+            assert_eq!(task["execution"]["execution_status"], "blocked_by_failures");
+            assert_eq!(task["execution"]["health"], "blocked");
+        }
+    }
+    let exhausted = run(&env, "exhausts").await;
+    let reasons: Vec<String> = step_history(&env.pool, exhausted["task_id"].as_str().unwrap())
+        .await
+        .into_iter()
+        .map(|h| h.3)
+        .filter(|r| r != "started")
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "dispatched",
+            "retry_scheduled",
+            "dispatched",
+            "retry_scheduled",
+            "dispatched",
+            "attempts_exhausted"
+        ]
+    );
+    let panicked = run(&env, "panics").await;
+    let error_codes: Vec<Value> = step_history(&env.pool, panicked["task_id"].as_str().unwrap())
+        .await
+        .into_iter()
+        .filter(|h| h.3 == "retry_scheduled")
+        .map(|h| h.4["error_code"].clone())
+        .collect();
+    assert_eq!(
+        error_codes,
+        [json!("panic")],
+        "a panic is a retryable failure"
+    );
+    assert!(
+        env.workers[0].log().contains("handler panicked"),
+        "the worker survived and said why"
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn backoff_follows_the_configured_policy() {
+    let mut env = TestEnv::start("backoff").await.unwrap();
+    env.start_worker("w1", &["failing"]).await.unwrap();
+    env.register_template(&one_step(
+        "exponential",
+        "    handler: tasker.fail\n    retry_limit: 4\n    config: {times: 3}\n    backoff: {base_seconds: 0.2, max_seconds: 0.5, jitter: false}\n",
+    ))
+    .await
+    .unwrap();
+    env.register_template(&one_step(
+        "scheduled",
+        "    handler: tasker.fail\n    retry_limit: 4\n    config: {times: 3}\n    backoff: {schedule: [0.5, 0.1]}\n",
+    ))
+    .await
+    .unwrap();
+
+    // Tolerance: never early; at most 250 ms late (the dispatcher sleeps until the due time).
+    let check = |gaps: &[i64], expected: &[i64]| {
+        assert_eq!(gaps.len(), expected.len(), "{gaps:?}");
+        for (gap, want) in gaps.iter().zip(expected) {
+            assert!(
+                *gap >= want - 5 && *gap <= want + 250,
+                "gap {gap} ms, expected {want} ms: {gaps:?}"
+            );
+        }
+    };
+    let task = run(&env, "exponential").await;
+    assert_eq!(task["status"], "complete");
+    check(
+        &retry_gaps(&env, task["task_id"].as_str().unwrap()).await,
+        &[200, 400, 500],
+    );
+    let task = run(&env, "scheduled").await;
+    assert_eq!(task["status"], "complete");
+    check(
+        &retry_gaps(&env, task["task_id"].as_str().unwrap()).await,
+        &[500, 100, 100],
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_after_from_an_http_429_delays_the_next_attempt_by_that_long() {
+    let mut env = TestEnv::start("retry-after").await.unwrap();
+    env.start_worker("w1", &["failing"]).await.unwrap();
+    let stub = HttpStub::start(vec![
+        Answer::new(429, "slow down").header("retry-after", "2"),
+        Answer::new(200, r#"{"ok": true}"#),
+    ])
+    .await
+    .unwrap();
+    env.register_template(&one_step(
+        "http",
+        &format!("    handler: tasker.http\n    config: {{url: \"{}\", method: POST, body: {{n: 1}}}}\n    backoff: {{base_seconds: 0.1, max_seconds: 10}}\n", stub.url),
+    ))
+    .await
+    .unwrap();
+    let task = run(&env, "http").await;
+    assert_eq!(task["status"], "complete", "{task:#}");
+    let only = TestEnv::step(&task, "only");
+    assert_eq!(only["attempts"], 2);
+    assert_eq!(
+        only["results"],
+        json!({"status": 200, "body": {"ok": true}})
+    );
+    let arrivals = stub.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    let gap = arrivals[1] - arrivals[0];
+    assert!(
+        gap >= Duration::from_secs(2),
+        "next attempt after {gap:?}, not the 2 s asked"
+    );
+    assert!(
+        gap < Duration::from_millis(2600),
+        "next attempt after {gap:?}"
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deferral_spends_no_attempt_and_the_deferral_limit_ends_in_error() {
+    let mut env = TestEnv::start("deferral").await.unwrap();
+    env.start_worker("w1", &["failing"]).await.unwrap();
+    env.register_template(&one_step(
+        "patient",
+        "    handler: tasker.fail\n    retry_limit: 1\n    config: {kind: defer, times: 3, retry_after_seconds: 0.1}\n",
+    ))
+    .await
+    .unwrap();
+    env.register_template(&one_step(
+        "impatient",
+        "    handler: tasker.fail\n    max_deferrals: 2\n    config: {kind: defer, times: 10, retry_after_seconds: 0.1}\n",
+    ))
+    .await
+    .unwrap();
+
+    // Deferred three times with a retry limit of one: still completes on attempt 1.
+    let task = run(&env, "patient").await;
+    assert_eq!(task["status"], "complete", "{task:#}");
+    let only = TestEnv::step(&task, "only");
+    assert_eq!(only["attempts"], 1);
+    assert_eq!(only["deferrals"], 3);
+    assert_eq!(only["results"], json!({"attempt": 1, "deferrals": 3}));
+    let gaps = retry_gaps(&env, task["task_id"].as_str().unwrap()).await;
+    assert!(gaps.len() == 3 && gaps.iter().all(|g| *g >= 95), "{gaps:?}");
+
+    let task = run(&env, "impatient").await;
+    assert_eq!(task["status"], "error", "{task:#}");
+    let only = TestEnv::step(&task, "only");
+    assert_eq!(only["last_error"]["code"], "deferral_limit");
+    assert!(
+        only["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deferred 2 times"),
+        "{only:#}"
+    );
+    assert_eq!(only["attempts"], 0, "deferrals are not attempts");
+    let (_, readiness) = env
+        .get(&format!(
+            "/v1/tasks/{}/readiness",
+            task["task_id"].as_str().unwrap()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(readiness["steps"][0]["reason"], "deferrals_exhausted");
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_past_its_timeout_is_cancelled_and_retried() {
+    let mut env = TestEnv::start("timeout").await.unwrap();
+    env.start_worker("w1", &["failing"]).await.unwrap();
+    env.register_template(&one_step(
+        "slow",
+        "    handler: tasker.sleep\n    timeout_ms: 200\n    retry_limit: 2\n    config: {ms: 5000}\n    backoff: {base_seconds: 0.05}\n",
+    ))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let task = run(&env, "slow").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the handler was not cut off at its timeout"
+    );
+    assert_eq!(task["status"], "error");
+    let only = TestEnv::step(&task, "only");
+    assert_eq!(only["attempts"], 2);
+    assert_eq!(only["last_error"]["kind"], "timeout");
+    let codes: Vec<Value> = step_history(&env.pool, task["task_id"].as_str().unwrap())
+        .await
+        .into_iter()
+        .filter(|h| h.3 == "retry_scheduled" || h.3 == "attempts_exhausted")
+        .map(|h| h.4["error_code"].clone())
+        .collect();
+    assert_eq!(codes, [json!("timeout"), json!("timeout")]);
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_step_loses_nothing_and_the_attempt_is_counted() {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: vec![("TASKER_HEARTBEAT_LEASE_MS".into(), "1500".into())],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("kill-9", options).await.unwrap();
+    env.register_template(&one_step(
+        "long",
+        "    handler: tasker.sleep\n    timeout_ms: 20000\n    config: {ms: 1500}\n",
+    ))
+    .await
+    .unwrap();
+    let beat = [("TASKER_HEARTBEAT_INTERVAL_MS", "300")];
+    let doomed = env
+        .start_worker_with(binary("tasker-worker"), "doomed", &["failing"], 4, &beat)
+        .await
+        .unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "failing", "name": "long"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    env.wait_until(
+        &id,
+        "the step runs on the doomed worker",
+        Duration::from_secs(20),
+        |t| TestEnv::step(t, "only")["status"] == "in_progress",
+    )
+    .await
+    .unwrap();
+    env.workers[doomed].kill().await;
+
+    env.start_worker_with(binary("tasker-worker"), "rescuer", &["failing"], 4, &beat)
+        .await
+        .unwrap();
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "complete", "{done:#}");
+    let only = TestEnv::step(&done, "only");
+    assert_eq!(
+        only["attempts"], 2,
+        "the killed run counts as an attempt: {only:#}"
+    );
+    let history = step_history(&env.pool, &id).await;
+    let completions: Vec<&Value> = history
+        .iter()
+        .filter(|h| h.2 == "complete")
+        .map(|h| &h.4)
+        .collect();
+    assert_eq!(completions.len(), 1);
+    assert_eq!(completions[0]["worker_id"], "rescuer");
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_duplicated_result_changes_state_once() {
+    // The test plays the worker: it takes the step message from the queue itself and
+    // publishes the same result twice.
+    let mut env = TestEnv::start("duplicate").await.unwrap();
+    env.register_template(&one_step("dup", "    handler: tasker.noop\n"))
+        .await
+        .unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "failing", "name": "dup"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+
+    let connection = lapin::Connection::connect(
+        &tasker_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let message = loop {
+        let got = channel
+            .basic_get(
+                env.queue("failing").into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            break message;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let step: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    let now = Utc::now().to_rfc3339();
+    let result = json!({
+        "type": "result", "schema_version": 1, "task_id": step["task_id"], "step_id": step["step_id"],
+        "dispatch_token": step["dispatch_token"], "outcome": "success", "results": {"n": 1},
+        "started_at": now, "finished_at": now, "worker_id": "test"
+    });
+    for _ in 0..2 {
+        channel
+            .basic_publish(
+                "".into(),
+                format!("{}.results", env.prefix).into(),
+                Default::default(),
+                result.to_string().as_bytes(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "complete");
+    assert_eq!(TestEnv::step(&done, "only")["results"], json!({"n": 1}));
+    env.coordinator
+        .wait_for_log("dropped stale results", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let completions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND to_status = 'complete'",
+    )
+    .bind(&id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(completions, 1);
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
