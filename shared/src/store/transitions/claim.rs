@@ -72,8 +72,14 @@ pub async fn claim_ready(
             FROM claimed
         ),
         started_tasks AS (
+            -- Task rows are locked in id order, as everywhere else, so two coordinators
+            -- starting the same tasks cannot deadlock.
             UPDATE tasks t SET status = 'in_progress', updated_at = now()
-            WHERE t.task_id IN (SELECT task_id FROM claimed) AND t.status = 'pending'
+            FROM (SELECT task_id FROM tasks
+                  WHERE task_id IN (SELECT task_id FROM claimed) AND status = 'pending'
+                  ORDER BY task_id
+                  FOR UPDATE) pending
+            WHERE t.task_id = pending.task_id AND t.status = 'pending'
             RETURNING t.task_id
         ),
         task_history AS (
