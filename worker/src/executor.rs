@@ -5,7 +5,7 @@
 //! While the handler runs, the step is in the worker's [`InFlight`] registry: heartbeats
 //! keep its lease alive, and a cancel of its task aborts it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,11 +18,35 @@ use uuid::Uuid;
 
 use crate::handler::{StepContext, StepError, StepHandler};
 
-/// The steps this worker is running. A std Mutex: held only to insert, remove or read,
-/// never across an await.
+/// The steps this worker is running, and the tasks it has heard were cancelled. A std
+/// Mutex: held only to insert, remove or read, never across an await.
 #[derive(Clone, Default)]
 pub(crate) struct InFlight {
     steps: Arc<Mutex<HashMap<Uuid, Running>>>,
+    cancelled: Arc<Mutex<RecentlyCancelled>>,
+}
+
+/// The last [`RecentlyCancelled::CAPACITY`] cancelled tasks, oldest first out.
+#[derive(Default)]
+struct RecentlyCancelled {
+    order: VecDeque<Uuid>,
+    set: HashSet<Uuid>,
+}
+
+impl RecentlyCancelled {
+    const CAPACITY: usize = 10_000;
+
+    fn insert(&mut self, task_id: Uuid) {
+        if !self.set.insert(task_id) {
+            return;
+        }
+        self.order.push_back(task_id);
+        if self.order.len() > Self::CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+    }
 }
 
 struct Running {
@@ -58,8 +82,22 @@ impl InFlight {
             .collect()
     }
 
-    /// Abort every step of `task_id`; returns how many were running.
+    /// Whether `task_id` was cancelled (as far as this worker heard).
+    pub(crate) fn is_cancelled(&self, task_id: Uuid) -> bool {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .set
+            .contains(&task_id)
+    }
+
+    /// Remember `task_id` as cancelled and abort its running steps; returns how many were
+    /// running.
     pub(crate) fn cancel_task(&self, task_id: Uuid) -> usize {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(task_id);
         let steps = self.lock();
         let mut aborted = 0;
         for running in steps.values().filter(|r| r.task_id == task_id) {
@@ -187,5 +225,28 @@ fn panic_message(error: tokio::task::JoinError) -> String {
         text.clone()
     } else {
         "a non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_most_recent_cancels_are_remembered() {
+        let mut cancelled = RecentlyCancelled::default();
+        let first = Uuid::new_v4();
+        cancelled.insert(first);
+        cancelled.insert(first);
+        assert_eq!(
+            cancelled.order.len(),
+            1,
+            "a repeated cancel is remembered once"
+        );
+        for _ in 0..RecentlyCancelled::CAPACITY {
+            cancelled.insert(Uuid::new_v4());
+        }
+        assert_eq!(cancelled.set.len(), RecentlyCancelled::CAPACITY);
+        assert!(!cancelled.set.contains(&first), "the oldest was forgotten");
     }
 }

@@ -376,7 +376,7 @@ async fn follow_control(
 
 /// Run one delivered step to the end: its result confirmed by the broker, then the ack.
 async fn handle(shared: &Shared, delivery: Delivery) {
-    let source_queue = delivery.routing_key.to_string();
+    let source_queue = shared.topology.step_queue(delivery.routing_key.as_str());
     let message = match StepMessage::decode(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
@@ -419,6 +419,11 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         }
         return;
     };
+    if shared.inflight.is_cancelled(message.task_id) {
+        tracing::info!("skipped: the task was cancelled");
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        return;
+    }
     drop(_guard);
 
     let _ = shared.started.send(StepStarted {

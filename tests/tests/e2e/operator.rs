@@ -340,3 +340,65 @@ steps:
     assert_eq!(status, StatusCode::NOT_FOUND);
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn queued_steps_of_a_cancelled_task_are_not_run() {
+    let mut env = TestEnv::start("cancel-queued").await.unwrap();
+    env.register_template("namespace: ops\nname: busy\nsteps:\n  - {name: hold, handler: tasker.sleep, config: {ms: 1500}}\n")
+        .await
+        .unwrap();
+    env.register_template(
+        "namespace: ops\nname: victim\nsteps:\n  - {name: side_effect, handler: tasker.echo}\n",
+    )
+    .await
+    .unwrap();
+    // One worker that runs one step at a time: the victim's step waits in the queue.
+    env.start_worker_binary(tasker_tests::binary("tasker-worker"), "single", &["ops"], 1)
+        .await
+        .unwrap();
+    let (_, busy) = env
+        .create_task(json!({"namespace": "ops", "name": "busy"}))
+        .await
+        .unwrap();
+    let busy_id = busy["task_id"].as_str().unwrap().to_owned();
+    env.wait_until(&busy_id, "hold runs", Duration::from_secs(20), |t| {
+        TestEnv::step(t, "hold")["status"] == "in_progress"
+    })
+    .await
+    .unwrap();
+    let (_, victim) = env
+        .create_task(json!({"namespace": "ops", "name": "victim"}))
+        .await
+        .unwrap();
+    let victim_id = victim["task_id"].as_str().unwrap().to_owned();
+    env.wait_until(
+        &victim_id,
+        "the step is queued",
+        Duration::from_secs(20),
+        |t| TestEnv::step(t, "side_effect")["status"] == "enqueued",
+    )
+    .await
+    .unwrap();
+    let (status, _) = env
+        .post(&format!("/v1/tasks/{victim_id}/cancel"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    env.wait_for_task(&busy_id, &["complete"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    env.workers[0]
+        .wait_for_log("skipped: the task was cancelled", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let started: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND reason = 'started'",
+    )
+    .bind(&victim_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(started, 0, "the cancelled task's step never ran");
+    env.finish().await.unwrap();
+}
