@@ -5,9 +5,21 @@
 //!   [`StepResult`], or a batch of [`StepStarted`] notices.
 //! - [`ControlMessage`]: anyone → everyone, on the fanout control exchange.
 //!
-//! Every message carries `schema_version`; a receiver refuses versions it does not know
-//! (the message goes to the dead-letter queue with the reason). The JSON Schemas of these
-//! messages live in `docs/protocol.md`.
+//! Step and worker messages carry `schema_version`; a receiver refuses versions it does
+//! not know (the message goes to the dead-letter queue with the reason). Control messages
+//! carry no `schema_version`: they are advisory, and a receiver ignores one it cannot
+//! decode.
+//!
+//! Producers are exact, consumers tolerant: a producer writes exactly the fields of the
+//! version it speaks, and a receiver ignores fields it does not know. So a field can be
+//! added within a version (optional on input, since older producers do not send it, and
+//! safe for older consumers to ignore); a new version is needed only to remove a field or
+//! change its meaning. The decoders still refuse unknown `schema_version`s, unknown `type`
+//! tags and unknown enum values (such as an `outcome`): adding one of those is not a
+//! compatible change.
+//!
+//! The JSON Schemas of these messages live in `docs/schemas/`, one per message, and are
+//! described in `docs/protocol.md`.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +33,6 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// Everything a stateless worker needs to run one attempt of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StepMessage {
     /// Always [`SCHEMA_VERSION`] when produced by this build.
     pub schema_version: u32,
@@ -89,7 +100,6 @@ pub enum Outcome {
 
 /// The error half of a failed attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StepError {
     /// What went wrong, for people.
     pub message: String,
@@ -103,7 +113,6 @@ pub struct StepError {
 
 /// The result of one attempt of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StepResult {
     /// Always [`SCHEMA_VERSION`] when produced by this build.
     pub schema_version: u32,
@@ -131,7 +140,6 @@ pub struct StepResult {
 
 /// A batch of "I have started these steps" notices from one worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StartedBatch {
     /// Always [`SCHEMA_VERSION`] when produced by this build.
     pub schema_version: u32,
@@ -143,7 +151,6 @@ pub struct StartedBatch {
 
 /// One started step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StepStarted {
     /// The step.
     pub step_id: Uuid,
@@ -159,7 +166,6 @@ pub struct StepStarted {
 
 /// Steps one worker is still running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HeartbeatBatch {
     /// Always [`SCHEMA_VERSION`] when produced by this build.
     pub schema_version: u32,
@@ -171,7 +177,6 @@ pub struct HeartbeatBatch {
 
 /// A step a worker is running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunningStep {
     /// The step.
     pub step_id: Uuid,
