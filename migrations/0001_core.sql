@@ -81,6 +81,9 @@ CREATE TABLE steps (
     dispatch_token     UUID,
     lease_expires_at   TIMESTAMPTZ,
     next_attempt_at    TIMESTAMPTZ,
+    -- When the step last became ready (parents done, or backoff over): the start of its
+    -- queue latency.
+    ready_at           TIMESTAMPTZ,
     enqueued_at        TIMESTAMPTZ,
     started_at         TIMESTAMPTZ,
     completed_at       TIMESTAMPTZ,
@@ -96,6 +99,9 @@ CREATE INDEX steps_ready ON steps (next_attempt_at NULLS FIRST, created_at)
 CREATE INDEX steps_leased ON steps (lease_expires_at)
     WHERE status IN ('enqueued', 'in_progress');
 CREATE INDEX steps_by_task ON steps (task_id, position);
+-- Counting unfinished steps (gauges, /health/status) without reading finished history.
+CREATE INDEX steps_unfinished ON steps (status)
+    WHERE status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry');
 
 CREATE TABLE step_edges (
     task_id    UUID NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
@@ -105,26 +111,32 @@ CREATE TABLE step_edges (
 );
 CREATE INDEX step_edges_to ON step_edges (to_step);
 
+-- One sequence for both histories, so task and step transitions have one order (the
+-- lifecycle events relay publishes them in it).
+CREATE SEQUENCE transition_ids;
+
 CREATE TABLE task_transitions (
-    transition_id  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transition_id  BIGINT PRIMARY KEY DEFAULT nextval('transition_ids'),
     task_id        UUID NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
     from_status    TEXT,
     to_status      TEXT NOT NULL,
     reason         TEXT NOT NULL,
     metadata       JSONB NOT NULL DEFAULT '{}',
-    created_at     TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+    -- The transaction's time: the same instant as the state change it records.
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX task_transitions_by_task ON task_transitions (task_id, transition_id);
 
 CREATE TABLE step_transitions (
-    transition_id  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transition_id  BIGINT PRIMARY KEY DEFAULT nextval('transition_ids'),
     step_id        UUID NOT NULL REFERENCES steps (step_id) ON DELETE CASCADE,
     task_id        UUID NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
     from_status    TEXT,
     to_status      TEXT NOT NULL,
     reason         TEXT NOT NULL,
     metadata       JSONB NOT NULL DEFAULT '{}',
-    created_at     TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+    -- The transaction's time: the same instant as the state change it records.
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX step_transitions_by_step ON step_transitions (step_id, transition_id);
 CREATE INDEX step_transitions_by_task ON step_transitions (task_id, transition_id);

@@ -5,6 +5,9 @@
 //! sends at start, whenever a template brings a new namespace, and in answer to a
 //! worker's `hello`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use futures::StreamExt;
 use lapin::Channel;
 use lapin::options::{
@@ -24,6 +27,20 @@ pub(crate) struct Control {
     pool: PgPool,
     channel: Channel,
     topology: Topology,
+    workers: Arc<Mutex<HashMap<String, WorkerSeen>>>,
+}
+
+/// A worker as last heard of.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct WorkerSeen {
+    pub(crate) worker_id: String,
+    pub(crate) namespaces: Vec<String>,
+    pub(crate) all_namespaces: bool,
+    pub(crate) concurrency: u16,
+    pub(crate) in_flight: usize,
+    pub(crate) last_seen: chrono::DateTime<chrono::Utc>,
+    #[serde(skip)]
+    interval_ms: u64,
 }
 
 impl Control {
@@ -32,7 +49,29 @@ impl Control {
             pool,
             channel,
             topology,
+            workers: Arc::default(),
         }
+    }
+
+    /// Workers heard from within three of their status intervals, by id.
+    pub(crate) fn recent_workers(&self) -> Vec<WorkerSeen> {
+        let now = chrono::Utc::now();
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|_, w| {
+            let silent = (now - w.last_seen).num_milliseconds().max(0) as u64;
+            // Forget workers silent for long; list only those heard from recently.
+            silent < w.interval_ms.saturating_mul(30).max(300_000)
+        });
+        let mut recent: Vec<WorkerSeen> = workers
+            .values()
+            .filter(|w| {
+                ((now - w.last_seen).num_milliseconds().max(0) as u64)
+                    < w.interval_ms.saturating_mul(3)
+            })
+            .cloned()
+            .collect();
+        recent.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        recent
     }
 
     /// Broadcast every namespace that has a template.
@@ -84,13 +123,39 @@ impl Control {
                 };
                 let Some(Ok(delivery)) = next else { break };
                 // Control messages are advisory: acked on receipt (the queue is auto-ack).
-                if let Ok(ControlMessage::Hello { worker_id }) =
-                    serde_json::from_slice::<ControlMessage>(&delivery.data)
-                {
-                    tracing::debug!(%worker_id, "worker said hello");
-                    if let Err(error) = self.announce_namespaces().await {
-                        tracing::warn!(error = format!("{error:#}"), "cannot announce namespaces");
+                match serde_json::from_slice::<ControlMessage>(&delivery.data) {
+                    Ok(ControlMessage::Hello { worker_id }) => {
+                        tracing::debug!(%worker_id, "worker said hello");
+                        if let Err(error) = self.announce_namespaces().await {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "cannot announce namespaces"
+                            );
+                        }
                     }
+                    Ok(ControlMessage::WorkerStatus {
+                        worker_id,
+                        namespaces,
+                        all_namespaces,
+                        concurrency,
+                        in_flight,
+                        interval_ms,
+                    }) => {
+                        let seen = WorkerSeen {
+                            worker_id: worker_id.clone(),
+                            namespaces,
+                            all_namespaces,
+                            concurrency,
+                            in_flight,
+                            last_seen: chrono::Utc::now(),
+                            interval_ms,
+                        };
+                        self.workers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(worker_id, seen);
+                    }
+                    _ => {}
                 }
             }
         }

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
+use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use tasker_shared::store::transitions;
 
@@ -29,6 +30,7 @@ pub(crate) struct DispatcherConfig {
 pub(crate) struct Dispatcher {
     pool: PgPool,
     publisher: Arc<StepPublisher>,
+    metrics: Arc<CoordinatorMetrics>,
     wake: Arc<Notify>,
     config: DispatcherConfig,
 }
@@ -37,12 +39,14 @@ impl Dispatcher {
     pub(crate) fn new(
         pool: PgPool,
         publisher: Arc<StepPublisher>,
+        metrics: Arc<CoordinatorMetrics>,
         wake: Arc<Notify>,
         config: DispatcherConfig,
     ) -> Self {
         Dispatcher {
             pool,
             publisher,
+            metrics,
             wake,
             config,
         }
@@ -58,6 +62,7 @@ impl Dispatcher {
             return Ok(0);
         }
         let published = self.publisher.publish(&messages).await;
+        self.metrics.dispatched(&messages, published.failed);
         tracing::debug!(
             claimed = messages.len(),
             confirmed = published.confirmed,
@@ -97,6 +102,7 @@ impl Dispatcher {
                         Ok(n) if (n as i64) < self.config.batch_size => break,
                         Ok(_) => continue,
                         Err(error) => {
+                            self.metrics.database_errors.inc();
                             tracing::warn!(
                                 error = format!("{error:#}"),
                                 "dispatch failed; retrying shortly"

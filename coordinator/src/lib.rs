@@ -11,12 +11,17 @@
 //! - `result_processor`: applies results in batches and dispatches the dependents they
 //!   make ready, in the same transaction.
 //! - `sweeper`: expires leases of lost steps.
-//! - `control`: announces namespaces to workers.
+//! - `control`: announces namespaces to workers and hears their status.
+//! - `events`: relays the transition history to the lifecycle events exchange.
 //! - `publisher`: publishes claimed steps with publisher confirms.
+//! - `metrics`: the Prometheus metrics; `gauges`: the loop that refreshes the gauges.
 
 mod control;
 mod dispatcher;
+mod events;
+mod gauges;
 mod http;
+mod metrics;
 mod publisher;
 mod result_processor;
 mod settings;

@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
+use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use tasker_shared::broker::Topology;
 use tasker_shared::messages::{RunningStep, StepResult, StepStarted, WorkerMessage};
@@ -29,6 +30,7 @@ use tasker_shared::store::transitions::{self, LeasePolicy};
 pub(crate) struct ResultProcessor {
     pool: PgPool,
     publisher: Arc<StepPublisher>,
+    metrics: Arc<CoordinatorMetrics>,
     /// Woken when a retry is scheduled, so the dispatcher sleeps until it is due.
     wake_dispatcher: Arc<Notify>,
     channel: Channel,
@@ -44,7 +46,7 @@ pub(crate) struct ResultProcessor {
 pub(crate) struct BatchReport {
     pub(crate) results_applied: usize,
     pub(crate) results_stale: usize,
-    pub(crate) started: u64,
+    pub(crate) started: usize,
     pub(crate) heartbeats: u64,
     pub(crate) dispatched: usize,
     pub(crate) tasks_finished: usize,
@@ -52,6 +54,7 @@ pub(crate) struct BatchReport {
 }
 
 pub(crate) struct ResultProcessorConfig {
+    pub(crate) topology: Topology,
     pub(crate) batch_size: i64,
     pub(crate) lease_ms: i64,
     pub(crate) lease: LeasePolicy,
@@ -61,19 +64,20 @@ impl ResultProcessor {
     pub(crate) fn new(
         pool: PgPool,
         publisher: Arc<StepPublisher>,
+        metrics: Arc<CoordinatorMetrics>,
         wake_dispatcher: Arc<Notify>,
         channel: Channel,
         confirm_channel: Channel,
-        topology: Topology,
         config: ResultProcessorConfig,
     ) -> Self {
         ResultProcessor {
             pool,
             publisher,
+            metrics,
             wake_dispatcher,
             channel,
             confirm_channel,
-            topology,
+            topology: config.topology,
             batch_size: config.batch_size,
             lease_ms: config.lease_ms,
             lease: config.lease,
@@ -121,14 +125,17 @@ impl ResultProcessor {
                         )
                         .await?;
                     report.dead_lettered += 1;
+                    self.metrics.dead_lettered.inc();
                 }
             }
         }
 
         let mut tx = self.pool.begin().await?;
         for (worker_id, steps) in &started {
-            report.started +=
-                transitions::mark_started(&mut tx, worker_id, steps, self.lease).await?;
+            for latency in transitions::mark_started(&mut tx, worker_id, steps, self.lease).await? {
+                self.metrics.queue_latency.observe(latency);
+                report.started += 1;
+            }
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
         let applied = transitions::apply_results(&mut tx, &results).await?;
@@ -141,6 +148,11 @@ impl ResultProcessor {
         };
         let finished = transitions::finish_tasks(&mut tx, &applied.tasks).await?;
         tx.commit().await?;
+        self.metrics
+            .result_batch_size
+            .observe(deliveries.len() as f64);
+        self.metrics.applied(&applied);
+        self.metrics.finished(&finished);
         report.dispatched = claimed.len();
         report.tasks_finished = finished.len();
         if applied.retries_scheduled > 0 {
@@ -156,7 +168,8 @@ impl ResultProcessor {
             tracing::info!(task_id = %task.task_id, status = %task.status, "task finished");
         }
         if !claimed.is_empty() {
-            self.publisher.publish(&claimed).await;
+            let published = self.publisher.publish(&claimed).await;
+            self.metrics.dispatched(&claimed, published.failed);
         }
         Ok(report)
     }
@@ -211,10 +224,12 @@ impl ResultProcessor {
             Ok(report) => {
                 tracing::debug!(?report, "batch applied");
                 if let Err(error) = last.acker.ack(multiple).await {
+                    self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "ack failed; the batch will be redelivered and fenced");
                 }
             }
             Err(error) => {
+                self.metrics.database_errors.inc();
                 tracing::warn!(
                     error = format!("{error:#}"),
                     size = deliveries.len(),
@@ -225,6 +240,7 @@ impl ResultProcessor {
                     requeue: true,
                 };
                 if let Err(error) = last.acker.nack(requeue).await {
+                    self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "nack failed");
                 }
                 // Give the database a moment before the redelivered batch comes back.

@@ -42,6 +42,15 @@ pub struct CoordinatorSettings {
     /// results wake it at once; this is the safety net.
     #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub poll_interval_ms: u64,
+    /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange.
+    #[arg(long, env = "TASKER_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub events: bool,
+    /// How often the events relay looks for new transitions to publish.
+    #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 500)]
+    pub events_poll_ms: u64,
+    /// How often the gauges (work in flight, queue depths) are refreshed.
+    #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 10_000)]
+    pub gauge_interval_ms: u64,
     /// How often expired leases are swept.
     #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 5_000)]
     pub sweep_interval_ms: u64,

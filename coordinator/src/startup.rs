@@ -12,7 +12,10 @@ use tokio::task::JoinSet;
 
 use crate::control::Control;
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
+use crate::events::EventRelay;
+use crate::gauges::Gauges;
 use crate::http::{AppState, register_template, router};
+use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::result_processor::{ResultProcessor, ResultProcessorConfig};
 use crate::settings::CoordinatorSettings;
@@ -56,6 +59,7 @@ impl Application {
         let state = AppState {
             pool: pool.clone(),
             publisher,
+            metrics: Arc::new(CoordinatorMetrics::new()),
             control: Control::new(pool, confirm_channel.clone(), topology.clone()),
             wake_dispatcher: Arc::new(Notify::new()),
             environment: settings.environment.clone(),
@@ -94,6 +98,7 @@ impl Application {
         let dispatcher = Dispatcher::new(
             self.state.pool.clone(),
             self.state.publisher.clone(),
+            self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
             DispatcherConfig {
                 batch_size: settings.batch_size,
@@ -105,11 +110,12 @@ impl Application {
         let processor = ResultProcessor::new(
             self.state.pool.clone(),
             self.state.publisher.clone(),
+            self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
             self.channel.clone(),
             self.confirm_channel.clone(),
-            self.topology.clone(),
             ResultProcessorConfig {
+                topology: self.topology.clone(),
                 batch_size: settings.batch_size,
                 lease_ms: settings.dispatch_lease_ms,
                 lease: LeasePolicy {
@@ -121,11 +127,32 @@ impl Application {
         loops.spawn(processor.run(stop_rx.clone()));
         let sweeper = Sweeper::new(
             self.state.pool.clone(),
+            self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
             Duration::from_millis(settings.sweep_interval_ms),
         );
         loops.spawn(sweeper.run(stop_rx.clone()));
         loops.spawn(self.state.control.clone().run(stop_rx.clone()));
+        let gauges = Gauges::new(
+            self.state.pool.clone(),
+            self.state.broker.create_channel().await?,
+            self.topology.clone(),
+            self.state.metrics.clone(),
+            Duration::from_millis(settings.gauge_interval_ms),
+        );
+        loops.spawn(gauges.run(stop_rx.clone()));
+        if settings.events {
+            let relay = EventRelay::new(
+                self.state.pool.clone(),
+                broker::confirm_channel(&self.state.broker).await?,
+                self.topology.clone(),
+                self.state.metrics.clone(),
+                Duration::from_millis(settings.events_poll_ms),
+            );
+            loops.spawn(relay.run(stop_rx.clone()));
+        } else {
+            tracing::info!("lifecycle events are off (TASKER_EVENTS=false)");
+        }
 
         let address = self.listener.local_addr()?;
         tracing::info!(%address, "coordinator listening");

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
+use crate::metrics::{CoordinatorMetrics, Reason};
 use tasker_shared::store::transitions;
 
 /// Most leases expired per transaction.
@@ -19,14 +20,21 @@ const SWEEP_BATCH: i64 = 1_000;
 
 pub(crate) struct Sweeper {
     pool: PgPool,
+    metrics: Arc<CoordinatorMetrics>,
     wake_dispatcher: Arc<Notify>,
     interval: Duration,
 }
 
 impl Sweeper {
-    pub(crate) fn new(pool: PgPool, wake_dispatcher: Arc<Notify>, interval: Duration) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        metrics: Arc<CoordinatorMetrics>,
+        wake_dispatcher: Arc<Notify>,
+        interval: Duration,
+    ) -> Self {
         Sweeper {
             pool,
+            metrics,
             wake_dispatcher,
             interval,
         }
@@ -38,6 +46,20 @@ impl Sweeper {
         let expired = transitions::expire_leases(&mut tx, SWEEP_BATCH).await?;
         let finished = transitions::finish_tasks(&mut tx, &expired.tasks).await?;
         tx.commit().await?;
+        self.metrics.finished(&finished);
+        for (reason, count) in [
+            ("lease_lost", expired.requeued),
+            ("lease_expired", expired.timed_out),
+        ] {
+            if count > 0 {
+                self.metrics
+                    .leases_expired
+                    .get_or_create(&Reason {
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(count as u64);
+            }
+        }
         let changed = expired.requeued + expired.timed_out;
         if changed > 0 {
             tracing::info!(
@@ -66,6 +88,7 @@ impl Sweeper {
                         Ok(n) if (n as i64) < SWEEP_BATCH => break,
                         Ok(_) => continue,
                         Err(error) => {
+                            self.metrics.database_errors.inc();
                             tracing::warn!(
                                 error = format!("{error:#}"),
                                 "sweep failed; retrying next interval"

@@ -7,7 +7,8 @@
 //! | `tasker.steps` | direct exchange | step messages, routing key = namespace |
 //! | `tasker.steps.<namespace>` | durable queue | one per namespace; workers consume it |
 //! | `tasker.results` | durable queue | results and started notices (default exchange) |
-//! | `tasker.control` | fanout exchange | namespace announcements and worker hellos |
+//! | `tasker.control` | fanout exchange | namespace announcements, worker hellos and status, cancels |
+//! | `tasker.events` | topic exchange | lifecycle events, routing key = event name (`task.completed`…) |
 //! | `tasker.dlx` / `tasker.dead_letter` | fanout exchange / durable queue | poison messages, with an `x-tasker-reason` header |
 //!
 //! Every declaration is idempotent with the same arguments, so whichever process starts
@@ -67,6 +68,11 @@ impl Topology {
         format!("{}.control", self.prefix)
     }
 
+    /// The topic exchange lifecycle events are published to (routing key: the event name).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
     /// The exchange poison messages are published to.
     pub fn dead_letter_exchange(&self) -> String {
         format!("{}.dlx", self.prefix)
@@ -95,6 +101,14 @@ impl Topology {
             .exchange_declare(
                 self.control_exchange().into(),
                 ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
                 durable,
                 FieldTable::default(),
             )
@@ -134,6 +148,22 @@ impl Topology {
                 FieldTable::default(),
             )
             .await
+    }
+
+    /// Messages ready and consumers of a durable queue, declaring it if it is missing
+    /// (a passive declare would close the channel on a missing queue).
+    pub async fn queue_stats(&self, channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
+        let queue = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((queue.message_count(), queue.consumer_count()))
     }
 
     /// Publish a poison message to the dead-letter exchange with the reason, and wait for

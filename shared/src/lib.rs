@@ -19,7 +19,9 @@
 pub mod broker;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod messages;
+pub mod metrics;
 pub mod states;
 pub mod store;
 pub mod telemetry;

@@ -204,6 +204,22 @@ pub enum ControlMessage {
         /// The cancelled task.
         task_id: Uuid,
     },
+    /// A worker says it is alive, every heartbeat interval: coordinators list the
+    /// workers seen recently in `/health/status`.
+    WorkerStatus {
+        /// The worker's id.
+        worker_id: String,
+        /// The namespaces it consumes now.
+        namespaces: Vec<String>,
+        /// Whether it follows every namespace (no `TASKER_NAMESPACES`).
+        all_namespaces: bool,
+        /// Steps it may run at once.
+        concurrency: u16,
+        /// Steps it runs now.
+        in_flight: usize,
+        /// How often it sends this message.
+        interval_ms: u64,
+    },
 }
 
 /// Why a message could not be used, for the dead-letter queue's `x-tasker-reason` header.

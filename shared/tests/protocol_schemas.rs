@@ -74,6 +74,7 @@ fn control_def(message: &ControlMessage) -> &'static str {
         ControlMessage::Namespaces { .. } => "namespaces",
         ControlMessage::Hello { .. } => "hello",
         ControlMessage::CancelTask { .. } => "cancel_task",
+        ControlMessage::WorkerStatus { .. } => "worker_status",
     }
 }
 
@@ -435,6 +436,17 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
             },
         ),
         ("cancel task", ControlMessage::CancelTask { task_id: id(1) }),
+        (
+            "worker status",
+            ControlMessage::WorkerStatus {
+                worker_id: "worker-a-4711".into(),
+                namespaces: vec!["payments".into()],
+                all_namespaces: false,
+                concurrency: 16,
+                in_flight: 3,
+                interval_ms: 10_000,
+            },
+        ),
     ]
 }
 
@@ -1195,7 +1207,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
                 let (file, schema, _) = worker_schema(&message);
                 assert_valid(schema, file, &value);
             }
-            "namespaces" | "hello" | "cancel_task" => {
+            "namespaces" | "hello" | "cancel_task" | "worker_status" => {
                 assert_valid(CONTROL_SCHEMA, "control.schema.json", &value);
                 decodes_as_control(&value).expect("the control example decodes");
             }
@@ -1211,6 +1223,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
         "namespaces",
         "hello",
         "cancel_task",
+        "worker_status",
     ] {
         assert!(
             seen.contains(kind),

@@ -29,13 +29,15 @@
 //! - [`handlers`]: the built-in handlers.
 //! - `executor`: decides one step's outcome (timeout, panics).
 //! - `runtime`: [`Worker`]: consuming, concurrency, publishing, acking, shutdown.
-//! - `notices`: batched started notices and heartbeats.
+//! - `notices`: batched started notices, heartbeats and the worker's status broadcast.
+//! - `metrics`: the Prometheus metrics and their HTTP server.
 
 #![warn(missing_docs)]
 
 mod executor;
 pub mod handler;
 pub mod handlers;
+mod metrics;
 mod notices;
 mod runtime;
 mod settings;

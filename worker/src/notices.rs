@@ -10,7 +10,7 @@ use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use tasker_shared::broker::{Topology, persistent};
 use tasker_shared::messages::{
-    HeartbeatBatch, SCHEMA_VERSION, StartedBatch, StepStarted, WorkerMessage,
+    ControlMessage, HeartbeatBatch, SCHEMA_VERSION, StartedBatch, StepStarted, WorkerMessage,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -50,32 +50,62 @@ pub(crate) async fn run(
     }
 }
 
-/// Every `interval`, tell coordinators which steps are still running, until `stop`.
-pub(crate) async fn heartbeats(
-    inflight: InFlight,
-    channel: Channel,
-    topology: Topology,
-    worker_id: String,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.tick().await;
+/// What the heartbeat loop needs.
+pub(crate) struct Heartbeats {
+    pub(crate) inflight: InFlight,
+    pub(crate) channel: Channel,
+    pub(crate) topology: Topology,
+    pub(crate) worker_id: String,
+    pub(crate) interval: Duration,
+    pub(crate) concurrency: u16,
+    pub(crate) all_namespaces: bool,
+    /// The namespaces consumed now (they change as namespaces are announced).
+    pub(crate) namespaces: Box<dyn Fn() -> Vec<String> + Send>,
+}
+
+/// Every `interval`, until `stop`: tell coordinators which steps are still running (on
+/// the results queue, to extend their leases) and that this worker is alive (on the
+/// control exchange, for `/health/status`).
+pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(beats.interval);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = ticks.tick() => {}
         }
-        let steps = inflight.running();
+        let steps = beats.inflight.running();
+        let status = ControlMessage::WorkerStatus {
+            worker_id: beats.worker_id.clone(),
+            namespaces: (beats.namespaces)(),
+            all_namespaces: beats.all_namespaces,
+            concurrency: beats.concurrency,
+            in_flight: steps.len(),
+            interval_ms: u64::try_from(beats.interval.as_millis()).unwrap_or(u64::MAX),
+        };
+        if let Ok(body) = serde_json::to_vec(&status) {
+            let published = beats
+                .channel
+                .basic_publish(
+                    beats.topology.control_exchange().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    persistent(),
+                )
+                .await;
+            if let Err(error) = published {
+                tracing::warn!(%error, "cannot publish the worker status");
+            }
+        }
         if steps.is_empty() {
             continue;
         }
         let message = WorkerMessage::Heartbeat(HeartbeatBatch {
             schema_version: SCHEMA_VERSION,
-            worker_id: worker_id.clone(),
+            worker_id: beats.worker_id.clone(),
             steps,
         });
-        publish(&channel, &topology, &message).await;
+        publish(&beats.channel, &beats.topology, &message).await;
     }
 }
 

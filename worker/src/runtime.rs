@@ -36,6 +36,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::executor::{self, InFlight};
 use crate::handler::HandlerRegistry;
+use crate::metrics::{HandlerOutcome, WorkerMetrics};
 use crate::settings::WorkerSettings;
 
 /// A connected worker, ready to run.
@@ -47,6 +48,8 @@ pub struct Worker {
     concurrency: u16,
     namespaces: Option<Vec<String>>,
     heartbeat_interval: Duration,
+    metrics_addr: Option<std::net::SocketAddr>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// What every step task shares.
@@ -58,6 +61,7 @@ struct Shared {
     publish: Channel,
     started: mpsc::UnboundedSender<StepStarted>,
     inflight: InFlight,
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// The consumers this worker runs, so shutdown can cancel them.
@@ -66,6 +70,21 @@ struct Consumers {
     /// Namespaces being consumed. A std Mutex: held only to read or insert.
     namespaces: Mutex<HashSet<String>>,
     tags: Mutex<Vec<ShortString>>,
+}
+
+impl Consumers {
+    /// The namespaces consumed now, sorted.
+    fn namespaces(&self) -> Vec<String> {
+        let mut namespaces: Vec<String> = self
+            .namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        namespaces.sort();
+        namespaces
+    }
 }
 
 impl Worker {
@@ -96,6 +115,8 @@ impl Worker {
             concurrency: settings.concurrency,
             namespaces: settings.selected_namespaces(),
             heartbeat_interval: Duration::from_millis(settings.heartbeat_interval_ms.max(100)),
+            metrics_addr: settings.metrics_addr,
+            metrics: Arc::new(WorkerMetrics::new(settings.concurrency)),
         })
     }
 
@@ -122,12 +143,25 @@ impl Worker {
         ));
         let inflight = InFlight::default();
         let (stop_tx, stop_rx) = watch::channel(false);
+        let consumers = Arc::new(Consumers::default());
+        let metrics_server = match self.metrics_addr {
+            Some(address) => {
+                Some(crate::metrics::serve(address, self.metrics.clone(), stop_rx.clone()).await?)
+            }
+            None => None,
+        };
+        let status_consumers = consumers.clone();
         let heartbeats = tokio::spawn(crate::notices::heartbeats(
-            inflight.clone(),
-            self.connection.create_channel().await?,
-            self.topology.clone(),
-            self.worker_id.clone(),
-            self.heartbeat_interval,
+            crate::notices::Heartbeats {
+                inflight: inflight.clone(),
+                channel: self.connection.create_channel().await?,
+                topology: self.topology.clone(),
+                worker_id: self.worker_id.clone(),
+                interval: self.heartbeat_interval,
+                concurrency: self.concurrency,
+                all_namespaces: self.namespaces.is_none(),
+                namespaces: Box::new(move || status_consumers.namespaces()),
+            },
             stop_rx,
         ));
         let shared = Arc::new(Shared {
@@ -137,8 +171,8 @@ impl Worker {
             publish: broker::confirm_channel(&self.connection).await?,
             started: started_tx,
             inflight: inflight.clone(),
+            metrics: self.metrics.clone(),
         });
-        let consumers = Arc::new(Consumers::default());
         let (deliveries_tx, mut deliveries) =
             mpsc::channel::<Delivery>(usize::from(self.concurrency));
 
@@ -155,14 +189,12 @@ impl Worker {
             }
         }
         let control = tokio::spawn(follow_control(
+            shared.clone(),
             self.connection.create_channel().await?,
             consume.clone(),
-            self.topology.clone(),
             consumers.clone(),
             // Only a worker serving every namespace follows the announcements.
             self.namespaces.is_none().then(|| deliveries_tx.clone()),
-            self.worker_id.clone(),
-            inflight,
         ));
         drop(deliveries_tx);
         tracing::info!(worker_id = %self.worker_id, concurrency = self.concurrency,
@@ -220,6 +252,9 @@ impl Worker {
         let _ = permits.acquire_many(u32::from(self.concurrency)).await;
         let _ = stop_tx.send(true);
         let _ = heartbeats.await;
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
         drop(shared);
         let _ = batcher.await;
         let _ = self.connection.close(200, "worker stopped".into()).await;
@@ -279,14 +314,13 @@ async fn start_consumer(
 /// Follow the control exchange: abort the steps of cancelled tasks and, for a worker
 /// serving every namespace (`deliveries` given), consume each namespace announced.
 async fn follow_control(
+    shared: Arc<Shared>,
     control: Channel,
     consume: Channel,
-    topology: Topology,
     consumers: Arc<Consumers>,
     deliveries: Option<mpsc::Sender<Delivery>>,
-    worker_id: String,
-    inflight: InFlight,
 ) {
+    let (topology, worker_id) = (&shared.topology, &shared.worker_id);
     let subscribe = async {
         let queue = control
             .queue_declare(
@@ -352,7 +386,7 @@ async fn follow_control(
                 for namespace in namespaces {
                     if let Err(error) = start_consumer(
                         &consume,
-                        &topology,
+                        topology,
                         &consumers,
                         &namespace,
                         deliveries.clone(),
@@ -364,12 +398,13 @@ async fn follow_control(
                 }
             }
             Ok(ControlMessage::CancelTask { task_id }) => {
-                let aborted = inflight.cancel_task(task_id);
+                let aborted = shared.inflight.cancel_task(task_id);
+                shared.metrics.aborted_cancelled.inc_by(aborted as u64);
                 if aborted > 0 {
                     tracing::info!(%task_id, aborted, "task cancelled: aborted its running steps");
                 }
             }
-            Ok(ControlMessage::Hello { .. }) | Err(_) => {}
+            Ok(ControlMessage::Hello { .. } | ControlMessage::WorkerStatus { .. }) | Err(_) => {}
         }
     }
 }
@@ -381,6 +416,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         Ok(message) => message,
         Err(error) => {
             tracing::warn!(%error, "poison step message; dead-lettering it");
+            shared.metrics.dead_letter("undecodable");
             dead_letter(shared, &delivery, &error.to_string(), &source_queue).await;
             return;
         }
@@ -413,6 +449,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
             worker_id: shared.worker_id.clone(),
         };
         if publish_result(shared, &result).await.is_ok() {
+            shared.metrics.dead_letter("unknown_handler");
             dead_letter(shared, &delivery, &reason, &source_queue).await;
         } else {
             requeue(&delivery).await;
@@ -421,6 +458,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     };
     if shared.inflight.is_cancelled(message.task_id) {
         tracing::info!("skipped: the task was cancelled");
+        shared.metrics.skipped_cancelled.inc();
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
         return;
     }
@@ -432,13 +470,31 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         started_at: chrono::Utc::now(),
         redelivered: delivery.redelivered,
     });
+    shared.metrics.in_flight.inc();
     let result = executor::execute(handler, &message, &shared.worker_id, &shared.inflight).await;
+    shared.metrics.in_flight.dec();
     let _guard = span.enter();
     let Some(result) = result else {
         // Aborted because the task was cancelled: nothing to report.
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
         return;
     };
+    let outcome = serde_json::to_value(result.outcome)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let seconds = (result.finished_at - result.started_at)
+        .num_microseconds()
+        .unwrap_or(0) as f64
+        / 1e6;
+    shared
+        .metrics
+        .step_duration
+        .get_or_create(&HandlerOutcome {
+            handler: message.handler.clone(),
+            outcome,
+        })
+        .observe(seconds.max(0.0));
     match &result.error {
         None => tracing::debug!("step succeeded"),
         Some(error) => {
@@ -448,10 +504,12 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     match publish_result(shared, &result).await {
         Ok(()) => {
             if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                shared.metrics.broker_errors.inc();
                 tracing::warn!(%error, "ack failed; the step will be redelivered and its duplicate result dropped");
             }
         }
         Err(error) => {
+            shared.metrics.broker_errors.inc();
             tracing::warn!(
                 error = format!("{error:#}"),
                 "cannot publish the result; handing the step back"

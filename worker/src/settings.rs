@@ -25,6 +25,10 @@ pub struct WorkerSettings {
     /// well under the coordinators' `TASKER_HEARTBEAT_LEASE_MS`.
     #[arg(long, env = "TASKER_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
     pub heartbeat_interval_ms: u64,
+    /// Serve Prometheus metrics (`/metrics`) and `/health/live` on this address. Unset:
+    /// no HTTP server.
+    #[arg(long, env = "TASKER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// This worker's id in results and logs. Default: host name and process id.
     #[arg(long, env = "TASKER_WORKER_ID")]
     pub worker_id: Option<String>,

@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use crate::control::Control;
+use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 
 pub(crate) use templates::register_template;
@@ -25,6 +26,7 @@ pub(crate) use templates::register_template;
 pub(crate) struct AppState {
     pub(crate) pool: PgPool,
     pub(crate) publisher: Arc<StepPublisher>,
+    pub(crate) metrics: Arc<CoordinatorMetrics>,
     pub(crate) control: Control,
     /// Wakes the dispatcher when a task is created.
     pub(crate) wake_dispatcher: Arc<Notify>,
@@ -52,6 +54,8 @@ pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/tasks/{task_id}/transitions", get(operate::history))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
+        .route("/health/status", get(health::status))
+        .route("/metrics", get(health::metrics))
         .fallback(health::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

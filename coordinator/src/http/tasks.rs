@@ -105,6 +105,13 @@ pub(crate) async fn create(
         Created::New(task) => {
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
             state.wake_dispatcher.notify_one();
+            state
+                .metrics
+                .tasks_created
+                .get_or_create(&crate::metrics::CoordinatorMetrics::namespace(
+                    &task.namespace,
+                ))
+                .inc();
             Ok((
                 StatusCode::CREATED,
                 Json(task_view(&state, task.task_id).await?),

@@ -126,3 +126,58 @@ pub async fn history(
     .await?;
     Ok((task, steps))
 }
+
+/// How much work is in flight: unfinished tasks and steps by status, and the steps ready
+/// to run but not yet dispatched. Reads only the partial indexes of unfinished rows, so
+/// its cost does not grow with history.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkInFlight {
+    /// `pending` and `in_progress` tasks.
+    pub tasks: Vec<(String, i64)>,
+    /// `pending`, `enqueued`, `in_progress` and `waiting_for_retry` steps.
+    pub steps: Vec<(String, i64)>,
+    /// Steps ready to run but not yet dispatched.
+    pub ready_backlog: i64,
+}
+
+/// See [`WorkInFlight`].
+pub async fn work_in_flight(pool: &PgPool) -> sqlx::Result<WorkInFlight> {
+    let tasks = sqlx::query_as(
+        "SELECT status, count(*) FROM tasks WHERE status IN ('pending', 'in_progress') GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?;
+    let steps = sqlx::query_as(
+        "SELECT status, count(*) FROM steps
+         WHERE status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
+         GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?;
+    let ready_backlog = sqlx::query_scalar(
+        "SELECT count(*) FROM steps
+         WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
+           AND (next_attempt_at IS NULL OR next_attempt_at <= now())",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(WorkInFlight {
+        tasks,
+        steps,
+        ready_backlog,
+    })
+}
+
+/// Every task and step by status, finished ones included (for `/health/status`; reads
+/// the whole history, so it is for people, not for a scrape loop).
+pub async fn totals(pool: &PgPool) -> sqlx::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
+    let tasks =
+        sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?;
+    let steps =
+        sqlx::query_as("SELECT status, count(*) FROM steps GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?;
+    Ok((tasks, steps))
+}

@@ -141,13 +141,13 @@ pub async fn create(
             INSERT INTO steps (step_id, task_id, name, position, handler, config, status,
                                remaining_parents, retry_limit, retryable, timeout_ms,
                                backoff_base_ms, backoff_max_ms, backoff_jitter,
-                               backoff_schedule_ms, max_deferrals)
+                               backoff_schedule_ms, max_deferrals, ready_at)
             SELECT s.step_id, task.task_id, s.name, s.position, s.handler, s.config, 'pending',
                    s.parents, s.retry_limit, s.retryable, s.timeout_ms, s.base_ms, s.max_ms,
                    s.jitter,
                    CASE WHEN jsonb_typeof(s.schedule) = 'array'
                         THEN ARRAY(SELECT jsonb_array_elements_text(s.schedule)::bigint) END,
-                   s.max_deferrals
+                   s.max_deferrals, CASE WHEN s.parents = 0 THEN now() END
             FROM task,
                  unnest($12::uuid[], $13::text[], $14::int[], $15::text[], $16::jsonb[],
                         $17::int[], $18::int[], $19::bool[], $20::bigint[], $23::bigint[],

@@ -28,7 +28,17 @@ pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<
     let rows: Vec<ExpiredRow> = sqlx::query_as(
         r#"
         WITH expired AS (
-            SELECT step_id, status AS from_status
+            SELECT step_id, status AS from_status,
+                   -- When it may run again: at once if it never started, after its
+                   -- backoff if its worker was lost, never if that was its last attempt.
+                   CASE
+                       WHEN status = 'enqueued' THEN now()
+                       WHEN NOT retryable OR attempts >= retry_limit THEN NULL
+                       ELSE now() + tasker_backoff_ms(attempts, NULL, backoff_base_ms,
+                                                      backoff_max_ms, backoff_jitter,
+                                                      backoff_schedule_ms)
+                                    * interval '1 millisecond'
+                   END AS next_attempt_at
             FROM steps
             WHERE status IN ('enqueued', 'in_progress') AND lease_expires_at < now()
             ORDER BY lease_expires_at
@@ -44,14 +54,8 @@ pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<
                 END,
                 attempts = CASE WHEN e.from_status = 'enqueued' THEN s.attempts - 1
                                 ELSE s.attempts END,
-                next_attempt_at = CASE
-                    WHEN e.from_status = 'enqueued' THEN now()
-                    WHEN NOT s.retryable OR s.attempts >= s.retry_limit THEN NULL
-                    ELSE now() + tasker_backoff_ms(s.attempts, NULL, s.backoff_base_ms,
-                                                   s.backoff_max_ms, s.backoff_jitter,
-                                                   s.backoff_schedule_ms)
-                                 * interval '1 millisecond'
-                END,
+                next_attempt_at = e.next_attempt_at,
+                ready_at = e.next_attempt_at,
                 last_error = CASE
                     WHEN e.from_status = 'in_progress' THEN jsonb_build_object(
                         'kind', 'timeout', 'code', 'lease_expired',

@@ -29,7 +29,7 @@ mod worker;
 pub use claim::{claim_ready, next_due};
 pub use leases::{ExpiredLeases, expire_leases};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
-pub use worker::{AppliedResults, LeasePolicy, apply_results, heartbeat, mark_started};
+pub use worker::{AppliedResults, LeasePolicy, StepChange, apply_results, heartbeat, mark_started};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -41,6 +41,8 @@ use crate::states::TaskStatus;
 pub struct FinishedTask {
     /// The task.
     pub task_id: Uuid,
+    /// Its namespace.
+    pub namespace: String,
     /// `complete` or `error`.
     pub status: TaskStatus,
 }
@@ -94,7 +96,7 @@ pub async fn finish_tasks(
             SET status = l.to_status, completed_at = now(), updated_at = now()
             FROM locked l
             WHERE t.task_id = l.task_id
-            RETURNING t.task_id, t.status, l.from_status
+            RETURNING t.task_id, t.namespace, t.status, l.from_status
         ),
         history AS (
             INSERT INTO task_transitions (task_id, from_status, to_status, reason)
@@ -102,7 +104,7 @@ pub async fn finish_tasks(
                    CASE WHEN status = 'complete' THEN 'all_steps_done' ELSE 'blocked_by_failures' END
             FROM finished
         )
-        SELECT task_id, status FROM finished
+        SELECT task_id, namespace, status FROM finished
         "#,
     )
     .bind(tasks)

@@ -140,7 +140,8 @@ pub async fn retry_task(
         WITH reset AS (
             UPDATE steps
             SET status = 'pending', attempts = 0, deferrals = 0, next_attempt_at = NULL,
-                completed_at = NULL, updated_at = now()
+                completed_at = NULL, updated_at = now(),
+                ready_at = CASE WHEN remaining_parents = 0 THEN now() END
             WHERE task_id = $1 AND status = 'error'
             RETURNING step_id, task_id
         )
@@ -215,7 +216,8 @@ pub async fn resolve_step(
             SELECT step_id, task_id, $4, 'resolved_manually', 'resolved_by_operator', $5 FROM resolved
         )
         UPDATE steps c
-        SET remaining_parents = c.remaining_parents - 1
+        SET remaining_parents = c.remaining_parents - 1,
+            ready_at = CASE WHEN c.remaining_parents = 1 THEN now() ELSE c.ready_at END
         FROM step_edges e JOIN resolved r ON r.step_id = e.from_step
         WHERE c.step_id = e.to_step
         "#,

@@ -19,17 +19,18 @@ pub struct LeasePolicy {
 /// `min(timeout + grace, heartbeat lease)`. A notice for a step that is already running
 /// under the same dispatch token, on a redelivered message, means its first worker died
 /// mid-step: the new run counts as a new attempt. Notices for steps that moved on are
-/// ignored. Returns how many steps changed.
+/// ignored. Returns, per step that changed, its queue latency in seconds (from becoming
+/// ready to starting).
 pub async fn mark_started(
     conn: &mut PgConnection,
     worker_id: &str,
     started: &[StepStarted],
     lease: LeasePolicy,
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<Vec<f64>> {
     if started.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
-    let result = sqlx::query(
+    sqlx::query_scalar(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[])
@@ -51,13 +52,17 @@ pub async fn mark_started(
                 updated_at = now()
             FROM locked l
             WHERE s.step_id = l.step_id
-            RETURNING s.step_id, s.task_id, s.attempts, l.from_status
+            RETURNING s.step_id, s.task_id, s.attempts, l.from_status,
+                      greatest(extract(epoch FROM l.started_at - s.ready_at), 0)::float8 AS latency
+        ),
+        history AS (
+            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+            SELECT step_id, task_id, from_status, 'in_progress',
+                   CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
+                   jsonb_build_object('attempt', attempts, 'worker_id', $7::text)
+            FROM moved
         )
-        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-        SELECT step_id, task_id, from_status, 'in_progress',
-               CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
-               jsonb_build_object('attempt', attempts, 'worker_id', $7::text)
-        FROM moved
+        SELECT COALESCE(latency, 0) FROM moved
         "#,
     )
     .bind(started.iter().map(|s| s.step_id).collect::<Vec<_>>())
@@ -67,9 +72,8 @@ pub async fn mark_started(
     .bind(lease.grace_ms)
     .bind(lease.heartbeat_lease_ms)
     .bind(worker_id)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
+    .fetch_all(conn)
+    .await
 }
 
 /// Extend the leases of steps a worker says it is still running, up to the step's
@@ -122,12 +126,24 @@ pub struct AppliedResults {
     pub retries_scheduled: usize,
     /// Tasks whose steps changed: the caller finishes them with [`super::finish_tasks`].
     pub tasks: Vec<Uuid>,
+    /// Each applied result: the step's namespace, new status and whether it was a deferral.
+    pub changes: Vec<StepChange>,
 }
 
-#[derive(sqlx::FromRow)]
-struct AppliedRow {
-    task_id: Uuid,
-    to_status: String,
+/// One applied result.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StepChange {
+    /// The step's task.
+    pub task_id: Uuid,
+    /// The task's namespace.
+    pub namespace: String,
+    /// `complete`, `waiting_for_retry` or `error`.
+    pub to_status: String,
+    /// Whether the result was a deferral.
+    pub deferred: bool,
+    /// From ready to started, when this result overtook its started notice (otherwise
+    /// [`mark_started`] reported it).
+    pub queue_latency: Option<f64>,
 }
 
 /// Apply a batch of results:
@@ -157,7 +173,7 @@ pub async fn apply_results(
         Outcome::PermanentError => "permanent_error",
         Outcome::Deferred => "deferred",
     };
-    let rows: Vec<AppliedRow> = sqlx::query_as(
+    let rows: Vec<StepChange> = sqlx::query_as(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
@@ -169,7 +185,12 @@ pub async fn apply_results(
             SELECT s.step_id, s.status AS from_status, s.attempts, s.retry_limit, s.retryable,
                    s.backoff_base_ms, s.backoff_max_ms, s.backoff_jitter, s.backoff_schedule_ms,
                    s.deferrals, s.max_deferrals, i.outcome, i.results, i.error,
-                   i.retry_after, i.started_at, i.finished_at, i.worker_id
+                   i.retry_after, i.started_at, i.finished_at, i.worker_id,
+                   -- The started notice has not been applied (the result overtook it):
+                   -- this result carries the queue latency.
+                   CASE WHEN s.status = 'enqueued'
+                        THEN greatest(extract(epoch FROM i.started_at - s.ready_at), 0)::float8
+                   END AS queue_latency
             FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
             WHERE s.status IN ('enqueued', 'in_progress')
             ORDER BY s.step_id
@@ -212,6 +233,8 @@ pub async fn apply_results(
                                  THEN s.deferrals + 1 ELSE s.deferrals END,
                 next_attempt_at = CASE WHEN d.to_status = 'waiting_for_retry'
                                        THEN now() + d.delay_ms * interval '1 millisecond' END,
+                ready_at = CASE WHEN d.to_status = 'waiting_for_retry'
+                                THEN now() + d.delay_ms * interval '1 millisecond' END,
                 started_at = d.started_at,
                 completed_at = CASE WHEN d.to_status IN ('complete', 'error')
                                     THEN d.finished_at END,
@@ -221,35 +244,50 @@ pub async fn apply_results(
             WHERE s.step_id = d.step_id
             RETURNING s.step_id, s.task_id, d.attempts, s.next_attempt_at, d.from_status,
                       d.to_status, d.outcome, d.worker_id, d.finished_at, d.started_at,
-                      d.error ->> 'code' AS code
+                      d.error ->> 'code' AS code, d.queue_latency
         ),
         history AS (
+            -- A result that overtook its started notice also records the start, so the
+            -- history (and the events derived from it) always has step.started before
+            -- the outcome. Rows are inserted in (step, order) so their ids follow.
             INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT step_id, task_id, from_status, to_status,
-                   CASE
-                       WHEN to_status = 'complete' THEN 'succeeded'
-                       WHEN outcome = 'deferred' AND to_status = 'error' THEN 'deferral_limit'
-                       WHEN outcome = 'deferred' THEN 'deferred'
-                       WHEN to_status = 'waiting_for_retry' THEN 'retry_scheduled'
-                       WHEN outcome = 'retryable_error' THEN 'attempts_exhausted'
-                       ELSE 'failed'
-                   END,
-                   jsonb_strip_nulls(jsonb_build_object(
-                       'attempt', attempts, 'worker_id', worker_id, 'error_code', code,
-                       'duration_ms', round(extract(epoch FROM finished_at - started_at) * 1000),
-                       'next_attempt_at', next_attempt_at))
-            FROM updated
+            SELECT h.step_id, h.task_id, h.from_status, h.to_status, h.reason, h.metadata
+            FROM (
+                SELECT step_id, task_id, 1 AS n, 'enqueued' AS from_status,
+                       'in_progress' AS to_status, 'started' AS reason,
+                       jsonb_build_object('attempt', attempts, 'worker_id', worker_id) AS metadata
+                FROM updated WHERE from_status = 'enqueued'
+                UNION ALL
+                SELECT step_id, task_id, 2, 'in_progress', to_status,
+                       CASE
+                           WHEN to_status = 'complete' THEN 'succeeded'
+                           WHEN outcome = 'deferred' AND to_status = 'error' THEN 'deferral_limit'
+                           WHEN outcome = 'deferred' THEN 'deferred'
+                           WHEN to_status = 'waiting_for_retry' THEN 'retry_scheduled'
+                           WHEN outcome = 'retryable_error' THEN 'attempts_exhausted'
+                           ELSE 'failed'
+                       END,
+                       jsonb_strip_nulls(jsonb_build_object(
+                           'attempt', attempts, 'worker_id', worker_id, 'error_code', code,
+                           'duration_ms', round(extract(epoch FROM finished_at - started_at) * 1000),
+                           'next_attempt_at', next_attempt_at))
+                FROM updated
+            ) h
+            ORDER BY h.step_id, h.n
         ),
         children AS (
             UPDATE steps c
-            SET remaining_parents = c.remaining_parents - x.done
+            SET remaining_parents = c.remaining_parents - x.done,
+                ready_at = CASE WHEN c.remaining_parents = x.done THEN now() ELSE c.ready_at END
             FROM (SELECT e.to_step, count(*)::int AS done
                   FROM step_edges e JOIN updated u ON u.step_id = e.from_step
                   WHERE u.to_status = 'complete'
                   GROUP BY e.to_step) x
             WHERE c.step_id = x.to_step
         )
-        SELECT task_id, to_status FROM updated
+        SELECT u.task_id, t.namespace, u.to_status, u.outcome = 'deferred' AS deferred,
+               u.queue_latency
+        FROM updated u JOIN tasks t USING (task_id)
         "#,
     )
     .bind(unique.iter().map(|r| r.step_id).collect::<Vec<_>>())
@@ -285,6 +323,7 @@ pub async fn apply_results(
         applied: rows.len(),
         stale: results.len() - rows.len(),
         tasks,
+        changes: rows,
     })
 }
 

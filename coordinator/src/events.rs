@@ -1,0 +1,172 @@
+//! The lifecycle events relay: publishes the transition history to the events exchange.
+//!
+//! The history is the outbox: every committed transition that means something to the
+//! outside (`task.completed`, `step.failed`…, see `tasker_shared::events`) is published,
+//! in order, at least once, then the relay's cursor moves past it in the same
+//! transaction. Nothing on the dispatch path waits for it. One coordinator relays at a
+//! time (the one holding the cursor's row lock); the others skip.
+//!
+//! Transition ids come from one sequence but commit out of order, so a gap in the ids
+//! may be a transaction still in flight: the relay waits at a gap until it fills, or
+//! until the row after it is older than `GAP_PATIENCE` (then the gap was a rollback).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use lapin::Channel;
+use lapin::options::BasicPublishOptions;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::metrics::CoordinatorMetrics;
+use tasker_shared::broker::{Topology, persistent};
+use tasker_shared::events::{LifecycleEvent, event_name};
+use tasker_shared::store::events::{
+    RecordedTransition, advance_cursor, lock_cursor, transitions_after,
+};
+
+/// Most transitions relayed per transaction.
+const BATCH: i64 = 500;
+/// How long a gap in the transition ids may be waited on before it is taken for a
+/// rolled-back transaction.
+const GAP_PATIENCE: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+pub(crate) struct EventRelay {
+    pool: PgPool,
+    channel: Channel,
+    topology: Topology,
+    metrics: Arc<CoordinatorMetrics>,
+    poll: Duration,
+}
+
+impl EventRelay {
+    pub(crate) fn new(
+        pool: PgPool,
+        channel: Channel,
+        topology: Topology,
+        metrics: Arc<CoordinatorMetrics>,
+        poll: Duration,
+    ) -> Self {
+        EventRelay {
+            pool,
+            channel,
+            topology,
+            metrics,
+            poll,
+        }
+    }
+
+    /// Relay one batch. Returns how many transitions the cursor moved past.
+    pub(crate) async fn relay_once(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let Some(cursor) = lock_cursor(&mut tx).await? else {
+            return Ok(0);
+        };
+        let rows = transitions_after(&mut tx, cursor, BATCH).await?;
+        let now = chrono::Utc::now();
+        let mut last = cursor;
+        let mut events = Vec::new();
+        for row in rows {
+            if row.transition_id != last + 1 && now - row.created_at < GAP_PATIENCE {
+                break;
+            }
+            last = row.transition_id;
+            if let Some(event) = to_event(row) {
+                events.push(event);
+            }
+        }
+        if last == cursor {
+            return Ok(0);
+        }
+        self.publish(&events).await?;
+        advance_cursor(&mut tx, last).await?;
+        tx.commit().await?;
+        Ok((last - cursor) as usize)
+    }
+
+    async fn publish(&self, events: &[LifecycleEvent]) -> anyhow::Result<()> {
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let body = serde_json::to_vec(event)?;
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        self.topology.events_exchange().into(),
+                        event.event.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        persistent(),
+                    )
+                    .await?,
+            );
+        }
+        for confirmation in join_all(confirms).await {
+            anyhow::ensure!(confirmation?.is_ack(), "the broker refused an event");
+        }
+        for event in events {
+            self.metrics
+                .events_published
+                .get_or_create(&crate::metrics::Event {
+                    event: event.event.clone(),
+                })
+                .inc();
+        }
+        Ok(())
+    }
+
+    /// Run until `shutdown` turns true.
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let span = tracing::info_span!("event_relay");
+        async move {
+            tracing::info!(exchange = %self.topology.events_exchange(), "started");
+            loop {
+                loop {
+                    match self.relay_once().await {
+                        Ok(n) if (n as i64) < BATCH => break,
+                        Ok(_) => continue,
+                        Err(error) => {
+                            self.metrics.broker_errors.inc();
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "relaying events failed; retrying shortly"
+                            );
+                            break;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    () = tokio::time::sleep(self.poll) => {}
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
+    let name = event_name(
+        row.step_id.is_some(),
+        row.from_status.as_deref(),
+        &row.to_status,
+        &row.reason,
+    )?;
+    Some(LifecycleEvent {
+        event: name.to_owned(),
+        event_id: row.transition_id,
+        occurred_at: row.created_at,
+        task_id: row.task_id,
+        namespace: row.namespace,
+        task_name: row.task_name,
+        version: row.version,
+        step_id: row.step_id,
+        step_name: row.step_name,
+        from_status: row.from_status,
+        to_status: row.to_status,
+        reason: row.reason,
+        metadata: row.metadata,
+    })
+}

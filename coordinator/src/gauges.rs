@@ -1,0 +1,119 @@
+//! The gauges loop: every `interval`, refreshes the gauges that describe work in flight
+//! (unfinished tasks and steps by status, the ready backlog) and the depth and consumers
+//! of every Tasker queue. Reads only unfinished rows, so its cost does not grow with
+//! history.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::Channel;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::metrics::{CoordinatorMetrics, Queue, Status};
+use tasker_shared::broker::Topology;
+use tasker_shared::store::{inspect, templates};
+
+pub(crate) struct Gauges {
+    pool: PgPool,
+    channel: Channel,
+    topology: Topology,
+    metrics: Arc<CoordinatorMetrics>,
+    interval: Duration,
+}
+
+impl Gauges {
+    pub(crate) fn new(
+        pool: PgPool,
+        channel: Channel,
+        topology: Topology,
+        metrics: Arc<CoordinatorMetrics>,
+        interval: Duration,
+    ) -> Self {
+        Gauges {
+            pool,
+            channel,
+            topology,
+            metrics,
+            interval,
+        }
+    }
+
+    /// Refresh every gauge once.
+    pub(crate) async fn refresh_once(&self) -> anyhow::Result<()> {
+        let work = inspect::work_in_flight(&self.pool).await?;
+        for status in ["pending", "in_progress"] {
+            let count = work
+                .tasks
+                .iter()
+                .find(|(s, _)| s == status)
+                .map_or(0, |(_, n)| *n);
+            self.metrics
+                .tasks_by_status
+                .get_or_create(&Status {
+                    status: status.to_owned(),
+                })
+                .set(count);
+        }
+        for status in ["pending", "enqueued", "in_progress", "waiting_for_retry"] {
+            let count = work
+                .steps
+                .iter()
+                .find(|(s, _)| s == status)
+                .map_or(0, |(_, n)| *n);
+            self.metrics
+                .steps_by_status
+                .get_or_create(&Status {
+                    status: status.to_owned(),
+                })
+                .set(count);
+        }
+        self.metrics.ready_backlog.set(work.ready_backlog);
+
+        let mut queues: Vec<String> = templates::namespaces(&self.pool)
+            .await?
+            .iter()
+            .map(|namespace| self.topology.step_queue(namespace))
+            .collect();
+        queues.push(self.topology.results_queue());
+        queues.push(self.topology.dead_letter_queue());
+        for queue in queues {
+            let (messages, consumers) = self
+                .topology
+                .queue_stats(&self.channel, &queue)
+                .await
+                .inspect_err(|_| {
+                    self.metrics.broker_errors.inc();
+                })?;
+            let label = Queue { queue };
+            self.metrics
+                .queue_messages
+                .get_or_create(&label)
+                .set(i64::from(messages));
+            self.metrics
+                .queue_consumers
+                .get_or_create(&label)
+                .set(i64::from(consumers));
+        }
+        Ok(())
+    }
+
+    /// Run until `shutdown` turns true.
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let span = tracing::info_span!("gauges");
+        async move {
+            loop {
+                if let Err(error) = self.refresh_once().await {
+                    tracing::warn!(error = format!("{error:#}"), "cannot refresh the gauges");
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    () = tokio::time::sleep(self.interval) => {}
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,302 @@
+//! The coordinator's metrics, served on `/metrics` (see `docs/observability.md` for the
+//! list). Counters are incremented where the work happens; the gauges are refreshed by
+//! the `gauges` loop.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tasker_shared::metrics::{batch_histogram, latency_histogram};
+
+/// `namespace`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Namespace {
+    pub(crate) namespace: String,
+}
+
+/// `namespace`, `status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct NamespaceStatus {
+    pub(crate) namespace: String,
+    pub(crate) status: String,
+}
+
+/// `status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Status {
+    pub(crate) status: String,
+}
+
+/// `queue`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Queue {
+    pub(crate) queue: String,
+}
+
+/// `event`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Event {
+    pub(crate) event: String,
+}
+
+/// `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Reason {
+    pub(crate) reason: String,
+}
+
+pub(crate) struct CoordinatorMetrics {
+    registry: Registry,
+    pub(crate) tasks_created: Family<Namespace, Counter>,
+    pub(crate) tasks_finished: Family<NamespaceStatus, Counter>,
+    pub(crate) steps_dispatched: Family<Namespace, Counter>,
+    pub(crate) steps_finished: Family<NamespaceStatus, Counter>,
+    pub(crate) retries_scheduled: Family<Namespace, Counter>,
+    pub(crate) deferrals: Family<Namespace, Counter>,
+    pub(crate) leases_expired: Family<Reason, Counter>,
+    pub(crate) stale_results: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) publish_failures: Counter,
+    pub(crate) database_errors: Counter,
+    pub(crate) broker_errors: Counter,
+    pub(crate) queue_latency: Histogram,
+    pub(crate) dispatch_batch_size: Histogram,
+    pub(crate) result_batch_size: Histogram,
+    pub(crate) ready_backlog: Gauge,
+    pub(crate) tasks_by_status: Family<Status, Gauge>,
+    pub(crate) steps_by_status: Family<Status, Gauge>,
+    pub(crate) queue_messages: Family<Queue, Gauge>,
+    pub(crate) queue_consumers: Family<Queue, Gauge>,
+    pub(crate) events_published: Family<Event, Counter>,
+}
+
+impl CoordinatorMetrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::default();
+        let tasks_created = Family::<Namespace, Counter>::default();
+        registry.register(
+            "tasker_tasks_created",
+            "Tasks created, by namespace",
+            tasks_created.clone(),
+        );
+        let tasks_finished = Family::<NamespaceStatus, Counter>::default();
+        registry.register(
+            "tasker_tasks_finished",
+            "Tasks that reached complete or error, by namespace and status",
+            tasks_finished.clone(),
+        );
+        let steps_dispatched = Family::<Namespace, Counter>::default();
+        registry.register(
+            "tasker_steps_dispatched",
+            "Step attempts claimed and published",
+            steps_dispatched.clone(),
+        );
+        let steps_finished = Family::<NamespaceStatus, Counter>::default();
+        registry.register(
+            "tasker_steps_finished",
+            "Steps that reached complete or error, by namespace and status",
+            steps_finished.clone(),
+        );
+        let retries_scheduled = Family::<Namespace, Counter>::default();
+        registry.register(
+            "tasker_step_retries_scheduled",
+            "Failed attempts that scheduled another attempt after a backoff",
+            retries_scheduled.clone(),
+        );
+        let deferrals = Family::<Namespace, Counter>::default();
+        registry.register(
+            "tasker_step_deferrals",
+            "Deferrals (\"not now\" answers) scheduled",
+            deferrals.clone(),
+        );
+        let leases_expired = Family::<Reason, Counter>::default();
+        registry.register(
+            "tasker_leases_expired",
+            "Steps whose lease expired: lease_lost (never started) or lease_expired (worker lost)",
+            leases_expired.clone(),
+        );
+        let stale_results = Counter::default();
+        registry.register(
+            "tasker_stale_results_dropped",
+            "Results dropped by the fence (late, duplicated, cancelled or superseded)",
+            stale_results.clone(),
+        );
+        let dead_lettered = Counter::default();
+        registry.register(
+            "tasker_dead_lettered",
+            "Messages the coordinator sent to the dead-letter queue",
+            dead_lettered.clone(),
+        );
+        let publish_failures = Counter::default();
+        registry.register(
+            "tasker_step_publish_failures",
+            "Claimed steps the broker did not confirm (re-dispatched when their lease expires)",
+            publish_failures.clone(),
+        );
+        let database_errors = Counter::default();
+        registry.register(
+            "tasker_database_errors",
+            "Failed database transactions of the background loops",
+            database_errors.clone(),
+        );
+        let broker_errors = Counter::default();
+        registry.register(
+            "tasker_broker_errors",
+            "Failed broker operations",
+            broker_errors.clone(),
+        );
+        let queue_latency = latency_histogram();
+        registry.register_with_unit(
+            "tasker_step_queue_latency",
+            "From a step becoming ready to a worker starting it",
+            Unit::Seconds,
+            queue_latency.clone(),
+        );
+        let dispatch_batch_size = batch_histogram();
+        registry.register(
+            "tasker_dispatch_batch_size",
+            "Steps claimed per claim statement",
+            dispatch_batch_size.clone(),
+        );
+        let result_batch_size = batch_histogram();
+        registry.register(
+            "tasker_result_batch_size",
+            "Messages applied per result transaction",
+            result_batch_size.clone(),
+        );
+        let ready_backlog = Gauge::default();
+        registry.register(
+            "tasker_ready_steps_backlog",
+            "Steps ready to run but not yet dispatched",
+            ready_backlog.clone(),
+        );
+        let tasks_by_status = Family::<Status, Gauge>::default();
+        registry.register(
+            "tasker_tasks",
+            "Tasks in the database, by status",
+            tasks_by_status.clone(),
+        );
+        let steps_by_status = Family::<Status, Gauge>::default();
+        registry.register(
+            "tasker_steps",
+            "Steps in the database, by status",
+            steps_by_status.clone(),
+        );
+        let queue_messages = Family::<Queue, Gauge>::default();
+        registry.register(
+            "tasker_queue_messages",
+            "Messages waiting in each Tasker queue",
+            queue_messages.clone(),
+        );
+        let queue_consumers = Family::<Queue, Gauge>::default();
+        registry.register(
+            "tasker_queue_consumers",
+            "Consumers on each Tasker queue",
+            queue_consumers.clone(),
+        );
+        let events_published = Family::<Event, Counter>::default();
+        registry.register(
+            "tasker_events_published",
+            "Lifecycle events published to the events exchange, by event",
+            events_published.clone(),
+        );
+        CoordinatorMetrics {
+            registry,
+            events_published,
+            tasks_created,
+            tasks_finished,
+            steps_dispatched,
+            steps_finished,
+            retries_scheduled,
+            deferrals,
+            leases_expired,
+            stale_results,
+            dead_lettered,
+            publish_failures,
+            database_errors,
+            broker_errors,
+            queue_latency,
+            dispatch_batch_size,
+            result_batch_size,
+            ready_backlog,
+            tasks_by_status,
+            steps_by_status,
+            queue_messages,
+            queue_consumers,
+        }
+    }
+
+    pub(crate) fn render(&self) -> String {
+        tasker_shared::metrics::render(&self.registry)
+    }
+
+    pub(crate) fn namespace(namespace: &str) -> Namespace {
+        Namespace {
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    pub(crate) fn namespace_status(namespace: &str, status: &str) -> NamespaceStatus {
+        NamespaceStatus {
+            namespace: namespace.to_owned(),
+            status: status.to_owned(),
+        }
+    }
+}
+
+use tasker_shared::messages::StepMessage;
+use tasker_shared::store::transitions::{AppliedResults, FinishedTask};
+
+impl CoordinatorMetrics {
+    /// A claimed batch was published.
+    pub(crate) fn dispatched(&self, messages: &[StepMessage], failed: usize) {
+        self.dispatch_batch_size.observe(messages.len() as f64);
+        for message in messages {
+            self.steps_dispatched
+                .get_or_create(&Self::namespace(&message.namespace))
+                .inc();
+        }
+        self.publish_failures.inc_by(failed as u64);
+    }
+
+    /// A batch of results was applied.
+    pub(crate) fn applied(&self, applied: &AppliedResults) {
+        self.stale_results.inc_by(applied.stale as u64);
+        for change in &applied.changes {
+            if let Some(latency) = change.queue_latency {
+                self.queue_latency.observe(latency);
+            }
+            match (change.to_status.as_str(), change.deferred) {
+                ("waiting_for_retry", true) => {
+                    self.deferrals
+                        .get_or_create(&Self::namespace(&change.namespace))
+                        .inc();
+                }
+                ("waiting_for_retry", false) => {
+                    self.retries_scheduled
+                        .get_or_create(&Self::namespace(&change.namespace))
+                        .inc();
+                }
+                (status, _) => {
+                    self.steps_finished
+                        .get_or_create(&Self::namespace_status(&change.namespace, status))
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// Tasks reached `complete` or `error`.
+    pub(crate) fn finished(&self, finished: &[FinishedTask]) {
+        for task in finished {
+            self.tasks_finished
+                .get_or_create(&Self::namespace_status(
+                    &task.namespace,
+                    task.status.as_str(),
+                ))
+                .inc();
+        }
+    }
+}
