@@ -38,6 +38,9 @@ CREATE TABLE tasks (
     reason           TEXT,
     tags             JSONB NOT NULL DEFAULT '[]',
     idempotency_key  TEXT,
+    -- W3C traceparent of the span that created the task: every dispatch span is its
+    -- child, so one trace covers the task's whole life.
+    trace_parent     TEXT,
     created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     completed_at     TIMESTAMPTZ

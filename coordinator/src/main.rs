@@ -25,17 +25,19 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tasker_shared::telemetry::init(&cli.log);
-    match cli.command {
-        Command::Serve(settings) => {
-            let app = Application::build(*settings).await?;
-            app.run_until_stopped(tasker_shared::shutdown_signal())
-                .await
-        }
-        Command::Migrate(settings) => {
-            tasker_shared::db::migrate(&settings).await?;
-            tracing::info!("migrations applied");
-            Ok(())
-        }
-    }
+    let telemetry = tasker_shared::telemetry::init(&cli.log, "tasker-coordinator");
+    let outcome = match cli.command {
+        Command::Serve(settings) => match Application::build(*settings).await {
+            Ok(app) => {
+                app.run_until_stopped(tasker_shared::shutdown_signal())
+                    .await
+            }
+            Err(error) => Err(error),
+        },
+        Command::Migrate(settings) => tasker_shared::db::migrate(&settings)
+            .await
+            .map(|()| tracing::info!("migrations applied")),
+    };
+    telemetry.shutdown();
+    outcome
 }

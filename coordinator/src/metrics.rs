@@ -112,6 +112,12 @@ impl CoordinatorMetrics {
             deferrals.clone(),
         );
         let leases_expired = Family::<Reason, Counter>::default();
+        // Known label values exist from the start, at 0, so rate() works at once.
+        for reason in ["lease_lost", "lease_expired"] {
+            let _ = leases_expired.get_or_create(&Reason {
+                reason: reason.to_owned(),
+            });
+        }
         registry.register(
             "tasker_leases_expired",
             "Steps whose lease expired: lease_lost (never started) or lease_expired (worker lost)",
@@ -246,16 +252,15 @@ impl CoordinatorMetrics {
     }
 }
 
-use tasker_shared::messages::StepMessage;
-use tasker_shared::store::transitions::{AppliedResults, FinishedTask};
+use tasker_shared::store::transitions::{AppliedResults, Dispatch, FinishedTask};
 
 impl CoordinatorMetrics {
     /// A claimed batch was published.
-    pub(crate) fn dispatched(&self, messages: &[StepMessage], failed: usize) {
-        self.dispatch_batch_size.observe(messages.len() as f64);
-        for message in messages {
+    pub(crate) fn dispatched(&self, dispatches: &[Dispatch], failed: usize) {
+        self.dispatch_batch_size.observe(dispatches.len() as f64);
+        for dispatch in dispatches {
             self.steps_dispatched
-                .get_or_create(&Self::namespace(&message.namespace))
+                .get_or_create(&Self::namespace(&dispatch.message.namespace))
                 .inc();
         }
         self.publish_failures.inc_by(failed as u64);

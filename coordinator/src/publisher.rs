@@ -11,8 +11,11 @@ use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable};
+use tasker_shared::broker::TRACEPARENT_HEADER;
 use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::messages::StepMessage;
+use tasker_shared::store::transitions::Dispatch;
+use tasker_shared::telemetry;
 
 /// Publishes step messages on one confirm-mode channel.
 pub(crate) struct StepPublisher {
@@ -66,12 +69,22 @@ impl StepPublisher {
             .contains(namespace)
     }
 
-    /// Publish every message and wait for the broker to confirm them all.
-    pub(crate) async fn publish(&self, messages: &[StepMessage]) -> Published {
+    /// Publish every message and wait for the broker to confirm them all. Each gets a
+    /// `dispatch_step` span, a child of its task's trace, whose context travels in the
+    /// message's `traceparent` header to the worker.
+    pub(crate) async fn publish(&self, dispatches: &[Dispatch]) -> Published {
         let mut report = Published::default();
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in messages {
-            match self.publish_one(message).await {
+        let mut confirms = Vec::with_capacity(dispatches.len());
+        let mut spans = Vec::with_capacity(dispatches.len());
+        for dispatch in dispatches {
+            let message = &dispatch.message;
+            let span = tracing::debug_span!("dispatch_step", task_id = %message.task_id,
+                step_id = %message.step_id, step = %message.step_name, attempt = message.attempt,
+                trace_id = tracing::field::Empty);
+            telemetry::adopt(&span, dispatch.trace_parent.as_deref());
+            let traceparent = telemetry::traceparent(&span);
+            spans.push(span);
+            match self.publish_one(message, traceparent).await {
                 Ok(confirm) => confirms.push((message, confirm)),
                 Err(error) => {
                     report.failed += 1;
@@ -109,12 +122,24 @@ impl StepPublisher {
         report
     }
 
-    async fn publish_one(&self, message: &StepMessage) -> anyhow::Result<lapin::PublisherConfirm> {
+    async fn publish_one(
+        &self,
+        message: &tasker_shared::messages::StepMessage,
+        traceparent: Option<String>,
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
         self.ensure_namespace(&message.namespace).await?;
         let body = serde_json::to_vec(message)?;
-        let properties = persistent()
+        let mut properties = persistent()
             .with_message_id(ShortString::from(message.dispatch_token.to_string()))
             .with_expiration(ShortString::from(self.lease_ms.max(1).to_string()));
+        if let Some(traceparent) = traceparent {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                AMQPValue::LongString(traceparent.into()),
+            );
+            properties = properties.with_headers(headers);
+        }
         Ok(self
             .channel
             .basic_publish(

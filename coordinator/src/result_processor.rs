@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
-use tasker_shared::broker::Topology;
+use tasker_shared::broker::{TRACEPARENT_HEADER, Topology, header_str};
 use tasker_shared::messages::{RunningStep, StepResult, StepStarted, WorkerMessage};
 use tasker_shared::store::transitions::{self, LeasePolicy};
 
@@ -106,9 +106,20 @@ impl ResultProcessor {
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: BTreeMap<String, Vec<StepStarted>> = BTreeMap::new();
         let mut running: Vec<RunningStep> = Vec::new();
+        // One `apply_result` span per result, a child of the worker's `execute_step`,
+        // open until the batch commits.
+        let mut spans = Vec::new();
         for delivery in deliveries {
             match WorkerMessage::decode(&delivery.data) {
-                Ok(WorkerMessage::Result(result)) => results.push(result),
+                Ok(WorkerMessage::Result(result)) => {
+                    let span = tracing::debug_span!("apply_result", task_id = %result.task_id,
+                        step_id = %result.step_id, outcome = ?result.outcome,
+                        trace_id = tracing::field::Empty);
+                    let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
+                    tasker_shared::telemetry::adopt(&span, traceparent.as_deref());
+                    spans.push(span);
+                    results.push(result);
+                }
                 Ok(WorkerMessage::Started(batch)) => started
                     .entry(batch.worker_id)
                     .or_default()
@@ -148,6 +159,7 @@ impl ResultProcessor {
         };
         let finished = transitions::finish_tasks(&mut tx, &applied.tasks).await?;
         tx.commit().await?;
+        drop(spans);
         self.metrics
             .result_batch_size
             .observe(deliveries.len() as f64);

@@ -114,7 +114,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tasker_shared::telemetry::init(&cli.log);
+    let telemetry = tasker_shared::telemetry::init(&cli.log, "order-worker");
     let registry = HandlerRegistry::with_builtins()
         .register(
             "OrderProcessing::StepHandler::ValidateOrderHandler",
@@ -133,8 +133,14 @@ async fn main() -> anyhow::Result<()> {
             "OrderProcessing::StepHandler::SendConfirmationHandler",
             SendConfirmation,
         );
-    let worker = Worker::build(cli.worker, registry).await?;
-    worker
-        .run_until_stopped(tasker_shared::shutdown_signal())
-        .await
+    let outcome = match Worker::build(cli.worker, registry).await {
+        Ok(worker) => {
+            worker
+                .run_until_stopped(tasker_shared::shutdown_signal())
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    telemetry.shutdown();
+    outcome
 }

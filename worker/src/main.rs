@@ -20,9 +20,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tasker_shared::telemetry::init(&cli.log);
-    let worker = Worker::build(cli.worker, HandlerRegistry::with_builtins()).await?;
-    worker
-        .run_until_stopped(tasker_shared::shutdown_signal())
-        .await
+    let telemetry = tasker_shared::telemetry::init(&cli.log, "tasker-worker");
+    let outcome = match Worker::build(cli.worker, HandlerRegistry::with_builtins()).await {
+        Ok(worker) => {
+            worker
+                .run_until_stopped(tasker_shared::shutdown_signal())
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    telemetry.shutdown();
+    outcome
 }

@@ -64,6 +64,11 @@ impl WorkerMetrics {
             concurrency_gauge,
         );
         let dead_lettered = Family::<Reason, Counter>::default();
+        for reason in ["undecodable", "unknown_handler"] {
+            let _ = dead_lettered.get_or_create(&Reason {
+                reason: reason.to_owned(),
+            });
+        }
         registry.register(
             "tasker_worker_dead_lettered",
             "Step messages sent to the dead-letter queue: undecodable or unknown_handler",

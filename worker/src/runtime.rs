@@ -27,7 +27,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
-use tasker_shared::broker::{self, Topology, persistent};
+use tasker_shared::broker::{self, TRACEPARENT_HEADER, Topology, header_str, persistent};
 use tasker_shared::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
     StepStarted, WorkerMessage,
@@ -150,20 +150,6 @@ impl Worker {
             }
             None => None,
         };
-        let status_consumers = consumers.clone();
-        let heartbeats = tokio::spawn(crate::notices::heartbeats(
-            crate::notices::Heartbeats {
-                inflight: inflight.clone(),
-                channel: self.connection.create_channel().await?,
-                topology: self.topology.clone(),
-                worker_id: self.worker_id.clone(),
-                interval: self.heartbeat_interval,
-                concurrency: self.concurrency,
-                all_namespaces: self.namespaces.is_none(),
-                namespaces: Box::new(move || status_consumers.namespaces()),
-            },
-            stop_rx,
-        ));
         let shared = Arc::new(Shared {
             registry: self.registry.clone(),
             topology: self.topology.clone(),
@@ -188,6 +174,21 @@ impl Worker {
                 .await?;
             }
         }
+        // Status after the fixed namespaces' consumers exist, so the first one lists them.
+        let status_consumers = consumers.clone();
+        let heartbeats = tokio::spawn(crate::notices::heartbeats(
+            crate::notices::Heartbeats {
+                inflight: inflight.clone(),
+                channel: self.connection.create_channel().await?,
+                topology: self.topology.clone(),
+                worker_id: self.worker_id.clone(),
+                interval: self.heartbeat_interval,
+                concurrency: self.concurrency,
+                all_namespaces: self.namespaces.is_none(),
+                namespaces: Box::new(move || status_consumers.namespaces()),
+            },
+            stop_rx,
+        ));
         let control = tokio::spawn(follow_control(
             shared.clone(),
             self.connection.create_channel().await?,
@@ -421,8 +422,13 @@ async fn handle(shared: &Shared, delivery: Delivery) {
             return;
         }
     };
-    let span = tracing::info_span!("step", task_id = %message.task_id, step_id = %message.step_id,
-        step = %message.step_name, handler = %message.handler, attempt = message.attempt);
+    // The step's span: a child of the coordinator's dispatch (through the message's
+    // traceparent header); every log line about the step carries its ids and trace id.
+    let span = tracing::info_span!("execute_step", task_id = %message.task_id,
+        step_id = %message.step_id, step = %message.step_name, handler = %message.handler,
+        attempt = message.attempt, trace_id = tracing::field::Empty);
+    let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
+    tasker_shared::telemetry::adopt(&span, parent.as_deref());
     let _guard = span.enter();
     let Some(handler) = shared.registry.get(&message.handler) else {
         let reason = format!(
@@ -448,7 +454,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
             finished_at: now,
             worker_id: shared.worker_id.clone(),
         };
-        if publish_result(shared, &result).await.is_ok() {
+        if publish_result(shared, &result, None).await.is_ok() {
             shared.metrics.dead_letter("unknown_handler");
             dead_letter(shared, &delivery, &reason, &source_queue).await;
         } else {
@@ -501,7 +507,13 @@ async fn handle(shared: &Shared, delivery: Delivery) {
             tracing::info!(outcome = ?result.outcome, code = ?error.code, message = %error.message, "step failed")
         }
     }
-    match publish_result(shared, &result).await {
+    match publish_result(
+        shared,
+        &result,
+        tasker_shared::telemetry::traceparent(&span),
+    )
+    .await
+    {
         Ok(()) => {
             if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
                 shared.metrics.broker_errors.inc();
@@ -519,8 +531,21 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     }
 }
 
-async fn publish_result(shared: &Shared, result: &StepResult) -> anyhow::Result<()> {
+async fn publish_result(
+    shared: &Shared,
+    result: &StepResult,
+    traceparent: Option<String>,
+) -> anyhow::Result<()> {
     let body = serde_json::to_vec(&WorkerMessage::Result(result.clone()))?;
+    let mut properties = persistent();
+    if let Some(traceparent) = traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            TRACEPARENT_HEADER.into(),
+            lapin::types::AMQPValue::LongString(traceparent.into()),
+        );
+        properties = properties.with_headers(headers);
+    }
     let confirm = shared
         .publish
         .basic_publish(
@@ -531,7 +556,7 @@ async fn publish_result(shared: &Shared, result: &StepResult) -> anyhow::Result<
                 ..BasicPublishOptions::default()
             },
             &body,
-            persistent(),
+            properties,
         )
         .await?
         .await?;

@@ -35,7 +35,10 @@ const KEY_LENGTH: usize = 255;
 /// Most tasks per page.
 const MAX_PAGE: i64 = 500;
 
-/// Create a task from a template.
+/// Create a task from a template. Its span starts the task's trace.
+#[tracing::instrument(name = "create_task", skip_all,
+    fields(namespace = tracing::field::Empty, name = tracing::field::Empty,
+           task_id = tracing::field::Empty, trace_id = tracing::field::Empty))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -69,11 +72,16 @@ pub(crate) async fn create(
         reason: fields.string("reason", false, SHORT_TEXT),
         tags: fields.value("tags").unwrap_or_else(|| json!([])),
         idempotency_key: fields.string("idempotency_key", false, KEY_LENGTH),
+        trace_parent: tasker_shared::telemetry::traceparent(&tracing::Span::current()),
     };
+    tasker_shared::telemetry::record_trace_id(&tracing::Span::current());
     fields.finish("invalid_request")?;
     let (Some(namespace), Some(name)) = (namespace, name) else {
         return Err(ApiError::malformed("namespace and name are required"));
     };
+    let span = tracing::Span::current();
+    span.record("namespace", namespace.as_str());
+    span.record("name", name.as_str());
 
     let template = templates::find(&state.pool, &namespace, &name, version.as_deref())
         .await?
@@ -103,6 +111,7 @@ pub(crate) async fn create(
 
     match tasks::create(&state.pool, &template, &new).await? {
         Created::New(task) => {
+            span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
             state.wake_dispatcher.notify_one();
             state

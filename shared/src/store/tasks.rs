@@ -92,6 +92,8 @@ pub struct NewTask {
     pub tags: Value,
     /// Makes creation idempotent within the template's namespace and name.
     pub idempotency_key: Option<String>,
+    /// The trace the task's spans belong to (W3C traceparent), when traces are on.
+    pub trace_parent: Option<String>,
 }
 
 /// Whether a create made a new task or found the one with the same idempotency key.
@@ -131,8 +133,9 @@ pub async fn create(
         r#"
         WITH task AS (
             INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
-                               initiator, source_system, reason, tags, idempotency_key)
-            VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11)
+                               initiator, source_system, reason, tags, idempotency_key,
+                               trace_parent)
+            VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $28)
             ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL
             DO NOTHING
             RETURNING *
@@ -207,6 +210,7 @@ pub async fn create(
             .collect::<Vec<_>>(),
     )
     .bind(steps.iter().map(|s| s.max_deferrals).collect::<Vec<_>>())
+    .bind(&new.trace_parent)
     .fetch_optional(pool)
     .await?;
 

@@ -24,6 +24,16 @@ struct ClaimedRow {
     context: Value,
     parents: Value,
     dispatched_at: DateTime<Utc>,
+    trace_parent: Option<String>,
+}
+
+/// A claimed step, ready to publish.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// The message for the worker.
+    pub message: StepMessage,
+    /// The task's trace (W3C traceparent), when traces are on: the dispatch span's parent.
+    pub trace_parent: Option<String>,
 }
 
 /// Claim up to `limit` ready steps: mark them `enqueued` with a fresh dispatch token and a
@@ -37,7 +47,7 @@ pub async fn claim_ready(
     conn: &mut PgConnection,
     limit: i64,
     lease_ms: i64,
-) -> sqlx::Result<Vec<StepMessage>> {
+) -> sqlx::Result<Vec<Dispatch>> {
     let rows: Vec<ClaimedRow> = sqlx::query_as(
         r#"
         WITH candidates AS (
@@ -92,7 +102,7 @@ pub async fn claim_ready(
                COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
                          FROM step_edges e JOIN steps p ON p.step_id = e.from_step
                          WHERE e.to_step = c.step_id), '{}'::jsonb) AS parents,
-               now() AS dispatched_at
+               now() AS dispatched_at, t.trace_parent
         FROM claimed c JOIN tasks t ON t.task_id = c.task_id
         "#,
     )
@@ -103,26 +113,29 @@ pub async fn claim_ready(
 
     Ok(rows
         .into_iter()
-        .map(|row| StepMessage {
-            schema_version: SCHEMA_VERSION,
-            task_id: row.task_id,
-            step_id: row.step_id,
-            step_name: row.name,
-            namespace: row.namespace,
-            template: row.template,
-            handler: row.handler,
-            config: row.config,
-            context: row.context,
-            parents: match row.parents {
-                Value::Object(map) => map.into_iter().collect(),
-                _ => Default::default(),
+        .map(|row| Dispatch {
+            trace_parent: row.trace_parent,
+            message: StepMessage {
+                schema_version: SCHEMA_VERSION,
+                task_id: row.task_id,
+                step_id: row.step_id,
+                step_name: row.name,
+                namespace: row.namespace,
+                template: row.template,
+                handler: row.handler,
+                config: row.config,
+                context: row.context,
+                parents: match row.parents {
+                    Value::Object(map) => map.into_iter().collect(),
+                    _ => Default::default(),
+                },
+                attempt: row.attempts,
+                retry_limit: row.retry_limit,
+                deferrals: row.deferrals,
+                dispatch_token: row.dispatch_token,
+                timeout_ms: row.timeout_ms,
+                dispatched_at: row.dispatched_at,
             },
-            attempt: row.attempts,
-            retry_limit: row.retry_limit,
-            deferrals: row.deferrals,
-            dispatch_token: row.dispatch_token,
-            timeout_ms: row.timeout_ms,
-            dispatched_at: row.dispatched_at,
         })
         .collect())
 }

@@ -26,7 +26,7 @@ mod leases;
 mod operator;
 mod worker;
 
-pub use claim::{claim_ready, next_due};
+pub use claim::{Dispatch, claim_ready, next_due};
 pub use leases::{ExpiredLeases, expire_leases};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
 pub use worker::{AppliedResults, LeasePolicy, StepChange, apply_results, heartbeat, mark_started};
