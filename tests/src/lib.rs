@@ -420,28 +420,33 @@ impl TestEnv {
         self.coordinator.kill().await;
         self.pool.close().await;
         let _ = sqlx::Postgres::drop_database(&self.database_url).await;
-        let connection =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
         let namespaces = self.namespaces.lock().unwrap().clone();
-        let mut queues: Vec<String> = namespaces.iter().map(|n| self.queue(n)).collect();
-        queues.extend(
-            ["results", "dead_letter"]
-                .iter()
-                .map(|q| format!("{}.{q}", self.prefix)),
-        );
-        for queue in queues {
-            let _ = channel.queue_delete(queue.into(), Default::default()).await;
-        }
-        for exchange in ["steps", "control", "dlx"] {
-            let _ = channel
-                .exchange_delete(
-                    format!("{}.{exchange}", self.prefix).into(),
-                    Default::default(),
-                )
-                .await;
-        }
-        let _ = connection.close(200, "OK".into()).await;
-        Ok(())
+        delete_broker_objects(&self.prefix, &namespaces).await
     }
+}
+
+/// Delete the queues and exchanges a test created under `prefix`.
+pub async fn delete_broker_objects(prefix: &str, namespaces: &[String]) -> anyhow::Result<()> {
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let mut queues: Vec<String> = namespaces
+        .iter()
+        .map(|n| format!("{prefix}.steps.{n}"))
+        .collect();
+    queues.extend(
+        ["results", "dead_letter"]
+            .iter()
+            .map(|q| format!("{prefix}.{q}")),
+    );
+    for queue in queues {
+        let _ = channel.queue_delete(queue.into(), Default::default()).await;
+    }
+    for exchange in ["steps", "control", "dlx", "events"] {
+        let _ = channel
+            .exchange_delete(format!("{prefix}.{exchange}").into(), Default::default())
+            .await;
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod dags;
 mod failures;
+mod observability;
 mod operator;
 mod tasker_engine;
 mod validation;

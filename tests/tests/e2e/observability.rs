@@ -1,0 +1,455 @@
+//! Observability: exact metric values after a known workload, lifecycle events in order,
+//! /health/status, and a dashboard that only queries metrics the project exports.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tasker_tests::{TestEnv, binary};
+
+const NAMESPACE: &str = "obs";
+
+/// `name{labels}` → value, from the OpenMetrics text, plus every family name declared.
+fn parse_metrics(text: &str) -> (BTreeMap<String, f64>, BTreeSet<String>) {
+    let mut samples = BTreeMap::new();
+    let mut families = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            families.insert(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let (key, value) = line.rsplit_once(' ').unwrap();
+            samples.insert(key.to_owned(), value.parse().unwrap());
+        }
+    }
+    (samples, families)
+}
+
+fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("no sample {key}; have:\n{samples:#?}"))
+}
+
+async fn scrape(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// Templates whose runs produce a known count of everything.
+async fn register_workload(env: &TestEnv) {
+    for template in [
+        "namespace: obs\nname: good\nsteps:\n  - {name: one, handler: tasker.noop}\n  - {name: two, handler: tasker.noop, depends_on: [one]}\n",
+        "namespace: obs\nname: flaky\nsteps:\n  - {name: only, handler: tasker.fail, retry_limit: 2, config: {times: 1}, backoff: {base_seconds: 0.05}}\n",
+        "namespace: obs\nname: bad\nsteps:\n  - {name: only, handler: tasker.fail, config: {times: 9, kind: permanent}}\n",
+        "namespace: obs\nname: patient\nsteps:\n  - {name: only, handler: tasker.fail, config: {times: 1, kind: defer, retry_after_seconds: 0.05}}\n",
+    ] {
+        let (status, body) = env.register_template(template).await.unwrap();
+        assert!(status.is_success(), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them() {
+    let mut env = TestEnv::start("metrics").await.unwrap();
+    register_workload(&env).await;
+    let index = env
+        .start_worker_with(
+            binary("tasker-worker"),
+            "metered",
+            &[NAMESPACE],
+            8,
+            &[("TASKER_METRICS_ADDR", "127.0.0.1:0")],
+        )
+        .await
+        .unwrap();
+    let line = env.workers[index]
+        .wait_for_log("metrics listening", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let worker_metrics = format!(
+        "http://{}/metrics",
+        serde_json::from_str::<Value>(&line).unwrap()["address"]
+            .as_str()
+            .unwrap()
+    );
+
+    for (name, runs, status) in [
+        ("good", 3, "complete"),
+        ("flaky", 2, "complete"),
+        ("bad", 1, "error"),
+        ("patient", 1, "complete"),
+    ] {
+        for _ in 0..runs {
+            let task = env
+                .run_task(
+                    json!({"namespace": NAMESPACE, "name": name}),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            assert_eq!(task["status"], status, "{task:#}");
+        }
+    }
+
+    // Coordinator: 7 tasks; dispatches = 3·2 + 2·2 + 1 + 2 (the deferred one runs twice).
+    let (coordinator, coordinator_families) =
+        parse_metrics(&scrape(&format!("{}/metrics", env.base_url)).await);
+    let ns = |metric: &str| format!("{metric}{{namespace=\"obs\"}}");
+    let ns_status =
+        |metric: &str, status: &str| format!("{metric}{{namespace=\"obs\",status=\"{status}\"}}");
+    assert_eq!(sample(&coordinator, &ns("tasker_tasks_created_total")), 7.0);
+    assert_eq!(
+        sample(
+            &coordinator,
+            &ns_status("tasker_tasks_finished_total", "complete")
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &coordinator,
+            &ns_status("tasker_tasks_finished_total", "error")
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&coordinator, &ns("tasker_steps_dispatched_total")),
+        13.0
+    );
+    assert_eq!(
+        sample(
+            &coordinator,
+            &ns_status("tasker_steps_finished_total", "complete")
+        ),
+        9.0
+    );
+    assert_eq!(
+        sample(
+            &coordinator,
+            &ns_status("tasker_steps_finished_total", "error")
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&coordinator, &ns("tasker_step_retries_scheduled_total")),
+        2.0
+    );
+    assert_eq!(
+        sample(&coordinator, &ns("tasker_step_deferrals_total")),
+        1.0
+    );
+    assert_eq!(
+        sample(&coordinator, "tasker_step_queue_latency_seconds_count"),
+        13.0,
+        "every dispatch started once"
+    );
+    assert_eq!(
+        sample(&coordinator, "tasker_stale_results_dropped_total"),
+        0.0
+    );
+    assert_eq!(sample(&coordinator, "tasker_dead_lettered_total"), 0.0);
+    assert_eq!(
+        sample(&coordinator, "tasker_step_publish_failures_total"),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &coordinator,
+            "tasker_leases_expired_total{reason=\"lease_lost\"}"
+        ),
+        0.0
+    );
+    assert!(sample(&coordinator, "tasker_dispatch_batch_size_count") >= 1.0);
+
+    // Worker: handler runs by outcome.
+    let (worker, worker_families) = parse_metrics(&scrape(&worker_metrics).await);
+    let runs = |handler: &str, outcome: &str| {
+        sample(
+            &worker,
+            &format!(
+                "tasker_worker_step_duration_seconds_count{{handler=\"{handler}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(runs("tasker.noop", "success"), 6.0);
+    assert_eq!(runs("tasker.fail", "retryable_error"), 2.0);
+    assert_eq!(runs("tasker.fail", "success"), 3.0);
+    assert_eq!(runs("tasker.fail", "permanent_error"), 1.0);
+    assert_eq!(runs("tasker.fail", "deferred"), 1.0);
+    assert_eq!(sample(&worker, "tasker_worker_concurrency"), 8.0);
+    assert_eq!(sample(&worker, "tasker_worker_steps_in_flight"), 0.0);
+
+    // The events relay catches up within a second or so.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (coordinator, _) = parse_metrics(&scrape(&format!("{}/metrics", env.base_url)).await);
+        if coordinator.get("tasker_events_published_total{event=\"task.completed\"}") == Some(&6.0)
+        {
+            assert_eq!(
+                sample(
+                    &coordinator,
+                    "tasker_events_published_total{event=\"task.failed\"}"
+                ),
+                1.0
+            );
+            assert_eq!(
+                sample(
+                    &coordinator,
+                    "tasker_events_published_total{event=\"step.deferred\"}"
+                ),
+                1.0
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events not published: {coordinator:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The dashboard queries only what the coordinator and workers export (or RabbitMQ's
+    // own plugin, rabbitmq_*), so it cannot rot silently.
+    let dashboard: Value = serde_json::from_str(include_str!(
+        "../../../deploy/grafana/dashboards/tasker.json"
+    ))
+    .unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 6, "the dashboard has queries: {exprs:?}");
+    let exported: BTreeSet<String> = coordinator_families
+        .union(&worker_families)
+        .cloned()
+        .collect();
+    let mut queried = BTreeSet::new();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            queried.insert(name);
+        }
+    }
+    assert!(!queried.is_empty());
+    for name in &queried {
+        let family = ["_bucket", "_sum", "_count", "_total"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            exported.contains(name) || exported.contains(family),
+            "the dashboard queries {name}, which nothing exports; exported: {exported:?}"
+        );
+    }
+    env.finish().await.unwrap();
+}
+
+fn collect_exprs(value: &Value, into: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr" | "query", Value::String(expr)) => into.push(expr.clone()),
+                    _ => collect_exprs(value, into),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_exprs(item, into)),
+        _ => {}
+    }
+}
+
+/// The `tasker_*` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("tasker_") {
+        let start = i + at;
+        let preceded_by_word =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(expr.len(), |n| start + n);
+        if !preceded_by_word {
+            names.push(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+#[tokio::test]
+async fn a_task_s_lifecycle_events_arrive_in_order() {
+    let mut env = TestEnv::start("events").await.unwrap();
+    env.register_template("namespace: obs\nname: pair\nsteps:\n  - {name: first, handler: tasker.noop}\n  - {name: second, handler: tasker.echo, depends_on: [first]}\n")
+        .await
+        .unwrap();
+    env.start_worker("w1", &[NAMESPACE]).await.unwrap();
+
+    // Any system binds its own queue to the keys it wants; here, everything.
+    let connection = lapin::Connection::connect(
+        &tasker_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            format!("{}.events", env.prefix).into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "pair"}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    let mut seen = Vec::new();
+    let mut last_id = 0;
+    while !seen
+        .iter()
+        .any(|(name, _): &(String, Value)| name == "task.completed")
+    {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("no more events after {seen:?}"))
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_eq!(
+            delivery.routing_key.as_str(),
+            event["event"].as_str().unwrap(),
+            "routed by event name"
+        );
+        assert!(
+            event["event_id"].as_i64().unwrap() > last_id,
+            "event ids increase"
+        );
+        last_id = event["event_id"].as_i64().unwrap();
+        if event["task_id"] == task_id.as_str() {
+            let label = match event["step_name"].as_str() {
+                Some(step) => format!("{} {step}", event["event"].as_str().unwrap()),
+                None => event["event"].as_str().unwrap().to_owned(),
+            };
+            seen.push((label, event));
+        }
+    }
+    let names: Vec<&str> = seen.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "task.created",
+            "task.started",
+            "step.started first",
+            "step.completed first",
+            "step.started second",
+            "step.completed second",
+            "task.completed"
+        ]
+    );
+    let completed = &seen[3].1;
+    assert_eq!(completed["namespace"], NAMESPACE);
+    assert_eq!(completed["task_name"], "pair");
+    assert_eq!(completed["to_status"], "complete");
+    assert_eq!(completed["metadata"]["worker_id"], "w1");
+    assert_eq!(completed["metadata"]["attempt"], 1);
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_status_shows_counts_and_the_workers_heard_from() {
+    let mut env = TestEnv::start("status").await.unwrap();
+    env.register_template(
+        "namespace: obs\nname: single\nsteps:\n  - {name: one, handler: tasker.noop}\n",
+    )
+    .await
+    .unwrap();
+    env.start_worker_with(
+        binary("tasker-worker"),
+        "reporter",
+        &[NAMESPACE],
+        5,
+        &[("TASKER_HEARTBEAT_INTERVAL_MS", "200")],
+    )
+    .await
+    .unwrap();
+    env.run_task(
+        json!({"namespace": NAMESPACE, "name": "single"}),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let (_, status) = env.get("/health/status").await.unwrap();
+        if status["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no worker listed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["status"], "ok");
+    assert_eq!(status["checks"], json!({"database": "ok", "broker": "ok"}));
+    assert_eq!(status["counts"]["tasks"]["complete"], 1);
+    assert_eq!(status["counts"]["steps"]["complete"], 1);
+    let worker = &status["workers"][0];
+    assert_eq!(worker["worker_id"], "reporter");
+    assert_eq!(worker["namespaces"], json!([NAMESPACE]));
+    assert_eq!(worker["concurrency"], 5);
+    assert_eq!(worker["in_flight"], 0);
+
+    // A worker that stops is no longer listed after three intervals.
+    env.workers[0].terminate().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, status) = env.get("/health/status").await.unwrap();
+        if status["workers"].as_array().is_some_and(|w| w.is_empty()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stopped worker is still listed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.finish().await.unwrap();
+}
