@@ -166,6 +166,34 @@ pub struct TestEnv {
     pub workers: Vec<Process>,
     log_dir: PathBuf,
     namespaces: Arc<Mutex<Vec<String>>>,
+    finished: bool,
+}
+
+impl Drop for TestEnv {
+    /// A test that panicked never reached [`TestEnv::finish`]: still drop its database and
+    /// queues (its processes die with their handles), so failures leave nothing behind.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let database = self.database_url.rsplit('/').next().unwrap_or_default().to_owned();
+        let prefix = self.prefix.clone();
+        let namespaces = self.namespaces.lock().map(|n| n.clone()).unwrap_or_default();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(pool) = PgPool::connect(&format!("{}/postgres", postgres_server())).await {
+                    let sql = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+                    pool.close().await;
+                }
+                let _ = delete_broker_objects(&prefix, &namespaces).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
 }
 
 /// Options for [`TestEnv::start_with`].
@@ -228,6 +256,7 @@ impl TestEnv {
             workers: Vec::new(),
             log_dir,
             namespaces: Arc::default(),
+            finished: false,
         })
     }
 
@@ -420,6 +449,7 @@ impl TestEnv {
         self.coordinator.kill().await;
         self.pool.close().await;
         let _ = sqlx::Postgres::drop_database(&self.database_url).await;
+        self.finished = true;
         let namespaces = self.namespaces.lock().unwrap().clone();
         delete_broker_objects(&self.prefix, &namespaces).await
     }
