@@ -54,5 +54,10 @@ if [[ $threads_given == no ]]; then
 fi
 
 set -x
+# The Python example worker's client library (its end-to-end test runs it). Debian's own
+# Python refuses pip installs outside a virtualenv; the toolchain's Python does not.
+python3 -m pip install -r deploy/examples/python_worker/requirements.txt --quiet \
+    || python3 -m pip install -r deploy/examples/python_worker/requirements.txt --quiet --break-system-packages
+deploy/validate.sh
 cargo build --workspace --bins --examples "${locked[@]}"
 cargo test --workspace "${locked[@]}" "${cargo_args[@]}" -- "${harness_args[@]}"
