@@ -71,6 +71,7 @@ macro_rules! status_enum {
 
 status_enum! {
     /// The state of a task.
+    #[derive(utoipa::ToSchema)]
     TaskStatus {
         /// Created; no step dispatched yet.
         Pending => "pending",
@@ -89,6 +90,7 @@ status_enum! {
 
 status_enum! {
     /// The state of a step.
+    #[derive(utoipa::ToSchema)]
     StepStatus {
         /// Waiting for its parents (or never dispatched yet).
         Pending => "pending",

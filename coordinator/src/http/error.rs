@@ -4,7 +4,9 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 /// An error answer.
 #[derive(Debug)]
@@ -77,10 +79,41 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// The body of every error answer (and of unknown routes).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_request", "message": "1 problem(s) in the request",
+    "details": [{"path": "namespace", "message": "`namespace` is required"}]}}))]
+pub(crate) struct ErrorBody {
+    /// What went wrong.
+    pub(crate) error: ErrorDetail,
+}
+
+/// The `error` of an [`ErrorBody`].
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// A stable code to match on, such as `malformed_request`, `invalid_request`,
+    /// `invalid_template`, `invalid_context`, `template_not_found`, `task_not_found`,
+    /// `step_not_found`, `route_not_found`, `template_conflict`, `idempotency_conflict`,
+    /// `invalid_state`, `payload_too_large`, `database_unavailable`, `not_ready` or
+    /// `internal`.
+    pub(crate) code: &'static str,
+    /// What went wrong, for people.
+    pub(crate) message: String,
+    /// Every problem found, when the request had several: for request and template
+    /// problems, objects with `path` and `message` (templates and contexts add `code`);
+    /// for `not_ready`, the checks. Often empty.
+    pub(crate) details: Vec<Value>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                details: self.details,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }

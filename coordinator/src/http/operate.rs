@@ -6,15 +6,17 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
 use super::body::{Fields, body_rejection, json_object};
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
-use tasker_shared::store::inspect;
-use tasker_shared::store::tasks;
+use tasker_shared::store::inspect::{self, StepReadiness, Transition};
+use tasker_shared::store::tasks::{self, StepRecord};
 use tasker_shared::store::transitions::{self, OperatorError};
 
 impl From<OperatorError> for ApiError {
@@ -34,6 +36,55 @@ impl From<OperatorError> for ApiError {
     }
 }
 
+/// The optional body of cancel and retry (documentation only: read by hand; the fields
+/// are [`REASON_FIELDS`]). An empty body is `{}`.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "documentation only")]
+pub(crate) struct ReasonRequest {
+    /// Why, for the transition history.
+    #[schema(max_length = 1024)]
+    reason: Option<String>,
+}
+
+/// The fields of a cancel or retry body.
+pub(crate) const REASON_FIELDS: &[&str] = &["reason"];
+
+/// The optional body of resolve (documentation only: read by hand; the fields are
+/// [`RESOLVE_FIELDS`]). An empty body is `{}`.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "documentation only")]
+pub(crate) struct ResolveRequest {
+    /// The step's results, as its handler would have returned them (any JSON); its
+    /// dependents see them.
+    results: Option<Value>,
+    /// Why, for the transition history.
+    #[schema(max_length = 1024)]
+    reason: Option<String>,
+}
+
+/// The fields of a resolve body.
+pub(crate) const RESOLVE_FIELDS: &[&str] = &["results", "reason"];
+
+/// The body of `GET /v1/tasks/{task_id}/readiness`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ReadinessView {
+    /// The task.
+    task_id: Uuid,
+    /// Per step, whether it is ready and why (not).
+    steps: Vec<StepReadiness>,
+}
+
+/// The body of `GET /v1/tasks/{task_id}/transitions`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TransitionHistory {
+    /// The task.
+    task_id: Uuid,
+    /// The task's own transitions, in order.
+    task: Vec<Transition>,
+    /// Its steps' transitions, in order, each naming its step.
+    steps: Vec<Transition>,
+}
+
 /// An optional JSON object body (empty is `{}`).
 fn optional_object(body: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
     let body = body.map_err(body_rejection)?;
@@ -45,7 +96,7 @@ fn optional_object(body: Result<Bytes, BytesRejection>) -> ApiResult<Map<String,
 
 /// Just `{"reason"?}`.
 fn reason_only(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<String>> {
-    let mut fields = Fields::new(optional_object(body)?, &["reason"]);
+    let mut fields = Fields::new(optional_object(body)?, REASON_FIELDS);
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
     Ok(reason)
@@ -53,6 +104,24 @@ fn reason_only(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<String>>
 
 /// `POST /v1/tasks/{task_id}/cancel`: nothing more is dispatched, results in flight are
 /// dropped, and workers are told to abort what they run for the task.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{task_id}/cancel",
+    tag = "operate",
+    operation_id = "cancel_task",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    request_body(content = Option<ReasonRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The cancelled task.", body = TaskView),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID, or the body is not JSON.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: only a pending or in-progress task can be cancelled.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
@@ -64,6 +133,7 @@ pub(crate) async fn cancel(
     let cancelled = transitions::cancel_task(&mut tx, task_id, reason.as_deref()).await?;
     tx.commit().await?;
     tracing::info!(%task_id, steps_cancelled = cancelled, reason = ?reason, "task cancelled");
+    state.wake_events.notify_one();
     if let Err(error) = state.control.cancel_task(task_id).await {
         // The fence drops their results anyway; telling workers only saves their time.
         tracing::warn!(error = format!("{error:#}"), %task_id, "cannot tell workers about the cancel");
@@ -72,6 +142,24 @@ pub(crate) async fn cancel(
 }
 
 /// `POST /v1/tasks/{task_id}/retry`: failed steps get a fresh attempt budget.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{task_id}/retry",
+    tag = "operate",
+    operation_id = "retry_task",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    request_body(content = Option<ReasonRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The retried task.", body = TaskView),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID, or the body is not JSON.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the task is not in `error`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn retry(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
@@ -84,17 +172,39 @@ pub(crate) async fn retry(
     tx.commit().await?;
     tracing::info!(%task_id, steps_reset = reset, reason = ?reason, "task retried");
     state.wake_dispatcher.notify_one();
+    state.wake_events.notify_one();
     Ok(Json(task_view(&state, task_id).await?))
 }
 
 /// `POST /v1/tasks/{task_id}/steps/{step_name}/resolve` `{"results"?, "reason"?}`.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{task_id}/steps/{step_name}/resolve",
+    tag = "operate",
+    operation_id = "resolve_step",
+    params(
+        ("task_id" = Uuid, Path, description = "The task's id."),
+        ("step_name" = String, Path, description = "The step's name in the template."),
+    ),
+    request_body(content = Option<ResolveRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The resolved step.", body = StepRecord),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID, or the body is not JSON.", body = ErrorBody),
+        (status = 404, description = "`task_not_found` or `step_not_found`.", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the task can no longer change, or the step is not pending, waiting_for_retry or error.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn resolve(
     State(state): State<AppState>,
     Path((task_id, step)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<StepRecord>> {
     let task_id = parse_task_id(&task_id)?;
-    let mut fields = Fields::new(optional_object(body)?, &["results", "reason"]);
+    let mut fields = Fields::new(optional_object(body)?, RESOLVE_FIELDS);
     let results = fields.value("results");
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
@@ -105,6 +215,7 @@ pub(crate) async fn resolve(
     tx.commit().await?;
     tracing::info!(%task_id, %step, reason = ?reason, "step resolved manually");
     state.wake_dispatcher.notify_one();
+    state.wake_events.notify_one();
     let steps = tasks::steps(&state.pool, task_id).await?;
     let resolved = steps.into_iter().find(|s| s.name == step).ok_or_else(|| {
         ApiError::not_found(
@@ -112,29 +223,59 @@ pub(crate) async fn resolve(
             format!("task {task_id} has no step `{step}`"),
         )
     })?;
-    Ok(Json(json!(resolved)))
+    Ok(Json(resolved))
 }
 
 /// `GET /v1/tasks/{task_id}/readiness`: per step, why it is or is not running.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{task_id}/readiness",
+    tag = "operate",
+    operation_id = "task_readiness",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    responses(
+        (status = 200, description = "Per step, whether it is ready and why (not).", body = ReadinessView),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn readiness(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReadinessView>> {
     let task_id = existing_task(&state, &task_id).await?;
     let steps = inspect::readiness(&state.pool, task_id).await?;
-    Ok(Json(json!({"task_id": task_id, "steps": steps})))
+    Ok(Json(ReadinessView { task_id, steps }))
 }
 
 /// `GET /v1/tasks/{task_id}/transitions`: the audit history of the task and its steps.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{task_id}/transitions",
+    tag = "operate",
+    operation_id = "task_transitions",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    responses(
+        (status = 200, description = "The task's and its steps' transitions.", body = TransitionHistory),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn history(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TransitionHistory>> {
     let task_id = existing_task(&state, &task_id).await?;
     let (task, steps) = inspect::history(&state.pool, task_id).await?;
-    Ok(Json(
-        json!({"task_id": task_id, "task": task, "steps": steps}),
-    ))
+    Ok(Json(TransitionHistory {
+        task_id,
+        task,
+        steps,
+    }))
 }
 
 async fn existing_task(state: &AppState, text: &str) -> ApiResult<Uuid> {

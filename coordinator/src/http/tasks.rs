@@ -9,23 +9,84 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
 use super::body::{Fields, body_rejection, json_object};
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{self, Created, NewTask, StepRecord, TaskFilter, TaskRecord};
 use tasker_shared::store::templates;
 
 /// A task with its steps and its execution context.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct TaskView {
     #[serde(flatten)]
     task: TaskRecord,
+    /// The task's steps.
     steps: Vec<StepRecord>,
+    /// Where the task stands: computed on read, absent from the answer to a create.
+    #[serde(skip_serializing_if = "Option::is_none")]
     execution: Option<ExecutionContext>,
+}
+
+/// The body of `POST /v1/tasks` (documentation only: the handler reads the body by hand,
+/// so that every problem is named at once; the fields it knows are [`CREATE_FIELDS`]).
+#[derive(ToSchema)]
+#[schema(example = json!({"namespace": "billing", "name": "charge",
+    "context": {"order_id": 42}, "idempotency_key": "order-42"}))]
+#[expect(dead_code, reason = "documentation only")]
+pub(crate) struct CreateTaskRequest {
+    /// The template's namespace.
+    #[schema(min_length = 1, max_length = 128)]
+    namespace: String,
+    /// The template's name.
+    #[schema(min_length = 1, max_length = 128)]
+    name: String,
+    /// The template's version; the highest by semver when absent.
+    #[schema(max_length = 128)]
+    version: Option<String>,
+    /// The task's input, checked against the template's `context_schema`; default `{}`.
+    context: Option<serde_json::Map<String, Value>>,
+    /// Who asks.
+    #[schema(max_length = 128)]
+    initiator: Option<String>,
+    /// Which system asks.
+    #[schema(max_length = 128)]
+    source_system: Option<String>,
+    /// Why.
+    #[schema(max_length = 128)]
+    reason: Option<String>,
+    /// Free-form tags (any JSON, usually a list of strings); default `[]`.
+    tags: Option<Value>,
+    /// Makes creation idempotent within the template's namespace and name: the same key
+    /// again answers the existing task (200), or 409 if its version or context differ.
+    #[schema(max_length = 255)]
+    idempotency_key: Option<String>,
+}
+
+/// The fields of a create-task body.
+pub(crate) const CREATE_FIELDS: &[&str] = &[
+    "namespace",
+    "name",
+    "version",
+    "context",
+    "initiator",
+    "source_system",
+    "reason",
+    "tags",
+    "idempotency_key",
+];
+
+/// The body of `GET /v1/tasks`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TaskPage {
+    /// Tasks, newest first.
+    tasks: Vec<TaskRecord>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    next_cursor: Option<Uuid>,
 }
 
 /// Longest `initiator`, `source_system` and `reason` (as tasker-engine).
@@ -36,6 +97,27 @@ const KEY_LENGTH: usize = 255;
 const MAX_PAGE: i64 = 500;
 
 /// Create a task from a template. Its span starts the task's trace.
+///
+/// With an `idempotency_key` already used for this template's namespace and name, the
+/// existing task is answered (200) when its version and context are the same.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    operation_id = "create_task",
+    request_body(content = CreateTaskRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The task is created.", body = TaskView),
+        (status = 200, description = "The task created earlier with the same idempotency key.", body = TaskView),
+        (status = 400, description = "`malformed_request`: the body is not JSON or could not be read.", body = ErrorBody),
+        (status = 404, description = "`template_not_found`.", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the key was used with another version or context.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (every field problem) or `invalid_context` (every place the context breaks the template's schema).", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(name = "create_task", skip_all,
     fields(namespace = tracing::field::Empty, name = tracing::field::Empty,
            task_id = tracing::field::Empty, trace_id = tracing::field::Empty))]
@@ -44,20 +126,7 @@ pub(crate) async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
     let body = body.map_err(body_rejection)?;
-    let mut fields = Fields::new(
-        json_object(&body)?,
-        &[
-            "namespace",
-            "name",
-            "version",
-            "context",
-            "initiator",
-            "source_system",
-            "reason",
-            "tags",
-            "idempotency_key",
-        ],
-    );
+    let mut fields = Fields::new(json_object(&body)?, CREATE_FIELDS);
     let namespace = fields.string("namespace", true, SHORT_TEXT);
     let name = fields.string("name", true, SHORT_TEXT);
     let version = fields.string("version", false, SHORT_TEXT);
@@ -110,10 +179,11 @@ pub(crate) async fn create(
         })?;
 
     match tasks::create(&state.pool, &template, &new).await? {
-        Created::New(task) => {
+        Created::New(task, steps) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
             state.wake_dispatcher.notify_one();
+            state.wake_events.notify_one();
             state
                 .metrics
                 .tasks_created
@@ -121,9 +191,14 @@ pub(crate) async fn create(
                     &task.namespace,
                 ))
                 .inc();
+            // As created: no second read. `execution` is computed on GET.
             Ok((
                 StatusCode::CREATED,
-                Json(task_view(&state, task.task_id).await?),
+                Json(TaskView {
+                    task,
+                    steps,
+                    execution: None,
+                }),
             ))
         }
         Created::Existing(task) => {
@@ -143,6 +218,20 @@ pub(crate) async fn create(
 }
 
 /// One task with its steps.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{task_id}",
+    tag = "tasks",
+    operation_id = "get_task",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    responses(
+        (status = 200, description = "The task, its steps and its execution context.", body = TaskView),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
@@ -152,10 +241,29 @@ pub(crate) async fn get(
 }
 
 /// Tasks, newest first, filtered, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    tag = "tasks",
+    operation_id = "list_tasks",
+    params(
+        ("namespace" = Option<String>, Query, description = "Only tasks of this template namespace."),
+        ("name" = Option<String>, Query, description = "Only tasks of this template name."),
+        ("status" = Option<TaskStatus>, Query, description = "Only tasks in this status."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Tasks per page, 1 to 500; default 50."),
+        ("cursor" = Option<Uuid>, Query, description = "The `next_cursor` of the previous page."),
+    ),
+    responses(
+        (status = 200, description = "One page of tasks.", body = TaskPage),
+        (status = 400, description = "`malformed_request`: every bad or unknown query parameter.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TaskPage>> {
     let mut problems = Vec::new();
     let mut filter = TaskFilter {
         limit: 50,
@@ -186,8 +294,8 @@ pub(crate) async fn list(
     if !problems.is_empty() {
         return Err(ApiError::malformed("invalid query parameters").with_details(problems));
     }
-    let (page, next) = tasks::list(&state.pool, &filter).await?;
-    Ok(Json(json!({"tasks": page, "next_cursor": next})))
+    let (tasks, next_cursor) = tasks::list(&state.pool, &filter).await?;
+    Ok(Json(TaskPage { tasks, next_cursor }))
 }
 
 pub(crate) fn parse_task_id(text: &str) -> ApiResult<Uuid> {

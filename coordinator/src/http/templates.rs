@@ -7,15 +7,67 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::body::body_rejection;
-use super::error::{ApiError, ApiResult};
-use tasker_shared::store::templates::{self, Registered, TemplateRecord};
+use super::error::{ApiError, ApiResult, ErrorBody};
+use tasker_shared::store::templates::{self, Registered, TemplateRecord, TemplateSummary};
 use tasker_shared::template::{TemplateDefinition, parse_template};
 
+/// A template document, in YAML or JSON (documentation only: the handler parses the text
+/// itself, so that every problem is named at once).
+///
+/// Two formats are read. The project format: `namespace`, `name`, `version` (default
+/// `0.1.0`), `description`, `context_schema` (a JSON Schema for task contexts),
+/// `defaults` and `steps` (each with `name`, `handler`, `depends_on`, `retryable`,
+/// `retry_limit`, `timeout_ms`, `backoff`, `max_deferrals`, `config`, `skippable`,
+/// `dependent_system`, `description`). And tasker-engine 1.x's format (`namespace_name`,
+/// `task_handler_class`, `step_templates`, `environments`, ...), with the coordinator's
+/// environment applied. Unknown keys are problems.
+#[derive(ToSchema)]
+#[schema(example = json!({"namespace": "billing", "name": "charge", "version": "1.0.0",
+    "steps": [{"name": "authorize", "handler": "Billing::Authorize"},
+              {"name": "capture", "handler": "Billing::Capture", "depends_on": ["authorize"]}]}))]
+#[expect(dead_code, reason = "documentation only")]
+pub(crate) struct TemplateDocument(serde_json::Map<String, Value>);
+
+/// The body of `GET /v1/templates`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TemplateList {
+    /// Every registered template version.
+    templates: Vec<TemplateSummary>,
+}
+
 /// Register a template from a YAML or JSON body.
+///
+/// Registering the identical template again answers 200 with the stored one; the same
+/// `namespace/name/version` with another definition is a conflict.
+#[utoipa::path(
+    post,
+    path = "/v1/templates",
+    tag = "templates",
+    operation_id = "create_template",
+    request_body(
+        description = "A template document, in YAML or JSON.",
+        content(
+            (TemplateDocument = "application/yaml"),
+            (TemplateDocument = "application/json"),
+        ),
+    ),
+    responses(
+        (status = 201, description = "The template is registered.", body = TemplateRecord),
+        (status = 200, description = "The identical template was already registered.", body = TemplateRecord),
+        (status = 400, description = "`malformed_request`: the body is not UTF-8, YAML or JSON, or could not be read.", body = ErrorBody),
+        (status = 409, description = "`template_conflict`: this version is registered with another definition.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -77,12 +129,41 @@ pub(crate) async fn register_template(
 }
 
 /// Every template.
-pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let summaries = templates::list(&state.pool).await?;
-    Ok(Json(json!({"templates": summaries})))
+#[utoipa::path(
+    get,
+    path = "/v1/templates",
+    tag = "templates",
+    operation_id = "list_templates",
+    responses(
+        (status = 200, description = "Every registered template version.", body = TemplateList),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<TemplateList>> {
+    let templates = templates::list(&state.pool).await?;
+    Ok(Json(TemplateList { templates }))
 }
 
 /// One template: `?version=` or the latest.
+#[utoipa::path(
+    get,
+    path = "/v1/templates/{namespace}/{name}",
+    tag = "templates",
+    operation_id = "get_template",
+    params(
+        ("namespace" = String, Path, description = "The template's namespace."),
+        ("name" = String, Path, description = "The template's name."),
+        ("version" = Option<String>, Query, description = "An exact version; the highest by semver when absent."),
+    ),
+    responses(
+        (status = 200, description = "The template.", body = TemplateRecord),
+        (status = 400, description = "`malformed_request`: an unknown query parameter.", body = ErrorBody),
+        (status = 404, description = "`template_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,

@@ -8,7 +8,7 @@ use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 /// One step's readiness: is it ready, and if not, why not.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StepReadiness {
     /// The step.
     pub step_id: Uuid,
@@ -43,7 +43,7 @@ pub async fn readiness(pool: &PgPool, task_id: Uuid) -> sqlx::Result<Vec<StepRea
 }
 
 /// Where a task stands, as tasker-engine's task execution context.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ExecutionContext {
     /// Steps in the task.
     pub total_steps: i64,
@@ -87,7 +87,7 @@ pub async fn execution_context<'e>(
 }
 
 /// One recorded transition.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Transition {
     /// The step's name (`None` for the task's own transitions).
     #[serde(skip_serializing_if = "Option::is_none")]

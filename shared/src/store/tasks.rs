@@ -10,7 +10,7 @@ use crate::states::{StepStatus, TaskStatus};
 use crate::store::templates::TemplateRecord;
 
 /// A task as the API shows it (without steps).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TaskRecord {
     /// The task's id (UUIDv7, so ids sort by creation).
     pub task_id: Uuid,
@@ -43,7 +43,7 @@ pub struct TaskRecord {
 }
 
 /// A step as the API shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StepRecord {
     /// The step's id.
     pub step_id: Uuid,
@@ -99,8 +99,8 @@ pub struct NewTask {
 /// Whether a create made a new task or found the one with the same idempotency key.
 #[derive(Debug)]
 pub enum Created {
-    /// A new task.
-    New(TaskRecord),
+    /// A new task, with its steps as created (all `pending`).
+    New(TaskRecord, Vec<StepRecord>),
     /// The task created earlier with the same idempotency key.
     Existing(TaskRecord),
 }
@@ -215,7 +215,32 @@ pub async fn create(
     .await?;
 
     match inserted {
-        Some(task) => Ok(Created::New(task)),
+        Some(task) => {
+            // The steps as just inserted, built here rather than read back: creating a
+            // task costs one statement.
+            let created: Vec<StepRecord> = steps
+                .iter()
+                .zip(&step_ids)
+                .map(|(step, step_id)| StepRecord {
+                    step_id: *step_id,
+                    name: step.name.clone(),
+                    handler: step.handler.clone(),
+                    status: StepStatus::Pending,
+                    attempts: 0,
+                    retry_limit: step.retry_limit,
+                    deferrals: 0,
+                    retryable: step.retryable,
+                    timeout_ms: step.timeout_ms,
+                    depends_on: step.depends_on.clone(),
+                    results: None,
+                    last_error: None,
+                    next_attempt_at: None,
+                    started_at: None,
+                    completed_at: None,
+                })
+                .collect();
+            Ok(Created::New(task, created))
+        }
         None => {
             let key = new.idempotency_key.as_deref().unwrap_or_default();
             let existing =

@@ -7,7 +7,7 @@ use sqlx::{PgPool, Row};
 use crate::template::TemplateDefinition;
 
 /// A stored template.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TemplateRecord {
     /// The validated definition.
     #[serde(flatten)]
@@ -20,7 +20,7 @@ pub struct TemplateRecord {
 }
 
 /// One line of the template list.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TemplateSummary {
     /// Namespace.
     pub namespace: String,

@@ -120,7 +120,7 @@ const MAX_REPORTED_CYCLES: usize = 100;
 const MAX_CYCLE_NAMES_SHOWN: usize = 40;
 
 /// A validated, normalised template (the project's own format, as stored in the DB as JSON).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TemplateDefinition {
     /// Namespace the template belongs to (1–64 characters, identifier rules).
     pub namespace: String,
@@ -169,7 +169,8 @@ impl Default for Backoff {
 }
 
 /// [`Backoff`] as written in templates.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = Backoff, description = "Wait between attempts, in seconds as written in templates: `base_seconds`, `max_seconds` and `jitter` for the exponential policy, or `schedule` (with `max_seconds`) for an explicit list of waits.")]
 struct BackoffRepr {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     base_seconds: Option<f64>,
@@ -218,7 +219,7 @@ fn default_max_deferrals() -> i32 {
 }
 
 /// One step of a [`TemplateDefinition`].
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct StepDefinition {
     /// Step name, unique within the template (1–128 characters, identifier rules).
     pub name: String,
@@ -241,6 +242,7 @@ pub struct StepDefinition {
     /// External system the step talks to (tasker-engine key, kept).
     pub dependent_system: Option<String>,
     /// Wait between attempts.
+    #[schema(value_type = BackoffRepr)]
     #[serde(default)]
     pub backoff: Backoff,
     /// How many times a handler may answer "not now" (a deferral, which spends no

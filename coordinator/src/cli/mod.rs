@@ -1,0 +1,687 @@
+//! `tasker`, the command-line client of the coordinator's HTTP API: the commands
+//! (clap), what each one asks the API, and the exit codes. `client` speaks HTTP,
+//! `render` turns the answers into tables and diagrams, `progress` shows a task run.
+
+/// `print!` and friends that ignore a closed pipe (`tasker … | head`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+mod client;
+mod progress;
+mod render;
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::Utc;
+use clap::builder::PossibleValuesParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use client::{Body, Client};
+use render::{Style, text};
+use tasker_shared::states::TaskStatus;
+
+/// How often `--wait` reads the task.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (with --wait: the task is complete)
+  1  the API answered an error, or a template did not apply
+  2  usage error (bad arguments, unreadable file, invalid JSON)
+  3  the coordinator is unreachable
+  4  with --wait: the task ended error, cancelled or resolved_manually
+  5  with --wait: --timeout passed before the task finished";
+
+#[derive(Parser)]
+#[command(
+    name = "tasker",
+    version,
+    about = "Command-line client of Tasker's coordinator API",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    /// Base URL of the coordinator's API.
+    #[arg(
+        long,
+        global = true,
+        env = "TASKER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// Bearer token, sent as `Authorization: Bearer <token>`.
+    #[arg(long, global = true, env = "TASKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// `table` for people; `json` prints the API's JSON as it answered (for scripts).
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        value_enum,
+        default_value_t = Output::Table
+    )]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Register and list workflow templates.
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
+    /// Create, inspect and operate tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+    /// Act on single steps.
+    #[command(subcommand)]
+    Steps(StepsCommand),
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Register a template file, or every *.yaml, *.yml and *.json file of a folder.
+    Apply {
+        /// A template file (YAML or JSON) or a folder of them.
+        path: PathBuf,
+    },
+    /// List the registered templates.
+    List,
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Create a task from a template (optionally wait for it to finish).
+    Create(CreateArgs),
+    /// Show a task and its steps.
+    Get {
+        /// The task id.
+        id: String,
+    },
+    /// List tasks, newest first.
+    List(ListArgs),
+    /// Cancel a pending or running task.
+    Cancel {
+        /// The task id.
+        id: String,
+        /// Why (kept in the task's history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Retry a task in error: its failed steps get a fresh attempt budget.
+    Retry {
+        /// The task id.
+        id: String,
+        /// Why (kept in the task's history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Explain, per step, why it is or is not running.
+    Explain {
+        /// The task id.
+        id: String,
+    },
+    /// Print a Mermaid flowchart of the task's steps, coloured by status.
+    Diagram {
+        /// The task id.
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// The template: NAMESPACE/NAME.
+    template: String,
+    /// Template version (default: the latest).
+    #[arg(long)]
+    version: Option<String>,
+    /// The task's context: a JSON object, `@file.json`, or `@-` for stdin.
+    #[arg(long)]
+    context: Option<String>,
+    /// Creating twice with the same key answers the first task.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Show the task's progress and wait until it finishes.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds (exit code 5).
+    #[arg(long, requires = "wait", value_name = "SECS", value_parser = positive_seconds)]
+    timeout: Option<f64>,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// Only tasks of this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only tasks of templates with this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Only tasks in this status.
+    #[arg(long, value_parser = PossibleValuesParser::new(TaskStatus::ALL.iter().map(|s| s.as_str())))]
+    status: Option<String>,
+    /// Most tasks to show (1–500).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=500))]
+    limit: u16,
+    /// Continue after an earlier page (its `next_cursor`).
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum StepsCommand {
+    /// Resolve a step by hand: it counts as done and its dependents run.
+    Resolve {
+        /// The task id.
+        id: String,
+        /// The step's name.
+        step: String,
+        /// The step's results as its dependents will see them: JSON, `@file.json` or `@-`.
+        #[arg(long)]
+        results: Option<String>,
+        /// Why (kept in the task's history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("`{text}` is not a positive number of seconds")),
+    }
+}
+
+/// Why a command failed; each kind has its exit code.
+#[derive(Debug)]
+pub(crate) enum CliError {
+    /// The API answered an error (exit 1).
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        details: Vec<Value>,
+        /// The body as answered, for `--output json`.
+        body: Value,
+    },
+    /// Something else did not work; already explained where needed (exit 1).
+    Failed(String),
+    /// Bad arguments or input files (exit 2).
+    Usage(String),
+    /// No coordinator at the URL (exit 3).
+    Unreachable(String),
+    /// A waited-for task ended other than `complete` (exit 4).
+    TaskFailed(String),
+    /// `--timeout` passed (exit 5).
+    Timeout(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Api { .. } | CliError::Failed(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unreachable(_) => 3,
+            CliError::TaskFailed(_) => 4,
+            CliError::Timeout(_) => 5,
+        }
+    }
+
+    /// Explain on stderr; with `--output json`, an API error's body goes to stdout too.
+    fn report(&self, output: Output) {
+        match self {
+            CliError::Api {
+                status,
+                code,
+                message,
+                details,
+                body,
+            } => {
+                if output == Output::Json && !body.is_null() {
+                    outln!("{}", pretty(body));
+                }
+                err!("{}", render::api_error(*status, code, message, details));
+            }
+            CliError::Usage(message) => {
+                errln!("error: {message}");
+                errln!("\nFor more information, try '--help'.");
+            }
+            CliError::Failed(message)
+            | CliError::Unreachable(message)
+            | CliError::TaskFailed(message)
+            | CliError::Timeout(message) => errln!("error: {message}"),
+        }
+    }
+}
+
+/// Parse the arguments, run the command, and exit with its code.
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let output = cli.output;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            errln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error.report(output);
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// What every command needs.
+struct Context {
+    client: Client,
+    output: Output,
+    /// Colours on stdout.
+    style: Style,
+}
+
+impl Context {
+    /// Print the answer: its JSON, or the table `render` makes of it.
+    fn print(&self, body: &Value, render: impl FnOnce(&Value, Style) -> String) {
+        match self.output {
+            Output::Json => outln!("{}", pretty(body)),
+            Output::Table => out!("{}", render(body, self.style)),
+        }
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default()
+}
+
+fn colors(terminal: bool) -> Style {
+    Style {
+        color: terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let context = Context {
+        client: Client::new(&cli.url, cli.token.as_deref())?,
+        output: cli.output,
+        style: colors(std::io::stdout().is_terminal()),
+    };
+    match cli.command {
+        Command::Templates(TemplatesCommand::Apply { path }) => apply(&context, &path).await,
+        Command::Templates(TemplatesCommand::List) => {
+            let body = context.client.get(&["v1", "templates"], &[]).await?;
+            context.print(&body, render::template_list);
+            Ok(())
+        }
+        Command::Tasks(TasksCommand::Create(args)) => create(&context, args).await,
+        Command::Tasks(TasksCommand::Get { id }) => {
+            let task = context.client.get(&["v1", "tasks", &id], &[]).await?;
+            context.print(&task, |task, style| render::task(task, style, Utc::now()));
+            Ok(())
+        }
+        Command::Tasks(TasksCommand::List(args)) => list(&context, args).await,
+        Command::Tasks(TasksCommand::Cancel { id, reason }) => {
+            operate(&context, &id, "cancel", reason, "cancelled").await
+        }
+        Command::Tasks(TasksCommand::Retry { id, reason }) => {
+            operate(&context, &id, "retry", reason, "retried").await
+        }
+        Command::Tasks(TasksCommand::Explain { id }) => {
+            let body = context
+                .client
+                .get(&["v1", "tasks", &id, "readiness"], &[])
+                .await?;
+            context.print(&body, render::readiness);
+            Ok(())
+        }
+        Command::Tasks(TasksCommand::Diagram { id }) => {
+            let task = context.client.get(&["v1", "tasks", &id], &[]).await?;
+            context.print(&task, |task, _| render::mermaid(task));
+            Ok(())
+        }
+        Command::Steps(StepsCommand::Resolve {
+            id,
+            step,
+            results,
+            reason,
+        }) => {
+            let mut body = json!({});
+            if let Some(results) = results {
+                body["results"] = json_argument("--results", &results)?;
+            }
+            if let Some(reason) = reason {
+                body["reason"] = json!(reason);
+            }
+            let response = context
+                .client
+                .post(&["v1", "tasks", &id, "steps", &step, "resolve"], body)
+                .await?;
+            if context.output == Output::Table {
+                errln!("resolved step `{step}` of task {id}");
+            }
+            context.print(&response.body, render::step);
+            Ok(())
+        }
+    }
+}
+
+/// A JSON argument: inline JSON, `@path` for a file, `@-` for stdin.
+fn json_argument(flag: &str, argument: &str) -> Result<Value, CliError> {
+    let (source, text) = match argument.strip_prefix('@') {
+        Some("-") => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|error| {
+                    CliError::Usage(format!("{flag} @-: cannot read stdin: {error}"))
+                })?;
+            ("stdin".to_owned(), text)
+        }
+        Some(path) => (
+            path.to_owned(),
+            std::fs::read_to_string(path)
+                .map_err(|error| CliError::Usage(format!("{flag} @{path}: {error}")))?,
+        ),
+        None => ("the argument".to_owned(), argument.to_owned()),
+    };
+    serde_json::from_str(&text)
+        .map_err(|error| CliError::Usage(format!("{flag}: {source} is not valid JSON: {error}")))
+}
+
+// ------------------------------------------------------------- templates ---
+
+/// The template files `path` names: itself, or a folder's `*.yaml`, `*.yml`, `*.json`.
+fn template_files(path: &Path) -> Result<Vec<PathBuf>, CliError> {
+    let metadata = std::fs::metadata(path)
+        .map_err(|error| CliError::Usage(format!("{}: {error}", path.display())))?;
+    if !metadata.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path)
+        .map_err(|error| CliError::Usage(format!("{}: {error}", path.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|file| {
+            file.is_file()
+                && file
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{} holds no *.yaml, *.yml or *.json file",
+            path.display()
+        )));
+    }
+    Ok(files)
+}
+
+/// `templates apply`: register each file; report each; fail if any did not apply.
+async fn apply(context: &Context, path: &Path) -> Result<(), CliError> {
+    let files = template_files(path)?;
+    let style = context.style;
+    let err_style = colors(std::io::stderr().is_terminal());
+    let mut failed = 0;
+    let mut report = Vec::new();
+    let width = files
+        .iter()
+        .map(|f| f.display().to_string().chars().count())
+        .max()
+        .unwrap_or(0);
+    for file in &files {
+        let shown = file.display().to_string();
+        let bytes =
+            std::fs::read(file).map_err(|error| CliError::Usage(format!("{shown}: {error}")))?;
+        let content_type = if file.extension().is_some_and(|e| e == "json") {
+            "application/json"
+        } else {
+            "application/yaml"
+        };
+        let response = context
+            .client
+            .send(
+                Method::POST,
+                &["v1", "templates"],
+                &[],
+                Body::Raw {
+                    content_type,
+                    bytes,
+                },
+            )
+            .await?;
+        let status = response.status;
+        let outcome = match status {
+            StatusCode::CREATED => "created",
+            StatusCode::OK => "unchanged",
+            StatusCode::CONFLICT => "conflict",
+            _ => "failed",
+        };
+        if context.output == Output::Json {
+            report.push(
+                json!({"file": shown, "outcome": outcome, "status": status.as_u16(),
+                               "response": response.body}),
+            );
+            if !status.is_success() {
+                failed += 1;
+            }
+            continue;
+        }
+        if status.is_success() {
+            let body = &response.body;
+            outln!(
+                "{}  {shown:<width$}  {}/{} {}",
+                style.paint(
+                    Some(if status == StatusCode::CREATED {
+                        "32"
+                    } else {
+                        "2"
+                    }),
+                    &format!("{outcome:<9}")
+                ),
+                text(body, "namespace"),
+                text(body, "name"),
+                text(body, "version"),
+            );
+        } else {
+            failed += 1;
+            let CliError::Api {
+                status,
+                code,
+                message,
+                details,
+                ..
+            } = response.into_error()
+            else {
+                unreachable!("into_error answers an API error");
+            };
+            err!(
+                "{}  {shown:<width$}  {}",
+                err_style.paint(Some("31"), &format!("{outcome:<9}")),
+                render::api_error(status, &code, &message, &details).trim_start_matches("error: ")
+            );
+        }
+    }
+    if context.output == Output::Json {
+        outln!("{}", pretty(&Value::Array(report)));
+    }
+    if failed > 0 {
+        return Err(CliError::Failed(format!(
+            "{failed} of {} template file(s) did not apply",
+            files.len()
+        )));
+    }
+    Ok(())
+}
+
+// ----------------------------------------------------------------- tasks ---
+
+/// `tasks create`, and with `--wait` the progress display until the task finishes.
+async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
+    let (namespace, name) = args
+        .template
+        .split_once('/')
+        .filter(|(namespace, name)| !namespace.is_empty() && !name.is_empty())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "`{}` is not NAMESPACE/NAME (for example `shop/order`)",
+                args.template
+            ))
+        })?;
+    let mut body = json!({"namespace": namespace, "name": name});
+    if let Some(version) = &args.version {
+        body["version"] = json!(version);
+    }
+    if let Some(text) = &args.context {
+        body["context"] = json_argument("--context", text)?;
+    }
+    if let Some(key) = &args.idempotency_key {
+        body["idempotency_key"] = json!(key);
+    }
+    let response = context.client.post(&["v1", "tasks"], body).await?;
+    let mut task = response.body;
+    let id = text(&task, "task_id").to_owned();
+    if context.output == Output::Table {
+        if response.status == StatusCode::CREATED {
+            errln!("created task {id}");
+        } else {
+            errln!("task {id} already exists with this idempotency key");
+        }
+    }
+    if !args.wait {
+        context.print(&task, |task, style| render::task(task, style, Utc::now()));
+        return Ok(());
+    }
+
+    let deadline = args
+        .timeout
+        .map(|seconds| Instant::now() + Duration::from_secs_f64(seconds));
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress =
+        progress::Progress::new(terminal, context.output == Output::Json, colors(terminal));
+    loop {
+        progress.update(&task);
+        if render::task_finished(text(&task, "status")) {
+            break;
+        }
+        let next = Instant::now() + POLL_INTERVAL;
+        if let Some(deadline) = deadline
+            && next > deadline
+        {
+            tokio::time::sleep_until(deadline).await;
+            task = context.client.get(&["v1", "tasks", &id], &[]).await?;
+            progress.update(&task);
+            if render::task_finished(text(&task, "status")) {
+                break;
+            }
+            if context.output == Output::Table {
+                outln!();
+            }
+            context.print(&task, |task, style| render::task(task, style, Utc::now()));
+            return Err(CliError::Timeout(format!(
+                "task {id} is still {} after {}s",
+                text(&task, "status"),
+                args.timeout.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep_until(next).await;
+        task = context.client.get(&["v1", "tasks", &id], &[]).await?;
+    }
+    if context.output == Output::Table {
+        outln!();
+    }
+    context.print(&task, |task, style| render::task(task, style, Utc::now()));
+    match text(&task, "status") {
+        "complete" => Ok(()),
+        status => Err(CliError::TaskFailed(format!("task {id} ended {status}"))),
+    }
+}
+
+/// `tasks list`.
+async fn list(context: &Context, args: ListArgs) -> Result<(), CliError> {
+    let mut query = vec![("limit", args.limit.to_string())];
+    for (key, value) in [
+        ("namespace", args.namespace),
+        ("name", args.name),
+        ("status", args.status),
+        ("cursor", args.cursor),
+    ] {
+        if let Some(value) = value {
+            query.push((key, value));
+        }
+    }
+    let body = context.client.get(&["v1", "tasks"], &query).await?;
+    context.print(&body, render::task_list);
+    if context.output == Output::Table
+        && let Some(cursor) = body["next_cursor"].as_str()
+    {
+        errln!("more tasks: add --cursor {cursor}");
+    }
+    Ok(())
+}
+
+/// `tasks cancel` and `tasks retry`: post `{"reason"?}`, show the task as it is now.
+async fn operate(
+    context: &Context,
+    id: &str,
+    action: &str,
+    reason: Option<String>,
+    done: &str,
+) -> Result<(), CliError> {
+    let body = match reason {
+        Some(reason) => json!({"reason": reason}),
+        None => json!({}),
+    };
+    let response = context
+        .client
+        .post(&["v1", "tasks", id, action], body)
+        .await?;
+    if context.output == Output::Table {
+        errln!("{done} task {id}");
+    }
+    context.print(&response.body, |task, style| {
+        render::task(task, style, Utc::now())
+    });
+    Ok(())
+}

@@ -1,0 +1,753 @@
+//! Turning the API's JSON into text for people: tables, the task view, the readiness
+//! explanation, API errors and the Mermaid diagram. Pure functions of the JSON, so they
+//! are tested without a coordinator.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+/// Whether to colour the output (ANSI escapes).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Style {
+    pub(crate) color: bool,
+}
+
+impl Style {
+    #[cfg(test)]
+    pub(crate) const PLAIN: Style = Style { color: false };
+
+    /// `text` in the colour of a task or step status.
+    pub(crate) fn status(self, status: &str) -> String {
+        self.paint(status_color(status), status)
+    }
+
+    /// `text` in an ANSI colour (an SGR code such as `"31"`), when colouring.
+    pub(crate) fn paint(self, code: Option<&str>, text: &str) -> String {
+        match code {
+            Some(code) if self.color => format!("\x1b[{code}m{text}\x1b[0m"),
+            _ => text.to_owned(),
+        }
+    }
+
+    pub(crate) fn bold(self, text: &str) -> String {
+        self.paint(Some("1"), text)
+    }
+
+    pub(crate) fn dim(self, text: &str) -> String {
+        self.paint(Some("2"), text)
+    }
+}
+
+/// The terminal colour of a status: complete green, error red, running blue, retrying
+/// orange (yellow), pending grey, cancelled magenta, resolved by hand cyan.
+pub(crate) fn status_color(status: &str) -> Option<&'static str> {
+    match status {
+        "complete" => Some("32"),
+        "error" => Some("31"),
+        "in_progress" | "enqueued" => Some("34"),
+        "waiting_for_retry" => Some("33"),
+        "pending" => Some("90"),
+        "cancelled" => Some("35"),
+        "resolved_manually" => Some("36"),
+        _ => None,
+    }
+}
+
+/// Whether a task in this status changes no more without an operator.
+pub(crate) fn task_finished(status: &str) -> bool {
+    matches!(
+        status,
+        "complete" | "error" | "cancelled" | "resolved_manually"
+    )
+}
+
+// ---------------------------------------------------------------- tables ---
+
+/// A table with a header row; columns are padded to their widest cell.
+pub(crate) struct Table {
+    headers: Vec<&'static str>,
+    rows: Vec<Vec<Cell>>,
+}
+
+/// One cell: its text, and the colour to paint it in.
+pub(crate) struct Cell {
+    text: String,
+    color: Option<&'static str>,
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Self {
+        Cell { text, color: None }
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Self {
+        Cell {
+            text: text.to_owned(),
+            color: None,
+        }
+    }
+}
+
+impl Cell {
+    /// A status, coloured by [`status_color`].
+    pub(crate) fn status(status: &str) -> Self {
+        Cell {
+            text: status.to_owned(),
+            color: status_color(status),
+        }
+    }
+}
+
+impl Table {
+    pub(crate) fn new(headers: &[&'static str]) -> Self {
+        Table {
+            headers: headers.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub(crate) fn row(&mut self, cells: Vec<Cell>) {
+        self.rows.push(cells);
+    }
+
+    pub(crate) fn render(&self, style: Style) -> String {
+        let columns = self.headers.len();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| width(h)).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                widths[i] = widths[i].max(width(&cell.text));
+            }
+        }
+        let mut out = String::new();
+        let line = |out: &mut String, cells: Vec<(String, Option<&str>)>| {
+            let last = cells.len().saturating_sub(1);
+            let mut text = String::new();
+            for (i, (cell, color)) in cells.into_iter().enumerate() {
+                let pad = widths[i].saturating_sub(width(&cell));
+                text.push_str(&style.paint(color, &cell));
+                if i < last {
+                    text.push_str(&" ".repeat(pad + 2));
+                }
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        };
+        line(
+            &mut out,
+            self.headers
+                .iter()
+                .map(|h| ((*h).to_owned(), Some("1")))
+                .collect(),
+        );
+        for row in &self.rows {
+            line(
+                &mut out,
+                (0..columns)
+                    .map(|i| {
+                        row.get(i)
+                            .map_or((String::new(), None), |c| (c.text.clone(), c.color))
+                    })
+                    .collect(),
+            );
+        }
+        out
+    }
+}
+
+/// Display width of a cell (one column per character; the API's names are ASCII).
+fn width(text: &str) -> usize {
+    text.chars().count()
+}
+
+/// `text` cut to `max` characters, with `…` when cut; newlines become spaces.
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let mut cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+// ------------------------------------------------------------ formatting ---
+
+pub(crate) fn text<'a>(value: &'a Value, key: &str) -> &'a str {
+    value[key].as_str().unwrap_or_default()
+}
+
+pub(crate) fn time(value: &Value, key: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(value[key].as_str()?)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// `1.23s`, `450ms`, `2m05s`, `1h02m`.
+pub(crate) fn duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0);
+    if seconds < 1.0 {
+        format!("{}ms", (seconds * 1000.0).round() as u64)
+    } else if seconds < 60.0 {
+        format!("{seconds:.2}s")
+    } else if seconds < 3600.0 {
+        let whole = seconds.round() as u64;
+        format!("{}m{:02}s", whole / 60, whole % 60)
+    } else {
+        let minutes = (seconds / 60.0).round() as u64;
+        format!("{}h{:02}m", minutes / 60, minutes % 60)
+    }
+}
+
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_milliseconds() as f64 / 1000.0
+}
+
+/// How long a step ran: until it completed, or until now while it runs (`…` after).
+pub(crate) fn step_duration(step: &Value, now: DateTime<Utc>) -> String {
+    match (time(step, "started_at"), time(step, "completed_at")) {
+        (Some(start), Some(end)) => duration(seconds_between(start, end)),
+        (Some(start), None) if text(step, "status") == "in_progress" => {
+            format!("{}…", duration(seconds_between(start, now)))
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+/// `attempts/retry_limit`.
+pub(crate) fn attempts(step: &Value) -> String {
+    format!(
+        "{}/{}",
+        step["attempts"].as_i64().unwrap_or(0),
+        step["retry_limit"].as_i64().unwrap_or(0)
+    )
+}
+
+/// A step's `last_error` in one line: `kind code: message`.
+pub(crate) fn last_error(step: &Value) -> String {
+    let error = &step["last_error"];
+    if !error.is_object() {
+        return String::new();
+    }
+    let mut label = text(error, "kind").to_owned();
+    if let Some(code) = error["code"]
+        .as_str()
+        .filter(|c| !c.is_empty() && *c != label)
+    {
+        if !label.is_empty() {
+            label.push(' ');
+        }
+        label.push_str(code);
+    }
+    let mut message = text(error, "message");
+    // Handlers often start their message with the code; say it once.
+    if let Some(code) = error["code"].as_str().filter(|c| !c.is_empty())
+        && let Some(rest) = message.strip_prefix(code).and_then(|r| r.strip_prefix(':'))
+    {
+        message = rest.trim_start();
+    }
+    match (label.is_empty(), message.is_empty()) {
+        (true, _) => message.to_owned(),
+        (false, true) => label,
+        (false, false) => format!("{label}: {message}"),
+    }
+}
+
+fn full_time(time: DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string()
+}
+
+fn compact_json(value: &Value) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+// ----------------------------------------------------------------- views ---
+
+/// A task: a header of `key  value` lines, then its steps.
+pub(crate) fn task(task: &Value, style: Style, now: DateTime<Utc>) -> String {
+    let mut header: Vec<(&str, String)> = vec![
+        ("Task", style.bold(text(task, "task_id"))),
+        (
+            "Template",
+            format!(
+                "{}/{} {}",
+                text(task, "namespace"),
+                text(task, "name"),
+                text(task, "version")
+            ),
+        ),
+        ("Status", style.status(text(task, "status"))),
+    ];
+    let execution = &task["execution"];
+    if execution.is_object() {
+        let mut progress = format!(
+            "{}/{} steps done ({:.0}%)",
+            execution["completed_steps"].as_i64().unwrap_or(0),
+            execution["total_steps"].as_i64().unwrap_or(0),
+            execution["completion_percentage"].as_f64().unwrap_or(0.0)
+        );
+        for key in ["execution_status", "health"] {
+            let value = text(execution, key);
+            if !value.is_empty() {
+                let _ = write!(progress, ", {value}");
+            }
+        }
+        let action = text(execution, "recommended_action");
+        if !action.is_empty() && action != "none" {
+            let _ = write!(progress, " (next: {action})");
+        }
+        header.push(("Progress", progress));
+    }
+    if let Some(created) = time(task, "created_at") {
+        header.push(("Created", full_time(created)));
+        if let Some(completed) = time(task, "completed_at") {
+            header.push((
+                "Finished",
+                format!(
+                    "{} (took {})",
+                    full_time(completed),
+                    duration(seconds_between(created, completed))
+                ),
+            ));
+        }
+    }
+    for (label, key) in [
+        ("Key", "idempotency_key"),
+        ("Initiator", "initiator"),
+        ("Source", "source_system"),
+        ("Reason", "reason"),
+    ] {
+        if let Some(value) = task[key].as_str() {
+            header.push((label, value.to_owned()));
+        }
+    }
+    if task["context"].is_object() {
+        header.push(("Context", truncate(&compact_json(&task["context"]), 100)));
+    }
+
+    let mut out = String::new();
+    for (label, value) in header {
+        let _ = writeln!(out, "{label:<9} {value}");
+    }
+    let steps = task["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if !steps.is_empty() {
+        out.push('\n');
+        out.push_str(&steps_table(steps, style, now));
+    }
+    out
+}
+
+/// The steps of a task: name, status, attempts, started, duration, last error.
+pub(crate) fn steps_table(steps: &[Value], style: Style, now: DateTime<Utc>) -> String {
+    let mut table = Table::new(&[
+        "STEP",
+        "STATUS",
+        "ATTEMPTS",
+        "STARTED",
+        "DURATION",
+        "LAST ERROR",
+    ]);
+    for step in steps {
+        let started = time(step, "started_at")
+            .map(|t| t.format("%H:%M:%S%.3f").to_string())
+            .unwrap_or_else(|| "-".into());
+        table.row(vec![
+            text(step, "name").into(),
+            Cell::status(text(step, "status")),
+            attempts(step).into(),
+            started.into(),
+            step_duration(step, now).into(),
+            truncate(&last_error(step), 80).into(),
+        ]);
+    }
+    table.render(style)
+}
+
+/// One step (as `POST …/resolve` answers it).
+pub(crate) fn step(step: &Value, style: Style) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<9} {}", "Step", style.bold(text(step, "name")));
+    let _ = writeln!(
+        out,
+        "{:<9} {}",
+        "Status",
+        style.status(text(step, "status"))
+    );
+    let _ = writeln!(out, "{:<9} {}", "Handler", text(step, "handler"));
+    let _ = writeln!(out, "{:<9} {}", "Attempts", attempts(step));
+    if !step["results"].is_null() {
+        let _ = writeln!(
+            out,
+            "{:<9} {}",
+            "Results",
+            truncate(&compact_json(&step["results"]), 200)
+        );
+    }
+    let error = last_error(step);
+    if !error.is_empty() {
+        let _ = writeln!(out, "{:<9} {error}", "Error");
+    }
+    out
+}
+
+/// `GET /v1/tasks`: one line per task.
+pub(crate) fn task_list(body: &Value, style: Style) -> String {
+    let tasks = body["tasks"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if tasks.is_empty() {
+        return "no tasks\n".to_owned();
+    }
+    let mut table = Table::new(&["TASK", "TEMPLATE", "VERSION", "STATUS", "CREATED", "TOOK"]);
+    for task in tasks {
+        let took = match (time(task, "created_at"), time(task, "completed_at")) {
+            (Some(start), Some(end)) => duration(seconds_between(start, end)),
+            _ => "-".to_owned(),
+        };
+        table.row(vec![
+            text(task, "task_id").into(),
+            format!("{}/{}", text(task, "namespace"), text(task, "name")).into(),
+            text(task, "version").into(),
+            Cell::status(text(task, "status")),
+            time(task, "created_at")
+                .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                .unwrap_or_default()
+                .into(),
+            took.into(),
+        ]);
+    }
+    table.render(style)
+}
+
+/// `GET /v1/templates`.
+pub(crate) fn template_list(body: &Value, style: Style) -> String {
+    let templates = body["templates"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if templates.is_empty() {
+        return "no templates\n".to_owned();
+    }
+    let mut table = Table::new(&["NAMESPACE", "NAME", "VERSION", "STEPS", "DESCRIPTION"]);
+    for template in templates {
+        table.row(vec![
+            text(template, "namespace").into(),
+            text(template, "name").into(),
+            text(template, "version").into(),
+            template["step_count"]
+                .as_i64()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+                .into(),
+            truncate(text(template, "description"), 60).into(),
+        ]);
+    }
+    table.render(style)
+}
+
+/// `GET /v1/tasks/{id}/readiness`: one line per step, why it is (not) running.
+pub(crate) fn readiness(body: &Value, style: Style) -> String {
+    let steps = body["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let mut table = Table::new(&["STEP", "STATUS", "REASON", "MESSAGE"]);
+    for step in steps {
+        let reason = text(step, "reason");
+        table.row(vec![
+            text(step, "name").into(),
+            Cell::status(text(step, "status")),
+            Cell {
+                text: reason.to_owned(),
+                color: if step["ready"].as_bool() == Some(true) {
+                    Some("32")
+                } else {
+                    None
+                },
+            },
+            text(step, "message").into(),
+        ]);
+    }
+    table.render(style)
+}
+
+/// An API error in a few lines: `error: code (status): message`, then each detail.
+pub(crate) fn api_error(status: u16, code: &str, message: &str, details: &[Value]) -> String {
+    let mut out = format!("error: {code} (HTTP {status})");
+    if !message.is_empty() {
+        let _ = write!(out, ": {message}");
+    }
+    out.push('\n');
+    for detail in details {
+        let _ = writeln!(out, "  - {}", detail_line(detail));
+    }
+    out
+}
+
+/// One entry of an error's `details`: `path: message (code)` when it has those fields.
+fn detail_line(detail: &Value) -> String {
+    let Some(message) = detail["message"].as_str() else {
+        return compact_json(detail);
+    };
+    let mut line = String::new();
+    if let Some(path) = detail["path"].as_str().filter(|p| !p.is_empty()) {
+        let _ = write!(line, "{path}: ");
+    }
+    line.push_str(message);
+    if let Some(code) = detail["code"].as_str().filter(|c| !c.is_empty()) {
+        let _ = write!(line, " ({code})");
+    }
+    line
+}
+
+// --------------------------------------------------------------- mermaid ---
+
+/// The colours of the diagram's statuses (Mermaid `classDef` bodies).
+const CLASS_DEFS: &[(&str, &str)] = &[
+    ("complete", "fill:#d4edda,stroke:#28a745,color:#155724"),
+    ("error", "fill:#f8d7da,stroke:#dc3545,color:#721c24"),
+    ("in_progress", "fill:#cce5ff,stroke:#0d6efd,color:#084298"),
+    (
+        "enqueued",
+        "fill:#e7f1ff,stroke:#0d6efd,color:#084298,stroke-dasharray:4 2",
+    ),
+    (
+        "waiting_for_retry",
+        "fill:#ffe5d0,stroke:#fd7e14,color:#8a4500",
+    ),
+    ("pending", "fill:#eeeeee,stroke:#9e9e9e,color:#424242"),
+    (
+        "cancelled",
+        "fill:#f5f5f5,stroke:#343a40,color:#6c757d,stroke-dasharray:5 5",
+    ),
+    (
+        "resolved_manually",
+        "fill:#e2d9f3,stroke:#6f42c1,color:#3d2373",
+    ),
+];
+
+/// Words a Mermaid flowchart does not accept as a node id.
+const MERMAID_KEYWORDS: &[&str] = &[
+    "end",
+    "graph",
+    "flowchart",
+    "subgraph",
+    "style",
+    "class",
+    "classdef",
+    "click",
+    "linkstyle",
+    "direction",
+    "default",
+    "call",
+    "href",
+];
+
+/// A Mermaid `flowchart TD` of the task's steps: one node per step labelled
+/// `name<br/>status`, an edge from each parent, and a `classDef` per status shown.
+pub(crate) fn mermaid(task: &Value) -> String {
+    let steps = task["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let names: Vec<&str> = steps.iter().map(|s| text(s, "name")).collect();
+    let ids = node_ids(&names);
+    let id_of = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| ids[i].clone())
+    };
+
+    let mut out = String::from("flowchart TD\n");
+    let _ = writeln!(
+        out,
+        "    %% task {} {}/{} {}: {}",
+        text(task, "task_id"),
+        text(task, "namespace"),
+        text(task, "name"),
+        text(task, "version"),
+        text(task, "status")
+    );
+    let mut used: Vec<&str> = Vec::new();
+    for (step, id) in steps.iter().zip(&ids) {
+        let status = text(step, "status");
+        let class = CLASS_DEFS
+            .iter()
+            .map(|(name, _)| *name)
+            .find(|name| *name == status);
+        let _ = write!(
+            out,
+            "    {id}[\"{}<br/>{}\"]",
+            mermaid_escape(text(step, "name")),
+            mermaid_escape(status)
+        );
+        if let Some(class) = class {
+            let _ = write!(out, ":::{class}");
+            if !used.contains(&class) {
+                used.push(class);
+            }
+        }
+        out.push('\n');
+    }
+    for (step, id) in steps.iter().zip(&ids) {
+        for parent in step["depends_on"].as_array().into_iter().flatten() {
+            if let Some(parent) = parent.as_str().and_then(id_of) {
+                let _ = writeln!(out, "    {parent} --> {id}");
+            }
+        }
+    }
+    for (name, body) in CLASS_DEFS {
+        if used.contains(name) {
+            let _ = writeln!(out, "    classDef {name} {body}");
+        }
+    }
+    out
+}
+
+/// Node ids: the step's name where Mermaid takes it as an id, else `step_<n>`.
+fn node_ids(names: &[&str]) -> Vec<String> {
+    let safe = |name: &str| {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !MERMAID_KEYWORDS.contains(&name.to_ascii_lowercase().as_str())
+    };
+    let mut ids: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let mut id = if safe(name) {
+            (*name).to_owned()
+        } else {
+            format!("step_{}", i + 1)
+        };
+        while ids.contains(&id) {
+            id.push('_');
+        }
+        ids.push(id);
+    }
+    ids
+}
+
+/// Text safe inside a quoted Mermaid label.
+fn mermaid_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("#quot;"),
+            '<' => out.push_str("#lt;"),
+            '>' => out.push_str("#gt;"),
+            '#' => out.push_str("#35;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn sample_task() -> Value {
+        json!({
+            "task_id": "0195f3c2-0000-7000-8000-000000000001",
+            "namespace": "shop", "name": "order", "version": "1.0.0",
+            "status": "error",
+            "context": {"order": 7},
+            "created_at": "2025-03-01T10:00:00Z",
+            "completed_at": "2025-03-01T10:00:02.500Z",
+            "execution": {"total_steps": 3, "completed_steps": 1, "completion_percentage": 33.3,
+                          "execution_status": "blocked_by_failures", "health": "blocked",
+                          "recommended_action": "handle_failures"},
+            "steps": [
+                {"name": "fetch", "status": "complete", "attempts": 1, "retry_limit": 3,
+                 "depends_on": [], "started_at": "2025-03-01T10:00:00.100Z",
+                 "completed_at": "2025-03-01T10:00:00.350Z"},
+                {"name": "charge", "status": "error", "attempts": 3, "retry_limit": 3,
+                 "depends_on": ["fetch"], "started_at": "2025-03-01T10:00:01Z",
+                 "completed_at": "2025-03-01T10:00:02Z",
+                 "last_error": {"kind": "permanent", "code": "declined", "message": "card declined"}},
+                {"name": "end", "status": "pending", "attempts": 0, "retry_limit": 3,
+                 "depends_on": ["fetch", "charge"]}
+            ]
+        })
+    }
+
+    #[test]
+    fn the_task_view_shows_the_header_and_every_step() {
+        let text = task(&sample_task(), Style::PLAIN, Utc::now());
+        assert!(text.contains("Template  shop/order 1.0.0"), "{text}");
+        assert!(
+            text.contains("1/3 steps done (33%), blocked_by_failures, blocked"),
+            "{text}"
+        );
+        assert!(text.contains("took 2.50s"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("STEP")).unwrap();
+        assert!(lines[header].contains("ATTEMPTS") && lines[header].contains("LAST ERROR"));
+        assert!(lines[header + 1].starts_with("fetch "));
+        assert!(lines[header + 1].contains("250ms"), "{}", lines[header + 1]);
+        assert!(
+            lines[header + 2].contains("permanent declined: card declined"),
+            "{}",
+            lines[header + 2]
+        );
+        assert!(lines[header + 3].contains("0/3"));
+        // Columns line up: STATUS starts at the same place on every row.
+        let column = lines[header].find("STATUS").unwrap();
+        assert_eq!(lines[header + 1].find("complete"), Some(column));
+        assert_eq!(lines[header + 2].find("error"), Some(column));
+    }
+
+    #[test]
+    fn the_diagram_has_nodes_edges_and_status_classes() {
+        let text = mermaid(&sample_task());
+        assert!(text.starts_with("flowchart TD\n"));
+        assert!(text.contains("    fetch[\"fetch<br/>complete\"]:::complete"));
+        // `end` is a Mermaid keyword: its node gets another id, its label keeps the name.
+        assert!(text.contains("    step_3[\"end<br/>pending\"]:::pending"));
+        assert!(text.contains("    fetch --> charge\n"));
+        assert!(text.contains("    fetch --> step_3\n"));
+        assert!(text.contains("    charge --> step_3\n"));
+        assert!(text.contains("classDef complete fill:#d4edda"));
+        assert!(text.contains("classDef error "));
+        assert!(!text.contains("classDef cancelled"), "only used classes");
+    }
+
+    #[test]
+    fn labels_are_escaped_and_ids_unique() {
+        assert_eq!(mermaid_escape("a \"b\" <c>"), "a #quot;b#quot; #lt;c#gt;");
+        assert_eq!(
+            node_ids(&["a-b", "step_1", "ok", "End"]),
+            ["step_1", "step_1_", "ok", "step_4"]
+        );
+    }
+
+    #[test]
+    fn api_errors_list_their_details() {
+        let text = api_error(
+            422,
+            "invalid_context",
+            "1 problem",
+            &[
+                json!({"path": "/who", "code": "type", "message": "7 is not a string"}),
+                json!({"other": 1}),
+            ],
+        );
+        assert_eq!(
+            text,
+            "error: invalid_context (HTTP 422): 1 problem\n  - /who: 7 is not a string (type)\n  - {\"other\":1}\n"
+        );
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(0.0123), "12ms");
+        assert_eq!(duration(2.5), "2.50s");
+        assert_eq!(duration(125.0), "2m05s");
+        assert_eq!(duration(3720.0), "1h02m");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+    }
+}

@@ -1,0 +1,400 @@
+//! The API described as OpenAPI 3.1 ([`ApiDoc`]), served at `GET /openapi.json`.
+//!
+//! Each handler carries its own `#[utoipa::path]`; [`ApiDoc`] lists them and the
+//! components. The tests below keep the description and the route table
+//! ([`super::routes`]) equal.
+
+use std::sync::LazyLock;
+
+use axum::Json;
+use utoipa::openapi::schema::{Schema, SchemaType, Type};
+use utoipa::openapi::{RefOr, Required};
+use utoipa::{Modify, OpenApi};
+
+use super::error::{ErrorBody, ErrorDetail};
+use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
+use super::operate::{self, ReadinessView, ReasonRequest, ResolveRequest, TransitionHistory};
+use super::tasks::{self, CreateTaskRequest, TaskPage, TaskView};
+use super::templates::{self, TemplateDocument, TemplateList};
+use tasker_shared::states::{StepStatus, TaskStatus};
+use tasker_shared::store::inspect::{ExecutionContext, StepReadiness, Transition};
+use tasker_shared::store::tasks::{StepRecord, TaskRecord};
+use tasker_shared::store::templates::{TemplateRecord, TemplateSummary};
+use tasker_shared::template::{StepDefinition, TemplateDefinition};
+
+/// The coordinator's HTTP API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tasker coordinator API",
+        description = "Register workflow templates, create tasks from them, follow and operate \
+            them. Every error answers `{\"error\": {\"code\", \"message\", \"details\"}}` \
+            (`ErrorBody`); unknown routes answer 404 with the code `route_not_found`."
+    ),
+    paths(
+        templates::create,
+        templates::list,
+        templates::get,
+        tasks::create,
+        tasks::list,
+        tasks::get,
+        operate::cancel,
+        operate::retry,
+        operate::resolve,
+        operate::readiness,
+        operate::history,
+        health::live,
+        health::ready,
+        health::status,
+        health::metrics,
+        document,
+    ),
+    components(schemas(
+        TemplateDocument,
+        TemplateRecord,
+        TemplateDefinition,
+        StepDefinition,
+        TemplateSummary,
+        TemplateList,
+        CreateTaskRequest,
+        TaskView,
+        TaskRecord,
+        TaskStatus,
+        StepRecord,
+        StepStatus,
+        ExecutionContext,
+        TaskPage,
+        ReasonRequest,
+        ResolveRequest,
+        ReadinessView,
+        StepReadiness,
+        TransitionHistory,
+        Transition,
+        Live,
+        Ready,
+        Status,
+        Checks,
+        Check,
+        Counts,
+        WorkerStatus,
+        ErrorBody,
+        ErrorDetail,
+    )),
+    tags(
+        (name = "templates", description = "Workflow templates."),
+        (name = "tasks", description = "Tasks: creating and reading them."),
+        (name = "operate", description = "Operator controls and the views that explain a task."),
+        (name = "health", description = "Liveness, readiness, status and metrics."),
+        (name = "meta", description = "This description."),
+    ),
+    modifiers(&OptionalBodies),
+)]
+pub(crate) struct ApiDoc;
+
+/// utoipa writes an optional request body (`Option<T>`) as `oneOf: [null, T]`. The
+/// optional bodies of this API may be empty or absent, but never `null` (that is a 422),
+/// so this keeps just `T`, in a body that stays not required.
+struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let is_null = |schema: &RefOr<Schema>| {
+            matches!(schema, RefOr::T(Schema::Object(object))
+                if object.schema_type == SchemaType::Type(Type::Null))
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            let bodies = operations
+                .into_iter()
+                .flatten()
+                .filter_map(|operation| operation.request_body.as_mut())
+                .filter(|body| body.required != Some(Required::True));
+            for body in bodies {
+                for content in body.content.values_mut() {
+                    if let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema
+                        && let [first, second] = one_of.items.as_slice()
+                        && is_null(first) != is_null(second)
+                    {
+                        let kept = if is_null(first) { second } else { first };
+                        content.schema = Some(kept.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Built once: the description does not change while the process runs.
+static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::openapi);
+
+/// This API's OpenAPI 3.1 description.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    operation_id = "openapi",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document describing this API.",
+            body = serde_json::Value, content_type = "application/json"),
+    ),
+)]
+pub(crate) async fn document() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(&DOCUMENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    /// The methods an OpenAPI path item can hold, as its JSON keys.
+    const METHODS: &[&str] = &[
+        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+    ];
+
+    fn doc() -> Value {
+        serde_json::to_value(ApiDoc::openapi()).expect("the document serialises")
+    }
+
+    /// The document as read by an OpenAPI 3.1 parser independent of utoipa.
+    fn spec() -> oas3::Spec {
+        let text = ApiDoc::openapi()
+            .to_json()
+            .expect("the document serialises");
+        oas3::from_json(text).expect("the document parses as OpenAPI 3.1")
+    }
+
+    /// Every route is described, and every description is a route.
+    ///
+    /// The router cannot be listed (axum has no route listing) nor probed here (its
+    /// `AppState` needs a live RabbitMQ connection), so the route table is the one source
+    /// of truth: `router()` is built only from `routes()` — each entry names its method
+    /// once, for both the table and the handler's `MethodRouter` — and this test compares
+    /// that table's `(method, path)` set with the `ApiDoc`'s, both ways. Adding a route to
+    /// the table without a `#[utoipa::path]` listed in `ApiDoc` fails here, and so does a
+    /// described path that is not routed (or a method or path spelled differently).
+    /// [`router_is_built_only_from_the_route_table`] closes the remaining way around: a
+    /// route added to the router directly, beside the table.
+    #[test]
+    fn every_route_is_described_and_every_description_is_routed() {
+        let routed: BTreeSet<(String, String)> = super::super::routes()
+            .iter()
+            .map(|route| (route.method.to_string(), route.path.to_owned()))
+            .collect();
+        assert_eq!(
+            routed.len(),
+            super::super::routes().len(),
+            "a route is listed twice in routes()"
+        );
+        let described: BTreeSet<(String, String)> = spec()
+            .operations()
+            .map(|(path, method, _)| (method.to_string(), path))
+            .collect();
+        let undescribed: Vec<_> = routed.difference(&described).collect();
+        let unrouted: Vec<_> = described.difference(&routed).collect();
+        assert!(
+            undescribed.is_empty() && unrouted.is_empty(),
+            "routes without a description in ApiDoc: {undescribed:?}; \
+             descriptions in ApiDoc without a route: {unrouted:?}"
+        );
+    }
+
+    /// `http/mod.rs` builds the router from `routes()` alone: it has exactly one call that
+    /// adds a route (the fold over the table) and none that adds routes another way. The
+    /// router is also built, so overlapping or malformed paths in the table panic here.
+    #[test]
+    fn router_is_built_only_from_the_route_table() {
+        let source = include_str!("mod.rs");
+        assert_eq!(
+            source.matches(".route(").count(),
+            1,
+            "http/mod.rs must add routes only by folding over routes()"
+        );
+        for other in [".route_service(", ".nest(", ".nest_service(", ".merge("] {
+            assert!(
+                !source.contains(other),
+                "http/mod.rs adds routes with `{other}`, beside routes(): add them to routes()"
+            );
+        }
+        let _router = super::super::stateless_router(1024);
+    }
+
+    /// The document is OpenAPI 3.1 JSON: it reads back, unchanged, through an OpenAPI 3.1
+    /// model independent of utoipa (`oas3`, which drops only the JSON Schema keyword
+    /// `propertyNames`; utoipa's own types cannot read back an any-value schema `{}`,
+    /// utoipa issue #1192), every reference points at a component,
+    /// every operation id is unique, every path parameter is declared and every operation
+    /// has a success answer and the error body for its errors.
+    #[test]
+    fn document_is_valid_openapi_3_1() {
+        let text = ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the document serialises");
+        let value: Value = serde_json::from_str(&text).expect("the document is JSON");
+        let version = value["openapi"].as_str().expect("`openapi` is a string");
+        assert!(version.starts_with("3.1"), "openapi is {version}");
+        let spec: oas3::Spec = serde_json::from_str(&text).expect("the document is OpenAPI");
+        spec.validate_version()
+            .expect("the document's version is OpenAPI 3.1");
+        let mut expected = value.clone();
+        strip_property_names(&mut expected);
+        assert_eq!(
+            serde_json::to_value(&spec).expect("it serialises again"),
+            expected,
+            "the document changed in a serde round trip"
+        );
+
+        let schemas = value["components"]["schemas"]
+            .as_object()
+            .expect("components.schemas");
+        let mut references = Vec::new();
+        collect_refs(&value, &mut references);
+        assert!(!references.is_empty());
+        for reference in references {
+            let name = reference
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("unexpected reference {reference}"));
+            assert!(schemas.contains_key(name), "dangling reference {reference}");
+        }
+        for name in [
+            "TaskView",
+            "TaskRecord",
+            "StepRecord",
+            "TemplateRecord",
+            "TemplateDefinition",
+            "StepReadiness",
+            "Transition",
+            "ExecutionContext",
+            "Live",
+            "Ready",
+            "Status",
+            "ErrorBody",
+            "CreateTaskRequest",
+            "Backoff",
+        ] {
+            assert!(schemas.contains_key(name), "component {name} is missing");
+        }
+
+        let mut operation_ids = BTreeSet::new();
+        for (path, item) in value["paths"].as_object().expect("paths") {
+            let in_path: BTreeSet<&str> = path
+                .split('/')
+                .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            for method in METHODS {
+                let Some(operation) = item.get(*method) else {
+                    continue;
+                };
+                let id = operation["operationId"].as_str().expect("an operationId");
+                assert!(operation_ids.insert(id), "operationId {id} is used twice");
+                let declared: BTreeSet<&str> = operation["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|parameter| parameter["in"] == "path")
+                    .map(|parameter| parameter["name"].as_str().expect("a name"))
+                    .collect();
+                assert_eq!(in_path, declared, "{method} {path}: path parameters");
+                let responses = operation["responses"].as_object().expect("responses");
+                assert!(
+                    responses.keys().any(|status| status.starts_with('2')),
+                    "{method} {path} has no success answer"
+                );
+                for (status, response) in responses {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert_eq!(
+                            response["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ErrorBody",
+                            "{method} {path} {status} is not an ErrorBody"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove every `propertyNames` (of map schemas), which `oas3` does not model.
+    fn strip_property_names(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("propertyNames");
+                map.values_mut().for_each(strip_property_names);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip_property_names),
+            _ => {}
+        }
+    }
+
+    fn collect_refs(value: &Value, into: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, inner) in map {
+                    match (key.as_str(), inner) {
+                        ("$ref", Value::String(reference)) => into.push(reference.clone()),
+                        _ => collect_refs(inner, into),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| collect_refs(item, into)),
+            _ => {}
+        }
+    }
+
+    /// The documentation-only request bodies name exactly the fields the handlers read.
+    #[test]
+    fn request_schemas_match_the_fields_the_handlers_read() {
+        let doc = doc();
+        let fields = |schema: &str| -> BTreeSet<String> {
+            doc["components"]["schemas"][schema]["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{schema} has properties"))
+                .keys()
+                .cloned()
+                .collect()
+        };
+        let set = |list: &[&str]| -> BTreeSet<String> {
+            list.iter().map(|field| (*field).to_owned()).collect()
+        };
+        assert_eq!(fields("CreateTaskRequest"), set(tasks::CREATE_FIELDS));
+        assert_eq!(fields("ReasonRequest"), set(operate::REASON_FIELDS));
+        assert_eq!(fields("ResolveRequest"), set(operate::RESOLVE_FIELDS));
+        assert_eq!(
+            doc["components"]["schemas"]["CreateTaskRequest"]["required"],
+            serde_json::json!(["namespace", "name"])
+        );
+        for path in [
+            "/v1/tasks/{task_id}/cancel",
+            "/v1/tasks/{task_id}/retry",
+            "/v1/tasks/{task_id}/steps/{step_name}/resolve",
+        ] {
+            let body = &doc["paths"][path]["post"]["requestBody"];
+            assert_ne!(body["required"], true, "{path}: the body is optional");
+            let schema = &body["content"]["application/json"]["schema"];
+            assert!(schema.get("$ref").is_some(), "{path}: {schema}");
+        }
+        let templates = &doc["paths"]["/v1/templates"]["post"]["requestBody"]["content"];
+        assert!(templates.get("application/yaml").is_some());
+        assert!(templates.get("application/json").is_some());
+        let metrics = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
+        assert!(
+            metrics.get(tasker_shared::metrics::CONTENT_TYPE).is_some(),
+            "/metrics is described with another content type than it answers"
+        );
+    }
+
+    /// `GET /openapi.json` answers the `ApiDoc`.
+    #[tokio::test]
+    async fn openapi_json_serves_the_api_doc() {
+        let Json(served) = document().await;
+        assert_eq!(serde_json::to_value(served).expect("serialises"), doc());
+    }
+}

@@ -1,0 +1,340 @@
+//! The `tasker` command-line client against a real coordinator and worker: templates
+//! apply, tasks create --wait (complete and failing), get, explain, diagram, retry,
+//! resolve, JSON output, and the exit codes of API, usage and connection errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tasker_tests::{StatusCode, TestEnv};
+use tokio::process::Command;
+
+const FLOW: &str = r#"
+namespace: cli
+name: flow
+version: 1.0.0
+description: a diamond
+context_schema:
+  type: object
+  required: [who]
+  properties: {who: {type: string}}
+steps:
+  - {name: a, handler: tasker.echo}
+  - {name: b, handler: tasker.sleep, config: {ms: 400}, depends_on: [a]}
+  - {name: c, handler: tasker.echo, depends_on: [a]}
+  - {name: d, handler: tasker.noop, depends_on: [b, c]}
+"#;
+
+const DOOMED: &str = r#"
+namespace: cli
+name: doomed
+version: 1.0.0
+steps:
+  - {name: x, handler: tasker.fail, config: {kind: permanent}}
+  - {name: y, handler: tasker.noop, depends_on: [x]}
+"#;
+
+const INVALID: &str = r#"
+namespace: cli
+name: invalid
+steps:
+  - {name: a, handler: tasker.noop, depends_on: [a]}
+"#;
+
+/// What one run of `tasker` did.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Run `tasker --url <url> args…` without colours, token or inherited URL.
+async fn tasker_at(url: &str, args: &[&str]) -> Run {
+    let output = tokio::time::timeout(
+        Duration::from_secs(90),
+        Command::new(tasker_tests::binary("tasker"))
+            .arg("--url")
+            .arg(url)
+            .args(args)
+            .env_remove("TASKER_URL")
+            .env_remove("TASKER_TOKEN")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("tasker finishes in time")
+    .expect("tasker runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+async fn tasker(env: &TestEnv, args: &[&str]) -> Run {
+    tasker_at(&env.base_url, args).await
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The task id in a task view (`Task      <id>`).
+fn task_id(run: &Run) -> String {
+    run.stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("Task "))
+        .map(|rest| rest.trim().to_owned())
+        .unwrap_or_else(|| panic!("no task id in\n{run}"))
+}
+
+/// The line of a table that starts with `name` as its first column.
+fn row<'a>(run: &'a Run, name: &str) -> &'a str {
+    run.stdout
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no line for {name} in\n{run}"))
+}
+
+#[tokio::test]
+async fn the_cli_drives_templates_and_tasks_end_to_end() {
+    let mut env = TestEnv::start("cli").await.unwrap();
+    let dir = std::env::temp_dir().join(format!("tasker-cli-{}", uuid::Uuid::new_v4().simple()));
+    let templates = dir.join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    write(&templates, "flow.yaml", FLOW);
+    write(&templates, "doomed.yml", DOOMED);
+    write(&templates, "README.txt", "not a template");
+    let invalid = write(&dir, "invalid.yaml", INVALID);
+    let context = write(&dir, "context.json", r#"{"who": "Ada"}"#);
+    let templates = templates.to_str().unwrap();
+
+    // templates apply: a folder, then again (unchanged), then an invalid file.
+    let run = tasker(&env, &["templates", "apply", templates]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(run.stdout.matches("created").count(), 2, "{run}");
+    assert!(run.stdout.contains("flow.yaml   cli/flow 1.0.0"), "{run}");
+    assert!(run.stdout.contains("doomed.yml  cli/doomed 1.0.0"), "{run}");
+    assert!(!run.stdout.contains("README"), "{run}");
+    let run = tasker(&env, &["templates", "apply", templates]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(run.stdout.matches("unchanged").count(), 2, "{run}");
+    let run = tasker(&env, &["templates", "apply", invalid.to_str().unwrap()]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("invalid_template"), "{run}");
+    assert!(run.stderr.contains("self_dependency"), "{run}");
+    let run = tasker(&env, &["templates", "list"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(row(&run, "NAMESPACE").contains("VERSION"), "{run}");
+    assert!(run.stdout.contains("a diamond"), "{run}");
+
+    // The same template through the harness: identical (the CLI registered it), and the
+    // harness now knows the namespace, so its queue is deleted at the end.
+    let (status, _) = env.register_template(FLOW).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    env.start_worker("w1", &["cli"]).await.unwrap();
+
+    // tasks create --wait: progress on stderr (a line per change, not a terminal), the
+    // final table on stdout, exit 0 for a complete task.
+    let context_arg = format!("@{}", context.display());
+    let run = tasker(
+        &env,
+        &[
+            "tasks",
+            "create",
+            "cli/flow",
+            "--context",
+            &context_arg,
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("created task"), "{run}");
+    assert!(run.stderr.contains("step b: "), "{run}");
+    assert!(run.stderr.contains("→ complete"), "{run}");
+    assert!(run.stdout.contains("Status    complete"), "{run}");
+    let id = task_id(&run);
+    for step in ["a", "b", "c", "d"] {
+        assert!(row(&run, step).contains("complete"), "{run}");
+    }
+
+    // tasks get: the header and every step with its attempts.
+    let run = tasker(&env, &["tasks", "get", &id]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains("Template  cli/flow 1.0.0"), "{run}");
+    assert!(run.stdout.contains(r#"Context   {"who":"Ada"}"#), "{run}");
+    let header = row(&run, "STEP");
+    for column in ["STATUS", "ATTEMPTS", "STARTED", "DURATION", "LAST ERROR"] {
+        assert!(header.contains(column), "{run}");
+    }
+    for step in ["a", "b", "c", "d"] {
+        let line = row(&run, step);
+        assert!(line.contains("complete") && line.contains("1/3"), "{run}");
+    }
+
+    // tasks explain: a reason per step.
+    let run = tasker(&env, &["tasks", "explain", &id]).await;
+    assert_eq!(run.code, 0, "{run}");
+    for step in ["a", "b", "c", "d"] {
+        let columns: Vec<&str> = row(&run, step).split_whitespace().collect();
+        assert_eq!(columns[1..3], ["complete", "complete"], "{run}");
+    }
+
+    // tasks diagram: a Mermaid flowchart with the dependency edges and status classes.
+    let run = tasker(&env, &["tasks", "diagram", &id]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.starts_with("flowchart TD\n"), "{run}");
+    for edge in ["a --> b", "a --> c", "b --> d", "c --> d"] {
+        assert!(run.stdout.contains(edge), "{edge}: {run}");
+    }
+    assert!(
+        run.stdout.contains(r#"    d["d<br/>complete"]:::complete"#),
+        "{run}"
+    );
+    assert!(run.stdout.contains("classDef complete "), "{run}");
+
+    // --output json: the API's JSON as is.
+    let run = tasker(&env, &["--output", "json", "tasks", "get", &id]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let task: Value = serde_json::from_str(&run.stdout).expect("tasks get -o json is JSON");
+    assert_eq!(task["task_id"], json!(id));
+    assert_eq!(task["steps"].as_array().unwrap().len(), 4);
+    let run = tasker(&env, &["-o", "json", "tasks", "list", "--namespace", "cli"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let list: Value = serde_json::from_str(&run.stdout).expect("tasks list -o json is JSON");
+    assert_eq!(list["tasks"][0]["task_id"], json!(id));
+    let run = tasker(&env, &["tasks", "list", "--status", "complete"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(row(&run, &id).contains("cli/flow"), "{run}");
+
+    // A task that fails: --wait exits non-zero (4) and shows the error.
+    let run = tasker(
+        &env,
+        &["tasks", "create", "cli/doomed", "--wait", "--timeout", "60"],
+    )
+    .await;
+    assert_eq!(run.code, 4, "{run}");
+    assert!(run.stdout.contains("Status    error"), "{run}");
+    assert!(row(&run, "x").contains("permanent"), "{run}");
+    assert!(run.stderr.contains("ended error"), "{run}");
+    let failed = task_id(&run);
+    let run = tasker(&env, &["tasks", "explain", &failed]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(row(&run, "x").contains("failed_permanently"), "{run}");
+    assert!(row(&run, "y").contains("blocked_by_failed_parent"), "{run}");
+    let run = tasker(&env, &["tasks", "diagram", &failed]).await;
+    assert!(run.stdout.contains("x --> y"), "{run}");
+    assert!(run.stdout.contains("classDef error "), "{run}");
+
+    // tasks retry answers with the task running again; it fails again.
+    let run = tasker(&env, &["tasks", "retry", &failed, "--reason", "try again"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("retried task"), "{run}");
+    assert_eq!(task_id(&run), failed);
+    env.wait_for_task(&failed, &["error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    // steps resolve: the task completes.
+    let run = tasker(
+        &env,
+        &[
+            "steps",
+            "resolve",
+            &failed,
+            "x",
+            "--results",
+            r#"{"ok": true}"#,
+            "--reason",
+            "done by hand",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains("resolved_manually"), "{run}");
+    env.wait_for_task(&failed, &["complete"], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // API errors: exit 1, the error readable on stderr (and as JSON on stdout with -o json).
+    let run = tasker(&env, &["tasks", "cancel", &failed]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(
+        run.stderr.contains("error: invalid_state (HTTP 409)"),
+        "{run}"
+    );
+    let missing = uuid::Uuid::new_v4().to_string();
+    let run = tasker(&env, &["-o", "json", "tasks", "get", &missing]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("task_not_found"), "{run}");
+    let error: Value = serde_json::from_str(&run.stdout).expect("the error body as JSON");
+    assert_eq!(error["error"]["code"], "task_not_found");
+    let run = tasker(
+        &env,
+        &["tasks", "create", "cli/flow", "--context", r#"{"who": 7}"#],
+    )
+    .await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("invalid_context"), "{run}");
+    assert!(run.stderr.contains("  - /who: "), "{run}");
+
+    // --timeout: exit 5 when the task is still running.
+    let run = tasker(
+        &env,
+        &[
+            "tasks",
+            "create",
+            "cli/flow",
+            "--context",
+            &context_arg,
+            "--wait",
+            "--timeout",
+            "0.1",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 5, "{run}");
+
+    // Usage errors: exit 2.
+    for args in [
+        &["tasks", "create", "no-slash"][..],
+        &["tasks", "create", "cli/flow", "--context", "{not json"],
+        &[
+            "tasks",
+            "create",
+            "cli/flow",
+            "--context",
+            "@/no/such/file.json",
+        ],
+        &["tasks", "list", "--status", "sleeping"],
+        &["tasks", "frobnicate"],
+    ] {
+        let run = tasker(&env, args).await;
+        assert_eq!(run.code, 2, "{args:?}: {run}");
+    }
+
+    // No coordinator there: exit 3.
+    let run = tasker_at("http://127.0.0.1:1", &["tasks", "list"]).await;
+    assert_eq!(run.code, 3, "{run}");
+    assert!(run.stderr.contains("cannot reach the coordinator"), "{run}");
+
+    let _ = std::fs::remove_dir_all(&dir);
+    env.finish().await.unwrap();
+}
