@@ -1,9 +1,10 @@
 //! The dispatcher: claims ready steps in batches and publishes them.
 //!
-//! Woken at once when a task is created (in this process, or in another coordinator
-//! through PostgreSQL's LISTEN/NOTIFY in a later change) and by the sweeper; otherwise it
-//! sleeps until the next step in backoff is due (at most `poll_interval`). Dependents of finished
-//! steps do not wait for it: the result processor claims them in its own transaction.
+//! Woken at once when this coordinator creates a task, retries one, or schedules a retry,
+//! and by the sweeper; between wakes it sleeps until the next step in backoff is due (at
+//! most `poll_interval`, the safety net for work another coordinator left). Dependents
+//! of finished steps do not wait for it: the result processor claims them in its own
+//! transaction.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,7 @@ pub(crate) struct Dispatcher {
     publisher: Arc<StepPublisher>,
     metrics: Arc<CoordinatorMetrics>,
     wake: Arc<Notify>,
+    wake_events: Arc<Notify>,
     config: DispatcherConfig,
 }
 
@@ -41,6 +43,7 @@ impl Dispatcher {
         publisher: Arc<StepPublisher>,
         metrics: Arc<CoordinatorMetrics>,
         wake: Arc<Notify>,
+        wake_events: Arc<Notify>,
         config: DispatcherConfig,
     ) -> Self {
         Dispatcher {
@@ -48,19 +51,23 @@ impl Dispatcher {
             publisher,
             metrics,
             wake,
+            wake_events,
             config,
         }
     }
 
     /// Claim one batch, commit, publish it. Returns how many steps were dispatched.
     pub(crate) async fn dispatch_once(&self) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
+        // One statement, so no explicit transaction: one round trip per batch.
+        let mut conn = self.pool.acquire().await?;
         let messages =
-            transitions::claim_ready(&mut tx, self.config.batch_size, self.config.lease_ms).await?;
-        tx.commit().await?;
+            transitions::claim_ready(&mut conn, self.config.batch_size, self.config.lease_ms)
+                .await?;
+        drop(conn);
         if messages.is_empty() {
             return Ok(0);
         }
+        self.wake_events.notify_one();
         let published = self.publisher.publish(&messages).await;
         self.metrics.dispatched(&messages, published.failed);
         tracing::debug!(

@@ -38,6 +38,9 @@ pub(crate) struct EventRelay {
     channel: Channel,
     topology: Topology,
     metrics: Arc<CoordinatorMetrics>,
+    /// Woken by this coordinator's loops and API after they commit transitions; the
+    /// poll is the safety net for other coordinators' transitions.
+    wake: Arc<tokio::sync::Notify>,
     poll: Duration,
 }
 
@@ -47,6 +50,7 @@ impl EventRelay {
         channel: Channel,
         topology: Topology,
         metrics: Arc<CoordinatorMetrics>,
+        wake: Arc<tokio::sync::Notify>,
         poll: Duration,
     ) -> Self {
         EventRelay {
@@ -54,6 +58,7 @@ impl EventRelay {
             channel,
             topology,
             metrics,
+            wake,
             poll,
         }
     }
@@ -138,6 +143,10 @@ impl EventRelay {
                 }
                 tokio::select! {
                     _ = shutdown.changed() => break,
+                    () = self.wake.notified() => {
+                        // Let a burst of commits gather into one batch.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     () = tokio::time::sleep(self.poll) => {}
                 }
             }

@@ -202,6 +202,11 @@ impl CoordinatorMetrics {
             "Consumers on each Tasker queue",
             queue_consumers.clone(),
         );
+        registry.register(
+            "tasker_db_statements",
+            "SQL statements sent to PostgreSQL by this process (BEGIN and COMMIT included)",
+            tasker_shared::metrics::DB_STATEMENTS.clone(),
+        );
         let events_published = Family::<Event, Counter>::default();
         registry.register(
             "tasker_events_published",

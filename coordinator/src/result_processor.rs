@@ -33,6 +33,8 @@ pub(crate) struct ResultProcessor {
     metrics: Arc<CoordinatorMetrics>,
     /// Woken when a retry is scheduled, so the dispatcher sleeps until it is due.
     wake_dispatcher: Arc<Notify>,
+    /// Woken after every commit: there are transitions to publish as events.
+    wake_events: Arc<Notify>,
     channel: Channel,
     confirm_channel: Channel,
     topology: Topology,
@@ -65,7 +67,7 @@ impl ResultProcessor {
         pool: PgPool,
         publisher: Arc<StepPublisher>,
         metrics: Arc<CoordinatorMetrics>,
-        wake_dispatcher: Arc<Notify>,
+        (wake_dispatcher, wake_events): (Arc<Notify>, Arc<Notify>),
         channel: Channel,
         confirm_channel: Channel,
         config: ResultProcessorConfig,
@@ -75,6 +77,7 @@ impl ResultProcessor {
             publisher,
             metrics,
             wake_dispatcher,
+            wake_events,
             channel,
             confirm_channel,
             topology: config.topology,
@@ -160,6 +163,7 @@ impl ResultProcessor {
         let finished = transitions::finish_tasks(&mut tx, &applied.tasks).await?;
         tx.commit().await?;
         drop(spans);
+        self.wake_events.notify_one();
         self.metrics
             .result_batch_size
             .observe(deliveries.len() as f64);

@@ -35,24 +35,26 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_LEASE_GRACE_MS", default_value_t = 30_000)]
     pub lease_grace_ms: i64,
     /// A running step whose worker sent no heartbeat for this long counts as lost (its
-    /// worker vanished) and is retried. Workers beat every third of it.
+    /// worker vanished) and is retried. Keep it at least three times the workers'
+    /// `TASKER_HEARTBEAT_INTERVAL_MS`.
     #[arg(long, env = "TASKER_HEARTBEAT_LEASE_MS", default_value_t = 30_000)]
     pub heartbeat_lease_ms: i64,
     /// How often the dispatcher looks for steps whose backoff expired. New tasks and
     /// results wake it at once; this is the safety net.
-    #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 5_000)]
     pub poll_interval_ms: u64,
     /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange.
     #[arg(long, env = "TASKER_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub events: bool,
-    /// How often the events relay looks for new transitions to publish.
-    #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 500)]
+    /// How often the events relay looks for transitions committed by other coordinators
+    /// (this coordinator's own commits wake it at once).
+    #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 10_000)]
     pub events_poll_ms: u64,
     /// How often the gauges (work in flight, queue depths) are refreshed.
-    #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 15_000)]
     pub gauge_interval_ms: u64,
     /// How often expired leases are swept.
-    #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 5_000)]
+    #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
     pub sweep_interval_ms: u64,
     /// Largest request body accepted (413 past it).
     #[arg(long, env = "TASKER_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]

@@ -62,6 +62,7 @@ impl Application {
             metrics: Arc::new(CoordinatorMetrics::new()),
             control: Control::new(pool, confirm_channel.clone(), topology.clone()),
             wake_dispatcher: Arc::new(Notify::new()),
+            wake_events: Arc::new(Notify::new()),
             environment: settings.environment.clone(),
             broker: Arc::new(connection),
         };
@@ -100,6 +101,7 @@ impl Application {
             self.state.publisher.clone(),
             self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
+            self.state.wake_events.clone(),
             DispatcherConfig {
                 batch_size: settings.batch_size,
                 lease_ms: settings.dispatch_lease_ms,
@@ -111,7 +113,10 @@ impl Application {
             self.state.pool.clone(),
             self.state.publisher.clone(),
             self.state.metrics.clone(),
-            self.state.wake_dispatcher.clone(),
+            (
+                self.state.wake_dispatcher.clone(),
+                self.state.wake_events.clone(),
+            ),
             self.channel.clone(),
             self.confirm_channel.clone(),
             ResultProcessorConfig {
@@ -129,6 +134,7 @@ impl Application {
             self.state.pool.clone(),
             self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
+            self.state.wake_events.clone(),
             Duration::from_millis(settings.sweep_interval_ms),
         );
         loops.spawn(sweeper.run(stop_rx.clone()));
@@ -147,6 +153,7 @@ impl Application {
                 broker::confirm_channel(&self.state.broker).await?,
                 self.topology.clone(),
                 self.state.metrics.clone(),
+                self.state.wake_events.clone(),
                 Duration::from_millis(settings.events_poll_ms),
             );
             loops.spawn(relay.run(stop_rx.clone()));

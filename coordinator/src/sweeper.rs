@@ -22,6 +22,7 @@ pub(crate) struct Sweeper {
     pool: PgPool,
     metrics: Arc<CoordinatorMetrics>,
     wake_dispatcher: Arc<Notify>,
+    wake_events: Arc<Notify>,
     interval: Duration,
 }
 
@@ -30,12 +31,14 @@ impl Sweeper {
         pool: PgPool,
         metrics: Arc<CoordinatorMetrics>,
         wake_dispatcher: Arc<Notify>,
+        wake_events: Arc<Notify>,
         interval: Duration,
     ) -> Self {
         Sweeper {
             pool,
             metrics,
             wake_dispatcher,
+            wake_events,
             interval,
         }
     }
@@ -69,6 +72,7 @@ impl Sweeper {
                 "expired leases"
             );
             self.wake_dispatcher.notify_one();
+            self.wake_events.notify_one();
         }
         Ok(changed)
     }

@@ -76,6 +76,9 @@ pub fn event_name(
             ("complete", _) => Some("step.completed"),
             ("error", _) => Some("step.failed"),
             ("waiting_for_retry", "deferred") => Some("step.deferred"),
+            // A claimed step whose message was lost goes back to be dispatched again: it
+            // never ran, so nothing happened to it worth telling.
+            ("waiting_for_retry", "lease_lost") => None,
             ("waiting_for_retry", _) => Some("step.retry_scheduled"),
             ("cancelled", _) => Some("step.cancelled"),
             ("resolved_manually", _) => Some("step.resolved_manually"),
@@ -101,6 +104,10 @@ mod tests {
 
     #[test]
     fn transitions_map_to_the_documented_events() {
+        assert_eq!(
+            event_name(true, Some("enqueued"), "waiting_for_retry", "lease_lost"),
+            None
+        );
         assert_eq!(
             event_name(false, None, "pending", "created"),
             Some("task.created")

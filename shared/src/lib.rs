@@ -11,8 +11,10 @@
 //! - [`broker`]: RabbitMQ names, declarations and publishing helpers.
 //! - [`db`]: the PostgreSQL pool and the embedded migrations.
 //! - [`store`]: every query; [`store::transitions`] is the only place states change.
+//! - [`events`]: lifecycle event names and payloads.
+//! - [`metrics`]: Prometheus plumbing and the database statement counter.
 //! - [`config`]: settings read from flags and environment variables.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging, OpenTelemetry traces, and trace-context propagation.
 
 #![warn(missing_docs)]
 

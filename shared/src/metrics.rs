@@ -2,7 +2,10 @@
 //! where they are measured: `tasker_coordinator::metrics`, `tasker_worker::metrics`).
 //! Every name starts with `tasker_`, carries its unit, and counters end in `_total`.
 
+use std::sync::LazyLock;
+
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -32,3 +35,8 @@ pub fn render(registry: &Registry) -> String {
 pub fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 20))
 }
+
+/// Every SQL statement this process sent to PostgreSQL (`BEGIN` and `COMMIT` included):
+/// counted from sqlx's per-statement `sqlx::query` events by a layer that
+/// [`crate::telemetry`] installs, so it is exact and needs no bookkeeping at call sites.
+pub static DB_STATEMENTS: LazyLock<Counter> = LazyLock::new(Counter::default);

@@ -144,8 +144,28 @@ fn install(
             .with_tracer(provider.tracer(service))
             .with_filter(targets)
     });
-    let _ = Registry::default().with(logs).with(traces).try_init();
+    // Counts database round trips (sqlx logs every statement at debug under this target).
+    let statements =
+        StatementCounter.with_filter(Targets::new().with_target("sqlx::query", LevelFilter::TRACE));
+    let _ = Registry::default()
+        .with(logs)
+        .with(traces)
+        .with(statements)
+        .try_init();
     Telemetry { provider }
+}
+
+/// Counts sqlx's per-statement events into [`crate::metrics::DB_STATEMENTS`].
+struct StatementCounter;
+
+impl<S: tracing::Subscriber> Layer<S> for StatementCounter {
+    fn on_event(
+        &self,
+        _event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        crate::metrics::DB_STATEMENTS.inc();
+    }
 }
 
 /// The W3C `traceparent` of `span`, when traces are on.

@@ -134,6 +134,11 @@ impl Process {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Everything logged so far.
     pub fn log(&self) -> String {
         self.lines.borrow().join("\n")
@@ -176,15 +181,28 @@ impl Drop for TestEnv {
         if self.finished {
             return;
         }
-        let database = self.database_url.rsplit('/').next().unwrap_or_default().to_owned();
+        let database = self
+            .database_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         let prefix = self.prefix.clone();
-        let namespaces = self.namespaces.lock().map(|n| n.clone()).unwrap_or_default();
+        let namespaces = self
+            .namespaces
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
         let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async move {
-                if let Ok(pool) = PgPool::connect(&format!("{}/postgres", postgres_server())).await {
+                if let Ok(pool) = PgPool::connect(&format!("{}/postgres", postgres_server())).await
+                {
                     let sql = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
                     let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
                     pool.close().await;

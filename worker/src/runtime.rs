@@ -228,6 +228,9 @@ impl Worker {
         };
 
         tracing::info!("stopping: no new steps; finishing the running ones");
+        // Every wait below but the running steps' (bounded by their timeouts) has a limit:
+        // a broker in trouble must not keep a stopping worker alive.
+        let patience = Duration::from_secs(5);
         control.abort();
         let tags: Vec<ShortString> = consumers
             .tags
@@ -235,30 +238,35 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for tag in tags {
-            let _ = consume
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await;
+            let _ = tokio::time::timeout(
+                patience,
+                consume.basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
         }
         // Received but not started: hand back to the broker for another worker.
         deliveries.close();
         while let Ok(delivery) = deliveries.try_recv() {
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
+            let nack = delivery.acker.nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            });
+            let _ = tokio::time::timeout(patience, nack).await;
         }
         let _ = permits.acquire_many(u32::from(self.concurrency)).await;
         let _ = stop_tx.send(true);
-        let _ = heartbeats.await;
+        let _ = tokio::time::timeout(patience, heartbeats).await;
         if let Some(server) = metrics_server {
-            let _ = server.await;
+            let _ = tokio::time::timeout(patience, server).await;
         }
         drop(shared);
-        let _ = batcher.await;
-        let _ = self.connection.close(200, "worker stopped".into()).await;
+        let _ = tokio::time::timeout(patience, batcher).await;
+        let _ = tokio::time::timeout(patience, consume.close(200, "worker stopped".into())).await;
+        let _ = tokio::time::timeout(
+            patience,
+            self.connection.close(200, "worker stopped".into()),
+        )
+        .await;
         tracing::info!(worker_id = %self.worker_id, "worker stopped");
         outcome
     }
@@ -430,6 +438,12 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
     tasker_shared::telemetry::adopt(&span, parent.as_deref());
     let _guard = span.enter();
+    if shared.inflight.is_cancelled(message.task_id) {
+        tracing::info!("skipped: the task was cancelled");
+        shared.metrics.skipped_cancelled.inc();
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        return;
+    }
     let Some(handler) = shared.registry.get(&message.handler) else {
         let reason = format!(
             "unknown handler `{}`; this worker has: {}",
@@ -462,12 +476,6 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         }
         return;
     };
-    if shared.inflight.is_cancelled(message.task_id) {
-        tracing::info!("skipped: the task was cancelled");
-        shared.metrics.skipped_cancelled.inc();
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        return;
-    }
     drop(_guard);
 
     let _ = shared.started.send(StepStarted {

@@ -234,7 +234,8 @@ pub async fn apply_results(
                 next_attempt_at = CASE WHEN d.to_status = 'waiting_for_retry'
                                        THEN now() + d.delay_ms * interval '1 millisecond' END,
                 ready_at = CASE WHEN d.to_status = 'waiting_for_retry'
-                                THEN now() + d.delay_ms * interval '1 millisecond' END,
+                                THEN now() + d.delay_ms * interval '1 millisecond'
+                                ELSE s.ready_at END,
                 started_at = d.started_at,
                 completed_at = CASE WHEN d.to_status IN ('complete', 'error')
                                     THEN d.finished_at END,
@@ -243,6 +244,7 @@ pub async fn apply_results(
             FROM decided d
             WHERE s.step_id = d.step_id
             RETURNING s.step_id, s.task_id, d.attempts, s.next_attempt_at, d.from_status,
+                      d.retryable,
                       d.to_status, d.outcome, d.worker_id, d.finished_at, d.started_at,
                       d.error ->> 'code' AS code, d.queue_latency
         ),
@@ -264,6 +266,7 @@ pub async fn apply_results(
                            WHEN outcome = 'deferred' AND to_status = 'error' THEN 'deferral_limit'
                            WHEN outcome = 'deferred' THEN 'deferred'
                            WHEN to_status = 'waiting_for_retry' THEN 'retry_scheduled'
+                           WHEN outcome = 'retryable_error' AND NOT retryable THEN 'not_retryable'
                            WHEN outcome = 'retryable_error' THEN 'attempts_exhausted'
                            ELSE 'failed'
                        END,

@@ -1,0 +1,632 @@
+//! `tasker-bench`: Tasker's benchmark. Measures, against the configured PostgreSQL and
+//! RabbitMQ, the raw ceilings of this machine (durable broker round trips, batched
+//! PostgreSQL step writes) and what Tasker does with them: throughput over many diamonds
+//! and chains, latency per stage of a long chain, a diamond's end-to-end latency when
+//! idle, ready-to-started latency, database statements per step, the idle cost, the
+//! processes' peak memory and CPU time, and throughput with a large stored history.
+//!
+//! Build in release first: `cargo build --release --workspace --bins`, then run
+//! `target/release/tasker-bench` (see BENCHMARKS.md). It uses its own database
+//! (`tasker_bench`, recreated) and queue prefix (`bench`).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::migrate::MigrateDatabase;
+use tasker_tests::{Process, binary, delete_broker_objects};
+use tokio::process::Command;
+use uuid::Uuid;
+
+#[derive(Parser, Clone)]
+#[command(about = "Tasker's benchmark: prints the figures BENCHMARKS.md quotes")]
+struct Args {
+    /// Diamond tasks (4 steps each) for the throughput run.
+    #[arg(long, default_value_t = 10_000)]
+    diamonds: usize,
+    /// Linear chains for the second throughput run.
+    #[arg(long, default_value_t = 1_000)]
+    chains: usize,
+    /// Steps per chain in that run.
+    #[arg(long, default_value_t = 10)]
+    chain_length: usize,
+    /// Steps of the long chain timed end to end.
+    #[arg(long, default_value_t = 40)]
+    long_chain: usize,
+    /// Completed tasks stored before the history run (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    stored: usize,
+    /// Coordinator processes.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Steps each worker runs at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: u16,
+    /// Concurrent task-creation requests while submitting.
+    #[arg(long, default_value_t = 16)]
+    submitters: usize,
+    /// Publish lifecycle events during the runs (the relay is off by default here, to
+    /// measure dispatch; run once with it on to see its cost).
+    #[arg(long)]
+    events: bool,
+    /// PostgreSQL server (the benchmark creates its own database there).
+    #[arg(
+        long,
+        env = "TASKER_TEST_POSTGRES",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    postgres: String,
+    /// RabbitMQ.
+    #[arg(long, env = "AMQP_URL", default_value = tasker_shared::config::DEFAULT_AMQP_URL)]
+    amqp_url: String,
+}
+
+const PREFIX: &str = "bench";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "# tasker-bench  ({} coordinator(s), {} worker(s) × {} concurrency, events {})",
+        args.coordinators,
+        args.workers,
+        args.concurrency,
+        if args.events { "on" } else { "off" }
+    );
+
+    let broker = broker_ceiling(&args.amqp_url, 20_000).await?;
+    let database_url = format!("{}/tasker_bench", args.postgres);
+    let _ = sqlx::Postgres::drop_database(&database_url).await;
+    sqlx::Postgres::create_database(&database_url).await?;
+    let pool = PgPool::connect(&database_url).await?;
+    let postgres = postgres_ceiling(&pool, 20_000).await?;
+    println!(
+        "ceiling  broker durable round trips      {broker:>9.0} /s  (publish+confirm, consume, ack)"
+    );
+    println!(
+        "ceiling  batched PostgreSQL step writes  {postgres:>9.0} /s  (update + audit row, batches of 100)"
+    );
+    println!(
+        "ceiling  steps/s the broker allows       {:>9.0} /s  (two durable messages per step)",
+        broker / 2.0
+    );
+    drop(pool);
+    let _ = sqlx::Postgres::drop_database(&database_url).await;
+
+    let system = System::start(&args, &database_url).await?;
+    system.register_templates(&args).await?;
+
+    // Idle latencies first, on a quiet system.
+    let diamond = system.sequential("diamond", 50).await?;
+    println!(
+        "latency  diamond end to end, idle        p50 {:>6.1} ms   p99 {:>6.1} ms   (50 in a row)",
+        percentile(&diamond, 0.5),
+        percentile(&diamond, 0.99)
+    );
+    let long = system.sequential("long_chain", 3).await?;
+    let long_ms = percentile(&long, 0.5);
+    println!(
+        "latency  {}-step chain end to end        {:>6.1} ms   = {:.1} ms per stage",
+        args.long_chain,
+        long_ms,
+        long_ms / args.long_chain as f64
+    );
+
+    let idle = system.idle_statements(Duration::from_secs(20)).await?;
+    println!("idle     coordinator statements          {idle:>9.2} /s  (over 20 s, nothing to do)");
+
+    let run = system.throughput("diamond", args.diamonds, 4, None).await?;
+    run.print("diamonds", broker);
+    let max_tasks_per_s = run.steps_per_s / 4.0;
+    let half = system
+        .throughput(
+            "diamond",
+            (args.diamonds / 4).max(100),
+            4,
+            Some(max_tasks_per_s / 2.0),
+        )
+        .await?;
+    println!(
+        "latency  ready→started at half throughput p50 {:>6.1} ms   p99 {:>6.1} ms   ({:.0} steps/s offered)",
+        half.ready_to_started_p50_ms, half.ready_to_started_p99_ms, half.steps_per_s
+    );
+    let chains = system
+        .throughput("chain", args.chains, args.chain_length, None)
+        .await?;
+    chains.print(&format!("chains of {}", args.chain_length), broker);
+
+    if args.stored > 0 {
+        let started = Instant::now();
+        system.store_history(args.stored).await?;
+        println!(
+            "history  stored {} completed diamonds    in {:.1} s",
+            args.stored,
+            started.elapsed().as_secs_f64()
+        );
+        let with_history = system.throughput("diamond", args.diamonds, 4, None).await?;
+        with_history.print("diamonds, with history", broker);
+        println!(
+            "history  throughput with history / without  {:>6.2}",
+            with_history.steps_per_s / run.steps_per_s
+        );
+    }
+
+    let duplicates = system.duplicate_dispatches().await?;
+    println!("safety   step attempts dispatched twice   {duplicates:>9}");
+    system.print_resources();
+    system.stop().await?;
+    Ok(())
+}
+
+/// Durable round trips per second: publish persistent messages with confirms (at most
+/// 1,000 unconfirmed), consume them with manual acks.
+async fn broker_ceiling(url: &str, messages: usize) -> anyhow::Result<f64> {
+    let connection =
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let publisher = tasker_shared::broker::confirm_channel(&connection).await?;
+    let consumer_channel = connection.create_channel().await?;
+    let queue = format!("bench.ceiling.{}", Uuid::new_v4().simple());
+    publisher
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    consumer_channel
+        .basic_qos(1_000, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut received = 0;
+        while received < messages {
+            let Some(Ok(delivery)) = consumer.next().await else {
+                break;
+            };
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            received += 1;
+        }
+        anyhow::Ok(received)
+    });
+    let mut pending = VecDeque::new();
+    for n in 0..messages {
+        let body = format!("{{\"n\": {n}, \"padding\": \"{}\"}}", "x".repeat(400));
+        pending.push_back(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    tasker_shared::broker::persistent(),
+                )
+                .await?,
+        );
+        if pending.len() >= 1_000 {
+            pending.pop_front().context("confirm")?.await?;
+        }
+    }
+    for confirm in pending {
+        confirm.await?;
+    }
+    let received = consuming.await??;
+    let rate = received as f64 / started.elapsed().as_secs_f64();
+    publisher
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(rate)
+}
+
+/// Step writes per second as Tasker makes them: update a row and append an audit row,
+/// 100 steps per transaction.
+async fn postgres_ceiling(pool: &PgPool, rows: i64) -> anyhow::Result<f64> {
+    sqlx::query("CREATE TABLE bench_steps (id BIGINT PRIMARY KEY, status TEXT NOT NULL, attempts INT NOT NULL, results JSONB, updated_at TIMESTAMPTZ)")
+        .execute(pool).await?;
+    sqlx::query("CREATE TABLE bench_audit (id BIGSERIAL PRIMARY KEY, step_id BIGINT NOT NULL, to_status TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        .execute(pool).await?;
+    sqlx::query(
+        "INSERT INTO bench_steps SELECT g, 'pending', 0, NULL, now() FROM generate_series(1, $1) g",
+    )
+    .bind(rows)
+    .execute(pool)
+    .await?;
+    let started = Instant::now();
+    for batch in 0..rows / 100 {
+        let ids: Vec<i64> = (batch * 100 + 1..=batch * 100 + 100).collect();
+        let mut tx = pool.begin().await?;
+        sqlx::query("UPDATE bench_steps SET status = 'complete', attempts = attempts + 1, results = '{}', updated_at = now() WHERE id = ANY($1)")
+            .bind(&ids).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO bench_audit (step_id, to_status) SELECT unnest($1::bigint[]), 'complete'",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+struct System {
+    pool: PgPool,
+    http: reqwest::Client,
+    bases: Vec<String>,
+    coordinators: Vec<Process>,
+    workers: Vec<Process>,
+    submitters: usize,
+}
+
+struct Run {
+    tasks: usize,
+    steps: usize,
+    seconds: f64,
+    steps_per_s: f64,
+    submit_per_s: f64,
+    ready_to_started_p50_ms: f64,
+    ready_to_started_p99_ms: f64,
+    statements_per_step: f64,
+}
+
+impl Run {
+    fn print(&self, what: &str, broker: f64) {
+        println!(
+            "throughput  {what}: {} tasks, {} steps in {:.1} s",
+            self.tasks, self.steps, self.seconds
+        );
+        println!(
+            "         completed steps                {:>9.0} /s  (tasks submitted at {:.0} /s)",
+            self.steps_per_s, self.submit_per_s
+        );
+        println!(
+            "         steps/s ÷ half the broker rate  {:>9.2}",
+            self.steps_per_s / (broker / 2.0)
+        );
+        println!(
+            "         ready→started                  p50 {:>6.1} ms   p99 {:>6.1} ms",
+            self.ready_to_started_p50_ms, self.ready_to_started_p99_ms
+        );
+        println!(
+            "         database statements per step   {:>9.2}  (coordinator's own count, API included)",
+            self.statements_per_step
+        );
+    }
+}
+
+impl System {
+    async fn start(args: &Args, database_url: &str) -> anyhow::Result<Self> {
+        let log_dir = std::env::temp_dir().join("tasker-bench");
+        std::fs::create_dir_all(&log_dir)?;
+        let _ = delete_broker_objects(PREFIX, &["bench".to_owned()]).await;
+        let mut coordinators = Vec::new();
+        let mut bases = Vec::new();
+        for n in 0..args.coordinators {
+            let mut command = Command::new(binary("tasker-coordinator"));
+            command
+                .arg("serve")
+                .env("DATABASE_URL", database_url)
+                .env("AMQP_URL", &args.amqp_url)
+                .env("TASKER_AMQP_PREFIX", PREFIX)
+                .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
+                .env("TASKER_EVENTS", args.events.to_string())
+                .env("RUST_LOG", "warn,tasker_coordinator=info");
+            let mut process = Process::spawn(command, format!("coordinator-{n}"), &log_dir)?;
+            let line = process
+                .wait_for_log("coordinator listening", Duration::from_secs(60))
+                .await?;
+            let address = serde_json::from_str::<Value>(&line)?["address"]
+                .as_str()
+                .context("address")?
+                .to_owned();
+            bases.push(format!("http://{address}"));
+            coordinators.push(process);
+        }
+        let mut workers = Vec::new();
+        for n in 0..args.workers {
+            let mut command = Command::new(binary("tasker-worker"));
+            command
+                .env("AMQP_URL", &args.amqp_url)
+                .env("TASKER_AMQP_PREFIX", PREFIX)
+                .env("TASKER_NAMESPACES", "bench")
+                .env("TASKER_CONCURRENCY", args.concurrency.to_string())
+                .env("TASKER_WORKER_ID", format!("bench-worker-{n}"))
+                .env("RUST_LOG", "warn");
+            let mut process = Process::spawn(command, format!("worker-{n}"), &log_dir)?;
+            process
+                .wait_for_log("worker started", Duration::from_secs(30))
+                .await?;
+            workers.push(process);
+        }
+        Ok(System {
+            pool: PgPool::connect(database_url).await?,
+            http: reqwest::Client::new(),
+            bases,
+            coordinators,
+            workers,
+            submitters: args.submitters,
+        })
+    }
+
+    async fn register_templates(&self, args: &Args) -> anyhow::Result<()> {
+        let chain = |name: &str, n: usize| {
+            let mut yaml = format!(
+                "namespace: bench\nname: {name}\nsteps:\n  - {{name: s0, handler: tasker.noop}}\n"
+            );
+            for i in 1..n {
+                yaml.push_str(&format!(
+                    "  - {{name: s{i}, handler: tasker.noop, depends_on: [s{}]}}\n",
+                    i - 1
+                ));
+            }
+            yaml
+        };
+        for template in [
+            "namespace: bench\nname: diamond\nsteps:\n  - {name: a, handler: tasker.noop}\n  - {name: b, handler: tasker.noop, depends_on: [a]}\n  - {name: c, handler: tasker.noop, depends_on: [a]}\n  - {name: d, handler: tasker.noop, depends_on: [b, c]}\n".to_owned(),
+            chain("chain", args.chain_length),
+            chain("long_chain", args.long_chain),
+        ] {
+            let response = self.http.post(format!("{}/v1/templates", self.bases[0])).body(template).send().await?;
+            anyhow::ensure!(response.status().is_success(), "registering a template: {}", response.text().await?);
+        }
+        // Let every worker see the namespace before timing anything.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, n: usize) -> anyhow::Result<Uuid> {
+        let base = &self.bases[n % self.bases.len()];
+        let body: Value = self
+            .http
+            .post(format!("{base}/v1/tasks"))
+            .json(&json!({"namespace": "bench", "name": name}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(Uuid::parse_str(
+            body["task_id"]
+                .as_str()
+                .with_context(|| format!("no task_id in {body}"))?,
+        )?)
+    }
+
+    async fn wait_done(&self, ids: &[Uuid]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(1_800);
+        loop {
+            let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE task_id = ANY($1) AND status NOT IN ('complete', 'error', 'cancelled')")
+                .bind(ids).fetch_one(&self.pool).await?;
+            if unfinished == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{unfinished} tasks did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// End-to-end milliseconds (created → completed, database clock) of `n` tasks run
+    /// one after another.
+    async fn sequential(&self, name: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let id = self.create(name, i).await?;
+            self.wait_done(&[id]).await?;
+            ids.push(id);
+        }
+        let durations: Vec<f64> = sqlx::query_scalar("SELECT extract(epoch FROM completed_at - created_at)::float8 * 1000 FROM tasks WHERE task_id = ANY($1)")
+            .bind(&ids).fetch_all(&self.pool).await?;
+        Ok(durations)
+    }
+
+    async fn statements(&self) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for base in &self.bases {
+            let text = self
+                .http
+                .get(format!("{base}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("tasker_db_statements_total "))
+                .context("no tasker_db_statements_total")?
+                .trim()
+                .parse::<f64>()?;
+        }
+        Ok(total)
+    }
+
+    async fn idle_statements(&self, over: Duration) -> anyhow::Result<f64> {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = self.statements().await?;
+        tokio::time::sleep(over).await;
+        let after = self.statements().await?;
+        // Two scrapes of /metrics issue no statements; subtract nothing.
+        Ok((after - before) / over.as_secs_f64() / self.bases.len() as f64)
+    }
+
+    /// Submit `tasks` tasks (at most `rate` per second when given) and wait for all.
+    async fn throughput(
+        &self,
+        name: &str,
+        tasks: usize,
+        steps_per_task: usize,
+        rate: Option<f64>,
+    ) -> anyhow::Result<Run> {
+        let statements_before = self.statements().await?;
+        let started = Instant::now();
+        let mut ids = Vec::with_capacity(tasks);
+        let mut inflight = FuturesUnordered::new();
+        for n in 0..tasks {
+            if let Some(rate) = rate {
+                let due = started + Duration::from_secs_f64(n as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            inflight.push(self.create(name, n));
+            if inflight.len() >= self.submitters {
+                ids.push(inflight.next().await.context("submitter")??);
+            }
+        }
+        while let Some(id) = inflight.next().await {
+            ids.push(id?);
+        }
+        let submit_per_s = tasks as f64 / started.elapsed().as_secs_f64();
+        self.wait_done(&ids).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let statements = self.statements().await? - statements_before;
+        let steps = tasks * steps_per_task;
+        let (p50, p99): (f64, f64) = sqlx::query_as(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l)
+             FROM (SELECT extract(epoch FROM started_at - ready_at)::float8 * 1000 AS l FROM steps WHERE task_id = ANY($1)) x",
+        )
+        .bind(&ids)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Run {
+            tasks,
+            steps,
+            seconds,
+            steps_per_s: steps as f64 / seconds,
+            submit_per_s,
+            ready_to_started_p50_ms: p50,
+            ready_to_started_p99_ms: p99,
+            statements_per_step: statements / steps as f64,
+        })
+    }
+
+    /// Store `n` completed diamonds (tasks, steps, edges, history) directly in SQL.
+    async fn store_history(&self, n: usize) -> anyhow::Result<()> {
+        let template_id: i64 =
+            sqlx::query_scalar("SELECT template_id FROM templates WHERE name = 'diamond'")
+                .fetch_one(&self.pool)
+                .await?;
+        for chunk in 0..n.div_ceil(10_000) {
+            let count = (n - chunk * 10_000).min(10_000) as i64;
+            sqlx::query(
+                r#"
+                WITH t AS (
+                    INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context, created_at, updated_at, completed_at)
+                    SELECT gen_random_uuid(), $1, 'bench', 'diamond', '0.1.0', 'complete', '{}', now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+                    FROM generate_series(1, $2)
+                    RETURNING task_id
+                ),
+                s AS (
+                    INSERT INTO steps (step_id, task_id, name, position, handler, status, remaining_parents, attempts, retry_limit, retryable, timeout_ms, results, started_at, completed_at, ready_at)
+                    SELECT gen_random_uuid(), t.task_id, x.name, x.position, 'tasker.noop', 'complete', 0, 1, 3, true, 300000, '{}', now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+                    FROM t CROSS JOIN (VALUES ('a', 0), ('b', 1), ('c', 2), ('d', 3)) AS x(name, position)
+                    RETURNING step_id, task_id, name
+                ),
+                e AS (
+                    INSERT INTO step_edges (task_id, from_step, to_step)
+                    SELECT p.task_id, p.step_id, c.step_id FROM s p JOIN s c ON c.task_id = p.task_id
+                    WHERE (p.name, c.name) IN (('a', 'b'), ('a', 'c'), ('b', 'd'), ('c', 'd'))
+                ),
+                h AS (
+                    INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason)
+                    SELECT step_id, task_id, x.f, x.t, x.r FROM s CROSS JOIN (VALUES
+                        ('pending', 'enqueued', 'dispatched'), ('enqueued', 'in_progress', 'started'), ('in_progress', 'complete', 'succeeded')) AS x(f, t, r)
+                )
+                INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+                SELECT task_id, x.f, x.t, x.r FROM t CROSS JOIN (VALUES
+                    (NULL, 'pending', 'created'), ('pending', 'in_progress', 'first_step_dispatched'), ('in_progress', 'complete', 'all_steps_done')) AS x(f, t, r)
+                "#,
+            )
+            .bind(template_id)
+            .bind(count)
+            .execute(&self.pool)
+            .await?;
+        }
+        sqlx::query("ANALYZE").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn duplicate_dispatches(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT step_id, metadata->>'attempt' FROM step_transitions
+             WHERE reason = 'dispatched' GROUP BY 1, 2 HAVING count(*) > 1) d",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    fn print_resources(&self) {
+        for (kind, processes) in [
+            ("coordinator", &self.coordinators),
+            ("worker", &self.workers),
+        ] {
+            for process in processes {
+                if let Some((rss_mb, cpu_s)) = process.pid().and_then(resources) {
+                    println!(
+                        "process  {kind:<11} {:<14} peak RSS {rss_mb:>6.1} MB   CPU {cpu_s:>7.1} s",
+                        process.name
+                    );
+                }
+            }
+        }
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        for worker in &mut self.workers {
+            worker.terminate().await?;
+        }
+        for coordinator in &mut self.coordinators {
+            coordinator.terminate().await?;
+        }
+        self.pool.close().await;
+        let _ = delete_broker_objects(PREFIX, &["bench".to_owned()]).await;
+        Ok(())
+    }
+}
+
+/// Peak resident memory (MB) and CPU seconds (user + system) of a process, from /proc.
+fn resources(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((peak_kb / 1024.0, ticks / 100.0))
+}
+
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index]
+}
