@@ -107,7 +107,13 @@ impl EventRelay {
                     .await?,
             );
         }
-        for confirmation in join_all(confirms).await {
+        for confirmation in join_all(
+            confirms
+                .into_iter()
+                .map(tasker_shared::broker::await_confirm),
+        )
+        .await
+        {
             anyhow::ensure!(confirmation?.is_ack(), "the broker refused an event");
         }
         for event in events {

@@ -93,11 +93,9 @@ impl StepPublisher {
                 }
             }
         }
-        let outcomes = join_all(
-            confirms
-                .into_iter()
-                .map(|(message, confirm)| async move { (message, confirm.await) }),
-        )
+        let outcomes = join_all(confirms.into_iter().map(|(message, confirm)| async move {
+            (message, tasker_shared::broker::await_confirm(confirm).await)
+        }))
         .await;
         for (message, outcome) in outcomes {
             match outcome {

@@ -184,16 +184,18 @@ impl Topology {
             SOURCE_HEADER.into(),
             AMQPValue::LongString(source_queue.into()),
         );
-        let confirm = channel
-            .basic_publish(
-                self.dead_letter_exchange().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                persistent().with_headers(headers),
-            )
-            .await?
-            .await?;
+        let confirm = await_confirm(
+            channel
+                .basic_publish(
+                    self.dead_letter_exchange().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    persistent().with_headers(headers),
+                )
+                .await?,
+        )
+        .await?;
         anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
         Ok(())
     }
@@ -267,6 +269,29 @@ pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> 
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     Ok(channel)
+}
+
+/// How long a publisher confirm may take before the publish counts as failed.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Await a publisher confirm, polling it again every 100 ms until [`CONFIRM_TIMEOUT`].
+///
+/// Measured with tasker-bench under load: now and then a confirm future stayed pending
+/// although the broker had confirmed (lapin did not wake the task), leaving a step
+/// unacked on a worker indefinitely. Polling again recovers it within 100 ms; a confirm
+/// that never comes fails the publish instead of hanging it.
+pub async fn await_confirm(
+    confirm: lapin::PublisherConfirm,
+) -> anyhow::Result<lapin::Confirmation> {
+    let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    let mut confirm = std::pin::pin!(confirm);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), &mut confirm).await {
+            Ok(confirmation) => return Ok(confirmation?),
+            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            Err(_) => anyhow::bail!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
+        }
+    }
 }
 
 #[cfg(test)]

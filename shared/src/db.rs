@@ -17,7 +17,13 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(settings.database_url.expose())
         .with_context(|| format!("invalid DATABASE_URL {}", settings.database_url))?
-        .application_name("tasker");
+        .application_name("tasker")
+        // Plan every execution with its real parameters. Tasker's statements are
+        // prepared once per connection, often when the tables are still empty; a generic
+        // plan cached then (estimating a handful of rows) turns into minutes-long nested
+        // loops once the tables hold tens of thousands of rows. Measured with
+        // tasker-bench: claims stuck for minutes with the default `auto`.
+        .options([("plan_cache_mode", "force_custom_plan")]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))

@@ -554,20 +554,22 @@ async fn publish_result(
         );
         properties = properties.with_headers(headers);
     }
-    let confirm = shared
-        .publish
-        .basic_publish(
-            "".into(),
-            shared.topology.results_queue().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &body,
-            properties,
-        )
-        .await?
-        .await?;
+    let confirm = broker::await_confirm(
+        shared
+            .publish
+            .basic_publish(
+                "".into(),
+                shared.topology.results_queue().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await?,
+    )
+    .await?;
     anyhow::ensure!(confirm.is_ack(), "the broker refused the result");
     anyhow::ensure!(
         confirm.take_message().is_none(),
