@@ -14,6 +14,7 @@ use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
 };
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::handler::{StepContext, StepError, StepHandler};
@@ -141,7 +142,8 @@ pub(crate) async fn execute(
     let started_at = Utc::now();
     // A task of its own, so a panic is caught as a JoinError instead of unwinding here,
     // and so a cancel can abort it.
-    let mut run = tokio::spawn(async move { handler.call(&context).await });
+    // In the step's span, so the handler's own log lines carry the step's ids.
+    let mut run = tokio::spawn(async move { handler.call(&context).await }.in_current_span());
     inflight.insert(message, run.abort_handle());
     let outcome = match tokio::time::timeout(timeout, &mut run).await {
         Ok(Ok(outcome)) => outcome,

@@ -33,6 +33,7 @@ use tasker_shared::messages::{
     StepStarted, WorkerMessage,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::Instrument;
 
 use crate::executor::{self, InFlight};
 use crate::handler::HandlerRegistry;
@@ -437,7 +438,19 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         attempt = message.attempt, trace_id = tracing::field::Empty);
     let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
     tasker_shared::telemetry::adopt(&span, parent.as_deref());
-    let _guard = span.enter();
+    run_step(shared, delivery, message, source_queue, span.clone())
+        .instrument(span)
+        .await;
+}
+
+/// The part of [`handle`] inside the step's span.
+async fn run_step(
+    shared: &Shared,
+    delivery: Delivery,
+    message: StepMessage,
+    source_queue: String,
+    span: tracing::Span,
+) {
     if shared.inflight.is_cancelled(message.task_id) {
         tracing::info!("skipped: the task was cancelled");
         shared.metrics.skipped_cancelled.inc();
@@ -476,7 +489,6 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         }
         return;
     };
-    drop(_guard);
 
     let _ = shared.started.send(StepStarted {
         step_id: message.step_id,
@@ -487,7 +499,6 @@ async fn handle(shared: &Shared, delivery: Delivery) {
     shared.metrics.in_flight.inc();
     let result = executor::execute(handler, &message, &shared.worker_id, &shared.inflight).await;
     shared.metrics.in_flight.dec();
-    let _guard = span.enter();
     let Some(result) = result else {
         // Aborted because the task was cancelled: nothing to report.
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
