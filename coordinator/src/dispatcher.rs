@@ -68,8 +68,10 @@ impl Dispatcher {
             return Ok(0);
         }
         self.wake_events.notify_one();
+        let publishing = std::time::Instant::now();
         let published = self.publisher.publish(&messages).await;
-        self.metrics.dispatched(&messages, published.failed);
+        self.metrics
+            .dispatched(&messages, published.failed, publishing.elapsed());
         tracing::debug!(
             claimed = messages.len(),
             confirmed = published.confirmed,

@@ -63,6 +63,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) broker_errors: Counter,
     pub(crate) queue_latency: Histogram,
     pub(crate) dispatch_batch_size: Histogram,
+    pub(crate) publish_duration: Histogram,
     pub(crate) result_batch_size: Histogram,
     pub(crate) ready_backlog: Gauge,
     pub(crate) tasks_by_status: Family<Status, Gauge>,
@@ -166,6 +167,13 @@ impl CoordinatorMetrics {
             "Steps claimed per claim statement",
             dispatch_batch_size.clone(),
         );
+        let publish_duration = latency_histogram();
+        registry.register_with_unit(
+            "tasker_step_publish_duration",
+            "From publishing a claimed batch to the broker confirming all of it",
+            Unit::Seconds,
+            publish_duration.clone(),
+        );
         let result_batch_size = batch_histogram();
         registry.register(
             "tasker_result_batch_size",
@@ -230,6 +238,7 @@ impl CoordinatorMetrics {
             broker_errors,
             queue_latency,
             dispatch_batch_size,
+            publish_duration,
             result_batch_size,
             ready_backlog,
             tasks_by_status,
@@ -261,8 +270,14 @@ use tasker_shared::store::transitions::{AppliedResults, Dispatch, FinishedTask};
 
 impl CoordinatorMetrics {
     /// A claimed batch was published.
-    pub(crate) fn dispatched(&self, dispatches: &[Dispatch], failed: usize) {
+    pub(crate) fn dispatched(
+        &self,
+        dispatches: &[Dispatch],
+        failed: usize,
+        took: std::time::Duration,
+    ) {
         self.dispatch_batch_size.observe(dispatches.len() as f64);
+        self.publish_duration.observe(took.as_secs_f64());
         for dispatch in dispatches {
             self.steps_dispatched
                 .get_or_create(&Self::namespace(&dispatch.message.namespace))

@@ -184,8 +184,10 @@ impl ResultProcessor {
             tracing::info!(task_id = %task.task_id, status = %task.status, "task finished");
         }
         if !claimed.is_empty() {
+            let publishing = std::time::Instant::now();
             let published = self.publisher.publish(&claimed).await;
-            self.metrics.dispatched(&claimed, published.failed);
+            self.metrics
+                .dispatched(&claimed, published.failed, publishing.elapsed());
         }
         Ok(report)
     }
