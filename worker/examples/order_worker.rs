@@ -8,10 +8,8 @@
 //! cargo run -p tasker-worker --example order_worker
 //! ```
 
-use clap::Parser;
 use serde_json::{Value, json};
-use tasker_shared::config::LogSettings;
-use tasker_worker::{HandlerRegistry, StepContext, StepError, StepHandler, Worker, WorkerSettings};
+use tasker_worker::{HandlerRegistry, StepContext, StepError, StepHandler};
 
 /// Checks the order and prices it.
 struct ValidateOrder;
@@ -102,19 +100,8 @@ impl StepHandler for SendConfirmation {
     }
 }
 
-#[derive(Parser)]
-#[command(about = "A Tasker worker with order-processing handlers")]
-struct Cli {
-    #[command(flatten)]
-    log: LogSettings,
-    #[command(flatten)]
-    worker: WorkerSettings,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let telemetry = tasker_shared::telemetry::init(&cli.log, "order-worker");
     let registry = HandlerRegistry::with_builtins()
         .register(
             "OrderProcessing::StepHandler::ValidateOrderHandler",
@@ -133,14 +120,5 @@ async fn main() -> anyhow::Result<()> {
             "OrderProcessing::StepHandler::SendConfirmationHandler",
             SendConfirmation,
         );
-    let outcome = match Worker::build(cli.worker, registry).await {
-        Ok(worker) => {
-            worker
-                .run_until_stopped(tasker_shared::shutdown_signal())
-                .await
-        }
-        Err(error) => Err(error),
-    };
-    telemetry.shutdown();
-    outcome
+    tasker_worker::run("order-worker", registry).await
 }

@@ -5,21 +5,13 @@
 //! for the built-in handlers, or build your own worker with your handlers:
 //!
 //! ```no_run
-//! use clap::Parser;
-//! use tasker_worker::{HandlerRegistry, Worker, WorkerSettings};
+//! use tasker_worker::HandlerRegistry;
 //!
-//! #[derive(Parser)]
-//! struct Cli {
-//!     #[command(flatten)]
-//!     worker: WorkerSettings,
+//! #[tokio::main]
+//! async fn main() -> anyhow::Result<()> {
+//!     let registry = HandlerRegistry::with_builtins(); // .register("my.handler", MyHandler)
+//!     tasker_worker::run("my-worker", registry).await
 //! }
-//!
-//! # async fn run() -> anyhow::Result<()> {
-//! let settings = Cli::parse().worker;
-//! let registry = HandlerRegistry::with_builtins(); // .register("my.handler", MyHandler)
-//! let worker = Worker::build(settings, registry).await?;
-//! worker.run_until_stopped(tasker_shared::shutdown_signal()).await
-//! # }
 //! ```
 //!
 //! `worker/examples/order_worker.rs` is a complete worker with custom handlers.
@@ -27,6 +19,7 @@
 //! ## Layout
 //! - [`handler`]: the [`StepHandler`] trait, [`StepContext`], [`StepError`], [`HandlerRegistry`].
 //! - [`handlers`]: the built-in handlers.
+//! - `cli`: [`run`], the whole `main` of a worker binary.
 //! - `executor`: decides one step's outcome (timeout, panics).
 //! - `runtime`: [`Worker`]: consuming, concurrency, publishing, acking, shutdown.
 //! - `notices`: batched started notices, heartbeats and the worker's status broadcast.
@@ -34,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+mod cli;
 mod executor;
 pub mod handler;
 pub mod handlers;
@@ -42,6 +36,7 @@ mod notices;
 mod runtime;
 mod settings;
 
+pub use cli::run;
 pub use handler::{HandlerRegistry, StepContext, StepError, StepHandler};
 pub use runtime::Worker;
 pub use settings::WorkerSettings;
