@@ -8,7 +8,6 @@
 //! ack. A crash before the ack redelivers the batch; the fence makes re-applying it a
 //! no-op. Undecodable messages go to the dead-letter queue with the reason.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +23,8 @@ use tracing::Instrument;
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use tasker_shared::broker::{TRACEPARENT_HEADER, Topology, header_str};
-use tasker_shared::messages::{RunningStep, StepResult, StepStarted, WorkerMessage};
-use tasker_shared::store::transitions::{self, LeasePolicy};
+use tasker_shared::messages::{RunningStep, StepResult, WorkerMessage};
+use tasker_shared::store::transitions::{self, LeasePolicy, Started};
 
 pub(crate) struct ResultProcessor {
     pool: PgPool,
@@ -107,7 +106,7 @@ impl ResultProcessor {
     pub(crate) async fn apply_batch(&self, deliveries: &[Delivery]) -> anyhow::Result<BatchReport> {
         let mut report = BatchReport::default();
         let mut results: Vec<StepResult> = Vec::new();
-        let mut started: BTreeMap<String, Vec<StepStarted>> = BTreeMap::new();
+        let mut started: Vec<Started> = Vec::new();
         let mut running: Vec<RunningStep> = Vec::new();
         // One `apply_result` span per result, a child of the worker's `execute_step`,
         // open until the batch commits.
@@ -123,10 +122,12 @@ impl ResultProcessor {
                     spans.push(span);
                     results.push(result);
                 }
-                Ok(WorkerMessage::Started(batch)) => started
-                    .entry(batch.worker_id)
-                    .or_default()
-                    .extend(batch.steps),
+                Ok(WorkerMessage::Started(batch)) => {
+                    started.extend(batch.steps.into_iter().map(|step| Started {
+                        worker_id: batch.worker_id.clone(),
+                        step,
+                    }));
+                }
                 Ok(WorkerMessage::Heartbeat(batch)) => running.extend(batch.steps),
                 Err(error) => {
                     tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
@@ -145,11 +146,9 @@ impl ResultProcessor {
         }
 
         let mut tx = self.pool.begin().await?;
-        for (worker_id, steps) in &started {
-            for latency in transitions::mark_started(&mut tx, worker_id, steps, self.lease).await? {
-                self.metrics.queue_latency.observe(latency);
-                report.started += 1;
-            }
+        for latency in transitions::mark_started(&mut tx, &started, self.lease).await? {
+            self.metrics.queue_latency.observe(latency);
+            report.started += 1;
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
         let applied = transitions::apply_results(&mut tx, &results).await?;

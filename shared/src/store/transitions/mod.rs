@@ -29,7 +29,9 @@ mod worker;
 pub use claim::{Dispatch, claim_ready, next_due};
 pub use leases::{ExpiredLeases, expire_leases};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
-pub use worker::{AppliedResults, LeasePolicy, StepChange, apply_results, heartbeat, mark_started};
+pub use worker::{
+    AppliedResults, LeasePolicy, Started, StepChange, apply_results, heartbeat, mark_started,
+};
 
 use sqlx::PgConnection;
 use uuid::Uuid;

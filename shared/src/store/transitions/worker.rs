@@ -15,7 +15,17 @@ pub struct LeasePolicy {
     pub heartbeat_lease_ms: i64,
 }
 
-/// Mark steps `in_progress` from workers' started notices, with a lease of
+/// A started notice with the worker that sent it.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The worker.
+    pub worker_id: String,
+    /// The notice.
+    pub step: StepStarted,
+}
+
+/// Mark steps `in_progress` from workers' started notices (all workers of a batch in one
+/// statement), with a lease of
 /// `min(timeout + grace, heartbeat lease)`. A notice for a step that is already running
 /// under the same dispatch token, on a redelivered message, means its first worker died
 /// mid-step: the new run counts as a new attempt. Notices for steps that moved on are
@@ -23,8 +33,7 @@ pub struct LeasePolicy {
 /// ready to starting).
 pub async fn mark_started(
     conn: &mut PgConnection,
-    worker_id: &str,
-    started: &[StepStarted],
+    started: &[Started],
     lease: LeasePolicy,
 ) -> sqlx::Result<Vec<f64>> {
     if started.is_empty() {
@@ -33,11 +42,12 @@ pub async fn mark_started(
     sqlx::query_scalar(
         r#"
         WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[])
-                AS i(step_id, token, started_at, redelivered)
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[],
+                                 $7::text[])
+                AS i(step_id, token, started_at, redelivered, worker_id)
         ),
         locked AS (
-            SELECT s.step_id, s.status AS from_status, i.started_at
+            SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id
             FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
             WHERE s.status = 'enqueued' OR (s.status = 'in_progress' AND i.redelivered)
             ORDER BY s.step_id
@@ -52,26 +62,26 @@ pub async fn mark_started(
                 updated_at = now()
             FROM locked l
             WHERE s.step_id = l.step_id
-            RETURNING s.step_id, s.task_id, s.attempts, l.from_status,
+            RETURNING s.step_id, s.task_id, s.attempts, l.from_status, l.worker_id,
                       greatest(extract(epoch FROM l.started_at - s.ready_at), 0)::float8 AS latency
         ),
         history AS (
             INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
             SELECT step_id, task_id, from_status, 'in_progress',
                    CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
-                   jsonb_build_object('attempt', attempts, 'worker_id', $7::text)
+                   jsonb_build_object('attempt', attempts, 'worker_id', worker_id)
             FROM moved
         )
         SELECT COALESCE(latency, 0) FROM moved
         "#,
     )
-    .bind(started.iter().map(|s| s.step_id).collect::<Vec<_>>())
-    .bind(started.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
-    .bind(started.iter().map(|s| s.started_at).collect::<Vec<_>>())
-    .bind(started.iter().map(|s| s.redelivered).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.step.dispatch_token).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.step.started_at).collect::<Vec<_>>())
+    .bind(started.iter().map(|s| s.step.redelivered).collect::<Vec<_>>())
     .bind(lease.grace_ms)
     .bind(lease.heartbeat_lease_ms)
-    .bind(worker_id)
+    .bind(started.iter().map(|s| s.worker_id.clone()).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }
