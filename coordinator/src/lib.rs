@@ -6,7 +6,8 @@
 //!
 //! ## Layout
 //! - [`Application`] (`startup`): builds everything from [`CoordinatorSettings`] and runs it.
-//! - `http/`: the API of `API.md` (templates, tasks, health).
+//! - `http/`: the API of `API.md` (templates, tasks, health); `http/auth` guards it.
+//! - `auth`: bearer tokens (API tokens, JWTs) and scopes; `tasker-coordinator token`.
 //! - `dispatcher`: claims ready steps in batches (`FOR UPDATE SKIP LOCKED`) and publishes them.
 //! - `result_processor`: applies results in batches and dispatches the dependents they
 //!   make ready, in the same transaction.
@@ -16,11 +17,13 @@
 //! - `publisher`: publishes claimed steps with publisher confirms.
 //! - `metrics`: the Prometheus metrics; `gauges`: the loop that refreshes the gauges.
 
+mod auth;
 mod control;
 mod dispatcher;
 mod events;
 mod gauges;
 mod http;
+mod link;
 mod metrics;
 mod publisher;
 mod result_processor;
@@ -28,5 +31,6 @@ mod settings;
 mod startup;
 mod sweeper;
 
-pub use settings::CoordinatorSettings;
+pub use auth::command::TokenArgs;
+pub use settings::{AuthMode, AuthSettings, CoordinatorSettings, Secret};
 pub use startup::Application;

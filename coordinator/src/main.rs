@@ -2,7 +2,7 @@
 //! sweeper; `migrate` applies the schema.
 
 use clap::{Parser, Subcommand};
-use tasker_coordinator::{Application, CoordinatorSettings};
+use tasker_coordinator::{Application, CoordinatorSettings, TokenArgs};
 use tasker_shared::config::{DatabaseSettings, LogSettings};
 
 #[derive(Parser)]
@@ -20,6 +20,8 @@ enum Command {
     Serve(Box<CoordinatorSettings>),
     /// Apply migrations (creating the database if missing) and exit.
     Migrate(DatabaseSettings),
+    /// Create, list or revoke API tokens (applies migrations first).
+    Token(TokenArgs),
 }
 
 #[tokio::main]
@@ -37,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate(settings) => tasker_shared::db::migrate(&settings)
             .await
             .map(|()| tracing::info!("migrations applied")),
+        Command::Token(args) => args.run().await,
     };
     telemetry.shutdown();
     outcome

@@ -14,6 +14,9 @@ pub struct CoordinatorSettings {
     /// How to reach RabbitMQ.
     #[command(flatten)]
     pub broker: BrokerSettings,
+    /// Who may call the API (docs/security.md).
+    #[command(flatten)]
+    pub auth: AuthSettings,
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(long, env = "TASKER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -56,7 +59,137 @@ pub struct CoordinatorSettings {
     /// How often expired leases are swept.
     #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
     pub sweep_interval_ms: u64,
+    /// For chaos tests only: after this many claimed batches, stop between the claim's
+    /// commit and its publish, log `failpoint: paused after claim`, and wait there for
+    /// ever, so a test can kill the coordinator at exactly that moment.
+    #[arg(long, env = "TASKER_FAILPOINT_PAUSE_AFTER_CLAIMS", hide = true)]
+    pub failpoint_pause_after_claims: Option<u64>,
     /// Largest request body accepted (413 past it).
     #[arg(long, env = "TASKER_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest task context accepted, in bytes of compact JSON (413 past it). Each step
+    /// message carries the context, so this also bounds message size.
+    #[arg(long, env = "TASKER_MAX_CONTEXT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_context_bytes: usize,
+    /// Largest template document accepted by `POST /v1/templates`, in bytes (413 past it).
+    #[arg(long, env = "TASKER_MAX_TEMPLATE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_template_bytes: usize,
+    /// Most steps a template registered through the API may have (422 past it); at most
+    /// the parser's own cap of 10,000.
+    #[arg(long, env = "TASKER_MAX_TEMPLATE_STEPS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_template_steps: u32,
+}
+
+/// Authentication of API calls (docs/security.md). Off by default, for local runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthSettings {
+    /// `on`: every API call but `/health/live`, `/health/ready` and `/openapi.json` needs
+    /// a bearer token (an API token from `tasker-coordinator token create`, or a JWT)
+    /// with the route's scope. `off`: anyone who reaches the port may do anything.
+    #[arg(
+        long = "auth",
+        env = "TASKER_AUTH",
+        value_enum,
+        default_value_t = AuthMode::Off
+    )]
+    pub mode: AuthMode,
+    /// Accept JWTs signed with HS256 and this shared secret (at least 32 bytes; a shorter
+    /// one is refused at start).
+    #[arg(long, env = "TASKER_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<Secret>,
+    /// Accept JWTs signed with RS256 by the holder of this public key's private key: the
+    /// PEM text itself (starting `-----BEGIN`), or the path of a file holding it.
+    #[arg(long, env = "TASKER_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<String>,
+    /// When set, a JWT must carry this issuer (`iss`).
+    #[arg(long, env = "TASKER_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set (comma-separated), a JWT's audience (`aud`) must be one of these.
+    #[arg(long, env = "TASKER_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+    /// Clock skew allowed when checking a JWT's `exp` and `nbf`.
+    #[arg(long, env = "TASKER_JWT_LEEWAY_SECONDS", default_value_t = 30)]
+    pub jwt_leeway_seconds: u64,
+    /// With authentication on, whether `/metrics` and `/health/status` need a token with
+    /// `metrics:read` too (`on`/`off`, or `true`/`false`; off: they stay open to scrapers
+    /// and probes).
+    #[arg(long, env = "TASKER_METRICS_AUTH", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_auth: bool,
+}
+
+/// Whether API calls are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Every route is open (local runs; a loud warning is logged at start).
+    Off,
+    /// Bearer tokens with scopes are required.
+    On,
+}
+
+/// A secret setting: never printed, by `Debug` or otherwise.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself: only for handing to what verifies with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: CoordinatorSettings,
+    }
+
+    #[test]
+    fn auth_is_off_by_default_and_secrets_never_print() {
+        let cli = Cli::try_parse_from(["test"]).unwrap();
+        assert_eq!(cli.settings.auth.mode, AuthMode::Off);
+        assert!(!cli.settings.auth.metrics_auth);
+        let cli = Cli::try_parse_from([
+            "test",
+            "--auth",
+            "on",
+            "--jwt-hs256-secret",
+            "s3cret-s3cret",
+            "--jwt-audience",
+            "tasker,ops",
+            "--metrics-auth",
+            "on",
+        ])
+        .unwrap();
+        assert_eq!(cli.settings.auth.mode, AuthMode::On);
+        assert_eq!(cli.settings.auth.jwt_audience, ["tasker", "ops"]);
+        assert!(cli.settings.auth.metrics_auth);
+        let printed = format!("{:?}", cli.settings);
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("jwt_hs256_secret: Some(\"***\")"),
+            "{printed}"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API (`../shared/API.md` fixes its names).
 
+mod auth;
 mod body;
 mod error;
 mod health;
@@ -18,10 +19,14 @@ use axum::routing::{MethodFilter, MethodRouter, on};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::auth::{Authenticator, Scope};
+use auth::Access;
+
 use crate::control::Control;
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 
+pub(crate) use body::Limits;
 pub(crate) use templates::register_template;
 
 /// What every handler can reach.
@@ -37,18 +42,25 @@ pub(crate) struct AppState {
     pub(crate) wake_events: Arc<Notify>,
     /// Selects tasker-engine `environments` overrides.
     pub(crate) environment: String,
-    pub(crate) broker: Arc<lapin::Connection>,
+    /// The current RabbitMQ connection (replaced after a reconnect).
+    pub(crate) broker: Arc<crate::link::BrokerLink>,
+    /// Request size limits (`TASKER_MAX_CONTEXT_BYTES`, `TASKER_MAX_TEMPLATE_*`).
+    pub(crate) limits: Limits,
+    /// Checks bearer tokens (`TASKER_AUTH`); the router hands it to the guarded routes.
+    pub(crate) auth: Arc<Authenticator>,
 }
 
 /// One route of the API: a method, a path and its handler.
 pub(crate) struct Route {
     pub(crate) method: Method,
     pub(crate) path: &'static str,
+    /// Who may call it (`auth::guard` enforces it; the OpenAPI document shows it).
+    pub(crate) access: Access,
     /// The handler, routed for the method it is given: `method`, so the two cannot differ.
     handler: Box<dyn FnOnce(MethodFilter) -> MethodRouter<AppState>>,
 }
 
-fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+fn route<H, T>(method: Method, path: &'static str, access: Access, handler: H) -> Route
 where
     H: Handler<T, AppState>,
     T: 'static,
@@ -56,6 +68,7 @@ where
     Route {
         method,
         path,
+        access,
         handler: Box::new(move |filter| on(filter, handler)),
     }
 }
@@ -63,40 +76,76 @@ where
 /// Every route the API serves: the one table [`router`] is built from. A test
 /// (`openapi::tests`) checks that `openapi::ApiDoc` describes exactly these, so add a
 /// route here, with its `#[utoipa::path]` and an entry in `ApiDoc`, and nowhere else.
+///
+/// Each route names who may call it (`docs/security.md` has the table): reading
+/// templates is `tasks:read`, since whoever reads tasks needs their templates.
 pub(crate) fn routes() -> Vec<Route> {
+    let templates_write = Access::Scope(Scope::TemplatesWrite);
+    let read = Access::Scope(Scope::TasksRead);
+    let write = Access::Scope(Scope::TasksWrite);
+    let operate = Access::Scope(Scope::TasksOperate);
     vec![
-        route(Method::POST, "/v1/templates", templates::create),
-        route(Method::GET, "/v1/templates", templates::list),
+        route(
+            Method::POST,
+            "/v1/templates",
+            templates_write,
+            templates::create,
+        ),
+        route(Method::GET, "/v1/templates", read, templates::list),
         route(
             Method::GET,
             "/v1/templates/{namespace}/{name}",
+            read,
             templates::get,
         ),
-        route(Method::POST, "/v1/tasks", tasks::create),
-        route(Method::GET, "/v1/tasks", tasks::list),
-        route(Method::GET, "/v1/tasks/{task_id}", tasks::get),
-        route(Method::POST, "/v1/tasks/{task_id}/cancel", operate::cancel),
-        route(Method::POST, "/v1/tasks/{task_id}/retry", operate::retry),
+        route(Method::POST, "/v1/tasks", write, tasks::create),
+        route(Method::GET, "/v1/tasks", read, tasks::list),
+        route(Method::GET, "/v1/tasks/{task_id}", read, tasks::get),
+        route(
+            Method::POST,
+            "/v1/tasks/{task_id}/cancel",
+            operate,
+            operate::cancel,
+        ),
+        route(
+            Method::POST,
+            "/v1/tasks/{task_id}/retry",
+            operate,
+            operate::retry,
+        ),
         route(
             Method::POST,
             "/v1/tasks/{task_id}/steps/{step_name}/resolve",
+            operate,
             operate::resolve,
         ),
         route(
             Method::GET,
             "/v1/tasks/{task_id}/readiness",
+            read,
             operate::readiness,
         ),
         route(
             Method::GET,
             "/v1/tasks/{task_id}/transitions",
+            read,
             operate::history,
         ),
-        route(Method::GET, "/health/live", health::live),
-        route(Method::GET, "/health/ready", health::ready),
-        route(Method::GET, "/health/status", health::status),
-        route(Method::GET, "/metrics", health::metrics),
-        route(Method::GET, "/openapi.json", openapi::document),
+        route(Method::GET, "/health/live", Access::Open, health::live),
+        route(Method::GET, "/health/ready", Access::Open, health::ready),
+        route(
+            Method::GET,
+            "/health/status",
+            Access::Monitoring,
+            health::status,
+        ),
+        route(Method::GET, "/metrics", Access::Monitoring, health::metrics),
+        route(
+            Method::GET,
+            "/openapi.json",
+            Access::Open,
+            openapi::document,
+        ),
     ]
 }
 
@@ -106,12 +155,17 @@ fn stateless_router(max_body_bytes: usize) -> Router<AppState> {
         .into_iter()
         .fold(Router::new(), |router, r| {
             let filter = MethodFilter::try_from(r.method).expect("a method axum can route");
-            router.route(r.path, (r.handler)(filter))
+            router.route(r.path, auth::guard(r.access, (r.handler)(filter)))
         })
         .fallback(health::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
 pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
-    stateless_router(max_body_bytes).with_state(state)
+    // The guarded routes find the authenticator in every request's extensions.
+    let authenticator: Arc<Authenticator> = state.auth.clone();
+    stateless_router(max_body_bytes)
+        .layer(axum::Extension(authenticator))
+        .with_state(state)
 }

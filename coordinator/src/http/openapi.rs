@@ -11,6 +11,8 @@ use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::{RefOr, Required};
 use utoipa::{Modify, OpenApi};
 
+use super::auth::SecurityDoc;
+use super::body::StorableJson;
 use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
 use super::operate::{self, ReadinessView, ReasonRequest, ResolveRequest, TransitionHistory};
@@ -79,6 +81,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         WorkerStatus,
         ErrorBody,
         ErrorDetail,
+        StorableJson,
     )),
     tags(
         (name = "templates", description = "Workflow templates."),
@@ -87,7 +90,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         (name = "health", description = "Liveness, readiness, status and metrics."),
         (name = "meta", description = "This description."),
     ),
-    modifiers(&OptionalBodies),
+    modifiers(&OptionalBodies, &SecurityDoc),
 )]
 pub(crate) struct ApiDoc;
 
