@@ -12,7 +12,7 @@
 #   deploy/compose.yaml                the Compose Specification JSON schema
 #                                      (deploy/schemas/compose-spec.json), the compose-spec
 #                                      parser, references (services, volumes, mounted paths)
-#   deploy/prometheus/*.yml            promtool check config (rules included), when promtool
+#   deploy/prometheus/*.yml            promtool check config (rules included) and test rules, when promtool
 #                                      can be had; skipped with a message otherwise
 #   deploy/grafana/                    dashboards parse, provisioning parses, every
 #                                      datasource uid a dashboard uses is provisioned
@@ -169,6 +169,13 @@ check_prometheus() {
             printf '%s\n' "$out" | sed 's/^/       /'
         fi
     done
+    # The alert rules' own unit tests (series in, alerts out).
+    if out=$(cd deploy/prometheus && "$promtool" test rules alerts.test.yml 2>&1); then
+        ok "deploy/prometheus/alerts.test.yml: promtool $version test rules"
+    else
+        fail "deploy/prometheus/alerts.test.yml: promtool test rules"
+        printf '%s\n' "$out" | sed 's/^/       /'
+    fi
 }
 
 # Kubernetes, KEDA, Compose, Grafana and the build context, in Python.

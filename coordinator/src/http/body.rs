@@ -1,20 +1,183 @@
-//! Reading request bodies and parameters so that every problem is named at once.
+//! Reading request bodies and parameters so that every problem is named at once, and
+//! the limits on what a request may hold.
+//!
+//! Hostile input is refused here, before it reaches the database: PostgreSQL's `text`
+//! and `jsonb` cannot hold U+0000 (a NUL would be a 500 from the insert), and sizes are
+//! checked against [`Limits`] with the setting's name in the answer.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::{Map, Value, json};
+use utoipa::openapi::schema::{AnyOfBuilder, ArrayBuilder, ObjectBuilder, SchemaType, Type};
+use utoipa::openapi::{Ref, RefOr, Schema};
 
 use super::error::ApiError;
+use crate::settings::CoordinatorSettings;
+
+/// At most this many problems of one kind (unknown fields, NUL characters) are listed.
+const MAX_LISTED: usize = 50;
+
+/// What one request may hold, beyond the body limit (`TASKER_MAX_BODY_BYTES`, applied by
+/// the router before any handler runs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// `TASKER_MAX_BODY_BYTES`, for the message (the router enforces it).
+    pub(crate) max_body_bytes: usize,
+    /// `TASKER_MAX_CONTEXT_BYTES`: a task context, as compact JSON.
+    pub(crate) max_context_bytes: usize,
+    /// `TASKER_MAX_TEMPLATE_BYTES`: a template document as sent.
+    pub(crate) max_template_bytes: usize,
+    /// `TASKER_MAX_TEMPLATE_STEPS`.
+    pub(crate) max_template_steps: usize,
+}
+
+impl From<&CoordinatorSettings> for Limits {
+    fn from(settings: &CoordinatorSettings) -> Self {
+        Limits {
+            max_body_bytes: settings.max_body_bytes,
+            max_context_bytes: settings.max_context_bytes,
+            max_template_bytes: settings.max_template_bytes,
+            max_template_steps: settings.max_template_steps as usize,
+        }
+    }
+}
+
+/// 413 naming the limit (`setting`), its value and the size found.
+pub(crate) fn too_large(
+    code: &'static str,
+    path: &str,
+    what: &str,
+    setting: &str,
+    max: usize,
+    actual: usize,
+) -> ApiError {
+    let message = format!("{what} is {actual} bytes; the limit is {max} bytes ({setting})");
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, code, message.clone()).with_details(vec![json!({
+        "path": path, "message": message, "limit": setting, "max": max, "actual": actual
+    })])
+}
+
+/// The length of `value` as compact JSON, without writing it out.
+pub(crate) fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+/// Media types of the JSON bodies. Besides JSON itself: no `Content-Type` at all, and
+/// `application/x-www-form-urlencoded`, which is what `curl -d` sends (the README's
+/// examples use it); the body is read as JSON whatever it claims.
+pub(crate) const JSON_TYPES: &[&str] = &["application/json", "application/x-www-form-urlencoded"];
+
+/// Media types of template documents (YAML or JSON).
+pub(crate) const TEMPLATE_TYPES: &[&str] = &[
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/x-yaml",
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+];
+
+/// 415 unless the body's `Content-Type` is absent, one of `accepted`, or a `+json` type.
+pub(crate) fn content_type(headers: &HeaderMap, accepted: &[&str]) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|text| text.split(';').next())
+        .map(|text| text.trim().to_ascii_lowercase());
+    if let Some(essence) = &essence
+        && (accepted.contains(&essence.as_str())
+            || (essence.ends_with("+json") && accepted.contains(&"application/json")))
+    {
+        return Ok(());
+    }
+    let shown = essence.unwrap_or_else(|| "(not readable)".to_owned());
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!(
+            "Content-Type `{shown}` is not accepted here; send one of: {}",
+            accepted.join(", ")
+        ),
+    ))
+}
+
+/// A path parameter axum could not read (not UTF-8 once percent-decoded), as our error.
+pub(crate) fn path_rejection(rejection: PathRejection) -> ApiError {
+    ApiError::malformed(format!("bad path: {}", rejection.body_text()))
+}
+
+/// A query string axum could not read, as our error.
+pub(crate) fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::malformed(format!("bad query string: {}", rejection.body_text()))
+}
+
+/// The JSON pointers of the first strings and keys in `value` that hold U+0000, which
+/// PostgreSQL's `jsonb` cannot store; `prefix` is put in front of each pointer.
+pub(crate) fn nul_pointers(value: &Value, prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    // Iterative, so no input can exhaust the stack (parsed JSON is at most 128 deep anyway).
+    let mut pending: Vec<(String, &Value)> = vec![(prefix.to_owned(), value)];
+    while let Some((pointer, value)) = pending.pop() {
+        if found.len() >= MAX_LISTED {
+            break;
+        }
+        match value {
+            Value::String(text) if text.contains('\0') => found.push(pointer),
+            Value::Array(items) => pending.extend(
+                items
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .map(|(index, item)| (format!("{pointer}/{index}"), item)),
+            ),
+            Value::Object(map) => {
+                for (key, item) in map.iter().rev() {
+                    let child = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                    if key.contains('\0') {
+                        found.push(child.clone());
+                    }
+                    pending.push((child, item));
+                }
+            }
+            _ => {}
+        }
+    }
+    found.truncate(MAX_LISTED);
+    found
+}
 
 /// Turn axum's body rejection (too large, unreadable) into our error body.
-pub(crate) fn body_rejection(rejection: BytesRejection) -> ApiError {
+pub(crate) fn body_rejection(rejection: BytesRejection, limits: &Limits) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let max = limits.max_body_bytes;
+        let message =
+            format!("the body is larger than the limit of {max} bytes (TASKER_MAX_BODY_BYTES)");
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            rejection.body_text(),
+            message.clone(),
         )
+        .with_details(vec![json!({
+            "path": "", "message": message, "limit": "TASKER_MAX_BODY_BYTES", "max": max
+        })])
     } else {
         ApiError::malformed(rejection.body_text())
     }
@@ -37,6 +200,63 @@ pub(crate) fn json_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> 
     }
 }
 
+/// The JSON Schema pattern of a string that holds no U+0000 (which PostgreSQL cannot
+/// store), for the OpenAPI description of request fields.
+pub(crate) const NO_NUL: &str = "^[^\\x00]*$";
+
+/// Any JSON value PostgreSQL's `jsonb` can store: no U+0000 in any string or key
+/// (documentation only: the OpenAPI component `StorableJson`).
+pub(crate) struct StorableJson;
+
+impl utoipa::PartialSchema for StorableJson {
+    fn schema() -> RefOr<Schema> {
+        let scalar = ObjectBuilder::new().schema_type(
+            [Type::Null, Type::Boolean, Type::Number]
+                .into_iter()
+                .collect::<SchemaType>(),
+        );
+        let string = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(NO_NUL));
+        let array = ArrayBuilder::new().items(Ref::from_schema_name("StorableJson"));
+        AnyOfBuilder::new()
+            .description(Some(
+                "Any JSON value whose strings and keys hold no U+0000 (PostgreSQL cannot store it).",
+            ))
+            .item(scalar)
+            .item(string)
+            .item(array)
+            .item(storable_object())
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for StorableJson {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "StorableJson".into()
+    }
+}
+
+/// `schema_with` for a field that is a JSON object of [`StorableJson`] values.
+pub(crate) fn storable_object() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(NO_NUL)),
+        ))
+        .additional_properties(Some(RefOr::<Schema>::Ref(Ref::from_schema_name(
+            "StorableJson",
+        ))))
+        .into()
+}
+
+/// `schema_with` for a field that is any [`StorableJson`].
+pub(crate) fn storable_value() -> RefOr<Schema> {
+    RefOr::Ref(Ref::from_schema_name("StorableJson"))
+}
+
 /// Collects field problems while reading a JSON object.
 pub(crate) struct Fields {
     object: Map<String, Value>,
@@ -46,11 +266,19 @@ pub(crate) struct Fields {
 impl Fields {
     /// Read `object`, reporting any key not in `known`.
     pub(crate) fn new(object: Map<String, Value>, known: &[&str]) -> Self {
-        let problems = object
+        let unknown: Vec<&String> = object
             .keys()
             .filter(|key| !known.contains(&key.as_str()))
+            .collect();
+        let mut problems: Vec<Value> = unknown
+            .iter()
+            .take(MAX_LISTED)
             .map(|key| json!({"path": key, "message": format!("unknown field `{key}`; expected one of: {}", known.join(", "))}))
             .collect();
+        if unknown.len() > MAX_LISTED {
+            problems.push(json!({"path": "", "message": format!(
+                "{} more unknown fields are not listed", unknown.len() - MAX_LISTED)}));
+        }
         Fields { object, problems }
     }
 
@@ -76,6 +304,13 @@ impl Fields {
                 self.problem(key, format!("`{key}` must not be empty"));
                 None
             }
+            Some(Value::String(text)) if text.contains('\0') => {
+                self.problem(
+                    key,
+                    format!("`{key}` holds a NUL character (U+0000), which cannot be stored"),
+                );
+                None
+            }
             Some(Value::String(text)) => Some(text),
             Some(other) => {
                 self.problem(
@@ -87,9 +322,17 @@ impl Fields {
         }
     }
 
-    /// Any JSON value; `None` when absent.
+    /// Any JSON value; `None` when absent. Strings and keys holding U+0000 are problems.
     pub(crate) fn value(&mut self, key: &str) -> Option<Value> {
-        self.object.remove(key)
+        let value = self.object.remove(key)?;
+        let pointers = nul_pointers(&value, "");
+        for pointer in pointers {
+            self.problem(
+                &format!("{key}{pointer}"),
+                "holds a NUL character (U+0000), which cannot be stored",
+            );
+        }
+        Some(value)
     }
 
     /// Fail with 422 listing every problem, if there is any.

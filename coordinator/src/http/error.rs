@@ -74,6 +74,31 @@ impl From<sqlx::Error> for ApiError {
                     "the database is not reachable; try again",
                 )
             }
+            // The request's checks should keep these from the database; this is the net
+            // for a value they missed, so hostile input never becomes a 500.
+            sqlx::Error::Database(database) => match database.code().as_deref() {
+                // character_not_in_repertoire, untranslatable_character: U+0000 in text
+                // or jsonb.
+                Some("22021" | "22P05") => {
+                    tracing::warn!(%error, "request refused by the database");
+                    Self::invalid(
+                        "invalid_request",
+                        "a value holds a character the database cannot store (U+0000)",
+                        Vec::new(),
+                    )
+                }
+                // program_limit_exceeded, statement_too_complex: a value too large or too
+                // deeply nested for PostgreSQL.
+                Some("54000" | "54001") => {
+                    tracing::warn!(%error, "request refused by the database");
+                    Self::invalid(
+                        "invalid_request",
+                        "a value is too large or too deeply nested for the database",
+                        Vec::new(),
+                    )
+                }
+                _ => Self::internal(error),
+            },
             _ => Self::internal(error),
         }
     }
@@ -94,8 +119,9 @@ pub(crate) struct ErrorDetail {
     /// A stable code to match on, such as `malformed_request`, `invalid_request`,
     /// `invalid_template`, `invalid_context`, `template_not_found`, `task_not_found`,
     /// `step_not_found`, `route_not_found`, `template_conflict`, `idempotency_conflict`,
-    /// `invalid_state`, `payload_too_large`, `database_unavailable`, `not_ready` or
-    /// `internal`.
+    /// `invalid_state`, `payload_too_large`, `context_too_large`, `template_too_large`,
+    /// `unsupported_media_type`, `method_not_allowed`, `database_unavailable`,
+    /// `not_ready`, `unauthenticated` (401), `insufficient_scope` (403) or `internal`.
     pub(crate) code: &'static str,
     /// What went wrong, for people.
     pub(crate) message: String,
@@ -120,3 +146,13 @@ impl IntoResponse for ApiError {
 
 /// Handlers' result type.
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// A known path asked with a method it does not serve: 405 in the error body (axum adds
+/// the `Allow` header naming the methods it does serve).
+pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not served at this path; see the Allow header"),
+    )
+}

@@ -3,16 +3,18 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
-use super::body::{Fields, body_rejection, json_object};
+use super::body::{
+    Fields, JSON_TYPES, body_rejection, content_type, json_object, path_rejection, storable_value,
+};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
 use tasker_shared::store::inspect::{self, StepReadiness, Transition};
@@ -40,9 +42,11 @@ impl From<OperatorError> for ApiError {
 /// are [`REASON_FIELDS`]). An empty body is `{}`.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "documentation only")]
+// Unknown fields are refused (422): `additionalProperties: false` in the description.
+#[serde(deny_unknown_fields)]
 pub(crate) struct ReasonRequest {
     /// Why, for the transition history.
-    #[schema(max_length = 1024)]
+    #[schema(max_length = 1024, pattern = "^[^\\x00]*$")]
     reason: Option<String>,
 }
 
@@ -53,12 +57,15 @@ pub(crate) const REASON_FIELDS: &[&str] = &["reason"];
 /// [`RESOLVE_FIELDS`]). An empty body is `{}`.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "documentation only")]
+// Unknown fields are refused (422): `additionalProperties: false` in the description.
+#[serde(deny_unknown_fields)]
 pub(crate) struct ResolveRequest {
     /// The step's results, as its handler would have returned them (any JSON); its
     /// dependents see them.
+    #[schema(schema_with = storable_value)]
     results: Option<Value>,
     /// Why, for the transition history.
-    #[schema(max_length = 1024)]
+    #[schema(max_length = 1024, pattern = "^[^\\x00]*$")]
     reason: Option<String>,
 }
 
@@ -85,18 +92,27 @@ pub(crate) struct TransitionHistory {
     steps: Vec<Transition>,
 }
 
-/// An optional JSON object body (empty is `{}`).
-fn optional_object(body: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
-    let body = body.map_err(body_rejection)?;
+/// An optional JSON object body (empty is `{}`, whatever its `Content-Type`).
+fn optional_object(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Map<String, Value>> {
+    let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
+    content_type(headers, JSON_TYPES)?;
     json_object(&body)
 }
 
 /// Just `{"reason"?}`.
-fn reason_only(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<String>> {
-    let mut fields = Fields::new(optional_object(body)?, REASON_FIELDS);
+fn reason_only(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Option<String>> {
+    let mut fields = Fields::new(optional_object(state, headers, body)?, REASON_FIELDS);
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
     Ok(reason)
@@ -117,6 +133,7 @@ fn reason_only(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<String>>
         (status = 404, description = "`task_not_found`.", body = ErrorBody),
         (status = 409, description = "`invalid_state`: only a pending or in-progress task can be cancelled.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
         (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
@@ -124,11 +141,13 @@ fn reason_only(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<String>>
 )]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    task_id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<TaskView>> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
-    let reason = reason_only(body)?;
+    let reason = reason_only(&state, &headers, body)?;
     let mut tx = state.pool.begin().await?;
     let cancelled = transitions::cancel_task(&mut tx, task_id, reason.as_deref()).await?;
     tx.commit().await?;
@@ -155,6 +174,7 @@ pub(crate) async fn cancel(
         (status = 404, description = "`task_not_found`.", body = ErrorBody),
         (status = 409, description = "`invalid_state`: the task is not in `error`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
         (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
@@ -162,11 +182,13 @@ pub(crate) async fn cancel(
 )]
 pub(crate) async fn retry(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    task_id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<TaskView>> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
-    let reason = reason_only(body)?;
+    let reason = reason_only(&state, &headers, body)?;
     let mut tx = state.pool.begin().await?;
     let reset = transitions::retry_task(&mut tx, task_id, reason.as_deref()).await?;
     tx.commit().await?;
@@ -193,6 +215,7 @@ pub(crate) async fn retry(
         (status = 404, description = "`task_not_found` or `step_not_found`.", body = ErrorBody),
         (status = 409, description = "`invalid_state`: the task can no longer change, or the step is not pending, waiting_for_retry or error.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
         (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
@@ -200,11 +223,20 @@ pub(crate) async fn retry(
 )]
 pub(crate) async fn resolve(
     State(state): State<AppState>,
-    Path((task_id, step)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<StepRecord>> {
+    let Path((task_id, step)) = path.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
-    let mut fields = Fields::new(optional_object(body)?, RESOLVE_FIELDS);
+    if step.contains('\0') {
+        // No step name holds U+0000 (nor can PostgreSQL compare with one).
+        return Err(ApiError::not_found(
+            "step_not_found",
+            format!("task {task_id} has no step `{}`", step.escape_debug()),
+        ));
+    }
+    let mut fields = Fields::new(optional_object(&state, &headers, body)?, RESOLVE_FIELDS);
     let results = fields.value("results");
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
@@ -243,8 +275,9 @@ pub(crate) async fn resolve(
 )]
 pub(crate) async fn readiness(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    task_id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<ReadinessView>> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = existing_task(&state, &task_id).await?;
     let steps = inspect::readiness(&state.pool, task_id).await?;
     Ok(Json(ReadinessView { task_id, steps }))
@@ -267,8 +300,9 @@ pub(crate) async fn readiness(
 )]
 pub(crate) async fn history(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    task_id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<TransitionHistory>> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = existing_task(&state, &task_id).await?;
     let (task, steps) = inspect::history(&state.pool, task_id).await?;
     Ok(Json(TransitionHistory {

@@ -4,16 +4,19 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
-use super::body::{Fields, body_rejection, json_object};
+use super::body::{
+    Fields, JSON_TYPES, body_rejection, content_type, json_len, json_object, path_rejection,
+    query_rejection, storable_object, storable_value, too_large,
+};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
@@ -38,32 +41,36 @@ pub(crate) struct TaskView {
 #[schema(example = json!({"namespace": "billing", "name": "charge",
     "context": {"order_id": 42}, "idempotency_key": "order-42"}))]
 #[expect(dead_code, reason = "documentation only")]
+// Unknown fields are refused (422): `additionalProperties: false` in the description.
+#[serde(deny_unknown_fields)]
 pub(crate) struct CreateTaskRequest {
     /// The template's namespace.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
     namespace: String,
     /// The template's name.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
     name: String,
     /// The template's version; the highest by semver when absent.
-    #[schema(max_length = 128)]
+    #[schema(max_length = 128, pattern = "^[^\\x00]*$")]
     version: Option<String>,
     /// The task's input, checked against the template's `context_schema`; default `{}`.
+    #[schema(schema_with = storable_object)]
     context: Option<serde_json::Map<String, Value>>,
     /// Who asks.
-    #[schema(max_length = 128)]
+    #[schema(max_length = 128, pattern = "^[^\\x00]*$")]
     initiator: Option<String>,
     /// Which system asks.
-    #[schema(max_length = 128)]
+    #[schema(max_length = 128, pattern = "^[^\\x00]*$")]
     source_system: Option<String>,
     /// Why.
-    #[schema(max_length = 128)]
+    #[schema(max_length = 128, pattern = "^[^\\x00]*$")]
     reason: Option<String>,
     /// Free-form tags (any JSON, usually a list of strings); default `[]`.
+    #[schema(schema_with = storable_value)]
     tags: Option<Value>,
     /// Makes creation idempotent within the template's namespace and name: the same key
     /// again answers the existing task (200), or 409 if its version or context differ.
-    #[schema(max_length = 255)]
+    #[schema(max_length = 255, pattern = "^[^\\x00]*$")]
     idempotency_key: Option<String>,
 }
 
@@ -112,8 +119,9 @@ const MAX_PAGE: i64 = 500;
         (status = 400, description = "`malformed_request`: the body is not JSON or could not be read.", body = ErrorBody),
         (status = 404, description = "`template_not_found`.", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`: the key was used with another version or context.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (every field problem) or `invalid_context` (every place the context breaks the template's schema).", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `context_too_large`: the context is larger than `TASKER_MAX_CONTEXT_BYTES`.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is sent as something other than JSON.", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (every field problem, including strings holding U+0000) or `invalid_context` (every place the context breaks the template's schema).", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
@@ -123,9 +131,11 @@ const MAX_PAGE: i64 = 500;
            task_id = tracing::field::Empty, trace_id = tracing::field::Empty))]
 pub(crate) async fn create(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
-    let body = body.map_err(body_rejection)?;
+    let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
+    content_type(&headers, JSON_TYPES)?;
     let mut fields = Fields::new(json_object(&body)?, CREATE_FIELDS);
     let namespace = fields.string("namespace", true, SHORT_TEXT);
     let name = fields.string("name", true, SHORT_TEXT);
@@ -148,6 +158,18 @@ pub(crate) async fn create(
     let (Some(namespace), Some(name)) = (namespace, name) else {
         return Err(ApiError::malformed("namespace and name are required"));
     };
+    let max = state.limits.max_context_bytes;
+    let size = json_len(&new.context);
+    if size > max {
+        return Err(too_large(
+            "context_too_large",
+            "context",
+            "the context",
+            "TASKER_MAX_CONTEXT_BYTES",
+            max,
+            size,
+        ));
+    }
     let span = tracing::Span::current();
     span.record("namespace", namespace.as_str());
     span.record("name", name.as_str());
@@ -234,8 +256,9 @@ pub(crate) async fn create(
 )]
 pub(crate) async fn get(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    task_id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<TaskView>> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     Ok(Json(task_view(&state, task_id).await?))
 }
@@ -262,15 +285,19 @@ pub(crate) async fn get(
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Json<TaskPage>> {
+    let Query(query) = query.map_err(query_rejection)?;
     let mut problems = Vec::new();
+    let mut matches_nothing = false;
     let mut filter = TaskFilter {
         limit: 50,
         ..TaskFilter::default()
     };
     for (key, value) in query {
         match key.as_str() {
+            // No stored name holds U+0000 (nor can PostgreSQL compare with one).
+            "namespace" | "name" if value.contains('\0') => matches_nothing = true,
             "namespace" => filter.namespace = Some(value),
             "name" => filter.name = Some(value),
             "status" => match value.parse::<TaskStatus>() {
@@ -294,13 +321,29 @@ pub(crate) async fn list(
     if !problems.is_empty() {
         return Err(ApiError::malformed("invalid query parameters").with_details(problems));
     }
+    if matches_nothing {
+        return Ok(Json(TaskPage {
+            tasks: Vec::new(),
+            next_cursor: None,
+        }));
+    }
     let (tasks, next_cursor) = tasks::list(&state.pool, &filter).await?;
     Ok(Json(TaskPage { tasks, next_cursor }))
 }
 
 pub(crate) fn parse_task_id(text: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(text)
-        .map_err(|error| ApiError::malformed(format!("`{text}` is not a task id (UUID): {error}")))
+    Uuid::parse_str(text).map_err(|error| {
+        // Quote at most a little of what was sent: the answer stays small and readable.
+        let shown: String = text
+            .chars()
+            .take(64)
+            .collect::<String>()
+            .escape_debug()
+            .to_string();
+        let more = if text.chars().count() > 64 { "..." } else { "" };
+        ApiError::malformed(format!("`{shown}{more}` is not a task id (UUID): {error}"))
+            .with_details(vec![json!({"path": "task_id", "message": "not a UUID"})])
+    })
 }
 
 /// The task as `GET /v1/tasks/{task_id}` shows it: task, steps and execution context

@@ -4,18 +4,23 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::body::body_rejection;
+use super::body::{
+    TEMPLATE_TYPES, body_rejection, content_type, nul_pointers, path_rejection, query_rejection,
+    too_large,
+};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::store::templates::{self, Registered, TemplateRecord, TemplateSummary};
-use tasker_shared::template::{TemplateDefinition, parse_template};
+use tasker_shared::template::{
+    TemplateDefinition, TemplateLimits, codes, parse_template_with_limits,
+};
 
 /// A template document, in YAML or JSON (documentation only: the handler parses the text
 /// itself, so that every problem is named at once).
@@ -62,33 +67,85 @@ pub(crate) struct TemplateList {
         (status = 200, description = "The identical template was already registered.", body = TemplateRecord),
         (status = 400, description = "`malformed_request`: the body is not UTF-8, YAML or JSON, or could not be read.", body = ErrorBody),
         (status = 409, description = "`template_conflict`: this version is registered with another definition.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
-        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `template_too_large`: larger than `TASKER_MAX_TEMPLATE_BYTES`.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is sent as something other than YAML, JSON or text.", body = ErrorBody),
+        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message` (more steps than `TASKER_MAX_TEMPLATE_STEPS` is the one problem `too_many_steps`).", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
 )]
 pub(crate) async fn create(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<TemplateRecord>)> {
-    let body = body.map_err(body_rejection)?;
+    let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
+    content_type(&headers, TEMPLATE_TYPES)?;
+    let limits = state.limits;
+    if body.len() > limits.max_template_bytes {
+        return Err(too_large(
+            "template_too_large",
+            "",
+            "the template",
+            "TASKER_MAX_TEMPLATE_BYTES",
+            limits.max_template_bytes,
+            body.len(),
+        ));
+    }
     let text = std::str::from_utf8(&body)
         .map_err(|error| ApiError::malformed(format!("the body is not UTF-8: {error}")))?;
-    let definition = parse_template(text, &state.environment).map_err(|error| {
-        let details: Vec<Value> = error.0.iter().map(|p| json!(p)).collect();
-        if error.0.iter().all(|p| p.code == "syntax") {
-            ApiError::malformed("the body is not valid YAML or JSON").with_details(details)
-        } else {
-            ApiError::invalid(
-                "invalid_template",
-                format!("the template has {} problem(s)", details.len()),
-                details,
-            )
-        }
-    })?;
+    let template_limits = TemplateLimits {
+        max_steps: limits.max_template_steps,
+    };
+    let definition = parse_template_with_limits(text, &state.environment, template_limits)
+        .map_err(|error| {
+            let details: Vec<Value> = error.0.iter().map(|p| json!(p)).collect();
+            if error.0.iter().all(|p| p.code == codes::SYNTAX) {
+                ApiError::malformed("the body is not valid YAML or JSON").with_details(details)
+            } else if error.0.iter().any(|p| p.code == codes::TOO_MANY_STEPS) {
+                ApiError::invalid(
+                    "invalid_template",
+                    format!(
+                        "the template has more steps than this coordinator accepts: at most {} \
+                         (TASKER_MAX_TEMPLATE_STEPS)",
+                        limits.max_template_steps
+                    ),
+                    details,
+                )
+            } else {
+                ApiError::invalid(
+                    "invalid_template",
+                    format!("the template has {} problem(s)", details.len()),
+                    details,
+                )
+            }
+        })?;
+    refuse_nul(&definition)?;
     let (status, record) = register_template(&state, &definition).await?;
     Ok((status, Json(record)))
+}
+
+/// 422 when a string of the template (a description, a config value or key) holds
+/// U+0000, which PostgreSQL's `jsonb` cannot store. The paths are JSON pointers into the
+/// normalised template (`/steps/0/config/key`).
+fn refuse_nul(definition: &TemplateDefinition) -> ApiResult<()> {
+    let value = serde_json::to_value(definition).map_err(ApiError::internal)?;
+    let pointers = nul_pointers(&value, "");
+    if pointers.is_empty() {
+        return Ok(());
+    }
+    let details = pointers
+        .iter()
+        .map(|pointer| {
+            json!({"path": pointer, "code": codes::INVALID_VALUE,
+                   "message": "holds a NUL character (U+0000), which cannot be stored"})
+        })
+        .collect();
+    Err(ApiError::invalid(
+        "invalid_template",
+        "the template holds NUL characters (U+0000), which cannot be stored",
+        details,
+    ))
 }
 
 /// Store a validated template; a new namespace gets its queue and is announced to workers.
@@ -166,25 +223,34 @@ pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<Templa
 )]
 pub(crate) async fn get(
     State(state): State<AppState>,
-    Path((namespace, name)): Path<(String, String)>,
-    Query(query): Query<HashMap<String, String>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Json<TemplateRecord>> {
+    let Path((namespace, name)) = path.map_err(path_rejection)?;
+    let Query(query) = query.map_err(query_rejection)?;
     if let Some(unknown) = query.keys().find(|key| key.as_str() != "version") {
         return Err(ApiError::malformed(format!(
             "unknown query parameter `{unknown}`; expected `version`"
         )));
     }
     let version = query.get("version").map(String::as_str);
-    templates::find(&state.pool, &namespace, &name, version)
-        .await?
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "template_not_found",
-                match version {
-                    Some(version) => format!("no template {namespace}/{name} version {version}"),
-                    None => format!("no template {namespace}/{name}"),
-                },
-            )
-        })
+    // No stored name or version holds U+0000 (nor can PostgreSQL compare with one).
+    let impossible = [Some(namespace.as_str()), Some(name.as_str()), version]
+        .into_iter()
+        .flatten()
+        .any(|text| text.contains('\0'));
+    let found = if impossible {
+        None
+    } else {
+        templates::find(&state.pool, &namespace, &name, version).await?
+    };
+    found.map(Json).ok_or_else(|| {
+        ApiError::not_found(
+            "template_not_found",
+            match version {
+                Some(version) => format!("no template {namespace}/{name} version {version}"),
+                None => format!("no template {namespace}/{name}"),
+            },
+        )
+    })
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::draft::Draft;
 use super::walker::Walker;
-use super::{MAX_CYCLE_NAMES_SHOWN, MAX_REPORTED_CYCLES, codes};
+use super::{MAX_CYCLE_NAMES_SHOWN, MAX_DUPLICATE_PLACES_SHOWN, MAX_REPORTED_CYCLES, codes};
 
 /// Duplicate names, unknown and self dependencies, cycles.
 pub(super) fn check_graph(w: &mut Walker, draft: &Draft) {
@@ -26,7 +26,14 @@ pub(super) fn check_graph(w: &mut Walker, draft: &Draft) {
             continue;
         };
         if let [_, second, ..] = at.as_slice() {
-            let places: Vec<&str> = at.iter().map(|&i| steps[i].path.as_str()).collect();
+            let mut places: Vec<&str> = at
+                .iter()
+                .take(MAX_DUPLICATE_PLACES_SHOWN)
+                .map(|&i| steps[i].path.as_str())
+                .collect();
+            if at.len() > MAX_DUPLICATE_PLACES_SHOWN {
+                places.push("...");
+            }
             w.report(
                 steps[*second].name_path.as_str(),
                 codes::DUPLICATE_STEP,

@@ -89,6 +89,10 @@ pub mod codes {
     pub const INVALID_SCHEMA: &str = "invalid_schema";
     /// A task context violates the template's context schema.
     pub const SCHEMA: &str = "schema";
+    /// The template has more steps than [`TemplateLimits::max_steps`] allows.
+    pub const TOO_MANY_STEPS: &str = "too_many_steps";
+    /// More problems were found than are listed (see [`MAX_PROBLEMS`](super::MAX_PROBLEMS)).
+    pub const MORE_PROBLEMS: &str = "more_problems";
 }
 
 /// Template version used when a template does not declare one.
@@ -107,6 +111,25 @@ pub const DEFAULT_MAX_DEFERRALS: i32 = 20;
 pub const MAX_DEFERRALS: i32 = 10_000;
 /// Largest number of steps a template may have.
 pub const MAX_STEPS: usize = 10_000;
+/// At most this many problems are listed for one template; the rest are counted in a
+/// last `more_problems` problem, so a hostile document cannot make a huge answer.
+pub const MAX_PROBLEMS: usize = 200;
+
+/// Limits a caller (the coordinator's API) applies on top of the format's own rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateLimits {
+    /// Most steps, at most [`MAX_STEPS`]. A longer step list is one `too_many_steps`
+    /// problem, and its steps are not read (so the work stays bounded).
+    pub max_steps: usize,
+}
+
+impl Default for TemplateLimits {
+    fn default() -> Self {
+        TemplateLimits {
+            max_steps: MAX_STEPS,
+        }
+    }
+}
 
 /// Longest template or step name.
 const MAX_NAME_LEN: usize = 128;
@@ -115,9 +138,12 @@ const MAX_NAMESPACE_LEN: usize = 64;
 /// Longest handler class name or dependent system name.
 const MAX_LABEL_LEN: usize = 256;
 /// At most this many cycles are listed individually.
-const MAX_REPORTED_CYCLES: usize = 100;
-/// Cycles longer than this many steps are shown with the middle elided.
-const MAX_CYCLE_NAMES_SHOWN: usize = 40;
+const MAX_REPORTED_CYCLES: usize = 50;
+/// Cycles longer than this many steps are shown with the middle elided, so a cycle
+/// message stays a few kilobytes whatever the template's size.
+const MAX_CYCLE_NAMES_SHOWN: usize = 20;
+/// A step name used more often than this lists only the first places it is used at.
+const MAX_DUPLICATE_PLACES_SHOWN: usize = 10;
 
 /// A validated, normalised template (the project's own format, as stored in the DB as JSON).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -312,8 +338,21 @@ impl TemplateError {
 ///
 /// Returns every problem found; see [`codes`] for the possible codes.
 pub fn parse_template(text: &str, environment: &str) -> Result<TemplateDefinition, TemplateError> {
+    parse_template_with_limits(text, environment, TemplateLimits::default())
+}
+
+/// [`parse_template`] with `limits` (such as fewer steps than [`MAX_STEPS`]).
+///
+/// # Errors
+///
+/// Returns every problem found; see [`codes`] for the possible codes.
+pub fn parse_template_with_limits(
+    text: &str,
+    environment: &str,
+    limits: TemplateLimits,
+) -> Result<TemplateDefinition, TemplateError> {
     let value = parse_document(text).map_err(|problem| TemplateError(vec![problem]))?;
-    template_from_value(&value, environment)
+    template_from_value_with_limits(&value, environment, limits)
 }
 
 /// Same as [`parse_template`], from an already-parsed JSON value.
@@ -329,7 +368,20 @@ pub fn template_from_value(
     value: &serde_json::Value,
     environment: &str,
 ) -> Result<TemplateDefinition, TemplateError> {
-    let mut walker = Walker::default();
+    template_from_value_with_limits(value, environment, TemplateLimits::default())
+}
+
+/// [`template_from_value`] with `limits`.
+///
+/// # Errors
+///
+/// Returns every problem found; see [`codes`] for the possible codes.
+pub fn template_from_value_with_limits(
+    value: &serde_json::Value,
+    environment: &str,
+    limits: TemplateLimits,
+) -> Result<TemplateDefinition, TemplateError> {
+    let mut walker = Walker::new(limits.max_steps.min(MAX_STEPS));
     let Some(root) = value.as_object() else {
         let message = if value.is_null() {
             "the template is empty; expected an object (mapping) at the top level".to_owned()
@@ -355,7 +407,7 @@ pub fn template_from_value(
     if walker.problems.is_empty() {
         Ok(draft.into_definition())
     } else {
-        Err(TemplateError(walker.problems))
+        Err(TemplateError(walker.into_problems()))
     }
 }
 
@@ -381,8 +433,9 @@ pub fn validate_against_schema(
                 format!("the schema cannot be compiled: {error}"),
             )]
         })?;
-        let problems: Vec<Problem> = validator
+        let mut problems: Vec<Problem> = validator
             .iter_errors(instance)
+            .take(MAX_PROBLEMS + 1)
             .map(|error| {
                 Problem::new(
                     error.instance_path().as_str(),
@@ -391,6 +444,14 @@ pub fn validate_against_schema(
                 )
             })
             .collect();
+        if problems.len() > MAX_PROBLEMS {
+            problems.truncate(MAX_PROBLEMS);
+            problems.push(Problem::new(
+                "",
+                codes::MORE_PROBLEMS,
+                format!("more violations were found; only the first {MAX_PROBLEMS} are listed"),
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {

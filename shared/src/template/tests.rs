@@ -661,7 +661,8 @@ fn ten_thousand_step_cycle_is_found_without_recursion() {
         "{message}"
     );
     assert!(message.ends_with("step-9999 -> step-0"), "{message}");
-    assert!(message.contains("(9960 more steps)"), "{message}");
+    assert!(message.contains("(9980 more steps)"), "{message}");
+    assert!(message.len() < 1_000, "{} bytes", message.len());
 }
 
 #[test]
@@ -670,7 +671,72 @@ fn more_than_ten_thousand_steps_is_rejected() {
     let error = template_from_value(&value, "").unwrap_err();
     assert_eq!(error.0.len(), 1, "{error:#?}");
     assert_eq!(error.0[0].path, "steps");
-    assert_eq!(error.0[0].code, "invalid_value");
+    assert_eq!(error.0[0].code, "too_many_steps");
+}
+
+#[test]
+fn a_lower_step_limit_refuses_longer_templates_without_reading_their_steps() {
+    let limits = TemplateLimits { max_steps: 1_000 };
+    let at_limit = chain(1_000);
+    assert!(template_from_value_with_limits(&at_limit, "", limits).is_ok());
+    // Over the limit, broken steps are not even read: one problem names the limit.
+    let mut over = chain(1_001);
+    over["steps"][5]["handler"] = json!(7);
+    over["steps"][0]["depends_on"] = json!(["step-1000"]);
+    let error = template_from_value_with_limits(&over, "", limits).unwrap_err();
+    assert_eq!(codes_of(&error), ["too_many_steps"], "{error:#?}");
+    assert!(
+        error.0[0]
+            .message
+            .contains("at most 1000 steps, this one has 1001"),
+        "{}",
+        error.0[0].message
+    );
+    // Through the text parser too, and a limit above MAX_STEPS is MAX_STEPS.
+    let text = serde_json::to_string(&chain(MAX_STEPS + 1)).unwrap();
+    let error = parse_template_with_limits(
+        &text,
+        "",
+        TemplateLimits {
+            max_steps: usize::MAX,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(codes_of(&error), ["too_many_steps"]);
+}
+
+#[test]
+fn problems_past_the_cap_are_counted_not_listed() {
+    let steps: Vec<Value> = (0..1_000)
+        .map(|i| json!({"name": format!("s{i}"), "handler": "H", "colour": i}))
+        .collect();
+    let value = json!({"namespace": "n", "name": "t", "steps": steps});
+    let error = template_from_value(&value, "").unwrap_err();
+    assert_eq!(error.0.len(), MAX_PROBLEMS + 1);
+    let last = error.0.last().unwrap();
+    assert_eq!(last.code, "more_problems");
+    assert!(
+        last.message.starts_with("800 more problem(s)"),
+        "{}",
+        last.message
+    );
+}
+
+#[test]
+fn a_name_used_thousands_of_times_lists_only_a_few_places() {
+    let steps: Vec<Value> = (0..5_000)
+        .map(|_| json!({"name": "same", "handler": "H"}))
+        .collect();
+    let value = json!({"namespace": "n", "name": "t", "steps": steps});
+    let error = template_from_value(&value, "").unwrap_err();
+    assert_eq!(codes_of(&error), ["duplicate_step"]);
+    let message = &error.0[0].message;
+    assert!(
+        message.starts_with("step name `same` is used 5000 times (steps[0], "),
+        "{message}"
+    );
+    assert!(message.ends_with(", ...)"), "{message}");
+    assert!(message.len() < 300, "{message}");
 }
 
 #[test]
@@ -1054,4 +1120,72 @@ steps:
         "{}",
         unknown.message
     );
+}
+
+#[test]
+fn schema_violations_past_the_cap_are_not_listed() {
+    let schema = json!({"type": "array", "items": {"type": "string"}});
+    let instance = Value::Array((0..10_000).map(|i| json!(i)).collect());
+    let problems = validate_against_schema(&schema, &instance).unwrap_err();
+    assert_eq!(problems.len(), MAX_PROBLEMS + 1);
+    assert_eq!(problems[MAX_PROBLEMS].code, "more_problems");
+}
+
+#[test]
+fn deeply_nested_documents_are_refused_quickly() {
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    for text in [
+        format!(
+            r#"{{"namespace": "n", "name": "t", "steps": [{{"name": "a", "handler": "H", "config": {deep}}}]}}"#
+        ),
+        format!("namespace: n\nname: t\nsteps:\n  - name: a\n    handler: H\n    config: {deep}\n"),
+        deep.clone(),
+    ] {
+        let started = std::time::Instant::now();
+        let error = parse_template(&text, "").unwrap_err();
+        assert_eq!(codes_of(&error), ["syntax"], "{error:#?}");
+        assert!(
+            error.0[0].message.contains("recursion limit exceeded"),
+            "{}",
+            error.0[0].message
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?} for {}...",
+            started.elapsed(),
+            &text[..40]
+        );
+    }
+}
+
+#[test]
+fn nesting_up_to_the_limit_still_parses_as_yaml() {
+    let config = format!("{}1{}", "[".repeat(120), "]".repeat(120));
+    let text = format!(
+        "namespace: n\nname: t\ndescription: 'it''s [fine] {{really}}'\nsteps:\n  - name: a\n    handler: H\n    config: {config}\n"
+    );
+    let definition = parse_template(&text, "").unwrap();
+    assert_eq!(
+        definition.steps[0].config,
+        serde_json::from_str::<Value>(&config).unwrap()
+    );
+    // Nesting spread over many values, each under the depth limit, is fine and quick up
+    // to the cap on flow collections (8,192); past it the document is refused, and told
+    // to use block style.
+    let with_values = |n: usize| {
+        let many: Vec<String> = (0..n).map(|i| format!("k{i}: {config}")).collect();
+        format!(
+            "namespace: n\nname: t\nsteps:\n  - name: a\n    handler: H\n    config:\n      {}\n",
+            many.join("\n      ")
+        )
+    };
+    let started = std::time::Instant::now();
+    assert!(parse_template(&with_values(68), "").is_ok());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let error = parse_template(&with_values(69), "").unwrap_err();
+    assert!(error.0[0].message.contains("block style"), "{error:?}");
 }

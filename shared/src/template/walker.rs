@@ -8,13 +8,50 @@ use serde_json::{Map, Value};
 use super::draft::Dep;
 use super::schema::schema_problems;
 use super::{
-    DEFAULT_VERSION, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_RETRY_LIMIT, MAX_STEPS, Problem, codes,
+    DEFAULT_VERSION, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_PROBLEMS, MAX_RETRY_LIMIT, MAX_STEPS,
+    Problem, codes,
 };
 
 /// Collects problems while walking a document.
-#[derive(Default)]
 pub(super) struct Walker {
+    /// The first [`MAX_PROBLEMS`] problems found.
     pub(super) problems: Vec<Problem>,
+    /// How many more were found and not kept.
+    omitted: usize,
+    /// Most steps accepted.
+    max_steps: usize,
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        Walker::new(MAX_STEPS)
+    }
+}
+
+impl Walker {
+    pub(super) fn new(max_steps: usize) -> Self {
+        Walker {
+            problems: Vec::new(),
+            omitted: 0,
+            max_steps,
+        }
+    }
+
+    /// The problems kept, and one `more_problems` problem counting the others.
+    pub(super) fn into_problems(mut self) -> Vec<Problem> {
+        if self.omitted > 0 {
+            self.problems.push(Problem::new(
+                "",
+                codes::MORE_PROBLEMS,
+                format!(
+                    "{} more problem(s) were found and are not listed (only the first \
+                     {MAX_PROBLEMS} are)",
+                    self.omitted
+                ),
+            ));
+        }
+        self.problems
+    }
 }
 
 /// The value of `key`, treating an explicit `null` like an absent key.
@@ -117,7 +154,11 @@ impl Walker {
         code: &str,
         message: impl Into<String>,
     ) {
-        self.problems.push(Problem::new(path, code, message));
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(Problem::new(path, code, message));
+        } else {
+            self.omitted += 1;
+        }
     }
 
     pub(super) fn not_an_object(&mut self, path: &str, value: &Value, what: &str) {
@@ -434,15 +475,19 @@ impl Walker {
         };
         if list.is_empty() {
             self.report(key, codes::NO_STEPS, "a template needs at least one step");
-        } else if list.len() > MAX_STEPS {
+        } else if list.len() > self.max_steps {
+            // The steps are not read: their problems (and the graph checks) would cost
+            // time in proportion to a length that is refused anyway.
             self.report(
                 key,
-                codes::INVALID_VALUE,
+                codes::TOO_MANY_STEPS,
                 format!(
-                    "a template may have at most {MAX_STEPS} steps, this one has {}",
+                    "a template may have at most {} steps, this one has {}",
+                    self.max_steps,
                     list.len()
                 ),
             );
+            return None;
         }
         Some(list)
     }

@@ -1,0 +1,1270 @@
+//! Hostile HTTP input: every bad request is a 4xx in the error shape of `shared/API.md`
+//! that names the problem, never a 500 or a hang, and the coordinator serves on afterwards.
+//!
+//! Each test ends with [`still_serving`], which also checks that the coordinator logged no
+//! `request failed` (the line every 500 writes).
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use tasker_tests::{EnvOptions, StatusCode, TestEnv};
+
+const TEMPLATE: &str = r#"
+namespace: hostile
+name: target
+version: 1.0.0
+steps:
+  - name: only
+    handler: tasker.noop
+"#;
+
+/// A template whose context schema recurses: `nest` is a list of lists of ... of integers.
+const RECURSIVE_SCHEMA: &str = r##"
+namespace: hostile
+name: nested
+version: 1.0.0
+context_schema:
+  type: object
+  properties:
+    nest: {$ref: "#/$defs/n"}
+  $defs:
+    n:
+      type: [integer, array]
+      items: {$ref: "#/$defs/n"}
+steps:
+  - name: only
+    handler: tasker.noop
+"##;
+
+/// One answer: status, headers, and the body as JSON (`Value::Null` when it is not JSON,
+/// which fails every assertion on the error shape below).
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+    bytes: usize,
+}
+
+async fn send(
+    env: &TestEnv,
+    method: Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> Answer {
+    let mut request = env
+        .http
+        .request(method.clone(), format!("{}{path}", env.base_url))
+        .timeout(Duration::from_secs(60))
+        .body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("{method} {path}: no answer: {error}"));
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("the body");
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        bytes: bytes.len(),
+    }
+}
+
+/// The answer is `status` with error code `code`, and its text (message and details)
+/// contains every one of `needles`.
+#[track_caller]
+fn refused(answer: &Answer, what: &str, status: StatusCode, code: &str, needles: &[&str]) {
+    assert_eq!(answer.status, status, "{what}: {}", answer.body);
+    let error = &answer.body["error"];
+    assert_eq!(error["code"], code, "{what}: {}", answer.body);
+    assert!(
+        error["message"].is_string() && error["details"].is_array(),
+        "{what}: not the error shape: {}",
+        answer.body
+    );
+    let text = error.to_string();
+    for needle in needles {
+        assert!(
+            text.contains(needle),
+            "{what}: the answer does not name {needle:?}: {text}"
+        );
+    }
+}
+
+/// The paths named in an error's details.
+fn detail_paths(answer: &Answer) -> Vec<String> {
+    answer.body["error"]["details"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no details in {}", answer.body))
+        .iter()
+        .map(|d| d["path"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The coordinator answers, is ready, still creates tasks, and never logged a 500.
+async fn still_serving(env: &TestEnv) {
+    let (status, _) = env.get("/health/live").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, ready) = env.get("/health/ready").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let (status, task) = env
+        .create_task(json!({"namespace": "hostile", "name": "target", "context": {"ok": true}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let log = env.coordinator.log();
+    assert!(
+        !log.contains("request failed"),
+        "the coordinator answered a 500:\n{log}"
+    );
+}
+
+/// `depth` nested arrays around `inner`.
+fn nested(depth: usize, inner: &str) -> String {
+    format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// A project-format template of `count` steps, each depending on the one before; with
+/// `cycle`, the first depends on the last.
+fn chain(name: &str, count: usize, cycle: bool) -> String {
+    let steps: Vec<Value> = (0..count)
+        .map(|i| {
+            let parent = if i > 0 {
+                Some(i - 1)
+            } else if cycle {
+                Some(count - 1)
+            } else {
+                None
+            };
+            match parent {
+                Some(p) => json!({"name": format!("s{i}"), "handler": "tasker.noop",
+                                  "depends_on": [format!("s{p}")]}),
+                None => json!({"name": format!("s{i}"), "handler": "tasker.noop"}),
+            }
+        })
+        .collect();
+    json!({"namespace": "hostile", "name": name, "steps": steps}).to_string()
+}
+
+#[tokio::test]
+async fn malformed_bodies_wrong_types_and_unknown_fields_are_named() {
+    let env = TestEnv::start("hostile-bodies").await.unwrap();
+    let (status, body) = env.register_template(TEMPLATE).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let json = Some("application/json");
+    let post = |path: &'static str, content_type: Option<&'static str>, body: String| {
+        send(&env, Method::POST, path, content_type, body)
+    };
+
+    let answer = post("/v1/tasks", json, "{not json".into()).await;
+    refused(
+        &answer,
+        "not JSON",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["not valid JSON"],
+    );
+    let answer = post("/v1/tasks", json, String::new()).await;
+    refused(
+        &answer,
+        "empty body",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["EOF"],
+    );
+    let answer = post("/v1/tasks", None, String::new()).await;
+    refused(
+        &answer,
+        "no body, no type",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["EOF"],
+    );
+    let answer = post("/v1/tasks", json, "\u{feff}\u{0}\u{1}".into()).await;
+    refused(
+        &answer,
+        "binary",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["not valid JSON"],
+    );
+    let answer = post("/v1/tasks", json, "[1, 2]".into()).await;
+    refused(
+        &answer,
+        "a list",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &["must be a JSON object", "an array"],
+    );
+    let answer = post("/v1/tasks", json, "null".into()).await;
+    refused(
+        &answer,
+        "null",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &["must be a JSON object"],
+    );
+
+    // Wrong types and unknown fields: every one named, in one answer.
+    let body = json!({"namespace": 5, "name": ["x"], "version": {}, "context": "text",
+        "initiator": true, "source_system": 1.5, "reason": [], "idempotency_key": 7,
+        "colour": "red", "NAMESPACE": "hostile"});
+    let answer = post("/v1/tasks", json, body.to_string()).await;
+    refused(
+        &answer,
+        "wrong types",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &[
+            "must be a string, found a number",
+            "unknown field `colour`",
+            "must be a JSON object",
+        ],
+    );
+    let paths = detail_paths(&answer);
+    for expected in [
+        "namespace",
+        "name",
+        "version",
+        "context",
+        "initiator",
+        "source_system",
+        "reason",
+        "idempotency_key",
+        "colour",
+        "NAMESPACE",
+    ] {
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not named in {paths:?}"
+        );
+    }
+    // Thousands of unknown fields: named up to a cap, the rest counted; a small answer.
+    let mut many = serde_json::Map::new();
+    many.insert("namespace".into(), json!("hostile"));
+    many.insert("name".into(), json!("target"));
+    for i in 0..5_000 {
+        many.insert(format!("field{i}"), json!(i));
+    }
+    let answer = post("/v1/tasks", json, Value::Object(many).to_string()).await;
+    refused(
+        &answer,
+        "5,000 unknown fields",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &[
+            "unknown field `field0`",
+            "4950 more unknown fields are not listed",
+        ],
+    );
+    assert!(answer.bytes < 20_000, "{} bytes", answer.bytes);
+    // Too long: the limit is named.
+    let answer = post(
+        "/v1/tasks",
+        json,
+        json!({"namespace": "hostile", "name": "target", "initiator": "i".repeat(129)}).to_string(),
+    )
+    .await;
+    refused(
+        &answer,
+        "long initiator",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &["`initiator` is longer than 128 characters"],
+    );
+    let answer = post(
+        "/v1/tasks",
+        json,
+        json!({"namespace": "n".repeat(10_000), "name": "target"}).to_string(),
+    )
+    .await;
+    refused(
+        &answer,
+        "long namespace",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &["`namespace` is longer than 128 characters"],
+    );
+
+    // Operator bodies: the same rules; an empty body is `{}`.
+    let task = uuid::Uuid::new_v4();
+    let cancel: &'static str = Box::leak(format!("/v1/tasks/{task}/cancel").into_boxed_str());
+    let resolve: &'static str =
+        Box::leak(format!("/v1/tasks/{task}/steps/only/resolve").into_boxed_str());
+    let answer = post(cancel, json, "{\"reason\": ".into()).await;
+    refused(
+        &answer,
+        "cancel, bad JSON",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["not valid JSON"],
+    );
+    let answer = post(cancel, json, r#"{"reason": 5, "force": true}"#.into()).await;
+    refused(
+        &answer,
+        "cancel, wrong fields",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &["`reason` must be a string", "unknown field `force`"],
+    );
+    let answer = post(resolve, json, r#"{"result": {}}"#.into()).await;
+    refused(
+        &answer,
+        "resolve, misspelt",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        &["unknown field `result`"],
+    );
+    let answer = post(cancel, None, String::new()).await;
+    refused(
+        &answer,
+        "cancel, unknown task",
+        StatusCode::NOT_FOUND,
+        "task_not_found",
+        &[&task.to_string()],
+    );
+
+    // Content types that are not JSON (or YAML, for templates) are refused by name; what
+    // `curl -d` sends is read as JSON (the README's examples use it).
+    let body = json!({"namespace": "hostile", "name": "target"}).to_string();
+    let answer = post("/v1/tasks", Some("application/xml"), body.clone()).await;
+    refused(
+        &answer,
+        "xml",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &["application/xml", "application/json"],
+    );
+    let answer = post(
+        "/v1/tasks",
+        Some("multipart/form-data; boundary=x"),
+        body.clone(),
+    )
+    .await;
+    refused(
+        &answer,
+        "multipart",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &["multipart/form-data"],
+    );
+    let answer = post(cancel, Some("text/html"), r#"{"reason": "x"}"#.into()).await;
+    refused(
+        &answer,
+        "cancel as html",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &["text/html"],
+    );
+    let answer = post("/v1/templates", Some("image/png"), TEMPLATE.into()).await;
+    refused(
+        &answer,
+        "template as png",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &["image/png", "application/yaml"],
+    );
+    let answer = post(
+        "/v1/tasks",
+        Some("application/x-www-form-urlencoded"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::CREATED,
+        "curl -d: {}",
+        answer.body
+    );
+    let answer = post(
+        "/v1/tasks",
+        Some("application/vnd.api+json; charset=utf-8"),
+        body,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "+json: {}", answer.body);
+
+    // Templates: not UTF-8, not YAML, the wrong shape.
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/yaml"),
+        vec![0xff, 0xfe, 0x00],
+    )
+    .await;
+    refused(
+        &answer,
+        "template not UTF-8",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["not UTF-8"],
+    );
+    let answer = post(
+        "/v1/templates",
+        Some("application/yaml"),
+        "steps: [unclosed".into(),
+    )
+    .await;
+    refused(
+        &answer,
+        "template not YAML",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["syntax"],
+    );
+    let answer = post("/v1/templates", Some("application/yaml"), String::new()).await;
+    refused(
+        &answer,
+        "empty template",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &["the template is empty"],
+    );
+    let answer = post(
+        "/v1/templates",
+        json,
+        r#"{"namespace": 1, "steps": "a", "extra": true}"#.into(),
+    )
+    .await;
+    refused(
+        &answer,
+        "template, wrong types",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &["namespace", "steps", "extra"],
+    );
+
+    // Unknown methods on known paths: 405 in the error shape, with Allow.
+    let answer = send(&env, Method::DELETE, "/v1/tasks", None, "").await;
+    refused(
+        &answer,
+        "DELETE /v1/tasks",
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &["DELETE"],
+    );
+    let allow = answer
+        .headers
+        .get("allow")
+        .expect("an Allow header")
+        .to_str()
+        .unwrap();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let answer = send(&env, Method::PUT, "/v1/templates/hostile/target", None, "").await;
+    refused(
+        &answer,
+        "PUT a template",
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &["PUT"],
+    );
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_ids_and_query_parameters_are_named() {
+    let env = TestEnv::start("hostile-params").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let (status, task) = env
+        .create_task(json!({"namespace": "hostile", "name": "target"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let get = |path: String| {
+        send(
+            &env,
+            Method::GET,
+            Box::leak(path.into_boxed_str()),
+            None,
+            "",
+        )
+    };
+
+    for path in [
+        "/v1/tasks/not-a-uuid",
+        "/v1/tasks/not-a-uuid/readiness",
+        "/v1/tasks/not-a-uuid/transitions",
+        "/v1/tasks/123",
+        "/v1/tasks/' OR 1=1 --",
+    ] {
+        let answer = get(path.replace(' ', "%20")).await;
+        refused(
+            &answer,
+            path,
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            &["is not a task id (UUID)", "task_id"],
+        );
+    }
+    // A very long id is quoted only in part.
+    let answer = get(format!("/v1/tasks/{}", "x".repeat(5_000))).await;
+    refused(
+        &answer,
+        "long id",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["is not a task id"],
+    );
+    assert!(answer.bytes < 1_000, "{} bytes", answer.bytes);
+    // Percent-encoding that is not UTF-8 (axum's own rejection is plain text).
+    let answer = get("/v1/tasks/%FF%FE".into()).await;
+    refused(
+        &answer,
+        "not UTF-8",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["UTF-8"],
+    );
+    let answer = get("/v1/templates/%C0/x".into()).await;
+    refused(
+        &answer,
+        "template path not UTF-8",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["UTF-8"],
+    );
+    for action in ["cancel", "retry"] {
+        let answer = send(
+            &env,
+            Method::POST,
+            Box::leak(format!("/v1/tasks/nope/{action}").into_boxed_str()),
+            None,
+            "",
+        )
+        .await;
+        refused(
+            &answer,
+            action,
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            &["`nope` is not a task id"],
+        );
+    }
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/tasks/nope/steps/only/resolve",
+        None,
+        "",
+    )
+    .await;
+    refused(
+        &answer,
+        "resolve",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["`nope` is not a task id"],
+    );
+
+    let cases: &[(&str, &str, &str)] = &[
+        ("cursor=garbage", "cursor", "next_cursor"),
+        ("cursor=", "cursor", "next_cursor"),
+        ("limit=-1", "limit", "from 1 to 500"),
+        ("limit=0", "limit", "from 1 to 500"),
+        ("limit=501", "limit", "from 1 to 500"),
+        ("limit=99999999999999999999999999", "limit", "from 1 to 500"),
+        ("limit=ten", "limit", "from 1 to 500"),
+        ("limit=1.5", "limit", "from 1 to 500"),
+        ("status=bogus", "status", "unknown status `bogus`"),
+        ("status=COMPLETE", "status", "unknown status"),
+        ("colour=red", "colour", "unknown query parameter `colour`"),
+    ];
+    for (query, path, needle) in cases {
+        let answer = get(format!("/v1/tasks?{query}")).await;
+        refused(
+            &answer,
+            query,
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            &[*needle],
+        );
+        assert!(
+            detail_paths(&answer).iter().any(|p| p == path),
+            "{query}: {}",
+            answer.body
+        );
+    }
+    // Every bad parameter at once.
+    let answer = get("/v1/tasks?cursor=x&limit=-1&status=bogus".into()).await;
+    let mut paths = detail_paths(&answer);
+    paths.sort();
+    assert_eq!(paths, ["cursor", "limit", "status"], "{}", answer.body);
+    // Good ones still work, SQL-looking filters match nothing and break nothing.
+    let answer = get("/v1/tasks?limit=500&status=pending".into()).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let answer = get(
+        "/v1/tasks?namespace=%27%20OR%20%271%27%3D%271&name=x%3B%20DROP%20TABLE%20tasks%3B--"
+            .into(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["tasks"], json!([]));
+    // U+0000 in a lookup: no stored name holds it, so nothing matches (PostgreSQL would
+    // refuse to compare with it: this was a 500).
+    let (_, all) = env.get("/v1/tasks").await.unwrap();
+    assert!(!all["tasks"].as_array().unwrap().is_empty(), "{all}");
+    for query in [
+        "namespace=%00",
+        "name=a%00b",
+        "namespace=hostile&name=target%00",
+    ] {
+        let answer = get(format!("/v1/tasks?{query}")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{query}: {}", answer.body);
+        assert_eq!(answer.body["tasks"], json!([]), "{query}");
+    }
+    for path in [
+        "/v1/templates/host%00ile/target",
+        "/v1/templates/hostile/tar%00get",
+        "/v1/templates/hostile/target?version=%00",
+    ] {
+        let answer = get(path.into()).await;
+        refused(
+            &answer,
+            path,
+            StatusCode::NOT_FOUND,
+            "template_not_found",
+            &["no template host"],
+        );
+    }
+    let answer = get("/v1/templates/hostile/target?colour=1".into()).await;
+    refused(
+        &answer,
+        "colour",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["unknown query parameter `colour`"],
+    );
+    let answer = get("/v1/templates/'%20OR%201=1%20--/x?version=1%27%3B--".into()).await;
+    refused(
+        &answer,
+        "SQL in a template path",
+        StatusCode::NOT_FOUND,
+        "template_not_found",
+        &["' OR 1=1 --"],
+    );
+    let task = uuid::Uuid::new_v4();
+    let answer = send(
+        &env,
+        Method::POST,
+        Box::leak(format!("/v1/tasks/{task}/steps/a%00b/resolve").into_boxed_str()),
+        None,
+        "",
+    )
+    .await;
+    refused(
+        &answer,
+        "NUL step name",
+        StatusCode::NOT_FOUND,
+        "step_not_found",
+        &["has no step `a\\\\0b`"],
+    );
+    let answer = get("/v1/no/such/route".into()).await;
+    refused(
+        &answer,
+        "unknown route",
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        &[],
+    );
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn nul_characters_are_refused_where_they_are_not_stored() {
+    let env = TestEnv::start("hostile-nul").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    // PostgreSQL's text and jsonb cannot hold U+0000: each place is named, nothing is
+    // stored, and it is a 422, not the database's error as a 500.
+    let body = json!({"namespace": "hostile", "name": "target", "initiator": "a\u{0}b",
+        "reason": "\u{0}", "idempotency_key": "k\u{0}",
+        "context": {"plain": "ok", "text": "x\u{0}y", "list": ["fine", "\u{0}"], "key\u{0}": 1},
+        "tags": ["\u{0}"]});
+    let (status, answer) = env.create_task(body).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "invalid_request");
+    let paths: Vec<&str> = answer["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "initiator",
+        "reason",
+        "idempotency_key",
+        "context/text",
+        "context/list/1",
+        "context/key\u{0}",
+        "tags/0",
+    ] {
+        assert!(paths.contains(&expected), "{expected} not in {paths:?}");
+    }
+    assert!(!paths.contains(&"context/plain"), "{paths:?}");
+    assert!(answer.to_string().contains("U+0000"), "{answer}");
+    let (status, body) = env
+        .create_task(json!({"namespace": "host\u{0}ile", "name": "target"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "namespace");
+
+    // Operator bodies.
+    let task = uuid::Uuid::new_v4();
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{task}/cancel"),
+            json!({"reason": "\u{0}"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "reason");
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{task}/steps/only/resolve"),
+            json!({"results": {"a": ["\u{0}"]}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "results/a/0");
+
+    // Templates: in YAML (`\0`) and JSON (`\u0000`) escapes, in any string or key.
+    let yaml = "namespace: hostile\nname: nul\ndescription: \"a\\0b\"\nsteps:\n  - name: a\n    handler: tasker.noop\n    config: {\"k\\0\": 1, v: \"\\0\"}\n";
+    let (status, body) = env.register_template(yaml).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_template");
+    let text = body.to_string();
+    for pointer in [
+        "/description",
+        "/steps/0/config/k\\u0000",
+        "/steps/0/config/v",
+    ] {
+        assert!(text.contains(pointer), "{pointer} not named: {text}");
+    }
+    let json_template = r#"{"namespace": "hostile", "name": "nul\u0000", "steps": [{"name": "a", "handler": "tasker.noop"}]}"#;
+    let (status, body) = env.register_template(json_template).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("\"path\":\"name\""), "{body}");
+    let (_, list) = env.get("/v1/templates").await.unwrap();
+    assert_eq!(list["templates"].as_array().unwrap().len(), 1, "{list}");
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn deep_nesting_is_refused_past_the_parser_limit_and_stored_below_it() {
+    let env = TestEnv::start("hostile-deep").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let (status, body) = env.register_template(RECURSIVE_SCHEMA).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let json = Some("application/json");
+
+    // 100,000 nested arrays: serde_json's recursion limit (128) makes it a 400, not a
+    // stack overflow.
+    let deep = format!(
+        r#"{{"namespace": "hostile", "name": "target", "context": {{"a": {}}}}}"#,
+        nested(100_000, "")
+    );
+    let started = Instant::now();
+    let answer = send(&env, Method::POST, "/v1/tasks", json, deep).await;
+    refused(
+        &answer,
+        "100,000 arrays",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["recursion limit exceeded"],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let deep_objects = format!(
+        r#"{{"namespace": "hostile", "name": "target", "context": {}1{}}}"#,
+        r#"{"a":"#.repeat(50_000),
+        "}".repeat(50_000)
+    );
+    let answer = send(&env, Method::POST, "/v1/tasks", json, deep_objects).await;
+    refused(
+        &answer,
+        "50,000 objects",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["recursion limit exceeded"],
+    );
+    // The same in templates, as JSON and as YAML.
+    let template = format!(
+        r#"{{"namespace": "hostile", "name": "deep", "steps": [{{"name": "a", "handler": "tasker.noop", "config": {}}}]}}"#,
+        nested(100_000, "")
+    );
+    let answer = send(&env, Method::POST, "/v1/templates", json, template).await;
+    refused(
+        &answer,
+        "deep JSON template",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["recursion limit exceeded"],
+    );
+    let template = format!(
+        "namespace: hostile\nname: deep\nsteps:\n  - name: a\n    handler: tasker.noop\n    config: {}\n",
+        nested(100_000, "")
+    );
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/yaml"),
+        template,
+    )
+    .await;
+    refused(
+        &answer,
+        "deep YAML template",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["recursion limit exceeded"],
+    );
+
+    // Deep but allowed (120 levels): checked by the recursive schema, stored in jsonb and
+    // read back unchanged.
+    let context: Value =
+        serde_json::from_str(&format!(r#"{{"nest": {}}}"#, nested(120, "7"))).unwrap();
+    let (status, task) = env
+        .create_task(json!({"namespace": "hostile", "name": "nested", "context": context}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let (_, read) = env
+        .get(&format!("/v1/tasks/{}", task["task_id"].as_str().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(read["context"], context);
+    // ... and a schema violation deep down is found and placed.
+    let bad: Value =
+        serde_json::from_str(&format!(r#"{{"nest": {}}}"#, nested(120, "\"seven\""))).unwrap();
+    let (status, body) = env
+        .create_task(json!({"namespace": "hostile", "name": "nested", "context": bad}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_context");
+    assert!(
+        body["error"]["details"][0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/nest/0/0/0"),
+        "{body}"
+    );
+    // A deep step config is stored too.
+    let template = format!(
+        "namespace: hostile\nname: deep-config\nsteps:\n  - name: a\n    handler: tasker.noop\n    config: {{k: {}}}\n",
+        nested(120, "1")
+    );
+    let (status, body) = env.register_template(&template).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn sql_looking_and_unicode_strings_are_stored_verbatim() {
+    let env = TestEnv::start("hostile-strings").await.unwrap();
+    let sql = "'; DROP TABLE tasks; -- \" OR 1=1 /* $1 %s \\x00 */";
+    let unicode = "Zürich 東京 🦀 \u{202e}reversed\u{202c} e\u{301} \u{feff}";
+    let template = json!({"namespace": "hostile", "name": "target", "version": "1.0.0",
+        "description": format!("{sql} {unicode}"),
+        "steps": [{"name": "only", "handler": "tasker.noop", "description": sql,
+                   "config": {sql: unicode, "nested": [sql, unicode]}}]});
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/json"),
+        template.to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let (_, stored) = env.get("/v1/templates/hostile/target").await.unwrap();
+    assert_eq!(stored["description"], format!("{sql} {unicode}"));
+    assert_eq!(stored["steps"][0]["config"], template["steps"][0]["config"]);
+
+    let context =
+        json!({"comment": sql, "name": unicode, sql: [sql, unicode], "emoji": "🦀".repeat(1_000)});
+    let (status, task) = env
+        .create_task(
+            json!({"namespace": "hostile", "name": "target", "context": context,
+            "initiator": sql, "source_system": unicode, "reason": "x".repeat(128),
+            "idempotency_key": sql, "tags": [sql, unicode]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let (_, read) = env
+        .get(&format!("/v1/tasks/{}", task["task_id"].as_str().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(read["context"], context);
+    assert_eq!(read["initiator"], sql);
+    assert_eq!(read["source_system"], unicode);
+    assert_eq!(read["tags"], json!([sql, unicode]));
+    // 128 characters is 128 characters, however many bytes.
+    let (status, body) = env
+        .create_task(json!({"namespace": "hostile", "name": "target", "reason": "🦀".repeat(128)}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // SQL in names: not an identifier, so named as a template problem, not run.
+    let bad = json!({"namespace": sql, "name": "x'--", "steps": [{"name": "a; DROP", "handler": "tasker.noop"}]});
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/json"),
+        bad.to_string(),
+    )
+    .await;
+    refused(
+        &answer,
+        "SQL names",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &[],
+    );
+    let paths = detail_paths(&answer);
+    for expected in ["namespace", "name", "steps[0].name"] {
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not in {paths:?}"
+        );
+    }
+    let answer = send(&env, Method::POST, "/v1/templates", Some("application/json"),
+        json!({"namespace": "n".repeat(65), "name": "n".repeat(129), "steps": [{"name": "s".repeat(129), "handler": "tasker.noop"}]}).to_string()).await;
+    refused(
+        &answer,
+        "long names",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &["64", "128"],
+    );
+    assert_eq!(detail_paths(&answer).len(), 3, "{}", answer.body);
+    let (status, body) = env
+        .create_task(json!({"namespace": sql, "name": sql}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "template_not_found");
+    let (_, tables) = env.get("/v1/tasks").await.unwrap();
+    assert_eq!(tables["tasks"].as_array().unwrap().len(), 2, "{tables}");
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn size_limits_answer_413_or_422_naming_the_setting_and_its_value() {
+    let env = TestEnv::start_with(
+        "hostile-limits",
+        EnvOptions {
+            coordinator_env: vec![
+                ("TASKER_MAX_BODY_BYTES".into(), "262144".into()),
+                ("TASKER_MAX_CONTEXT_BYTES".into(), "65536".into()),
+                ("TASKER_MAX_TEMPLATE_BYTES".into(), "131072".into()),
+                ("TASKER_MAX_TEMPLATE_STEPS".into(), "100".into()),
+            ],
+            ..EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let json = Some("application/json");
+    let task = |context: Value| {
+        json!({"namespace": "hostile", "name": "target", "context": context}).to_string()
+    };
+
+    // The body limit, for every body-reading route.
+    let huge = task(json!({"blob": "x".repeat(300_000)}));
+    for path in [
+        "/v1/tasks",
+        "/v1/templates",
+        "/v1/tasks/00000000-0000-0000-0000-000000000000/cancel",
+    ] {
+        let answer = send(&env, Method::POST, path, json, huge.clone()).await;
+        refused(
+            &answer,
+            path,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &["TASKER_MAX_BODY_BYTES", "262144"],
+        );
+    }
+    // The context limit: 65,536 bytes of compact JSON. Just under passes, just over is 413.
+    let under = json!({"blob": "x".repeat(65_536 - 11)});
+    assert_eq!(serde_json::to_string(&under).unwrap().len(), 65_536);
+    let answer = send(&env, Method::POST, "/v1/tasks", json, task(under)).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let over = json!({"blob": "x".repeat(65_536 - 10)});
+    let answer = send(&env, Method::POST, "/v1/tasks", json, task(over)).await;
+    refused(
+        &answer,
+        "context over",
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "context_too_large",
+        &["TASKER_MAX_CONTEXT_BYTES", "65536", "65537"],
+    );
+    assert_eq!(answer.body["error"]["details"][0]["max"], 65_536);
+    assert_eq!(answer.body["error"]["details"][0]["actual"], 65_537);
+
+    // The template byte limit.
+    let long = format!(
+        "namespace: hostile\nname: long\ndescription: {}\nsteps:\n  - {{name: a, handler: tasker.noop}}\n",
+        "d".repeat(140_000)
+    );
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/yaml"),
+        long,
+    )
+    .await;
+    refused(
+        &answer,
+        "template bytes",
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "template_too_large",
+        &["TASKER_MAX_TEMPLATE_BYTES", "131072"],
+    );
+    // The step limit: 100 is fine, 101 is one problem naming the limit.
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("hundred", 100, false),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("more", 101, true),
+    )
+    .await;
+    refused(
+        &answer,
+        "101 steps",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &[
+            "TASKER_MAX_TEMPLATE_STEPS",
+            "at most 100 steps, this one has 101",
+            "too_many_steps",
+        ],
+    );
+    assert_eq!(detail_paths(&answer), ["steps"]);
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn huge_templates_and_long_cycles_answer_fast_and_small() {
+    // Default limits: 1,000 steps.
+    let env = TestEnv::start("hostile-huge").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let json = Some("application/json");
+
+    let started = Instant::now();
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("ten-thousand", 10_000, true),
+    )
+    .await;
+    refused(
+        &answer,
+        "10,000 steps",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &[
+            "TASKER_MAX_TEMPLATE_STEPS",
+            "at most 1000 steps, this one has 10000",
+        ],
+    );
+    assert!(answer.bytes < 2_000, "{} bytes", answer.bytes);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // 1,000 steps (the default limit) register; a 1,000-step cycle is named briefly.
+    let started = Instant::now();
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("thousand", 1_000, false),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("ring", 1_000, true),
+    )
+    .await;
+    refused(
+        &answer,
+        "1,000-step cycle",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &[
+            "dependency cycle: s0 -> s1 -> ",
+            "(980 more steps)",
+            "s999 -> s0",
+        ],
+    );
+    assert!(answer.bytes < 2_000, "{} bytes", answer.bytes);
+
+    // Thousands of problems: listed up to a cap, the rest counted.
+    let steps: Vec<Value> = (0..1_000)
+        .map(|i| json!({"name": format!("s{i}"), "handler": 5, "depends_on": ["nowhere"], "colour": i}))
+        .collect();
+    let broken = json!({"namespace": "hostile", "name": "broken", "steps": steps}).to_string();
+    let answer = send(&env, Method::POST, "/v1/templates", json, broken).await;
+    refused(
+        &answer,
+        "3,000 problems",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &[
+            "more_problems",
+            "more problem(s) were found and are not listed",
+        ],
+    );
+    assert_eq!(
+        answer.body["error"]["details"].as_array().unwrap().len(),
+        201
+    );
+    assert!(answer.bytes < 100_000, "{} bytes", answer.bytes);
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn raised_limits_take_ten_thousand_steps_and_name_a_five_thousand_step_cycle_briefly() {
+    let env = TestEnv::start_with(
+        "hostile-raised",
+        EnvOptions {
+            coordinator_env: vec![
+                ("TASKER_MAX_TEMPLATE_STEPS".into(), "10000".into()),
+                ("TASKER_MAX_TEMPLATE_BYTES".into(), "8388608".into()),
+            ],
+            ..EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let json = Some("application/json");
+
+    let started = Instant::now();
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("ring", 5_000, true),
+    )
+    .await;
+    refused(
+        &answer,
+        "5,000-step cycle",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &[
+            "dependency cycle: s0 -> s1 -> ",
+            "(4980 more steps)",
+            "s4999 -> s0",
+        ],
+    );
+    assert!(answer.bytes < 2_000, "{} bytes", answer.bytes);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("long", 10_000, false),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let (_, list) = env.get("/v1/templates").await.unwrap();
+    let long = list["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "long")
+        .unwrap();
+    assert_eq!(long["step_count"], 10_000);
+    let answer = send(
+        &env,
+        Method::POST,
+        "/v1/templates",
+        json,
+        chain("more", 10_001, false),
+    )
+    .await;
+    refused(
+        &answer,
+        "10,001 steps",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &["at most 10000 steps"],
+    );
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
