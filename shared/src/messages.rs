@@ -256,6 +256,14 @@ impl WorkerMessage {
     }
 }
 
+impl ControlMessage {
+    /// Decode a control message. There is no version to check: control messages are
+    /// advisory, and a receiver drops (and logs) one it cannot decode.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_slice(body)?)
+    }
+}
+
 fn check_version(version: u32) -> Result<(), DecodeError> {
     if version == SCHEMA_VERSION {
         Ok(())

@@ -2,6 +2,12 @@
 //! panic or a timeout into a retryable failure, and builds the result message. It never
 //! touches the broker: the runtime publishes what it decides.
 //!
+//! It also keeps the result publishable: a handler's result larger than the worker's
+//! `TASKER_MAX_RESULT_BYTES` (serialised as JSON) becomes a permanent failure with code
+//! `result_too_large`, and error messages are cut to [`MAX_ERROR_MESSAGE_BYTES`]. Without
+//! that, an oversized result would fail at the broker (or bloat the database and every
+//! child step's message), be handed back, and run again forever.
+//!
 //! While the handler runs, the step is in the worker's [`InFlight`] registry: heartbeats
 //! keep its lease alive, and a cancel of its task aborts it.
 
@@ -10,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
+use serde_json::Value;
 use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
 };
@@ -18,6 +25,16 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::handler::{StepContext, StepError, StepHandler};
+
+/// Default of `TASKER_MAX_RESULT_BYTES`: 1 MiB.
+pub(crate) const DEFAULT_MAX_RESULT_BYTES: usize = 1024 * 1024;
+
+/// Longest error message a result carries; longer ones are cut (on a character
+/// boundary) and say so.
+pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// The code of the permanent failure an oversized result becomes.
+pub(crate) const RESULT_TOO_LARGE: &str = "result_too_large";
 
 /// The steps this worker is running, and the tasks it has heard were cancelled. A std
 /// Mutex: held only to insert, remove or read, never across an await.
@@ -117,11 +134,13 @@ impl InFlight {
 
 /// Run `handler` for `message` and decide the result; `None` when the run was aborted
 /// because its task was cancelled (nothing to report: the coordinator ignores it anyway).
+/// A result over `max_result_bytes` of JSON is a permanent failure (`result_too_large`).
 pub(crate) async fn execute(
     handler: Arc<dyn StepHandler>,
     message: &StepMessage,
     worker_id: &str,
     inflight: &InFlight,
+    max_result_bytes: usize,
 ) -> Option<StepResult> {
     let timeout = Duration::from_millis(u64::try_from(message.timeout_ms).unwrap_or(0).max(1));
     let context = StepContext {
@@ -168,6 +187,7 @@ pub(crate) async fn execute(
     };
     inflight.remove(message.step_id);
     let finished_at = Utc::now();
+    let outcome = outcome.and_then(|results| check_result_size(results, max_result_bytes));
     let (outcome, results, error) = match outcome {
         Ok(results) => (Outcome::Success, Some(results), None),
         Err(StepError::Retryable {
@@ -202,6 +222,10 @@ pub(crate) async fn execute(
             }),
         ),
     };
+    let error = error.map(|mut error| {
+        error.message = cap_message(error.message);
+        error
+    });
     Some(StepResult {
         schema_version: SCHEMA_VERSION,
         task_id: message.task_id,
@@ -214,6 +238,54 @@ pub(crate) async fn execute(
         finished_at,
         worker_id: worker_id.to_owned(),
     })
+}
+
+/// The result, or the permanent failure it becomes when its JSON is over `limit` bytes.
+fn check_result_size(results: Value, limit: usize) -> Result<Value, StepError> {
+    let size = json_size(&results);
+    if size <= limit {
+        return Ok(results);
+    }
+    Err(StepError::permanent(format!(
+        "the handler's result is {size} bytes of JSON, over this worker's limit of {limit} \
+         bytes (TASKER_MAX_RESULT_BYTES); return less, or store the data elsewhere and \
+         return a reference to it"
+    ))
+    .with_code(RESULT_TOO_LARGE))
+}
+
+/// The length of `value` serialised as JSON (as the result message carries it), counted
+/// without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serialising a `Value` cannot fail, and writing to `Count` neither.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// `message`, cut to [`MAX_ERROR_MESSAGE_BYTES`] on a character boundary.
+fn cap_message(mut message: String) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE_BYTES {
+        return message;
+    }
+    let total = message.len();
+    let mut end = MAX_ERROR_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… (cut: the message had {total} bytes)"));
+    message
 }
 
 fn panic_message(error: tokio::task::JoinError) -> String {
@@ -233,6 +305,44 @@ fn panic_message(error: tokio::task::JoinError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_result_over_the_limit_is_a_permanent_failure_naming_both_sizes() {
+        let small = json!({"ok": true});
+        assert_eq!(json_size(&small), small.to_string().len());
+        assert_eq!(check_result_size(small.clone(), 11).unwrap(), small);
+
+        let big = json!({"data": "x".repeat(100)});
+        let size = big.to_string().len();
+        assert_eq!(json_size(&big), size);
+        assert!(
+            check_result_size(big.clone(), size).is_ok(),
+            "the limit is inclusive"
+        );
+        match check_result_size(big, size - 1) {
+            Err(StepError::Permanent { message, code }) => {
+                assert_eq!(code.as_deref(), Some(RESULT_TOO_LARGE));
+                assert!(message.contains(&format!("{size} bytes")), "{message}");
+                assert!(
+                    message.contains(&format!("limit of {} bytes", size - 1)),
+                    "{message}"
+                );
+                assert!(message.contains("TASKER_MAX_RESULT_BYTES"), "{message}");
+            }
+            other => panic!("expected a permanent failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_character_boundary() {
+        let short = "short".to_owned();
+        assert_eq!(cap_message(short.clone()), short);
+        let long = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
+        let cut = cap_message(long.clone());
+        assert!(cut.len() < MAX_ERROR_MESSAGE_BYTES + 64);
+        assert!(cut.ends_with(&format!("(cut: the message had {} bytes)", long.len())));
+    }
 
     #[test]
     fn only_the_most_recent_cancels_are_remembered() {

@@ -29,6 +29,10 @@ pub struct WorkerSettings {
     /// no HTTP server.
     #[arg(long, env = "TASKER_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Largest result a handler may return, in bytes of JSON. A larger one fails the step
+    /// permanently (code `result_too_large`) instead of reaching the broker.
+    #[arg(long, env = "TASKER_MAX_RESULT_BYTES", default_value_t = crate::executor::DEFAULT_MAX_RESULT_BYTES)]
+    pub max_result_bytes: usize,
     /// This worker's id in results and logs. Default: host name and process id.
     #[arg(long, env = "TASKER_WORKER_ID")]
     pub worker_id: Option<String>,

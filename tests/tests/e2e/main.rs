@@ -1,10 +1,13 @@
 //! End-to-end tests: the real binaries, real PostgreSQL, real RabbitMQ.
 //! Each test has its own database and queue prefix (see `tasker_tests::TestEnv`).
 
+mod auth;
 mod dags;
 mod failures;
+mod hostile;
 mod observability;
 mod operator;
+mod poison;
 mod tasker_engine;
 mod validation;
 mod workers;

@@ -1,0 +1,494 @@
+//! Poison messages and oversized results, end to end.
+//!
+//! Messages are published straight to the broker, the way a buggy or hostile producer
+//! would: bodies that are not JSON, JSON of the wrong shape, a step for an unknown
+//! handler, a step of an unknown `schema_version`, a result for a dispatch nobody made,
+//! and garbage on the control exchange. Each undecodable step or result lands in
+//! `<prefix>.dead_letter` with an `x-tasker-reason` header; a result with an unknown
+//! dispatch token is dropped by the fence and counted; control garbage is dropped and
+//! logged (control messages are advisory and fanned out to every process, so there is
+//! nothing to dead-letter or retry). The counters move by exactly the number of poison
+//! messages, no process stops, and a normal task still completes.
+//!
+//! A handler whose result is over the worker's `TASKER_MAX_RESULT_BYTES` fails its step
+//! permanently with code `result_too_large`: not a broker failure, not a retry loop.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use tasker_tests::{StatusCode, TestEnv, amqp_url, binary};
+use uuid::Uuid;
+
+const NAMESPACE: &str = "poison";
+const TEMPLATE: &str = "namespace: poison\nname: ok\nsteps:\n  - {name: one, handler: tasker.noop}\n  - {name: two, handler: tasker.echo, depends_on: [one]}\n";
+
+/// The value of one sample (`name{labels}`) of a Prometheus text page; 0 when absent.
+async fn metric(url: &str, sample: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(key, _)| *key == sample)
+        .map_or(0.0, |(_, value)| value.parse().expect("a number"))
+}
+
+/// Wait until every sample has reached its target, then check none went past it.
+async fn assert_metrics_reach(targets: &[(&str, &str, f64)]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut pending = Vec::new();
+        for (url, sample, target) in targets {
+            let value = metric(url, sample).await;
+            if value != *target {
+                pending.push(format!("{sample} = {value}, expected {target}"));
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics did not settle:\n{}",
+            pending.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing late may push a counter past its exact target.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (url, sample, target) in targets {
+        assert_eq!(metric(url, sample).await, *target, "{sample}");
+    }
+}
+
+async fn confirm_channel() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    (connection, channel)
+}
+
+/// Publish and wait for the broker's confirm.
+async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker refused a publish");
+    assert!(
+        confirm.take_message().is_none(),
+        "a publish to {exchange}/{routing_key} was not routed"
+    );
+}
+
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(value) => Some(value.to_string()),
+        AMQPValue::ShortString(value) => Some(value.to_string()),
+        _ => None,
+    }
+}
+
+/// Take `count` messages from the dead-letter queue (waiting for them), then check it is
+/// empty. Returns `(body, reason, source queue)` of each.
+async fn drain_dead_letters(
+    channel: &Channel,
+    queue: &str,
+    count: usize,
+) -> Vec<(Vec<u8>, String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut letters = Vec::new();
+    while letters.len() < count {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        match got {
+            Some(message) => {
+                let properties = &message.delivery.properties;
+                letters.push((
+                    message.delivery.data.clone(),
+                    header(properties, "x-tasker-reason")
+                        .expect("every dead letter has an x-tasker-reason header"),
+                    header(properties, "x-tasker-source-queue").unwrap_or_default(),
+                ));
+            }
+            None => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {count} dead letters arrived: {letters:?}",
+                    letters.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let extra = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get");
+    assert!(
+        extra.is_none(),
+        "an unexpected dead letter: {:?}",
+        extra.map(|m| String::from_utf8_lossy(&m.delivery.data).into_owned())
+    );
+    letters
+}
+
+/// A well-formed step message of this build's protocol for a step nobody dispatched.
+fn step_message(handler: &str, schema_version: u32) -> Value {
+    json!({
+        "schema_version": schema_version,
+        "task_id": Uuid::new_v4(),
+        "step_id": Uuid::new_v4(),
+        "step_name": "ghost",
+        "namespace": NAMESPACE,
+        "template": "ok@0.1.0",
+        "handler": handler,
+        "config": {},
+        "context": {},
+        "parents": {},
+        "attempt": 1,
+        "retry_limit": 3,
+        "deferrals": 0,
+        "dispatch_token": Uuid::new_v4(),
+        "timeout_ms": 10_000,
+        "dispatched_at": chrono::Utc::now(),
+    })
+}
+
+/// A well-formed result for a step and dispatch nobody made.
+fn result_message(schema_version: u32) -> Value {
+    json!({
+        "type": "result",
+        "schema_version": schema_version,
+        "task_id": Uuid::new_v4(),
+        "step_id": Uuid::new_v4(),
+        "dispatch_token": Uuid::new_v4(),
+        "outcome": "success",
+        "results": {"forged": true},
+        "started_at": chrono::Utc::now(),
+        "finished_at": chrono::Utc::now(),
+        "worker_id": "impostor",
+    })
+}
+
+async fn assert_alive(env: &TestEnv, worker_metrics: &str) {
+    let (status, _) = env.get("/health/live").await.expect("coordinator answers");
+    assert_eq!(status, StatusCode::OK, "the coordinator is alive");
+    let live = reqwest::get(worker_metrics.replace("/metrics", "/health/live"))
+        .await
+        .expect("the worker answers");
+    assert!(live.status().is_success(), "the worker is alive");
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "ok"}),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("a normal task runs");
+    assert_eq!(task["status"], "complete", "{task:#}");
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
+    let mut env = TestEnv::start("poison").await.unwrap();
+    let (status, body) = env.register_template(TEMPLATE).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    let index = env
+        .start_worker_with(
+            binary("tasker-worker"),
+            "poison-worker",
+            &[NAMESPACE],
+            4,
+            &[("TASKER_METRICS_ADDR", "127.0.0.1:0")],
+        )
+        .await
+        .unwrap();
+    let line = env.workers[index]
+        .wait_for_log("metrics listening", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let worker_metrics = format!(
+        "http://{}/metrics",
+        serde_json::from_str::<Value>(&line).unwrap()["address"]
+            .as_str()
+            .unwrap()
+    );
+    let coordinator_metrics = format!("{}/metrics", env.base_url);
+    // Warm up: everything is wired before the poison arrives.
+    assert_alive(&env, &worker_metrics).await;
+
+    let dead_lettered = "tasker_dead_lettered_total";
+    let stale = "tasker_stale_results_dropped_total";
+    let undecodable = "tasker_worker_dead_lettered_total{reason=\"undecodable\"}";
+    let unknown_handler = "tasker_worker_dead_lettered_total{reason=\"unknown_handler\"}";
+    let before = [
+        metric(&coordinator_metrics, dead_lettered).await,
+        metric(&coordinator_metrics, stale).await,
+        metric(&worker_metrics, undecodable).await,
+        metric(&worker_metrics, unknown_handler).await,
+    ];
+
+    let (connection, channel) = confirm_channel().await;
+    let prefix = env.prefix.clone();
+    let steps_exchange = format!("{prefix}.steps");
+    let results_queue = format!("{prefix}.results");
+    let control_exchange = format!("{prefix}.control");
+    let step_queue = env.queue(NAMESPACE);
+
+    // To the namespace's step queue (through the steps exchange, as the coordinator does).
+    let unknown_handler_step = step_message("no.such.handler", 1);
+    let future_step = step_message("tasker.noop", 99);
+    let to_steps: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "step: not JSON",
+            b"this is not JSON {".to_vec(),
+            "undecodable message".into(),
+        ),
+        (
+            "step: wrong shape",
+            json!({"task_id": 42, "handler": ["tasker.noop"], "poison": true})
+                .to_string()
+                .into_bytes(),
+            "undecodable message".into(),
+        ),
+        (
+            "step: unknown handler",
+            unknown_handler_step.to_string().into_bytes(),
+            "unknown handler `no.such.handler`".into(),
+        ),
+        (
+            "step: unknown schema_version",
+            future_step.to_string().into_bytes(),
+            "unsupported schema_version 99".into(),
+        ),
+    ];
+    for (_, body, _) in &to_steps {
+        publish(&channel, &steps_exchange, NAMESPACE, body).await;
+    }
+    // To the results queue (through the default exchange, as workers do).
+    let forged = result_message(1);
+    let to_results: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "result: not JSON",
+            b"\x00\x01\x02 definitely not JSON".to_vec(),
+            "undecodable message".into(),
+        ),
+        (
+            "result: wrong shape",
+            json!({"type": "result", "step_id": 7, "outcome": ["success"]})
+                .to_string()
+                .into_bytes(),
+            "undecodable message".into(),
+        ),
+        (
+            "result: unknown schema_version",
+            result_message(2).to_string().into_bytes(),
+            "unsupported schema_version 2".into(),
+        ),
+    ];
+    for (_, body, _) in &to_results {
+        publish(&channel, "", &results_queue, body).await;
+    }
+    // Well-formed, but for a dispatch nobody made: dropped by the fence, not dead-lettered.
+    publish(&channel, "", &results_queue, forged.to_string().as_bytes()).await;
+    // Garbage on the fanout control exchange reaches the coordinator and the worker.
+    publish(&channel, &control_exchange, "", b"\xff\xfe garbage").await;
+    publish(
+        &channel,
+        &control_exchange,
+        "",
+        br#"{"type": "reboot_everything", "now": true}"#,
+    )
+    .await;
+
+    // Every undecodable step and result is in the dead-letter queue, with its reason.
+    let letters = drain_dead_letters(
+        &channel,
+        &format!("{prefix}.dead_letter"),
+        to_steps.len() + to_results.len(),
+    )
+    .await;
+    let by_body: BTreeMap<Vec<u8>, (String, String)> = letters
+        .into_iter()
+        .map(|(body, reason, source)| (body, (reason, source)))
+        .collect();
+    for (sent, source_queue) in [(&to_steps, &step_queue), (&to_results, &results_queue)] {
+        for (what, body, expected_reason) in sent {
+            let (reason, source) = by_body
+                .get(body)
+                .unwrap_or_else(|| panic!("{what}: not dead-lettered; have {by_body:?}"));
+            assert!(
+                reason.contains(expected_reason.as_str()),
+                "{what}: reason {reason:?} should mention {expected_reason:?}"
+            );
+            assert_eq!(&source, &source_queue, "{what}: source queue");
+        }
+    }
+
+    // Counted exactly: the coordinator dead-lettered the three bad results and dropped two
+    // stale ones (the forged result, and the worker's permanent failure for the step of
+    // the unknown handler, which nobody dispatched); the worker dead-lettered three
+    // undecodable steps and one of an unknown handler.
+    assert_metrics_reach(&[
+        (&coordinator_metrics, dead_lettered, before[0] + 3.0),
+        (&coordinator_metrics, stale, before[1] + 2.0),
+        (&worker_metrics, undecodable, before[2] + 3.0),
+        (&worker_metrics, unknown_handler, before[3] + 1.0),
+    ])
+    .await;
+
+    // Control garbage is dropped and logged by every receiver.
+    env.coordinator
+        .wait_for_log(
+            "dropped an undecodable control message",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    env.workers[index]
+        .wait_for_log(
+            "dropped an undecodable control message",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    // Nobody stopped, and the system still works.
+    assert_alive(&env, &worker_metrics).await;
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_result_is_a_permanent_step_error_not_a_broker_failure() {
+    const LIMIT: usize = 2048;
+    let mut env = TestEnv::start("result_too_large").await.unwrap();
+    let (status, body) = env
+        .register_template(
+            "namespace: poison\nname: echo\nsteps:\n  - {name: echo, handler: tasker.echo, retry_limit: 3}\n",
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{body}");
+    let (status, body) = env.register_template(TEMPLATE).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    let limit = LIMIT.to_string();
+    let index = env
+        .start_worker_with(
+            binary("tasker-worker"),
+            "small-results",
+            &[NAMESPACE],
+            4,
+            &[
+                ("TASKER_MAX_RESULT_BYTES", limit.as_str()),
+                ("TASKER_METRICS_ADDR", "127.0.0.1:0"),
+            ],
+        )
+        .await
+        .unwrap();
+    let line = env.workers[index]
+        .wait_for_log("metrics listening", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let worker_metrics = format!(
+        "http://{}/metrics",
+        serde_json::from_str::<Value>(&line).unwrap()["address"]
+            .as_str()
+            .unwrap()
+    );
+
+    // tasker.echo answers with its config, the context and its parents' results.
+    let context = json!({"blob": "x".repeat(10 * LIMIT)});
+    let size = json!({"config": {}, "context": context, "parents": {}})
+        .to_string()
+        .len();
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "echo", "context": context}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "error", "{task:#}");
+    let step = TestEnv::step(&task, "echo");
+    assert_eq!(step["status"], "error", "{step:#}");
+    assert_eq!(
+        step["attempts"], 1,
+        "a permanent error is not retried: {step:#}"
+    );
+    assert_eq!(step["last_error"]["code"], "result_too_large", "{step:#}");
+    assert_eq!(step["last_error"]["kind"], "permanent", "{step:#}");
+    let message = step["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{size} bytes"))
+            && message.contains(&format!("limit of {LIMIT} bytes"))
+            && message.contains("TASKER_MAX_RESULT_BYTES"),
+        "the message names the size and the limit: {message}"
+    );
+    assert!(step["results"].is_null(), "{step:#}");
+
+    // A result within the limit, from the same worker, goes through.
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "echo", "context": {"blob": "small"}}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete", "{task:#}");
+    assert_eq!(
+        TestEnv::step(&task, "echo")["results"]["context"]["blob"],
+        "small"
+    );
+
+    // Not a broker failure: nothing was handed back, published twice or dead-lettered.
+    assert_eq!(
+        metric(&worker_metrics, "tasker_worker_broker_errors_total").await,
+        0.0
+    );
+    let (connection, channel) = confirm_channel().await;
+    let dead_letters = channel
+        .queue_declare(
+            format!("{}.dead_letter", env.prefix).into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(dead_letters.message_count(), 0);
+    let _ = connection.close(200, "OK".into()).await;
+    assert_alive(&env, &worker_metrics).await;
+    env.finish().await.unwrap();
+}
