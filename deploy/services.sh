@@ -3,11 +3,14 @@
 #   PostgreSQL  on 127.0.0.1:5432, user `postgres` with trust auth (no password)
 #   RabbitMQ    on 127.0.0.1:5672, user guest/guest
 #
-# Usage: deploy/services.sh up|status|down
+# Usage: deploy/services.sh up|status|down|restart-broker|restart-database
 #   up      install what is missing, start what is stopped, wait until both are
 #           ready (bounded), print one line per service. A no-op when both run.
 #   status  print the state of each service; exit 0 only if both are ready.
 #   down    stop both (for use by hand).
+#   restart-broker / restart-database
+#           stop one service completely and start it again (the chaos suite's
+#           faults; everything connected to it is cut off meanwhile).
 #
 # Environment:
 #   TASKER_SERVICE_TIMEOUT  seconds to wait for each service to come up (60)
@@ -478,7 +481,7 @@ rmq_down() {
 # ------------------------------------------------------------------- main ---
 
 usage() {
-    log "usage: $0 up|status|down"
+    log "usage: $0 up|status|down|restart-broker|restart-database"
     exit 2
 }
 
@@ -503,6 +506,18 @@ main() {
     down)
         if pg_installed; then pg_down; fi
         if rmq_installed; then rmq_down; fi
+        ;;
+    # For the chaos suite (tests/tests/chaos.rs): stop the service completely, start
+    # it again, wait until it serves.
+    restart-broker)
+        rmq_down
+        rmq_resolve_node
+        rmq_start
+        rmq_up
+        ;;
+    restart-database)
+        pg_down
+        pg_up
         ;;
     *) usage ;;
     esac

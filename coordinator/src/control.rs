@@ -6,7 +6,7 @@
 //! worker's `hello`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
 use lapin::Channel;
@@ -25,7 +25,9 @@ use tasker_shared::store::templates;
 #[derive(Clone)]
 pub(crate) struct Control {
     pool: PgPool,
-    channel: Channel,
+    /// The channel of the current broker connection, shared by every clone and replaced
+    /// after a reconnect. A std RwLock: held only to clone or swap the handle.
+    channel: Arc<RwLock<Channel>>,
     topology: Topology,
     workers: Arc<Mutex<HashMap<String, WorkerSeen>>>,
 }
@@ -47,10 +49,22 @@ impl Control {
     pub(crate) fn new(pool: PgPool, channel: Channel, topology: Topology) -> Self {
         Control {
             pool,
-            channel,
+            channel: Arc::new(RwLock::new(channel)),
             topology,
             workers: Arc::default(),
         }
+    }
+
+    /// Use `channel` from now on (a new connection after the old one was lost).
+    pub(crate) fn use_channel(&self, channel: Channel) {
+        *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Workers heard from within three of their status intervals, by id.
@@ -89,7 +103,7 @@ impl Control {
 
     async fn broadcast(&self, message: &ControlMessage) -> anyhow::Result<()> {
         let body = serde_json::to_vec(message)?;
-        self.channel
+        self.channel()
             .basic_publish(
                 self.topology.control_exchange().into(),
                 "".into(),
@@ -155,7 +169,14 @@ impl Control {
                             .unwrap_or_else(|p| p.into_inner())
                             .insert(worker_id, seen);
                     }
-                    _ => {}
+                    Ok(_) => {}
+                    // Advisory and fanned out to every process: dropped and logged, not
+                    // dead-lettered (each receiver would file its own copy) nor retried.
+                    Err(error) => tracing::warn!(
+                        %error,
+                        bytes = delivery.data.len(),
+                        "dropped an undecodable control message"
+                    ),
                 }
             }
         }
@@ -165,8 +186,8 @@ impl Control {
 
     async fn subscribe(&self) -> lapin::Result<lapin::Consumer> {
         // A private, server-named queue that disappears with this process.
-        let queue = self
-            .channel
+        let channel = self.channel();
+        let queue = channel
             .queue_declare(
                 "".into(),
                 QueueDeclareOptions {
@@ -177,7 +198,7 @@ impl Control {
                 FieldTable::default(),
             )
             .await?;
-        self.channel
+        channel
             .queue_bind(
                 queue.name().clone(),
                 self.topology.control_exchange().into(),
@@ -186,7 +207,7 @@ impl Control {
                 FieldTable::default(),
             )
             .await?;
-        self.channel
+        channel
             .basic_consume(
                 queue.name().clone(),
                 "".into(),

@@ -7,6 +7,7 @@
 //! transaction.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -26,6 +27,8 @@ pub(crate) struct DispatcherConfig {
     pub(crate) lease_ms: i64,
     /// How often to look for expired backoffs when nothing wakes it.
     pub(crate) poll_interval: Duration,
+    /// Chaos-test failpoint: hang between commit and publish after this many claims.
+    pub(crate) pause_after_claims: Option<u64>,
 }
 
 pub(crate) struct Dispatcher {
@@ -35,6 +38,8 @@ pub(crate) struct Dispatcher {
     wake: Arc<Notify>,
     wake_events: Arc<Notify>,
     config: DispatcherConfig,
+    /// Claimed batches so far (for the failpoint).
+    claims: AtomicU64,
 }
 
 impl Dispatcher {
@@ -53,11 +58,17 @@ impl Dispatcher {
             wake,
             wake_events,
             config,
+            claims: AtomicU64::new(0),
         }
     }
 
     /// Claim one batch, commit, publish it. Returns how many steps were dispatched.
     pub(crate) async fn dispatch_once(&self) -> anyhow::Result<usize> {
+        // Without a broker nothing claimed could be published: leave the steps ready until
+        // the coordinator has reconnected (which wakes this loop).
+        if !self.publisher.connected() {
+            return Ok(0);
+        }
         // One statement, so no explicit transaction: one round trip per batch.
         let mut conn = self.pool.acquire().await?;
         let messages =
@@ -68,6 +79,11 @@ impl Dispatcher {
             return Ok(0);
         }
         self.wake_events.notify_one();
+        let claims = self.claims.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.config.pause_after_claims.is_some_and(|n| claims >= n) {
+            tracing::warn!(claimed = messages.len(), "failpoint: paused after claim");
+            std::future::pending::<()>().await;
+        }
         let publishing = std::time::Instant::now();
         let published = self.publisher.publish(&messages).await;
         self.metrics

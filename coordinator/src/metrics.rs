@@ -61,6 +61,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) publish_failures: Counter,
     pub(crate) database_errors: Counter,
     pub(crate) broker_errors: Counter,
+    pub(crate) broker_reconnects: Counter,
     pub(crate) queue_latency: Histogram,
     pub(crate) dispatch_batch_size: Histogram,
     pub(crate) publish_duration: Histogram,
@@ -154,6 +155,12 @@ impl CoordinatorMetrics {
             "Failed broker operations",
             broker_errors.clone(),
         );
+        let broker_reconnects = Counter::default();
+        registry.register(
+            "tasker_broker_reconnects",
+            "Times the coordinator reconnected to RabbitMQ after losing its connection",
+            broker_reconnects.clone(),
+        );
         let queue_latency = latency_histogram();
         registry.register_with_unit(
             "tasker_step_queue_latency",
@@ -236,6 +243,7 @@ impl CoordinatorMetrics {
             publish_failures,
             database_errors,
             broker_errors,
+            broker_reconnects,
             queue_latency,
             dispatch_batch_size,
             publish_duration,

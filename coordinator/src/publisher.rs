@@ -2,24 +2,29 @@
 //!
 //! Publishes a whole batch, then awaits all of its confirms together (one broker round
 //! trip per batch, not per step). A step whose publish is refused or unroutable stays
-//! `enqueued`; the sweeper dispatches it again when its lease expires.
+//! `enqueued` with its lease ended at once (`release_unpublished`), so the next sweep
+//! dispatches it again without spending an attempt.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::types::{AMQPValue, FieldTable};
+use sqlx::PgPool;
 use tasker_shared::broker::TRACEPARENT_HEADER;
 use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::store::transitions::Dispatch;
+use tasker_shared::store::transitions::{self, Dispatch};
 use tasker_shared::telemetry;
 
 /// Publishes step messages on one confirm-mode channel.
 pub(crate) struct StepPublisher {
-    channel: Channel,
+    pool: PgPool,
+    /// The channel of the current broker connection; replaced after a reconnect. A std
+    /// RwLock: held only to clone or swap the handle, never across an await.
+    channel: RwLock<Channel>,
     topology: Topology,
     /// Also the message TTL: a copy that waited in its queue past the lease is dropped by
     /// the broker, because by then the step has been (or is about to be) dispatched again.
@@ -34,16 +39,42 @@ pub(crate) struct StepPublisher {
 pub(crate) struct Published {
     pub(crate) confirmed: usize,
     pub(crate) failed: usize,
+    /// (step id, dispatch token) of each step the broker did not take, for
+    /// [`transitions::release_unpublished`](tasker_shared::store::transitions::release_unpublished).
+    pub(crate) unpublished: Vec<(uuid::Uuid, uuid::Uuid)>,
 }
 
 impl StepPublisher {
-    pub(crate) fn new(channel: Channel, topology: Topology, lease_ms: i64) -> Self {
+    pub(crate) fn new(pool: PgPool, channel: Channel, topology: Topology, lease_ms: i64) -> Self {
         StepPublisher {
-            channel,
+            pool,
+            channel: RwLock::new(channel),
             topology,
             lease_ms,
             declared: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Publish on `channel` from now on (a new connection after the old one was lost), and
+    /// declare namespaces again on it.
+    pub(crate) fn use_channel(&self, channel: Channel) {
+        *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+        self.declared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+
+    /// Whether the broker can take messages now (the channel's connection is up).
+    pub(crate) fn connected(&self) -> bool {
+        self.channel().status().connected()
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Make sure a namespace's queue exists and is bound, so its steps are never dropped
@@ -53,7 +84,7 @@ impl StepPublisher {
             return Ok(());
         }
         self.topology
-            .declare_namespace(&self.channel, namespace)
+            .declare_namespace(&self.channel(), namespace)
             .await?;
         self.declared
             .lock()
@@ -73,6 +104,26 @@ impl StepPublisher {
     /// `dispatch_step` span, a child of its task's trace, whose context travels in the
     /// message's `traceparent` header to the worker.
     pub(crate) async fn publish(&self, dispatches: &[Dispatch]) -> Published {
+        let published = self.publish_all(dispatches).await;
+        if !published.unpublished.is_empty() {
+            self.release(&published.unpublished).await;
+        }
+        published
+    }
+
+    /// Hand steps the broker did not take back to the sweeper.
+    async fn release(&self, unpublished: &[(uuid::Uuid, uuid::Uuid)]) {
+        let released = async {
+            let mut conn = self.pool.acquire().await?;
+            transitions::release_unpublished(&mut conn, unpublished).await
+        };
+        if let Err(error) = released.await {
+            tracing::warn!(%error, steps = unpublished.len(),
+                "cannot release unpublished steps; they wait for their lease to expire");
+        }
+    }
+
+    async fn publish_all(&self, dispatches: &[Dispatch]) -> Published {
         let mut report = Published::default();
         let mut confirms = Vec::with_capacity(dispatches.len());
         let mut spans = Vec::with_capacity(dispatches.len());
@@ -88,8 +139,11 @@ impl StepPublisher {
                 Ok(confirm) => confirms.push((message, confirm)),
                 Err(error) => {
                     report.failed += 1;
+                    report
+                        .unpublished
+                        .push((message.step_id, message.dispatch_token));
                     tracing::warn!(%error, step_id = %message.step_id, task_id = %message.task_id,
-                        "publishing a step failed; the sweeper will dispatch it again when its lease expires");
+                        "publishing a step failed; the sweeper will dispatch it again");
                 }
             }
         }
@@ -107,12 +161,18 @@ impl StepPublisher {
                         report.confirmed += 1;
                     } else {
                         report.failed += 1;
+                        report
+                            .unpublished
+                            .push((message.step_id, message.dispatch_token));
                         tracing::warn!(step_id = %message.step_id, namespace = %message.namespace,
                             "the broker refused or could not route a step; it will be dispatched again when its lease expires");
                     }
                 }
                 Err(error) => {
                     report.failed += 1;
+                    report
+                        .unpublished
+                        .push((message.step_id, message.dispatch_token));
                     tracing::warn!(%error, step_id = %message.step_id, "no confirm for a step");
                 }
             }
@@ -139,7 +199,7 @@ impl StepPublisher {
             properties = properties.with_headers(headers);
         }
         Ok(self
-            .channel
+            .channel()
             .basic_publish(
                 self.topology.steps_exchange().into(),
                 message.namespace.as_str().into(),

@@ -10,11 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::Authenticator;
 use crate::control::Control;
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::events::EventRelay;
 use crate::gauges::Gauges;
 use crate::http::{AppState, register_template, router};
+use crate::link::BrokerLink;
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::result_processor::{ResultProcessor, ResultProcessorConfig};
@@ -29,9 +31,48 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     settings: CoordinatorSettings,
-    channel: lapin::Channel,
-    confirm_channel: lapin::Channel,
+    session: BrokerSession,
     topology: Topology,
+}
+
+/// What one RabbitMQ connection gives the coordinator: made at start and again after every
+/// reconnect.
+struct BrokerSession {
+    connection: Arc<lapin::Connection>,
+    /// For consuming results and declaring.
+    channel: lapin::Channel,
+    /// Confirm mode: dead letters, control broadcasts.
+    confirm_channel: lapin::Channel,
+    /// Confirm mode: step messages.
+    publish_channel: lapin::Channel,
+}
+
+impl BrokerSession {
+    /// Declare the topology on a fresh connection and open the channels.
+    async fn open(connection: lapin::Connection, topology: &Topology) -> anyhow::Result<Self> {
+        let channel = connection.create_channel().await?;
+        topology
+            .declare_base(&channel)
+            .await
+            .context("declaring the broker topology")?;
+        let confirm_channel = broker::confirm_channel(&connection).await?;
+        let publish_channel = broker::confirm_channel(&connection).await?;
+        Ok(BrokerSession {
+            connection: Arc::new(connection),
+            channel,
+            confirm_channel,
+            publish_channel,
+        })
+    }
+}
+
+/// Why a broker session ended.
+enum SessionEnd {
+    Shutdown,
+    /// The connection (or a loop that needs it) was lost: reconnect.
+    BrokerLost(&'static str),
+    /// A database-only loop stopped on its own, which it never should.
+    LoopDied,
 }
 
 impl Application {
@@ -42,29 +83,28 @@ impl Application {
         let pool = tasker_shared::db::connect_lazy(&settings.database)?;
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
-        let channel = connection.create_channel().await?;
-        topology
-            .declare_base(&channel)
-            .await
-            .context("declaring the broker topology")?;
-        let confirm_channel = broker::confirm_channel(&connection).await?;
+        let session = BrokerSession::open(connection, &topology).await?;
         let publisher = Arc::new(StepPublisher::new(
-            broker::confirm_channel(&connection).await?,
+            pool.clone(),
+            session.publish_channel.clone(),
             topology.clone(),
             settings.dispatch_lease_ms,
         ));
         for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
             publisher.ensure_namespace(&namespace).await?;
         }
+        let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
         let state = AppState {
+            auth,
             pool: pool.clone(),
             publisher,
             metrics: Arc::new(CoordinatorMetrics::new()),
-            control: Control::new(pool, confirm_channel.clone(), topology.clone()),
+            control: Control::new(pool, session.confirm_channel.clone(), topology.clone()),
             wake_dispatcher: Arc::new(Notify::new()),
             wake_events: Arc::new(Notify::new()),
             environment: settings.environment.clone(),
-            broker: Arc::new(connection),
+            limits: crate::http::Limits::from(&settings),
+            broker: Arc::new(BrokerLink::new(session.connection.clone())),
         };
         if let Some(dir) = &settings.templates_dir {
             load_templates(&state, dir).await?;
@@ -76,8 +116,7 @@ impl Application {
             listener,
             state,
             settings,
-            channel,
-            confirm_channel,
+            session,
             topology,
         })
     }
@@ -87,8 +126,14 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Serve and run the background loops until `shutdown` resolves. Returns an error if
-    /// a loop stops on its own (lost broker connection): a supervisor should restart us.
+    /// Serve and run the background loops until `shutdown` resolves.
+    ///
+    /// The API, the dispatcher and the sweeper live as long as the process. The loops that
+    /// need RabbitMQ (result processor, control, gauges, events relay) live as long as one
+    /// connection: when it is lost they stop, the coordinator reconnects (retrying without
+    /// limit, with backoff) and starts them again on the new connection. Meanwhile the API
+    /// keeps accepting tasks and the dispatcher's failed publishes are handed back to the
+    /// sweeper. Returns an error only if a database loop stops on its own.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -106,60 +151,20 @@ impl Application {
                 batch_size: settings.batch_size,
                 lease_ms: settings.dispatch_lease_ms,
                 poll_interval: Duration::from_millis(settings.poll_interval_ms),
+                pause_after_claims: settings.failpoint_pause_after_claims,
             },
         );
         loops.spawn(dispatcher.run(stop_rx.clone()));
-        let processor = ResultProcessor::new(
-            self.state.pool.clone(),
-            self.state.publisher.clone(),
-            self.state.metrics.clone(),
-            (
-                self.state.wake_dispatcher.clone(),
-                self.state.wake_events.clone(),
-            ),
-            self.channel.clone(),
-            self.confirm_channel.clone(),
-            ResultProcessorConfig {
-                topology: self.topology.clone(),
-                batch_size: settings.batch_size,
-                lease_ms: settings.dispatch_lease_ms,
-                lease: LeasePolicy {
-                    grace_ms: settings.lease_grace_ms,
-                    heartbeat_lease_ms: settings.heartbeat_lease_ms,
-                },
-            },
-        );
-        loops.spawn(processor.run(stop_rx.clone()));
         let sweeper = Sweeper::new(
             self.state.pool.clone(),
             self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
             self.state.wake_events.clone(),
             Duration::from_millis(settings.sweep_interval_ms),
+            self.state.publisher.clone(),
+            Duration::from_millis(settings.heartbeat_lease_ms.max(0) as u64),
         );
         loops.spawn(sweeper.run(stop_rx.clone()));
-        loops.spawn(self.state.control.clone().run(stop_rx.clone()));
-        let gauges = Gauges::new(
-            self.state.pool.clone(),
-            self.state.broker.create_channel().await?,
-            self.topology.clone(),
-            self.state.metrics.clone(),
-            Duration::from_millis(settings.gauge_interval_ms),
-        );
-        loops.spawn(gauges.run(stop_rx.clone()));
-        if settings.events {
-            let relay = EventRelay::new(
-                self.state.pool.clone(),
-                broker::confirm_channel(&self.state.broker).await?,
-                self.topology.clone(),
-                self.state.metrics.clone(),
-                self.state.wake_events.clone(),
-                Duration::from_millis(settings.events_poll_ms),
-            );
-            loops.spawn(relay.run(stop_rx.clone()));
-        } else {
-            tracing::info!("lifecycle events are off (TASKER_EVENTS=false)");
-        }
 
         let address = self.listener.local_addr()?;
         tracing::info!(%address, "coordinator listening");
@@ -170,10 +175,56 @@ impl Application {
         });
         let server = tokio::spawn(async move { server.await });
 
-        let outcome = tokio::select! {
-            () = shutdown => Ok(()),
-            _ = loops.join_next() => Err(anyhow::anyhow!(
-                "a background loop stopped unexpectedly (lost broker connection?); exiting so a supervisor can restart the coordinator")),
+        tokio::pin!(shutdown);
+        let mut session = Some(self.session);
+        let outcome = loop {
+            let current = match session.take() {
+                Some(current) => current,
+                None => {
+                    let topology = &self.topology;
+                    let reconnect =
+                        broker::reconnect(&settings.broker, "tasker-coordinator", |connection| {
+                            BrokerSession::open(connection, topology)
+                        });
+                    tokio::select! {
+                        () = &mut shutdown => break Ok(()),
+                        current = reconnect => {
+                            self.state.metrics.broker_reconnects.inc();
+                            tracing::info!("reconnected to RabbitMQ");
+                            current
+                        }
+                    }
+                }
+            };
+            match run_session(
+                &self.state,
+                settings,
+                &self.topology,
+                current,
+                &mut shutdown,
+                &mut loops,
+            )
+            .await
+            {
+                SessionEnd::Shutdown => break Ok(()),
+                SessionEnd::LoopDied => {
+                    break Err(anyhow::anyhow!(
+                        "a background loop stopped unexpectedly; exiting so a supervisor can restart the coordinator"
+                    ));
+                }
+                SessionEnd::BrokerLost(why) => {
+                    self.state.metrics.broker_errors.inc();
+                    tracing::warn!(
+                        reason = why,
+                        "lost the connection to RabbitMQ; reconnecting (the API stays up)"
+                    );
+                    // Never spin: a session that ends at once waits a moment first.
+                    tokio::select! {
+                        () = &mut shutdown => break Ok(()),
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
         };
         let _ = stop_tx.send(true);
         while loops.join_next().await.is_some() {}
@@ -182,6 +233,120 @@ impl Application {
         tracing::info!("coordinator stopped");
         outcome
     }
+}
+
+/// Run the loops that need RabbitMQ on one connection until it is lost or `shutdown`.
+async fn run_session(
+    state: &AppState,
+    settings: &CoordinatorSettings,
+    topology: &Topology,
+    session: BrokerSession,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    database_loops: &mut JoinSet<()>,
+) -> SessionEnd {
+    state.publisher.use_channel(session.publish_channel.clone());
+    state.control.use_channel(session.confirm_channel.clone());
+    state.broker.replace(session.connection.clone());
+    match tasker_shared::store::templates::namespaces(&state.pool).await {
+        Ok(namespaces) => {
+            for namespace in namespaces {
+                if let Err(error) = state.publisher.ensure_namespace(&namespace).await {
+                    tracing::warn!(%error, %namespace, "cannot declare a namespace's queue");
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot list namespaces to declare their queues"),
+    }
+    // Steps claimed while the broker was away could not be published; dispatch again.
+    state.wake_dispatcher.notify_one();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut loops = JoinSet::new();
+    let processor = ResultProcessor::new(
+        state.pool.clone(),
+        state.publisher.clone(),
+        state.metrics.clone(),
+        (state.wake_dispatcher.clone(), state.wake_events.clone()),
+        session.channel.clone(),
+        session.confirm_channel.clone(),
+        ResultProcessorConfig {
+            topology: topology.clone(),
+            batch_size: settings.batch_size,
+            lease_ms: settings.dispatch_lease_ms,
+            lease: LeasePolicy {
+                grace_ms: settings.lease_grace_ms,
+                heartbeat_lease_ms: settings.heartbeat_lease_ms,
+            },
+        },
+    );
+    loops.spawn(processor.run(stop_rx.clone()));
+    loops.spawn(state.control.clone().run(stop_rx.clone()));
+    let opened = async {
+        let gauges = Gauges::new(
+            state.pool.clone(),
+            session.connection.create_channel().await?,
+            topology.clone(),
+            state.metrics.clone(),
+            Duration::from_millis(settings.gauge_interval_ms),
+        );
+        let relay = if settings.events {
+            Some(EventRelay::new(
+                state.pool.clone(),
+                broker::confirm_channel(&session.connection).await?,
+                topology.clone(),
+                state.metrics.clone(),
+                state.wake_events.clone(),
+                Duration::from_millis(settings.events_poll_ms),
+            ))
+        } else {
+            None
+        };
+        lapin::Result::Ok((gauges, relay))
+    };
+    let mut end = match opened.await {
+        Ok((gauges, relay)) => {
+            loops.spawn(gauges.run(stop_rx.clone()));
+            match relay {
+                Some(relay) => {
+                    loops.spawn(relay.run(stop_rx.clone()));
+                }
+                None => tracing::info!("lifecycle events are off (TASKER_EVENTS=false)"),
+            }
+            None
+        }
+        Err(_) => Some(SessionEnd::BrokerLost("cannot open a channel")),
+    };
+    let mut health = tokio::time::interval(Duration::from_millis(500));
+    while end.is_none() {
+        end = tokio::select! {
+            () = shutdown.as_mut() => Some(SessionEnd::Shutdown),
+            _ = database_loops.join_next() => Some(SessionEnd::LoopDied),
+            _ = loops.join_next() => Some(SessionEnd::BrokerLost("a broker loop stopped")),
+            _ = health.tick() => (!session.connection.status().connected())
+                .then_some(SessionEnd::BrokerLost("the connection closed")),
+        };
+    }
+    let _ = stop_tx.send(true);
+    // Loops stop at once when told; a broker in trouble must not hold the restart up.
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while loops.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        loops.abort_all();
+    }
+    // Close what is left of the connection (a loop may have stopped on a channel error
+    // while the connection itself is up), so reconnecting does not leak it.
+    if session.connection.status().connected() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            session
+                .connection
+                .close(200, "coordinator session ended".into()),
+        )
+        .await;
+    }
+    end.unwrap_or(SessionEnd::Shutdown)
 }
 
 /// Register every template file in `dir`; refuse to start when one is invalid, naming the

@@ -262,6 +262,42 @@ pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Co
         .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.amqp_url))
 }
 
+/// Connect again after the connection was lost, and keep trying (every few seconds at
+/// most) until the broker answers: a broker restart or a network outage must not stop a
+/// process. `open` runs on every fresh connection (declare the topology, open channels);
+/// if it fails, the connection is dropped and the next attempt starts over. Callers race
+/// this against their shutdown signal.
+pub async fn reconnect<T, F, Fut>(settings: &BrokerSettings, name: &str, open: F) -> T
+where
+    F: Fn(Connection) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let url = settings.amqp_url.expose().to_owned();
+    let attempt = || async {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = Connection::connect(&url, properties).await?;
+        open(connection).await
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    loop {
+        // The backoff never runs out, so this only returns Ok; loop anyway to stay total.
+        let reconnected = attempt
+            .retry(backoff)
+            .notify(|error: &anyhow::Error, wait| {
+                tracing::warn!(error = format!("{error:#}"), ?wait, broker = %settings.amqp_url,
+                    "RabbitMQ not reachable; retrying");
+            })
+            .await;
+        if let Ok(value) = reconnected {
+            return value;
+        }
+    }
+}
+
 /// A channel in publisher-confirm mode.
 pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
     let channel = connection.create_channel().await?;

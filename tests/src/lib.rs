@@ -134,6 +134,11 @@ impl Process {
         }
     }
 
+    /// Whether the process is still running (it has not exited).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
@@ -160,6 +165,43 @@ impl Process {
     }
 }
 
+/// The command that starts a coordinator for a test.
+fn coordinator_command(database_url: &str, prefix: &str, options: &EnvOptions) -> Command {
+    let mut command = Command::new(binary("tasker-coordinator"));
+    command
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", amqp_url())
+        .env("TASKER_AMQP_PREFIX", prefix)
+        .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
+        .env("TASKER_DB_POOL_SIZE", "4")
+        .env("TASKER_SWEEP_INTERVAL_MS", "500");
+    if let Some(dir) = &options.templates_dir {
+        command.env("TASKER_TEMPLATES_DIR", dir);
+    }
+    for (key, value) in &options.coordinator_env {
+        command.env(key, value);
+    }
+    command
+}
+
+/// Spawn a coordinator and wait until it listens; returns it and its address.
+async fn spawn_coordinator(
+    command: Command,
+    name: &str,
+    log_dir: &Path,
+) -> anyhow::Result<(Process, String)> {
+    let mut coordinator = Process::spawn(command, name.into(), log_dir)?;
+    let line = coordinator
+        .wait_for_log("coordinator listening", Duration::from_secs(60))
+        .await?;
+    let address = serde_json::from_str::<Value>(&line)?["address"]
+        .as_str()
+        .context("address in the listening line")?
+        .to_owned();
+    Ok((coordinator, address))
+}
+
 /// One test's world: a database, a queue prefix, a coordinator and any workers.
 pub struct TestEnv {
     pub database_url: String,
@@ -169,6 +211,7 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub coordinator: Process,
     pub workers: Vec<Process>,
+    options: EnvOptions,
     log_dir: PathBuf,
     namespaces: Arc<Mutex<Vec<String>>>,
     finished: bool,
@@ -240,29 +283,8 @@ impl TestEnv {
             .join(format!("{test}-{id}"));
         std::fs::create_dir_all(&log_dir)?;
 
-        let mut command = Command::new(binary("tasker-coordinator"));
-        command
-            .arg("serve")
-            .env("DATABASE_URL", &database_url)
-            .env("AMQP_URL", amqp_url())
-            .env("TASKER_AMQP_PREFIX", &prefix)
-            .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
-            .env("TASKER_DB_POOL_SIZE", "4")
-            .env("TASKER_SWEEP_INTERVAL_MS", "500");
-        if let Some(dir) = &options.templates_dir {
-            command.env("TASKER_TEMPLATES_DIR", dir);
-        }
-        for (key, value) in &options.coordinator_env {
-            command.env(key, value);
-        }
-        let mut coordinator = Process::spawn(command, "coordinator".into(), &log_dir)?;
-        let line = coordinator
-            .wait_for_log("coordinator listening", Duration::from_secs(60))
-            .await?;
-        let address = serde_json::from_str::<Value>(&line)?["address"]
-            .as_str()
-            .context("address in the listening line")?
-            .to_owned();
+        let command = coordinator_command(&database_url, &prefix, &options);
+        let (coordinator, address) = spawn_coordinator(command, "coordinator", &log_dir).await?;
         let pool = PgPool::connect(&database_url).await?;
         Ok(TestEnv {
             database_url,
@@ -272,10 +294,26 @@ impl TestEnv {
             pool,
             coordinator,
             workers: Vec::new(),
+            options,
             log_dir,
             namespaces: Arc::default(),
             finished: false,
         })
+    }
+
+    /// Start one more coordinator on this test's database and prefix (`name` names its
+    /// log), with extra environment; returns it and its base URL once it listens.
+    pub async fn start_coordinator(
+        &self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Process, String)> {
+        let mut command = coordinator_command(&self.database_url, &self.prefix, &self.options);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let (process, address) = spawn_coordinator(command, name, &self.log_dir).await?;
+        Ok((process, format!("http://{address}")))
     }
 
     /// Start a `tasker-worker` (or another worker binary) serving `namespaces` (empty:

@@ -36,6 +36,7 @@ pub(crate) struct WorkerMetrics {
     pub(crate) skipped_cancelled: Counter,
     pub(crate) aborted_cancelled: Counter,
     pub(crate) broker_errors: Counter,
+    pub(crate) broker_reconnects: Counter,
 }
 
 impl WorkerMetrics {
@@ -92,6 +93,12 @@ impl WorkerMetrics {
             "Failed publishes, acks and nacks",
             broker_errors.clone(),
         );
+        let broker_reconnects = Counter::default();
+        registry.register(
+            "tasker_worker_broker_reconnects",
+            "Times the worker reconnected to RabbitMQ after losing its connection",
+            broker_reconnects.clone(),
+        );
         WorkerMetrics {
             registry,
             step_duration,
@@ -100,6 +107,7 @@ impl WorkerMetrics {
             skipped_cancelled,
             aborted_cancelled,
             broker_errors,
+            broker_reconnects,
         }
     }
 

@@ -43,7 +43,9 @@ use crate::settings::WorkerSettings;
 /// A connected worker, ready to run.
 pub struct Worker {
     registry: Arc<HandlerRegistry>,
-    connection: Connection,
+    /// The connection made by [`Worker::build`], used by the first session.
+    connection: Option<Connection>,
+    broker: tasker_shared::config::BrokerSettings,
     topology: Topology,
     worker_id: String,
     concurrency: u16,
@@ -51,6 +53,7 @@ pub struct Worker {
     heartbeat_interval: Duration,
     metrics_addr: Option<std::net::SocketAddr>,
     metrics: Arc<WorkerMetrics>,
+    max_result_bytes: usize,
 }
 
 /// What every step task shares.
@@ -63,6 +66,8 @@ struct Shared {
     started: mpsc::UnboundedSender<StepStarted>,
     inflight: InFlight,
     metrics: Arc<WorkerMetrics>,
+    /// `TASKER_MAX_RESULT_BYTES`: larger results fail the step (see the executor).
+    max_result_bytes: usize,
 }
 
 /// The consumers this worker runs, so shutdown can cancel them.
@@ -102,15 +107,11 @@ impl Worker {
         let worker_id = settings.worker_id();
         let connection =
             broker::connect(&settings.broker, &format!("tasker-worker {worker_id}")).await?;
-        let channel = connection.create_channel().await?;
-        topology
-            .declare_base(&channel)
-            .await
-            .context("declaring the broker topology")?;
-        channel.close(200, "OK".into()).await?;
+        let connection = declare_topology(connection, &topology).await?;
         Ok(Worker {
             registry: Arc::new(registry),
-            connection,
+            connection: Some(connection),
+            broker: settings.broker.clone(),
             topology,
             worker_id,
             concurrency: settings.concurrency,
@@ -118,6 +119,7 @@ impl Worker {
             heartbeat_interval: Duration::from_millis(settings.heartbeat_interval_ms.max(100)),
             metrics_addr: settings.metrics_addr,
             metrics: Arc::new(WorkerMetrics::new(settings.concurrency)),
+            max_result_bytes: settings.max_result_bytes,
         })
     }
 
@@ -126,11 +128,79 @@ impl Worker {
         &self.worker_id
     }
 
-    /// Run until `shutdown` resolves, then drain gracefully. Returns an error when the
-    /// broker connection is lost (a supervisor restarts the worker; unacked steps are
-    /// redelivered to other workers).
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let consume = self.connection.create_channel().await?;
+    /// Run until `shutdown` resolves, then drain gracefully.
+    ///
+    /// A lost broker connection ends the current session the same way as a shutdown
+    /// (no new steps; steps received but not started go back; running steps finish), then
+    /// the worker reconnects, retrying without limit, and carries on. Steps whose results
+    /// could not be published on the lost connection are redelivered by the broker.
+    pub async fn run_until_stopped(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let metrics_server = match self.metrics_addr {
+            Some(address) => {
+                Some(crate::metrics::serve(address, self.metrics.clone(), stop_rx).await?)
+            }
+            None => None,
+        };
+        let inflight = InFlight::default();
+        tokio::pin!(shutdown);
+        let mut connection = self.connection.take();
+        loop {
+            let current = match connection.take() {
+                Some(current) => current,
+                None => {
+                    let name = format!("tasker-worker {}", self.worker_id);
+                    let topology = &self.topology;
+                    let reconnect = broker::reconnect(&self.broker, &name, |connection| {
+                        declare_topology(connection, topology)
+                    });
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        current = reconnect => {
+                            self.metrics.broker_reconnects.inc();
+                            tracing::info!(worker_id = %self.worker_id, "reconnected to RabbitMQ");
+                            current
+                        }
+                    }
+                }
+            };
+            match self.session(current, &inflight, &mut shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    self.metrics.broker_errors.inc();
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "lost the connection to RabbitMQ; reconnecting"
+                    );
+                    // Never spin: a session that fails at once waits a moment first.
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        if let Some(server) = metrics_server {
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
+        tracing::info!(worker_id = %self.worker_id, "worker stopped");
+        Ok(())
+    }
+
+    /// Consume and run steps on one connection until `shutdown` (`Ok`) or until the
+    /// connection is lost (`Err`), then drain.
+    async fn session(
+        &self,
+        connection: Connection,
+        inflight: &InFlight,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> anyhow::Result<()> {
+        let connection = &connection;
+        let consume = connection.create_channel().await?;
         // Channel-wide prefetch: the limit holds across every namespace consumed.
         consume
             .basic_qos(self.concurrency, BasicQosOptions { global: true })
@@ -138,27 +208,21 @@ impl Worker {
         let (started_tx, started_rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(crate::notices::run(
             started_rx,
-            self.connection.create_channel().await?,
+            connection.create_channel().await?,
             self.topology.clone(),
             self.worker_id.clone(),
         ));
-        let inflight = InFlight::default();
         let (stop_tx, stop_rx) = watch::channel(false);
         let consumers = Arc::new(Consumers::default());
-        let metrics_server = match self.metrics_addr {
-            Some(address) => {
-                Some(crate::metrics::serve(address, self.metrics.clone(), stop_rx.clone()).await?)
-            }
-            None => None,
-        };
         let shared = Arc::new(Shared {
             registry: self.registry.clone(),
             topology: self.topology.clone(),
             worker_id: self.worker_id.clone(),
-            publish: broker::confirm_channel(&self.connection).await?,
+            publish: broker::confirm_channel(connection).await?,
             started: started_tx,
             inflight: inflight.clone(),
             metrics: self.metrics.clone(),
+            max_result_bytes: self.max_result_bytes,
         });
         let (deliveries_tx, mut deliveries) =
             mpsc::channel::<Delivery>(usize::from(self.concurrency));
@@ -180,7 +244,7 @@ impl Worker {
         let heartbeats = tokio::spawn(crate::notices::heartbeats(
             crate::notices::Heartbeats {
                 inflight: inflight.clone(),
-                channel: self.connection.create_channel().await?,
+                channel: connection.create_channel().await?,
                 topology: self.topology.clone(),
                 worker_id: self.worker_id.clone(),
                 interval: self.heartbeat_interval,
@@ -192,7 +256,7 @@ impl Worker {
         ));
         let control = tokio::spawn(follow_control(
             shared.clone(),
-            self.connection.create_channel().await?,
+            connection.create_channel().await?,
             consume.clone(),
             consumers.clone(),
             // Only a worker serving every namespace follows the announcements.
@@ -205,12 +269,11 @@ impl Worker {
 
         let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
         let mut health = tokio::time::interval(Duration::from_secs(1));
-        tokio::pin!(shutdown);
         let outcome = loop {
             tokio::select! {
-                () = &mut shutdown => break Ok(()),
+                () = shutdown.as_mut() => break Ok(()),
                 _ = health.tick() => {
-                    if !self.connection.status().connected() {
+                    if !connection.status().connected() {
                         break Err(anyhow::anyhow!("lost the connection to RabbitMQ"));
                     }
                 }
@@ -257,20 +320,27 @@ impl Worker {
         let _ = permits.acquire_many(u32::from(self.concurrency)).await;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(patience, heartbeats).await;
-        if let Some(server) = metrics_server {
-            let _ = tokio::time::timeout(patience, server).await;
-        }
         drop(shared);
         let _ = tokio::time::timeout(patience, batcher).await;
         let _ = tokio::time::timeout(patience, consume.close(200, "worker stopped".into())).await;
-        let _ = tokio::time::timeout(
-            patience,
-            self.connection.close(200, "worker stopped".into()),
-        )
-        .await;
-        tracing::info!(worker_id = %self.worker_id, "worker stopped");
+        let _ =
+            tokio::time::timeout(patience, connection.close(200, "worker stopped".into())).await;
         outcome
     }
+}
+
+/// Declare the base topology on a fresh connection.
+async fn declare_topology(
+    connection: Connection,
+    topology: &Topology,
+) -> anyhow::Result<Connection> {
+    let channel = connection.create_channel().await?;
+    topology
+        .declare_base(&channel)
+        .await
+        .context("declaring the broker topology")?;
+    channel.close(200, "OK".into()).await?;
+    Ok(connection)
 }
 
 async fn start_consumer(
@@ -414,7 +484,14 @@ async fn follow_control(
                     tracing::info!(%task_id, aborted, "task cancelled: aborted its running steps");
                 }
             }
-            Ok(ControlMessage::Hello { .. } | ControlMessage::WorkerStatus { .. }) | Err(_) => {}
+            Ok(ControlMessage::Hello { .. } | ControlMessage::WorkerStatus { .. }) => {}
+            // Advisory and fanned out to every process: dropped and logged, not
+            // dead-lettered (each receiver would file its own copy) nor retried.
+            Err(error) => tracing::warn!(
+                %error,
+                bytes = delivery.data.len(),
+                "dropped an undecodable control message"
+            ),
         }
     }
 }
@@ -497,7 +574,14 @@ async fn run_step(
         redelivered: delivery.redelivered,
     });
     shared.metrics.in_flight.inc();
-    let result = executor::execute(handler, &message, &shared.worker_id, &shared.inflight).await;
+    let result = executor::execute(
+        handler,
+        &message,
+        &shared.worker_id,
+        &shared.inflight,
+        shared.max_result_bytes,
+    )
+    .await;
     shared.metrics.in_flight.dec();
     let Some(result) = result else {
         // Aborted because the task was cancelled: nothing to report.

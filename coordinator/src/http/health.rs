@@ -119,10 +119,7 @@ async fn reachability(state: &AppState) -> (bool, bool) {
         sqlx::query("SELECT 1").execute(&state.pool),
     )
     .await;
-    (
-        matches!(database, Ok(Ok(_))),
-        state.broker.status().connected(),
-    )
+    (matches!(database, Ok(Ok(_))), state.broker.connected())
 }
 
 /// What an operator looks at first: reachability, tasks and steps by status, and the

@@ -24,7 +24,15 @@ struct ExpiredRow {
 /// lost, or the coordinator died before publishing): it goes back to `waiting_for_retry`,
 /// ready at once, and the attempt is not counted. A step `in_progress` past its lease
 /// lost its worker: that is a retryable timeout (or `error` when attempts are exhausted).
-pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<ExpiredLeases> {
+///
+/// With `running: false` only `enqueued` steps are healed: the caller could not hear
+/// workers' heartbeats lately (database or broker unreachable), so a running step's
+/// expired lease may only mean its heartbeats and result are still waiting to be applied.
+pub async fn expire_leases(
+    conn: &mut PgConnection,
+    limit: i64,
+    running: bool,
+) -> sqlx::Result<ExpiredLeases> {
     let rows: Vec<ExpiredRow> = sqlx::query_as(
         r#"
         WITH expired AS (
@@ -40,7 +48,8 @@ pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<
                                     * interval '1 millisecond'
                    END AS next_attempt_at
             FROM steps
-            WHERE status IN ('enqueued', 'in_progress') AND lease_expires_at < now()
+            WHERE (status = 'enqueued' OR (status = 'in_progress' AND $2))
+              AND lease_expires_at < now()
             ORDER BY lease_expires_at
             LIMIT $1
             FOR UPDATE SKIP LOCKED
@@ -82,6 +91,7 @@ pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<
         "#,
     )
     .bind(limit)
+    .bind(running)
     .fetch_all(conn)
     .await?;
 
@@ -94,4 +104,33 @@ pub async fn expire_leases(conn: &mut PgConnection, limit: i64) -> sqlx::Result<
         timed_out: rows.len() - requeued,
         tasks,
     })
+}
+
+/// End at once the dispatch lease of steps whose message the broker did not take (no
+/// connection, refused, unroutable), so the next sweep hands them back without spending
+/// an attempt instead of leaving them `enqueued` for the whole lease. Only steps still
+/// `enqueued` under the same dispatch token are touched: a step dispatched again since,
+/// or already started (its message got through after all), is left alone.
+pub async fn release_unpublished(
+    conn: &mut PgConnection,
+    dispatches: &[(Uuid, Uuid)],
+) -> sqlx::Result<u64> {
+    if dispatches.is_empty() {
+        return Ok(0);
+    }
+    let (steps, tokens): (Vec<Uuid>, Vec<Uuid>) = dispatches.iter().copied().unzip();
+    let done = sqlx::query(
+        r#"
+        UPDATE steps s
+        SET lease_expires_at = now(), updated_at = now()
+        FROM unnest($1::uuid[], $2::uuid[]) AS d(step_id, dispatch_token)
+        WHERE s.step_id = d.step_id AND s.dispatch_token = d.dispatch_token
+          AND s.status = 'enqueued'
+        "#,
+    )
+    .bind(&steps)
+    .bind(&tokens)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }

@@ -1,0 +1,450 @@
+//! The chaos suite: break things on purpose during a run of multi-step workflows and
+//! check that nothing is lost and nothing is applied twice.
+//!
+//! One run of at least 2,000 diamond tasks (four `tasker.sleep` steps each), submitted
+//! steadily while these faults are injected one at a time, each after the previous one
+//! healed:
+//!
+//! 1. a worker is killed with SIGKILL while it runs steps (then a new one is started);
+//! 2. a second coordinator is killed with SIGKILL between committing a claim and
+//!    publishing it (a failpoint holds it exactly there), then started again;
+//! 3. RabbitMQ is stopped and started again (`deploy/services.sh restart-broker`);
+//! 4. PostgreSQL is stopped and started again (`deploy/services.sh restart-database`).
+//!
+//! Only the killed processes are restarted by the test: every other process must
+//! reconnect by itself. Afterwards every task is `complete`, no step has more than one
+//! `complete` transition, and no step used more attempts than its retry limit. The run
+//! prints each fault, when it was injected, how long it lasted (a service restart), how
+//! long after it the work in flight at the injection took to finish, and the extra
+//! attempts it caused.
+//!
+//! It restarts the machine's PostgreSQL and RabbitMQ, so it is a test binary of its own
+//! (cargo runs test binaries one after another) and must not run beside other tests:
+//! `cargo test -p tasker-tests --test chaos -- --nocapture`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::PgPool;
+use tasker_tests::{EnvOptions, Process, StatusCode, TestEnv, binary};
+use uuid::Uuid;
+
+/// Tasks submitted in the run (at least; a few more go through the second coordinator).
+const TASKS: usize = 2_000;
+/// Submission pace: enough to keep every fault inside a busy system.
+const SUBMIT_EVERY: Duration = Duration::from_millis(20);
+const RETRY_LIMIT: i32 = 5;
+
+fn template() -> String {
+    let mut yaml = String::from("namespace: chaos\nname: diamond\nversion: 1.0.0\nsteps:\n");
+    for (step, parents, ms) in [
+        ("reserve", "", 40),
+        ("charge", "reserve", 60),
+        ("pack", "reserve", 30),
+        ("ship", "charge, pack", 20),
+    ] {
+        yaml.push_str(&format!(
+            "  - name: {step}\n    handler: tasker.sleep\n    depends_on: [{parents}]\n    \
+             retry_limit: {RETRY_LIMIT}\n    config: {{ms: {ms}}}\n"
+        ));
+    }
+    yaml
+}
+
+/// Create one task, idempotently: a failed or unanswered request is repeated with the
+/// same key until the coordinator answers 200 or 201 (it may be without its database for
+/// a while).
+async fn submit(http: &reqwest::Client, base_url: &str, key: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    let body = json!({
+        "namespace": "chaos", "name": "diamond",
+        "context": {"order": n}, "idempotency_key": key,
+    });
+    loop {
+        let response = http
+            .post(format!("{base_url}/v1/tasks"))
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status() == StatusCode::CREATED || r.status() == StatusCode::OK => {
+                return started.elapsed();
+            }
+            Ok(r) if r.status().is_client_error() => {
+                panic!(
+                    "task {key} refused: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Run a query until the database answers (it is restarted during the run).
+async fn query_until_ok<T, F, Fut>(what: &str, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match f().await {
+            Ok(value) => return value,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("chaos: {what}: {error}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("{what}: {error}"),
+        }
+    }
+}
+
+/// Steps in flight now (claimed or running), with their attempts.
+async fn in_flight(pool: &PgPool) -> Vec<(Uuid, i32)> {
+    query_until_ok("steps in flight", || {
+        sqlx::query_as(
+            "SELECT step_id, attempts FROM steps WHERE status IN ('enqueued', 'in_progress')",
+        )
+        .fetch_all(pool)
+    })
+    .await
+}
+
+/// Wait until every step of `snapshot` is complete; returns how long that took from
+/// `since` and the attempts spent beyond those counted in the snapshot.
+async fn healed(pool: &PgPool, snapshot: &[(Uuid, i32)], since: Instant) -> (Duration, i64) {
+    let ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
+    let before: i64 = snapshot.iter().map(|(_, a)| i64::from(*a)).sum();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (open, attempts): (i64, Option<i64>) = query_until_ok("healing", || {
+            sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status <> 'complete'), sum(attempts)::bigint
+                 FROM steps WHERE step_id = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_one(pool)
+        })
+        .await;
+        if open == 0 {
+            return (since.elapsed(), attempts.unwrap_or(0) - before);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} steps in flight at the fault did not complete within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct FaultReport {
+    fault: &'static str,
+    at: Duration,
+    /// How long the fault itself lasted (a service restart), zero for a kill.
+    outage: Duration,
+    in_flight: usize,
+    recovered: Duration,
+    extra_attempts: i64,
+}
+
+async fn services(action: &str) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("deploy/services.sh");
+    let status = tokio::process::Command::new(script)
+        .arg(action)
+        .status()
+        .await
+        .expect("running deploy/services.sh");
+    assert!(status.success(), "deploy/services.sh {action} failed");
+}
+
+async fn metric(base_url: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
+    let options = EnvOptions {
+        coordinator_env: [
+            // A claim whose coordinator died is dispatched again after this long.
+            ("TASKER_DISPATCH_LEASE_MS", "8000"),
+            ("TASKER_HEARTBEAT_LEASE_MS", "3000"),
+            ("TASKER_POLL_INTERVAL_MS", "1000"),
+            ("TASKER_GAUGE_INTERVAL_MS", "1000"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("chaos", options).await.unwrap();
+    let (status, body) = env.register_template(&template()).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let worker_env = [("TASKER_HEARTBEAT_INTERVAL_MS", "500")];
+    for id in ["w1", "w2", "w3"] {
+        env.start_worker_with(binary("tasker-worker"), id, &["chaos"], 16, &worker_env)
+            .await
+            .unwrap();
+    }
+    let run_started = Instant::now();
+
+    // The feeder: one task every SUBMIT_EVERY until the faults are done and TASKS are in.
+    let submitted = Arc::new(AtomicUsize::new(0));
+    let faults_done = Arc::new(AtomicBool::new(false));
+    let feeder = {
+        let (http, base_url) = (env.http.clone(), env.base_url.clone());
+        let (submitted, faults_done) = (submitted.clone(), faults_done.clone());
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut ticks = tokio::time::interval(SUBMIT_EVERY);
+            loop {
+                let n = submitted.load(Ordering::SeqCst);
+                if n >= TASKS && faults_done.load(Ordering::SeqCst) {
+                    return slowest;
+                }
+                ticks.tick().await;
+                slowest = slowest.max(submit(&http, &base_url, &format!("chaos-{n}"), n).await);
+                submitted.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let busy = |at_least: usize| {
+        let submitted = submitted.clone();
+        async move {
+            while submitted.load(Ordering::SeqCst) < at_least {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut reports = Vec::new();
+    let mut coordinators: Vec<Process> = Vec::new();
+
+    // 1. A worker killed with SIGKILL mid-step.
+    busy(250).await;
+    // Wait for a moment when it runs steps (started, as the coordinator recorded).
+    let running_on_w1 = loop {
+        let running: i64 = query_until_ok("steps running on w1", || {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM steps s WHERE s.status = 'in_progress' AND EXISTS (
+                     SELECT 1 FROM step_transitions t WHERE t.step_id = s.step_id
+                     AND t.to_status = 'in_progress' AND t.metadata->>'worker_id' = 'w1')",
+            )
+            .fetch_one(&env.pool)
+        })
+        .await;
+        if running > 0 {
+            break running;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let snapshot = in_flight(&env.pool).await;
+    let injected = Instant::now();
+    env.workers[0].kill().await;
+    env.start_worker_with(
+        binary("tasker-worker"),
+        "w1-restarted",
+        &["chaos"],
+        16,
+        &worker_env,
+    )
+    .await
+    .unwrap();
+    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
+    eprintln!("chaos: killed w1 while it ran {running_on_w1} steps");
+    reports.push(FaultReport {
+        fault: "worker SIGKILL mid-step",
+        at: injected - run_started,
+        outage: Duration::ZERO,
+        in_flight: snapshot.len(),
+        recovered,
+        extra_attempts: extra,
+    });
+
+    // 2. A coordinator killed between committing a claim and publishing it. Tasks created
+    // through it wake its dispatcher, which claims them and stops at the failpoint.
+    let (mut doomed, doomed_url) = env
+        .start_coordinator(
+            "coordinator-2",
+            &[("TASKER_FAILPOINT_PAUSE_AFTER_CLAIMS", "1")],
+        )
+        .await
+        .unwrap();
+    for k in 0..5 {
+        submit(
+            &env.http,
+            &doomed_url,
+            &format!("chaos-c2-{k}"),
+            100_000 + k,
+        )
+        .await;
+    }
+    doomed
+        .wait_for_log("failpoint: paused after claim", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let snapshot = in_flight(&env.pool).await;
+    let injected = Instant::now();
+    doomed.kill().await;
+    let (restarted, _) = env
+        .start_coordinator("coordinator-2-restarted", &[])
+        .await
+        .unwrap();
+    coordinators.push(restarted);
+    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
+    reports.push(FaultReport {
+        fault: "coordinator SIGKILL after claim",
+        at: injected - run_started,
+        outage: Duration::ZERO,
+        in_flight: snapshot.len(),
+        recovered,
+        extra_attempts: extra,
+    });
+
+    // 3. RabbitMQ restarted.
+    busy(submitted.load(Ordering::SeqCst) + 200).await;
+    let snapshot = in_flight(&env.pool).await;
+    let injected = Instant::now();
+    services("restart-broker").await;
+    let outage = injected.elapsed();
+    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
+    reports.push(FaultReport {
+        fault: "RabbitMQ restart",
+        at: injected - run_started,
+        outage,
+        in_flight: snapshot.len(),
+        recovered,
+        extra_attempts: extra,
+    });
+
+    // 4. PostgreSQL restarted.
+    busy(submitted.load(Ordering::SeqCst) + 200).await;
+    let snapshot = in_flight(&env.pool).await;
+    let injected = Instant::now();
+    services("restart-database").await;
+    let outage = injected.elapsed();
+    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
+    reports.push(FaultReport {
+        fault: "PostgreSQL restart",
+        at: injected - run_started,
+        outage,
+        in_flight: snapshot.len(),
+        recovered,
+        extra_attempts: extra,
+    });
+
+    faults_done.store(true, Ordering::SeqCst);
+    let slowest_submit = feeder.await.unwrap();
+
+    // Everything finishes.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (tasks, open): (i64, i64) = loop {
+        let counts: (i64, i64) = query_until_ok("task counts", || {
+            sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE status <> 'complete') FROM tasks",
+            )
+            .fetch_one(&env.pool)
+        })
+        .await;
+        if counts.1 == 0 || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let elapsed = run_started.elapsed();
+    let not_complete: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT task_id, status FROM tasks WHERE status <> 'complete' LIMIT 10")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let twice: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT step_id, count(*) FROM step_transitions WHERE to_status = 'complete'
+         GROUP BY step_id HAVING count(*) > 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let (steps, attempts, over_limit, max_attempts): (i64, i64, i64, i32) = sqlx::query_as(
+        "SELECT count(*), sum(attempts)::bigint, count(*) FILTER (WHERE attempts > retry_limit),
+                max(attempts)
+         FROM steps",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let reconnects = metric(&env.base_url, "tasker_broker_reconnects_total").await;
+
+    println!(
+        "\nchaos run: {tasks} tasks, {steps} steps, 3 workers, 2 coordinators, {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "{:<32} {:>11} {:>9} {:>10} {:>18} {:>14}",
+        "fault", "injected at", "outage", "in flight", "healed after it", "extra attempts"
+    );
+    for r in &reports {
+        println!(
+            "{:<32} {:>9.1} s {:>7.1} s {:>10} {:>16.1} s {:>14}",
+            r.fault,
+            r.at.as_secs_f64(),
+            r.outage.as_secs_f64(),
+            r.in_flight,
+            r.recovered.saturating_sub(r.outage).as_secs_f64(),
+            r.extra_attempts
+        );
+    }
+    println!(
+        "faults injected: {}; extra attempts in all: {}; most attempts of one step: {max_attempts} (limit {RETRY_LIMIT}); \
+         steps completed twice: {}; tasks not complete: {open}; coordinator reconnects to RabbitMQ: {reconnects}; \
+         slowest task submission: {:.1} s",
+        reports.len(),
+        attempts - steps,
+        twice.len(),
+        slowest_submit.as_secs_f64()
+    );
+
+    assert!(tasks >= TASKS as i64, "only {tasks} tasks were created");
+    assert_eq!(open, 0, "tasks not complete: {not_complete:?}");
+    assert!(
+        twice.is_empty(),
+        "steps with more than one complete transition: {twice:?}"
+    );
+    assert_eq!(
+        over_limit, 0,
+        "steps used more attempts than their retry limit"
+    );
+    assert_eq!(steps, tasks * 4);
+    // Nobody restarted these: they reconnected by themselves.
+    assert!(env.coordinator.running(), "the first coordinator exited");
+    assert!(
+        env.workers[1].running() && env.workers[2].running(),
+        "a worker exited"
+    );
+    assert!(
+        coordinators[0].running(),
+        "the restarted coordinator exited"
+    );
+    assert!(
+        reconnects >= 1.0,
+        "the coordinator never reconnected to RabbitMQ"
+    );
+    for mut c in coordinators {
+        let _ = c.terminate().await;
+    }
+    env.finish().await.unwrap();
+}
