@@ -67,7 +67,7 @@ impl fmt::Display for SecretUrl {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseSettings {
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: SecretUrl,
     /// Connections in the pool.
     #[arg(long, env = "TASKER_DB_POOL_SIZE", default_value_t = 10)]
@@ -78,7 +78,7 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerSettings {
     /// RabbitMQ connection URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: SecretUrl,
     /// Prefix of every exchange and queue name, so several Tasker installations (or test
     /// runs) can share one broker without seeing each other's messages.
