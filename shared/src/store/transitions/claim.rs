@@ -83,13 +83,18 @@ pub async fn claim_ready(
         ),
         started_tasks AS (
             -- Task rows are locked in id order, as everywhere else, so two coordinators
-            -- starting the same tasks cannot deadlock.
+            -- starting the same tasks cannot deadlock. The ids go through arrays
+            -- (evaluated once) so the lookups are primary-key probes whatever the
+            -- statistics say: planned as a join, statistics taken while no task was
+            -- pending made this a nested loop over every pending task, for minutes.
             UPDATE tasks t SET status = 'in_progress', updated_at = now()
-            FROM (SELECT task_id FROM tasks
-                  WHERE task_id IN (SELECT task_id FROM claimed) AND status = 'pending'
-                  ORDER BY task_id
-                  FOR UPDATE) pending
-            WHERE t.task_id = pending.task_id AND t.status = 'pending'
+            WHERE t.task_id = ANY (ARRAY(
+                      SELECT task_id FROM tasks
+                      WHERE task_id = ANY (ARRAY(SELECT task_id FROM claimed))
+                        AND status = 'pending'
+                      ORDER BY task_id
+                      FOR UPDATE))
+              AND t.status = 'pending'
             RETURNING t.task_id
         ),
         task_history AS (
