@@ -84,16 +84,12 @@ impl Dispatcher {
             tracing::warn!(claimed = messages.len(), "failpoint: paused after claim");
             std::future::pending::<()>().await;
         }
-        let publishing = std::time::Instant::now();
-        let published = self.publisher.publish(&messages).await;
-        self.metrics
-            .dispatched(&messages, published.failed, publishing.elapsed());
-        tracing::debug!(
-            claimed = messages.len(),
-            confirmed = published.confirmed,
-            "dispatched"
-        );
-        Ok(messages.len())
+        let claimed = messages.len();
+        tracing::debug!(claimed, "dispatching");
+        self.publisher
+            .dispatch(messages, self.metrics.clone())
+            .await;
+        Ok(claimed)
     }
 
     /// How long to sleep: until the next step in backoff is due, at most `poll_interval`.

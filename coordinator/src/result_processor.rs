@@ -4,9 +4,11 @@
 //! prefetch buffer already holds (up to the batch size), and in **one transaction**:
 //! marks started steps `in_progress`, applies results (fenced by dispatch token), claims
 //! the dependents that just became ready, and finishes tasks that can finish. After the
-//! commit it publishes the claimed steps, then acks the whole batch with one `multiple`
-//! ack. A crash before the ack redelivers the batch; the fence makes re-applying it a
-//! no-op. Undecodable messages go to the dead-letter queue with the reason.
+//! commit it acks the whole batch with one `multiple` ack and hands the claimed steps to
+//! the publisher, which publishes them while the next batch is applied. A crash before
+//! the ack redelivers the batch; the fence makes re-applying it a no-op. A crash before
+//! the publish leaves the claimed steps `enqueued` until the sweeper heals them.
+//! Undecodable messages go to the dead-letter queue with the reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +148,16 @@ impl ResultProcessor {
         }
 
         let mut tx = self.pool.begin().await?;
+        let result_steps: Vec<uuid::Uuid> = results.iter().map(|r| r.step_id).collect();
+        let mut steps: Vec<uuid::Uuid> = started
+            .iter()
+            .map(|s| s.step.step_id)
+            .chain(running.iter().map(|r| r.step_id))
+            .chain(result_steps.iter().copied())
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        transitions::lock_batch(&mut tx, &steps, &result_steps).await?;
         for latency in transitions::mark_started(&mut tx, &started, self.lease).await? {
             self.metrics.queue_latency.observe(latency);
             report.started += 1;
@@ -183,10 +195,9 @@ impl ResultProcessor {
             tracing::info!(task_id = %task.task_id, status = %task.status, "task finished");
         }
         if !claimed.is_empty() {
-            let publishing = std::time::Instant::now();
-            let published = self.publisher.publish(&claimed).await;
-            self.metrics
-                .dispatched(&claimed, published.failed, publishing.elapsed());
+            // In the background: the batch is acked, and the next one applied, while the
+            // broker confirms these.
+            self.publisher.dispatch(claimed, self.metrics.clone()).await;
         }
         Ok(report)
     }

@@ -228,6 +228,8 @@ impl Application {
         };
         let _ = stop_tx.send(true);
         while loops.join_next().await.is_some() {}
+        // Batches claimed before the stop still go out (or fail and are handed back).
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.state.publisher.flush()).await;
         server.await??;
         self.state.pool.close().await;
         tracing::info!("coordinator stopped");

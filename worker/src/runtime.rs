@@ -7,9 +7,12 @@
 //!                                                            └ publish result, await confirm, then ack
 //! ```
 //!
-//! Concurrency is bounded twice: the broker's prefetch (channel-wide, equal to
-//! `concurrency`) means the worker never holds more messages than it can run, and a
-//! semaphore of the same size bounds the running tasks. On shutdown the consumers are
+//! Concurrency is bounded twice: a semaphore of `concurrency` permits bounds the running
+//! handlers, and the broker's prefetch (channel-wide, twice `concurrency`) bounds the
+//! messages held. A step frees its handler slot as soon as its handler returns, not when
+//! the broker confirms its result (a persistent message's confirm waits for the broker's
+//! disk write, tens of milliseconds under load); the step's message stays unacked, and
+//! counts against the prefetch, until that confirm arrives. On shutdown the consumers are
 //! cancelled, messages received but not started are handed back to the broker, running
 //! steps finish and publish their results, and only then does the connection close.
 
@@ -32,7 +35,7 @@ use tasker_shared::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
     StepStarted, WorkerMessage,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use crate::executor::{self, InFlight};
@@ -123,6 +126,11 @@ impl Worker {
         })
     }
 
+    /// Messages held at most: twice the handler slots (see the module docs).
+    fn prefetch(&self) -> u16 {
+        self.concurrency.saturating_mul(2)
+    }
+
     /// This worker's id.
     pub fn worker_id(&self) -> &str {
         &self.worker_id
@@ -203,7 +211,7 @@ impl Worker {
         let consume = connection.create_channel().await?;
         // Channel-wide prefetch: the limit holds across every namespace consumed.
         consume
-            .basic_qos(self.concurrency, BasicQosOptions { global: true })
+            .basic_qos(self.prefetch(), BasicQosOptions { global: true })
             .await?;
         let (started_tx, started_rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(crate::notices::run(
@@ -267,7 +275,8 @@ impl Worker {
             namespaces = ?self.namespaces.as_deref().unwrap_or(&["*".to_owned()]),
             handlers = ?self.registry.names(), "worker started");
 
-        let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
+        let running = Arc::new(Semaphore::new(usize::from(self.concurrency)));
+        let unacked = Arc::new(Semaphore::new(usize::from(self.prefetch())));
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let outcome = loop {
             tokio::select! {
@@ -281,11 +290,12 @@ impl Worker {
                     let Some(delivery) = delivery else {
                         break Err(anyhow::anyhow!("every consumer stopped"));
                     };
-                    let permit = permits.clone().acquire_owned().await?;
+                    let held = unacked.clone().acquire_owned().await?;
+                    let slot = running.clone().acquire_owned().await?;
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        handle(&shared, delivery).await;
-                        drop(permit);
+                        handle(&shared, delivery, slot).await;
+                        drop(held);
                     });
                 }
             }
@@ -317,7 +327,7 @@ impl Worker {
             });
             let _ = tokio::time::timeout(patience, nack).await;
         }
-        let _ = permits.acquire_many(u32::from(self.concurrency)).await;
+        let _ = unacked.acquire_many(u32::from(self.prefetch())).await;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(patience, heartbeats).await;
         drop(shared);
@@ -497,7 +507,8 @@ async fn follow_control(
 }
 
 /// Run one delivered step to the end: its result confirmed by the broker, then the ack.
-async fn handle(shared: &Shared, delivery: Delivery) {
+/// `slot` is a handler slot, given back as soon as the handler returns.
+async fn handle(shared: &Shared, delivery: Delivery, slot: OwnedSemaphorePermit) {
     let source_queue = shared.topology.step_queue(delivery.routing_key.as_str());
     let message = match StepMessage::decode(&delivery.data) {
         Ok(message) => message,
@@ -515,7 +526,7 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         attempt = message.attempt, trace_id = tracing::field::Empty);
     let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
     tasker_shared::telemetry::adopt(&span, parent.as_deref());
-    run_step(shared, delivery, message, source_queue, span.clone())
+    run_step(shared, delivery, message, source_queue, span.clone(), slot)
         .instrument(span)
         .await;
 }
@@ -527,6 +538,7 @@ async fn run_step(
     message: StepMessage,
     source_queue: String,
     span: tracing::Span,
+    slot: OwnedSemaphorePermit,
 ) {
     if shared.inflight.is_cancelled(message.task_id) {
         tracing::info!("skipped: the task was cancelled");
@@ -583,6 +595,7 @@ async fn run_step(
     )
     .await;
     shared.metrics.in_flight.dec();
+    drop(slot);
     let Some(result) = result else {
         // Aborted because the task was cancelled: nothing to report.
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;

@@ -86,6 +86,38 @@ pub async fn mark_started(
     .await
 }
 
+/// Lock, in step id order, every step a batch of worker messages will change: the steps
+/// named by `steps` (started notices, heartbeats, results) and the children of
+/// `results`, whose parent counts the results decrement. The statements that follow
+/// each lock their own rows in order, but not across one another; two coordinators
+/// applying the results of sibling steps (the two middle steps of a diamond) locked the
+/// shared child in opposite orders and deadlocked, each losing a second to PostgreSQL's
+/// deadlock detection. Taking every lock up front, in one order, leaves nothing to wait
+/// for in between.
+pub async fn lock_batch(
+    conn: &mut PgConnection,
+    steps: &[Uuid],
+    results: &[Uuid],
+) -> sqlx::Result<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        r#"
+        SELECT 1 FROM steps
+        WHERE step_id = ANY ($1)
+           OR step_id = ANY (ARRAY(SELECT to_step FROM step_edges WHERE from_step = ANY ($2)))
+        ORDER BY step_id
+        FOR UPDATE
+        "#,
+    )
+    .bind(steps)
+    .bind(results)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Extend the leases of steps a worker says it is still running, up to the step's
 /// timeout plus grace. Not a state change, so nothing is added to the history.
 /// Returns how many leases were extended.
