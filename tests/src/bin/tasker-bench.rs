@@ -61,6 +61,13 @@ struct Args {
     /// measure dispatch; run once with it on to see its cost).
     #[arg(long)]
     events: bool,
+    /// Soak instead of the standard runs: push this many diamond tasks through in rounds
+    /// and print every process's resident memory after each round.
+    #[arg(long, default_value_t = 0)]
+    soak: usize,
+    /// Tasks per soak round.
+    #[arg(long, default_value_t = 5_000)]
+    soak_round: usize,
     /// PostgreSQL server (the benchmark creates its own database there).
     #[arg(
         long,
@@ -107,6 +114,11 @@ async fn main() -> anyhow::Result<()> {
 
     let system = System::start(&args, &database_url).await?;
     system.register_templates(&args).await?;
+    if args.soak > 0 {
+        system.soak(args.soak, args.soak_round.max(1)).await?;
+        system.stop().await?;
+        return Ok(());
+    }
 
     // Idle latencies first, on a quiet system.
     let diamond = system.sequential("diamond", 50).await?;
@@ -587,6 +599,70 @@ impl System {
         .await?)
     }
 
+    /// Every process's resident memory now (MB), by name.
+    fn rss_now(&self) -> Vec<(String, f64)> {
+        self.coordinators
+            .iter()
+            .chain(&self.workers)
+            .filter_map(|p| Some((p.name.clone(), p.pid().and_then(current_rss)?)))
+            .collect()
+    }
+
+    /// Run `tasks` diamonds in rounds; after each, print throughput and every process's
+    /// RSS; at the end, each process's growth from the end of the warm-up (round 2).
+    async fn soak(&self, tasks: usize, round: usize) -> anyhow::Result<()> {
+        let rounds = tasks.div_ceil(round);
+        // Every step row is updated several times; without (auto)vacuum its dead
+        // versions pile up and every claim scans them. Some test machines switch
+        // autovacuum off: vacuum between rounds there, and say so.
+        let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+            .fetch_one(&self.pool)
+            .await?;
+        let vacuum = autovacuum != "on";
+        if vacuum {
+            println!(
+                "soak     autovacuum is off on this server: VACUUM (ANALYZE) after each round"
+            );
+        }
+        let started = Instant::now();
+        let mut after_warmup: Vec<(String, f64)> = Vec::new();
+        let mut last = Vec::new();
+        println!("soak     {tasks} diamond tasks in {rounds} rounds of {round}");
+        for r in 1..=rounds {
+            let n = round.min(tasks - (r - 1) * round);
+            let run = self.throughput("diamond", n, 4, None).await?;
+            if vacuum {
+                // What autovacuum would do between rounds where it is switched off.
+                sqlx::query("VACUUM (ANALYZE) steps, tasks, step_edges")
+                    .execute(&self.pool)
+                    .await?;
+            }
+            let rss = self.rss_now();
+            let listed: Vec<String> = rss
+                .iter()
+                .map(|(name, mb)| format!("{name} {mb:.1}"))
+                .collect();
+            println!(
+                "soak     round {r:>3}/{rounds}  t={:>6.1} s  {:>6.0} steps/s  RSS MB: {}",
+                started.elapsed().as_secs_f64(),
+                run.steps_per_s,
+                listed.join("  ")
+            );
+            if r == 2.min(rounds) {
+                after_warmup = rss.clone();
+            }
+            last = rss;
+        }
+        for ((name, warm), (_, end)) in after_warmup.iter().zip(&last) {
+            println!(
+                "soak     {name:<14} RSS after warm-up {warm:>6.1} MB, at the end {end:>6.1} MB ({:+.1}%)",
+                (end - warm) / warm * 100.0
+            );
+        }
+        self.print_resources();
+        Ok(())
+    }
+
     fn print_resources(&self) {
         for (kind, processes) in [
             ("coordinator", &self.coordinators),
@@ -630,6 +706,19 @@ fn resources(pid: u32) -> Option<(f64, f64)> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some((peak_kb / 1024.0, ticks / 100.0))
+}
+
+/// Resident memory (MB) of a process now, from /proc.
+fn current_rss(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 fn percentile(values: &[f64], q: f64) -> f64 {
