@@ -316,37 +316,26 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
         extra_attempts: extra,
     });
 
-    // 3. RabbitMQ restarted.
-    busy(submitted.load(Ordering::SeqCst) + 200).await;
-    let snapshot = in_flight(&env.pool).await;
-    let injected = Instant::now();
-    services("restart-broker").await;
-    let outage = injected.elapsed();
-    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
-    reports.push(FaultReport {
-        fault: "RabbitMQ restart",
-        at: injected - run_started,
-        outage,
-        in_flight: snapshot.len(),
-        recovered,
-        extra_attempts: extra,
-    });
-
-    // 4. PostgreSQL restarted.
-    busy(submitted.load(Ordering::SeqCst) + 200).await;
-    let snapshot = in_flight(&env.pool).await;
-    let injected = Instant::now();
-    services("restart-database").await;
-    let outage = injected.elapsed();
-    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
-    reports.push(FaultReport {
-        fault: "PostgreSQL restart",
-        at: injected - run_started,
-        outage,
-        in_flight: snapshot.len(),
-        recovered,
-        extra_attempts: extra,
-    });
+    // 3. RabbitMQ restarted, then 4. PostgreSQL restarted.
+    for (fault, action) in [
+        ("RabbitMQ restart", "restart-broker"),
+        ("PostgreSQL restart", "restart-database"),
+    ] {
+        busy(submitted.load(Ordering::SeqCst) + 200).await;
+        let snapshot = in_flight(&env.pool).await;
+        let injected = Instant::now();
+        services(action).await;
+        let outage = injected.elapsed();
+        let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
+        reports.push(FaultReport {
+            fault,
+            at: injected - run_started,
+            outage,
+            in_flight: snapshot.len(),
+            recovered,
+            extra_attempts: extra,
+        });
+    }
 
     faults_done.store(true, Ordering::SeqCst);
     let slowest_submit = feeder.await.unwrap();
