@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::metrics::CoordinatorMetrics;
 use tasker_shared::broker::{Topology, persistent};
 use tasker_shared::messages::ControlMessage;
 use tasker_shared::store::templates;
@@ -30,6 +31,7 @@ pub(crate) struct Control {
     channel: Arc<RwLock<Channel>>,
     topology: Topology,
     workers: Arc<Mutex<HashMap<String, WorkerSeen>>>,
+    metrics: Arc<CoordinatorMetrics>,
 }
 
 /// A worker as last heard of.
@@ -46,12 +48,18 @@ pub(crate) struct WorkerSeen {
 }
 
 impl Control {
-    pub(crate) fn new(pool: PgPool, channel: Channel, topology: Topology) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        channel: Channel,
+        topology: Topology,
+        metrics: Arc<CoordinatorMetrics>,
+    ) -> Self {
         Control {
             pool,
             channel: Arc::new(RwLock::new(channel)),
             topology,
             workers: Arc::default(),
+            metrics,
         }
     }
 
@@ -172,11 +180,14 @@ impl Control {
                     Ok(_) => {}
                     // Advisory and fanned out to every process: dropped and logged, not
                     // dead-lettered (each receiver would file its own copy) nor retried.
-                    Err(error) => tracing::warn!(
-                        %error,
-                        bytes = delivery.data.len(),
-                        "dropped an undecodable control message"
-                    ),
+                    Err(error) => {
+                        self.metrics.control_dropped.inc();
+                        tracing::warn!(
+                            %error,
+                            bytes = delivery.data.len(),
+                            "dropped an undecodable control message"
+                        );
+                    }
                 }
             }
         }

@@ -62,6 +62,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) database_errors: Counter,
     pub(crate) broker_errors: Counter,
     pub(crate) broker_reconnects: Counter,
+    pub(crate) control_dropped: Counter,
     pub(crate) queue_latency: Histogram,
     pub(crate) dispatch_batch_size: Histogram,
     pub(crate) publish_duration: Histogram,
@@ -155,6 +156,12 @@ impl CoordinatorMetrics {
             "Failed broker operations",
             broker_errors.clone(),
         );
+        let control_dropped = Counter::default();
+        registry.register(
+            "tasker_control_messages_dropped",
+            "Undecodable messages on the control exchange, dropped",
+            control_dropped.clone(),
+        );
         let broker_reconnects = Counter::default();
         registry.register(
             "tasker_broker_reconnects",
@@ -244,6 +251,7 @@ impl CoordinatorMetrics {
             database_errors,
             broker_errors,
             broker_reconnects,
+            control_dropped,
             queue_latency,
             dispatch_batch_size,
             publish_duration,

@@ -94,12 +94,18 @@ impl Application {
             publisher.ensure_namespace(&namespace).await?;
         }
         let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
+        let metrics = Arc::new(CoordinatorMetrics::new());
         let state = AppState {
             auth,
             pool: pool.clone(),
             publisher,
-            metrics: Arc::new(CoordinatorMetrics::new()),
-            control: Control::new(pool, session.confirm_channel.clone(), topology.clone()),
+            metrics: metrics.clone(),
+            control: Control::new(
+                pool,
+                session.confirm_channel.clone(),
+                topology.clone(),
+                metrics,
+            ),
             wake_dispatcher: Arc::new(Notify::new()),
             wake_events: Arc::new(Notify::new()),
             environment: settings.environment.clone(),

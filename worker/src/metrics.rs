@@ -37,6 +37,7 @@ pub(crate) struct WorkerMetrics {
     pub(crate) aborted_cancelled: Counter,
     pub(crate) broker_errors: Counter,
     pub(crate) broker_reconnects: Counter,
+    pub(crate) control_dropped: Counter,
 }
 
 impl WorkerMetrics {
@@ -93,6 +94,12 @@ impl WorkerMetrics {
             "Failed publishes, acks and nacks",
             broker_errors.clone(),
         );
+        let control_dropped = Counter::default();
+        registry.register(
+            "tasker_worker_control_messages_dropped",
+            "Undecodable messages on the control exchange, dropped",
+            control_dropped.clone(),
+        );
         let broker_reconnects = Counter::default();
         registry.register(
             "tasker_worker_broker_reconnects",
@@ -108,6 +115,7 @@ impl WorkerMetrics {
             aborted_cancelled,
             broker_errors,
             broker_reconnects,
+            control_dropped,
         }
     }
 

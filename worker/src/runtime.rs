@@ -497,11 +497,14 @@ async fn follow_control(
             Ok(ControlMessage::Hello { .. } | ControlMessage::WorkerStatus { .. }) => {}
             // Advisory and fanned out to every process: dropped and logged, not
             // dead-lettered (each receiver would file its own copy) nor retried.
-            Err(error) => tracing::warn!(
-                %error,
-                bytes = delivery.data.len(),
-                "dropped an undecodable control message"
-            ),
+            Err(error) => {
+                shared.metrics.control_dropped.inc();
+                tracing::warn!(
+                    %error,
+                    bytes = delivery.data.len(),
+                    "dropped an undecodable control message"
+                );
+            }
         }
     }
 }

@@ -250,11 +250,15 @@ async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
     let stale = "tasker_stale_results_dropped_total";
     let undecodable = "tasker_worker_dead_lettered_total{reason=\"undecodable\"}";
     let unknown_handler = "tasker_worker_dead_lettered_total{reason=\"unknown_handler\"}";
+    let control_dropped = "tasker_control_messages_dropped_total";
+    let worker_control_dropped = "tasker_worker_control_messages_dropped_total";
     let before = [
         metric(&coordinator_metrics, dead_lettered).await,
         metric(&coordinator_metrics, stale).await,
         metric(&worker_metrics, undecodable).await,
         metric(&worker_metrics, unknown_handler).await,
+        metric(&coordinator_metrics, control_dropped).await,
+        metric(&worker_metrics, worker_control_dropped).await,
     ];
 
     let (connection, channel) = confirm_channel().await;
@@ -363,6 +367,9 @@ async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
         (&coordinator_metrics, stale, before[1] + 2.0),
         (&worker_metrics, undecodable, before[2] + 3.0),
         (&worker_metrics, unknown_handler, before[3] + 1.0),
+        // Both control messages (not JSON; JSON of an unknown type), by every receiver.
+        (&coordinator_metrics, control_dropped, before[4] + 2.0),
+        (&worker_metrics, worker_control_dropped, before[5] + 2.0),
     ])
     .await;
 
