@@ -364,6 +364,33 @@ impl TestEnv {
         Ok(self.workers.len() - 1)
     }
 
+    /// Start a `tasker-worker` that serves its metrics on a free port; returns its index
+    /// in `workers` and the URL of its `/metrics`.
+    pub async fn start_metered_worker(
+        &mut self,
+        worker_id: &str,
+        namespaces: &[&str],
+        concurrency: u16,
+    ) -> anyhow::Result<(usize, String)> {
+        let index = self
+            .start_worker_with(
+                binary("tasker-worker"),
+                worker_id,
+                namespaces,
+                concurrency,
+                &[("TASKER_METRICS_ADDR", "127.0.0.1:0")],
+            )
+            .await?;
+        let line = self.workers[index]
+            .wait_for_log("metrics listening", Duration::from_secs(10))
+            .await?;
+        let address = serde_json::from_str::<Value>(&line)?["address"]
+            .as_str()
+            .context("address in the metrics line")?
+            .to_owned();
+        Ok((index, format!("http://{address}/metrics")))
+    }
+
     /// Start a `tasker-worker` with the built-in handlers.
     pub async fn start_worker(
         &mut self,

@@ -57,26 +57,10 @@ async fn register_workload(env: &TestEnv) {
 async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them() {
     let mut env = TestEnv::start("metrics").await.unwrap();
     register_workload(&env).await;
-    let index = env
-        .start_worker_with(
-            binary("tasker-worker"),
-            "metered",
-            &[NAMESPACE],
-            8,
-            &[("TASKER_METRICS_ADDR", "127.0.0.1:0")],
-        )
+    let (_, worker_metrics) = env
+        .start_metered_worker("metered", &[NAMESPACE], 8)
         .await
         .unwrap();
-    let line = env.workers[index]
-        .wait_for_log("metrics listening", Duration::from_secs(10))
-        .await
-        .unwrap();
-    let worker_metrics = format!(
-        "http://{}/metrics",
-        serde_json::from_str::<Value>(&line).unwrap()["address"]
-            .as_str()
-            .unwrap()
-    );
 
     for (name, runs, status) in [
         ("good", 3, "complete"),

@@ -222,26 +222,10 @@ async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
     let mut env = TestEnv::start("poison").await.unwrap();
     let (status, body) = env.register_template(TEMPLATE).await.unwrap();
     assert!(status.is_success(), "{body}");
-    let index = env
-        .start_worker_with(
-            binary("tasker-worker"),
-            "poison-worker",
-            &[NAMESPACE],
-            4,
-            &[("TASKER_METRICS_ADDR", "127.0.0.1:0")],
-        )
+    let (index, worker_metrics) = env
+        .start_metered_worker("poison-worker", &[NAMESPACE], 4)
         .await
         .unwrap();
-    let line = env.workers[index]
-        .wait_for_log("metrics listening", Duration::from_secs(10))
-        .await
-        .unwrap();
-    let worker_metrics = format!(
-        "http://{}/metrics",
-        serde_json::from_str::<Value>(&line).unwrap()["address"]
-            .as_str()
-            .unwrap()
-    );
     let coordinator_metrics = format!("{}/metrics", env.base_url);
     // Warm up: everything is wired before the poison arrives.
     assert_alive(&env, &worker_metrics).await;
