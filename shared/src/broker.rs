@@ -243,18 +243,25 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// The wait between connection attempts: 200 ms growing to 5 s, jittered.
+fn connect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+}
+
+/// One connection attempt, named `name` in RabbitMQ's management UI.
+async fn connect_once(settings: &BrokerSettings, name: &str) -> lapin::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(settings.amqp_url.expose(), properties).await
+}
+
 /// Connect to RabbitMQ, retrying with backoff for about a minute so that a process started
 /// alongside the broker waits for it instead of failing.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Connection> {
-    let url = settings.amqp_url.expose().to_owned();
-    let properties = || ConnectionProperties::default().with_connection_name(name.into());
-    (|| Connection::connect(&url, properties()))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(15),
-        )
+    (|| connect_once(settings, name))
+        .retry(connect_backoff().with_max_times(15))
         .notify(|error, wait| {
             tracing::warn!(%error, ?wait, broker = %settings.amqp_url, "RabbitMQ not reachable yet; retrying");
         })
@@ -272,21 +279,11 @@ where
     F: Fn(Connection) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let url = settings.amqp_url.expose().to_owned();
-    let attempt = || async {
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(&url, properties).await?;
-        open(connection).await
-    };
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
+    let attempt = || async { open(connect_once(settings, name).await?).await };
     loop {
         // The backoff never runs out, so this only returns Ok; loop anyway to stay total.
         let reconnected = attempt
-            .retry(backoff)
+            .retry(connect_backoff().without_max_times())
             .notify(|error: &anyhow::Error, wait| {
                 tracing::warn!(error = format!("{error:#}"), ?wait, broker = %settings.amqp_url,
                     "RabbitMQ not reachable; retrying");

@@ -165,6 +165,22 @@ impl Process {
     }
 }
 
+/// The value of one sample (`name{labels}`) of the Prometheus text page at `url`; 0 when
+/// the page does not have it yet.
+pub async fn metric(url: &str, sample: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(key, _)| *key == sample)
+        .map_or(0.0, |(_, value)| value.parse().expect("a number"))
+}
+
 /// The command that starts a coordinator for a test.
 fn coordinator_command(database_url: &str, prefix: &str, options: &EnvOptions) -> Command {
     let mut command = Command::new(binary("tasker-coordinator"));

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::PgPool;
-use tasker_tests::{EnvOptions, Process, StatusCode, TestEnv, binary};
+use tasker_tests::{EnvOptions, Process, StatusCode, TestEnv, binary, metric};
 use uuid::Uuid;
 
 /// Tasks submitted in the run (at least; a few more go through the second coordinator).
@@ -163,19 +163,6 @@ async fn services(action: &str) {
         .await
         .expect("running deploy/services.sh");
     assert!(status.success(), "deploy/services.sh {action} failed");
-}
-
-async fn metric(base_url: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base_url}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -376,7 +363,11 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    let reconnects = metric(&env.base_url, "tasker_broker_reconnects_total").await;
+    let reconnects = metric(
+        &format!("{}/metrics", env.base_url),
+        "tasker_broker_reconnects_total",
+    )
+    .await;
 
     println!(
         "\nchaos run: {tasks} tasks, {steps} steps, 3 workers, 2 coordinators, {:.1} s",

@@ -22,26 +22,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use tasker_tests::{StatusCode, TestEnv, amqp_url, binary};
+use tasker_tests::{StatusCode, TestEnv, amqp_url, binary, metric};
 use uuid::Uuid;
 
 const NAMESPACE: &str = "poison";
 const TEMPLATE: &str = "namespace: poison\nname: ok\nsteps:\n  - {name: one, handler: tasker.noop}\n  - {name: two, handler: tasker.echo, depends_on: [one]}\n";
-
-/// The value of one sample (`name{labels}`) of a Prometheus text page; 0 when absent.
-async fn metric(url: &str, sample: &str) -> f64 {
-    let text = reqwest::get(url)
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| line.rsplit_once(' '))
-        .find(|(key, _)| *key == sample)
-        .map_or(0.0, |(_, value)| value.parse().expect("a number"))
-}
 
 /// Wait until every sample has reached its target, then check none went past it.
 async fn assert_metrics_reach(targets: &[(&str, &str, f64)]) {
