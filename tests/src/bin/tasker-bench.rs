@@ -301,6 +301,8 @@ struct Run {
     ready_to_started_p50_ms: f64,
     ready_to_started_p99_ms: f64,
     statements_per_step: f64,
+    /// CPU seconds each part of the system spent during the run.
+    cpu: Vec<(&'static str, f64)>,
 }
 
 impl Run {
@@ -324,6 +326,17 @@ impl Run {
         println!(
             "         database statements per step   {:>9.2}  (coordinator's own count, API included)",
             self.statements_per_step
+        );
+        let per_step: Vec<String> = self
+            .cpu
+            .iter()
+            .map(|(part, seconds)| format!("{part} {:.0}", seconds * 1e6 / self.steps as f64))
+            .collect();
+        let total: f64 = self.cpu.iter().map(|(_, seconds)| seconds).sum();
+        println!(
+            "         CPU µs per step                {:>9.0}  ({})",
+            total * 1e6 / self.steps as f64,
+            per_step.join(", ")
         );
     }
 }
@@ -504,6 +517,7 @@ impl System {
         rate: Option<f64>,
     ) -> anyhow::Result<Run> {
         let statements_before = self.statements().await?;
+        let cpu_before = self.cpu_by_part();
         let started = Instant::now();
         let mut ids = Vec::with_capacity(tasks);
         let mut inflight = FuturesUnordered::new();
@@ -523,6 +537,12 @@ impl System {
         let submit_per_s = tasks as f64 / started.elapsed().as_secs_f64();
         self.wait_done(&ids).await?;
         let seconds = started.elapsed().as_secs_f64();
+        let cpu = self
+            .cpu_by_part()
+            .into_iter()
+            .zip(cpu_before)
+            .map(|((part, after), (_, before))| (part, after - before))
+            .collect();
         let statements = self.statements().await? - statements_before;
         let steps = tasks * steps_per_task;
         let (p50, p99): (f64, f64) = sqlx::query_as(
@@ -541,6 +561,7 @@ impl System {
             ready_to_started_p50_ms: p50,
             ready_to_started_p99_ms: p99,
             statements_per_step: statements / steps as f64,
+            cpu,
         })
     }
 
@@ -597,6 +618,39 @@ impl System {
         )
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    /// CPU seconds used so far by each part of the system on this machine: PostgreSQL
+    /// (every `postgres` process, plus the exited backends the postmaster reaped),
+    /// RabbitMQ (`beam.smp`), the coordinators, the workers and this benchmark.
+    fn cpu_by_part(&self) -> [(&'static str, f64); 5] {
+        let ours = |processes: &[Process]| -> f64 {
+            processes
+                .iter()
+                .filter_map(|p| cpu_seconds(p.pid()?, false))
+                .sum()
+        };
+        let (mut postgres, mut rabbitmq) = (0.0, 0.0);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            match std::fs::read_to_string(format!("/proc/{pid}/comm")).as_deref() {
+                Ok("postgres\n") => postgres += cpu_seconds(pid, true).unwrap_or(0.0),
+                Ok("beam.smp\n") => rabbitmq += cpu_seconds(pid, false).unwrap_or(0.0),
+                _ => {}
+            }
+        }
+        [
+            ("postgres", postgres),
+            ("rabbitmq", rabbitmq),
+            ("coordinator", ours(&self.coordinators)),
+            ("workers", ours(&self.workers)),
+            (
+                "bench",
+                cpu_seconds(std::process::id(), false).unwrap_or(0.0),
+            ),
+        ]
     }
 
     /// Every process's resident memory now (MB), by name.
@@ -702,10 +756,21 @@ fn resources(pid: u32) -> Option<(f64, f64)> {
         .next()?
         .parse()
         .ok()?;
+    Some((peak_kb / 1024.0, cpu_seconds(pid, false)?))
+}
+
+/// CPU seconds (user + system) of a process, from /proc; with `children`, also those of
+/// its exited children it has waited for.
+fn cpu_seconds(pid: u32, children: bool) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // utime, stime, cutime, cstime: fields 14-17, counted after the parenthesised name.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some((peak_kb / 1024.0, ticks / 100.0))
+    let count = if children { 4 } else { 2 };
+    let mut ticks = 0.0;
+    for field in fields.get(11..11 + count)? {
+        ticks += field.parse::<f64>().ok()?;
+    }
+    Some(ticks / 100.0)
 }
 
 /// Resident memory (MB) of a process now, from /proc.
