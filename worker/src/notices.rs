@@ -1,9 +1,14 @@
 //! What the worker tells coordinators besides results:
 //! - started notices, batched (one message per few milliseconds, not one per step), so
-//!   steps show `in_progress` and get a running lease;
+//!   steps show `in_progress` and get a running lease. A notice whose step's result the
+//!   broker has already confirmed when its batch leaves is dropped: the result records
+//!   the start itself, so a step shorter than the linger costs the coordinator one write,
+//!   not two;
 //! - heartbeats for every running step, so a long step keeps its lease while a worker
 //!   that died loses its steps within one heartbeat lease.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -19,12 +24,19 @@ use crate::executor::InFlight;
 /// Most notices in one message.
 const MAX_BATCH: usize = 256;
 /// Longest a notice waits for company.
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(20);
+
+/// A started notice waiting for its batch.
+pub(crate) struct Notice {
+    pub(crate) step: StepStarted,
+    /// Set once the broker has confirmed the step's result: the notice is then not needed.
+    pub(crate) answered: Arc<AtomicBool>,
+}
 
 /// Collect notices from `receiver` and publish them in batches until the sender side is
 /// dropped and everything received has been sent.
 pub(crate) async fn run(
-    mut receiver: mpsc::UnboundedReceiver<StepStarted>,
+    mut receiver: mpsc::UnboundedReceiver<Notice>,
     channel: Channel,
     topology: Topology,
     worker_id: String,
@@ -39,10 +51,18 @@ pub(crate) async fn run(
                 Ok(None) | Err(_) => break,
             }
         }
+        let steps: Vec<StepStarted> = batch
+            .drain(..)
+            .filter(|notice| !notice.answered.load(Ordering::Acquire))
+            .map(|notice| notice.step)
+            .collect();
+        if steps.is_empty() {
+            continue;
+        }
         let message = WorkerMessage::Started(StartedBatch {
             schema_version: SCHEMA_VERSION,
             worker_id: worker_id.clone(),
-            steps: std::mem::take(&mut batch),
+            steps,
         });
         // Best effort: a lost notice only means the step shows `enqueued` until its
         // result arrives.

@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ use tracing::Instrument;
 use crate::executor::{self, InFlight};
 use crate::handler::HandlerRegistry;
 use crate::metrics::{HandlerOutcome, WorkerMetrics};
+use crate::notices::Notice;
 use crate::settings::WorkerSettings;
 
 /// A connected worker, ready to run.
@@ -66,7 +68,7 @@ struct Shared {
     worker_id: String,
     /// Confirm-mode channel for results and dead letters.
     publish: Channel,
-    started: mpsc::UnboundedSender<StepStarted>,
+    started: mpsc::UnboundedSender<Notice>,
     inflight: InFlight,
     metrics: Arc<WorkerMetrics>,
     /// `TASKER_MAX_RESULT_BYTES`: larger results fail the step (see the executor).
@@ -582,11 +584,15 @@ async fn run_step(
         return;
     };
 
-    let _ = shared.started.send(StepStarted {
-        step_id: message.step_id,
-        dispatch_token: message.dispatch_token,
-        started_at: chrono::Utc::now(),
-        redelivered: delivery.redelivered,
+    let answered = Arc::new(AtomicBool::new(false));
+    let _ = shared.started.send(Notice {
+        step: StepStarted {
+            step_id: message.step_id,
+            dispatch_token: message.dispatch_token,
+            started_at: chrono::Utc::now(),
+            redelivered: delivery.redelivered,
+        },
+        answered: answered.clone(),
     });
     shared.metrics.in_flight.inc();
     let result = executor::execute(
@@ -634,6 +640,8 @@ async fn run_step(
     .await
     {
         Ok(()) => {
+            // The result is safe with the broker and records the start itself.
+            answered.store(true, Ordering::Release);
             if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
                 shared.metrics.broker_errors.inc();
                 tracing::warn!(%error, "ack failed; the step will be redelivered and its duplicate result dropped");
