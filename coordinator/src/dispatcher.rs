@@ -1,13 +1,13 @@
 //! The dispatcher: claims ready steps in batches and publishes them.
 //!
-//! Woken at once when this coordinator creates a task, retries one, or schedules a retry,
-//! and by the sweeper; between wakes it sleeps until the next step in backoff is due (at
-//! most `poll_interval`, the safety net for work another coordinator left). Dependents
-//! of finished steps do not wait for it: the result processor claims them in its own
-//! transaction.
+//! Woken at once when this coordinator creates a task it could not dispatch at once,
+//! retries one, or schedules a retry, and by the sweeper; between wakes it sleeps until
+//! the next step in backoff is due (at most `poll_interval`, the safety net for work
+//! another coordinator left). New work mostly does not wait for it: a task's first steps
+//! are claimed by the statement that creates the task, and dependents of finished steps
+//! by the result processor, in its own transaction.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -27,8 +27,6 @@ pub(crate) struct DispatcherConfig {
     pub(crate) lease_ms: i64,
     /// How often to look for expired backoffs when nothing wakes it.
     pub(crate) poll_interval: Duration,
-    /// Chaos-test failpoint: hang between commit and publish after this many claims.
-    pub(crate) pause_after_claims: Option<u64>,
 }
 
 pub(crate) struct Dispatcher {
@@ -38,8 +36,6 @@ pub(crate) struct Dispatcher {
     wake: Arc<Notify>,
     wake_events: Arc<Notify>,
     config: DispatcherConfig,
-    /// Claimed batches so far (for the failpoint).
-    claims: AtomicU64,
 }
 
 impl Dispatcher {
@@ -58,7 +54,6 @@ impl Dispatcher {
             wake,
             wake_events,
             config,
-            claims: AtomicU64::new(0),
         }
     }
 
@@ -79,11 +74,6 @@ impl Dispatcher {
             return Ok(0);
         }
         self.wake_events.notify_one();
-        let claims = self.claims.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.config.pause_after_claims.is_some_and(|n| claims >= n) {
-            tracing::warn!(claimed = messages.len(), "failpoint: paused after claim");
-            std::future::pending::<()>().await;
-        }
         let claimed = messages.len();
         tracing::debug!(claimed, "dispatching");
         self.publisher

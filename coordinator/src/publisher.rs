@@ -6,6 +6,7 @@
 //! dispatches it again without spending an attempt.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -23,8 +24,13 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::CoordinatorMetrics;
 
-/// Claimed batches published at once by [`StepPublisher::dispatch`].
+/// Batches [`StepPublisher::dispatch`] publishes at once.
 const PUBLISHING_BATCHES: u32 = 4;
+/// Most steps in one published batch.
+const MAX_PUBLISH_BATCH: usize = 1_000;
+/// Steps waiting for a publishing slot beyond which [`StepPublisher::dispatch`] waits for
+/// one: the claims slow down when the broker does.
+const MAX_WAITING: usize = 4 * MAX_PUBLISH_BATCH;
 
 /// Publishes step messages on one confirm-mode channel.
 pub(crate) struct StepPublisher {
@@ -41,6 +47,15 @@ pub(crate) struct StepPublisher {
     declared: Mutex<HashSet<String>>,
     /// Permits for batches being published in the background.
     publishing: Arc<Semaphore>,
+    /// Claimed steps waiting for a publishing slot. A std Mutex: held only to push or
+    /// take, never across an await.
+    waiting: Mutex<Vec<Dispatch>>,
+    /// Chaos-test failpoint (`TASKER_FAILPOINT_PAUSE_AFTER_CLAIMS`): from this many
+    /// claimed batches on, hold each one forever instead of publishing it, as a
+    /// coordinator frozen between committing a claim and publishing it would.
+    pause_after_claims: Option<u64>,
+    /// Claimed batches handed to [`dispatch`](Self::dispatch) so far (for the failpoint).
+    claims: AtomicU64,
 }
 
 /// What happened to a published batch.
@@ -62,7 +77,21 @@ impl StepPublisher {
             lease_ms,
             declared: Mutex::new(HashSet::new()),
             publishing: Arc::new(Semaphore::new(PUBLISHING_BATCHES as usize)),
+            waiting: Mutex::new(Vec::new()),
+            pause_after_claims: None,
+            claims: AtomicU64::new(0),
         }
+    }
+
+    /// Arm the chaos-test failpoint (see `pause_after_claims`).
+    pub(crate) fn pause_after_claims(mut self, claims: Option<u64>) -> Self {
+        self.pause_after_claims = claims;
+        self
+    }
+
+    /// The dispatch lease: how long a claimed step may wait for a worker.
+    pub(crate) fn lease_ms(&self) -> i64 {
+        self.lease_ms
     }
 
     /// Publish on `channel` from now on (a new connection after the old one was lost), and
@@ -110,32 +139,95 @@ impl StepPublisher {
             .contains(namespace)
     }
 
-    /// Publish a claimed batch in the background, so the caller goes on with its next
-    /// batch while the broker confirms this one (a persistent message is confirmed only
-    /// once the broker wrote it to disk: tens of milliseconds under load). At most
-    /// [`PUBLISHING_BATCHES`] are in flight; beyond that this waits for one to finish.
-    /// The steps are already `enqueued` in the database, so a crash before the publish
-    /// loses nothing: the sweeper dispatches them again when their lease expires.
+    /// Publish claimed steps in the background, so the caller goes on with its next batch
+    /// while the broker confirms these (a persistent message is confirmed only once the
+    /// broker wrote it to disk: tens of milliseconds under load). Steps handed over while
+    /// every publishing slot is busy wait and leave together with the next batch, so many
+    /// small claims (one per created task) do not each cost a publishing round. At most
+    /// [`PUBLISHING_BATCHES`] batches are in flight; with more than [`MAX_WAITING`] steps
+    /// waiting, this waits for a slot. The steps are already `enqueued` in the database,
+    /// so a crash before the publish loses nothing: the sweeper dispatches them again
+    /// when their lease expires.
     pub(crate) async fn dispatch(
         self: &Arc<Self>,
         claimed: Vec<Dispatch>,
         metrics: Arc<CoordinatorMetrics>,
     ) {
-        let Ok(permit) = self.publishing.clone().acquire_owned().await else {
+        let claims = self.claims.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.pause_after_claims.is_some_and(|n| claims >= n) {
+            tracing::warn!(claimed = claimed.len(), "failpoint: paused after claim");
+            tokio::spawn(async move {
+                let _held = claimed;
+                std::future::pending::<()>().await;
+            });
             return;
+        }
+        let waiting = {
+            let mut waiting = self.lock_waiting();
+            waiting.extend(claimed);
+            waiting.len()
+        };
+        let permit = match self.publishing.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            // A batch in flight takes these when it is confirmed.
+            Err(_) if waiting <= MAX_WAITING => return,
+            Err(_) => match self.publishing.clone().acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
         let publisher = self.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
-            let published = publisher.publish(&claimed).await;
-            metrics.dispatched(&claimed, published.failed, started.elapsed());
-            drop(permit);
+            let mut permit = permit;
+            loop {
+                loop {
+                    let batch = publisher.take_waiting();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let started = Instant::now();
+                    let published = publisher.publish(&batch).await;
+                    metrics.dispatched(&batch, published.failed, started.elapsed());
+                }
+                drop(permit);
+                // Steps may have arrived after the last take, while every slot was busy:
+                // whoever releases a slot last picks them up.
+                if publisher.lock_waiting().is_empty() {
+                    return;
+                }
+                match publisher.publishing.clone().try_acquire_owned() {
+                    Ok(again) => permit = again,
+                    Err(_) => return,
+                }
+            }
         });
     }
 
-    /// Wait until every batch handed to [`dispatch`](Self::dispatch) is published.
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Dispatch>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Up to [`MAX_PUBLISH_BATCH`] waiting steps, oldest first.
+    fn take_waiting(&self) -> Vec<Dispatch> {
+        let mut waiting = self.lock_waiting();
+        let n = waiting.len().min(MAX_PUBLISH_BATCH);
+        waiting.drain(..n).collect()
+    }
+
+    /// Wait until every step handed to [`dispatch`](Self::dispatch) is published.
     pub(crate) async fn flush(&self) {
-        let _ = self.publishing.acquire_many(PUBLISHING_BATCHES).await;
+        let Ok(_all) = self.publishing.acquire_many(PUBLISHING_BATCHES).await else {
+            return;
+        };
+        loop {
+            let batch = self.take_waiting();
+            if batch.is_empty() {
+                return;
+            }
+            self.publish(&batch).await;
+        }
     }
 
     /// Publish every message and wait for the broker to confirm them all. Each gets a

@@ -84,12 +84,15 @@ impl Application {
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
         let session = BrokerSession::open(connection, &topology).await?;
-        let publisher = Arc::new(StepPublisher::new(
-            pool.clone(),
-            session.publish_channel.clone(),
-            topology.clone(),
-            settings.dispatch_lease_ms,
-        ));
+        let publisher = Arc::new(
+            StepPublisher::new(
+                pool.clone(),
+                session.publish_channel.clone(),
+                topology.clone(),
+                settings.dispatch_lease_ms,
+            )
+            .pause_after_claims(settings.failpoint_pause_after_claims),
+        );
         for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
             publisher.ensure_namespace(&namespace).await?;
         }
@@ -157,7 +160,6 @@ impl Application {
                 batch_size: settings.batch_size,
                 lease_ms: settings.dispatch_lease_ms,
                 poll_interval: Duration::from_millis(settings.poll_interval_ms),
-                pause_after_claims: settings.failpoint_pause_after_claims,
             },
         );
         loops.spawn(dispatcher.run(stop_rx.clone()));

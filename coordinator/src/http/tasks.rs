@@ -200,12 +200,25 @@ pub(crate) async fn create(
             )
         })?;
 
-    match tasks::create(&state.pool, &template, &new).await? {
-        Created::New(task, steps) => {
+    // The first steps are claimed with the task and published from here, unless the
+    // broker is away: then they wait, `pending`, for the dispatcher.
+    let claim = state
+        .publisher
+        .connected()
+        .then(|| state.publisher.lease_ms());
+    match tasks::create(&state.pool, &template, &new, claim).await? {
+        Created::New(task, steps, dispatches) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
-            state.wake_dispatcher.notify_one();
             state.wake_events.notify_one();
+            if dispatches.is_empty() {
+                state.wake_dispatcher.notify_one();
+            } else {
+                state
+                    .publisher
+                    .dispatch(dispatches, state.metrics.clone())
+                    .await;
+            }
             state
                 .metrics
                 .tasks_created

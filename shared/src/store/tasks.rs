@@ -6,8 +6,10 @@ use serde_json::Value;
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
+use crate::messages::{SCHEMA_VERSION, StepMessage};
 use crate::states::{StepStatus, TaskStatus};
 use crate::store::templates::TemplateRecord;
+use crate::store::transitions::Dispatch;
 
 /// A task as the API shows it (without steps).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -99,8 +101,9 @@ pub struct NewTask {
 /// Whether a create made a new task or found the one with the same idempotency key.
 #[derive(Debug)]
 pub enum Created {
-    /// A new task, with its steps as created (all `pending`).
-    New(TaskRecord, Vec<StepRecord>),
+    /// A new task, with its steps as created, and the steps claimed with it (see
+    /// [`create`]) for the caller to publish.
+    New(TaskRecord, Vec<StepRecord>, Vec<Dispatch>),
     /// The task created earlier with the same idempotency key.
     Existing(TaskRecord),
 }
@@ -108,15 +111,26 @@ pub enum Created {
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \
      source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
 
-/// Create a task with all its steps and edges in one statement.
+/// Create a task with all its steps and edges in one statement (`tasker_create_task`).
+///
+/// With `claim_lease_ms`, the steps without parents are claimed in the same statement, as
+/// [`claim_ready`](crate::store::transitions::claim_ready) would (`enqueued`, attempt 1,
+/// a dispatch token and a lease of that many milliseconds), and returned for the caller
+/// to publish once this returns. Without it they stay `pending` for the dispatcher.
 pub async fn create(
     pool: &PgPool,
     template: &TemplateRecord,
     new: &NewTask,
+    claim_lease_ms: Option<i64>,
 ) -> sqlx::Result<Created> {
     let definition = &template.definition;
     let task_id = Uuid::now_v7();
     let step_ids: Vec<Uuid> = definition.steps.iter().map(|_| Uuid::now_v7()).collect();
+    let tokens: Vec<Option<Uuid>> = definition
+        .steps
+        .iter()
+        .map(|step| (claim_lease_ms.is_some() && step.depends_on.is_empty()).then(Uuid::new_v4))
+        .collect();
     let index_of = |name: &str| definition.steps.iter().position(|s| s.name == name);
     let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
     for (child, step) in definition.steps.iter().enumerate() {
@@ -129,48 +143,14 @@ pub async fn create(
         }
     }
     let steps = &definition.steps;
+    // One call: the insert's plan is made once per connection (migration 0006).
     let inserted: Option<TaskRecord> = sqlx::query_as(
         r#"
-        WITH task AS (
-            INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
-                               initiator, source_system, reason, tags, idempotency_key,
-                               trace_parent)
-            VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $28)
-            ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL
-            DO NOTHING
-            RETURNING *
-        ),
-        new_steps AS (
-            INSERT INTO steps (step_id, task_id, name, position, handler, config, status,
-                               remaining_parents, retry_limit, retryable, timeout_ms,
-                               backoff_base_ms, backoff_max_ms, backoff_jitter,
-                               backoff_schedule_ms, max_deferrals, ready_at)
-            SELECT s.step_id, task.task_id, s.name, s.position, s.handler, s.config, 'pending',
-                   s.parents, s.retry_limit, s.retryable, s.timeout_ms, s.base_ms, s.max_ms,
-                   s.jitter,
-                   CASE WHEN jsonb_typeof(s.schedule) = 'array'
-                        THEN ARRAY(SELECT jsonb_array_elements_text(s.schedule)::bigint) END,
-                   s.max_deferrals, CASE WHEN s.parents = 0 THEN now() END
-            FROM task,
-                 unnest($12::uuid[], $13::text[], $14::int[], $15::text[], $16::jsonb[],
-                        $17::int[], $18::int[], $19::bool[], $20::bigint[], $23::bigint[],
-                        $24::bigint[], $25::bool[], $26::jsonb[], $27::int[])
-                   AS s(step_id, name, position, handler, config, parents, retry_limit,
-                        retryable, timeout_ms, base_ms, max_ms, jitter, schedule, max_deferrals)
-            RETURNING step_id
-        ),
-        new_edges AS (
-            INSERT INTO step_edges (task_id, from_step, to_step)
-            SELECT task.task_id, e.from_step, e.to_step
-            FROM task, unnest($21::uuid[], $22::uuid[]) AS e(from_step, to_step)
-        ),
-        history AS (
-            INSERT INTO task_transitions (task_id, from_status, to_status, reason)
-            SELECT task_id, NULL, 'pending', 'created' FROM task
-        )
         SELECT task_id, namespace, name, version, status, context, initiator, source_system,
                reason, tags, idempotency_key, created_at, updated_at, completed_at
-        FROM task
+        FROM tasker_create_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26,
+                                $27, $28, $29)
         "#,
     )
     .bind(task_id)
@@ -184,9 +164,9 @@ pub async fn create(
     .bind(&new.reason)
     .bind(&new.tags)
     .bind(&new.idempotency_key)
+    .bind(&new.trace_parent)
     .bind(&step_ids)
     .bind(steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
-    .bind((0..steps.len() as i32).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.handler.clone()).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.config.clone()).collect::<Vec<_>>())
     .bind(
@@ -198,8 +178,6 @@ pub async fn create(
     .bind(steps.iter().map(|s| s.retry_limit).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.retryable).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.timeout_ms).collect::<Vec<_>>())
-    .bind(&edge_from)
-    .bind(&edge_to)
     .bind(steps.iter().map(|s| s.backoff.base_ms).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.backoff.max_ms).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.backoff.jitter).collect::<Vec<_>>())
@@ -210,7 +188,10 @@ pub async fn create(
             .collect::<Vec<_>>(),
     )
     .bind(steps.iter().map(|s| s.max_deferrals).collect::<Vec<_>>())
-    .bind(&new.trace_parent)
+    .bind(&edge_from)
+    .bind(&edge_to)
+    .bind(&tokens)
+    .bind(claim_lease_ms)
     .fetch_optional(pool)
     .await?;
 
@@ -218,15 +199,19 @@ pub async fn create(
         Some(task) => {
             // The steps as just inserted, built here rather than read back: creating a
             // task costs one statement.
-            let created: Vec<StepRecord> = steps
-                .iter()
-                .zip(&step_ids)
-                .map(|(step, step_id)| StepRecord {
+            let mut created = Vec::with_capacity(steps.len());
+            let mut dispatches = Vec::new();
+            for ((step, step_id), token) in steps.iter().zip(&step_ids).zip(&tokens) {
+                created.push(StepRecord {
                     step_id: *step_id,
                     name: step.name.clone(),
                     handler: step.handler.clone(),
-                    status: StepStatus::Pending,
-                    attempts: 0,
+                    status: if token.is_some() {
+                        StepStatus::Enqueued
+                    } else {
+                        StepStatus::Pending
+                    },
+                    attempts: i32::from(token.is_some()),
                     retry_limit: step.retry_limit,
                     deferrals: 0,
                     retryable: step.retryable,
@@ -237,9 +222,34 @@ pub async fn create(
                     next_attempt_at: None,
                     started_at: None,
                     completed_at: None,
-                })
-                .collect();
-            Ok(Created::New(task, created))
+                });
+                let Some(dispatch_token) = *token else {
+                    continue;
+                };
+                dispatches.push(Dispatch {
+                    trace_parent: new.trace_parent.clone(),
+                    message: StepMessage {
+                        schema_version: SCHEMA_VERSION,
+                        task_id: task.task_id,
+                        step_id: *step_id,
+                        step_name: step.name.clone(),
+                        namespace: task.namespace.clone(),
+                        template: format!("{}@{}", task.name, task.version),
+                        handler: step.handler.clone(),
+                        config: step.config.clone(),
+                        context: task.context.clone(),
+                        parents: Default::default(),
+                        attempt: 1,
+                        retry_limit: step.retry_limit,
+                        deferrals: 0,
+                        dispatch_token,
+                        timeout_ms: step.timeout_ms,
+                        // The creating transaction's time, as the claim's `now()`.
+                        dispatched_at: task.created_at,
+                    },
+                });
+            }
+            Ok(Created::New(task, created, dispatches))
         }
         None => {
             let key = new.idempotency_key.as_deref().unwrap_or_default();

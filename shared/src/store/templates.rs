@@ -111,7 +111,8 @@ pub async fn register(pool: &PgPool, definition: &TemplateDefinition) -> sqlx::R
     }
 }
 
-/// A template by namespace and name: the given version, or else the highest by semver.
+/// A template by namespace and name: the given version, or else the highest by semver
+/// (`tasker_find_template`, planned once per connection).
 pub async fn find(
     pool: &PgPool,
     namespace: &str,
@@ -120,9 +121,8 @@ pub async fn find(
 ) -> sqlx::Result<Option<TemplateRecord>> {
     let rows = sqlx::query(
         r#"
-        SELECT t.template_id, t.version, t.definition, t.created_at
-        FROM templates t JOIN namespaces n USING (namespace_id)
-        WHERE n.name = $1 AND t.name = $2 AND ($3::text IS NULL OR t.version = $3)
+        SELECT template_id, version, definition, created_at
+        FROM tasker_find_template($1, $2, $3)
         "#,
     )
     .bind(namespace)
