@@ -2,8 +2,9 @@
 //!
 //! One consumer on the results queue. It takes the first delivery, then whatever else the
 //! prefetch buffer already holds (up to the batch size), and in **one transaction**:
-//! marks started steps `in_progress`, applies results (fenced by dispatch token), claims
-//! the dependents that just became ready, and finishes tasks that can finish. After the
+//! marks started steps `in_progress`, applies results (fenced by dispatch token) and
+//! claims the dependents they made ready in the same statement, reads those dependents'
+//! messages, and finishes tasks that can finish. After the
 //! commit it acks the whole batch with one `multiple` ack and hands the claimed steps to
 //! the publisher, which publishes them while the next batch is applied. A crash before
 //! the ack redelivers the batch; the fence makes re-applying it a no-op. A crash before
@@ -163,14 +164,10 @@ impl ResultProcessor {
             report.started += 1;
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
-        let applied = transitions::apply_results(&mut tx, &results).await?;
+        let applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
-        let claimed = if applied.applied > 0 {
-            transitions::claim_ready(&mut tx, self.batch_size, self.lease_ms).await?
-        } else {
-            Vec::new()
-        };
+        let claimed = transitions::dispatches_for(&mut tx, &applied.claimed).await?;
         let finished = transitions::finish_tasks(&mut tx, &applied.tasks).await?;
         tx.commit().await?;
         drop(spans);

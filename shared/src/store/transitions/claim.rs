@@ -48,7 +48,7 @@ pub async fn claim_ready(
     limit: i64,
     lease_ms: i64,
 ) -> sqlx::Result<Vec<Dispatch>> {
-    let rows: Vec<ClaimedRow> = sqlx::query_as(
+    let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         r#"
         WITH candidates AS (
             SELECT step_id, status AS from_status
@@ -101,24 +101,54 @@ pub async fn claim_ready(
             INSERT INTO task_transitions (task_id, from_status, to_status, reason)
             SELECT task_id, 'pending', 'in_progress', 'first_step_dispatched' FROM started_tasks
         )
-        SELECT c.step_id, c.task_id, c.name, c.handler, c.config, c.attempts, c.retry_limit,
-               c.deferrals, c.dispatch_token, c.timeout_ms, t.namespace, t.name || '@' || t.version AS template,
-               t.context,
-               COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
-                         FROM step_edges e JOIN steps p ON p.step_id = e.from_step
-                         WHERE e.to_step = c.step_id), '{}'::jsonb) AS parents,
-               now() AS dispatched_at, t.trace_parent
+        SELECT {MESSAGE_COLUMNS}
         FROM claimed c JOIN tasks t ON t.task_id = c.task_id
-        "#,
-    )
+        "#
+    )))
     .bind(limit)
     .bind(lease_ms)
     .fetch_all(conn)
     .await?;
 
-    Ok(rows
-        .into_iter()
-        .map(|row| Dispatch {
+    Ok(rows.into_iter().map(Dispatch::from).collect())
+}
+
+/// The messages of steps claimed earlier in the caller's transaction (the children
+/// [`apply_results`](super::apply_results) claimed), with their parents' results.
+pub async fn dispatches_for(
+    conn: &mut PgConnection,
+    steps: &[Uuid],
+) -> sqlx::Result<Vec<Dispatch>> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<ClaimedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        r#"
+        SELECT {MESSAGE_COLUMNS}
+        FROM steps c JOIN tasks t ON t.task_id = c.task_id
+        WHERE c.step_id = ANY ($1) AND c.status = 'enqueued'
+        "#
+    )))
+    .bind(steps)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(Dispatch::from).collect())
+}
+
+/// What a step message is made of, for the step `c` of the task `t`: every field of a
+/// [`ClaimedRow`].
+const MESSAGE_COLUMNS: &str = r#"
+    c.step_id, c.task_id, c.name, c.handler, c.config, c.attempts, c.retry_limit,
+    c.deferrals, c.dispatch_token, c.timeout_ms, t.namespace,
+    t.name || '@' || t.version AS template, t.context,
+    COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
+              FROM step_edges e JOIN steps p ON p.step_id = e.from_step
+              WHERE e.to_step = c.step_id), '{}'::jsonb) AS parents,
+    now() AS dispatched_at, t.trace_parent"#;
+
+impl From<ClaimedRow> for Dispatch {
+    fn from(row: ClaimedRow) -> Self {
+        Dispatch {
             trace_parent: row.trace_parent,
             message: StepMessage {
                 schema_version: SCHEMA_VERSION,
@@ -141,8 +171,8 @@ pub async fn claim_ready(
                 timeout_ms: row.timeout_ms,
                 dispatched_at: row.dispatched_at,
             },
-        })
-        .collect())
+        }
+    }
 }
 
 /// When the next step in backoff becomes ready, if any: the dispatcher sleeps until then

@@ -10,7 +10,7 @@
 //! | [`claim_ready`] | pending / waiting_for_retry → enqueued | `dispatched` |
 //! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
-//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `attempts_exhausted`, `deferral_limit` |
+//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error; children made ready: pending → enqueued | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
 //! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
@@ -26,7 +26,7 @@ mod leases;
 mod operator;
 mod worker;
 
-pub use claim::{Dispatch, claim_ready, next_due};
+pub use claim::{Dispatch, claim_ready, dispatches_for, next_due};
 pub use leases::{ExpiredLeases, expire_leases, release_unpublished};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
 pub use worker::{

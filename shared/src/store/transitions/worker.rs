@@ -170,6 +170,16 @@ pub struct AppliedResults {
     pub tasks: Vec<Uuid>,
     /// Each applied result: the step's namespace, new status and whether it was a deferral.
     pub changes: Vec<StepChange>,
+    /// Children the results made ready, claimed by the same statement: the caller
+    /// publishes them ([`super::dispatches_for`]) after the commit.
+    pub claimed: Vec<Uuid>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ResultRow {
+    #[sqlx(flatten)]
+    change: StepChange,
+    claimed: Vec<Uuid>,
 }
 
 /// One applied result.
@@ -189,7 +199,9 @@ pub struct StepChange {
 }
 
 /// Apply a batch of results:
-/// - success completes the step and makes its children one parent closer to ready;
+/// - success completes the step and makes its children one parent closer to ready; a
+///   child whose last parent this was is claimed at once, as [`super::claim_ready`]
+///   would (`enqueued`, a fresh dispatch token, a lease of `lease_ms`);
 /// - a deferral schedules the step again after the handler's delay, refunding the
 ///   attempt, unless the step used up its `max_deferrals` (then `error`);
 /// - a retryable failure schedules the next attempt after the backoff
@@ -199,6 +211,7 @@ pub struct StepChange {
 pub async fn apply_results(
     conn: &mut PgConnection,
     results: &[StepResult],
+    lease_ms: i64,
 ) -> sqlx::Result<AppliedResults> {
     // One result per step per batch: a duplicate in the same batch is stale by definition.
     let mut seen = std::collections::HashSet::new();
@@ -215,7 +228,7 @@ pub async fn apply_results(
         Outcome::PermanentError => "permanent_error",
         Outcome::Deferred => "deferred",
     };
-    let rows: Vec<StepChange> = sqlx::query_as(
+    let rows: Vec<ResultRow> = sqlx::query_as(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
@@ -319,19 +332,49 @@ pub async fn apply_results(
                 FROM updated
             ) h
             ORDER BY h.step_id, h.n
+            RETURNING 1
         ),
         children AS (
+            -- One parent closer to ready; a pending child whose last parent this is gets
+            -- claimed in the same write, as claim_ready would claim it: no second
+            -- version of its row, and no trip through the ready index.
             UPDATE steps c
             SET remaining_parents = c.remaining_parents - x.done,
-                ready_at = CASE WHEN c.remaining_parents = x.done THEN now() ELSE c.ready_at END
-            FROM (SELECT e.to_step, count(*)::int AS done
-                  FROM step_edges e JOIN updated u ON u.step_id = e.from_step
-                  WHERE u.to_status = 'complete'
-                  GROUP BY e.to_step) x
+                ready_at = CASE WHEN c.remaining_parents = x.done THEN now() ELSE c.ready_at END,
+                status = CASE WHEN x.claim THEN 'enqueued' ELSE c.status END,
+                attempts = c.attempts + CASE WHEN x.claim THEN 1 ELSE 0 END,
+                dispatch_token = CASE WHEN x.claim THEN gen_random_uuid() ELSE c.dispatch_token END,
+                lease_expires_at = CASE WHEN x.claim THEN now() + $10 * interval '1 millisecond'
+                                        ELSE c.lease_expires_at END,
+                enqueued_at = CASE WHEN x.claim THEN now() ELSE c.enqueued_at END,
+                updated_at = CASE WHEN x.claim THEN now() ELSE c.updated_at END
+            FROM (SELECT k.step_id AS to_step, d.done,
+                         k.status = 'pending' AND k.remaining_parents = d.done
+                             AND (k.next_attempt_at IS NULL OR k.next_attempt_at <= now())
+                             AND k.attempts < k.retry_limit AS claim
+                  FROM (SELECT e.to_step, count(*)::int AS done
+                        FROM step_edges e JOIN updated u ON u.step_id = e.from_step
+                        WHERE u.to_status = 'complete'
+                        GROUP BY e.to_step) d
+                  JOIN steps k ON k.step_id = d.to_step) x
             WHERE c.step_id = x.to_step
+            RETURNING c.step_id, c.task_id, c.attempts, c.dispatch_token, x.claim
+        ),
+        dispatched AS (
+            -- After the results' own rows (reading `history` makes it run first), so a
+            -- child's dispatch follows its parent's completion in the history and in the
+            -- events.
+            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+            SELECT step_id, task_id, 'pending', 'enqueued', 'dispatched',
+                   jsonb_build_object('attempt', attempts, 'dispatch_token', dispatch_token)
+            FROM children, (SELECT count(*) FROM history) h
+            WHERE claim
+            ORDER BY step_id
+            RETURNING step_id
         )
         SELECT u.task_id, t.namespace, u.to_status, u.outcome = 'deferred' AS deferred,
-               u.queue_latency
+               u.queue_latency,
+               ARRAY(SELECT step_id FROM dispatched) AS claimed
         FROM updated u JOIN tasks t USING (task_id)
         "#,
     )
@@ -354,21 +397,29 @@ pub async fn apply_results(
     .bind(unique.iter().map(|r| r.started_at).collect::<Vec<_>>())
     .bind(unique.iter().map(|r| r.finished_at).collect::<Vec<_>>())
     .bind(unique.iter().map(|r| r.worker_id.clone()).collect::<Vec<_>>())
+    .bind(lease_ms)
     .fetch_all(conn)
     .await?;
 
-    let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
+    // Every row carries the same list of claimed children.
+    let claimed = rows
+        .first()
+        .map(|row| row.claimed.clone())
+        .unwrap_or_default();
+    let changes: Vec<StepChange> = rows.into_iter().map(|row| row.change).collect();
+    let mut tasks: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
     tasks.sort_unstable();
     tasks.dedup();
     Ok(AppliedResults {
-        retries_scheduled: rows
+        retries_scheduled: changes
             .iter()
-            .filter(|r| r.to_status == "waiting_for_retry")
+            .filter(|c| c.to_status == "waiting_for_retry")
             .count(),
-        applied: rows.len(),
-        stale: results.len() - rows.len(),
+        applied: changes.len(),
+        stale: results.len() - changes.len(),
         tasks,
-        changes: rows,
+        changes,
+        claimed,
     })
 }
 
