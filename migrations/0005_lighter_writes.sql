@@ -19,3 +19,10 @@ DROP INDEX step_transitions_by_step;
 ALTER TABLE step_transitions DROP CONSTRAINT step_transitions_step_id_fkey;
 ALTER TABLE step_transitions DROP CONSTRAINT step_transitions_task_id_fkey;
 ALTER TABLE task_transitions DROP CONSTRAINT task_transitions_task_id_fkey;
+
+-- Every task creation took a KEY SHARE lock on its template's row to check this key, and
+-- concurrent creates of one template turned each of those locks into a new MultiXact
+-- (an SLRU write, a WAL record and a rewrite of the template row's lock word), one per
+-- task on the hottest row in the database. Templates are immutable and never deleted,
+-- and tasks are created only by tasker_create_task with the id the lookup just returned.
+ALTER TABLE tasks DROP CONSTRAINT tasks_template_id_fkey;
