@@ -216,7 +216,12 @@ pub async fn create(
                     deferrals: 0,
                     retryable: step.retryable,
                     timeout_ms: step.timeout_ms,
-                    depends_on: step.depends_on.clone(),
+                    // In template order, as reading the task back lists them.
+                    depends_on: {
+                        let mut parents = step.depends_on.clone();
+                        parents.sort_by_key(|parent| index_of(parent));
+                        parents
+                    },
                     results: None,
                     last_error: None,
                     next_attempt_at: None,

@@ -216,3 +216,87 @@ async fn listing_pages_with_a_cursor_and_filters() {
     }
     env.finish().await.unwrap();
 }
+
+/// A task's first steps are claimed by the request that creates it, and every step's
+/// history reads in the order things happened: a child is dispatched only after each of
+/// its parents succeeded, each step once.
+#[tokio::test]
+async fn creating_a_task_dispatches_its_first_steps_and_the_history_keeps_order() {
+    let mut env = TestEnv::start("roots").await.unwrap();
+    env.register_template(&template("mixed", MIXED))
+        .await
+        .unwrap();
+
+    // No worker yet: what the create answers is what it committed.
+    let (status, created) = env
+        .create_task(json!({"namespace": "shapes", "name": "mixed"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["status"], "in_progress");
+    let roots = ["extract_a", "extract_b", "extract_c"];
+    for step in created["steps"].as_array().unwrap() {
+        let root = roots.contains(&step["name"].as_str().unwrap());
+        let (status, attempts) = if root {
+            ("enqueued", 1)
+        } else {
+            ("pending", 0)
+        };
+        assert_eq!(step["status"], status, "{step}");
+        assert_eq!(step["attempts"], attempts, "{step}");
+    }
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let (_, stored) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(
+        stored["steps"], created["steps"],
+        "the answer is what was stored"
+    );
+
+    env.start_worker("w1", &["shapes"]).await.unwrap();
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "complete", "{done:#}");
+
+    let history = step_history(&env.pool, &id).await;
+    let position = |step: &str, reason: &str| {
+        let found: Vec<usize> = history
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.0 == step && h.3 == reason)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(found.len(), 1, "{step} {reason} once in {history:#?}");
+        found[0]
+    };
+    for (step, parents) in MIXED {
+        let dispatched = position(step, "dispatched");
+        assert!(
+            dispatched < position(step, "started"),
+            "{step}: {history:#?}"
+        );
+        assert!(position(step, "started") < position(step, "succeeded"));
+        for parent in *parents {
+            assert!(
+                position(parent, "succeeded") < dispatched,
+                "{step} dispatched before {parent} succeeded: {history:#?}"
+            );
+        }
+        let rows: Vec<_> = history.iter().filter(|h| h.0 == *step).collect();
+        assert_eq!(rows.len(), 3, "{step}: {rows:#?}");
+        assert_eq!(rows[0].4["attempt"], 1, "{step}: {rows:#?}");
+    }
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
+    )
+    .bind(&id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reasons,
+        ["created", "first_step_dispatched", "all_steps_done"]
+    );
+    env.finish().await.unwrap();
+}
