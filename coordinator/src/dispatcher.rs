@@ -18,6 +18,10 @@ use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use tasker_shared::store::transitions;
 
+/// How soon to claim again when a step in backoff is already due but the last claim did
+/// not take it.
+const DUE_RECHECK: Duration = Duration::from_millis(10);
+
 /// The dispatcher's settings.
 #[derive(Debug, Clone)]
 pub(crate) struct DispatcherConfig {
@@ -84,14 +88,20 @@ impl Dispatcher {
 
     /// How long to sleep: until the next step in backoff is due, at most `poll_interval`.
     async fn idle_for(&self) -> Duration {
+        // Nothing can be published: wait for the reconnect, which wakes this loop.
+        if !self.publisher.connected() {
+            return self.config.poll_interval;
+        }
         let due = async {
             let mut conn = self.pool.acquire().await?;
             transitions::next_due(&mut conn).await
         };
         match due.await {
+            // Already due: it fell due after the last claim looked, or another coordinator
+            // holds it for a moment. Look again shortly, not at the next poll.
             Ok(Some(at)) => (at - chrono::Utc::now())
                 .to_std()
-                .unwrap_or(Duration::ZERO)
+                .unwrap_or(DUE_RECHECK)
                 .min(self.config.poll_interval),
             Ok(None) => self.config.poll_interval,
             Err(error) => {

@@ -175,14 +175,15 @@ impl From<ClaimedRow> for Dispatch {
     }
 }
 
-/// When the next step in backoff becomes ready, if any: the dispatcher sleeps until then
-/// rather than polling.
+/// When the next step in backoff becomes (or became) ready, if any: the dispatcher sleeps
+/// until then rather than polling. A time in the past is returned too: the step fell due
+/// after the dispatcher's last claim looked, and must not wait for the next poll.
 pub async fn next_due(conn: &mut PgConnection) -> sqlx::Result<Option<DateTime<Utc>>> {
     sqlx::query_scalar(
         r#"
         SELECT min(next_attempt_at) FROM steps
         WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
-          AND next_attempt_at > now()
+          AND next_attempt_at IS NOT NULL AND attempts < retry_limit
         "#,
     )
     .fetch_one(conn)
