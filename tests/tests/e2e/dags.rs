@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use tasker_tests::{StatusCode, TestEnv};
 
-use crate::{step_history, steps_by_name};
+use crate::{step_history, steps_by_name, task_history};
 
 /// A template of `tasker.echo` steps with the given `(name, parents)` edges.
 fn template(name: &str, steps: &[(&str, &[&str])]) -> String {
@@ -129,13 +129,7 @@ async fn every_shape_completes_with_each_step_after_its_parents_once() {
             .iter()
             .all(|t| t["status"] == "complete" && t.get("steps").is_none())
     );
-    let reasons: Vec<String> = sqlx::query_scalar(
-        "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
-    )
-    .bind(tasks[0]["task_id"].as_str().unwrap())
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let reasons = task_history(&env.pool, tasks[0]["task_id"].as_str().unwrap()).await;
     assert_eq!(
         reasons,
         ["created", "first_step_dispatched", "all_steps_done"]
@@ -287,13 +281,7 @@ async fn creating_a_task_dispatches_its_first_steps_and_the_history_keeps_order(
         assert_eq!(rows.len(), 3, "{step}: {rows:#?}");
         assert_eq!(rows[0].4["attempt"], 1, "{step}: {rows:#?}");
     }
-    let reasons: Vec<String> = sqlx::query_scalar(
-        "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
-    )
-    .bind(&id)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let reasons = task_history(&env.pool, &id).await;
     assert_eq!(
         reasons,
         ["created", "first_step_dispatched", "all_steps_done"]

@@ -33,6 +33,17 @@ pub(crate) async fn step_history(
     .expect("step history")
 }
 
+/// The reasons of a task's own transitions, in order.
+pub(crate) async fn task_history(pool: &PgPool, task_id: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
+    )
+    .bind(task_id)
+    .fetch_all(pool)
+    .await
+    .expect("task history")
+}
+
 /// The steps of a task JSON by name.
 pub(crate) fn steps_by_name(task: &Value) -> HashMap<String, Value> {
     task["steps"]

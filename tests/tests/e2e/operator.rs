@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tasker_tests::http_stub::{Answer, HttpStub};
 use tasker_tests::{StatusCode, TestEnv};
 
-use crate::step_history;
+use crate::{step_history, task_history};
 
 const CHAIN: &str = r#"
 namespace: ops
@@ -165,13 +165,7 @@ async fn a_failed_task_retried_completes() {
         "a fresh attempt budget"
     );
     assert_eq!(stub.arrivals().len(), 4);
-    let reasons: Vec<String> = sqlx::query_scalar(
-        "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
-    )
-    .bind(&id)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let reasons = task_history(&env.pool, &id).await;
     assert_eq!(
         reasons,
         [
