@@ -4,9 +4,9 @@
 //! prefetch buffer already holds (up to the batch size), and in **one transaction**:
 //! marks started steps `in_progress`, applies results (fenced by dispatch token) and
 //! claims the dependents they made ready in the same statement, reads those dependents'
-//! messages, and finishes tasks that can finish. After the
-//! commit it acks the whole batch with one `multiple` ack and hands the claimed steps to
-//! the publisher, which publishes them while the next batch is applied. A crash before
+//! messages, and finishes tasks that can finish. After the commit it acks the whole batch
+//! with one `multiple` ack and hands the claimed steps to the publisher, which publishes
+//! them while the next batch is applied. A crash before
 //! the ack redelivers the batch; the fence makes re-applying it a no-op. A crash before
 //! the publish leaves the claimed steps `enqueued` until the sweeper heals them.
 //! Undecodable messages go to the dead-letter queue with the reason.
