@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 use super::walker::{Walker, field, join, kind};
 use super::{Backoff, codes};
 
-const KEYS: &[&str] = &["base_seconds", "max_seconds", "jitter", "schedule"];
-const HINTS: &[(&str, &str)] = &[
+pub(super) const KEYS: &[&str] = &["base_seconds", "max_seconds", "jitter", "schedule"];
+pub(super) const HINTS: &[(&str, &str)] = &[
     ("base", "base_seconds"),
     ("base_ms", "base_seconds"),
     ("max", "max_seconds"),

@@ -12,7 +12,7 @@ use super::{
     MAX_NAMESPACE_LEN, codes,
 };
 
-const LEGACY_TOP_KEYS: &[&str] = &[
+pub(super) const LEGACY_TOP_KEYS: &[&str] = &[
     "name",
     "task_handler_class",
     "step_templates",
@@ -26,12 +26,12 @@ const LEGACY_TOP_KEYS: &[&str] = &[
     "schema",
     "environments",
 ];
-const LEGACY_TOP_HINTS: &[(&str, &str)] = &[
+pub(super) const LEGACY_TOP_HINTS: &[(&str, &str)] = &[
     ("namespace", "namespace_name"),
     ("context_schema", "schema"),
     ("steps", "step_templates"),
 ];
-const LEGACY_STEP_KEYS: &[&str] = &[
+pub(super) const LEGACY_STEP_KEYS: &[&str] = &[
     "name",
     "handler_class",
     "description",
@@ -44,16 +44,16 @@ const LEGACY_STEP_KEYS: &[&str] = &[
     "handler_config",
     "custom_events",
 ];
-const LEGACY_STEP_HINTS: &[(&str, &str)] = &[
+pub(super) const LEGACY_STEP_HINTS: &[(&str, &str)] = &[
     ("handler", "handler_class"),
     ("config", "handler_config"),
     ("depends_on", "depends_on_steps"),
     ("retryable", "default_retryable"),
     ("retry_limit", "default_retry_limit"),
 ];
-const LEGACY_EVENT_KEYS: &[&str] = &["name", "description"];
-const LEGACY_ENVIRONMENT_KEYS: &[&str] = &["step_templates"];
-const LEGACY_OVERRIDE_KEYS: &[&str] = &["name", "handler_config"];
+pub(super) const LEGACY_EVENT_KEYS: &[&str] = &["name", "description"];
+pub(super) const LEGACY_ENVIRONMENT_KEYS: &[&str] = &["step_templates"];
+pub(super) const LEGACY_OVERRIDE_KEYS: &[&str] = &["name", "handler_config"];
 
 pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment: &str) -> Draft {
     w.unknown_keys(root, "", LEGACY_TOP_KEYS, LEGACY_TOP_HINTS);

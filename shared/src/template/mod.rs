@@ -115,6 +115,64 @@ pub const MAX_STEPS: usize = 10_000;
 /// last `more_problems` problem, so a hostile document cannot make a huge answer.
 pub const MAX_PROBLEMS: usize = 200;
 
+/// The keys the template parsers read, in both formats, and those they answer with a
+/// hint (the other format's name, a common slip), for tools that generate templates, such
+/// as the fuzz properties: they follow the parsers when a key is added.
+#[derive(Debug, Clone)]
+pub struct TemplateKeys {
+    /// Keys of a template's top level, its `defaults`, and tasker-engine's environments,
+    /// overrides and custom events.
+    pub top: Vec<&'static str>,
+    /// Keys of a step, in both formats, and of its `backoff`.
+    pub step: Vec<&'static str>,
+}
+
+/// See [`TemplateKeys`].
+pub fn template_keys() -> TemplateKeys {
+    fn collect(
+        keys: &[&[&'static str]],
+        hints: &[&[(&'static str, &'static str)]],
+    ) -> Vec<&'static str> {
+        let mut all: Vec<&'static str> = keys
+            .iter()
+            .flat_map(|k| k.iter().copied())
+            .chain(hints.iter().flat_map(|h| h.iter().map(|(key, _)| *key)))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+    TemplateKeys {
+        top: collect(
+            &[
+                project::PROJECT_TOP_KEYS,
+                project::PROJECT_DEFAULT_KEYS,
+                legacy::LEGACY_TOP_KEYS,
+                legacy::LEGACY_EVENT_KEYS,
+                legacy::LEGACY_ENVIRONMENT_KEYS,
+                legacy::LEGACY_OVERRIDE_KEYS,
+            ],
+            &[
+                project::PROJECT_TOP_HINTS,
+                project::PROJECT_DEFAULT_HINTS,
+                legacy::LEGACY_TOP_HINTS,
+            ],
+        ),
+        step: collect(
+            &[
+                project::PROJECT_STEP_KEYS,
+                legacy::LEGACY_STEP_KEYS,
+                backoff::KEYS,
+            ],
+            &[
+                project::PROJECT_STEP_HINTS,
+                legacy::LEGACY_STEP_HINTS,
+                backoff::HINTS,
+            ],
+        ),
+    }
+}
+
 /// Limits a caller (the coordinator's API) applies on top of the format's own rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TemplateLimits {

@@ -10,7 +10,7 @@ use super::{
     MAX_NAME_LEN, MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
 };
 
-const PROJECT_TOP_KEYS: &[&str] = &[
+pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
     "namespace",
     "name",
     "version",
@@ -19,23 +19,23 @@ const PROJECT_TOP_KEYS: &[&str] = &[
     "defaults",
     "steps",
 ];
-const PROJECT_TOP_HINTS: &[(&str, &str)] = &[
+pub(super) const PROJECT_TOP_HINTS: &[(&str, &str)] = &[
     ("namespace_name", "namespace"),
     ("schema", "context_schema"),
 ];
-const PROJECT_DEFAULT_KEYS: &[&str] = &[
+pub(super) const PROJECT_DEFAULT_KEYS: &[&str] = &[
     "retryable",
     "retry_limit",
     "timeout_ms",
     "backoff",
     "max_deferrals",
 ];
-const PROJECT_DEFAULT_HINTS: &[(&str, &str)] = &[
+pub(super) const PROJECT_DEFAULT_HINTS: &[(&str, &str)] = &[
     ("default_retryable", "retryable"),
     ("default_retry_limit", "retry_limit"),
     ("timeout_seconds", "timeout_ms"),
 ];
-const PROJECT_STEP_KEYS: &[&str] = &[
+pub(super) const PROJECT_STEP_KEYS: &[&str] = &[
     "name",
     "handler",
     "description",
@@ -49,7 +49,7 @@ const PROJECT_STEP_KEYS: &[&str] = &[
     "backoff",
     "max_deferrals",
 ];
-const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
+pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("handler_class", "handler"),
     ("handler_config", "config"),
     ("depends_on_step", "depends_on"),

@@ -6,49 +6,12 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use serde_json::{Map, Number, Value};
 
-/// Keys the parsers and decoders know, so generated objects reach past the first check.
-const KNOWN_KEYS: &[&str] = &[
-    // project templates
-    "namespace",
-    "name",
-    "version",
-    "description",
-    "context_schema",
-    "defaults",
-    "steps",
-    "handler",
-    "depends_on",
-    "retryable",
-    "retry_limit",
-    "timeout_ms",
-    "config",
-    "skippable",
-    "dependent_system",
-    "backoff",
-    "max_deferrals",
-    "base_seconds",
-    "max_seconds",
-    "jitter",
-    "schedule",
-    // tasker-engine templates
-    "task_handler_class",
-    "step_templates",
-    "namespace_name",
-    "module_namespace",
-    "concurrent",
-    "default_dependent_system",
-    "named_steps",
-    "schema",
-    "environments",
-    "development",
-    "handler_class",
-    "handler_config",
-    "depends_on_step",
-    "depends_on_steps",
-    "default_retryable",
-    "default_retry_limit",
-    "custom_events",
+/// Keys the parsers and decoders know, so generated objects reach past the first check:
+/// the template parsers' own lists, and these.
+const OTHER_KNOWN_KEYS: &[&str] = &[
+    // YAML merge key, and an environment name of tasker-engine templates
     "<<",
+    "development",
     // JSON Schema
     "$ref",
     "$schema",
@@ -179,9 +142,22 @@ pub(crate) fn any_string() -> impl Strategy<Value = String> {
     ]
 }
 
+fn known_keys() -> Vec<&'static str> {
+    let keys = tasker_shared::template::template_keys();
+    let mut all: Vec<&'static str> = keys
+        .top
+        .into_iter()
+        .chain(keys.step)
+        .chain(OTHER_KNOWN_KEYS.iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 fn any_key() -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => select(KNOWN_KEYS).prop_map(str::to_owned),
+        4 => select(known_keys()).prop_map(str::to_owned),
         1 => any::<String>(),
     ]
 }

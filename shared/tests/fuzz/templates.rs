@@ -10,60 +10,13 @@ use proptest::sample::select;
 use serde_json::{Map, Value, json};
 use tasker_shared::template::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, DEFAULT_VERSION,
-    StepDefinition, TemplateDefinition, codes, parse_template, template_from_value,
+    StepDefinition, TemplateDefinition, codes, parse_template, template_from_value, template_keys,
 };
 
 use crate::strategies::{any_string, json_value, mutate, mutations, syntax_soup};
 
 const REGRESSIONS: &str = "proptest-regressions/fuzz-templates.txt";
 const ENVIRONMENTS: [&str; 4] = ["development", "production", "test", ""];
-
-/// Top-level keys of both formats.
-const TOP_KEYS: &[&str] = &[
-    "namespace",
-    "name",
-    "version",
-    "description",
-    "context_schema",
-    "defaults",
-    "steps",
-    "task_handler_class",
-    "step_templates",
-    "namespace_name",
-    "module_namespace",
-    "concurrent",
-    "default_dependent_system",
-    "named_steps",
-    "schema",
-    "environments",
-];
-
-/// Step keys of both formats, and of `defaults` and `backoff`.
-const STEP_KEYS: &[&str] = &[
-    "name",
-    "handler",
-    "description",
-    "depends_on",
-    "retryable",
-    "retry_limit",
-    "timeout_ms",
-    "config",
-    "skippable",
-    "dependent_system",
-    "backoff",
-    "max_deferrals",
-    "handler_class",
-    "handler_config",
-    "depends_on_step",
-    "depends_on_steps",
-    "default_retryable",
-    "default_retry_limit",
-    "custom_events",
-    "base_seconds",
-    "max_seconds",
-    "jitter",
-    "schedule",
-];
 
 /// Render as YAML with the same library the parser reads YAML with.
 fn yaml(value: &Value) -> Option<String> {
@@ -107,18 +60,20 @@ fn assert_round_trips(definition: &TemplateDefinition) {
 
 /// Objects with the keys of a template and values of any shape.
 fn template_shaped() -> impl Strategy<Value = Value> {
+    // The parsers' own key lists, hint keys included.
+    let keys = template_keys();
     let value = prop_oneof![
         3 => json_value(),
         1 => "[a-z][a-z0-9_]{0,6}".prop_map(Value::String),
         1 => vec("[a-z][a-z0-9_]{0,3}", 0..4).prop_map(|names| json!(names)),
-        1 => btree_map(select(STEP_KEYS), json_value(), 0..4)
+        1 => btree_map(select(keys.step.clone()), json_value(), 0..4)
             .prop_map(|map| Value::Object(map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
     ];
-    let step = btree_map(select(STEP_KEYS), value.clone(), 0..10)
+    let step = btree_map(select(keys.step), value.clone(), 0..10)
         .prop_map(|map| Value::Object(map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()));
     let steps = vec(prop_oneof![5 => step, 1 => json_value()], 0..6);
     (
-        btree_map(select(TOP_KEYS), value, 0..8),
+        btree_map(select(keys.top), value, 0..8),
         steps,
         any::<bool>(),
     )
