@@ -131,6 +131,24 @@ fn nested(depth: usize, inner: &str) -> String {
     format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth))
 }
 
+/// POST a template as JSON: most cases below send one.
+async fn post_template(env: &TestEnv, template: impl Into<reqwest::Body>) -> Answer {
+    send(
+        env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/json"),
+        template,
+    )
+    .await
+}
+
+/// The answer came in time: a hostile template costs bounded work.
+fn answered_within(started: Instant, seconds: u64) {
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(seconds), "{took:?}");
+}
+
 /// A project-format template of `count` steps, each depending on the one before; with
 /// `cycle`, the first depends on the last.
 fn chain(name: &str, count: usize, cycle: bool) -> String {
@@ -788,11 +806,7 @@ async fn deep_nesting_is_refused_past_the_parser_limit_and_stored_below_it() {
         "malformed_request",
         &["recursion limit exceeded"],
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    answered_within(started, 10);
     let deep_objects = format!(
         r#"{{"namespace": "hostile", "name": "target", "context": {}1{}}}"#,
         r#"{"a":"#.repeat(50_000),
@@ -811,7 +825,7 @@ async fn deep_nesting_is_refused_past_the_parser_limit_and_stored_below_it() {
         r#"{{"namespace": "hostile", "name": "deep", "steps": [{{"name": "a", "handler": "tasker.noop", "config": {}}}]}}"#,
         nested(100_000, "")
     );
-    let answer = send(&env, Method::POST, "/v1/templates", json, template).await;
+    let answer = post_template(&env, template).await;
     refused(
         &answer,
         "deep JSON template",
@@ -890,14 +904,7 @@ async fn sql_looking_and_unicode_strings_are_stored_verbatim() {
         "description": format!("{sql} {unicode}"),
         "steps": [{"name": "only", "handler": "tasker.noop", "description": sql,
                    "config": {sql: unicode, "nested": [sql, unicode]}}]});
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        Some("application/json"),
-        template.to_string(),
-    )
-    .await;
+    let answer = post_template(&env, template.to_string()).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
     let (_, stored) = env.get("/v1/templates/hostile/target").await.unwrap();
     assert_eq!(stored["description"], format!("{sql} {unicode}"));
@@ -931,14 +938,7 @@ async fn sql_looking_and_unicode_strings_are_stored_verbatim() {
 
     // SQL in names: not an identifier, so named as a template problem, not run.
     let bad = json!({"namespace": sql, "name": "x'--", "steps": [{"name": "a; DROP", "handler": "tasker.noop"}]});
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        Some("application/json"),
-        bad.to_string(),
-    )
-    .await;
+    let answer = post_template(&env, bad.to_string()).await;
     refused(
         &answer,
         "SQL names",
@@ -953,8 +953,7 @@ async fn sql_looking_and_unicode_strings_are_stored_verbatim() {
             "{expected} not in {paths:?}"
         );
     }
-    let answer = send(&env, Method::POST, "/v1/templates", Some("application/json"),
-        json!({"namespace": "n".repeat(65), "name": "n".repeat(129), "steps": [{"name": "s".repeat(129), "handler": "tasker.noop"}]}).to_string()).await;
+    let answer = post_template(&env, json!({"namespace": "n".repeat(65), "name": "n".repeat(129), "steps": [{"name": "s".repeat(129), "handler": "tasker.noop"}]}).to_string()).await;
     refused(
         &answer,
         "long names",
@@ -1052,23 +1051,9 @@ async fn size_limits_answer_413_or_422_naming_the_setting_and_its_value() {
         &["TASKER_MAX_TEMPLATE_BYTES", "131072"],
     );
     // The step limit: 100 is fine, 101 is one problem naming the limit.
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("hundred", 100, false),
-    )
-    .await;
+    let answer = post_template(&env, chain("hundred", 100, false)).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("more", 101, true),
-    )
-    .await;
+    let answer = post_template(&env, chain("more", 101, true)).await;
     refused(
         &answer,
         "101 steps",
@@ -1091,17 +1076,9 @@ async fn huge_templates_and_long_cycles_answer_fast_and_small() {
     // Default limits: 1,000 steps.
     let env = TestEnv::start("hostile-huge").await.unwrap();
     env.register_template(TEMPLATE).await.unwrap();
-    let json = Some("application/json");
 
     let started = Instant::now();
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("ten-thousand", 10_000, true),
-    )
-    .await;
+    let answer = post_template(&env, chain("ten-thousand", 10_000, true)).await;
     refused(
         &answer,
         "10,000 steps",
@@ -1113,36 +1090,14 @@ async fn huge_templates_and_long_cycles_answer_fast_and_small() {
         ],
     );
     assert!(answer.bytes < 2_000, "{} bytes", answer.bytes);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    answered_within(started, 5);
 
     // 1,000 steps (the default limit) register; a 1,000-step cycle is named briefly.
     let started = Instant::now();
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("thousand", 1_000, false),
-    )
-    .await;
+    let answer = post_template(&env, chain("thousand", 1_000, false)).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("ring", 1_000, true),
-    )
-    .await;
+    answered_within(started, 10);
+    let answer = post_template(&env, chain("ring", 1_000, true)).await;
     refused(
         &answer,
         "1,000-step cycle",
@@ -1161,7 +1116,7 @@ async fn huge_templates_and_long_cycles_answer_fast_and_small() {
         .map(|i| json!({"name": format!("s{i}"), "handler": 5, "depends_on": ["nowhere"], "colour": i}))
         .collect();
     let broken = json!({"namespace": "hostile", "name": "broken", "steps": steps}).to_string();
-    let answer = send(&env, Method::POST, "/v1/templates", json, broken).await;
+    let answer = post_template(&env, broken).await;
     refused(
         &answer,
         "3,000 problems",
@@ -1197,17 +1152,9 @@ async fn raised_limits_take_ten_thousand_steps_and_name_a_five_thousand_step_cyc
     .await
     .unwrap();
     env.register_template(TEMPLATE).await.unwrap();
-    let json = Some("application/json");
 
     let started = Instant::now();
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("ring", 5_000, true),
-    )
-    .await;
+    let answer = post_template(&env, chain("ring", 5_000, true)).await;
     refused(
         &answer,
         "5,000-step cycle",
@@ -1220,27 +1167,12 @@ async fn raised_limits_take_ten_thousand_steps_and_name_a_five_thousand_step_cyc
         ],
     );
     assert!(answer.bytes < 2_000, "{} bytes", answer.bytes);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    answered_within(started, 5);
 
     let started = Instant::now();
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("long", 10_000, false),
-    )
-    .await;
+    let answer = post_template(&env, chain("long", 10_000, false)).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
+    answered_within(started, 20);
     let (_, list) = env.get("/v1/templates").await.unwrap();
     let long = list["templates"]
         .as_array()
@@ -1249,14 +1181,7 @@ async fn raised_limits_take_ten_thousand_steps_and_name_a_five_thousand_step_cyc
         .find(|t| t["name"] == "long")
         .unwrap();
     assert_eq!(long["step_count"], 10_000);
-    let answer = send(
-        &env,
-        Method::POST,
-        "/v1/templates",
-        json,
-        chain("more", 10_001, false),
-    )
-    .await;
+    let answer = post_template(&env, chain("more", 10_001, false)).await;
     refused(
         &answer,
         "10,001 steps",
