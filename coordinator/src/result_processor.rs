@@ -168,7 +168,7 @@ impl ResultProcessor {
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
         let claimed = transitions::dispatches_for(&mut tx, &applied.claimed).await?;
-        let finished = transitions::finish_tasks(&mut tx, &applied.tasks).await?;
+        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish(&claimed)).await?;
         tx.commit().await?;
         drop(spans);
         self.wake_events.notify_one();

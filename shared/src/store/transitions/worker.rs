@@ -166,13 +166,39 @@ pub struct AppliedResults {
     pub stale: usize,
     /// Steps now waiting for a later attempt: the dispatcher must wake when it is due.
     pub retries_scheduled: usize,
-    /// Tasks whose steps changed: the caller finishes them with [`super::finish_tasks`].
+    /// Tasks whose steps changed, sorted. [`AppliedResults::may_finish`] says which of
+    /// them the caller should try to finish with [`super::finish_tasks`].
     pub tasks: Vec<Uuid>,
     /// Each applied result: the step's namespace, new status and whether it was a deferral.
     pub changes: Vec<StepChange>,
     /// Children the results made ready, claimed by the same statement: the caller
     /// publishes them ([`super::dispatches_for`]) after the commit.
     pub claimed: Vec<Uuid>,
+}
+
+impl AppliedResults {
+    /// The changed tasks that may have finished, given `dispatched`: the children this
+    /// statement claimed ([`super::dispatches_for`]). A task with a step just claimed,
+    /// or just sent to wait for a retry, still has work, so only the others are worth
+    /// locking and counting. Over diamonds that is half of them: the first step's and
+    /// the last parent's results each claim the next steps.
+    pub fn may_finish(&self, dispatched: &[super::Dispatch]) -> Vec<Uuid> {
+        let busy: std::collections::HashSet<Uuid> = dispatched
+            .iter()
+            .map(|d| d.message.task_id)
+            .chain(
+                self.changes
+                    .iter()
+                    .filter(|c| c.to_status == "waiting_for_retry")
+                    .map(|c| c.task_id),
+            )
+            .collect();
+        self.tasks
+            .iter()
+            .filter(|task| !busy.contains(task))
+            .copied()
+            .collect()
+    }
 }
 
 #[derive(sqlx::FromRow)]
