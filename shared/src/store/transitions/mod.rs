@@ -89,10 +89,19 @@ pub async fn finish_tasks(
                    END AS to_status
             FROM counts
         ),
+        -- Each task's status is read by its primary key. Written as a join, the
+        -- planner could start from tasks_by_status instead: after an ANALYZE taken
+        -- while no task ran, it expects one unfinished task, and it re-ran the counts
+        -- for each of the thousands there were (65,000 buffers per batch, and a third
+        -- less throughput with 100,000 tasks stored).
         locked AS (
-            SELECT t.task_id, t.status AS from_status, o.to_status
-            FROM tasks t JOIN outcome o USING (task_id)
-            WHERE o.to_status IS NOT NULL AND t.status IN ('pending', 'in_progress')
+            SELECT l.task_id, l.from_status, l.to_status
+            FROM (SELECT o.task_id, o.to_status,
+                         (SELECT t.status FROM tasks t WHERE t.task_id = o.task_id)
+                             AS from_status
+                  FROM outcome o
+                  WHERE o.to_status IS NOT NULL) l
+            WHERE l.from_status IN ('pending', 'in_progress')
         ),
         finished AS (
             UPDATE tasks t
