@@ -189,7 +189,7 @@ impl AppliedResults {
             .chain(
                 self.changes
                     .iter()
-                    .filter(|c| c.to_status == "waiting_for_retry")
+                    .filter(|c| c.waits_for_retry())
                     .map(|c| c.task_id),
             )
             .collect();
@@ -222,6 +222,13 @@ pub struct StepChange {
     /// From ready to started, when this result overtook its started notice (otherwise
     /// [`mark_started`] reported it).
     pub queue_latency: Option<f64>,
+}
+
+impl StepChange {
+    /// The result sent the step to wait for another attempt (a retry or a deferral).
+    pub fn waits_for_retry(&self) -> bool {
+        self.to_status == "waiting_for_retry"
+    }
 }
 
 /// Apply a batch of results:
@@ -437,10 +444,7 @@ pub async fn apply_results(
     tasks.sort_unstable();
     tasks.dedup();
     Ok(AppliedResults {
-        retries_scheduled: changes
-            .iter()
-            .filter(|c| c.to_status == "waiting_for_retry")
-            .count(),
+        retries_scheduled: changes.iter().filter(|c| c.waits_for_retry()).count(),
         applied: changes.len(),
         stale: results.len() - changes.len(),
         tasks,
