@@ -114,7 +114,9 @@ pub async fn claim_ready(
 }
 
 /// The messages of steps claimed earlier in the caller's transaction (the children
-/// [`apply_results`](super::apply_results) claimed), with their parents' results.
+/// [`apply_results`](super::apply_results) claimed), with their parents' results. The
+/// steps are read by id alone (the module's "Plans"): they are `enqueued`, since this
+/// transaction claimed them.
 pub async fn dispatches_for(
     conn: &mut PgConnection,
     steps: &[Uuid],
@@ -126,7 +128,7 @@ pub async fn dispatches_for(
         r#"
         SELECT {MESSAGE_COLUMNS}
         FROM steps c JOIN tasks t ON t.task_id = c.task_id
-        WHERE c.step_id = ANY ($1) AND c.status = 'enqueued'
+        WHERE c.step_id = ANY ($1)
         "#
     )))
     .bind(steps)
@@ -142,8 +144,10 @@ const MESSAGE_COLUMNS: &str = r#"
     c.deferrals, c.dispatch_token, c.timeout_ms, t.namespace,
     t.name || '@' || t.version AS template, t.context,
     COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
-              FROM step_edges e JOIN steps p ON p.step_id = e.from_step
-              WHERE e.to_step = c.step_id), '{}'::jsonb) AS parents,
+              FROM steps p
+              WHERE p.step_id = ANY (ARRAY(SELECT from_step FROM step_edges
+                                           WHERE to_step = c.step_id))),
+             '{}'::jsonb) AS parents,
     now() AS dispatched_at, t.trace_parent"#;
 
 impl From<ClaimedRow> for Dispatch {

@@ -20,6 +20,17 @@
 //! Results are fenced: a result is applied only while the step is `enqueued` or
 //! `in_progress` *and* carries the step's current dispatch token. Anything else (late,
 //! duplicated, from an expired lease or a cancelled task) is counted as stale and dropped.
+//!
+//! ## Plans
+//!
+//! The statements that apply a batch find their steps by primary key only, and check the
+//! status after the lookup. The planner must not be offered a status index for them:
+//! statistics taken while nothing ran say that almost no step is `enqueued` or
+//! `in_progress`, so it read every such step (`steps_leased`, `steps_unfinished`) and
+//! filtered them by id, a cost that grows with the backlog it is meant to drain. Edges
+//! are followed with one index probe per step (`LATERAL … OFFSET 0`): on tables not yet
+//! analyzed the planner guesses that each step has a two-hundredth of all edges, and
+//! scanned the whole table instead.
 
 mod claim;
 mod leases;

@@ -46,10 +46,11 @@ pub async fn mark_started(
                                  $7::text[])
                 AS i(step_id, token, started_at, redelivered, worker_id)
         ),
+        -- By primary key only (the module's "Plans"). The status is checked in `moved`.
         locked AS (
-            SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id
+            SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id, i.redelivered
             FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
-            WHERE s.status = 'enqueued' OR (s.status = 'in_progress' AND i.redelivered)
+            WHERE s.step_id = ANY ($1)
             ORDER BY s.step_id
             FOR UPDATE OF s
         ),
@@ -62,6 +63,7 @@ pub async fn mark_started(
                 updated_at = now()
             FROM locked l
             WHERE s.step_id = l.step_id
+              AND (l.from_status = 'enqueued' OR (l.from_status = 'in_progress' AND l.redelivered))
             RETURNING s.step_id, s.task_id, s.attempts, l.from_status, l.worker_id,
                       greatest(extract(epoch FROM l.started_at - s.ready_at), 0)::float8 AS latency
         ),
@@ -131,12 +133,13 @@ pub async fn heartbeat(
     }
     let result = sqlx::query(
         r#"
+        -- By primary key only (the module's "Plans").
         WITH locked AS (
-            SELECT s.step_id
+            SELECT s.step_id, s.status
             FROM steps s
             JOIN unnest($1::uuid[], $2::uuid[]) AS i(step_id, token)
               ON i.step_id = s.step_id AND s.dispatch_token = i.token
-            WHERE s.status = 'in_progress'
+            WHERE s.step_id = ANY ($1)
             ORDER BY s.step_id
             FOR UPDATE OF s
         )
@@ -145,7 +148,7 @@ pub async fn heartbeat(
                 COALESCE(s.started_at, now()) + (s.timeout_ms + $3) * interval '1 millisecond',
                 now() + $4 * interval '1 millisecond')
         FROM locked l
-        WHERE s.step_id = l.step_id
+        WHERE s.step_id = l.step_id AND l.status = 'in_progress'
         "#,
     )
     .bind(running.iter().map(|s| s.step_id).collect::<Vec<_>>())
@@ -279,8 +282,9 @@ pub async fn apply_results(
                    CASE WHEN s.status = 'enqueued'
                         THEN greatest(extract(epoch FROM i.started_at - s.ready_at), 0)::float8
                    END AS queue_latency
+            -- By primary key only (the module's "Plans"). The status is checked in `decided`.
             FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
-            WHERE s.status IN ('enqueued', 'in_progress')
+            WHERE s.step_id = ANY ($1)
             ORDER BY s.step_id
             FOR UPDATE OF s
         ),
@@ -303,6 +307,7 @@ pub async fn apply_results(
                                               c.backoff_schedule_ms)
                    END AS delay_ms
             FROM current c
+            WHERE c.from_status IN ('enqueued', 'in_progress')
         ),
         updated AS (
             UPDATE steps s
@@ -386,7 +391,9 @@ pub async fn apply_results(
                              AND (k.next_attempt_at IS NULL OR k.next_attempt_at <= now())
                              AND k.attempts < k.retry_limit AS claim
                   FROM (SELECT e.to_step, count(*)::int AS done
-                        FROM step_edges e JOIN updated u ON u.step_id = e.from_step
+                        FROM updated u
+                        CROSS JOIN LATERAL (SELECT to_step FROM step_edges
+                                            WHERE from_step = u.step_id OFFSET 0) e
                         WHERE u.to_status = 'complete'
                         GROUP BY e.to_step) d
                   JOIN steps k ON k.step_id = d.to_step) x
