@@ -57,6 +57,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) deferrals: Family<Namespace, Counter>,
     pub(crate) leases_expired: Family<Reason, Counter>,
     pub(crate) stale_results: Counter,
+    pub(crate) results_held: Counter,
     pub(crate) dead_lettered: Counter,
     pub(crate) publish_failures: Counter,
     pub(crate) database_errors: Counter,
@@ -131,6 +132,12 @@ impl CoordinatorMetrics {
             "tasker_stale_results_dropped",
             "Results dropped by the fence (late, duplicated, cancelled or superseded)",
             stale_results.clone(),
+        );
+        let results_held = Counter::default();
+        registry.register(
+            "tasker_result_messages_held",
+            "Worker messages put off to the next result batch because another transaction (another coordinator's batch) held their steps",
+            results_held.clone(),
         );
         let dead_lettered = Counter::default();
         registry.register(
@@ -246,6 +253,7 @@ impl CoordinatorMetrics {
             deferrals,
             leases_expired,
             stale_results,
+            results_held,
             dead_lettered,
             publish_failures,
             database_errors,

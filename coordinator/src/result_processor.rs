@@ -4,13 +4,16 @@
 //! prefetch buffer already holds (up to the batch size), and in **one transaction**:
 //! marks started steps `in_progress`, applies results (fenced by dispatch token) and
 //! claims the dependents they made ready in the same statement, reads those dependents'
-//! messages, and finishes tasks that can finish. After the commit it acks the whole batch
-//! with one `multiple` ack and hands the claimed steps to the publisher, which publishes
-//! them while the next batch is applied. A crash before
+//! messages, and finishes tasks that can finish. After the commit it acks the batch
+//! (one `multiple` ack) and hands the claimed steps to the publisher, which publishes
+//! them while the next batch is applied. Messages whose steps another coordinator is
+//! applying at that moment (its rows are locked) are not waited for: they stay unacked
+//! and join the next batch ([`transitions::lock_batch`]). A crash before
 //! the ack redelivers the batch; the fence makes re-applying it a no-op. A crash before
 //! the publish leaves the claimed steps `enqueued` until the sweeper heals them.
 //! Undecodable messages go to the dead-letter queue with the reason.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +30,7 @@ use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use tasker_shared::broker::{TRACEPARENT_HEADER, Topology, header_str};
 use tasker_shared::messages::{RunningStep, StepResult, WorkerMessage};
-use tasker_shared::store::transitions::{self, LeasePolicy, Started};
+use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
 pub(crate) struct ResultProcessor {
     pool: PgPool,
@@ -55,6 +58,9 @@ pub(crate) struct BatchReport {
     pub(crate) dispatched: usize,
     pub(crate) tasks_finished: usize,
     pub(crate) dead_lettered: usize,
+    /// Deliveries not applied because another transaction held their steps: the
+    /// caller keeps them, unacked, for the next batch.
+    pub(crate) held: Vec<usize>,
 }
 
 pub(crate) struct ResultProcessorConfig {
@@ -105,33 +111,14 @@ impl ResultProcessor {
             .await
     }
 
-    /// Apply one batch of deliveries; the caller acks them after this returns `Ok`.
+    /// Apply one batch of deliveries; the caller acks them after this returns `Ok`,
+    /// except those the report lists as held.
     pub(crate) async fn apply_batch(&self, deliveries: &[Delivery]) -> anyhow::Result<BatchReport> {
         let mut report = BatchReport::default();
-        let mut results: Vec<StepResult> = Vec::new();
-        let mut started: Vec<Started> = Vec::new();
-        let mut running: Vec<RunningStep> = Vec::new();
-        // One `apply_result` span per result, a child of the worker's `execute_step`,
-        // open until the batch commits.
-        let mut spans = Vec::new();
-        for delivery in deliveries {
+        let mut messages: Vec<(usize, WorkerMessage)> = Vec::with_capacity(deliveries.len());
+        for (index, delivery) in deliveries.iter().enumerate() {
             match WorkerMessage::decode(&delivery.data) {
-                Ok(WorkerMessage::Result(result)) => {
-                    let span = tracing::debug_span!("apply_result", task_id = %result.task_id,
-                        step_id = %result.step_id, outcome = ?result.outcome,
-                        trace_id = tracing::field::Empty);
-                    let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
-                    tasker_shared::telemetry::adopt(&span, traceparent.as_deref());
-                    spans.push(span);
-                    results.push(result);
-                }
-                Ok(WorkerMessage::Started(batch)) => {
-                    started.extend(batch.steps.into_iter().map(|step| Started {
-                        worker_id: batch.worker_id.clone(),
-                        step,
-                    }));
-                }
-                Ok(WorkerMessage::Heartbeat(batch)) => running.extend(batch.steps),
+                Ok(message) => messages.push((index, message)),
                 Err(error) => {
                     tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
                     self.topology
@@ -149,16 +136,82 @@ impl ResultProcessor {
         }
 
         let mut tx = self.pool.begin().await?;
-        let result_steps: Vec<uuid::Uuid> = results.iter().map(|r| r.step_id).collect();
-        let mut steps: Vec<uuid::Uuid> = started
+        let mut steps: Vec<uuid::Uuid> = messages
             .iter()
-            .map(|s| s.step.step_id)
-            .chain(running.iter().map(|r| r.step_id))
-            .chain(result_steps.iter().copied())
+            .flat_map(|(_, message)| message.steps())
             .collect();
         steps.sort_unstable();
         steps.dedup();
-        transitions::lock_batch(&mut tx, &steps, &result_steps).await?;
+        let result_steps: Vec<uuid::Uuid> = messages
+            .iter()
+            .filter_map(|(_, message)| match message {
+                WorkerMessage::Result(result) => Some(result.step_id),
+                _ => None,
+            })
+            .collect();
+        let held: HashMap<uuid::Uuid, HeldStep> =
+            transitions::lock_batch(&mut tx, &steps, &result_steps)
+                .await?
+                .into_iter()
+                .map(|step| (step.step_id, step))
+                .collect();
+        // A result for a held step waits for a later batch. So does a started notice or
+        // heartbeat naming a held step that may still run; a held step that has moved
+        // on is just left out of its notice, so one busy step does not hold back the
+        // many others a notice names.
+        let notice_waits = |message: &WorkerMessage| {
+            message
+                .steps()
+                .iter()
+                .any(|id| held.get(id).is_some_and(HeldStep::may_still_run))
+        };
+
+        let mut results: Vec<StepResult> = Vec::new();
+        let mut started: Vec<Started> = Vec::new();
+        let mut running: Vec<RunningStep> = Vec::new();
+        // One `apply_result` span per result, a child of the worker's `execute_step`,
+        // open until the batch commits.
+        let mut spans = Vec::new();
+        for (index, message) in messages {
+            match message {
+                WorkerMessage::Result(ref result) if held.contains_key(&result.step_id) => {
+                    report.held.push(index);
+                }
+                WorkerMessage::Started(_) | WorkerMessage::Heartbeat(_)
+                    if notice_waits(&message) =>
+                {
+                    report.held.push(index);
+                }
+                WorkerMessage::Result(result) => {
+                    let span = tracing::debug_span!("apply_result", task_id = %result.task_id,
+                        step_id = %result.step_id, outcome = ?result.outcome,
+                        trace_id = tracing::field::Empty);
+                    let traceparent = header_str(&deliveries[index].properties, TRACEPARENT_HEADER);
+                    tasker_shared::telemetry::adopt(&span, traceparent.as_deref());
+                    spans.push(span);
+                    results.push(result);
+                }
+                WorkerMessage::Started(batch) => {
+                    let worker_id = batch.worker_id;
+                    started.extend(
+                        batch
+                            .steps
+                            .into_iter()
+                            .filter(|step| !held.contains_key(&step.step_id))
+                            .map(|step| Started {
+                                worker_id: worker_id.clone(),
+                                step,
+                            }),
+                    );
+                }
+                WorkerMessage::Heartbeat(batch) => running.extend(
+                    batch
+                        .steps
+                        .into_iter()
+                        .filter(|step| !held.contains_key(&step.step_id)),
+                ),
+            }
+        }
         for latency in transitions::mark_started(&mut tx, &started, self.lease).await? {
             self.metrics.queue_latency.observe(latency);
             report.started += 1;
@@ -174,7 +227,8 @@ impl ResultProcessor {
         self.wake_events.notify_one();
         self.metrics
             .result_batch_size
-            .observe(deliveries.len() as f64);
+            .observe((deliveries.len() - report.held.len()) as f64);
+        self.metrics.results_held.inc_by(report.held.len() as u64);
         self.metrics.applied(&applied);
         self.metrics.finished(&finished);
         report.dispatched = claimed.len();
@@ -211,16 +265,31 @@ impl ResultProcessor {
                 }
             };
             tracing::info!(queue = %self.topology.results_queue(), "started");
+            // Deliveries a batch held back (another coordinator was applying their
+            // steps): they lead the next batch.
+            let mut held: Vec<Delivery> = Vec::new();
+            let mut held_wait = HELD_RETRY;
             loop {
-                let first = tokio::select! {
-                    _ = shutdown.changed() => break,
-                    next = consumer.next() => next,
+                let mut deliveries = std::mem::take(&mut held);
+                let next = if deliveries.is_empty() {
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        next = consumer.next() => Some(next),
+                    }
+                } else {
+                    // Give the other coordinator's batch a moment to commit; whatever
+                    // arrives meanwhile joins the retry.
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        next = consumer.next() => Some(next),
+                        () = tokio::time::sleep(held_wait) => None,
+                    }
                 };
-                let Some(first) = first else { break };
-                let mut deliveries = Vec::new();
-                match first {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err(error) => {
+                match next {
+                    None => {}
+                    Some(None) => break,
+                    Some(Some(Ok(delivery))) => deliveries.push(delivery),
+                    Some(Some(Err(error))) => {
                         tracing::error!(%error, "results consumer failed");
                         break;
                     }
@@ -232,7 +301,15 @@ impl ResultProcessor {
                         _ => break,
                     }
                 }
-                self.finish_batch(&deliveries).await;
+                let size = deliveries.len();
+                held = self.finish_batch(deliveries).await;
+                // A row held for longer than a batch (an operator's open transaction, a
+                // stalled coordinator) is retried less and less often, not spun on.
+                held_wait = if held.len() < size {
+                    HELD_RETRY
+                } else {
+                    (held_wait * 2).min(HELD_RETRY_MAX)
+                };
             }
             tracing::info!("stopped");
         }
@@ -240,18 +317,25 @@ impl ResultProcessor {
         .await
     }
 
-    async fn finish_batch(&self, deliveries: &[Delivery]) {
-        let Some(last) = deliveries.last() else {
-            return;
+    /// Apply and acknowledge a batch; returns the deliveries it held back, unacked.
+    async fn finish_batch(&self, mut deliveries: Vec<Delivery>) -> Vec<Delivery> {
+        let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
+            return Vec::new();
         };
-        let multiple = BasicAckOptions { multiple: true };
-        match self.apply_batch(deliveries).await {
+        match self.apply_batch(&deliveries).await {
             Ok(report) => {
                 tracing::debug!(?report, "batch applied");
-                if let Err(error) = last.acker.ack(multiple).await {
+                let held: Vec<Delivery> = report
+                    .held
+                    .iter()
+                    .rev()
+                    .map(|&index| deliveries.remove(index))
+                    .collect();
+                if let Err(error) = ack(&deliveries, &held).await {
                     self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "ack failed; the batch will be redelivered and fenced");
                 }
+                held
             }
             Err(error) => {
                 self.metrics.database_errors.inc();
@@ -264,13 +348,49 @@ impl ResultProcessor {
                     multiple: true,
                     requeue: true,
                 };
-                if let Err(error) = last.acker.nack(requeue).await {
+                let last = deliveries.iter().find(|d| d.delivery_tag == last_tag);
+                if let Some(last) = last
+                    && let Err(error) = last.acker.nack(requeue).await
+                {
                     self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "nack failed");
                 }
                 // Give the database a moment before the redelivered batch comes back.
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                Vec::new()
             }
         }
     }
+}
+
+/// How long held-back deliveries wait before they are tried again, unless a new
+/// delivery comes first: about one batch of the coordinator that holds their steps.
+const HELD_RETRY: Duration = Duration::from_millis(5);
+/// The longest wait between retries of deliveries that stay held.
+const HELD_RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Acknowledge the applied deliveries of a batch, not the held ones. Every unacked
+/// delivery below the first held one is in the batch (the held ones always lead the
+/// next), so one `multiple` ack covers those; the few applied after it are acked one
+/// by one.
+async fn ack(applied: &[Delivery], held: &[Delivery]) -> lapin::Result<()> {
+    let first_held = held
+        .iter()
+        .map(|d| d.delivery_tag)
+        .min()
+        .unwrap_or(u64::MAX);
+    let below = applied
+        .iter()
+        .filter(|d| d.delivery_tag < first_held)
+        .max_by_key(|d| d.delivery_tag);
+    if let Some(delivery) = below {
+        delivery
+            .acker
+            .ack(BasicAckOptions { multiple: true })
+            .await?;
+    }
+    for delivery in applied.iter().filter(|d| d.delivery_tag > first_held) {
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
 }

@@ -254,6 +254,15 @@ impl WorkerMessage {
         check_version(version)?;
         Ok(message)
     }
+
+    /// The steps the message is about.
+    pub fn steps(&self) -> Vec<Uuid> {
+        match self {
+            WorkerMessage::Result(result) => vec![result.step_id],
+            WorkerMessage::Started(batch) => batch.steps.iter().map(|s| s.step_id).collect(),
+            WorkerMessage::Heartbeat(batch) => batch.steps.iter().map(|s| s.step_id).collect(),
+        }
+    }
 }
 
 impl ControlMessage {

@@ -2,6 +2,7 @@
 //! Each test has its own database and queue prefix (see `tasker_tests::TestEnv`).
 
 mod auth;
+mod coordinators;
 mod dags;
 mod failures;
 mod hostile;

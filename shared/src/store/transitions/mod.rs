@@ -41,8 +41,8 @@ pub use claim::{Dispatch, claim_ready, dispatches_for, next_due};
 pub use leases::{ExpiredLeases, expire_leases, release_unpublished};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
 pub use worker::{
-    AppliedResults, LeasePolicy, Started, StepChange, apply_results, heartbeat, lock_batch,
-    mark_started,
+    AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
+    lock_batch, mark_started,
 };
 
 use sqlx::PgConnection;

@@ -88,36 +88,87 @@ pub async fn mark_started(
     .await
 }
 
-/// Lock, in step id order, every step a batch of worker messages will change: the steps
+/// A step [`lock_batch`] could not lock: another transaction holds its row, or for a
+/// result the row of one of its children.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HeldStep {
+    /// The step.
+    pub step_id: Uuid,
+    /// Its status as last committed. The holder may be changing it.
+    pub status: String,
+}
+
+impl HeldStep {
+    /// Whether a started notice or heartbeat for the step may still matter once the
+    /// holder commits: the step was still queued or running, and the holder may leave it
+    /// so (a heartbeat, a duplicate notice). Otherwise the step has moved on and the
+    /// notice is moot.
+    pub fn may_still_run(&self) -> bool {
+        matches!(self.status.as_str(), "enqueued" | "in_progress")
+    }
+}
+
+/// Lock every step a batch of worker messages will change, without waiting: the steps
 /// named by `steps` (started notices, heartbeats, results) and the children of
-/// `results`, whose parent counts the results decrement. The statements that follow
-/// each lock their own rows in order, but not across one another; two coordinators
-/// applying the results of sibling steps (the two middle steps of a diamond) locked the
-/// shared child in opposite orders and deadlocked, each losing a second to PostgreSQL's
-/// deadlock detection. Taking every lock up front, in one order, leaves nothing to wait
-/// for in between.
+/// `results`, whose parent counts the results decrement. Returns the steps of `steps`
+/// that another transaction holds: the caller applies the messages for the others, and
+/// keeps those for a later batch.
+///
+/// Two coordinators often apply results of sibling steps at once (the two middle steps
+/// of a diamond share a child), and a step's started notice and result often reach
+/// different coordinators. Waiting for each other's locks serialized their batches, and
+/// a batch waiting halfway held the rows it had locked so far, so the other's next batch
+/// waited too: two coordinators ran diamonds up to a third slower than one
+/// (BENCHMARKS.md). Skipping what is held never waits, so it cannot deadlock either: the
+/// statements that follow only touch rows locked here. A step whose row does not exist
+/// is not held; applying its message counts it as stale.
 pub async fn lock_batch(
     conn: &mut PgConnection,
     steps: &[Uuid],
     results: &[Uuid],
-) -> sqlx::Result<()> {
+) -> sqlx::Result<Vec<HeldStep>> {
     if steps.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    sqlx::query(
+    sqlx::query_as(
         r#"
-        SELECT 1 FROM steps
-        WHERE step_id = ANY ($1)
-           OR step_id = ANY (ARRAY(SELECT to_step FROM step_edges WHERE from_step = ANY ($2)))
-        ORDER BY step_id
-        FOR UPDATE
+        WITH children AS (
+            -- One index probe per result (the module's "Plans").
+            SELECT r.step_id, e.to_step
+            FROM unnest($2::uuid[]) AS r(step_id)
+            CROSS JOIN LATERAL (SELECT to_step FROM step_edges
+                                WHERE from_step = r.step_id OFFSET 0) e
+        ),
+        wanted AS (
+            SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
+            UNION
+            SELECT to_step FROM children
+        ),
+        locked AS MATERIALIZED (
+            SELECT step_id FROM steps
+            WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted))
+            ORDER BY step_id
+            FOR UPDATE SKIP LOCKED
+        ),
+        held AS (
+            -- Rows that exist but were skipped: another transaction holds them.
+            SELECT step_id FROM steps
+            WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted
+                                       EXCEPT SELECT step_id FROM locked))
+        )
+        SELECT s.step_id, s.status
+        FROM steps s
+        WHERE s.step_id = ANY (ARRAY(
+            SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
+            WHERE step_id IN (SELECT step_id FROM held)
+            UNION
+            SELECT step_id FROM children WHERE to_step IN (SELECT step_id FROM held)))
         "#,
     )
     .bind(steps)
     .bind(results)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_all(conn)
+    .await
 }
 
 /// Extend the leases of steps a worker says it is still running, up to the step's

@@ -1,0 +1,90 @@
+//! Coordinators sharing one database: a result whose step another transaction holds
+//! (another coordinator applying it) waits for a later batch, and the results behind it
+//! are applied meanwhile.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tasker_tests::{TestEnv, metric};
+use uuid::Uuid;
+
+const SLOW: &str = "namespace: held\nname: slow\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 3000}\n";
+const QUICK: &str = "namespace: held\nname: quick\nsteps:\n  - name: one\n    handler: tasker.noop\n  - name: two\n    handler: tasker.noop\n    depends_on: [one]\n";
+
+#[tokio::test]
+async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
+    let mut env = TestEnv::start("held-result").await.unwrap();
+    env.register_template(SLOW).await.unwrap();
+    env.register_template(QUICK).await.unwrap();
+    env.start_worker("held-1", &["held"]).await.unwrap();
+    let metrics = format!("{}/metrics", env.base_url);
+    let held = "tasker_result_messages_held_total";
+
+    let (_, slow) = env
+        .create_task(json!({"namespace": "held", "name": "slow", "context": {}}))
+        .await
+        .unwrap();
+    let slow_id = slow["task_id"].as_str().unwrap().to_owned();
+    let running = env
+        .wait_until(
+            &slow_id,
+            "step one running",
+            Duration::from_secs(30),
+            |task| TestEnv::step(task, "one")["status"] == "in_progress",
+        )
+        .await
+        .unwrap();
+    let step_id: Uuid = TestEnv::step(&running, "one")["step_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // Hold the step's row, as another coordinator applying a batch with it would, from
+    // before its result arrives until after the result has been turned away.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
+        .bind(step_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric(&metrics, held).await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the result was never held back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Results behind the held one are applied while it waits: a whole task runs.
+    let quick = env
+        .run_task(
+            json!({"namespace": "held", "name": "quick", "context": {}}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(quick["status"], "complete");
+    let (_, slow) = env.get(&format!("/v1/tasks/{slow_id}")).await.unwrap();
+    assert_eq!(
+        TestEnv::step(&slow, "one")["status"],
+        "in_progress",
+        "the held result is not applied while its row is held"
+    );
+
+    // Once the row is free, the held result is applied, once.
+    holder.rollback().await.unwrap();
+    let slow = env
+        .wait_for_task(&slow_id, &["complete", "error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(slow["status"], "complete");
+    let succeeded = crate::step_history(&env.pool, &slow_id)
+        .await
+        .into_iter()
+        .filter(|(_, _, _, reason, _)| reason == "succeeded")
+        .count();
+    assert_eq!(succeeded, 1);
+    env.finish().await.unwrap();
+}
