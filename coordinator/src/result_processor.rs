@@ -325,12 +325,14 @@ impl ResultProcessor {
         match self.apply_batch(&deliveries).await {
             Ok(report) => {
                 tracing::debug!(?report, "batch applied");
-                let held: Vec<Delivery> = report
+                // Removed from the back, so the indices stay valid; kept in arrival order.
+                let mut held: Vec<Delivery> = report
                     .held
                     .iter()
                     .rev()
                     .map(|&index| deliveries.remove(index))
                     .collect();
+                held.reverse();
                 if let Err(error) = ack(&deliveries, &held).await {
                     self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "ack failed; the batch will be redelivered and fenced");
