@@ -271,10 +271,14 @@ impl ResultProcessor {
             let mut held_wait = HELD_RETRY;
             loop {
                 let mut deliveries = std::mem::take(&mut held);
-                let next = if deliveries.is_empty() {
+                // Wait for the transaction that holds their steps (usually the other
+                // coordinator's batch, a few milliseconds) rather than poll for it.
+                let free = !deliveries.is_empty() && self.wait_for_holders(&deliveries).await;
+                let next = if deliveries.is_empty() || free {
                     tokio::select! {
                         _ = shutdown.changed() => break,
                         next = consumer.next() => Some(next),
+                        () = std::future::ready(()), if free => None,
                     }
                 } else {
                     // Give the other coordinator's batch a moment to commit; whatever
@@ -315,6 +319,37 @@ impl ResultProcessor {
         }
         .instrument(span)
         .await
+    }
+
+    /// Wait, in a transaction of its own, until the steps of held-back deliveries come
+    /// free, for at most [`HELD_WAIT`]. Returns whether they did; a failure counts as
+    /// not (the next batch holds them again).
+    async fn wait_for_holders(&self, held: &[Delivery]) -> bool {
+        let messages: Vec<WorkerMessage> = held
+            .iter()
+            .filter_map(|delivery| WorkerMessage::decode(&delivery.data).ok())
+            .collect();
+        let steps: Vec<uuid::Uuid> = messages.iter().flat_map(WorkerMessage::steps).collect();
+        let results: Vec<uuid::Uuid> = messages
+            .iter()
+            .filter_map(|message| match message {
+                WorkerMessage::Result(result) => Some(result.step_id),
+                _ => None,
+            })
+            .collect();
+        let wait = async {
+            let mut tx = self.pool.begin().await?;
+            let free = transitions::wait_for_steps(&mut tx, &steps, &results, HELD_WAIT).await?;
+            tx.rollback().await?;
+            Ok::<_, sqlx::Error>(free)
+        };
+        match wait.await {
+            Ok(free) => free,
+            Err(error) => {
+                tracing::warn!(%error, "waiting for held steps failed");
+                false
+            }
+        }
     }
 
     /// Apply and acknowledge a batch; returns the deliveries it held back, unacked.
@@ -365,8 +400,11 @@ impl ResultProcessor {
     }
 }
 
-/// How long held-back deliveries wait before they are tried again, unless a new
-/// delivery comes first: about one batch of the coordinator that holds their steps.
+/// The longest wait for the transaction holding the steps of held-back deliveries:
+/// several of the other coordinator's batches.
+const HELD_WAIT: Duration = Duration::from_millis(100);
+/// After a wait that timed out, how long held-back deliveries wait before they are
+/// tried again, unless a new delivery comes first.
 const HELD_RETRY: Duration = Duration::from_millis(5);
 /// The longest wait between retries of deliveries that stay held.
 const HELD_RETRY_MAX: Duration = Duration::from_millis(500);

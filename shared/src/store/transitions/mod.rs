@@ -42,7 +42,7 @@ pub use leases::{ExpiredLeases, expire_leases, release_unpublished};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
 pub use worker::{
     AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
-    lock_batch, mark_started,
+    lock_batch, mark_started, wait_for_steps,
 };
 
 use sqlx::PgConnection;

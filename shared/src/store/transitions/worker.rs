@@ -171,6 +171,49 @@ pub async fn lock_batch(
     .await
 }
 
+/// Wait, up to `timeout`, until no other transaction holds the rows [`lock_batch`]
+/// would lock for these steps and results; returns whether they came free. The rows
+/// are locked in id order and stay locked until the caller's transaction ends: call it
+/// in a transaction of its own, before anything else, and end that transaction at once.
+/// Holding nothing else while it waits, it cannot deadlock or hold anyone up, unlike a
+/// wait in the middle of a batch. The caller's batch then finds the rows free, instead
+/// of polling for them.
+pub async fn wait_for_steps(
+    conn: &mut PgConnection,
+    steps: &[Uuid],
+    results: &[Uuid],
+    timeout: std::time::Duration,
+) -> sqlx::Result<bool> {
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", timeout.as_millis().max(1)))
+        .execute(&mut *conn)
+        .await?;
+    let waited = sqlx::query(
+        r#"
+        SELECT 1 FROM steps
+        WHERE step_id = ANY (ARRAY(
+            SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
+            UNION
+            SELECT e.to_step
+            FROM unnest($2::uuid[]) AS r(step_id)
+            CROSS JOIN LATERAL (SELECT to_step FROM step_edges
+                                WHERE from_step = r.step_id OFFSET 0) e))
+        ORDER BY step_id
+        FOR UPDATE
+        "#,
+    )
+    .bind(steps)
+    .bind(results)
+    .execute(conn)
+    .await;
+    match waited {
+        Ok(_) => Ok(true),
+        // lock_not_available: the lock timeout passed.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// Extend the leases of steps a worker says it is still running, up to the step's
 /// timeout plus grace. Not a state change, so nothing is added to the history.
 /// Returns how many leases were extended.
