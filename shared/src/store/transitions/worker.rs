@@ -175,9 +175,11 @@ pub async fn lock_batch(
 /// would lock for these steps and results; returns whether they came free. The rows
 /// are locked in id order and stay locked until the caller's transaction ends: call it
 /// in a transaction of its own, before anything else, and end that transaction at once.
-/// Holding nothing else while it waits, it cannot deadlock or hold anyone up, unlike a
-/// wait in the middle of a batch. The caller's batch then finds the rows free, instead
-/// of polling for them.
+/// It cannot deadlock: it holds nothing else, takes its rows in order, and the batches
+/// it waits for never wait on step rows. While it waits, the rows it already has are
+/// skipped by other batches (held back, not waited on), for at most `timeout`; a wait
+/// in the middle of a batch held a whole batch's rows for as long as it took. The
+/// caller's batch then finds the rows free, instead of polling for them.
 pub async fn wait_for_steps(
     conn: &mut PgConnection,
     steps: &[Uuid],
