@@ -144,10 +144,7 @@ impl ResultProcessor {
         steps.dedup();
         let result_steps: Vec<uuid::Uuid> = messages
             .iter()
-            .filter_map(|(_, message)| match message {
-                WorkerMessage::Result(result) => Some(result.step_id),
-                _ => None,
-            })
+            .filter_map(|(_, message)| message.result_step())
             .collect();
         let held: HashMap<uuid::Uuid, HeldStep> =
             transitions::lock_batch(&mut tx, &steps, &result_steps)
@@ -273,16 +270,17 @@ impl ResultProcessor {
                 let mut deliveries = std::mem::take(&mut held);
                 // Wait for the transaction that holds their steps (usually the other
                 // coordinator's batch, a few milliseconds) rather than poll for it.
-                let free = !deliveries.is_empty() && self.wait_for_holders(&deliveries).await;
-                let next = if deliveries.is_empty() || free {
+                let next = if deliveries.is_empty() {
                     tokio::select! {
                         _ = shutdown.changed() => break,
                         next = consumer.next() => Some(next),
-                        () = std::future::ready(()), if free => None,
                     }
+                } else if self.wait_for_holders(&deliveries).await {
+                    // Free now: retry at once, with whatever is already buffered.
+                    None
                 } else {
-                    // Give the other coordinator's batch a moment to commit; whatever
-                    // arrives meanwhile joins the retry.
+                    // Still held after the wait: try again a little later, or with
+                    // the next delivery.
                     tokio::select! {
                         _ = shutdown.changed() => break,
                         next = consumer.next() => Some(next),
@@ -332,10 +330,7 @@ impl ResultProcessor {
         let steps: Vec<uuid::Uuid> = messages.iter().flat_map(WorkerMessage::steps).collect();
         let results: Vec<uuid::Uuid> = messages
             .iter()
-            .filter_map(|message| match message {
-                WorkerMessage::Result(result) => Some(result.step_id),
-                _ => None,
-            })
+            .filter_map(WorkerMessage::result_step)
             .collect();
         let wait = async {
             let mut tx = self.pool.begin().await?;

@@ -255,6 +255,14 @@ impl WorkerMessage {
         Ok(message)
     }
 
+    /// The step a result is for (`None` for notices and heartbeats).
+    pub fn result_step(&self) -> Option<Uuid> {
+        match self {
+            WorkerMessage::Result(result) => Some(result.step_id),
+            _ => None,
+        }
+    }
+
     /// The steps the message is about.
     pub fn steps(&self) -> Vec<Uuid> {
         match self {

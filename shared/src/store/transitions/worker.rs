@@ -130,20 +130,9 @@ pub async fn lock_batch(
     if steps.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         r#"
-        WITH children AS (
-            -- One index probe per result (the module's "Plans").
-            SELECT r.step_id, e.to_step
-            FROM unnest($2::uuid[]) AS r(step_id)
-            CROSS JOIN LATERAL (SELECT to_step FROM step_edges
-                                WHERE from_step = r.step_id OFFSET 0) e
-        ),
-        wanted AS (
-            SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
-            UNION
-            SELECT to_step FROM children
-        ),
+        WITH {BATCH_ROWS},
         locked AS MATERIALIZED (
             SELECT step_id FROM steps
             WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted))
@@ -163,13 +152,30 @@ pub async fn lock_batch(
             WHERE step_id IN (SELECT step_id FROM held)
             UNION
             SELECT step_id FROM children WHERE to_step IN (SELECT step_id FROM held)))
-        "#,
-    )
+        "#
+    )))
     .bind(steps)
     .bind(results)
     .fetch_all(conn)
     .await
 }
+
+/// The rows a batch of worker messages changes, as two CTEs for [`lock_batch`] and
+/// [`wait_for_steps`], which must agree on them: `children` (each result in `$2` with
+/// a child, one index probe per result: the module's "Plans") and `wanted` (the steps
+/// in `$1` and those children).
+const BATCH_ROWS: &str = r#"
+    children AS (
+        SELECT r.step_id, e.to_step
+        FROM unnest($2::uuid[]) AS r(step_id)
+        CROSS JOIN LATERAL (SELECT to_step FROM step_edges
+                            WHERE from_step = r.step_id OFFSET 0) e
+    ),
+    wanted AS (
+        SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
+        UNION
+        SELECT to_step FROM children
+    )"#;
 
 /// Wait, up to `timeout`, until no other transaction holds the rows [`lock_batch`]
 /// would lock for these steps and results; returns whether they came free. The rows
@@ -190,20 +196,15 @@ pub async fn wait_for_steps(
         .bind(format!("{}ms", timeout.as_millis().max(1)))
         .execute(&mut *conn)
         .await?;
-    let waited = sqlx::query(
+    let waited = sqlx::query(sqlx::AssertSqlSafe(format!(
         r#"
+        WITH {BATCH_ROWS}
         SELECT 1 FROM steps
-        WHERE step_id = ANY (ARRAY(
-            SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
-            UNION
-            SELECT e.to_step
-            FROM unnest($2::uuid[]) AS r(step_id)
-            CROSS JOIN LATERAL (SELECT to_step FROM step_edges
-                                WHERE from_step = r.step_id OFFSET 0) e))
+        WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted))
         ORDER BY step_id
         FOR UPDATE
-        "#,
-    )
+        "#
+    )))
     .bind(steps)
     .bind(results)
     .execute(conn)
