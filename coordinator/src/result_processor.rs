@@ -1,7 +1,10 @@
 //! The result processor: applies workers' results and started notices in batches.
 //!
-//! One consumer on the results queue. It takes the first delivery, then whatever else the
-//! prefetch buffer already holds (up to the batch size), and in **one transaction**:
+//! A consumer of the results queue (a coordinator runs `TASKER_RESULT_CONSUMERS` of them,
+//! each on its own channel, in descending consumer priority: the broker hands a lower
+//! one messages only while the higher ones have their prefetch full). It takes the
+//! first delivery, then whatever else the prefetch buffer already holds (up to the
+//! batch size), and in **one transaction**:
 //! marks started steps `in_progress`, applies results (fenced by dispatch token) and
 //! claims the dependents they made ready in the same statement, reads those dependents'
 //! messages, and finishes tasks that can finish. After the commit it acks the batch
@@ -20,7 +23,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
@@ -46,6 +49,7 @@ pub(crate) struct ResultProcessor {
     batch_size: i64,
     lease_ms: i64,
     lease: LeasePolicy,
+    priority: i32,
 }
 
 /// What one batch did, for logs and tests.
@@ -68,6 +72,9 @@ pub(crate) struct ResultProcessorConfig {
     pub(crate) batch_size: i64,
     pub(crate) lease_ms: i64,
     pub(crate) lease: LeasePolicy,
+    /// The consumer's priority (RabbitMQ's `x-priority`): the broker delivers to a
+    /// lower one only while every higher one has its prefetch full.
+    pub(crate) priority: i32,
 }
 
 impl ResultProcessor {
@@ -92,6 +99,7 @@ impl ResultProcessor {
             batch_size: config.batch_size,
             lease_ms: config.lease_ms,
             lease: config.lease,
+            priority: config.priority,
         }
     }
 
@@ -101,12 +109,14 @@ impl ResultProcessor {
         self.channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-priority".into(), AMQPValue::LongInt(self.priority));
         self.channel
             .basic_consume(
                 self.topology.results_queue().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                arguments,
             )
             .await
     }

@@ -29,6 +29,11 @@ pub struct CoordinatorSettings {
     /// Most steps claimed (or results applied) in one transaction.
     #[arg(long, env = "TASKER_BATCH_SIZE", default_value_t = 256)]
     pub batch_size: i64,
+    /// Result batches applied at once, each by its own consumer of the results queue.
+    /// While one batch waits for its commit to reach the disk, the next is applied.
+    #[arg(long, env = "TASKER_RESULT_CONSUMERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub result_consumers: u16,
     /// How long a claimed step may wait in its queue before it is dispatched again (the
     /// message expires at the same moment, so a stale copy is never run).
     #[arg(long, env = "TASKER_DISPATCH_LEASE_MS", default_value_t = 300_000)]

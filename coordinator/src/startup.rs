@@ -272,24 +272,41 @@ async fn run_session(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loops = JoinSet::new();
-    let processor = ResultProcessor::new(
-        state.pool.clone(),
-        state.publisher.clone(),
-        state.metrics.clone(),
-        (state.wake_dispatcher.clone(), state.wake_events.clone()),
-        session.channel.clone(),
-        session.confirm_channel.clone(),
-        ResultProcessorConfig {
-            topology: topology.clone(),
-            batch_size: settings.batch_size,
-            lease_ms: settings.dispatch_lease_ms,
-            lease: LeasePolicy {
-                grace_ms: settings.lease_grace_ms,
-                heartbeat_lease_ms: settings.heartbeat_lease_ms,
+    // Several consumers, each with its own channel: a `multiple` ack covers only its
+    // own channel's deliveries. Their batches skip each other's locked steps as another
+    // coordinator's would (transitions::lock_batch).
+    let mut consumer_channels = vec![Ok(session.channel.clone())];
+    for _ in 1..settings.result_consumers {
+        consumer_channels.push(session.connection.create_channel().await);
+    }
+    let consumer_channels: lapin::Result<Vec<lapin::Channel>> =
+        consumer_channels.into_iter().collect();
+    for (rank, channel) in consumer_channels
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let processor = ResultProcessor::new(
+            state.pool.clone(),
+            state.publisher.clone(),
+            state.metrics.clone(),
+            (state.wake_dispatcher.clone(), state.wake_events.clone()),
+            channel.clone(),
+            session.confirm_channel.clone(),
+            ResultProcessorConfig {
+                topology: topology.clone(),
+                batch_size: settings.batch_size,
+                lease_ms: settings.dispatch_lease_ms,
+                lease: LeasePolicy {
+                    grace_ms: settings.lease_grace_ms,
+                    heartbeat_lease_ms: settings.heartbeat_lease_ms,
+                },
+                priority: i32::from(settings.result_consumers) - rank as i32,
             },
-        },
-    );
-    loops.spawn(processor.run(stop_rx.clone()));
+        );
+        loops.spawn(processor.run(stop_rx.clone()));
+    }
     loops.spawn(state.control.clone().run(stop_rx.clone()));
     let opened = async {
         let gauges = Gauges::new(
@@ -326,6 +343,11 @@ async fn run_session(
         }
         Err(_) => Some(SessionEnd::BrokerLost("cannot open a channel")),
     };
+    if consumer_channels.is_err() {
+        end = Some(SessionEnd::BrokerLost(
+            "cannot open a result consumer's channel",
+        ));
+    }
     let mut health = tokio::time::interval(Duration::from_millis(500));
     while end.is_none() {
         end = tokio::select! {

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use serde_json::json;
-use tasker_tests::{TestEnv, metric};
+use tasker_tests::{EnvOptions, TestEnv, metric};
 use uuid::Uuid;
 
 const SLOW: &str = "namespace: held\nname: slow\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 3000}\n";
@@ -86,5 +88,63 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
         .filter(|(_, _, _, reason, _)| reason == "succeeded")
         .count();
     assert_eq!(succeeded, 1);
+    env.finish().await.unwrap();
+}
+
+/// `TASKER_RESULT_CONSUMERS` consumers share the results queue. With a prefetch of two
+/// each (`TASKER_BATCH_SIZE=1`), a burst of results overflows the first to the others,
+/// whose batches then lock the same tasks' steps: every task still completes, and
+/// every step succeeds once.
+#[tokio::test]
+async fn results_are_applied_by_as_many_consumers_as_configured() {
+    let options = EnvOptions {
+        coordinator_env: vec![
+            ("TASKER_RESULT_CONSUMERS".into(), "3".into()),
+            ("TASKER_BATCH_SIZE".into(), "1".into()),
+        ],
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("result-consumers", options)
+        .await
+        .unwrap();
+    let (connection, channel) = crate::poison::confirm_channel().await;
+    let results = channel
+        .queue_declare(
+            format!("{}.results", env.prefix).into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.consumer_count(), 3);
+    let _ = connection.close(200, "OK".into()).await;
+
+    env.register_template(QUICK).await.unwrap();
+    env.start_worker("consumers-1", &["held"]).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let (status, task) = env
+            .create_task(json!({"namespace": "held", "name": "quick", "context": {}}))
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{task}");
+        ids.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        let task = env
+            .wait_for_task(id, &["complete", "error"], Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(task["status"], "complete", "{task:#}");
+    }
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM step_transitions WHERE reason = 'succeeded'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 80, "each of the 80 steps succeeded once");
     env.finish().await.unwrap();
 }

@@ -56,7 +56,7 @@ async fn assert_metrics_reach(targets: &[(&str, &str, f64)]) {
     }
 }
 
-async fn confirm_channel() -> (Connection, Channel) {
+pub(crate) async fn confirm_channel() -> (Connection, Channel) {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ");
