@@ -101,6 +101,7 @@ impl Application {
         let state = AppState {
             auth,
             pool: pool.clone(),
+            templates: Arc::default(),
             publisher,
             metrics: metrics.clone(),
             control: Control::new(

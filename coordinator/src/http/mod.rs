@@ -33,6 +33,8 @@ pub(crate) use templates::register_template;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) pool: PgPool,
+    /// The templates task creations named (`TemplateCache`).
+    pub(crate) templates: Arc<tasker_shared::store::templates::TemplateCache>,
     pub(crate) publisher: Arc<StepPublisher>,
     pub(crate) metrics: Arc<CoordinatorMetrics>,
     pub(crate) control: Control,

@@ -21,7 +21,6 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{self, Created, NewTask, StepRecord, TaskFilter, TaskRecord};
-use tasker_shared::store::templates;
 
 /// A task with its steps and its execution context.
 #[derive(Serialize, ToSchema)]
@@ -174,39 +173,57 @@ pub(crate) async fn create(
     span.record("namespace", namespace.as_str());
     span.record("name", name.as_str());
 
-    let template = templates::find(&state.pool, &namespace, &name, version.as_deref())
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "template_not_found",
-                match &version {
-                    Some(version) => format!("no template {namespace}/{name} version {version}"),
-                    None => format!("no template {namespace}/{name}"),
-                },
-            )
-        })?;
-    template
-        .definition
-        .validate_context(&new.context)
-        .map_err(|problems| {
-            let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
-            ApiError::invalid(
-                "invalid_context",
-                format!(
-                    "the context breaks the template's schema in {} place(s)",
-                    details.len()
-                ),
-                details,
-            )
-        })?;
-
     // The first steps are claimed with the task and published from here, unless the
     // broker is away: then they wait, `pending`, for the dispatcher.
     let claim = state
         .publisher
         .connected()
         .then(|| state.publisher.lease_ms());
-    match tasks::create(&state.pool, &template, &new, claim).await? {
+    // At most twice: a create that named no version is refused when a version was
+    // registered since this coordinator last looked; it then looks again, and the
+    // second create is not checked (a registration racing it may or may not count).
+    let mut checked = true;
+    let (template, created) = loop {
+        let resolved = state
+            .templates
+            .resolve(&state.pool, &namespace, &name, version.as_deref())
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "template_not_found",
+                    match &version {
+                        Some(version) => {
+                            format!("no template {namespace}/{name} version {version}")
+                        }
+                        None => format!("no template {namespace}/{name}"),
+                    },
+                )
+            })?;
+        let template = resolved.template;
+        template
+            .definition
+            .validate_context(&new.context)
+            .map_err(|problems| {
+                let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
+                ApiError::invalid(
+                    "invalid_context",
+                    format!(
+                        "the context breaks the template's schema in {} place(s)",
+                        details.len()
+                    ),
+                    details,
+                )
+            })?;
+        let versions_known = resolved.versions_known.filter(|_| checked);
+        match tasks::create(&state.pool, &template, &new, claim, versions_known).await? {
+            Created::TemplateChanged if checked => {
+                state.templates.forget_newest(&namespace, &name);
+                checked = false;
+            }
+            created => break (template, created),
+        }
+    };
+    match created {
         Created::New(task, steps, dispatches) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
@@ -249,6 +266,10 @@ pub(crate) async fn create(
             }
             Ok((StatusCode::OK, Json(task_view(&state, task.task_id).await?)))
         }
+        // Only a checked create can be refused.
+        Created::TemplateChanged => Err(ApiError::internal(anyhow::anyhow!(
+            "an unchecked create of {namespace}/{name} was refused as stale"
+        ))),
     }
 }
 

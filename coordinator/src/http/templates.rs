@@ -161,6 +161,9 @@ pub(crate) async fn register_template(
         } => {
             tracing::info!(namespace = %definition.namespace, name = %definition.name,
                 version = %definition.version, "template registered");
+            state
+                .templates
+                .forget_newest(&definition.namespace, &definition.name);
             if new_namespace {
                 state
                     .publisher

@@ -106,7 +106,15 @@ pub enum Created {
     New(TaskRecord, Vec<StepRecord>, Vec<Dispatch>),
     /// The task created earlier with the same idempotency key.
     Existing(TaskRecord),
+    /// Nothing was written: the caller named no version, and the template's name no
+    /// longer has `versions_known` versions (one was registered since it looked).
+    /// Resolve the newest version again and retry.
+    TemplateChanged,
 }
+
+/// The SQLSTATE `tasker_create_task` raises when the template's versions changed
+/// (migration 0008).
+const TEMPLATE_CHANGED: &str = "TK001";
 
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \
      source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
@@ -117,11 +125,16 @@ const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, 
 /// [`claim_ready`](crate::store::transitions::claim_ready) would (`enqueued`, attempt 1,
 /// a dispatch token and a lease of that many milliseconds), and returned for the caller
 /// to publish once this returns. Without it they stay `pending` for the dispatcher.
+///
+/// With `versions_known` (see [`Resolved`](crate::store::templates::Resolved)), the
+/// statement first checks that the template's name still has that many versions, and
+/// writes nothing when it has not ([`Created::TemplateChanged`]).
 pub async fn create(
     pool: &PgPool,
     template: &TemplateRecord,
     new: &NewTask,
     claim_lease_ms: Option<i64>,
+    versions_known: Option<i32>,
 ) -> sqlx::Result<Created> {
     let definition = &template.definition;
     let task_id = Uuid::now_v7();
@@ -144,13 +157,13 @@ pub async fn create(
     }
     let steps = &definition.steps;
     // One call: the insert's plan is made once per connection (migration 0006).
-    let inserted: Option<TaskRecord> = sqlx::query_as(
+    let inserted: sqlx::Result<Option<TaskRecord>> = sqlx::query_as(
         r#"
         SELECT task_id, namespace, name, version, status, context, initiator, source_system,
                reason, tags, idempotency_key, created_at, updated_at, completed_at
         FROM tasker_create_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
                                 $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26,
-                                $27, $28, $29)
+                                $27, $28, $29, $30)
         "#,
     )
     .bind(task_id)
@@ -192,8 +205,15 @@ pub async fn create(
     .bind(&edge_to)
     .bind(&tokens)
     .bind(claim_lease_ms)
+    .bind(versions_known)
     .fetch_optional(pool)
-    .await?;
+    .await;
+    let inserted = match inserted {
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(TEMPLATE_CHANGED) => {
+            return Ok(Created::TemplateChanged);
+        }
+        other => other?,
+    };
 
     match inserted {
         Some(task) => {

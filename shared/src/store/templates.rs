@@ -1,5 +1,8 @@
 //! Registering and reading templates.
 
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
@@ -119,6 +122,18 @@ pub async fn find(
     name: &str,
     version: Option<&str>,
 ) -> sqlx::Result<Option<TemplateRecord>> {
+    Ok(find_newest(pool, namespace, name, version)
+        .await?
+        .map(|(template, _)| template))
+}
+
+/// [`find`], and how many versions it chose from.
+async fn find_newest(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    version: Option<&str>,
+) -> sqlx::Result<Option<(TemplateRecord, usize)>> {
     let rows = sqlx::query(
         r#"
         SELECT template_id, version, definition, created_at
@@ -130,10 +145,106 @@ pub async fn find(
     .bind(version)
     .fetch_all(pool)
     .await?;
+    let versions = rows.len();
     let newest = rows
         .into_iter()
         .max_by_key(|row| semver::Version::parse(row.get::<&str, _>("version")).ok());
-    newest.map(|row| record_from_row(&row)).transpose()
+    newest
+        .map(|row| Ok((record_from_row(&row)?, versions)))
+        .transpose()
+}
+
+/// A template as a task creation resolved it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The template.
+    pub template: Arc<TemplateRecord>,
+    /// When the creation named no version: how many versions the name had when the
+    /// newest was picked. The creating statement checks that it still has as many
+    /// ([`tasks::create`](crate::store::tasks::create)).
+    pub versions_known: Option<i32>,
+}
+
+type Versions = HashMap<(String, String, String), Arc<TemplateRecord>>;
+
+/// The templates task creations named, kept in memory so that a creation costs one
+/// statement rather than a lookup and then the insert.
+///
+/// A version, once registered, never changes and is never deleted, so a template found
+/// by its version stays right for ever. Which version is the newest can change: another
+/// coordinator may register one. A creation that named no version therefore carries
+/// the number of versions the name had ([`Resolved::versions_known`]), and the creating
+/// statement refuses it (`TK001`) when that number changed; the caller then
+/// [forgets](Self::forget_newest) the name and resolves it again.
+#[derive(Debug, Default)]
+pub struct TemplateCache {
+    versions: RwLock<Versions>,
+    newest: RwLock<HashMap<(String, String), Resolved>>,
+}
+
+impl TemplateCache {
+    /// The template a creation names: the given version, or else the newest (from
+    /// memory when this coordinator has resolved the name before).
+    pub async fn resolve(
+        &self,
+        pool: &PgPool,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> sqlx::Result<Option<Resolved>> {
+        let name_key = (namespace.to_owned(), name.to_owned());
+        let cached = match version {
+            Some(version) => read(&self.versions)
+                .get(&(name_key.0.clone(), name_key.1.clone(), version.to_owned()))
+                .map(|template| Resolved {
+                    template: template.clone(),
+                    versions_known: None,
+                }),
+            None => read(&self.newest).get(&name_key).cloned(),
+        };
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let Some((template, versions)) = find_newest(pool, namespace, name, version).await? else {
+            return Ok(None);
+        };
+        let template = Arc::new(template);
+        write(&self.versions).insert(
+            (
+                name_key.0.clone(),
+                name_key.1.clone(),
+                template.definition.version.clone(),
+            ),
+            template.clone(),
+        );
+        if version.is_some() {
+            return Ok(Some(Resolved {
+                template,
+                versions_known: None,
+            }));
+        }
+        let resolved = Resolved {
+            template,
+            versions_known: Some(i32::try_from(versions).unwrap_or(i32::MAX)),
+        };
+        write(&self.newest).insert(name_key, resolved.clone());
+        Ok(Some(resolved))
+    }
+
+    /// Forget which version of `namespace/name` is the newest (a version was registered).
+    pub fn forget_newest(&self, namespace: &str, name: &str) {
+        write(&self.newest).remove(&(namespace.to_owned(), name.to_owned()));
+    }
+}
+
+// A panic while a lock was held cannot leave these maps half-changed (each change is
+// one insert or remove), so a poisoned lock's contents are still good.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Every template, ordered by namespace, name and version.

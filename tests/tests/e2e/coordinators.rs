@@ -91,6 +91,67 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
     env.finish().await.unwrap();
 }
 
+fn versioned(version: &str) -> String {
+    format!(
+        "namespace: versions\nname: flow\nversion: {version}\nsteps:\n  - name: one\n    handler: tasker.noop\n"
+    )
+}
+
+/// Creates that name no version get the newest, even when that version was registered
+/// through another coordinator after this one had already resolved the name.
+#[tokio::test]
+async fn a_version_registered_on_another_coordinator_is_the_newest_at_once() {
+    let env = TestEnv::start("newest-version").await.unwrap();
+    let (mut other, other_url) = env.start_coordinator("coordinator-b", &[]).await.unwrap();
+    let http = reqwest::Client::new();
+    let register_on_other = |version: &str| {
+        http.post(format!("{other_url}/v1/templates"))
+            .header("content-type", "application/yaml")
+            .body(versioned(version))
+            .send()
+    };
+    let create = |body: serde_json::Value| {
+        let env = &env;
+        async move {
+            let (status, task) = env.create_task(body).await.unwrap();
+            assert_eq!(status, 201, "{task}");
+            task["version"].as_str().unwrap().to_owned()
+        }
+    };
+    let newest = || create(json!({"namespace": "versions", "name": "flow"}));
+
+    let (status, _) = env.register_template(&versioned("1.0.0")).await.unwrap();
+    assert_eq!(status, 201);
+    assert_eq!(newest().await, "1.0.0");
+
+    let response = register_on_other("1.1.0").await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        newest().await,
+        "1.1.0",
+        "the newer version, registered elsewhere"
+    );
+    assert_eq!(newest().await, "1.1.0");
+
+    // An older version registered later changes the count, not the newest.
+    let response = register_on_other("0.9.0").await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(newest().await, "1.1.0");
+    assert_eq!(
+        create(json!({"namespace": "versions", "name": "flow", "version": "1.0.0"})).await,
+        "1.0.0"
+    );
+
+    // Every create above made exactly one task.
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(tasks, 5);
+    other.terminate().await.unwrap();
+    env.finish().await.unwrap();
+}
+
 /// `TASKER_RESULT_CONSUMERS` consumers share the results queue. With a prefetch of two
 /// each (`TASKER_BATCH_SIZE=1`), a burst of results overflows the first to the others,
 /// whose batches then lock the same tasks' steps: every task still completes, and
