@@ -29,9 +29,10 @@ pub struct CoordinatorSettings {
     /// Most steps claimed (or results applied) in one transaction.
     #[arg(long, env = "TASKER_BATCH_SIZE", default_value_t = 256)]
     pub batch_size: i64,
-    /// Result batches applied at once, each by its own consumer of the results queue.
-    /// While one batch waits for its commit to reach the disk, the next is applied.
-    #[arg(long, env = "TASKER_RESULT_CONSUMERS", default_value_t = 2,
+    /// Result batches applied at once, each by its own consumer of the results queue
+    /// (the second gets messages only while the first has its prefetch full). On two
+    /// cores a second one brought no throughput and cost CPU per step (BENCHMARKS.md).
+    #[arg(long, env = "TASKER_RESULT_CONSUMERS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub result_consumers: u16,
     /// How long a claimed step may wait in its queue before it is dispatched again (the
