@@ -180,25 +180,33 @@ pub(crate) async fn create(
         .connected()
         .then(|| state.publisher.lease_ms());
     // At most twice: a create that named no version is refused when a version was
-    // registered since this coordinator last looked; it then looks again, and the
-    // second create is not checked (a registration racing it may or may not count).
+    // registered since this coordinator last looked. It then reads the template from
+    // the database, as a create did before templates were kept, and the second create
+    // is not checked (a registration racing it may or may not count).
     let mut checked = true;
     let (template, created) = loop {
-        let resolved = state
-            .templates
-            .resolve(&state.pool, &namespace, &name, version.as_deref())
-            .await?
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "template_not_found",
-                    match &version {
-                        Some(version) => {
-                            format!("no template {namespace}/{name} version {version}")
-                        }
-                        None => format!("no template {namespace}/{name}"),
-                    },
-                )
-            })?;
+        let resolved = if checked {
+            state
+                .templates
+                .resolve(&state.pool, &namespace, &name, version.as_deref())
+                .await?
+        } else {
+            state
+                .templates
+                .reload(&state.pool, &namespace, &name, version.as_deref())
+                .await?
+        };
+        let resolved = resolved.ok_or_else(|| {
+            ApiError::not_found(
+                "template_not_found",
+                match &version {
+                    Some(version) => {
+                        format!("no template {namespace}/{name} version {version}")
+                    }
+                    None => format!("no template {namespace}/{name}"),
+                },
+            )
+        })?;
         let template = resolved.template;
         template
             .definition
@@ -216,10 +224,7 @@ pub(crate) async fn create(
             })?;
         let versions_known = resolved.versions_known.filter(|_| checked);
         match tasks::create(&state.pool, &template, &new, claim, versions_known).await? {
-            Created::TemplateChanged if checked => {
-                state.templates.forget_newest(&namespace, &name);
-                checked = false;
-            }
+            Created::TemplateChanged if checked => checked = false,
             created => break (template, created),
         }
     };

@@ -156,7 +156,7 @@ pub async fn create(
         }
     }
     let steps = &definition.steps;
-    // One call: the insert's plan is made once per connection (migration 0006).
+    // One call: the insert's plan is made once per connection (migrations 0006, 0008).
     let inserted: sqlx::Result<Option<TaskRecord>> = sqlx::query_as(
         r#"
         SELECT task_id, namespace, name, version, status, context, initiator, source_system,

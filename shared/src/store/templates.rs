@@ -175,7 +175,7 @@ type Versions = HashMap<(String, String, String), Arc<TemplateRecord>>;
 /// coordinator may register one. A creation that named no version therefore carries
 /// the number of versions the name had ([`Resolved::versions_known`]), and the creating
 /// statement refuses it (`TK001`) when that number changed; the caller then
-/// [forgets](Self::forget_newest) the name and resolves it again.
+/// [reloads](Self::reload) the name and creates again.
 #[derive(Debug, Default)]
 pub struct TemplateCache {
     versions: RwLock<Versions>,
@@ -205,6 +205,19 @@ impl TemplateCache {
         if cached.is_some() {
             return Ok(cached);
         }
+        self.reload(pool, namespace, name, version).await
+    }
+
+    /// [`resolve`](Self::resolve), from the database whatever this cache holds (and
+    /// kept for the next one).
+    pub async fn reload(
+        &self,
+        pool: &PgPool,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> sqlx::Result<Option<Resolved>> {
+        let name_key = (namespace.to_owned(), name.to_owned());
         let Some((template, versions)) = find_newest(pool, namespace, name, version).await? else {
             return Ok(None);
         };
