@@ -192,15 +192,16 @@ impl TemplateCache {
         name: &str,
         version: Option<&str>,
     ) -> sqlx::Result<Option<Resolved>> {
-        let name_key = (namespace.to_owned(), name.to_owned());
         let cached = match version {
             Some(version) => read(&self.versions)
-                .get(&(name_key.0.clone(), name_key.1.clone(), version.to_owned()))
+                .get(&(namespace.to_owned(), name.to_owned(), version.to_owned()))
                 .map(|template| Resolved {
                     template: template.clone(),
                     versions_known: None,
                 }),
-            None => read(&self.newest).get(&name_key).cloned(),
+            None => read(&self.newest)
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .cloned(),
         };
         if cached.is_some() {
             return Ok(cached);
@@ -217,15 +218,14 @@ impl TemplateCache {
         name: &str,
         version: Option<&str>,
     ) -> sqlx::Result<Option<Resolved>> {
-        let name_key = (namespace.to_owned(), name.to_owned());
         let Some((template, versions)) = find_newest(pool, namespace, name, version).await? else {
             return Ok(None);
         };
         let template = Arc::new(template);
         write(&self.versions).insert(
             (
-                name_key.0.clone(),
-                name_key.1.clone(),
+                namespace.to_owned(),
+                name.to_owned(),
                 template.definition.version.clone(),
             ),
             template.clone(),
@@ -240,7 +240,7 @@ impl TemplateCache {
             template,
             versions_known: Some(i32::try_from(versions).unwrap_or(i32::MAX)),
         };
-        write(&self.newest).insert(name_key, resolved.clone());
+        write(&self.newest).insert((namespace.to_owned(), name.to_owned()), resolved.clone());
         Ok(Some(resolved))
     }
 

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::json;
 use tasker_tests::{EnvOptions, TestEnv, metric};
 use uuid::Uuid;
@@ -169,17 +167,7 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
         .await
         .unwrap();
     let (connection, channel) = crate::poison::confirm_channel().await;
-    let results = channel
-        .queue_declare(
-            format!("{}.results", env.prefix).into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let results = crate::poison::existing_queue(&channel, &format!("{}.results", env.prefix)).await;
     assert_eq!(results.consumer_count(), 3);
     let _ = connection.close(200, "OK".into()).await;
 

@@ -68,6 +68,21 @@ pub(crate) async fn confirm_channel() -> (Connection, Channel) {
     (connection, channel)
 }
 
+/// A queue as it stands (declared passively: an error if it does not exist).
+pub(crate) async fn existing_queue(channel: &Channel, name: &str) -> lapin::Queue {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
 /// Publish and wait for the broker's confirm.
 async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
     let confirm = channel
@@ -452,17 +467,7 @@ async fn an_oversized_result_is_a_permanent_step_error_not_a_broker_failure() {
         0.0
     );
     let (connection, channel) = confirm_channel().await;
-    let dead_letters = channel
-        .queue_declare(
-            format!("{}.dead_letter", env.prefix).into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let dead_letters = existing_queue(&channel, &format!("{}.dead_letter", env.prefix)).await;
     assert_eq!(dead_letters.message_count(), 0);
     let _ = connection.close(200, "OK".into()).await;
     assert_alive(&env, &worker_metrics).await;
