@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tasker_shared::broker::Topology;
 use tasker_tests::{EnvOptions, TestEnv, metric};
 use uuid::Uuid;
 
@@ -167,8 +168,12 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
         .await
         .unwrap();
     let (connection, channel) = crate::poison::confirm_channel().await;
-    let results = crate::poison::existing_queue(&channel, &format!("{}.results", env.prefix)).await;
-    assert_eq!(results.consumer_count(), 3);
+    let topology = Topology::new(env.prefix.clone());
+    let (_, consumers) = topology
+        .queue_stats(&channel, &topology.results_queue())
+        .await
+        .unwrap();
+    assert_eq!(consumers, 3);
     let _ = connection.close(200, "OK".into()).await;
 
     env.register_template(QUICK).await.unwrap();

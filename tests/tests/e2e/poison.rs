@@ -16,12 +16,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use tasker_shared::broker::Topology;
 use tasker_tests::{StatusCode, TestEnv, amqp_url, binary, metric};
 use uuid::Uuid;
 
@@ -66,21 +65,6 @@ pub(crate) async fn confirm_channel() -> (Connection, Channel) {
         .await
         .expect("confirm mode");
     (connection, channel)
-}
-
-/// A queue as it stands (declared passively: an error if it does not exist).
-pub(crate) async fn existing_queue(channel: &Channel, name: &str) -> lapin::Queue {
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
 }
 
 /// Publish and wait for the broker's confirm.
@@ -467,8 +451,12 @@ async fn an_oversized_result_is_a_permanent_step_error_not_a_broker_failure() {
         0.0
     );
     let (connection, channel) = confirm_channel().await;
-    let dead_letters = existing_queue(&channel, &format!("{}.dead_letter", env.prefix)).await;
-    assert_eq!(dead_letters.message_count(), 0);
+    let topology = Topology::new(env.prefix.clone());
+    let (dead_letters, _) = topology
+        .queue_stats(&channel, &topology.dead_letter_queue())
+        .await
+        .unwrap();
+    assert_eq!(dead_letters, 0);
     let _ = connection.close(200, "OK".into()).await;
     assert_alive(&env, &worker_metrics).await;
     env.finish().await.unwrap();
