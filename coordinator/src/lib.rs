@@ -11,6 +11,7 @@
 //! - `dispatcher`: claims ready steps in batches (`FOR UPDATE SKIP LOCKED`) and publishes them.
 //! - `result_processor`: applies results in batches and dispatches the dependents they
 //!   make ready, in the same transaction.
+//! - `creator`: writes the task creations that arrive together with one statement.
 //! - `sweeper`: expires leases of lost steps.
 //! - `control`: announces namespaces to workers and hears their status.
 //! - `events`: relays the transition history to the lifecycle events exchange.
@@ -19,6 +20,7 @@
 
 mod auth;
 mod control;
+mod creator;
 mod dispatcher;
 mod events;
 mod gauges;

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::auth::Authenticator;
 use crate::control::Control;
+use crate::creator::TaskCreator;
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::events::EventRelay;
 use crate::gauges::Gauges;
@@ -102,6 +103,7 @@ impl Application {
             auth,
             pool: pool.clone(),
             templates: Arc::default(),
+            creator: TaskCreator::start(pool.clone()),
             publisher,
             metrics: metrics.clone(),
             control: Control::new(

@@ -35,6 +35,8 @@ pub(crate) struct AppState {
     pub(crate) pool: PgPool,
     /// The templates task creations named (`TemplateCache`).
     pub(crate) templates: Arc<tasker_shared::store::templates::TemplateCache>,
+    /// Writes task creations, batching those that arrive together.
+    pub(crate) creator: crate::creator::TaskCreator,
     pub(crate) publisher: Arc<StepPublisher>,
     pub(crate) metrics: Arc<CoordinatorMetrics>,
     pub(crate) control: Control,

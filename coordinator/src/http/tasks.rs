@@ -1,6 +1,7 @@
 //! `POST /v1/tasks`, `GET /v1/tasks/{task_id}`, `GET /v1/tasks`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -20,7 +21,9 @@ use super::body::{
 use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
-use tasker_shared::store::tasks::{self, Created, NewTask, StepRecord, TaskFilter, TaskRecord};
+use tasker_shared::store::tasks::{
+    self, Created, Creation, NewTask, StepRecord, TaskFilter, TaskRecord,
+};
 
 /// A task with its steps and its execution context.
 #[derive(Serialize, ToSchema)]
@@ -143,7 +146,7 @@ pub(crate) async fn create(
     if !context.is_object() {
         fields.problem("context", "`context` must be a JSON object");
     }
-    let new = NewTask {
+    let new = Arc::new(NewTask {
         context,
         initiator: fields.string("initiator", false, SHORT_TEXT),
         source_system: fields.string("source_system", false, SHORT_TEXT),
@@ -151,7 +154,7 @@ pub(crate) async fn create(
         tags: fields.value("tags").unwrap_or_else(|| json!([])),
         idempotency_key: fields.string("idempotency_key", false, KEY_LENGTH),
         trace_parent: tasker_shared::telemetry::traceparent(&tracing::Span::current()),
-    };
+    });
     tasker_shared::telemetry::record_trace_id(&tracing::Span::current());
     fields.finish("invalid_request")?;
     let (Some(namespace), Some(name)) = (namespace, name) else {
@@ -223,7 +226,8 @@ pub(crate) async fn create(
                 )
             })?;
         let versions_known = resolved.versions_known.filter(|_| checked);
-        match tasks::create(&state.pool, &template, &new, claim, versions_known).await? {
+        let creation = Creation::new(template.clone(), new.clone(), claim, versions_known);
+        match state.creator.create(creation).await? {
             Created::TemplateChanged if checked => checked = false,
             created => break (template, created),
         }

@@ -1,5 +1,8 @@
 //! Creating tasks and reading them.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -119,53 +122,179 @@ const TEMPLATE_CHANGED: &str = "TK001";
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \
      source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
 
-/// Create a task with all its steps and edges in one statement (`tasker_create_task`).
+/// A task about to be created: the caller's request, checked against its template, with
+/// the ids of the task, its steps and their claims chosen.
 ///
-/// With `claim_lease_ms`, the steps without parents are claimed in the same statement, as
-/// [`claim_ready`](crate::store::transitions::claim_ready) would (`enqueued`, attempt 1,
-/// a dispatch token and a lease of that many milliseconds), and returned for the caller
-/// to publish once this returns. Without it they stay `pending` for the dispatcher.
+/// With `claim_lease_ms`, the steps without parents are claimed by the creating statement,
+/// as [`claim_ready`](crate::store::transitions::claim_ready) would (`enqueued`, attempt
+/// 1, a dispatch token and a lease of that many milliseconds), and returned for the caller
+/// to publish once it commits. Without it they stay `pending` for the dispatcher.
 ///
 /// With `versions_known` (see [`Resolved`](crate::store::templates::Resolved)), the
 /// statement first checks that the template's name still has that many versions, and
 /// writes nothing when it has not ([`Created::TemplateChanged`]).
-pub async fn create(
-    pool: &PgPool,
-    template: &TemplateRecord,
-    new: &NewTask,
+#[derive(Debug)]
+pub struct Creation {
+    template: Arc<TemplateRecord>,
+    new: Arc<NewTask>,
     claim_lease_ms: Option<i64>,
     versions_known: Option<i32>,
-) -> sqlx::Result<Created> {
-    let definition = &template.definition;
-    let task_id = Uuid::now_v7();
-    let step_ids: Vec<Uuid> = definition.steps.iter().map(|_| Uuid::now_v7()).collect();
-    let tokens: Vec<Option<Uuid>> = definition
-        .steps
-        .iter()
-        .map(|step| (claim_lease_ms.is_some() && step.depends_on.is_empty()).then(Uuid::new_v4))
-        .collect();
-    let index_of = |name: &str| definition.steps.iter().position(|s| s.name == name);
-    let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
-    for (child, step) in definition.steps.iter().enumerate() {
-        for parent in &step.depends_on {
-            // The template was validated: every dependency names a step.
-            if let Some(parent) = index_of(parent) {
-                edge_from.push(step_ids[parent]);
-                edge_to.push(step_ids[child]);
+    task_id: Uuid,
+    step_ids: Vec<Uuid>,
+    tokens: Vec<Option<Uuid>>,
+    edge_from: Vec<Uuid>,
+    edge_to: Vec<Uuid>,
+}
+
+impl Creation {
+    /// Choose the ids for creating `new` from `template`.
+    pub fn new(
+        template: Arc<TemplateRecord>,
+        new: Arc<NewTask>,
+        claim_lease_ms: Option<i64>,
+        versions_known: Option<i32>,
+    ) -> Self {
+        let steps = &template.definition.steps;
+        let step_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
+        let tokens = steps
+            .iter()
+            .map(|step| (claim_lease_ms.is_some() && step.depends_on.is_empty()).then(Uuid::new_v4))
+            .collect();
+        let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
+        for (child, step) in steps.iter().enumerate() {
+            for parent in &step.depends_on {
+                // The template was validated: every dependency names a step.
+                if let Some(parent) = template.definition.step_index(parent) {
+                    edge_from.push(step_ids[parent]);
+                    edge_to.push(step_ids[child]);
+                }
+            }
+        }
+        Self {
+            template,
+            new,
+            claim_lease_ms,
+            versions_known,
+            task_id: Uuid::now_v7(),
+            step_ids,
+            tokens,
+            edge_from,
+            edge_to,
+        }
+    }
+
+    /// The task as the statement answered it, with its steps as inserted (built here, not
+    /// read back) and the claimed ones' messages.
+    fn created(&self, task: TaskRecord) -> Created {
+        let definition = &self.template.definition;
+        let mut created = Vec::with_capacity(definition.steps.len());
+        let mut dispatches = Vec::new();
+        for ((step, step_id), token) in definition
+            .steps
+            .iter()
+            .zip(&self.step_ids)
+            .zip(&self.tokens)
+        {
+            created.push(StepRecord {
+                step_id: *step_id,
+                name: step.name.clone(),
+                handler: step.handler.clone(),
+                status: if token.is_some() {
+                    StepStatus::Enqueued
+                } else {
+                    StepStatus::Pending
+                },
+                attempts: i32::from(token.is_some()),
+                retry_limit: step.retry_limit,
+                deferrals: 0,
+                retryable: step.retryable,
+                timeout_ms: step.timeout_ms,
+                // In template order, as reading the task back lists them.
+                depends_on: {
+                    let mut parents = step.depends_on.clone();
+                    parents.sort_by_key(|parent| definition.step_index(parent));
+                    parents
+                },
+                results: None,
+                last_error: None,
+                next_attempt_at: None,
+                started_at: None,
+                completed_at: None,
+            });
+            let Some(dispatch_token) = *token else {
+                continue;
+            };
+            dispatches.push(Dispatch {
+                trace_parent: self.new.trace_parent.clone(),
+                message: StepMessage {
+                    schema_version: SCHEMA_VERSION,
+                    task_id: task.task_id,
+                    step_id: *step_id,
+                    step_name: step.name.clone(),
+                    namespace: task.namespace.clone(),
+                    template: format!("{}@{}", task.name, task.version),
+                    handler: step.handler.clone(),
+                    config: step.config.clone(),
+                    context: task.context.clone(),
+                    parents: Default::default(),
+                    attempt: 1,
+                    retry_limit: step.retry_limit,
+                    deferrals: 0,
+                    dispatch_token,
+                    timeout_ms: step.timeout_ms,
+                    // The creating transaction's time, as the claim's `now()`.
+                    dispatched_at: task.created_at,
+                },
+            });
+        }
+        Created::New(task, created, dispatches)
+    }
+
+    /// What became of this creation, given the row its statement returned (none: the
+    /// idempotency key was taken).
+    async fn outcome(&self, pool: &PgPool, inserted: Option<TaskRecord>) -> sqlx::Result<Created> {
+        match inserted {
+            Some(task) => Ok(self.created(task)),
+            None => {
+                let definition = &self.template.definition;
+                let key = self.new.idempotency_key.as_deref().unwrap_or_default();
+                let existing =
+                    find_by_idempotency_key(pool, &definition.namespace, &definition.name, key)
+                        .await?
+                        .ok_or(sqlx::Error::RowNotFound)?;
+                Ok(Created::Existing(existing))
             }
         }
     }
+}
+
+/// Whether an error is `tasker_create_task(s)` refusing because a template's versions
+/// changed.
+fn template_changed(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(error) if error.code().as_deref() == Some(TEMPLATE_CHANGED))
+}
+
+/// Create a task with all its steps and edges in one statement (`tasker_create_task`).
+pub async fn create(pool: &PgPool, creation: &Creation) -> sqlx::Result<Created> {
+    let Creation {
+        template,
+        new,
+        task_id,
+        step_ids,
+        tokens,
+        edge_from,
+        edge_to,
+        ..
+    } = creation;
+    let definition = &template.definition;
     let steps = &definition.steps;
     // One call: the insert's plan is made once per connection (migrations 0006, 0008).
-    let inserted: sqlx::Result<Option<TaskRecord>> = sqlx::query_as(
-        r#"
-        SELECT task_id, namespace, name, version, status, context, initiator, source_system,
-               reason, tags, idempotency_key, created_at, updated_at, completed_at
-        FROM tasker_create_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26,
-                                $27, $28, $29, $30)
-        "#,
-    )
+    let inserted: sqlx::Result<Option<TaskRecord>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} \
+         FROM tasker_create_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                                 $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
+                                 $27, $28, $29, $30)"
+    )))
     .bind(task_id)
     .bind(template.template_id)
     .bind(&definition.namespace)
@@ -178,7 +307,7 @@ pub async fn create(
     .bind(&new.tags)
     .bind(&new.idempotency_key)
     .bind(&new.trace_parent)
-    .bind(&step_ids)
+    .bind(step_ids)
     .bind(steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.handler.clone()).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.config.clone()).collect::<Vec<_>>())
@@ -201,88 +330,188 @@ pub async fn create(
             .collect::<Vec<_>>(),
     )
     .bind(steps.iter().map(|s| s.max_deferrals).collect::<Vec<_>>())
-    .bind(&edge_from)
-    .bind(&edge_to)
-    .bind(&tokens)
-    .bind(claim_lease_ms)
-    .bind(versions_known)
+    .bind(edge_from)
+    .bind(edge_to)
+    .bind(tokens)
+    .bind(creation.claim_lease_ms)
+    .bind(creation.versions_known)
     .fetch_optional(pool)
     .await;
-    let inserted = match inserted {
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(TEMPLATE_CHANGED) => {
-            return Ok(Created::TemplateChanged);
-        }
-        other => other?,
-    };
-
     match inserted {
-        Some(task) => {
-            // The steps as just inserted, built here rather than read back: creating a
-            // task costs one statement.
-            let mut created = Vec::with_capacity(steps.len());
-            let mut dispatches = Vec::new();
-            for ((step, step_id), token) in steps.iter().zip(&step_ids).zip(&tokens) {
-                created.push(StepRecord {
-                    step_id: *step_id,
-                    name: step.name.clone(),
-                    handler: step.handler.clone(),
-                    status: if token.is_some() {
-                        StepStatus::Enqueued
-                    } else {
-                        StepStatus::Pending
-                    },
-                    attempts: i32::from(token.is_some()),
-                    retry_limit: step.retry_limit,
-                    deferrals: 0,
-                    retryable: step.retryable,
-                    timeout_ms: step.timeout_ms,
-                    // In template order, as reading the task back lists them.
-                    depends_on: {
-                        let mut parents = step.depends_on.clone();
-                        parents.sort_by_key(|parent| index_of(parent));
-                        parents
-                    },
-                    results: None,
-                    last_error: None,
-                    next_attempt_at: None,
-                    started_at: None,
-                    completed_at: None,
-                });
-                let Some(dispatch_token) = *token else {
-                    continue;
-                };
-                dispatches.push(Dispatch {
-                    trace_parent: new.trace_parent.clone(),
-                    message: StepMessage {
-                        schema_version: SCHEMA_VERSION,
-                        task_id: task.task_id,
-                        step_id: *step_id,
-                        step_name: step.name.clone(),
-                        namespace: task.namespace.clone(),
-                        template: format!("{}@{}", task.name, task.version),
-                        handler: step.handler.clone(),
-                        config: step.config.clone(),
-                        context: task.context.clone(),
-                        parents: Default::default(),
-                        attempt: 1,
-                        retry_limit: step.retry_limit,
-                        deferrals: 0,
-                        dispatch_token,
-                        timeout_ms: step.timeout_ms,
-                        // The creating transaction's time, as the claim's `now()`.
-                        dispatched_at: task.created_at,
-                    },
-                });
-            }
-            Ok(Created::New(task, created, dispatches))
-        }
-        None => {
-            let key = new.idempotency_key.as_deref().unwrap_or_default();
-            let existing =
-                find_by_idempotency_key(pool, &definition.namespace, &definition.name, key)
-                    .await?
-                    .ok_or(sqlx::Error::RowNotFound)?;
-            Ok(Created::Existing(existing))
+        Err(error) if template_changed(&error) => Ok(Created::TemplateChanged),
+        Err(error) => Err(error),
+        Ok(inserted) => creation.outcome(pool, inserted).await,
+    }
+}
+
+/// Create several tasks in one statement (`tasker_create_tasks`, migration 0009): what
+/// [`create`] does for each, with one round trip and one commit for them all. The
+/// outcomes are in the order of `creations`; each can fail on its own only where a taken
+/// idempotency key sends it to read the task that holds the key.
+///
+/// The statement writes all of them or nothing. When it fails, this fails, and nothing
+/// was written: the caller may then create each on its own, as with a template whose
+/// versions changed (`TK001`, refused for the whole batch here and answered per task by
+/// [`create`]).
+pub async fn create_many(
+    pool: &PgPool,
+    creations: &[Creation],
+) -> sqlx::Result<Vec<sqlx::Result<Created>>> {
+    let mut tasks = TaskColumns::default();
+    let mut steps = StepColumns::default();
+    let (mut edge_task_ids, mut edge_from, mut edge_to) = (Vec::new(), Vec::new(), Vec::new());
+    for creation in creations {
+        tasks.push(creation);
+        steps.push(creation);
+        edge_task_ids.extend(creation.edge_from.iter().map(|_| creation.task_id));
+        edge_from.extend_from_slice(&creation.edge_from);
+        edge_to.extend_from_slice(&creation.edge_to);
+    }
+    // Every claim in one batch has the publisher's one lease.
+    let lease_ms = creations
+        .iter()
+        .find_map(|creation| creation.claim_lease_ms);
+    let inserted: Vec<TaskRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} \
+         FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
+                                  $27, $28, $29, $30, $31, $32, $33, $34)"
+    )))
+    .bind(tasks.task_ids)
+    .bind(tasks.template_ids)
+    .bind(tasks.namespaces)
+    .bind(tasks.names)
+    .bind(tasks.versions)
+    .bind(tasks.contexts)
+    .bind(tasks.initiators)
+    .bind(tasks.source_systems)
+    .bind(tasks.reasons)
+    .bind(tasks.tags)
+    .bind(tasks.idempotency_keys)
+    .bind(tasks.trace_parents)
+    .bind(tasks.dispatched)
+    .bind(tasks.versions_known)
+    .bind(steps.task_ids)
+    .bind(steps.positions)
+    .bind(steps.step_ids)
+    .bind(steps.names)
+    .bind(steps.handlers)
+    .bind(steps.configs)
+    .bind(steps.parents)
+    .bind(steps.retry_limits)
+    .bind(steps.retryable)
+    .bind(steps.timeouts_ms)
+    .bind(steps.backoff_base_ms)
+    .bind(steps.backoff_max_ms)
+    .bind(steps.backoff_jitter)
+    .bind(steps.backoff_schedules)
+    .bind(steps.max_deferrals)
+    .bind(steps.tokens)
+    .bind(edge_task_ids)
+    .bind(edge_from)
+    .bind(edge_to)
+    .bind(lease_ms)
+    .fetch_all(pool)
+    .await?;
+    let mut inserted: HashMap<Uuid, TaskRecord> = inserted
+        .into_iter()
+        .map(|task| (task.task_id, task))
+        .collect();
+    let mut outcomes = Vec::with_capacity(creations.len());
+    for creation in creations {
+        let task = inserted.remove(&creation.task_id);
+        outcomes.push(creation.outcome(pool, task).await);
+    }
+    Ok(outcomes)
+}
+
+/// The task columns of a batch, one entry per task.
+#[derive(Default)]
+struct TaskColumns<'a> {
+    task_ids: Vec<Uuid>,
+    template_ids: Vec<i64>,
+    namespaces: Vec<&'a str>,
+    names: Vec<&'a str>,
+    versions: Vec<&'a str>,
+    contexts: Vec<&'a Value>,
+    initiators: Vec<Option<&'a str>>,
+    source_systems: Vec<Option<&'a str>>,
+    reasons: Vec<Option<&'a str>>,
+    tags: Vec<&'a Value>,
+    idempotency_keys: Vec<Option<&'a str>>,
+    trace_parents: Vec<Option<&'a str>>,
+    dispatched: Vec<bool>,
+    versions_known: Vec<Option<i32>>,
+}
+
+impl<'a> TaskColumns<'a> {
+    fn push(&mut self, creation: &'a Creation) {
+        let (definition, new) = (&creation.template.definition, &creation.new);
+        self.task_ids.push(creation.task_id);
+        self.template_ids.push(creation.template.template_id);
+        self.namespaces.push(&definition.namespace);
+        self.names.push(&definition.name);
+        self.versions.push(&definition.version);
+        self.contexts.push(&new.context);
+        self.initiators.push(new.initiator.as_deref());
+        self.source_systems.push(new.source_system.as_deref());
+        self.reasons.push(new.reason.as_deref());
+        self.tags.push(&new.tags);
+        self.idempotency_keys.push(new.idempotency_key.as_deref());
+        self.trace_parents.push(new.trace_parent.as_deref());
+        self.dispatched
+            .push(creation.tokens.iter().any(Option::is_some));
+        self.versions_known.push(creation.versions_known);
+    }
+}
+
+/// The step columns of a batch, one entry per step of every task.
+#[derive(Default)]
+struct StepColumns<'a> {
+    task_ids: Vec<Uuid>,
+    positions: Vec<i32>,
+    step_ids: Vec<Uuid>,
+    names: Vec<&'a str>,
+    handlers: Vec<&'a str>,
+    configs: Vec<&'a Value>,
+    parents: Vec<i32>,
+    retry_limits: Vec<i32>,
+    retryable: Vec<bool>,
+    timeouts_ms: Vec<i64>,
+    backoff_base_ms: Vec<i64>,
+    backoff_max_ms: Vec<i64>,
+    backoff_jitter: Vec<bool>,
+    backoff_schedules: Vec<Value>,
+    max_deferrals: Vec<i32>,
+    tokens: Vec<Option<Uuid>>,
+}
+
+impl<'a> StepColumns<'a> {
+    fn push(&mut self, creation: &'a Creation) {
+        let steps = &creation.template.definition.steps;
+        for (position, ((step, step_id), token)) in steps
+            .iter()
+            .zip(&creation.step_ids)
+            .zip(&creation.tokens)
+            .enumerate()
+        {
+            self.task_ids.push(creation.task_id);
+            self.positions.push(position as i32);
+            self.step_ids.push(*step_id);
+            self.names.push(&step.name);
+            self.handlers.push(&step.handler);
+            self.configs.push(&step.config);
+            self.parents.push(step.depends_on.len() as i32);
+            self.retry_limits.push(step.retry_limit);
+            self.retryable.push(step.retryable);
+            self.timeouts_ms.push(step.timeout_ms);
+            self.backoff_base_ms.push(step.backoff.base_ms);
+            self.backoff_max_ms.push(step.backoff.max_ms);
+            self.backoff_jitter.push(step.backoff.jitter);
+            self.backoff_schedules
+                .push(serde_json::json!(step.backoff.schedule_ms));
+            self.max_deferrals.push(step.max_deferrals);
+            self.tokens.push(*token);
         }
     }
 }

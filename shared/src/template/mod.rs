@@ -526,6 +526,11 @@ pub fn validate_against_schema(
 }
 
 impl TemplateDefinition {
+    /// The position of the step called `name`, in template order.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|step| step.name == name)
+    }
+
     /// Validate a task context against `context_schema`; `Ok` when there is no schema.
     ///
     /// Each violation is a [`Problem`] whose path is the JSON pointer of the

@@ -3,6 +3,7 @@
 
 mod auth;
 mod coordinators;
+mod creation;
 mod dags;
 mod failures;
 mod hostile;

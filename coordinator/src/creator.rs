@@ -1,0 +1,97 @@
+//! Task creations written in batches.
+//!
+//! Each `POST /v1/tasks` hands its [`Creation`] to the [`TaskCreator`], which writes the
+//! creations waiting at that moment with one statement (`tasks::create_many`): one round
+//! trip and one commit for the batch. At most [`BATCHES_IN_FLIGHT`] batches are written
+//! at once; creations arriving meanwhile wait and leave together in the next. So an idle
+//! coordinator writes each creation alone, at once, as before, and a busy one writes more
+//! per statement the busier it is, without a timer adding latency.
+//!
+//! A batch is all or nothing. When its statement fails (a template's versions changed,
+//! `TK001`, or any other error), each creation is written again on its own with
+//! `tasks::create`, which answers for that creation alone.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tasker_shared::store::tasks::{self, Created, Creation};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Batches written at once: each holds a database connection while it runs.
+pub(crate) const BATCHES_IN_FLIGHT: usize = 4;
+/// The most creations one statement writes.
+pub(crate) const MAX_BATCH: usize = 64;
+
+struct Job {
+    creation: Creation,
+    reply: oneshot::Sender<sqlx::Result<Created>>,
+}
+
+/// Hands creations to the batching loop and waits for their outcome.
+#[derive(Clone)]
+pub(crate) struct TaskCreator {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl TaskCreator {
+    /// Start the loop that writes the batches (it ends when every `TaskCreator` is gone).
+    pub(crate) fn start(pool: PgPool) -> Self {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(gather(pool, receiver));
+        TaskCreator { jobs }
+    }
+
+    /// Write `creation`, with whatever other creations wait at the same time.
+    pub(crate) async fn create(&self, creation: Creation) -> sqlx::Result<Created> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs
+            .send(Job { creation, reply })
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        outcome.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+/// Take the creations waiting whenever a batch may start, and write them.
+async fn gather(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Job>) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut jobs = Vec::new();
+        if receiver.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+            return;
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            write(&pool, jobs).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn write(pool: &PgPool, jobs: Vec<Job>) {
+    let (creations, replies): (Vec<Creation>, Vec<_>) = jobs
+        .into_iter()
+        .map(|job| (job.creation, job.reply))
+        .unzip();
+    if creations.len() > 1 {
+        match tasks::create_many(pool, &creations).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    // The request may have gone; its task stays created.
+                    let _ = reply.send(outcome);
+                }
+                return;
+            }
+            Err(error) => tracing::debug!(
+                %error,
+                creations = creations.len(),
+                "batch of creations refused; writing each on its own"
+            ),
+        }
+    }
+    for (creation, reply) in creations.iter().zip(replies) {
+        let _ = reply.send(tasks::create(pool, creation).await);
+    }
+}
