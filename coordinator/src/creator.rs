@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
 use tasker_shared::store::tasks::{self, Created, Creation};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -35,9 +36,10 @@ pub(crate) struct TaskCreator {
 
 impl TaskCreator {
     /// Start the loop that writes the batches (it ends when every `TaskCreator` is gone).
-    pub(crate) fn start(pool: PgPool) -> Self {
+    /// `batch_size` observes how many creations each statement writes.
+    pub(crate) fn start(pool: PgPool, batch_size: Histogram) -> Self {
         let (jobs, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(gather(pool, receiver));
+        tokio::spawn(gather(pool, receiver, batch_size));
         TaskCreator { jobs }
     }
 
@@ -52,7 +54,7 @@ impl TaskCreator {
 }
 
 /// Take the creations waiting whenever a batch may start, and write them.
-async fn gather(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Job>) {
+async fn gather(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Job>, batch_size: Histogram) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -62,15 +64,15 @@ async fn gather(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Job>) {
         if receiver.recv_many(&mut jobs, MAX_BATCH).await == 0 {
             return;
         }
-        let pool = pool.clone();
+        let (pool, batch_size) = (pool.clone(), batch_size.clone());
         tokio::spawn(async move {
-            write(&pool, jobs).await;
+            write(&pool, jobs, &batch_size).await;
             drop(slot);
         });
     }
 }
 
-async fn write(pool: &PgPool, jobs: Vec<Job>) {
+async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
     let (creations, replies): (Vec<Creation>, Vec<_>) = jobs
         .into_iter()
         .map(|job| (job.creation, job.reply))
@@ -78,6 +80,7 @@ async fn write(pool: &PgPool, jobs: Vec<Job>) {
     if creations.len() > 1 {
         match tasks::create_many(pool, &creations).await {
             Ok(outcomes) => {
+                batch_size.observe(creations.len() as f64);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // The request may have gone; its task stays created.
                     let _ = reply.send(outcome);
@@ -92,6 +95,7 @@ async fn write(pool: &PgPool, jobs: Vec<Job>) {
         }
     }
     for (creation, reply) in creations.iter().zip(replies) {
+        batch_size.observe(1.0);
         let _ = reply.send(tasks::create(pool, creation).await);
     }
 }

@@ -68,6 +68,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) dispatch_batch_size: Histogram,
     pub(crate) publish_duration: Histogram,
     pub(crate) result_batch_size: Histogram,
+    pub(crate) create_batch_size: Histogram,
     pub(crate) ready_backlog: Gauge,
     pub(crate) tasks_by_status: Family<Status, Gauge>,
     pub(crate) steps_by_status: Family<Status, Gauge>,
@@ -195,6 +196,12 @@ impl CoordinatorMetrics {
             Unit::Seconds,
             publish_duration.clone(),
         );
+        let create_batch_size = batch_histogram();
+        registry.register(
+            "tasker_create_batch_size",
+            "Tasks written per task-creating statement",
+            create_batch_size.clone(),
+        );
         let result_batch_size = batch_histogram();
         registry.register(
             "tasker_result_batch_size",
@@ -264,6 +271,7 @@ impl CoordinatorMetrics {
             dispatch_batch_size,
             publish_duration,
             result_batch_size,
+            create_batch_size,
             ready_backlog,
             tasks_by_status,
             steps_by_status,

@@ -103,7 +103,7 @@ impl Application {
             auth,
             pool: pool.clone(),
             templates: Arc::default(),
-            creator: TaskCreator::start(pool.clone()),
+            creator: TaskCreator::start(pool.clone(), metrics.create_batch_size.clone()),
             publisher,
             metrics: metrics.clone(),
             control: Control::new(

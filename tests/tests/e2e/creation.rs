@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tasker_shared::store::tasks::{self, Created, Creation, NewTask};
 use tasker_shared::store::templates::TemplateCache;
-use tasker_tests::TestEnv;
+use tasker_tests::{TestEnv, metric};
 use uuid::Uuid;
 
 const DIAMOND: &str = "namespace: batch\nname: diamond\nversion: 1.0.0\nsteps:
@@ -228,6 +228,14 @@ async fn a_burst_of_creations_each_get_their_task() {
         }
     });
     let answers = futures::future::join_all(requests).await;
+    let metrics = format!("{}/metrics", env.base_url);
+    let statements = metric(&metrics, "tasker_create_batch_size_count").await;
+    let written = metric(&metrics, "tasker_create_batch_size_sum").await;
+    assert_eq!(written, 120.0, "each request's creation is written once");
+    assert!(
+        statements < written,
+        "creations that waited were written together: {statements} statements"
+    );
 
     let mut by_key = std::collections::HashMap::<String, Vec<(u16, String)>>::new();
     let mut ids = std::collections::HashSet::new();

@@ -149,6 +149,9 @@ async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them
         0.0
     );
     assert!(sample(&coordinator, "tasker_dispatch_batch_size_count") >= 1.0);
+    // One after another, each creation is written alone.
+    assert_eq!(sample(&coordinator, "tasker_create_batch_size_count"), 7.0);
+    assert_eq!(sample(&coordinator, "tasker_create_batch_size_sum"), 7.0);
 
     // Worker: handler runs by outcome.
     let (worker, worker_families) = parse_metrics(&scrape(&worker_metrics).await);
