@@ -115,8 +115,8 @@ pub enum Created {
     TemplateChanged,
 }
 
-/// The SQLSTATE `tasker_create_task` raises when the template's versions changed
-/// (migration 0008).
+/// The SQLSTATE `tasker_create_task` (migration 0008) and `tasker_create_tasks` (0009)
+/// raise when a template's versions changed.
 const TEMPLATE_CHANGED: &str = "TK001";
 
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \

@@ -142,11 +142,7 @@ async fn a_version_registered_on_another_coordinator_is_the_newest_at_once() {
     );
 
     // Every create above made exactly one task.
-    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(tasks, 5);
+    assert_eq!(crate::task_count(&env.pool).await, 5);
     other.terminate().await.unwrap();
     env.finish().await.unwrap();
 }

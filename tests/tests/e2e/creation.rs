@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tasker_shared::store::tasks::{self, Created, Creation, NewTask};
-use tasker_shared::store::templates::TemplateCache;
+use tasker_shared::store::templates::{Resolved, TemplateCache};
 use tasker_tests::{TestEnv, metric};
 use uuid::Uuid;
 
@@ -33,6 +33,15 @@ fn task_id(created: &Created) -> Uuid {
         Created::New(task, _, _) | Created::Existing(task) => task.task_id,
         Created::TemplateChanged => panic!("refused as stale"),
     }
+}
+
+/// The diamond template's newest version, as a coordinator resolves it.
+async fn diamond(pool: &PgPool) -> Resolved {
+    TemplateCache::default()
+        .resolve(pool, "batch", "diamond", None)
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 /// Everything a creation wrote for one task, without its ids and times: the task row,
@@ -78,12 +87,7 @@ async fn a_batch_writes_what_each_creation_writes_alone() {
     let env = TestEnv::start("create-batch").await.unwrap();
     let (status, _) = env.register_template(DIAMOND).await.unwrap();
     assert_eq!(status, 201);
-    let cache = TemplateCache::default();
-    let resolved = cache
-        .resolve(&env.pool, "batch", "diamond", None)
-        .await
-        .unwrap()
-        .unwrap();
+    let resolved = diamond(&env.pool).await;
     let creation = |new: Arc<NewTask>, claim: Option<i64>| {
         Creation::new(
             resolved.template.clone(),
@@ -148,10 +152,7 @@ async fn a_batch_writes_what_each_creation_writes_alone() {
     assert_eq!(batched_claimed["edges"].as_array().unwrap().len(), 4);
     assert_eq!(batched_pending["task"]["status"], "pending");
 
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let count = crate::task_count(&env.pool).await;
     assert_eq!(count, 4);
     env.finish().await.unwrap();
 }
@@ -160,12 +161,7 @@ async fn a_batch_writes_what_each_creation_writes_alone() {
 async fn a_batch_is_refused_whole_when_a_template_gained_a_version() {
     let env = TestEnv::start("create-batch-stale").await.unwrap();
     env.register_template(DIAMOND).await.unwrap();
-    let cache = TemplateCache::default();
-    let resolved = cache
-        .resolve(&env.pool, "batch", "diamond", None)
-        .await
-        .unwrap()
-        .unwrap();
+    let resolved = diamond(&env.pool).await;
     let (status, _) = env
         .register_template(&DIAMOND.replace("1.0.0", "2.0.0"))
         .await
@@ -186,10 +182,7 @@ async fn a_batch_is_refused_whole_when_a_template_gained_a_version() {
         panic!("{error}");
     };
     assert_eq!(error.code().as_deref(), Some("TK001"));
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let count = crate::task_count(&env.pool).await;
     assert_eq!(count, 0, "nothing of the batch is written");
 
     // Alone, the checked creation is refused and the unchecked one written.
@@ -254,10 +247,7 @@ async fn a_burst_of_creations_each_get_their_task() {
         let created = answers.iter().filter(|(status, _)| *status == 201).count();
         assert_eq!(created, 1, "{key}: {answers:?}");
     }
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let count = crate::task_count(&env.pool).await;
     assert_eq!(count as usize, ids.len());
     assert_eq!(ids.len(), 90 + by_key.len());
 

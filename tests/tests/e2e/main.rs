@@ -35,6 +35,14 @@ pub(crate) async fn step_history(
     .expect("step history")
 }
 
+/// How many tasks the database holds.
+pub(crate) async fn task_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(pool)
+        .await
+        .expect("task count")
+}
+
 /// The reasons of a task's own transitions, in order.
 pub(crate) async fn task_history(pool: &PgPool, task_id: &str) -> Vec<String> {
     sqlx::query_scalar(
