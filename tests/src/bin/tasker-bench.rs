@@ -301,6 +301,8 @@ struct Run {
     ready_to_started_p50_ms: f64,
     ready_to_started_p99_ms: f64,
     statements_per_step: f64,
+    /// Tasks the coordinators wrote per creating statement (`tasker_create_batch_size`).
+    tasks_per_create_statement: f64,
     /// CPU seconds each part of the system spent during the run.
     cpu: Vec<(&'static str, f64)>,
 }
@@ -326,6 +328,10 @@ impl Run {
         println!(
             "         database statements per step   {:>9.2}  (coordinator's own count, API included)",
             self.statements_per_step
+        );
+        println!(
+            "         tasks per creating statement   {:>9.1}  (creations that arrive together are written together)",
+            self.tasks_per_create_statement
         );
         let per_step: Vec<String> = self
             .cpu
@@ -480,6 +486,19 @@ impl System {
     }
 
     async fn statements(&self) -> anyhow::Result<f64> {
+        self.sample_sum("tasker_db_statements_total").await
+    }
+
+    /// Task creations written, and the statements that wrote them, over all coordinators.
+    async fn creations(&self) -> anyhow::Result<(f64, f64)> {
+        Ok((
+            self.sample_sum("tasker_create_batch_size_sum").await?,
+            self.sample_sum("tasker_create_batch_size_count").await?,
+        ))
+    }
+
+    /// One metric sample (`name` with no labels) summed over the coordinators.
+    async fn sample_sum(&self, name: &str) -> anyhow::Result<f64> {
         let mut total = 0.0;
         for base in &self.bases {
             let text = self
@@ -491,8 +510,8 @@ impl System {
                 .await?;
             total += text
                 .lines()
-                .find_map(|l| l.strip_prefix("tasker_db_statements_total "))
-                .context("no tasker_db_statements_total")?
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .with_context(|| format!("no {name}"))?
                 .trim()
                 .parse::<f64>()?;
         }
@@ -517,6 +536,7 @@ impl System {
         rate: Option<f64>,
     ) -> anyhow::Result<Run> {
         let statements_before = self.statements().await?;
+        let creations_before = self.creations().await?;
         let cpu_before = self.cpu_by_part();
         let started = Instant::now();
         let mut ids = Vec::with_capacity(tasks);
@@ -544,6 +564,7 @@ impl System {
             .map(|((part, after), (_, before))| (part, after - before))
             .collect();
         let statements = self.statements().await? - statements_before;
+        let creations = self.creations().await?;
         let steps = tasks * steps_per_task;
         let (p50, p99): (f64, f64) = sqlx::query_as(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l)
@@ -561,6 +582,8 @@ impl System {
             ready_to_started_p50_ms: p50,
             ready_to_started_p99_ms: p99,
             statements_per_step: statements / steps as f64,
+            tasks_per_create_statement: (creations.0 - creations_before.0)
+                / (creations.1 - creations_before.1),
             cpu,
         })
     }
