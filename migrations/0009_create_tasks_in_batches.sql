@@ -1,7 +1,9 @@
 -- Creates arriving together are written together. Under load a coordinator gathers the
 -- task creations that wait for the database into one call of tasker_create_tasks: one
 -- statement, one commit and one round trip for the batch, where each task cost one of
--- each. It writes what tasker_create_task (migration 0008) writes for each task.
+-- each. It writes what tasker_create_task (migration 0008) writes for each task, and
+-- replaces it: a creation written alone is a batch of one. (0008's function stays for
+-- coordinators of the previous release until they are all restarted.)
 --
 -- Tasks are given in parallel arrays (p_task_ids ... p_versions_known); their steps in
 -- flat arrays whose p_step_task_ids name the task each step belongs to, with its
@@ -12,7 +14,7 @@
 -- p_versions_known holds, for a task that named no version, how many versions its
 -- template's name had when the coordinator looked (NULL when it named one). If any of
 -- them changed, nothing is written and TK001 is raised for the whole batch; the
--- coordinator then creates each of the batch's tasks on its own (migration 0008).
+-- coordinator then writes each of the batch's tasks as a batch of its own.
 CREATE FUNCTION tasker_create_tasks(
     p_task_ids UUID[], p_template_ids BIGINT[], p_namespaces TEXT[], p_names TEXT[],
     p_versions TEXT[], p_contexts JSONB[], p_initiators TEXT[], p_source_systems TEXT[],

@@ -274,78 +274,19 @@ fn template_changed(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(error) if error.code().as_deref() == Some(TEMPLATE_CHANGED))
 }
 
-/// Create a task with all its steps and edges in one statement (`tasker_create_task`).
+/// Create a task with all its steps and edges in one statement: a batch of one (see
+/// [`create_many`]), refused as [`Created::TemplateChanged`] when its template's versions
+/// changed.
 pub async fn create(pool: &PgPool, creation: &Creation) -> sqlx::Result<Created> {
-    let Creation {
-        template,
-        new,
-        task_id,
-        step_ids,
-        tokens,
-        edge_from,
-        edge_to,
-        ..
-    } = creation;
-    let definition = &template.definition;
-    let steps = &definition.steps;
-    // One call: the insert's plan is made once per connection (migrations 0006, 0008).
-    let inserted: sqlx::Result<Option<TaskRecord>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_COLUMNS} \
-         FROM tasker_create_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                                 $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
-                                 $27, $28, $29, $30)"
-    )))
-    .bind(task_id)
-    .bind(template.template_id)
-    .bind(&definition.namespace)
-    .bind(&definition.name)
-    .bind(&definition.version)
-    .bind(&new.context)
-    .bind(&new.initiator)
-    .bind(&new.source_system)
-    .bind(&new.reason)
-    .bind(&new.tags)
-    .bind(&new.idempotency_key)
-    .bind(&new.trace_parent)
-    .bind(step_ids)
-    .bind(steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.handler.clone()).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.config.clone()).collect::<Vec<_>>())
-    .bind(
-        steps
-            .iter()
-            .map(|s| s.depends_on.len() as i32)
-            .collect::<Vec<_>>(),
-    )
-    .bind(steps.iter().map(|s| s.retry_limit).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.retryable).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.timeout_ms).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.backoff.base_ms).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.backoff.max_ms).collect::<Vec<_>>())
-    .bind(steps.iter().map(|s| s.backoff.jitter).collect::<Vec<_>>())
-    .bind(
-        steps
-            .iter()
-            .map(|s| serde_json::json!(s.backoff.schedule_ms))
-            .collect::<Vec<_>>(),
-    )
-    .bind(steps.iter().map(|s| s.max_deferrals).collect::<Vec<_>>())
-    .bind(edge_from)
-    .bind(edge_to)
-    .bind(tokens)
-    .bind(creation.claim_lease_ms)
-    .bind(creation.versions_known)
-    .fetch_optional(pool)
-    .await;
-    match inserted {
+    match create_many(pool, std::slice::from_ref(creation)).await {
         Err(error) if template_changed(&error) => Ok(Created::TemplateChanged),
         Err(error) => Err(error),
-        Ok(inserted) => creation.outcome(pool, inserted).await,
+        Ok(mut outcomes) => outcomes.pop().ok_or(sqlx::Error::RowNotFound)?,
     }
 }
 
-/// Create several tasks in one statement (`tasker_create_tasks`, migration 0009): what
-/// [`create`] does for each, with one round trip and one commit for them all. The
+/// Create tasks, each with all its steps and edges, in one statement
+/// (`tasker_create_tasks`, migration 0009): one round trip and one commit for them all. The
 /// outcomes are in the order of `creations`; each can fail on its own only where a taken
 /// idempotency key sends it to read the task that holds the key.
 ///
