@@ -292,6 +292,17 @@ struct System {
     submitters: usize,
 }
 
+/// Counters the coordinators export, summed over them.
+#[derive(Default)]
+struct Counts {
+    /// `tasker_db_statements_total`.
+    statements: f64,
+    /// Tasks written by creating statements (`tasker_create_batch_size_sum`).
+    creations: f64,
+    /// Creating statements (`tasker_create_batch_size_count`).
+    creating_statements: f64,
+}
+
 struct Run {
     tasks: usize,
     steps: usize,
@@ -486,20 +497,12 @@ impl System {
     }
 
     async fn statements(&self) -> anyhow::Result<f64> {
-        self.sample_sum("tasker_db_statements_total").await
+        Ok(self.counts().await?.statements)
     }
 
-    /// Task creations written, and the statements that wrote them, over all coordinators.
-    async fn creations(&self) -> anyhow::Result<(f64, f64)> {
-        Ok((
-            self.sample_sum("tasker_create_batch_size_sum").await?,
-            self.sample_sum("tasker_create_batch_size_count").await?,
-        ))
-    }
-
-    /// One metric sample (`name` with no labels) summed over the coordinators.
-    async fn sample_sum(&self, name: &str) -> anyhow::Result<f64> {
-        let mut total = 0.0;
+    /// The coordinators' counts, summed, from one scrape of each.
+    async fn counts(&self) -> anyhow::Result<Counts> {
+        let mut counts = Counts::default();
         for base in &self.bases {
             let text = self
                 .http
@@ -508,14 +511,20 @@ impl System {
                 .await?
                 .text()
                 .await?;
-            total += text
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .with_context(|| format!("no {name}"))?
-                .trim()
-                .parse::<f64>()?;
+            // One sample without labels, by name.
+            let sample = |name: &str| -> anyhow::Result<f64> {
+                Ok(text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .with_context(|| format!("no {name}"))?
+                    .trim()
+                    .parse::<f64>()?)
+            };
+            counts.statements += sample("tasker_db_statements_total")?;
+            counts.creations += sample("tasker_create_batch_size_sum")?;
+            counts.creating_statements += sample("tasker_create_batch_size_count")?;
         }
-        Ok(total)
+        Ok(counts)
     }
 
     async fn idle_statements(&self, over: Duration) -> anyhow::Result<f64> {
@@ -535,8 +544,7 @@ impl System {
         steps_per_task: usize,
         rate: Option<f64>,
     ) -> anyhow::Result<Run> {
-        let statements_before = self.statements().await?;
-        let creations_before = self.creations().await?;
+        let before = self.counts().await?;
         let cpu_before = self.cpu_by_part();
         let started = Instant::now();
         let mut ids = Vec::with_capacity(tasks);
@@ -563,8 +571,7 @@ impl System {
             .zip(cpu_before)
             .map(|((part, after), (_, before))| (part, after - before))
             .collect();
-        let statements = self.statements().await? - statements_before;
-        let creations = self.creations().await?;
+        let after = self.counts().await?;
         let steps = tasks * steps_per_task;
         let (p50, p99): (f64, f64) = sqlx::query_as(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l)
@@ -581,9 +588,9 @@ impl System {
             submit_per_s,
             ready_to_started_p50_ms: p50,
             ready_to_started_p99_ms: p99,
-            statements_per_step: statements / steps as f64,
-            tasks_per_create_statement: (creations.0 - creations_before.0)
-                / (creations.1 - creations_before.1),
+            statements_per_step: (after.statements - before.statements) / steps as f64,
+            tasks_per_create_statement: (after.creations - before.creations)
+                / (after.creating_statements - before.creating_statements),
             cpu,
         })
     }
