@@ -36,34 +36,60 @@ pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 16 * 1024;
 /// The code of the permanent failure an oversized result becomes.
 pub(crate) const RESULT_TOO_LARGE: &str = "result_too_large";
 
-/// The steps this worker is running, and the tasks it has heard were cancelled. A std
-/// Mutex: held only to insert, remove or read, never across an await.
-#[derive(Clone, Default)]
+/// The steps this worker is running, the tasks it has heard were cancelled, and the
+/// dispatches it has heard were superseded. A std Mutex: held only to insert, remove or
+/// read, never across an await.
+#[derive(Clone)]
 pub(crate) struct InFlight {
     steps: Arc<Mutex<HashMap<Uuid, Running>>>,
-    cancelled: Arc<Mutex<RecentlyCancelled>>,
+    cancelled: Arc<Mutex<Recent<Uuid>>>,
+    /// (step id, dispatch token) of replaced dispatches.
+    superseded: Arc<Mutex<Recent<(Uuid, Uuid)>>>,
+    /// (step id, dispatch token) of dispatches whose result the broker confirmed.
+    answered: Arc<Mutex<Recent<(Uuid, Uuid)>>>,
 }
 
-/// The last [`RecentlyCancelled::CAPACITY`] cancelled tasks, oldest first out.
-#[derive(Default)]
-struct RecentlyCancelled {
-    order: VecDeque<Uuid>,
-    set: HashSet<Uuid>,
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight {
+            steps: Arc::default(),
+            cancelled: Arc::new(Mutex::new(Recent::new(10_000))),
+            superseded: Arc::new(Mutex::new(Recent::new(100_000))),
+            answered: Arc::new(Mutex::new(Recent::new(10_000))),
+        }
+    }
 }
 
-impl RecentlyCancelled {
-    const CAPACITY: usize = 10_000;
+/// The last `capacity` keys inserted, oldest first out.
+struct Recent<K> {
+    capacity: usize,
+    order: VecDeque<K>,
+    set: HashSet<K>,
+}
 
-    fn insert(&mut self, task_id: Uuid) {
-        if !self.set.insert(task_id) {
+impl<K: std::hash::Hash + Eq + Copy> Recent<K> {
+    fn new(capacity: usize) -> Self {
+        Recent {
+            capacity,
+            order: VecDeque::new(),
+            set: HashSet::new(),
+        }
+    }
+
+    fn insert(&mut self, key: K) {
+        if !self.set.insert(key) {
             return;
         }
-        self.order.push_back(task_id);
-        if self.order.len() > Self::CAPACITY
+        self.order.push_back(key);
+        if self.order.len() > self.capacity
             && let Some(oldest) = self.order.pop_front()
         {
             self.set.remove(&oldest);
         }
+    }
+
+    fn contains(&self, key: &K) -> bool {
+        self.set.contains(key)
     }
 }
 
@@ -85,7 +111,7 @@ impl InFlight {
         );
     }
 
-    fn remove(&self, step_id: Uuid) {
+    pub(crate) fn remove(&self, step_id: Uuid) {
         self.lock().remove(&step_id);
     }
 
@@ -105,8 +131,49 @@ impl InFlight {
         self.cancelled
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .set
             .contains(&task_id)
+    }
+
+    /// Remember dispatches (step id, dispatch token) that were replaced by newer ones.
+    pub(crate) fn supersede(&self, dispatches: impl IntoIterator<Item = (Uuid, Uuid)>) {
+        let mut superseded = self
+            .superseded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for dispatch in dispatches {
+            superseded.insert(dispatch);
+        }
+    }
+
+    /// Whether this worker runs this dispatch of `step_id` now.
+    pub(crate) fn is_running(&self, step_id: Uuid, dispatch_token: Uuid) -> bool {
+        self.lock()
+            .get(&step_id)
+            .is_some_and(|running| running.dispatch_token == dispatch_token)
+    }
+
+    /// Remember that the broker confirmed this dispatch's result.
+    pub(crate) fn mark_answered(&self, step_id: Uuid, dispatch_token: Uuid) {
+        self.answered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((step_id, dispatch_token));
+    }
+
+    /// Whether this worker published this dispatch's result (lately).
+    pub(crate) fn was_answered(&self, step_id: Uuid, dispatch_token: Uuid) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&(step_id, dispatch_token))
+    }
+
+    /// Whether this dispatch of `step_id` was replaced (as far as this worker heard).
+    pub(crate) fn is_superseded(&self, step_id: Uuid, dispatch_token: Uuid) -> bool {
+        self.superseded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&(step_id, dispatch_token))
     }
 
     /// Remember `task_id` as cancelled and abort its running steps; returns how many were
@@ -185,7 +252,8 @@ pub(crate) async fn execute(
             .with_code("timeout"))
         }
     };
-    inflight.remove(message.step_id);
+    // Left in `inflight` until the runtime has published the result: a redelivered copy
+    // of this dispatch waits for it (see the runtime's `skip_copy`).
     let finished_at = Utc::now();
     let outcome = outcome.and_then(|results| check_result_size(results, max_result_bytes));
     let (outcome, results, error) = match outcome {
@@ -345,8 +413,8 @@ mod tests {
     }
 
     #[test]
-    fn only_the_most_recent_cancels_are_remembered() {
-        let mut cancelled = RecentlyCancelled::default();
+    fn only_the_most_recent_keys_are_remembered() {
+        let mut cancelled = Recent::new(100);
         let first = Uuid::new_v4();
         cancelled.insert(first);
         cancelled.insert(first);
@@ -355,10 +423,22 @@ mod tests {
             1,
             "a repeated cancel is remembered once"
         );
-        for _ in 0..RecentlyCancelled::CAPACITY {
+        for _ in 0..100 {
             cancelled.insert(Uuid::new_v4());
         }
-        assert_eq!(cancelled.set.len(), RecentlyCancelled::CAPACITY);
-        assert!(!cancelled.set.contains(&first), "the oldest was forgotten");
+        assert_eq!(cancelled.set.len(), 100);
+        assert!(!cancelled.contains(&first), "the oldest was forgotten");
+    }
+
+    #[test]
+    fn a_superseded_dispatch_is_known_by_step_and_token() {
+        let inflight = InFlight::default();
+        let (step, old, new) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        inflight.supersede([(step, old)]);
+        assert!(inflight.is_superseded(step, old));
+        assert!(
+            !inflight.is_superseded(step, new),
+            "the newer dispatch runs"
+        );
     }
 }

@@ -21,6 +21,7 @@
 //! - [`handlers`]: the built-in handlers.
 //! - `cli`: [`run`], the whole `main` of a worker binary.
 //! - `executor`: decides one step's outcome (timeout, panics).
+//! - `failpoint`: the fault-test hook that holds a step at one stage.
 //! - `runtime`: [`Worker`]: consuming, concurrency, publishing, acking, shutdown.
 //! - `notices`: batched started notices, heartbeats and the worker's status broadcast.
 //! - `metrics`: the Prometheus metrics and their HTTP server.
@@ -29,6 +30,7 @@
 
 mod cli;
 mod executor;
+mod failpoint;
 pub mod handler;
 pub mod handlers;
 mod metrics;

@@ -34,6 +34,8 @@ pub(crate) struct WorkerMetrics {
     pub(crate) in_flight: Gauge,
     pub(crate) dead_lettered: Family<Reason, Counter>,
     pub(crate) skipped_cancelled: Counter,
+    pub(crate) skipped_superseded: Counter,
+    pub(crate) skipped_duplicate: Counter,
     pub(crate) aborted_cancelled: Counter,
     pub(crate) broker_errors: Counter,
     pub(crate) broker_reconnects: Counter,
@@ -82,6 +84,18 @@ impl WorkerMetrics {
             "Queued steps of cancelled tasks acked without running",
             skipped_cancelled.clone(),
         );
+        let skipped_superseded = Counter::default();
+        registry.register(
+            "tasker_worker_steps_skipped_superseded",
+            "Queued copies of dispatches the coordinator replaced, acked without running",
+            skipped_superseded.clone(),
+        );
+        let skipped_duplicate = Counter::default();
+        registry.register(
+            "tasker_worker_steps_skipped_duplicate",
+            "Redelivered copies of dispatches this worker had already answered, acked without running",
+            skipped_duplicate.clone(),
+        );
         let aborted_cancelled = Counter::default();
         registry.register(
             "tasker_worker_steps_aborted_cancelled",
@@ -112,6 +126,8 @@ impl WorkerMetrics {
             in_flight,
             dead_lettered,
             skipped_cancelled,
+            skipped_superseded,
+            skipped_duplicate,
             aborted_cancelled,
             broker_errors,
             broker_reconnects,

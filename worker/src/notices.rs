@@ -20,6 +20,8 @@ use tasker_shared::messages::{
 use tokio::sync::{mpsc, watch};
 
 use crate::executor::InFlight;
+use crate::failpoint::{Failpoint, Stage};
+use crate::runtime::BROKER_PATIENCE;
 
 /// Most notices in one message.
 const MAX_BATCH: usize = 256;
@@ -81,6 +83,7 @@ pub(crate) struct Heartbeats {
     pub(crate) all_namespaces: bool,
     /// The namespaces consumed now (they change as namespaces are announced).
     pub(crate) namespaces: Box<dyn Fn() -> Vec<String> + Send>,
+    pub(crate) failpoint: Failpoint,
 }
 
 /// Every `interval`, until `stop`: tell coordinators which steps are still running (on
@@ -103,22 +106,34 @@ pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool
             interval_ms: u64::try_from(beats.interval.as_millis()).unwrap_or(u64::MAX),
         };
         if let Ok(body) = serde_json::to_vec(&status) {
-            let published = beats
-                .channel
-                .basic_publish(
+            let published = tokio::time::timeout(
+                BROKER_PATIENCE,
+                beats.channel.basic_publish(
                     beats.topology.control_exchange().into(),
                     "".into(),
                     BasicPublishOptions::default(),
                     &body,
                     persistent(),
-                )
-                .await;
-            if let Err(error) = published {
-                tracing::warn!(%error, "cannot publish the worker status");
+                ),
+            )
+            .await;
+            match published {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "cannot publish the worker status"),
+                Err(_) => {
+                    tracing::warn!("cannot publish the worker status: no answer from the broker")
+                }
             }
         }
         if steps.is_empty() {
             continue;
+        }
+        if beats.failpoint.hits(Stage::Heartbeating) {
+            tracing::warn!("failpoint: paused at heartbeating");
+            while beats.channel.status().connected() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tracing::warn!("failpoint: released");
         }
         let message = WorkerMessage::Heartbeat(HeartbeatBatch {
             schema_version: SCHEMA_VERSION,
@@ -139,16 +154,20 @@ async fn publish(channel: &Channel, topology: &Topology, message: &WorkerMessage
             return;
         }
     };
-    let published = channel
-        .basic_publish(
+    let published = tokio::time::timeout(
+        BROKER_PATIENCE,
+        channel.basic_publish(
             "".into(),
             topology.results_queue().into(),
             BasicPublishOptions::default(),
             &body,
             persistent(),
-        )
-        .await;
-    if let Err(error) = published {
-        tracing::warn!(%error, "cannot publish a notice");
+        ),
+    )
+    .await;
+    match published {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot publish a notice"),
+        Err(_) => tracing::warn!("cannot publish a notice: no answer from the broker"),
     }
 }

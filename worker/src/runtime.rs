@@ -8,13 +8,28 @@
 //! ```
 //!
 //! Concurrency is bounded twice: a semaphore of `concurrency` permits bounds the running
-//! handlers, and the broker's prefetch (channel-wide, twice `concurrency`) bounds the
-//! messages held. A step frees its handler slot as soon as its handler returns, not when
-//! the broker confirms its result (a persistent message's confirm waits for the broker's
-//! disk write, tens of milliseconds under load); the step's message stays unacked, and
-//! counts against the prefetch, until that confirm arrives. On shutdown the consumers are
-//! cancelled, messages received but not started are handed back to the broker, running
-//! steps finish and publish their results, and only then does the connection close.
+//! handlers (across broker sessions), and the broker's prefetch (channel-wide, twice
+//! `concurrency`) bounds the messages held. A step frees its handler slot as soon as its
+//! handler returns, not when the broker confirms its result (a persistent message's
+//! confirm waits for the broker's disk write, tens of milliseconds under load); the
+//! step's message stays unacked, and counts against the prefetch, until that confirm
+//! arrives.
+//!
+//! ## Broker sessions
+//! One connection is one session. A session ends when the connection is lost, when any
+//! of its consumers stops (the broker can close one channel and leave the connection up),
+//! or at shutdown. A lost session never waits for the broker: it stops its heartbeats,
+//! closes the connection (so the broker requeues what this worker held) and reconnects at
+//! once. Handlers still running carry on; their results are published on the next
+//! session's channel, and a copy of their step redelivered to this worker meanwhile
+//! waits for them instead of running twice. Every broker call a step makes (publish,
+//! ack, nack) gives up after [`BROKER_PATIENCE`]: lapin can leave an ack that is issued
+//! just as the connection fails pending for ever, and a step task that never ends would
+//! hold the session (and, before, the whole worker) with it.
+//!
+//! At shutdown the consumers are cancelled, messages received but not started are
+//! handed back to the broker, running steps finish and publish their results, and only
+//! then does the connection close.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -36,14 +51,28 @@ use tasker_shared::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
     StepStarted, WorkerMessage,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::executor::{self, InFlight};
+use crate::failpoint::{Failpoint, Stage};
 use crate::handler::HandlerRegistry;
 use crate::metrics::{HandlerOutcome, WorkerMetrics};
 use crate::notices::Notice;
 use crate::settings::WorkerSettings;
+
+/// The longest one broker call of a step (a publish's send, an ack, a nack) may take
+/// before it counts as failed. A publish's confirm has its own limit
+/// ([`broker::CONFIRM_TIMEOUT`]).
+pub(crate) const BROKER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The longest a session's set-up (channels, prefetch, consumers) may take.
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a finished step waits for a broker session to publish its result on, when
+/// the connection it came on was lost.
+const RESULT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A connected worker, ready to run.
 pub struct Worker {
@@ -59,20 +88,46 @@ pub struct Worker {
     metrics_addr: Option<std::net::SocketAddr>,
     metrics: Arc<WorkerMetrics>,
     max_result_bytes: usize,
+    failpoint: Failpoint,
 }
 
-/// What every step task shares.
+/// What every step task shares, across broker sessions.
 struct Shared {
     registry: Arc<HandlerRegistry>,
     topology: Topology,
     worker_id: String,
-    /// Confirm-mode channel for results and dead letters.
-    publish: Channel,
-    started: mpsc::UnboundedSender<Notice>,
+    /// The confirm-mode channel of the current session, for results and dead letters;
+    /// `None` between sessions.
+    publish: watch::Sender<Option<Channel>>,
     inflight: InFlight,
     metrics: Arc<WorkerMetrics>,
     /// `TASKER_MAX_RESULT_BYTES`: larger results fail the step (see the executor).
     max_result_bytes: usize,
+    failpoint: Failpoint,
+}
+
+impl Shared {
+    /// The current session's publishing channel, waiting up to `patience` for a session
+    /// whose connection is up.
+    async fn publish_channel(&self, patience: Duration) -> anyhow::Result<Channel> {
+        let mut current = self.publish.subscribe();
+        let channel = tokio::time::timeout(
+            patience,
+            current.wait_for(|c| c.as_ref().is_some_and(|c| c.status().connected())),
+        )
+        .await
+        .context("no connection to RabbitMQ")?
+        .context("the worker is stopping")?;
+        channel.clone().context("no connection to RabbitMQ")
+    }
+}
+
+/// What one session's step tasks share.
+struct SessionHandles {
+    started: mpsc::UnboundedSender<Notice>,
+    /// Notified when the connection this session's deliveries came on is lost.
+    lost: Arc<Notify>,
+    lost_flag: Arc<AtomicBool>,
 }
 
 /// The consumers this worker runs, so shutdown can cancel them.
@@ -108,6 +163,7 @@ impl Worker {
             settings.concurrency > 0,
             "TASKER_CONCURRENCY must be at least 1"
         );
+        let failpoint = Failpoint::parse(settings.failpoint_pause_at.as_deref())?;
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let worker_id = settings.worker_id();
         let connection =
@@ -125,6 +181,7 @@ impl Worker {
             metrics_addr: settings.metrics_addr,
             metrics: Arc::new(WorkerMetrics::new(settings.concurrency)),
             max_result_bytes: settings.max_result_bytes,
+            failpoint,
         })
     }
 
@@ -140,10 +197,10 @@ impl Worker {
 
     /// Run until `shutdown` resolves, then drain gracefully.
     ///
-    /// A lost broker connection ends the current session the same way as a shutdown
-    /// (no new steps; steps received but not started go back; running steps finish), then
-    /// the worker reconnects, retrying without limit, and carries on. Steps whose results
-    /// could not be published on the lost connection are redelivered by the broker.
+    /// A lost broker connection (or a consumer the broker stopped) ends the current
+    /// session at once, and the worker reconnects, retrying without limit, and carries
+    /// on (see the module docs). Steps received on the lost connection are redelivered by
+    /// the broker.
     pub async fn run_until_stopped(
         mut self,
         shutdown: impl Future<Output = ()>,
@@ -155,7 +212,19 @@ impl Worker {
             }
             None => None,
         };
-        let inflight = InFlight::default();
+        let shared = Arc::new(Shared {
+            registry: self.registry.clone(),
+            topology: self.topology.clone(),
+            worker_id: self.worker_id.clone(),
+            publish: watch::channel(None).0,
+            inflight: InFlight::default(),
+            metrics: self.metrics.clone(),
+            max_result_bytes: self.max_result_bytes,
+            failpoint: self.failpoint.clone(),
+        });
+        // Handler slots, across sessions: steps of a lost session still running count.
+        let running = Arc::new(Semaphore::new(usize::from(self.concurrency)));
+        let steps = TaskTracker::new();
         tokio::pin!(shutdown);
         let mut connection = self.connection.take();
         loop {
@@ -177,7 +246,10 @@ impl Worker {
                     }
                 }
             };
-            match self.session(current, &inflight, &mut shutdown).await {
+            match self
+                .session(current, &shared, &running, &steps, &mut shutdown)
+                .await
+            {
                 Ok(()) => break,
                 Err(error) => {
                     self.metrics.broker_errors.inc();
@@ -193,6 +265,11 @@ impl Worker {
                 }
             }
         }
+        // Steps of earlier sessions still running finish and publish (each broker call is
+        // bounded, and each handler by its timeout).
+        steps.close();
+        steps.wait().await;
+        shared.publish.send_replace(None);
         let _ = stop_tx.send(true);
         if let Some(server) = metrics_server {
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -202,82 +279,102 @@ impl Worker {
     }
 
     /// Consume and run steps on one connection until `shutdown` (`Ok`) or until the
-    /// connection is lost (`Err`), then drain.
+    /// session is lost (`Err`: the connection, or a consumer, failed).
     async fn session(
         &self,
         connection: Connection,
-        inflight: &InFlight,
+        shared: &Arc<Shared>,
+        running: &Arc<Semaphore>,
+        steps: &TaskTracker,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> anyhow::Result<()> {
         let connection = &connection;
-        let consume = connection.create_channel().await?;
-        // Channel-wide prefetch: the limit holds across every namespace consumed.
-        consume
-            .basic_qos(self.prefetch(), BasicQosOptions { global: true })
-            .await?;
+        // Set when a consumer stops: the session is over even if the connection is up.
+        let failed = Arc::new(Notify::new());
+        let (deliveries_tx, mut deliveries) =
+            mpsc::channel::<Delivery>(usize::from(self.concurrency));
+        let consumers = Arc::new(Consumers::default());
+        let opened = tokio::time::timeout(SETUP_PATIENCE, async {
+            let consume = connection.create_channel().await?;
+            // Channel-wide prefetch: the limit holds across every namespace consumed.
+            consume
+                .basic_qos(self.prefetch(), BasicQosOptions { global: true })
+                .await?;
+            let notices = connection.create_channel().await?;
+            let heartbeats = connection.create_channel().await?;
+            let control = connection.create_channel().await?;
+            let publish = broker::confirm_channel(connection).await?;
+            if let Some(namespaces) = &self.namespaces {
+                for namespace in namespaces {
+                    start_consumer(
+                        &consume,
+                        &self.topology,
+                        &consumers,
+                        namespace,
+                        deliveries_tx.clone(),
+                        failed.clone(),
+                    )
+                    .await?;
+                }
+            }
+            anyhow::Ok((consume, notices, heartbeats, control, publish))
+        })
+        .await;
+        let (consume, notices, heartbeat_channel, control_channel, publish) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(error)) => {
+                close_lost(connection).await;
+                return Err(error.context("opening a broker session"));
+            }
+            Err(_) => {
+                close_lost(connection).await;
+                anyhow::bail!("opening a broker session took longer than {SETUP_PATIENCE:?}");
+            }
+        };
+        shared.publish.send_replace(Some(publish));
         let (started_tx, started_rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(crate::notices::run(
             started_rx,
-            connection.create_channel().await?,
+            notices,
             self.topology.clone(),
             self.worker_id.clone(),
         ));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let consumers = Arc::new(Consumers::default());
-        let shared = Arc::new(Shared {
-            registry: self.registry.clone(),
-            topology: self.topology.clone(),
-            worker_id: self.worker_id.clone(),
-            publish: broker::confirm_channel(connection).await?,
+        let session = Arc::new(SessionHandles {
             started: started_tx,
-            inflight: inflight.clone(),
-            metrics: self.metrics.clone(),
-            max_result_bytes: self.max_result_bytes,
+            lost: Arc::new(Notify::new()),
+            lost_flag: Arc::new(AtomicBool::new(false)),
         });
-        let (deliveries_tx, mut deliveries) =
-            mpsc::channel::<Delivery>(usize::from(self.concurrency));
-
-        if let Some(namespaces) = &self.namespaces {
-            for namespace in namespaces {
-                start_consumer(
-                    &consume,
-                    &self.topology,
-                    &consumers,
-                    namespace,
-                    deliveries_tx.clone(),
-                )
-                .await?;
-            }
-        }
+        let (stop_tx, stop_rx) = watch::channel(false);
         // Status after the fixed namespaces' consumers exist, so the first one lists them.
         let status_consumers = consumers.clone();
         let heartbeats = tokio::spawn(crate::notices::heartbeats(
             crate::notices::Heartbeats {
-                inflight: inflight.clone(),
-                channel: connection.create_channel().await?,
+                inflight: shared.inflight.clone(),
+                channel: heartbeat_channel,
                 topology: self.topology.clone(),
                 worker_id: self.worker_id.clone(),
                 interval: self.heartbeat_interval,
                 concurrency: self.concurrency,
                 all_namespaces: self.namespaces.is_none(),
                 namespaces: Box::new(move || status_consumers.namespaces()),
+                failpoint: shared.failpoint.clone(),
             },
             stop_rx,
         ));
         let control = tokio::spawn(follow_control(
             shared.clone(),
-            connection.create_channel().await?,
+            control_channel,
             consume.clone(),
             consumers.clone(),
             // Only a worker serving every namespace follows the announcements.
             self.namespaces.is_none().then(|| deliveries_tx.clone()),
+            failed.clone(),
         ));
         drop(deliveries_tx);
         tracing::info!(worker_id = %self.worker_id, concurrency = self.concurrency,
             namespaces = ?self.namespaces.as_deref().unwrap_or(&["*".to_owned()]),
             handlers = ?self.registry.names(), "worker started");
 
-        let running = Arc::new(Semaphore::new(usize::from(self.concurrency)));
         let unacked = Arc::new(Semaphore::new(usize::from(self.prefetch())));
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let outcome = loop {
@@ -288,25 +385,43 @@ impl Worker {
                         break Err(anyhow::anyhow!("lost the connection to RabbitMQ"));
                     }
                 }
+                () = failed.notified() => {
+                    break Err(anyhow::anyhow!("a consumer stopped (the broker closed its channel or cancelled it)"));
+                }
                 delivery = deliveries.recv() => {
                     let Some(delivery) = delivery else {
                         break Err(anyhow::anyhow!("every consumer stopped"));
                     };
                     let held = unacked.clone().acquire_owned().await?;
                     let slot = running.clone().acquire_owned().await?;
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        handle(&shared, delivery, slot).await;
+                    let (shared, session) = (shared.clone(), session.clone());
+                    steps.spawn(async move {
+                        handle(&shared, &session, delivery, slot).await;
                         drop(held);
                     });
                 }
             }
         };
 
+        if outcome.is_err() {
+            // Lost: nothing on this connection can be trusted to answer. Stop its loops,
+            // close it (the broker requeues what this worker held: the deliveries not yet
+            // started and the steps still running) and reconnect at once. Steps still
+            // running publish their results on the next session.
+            tracing::info!("session lost: reconnecting; running steps carry on");
+            session.lost_flag.store(true, Ordering::Release);
+            session.lost.notify_waiters();
+            shared.publish.send_replace(None);
+            let _ = stop_tx.send(true);
+            control.abort();
+            heartbeats.abort();
+            batcher.abort();
+            drop(deliveries);
+            close_lost(connection).await;
+            return outcome;
+        }
+
         tracing::info!("stopping: no new steps; finishing the running ones");
-        // Every wait below but the running steps' (bounded by their timeouts) has a limit:
-        // a broker in trouble must not keep a stopping worker alive.
-        let patience = Duration::from_secs(5);
         control.abort();
         let tags: Vec<ShortString> = consumers
             .tags
@@ -315,7 +430,7 @@ impl Worker {
             .clone();
         for tag in tags {
             let _ = tokio::time::timeout(
-                patience,
+                BROKER_PATIENCE,
                 consume.basic_cancel(tag, BasicCancelOptions::default()),
             )
             .await;
@@ -323,22 +438,34 @@ impl Worker {
         // Received but not started: hand back to the broker for another worker.
         deliveries.close();
         while let Ok(delivery) = deliveries.try_recv() {
-            let nack = delivery.acker.nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            });
-            let _ = tokio::time::timeout(patience, nack).await;
+            nack_requeue(&delivery).await;
         }
-        let _ = unacked.acquire_many(u32::from(self.prefetch())).await;
+        // Every step task, of this session and of lost ones, ends: its handler has a
+        // timeout and each broker call a limit. Heartbeats go on meanwhile.
+        steps.close();
+        steps.wait().await;
         let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(patience, heartbeats).await;
-        drop(shared);
-        let _ = tokio::time::timeout(patience, batcher).await;
-        let _ = tokio::time::timeout(patience, consume.close(200, "worker stopped".into())).await;
-        let _ =
-            tokio::time::timeout(patience, connection.close(200, "worker stopped".into())).await;
+        let _ = tokio::time::timeout(BROKER_PATIENCE, heartbeats).await;
+        drop(session);
+        let _ = tokio::time::timeout(BROKER_PATIENCE, batcher).await;
+        let _ = tokio::time::timeout(BROKER_PATIENCE, consume.close(200, "worker stopped".into()))
+            .await;
+        let _ = tokio::time::timeout(
+            BROKER_PATIENCE,
+            connection.close(200, "worker stopped".into()),
+        )
+        .await;
         outcome
     }
+}
+
+/// Close a connection the session gave up on, without waiting on it for long.
+async fn close_lost(connection: &Connection) {
+    let _ = tokio::time::timeout(
+        BROKER_PATIENCE,
+        connection.close(320, "tasker-worker: session lost".into()),
+    )
+    .await;
 }
 
 /// Declare the base topology on a fresh connection.
@@ -361,6 +488,7 @@ async fn start_consumer(
     consumers: &Consumers,
     namespace: &str,
     deliveries: mpsc::Sender<Delivery>,
+    failed: Arc<Notify>,
 ) -> anyhow::Result<()> {
     if !consumers
         .namespaces
@@ -385,20 +513,29 @@ async fn start_consumer(
         .unwrap_or_else(|p| p.into_inner())
         .push(consumer.tag());
     tracing::info!(%namespace, queue = %topology.step_queue(namespace), "consuming");
+    let namespace = namespace.to_owned();
     tokio::spawn(async move {
-        while let Some(delivery) = consumer.next().await {
-            match delivery {
-                Ok(delivery) => {
+        loop {
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
                     if deliveries.send(delivery).await.is_err() {
-                        break;
+                        // The session is over and dropped its receiver.
+                        return;
                     }
                 }
-                Err(error) => {
-                    tracing::error!(%error, "step consumer failed");
+                Some(Err(error)) => {
+                    tracing::warn!(%error, %namespace, "step consumer failed");
+                    break;
+                }
+                None => {
+                    tracing::warn!(%namespace, "step consumer ended");
                     break;
                 }
             }
         }
+        // A consumer that stops while its session runs ends the session: the worker
+        // reconnects and consumes again, instead of silently serving one queue fewer.
+        failed.notify_one();
     });
     Ok(())
 }
@@ -411,6 +548,21 @@ async fn follow_control(
     consume: Channel,
     consumers: Arc<Consumers>,
     deliveries: Option<mpsc::Sender<Delivery>>,
+    failed: Arc<Notify>,
+) {
+    follow(shared, control, consume, consumers, deliveries, &failed).await;
+    // Without the control exchange this worker misses cancels and namespaces: end the
+    // session so the next one subscribes again.
+    failed.notify_one();
+}
+
+async fn follow(
+    shared: Arc<Shared>,
+    control: Channel,
+    consume: Channel,
+    consumers: Arc<Consumers>,
+    deliveries: Option<mpsc::Sender<Delivery>>,
+    failed: &Arc<Notify>,
 ) {
     let (topology, worker_id) = (&shared.topology, &shared.worker_id);
     let subscribe = async {
@@ -482,6 +634,7 @@ async fn follow_control(
                         &consumers,
                         &namespace,
                         deliveries.clone(),
+                        failed.clone(),
                     )
                     .await
                     {
@@ -495,6 +648,13 @@ async fn follow_control(
                 if aborted > 0 {
                     tracing::info!(%task_id, aborted, "task cancelled: aborted its running steps");
                 }
+            }
+            Ok(ControlMessage::Superseded { dispatches }) => {
+                shared.inflight.supersede(
+                    dispatches
+                        .into_iter()
+                        .map(|d| (d.step_id, d.dispatch_token)),
+                );
             }
             Ok(ControlMessage::Hello { .. } | ControlMessage::WorkerStatus { .. }) => {}
             // Advisory and fanned out to every process: dropped and logged, not
@@ -513,7 +673,12 @@ async fn follow_control(
 
 /// Run one delivered step to the end: its result confirmed by the broker, then the ack.
 /// `slot` is a handler slot, given back as soon as the handler returns.
-async fn handle(shared: &Shared, delivery: Delivery, slot: OwnedSemaphorePermit) {
+async fn handle(
+    shared: &Shared,
+    session: &SessionHandles,
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+) {
     let source_queue = shared.topology.step_queue(delivery.routing_key.as_str());
     let message = match StepMessage::decode(&delivery.data) {
         Ok(message) => message,
@@ -531,24 +696,85 @@ async fn handle(shared: &Shared, delivery: Delivery, slot: OwnedSemaphorePermit)
         attempt = message.attempt, trace_id = tracing::field::Empty);
     let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
     tasker_shared::telemetry::adopt(&span, parent.as_deref());
-    run_step(shared, delivery, message, source_queue, span.clone(), slot)
-        .instrument(span)
-        .await;
+    run_step(
+        shared,
+        session,
+        delivery,
+        message,
+        source_queue,
+        span.clone(),
+        slot,
+    )
+    .instrument(span)
+    .await;
+}
+
+/// Hold here if the fault-test hook is armed for `stage`, until `session` is lost.
+async fn failpoint(shared: &Shared, session: &SessionHandles, stage: Stage) {
+    if !shared.failpoint.hits(stage) {
+        return;
+    }
+    tracing::warn!(
+        stage = stage.name(),
+        "failpoint: paused at {}",
+        stage.name()
+    );
+    while !session.lost_flag.load(Ordering::Acquire) {
+        tokio::select! {
+            () = session.lost.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    tracing::warn!(stage = stage.name(), "failpoint: released");
+}
+
+/// Whether this copy of a step need not run: its task was cancelled, its dispatch was
+/// superseded, or this worker already answered the same dispatch (a redelivery after the
+/// connection it first came on was lost). A copy of a dispatch this worker is running
+/// waits for that run first. Acks the copy when it need not run.
+async fn skip_copy(shared: &Shared, delivery: &Delivery, message: &StepMessage) -> bool {
+    let inflight = &shared.inflight;
+    let (step_id, token) = (message.step_id, message.dispatch_token);
+    let reason = if inflight.is_cancelled(message.task_id) {
+        shared.metrics.skipped_cancelled.inc();
+        "the task was cancelled"
+    } else if inflight.is_superseded(step_id, token) {
+        shared.metrics.skipped_superseded.inc();
+        "this dispatch was superseded by a newer one"
+    } else {
+        if inflight.is_running(step_id, token) {
+            tracing::info!("a copy of a step this worker runs: waiting for that run");
+            let patience = Duration::from_millis(u64::try_from(message.timeout_ms).unwrap_or(0))
+                + RESULT_PATIENCE;
+            let _ = tokio::time::timeout(patience, async {
+                while inflight.is_running(step_id, token) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+        if !inflight.was_answered(step_id, token) {
+            return false;
+        }
+        shared.metrics.skipped_duplicate.inc();
+        "this worker already published the result of this dispatch"
+    };
+    tracing::info!("skipped: {reason}");
+    ack(shared, delivery).await;
+    true
 }
 
 /// The part of [`handle`] inside the step's span.
 async fn run_step(
     shared: &Shared,
+    session: &SessionHandles,
     delivery: Delivery,
     message: StepMessage,
     source_queue: String,
     span: tracing::Span,
     slot: OwnedSemaphorePermit,
 ) {
-    if shared.inflight.is_cancelled(message.task_id) {
-        tracing::info!("skipped: the task was cancelled");
-        shared.metrics.skipped_cancelled.inc();
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    if skip_copy(shared, &delivery, &message).await {
         return;
     }
     let Some(handler) = shared.registry.get(&message.handler) else {
@@ -584,8 +810,9 @@ async fn run_step(
         return;
     };
 
+    failpoint(shared, session, Stage::Received).await;
     let answered = Arc::new(AtomicBool::new(false));
-    let _ = shared.started.send(Notice {
+    let _ = session.started.send(Notice {
         step: StepStarted {
             step_id: message.step_id,
             dispatch_token: message.dispatch_token,
@@ -594,6 +821,7 @@ async fn run_step(
         },
         answered: answered.clone(),
     });
+    failpoint(shared, session, Stage::Running).await;
     shared.metrics.in_flight.inc();
     let result = executor::execute(
         handler,
@@ -607,7 +835,7 @@ async fn run_step(
     drop(slot);
     let Some(result) = result else {
         // Aborted because the task was cancelled: nothing to report.
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        ack(shared, &delivery).await;
         return;
     };
     let outcome = serde_json::to_value(result.outcome)
@@ -632,20 +860,23 @@ async fn run_step(
             tracing::info!(outcome = ?result.outcome, code = ?error.code, message = %error.message, "step failed")
         }
     }
-    match publish_result(
+    failpoint(shared, session, Stage::Publishing).await;
+    let published = publish_result(
         shared,
         &result,
         tasker_shared::telemetry::traceparent(&span),
     )
-    .await
-    {
+    .await;
+    shared.inflight.remove(message.step_id);
+    match published {
         Ok(()) => {
             // The result is safe with the broker and records the start itself.
             answered.store(true, Ordering::Release);
-            if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-                shared.metrics.broker_errors.inc();
-                tracing::warn!(%error, "ack failed; the step will be redelivered and its duplicate result dropped");
-            }
+            shared
+                .inflight
+                .mark_answered(message.step_id, message.dispatch_token);
+            failpoint(shared, session, Stage::Acking).await;
+            ack(shared, &delivery).await;
         }
         Err(error) => {
             shared.metrics.broker_errors.inc();
@@ -658,6 +889,34 @@ async fn run_step(
     }
 }
 
+/// Ack a step message, giving up after [`BROKER_PATIENCE`]. A failed ack is harmless: the
+/// broker redelivers the message when the connection closes, and the copy is skipped
+/// (this worker answered it) or its result dropped by the coordinator's fence.
+async fn ack(shared: &Shared, delivery: &Delivery) {
+    let acked = tokio::time::timeout(
+        BROKER_PATIENCE,
+        delivery.acker.ack(BasicAckOptions::default()),
+    )
+    .await;
+    match acked {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            shared.metrics.broker_errors.inc();
+            tracing::warn!(%error, "ack failed; the step will be redelivered and skipped or its duplicate result dropped");
+        }
+        Err(_) => {
+            shared.metrics.broker_errors.inc();
+            tracing::warn!(
+                "no answer to an ack within {BROKER_PATIENCE:?}; the step will be redelivered and skipped or its duplicate result dropped"
+            );
+        }
+    }
+}
+
+/// Publish a result on the current session's channel and wait for the broker's confirm.
+/// If the connection the step came on was lost, it waits for the next session (up to
+/// [`RESULT_PATIENCE`]); if the connection fails during the publish, it tries once more
+/// on the next session (a duplicate result is dropped by the coordinator's fence).
 async fn publish_result(
     shared: &Shared,
     result: &StepResult,
@@ -673,22 +932,43 @@ async fn publish_result(
         );
         properties = properties.with_headers(headers);
     }
-    let confirm = broker::await_confirm(
-        shared
-            .publish
-            .basic_publish(
-                "".into(),
-                shared.topology.results_queue().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties,
-            )
-            .await?,
-    )
-    .await?;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let channel = shared.publish_channel(RESULT_PATIENCE).await?;
+        match publish_on(&channel, &shared.topology, &body, properties.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error) if tries < 2 && !channel.status().connected() => {
+                tracing::info!(
+                    error = format!("{error:#}"),
+                    "the connection failed while publishing a result; publishing again on the next one"
+                );
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn publish_on(
+    channel: &Channel,
+    topology: &Topology,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> anyhow::Result<()> {
+    let publish = channel.basic_publish(
+        "".into(),
+        topology.results_queue().into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
+        body,
+        properties,
+    );
+    let confirm = tokio::time::timeout(BROKER_PATIENCE, publish)
+        .await
+        .context("no answer from the broker to a publish")??;
+    let confirm = broker::await_confirm(confirm).await?;
     anyhow::ensure!(confirm.is_ack(), "the broker refused the result");
     anyhow::ensure!(
         confirm.take_message().is_none(),
@@ -698,14 +978,19 @@ async fn publish_result(
 }
 
 async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str, source_queue: &str) {
-    match shared
-        .topology
-        .dead_letter(&shared.publish, &delivery.data, source_queue, reason)
+    let sent = async {
+        let channel = shared.publish_channel(BROKER_PATIENCE).await?;
+        tokio::time::timeout(
+            broker::CONFIRM_TIMEOUT + BROKER_PATIENCE,
+            shared
+                .topology
+                .dead_letter(&channel, &delivery.data, source_queue, reason),
+        )
         .await
-    {
-        Ok(()) => {
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        }
+        .context("no answer from the broker to a dead letter")?
+    };
+    match sent.await {
+        Ok(()) => ack(shared, delivery).await,
         Err(error) => {
             tracing::error!(
                 error = format!("{error:#}"),
@@ -716,14 +1001,17 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str, source_
     }
 }
 
+/// Hand a message back to the broker after a pause (so a broker in trouble is not
+/// hammered with the same message).
 async fn requeue(delivery: &Delivery) {
-    // Pause so a broker in trouble is not hammered with the same message.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        })
-        .await;
+    nack_requeue(delivery).await;
+}
+
+async fn nack_requeue(delivery: &Delivery) {
+    let nack = delivery.acker.nack(BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    });
+    let _ = tokio::time::timeout(BROKER_PATIENCE, nack).await;
 }
