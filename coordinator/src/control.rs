@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::messages::ControlMessage;
+use tasker_shared::messages::{ControlMessage, RunningStep};
 use tasker_shared::store::templates;
 
 #[derive(Clone)]
@@ -106,6 +106,22 @@ impl Control {
     /// Tell every worker to abort what it runs for `task_id`.
     pub(crate) async fn cancel_task(&self, task_id: uuid::Uuid) -> anyhow::Result<()> {
         self.broadcast(&ControlMessage::CancelTask { task_id })
+            .await
+    }
+
+    /// Tell every worker that these dispatches (step id, dispatch token) were replaced.
+    pub(crate) async fn superseded(
+        &self,
+        dispatches: &[(uuid::Uuid, uuid::Uuid)],
+    ) -> anyhow::Result<()> {
+        let dispatches = dispatches
+            .iter()
+            .map(|&(step_id, dispatch_token)| RunningStep {
+                step_id,
+                dispatch_token,
+            })
+            .collect();
+        self.broadcast(&ControlMessage::Superseded { dispatches })
             .await
     }
 

@@ -35,24 +35,47 @@ struct Job {
 #[derive(Clone)]
 pub(crate) struct TaskCreator {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Creations admitted at once (`TASKER_MAX_PENDING_CREATES`): the bound on what the
+    /// channel above holds.
+    admitted: Arc<Semaphore>,
+    limit: u32,
+}
+
+/// Why a creation was not written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CreateError {
+    /// More creations are waiting than `TASKER_MAX_PENDING_CREATES` allows.
+    #[error("{limit} task creations are already waiting to be written")]
+    Overloaded { limit: u32 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
 }
 
 impl TaskCreator {
     /// Start the loop that writes the batches (it ends when every `TaskCreator` is gone).
     /// `batch_size` observes how many creations each statement writes.
-    pub(crate) fn start(pool: PgPool, batch_size: Histogram) -> Self {
+    /// At most `limit` creations are admitted at once (see [`CreateError::Overloaded`]).
+    pub(crate) fn start(pool: PgPool, batch_size: Histogram, limit: u32) -> Self {
         let (jobs, receiver) = mpsc::unbounded_channel();
         tokio::spawn(gather(pool, receiver, batch_size));
-        TaskCreator { jobs }
+        TaskCreator {
+            jobs,
+            admitted: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        }
     }
 
-    /// Write `creation`, with whatever other creations wait at the same time.
-    pub(crate) async fn create(&self, creation: Creation) -> sqlx::Result<Created> {
+    /// Write `creation`, with whatever other creations wait at the same time; refused at
+    /// once when `limit` creations are already admitted.
+    pub(crate) async fn create(&self, creation: Creation) -> Result<Created, CreateError> {
+        let Ok(_admitted) = self.admitted.clone().try_acquire_owned() else {
+            return Err(CreateError::Overloaded { limit: self.limit });
+        };
         let (reply, outcome) = oneshot::channel();
         self.jobs
             .send(Job { creation, reply })
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        outcome.await.map_err(|_| sqlx::Error::PoolClosed)?
+        Ok(outcome.await.map_err(|_| sqlx::Error::PoolClosed)??)
     }
 }
 
@@ -100,5 +123,22 @@ async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
     for (creation, reply) in creations.iter().zip(replies) {
         batch_size.observe(1.0);
         let _ = reply.send(tasks::create(pool, creation).await);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    #[test]
+    fn an_overloaded_creation_answers_503_with_retry_after() {
+        let error = CreateError::Overloaded { limit: 7 };
+        let response = crate::http::error::ApiError::from(error).into_response();
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(response.headers()["retry-after"], "1");
     }
 }

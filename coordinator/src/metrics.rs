@@ -56,6 +56,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) retries_scheduled: Family<Namespace, Counter>,
     pub(crate) deferrals: Family<Namespace, Counter>,
     pub(crate) leases_expired: Family<Reason, Counter>,
+    pub(crate) lost_messages: Family<Reason, Counter>,
     pub(crate) stale_results: Counter,
     pub(crate) results_held: Counter,
     pub(crate) dead_lettered: Counter,
@@ -125,8 +126,19 @@ impl CoordinatorMetrics {
         }
         registry.register(
             "tasker_leases_expired",
-            "Steps whose lease expired: lease_lost (never started) or lease_expired (worker lost)",
+            "Steps whose lease expired: lease_lost (publish never confirmed, or message lost: dispatched again) or lease_expired (worker lost)",
             leases_expired.clone(),
+        );
+        let lost_messages = Family::<Reason, Counter>::default();
+        for reason in ["queue_missing", "queue_short"] {
+            let _ = lost_messages.get_or_create(&Reason {
+                reason: reason.to_owned(),
+            });
+        }
+        registry.register(
+            "tasker_lost_messages",
+            "Confirmed steps found lost with their queue (queue_missing: deleted; queue_short: holds fewer messages than steps wait in it) and handed back for dispatch",
+            lost_messages.clone(),
         );
         let stale_results = Counter::default();
         registry.register(
@@ -259,6 +271,7 @@ impl CoordinatorMetrics {
             retries_scheduled,
             deferrals,
             leases_expired,
+            lost_messages,
             stale_results,
             results_held,
             dead_lettered,

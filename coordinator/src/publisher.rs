@@ -1,9 +1,12 @@
 //! Publishing claimed steps to RabbitMQ, after the claim committed.
 //!
 //! Publishes a whole batch, then awaits all of its confirms together (one broker round
-//! trip per batch, not per step). A step whose publish is refused or unroutable stays
-//! `enqueued` with its lease ended at once (`release_unpublished`), so the next sweep
-//! dispatches it again without spending an attempt.
+//! trip per batch, not per step), then records the outcome with one statement
+//! (`record_publish`): a confirmed step is safe in a durable queue and loses its dispatch
+//! lease, so a long queue never sends it back; a step whose publish is refused,
+//! unroutable or unconfirmed stays `enqueued` with its lease ended at once, so the next
+//! sweep dispatches it again without spending an attempt. Step messages carry no
+//! expiration: a confirmed message waits in its queue as long as the queue is long.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +42,8 @@ pub(crate) struct StepPublisher {
     /// RwLock: held only to clone or swap the handle, never across an await.
     channel: RwLock<Channel>,
     topology: Topology,
-    /// Also the message TTL: a copy that waited in its queue past the lease is dropped by
-    /// the broker, because by then the step has been (or is about to be) dispatched again.
+    /// The dispatch lease given at claim time: how long a claimed step may go without its
+    /// publish being confirmed before it is dispatched again.
     lease_ms: i64,
     /// Namespaces whose queue this process has declared. A std Mutex: held only to look
     /// up or insert, never across an await.
@@ -61,10 +64,10 @@ pub(crate) struct StepPublisher {
 /// What happened to a published batch.
 #[derive(Debug, Default)]
 pub(crate) struct Published {
-    pub(crate) confirmed: usize,
     pub(crate) failed: usize,
-    /// (step id, dispatch token) of each step the broker did not take, for
-    /// [`transitions::release_unpublished`](tasker_shared::store::transitions::release_unpublished).
+    /// (step id, dispatch token) of each step the broker confirmed.
+    pub(crate) confirmed: Vec<(uuid::Uuid, uuid::Uuid)>,
+    /// (step id, dispatch token) of each step the broker did not take.
     pub(crate) unpublished: Vec<(uuid::Uuid, uuid::Uuid)>,
 }
 
@@ -89,7 +92,7 @@ impl StepPublisher {
         self
     }
 
-    /// The dispatch lease: how long a claimed step may wait for a worker.
+    /// The dispatch lease: how long a claimed step may go unconfirmed.
     pub(crate) fn lease_ms(&self) -> i64 {
         self.lease_ms
     }
@@ -230,26 +233,29 @@ impl StepPublisher {
         }
     }
 
-    /// Publish every message and wait for the broker to confirm them all. Each gets a
-    /// `dispatch_step` span, a child of its task's trace, whose context travels in the
-    /// message's `traceparent` header to the worker.
+    /// Publish every message, wait for the broker to confirm them all, and record which
+    /// were confirmed and which not. Each gets a `dispatch_step` span, a child of its
+    /// task's trace, whose context travels in the message's `traceparent` header to the
+    /// worker.
     pub(crate) async fn publish(&self, dispatches: &[Dispatch]) -> Published {
         let published = self.publish_all(dispatches).await;
-        if !published.unpublished.is_empty() {
-            self.release(&published.unpublished).await;
-        }
+        self.record(&published).await;
         published
     }
 
-    /// Hand steps the broker did not take back to the sweeper.
-    async fn release(&self, unpublished: &[(uuid::Uuid, uuid::Uuid)]) {
-        let released = async {
+    /// Lift the lease of the confirmed steps and end it for the others (see the module
+    /// docs). If the database cannot be reached, the confirmed steps keep their lease and
+    /// are dispatched again when it expires (their copies are then superseded).
+    async fn record(&self, published: &Published) {
+        let recorded = async {
             let mut conn = self.pool.acquire().await?;
-            transitions::release_unpublished(&mut conn, unpublished).await
+            transitions::record_publish(&mut conn, &published.confirmed, &published.unpublished)
+                .await
         };
-        if let Err(error) = released.await {
-            tracing::warn!(%error, steps = unpublished.len(),
-                "cannot release unpublished steps; they wait for their lease to expire");
+        if let Err(error) = recorded.await {
+            tracing::warn!(%error, confirmed = published.confirmed.len(),
+                unpublished = published.unpublished.len(),
+                "cannot record the outcome of a publish; those steps wait for their lease to expire");
         }
     }
 
@@ -288,7 +294,9 @@ impl StepPublisher {
                     // A mandatory message the broker could not route comes back with an ack.
                     let returned = confirmation.take_message().is_some();
                     if acked && !returned {
-                        report.confirmed += 1;
+                        report
+                            .confirmed
+                            .push((message.step_id, message.dispatch_token));
                     } else {
                         report.failed += 1;
                         report
@@ -317,9 +325,8 @@ impl StepPublisher {
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         self.ensure_namespace(&message.namespace).await?;
         let body = serde_json::to_vec(message)?;
-        let mut properties = persistent()
-            .with_message_id(ShortString::from(message.dispatch_token.to_string()))
-            .with_expiration(ShortString::from(self.lease_ms.max(1).to_string()));
+        let mut properties =
+            persistent().with_message_id(ShortString::from(message.dispatch_token.to_string()));
         if let Some(traceparent) = traceparent {
             let mut headers = FieldTable::default();
             headers.insert(

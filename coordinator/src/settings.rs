@@ -35,9 +35,12 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_RESULT_CONSUMERS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub result_consumers: u16,
-    /// How long a claimed step may wait in its queue before it is dispatched again (the
-    /// message expires at the same moment, so a stale copy is never run).
-    #[arg(long, env = "TASKER_DISPATCH_LEASE_MS", default_value_t = 300_000)]
+    /// How long a claimed step may go without the broker confirming its publish before it
+    /// is dispatched again (a coordinator that died between claim and publish). A
+    /// confirmed step has no lease: it waits in its durable queue as long as the queue is
+    /// long. Also the age past which the sweeper compares confirmed steps with their
+    /// queue, to find messages lost with a deleted queue.
+    #[arg(long, env = "TASKER_DISPATCH_LEASE_MS", default_value_t = 60_000)]
     pub dispatch_lease_ms: i64,
     /// Added to a running step's `timeout_ms` before its lease expires and the step is
     /// treated as lost (worker vanished).
@@ -85,6 +88,12 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_MAX_TEMPLATE_STEPS", default_value_t = 1_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_template_steps: u32,
+    /// Task creations admitted at once (waiting for or in a creating statement); past it
+    /// `POST /v1/tasks` answers 503 `overloaded` with `Retry-After`, so a flood of creates
+    /// holds bounded memory instead of queueing without limit.
+    #[arg(long, env = "TASKER_MAX_PENDING_CREATES", default_value_t = 1_024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_creates: u32,
 }
 
 /// Authentication of API calls (docs/security.md). Off by default, for local runs.

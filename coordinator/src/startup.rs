@@ -22,7 +22,7 @@ use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::result_processor::{ResultProcessor, ResultProcessorConfig};
 use crate::settings::CoordinatorSettings;
-use crate::sweeper::Sweeper;
+use crate::sweeper::{QueueAudit, Sweeper};
 use tasker_shared::broker::{self, Topology};
 use tasker_shared::store::transitions::LeasePolicy;
 use tasker_shared::template::parse_template;
@@ -103,7 +103,11 @@ impl Application {
             auth,
             pool: pool.clone(),
             templates: Arc::default(),
-            creator: TaskCreator::start(pool.clone(), metrics.create_batch_size.clone()),
+            creator: TaskCreator::start(
+                pool.clone(),
+                metrics.create_batch_size.clone(),
+                settings.max_pending_creates,
+            ),
             publisher,
             metrics: metrics.clone(),
             control: Control::new(
@@ -169,11 +173,19 @@ impl Application {
         let sweeper = Sweeper::new(
             self.state.pool.clone(),
             self.state.metrics.clone(),
-            self.state.wake_dispatcher.clone(),
-            self.state.wake_events.clone(),
+            (
+                self.state.wake_dispatcher.clone(),
+                self.state.wake_events.clone(),
+            ),
             Duration::from_millis(settings.sweep_interval_ms),
             self.state.publisher.clone(),
             Duration::from_millis(settings.heartbeat_lease_ms.max(0) as u64),
+            QueueAudit {
+                control: self.state.control.clone(),
+                broker: self.state.broker.clone(),
+                topology: self.topology.clone(),
+                lease_ms: settings.dispatch_lease_ms,
+            },
         );
         loops.spawn(sweeper.run(stop_rx.clone()));
 

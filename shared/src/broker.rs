@@ -166,6 +166,35 @@ impl Topology {
         Ok((queue.message_count(), queue.consumer_count()))
     }
 
+    /// Messages ready in `queue`, or `None` when the queue does not exist. Asks with a
+    /// passive declare on a channel of its own (the broker closes a channel that asks
+    /// about a missing queue), so nothing is created.
+    pub async fn queue_ready(
+        &self,
+        connection: &Connection,
+        queue: &str,
+    ) -> lapin::Result<Option<u32>> {
+        let channel = connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(queue) => {
+                let _ = channel.close(200, "OK".into()).await;
+                Ok(Some(queue.message_count()))
+            }
+            Err(error) if is_not_found(&error) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Publish a poison message to the dead-letter exchange with the reason, and wait for
     /// the broker's confirm. The caller acks the original only after this returns `Ok`.
     pub async fn dead_letter(
@@ -206,6 +235,11 @@ pub fn persistent() -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"))
+}
+
+/// Whether the broker answered 404 (no such queue or exchange).
+pub fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
 /// Read a string header from a message's properties.

@@ -220,6 +220,14 @@ pub enum ControlMessage {
         /// How often it sends this message.
         interval_ms: u64,
     },
+    /// These dispatches were replaced by a newer dispatch of the same step (their step was
+    /// handed back for another dispatch because its message may have been lost). Any copy
+    /// of them still queued is stale: its result would be dropped, so a worker that
+    /// receives one acks it without running it.
+    Superseded {
+        /// The replaced dispatches: each step with the token of the dispatch replaced.
+        dispatches: Vec<RunningStep>,
+    },
 }
 
 /// Why a message could not be used, for the dead-letter queue's `x-tasker-reason` header.

@@ -75,6 +75,7 @@ fn control_def(message: &ControlMessage) -> &'static str {
         ControlMessage::Hello { .. } => "hello",
         ControlMessage::CancelTask { .. } => "cancel_task",
         ControlMessage::WorkerStatus { .. } => "worker_status",
+        ControlMessage::Superseded { .. } => "superseded",
     }
 }
 
@@ -445,6 +446,15 @@ fn control_messages() -> Vec<(&'static str, ControlMessage)> {
                 concurrency: 16,
                 in_flight: 3,
                 interval_ms: 10_000,
+            },
+        ),
+        (
+            "superseded",
+            ControlMessage::Superseded {
+                dispatches: vec![RunningStep {
+                    step_id: id(2),
+                    dispatch_token: id(3),
+                }],
             },
         ),
     ]
@@ -1207,7 +1217,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
                 let (file, schema, _) = worker_schema(&message);
                 assert_valid(schema, file, &value);
             }
-            "namespaces" | "hello" | "cancel_task" | "worker_status" => {
+            "namespaces" | "hello" | "cancel_task" | "worker_status" | "superseded" => {
                 assert_valid(CONTROL_SCHEMA, "control.schema.json", &value);
                 decodes_as_control(&value).expect("the control example decodes");
             }
@@ -1224,6 +1234,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
         "hello",
         "cancel_task",
         "worker_status",
+        "superseded",
     ] {
         assert!(
             seen.contains(kind),

@@ -15,6 +15,8 @@ pub(crate) struct ApiError {
     code: &'static str,
     message: String,
     details: Vec<Value>,
+    /// Seconds for a `Retry-After` header (503 when overloaded).
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -131,6 +134,26 @@ pub(crate) struct ErrorDetail {
     pub(crate) details: Vec<Value>,
 }
 
+impl From<crate::creator::CreateError> for ApiError {
+    fn from(error: crate::creator::CreateError) -> Self {
+        match error {
+            crate::creator::CreateError::Overloaded { limit } => {
+                let mut answer = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    format!(
+                        "{limit} task creations are already waiting to be written \
+                         (TASKER_MAX_PENDING_CREATES); retry after the Retry-After delay"
+                    ),
+                );
+                answer.retry_after = Some(1);
+                answer
+            }
+            crate::creator::CreateError::Database(error) => error.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -140,7 +163,13 @@ impl IntoResponse for ApiError {
                 details: self.details,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -2,7 +2,7 @@
 
 mod auth;
 mod body;
-mod error;
+pub(crate) mod error;
 mod health;
 mod openapi;
 mod operate;

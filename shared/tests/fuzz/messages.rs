@@ -332,6 +332,14 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
                     }
                 }
             ),
+        vec(
+            (uuid(), uuid()).prop_map(|(step_id, dispatch_token)| RunningStep {
+                step_id,
+                dispatch_token
+            }),
+            0..4
+        )
+        .prop_map(|dispatches| ControlMessage::Superseded { dispatches }),
     ]
 }
 

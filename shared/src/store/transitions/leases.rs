@@ -8,6 +8,9 @@ use uuid::Uuid;
 pub struct ExpiredLeases {
     /// Steps that were never started and will be dispatched again (no attempt spent).
     pub requeued: usize,
+    /// The dispatches those steps had: (step id, dispatch token). Any copy of them still
+    /// queued is stale, and workers are told so.
+    pub superseded: Vec<(Uuid, Uuid)>,
     /// Steps whose worker went silent: counted as a timed-out attempt.
     pub timed_out: usize,
     /// Tasks whose steps changed.
@@ -16,13 +19,17 @@ pub struct ExpiredLeases {
 
 #[derive(sqlx::FromRow)]
 struct ExpiredRow {
+    step_id: Uuid,
     task_id: Uuid,
     from_status: String,
+    dispatch_token: Option<Uuid>,
 }
 
-/// Heal lost work. A step `enqueued` past its lease was never started (its message was
-/// lost, or the coordinator died before publishing): it goes back to `waiting_for_retry`,
-/// ready at once, and the attempt is not counted. A step `in_progress` past its lease
+/// Heal lost work. A step `enqueued` past its lease was never confirmed by the broker (the
+/// coordinator died between claiming and publishing, or the publish failed), or its queue
+/// was found lost ([`release_lost_queue`]): it goes back to `waiting_for_retry`, ready at
+/// once, and the attempt is not counted. A step whose publish the broker confirmed has no
+/// lease ([`record_publish`]): a long queue never sends it back. A step `in_progress` past its lease
 /// lost its worker: that is a retryable timeout (or `error` when attempts are exhausted).
 ///
 /// With `running: false` only `enqueued` steps are healed: the caller could not hear
@@ -36,7 +43,7 @@ pub async fn expire_leases(
     let rows: Vec<ExpiredRow> = sqlx::query_as(
         r#"
         WITH expired AS (
-            SELECT step_id, status AS from_status,
+            SELECT step_id, status AS from_status, dispatch_token,
                    -- When it may run again: at once if it never started, after its
                    -- backoff if its worker was lost, never if that was its last attempt.
                    CASE
@@ -78,7 +85,8 @@ pub async fn expire_leases(
                 updated_at = now()
             FROM expired e
             WHERE s.step_id = e.step_id
-            RETURNING s.step_id, s.task_id, s.status AS to_status, s.attempts, e.from_status
+            RETURNING s.step_id, s.task_id, s.status AS to_status, s.attempts, e.from_status,
+                      e.dispatch_token
         ),
         history AS (
             INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
@@ -87,7 +95,7 @@ pub async fn expire_leases(
                    jsonb_build_object('attempt', attempts)
             FROM updated
         )
-        SELECT task_id, from_status FROM updated
+        SELECT step_id, task_id, from_status, dispatch_token FROM updated
         "#,
     )
     .bind(limit)
@@ -95,41 +103,104 @@ pub async fn expire_leases(
     .fetch_all(conn)
     .await?;
 
+    let superseded: Vec<(Uuid, Uuid)> = rows
+        .iter()
+        .filter(|r| r.from_status == "enqueued")
+        .filter_map(|r| Some((r.step_id, r.dispatch_token?)))
+        .collect();
     let requeued = rows.iter().filter(|r| r.from_status == "enqueued").count();
     let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
     tasks.sort_unstable();
     tasks.dedup();
     Ok(ExpiredLeases {
         requeued,
+        superseded,
         timed_out: rows.len() - requeued,
         tasks,
     })
 }
 
-/// End at once the dispatch lease of steps whose message the broker did not take (no
-/// connection, refused, unroutable), so the next sweep hands them back without spending
-/// an attempt instead of leaving them `enqueued` for the whole lease. Only steps still
-/// `enqueued` under the same dispatch token are touched: a step dispatched again since,
-/// or already started (its message got through after all), is left alone.
-pub async fn release_unpublished(
+/// Record what the broker did with published steps. A step whose publish it confirmed
+/// is safe in a durable queue: its dispatch lease is lifted (`lease_expires_at` NULL), so
+/// no wait in the queue, however long, sends it back. A step whose message it did not
+/// take (no connection, refused, unroutable, no confirm) has its lease ended at once, so
+/// the next sweep hands it back without spending an attempt. Only steps still `enqueued`
+/// under the same dispatch token are touched: a step dispatched again since, or already
+/// started, is left alone. One statement for both lists.
+pub async fn record_publish(
     conn: &mut PgConnection,
-    dispatches: &[(Uuid, Uuid)],
+    confirmed: &[(Uuid, Uuid)],
+    unpublished: &[(Uuid, Uuid)],
 ) -> sqlx::Result<u64> {
-    if dispatches.is_empty() {
+    if confirmed.is_empty() && unpublished.is_empty() {
         return Ok(0);
     }
-    let (steps, tokens): (Vec<Uuid>, Vec<Uuid>) = dispatches.iter().copied().unzip();
+    let (mut steps, mut tokens): (Vec<Uuid>, Vec<Uuid>) = confirmed.iter().copied().unzip();
+    let mut taken = vec![true; steps.len()];
+    for (step, token) in unpublished {
+        steps.push(*step);
+        tokens.push(*token);
+        taken.push(false);
+    }
     let done = sqlx::query(
         r#"
         UPDATE steps s
-        SET lease_expires_at = now(), updated_at = now()
-        FROM unnest($1::uuid[], $2::uuid[]) AS d(step_id, dispatch_token)
+        SET lease_expires_at = CASE WHEN d.taken THEN NULL ELSE now() END, updated_at = now()
+        FROM unnest($1::uuid[], $2::uuid[], $3::bool[]) AS d(step_id, dispatch_token, taken)
         WHERE s.step_id = d.step_id AND s.dispatch_token = d.dispatch_token
           AND s.status = 'enqueued'
         "#,
     )
     .bind(&steps)
     .bind(&tokens)
+    .bind(&taken)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Steps whose publish the broker confirmed, still waiting in their queue after
+/// `older_than_ms`, counted per namespace: what the sweeper compares with the queues
+/// (see [`release_lost_queue`]).
+pub async fn confirmed_waiting(
+    conn: &mut PgConnection,
+    older_than_ms: i64,
+) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        r#"
+        SELECT t.namespace, count(*)
+        FROM steps s JOIN tasks t ON t.task_id = s.task_id
+        WHERE s.status = 'enqueued' AND s.lease_expires_at IS NULL
+          AND s.enqueued_at < now() - $1 * interval '1 millisecond'
+        GROUP BY t.namespace
+        "#,
+    )
+    .bind(older_than_ms)
+    .fetch_all(conn)
+    .await
+}
+
+/// End at once the lease of every confirmed step of `namespace` still waiting after
+/// `older_than_ms` (all of them when `older_than_ms` is 0): their queue was deleted or
+/// lost, so their messages are gone, and the next sweep dispatches them again without
+/// spending an attempt. Returns how many.
+pub async fn release_lost_queue(
+    conn: &mut PgConnection,
+    namespace: &str,
+    older_than_ms: i64,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        r#"
+        UPDATE steps s
+        SET lease_expires_at = now(), updated_at = now()
+        FROM tasks t
+        WHERE t.task_id = s.task_id AND t.namespace = $1
+          AND s.status = 'enqueued' AND s.lease_expires_at IS NULL
+          AND s.enqueued_at <= now() - $2 * interval '1 millisecond'
+        "#,
+    )
+    .bind(namespace)
+    .bind(older_than_ms)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())

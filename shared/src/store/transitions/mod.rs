@@ -38,7 +38,9 @@ mod operator;
 mod worker;
 
 pub use claim::{Dispatch, claim_ready, dispatches_for, next_due};
-pub use leases::{ExpiredLeases, expire_leases, release_unpublished};
+pub use leases::{
+    ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
+};
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
 pub use worker::{
     AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
