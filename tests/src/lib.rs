@@ -579,3 +579,82 @@ pub async fn delete_broker_objects(prefix: &str, namespaces: &[String]) -> anyho
     let _ = connection.close(200, "OK".into()).await;
     Ok(())
 }
+
+/// Close every RabbitMQ connection named `name` (the name a process gives its connection,
+/// such as `tasker-worker w2`), as a network fault or an operator would, with
+/// `rabbitmqctl close_connection`. Returns how many were closed.
+pub async fn close_broker_connections(name: &str) -> anyhow::Result<usize> {
+    let listed = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .await
+        .context("running rabbitmqctl list_connections")?;
+    anyhow::ensure!(
+        listed.status.success(),
+        "rabbitmqctl list_connections failed: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let wanted = format!("\"{name}\"");
+    let pids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|line| line.contains("connection_name") && line.contains(&wanted))
+        .filter_map(|line| line.split('\t').next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        let closed = Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault injected by a test"])
+            .output()
+            .await
+            .context("running rabbitmqctl close_connection")?;
+        anyhow::ensure!(
+            closed.status.success(),
+            "rabbitmqctl close_connection failed: {}",
+            String::from_utf8_lossy(&closed.stderr)
+        );
+    }
+    Ok(pids.len())
+}
+
+/// Consumers of `queue` now (0 when it does not exist).
+pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(declared.map(|q| q.consumer_count()).unwrap_or(0))
+}
+
+/// Wait until `queue` has at least `consumers` consumers; returns how long that took.
+pub async fn wait_for_consumers(
+    queue: &str,
+    consumers: u32,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        let now = queue_consumers(queue).await.unwrap_or(0);
+        if now >= consumers {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("{queue} has {now} consumers after {timeout:?}, expected {consumers}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

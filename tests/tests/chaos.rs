@@ -8,11 +8,14 @@
 //! 1. a worker is killed with SIGKILL while it runs steps (then a new one is started);
 //! 2. a second coordinator is killed with SIGKILL between committing a claim and
 //!    publishing it (a failpoint holds it exactly there), then started again;
-//! 3. RabbitMQ is stopped and started again (`deploy/services.sh restart-broker`);
-//! 4. PostgreSQL is stopped and started again (`deploy/services.sh restart-database`).
+//! 3. one worker's broker connection is closed by the broker (`rabbitmqctl
+//!    close_connection`), the broker and the other processes staying up;
+//! 4. RabbitMQ is stopped and started again (`deploy/services.sh restart-broker`);
+//! 5. PostgreSQL is stopped and started again (`deploy/services.sh restart-database`).
 //!
 //! Only the killed processes are restarted by the test: every other process must
-//! reconnect by itself. Afterwards every task is `complete`, no step has more than one
+//! reconnect by itself, and every worker must be consuming its queue again within 30 s of
+//! the end of each fault. Afterwards every task is `complete`, no step has more than one
 //! `complete` transition, and no step used more attempts than its retry limit. The run
 //! prints each fault, when it was injected, how long it lasted (a service restart), how
 //! long after it the work in flight at the injection took to finish, and the extra
@@ -28,7 +31,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::PgPool;
-use tasker_tests::{EnvOptions, Process, StatusCode, TestEnv, binary, metric};
+use tasker_tests::{
+    EnvOptions, Process, StatusCode, TestEnv, binary, close_broker_connections, metric,
+    wait_for_consumers,
+};
 use uuid::Uuid;
 
 /// Tasks submitted in the run (at least; a few more go through the second coordinator).
@@ -142,11 +148,19 @@ async fn healed(pool: &PgPool, snapshot: &[(Uuid, i32)], since: Instant) -> (Dur
     }
 }
 
+/// Workers consuming the chaos queue at every moment outside a fault.
+const WORKERS: u32 = 3;
+
+/// Every worker consumes again within this long after a fault ends.
+const CONSUMING_AGAIN_WITHIN: Duration = Duration::from_secs(30);
+
 struct FaultReport {
     fault: &'static str,
     at: Duration,
     /// How long the fault itself lasted (a service restart), zero for a kill.
     outage: Duration,
+    /// From the end of the fault until every worker consumed again.
+    consuming_again: Duration,
     in_flight: usize,
     recovered: Duration,
     extra_attempts: i64,
@@ -220,6 +234,17 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
         }
     };
     let mut reports = Vec::new();
+    let queue = env.queue("chaos");
+    // Every worker consumes again within CONSUMING_AGAIN_WITHIN of the end of a fault;
+    // returns how long it took.
+    let consuming = |queue: &String| {
+        let queue = queue.clone();
+        async move {
+            wait_for_consumers(&queue, WORKERS, CONSUMING_AGAIN_WITHIN)
+                .await
+                .unwrap_or_else(|error| panic!("not every worker consumes again: {error}"))
+        }
+    };
     let mut coordinators: Vec<Process> = Vec::new();
 
     // 1. A worker killed with SIGKILL mid-step.
@@ -252,12 +277,14 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
     )
     .await
     .unwrap();
+    let consuming_again = consuming(&queue).await;
     let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
     eprintln!("chaos: killed w1 while it ran {running_on_w1} steps");
     reports.push(FaultReport {
         fault: "worker SIGKILL mid-step",
         at: injected - run_started,
         outage: Duration::ZERO,
+        consuming_again,
         in_flight: snapshot.len(),
         recovered,
         extra_attempts: extra,
@@ -293,17 +320,37 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
         .await
         .unwrap();
     coordinators.push(restarted);
+    let consuming_again = consuming(&queue).await;
     let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
     reports.push(FaultReport {
         fault: "coordinator SIGKILL after claim",
         at: injected - run_started,
         outage: Duration::ZERO,
+        consuming_again,
         in_flight: snapshot.len(),
         recovered,
         extra_attempts: extra,
     });
 
-    // 3. RabbitMQ restarted, then 4. PostgreSQL restarted.
+    // 3. One worker's broker connection closed by the broker.
+    busy(submitted.load(Ordering::SeqCst) + 100).await;
+    let snapshot = in_flight(&env.pool).await;
+    let injected = Instant::now();
+    let closed = close_broker_connections("tasker-worker w2").await.unwrap();
+    assert_eq!(closed, 1, "w2 has one broker connection");
+    let consuming_again = consuming(&queue).await;
+    let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
+    reports.push(FaultReport {
+        fault: "worker connection closed",
+        at: injected - run_started,
+        outage: Duration::ZERO,
+        consuming_again,
+        in_flight: snapshot.len(),
+        recovered,
+        extra_attempts: extra,
+    });
+
+    // 4. RabbitMQ restarted, then 5. PostgreSQL restarted.
     for (fault, action) in [
         ("RabbitMQ restart", "restart-broker"),
         ("PostgreSQL restart", "restart-database"),
@@ -313,11 +360,13 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
         let injected = Instant::now();
         services(action).await;
         let outage = injected.elapsed();
+        let consuming_again = consuming(&queue).await;
         let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
         reports.push(FaultReport {
             fault,
             at: injected - run_started,
             outage,
+            consuming_again,
             in_flight: snapshot.len(),
             recovered,
             extra_attempts: extra,
@@ -369,20 +418,30 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
     )
     .await;
 
+    let url = format!("{}/metrics", env.base_url);
+    let redispatched = metric(&url, "tasker_leases_expired_total{reason=\"lease_lost\"}").await;
+    let stale = metric(&url, "tasker_stale_results_dropped_total").await;
     println!(
         "\nchaos run: {tasks} tasks, {steps} steps, 3 workers, 2 coordinators, {:.1} s",
         elapsed.as_secs_f64()
     );
     println!(
-        "{:<32} {:>11} {:>9} {:>10} {:>18} {:>14}",
-        "fault", "injected at", "outage", "in flight", "healed after it", "extra attempts"
+        "{:<32} {:>11} {:>9} {:>17} {:>10} {:>18} {:>14}",
+        "fault",
+        "injected at",
+        "outage",
+        "consuming again",
+        "in flight",
+        "healed after it",
+        "extra attempts"
     );
     for r in &reports {
         println!(
-            "{:<32} {:>9.1} s {:>7.1} s {:>10} {:>16.1} s {:>14}",
+            "{:<32} {:>9.1} s {:>7.1} s {:>15.1} s {:>10} {:>16.1} s {:>14}",
             r.fault,
             r.at.as_secs_f64(),
             r.outage.as_secs_f64(),
+            r.consuming_again.as_secs_f64(),
             r.in_flight,
             r.recovered.saturating_sub(r.outage).as_secs_f64(),
             r.extra_attempts
@@ -396,6 +455,9 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
         attempts - steps,
         twice.len(),
         slowest_submit.as_secs_f64()
+    );
+    println!(
+        "first coordinator: steps dispatched again (lease_lost): {redispatched}; stale results dropped: {stale}"
     );
 
     assert!(tasks >= TASKS as i64, "only {tasks} tasks were created");

@@ -5,11 +5,20 @@
 //! idle, ready-to-started latency, database statements per step, the idle cost, the
 //! processes' peak memory and CPU time, and throughput with a large stored history.
 //!
+//! Last, the burst workload (`--burst N`, 0 skips it): the coordinators are restarted
+//! with a dispatch lease much shorter than the drain (`--burst-lease-ms`), N diamonds are
+//! created at once (every submitter busy, no pacing), and the run reports the creation
+//! and drain times, steps/s against the steady diamonds figure of the same run, the
+//! re-dispatches (`tasker_leases_expired_total` by reason, `lease_expired` aside), the
+//! stale results dropped (goal: at most 0.1 % of the steps), each process's peak memory
+//! and the deepest the step queue got.
+//!
 //! Build in release first: `cargo build --release --workspace --bins`, then run
 //! `target/release/tasker-bench` (see BENCHMARKS.md). It uses its own database
 //! (`tasker_bench`, recreated) and queue prefix (`bench`).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -68,6 +77,14 @@ struct Args {
     /// Tasks per soak round.
     #[arg(long, default_value_t = 5_000)]
     soak_round: usize,
+    /// Diamond tasks created at once after the standard runs, on coordinators restarted
+    /// with a short dispatch lease (0 skips the burst).
+    #[arg(long, default_value_t = 20_000)]
+    burst: usize,
+    /// `TASKER_DISPATCH_LEASE_MS` of the coordinators during the burst: much shorter than
+    /// the drain, so steps wait in the queue past their lease.
+    #[arg(long, default_value_t = 5_000)]
+    burst_lease_ms: u64,
     /// PostgreSQL server (the benchmark creates its own database there).
     #[arg(
         long,
@@ -112,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     drop(pool);
     let _ = sqlx::Postgres::drop_database(&database_url).await;
 
-    let system = System::start(&args, &database_url).await?;
+    let mut system = System::start(&args, &database_url).await?;
     system.register_templates(&args).await?;
     if args.soak > 0 {
         system.soak(args.soak, args.soak_round.max(1)).await?;
@@ -178,6 +195,14 @@ async fn main() -> anyhow::Result<()> {
     let duplicates = system.duplicate_dispatches().await?;
     println!("safety   step attempts dispatched twice   {duplicates:>9}");
     system.print_resources();
+
+    // Last: re-dispatching a step whose lease ran out dispatches its attempt again, so
+    // the safety count above is taken before.
+    if args.burst > 0 {
+        system
+            .burst(args.burst, args.burst_lease_ms, run.steps_per_s)
+            .await?;
+    }
     system.stop().await?;
     Ok(())
 }
@@ -290,6 +315,20 @@ struct System {
     coordinators: Vec<Process>,
     workers: Vec<Process>,
     submitters: usize,
+    /// What started the coordinators, to start them again.
+    args: Args,
+    database_url: String,
+    log_dir: PathBuf,
+}
+
+/// Counters of the burst, summed over the coordinators, from one scrape of each.
+#[derive(Default)]
+struct BurstCounts {
+    /// `tasker_leases_expired_total` by `reason`, every reason but `lease_expired` (a lost
+    /// worker): each is a step dispatched again without having run.
+    redispatches: BTreeMap<String, f64>,
+    /// `tasker_stale_results_dropped_total`, every label set.
+    stale: f64,
 }
 
 /// Counters the coordinators export, summed over them.
@@ -307,6 +346,8 @@ struct Run {
     tasks: usize,
     steps: usize,
     seconds: f64,
+    /// From the first creation request to the answer to the last.
+    submit_seconds: f64,
     steps_per_s: f64,
     submit_per_s: f64,
     ready_to_started_p50_ms: f64,
@@ -366,24 +407,15 @@ impl System {
         let mut coordinators = Vec::new();
         let mut bases = Vec::new();
         for n in 0..args.coordinators {
-            let mut command = Command::new(binary("tasker-coordinator"));
-            command
-                .arg("serve")
-                .env("DATABASE_URL", database_url)
-                .env("AMQP_URL", &args.amqp_url)
-                .env("TASKER_AMQP_PREFIX", PREFIX)
-                .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
-                .env("TASKER_EVENTS", args.events.to_string())
-                .env("RUST_LOG", "warn,tasker_coordinator=info");
-            let mut process = Process::spawn(command, format!("coordinator-{n}"), &log_dir)?;
-            let line = process
-                .wait_for_log("coordinator listening", Duration::from_secs(60))
-                .await?;
-            let address = serde_json::from_str::<Value>(&line)?["address"]
-                .as_str()
-                .context("address")?
-                .to_owned();
-            bases.push(format!("http://{address}"));
+            let (process, base) = spawn_coordinator(
+                args,
+                database_url,
+                &log_dir,
+                &format!("coordinator-{n}"),
+                &[],
+            )
+            .await?;
+            bases.push(base);
             coordinators.push(process);
         }
         let mut workers = Vec::new();
@@ -409,7 +441,37 @@ impl System {
             coordinators,
             workers,
             submitters: args.submitters,
+            args: args.clone(),
+            database_url: database_url.to_owned(),
+            log_dir,
         })
+    }
+
+    /// Stop the coordinators and start as many again, named `{name}-{n}`, with extra
+    /// environment. Nothing may be in flight: every run before waited for its tasks.
+    async fn restart_coordinators(
+        &mut self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        for coordinator in &mut self.coordinators {
+            coordinator.terminate().await?;
+        }
+        self.coordinators.clear();
+        self.bases.clear();
+        for n in 0..self.args.coordinators {
+            let (process, base) = spawn_coordinator(
+                &self.args,
+                &self.database_url,
+                &self.log_dir,
+                &format!("{name}-{n}"),
+                env,
+            )
+            .await?;
+            self.bases.push(base);
+            self.coordinators.push(process);
+        }
+        Ok(())
     }
 
     async fn register_templates(&self, args: &Args) -> anyhow::Result<()> {
@@ -500,17 +562,23 @@ impl System {
         Ok(self.counts().await?.statements)
     }
 
+    /// A coordinator's `/metrics` page.
+    async fn scrape(&self, base: &str) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// The coordinators' counts, summed, from one scrape of each.
     async fn counts(&self) -> anyhow::Result<Counts> {
         let mut counts = Counts::default();
         for base in &self.bases {
-            let text = self
-                .http
-                .get(format!("{base}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
+            let text = self.scrape(base).await?;
             // One sample without labels, by name.
             let sample = |name: &str| -> anyhow::Result<f64> {
                 Ok(text
@@ -562,7 +630,8 @@ impl System {
         while let Some(id) = inflight.next().await {
             ids.push(id?);
         }
-        let submit_per_s = tasks as f64 / started.elapsed().as_secs_f64();
+        let submit_seconds = started.elapsed().as_secs_f64();
+        let submit_per_s = tasks as f64 / submit_seconds;
         self.wait_done(&ids).await?;
         let seconds = started.elapsed().as_secs_f64();
         let cpu = self
@@ -584,6 +653,7 @@ impl System {
             tasks,
             steps,
             seconds,
+            submit_seconds,
             steps_per_s: steps as f64 / seconds,
             submit_per_s,
             ready_to_started_p50_ms: p50,
@@ -747,6 +817,133 @@ impl System {
         Ok(())
     }
 
+    /// The burst workload: restart the coordinators with a dispatch lease of `lease_ms`,
+    /// create `tasks` diamonds at once (every submitter busy, no pacing), wait for all of
+    /// them, and print what the backlog cost against `steady_steps_per_s`, the diamonds
+    /// figure of this run.
+    async fn burst(
+        &mut self,
+        tasks: usize,
+        lease_ms: u64,
+        steady_steps_per_s: f64,
+    ) -> anyhow::Result<()> {
+        let lease = lease_ms.to_string();
+        self.restart_coordinators(
+            "burst-coordinator",
+            &[("TASKER_DISPATCH_LEASE_MS", lease.as_str())],
+        )
+        .await?;
+        let before = self.burst_counts().await?;
+        // Peak memory of the burst alone: the coordinators are new, the workers' peak is
+        // reset (where the kernel allows it).
+        let reset: Vec<bool> = self
+            .coordinators
+            .iter()
+            .chain(&self.workers)
+            .map(|p| p.pid().is_some_and(reset_peak_rss))
+            .collect();
+        let depth = QueueDepth::watch(&self.args.amqp_url, format!("{PREFIX}.steps.bench"));
+        let run = self.throughput("diamond", tasks, 4, None).await?;
+        let max_depth = depth.stop().await;
+        let after = self.burst_counts().await?;
+
+        println!(
+            "throughput  burst: {tasks} diamonds created at once, {} steps, dispatch lease {lease_ms} ms",
+            run.steps
+        );
+        println!(
+            "         creation                       {:>9.1} s   ({:.0} tasks/s, {} requests at a time)",
+            run.submit_seconds, run.submit_per_s, self.submitters
+        );
+        println!(
+            "         drain                          {:>9.1} s   (first creation to last completion)",
+            run.seconds
+        );
+        println!(
+            "         completed steps                {:>9.0} /s  = {:.0} % of the steady diamonds' {:.0} /s",
+            run.steps_per_s,
+            run.steps_per_s / steady_steps_per_s * 100.0,
+            steady_steps_per_s
+        );
+        println!(
+            "         ready→started                  p50 {:>6.1} ms   p99 {:>6.1} ms",
+            run.ready_to_started_p50_ms, run.ready_to_started_p99_ms
+        );
+        let mut reasons: Vec<&String> = before
+            .redispatches
+            .keys()
+            .chain(after.redispatches.keys())
+            .collect();
+        reasons.sort();
+        reasons.dedup();
+        let by_reason: Vec<(&String, f64)> = reasons
+            .into_iter()
+            .map(|reason| {
+                let count = |c: &BurstCounts| c.redispatches.get(reason).copied().unwrap_or(0.0);
+                (reason, count(&after) - count(&before))
+            })
+            .collect();
+        let listed: Vec<String> = by_reason
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n:.0}"))
+            .collect();
+        println!(
+            "         re-dispatches                  {:>9.0}  ({}; tasker_leases_expired_total but lease_expired)",
+            by_reason.iter().map(|(_, n)| n).sum::<f64>(),
+            if listed.is_empty() {
+                "no reason reported".to_owned()
+            } else {
+                listed.join(", ")
+            }
+        );
+        let stale = after.stale - before.stale;
+        let stale_pct = stale / run.steps as f64 * 100.0;
+        println!(
+            "         stale results dropped          {stale:>9.0}  = {stale_pct:.3} % of the steps (goal ≤ 0.1 %: {})",
+            if stale_pct <= 0.1 { "met" } else { "NOT met" }
+        );
+        match max_depth {
+            Ok(depth) => println!(
+                "         step queue depth, max          {depth:>9}  messages (sampled every {} ms)",
+                QueueDepth::EVERY.as_millis()
+            ),
+            Err(error) => println!("         step queue depth, max            unknown ({error:#})"),
+        }
+        for (process, reset) in self.coordinators.iter().chain(&self.workers).zip(reset) {
+            if let Some((rss_mb, _)) = process.pid().and_then(resources) {
+                println!(
+                    "         peak RSS {:<22} {rss_mb:>9.1} MB{}",
+                    process.name,
+                    if reset {
+                        ""
+                    } else {
+                        "  (since the process started)"
+                    }
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The burst's counters, summed over the coordinators, from one scrape of each.
+    async fn burst_counts(&self) -> anyhow::Result<BurstCounts> {
+        let mut counts = BurstCounts::default();
+        for base in &self.bases {
+            let text = self.scrape(base).await?;
+            for (labels, value) in samples(&text, "tasker_leases_expired_total") {
+                let reason = label(&labels, "reason").unwrap_or("");
+                if reason != "lease_expired" {
+                    *counts.redispatches.entry(reason.to_owned()).or_default() += value;
+                }
+            }
+            counts.stale += samples(&text, "tasker_stale_results_dropped_total")
+                .iter()
+                .map(|(_, value)| value)
+                .sum::<f64>();
+        }
+        Ok(counts)
+    }
+
     fn print_resources(&self) {
         for (kind, processes) in [
             ("coordinator", &self.coordinators),
@@ -774,6 +971,148 @@ impl System {
         let _ = delete_broker_objects(PREFIX, &["bench".to_owned()]).await;
         Ok(())
     }
+}
+
+/// Start a coordinator (`name` names it and its log) and wait until it listens; returns it
+/// and its base URL.
+async fn spawn_coordinator(
+    args: &Args,
+    database_url: &str,
+    log_dir: &std::path::Path,
+    name: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Process, String)> {
+    let mut command = Command::new(binary("tasker-coordinator"));
+    command
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", &args.amqp_url)
+        .env("TASKER_AMQP_PREFIX", PREFIX)
+        .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
+        .env("TASKER_EVENTS", args.events.to_string())
+        .env("RUST_LOG", "warn,tasker_coordinator=info");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut process = Process::spawn(command, name.to_owned(), log_dir)?;
+    let line = process
+        .wait_for_log("coordinator listening", Duration::from_secs(60))
+        .await?;
+    let address = serde_json::from_str::<Value>(&line)?["address"]
+        .as_str()
+        .context("address")?
+        .to_owned();
+    Ok((process, format!("http://{address}")))
+}
+
+/// Every sample of the metric `name` on a Prometheus text page, with its labels (none
+/// for a sample without). [`tasker_tests::metric`] reads one sample whose labels are
+/// known in advance; this finds them all, to be summed over the label values wanted.
+fn samples<'a>(text: &'a str, name: &str) -> Vec<(Vec<(&'a str, &'a str)>, f64)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => {
+                    let (labels, value) = rest.rsplit_once('}')?;
+                    (parse_labels(labels)?, value)
+                }
+                None if rest.starts_with(' ') => (Vec::new(), rest),
+                None => return None, // another metric whose name starts with `name`
+            };
+            let value = value.split_whitespace().next()?.parse().ok()?;
+            Some((labels, value))
+        })
+        .collect()
+}
+
+/// `a="x",b="y"` as pairs (values still escaped, which comparing plain values ignores).
+fn parse_labels(mut text: &str) -> Option<Vec<(&str, &str)>> {
+    let mut labels = Vec::new();
+    loop {
+        text = text.trim_start_matches([',', ' ']);
+        if text.is_empty() {
+            return Some(labels);
+        }
+        let (key, rest) = text.split_once('=')?;
+        let rest = rest.strip_prefix('"')?;
+        // The closing quote is the first one not escaped by a backslash.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in rest.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        let end = end?;
+        labels.push((key.trim(), &rest[..end]));
+        text = &rest[end + 1..];
+    }
+}
+
+/// The value of one label of a sample.
+fn label<'a>(labels: &[(&str, &'a str)], key: &str) -> Option<&'a str> {
+    labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+}
+
+/// Watches how deep a queue gets: a passive declare on its own connection every
+/// [`QueueDepth::EVERY`], until stopped.
+struct QueueDepth {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<u32>>,
+}
+
+impl QueueDepth {
+    const EVERY: Duration = Duration::from_millis(200);
+
+    fn watch(url: &str, queue: String) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let url = url.to_owned();
+        let task = tokio::spawn(async move {
+            let connection =
+                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            let mut deepest = 0;
+            loop {
+                let declared = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await?;
+                deepest = deepest.max(declared.message_count());
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    () = tokio::time::sleep(Self::EVERY) => {}
+                }
+            }
+            let _ = connection.close(200, "OK".into()).await;
+            Ok(deepest)
+        });
+        QueueDepth { stop, task }
+    }
+
+    /// Stop watching; the deepest the queue was seen.
+    async fn stop(self) -> anyhow::Result<u32> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+/// Reset a process's peak resident memory (`VmHWM`) to its current size, so the next
+/// peak read covers only what follows (Linux 4.0 and later). Whether it worked.
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
 /// Peak resident memory (MB) and CPU seconds (user + system) of a process, from /proc.

@@ -10,6 +10,8 @@ mod hostile;
 mod observability;
 mod operator;
 mod poison;
+mod reconnect;
+mod redispatch;
 mod tasker_engine;
 mod validation;
 mod workers;

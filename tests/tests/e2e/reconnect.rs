@@ -1,0 +1,101 @@
+//! A worker's broker connection cut at each stage of a step: the worker reconnects by
+//! itself, consumes again within 30 s, and the task completes with every step applied
+//! once. The connection is closed from the broker's side (`rabbitmqctl close_connection`),
+//! as a network fault or an operator would; a failpoint holds the step at the stage until
+//! the connection is gone.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tasker_tests::{TestEnv, binary, close_broker_connections, wait_for_consumers};
+
+const TEMPLATE: &str = "namespace: cut\nname: pair\nsteps:\n  - name: first\n    handler: tasker.sleep\n    config: {ms: 1500}\n  - name: second\n    handler: tasker.noop\n    depends_on: [first]\n";
+
+async fn cut_at(stage: &str) {
+    let mut env = TestEnv::start(&format!("cut-{stage}")).await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let worker_id = format!("{}-{stage}", env.queue("w"));
+    env.start_worker_with(
+        binary("tasker-worker"),
+        &worker_id,
+        &["cut"],
+        4,
+        &[
+            ("TASKER_FAILPOINT_PAUSE_AT", stage),
+            ("TASKER_HEARTBEAT_INTERVAL_MS", "200"),
+        ],
+    )
+    .await
+    .unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "cut", "name": "pair", "context": {}}))
+        .await
+        .unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    env.workers[0]
+        .wait_for_log(
+            &format!("failpoint: paused at {stage}"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let closed = close_broker_connections(&format!("tasker-worker {worker_id}"))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1, "the worker has one connection");
+
+    let back = wait_for_consumers(&env.queue("cut"), 1, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("cut at {stage}: the worker did not consume again: {e}"));
+    let task = env
+        .wait_for_task(&task_id, &["complete", "error"], Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete", "cut at {stage}: {task}");
+    assert!(
+        env.workers[0].running(),
+        "cut at {stage}: the worker exited"
+    );
+    assert!(
+        env.workers[0].log().contains("reconnected to RabbitMQ"),
+        "cut at {stage}: no reconnect logged"
+    );
+    let twice: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT step_id, count(*) FROM step_transitions WHERE to_status = 'complete'
+         GROUP BY step_id HAVING count(*) > 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(twice.is_empty(), "cut at {stage}: applied twice: {twice:?}");
+    eprintln!(
+        "cut at {stage}: consuming again {:.1} s after the cut",
+        back.as_secs_f64()
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_comes_back_after_its_connection_is_cut_while_receiving() {
+    cut_at("received").await;
+}
+
+#[tokio::test]
+async fn a_worker_comes_back_after_its_connection_is_cut_while_running() {
+    cut_at("running").await;
+}
+
+#[tokio::test]
+async fn a_worker_comes_back_after_its_connection_is_cut_while_publishing() {
+    cut_at("publishing").await;
+}
+
+#[tokio::test]
+async fn a_worker_comes_back_after_its_connection_is_cut_while_acking() {
+    cut_at("acking").await;
+}
+
+#[tokio::test]
+async fn a_worker_comes_back_after_its_connection_is_cut_while_heartbeating() {
+    cut_at("heartbeating").await;
+}
