@@ -78,6 +78,27 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) events_published: Family<Event, Counter>,
 }
 
+/// A counter family by reason whose known reasons exist from the start, at 0, so rate()
+/// works at once.
+fn with_reasons(reasons: &[&str]) -> Family<Reason, Counter> {
+    let family = Family::<Reason, Counter>::default();
+    for reason in reasons {
+        let _ = family.get_or_create(&Reason {
+            reason: (*reason).to_owned(),
+        });
+    }
+    family
+}
+
+/// Add `n` to `family`'s counter for `reason`.
+pub(crate) fn count_reason(family: &Family<Reason, Counter>, reason: &str, n: u64) {
+    family
+        .get_or_create(&Reason {
+            reason: reason.to_owned(),
+        })
+        .inc_by(n);
+}
+
 impl CoordinatorMetrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::default();
@@ -117,24 +138,13 @@ impl CoordinatorMetrics {
             "Deferrals (\"not now\" answers) scheduled",
             deferrals.clone(),
         );
-        let leases_expired = Family::<Reason, Counter>::default();
-        // Known label values exist from the start, at 0, so rate() works at once.
-        for reason in ["lease_lost", "lease_expired"] {
-            let _ = leases_expired.get_or_create(&Reason {
-                reason: reason.to_owned(),
-            });
-        }
+        let leases_expired = with_reasons(&["lease_lost", "lease_expired"]);
         registry.register(
             "tasker_leases_expired",
             "Steps whose lease expired: lease_lost (publish never confirmed, or message lost: dispatched again) or lease_expired (worker lost)",
             leases_expired.clone(),
         );
-        let lost_messages = Family::<Reason, Counter>::default();
-        for reason in ["queue_missing", "queue_short"] {
-            let _ = lost_messages.get_or_create(&Reason {
-                reason: reason.to_owned(),
-            });
-        }
+        let lost_messages = with_reasons(&["queue_missing", "queue_short"]);
         registry.register(
             "tasker_lost_messages",
             "Confirmed steps found lost with their queue (queue_missing: deleted; queue_short: holds fewer messages than steps wait in it) and handed back for dispatch",

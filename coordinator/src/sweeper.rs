@@ -5,11 +5,12 @@
 //!   coordinator died between commit and publish, or the publish failed) and is
 //!   dispatched again without spending an attempt. A step whose publish was confirmed has
 //!   no lease: it is safe in a durable queue, however long the queue is;
-//! - a confirmed step whose queue was deleted or lost: each sweep compares the confirmed
-//!   steps that have waited longer than the dispatch lease, per namespace, with the
-//!   namespace's queue. A missing queue, or one holding fewer messages than those steps
-//!   minus what the workers serving it may hold unacked (twice their concurrency), means
-//!   messages are gone: those steps have their lease ended and are dispatched again;
+//! - a confirmed step whose queue was deleted or lost: each sweep interval compares the
+//!   confirmed steps that have waited longer than the dispatch lease, per namespace, with
+//!   the namespace's queue ([`lost_in_queue`]). A missing queue means every confirmed step
+//!   of it is gone. A queue holding fewer messages than those steps, beyond what workers
+//!   may hold, at two checks in a row, means the oldest of them are gone. Those steps
+//!   have their lease ended and are dispatched again;
 //! - a step `in_progress` past its lease lost its worker and counts as a timed-out
 //!   attempt.
 //!
@@ -22,6 +23,7 @@
 //! and results that workers sent meanwhile are still in the results queue, and expiring
 //! those steps would run them again for nothing.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +33,7 @@ use tracing::Instrument;
 
 use crate::control::Control;
 use crate::link::BrokerLink;
-use crate::metrics::{CoordinatorMetrics, Reason};
+use crate::metrics::{CoordinatorMetrics, count_reason};
 use crate::publisher::StepPublisher;
 use tasker_shared::broker::Topology;
 use tasker_shared::store::transitions;
@@ -51,6 +53,10 @@ pub(crate) struct Sweeper {
     /// Since when the database and the broker have both been reachable.
     healthy_since: Mutex<Option<Instant>>,
     queues: QueueAudit,
+    /// Per namespace, how many steps the previous queue check found missing from a queue
+    /// that exists: a shortfall is acted on only when the next check finds it again. A
+    /// std Mutex: held only to read or write the map, never across an await.
+    short: Mutex<HashMap<String, u64>>,
 }
 
 /// What the sweeper needs to check the step queues and tell workers of superseded
@@ -85,20 +91,13 @@ impl Sweeper {
             // At start, heartbeats sent while no coordinator ran may still be queued.
             healthy_since: Mutex::new(None),
             queues,
+            short: Mutex::default(),
         }
     }
 
     /// Expire one batch of leases. Returns how many steps changed.
     pub(crate) async fn sweep_once(&self) -> anyhow::Result<usize> {
         let running = self.heard_workers_lately();
-        if self.publisher.connected()
-            && let Err(error) = self.audit_queues().await
-        {
-            tracing::warn!(
-                error = format!("{error:#}"),
-                "cannot compare the step queues with the database"
-            );
-        }
         let swept = self.expire(running).await;
         if swept.is_err() {
             self.set_unhealthy();
@@ -122,7 +121,7 @@ impl Sweeper {
     }
 
     /// Compare confirmed steps that waited longer than the dispatch lease with their
-    /// queues, and end the lease of those whose messages are gone (see the module docs).
+    /// queues, and end the lease of those whose messages are gone (see [`lost_in_queue`]).
     /// Returns how many steps were handed back.
     async fn audit_queues(&self) -> anyhow::Result<u64> {
         let queues = &self.queues;
@@ -134,45 +133,58 @@ impl Sweeper {
             return Ok(0);
         }
         let connection = queues.broker.connection();
+        let results = queues
+            .topology
+            .queue_counts(&connection, &queues.topology.results_queue())
+            .await?;
         let workers = queues.control.recent_workers();
         let mut released = 0;
         for (namespace, confirmed) in waiting {
             let queue = queues.topology.step_queue(&namespace);
-            let ready = queues.topology.queue_ready(&connection, &queue).await?;
-            let (reason, older_than_ms) = match ready {
-                // Every message the queue held is gone, however recent.
-                None => ("queue_missing", 0),
-                Some(ready) => {
-                    let held: i64 = workers
-                        .iter()
-                        .filter(|w| w.all_namespaces || w.namespaces.contains(&namespace))
-                        .map(|w| 2 * i64::from(w.concurrency))
-                        .sum();
-                    if confirmed <= i64::from(ready) + held {
-                        continue;
-                    }
-                    ("queue_short", queues.lease_ms)
-                }
+            let step_queue = queues.topology.queue_counts(&connection, &queue).await?;
+            let held_by_workers: u64 = workers
+                .iter()
+                .filter(|w| w.all_namespaces || w.namespaces.contains(&namespace))
+                .map(|w| 2 * u64::from(w.concurrency))
+                .sum();
+            let found = lost_in_queue(QueueCheck {
+                confirmed: u64::try_from(confirmed).unwrap_or(0),
+                step_queue,
+                held_by_workers,
+                results_ready: results.map_or(0, |(ready, _)| ready),
+            });
+            let confirmed_lost = {
+                let mut short = self.short.lock().unwrap_or_else(|p| p.into_inner());
+                confirm_shortfall(&mut short, &namespace, found)
             };
-            if ready.is_none() {
-                // Declared again, so the steps dispatched again have somewhere to go.
-                let channel = connection.create_channel().await?;
-                queues
-                    .topology
-                    .declare_namespace(&channel, &namespace)
-                    .await?;
-                let _ = channel.close(200, "OK".into()).await;
-            }
+            let Some(lost) = confirmed_lost else {
+                continue;
+            };
+            let older_than_ms = match lost {
+                Lost::Missing => {
+                    // Declared again, so the steps dispatched again have somewhere to go.
+                    let channel = connection.create_channel().await?;
+                    queues
+                        .topology
+                        .declare_namespace(&channel, &namespace)
+                        .await?;
+                    let _ = channel.close(200, "OK".into()).await;
+                    // Every message the queue held is gone, however recent.
+                    0
+                }
+                Lost::Short(_) => queues.lease_ms,
+            };
+            let limit = match lost {
+                Lost::Missing => None,
+                Lost::Short(n) => Some(i64::try_from(n).unwrap_or(i64::MAX)),
+            };
             let mut conn = self.pool.acquire().await?;
-            let n = transitions::release_lost_queue(&mut conn, &namespace, older_than_ms).await?;
-            tracing::warn!(%namespace, %queue, reason, confirmed, ready, steps = n,
+            let n = transitions::release_lost_queue(&mut conn, &namespace, older_than_ms, limit)
+                .await?;
+            tracing::warn!(%namespace, %queue, reason = lost.reason(), confirmed,
+                ?step_queue, steps = n,
                 "a step queue lost confirmed messages; dispatching those steps again");
-            self.metrics
-                .lost_messages
-                .get_or_create(&Reason {
-                    reason: reason.to_owned(),
-                })
-                .inc_by(n);
+            count_reason(&self.metrics.lost_messages, lost.reason(), n);
             released += n;
         }
         Ok(released)
@@ -199,23 +211,17 @@ impl Sweeper {
         tx.commit().await?;
         self.metrics.finished(&finished);
         for (reason, count) in [
-            ("lease_lost", expired.requeued),
+            ("lease_lost", expired.requeued.len()),
             ("lease_expired", expired.timed_out),
         ] {
             if count > 0 {
-                self.metrics
-                    .leases_expired
-                    .get_or_create(&Reason {
-                        reason: reason.to_owned(),
-                    })
-                    .inc_by(count as u64);
+                count_reason(&self.metrics.leases_expired, reason, count as u64);
             }
         }
-        self.announce_superseded(&expired.superseded).await;
-        let changed = expired.requeued + expired.timed_out;
+        let changed = expired.requeued.len() + expired.timed_out;
         if changed > 0 {
             tracing::info!(
-                requeued = expired.requeued,
+                requeued = expired.requeued.len(),
                 timed_out = expired.timed_out,
                 tasks_finished = finished.len(),
                 "expired leases"
@@ -223,6 +229,8 @@ impl Sweeper {
             self.wake_dispatcher.notify_one();
             self.wake_events.notify_one();
         }
+        // After the wake: the new dispatches need not wait for this broadcast.
+        self.announce_superseded(&expired.requeued).await;
         Ok(changed)
     }
 
@@ -235,6 +243,16 @@ impl Sweeper {
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     () = tokio::time::sleep(self.interval) => {}
+                }
+                // Once per interval, not per batch: its comparison needs the batches of
+                // the previous interval to have been dispatched again.
+                if self.publisher.connected()
+                    && let Err(error) = self.audit_queues().await
+                {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "cannot compare the step queues with the database"
+                    );
                 }
                 loop {
                     match self.sweep_once().await {
@@ -255,5 +273,148 @@ impl Sweeper {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// What [`lost_in_queue`] weighs for one namespace.
+#[derive(Debug, Clone, Copy)]
+struct QueueCheck {
+    /// Confirmed steps still `enqueued` after the dispatch lease.
+    confirmed: u64,
+    /// The step queue's (ready messages, consumers), or `None` when it does not exist.
+    step_queue: Option<(u32, u32)>,
+    /// What the workers serving the namespace may hold unacked: twice their concurrency.
+    held_by_workers: u64,
+    /// Results (and started notices) waiting in the results queue.
+    results_ready: u32,
+}
+
+/// Which of a namespace's confirmed steps have lost their message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// The queue does not exist: every confirmed step of the namespace.
+    Missing,
+    /// The queue holds too few messages: this many of the oldest confirmed steps.
+    Short(u64),
+}
+
+impl Lost {
+    fn reason(self) -> &'static str {
+        match self {
+            Lost::Missing => "queue_missing",
+            Lost::Short(_) => "queue_short",
+        }
+    }
+}
+
+/// Decide whether confirmed steps lost their messages, at one check. A step the
+/// database still shows `enqueued` may legitimately be elsewhere than its queue: held
+/// unacked by a worker (running, or waiting for a handler slot), or already answered,
+/// with its result (which also records its start) waiting in the results queue or being
+/// applied. So a queue is short only while no result waits, and only by more than the
+/// workers may hold; results being applied at this check are ruled out by the next
+/// ([`Sweeper::confirm_shortfall`]).
+fn lost_in_queue(check: QueueCheck) -> Option<Lost> {
+    let Some((ready, _)) = check.step_queue else {
+        return Some(Lost::Missing);
+    };
+    if check.results_ready > 0 {
+        return None;
+    }
+    let elsewhere = u64::from(ready) + check.held_by_workers;
+    (check.confirmed > elsewhere).then(|| Lost::Short(check.confirmed - elsewhere))
+}
+
+/// A shortfall is acted on when two checks in a row find it (the smaller of the two): a
+/// step whose result a coordinator is applying at the first check, or whose started
+/// notice is on its way, is not lost, and is no longer `enqueued` at the next. `short`
+/// holds, per namespace, the shortfall of the previous check.
+fn confirm_shortfall(
+    short: &mut HashMap<String, u64>,
+    namespace: &str,
+    found: Option<Lost>,
+) -> Option<Lost> {
+    match found {
+        Some(Lost::Short(now)) => match short.remove(namespace) {
+            Some(before) => Some(Lost::Short(now.min(before))),
+            None => {
+                short.insert(namespace.to_owned(), now);
+                None
+            }
+        },
+        other => {
+            short.remove(namespace);
+            other
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(confirmed: u64, step_queue: Option<(u32, u32)>, results_ready: u32) -> QueueCheck {
+        QueueCheck {
+            confirmed,
+            step_queue,
+            held_by_workers: 32,
+            results_ready,
+        }
+    }
+
+    #[test]
+    fn a_missing_queue_lost_every_confirmed_step() {
+        assert_eq!(lost_in_queue(check(5, None, 0)), Some(Lost::Missing));
+        assert_eq!(lost_in_queue(check(5, None, 900)), Some(Lost::Missing));
+    }
+
+    #[test]
+    fn steps_in_the_queue_or_held_by_workers_are_not_lost() {
+        assert_eq!(lost_in_queue(check(100, Some((100, 2)), 0)), None);
+        assert_eq!(lost_in_queue(check(132, Some((100, 2)), 0)), None);
+    }
+
+    #[test]
+    fn while_results_wait_the_database_is_behind_and_nothing_is_judged_lost() {
+        // A burst: the step queue drained, thousands of results not yet applied.
+        assert_eq!(lost_in_queue(check(4_885, Some((0, 3)), 2_000)), None);
+    }
+
+    #[test]
+    fn a_short_queue_lost_the_oldest_steps_beyond_what_workers_may_hold() {
+        // 1,000 waiting steps; the queue, recreated, holds 10 newer messages.
+        assert_eq!(
+            lost_in_queue(check(1_000, Some((10, 2)), 0)),
+            Some(Lost::Short(1_000 - 10 - 32))
+        );
+    }
+
+    #[test]
+    fn a_shortfall_counts_when_two_checks_in_a_row_find_it() {
+        let mut short = HashMap::new();
+        assert_eq!(
+            confirm_shortfall(&mut short, "a", Some(Lost::Short(50))),
+            None
+        );
+        assert_eq!(
+            confirm_shortfall(&mut short, "a", Some(Lost::Short(40))),
+            Some(Lost::Short(40)),
+            "the smaller of the two"
+        );
+        // A shortfall that is gone at the next check is forgotten.
+        assert_eq!(
+            confirm_shortfall(&mut short, "a", Some(Lost::Short(9))),
+            None
+        );
+        assert_eq!(confirm_shortfall(&mut short, "a", None), None);
+        assert_eq!(
+            confirm_shortfall(&mut short, "a", Some(Lost::Short(9))),
+            None
+        );
+        // A missing queue needs no second look.
+        assert_eq!(
+            confirm_shortfall(&mut short, "b", Some(Lost::Missing)),
+            Some(Lost::Missing)
+        );
     }
 }

@@ -166,14 +166,14 @@ impl Topology {
         Ok((queue.message_count(), queue.consumer_count()))
     }
 
-    /// Messages ready in `queue`, or `None` when the queue does not exist. Asks with a
-    /// passive declare on a channel of its own (the broker closes a channel that asks
-    /// about a missing queue), so nothing is created.
-    pub async fn queue_ready(
+    /// Messages ready in `queue` and its consumers, or `None` when the queue does not
+    /// exist. Asks with a passive declare on a channel of its own (the broker closes a
+    /// channel that asks about a missing queue), so nothing is created.
+    pub async fn queue_counts(
         &self,
         connection: &Connection,
         queue: &str,
-    ) -> lapin::Result<Option<u32>> {
+    ) -> lapin::Result<Option<(u32, u32)>> {
         let channel = connection.create_channel().await?;
         let declared = channel
             .queue_declare(
@@ -188,7 +188,7 @@ impl Topology {
         match declared {
             Ok(queue) => {
                 let _ = channel.close(200, "OK".into()).await;
-                Ok(Some(queue.message_count()))
+                Ok(Some((queue.message_count(), queue.consumer_count())))
             }
             Err(error) if is_not_found(&error) => Ok(None),
             Err(error) => Err(error),

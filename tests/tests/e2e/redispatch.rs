@@ -1,5 +1,6 @@
 //! Re-dispatch only what may be lost: a confirmed step waits in its queue however long
-//! the queue is, and a step whose queue was deleted is dispatched again.
+//! the queue is, and a step whose queue was deleted (and perhaps declared again, empty)
+//! is dispatched again.
 
 use std::time::{Duration, Instant};
 
@@ -108,12 +109,9 @@ async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_on
     env.finish().await.unwrap();
 }
 
-#[tokio::test]
-async fn steps_whose_queue_was_deleted_are_dispatched_again() {
-    let mut env = short_lease("queue-deleted").await;
-    let ids = create_tasks(&env).await;
-    wait_until_confirmed(&env).await;
-
+/// Delete the namespace's queue (with every step message in it), and declare it again
+/// empty when `declare_again`, as a worker starting meanwhile would.
+async fn lose_queue(env: &TestEnv, declare_again: bool) {
     let connection =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
             .await
@@ -124,21 +122,30 @@ async fn steps_whose_queue_was_deleted_are_dispatched_again() {
         .await
         .unwrap();
     assert_eq!(deleted, TASKS as u32, "the queue held every step");
+    if declare_again {
+        tasker_shared::broker::Topology::new(env.prefix.clone())
+            .declare_namespace(&channel, "backlog")
+            .await
+            .unwrap();
+    }
     let _ = connection.close(200, "OK".into()).await;
+}
 
+/// Wait until the coordinator counted every step as lost for `reason`, then run them.
+async fn lost_then_run(env: &mut TestEnv, ids: &[String], reason: &str) {
     let metrics = format!("{}/metrics", env.base_url);
-    let sample = "tasker_lost_messages_total{reason=\"queue_missing\"}";
+    let sample = format!("tasker_lost_messages_total{{reason=\"{reason}\"}}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&metrics, sample).await < TASKS as f64 {
+    while metric(&metrics, &sample).await < TASKS as f64 {
         assert!(
             Instant::now() < deadline,
-            "the lost queue was not noticed in 30 s"
+            "the lost messages ({reason}) were not noticed in 30 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    run_all(&mut env, &ids).await;
+    run_all(env, ids).await;
     assert_eq!(
-        reasons(&env, "lease_lost").await,
+        reasons(env, "lease_lost").await,
         TASKS as i64,
         "each lost step dispatched again once"
     );
@@ -147,5 +154,24 @@ async fn steps_whose_queue_was_deleted_are_dispatched_again() {
         .await
         .unwrap();
     assert_eq!(attempts, TASKS as i64, "a lost message costs no attempt");
+}
+
+#[tokio::test]
+async fn steps_whose_queue_was_deleted_are_dispatched_again() {
+    let mut env = short_lease("queue-deleted").await;
+    let ids = create_tasks(&env).await;
+    wait_until_confirmed(&env).await;
+    lose_queue(&env, false).await;
+    lost_then_run(&mut env, &ids, "queue_missing").await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn steps_whose_queue_was_deleted_and_declared_again_are_dispatched_again() {
+    let mut env = short_lease("queue-redeclared").await;
+    let ids = create_tasks(&env).await;
+    wait_until_confirmed(&env).await;
+    lose_queue(&env, true).await;
+    lost_then_run(&mut env, &ids, "queue_short").await;
     env.finish().await.unwrap();
 }

@@ -6,11 +6,10 @@ use uuid::Uuid;
 /// What [`expire_leases`] did.
 #[derive(Debug, Default)]
 pub struct ExpiredLeases {
-    /// Steps that were never started and will be dispatched again (no attempt spent).
-    pub requeued: usize,
-    /// The dispatches those steps had: (step id, dispatch token). Any copy of them still
-    /// queued is stale, and workers are told so.
-    pub superseded: Vec<(Uuid, Uuid)>,
+    /// Steps that were never started and will be dispatched again (no attempt spent),
+    /// each with the dispatch it had: (step id, dispatch token). Any copy of those
+    /// dispatches still queued is stale, and workers are told so.
+    pub requeued: Vec<(Uuid, Uuid)>,
     /// Steps whose worker went silent: counted as a timed-out attempt.
     pub timed_out: usize,
     /// Tasks whose steps changed.
@@ -103,19 +102,18 @@ pub async fn expire_leases(
     .fetch_all(conn)
     .await?;
 
-    let superseded: Vec<(Uuid, Uuid)> = rows
+    // A claimed step always has a token: the claim set it.
+    let requeued: Vec<(Uuid, Uuid)> = rows
         .iter()
         .filter(|r| r.from_status == "enqueued")
         .filter_map(|r| Some((r.step_id, r.dispatch_token?)))
         .collect();
-    let requeued = rows.iter().filter(|r| r.from_status == "enqueued").count();
     let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
     tasks.sort_unstable();
     tasks.dedup();
     Ok(ExpiredLeases {
+        timed_out: rows.len() - requeued.len(),
         requeued,
-        superseded,
-        timed_out: rows.len() - requeued,
         tasks,
     })
 }
@@ -180,27 +178,35 @@ pub async fn confirmed_waiting(
     .await
 }
 
-/// End at once the lease of every confirmed step of `namespace` still waiting after
-/// `older_than_ms` (all of them when `older_than_ms` is 0): their queue was deleted or
-/// lost, so their messages are gone, and the next sweep dispatches them again without
-/// spending an attempt. Returns how many.
+/// End at once the lease of the confirmed steps of `namespace` still waiting after
+/// `older_than_ms` (all of them when `older_than_ms` is 0), oldest first and at most
+/// `limit` (`None`: all): their messages are gone with their queue, and the next sweep
+/// dispatches them again without spending an attempt. Returns how many.
 pub async fn release_lost_queue(
     conn: &mut PgConnection,
     namespace: &str,
     older_than_ms: i64,
+    limit: Option<i64>,
 ) -> sqlx::Result<u64> {
     let done = sqlx::query(
         r#"
         UPDATE steps s
         SET lease_expires_at = now(), updated_at = now()
-        FROM tasks t
-        WHERE t.task_id = s.task_id AND t.namespace = $1
+        WHERE s.step_id IN (
+            SELECT s.step_id
+            FROM steps s JOIN tasks t ON t.task_id = s.task_id
+            WHERE t.namespace = $1
+              AND s.status = 'enqueued' AND s.lease_expires_at IS NULL
+              AND s.enqueued_at <= now() - $2 * interval '1 millisecond'
+            ORDER BY s.enqueued_at
+            LIMIT $3
+        )
           AND s.status = 'enqueued' AND s.lease_expires_at IS NULL
-          AND s.enqueued_at <= now() - $2 * interval '1 millisecond'
         "#,
     )
     .bind(namespace)
     .bind(older_than_ms)
+    .bind(limit)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
