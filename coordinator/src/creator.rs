@@ -125,20 +125,3 @@ async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
         let _ = reply.send(tasks::create(pool, creation).await);
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::response::IntoResponse;
-
-    #[test]
-    fn an_overloaded_creation_answers_503_with_retry_after() {
-        let error = CreateError::Overloaded { limit: 7 };
-        let response = crate::http::error::ApiError::from(error).into_response();
-        assert_eq!(
-            response.status(),
-            axum::http::StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(response.headers()["retry-after"], "1");
-    }
-}

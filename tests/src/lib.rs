@@ -202,7 +202,7 @@ fn coordinator_command(database_url: &str, prefix: &str, options: &EnvOptions) -
 }
 
 /// Spawn a coordinator and wait until it listens; returns it and its address.
-async fn spawn_coordinator(
+pub async fn spawn_coordinator(
     command: Command,
     name: &str,
     log_dir: &Path,
@@ -584,41 +584,40 @@ pub async fn delete_broker_objects(prefix: &str, namespaces: &[String]) -> anyho
 /// such as `tasker-worker w2`), as a network fault or an operator would, with
 /// `rabbitmqctl close_connection`. Returns how many were closed.
 pub async fn close_broker_connections(name: &str) -> anyhow::Result<usize> {
-    let listed = Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "pid",
-            "client_properties",
-            "-q",
-            "--no-table-headers",
-        ])
-        .output()
-        .await
-        .context("running rabbitmqctl list_connections")?;
-    anyhow::ensure!(
-        listed.status.success(),
-        "rabbitmqctl list_connections failed: {}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
+    let listed = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "-q",
+        "--no-table-headers",
+    ])
+    .await?;
     let wanted = format!("\"{name}\"");
-    let pids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+    let pids: Vec<String> = listed
         .lines()
         .filter(|line| line.contains("connection_name") && line.contains(&wanted))
         .filter_map(|line| line.split('\t').next().map(str::to_owned))
         .collect();
     for pid in &pids {
-        let closed = Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "fault injected by a test"])
-            .output()
-            .await
-            .context("running rabbitmqctl close_connection")?;
-        anyhow::ensure!(
-            closed.status.success(),
-            "rabbitmqctl close_connection failed: {}",
-            String::from_utf8_lossy(&closed.stderr)
-        );
+        rabbitmqctl(&["close_connection", pid, "fault injected by a test"]).await?;
     }
     Ok(pids.len())
+}
+
+/// Run `rabbitmqctl` with `args`; its standard output, or an error naming its stderr.
+async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running rabbitmqctl {}", args[0]))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args[0],
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Consumers of `queue` now (0 when it does not exist).

@@ -42,27 +42,32 @@ pub(crate) const RESULT_TOO_LARGE: &str = "result_too_large";
 #[derive(Clone)]
 pub(crate) struct InFlight {
     steps: Arc<Mutex<HashMap<Uuid, Running>>>,
-    cancelled: Arc<Mutex<Recent<Uuid>>>,
+    cancelled: Arc<Recent<Uuid>>,
     /// (step id, dispatch token) of replaced dispatches.
-    superseded: Arc<Mutex<Recent<(Uuid, Uuid)>>>,
+    superseded: Arc<Recent<(Uuid, Uuid)>>,
     /// (step id, dispatch token) of dispatches whose result the broker confirmed.
-    answered: Arc<Mutex<Recent<(Uuid, Uuid)>>>,
+    answered: Arc<Recent<(Uuid, Uuid)>>,
 }
 
 impl Default for InFlight {
     fn default() -> Self {
         InFlight {
             steps: Arc::default(),
-            cancelled: Arc::new(Mutex::new(Recent::new(10_000))),
-            superseded: Arc::new(Mutex::new(Recent::new(100_000))),
-            answered: Arc::new(Mutex::new(Recent::new(10_000))),
+            cancelled: Arc::new(Recent::new(10_000)),
+            superseded: Arc::new(Recent::new(100_000)),
+            answered: Arc::new(Recent::new(10_000)),
         }
     }
 }
 
-/// The last `capacity` keys inserted, oldest first out.
+/// The last `capacity` keys inserted, oldest first out. A std Mutex: held only to insert
+/// or look up, never across an await.
 struct Recent<K> {
     capacity: usize,
+    keys: Mutex<RecentKeys<K>>,
+}
+
+struct RecentKeys<K> {
     order: VecDeque<K>,
     set: HashSet<K>,
 }
@@ -71,25 +76,36 @@ impl<K: std::hash::Hash + Eq + Copy> Recent<K> {
     fn new(capacity: usize) -> Self {
         Recent {
             capacity,
-            order: VecDeque::new(),
-            set: HashSet::new(),
+            keys: Mutex::new(RecentKeys {
+                order: VecDeque::new(),
+                set: HashSet::new(),
+            }),
         }
     }
 
-    fn insert(&mut self, key: K) {
-        if !self.set.insert(key) {
-            return;
-        }
-        self.order.push_back(key);
-        if self.order.len() > self.capacity
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.set.remove(&oldest);
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentKeys<K>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn insert(&self, keys: impl IntoIterator<Item = K>) {
+        let mut recent = self.lock();
+        for key in keys {
+            if !recent.set.insert(key) {
+                continue;
+            }
+            recent.order.push_back(key);
+            if recent.order.len() > self.capacity
+                && let Some(oldest) = recent.order.pop_front()
+            {
+                recent.set.remove(&oldest);
+            }
         }
     }
 
     fn contains(&self, key: &K) -> bool {
-        self.set.contains(key)
+        self.lock().set.contains(key)
     }
 }
 
@@ -128,21 +144,12 @@ impl InFlight {
 
     /// Whether `task_id` was cancelled (as far as this worker heard).
     pub(crate) fn is_cancelled(&self, task_id: Uuid) -> bool {
-        self.cancelled
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(&task_id)
+        self.cancelled.contains(&task_id)
     }
 
     /// Remember dispatches (step id, dispatch token) that were replaced by newer ones.
     pub(crate) fn supersede(&self, dispatches: impl IntoIterator<Item = (Uuid, Uuid)>) {
-        let mut superseded = self
-            .superseded
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for dispatch in dispatches {
-            superseded.insert(dispatch);
-        }
+        self.superseded.insert(dispatches);
     }
 
     /// Whether this worker runs this dispatch of `step_id` now.
@@ -154,35 +161,23 @@ impl InFlight {
 
     /// Remember that the broker confirmed this dispatch's result.
     pub(crate) fn mark_answered(&self, step_id: Uuid, dispatch_token: Uuid) {
-        self.answered
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert((step_id, dispatch_token));
+        self.answered.insert([(step_id, dispatch_token)]);
     }
 
     /// Whether this worker published this dispatch's result (lately).
     pub(crate) fn was_answered(&self, step_id: Uuid, dispatch_token: Uuid) -> bool {
-        self.answered
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(&(step_id, dispatch_token))
+        self.answered.contains(&(step_id, dispatch_token))
     }
 
     /// Whether this dispatch of `step_id` was replaced (as far as this worker heard).
     pub(crate) fn is_superseded(&self, step_id: Uuid, dispatch_token: Uuid) -> bool {
-        self.superseded
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(&(step_id, dispatch_token))
+        self.superseded.contains(&(step_id, dispatch_token))
     }
 
     /// Remember `task_id` as cancelled and abort its running steps; returns how many were
     /// running.
     pub(crate) fn cancel_task(&self, task_id: Uuid) -> usize {
-        self.cancelled
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(task_id);
+        self.cancelled.insert([task_id]);
         let steps = self.lock();
         let mut aborted = 0;
         for running in steps.values().filter(|r| r.task_id == task_id) {
@@ -414,19 +409,18 @@ mod tests {
 
     #[test]
     fn only_the_most_recent_keys_are_remembered() {
-        let mut cancelled = Recent::new(100);
+        let cancelled = Recent::new(100);
         let first = Uuid::new_v4();
-        cancelled.insert(first);
-        cancelled.insert(first);
+        cancelled.insert([first, first]);
         assert_eq!(
-            cancelled.order.len(),
+            cancelled.lock().order.len(),
             1,
             "a repeated cancel is remembered once"
         );
         for _ in 0..100 {
-            cancelled.insert(Uuid::new_v4());
+            cancelled.insert([Uuid::new_v4()]);
         }
-        assert_eq!(cancelled.set.len(), 100);
+        assert_eq!(cancelled.lock().set.len(), 100);
         assert!(!cancelled.contains(&first), "the oldest was forgotten");
     }
 

@@ -105,26 +105,14 @@ pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool
             in_flight: steps.len(),
             interval_ms: u64::try_from(beats.interval.as_millis()).unwrap_or(u64::MAX),
         };
-        if let Ok(body) = serde_json::to_vec(&status) {
-            let published = tokio::time::timeout(
-                BROKER_PATIENCE,
-                beats.channel.basic_publish(
-                    beats.topology.control_exchange().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    persistent(),
-                ),
-            )
-            .await;
-            match published {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "cannot publish the worker status"),
-                Err(_) => {
-                    tracing::warn!("cannot publish the worker status: no answer from the broker")
-                }
-            }
-        }
+        send(
+            &beats.channel,
+            &beats.topology.control_exchange(),
+            "",
+            &status,
+            "the worker status",
+        )
+        .await;
         if steps.is_empty() {
             continue;
         }
@@ -147,18 +135,30 @@ pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool
 /// Best effort: a lost notice only means a step shows `enqueued` until its result
 /// arrives; a lost heartbeat is covered by the next one.
 async fn publish(channel: &Channel, topology: &Topology, message: &WorkerMessage) {
+    send(channel, "", &topology.results_queue(), message, "a notice").await;
+}
+
+/// Publish `message` as JSON without a confirm, giving up after [`BROKER_PATIENCE`];
+/// a failure is logged as not sending `what`.
+async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message: &impl serde::Serialize,
+    what: &str,
+) {
     let body = match serde_json::to_vec(message) {
         Ok(body) => body,
         Err(error) => {
-            tracing::warn!(%error, "cannot encode a notice");
+            tracing::warn!(%error, "cannot encode {what}");
             return;
         }
     };
     let published = tokio::time::timeout(
         BROKER_PATIENCE,
         channel.basic_publish(
-            "".into(),
-            topology.results_queue().into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions::default(),
             &body,
             persistent(),
@@ -167,7 +167,7 @@ async fn publish(channel: &Channel, topology: &Topology, message: &WorkerMessage
     .await;
     match published {
         Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "cannot publish a notice"),
-        Err(_) => tracing::warn!("cannot publish a notice: no answer from the broker"),
+        Ok(Err(error)) => tracing::warn!(%error, "cannot publish {what}"),
+        Err(_) => tracing::warn!("cannot publish {what}: no answer from the broker"),
     }
 }

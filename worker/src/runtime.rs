@@ -125,9 +125,8 @@ impl Shared {
 /// What one session's step tasks share.
 struct SessionHandles {
     started: mpsc::UnboundedSender<Notice>,
-    /// Notified when the connection this session's deliveries came on is lost.
-    lost: Arc<Notify>,
-    lost_flag: Arc<AtomicBool>,
+    /// Turns true when the connection this session's deliveries came on is lost.
+    lost: watch::Sender<bool>,
 }
 
 /// The consumers this worker runs, so shutdown can cancel them.
@@ -269,7 +268,6 @@ impl Worker {
         // bounded, and each handler by its timeout).
         steps.close();
         steps.wait().await;
-        shared.publish.send_replace(None);
         let _ = stop_tx.send(true);
         if let Some(server) = metrics_server {
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -341,8 +339,7 @@ impl Worker {
         ));
         let session = Arc::new(SessionHandles {
             started: started_tx,
-            lost: Arc::new(Notify::new()),
-            lost_flag: Arc::new(AtomicBool::new(false)),
+            lost: watch::channel(false).0,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         // Status after the fixed namespaces' consumers exist, so the first one lists them.
@@ -409,8 +406,7 @@ impl Worker {
             // started and the steps still running) and reconnect at once. Steps still
             // running publish their results on the next session.
             tracing::info!("session lost: reconnecting; running steps carry on");
-            session.lost_flag.store(true, Ordering::Release);
-            session.lost.notify_waiters();
+            session.lost.send_replace(true);
             shared.publish.send_replace(None);
             let _ = stop_tx.send(true);
             control.abort();
@@ -719,12 +715,8 @@ async fn failpoint(shared: &Shared, session: &SessionHandles, stage: Stage) {
         "failpoint: paused at {}",
         stage.name()
     );
-    while !session.lost_flag.load(Ordering::Acquire) {
-        tokio::select! {
-            () = session.lost.notified() => {}
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
+    // The sender lives as long as `session`, so this only ends when the session is lost.
+    let _ = session.lost.subscribe().wait_for(|lost| *lost).await;
     tracing::warn!(stage = stage.name(), "failpoint: released");
 }
 

@@ -185,3 +185,16 @@ pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
         format!("{method} is not served at this path; see the Allow header"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overloaded_creation_answers_503_with_retry_after() {
+        let error = crate::creator::CreateError::Overloaded { limit: 7 };
+        let response = ApiError::from(error).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+}

@@ -2,7 +2,7 @@
 
 mod auth;
 mod body;
-pub(crate) mod error;
+mod error;
 mod health;
 mod openapi;
 mod operate;

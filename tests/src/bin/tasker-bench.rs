@@ -994,14 +994,7 @@ async fn spawn_coordinator(
     for (key, value) in env {
         command.env(key, value);
     }
-    let mut process = Process::spawn(command, name.to_owned(), log_dir)?;
-    let line = process
-        .wait_for_log("coordinator listening", Duration::from_secs(60))
-        .await?;
-    let address = serde_json::from_str::<Value>(&line)?["address"]
-        .as_str()
-        .context("address")?
-        .to_owned();
+    let (process, address) = tasker_tests::spawn_coordinator(command, name, log_dir).await?;
     Ok((process, format!("http://{address}")))
 }
 

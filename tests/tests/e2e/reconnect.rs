@@ -14,7 +14,7 @@ const TEMPLATE: &str = "namespace: cut\nname: pair\nsteps:\n  - name: first\n   
 async fn cut_at(stage: &str) {
     let mut env = TestEnv::start(&format!("cut-{stage}")).await.unwrap();
     env.register_template(TEMPLATE).await.unwrap();
-    let worker_id = format!("{}-{stage}", env.queue("w"));
+    let worker_id = format!("{}-{stage}", env.prefix);
     env.start_worker_with(
         binary("tasker-worker"),
         &worker_id,
