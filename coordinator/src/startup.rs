@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -82,6 +83,7 @@ impl Application {
     pub async fn build(settings: CoordinatorSettings) -> anyhow::Result<Self> {
         tasker_shared::db::migrate(&settings.database).await?;
         let pool = tasker_shared::db::connect_lazy(&settings.database)?;
+        warn_without_autovacuum(&pool).await;
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
         let session = BrokerSession::open(connection, &topology).await?;
@@ -398,6 +400,23 @@ async fn run_session(
 
 /// Register every template file in `dir`; refuse to start when one is invalid, naming the
 /// file and every problem.
+/// Step rows are rewritten several times each; without autovacuum their dead versions
+/// pile up and every claim and result walks over them (docs/operating.md, "PostgreSQL").
+async fn warn_without_autovacuum(pool: &PgPool) {
+    match sqlx::query_scalar::<_, String>("SHOW autovacuum")
+        .fetch_one(pool)
+        .await
+    {
+        Ok(setting) if setting != "on" => tracing::warn!(
+            autovacuum = %setting,
+            "autovacuum is off on this PostgreSQL server: dead step versions will pile up and \
+             slow claims and results down unless the tables are vacuumed (docs/operating.md)"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the server's autovacuum setting"),
+    }
+}
+
 async fn load_templates(state: &AppState, dir: &Path) -> anyhow::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read TASKER_TEMPLATES_DIR {}", dir.display()))?

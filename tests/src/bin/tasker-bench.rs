@@ -131,6 +131,11 @@ async fn main() -> anyhow::Result<()> {
 
     let mut system = System::start(&args, &database_url).await?;
     system.register_templates(&args).await?;
+    if system.autovacuum_off().await? {
+        println!(
+            "warning  autovacuum is off on this server: each run leaves dead row versions to the next (the soak and the burst vacuum first)"
+        );
+    }
     if args.soak > 0 {
         system.soak(args.soak, args.soak_round.max(1)).await?;
         system.stop().await?;
@@ -766,13 +771,7 @@ impl System {
     /// RSS; at the end, each process's growth from the end of the warm-up (round 2).
     async fn soak(&self, tasks: usize, round: usize) -> anyhow::Result<()> {
         let rounds = tasks.div_ceil(round);
-        // Every step row is updated several times; without (auto)vacuum its dead
-        // versions pile up and every claim scans them. Some test machines switch
-        // autovacuum off: vacuum between rounds there, and say so.
-        let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
-            .fetch_one(&self.pool)
-            .await?;
-        let vacuum = autovacuum != "on";
+        let vacuum = self.autovacuum_off().await?;
         if vacuum {
             println!(
                 "soak     autovacuum is off on this server: VACUUM (ANALYZE) after each round"
@@ -786,10 +785,7 @@ impl System {
             let n = round.min(tasks - (r - 1) * round);
             let run = self.throughput("diamond", n, 4, None).await?;
             if vacuum {
-                // What autovacuum would do between rounds where it is switched off.
-                sqlx::query("VACUUM (ANALYZE) steps, tasks, step_edges")
-                    .execute(&self.pool)
-                    .await?;
+                self.vacuum().await?;
             }
             let rss = self.rss_now();
             let listed: Vec<String> = rss
@@ -817,6 +813,27 @@ impl System {
         Ok(())
     }
 
+    /// Whether this PostgreSQL server runs without autovacuum (some test machines switch
+    /// it off). Every step row is updated several times; without vacuum its dead versions
+    /// pile up and every claim and result walks over them: a burst after the standard
+    /// runs then drained at about half the steady rate (BENCHMARKS.md, eighth session).
+    async fn autovacuum_off(&self) -> anyhow::Result<bool> {
+        let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(autovacuum != "on")
+    }
+
+    /// What autovacuum does between runs, where it is switched off.
+    async fn vacuum(&self) -> anyhow::Result<()> {
+        sqlx::query(
+            "VACUUM (ANALYZE) steps, tasks, step_edges, step_transitions, task_transitions",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The burst workload: restart the coordinators with a dispatch lease of `lease_ms`,
     /// create `tasks` diamonds at once (every submitter busy, no pacing), wait for all of
     /// them, and print what the backlog cost against `steady_steps_per_s`, the diamonds
@@ -833,6 +850,12 @@ impl System {
             &[("TASKER_DISPATCH_LEASE_MS", lease.as_str())],
         )
         .await?;
+        // The runs before left dead row versions that autovacuum would have cleaned
+        // by now; where it is off, clean them, and say so.
+        let vacuumed = self.autovacuum_off().await?;
+        if vacuumed {
+            self.vacuum().await?;
+        }
         let before = self.burst_counts().await?;
         // Peak memory of the burst alone: the coordinators are new, the workers' peak is
         // reset (where the kernel allows it).
@@ -851,6 +874,11 @@ impl System {
             "throughput  burst: {tasks} diamonds created at once, {} steps, dispatch lease {lease_ms} ms",
             run.steps
         );
+        if vacuumed {
+            println!(
+                "         autovacuum is off on this server: VACUUM (ANALYZE) before the burst"
+            );
+        }
         println!(
             "         creation                       {:>9.1} s   ({:.0} tasks/s, {} requests at a time)",
             run.submit_seconds, run.submit_per_s, self.submitters

@@ -440,3 +440,25 @@ async fn health_status_shows_counts_and_the_workers_heard_from() {
     }
     env.finish().await.unwrap();
 }
+
+/// Without autovacuum, dead step versions slow claims and results down: the coordinator
+/// says so when it starts, and says nothing when autovacuum is on.
+#[tokio::test]
+async fn the_coordinator_warns_when_autovacuum_is_off() {
+    let env = TestEnv::start("autovacuum").await.unwrap();
+    let setting: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    // The check runs before the coordinator listens, and the env waited for that.
+    let log = env.coordinator.log();
+    let warned = log
+        .lines()
+        .any(|line| line.contains("WARN") && line.contains("autovacuum is off"));
+    assert_eq!(
+        warned,
+        setting != "on",
+        "autovacuum = {setting}; log:\n{log}"
+    );
+    env.finish().await.unwrap();
+}
