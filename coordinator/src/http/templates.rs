@@ -69,7 +69,7 @@ pub(crate) struct TemplateList {
         (status = 409, description = "`template_conflict`: this version is registered with another definition.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `template_too_large`: larger than `TASKER_MAX_TEMPLATE_BYTES`.", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is sent as something other than YAML, JSON or text.", body = ErrorBody),
-        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message` (more steps than `TASKER_MAX_TEMPLATE_STEPS` is the one problem `too_many_steps`).", body = ErrorBody),
+        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message` (more steps than `TASKER_MAX_TEMPLATE_STEPS` is the one problem `too_many_steps`; configs larger together than `TASKER_MAX_TEMPLATE_BYTES` once aliases are expanded, `config_too_large`; a document expanding to more than 250,000 values or 16 MiB of text, `syntax`).", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
@@ -92,34 +92,57 @@ pub(crate) async fn create(
             body.len(),
         ));
     }
-    let text = std::str::from_utf8(&body)
-        .map_err(|error| ApiError::malformed(format!("the body is not UTF-8: {error}")))?;
     let template_limits = TemplateLimits {
         max_steps: limits.max_template_steps,
+        max_config_bytes: limits.max_template_bytes,
     };
-    let definition = parse_template_with_limits(text, &state.environment, template_limits)
-        .map_err(|error| {
-            let details: Vec<Value> = error.0.iter().map(|p| json!(p)).collect();
-            if error.0.iter().all(|p| p.code == codes::SYNTAX) {
-                ApiError::malformed("the body is not valid YAML or JSON").with_details(details)
-            } else if error.0.iter().any(|p| p.code == codes::TOO_MANY_STEPS) {
-                ApiError::invalid(
-                    "invalid_template",
-                    format!(
-                        "the template has more steps than this coordinator accepts: at most {} \
+    // Parsing and validating a large document takes a CPU for a while (up to the
+    // parser's expansion limits): off the async threads, so other requests go on.
+    let environment = state.environment.clone();
+    let parsed = tokio::task::spawn_blocking(move || {
+        let text = std::str::from_utf8(&body)
+            .map_err(|error| format!("the body is not UTF-8: {error}"))?;
+        Ok::<_, String>(parse_template_with_limits(
+            text,
+            &environment,
+            template_limits,
+        ))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::malformed)?;
+    let definition = parsed.map_err(|error| {
+        let details: Vec<Value> = error.0.iter().map(|p| json!(p)).collect();
+        if error.0.iter().all(|p| p.code == codes::SYNTAX) {
+            ApiError::malformed("the body is not valid YAML or JSON").with_details(details)
+        } else if error.0.iter().any(|p| p.code == codes::TOO_MANY_STEPS) {
+            ApiError::invalid(
+                "invalid_template",
+                format!(
+                    "the template has more steps than this coordinator accepts: at most {} \
                          (TASKER_MAX_TEMPLATE_STEPS)",
-                        limits.max_template_steps
-                    ),
-                    details,
-                )
-            } else {
-                ApiError::invalid(
-                    "invalid_template",
-                    format!("the template has {} problem(s)", details.len()),
-                    details,
-                )
-            }
-        })?;
+                    limits.max_template_steps
+                ),
+                details,
+            )
+        } else if error.0.iter().any(|p| p.code == codes::CONFIG_TOO_LARGE) {
+            ApiError::invalid(
+                "invalid_template",
+                format!(
+                    "the steps' configs expand to more than this coordinator accepts: at \
+                         most {} bytes together (TASKER_MAX_TEMPLATE_BYTES)",
+                    limits.max_template_bytes
+                ),
+                details,
+            )
+        } else {
+            ApiError::invalid(
+                "invalid_template",
+                format!("the template has {} problem(s)", details.len()),
+                details,
+            )
+        }
+    })?;
     refuse_nul(&definition)?;
     let (status, record) = register_template(&state, &definition).await?;
     Ok((status, Json(record)))

@@ -161,13 +161,10 @@ impl Creation {
             .map(|step| (claim_lease_ms.is_some() && step.depends_on.is_empty()).then(Uuid::new_v4))
             .collect();
         let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
-        for (child, step) in steps.iter().enumerate() {
-            for parent in &step.depends_on {
-                // The template was validated: every dependency names a step.
-                if let Some(parent) = template.definition.step_index(parent) {
-                    edge_from.push(step_ids[parent]);
-                    edge_to.push(step_ids[child]);
-                }
+        for (child, parents) in template.definition.parent_indices().iter().enumerate() {
+            for &parent in parents {
+                edge_from.push(step_ids[parent]);
+                edge_to.push(step_ids[child]);
             }
         }
         Self {
@@ -189,11 +186,12 @@ impl Creation {
         let definition = &self.template.definition;
         let mut created = Vec::with_capacity(definition.steps.len());
         let mut dispatches = Vec::new();
-        for ((step, step_id), token) in definition
+        for (((step, step_id), token), parents) in definition
             .steps
             .iter()
             .zip(&self.step_ids)
             .zip(&self.tokens)
+            .zip(definition.parent_indices())
         {
             created.push(StepRecord {
                 step_id: *step_id,
@@ -210,11 +208,10 @@ impl Creation {
                 retryable: step.retryable,
                 timeout_ms: step.timeout_ms,
                 // In template order, as reading the task back lists them.
-                depends_on: {
-                    let mut parents = step.depends_on.clone();
-                    parents.sort_by_key(|parent| definition.step_index(parent));
-                    parents
-                },
+                depends_on: parents
+                    .into_iter()
+                    .map(|parent| definition.steps[parent].name.clone())
+                    .collect(),
                 results: None,
                 last_error: None,
                 next_attempt_at: None,

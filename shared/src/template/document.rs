@@ -1,10 +1,10 @@
 //! Text to JSON value: the strict YAML/JSON parsing behind
 //! [`parse_template`](super::parse_template).
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
 
-use serde::Deserialize;
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 use super::{Problem, codes};
@@ -14,8 +14,8 @@ pub(super) fn parse_document(text: &str) -> Result<Value, Problem> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let looks_like_json = matches!(text.trim_start().chars().next(), Some('{' | '['));
     if looks_like_json {
-        match serde_json::from_str::<StrictValue<false>>(text) {
-            Ok(StrictValue(value)) => return Ok(value),
+        match parse_json(text) {
+            Ok(value) => return Ok(value),
             Err(json_error)
                 if json_error
                     .to_string()
@@ -33,8 +33,8 @@ pub(super) fn parse_document(text: &str) -> Result<Value, Problem> {
             Err(json_error) => {
                 // Flow-style YAML (`{a: 1}`) is not JSON; give YAML a chance
                 // but report the JSON error, which is the likelier intent.
-                return match yaml_serde::from_str::<StrictValue<true>>(text) {
-                    Ok(StrictValue(value)) => Ok(value),
+                return match parse_yaml(text) {
+                    Ok(value) => Ok(value),
                     Err(_) => Err(Problem::new(
                         "",
                         codes::SYNTAX,
@@ -51,22 +51,20 @@ pub(super) fn parse_document(text: &str) -> Result<Value, Problem> {
             format!("YAML syntax error: recursion limit exceeded: {problem}"),
         ));
     }
-    yaml_serde::from_str::<StrictValue<true>>(text)
-        .map(|StrictValue(value)| value)
-        .map_err(|error| {
-            let mut message = format!("YAML syntax error: {error}");
-            if let Some(location) = error.location()
-                && !message.contains(" line ")
-            {
-                let _ = write!(
-                    message,
-                    " at line {} column {}",
-                    location.line(),
-                    location.column()
-                );
-            }
-            Problem::new("", codes::SYNTAX, message)
-        })
+    parse_yaml(text).map_err(|error| {
+        let mut message = format!("YAML syntax error: {error}");
+        if let Some(location) = error.location()
+            && !message.contains(" line ")
+        {
+            let _ = write!(
+                message,
+                " at line {} column {}",
+                location.line(),
+                location.column()
+            );
+        }
+        Problem::new("", codes::SYNTAX, message)
+    })
 }
 
 /// Deepest flow nesting (`[`, `{`) given to the YAML parser, as deep as serde_json and
@@ -118,21 +116,95 @@ fn too_deep(text: &str) -> Option<String> {
     None
 }
 
-/// A JSON value deserialised strictly: duplicate keys and non-finite numbers
-/// are errors. With `YAML`, merge keys (`<<`) are applied.
-struct StrictValue<const YAML: bool>(Value);
+/// Most values (scalars, lists and mappings; keys not counted) a document may expand
+/// to. Every use of a YAML alias counts the aliased values again, so an alias bomb is
+/// refused while it is parsed, before it fills memory: 25 values for each of a
+/// template's [`MAX_STEPS`](super::MAX_STEPS) steps.
+pub const MAX_DOCUMENT_VALUES: usize = 250_000;
+/// Most text (strings and keys, in bytes) a document may expand to, aliases counted at
+/// every use.
+pub const MAX_DOCUMENT_TEXT_BYTES: usize = 16 * 1024 * 1024;
 
-impl<'de, const YAML: bool> Deserialize<'de> for StrictValue<YAML> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer
-            .deserialize_any(StrictVisitor::<YAML>)
-            .map(StrictValue)
+fn parse_json(text: &str) -> serde_json::Result<Value> {
+    let budget = Budget::default();
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let value = Strict::<false>(&budget).deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
+}
+
+fn parse_yaml(text: &str) -> Result<Value, yaml_serde::Error> {
+    let budget = Budget::default();
+    Strict::<true>(&budget).deserialize(yaml_serde::Deserializer::from_str(text))
+}
+
+/// What is left of a document's expansion limits while it is parsed.
+struct Budget {
+    values: Cell<usize>,
+    text_bytes: Cell<usize>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            values: Cell::new(MAX_DOCUMENT_VALUES),
+            text_bytes: Cell::new(MAX_DOCUMENT_TEXT_BYTES),
+        }
     }
 }
 
-struct StrictVisitor<const YAML: bool>;
+impl Budget {
+    fn value<E: de::Error>(&self) -> Result<(), E> {
+        let left = self.values.get().checked_sub(1).ok_or_else(|| {
+            E::custom(format!(
+                "the document expands to more than {MAX_DOCUMENT_VALUES} values \
+                 (each use of a YAML alias counts its values again)"
+            ))
+        })?;
+        self.values.set(left);
+        Ok(())
+    }
 
-impl<'de, const YAML: bool> Visitor<'de> for StrictVisitor<YAML> {
+    fn text<E: de::Error>(&self, bytes: usize) -> Result<(), E> {
+        let left = self.text_bytes.get().checked_sub(bytes).ok_or_else(|| {
+            E::custom(format!(
+                "the document expands to more than {} MiB of text \
+                 (each use of a YAML alias counts its text again)",
+                MAX_DOCUMENT_TEXT_BYTES >> 20
+            ))
+        })?;
+        self.text_bytes.set(left);
+        Ok(())
+    }
+}
+
+/// Deserialises a JSON value strictly, within a [`Budget`]: duplicate keys and
+/// non-finite numbers are errors. With `YAML`, merge keys (`<<`) are applied.
+#[derive(Clone, Copy)]
+struct Strict<'b, const YAML: bool>(&'b Budget);
+
+impl<'de, const YAML: bool> DeserializeSeed<'de> for Strict<'_, YAML> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+/// A mapping key, charged to the budget as text.
+struct Key<'b>(&'b Budget);
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
+        let key = <String as serde::Deserialize>::deserialize(deserializer)?;
+        self.0.text(key.len())?;
+        Ok(key)
+    }
+}
+
+impl<'de, const YAML: bool> Visitor<'de> for Strict<'_, YAML> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -140,21 +212,26 @@ impl<'de, const YAML: bool> Visitor<'de> for StrictVisitor<YAML> {
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.0.value()?;
         Ok(Value::Bool(v))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.0.value()?;
         Ok(Value::Number(v.into()))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        self.0.value()?;
         Ok(Value::Number(v.into()))
     }
 
     fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
         if let Ok(small) = i64::try_from(v) {
+            self.0.value()?;
             Ok(Value::Number(small.into()))
         } else if let Ok(small) = u64::try_from(v) {
+            self.0.value()?;
             Ok(Value::Number(small.into()))
         } else {
             // Like serde_json: integers beyond 64 bits become floats.
@@ -166,7 +243,10 @@ impl<'de, const YAML: bool> Visitor<'de> for StrictVisitor<YAML> {
 
     fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
         match u64::try_from(v) {
-            Ok(small) => Ok(Value::Number(small.into())),
+            Ok(small) => {
+                self.0.value()?;
+                Ok(Value::Number(small.into()))
+            }
             Err(_) => {
                 #[allow(clippy::cast_precision_loss)]
                 let approximate = v as f64;
@@ -176,44 +256,53 @@ impl<'de, const YAML: bool> Visitor<'de> for StrictVisitor<YAML> {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.0.value()?;
         Number::from_f64(v)
             .map(Value::Number)
             .ok_or_else(|| E::custom(format!("the number {v} is not supported (not finite)")))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.0.value()?;
+        self.0.text(v.len())?;
         Ok(Value::String(v.to_owned()))
     }
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        self.0.value()?;
+        self.0.text(v.len())?;
         Ok(Value::String(v))
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.0.value()?;
         Ok(Value::Null)
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.0.value()?;
         Ok(Value::Null)
     }
 
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        StrictValue::<YAML>::deserialize(deserializer).map(|StrictValue(value)| value)
+        self.deserialize(deserializer)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.value()?;
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-        while let Some(StrictValue(item)) = seq.next_element::<StrictValue<YAML>>()? {
+        while let Some(item) = seq.next_element_seed(self)? {
             items.push(item);
         }
         Ok(Value::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.value()?;
         let mut object = Map::new();
         let mut merges = Vec::new();
-        while let Some(key) = map.next_key::<String>()? {
-            let StrictValue(value) = map.next_value::<StrictValue<YAML>>()?;
+        while let Some(key) = map.next_key_seed(Key(self.0))? {
+            let value = map.next_value_seed(self)?;
             if YAML && key == "<<" {
                 merges.push(value);
                 continue;

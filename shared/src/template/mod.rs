@@ -53,6 +53,8 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
 use document::parse_document;
+pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
+use draft::Draft;
 use graph::check_graph;
 use legacy::walk_legacy;
 use project::walk_project;
@@ -91,6 +93,9 @@ pub mod codes {
     pub const SCHEMA: &str = "schema";
     /// The template has more steps than [`TemplateLimits::max_steps`] allows.
     pub const TOO_MANY_STEPS: &str = "too_many_steps";
+    /// The steps' configs together, as stored, are larger than
+    /// [`TemplateLimits::max_config_bytes`] allows.
+    pub const CONFIG_TOO_LARGE: &str = "config_too_large";
     /// More problems were found than are listed (see [`MAX_PROBLEMS`](super::MAX_PROBLEMS)).
     pub const MORE_PROBLEMS: &str = "more_problems";
 }
@@ -179,12 +184,20 @@ pub struct TemplateLimits {
     /// Most steps, at most [`MAX_STEPS`]. A longer step list is one `too_many_steps`
     /// problem, and its steps are not read (so the work stays bounded).
     pub max_steps: usize,
+    /// Most bytes the steps' configs may take together, as stored (compact JSON). Each
+    /// config is copied into its step's row and every message of it, and a YAML alias
+    /// can make a short document expand to megabytes of config.
+    pub max_config_bytes: usize,
 }
+
+/// Default for [`TemplateLimits::max_config_bytes`].
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
 
 impl Default for TemplateLimits {
     fn default() -> Self {
         TemplateLimits {
             max_steps: MAX_STEPS,
+            max_config_bytes: MAX_CONFIG_BYTES,
         }
     }
 }
@@ -462,10 +475,30 @@ pub fn template_from_value_with_limits(
         walk_project(&mut walker, root)
     };
     check_graph(&mut walker, &draft);
+    check_config_size(&mut walker, &draft, limits.max_config_bytes);
     if walker.problems.is_empty() {
         Ok(draft.into_definition())
     } else {
         Err(TemplateError(walker.into_problems()))
+    }
+}
+
+/// The steps' configs together, as they will be stored, within `max_bytes`.
+fn check_config_size(w: &mut Walker, draft: &Draft, max_bytes: usize) {
+    let total: usize = draft
+        .steps
+        .iter()
+        .map(|step| serde_json::to_vec(&step.config).map_or(0, |bytes| bytes.len()))
+        .sum();
+    if total > max_bytes {
+        w.report(
+            "steps",
+            codes::CONFIG_TOO_LARGE,
+            format!(
+                "the steps' configs take {total} bytes together as stored, more than the \
+                 {max_bytes} allowed (a YAML alias counts at every use)"
+            ),
+        );
     }
 }
 
@@ -526,9 +559,33 @@ pub fn validate_against_schema(
 }
 
 impl TemplateDefinition {
-    /// The position of the step called `name`, in template order.
+    /// The position of the step called `name`, in template order (a linear search: for
+    /// many names, use [`TemplateDefinition::parent_indices`]).
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|step| step.name == name)
+    }
+
+    /// For each step, the positions of its parents, in template order; dependencies
+    /// naming no step are left out. Linear in steps and edges.
+    pub fn parent_indices(&self) -> Vec<Vec<usize>> {
+        let index: HashMap<&str, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(n, step)| (step.name.as_str(), n))
+            .collect();
+        self.steps
+            .iter()
+            .map(|step| {
+                let mut parents: Vec<usize> = step
+                    .depends_on
+                    .iter()
+                    .filter_map(|parent| index.get(parent.as_str()).copied())
+                    .collect();
+                parents.sort_unstable();
+                parents
+            })
+            .collect()
     }
 
     /// Validate a task context against `context_schema`; `Ok` when there is no schema.

@@ -4,11 +4,16 @@ use std::panic::{self, AssertUnwindSafe};
 
 use serde_json::Value;
 
+/// Compile a context schema. `pattern` and `patternProperties` use the `regex` engine,
+/// whose matching time is linear in the input: a pattern that needs backtracking
+/// (backreferences, look-around) is refused when the template is registered, so no
+/// context can make validation take exponential time (docs/security.md).
 pub(super) fn compile_schema(
     schema: &Value,
 ) -> Result<jsonschema::Validator, jsonschema::ValidationError<'static>> {
     jsonschema::options()
         .should_validate_formats(true)
+        .with_pattern_options(jsonschema::PatternOptions::regex())
         .build(schema)
 }
 

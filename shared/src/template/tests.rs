@@ -676,7 +676,10 @@ fn more_than_ten_thousand_steps_is_rejected() {
 
 #[test]
 fn a_lower_step_limit_refuses_longer_templates_without_reading_their_steps() {
-    let limits = TemplateLimits { max_steps: 1_000 };
+    let limits = TemplateLimits {
+        max_steps: 1_000,
+        ..TemplateLimits::default()
+    };
     let at_limit = chain(1_000);
     assert!(template_from_value_with_limits(&at_limit, "", limits).is_ok());
     // Over the limit, broken steps are not even read: one problem names the limit.
@@ -699,6 +702,7 @@ fn a_lower_step_limit_refuses_longer_templates_without_reading_their_steps() {
         "",
         TemplateLimits {
             max_steps: usize::MAX,
+            ..TemplateLimits::default()
         },
     )
     .unwrap_err();
@@ -847,6 +851,88 @@ fn schema_compile_errors_are_invalid_schema() {
             "{error:#?}"
         );
     }
+}
+
+#[test]
+fn backtracking_patterns_are_refused_and_linear_ones_validate() {
+    // A backreference or a look-ahead needs a backtracking engine, whose time a
+    // context can make exponential: refused when the template is registered.
+    for pattern in ["^(a+)+\\1$", "^(?=.*[A-Z]).+$"] {
+        let value = json!({"namespace": "n", "name": "t",
+                           "context_schema": {"properties": {"code": {"pattern": pattern}}},
+                           "steps": [{"name": "a", "handler": "H"}]});
+        let error = template_from_value(&value, "").unwrap_err();
+        assert_eq!(
+            codes_of(&error),
+            ["invalid_schema"],
+            "{pattern}: {error:#?}"
+        );
+    }
+    let schema = json!({"properties": {"code": {"pattern": "^(a+)+b$"}}});
+    let value = json!({"namespace": "n", "name": "t", "context_schema": schema,
+                       "steps": [{"name": "a", "handler": "H"}]});
+    let template = template_from_value(&value, "").unwrap();
+    assert_eq!(template.validate_context(&json!({"code": "aaab"})), Ok(()));
+    // The classic catastrophic case answers at once with a linear engine.
+    let started = std::time::Instant::now();
+    let hostile = format!("{}c", "a".repeat(10_000));
+    let found = template
+        .validate_context(&json!({"code": hostile}))
+        .unwrap_err();
+    assert_eq!(found[0].path, "/code");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn alias_bombs_stop_at_the_expansion_limits_while_parsing() {
+    let items = |alias: &str| format!("[{}]", vec![alias; 100].join(", "));
+    let bomb = format!(
+        "namespace: n\nname: t\na: &a {}\nb: &b {}\nc: &c {}\nsteps: [{{name: a, handler: H}}]\n",
+        items("x"),
+        items("*a"),
+        items("*b")
+    );
+    let found = problems(&bomb);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].code, "syntax");
+    assert!(
+        found[0].message.contains("more than 250000 values"),
+        "{}",
+        found[0].message
+    );
+    // Text counts at every use too: 2,000 uses of a 10 KB string are 20 MB.
+    let text = format!(
+        "namespace: n\nname: t\nbig: &big {}\ncopies: [{}]\nsteps: [{{name: a, handler: H}}]\n",
+        "x".repeat(10_000),
+        vec!["*big"; 2_000].join(", ")
+    );
+    let found = problems(&text);
+    assert!(
+        found[0].message.contains("more than 16 MiB of text"),
+        "{found:#?}"
+    );
+    // Below the limits, aliases expand as YAML says.
+    let fine = "namespace: n\nname: t\nsteps:\n  - {name: a, handler: H, config: &c {k: [1, 2]}}\n  - {name: b, handler: H, config: *c}\n";
+    let template = parse_template(fine, "").unwrap();
+    assert_eq!(template.steps[1].config, json!({"k": [1, 2]}));
+}
+
+#[test]
+fn configs_that_expand_past_the_limit_are_config_too_large() {
+    let uses = vec!["*big"; 200].join(", ");
+    let text = format!(
+        "namespace: n\nname: t\nsteps:\n  - name: a\n    handler: H\n    config: {{seed: &big {}, copies: [{uses}]}}\n",
+        "x".repeat(10_000)
+    );
+    let error = parse_template(&text, "").unwrap_err();
+    assert_eq!(codes_of(&error), ["config_too_large"], "{error:#?}");
+    assert_eq!(error.0[0].path, "steps");
+    assert!(error.0[0].message.contains("1048576"), "{error:#?}");
+    let limits = TemplateLimits {
+        max_config_bytes: 4 * 1024 * 1024,
+        ..TemplateLimits::default()
+    };
+    assert!(parse_template_with_limits(&text, "", limits).is_ok());
 }
 
 #[test]

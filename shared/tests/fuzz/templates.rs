@@ -10,7 +10,8 @@ use proptest::sample::select;
 use serde_json::{Map, Value, json};
 use tasker_shared::template::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, DEFAULT_VERSION,
-    StepDefinition, TemplateDefinition, codes, parse_template, template_from_value, template_keys,
+    MAX_DOCUMENT_VALUES, StepDefinition, TemplateDefinition, TemplateLimits, codes, parse_template,
+    parse_template_with_limits, template_from_value, template_keys,
 };
 
 use crate::strategies::{any_string, json_value, mutate, mutations, syntax_soup};
@@ -845,6 +846,68 @@ proptest! {
             });
         prop_assert!(problem_codes.contains_key(codes::CYCLE), "{:?}", error.problems());
         prop_assert_eq!(problem_codes.len(), 1, "only cycles: {:?}", error.problems());
+    }
+}
+
+/// A template whose one step's config nests anchors and aliases: `l0` is a list of
+/// `fanouts[0]` strings, and each `l{i}` a list of `fanouts[i]` aliases of `l{i-1}`.
+/// Returns the text and how many values the whole document expands to.
+fn alias_tower(fanouts: &[usize]) -> (String, usize) {
+    let mut config = Vec::new();
+    // The root mapping, namespace, name, the step list, the step, its name and handler,
+    // and the config mapping.
+    let mut values = 8;
+    let mut level = 0;
+    for (i, &n) in fanouts.iter().enumerate() {
+        let items = if i == 0 {
+            vec!["x".to_owned(); n]
+        } else {
+            vec![format!("*l{}", i - 1); n]
+        };
+        config.push(format!("l{i}: &l{i} [{}]", items.join(", ")));
+        level = 1 + n * if i == 0 { 1 } else { level };
+        values += level;
+    }
+    let text = format!(
+        "namespace: n\nname: t\nsteps:\n  - {{name: a, handler: H, config: {{{}}}}}\n",
+        config.join(", ")
+    );
+    (text, values)
+}
+
+/// Values in a JSON tree, the way the parser counts them (keys not counted).
+fn count_values(value: &Value) -> usize {
+    1 + match value {
+        Value::Array(items) => items.iter().map(count_values).sum(),
+        Value::Object(map) => map.values().map(count_values).sum(),
+        _ => 0,
+    }
+}
+
+proptest! {
+    #![proptest_config(crate::config(32, REGRESSIONS))]
+
+    /// However far aliases multiply, the parser stops at the expansion limit while it
+    /// reads (no allocation of the full expansion), and below it expands them exactly.
+    #[test]
+    fn yaml_aliases_expand_exactly_or_stop_at_the_value_limit(
+        fanouts in vec(1..300_usize, 1..6),
+    ) {
+        let (text, values) = alias_tower(&fanouts);
+        let unlimited = TemplateLimits { max_config_bytes: usize::MAX, ..TemplateLimits::default() };
+        match parse_template_with_limits(&text, "development", unlimited) {
+            Ok(definition) => {
+                prop_assert!(values <= MAX_DOCUMENT_VALUES, "{values} values parsed");
+                let config = &definition.steps[0].config;
+                prop_assert_eq!(count_values(config) + 7, values);
+            }
+            Err(error) => {
+                prop_assert!(values > MAX_DOCUMENT_VALUES, "{values} values refused: {error:?}");
+                prop_assert_eq!(error.0.len(), 1);
+                prop_assert_eq!(error.0[0].code.as_str(), codes::SYNTAX);
+                prop_assert!(error.0[0].message.contains("values"), "{:?}", error.0[0]);
+            }
+        }
     }
 }
 
