@@ -29,6 +29,16 @@ pub struct CoordinatorSettings {
     /// Most steps claimed (or results applied) in one transaction.
     #[arg(long, env = "TASKER_BATCH_SIZE", default_value_t = 256)]
     pub batch_size: i64,
+    /// API connections served at once; further clients wait to be accepted. Keep it
+    /// under the process's file-descriptor limit (`ulimit -n`) less the database pool.
+    #[arg(long, env = "TASKER_HTTP_MAX_CONNECTIONS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: u32,
+    /// How long an API client may take to send a request's headers before its
+    /// connection is closed (slow-header clients would otherwise hold it for ever).
+    #[arg(long, env = "TASKER_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub http_header_timeout_ms: u64,
     /// Result batches applied at once, each by its own consumer of the results queue
     /// (the second gets messages only while the first has its prefetch full). On two
     /// cores a second one brought no throughput and cost CPU per step (BENCHMARKS.md).

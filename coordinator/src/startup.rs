@@ -195,10 +195,18 @@ impl Application {
         tracing::info!(%address, "coordinator listening");
         let app = router(self.state.clone(), settings.max_body_bytes);
         let mut server_stop = stop_rx.clone();
-        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
-            let _ = server_stop.changed().await;
-        });
-        let server = tokio::spawn(async move { server.await });
+        let server = crate::http::server::serve(
+            self.listener,
+            app,
+            crate::http::server::ConnectionLimits {
+                max_connections: settings.http_max_connections as usize,
+                header_timeout: Duration::from_millis(settings.http_header_timeout_ms),
+            },
+            async move {
+                let _ = server_stop.changed().await;
+            },
+        );
+        let server = tokio::spawn(server);
 
         tokio::pin!(shutdown);
         let mut session = Some(self.session);
@@ -255,7 +263,7 @@ impl Application {
         while loops.join_next().await.is_some() {}
         // Batches claimed before the stop still go out (or fail and are handed back).
         let _ = tokio::time::timeout(Duration::from_secs(10), self.state.publisher.flush()).await;
-        server.await??;
+        server.await?;
         self.state.pool.close().await;
         tracing::info!("coordinator stopped");
         outcome

@@ -20,27 +20,49 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with any password replaced by `***`: the one in the user info (up to
+    /// the last `@`, so an unencoded `@` in a password does not end it early) and any
+    /// query parameter whose name says it holds a secret (`?password=`,
+    /// `sslpassword=`, `token=`, `secret=`). When in doubt it hides more, never less.
     pub fn redacted(&self) -> String {
-        // scheme://user:password@host…: hide what lies between the first ':' after the
-        // scheme's "//" and the '@'.
-        let Some(scheme_end) = self.0.find("://") else {
-            return self.0.clone();
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://") else {
+            return redact_query(url);
         };
-        let rest = &self.0[scheme_end + 3..];
-        let Some(at) = rest.find('@') else {
-            return self.0.clone();
+        let start = scheme_end + 3;
+        let rest = &url[start..];
+        let Some(at) = rest.rfind('@') else {
+            return format!("{}{}", &url[..start], redact_query(rest));
         };
-        match rest[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &self.0[..scheme_end + 3],
-                &rest[..colon],
-                &rest[at..]
-            ),
-            None => self.0.clone(),
-        }
+        let user_info = &rest[..at];
+        let shown = match user_info.split_once(':') {
+            Some((user, _)) => format!("{user}:***"),
+            None => user_info.to_owned(),
+        };
+        format!("{}{shown}@{}", &url[..start], redact_query(&rest[at + 1..]))
     }
+}
+
+/// `text` with the values of its secret-looking query parameters replaced by `***`.
+fn redact_query(text: &str) -> String {
+    let Some((before, query)) = text.split_once('?') else {
+        return text.to_owned();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if is_secret_name(key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{before}?{}", pairs.join("&"))
+}
+
+fn is_secret_name(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["pass", "secret", "token", "key"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 impl FromStr for SecretUrl {
@@ -115,6 +137,21 @@ mod tests {
         let url: SecretUrl = "amqp://guest:s3cret@127.0.0.1:5672/%2f".parse().unwrap();
         assert_eq!(url.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert!(!format!("{url:?}").contains("s3cret"));
+        // An unencoded `@` in the password, and passwords in the query.
+        let url: SecretUrl = "amqp://guest:p@ss@broker:5672/%2f".parse().unwrap();
+        assert_eq!(url.to_string(), "amqp://guest:***@broker:5672/%2f");
+        let url: SecretUrl =
+            "postgres://tasker@db/tasker?sslmode=require&password=s3cret&sslpassword=k3y"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            url.to_string(),
+            "postgres://tasker@db/tasker?sslmode=require&password=***&sslpassword=***"
+        );
+        let url: SecretUrl = "postgres:///tasker?host=/run/pg&password=s3cret"
+            .parse()
+            .unwrap();
+        assert!(!url.to_string().contains("s3cret"), "{url}");
         let no_password: SecretUrl = "postgres://postgres@127.0.0.1/tasker".parse().unwrap();
         assert_eq!(
             no_password.to_string(),

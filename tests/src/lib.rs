@@ -417,6 +417,23 @@ impl TestEnv {
             .await
     }
 
+    /// Start a `tasker-worker` whose `tasker.http` may call the test's own HTTP stubs on
+    /// 127.0.0.1 (the outbound policy refuses loopback by default).
+    pub async fn start_worker_calling_stubs(
+        &mut self,
+        worker_id: &str,
+        namespaces: &[&str],
+    ) -> anyhow::Result<usize> {
+        self.start_worker_with(
+            binary("tasker-worker"),
+            worker_id,
+            namespaces,
+            8,
+            &[("TASKER_HTTP_ALLOW", "127.0.0.1")],
+        )
+        .await
+    }
+
     /// The step queue of a namespace under this test's prefix.
     pub fn queue(&self, namespace: &str) -> String {
         format!("{}.steps.{namespace}", self.prefix)

@@ -213,7 +213,9 @@ async fn a_task_hops_between_rust_and_python_workers_on_one_queue() {
         .env("AMQP_URL", amqp_url())
         .env("TASKER_AMQP_PREFIX", &env.prefix)
         .env("TASKER_NAMESPACES", "mixed")
-        .env("TASKER_WORKER_ID", "rust-1");
+        .env("TASKER_WORKER_ID", "rust-1")
+        // `a` and `hold` call this test's HTTP stubs on loopback.
+        .env("TASKER_HTTP_ALLOW", "127.0.0.1");
     let mut rust_1 = Process::spawn(command, "rust-1".into(), &log_dir).unwrap();
     let consuming = format!("\"queue\":\"{}\"", env.queue("mixed"));
     rust_1.wait_for_log(&consuming, LONG).await.unwrap();
@@ -306,7 +308,9 @@ async fn a_task_hops_between_rust_and_python_workers_on_one_queue() {
         python.log()
     );
     python.wait_for_log("worker stopped", LONG).await.unwrap();
-    env.start_worker("rust-2", &["mixed"]).await.unwrap();
+    env.start_worker_calling_stubs("rust-2", &["mixed"])
+        .await
+        .unwrap();
     gates.open("hold");
     let status = rust_1_exit.await.unwrap().unwrap();
     assert!(status.success(), "rust-1 exited with {status}");

@@ -162,6 +162,9 @@ impl Worker {
             settings.concurrency > 0,
             "TASKER_CONCURRENCY must be at least 1"
         );
+        // tasker.http reads its settings from the environment; a bad one stops the
+        // worker here rather than failing every HTTP step.
+        crate::handlers::http::check_settings().map_err(anyhow::Error::msg)?;
         let failpoint = Failpoint::parse(settings.failpoint_pause_at.as_deref())?;
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let worker_id = settings.worker_id();

@@ -154,13 +154,52 @@ impl From<crate::creator::CreateError> for ApiError {
     }
 }
 
+/// Longest string an error answer carries (message, or any string in a detail): a
+/// problem may quote the request, and the request can be long.
+const MAX_ERROR_TEXT: usize = 1_000;
+/// Most details an error answer lists (the template parser's cap, plus its count).
+const MAX_ERROR_DETAILS: usize = 201;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes (on a character boundary), saying how much was cut.
+fn bounded_text(text: String) -> String {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text;
+    }
+    let mut end = MAX_ERROR_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
+}
+
+/// Every string in `value` bounded by [`bounded_text`].
+fn bounded_value(value: Value) -> Value {
+    match value {
+        Value::String(text) => Value::String(bounded_text(text)),
+        Value::Array(items) => Value::Array(items.into_iter().map(bounded_value).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(key, item)| (bounded_text(key), bounded_value(item)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let mut details = self.details;
+        if details.len() > MAX_ERROR_DETAILS {
+            let more = details.len() - (MAX_ERROR_DETAILS - 1);
+            details.truncate(MAX_ERROR_DETAILS - 1);
+            details.push(serde_json::json!({"path": "", "code": "more_problems",
+                "message": format!("{more} more problem(s) were found and are not listed")}));
+        }
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code,
-                message: self.message,
-                details: self.details,
+                message: bounded_text(self.message),
+                details: details.into_iter().map(bounded_value).collect(),
             },
         };
         let mut response = (self.status, Json(body)).into_response();

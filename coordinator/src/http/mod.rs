@@ -6,6 +6,7 @@ mod error;
 mod health;
 mod openapi;
 mod operate;
+pub(crate) mod server;
 mod tasks;
 mod templates;
 

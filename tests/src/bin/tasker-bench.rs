@@ -362,6 +362,9 @@ struct Run {
     tasks_per_create_statement: f64,
     /// CPU seconds each part of the system spent during the run.
     cpu: Vec<(&'static str, f64)>,
+    /// With events on: transitions the relay had not yet published when the last task
+    /// completed (work the run's time does not include).
+    events_behind: Option<i64>,
 }
 
 impl Run {
@@ -401,6 +404,15 @@ impl Run {
             total * 1e6 / self.steps as f64,
             per_step.join(", ")
         );
+        self.print_events_behind();
+    }
+
+    fn print_events_behind(&self) {
+        if let Some(behind) = self.events_behind {
+            println!(
+                "         events not yet published       {behind:>9}  transitions, when the last task completed"
+            );
+        }
     }
 }
 
@@ -646,6 +658,17 @@ impl System {
             .map(|((part, after), (_, before))| (part, after - before))
             .collect();
         let after = self.counts().await?;
+        let events_behind = if self.args.events {
+            Some(
+                sqlx::query_scalar(
+                    "SELECT (SELECT last_value FROM transition_ids) - last_transition_id FROM event_relay",
+                )
+                .fetch_one(&self.pool)
+                .await?,
+            )
+        } else {
+            None
+        };
         let steps = tasks * steps_per_task;
         let (p50, p99): (f64, f64) = sqlx::query_as(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l)
@@ -667,6 +690,7 @@ impl System {
             tasks_per_create_statement: (after.creations - before.creations)
                 / (after.creating_statements - before.creating_statements),
             cpu,
+            events_behind,
         })
     }
 
@@ -897,6 +921,7 @@ impl System {
             "         ready→started                  p50 {:>6.1} ms   p99 {:>6.1} ms",
             run.ready_to_started_p50_ms, run.ready_to_started_p99_ms
         );
+        run.print_events_behind();
         let mut reasons: Vec<&String> = before
             .redispatches
             .keys()

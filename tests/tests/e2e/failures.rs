@@ -208,7 +208,9 @@ async fn backoff_follows_the_configured_policy() {
 #[tokio::test]
 async fn retry_after_from_an_http_429_delays_the_next_attempt_by_that_long() {
     let mut env = TestEnv::start("retry-after").await.unwrap();
-    env.start_worker("w1", &["failing"]).await.unwrap();
+    env.start_worker_calling_stubs("w1", &["failing"])
+        .await
+        .unwrap();
     let stub = HttpStub::start(vec![
         Answer::new(429, "slow down").header("retry-after", "2"),
         Answer::new(200, r#"{"ok": true}"#),

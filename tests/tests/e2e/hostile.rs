@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
+use tasker_tests::http_stub::{self, HttpStub};
 use tasker_tests::{EnvOptions, StatusCode, TestEnv};
 
 const TEMPLATE: &str = r#"
@@ -1190,6 +1191,359 @@ async fn raised_limits_take_ten_thousand_steps_and_name_a_five_thousand_step_cyc
         &["at most 10000 steps"],
     );
 
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+/// Peak resident memory of a process, in MB (`VmHWM`).
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+async fn post_yaml(env: &TestEnv, template: String) -> Answer {
+    send(
+        env,
+        Method::POST,
+        "/v1/templates",
+        Some("application/yaml"),
+        template,
+    )
+    .await
+}
+
+/// YAML aliases are counted at every use while the document is parsed: an alias bomb is
+/// refused before it fills memory, and a config that expands past the template byte limit
+/// is refused by name. A wide template (many parents per step) registers, and a task of
+/// it is created in time linear in its edges.
+#[tokio::test]
+async fn alias_bombs_are_refused_while_parsing_and_wide_templates_create_fast() {
+    let env = TestEnv::start("hostile-aliases").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let pid = env.coordinator.pid().unwrap();
+
+    // 100 × 100 × 100 × 100 = 100 million strings from a document of about 1.5 KB.
+    let items = |alias: &str| format!("[{}]", vec![alias; 100].join(", "));
+    let bomb = format!(
+        "namespace: hostile\nname: bomb\na: &a {}\nb: &b {}\nc: &c {}\nd: &d {}\nsteps:\n  - {{name: only, handler: tasker.noop}}\n",
+        items("x"),
+        items("*a"),
+        items("*b"),
+        items("*c"),
+    );
+    let started = Instant::now();
+    let answer = post_yaml(&env, bomb).await;
+    refused(
+        &answer,
+        "alias bomb",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["expands to more than 250000 values", "YAML alias"],
+    );
+    answered_within(started, 5);
+
+    // A 10 KB string aliased 900 times in one step's config: 9 MB of config from 12 KB.
+    let uses = vec!["*big"; 900].join(", ");
+    let expanding = format!(
+        "namespace: hostile\nname: expanding\nsteps:\n  - name: only\n    handler: tasker.noop\n    config:\n      seed: &big {}\n      copies: [{uses}]\n",
+        "x".repeat(10_000)
+    );
+    let answer = post_yaml(&env, expanding).await;
+    refused(
+        &answer,
+        "expanding config",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &["config_too_large", "TASKER_MAX_TEMPLATE_BYTES", "1048576"],
+    );
+    let peak = peak_rss_mb(pid);
+    assert!(
+        peak < 200.0,
+        "the coordinator's peak RSS reached {peak:.0} MB"
+    );
+
+    // 1,000 steps: 200 roots, and 800 steps that each depend on all of them through one
+    // alias (160,000 edges).
+    let mut wide = String::from("namespace: hostile\nname: wide\nsteps:\n");
+    let roots: Vec<String> = (0..200).map(|i| format!("r{i}")).collect();
+    for root in &roots {
+        wide.push_str(&format!("  - {{name: {root}, handler: tasker.noop}}\n"));
+    }
+    wide.push_str(&format!(
+        "  - name: c0\n    handler: tasker.noop\n    depends_on: &roots [{}]\n",
+        roots.join(", ")
+    ));
+    for i in 1..800 {
+        wide.push_str(&format!(
+            "  - {{name: c{i}, handler: tasker.noop, depends_on: *roots}}\n"
+        ));
+    }
+    let answer = post_yaml(&env, wide).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let started = Instant::now();
+    let (status, task) = env
+        .create_task(json!({"namespace": "hostile", "name": "wide", "context": {}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let took = started.elapsed();
+    eprintln!("a task of 1,000 steps and 160,000 edges created in {took:?}");
+    answered_within(started, 10);
+    let edges: i64 = sqlx::query_scalar("SELECT count(*) FROM step_edges")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(edges, 160_000);
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+/// Register a one-step `tasker.http` template `name` in namespace `ns` calling `url`, run
+/// a task of it to its end, and return its step.
+async fn http_step(env: &TestEnv, ns: &str, name: &str, url: &str) -> Value {
+    let template = json!({"namespace": ns, "name": name, "steps": [
+        {"name": "call", "handler": "tasker.http", "retry_limit": 1, "config": {"url": url}}
+    ]});
+    let (status, body) = env.register_template(&template.to_string()).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    let task = env
+        .run_task(
+            json!({"namespace": ns, "name": name}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    TestEnv::step(&task, "call").clone()
+}
+
+/// `tasker.http` keeps to its outbound policy: internal destinations are refused by
+/// address and by name, other schemes always, every redirect is checked again, and a
+/// response past the size limit is not read. Each is a permanent failure with its own
+/// code, and a refused call never reaches its target.
+#[tokio::test]
+async fn tasker_http_refuses_internal_destinations_redirects_and_huge_bodies() {
+    let mut env = TestEnv::start("hostile-ssrf").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    env.start_worker("open", &["ssrf"]).await.unwrap();
+    let target = HttpStub::start(vec![http_stub::Answer::new(200, r#"{"secret": true}"#)])
+        .await
+        .unwrap();
+    let port = target
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches('/')
+        .to_owned();
+    for (name, url, needle) in [
+        ("by-address", target.url.clone(), "internal address"),
+        (
+            "by-name",
+            format!("http://localhost:{port}/"),
+            "internal address",
+        ),
+        (
+            "metadata",
+            "http://169.254.169.254/latest/meta-data/".to_owned(),
+            "169.254.169.254",
+        ),
+        (
+            "file",
+            "file:///etc/passwd".to_owned(),
+            "only http and https",
+        ),
+    ] {
+        let step = http_step(&env, "ssrf", name, &url).await;
+        assert_eq!(step["status"], "error", "{name}: {step:#}");
+        assert_eq!(step["attempts"], 1, "{name}: permanent: {step:#}");
+        assert_eq!(
+            step["last_error"]["code"], "http_denied",
+            "{name}: {step:#}"
+        );
+        let message = step["last_error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{name}: {message}");
+    }
+    assert!(
+        target.arrivals().is_empty(),
+        "a refused call reached its target"
+    );
+
+    // A worker allowed to call loopback only: its redirects are checked again, and its
+    // bodies are read up to 1,000 bytes.
+    env.start_worker_with(
+        tasker_tests::binary("tasker-worker"),
+        "listed",
+        &["listed"],
+        4,
+        &[
+            ("TASKER_HTTP_ALLOW", "127.0.0.1"),
+            ("TASKER_HTTP_MAX_RESPONSE_BYTES", "1000"),
+        ],
+    )
+    .await
+    .unwrap();
+    let step = http_step(&env, "listed", "allowed", &target.url).await;
+    assert_eq!(step["status"], "complete", "{step:#}");
+    assert_eq!(step["results"]["body"], json!({"secret": true}));
+
+    let redirect = HttpStub::start(vec![
+        http_stub::Answer::new(302, "")
+            .header("location", "http://169.254.169.254/latest/meta-data/"),
+    ])
+    .await
+    .unwrap();
+    let step = http_step(&env, "listed", "redirected", &redirect.url).await;
+    assert_eq!(step["last_error"]["code"], "http_denied", "{step:#}");
+    assert_eq!(redirect.arrivals().len(), 1);
+
+    let huge = HttpStub::start(vec![http_stub::Answer::new(200, &"x".repeat(5_000))])
+        .await
+        .unwrap();
+    let step = http_step(&env, "listed", "huge", &huge.url).await;
+    assert_eq!(step["status"], "error", "{step:#}");
+    assert_eq!(
+        step["last_error"]["code"], "http_response_too_large",
+        "{step:#}"
+    );
+    assert!(
+        step["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TASKER_HTTP_MAX_RESPONSE_BYTES")
+    );
+
+    // A setting that cannot be read stops the worker at start, naming it.
+    let mut command = tokio::process::Command::new(tasker_tests::binary("tasker-worker"));
+    command
+        .env("AMQP_URL", tasker_tests::amqp_url())
+        .env("TASKER_AMQP_PREFIX", "unused")
+        .env("TASKER_HTTP_ALLOW", "10.0.0.0/99")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("TASKER_HTTP_ALLOW") && stderr.contains("10.0.0.0/99"),
+        "{stderr}"
+    );
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+/// A problem may quote the request, but an answer stays small however long the request:
+/// strings in an error are cut at 1,000 bytes and at most 201 details are listed.
+#[tokio::test]
+async fn long_query_strings_get_short_answers() {
+    let env = TestEnv::start("hostile-query").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    // 2,000 unknown parameters: 63 KB of query string.
+    let query: Vec<String> = (0..2_000)
+        .map(|i| format!("unknown_parameter_{i:05}=value"))
+        .collect();
+    let path = format!("/v1/tasks?{}", query.join("&"));
+    assert!(path.len() > 60_000);
+    let answer = send(&env, Method::GET, &path, None, "").await;
+    refused(
+        &answer,
+        "2,000 unknown parameters",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["unknown query parameter", "more problem(s) were found"],
+    );
+    assert!(answer.bytes < 40_000, "{} bytes", answer.bytes);
+    // One value of 60 KB.
+    let path = format!("/v1/tasks?status={}", "x".repeat(60_000));
+    let answer = send(&env, Method::GET, &path, None, "").await;
+    refused(
+        &answer,
+        "a 60 KB status",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["unknown status", "more bytes)"],
+    );
+    assert!(answer.bytes < 5_000, "{} bytes", answer.bytes);
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+/// Whether the server closes `stream` within `within` (reads until end of stream).
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0_u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Slow-header clients are cut off after `TASKER_HTTP_HEADER_TIMEOUT_MS`, and at most
+/// `TASKER_HTTP_MAX_CONNECTIONS` connections are served at once: the next client waits
+/// until one closes, and is then served.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    let env = TestEnv::start_with(
+        "hostile-slowloris",
+        EnvOptions {
+            coordinator_env: vec![
+                ("TASKER_HTTP_HEADER_TIMEOUT_MS".into(), "3000".into()),
+                ("TASKER_HTTP_MAX_CONNECTIONS".into(), "4".into()),
+            ],
+            ..EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let address = env.base_url.trim_start_matches("http://").to_owned();
+
+    // Four connections, two that send half a request and two that send nothing: they
+    // take every slot.
+    let mut slow = Vec::new();
+    for n in 0..4 {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        if n % 2 == 0 {
+            stream
+                .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        slow.push(stream);
+    }
+    // Meanwhile a new client is not served (it waits to be accepted). A client of its
+    // own: `env.http` may hold a kept-alive connection that is already accepted.
+    let waiting = reqwest::Client::new()
+        .get(format!("{}/health/live", env.base_url))
+        .timeout(Duration::from_millis(1_000))
+        .send()
+        .await;
+    assert!(
+        waiting.is_err(),
+        "served past the connection limit: {waiting:?}"
+    );
+    // The slow ones are closed by the server (3 s after they connected)...
+    for stream in &mut slow {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(30)).await,
+            "a slow-header connection stayed open"
+        );
+    }
+    // ...and everyone else is served again.
     still_serving(&env).await;
     env.finish().await.unwrap();
 }

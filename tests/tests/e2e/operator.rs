@@ -113,7 +113,9 @@ async fn cancel_in_the_middle_stops_everything_and_the_task_stays_cancelled() {
 #[tokio::test]
 async fn a_failed_task_retried_completes() {
     let mut env = TestEnv::start("retry").await.unwrap();
-    env.start_worker("w1", &["ops"]).await.unwrap();
+    env.start_worker_calling_stubs("w1", &["ops"])
+        .await
+        .unwrap();
     // The partner API is down for three calls, then recovers.
     let stub = HttpStub::start(vec![
         Answer::new(500, "down"),

@@ -8,29 +8,105 @@
 //! JSON, else text); 429 and 503 are retryable, honouring `Retry-After` (seconds or an
 //! HTTP date); other 5xx, timeouts and network errors are retryable; other statuses are
 //! permanent, with code `http_<status>`.
+//!
+//! Where it may connect is the [outbound policy](super::outbound): a refused destination
+//! (the first one or a redirect's) fails the step permanently with code `http_denied`.
+//! At most [`MAX_REDIRECTS`] redirects are followed. A response body larger than
+//! `TASKER_HTTP_MAX_RESPONSE_BYTES` (default: 1 MiB) is not read past the limit and fails
+//! the step permanently with code `http_response_too_large`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
-use reqwest::{Method, StatusCode};
+use reqwest::{Method, StatusCode, redirect};
 use serde_json::{Value, json};
 
+use super::outbound::{Denied, OutboundPolicy, PolicyResolver};
 use crate::handler::{StepContext, StepError, StepHandler};
+
+/// Redirects followed before the call fails.
+pub const MAX_REDIRECTS: usize = 5;
+/// Default for `TASKER_HTTP_MAX_RESPONSE_BYTES`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The setting for the largest response body read.
+pub const MAX_RESPONSE_VAR: &str = "TASKER_HTTP_MAX_RESPONSE_BYTES";
 
 /// The `tasker.http` handler: one connection pool shared by every step.
 pub struct Http {
     client: reqwest::Client,
+    policy: Arc<OutboundPolicy>,
+    max_response_bytes: usize,
+    /// A setting that could not be read: every call fails with it (the worker binary
+    /// refuses to start with it first; see the worker's settings).
+    misconfigured: Option<String>,
+}
+
+/// `TASKER_HTTP_ALLOW` and `TASKER_HTTP_MAX_RESPONSE_BYTES` can be read.
+///
+/// # Errors
+///
+/// Names what cannot be read.
+pub fn check_settings() -> Result<(), String> {
+    match Http::new().misconfigured {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
 }
 
 impl Http {
-    /// A handler with its own connection pool.
+    /// A handler with its own connection pool, its outbound policy from
+    /// `TASKER_HTTP_ALLOW` and its response limit from `TASKER_HTTP_MAX_RESPONSE_BYTES`.
     pub fn new() -> Self {
+        let (policy, policy_error) = match OutboundPolicy::from_env() {
+            Ok(policy) => (policy, None),
+            Err(error) => (OutboundPolicy::default(), Some(error)),
+        };
+        let (max_response_bytes, limit_error) = match std::env::var(MAX_RESPONSE_VAR) {
+            Err(_) => (DEFAULT_MAX_RESPONSE_BYTES, None),
+            Ok(text) => match text.trim().parse() {
+                Ok(bytes) => (bytes, None),
+                Err(_) => (
+                    DEFAULT_MAX_RESPONSE_BYTES,
+                    Some(format!(
+                        "{MAX_RESPONSE_VAR}: `{text}` is not a number of bytes"
+                    )),
+                ),
+            },
+        };
+        let mut http = Self::with_policy(policy, max_response_bytes);
+        http.misconfigured = policy_error.or(limit_error);
+        http
+    }
+
+    /// A handler with the given policy and response limit.
+    pub fn with_policy(policy: OutboundPolicy, max_response_bytes: usize) -> Self {
+        let policy = Arc::new(policy);
+        let redirects = policy.clone();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("tasker-worker/", env!("CARGO_PKG_VERSION")))
+            // A proxy would resolve names itself, past the policy.
+            .no_proxy()
+            .dns_resolver(Arc::new(PolicyResolver {
+                policy: policy.clone(),
+            }))
+            .redirect(redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    attempt.error(Denied(format!("more than {MAX_REDIRECTS} redirects")))
+                } else if let Err(denied) = redirects.check_url(attempt.url()) {
+                    attempt.error(denied)
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .unwrap_or_default();
         Http {
-            client: reqwest::Client::builder()
-                .user_agent(concat!("tasker-worker/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_default(),
+            client,
+            policy,
+            max_response_bytes,
+            misconfigured: None,
         }
     }
 }
@@ -41,6 +117,23 @@ impl Default for Http {
     }
 }
 
+fn denied(url: &str, why: &Denied) -> StepError {
+    StepError::permanent(format!("{url}: refused by the outbound policy: {why}"))
+        .with_code("http_denied")
+}
+
+/// The policy's refusal somewhere in a request error's causes, if that is what it was.
+fn denial(error: &reqwest::Error) -> Option<Denied> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(denied) = current.downcast_ref::<Denied>() {
+            return Some(denied.clone());
+        }
+        cause = current.source();
+    }
+    None
+}
+
 fn invalid_config(message: impl Into<String>) -> StepError {
     StepError::permanent(message).with_code("invalid_config")
 }
@@ -48,11 +141,20 @@ fn invalid_config(message: impl Into<String>) -> StepError {
 #[async_trait::async_trait]
 impl StepHandler for Http {
     async fn call(&self, step: &StepContext) -> Result<Value, StepError> {
+        if let Some(problem) = &self.misconfigured {
+            return Err(StepError::permanent(problem.clone()).with_code("http_denied"));
+        }
         let config = &step.config;
         let url = config
             .get("url")
             .and_then(Value::as_str)
             .ok_or_else(|| invalid_config("config.url (a string) is required"))?;
+        let parsed: reqwest::Url = url
+            .parse()
+            .map_err(|error| invalid_config(format!("config.url `{url}` is not a URL: {error}")))?;
+        self.policy
+            .check_url(&parsed)
+            .map_err(|why| denied(url, &why))?;
         let method = match config.get("method") {
             None => Method::GET,
             Some(Value::String(name)) => Method::from_bytes(name.to_ascii_uppercase().as_bytes())
@@ -75,7 +177,7 @@ impl StepHandler for Http {
         };
         let mut request = self
             .client
-            .request(method, url)
+            .request(method, parsed)
             .timeout(timeout)
             .headers(headers(config.get("headers"))?);
         match config.get("body") {
@@ -84,7 +186,10 @@ impl StepHandler for Http {
             Some(other) => request = request.json(other),
         }
 
-        let response = request.send().await.map_err(|error| {
+        let mut response = request.send().await.map_err(|error| {
+            if let Some(why) = denial(&error) {
+                return denied(url, &why);
+            }
             let kind = if error.is_timeout() {
                 "timeout"
             } else {
@@ -98,10 +203,30 @@ impl StepHandler for Http {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, Utc::now()));
-        let text = response.text().await.map_err(|error| {
+        let too_large = || {
+            StepError::permanent(format!(
+                "{url}: the response body is larger than {} bytes ({MAX_RESPONSE_VAR})",
+                self.max_response_bytes
+            ))
+            .with_code("http_response_too_large")
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > self.max_response_bytes as u64)
+        {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|error| {
             StepError::retryable(format!("{url}: reading the body: {error}"))
                 .with_code("http_network")
-        })?;
+        })? {
+            if bytes.len() + chunk.len() > self.max_response_bytes {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
         let body = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
 
         if status.is_success() {

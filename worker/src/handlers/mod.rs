@@ -10,6 +10,7 @@
 
 mod basic;
 pub mod http;
+pub mod outbound;
 
 use crate::handler::HandlerRegistry;
 
