@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::messages::{ControlMessage, RunningStep};
+use tasker_shared::messages::{ControlMessage, RunningStep, valid_worker_id};
 use tasker_shared::store::templates;
 
 #[derive(Clone)]
@@ -170,6 +170,20 @@ impl Control {
                                 "cannot announce namespaces"
                             );
                         }
+                    }
+                    Ok(ControlMessage::WorkerStatus {
+                        worker_id,
+                        namespaces,
+                        ..
+                    }) if !valid_worker_id(&worker_id)
+                        || !namespaces.iter().all(|n| valid_worker_id(n)) =>
+                    {
+                        // Shown by /health/status: nothing but plain ids gets there.
+                        self.metrics.control_dropped.inc();
+                        tracing::warn!(
+                            worker_id = %worker_id.escape_default(),
+                            "worker status with an invalid worker id or namespace; dropped"
+                        );
                     }
                     Ok(ControlMessage::WorkerStatus {
                         worker_id,

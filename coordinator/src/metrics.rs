@@ -189,7 +189,7 @@ impl CoordinatorMetrics {
         let control_dropped = Counter::default();
         registry.register(
             "tasker_control_messages_dropped",
-            "Undecodable messages on the control exchange, dropped",
+            "Messages on the control exchange dropped: undecodable, or a worker status with an invalid id",
             control_dropped.clone(),
         );
         let broker_reconnects = Counter::default();

@@ -34,8 +34,9 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_HTTP_MAX_CONNECTIONS", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_connections: u32,
-    /// How long an API client may take to send a request's headers before its
-    /// connection is closed (slow-header clients would otherwise hold it for ever).
+    /// How long an API client may take to start sending once connected, and to send a
+    /// request's headers, before its connection is closed (silent and slow-header
+    /// clients would otherwise hold it for ever).
     #[arg(long, env = "TASKER_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub http_header_timeout_ms: u64,

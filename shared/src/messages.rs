@@ -31,6 +31,20 @@ use uuid::Uuid;
 /// The protocol version this build speaks.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Longest worker id.
+pub const MAX_WORKER_ID_LEN: usize = 128;
+
+/// Whether `id` may name a worker (or a namespace in a worker's status): 1 to
+/// [`MAX_WORKER_ID_LEN`] letters, digits, `.`, `_`, `:` and `-`. Ids are shown by
+/// `/health/status` and stored in the history, so nothing else gets in.
+pub fn valid_worker_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_WORKER_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Everything a stateless worker needs to run one attempt of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepMessage {

@@ -168,6 +168,12 @@ impl Worker {
         let failpoint = Failpoint::parse(settings.failpoint_pause_at.as_deref())?;
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let worker_id = settings.worker_id();
+        anyhow::ensure!(
+            tasker_shared::messages::valid_worker_id(&worker_id),
+            "TASKER_WORKER_ID `{}` is not a worker id: 1 to {} letters, digits, '.', '_', ':' or '-'",
+            worker_id.escape_default(),
+            tasker_shared::messages::MAX_WORKER_ID_LEN
+        );
         let connection =
             broker::connect(&settings.broker, &format!("tasker-worker {worker_id}")).await?;
         let connection = declare_topology(connection, &topology).await?;

@@ -69,7 +69,9 @@ pub async fn transitions_after(
              ORDER BY transition_id LIMIT $2)
             UNION ALL
             (SELECT st.transition_id, st.created_at, st.task_id, st.step_id, s.name,
-                    st.from_status, st.to_status, st.reason, st.metadata
+                    st.from_status, st.to_status, st.reason,
+                    -- Not published: whoever holds a token can complete its step.
+                    st.metadata - 'dispatch_token' AS metadata
              FROM step_transitions st JOIN steps s USING (step_id)
              WHERE st.transition_id > $1
              ORDER BY st.transition_id LIMIT $2)

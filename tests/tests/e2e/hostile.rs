@@ -1547,3 +1547,76 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     still_serving(&env).await;
     env.finish().await.unwrap();
 }
+
+/// Anyone who can publish to the control exchange can claim to be a worker, but only a
+/// plain id (letters, digits, `.`, `_`, `:`, `-`) reaches `/health/status`; a worker
+/// refuses to start with any other `TASKER_WORKER_ID`.
+#[tokio::test]
+async fn worker_ids_are_plain_or_refused() {
+    let env = TestEnv::start("hostile-worker-id").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let connection = lapin::Connection::connect(
+        &tasker_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let status = |worker_id: &str, namespace: &str| {
+        json!({"type": "worker_status", "worker_id": worker_id, "namespaces": [namespace],
+               "all_namespaces": false, "concurrency": 1, "in_flight": 0, "interval_ms": 10000})
+        .to_string()
+    };
+    for body in [
+        status("evil<script>alert(1)</script>", "hostile"),
+        status("spoofed", "<img src=x>"),
+        status(&"w".repeat(200), "hostile"),
+        status("plain-worker.1", "hostile"),
+    ] {
+        channel
+            .basic_publish(
+                format!("{}.control", env.prefix).into(),
+                "".into(),
+                lapin::options::BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // The plain one was published last: once it is listed, the others were read.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let (_, health) = env.get("/health/status").await.unwrap();
+        let text = health["workers"].to_string();
+        if text.contains("plain-worker.1") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the plain worker was never listed: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!listed.contains('<'), "{listed}");
+    assert!(!listed.contains("spoofed"), "{listed}");
+    assert!(!listed.contains("www"), "{listed}");
+    let _ = connection.close(200, "OK".into()).await;
+
+    let mut command = tokio::process::Command::new(tasker_tests::binary("tasker-worker"));
+    command
+        .env("AMQP_URL", tasker_tests::amqp_url())
+        .env("TASKER_AMQP_PREFIX", &env.prefix)
+        .env("TASKER_WORKER_ID", "evil<script>")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("TASKER_WORKER_ID"), "{stderr}");
+
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}

@@ -338,6 +338,8 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
             .unwrap()
             .unwrap();
         let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        // A dispatch token completes its step: events never carry one.
+        assert!(!event.to_string().contains("dispatch_token"), "{event}");
         assert_eq!(
             delivery.routing_key.as_str(),
             event["event"].as_str().unwrap(),

@@ -96,6 +96,15 @@ async fn cancel_in_the_middle_stops_everything_and_the_task_stays_cancelled() {
         .get(&format!("/v1/tasks/{id}/transitions"))
         .await
         .unwrap();
+    // The history records each dispatch, but never the token that completes it.
+    let dispatched = history["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["reason"] == "dispatched")
+        .unwrap();
+    assert_eq!(dispatched["metadata"]["attempt"], 1, "{dispatched}");
+    assert!(!history.to_string().contains("dispatch_token"), "{history}");
     let last = history["task"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["to_status"], "cancelled");
     assert_eq!(last["reason"], "cancelled_by_operator");

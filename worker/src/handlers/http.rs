@@ -38,8 +38,8 @@ pub struct Http {
     client: reqwest::Client,
     policy: Arc<OutboundPolicy>,
     max_response_bytes: usize,
-    /// A setting that could not be read: every call fails with it (the worker binary
-    /// refuses to start with it first; see the worker's settings).
+    /// A setting that could not be read: every call fails with it (`Worker::build`
+    /// refuses to start with it, through [`check_settings`]).
     misconfigured: Option<String>,
 }
 
