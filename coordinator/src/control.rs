@@ -133,7 +133,7 @@ impl Control {
                 "".into(),
                 BasicPublishOptions::default(),
                 &body,
-                persistent(),
+                self.topology.signed(&body, persistent()),
             )
             .await?
             .await?;
@@ -161,6 +161,11 @@ impl Control {
                 };
                 let Some(Ok(delivery)) = next else { break };
                 // Control messages are advisory: acked on receipt (the queue is auto-ack).
+                if let Err(error) = self.topology.verify(&delivery.data, &delivery.properties) {
+                    self.metrics.control_dropped.inc();
+                    tracing::warn!(%error, "control message dropped");
+                    continue;
+                }
                 match serde_json::from_slice::<ControlMessage>(&delivery.data) {
                     Ok(ControlMessage::Hello { worker_id }) => {
                         tracing::debug!(%worker_id, "worker said hello");

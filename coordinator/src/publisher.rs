@@ -345,7 +345,7 @@ impl StepPublisher {
                     ..BasicPublishOptions::default()
                 },
                 &body,
-                properties,
+                self.topology.signed(&body, properties),
             )
             .await?)
     }

@@ -127,7 +127,14 @@ impl ResultProcessor {
         let mut report = BatchReport::default();
         let mut messages: Vec<(usize, WorkerMessage)> = Vec::with_capacity(deliveries.len());
         for (index, delivery) in deliveries.iter().enumerate() {
-            match WorkerMessage::decode(&delivery.data) {
+            let decoded = match self.topology.verify(&delivery.data, &delivery.properties) {
+                Ok(()) => WorkerMessage::decode(&delivery.data).map_err(|e| e.to_string()),
+                Err(error) => Err(format!(
+                    "{}: {error}",
+                    tasker_shared::signing::BAD_SIGNATURE
+                )),
+            };
+            match decoded {
                 Ok(message) => messages.push((index, message)),
                 Err(error) => {
                     tracing::warn!(%error, "poison message on the results queue; dead-lettering it");

@@ -99,6 +99,11 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_MAX_TEMPLATE_STEPS", default_value_t = 1_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_template_steps: u32,
+    /// Bytes of request bodies the API holds at once (each request counts its
+    /// `Content-Length`, or `TASKER_MAX_BODY_BYTES` when it gives none, until it is
+    /// answered); a request past it answers 503 `overloaded` with `Retry-After: 1`.
+    #[arg(long, env = "TASKER_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_inflight_body_bytes: usize,
     /// Task creations admitted at once (waiting for or in a creating statement); past it
     /// `POST /v1/tasks` answers 503 `overloaded` with `Retry-After`, so a flood of creates
     /// holds bounded memory instead of queueing without limit.

@@ -84,7 +84,15 @@ impl Application {
         tasker_shared::db::migrate(&settings.database).await?;
         let pool = tasker_shared::db::connect_lazy(&settings.database)?;
         warn_without_autovacuum(&pool).await;
-        let topology = Topology::new(settings.broker.amqp_prefix.clone());
+        let keys = settings.broker.message_keys().map_err(anyhow::Error::msg)?;
+        if !keys.enabled() {
+            tracing::warn!(
+                "TASKER_MESSAGE_KEY is not set: broker messages are not signed, so anyone who \
+                 can publish to this RabbitMQ virtual host can complete, inject or cancel steps \
+                 (docs/security.md)"
+            );
+        }
+        let topology = Topology::new(settings.broker.amqp_prefix.clone()).with_keys(keys);
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
         let session = BrokerSession::open(connection, &topology).await?;
         let publisher = Arc::new(
@@ -193,7 +201,11 @@ impl Application {
 
         let address = self.listener.local_addr()?;
         tracing::info!(%address, "coordinator listening");
-        let app = router(self.state.clone(), settings.max_body_bytes);
+        let app = router(
+            self.state.clone(),
+            settings.max_body_bytes,
+            settings.max_inflight_body_bytes,
+        );
         let mut server_stop = stop_rx.clone();
         let server = crate::http::server::serve(
             self.listener,

@@ -35,17 +35,55 @@ pub const SOURCE_HEADER: &str = "x-tasker-source-queue";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 /// The names of Tasker's exchanges and queues under one prefix.
+/// With them, the keys its messages are signed and checked with
+/// ([`crate::signing`]).
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
+    keys: std::sync::Arc<crate::signing::MessageKeys>,
 }
 
 impl Topology {
-    /// The topology under `prefix` (normally `tasker`).
+    /// The topology under `prefix` (normally `tasker`), with no message keys.
     pub fn new(prefix: impl Into<String>) -> Self {
         Topology {
             prefix: prefix.into(),
+            keys: std::sync::Arc::default(),
         }
+    }
+
+    /// The same, signing and checking messages with `keys`.
+    #[must_use]
+    pub fn with_keys(mut self, keys: crate::signing::MessageKeys) -> Self {
+        self.keys = std::sync::Arc::new(keys);
+        self
+    }
+
+    /// `properties` for publishing `body`, with its signature when there is a key.
+    pub fn signed(&self, body: &[u8], properties: BasicProperties) -> BasicProperties {
+        if !self.keys.enabled() {
+            return properties;
+        }
+        let headers = properties.headers().clone().unwrap_or_default();
+        properties.with_headers(self.keys.sign(body, headers))
+    }
+
+    /// Whether a received message verifies (always, without a key).
+    ///
+    /// # Errors
+    ///
+    /// Why it does not.
+    pub fn verify(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+    ) -> Result<(), crate::signing::BadSignature> {
+        self.keys.verify(body, properties.headers().as_ref())
+    }
+
+    /// Whether messages are signed.
+    pub fn signs(&self) -> bool {
+        self.keys.enabled()
     }
 
     /// The direct exchange steps are published to.

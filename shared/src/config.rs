@@ -85,6 +85,31 @@ impl fmt::Display for SecretUrl {
     }
 }
 
+/// A secret setting (a key): never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself: only for the code that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseSettings {
@@ -106,6 +131,27 @@ pub struct BrokerSettings {
     /// runs) can share one broker without seeing each other's messages.
     #[arg(long, env = "TASKER_AMQP_PREFIX", default_value = "tasker")]
     pub amqp_prefix: String,
+    /// Shared secret (32 bytes or more) that signs and checks every step, result and
+    /// control message (docs/security.md, "The broker"). Unset: messages are not signed.
+    #[arg(long, env = "TASKER_MESSAGE_KEY", hide_env_values = true)]
+    pub message_key: Option<Secret>,
+    /// The key before the current one, still accepted while a new key is rolled out.
+    #[arg(long, env = "TASKER_MESSAGE_KEY_PREVIOUS", hide_env_values = true)]
+    pub message_key_previous: Option<Secret>,
+}
+
+impl BrokerSettings {
+    /// The message keys these settings give.
+    ///
+    /// # Errors
+    ///
+    /// A key that is too short, or a previous key without a current one.
+    pub fn message_keys(&self) -> Result<crate::signing::MessageKeys, String> {
+        crate::signing::MessageKeys::new(
+            self.message_key.as_ref().map(Secret::expose),
+            self.message_key_previous.as_ref().map(Secret::expose),
+        )
+    }
 }
 
 /// How logs are written.

@@ -24,6 +24,7 @@ pub mod db;
 pub mod events;
 pub mod messages;
 pub mod metrics;
+pub mod signing;
 pub mod states;
 pub mod store;
 pub mod telemetry;

@@ -68,14 +68,14 @@ impl WorkerMetrics {
             concurrency_gauge,
         );
         let dead_lettered = Family::<Reason, Counter>::default();
-        for reason in ["undecodable", "unknown_handler"] {
+        for reason in ["undecodable", "unknown_handler", "bad_signature"] {
             let _ = dead_lettered.get_or_create(&Reason {
                 reason: reason.to_owned(),
             });
         }
         registry.register(
             "tasker_worker_dead_lettered",
-            "Step messages sent to the dead-letter queue: undecodable or unknown_handler",
+            "Step messages sent to the dead-letter queue: undecodable, unknown_handler or bad_signature",
             dead_lettered.clone(),
         );
         let skipped_cancelled = Counter::default();

@@ -107,6 +107,7 @@ pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool
         };
         send(
             &beats.channel,
+            &beats.topology,
             &beats.topology.control_exchange(),
             "",
             &status,
@@ -135,13 +136,22 @@ pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool
 /// Best effort: a lost notice only means a step shows `enqueued` until its result
 /// arrives; a lost heartbeat is covered by the next one.
 async fn publish(channel: &Channel, topology: &Topology, message: &WorkerMessage) {
-    send(channel, "", &topology.results_queue(), message, "a notice").await;
+    send(
+        channel,
+        topology,
+        "",
+        &topology.results_queue(),
+        message,
+        "a notice",
+    )
+    .await;
 }
 
 /// Publish `message` as JSON without a confirm, giving up after [`BROKER_PATIENCE`];
 /// a failure is logged as not sending `what`.
 async fn send(
     channel: &Channel,
+    topology: &Topology,
     exchange: &str,
     routing_key: &str,
     message: &impl serde::Serialize,
@@ -161,7 +171,7 @@ async fn send(
             routing_key.into(),
             BasicPublishOptions::default(),
             &body,
-            persistent(),
+            topology.signed(&body, persistent()),
         ),
     )
     .await;

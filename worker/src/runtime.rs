@@ -166,7 +166,8 @@ impl Worker {
         // worker here rather than failing every HTTP step.
         crate::handlers::http::check_settings().map_err(anyhow::Error::msg)?;
         let failpoint = Failpoint::parse(settings.failpoint_pause_at.as_deref())?;
-        let topology = Topology::new(settings.broker.amqp_prefix.clone());
+        let keys = settings.broker.message_keys().map_err(anyhow::Error::msg)?;
+        let topology = Topology::new(settings.broker.amqp_prefix.clone()).with_keys(keys);
         let worker_id = settings.worker_id();
         anyhow::ensure!(
             tasker_shared::messages::valid_worker_id(&worker_id),
@@ -613,7 +614,7 @@ async fn follow(
                     "".into(),
                     BasicPublishOptions::default(),
                     &hello,
-                    persistent(),
+                    topology.signed(&hello, persistent()),
                 )
                 .await?;
         }
@@ -627,6 +628,10 @@ async fn follow(
         }
     };
     while let Some(Ok(delivery)) = consumer.next().await {
+        if let Err(error) = topology.verify(&delivery.data, &delivery.properties) {
+            tracing::warn!(%error, "control message dropped");
+            continue;
+        }
         match serde_json::from_slice(&delivery.data) {
             Ok(ControlMessage::Namespaces { namespaces }) => {
                 let Some(deliveries) = &deliveries else {
@@ -685,6 +690,15 @@ async fn handle(
     slot: OwnedSemaphorePermit,
 ) {
     let source_queue = shared.topology.step_queue(delivery.routing_key.as_str());
+    if let Err(error) = shared.topology.verify(&delivery.data, &delivery.properties) {
+        tracing::warn!(%error, "step message that does not verify; dead-lettering it");
+        shared
+            .metrics
+            .dead_letter(tasker_shared::signing::BAD_SIGNATURE);
+        let reason = format!("{}: {error}", tasker_shared::signing::BAD_SIGNATURE);
+        dead_letter(shared, &delivery, &reason, &source_queue).await;
+        return;
+    }
     let message = match StepMessage::decode(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
@@ -964,7 +978,7 @@ async fn publish_on(
             ..BasicPublishOptions::default()
         },
         body,
-        properties,
+        topology.signed(body, properties),
     );
     let confirm = tokio::time::timeout(BROKER_PATIENCE, publish)
         .await

@@ -54,6 +54,13 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message).with_details(details)
     }
 
+    /// 503 `overloaded` with `Retry-After: 1`.
+    pub(crate) fn overloaded(message: impl Into<String>) -> Self {
+        let mut answer = Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
+        answer.retry_after = Some(1);
+        answer
+    }
+
     /// 500: logged with its cause chain; the caller sees no internals.
     pub(crate) fn internal(error: impl Into<anyhow::Error>) -> Self {
         let error = error.into();
@@ -137,18 +144,10 @@ pub(crate) struct ErrorDetail {
 impl From<crate::creator::CreateError> for ApiError {
     fn from(error: crate::creator::CreateError) -> Self {
         match error {
-            crate::creator::CreateError::Overloaded { limit } => {
-                let mut answer = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    format!(
-                        "{limit} task creations are already waiting to be written \
-                         (TASKER_MAX_PENDING_CREATES); retry after the Retry-After delay"
-                    ),
-                );
-                answer.retry_after = Some(1);
-                answer
-            }
+            crate::creator::CreateError::Overloaded { limit } => Self::overloaded(format!(
+                "{limit} task creations are already waiting to be written \
+                 (TASKER_MAX_PENDING_CREATES); retry after the Retry-After delay"
+            )),
             crate::creator::CreateError::Database(error) => error.into(),
         }
     }

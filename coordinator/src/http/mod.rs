@@ -2,6 +2,7 @@
 
 mod auth;
 mod body;
+mod budget;
 mod error;
 mod health;
 mod openapi;
@@ -155,7 +156,7 @@ pub(crate) fn routes() -> Vec<Route> {
 }
 
 /// The API without its state: [`routes`], the fallback and the body limit.
-fn stateless_router(max_body_bytes: usize) -> Router<AppState> {
+fn stateless_router(max_body_bytes: usize, max_inflight_body_bytes: usize) -> Router<AppState> {
     routes()
         .into_iter()
         .fold(Router::new(), |router, r| {
@@ -165,12 +166,20 @@ fn stateless_router(max_body_bytes: usize) -> Router<AppState> {
         .fallback(health::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            budget::BodyBudget::new(max_inflight_body_bytes, max_body_bytes),
+            budget::limit,
+        ))
 }
 
-pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub(crate) fn router(
+    state: AppState,
+    max_body_bytes: usize,
+    max_inflight_body_bytes: usize,
+) -> Router {
     // The guarded routes find the authenticator in every request's extensions.
     let authenticator: Arc<Authenticator> = state.auth.clone();
-    stateless_router(max_body_bytes)
+    stateless_router(max_body_bytes, max_inflight_body_bytes)
         .layer(axum::Extension(authenticator))
         .with_state(state)
 }

@@ -228,7 +228,7 @@ mod tests {
                 "http/mod.rs adds routes with `{other}`, beside routes(): add them to routes()"
             );
         }
-        let _router = super::super::stateless_router(1024);
+        let _router = super::super::stateless_router(1024, 4096);
     }
 
     /// The document is OpenAPI 3.1 JSON: it reads back, unchanged, through an OpenAPI 3.1

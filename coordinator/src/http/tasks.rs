@@ -104,6 +104,8 @@ const SHORT_TEXT: usize = 128;
 const KEY_LENGTH: usize = 255;
 /// Most tasks per page.
 const MAX_PAGE: i64 = 500;
+/// Steps past which a task's ids and edges are prepared on a blocking thread.
+const LARGE_TEMPLATE_STEPS: usize = 1_000;
 
 /// Create a task from a template. Its span starts the task's trace.
 ///
@@ -226,7 +228,16 @@ pub(crate) async fn create(
                 )
             })?;
         let versions_known = resolved.versions_known.filter(|_| checked);
-        let creation = Creation::new(template.clone(), new.clone(), claim, versions_known);
+        // Ids and edges for a large template take milliseconds of CPU (linear in steps
+        // and edges): off the async threads, so other requests go on meanwhile.
+        let creation = if template.definition.steps.len() > LARGE_TEMPLATE_STEPS {
+            let (template, new) = (template.clone(), new.clone());
+            tokio::task::spawn_blocking(move || Creation::new(template, new, claim, versions_known))
+                .await
+                .map_err(ApiError::internal)?
+        } else {
+            Creation::new(template.clone(), new.clone(), claim, versions_known)
+        };
         match state.creator.create(creation).await? {
             Created::TemplateChanged if checked => checked = false,
             created => break (template, created),

@@ -1620,3 +1620,124 @@ async fn worker_ids_are_plain_or_refused() {
     still_serving(&env).await;
     env.finish().await.unwrap();
 }
+
+/// Request bodies in progress hold at most `TASKER_MAX_INFLIGHT_BODY_BYTES`: while one
+/// client trickles a large body, another large one is answered 503 `overloaded` with
+/// `Retry-After`, and is served once the first is gone.
+#[tokio::test]
+async fn request_bodies_in_progress_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::start_with(
+        "hostile-inflight",
+        EnvOptions {
+            coordinator_env: vec![("TASKER_MAX_INFLIGHT_BODY_BYTES".into(), "1000000".into())],
+            ..EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let address = env.base_url.trim_start_matches("http://").to_owned();
+    let mut trickle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    trickle
+        .write_all(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n{\"namespace\"",
+        )
+        .await
+        .unwrap();
+    // The trickling request holds 900 KB of the budget once the server has read its
+    // headers; wait for that by asking until the answer is 503.
+    let big = json!({"namespace": "hostile", "name": "target",
+                     "context": {"pad": "x".repeat(200_000)}})
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let answer = send(
+            &env,
+            Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            big.clone(),
+        )
+        .await;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    refused(
+        &answer,
+        "a large body while another is in progress",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        &["TASKER_MAX_INFLIGHT_BODY_BYTES"],
+    );
+    assert_eq!(answer.headers["retry-after"], "1");
+    // Small requests without a body are not held back.
+    let (status, _) = env.get("/v1/tasks?limit=1").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(trickle);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = send(
+            &env,
+            Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            big.clone(),
+        )
+        .await;
+        if answer.status == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {}",
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+/// Context schemas match patterns in linear time: a pattern that needs backtracking is
+/// refused at registration, and the classic catastrophic pattern answers at once for
+/// hundreds of long strings.
+#[tokio::test]
+async fn regex_patterns_cannot_make_validation_slow() {
+    let env = TestEnv::start("hostile-redos").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let backreference = json!({"namespace": "hostile", "name": "backref",
+        "context_schema": {"type": "object", "properties":
+            {"code": {"type": "string", "pattern": "^(a+)+\\1$"}}},
+        "steps": [{"name": "only", "handler": "tasker.noop"}]});
+    let answer = post_template(&env, backreference.to_string()).await;
+    refused(
+        &answer,
+        "a backreference",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_template",
+        &["invalid_schema", "context_schema"],
+    );
+    let nested = json!({"namespace": "hostile", "name": "nested-plus",
+        "context_schema": {"type": "object", "properties":
+            {"codes": {"type": "array", "items": {"type": "string", "pattern": "^(a+)+b$"}}}},
+        "steps": [{"name": "only", "handler": "tasker.noop"}]});
+    let answer = post_template(&env, nested.to_string()).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let codes: Vec<String> = (0..400)
+        .map(|_| format!("{}c", "a".repeat(2_000)))
+        .collect();
+    let started = Instant::now();
+    let (status, body) = env
+        .create_task(json!({"namespace": "hostile", "name": "nested-plus",
+                            "context": {"codes": codes}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_context");
+    answered_within(started, 5);
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}

@@ -12,6 +12,7 @@ mod operator;
 mod poison;
 mod reconnect;
 mod redispatch;
+mod signing;
 mod tasker_engine;
 mod validation;
 mod workers;

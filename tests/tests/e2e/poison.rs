@@ -68,7 +68,7 @@ pub(crate) async fn confirm_channel() -> (Connection, Channel) {
 }
 
 /// Publish and wait for the broker's confirm.
-async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+pub(crate) async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
     let confirm = channel
         .basic_publish(
             exchange.into(),
@@ -101,7 +101,7 @@ fn header(properties: &BasicProperties, name: &str) -> Option<String> {
 
 /// Take `count` messages from the dead-letter queue (waiting for them), then check it is
 /// empty. Returns `(body, reason, source queue)` of each.
-async fn drain_dead_letters(
+pub(crate) async fn drain_dead_letters(
     channel: &Channel,
     queue: &str,
     count: usize,
