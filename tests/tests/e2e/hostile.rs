@@ -1357,6 +1357,11 @@ async fn tasker_http_refuses_internal_destinations_redirects_and_huge_bodies() {
             "file:///etc/passwd".to_owned(),
             "only http and https",
         ),
+        (
+            "credentials",
+            "http://user:s3cret@169.254.169.254/?token=t0k3n".to_owned(),
+            "user:***@169.254.169.254/?token=***",
+        ),
     ] {
         let step = http_step(&env, "ssrf", name, &url).await;
         assert_eq!(step["status"], "error", "{name}: {step:#}");
@@ -1367,6 +1372,10 @@ async fn tasker_http_refuses_internal_destinations_redirects_and_huge_bodies() {
         );
         let message = step["last_error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{name}: {message}");
+        assert!(
+            !message.contains("s3cret") && !message.contains("t0k3n"),
+            "{name}: {message}"
+        );
     }
     assert!(
         target.arrivals().is_empty(),

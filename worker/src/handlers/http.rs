@@ -149,12 +149,18 @@ impl StepHandler for Http {
             .get("url")
             .and_then(Value::as_str)
             .ok_or_else(|| invalid_config("config.url (a string) is required"))?;
-        let parsed: reqwest::Url = url
-            .parse()
-            .map_err(|error| invalid_config(format!("config.url `{url}` is not a URL: {error}")))?;
+        // Messages become the step's `last_error`, readable through the API: the URL
+        // appears there without its password or secret-looking query parameters.
+        let shown = url
+            .parse::<tasker_shared::config::SecretUrl>()
+            .map(|u| u.redacted())
+            .unwrap_or_default();
+        let parsed: reqwest::Url = url.parse().map_err(|error| {
+            invalid_config(format!("config.url `{shown}` is not a URL: {error}"))
+        })?;
         self.policy
             .check_url(&parsed)
-            .map_err(|why| denied(url, &why))?;
+            .map_err(|why| denied(&shown, &why))?;
         let method = match config.get("method") {
             None => Method::GET,
             Some(Value::String(name)) => Method::from_bytes(name.to_ascii_uppercase().as_bytes())
@@ -188,14 +194,14 @@ impl StepHandler for Http {
 
         let mut response = request.send().await.map_err(|error| {
             if let Some(why) = denial(&error) {
-                return denied(url, &why);
+                return denied(&shown, &why);
             }
             let kind = if error.is_timeout() {
                 "timeout"
             } else {
                 "http_network"
             };
-            StepError::retryable(format!("{url}: {error}")).with_code(kind)
+            StepError::retryable(format!("{shown}: {}", error.without_url())).with_code(kind)
         })?;
         let status = response.status();
         let retry_after = response
@@ -205,7 +211,7 @@ impl StepHandler for Http {
             .and_then(|v| parse_retry_after(v, Utc::now()));
         let too_large = || {
             StepError::permanent(format!(
-                "{url}: the response body is larger than {} bytes ({MAX_RESPONSE_VAR})",
+                "{shown}: the response body is larger than {} bytes ({MAX_RESPONSE_VAR})",
                 self.max_response_bytes
             ))
             .with_code("http_response_too_large")
@@ -218,8 +224,11 @@ impl StepHandler for Http {
         }
         let mut bytes = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|error| {
-            StepError::retryable(format!("{url}: reading the body: {error}"))
-                .with_code("http_network")
+            StepError::retryable(format!(
+                "{shown}: reading the body: {}",
+                error.without_url()
+            ))
+            .with_code("http_network")
         })? {
             if bytes.len() + chunk.len() > self.max_response_bytes {
                 return Err(too_large());
@@ -232,7 +241,7 @@ impl StepHandler for Http {
         if status.is_success() {
             return Ok(json!({"status": status.as_u16(), "body": body}));
         }
-        let message = format!("{url} answered {status}: {}", snippet(&body));
+        let message = format!("{shown} answered {status}: {}", snippet(&body));
         let code = format!("http_{}", status.as_u16());
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             let error = StepError::retryable(message).with_code(code);
