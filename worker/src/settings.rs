@@ -17,8 +17,9 @@ pub struct WorkerSettings {
         default_value = ""
     )]
     pub namespaces: Vec<String>,
-    /// Steps run at once; also the broker prefetch, so a worker never holds more
-    /// messages than it can run.
+    /// Steps run at once. The broker prefetch is twice this: the second half holds
+    /// steps whose results are being published (docs/operating.md, "Concurrency and
+    /// prefetch").
     #[arg(long, env = "TASKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
     /// How often the worker tells coordinators which steps it is still running. Keep it
