@@ -36,3 +36,8 @@ mod sweeper;
 pub use auth::command::TokenArgs;
 pub use settings::{AuthMode, AuthSettings, CoordinatorSettings, Secret};
 pub use startup::Application;
+
+/// The API's OpenAPI 3.1 description as pretty JSON (what `GET /openapi.json` serves).
+pub fn openapi_json() -> String {
+    http::openapi::document_text()
+}

@@ -22,11 +22,17 @@ enum Command {
     Migrate(DatabaseSettings),
     /// Create, list or revoke API tokens (applies migrations first).
     Token(TokenArgs),
+    /// Print the API's OpenAPI 3.1 description (needs neither PostgreSQL nor RabbitMQ).
+    Openapi,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", tasker_coordinator::openapi_json());
+        return Ok(());
+    }
     let telemetry = tasker_shared::telemetry::init(&cli.log, "tasker-coordinator");
     let outcome = match cli.command {
         Command::Serve(settings) => match Application::build(*settings).await {
@@ -40,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map(|()| tracing::info!("migrations applied")),
         Command::Token(args) => args.run().await,
+        Command::Openapi => Ok(()),
     };
     telemetry.shutdown();
     outcome

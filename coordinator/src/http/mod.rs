@@ -5,7 +5,7 @@ mod body;
 mod budget;
 mod error;
 mod health;
-mod openapi;
+pub(crate) mod openapi;
 mod operate;
 pub(crate) mod server;
 mod tasks;

@@ -151,6 +151,13 @@ pub(crate) async fn document() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(&DOCUMENT)
 }
 
+/// The same document as pretty JSON, as `docs/openapi.json` holds it.
+pub(crate) fn document_text() -> String {
+    let mut text = serde_json::to_string_pretty(&*DOCUMENT).expect("the document serialises");
+    text.push('\n');
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -237,6 +244,19 @@ mod tests {
     /// utoipa issue #1192), every reference points at a component,
     /// every operation id is unique, every path parameter is declared and every operation
     /// has a success answer and the error body for its errors.
+    /// `docs/openapi.json` is the served document; after changing the API, write it
+    /// again with `cargo run -p tasker-coordinator -- openapi > docs/openapi.json`.
+    #[test]
+    fn the_checked_in_document_is_the_served_one() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == document_text(),
+            "docs/openapi.json differs from the API's description: run \
+             `cargo run -p tasker-coordinator -- openapi > docs/openapi.json`"
+        );
+    }
+
     #[test]
     fn document_is_valid_openapi_3_1() {
         let text = ApiDoc::openapi()
