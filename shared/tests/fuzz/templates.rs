@@ -902,10 +902,17 @@ proptest! {
                 prop_assert_eq!(count_values(config) + 7, values);
             }
             Err(error) => {
-                prop_assert!(values > MAX_DOCUMENT_VALUES, "{values} values refused: {error:?}");
                 prop_assert_eq!(error.0.len(), 1);
                 prop_assert_eq!(error.0[0].code.as_str(), codes::SYNTAX);
-                prop_assert!(error.0[0].message.contains("values"), "{:?}", error.0[0]);
+                let message = &error.0[0].message;
+                // Past our limit, or past the YAML library's own: it follows aliases at
+                // most 100 times per event of the document, so a short document that
+                // multiplies far is refused before our count is reached.
+                prop_assert!(
+                    (values > MAX_DOCUMENT_VALUES && message.contains("values"))
+                        || message.contains("repetition limit exceeded"),
+                    "{values} values refused: {message}"
+                );
             }
         }
     }
