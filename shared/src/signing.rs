@@ -95,7 +95,7 @@ impl MessageKeys {
     pub fn sign(&self, body: &[u8], mut headers: FieldTable) -> FieldTable {
         if let Some(key) = &self.current {
             let tag = Self::mac(key, body).finalize().into_bytes();
-            let value = format!("v1={}", hex(&tag));
+            let value = format!("v1={}", hex::encode(tag));
             headers.insert(SIGNATURE_HEADER.into(), AMQPValue::LongString(value.into()));
         }
         headers
@@ -120,7 +120,7 @@ impl MessageKeys {
             .ok_or(BadSignature::Missing)?;
         let tag = value
             .strip_prefix("v1=")
-            .and_then(unhex)
+            .and_then(|text| hex::decode(text).ok())
             .ok_or(BadSignature::Mismatch)?;
         for key in std::iter::once(current).chain(&self.previous) {
             // verify_slice compares in constant time.
@@ -130,20 +130,6 @@ impl MessageKeys {
         }
         Err(BadSignature::Mismatch)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -637,6 +637,25 @@ async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Start `tasker-worker` with `env` and expect it to refuse to start (a setting it
+/// cannot use): returns what it wrote to stderr.
+pub async fn worker_refusing_to_start(env: &[(&str, &str)]) -> String {
+    let mut command = tokio::process::Command::new(binary("tasker-worker"));
+    command
+        .env("AMQP_URL", amqp_url())
+        .env("TASKER_AMQP_PREFIX", "unused")
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("the worker stops at once")
+        .expect("the worker runs");
+    assert!(!output.status.success(), "the worker started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Consumers of `queue` now (0 when it does not exist).
 pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
     let connection =

@@ -144,6 +144,8 @@ pub struct Creation {
     tokens: Vec<Option<Uuid>>,
     edge_from: Vec<Uuid>,
     edge_to: Vec<Uuid>,
+    /// Each step's parents, by position in template order.
+    parents: Vec<Vec<usize>>,
 }
 
 impl Creation {
@@ -160,8 +162,9 @@ impl Creation {
             .iter()
             .map(|step| (claim_lease_ms.is_some() && step.depends_on.is_empty()).then(Uuid::new_v4))
             .collect();
+        let parents = template.definition.parent_indices();
         let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
-        for (child, parents) in template.definition.parent_indices().iter().enumerate() {
+        for (child, parents) in parents.iter().enumerate() {
             for &parent in parents {
                 edge_from.push(step_ids[parent]);
                 edge_to.push(step_ids[child]);
@@ -177,6 +180,7 @@ impl Creation {
             tokens,
             edge_from,
             edge_to,
+            parents,
         }
     }
 
@@ -191,7 +195,7 @@ impl Creation {
             .iter()
             .zip(&self.step_ids)
             .zip(&self.tokens)
-            .zip(definition.parent_indices())
+            .zip(&self.parents)
         {
             created.push(StepRecord {
                 step_id: *step_id,
@@ -209,8 +213,8 @@ impl Creation {
                 timeout_ms: step.timeout_ms,
                 // In template order, as reading the task back lists them.
                 depends_on: parents
-                    .into_iter()
-                    .map(|parent| definition.steps[parent].name.clone())
+                    .iter()
+                    .map(|&parent| definition.steps[parent].name.clone())
                     .collect(),
                 results: None,
                 last_error: None,

@@ -1427,18 +1427,8 @@ async fn tasker_http_refuses_internal_destinations_redirects_and_huge_bodies() {
     );
 
     // A setting that cannot be read stops the worker at start, naming it.
-    let mut command = tokio::process::Command::new(tasker_tests::binary("tasker-worker"));
-    command
-        .env("AMQP_URL", tasker_tests::amqp_url())
-        .env("TASKER_AMQP_PREFIX", "unused")
-        .env("TASKER_HTTP_ALLOW", "10.0.0.0/99")
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr =
+        tasker_tests::worker_refusing_to_start(&[("TASKER_HTTP_ALLOW", "10.0.0.0/99")]).await;
     assert!(
         stderr.contains("TASKER_HTTP_ALLOW") && stderr.contains("10.0.0.0/99"),
         "{stderr}"
@@ -1612,18 +1602,8 @@ async fn worker_ids_are_plain_or_refused() {
     assert!(!listed.contains("www"), "{listed}");
     let _ = connection.close(200, "OK".into()).await;
 
-    let mut command = tokio::process::Command::new(tasker_tests::binary("tasker-worker"));
-    command
-        .env("AMQP_URL", tasker_tests::amqp_url())
-        .env("TASKER_AMQP_PREFIX", &env.prefix)
-        .env("TASKER_WORKER_ID", "evil<script>")
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr =
+        tasker_tests::worker_refusing_to_start(&[("TASKER_WORKER_ID", "evil<script>")]).await;
     assert!(stderr.contains("TASKER_WORKER_ID"), "{stderr}");
 
     still_serving(&env).await;

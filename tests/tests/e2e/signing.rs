@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use serde_json::{Value, json};
-use tasker_tests::{EnvOptions, TestEnv, amqp_url, binary};
+use tasker_tests::{EnvOptions, TestEnv, binary};
 
 use crate::poison::{confirm_channel, drain_dead_letters, publish};
 
@@ -160,19 +160,9 @@ async fn unsigned_or_wrongly_signed_messages_are_refused_and_signed_ones_run() {
     );
     assert_eq!(letters[0].2, env.queue(NAMESPACE));
 
-    // A worker without the key cannot take part: its results are refused.
-    let mut command = tokio::process::Command::new(binary("tasker-worker"));
-    command
-        .env("AMQP_URL", amqp_url())
-        .env("TASKER_AMQP_PREFIX", "unused")
-        .env("TASKER_MESSAGE_KEY", "too-short")
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // A key too short to be one stops a worker at start.
+    let stderr =
+        tasker_tests::worker_refusing_to_start(&[("TASKER_MESSAGE_KEY", "too-short")]).await;
     assert!(
         stderr.contains("TASKER_MESSAGE_KEY must be at least 32 bytes"),
         "{stderr}"

@@ -49,35 +49,35 @@ pub struct Http {
 ///
 /// Names what cannot be read.
 pub fn check_settings() -> Result<(), String> {
-    match Http::new().misconfigured {
-        Some(problem) => Err(problem),
-        None => Ok(()),
-    }
+    settings_from_env().map(|_| ())
+}
+
+/// The outbound policy (`TASKER_HTTP_ALLOW`) and the response limit
+/// (`TASKER_HTTP_MAX_RESPONSE_BYTES`) the environment gives.
+fn settings_from_env() -> Result<(OutboundPolicy, usize), String> {
+    let policy = OutboundPolicy::from_env()?;
+    let max_response_bytes = match std::env::var(MAX_RESPONSE_VAR) {
+        Err(_) => DEFAULT_MAX_RESPONSE_BYTES,
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{MAX_RESPONSE_VAR}: `{text}` is not a number of bytes"))?,
+    };
+    Ok((policy, max_response_bytes))
 }
 
 impl Http {
     /// A handler with its own connection pool, its outbound policy from
     /// `TASKER_HTTP_ALLOW` and its response limit from `TASKER_HTTP_MAX_RESPONSE_BYTES`.
     pub fn new() -> Self {
-        let (policy, policy_error) = match OutboundPolicy::from_env() {
-            Ok(policy) => (policy, None),
-            Err(error) => (OutboundPolicy::default(), Some(error)),
-        };
-        let (max_response_bytes, limit_error) = match std::env::var(MAX_RESPONSE_VAR) {
-            Err(_) => (DEFAULT_MAX_RESPONSE_BYTES, None),
-            Ok(text) => match text.trim().parse() {
-                Ok(bytes) => (bytes, None),
-                Err(_) => (
-                    DEFAULT_MAX_RESPONSE_BYTES,
-                    Some(format!(
-                        "{MAX_RESPONSE_VAR}: `{text}` is not a number of bytes"
-                    )),
-                ),
-            },
-        };
-        let mut http = Self::with_policy(policy, max_response_bytes);
-        http.misconfigured = policy_error.or(limit_error);
-        http
+        match settings_from_env() {
+            Ok((policy, max_response_bytes)) => Self::with_policy(policy, max_response_bytes),
+            Err(problem) => {
+                let mut http = Self::with_policy(OutboundPolicy::default(), 0);
+                http.misconfigured = Some(problem);
+                http
+            }
+        }
     }
 
     /// A handler with the given policy and response limit.
