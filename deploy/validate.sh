@@ -2,7 +2,8 @@
 # Validate the deployment files without a container engine or a cluster (docs/deploy.md):
 #
 #   deploy/Dockerfile, .dockerignore   hadolint, plus structure checks (multi-stage, USER,
-#                                      EXPOSE, CMD) and that every COPY source reaches the
+#                                      EXPOSE, CMD, the three binaries copied, stripped,
+#                                      OCI labels) and that every COPY source reaches the
 #                                      build context
 #   deploy/k8s/*.yaml                  Kubernetes' OpenAPI schemas (kubernetes-validate,
 #                                      strict, two Kubernetes versions); KEDA resources
@@ -146,6 +147,60 @@ check_dockerfile() {
         ok "$file: CMD tasker-coordinator serve"
     else
         fail "$file: CMD [\"tasker-coordinator\", \"serve\"] expected"
+    fi
+    # The instructions with their continuation lines joined, one per line.
+    local joined
+    joined=$(sed -e ':a' -e '/\\$/{N; s/\\\n[[:space:]]*/ /; ba' -e '}' "$file")
+    # Every binary the workspace ships reaches /usr/local/bin from the builder, and the
+    # builder checks each one's --version.
+    local bin missing_bins=() copies
+    copies=$(grep -E '^COPY[[:space:]]+--from=builder[[:space:]].*[[:space:]]/usr/local/bin/?$' <<<"$joined" || true)
+    for bin in tasker-coordinator tasker-worker tasker; do
+        if ! grep -qE "[[:space:]]/src/target/release/$bin([[:space:]]|$)" <<<"$copies" \
+            || ! grep -qE "for bin in[^;]*[[:space:]]$bin(;|[[:space:]])" <<<"$joined"; then
+            missing_bins+=("$bin")
+        fi
+    done
+    if ((${#missing_bins[@]} == 0)); then
+        ok "$file: copies tasker-coordinator, tasker-worker and tasker to /usr/local/bin, each --version checked"
+    else
+        fail "$file: not copied from the builder to /usr/local/bin, or not in the --version check: ${missing_bins[*]}"
+    fi
+    if grep -qE '^ENV[[:space:]].*CARGO_PROFILE_RELEASE_STRIP=(symbols|true)' <<<"$joined"; then
+        ok "$file: stripped binaries (CARGO_PROFILE_RELEASE_STRIP in the builder, not [profile.release])"
+    else
+        fail "$file: the builder should set CARGO_PROFILE_RELEASE_STRIP=symbols"
+    fi
+    # OCI labels: the fixed ones, and those from build arguments, each argument declared.
+    # The defaults that restate Cargo.toml must agree with it.
+    local labels want key arg missing_labels=() cargo_version cargo_license
+    labels=$(grep -E '^LABEL[[:space:]]' <<<"$joined" || true)
+    cargo_version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"$/\1/p' Cargo.toml)
+    cargo_license=$(sed -n '/^\[workspace.package\]/,/^\[/s/^license *= *"\(.*\)"$/\1/p' Cargo.toml)
+    for want in title description "licenses=$cargo_license" version=VERSION revision=REVISION \
+        created=CREATED source=SOURCE; do
+        key=${want%%=*}
+        arg=${want#*=}
+        [[ $want == *=* ]] || arg=
+        if [[ $arg =~ ^[A-Z]+$ ]]; then
+            grep -qF "org.opencontainers.image.$key=\"\${$arg}\"" <<<"$labels" \
+                && grep -qE "^ARG[[:space:]]+$arg(=|$)" <<<"$joined" || missing_labels+=("$key (from ARG $arg)")
+        elif [[ -n $arg ]]; then
+            grep -qF "org.opencontainers.image.$key=\"$arg\"" <<<"$labels" || missing_labels+=("$key=\"$arg\"")
+        else
+            grep -qE "org\.opencontainers\.image\.$key=\"[^\"]+\"" <<<"$labels" || missing_labels+=("$key")
+        fi
+    done
+    if ! grep -qE "^ARG[[:space:]]+VERSION=\"?${cargo_version//./\\.}\"?$" <<<"$joined"; then
+        missing_labels+=("ARG VERSION's default is not Cargo.toml's version $cargo_version")
+    fi
+    if ((${#missing_labels[@]} == 0)); then
+        ok "$file: OCI labels title, description, licenses ($cargo_license), version (ARG VERSION, default $cargo_version), revision, created, source (ARGs)"
+    else
+        local m
+        for m in "${missing_labels[@]}"; do
+            fail "$file: OCI label: $m"
+        done
     fi
 }
 
