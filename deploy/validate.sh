@@ -10,9 +10,10 @@
 #                                      against deploy/schemas/keda-v1alpha1.json; the
 #                                      kustomization's resource list; references between
 #                                      resources (selectors, ports, Secret/ConfigMap keys)
-#   deploy/compose.yaml                the Compose Specification JSON schema
-#                                      (deploy/schemas/compose-spec.json), the compose-spec
-#                                      parser, references (services, volumes, mounted paths)
+#   deploy/compose.yaml,               the Compose Specification JSON schema
+#   deploy/rabbitmq-cluster/           (deploy/schemas/compose-spec.json), the compose-spec
+#     compose.yaml                     parser, references (services, volumes, mounted paths);
+#                                      the cluster's node names in rabbitmq.conf, haproxy.cfg
 #   deploy/prometheus/*.yml            promtool check config (rules included) and test rules, when promtool
 #                                      can be had; skipped with a message otherwise
 #   deploy/grafana/                    dashboards parse, provisioning parses, every
@@ -578,6 +579,77 @@ if compose is not None:
         ok(f"{compose_path}: depends_on, healthchecks waited for, build context, named volumes, "
            "mounted paths and config files all resolve; worker is scalable")
 
+
+
+# --- Compose: the RabbitMQ cluster ------------------------------------------------------
+print("== Compose (deploy/rabbitmq-cluster/compose.yaml)")
+cluster_path = "deploy/rabbitmq-cluster/compose.yaml"
+cluster_dir = os.path.dirname(cluster_path)
+cluster_text = open(cluster_path).read()
+try:
+    cluster = yaml.safe_load(cluster_text)
+except yaml.YAMLError as e:
+    fail(f"{cluster_path}: not YAML: {e}")
+    cluster = None
+
+if cluster is not None:
+    validator = jsonschema.Draft201909Validator(json.load(open("deploy/schemas/compose-spec.json")))
+    errors = sorted(validator.iter_errors(cluster), key=lambda e: list(e.absolute_path))
+    for err in errors:
+        fail(f"{cluster_path}: {error_at(err)} (deploy/schemas/compose-spec.json)")
+    if not errors:
+        ok(f"{cluster_path}: Compose Specification JSON schema (deploy/schemas/compose-spec.json)")
+    try:
+        from compose_spec import PyOptions
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = PyOptions(apply_merge=True).from_yaml(cluster_text)
+            parsed.validate()
+        ok(f"{cluster_path}: compose-spec parser: {len(parsed.service_names())} services")
+    except Exception as e:  # noqa: BLE001
+        fail(f"{cluster_path}: compose-spec parser: {e}")
+
+    services = cluster.get("services") or {}
+    volumes = set((cluster.get("volumes") or {}).keys())
+    before = failures
+    for sname, svc in services.items():
+        where = f"{cluster_path}: service {sname}"
+        deps = svc.get("depends_on") or []
+        for dep in deps if isinstance(deps, list) else deps.keys():
+            if dep not in services:
+                fail(f"{where}: depends_on {dep}, which is not a service")
+            elif isinstance(deps, dict) and deps[dep].get("condition") == "service_healthy" \
+                    and not (services[dep].get("healthcheck") or {}).get("test"):
+                fail(f"{where}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+        for vol in svc.get("volumes") or []:
+            source = vol.split(":")[0] if isinstance(vol, str) else vol.get("source")
+            if not source:
+                continue
+            if source.startswith((".", "/")):
+                if not source.startswith("/") and not os.path.exists(os.path.join(cluster_dir, source)):
+                    fail(f"{where}: mounts {source}, which does not exist")
+            elif source not in volumes:
+                fail(f"{where}: volume {source} is not declared under top-level volumes")
+    # The nodes rabbitmq.conf lists are the services' node names (rabbit@<hostname>), and
+    # HAProxy forwards to each of them.
+    nodes = {f"rabbit@{svc.get('hostname', n)}" for n, svc in services.items()
+             if str(svc.get("image", "")).startswith("rabbitmq:")}
+    conf = open(os.path.join(cluster_dir, "rabbitmq.conf")).read()
+    listed = set(re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+\s*=\s*(\S+)", conf, re.M))
+    if len(nodes) < 3 or listed != nodes:
+        fail(f"{cluster_dir}/rabbitmq.conf: lists {sorted(listed)}, the compose file runs {sorted(nodes)}")
+    backends = set(re.findall(r"^\s*server\s+\S+\s+([^:\s]+):5672", open(os.path.join(cluster_dir, "haproxy.cfg")).read(), re.M))
+    if backends != {n.split("@", 1)[1] for n in nodes}:
+        fail(f"{cluster_dir}/haproxy.cfg: forwards to {sorted(backends)}, not to every node")
+    # Every Tasker process declares quorum queues, through the same address.
+    tasker = {n: svc.get("environment") or {} for n, svc in services.items() if svc.get("image") == "tasker:dev"}
+    if {env.get("TASKER_QUEUE_TYPE") for env in tasker.values()} != {"quorum"}:
+        fail(f"{cluster_path}: every Tasker service needs TASKER_QUEUE_TYPE: quorum")
+    if len({env.get("AMQP_URL") for env in tasker.values()}) != 1:
+        fail(f"{cluster_path}: the Tasker services use different AMQP_URLs")
+    if failures == before:
+        ok(f"{cluster_path}: depends_on, healthchecks, mounts and volumes resolve; rabbitmq.conf and "
+           f"haproxy.cfg name the {len(nodes)} nodes; {', '.join(sorted(tasker))} use quorum queues")
 
 # --- Grafana ----------------------------------------------------------------------------
 print("== Grafana (deploy/grafana)")
