@@ -20,6 +20,9 @@
 #   deploy/rabbitmq-cluster/           (deploy/schemas/compose-spec.json), the compose-spec
 #     compose.yaml                     parser, references (services, volumes, mounted paths);
 #                                      the cluster's node names in rabbitmq.conf, haproxy.cfg
+#                                      deploy/compose.yaml: every path it relies on (bind-
+#                                      mount sources exist; absolute paths in command,
+#                                      entrypoint, environment lie in a mount or the image)
 #   deploy/prometheus/*.yml            promtool check config (rules included) and test rules, when promtool
 #                                      can be had; skipped with a message otherwise
 #   deploy/grafana/                    dashboards parse, provisioning parses, every
@@ -703,6 +706,78 @@ if helm_bin:
 
 
 # --- Compose ----------------------------------------------------------------------------
+# Paths inside the image built by deploy/Dockerfile that a compose service may name
+# without mounting anything there (its binaries); validate.sh checks that the Dockerfile
+# still copies them there.
+IMAGE_PATHS = {"tasker:dev": ("/usr/local/bin/tasker-coordinator", "/usr/local/bin/tasker-worker")}
+
+
+def compose_path_problems(compose_dir, svc, volumes):
+    """What a service relies on that nothing provides: a bind-mount source missing from
+    the repository (or given as an absolute host path), a named volume not declared, an
+    env_file missing, and any absolute path in its command, entrypoint or environment
+    that lies under none of its mounts (or, under a bind mount, does not exist on this
+    side of it) and is not in IMAGE_PATHS for its image."""
+    problems = []
+    mounts = []  # (target, host path or None for a volume or tmpfs)
+    for vol in svc.get("volumes") or []:
+        if isinstance(vol, dict):
+            source, target, kind = vol.get("source"), vol.get("target"), vol.get("type")
+        else:
+            parts = vol.split(":")
+            source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
+            kind = "bind" if source and source.startswith((".", "/", "~")) else "volume"
+        if kind == "volume" and source and source not in volumes:
+            problems.append(f"volume {source} is not declared under top-level volumes")
+        host = None
+        if kind == "bind":
+            if source.startswith(("/", "~")):
+                problems.append(f"mounts {source}: a host path outside the repository (use a path relative to {compose_dir})")
+            else:
+                host = os.path.normpath(os.path.join(compose_dir, source))
+                if not os.path.exists(host):
+                    problems.append(f"mounts {source}, which does not exist ({host})")
+                    host = None
+        mounts.append((target.rstrip("/") or "/", host, kind))
+    for tmpfs in ([svc["tmpfs"]] if isinstance(svc.get("tmpfs"), str) else svc.get("tmpfs") or []):
+        mounts.append((tmpfs.split(":")[0].rstrip("/"), None, "tmpfs"))
+    env_files = svc.get("env_file") or []
+    for env_file in [env_files] if isinstance(env_files, str) else env_files:
+        env_file = env_file if isinstance(env_file, str) else env_file.get("path")
+        if not os.path.exists(os.path.join(compose_dir, env_file)):
+            problems.append(f"env_file {env_file} does not exist")
+    said = []
+    for key in ("command", "entrypoint"):
+        value = svc.get(key) or []
+        said += value if isinstance(value, list) else value.split()
+    env = svc.get("environment") or {}
+    said += list(env.values()) if isinstance(env, dict) else [e.split("=", 1)[-1] for e in env if "=" in e]
+    image_paths = IMAGE_PATHS.get(svc.get("image"), ())
+    for value in map(str, said):
+        value = value.split("=", 1)[1] if value.startswith("-") and "=" in value else value
+        if not value.startswith("/"):
+            continue
+        under = [(t, h, k) for t, h, k in mounts if value == t or value.startswith(t.rstrip("/") + "/")]
+        if under:
+            target, host, kind = max(under, key=lambda m: len(m[0]))
+            if kind == "bind" and host is not None and not os.path.exists(host + value[len(target):]):
+                problems.append(f"refers to {value}, but {host + value[len(target):]} does not exist")
+        elif value not in image_paths:
+            problems.append(f"refers to {value}, which none of its mounts provides "
+                            f"(mounted: {', '.join(t for t, _, _ in mounts) or 'nothing'}) "
+                            "and the image is not known to have")
+    return problems
+
+
+def check_image_paths():
+    dockerfile_text = re.sub(r"\\\n\s*", " ", open("deploy/Dockerfile").read())  # join continued lines
+    for image_path in sorted({p for paths in IMAGE_PATHS.values() for p in paths}):
+        folder, name = image_path.rsplit("/", 1)
+        if not re.search(rf"^COPY\s+--from=builder\s+.*\b{re.escape(name)}\b.*\s{re.escape(folder)}/?\s*$",
+                         dockerfile_text, re.M):
+            fail(f"validate.sh IMAGE_PATHS: deploy/Dockerfile does not put {name} in {folder}")
+
+
 print("== Compose (deploy/compose.yaml)")
 compose_path = "deploy/compose.yaml"
 compose_dir = os.path.dirname(compose_path)
@@ -758,42 +833,19 @@ if compose is not None:
                 fail(f"{where}: build context {context} does not exist")
             elif not os.path.isfile(os.path.join(context, dockerfile)):
                 fail(f"{where}: dockerfile {dockerfile} is not in the build context {context}")
-        mounts = []
-        for vol in svc.get("volumes") or []:
-            if isinstance(vol, dict):
-                source, target, kind = vol.get("source"), vol.get("target"), vol.get("type")
-            else:
-                parts = vol.split(":")
-                source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
-                kind = "bind" if source and (source.startswith((".", "/", "~"))) else "volume"
-            if kind == "volume" and source and source not in volumes:
-                fail(f"{where}: volume {source} is not declared under top-level volumes")
-            if kind == "bind":
-                host = os.path.normpath(os.path.join(compose_dir, source))
-                if not source.startswith("/") and not os.path.exists(host):
-                    fail(f"{where}: mounts {source}, which does not exist ({host})")
-                mounts.append((target.rstrip("/"), host))
-        # Paths the service is told about (command, environment) that lie in a bind mount
-        # must exist on this side of it (a config file name, a templates folder).
-        said = []
-        cmd = svc.get("command") or []
-        said += cmd if isinstance(cmd, list) else cmd.split()
-        env = svc.get("environment") or {}
-        said += list(env.values()) if isinstance(env, dict) else [e.split("=", 1)[-1] for e in env]
-        for value in map(str, said):
-            value = value.split("=", 1)[1] if value.startswith("-") and "=" in value else value
-            for target, host in mounts:
-                if value == target or value.startswith(target + "/"):
-                    if not os.path.exists(host + value[len(target):]):
-                        fail(f"{where}: refers to {value}, but {host + value[len(target):]} does not exist")
+        for problem in compose_path_problems(compose_dir, svc, volumes):
+            fail(f"{where}: {problem}")
+    check_image_paths()
     worker = services.get("worker")
     if worker is None:
         fail(f"{compose_path}: no worker service")
     elif "container_name" in worker or "ports" in worker:
         fail(f"{compose_path}: service worker has container_name or ports, so --scale worker=N would clash")
     if failures == before:
-        ok(f"{compose_path}: depends_on, healthchecks waited for, build context, named volumes, "
-           "mounted paths and config files all resolve; worker is scalable")
+        ok(f"{compose_path}: depends_on, healthchecks waited for, build context, named volumes and "
+           "bind-mount sources resolve; every absolute path in a command, entrypoint or environment "
+           "lies in a mount of its service (and exists, for a bind mount) or is one the image has; "
+           "worker is scalable")
 
 
 
