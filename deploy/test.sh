@@ -54,10 +54,15 @@ if [[ $threads_given == no ]]; then
 fi
 
 set -x
-# The Python example worker's client library (its end-to-end test runs it). Debian's own
-# Python refuses pip installs outside a virtualenv; the toolchain's Python does not.
-python3 -m pip install -r deploy/examples/python_worker/requirements.txt --quiet \
-    || python3 -m pip install -r deploy/examples/python_worker/requirements.txt --quiet --break-system-packages
+# The Python example worker: tests/tests/python_worker.rs runs it and its unit tests, and
+# fails when python3, pika or jsonschema is missing (TASKER_SKIP_PYTHON_WORKER=1 skips
+# them instead). Debian's own Python refuses pip installs outside a virtualenv; the
+# toolchain's Python does not.
+if ! python3 -m pip --version >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip
+fi
+python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --quiet \
+    || python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --quiet --break-system-packages
 deploy/validate.sh
 cargo build --workspace --bins --examples "${locked[@]}"
 cargo test --workspace "${locked[@]}" "${cargo_args[@]}" -- "${harness_args[@]}"

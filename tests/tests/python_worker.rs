@@ -36,8 +36,17 @@
 //! the Python steps are compared exactly, including what they read from their parents
 //! and what the Rust step `d` read from them.
 //!
-//! The test is skipped (passes with a message) when `python3` is not installed. When the
-//! `pika` package is missing it installs `requirements.txt` with pip.
+//! The other tests run the worker's unit tests (`test_worker.py`, which checks every
+//! message it publishes against `docs/schemas/`), and run it with `TASKER_MESSAGE_KEY`
+//! beside a coordinator with the same key: a task completes signed both ways, poison
+//! step messages are dead-lettered without stopping it, and results that cannot travel
+//! (NaN, a set, over `TASKER_MAX_RESULT_BYTES`) fail their steps with a clear
+//! `last_error`.
+//!
+//! These tests need `python3` with the packages of
+//! `deploy/examples/python_worker/requirements-test.txt` (`deploy/test.sh` installs them).
+//! Without them they fail, saying what to install, unless `TASKER_SKIP_PYTHON_WORKER=1`
+//! says to skip them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,12 +58,12 @@ use axum::extract::{Path as UrlPath, State};
 use axum::routing::get;
 use serde_json::{Value, json};
 use tasker_shared::broker::header_str;
-use tasker_tests::{Process, TestEnv, amqp_url, bin_dir, binary};
+use tasker_tests::{EnvOptions, Process, TestEnv, amqp_url, bin_dir, binary};
 use tokio::process::Command;
 use tokio::sync::watch;
 
 const LONG: Duration = Duration::from_secs(60);
-const REQUIREMENTS: &str = "deploy/examples/python_worker/requirements.txt";
+const REQUIREMENTS: &str = "deploy/examples/python_worker/requirements-test.txt";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -63,29 +72,37 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Whether `python3` can run the worker: `None` to skip (no python3), after installing
-/// the requirements when `pika` is missing.
-fn python_ready() -> Option<()> {
+/// Whether to run the Python worker's tests: `false` (skip) only when
+/// `TASKER_SKIP_PYTHON_WORKER=1` says so. Fails when `python3` or a package the worker or
+/// its tests import is missing: a test that passes as skipped would hide a worker nobody
+/// ran.
+fn python_ready() -> bool {
+    if std::env::var("TASKER_SKIP_PYTHON_WORKER").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: TASKER_SKIP_PYTHON_WORKER=1; the Python worker is not tested");
+        return false;
+    }
     let python = |args: &[&str]| {
         std::process::Command::new("python3")
             .args(args)
             .current_dir(repo_root())
             .output()
     };
+    let install = format!(
+        "install them with `python3 -m pip install -r {REQUIREMENTS}` (deploy/test.sh does), \
+         or set TASKER_SKIP_PYTHON_WORKER=1 to skip the Python worker's tests"
+    );
     match python(&["--version"]) {
         Ok(output) if output.status.success() => {}
-        _ => return None,
+        _ => panic!("python3 is not installed, and the Python example worker needs it: {install}"),
     }
-    if !python(&["-c", "import pika"]).is_ok_and(|o| o.status.success()) {
-        let install =
-            python(&["-m", "pip", "install", "-r", REQUIREMENTS, "--quiet"]).expect("running pip");
-        assert!(
-            install.status.success(),
-            "pip install -r {REQUIREMENTS} failed:\n{}",
-            String::from_utf8_lossy(&install.stderr)
-        );
-    }
-    Some(())
+    let imports =
+        python(&["-c", "import pika, jsonschema, rfc3339_validator"]).expect("running python3");
+    assert!(
+        imports.status.success(),
+        "python3 lacks a package the Python worker or its tests need: {install}\n{}",
+        String::from_utf8_lossy(&imports.stderr)
+    );
+    true
 }
 
 /// An HTTP server whose every path `/<gate>` answers only once that gate is opened.
@@ -189,8 +206,7 @@ steps:
 
 #[tokio::test]
 async fn a_task_hops_between_rust_and_python_workers_on_one_queue() {
-    if python_ready().is_none() {
-        eprintln!("SKIPPED: python3 is not installed; the Python worker cannot be tested");
+    if !python_ready() {
         return;
     }
     let mut env = TestEnv::start("python_worker").await.unwrap();
@@ -357,5 +373,317 @@ async fn a_task_hops_between_rust_and_python_workers_on_one_queue() {
             "the workers in step {step}'s history"
         );
     }
+    env.finish().await.unwrap();
+}
+
+/// The worker's own unit tests: every message it publishes is valid against
+/// `docs/schemas/` (with format assertion) and has no property the schemas do not list,
+/// and every poison message and unsendable result is answered without a crash.
+#[test]
+fn the_python_worker_unit_tests_pass() {
+    if !python_ready() {
+        return;
+    }
+    let output = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "unittest",
+            "discover",
+            "-v",
+            "-s",
+            "deploy/examples/python_worker",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("running python3");
+    let report = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "test_worker.py failed:\n{report}");
+    assert!(
+        report.contains("\nOK"),
+        "test_worker.py ran nothing:\n{report}"
+    );
+}
+
+const KEY: &str = "the-message-key-of-the-python-worker-test-01";
+const NAMESPACE: &str = "pysigned";
+/// Bytes a result may take in the signed test (`TASKER_MAX_RESULT_BYTES`).
+const MAX_RESULT_BYTES: usize = 1000;
+
+/// The example worker, with three more handlers whose answers cannot travel. They are
+/// the test's, so the example's `HANDLERS` stays what the README documents.
+const WITH_BAD_HANDLERS: &str = r#"
+import sys
+sys.path.insert(0, "deploy/examples/python_worker")
+import worker
+worker.main({
+    **worker.HANDLERS,
+    "test.nan": lambda step: {"ratio": float("nan")},
+    "test.set": lambda step: {"ids": {1, 2}},
+    "test.huge": lambda step: "x" * 5000,
+})
+"#;
+
+const SIGNED: &str = r#"namespace: pysigned
+name: signed
+defaults: {retry_limit: 1}
+steps:
+  - {name: hi, handler: python.greet}
+  - {name: add, handler: python.sum, depends_on: [hi], config: {numbers: [2, 3]}}
+"#;
+
+const UNSENDABLE: &str = r#"namespace: pysigned
+name: unsendable
+defaults: {retry_limit: 2}
+steps:
+  - {name: nan, handler: test.nan}
+  - {name: set, handler: test.set}
+  - {name: huge, handler: test.huge}
+"#;
+
+/// Take `count` dead letters from the env's dead-letter queue: (body, reason, source).
+async fn dead_letters(
+    channel: &lapin::Channel,
+    env: &TestEnv,
+    count: usize,
+) -> Vec<(Vec<u8>, String, String)> {
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut letters = Vec::new();
+    while letters.len() < count {
+        let got = channel
+            .basic_get(
+                format!("{}.dead_letter", env.prefix).into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        match got {
+            Some(message) => {
+                let properties = &message.delivery.properties;
+                letters.push((
+                    message.delivery.data.clone(),
+                    header_str(properties, "x-tasker-reason").unwrap_or_default(),
+                    header_str(properties, "x-tasker-source-queue").unwrap_or_default(),
+                ));
+            }
+            None => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {count} dead letters came: {letters:?}",
+                    letters.len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    letters
+}
+
+/// Publish `body` with a publisher confirm, signed with [`KEY`] when `signed`.
+async fn publish_step(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    signed: bool,
+) {
+    let keys = tasker_shared::signing::MessageKeys::new(Some(KEY), None).unwrap();
+    let mut properties = tasker_shared::broker::persistent();
+    if signed {
+        properties = properties.with_headers(keys.sign(body, Default::default()));
+    }
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "the broker refused a test message");
+}
+
+#[tokio::test]
+async fn a_signed_python_worker_completes_tasks_and_fails_unsendable_results_cleanly() {
+    if !python_ready() {
+        return;
+    }
+    let env = TestEnv::start_with(
+        "python_worker_signed",
+        EnvOptions {
+            coordinator_env: vec![("TASKER_MESSAGE_KEY".into(), KEY.into())],
+            ..EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    for template in [SIGNED, UNSENDABLE] {
+        let (status, body) = env.register_template(template).await.unwrap();
+        assert!(status.is_success(), "{body}");
+    }
+    let log_dir = bin_dir()
+        .parent()
+        .unwrap()
+        .join("e2e-logs")
+        .join(format!("python_worker_signed-{}", &env.prefix[2..]));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let mut command = Command::new("python3");
+    command
+        .args(["-c", WITH_BAD_HANDLERS])
+        .current_dir(repo_root())
+        .env("AMQP_URL", amqp_url())
+        .env("TASKER_AMQP_PREFIX", &env.prefix)
+        .env("TASKER_NAMESPACES", NAMESPACE)
+        .env("TASKER_WORKER_ID", "py-signed")
+        .env("TASKER_MESSAGE_KEY", KEY)
+        .env("TASKER_MAX_RESULT_BYTES", MAX_RESULT_BYTES.to_string());
+    let mut python = Process::spawn(command, "py-signed".into(), &log_dir).unwrap();
+    python
+        .wait_for_log("messages signed and checked", LONG)
+        .await
+        .unwrap();
+    python
+        .wait_for_log(&format!("consuming {}", env.queue(NAMESPACE)), LONG)
+        .await
+        .unwrap();
+
+    // Poison first: none of it may stop the worker, which must then run real tasks.
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let step = |schema_version: Value| {
+        json!({
+            "schema_version": schema_version,
+            "task_id": uuid::Uuid::new_v4(), "step_id": uuid::Uuid::new_v4(),
+            "step_name": "x", "namespace": NAMESPACE, "template": "signed@1", "handler": "python.greet",
+            "config": {}, "context": {}, "parents": {}, "attempt": 1, "retry_limit": 1,
+            "deferrals": 0, "dispatch_token": uuid::Uuid::new_v4(), "timeout_ms": 1000,
+            "dispatched_at": "2026-12-04T10:00:00Z"
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let queue = env.queue(NAMESPACE);
+    let steps_exchange = format!("{}.steps", env.prefix);
+    // Through the steps exchange (routing key: the namespace) and through the default
+    // exchange (routing key: the queue's name): the source is the queue either way.
+    let poison: [(&str, &str, Vec<u8>, bool, &str); 4] = [
+        (
+            &steps_exchange,
+            NAMESPACE,
+            step(json!(1)),
+            false,
+            "bad_signature: the message is not signed",
+        ),
+        (
+            "",
+            &queue,
+            step(json!(true)),
+            true,
+            "undecodable message: `schema_version` must be an integer",
+        ),
+        (
+            "",
+            &queue,
+            step(json!(1.0)),
+            true,
+            "undecodable message: `schema_version` must be an integer",
+        ),
+        (
+            &steps_exchange,
+            NAMESPACE,
+            b"{\"ratio\": NaN}".to_vec(),
+            true,
+            "undecodable message:",
+        ),
+    ];
+    for (exchange, routing_key, body, signed, _) in &poison {
+        publish_step(&channel, exchange, routing_key, body, *signed).await;
+    }
+    let letters = dead_letters(&channel, &env, poison.len()).await;
+    for (_, _, body, _, reason) in &poison {
+        let (_, got, source) = letters
+            .iter()
+            .find(|(letter, ..)| letter == body)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} was not dead-lettered: {letters:?}",
+                    String::from_utf8_lossy(body)
+                )
+            });
+        assert!(
+            got.starts_with(reason),
+            "{got:?} should start with {reason:?}"
+        );
+        assert_eq!(source, &queue, "the source queue of {got:?}");
+    }
+    assert!(
+        python.running(),
+        "the poison stopped py-signed:\n{}",
+        python.log()
+    );
+    let _ = connection.close(200, "OK".into()).await;
+
+    // Signed both ways: the coordinator applies only results signed with its key.
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "signed", "context": {"who": "keys"}}),
+            LONG,
+        )
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete", "{task:#}");
+    assert_eq!(
+        TestEnv::step(&task, "hi")["results"],
+        json!({"greeting": "hello keys", "parents": []})
+    );
+    assert_eq!(TestEnv::step(&task, "add")["results"], json!({"total": 5}));
+    let workers = workers_by_step(&env, task["task_id"].as_str().unwrap()).await;
+    assert_eq!(workers["add"], BTreeSet::from(["py-signed".to_owned()]));
+
+    // Answers that cannot travel fail their steps at once (no retry: the same code would
+    // return the same thing), with a message saying why.
+    let task = env
+        .run_task(json!({"namespace": NAMESPACE, "name": "unsendable"}), LONG)
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "error", "{task:#}");
+    for (name, code, says) in [
+        (
+            "nan",
+            "result_not_json",
+            "Out of range float values are not JSON compliant",
+        ),
+        (
+            "set",
+            "result_not_json",
+            "Object of type set is not JSON serializable",
+        ),
+        (
+            "huge",
+            "result_too_large",
+            "the handler's result is 5002 bytes of JSON, over this worker's limit of 1000 bytes",
+        ),
+    ] {
+        let step = TestEnv::step(&task, name);
+        assert_eq!(step["status"], "error", "{step:#}");
+        assert_eq!(step["attempts"], 1, "{step:#}");
+        assert_eq!(step["last_error"]["kind"], "permanent", "{step:#}");
+        assert_eq!(step["last_error"]["code"], code, "{step:#}");
+        let message = step["last_error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{name}: {message}");
+    }
+
+    let status = python.terminate().await.unwrap();
+    assert!(
+        status.success(),
+        "py-signed exited with {status}:\n{}",
+        python.log()
+    );
     env.finish().await.unwrap();
 }

@@ -1,22 +1,25 @@
-"""A minimal Tasker worker in Python (pika, blocking). See README.md and docs/protocol.md.
+"""A Tasker worker in Python (pika, blocking). See README.md and docs/protocol.md.
 
 It consumes `<prefix>.steps.<namespace>` for each namespace in TASKER_NAMESPACES, runs the
 step's handler, publishes the result with a publisher confirm, and only then acks the step.
+What it reads and writes is in tasker_protocol.py; this file is the broker and the handlers.
 """
-import json, logging, os, signal, sys, time
-from datetime import datetime, timezone
+import functools
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
 
 import pika
 
+import tasker_protocol as protocol
+
 log = logging.getLogger("py-worker")
-PREFIX = os.environ.get("TASKER_AMQP_PREFIX", "tasker")
-RESULTS = f"{PREFIX}.results"  # reached through the default exchange
-WORKER_ID = os.environ.get("TASKER_WORKER_ID") or f"py-{os.uname().nodename}-{os.getpid()}"
 PERSISTENT = dict(delivery_mode=2, content_type="application/json")
-
-
-def now():  # RFC 3339, UTC, microseconds: 2025-10-09T08:53:20.210000Z
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+REQUEUE_PAUSE = 0.5  # seconds before a step is handed back, so a broker in trouble is not hammered
 
 
 # --- handlers: step message (a dict) -> results (any JSON value) -------------------------
@@ -35,34 +38,76 @@ def total(step):
 HANDLERS = {"python.greet": greet, "python.sum": total}
 
 
+# --- settings ------------------------------------------------------------------------------
+class Settings:
+    """Everything read from the environment, checked before connecting: a setting the
+    worker cannot use stops it at start (ValueError), as it stops the Rust worker."""
+
+    def __init__(self, environ):
+        self.amqp_url = environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+        self.prefix = environ.get("TASKER_AMQP_PREFIX", "tasker")
+        self.namespaces = [n.strip() for n in environ.get("TASKER_NAMESPACES", "").split(",") if n.strip()]
+        if not self.namespaces:
+            raise ValueError("TASKER_NAMESPACES is required (a comma-separated list)")
+        host = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:100] or "host"
+        self.worker_id = environ.get("TASKER_WORKER_ID") or f"py-{host}-{os.getpid()}"
+        if not protocol.valid_worker_id(self.worker_id):
+            raise ValueError(f"TASKER_WORKER_ID {self.worker_id!r} is not a worker id: 1 to "
+                             f"{protocol.MAX_WORKER_ID_LEN} letters, digits, '.', '_', ':' or '-'")
+        self.prefetch = _positive(environ, "TASKER_PREFETCH", 1)
+        self.max_result_bytes = _positive(environ, "TASKER_MAX_RESULT_BYTES", protocol.DEFAULT_MAX_RESULT_BYTES)
+        self.keys = protocol.MessageKeys(environ.get("TASKER_MESSAGE_KEY"), environ.get("TASKER_MESSAGE_KEY_PREVIOUS"))
+
+    @property
+    def results_queue(self):  # reached through the default exchange
+        return f"{self.prefix}.results"
+
+
+def _positive(environ, name, default):
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 # --- the worker --------------------------------------------------------------------------
 class Worker:
-    def __init__(self, connection, namespaces):
-        self.connection, self.stopping = connection, False
+    def __init__(self, connection, settings, handlers=None):
+        self.connection, self.settings, self.stopping = connection, settings, False
+        self.handlers = HANDLERS if handlers is None else handlers
+        self.keys, prefix = settings.keys, settings.prefix
         self.steps = connection.channel()  # consumes step messages, manual acks
-        self.steps.basic_qos(prefetch_count=int(os.environ.get("TASKER_PREFETCH", "1")))
+        self.steps.basic_qos(prefetch_count=settings.prefetch)
         self.results = connection.channel()  # results and dead letters, with confirms
         self.results.confirm_delivery()
         self.notices = connection.channel()  # started notices: fire and forget
         ch = self.steps  # declare exactly what Rust declares (docs/protocol.md#topology)
-        ch.exchange_declare(f"{PREFIX}.steps", "direct", durable=True)
-        ch.exchange_declare(f"{PREFIX}.dlx", "fanout", durable=True)
-        for queue in (RESULTS, f"{PREFIX}.dead_letter"):
+        ch.exchange_declare(f"{prefix}.steps", "direct", durable=True)
+        ch.exchange_declare(f"{prefix}.dlx", "fanout", durable=True)
+        for queue in (settings.results_queue, f"{prefix}.dead_letter"):
             ch.queue_declare(queue, durable=True)
-        ch.queue_bind(f"{PREFIX}.dead_letter", f"{PREFIX}.dlx", routing_key="")
-        self.queues = [f"{PREFIX}.steps.{ns}" for ns in namespaces]
-        for ns, queue in zip(namespaces, self.queues):
+        ch.queue_bind(f"{prefix}.dead_letter", f"{prefix}.dlx", routing_key="")
+        for ns in settings.namespaces:
+            queue = f"{prefix}.steps.{ns}"
             ch.queue_declare(queue, durable=True)
-            ch.queue_bind(queue, f"{PREFIX}.steps", routing_key=ns)
-            ch.basic_consume(queue, self.on_step, auto_ack=False)
+            ch.queue_bind(queue, f"{prefix}.steps", routing_key=ns)
+            # The callback knows its queue: a delivery's routing key is the namespace only
+            # when the message came through `<prefix>.steps`; through the default exchange
+            # it is the queue's name. Dead letters name the queue, whichever way it came.
+            ch.basic_consume(queue, functools.partial(self.on_step, queue), auto_ack=False)
             log.info("consuming %s", queue)
 
-    def publish(self, body, headers=None, exchange="", routing_key=RESULTS, mandatory=True):
-        """Publish and wait for the broker's confirm; False if it nacked or returned it."""
+    def publish(self, body, headers=None, exchange="", routing_key=None, mandatory=True, sign=True):
+        """Publish `body` (bytes) and wait for the broker's confirm; False if it nacked or
+        returned it. Signed when there is a key (dead letters are not: `sign=False`)."""
+        if sign:
+            headers = self.keys.sign(body, headers)
         props = pika.BasicProperties(headers=headers or None, **PERSISTENT)
+        routing_key = self.settings.results_queue if routing_key is None else routing_key
         try:
-            self.results.basic_publish(exchange, routing_key, json.dumps(body) if isinstance(body, dict) else body,
-                                       props, mandatory=mandatory)
+            self.results.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
             return True
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
             log.warning("publish not confirmed: %r", error)
@@ -73,53 +118,63 @@ class Worker:
         if ok:
             self.steps.basic_ack(delivery.delivery_tag)
         else:
-            time.sleep(0.5)
+            time.sleep(REQUEUE_PAUSE)
             self.steps.basic_nack(delivery.delivery_tag, requeue=True)
 
-    def dead_letter(self, delivery, body, reason):
-        headers = {"x-tasker-reason": reason[:1024], "x-tasker-source-queue": f"{PREFIX}.steps.{delivery.routing_key}"}
-        self.settle(delivery, self.publish(body, headers, f"{PREFIX}.dlx", "", mandatory=False))
+    def dead_letter(self, queue, delivery, body, reason):
+        """Copy the body, byte for byte, to `<prefix>.dlx` with why and where from; ack the
+        original once the copy is confirmed (never reject it: no queue has a DLX)."""
+        log.warning("dead-lettering a message from %s: %s", queue, reason)
+        headers = {protocol.REASON_HEADER: protocol.cut(reason, protocol.MAX_REASON_BYTES),
+                   protocol.SOURCE_HEADER: queue}
+        ok = self.publish(body, headers, f"{self.settings.prefix}.dlx", "", mandatory=False, sign=False)
+        self.settle(delivery, ok)
 
-    def on_step(self, channel, delivery, props, body):
+    def on_step(self, queue, channel, delivery, props, body):
         if self.stopping:  # a SIGTERM came while this one waited in the prefetch buffer
             return self.steps.basic_nack(delivery.delivery_tag, requeue=True)
         try:
-            step = json.loads(body)
-            ids = {k: step[k] for k in ("task_id", "step_id", "dispatch_token")}
-            handler_name = step["handler"]
-        except (ValueError, TypeError, KeyError) as error:
-            log.warning("poison step message: %r", error)
-            return self.dead_letter(delivery, body, f"undecodable message: {error!r}")
-        if step.get("schema_version") != 1:
-            version = step.get("schema_version")
-            return self.dead_letter(delivery, body, f"unsupported schema_version {version} (this build speaks 1)")
-        headers = {"traceparent": props.headers["traceparent"]} if "traceparent" in (props.headers or {}) else None
-        result = {"type": "result", "schema_version": 1, **ids, "worker_id": WORKER_ID}
-        handler = HANDLERS.get(handler_name)
-        if handler is None:
-            reason = f"unknown handler `{handler_name}`; this worker has: {', '.join(sorted(HANDLERS))}"
-            log.warning("%s", reason)
-            result.update(outcome="permanent_error", error={"message": reason, "code": "unknown_handler"})
-            result["started_at"] = result["finished_at"] = now()
-            if not self.publish(result, headers):
-                return self.settle(delivery, False)
-            return self.dead_letter(delivery, body, reason)
-        started_at = now()
-        notice = {"step_id": ids["step_id"], "dispatch_token": ids["dispatch_token"],
-                  "started_at": started_at, "redelivered": bool(delivery.redelivered)}
-        self.notices.basic_publish("", RESULTS, json.dumps(
-            {"type": "started", "schema_version": 1, "worker_id": WORKER_ID, "steps": [notice]}),
-            pika.BasicProperties(**PERSISTENT))
+            self.keys.verify(body, props.headers)
+        except protocol.BadSignature as error:
+            return self.dead_letter(queue, delivery, body, f"{protocol.BAD_SIGNATURE}: {error}")
         try:
-            result.update(outcome="success", results=handler(step))
-        except Exception as error:  # any handler failure is worth another attempt
-            log.exception("%s failed", handler_name)
-            result.update(outcome="retryable_error", error={"message": f"{type(error).__name__}: {error}"})
-        result.update(started_at=started_at, finished_at=now())
-        log.info("step %s (%s): %s", step.get("step_name"), handler_name, result["outcome"])
-        self.settle(delivery, self.publish(result, headers))
+            step = protocol.decode_step(body)
+        except protocol.Poison as error:
+            return self.dead_letter(queue, delivery, body, str(error))
+        self.run(step, queue, delivery, props, body)
 
-    def run(self):
+    def run(self, step, queue, delivery, props, body):
+        trace = (props.headers or {}).get("traceparent")
+        headers = {"traceparent": trace} if isinstance(trace, str) else None
+        worker_id, handler_name = self.settings.worker_id, step["handler"]
+        handler = self.handlers.get(handler_name)
+        if handler is None:
+            reason = f"unknown handler `{handler_name}`; this worker has: {', '.join(sorted(self.handlers))}"
+            at = protocol.now()
+            result = protocol.result_message(step, worker_id, "permanent_error", at, at,
+                                             error=(reason, "unknown_handler"))
+            if not self.publish(protocol.encode(result), headers):
+                return self.settle(delivery, False)
+            return self.dead_letter(queue, delivery, body, reason)
+        started_at = protocol.now()
+        notice = protocol.started_message(worker_id, step, started_at, delivery.redelivered)
+        notice_body = protocol.encode(notice)
+        self.notices.basic_publish("", self.settings.results_queue, notice_body,
+                                   pika.BasicProperties(headers=self.keys.sign(notice_body) or None, **PERSISTENT))
+        try:
+            results, outcome, error = handler(step), "success", None
+        except Exception as exc:  # any handler failure is worth another attempt
+            log.exception("%s failed", handler_name)
+            results, outcome, error = None, "retryable_error", (protocol.describe(exc), None)
+        result = protocol.result_message(step, worker_id, outcome, started_at, protocol.now(),
+                                         results=results, error=error)
+        # A result that cannot be sent (not JSON, too large) becomes a permanent failure.
+        result, body = protocol.encode_result(result, self.settings.max_result_bytes)
+        why = result.get("error", {}).get("message", "")
+        log.info("step %s (%s): %s %s", step["step_name"], handler_name, result["outcome"], why[:500])
+        self.settle(delivery, self.publish(body, headers))
+
+    def run_until_stopped(self):
         while not self.stopping:  # wake up regularly to notice a SIGTERM
             self.connection.process_data_events(time_limit=0.25)
         log.info("stopping: no new steps")
@@ -129,22 +184,23 @@ class Worker:
         log.info("worker stopped")
 
 
-def main():
+def main(handlers=None):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
-    namespaces = [n.strip() for n in os.environ.get("TASKER_NAMESPACES", "").split(",") if n.strip()]
-    if not namespaces:
-        sys.exit("TASKER_NAMESPACES is required (a comma-separated list)")
-    url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
-    worker = Worker(pika.BlockingConnection(pika.URLParameters(url)), namespaces)
+    try:
+        settings = Settings(os.environ)
+    except ValueError as error:
+        sys.exit(f"py-worker cannot start: {error}")
+    worker = Worker(pika.BlockingConnection(pika.URLParameters(settings.amqp_url)), settings, handlers)
 
     def stop(signum, _frame):  # finish the current step, then stop consuming
         log.info("signal %s: stopping after the current step", signum)
         worker.stopping = True
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("worker %s started; handlers: %s", WORKER_ID, ", ".join(sorted(HANDLERS)))
-    worker.run()
+    log.info("worker %s started; handlers: %s; messages %s", settings.worker_id, ", ".join(sorted(worker.handlers)),
+             "signed and checked" if settings.keys.enabled else "not signed (no TASKER_MESSAGE_KEY)")
+    worker.run_until_stopped()
 
 
 if __name__ == "__main__":
