@@ -627,7 +627,6 @@ async fn a_signed_python_worker_completes_tasks_and_fails_unsendable_results_cle
         "the poison stopped py-signed:\n{}",
         python.log()
     );
-    let _ = connection.close(200, "OK".into()).await;
 
     // Signed both ways: the coordinator applies only results signed with its key.
     let task = env
@@ -678,6 +677,22 @@ async fn a_signed_python_worker_completes_tasks_and_fails_unsendable_results_cle
         let message = step["last_error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{name}: {message}");
     }
+
+    // Nothing the worker sent was refused: an unsigned or wrongly signed notice or result
+    // would be dead-lettered by the coordinator (`bad_signature`).
+    let late = channel
+        .basic_get(
+            format!("{}.dead_letter", env.prefix).into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap();
+    assert!(
+        late.is_none(),
+        "the coordinator dead-lettered a message of py-signed: {:?}",
+        late.map(|m| header_str(&m.delivery.properties, "x-tasker-reason"))
+    );
+    let _ = connection.close(200, "OK".into()).await;
 
     let status = python.terminate().await.unwrap();
     assert!(
