@@ -368,6 +368,27 @@ impl CoordinatorMetrics {
         }
     }
 
+    /// Steps whose worker was lost (the sweeper expired their lease): a retry scheduled,
+    /// or `error` on the last attempt, counted as the result processor counts a worker's
+    /// failure. `tasker_leases_expired_total{reason="lease_expired"}` tells them apart.
+    pub(crate) fn workers_lost(&self, outcomes: &[crate::sweeper::LostWorkerOutcome]) {
+        for outcome in outcomes {
+            let steps = u64::try_from(outcome.steps).unwrap_or(0);
+            if outcome.to_status == "waiting_for_retry" {
+                self.retries_scheduled
+                    .get_or_create(&Self::namespace(&outcome.namespace))
+                    .inc_by(steps);
+            } else {
+                self.steps_finished
+                    .get_or_create(&Self::namespace_status(
+                        &outcome.namespace,
+                        &outcome.to_status,
+                    ))
+                    .inc_by(steps);
+            }
+        }
+    }
+
     /// Tasks reached `complete` or `error`.
     pub(crate) fn finished(&self, finished: &[FinishedTask]) {
         for task in finished {

@@ -12,7 +12,9 @@
 //!   may hold, at two checks in a row, means the oldest of them are gone. Those steps
 //!   have their lease ended and are dispatched again;
 //! - a step `in_progress` past its lease lost its worker and counts as a timed-out
-//!   attempt.
+//!   attempt: retried after its backoff, or `error` if that was its last attempt, and
+//!   counted in `tasker_step_retries_scheduled_total` or `tasker_steps_finished_total`
+//!   as a worker's reported failure would be.
 //!
 //! Workers are told which dispatches were replaced (a `superseded` control message), so
 //! a copy still queued somewhere is acked without being run. Tasks left with nothing to
@@ -207,8 +209,14 @@ impl Sweeper {
     async fn expire(&self, running: bool) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let expired = transitions::expire_leases(&mut tx, SWEEP_BATCH, running).await?;
+        let lost_workers = if expired.timed_out > 0 {
+            lost_worker_outcomes(&mut tx, &expired.tasks).await?
+        } else {
+            Vec::new()
+        };
         let finished = transitions::finish_tasks(&mut tx, &expired.tasks).await?;
         tx.commit().await?;
+        self.metrics.workers_lost(&lost_workers);
         self.metrics.finished(&finished);
         for (reason, count) in [
             ("lease_lost", expired.requeued.len()),
@@ -274,6 +282,38 @@ impl Sweeper {
         .instrument(span)
         .await
     }
+}
+
+/// What became of the steps whose worker was lost, in this transaction: per namespace,
+/// how many went to `waiting_for_retry` (a retry scheduled) and how many to `error`
+/// (their last attempt), read from the history rows [`transitions::expire_leases`] just
+/// wrote (`xmin`: written by this very transaction), so the sweeper's outcomes are
+/// counted in the same metrics as the result processor's.
+async fn lost_worker_outcomes(
+    tx: &mut sqlx::PgConnection,
+    tasks: &[uuid::Uuid],
+) -> sqlx::Result<Vec<LostWorkerOutcome>> {
+    sqlx::query_as(
+        r#"
+        SELECT t.namespace, h.to_status, count(*) AS steps
+        FROM step_transitions h JOIN tasks t ON t.task_id = h.task_id
+        WHERE h.task_id = ANY($1) AND h.reason = 'lease_expired'
+          AND h.xmin = pg_current_xact_id()::xid
+        GROUP BY t.namespace, h.to_status
+        "#,
+    )
+    .bind(tasks)
+    .fetch_all(tx)
+    .await
+}
+
+/// Steps of one namespace that one sweep moved to one status after losing their worker.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct LostWorkerOutcome {
+    pub(crate) namespace: String,
+    /// `waiting_for_retry` or `error`.
+    pub(crate) to_status: String,
+    pub(crate) steps: i64,
 }
 
 /// What [`lost_in_queue`] weighs for one namespace.

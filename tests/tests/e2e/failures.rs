@@ -395,6 +395,108 @@ async fn a_worker_killed_mid_step_loses_nothing_and_the_attempt_is_counted() {
     env.finish().await.unwrap();
 }
 
+/// With no other worker to take the killed worker's messages back from the broker, only
+/// the sweeper notices: it counts each lost run as a failed attempt, retries the step
+/// that has attempts left and fails the one that has none, and the metrics count those
+/// outcomes as they count a worker's reported failures.
+#[tokio::test]
+async fn the_sweeper_s_retries_and_failures_of_lost_workers_are_counted() {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: vec![("TASKER_HEARTBEAT_LEASE_MS".into(), "1500".into())],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("lost-worker", options).await.unwrap();
+    // `spare` has attempts to spare; `last` is on its only attempt when its worker dies.
+    for (name, retry_limit) in [("spare", 3), ("last", 1)] {
+        env.register_template(&one_step(
+            name,
+            &format!(
+                "    handler: tasker.sleep\n    timeout_ms: 20000\n    retry_limit: {retry_limit}\n    config: {{ms: 60000}}\n    backoff: {{base_seconds: 0.05}}\n"
+            ),
+        ))
+        .await
+        .unwrap();
+    }
+    let beat = [("TASKER_HEARTBEAT_INTERVAL_MS", "300")];
+    let doomed = env
+        .start_worker_with(binary("tasker-worker"), "doomed", &["failing"], 4, &beat)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for name in ["spare", "last"] {
+        let (_, task) = env
+            .create_task(json!({"namespace": "failing", "name": name}))
+            .await
+            .unwrap();
+        ids.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        env.wait_until(
+            id,
+            "the step runs on the doomed worker",
+            Duration::from_secs(20),
+            |t| TestEnv::step(t, "only")["status"] == "in_progress",
+        )
+        .await
+        .unwrap();
+    }
+    env.workers[doomed].kill().await;
+
+    let failed = env
+        .wait_for_task(&ids[1], &["complete", "error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(failed["status"], "error", "{failed:#}");
+    let only = TestEnv::step(&failed, "only");
+    assert_eq!(only["last_error"]["code"], "lease_expired", "{only:#}");
+    let retried = env
+        .wait_until(
+            &ids[0],
+            "the sweeper schedules a retry",
+            Duration::from_secs(30),
+            |t| TestEnv::step(t, "only")["status"] != "in_progress",
+        )
+        .await
+        .unwrap();
+    let only = TestEnv::step(&retried, "only");
+    assert_eq!(only["last_error"]["code"], "lease_expired", "{only:#}");
+    assert_ne!(retried["status"], "error", "{retried:#}");
+
+    // The metrics follow the commit that the API has just shown: give them a moment.
+    let metrics = format!("{}/metrics", env.base_url);
+    let lost = "tasker_leases_expired_total{reason=\"lease_expired\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tasker_tests::metric(&metrics, lost).await < 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost workers were not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (sample, expected) in [
+        (lost, 2.0),
+        (
+            "tasker_step_retries_scheduled_total{namespace=\"failing\"}",
+            1.0,
+        ),
+        (
+            "tasker_steps_finished_total{namespace=\"failing\",status=\"error\"}",
+            1.0,
+        ),
+        (
+            "tasker_tasks_finished_total{namespace=\"failing\",status=\"error\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(
+            tasker_tests::metric(&metrics, sample).await,
+            expected,
+            "{sample}"
+        );
+    }
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_duplicated_result_changes_state_once() {
     // The test plays the worker: it takes the step message from the queue itself and

@@ -1,5 +1,6 @@
 //! Observability: exact metric values after a known workload, lifecycle events in order,
-//! /health/status, and a dashboard that only queries metrics the project exports.
+//! /health/status, and a dashboard and alert rules that only query metrics the project
+//! exports.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -200,8 +201,12 @@ async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // The dashboard queries only what the coordinator and workers export (or RabbitMQ's
-    // own plugin, rabbitmq_*), so it cannot rot silently.
+    // The dashboard and the alert rules query only what the coordinator and workers
+    // export (or RabbitMQ's own plugin, rabbitmq_*), so they cannot rot silently.
+    let exported: BTreeSet<String> = coordinator_families
+        .union(&worker_families)
+        .cloned()
+        .collect();
     let dashboard: Value = serde_json::from_str(include_str!(
         "../../../deploy/grafana/dashboards/tasker.json"
     ))
@@ -209,17 +214,52 @@ async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 6, "the dashboard has queries: {exprs:?}");
-    let exported: BTreeSet<String> = coordinator_families
-        .union(&worker_families)
-        .cloned()
+    assert_only_exported("the dashboard", &exprs, &exported);
+    // Every tasker_* word of the rules and of their tests: expressions, the series the
+    // tests feed in, and the metrics that annotations and comments point people to.
+    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
+    let rule_tests = include_str!("../../../deploy/prometheus/alerts.test.yml");
+    assert_only_exported("alerts.yml", &[rules.to_owned()], &exported);
+    assert_only_exported("alerts.test.yml", &[rule_tests.to_owned()], &exported);
+    env.finish().await.unwrap();
+}
+
+/// Every alert rule of alerts.yml has a promtool test in alerts.test.yml that expects it
+/// to fire.
+#[test]
+fn every_alert_rule_has_a_test_that_makes_it_fire() {
+    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
+    let rule_tests = include_str!("../../../deploy/prometheus/alerts.test.yml");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .map(str::trim)
         .collect();
+    assert!(alerts.len() >= 10, "alerts.yml has rules: {alerts:?}");
+    let lines: Vec<&str> = rule_tests.lines().map(str::trim).collect();
+    for alert in alerts {
+        let fires = lines.windows(3).any(|w| {
+            w[0] == format!("alertname: {alert}")
+                && w[1] == "exp_alerts:"
+                && w[2].starts_with("- exp_labels:")
+        });
+        assert!(
+            fires,
+            "alerts.test.yml has no test in which {alert} fires (alertname: {alert}, then exp_alerts: with - exp_labels:)"
+        );
+    }
+}
+
+/// Assert that every `tasker_*` metric name in `texts` is exported (as a family, or as
+/// one of a family's `_bucket`, `_sum`, `_count` or `_total` series).
+fn assert_only_exported(what: &str, texts: &[String], exported: &BTreeSet<String>) {
     let mut queried = BTreeSet::new();
-    for expr in &exprs {
-        for name in metric_names(expr) {
+    for text in texts {
+        for name in metric_names(text) {
             queried.insert(name);
         }
     }
-    assert!(!queried.is_empty());
+    assert!(!queried.is_empty(), "{what} names no tasker_* metric");
     for name in &queried {
         let family = ["_bucket", "_sum", "_count", "_total"]
             .iter()
@@ -227,10 +267,9 @@ async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them
             .unwrap_or(name);
         assert!(
             exported.contains(name) || exported.contains(family),
-            "the dashboard queries {name}, which nothing exports; exported: {exported:?}"
+            "{what} queries {name}, which nothing exports; exported: {exported:?}"
         );
     }
-    env.finish().await.unwrap();
 }
 
 fn collect_exprs(value: &Value, into: &mut Vec<String>) {
