@@ -31,8 +31,10 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
-use tasker_shared::broker::{TRACEPARENT_HEADER, Topology, header_str};
-use tasker_shared::messages::{RunningStep, StepResult, WorkerMessage};
+use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header_str};
+use tasker_shared::messages::{
+    Outcome, RunningStep, SCHEMA_VERSION, StepError, StepMessage, StepResult, WorkerMessage,
+};
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
 pub(crate) struct ResultProcessor {
@@ -128,6 +130,9 @@ impl ResultProcessor {
         let mut messages: Vec<(usize, WorkerMessage)> = Vec::with_capacity(deliveries.len());
         for (index, delivery) in deliveries.iter().enumerate() {
             let decoded = match self.topology.verify(&delivery.data, &delivery.properties) {
+                Ok(()) if broker::past_delivery_limit(&delivery.properties) => {
+                    undeliverable(&delivery.data)
+                }
                 Ok(()) => WorkerMessage::decode(&delivery.data).map_err(|e| e.to_string()),
                 Err(error) => Err(format!(
                     "{}: {error}",
@@ -445,4 +450,33 @@ async fn ack(applied: &[Delivery], held: &[Delivery]) -> lapin::Result<()> {
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
     Ok(())
+}
+
+/// A step message its quorum queue gave up on (delivered [`broker::DELIVERY_LIMIT`]
+/// times, never acknowledged: whoever took it died holding it), as the failed attempt it
+/// is. The step is retried with backoff like any retryable failure, so a message that
+/// kills its workers reaches `error` after its retry limit instead of circulating.
+fn undeliverable(body: &[u8]) -> Result<WorkerMessage, String> {
+    let step = StepMessage::decode(body).map_err(|e| format!("a dead-lettered step: {e}"))?;
+    let now = chrono::Utc::now();
+    Ok(WorkerMessage::Result(StepResult {
+        schema_version: SCHEMA_VERSION,
+        task_id: step.task_id,
+        step_id: step.step_id,
+        dispatch_token: step.dispatch_token,
+        outcome: Outcome::RetryableError,
+        results: None,
+        error: Some(StepError {
+            message: format!(
+                "the step message was delivered {} times and never acknowledged: the workers \
+                 that took it stopped while holding it (crashed, killed, out of memory)",
+                broker::DELIVERY_LIMIT
+            ),
+            code: Some("delivery_limit".to_owned()),
+            retry_after_seconds: None,
+        }),
+        started_at: now,
+        finished_at: now,
+        worker_id: "rabbitmq".to_owned(),
+    }))
 }

@@ -56,7 +56,7 @@ impl BrokerSession {
         topology
             .declare_base(&channel)
             .await
-            .context("declaring the broker topology")?;
+            .map_err(|error| topology.declare_error(error))?;
         let confirm_channel = broker::confirm_channel(&connection).await?;
         let publish_channel = broker::confirm_channel(&connection).await?;
         Ok(BrokerSession {
@@ -84,15 +84,14 @@ impl Application {
         tasker_shared::db::migrate(&settings.database).await?;
         let pool = tasker_shared::db::connect_lazy(&settings.database)?;
         warn_without_autovacuum(&pool).await;
-        let keys = settings.broker.message_keys().map_err(anyhow::Error::msg)?;
-        if !keys.enabled() {
+        let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;
+        if !topology.signs() {
             tracing::warn!(
                 "TASKER_MESSAGE_KEY is not set: broker messages are not signed, so anyone who \
                  can publish to this RabbitMQ virtual host can complete, inject or cancel steps \
                  (docs/security.md)"
             );
         }
-        let topology = Topology::new(settings.broker.amqp_prefix.clone()).with_keys(keys);
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
         let session = BrokerSession::open(connection, &topology).await?;
         let publisher = Arc::new(
@@ -105,7 +104,10 @@ impl Application {
             .pause_after_claims(settings.failpoint_pause_after_claims),
         );
         for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
-            publisher.ensure_namespace(&namespace).await?;
+            publisher
+                .ensure_namespace(&namespace)
+                .await
+                .map_err(|error| topology.declare_error(error))?;
         }
         let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
         let metrics = Arc::new(CoordinatorMetrics::new());

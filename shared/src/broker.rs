@@ -12,7 +12,11 @@
 //! | `tasker.dlx` / `tasker.dead_letter` | fanout exchange / durable queue | poison messages, with an `x-tasker-reason` header |
 //!
 //! Every declaration is idempotent with the same arguments, so whichever process starts
-//! first creates the topology and the others find it.
+//! first creates the topology and the others find it. The step, results and dead-letter
+//! queues are of the type `TASKER_QUEUE_TYPE` names. Quorum step and results queues also
+//! carry a delivery limit ([`DELIVERY_LIMIT`]) for messages that are delivered that many
+//! times without an ack (their consumers keep dying on them): a step message goes to the
+//! results queue, where the coordinator fails that attempt; a result goes to `tasker.dlx`.
 
 use std::time::Duration;
 
@@ -25,7 +29,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::config::BrokerSettings;
+use crate::config::{BrokerSettings, QueueType};
+
+/// Deliveries of one message a quorum step or results queue allows before it
+/// dead-letters the message: consumers that crash on it cannot keep it in circulation.
+pub const DELIVERY_LIMIT: i64 = 10;
 
 /// The header that says why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-tasker-reason";
@@ -40,16 +48,31 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
+    queue_type: QueueType,
     keys: std::sync::Arc<crate::signing::MessageKeys>,
 }
 
 impl Topology {
-    /// The topology under `prefix` (normally `tasker`), with no message keys.
+    /// The topology under `prefix` (normally `tasker`), with classic queues and no
+    /// message keys.
     pub fn new(prefix: impl Into<String>) -> Self {
         Topology {
             prefix: prefix.into(),
+            queue_type: QueueType::Classic,
             keys: std::sync::Arc::default(),
         }
+    }
+
+    /// The same, with durable queues of `queue_type`.
+    #[must_use]
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// The type of the durable queues.
+    pub fn queue_type(&self) -> QueueType {
+        self.queue_type
     }
 
     /// The same, signing and checking messages with `keys`.
@@ -79,6 +102,17 @@ impl Topology {
         properties: &BasicProperties,
     ) -> Result<(), crate::signing::BadSignature> {
         self.keys.verify(body, properties.headers().as_ref())
+    }
+
+    /// `error`, from declaring the topology, as the error a process stops with: a queue
+    /// of another type says what to do about it.
+    pub fn declare_error(&self, error: lapin::Error) -> anyhow::Error {
+        if is_queue_conflict(&error) {
+            anyhow::Error::new(error)
+                .context(conflict_advice("one of Tasker's queues", self.queue_type))
+        } else {
+            anyhow::Error::new(error).context("declaring the broker topology")
+        }
     }
 
     /// Whether messages are signed.
@@ -159,7 +193,8 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        declare_durable_queue(channel, &self.dead_letter_queue()).await?;
+        self.declare_durable_queue(channel, &self.dead_letter_queue())
+            .await?;
         channel
             .queue_bind(
                 self.dead_letter_queue().into(),
@@ -169,14 +204,15 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        declare_durable_queue(channel, &self.results_queue()).await?;
+        self.declare_durable_queue(channel, &self.results_queue())
+            .await?;
         Ok(())
     }
 
     /// Declare one namespace's step queue and bind it to the steps exchange.
     pub async fn declare_namespace(&self, channel: &Channel, namespace: &str) -> lapin::Result<()> {
         let queue = self.step_queue(namespace);
-        declare_durable_queue(channel, &queue).await?;
+        self.declare_durable_queue(channel, &queue).await?;
         channel
             .queue_bind(
                 queue.into(),
@@ -191,17 +227,77 @@ impl Topology {
     /// Messages ready and consumers of a durable queue, declaring it if it is missing
     /// (a passive declare would close the channel on a missing queue).
     pub async fn queue_stats(&self, channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
-        let queue = channel
+        let queue = self.declare_durable_queue(channel, queue).await?;
+        Ok((queue.message_count(), queue.consumer_count()))
+    }
+
+    /// The arguments `queue` (one of the durable queues) is declared with.
+    fn queue_arguments(&self, queue: &str) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.queue_type == QueueType::Classic {
+            // No arguments at all: queues declared before TASKER_QUEUE_TYPE existed
+            // carry none, and an explicit `classic` would not be equivalent to them.
+            return arguments;
+        }
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
+        );
+        if queue == self.dead_letter_queue() {
+            return arguments;
+        }
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        if queue == self.results_queue() {
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.dead_letter_exchange().into()),
+            );
+        } else {
+            // A step message past the limit goes to the coordinators, which fail the
+            // attempt (a step whose message kills its workers must not stay enqueued).
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(self.results_queue().into()),
+            );
+        }
+        arguments
+    }
+
+    /// Declare one of the durable queues with its arguments. A queue that exists with
+    /// other arguments (another queue type) fails with an error that says so.
+    async fn declare_durable_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+    ) -> lapin::Result<lapin::Queue> {
+        channel
             .queue_declare(
-                queue.into(),
+                name.into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                self.queue_arguments(name),
             )
-            .await?;
-        Ok((queue.message_count(), queue.consumer_count()))
+            .await
+            .inspect_err(|error| {
+                if is_queue_conflict(error) {
+                    tracing::error!(
+                        queue = name,
+                        queue_type = self.queue_type.as_str(),
+                        %error,
+                        "{}",
+                        conflict_advice(&format!("queue `{name}`"), self.queue_type)
+                    );
+                }
+            })
     }
 
     /// Messages ready in `queue` and its consumers, or `None` when the queue does not
@@ -280,6 +376,12 @@ pub fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
+/// Whether a message was dead-lettered by its queue's delivery limit (RabbitMQ's
+/// `x-first-death-reason` header).
+pub fn past_delivery_limit(properties: &BasicProperties) -> bool {
+    header_str(properties, "x-first-death-reason").as_deref() == Some("delivery_limit")
+}
+
 /// Read a string header from a message's properties.
 pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     let headers = properties.headers().as_ref()?;
@@ -290,18 +392,22 @@ pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-async fn declare_durable_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|_| ())
+/// Whether the broker refused a declaration because the queue exists with other
+/// arguments (406 PRECONDITION_FAILED, "inequivalent arg").
+pub fn is_queue_conflict(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if amqp.get_id() == 406 && amqp.to_string().contains("inequivalent arg"))
+}
+
+/// What to do when `queue` exists with another type than `wanted`.
+pub fn conflict_advice(queue: &str, wanted: QueueType) -> String {
+    format!(
+        "{queue} exists with other arguments than TASKER_QUEUE_TYPE={} declares \
+         (another queue type). A queue's type cannot change: give every process the same \
+         TASKER_QUEUE_TYPE, or drain and delete the old queues (docs/operating.md, \
+         \"Queue types\"), or use a new TASKER_AMQP_PREFIX",
+        wanted.as_str()
+    )
 }
 
 fn truncate(text: &str, max: usize) -> &str {

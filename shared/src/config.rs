@@ -138,6 +138,31 @@ pub struct BrokerSettings {
     /// The key before the current one, still accepted while a new key is rolled out.
     #[arg(long, env = "TASKER_MESSAGE_KEY_PREVIOUS", hide_env_values = true)]
     pub message_key_previous: Option<Secret>,
+    /// The type of the step, results and dead-letter queues: `classic`, or `quorum` for a
+    /// RabbitMQ cluster (replicated, with a delivery limit for poison messages). Every
+    /// process on one broker and prefix must use the same type (docs/operating.md).
+    #[arg(long, env = "TASKER_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
+    pub queue_type: QueueType,
+}
+
+/// The type of Tasker's durable queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QueueType {
+    /// RabbitMQ's default queue, held by one node.
+    #[default]
+    Classic,
+    /// RabbitMQ's replicated queue (Raft over the cluster's nodes).
+    Quorum,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 impl BrokerSettings {
@@ -151,6 +176,17 @@ impl BrokerSettings {
             self.message_key.as_ref().map(Secret::expose),
             self.message_key_previous.as_ref().map(Secret::expose),
         )
+    }
+
+    /// The topology these settings name: prefix, queue type and message keys.
+    ///
+    /// # Errors
+    ///
+    /// As [`BrokerSettings::message_keys`].
+    pub fn topology(&self) -> Result<crate::broker::Topology, String> {
+        Ok(crate::broker::Topology::new(self.amqp_prefix.clone())
+            .with_queue_type(self.queue_type)
+            .with_keys(self.message_keys()?))
     }
 }
 

@@ -195,6 +195,9 @@ fn coordinator_command(database_url: &str, prefix: &str, options: &EnvOptions) -
     if let Some(dir) = &options.templates_dir {
         command.env("TASKER_TEMPLATES_DIR", dir);
     }
+    if let Some(queue_type) = &options.queue_type {
+        command.env("TASKER_QUEUE_TYPE", queue_type);
+    }
     for (key, value) in &options.coordinator_env {
         command.env(key, value);
     }
@@ -280,6 +283,8 @@ pub struct EnvOptions {
     pub templates_dir: Option<PathBuf>,
     /// Extra environment for the coordinator.
     pub coordinator_env: Vec<(String, String)>,
+    /// `TASKER_QUEUE_TYPE` for the coordinators and workers (unset: the default).
+    pub queue_type: Option<String>,
 }
 
 impl TestEnv {
@@ -361,6 +366,9 @@ impl TestEnv {
             .env("TASKER_NAMESPACES", namespaces.join(","))
             .env("TASKER_CONCURRENCY", concurrency.to_string())
             .env("TASKER_WORKER_ID", worker_id);
+        if let Some(queue_type) = &self.options.queue_type {
+            command.env("TASKER_QUEUE_TYPE", queue_type);
+        }
         for (key, value) in env {
             command.env(key, value);
         }

@@ -21,8 +21,11 @@
 //! long after it the work in flight at the injection took to finish, and the extra
 //! attempts it caused.
 //!
+//! The run is made twice: on classic queues and on quorum queues.
+//!
 //! It restarts the machine's PostgreSQL and RabbitMQ, so it is a test binary of its own
-//! (cargo runs test binaries one after another) and must not run beside other tests:
+//! (cargo runs test binaries one after another) and must not run beside other tests (its
+//! two runs take turns):
 //! `cargo test -p tasker-tests --test chaos -- --nocapture`.
 
 use std::sync::Arc;
@@ -179,8 +182,25 @@ async fn services(action: &str) {
     assert!(status.success(), "deploy/services.sh {action} failed");
 }
 
+/// The two runs restart the machine's services: one at a time.
+static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
+    let _alone = ONE_RUN_AT_A_TIME.lock().await;
+    run("classic").await;
+}
+
+/// The same faults with quorum queues (`TASKER_QUEUE_TYPE=quorum`), RabbitMQ's
+/// replicated queue type: consumers, acks and redeliveries go through Raft.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_lost_or_applied_twice_on_quorum_queues() {
+    let _alone = ONE_RUN_AT_A_TIME.lock().await;
+    run("quorum").await;
+}
+
+async fn run(queue_type: &str) {
+    eprintln!("chaos: {queue_type} queues");
     let options = EnvOptions {
         coordinator_env: [
             // A claim whose coordinator died is dispatched again after this long.
@@ -192,9 +212,12 @@ async fn nothing_is_lost_or_applied_twice_under_crashes_and_restarts() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
+        queue_type: Some(queue_type.to_owned()),
         ..EnvOptions::default()
     };
-    let mut env = TestEnv::start_with("chaos", options).await.unwrap();
+    let mut env = TestEnv::start_with(&format!("chaos-{queue_type}"), options)
+        .await
+        .unwrap();
     let (status, body) = env.register_template(&template()).await.unwrap();
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let worker_env = [("TASKER_HEARTBEAT_INTERVAL_MS", "500")];

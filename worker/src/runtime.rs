@@ -47,6 +47,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use tasker_shared::broker::{self, TRACEPARENT_HEADER, Topology, header_str, persistent};
+use tasker_shared::config::QueueType;
 use tasker_shared::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
     StepStarted, WorkerMessage,
@@ -166,8 +167,7 @@ impl Worker {
         // worker here rather than failing every HTTP step.
         crate::handlers::http::check_settings().map_err(anyhow::Error::msg)?;
         let failpoint = Failpoint::parse(settings.failpoint_pause_at.as_deref())?;
-        let keys = settings.broker.message_keys().map_err(anyhow::Error::msg)?;
-        let topology = Topology::new(settings.broker.amqp_prefix.clone()).with_keys(keys);
+        let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;
         let worker_id = settings.worker_id();
         anyhow::ensure!(
             tasker_shared::messages::valid_worker_id(&worker_id),
@@ -300,13 +300,16 @@ impl Worker {
         // Set when a consumer stops: the session is over even if the connection is up.
         let failed = Arc::new(Notify::new());
         let (deliveries_tx, mut deliveries) =
-            mpsc::channel::<Delivery>(usize::from(self.concurrency));
+            mpsc::channel::<Received>(usize::from(self.concurrency));
         let consumers = Arc::new(Consumers::default());
         let opened = tokio::time::timeout(SETUP_PATIENCE, async {
             let consume = connection.create_channel().await?;
-            // Channel-wide prefetch: the limit holds across every namespace consumed.
+            // Classic queues: a channel-wide prefetch, so the limit holds across every
+            // namespace consumed. Quorum queues refuse a channel-wide prefetch: there it
+            // holds per namespace.
+            let global = self.topology.queue_type() == QueueType::Classic;
             consume
-                .basic_qos(self.prefetch(), BasicQosOptions { global: true })
+                .basic_qos(self.prefetch(), BasicQosOptions { global })
                 .await?;
             let notices = connection.create_channel().await?;
             let heartbeats = connection.create_channel().await?;
@@ -396,14 +399,14 @@ impl Worker {
                     break Err(anyhow::anyhow!("a consumer stopped (the broker closed its channel or cancelled it)"));
                 }
                 delivery = deliveries.recv() => {
-                    let Some(delivery) = delivery else {
+                    let Some(Received { queue, delivery }) = delivery else {
                         break Err(anyhow::anyhow!("every consumer stopped"));
                     };
                     let held = unacked.clone().acquire_owned().await?;
                     let slot = running.clone().acquire_owned().await?;
                     let (shared, session) = (shared.clone(), session.clone());
                     steps.spawn(async move {
-                        handle(&shared, &session, delivery, slot).await;
+                        handle(&shared, &session, &queue, delivery, slot).await;
                         drop(held);
                     });
                 }
@@ -443,8 +446,8 @@ impl Worker {
         }
         // Received but not started: hand back to the broker for another worker.
         deliveries.close();
-        while let Ok(delivery) = deliveries.try_recv() {
-            nack_requeue(&delivery).await;
+        while let Ok(received) = deliveries.try_recv() {
+            nack_requeue(&received.delivery).await;
         }
         // Every step task, of this session and of lost ones, ends: its handler has a
         // timeout and each broker call a limit. Heartbeats go on meanwhile.
@@ -483,7 +486,7 @@ async fn declare_topology(
     topology
         .declare_base(&channel)
         .await
-        .context("declaring the broker topology")?;
+        .map_err(|error| topology.declare_error(error))?;
     channel.close(200, "OK".into()).await?;
     Ok(connection)
 }
@@ -493,7 +496,7 @@ async fn start_consumer(
     topology: &Topology,
     consumers: &Consumers,
     namespace: &str,
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: mpsc::Sender<Received>,
     failed: Arc<Notify>,
 ) -> anyhow::Result<()> {
     if !consumers
@@ -504,7 +507,10 @@ async fn start_consumer(
     {
         return Ok(());
     }
-    topology.declare_namespace(channel, namespace).await?;
+    topology
+        .declare_namespace(channel, namespace)
+        .await
+        .map_err(|error| topology.declare_error(error))?;
     let mut consumer = channel
         .basic_consume(
             topology.step_queue(namespace).into(),
@@ -520,11 +526,16 @@ async fn start_consumer(
         .push(consumer.tag());
     tracing::info!(%namespace, queue = %topology.step_queue(namespace), "consuming");
     let namespace = namespace.to_owned();
+    let queue: Arc<str> = topology.step_queue(&namespace).into();
     tokio::spawn(async move {
         loop {
             match consumer.next().await {
                 Some(Ok(delivery)) => {
-                    if deliveries.send(delivery).await.is_err() {
+                    let received = Received {
+                        queue: queue.clone(),
+                        delivery,
+                    };
+                    if deliveries.send(received).await.is_err() {
                         // The session is over and dropped its receiver.
                         return;
                     }
@@ -553,7 +564,7 @@ async fn follow_control(
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
-    deliveries: Option<mpsc::Sender<Delivery>>,
+    deliveries: Option<mpsc::Sender<Received>>,
     failed: Arc<Notify>,
 ) {
     follow(shared, control, consume, consumers, deliveries, &failed).await;
@@ -567,7 +578,7 @@ async fn follow(
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
-    deliveries: Option<mpsc::Sender<Delivery>>,
+    deliveries: Option<mpsc::Sender<Received>>,
     failed: &Arc<Notify>,
 ) {
     let (topology, worker_id) = (&shared.topology, &shared.worker_id);
@@ -681,22 +692,29 @@ async fn follow(
     }
 }
 
+/// A step message and the queue it was consumed from (its routing key names the queue
+/// only when it came through the steps exchange).
+struct Received {
+    queue: Arc<str>,
+    delivery: Delivery,
+}
+
 /// Run one delivered step to the end: its result confirmed by the broker, then the ack.
 /// `slot` is a handler slot, given back as soon as the handler returns.
 async fn handle(
     shared: &Shared,
     session: &SessionHandles,
+    source_queue: &str,
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
 ) {
-    let source_queue = shared.topology.step_queue(delivery.routing_key.as_str());
     if let Err(error) = shared.topology.verify(&delivery.data, &delivery.properties) {
         tracing::warn!(%error, "step message that does not verify; dead-lettering it");
         shared
             .metrics
             .dead_letter(tasker_shared::signing::BAD_SIGNATURE);
         let reason = format!("{}: {error}", tasker_shared::signing::BAD_SIGNATURE);
-        dead_letter(shared, &delivery, &reason, &source_queue).await;
+        dead_letter(shared, &delivery, &reason, source_queue).await;
         return;
     }
     let message = match StepMessage::decode(&delivery.data) {
@@ -704,7 +722,7 @@ async fn handle(
         Err(error) => {
             tracing::warn!(%error, "poison step message; dead-lettering it");
             shared.metrics.dead_letter("undecodable");
-            dead_letter(shared, &delivery, &error.to_string(), &source_queue).await;
+            dead_letter(shared, &delivery, &error.to_string(), source_queue).await;
             return;
         }
     };
@@ -720,7 +738,7 @@ async fn handle(
         session,
         delivery,
         message,
-        source_queue,
+        source_queue.to_owned(),
         span.clone(),
         slot,
     )

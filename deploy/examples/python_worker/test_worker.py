@@ -395,6 +395,7 @@ class WorkerTest(unittest.TestCase):
             ({"TASKER_MAX_RESULT_BYTES": "1MiB"}, "TASKER_MAX_RESULT_BYTES must be a whole number"),
             ({"TASKER_PREFETCH": "0"}, "TASKER_PREFETCH must be a whole number"),
             ({"TASKER_NAMESPACES": " , "}, "TASKER_NAMESPACES is required"),
+            ({"TASKER_QUEUE_TYPE": "mirrored"}, "TASKER_QUEUE_TYPE must be classic or quorum"),
         ]:
             with self.subTest(env=env):
                 with self.assertRaises(ValueError) as raised:
@@ -407,6 +408,18 @@ class WorkerTest(unittest.TestCase):
         default = worker.Settings({"TASKER_NAMESPACES": "mixed"}).worker_id
         self.assertTrue(protocol.valid_worker_id(default), default)
         self.assertNotIn(KEY, repr(settings(TASKER_MESSAGE_KEY=KEY).keys))
+
+    def test_queues_are_declared_with_the_arguments_rust_gives_them(self):
+        classic = settings()
+        for queue in ["tasker.steps.mixed", "tasker.results", "tasker.dead_letter"]:
+            self.assertIsNone(classic.queue_arguments(queue))
+        quorum = settings(TASKER_QUEUE_TYPE="quorum")
+        self.assertEqual(quorum.queue_arguments("tasker.dead_letter"), {"x-queue-type": "quorum"})
+        self.assertEqual(quorum.queue_arguments("tasker.results"), {
+            "x-queue-type": "quorum", "x-delivery-limit": 10, "x-dead-letter-exchange": "tasker.dlx"})
+        self.assertEqual(quorum.queue_arguments("tasker.steps.mixed"), {
+            "x-queue-type": "quorum", "x-delivery-limit": 10, "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": "tasker.results"})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import tasker_protocol as protocol
 
 log = logging.getLogger("py-worker")
 PERSISTENT = dict(delivery_mode=2, content_type="application/json")
+DELIVERY_LIMIT = 10  # deliveries a quorum queue allows (shared/src/broker.rs DELIVERY_LIMIT)
 REQUEUE_PAUSE = 0.5  # seconds before a step is handed back, so a broker in trouble is not hammered
 
 
@@ -57,10 +58,30 @@ class Settings:
         self.prefetch = _positive(environ, "TASKER_PREFETCH", 1)
         self.max_result_bytes = _positive(environ, "TASKER_MAX_RESULT_BYTES", protocol.DEFAULT_MAX_RESULT_BYTES)
         self.keys = protocol.MessageKeys(environ.get("TASKER_MESSAGE_KEY"), environ.get("TASKER_MESSAGE_KEY_PREVIOUS"))
+        self.queue_type = environ.get("TASKER_QUEUE_TYPE", "classic").strip() or "classic"
+        if self.queue_type not in ("classic", "quorum"):
+            raise ValueError(f"TASKER_QUEUE_TYPE must be classic or quorum, not {self.queue_type!r}")
 
     @property
     def results_queue(self):  # reached through the default exchange
         return f"{self.prefix}.results"
+
+    def queue_arguments(self, queue):
+        """The arguments Rust declares `queue` with (shared/src/broker.rs): none for classic
+        queues; for quorum ones the type, and on step and results queues the delivery
+        limit and where a message past it goes."""
+        if self.queue_type == "classic":
+            return None
+        arguments = {"x-queue-type": "quorum"}
+        if queue == f"{self.prefix}.dead_letter":
+            return arguments
+        arguments["x-delivery-limit"] = DELIVERY_LIMIT
+        if queue == self.results_queue:
+            arguments["x-dead-letter-exchange"] = f"{self.prefix}.dlx"
+        else:
+            arguments["x-dead-letter-exchange"] = ""
+            arguments["x-dead-letter-routing-key"] = self.results_queue
+        return arguments
 
 
 def _positive(environ, name, default):
@@ -79,6 +100,7 @@ class Worker:
         self.handlers = HANDLERS if handlers is None else handlers
         self.keys, prefix = settings.keys, settings.prefix
         self.steps = connection.channel()  # consumes step messages, manual acks
+        # Quorum queues refuse a channel-wide prefetch; pika's default is per consumer.
         self.steps.basic_qos(prefetch_count=settings.prefetch)
         self.results = connection.channel()  # results and dead letters, with confirms
         self.results.confirm_delivery()
@@ -87,11 +109,11 @@ class Worker:
         ch.exchange_declare(f"{prefix}.steps", "direct", durable=True)
         ch.exchange_declare(f"{prefix}.dlx", "fanout", durable=True)
         for queue in (settings.results_queue, f"{prefix}.dead_letter"):
-            ch.queue_declare(queue, durable=True)
+            ch.queue_declare(queue, durable=True, arguments=settings.queue_arguments(queue))
         ch.queue_bind(f"{prefix}.dead_letter", f"{prefix}.dlx", routing_key="")
         for ns in settings.namespaces:
             queue = f"{prefix}.steps.{ns}"
-            ch.queue_declare(queue, durable=True)
+            ch.queue_declare(queue, durable=True, arguments=settings.queue_arguments(queue))
             ch.queue_bind(queue, f"{prefix}.steps", routing_key=ns)
             # The callback knows its queue: a delivery's routing key is the namespace only
             # when the message came through `<prefix>.steps`; through the default exchange

@@ -10,6 +10,7 @@ mod hostile;
 mod observability;
 mod operator;
 mod poison;
+mod queues;
 mod reconnect;
 mod redispatch;
 mod signing;

@@ -1,0 +1,206 @@
+//! Queue types (docs/operating.md, "Queue types"): with `TASKER_QUEUE_TYPE=quorum` the
+//! step, results and dead-letter queues are quorum queues, a message redelivered more
+//! than the delivery limit is dead-lettered, and a process whose queue type differs from
+//! the queues that exist stops with an error that says so.
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+use tasker_shared::broker::{DELIVERY_LIMIT, is_queue_conflict};
+use tasker_tests::{EnvOptions, TestEnv, amqp_url, binary};
+
+use crate::poison::confirm_channel;
+
+const TEMPLATE: &str = "namespace: replicated\nname: pair\nsteps:\n  - {name: first, handler: tasker.echo}\n  - {name: second, handler: tasker.echo, depends_on: [first]}\n";
+
+async fn quorum_env(test: &str) -> TestEnv {
+    let env = TestEnv::start_with(
+        test,
+        EnvOptions {
+            queue_type: Some("quorum".into()),
+            ..EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (status, body) = env.register_template(TEMPLATE).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    env
+}
+
+/// Whether `queue` is a quorum queue: declaring it as a classic one (no arguments) is
+/// refused as inequivalent.
+async fn is_quorum(channel: &lapin::Channel, queue: &str) -> bool {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => false,
+        Err(error) => {
+            assert!(is_queue_conflict(&error), "{error}");
+            true
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_workflow_runs_on_quorum_queues() {
+    let mut env = quorum_env("quorum-run").await;
+    env.start_worker("q1", &["replicated"]).await.unwrap();
+    let task = env
+        .run_task(
+            json!({"namespace": "replicated", "name": "pair", "context": {"n": 1}}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete", "{task:#}");
+
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    for queue in [
+        env.queue("replicated"),
+        format!("{}.results", env.prefix),
+        format!("{}.dead_letter", env.prefix),
+    ] {
+        // A refused declare closes its channel: one channel per question.
+        let channel = connection.create_channel().await.unwrap();
+        assert!(
+            is_quorum(&channel, &queue).await,
+            "{queue} is not a quorum queue"
+        );
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_message_that_kills_its_workers_fails_its_attempt_at_the_delivery_limit() {
+    let mut env = quorum_env("quorum-limit").await;
+    let (_, task) = env
+        .create_task(json!({"namespace": "replicated", "name": "pair", "context": {"n": 2}}))
+        .await
+        .unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    let (_connection, channel) = confirm_channel().await;
+    let last_error = |task: &serde_json::Value| TestEnv::step(task, "first")["last_error"].clone();
+
+    // A consumer that dies on the message every time, as far as the broker can tell: it
+    // takes the message and gives it back unacknowledged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deliveries = 0;
+    let mut token = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "after {deliveries} deliveries the attempt has not failed"
+        );
+        let got = channel
+            .basic_get(
+                env.queue("replicated").into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap();
+        let Some(message) = got else {
+            let (_, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
+            if !last_error(&task).is_null() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        let first = token.get_or_insert(body["dispatch_token"].clone()).clone();
+        channel
+            .basic_nack(
+                message.delivery.delivery_tag,
+                BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        if body["dispatch_token"] != first {
+            // The next attempt's message: the first one is gone.
+            break;
+        }
+        deliveries += 1;
+        assert!(
+            deliveries <= DELIVERY_LIMIT + 1,
+            "the message was delivered {deliveries} times, past the limit of {DELIVERY_LIMIT}"
+        );
+    }
+    assert!(
+        deliveries >= DELIVERY_LIMIT,
+        "the message left the queue after {deliveries} deliveries"
+    );
+    let (_, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
+    assert_eq!(last_error(&task)["code"], "delivery_limit", "{task:#}");
+    assert_eq!(last_error(&task)["kind"], "retryable", "{task:#}");
+
+    // The attempt failed like any retryable one: the next attempt runs on a worker that
+    // survives it, and the task completes.
+    env.start_worker("q2", &["replicated"]).await.unwrap();
+    let task = env
+        .wait_for_task(&task_id, &["complete", "error"], Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete", "{task:#}");
+    assert_eq!(TestEnv::step(&task, "first")["attempts"], 2, "{task:#}");
+    let dead = channel
+        .basic_get(
+            format!("{}.dead_letter", env.prefix).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap();
+    assert!(dead.is_none(), "a dead letter: {dead:?}");
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn processes_refuse_queues_of_the_other_type_and_say_why() {
+    // Classic queues exist under this prefix (the default type).
+    let env = TestEnv::start("queue-conflict").await.unwrap();
+    let stderr = tasker_tests::worker_refusing_to_start(&[
+        ("TASKER_AMQP_PREFIX", env.prefix.as_str()),
+        ("TASKER_QUEUE_TYPE", "quorum"),
+    ])
+    .await;
+    assert!(
+        stderr.contains("TASKER_QUEUE_TYPE=quorum") && stderr.contains("inequivalent arg"),
+        "{stderr}"
+    );
+
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(binary("tasker-coordinator"))
+            .arg("serve")
+            .env("DATABASE_URL", &env.database_url)
+            .env("AMQP_URL", amqp_url())
+            .env("TASKER_AMQP_PREFIX", &env.prefix)
+            .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
+            .env("TASKER_QUEUE_TYPE", "quorum")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the coordinator stops instead of retrying")
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("TASKER_QUEUE_TYPE=quorum"), "{stderr}");
+    env.finish().await.unwrap();
+}
