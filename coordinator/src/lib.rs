@@ -15,6 +15,7 @@
 //! - `sweeper`: expires leases of lost steps.
 //! - `control`: announces namespaces to workers and hears their status.
 //! - `events`: relays the transition history to the lifecycle events exchange.
+//! - `retention`: removes finished tasks past `TASKER_RETENTION`; `tasker-coordinator prune`.
 //! - `publisher`: publishes claimed steps with publisher confirms.
 //! - `metrics`: the Prometheus metrics; `gauges`: the loop that refreshes the gauges.
 
@@ -29,11 +30,13 @@ mod link;
 mod metrics;
 mod publisher;
 mod result_processor;
+mod retention;
 mod settings;
 mod startup;
 mod sweeper;
 
 pub use auth::command::TokenArgs;
+pub use retention::{Age, PruneArgs, Retention};
 pub use settings::{AuthMode, AuthSettings, CoordinatorSettings, Secret};
 pub use startup::Application;
 

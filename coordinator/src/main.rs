@@ -1,8 +1,8 @@
 //! `tasker-coordinator`: `serve` runs the HTTP API, dispatcher, result processor and
-//! sweeper; `migrate` applies the schema.
+//! sweeper; `migrate` applies the schema; `prune` removes old finished tasks.
 
 use clap::{Parser, Subcommand};
-use tasker_coordinator::{Application, CoordinatorSettings, TokenArgs};
+use tasker_coordinator::{Application, CoordinatorSettings, PruneArgs, TokenArgs};
 use tasker_shared::config::{DatabaseSettings, LogSettings};
 
 #[derive(Parser)]
@@ -22,6 +22,10 @@ enum Command {
     Migrate(DatabaseSettings),
     /// Create, list or revoke API tokens (applies migrations first).
     Token(TokenArgs),
+    /// Remove finished tasks older than `--older-than` with their steps, edges and
+    /// history, once (applies migrations first). `serve` does it all the time under
+    /// `TASKER_RETENTION`.
+    Prune(PruneArgs),
     /// Print the API's OpenAPI 3.1 description (needs neither PostgreSQL nor RabbitMQ).
     Openapi,
 }
@@ -46,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map(|()| tracing::info!("migrations applied")),
         Command::Token(args) => args.run().await,
+        Command::Prune(args) => args.run().await,
         Command::Openapi => Ok(()),
     };
     telemetry.shutdown();

@@ -58,6 +58,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) leases_expired: Family<Reason, Counter>,
     pub(crate) lost_messages: Family<Reason, Counter>,
     pub(crate) stale_results: Counter,
+    pub(crate) pruned_tasks: Counter,
     pub(crate) results_held: Counter,
     pub(crate) dead_lettered: Counter,
     pub(crate) publish_failures: Counter,
@@ -155,6 +156,12 @@ impl CoordinatorMetrics {
             "tasker_stale_results_dropped",
             "Results dropped by the fence (late, duplicated, cancelled or superseded)",
             stale_results.clone(),
+        );
+        let pruned_tasks = Counter::default();
+        registry.register(
+            "tasker_pruned_tasks",
+            "Finished tasks removed by retention (TASKER_RETENTION or `tasker-coordinator prune`), with their steps, edges and history",
+            pruned_tasks.clone(),
         );
         let results_held = Counter::default();
         registry.register(
@@ -283,6 +290,7 @@ impl CoordinatorMetrics {
             leases_expired,
             lost_messages,
             stale_results,
+            pruned_tasks,
             results_held,
             dead_lettered,
             publish_failures,

@@ -76,6 +76,14 @@ pub struct CoordinatorSettings {
     /// How often the gauges (work in flight, queue depths) are refreshed.
     #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 15_000)]
     pub gauge_interval_ms: u64,
+    /// How long finished tasks are kept (`30d`, `12h`…), or `off`: older ones are removed
+    /// with their steps, edges and history, in bounded batches, by one coordinator at a
+    /// time (docs/operating.md, "Retention").
+    #[arg(long, env = "TASKER_RETENTION", default_value = "30d")]
+    pub retention: crate::retention::Retention,
+    /// How often a coordinator looks for finished tasks past the retention.
+    #[arg(long, env = "TASKER_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_interval_ms: u64,
     /// How often expired leases are swept.
     #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
     pub sweep_interval_ms: u64,

@@ -23,6 +23,7 @@ use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::result_processor::{ResultProcessor, ResultProcessorConfig};
 use crate::settings::CoordinatorSettings;
+use crate::retention::{Retention, RetentionLoop};
 use crate::sweeper::{QueueAudit, Sweeper};
 use tasker_shared::broker::{self, Topology};
 use tasker_shared::store::transitions::LeasePolicy;
@@ -200,6 +201,16 @@ impl Application {
             },
         );
         loops.spawn(sweeper.run(stop_rx.clone()));
+        if let Retention::Keep(keep) = settings.retention {
+            let retention = RetentionLoop {
+                pool: self.state.pool.clone(),
+                metrics: self.state.metrics.clone(),
+                keep,
+                keep_unrelayed: settings.events,
+                every: Duration::from_millis(settings.retention_interval_ms.max(100)),
+            };
+            loops.spawn(retention.run(stop_rx.clone()));
+        }
 
         let address = self.listener.local_addr()?;
         tracing::info!(%address, "coordinator listening");

@@ -11,6 +11,7 @@
 
 pub mod events;
 pub mod inspect;
+pub mod retention;
 pub mod tasks;
 pub mod templates;
 pub mod transitions;

@@ -13,6 +13,11 @@
 //! stale results dropped (goal: at most 0.1 % of the steps), each process's peak memory
 //! and the deepest the step queue got.
 //!
+//! After it, retention (`--prune N`, 0 skips it): N finished diamonds 40 days old are
+//! stored, the diamonds' throughput is measured while the coordinators' retention loop
+//! prunes them and without, with the loop's prune rate, then `tasker-coordinator prune`
+//! alone on N more.
+//!
 //! Build in release first: `cargo build --release --workspace --bins`, then run
 //! `target/release/tasker-bench` (see BENCHMARKS.md). It uses its own database
 //! (`tasker_bench`, recreated) and queue prefix (`bench`).
@@ -54,6 +59,12 @@ struct Args {
     /// Completed tasks stored before the history run (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     stored: usize,
+    /// Last of all: store this many finished diamonds 40 days old, then measure the
+    /// diamonds' throughput while the coordinators' retention loop (`TASKER_RETENTION=30d`)
+    /// prunes them against without, the loop's prune rate, and `tasker-coordinator
+    /// prune`'s alone on as many again (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    prune: usize,
     /// Coordinator processes.
     #[arg(long, default_value_t = 1)]
     coordinators: usize,
@@ -183,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
 
     if args.stored > 0 {
         let started = Instant::now();
-        system.store_history(args.stored).await?;
+        system.store_history(args.stored, "1 day").await?;
         println!(
             "history  stored {} completed diamonds    in {:.1} s",
             args.stored,
@@ -207,6 +218,9 @@ async fn main() -> anyhow::Result<()> {
         system
             .burst(args.burst, args.burst_lease_ms, run.steps_per_s)
             .await?;
+    }
+    if args.prune > 0 {
+        system.prune(args.prune, args.diamonds, broker).await?;
     }
     system.stop().await?;
     Ok(())
@@ -695,7 +709,84 @@ impl System {
     }
 
     /// Store `n` completed diamonds (tasks, steps, edges, history) directly in SQL.
-    async fn store_history(&self, n: usize) -> anyhow::Result<()> {
+    /// Retention, measured: `n` finished diamonds 40 days old, pruned by the coordinators'
+    /// loop while `diamonds` new ones run, against the same run without pruning; then
+    /// `tasker-coordinator prune` alone on `n` more.
+    async fn prune(&mut self, n: usize, diamonds: usize, broker: f64) -> anyhow::Result<()> {
+        self.restart_coordinators("retention-off", &[("TASKER_RETENTION", "off")])
+            .await?;
+        let started = Instant::now();
+        self.store_history(n, "40 days").await?;
+        println!(
+            "prune    stored {n} finished diamonds, 40 days old, in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let without = self.throughput("diamond", diamonds, 4, None).await?;
+        without.print("diamonds, retention off", broker);
+
+        self.restart_coordinators("retention-30d", &[("TASKER_RETENTION", "30d")])
+            .await?;
+        let started = Instant::now();
+        let during = self.throughput("diamond", diamonds, 4, None).await?;
+        during.print("diamonds, while pruning", broker);
+        let pruned_during = self.pruned().await?;
+        let deadline = Instant::now() + Duration::from_secs(3_600);
+        while self.pruned().await? < n as f64 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the retention loop did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "prune    retention loop: {n} tasks in {seconds:.1} s, {:.0} tasks/s ({pruned_during:.0} pruned while the diamonds ran)",
+            n as f64 / seconds
+        );
+        println!(
+            "prune    throughput while pruning / without  {:>6.2}",
+            during.steps_per_s / without.steps_per_s
+        );
+
+        self.restart_coordinators("retention-off", &[("TASKER_RETENTION", "off")])
+            .await?;
+        self.store_history(n, "40 days").await?;
+        let output = Command::new(binary("tasker-coordinator"))
+            .args(["prune", "--older-than", "30d"])
+            .env("DATABASE_URL", &self.database_url)
+            .env("TASKER_EVENTS", self.args.events.to_string())
+            .env("RUST_LOG", "warn")
+            .output()
+            .await?;
+        anyhow::ensure!(
+            output.status.success(),
+            "tasker-coordinator prune failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        print!(
+            "prune    tasker-coordinator prune alone: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        Ok(())
+    }
+
+    /// `tasker_pruned_tasks_total`, summed over the coordinators.
+    async fn pruned(&self) -> anyhow::Result<f64> {
+        let mut pruned = 0.0;
+        for base in &self.bases {
+            let text = self.scrape(base).await?;
+            pruned += samples(&text, "tasker_pruned_tasks_total")
+                .iter()
+                .map(|(_, value)| value)
+                .sum::<f64>();
+        }
+        Ok(pruned)
+    }
+
+    /// Store `n` completed diamonds, finished `age` ago (an SQL interval), with task ids
+    /// of that time (UUIDv7 order, as the coordinators make them). Their history counts
+    /// as published: the events relay's cursor moves past it.
+    async fn store_history(&self, n: usize, age: &str) -> anyhow::Result<()> {
         let template_id: i64 =
             sqlx::query_scalar("SELECT template_id FROM templates WHERE name = 'diamond'")
                 .fetch_one(&self.pool)
@@ -706,13 +797,16 @@ impl System {
                 r#"
                 WITH t AS (
                     INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context, created_at, updated_at, completed_at)
-                    SELECT gen_random_uuid(), $1, 'bench', 'diamond', '0.1.0', 'complete', '{}', now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+                    SELECT encode(overlay(uuid_send(gen_random_uuid()) placing
+                               substring(int8send((extract(epoch FROM now() - $3::interval) * 1000)::bigint) FROM 3)
+                               FROM 1 FOR 6), 'hex')::uuid,
+                           $1, 'bench', 'diamond', '0.1.0', 'complete', '{}', now() - $3::interval, now() - $3::interval, now() - $3::interval
                     FROM generate_series(1, $2)
                     RETURNING task_id
                 ),
                 s AS (
                     INSERT INTO steps (step_id, task_id, name, position, handler, status, remaining_parents, attempts, retry_limit, retryable, timeout_ms, results, started_at, completed_at, ready_at)
-                    SELECT gen_random_uuid(), t.task_id, x.name, x.position, 'tasker.noop', 'complete', 0, 1, 3, true, 300000, '{}', now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+                    SELECT gen_random_uuid(), t.task_id, x.name, x.position, 'tasker.noop', 'complete', 0, 1, 3, true, 300000, '{}', now() - $3::interval, now() - $3::interval, now() - $3::interval
                     FROM t CROSS JOIN (VALUES ('a', 0), ('b', 1), ('c', 2), ('d', 3)) AS x(name, position)
                     RETURNING step_id, task_id, name
                 ),
@@ -733,9 +827,16 @@ impl System {
             )
             .bind(template_id)
             .bind(count)
+            .bind(age)
             .execute(&self.pool)
             .await?;
         }
+        sqlx::query(
+            "UPDATE event_relay SET last_transition_id = GREATEST(last_transition_id,
+                 (SELECT last_value FROM transition_ids))",
+        )
+        .execute(&self.pool)
+        .await?;
         sqlx::query("ANALYZE").execute(&self.pool).await?;
         Ok(())
     }

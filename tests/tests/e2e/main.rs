@@ -13,6 +13,7 @@ mod poison;
 mod queues;
 mod reconnect;
 mod redispatch;
+mod retention;
 mod signing;
 mod tasker_engine;
 mod validation;
