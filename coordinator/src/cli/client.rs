@@ -126,6 +126,19 @@ impl Client {
         Ok(response.success()?.body)
     }
 
+    /// `GET` a text answer (a diagram), expecting success.
+    pub(crate) async fn get_text(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<String, CliError> {
+        let response = self.send(Method::GET, segments, query, Body::None).await?;
+        match response.success()?.body {
+            Value::String(text) => Ok(text),
+            other => Ok(other.to_string()),
+        }
+    }
+
     /// `POST` a JSON body, expecting success.
     pub(crate) async fn post(&self, segments: &[&str], body: Value) -> Result<Response, CliError> {
         self.send(Method::POST, segments, &[], Body::Json(body))

@@ -120,6 +120,16 @@ enum TemplatesCommand {
     },
     /// List the registered templates.
     List,
+    /// Print a Mermaid flowchart of a template's steps.
+    Diagram {
+        /// The template's namespace.
+        namespace: String,
+        /// The template's name.
+        name: String,
+        /// Template version (default: the latest).
+        #[arg(long)]
+        version: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,22 +143,13 @@ enum TasksCommand {
     },
     /// List tasks, newest first.
     List(ListArgs),
-    /// Cancel a pending or running task.
-    Cancel {
-        /// The task id.
-        id: String,
-        /// Why (kept in the task's history).
-        #[arg(long)]
-        reason: Option<String>,
-    },
-    /// Retry a task in error: its failed steps get a fresh attempt budget.
-    Retry {
-        /// The task id.
-        id: String,
-        /// Why (kept in the task's history).
-        #[arg(long)]
-        reason: Option<String>,
-    },
+    /// Cancel a pending or running task, or every one a filter matches.
+    #[command(after_help = BULK_HELP)]
+    Cancel(OperateArgs),
+    /// Retry a task in error (its failed steps get a fresh attempt budget), or every
+    /// task in error a filter matches.
+    #[command(after_help = BULK_HELP)]
+    Retry(OperateArgs),
     /// Explain, per step, why it is or is not running.
     Explain {
         /// The task id.
@@ -184,21 +185,79 @@ struct CreateArgs {
 
 #[derive(Args)]
 struct ListArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Only tasks in this status.
+    #[arg(long, value_parser = PossibleValuesParser::new(TaskStatus::ALL.iter().map(|s| s.as_str())))]
+    status: Option<String>,
+    /// `-created_at` (newest first, the default) or `created_at` (oldest first).
+    #[arg(long, allow_hyphen_values = true,
+          value_parser = PossibleValuesParser::new(["-created_at", "created_at"]))]
+    order: Option<String>,
+    /// Most tasks to show (1–500).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=500))]
+    limit: u16,
+    /// Continue after an earlier page (its `next_cursor`; give the same filters and order).
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+/// The filters `tasks list`, `tasks cancel` and `tasks retry` share.
+#[derive(Args)]
+struct FilterArgs {
     /// Only tasks of this namespace.
     #[arg(long)]
     namespace: Option<String>,
     /// Only tasks of templates with this name.
     #[arg(long)]
     name: Option<String>,
-    /// Only tasks in this status.
-    #[arg(long, value_parser = PossibleValuesParser::new(TaskStatus::ALL.iter().map(|s| s.as_str())))]
-    status: Option<String>,
-    /// Most tasks to show (1–500).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=500))]
-    limit: u16,
-    /// Continue after an earlier page (its `next_cursor`).
+    /// Only tasks having this tag; repeat for tasks having all of them.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Only tasks created after this time: RFC 3339, or an age such as 30m, 2h, 7d.
+    #[arg(long, value_name = "TIME", value_parser = time_argument)]
+    created_after: Option<String>,
+    /// Only tasks created before this time: RFC 3339, or an age such as 30m, 2h, 7d.
+    #[arg(long, value_name = "TIME", value_parser = time_argument)]
+    created_before: Option<String>,
+}
+
+impl FilterArgs {
+    fn is_empty(&self) -> bool {
+        self.namespace.is_none()
+            && self.name.is_none()
+            && self.tags.is_empty()
+            && self.created_after.is_none()
+            && self.created_before.is_none()
+    }
+}
+
+const BULK_HELP: &str = "\
+With a task id, acts on that task. Without one, acts on every task the filter flags
+match (at least one is needed), oldest first, at most --limit (default 1000, at most
+10000): cancel on pending and in-progress tasks, retry on tasks in error. Each task is
+changed exactly as if named alone. --dry-run lists what matches and changes nothing.
+The ids acted on are printed one per line on stdout; the counts go to stderr.";
+
+#[derive(Args)]
+struct OperateArgs {
+    /// The task id (or use the filter flags instead).
+    #[arg(conflicts_with_all = ["namespace", "name", "tags", "created_after", "created_before", "status", "limit", "dry_run"])]
+    id: Option<String>,
+    /// Why (kept in each task's history).
     #[arg(long)]
-    cursor: Option<String>,
+    reason: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Only tasks in this status (cancel: pending or in_progress; retry: error).
+    #[arg(long, value_parser = PossibleValuesParser::new(["pending", "in_progress", "error"]))]
+    status: Option<String>,
+    /// Most tasks to act on (1–10000; default 1000).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    limit: Option<u16>,
+    /// Show what matches; change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -346,6 +405,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     };
     match cli.command {
         Command::Templates(TemplatesCommand::Apply { path }) => apply(&context, &path).await,
+        Command::Templates(TemplatesCommand::Diagram {
+            namespace,
+            name,
+            version,
+        }) => {
+            let query: Vec<(&str, String)> = version.map(|v| ("version", v)).into_iter().collect();
+            let diagram = context
+                .client
+                .get_text(&["v1", "templates", &namespace, &name, "diagram"], &query)
+                .await?;
+            out!("{diagram}");
+            Ok(())
+        }
         Command::Templates(TemplatesCommand::List) => {
             let body = context.client.get(&["v1", "templates"], &[]).await?;
             context.print(&body, render::template_list);
@@ -358,11 +430,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Tasks(TasksCommand::List(args)) => list(&context, args).await,
-        Command::Tasks(TasksCommand::Cancel { id, reason }) => {
-            operate(&context, &id, "cancel", reason, "cancelled").await
+        Command::Tasks(TasksCommand::Cancel(args)) => {
+            operate(&context, args, "cancel", "cancelled").await
         }
-        Command::Tasks(TasksCommand::Retry { id, reason }) => {
-            operate(&context, &id, "retry", reason, "retried").await
+        Command::Tasks(TasksCommand::Retry(args)) => {
+            operate(&context, args, "retry", "retried").await
         }
         Command::Tasks(TasksCommand::Explain { id }) => {
             let body = context
@@ -373,8 +445,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Tasks(TasksCommand::Diagram { id }) => {
-            let task = context.client.get(&["v1", "tasks", &id], &[]).await?;
-            context.print(&task, |task, _| render::mermaid(task));
+            let diagram = context
+                .client
+                .get_text(&["v1", "tasks", &id, "diagram"], &[])
+                .await?;
+            out!("{diagram}");
             Ok(())
         }
         Command::Steps(StepsCommand::Resolve {
@@ -641,10 +716,10 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
 /// `tasks list`.
 async fn list(context: &Context, args: ListArgs) -> Result<(), CliError> {
     let mut query = vec![("limit", args.limit.to_string())];
+    filter_query(&args.filter, &mut query);
     for (key, value) in [
-        ("namespace", args.namespace),
-        ("name", args.name),
         ("status", args.status),
+        ("order", args.order),
         ("cursor", args.cursor),
     ] {
         if let Some(value) = value {
@@ -661,21 +736,66 @@ async fn list(context: &Context, args: ListArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `tasks cancel` and `tasks retry`: post `{"reason"?}`, show the task as it is now.
+/// The filter flags as `GET /v1/tasks` query parameters.
+fn filter_query(filter: &FilterArgs, query: &mut Vec<(&'static str, String)>) {
+    for (key, value) in [
+        ("namespace", &filter.namespace),
+        ("name", &filter.name),
+        ("created_after", &filter.created_after),
+        ("created_before", &filter.created_before),
+    ] {
+        if let Some(value) = value {
+            query.push((key, value.clone()));
+        }
+    }
+    for tag in &filter.tags {
+        query.push(("tag", tag.clone()));
+    }
+}
+
+/// A time flag: RFC 3339 as given, or an age (`90s`, `30m`, `2h`, `7d`) as the RFC 3339
+/// time that long ago.
+fn time_argument(text: &str) -> Result<String, String> {
+    if chrono::DateTime::parse_from_rfc3339(text).is_ok() {
+        return Ok(text.to_owned());
+    }
+    let age = text
+        .char_indices()
+        .last()
+        .and_then(|(at, unit)| {
+            let amount: i64 = text[..at].parse().ok().filter(|n| *n >= 0)?;
+            match unit {
+                's' => chrono::TimeDelta::try_seconds(amount),
+                'm' => chrono::TimeDelta::try_minutes(amount),
+                'h' => chrono::TimeDelta::try_hours(amount),
+                'd' => chrono::TimeDelta::try_days(amount),
+                _ => None,
+            }
+        })
+        .ok_or_else(|| {
+            format!("`{text}` is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor an age such as 30m, 2h or 7d")
+        })?;
+    Ok((Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// `tasks cancel` and `tasks retry`: one task (post `{"reason"?}`, show the task as it is
+/// now), or every task the filter flags match (`POST /v1/tasks/{action}`).
 async fn operate(
     context: &Context,
-    id: &str,
+    args: OperateArgs,
     action: &str,
-    reason: Option<String>,
     done: &str,
 ) -> Result<(), CliError> {
-    let body = match reason {
+    let Some(id) = args.id else {
+        return operate_many(context, args, action, done).await;
+    };
+    let body = match args.reason {
         Some(reason) => json!({"reason": reason}),
         None => json!({}),
     };
     let response = context
         .client
-        .post(&["v1", "tasks", id, action], body)
+        .post(&["v1", "tasks", &id, action], body)
         .await?;
     if context.output == Output::Table {
         errln!("{done} task {id}");
@@ -683,5 +803,63 @@ async fn operate(
     context.print(&response.body, |task, style| {
         render::task(task, style, Utc::now())
     });
+    Ok(())
+}
+
+/// The bulk form of `tasks cancel` and `tasks retry`.
+async fn operate_many(
+    context: &Context,
+    args: OperateArgs,
+    action: &str,
+    done: &str,
+) -> Result<(), CliError> {
+    if args.filter.is_empty() && args.status.is_none() {
+        return Err(CliError::Usage(format!(
+            "give a task id, or at least one filter (--namespace, --name, --status, --tag, \
+             --created-after, --created-before) to {action} every task it matches"
+        )));
+    }
+    let filter = args.filter;
+    let mut body = json!({"dry_run": args.dry_run});
+    for (key, value) in [
+        ("namespace", filter.namespace),
+        ("name", filter.name),
+        ("status", args.status),
+        ("created_after", filter.created_after),
+        ("created_before", filter.created_before),
+        ("reason", args.reason),
+    ] {
+        if let Some(value) = value {
+            body[key] = json!(value);
+        }
+    }
+    if !filter.tags.is_empty() {
+        body["tags"] = json!(filter.tags);
+    }
+    if let Some(limit) = args.limit {
+        body["limit"] = json!(limit);
+    }
+    let response = context.client.post(&["v1", "tasks", action], body).await?;
+    let answer = response.body;
+    if context.output == Output::Json {
+        outln!("{}", pretty(&answer));
+        return Ok(());
+    }
+    for id in answer["task_ids"].as_array().into_iter().flatten() {
+        outln!("{}", id.as_str().unwrap_or_default());
+    }
+    let matched = answer["matched"].as_u64().unwrap_or_default();
+    if args.dry_run {
+        errln!("dry run: {matched} task(s) match; nothing was {done}");
+    } else {
+        let changed = answer["changed"].as_u64().unwrap_or_default();
+        errln!("{done} {changed} of {matched} matching task(s)");
+        if changed < matched {
+            errln!("the others changed state before they were reached");
+        }
+    }
+    if answer["has_more"].as_bool() == Some(true) {
+        errln!("more tasks match than --limit: run again for the rest");
+    }
     Ok(())
 }

@@ -3,6 +3,8 @@
 mod auth;
 mod body;
 mod budget;
+mod bulk;
+mod diagram;
 mod error;
 mod health;
 pub(crate) mod openapi;
@@ -104,9 +106,23 @@ pub(crate) fn routes() -> Vec<Route> {
             read,
             templates::get,
         ),
+        route(
+            Method::GET,
+            "/v1/templates/{namespace}/{name}/diagram",
+            read,
+            diagram::template,
+        ),
         route(Method::POST, "/v1/tasks", write, tasks::create),
         route(Method::GET, "/v1/tasks", read, tasks::list),
+        route(Method::POST, "/v1/tasks/cancel", operate, bulk::cancel),
+        route(Method::POST, "/v1/tasks/retry", operate, bulk::retry),
         route(Method::GET, "/v1/tasks/{task_id}", read, tasks::get),
+        route(
+            Method::GET,
+            "/v1/tasks/{task_id}/diagram",
+            read,
+            diagram::task,
+        ),
         route(
             Method::POST,
             "/v1/tasks/{task_id}/cancel",

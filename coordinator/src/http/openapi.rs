@@ -13,6 +13,8 @@ use utoipa::{Modify, OpenApi};
 
 use super::auth::SecurityDoc;
 use super::body::StorableJson;
+use super::bulk::{self, BulkRequest, BulkResult};
+use super::diagram;
 use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
 use super::operate::{self, ReadinessView, ReasonRequest, ResolveRequest, TransitionHistory};
@@ -37,11 +39,15 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         templates::create,
         templates::list,
         templates::get,
+        diagram::template,
         tasks::create,
         tasks::list,
         tasks::get,
+        diagram::task,
         operate::cancel,
         operate::retry,
+        bulk::cancel,
+        bulk::retry,
         operate::resolve,
         operate::readiness,
         operate::history,
@@ -68,6 +74,8 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         TaskPage,
         ReasonRequest,
         ResolveRequest,
+        BulkRequest,
+        BulkResult,
         ReadinessView,
         StepReadiness,
         TransitionHistory,
@@ -390,6 +398,18 @@ mod tests {
         assert_eq!(fields("CreateTaskRequest"), set(tasks::CREATE_FIELDS));
         assert_eq!(fields("ReasonRequest"), set(operate::REASON_FIELDS));
         assert_eq!(fields("ResolveRequest"), set(operate::RESOLVE_FIELDS));
+        assert_eq!(fields("BulkRequest"), set(bulk::BULK_FIELDS));
+        for path in ["/v1/tasks/cancel", "/v1/tasks/retry"] {
+            let body = &doc["paths"][path]["post"]["requestBody"];
+            assert_eq!(body["required"], true, "{path}: the filter is required");
+        }
+        for path in [
+            "/v1/templates/{namespace}/{name}/diagram",
+            "/v1/tasks/{task_id}/diagram",
+        ] {
+            let content = &doc["paths"][path]["get"]["responses"]["200"]["content"];
+            assert!(content.get(diagram::MERMAID).is_some(), "{path}: {content}");
+        }
         assert_eq!(
             doc["components"]["schemas"]["CreateTaskRequest"]["required"],
             serde_json::json!(["namespace", "name"])

@@ -1,6 +1,5 @@
 //! `POST /v1/tasks`, `GET /v1/tasks/{task_id}`, `GET /v1/tasks`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -8,6 +7,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use chrono::DateTime;
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -22,7 +22,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{
-    self, Created, Creation, NewTask, StepRecord, TaskFilter, TaskRecord,
+    self, Created, Creation, NewTask, Order, Page, StepRecord, TaskFilter, TaskRecord,
 };
 
 /// A task with its steps and its execution context.
@@ -92,7 +92,7 @@ pub(crate) const CREATE_FIELDS: &[&str] = &[
 /// The body of `GET /v1/tasks`.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct TaskPage {
-    /// Tasks, newest first.
+    /// Tasks, in the order asked (newest first by default).
     tasks: Vec<TaskRecord>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     next_cursor: Option<Uuid>,
@@ -104,6 +104,8 @@ const SHORT_TEXT: usize = 128;
 const KEY_LENGTH: usize = 255;
 /// Most tasks per page.
 const MAX_PAGE: i64 = 500;
+/// Most `tag` parameters in a list.
+const MAX_TAGS: usize = 20;
 /// Steps past which a task's ids and edges are prepared on a blocking thread.
 const LARGE_TEMPLATE_STEPS: usize = 1_000;
 
@@ -317,7 +319,7 @@ pub(crate) async fn get(
     Ok(Json(task_view(&state, task_id).await?))
 }
 
-/// Tasks, newest first, filtered, one page at a time.
+/// Tasks, filtered, one page at a time, newest or oldest first.
 #[utoipa::path(
     get,
     path = "/v1/tasks",
@@ -327,8 +329,12 @@ pub(crate) async fn get(
         ("namespace" = Option<String>, Query, description = "Only tasks of this template namespace."),
         ("name" = Option<String>, Query, description = "Only tasks of this template name."),
         ("status" = Option<TaskStatus>, Query, description = "Only tasks in this status."),
+        ("tag" = Option<Vec<String>>, Query, explode = true, description = "Only tasks whose `tags` hold this tag; repeat it (`tag=a&tag=b`) for tasks holding all of them (at most 20)."),
+        ("created_after" = Option<DateTime<Utc>>, Query, description = "Only tasks created after this instant (RFC 3339; encode `+` as `%2B`)."),
+        ("created_before" = Option<DateTime<Utc>>, Query, description = "Only tasks created before this instant (RFC 3339; encode `+` as `%2B`)."),
+        ("order" = Option<String>, Query, description = "`-created_at` (newest first, the default) or `created_at` (oldest first).", example = "-created_at"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Tasks per page, 1 to 500; default 50."),
-        ("cursor" = Option<Uuid>, Query, description = "The `next_cursor` of the previous page."),
+        ("cursor" = Option<Uuid>, Query, description = "The `next_cursor` of the previous page, sent with the same filters and order."),
     ),
     responses(
         (status = 200, description = "One page of tasks.", body = TaskPage),
@@ -339,38 +345,90 @@ pub(crate) async fn get(
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<TaskPage>> {
     let Query(query) = query.map_err(query_rejection)?;
     let mut problems = Vec::new();
     let mut matches_nothing = false;
-    let mut filter = TaskFilter {
+    let mut filter = TaskFilter::default();
+    let mut page = Page {
+        cursor: None,
         limit: 50,
-        ..TaskFilter::default()
+        order: Order::Newest,
+    };
+    let mut problem = |path: &str, message: String| {
+        problems.push(json!({"path": path, "message": message}));
     };
     for (key, value) in query {
         match key.as_str() {
-            // No stored name holds U+0000 (nor can PostgreSQL compare with one).
-            "namespace" | "name" if value.contains('\0') => matches_nothing = true,
+            // No stored name or tag holds U+0000 (nor can PostgreSQL compare with one).
+            "namespace" | "name" | "tag" if value.contains('\0') => matches_nothing = true,
             "namespace" => filter.namespace = Some(value),
             "name" => filter.name = Some(value),
             "status" => match value.parse::<TaskStatus>() {
-                Ok(status) => filter.status = Some(status),
-                Err(_) => problems.push(json!({"path": "status", "message": format!(
-                    "unknown status `{value}`; expected one of: {}",
-                    TaskStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))})),
+                Ok(status) => filter.statuses = vec![status],
+                Err(_) => problem(
+                    "status",
+                    format!(
+                        "unknown status `{value}`; expected one of: {}",
+                        TaskStatus::ALL
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            },
+            "tag" if filter.tags.len() >= MAX_TAGS => {
+                problem("tag", format!("at most {MAX_TAGS} `tag` parameters"));
+            }
+            "tag" => filter.tags.push(value),
+            "created_after" | "created_before" => match DateTime::parse_from_rfc3339(&value) {
+                Ok(at) if key == "created_after" => filter.created_after = Some(at.to_utc()),
+                Ok(at) => filter.created_before = Some(at.to_utc()),
+                Err(error) => problem(
+                    &key,
+                    format!(
+                        "`{key}` must be an RFC 3339 time such as 2026-12-01T00:00:00Z (encode `+` as %2B): {error}"
+                    ),
+                ),
+            },
+            "order" => match value.as_str() {
+                "created_at" => page.order = Order::Oldest,
+                "-created_at" => page.order = Order::Newest,
+                _ => problem(
+                    "order",
+                    "`order` must be `created_at` (oldest first) or `-created_at` (newest first)"
+                        .to_owned(),
+                ),
             },
             "limit" => match value.parse::<i64>() {
-                Ok(limit) if (1..=MAX_PAGE).contains(&limit) => filter.limit = limit,
-                _ => problems.push(json!({"path": "limit", "message": format!("`limit` must be a whole number from 1 to {MAX_PAGE}")})),
+                Ok(limit) if (1..=MAX_PAGE).contains(&limit) => page.limit = limit,
+                _ => problem(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {MAX_PAGE}"),
+                ),
             },
             "cursor" => match Uuid::parse_str(&value) {
-                Ok(cursor) => filter.before = Some(cursor),
-                Err(_) => problems.push(json!({"path": "cursor", "message": "`cursor` must be a `next_cursor` from an earlier page"})),
+                Ok(cursor) => page.cursor = Some(cursor),
+                Err(_) => problem(
+                    "cursor",
+                    "`cursor` must be a `next_cursor` from an earlier page".to_owned(),
+                ),
             },
-            _ => problems.push(json!({"path": key, "message": format!(
-                "unknown query parameter `{key}`; expected namespace, name, status, limit or cursor")})),
+            _ => problem(
+                &key,
+                format!(
+                    "unknown query parameter `{key}`; expected namespace, name, status, tag, \
+                 created_after, created_before, order, limit or cursor"
+                ),
+            ),
         }
+    }
+    if let (Some(after), Some(before)) = (filter.created_after, filter.created_before)
+        && after >= before
+    {
+        matches_nothing = true;
     }
     if !problems.is_empty() {
         return Err(ApiError::malformed("invalid query parameters").with_details(problems));
@@ -381,7 +439,7 @@ pub(crate) async fn list(
             next_cursor: None,
         }));
     }
-    let (tasks, next_cursor) = tasks::list(&state.pool, &filter).await?;
+    let (tasks, next_cursor) = tasks::list(&state.pool, &filter, page).await?;
     Ok(Json(TaskPage { tasks, next_cursor }))
 }
 

@@ -504,47 +504,152 @@ pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<V
     .await
 }
 
-/// Filters for [`list`].
+/// Which tasks to read, list or operate on. Every criterion narrows; none is "every task".
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
     /// Only this namespace.
     pub namespace: Option<String>,
     /// Only this template name.
     pub name: Option<String>,
-    /// Only this status.
-    pub status: Option<TaskStatus>,
-    /// Only tasks older than this one (the cursor).
-    pub before: Option<Uuid>,
-    /// At most this many.
-    pub limit: i64,
+    /// Only tasks in one of these statuses (empty: any status).
+    pub statuses: Vec<TaskStatus>,
+    /// Only tasks whose `tags` hold every one of these (JSON containment).
+    pub tags: Vec<String>,
+    /// Only tasks created after this instant.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only tasks created before this instant.
+    pub created_before: Option<DateTime<Utc>>,
 }
 
-/// Tasks, newest first, one page at a time: returns the page and the cursor of the next.
+/// The order of [`list`]: by creation, which for a UUIDv7 `task_id` is `task_id` order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Oldest first (`order=created_at`).
+    Oldest,
+    /// Newest first (`order=-created_at`, the default).
+    #[default]
+    Newest,
+}
+
+/// One page of [`list`]: where it starts, how long it is, in which order.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// Only tasks after this one in `order` (the previous page's cursor).
+    pub cursor: Option<Uuid>,
+    /// At most this many.
+    pub limit: i64,
+    /// Oldest or newest first.
+    pub order: Order,
+}
+
+/// How far the coordinator's clock (which stamps `task_id`) and the database's (which
+/// stamps `created_at`) may disagree. The time window is applied exactly to
+/// `created_at`; this margin widens the `task_id` range that bounds the index scan, so
+/// a skew below it never drops a task from the window.
+const CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// The smallest UUIDv7 of the millisecond `at` (every id made then or later is larger).
+fn first_id_at(at: DateTime<Utc>) -> Uuid {
+    let ms = u64::try_from(at.timestamp_millis()).unwrap_or(0) & 0xFFFF_FFFF_FFFF;
+    Uuid::from_u128(u128::from(ms) << 80)
+}
+
+/// `SELECT <columns> FROM tasks WHERE <filter>`: only the criteria given are written,
+/// so the planner sees plain equalities and ranges and picks `tasks_by_status`
+/// (`status, task_id`), `tasks_by_template` (`namespace, name, task_id`) or the primary
+/// key, each ordered by `task_id`. The time window becomes a `task_id` range (UUIDv7
+/// ids sort by creation) widened by [`CLOCK_MARGIN`], and the exact `created_at` test.
+fn select_where(columns: &str, filter: &TaskFilter) -> sqlx::QueryBuilder<sqlx::Postgres> {
+    let mut query = sqlx::QueryBuilder::new(format!("SELECT {columns} FROM tasks WHERE TRUE"));
+    if let Some(namespace) = &filter.namespace {
+        query.push(" AND namespace = ").push_bind(namespace.clone());
+    }
+    if let Some(name) = &filter.name {
+        query.push(" AND name = ").push_bind(name.clone());
+    }
+    match filter.statuses.as_slice() {
+        [] => {}
+        [status] => {
+            query.push(" AND status = ").push_bind(*status);
+        }
+        statuses => {
+            let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+            query.push(" AND status = ANY(").push_bind(names).push(")");
+        }
+    }
+    if !filter.tags.is_empty() {
+        query
+            .push(" AND tags @> ")
+            .push_bind(Value::from(filter.tags.clone()));
+    }
+    if let Some(after) = filter.created_after {
+        query
+            .push(" AND task_id >= ")
+            .push_bind(first_id_at(after - CLOCK_MARGIN))
+            .push(" AND created_at > ")
+            .push_bind(after);
+    }
+    if let Some(before) = filter.created_before {
+        query
+            .push(" AND task_id < ")
+            .push_bind(first_id_at(before + CLOCK_MARGIN))
+            .push(" AND created_at < ")
+            .push_bind(before);
+    }
+    query
+}
+
+/// Tasks matching `filter`, one page at a time in `page.order`: returns the page and
+/// the cursor of the next (pass it back with the same filter and order).
 pub async fn list(
     pool: &PgPool,
     filter: &TaskFilter,
+    page: Page,
 ) -> sqlx::Result<(Vec<TaskRecord>, Option<Uuid>)> {
-    let mut tasks: Vec<TaskRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_COLUMNS} FROM tasks
-         WHERE ($1::text IS NULL OR namespace = $1)
-           AND ($2::text IS NULL OR name = $2)
-           AND ($3::text IS NULL OR status = $3)
-           AND ($4::uuid IS NULL OR task_id < $4)
-         ORDER BY task_id DESC
-         LIMIT $5"
-    )))
-    .bind(&filter.namespace)
-    .bind(&filter.name)
-    .bind(filter.status)
-    .bind(filter.before)
-    .bind(filter.limit + 1)
-    .fetch_all(pool)
-    .await?;
-    let next = if tasks.len() as i64 > filter.limit {
-        tasks.truncate(filter.limit as usize);
+    let mut query = select_where(TASK_COLUMNS, filter);
+    let (after, direction) = match page.order {
+        Order::Oldest => (">", "ASC"),
+        Order::Newest => ("<", "DESC"),
+    };
+    if let Some(cursor) = page.cursor {
+        query
+            .push(format_args!(" AND task_id {after} "))
+            .push_bind(cursor);
+    }
+    query
+        .push(format_args!(" ORDER BY task_id {direction} LIMIT "))
+        .push_bind(page.limit + 1);
+    let mut tasks: Vec<TaskRecord> = query.build_query_as().fetch_all(pool).await?;
+    let next = if tasks.len() as i64 > page.limit {
+        tasks.truncate(page.limit as usize);
         tasks.last().map(|t| t.task_id)
     } else {
         None
     };
     Ok((tasks, next))
+}
+
+/// The ids of the oldest `limit` tasks matching `filter` (what a bulk operation acts on).
+pub async fn matching_ids(
+    pool: &PgPool,
+    filter: &TaskFilter,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    let mut query = select_where("task_id", filter);
+    query.push(" ORDER BY task_id ASC LIMIT ").push_bind(limit);
+    query.build_query_scalar().fetch_all(pool).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_id_of_a_millisecond_sorts_before_ids_made_then() {
+        let at = Utc::now();
+        let id = Uuid::now_v7();
+        assert!(first_id_at(at) <= id);
+        assert!(first_id_at(at + chrono::TimeDelta::seconds(1)) > id);
+        assert_eq!(first_id_at(at).get_version_num(), 0, "a bound, not an id");
+    }
 }

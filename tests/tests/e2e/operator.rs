@@ -407,3 +407,384 @@ async fn queued_steps_of_a_cancelled_task_are_not_run() {
     assert_eq!(started, 0, "the cancelled task's step never ran");
     env.finish().await.unwrap();
 }
+
+/// Steps no worker serves here: the tasks stay unfinished until cancelled.
+const IDLE: &str = r#"
+namespace: bulk
+name: idle
+steps:
+  - {name: first, handler: tasker.noop}
+  - {name: second-step, handler: tasker.noop, depends_on: [first]}
+"#;
+
+const DOOMED: &str = r#"
+namespace: bulkfail
+name: doomed
+steps:
+  - {name: x, handler: tasker.fail, config: {kind: permanent}}
+  - {name: y, handler: tasker.noop, depends_on: [x]}
+"#;
+
+/// The `path`s of a 422's or 400's details.
+fn problem_paths(body: &Value) -> Vec<String> {
+    body["error"]["details"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no details in {body}"))
+        .iter()
+        .map(|d| d["path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ids(body: &Value) -> Vec<String> {
+    body["task_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no task_ids in {body}"))
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn create_tagged(env: &TestEnv, tags: Value) -> String {
+    let (status, task) = env
+        .create_task(json!({"namespace": "bulk", "name": "idle", "tags": tags}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    task["task_id"].as_str().unwrap().to_owned()
+}
+
+/// Bulk cancel and retry: refused filters name every problem, a dry run changes nothing,
+/// tags, the time window, status and limit narrow, and each task changes exactly as a
+/// single cancel or retry would (history, reason).
+#[tokio::test]
+async fn bulk_cancel_and_retry_act_on_what_the_filter_matches() {
+    let mut env = TestEnv::start("bulk").await.unwrap();
+    env.register_template(IDLE).await.unwrap();
+    env.register_template(DOOMED).await.unwrap();
+    let mut both = Vec::new();
+    for _ in 0..3 {
+        both.push(create_tagged(&env, json!(["nightly", "eu"])).await);
+    }
+    let middle: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let mut nightly = Vec::new();
+    for _ in 0..2 {
+        nightly.push(create_tagged(&env, json!(["nightly"])).await);
+    }
+
+    // Refused: an empty filter, and every bad field named at once.
+    for action in ["cancel", "retry"] {
+        let (status, body) = env
+            .post(&format!("/v1/tasks/{action}"), json!({"dry_run": true}))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(problem_paths(&body), [""], "{body}");
+    }
+    let (status, body) = env
+        .post(
+            "/v1/tasks/cancel",
+            json!({"namespace": "", "status": "complete", "tags": ["ok", 7], "limit": 10001,
+                   "created_after": "yesterday", "dry_run": "yes", "bogus": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let mut paths = problem_paths(&body);
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "bogus",
+            "created_after",
+            "dry_run",
+            "limit",
+            "namespace",
+            "status",
+            "tags/1"
+        ],
+        "{body}"
+    );
+    let (status, body) = env
+        .post("/v1/tasks/retry", json!({"status": "pending"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(problem_paths(&body), ["status"], "{body}");
+
+    // Dry runs: tags (all must match), the time window, the limit.
+    let (status, body) = env
+        .post(
+            "/v1/tasks/cancel",
+            json!({"tags": ["nightly", "eu"], "dry_run": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["matched"], 3, "{body}");
+    assert_eq!(body["changed"], 0, "{body}");
+    assert_eq!(ids(&body), both, "oldest first");
+    let (_, body) = env
+        .post(
+            "/v1/tasks/cancel",
+            json!({"namespace": "bulk", "created_after": middle.to_rfc3339(), "dry_run": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&body), nightly, "{body}");
+    let (_, body) = env
+        .post(
+            "/v1/tasks/cancel",
+            json!({"tags": ["nightly"], "created_before": middle.to_rfc3339(),
+                   "status": "in_progress", "limit": 2, "dry_run": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&body), both[..2], "{body}");
+    assert_eq!(body["has_more"], true, "{body}");
+    for id in both.iter().chain(&nightly) {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        assert_eq!(task["status"], "in_progress", "a dry run changes nothing");
+    }
+
+    // Cancel: the matched tasks, each with the single cancel's history.
+    let (status, body) = env
+        .post(
+            "/v1/tasks/cancel",
+            json!({"tags": ["eu", "nightly"], "reason": "bad batch"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((&body["matched"], &body["changed"]), (&json!(3), &json!(3)));
+    assert_eq!(ids(&body), both);
+    for id in &both {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        assert_eq!(task["status"], "cancelled");
+        assert!(
+            task["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["status"] == "cancelled"),
+            "{task}"
+        );
+        let (_, history) = env
+            .get(&format!("/v1/tasks/{id}/transitions"))
+            .await
+            .unwrap();
+        let last = history["task"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["reason"], "cancelled_by_operator");
+        assert_eq!(last["metadata"]["reason"], "bad batch");
+    }
+    for id in &nightly {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        assert_eq!(task["status"], "in_progress", "not matched, not changed");
+    }
+    // Finished tasks no longer match.
+    let (_, body) = env
+        .post("/v1/tasks/cancel", json!({"tags": ["eu"]}))
+        .await
+        .unwrap();
+    assert_eq!((&body["matched"], &body["changed"]), (&json!(0), &json!(0)));
+
+    // Retry: only tasks in error, each as a single retry.
+    env.start_worker("w1", &["bulkfail"]).await.unwrap();
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        let (_, task) = env
+            .create_task(json!({"namespace": "bulkfail", "name": "doomed"}))
+            .await
+            .unwrap();
+        let id = task["task_id"].as_str().unwrap().to_owned();
+        env.wait_for_task(&id, &["error"], Duration::from_secs(30))
+            .await
+            .unwrap();
+        failed.push(id);
+    }
+    let (_, body) = env
+        .post(
+            "/v1/tasks/retry",
+            json!({"namespace": "bulk", "dry_run": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(body["matched"], 0, "no task of `bulk` is in error: {body}");
+    let (status, body) = env
+        .post(
+            "/v1/tasks/retry",
+            json!({"namespace": "bulkfail", "status": "error", "reason": "deployed a fix"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body), failed);
+    assert_eq!(body["changed"], 2);
+    for id in &failed {
+        // It runs on, and fails again: x fails every time.
+        let history = task_history(&env.pool, id).await;
+        assert!(
+            history.contains(&"retry_requested".to_owned()),
+            "{history:?}"
+        );
+        env.wait_for_task(id, &["error"], Duration::from_secs(30))
+            .await
+            .unwrap();
+        let x: Vec<String> = step_history(&env.pool, id)
+            .await
+            .into_iter()
+            .filter(|(step, _, _, reason, _)| step == "x" && reason == "retry_requested")
+            .map(|(_, _, _, _, metadata)| metadata["reason"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(x, ["deployed a fix"]);
+    }
+    env.finish().await.unwrap();
+}
+
+/// `GET /v1/tasks` filters by tags and time, pages in both orders, and names bad
+/// parameters; both diagrams answer Mermaid.
+#[tokio::test]
+async fn task_lists_filter_and_page_both_ways_and_diagrams_answer_mermaid() {
+    let env = TestEnv::start("listing").await.unwrap();
+    env.register_template(IDLE).await.unwrap();
+    let mut tagged = Vec::new();
+    for i in 0..5 {
+        let tags = if i % 2 == 0 {
+            json!(["red", "big"])
+        } else {
+            json!(["red"])
+        };
+        tagged.push((create_tagged(&env, tags).await, i % 2 == 0));
+    }
+    let all: Vec<String> = tagged.iter().map(|(id, _)| id.clone()).collect();
+    let big: Vec<String> = tagged
+        .iter()
+        .filter(|(_, big)| *big)
+        .map(|(id, _)| id.clone())
+        .collect();
+
+    // Every page of a listing, following next_cursor.
+    let pages = |query: String| {
+        let env = &env;
+        async move {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = format!("/v1/tasks?{query}&limit=2");
+                if let Some(cursor) = &cursor {
+                    path.push_str(&format!("&cursor={cursor}"));
+                }
+                let (status, body) = env.get(&path).await.unwrap();
+                assert_eq!(status, StatusCode::OK, "{path}: {body}");
+                let page = body["tasks"].as_array().unwrap();
+                assert!(page.len() <= 2);
+                seen.extend(
+                    page.iter()
+                        .map(|t| t["task_id"].as_str().unwrap().to_owned()),
+                );
+                match body["next_cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_owned()),
+                    None => break seen,
+                }
+            }
+        }
+    };
+    assert_eq!(pages("namespace=bulk&order=created_at".into()).await, all);
+    let newest: Vec<String> = all.iter().rev().cloned().collect();
+    assert_eq!(pages("namespace=bulk".into()).await, newest);
+    assert_eq!(
+        pages("namespace=bulk&order=-created_at".into()).await,
+        newest
+    );
+    assert_eq!(
+        pages("tag=big&tag=red&order=created_at".into()).await,
+        big,
+        "all tags must match"
+    );
+    let (_, second) = env.get(&format!("/v1/tasks/{}", all[1])).await.unwrap();
+    let after = second["created_at"].as_str().unwrap().replace('+', "%2B");
+    // The first step went out with the task: it is in_progress.
+    assert_eq!(second["status"], "in_progress");
+    assert_eq!(
+        pages(format!(
+            "status=in_progress&created_after={after}&order=created_at"
+        ))
+        .await,
+        all[2..]
+    );
+    assert_eq!(
+        pages(format!("created_before={after}&name=idle")).await,
+        [all[0].clone()]
+    );
+    let (status, body) = env
+        .get("/v1/tasks?order=sideways&created_after=soon&status=nope&tag=a&colour=red")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let mut paths = problem_paths(&body);
+    paths.sort();
+    assert_eq!(paths, ["colour", "created_after", "order", "status"]);
+
+    // Diagrams: Mermaid text, a node per step, the task's coloured by status.
+    let text = |path: String| {
+        let env = &env;
+        async move {
+            let response = env
+                .http
+                .get(format!("{}{path}", env.base_url))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (status, content_type, response.text().await.unwrap())
+        }
+    };
+    let (status, content_type, diagram) = text("/v1/templates/bulk/idle/diagram".into()).await;
+    assert_eq!(status, StatusCode::OK, "{diagram}");
+    assert!(
+        content_type.starts_with("text/vnd.mermaid"),
+        "{content_type}"
+    );
+    assert!(diagram.starts_with("flowchart TD\n"), "{diagram}");
+    assert!(diagram.contains("    first[\"first\"]\n"), "{diagram}");
+    assert!(
+        diagram.contains("    step_2[\"second-step\"]\n"),
+        "{diagram}"
+    );
+    assert!(diagram.contains("    first --> step_2\n"), "{diagram}");
+    let (_, _, versioned) = text("/v1/templates/bulk/idle/diagram?version=0.1.0".into()).await;
+    assert_eq!(versioned, diagram);
+
+    let (status, content_type, diagram) = text(format!("/v1/tasks/{}/diagram", all[0])).await;
+    assert_eq!(status, StatusCode::OK, "{diagram}");
+    assert!(
+        content_type.starts_with("text/vnd.mermaid"),
+        "{content_type}"
+    );
+    assert_eq!(diagram.matches("<br/>").count(), 2, "{diagram}");
+    assert!(
+        diagram.contains("    first[\"first<br/>")
+            && diagram.contains("    step_2[\"second-step<br/>pending\"]:::pending\n"),
+        "{diagram}"
+    );
+    assert!(diagram.contains("    classDef pending "), "{diagram}");
+    assert!(diagram.contains("    first --> step_2\n"), "{diagram}");
+
+    for path in [
+        "/v1/templates/bulk/nothing/diagram".to_owned(),
+        "/v1/templates/bulk/idle/diagram?version=9.9.9".to_owned(),
+        format!("/v1/tasks/{}/diagram", uuid::Uuid::now_v7()),
+    ] {
+        let (status, body) = env.get(&path).await.unwrap();
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    let (status, _) = env.get("/v1/tasks/not-a-uuid/diagram").await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    env.finish().await.unwrap();
+}

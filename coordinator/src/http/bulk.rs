@@ -1,0 +1,459 @@
+//! `POST /v1/tasks/cancel` and `POST /v1/tasks/retry`: the single-task operator actions
+//! applied to every task a filter matches.
+//!
+//! Nothing here writes a status: each task goes through the same guarded transition as
+//! `POST /v1/tasks/{task_id}/cancel` or `/retry` (`transitions::cancel_task`,
+//! `transitions::retry_task`), so it is locked, checked and recorded in the history (and
+//! so in the events) exactly as one cancelled or retried by hand. The matching tasks are
+//! read first, oldest first, at most `limit`; they are then changed [`BATCH`] to a
+//! transaction, so no transaction holds many task locks for long. A task that finished
+//! or was retried meanwhile is refused by the transition's guard and counted as matched
+//! but not changed.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::AppState;
+use super::body::{Fields, JSON_TYPES, body_rejection, content_type, json_object, kind};
+use super::error::{ApiError, ApiResult, ErrorBody};
+use tasker_shared::states::TaskStatus;
+use tasker_shared::store::tasks::{self, TaskFilter};
+use tasker_shared::store::transitions::{self, OperatorError};
+
+/// Tasks acted on when the body names no `limit`.
+pub(crate) const DEFAULT_LIMIT: i64 = 1_000;
+/// The largest `limit`.
+pub(crate) const MAX_LIMIT: i64 = 10_000;
+/// Tasks changed per transaction.
+const BATCH: usize = 100;
+/// Most tags in a filter.
+const MAX_TAGS: usize = 20;
+/// Longest tag, namespace or name in a filter.
+const SHORT_TEXT: usize = 128;
+/// Times a batch is tried again after the database chose it as a deadlock's victim.
+const DEADLOCK_RETRIES: u32 = 3;
+
+/// The body of `POST /v1/tasks/cancel` and `POST /v1/tasks/retry` (documentation only:
+/// read by hand, so that every problem is named at once; the fields are
+/// [`BULK_FIELDS`]). At least one of `namespace`, `name`, `status`, `tags`,
+/// `created_after` and `created_before` is required: an empty filter is refused rather
+/// than taken as "every task".
+#[derive(ToSchema)]
+#[schema(example = json!({"namespace": "billing", "status": "error", "tags": ["nightly"],
+    "created_after": "2026-12-01T00:00:00Z", "limit": 500, "dry_run": true}))]
+#[expect(dead_code, reason = "documentation only")]
+// Unknown fields are refused (422): `additionalProperties: false` in the description.
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkRequest {
+    /// Only tasks of this template namespace.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
+    namespace: Option<String>,
+    /// Only tasks of this template name.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
+    name: Option<String>,
+    /// Only tasks in this status: `pending` or `in_progress` for cancel (default: both),
+    /// `error` for retry (the only status a retry applies to).
+    status: Option<TaskStatus>,
+    /// Only tasks whose `tags` hold every one of these (at most 20).
+    #[schema(max_items = 20)]
+    tags: Option<Vec<String>>,
+    /// Only tasks created after this instant (RFC 3339).
+    created_after: Option<DateTime<Utc>>,
+    /// Only tasks created before this instant (RFC 3339).
+    created_before: Option<DateTime<Utc>>,
+    /// Most tasks acted on, oldest first: 1 to 10000; default 1000.
+    #[schema(minimum = 1, maximum = 10000)]
+    limit: Option<i64>,
+    /// Only report what matches; change nothing. Default `false`.
+    dry_run: Option<bool>,
+    /// Why, for each task's transition history.
+    #[schema(max_length = 1024, pattern = "^[^\\x00]*$")]
+    reason: Option<String>,
+}
+
+/// The fields of a bulk body.
+pub(crate) const BULK_FIELDS: &[&str] = &[
+    "namespace",
+    "name",
+    "status",
+    "tags",
+    "created_after",
+    "created_before",
+    "limit",
+    "dry_run",
+    "reason",
+];
+
+/// The fields that narrow the filter: at least one is required.
+const FILTER_FIELDS: &[&str] = &[
+    "namespace",
+    "name",
+    "status",
+    "tags",
+    "created_after",
+    "created_before",
+];
+
+/// The answer of a bulk cancel or retry.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"matched": 2, "changed": 2, "has_more": false,
+    "task_ids": ["019ae3c2-0000-7000-8000-000000000001", "019ae3c2-0000-7000-8000-000000000002"]}))]
+pub(crate) struct BulkResult {
+    /// Tasks the filter matched in a status the action applies to (at most `limit`).
+    matched: usize,
+    /// Tasks changed: 0 on a dry run; fewer than `matched` when some changed state
+    /// between being matched and being reached.
+    changed: usize,
+    /// The changed tasks, oldest first; on a dry run, the matched ones.
+    task_ids: Vec<Uuid>,
+    /// More tasks match beyond `limit`: run the request again for them.
+    has_more: bool,
+}
+
+/// Which action.
+#[derive(Clone, Copy)]
+enum Action {
+    Cancel,
+    Retry,
+}
+
+impl Action {
+    /// The statuses the action applies to.
+    fn statuses(self) -> &'static [TaskStatus] {
+        match self {
+            Action::Cancel => &[TaskStatus::Pending, TaskStatus::InProgress],
+            Action::Retry => &[TaskStatus::Error],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Action::Cancel => "cancel",
+            Action::Retry => "retry",
+        }
+    }
+}
+
+/// What a bulk body asks.
+struct Request {
+    filter: TaskFilter,
+    limit: i64,
+    dry_run: bool,
+    reason: Option<String>,
+}
+
+/// Read the body, naming every problem (422 `invalid_request`).
+fn read_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    action: Action,
+) -> ApiResult<Request> {
+    let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
+    content_type(headers, JSON_TYPES)?;
+    let object = json_object(&body)?;
+    // A criterion given, even a bad one (that is its own problem).
+    let narrowed = FILTER_FIELDS
+        .iter()
+        .any(|key| object.get(*key).is_some_and(|value| !value.is_null()));
+    let mut fields = Fields::new(object, BULK_FIELDS);
+    let mut filter = TaskFilter {
+        namespace: non_empty(&mut fields, "namespace"),
+        name: non_empty(&mut fields, "name"),
+        ..TaskFilter::default()
+    };
+    let applicable = action.statuses();
+    filter.statuses = applicable.to_vec();
+    match fields.value("status") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(text)) => match text.parse::<TaskStatus>() {
+            Ok(status) if applicable.contains(&status) => {
+                filter.statuses = vec![status];
+            }
+            _ => fields.problem(
+                "status",
+                format!(
+                    "`status` must be {} for {}; found `{}`",
+                    applicable
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                    action.name(),
+                    text.escape_debug()
+                ),
+            ),
+        },
+        Some(other) => fields.problem(
+            "status",
+            format!("`status` must be a string, found {}", kind(&other)),
+        ),
+    }
+    match fields.value("tags") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.is_empty() => {
+            fields.problem("tags", "`tags` must hold at least one tag");
+        }
+        Some(Value::Array(items)) if items.len() > MAX_TAGS => {
+            fields.problem("tags", format!("`tags` holds more than {MAX_TAGS} tags"));
+        }
+        Some(Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::String(tag) if !tag.is_empty() && tag.chars().count() <= SHORT_TEXT => {
+                        filter.tags.push(tag);
+                    }
+                    Value::String(_) => fields.problem(
+                        &format!("tags/{i}"),
+                        format!("a tag must be 1 to {SHORT_TEXT} characters"),
+                    ),
+                    other => fields.problem(
+                        &format!("tags/{i}"),
+                        format!("a tag must be a string, found {}", kind(&other)),
+                    ),
+                }
+            }
+        }
+        Some(other) => fields.problem(
+            "tags",
+            format!("`tags` must be an array of strings, found {}", kind(&other)),
+        ),
+    }
+    filter.created_after = instant(&mut fields, "created_after");
+    filter.created_before = instant(&mut fields, "created_before");
+    if let (Some(after), Some(before)) = (filter.created_after, filter.created_before)
+        && after >= before
+    {
+        fields.problem(
+            "created_before",
+            "`created_before` must be later than `created_after`",
+        );
+    }
+    let limit = match fields.value("limit") {
+        None | Some(Value::Null) => DEFAULT_LIMIT,
+        Some(value) => match value.as_i64() {
+            Some(limit) if (1..=MAX_LIMIT).contains(&limit) => limit,
+            _ => {
+                fields.problem(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {MAX_LIMIT}"),
+                );
+                DEFAULT_LIMIT
+            }
+        },
+    };
+    let dry_run = match fields.value("dry_run") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(dry_run)) => dry_run,
+        Some(other) => {
+            fields.problem(
+                "dry_run",
+                format!("`dry_run` must be true or false, found {}", kind(&other)),
+            );
+            false
+        }
+    };
+    let reason = fields.string("reason", false, 1024);
+    if !narrowed {
+        fields.problem(
+            "",
+            "give at least one of namespace, name, status, tags, created_after and \
+             created_before: an empty filter would act on every task",
+        );
+    }
+    fields.finish("invalid_request")?;
+    Ok(Request {
+        filter,
+        limit,
+        dry_run,
+        reason,
+    })
+}
+
+/// A string field that, when given, must not be empty.
+fn non_empty(fields: &mut Fields, key: &str) -> Option<String> {
+    let text = fields.string(key, false, SHORT_TEXT)?;
+    if text.is_empty() {
+        fields.problem(key, format!("`{key}` must not be empty"));
+        return None;
+    }
+    Some(text)
+}
+
+/// An RFC 3339 instant field.
+fn instant(fields: &mut Fields, key: &str) -> Option<DateTime<Utc>> {
+    let text = fields.string(key, false, 64)?;
+    match DateTime::parse_from_rfc3339(&text) {
+        Ok(at) => Some(at.with_timezone(&Utc)),
+        Err(error) => {
+            fields.problem(
+                key,
+                format!("`{key}` must be an RFC 3339 time such as 2026-12-01T00:00:00Z: {error}"),
+            );
+            None
+        }
+    }
+}
+
+/// Cancel every pending or in-progress task the filter matches (at most `limit`, oldest
+/// first), each exactly as `POST /v1/tasks/{task_id}/cancel` would.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/cancel",
+    tag = "operate",
+    operation_id = "cancel_tasks",
+    request_body(content = BulkRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What matched and what was cancelled.", body = BulkResult),
+        (status = 400, description = "`malformed_request`: the body is not JSON.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem, and an empty filter.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log. Batches done before the failure stay done.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<BulkResult>> {
+    let request = read_request(&state, &headers, body, Action::Cancel)?;
+    run(&state, request, Action::Cancel).await.map(Json)
+}
+
+/// Retry every task in `error` the filter matches (at most `limit`, oldest first), each
+/// exactly as `POST /v1/tasks/{task_id}/retry` would.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/retry",
+    tag = "operate",
+    operation_id = "retry_tasks",
+    request_body(content = BulkRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What matched and what was retried.", body = BulkResult),
+        (status = 400, description = "`malformed_request`: the body is not JSON.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem, and an empty filter.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log. Batches done before the failure stay done.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn retry(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<BulkResult>> {
+    let request = read_request(&state, &headers, body, Action::Retry)?;
+    run(&state, request, Action::Retry).await.map(Json)
+}
+
+async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<BulkResult> {
+    // One more than the limit says whether more match.
+    let mut ids = tasks::matching_ids(&state.pool, &request.filter, request.limit + 1).await?;
+    let has_more = ids.len() as i64 > request.limit;
+    ids.truncate(request.limit as usize);
+    let matched = ids.len();
+    if request.dry_run {
+        return Ok(BulkResult {
+            matched,
+            changed: 0,
+            task_ids: ids,
+            has_more,
+        });
+    }
+    let mut changed = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(BATCH) {
+        let done =
+            batch_with_retries(&state.pool, chunk, action, request.reason.as_deref()).await?;
+        // As after one task: wake the relay (and the dispatcher for retried tasks), and
+        // tell workers to abort what they run for cancelled ones.
+        state.wake_events.notify_one();
+        match action {
+            Action::Retry => state.wake_dispatcher.notify_one(),
+            Action::Cancel => {
+                for &task_id in &done {
+                    if let Err(error) = state.control.cancel_task(task_id).await {
+                        // The fence drops their results anyway; telling workers only
+                        // saves their time.
+                        tracing::warn!(error = format!("{error:#}"), %task_id,
+                            "cannot tell workers about the cancel");
+                    }
+                }
+            }
+        }
+        changed.extend(done);
+    }
+    tracing::info!(
+        action = action.name(),
+        matched,
+        changed = changed.len(),
+        has_more,
+        reason = ?request.reason,
+        "bulk operator action"
+    );
+    Ok(BulkResult {
+        matched,
+        changed: changed.len(),
+        task_ids: changed,
+        has_more,
+    })
+}
+
+/// [`batch`], again when the database broke a deadlock by failing it (a result batch
+/// may lock the same tasks in another order).
+async fn batch_with_retries(
+    pool: &PgPool,
+    ids: &[Uuid],
+    action: Action,
+    reason: Option<&str>,
+) -> ApiResult<Vec<Uuid>> {
+    let mut tries = 0;
+    loop {
+        match batch(pool, ids, action, reason).await {
+            Err(OperatorError::Database(sqlx::Error::Database(error)))
+                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
+            {
+                tries += 1;
+                tracing::warn!(%error, tries, "bulk batch chosen as a deadlock victim; again");
+            }
+            result => return result.map_err(ApiError::from),
+        }
+    }
+}
+
+/// One transaction: each task through the single-task transition. A task its guard
+/// refuses (finished, or no longer in `error`, since it was matched) or that is gone is
+/// skipped. Answers the tasks changed.
+async fn batch(
+    pool: &PgPool,
+    ids: &[Uuid],
+    action: Action,
+    reason: Option<&str>,
+) -> Result<Vec<Uuid>, OperatorError> {
+    let mut tx = pool.begin().await?;
+    let mut changed = Vec::with_capacity(ids.len());
+    for &task_id in ids {
+        let outcome = match action {
+            Action::Cancel => transitions::cancel_task(&mut tx, task_id, reason).await,
+            Action::Retry => transitions::retry_task(&mut tx, task_id, reason).await,
+        };
+        match outcome {
+            Ok(_) => changed.push(task_id),
+            Err(OperatorError::Conflict(_) | OperatorError::TaskNotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    tx.commit().await?;
+    Ok(changed)
+}

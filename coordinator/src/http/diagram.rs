@@ -1,0 +1,365 @@
+//! `GET /v1/templates/{namespace}/{name}/diagram` and `GET /v1/tasks/{task_id}/diagram`:
+//! a Mermaid `flowchart TD` with a node per step and an edge from each parent; a task's
+//! nodes are labelled and coloured (`classDef`) by step status.
+//!
+//! Step names are the template author's text and the diagram is rendered by whatever
+//! reads it, so nothing of a name reaches the diagram unescaped: node ids are the name
+//! only when it is a plain identifier (and no Mermaid keyword), else `step_<n>`, and the
+//! name itself appears only inside a quoted label, with Mermaid's entity codes for the
+//! characters that could end the label or be read as markup.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::body::{path_rejection, query_rejection};
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::tasks::parse_task_id;
+use tasker_shared::store::{tasks, templates};
+
+/// The media type of a Mermaid diagram.
+pub(crate) const MERMAID: &str = "text/vnd.mermaid";
+
+/// The colours of the task diagram's step statuses (Mermaid `classDef` bodies).
+const CLASS_DEFS: &[(&str, &str)] = &[
+    ("complete", "fill:#d4edda,stroke:#28a745,color:#155724"),
+    ("error", "fill:#f8d7da,stroke:#dc3545,color:#721c24"),
+    ("in_progress", "fill:#cce5ff,stroke:#0d6efd,color:#084298"),
+    (
+        "enqueued",
+        "fill:#e7f1ff,stroke:#0d6efd,color:#084298,stroke-dasharray:4 2",
+    ),
+    (
+        "waiting_for_retry",
+        "fill:#ffe5d0,stroke:#fd7e14,color:#8a4500",
+    ),
+    ("pending", "fill:#eeeeee,stroke:#9e9e9e,color:#424242"),
+    (
+        "cancelled",
+        "fill:#f5f5f5,stroke:#343a40,color:#6c757d,stroke-dasharray:5 5",
+    ),
+    (
+        "resolved_manually",
+        "fill:#e2d9f3,stroke:#6f42c1,color:#3d2373",
+    ),
+];
+
+/// Words a Mermaid flowchart does not accept as a node id.
+const MERMAID_KEYWORDS: &[&str] = &[
+    "end",
+    "graph",
+    "flowchart",
+    "subgraph",
+    "style",
+    "class",
+    "classdef",
+    "click",
+    "linkstyle",
+    "direction",
+    "default",
+    "call",
+    "href",
+];
+
+/// One node of a diagram.
+pub(crate) struct Node<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) depends_on: &'a [String],
+    /// The step's status, for a task's diagram.
+    pub(crate) status: Option<&'a str>,
+}
+
+/// A Mermaid `flowchart TD`: `title` as a comment, a node per step (labelled
+/// `name<br/>status` when it has a status, with that status's class), an edge from each
+/// parent, and a `classDef` for each status shown.
+pub(crate) fn flowchart(title: &str, nodes: &[Node<'_>]) -> String {
+    let names: Vec<&str> = nodes.iter().map(|n| n.name).collect();
+    let ids = node_ids(&names);
+    let id_of: HashMap<&str, &str> = names
+        .iter()
+        .zip(&ids)
+        .map(|(name, id)| (*name, id.as_str()))
+        .collect();
+    let mut out = String::from("flowchart TD\n");
+    let _ = writeln!(out, "    %% {}", title.replace(['\n', '\r'], " "));
+    let mut used: Vec<&str> = Vec::new();
+    for (node, id) in nodes.iter().zip(&ids) {
+        let _ = write!(out, "    {id}[\"{}", escape(node.name));
+        if let Some(status) = node.status {
+            let _ = write!(out, "<br/>{}\"]", escape(status));
+            if let Some((class, _)) = CLASS_DEFS.iter().find(|(class, _)| *class == status) {
+                let _ = write!(out, ":::{class}");
+                if !used.contains(class) {
+                    used.push(class);
+                }
+            }
+        } else {
+            out.push_str("\"]");
+        }
+        out.push('\n');
+    }
+    for (node, id) in nodes.iter().zip(&ids) {
+        for parent in node.depends_on {
+            if let Some(parent) = id_of.get(parent.as_str()) {
+                let _ = writeln!(out, "    {parent} --> {id}");
+            }
+        }
+    }
+    for (class, body) in CLASS_DEFS {
+        if used.contains(class) {
+            let _ = writeln!(out, "    classDef {class} {body}");
+        }
+    }
+    out
+}
+
+/// Node ids: the step's name where Mermaid takes it as an id, else `step_<n>`.
+fn node_ids(names: &[&str]) -> Vec<String> {
+    let safe = |name: &str| {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !MERMAID_KEYWORDS.contains(&name.to_ascii_lowercase().as_str())
+    };
+    let mut ids: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let mut id = if safe(name) {
+            (*name).to_owned()
+        } else {
+            format!("step_{}", i + 1)
+        };
+        while ids.contains(&id) {
+            id.push('_');
+        }
+        ids.push(id);
+    }
+    ids
+}
+
+/// Text safe inside a quoted Mermaid label: the quote, markup and entity characters as
+/// Mermaid entity codes, control characters as spaces.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("#quot;"),
+            '<' => out.push_str("#lt;"),
+            '>' => out.push_str("#gt;"),
+            '#' => out.push_str("#35;"),
+            '&' => out.push_str("#amp;"),
+            '`' => out.push_str("#96;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn mermaid(text: String) -> Response {
+    ([(CONTENT_TYPE, format!("{MERMAID}; charset=utf-8"))], text).into_response()
+}
+
+/// A template's steps as a Mermaid flowchart: `?version=` or the latest.
+#[utoipa::path(
+    get,
+    path = "/v1/templates/{namespace}/{name}/diagram",
+    tag = "templates",
+    operation_id = "template_diagram",
+    params(
+        ("namespace" = String, Path, description = "The template's namespace."),
+        ("name" = String, Path, description = "The template's name."),
+        ("version" = Option<String>, Query, description = "An exact version; the highest by semver when absent."),
+    ),
+    responses(
+        (status = 200, description = "A Mermaid `flowchart TD`: a node per step, an edge from each step it depends on.",
+            body = String, content_type = "text/vnd.mermaid",
+            example = json!("flowchart TD\n    %% template billing/charge 1.0.0\n    authorize[\"authorize\"]\n    capture[\"capture\"]\n    authorize --> capture\n")),
+        (status = 400, description = "`malformed_request`: an unknown query parameter.", body = ErrorBody),
+        (status = 404, description = "`template_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn template(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Path((namespace, name)) = path.map_err(path_rejection)?;
+    let Query(query) = query.map_err(query_rejection)?;
+    if let Some(unknown) = query.keys().find(|key| key.as_str() != "version") {
+        return Err(ApiError::malformed(format!(
+            "unknown query parameter `{unknown}`; expected `version`"
+        )));
+    }
+    let version = query.get("version").map(String::as_str);
+    // No stored name or version holds U+0000 (nor can PostgreSQL compare with one).
+    let impossible = [Some(namespace.as_str()), Some(name.as_str()), version]
+        .into_iter()
+        .flatten()
+        .any(|text| text.contains('\0'));
+    let found = if impossible {
+        None
+    } else {
+        templates::find(&state.pool, &namespace, &name, version).await?
+    };
+    let template = found.ok_or_else(|| {
+        ApiError::not_found(
+            "template_not_found",
+            match version {
+                Some(version) => format!("no template {namespace}/{name} version {version}"),
+                None => format!("no template {namespace}/{name}"),
+            },
+        )
+    })?;
+    let definition = &template.definition;
+    let nodes: Vec<Node<'_>> = definition
+        .steps
+        .iter()
+        .map(|step| Node {
+            name: &step.name,
+            depends_on: &step.depends_on,
+            status: None,
+        })
+        .collect();
+    let title = format!(
+        "template {}/{} {}",
+        definition.namespace, definition.name, definition.version
+    );
+    Ok(mermaid(flowchart(&title, &nodes)))
+}
+
+/// A task's steps as a Mermaid flowchart, each node labelled and coloured by status.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{task_id}/diagram",
+    tag = "operate",
+    operation_id = "task_diagram",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    responses(
+        (status = 200, description = "A Mermaid `flowchart TD`: a node per step labelled `name<br/>status` with the class of its status (`classDef complete`, `error`, `in_progress`, `enqueued`, `waiting_for_retry`, `pending`, `cancelled`, `resolved_manually`, each defined when used), an edge from each step it depends on.",
+            body = String, content_type = "text/vnd.mermaid",
+            example = json!("flowchart TD\n    %% task 019ae3c2-0000-7000-8000-000000000001 billing/charge 1.0.0: in_progress\n    authorize[\"authorize<br/>complete\"]:::complete\n    capture[\"capture<br/>in_progress\"]:::in_progress\n    authorize --> capture\n    classDef complete fill:#d4edda,stroke:#28a745,color:#155724\n    classDef in_progress fill:#cce5ff,stroke:#0d6efd,color:#084298\n")),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn task(
+    State(state): State<AppState>,
+    task_id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
+    let task_id = parse_task_id(&task_id)?;
+    // Task and steps in one snapshot, so the title and the nodes agree.
+    let mut tx = state
+        .pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let task = tasks::get(&mut *tx, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
+    let steps = tasks::steps(&mut *tx, task_id).await?;
+    tx.commit().await?;
+    let nodes: Vec<Node<'_>> = steps
+        .iter()
+        .map(|step| Node {
+            name: &step.name,
+            depends_on: &step.depends_on,
+            status: Some(step.status.as_str()),
+        })
+        .collect();
+    let title = format!(
+        "task {} {}/{} {}: {}",
+        task.task_id, task.namespace, task.name, task.version, task.status
+    );
+    Ok(mermaid(flowchart(&title, &nodes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_diagram_has_nodes_edges_and_status_classes() {
+        let (none, fetch, both) = (names(&[]), names(&["fetch"]), names(&["fetch", "charge"]));
+        let nodes = [
+            Node {
+                name: "fetch",
+                depends_on: &none,
+                status: Some("complete"),
+            },
+            Node {
+                name: "charge",
+                depends_on: &fetch,
+                status: Some("error"),
+            },
+            Node {
+                name: "end",
+                depends_on: &both,
+                status: Some("pending"),
+            },
+        ];
+        let text = flowchart("task x", &nodes);
+        assert!(text.starts_with("flowchart TD\n    %% task x\n"), "{text}");
+        assert!(text.contains("    fetch[\"fetch<br/>complete\"]:::complete\n"));
+        // `end` is a Mermaid keyword: its node gets another id, its label keeps the name.
+        assert!(text.contains("    step_3[\"end<br/>pending\"]:::pending\n"));
+        assert!(text.contains("    fetch --> charge\n"));
+        assert!(text.contains("    fetch --> step_3\n"));
+        assert!(text.contains("    charge --> step_3\n"));
+        assert!(text.contains("classDef complete fill:#d4edda"));
+        assert!(text.contains("classDef error "));
+        assert!(!text.contains("classDef cancelled"), "only used classes");
+    }
+
+    #[test]
+    fn a_template_diagram_has_no_status() {
+        let none = names(&[]);
+        let a = names(&["a b"]);
+        let nodes = [
+            Node {
+                name: "a b",
+                depends_on: &none,
+                status: None,
+            },
+            Node {
+                name: "c",
+                depends_on: &a,
+                status: None,
+            },
+        ];
+        let text = flowchart("template t", &nodes);
+        assert_eq!(
+            text,
+            "flowchart TD\n    %% template t\n    step_1[\"a b\"]\n    c[\"c\"]\n    step_1 --> c\n"
+        );
+    }
+
+    #[test]
+    fn labels_are_escaped_and_ids_unique() {
+        assert_eq!(
+            escape("a \"b\" <c> & `d` #e\n"),
+            "a #quot;b#quot; #lt;c#gt; #amp; #96;d#96; #35;e "
+        );
+        assert_eq!(
+            node_ids(&["a-b", "step_1", "ok", "End"]),
+            ["step_1", "step_1_", "ok", "step_4"]
+        );
+        // A title cannot end the comment line.
+        let text = flowchart("x\nflowchart LR", &[]);
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+}
