@@ -1,6 +1,7 @@
 //! The `tasker` command-line client against a real coordinator and worker: templates
-//! apply, tasks create --wait (complete and failing), get, explain, diagram, retry,
-//! resolve, JSON output, and the exit codes of API, usage and connection errors.
+//! apply and diagram, tasks create --wait (complete and failing), get, list filters,
+//! explain, diagram, retry, resolve, bulk cancel and retry, JSON output, and the exit
+//! codes of API, usage and connection errors.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -295,6 +296,110 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     assert!(run.stderr.contains("invalid_context"), "{run}");
     assert!(run.stderr.contains("  - /who: "), "{run}");
 
+    // templates diagram: the API's Mermaid text, a node per step.
+    let run = tasker(
+        &env,
+        &["templates", "diagram", "cli", "flow", "--version", "1.0.0"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.starts_with("flowchart TD\n"), "{run}");
+    for node in ["a", "b", "c", "d"] {
+        assert!(
+            run.stdout.contains(&format!("    {node}[\"{node}\"]\n")),
+            "{run}"
+        );
+    }
+    assert!(run.stdout.contains("b --> d"), "{run}");
+    let run = tasker(&env, &["templates", "diagram", "cli", "nothing"]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("template_not_found"), "{run}");
+
+    // tasks list filters: tag, time window, order.
+    let run = tasker(
+        &env,
+        &[
+            "-o",
+            "json",
+            "tasks",
+            "list",
+            "--name",
+            "doomed",
+            "--created-after",
+            "1h",
+            "--order",
+            "created_at",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    let list: Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(list["tasks"][0]["task_id"], json!(failed), "{run}");
+    let run = tasker(&env, &["tasks", "list", "--tag", "no-such-tag"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(!run.stdout.contains(&id), "{run}");
+
+    // Bulk cancel and retry: a dry run lists, the real run acts, ids on stdout. No
+    // worker serves `clibulk`, so its task stays unfinished until cancelled.
+    env.register_template(
+        "namespace: clibulk\nname: idle\nsteps:\n  - {name: a, handler: tasker.noop}\n",
+    )
+    .await
+    .unwrap();
+    let (_, running) = env
+        .create_task(json!({"namespace": "clibulk", "name": "idle", "tags": ["bulk-cli"]}))
+        .await
+        .unwrap();
+    let running = running["task_id"].as_str().unwrap().to_owned();
+    let run = tasker(&env, &["tasks", "cancel", "--tag", "bulk-cli", "--dry-run"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(run.stdout.trim(), running, "{run}");
+    assert!(run.stderr.contains("dry run: 1 task(s) match"), "{run}");
+    let run = tasker(
+        &env,
+        &[
+            "tasks",
+            "cancel",
+            "--tag",
+            "bulk-cli",
+            "--created-before",
+            "2999-01-01T00:00:00Z",
+            "--reason",
+            "bulk",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(run.stdout.trim(), running, "{run}");
+    assert!(
+        run.stderr.contains("cancelled 1 of 1 matching task(s)"),
+        "{run}"
+    );
+    let run = tasker(
+        &env,
+        &[
+            "-o",
+            "json",
+            "tasks",
+            "retry",
+            "--namespace",
+            "cli",
+            "--dry-run",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    let answer: Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(answer["changed"], 0, "{run}");
+    // No filter, or a filter with an id: usage errors.
+    for args in [
+        &["tasks", "cancel"][..],
+        &["tasks", "retry", &id, "--namespace", "cli"],
+    ] {
+        let run = tasker(&env, args).await;
+        assert_eq!(run.code, 2, "{args:?}: {run}");
+    }
+
     // --timeout: exit 5 when the task is still running.
     let run = tasker(
         &env,
@@ -324,6 +429,8 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
             "@/no/such/file.json",
         ],
         &["tasks", "list", "--status", "sleeping"],
+        &["tasks", "list", "--order", "sideways"],
+        &["tasks", "list", "--created-after", "last tuesday"],
         &["tasks", "frobnicate"],
     ] {
         let run = tasker(&env, args).await;
