@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tasker_shared::metrics::{batch_histogram, latency_histogram};
+use tasker_shared::states::StepStatus;
 
 /// `namespace`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -379,20 +380,16 @@ impl CoordinatorMetrics {
     /// Steps whose worker was lost (the sweeper expired their lease): a retry scheduled,
     /// or `error` on the last attempt, counted as the result processor counts a worker's
     /// failure. `tasker_leases_expired_total{reason="lease_expired"}` tells them apart.
-    pub(crate) fn workers_lost(&self, outcomes: &[crate::sweeper::LostWorkerOutcome]) {
-        for outcome in outcomes {
-            let steps = u64::try_from(outcome.steps).unwrap_or(0);
-            if outcome.to_status == "waiting_for_retry" {
+    pub(crate) fn workers_lost(&self, steps: &[(String, StepStatus)]) {
+        for (namespace, status) in steps {
+            if *status == StepStatus::WaitingForRetry {
                 self.retries_scheduled
-                    .get_or_create(&Self::namespace(&outcome.namespace))
-                    .inc_by(steps);
+                    .get_or_create(&Self::namespace(namespace))
+                    .inc();
             } else {
                 self.steps_finished
-                    .get_or_create(&Self::namespace_status(
-                        &outcome.namespace,
-                        &outcome.to_status,
-                    ))
-                    .inc_by(steps);
+                    .get_or_create(&Self::namespace_status(namespace, status.as_str()))
+                    .inc();
             }
         }
     }

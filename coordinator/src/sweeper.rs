@@ -209,14 +209,9 @@ impl Sweeper {
     async fn expire(&self, running: bool) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let expired = transitions::expire_leases(&mut tx, SWEEP_BATCH, running).await?;
-        let lost_workers = if expired.timed_out > 0 {
-            lost_worker_outcomes(&mut tx, &expired.tasks).await?
-        } else {
-            Vec::new()
-        };
         let finished = transitions::finish_tasks(&mut tx, &expired.tasks).await?;
         tx.commit().await?;
-        self.metrics.workers_lost(&lost_workers);
+        self.metrics.workers_lost(&expired.lost_workers);
         self.metrics.finished(&finished);
         for (reason, count) in [
             ("lease_lost", expired.requeued.len()),
@@ -282,38 +277,6 @@ impl Sweeper {
         .instrument(span)
         .await
     }
-}
-
-/// What became of the steps whose worker was lost, in this transaction: per namespace,
-/// how many went to `waiting_for_retry` (a retry scheduled) and how many to `error`
-/// (their last attempt), read from the history rows [`transitions::expire_leases`] just
-/// wrote (`xmin`: written by this very transaction), so the sweeper's outcomes are
-/// counted in the same metrics as the result processor's.
-async fn lost_worker_outcomes(
-    tx: &mut sqlx::PgConnection,
-    tasks: &[uuid::Uuid],
-) -> sqlx::Result<Vec<LostWorkerOutcome>> {
-    sqlx::query_as(
-        r#"
-        SELECT t.namespace, h.to_status, count(*) AS steps
-        FROM step_transitions h JOIN tasks t ON t.task_id = h.task_id
-        WHERE h.task_id = ANY($1) AND h.reason = 'lease_expired'
-          AND h.xmin = pg_current_xact_id()::xid
-        GROUP BY t.namespace, h.to_status
-        "#,
-    )
-    .bind(tasks)
-    .fetch_all(tx)
-    .await
-}
-
-/// Steps of one namespace that one sweep moved to one status after losing their worker.
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct LostWorkerOutcome {
-    pub(crate) namespace: String,
-    /// `waiting_for_retry` or `error`.
-    pub(crate) to_status: String,
-    pub(crate) steps: i64,
 }
 
 /// What [`lost_in_queue`] weighs for one namespace.

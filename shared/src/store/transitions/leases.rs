@@ -3,6 +3,8 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::states::StepStatus;
+
 /// What [`expire_leases`] did.
 #[derive(Debug, Default)]
 pub struct ExpiredLeases {
@@ -12,6 +14,9 @@ pub struct ExpiredLeases {
     pub requeued: Vec<(Uuid, Uuid)>,
     /// Steps whose worker went silent: counted as a timed-out attempt.
     pub timed_out: usize,
+    /// Of those, per step: its task's namespace and where it went, `waiting_for_retry`
+    /// (a retry scheduled) or `error` (that was its last attempt).
+    pub lost_workers: Vec<(String, StepStatus)>,
     /// Tasks whose steps changed.
     pub tasks: Vec<Uuid>,
 }
@@ -20,7 +25,9 @@ pub struct ExpiredLeases {
 struct ExpiredRow {
     step_id: Uuid,
     task_id: Uuid,
+    namespace: String,
     from_status: String,
+    to_status: StepStatus,
     dispatch_token: Option<Uuid>,
 }
 
@@ -94,7 +101,8 @@ pub async fn expire_leases(
                    jsonb_build_object('attempt', attempts)
             FROM updated
         )
-        SELECT step_id, task_id, from_status, dispatch_token FROM updated
+        SELECT u.step_id, u.task_id, t.namespace, u.from_status, u.to_status, u.dispatch_token
+        FROM updated u JOIN tasks t ON t.task_id = u.task_id
         "#,
     )
     .bind(limit)
@@ -111,8 +119,14 @@ pub async fn expire_leases(
     let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
     tasks.sort_unstable();
     tasks.dedup();
+    let lost_workers: Vec<(String, StepStatus)> = rows
+        .into_iter()
+        .filter(|r| r.from_status == "in_progress")
+        .map(|r| (r.namespace, r.to_status))
+        .collect();
     Ok(ExpiredLeases {
-        timed_out: rows.len() - requeued.len(),
+        timed_out: lost_workers.len(),
+        lost_workers,
         requeued,
         tasks,
     })
