@@ -19,7 +19,9 @@ use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
 use super::operate::{self, ReadinessView, ReasonRequest, ResolveRequest, TransitionHistory};
 use super::tasks::{self, CreateTaskRequest, TaskPage, TaskView};
-use super::templates::{self, TemplateDocument, TemplateList};
+use super::templates::{
+    self, TemplateDocument, TemplateList, TemplateRegistration, TemplateWarning,
+};
 use tasker_shared::states::{StepStatus, TaskStatus};
 use tasker_shared::store::inspect::{ExecutionContext, StepReadiness, Transition};
 use tasker_shared::store::tasks::{StepRecord, TaskRecord};
@@ -60,6 +62,8 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
     components(schemas(
         TemplateDocument,
         TemplateRecord,
+        TemplateRegistration,
+        TemplateWarning,
         TemplateDefinition,
         StepDefinition,
         TemplateSummary,

@@ -19,7 +19,8 @@ use super::body::{
 use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::store::templates::{self, Registered, TemplateRecord, TemplateSummary};
 use tasker_shared::template::{
-    TemplateDefinition, TemplateLimits, codes, parse_template_with_limits,
+    ParsedTemplate, Problem, TemplateDefinition, TemplateLimits, codes,
+    parse_template_with_warnings,
 };
 
 /// A template document, in YAML or JSON (documentation only: the handler parses the text
@@ -31,13 +32,51 @@ use tasker_shared::template::{
 /// `retry_limit`, `timeout_ms`, `backoff`, `max_deferrals`, `config`, `skippable`,
 /// `dependent_system`, `description`). And tasker-engine 1.x's format (`namespace_name`,
 /// `task_handler_class`, `step_templates`, `environments`, ...), with the coordinator's
-/// environment applied. Unknown keys are problems.
+/// environment applied. Unknown keys are problems in the project format, and warnings in
+/// a tasker-engine file (as tasker-engine ignored them).
 #[derive(ToSchema)]
 #[schema(example = json!({"namespace": "billing", "name": "charge", "version": "1.0.0",
     "steps": [{"name": "authorize", "handler": "Billing::Authorize"},
               {"name": "capture", "handler": "Billing::Capture", "depends_on": ["authorize"]}]}))]
 #[expect(dead_code, reason = "documentation only")]
 pub(crate) struct TemplateDocument(serde_json::Map<String, Value>);
+
+/// The answer to `POST /v1/templates`: the stored template, and what in the document was
+/// accepted without being used.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TemplateRegistration {
+    /// The template as stored.
+    #[serde(flatten)]
+    template: TemplateRecord,
+    /// Keys and values of a tasker-engine file that Tasker accepts and does not act on
+    /// (unknown keys, `custom_events`, a task handler's `handler_config`,
+    /// `concurrent: false`, an override of a step that does not exist), each with its
+    /// `path`, `code` (`unknown_key` or `ignored`) and `message`. Absent when there are
+    /// none; project-format files have none (their unknown keys are problems).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<TemplateWarning>,
+}
+
+/// Something accepted in a template without being used.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TemplateWarning {
+    /// Where, such as `custom_events` or `step_templates[2].retry_policy`.
+    path: String,
+    /// `unknown_key` or `ignored`.
+    code: String,
+    /// What is ignored, and why.
+    message: String,
+}
+
+impl From<Problem> for TemplateWarning {
+    fn from(problem: Problem) -> Self {
+        TemplateWarning {
+            path: problem.path,
+            code: problem.code,
+            message: problem.message,
+        }
+    }
+}
 
 /// The body of `GET /v1/templates`.
 #[derive(Serialize, ToSchema)]
@@ -63,8 +102,8 @@ pub(crate) struct TemplateList {
         ),
     ),
     responses(
-        (status = 201, description = "The template is registered.", body = TemplateRecord),
-        (status = 200, description = "The identical template was already registered.", body = TemplateRecord),
+        (status = 201, description = "The template is registered; `warnings` lists what a tasker-engine file holds that is accepted and not used.", body = TemplateRegistration),
+        (status = 200, description = "The identical template was already registered.", body = TemplateRegistration),
         (status = 400, description = "`malformed_request`: the body is not UTF-8, YAML or JSON, or could not be read.", body = ErrorBody),
         (status = 409, description = "`template_conflict`: this version is registered with another definition.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `template_too_large`: larger than `TASKER_MAX_TEMPLATE_BYTES`.", body = ErrorBody),
@@ -78,7 +117,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<TemplateRecord>)> {
+) -> ApiResult<(StatusCode, Json<TemplateRegistration>)> {
     let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
     content_type(&headers, TEMPLATE_TYPES)?;
     let limits = state.limits;
@@ -102,7 +141,7 @@ pub(crate) async fn create(
     let parsed = tokio::task::spawn_blocking(move || {
         let text = std::str::from_utf8(&body)
             .map_err(|error| format!("the body is not UTF-8: {error}"))?;
-        Ok::<_, String>(parse_template_with_limits(
+        Ok::<_, String>(parse_template_with_warnings(
             text,
             &environment,
             template_limits,
@@ -143,9 +182,24 @@ pub(crate) async fn create(
             )
         }
     })?;
+    let ParsedTemplate {
+        definition,
+        warnings,
+    } = definition;
     refuse_nul(&definition)?;
     let (status, record) = register_template(&state, &definition).await?;
-    Ok((status, Json(record)))
+    for warning in &warnings {
+        tracing::warn!(namespace = %definition.namespace, name = %definition.name,
+            version = %definition.version, path = %warning.path, code = %warning.code,
+            "template key accepted and not used: {}", warning.message);
+    }
+    Ok((
+        status,
+        Json(TemplateRegistration {
+            template: record,
+            warnings: warnings.into_iter().map(TemplateWarning::from).collect(),
+        }),
+    ))
 }
 
 /// 422 when a string of the template (a description, a config value or key) holds
@@ -236,7 +290,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<Templa
     operation_id = "get_template",
     params(
         ("namespace" = String, Path, description = "The template's namespace."),
-        ("name" = String, Path, description = "The template's name."),
+        ("name" = String, Path, description = "The template's name. A `/` in it is sent percent-encoded, as `%2F` (`api_task%2Fintegration_yaml_example`)."),
         ("version" = Option<String>, Query, description = "An exact version; the highest by semver when absent."),
     ),
     responses(

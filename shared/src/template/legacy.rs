@@ -8,13 +8,14 @@ use serde_json::{Map, Value};
 use super::draft::{Dep, Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
-    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAME_LEN,
-    MAX_NAMESPACE_LEN, codes,
+    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAMESPACE_LEN,
+    codes,
 };
 
 pub(super) const LEGACY_TOP_KEYS: &[&str] = &[
     "name",
     "task_handler_class",
+    "class_name",
     "step_templates",
     "namespace_name",
     "version",
@@ -25,6 +26,8 @@ pub(super) const LEGACY_TOP_KEYS: &[&str] = &[
     "description",
     "schema",
     "environments",
+    "handler_config",
+    "custom_events",
 ];
 pub(super) const LEGACY_TOP_HINTS: &[(&str, &str)] = &[
     ("namespace", "namespace_name"),
@@ -55,10 +58,32 @@ pub(super) const LEGACY_EVENT_KEYS: &[&str] = &["name", "description"];
 pub(super) const LEGACY_ENVIRONMENT_KEYS: &[&str] = &["step_templates"];
 pub(super) const LEGACY_OVERRIDE_KEYS: &[&str] = &["name", "handler_config"];
 
+/// Why a tasker-engine key that Tasker does not act on is accepted: said in the warning.
+const NOT_PUBLISHED: &str = "Tasker does not publish custom events: handlers cannot fire them";
+
 pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment: &str) -> Draft {
-    w.unknown_keys(root, "", LEGACY_TOP_KEYS, LEGACY_TOP_HINTS);
-    let name = w.required_identifier(root, "", "name", "template name", MAX_NAME_LEN);
-    w.required_label(root, "", "task_handler_class", "task handler class");
+    // tasker-engine merged the selected environment into the whole document before it
+    // read it (`TaskBuilder#deep_merge_configs`): any key may be overridden, and step
+    // templates are merged by name.
+    let merged;
+    let root = match field(root, "environments") {
+        Some(value) => {
+            merged = apply_environment(w, root, value, environment);
+            &merged
+        }
+        None => root,
+    };
+    // tasker-engine checked its files with a JSON Schema that allowed other keys and
+    // ignored them; they are warnings here, so such files register unchanged.
+    w.ignored_keys(root, "", LEGACY_TOP_KEYS, LEGACY_TOP_HINTS);
+    let name = w.required_template_name(root, "");
+    // `class_name` is the name older tasker-engine files gave the task handler class.
+    if field(root, "class_name").is_some() && field(root, "task_handler_class").is_none() {
+        w.required_label(root, "", "class_name", "task handler class");
+    } else {
+        w.required_label(root, "", "task_handler_class", "task handler class");
+        w.optional_label(root, "", "class_name", "task handler class");
+    }
     let namespace = match field(root, "namespace_name") {
         Some(value) => w.string(value, "namespace_name").map(|text| {
             w.check_identifier(text, "namespace_name", "namespace", MAX_NAMESPACE_LEN);
@@ -68,20 +93,42 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
     };
     let version = w.version(root, "");
     w.optional_string(root, "", "module_namespace");
-    w.optional_bool(root, "", "concurrent");
+    if w.optional_bool(root, "", "concurrent") == Some(false) {
+        w.warn(
+            "concurrent",
+            codes::IGNORED,
+            "`concurrent: false` is ignored: Tasker runs every step whose parents are done \
+             at once; to run steps one after another, make each depend on the previous one",
+        );
+    }
     let default_system = w.optional_label(
         root,
         "",
         "default_dependent_system",
         "default dependent system",
     );
-    if let Some(value) = field(root, "named_steps") {
-        w.name_list(value, "named_steps", "step names");
-    }
+    let named_steps =
+        field(root, "named_steps").map(|value| w.name_list(value, "named_steps", "step names"));
     let description = w
         .optional_string(root, "", "description")
         .map(str::to_owned);
     let context_schema = w.context_schema(root, "schema");
+    if let Some(value) = field(root, "handler_config") {
+        if !value.is_object() {
+            w.wrong_type("handler_config", "an object (mapping)", value);
+        } else {
+            w.warn(
+                "handler_config",
+                codes::IGNORED,
+                "the task handler's `handler_config` is accepted and not used: no task \
+                 handler runs in Tasker, and tasker-engine did not give it to step handlers \
+                 either; put what a step's handler needs in that step's `handler_config`",
+            );
+        }
+    }
+    if let Some(value) = field(root, "custom_events") {
+        walk_custom_events(w, value, "custom_events");
+    }
 
     let mut steps = Vec::new();
     if let Some(list) = w.step_list(root, "step_templates") {
@@ -96,9 +143,8 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
             }
         }
     }
-
-    if let Some(value) = field(root, "environments") {
-        walk_environments(w, value, environment, &mut steps);
+    if let Some(named) = named_steps {
+        check_named_steps(w, &named, &steps);
     }
 
     Draft {
@@ -111,13 +157,39 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
     }
 }
 
+/// `named_steps`: tasker-engine refused a file whose step templates, or their
+/// dependencies, used a name the list does not hold (`TaskBuilder#validate_step_names`).
+fn check_named_steps(w: &mut Walker, named: &[Dep], steps: &[StepDraft]) {
+    let listed: HashSet<&str> = named.iter().map(|dep| dep.name.as_str()).collect();
+    for step in steps {
+        if let Some(name) = step.name.as_deref()
+            && !listed.contains(name)
+        {
+            w.report(
+                step.name_path.as_str(),
+                codes::INVALID_VALUE,
+                format!("step `{name}` is not in `named_steps`"),
+            );
+        }
+        for dep in &step.deps {
+            if !listed.contains(dep.name.as_str()) {
+                w.report(
+                    dep.path.as_str(),
+                    codes::INVALID_VALUE,
+                    format!("dependency `{}` is not in `named_steps`", dep.name),
+                );
+            }
+        }
+    }
+}
+
 fn walk_legacy_step(
     w: &mut Walker,
     object: &Map<String, Value>,
     path: String,
     default_system: Option<&str>,
 ) -> StepDraft {
-    w.unknown_keys(object, &path, LEGACY_STEP_KEYS, LEGACY_STEP_HINTS);
+    w.ignored_keys(object, &path, LEGACY_STEP_KEYS, LEGACY_STEP_HINTS);
     let name = w.step_name(object, &path);
     let handler = w.required_label(object, &path, "handler_class", "handler class");
     let description = w
@@ -177,36 +249,71 @@ fn walk_legacy_step(
     }
 }
 
-/// `custom_events`: a list of `{name, description}`; checked, then ignored.
+/// `custom_events` (of the template or of a step): a list of `{name, description}`;
+/// checked, then accepted with a warning.
 fn walk_custom_events(w: &mut Walker, value: &Value, path: &str) {
     let Some(list) = value.as_array() else {
         w.wrong_type(path, "a list of events", value);
         return;
     };
+    let mut names = Vec::new();
     for (index, event) in list.iter().enumerate() {
         let event_path = item(path, index);
         let Some(object) = event.as_object() else {
             w.not_an_object(&event_path, event, "a custom event");
             continue;
         };
-        w.unknown_keys(object, &event_path, LEGACY_EVENT_KEYS, &[]);
-        w.required_label(object, &event_path, "name", "event name");
+        w.ignored_keys(object, &event_path, LEGACY_EVENT_KEYS, &[]);
+        if let Some(name) = w.required_label(object, &event_path, "name", "event name") {
+            names.push(name);
+        }
         w.optional_string(object, &event_path, "description");
+    }
+    if !names.is_empty() {
+        w.warn(
+            path,
+            codes::IGNORED,
+            format!(
+                "custom events {} are accepted and not registered: {NOT_PUBLISHED}; \
+                 Tasker's own lifecycle events are on the `tasker.events` exchange",
+                names
+                    .iter()
+                    .map(|name| format!("`{name}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
     }
 }
 
-/// `environments`: checks every environment; merges the selected one's
-/// `handler_config` overrides into the steps.
-fn walk_environments(w: &mut Walker, value: &Value, environment: &str, steps: &mut [StepDraft]) {
+/// `environments`: checks every environment and returns the document with the selected
+/// one merged in, as tasker-engine's `TaskBuilder` did: mappings merge key by key, each
+/// entry of its `step_templates` merges into the step of the same name, anything else
+/// replaces. A `null` override changes nothing (null means absent in Tasker's files).
+/// An override of a step that `step_templates` does not define was skipped by
+/// tasker-engine: it is a warning.
+fn apply_environment(
+    w: &mut Walker,
+    root: &Map<String, Value>,
+    value: &Value,
+    environment: &str,
+) -> Map<String, Value> {
+    let mut merged = root.clone();
+    merged.remove("environments");
     let Some(environments) = value.as_object() else {
         w.not_an_object("environments", value, "`environments`");
-        return;
+        return merged;
     };
-    let names: HashSet<&str> = steps
-        .iter()
-        .filter_map(|step| step.name.as_deref())
-        .collect();
-    let mut overrides: Vec<(String, Value)> = Vec::new();
+    let names: HashSet<&str> = field(root, "step_templates")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|step| step.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut selected: Option<&Map<String, Value>> = None;
+    let mut step_overrides: Vec<(String, &Map<String, Value>)> = Vec::new();
     for (env_name, env_value) in environments {
         let env_path = join("environments", env_name);
         if env_value.is_null() {
@@ -216,7 +323,18 @@ fn walk_environments(w: &mut Walker, value: &Value, environment: &str, steps: &m
             w.not_an_object(&env_path, env_value, "an environment");
             continue;
         };
-        w.unknown_keys(env_object, &env_path, LEGACY_ENVIRONMENT_KEYS, &[]);
+        let chosen = env_name == environment;
+        if chosen {
+            selected = Some(env_object);
+        } else {
+            // The selected environment's keys are checked where they land, once merged.
+            let top: Vec<&str> = LEGACY_TOP_KEYS
+                .iter()
+                .copied()
+                .filter(|key| *key != "environments")
+                .collect();
+            w.ignored_keys(env_object, &env_path, &top, LEGACY_TOP_HINTS);
+        }
         let Some(list_value) = field(env_object, "step_templates") else {
             continue;
         };
@@ -231,7 +349,14 @@ fn walk_environments(w: &mut Walker, value: &Value, environment: &str, steps: &m
                 w.not_an_object(&entry_path, entry, "a step override");
                 continue;
             };
-            w.unknown_keys(entry_object, &entry_path, LEGACY_OVERRIDE_KEYS, &[]);
+            if !chosen {
+                w.ignored_keys(
+                    entry_object,
+                    &entry_path,
+                    LEGACY_STEP_KEYS,
+                    LEGACY_STEP_HINTS,
+                );
+            }
             let Some(name_value) =
                 w.required(entry_object, &entry_path, "name", "the step to override")
             else {
@@ -242,30 +367,57 @@ fn walk_environments(w: &mut Walker, value: &Value, environment: &str, steps: &m
                 continue;
             };
             if !names.contains(step_name) {
-                w.report(
+                w.warn(
                     name_path,
-                    codes::INVALID_VALUE,
+                    codes::IGNORED,
                     format!(
-                        "environment `{env_name}` overrides step `{step_name}`, which is not defined in `step_templates`"
+                        "environment `{env_name}` overrides step `{step_name}`, which is not \
+                         defined in `step_templates`; the override is ignored"
                     ),
                 );
                 continue;
             }
-            if env_name == environment
-                && let Some(config) = field(entry_object, "handler_config")
-            {
-                overrides.push((step_name.to_owned(), config.clone()));
+            if chosen {
+                step_overrides.push((step_name.to_owned(), entry_object));
             }
         }
     }
-    for (step_name, config) in overrides {
-        for step in steps
-            .iter_mut()
-            .filter(|step| step.name.as_deref() == Some(step_name.as_str()))
-        {
-            deep_merge(&mut step.config, &config);
+    let Some(selected) = selected else {
+        return merged;
+    };
+    for (key, overlay) in selected {
+        if key == "step_templates" || key == "environments" || overlay.is_null() {
+            continue;
+        }
+        match merged.get_mut(key) {
+            Some(base) => deep_merge(base, overlay),
+            None => {
+                merged.insert(key.clone(), overlay.clone());
+            }
         }
     }
+    if let Some(Value::Array(steps)) = merged.get_mut("step_templates") {
+        for (step_name, overlay) in step_overrides {
+            for step in steps
+                .iter_mut()
+                .filter(|step| step.get("name").and_then(Value::as_str) == Some(step_name.as_str()))
+            {
+                let Value::Object(step) = step else { continue };
+                for (key, value) in overlay {
+                    if key == "name" || value.is_null() {
+                        continue;
+                    }
+                    match step.get_mut(key) {
+                        Some(base) if !base.is_null() => deep_merge(base, value),
+                        _ => {
+                            step.insert(key.clone(), value.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    merged
 }
 
 /// Merges `overlay` into `base`: objects merge key by key, recursively; any

@@ -98,6 +98,10 @@ pub mod codes {
     pub const CONFIG_TOO_LARGE: &str = "config_too_large";
     /// More problems were found than are listed (see [`MAX_PROBLEMS`](super::MAX_PROBLEMS)).
     pub const MORE_PROBLEMS: &str = "more_problems";
+    /// A warning, not a problem: a tasker-engine key or value that is accepted and not
+    /// used (`concurrent: false`, `custom_events`, a task handler's `handler_config`, an
+    /// override of a step that does not exist).
+    pub const IGNORED: &str = "ignored";
 }
 
 /// Template version used when a template does not declare one.
@@ -221,7 +225,8 @@ const MAX_DUPLICATE_PLACES_SHOWN: usize = 10;
 pub struct TemplateDefinition {
     /// Namespace the template belongs to (1–64 characters, identifier rules).
     pub namespace: String,
-    /// Template name, unique within the namespace and version (1–128 characters).
+    /// Template name, unique within the namespace and version (1–128 characters):
+    /// identifiers joined by `/`, such as tasker-engine's `api_task/integration_yaml_example`.
     pub name: String,
     /// Semantic version of the template; `"0.1.0"` when the source does not say.
     pub version: String,
@@ -393,6 +398,18 @@ impl TemplateError {
     }
 }
 
+/// A valid template, and what was accepted in it without being used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedTemplate {
+    /// The normalised template.
+    pub definition: TemplateDefinition,
+    /// Keys and values of a tasker-engine file that Tasker accepts and does not act on,
+    /// each with its path and a message saying why (codes `unknown_key` and
+    /// [`codes::IGNORED`]); at most [`MAX_PROBLEMS`]. Empty for project-format files,
+    /// whose unknown keys are problems.
+    pub warnings: Vec<Problem>,
+}
+
 /// Parse a template from YAML or JSON text.
 ///
 /// JSON is accepted by the YAML parser (JSON-looking text is tried with the
@@ -422,8 +439,22 @@ pub fn parse_template_with_limits(
     environment: &str,
     limits: TemplateLimits,
 ) -> Result<TemplateDefinition, TemplateError> {
+    parse_template_with_warnings(text, environment, limits).map(|parsed| parsed.definition)
+}
+
+/// [`parse_template_with_limits`], with the warnings: what a tasker-engine file holds
+/// that Tasker accepts and does not use.
+///
+/// # Errors
+///
+/// Returns every problem found; see [`codes`] for the possible codes.
+pub fn parse_template_with_warnings(
+    text: &str,
+    environment: &str,
+    limits: TemplateLimits,
+) -> Result<ParsedTemplate, TemplateError> {
     let value = parse_document(text).map_err(|problem| TemplateError(vec![problem]))?;
-    template_from_value_with_limits(&value, environment, limits)
+    template_from_value_with_warnings(&value, environment, limits)
 }
 
 /// Same as [`parse_template`], from an already-parsed JSON value.
@@ -452,6 +483,19 @@ pub fn template_from_value_with_limits(
     environment: &str,
     limits: TemplateLimits,
 ) -> Result<TemplateDefinition, TemplateError> {
+    template_from_value_with_warnings(value, environment, limits).map(|parsed| parsed.definition)
+}
+
+/// [`template_from_value_with_limits`], with the warnings (see [`ParsedTemplate`]).
+///
+/// # Errors
+///
+/// Returns every problem found; see [`codes`] for the possible codes.
+pub fn template_from_value_with_warnings(
+    value: &serde_json::Value,
+    environment: &str,
+    limits: TemplateLimits,
+) -> Result<ParsedTemplate, TemplateError> {
     let mut walker = Walker::new(limits.max_steps.min(MAX_STEPS));
     let Some(root) = value.as_object() else {
         let message = if value.is_null() {
@@ -477,7 +521,10 @@ pub fn template_from_value_with_limits(
     check_graph(&mut walker, &draft);
     check_config_size(&mut walker, &draft, limits.max_config_bytes);
     if walker.problems.is_empty() {
-        Ok(draft.into_definition())
+        Ok(ParsedTemplate {
+            warnings: std::mem::take(&mut walker.warnings),
+            definition: draft.into_definition(),
+        })
     } else {
         Err(TemplateError(walker.into_problems()))
     }

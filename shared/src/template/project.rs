@@ -7,7 +7,7 @@ use super::draft::{Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_DEFERRALS,
-    MAX_NAME_LEN, MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
+    MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
 };
 
 pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
@@ -84,7 +84,7 @@ impl Default for StepDefaults {
 pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
     w.unknown_keys(root, "", PROJECT_TOP_KEYS, PROJECT_TOP_HINTS);
     let namespace = w.required_identifier(root, "", "namespace", "namespace", MAX_NAMESPACE_LEN);
-    let name = w.required_identifier(root, "", "name", "template name", MAX_NAME_LEN);
+    let name = w.required_template_name(root, "");
     let version = w.version(root, "");
     let description = w
         .optional_string(root, "", "description")

@@ -18,6 +18,9 @@ pub(super) struct Walker {
     pub(super) problems: Vec<Problem>,
     /// How many more were found and not kept.
     omitted: usize,
+    /// What was accepted but is not used (tasker-engine keys Tasker has no use for),
+    /// at most [`MAX_PROBLEMS`]: answered beside a registered template.
+    pub(super) warnings: Vec<Problem>,
     /// Most steps accepted.
     max_steps: usize,
 }
@@ -33,6 +36,7 @@ impl Walker {
         Walker {
             problems: Vec::new(),
             omitted: 0,
+            warnings: Vec::new(),
             max_steps,
         }
     }
@@ -147,6 +151,37 @@ pub(super) fn identifier_error(value: &str, max_len: usize) -> Option<String> {
         })
 }
 
+/// Why `value` is not a template name, if it is not: one or more identifiers joined by
+/// `/`, at most [`MAX_NAME_LEN`] characters in all.
+pub(super) fn template_name_error(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some("must not be empty".to_owned());
+    }
+    let length = value.chars().count();
+    if length > MAX_NAME_LEN {
+        return Some(format!(
+            "is {length} characters long; at most {MAX_NAME_LEN} are allowed"
+        ));
+    }
+    if value.split('/').any(str::is_empty) {
+        return Some(
+            "has an empty part: `/` may only separate names (`group/name`), not start, \
+             end or repeat"
+                .to_owned(),
+        );
+    }
+    value
+        .split('/')
+        .find_map(|part| identifier_error(part, MAX_NAME_LEN))
+        .map(|reason| {
+            let reason = reason.replace(
+                "only ASCII letters, digits, `_`, `-` and `.` are allowed",
+                "only ASCII letters, digits, `_`, `-`, `.` and `/` are allowed",
+            );
+            format!("(each part between `/`) {reason}")
+        })
+}
+
 impl Walker {
     pub(super) fn report(
         &mut self,
@@ -158,6 +193,37 @@ impl Walker {
             self.problems.push(Problem::new(path, code, message));
         } else {
             self.omitted += 1;
+        }
+    }
+
+    /// Something accepted but not used: not a problem, but said in the answer and the log.
+    pub(super) fn warn(&mut self, path: impl Into<String>, code: &str, message: impl Into<String>) {
+        if self.warnings.len() < MAX_PROBLEMS {
+            self.warnings.push(Problem::new(path, code, message));
+        }
+    }
+
+    /// Keys outside `known`, as warnings: tasker-engine validated its files with a JSON
+    /// Schema that allowed any other key and ignored it, so its files carry such keys
+    /// (`monitoring`, `retry_strategies`, ...) and still load.
+    pub(super) fn ignored_keys(
+        &mut self,
+        object: &Map<String, Value>,
+        parent: &str,
+        known: &[&str],
+        hints: &[(&str, &str)],
+    ) {
+        for key in object.keys() {
+            if known.contains(&key.as_str()) {
+                continue;
+            }
+            let message = match suggestion(key, known, hints) {
+                Some(candidate) => {
+                    format!("unknown key `{key}` is ignored; did you mean `{candidate}`?")
+                }
+                None => format!("unknown key `{key}` is ignored"),
+            };
+            self.warn(join(parent, key), codes::UNKNOWN_KEY, message);
         }
     }
 
@@ -331,6 +397,27 @@ impl Walker {
                 ),
             );
         }
+    }
+
+    /// A template name: identifiers joined by `/` (`api_task/integration_yaml_example`),
+    /// as tasker-engine named templates after their folder.
+    pub(super) fn required_template_name(
+        &mut self,
+        object: &Map<String, Value>,
+        parent: &str,
+    ) -> Option<String> {
+        let what = "template name";
+        let value = self.required(object, parent, "name", what)?;
+        let path = join(parent, "name");
+        let text = self.string(value, &path)?;
+        if let Some(reason) = template_name_error(text) {
+            self.report(
+                path,
+                codes::INVALID_VALUE,
+                format!("{what} `{}` {reason}", text.escape_default()),
+            );
+        }
+        Some(text.to_owned())
     }
 
     /// A required identifier (namespace, template name).

@@ -1,9 +1,13 @@
 //! A tasker-engine 1.x template file registers unchanged and its tasks run.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-use serde_json::json;
+use clap::Parser;
+use serde_json::{Value, json};
 use tasker_tests::{StatusCode, TestEnv, binary};
+use tasker_worker::{HandlerRegistry, StepContext, StepError, StepHandler, Worker, WorkerSettings};
 
 use crate::steps_by_name;
 
@@ -68,5 +72,247 @@ async fn a_tasker_engine_template_registers_and_its_tasks_run() {
         steps["send_confirmation"]["results"]["sent_to"],
         "ada@example.com"
     );
+    env.finish().await.unwrap();
+}
+
+/// Template files in tasker-engine 1.x's documented form, covering every key of its
+/// `TaskTemplate` and `StepTemplate` and of its published examples.
+const ENGINE_FILES: [(&str, &str); 4] = [
+    (
+        "inventory_sync",
+        include_str!("../../fixtures/tasker_engine/inventory_sync.yaml"),
+    ),
+    (
+        "nightly_reporting",
+        include_str!("../../fixtures/tasker_engine/nightly_reporting.yaml"),
+    ),
+    (
+        "guarded_checkout",
+        include_str!("../../fixtures/tasker_engine/guarded_checkout.yaml"),
+    ),
+    (
+        "returns_processing",
+        include_str!("../../fixtures/tasker_engine/returns_processing.yaml"),
+    ),
+];
+
+/// Every step handler class the files name, as a migrating team ports them: one Rust
+/// handler registered under each Ruby class name.
+const HANDLER_CLASSES: [&str; 18] = [
+    "Warehouse::StepHandler::FetchStockLevelsHandler",
+    "Warehouse::StepHandler::FetchOpenOrdersHandler",
+    "Warehouse::StepHandler::ReconcileHandler",
+    "Warehouse::StepHandler::PushAdjustmentsHandler",
+    "Warehouse::StepHandler::NotifyPlannersHandler",
+    "Analytics::StepHandlers::ExtractPaymentsHandler",
+    "Analytics::StepHandlers::ExtractAccountsHandler",
+    "Analytics::StepHandlers::RevenueReportHandler",
+    "Analytics::StepHandlers::ChurnReportHandler",
+    "Analytics::StepHandlers::PublishReportsHandler",
+    "Storefront::StepHandlers::PriceCartHandler",
+    "Storefront::StepHandlers::AuthorizeCardHandler",
+    "Storefront::StepHandlers::ConfirmOrderHandler",
+    "Returns::StepHandlers::ReceiveItemHandler",
+    "Returns::StepHandlers::InspectItemHandler",
+    "Returns::StepHandlers::IssueRefundHandler",
+    "Returns::StepHandlers::RestockItemHandler",
+    "Returns::StepHandlers::CloseReturnHandler",
+];
+
+/// A ported handler: answers with its class, its config and its parents' names, so the
+/// test sees which handler ran each step and what it was given.
+struct Ported(&'static str);
+
+impl StepHandler for Ported {
+    // What `#[async_trait]` writes; this crate does not depend on `async-trait`.
+    fn call<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        step: &'life1 StepContext,
+    ) -> Pin<Box<dyn Future<Output = Result<Value, StepError>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            Ok(json!({
+                "class": self.0,
+                "step": step.step_name,
+                "template": step.template,
+                "config": step.config,
+                "parents": step.parents.keys().collect::<Vec<_>>(),
+            }))
+        })
+    }
+}
+
+#[derive(Parser)]
+struct WorkerArgs {
+    #[command(flatten)]
+    settings: WorkerSettings,
+}
+
+#[tokio::test]
+async fn tasker_engine_files_register_unchanged_and_their_tasks_run() {
+    let env = TestEnv::start("tasker-engine-files").await.unwrap();
+    let mut registered = Vec::new();
+    for (file, text) in ENGINE_FILES {
+        let (status, answer) = env.register_template(text).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{file}: {answer:#}");
+        let warnings: Vec<(&str, &str)> = answer["warnings"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|w| (w["path"].as_str().unwrap(), w["code"].as_str().unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let expected: &[(&str, &str)] = match file {
+            "nightly_reporting" => &[("custom_events", "ignored")],
+            "guarded_checkout" => &[("handler_config", "ignored")],
+            "returns_processing" => &[
+                ("monitoring", "unknown_key"),
+                ("retry_strategies", "unknown_key"),
+                ("concurrent", "ignored"),
+                ("step_templates[1].custom_events", "ignored"),
+            ],
+            _ => &[],
+        };
+        assert_eq!(warnings, expected, "{file}: {answer:#}");
+        // Registering the same file again is the identical template, with its warnings.
+        let (status, again) = env.register_template(text).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{file}: {again:#}");
+        assert_eq!(again["warnings"], answer["warnings"], "{file}");
+        registered.push(answer);
+    }
+    let names: Vec<(&str, &str)> = registered
+        .iter()
+        .map(|t| {
+            (
+                t["namespace"].as_str().unwrap(),
+                t["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("warehouse", "warehouse/inventory_sync"),
+            ("analytics", "nightly_reporting"),
+            ("storefront", "guarded_checkout"),
+            ("returns", "returns/process_return"),
+        ]
+    );
+
+    // A `/` in a name travels in a URL as %2F, and axum decodes it within the segment.
+    let (status, template) = env
+        .get("/v1/templates/warehouse/warehouse%2Finventory_sync")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{template:#}");
+    assert_eq!(template["name"], "warehouse/inventory_sync");
+    let steps = steps_by_name(&template);
+    // TASKER_ENV=development: that environment's overrides apply.
+    assert_eq!(
+        steps["fetch_stock_levels"]["config"]["url"],
+        "http://localhost:3000/stock"
+    );
+    let diagram = env
+        .http
+        .get(format!(
+            "{}/v1/templates/returns/returns%2Fprocess_return/diagram",
+            env.base_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(diagram.status(), StatusCode::OK);
+    // Unencoded, the `/` splits the path: no such route.
+    let (status, _) = env
+        .get("/v1/templates/warehouse/warehouse/inventory_sync")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let mut registry = HandlerRegistry::with_builtins();
+    for class in HANDLER_CLASSES {
+        registry = registry.register(class, Ported(class));
+    }
+    let amqp = tasker_tests::amqp_url();
+    let settings = WorkerArgs::parse_from([
+        "worker",
+        "--amqp-url",
+        &amqp,
+        "--amqp-prefix",
+        &env.prefix,
+        "--namespaces",
+        "warehouse,analytics,storefront,returns",
+        "--worker-id",
+        "ported-engine-handlers",
+    ])
+    .settings;
+    let worker = Worker::build(settings, registry).await.unwrap();
+    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(worker.run_until_stopped(async move {
+        let _ = worker_stopped.await;
+    }));
+
+    let tasks = [
+        json!({"namespace": "warehouse", "name": "warehouse/inventory_sync",
+               "context": {"warehouse_id": 7}}),
+        json!({"namespace": "analytics", "name": "nightly_reporting",
+               "context": {"report_date": "2026-12-03", "granularity": "weekly"}}),
+        json!({"namespace": "storefront", "name": "guarded_checkout",
+               "context": {"cart_id": 12}}),
+        json!({"namespace": "returns", "name": "returns/process_return",
+               "context": {"return_id": "R-881", "amount": 19.5,
+                           "customer": {"email": "ada@example.com", "tier": "gold"}}}),
+    ];
+    for (request, template) in tasks.iter().zip(&registered) {
+        let task = env
+            .run_task(request.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(task["status"], "complete", "{task:#}");
+        let defined = steps_by_name(template);
+        for (name, step) in steps_by_name(&task) {
+            // Each step ran under the handler registered for its template's class name.
+            assert_eq!(
+                step["results"]["class"], defined[&name]["handler"],
+                "{name}: {step:#}"
+            );
+            assert_eq!(
+                step["results"]["config"], defined[&name]["config"],
+                "{name}"
+            );
+        }
+    }
+    let task = env
+        .run_task(tasks[3].clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let steps = steps_by_name(&task);
+    assert_eq!(
+        steps["close_return"]["results"]["parents"],
+        json!(["issue_refund", "restock_item"])
+    );
+    assert_eq!(
+        steps["issue_refund"]["results"]["config"]["gateway"],
+        "development_sandbox"
+    );
+    assert_eq!(
+        steps["issue_refund"]["results"]["template"],
+        "returns/process_return@1.0.0"
+    );
+    // A name with `/` is a query value like any other.
+    let (status, page) = env
+        .get("/v1/tasks?namespace=returns&name=returns%2Fprocess_return")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{page:#}");
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2, "{page:#}");
+
+    let _ = stop_worker.send(());
+    worker.await.unwrap().unwrap();
     env.finish().await.unwrap();
 }
