@@ -42,43 +42,79 @@ const SHORT_TEXT: usize = 128;
 /// Times a batch is tried again after the database chose it as a deadlock's victim.
 const DEADLOCK_RETRIES: u32 = 3;
 
-/// The body of `POST /v1/tasks/cancel` and `POST /v1/tasks/retry` (documentation only:
-/// read by hand, so that every problem is named at once; the fields are
-/// [`BULK_FIELDS`]). At least one of `namespace`, `name`, `status`, `tags`,
+/// The bodies of `POST /v1/tasks/cancel` ([`BulkCancelRequest`]) and `POST
+/// /v1/tasks/retry` ([`BulkRetryRequest`]), for the description only: read by hand, so
+/// that every problem is named at once; the fields are [`BULK_FIELDS`]. They differ in
+/// the statuses `status` may name. At least one of `namespace`, `name`, `status`, `tags`,
 /// `created_after` and `created_before` is required: an empty filter is refused rather
 /// than taken as "every task".
-#[derive(ToSchema)]
-#[schema(example = json!({"namespace": "billing", "status": "error", "tags": ["nightly"],
-    "created_after": "2026-12-01T00:00:00Z", "limit": 500, "dry_run": true}))]
-#[expect(dead_code, reason = "documentation only")]
-// Unknown fields are refused (422): `additionalProperties: false` in the description.
-#[serde(deny_unknown_fields)]
-pub(crate) struct BulkRequest {
-    /// Only tasks of this template namespace.
-    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
-    namespace: Option<String>,
-    /// Only tasks of this template name.
-    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
-    name: Option<String>,
-    /// Only tasks in this status: `pending` or `in_progress` for cancel (default: both),
-    /// `error` for retry (the only status a retry applies to).
-    status: Option<TaskStatus>,
-    /// Only tasks whose `tags` hold every one of these (at most 20).
-    #[schema(max_items = 20)]
-    tags: Option<Vec<String>>,
-    /// Only tasks created after this instant (RFC 3339).
-    created_after: Option<DateTime<Utc>>,
-    /// Only tasks created before this instant (RFC 3339).
-    created_before: Option<DateTime<Utc>>,
-    /// Most tasks acted on, oldest first: 1 to 10000; default 1000.
-    #[schema(minimum = 1, maximum = 10000)]
-    limit: Option<i64>,
-    /// Only report what matches; change nothing. Default `false`.
-    dry_run: Option<bool>,
-    /// Why, for each task's transition history.
-    #[schema(max_length = 1024, pattern = "^[^\\x00]*$")]
-    reason: Option<String>,
+macro_rules! bulk_request {
+    ($request:ident, $status:literal, $pattern:literal, $example:expr) => {
+        #[derive(ToSchema)]
+        #[schema(example = $example)]
+        #[expect(dead_code, reason = "documentation only")]
+        // Unknown fields are refused (422): `additionalProperties: false` in the description.
+        #[serde(deny_unknown_fields)]
+        pub(crate) struct $request {
+            /// Only tasks of this template namespace.
+            #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
+            namespace: Option<String>,
+            /// Only tasks of this template name.
+            #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
+            name: Option<String>,
+            #[doc = $status]
+            #[schema(value_type = Option<String>, pattern = $pattern)]
+            status: Option<TaskStatus>,
+            /// Only tasks whose `tags` hold every one of these (at most 20).
+            #[schema(min_items = 1, max_items = 20)]
+            tags: Option<Vec<FilterTag>>,
+            /// Only tasks created after this instant (RFC 3339). With `created_before` at
+            /// or before it, nothing matches.
+            created_after: Option<DateTime<Utc>>,
+            /// Only tasks created before this instant (RFC 3339).
+            created_before: Option<DateTime<Utc>>,
+            /// Most tasks acted on, oldest first: 1 to 10000; default 1000.
+            #[schema(minimum = 1, maximum = 10000)]
+            limit: Option<i64>,
+            /// Only report what matches; change nothing. Default `false`.
+            dry_run: Option<bool>,
+            /// Why, for each task's transition history.
+            #[schema(max_length = 1024, pattern = "^[^\\x00]*$")]
+            reason: Option<String>,
+        }
+    };
 }
+
+/// A tag a filter matches: 1 to 128 characters (for the description only).
+pub(crate) struct FilterTag;
+
+impl utoipa::PartialSchema for FilterTag {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(SHORT_TEXT))
+            .pattern(Some("^[^\\x00]*$"))
+            .into()
+    }
+}
+
+impl ToSchema for FilterTag {}
+
+bulk_request!(
+    BulkCancelRequest,
+    "Only tasks in this status: `pending` or `in_progress` (default: both).",
+    "^(pending|in_progress)$",
+    json!({"namespace": "billing", "status": "pending", "tags": ["nightly"],
+        "created_after": "2026-12-01T00:00:00Z", "limit": 500, "dry_run": true})
+);
+bulk_request!(
+    BulkRetryRequest,
+    "Only tasks in this status: `error`, the only status a retry applies to.",
+    "^error$",
+    json!({"namespace": "billing", "tags": ["nightly"],
+        "created_after": "2026-12-01T00:00:00Z", "limit": 500, "dry_run": true})
+);
 
 /// The fields of a bulk body.
 pub(crate) const BULK_FIELDS: &[&str] = &[
@@ -94,7 +130,7 @@ pub(crate) const BULK_FIELDS: &[&str] = &[
 ];
 
 /// The fields that narrow the filter: at least one is required.
-const FILTER_FIELDS: &[&str] = &[
+pub(crate) const FILTER_FIELDS: &[&str] = &[
     "namespace",
     "name",
     "status",
@@ -230,17 +266,15 @@ fn read_request(
     }
     filter.created_after = instant(&mut fields, "created_after");
     filter.created_before = instant(&mut fields, "created_before");
-    if let (Some(after), Some(before)) = (filter.created_after, filter.created_before)
-        && after >= before
-    {
-        fields.problem(
-            "created_before",
-            "`created_before` must be later than `created_after`",
-        );
-    }
     let limit = match fields.value("limit") {
         None | Some(Value::Null) => DEFAULT_LIMIT,
-        Some(value) => match value.as_i64() {
+        // A whole number, however written (`500` or `500.0`, as JSON Schema's `integer`).
+        Some(value) => match value.as_i64().or_else(|| {
+            value
+                .as_f64()
+                .filter(|n| n.fract() == 0.0)
+                .map(|n| n as i64)
+        }) {
             Some(limit) if (1..=MAX_LIMIT).contains(&limit) => limit,
             _ => {
                 fields.problem(
@@ -311,7 +345,7 @@ fn instant(fields: &mut Fields, key: &str) -> Option<DateTime<Utc>> {
     path = "/v1/tasks/cancel",
     tag = "operate",
     operation_id = "cancel_tasks",
-    request_body(content = BulkRequest, content_type = "application/json"),
+    request_body(content = BulkCancelRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "What matched and what was cancelled.", body = BulkResult),
         (status = 400, description = "`malformed_request`: the body is not JSON.", body = ErrorBody),
@@ -338,7 +372,7 @@ pub(crate) async fn cancel(
     path = "/v1/tasks/retry",
     tag = "operate",
     operation_id = "retry_tasks",
-    request_body(content = BulkRequest, content_type = "application/json"),
+    request_body(content = BulkRetryRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "What matched and what was retried.", body = BulkResult),
         (status = 400, description = "`malformed_request`: the body is not JSON.", body = ErrorBody),

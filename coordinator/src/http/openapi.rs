@@ -7,13 +7,14 @@
 use std::sync::LazyLock;
 
 use axum::Json;
+use serde_json::Value;
 use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::{RefOr, Required};
 use utoipa::{Modify, OpenApi};
 
 use super::auth::SecurityDoc;
 use super::body::StorableJson;
-use super::bulk::{self, BulkRequest, BulkResult};
+use super::bulk::{self, BulkCancelRequest, BulkResult, BulkRetryRequest};
 use super::diagram;
 use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
@@ -78,7 +79,8 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         TaskPage,
         ReasonRequest,
         ResolveRequest,
-        BulkRequest,
+        BulkCancelRequest,
+        BulkRetryRequest,
         BulkResult,
         ReadinessView,
         StepReadiness,
@@ -146,7 +148,36 @@ impl Modify for OptionalBodies {
 }
 
 /// Built once: the description does not change while the process runs.
-static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::openapi);
+static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
+    let mut document = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+    require_a_criterion(&mut document);
+    document
+});
+
+/// A bulk filter must narrow the tasks by at least one criterion (`{}` or only `limit`
+/// is a 422): each bulk body's schema says so with `anyOf`, one branch per criterion,
+/// present with its type other than `null`. utoipa's schema model has no `anyOf` beside
+/// `properties`, so this edits the JSON.
+fn require_a_criterion(document: &mut Value) {
+    let branches: Vec<Value> = super::bulk::FILTER_FIELDS
+        .iter()
+        .map(|field| {
+            let kind = if *field == "tags" { "array" } else { "string" };
+            serde_json::json!({
+                "required": [field],
+                "properties": {*field: {"type": kind}},
+            })
+        })
+        .collect();
+    for request in ["BulkCancelRequest", "BulkRetryRequest"] {
+        if let Some(schema) = document
+            .pointer_mut(&format!("/components/schemas/{request}"))
+            .and_then(Value::as_object_mut)
+        {
+            schema.insert("anyOf".to_owned(), Value::Array(branches.clone()));
+        }
+    }
+}
 
 /// This API's OpenAPI 3.1 description.
 #[utoipa::path(
@@ -159,7 +190,7 @@ static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::open
             body = serde_json::Value, content_type = "application/json"),
     ),
 )]
-pub(crate) async fn document() -> Json<&'static utoipa::openapi::OpenApi> {
+pub(crate) async fn document() -> Json<&'static Value> {
     Json(&DOCUMENT)
 }
 
@@ -184,15 +215,12 @@ mod tests {
     ];
 
     fn doc() -> Value {
-        serde_json::to_value(ApiDoc::openapi()).expect("the document serialises")
+        DOCUMENT.clone()
     }
 
     /// The document as read by an OpenAPI 3.1 parser independent of utoipa.
     fn spec() -> oas3::Spec {
-        let text = ApiDoc::openapi()
-            .to_json()
-            .expect("the document serialises");
-        oas3::from_json(text).expect("the document parses as OpenAPI 3.1")
+        oas3::from_json(document_text()).expect("the document parses as OpenAPI 3.1")
     }
 
     /// Every route is described, and every description is a route.
@@ -271,9 +299,7 @@ mod tests {
 
     #[test]
     fn document_is_valid_openapi_3_1() {
-        let text = ApiDoc::openapi()
-            .to_pretty_json()
-            .expect("the document serialises");
+        let text = document_text();
         let value: Value = serde_json::from_str(&text).expect("the document is JSON");
         let version = value["openapi"].as_str().expect("`openapi` is a string");
         assert!(version.starts_with("3.1"), "openapi is {version}");
@@ -402,7 +428,8 @@ mod tests {
         assert_eq!(fields("CreateTaskRequest"), set(tasks::CREATE_FIELDS));
         assert_eq!(fields("ReasonRequest"), set(operate::REASON_FIELDS));
         assert_eq!(fields("ResolveRequest"), set(operate::RESOLVE_FIELDS));
-        assert_eq!(fields("BulkRequest"), set(bulk::BULK_FIELDS));
+        assert_eq!(fields("BulkCancelRequest"), set(bulk::BULK_FIELDS));
+        assert_eq!(fields("BulkRetryRequest"), set(bulk::BULK_FIELDS));
         for path in ["/v1/tasks/cancel", "/v1/tasks/retry"] {
             let body = &doc["paths"][path]["post"]["requestBody"];
             assert_eq!(body["required"], true, "{path}: the filter is required");

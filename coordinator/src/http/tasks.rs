@@ -18,6 +18,7 @@ use super::body::{
     Fields, JSON_TYPES, body_rejection, content_type, json_len, json_object, path_rejection,
     query_rejection, storable_object, storable_value, too_large,
 };
+use super::bulk::FilterTag;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
@@ -106,6 +107,8 @@ const KEY_LENGTH: usize = 255;
 const MAX_PAGE: i64 = 500;
 /// Most `tag` parameters in a list.
 const MAX_TAGS: usize = 20;
+/// Longest `tag` in a list filter, as in a bulk filter.
+const MAX_TAG_CHARS: usize = 128;
 /// Steps past which a task's ids and edges are prepared on a blocking thread.
 const LARGE_TEMPLATE_STEPS: usize = 1_000;
 
@@ -329,10 +332,10 @@ pub(crate) async fn get(
         ("namespace" = Option<String>, Query, description = "Only tasks of this template namespace."),
         ("name" = Option<String>, Query, description = "Only tasks of this template name."),
         ("status" = Option<TaskStatus>, Query, description = "Only tasks in this status."),
-        ("tag" = Option<Vec<String>>, Query, explode = true, description = "Only tasks whose `tags` hold this tag; repeat it (`tag=a&tag=b`) for tasks holding all of them (at most 20)."),
+        ("tag" = Option<Vec<FilterTag>>, Query, explode = true, max_items = 20, description = "Only tasks whose `tags` hold this tag; repeat it (`tag=a&tag=b`) for tasks holding all of them (at most 20)."),
         ("created_after" = Option<DateTime<Utc>>, Query, description = "Only tasks created after this instant (RFC 3339; encode `+` as `%2B`)."),
         ("created_before" = Option<DateTime<Utc>>, Query, description = "Only tasks created before this instant (RFC 3339; encode `+` as `%2B`)."),
-        ("order" = Option<String>, Query, description = "`-created_at` (newest first, the default) or `created_at` (oldest first).", example = "-created_at"),
+        ("order" = Option<String>, Query, pattern = "^-?created_at$", description = "`-created_at` (newest first, the default) or `created_at` (oldest first).", example = "-created_at"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Tasks per page, 1 to 500; default 50."),
         ("cursor" = Option<Uuid>, Query, description = "The `next_cursor` of the previous page, sent with the same filters and order."),
     ),
@@ -361,6 +364,12 @@ pub(crate) async fn list(
     };
     for (key, value) in query {
         match key.as_str() {
+            "tag" if value.is_empty() || value.chars().count() > MAX_TAG_CHARS => {
+                problem(
+                    "tag",
+                    format!("a tag must be 1 to {MAX_TAG_CHARS} characters"),
+                );
+            }
             // No stored name or tag holds U+0000 (nor can PostgreSQL compare with one).
             "namespace" | "name" | "tag" if value.contains('\0') => matches_nothing = true,
             "namespace" => filter.namespace = Some(value),
@@ -379,9 +388,12 @@ pub(crate) async fn list(
                     ),
                 ),
             },
-            "tag" if filter.tags.len() >= MAX_TAGS => {
+            "tag" if filter.tags.len() == MAX_TAGS => {
                 problem("tag", format!("at most {MAX_TAGS} `tag` parameters"));
+                // Counted once: the parameters past it change nothing.
+                filter.tags.push(value);
             }
+            "tag" if filter.tags.len() > MAX_TAGS => {}
             "tag" => filter.tags.push(value),
             "created_after" | "created_before" => match DateTime::parse_from_rfc3339(&value) {
                 Ok(at) if key == "created_after" => filter.created_after = Some(at.to_utc()),
