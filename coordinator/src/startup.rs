@@ -27,7 +27,7 @@ use crate::settings::CoordinatorSettings;
 use crate::sweeper::{QueueAudit, Sweeper};
 use tasker_shared::broker::{self, Topology};
 use tasker_shared::store::transitions::LeasePolicy;
-use tasker_shared::template::parse_template;
+use tasker_shared::template::parse_template_with_warnings;
 
 /// A coordinator, built and ready to run.
 pub struct Application {
@@ -466,7 +466,12 @@ async fn load_templates(state: &AppState, dir: &Path) -> anyhow::Result<()> {
     for path in entries {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let definition = parse_template(&text, &state.environment).map_err(|error| {
+        let parsed = parse_template_with_warnings(
+            &text,
+            &state.environment,
+            tasker_shared::template::TemplateLimits::default(),
+        )
+        .map_err(|error| {
             let problems: Vec<String> = error
                 .0
                 .iter()
@@ -478,10 +483,14 @@ async fn load_templates(state: &AppState, dir: &Path) -> anyhow::Result<()> {
                 problems.join("\n")
             )
         })?;
-        register_template(state, &definition)
+        for warning in &parsed.warnings {
+            tracing::warn!(file = %path.display(), path = %warning.path, code = %warning.code,
+                "{}", warning.message);
+        }
+        register_template(state, &parsed.definition)
             .await
             .map_err(|error| anyhow::anyhow!("cannot register {}: {error:?}", path.display()))?;
-        tracing::info!(file = %path.display(), "template loaded");
+        tracing::info!(file = %path.display(), warnings = parsed.warnings.len(), "template loaded");
     }
     Ok(())
 }

@@ -315,6 +315,20 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     assert_eq!(run.code, 1, "{run}");
     assert!(run.stderr.contains("template_not_found"), "{run}");
 
+    // A name with `/` (tasker-engine's `module/name`): the CLI encodes it in the path.
+    let (status, body) = env
+        .register_template(
+            "namespace: cli\nname: team/flow\nsteps:\n  - {name: only, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{body}");
+    let run = tasker(&env, &["templates", "diagram", "cli", "team/flow"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains("only[\"only\"]"), "{run}");
+    let run = tasker(&env, &["tasks", "create", "cli/team/flow"]).await;
+    assert_eq!(run.code, 0, "{run}");
+
     // tasks list filters: tag, time window, order.
     let run = tasker(
         &env,

@@ -316,3 +316,40 @@ async fn tasker_engine_files_register_unchanged_and_their_tasks_run() {
     worker.await.unwrap().unwrap();
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn tasker_engine_files_load_from_the_templates_directory_with_their_warnings_logged() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tasker_engine");
+    let env = TestEnv::start_with(
+        "tasker-engine-dir",
+        tasker_tests::EnvOptions {
+            templates_dir: Some(dir),
+            ..tasker_tests::EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (status, list) = env.get("/v1/templates").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{list:#}");
+    assert_eq!(
+        list["templates"].as_array().map(Vec::len),
+        Some(ENGINE_FILES.len()),
+        "{list:#}"
+    );
+    let (status, template) = env
+        .get("/v1/templates/warehouse/warehouse%2Finventory_sync")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{template:#}");
+    let log = env.coordinator.log();
+    let warned = |file: &str, path: &str| {
+        log.lines().any(|line| {
+            line.contains("\"level\":\"WARN\"")
+                && line.contains(&format!("{file}.yaml"))
+                && line.contains(&format!("\"path\":\"{path}\""))
+        })
+    };
+    assert!(warned("guarded_checkout", "handler_config"), "{log}");
+    assert!(warned("returns_processing", "retry_strategies"), "{log}");
+    env.finish().await.unwrap();
+}
