@@ -35,6 +35,7 @@ use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header
 use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError, StepMessage, StepResult, WorkerMessage,
 };
+use tasker_shared::states::StepStatus;
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
 pub(crate) struct ResultProcessor {
@@ -231,8 +232,9 @@ impl ResultProcessor {
                 ),
             }
         }
-        for latency in transitions::mark_started(&mut tx, &started, self.lease).await? {
-            self.metrics.queue_latency.observe(latency);
+        let marked = transitions::mark_started(&mut tx, &started, self.lease).await?;
+        for latency in &marked.latencies {
+            self.metrics.queue_latency.observe(*latency);
             report.started += 1;
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
@@ -240,8 +242,18 @@ impl ResultProcessor {
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
         let claimed = transitions::dispatches_for(&mut tx, &applied.claimed).await?;
-        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish(&claimed)).await?;
+        let mut may_finish = applied.may_finish(&claimed);
+        may_finish.extend(marked.lost_last_attempts.iter().map(|(task, _)| *task));
+        may_finish.sort_unstable();
+        may_finish.dedup();
+        let finished = transitions::finish_tasks(&mut tx, &may_finish).await?;
         tx.commit().await?;
+        let lost: Vec<(String, StepStatus)> = marked
+            .lost_last_attempts
+            .into_iter()
+            .map(|(_, namespace)| (namespace, StepStatus::Error))
+            .collect();
+        self.metrics.workers_lost(&lost);
         drop(spans);
         self.wake_events.notify_one();
         self.metrics

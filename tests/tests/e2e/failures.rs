@@ -395,6 +395,68 @@ async fn a_worker_killed_mid_step_loses_nothing_and_the_attempt_is_counted() {
     env.finish().await.unwrap();
 }
 
+/// A step on its last attempt whose worker is killed: the broker hands its message to
+/// another worker at once, but the lost run was the step's last attempt. It ends in
+/// `error` (`worker_lost`) with one attempt, as the sweeper would have ended it, and the
+/// second worker's run does not count.
+#[tokio::test]
+async fn a_redelivered_step_on_its_last_attempt_is_not_run_past_its_retry_limit() {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: vec![("TASKER_HEARTBEAT_LEASE_MS".into(), "30000".into())],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("kill-9-last", options).await.unwrap();
+    env.register_template(&one_step(
+        "once",
+        "    handler: tasker.sleep\n    timeout_ms: 20000\n    retry_limit: 1\n    config: {ms: 1500}\n",
+    ))
+    .await
+    .unwrap();
+    let doomed = env
+        .start_worker_with(binary("tasker-worker"), "doomed", &["failing"], 4, &[])
+        .await
+        .unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "failing", "name": "once"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    env.wait_until(
+        &id,
+        "the step runs on the doomed worker",
+        Duration::from_secs(20),
+        |t| TestEnv::step(t, "only")["status"] == "in_progress",
+    )
+    .await
+    .unwrap();
+    env.workers[doomed].kill().await;
+    env.start_worker("rescuer", &["failing"]).await.unwrap();
+    // The heartbeat lease (30 s) is far away: only the redelivery can end it this soon.
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "error", "{done:#}");
+    let only = TestEnv::step(&done, "only");
+    assert_eq!(only["attempts"], 1, "{only:#}");
+    assert_eq!(only["last_error"]["code"], "worker_lost", "{only:#}");
+    // The rescuer's run finishes later and is dropped by the fence.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, after) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(after["status"], "error", "{after:#}");
+    let reasons: Vec<String> = step_history(&env.pool, &id)
+        .await
+        .into_iter()
+        .map(|h| h.3)
+        .collect();
+    assert_eq!(
+        reasons,
+        ["dispatched", "started", "worker_lost"],
+        "{reasons:?}"
+    );
+    env.finish().await.unwrap();
+}
+
 /// With no other worker to take the killed worker's messages back from the broker, only
 /// the sweeper notices: it counts each lost run as a failed attempt, retries the step
 /// that has attempts left and fails the one that has none, and the metrics count those
