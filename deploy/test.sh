@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (see README): make sure PostgreSQL and RabbitMQ
-# are up, build everything, run the whole workspace's tests.
+# are up, validate the deployment files, check formatting and lints, build
+# everything, run the whole workspace's tests.
 #
 # Usage: deploy/test.sh [cargo-test args] [-- test-harness args]
 #   deploy/test.sh                      # everything
@@ -64,5 +65,8 @@ fi
 python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --quiet \
     || python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --quiet --break-system-packages
 deploy/validate.sh
+# What a reviewer checks first: formatting, and every lint with warnings as errors.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
 cargo build --workspace --bins --examples "${locked[@]}"
 cargo test --workspace "${locked[@]}" "${cargo_args[@]}" -- "${harness_args[@]}"

@@ -18,6 +18,7 @@ pub const EVENT_NAMES: &[&str] = &[
     "task.failed",
     "task.cancelled",
     "task.retried",
+    "task.resumed",
     "task.resolved_manually",
     "step.started",
     "step.completed",
@@ -88,6 +89,8 @@ pub fn event_name(
         match (from, to) {
             (None, "pending") => Some("task.created"),
             (Some("pending"), "in_progress") => Some("task.started"),
+            // An operator resolved a failed step by hand: the task runs on, not retried.
+            (Some("error"), "in_progress") if reason == "step_resolved" => Some("task.resumed"),
             (Some("error"), "in_progress") => Some("task.retried"),
             (_, "complete") => Some("task.completed"),
             (_, "error") => Some("task.failed"),
@@ -101,6 +104,18 @@ pub fn event_name(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resolved_step_resumes_its_task_and_a_retry_retries_it() {
+        assert_eq!(
+            event_name(false, Some("error"), "in_progress", "step_resolved"),
+            Some("task.resumed")
+        );
+        assert_eq!(
+            event_name(false, Some("error"), "in_progress", "retry_requested"),
+            Some("task.retried")
+        );
+    }
 
     #[test]
     fn transitions_map_to_the_documented_events() {

@@ -125,11 +125,6 @@ impl TaskStatus {
 }
 
 impl StepStatus {
-    /// Whether the step's dependents may run (the step counts as done).
-    pub fn satisfies_dependents(self) -> bool {
-        matches!(self, StepStatus::Complete | StepStatus::ResolvedManually)
-    }
-
     /// Whether the step will not change again on its own.
     pub fn is_terminal(self) -> bool {
         matches!(
