@@ -6,7 +6,7 @@
 //!
 //! ## Layout
 //! - [`Application`] (`startup`): builds everything from [`CoordinatorSettings`] and runs it.
-//! - `http/`: the API of `API.md` (templates, tasks, health); `http/auth` guards it.
+//! - `http/`: the API of `docs/api.md` (templates, tasks, health); `http/auth` guards it.
 //! - `auth`: bearer tokens (API tokens, JWTs) and scopes; `tasker-coordinator token`.
 //! - `dispatcher`: claims ready steps in batches (`FOR UPDATE SKIP LOCKED`) and publishes them.
 //! - `result_processor`: applies results in batches and dispatches the dependents they

@@ -136,7 +136,7 @@ impl StepStatus {
         )
     }
 
-    /// The step transition rule of DESIGN.md; every other change is refused.
+    /// The step rule of `docs/design.md#step-transitions`; every other change is refused.
     pub fn can_transition_to(self, to: StepStatus) -> bool {
         use StepStatus::*;
         match (self, to) {

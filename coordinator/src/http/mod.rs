@@ -1,4 +1,4 @@
-//! The HTTP API (`../shared/API.md` fixes its names).
+//! The HTTP API (`docs/api.md` describes its contract).
 
 mod auth;
 mod body;

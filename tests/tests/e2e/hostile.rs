@@ -1,4 +1,4 @@
-//! Hostile HTTP input: every bad request is a 4xx in the error shape of `shared/API.md`
+//! Hostile HTTP input: every bad request is a 4xx in the error shape of `docs/api.md`
 //! that names the problem, never a 500 or a hang, and the coordinator serves on afterwards.
 //!
 //! Each test ends with [`still_serving`], which also checks that the coordinator logged no
