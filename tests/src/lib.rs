@@ -581,8 +581,17 @@ impl TestEnv {
 
 /// Delete the queues and exchanges a test created under `prefix`.
 pub async fn delete_broker_objects(prefix: &str, namespaces: &[String]) -> anyhow::Result<()> {
+    delete_broker_objects_at(&amqp_url(), prefix, namespaces).await
+}
+
+/// [`delete_broker_objects`] on the broker at `url`.
+pub async fn delete_broker_objects_at(
+    url: &str,
+    prefix: &str,
+    namespaces: &[String],
+) -> anyhow::Result<()> {
     let connection =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let mut queues: Vec<String> = namespaces
         .iter()

@@ -57,6 +57,10 @@ async fn main() -> anyhow::Result<()> {
     let log_dir = std::env::temp_dir().join("tasker-example");
     std::fs::create_dir_all(&log_dir)?;
     let prefix = "tasker_example";
+    // The example's queues are its own: start from none, so a run with another
+    // TASKER_QUEUE_TYPE than the last finds no queue of the other type.
+    let namespaces = ["ecommerce", "data", "ops"].map(str::to_owned);
+    tasker_tests::delete_broker_objects_at(&args.amqp_url, prefix, &namespaces).await?;
 
     let mut coordinator = Command::new(binary("tasker-coordinator"));
     coordinator
