@@ -35,7 +35,6 @@ use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header
 use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError, StepMessage, StepResult, WorkerMessage,
 };
-use tasker_shared::states::StepStatus;
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
 pub(crate) struct ResultProcessor {
@@ -130,17 +129,7 @@ impl ResultProcessor {
         let mut report = BatchReport::default();
         let mut messages: Vec<(usize, WorkerMessage)> = Vec::with_capacity(deliveries.len());
         for (index, delivery) in deliveries.iter().enumerate() {
-            let decoded = match self.topology.verify(&delivery.data, &delivery.properties) {
-                Ok(()) if broker::past_delivery_limit(&delivery.properties) => {
-                    undeliverable(&delivery.data)
-                }
-                Ok(()) => WorkerMessage::decode(&delivery.data).map_err(|e| e.to_string()),
-                Err(error) => Err(format!(
-                    "{}: {error}",
-                    tasker_shared::signing::BAD_SIGNATURE
-                )),
-            };
-            match decoded {
+            match self.decode(delivery) {
                 Ok(message) => messages.push((index, message)),
                 Err(error) => {
                     tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
@@ -232,9 +221,8 @@ impl ResultProcessor {
                 ),
             }
         }
-        let marked = transitions::mark_started(&mut tx, &started, self.lease).await?;
-        for latency in &marked.latencies {
-            self.metrics.queue_latency.observe(*latency);
+        for latency in transitions::mark_started(&mut tx, &started, self.lease).await? {
+            self.metrics.queue_latency.observe(latency);
             report.started += 1;
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
@@ -242,18 +230,8 @@ impl ResultProcessor {
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
         let claimed = transitions::dispatches_for(&mut tx, &applied.claimed).await?;
-        let mut may_finish = applied.may_finish(&claimed);
-        may_finish.extend(marked.lost_last_attempts.iter().map(|(task, _)| *task));
-        may_finish.sort_unstable();
-        may_finish.dedup();
-        let finished = transitions::finish_tasks(&mut tx, &may_finish).await?;
+        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish(&claimed)).await?;
         tx.commit().await?;
-        let lost: Vec<(String, StepStatus)> = marked
-            .lost_last_attempts
-            .into_iter()
-            .map(|(_, namespace)| (namespace, StepStatus::Error))
-            .collect();
-        self.metrics.workers_lost(&lost);
         drop(spans);
         self.wake_events.notify_one();
         self.metrics
@@ -353,13 +331,29 @@ impl ResultProcessor {
         .await
     }
 
+    /// What a delivery on the results queue says: a worker's message, or, for a step
+    /// message a step queue dead-lettered (quorum queues route those here), the failed
+    /// attempt it stands for. `Err` says why it is poison.
+    fn decode(&self, delivery: &Delivery) -> Result<WorkerMessage, String> {
+        if let Err(error) = self.topology.verify(&delivery.data, &delivery.properties) {
+            return Err(format!(
+                "{}: {error}",
+                tasker_shared::signing::BAD_SIGNATURE
+            ));
+        }
+        match self.topology.dead_lettered_step(&delivery.properties) {
+            Some(reason) => undeliverable(&delivery.data, &reason),
+            None => WorkerMessage::decode(&delivery.data).map_err(|e| e.to_string()),
+        }
+    }
+
     /// Wait, in a transaction of its own, until the steps of held-back deliveries come
     /// free, for at most [`HELD_WAIT`]. Returns whether they did; a failure counts as
     /// not (the next batch holds them again).
     async fn wait_for_holders(&self, held: &[Delivery]) -> bool {
         let messages: Vec<WorkerMessage> = held
             .iter()
-            .filter_map(|delivery| WorkerMessage::decode(&delivery.data).ok())
+            .filter_map(|delivery| self.decode(delivery).ok())
             .collect();
         let steps: Vec<uuid::Uuid> = messages.iter().flat_map(WorkerMessage::steps).collect();
         let results: Vec<uuid::Uuid> = messages
@@ -399,7 +393,7 @@ impl ResultProcessor {
                 held.reverse();
                 if let Err(error) = ack(&deliveries, &held).await {
                     self.metrics.broker_errors.inc();
-                    tracing::warn!(%error, "ack failed; the batch will be redelivered and fenced");
+                    tracing::warn!(%error, "ack failed; the batch will be redelivered and applied again as a no-op (results fenced, notices matched by start time)");
                 }
                 held
             }
@@ -464,11 +458,13 @@ async fn ack(applied: &[Delivery], held: &[Delivery]) -> lapin::Result<()> {
     Ok(())
 }
 
-/// A step message its quorum queue gave up on (delivered [`broker::DELIVERY_LIMIT`]
-/// times, never acknowledged: whoever took it died holding it), as the failed attempt it
+/// A step message its step queue dead-lettered (`reason`, RabbitMQ's
+/// `x-first-death-reason`: most often `delivery_limit`, delivered that many times and
+/// never acknowledged because whoever took it died holding it), as the failed attempt it
 /// is. The step is retried with backoff like any retryable failure, so a message that
-/// kills its workers reaches `error` after its retry limit instead of circulating.
-fn undeliverable(body: &[u8]) -> Result<WorkerMessage, String> {
+/// kills its workers reaches `error` after its retry limit instead of circulating, and a
+/// message dropped by the queue for another reason is not left `enqueued` for ever.
+fn undeliverable(body: &[u8], reason: &str) -> Result<WorkerMessage, String> {
     let step = StepMessage::decode(body).map_err(|e| format!("a dead-lettered step: {e}"))?;
     let now = chrono::Utc::now();
     Ok(WorkerMessage::Result(StepResult {
@@ -479,12 +475,21 @@ fn undeliverable(body: &[u8]) -> Result<WorkerMessage, String> {
         outcome: Outcome::RetryableError,
         results: None,
         error: Some(StepError {
-            message: format!(
-                "the step message was delivered {} times and never acknowledged: the workers \
-                 that took it stopped while holding it (crashed, killed, out of memory)",
-                broker::DELIVERY_LIMIT
-            ),
-            code: Some("delivery_limit".to_owned()),
+            message: if reason == "delivery_limit" {
+                format!(
+                    "the step message was delivered {} times and never acknowledged: the \
+                     workers that took it stopped while holding it (crashed, killed, out of \
+                     memory)",
+                    broker::DELIVERY_LIMIT
+                )
+            } else {
+                format!("the broker dead-lettered the step message ({reason}) before it ran")
+            },
+            code: Some(if reason == "delivery_limit" {
+                "delivery_limit".to_owned()
+            } else {
+                "dead_lettered".to_owned()
+            }),
             retry_after_seconds: None,
         }),
         started_at: now,

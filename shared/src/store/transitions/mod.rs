@@ -8,7 +8,7 @@
 //! | function | step transition | reason recorded |
 //! |---|---|---|
 //! | [`claim_ready`] | pending / waiting_for_retry → enqueued | `dispatched` |
-//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt; in_progress → error when that was the last attempt) | `started`, `restarted_after_redelivery`, `worker_lost` |
+//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error; children made ready: pending → enqueued | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
@@ -43,8 +43,8 @@ pub use leases::{
 };
 pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
 pub use worker::{
-    AppliedResults, HeldStep, LeasePolicy, MarkedStarted, Started, StepChange, apply_results,
-    heartbeat, lock_batch, mark_started, wait_for_steps,
+    AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
+    lock_batch, mark_started, wait_for_steps,
 };
 
 use sqlx::PgConnection;

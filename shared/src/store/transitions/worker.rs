@@ -24,35 +24,26 @@ pub struct Started {
     pub step: StepStarted,
 }
 
-/// What [`mark_started`] did.
-#[derive(Debug, Default)]
-pub struct MarkedStarted {
-    /// Per step that started, its queue latency in seconds (from becoming ready to
-    /// starting).
-    pub latencies: Vec<f64>,
-    /// Steps whose redelivered message came back after their worker was lost on their
-    /// last attempt, now in `error`: (task, namespace). Their tasks may be finished.
-    pub lost_last_attempts: Vec<(Uuid, String)>,
-}
-
 /// Mark steps `in_progress` from workers' started notices (all workers of a batch in one
 /// statement), with a lease of `min(timeout + grace, heartbeat lease)`.
 ///
 /// A notice for a step that is already running under the same dispatch token, on a
-/// redelivered message, means its first worker died mid-step: that run counts as a
-/// failed attempt, as the sweeper counts a lost worker. With attempts left (and the step
-/// retryable) the new run is the next attempt; on its last attempt the step goes to
-/// `error` (`worker_lost`), and the new run's result will be stale. Notices for steps
-/// that moved on are ignored.
+/// redelivered message and with another start time, means a second run: its first
+/// worker died mid-step, or lost its broker connection and may still be running it. The
+/// new run counts as a new attempt, even past the retry limit, since the first run may
+/// yet answer; the dispatch token lets only one result through. A notice applied again
+/// (a redelivered batch of notices) carries the start time already stored and changes
+/// nothing. Notices for steps that moved on are ignored. Returns, per step that changed,
+/// its queue latency in seconds (from becoming ready to starting).
 pub async fn mark_started(
     conn: &mut PgConnection,
     started: &[Started],
     lease: LeasePolicy,
-) -> sqlx::Result<MarkedStarted> {
+) -> sqlx::Result<Vec<f64>> {
     if started.is_empty() {
-        return Ok(MarkedStarted::default());
+        return Ok(Vec::new());
     }
-    let rows: Vec<(f64, bool, Uuid, String)> = sqlx::query_as(
+    sqlx::query_scalar(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[],
@@ -61,50 +52,34 @@ pub async fn mark_started(
         ),
         -- By primary key only (the module's "Plans"). The status is checked in `moved`.
         locked AS (
-            SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id, i.redelivered,
-                   s.status = 'in_progress' AND i.redelivered
-                       AND (NOT s.retryable OR s.attempts >= s.retry_limit) AS lost_last,
-                   t.namespace
+            SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id,
+                   i.redelivered AND i.started_at IS DISTINCT FROM s.started_at AS new_run
             FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
-                JOIN tasks t ON t.task_id = s.task_id
             WHERE s.step_id = ANY ($1)
             ORDER BY s.step_id
             FOR UPDATE OF s
         ),
         moved AS (
             UPDATE steps s
-            SET status = CASE WHEN l.lost_last THEN 'error' ELSE 'in_progress' END,
-                started_at = CASE WHEN l.lost_last THEN s.started_at ELSE l.started_at END,
-                attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' AND NOT l.lost_last
-                                             THEN 1 ELSE 0 END,
-                lease_expires_at = CASE WHEN l.lost_last THEN NULL
-                    ELSE now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond' END,
-                last_error = CASE WHEN l.lost_last THEN jsonb_build_object(
-                        'kind', 'timeout', 'code', 'worker_lost',
-                        'message', 'its worker stopped while running it (the broker redelivered the step) on its last attempt')
-                    ELSE s.last_error END,
-                next_attempt_at = CASE WHEN l.lost_last THEN NULL ELSE s.next_attempt_at END,
-                ready_at = CASE WHEN l.lost_last THEN NULL ELSE s.ready_at END,
-                completed_at = CASE WHEN l.lost_last THEN now() ELSE s.completed_at END,
+            SET status = 'in_progress',
+                started_at = l.started_at,
+                attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' THEN 1 ELSE 0 END,
+                lease_expires_at = now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond',
                 updated_at = now()
             FROM locked l
             WHERE s.step_id = l.step_id
-              AND (l.from_status = 'enqueued' OR (l.from_status = 'in_progress' AND l.redelivered))
-            RETURNING s.step_id, s.task_id, s.attempts, l.from_status, l.worker_id, l.lost_last,
-                      l.namespace,
+              AND (l.from_status = 'enqueued' OR (l.from_status = 'in_progress' AND l.new_run))
+            RETURNING s.step_id, s.task_id, s.attempts, l.from_status, l.worker_id,
                       greatest(extract(epoch FROM l.started_at - s.ready_at), 0)::float8 AS latency
         ),
         history AS (
             INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT step_id, task_id, from_status,
-                   CASE WHEN lost_last THEN 'error' ELSE 'in_progress' END,
-                   CASE WHEN lost_last THEN 'worker_lost'
-                        WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery'
-                        ELSE 'started' END,
+            SELECT step_id, task_id, from_status, 'in_progress',
+                   CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
                    jsonb_build_object('attempt', attempts, 'worker_id', worker_id)
             FROM moved
         )
-        SELECT COALESCE(latency, 0), lost_last, task_id, namespace FROM moved
+        SELECT COALESCE(latency, 0) FROM moved
         "#,
     )
     .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
@@ -115,16 +90,7 @@ pub async fn mark_started(
     .bind(lease.heartbeat_lease_ms)
     .bind(started.iter().map(|s| s.worker_id.clone()).collect::<Vec<_>>())
     .fetch_all(conn)
-    .await?;
-    let mut marked = MarkedStarted::default();
-    for (latency, lost_last, task_id, namespace) in rows {
-        if lost_last {
-            marked.lost_last_attempts.push((task_id, namespace));
-        } else {
-            marked.latencies.push(latency);
-        }
-    }
-    Ok(marked)
+    .await
 }
 
 /// A step [`lock_batch`] could not lock: another transaction holds its row, or for a
