@@ -73,12 +73,19 @@ ensure_python_tools() {
     fi
     command -v python3 >/dev/null || { log "error: python3 is needed" >&2; exit 2; }
     log "installing the validators into $venv (once)"
+    # Only ever remove a virtualenv this script made (it marks it as soon as it exists): a
+    # mistyped TASKER_VALIDATE_VENV naming another directory is refused, not wiped.
+    if [[ -e $venv && ! -f $stamp && ! -f $venv/.tasker-venv ]]; then
+        log "error: $venv exists and is not a validator environment made by this script" >&2
+        exit 2
+    fi
     rm -rf "$venv"
     mkdir -p "$(dirname "$venv")"
     python3 -m venv "$venv" || {
         log "error: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
         exit 2
     }
+    : >"$venv/.tasker-venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
     printf '%s\n' "$want" >"$stamp"
 }

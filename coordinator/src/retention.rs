@@ -127,7 +127,10 @@ impl RetentionLoop {
         let span = tracing::info_span!("retention", keep = %self.keep);
         async move {
             loop {
-                self.round(&mut shutdown).await;
+                // A stop seen inside the round was consumed there: check the value too.
+                if self.round(&mut shutdown).await || *shutdown.borrow() {
+                    break;
+                }
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     () = tokio::time::sleep(self.every) => {}
@@ -138,10 +141,12 @@ impl RetentionLoop {
         .await
     }
 
-    /// Prune batches until none is full, another coordinator prunes, or shutdown.
-    async fn round(&self, shutdown: &mut watch::Receiver<bool>) {
+    /// Prune batches until none is full, another coordinator prunes, or shutdown; returns
+    /// whether shutdown came.
+    async fn round(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
         let started = Instant::now();
         let mut totals = Totals::default();
+        let mut stopping = false;
         loop {
             let scope = PruneScope {
                 finished_before: Utc::now() - self.keep.0,
@@ -165,7 +170,10 @@ impl RetentionLoop {
                 }
             }
             tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => {
+                    stopping = true;
+                    break;
+                }
                 () = tokio::time::sleep(batch_started.elapsed()) => {}
             }
         }
@@ -180,6 +188,7 @@ impl RetentionLoop {
                 "pruned finished tasks"
             );
         }
+        stopping
     }
 }
 

@@ -13,10 +13,11 @@
 //!
 //! Every declaration is idempotent with the same arguments, so whichever process starts
 //! first creates the topology and the others find it. The step, results and dead-letter
-//! queues are of the type `TASKER_QUEUE_TYPE` names. Quorum step and results queues also
-//! carry a delivery limit ([`DELIVERY_LIMIT`]) for messages that are delivered that many
-//! times without an ack (their consumers keep dying on them): a step message goes to the
-//! results queue, where the coordinator fails that attempt; a result goes to `tasker.dlx`.
+//! queues are of the type `TASKER_QUEUE_TYPE` names. Quorum step queues also carry a
+//! delivery limit ([`DELIVERY_LIMIT`]) for messages that are delivered that many times
+//! without an ack (their consumers keep dying on them): they dead-letter to the results
+//! queue, where the coordinator fails that attempt. The results queue's limit is in
+//! effect none ([`RESULTS_DELIVERY_LIMIT`]).
 
 use std::time::Duration;
 
@@ -31,9 +32,17 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 use crate::config::{BrokerSettings, QueueType};
 
-/// Deliveries of one message a quorum step or results queue allows before it
-/// dead-letters the message: consumers that crash on it cannot keep it in circulation.
-pub const DELIVERY_LIMIT: i64 = 10;
+/// Deliveries of one step message a quorum step queue allows before it dead-letters the
+/// message: workers that crash on it cannot keep it in circulation. RabbitMQ before 4.3
+/// also counts a message a worker gives back (at shutdown, on a reconnect), hence the
+/// margin; RabbitMQ 4's own default is 20 as well.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// The results queue's delivery limit: in effect none. A coordinator gives a batch back
+/// while PostgreSQL is out (and RabbitMQ before 4.3 counts that): results must survive
+/// any outage, and the coordinator dead-letters what it cannot decode itself. Explicit,
+/// because RabbitMQ 4 would otherwise give quorum queues a limit of 20.
+pub const RESULTS_DELIVERY_LIMIT: i64 = 1_000_000_000;
 
 /// The header that says why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-tasker-reason";
@@ -113,6 +122,17 @@ impl Topology {
         } else {
             anyhow::Error::new(error).context("declaring the broker topology")
         }
+    }
+
+    /// Why a message was dead-lettered, when one of this topology's step queues did it
+    /// (RabbitMQ's `x-first-death-queue` and `x-first-death-reason` headers).
+    pub fn dead_lettered_step(&self, properties: &BasicProperties) -> Option<String> {
+        let queue = header_str(properties, "x-first-death-queue")?;
+        let namespace = queue.strip_prefix(&self.step_queue(""))?;
+        if namespace.is_empty() {
+            return None;
+        }
+        Some(header_str(properties, "x-first-death-reason").unwrap_or_else(|| "unknown".into()))
     }
 
     /// Whether messages are signed.
@@ -246,10 +266,12 @@ impl Topology {
         if queue == self.dead_letter_queue() {
             return arguments;
         }
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(DELIVERY_LIMIT),
-        );
+        let limit = if queue == self.results_queue() {
+            RESULTS_DELIVERY_LIMIT
+        } else {
+            DELIVERY_LIMIT
+        };
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
         if queue == self.results_queue() {
             arguments.insert(
                 "x-dead-letter-exchange".into(),
@@ -374,12 +396,6 @@ pub fn persistent() -> BasicProperties {
 /// Whether the broker answered 404 (no such queue or exchange).
 pub fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
-}
-
-/// Whether a message was dead-lettered by its queue's delivery limit (RabbitMQ's
-/// `x-first-death-reason` header).
-pub fn past_delivery_limit(properties: &BasicProperties) -> bool {
-    header_str(properties, "x-first-death-reason").as_deref() == Some("delivery_limit")
 }
 
 /// Read a string header from a message's properties.
@@ -515,6 +531,41 @@ mod tests {
         assert_eq!(topology.step_queue("payments"), "t1.steps.payments");
         assert_eq!(topology.results_queue(), "t1.results");
         assert_eq!(topology.dead_letter_queue(), "t1.dead_letter");
+    }
+
+    #[test]
+    fn step_messages_dead_lettered_by_a_step_queue_are_recognised() {
+        let topology = Topology::new("t1");
+        let dead = |queue: &str, reason: Option<&str>| {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "x-first-death-queue".into(),
+                AMQPValue::LongString(queue.into()),
+            );
+            if let Some(reason) = reason {
+                headers.insert(
+                    "x-first-death-reason".into(),
+                    AMQPValue::LongString(reason.into()),
+                );
+            }
+            topology.dead_lettered_step(&BasicProperties::default().with_headers(headers))
+        };
+        assert_eq!(
+            dead("t1.steps.payments", Some("delivery_limit")).as_deref(),
+            Some("delivery_limit")
+        );
+        assert_eq!(
+            dead("t1.steps.payments", Some("expired")).as_deref(),
+            Some("expired")
+        );
+        assert_eq!(dead("t1.steps.payments", None).as_deref(), Some("unknown"));
+        assert_eq!(dead("t1.results", Some("delivery_limit")), None);
+        assert_eq!(dead("t2.steps.payments", Some("delivery_limit")), None);
+        assert_eq!(dead("t1.steps.", Some("delivery_limit")), None);
+        assert_eq!(
+            topology.dead_lettered_step(&BasicProperties::default()),
+            None
+        );
     }
 
     #[test]

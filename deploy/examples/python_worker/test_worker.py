@@ -416,9 +416,10 @@ class WorkerTest(unittest.TestCase):
         quorum = settings(TASKER_QUEUE_TYPE="quorum")
         self.assertEqual(quorum.queue_arguments("tasker.dead_letter"), {"x-queue-type": "quorum"})
         self.assertEqual(quorum.queue_arguments("tasker.results"), {
-            "x-queue-type": "quorum", "x-delivery-limit": 10, "x-dead-letter-exchange": "tasker.dlx"})
+            "x-queue-type": "quorum", "x-delivery-limit": 1_000_000_000,
+            "x-dead-letter-exchange": "tasker.dlx"})
         self.assertEqual(quorum.queue_arguments("tasker.steps.mixed"), {
-            "x-queue-type": "quorum", "x-delivery-limit": 10, "x-dead-letter-exchange": "",
+            "x-queue-type": "quorum", "x-delivery-limit": 20, "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": "tasker.results"})
 
 

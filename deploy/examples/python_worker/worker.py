@@ -19,7 +19,8 @@ import tasker_protocol as protocol
 
 log = logging.getLogger("py-worker")
 PERSISTENT = dict(delivery_mode=2, content_type="application/json")
-DELIVERY_LIMIT = 10  # deliveries a quorum queue allows (shared/src/broker.rs DELIVERY_LIMIT)
+DELIVERY_LIMIT = 20  # deliveries a quorum step queue allows (shared/src/broker.rs DELIVERY_LIMIT)
+RESULTS_DELIVERY_LIMIT = 1_000_000_000  # in effect none (shared/src/broker.rs RESULTS_DELIVERY_LIMIT)
 REQUEUE_PAUSE = 0.5  # seconds before a step is handed back, so a broker in trouble is not hammered
 
 
@@ -75,10 +76,11 @@ class Settings:
         arguments = {"x-queue-type": "quorum"}
         if queue == f"{self.prefix}.dead_letter":
             return arguments
-        arguments["x-delivery-limit"] = DELIVERY_LIMIT
         if queue == self.results_queue:
+            arguments["x-delivery-limit"] = RESULTS_DELIVERY_LIMIT
             arguments["x-dead-letter-exchange"] = f"{self.prefix}.dlx"
         else:
+            arguments["x-delivery-limit"] = DELIVERY_LIMIT
             arguments["x-dead-letter-exchange"] = ""
             arguments["x-dead-letter-routing-key"] = self.results_queue
         return arguments
@@ -145,7 +147,8 @@ class Worker:
 
     def dead_letter(self, queue, delivery, body, reason):
         """Copy the body, byte for byte, to `<prefix>.dlx` with why and where from; ack the
-        original once the copy is confirmed (never reject it: no queue has a DLX)."""
+        original once the copy is confirmed (never reject it: a quorum step queue would hand
+        a rejected step to the coordinators as a failed attempt, not to the operators)."""
         log.warning("dead-lettering a message from %s: %s", queue, reason)
         headers = {protocol.REASON_HEADER: protocol.cut(reason, protocol.MAX_REASON_BYTES),
                    protocol.SOURCE_HEADER: queue}

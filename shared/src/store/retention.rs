@@ -7,7 +7,10 @@
 //!
 //! The cost of a batch does not grow with the tables: candidates are found on
 //! `tasks_by_status` (status, task_id), bounded by the UUIDv7 task ids of the cutoff, and
-//! each task's rows are reached through indexes that lead with its id.
+//! each task's rows are reached through indexes that lead with its id. Besides the
+//! candidates, a batch reads the finished tasks created in the [`CLOCK_SKEW`] after the
+//! cutoff (their ids are below the bound, their completion is not): ten minutes of
+//! finished work, however large the tables.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -27,8 +30,9 @@ const FINISHED: [TaskStatus; 4] = [
 ];
 
 /// How far ahead of the cutoff the task id bound lies: a task id carries its creating
-/// coordinator's clock, which may run ahead of the database's.
-const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+/// coordinator's clock, which may run ahead of the database's (as the task list's time
+/// window allows for).
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 /// What one batch removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
