@@ -555,7 +555,7 @@ def check_references(resources, example_secrets, kust_ns=None):
         for ref in d["spec"].get("secretTargetRef", []):
             need_secret_key(f"{path}: TriggerAuthentication/{d['metadata']['name']}", ref["name"], ref["key"])
 
-    # The queues steps go to: <prefix>.steps.<namespace> (shared/src/broker.rs).
+    # The queues steps go to: <prefix>.steps.<namespace> (protocol/src/broker.rs).
     prefixes = {d["data"].get("TASKER_AMQP_PREFIX", "tasker") for _, d in of_kind("ConfigMap")} or {"tasker"}
     for path, d in of_kind("ScaledObject"):
         so = d["spec"]

@@ -3,7 +3,7 @@
 //! call [`run`].
 
 use clap::Parser;
-use tasker_shared::config::LogSettings;
+use tasker_protocol::config::LogSettings;
 
 use crate::{HandlerRegistry, Worker, WorkerSettings};
 
@@ -27,11 +27,11 @@ struct Cli {
 /// ```
 pub async fn run(service: &'static str, registry: HandlerRegistry) -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = tasker_shared::telemetry::init(&cli.log, service);
+    let telemetry = tasker_protocol::telemetry::init(&cli.log, service);
     let outcome = match Worker::build(cli.worker, registry).await {
         Ok(worker) => {
             worker
-                .run_until_stopped(tasker_shared::shutdown_signal())
+                .run_until_stopped(tasker_protocol::shutdown_signal())
                 .await
         }
         Err(error) => Err(error),

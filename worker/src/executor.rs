@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::Value;
-use tasker_shared::messages::{
+use tasker_protocol::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
 };
 use tokio::task::AbortHandle;

@@ -46,7 +46,7 @@ impl WorkerMetrics {
     pub(crate) fn new(concurrency: u16) -> Self {
         let mut registry = Registry::default();
         let step_duration = Family::<HandlerOutcome, Histogram>::new_with_constructor(
-            tasker_shared::metrics::duration_histogram as fn() -> Histogram,
+            tasker_protocol::metrics::duration_histogram as fn() -> Histogram,
         );
         registry.register_with_unit(
             "tasker_worker_step_duration",
@@ -170,8 +170,8 @@ async fn render(State(metrics): State<Arc<WorkerMetrics>>) -> impl axum::respons
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            tasker_shared::metrics::CONTENT_TYPE,
+            tasker_protocol::metrics::CONTENT_TYPE,
         )],
-        tasker_shared::metrics::render(&metrics.registry),
+        tasker_protocol::metrics::render(&metrics.registry),
     )
 }

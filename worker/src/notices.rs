@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
-use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::messages::{
+use tasker_protocol::broker::{Topology, persistent};
+use tasker_protocol::messages::{
     ControlMessage, HeartbeatBatch, SCHEMA_VERSION, StartedBatch, StepStarted, WorkerMessage,
 };
 use tokio::sync::{mpsc, watch};

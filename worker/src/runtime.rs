@@ -46,9 +46,9 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
-use tasker_shared::broker::{self, TRACEPARENT_HEADER, Topology, header_str, persistent};
-use tasker_shared::config::QueueType;
-use tasker_shared::messages::{
+use tasker_protocol::broker::{self, TRACEPARENT_HEADER, Topology, header_str, persistent};
+use tasker_protocol::config::QueueType;
+use tasker_protocol::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
     StepStarted, WorkerMessage,
 };
@@ -80,7 +80,7 @@ pub struct Worker {
     registry: Arc<HandlerRegistry>,
     /// The connection made by [`Worker::build`], used by the first session.
     connection: Option<Connection>,
-    broker: tasker_shared::config::BrokerSettings,
+    broker: tasker_protocol::config::BrokerSettings,
     topology: Topology,
     worker_id: String,
     concurrency: u16,
@@ -170,10 +170,10 @@ impl Worker {
         let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;
         let worker_id = settings.worker_id();
         anyhow::ensure!(
-            tasker_shared::messages::valid_worker_id(&worker_id),
+            tasker_protocol::messages::valid_worker_id(&worker_id),
             "TASKER_WORKER_ID `{}` is not a worker id: 1 to {} letters, digits, '.', '_', ':' or '-'",
             worker_id.escape_default(),
-            tasker_shared::messages::MAX_WORKER_ID_LEN
+            tasker_protocol::messages::MAX_WORKER_ID_LEN
         );
         let connection =
             broker::connect(&settings.broker, &format!("tasker-worker {worker_id}")).await?;
@@ -712,8 +712,8 @@ async fn handle(
         tracing::warn!(%error, "step message that does not verify; dead-lettering it");
         shared
             .metrics
-            .dead_letter(tasker_shared::signing::BAD_SIGNATURE);
-        let reason = format!("{}: {error}", tasker_shared::signing::BAD_SIGNATURE);
+            .dead_letter(tasker_protocol::signing::BAD_SIGNATURE);
+        let reason = format!("{}: {error}", tasker_protocol::signing::BAD_SIGNATURE);
         dead_letter(shared, &delivery, &reason, source_queue).await;
         return;
     }
@@ -732,7 +732,7 @@ async fn handle(
         step_id = %message.step_id, step = %message.step_name, handler = %message.handler,
         attempt = message.attempt, trace_id = tracing::field::Empty);
     let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
-    tasker_shared::telemetry::adopt(&span, parent.as_deref());
+    tasker_protocol::telemetry::adopt(&span, parent.as_deref());
     run_step(
         shared,
         session,
@@ -897,7 +897,7 @@ async fn run_step(
     let published = publish_result(
         shared,
         &result,
-        tasker_shared::telemetry::traceparent(&span),
+        tasker_protocol::telemetry::traceparent(&span),
     )
     .await;
     shared.inflight.remove(message.step_id);

@@ -1,6 +1,6 @@
 //! The worker's settings: flags, or the environment variables named beside them.
 
-use tasker_shared::config::BrokerSettings;
+use tasker_protocol::config::BrokerSettings;
 
 /// Everything a worker needs.
 #[derive(Debug, Clone, clap::Args)]

@@ -6,7 +6,7 @@
 - `result_message`, `started_message` and `encode_result` write exactly what
   `docs/schemas/` describes, and turn a handler's answer that cannot travel (not JSON,
   NaN, over `max_result_bytes`) into a permanent failure instead of a crash.
-- `MessageKeys` signs and checks bodies like `shared/src/signing.rs`.
+- `MessageKeys` signs and checks bodies like `protocol/src/signing.rs`.
 
 Every limit and message text here mirrors the Rust worker, so an operator reads the same
 thing whichever worker ran a step. docs/protocol.md is the contract.
@@ -22,9 +22,9 @@ SIGNATURE_HEADER = "x-tasker-signature"
 REASON_HEADER = "x-tasker-reason"
 SOURCE_HEADER = "x-tasker-source-queue"
 BAD_SIGNATURE = "bad_signature"
-MIN_KEY_BYTES = 32  # shared/src/signing.rs
-MAX_WORKER_ID_LEN = 128  # shared/src/messages.rs
-MAX_REASON_BYTES = 1024  # x-tasker-reason, shared/src/broker.rs
+MIN_KEY_BYTES = 32  # protocol/src/signing.rs
+MAX_WORKER_ID_LEN = 128  # protocol/src/messages.rs
+MAX_REASON_BYTES = 1024  # x-tasker-reason, protocol/src/broker.rs
 MAX_ERROR_MESSAGE_BYTES = 16 * 1024  # worker/src/executor.rs
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024  # TASKER_MAX_RESULT_BYTES, worker/src/executor.rs
 RESULT_TOO_LARGE = "result_too_large"  # the Rust worker's code
@@ -55,7 +55,7 @@ def is_int(value):
 
 
 def valid_worker_id(worker_id):
-    """`valid_worker_id` of shared/src/messages.rs: 1 to 128 of [A-Za-z0-9._:-]."""
+    """`valid_worker_id` of protocol/src/messages.rs: 1 to 128 of [A-Za-z0-9._:-]."""
     return isinstance(worker_id, str) and _WORKER_ID.fullmatch(worker_id) is not None
 
 

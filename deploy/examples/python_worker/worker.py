@@ -19,8 +19,8 @@ import tasker_protocol as protocol
 
 log = logging.getLogger("py-worker")
 PERSISTENT = dict(delivery_mode=2, content_type="application/json")
-DELIVERY_LIMIT = 20  # deliveries a quorum step queue allows (shared/src/broker.rs DELIVERY_LIMIT)
-RESULTS_DELIVERY_LIMIT = 1_000_000_000  # in effect none (shared/src/broker.rs RESULTS_DELIVERY_LIMIT)
+DELIVERY_LIMIT = 20  # deliveries a quorum step queue allows (protocol/src/broker.rs DELIVERY_LIMIT)
+RESULTS_DELIVERY_LIMIT = 1_000_000_000  # in effect none (protocol/src/broker.rs RESULTS_DELIVERY_LIMIT)
 REQUEUE_PAUSE = 0.5  # seconds before a step is handed back, so a broker in trouble is not hammered
 
 
@@ -68,7 +68,7 @@ class Settings:
         return f"{self.prefix}.results"
 
     def queue_arguments(self, queue):
-        """The arguments Rust declares `queue` with (shared/src/broker.rs): none for classic
+        """The arguments Rust declares `queue` with (protocol/src/broker.rs): none for classic
         queues; for quorum ones the type, and on step and results queues the delivery
         limit and where a message past it goes."""
         if self.queue_type == "classic":

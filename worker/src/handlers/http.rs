@@ -152,7 +152,7 @@ impl StepHandler for Http {
         // Messages become the step's `last_error`, readable through the API: the URL
         // appears there without its password or secret-looking query parameters.
         let shown = url
-            .parse::<tasker_shared::config::SecretUrl>()
+            .parse::<tasker_protocol::config::SecretUrl>()
             .map(|u| u.redacted())
             .unwrap_or_default();
         let parsed: reqwest::Url = url.parse().map_err(|error| {
