@@ -466,6 +466,21 @@ async fn ack(applied: &[Delivery], held: &[Delivery]) -> lapin::Result<()> {
 /// message dropped by the queue for another reason is not left `enqueued` for ever.
 fn undeliverable(body: &[u8], reason: &str) -> Result<WorkerMessage, String> {
     let step = StepMessage::decode(body).map_err(|e| format!("a dead-lettered step: {e}"))?;
+    let (code, message) = if reason == "delivery_limit" {
+        (
+            "delivery_limit",
+            format!(
+                "the step message was delivered {} times and never acknowledged: the workers \
+                 that took it stopped while holding it (crashed, killed, out of memory)",
+                broker::DELIVERY_LIMIT
+            ),
+        )
+    } else {
+        (
+            "dead_lettered",
+            format!("the broker dead-lettered the step message ({reason}) before it ran"),
+        )
+    };
     let now = chrono::Utc::now();
     Ok(WorkerMessage::Result(StepResult {
         schema_version: SCHEMA_VERSION,
@@ -475,21 +490,8 @@ fn undeliverable(body: &[u8], reason: &str) -> Result<WorkerMessage, String> {
         outcome: Outcome::RetryableError,
         results: None,
         error: Some(StepError {
-            message: if reason == "delivery_limit" {
-                format!(
-                    "the step message was delivered {} times and never acknowledged: the \
-                     workers that took it stopped while holding it (crashed, killed, out of \
-                     memory)",
-                    broker::DELIVERY_LIMIT
-                )
-            } else {
-                format!("the broker dead-lettered the step message ({reason}) before it ran")
-            },
-            code: Some(if reason == "delivery_limit" {
-                "delivery_limit".to_owned()
-            } else {
-                "dead_lettered".to_owned()
-            }),
+            message,
+            code: Some(code.to_owned()),
             retry_after_seconds: None,
         }),
         started_at: now,

@@ -259,34 +259,34 @@ impl Topology {
             // carry none, and an explicit `classic` would not be equivalent to them.
             return arguments;
         }
+        let text = |value: String| AMQPValue::LongString(value.into());
         arguments.insert(
             "x-queue-type".into(),
-            AMQPValue::LongString(self.queue_type.as_str().into()),
+            text(self.queue_type.as_str().to_owned()),
         );
         if queue == self.dead_letter_queue() {
             return arguments;
         }
-        let limit = if queue == self.results_queue() {
-            RESULTS_DELIVERY_LIMIT
-        } else {
-            DELIVERY_LIMIT
-        };
-        arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
         if queue == self.results_queue() {
             arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(RESULTS_DELIVERY_LIMIT),
+            );
+            arguments.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(self.dead_letter_exchange().into()),
+                text(self.dead_letter_exchange()),
             );
         } else {
             // A step message past the limit goes to the coordinators, which fail the
             // attempt (a step whose message kills its workers must not stay enqueued).
             arguments.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
             );
+            arguments.insert("x-dead-letter-exchange".into(), text(String::new()));
             arguments.insert(
                 "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(self.results_queue().into()),
+                text(self.results_queue()),
             );
         }
         arguments

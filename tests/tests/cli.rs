@@ -349,9 +349,14 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     assert_eq!(run.code, 0, "{run}");
     let list: Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(list["tasks"][0]["task_id"], json!(failed), "{run}");
-    let run = tasker(&env, &["tasks", "list", "--tag", "no-such-tag"]).await;
+    let run = tasker(
+        &env,
+        &["-o", "json", "tasks", "list", "--tag", "no-such-tag"],
+    )
+    .await;
     assert_eq!(run.code, 0, "{run}");
-    assert!(!run.stdout.contains(&id), "{run}");
+    let list: Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(list["tasks"], json!([]), "{run}");
 
     // Bulk cancel and retry: a dry run lists, the real run acts, ids on stdout. No
     // worker serves `clibulk`, so its task stays unfinished until cancelled.
@@ -389,6 +394,15 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
         run.stderr.contains("cancelled 1 of 1 matching task(s)"),
         "{run}"
     );
+    // One task in `error` (the first failed one was resolved above): the dry run of a
+    // retry names it and changes nothing.
+    let run = tasker(
+        &env,
+        &["tasks", "create", "cli/doomed", "--wait", "--timeout", "60"],
+    )
+    .await;
+    assert_eq!(run.code, 4, "{run}");
+    let doomed = task_id(&run);
     let run = tasker(
         &env,
         &[
@@ -404,7 +418,14 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     .await;
     assert_eq!(run.code, 0, "{run}");
     let answer: Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(answer["matched"], 1, "{run}");
     assert_eq!(answer["changed"], 0, "{run}");
+    assert_eq!(answer["task_ids"], json!([doomed]), "{run}");
+    let (_, still) = env.get(&format!("/v1/tasks/{doomed}")).await.unwrap();
+    assert_eq!(
+        still["status"], "error",
+        "a dry run changed the task: {still:#}"
+    );
     // No filter, or a filter with an id: usage errors.
     for args in [
         &["tasks", "cancel"][..],

@@ -399,7 +399,7 @@ fn the_python_worker_unit_tests_pass() {
     let report = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "test_worker.py failed:\n{report}");
     assert!(
-        report.contains("\nOK"),
+        report.contains("\nOK") && !report.contains("Ran 0 tests"),
         "test_worker.py ran nothing:\n{report}"
     );
 }
@@ -461,8 +461,10 @@ async fn dead_letters(
                 let properties = &message.delivery.properties;
                 letters.push((
                     message.delivery.data.clone(),
-                    header_str(properties, "x-tasker-reason").unwrap_or_default(),
-                    header_str(properties, "x-tasker-source-queue").unwrap_or_default(),
+                    header_str(properties, "x-tasker-reason")
+                        .expect("every dead letter has an x-tasker-reason header"),
+                    header_str(properties, "x-tasker-source-queue")
+                        .expect("every dead letter has an x-tasker-source-queue header"),
                 ));
             }
             None => {

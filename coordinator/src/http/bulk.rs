@@ -25,6 +25,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::body::{Fields, JSON_TYPES, body_rejection, content_type, json_object, kind};
 use super::error::{ApiError, ApiResult, ErrorBody};
+use super::tasks::{MAX_TAGS, SHORT_TEXT};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::tasks::{self, TaskFilter};
 use tasker_shared::store::transitions::{self, OperatorError};
@@ -35,10 +36,6 @@ pub(crate) const DEFAULT_LIMIT: i64 = 1_000;
 pub(crate) const MAX_LIMIT: i64 = 10_000;
 /// Tasks changed per transaction.
 const BATCH: usize = 100;
-/// Most tags in a filter.
-const MAX_TAGS: usize = 20;
-/// Longest tag, namespace or name in a filter.
-const SHORT_TEXT: usize = 128;
 /// Times a batch is tried again after the database chose it as a deadlock's victim.
 const DEADLOCK_RETRIES: u32 = 3;
 

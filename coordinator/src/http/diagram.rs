@@ -17,10 +17,10 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::body::{path_rejection, query_rejection};
+use super::body::path_rejection;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::parse_task_id;
-use tasker_shared::store::{tasks, templates};
+use tasker_shared::store::tasks;
 
 /// The media type of a Mermaid diagram.
 pub(crate) const MERMAID: &str = "text/vnd.mermaid";
@@ -192,33 +192,7 @@ pub(crate) async fn template(
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let Path((namespace, name)) = path.map_err(path_rejection)?;
-    let Query(query) = query.map_err(query_rejection)?;
-    if let Some(unknown) = query.keys().find(|key| key.as_str() != "version") {
-        return Err(ApiError::malformed(format!(
-            "unknown query parameter `{unknown}`; expected `version`"
-        )));
-    }
-    let version = query.get("version").map(String::as_str);
-    // No stored name or version holds U+0000 (nor can PostgreSQL compare with one).
-    let impossible = [Some(namespace.as_str()), Some(name.as_str()), version]
-        .into_iter()
-        .flatten()
-        .any(|text| text.contains('\0'));
-    let found = if impossible {
-        None
-    } else {
-        templates::find(&state.pool, &namespace, &name, version).await?
-    };
-    let template = found.ok_or_else(|| {
-        ApiError::not_found(
-            "template_not_found",
-            match version {
-                Some(version) => format!("no template {namespace}/{name} version {version}"),
-                None => format!("no template {namespace}/{name}"),
-            },
-        )
-    })?;
+    let template = super::templates::requested(&state, path, query).await?;
     let definition = &template.definition;
     let nodes: Vec<Node<'_>> = definition
         .steps

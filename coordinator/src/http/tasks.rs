@@ -99,16 +99,15 @@ pub(crate) struct TaskPage {
     next_cursor: Option<Uuid>,
 }
 
-/// Longest `initiator`, `source_system` and `reason` (as tasker-engine).
-const SHORT_TEXT: usize = 128;
+/// Longest `initiator`, `source_system` and `reason` (as tasker-engine), and longest
+/// namespace, name or tag in a filter.
+pub(crate) const SHORT_TEXT: usize = 128;
 /// Longest idempotency key.
 const KEY_LENGTH: usize = 255;
 /// Most tasks per page.
 const MAX_PAGE: i64 = 500;
-/// Most `tag` parameters in a list.
-const MAX_TAGS: usize = 20;
-/// Longest `tag` in a list filter, as in a bulk filter.
-const MAX_TAG_CHARS: usize = 128;
+/// Most tags in a filter: `tag` parameters of a list, `tags` of a bulk action.
+pub(crate) const MAX_TAGS: usize = 20;
 /// Steps past which a task's ids and edges are prepared on a blocking thread.
 const LARGE_TEMPLATE_STEPS: usize = 1_000;
 
@@ -364,11 +363,8 @@ pub(crate) async fn list(
     };
     for (key, value) in query {
         match key.as_str() {
-            "tag" if value.is_empty() || value.chars().count() > MAX_TAG_CHARS => {
-                problem(
-                    "tag",
-                    format!("a tag must be 1 to {MAX_TAG_CHARS} characters"),
-                );
+            "tag" if value.is_empty() || value.chars().count() > SHORT_TEXT => {
+                problem("tag", format!("a tag must be 1 to {SHORT_TEXT} characters"));
             }
             // No stored name or tag holds U+0000 (nor can PostgreSQL compare with one).
             "namespace" | "name" | "tag" if value.contains('\0') => matches_nothing = true,
@@ -388,13 +384,12 @@ pub(crate) async fn list(
                     ),
                 ),
             },
-            "tag" if filter.tags.len() == MAX_TAGS => {
-                problem("tag", format!("at most {MAX_TAGS} `tag` parameters"));
-                // Counted once: the parameters past it change nothing.
+            "tag" => {
                 filter.tags.push(value);
+                if filter.tags.len() == MAX_TAGS + 1 {
+                    problem("tag", format!("at most {MAX_TAGS} `tag` parameters"));
+                }
             }
-            "tag" if filter.tags.len() > MAX_TAGS => {}
-            "tag" => filter.tags.push(value),
             "created_after" | "created_before" => match DateTime::parse_from_rfc3339(&value) {
                 Ok(at) if key == "created_after" => filter.created_after = Some(at.to_utc()),
                 Ok(at) => filter.created_before = Some(at.to_utc()),

@@ -306,6 +306,16 @@ pub(crate) async fn get(
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Json<TemplateRecord>> {
+    requested(&state, path, query).await.map(Json)
+}
+
+/// The template `/v1/templates/{namespace}/{name}[?version=]` names (this route and its
+/// diagram): the version asked, or the latest; 404 `template_not_found` otherwise.
+pub(crate) async fn requested(
+    state: &AppState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<TemplateRecord> {
     let Path((namespace, name)) = path.map_err(path_rejection)?;
     let Query(query) = query.map_err(query_rejection)?;
     if let Some(unknown) = query.keys().find(|key| key.as_str() != "version") {
@@ -324,7 +334,7 @@ pub(crate) async fn get(
     } else {
         templates::find(&state.pool, &namespace, &name, version).await?
     };
-    found.map(Json).ok_or_else(|| {
+    found.ok_or_else(|| {
         ApiError::not_found(
             "template_not_found",
             match version {

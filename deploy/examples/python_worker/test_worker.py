@@ -380,6 +380,8 @@ class WorkerTest(unittest.TestCase):
     def test_without_a_key_nothing_is_signed_or_checked(self):
         body = body_of(step_message())
         self.deliver(body, headers={"x-tasker-signature": "v1=00"})
+        self.assertEqual(self.result()["outcome"], "success")
+        self.assertTrue(self.sent())
         for message in self.sent():
             self.assertIsNone(message.properties.headers)
 

@@ -113,6 +113,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The known key to suggest for an unknown one, if any.
+/// The keys of `object` outside `known`, each with the known key it was probably meant
+/// to be.
+fn strangers<'a>(
+    object: &'a Map<String, Value>,
+    known: &'a [&'a str],
+    hints: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
+    object
+        .keys()
+        .filter(|key| !known.contains(&key.as_str()))
+        .map(|key| (key.as_str(), suggestion(key, known, hints)))
+}
+
 fn suggestion<'k>(key: &str, known: &[&'k str], hints: &[(&str, &'k str)]) -> Option<&'k str> {
     if let Some((_, target)) = hints.iter().find(|(from, _)| *from == key) {
         return Some(target);
@@ -213,11 +226,8 @@ impl Walker {
         known: &[&str],
         hints: &[(&str, &str)],
     ) {
-        for key in object.keys() {
-            if known.contains(&key.as_str()) {
-                continue;
-            }
-            let message = match suggestion(key, known, hints) {
+        for (key, candidate) in strangers(object, known, hints) {
+            let message = match candidate {
                 Some(candidate) => {
                     format!("unknown key `{key}` is ignored; did you mean `{candidate}`?")
                 }
@@ -250,11 +260,8 @@ impl Walker {
         known: &[&str],
         hints: &[(&str, &str)],
     ) {
-        for key in object.keys() {
-            if known.contains(&key.as_str()) {
-                continue;
-            }
-            let message = match suggestion(key, known, hints) {
+        for (key, candidate) in strangers(object, known, hints) {
+            let message = match candidate {
                 Some(candidate) => format!("unknown key `{key}`; did you mean `{candidate}`?"),
                 None => format!(
                     "unknown key `{key}`; allowed keys here: {}",

@@ -5,9 +5,9 @@
 //! - `bad_*`: refused (with problems that say why);
 //! - `nasty_*`: accepted or refused, but quickly and without a panic;
 //! - anything else: accepted. Templates must then round-trip; messages are `step_*`
-//!   (a [`StepMessage`](tasker_shared::messages::StepMessage)), `worker_*` (a
-//!   [`WorkerMessage`](tasker_shared::messages::WorkerMessage)) or `control_*` (a
-//!   [`ControlMessage`](tasker_shared::messages::ControlMessage)).
+//!   (a [`StepMessage`](tasker_protocol::messages::StepMessage)), `worker_*` (a
+//!   [`WorkerMessage`](tasker_protocol::messages::WorkerMessage)) or `control_*` (a
+//!   [`ControlMessage`](tasker_protocol::messages::ControlMessage)).
 //!
 //! The corpus also seeds the mutation properties of `templates` and `messages`.
 

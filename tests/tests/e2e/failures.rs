@@ -15,6 +15,24 @@ fn one_step(name: &str, step: &str) -> String {
     format!("namespace: failing\nname: {name}\nsteps:\n  - name: only\n{step}")
 }
 
+/// Create a task of the one-step template `name` and wait until its step runs.
+async fn running(env: &TestEnv, name: &str) -> String {
+    let (_, task) = env
+        .create_task(json!({"namespace": "failing", "name": name}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    env.wait_until(
+        &id,
+        "the step runs on the doomed worker",
+        Duration::from_secs(20),
+        |t| TestEnv::step(t, "only")["status"] == "in_progress",
+    )
+    .await
+    .unwrap();
+    id
+}
+
 async fn run(env: &TestEnv, name: &str) -> Value {
     env.run_task(
         json!({"namespace": "failing", "name": name}),
@@ -356,19 +374,7 @@ async fn a_worker_killed_mid_step_loses_nothing_and_the_attempt_is_counted() {
         .start_worker_with(binary("tasker-worker"), "doomed", &["failing"], 4, &beat)
         .await
         .unwrap();
-    let (_, task) = env
-        .create_task(json!({"namespace": "failing", "name": "long"}))
-        .await
-        .unwrap();
-    let id = task["task_id"].as_str().unwrap().to_owned();
-    env.wait_until(
-        &id,
-        "the step runs on the doomed worker",
-        Duration::from_secs(20),
-        |t| TestEnv::step(t, "only")["status"] == "in_progress",
-    )
-    .await
-    .unwrap();
+    let id = running(&env, "long").await;
     env.workers[doomed].kill().await;
 
     env.start_worker_with(binary("tasker-worker"), "rescuer", &["failing"], 4, &beat)
@@ -416,19 +422,7 @@ async fn a_redelivered_step_on_its_last_attempt_runs_again_and_completes_once() 
         .start_worker_with(binary("tasker-worker"), "doomed", &["failing"], 4, &[])
         .await
         .unwrap();
-    let (_, task) = env
-        .create_task(json!({"namespace": "failing", "name": "once"}))
-        .await
-        .unwrap();
-    let id = task["task_id"].as_str().unwrap().to_owned();
-    env.wait_until(
-        &id,
-        "the step runs on the doomed worker",
-        Duration::from_secs(20),
-        |t| TestEnv::step(t, "only")["status"] == "in_progress",
-    )
-    .await
-    .unwrap();
+    let id = running(&env, "once").await;
     env.workers[doomed].kill().await;
     env.start_worker("rescuer", &["failing"]).await.unwrap();
     // The heartbeat lease (30 s) is far away: only the redelivery can finish it this soon.
@@ -486,21 +480,7 @@ async fn the_sweeper_s_retries_and_failures_of_lost_workers_are_counted() {
         .unwrap();
     let mut ids = Vec::new();
     for name in ["spare", "last"] {
-        let (_, task) = env
-            .create_task(json!({"namespace": "failing", "name": name}))
-            .await
-            .unwrap();
-        ids.push(task["task_id"].as_str().unwrap().to_owned());
-    }
-    for id in &ids {
-        env.wait_until(
-            id,
-            "the step runs on the doomed worker",
-            Duration::from_secs(20),
-            |t| TestEnv::step(t, "only")["status"] == "in_progress",
-        )
-        .await
-        .unwrap();
+        ids.push(running(&env, name).await);
     }
     env.workers[doomed].kill().await;
 

@@ -199,8 +199,14 @@ async fn processes_refuse_queues_of_the_other_type_and_say_why() {
     .await
     .expect("the coordinator stops instead of retrying")
     .unwrap();
-    assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("TASKER_QUEUE_TYPE=quorum"), "{stderr}");
+    assert!(
+        !output.status.success(),
+        "the coordinator started: {stderr}"
+    );
+    assert!(
+        stderr.contains("TASKER_QUEUE_TYPE=quorum") && stderr.contains("inequivalent arg"),
+        "{stderr}"
+    );
     env.finish().await.unwrap();
 }

@@ -107,27 +107,41 @@ async fn finished_tasks_past_the_retention_go_with_everything_that_belongs_to_th
         assert!(tasks == 1 && steps > 0 && step_history > 0 && task_history > 0);
         age(&env.pool, task).await;
     }
-    // Unfinished, however old: never pruned.
-    sqlx::query("UPDATE tasks SET created_at = now() - interval '1 day' WHERE task_id = $1")
-        .bind(stuck)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    // Unfinished, however old: never pruned, whatever its times say (only its status
+    // keeps it).
+    sqlx::query(
+        "UPDATE tasks SET created_at = now() - interval '1 day',
+                          completed_at = now() - interval '1 day' WHERE task_id = $1",
+    )
+    .bind(stuck)
+    .execute(&env.pool)
+    .await
+    .unwrap();
 
     let metrics = format!("{}/metrics", env.base_url);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&metrics, "tasker_pruned_tasks_total").await < 3.0 {
-        assert!(Instant::now() < deadline, "the old tasks were not pruned");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let pruned_reach = |count: f64| {
+        let metrics = metrics.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while metric(&metrics, "tasker_pruned_tasks_total").await < count {
+                assert!(Instant::now() < deadline, "{count} tasks were not pruned");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    pruned_reach(3.0).await;
     for task in old {
         assert_eq!(rows(&env.pool, task).await, [0; 5], "rows of {task} remain");
         let (status, _) = env.get(&format!("/v1/tasks/{task}")).await.unwrap();
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
-    // A few more rounds: nothing else goes.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(metric(&metrics, "tasker_pruned_tasks_total").await, 3.0);
+    // Later rounds prune what ages meanwhile, and nothing else: one more task aged, and
+    // once a round has removed it, the recent and the unfinished task are still whole.
+    let later = run(&env, "diamond", "complete").await;
+    age(&env.pool, later).await;
+    pruned_reach(4.0).await;
+    assert_eq!(rows(&env.pool, later).await, [0; 5]);
+    assert_eq!(metric(&metrics, "tasker_pruned_tasks_total").await, 4.0);
     assert_eq!(
         [rows(&env.pool, recent).await, rows(&env.pool, stuck).await],
         kept_before

@@ -159,14 +159,16 @@ async fn tasker_engine_files_register_unchanged_and_their_tasks_run() {
     for (file, text) in ENGINE_FILES {
         let (status, answer) = env.register_template(text).await.unwrap();
         assert_eq!(status, StatusCode::CREATED, "{file}: {answer:#}");
-        let warnings: Vec<(&str, &str)> = answer["warnings"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .map(|w| (w["path"].as_str().unwrap(), w["code"].as_str().unwrap()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // `warnings` is left out when there are none, and is a list otherwise.
+        let warnings: Vec<(&str, &str)> = match answer.get("warnings") {
+            None => Vec::new(),
+            Some(list) => list
+                .as_array()
+                .unwrap_or_else(|| panic!("{file}: `warnings` is not a list: {answer:#}"))
+                .iter()
+                .map(|w| (w["path"].as_str().unwrap(), w["code"].as_str().unwrap()))
+                .collect(),
+        };
         let expected: &[(&str, &str)] = match file {
             "nightly_reporting" => &[("custom_events", "ignored")],
             "guarded_checkout" => &[("handler_config", "ignored")],
@@ -275,7 +277,9 @@ async fn tasker_engine_files_register_unchanged_and_their_tasks_run() {
             .unwrap();
         assert_eq!(task["status"], "complete", "{task:#}");
         let defined = steps_by_name(template);
-        for (name, step) in steps_by_name(&task) {
+        let ran = steps_by_name(&task);
+        assert_eq!(ran.len(), defined.len(), "{task:#}");
+        for (name, step) in ran {
             // Each step ran under the handler registered for its template's class name.
             assert_eq!(
                 step["results"]["class"], defined[&name]["handler"],
