@@ -68,5 +68,7 @@ deploy/validate.sh
 # What a reviewer checks first: formatting, and every lint with warnings as errors.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
+# Every statement under shared/sql/ prepared against a freshly migrated database.
+cargo test -p tasker-shared --test sql "${locked[@]}"
 cargo build --workspace --bins --examples "${locked[@]}"
 cargo test --workspace "${locked[@]}" "${cargo_args[@]}" -- "${harness_args[@]}"

@@ -59,30 +59,9 @@ pub async fn transitions_after(
     after: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<RecordedTransition>> {
-    sqlx::query_as(
-        r#"
-        SELECT e.*, t.namespace, t.name AS task_name, t.version
-        FROM (
-            (SELECT transition_id, created_at, task_id, NULL::uuid AS step_id,
-                    NULL::text AS step_name, from_status, to_status, reason, metadata
-             FROM task_transitions WHERE transition_id > $1
-             ORDER BY transition_id LIMIT $2)
-            UNION ALL
-            (SELECT st.transition_id, st.created_at, st.task_id, st.step_id, s.name,
-                    st.from_status, st.to_status, st.reason,
-                    -- Not published: whoever holds a token can complete its step.
-                    st.metadata - 'dispatch_token' AS metadata
-             FROM step_transitions st JOIN steps s USING (step_id)
-             WHERE st.transition_id > $1
-             ORDER BY st.transition_id LIMIT $2)
-        ) e
-        JOIN tasks t USING (task_id)
-        ORDER BY e.transition_id
-        LIMIT $2
-        "#,
-    )
-    .bind(after)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    sqlx::query_as(include_str!("../../sql/events/transitions_after.sql"))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
 }

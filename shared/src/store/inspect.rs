@@ -109,24 +109,14 @@ pub async fn history(
     pool: &PgPool,
     task_id: Uuid,
 ) -> sqlx::Result<(Vec<Transition>, Vec<Transition>)> {
-    let task = sqlx::query_as(
-        "SELECT NULL::text AS step, from_status, to_status, reason, metadata, created_at
-         FROM task_transitions WHERE task_id = $1 ORDER BY transition_id",
-    )
-    .bind(task_id)
-    .fetch_all(pool)
-    .await?;
-    let steps = sqlx::query_as(
-        // A dispatch's token fences its result: whoever holds it can complete the step,
-        // so the history records it but never shows it.
-        "SELECT s.name AS step, t.from_status, t.to_status, t.reason,
-                t.metadata - 'dispatch_token' AS metadata, t.created_at
-         FROM step_transitions t JOIN steps s USING (step_id)
-         WHERE t.task_id = $1 ORDER BY t.transition_id",
-    )
-    .bind(task_id)
-    .fetch_all(pool)
-    .await?;
+    let task = sqlx::query_as(include_str!("../../sql/inspect/task_history.sql"))
+        .bind(task_id)
+        .fetch_all(pool)
+        .await?;
+    let steps = sqlx::query_as(include_str!("../../sql/inspect/step_history.sql"))
+        .bind(task_id)
+        .fetch_all(pool)
+        .await?;
     Ok((task, steps))
 }
 
@@ -150,20 +140,12 @@ pub async fn work_in_flight(pool: &PgPool) -> sqlx::Result<WorkInFlight> {
     )
     .fetch_all(pool)
     .await?;
-    let steps = sqlx::query_as(
-        "SELECT status, count(*) FROM steps
-         WHERE status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
-         GROUP BY status",
-    )
-    .fetch_all(pool)
-    .await?;
-    let ready_backlog = sqlx::query_scalar(
-        "SELECT count(*) FROM steps
-         WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
-           AND (next_attempt_at IS NULL OR next_attempt_at <= now())",
-    )
-    .fetch_one(pool)
-    .await?;
+    let steps = sqlx::query_as(include_str!("../../sql/inspect/steps_in_flight.sql"))
+        .fetch_all(pool)
+        .await?;
+    let ready_backlog = sqlx::query_scalar(include_str!("../../sql/inspect/ready_backlog.sql"))
+        .fetch_one(pool)
+        .await?;
     Ok(WorkInFlight {
         tasks,
         steps,

@@ -79,16 +79,13 @@ fn finished() -> Vec<String> {
 /// The candidates' condition, shared by [`prune_batch`] and [`count_prunable`]: `$1`
 /// finished statuses, `$2` the task id bound, `$3` the cutoff, `$4` whether to keep
 /// unrelayed history.
-const CANDIDATES: &str = "
-    FROM tasks t
-    WHERE t.status = ANY($1) AND t.task_id < $2 AND t.completed_at < $3
-      AND NOT ($4 AND (
-          EXISTS (SELECT 1 FROM task_transitions x, event_relay r
-                  WHERE r.id = 1 AND x.task_id = t.task_id
-                    AND x.transition_id > r.last_transition_id)
-          OR EXISTS (SELECT 1 FROM step_transitions x, event_relay r
-                  WHERE r.id = 1 AND x.task_id = t.task_id
-                    AND x.transition_id > r.last_transition_id)))";
+const CANDIDATES: &str = include_str!("../../sql/retention/candidates.sql");
+
+/// A statement of `shared/sql/retention/` that takes [`CANDIDATES`] in place of its
+/// `{CANDIDATES}` (as `shared/tests/sql.rs` does when it checks them).
+fn with_candidates(statement: &str) -> String {
+    statement.replace("{CANDIDATES}", CANDIDATES)
+}
 
 /// Remove up to `limit` finished tasks of `scope` with their steps, edges and history,
 /// in one transaction. `None` when another coordinator is pruning right now.
@@ -115,9 +112,7 @@ async fn delete_batch(
     scope: PruneScope,
     limit: i64,
 ) -> sqlx::Result<Pruned> {
-    // Locked, so a task an operator retries at this moment is either kept (the retry
-    // wins) or gone (the retry finds nothing).
-    let sql = format!("SELECT t.task_id {CANDIDATES} LIMIT $5 FOR UPDATE OF t SKIP LOCKED");
+    let sql = with_candidates(include_str!("../../sql/retention/lock_batch.sql"));
     let tasks: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(finished())
         .bind(scope.id_bound())
@@ -129,28 +124,11 @@ async fn delete_batch(
     if tasks.is_empty() {
         return Ok(Pruned::default());
     }
-    let (steps, edges, transitions, removed): (i64, i64, i64, i64) = sqlx::query_as(
-        "WITH gone_steps AS (
-             DELETE FROM steps WHERE task_id = ANY($1) RETURNING step_id
-         ), gone_edges AS (
-             DELETE FROM step_edges WHERE from_step IN (SELECT step_id FROM gone_steps)
-             RETURNING 1
-         ), gone_step_history AS (
-             DELETE FROM step_transitions WHERE task_id = ANY($1) RETURNING 1
-         ), gone_task_history AS (
-             DELETE FROM task_transitions WHERE task_id = ANY($1) RETURNING 1
-         ), gone_tasks AS (
-             DELETE FROM tasks WHERE task_id = ANY($1) RETURNING 1
-         )
-         SELECT (SELECT count(*) FROM gone_steps),
-                (SELECT count(*) FROM gone_edges),
-                (SELECT count(*) FROM gone_step_history)
-                  + (SELECT count(*) FROM gone_task_history),
-                (SELECT count(*) FROM gone_tasks)",
-    )
-    .bind(&tasks)
-    .fetch_one(&mut **tx)
-    .await?;
+    let (steps, edges, transitions, removed): (i64, i64, i64, i64) =
+        sqlx::query_as(include_str!("../../sql/retention/delete_batch.sql"))
+            .bind(&tasks)
+            .fetch_one(&mut **tx)
+            .await?;
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     Ok(Pruned {
         tasks: count(removed),
@@ -163,7 +141,7 @@ async fn delete_batch(
 /// How many tasks [`prune_batch`] would remove in all (a dry run). Reads every candidate:
 /// for an operator's one-off question, not for a loop.
 pub async fn count_prunable(pool: &PgPool, scope: PruneScope) -> sqlx::Result<i64> {
-    let sql = format!("SELECT count(*) {CANDIDATES}");
+    let sql = with_candidates(include_str!("../../sql/retention/count_prunable.sql"));
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(finished())
         .bind(scope.id_bound())

@@ -56,36 +56,14 @@ pub enum Registered {
 /// Store a validated template, or report that it is already there.
 pub async fn register(pool: &PgPool, definition: &TemplateDefinition) -> sqlx::Result<Registered> {
     let body = serde_json::to_value(definition).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    // One statement: create the namespace if needed, then the template if absent.
-    let row = sqlx::query(
-        r#"
-        WITH new_namespace AS (
-            INSERT INTO namespaces (name) VALUES ($1)
-            ON CONFLICT (name) DO NOTHING
-            RETURNING namespace_id
-        ),
-        namespace AS (
-            SELECT namespace_id, true AS is_new FROM new_namespace
-            UNION ALL
-            SELECT namespace_id, false FROM namespaces WHERE name = $1
-        ),
-        inserted AS (
-            INSERT INTO templates (namespace_id, name, version, description, definition)
-            SELECT namespace_id, $2, $3, $4, $5 FROM namespace LIMIT 1
-            ON CONFLICT (namespace_id, name, version) DO NOTHING
-            RETURNING template_id, created_at
-        )
-        SELECT i.template_id, i.created_at, (SELECT bool_or(is_new) FROM namespace) AS new_namespace
-        FROM inserted i
-        "#,
-    )
-    .bind(&definition.namespace)
-    .bind(&definition.name)
-    .bind(&definition.version)
-    .bind(&definition.description)
-    .bind(&body)
-    .fetch_optional(pool)
-    .await?;
+    let row = sqlx::query(include_str!("../../sql/templates/register.sql"))
+        .bind(&definition.namespace)
+        .bind(&definition.name)
+        .bind(&definition.version)
+        .bind(&definition.description)
+        .bind(&body)
+        .fetch_optional(pool)
+        .await?;
 
     if let Some(row) = row {
         return Ok(Registered::Created {
@@ -134,17 +112,12 @@ async fn find_newest(
     name: &str,
     version: Option<&str>,
 ) -> sqlx::Result<Option<(TemplateRecord, usize)>> {
-    let rows = sqlx::query(
-        r#"
-        SELECT template_id, version, definition, created_at
-        FROM tasker_find_template($1, $2, $3)
-        "#,
-    )
-    .bind(namespace)
-    .bind(name)
-    .bind(version)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(include_str!("../../sql/templates/find.sql"))
+        .bind(namespace)
+        .bind(name)
+        .bind(version)
+        .fetch_all(pool)
+        .await?;
     let versions = rows.len();
     let newest = rows
         .into_iter()
@@ -262,15 +235,10 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 /// Every template, ordered by namespace, name and version.
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TemplateSummary>> {
-    let mut summaries = sqlx::query_as::<_, TemplateSummary>(
-        r#"
-        SELECT n.name AS namespace, t.name, t.version, t.description,
-               jsonb_array_length(t.definition -> 'steps') AS step_count
-        FROM templates t JOIN namespaces n USING (namespace_id)
-        "#,
-    )
-    .fetch_all(pool)
-    .await?;
+    let mut summaries =
+        sqlx::query_as::<_, TemplateSummary>(include_str!("../../sql/templates/list.sql"))
+            .fetch_all(pool)
+            .await?;
     summaries.sort_by(|a, b| {
         (
             &a.namespace,

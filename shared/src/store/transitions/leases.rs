@@ -46,69 +46,12 @@ pub async fn expire_leases(
     limit: i64,
     running: bool,
 ) -> sqlx::Result<ExpiredLeases> {
-    let rows: Vec<ExpiredRow> = sqlx::query_as(
-        r#"
-        WITH expired AS (
-            SELECT step_id, status AS from_status, dispatch_token,
-                   -- When it may run again: at once if it never started, after its
-                   -- backoff if its worker was lost, never if that was its last attempt.
-                   CASE
-                       WHEN status = 'enqueued' THEN now()
-                       WHEN NOT retryable OR attempts >= retry_limit THEN NULL
-                       ELSE now() + tasker_backoff_ms(attempts, NULL, backoff_base_ms,
-                                                      backoff_max_ms, backoff_jitter,
-                                                      backoff_schedule_ms)
-                                    * interval '1 millisecond'
-                   END AS next_attempt_at
-            FROM steps
-            WHERE (status = 'enqueued' OR (status = 'in_progress' AND $2))
-              AND lease_expires_at < now()
-            ORDER BY lease_expires_at
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        ),
-        updated AS (
-            UPDATE steps s
-            SET status = CASE
-                    WHEN e.from_status = 'enqueued' THEN 'waiting_for_retry'
-                    WHEN NOT s.retryable OR s.attempts >= s.retry_limit THEN 'error'
-                    ELSE 'waiting_for_retry'
-                END,
-                attempts = CASE WHEN e.from_status = 'enqueued' THEN s.attempts - 1
-                                ELSE s.attempts END,
-                next_attempt_at = e.next_attempt_at,
-                ready_at = e.next_attempt_at,
-                last_error = CASE
-                    WHEN e.from_status = 'in_progress' THEN jsonb_build_object(
-                        'kind', 'timeout', 'code', 'lease_expired',
-                        'message', 'no result from the worker within timeout_ms plus the lease grace')
-                    ELSE s.last_error
-                END,
-                completed_at = CASE WHEN e.from_status = 'in_progress'
-                                         AND (NOT s.retryable OR s.attempts >= s.retry_limit)
-                                    THEN now() END,
-                lease_expires_at = NULL,
-                updated_at = now()
-            FROM expired e
-            WHERE s.step_id = e.step_id
-            RETURNING s.step_id, s.task_id, s.status AS to_status, s.attempts, e.from_status,
-                      e.dispatch_token
-        ),
-        history AS (
-            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT step_id, task_id, from_status, to_status,
-                   CASE WHEN from_status = 'enqueued' THEN 'lease_lost' ELSE 'lease_expired' END,
-                   jsonb_build_object('attempt', attempts)
-            FROM updated
-        )
-        SELECT u.step_id, u.task_id, t.namespace, u.from_status, u.to_status, u.dispatch_token
-        FROM updated u JOIN tasks t ON t.task_id = u.task_id
-        "#,
-    )
-    .bind(limit)
-    .bind(running)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<ExpiredRow> =
+        sqlx::query_as(include_str!("../../../sql/leases/expire_leases.sql"))
+            .bind(limit)
+            .bind(running)
+            .fetch_all(conn)
+            .await?;
 
     // A claimed step always has a token: the claim set it.
     let requeued: Vec<(Uuid, Uuid)> = rows
@@ -154,20 +97,12 @@ pub async fn record_publish(
         tokens.push(*token);
         taken.push(false);
     }
-    let done = sqlx::query(
-        r#"
-        UPDATE steps s
-        SET lease_expires_at = CASE WHEN d.taken THEN NULL ELSE now() END, updated_at = now()
-        FROM unnest($1::uuid[], $2::uuid[], $3::bool[]) AS d(step_id, dispatch_token, taken)
-        WHERE s.step_id = d.step_id AND s.dispatch_token = d.dispatch_token
-          AND s.status = 'enqueued'
-        "#,
-    )
-    .bind(&steps)
-    .bind(&tokens)
-    .bind(&taken)
-    .execute(conn)
-    .await?;
+    let done = sqlx::query(include_str!("../../../sql/leases/record_publish.sql"))
+        .bind(&steps)
+        .bind(&tokens)
+        .bind(&taken)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected())
 }
 
@@ -178,18 +113,10 @@ pub async fn confirmed_waiting(
     conn: &mut PgConnection,
     older_than_ms: i64,
 ) -> sqlx::Result<Vec<(String, i64)>> {
-    sqlx::query_as(
-        r#"
-        SELECT t.namespace, count(*)
-        FROM steps s JOIN tasks t ON t.task_id = s.task_id
-        WHERE s.status = 'enqueued' AND s.lease_expires_at IS NULL
-          AND s.enqueued_at < now() - $1 * interval '1 millisecond'
-        GROUP BY t.namespace
-        "#,
-    )
-    .bind(older_than_ms)
-    .fetch_all(conn)
-    .await
+    sqlx::query_as(include_str!("../../../sql/leases/confirmed_waiting.sql"))
+        .bind(older_than_ms)
+        .fetch_all(conn)
+        .await
 }
 
 /// End at once the lease of the confirmed steps of `namespace` still waiting after
@@ -202,26 +129,11 @@ pub async fn release_lost_queue(
     older_than_ms: i64,
     limit: Option<i64>,
 ) -> sqlx::Result<u64> {
-    let done = sqlx::query(
-        r#"
-        UPDATE steps s
-        SET lease_expires_at = now(), updated_at = now()
-        WHERE s.step_id IN (
-            SELECT s.step_id
-            FROM steps s JOIN tasks t ON t.task_id = s.task_id
-            WHERE t.namespace = $1
-              AND s.status = 'enqueued' AND s.lease_expires_at IS NULL
-              AND s.enqueued_at <= now() - $2 * interval '1 millisecond'
-            ORDER BY s.enqueued_at
-            LIMIT $3
-        )
-          AND s.status = 'enqueued' AND s.lease_expires_at IS NULL
-        "#,
-    )
-    .bind(namespace)
-    .bind(older_than_ms)
-    .bind(limit)
-    .execute(conn)
-    .await?;
+    let done = sqlx::query(include_str!("../../../sql/leases/release_lost_queue.sql"))
+        .bind(namespace)
+        .bind(older_than_ms)
+        .bind(limit)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected())
 }

@@ -48,27 +48,14 @@ async fn move_task(
     reason: &str,
     metadata: &Value,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        r#"
-        WITH moved AS (
-            UPDATE tasks
-            SET status = $3, updated_at = now(),
-                completed_at = CASE WHEN $3 IN ('complete', 'error', 'cancelled', 'resolved_manually')
-                                    THEN now() END
-            WHERE task_id = $1 AND status = $2
-            RETURNING task_id
-        )
-        INSERT INTO task_transitions (task_id, from_status, to_status, reason, metadata)
-        SELECT task_id, $2, $3, $4, $5 FROM moved
-        "#,
-    )
-    .bind(task_id)
-    .bind(from)
-    .bind(to)
-    .bind(reason)
-    .bind(metadata)
-    .execute(conn)
-    .await?;
+    sqlx::query(include_str!("../../../sql/operator/move_task.sql"))
+        .bind(task_id)
+        .bind(from)
+        .bind(to)
+        .bind(reason)
+        .bind(metadata)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -87,28 +74,12 @@ pub async fn cancel_task(
         )));
     }
     let metadata = json!({"reason": reason});
-    let cancelled = sqlx::query(
-        r#"
-        WITH cancelled AS (
-            UPDATE steps s
-            SET status = 'cancelled', lease_expires_at = NULL, next_attempt_at = NULL,
-                completed_at = now(), updated_at = now()
-            FROM (SELECT step_id, status FROM steps
-                  WHERE task_id = $1
-                    AND status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
-                  ORDER BY step_id FOR UPDATE) old
-            WHERE s.step_id = old.step_id
-            RETURNING s.step_id, s.task_id, old.status AS from_status
-        )
-        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-        SELECT step_id, task_id, from_status, 'cancelled', 'task_cancelled', $2 FROM cancelled
-        "#,
-    )
-    .bind(task_id)
-    .bind(&metadata)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let cancelled = sqlx::query(include_str!("../../../sql/operator/cancel_task.sql"))
+        .bind(task_id)
+        .bind(&metadata)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     move_task(
         conn,
         task_id,
@@ -135,25 +106,12 @@ pub async fn retry_task(
         )));
     }
     let metadata = json!({"reason": reason});
-    let reset = sqlx::query(
-        r#"
-        WITH reset AS (
-            UPDATE steps
-            SET status = 'pending', attempts = 0, deferrals = 0, next_attempt_at = NULL,
-                completed_at = NULL, updated_at = now(),
-                ready_at = CASE WHEN remaining_parents = 0 THEN now() END
-            WHERE task_id = $1 AND status = 'error'
-            RETURNING step_id, task_id
-        )
-        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-        SELECT step_id, task_id, 'error', 'pending', 'retry_requested', $2 FROM reset
-        "#,
-    )
-    .bind(task_id)
-    .bind(&metadata)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let reset = sqlx::query(include_str!("../../../sql/operator/retry_task.sql"))
+        .bind(task_id)
+        .bind(&metadata)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     move_task(
         conn,
         task_id,
@@ -202,33 +160,14 @@ pub async fn resolve_step(
         )));
     }
     let metadata = json!({"reason": reason});
-    sqlx::query(
-        r#"
-        WITH resolved AS (
-            UPDATE steps
-            SET status = 'resolved_manually', results = $3, lease_expires_at = NULL,
-                next_attempt_at = NULL, completed_at = now(), updated_at = now()
-            WHERE task_id = $1 AND name = $2
-            RETURNING step_id, task_id
-        ),
-        history AS (
-            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT step_id, task_id, $4, 'resolved_manually', 'resolved_by_operator', $5 FROM resolved
-        )
-        UPDATE steps c
-        SET remaining_parents = c.remaining_parents - 1,
-            ready_at = CASE WHEN c.remaining_parents = 1 THEN now() ELSE c.ready_at END
-        FROM step_edges e JOIN resolved r ON r.step_id = e.from_step
-        WHERE c.step_id = e.to_step
-        "#,
-    )
-    .bind(task_id)
-    .bind(step)
-    .bind(results)
-    .bind(current)
-    .bind(&metadata)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(include_str!("../../../sql/operator/resolve_step.sql"))
+        .bind(task_id)
+        .bind(step)
+        .bind(results)
+        .bind(current)
+        .bind(&metadata)
+        .execute(&mut *conn)
+        .await?;
     if status == TaskStatus::Error {
         move_task(
             conn,
