@@ -67,8 +67,8 @@ python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --
 deploy/validate.sh
 # What a reviewer checks first: formatting, and every lint with warnings as errors.
 cargo fmt --all --check
-cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
+cargo clippy --workspace --all-targets "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints -- -D warnings
 # Every statement under shared/sql/ prepared against a freshly migrated database.
 cargo test -p tasker-shared --test sql "${locked[@]}"
-cargo build --workspace --bins --examples "${locked[@]}"
-cargo test --workspace "${locked[@]}" "${cargo_args[@]}" -- "${harness_args[@]}"
+cargo build --workspace --bins --examples "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints
+cargo test --workspace "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints "${cargo_args[@]}" -- "${harness_args[@]}"

@@ -9,7 +9,6 @@
 //! expiration: a confirmed message waits in its queue as long as the queue is long.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -53,12 +52,8 @@ pub(crate) struct StepPublisher {
     /// Claimed steps waiting for a publishing slot. A std Mutex: held only to push or
     /// take, never across an await.
     waiting: Mutex<Vec<Dispatch>>,
-    /// Chaos-test failpoint (`TASKER_FAILPOINT_PAUSE_AFTER_CLAIMS`): from this many
-    /// claimed batches on, hold each one forever instead of publishing it, as a
-    /// coordinator frozen between committing a claim and publishing it would.
-    pause_after_claims: Option<u64>,
-    /// Claimed batches handed to [`dispatch`](Self::dispatch) so far (for the failpoint).
-    claims: AtomicU64,
+    #[cfg(feature = "failpoints")]
+    failpoint: failpoint::PauseAfterClaims,
 }
 
 /// What happened to a published batch.
@@ -81,14 +76,15 @@ impl StepPublisher {
             declared: Mutex::new(HashSet::new()),
             publishing: Arc::new(Semaphore::new(PUBLISHING_BATCHES as usize)),
             waiting: Mutex::new(Vec::new()),
-            pause_after_claims: None,
-            claims: AtomicU64::new(0),
+            #[cfg(feature = "failpoints")]
+            failpoint: failpoint::PauseAfterClaims::default(),
         }
     }
 
-    /// Arm the chaos-test failpoint (see `pause_after_claims`).
+    /// Arm the chaos-test failpoint (see [`failpoint::PauseAfterClaims`]).
+    #[cfg(feature = "failpoints")]
     pub(crate) fn pause_after_claims(mut self, claims: Option<u64>) -> Self {
-        self.pause_after_claims = claims;
+        self.failpoint = failpoint::PauseAfterClaims::after(claims);
         self
     }
 
@@ -156,13 +152,8 @@ impl StepPublisher {
         claimed: Vec<Dispatch>,
         metrics: Arc<CoordinatorMetrics>,
     ) {
-        let claims = self.claims.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.pause_after_claims.is_some_and(|n| claims >= n) {
-            tracing::warn!(claimed = claimed.len(), "failpoint: paused after claim");
-            tokio::spawn(async move {
-                let _held = claimed;
-                std::future::pending::<()>().await;
-            });
+        #[cfg(feature = "failpoints")]
+        if self.failpoint.holds(&claimed) {
             return;
         }
         let waiting = {
@@ -348,5 +339,43 @@ impl StepPublisher {
                 self.topology.signed(&body, properties),
             )
             .await?)
+    }
+}
+
+/// A chaos-test hook, built only with the `failpoints` feature.
+#[cfg(feature = "failpoints")]
+mod failpoint {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tasker_shared::store::transitions::Dispatch;
+
+    /// `TASKER_FAILPOINT_PAUSE_AFTER_CLAIMS`: from this many claimed batches on, never
+    /// publish one, as a coordinator frozen between committing a claim and publishing it
+    /// would. The steps stay `enqueued` under their dispatch lease, exactly as they are
+    /// while a batch waits to be published, so a test can kill the coordinator then.
+    #[derive(Debug, Default)]
+    pub(super) struct PauseAfterClaims {
+        after: Option<u64>,
+        /// Claimed batches seen so far.
+        claims: AtomicU64,
+    }
+
+    impl PauseAfterClaims {
+        pub(super) fn after(claims: Option<u64>) -> Self {
+            PauseAfterClaims {
+                after: claims,
+                claims: AtomicU64::new(0),
+            }
+        }
+
+        /// Whether `claimed` is held back: logged, and never published.
+        pub(super) fn holds(&self, claimed: &[Dispatch]) -> bool {
+            let claims = self.claims.fetch_add(1, Ordering::Relaxed) + 1;
+            let holds = self.after.is_some_and(|n| claims >= n);
+            if holds {
+                tracing::warn!(claimed = claimed.len(), "failpoint: paused after claim");
+            }
+            holds
+        }
     }
 }

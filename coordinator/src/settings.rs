@@ -87,9 +87,11 @@ pub struct CoordinatorSettings {
     /// How often expired leases are swept.
     #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
     pub sweep_interval_ms: u64,
-    /// For chaos tests only: after this many claimed batches, stop between the claim's
-    /// commit and its publish, log `failpoint: paused after claim`, and wait there for
-    /// ever, so a test can kill the coordinator at exactly that moment.
+    /// For chaos tests only (built with the `failpoints` feature): after this many
+    /// claimed batches, stop between the claim's commit and its publish, log
+    /// `failpoint: paused after claim`, and wait there for ever, so a test can kill the
+    /// coordinator at exactly that moment.
+    #[cfg(feature = "failpoints")]
     #[arg(long, env = "TASKER_FAILPOINT_PAUSE_AFTER_CLAIMS", hide = true)]
     pub failpoint_pause_after_claims: Option<u64>,
     /// Largest request body accepted (413 past it).

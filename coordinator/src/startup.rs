@@ -95,15 +95,15 @@ impl Application {
         }
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
         let session = BrokerSession::open(connection, &topology).await?;
-        let publisher = Arc::new(
-            StepPublisher::new(
-                pool.clone(),
-                session.publish_channel.clone(),
-                topology.clone(),
-                settings.dispatch_lease_ms,
-            )
-            .pause_after_claims(settings.failpoint_pause_after_claims),
+        let publisher = StepPublisher::new(
+            pool.clone(),
+            session.publish_channel.clone(),
+            topology.clone(),
+            settings.dispatch_lease_ms,
         );
+        #[cfg(feature = "failpoints")]
+        let publisher = publisher.pause_after_claims(settings.failpoint_pause_after_claims);
+        let publisher = Arc::new(publisher);
         for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
             publisher
                 .ensure_namespace(&namespace)

@@ -1,7 +1,8 @@
 //! A fault-test hook: `TASKER_FAILPOINT_PAUSE_AT=<stage>` holds the first step (or
 //! heartbeat) that reaches `<stage>` until the broker connection it belongs to is lost, so
 //! a test can cut the connection at exactly that moment and check that the worker comes
-//! back. Unset, it costs one comparison per stage.
+//! back. Unset, it costs one comparison per stage. Built only with the `failpoints`
+//! feature (deploy/test.sh turns it on): a release worker has no such hook or setting.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,7 +21,8 @@
 //! - [`handlers`]: the built-in handlers.
 //! - `cli`: [`run`], the whole `main` of a worker binary.
 //! - `executor`: decides one step's outcome (timeout, panics).
-//! - `failpoint`: the fault-test hook that holds a step at one stage.
+//! - `failpoint`: the fault-test hook that holds a step at one stage (only with the
+//!   `failpoints` feature).
 //! - `runtime`: [`Worker`]: consuming, concurrency, publishing, acking, shutdown.
 //! - `notices`: batched started notices, heartbeats and the worker's status broadcast.
 //! - `metrics`: the Prometheus metrics and their HTTP server.
@@ -30,6 +31,7 @@
 
 mod cli;
 mod executor;
+#[cfg(feature = "failpoints")]
 mod failpoint;
 pub mod handler;
 pub mod handlers;

@@ -20,6 +20,7 @@ use tasker_protocol::messages::{
 use tokio::sync::{mpsc, watch};
 
 use crate::executor::InFlight;
+#[cfg(feature = "failpoints")]
 use crate::failpoint::{Failpoint, Stage};
 use crate::runtime::BROKER_PATIENCE;
 
@@ -83,6 +84,7 @@ pub(crate) struct Heartbeats {
     pub(crate) all_namespaces: bool,
     /// The namespaces consumed now (they change as namespaces are announced).
     pub(crate) namespaces: Box<dyn Fn() -> Vec<String> + Send>,
+    #[cfg(feature = "failpoints")]
     pub(crate) failpoint: Failpoint,
 }
 
@@ -117,6 +119,7 @@ pub(crate) async fn heartbeats(beats: Heartbeats, mut stop: watch::Receiver<bool
         if steps.is_empty() {
             continue;
         }
+        #[cfg(feature = "failpoints")]
         if beats.failpoint.hits(Stage::Heartbeating) {
             tracing::warn!("failpoint: paused at heartbeating");
             while beats.channel.status().connected() {

@@ -57,6 +57,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::executor::{self, InFlight};
+#[cfg(feature = "failpoints")]
 use crate::failpoint::{Failpoint, Stage};
 use crate::handler::HandlerRegistry;
 use crate::metrics::{HandlerOutcome, WorkerMetrics};
@@ -89,6 +90,7 @@ pub struct Worker {
     metrics_addr: Option<std::net::SocketAddr>,
     metrics: Arc<WorkerMetrics>,
     max_result_bytes: usize,
+    #[cfg(feature = "failpoints")]
     failpoint: Failpoint,
 }
 
@@ -104,6 +106,7 @@ struct Shared {
     metrics: Arc<WorkerMetrics>,
     /// `TASKER_MAX_RESULT_BYTES`: larger results fail the step (see the executor).
     max_result_bytes: usize,
+    #[cfg(feature = "failpoints")]
     failpoint: Failpoint,
 }
 
@@ -166,6 +169,7 @@ impl Worker {
         // tasker.http reads its settings from the environment; a bad one stops the
         // worker here rather than failing every HTTP step.
         crate::handlers::http::check_settings().map_err(anyhow::Error::msg)?;
+        #[cfg(feature = "failpoints")]
         let failpoint = Failpoint::parse(settings.failpoint_pause_at.as_deref())?;
         let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;
         let worker_id = settings.worker_id();
@@ -190,6 +194,7 @@ impl Worker {
             metrics_addr: settings.metrics_addr,
             metrics: Arc::new(WorkerMetrics::new(settings.concurrency)),
             max_result_bytes: settings.max_result_bytes,
+            #[cfg(feature = "failpoints")]
             failpoint,
         })
     }
@@ -229,6 +234,7 @@ impl Worker {
             inflight: InFlight::default(),
             metrics: self.metrics.clone(),
             max_result_bytes: self.max_result_bytes,
+            #[cfg(feature = "failpoints")]
             failpoint: self.failpoint.clone(),
         });
         // Handler slots, across sessions: steps of a lost session still running count.
@@ -367,6 +373,7 @@ impl Worker {
                 concurrency: self.concurrency,
                 all_namespaces: self.namespaces.is_none(),
                 namespaces: Box::new(move || status_consumers.namespaces()),
+                #[cfg(feature = "failpoints")]
                 failpoint: shared.failpoint.clone(),
             },
             stop_rx,
@@ -747,6 +754,7 @@ async fn handle(
 }
 
 /// Hold here if the fault-test hook is armed for `stage`, until `session` is lost.
+#[cfg(feature = "failpoints")]
 async fn failpoint(shared: &Shared, session: &SessionHandles, stage: Stage) {
     if !shared.failpoint.hits(stage) {
         return;
@@ -843,6 +851,7 @@ async fn run_step(
         return;
     };
 
+    #[cfg(feature = "failpoints")]
     failpoint(shared, session, Stage::Received).await;
     let answered = Arc::new(AtomicBool::new(false));
     let _ = session.started.send(Notice {
@@ -854,6 +863,7 @@ async fn run_step(
         },
         answered: answered.clone(),
     });
+    #[cfg(feature = "failpoints")]
     failpoint(shared, session, Stage::Running).await;
     shared.metrics.in_flight.inc();
     let result = executor::execute(
@@ -893,6 +903,7 @@ async fn run_step(
             tracing::info!(outcome = ?result.outcome, code = ?error.code, message = %error.message, "step failed")
         }
     }
+    #[cfg(feature = "failpoints")]
     failpoint(shared, session, Stage::Publishing).await;
     let published = publish_result(
         shared,
@@ -908,6 +919,7 @@ async fn run_step(
             shared
                 .inflight
                 .mark_answered(message.step_id, message.dispatch_token);
+            #[cfg(feature = "failpoints")]
             failpoint(shared, session, Stage::Acking).await;
             ack(shared, &delivery).await;
         }

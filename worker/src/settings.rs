@@ -37,11 +37,12 @@ pub struct WorkerSettings {
     /// This worker's id in results and logs. Default: host name and process id.
     #[arg(long, env = "TASKER_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// For fault tests only: pause the first step that reaches this stage (`received`,
-    /// `running`, `publishing`, `acking`, or `heartbeating`: the first heartbeat that
-    /// reports a running step), log `failpoint: paused at <stage>`, and hold it there
-    /// until the broker connection it came on is lost, so a test can cut the connection
-    /// at exactly that moment.
+    /// For fault tests only (built with the `failpoints` feature): pause the first step
+    /// that reaches this stage (`received`, `running`, `publishing`, `acking`, or
+    /// `heartbeating`: the first heartbeat that reports a running step), log
+    /// `failpoint: paused at <stage>`, and hold it there until the broker connection it
+    /// came on is lost, so a test can cut the connection at exactly that moment.
+    #[cfg(feature = "failpoints")]
     #[arg(long, env = "TASKER_FAILPOINT_PAUSE_AT", hide = true)]
     pub failpoint_pause_at: Option<String>,
 }
