@@ -357,20 +357,20 @@ impl CoordinatorMetrics {
             if let Some(latency) = change.queue_latency {
                 self.queue_latency.observe(latency);
             }
-            match (change.to_status.as_str(), change.deferred) {
-                ("waiting_for_retry", true) => {
+            match (change.to_status, change.deferred) {
+                (StepStatus::WaitingForRetry, true) => {
                     self.deferrals
                         .get_or_create(&Self::namespace(&change.namespace))
                         .inc();
                 }
-                ("waiting_for_retry", false) => {
+                (StepStatus::WaitingForRetry, false) => {
                     self.retries_scheduled
                         .get_or_create(&Self::namespace(&change.namespace))
                         .inc();
                 }
                 (status, _) => {
                     self.steps_finished
-                        .get_or_create(&Self::namespace_status(&change.namespace, status))
+                        .get_or_create(&Self::namespace_status(&change.namespace, status.as_str()))
                         .inc();
                 }
             }

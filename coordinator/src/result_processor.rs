@@ -226,11 +226,11 @@ impl ResultProcessor {
             report.started += 1;
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
-        let applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
+        let mut applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
-        let claimed = transitions::dispatches_for(&mut tx, &applied.claimed).await?;
-        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish(&claimed)).await?;
+        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish()).await?;
+        let claimed = std::mem::take(&mut applied.claimed);
         tx.commit().await?;
         drop(spans);
         self.wake_events.notify_one();

@@ -6,7 +6,10 @@
 //! PostgreSQL, templates or JSON Schema.
 //!
 //! ## Layout
-//! - [`states`]: task and step states and the allowed transitions (with a diagram).
+//! - [`states`]: task and step states, transition reasons and the allowed transitions
+//!   (with a diagram).
+//! - [`decision`]: what an arriving result does to its step (complete, retry, defer,
+//!   fail, or drop as stale), as a pure function.
 //! - [`template`]: parsing and validating templates (the project's format and
 //!   tasker-engine 1.x files), and validating a task's context against its schema.
 //! - [`db`]: the PostgreSQL pool and the embedded migrations.
@@ -18,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod db;
+pub mod decision;
 pub mod events;
 pub mod states;
 pub mod store;

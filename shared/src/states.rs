@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 /// Returned when a stored or supplied status name is not one Tasker knows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown status `{0}`")]
+#[error("unknown status or reason `{0}`")]
 pub struct UnknownStatus(pub String);
 
 macro_rules! status_enum {
@@ -108,6 +108,55 @@ status_enum! {
         Cancelled => "cancelled",
         /// An operator resolved it by hand; its dependents may run.
         ResolvedManually => "resolved_manually",
+    }
+}
+
+status_enum! {
+    /// Why a task or step changed state: the `reason` of its history row.
+    #[derive(utoipa::ToSchema)]
+    TransitionReason {
+        /// Task: created (`pending`).
+        Created => "created",
+        /// Task: its first step was claimed (`pending` → `in_progress`).
+        FirstStepDispatched => "first_step_dispatched",
+        /// Task: every step is complete or resolved.
+        AllStepsDone => "all_steps_done",
+        /// Task: a step failed and nothing else can run.
+        BlockedByFailures => "blocked_by_failures",
+        /// Task: an operator cancelled it.
+        CancelledByOperator => "cancelled_by_operator",
+        /// Task or step: an operator retried the failed task.
+        RetryRequested => "retry_requested",
+        /// Task: an operator resolved a failed step, and the task runs on.
+        StepResolved => "step_resolved",
+        /// Task or step: an operator resolved it by hand.
+        ResolvedByOperator => "resolved_by_operator",
+        /// Step: claimed and published (`enqueued`).
+        Dispatched => "dispatched",
+        /// Step: a worker started it.
+        Started => "started",
+        /// Step: a redelivered message started a second run.
+        RestartedAfterRedelivery => "restarted_after_redelivery",
+        /// Step: its handler succeeded.
+        Succeeded => "succeeded",
+        /// Step: a retryable failure; another attempt after the backoff.
+        RetryScheduled => "retry_scheduled",
+        /// Step: its handler asked to run later, without spending an attempt.
+        Deferred => "deferred",
+        /// Step: deferred more often than its `max_deferrals`.
+        DeferralLimit => "deferral_limit",
+        /// Step: a retryable failure of a step that is not retried.
+        NotRetryable => "not_retryable",
+        /// Step: a retryable failure of its last attempt.
+        AttemptsExhausted => "attempts_exhausted",
+        /// Step: a permanent failure.
+        Failed => "failed",
+        /// Step: claimed, but its message never reached the broker.
+        LeaseLost => "lease_lost",
+        /// Step: no result or heartbeat within its lease.
+        LeaseExpired => "lease_expired",
+        /// Step: its task was cancelled.
+        TaskCancelled => "task_cancelled",
     }
 }
 

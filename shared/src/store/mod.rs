@@ -21,7 +21,7 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
 
-use crate::states::{StepStatus, TaskStatus};
+use crate::states::{StepStatus, TaskStatus, TransitionReason};
 
 macro_rules! text_enum_sql {
     ($name:ty) => {
@@ -42,6 +42,16 @@ macro_rules! text_enum_sql {
             }
         }
 
+        impl sqlx::postgres::PgHasArrayType for $name {
+            fn array_type_info() -> PgTypeInfo {
+                <&str as sqlx::postgres::PgHasArrayType>::array_type_info()
+            }
+
+            fn array_compatible(ty: &PgTypeInfo) -> bool {
+                <&str as sqlx::postgres::PgHasArrayType>::array_compatible(ty)
+            }
+        }
+
         impl Encode<'_, Postgres> for $name {
             fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
                 <&str as Encode<Postgres>>::encode_by_ref(&self.as_str(), buf)
@@ -52,3 +62,4 @@ macro_rules! text_enum_sql {
 
 text_enum_sql!(TaskStatus);
 text_enum_sql!(StepStatus);
+text_enum_sql!(TransitionReason);

@@ -9,10 +9,9 @@ use serde_json::Value;
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::messages::{SCHEMA_VERSION, StepMessage};
 use crate::states::{StepStatus, TaskStatus};
 use crate::store::templates::TemplateRecord;
-use crate::store::transitions::Dispatch;
+use crate::store::transitions::{Dispatch, claim_steps};
 
 /// A task as the API shows it (without steps).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -115,20 +114,21 @@ pub enum Created {
     TemplateChanged,
 }
 
-/// The SQLSTATE `tasker_create_task` (migration 0008) and `tasker_create_tasks` (0009)
-/// raise when a template's versions changed.
+/// The SQLSTATE `tasker_create_tasks` (migration 0010) raises when a template's versions
+/// changed.
 const TEMPLATE_CHANGED: &str = "TK001";
 
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \
      source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
 
 /// A task about to be created: the caller's request, checked against its template, with
-/// the ids of the task, its steps and their claims chosen.
+/// the ids of the task and its steps chosen.
 ///
-/// With `claim_lease_ms`, the steps without parents are claimed by the creating statement,
-/// as [`claim_ready`](crate::store::transitions::claim_ready) would (`enqueued`, attempt
-/// 1, a dispatch token and a lease of that many milliseconds), and returned for the caller
-/// to publish once it commits. Without it they stay `pending` for the dispatcher.
+/// With `claim_lease_ms`, the steps without parents are claimed in the creating
+/// transaction, through the one claim path
+/// ([`claim_steps`](crate::store::transitions::claim_steps): `enqueued`, attempt 1, a
+/// dispatch token and a lease of that many milliseconds), and returned for the caller to
+/// publish once it commits. Without it they stay `pending` for the dispatcher.
 ///
 /// With `versions_known` (see [`Resolved`](crate::store::templates::Resolved)), the
 /// statement first checks that the template's name still has that many versions, and
@@ -141,7 +141,6 @@ pub struct Creation {
     versions_known: Option<i32>,
     task_id: Uuid,
     step_ids: Vec<Uuid>,
-    tokens: Vec<Option<Uuid>>,
     edge_from: Vec<Uuid>,
     edge_to: Vec<Uuid>,
     /// Each step's parents, by position in template order.
@@ -158,10 +157,6 @@ impl Creation {
     ) -> Self {
         let steps = &template.definition.steps;
         let step_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
-        let tokens = steps
-            .iter()
-            .map(|step| (claim_lease_ms.is_some() && step.depends_on.is_empty()).then(Uuid::new_v4))
-            .collect();
         let parents = template.definition.parent_indices();
         let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
         for (child, parents) in parents.iter().enumerate() {
@@ -177,36 +172,47 @@ impl Creation {
             versions_known,
             task_id: Uuid::now_v7(),
             step_ids,
-            tokens,
             edge_from,
             edge_to,
             parents,
         }
     }
 
+    /// The steps to claim with the task: those without parents, when it claims at all.
+    fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.parents
+            .iter()
+            .zip(&self.step_ids)
+            .filter(|(parents, _)| self.claim_lease_ms.is_some() && parents.is_empty())
+            .map(|(_, step_id)| *step_id)
+    }
+
     /// The task as the statement answered it, with its steps as inserted (built here, not
     /// read back) and the claimed ones' messages.
-    fn created(&self, task: TaskRecord) -> Created {
+    fn created(&self, mut task: TaskRecord, dispatches: Vec<Dispatch>) -> Created {
         let definition = &self.template.definition;
-        let mut created = Vec::with_capacity(definition.steps.len());
-        let mut dispatches = Vec::new();
-        for (((step, step_id), token), parents) in definition
+        let claimed: HashMap<Uuid, i32> = dispatches
+            .iter()
+            .map(|d| (d.message.step_id, d.message.attempt))
+            .collect();
+        if !dispatches.is_empty() {
+            task.status = TaskStatus::InProgress;
+        }
+        let steps = definition
             .steps
             .iter()
             .zip(&self.step_ids)
-            .zip(&self.tokens)
             .zip(&self.parents)
-        {
-            created.push(StepRecord {
+            .map(|((step, step_id), parents)| StepRecord {
                 step_id: *step_id,
                 name: step.name.clone(),
                 handler: step.handler.clone(),
-                status: if token.is_some() {
+                status: if claimed.contains_key(step_id) {
                     StepStatus::Enqueued
                 } else {
                     StepStatus::Pending
                 },
-                attempts: i32::from(token.is_some()),
+                attempts: claimed.get(step_id).copied().unwrap_or(0),
                 retry_limit: step.retry_limit,
                 deferrals: 0,
                 retryable: step.retryable,
@@ -221,41 +227,21 @@ impl Creation {
                 next_attempt_at: None,
                 started_at: None,
                 completed_at: None,
-            });
-            let Some(dispatch_token) = *token else {
-                continue;
-            };
-            dispatches.push(Dispatch {
-                trace_parent: self.new.trace_parent.clone(),
-                message: StepMessage {
-                    schema_version: SCHEMA_VERSION,
-                    task_id: task.task_id,
-                    step_id: *step_id,
-                    step_name: step.name.clone(),
-                    namespace: task.namespace.clone(),
-                    template: format!("{}@{}", task.name, task.version),
-                    handler: step.handler.clone(),
-                    config: step.config.clone(),
-                    context: task.context.clone(),
-                    parents: Default::default(),
-                    attempt: 1,
-                    retry_limit: step.retry_limit,
-                    deferrals: 0,
-                    dispatch_token,
-                    timeout_ms: step.timeout_ms,
-                    // The creating transaction's time, as the claim's `now()`.
-                    dispatched_at: task.created_at,
-                },
-            });
-        }
-        Created::New(task, created, dispatches)
+            })
+            .collect();
+        Created::New(task, steps, dispatches)
     }
 
     /// What became of this creation, given the row its statement returned (none: the
-    /// idempotency key was taken).
-    async fn outcome(&self, pool: &PgPool, inserted: Option<TaskRecord>) -> sqlx::Result<Created> {
+    /// idempotency key was taken) and the steps claimed with it.
+    async fn outcome(
+        &self,
+        pool: &PgPool,
+        inserted: Option<TaskRecord>,
+        dispatches: Vec<Dispatch>,
+    ) -> sqlx::Result<Created> {
         match inserted {
-            Some(task) => Ok(self.created(task)),
+            Some(task) => Ok(self.created(task, dispatches)),
             None => {
                 let definition = &self.template.definition;
                 let key = self.new.idempotency_key.as_deref().unwrap_or_default();
@@ -269,7 +255,7 @@ impl Creation {
     }
 }
 
-/// Whether an error is `tasker_create_task(s)` refusing because a template's versions
+/// Whether an error is `tasker_create_tasks` refusing because a template's versions
 /// changed.
 fn template_changed(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(error) if error.code().as_deref() == Some(TEMPLATE_CHANGED))
@@ -287,11 +273,11 @@ pub async fn create(pool: &PgPool, creation: &Creation) -> sqlx::Result<Created>
 }
 
 /// Create tasks, each with all its steps and edges, in one statement
-/// (`tasker_create_tasks`, migration 0009): one round trip and one commit for them all. The
-/// outcomes are in the order of `creations`; each can fail on its own only where a taken
-/// idempotency key sends it to read the task that holds the key.
+/// (`tasker_create_tasks`), and claim their first steps in the same transaction: one
+/// commit for them all. The outcomes are in the order of `creations`; each can fail on its
+/// own only where a taken idempotency key sends it to read the task that holds the key.
 ///
-/// The statement writes all of them or nothing. When it fails, this fails, and nothing
+/// The transaction writes all of them or nothing. When it fails, this fails, and nothing
 /// was written: the caller may then create each on its own, as with a template whose
 /// versions changed (`TK001`, refused for the whole batch here and answered per task by
 /// [`create`]).
@@ -309,15 +295,12 @@ pub async fn create_many(
         edge_from.extend_from_slice(&creation.edge_from);
         edge_to.extend_from_slice(&creation.edge_to);
     }
-    // Every claim in one batch has the publisher's one lease.
-    let lease_ms = creations
-        .iter()
-        .find_map(|creation| creation.claim_lease_ms);
+    let mut tx = pool.begin().await?;
     let inserted: Vec<TaskRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {TASK_COLUMNS} \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
-                                  $27, $28, $29, $30, $31, $32, $33, $34)"
+                                  $27, $28, $29, $30, $31)"
     )))
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -331,7 +314,6 @@ pub async fn create_many(
     .bind(tasks.tags)
     .bind(tasks.idempotency_keys)
     .bind(tasks.trace_parents)
-    .bind(tasks.dispatched)
     .bind(tasks.versions_known)
     .bind(steps.task_ids)
     .bind(steps.positions)
@@ -348,21 +330,39 @@ pub async fn create_many(
     .bind(steps.backoff_jitter)
     .bind(steps.backoff_schedules)
     .bind(steps.max_deferrals)
-    .bind(steps.tokens)
     .bind(edge_task_ids)
     .bind(edge_from)
     .bind(edge_to)
-    .bind(lease_ms)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let mut inserted: HashMap<Uuid, TaskRecord> = inserted
         .into_iter()
         .map(|task| (task.task_id, task))
         .collect();
+    // Every claim in one batch has the publisher's one lease.
+    let lease_ms = creations
+        .iter()
+        .find_map(|creation| creation.claim_lease_ms);
+    let first_steps: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| inserted.contains_key(&creation.task_id))
+        .flat_map(Creation::first_steps)
+        .collect();
+    let mut dispatches: HashMap<Uuid, Vec<Dispatch>> = HashMap::new();
+    if let Some(lease_ms) = lease_ms {
+        for dispatch in claim_steps(&mut tx, &first_steps, lease_ms).await? {
+            dispatches
+                .entry(dispatch.message.task_id)
+                .or_default()
+                .push(dispatch);
+        }
+    }
+    tx.commit().await?;
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
         let task = inserted.remove(&creation.task_id);
-        outcomes.push(creation.outcome(pool, task).await);
+        let claimed = dispatches.remove(&creation.task_id).unwrap_or_default();
+        outcomes.push(creation.outcome(pool, task, claimed).await);
     }
     Ok(outcomes)
 }
@@ -382,7 +382,6 @@ struct TaskColumns<'a> {
     tags: Vec<&'a Value>,
     idempotency_keys: Vec<Option<&'a str>>,
     trace_parents: Vec<Option<&'a str>>,
-    dispatched: Vec<bool>,
     versions_known: Vec<Option<i32>>,
 }
 
@@ -401,8 +400,6 @@ impl<'a> TaskColumns<'a> {
         self.tags.push(&new.tags);
         self.idempotency_keys.push(new.idempotency_key.as_deref());
         self.trace_parents.push(new.trace_parent.as_deref());
-        self.dispatched
-            .push(creation.tokens.iter().any(Option::is_some));
         self.versions_known.push(creation.versions_known);
     }
 }
@@ -425,18 +422,12 @@ struct StepColumns<'a> {
     backoff_jitter: Vec<bool>,
     backoff_schedules: Vec<Value>,
     max_deferrals: Vec<i32>,
-    tokens: Vec<Option<Uuid>>,
 }
 
 impl<'a> StepColumns<'a> {
     fn push(&mut self, creation: &'a Creation) {
         let steps = &creation.template.definition.steps;
-        for (position, ((step, step_id), token)) in steps
-            .iter()
-            .zip(&creation.step_ids)
-            .zip(&creation.tokens)
-            .enumerate()
-        {
+        for (position, (step, step_id)) in steps.iter().zip(&creation.step_ids).enumerate() {
             self.task_ids.push(creation.task_id);
             self.positions.push(position as i32);
             self.step_ids.push(*step_id);
@@ -453,7 +444,6 @@ impl<'a> StepColumns<'a> {
             self.backoff_schedules
                 .push(serde_json::json!(step.backoff.schedule_ms));
             self.max_deferrals.push(step.max_deferrals);
-            self.tokens.push(*token);
         }
     }
 }

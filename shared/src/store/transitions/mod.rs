@@ -7,10 +7,10 @@
 //!
 //! | function | step transition | reason recorded |
 //! |---|---|---|
-//! | [`claim_ready`] | pending / waiting_for_retry → enqueued | `dispatched` |
+//! | [`claim_ready`], [`claim_children`], [`claim_steps`] | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
 //! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
-//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error; children made ready: pending → enqueued | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
+//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
 //! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
@@ -32,12 +32,12 @@
 //! analyzed the planner guesses that each step has a two-hundredth of all edges, and
 //! scanned the whole table instead.
 
-mod claim;
+pub mod claim;
 mod leases;
 mod operator;
 mod worker;
 
-pub use claim::{Dispatch, claim_ready, dispatches_for, next_due};
+pub use claim::{Dispatch, claim_children, claim_ready, claim_steps, next_due};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };

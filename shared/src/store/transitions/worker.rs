@@ -1,10 +1,16 @@
 //! What workers report: started notices, heartbeats and results.
 
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::{Dispatch, claim_children};
+use crate::decision::{Backoff, Change, Decision, StepState, decide};
 use crate::messages::{Outcome, RunningStep, StepResult, StepStarted};
+use crate::states::{StepStatus, TransitionReason};
 
 /// Leases of running steps: how long a step may run before it counts as lost.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +106,7 @@ pub struct HeldStep {
     /// The step.
     pub step_id: Uuid,
     /// Its status as last committed. The holder may be changing it.
-    pub status: String,
+    pub status: StepStatus,
 }
 
 impl HeldStep {
@@ -109,7 +115,7 @@ impl HeldStep {
     /// so (a heartbeat, a duplicate notice). Otherwise the step has moved on and the
     /// notice is moot.
     pub fn may_still_run(&self) -> bool {
-        matches!(self.status.as_str(), "enqueued" | "in_progress")
+        matches!(self.status, StepStatus::Enqueued | StepStatus::InProgress)
     }
 }
 
@@ -276,19 +282,19 @@ pub struct AppliedResults {
     pub tasks: Vec<Uuid>,
     /// Each applied result: the step's namespace, new status and whether it was a deferral.
     pub changes: Vec<StepChange>,
-    /// Children the results made ready, claimed by the same statement: the caller
-    /// publishes them ([`super::dispatches_for`]) after the commit.
-    pub claimed: Vec<Uuid>,
+    /// Children the results made ready, claimed in the same transaction: the caller
+    /// publishes them after the commit.
+    pub claimed: Vec<Dispatch>,
 }
 
 impl AppliedResults {
-    /// The changed tasks that may have finished, given `dispatched`: the children this
-    /// statement claimed ([`super::dispatches_for`]). A task with a step just claimed,
-    /// or just sent to wait for a retry, still has work, so only the others are worth
+    /// The changed tasks that may have finished. A task with a step just claimed, or
+    /// just sent to wait for a retry, still has work, so only the others are worth
     /// locking and counting. Over diamonds that is half of them: the first step's and
     /// the last parent's results each claim the next steps.
-    pub fn may_finish(&self, dispatched: &[super::Dispatch]) -> Vec<Uuid> {
-        let busy: std::collections::HashSet<Uuid> = dispatched
+    pub fn may_finish(&self) -> Vec<Uuid> {
+        let busy: std::collections::HashSet<Uuid> = self
+            .claimed
             .iter()
             .map(|d| d.message.task_id)
             .chain(
@@ -306,22 +312,15 @@ impl AppliedResults {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct ResultRow {
-    #[sqlx(flatten)]
-    change: StepChange,
-    claimed: Vec<Uuid>,
-}
-
 /// One applied result.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct StepChange {
     /// The step's task.
     pub task_id: Uuid,
     /// The task's namespace.
     pub namespace: String,
     /// `complete`, `waiting_for_retry` or `error`.
-    pub to_status: String,
+    pub to_status: StepStatus,
     /// Whether the result was a deferral.
     pub deferred: bool,
     /// From ready to started, when this result overtook its started notice (otherwise
@@ -332,20 +331,54 @@ pub struct StepChange {
 impl StepChange {
     /// The result sent the step to wait for another attempt (a retry or a deferral).
     pub fn waits_for_retry(&self) -> bool {
-        self.to_status == "waiting_for_retry"
+        self.to_status == StepStatus::WaitingForRetry
     }
 }
 
-/// Apply a batch of results:
-/// - success completes the step and makes its children one parent closer to ready; a
-///   child whose last parent this was is claimed at once, as [`super::claim_ready`]
-///   would (`enqueued`, a fresh dispatch token, a lease of `lease_ms`);
-/// - a deferral schedules the step again after the handler's delay, refunding the
-///   attempt, unless the step used up its `max_deferrals` (then `error`);
-/// - a retryable failure schedules the next attempt after the backoff
-///   (`tasker_backoff_ms`: the handler's `retry_after` capped by the step's maximum, or
-///   the step's policy);
-/// - a permanent failure, a non-retryable step or the last attempt failing: `error`.
+/// A step as a batch of results finds it.
+#[derive(sqlx::FromRow)]
+struct CurrentRow {
+    step_id: Uuid,
+    task_id: Uuid,
+    namespace: String,
+    status: StepStatus,
+    dispatch_token: Option<Uuid>,
+    attempts: i32,
+    retry_limit: i32,
+    retryable: bool,
+    deferrals: i32,
+    max_deferrals: i32,
+    backoff_base_ms: i64,
+    backoff_max_ms: i64,
+    backoff_jitter: bool,
+    backoff_schedule_ms: Option<Vec<i64>>,
+    ready_at: Option<DateTime<Utc>>,
+}
+
+impl CurrentRow {
+    fn state(&self) -> StepState {
+        StepState {
+            status: self.status,
+            dispatch_token: self.dispatch_token,
+            attempts: self.attempts,
+            retry_limit: self.retry_limit,
+            retryable: self.retryable,
+            deferrals: self.deferrals,
+            max_deferrals: self.max_deferrals,
+            backoff: Backoff {
+                base_ms: self.backoff_base_ms,
+                max_ms: self.backoff_max_ms,
+                jitter: self.backoff_jitter,
+                schedule_ms: self.backoff_schedule_ms.clone(),
+            },
+        }
+    }
+}
+
+/// Apply a batch of results: read their steps, let [`decide`] say what each result does
+/// (complete, retry after a backoff, defer, fail, or drop as stale), write that with its
+/// history rows, and claim the children whose last parent completed
+/// ([`claim_children`]: the one claim path, with a lease of `lease_ms`).
 pub async fn apply_results(
     conn: &mut PgConnection,
     results: &[StepResult],
@@ -360,195 +393,45 @@ pub async fn apply_results(
     if unique.is_empty() {
         return Ok(AppliedResults::default());
     }
-    let outcome = |r: &StepResult| match r.outcome {
-        Outcome::Success => "success",
-        Outcome::RetryableError => "retryable_error",
-        Outcome::PermanentError => "permanent_error",
-        Outcome::Deferred => "deferred",
-    };
-    let rows: Vec<ResultRow> = sqlx::query_as(
-        r#"
-        WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
-                                 $6::float8[], $7::timestamptz[], $8::timestamptz[], $9::text[])
-                AS i(step_id, token, outcome, results, error, retry_after, started_at,
-                     finished_at, worker_id)
-        ),
-        current AS (
-            SELECT s.step_id, s.status AS from_status, s.attempts, s.retry_limit, s.retryable,
-                   s.backoff_base_ms, s.backoff_max_ms, s.backoff_jitter, s.backoff_schedule_ms,
-                   s.deferrals, s.max_deferrals, i.outcome, i.results, i.error,
-                   i.retry_after, i.started_at, i.finished_at, i.worker_id,
-                   -- The started notice has not been applied (the result overtook it):
-                   -- this result carries the queue latency.
-                   CASE WHEN s.status = 'enqueued'
-                        THEN greatest(extract(epoch FROM i.started_at - s.ready_at), 0)::float8
-                   END AS queue_latency
-            -- By primary key only (the module's "Plans"). The status is checked in `decided`.
-            FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
-            WHERE s.step_id = ANY ($1)
-            ORDER BY s.step_id
-            FOR UPDATE OF s
-        ),
-        decided AS (
-            SELECT c.*,
-                   CASE
-                       WHEN c.outcome = 'success' THEN 'complete'
-                       WHEN c.outcome = 'deferred' AND c.deferrals >= c.max_deferrals THEN 'error'
-                       WHEN c.outcome = 'deferred' THEN 'waiting_for_retry'
-                       WHEN c.outcome = 'permanent_error' OR NOT c.retryable
-                            OR c.attempts >= c.retry_limit THEN 'error'
-                       ELSE 'waiting_for_retry'
-                   END AS to_status,
-                   CASE
-                       WHEN c.outcome = 'deferred'
-                           THEN least(greatest(COALESCE(c.retry_after, c.backoff_base_ms / 1000.0), 0),
-                                      86400) * 1000
-                       ELSE tasker_backoff_ms(c.attempts, c.retry_after, c.backoff_base_ms,
-                                              c.backoff_max_ms, c.backoff_jitter,
-                                              c.backoff_schedule_ms)
-                   END AS delay_ms
-            FROM current c
-            WHERE c.from_status IN ('enqueued', 'in_progress')
-        ),
-        updated AS (
-            UPDATE steps s
-            SET status = d.to_status,
-                results = CASE WHEN d.to_status = 'complete' THEN d.results ELSE s.results END,
-                last_error = CASE
-                    WHEN d.to_status = 'complete' THEN NULL
-                    WHEN d.outcome = 'deferred' AND d.to_status = 'error' THEN jsonb_build_object(
-                        'kind', 'deferred', 'code', 'deferral_limit',
-                        'message', 'deferred ' || d.deferrals || ' times, the step''s max_deferrals; last reason: '
-                                   || COALESCE(d.error ->> 'message', 'none given'))
-                    ELSE d.error
-                END,
-                attempts = CASE WHEN d.outcome = 'deferred' THEN s.attempts - 1 ELSE s.attempts END,
-                deferrals = CASE WHEN d.outcome = 'deferred' AND d.to_status = 'waiting_for_retry'
-                                 THEN s.deferrals + 1 ELSE s.deferrals END,
-                next_attempt_at = CASE WHEN d.to_status = 'waiting_for_retry'
-                                       THEN now() + d.delay_ms * interval '1 millisecond' END,
-                ready_at = CASE WHEN d.to_status = 'waiting_for_retry'
-                                THEN now() + d.delay_ms * interval '1 millisecond'
-                                ELSE s.ready_at END,
-                started_at = d.started_at,
-                completed_at = CASE WHEN d.to_status IN ('complete', 'error')
-                                    THEN d.finished_at END,
-                lease_expires_at = NULL,
-                updated_at = now()
-            FROM decided d
-            WHERE s.step_id = d.step_id
-            RETURNING s.step_id, s.task_id, d.attempts, s.next_attempt_at, d.from_status,
-                      d.retryable,
-                      d.to_status, d.outcome, d.worker_id, d.finished_at, d.started_at,
-                      d.error ->> 'code' AS code, d.queue_latency
-        ),
-        history AS (
-            -- A result that overtook its started notice also records the start, so the
-            -- history (and the events derived from it) always has step.started before
-            -- the outcome. Rows are inserted in (step, order) so their ids follow.
-            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT h.step_id, h.task_id, h.from_status, h.to_status, h.reason, h.metadata
-            FROM (
-                SELECT step_id, task_id, 1 AS n, 'enqueued' AS from_status,
-                       'in_progress' AS to_status, 'started' AS reason,
-                       jsonb_build_object('attempt', attempts, 'worker_id', worker_id) AS metadata
-                FROM updated WHERE from_status = 'enqueued'
-                UNION ALL
-                SELECT step_id, task_id, 2, 'in_progress', to_status,
-                       CASE
-                           WHEN to_status = 'complete' THEN 'succeeded'
-                           WHEN outcome = 'deferred' AND to_status = 'error' THEN 'deferral_limit'
-                           WHEN outcome = 'deferred' THEN 'deferred'
-                           WHEN to_status = 'waiting_for_retry' THEN 'retry_scheduled'
-                           WHEN outcome = 'retryable_error' AND NOT retryable THEN 'not_retryable'
-                           WHEN outcome = 'retryable_error' THEN 'attempts_exhausted'
-                           ELSE 'failed'
-                       END,
-                       jsonb_strip_nulls(jsonb_build_object(
-                           'attempt', attempts, 'worker_id', worker_id, 'error_code', code,
-                           'duration_ms', round(extract(epoch FROM finished_at - started_at) * 1000),
-                           'next_attempt_at', next_attempt_at))
-                FROM updated
-            ) h
-            ORDER BY h.step_id, h.n
-            RETURNING 1
-        ),
-        children AS (
-            -- One parent closer to ready; a pending child whose last parent this is gets
-            -- claimed in the same write, as claim_ready would claim it: no second
-            -- version of its row, and no trip through the ready index.
-            UPDATE steps c
-            SET remaining_parents = c.remaining_parents - x.done,
-                ready_at = CASE WHEN c.remaining_parents = x.done THEN now() ELSE c.ready_at END,
-                status = CASE WHEN x.claim THEN 'enqueued' ELSE c.status END,
-                attempts = c.attempts + CASE WHEN x.claim THEN 1 ELSE 0 END,
-                dispatch_token = CASE WHEN x.claim THEN gen_random_uuid() ELSE c.dispatch_token END,
-                lease_expires_at = CASE WHEN x.claim THEN now() + $10 * interval '1 millisecond'
-                                        ELSE c.lease_expires_at END,
-                enqueued_at = CASE WHEN x.claim THEN now() ELSE c.enqueued_at END,
-                updated_at = CASE WHEN x.claim THEN now() ELSE c.updated_at END
-            FROM (SELECT k.step_id AS to_step, d.done,
-                         k.status = 'pending' AND k.remaining_parents = d.done
-                             AND (k.next_attempt_at IS NULL OR k.next_attempt_at <= now())
-                             AND k.attempts < k.retry_limit AS claim
-                  FROM (SELECT e.to_step, count(*)::int AS done
-                        FROM updated u
-                        CROSS JOIN LATERAL (SELECT to_step FROM step_edges
-                                            WHERE from_step = u.step_id OFFSET 0) e
-                        WHERE u.to_status = 'complete'
-                        GROUP BY e.to_step) d
-                  JOIN steps k ON k.step_id = d.to_step) x
-            WHERE c.step_id = x.to_step
-            RETURNING c.step_id, c.task_id, c.attempts, c.dispatch_token, x.claim
-        ),
-        dispatched AS (
-            -- After the results' own rows (reading `history` makes it run first), so a
-            -- child's dispatch follows its parent's completion in the history and in the
-            -- events.
-            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT step_id, task_id, 'pending', 'enqueued', 'dispatched',
-                   jsonb_build_object('attempt', attempts, 'dispatch_token', dispatch_token)
-            FROM children, (SELECT count(*) FROM history) h
-            WHERE claim
-            ORDER BY step_id
-            RETURNING step_id
-        )
-        SELECT u.task_id, t.namespace, u.to_status, u.outcome = 'deferred' AS deferred,
-               u.queue_latency,
-               ARRAY(SELECT step_id FROM dispatched) AS claimed
-        FROM updated u JOIN tasks t USING (task_id)
-        "#,
-    )
-    .bind(unique.iter().map(|r| r.step_id).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| r.dispatch_token).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| outcome(r)).collect::<Vec<_>>())
-    .bind(
-        unique
-            .iter()
-            .map(|r| r.results.clone().unwrap_or_else(|| json!({})))
-            .collect::<Vec<_>>(),
-    )
-    .bind(unique.iter().map(|r| last_error(r)).collect::<Vec<_>>())
-    .bind(
-        unique
-            .iter()
-            .map(|r| r.error.as_ref().and_then(|e| e.retry_after_seconds))
-            .collect::<Vec<_>>(),
-    )
-    .bind(unique.iter().map(|r| r.started_at).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-    .bind(unique.iter().map(|r| r.worker_id.clone()).collect::<Vec<_>>())
-    .bind(lease_ms)
-    .fetch_all(conn)
-    .await?;
+    let ids: Vec<Uuid> = unique.iter().map(|r| r.step_id).collect();
+    let current: HashMap<Uuid, CurrentRow> =
+        sqlx::query_as::<_, CurrentRow>(include_str!("../../../sql/results/current.sql"))
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|row| (row.step_id, row))
+            .collect();
 
-    // Every row carries the same list of claimed children.
-    let claimed = rows
-        .first()
-        .map(|row| row.claimed.clone())
-        .unwrap_or_default();
-    let changes: Vec<StepChange> = rows.into_iter().map(|row| row.change).collect();
+    let mut write = ResultWrites::default();
+    let mut changes = Vec::new();
+    for result in unique {
+        let Some(row) = current.get(&result.step_id) else {
+            continue;
+        };
+        let Decision::Apply(change) = decide(&row.state(), result, rand::random()) else {
+            continue;
+        };
+        // The started notice has not been applied (the result overtook it): this result
+        // carries the queue latency.
+        let queue_latency = (row.status == StepStatus::Enqueued).then(|| {
+            row.ready_at
+                .map(|ready| (result.started_at - ready).as_seconds_f64().max(0.0))
+                .unwrap_or(0.0)
+        });
+        changes.push(StepChange {
+            task_id: row.task_id,
+            namespace: row.namespace.clone(),
+            to_status: change.to,
+            deferred: result.outcome == Outcome::Deferred,
+            queue_latency,
+        });
+        write.push(row, result, change);
+    }
+    let completed = write.completed();
+    write.execute(&mut *conn).await?;
+    let claimed = claim_children(&mut *conn, &completed, lease_ms).await?;
+
     let mut tasks: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
     tasks.sort_unstable();
     tasks.dedup();
@@ -562,18 +445,78 @@ pub async fn apply_results(
     })
 }
 
-/// The `last_error` a failed (or deferred) result leaves on its step.
-fn last_error(result: &StepResult) -> Option<Value> {
-    let error = result.error.as_ref()?;
-    let kind = match (result.outcome, error.code.as_deref()) {
-        (Outcome::Deferred, _) => "deferred",
-        (_, Some("timeout")) => "timeout",
-        (Outcome::PermanentError, _) => "permanent",
-        _ => "retryable",
-    };
-    let mut value = json!({"kind": kind, "message": error.message});
-    if let Some(code) = &error.code {
-        value["code"] = json!(code);
+/// The decided changes of a batch of results, as the columns of one statement.
+#[derive(Default)]
+struct ResultWrites {
+    step_ids: Vec<Uuid>,
+    from_status: Vec<StepStatus>,
+    to_status: Vec<StepStatus>,
+    reasons: Vec<TransitionReason>,
+    results: Vec<Option<Value>>,
+    last_errors: Vec<Option<Value>>,
+    run_attempts: Vec<i32>,
+    attempts: Vec<i32>,
+    deferrals: Vec<i32>,
+    delays_ms: Vec<Option<f64>>,
+    started_at: Vec<DateTime<Utc>>,
+    finished_at: Vec<DateTime<Utc>>,
+    worker_ids: Vec<String>,
+    error_codes: Vec<Option<String>>,
+}
+
+impl ResultWrites {
+    fn push(&mut self, row: &CurrentRow, result: &StepResult, change: Change) {
+        self.step_ids.push(row.step_id);
+        self.from_status.push(row.status);
+        self.to_status.push(change.to);
+        self.reasons.push(change.reason);
+        self.results.push(
+            (change.to == StepStatus::Complete)
+                .then(|| result.results.clone().unwrap_or_else(|| json!({}))),
+        );
+        self.last_errors.push(change.last_error);
+        self.run_attempts.push(row.attempts);
+        self.attempts.push(change.attempts);
+        self.deferrals.push(change.deferrals);
+        self.delays_ms.push(change.delay_ms);
+        self.started_at.push(result.started_at);
+        self.finished_at.push(result.finished_at);
+        self.worker_ids.push(result.worker_id.clone());
+        self.error_codes
+            .push(result.error.as_ref().and_then(|e| e.code.clone()));
     }
-    Some(value)
+
+    /// The steps these results complete.
+    fn completed(&self) -> Vec<Uuid> {
+        self.step_ids
+            .iter()
+            .zip(&self.to_status)
+            .filter(|(_, to)| **to == StepStatus::Complete)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    async fn execute(self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.step_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(include_str!("../../../sql/results/apply.sql"))
+            .bind(self.step_ids)
+            .bind(self.from_status)
+            .bind(self.to_status)
+            .bind(self.reasons)
+            .bind(self.results)
+            .bind(self.last_errors)
+            .bind(self.run_attempts)
+            .bind(self.attempts)
+            .bind(self.deferrals)
+            .bind(self.delays_ms)
+            .bind(self.started_at)
+            .bind(self.finished_at)
+            .bind(self.worker_ids)
+            .bind(self.error_codes)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
 }
