@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use tasker_shared::broker::{Topology, persistent};
-use tasker_shared::events::{LifecycleEvent, event_name};
+use tasker_shared::events::{Change, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
     RecordedTransition, advance_cursor, lock_cursor, transitions_after,
 };
@@ -163,12 +163,19 @@ impl EventRelay {
 }
 
 fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
-    let name = event_name(
+    let change = Change::parse(
         row.step_id.is_some(),
         row.from_status.as_deref(),
         &row.to_status,
-        &row.reason,
-    )?;
+    );
+    let change = match change {
+        Ok(change) => change,
+        Err(error) => {
+            tracing::warn!(transition_id = row.transition_id, %error, "history row not relayed");
+            return None;
+        }
+    };
+    let name = event_name(change, row.reason)?;
     Some(LifecycleEvent {
         event: name.to_owned(),
         event_id: row.transition_id,
@@ -181,7 +188,7 @@ fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
         step_name: row.step_name,
         from_status: row.from_status,
         to_status: row.to_status,
-        reason: row.reason,
+        reason: row.reason.to_string(),
         metadata: row.metadata,
     })
 }

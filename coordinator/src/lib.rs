@@ -28,6 +28,7 @@ mod gauges;
 mod http;
 mod link;
 mod metrics;
+mod operations;
 mod publisher;
 mod result_processor;
 mod retention;

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::states::{StepStatus, TaskStatus, TransitionReason, UnknownStatus};
+
 /// Every event name Tasker publishes.
 pub const EVENT_NAMES: &[&str] = &[
     "task.created",
@@ -64,40 +66,68 @@ pub struct LifecycleEvent {
     pub metadata: Value,
 }
 
+/// A recorded change of state, typed: a task's or a step's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A task moved from `from` (none at creation) to `to`.
+    Task {
+        /// Before.
+        from: Option<TaskStatus>,
+        /// After.
+        to: TaskStatus,
+    },
+    /// A step moved to `to`.
+    Step {
+        /// After.
+        to: StepStatus,
+    },
+}
+
+impl Change {
+    /// Parse a history row's statuses: a step's when `is_step`, a task's otherwise.
+    pub fn parse(is_step: bool, from: Option<&str>, to: &str) -> Result<Self, UnknownStatus> {
+        Ok(if is_step {
+            Change::Step { to: to.parse()? }
+        } else {
+            Change::Task {
+                from: from.map(str::parse).transpose()?,
+                to: to.parse()?,
+            }
+        })
+    }
+}
+
 /// The event a recorded transition becomes, if any (a dispatch, for one, is not an event).
-pub fn event_name(
-    is_step: bool,
-    from: Option<&str>,
-    to: &str,
-    reason: &str,
-) -> Option<&'static str> {
-    if is_step {
-        match (to, reason) {
-            ("in_progress", _) => Some("step.started"),
-            ("complete", _) => Some("step.completed"),
-            ("error", _) => Some("step.failed"),
-            ("waiting_for_retry", "deferred") => Some("step.deferred"),
+pub fn event_name(change: Change, reason: TransitionReason) -> Option<&'static str> {
+    use StepStatus as S;
+    use TaskStatus as T;
+    use TransitionReason as R;
+    match change {
+        Change::Step { to } => match (to, reason) {
+            (S::InProgress, _) => Some("step.started"),
+            (S::Complete, _) => Some("step.completed"),
+            (S::Error, _) => Some("step.failed"),
+            (S::WaitingForRetry, R::Deferred) => Some("step.deferred"),
             // A claimed step whose message was lost goes back to be dispatched again: it
             // never ran, so nothing happened to it worth telling.
-            ("waiting_for_retry", "lease_lost") => None,
-            ("waiting_for_retry", _) => Some("step.retry_scheduled"),
-            ("cancelled", _) => Some("step.cancelled"),
-            ("resolved_manually", _) => Some("step.resolved_manually"),
-            _ => None,
-        }
-    } else {
-        match (from, to) {
-            (None, "pending") => Some("task.created"),
-            (Some("pending"), "in_progress") => Some("task.started"),
+            (S::WaitingForRetry, R::LeaseLost) => None,
+            (S::WaitingForRetry, _) => Some("step.retry_scheduled"),
+            (S::Cancelled, _) => Some("step.cancelled"),
+            (S::ResolvedManually, _) => Some("step.resolved_manually"),
+            (S::Pending | S::Enqueued, _) => None,
+        },
+        Change::Task { from, to } => match (from, to) {
+            (None, T::Pending) => Some("task.created"),
+            (Some(T::Pending), T::InProgress) => Some("task.started"),
             // An operator resolved a failed step by hand: the task runs on, not retried.
-            (Some("error"), "in_progress") if reason == "step_resolved" => Some("task.resumed"),
-            (Some("error"), "in_progress") => Some("task.retried"),
-            (_, "complete") => Some("task.completed"),
-            (_, "error") => Some("task.failed"),
-            (_, "cancelled") => Some("task.cancelled"),
-            (_, "resolved_manually") => Some("task.resolved_manually"),
+            (Some(T::Error), T::InProgress) if reason == R::StepResolved => Some("task.resumed"),
+            (Some(T::Error), T::InProgress) => Some("task.retried"),
+            (_, T::Complete) => Some("task.completed"),
+            (_, T::Error) => Some("task.failed"),
+            (_, T::Cancelled) => Some("task.cancelled"),
+            (_, T::ResolvedManually) => Some("task.resolved_manually"),
             _ => None,
-        }
+        },
     }
 }
 
@@ -105,67 +135,92 @@ pub fn event_name(
 mod tests {
     use super::*;
 
+    fn task(from: Option<TaskStatus>, to: TaskStatus) -> Change {
+        Change::Task { from, to }
+    }
+
+    fn step(to: StepStatus) -> Change {
+        Change::Step { to }
+    }
+
     #[test]
     fn a_resolved_step_resumes_its_task_and_a_retry_retries_it() {
+        let resumed = task(Some(TaskStatus::Error), TaskStatus::InProgress);
         assert_eq!(
-            event_name(false, Some("error"), "in_progress", "step_resolved"),
+            event_name(resumed, TransitionReason::StepResolved),
             Some("task.resumed")
         );
         assert_eq!(
-            event_name(false, Some("error"), "in_progress", "retry_requested"),
+            event_name(resumed, TransitionReason::RetryRequested),
             Some("task.retried")
         );
     }
 
     #[test]
     fn transitions_map_to_the_documented_events() {
+        use StepStatus as S;
+        use TaskStatus as T;
+        use TransitionReason as R;
+        assert_eq!(event_name(step(S::WaitingForRetry), R::LeaseLost), None);
         assert_eq!(
-            event_name(true, Some("enqueued"), "waiting_for_retry", "lease_lost"),
-            None
-        );
-        assert_eq!(
-            event_name(false, None, "pending", "created"),
+            event_name(task(None, T::Pending), R::Created),
             Some("task.created")
         );
         assert_eq!(
             event_name(
-                false,
-                Some("pending"),
-                "in_progress",
-                "first_step_dispatched"
+                task(Some(T::Pending), T::InProgress),
+                R::FirstStepDispatched
             ),
             Some("task.started")
         );
         assert_eq!(
-            event_name(false, Some("in_progress"), "error", "blocked_by_failures"),
+            event_name(task(Some(T::InProgress), T::Error), R::BlockedByFailures),
             Some("task.failed")
         );
         assert_eq!(
-            event_name(true, Some("pending"), "enqueued", "dispatched"),
-            None
+            event_name(
+                task(Some(T::Error), T::ResolvedManually),
+                R::ResolvedByOperator
+            ),
+            Some("task.resolved_manually")
         );
+        assert_eq!(event_name(step(S::Enqueued), R::Dispatched), None);
         assert_eq!(
-            event_name(true, Some("in_progress"), "waiting_for_retry", "deferred"),
+            event_name(step(S::WaitingForRetry), R::Deferred),
             Some("step.deferred")
         );
         assert_eq!(
-            event_name(
-                true,
-                Some("in_progress"),
-                "waiting_for_retry",
-                "lease_expired"
-            ),
+            event_name(step(S::WaitingForRetry), R::LeaseExpired),
             Some("step.retry_scheduled")
         );
-        for (is_step, from, to, reason) in [
-            (false, Some("in_progress"), "complete", ""),
-            (false, Some("in_progress"), "cancelled", ""),
-            (true, Some("enqueued"), "in_progress", ""),
-            (true, Some("in_progress"), "complete", ""),
-            (true, Some("in_progress"), "error", ""),
+        for (change, reason) in [
+            (task(Some(T::InProgress), T::Complete), R::AllStepsDone),
+            (
+                task(Some(T::InProgress), T::Cancelled),
+                R::CancelledByOperator,
+            ),
+            (step(S::InProgress), R::Started),
+            (step(S::Complete), R::Succeeded),
+            (step(S::Error), R::Failed),
+            (step(S::Cancelled), R::TaskCancelled),
+            (step(S::ResolvedManually), R::ResolvedByOperator),
         ] {
-            let name = event_name(is_step, from, to, reason).unwrap();
+            let name = event_name(change, reason).unwrap();
             assert!(EVENT_NAMES.contains(&name), "{name} is not documented");
         }
+    }
+
+    #[test]
+    fn history_rows_parse_by_kind_and_unknown_statuses_are_refused() {
+        assert_eq!(
+            Change::parse(true, Some("enqueued"), "in_progress"),
+            Ok(step(StepStatus::InProgress))
+        );
+        assert_eq!(
+            Change::parse(false, None, "pending"),
+            Ok(task(None, TaskStatus::Pending))
+        );
+        assert!(Change::parse(false, Some("enqueued"), "pending").is_err());
+        assert!(Change::parse(true, None, "done").is_err());
     }
 }

@@ -150,6 +150,15 @@ enum TasksCommand {
     /// task in error a filter matches.
     #[command(after_help = BULK_HELP)]
     Retry(OperateArgs),
+    /// Close a task in error by hand: its failure was dealt with outside Tasker, and
+    /// nothing more of it runs (`resolved_manually`).
+    Resolve {
+        /// The task id.
+        id: String,
+        /// Why, for the history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Explain, per step, why it is or is not running.
     Explain {
         /// The task id.
@@ -435,6 +444,23 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Tasks(TasksCommand::Retry(args)) => {
             operate(&context, args, "retry", "retried").await
+        }
+        Command::Tasks(TasksCommand::Resolve { id, reason }) => {
+            let mut body = json!({});
+            if let Some(reason) = reason {
+                body["reason"] = json!(reason);
+            }
+            let response = context
+                .client
+                .post(&["v1", "tasks", &id, "resolve"], body)
+                .await?;
+            if context.output == Output::Table {
+                errln!("resolved task {id}");
+            }
+            context.print(&response.body, |task, style| {
+                render::task(task, style, Utc::now())
+            });
+            Ok(())
         }
         Command::Tasks(TasksCommand::Explain { id }) => {
             let body = context

@@ -2,8 +2,8 @@
 //! applied to every task a filter matches.
 //!
 //! Nothing here writes a status: each task goes through the same guarded transition as
-//! `POST /v1/tasks/{task_id}/cancel` or `/retry` (`transitions::cancel_task`,
-//! `transitions::retry_task`), so it is locked, checked and recorded in the history (and
+//! `POST /v1/tasks/{task_id}/cancel` or `/retry` (`operations::bulk_batch`, through
+//! `transitions::cancel_task` and `transitions::retry_task`), so it is locked, checked and recorded in the history (and
 //! so in the events) exactly as one cancelled or retried by hand. The matching tasks are
 //! read first, oldest first, at most `limit`; they are then changed [`BATCH`] to a
 //! transaction, so no transaction holds many task locks for long. A task that finished
@@ -18,17 +18,16 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
 use super::body::{Fields, JSON_TYPES, body_rejection, content_type, json_object, kind};
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiResult, ErrorBody};
 use super::tasks::{MAX_TAGS, SHORT_TEXT};
+use crate::operations::{self, BulkAction as Action};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::tasks::{self, TaskFilter};
-use tasker_shared::store::transitions::{self, OperatorError};
 
 /// Tasks acted on when the body names no `limit`.
 pub(crate) const DEFAULT_LIMIT: i64 = 1_000;
@@ -36,8 +35,6 @@ pub(crate) const DEFAULT_LIMIT: i64 = 1_000;
 pub(crate) const MAX_LIMIT: i64 = 10_000;
 /// Tasks changed per transaction.
 const BATCH: usize = 100;
-/// Times a batch is tried again after the database chose it as a deadlock's victim.
-const DEADLOCK_RETRIES: u32 = 3;
 
 /// The bodies of `POST /v1/tasks/cancel` ([`BulkCancelRequest`]) and `POST
 /// /v1/tasks/retry` ([`BulkRetryRequest`]), for the description only: read by hand, so
@@ -150,13 +147,6 @@ pub(crate) struct BulkResult {
     task_ids: Vec<Uuid>,
     /// More tasks match beyond `limit`: run the request again for them.
     has_more: bool,
-}
-
-/// Which action.
-#[derive(Clone, Copy)]
-enum Action {
-    Cancel,
-    Retry,
 }
 
 impl Action {
@@ -405,24 +395,9 @@ async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<Bu
     }
     let mut changed = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(BATCH) {
-        let done =
-            batch_with_retries(&state.pool, chunk, action, request.reason.as_deref()).await?;
-        // As after one task: wake the relay (and the dispatcher for retried tasks), and
-        // tell workers to abort what they run for cancelled ones.
-        state.wake_events.notify_one();
-        match action {
-            Action::Retry => state.wake_dispatcher.notify_one(),
-            Action::Cancel => {
-                for &task_id in &done {
-                    if let Err(error) = state.control.cancel_task(task_id).await {
-                        // The fence drops their results anyway; telling workers only
-                        // saves their time.
-                        tracing::warn!(error = format!("{error:#}"), %task_id,
-                            "cannot tell workers about the cancel");
-                    }
-                }
-            }
-        }
+        let (done, effects) =
+            operations::bulk_batch(&state.pool, chunk, action, request.reason.as_deref()).await?;
+        effects.apply(state).await;
         changed.extend(done);
     }
     tracing::info!(
@@ -439,52 +414,4 @@ async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<Bu
         task_ids: changed,
         has_more,
     })
-}
-
-/// [`batch`], again when the database broke a deadlock by failing it (a result batch
-/// may lock the same tasks in another order).
-async fn batch_with_retries(
-    pool: &PgPool,
-    ids: &[Uuid],
-    action: Action,
-    reason: Option<&str>,
-) -> ApiResult<Vec<Uuid>> {
-    let mut tries = 0;
-    loop {
-        match batch(pool, ids, action, reason).await {
-            Err(OperatorError::Database(sqlx::Error::Database(error)))
-                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
-            {
-                tries += 1;
-                tracing::warn!(%error, tries, "bulk batch chosen as a deadlock victim; again");
-            }
-            result => return result.map_err(ApiError::from),
-        }
-    }
-}
-
-/// One transaction: each task through the single-task transition. A task its guard
-/// refuses (finished, or no longer in `error`, since it was matched) or that is gone is
-/// skipped. Answers the tasks changed.
-async fn batch(
-    pool: &PgPool,
-    ids: &[Uuid],
-    action: Action,
-    reason: Option<&str>,
-) -> Result<Vec<Uuid>, OperatorError> {
-    let mut tx = pool.begin().await?;
-    let mut changed = Vec::with_capacity(ids.len());
-    for &task_id in ids {
-        let outcome = match action {
-            Action::Cancel => transitions::cancel_task(&mut tx, task_id, reason).await,
-            Action::Retry => transitions::retry_task(&mut tx, task_id, reason).await,
-        };
-        match outcome {
-            Ok(_) => changed.push(task_id),
-            Err(OperatorError::Conflict(_) | OperatorError::TaskNotFound(_)) => {}
-            Err(error) => return Err(error),
-        }
-    }
-    tx.commit().await?;
-    Ok(changed)
 }

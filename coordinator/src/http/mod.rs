@@ -131,6 +131,12 @@ pub(crate) fn routes() -> Vec<Route> {
         ),
         route(
             Method::POST,
+            "/v1/tasks/{task_id}/resolve",
+            operate,
+            operate::resolve_task,
+        ),
+        route(
+            Method::POST,
             "/v1/tasks/{task_id}/retry",
             operate,
             operate::retry,

@@ -49,6 +49,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         diagram::task,
         operate::cancel,
         operate::retry,
+        operate::resolve_task,
         bulk::cancel,
         bulk::retry,
         operate::resolve,

@@ -1,4 +1,4 @@
-//! Operator controls: cancel, retry, resolve; and the views that explain a task:
+//! Operator controls: cancel, retry, resolve (a step, or a failed task); and the views that explain a task:
 //! readiness and transition history.
 
 use axum::Json;
@@ -17,9 +17,10 @@ use super::body::{
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
+use crate::operations;
 use tasker_shared::store::inspect::{self, StepReadiness, Transition};
 use tasker_shared::store::tasks::{self, StepRecord};
-use tasker_shared::store::transitions::{self, OperatorError};
+use tasker_shared::store::transitions::OperatorError;
 
 impl From<OperatorError> for ApiError {
     fn from(error: OperatorError) -> Self {
@@ -148,15 +149,8 @@ pub(crate) async fn cancel(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    let mut tx = state.pool.begin().await?;
-    let cancelled = transitions::cancel_task(&mut tx, task_id, reason.as_deref()).await?;
-    tx.commit().await?;
-    tracing::info!(%task_id, steps_cancelled = cancelled, reason = ?reason, "task cancelled");
-    state.wake_events.notify_one();
-    if let Err(error) = state.control.cancel_task(task_id).await {
-        // The fence drops their results anyway; telling workers only saves their time.
-        tracing::warn!(error = format!("{error:#}"), %task_id, "cannot tell workers about the cancel");
-    }
+    let (_, effects) = operations::cancel_task(&state.pool, task_id, reason.as_deref()).await?;
+    effects.apply(&state).await;
     Ok(Json(task_view(&state, task_id).await?))
 }
 
@@ -189,12 +183,44 @@ pub(crate) async fn retry(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    let mut tx = state.pool.begin().await?;
-    let reset = transitions::retry_task(&mut tx, task_id, reason.as_deref()).await?;
-    tx.commit().await?;
-    tracing::info!(%task_id, steps_reset = reset, reason = ?reason, "task retried");
-    state.wake_dispatcher.notify_one();
-    state.wake_events.notify_one();
+    let (_, effects) = operations::retry_task(&state.pool, task_id, reason.as_deref()).await?;
+    effects.apply(&state).await;
+    Ok(Json(task_view(&state, task_id).await?))
+}
+
+/// `POST /v1/tasks/{task_id}/resolve`: an operator closes a failed task by hand.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{task_id}/resolve",
+    tag = "operate",
+    operation_id = "resolve_task",
+    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    request_body(content = Option<ReasonRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The task, now `resolved_manually`.", body = TaskView),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID, or the body is not JSON.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`.", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the task is not in `error`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn resolve_task(
+    State(state): State<AppState>,
+    task_id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<TaskView>> {
+    let Path(task_id) = task_id.map_err(path_rejection)?;
+    let task_id = parse_task_id(&task_id)?;
+    let reason = reason_only(&state, &headers, body)?;
+    operations::resolve_task(&state.pool, task_id, reason.as_deref())
+        .await?
+        .apply(&state)
+        .await;
     Ok(Json(task_view(&state, task_id).await?))
 }
 
@@ -241,13 +267,16 @@ pub(crate) async fn resolve(
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
 
-    let mut tx = state.pool.begin().await?;
-    transitions::resolve_step(&mut tx, task_id, &step, results.as_ref(), reason.as_deref()).await?;
-    transitions::finish_tasks(&mut tx, &[task_id]).await?;
-    tx.commit().await?;
-    tracing::info!(%task_id, %step, reason = ?reason, "step resolved manually");
-    state.wake_dispatcher.notify_one();
-    state.wake_events.notify_one();
+    operations::resolve_step(
+        &state.pool,
+        task_id,
+        &step,
+        results.as_ref(),
+        reason.as_deref(),
+    )
+    .await?
+    .apply(&state)
+    .await;
     let steps = tasks::steps(&state.pool, task_id).await?;
     let resolved = steps.into_iter().find(|s| s.name == step).ok_or_else(|| {
         ApiError::not_found(

@@ -251,22 +251,9 @@ pub(crate) async fn create(
         Created::New(task, steps, dispatches) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
-            state.wake_events.notify_one();
-            if dispatches.is_empty() {
-                state.wake_dispatcher.notify_one();
-            } else {
-                state
-                    .publisher
-                    .dispatch(dispatches, state.metrics.clone())
-                    .await;
-            }
-            state
-                .metrics
-                .tasks_created
-                .get_or_create(&crate::metrics::CoordinatorMetrics::namespace(
-                    &task.namespace,
-                ))
-                .inc();
+            crate::operations::Effects::created(&task, dispatches)
+                .apply(&state)
+                .await;
             // As created: no second read. `execution` is computed on GET.
             Ok((
                 StatusCode::CREATED,

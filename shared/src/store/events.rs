@@ -5,6 +5,8 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::states::TransitionReason;
+
 /// A recorded transition, with what an event about it needs.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RecordedTransition {
@@ -23,7 +25,7 @@ pub struct RecordedTransition {
     /// Status after.
     pub to_status: String,
     /// Why.
-    pub reason: String,
+    pub reason: TransitionReason,
     /// Attempt, worker, error code…
     pub metadata: Value,
     /// The task's namespace.

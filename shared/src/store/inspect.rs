@@ -7,6 +7,8 @@ use serde_json::Value;
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
+use crate::states::{StepStatus, TransitionReason};
+
 /// One step's readiness: is it ready, and if not, why not.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StepReadiness {
@@ -15,7 +17,7 @@ pub struct StepReadiness {
     /// Its name.
     pub name: String,
     /// Its status.
-    pub status: String,
+    pub status: StepStatus,
     /// Whether the dispatcher would claim it now.
     pub ready: bool,
     /// Parents not yet complete or resolved.
@@ -97,7 +99,7 @@ pub struct Transition {
     /// State after.
     pub to_status: String,
     /// Why.
-    pub reason: String,
+    pub reason: TransitionReason,
     /// Attempt, worker, error code, operator's reason…
     pub metadata: Value,
     /// When.

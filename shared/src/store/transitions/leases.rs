@@ -26,7 +26,7 @@ struct ExpiredRow {
     step_id: Uuid,
     task_id: Uuid,
     namespace: String,
-    from_status: String,
+    from_status: StepStatus,
     to_status: StepStatus,
     dispatch_token: Option<Uuid>,
 }
@@ -56,7 +56,7 @@ pub async fn expire_leases(
     // A claimed step always has a token: the claim set it.
     let requeued: Vec<(Uuid, Uuid)> = rows
         .iter()
-        .filter(|r| r.from_status == "enqueued")
+        .filter(|r| r.from_status == StepStatus::Enqueued)
         .filter_map(|r| Some((r.step_id, r.dispatch_token?)))
         .collect();
     let mut tasks: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
@@ -64,7 +64,7 @@ pub async fn expire_leases(
     tasks.dedup();
     let lost_workers: Vec<(String, StepStatus)> = rows
         .into_iter()
-        .filter(|r| r.from_status == "in_progress")
+        .filter(|r| r.from_status == StepStatus::InProgress)
         .map(|r| (r.namespace, r.to_status))
         .collect();
     Ok(ExpiredLeases {

@@ -15,7 +15,8 @@
 //! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
-//! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator` |
+//! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
+//! | [`resolve_task`] | none; task error → resolved_manually | `resolved_by_operator` |
 //!
 //! Results are fenced: a result is applied only while the step is `enqueued` or
 //! `in_progress` *and* carries the step's current dispatch token. Anything else (late,
@@ -41,7 +42,7 @@ pub use claim::{Dispatch, claim_children, claim_ready, claim_steps, next_due};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };
-pub use operator::{OperatorError, cancel_task, resolve_step, retry_task};
+pub use operator::{OperatorError, cancel_task, resolve_step, resolve_task, retry_task};
 pub use worker::{
     AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
     lock_batch, mark_started, wait_for_steps,

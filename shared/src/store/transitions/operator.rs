@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::states::{StepStatus, TaskStatus};
+use crate::states::{StepStatus, TaskStatus, TransitionReason};
 
 /// Why an operator action was refused.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ async fn move_task(
     task_id: Uuid,
     from: TaskStatus,
     to: TaskStatus,
-    reason: &str,
+    reason: TransitionReason,
     metadata: &Value,
 ) -> sqlx::Result<()> {
     sqlx::query(include_str!("../../../sql/operator/move_task.sql"))
@@ -85,7 +85,7 @@ pub async fn cancel_task(
         task_id,
         status,
         TaskStatus::Cancelled,
-        "cancelled_by_operator",
+        TransitionReason::CancelledByOperator,
         &metadata,
     )
     .await?;
@@ -117,11 +117,37 @@ pub async fn retry_task(
         task_id,
         status,
         TaskStatus::InProgress,
-        "retry_requested",
+        TransitionReason::RetryRequested,
         &metadata,
     )
     .await?;
     Ok(reset)
+}
+
+/// Close a task in `error` by hand: an operator has dealt with its failure outside Tasker,
+/// and nothing more of it runs. Its steps stay as they are (the failed ones in `error`,
+/// the ones behind them `pending`), so its history still says what failed.
+pub async fn resolve_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<(), OperatorError> {
+    let status = lock_task(conn, task_id).await?;
+    if status != TaskStatus::Error {
+        return Err(OperatorError::Conflict(format!(
+            "task {task_id} is {status}; only a task in error can be resolved"
+        )));
+    }
+    move_task(
+        conn,
+        task_id,
+        status,
+        TaskStatus::ResolvedManually,
+        TransitionReason::ResolvedByOperator,
+        &json!({"reason": reason}),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Resolve a step by hand with `results` (what its dependents will see as its results):
@@ -174,7 +200,7 @@ pub async fn resolve_step(
             task_id,
             status,
             TaskStatus::InProgress,
-            "step_resolved",
+            TransitionReason::StepResolved,
             &metadata,
         )
         .await?;

@@ -1,0 +1,218 @@
+//! What the API changes, one function per operation. Each owns its transaction and
+//! answers, with its result, the [`Effects`] that must follow the commit: wake the
+//! dispatcher or the events relay, publish claimed steps, tell workers about a cancel,
+//! count a creation. A handler decodes, calls one of these, applies the effects
+//! ([`Effects::apply`]) and renders; it never opens a transaction of its own.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::http::AppState;
+use crate::metrics::CoordinatorMetrics;
+use tasker_shared::store::tasks::TaskRecord;
+use tasker_shared::store::transitions::{self, Dispatch, OperatorError};
+
+/// Bulk batches that the database chose as a deadlock victim are tried again this often.
+const DEADLOCK_RETRIES: usize = 3;
+
+/// What must happen once a change has committed, and only then.
+#[must_use = "effects do nothing until applied"]
+#[derive(Debug, Default)]
+pub(crate) struct Effects {
+    /// Steps became ready, or a task may have finished: the dispatcher looks again.
+    wake_dispatcher: bool,
+    /// Transitions were recorded: the events relay looks again.
+    wake_events: bool,
+    /// Claimed steps to publish.
+    dispatches: Vec<Dispatch>,
+    /// Tasks cancelled: workers are told to abort what they run for them.
+    cancelled: Vec<Uuid>,
+    /// Namespaces of created tasks, for `tasker_tasks_created_total`.
+    created_in: Vec<String>,
+}
+
+impl Effects {
+    /// A task was created, with its first steps claimed (`dispatches`) or left for the
+    /// dispatcher (none claimed).
+    pub(crate) fn created(task: &TaskRecord, dispatches: Vec<Dispatch>) -> Self {
+        Effects {
+            wake_dispatcher: dispatches.is_empty(),
+            wake_events: true,
+            dispatches,
+            created_in: vec![task.namespace.clone()],
+            ..Effects::default()
+        }
+    }
+
+    /// Carry the effects out.
+    pub(crate) async fn apply(self, state: &AppState) {
+        if self.wake_events {
+            state.wake_events.notify_one();
+        }
+        if self.wake_dispatcher {
+            state.wake_dispatcher.notify_one();
+        }
+        for namespace in &self.created_in {
+            state
+                .metrics
+                .tasks_created
+                .get_or_create(&CoordinatorMetrics::namespace(namespace))
+                .inc();
+        }
+        if !self.dispatches.is_empty() {
+            state
+                .publisher
+                .dispatch(self.dispatches, state.metrics.clone())
+                .await;
+        }
+        for task_id in self.cancelled {
+            if let Err(error) = state.control.cancel_task(task_id).await {
+                // The fence drops their results anyway; telling workers only saves
+                // their time.
+                tracing::warn!(error = format!("{error:#}"), %task_id,
+                    "cannot tell workers about the cancel");
+            }
+        }
+    }
+}
+
+/// Cancel a task ([`transitions::cancel_task`]). Answers how many steps were cancelled.
+pub(crate) async fn cancel_task(
+    pool: &PgPool,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<(u64, Effects), OperatorError> {
+    let mut tx = pool.begin().await?;
+    let cancelled = transitions::cancel_task(&mut tx, task_id, reason).await?;
+    tx.commit().await?;
+    tracing::info!(%task_id, steps_cancelled = cancelled, reason = ?reason, "task cancelled");
+    let effects = Effects {
+        wake_events: true,
+        cancelled: vec![task_id],
+        ..Effects::default()
+    };
+    Ok((cancelled, effects))
+}
+
+/// Retry a task in `error` ([`transitions::retry_task`]). Answers how many steps were
+/// reset.
+pub(crate) async fn retry_task(
+    pool: &PgPool,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<(u64, Effects), OperatorError> {
+    let mut tx = pool.begin().await?;
+    let reset = transitions::retry_task(&mut tx, task_id, reason).await?;
+    tx.commit().await?;
+    tracing::info!(%task_id, steps_reset = reset, reason = ?reason, "task retried");
+    let effects = Effects {
+        wake_dispatcher: true,
+        wake_events: true,
+        ..Effects::default()
+    };
+    Ok((reset, effects))
+}
+
+/// Resolve a step by hand ([`transitions::resolve_step`]); the task finishes if that was
+/// all it lacked.
+pub(crate) async fn resolve_step(
+    pool: &PgPool,
+    task_id: Uuid,
+    step: &str,
+    results: Option<&Value>,
+    reason: Option<&str>,
+) -> Result<Effects, OperatorError> {
+    let mut tx = pool.begin().await?;
+    transitions::resolve_step(&mut tx, task_id, step, results, reason).await?;
+    transitions::finish_tasks(&mut tx, &[task_id]).await?;
+    tx.commit().await?;
+    tracing::info!(%task_id, %step, reason = ?reason, "step resolved manually");
+    Ok(Effects {
+        wake_dispatcher: true,
+        wake_events: true,
+        ..Effects::default()
+    })
+}
+
+/// Close a task in `error` by hand ([`transitions::resolve_task`]).
+pub(crate) async fn resolve_task(
+    pool: &PgPool,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<Effects, OperatorError> {
+    let mut tx = pool.begin().await?;
+    transitions::resolve_task(&mut tx, task_id, reason).await?;
+    tx.commit().await?;
+    tracing::info!(%task_id, reason = ?reason, "task resolved manually");
+    Ok(Effects {
+        wake_events: true,
+        ..Effects::default()
+    })
+}
+
+/// A bulk operator action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BulkAction {
+    /// Cancel each task.
+    Cancel,
+    /// Retry each task.
+    Retry,
+}
+
+/// One bulk batch: each task through the single-task transition, in one transaction
+/// (again when the database broke a deadlock by failing it: a result batch may lock the
+/// same tasks in another order). A task its guard refuses (finished, or no longer in
+/// `error`, since it was matched) or that is gone is skipped. Answers the tasks changed.
+pub(crate) async fn bulk_batch(
+    pool: &PgPool,
+    ids: &[Uuid],
+    action: BulkAction,
+    reason: Option<&str>,
+) -> Result<(Vec<Uuid>, Effects), OperatorError> {
+    let mut tries = 0;
+    let changed = loop {
+        match bulk_transaction(pool, ids, action, reason).await {
+            Err(OperatorError::Database(sqlx::Error::Database(error)))
+                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
+            {
+                tries += 1;
+                tracing::warn!(%error, tries, "bulk batch chosen as a deadlock victim; again");
+            }
+            result => break result?,
+        }
+    };
+    let effects = Effects {
+        wake_events: true,
+        wake_dispatcher: action == BulkAction::Retry,
+        cancelled: match action {
+            BulkAction::Cancel => changed.clone(),
+            BulkAction::Retry => Vec::new(),
+        },
+        ..Effects::default()
+    };
+    Ok((changed, effects))
+}
+
+async fn bulk_transaction(
+    pool: &PgPool,
+    ids: &[Uuid],
+    action: BulkAction,
+    reason: Option<&str>,
+) -> Result<Vec<Uuid>, OperatorError> {
+    let mut tx = pool.begin().await?;
+    let mut changed = Vec::with_capacity(ids.len());
+    for &task_id in ids {
+        let outcome = match action {
+            BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason).await,
+            BulkAction::Retry => transitions::retry_task(&mut tx, task_id, reason).await,
+        };
+        match outcome {
+            Ok(_) => changed.push(task_id),
+            Err(OperatorError::Conflict(_) | OperatorError::TaskNotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    tx.commit().await?;
+    Ok(changed)
+}
