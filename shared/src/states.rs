@@ -17,7 +17,9 @@
 //!
 //! The states are stored as text; [`std::fmt::Display`] and [`std::str::FromStr`] round-trip
 //! them. The SQL in [`crate::store`] applies transitions with a guard on the current state;
-//! [`StepStatus::can_transition_to`] is the same rule in Rust, used by tests and the API.
+//! [`StepStatus::can_transition_to`] and [`TaskStatus::can_transition_to`] are the same
+//! rules in Rust, used by the API and by the tests that check every history row
+//! (`shared/tests/transitions.rs`). [`TransitionReason`] names why each row was written.
 
 use std::fmt;
 use std::str::FromStr;
@@ -173,6 +175,20 @@ impl TaskStatus {
     }
 }
 
+impl TaskStatus {
+    /// The task rule of `docs/design.md#task-states`; every other change is refused.
+    pub fn can_transition_to(self, to: TaskStatus) -> bool {
+        use TaskStatus::*;
+        match (self, to) {
+            (Pending, InProgress | Complete | Error | Cancelled) => true,
+            (InProgress, Complete | Error | Cancelled) => true,
+            // An operator retries the task, or resolves one of its steps, or closes it.
+            (Error, InProgress | ResolvedManually) => true,
+            _ => false,
+        }
+    }
+}
+
 impl StepStatus {
     /// Whether the step will not change again on its own.
     pub fn is_terminal(self) -> bool {
@@ -215,6 +231,26 @@ mod tests {
             assert_eq!(status.to_string().parse::<TaskStatus>(), Ok(*status));
         }
         assert!("done".parse::<StepStatus>().is_err());
+    }
+
+    #[test]
+    fn finished_tasks_move_only_by_an_operator() {
+        use TaskStatus::*;
+        assert!(Pending.can_transition_to(InProgress));
+        assert!(InProgress.can_transition_to(Error));
+        assert!(Error.can_transition_to(InProgress));
+        assert!(Error.can_transition_to(ResolvedManually));
+        assert!(!InProgress.can_transition_to(ResolvedManually));
+        for done in [Complete, Cancelled, ResolvedManually] {
+            for to in TaskStatus::ALL {
+                assert!(!done.can_transition_to(*to), "{done} → {to}");
+            }
+        }
+        assert!(
+            TransitionReason::ALL
+                .iter()
+                .all(|r| r.as_str().parse::<TransitionReason>() == Ok(*r))
+        );
     }
 
     #[test]

@@ -1,0 +1,610 @@
+//! Every transition writer of `tasker_shared::store::transitions`, against a real
+//! database of its own per test, with every migration applied. Each test ends by reading
+//! the whole history and checking every row against the allowed transitions
+//! (`StepStatus::can_transition_to`, `TaskStatus::can_transition_to`) and its reason
+//! against the statuses it records.
+//!
+//! Needs PostgreSQL: `TASKER_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`).
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool};
+use uuid::Uuid;
+
+use tasker_shared::messages::{
+    Outcome, RunningStep, SCHEMA_VERSION, StepError, StepResult, StepStarted,
+};
+use tasker_shared::states::{StepStatus, TaskStatus, TransitionReason};
+use tasker_shared::store::tasks::{self, Created, Creation, NewTask};
+use tasker_shared::store::templates::{self, Registered, TemplateRecord};
+use tasker_shared::store::transitions::{self, Dispatch, LeasePolicy, OperatorError, Started};
+use tasker_shared::template::parse_template;
+
+const LEASE_MS: i64 = 60_000;
+const LEASE: LeasePolicy = LeasePolicy {
+    grace_ms: 5_000,
+    heartbeat_lease_ms: 30_000,
+};
+
+/// A database of the test's own, dropped when the test ends (unless it panicked: then
+/// it stays for a look).
+struct TestDb {
+    pool: PgPool,
+    name: String,
+    server: String,
+}
+
+impl TestDb {
+    async fn new(test: &str) -> Self {
+        let server = std::env::var("TASKER_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("tasker_transitions_{test}_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .expect("connecting to PostgreSQL");
+        admin
+            .execute(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .await
+            .unwrap();
+        let pool = PgPool::connect(&format!("{server}/{name}")).await.unwrap();
+        tasker_shared::db::MIGRATOR.run(&pool).await.unwrap();
+        TestDb { pool, name, server }
+    }
+
+    /// Check the history, then drop the database.
+    async fn finish(self) {
+        check_history(&self.pool).await;
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&format!("{}/postgres", self.server))
+            .await
+            .unwrap();
+        admin
+            .execute(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            )))
+            .await
+            .unwrap();
+    }
+
+    async fn template(&self, yaml: &str) -> Arc<TemplateRecord> {
+        let definition = parse_template(yaml, "test").unwrap();
+        match templates::register(&self.pool, &definition).await.unwrap() {
+            Registered::Created { template, .. } | Registered::Identical(template) => {
+                Arc::new(template)
+            }
+            Registered::Conflict(_) => panic!("template conflict"),
+        }
+    }
+
+    /// Create a task of `template`, claiming its first steps, and answer its id and
+    /// the claimed steps' dispatches.
+    async fn create(&self, template: &Arc<TemplateRecord>) -> (Uuid, Vec<Dispatch>) {
+        let new = Arc::new(NewTask {
+            context: json!({"order": 1}),
+            tags: json!([]),
+            ..NewTask::default()
+        });
+        let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None);
+        match tasks::create(&self.pool, &creation).await.unwrap() {
+            Created::New(task, _, dispatches) => (task.task_id, dispatches),
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
+    async fn step(&self, task_id: Uuid, name: &str) -> StepRow {
+        sqlx::query_as(
+            "SELECT status, attempts, deferrals, dispatch_token, remaining_parents, results, \
+                    last_error, next_attempt_at \
+             FROM steps WHERE task_id = $1 AND name = $2",
+        )
+        .bind(task_id)
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn task_status(&self, task_id: Uuid) -> TaskStatus {
+        sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1")
+            .bind(task_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn reasons(&self, task_id: Uuid, step: &str) -> Vec<TransitionReason> {
+        sqlx::query_scalar(
+            "SELECT h.reason FROM step_transitions h JOIN steps s USING (step_id) \
+             WHERE s.task_id = $1 AND s.name = $2 ORDER BY h.transition_id",
+        )
+        .bind(task_id)
+        .bind(step)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn task_reasons(&self, task_id: Uuid) -> Vec<TransitionReason> {
+        sqlx::query_scalar(
+            "SELECT reason FROM task_transitions WHERE task_id = $1 ORDER BY transition_id",
+        )
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Apply `results` in a transaction of their own (as the result processor does,
+    /// after locking), finishing the tasks that may have finished.
+    async fn apply(&self, results: &[StepResult]) -> (transitions::AppliedResults, usize) {
+        let mut tx = self.pool.begin().await.unwrap();
+        let ids: Vec<Uuid> = results.iter().map(|r| r.step_id).collect();
+        let held = transitions::lock_batch(&mut tx, &ids, &ids).await.unwrap();
+        assert!(held.is_empty(), "nothing else holds the rows");
+        let applied = transitions::apply_results(&mut tx, results, LEASE_MS)
+            .await
+            .unwrap();
+        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        (applied, finished.len())
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct StepRow {
+    status: StepStatus,
+    attempts: i32,
+    deferrals: i32,
+    dispatch_token: Option<Uuid>,
+    remaining_parents: i32,
+    results: Option<Value>,
+    last_error: Option<Value>,
+    next_attempt_at: Option<chrono::DateTime<Utc>>,
+}
+
+fn result(dispatch: &Dispatch, outcome: Outcome, error: Option<StepError>) -> StepResult {
+    let message = &dispatch.message;
+    StepResult {
+        schema_version: SCHEMA_VERSION,
+        task_id: message.task_id,
+        step_id: message.step_id,
+        dispatch_token: message.dispatch_token,
+        outcome,
+        results: (outcome == Outcome::Success).then(|| json!({"from": message.step_name})),
+        error,
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        worker_id: "w1".into(),
+    }
+}
+
+fn failure(message: &str, retry_after_seconds: Option<f64>) -> Option<StepError> {
+    Some(StepError {
+        message: message.into(),
+        code: None,
+        retry_after_seconds,
+    })
+}
+
+fn names(dispatches: &[Dispatch]) -> Vec<&str> {
+    let mut names: Vec<&str> = dispatches
+        .iter()
+        .map(|d| d.message.step_name.as_str())
+        .collect();
+    names.sort_unstable();
+    names
+}
+
+const DIAMOND: &str = "namespace: shapes\nname: diamond\nsteps:\n  - name: a\n    handler: h\n  - name: b\n    handler: h\n    depends_on: [a]\n  - name: c\n    handler: h\n    depends_on: [a]\n  - name: d\n    handler: h\n    depends_on: [b, c]\n";
+
+#[tokio::test]
+async fn a_diamond_is_claimed_through_one_path_and_completes() {
+    let db = TestDb::new("diamond").await;
+    let template = db.template(DIAMOND).await;
+    let (task, first) = db.create(&template).await;
+    // Creation claimed the root, started the task and built its message.
+    assert_eq!(names(&first), ["a"]);
+    assert_eq!(first[0].message.attempt, 1);
+    assert_eq!(first[0].message.context, json!({"order": 1}));
+    assert_eq!(
+        first[0].message.template,
+        format!("diamond@{}", template.definition.version)
+    );
+    assert_eq!(db.task_status(task).await, TaskStatus::InProgress);
+    assert_eq!(db.step(task, "a").await.status, StepStatus::Enqueued);
+    // Nothing else is ready: the dispatcher claims nothing.
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(
+        transitions::claim_ready(&mut conn, 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+
+    // Started, heartbeat, result: b and c are claimed by the result's transaction, with
+    // a's results as their parents.
+    let started = Started {
+        worker_id: "w1".into(),
+        step: StepStarted {
+            step_id: first[0].message.step_id,
+            dispatch_token: first[0].message.dispatch_token,
+            started_at: Utc::now(),
+            redelivered: false,
+        },
+    };
+    let mut tx = db.pool.begin().await.unwrap();
+    let latencies = transitions::mark_started(&mut tx, &[started], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(latencies.len(), 1);
+    let beat = RunningStep {
+        step_id: first[0].message.step_id,
+        dispatch_token: first[0].message.dispatch_token,
+    };
+    assert_eq!(
+        transitions::heartbeat(&mut tx, &[beat], LEASE)
+            .await
+            .unwrap(),
+        1
+    );
+    tx.commit().await.unwrap();
+
+    let (applied, finished) = db.apply(&[result(&first[0], Outcome::Success, None)]).await;
+    assert_eq!((applied.applied, applied.stale, finished), (1, 0, 0));
+    assert_eq!(names(&applied.claimed), ["b", "c"]);
+    for dispatch in &applied.claimed {
+        assert_eq!(
+            dispatch.message.parents.get("a"),
+            Some(&json!({"from": "a"}))
+        );
+    }
+    // d waits for both parents: one completion leaves one.
+    let (b, c) = (&applied.claimed[0], &applied.claimed[1]);
+    let (applied, _) = db.apply(&[result(b, Outcome::Success, None)]).await;
+    assert!(applied.claimed.is_empty());
+    assert_eq!(db.step(task, "d").await.remaining_parents, 1);
+    let (applied, _) = db.apply(&[result(c, Outcome::Success, None)]).await;
+    assert_eq!(names(&applied.claimed), ["d"]);
+    assert_eq!(applied.claimed[0].message.parents.len(), 2);
+    let (_, finished) = db
+        .apply(&[result(&applied.claimed[0], Outcome::Success, None)])
+        .await;
+    assert_eq!(finished, 1);
+    assert_eq!(db.task_status(task).await, TaskStatus::Complete);
+    assert_eq!(
+        db.reasons(task, "a").await,
+        [
+            TransitionReason::Dispatched,
+            TransitionReason::Started,
+            TransitionReason::Succeeded
+        ]
+    );
+    // d's result overtook its started notice: the start is recorded before the outcome.
+    assert_eq!(
+        db.reasons(task, "d").await,
+        [
+            TransitionReason::Dispatched,
+            TransitionReason::Started,
+            TransitionReason::Succeeded
+        ]
+    );
+    assert_eq!(
+        db.task_reasons(task).await,
+        [
+            TransitionReason::Created,
+            TransitionReason::FirstStepDispatched,
+            TransitionReason::AllStepsDone
+        ]
+    );
+    db.finish().await;
+}
+
+const ONE: &str = "namespace: failing\nname: one\nsteps:\n  - name: only\n    handler: h\n    retry_limit: 2\n    max_deferrals: 1\n    backoff: {base_seconds: 0.001}\n";
+
+#[tokio::test]
+async fn results_retry_defer_fail_and_stale_as_decided() {
+    let db = TestDb::new("results").await;
+    let template = db.template(ONE).await;
+    let (task, first) = db.create(&template).await;
+
+    // A duplicate in one batch, and a result with a wrong token: stale.
+    let good = result(
+        &first[0],
+        Outcome::RetryableError,
+        failure("flaky", Some(0.0)),
+    );
+    let forged = StepResult {
+        dispatch_token: Uuid::new_v4(),
+        ..good.clone()
+    };
+    let (applied, _) = db.apply(&[good.clone(), good.clone(), forged]).await;
+    assert_eq!(
+        (applied.applied, applied.stale, applied.retries_scheduled),
+        (1, 2, 1)
+    );
+    let step = db.step(task, "only").await;
+    assert_eq!(step.status, StepStatus::WaitingForRetry);
+    assert_eq!(step.last_error.unwrap()["kind"], "retryable");
+    assert!(step.next_attempt_at.is_some());
+    // The same result again, once applied: stale.
+    let (applied, _) = db.apply(&[good]).await;
+    assert_eq!((applied.applied, applied.stale), (0, 1));
+
+    // Retry-After 0: due at once; the dispatcher claims attempt 2.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let due = transitions::next_due(&mut conn).await.unwrap();
+    assert!(due.is_some_and(|due| due <= Utc::now()));
+    let second = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].message.attempt, 2);
+
+    // A deferral gives the attempt back; the second passes max_deferrals: error.
+    let (applied, _) = db
+        .apply(&[result(
+            &second[0],
+            Outcome::Deferred,
+            failure("later", Some(0.0)),
+        )])
+        .await;
+    assert_eq!(applied.changes[0].to_status, StepStatus::WaitingForRetry);
+    let step = db.step(task, "only").await;
+    assert_eq!((step.attempts, step.deferrals), (1, 1));
+    let mut conn = db.pool.acquire().await.unwrap();
+    let third = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(third[0].message.attempt, 2);
+    let (_, finished) = db
+        .apply(&[result(
+            &third[0],
+            Outcome::Deferred,
+            failure("later again", None),
+        )])
+        .await;
+    assert_eq!(finished, 1);
+    let step = db.step(task, "only").await;
+    assert_eq!(step.status, StepStatus::Error);
+    assert_eq!(step.last_error.unwrap()["code"], "deferral_limit");
+    assert_eq!(db.task_status(task).await, TaskStatus::Error);
+
+    // Retried by an operator: a fresh budget, the dispatcher claims it, and a permanent
+    // failure ends it at once.
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        transitions::retry_task(&mut tx, task, Some("fixed"))
+            .await
+            .unwrap(),
+        1
+    );
+    tx.commit().await.unwrap();
+    let step = db.step(task, "only").await;
+    assert_eq!(
+        (step.status, step.attempts, step.deferrals),
+        (StepStatus::Pending, 0, 0)
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        .await
+        .unwrap();
+    drop(conn);
+    let (_, finished) = db
+        .apply(&[result(
+            &again[0],
+            Outcome::PermanentError,
+            failure("bad input", None),
+        )])
+        .await;
+    assert_eq!(finished, 1);
+    assert_eq!(
+        db.step(task, "only").await.last_error.unwrap()["kind"],
+        "permanent"
+    );
+    assert_eq!(
+        db.reasons(task, "only").await,
+        [
+            TransitionReason::Dispatched,
+            TransitionReason::Started,
+            TransitionReason::RetryScheduled,
+            TransitionReason::Dispatched,
+            TransitionReason::Started,
+            TransitionReason::Deferred,
+            TransitionReason::Dispatched,
+            TransitionReason::Started,
+            TransitionReason::DeferralLimit,
+            TransitionReason::RetryRequested,
+            TransitionReason::Dispatched,
+            TransitionReason::Started,
+            TransitionReason::Failed,
+        ]
+    );
+
+    // Resolving the task closes it; resolving it twice is refused.
+    let mut tx = db.pool.begin().await.unwrap();
+    transitions::resolve_task(&mut tx, task, Some("refunded by hand"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(db.task_status(task).await, TaskStatus::ResolvedManually);
+    let mut tx = db.pool.begin().await.unwrap();
+    assert!(matches!(
+        transitions::resolve_task(&mut tx, task, None).await,
+        Err(OperatorError::Conflict(_))
+    ));
+    drop(tx);
+    assert_eq!(
+        db.task_reasons(task).await,
+        [
+            TransitionReason::Created,
+            TransitionReason::FirstStepDispatched,
+            TransitionReason::BlockedByFailures,
+            TransitionReason::RetryRequested,
+            TransitionReason::BlockedByFailures,
+            TransitionReason::ResolvedByOperator,
+        ]
+    );
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn leases_expire_operators_resolve_and_cancel() {
+    let db = TestDb::new("operators").await;
+    let template = db.template(DIAMOND).await;
+
+    // A claim whose lease ran out goes back to wait (lease_lost while only enqueued),
+    // and is claimed again with a new token; the old token's result is stale.
+    let (task, first) = db.create(&template).await;
+    sqlx::query(
+        "UPDATE steps SET lease_expires_at = now() - interval '1 second' WHERE task_id = $1",
+    )
+    .bind(task)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let expired = transitions::expire_leases(&mut tx, 10, false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        expired.requeued.len(),
+        1,
+        "never started: requeued without an attempt"
+    );
+    assert_eq!(db.step(task, "a").await.status, StepStatus::WaitingForRetry);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(again.len(), 1);
+    assert_ne!(
+        again[0].message.dispatch_token,
+        first[0].message.dispatch_token
+    );
+    let (applied, _) = db.apply(&[result(&first[0], Outcome::Success, None)]).await;
+    assert_eq!(applied.stale, 1);
+
+    // a fails for good; resolving it by hand runs its children with the given results.
+    let (_, finished) = db
+        .apply(&[result(
+            &again[0],
+            Outcome::PermanentError,
+            failure("down", None),
+        )])
+        .await;
+    assert_eq!(finished, 1);
+    assert_eq!(db.task_status(task).await, TaskStatus::Error);
+    let mut tx = db.pool.begin().await.unwrap();
+    transitions::resolve_step(&mut tx, task, "a", Some(&json!({"by": "hand"})), Some("ok"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(db.task_status(task).await, TaskStatus::InProgress);
+    let step = db.step(task, "a").await;
+    assert_eq!(
+        (step.status, step.results),
+        (StepStatus::ResolvedManually, Some(json!({"by": "hand"})))
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    let children = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(names(&children), ["b", "c"]);
+    assert_eq!(children[0].message.parents["a"], json!({"by": "hand"}));
+    // Resolving a running step is refused.
+    let mut tx = db.pool.begin().await.unwrap();
+    assert!(matches!(
+        transitions::resolve_step(&mut tx, task, "b", None, None).await,
+        Err(OperatorError::Conflict(_))
+    ));
+    drop(tx);
+
+    // Cancelling stops everything unfinished; the results in flight are stale.
+    let mut tx = db.pool.begin().await.unwrap();
+    let cancelled = transitions::cancel_task(&mut tx, task, Some("customer left"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(cancelled, 3, "b, c running and d pending");
+    assert_eq!(db.task_status(task).await, TaskStatus::Cancelled);
+    let (applied, _) = db
+        .apply(&[result(&children[0], Outcome::Success, None)])
+        .await;
+    assert_eq!(applied.stale, 1);
+    assert_eq!(db.step(task, "d").await.status, StepStatus::Cancelled);
+    let mut tx = db.pool.begin().await.unwrap();
+    assert!(matches!(
+        transitions::cancel_task(&mut tx, task, None).await,
+        Err(OperatorError::Conflict(_))
+    ));
+    drop(tx);
+    assert!(db.step(task, "d").await.dispatch_token.is_none());
+    db.finish().await;
+}
+
+/// Every history row is an allowed transition with a reason that fits it.
+async fn check_history(pool: &PgPool) {
+    let steps: Vec<(Option<StepStatus>, StepStatus, TransitionReason)> =
+        sqlx::query_as("SELECT from_status, to_status, reason FROM step_transitions")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert!(!steps.is_empty());
+    for (from, to, reason) in &steps {
+        let from = from.expect("a step's history row names where it came from");
+        let redelivered = from == StepStatus::InProgress && *to == StepStatus::InProgress;
+        assert!(
+            from.can_transition_to(*to) || redelivered,
+            "step {from} → {to} ({reason}) is not an allowed transition"
+        );
+        assert!(
+            reason_fits_step(*reason, *to),
+            "step → {to} recorded with reason {reason}"
+        );
+    }
+    let tasks: Vec<(Option<TaskStatus>, TaskStatus, TransitionReason)> =
+        sqlx::query_as("SELECT from_status, to_status, reason FROM task_transitions")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for (from, to, reason) in &tasks {
+        match from {
+            None => assert_eq!(
+                (*to, *reason),
+                (TaskStatus::Pending, TransitionReason::Created)
+            ),
+            Some(from) => assert!(
+                from.can_transition_to(*to),
+                "task {from} → {to} ({reason}) is not an allowed transition"
+            ),
+        }
+    }
+}
+
+fn reason_fits_step(reason: TransitionReason, to: StepStatus) -> bool {
+    use StepStatus as S;
+    use TransitionReason as R;
+    match reason {
+        R::Dispatched => to == S::Enqueued,
+        R::Started | R::RestartedAfterRedelivery => to == S::InProgress,
+        R::Succeeded => to == S::Complete,
+        R::RetryScheduled | R::Deferred | R::LeaseLost => to == S::WaitingForRetry,
+        R::LeaseExpired => matches!(to, S::WaitingForRetry | S::Error),
+        R::DeferralLimit | R::NotRetryable | R::AttemptsExhausted | R::Failed => to == S::Error,
+        R::TaskCancelled => to == S::Cancelled,
+        R::RetryRequested => to == S::Pending,
+        R::ResolvedByOperator => to == S::ResolvedManually,
+        _ => false,
+    }
+}
