@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool};
 use uuid::Uuid;
 
+use tasker_shared::decision::Backoff;
 use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError, StepResult, StepStarted,
 };
@@ -56,6 +57,11 @@ impl TestDb {
     /// Check the history, then drop the database.
     async fn finish(self) {
         check_history(&self.pool).await;
+        self.finish_without_history().await;
+    }
+
+    /// Drop the database (a test that wrote no history).
+    async fn finish_without_history(self) {
         self.pool.close().await;
         let mut admin = PgConnection::connect(&format!("{}/postgres", self.server))
             .await
@@ -607,4 +613,58 @@ fn reason_fits_step(reason: TransitionReason, to: StepStatus) -> bool {
         R::ResolvedByOperator => to == S::ResolvedManually,
         _ => false,
     }
+}
+
+/// A lease that expires waits `tasker_backoff_ms` in SQL; a result waits
+/// `Backoff::delay_ms`. The two must agree.
+#[tokio::test]
+async fn the_sql_backoff_and_the_decision_s_backoff_agree() {
+    let db = TestDb::new("backoff").await;
+    let policies = [
+        Backoff {
+            base_ms: 1_000,
+            max_ms: 30_000,
+            jitter: false,
+            schedule_ms: None,
+        },
+        Backoff {
+            base_ms: 50,
+            max_ms: 1_000,
+            jitter: false,
+            schedule_ms: Some(vec![100, 2_000, 500]),
+        },
+    ];
+    for backoff in &policies {
+        for attempt in [0, 1, 2, 3, 5, 8, 40] {
+            for retry_after in [None, Some(0.5), Some(-3.0), Some(1e6)] {
+                let sql: f64 =
+                    sqlx::query_scalar("SELECT tasker_backoff_ms($1, $2, $3, $4, $5, $6)")
+                        .bind(attempt)
+                        .bind(retry_after)
+                        .bind(backoff.base_ms)
+                        .bind(backoff.max_ms)
+                        .bind(backoff.jitter)
+                        .bind(backoff.schedule_ms.clone())
+                        .fetch_one(&db.pool)
+                        .await
+                        .unwrap();
+                let rust = backoff.delay_ms(attempt, retry_after, 0.0);
+                assert_eq!(
+                    sql, rust,
+                    "{backoff:?}, attempt {attempt}, retry_after {retry_after:?}"
+                );
+            }
+        }
+    }
+    // With jitter, SQL draws its own number: it stays within the Rust bounds.
+    let jittered = Backoff {
+        jitter: true,
+        ..policies[0].clone()
+    };
+    let sql: f64 = sqlx::query_scalar("SELECT tasker_backoff_ms(3, NULL, 1000, 30000, true, NULL)")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!((jittered.delay_ms(3, None, 0.0)..=jittered.delay_ms(3, None, 1.0)).contains(&sql));
+    db.finish_without_history().await;
 }
