@@ -733,9 +733,12 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
         outln!();
     }
     context.print(&task, |task, style| render::task(task, style, Utc::now()));
-    match text(&task, "status") {
-        "complete" => Ok(()),
-        status => Err(CliError::TaskFailed(format!("task {id} ended {status}"))),
+    match text(&task, "status").parse::<TaskStatus>() {
+        Ok(TaskStatus::Complete) => Ok(()),
+        _ => Err(CliError::TaskFailed(format!(
+            "task {id} ended {}",
+            text(&task, "status")
+        ))),
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use serde_json::Value;
+use tasker_shared::states::StepStatus;
 
 use super::render::{self, Style, text};
 
@@ -184,10 +185,13 @@ fn terminal_lines(task: &Value, style: Style, tick: usize, elapsed: f64) -> Vec<
 
 /// A step's bar: full when done, a moving block while it runs, empty while it waits.
 fn step_bar(status: &str, tick: usize) -> String {
+    let Ok(status) = status.parse::<StepStatus>() else {
+        return "░".repeat(BAR);
+    };
     match status {
-        "complete" | "resolved_manually" | "error" => "█".repeat(BAR),
-        "cancelled" => "─".repeat(BAR),
-        "in_progress" => {
+        StepStatus::Complete | StepStatus::ResolvedManually | StepStatus::Error => "█".repeat(BAR),
+        StepStatus::Cancelled => "─".repeat(BAR),
+        StepStatus::InProgress => {
             let block = 3;
             let span = BAR - block;
             // Bounce left and right, one cell per poll.
@@ -204,9 +208,11 @@ fn step_bar(status: &str, tick: usize) -> String {
                 "░".repeat(BAR - block - at)
             )
         }
-        "enqueued" => format!("▒{}", "░".repeat(BAR - 1)),
-        "waiting_for_retry" => format!("{}{}", "▓".repeat(BAR / 2), "░".repeat(BAR - BAR / 2)),
-        _ => "░".repeat(BAR),
+        StepStatus::Enqueued => format!("▒{}", "░".repeat(BAR - 1)),
+        StepStatus::WaitingForRetry => {
+            format!("{}{}", "▓".repeat(BAR / 2), "░".repeat(BAR - BAR / 2))
+        }
+        StepStatus::Pending => "░".repeat(BAR),
     }
 }
 

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tasker_shared::states::{StepStatus, TaskStatus};
 
 /// Whether to colour the output (ANSI escapes).
 #[derive(Debug, Clone, Copy)]
@@ -39,27 +40,27 @@ impl Style {
     }
 }
 
-/// The terminal colour of a status: complete green, error red, running blue, retrying
-/// orange (yellow), pending grey, cancelled magenta, resolved by hand cyan.
+/// The terminal colour of a task's or step's status (a task's statuses are step statuses
+/// too): complete green, error red, running blue, retrying orange (yellow), pending grey,
+/// cancelled magenta, resolved by hand cyan. A status this build does not know (from a
+/// newer server) is left plain.
 pub(crate) fn status_color(status: &str) -> Option<&'static str> {
-    match status {
-        "complete" => Some("32"),
-        "error" => Some("31"),
-        "in_progress" | "enqueued" => Some("34"),
-        "waiting_for_retry" => Some("33"),
-        "pending" => Some("90"),
-        "cancelled" => Some("35"),
-        "resolved_manually" => Some("36"),
-        _ => None,
-    }
+    Some(match status.parse::<StepStatus>().ok()? {
+        StepStatus::Complete => "32",
+        StepStatus::Error => "31",
+        StepStatus::InProgress | StepStatus::Enqueued => "34",
+        StepStatus::WaitingForRetry => "33",
+        StepStatus::Pending => "90",
+        StepStatus::Cancelled => "35",
+        StepStatus::ResolvedManually => "36",
+    })
 }
 
 /// Whether a task in this status changes no more without an operator.
 pub(crate) fn task_finished(status: &str) -> bool {
-    matches!(
-        status,
-        "complete" | "error" | "cancelled" | "resolved_manually"
-    )
+    status
+        .parse::<TaskStatus>()
+        .is_ok_and(TaskStatus::is_finished)
 }
 
 // ---------------------------------------------------------------- tables ---
@@ -213,7 +214,7 @@ fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 pub(crate) fn step_duration(step: &Value, now: DateTime<Utc>) -> String {
     match (time(step, "started_at"), time(step, "completed_at")) {
         (Some(start), Some(end)) => duration(seconds_between(start, end)),
-        (Some(start), None) if text(step, "status") == "in_progress" => {
+        (Some(start), None) if text(step, "status").parse() == Ok(StepStatus::InProgress) => {
             format!("{}…", duration(seconds_between(start, now)))
         }
         _ => "-".to_owned(),
