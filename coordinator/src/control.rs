@@ -15,10 +15,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
+use crate::service::Service;
 use tasker_shared::broker::{Topology, persistent};
 use tasker_shared::messages::{ControlMessage, RunningStep, valid_worker_id};
 use tasker_shared::store::templates;
@@ -139,9 +140,13 @@ impl Control {
             .await?;
         Ok(())
     }
+}
 
-    /// Answer hellos until `shutdown` turns true.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for Control {
+    const NAME: &'static str = "control";
+
+    /// Answer hellos until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("control");
         async move {
             let mut consumer = match self.subscribe().await {
@@ -156,7 +161,7 @@ impl Control {
             }
             loop {
                 let next = tokio::select! {
-                    _ = shutdown.changed() => break,
+                    () = stop.cancelled() => break,
                     next = consumer.next() => next,
                 };
                 let Some(Ok(delivery)) = next else { break };
@@ -229,7 +234,9 @@ impl Control {
         .instrument(span)
         .await
     }
+}
 
+impl Control {
     async fn subscribe(&self) -> lapin::Result<lapin::Consumer> {
         // A private, server-named queue that disappears with this process.
         let channel = self.channel();

@@ -10,6 +10,10 @@
 //! A batch is all or nothing. When its statement fails (a template's versions changed,
 //! `TK001`, or any other error), each creation is written again on its own with
 //! `tasks::create`, which answers for that creation alone.
+//!
+//! The batching loop and each batch's write are tasks on the application's tracker; the
+//! loop ends once the API has answered its last request and [`TaskCreator::close`] is
+//! called, after handing over the creations still waiting.
 
 use std::sync::Arc;
 
@@ -17,6 +21,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
 use tasker_shared::store::tasks::{self, Created, Creation};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Batches written at once: each holds a database connection while it runs. Two, not
 /// one, so that a batch waiting on a lock (an idempotency key another transaction is
@@ -39,6 +45,8 @@ pub(crate) struct TaskCreator {
     /// channel above holds.
     admitted: Arc<Semaphore>,
     limit: u32,
+    /// Cancelled by [`close`](TaskCreator::close): the batching loop ends.
+    closed: CancellationToken,
 }
 
 /// Why a creation was not written.
@@ -52,17 +60,37 @@ pub(crate) enum CreateError {
 }
 
 impl TaskCreator {
-    /// Start the loop that writes the batches (it ends when every `TaskCreator` is gone).
+    /// Start the loop that writes the batches, on `tasks` (it ends when every
+    /// `TaskCreator` is gone, or at [`close`](Self::close)).
     /// `batch_size` observes how many creations each statement writes.
     /// At most `limit` creations are admitted at once (see [`CreateError::Overloaded`]).
-    pub(crate) fn start(pool: PgPool, batch_size: Histogram, limit: u32) -> Self {
+    pub(crate) fn start(
+        pool: PgPool,
+        batch_size: Histogram,
+        limit: u32,
+        tasks: &TaskTracker,
+    ) -> Self {
         let (jobs, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(gather(pool, receiver, batch_size));
+        let closed = CancellationToken::new();
+        tasks.spawn(gather(
+            pool,
+            receiver,
+            batch_size,
+            tasks.clone(),
+            closed.clone(),
+        ));
         TaskCreator {
             jobs,
             admitted: Arc::new(Semaphore::new(limit as usize)),
             limit,
+            closed,
         }
+    }
+
+    /// No more creations come (the API has answered its last request): write the ones
+    /// waiting and end the batching loop. A later [`create`](Self::create) fails.
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
     }
 
     /// Write `creation`, with whatever other creations wait at the same time; refused at
@@ -79,19 +107,32 @@ impl TaskCreator {
     }
 }
 
-/// Take the creations waiting whenever a batch may start, and write them.
-async fn gather(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Job>, batch_size: Histogram) {
+/// Take the creations waiting whenever a batch may start, and write them, each batch a
+/// task on `tasks`, until `closed` and nothing waits.
+async fn gather(
+    pool: PgPool,
+    mut receiver: mpsc::UnboundedReceiver<Job>,
+    batch_size: Histogram,
+    tasks: TaskTracker,
+    closed: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
         let mut jobs = Vec::new();
-        if receiver.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+        let received = tokio::select! {
+            // Creations already waiting go out before the loop ends.
+            biased;
+            received = receiver.recv_many(&mut jobs, MAX_BATCH) => received,
+            () = closed.cancelled() => 0,
+        };
+        if received == 0 {
             return;
         }
         let (pool, batch_size) = (pool.clone(), batch_size.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             write(&pool, jobs, &batch_size).await;
             drop(slot);
         });

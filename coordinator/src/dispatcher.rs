@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
+use crate::service::Service;
 use tasker_shared::store::transitions;
 
 /// How soon to claim again when a step in backoff is already due but the last claim did
@@ -110,9 +112,13 @@ impl Dispatcher {
             }
         }
     }
+}
 
-    /// Run until `shutdown` turns true.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for Dispatcher {
+    const NAME: &'static str = "dispatcher";
+
+    /// Run until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("dispatcher");
         async move {
             tracing::info!("started");
@@ -134,7 +140,7 @@ impl Dispatcher {
                 }
                 let idle = self.idle_for().await;
                 tokio::select! {
-                    _ = shutdown.changed() => break,
+                    () = stop.cancelled() => break,
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(idle) => {}
                 }

@@ -17,10 +17,11 @@ use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
+use crate::service::Service;
 use tasker_shared::broker::{Topology, persistent};
 use tasker_shared::events::{Change, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
@@ -126,9 +127,13 @@ impl EventRelay {
         }
         Ok(())
     }
+}
 
-    /// Run until `shutdown` turns true.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for EventRelay {
+    const NAME: &'static str = "event_relay";
+
+    /// Run until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("event_relay");
         async move {
             tracing::info!(exchange = %self.topology.events_exchange(), "started");
@@ -148,7 +153,7 @@ impl EventRelay {
                     }
                 }
                 tokio::select! {
-                    _ = shutdown.changed() => break,
+                    () = stop.cancelled() => break,
                     () = self.wake.notified() => {
                         // Let a burst of commits gather into one batch.
                         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use lapin::Channel;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::{CoordinatorMetrics, Queue, Status};
+use crate::service::Service;
 use tasker_shared::broker::Topology;
 use tasker_shared::store::{inspect, templates};
 
@@ -98,9 +99,13 @@ impl Gauges {
         }
         Ok(())
     }
+}
 
-    /// Run until `shutdown` turns true.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for Gauges {
+    const NAME: &'static str = "gauges";
+
+    /// Run until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("gauges");
         async move {
             loop {
@@ -108,7 +113,7 @@ impl Gauges {
                     tracing::warn!(error = format!("{error:#}"), "cannot refresh the gauges");
                 }
                 tokio::select! {
-                    _ = shutdown.changed() => break,
+                    () = stop.cancelled() => break,
                     () = tokio::time::sleep(self.interval) => {}
                 }
             }

@@ -18,6 +18,8 @@
 //! - `retention`: removes finished tasks past `TASKER_RETENTION`; `tasker-coordinator prune`.
 //! - `publisher`: publishes claimed steps with publisher confirms.
 //! - `metrics`: the Prometheus metrics; `gauges`: the loop that refreshes the gauges.
+//! - `service`: the one start/stop shape of the background loops above, and how every
+//!   spawned task is tracked until shutdown.
 
 mod auth;
 mod control;
@@ -32,6 +34,7 @@ mod operations;
 mod publisher;
 mod result_processor;
 mod retention;
+mod service;
 mod settings;
 mod startup;
 mod sweeper;

@@ -23,6 +23,7 @@ use tasker_shared::broker::{Topology, persistent};
 use tasker_shared::store::transitions::{self, Dispatch};
 use tasker_shared::telemetry;
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::CoordinatorMetrics;
 
@@ -52,6 +53,8 @@ pub(crate) struct StepPublisher {
     /// Claimed steps waiting for a publishing slot. A std Mutex: held only to push or
     /// take, never across an await.
     waiting: Mutex<Vec<Dispatch>>,
+    /// Where the batches published in the background run: the application's tracker.
+    tasks: TaskTracker,
     #[cfg(feature = "failpoints")]
     failpoint: failpoint::PauseAfterClaims,
 }
@@ -67,7 +70,14 @@ pub(crate) struct Published {
 }
 
 impl StepPublisher {
-    pub(crate) fn new(pool: PgPool, channel: Channel, topology: Topology, lease_ms: i64) -> Self {
+    /// A publisher whose background batches are tasks on `tasks`.
+    pub(crate) fn new(
+        pool: PgPool,
+        channel: Channel,
+        topology: Topology,
+        lease_ms: i64,
+        tasks: TaskTracker,
+    ) -> Self {
         StepPublisher {
             pool,
             channel: RwLock::new(channel),
@@ -76,6 +86,7 @@ impl StepPublisher {
             declared: Mutex::new(HashSet::new()),
             publishing: Arc::new(Semaphore::new(PUBLISHING_BATCHES as usize)),
             waiting: Mutex::new(Vec::new()),
+            tasks,
             #[cfg(feature = "failpoints")]
             failpoint: failpoint::PauseAfterClaims::default(),
         }
@@ -171,7 +182,7 @@ impl StepPublisher {
             },
         };
         let publisher = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut permit = permit;
             loop {
                 loop {

@@ -26,11 +26,13 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use sqlx::PgPool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
+use crate::service::Service;
 use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header_str};
 use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError, StepMessage, StepResult, WorkerMessage,
@@ -261,9 +263,13 @@ impl ResultProcessor {
         }
         Ok(report)
     }
+}
 
-    /// Run until `shutdown` turns true.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for ResultProcessor {
+    const NAME: &'static str = "result_processor";
+
+    /// Run until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("result_processor");
         async move {
             let mut consumer = match self.consume().await {
@@ -284,7 +290,7 @@ impl ResultProcessor {
                 // coordinator's batch, a few milliseconds) rather than poll for it.
                 let next = if deliveries.is_empty() {
                     tokio::select! {
-                        _ = shutdown.changed() => break,
+                        () = stop.cancelled() => break,
                         next = consumer.next() => Some(next),
                     }
                 } else if self.wait_for_holders(&deliveries).await {
@@ -294,7 +300,7 @@ impl ResultProcessor {
                     // Still held after the wait: try again a little later, or with
                     // the next delivery.
                     tokio::select! {
-                        _ = shutdown.changed() => break,
+                        () = stop.cancelled() => break,
                         next = consumer.next() => Some(next),
                         () = tokio::time::sleep(held_wait) => None,
                     }
@@ -330,7 +336,9 @@ impl ResultProcessor {
         .instrument(span)
         .await
     }
+}
 
+impl ResultProcessor {
     /// What a delivery on the results queue says: a worker's message, or, for a step
     /// message a step queue dead-lettered (quorum queues route those here), the failed
     /// attempt it stands for. `Err` says why it is poison.

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
+use crate::service::Service;
 use tasker_shared::config::DatabaseSettings;
 use tasker_shared::store::retention::{self, PruneScope, Pruned};
 
@@ -122,17 +123,18 @@ pub(crate) struct RetentionLoop {
     pub(crate) every: Duration,
 }
 
-impl RetentionLoop {
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for RetentionLoop {
+    const NAME: &'static str = "retention";
+
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("retention", keep = %self.keep);
         async move {
             loop {
-                // A stop seen inside the round was consumed there: check the value too.
-                if self.round(&mut shutdown).await || *shutdown.borrow() {
+                if self.round(&stop).await {
                     break;
                 }
                 tokio::select! {
-                    _ = shutdown.changed() => break,
+                    () = stop.cancelled() => break,
                     () = tokio::time::sleep(self.every) => {}
                 }
             }
@@ -140,10 +142,12 @@ impl RetentionLoop {
         .instrument(span)
         .await
     }
+}
 
-    /// Prune batches until none is full, another coordinator prunes, or shutdown; returns
-    /// whether shutdown came.
-    async fn round(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+impl RetentionLoop {
+    /// Prune batches until none is full, another coordinator prunes, or `stop`; returns
+    /// whether `stop` came.
+    async fn round(&self, stop: &CancellationToken) -> bool {
         let started = Instant::now();
         let mut totals = Totals::default();
         let mut stopping = false;
@@ -170,7 +174,7 @@ impl RetentionLoop {
                 }
             }
             tokio::select! {
-                _ = shutdown.changed() => {
+                () = stop.cancelled() => {
                     stopping = true;
                     break;
                 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::control::Control;
@@ -23,6 +24,7 @@ use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::result_processor::{ResultProcessor, ResultProcessorConfig};
 use crate::retention::{Retention, RetentionLoop};
+use crate::service::{Services, wait_for_all};
 use crate::settings::CoordinatorSettings;
 use crate::sweeper::{QueueAudit, Sweeper};
 use tasker_shared::broker::{self, Topology};
@@ -36,7 +38,21 @@ pub struct Application {
     settings: CoordinatorSettings,
     session: BrokerSession,
     topology: Topology,
+    /// Every task the coordinator spawns, awaited before [`run_until_stopped`] returns
+    /// (see `service`).
+    ///
+    /// [`run_until_stopped`]: Application::run_until_stopped
+    tasks: TaskTracker,
 }
+
+/// How long the loops of a broker session get to stop before they are abandoned: a
+/// broker in trouble must not hold the reconnect up.
+const SESSION_STOP: Duration = Duration::from_secs(5);
+/// How long the publisher gets at shutdown to publish the batches claimed before it.
+const FLUSH: Duration = Duration::from_secs(10);
+/// How long the tasks left once everything else stopped (publishes handed over by the
+/// last requests, creations being written) get before they are abandoned.
+const LAST_TASKS: Duration = Duration::from_secs(5);
 
 /// What one RabbitMQ connection gives the coordinator: made at start and again after every
 /// reconnect.
@@ -74,8 +90,8 @@ enum SessionEnd {
     Shutdown,
     /// The connection (or a loop that needs it) was lost: reconnect.
     BrokerLost(&'static str),
-    /// A database-only loop stopped on its own, which it never should.
-    LoopDied,
+    /// A database-only loop (named) stopped on its own, which it never should.
+    LoopDied(&'static str),
 }
 
 impl Application {
@@ -95,11 +111,13 @@ impl Application {
         }
         let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
         let session = BrokerSession::open(connection, &topology).await?;
+        let tasks = TaskTracker::new();
         let publisher = StepPublisher::new(
             pool.clone(),
             session.publish_channel.clone(),
             topology.clone(),
             settings.dispatch_lease_ms,
+            tasks.clone(),
         );
         #[cfg(feature = "failpoints")]
         let publisher = publisher.pause_after_claims(settings.failpoint_pause_after_claims);
@@ -120,6 +138,7 @@ impl Application {
                 pool.clone(),
                 metrics.create_batch_size.clone(),
                 settings.max_pending_creates,
+                &tasks,
             ),
             publisher,
             metrics: metrics.clone(),
@@ -147,6 +166,7 @@ impl Application {
             settings,
             session,
             topology,
+            tasks,
         })
     }
 
@@ -163,13 +183,17 @@ impl Application {
     /// limit, with backoff) and starts them again on the new connection. Meanwhile the API
     /// keeps accepting tasks and the dispatcher's failed publishes are handed back to the
     /// sweeper. Returns an error only if a database loop stops on its own.
+    ///
+    /// On shutdown the loops stop, the steps they claimed are published, the requests in
+    /// progress are answered, and every task the coordinator spawned has ended (or, past
+    /// a timeout, is reported in the log as abandoned) before this returns.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut loops = JoinSet::new();
+        let stop = CancellationToken::new();
+        let mut database_services = Services::new(self.tasks.clone(), stop.child_token());
         let dispatcher = Dispatcher::new(
             self.state.pool.clone(),
             self.state.publisher.clone(),
@@ -182,7 +206,7 @@ impl Application {
                 poll_interval: Duration::from_millis(settings.poll_interval_ms),
             },
         );
-        loops.spawn(dispatcher.run(stop_rx.clone()));
+        database_services.start(dispatcher);
         let sweeper = Sweeper::new(
             self.state.pool.clone(),
             self.state.metrics.clone(),
@@ -200,7 +224,7 @@ impl Application {
                 lease_ms: settings.dispatch_lease_ms,
             },
         );
-        loops.spawn(sweeper.run(stop_rx.clone()));
+        database_services.start(sweeper);
         if let Retention::Keep(keep) = settings.retention {
             let retention = RetentionLoop {
                 pool: self.state.pool.clone(),
@@ -209,7 +233,7 @@ impl Application {
                 keep_unrelayed: settings.events,
                 every: Duration::from_millis(settings.retention_interval_ms.max(100)),
             };
-            loops.spawn(retention.run(stop_rx.clone()));
+            database_services.start(retention);
         }
 
         let address = self.listener.local_addr()?;
@@ -219,19 +243,16 @@ impl Application {
             settings.max_body_bytes,
             settings.max_inflight_body_bytes,
         );
-        let mut server_stop = stop_rx.clone();
-        let server = crate::http::server::serve(
+        let server = self.tasks.spawn(crate::http::server::serve(
             self.listener,
             app,
             crate::http::server::ConnectionLimits {
                 max_connections: settings.http_max_connections as usize,
                 header_timeout: Duration::from_millis(settings.http_header_timeout_ms),
             },
-            async move {
-                let _ = server_stop.changed().await;
-            },
-        );
-        let server = tokio::spawn(server);
+            stop.clone(),
+            self.tasks.clone(),
+        ));
 
         tokio::pin!(shutdown);
         let mut session = Some(self.session);
@@ -260,14 +281,14 @@ impl Application {
                 &self.topology,
                 current,
                 &mut shutdown,
-                &mut loops,
+                &mut database_services,
             )
             .await
             {
                 SessionEnd::Shutdown => break Ok(()),
-                SessionEnd::LoopDied => {
+                SessionEnd::LoopDied(service) => {
                     break Err(anyhow::anyhow!(
-                        "a background loop stopped unexpectedly; exiting so a supervisor can restart the coordinator"
+                        "the background loop `{service}` stopped unexpectedly; exiting so a supervisor can restart the coordinator"
                     ));
                 }
                 SessionEnd::BrokerLost(why) => {
@@ -284,11 +305,23 @@ impl Application {
                 }
             }
         };
-        let _ = stop_tx.send(true);
-        while loops.join_next().await.is_some() {}
+        // Stops the server (it answers the requests in progress) and every service.
+        stop.cancel();
+        database_services.stop(None).await;
         // Batches claimed before the stop still go out (or fail and are handed back).
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.state.publisher.flush()).await;
+        if tokio::time::timeout(FLUSH, self.state.publisher.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "claimed steps still unpublished after {FLUSH:?}; the sweeper dispatches \
+                 them again when their lease expires"
+            );
+        }
         server.await?;
+        // No request is left to create a task.
+        self.state.creator.close();
+        wait_for_all(&self.tasks, LAST_TASKS).await;
         self.state.pool.close().await;
         tracing::info!("coordinator stopped");
         outcome
@@ -302,7 +335,7 @@ async fn run_session(
     topology: &Topology,
     session: BrokerSession,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    database_loops: &mut JoinSet<()>,
+    database_services: &mut Services,
 ) -> SessionEnd {
     state.publisher.use_channel(session.publish_channel.clone());
     state.control.use_channel(session.confirm_channel.clone());
@@ -320,8 +353,8 @@ async fn run_session(
     // Steps claimed while the broker was away could not be published; dispatch again.
     state.wake_dispatcher.notify_one();
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut loops = JoinSet::new();
+    // Stopped with the database services too, on the same tracker.
+    let mut services = database_services.child();
     // Several consumers, each with its own channel: a `multiple` ack covers only its
     // own channel's deliveries. Their batches skip each other's locked steps as another
     // coordinator's would (transitions::lock_batch).
@@ -355,9 +388,9 @@ async fn run_session(
                 priority: i32::from(settings.result_consumers) - rank as i32,
             },
         );
-        loops.spawn(processor.run(stop_rx.clone()));
+        services.start(processor);
     }
-    loops.spawn(state.control.clone().run(stop_rx.clone()));
+    services.start(state.control.clone());
     let opened = async {
         let gauges = Gauges::new(
             state.pool.clone(),
@@ -382,10 +415,10 @@ async fn run_session(
     };
     let mut end = match opened.await {
         Ok((gauges, relay)) => {
-            loops.spawn(gauges.run(stop_rx.clone()));
+            services.start(gauges);
             match relay {
                 Some(relay) => {
-                    loops.spawn(relay.run(stop_rx.clone()));
+                    services.start(relay);
                 }
                 None => tracing::info!("lifecycle events are off (TASKER_EVENTS=false)"),
             }
@@ -402,21 +435,17 @@ async fn run_session(
     while end.is_none() {
         end = tokio::select! {
             () = shutdown.as_mut() => Some(SessionEnd::Shutdown),
-            _ = database_loops.join_next() => Some(SessionEnd::LoopDied),
-            _ = loops.join_next() => Some(SessionEnd::BrokerLost("a broker loop stopped")),
+            service = database_services.stopped_early() => Some(SessionEnd::LoopDied(service)),
+            service = services.stopped_early() => {
+                tracing::warn!(service, "a loop of the broker session stopped");
+                Some(SessionEnd::BrokerLost("a broker loop stopped"))
+            }
             _ = health.tick() => (!session.connection.status().connected())
                 .then_some(SessionEnd::BrokerLost("the connection closed")),
         };
     }
-    let _ = stop_tx.send(true);
     // Loops stop at once when told; a broker in trouble must not hold the restart up.
-    let drained = tokio::time::timeout(Duration::from_secs(5), async {
-        while loops.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        loops.abort_all();
-    }
+    services.stop(Some(SESSION_STOP)).await;
     // Close what is left of the connection (a loop may have stopped on a channel error
     // while the connection itself is up), so reconnecting does not leak it.
     if session.connection.status().connected() {

@@ -30,13 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::control::Control;
 use crate::link::BrokerLink;
 use crate::metrics::{CoordinatorMetrics, count_reason};
 use crate::publisher::StepPublisher;
+use crate::service::Service;
 use tasker_shared::broker::Topology;
 use tasker_shared::store::transitions;
 
@@ -236,15 +238,19 @@ impl Sweeper {
         self.announce_superseded(&expired.requeued).await;
         Ok(changed)
     }
+}
 
-    /// Run until `shutdown` turns true.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+impl Service for Sweeper {
+    const NAME: &'static str = "sweeper";
+
+    /// Run until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("sweeper");
         async move {
             tracing::info!(interval = ?self.interval, "started");
             loop {
                 tokio::select! {
-                    _ = shutdown.changed() => break,
+                    () = stop.cancelled() => break,
                     () = tokio::time::sleep(self.interval) => {}
                 }
                 // Once per interval, not per batch: its comparison needs the batches of

@@ -3,9 +3,9 @@
 //! `TASKER_HTTP_HEADER_TIMEOUT_MS` of connecting and send a request's headers (HTTP/1)
 //! within that long of their first byte, or of its previous answer: silent and
 //! slow-header clients cannot hold connections open for ever. Requests already being answered when the coordinator
-//! stops are finished first.
+//! stops are finished first; every connection is a task on the application's tracker, so
+//! none outlives the coordinator (see `service`).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Limits on the API's connections.
 #[derive(Debug, Clone, Copy)]
@@ -29,29 +31,31 @@ pub(crate) struct ConnectionLimits {
 /// How long the requests in progress get to finish once the coordinator stops.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Serve `app` on `listener` until `stop` completes, then let the requests in progress
-/// finish (for at most [`DRAIN`]).
+/// Serve `app` on `listener` until `stop` is cancelled, then let the requests in progress
+/// finish (for at most [`DRAIN`]). Each connection is spawned on `tasks`.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
-    stop: impl Future<Output = ()>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
+    // Cancelled when the drain is over: the connections still open are then dropped.
+    let abandon = CancellationToken::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    tokio::pin!(stop);
     loop {
         let permit = tokio::select! {
             permit = connections.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
-            () = &mut stop => break,
+            () = stop.cancelled() => break,
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -64,17 +68,23 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            () = &mut stop => break,
+            () = stop.cancelled() => break,
         };
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let header_timeout = limits.header_timeout;
-        tokio::spawn(async move {
+        let (stop, abandon) = (stop.clone(), abandon.clone());
+        tasks.spawn(async move {
             // hyper times the headers from their first byte: a client that connects and
-            // sends nothing is timed here.
+            // sends nothing is timed here (and not waited for once the coordinator stops:
+            // it has no request in progress).
             let mut first = [0_u8; 1];
-            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+            let peeked = tokio::select! {
+                peeked = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => peeked,
+                () = stop.cancelled() => return,
+            };
+            match peeked {
                 Ok(Ok(read)) if read > 0 => {}
                 _ => return,
             }
@@ -82,7 +92,10 @@ pub(crate) async fn serve(
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
             // Errors here are the client's (gone, too slow, not HTTP): nothing to do.
-            let _ = watcher.watch(connection).await;
+            tokio::select! {
+                _ = watcher.watch(connection) => {}
+                () = abandon.cancelled() => {}
+            }
             drop(permit);
         });
     }
@@ -91,6 +104,7 @@ pub(crate) async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("requests still in progress after {DRAIN:?}; stopping anyway");
+        tracing::warn!("requests still in progress after {DRAIN:?}; closing their connections");
+        abandon.cancel();
     }
 }
