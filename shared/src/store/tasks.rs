@@ -476,22 +476,10 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Opt
 
 /// A task's steps in template order, each with the names of its parents.
 pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>> {
-    sqlx::query_as(
-        r#"
-        SELECT s.step_id, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.deferrals,
-               s.retryable,
-               s.timeout_ms, s.results, s.last_error, s.next_attempt_at, s.started_at,
-               s.completed_at,
-               ARRAY(SELECT p.name FROM step_edges e JOIN steps p ON p.step_id = e.from_step
-                     WHERE e.to_step = s.step_id ORDER BY p.position) AS depends_on
-        FROM steps s
-        WHERE s.task_id = $1
-        ORDER BY s.position
-        "#,
-    )
-    .bind(task_id)
-    .fetch_all(db)
-    .await
+    sqlx::query_as(include_str!("../../sql/tasks/steps.sql"))
+        .bind(task_id)
+        .fetch_all(db)
+        .await
 }
 
 /// Which tasks to read, list or operate on. Every criterion narrows; none is "every task".

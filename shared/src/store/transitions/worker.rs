@@ -1,6 +1,7 @@
 //! What workers report: started notices, heartbeats and results.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -49,54 +50,36 @@ pub async fn mark_started(
     if started.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar(
-        r#"
-        WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[],
-                                 $7::text[])
-                AS i(step_id, token, started_at, redelivered, worker_id)
-        ),
-        -- By primary key only (the module's "Plans"). The status is checked in `moved`.
-        locked AS (
-            SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id,
-                   i.redelivered AND i.started_at IS DISTINCT FROM s.started_at AS new_run
-            FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
-            WHERE s.step_id = ANY ($1)
-            ORDER BY s.step_id
-            FOR UPDATE OF s
-        ),
-        moved AS (
-            UPDATE steps s
-            SET status = 'in_progress',
-                started_at = l.started_at,
-                attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' THEN 1 ELSE 0 END,
-                lease_expires_at = now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond',
-                updated_at = now()
-            FROM locked l
-            WHERE s.step_id = l.step_id
-              AND (l.from_status = 'enqueued' OR (l.from_status = 'in_progress' AND l.new_run))
-            RETURNING s.step_id, s.task_id, s.attempts, l.from_status, l.worker_id,
-                      greatest(extract(epoch FROM l.started_at - s.ready_at), 0)::float8 AS latency
-        ),
-        history AS (
-            INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-            SELECT step_id, task_id, from_status, 'in_progress',
-                   CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
-                   jsonb_build_object('attempt', attempts, 'worker_id', worker_id)
-            FROM moved
+    sqlx::query_scalar(include_str!("../../../sql/worker/mark_started.sql"))
+        .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
+        .bind(
+            started
+                .iter()
+                .map(|s| s.step.dispatch_token)
+                .collect::<Vec<_>>(),
         )
-        SELECT COALESCE(latency, 0) FROM moved
-        "#,
-    )
-    .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
-    .bind(started.iter().map(|s| s.step.dispatch_token).collect::<Vec<_>>())
-    .bind(started.iter().map(|s| s.step.started_at).collect::<Vec<_>>())
-    .bind(started.iter().map(|s| s.step.redelivered).collect::<Vec<_>>())
-    .bind(lease.grace_ms)
-    .bind(lease.heartbeat_lease_ms)
-    .bind(started.iter().map(|s| s.worker_id.clone()).collect::<Vec<_>>())
-    .fetch_all(conn)
-    .await
+        .bind(
+            started
+                .iter()
+                .map(|s| s.step.started_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            started
+                .iter()
+                .map(|s| s.step.redelivered)
+                .collect::<Vec<_>>(),
+        )
+        .bind(lease.grace_ms)
+        .bind(lease.heartbeat_lease_ms)
+        .bind(
+            started
+                .iter()
+                .map(|s| s.worker_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(conn)
+        .await
 }
 
 /// A step [`lock_batch`] could not lock: another transaction holds its row, or for a
@@ -141,52 +124,29 @@ pub async fn lock_batch(
     if steps.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        r#"
-        WITH {BATCH_ROWS},
-        locked AS MATERIALIZED (
-            SELECT step_id FROM steps
-            WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted))
-            ORDER BY step_id
-            FOR UPDATE SKIP LOCKED
-        ),
-        held AS (
-            -- Rows that exist but were skipped: another transaction holds them.
-            SELECT step_id FROM steps
-            WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted
-                                       EXCEPT SELECT step_id FROM locked))
-        )
-        SELECT s.step_id, s.status
-        FROM steps s
-        WHERE s.step_id = ANY (ARRAY(
-            SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
-            WHERE step_id IN (SELECT step_id FROM held)
-            UNION
-            SELECT step_id FROM children WHERE to_step IN (SELECT step_id FROM held)))
-        "#
-    )))
-    .bind(steps)
-    .bind(results)
-    .fetch_all(conn)
-    .await
+    sqlx::query_as(LOCK_BATCH.as_str())
+        .bind(steps)
+        .bind(results)
+        .fetch_all(conn)
+        .await
 }
 
 /// The rows a batch of worker messages changes, as two CTEs for [`lock_batch`] and
 /// [`wait_for_steps`], which must agree on them: `children` (each result in `$2` with
 /// a child, one index probe per result: the module's "Plans") and `wanted` (the steps
 /// in `$1` and those children).
-const BATCH_ROWS: &str = r#"
-    children AS (
-        SELECT r.step_id, e.to_step
-        FROM unnest($2::uuid[]) AS r(step_id)
-        CROSS JOIN LATERAL (SELECT to_step FROM step_edges
-                            WHERE from_step = r.step_id OFFSET 0) e
-    ),
-    wanted AS (
-        SELECT step_id FROM unnest($1::uuid[]) AS w(step_id)
-        UNION
-        SELECT to_step FROM children
-    )"#;
+const BATCH_ROWS: &str = include_str!("../../../sql/worker/batch_rows.sql");
+
+/// A statement of `shared/sql/worker/` with [`BATCH_ROWS`] in place of its
+/// `{BATCH_ROWS}` (as `shared/tests/sql.rs` does when it checks them).
+fn with_batch_rows(statement: &str) -> String {
+    statement.replace("{BATCH_ROWS}", BATCH_ROWS)
+}
+
+static LOCK_BATCH: LazyLock<String> =
+    LazyLock::new(|| with_batch_rows(include_str!("../../../sql/worker/lock_batch.sql")));
+static WAIT_FOR_STEPS: LazyLock<String> =
+    LazyLock::new(|| with_batch_rows(include_str!("../../../sql/worker/wait_for_steps.sql")));
 
 /// Wait, up to `timeout`, until no other transaction holds the rows [`lock_batch`]
 /// would lock for these steps and results; returns whether they came free. The rows
@@ -207,19 +167,11 @@ pub async fn wait_for_steps(
         .bind(format!("{}ms", timeout.as_millis().max(1)))
         .execute(&mut *conn)
         .await?;
-    let waited = sqlx::query(sqlx::AssertSqlSafe(format!(
-        r#"
-        WITH {BATCH_ROWS}
-        SELECT 1 FROM steps
-        WHERE step_id = ANY (ARRAY(SELECT step_id FROM wanted))
-        ORDER BY step_id
-        FOR UPDATE
-        "#
-    )))
-    .bind(steps)
-    .bind(results)
-    .execute(conn)
-    .await;
+    let waited = sqlx::query(WAIT_FOR_STEPS.as_str())
+        .bind(steps)
+        .bind(results)
+        .execute(conn)
+        .await;
     match waited {
         Ok(_) => Ok(true),
         // lock_not_available: the lock timeout passed.
@@ -239,32 +191,13 @@ pub async fn heartbeat(
     if running.is_empty() {
         return Ok(0);
     }
-    let result = sqlx::query(
-        r#"
-        -- By primary key only (the module's "Plans").
-        WITH locked AS (
-            SELECT s.step_id, s.status
-            FROM steps s
-            JOIN unnest($1::uuid[], $2::uuid[]) AS i(step_id, token)
-              ON i.step_id = s.step_id AND s.dispatch_token = i.token
-            WHERE s.step_id = ANY ($1)
-            ORDER BY s.step_id
-            FOR UPDATE OF s
-        )
-        UPDATE steps s
-        SET lease_expires_at = least(
-                COALESCE(s.started_at, now()) + (s.timeout_ms + $3) * interval '1 millisecond',
-                now() + $4 * interval '1 millisecond')
-        FROM locked l
-        WHERE s.step_id = l.step_id AND l.status = 'in_progress'
-        "#,
-    )
-    .bind(running.iter().map(|s| s.step_id).collect::<Vec<_>>())
-    .bind(running.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
-    .bind(lease.grace_ms)
-    .bind(lease.heartbeat_lease_ms)
-    .execute(conn)
-    .await?;
+    let result = sqlx::query(include_str!("../../../sql/worker/heartbeat.sql"))
+        .bind(running.iter().map(|s| s.step_id).collect::<Vec<_>>())
+        .bind(running.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
+        .bind(lease.grace_ms)
+        .bind(lease.heartbeat_lease_ms)
+        .execute(conn)
+        .await?;
     Ok(result.rows_affected())
 }
 

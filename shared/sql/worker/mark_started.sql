@@ -1,0 +1,38 @@
+-- Started notices: per step ($1) its dispatch token ($2), start time ($3), whether the
+-- message was redelivered ($4) and the worker ($7); lease grace ($5) and heartbeat lease
+-- ($6) in ms. Answers each changed step's queue latency in seconds.
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[],
+                         $7::text[])
+        AS i(step_id, token, started_at, redelivered, worker_id)
+),
+-- By primary key only (the module's "Plans"). The status is checked in `moved`.
+locked AS (
+    SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id,
+           i.redelivered AND i.started_at IS DISTINCT FROM s.started_at AS new_run
+    FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
+    WHERE s.step_id = ANY ($1)
+    ORDER BY s.step_id
+    FOR UPDATE OF s
+),
+moved AS (
+    UPDATE steps s
+    SET status = 'in_progress',
+        started_at = l.started_at,
+        attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' THEN 1 ELSE 0 END,
+        lease_expires_at = now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond',
+        updated_at = now()
+    FROM locked l
+    WHERE s.step_id = l.step_id
+      AND (l.from_status = 'enqueued' OR (l.from_status = 'in_progress' AND l.new_run))
+    RETURNING s.step_id, s.task_id, s.attempts, l.from_status, l.worker_id,
+              greatest(extract(epoch FROM l.started_at - s.ready_at), 0)::float8 AS latency
+),
+history AS (
+    INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+    SELECT step_id, task_id, from_status, 'in_progress',
+           CASE WHEN from_status = 'in_progress' THEN 'restarted_after_redelivery' ELSE 'started' END,
+           jsonb_build_object('attempt', attempts, 'worker_id', worker_id)
+    FROM moved
+)
+SELECT COALESCE(latency, 0) FROM moved
