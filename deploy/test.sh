@@ -68,6 +68,8 @@ deploy/validate.sh
 # What a reviewer checks first: formatting, and every lint with warnings as errors.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints -- -D warnings
+# The shipped configuration (no test hooks) must be clean too.
+cargo clippy -p tasker-coordinator -p tasker-worker "${locked[@]}" -- -D warnings
 # Every statement under shared/sql/ prepared against a freshly migrated database.
 cargo test -p tasker-shared --test sql "${locked[@]}"
 cargo build --workspace --bins --examples "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints
