@@ -1,30 +1,55 @@
-//! The end-to-end test harness: starts the real `tasker-coordinator` and `tasker-worker`
-//! binaries against the real PostgreSQL and RabbitMQ, each test in its own database and
-//! under its own queue-name prefix, so tests run in parallel without seeing each other.
+//! The end-to-end test harness: a coordinator, `tasker-worker` processes, the real
+//! PostgreSQL and RabbitMQ, each test in its own database (a copy of one migrated once)
+//! and under its own queue-name prefix, so tests run in parallel without seeing each
+//! other.
+//!
+//! The coordinator is built in the test process ([`Application::build`] on port 0) unless
+//! a test needs it as a process: one it kills, signals or measures, or whose log it reads
+//! ([`EnvOptions::binary_coordinator`]). Either way a test waits for `/health/ready`,
+//! never for a log line. Workers are always processes.
 //!
 //! The binaries are taken from the cargo target folder this test binary lives in
 //! (`cargo build --workspace --bins --examples` puts them there; `deploy/test.sh` does it),
 //! or from `TASKER_BIN_DIR`.
+//!
+//! ## Layout
+//! - this file: where things are, and [`TestEnv`], one test's world.
+//! - [`api`]: the typed API client ([`Api`], [`Task`], [`Step`]).
+//! - [`coordinator`](Coordinator): the coordinator in-process or as a binary.
+//! - [`process`](Process): a binary run as a child process, with its log.
+//! - [`broker`]: publishing, dead letters, consumers and connections on RabbitMQ.
+//! - [`http_stub`]: a scripted HTTP server for `tasker.http` steps.
+//!
+//! [`Application::build`]: tasker_coordinator::Application::build
 
 #![allow(missing_docs)]
 
+pub mod api;
+pub mod broker;
+mod coordinator;
 pub mod http_stub;
+mod process;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use sqlx::PgPool;
-use sqlx::migrate::MigrateDatabase;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::process::Command;
 use uuid::Uuid;
 
+pub use api::{Api, Step, StepError, Task};
+pub use broker::{
+    DeadLetter, assert_no_dead_letters, close_broker_connections, confirm_channel,
+    delete_broker_objects, delete_broker_objects_at, publish, queue_consumers, take_dead_letters,
+    wait_for_consumers,
+};
+pub use coordinator::{Coordinator, InProcess};
+pub use process::{Process, spawn_coordinator};
 pub use reqwest::StatusCode;
+pub use tasker_shared::states::{StepStatus, TaskStatus};
 
 /// Where PostgreSQL is (the server, without a database name).
 pub fn postgres_server() -> String {
@@ -64,107 +89,6 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A running process whose log lines are kept (and written to `target/e2e-logs/`).
-pub struct Process {
-    child: Child,
-    lines: watch::Receiver<Vec<String>>,
-    pub name: String,
-}
-
-impl Process {
-    pub fn spawn(mut command: Command, name: String, log_dir: &Path) -> anyhow::Result<Self> {
-        command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .env("TASKER_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info");
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("spawning {name}"))?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let (tx, rx) = watch::channel(Vec::new());
-        let log_path = log_dir.join(format!("{name}.log"));
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            let mut file = std::fs::File::create(&log_path).ok();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if let Some(file) = file.as_mut() {
-                    use std::io::Write;
-                    let _ = writeln!(file, "{line}");
-                }
-                tx.send_modify(|lines| lines.push(line));
-            }
-        });
-        Ok(Process {
-            child,
-            lines: rx,
-            name,
-        })
-    }
-
-    /// Wait until a log line contains `needle`; returns the line.
-    pub async fn wait_for_log(
-        &mut self,
-        needle: &str,
-        timeout: Duration,
-    ) -> anyhow::Result<String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.lines.borrow().iter().find(|l| l.contains(needle)) {
-                return Ok(line.clone());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "{} exited ({status}) before logging {needle:?}; log:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            if tokio::time::timeout_at(deadline, self.lines.changed())
-                .await
-                .is_err()
-            {
-                bail!(
-                    "{} did not log {needle:?} in {timeout:?}; log:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-        }
-    }
-
-    /// Whether the process is still running (it has not exited).
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// Everything logged so far.
-    pub fn log(&self) -> String {
-        self.lines.borrow().join("\n")
-    }
-
-    /// Send SIGTERM and wait for the exit.
-    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
-    }
-
-    /// SIGKILL.
-    pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
 /// The value of one sample (`name{labels}`) of the Prometheus text page at `url`; 0 when
 /// the page does not have it yet.
 pub async fn metric(url: &str, sample: &str) -> f64 {
@@ -181,44 +105,59 @@ pub async fn metric(url: &str, sample: &str) -> f64 {
         .map_or(0.0, |(_, value)| value.parse().expect("a number"))
 }
 
-/// The command that starts a coordinator for a test.
-fn coordinator_command(database_url: &str, prefix: &str, options: &EnvOptions) -> Command {
-    let mut command = Command::new(binary("tasker-coordinator"));
-    command
-        .arg("serve")
-        .env("DATABASE_URL", database_url)
-        .env("AMQP_URL", amqp_url())
-        .env("TASKER_AMQP_PREFIX", prefix)
-        .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
-        .env("TASKER_DB_POOL_SIZE", "4")
-        .env("TASKER_SWEEP_INTERVAL_MS", "500");
+/// Wait until the sample reaches at least `target`, for at most 30 s; returns its value.
+pub async fn wait_for_metric(url: &str, sample: &str, target: f64) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = metric(url, sample).await;
+        if value >= target {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sample} is {value} after 30 s, not yet {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The environment a test's coordinator starts with (the binary reads it; in-process it
+/// becomes the same settings): this test's database and prefix, a free port, and the
+/// options' additions last, so they win.
+fn coordinator_env(
+    database_url: &str,
+    prefix: &str,
+    options: &EnvOptions,
+) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = [
+        ("DATABASE_URL", database_url.to_owned()),
+        ("AMQP_URL", amqp_url()),
+        ("TASKER_AMQP_PREFIX", prefix.to_owned()),
+        ("TASKER_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("TASKER_DB_POOL_SIZE", "4".to_owned()),
+        ("TASKER_SWEEP_INTERVAL_MS", "500".to_owned()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value))
+    .collect();
     if let Some(dir) = &options.templates_dir {
-        command.env("TASKER_TEMPLATES_DIR", dir);
+        vars.push(("TASKER_TEMPLATES_DIR".into(), dir.display().to_string()));
     }
     if let Some(queue_type) = &options.queue_type {
-        command.env("TASKER_QUEUE_TYPE", queue_type);
+        vars.push(("TASKER_QUEUE_TYPE".into(), queue_type.clone()));
     }
-    for (key, value) in &options.coordinator_env {
+    vars.extend(options.coordinator_env.iter().cloned());
+    vars
+}
+
+/// `tasker-coordinator serve` with the environment `vars`.
+fn coordinator_command(vars: &[(String, String)]) -> Command {
+    let mut command = Command::new(binary("tasker-coordinator"));
+    command.arg("serve");
+    for (key, value) in vars {
         command.env(key, value);
     }
     command
-}
-
-/// Spawn a coordinator and wait until it listens; returns it and its address.
-pub async fn spawn_coordinator(
-    command: Command,
-    name: &str,
-    log_dir: &Path,
-) -> anyhow::Result<(Process, String)> {
-    let mut coordinator = Process::spawn(command, name.into(), log_dir)?;
-    let line = coordinator
-        .wait_for_log("coordinator listening", Duration::from_secs(60))
-        .await?;
-    let address = serde_json::from_str::<Value>(&line)?["address"]
-        .as_str()
-        .context("address in the listening line")?
-        .to_owned();
-    Ok((coordinator, address))
 }
 
 /// One test's world: a database, a queue prefix, a coordinator and any workers.
@@ -227,8 +166,10 @@ pub struct TestEnv {
     pub prefix: String,
     pub base_url: String,
     pub http: reqwest::Client,
+    /// The typed client of the coordinator.
+    pub api: Api,
     pub pool: PgPool,
-    pub coordinator: Process,
+    pub coordinator: Coordinator,
     pub workers: Vec<Process>,
     options: EnvOptions,
     log_dir: PathBuf,
@@ -237,18 +178,15 @@ pub struct TestEnv {
 }
 
 impl Drop for TestEnv {
-    /// A test that panicked never reached [`TestEnv::finish`]: still drop its database and
-    /// queues (its processes die with their handles), so failures leave nothing behind.
+    /// A test that panicked never reached [`TestEnv::finish`]: still stop its coordinator
+    /// and drop its database and queues (its worker processes die with their handles), so
+    /// failures leave nothing behind.
     fn drop(&mut self) {
         if self.finished {
             return;
         }
-        let database = self
-            .database_url
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        self.coordinator.stop_now();
+        let database_url = self.database_url.clone();
         let prefix = self.prefix.clone();
         let namespaces = self
             .namespaces
@@ -263,12 +201,7 @@ impl Drop for TestEnv {
                 return;
             };
             runtime.block_on(async move {
-                if let Ok(pool) = PgPool::connect(&format!("{}/postgres", postgres_server())).await
-                {
-                    let sql = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
-                    pool.close().await;
-                }
+                drop_database(&database_url).await;
                 let _ = delete_broker_objects(&prefix, &namespaces).await;
             });
         });
@@ -281,10 +214,14 @@ impl Drop for TestEnv {
 pub struct EnvOptions {
     /// `TASKER_TEMPLATES_DIR`.
     pub templates_dir: Option<PathBuf>,
-    /// Extra environment for the coordinator.
+    /// Extra environment for the coordinator (as the binary would read it).
     pub coordinator_env: Vec<(String, String)>,
     /// `TASKER_QUEUE_TYPE` for the coordinators and workers (unset: the default).
     pub queue_type: Option<String>,
+    /// Start the `tasker-coordinator` binary instead of building the coordinator in the
+    /// test process: for a test that kills or signals it, measures its process, or reads
+    /// its log (an in-process coordinator keeps none).
+    pub binary_coordinator: bool,
 }
 
 impl TestEnv {
@@ -304,13 +241,37 @@ impl TestEnv {
             .join(format!("{test}-{id}"));
         std::fs::create_dir_all(&log_dir)?;
 
-        let command = coordinator_command(&database_url, &prefix, &options);
-        let (coordinator, address) = spawn_coordinator(command, "coordinator", &log_dir).await?;
-        let pool = PgPool::connect(&database_url).await?;
+        create_database(&database_url).await?;
+        let started = async {
+            let vars = coordinator_env(&database_url, &prefix, &options);
+            let (coordinator, base_url) = if options.binary_coordinator {
+                let command = coordinator_command(&vars);
+                let (process, address) =
+                    spawn_coordinator(command, "coordinator", &log_dir).await?;
+                let base_url = format!("http://{address}");
+                coordinator::wait_until_ready(&base_url, Duration::from_secs(60)).await?;
+                (Coordinator::Binary(process), base_url)
+            } else {
+                let settings = coordinator::settings_from_env(&vars)?;
+                let coordinator = InProcess::start(test, settings).await?;
+                let base_url = coordinator.base_url();
+                (Coordinator::InProcess(coordinator), base_url)
+            };
+            let pool = PgPool::connect(&database_url).await?;
+            anyhow::Ok((coordinator, base_url, pool))
+        };
+        let (coordinator, base_url, pool) = match started.await {
+            Ok(started) => started,
+            Err(error) => {
+                drop_database(&database_url).await;
+                return Err(error);
+            }
+        };
         Ok(TestEnv {
             database_url,
             prefix,
-            base_url: format!("http://{address}"),
+            api: Api::new(base_url.clone()).with_log(coordinator.lines()),
+            base_url,
             http: reqwest::Client::new(),
             pool,
             coordinator,
@@ -322,19 +283,34 @@ impl TestEnv {
         })
     }
 
-    /// Start one more coordinator on this test's database and prefix (`name` names its
-    /// log), with extra environment; returns it and its base URL once it listens.
+    /// Start the `tasker-coordinator` binary, one more coordinator on this test's database
+    /// and prefix (`name` names its log), with extra environment; returns it and its base
+    /// URL once it is ready.
     pub async fn start_coordinator(
         &self,
         name: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<(Process, String)> {
-        let mut command = coordinator_command(&self.database_url, &self.prefix, &self.options);
-        for (key, value) in env {
-            command.env(key, value);
-        }
+        let mut vars = coordinator_env(&self.database_url, &self.prefix, &self.options);
+        vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let command = coordinator_command(&vars);
         let (process, address) = spawn_coordinator(command, name, &self.log_dir).await?;
-        Ok((process, format!("http://{address}")))
+        let base_url = format!("http://{address}");
+        coordinator::wait_until_ready(&base_url, Duration::from_secs(60)).await?;
+        Ok((process, base_url))
+    }
+
+    /// One more coordinator on this test's database and prefix, in the test process, with
+    /// extra environment; ready when returned.
+    pub async fn start_coordinator_in_process(
+        &self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<InProcess> {
+        let mut vars = coordinator_env(&self.database_url, &self.prefix, &self.options);
+        vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let settings = coordinator::settings_from_env(&vars)?;
+        InProcess::start(name, settings).await
     }
 
     /// Start a `tasker-worker` (or another worker binary) serving `namespaces` (empty:
@@ -396,13 +372,27 @@ impl TestEnv {
         namespaces: &[&str],
         concurrency: u16,
     ) -> anyhow::Result<(usize, String)> {
+        self.start_metered_worker_with(worker_id, namespaces, concurrency, &[])
+            .await
+    }
+
+    /// [`TestEnv::start_metered_worker`] with extra environment variables.
+    pub async fn start_metered_worker_with(
+        &mut self,
+        worker_id: &str,
+        namespaces: &[&str],
+        concurrency: u16,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(usize, String)> {
+        let mut env = env.to_vec();
+        env.push(("TASKER_METRICS_ADDR", "127.0.0.1:0"));
         let index = self
             .start_worker_with(
                 binary("tasker-worker"),
                 worker_id,
                 namespaces,
                 concurrency,
-                &[("TASKER_METRICS_ADDR", "127.0.0.1:0")],
+                &env,
             )
             .await?;
         let line = self.workers[index]
@@ -447,6 +437,11 @@ impl TestEnv {
         format!("{}.steps.{namespace}", self.prefix)
     }
 
+    /// The URL of the coordinator's `/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("{}/metrics", self.base_url)
+    }
+
     /// `POST /v1/templates`.
     pub async fn register_template(&self, body: &str) -> anyhow::Result<(StatusCode, Value)> {
         let response = self
@@ -464,7 +459,7 @@ impl TestEnv {
         Ok((status, value))
     }
 
-    /// `POST /v1/tasks`.
+    /// `POST /v1/tasks`, the answer as JSON (see [`Api::create_task`] for the typed one).
     pub async fn create_task(&self, body: Value) -> anyhow::Result<(StatusCode, Value)> {
         let response = self
             .http
@@ -496,7 +491,7 @@ impl TestEnv {
         Ok((response.status(), response.json().await?))
     }
 
-    /// Poll the task until `done` holds for it.
+    /// Poll the task until `done` holds for its JSON.
     pub async fn wait_until(
         &self,
         task_id: &str,
@@ -511,8 +506,13 @@ impl TestEnv {
                 return Ok(task);
             }
             if tokio::time::Instant::now() > deadline {
+                let log = self
+                    .coordinator
+                    .lines()
+                    .map(|lines| format!("\ncoordinator log:\n{}", lines.borrow().join("\n")))
+                    .unwrap_or_default();
                 bail!(
-                    "task {task_id}: {what} did not happen in {timeout:?}:\n{}",
+                    "task {task_id}: {what} did not happen in {timeout:?}:\n{}{log}",
                     serde_json::to_string_pretty(&task)?
                 );
             }
@@ -528,32 +528,20 @@ impl TestEnv {
             .unwrap_or_else(|| panic!("no step {name} in {task}"))
     }
 
-    /// Poll the task until its status is one of `statuses`.
+    /// Poll the task until its status is one of `statuses`; its JSON.
     pub async fn wait_for_task(
         &self,
         task_id: &str,
         statuses: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (_, task) = self.get(&format!("/v1/tasks/{task_id}")).await?;
-            if statuses.iter().any(|s| task["status"] == *s) {
-                return Ok(task);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "task {task_id} still {} after {timeout:?}:\n{}\ncoordinator log:\n{}",
-                    task["status"],
-                    serde_json::to_string_pretty(&task)?,
-                    self.coordinator.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_until(task_id, &format!("one of {statuses:?}"), timeout, |task| {
+            statuses.iter().any(|s| task["status"] == *s)
+        })
+        .await
     }
 
-    /// Create a task and wait for it to finish.
+    /// Create a task and wait for it to finish; its JSON.
     pub async fn run_task(&self, body: Value, timeout: Duration) -> anyhow::Result<Value> {
         let (status, task) = self.create_task(body).await?;
         anyhow::ensure!(
@@ -565,99 +553,122 @@ impl TestEnv {
             .await
     }
 
-    /// Stop every process, drop the database and delete the queues.
+    /// Stop every process and the coordinator, drop the database and delete the queues.
     pub async fn finish(mut self) -> anyhow::Result<()> {
         for worker in &mut self.workers {
             worker.kill().await;
         }
-        self.coordinator.kill().await;
+        let stopped = self.coordinator.stop().await;
         self.pool.close().await;
-        let _ = sqlx::Postgres::drop_database(&self.database_url).await;
         self.finished = true;
         let namespaces = self.namespaces.lock().unwrap().clone();
-        delete_broker_objects(&self.prefix, &namespaces).await
+        let (_, deleted) = tokio::join!(
+            drop_database(&self.database_url),
+            delete_broker_objects(&self.prefix, &namespaces)
+        );
+        deleted?;
+        stopped
     }
 }
 
-/// Delete the queues and exchanges a test created under `prefix`.
-pub async fn delete_broker_objects(prefix: &str, namespaces: &[String]) -> anyhow::Result<()> {
-    delete_broker_objects_at(&amqp_url(), prefix, namespaces).await
+/// A connection to the server's `postgres` database, to create and drop others.
+async fn admin_connection() -> anyhow::Result<PgConnection> {
+    Ok(PgConnection::connect(&format!("{}/postgres", postgres_server())).await?)
 }
 
-/// [`delete_broker_objects`] on the broker at `url`.
-pub async fn delete_broker_objects_at(
-    url: &str,
-    prefix: &str,
-    namespaces: &[String],
-) -> anyhow::Result<()> {
-    let connection =
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    let mut queues: Vec<String> = namespaces
-        .iter()
-        .map(|n| format!("{prefix}.steps.{n}"))
-        .collect();
-    queues.extend(
-        ["results", "dead_letter"]
-            .iter()
-            .map(|q| format!("{prefix}.{q}")),
-    );
-    for queue in queues {
-        let _ = channel.queue_delete(queue.into(), Default::default()).await;
-    }
-    for exchange in ["steps", "control", "dlx", "events"] {
-        let _ = channel
-            .exchange_delete(format!("{prefix}.{exchange}").into(), Default::default())
-            .await;
-    }
-    let _ = connection.close(200, "OK".into()).await;
+/// Create a test's database as a copy of the migrated template ([`migrated_template`]):
+/// the coordinator finds its migrations applied and starts at once.
+async fn create_database(database_url: &str) -> anyhow::Result<()> {
+    static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    let template = TEMPLATE.get_or_try_init(migrated_template).await?;
+    let (_, database) = database_url.rsplit_once('/').context("a database name")?;
+    let mut admin = admin_connection().await?;
+    let sql = format!("CREATE DATABASE \"{database}\" TEMPLATE \"{template}\"");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("creating {database} from {template}"))?;
+    admin.close().await?;
     Ok(())
 }
 
-/// Close every RabbitMQ connection named `name` (the name a process gives its connection,
-/// such as `tasker-worker w2`), as a network fault or an operator would, with
-/// `rabbitmqctl close_connection`. Returns how many were closed.
-pub async fn close_broker_connections(name: &str) -> anyhow::Result<usize> {
-    let listed = rabbitmqctl(&[
-        "list_connections",
-        "pid",
-        "client_properties",
-        "-q",
-        "--no-table-headers",
-    ])
-    .await?;
-    let wanted = format!("\"{name}\"");
-    let pids: Vec<String> = listed
-        .lines()
-        .filter(|line| line.contains("connection_name") && line.contains(&wanted))
-        .filter_map(|line| line.split('\t').next().map(str::to_owned))
-        .collect();
-    for pid in &pids {
-        rabbitmqctl(&["close_connection", pid, "fault injected by a test"]).await?;
+/// The name of a database with every migration of this build applied, made once for
+/// the whole server (its name says which migrations): applying them takes longer than
+/// copying it, and every test would.
+///
+/// It is built under a name of its own, then renamed, so a test binary running meanwhile
+/// never copies it half-migrated; it refuses connections, so none ever stops a copy.
+async fn migrated_template() -> anyhow::Result<String> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    for migration in tasker_shared::db::MIGRATOR.iter() {
+        migration.version.hash(&mut hasher);
+        migration.checksum.hash(&mut hasher);
     }
-    Ok(pids.len())
+    let template = format!("tasker_test_template_{:016x}", hasher.finish());
+    let mut admin = admin_connection().await?;
+    if !database_exists(&mut admin, &template).await? {
+        let building = format!("{template}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let settings = tasker_shared::config::DatabaseSettings {
+            database_url: format!("{}/{building}", postgres_server()).parse()?,
+            db_pool_size: 2,
+        };
+        tasker_shared::db::migrate(&settings).await?;
+        for sql in [
+            format!("ALTER DATABASE \"{building}\" WITH ALLOW_CONNECTIONS false"),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{building}'"
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await?;
+        }
+        let rename = format!("ALTER DATABASE \"{building}\" RENAME TO \"{template}\"");
+        if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(rename))
+            .execute(&mut admin)
+            .await
+        {
+            // Another test binary made it first.
+            let drop = format!("DROP DATABASE IF EXISTS \"{building}\"");
+            sqlx::query(sqlx::AssertSqlSafe(drop))
+                .execute(&mut admin)
+                .await?;
+            if !database_exists(&mut admin, &template).await? {
+                return Err(error).context("naming the migrated template");
+            }
+        }
+    }
+    admin.close().await?;
+    Ok(template)
 }
 
-/// Run `rabbitmqctl` with `args`; its standard output, or an error naming its stderr.
-async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
+async fn database_exists(admin: &mut PgConnection, name: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(admin)
         .await
-        .with_context(|| format!("running rabbitmqctl {}", args[0]))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "rabbitmqctl {} failed: {}",
-        args[0],
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Drop the database at `database_url`, closing whatever connections it still has
+/// (without `FORCE`, PostgreSQL waits for the backends of closed connections to exit).
+async fn drop_database(database_url: &str) {
+    let Some((_, database)) = database_url.rsplit_once('/') else {
+        return;
+    };
+    if let Ok(mut admin) = admin_connection().await {
+        let sql = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await;
+        let _ = admin.close().await;
+    }
 }
 
 /// Start `tasker-worker` with `env` and expect it to refuse to start (a setting it
 /// cannot use): returns what it wrote to stderr.
 pub async fn worker_refusing_to_start(env: &[(&str, &str)]) -> String {
-    let mut command = tokio::process::Command::new(binary("tasker-worker"));
+    let mut command = Command::new(binary("tasker-worker"));
     command
         .env("AMQP_URL", amqp_url())
         .env("TASKER_AMQP_PREFIX", "unused")
@@ -665,48 +676,31 @@ pub async fn worker_refusing_to_start(env: &[(&str, &str)]) -> String {
     for (key, value) in env {
         command.env(key, value);
     }
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("the worker stops at once")
-        .expect("the worker runs");
-    assert!(!output.status.success(), "the worker started");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    refusing_to_start("tasker-worker", command).await
 }
 
-/// Consumers of `queue` now (0 when it does not exist).
-pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
-    let connection =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await;
-    let _ = connection.close(200, "OK".into()).await;
-    Ok(declared.map(|q| q.consumer_count()).unwrap_or(0))
-}
-
-/// Wait until `queue` has at least `consumers` consumers; returns how long that took.
-pub async fn wait_for_consumers(
-    queue: &str,
-    consumers: u32,
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
-    let started = std::time::Instant::now();
-    loop {
-        let now = queue_consumers(queue).await.unwrap_or(0);
-        if now >= consumers {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            bail!("{queue} has {now} consumers after {timeout:?}, expected {consumers}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+/// Start `tasker-coordinator serve` on `database_url` with `env` and expect it to refuse
+/// to start: returns what it wrote to stderr. It must exit, not retry.
+pub async fn coordinator_refusing_to_start(database_url: &str, env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(binary("tasker-coordinator"));
+    command
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", amqp_url())
+        .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
     }
+    refusing_to_start("tasker-coordinator", command).await
+}
+
+async fn refusing_to_start(name: &str, mut command: Command) -> String {
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{name} stops at once instead of retrying"))
+        .unwrap_or_else(|error| panic!("{name} runs: {error}"));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{name} started: {stderr}");
+    stderr
 }

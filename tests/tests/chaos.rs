@@ -213,6 +213,8 @@ async fn run(queue_type: &str) {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
         queue_type: Some(queue_type.to_owned()),
+        // Processes: coordinators are killed and restarted, and paused at a failpoint.
+        binary_coordinator: true,
         ..EnvOptions::default()
     };
     let mut env = TestEnv::start_with(&format!("chaos-{queue_type}"), options)

@@ -54,6 +54,8 @@ async fn schemathesis_finds_no_server_error_and_no_departure_from_the_openapi_de
                 ("TASKER_AUTH".into(), "on".into()),
                 ("TASKER_JWT_HS256_SECRET".into(), SECRET.into()),
             ],
+            // A process: the test reads its log for 500s.
+            binary_coordinator: true,
             ..EnvOptions::default()
         },
     )

@@ -56,6 +56,14 @@ fn auth_env(extra: &[(&str, &str)]) -> EnvOptions {
     }
 }
 
+/// The same options with the coordinator as a process, for a test that reads its log.
+fn logged(options: EnvOptions) -> EnvOptions {
+    EnvOptions {
+        binary_coordinator: true,
+        ..options
+    }
+}
+
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -218,7 +226,9 @@ async fn create_token(env: &TestEnv, name: &str, scopes: &str) -> String {
 
 #[tokio::test]
 async fn auth_on_refuses_bad_tokens_and_admits_each_scope_to_its_routes() {
-    let env = TestEnv::start_with("auth", auth_env(&[])).await.unwrap();
+    let env = TestEnv::start_with("auth", logged(auth_env(&[])))
+        .await
+        .unwrap();
     assert!(
         env.coordinator
             .log()
@@ -609,7 +619,9 @@ async fn metrics_auth_protects_monitoring_but_never_the_probes() {
 
 #[tokio::test]
 async fn auth_is_off_by_default_and_says_so_loudly() {
-    let mut env = TestEnv::start("auth-off").await.unwrap();
+    let mut env = TestEnv::start_with("auth-off", logged(EnvOptions::default()))
+        .await
+        .unwrap();
     let warning = env
         .coordinator
         .wait_for_log("authentication is OFF", Duration::from_secs(5))

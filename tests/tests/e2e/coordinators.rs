@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tasker_shared::broker::Topology;
-use tasker_tests::{EnvOptions, TestEnv, metric};
-use uuid::Uuid;
+use tasker_tests::{EnvOptions, StepStatus, TaskStatus, TestEnv};
 
 const SLOW: &str = "namespace: held\nname: slow\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 3000}\n";
 const QUICK: &str = "namespace: held\nname: quick\nsteps:\n  - name: one\n    handler: tasker.noop\n  - name: two\n    handler: tasker.noop\n    depends_on: [one]\n";
@@ -18,28 +17,25 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
     env.register_template(SLOW).await.unwrap();
     env.register_template(QUICK).await.unwrap();
     env.start_worker("held-1", &["held"]).await.unwrap();
-    let metrics = format!("{}/metrics", env.base_url);
+    let metrics = env.metrics_url();
     let held = "tasker_result_messages_held_total";
 
-    let (_, slow) = env
-        .create_task(json!({"namespace": "held", "name": "slow", "context": {}}))
+    let slow = env
+        .api
+        .create_task(&json!({"namespace": "held", "name": "slow", "context": {}}))
         .await
         .unwrap();
-    let slow_id = slow["task_id"].as_str().unwrap().to_owned();
     let running = env
+        .api
         .wait_until(
-            &slow_id,
+            slow.task_id,
             "step one running",
             Duration::from_secs(30),
-            |task| TestEnv::step(task, "one")["status"] == "in_progress",
+            |task| task.step("one").status == StepStatus::InProgress,
         )
         .await
         .unwrap();
-    let step_id: Uuid = TestEnv::step(&running, "one")["step_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let step_id = running.step("one").step_id;
 
     // Hold the step's row, as another coordinator applying a batch with it would, from
     // before its result arrives until after the result has been turned away.
@@ -49,39 +45,38 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while metric(&metrics, held).await == 0.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the result was never held back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tasker_tests::wait_for_metric(&metrics, held, 1.0).await;
 
     // Results behind the held one are applied while it waits: a whole task runs.
     let quick = env
+        .api
         .run_task(
-            json!({"namespace": "held", "name": "quick", "context": {}}),
+            &json!({"namespace": "held", "name": "quick", "context": {}}),
             Duration::from_secs(30),
         )
         .await
         .unwrap();
-    assert_eq!(quick["status"], "complete");
-    let (_, slow) = env.get(&format!("/v1/tasks/{slow_id}")).await.unwrap();
+    assert_eq!(quick.status, TaskStatus::Complete);
+    let still = env.api.task(slow.task_id).await.unwrap();
     assert_eq!(
-        TestEnv::step(&slow, "one")["status"],
-        "in_progress",
+        still.step("one").status,
+        StepStatus::InProgress,
         "the held result is not applied while its row is held"
     );
 
     // Once the row is free, the held result is applied, once.
     holder.rollback().await.unwrap();
     let slow = env
-        .wait_for_task(&slow_id, &["complete", "error"], Duration::from_secs(30))
+        .api
+        .wait_for_task(
+            slow.task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
         .await
         .unwrap();
-    assert_eq!(slow["status"], "complete");
-    let succeeded = crate::step_history(&env.pool, &slow_id)
+    assert_eq!(slow.status, TaskStatus::Complete);
+    let succeeded = crate::step_history(&env.pool, slow.task_id)
         .await
         .into_iter()
         .filter(|(_, _, _, reason, _)| reason == "succeeded")
@@ -101,7 +96,11 @@ fn versioned(version: &str) -> String {
 #[tokio::test]
 async fn a_version_registered_on_another_coordinator_is_the_newest_at_once() {
     let env = TestEnv::start("newest-version").await.unwrap();
-    let (mut other, other_url) = env.start_coordinator("coordinator-b", &[]).await.unwrap();
+    let mut other = env
+        .start_coordinator_in_process("coordinator-b", &[])
+        .await
+        .unwrap();
+    let other_url = other.base_url();
     let http = reqwest::Client::new();
     let register_on_other = |version: &str| {
         http.post(format!("{other_url}/v1/templates"))
@@ -143,7 +142,7 @@ async fn a_version_registered_on_another_coordinator_is_the_newest_at_once() {
 
     // Every create above made exactly one task.
     assert_eq!(crate::task_count(&env.pool).await, 5);
-    other.terminate().await.unwrap();
+    other.stop().await.unwrap();
     env.finish().await.unwrap();
 }
 
@@ -163,7 +162,7 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
     let mut env = TestEnv::start_with("result-consumers", options)
         .await
         .unwrap();
-    let (connection, channel) = crate::poison::confirm_channel().await;
+    let (connection, channel) = tasker_tests::confirm_channel().await;
     let topology = Topology::new(env.prefix.clone());
     let (_, consumers) = topology
         .queue_stats(&channel, &topology.results_queue())
@@ -176,19 +175,24 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
     env.start_worker("consumers-1", &["held"]).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..40 {
-        let (status, task) = env
-            .create_task(json!({"namespace": "held", "name": "quick", "context": {}}))
-            .await
-            .unwrap();
-        assert_eq!(status, 201, "{task}");
-        ids.push(task["task_id"].as_str().unwrap().to_owned());
-    }
-    for id in &ids {
         let task = env
-            .wait_for_task(id, &["complete", "error"], Duration::from_secs(60))
+            .api
+            .create_task(&json!({"namespace": "held", "name": "quick", "context": {}}))
             .await
             .unwrap();
-        assert_eq!(task["status"], "complete", "{task:#}");
+        ids.push(task.task_id);
+    }
+    for id in ids {
+        let task = env
+            .api
+            .wait_for_task(
+                id,
+                &[TaskStatus::Complete, TaskStatus::Error],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
     }
     let succeeded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM step_transitions WHERE reason = 'succeeded'")

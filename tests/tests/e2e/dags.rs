@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tasker_tests::{StatusCode, TestEnv};
+use tasker_tests::{StatusCode, Step, StepStatus, TaskStatus, TestEnv};
 
-use crate::{step_history, steps_by_name, task_history};
+use crate::{step_history, task_history};
 
 /// A template of `tasker.echo` steps with the given `(name, parents)` edges.
 fn template(name: &str, steps: &[(&str, &[&str])]) -> String {
@@ -58,23 +58,22 @@ async fn every_shape_completes_with_each_step_after_its_parents_once() {
         let (status, body) = env.register_template(&template(name, steps)).await.unwrap();
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let task = env
+            .api
             .run_task(
-                json!({"namespace": "shapes", "name": name, "context": {"shape": name}}),
+                &json!({"namespace": "shapes", "name": name, "context": {"shape": name}}),
                 Duration::from_secs(60),
             )
             .await
             .unwrap();
-        assert_eq!(task["status"], "complete", "{name}: {task:#}");
-        assert!(task["completed_at"].is_string());
-        let by_name = steps_by_name(&task);
-        assert_eq!(by_name.len(), steps.len());
-        let task_id = task["task_id"].as_str().unwrap();
-        let history = step_history(&env.pool, task_id).await;
+        assert_eq!(task.status, TaskStatus::Complete, "{name}: {task:#?}");
+        assert!(task.completed_at.is_some());
+        assert_eq!(task.steps.len(), steps.len());
+        let history = step_history(&env.pool, task.task_id).await;
 
         for (step, parents) in steps {
-            let this = &by_name[*step];
-            assert_eq!(this["status"], "complete", "{name}.{step}");
-            assert_eq!(this["attempts"], 1, "{name}.{step} ran more than once");
+            let this = task.step(step);
+            assert_eq!(this.status, StepStatus::Complete, "{name}.{step}");
+            assert_eq!(this.attempts, 1, "{name}.{step} ran more than once");
             let completions = history
                 .iter()
                 .filter(|h| h.0 == *step && h.2 == "complete")
@@ -85,38 +84,29 @@ async fn every_shape_completes_with_each_step_after_its_parents_once() {
             );
             let mut expected_parents: Vec<&str> = parents.to_vec();
             expected_parents.sort_unstable();
-            let mut depends_on: Vec<&str> = this["depends_on"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
+            let mut depends_on: Vec<&str> = this.depends_on.iter().map(String::as_str).collect();
             depends_on.sort_unstable();
             assert_eq!(depends_on, expected_parents, "{name}.{step} depends_on");
 
             // Started only after every parent completed; and it saw every parent's results.
-            let started = this["started_at"].as_str().unwrap();
+            let results = this.results.as_ref().expect("results");
             for parent in *parents {
-                let parent_done = by_name[*parent]["completed_at"].as_str().unwrap();
-                let (started, parent_done) = (
-                    chrono::DateTime::parse_from_rfc3339(started).unwrap(),
-                    chrono::DateTime::parse_from_rfc3339(parent_done).unwrap(),
-                );
+                let parent: &Step = task.step(parent);
                 assert!(
-                    started >= parent_done,
-                    "{name}.{step} started before {parent} completed"
+                    this.started_at.unwrap() >= parent.completed_at.unwrap(),
+                    "{name}.{step} started before {} completed",
+                    parent.name
                 );
                 assert_eq!(
-                    this["results"]["parents"][parent], by_name[*parent]["results"],
-                    "{name}.{step} sees {parent}'s results"
+                    Some(&results["parents"][&parent.name]),
+                    parent.results.as_ref(),
+                    "{name}.{step} sees {}'s results",
+                    parent.name
                 );
             }
-            assert_eq!(
-                this["results"]["parents"].as_object().unwrap().len(),
-                parents.len()
-            );
-            assert_eq!(this["results"]["config"], json!({"step": step}));
-            assert_eq!(this["results"]["context"], json!({"shape": name}));
+            assert_eq!(results["parents"].as_object().unwrap().len(), parents.len());
+            assert_eq!(results["config"], json!({"step": step}));
+            assert_eq!(results["context"], json!({"shape": name}));
         }
     }
 
@@ -248,10 +238,15 @@ async fn creating_a_task_dispatches_its_first_steps_and_the_history_keeps_order(
 
     env.start_worker("w1", &["shapes"]).await.unwrap();
     let done = env
-        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .api
+        .wait_for_task(
+            id.parse().unwrap(),
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
         .await
         .unwrap();
-    assert_eq!(done["status"], "complete", "{done:#}");
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
 
     let history = step_history(&env.pool, &id).await;
     let position = |step: &str, reason: &str| {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tasker_tests::http_stub::{Answer, HttpStub};
-use tasker_tests::{StatusCode, TestEnv, binary};
+use tasker_tests::{StatusCode, StepStatus, Task, TaskStatus, TestEnv, binary};
+use uuid::Uuid;
 
 use crate::step_history;
 
@@ -16,36 +17,39 @@ fn one_step(name: &str, step: &str) -> String {
 }
 
 /// Create a task of the one-step template `name` and wait until its step runs.
-async fn running(env: &TestEnv, name: &str) -> String {
-    let (_, task) = env
-        .create_task(json!({"namespace": "failing", "name": name}))
+async fn running(env: &TestEnv, name: &str) -> Uuid {
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "failing", "name": name}))
         .await
         .unwrap();
-    let id = task["task_id"].as_str().unwrap().to_owned();
-    env.wait_until(
-        &id,
-        "the step runs on the doomed worker",
-        Duration::from_secs(20),
-        |t| TestEnv::step(t, "only")["status"] == "in_progress",
-    )
-    .await
-    .unwrap();
-    id
+    env.api
+        .wait_until(
+            task.task_id,
+            "the step runs on the doomed worker",
+            Duration::from_secs(20),
+            |t| t.step("only").status == StepStatus::InProgress,
+        )
+        .await
+        .unwrap();
+    task.task_id
 }
 
-async fn run(env: &TestEnv, name: &str) -> Value {
-    env.run_task(
-        json!({"namespace": "failing", "name": name}),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap()
+/// Create a task of the one-step template `name` and wait until it is finished.
+async fn run(env: &TestEnv, name: &str) -> Task {
+    env.api
+        .run_task(
+            &json!({"namespace": "failing", "name": name}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
 }
 
 /// Milliseconds between each failure being recorded and the next dispatch.
-async fn retry_gaps(env: &TestEnv, task_id: &str) -> Vec<i64> {
+async fn retry_gaps(env: &TestEnv, task_id: Uuid) -> Vec<i64> {
     let history: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT reason, created_at FROM step_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
+        "SELECT reason, created_at FROM step_transitions WHERE task_id = $1 ORDER BY transition_id",
     )
     .bind(task_id)
     .fetch_all(&env.pool)
@@ -78,7 +82,7 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
             format!(
                 "    handler: tasker.fail\n    retry_limit: 3\n    config: {{times: 2}}\n{fast}"
             ),
-            "complete",
+            TaskStatus::Complete,
             3,
         ),
         (
@@ -86,7 +90,7 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
             format!(
                 "    handler: tasker.fail\n    retry_limit: 3\n    config: {{times: 5}}\n{fast}"
             ),
-            "error",
+            TaskStatus::Error,
             3,
         ),
         (
@@ -94,7 +98,7 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
             format!(
                 "    handler: tasker.fail\n    retry_limit: 3\n    config: {{times: 5, kind: permanent}}\n{fast}"
             ),
-            "error",
+            TaskStatus::Error,
             1,
         ),
         (
@@ -102,7 +106,7 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
             format!(
                 "    handler: tasker.fail\n    retryable: false\n    config: {{times: 5}}\n{fast}"
             ),
-            "error",
+            TaskStatus::Error,
             1,
         ),
         (
@@ -110,7 +114,7 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
             format!(
                 "    handler: tasker.fail\n    retry_limit: 2\n    config: {{times: 1, kind: panic}}\n{fast}"
             ),
-            "complete",
+            TaskStatus::Complete,
             2,
         ),
     ];
@@ -118,11 +122,10 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
         let (code, body) = env.register_template(&one_step(name, step)).await.unwrap();
         assert_eq!(code, StatusCode::CREATED, "{body}");
         let task = run(&env, name).await;
-        assert_eq!(task["status"], *status, "{name}: {task:#}");
-        let only = TestEnv::step(&task, "only");
-        assert_eq!(only["attempts"], *attempts, "{name}: {only:#}");
-        let task_id = task["task_id"].as_str().unwrap();
-        let dispatches = step_history(&env.pool, task_id)
+        assert_eq!(task.status, *status, "{name}: {task:#?}");
+        let only = task.step("only");
+        assert_eq!(only.attempts, *attempts, "{name}: {only:#?}");
+        let dispatches = step_history(&env.pool, task.task_id)
             .await
             .iter()
             .filter(|h| h.3 == "dispatched")
@@ -131,21 +134,17 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
             dispatches, *attempts as usize,
             "{name} ran {dispatches} times"
         );
-        if *status == "error" {
-            assert_eq!(only["status"], "error");
-            assert!(
-                only["last_error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("tasker.fail"),
-                "{only:#}"
-            );
-            assert_eq!(task["execution"]["execution_status"], "blocked_by_failures");
-            assert_eq!(task["execution"]["health"], "blocked");
+        if *status == TaskStatus::Error {
+            assert_eq!(only.status, StepStatus::Error);
+            let error = only.last_error.as_ref().expect("a last error");
+            assert!(error.message.contains("tasker.fail"), "{only:#?}");
+            let execution = task.execution.as_ref().expect("an execution context");
+            assert_eq!(execution["execution_status"], "blocked_by_failures");
+            assert_eq!(execution["health"], "blocked");
         }
     }
     let exhausted = run(&env, "exhausts").await;
-    let reasons: Vec<String> = step_history(&env.pool, exhausted["task_id"].as_str().unwrap())
+    let reasons: Vec<String> = step_history(&env.pool, exhausted.task_id)
         .await
         .into_iter()
         .map(|h| h.3)
@@ -163,7 +162,7 @@ async fn retries_stop_at_the_limit_and_permanent_errors_stop_at_once() {
         ]
     );
     let panicked = run(&env, "panics").await;
-    let error_codes: Vec<Value> = step_history(&env.pool, panicked["task_id"].as_str().unwrap())
+    let error_codes: Vec<Value> = step_history(&env.pool, panicked.task_id)
         .await
         .into_iter()
         .filter(|h| h.3 == "retry_scheduled")
@@ -209,17 +208,11 @@ async fn backoff_follows_the_configured_policy() {
         }
     };
     let task = run(&env, "exponential").await;
-    assert_eq!(task["status"], "complete");
-    check(
-        &retry_gaps(&env, task["task_id"].as_str().unwrap()).await,
-        &[200, 400, 500],
-    );
+    assert_eq!(task.status, TaskStatus::Complete);
+    check(&retry_gaps(&env, task.task_id).await, &[200, 400, 500]);
     let task = run(&env, "scheduled").await;
-    assert_eq!(task["status"], "complete");
-    check(
-        &retry_gaps(&env, task["task_id"].as_str().unwrap()).await,
-        &[500, 100, 100],
-    );
+    assert_eq!(task.status, TaskStatus::Complete);
+    check(&retry_gaps(&env, task.task_id).await, &[500, 100, 100]);
     env.finish().await.unwrap();
 }
 
@@ -242,12 +235,12 @@ async fn retry_after_from_an_http_429_delays_the_next_attempt_by_that_long() {
     .await
     .unwrap();
     let task = run(&env, "http").await;
-    assert_eq!(task["status"], "complete", "{task:#}");
-    let only = TestEnv::step(&task, "only");
-    assert_eq!(only["attempts"], 2);
+    assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    let only = task.step("only");
+    assert_eq!(only.attempts, 2);
     assert_eq!(
-        only["results"],
-        json!({"status": 200, "body": {"ok": true}})
+        only.results,
+        Some(json!({"status": 200, "body": {"ok": true}}))
     );
     let arrivals = stub.arrivals();
     assert_eq!(arrivals.len(), 2);
@@ -282,31 +275,23 @@ async fn a_deferral_spends_no_attempt_and_the_deferral_limit_ends_in_error() {
 
     // Deferred three times with a retry limit of one: still completes on attempt 1.
     let task = run(&env, "patient").await;
-    assert_eq!(task["status"], "complete", "{task:#}");
-    let only = TestEnv::step(&task, "only");
-    assert_eq!(only["attempts"], 1);
-    assert_eq!(only["deferrals"], 3);
-    assert_eq!(only["results"], json!({"attempt": 1, "deferrals": 3}));
-    let gaps = retry_gaps(&env, task["task_id"].as_str().unwrap()).await;
+    assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    let only = task.step("only");
+    assert_eq!(only.attempts, 1);
+    assert_eq!(only.deferrals, 3);
+    assert_eq!(only.results, Some(json!({"attempt": 1, "deferrals": 3})));
+    let gaps = retry_gaps(&env, task.task_id).await;
     assert!(gaps.len() == 3 && gaps.iter().all(|g| *g >= 95), "{gaps:?}");
 
     let task = run(&env, "impatient").await;
-    assert_eq!(task["status"], "error", "{task:#}");
-    let only = TestEnv::step(&task, "only");
-    assert_eq!(only["last_error"]["code"], "deferral_limit");
-    assert!(
-        only["last_error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("deferred 2 times"),
-        "{only:#}"
-    );
-    assert_eq!(only["attempts"], 0, "deferrals are not attempts");
+    assert_eq!(task.status, TaskStatus::Error, "{task:#?}");
+    let only = task.step("only");
+    let error = only.last_error.as_ref().expect("a last error");
+    assert_eq!(error.code.as_deref(), Some("deferral_limit"));
+    assert!(error.message.contains("deferred 2 times"), "{only:#?}");
+    assert_eq!(only.attempts, 0, "deferrals are not attempts");
     let (_, readiness) = env
-        .get(&format!(
-            "/v1/tasks/{}/readiness",
-            task["task_id"].as_str().unwrap()
-        ))
+        .get(&format!("/v1/tasks/{}/readiness", task.task_id))
         .await
         .unwrap();
     assert_eq!(readiness["steps"][0]["reason"], "deferrals_exhausted");
@@ -332,11 +317,14 @@ async fn a_step_past_its_timeout_is_cancelled_and_retried() {
         "the retry waited for the dispatcher's poll: {:?}",
         started.elapsed()
     );
-    assert_eq!(task["status"], "error");
-    let only = TestEnv::step(&task, "only");
-    assert_eq!(only["attempts"], 2);
-    assert_eq!(only["last_error"]["kind"], "timeout");
-    let outcomes: Vec<Value> = step_history(&env.pool, task["task_id"].as_str().unwrap())
+    assert_eq!(task.status, TaskStatus::Error);
+    let only = task.step("only");
+    assert_eq!(only.attempts, 2);
+    assert_eq!(
+        only.last_error.as_ref().map(|e| e.kind.as_str()),
+        Some("timeout")
+    );
+    let outcomes: Vec<Value> = step_history(&env.pool, task.task_id)
         .await
         .into_iter()
         .filter(|h| h.3 == "retry_scheduled" || h.3 == "attempts_exhausted")
@@ -381,16 +369,21 @@ async fn a_worker_killed_mid_step_loses_nothing_and_the_attempt_is_counted() {
         .await
         .unwrap();
     let done = env
-        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .api
+        .wait_for_task(
+            id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
         .await
         .unwrap();
-    assert_eq!(done["status"], "complete", "{done:#}");
-    let only = TestEnv::step(&done, "only");
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    let only = done.step("only");
     assert_eq!(
-        only["attempts"], 2,
-        "the killed run counts as an attempt: {only:#}"
+        only.attempts, 2,
+        "the killed run counts as an attempt: {only:#?}"
     );
-    let history = step_history(&env.pool, &id).await;
+    let history = step_history(&env.pool, id).await;
     let completions: Vec<&Value> = history
         .iter()
         .filter(|h| h.2 == "complete")
@@ -427,13 +420,17 @@ async fn a_redelivered_step_on_its_last_attempt_runs_again_and_completes_once() 
     env.start_worker("rescuer", &["failing"]).await.unwrap();
     // The heartbeat lease (30 s) is far away: only the redelivery can finish it this soon.
     let done = env
-        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(20))
+        .api
+        .wait_for_task(
+            id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(20),
+        )
         .await
         .unwrap();
-    assert_eq!(done["status"], "complete", "{done:#}");
-    let only = TestEnv::step(&done, "only");
-    assert_eq!(only["attempts"], 2, "{only:#}");
-    let reasons: Vec<String> = step_history(&env.pool, &id)
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(done.step("only").attempts, 2, "{done:#?}");
+    let reasons: Vec<String> = step_history(&env.pool, id)
         .await
         .into_iter()
         .map(|h| h.3)
@@ -485,36 +482,42 @@ async fn the_sweeper_s_retries_and_failures_of_lost_workers_are_counted() {
     env.workers[doomed].kill().await;
 
     let failed = env
-        .wait_for_task(&ids[1], &["complete", "error"], Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(failed["status"], "error", "{failed:#}");
-    let only = TestEnv::step(&failed, "only");
-    assert_eq!(only["last_error"]["code"], "lease_expired", "{only:#}");
-    let retried = env
-        .wait_until(
-            &ids[0],
-            "the sweeper schedules a retry",
+        .api
+        .wait_for_task(
+            ids[1],
+            &[TaskStatus::Complete, TaskStatus::Error],
             Duration::from_secs(30),
-            |t| TestEnv::step(t, "only")["status"] != "in_progress",
         )
         .await
         .unwrap();
-    let only = TestEnv::step(&retried, "only");
-    assert_eq!(only["last_error"]["code"], "lease_expired", "{only:#}");
-    assert_ne!(retried["status"], "error", "{retried:#}");
+    assert_eq!(failed.status, TaskStatus::Error, "{failed:#?}");
+    let code = |task: &Task| task.step("only").last_error.as_ref()?.code.clone();
+    assert_eq!(
+        code(&failed).as_deref(),
+        Some("lease_expired"),
+        "{failed:#?}"
+    );
+    let retried = env
+        .api
+        .wait_until(
+            ids[0],
+            "the sweeper schedules a retry",
+            Duration::from_secs(30),
+            |t| t.step("only").status != StepStatus::InProgress,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&retried).as_deref(),
+        Some("lease_expired"),
+        "{retried:#?}"
+    );
+    assert_ne!(retried.status, TaskStatus::Error, "{retried:#?}");
 
     // The metrics follow the commit that the API has just shown: give them a moment.
-    let metrics = format!("{}/metrics", env.base_url);
+    let metrics = env.metrics_url();
     let lost = "tasker_leases_expired_total{reason=\"lease_expired\"}";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tasker_tests::metric(&metrics, lost).await < 2.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the lost workers were not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tasker_tests::wait_for_metric(&metrics, lost, 2.0).await;
     for (sample, expected) in [
         (lost, 2.0),
         (
@@ -543,7 +546,7 @@ async fn the_sweeper_s_retries_and_failures_of_lost_workers_are_counted() {
 async fn a_duplicated_result_changes_state_once() {
     // The test plays the worker: it takes the step message from the queue itself and
     // publishes the same result twice.
-    let mut env = TestEnv::start("duplicate").await.unwrap();
+    let env = TestEnv::start("duplicate").await.unwrap();
     env.register_template(&one_step("dup", "    handler: tasker.noop\n"))
         .await
         .unwrap();
@@ -598,10 +601,12 @@ async fn a_duplicated_result_changes_state_once() {
         .unwrap();
     assert_eq!(done["status"], "complete");
     assert_eq!(TestEnv::step(&done, "only")["results"], json!({"n": 1}));
-    env.coordinator
-        .wait_for_log("dropped stale results", Duration::from_secs(10))
-        .await
-        .unwrap();
+    // The second copy was dropped by the fence, once.
+    let stale = "tasker_stale_results_dropped_total";
+    assert_eq!(
+        tasker_tests::wait_for_metric(&env.metrics_url(), stale, 1.0).await,
+        1.0
+    );
     let completions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND to_status = 'complete'",
     )

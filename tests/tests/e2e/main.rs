@@ -1,5 +1,6 @@
-//! End-to-end tests: the real binaries, real PostgreSQL, real RabbitMQ.
-//! Each test has its own database and queue prefix (see `tasker_tests::TestEnv`).
+//! End-to-end tests: the coordinator (in the test process unless a test needs it as a
+//! process), `tasker-worker` processes, real PostgreSQL, real RabbitMQ. Each test has its
+//! own database and queue prefix (see `tasker_tests::TestEnv`).
 
 mod auth;
 mod coordinators;
@@ -20,6 +21,7 @@ mod validation;
 mod workers;
 
 use std::collections::HashMap;
+use std::fmt::Display;
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -27,14 +29,14 @@ use sqlx::PgPool;
 /// Step transitions of a task: (step name, from, to, reason, metadata), in order.
 pub(crate) async fn step_history(
     pool: &PgPool,
-    task_id: &str,
+    task_id: impl Display,
 ) -> Vec<(String, Option<String>, String, String, Value)> {
     sqlx::query_as(
         "SELECT s.name, t.from_status, t.to_status, t.reason, t.metadata
          FROM step_transitions t JOIN steps s USING (step_id)
          WHERE t.task_id = $1::uuid ORDER BY t.transition_id",
     )
-    .bind(task_id)
+    .bind(task_id.to_string())
     .fetch_all(pool)
     .await
     .expect("step history")
@@ -49,11 +51,11 @@ pub(crate) async fn task_count(pool: &PgPool) -> i64 {
 }
 
 /// The reasons of a task's own transitions, in order.
-pub(crate) async fn task_history(pool: &PgPool, task_id: &str) -> Vec<String> {
+pub(crate) async fn task_history(pool: &PgPool, task_id: impl Display) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT reason FROM task_transitions WHERE task_id = $1::uuid ORDER BY transition_id",
     )
-    .bind(task_id)
+    .bind(task_id.to_string())
     .fetch_all(pool)
     .await
     .expect("task history")

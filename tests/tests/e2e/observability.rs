@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tasker_tests::{TestEnv, binary};
+use tasker_tests::{EnvOptions, TestEnv, binary};
 
 const NAMESPACE: &str = "obs";
 
@@ -486,7 +486,12 @@ async fn health_status_shows_counts_and_the_workers_heard_from() {
 /// says so when it starts, and says nothing when autovacuum is on.
 #[tokio::test]
 async fn the_coordinator_warns_when_autovacuum_is_off() {
-    let env = TestEnv::start("autovacuum").await.unwrap();
+    // A process: the test reads its log.
+    let options = EnvOptions {
+        binary_coordinator: true,
+        ..EnvOptions::default()
+    };
+    let env = TestEnv::start_with("autovacuum", options).await.unwrap();
     let setting: String = sqlx::query_scalar("SHOW autovacuum")
         .fetch_one(&env.pool)
         .await

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tasker_tests::http_stub::{Answer, HttpStub};
-use tasker_tests::{StatusCode, TestEnv};
+use tasker_tests::{StatusCode, TaskStatus, TestEnv};
 
 use crate::{step_history, task_history};
 
@@ -17,6 +17,14 @@ steps:
   - {name: two,   handler: tasker.sleep, config: {ms: 1500}, depends_on: [one]}
   - {name: three, handler: tasker.sleep, config: {ms: 300}, depends_on: [two]}
   - {name: four,  handler: tasker.noop, depends_on: [three]}
+"#;
+
+/// One step as long as `chain`'s step two.
+const SENTINEL: &str = r#"
+namespace: ops
+name: sentinel
+steps:
+  - {name: only, handler: tasker.sleep, config: {ms: 1500}}
 "#;
 
 #[tokio::test]
@@ -66,7 +74,20 @@ async fn cancel_in_the_middle_stops_everything_and_the_task_stays_cancelled() {
         .wait_for_log("aborted its running steps", Duration::from_secs(5))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // What the late world could do has happened once a sentinel task, dispatched after
+    // the cancel and as long as step two, is complete: a claim after the cancel would
+    // have taken this task's next step first, and step two's result, had the abort
+    // failed, would have been applied before the sentinel's, published later.
+    env.register_template(SENTINEL).await.unwrap();
+    let sentinel = env
+        .api
+        .run_task(
+            &json!({"namespace": "ops", "name": "sentinel"}),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sentinel.status, TaskStatus::Complete, "{sentinel:#?}");
     let (_, later) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
     assert_eq!(later["status"], "cancelled");
     assert_eq!(later["steps"], cancelled["steps"]);

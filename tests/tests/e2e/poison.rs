@@ -16,134 +16,42 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tasker_shared::broker::Topology;
-use tasker_tests::{StatusCode, TestEnv, amqp_url, binary, metric};
+use tasker_tests::{
+    EnvOptions, StatusCode, TestEnv, assert_no_dead_letters, confirm_channel, metric, publish,
+    take_dead_letters,
+};
 use uuid::Uuid;
 
 const NAMESPACE: &str = "poison";
 const TEMPLATE: &str = "namespace: poison\nname: ok\nsteps:\n  - {name: one, handler: tasker.noop}\n  - {name: two, handler: tasker.echo, depends_on: [one]}\n";
 
 /// Wait until every sample has reached its target, then check none went past it.
+///
+/// Called again after a barrier (a task that went through the same queues afterwards),
+/// it checks that nothing late pushed a counter past its exact target.
 async fn assert_metrics_reach(targets: &[(&str, &str, f64)]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let mut pending = Vec::new();
         for (url, sample, target) in targets {
             let value = metric(url, sample).await;
+            assert!(value <= *target, "{sample} = {value}, past {target}");
             if value != *target {
                 pending.push(format!("{sample} = {value}, expected {target}"));
             }
         }
         if pending.is_empty() {
-            break;
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "metrics did not settle:\n{}",
             pending.join("\n")
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Nothing late may push a counter past its exact target.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for (url, sample, target) in targets {
-        assert_eq!(metric(url, sample).await, *target, "{sample}");
-    }
-}
-
-pub(crate) async fn confirm_channel() -> (Connection, Channel) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
-    let channel = connection.create_channel().await.expect("a channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    (connection, channel)
-}
-
-/// Publish and wait for the broker's confirm.
-pub(crate) async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack(), "the broker refused a publish");
-    assert!(
-        confirm.take_message().is_none(),
-        "a publish to {exchange}/{routing_key} was not routed"
-    );
-}
-
-fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(value) => Some(value.to_string()),
-        AMQPValue::ShortString(value) => Some(value.to_string()),
-        _ => None,
-    }
-}
-
-/// Take `count` messages from the dead-letter queue (waiting for them), then check it is
-/// empty. Returns `(body, reason, source queue)` of each.
-pub(crate) async fn drain_dead_letters(
-    channel: &Channel,
-    queue: &str,
-    count: usize,
-) -> Vec<(Vec<u8>, String, String)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut letters = Vec::new();
-    while letters.len() < count {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get");
-        match got {
-            Some(message) => {
-                let properties = &message.delivery.properties;
-                letters.push((
-                    message.delivery.data.clone(),
-                    header(properties, "x-tasker-reason")
-                        .expect("every dead letter has an x-tasker-reason header"),
-                    header(properties, "x-tasker-source-queue").unwrap_or_default(),
-                ));
-            }
-            None => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {} of {count} dead letters arrived: {letters:?}",
-                    letters.len()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let extra = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get");
-    assert!(
-        extra.is_none(),
-        "an unexpected dead letter: {:?}",
-        extra.map(|m| String::from_utf8_lossy(&m.delivery.data).into_owned())
-    );
-    letters
 }
 
 /// A well-formed step message of this build's protocol for a step nobody dispatched.
@@ -203,7 +111,12 @@ async fn assert_alive(env: &TestEnv, worker_metrics: &str) {
 
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
-    let mut env = TestEnv::start("poison").await.unwrap();
+    // A process: the test reads its log.
+    let options = EnvOptions {
+        binary_coordinator: true,
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("poison", options).await.unwrap();
     let (status, body) = env.register_template(TEMPLATE).await.unwrap();
     assert!(status.is_success(), "{body}");
     let (index, worker_metrics) = env
@@ -309,15 +222,16 @@ async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
     .await;
 
     // Every undecodable step and result is in the dead-letter queue, with its reason.
-    let letters = drain_dead_letters(
+    let dead_letter_queue = format!("{prefix}.dead_letter");
+    let letters = take_dead_letters(
         &channel,
-        &format!("{prefix}.dead_letter"),
+        &dead_letter_queue,
         to_steps.len() + to_results.len(),
     )
     .await;
     let by_body: BTreeMap<Vec<u8>, (String, String)> = letters
         .into_iter()
-        .map(|(body, reason, source)| (body, (reason, source)))
+        .map(|letter| (letter.body, (letter.reason, letter.source_queue)))
         .collect();
     for (sent, source_queue) in [(&to_steps, &step_queue), (&to_results, &results_queue)] {
         for (what, body, expected_reason) in sent {
@@ -336,16 +250,26 @@ async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
     // stale ones (the forged result, and the worker's permanent failure for the step of
     // the unknown handler, which nobody dispatched); the worker dead-lettered three
     // undecodable steps and one of an unknown handler.
-    assert_metrics_reach(&[
-        (&coordinator_metrics, dead_lettered, before[0] + 3.0),
-        (&coordinator_metrics, stale, before[1] + 2.0),
-        (&worker_metrics, undecodable, before[2] + 3.0),
-        (&worker_metrics, unknown_handler, before[3] + 1.0),
+    let targets = [
+        (coordinator_metrics.as_str(), dead_lettered, before[0] + 3.0),
+        (coordinator_metrics.as_str(), stale, before[1] + 2.0),
+        (worker_metrics.as_str(), undecodable, before[2] + 3.0),
+        (worker_metrics.as_str(), unknown_handler, before[3] + 1.0),
         // Both control messages (not JSON; JSON of an unknown type), by every receiver.
-        (&coordinator_metrics, control_dropped, before[4] + 2.0),
-        (&worker_metrics, worker_control_dropped, before[5] + 2.0),
-    ])
-    .await;
+        (
+            coordinator_metrics.as_str(),
+            control_dropped,
+            before[4] + 2.0,
+        ),
+        (
+            worker_metrics.as_str(),
+            worker_control_dropped,
+            before[5] + 2.0,
+        ),
+    ];
+    assert_metrics_reach(&targets).await;
+    // Every poison message has now been dealt with: none was dead-lettered twice.
+    assert_no_dead_letters(&channel, &dead_letter_queue).await;
 
     // Control garbage is dropped and logged by every receiver.
     env.coordinator
@@ -363,8 +287,11 @@ async fn poison_messages_are_dead_lettered_or_dropped_counted_and_survived() {
         .await
         .unwrap();
 
-    // Nobody stopped, and the system still works.
+    // Nobody stopped, and the system still works. The task went through the step and
+    // results queues after the poison: nothing of it was counted or dead-lettered late.
     assert_alive(&env, &worker_metrics).await;
+    assert_metrics_reach(&targets).await;
+    assert_no_dead_letters(&channel, &dead_letter_queue).await;
     let _ = connection.close(200, "OK".into()).await;
     env.finish().await.unwrap();
 }
@@ -383,29 +310,15 @@ async fn an_oversized_result_is_a_permanent_step_error_not_a_broker_failure() {
     let (status, body) = env.register_template(TEMPLATE).await.unwrap();
     assert!(status.is_success(), "{body}");
     let limit = LIMIT.to_string();
-    let index = env
-        .start_worker_with(
-            binary("tasker-worker"),
+    let (_, worker_metrics) = env
+        .start_metered_worker_with(
             "small-results",
             &[NAMESPACE],
             4,
-            &[
-                ("TASKER_MAX_RESULT_BYTES", limit.as_str()),
-                ("TASKER_METRICS_ADDR", "127.0.0.1:0"),
-            ],
+            &[("TASKER_MAX_RESULT_BYTES", limit.as_str())],
         )
         .await
         .unwrap();
-    let line = env.workers[index]
-        .wait_for_log("metrics listening", Duration::from_secs(10))
-        .await
-        .unwrap();
-    let worker_metrics = format!(
-        "http://{}/metrics",
-        serde_json::from_str::<Value>(&line).unwrap()["address"]
-            .as_str()
-            .unwrap()
-    );
 
     // tasker.echo answers with its config, the context and its parents' results.
     let context = json!({"blob": "x".repeat(10 * LIMIT)});

@@ -9,9 +9,7 @@ use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
 use tasker_shared::broker::{DELIVERY_LIMIT, is_queue_conflict};
-use tasker_tests::{EnvOptions, TestEnv, amqp_url, binary};
-
-use crate::poison::confirm_channel;
+use tasker_tests::{EnvOptions, Task, TaskStatus, TestEnv, amqp_url, confirm_channel};
 
 const TEMPLATE: &str = "namespace: replicated\nname: pair\nsteps:\n  - {name: first, handler: tasker.echo}\n  - {name: second, handler: tasker.echo, depends_on: [first]}\n";
 
@@ -57,13 +55,14 @@ async fn a_workflow_runs_on_quorum_queues() {
     let mut env = quorum_env("quorum-run").await;
     env.start_worker("q1", &["replicated"]).await.unwrap();
     let task = env
+        .api
         .run_task(
-            json!({"namespace": "replicated", "name": "pair", "context": {"n": 1}}),
+            &json!({"namespace": "replicated", "name": "pair", "context": {"n": 1}}),
             Duration::from_secs(60),
         )
         .await
         .unwrap();
-    assert_eq!(task["status"], "complete", "{task:#}");
+    assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
 
     let connection = lapin::Connection::connect(&amqp_url(), Default::default())
         .await
@@ -87,13 +86,14 @@ async fn a_workflow_runs_on_quorum_queues() {
 #[tokio::test]
 async fn a_step_message_that_kills_its_workers_fails_its_attempt_at_the_delivery_limit() {
     let mut env = quorum_env("quorum-limit").await;
-    let (_, task) = env
-        .create_task(json!({"namespace": "replicated", "name": "pair", "context": {"n": 2}}))
+    let task_id = env
+        .api
+        .create_task(&json!({"namespace": "replicated", "name": "pair", "context": {"n": 2}}))
         .await
-        .unwrap();
-    let task_id = task["task_id"].as_str().unwrap().to_owned();
+        .unwrap()
+        .task_id;
     let (_connection, channel) = confirm_channel().await;
-    let last_error = |task: &serde_json::Value| TestEnv::step(task, "first")["last_error"].clone();
+    let last_error = |task: &Task| task.step("first").last_error.clone();
 
     // A consumer that dies on the message every time, as far as the broker can tell: it
     // takes the message and gives it back unacknowledged.
@@ -113,8 +113,8 @@ async fn a_step_message_that_kills_its_workers_fails_its_attempt_at_the_delivery
             .await
             .unwrap();
         let Some(message) = got else {
-            let (_, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
-            if !last_error(&task).is_null() {
+            let task = env.api.task(task_id).await.unwrap();
+            if last_error(&task).is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -146,19 +146,25 @@ async fn a_step_message_that_kills_its_workers_fails_its_attempt_at_the_delivery
         deliveries >= DELIVERY_LIMIT,
         "the message left the queue after {deliveries} deliveries"
     );
-    let (_, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
-    assert_eq!(last_error(&task)["code"], "delivery_limit", "{task:#}");
-    assert_eq!(last_error(&task)["kind"], "retryable", "{task:#}");
+    let task = env.api.task(task_id).await.unwrap();
+    let error = last_error(&task).expect("a last error");
+    assert_eq!(error.code.as_deref(), Some("delivery_limit"), "{task:#?}");
+    assert_eq!(error.kind, "retryable", "{task:#?}");
 
     // The attempt failed like any retryable one: the next attempt runs on a worker that
     // survives it, and the task completes.
     env.start_worker("q2", &["replicated"]).await.unwrap();
     let task = env
-        .wait_for_task(&task_id, &["complete", "error"], Duration::from_secs(90))
+        .api
+        .wait_for_task(
+            task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(90),
+        )
         .await
         .unwrap();
-    assert_eq!(task["status"], "complete", "{task:#}");
-    assert_eq!(TestEnv::step(&task, "first")["attempts"], 2, "{task:#}");
+    assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    assert_eq!(task.step("first").attempts, 2, "{task:#?}");
     let dead = channel
         .basic_get(
             format!("{}.dead_letter", env.prefix).into(),
@@ -184,26 +190,14 @@ async fn processes_refuse_queues_of_the_other_type_and_say_why() {
         "{stderr}"
     );
 
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(binary("tasker-coordinator"))
-            .arg("serve")
-            .env("DATABASE_URL", &env.database_url)
-            .env("AMQP_URL", amqp_url())
-            .env("TASKER_AMQP_PREFIX", &env.prefix)
-            .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
-            .env("TASKER_QUEUE_TYPE", "quorum")
-            .kill_on_drop(true)
-            .output(),
+    let stderr = tasker_tests::coordinator_refusing_to_start(
+        &env.database_url,
+        &[
+            ("TASKER_AMQP_PREFIX", env.prefix.as_str()),
+            ("TASKER_QUEUE_TYPE", "quorum"),
+        ],
     )
-    .await
-    .expect("the coordinator stops instead of retrying")
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "the coordinator started: {stderr}"
-    );
+    .await;
     assert!(
         stderr.contains("TASKER_QUEUE_TYPE=quorum") && stderr.contains("inequivalent arg"),
         "{stderr}"

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tasker_tests::{TestEnv, binary, close_broker_connections, wait_for_consumers};
+use tasker_tests::{TaskStatus, TestEnv, binary, close_broker_connections, wait_for_consumers};
 
 const TEMPLATE: &str = "namespace: cut\nname: pair\nsteps:\n  - name: first\n    handler: tasker.sleep\n    config: {ms: 1500}\n  - name: second\n    handler: tasker.noop\n    depends_on: [first]\n";
 
@@ -27,11 +27,11 @@ async fn cut_at(stage: &str) {
     )
     .await
     .unwrap();
-    let (_, task) = env
-        .create_task(json!({"namespace": "cut", "name": "pair", "context": {}}))
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "cut", "name": "pair", "context": {}}))
         .await
         .unwrap();
-    let task_id = task["task_id"].as_str().unwrap().to_owned();
     env.workers[0]
         .wait_for_log(
             &format!("failpoint: paused at {stage}"),
@@ -48,10 +48,19 @@ async fn cut_at(stage: &str) {
         .await
         .unwrap_or_else(|e| panic!("cut at {stage}: the worker did not consume again: {e}"));
     let task = env
-        .wait_for_task(&task_id, &["complete", "error"], Duration::from_secs(90))
+        .api
+        .wait_for_task(
+            task.task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(90),
+        )
         .await
         .unwrap();
-    assert_eq!(task["status"], "complete", "cut at {stage}: {task}");
+    assert_eq!(
+        task.status,
+        TaskStatus::Complete,
+        "cut at {stage}: {task:#?}"
+    );
     assert!(
         env.workers[0].running(),
         "cut at {stage}: the worker exited"

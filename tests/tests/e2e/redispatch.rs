@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tasker_tests::{EnvOptions, StatusCode, TestEnv, amqp_url, metric};
+use tasker_tests::{
+    EnvOptions, StatusCode, TaskStatus, TestEnv, amqp_url, metric, wait_for_metric,
+};
+use uuid::Uuid;
 
 const TEMPLATE: &str =
     "namespace: backlog\nname: one\nsteps:\n  - name: only\n    handler: tasker.noop\n";
@@ -22,35 +25,46 @@ async fn short_lease(test: &str) -> TestEnv {
     env
 }
 
-async fn create_tasks(env: &TestEnv) -> Vec<String> {
+async fn create_tasks(env: &TestEnv) -> Vec<Uuid> {
     let mut ids = Vec::new();
     for i in 0..TASKS {
-        let (status, task) = env
-            .create_task(json!({"namespace": "backlog", "name": "one", "context": {"i": i}}))
+        let task = env
+            .api
+            .create_task(&json!({"namespace": "backlog", "name": "one", "context": {"i": i}}))
             .await
             .unwrap();
-        assert_eq!(status, StatusCode::CREATED, "{task}");
-        ids.push(task["task_id"].as_str().unwrap().to_owned());
+        ids.push(task.task_id);
     }
     ids
 }
 
-/// Steps `enqueued` with no lease: their publish was confirmed.
+/// Steps of the backlog `enqueued` with no lease: their publish was confirmed.
 async fn confirmed(env: &TestEnv) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM steps WHERE status = 'enqueued' AND lease_expires_at IS NULL",
+        "SELECT count(*) FROM steps s JOIN tasks t USING (task_id)
+         WHERE t.namespace = 'backlog' AND s.status = 'enqueued' AND s.lease_expires_at IS NULL",
     )
     .fetch_one(&env.pool)
     .await
     .unwrap()
 }
 
+/// Step transitions of `namespace` for `reason`.
+async fn reasons_in(env: &TestEnv, namespace: &str, reason: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM step_transitions h JOIN tasks t USING (task_id)
+         WHERE t.namespace = $1 AND h.reason = $2",
+    )
+    .bind(namespace)
+    .bind(reason)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// Step transitions of the backlog for `reason`.
 async fn reasons(env: &TestEnv, reason: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM step_transitions WHERE reason = $1")
-        .bind(reason)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
+    reasons_in(env, "backlog", reason).await
 }
 
 async fn wait_until_confirmed(env: &TestEnv) {
@@ -61,14 +75,67 @@ async fn wait_until_confirmed(env: &TestEnv) {
     }
 }
 
-async fn run_all(env: &mut TestEnv, ids: &[String]) {
+async fn run_all(env: &mut TestEnv, ids: &[Uuid]) {
     env.start_worker("drainer", &["backlog"]).await.unwrap();
     for id in ids {
         let task = env
-            .wait_for_task(id, &["complete", "error"], Duration::from_secs(60))
+            .api
+            .wait_for_task(
+                *id,
+                &[TaskStatus::Complete, TaskStatus::Error],
+                Duration::from_secs(60),
+            )
             .await
             .unwrap();
-        assert_eq!(task["status"], "complete");
+        assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    }
+}
+
+/// A one-step task of namespace `canary`, whose step message is confirmed when this
+/// returns.
+async fn canary(env: &TestEnv, canary: &str) {
+    let template = TEMPLATE.replace("backlog", canary);
+    let (status, body) = env.register_template(&template).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let task = env
+        .api
+        .create_task(&json!({"namespace": canary, "name": "one"}))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM steps WHERE task_id = $1
+             AND status = 'enqueued' AND lease_expires_at IS NULL",
+        )
+        .bind(task.task_id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{canary}: not confirmed in 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Delete `canary`'s queue, and wait until a sweep has found its message lost and
+/// dispatched its step again: a sweep that compared every namespace whose confirmed
+/// steps waited past the lease with its queue, and then expired leases.
+async fn sweep_past(env: &TestEnv, canary: &str) {
+    assert_eq!(
+        delete_queue(&env.queue(canary)).await,
+        1,
+        "{canary}'s message"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reasons_in(env, canary, "lease_lost").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{canary}: the lost message was not noticed in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -77,9 +144,16 @@ async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_on
     let mut env = short_lease("confirmed-waits").await;
     let ids = create_tasks(&env).await;
     wait_until_confirmed(&env).await;
-    // No worker: the steps wait. Several leases and sweeps (every 500 ms here) go by;
-    // the queue check runs each sweep and finds every message in the queue.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // No worker: the steps wait. Proof that sweeps looked at them past their lease: two
+    // canaries, confirmed after the backlog, whose queues are deleted one after the
+    // other. The sweep that notices the second one's loss runs after the one that
+    // noticed the first one's had finished, and both compared the backlog's queue (its
+    // steps waited longer than the canaries') and expired leases: two queue checks in a
+    // row, enough to act on a shortfall, and two lease sweeps.
+    canary(&env, "canary1").await;
+    canary(&env, "canary2").await;
+    sweep_past(&env, "canary1").await;
+    sweep_past(&env, "canary2").await;
     assert_eq!(
         confirmed(&env).await,
         TASKS as i64,
@@ -92,7 +166,7 @@ async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_on
     );
 
     run_all(&mut env, &ids).await;
-    let metrics = format!("{}/metrics", env.base_url);
+    let metrics = env.metrics_url();
     assert_eq!(
         metric(&metrics, "tasker_stale_results_dropped_total").await,
         0.0
@@ -103,46 +177,52 @@ async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_on
             "tasker_leases_expired_total{reason=\"lease_lost\"}"
         )
         .await,
-        0.0
+        2.0,
+        "the canaries' steps, and nothing else, dispatched again"
     );
     assert_eq!(reasons(&env, "lease_lost").await, 0);
     env.finish().await.unwrap();
 }
 
-/// Delete the namespace's queue (with every step message in it), and declare it again
-/// empty when `declare_again`, as a worker starting meanwhile would.
-async fn lose_queue(env: &TestEnv, declare_again: bool) {
+/// Delete a queue with every message in it; returns how many it held.
+async fn delete_queue(queue: &str) -> u32 {
     let connection =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
             .await
             .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let deleted = channel
-        .queue_delete(env.queue("backlog").into(), Default::default())
+        .queue_delete(queue.into(), Default::default())
         .await
         .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+    deleted
+}
+
+/// Delete the namespace's queue (with every step message in it), and declare it again
+/// empty when `declare_again`, as a worker starting meanwhile would.
+async fn lose_queue(env: &TestEnv, declare_again: bool) {
+    let deleted = delete_queue(&env.queue("backlog")).await;
     assert_eq!(deleted, TASKS as u32, "the queue held every step");
     if declare_again {
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
         tasker_shared::broker::Topology::new(env.prefix.clone())
             .declare_namespace(&channel, "backlog")
             .await
             .unwrap();
+        let _ = connection.close(200, "OK".into()).await;
     }
-    let _ = connection.close(200, "OK".into()).await;
 }
 
 /// Wait until the coordinator counted every step as lost for `reason`, then run them.
-async fn lost_then_run(env: &mut TestEnv, ids: &[String], reason: &str) {
-    let metrics = format!("{}/metrics", env.base_url);
+async fn lost_then_run(env: &mut TestEnv, ids: &[Uuid], reason: &str) {
+    let metrics = env.metrics_url();
     let sample = format!("tasker_lost_messages_total{{reason=\"{reason}\"}}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&metrics, &sample).await < TASKS as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "the lost messages ({reason}) were not noticed in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_metric(&metrics, &sample, TASKS as f64).await;
     run_all(env, ids).await;
     assert_eq!(
         reasons(env, "lease_lost").await,

@@ -2,11 +2,11 @@
 //! with their steps, edges and history; unfinished and recent ones stay, and so does
 //! history the events relay has not published; `tasker-coordinator prune` does it once.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use sqlx::PgPool;
-use tasker_tests::{EnvOptions, StatusCode, TestEnv, binary, metric};
+use tasker_tests::{EnvOptions, StatusCode, TaskStatus, TestEnv, binary, metric, wait_for_metric};
 use uuid::Uuid;
 
 const DIAMOND: &str = "namespace: kept\nname: diamond\nsteps:\n  - {name: a, handler: tasker.noop}\n  - {name: b, handler: tasker.noop, depends_on: [a]}\n  - {name: c, handler: tasker.noop, depends_on: [a]}\n  - {name: d, handler: tasker.noop, depends_on: [b, c]}\n";
@@ -36,16 +36,17 @@ async fn env_with(test: &str, coordinator_env: &[(&str, &str)]) -> TestEnv {
     env
 }
 
-async fn run(env: &TestEnv, name: &str, status: &str) -> Uuid {
+async fn run(env: &TestEnv, name: &str, status: TaskStatus) -> Uuid {
     let task = env
+        .api
         .run_task(
-            json!({"namespace": "kept", "name": name, "context": {}}),
+            &json!({"namespace": "kept", "name": name, "context": {}}),
             Duration::from_secs(60),
         )
         .await
         .unwrap();
-    assert_eq!(task["status"], status, "{task:#}");
-    task["task_id"].as_str().unwrap().parse().unwrap()
+    assert_eq!(task.status, status, "{task:#?}");
+    task.task_id
 }
 
 /// Make a finished task look as if it finished two minutes ago.
@@ -90,16 +91,17 @@ async fn finished_tasks_past_the_retention_go_with_everything_that_belongs_to_th
     )
     .await;
     let old = [
-        run(&env, "diamond", "complete").await,
-        run(&env, "diamond", "complete").await,
-        run(&env, "failing", "error").await,
+        run(&env, "diamond", TaskStatus::Complete).await,
+        run(&env, "diamond", TaskStatus::Complete).await,
+        run(&env, "failing", TaskStatus::Error).await,
     ];
-    let recent = run(&env, "diamond", "complete").await;
-    let (_, stuck) = env
-        .create_task(json!({"namespace": "unserved", "name": "stuck", "context": {}}))
+    let recent = run(&env, "diamond", TaskStatus::Complete).await;
+    let stuck = env
+        .api
+        .create_task(&json!({"namespace": "unserved", "name": "stuck", "context": {}}))
         .await
-        .unwrap();
-    let stuck: Uuid = stuck["task_id"].as_str().unwrap().parse().unwrap();
+        .unwrap()
+        .task_id;
     let kept_before = [rows(&env.pool, recent).await, rows(&env.pool, stuck).await];
     assert_eq!(kept_before[0][..3], [1, 4, 4]);
     for task in old {
@@ -118,18 +120,9 @@ async fn finished_tasks_past_the_retention_go_with_everything_that_belongs_to_th
     .await
     .unwrap();
 
-    let metrics = format!("{}/metrics", env.base_url);
-    let pruned_reach = |count: f64| {
-        let metrics = metrics.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while metric(&metrics, "tasker_pruned_tasks_total").await < count {
-                assert!(Instant::now() < deadline, "{count} tasks were not pruned");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    pruned_reach(3.0).await;
+    let metrics = env.metrics_url();
+    let pruned = "tasker_pruned_tasks_total";
+    assert_eq!(wait_for_metric(&metrics, pruned, 3.0).await, 3.0);
     for task in old {
         assert_eq!(rows(&env.pool, task).await, [0; 5], "rows of {task} remain");
         let (status, _) = env.get(&format!("/v1/tasks/{task}")).await.unwrap();
@@ -137,11 +130,11 @@ async fn finished_tasks_past_the_retention_go_with_everything_that_belongs_to_th
     }
     // Later rounds prune what ages meanwhile, and nothing else: one more task aged, and
     // once a round has removed it, the recent and the unfinished task are still whole.
-    let later = run(&env, "diamond", "complete").await;
+    let later = run(&env, "diamond", TaskStatus::Complete).await;
     age(&env.pool, later).await;
-    pruned_reach(4.0).await;
+    wait_for_metric(&metrics, pruned, 4.0).await;
     assert_eq!(rows(&env.pool, later).await, [0; 5]);
-    assert_eq!(metric(&metrics, "tasker_pruned_tasks_total").await, 4.0);
+    assert_eq!(metric(&metrics, pruned).await, 4.0);
     assert_eq!(
         [rows(&env.pool, recent).await, rows(&env.pool, stuck).await],
         kept_before
@@ -175,8 +168,8 @@ async fn prune_once_counts_first_and_keeps_history_not_yet_published() {
         &[("TASKER_RETENTION", "off"), ("TASKER_EVENTS", "false")],
     )
     .await;
-    let old = run(&env, "diamond", "complete").await;
-    let recent = run(&env, "diamond", "complete").await;
+    let old = run(&env, "diamond", TaskStatus::Complete).await;
+    let recent = run(&env, "diamond", TaskStatus::Complete).await;
     age(&env.pool, old).await;
 
     let counted = prune(&env, &["--older-than", "1m", "--dry-run"], "false").await;

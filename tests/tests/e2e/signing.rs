@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use serde_json::{Value, json};
-use tasker_tests::{EnvOptions, TestEnv, binary};
-
-use crate::poison::{confirm_channel, drain_dead_letters, publish};
+use tasker_tests::{
+    EnvOptions, TestEnv, assert_no_dead_letters, binary, confirm_channel, publish,
+    take_dead_letters,
+};
 
 const KEY: &str = "the-current-message-key-of-this-test-0001";
 const NEXT: &str = "the-next-message-key-of-this-test-00000002";
@@ -101,10 +102,11 @@ async fn unsigned_or_wrongly_signed_messages_are_refused_and_signed_ones_run() {
         .unwrap()
         .await
         .unwrap();
-    let letters = drain_dead_letters(&channel, &format!("{}.dead_letter", env.prefix), 2).await;
-    for (_, reason, source) in &letters {
-        assert!(reason.starts_with("bad_signature"), "{reason}");
-        assert_eq!(source, &format!("{}.results", env.prefix));
+    let dead_letter_queue = format!("{}.dead_letter", env.prefix);
+    let letters = take_dead_letters(&channel, &dead_letter_queue, 2).await;
+    for letter in &letters {
+        assert!(letter.reason.starts_with("bad_signature"), "{letter:?}");
+        assert_eq!(letter.source_queue, format!("{}.results", env.prefix));
     }
     let (_, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
     assert_ne!(
@@ -152,13 +154,15 @@ async fn unsigned_or_wrongly_signed_messages_are_refused_and_signed_ones_run() {
         json!({"n": 1}),
         "{done:#}"
     );
-    let letters = drain_dead_letters(&channel, &format!("{}.dead_letter", env.prefix), 1).await;
+    let letters = take_dead_letters(&channel, &dead_letter_queue, 1).await;
     assert!(
-        letters[0].1.starts_with("bad_signature"),
-        "{}",
-        letters[0].1
+        letters[0].reason.starts_with("bad_signature"),
+        "{letters:?}"
     );
-    assert_eq!(letters[0].2, env.queue(NAMESPACE));
+    assert_eq!(letters[0].source_queue, env.queue(NAMESPACE));
+    // Both forged results and the forged step were dead-lettered, and the real step's
+    // messages went through (the task completed): nothing else can arrive.
+    assert_no_dead_letters(&channel, &dead_letter_queue).await;
 
     // A key too short to be one stops a worker at start.
     let stderr =

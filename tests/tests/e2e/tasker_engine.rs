@@ -96,6 +96,22 @@ const ENGINE_FILES: [(&str, &str); 4] = [
     ),
 ];
 
+/// The warnings each of [`ENGINE_FILES`] gives, `(path, code)`: keys the project accepts
+/// but does not use. Registering answers them; loading from a folder logs them.
+fn expected_warnings(file: &str) -> &'static [(&'static str, &'static str)] {
+    match file {
+        "nightly_reporting" => &[("custom_events", "ignored")],
+        "guarded_checkout" => &[("handler_config", "ignored")],
+        "returns_processing" => &[
+            ("monitoring", "unknown_key"),
+            ("retry_strategies", "unknown_key"),
+            ("concurrent", "ignored"),
+            ("step_templates[1].custom_events", "ignored"),
+        ],
+        _ => &[],
+    }
+}
+
 /// Every step handler class the files name, as a migrating team ports them: one Rust
 /// handler registered under each Ruby class name.
 const HANDLER_CLASSES: [&str; 18] = [
@@ -169,18 +185,7 @@ async fn tasker_engine_files_register_unchanged_and_their_tasks_run() {
                 .map(|w| (w["path"].as_str().unwrap(), w["code"].as_str().unwrap()))
                 .collect(),
         };
-        let expected: &[(&str, &str)] = match file {
-            "nightly_reporting" => &[("custom_events", "ignored")],
-            "guarded_checkout" => &[("handler_config", "ignored")],
-            "returns_processing" => &[
-                ("monitoring", "unknown_key"),
-                ("retry_strategies", "unknown_key"),
-                ("concurrent", "ignored"),
-                ("step_templates[1].custom_events", "ignored"),
-            ],
-            _ => &[],
-        };
-        assert_eq!(warnings, expected, "{file}: {answer:#}");
+        assert_eq!(warnings, expected_warnings(file), "{file}: {answer:#}");
         // Registering the same file again is the identical template, with its warnings.
         let (status, again) = env.register_template(text).await.unwrap();
         assert_eq!(status, StatusCode::OK, "{file}: {again:#}");
@@ -328,6 +333,8 @@ async fn tasker_engine_files_load_from_the_templates_directory_with_their_warnin
         "tasker-engine-dir",
         tasker_tests::EnvOptions {
             templates_dir: Some(dir),
+            // A process: the test reads its log.
+            binary_coordinator: true,
             ..tasker_tests::EnvOptions::default()
         },
     )
@@ -346,14 +353,21 @@ async fn tasker_engine_files_load_from_the_templates_directory_with_their_warnin
         .unwrap();
     assert_eq!(status, StatusCode::OK, "{template:#}");
     let log = env.coordinator.log();
-    let warned = |file: &str, path: &str| {
+    let warned = |file: &str, path: &str, code: &str| {
         log.lines().any(|line| {
             line.contains("\"level\":\"WARN\"")
                 && line.contains(&format!("{file}.yaml"))
                 && line.contains(&format!("\"path\":\"{path}\""))
+                && line.contains(&format!("\"code\":\"{code}\""))
         })
     };
-    assert!(warned("guarded_checkout", "handler_config"), "{log}");
-    assert!(warned("returns_processing", "retry_strategies"), "{log}");
+    for (file, _) in ENGINE_FILES {
+        for (path, code) in expected_warnings(file) {
+            assert!(
+                warned(file, path, code),
+                "{file}: {path} ({code}) not logged:\n{log}"
+            );
+        }
+    }
     env.finish().await.unwrap();
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::json;
-use tasker_tests::{StatusCode, TestEnv};
+use tasker_tests::{StepStatus, Task, TaskStatus, TestEnv};
 
 use crate::step_history;
 
@@ -87,54 +87,61 @@ async fn workers_share_their_namespace_and_never_see_another() {
 async fn a_task_waits_for_a_worker_and_completes_once_one_starts() {
     let mut env = TestEnv::start("waiting").await.unwrap();
     env.register_template(&sleepy("gamma", 10)).await.unwrap();
-    let (status, task) = env
-        .create_task(json!({"namespace": "gamma", "name": "sleepy"}))
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "gamma", "name": "sleepy"}))
         .await
         .unwrap();
-    assert_eq!(status, StatusCode::CREATED);
-    let id = task["task_id"].as_str().unwrap().to_owned();
 
-    // Both roots are claimed and waiting in the queue; nothing is lost or failed.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let waiting = loop {
-        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
-        let statuses: Vec<&str> = task["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["status"].as_str().unwrap())
-            .collect();
-        if statuses == ["enqueued", "enqueued", "pending"] {
-            break task;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "steps never enqueued: {task:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(waiting["status"], "in_progress");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (_, still) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
-    assert_eq!(
-        still["steps"], waiting["steps"],
-        "nothing moves without a worker"
-    );
+    // Both roots are claimed and waiting in the queue.
+    let statuses = |task: &Task| task.steps.iter().map(|s| s.status).collect::<Vec<_>>();
+    let waiting = env
+        .api
+        .wait_until(
+            task.task_id,
+            "steps enqueued",
+            Duration::from_secs(10),
+            |t| {
+                statuses(t)
+                    == [
+                        StepStatus::Enqueued,
+                        StepStatus::Enqueued,
+                        StepStatus::Pending,
+                    ]
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(waiting.status, TaskStatus::InProgress);
 
     // A worker that serves every namespace learns about gamma and drains it.
     env.start_worker("late", &[]).await.unwrap();
     let done = env
-        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(30))
+        .api
+        .wait_for_task(
+            task.task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
         .await
         .unwrap();
-    assert_eq!(done["status"], "complete");
-    assert!(
-        done["steps"]
-            .as_array()
-            .unwrap()
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert!(done.steps.iter().all(|s| s.attempts == 1), "{done:#?}");
+    // Nothing moved without a worker: from its dispatch until the worker started it,
+    // no step has a transition at all (no lease lost, no failure, no second dispatch).
+    let history = step_history(&env.pool, task.task_id).await;
+    for step in ["one", "two", "three"] {
+        let reasons: Vec<&str> = history
             .iter()
-            .all(|s| s["attempts"] == 1)
-    );
+            .filter(|(name, ..)| name == step)
+            .map(|(_, _, _, reason, _)| reason.as_str())
+            .collect();
+        assert_eq!(
+            reasons,
+            ["dispatched", "started", "succeeded"],
+            "{step}: {history:#?}"
+        );
+    }
     env.finish().await.unwrap();
 }
 

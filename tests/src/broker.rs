@@ -1,0 +1,229 @@
+//! RabbitMQ as the tests see it: publishing as a producer would, reading the dead-letter
+//! queue, counting consumers, cutting connections, and deleting what a test declared.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::process::Command;
+
+use crate::amqp_url;
+
+/// A connection to the test broker and a channel on it in confirm mode (keep the
+/// connection: dropping it closes the channel).
+pub async fn confirm_channel() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    (connection, channel)
+}
+
+/// Publish a persistent message, mandatory, and wait for the broker's confirm; fails
+/// when the broker refuses it or routes it nowhere.
+pub async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker refused a publish");
+    assert!(
+        confirm.take_message().is_none(),
+        "a publish to {exchange}/{routing_key} was not routed"
+    );
+}
+
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(value) => Some(value.to_string()),
+        AMQPValue::ShortString(value) => Some(value.to_string()),
+        _ => None,
+    }
+}
+
+/// A message taken from a dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    /// `x-tasker-reason`: every dead letter has one.
+    pub reason: String,
+    /// `x-tasker-source-queue`, or empty.
+    pub source_queue: String,
+}
+
+/// Take `count` messages from the dead-letter queue `queue`, waiting up to 30 s for them.
+///
+/// Whether more arrive is for the caller to check, with
+/// [`assert_no_dead_letters`], once every message that could be dead-lettered has been
+/// dealt with (a counter reached, a task finished).
+pub async fn take_dead_letters(channel: &Channel, queue: &str, count: usize) -> Vec<DeadLetter> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut letters = Vec::new();
+    while letters.len() < count {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        match got {
+            Some(message) => {
+                let properties = &message.delivery.properties;
+                letters.push(DeadLetter {
+                    body: message.delivery.data.clone(),
+                    reason: header(properties, "x-tasker-reason")
+                        .expect("every dead letter has an x-tasker-reason header"),
+                    source_queue: header(properties, "x-tasker-source-queue").unwrap_or_default(),
+                });
+            }
+            None => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {count} dead letters arrived: {letters:?}",
+                    letters.len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    letters
+}
+
+/// The dead-letter queue `queue` is empty now.
+pub async fn assert_no_dead_letters(channel: &Channel, queue: &str) {
+    let extra = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get");
+    assert!(
+        extra.is_none(),
+        "an unexpected dead letter: {:?}",
+        extra.map(|m| String::from_utf8_lossy(&m.delivery.data).into_owned())
+    );
+}
+
+/// Delete the queues and exchanges a test created under `prefix`.
+pub async fn delete_broker_objects(prefix: &str, namespaces: &[String]) -> anyhow::Result<()> {
+    delete_broker_objects_at(&amqp_url(), prefix, namespaces).await
+}
+
+/// [`delete_broker_objects`] on the broker at `url`.
+pub async fn delete_broker_objects_at(
+    url: &str,
+    prefix: &str,
+    namespaces: &[String],
+) -> anyhow::Result<()> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let mut queues: Vec<String> = namespaces
+        .iter()
+        .map(|n| format!("{prefix}.steps.{n}"))
+        .collect();
+    queues.extend(
+        ["results", "dead_letter"]
+            .iter()
+            .map(|q| format!("{prefix}.{q}")),
+    );
+    for queue in queues {
+        let _ = channel.queue_delete(queue.into(), Default::default()).await;
+    }
+    for exchange in ["steps", "control", "dlx", "events"] {
+        let _ = channel
+            .exchange_delete(format!("{prefix}.{exchange}").into(), Default::default())
+            .await;
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Close every RabbitMQ connection named `name` (the name a process gives its connection,
+/// such as `tasker-worker w2`), as a network fault or an operator would, with
+/// `rabbitmqctl close_connection`. Returns how many were closed.
+pub async fn close_broker_connections(name: &str) -> anyhow::Result<usize> {
+    let listed = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "-q",
+        "--no-table-headers",
+    ])
+    .await?;
+    let wanted = format!("\"{name}\"");
+    let pids: Vec<String> = listed
+        .lines()
+        .filter(|line| line.contains("connection_name") && line.contains(&wanted))
+        .filter_map(|line| line.split('\t').next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        rabbitmqctl(&["close_connection", pid, "fault injected by a test"]).await?;
+    }
+    Ok(pids.len())
+}
+
+/// Run `rabbitmqctl` with `args`; its standard output, or an error naming its stderr.
+async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running rabbitmqctl {}", args[0]))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args[0],
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Consumers of `queue` now (0 when it does not exist).
+pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(declared.map(|q| q.consumer_count()).unwrap_or(0))
+}
+
+/// Wait until `queue` has at least `consumers` consumers; returns how long that took.
+pub async fn wait_for_consumers(
+    queue: &str,
+    consumers: u32,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        let now = queue_consumers(queue).await.unwrap_or(0);
+        if now >= consumers {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("{queue} has {now} consumers after {timeout:?}, expected {consumers}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
