@@ -106,16 +106,19 @@ BEGIN
     ),
     started_tasks AS (
         -- Task rows are locked in id order, as everywhere else, so two coordinators
-        -- starting the same tasks cannot deadlock. The ids go through arrays (evaluated
-        -- once) so the lookups are primary-key probes whatever the statistics say.
+        -- starting the same tasks cannot deadlock. The tasks are found by primary key
+        -- only: the status test is written so that no index can serve it (`IS TRUE`).
+        -- Offered `status = 'pending'`, the plan cached for this function walked
+        -- tasks_by_status, every pending task for every claim: a creation burst's
+        -- backlog made each claim of children cost hundreds of milliseconds.
         UPDATE tasks t SET status = 'in_progress', updated_at = now()
         WHERE t.task_id = ANY (ARRAY(
                   SELECT k.task_id FROM tasks k
                   WHERE k.task_id = ANY (ARRAY(SELECT task_id FROM claimed))
-                    AND k.status = 'pending'
+                    AND (k.status = 'pending') IS TRUE
                   ORDER BY k.task_id
                   FOR UPDATE))
-          AND t.status = 'pending'
+          AND (t.status = 'pending') IS TRUE
         RETURNING t.task_id
     ),
     task_history AS (
