@@ -56,8 +56,11 @@ RETURNS TABLE (
     dispatched_at TIMESTAMPTZ,
     trace_parent TEXT
 )
+-- No plan_cache_mode of its own: the statement runs with the caller's, which for a
+-- coordinator is force_custom_plan (shared/src/db.rs). A generic plan, made once per
+-- connection, would keep whatever the tables' size suggested at the first claim: made
+-- while they were nearly empty, it scanned them, and every claim grew with the tables.
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
