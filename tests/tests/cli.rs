@@ -1,7 +1,7 @@
 //! The `tasker` command-line client against a real coordinator and worker: templates
 //! apply and diagram, tasks create --wait (complete and failing), get, list filters,
-//! explain, diagram, retry, resolve, bulk cancel and retry, JSON output, and the exit
-//! codes of API, usage and connection errors.
+//! explain, diagram, retry, resolve (a step, a task), bulk cancel and retry, JSON output,
+//! and the exit codes of API, usage and connection errors.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -426,6 +426,11 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
         still["status"], "error",
         "a dry run changed the task: {still:#}"
     );
+    // tasks resolve closes the failed task by hand.
+    let run = tasker(&env, &["tasks", "resolve", &doomed, "--reason", "refunded"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("resolved task"), "{run}");
+    assert!(run.stdout.contains("resolved_manually"), "{run}");
     // No filter, or a filter with an id: usage errors.
     for args in [
         &["tasks", "cancel"][..],

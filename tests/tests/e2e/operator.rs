@@ -270,6 +270,70 @@ async fn a_step_resolved_by_hand_lets_its_dependents_run_with_the_given_results(
 }
 
 #[tokio::test]
+async fn a_failed_task_resolved_by_hand_is_closed_and_keeps_its_failure_on_record() {
+    let mut env = TestEnv::start("resolve_task").await.unwrap();
+    env.start_worker("w1", &["ops"]).await.unwrap();
+    env.register_template(
+        "namespace: ops\nname: refund\nsteps:\n  - {name: charge, handler: tasker.fail, config: {kind: permanent, times: 9}}\n  - {name: notify, handler: tasker.echo, depends_on: [charge]}\n",
+    )
+    .await
+    .unwrap();
+    let task = env
+        .run_task(
+            json!({"namespace": "ops", "name": "refund"}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(task["status"], "error", "{task:#}");
+
+    // Only a task in error can be resolved: not an unknown one, not twice.
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/resolve", uuid::Uuid::now_v7()),
+            json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{id}/resolve"), json!({"reason": 7}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, resolved) = env
+        .post(
+            &format!("/v1/tasks/{id}/resolve"),
+            json!({"reason": "refunded by phone"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{resolved}");
+    assert_eq!(resolved["status"], "resolved_manually");
+    assert!(resolved["completed_at"].is_string(), "{resolved:#}");
+    // The steps keep their states: the history still says what failed.
+    assert_eq!(TestEnv::step(&resolved, "charge")["status"], "error");
+    assert_eq!(TestEnv::step(&resolved, "notify")["status"], "pending");
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{id}/resolve"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_state", "{body}");
+    assert_eq!(
+        task_history(&env.pool, &id).await,
+        [
+            "created",
+            "first_step_dispatched",
+            "blocked_by_failures",
+            "resolved_by_operator"
+        ]
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
 async fn readiness_says_why_each_step_is_not_running() {
     let mut env = TestEnv::start("readiness").await.unwrap();
     env.start_worker("w1", &["ops"]).await.unwrap();
