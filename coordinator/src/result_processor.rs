@@ -5,9 +5,9 @@
 //! one messages only while the higher ones have their prefetch full). It takes the
 //! first delivery, then whatever else the prefetch buffer already holds (up to the
 //! batch size), and in **one transaction**:
-//! marks started steps `in_progress`, applies results (fenced by dispatch token) and
-//! claims the dependents they made ready in the same statement, reads those dependents'
-//! messages, and finishes tasks that can finish. After the commit it acks the batch
+//! marks started steps `in_progress`, applies results (fenced by dispatch token, decided
+//! by `decision::decide`), claims the dependents they made ready with their messages
+//! (`transitions::claim_children`), and finishes tasks that can finish. After the commit it acks the batch
 //! (one `multiple` ack) and hands the claimed steps to the publisher, which publishes
 //! them while the next batch is applied. Messages whose steps another coordinator is
 //! applying at that moment (its rows are locked) are not waited for: they stay unacked

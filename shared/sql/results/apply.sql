@@ -1,6 +1,6 @@
 -- Write what the decision made of a batch of results: per step ($1) the status it had
--- ($2, `enqueued` or `in_progress`) and gets ($3), why ($4), its results ($5, on
--- success), last error ($6), the attempt that answered ($7), the attempts and deferrals
+-- ($2, `enqueued` or `in_progress`) and gets ($3), why ($4), its results ($5, only with
+-- a completion), last error ($6), the attempt that answered ($7), the attempts and deferrals
 -- to store ($8, $9), the wait before the next attempt ($10, ms), and the run's start,
 -- end and worker ($11–$13) and error code ($14). The caller holds the rows.
 WITH input AS (
@@ -14,7 +14,7 @@ WITH input AS (
 updated AS (
     UPDATE steps s
     SET status = i.to_status,
-        results = CASE WHEN i.to_status = 'complete' THEN i.results ELSE s.results END,
+        results = COALESCE(i.results, s.results),
         last_error = i.last_error,
         attempts = i.attempts,
         deferrals = i.deferrals,

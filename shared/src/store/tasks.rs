@@ -180,10 +180,11 @@ impl Creation {
 
     /// The steps to claim with the task: those without parents, when it claims at all.
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
+        let claims = self.claim_lease_ms.is_some();
         self.parents
             .iter()
             .zip(&self.step_ids)
-            .filter(|(parents, _)| self.claim_lease_ms.is_some() && parents.is_empty())
+            .filter(move |(parents, _)| claims && parents.is_empty())
             .map(|(_, step_id)| *step_id)
     }
 

@@ -347,11 +347,10 @@ pub async fn apply_results(
         };
         // The started notice has not been applied (the result overtook it): this result
         // carries the queue latency.
-        let queue_latency = (row.status == StepStatus::Enqueued).then(|| {
-            row.ready_at
-                .map(|ready| (result.started_at - ready).as_seconds_f64().max(0.0))
-                .unwrap_or(0.0)
-        });
+        let queue_latency = row
+            .ready_at
+            .filter(|_| row.status == StepStatus::Enqueued)
+            .map(|ready| (result.started_at - ready).as_seconds_f64().max(0.0));
         changes.push(StepChange {
             task_id: row.task_id,
             namespace: row.namespace.clone(),
