@@ -6,12 +6,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::states::{StepStatus, TaskStatus};
 use crate::store::templates::TemplateRecord;
-use crate::store::transitions::{Dispatch, claim_steps};
+use crate::store::transitions::{Dispatch, claimed_in};
 
 /// A task as the API shows it (without steps).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -124,11 +124,10 @@ const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, 
 /// A task about to be created: the caller's request, checked against its template, with
 /// the ids of the task and its steps chosen.
 ///
-/// With `claim_lease_ms`, the steps without parents are claimed in the creating
-/// transaction, through the one claim path
-/// ([`claim_steps`](crate::store::transitions::claim_steps): `enqueued`, attempt 1, a
+/// With `claim_lease_ms`, the steps without parents are claimed by the creating
+/// statement, through the one claim path (`tasker_claim_steps`: `enqueued`, attempt 1, a
 /// dispatch token and a lease of that many milliseconds), and returned for the caller to
-/// publish once it commits. Without it they stay `pending` for the dispatcher.
+/// publish once it committed. Without it they stay `pending` for the dispatcher.
 ///
 /// With `versions_known` (see [`Resolved`](crate::store::templates::Resolved)), the
 /// statement first checks that the template's name still has that many versions, and
@@ -188,8 +187,30 @@ impl Creation {
             .map(|(_, step_id)| *step_id)
     }
 
-    /// The task as the statement answered it, with its steps as inserted (built here, not
-    /// read back) and the claimed ones' messages.
+    /// The task as the statement wrote it: the request's fields, `pending`, created (and
+    /// last changed) at `created_at`.
+    fn record(&self, created_at: DateTime<Utc>) -> TaskRecord {
+        let (definition, new) = (&self.template.definition, &self.new);
+        TaskRecord {
+            task_id: self.task_id,
+            namespace: definition.namespace.clone(),
+            name: definition.name.clone(),
+            version: definition.version.clone(),
+            status: TaskStatus::Pending,
+            context: new.context.clone(),
+            initiator: new.initiator.clone(),
+            source_system: new.source_system.clone(),
+            reason: new.reason.clone(),
+            tags: new.tags.clone(),
+            idempotency_key: new.idempotency_key.clone(),
+            created_at,
+            updated_at: created_at,
+            completed_at: None,
+        }
+    }
+
+    /// The task and its steps as the statement wrote them (built here, not read back),
+    /// with the claimed ones' messages.
     fn created(&self, mut task: TaskRecord, dispatches: Vec<Dispatch>) -> Created {
         let definition = &self.template.definition;
         let claimed: HashMap<Uuid, i32> = dispatches
@@ -233,16 +254,16 @@ impl Creation {
         Created::New(task, steps, dispatches)
     }
 
-    /// What became of this creation, given the row its statement returned (none: the
+    /// What became of this creation, given when its statement created it (never: the
     /// idempotency key was taken) and the steps claimed with it.
     async fn outcome(
         &self,
         pool: &PgPool,
-        inserted: Option<TaskRecord>,
+        created_at: Option<DateTime<Utc>>,
         dispatches: Vec<Dispatch>,
     ) -> sqlx::Result<Created> {
-        match inserted {
-            Some(task) => Ok(self.created(task, dispatches)),
+        match created_at {
+            Some(created_at) => Ok(self.created(self.record(created_at), dispatches)),
             None => {
                 let definition = &self.template.definition;
                 let key = self.new.idempotency_key.as_deref().unwrap_or_default();
@@ -273,12 +294,13 @@ pub async fn create(pool: &PgPool, creation: &Creation) -> sqlx::Result<Created>
     }
 }
 
-/// Create tasks, each with all its steps and edges, in one statement
-/// (`tasker_create_tasks`), and claim their first steps in the same transaction: one
-/// commit for them all. The outcomes are in the order of `creations`; each can fail on its
-/// own only where a taken idempotency key sends it to read the task that holds the key.
+/// Create tasks, each with all its steps and edges, and claim their first steps, in one
+/// statement (`tasker_create_tasks`, which claims through `tasker_claim_steps`): one round
+/// trip and one commit for them all. The outcomes are in the order of `creations`; each
+/// can fail on its own only where a taken idempotency key sends it to read the task that
+/// holds the key.
 ///
-/// The transaction writes all of them or nothing. When it fails, this fails, and nothing
+/// The statement writes all of them or nothing. When it fails, this fails, and nothing
 /// was written: the caller may then create each on its own, as with a template whose
 /// versions changed (`TK001`, refused for the whole batch here and answered per task by
 /// [`create`]).
@@ -296,13 +318,17 @@ pub async fn create_many(
         edge_from.extend_from_slice(&creation.edge_from);
         edge_to.extend_from_slice(&creation.edge_to);
     }
-    let mut tx = pool.begin().await?;
-    let inserted: Vec<TaskRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_COLUMNS} \
+    // Every claim in one batch has the publisher's one lease.
+    let lease_ms = creations
+        .iter()
+        .find_map(|creation| creation.claim_lease_ms);
+    let first_steps: Vec<Uuid> = creations.iter().flat_map(Creation::first_steps).collect();
+    let rows = sqlx::query(
+        "SELECT * \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
-                                  $27, $28, $29, $30, $31)"
-    )))
+                                  $27, $28, $29, $30, $31, $32, $33)",
+    )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
     .bind(tasks.namespaces)
@@ -334,36 +360,25 @@ pub async fn create_many(
     .bind(edge_task_ids)
     .bind(edge_from)
     .bind(edge_to)
-    .fetch_all(&mut *tx)
+    .bind(first_steps)
+    .bind(lease_ms)
+    .fetch_all(pool)
     .await?;
-    let mut inserted: HashMap<Uuid, TaskRecord> = inserted
-        .into_iter()
-        .map(|task| (task.task_id, task))
-        .collect();
-    // Every claim in one batch has the publisher's one lease.
-    let lease_ms = creations
-        .iter()
-        .find_map(|creation| creation.claim_lease_ms);
-    let first_steps: Vec<Uuid> = creations
-        .iter()
-        .filter(|creation| inserted.contains_key(&creation.task_id))
-        .flat_map(Creation::first_steps)
-        .collect();
-    let mut dispatches: HashMap<Uuid, Vec<Dispatch>> = HashMap::new();
-    if let Some(lease_ms) = lease_ms {
-        for dispatch in claim_steps(&mut tx, &first_steps, lease_ms).await? {
-            dispatches
-                .entry(dispatch.message.task_id)
-                .or_default()
-                .push(dispatch);
-        }
+    let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>)> = HashMap::new();
+    for row in &rows {
+        let task_id: Uuid = row.try_get("created_task_id")?;
+        let (_, dispatches) = created
+            .entry(task_id)
+            .or_insert((row.try_get("created_at")?, Vec::new()));
+        dispatches.extend(claimed_in(row)?);
     }
-    tx.commit().await?;
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
-        let task = inserted.remove(&creation.task_id);
-        let claimed = dispatches.remove(&creation.task_id).unwrap_or_default();
-        outcomes.push(creation.outcome(pool, task, claimed).await);
+        let (created_at, claimed) = match created.remove(&creation.task_id) {
+            Some((created_at, claimed)) => (Some(created_at), claimed),
+            None => (None, Vec::new()),
+        };
+        outcomes.push(creation.outcome(pool, created_at, claimed).await);
     }
     Ok(outcomes)
 }

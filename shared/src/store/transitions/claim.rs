@@ -2,14 +2,15 @@
 //!
 //! Every claim goes through `tasker_claim_steps` (migrations/0010), whatever found the
 //! steps: the dispatcher's scan of ready steps ([`claim_ready`]), the children a batch of
-//! results completed ([`claim_children`]), a new task's first steps
-//! ([`claim_steps`], called by task creation). The function applies the claim rule
+//! results completed ([`claim_children`]), a new task's first steps (claimed inside
+//! `tasker_create_tasks`, migrations/0011, read back with [`claimed_in`]). The function applies the claim rule
 //! (`tasker_step_claimable`), writes the `dispatched` history rows, starts the tasks and
 //! returns each claimed step's message. A new condition on claiming goes there.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::messages::{SCHEMA_VERSION, StepMessage};
@@ -79,22 +80,13 @@ pub async fn claim_children(
     Ok(rows.into_iter().map(Dispatch::from).collect())
 }
 
-/// Claim the given steps where the claim rule allows it (a new task's first steps).
-/// The caller holds their rows, or created them in its transaction.
-pub async fn claim_steps(
-    conn: &mut PgConnection,
-    steps: &[Uuid],
-    lease_ms: i64,
-) -> sqlx::Result<Vec<Dispatch>> {
-    if steps.is_empty() {
-        return Ok(Vec::new());
+/// The claimed step in a row of `tasker_create_tasks`, which returns a created task's
+/// first steps as `tasker_claim_steps` claimed them (none: `step_id` is NULL).
+pub(crate) fn claimed_in(row: &PgRow) -> sqlx::Result<Option<Dispatch>> {
+    if row.try_get::<Option<Uuid>, _>("step_id")?.is_none() {
+        return Ok(None);
     }
-    let rows: Vec<ClaimedRow> = sqlx::query_as("SELECT * FROM tasker_claim_steps($1, NULL, $2)")
-        .bind(steps)
-        .bind(lease_ms)
-        .fetch_all(conn)
-        .await?;
-    Ok(rows.into_iter().map(Dispatch::from).collect())
+    ClaimedRow::from_row(row).map(|row| Some(Dispatch::from(row)))
 }
 
 impl From<ClaimedRow> for Dispatch {

@@ -7,7 +7,7 @@
 //!
 //! | function | step transition | reason recorded |
 //! |---|---|---|
-//! | [`claim_ready`], [`claim_children`], [`claim_steps`] | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
+//! | [`claim_ready`], [`claim_children`], task creation | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
 //! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
@@ -38,7 +38,8 @@ mod leases;
 mod operator;
 mod worker;
 
-pub use claim::{Dispatch, claim_children, claim_ready, claim_steps, next_due};
+pub(crate) use claim::claimed_in;
+pub use claim::{Dispatch, claim_children, claim_ready, next_due};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };
