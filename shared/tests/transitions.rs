@@ -668,3 +668,59 @@ async fn the_sql_backoff_and_the_decision_s_backoff_agree() {
     assert!((jittered.delay_ms(3, None, 0.0)..=jittered.delay_ms(3, None, 1.0)).contains(&sql));
     db.finish_without_history().await;
 }
+
+#[tokio::test]
+async fn the_dispatcher_claims_the_higher_priority_first() {
+    let db = TestDb::new("priority").await;
+    let low = db
+        .template(
+            "namespace: shapes\nname: low\npriority: 2\nsteps:\n  - name: a\n    handler: h\n",
+        )
+        .await;
+    let plain = db.template(ONE).await;
+    // Created unclaimed (as while the broker is away), low first, oldest first.
+    let create = |template: &Arc<TemplateRecord>, priority: Option<i16>| {
+        let new = Arc::new(NewTask {
+            context: json!({}),
+            tags: json!([]),
+            priority,
+            ..NewTask::default()
+        });
+        Creation::new(template.clone(), new, None, None)
+    };
+    let mut ids = Vec::new();
+    for creation in [
+        create(&low, None),
+        create(&plain, None),
+        create(&low, Some(9)),
+        create(&plain, Some(0)),
+    ] {
+        match tasks::create(&db.pool, &creation).await.unwrap() {
+            Created::New(task, _, dispatches) => {
+                assert!(dispatches.is_empty());
+                ids.push((task.task_id, task.priority));
+            }
+            other => panic!("not created: {other:?}"),
+        }
+    }
+    // The template's priority, or the one asked for; stored on the task.
+    assert_eq!(
+        ids.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+        [2, 5, 9, 0]
+    );
+    let stored = tasks::get(&db.pool, ids[2].0).await.unwrap().unwrap();
+    assert_eq!(stored.priority, 9);
+    // One claim at a time: the highest priority first, then the older of equals.
+    let mut order = Vec::new();
+    let mut conn = db.pool.acquire().await.unwrap();
+    for _ in 0..4 {
+        let claimed = transitions::claim_ready(&mut conn, 1, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        order.push(claimed[0].message.task_id);
+    }
+    drop(conn);
+    assert_eq!(order, [ids[2].0, ids[1].0, ids[0].0, ids[3].0]);
+    db.finish().await;
+}

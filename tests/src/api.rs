@@ -21,6 +21,7 @@ pub struct Task {
     pub name: String,
     pub version: String,
     pub status: TaskStatus,
+    pub priority: i16,
     pub context: Value,
     pub initiator: Option<String>,
     pub source_system: Option<String>,

@@ -161,6 +161,8 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
             "cli/flow",
             "--context",
             &context_arg,
+            "--priority",
+            "7",
             "--wait",
             "--timeout",
             "60",
@@ -168,6 +170,7 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     )
     .await;
     assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains("Priority  7"), "{run}");
     assert!(run.stderr.contains("created task"), "{run}");
     assert!(run.stderr.contains("step b: "), "{run}");
     assert!(run.stderr.contains("→ complete"), "{run}");

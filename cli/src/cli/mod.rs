@@ -184,6 +184,10 @@ struct CreateArgs {
     /// Creating twice with the same key answers the first task.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Priority, 0 to 9: among ready steps the higher is claimed first (default: the
+    /// template's).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: Option<u8>,
     /// Show the task's progress and wait until it finishes.
     #[arg(long)]
     wait: bool,
@@ -679,6 +683,9 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
     }
     if let Some(key) = &args.idempotency_key {
         body["idempotency_key"] = json!(key);
+    }
+    if let Some(priority) = args.priority {
+        body["priority"] = json!(priority);
     }
     let response = context.client.post(&["v1", "tasks"], body).await?;
     let mut task = response.body;

@@ -318,6 +318,10 @@ pub(crate) fn task(task: &Value, style: Style, now: DateTime<Utc>) -> String {
             ));
         }
     }
+    // Shown when it is not the default (5), which most tasks have.
+    if let Some(priority) = task["priority"].as_i64().filter(|&priority| priority != 5) {
+        header.push(("Priority", priority.to_string()));
+    }
     for (label, key) in [
         ("Key", "idempotency_key"),
         ("Initiator", "initiator"),

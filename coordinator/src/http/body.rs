@@ -322,6 +322,30 @@ impl Fields {
         }
     }
 
+    /// An integer field from `min` to `max`; `None` when absent or null.
+    pub(crate) fn integer(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
+        match self.object.remove(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(number)) => match number.as_i64() {
+                Some(value) if (min..=max).contains(&value) => Some(value),
+                _ => {
+                    self.problem(
+                        key,
+                        format!("`{key}` must be an integer from {min} to {max}, found {number}"),
+                    );
+                    None
+                }
+            },
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("`{key}` must be an integer, found {}", kind(&other)),
+                );
+                None
+            }
+        }
+    }
+
     /// Any JSON value; `None` when absent. Strings and keys holding U+0000 are problems.
     pub(crate) fn value(&mut self, key: &str) -> Option<Value> {
         let value = self.object.remove(key)?;

@@ -25,6 +25,7 @@ use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{
     self, Created, Creation, NewTask, Order, Page, StepRecord, TaskFilter, TaskRecord,
 };
+use tasker_shared::template::MAX_PRIORITY;
 
 /// A task with its steps and its execution context.
 #[derive(Serialize, ToSchema)]
@@ -75,6 +76,10 @@ pub(crate) struct CreateTaskRequest {
     /// again answers the existing task (200), or 409 if its version or context differ.
     #[schema(max_length = 255, pattern = "^[^\\x00]*$")]
     idempotency_key: Option<String>,
+    /// Priority, 0 to 9: among ready steps, the higher is claimed first; the template's
+    /// `priority` (default 5) when absent.
+    #[schema(minimum = 0, maximum = 9)]
+    priority: Option<i16>,
 }
 
 /// The fields of a create-task body.
@@ -88,6 +93,7 @@ pub(crate) const CREATE_FIELDS: &[&str] = &[
     "reason",
     "tags",
     "idempotency_key",
+    "priority",
 ];
 
 /// The body of `GET /v1/tasks`.
@@ -159,6 +165,9 @@ pub(crate) async fn create(
         reason: fields.string("reason", false, SHORT_TEXT),
         tags: fields.value("tags").unwrap_or_else(|| json!([])),
         idempotency_key: fields.string("idempotency_key", false, KEY_LENGTH),
+        priority: fields
+            .integer("priority", 0, MAX_PRIORITY.into())
+            .map(|priority| priority as i16),
         trace_parent: tasker_shared::telemetry::traceparent(&tracing::Span::current()),
     });
     tasker_shared::telemetry::record_trace_id(&tracing::Span::current());

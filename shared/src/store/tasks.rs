@@ -26,6 +26,8 @@ pub struct TaskRecord {
     pub version: String,
     /// Current status.
     pub status: TaskStatus,
+    /// Priority, 0 to 9: among ready steps, the higher is claimed first.
+    pub priority: i16,
     /// The caller's context.
     pub context: Value,
     /// Who asked for it.
@@ -98,6 +100,8 @@ pub struct NewTask {
     pub idempotency_key: Option<String>,
     /// The trace the task's spans belong to (W3C traceparent), when traces are on.
     pub trace_parent: Option<String>,
+    /// Priority, 0 to 9; the template's when absent.
+    pub priority: Option<i16>,
 }
 
 /// Whether a create made a new task or found the one with the same idempotency key.
@@ -118,7 +122,7 @@ pub enum Created {
 /// changed.
 const TEMPLATE_CHANGED: &str = "TK001";
 
-const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, context, initiator, \
+const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, priority, context, initiator, \
      source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
 
 /// A task about to be created: the caller's request, checked against its template, with
@@ -187,6 +191,13 @@ impl Creation {
             .map(|(_, step_id)| *step_id)
     }
 
+    /// The task's priority: the one asked for, else its template's.
+    fn priority(&self) -> i16 {
+        self.new
+            .priority
+            .unwrap_or(self.template.definition.priority)
+    }
+
     /// The task as the statement wrote it: the request's fields, `pending`, created (and
     /// last changed) at `created_at`.
     fn record(&self, created_at: DateTime<Utc>) -> TaskRecord {
@@ -197,6 +208,7 @@ impl Creation {
             name: definition.name.clone(),
             version: definition.version.clone(),
             status: TaskStatus::Pending,
+            priority: self.priority(),
             context: new.context.clone(),
             initiator: new.initiator.clone(),
             source_system: new.source_system.clone(),
@@ -327,7 +339,7 @@ pub async fn create_many(
         "SELECT * \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
-                                  $27, $28, $29, $30, $31, $32, $33)",
+                                  $27, $28, $29, $30, $31, $32, $33, $34)",
     )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -362,6 +374,7 @@ pub async fn create_many(
     .bind(edge_to)
     .bind(first_steps)
     .bind(lease_ms)
+    .bind(tasks.priorities)
     .fetch_all(pool)
     .await?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>)> = HashMap::new();
@@ -399,6 +412,7 @@ struct TaskColumns<'a> {
     idempotency_keys: Vec<Option<&'a str>>,
     trace_parents: Vec<Option<&'a str>>,
     versions_known: Vec<Option<i32>>,
+    priorities: Vec<i16>,
 }
 
 impl<'a> TaskColumns<'a> {
@@ -417,6 +431,7 @@ impl<'a> TaskColumns<'a> {
         self.idempotency_keys.push(new.idempotency_key.as_deref());
         self.trace_parents.push(new.trace_parent.as_deref());
         self.versions_known.push(creation.versions_known);
+        self.priorities.push(creation.priority());
     }
 }
 

@@ -39,6 +39,7 @@ pub(super) struct Draft {
     pub(super) version: String,
     pub(super) description: Option<String>,
     pub(super) context_schema: Option<Value>,
+    pub(super) priority: i16,
     pub(super) steps: Vec<StepDraft>,
 }
 
@@ -51,6 +52,7 @@ impl Draft {
             version: self.version,
             description: self.description,
             context_schema: self.context_schema,
+            priority: self.priority,
             steps: self
                 .steps
                 .into_iter()

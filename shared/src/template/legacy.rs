@@ -8,8 +8,8 @@ use serde_json::{Map, Value};
 use super::draft::{Dep, Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
-    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_NAMESPACE_LEN,
-    codes,
+    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
+    MAX_NAMESPACE_LEN, codes,
 };
 
 pub(super) const LEGACY_TOP_KEYS: &[&str] = &[
@@ -153,6 +153,7 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
         version,
         description,
         context_schema,
+        priority: DEFAULT_PRIORITY,
         steps,
     }
 }

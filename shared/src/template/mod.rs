@@ -106,6 +106,10 @@ pub mod codes {
 
 /// Template version used when a template does not declare one.
 pub const DEFAULT_VERSION: &str = "0.1.0";
+/// Default for [`TemplateDefinition::priority`].
+pub const DEFAULT_PRIORITY: i16 = 5;
+/// Highest [`TemplateDefinition::priority`] (the lowest is 0).
+pub const MAX_PRIORITY: i16 = 9;
 /// Default for [`StepDefinition::retry_limit`] (maximum number of attempts).
 pub const DEFAULT_RETRY_LIMIT: i32 = 3;
 /// Default for [`StepDefinition::timeout_ms`] (five minutes).
@@ -234,8 +238,16 @@ pub struct TemplateDefinition {
     pub description: Option<String>,
     /// JSON Schema that task contexts must satisfy; see [`TemplateDefinition::validate_context`].
     pub context_schema: Option<serde_json::Value>,
+    /// Priority of its tasks, 0 to 9 (default 5); a creation may ask for another. Among
+    /// ready steps, the higher priority is claimed first.
+    #[serde(default = "default_priority")]
+    pub priority: i16,
     /// The steps, in the order of the source file.
     pub steps: Vec<StepDefinition>,
+}
+
+fn default_priority() -> i16 {
+    DEFAULT_PRIORITY
 }
 
 /// How long a failed step waits before its next attempt. A handler's `retry_after` wins,

@@ -6,8 +6,8 @@ use super::backoff::walk_backoff;
 use super::draft::{Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
-    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, MAX_DEFERRALS,
-    MAX_NAMESPACE_LEN, MAX_TIMEOUT_MS,
+    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
+    MAX_DEFERRALS, MAX_NAMESPACE_LEN, MAX_PRIORITY, MAX_TIMEOUT_MS,
 };
 
 pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
@@ -16,6 +16,7 @@ pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
     "version",
     "description",
     "context_schema",
+    "priority",
     "defaults",
     "steps",
 ];
@@ -90,6 +91,9 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         .optional_string(root, "", "description")
         .map(str::to_owned);
     let context_schema = w.context_schema(root, "context_schema");
+    let priority = w
+        .optional_int(root, "", "priority", 0, MAX_PRIORITY.into())
+        .map_or(DEFAULT_PRIORITY, |priority| priority as i16);
 
     let mut defaults = StepDefaults::default();
     if let Some(value) = field(root, "defaults") {
@@ -141,6 +145,7 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         version,
         description,
         context_schema,
+        priority,
         steps,
     }
 }

@@ -94,6 +94,7 @@ fn expected_project() -> TemplateDefinition {
             "required": ["order_id"],
             "properties": {"order_id": {"type": "integer"}}
         })),
+        priority: 5,
         steps: vec![
             validate,
             charge,
@@ -306,6 +307,7 @@ fn tasker_engine_template_maps_to_definition() {
                 }
             }
         })),
+        priority: 5,
         steps: vec![validate, reserve, payment, confirm, ship],
     };
     assert_eq!(definition, expected);
@@ -1549,4 +1551,34 @@ fn nesting_up_to_the_limit_still_parses_as_yaml() {
     );
     let error = parse_template(&with_values(69), "").unwrap_err();
     assert!(error.0[0].message.contains("block style"), "{error:?}");
+}
+
+#[test]
+fn priority_is_read_from_zero_to_nine_and_defaults_to_five() {
+    let step = "steps:\n  - name: a\n    handler: h\n";
+    let parsed =
+        |extra: &str| parse_template(&format!("namespace: n\nname: t\n{extra}{step}"), "t");
+    assert_eq!(parsed("").unwrap().priority, 5);
+    assert_eq!(parsed("priority: 0\n").unwrap().priority, 0);
+    assert_eq!(parsed("priority: 9\n").unwrap().priority, 9);
+    // Stored definitions read back with it; older ones without it get the default.
+    let definition = parsed("priority: 7\n").unwrap();
+    let mut stored = serde_json::to_value(&definition).unwrap();
+    assert_eq!(stored["priority"], 7);
+    stored.as_object_mut().unwrap().remove("priority");
+    let old: TemplateDefinition = serde_json::from_value(stored).unwrap();
+    assert_eq!(old.priority, 5);
+    for bad in [
+        "priority: 10\n",
+        "priority: -1\n",
+        "priority: high\n",
+        "priority: 2.5\n",
+    ] {
+        let problems = problems(&format!("namespace: n\nname: t\n{bad}{step}"));
+        assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+        assert_eq!(problems[0].path, "priority", "{bad}");
+    }
+    // tasker-engine files have no priority: their tasks get the default.
+    let legacy = "name: t\nnamespace_name: n\nversion: 1.0.0\ntask_handler_class: T\nstep_templates:\n  - name: a\n    handler_class: H\n";
+    assert_eq!(parse_template(legacy, "t").unwrap().priority, 5);
 }

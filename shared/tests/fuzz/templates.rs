@@ -524,6 +524,7 @@ impl GenTemplate {
                 .unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
             description: self.description.clone(),
             context_schema: self.context_schema.clone(),
+            priority: 5,
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];
@@ -650,6 +651,7 @@ impl GenTemplate {
                 .unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
             description: self.description.clone(),
             context_schema: self.context_schema.clone(),
+            priority: 5,
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];

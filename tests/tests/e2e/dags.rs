@@ -283,3 +283,62 @@ async fn creating_a_task_dispatches_its_first_steps_and_the_history_keeps_order(
     );
     env.finish().await.unwrap();
 }
+
+/// A task's priority is its template's or the one its creation asked for, shown on the
+/// task; one out of range is refused, naming the field, in a template and in a create.
+#[tokio::test]
+async fn a_task_s_priority_is_its_template_s_or_the_one_asked_for() {
+    let env = TestEnv::start("priority").await.unwrap();
+    let urgent = format!("priority: 8\n{}", template("urgent", &[("a", &[])]));
+    let (status, body) = env.register_template(&urgent).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["priority"], 8, "{body}");
+    let (status, body) = env
+        .register_template(&format!("priority: 10\n{}", template("bad", &[("a", &[])])))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "priority", "{body}");
+
+    let (_, created) = env
+        .create_task(json!({"namespace": "shapes", "name": "urgent"}))
+        .await
+        .unwrap();
+    assert_eq!(created["priority"], 8, "{created}");
+    let (status, asked) = env
+        .create_task(json!({"namespace": "shapes", "name": "urgent", "priority": 1}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    assert_eq!(asked["priority"], 1);
+    let id = asked["task_id"].as_str().unwrap();
+    let (_, stored) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(stored["priority"], 1);
+    let (_, page) = env.get("/v1/tasks?namespace=shapes").await.unwrap();
+    let mut listed: Vec<i64> = page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["priority"].as_i64().unwrap())
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, [1, 8]);
+
+    for (priority, found) in [
+        (json!(10), "10"),
+        (json!(-1), "-1"),
+        (json!("high"), "a string"),
+    ] {
+        let (status, body) = env
+            .create_task(json!({"namespace": "shapes", "name": "urgent", "priority": priority}))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let problem = &body["error"]["details"][0];
+        assert_eq!(problem["path"], "priority", "{body}");
+        assert!(
+            problem["message"].as_str().unwrap().contains(found),
+            "{body}"
+        );
+    }
+}
