@@ -326,7 +326,13 @@ impl Fields {
     pub(crate) fn integer(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
         match self.object.remove(key) {
             None | Some(Value::Null) => None,
-            Some(Value::Number(number)) => match number.as_i64() {
+            // JSON Schema counts `3.0` as an integer, so it is one here too.
+            Some(Value::Number(number)) => match number.as_i64().or_else(|| {
+                number
+                    .as_f64()
+                    .filter(|value| value.fract() == 0.0 && value.abs() < 1e15)
+                    .map(|value| value as i64)
+            }) {
                 Some(value) if (min..=max).contains(&value) => Some(value),
                 _ => {
                     self.problem(

@@ -311,6 +311,13 @@ async fn a_task_s_priority_is_its_template_s_or_the_one_asked_for() {
         .unwrap();
     assert_eq!(status, StatusCode::CREATED, "{asked}");
     assert_eq!(asked["priority"], 1);
+    // As in JSON Schema, a number without a fraction is an integer.
+    let (status, whole) = env
+        .create_task(json!({"namespace": "shapes", "name": "urgent", "priority": 3.0}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{whole}");
+    assert_eq!(whole["priority"], 3);
     let id = asked["task_id"].as_str().unwrap();
     let (_, stored) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
     assert_eq!(stored["priority"], 1);
@@ -322,7 +329,7 @@ async fn a_task_s_priority_is_its_template_s_or_the_one_asked_for() {
         .map(|task| task["priority"].as_i64().unwrap())
         .collect();
     listed.sort_unstable();
-    assert_eq!(listed, [1, 8]);
+    assert_eq!(listed, [1, 3, 8]);
 
     for (priority, found) in [
         (json!(10), "10"),
