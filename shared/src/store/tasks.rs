@@ -122,8 +122,9 @@ pub enum Created {
 /// changed.
 const TEMPLATE_CHANGED: &str = "TK001";
 
-const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, priority, context, initiator, \
-     source_system, reason, tags, idempotency_key, created_at, updated_at, completed_at";
+const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, priority, context, \
+     initiator, source_system, reason, tags, idempotency_key, created_at, updated_at, \
+     completed_at";
 
 /// A task about to be created: the caller's request, checked against its template, with
 /// the ids of the task and its steps chosen.

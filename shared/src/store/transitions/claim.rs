@@ -3,9 +3,10 @@
 //! Every claim goes through `tasker_claim_steps` (migrations/0010), whatever found the
 //! steps: the dispatcher's scan of ready steps ([`claim_ready`]), the children a batch of
 //! results completed ([`claim_children`]), a new task's first steps (claimed inside
-//! `tasker_create_tasks`, migrations/0011, read back with [`claimed_in`]). The function applies the claim rule
-//! (`tasker_step_claimable`), writes the `dispatched` history rows, starts the tasks and
-//! returns each claimed step's message. A new condition on claiming goes there.
+//! `tasker_create_tasks`, migrations/0011, read back with [`claimed_in`]). The function
+//! applies the claim rule (`tasker_step_claimable`), writes the `dispatched` history rows,
+//! starts the tasks and returns each claimed step's message. A new condition on claiming
+//! goes there.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
