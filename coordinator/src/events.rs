@@ -189,6 +189,7 @@ fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
         namespace: row.namespace,
         task_name: row.task_name,
         version: row.version,
+        priority: row.priority,
         step_id: row.step_id,
         step_name: row.step_name,
         from_status: row.from_status,

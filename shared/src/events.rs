@@ -49,6 +49,9 @@ pub struct LifecycleEvent {
     pub task_name: String,
     /// Its template's version.
     pub version: String,
+    /// The task's priority, 0 to 9 (events recorded before priorities existed read as 5).
+    #[serde(default = "default_priority")]
+    pub priority: i16,
     /// The step, for `step.*` events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_id: Option<Uuid>,
@@ -64,6 +67,10 @@ pub struct LifecycleEvent {
     /// The history's metadata: attempt, worker_id, error_code, next_attempt_at, an
     /// operator's reason…
     pub metadata: Value,
+}
+
+fn default_priority() -> i16 {
+    crate::template::DEFAULT_PRIORITY
 }
 
 /// A recorded change of state, typed: a task's or a step's.

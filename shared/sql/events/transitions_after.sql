@@ -1,5 +1,5 @@
 -- Up to $2 transitions after the id $1, task and step ones together, in id order.
-SELECT e.*, t.namespace, t.name AS task_name, t.version
+SELECT e.*, t.namespace, t.name AS task_name, t.version, t.priority
 FROM (
     (SELECT transition_id, created_at, task_id, NULL::uuid AS step_id,
             NULL::text AS step_name, from_status, to_status, reason, metadata

@@ -34,6 +34,8 @@ pub struct RecordedTransition {
     pub task_name: String,
     /// Its template's version.
     pub version: String,
+    /// The task's priority.
+    pub priority: i16,
 }
 
 /// Take the relay's cursor for this transaction, or `None` when another coordinator holds
