@@ -361,6 +361,8 @@ struct GenTemplate {
     version: Option<String>,
     description: Option<String>,
     context_schema: Option<Value>,
+    /// Project format only (tasker-engine files have none: their tasks get 5).
+    priority: Option<i16>,
     defaults: Option<GenDefaults>,
     steps: Vec<GenStep>,
     /// tasker-engine format only.
@@ -377,6 +379,7 @@ fn template() -> impl Strategy<Value = GenTemplate> {
             option::of(any_string()),
             option::of(context_schema()),
             option::of(defaults()),
+            option::of(0..=9i16),
         ),
         vec(step(), 1..16),
         (
@@ -391,7 +394,7 @@ fn template() -> impl Strategy<Value = GenTemplate> {
         .prop_map(
             |(
                 (namespace, name, version),
-                (description, context_schema, defaults),
+                (description, context_schema, defaults, priority),
                 steps,
                 (task_handler_class, default_dependent_system, environment),
             )| {
@@ -401,6 +404,7 @@ fn template() -> impl Strategy<Value = GenTemplate> {
                     version,
                     description,
                     context_schema,
+                    priority,
                     defaults,
                     steps,
                     task_handler_class,
@@ -469,6 +473,9 @@ impl GenTemplate {
         if let Some(schema) = &self.context_schema {
             root.insert("context_schema".into(), schema.clone());
         }
+        if let Some(priority) = self.priority {
+            root.insert("priority".into(), json!(priority));
+        }
         if let Some(defaults) = &self.defaults {
             let mut object = Map::new();
             insert_opt(&mut object, "retryable", defaults.retryable);
@@ -524,7 +531,7 @@ impl GenTemplate {
                 .unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
             description: self.description.clone(),
             context_schema: self.context_schema.clone(),
-            priority: 5,
+            priority: self.priority.unwrap_or(5),
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];
