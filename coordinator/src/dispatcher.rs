@@ -4,9 +4,9 @@
 //! retries one, or schedules a retry, and by the sweeper; between wakes it sleeps until
 //! the next step in backoff is due (at most `poll_interval`, the safety net for work
 //! another coordinator left). New work mostly does not wait for it: a task's first steps
-//! are claimed in the transaction that creates the task, and dependents of finished steps
-//! by the result processor, in its own; all three claim through the same function
-//! (`transitions::claim`).
+//! are claimed by the statement that creates the task, and dependents of finished steps
+//! by the result processor, in its own transaction; all three claim through the same SQL
+//! function (`transitions::claim`).
 
 use std::sync::Arc;
 use std::time::Duration;

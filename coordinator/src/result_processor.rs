@@ -7,11 +7,11 @@
 //! batch size), and in **one transaction**:
 //! marks started steps `in_progress`, applies results (fenced by dispatch token, decided
 //! by `decision::decide`), claims the dependents they made ready with their messages
-//! (`transitions::claim_children`), and finishes tasks that can finish. After the commit it acks the batch
-//! (one `multiple` ack) and hands the claimed steps to the publisher, which publishes
-//! them while the next batch is applied. Messages whose steps another coordinator is
-//! applying at that moment (its rows are locked) are not waited for: they stay unacked
-//! and join the next batch ([`transitions::lock_batch`]). A crash before
+//! (`transitions::claim_children`), and finishes tasks that can finish. After the commit
+//! it acks the batch (one `multiple` ack) and hands the claimed steps to the publisher,
+//! which publishes them while the next batch is applied. Messages whose steps another
+//! coordinator is applying at that moment (its rows are locked) are not waited for: they
+//! stay unacked and join the next batch ([`transitions::lock_batch`]). A crash before
 //! the ack redelivers the batch; the fence makes re-applying it a no-op. A crash before
 //! the publish leaves the claimed steps `enqueued` until the sweeper heals them.
 //! Undecodable messages go to the dead-letter queue with the reason.

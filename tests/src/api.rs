@@ -140,22 +140,15 @@ impl Api {
         timeout: Duration,
         done: impl Fn(&Task) -> bool,
     ) -> anyhow::Result<Task> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let task = self.task(task_id).await?;
-            if done(&task) {
-                return Ok(task);
-            }
-            if tokio::time::Instant::now() > deadline {
-                let log = self
-                    .log
-                    .as_ref()
-                    .map(|lines| format!("\ncoordinator log:\n{}", lines.borrow().join("\n")))
-                    .unwrap_or_default();
-                bail!("task {task_id}: {what} did not happen in {timeout:?}:\n{task:#?}{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        poll_until(
+            &format!("task {task_id}: {what}"),
+            timeout,
+            self.log.as_ref(),
+            || self.task(task_id),
+            done,
+            |task| format!("{task:#?}"),
+        )
+        .await
     }
 
     /// Poll the task until its status is one of `statuses`.
@@ -191,4 +184,37 @@ async fn parse<T: serde::de::DeserializeOwned>(
         bail!("{url} answered {status}: {text}");
     }
     serde_json::from_str(&text).with_context(|| format!("{url} answered {text}"))
+}
+
+/// Call `fetch` every 25 ms until `done` holds for its answer. After `timeout`, fail
+/// naming `what`, with the last answer (as `show` writes it) and the coordinator's log
+/// when there is one.
+pub(crate) async fn poll_until<T, F>(
+    what: &str,
+    timeout: Duration,
+    log: Option<&watch::Receiver<Vec<String>>>,
+    mut fetch: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+    show: impl Fn(&T) -> String,
+) -> anyhow::Result<T>
+where
+    F: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = fetch().await?;
+        if done(&answer) {
+            return Ok(answer);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let log = log
+                .map(|lines| format!("\ncoordinator log:\n{}", lines.borrow().join("\n")))
+                .unwrap_or_default();
+            bail!(
+                "{what} did not happen in {timeout:?}:\n{}{log}",
+                show(&answer)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::process::Command;
@@ -395,13 +395,9 @@ impl TestEnv {
                 &env,
             )
             .await?;
-        let line = self.workers[index]
-            .wait_for_log("metrics listening", Duration::from_secs(10))
+        let address = self.workers[index]
+            .wait_for_address("metrics listening", Duration::from_secs(10))
             .await?;
-        let address = serde_json::from_str::<Value>(&line)?["address"]
-            .as_str()
-            .context("address in the metrics line")?
-            .to_owned();
         Ok((index, format!("http://{address}/metrics")))
     }
 
@@ -499,25 +495,16 @@ impl TestEnv {
         timeout: Duration,
         done: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (_, task) = self.get(&format!("/v1/tasks/{task_id}")).await?;
-            if done(&task) {
-                return Ok(task);
-            }
-            if tokio::time::Instant::now() > deadline {
-                let log = self
-                    .coordinator
-                    .lines()
-                    .map(|lines| format!("\ncoordinator log:\n{}", lines.borrow().join("\n")))
-                    .unwrap_or_default();
-                bail!(
-                    "task {task_id}: {what} did not happen in {timeout:?}:\n{}{log}",
-                    serde_json::to_string_pretty(&task)?
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let path = format!("/v1/tasks/{task_id}");
+        api::poll_until(
+            &format!("task {task_id}: {what}"),
+            timeout,
+            self.coordinator.lines().as_ref(),
+            || async { Ok(self.get(&path).await?.1) },
+            done,
+            |task| serde_json::to_string_pretty(task).unwrap_or_default(),
+        )
+        .await
     }
 
     /// The step of a task JSON with this name.

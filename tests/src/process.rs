@@ -49,6 +49,21 @@ impl Process {
         })
     }
 
+    /// Wait until a log line contains `needle` and return the `address` it names: the
+    /// way a process says where it listens.
+    pub async fn wait_for_address(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let line = self.wait_for_log(needle, timeout).await?;
+        let address = serde_json::from_str::<Value>(&line)?["address"]
+            .as_str()
+            .with_context(|| format!("address in {line}"))?
+            .to_owned();
+        Ok(address)
+    }
+
     /// Wait until a log line contains `needle`; returns the line.
     pub async fn wait_for_log(
         &mut self,
@@ -131,12 +146,8 @@ pub async fn spawn_coordinator(
     log_dir: &Path,
 ) -> anyhow::Result<(Process, String)> {
     let mut coordinator = Process::spawn(command, name.into(), log_dir)?;
-    let line = coordinator
-        .wait_for_log("coordinator listening", Duration::from_secs(60))
+    let address = coordinator
+        .wait_for_address("coordinator listening", Duration::from_secs(60))
         .await?;
-    let address = serde_json::from_str::<Value>(&line)?["address"]
-        .as_str()
-        .context("address in the listening line")?
-        .to_owned();
     Ok((coordinator, address))
 }

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tasker_shared::states::{StepStatus, TaskStatus};
+use tasker_shared::template::DEFAULT_PRIORITY;
 
 /// Whether to colour the output (ANSI escapes).
 #[derive(Debug, Clone, Copy)]
@@ -318,8 +319,11 @@ pub(crate) fn task(task: &Value, style: Style, now: DateTime<Utc>) -> String {
             ));
         }
     }
-    // Shown when it is not the default (5), which most tasks have.
-    if let Some(priority) = task["priority"].as_i64().filter(|&priority| priority != 5) {
+    // Shown when it is not the default, which most tasks have.
+    if let Some(priority) = task["priority"]
+        .as_i64()
+        .filter(|&priority| priority != i64::from(DEFAULT_PRIORITY))
+    {
         header.push(("Priority", priority.to_string()));
     }
     for (label, key) in [

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
-use tasker_tests::{Process, binary};
+use tasker_tests::{Process, binary, spawn_coordinator};
 use tokio::process::Command;
 use uuid::Uuid;
 
@@ -70,14 +70,8 @@ async fn main() -> anyhow::Result<()> {
         .env("TASKER_AMQP_PREFIX", prefix)
         .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
         .env("TASKER_TEMPLATES_DIR", &args.templates);
-    let mut coordinator = Process::spawn(coordinator, "coordinator".into(), &log_dir)?;
-    let line = coordinator
-        .wait_for_log("coordinator listening", Duration::from_secs(60))
-        .await?;
-    let address = serde_json::from_str::<Value>(&line)?["address"]
-        .as_str()
-        .context("listening address")?
-        .to_owned();
+    let (mut coordinator, address) =
+        spawn_coordinator(coordinator, "coordinator", &log_dir).await?;
     let base = format!("http://{address}");
     println!("coordinator   {base}   (logs in {})", log_dir.display());
 
