@@ -7,6 +7,11 @@
 //! are claimed by the statement that creates the task, and dependents of finished steps
 //! by the result processor, in its own transaction; all three claim through the same SQL
 //! function (`transitions::claim`).
+//!
+//! Steps held by a limit are not in its scan. After each drain it offers the rate-held
+//! steps whose slot came (their slot times count as due times), and at most every
+//! [`HELD_SWEEP`] the held steps of every concurrency key: results release their own
+//! keys' held steps, this catches slots freed otherwise (an expired lease, a cancel).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +29,9 @@ use tasker_shared::store::transitions;
 /// How soon to claim again when a step in backoff is already due but the last claim did
 /// not take it.
 const DUE_RECHECK: Duration = Duration::from_millis(10);
+
+/// How often the held steps of every concurrency key are offered again.
+const HELD_SWEEP: Duration = Duration::from_secs(1);
 
 /// The dispatcher's settings.
 #[derive(Debug, Clone)]
@@ -89,6 +97,33 @@ impl Dispatcher {
         Ok(claimed)
     }
 
+    /// Claim held steps that may fit again (see the module's documentation), commit,
+    /// publish them. Returns how many steps were dispatched.
+    pub(crate) async fn release_held(&self, every_key: bool) -> anyhow::Result<usize> {
+        if !self.publisher.connected() {
+            return Ok(0);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let messages = transitions::claim_held(
+            &mut conn,
+            self.config.batch_size,
+            self.config.lease_ms,
+            every_key,
+        )
+        .await?;
+        drop(conn);
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        self.wake_events.notify_one();
+        let claimed = messages.len();
+        tracing::debug!(claimed, "dispatching held steps");
+        self.publisher
+            .dispatch(messages, self.metrics.clone())
+            .await;
+        Ok(claimed)
+    }
+
     /// How long to sleep: until the next step in backoff is due, at most `poll_interval`.
     async fn idle_for(&self) -> Duration {
         // Nothing can be published: wait for the reconnect, which wakes this loop.
@@ -123,6 +158,7 @@ impl Service for Dispatcher {
         let span = tracing::info_span!("dispatcher");
         async move {
             tracing::info!("started");
+            let mut last_sweep = tokio::time::Instant::now();
             loop {
                 // Drain: keep claiming while batches come back full.
                 loop {
@@ -138,6 +174,17 @@ impl Service for Dispatcher {
                             break;
                         }
                     }
+                }
+                let every_key = last_sweep.elapsed() >= HELD_SWEEP;
+                if every_key {
+                    last_sweep = tokio::time::Instant::now();
+                }
+                if let Err(error) = self.release_held(every_key).await {
+                    self.metrics.database_errors.inc();
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "releasing held steps failed; retrying shortly"
+                    );
                 }
                 let idle = self.idle_for().await;
                 tokio::select! {

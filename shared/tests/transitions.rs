@@ -93,7 +93,7 @@ impl TestDb {
             tags: json!([]),
             ..NewTask::default()
         });
-        let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None);
+        let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None).unwrap();
         match tasks::create(&self.pool, &creation).await.unwrap() {
             Created::New(task, _, dispatches) => (task.task_id, dispatches),
             other => panic!("not created: {other:?}"),
@@ -686,7 +686,7 @@ async fn the_dispatcher_claims_the_higher_priority_first() {
             priority,
             ..NewTask::default()
         });
-        Creation::new(template.clone(), new, None, None)
+        Creation::new(template.clone(), new, None, None).unwrap()
     };
     let mut ids = Vec::new();
     for creation in [
@@ -722,5 +722,177 @@ async fn the_dispatcher_claims_the_higher_priority_first() {
     }
     drop(conn);
     assert_eq!(order, [ids[2].0, ids[1].0, ids[0].0, ids[3].0]);
+    db.finish().await;
+}
+
+/// Create a task of `template` with `context`, claiming its first steps.
+async fn create_with(
+    db: &TestDb,
+    template: &Arc<TemplateRecord>,
+    context: Value,
+) -> (Uuid, Vec<Dispatch>) {
+    let new = Arc::new(NewTask {
+        context,
+        tags: json!([]),
+        ..NewTask::default()
+    });
+    let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None).unwrap();
+    match tasks::create(&db.pool, &creation).await.unwrap() {
+        Created::New(task, _, dispatches) => (task.task_id, dispatches),
+        other => panic!("not created: {other:?}"),
+    }
+}
+
+async fn held(db: &TestDb, task_id: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT held FROM steps WHERE task_id = $1")
+        .bind(task_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+const LIMITED: &str = "namespace: flow\nname: limited\nsteps:\n  - name: call\n    handler: h\n    retry_limit: 3\n    backoff: {base_seconds: 0.001, jitter: false}\n    concurrency: {key: context.customer, limit: 2}\n";
+
+#[tokio::test]
+async fn a_concurrency_limit_holds_steps_and_a_result_releases_them() {
+    let db = TestDb::new("concurrency").await;
+    let template = db.template(LIMITED).await;
+    let mut a = Vec::new();
+    for _ in 0..4 {
+        a.push(create_with(&db, &template, json!({"customer": "a"})).await);
+    }
+    let (b, b_claimed) = create_with(&db, &template, json!({"customer": "b"})).await;
+    // Two of customer a run, the others are held; customer b is not held by a.
+    let claimed: Vec<usize> = a.iter().map(|(_, d)| d.len()).collect();
+    assert_eq!(claimed, [1, 1, 0, 0]);
+    assert_eq!(b_claimed.len(), 1);
+    assert_eq!(
+        held(&db, a[2].0).await.as_deref(),
+        Some("concurrency_limited")
+    );
+    assert_eq!(held(&db, b).await, None);
+    let readiness = tasker_shared::store::inspect::readiness(&db.pool, a[2].0)
+        .await
+        .unwrap();
+    assert_eq!(readiness[0].reason, "concurrency_limited");
+    assert!(!readiness[0].ready);
+    assert_eq!(readiness[0].key.as_deref(), Some("a"));
+    assert_eq!(readiness[0].limit, Some(2));
+    assert!(
+        readiness[0].message.contains("2 queued or running"),
+        "{}",
+        readiness[0].message
+    );
+    // The dispatcher's scan passes over held steps.
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(
+        transitions::claim_ready(&mut conn, 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+
+    // A completion frees a slot: the oldest held step of the key is claimed with it.
+    let (applied, _) = db
+        .apply(&[result(&a[0].1[0], Outcome::Success, None)])
+        .await;
+    let released: Vec<Uuid> = applied.claimed.iter().map(|d| d.message.task_id).collect();
+    assert_eq!(released, [a[2].0]);
+    assert_eq!(held(&db, a[2].0).await, None);
+    // So does a failure that will be retried; the retry then waits for a slot itself.
+    let (applied, _) = db
+        .apply(&[result(
+            &a[1].1[0],
+            Outcome::RetryableError,
+            failure("busy", None),
+        )])
+        .await;
+    let released: Vec<Uuid> = applied.claimed.iter().map(|d| d.message.task_id).collect();
+    assert_eq!(released, [a[3].0]);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(
+        transitions::claim_ready(&mut conn, 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+    assert_eq!(
+        held(&db, a[1].0).await.as_deref(),
+        Some("concurrency_limited")
+    );
+    assert_eq!(
+        db.step(a[1].0, "call").await.status,
+        StepStatus::WaitingForRetry
+    );
+    db.finish().await;
+}
+
+const RATED: &str = "namespace: flow\nname: rated\nsteps:\n  - name: call\n    handler: h\n    rate_limit: {key: \"'partner'\", limit: 3, per: 1s}\n";
+
+#[tokio::test]
+async fn a_rate_limit_holds_steps_until_their_slot() {
+    let db = TestDb::new("rate").await;
+    let template = db.template(RATED).await;
+    let before = Utc::now();
+    let mut created = Vec::new();
+    for n in 0..5 {
+        created.push(create_with(&db, &template, json!({"n": n})).await);
+    }
+    let claimed: Vec<usize> = created.iter().map(|(_, d)| d.len()).collect();
+    assert_eq!(claimed, [1, 1, 1, 0, 0]);
+    // Each held step has the time its slot may open: the claimed ones have not started,
+    // so a window from now.
+    for (task, _) in &created[3..] {
+        assert_eq!(held(&db, *task).await.as_deref(), Some("rate_limited"));
+        let slot = db.step(*task, "call").await.next_attempt_at.unwrap();
+        let wait = (slot - before).num_milliseconds();
+        assert!(
+            (1_000..2_000).contains(&wait),
+            "slot {wait} ms after the first claim"
+        );
+        let readiness = tasker_shared::store::inspect::readiness(&db.pool, *task)
+            .await
+            .unwrap();
+        assert_eq!(readiness[0].reason, "rate_limited");
+        assert_eq!(readiness[0].key.as_deref(), Some("partner"));
+        assert_eq!(readiness[0].next_attempt_at, Some(slot));
+    }
+    // The three ran, starting (on the worker's clock) before the first claim.
+    let ran: Vec<StepResult> = created[..3]
+        .iter()
+        .map(|(_, dispatches)| StepResult {
+            started_at: before,
+            ..result(&dispatches[0], Outcome::Success, None)
+        })
+        .collect();
+    db.apply(&ran).await;
+    // Not before the slot...
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(
+        transitions::claim_held(&mut conn, 10, LEASE_MS, true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // ...and at it, both.
+    let slot = db.step(created[4].0, "call").await.next_attempt_at.unwrap();
+    let wait = (slot - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + std::time::Duration::from_millis(20)).await;
+    let released = transitions::claim_held(&mut conn, 10, LEASE_MS, true)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(
+        released.len(),
+        2,
+        "both held steps start once their slot came"
+    );
+    for (task, _) in &created[3..] {
+        assert_eq!(held(&db, *task).await, None);
+        assert_eq!(db.step(*task, "call").await.status, StepStatus::Enqueued);
+    }
     db.finish().await;
 }

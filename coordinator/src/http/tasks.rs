@@ -135,7 +135,7 @@ const LARGE_TEMPLATE_STEPS: usize = 1_000;
         (status = 409, description = "`idempotency_conflict`: the key was used with another version or context.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `context_too_large`: the context is larger than `TASKER_MAX_CONTEXT_BYTES`.", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is sent as something other than JSON.", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (every field problem, including strings holding U+0000) or `invalid_context` (every place the context breaks the template's schema).", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (every field problem, including strings holding U+0000), `invalid_context` (every place the context breaks the template's schema) or `invalid_limit_key` (each limit key that cannot be evaluated for this task, by step and key).", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
@@ -251,6 +251,17 @@ pub(crate) async fn create(
         } else {
             Creation::new(template.clone(), new.clone(), claim, versions_known)
         };
+        let creation = creation.map_err(|problems| {
+            let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
+            ApiError::invalid(
+                "invalid_limit_key",
+                format!(
+                    "{} limit key(s) of the template cannot be evaluated for this task",
+                    details.len()
+                ),
+                details,
+            )
+        })?;
         match state.creator.create(creation).await? {
             Created::TemplateChanged if checked => checked = false,
             created => break (template, created),

@@ -2,7 +2,8 @@
 -- ($2, `enqueued` or `in_progress`) and gets ($3), why ($4), its results ($5, only with
 -- a completion), last error ($6), the attempt that answered ($7), the attempts and deferrals
 -- to store ($8, $9), the wait before the next attempt ($10, ms), and the run's start,
--- end and worker ($11–$13) and error code ($14). The caller holds the rows.
+-- end and worker ($11–$13) and error code ($14). The caller holds the rows. Returns the
+-- concurrency keys of the changed steps: each freed a slot of its key.
 WITH input AS (
     SELECT *
     FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::JSONB[], $6::JSONB[],
@@ -30,24 +31,28 @@ updated AS (
     -- backlog. The rows are locked since results/current.sql read the statuses decided on.
     WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
     RETURNING s.step_id, s.task_id, s.next_attempt_at, i.from_status, i.to_status, i.reason,
-              i.run_attempt, i.worker_id, i.error_code, i.started_at, i.finished_at
-)
+              i.run_attempt, i.worker_id, i.error_code, i.started_at, i.finished_at,
+              s.concurrency_key
+),
 -- A result that overtook its started notice also records the start, so the history (and
 -- the events derived from it) always has step.started before the outcome. Rows are
 -- inserted in (step, order) so their ids follow.
-INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
-SELECT h.step_id, h.task_id, h.from_status, h.to_status, h.reason, h.metadata
-FROM (
-    SELECT u.step_id, u.task_id, 1 AS n, 'enqueued' AS from_status,
-           'in_progress' AS to_status, 'started' AS reason,
-           jsonb_build_object('attempt', u.run_attempt, 'worker_id', u.worker_id) AS metadata
-    FROM updated u WHERE u.from_status = 'enqueued'
-    UNION ALL
-    SELECT u.step_id, u.task_id, 2, 'in_progress', u.to_status, u.reason,
-           jsonb_strip_nulls(jsonb_build_object(
-               'attempt', u.run_attempt, 'worker_id', u.worker_id, 'error_code', u.error_code,
-               'duration_ms', round(extract(epoch FROM u.finished_at - u.started_at) * 1000),
-               'next_attempt_at', u.next_attempt_at))
-    FROM updated u
-) h
-ORDER BY h.step_id, h.n
+history AS (
+    INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+    SELECT h.step_id, h.task_id, h.from_status, h.to_status, h.reason, h.metadata
+    FROM (
+        SELECT u.step_id, u.task_id, 1 AS n, 'enqueued' AS from_status,
+               'in_progress' AS to_status, 'started' AS reason,
+               jsonb_build_object('attempt', u.run_attempt, 'worker_id', u.worker_id) AS metadata
+        FROM updated u WHERE u.from_status = 'enqueued'
+        UNION ALL
+        SELECT u.step_id, u.task_id, 2, 'in_progress', u.to_status, u.reason,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'attempt', u.run_attempt, 'worker_id', u.worker_id, 'error_code', u.error_code,
+                   'duration_ms', round(extract(epoch FROM u.finished_at - u.started_at) * 1000),
+                   'next_attempt_at', u.next_attempt_at))
+        FROM updated u
+    ) h
+    ORDER BY h.step_id, h.n
+)
+SELECT DISTINCT concurrency_key FROM updated WHERE concurrency_key IS NOT NULL

@@ -29,11 +29,21 @@ pub struct StepReadiness {
     /// Attempts allowed.
     pub retry_limit: i32,
     /// A code: `ready`, `waiting_on_parents`, `blocked_by_failed_parent`, `in_backoff`,
-    /// `attempts_exhausted`, `deferrals_exhausted`, `failed_permanently`, `enqueued`,
-    /// `running`, `complete`, `resolved_manually`, `cancelled`, `task_cancelled`.
+    /// `concurrency_limited`, `rate_limited`, `attempts_exhausted`, `deferrals_exhausted`,
+    /// `failed_permanently`, `enqueued`, `running`, `complete`, `resolved_manually`,
+    /// `cancelled`, `task_cancelled`.
     pub reason: String,
     /// The same for people, with the names and times that matter.
     pub message: String,
+    /// For a step held by a limit (`concurrency_limited`, `rate_limited`): the key's
+    /// value. A rate-held step's next slot is `next_attempt_at`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(rename = "limit_key")]
+    pub key: Option<String>,
+    /// For a held step: the limit (at once, or starts per window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(rename = "limit_value")]
+    pub limit: Option<i32>,
 }
 
 /// Per step, why it is or is not running (one SQL call).

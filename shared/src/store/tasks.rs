@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::states::{StepStatus, TaskStatus};
 use crate::store::templates::TemplateRecord;
 use crate::store::transitions::{Dispatch, claimed_in};
+use crate::template::{KeyInputs, LimitKeys, Problem};
 
 /// A task as the API shows it (without steps).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -149,16 +150,29 @@ pub struct Creation {
     edge_to: Vec<Uuid>,
     /// Each step's parents, by position in template order.
     parents: Vec<Vec<usize>>,
+    /// Each step's limits with their keys evaluated, in template order; empty when the
+    /// template has none.
+    limits: Vec<LimitKeys>,
 }
 
 impl Creation {
-    /// Choose the ids for creating `new` from `template`.
+    /// Choose the ids for creating `new` from `template`, and evaluate its steps' limit
+    /// keys.
+    ///
+    /// # Errors
+    ///
+    /// The keys that cannot be evaluated for this task, named by step and key.
     pub fn new(
         template: Arc<TemplateRecord>,
         new: Arc<NewTask>,
         claim_lease_ms: Option<i64>,
         versions_known: Option<i32>,
-    ) -> Self {
+    ) -> Result<Self, Vec<Problem>> {
+        let limits = template.definition.limit_keys(KeyInputs {
+            context: &new.context,
+            tags: &new.tags,
+            priority: new.priority.unwrap_or(template.definition.priority),
+        })?;
         let steps = &template.definition.steps;
         let step_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
         let parents = template.definition.parent_indices();
@@ -169,7 +183,7 @@ impl Creation {
                 edge_to.push(step_ids[child]);
             }
         }
-        Self {
+        Ok(Self {
             template,
             new,
             claim_lease_ms,
@@ -179,7 +193,8 @@ impl Creation {
             edge_from,
             edge_to,
             parents,
-        }
+            limits,
+        })
     }
 
     /// The steps to claim with the task: those without parents, when it claims at all.
@@ -340,7 +355,8 @@ pub async fn create_many(
         "SELECT * \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
-                                  $27, $28, $29, $30, $31, $32, $33, $34)",
+                                  $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, \
+                                  $39)",
     )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -376,6 +392,11 @@ pub async fn create_many(
     .bind(first_steps)
     .bind(lease_ms)
     .bind(tasks.priorities)
+    .bind(steps.concurrency_keys)
+    .bind(steps.concurrency_limits)
+    .bind(steps.rate_keys)
+    .bind(steps.rate_limits)
+    .bind(steps.rate_windows_ms)
     .fetch_all(pool)
     .await?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>)> = HashMap::new();
@@ -454,6 +475,11 @@ struct StepColumns<'a> {
     backoff_jitter: Vec<bool>,
     backoff_schedules: Vec<Value>,
     max_deferrals: Vec<i32>,
+    concurrency_keys: Vec<Option<&'a str>>,
+    concurrency_limits: Vec<Option<i32>>,
+    rate_keys: Vec<Option<&'a str>>,
+    rate_limits: Vec<Option<i32>>,
+    rate_windows_ms: Vec<Option<i32>>,
 }
 
 impl<'a> StepColumns<'a> {
@@ -476,6 +502,17 @@ impl<'a> StepColumns<'a> {
             self.backoff_schedules
                 .push(serde_json::json!(step.backoff.schedule_ms));
             self.max_deferrals.push(step.max_deferrals);
+            let limits = creation.limits.get(position);
+            let concurrency = limits.and_then(|l| l.concurrency.as_ref());
+            let rate = limits.and_then(|l| l.rate.as_ref());
+            self.concurrency_keys
+                .push(concurrency.map(|(key, _)| key.as_str()));
+            self.concurrency_limits
+                .push(concurrency.map(|(_, limit)| *limit));
+            self.rate_keys.push(rate.map(|(key, _, _)| key.as_str()));
+            self.rate_limits.push(rate.map(|(_, limit, _)| *limit));
+            self.rate_windows_ms
+                .push(rate.map(|(_, _, window)| *window));
         }
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::{Backoff, StepDefinition, TemplateDefinition};
+use super::{Backoff, ConcurrencyLimit, RateLimit, StepDefinition, TemplateDefinition};
 
 /// A dependency reference as written in the source.
 pub(super) struct Dep {
@@ -30,6 +30,8 @@ pub(super) struct StepDraft {
     pub(super) dependent_system: Option<String>,
     pub(super) backoff: Backoff,
     pub(super) max_deferrals: i32,
+    pub(super) concurrency: Option<ConcurrencyLimit>,
+    pub(super) rate_limit: Option<RateLimit>,
 }
 
 /// A template as read from the source, before the graph checks.
@@ -69,6 +71,8 @@ impl Draft {
                     dependent_system: step.dependent_system,
                     backoff: step.backoff,
                     max_deferrals: step.max_deferrals,
+                    concurrency: step.concurrency,
+                    rate_limit: step.rate_limit,
                 })
                 .collect(),
         }

@@ -247,6 +247,8 @@ fn walk_legacy_step(
         dependent_system,
         backoff: Backoff::default(),
         max_deferrals: DEFAULT_MAX_DEFERRALS,
+        concurrency: None,
+        rate_limit: None,
     }
 }
 

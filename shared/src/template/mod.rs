@@ -42,6 +42,7 @@ mod document;
 mod draft;
 mod graph;
 mod legacy;
+mod limits;
 mod project;
 mod schema;
 #[cfg(test)]
@@ -57,6 +58,7 @@ pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;
 use graph::check_graph;
 use legacy::walk_legacy;
+pub use limits::{KeyInputs, LimitKeys, MAX_CONCURRENCY, MAX_KEY_BYTES, MAX_RATE, window_ms};
 use project::walk_project;
 use schema::{compile_schema, guarded};
 use walker::{Walker, kind};
@@ -89,6 +91,8 @@ pub mod codes {
     pub const CYCLE: &str = "cycle";
     /// The context schema is not a usable JSON Schema.
     pub const INVALID_SCHEMA: &str = "invalid_schema";
+    /// A CEL expression (a limit's `key`) does not compile, or cannot be evaluated.
+    pub const INVALID_EXPRESSION: &str = "invalid_expression";
     /// A task context violates the template's context schema.
     pub const SCHEMA: &str = "schema";
     /// The template has more steps than [`TemplateLimits::max_steps`] allows.
@@ -136,7 +140,8 @@ pub struct TemplateKeys {
     /// Keys of a template's top level, its `defaults`, and tasker-engine's environments,
     /// overrides and custom events.
     pub top: Vec<&'static str>,
-    /// Keys of a step, in both formats, and of its `backoff`.
+    /// Keys of a step, in both formats, and of its `backoff`, `concurrency` and
+    /// `rate_limit`.
     pub step: Vec<&'static str>,
 }
 
@@ -176,11 +181,13 @@ pub fn template_keys() -> TemplateKeys {
                 project::PROJECT_STEP_KEYS,
                 legacy::LEGACY_STEP_KEYS,
                 backoff::KEYS,
+                limits::RATE_LIMIT_KEYS,
             ],
             &[
                 project::PROJECT_STEP_HINTS,
                 legacy::LEGACY_STEP_HINTS,
                 backoff::HINTS,
+                limits::HINTS,
             ],
         ),
     }
@@ -328,6 +335,38 @@ impl From<BackoffRepr> for Backoff {
     }
 }
 
+/// A step's concurrency limit: at most `limit` steps of this name (in this template's
+/// tasks) enqueued or running at once per value of `key`, across the whole fleet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ConcurrencyLimit {
+    /// A CEL expression over `context` and `task`, evaluated when a task is created, such
+    /// as `context.customer_id`.
+    pub key: String,
+    /// At most this many at once, 1 to 10,000.
+    pub limit: i32,
+}
+
+/// A step's rate limit: at most `limit` starts per window `per` per value of `key`. The
+/// budget is the key value's, shared by every step (of any template) whose key gives the
+/// same value: one partner API for the whole fleet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RateLimit {
+    /// A CEL expression over `context` and `task`, evaluated when a task is created, such
+    /// as `'partner-api'`.
+    pub key: String,
+    /// At most this many starts per window, 1 to 10,000.
+    pub limit: i32,
+    /// The window, as written: `1s`, `1m`, `1h`, or a number of them (`10s`), at most a day.
+    pub per: String,
+}
+
+impl RateLimit {
+    /// The window in milliseconds.
+    pub fn per_ms(&self) -> i64 {
+        window_ms(&self.per).unwrap_or(1_000)
+    }
+}
+
 fn default_max_deferrals() -> i32 {
     DEFAULT_MAX_DEFERRALS
 }
@@ -363,6 +402,12 @@ pub struct StepDefinition {
     /// attempt) before the step fails.
     #[serde(default = "default_max_deferrals")]
     pub max_deferrals: i32,
+    /// At most so many of this step at once per key value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyLimit>,
+    /// At most so many starts of this step per window per key value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// One thing wrong with a template (or with a task context).

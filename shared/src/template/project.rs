@@ -4,6 +4,7 @@ use serde_json::{Map, Value};
 
 use super::backoff::walk_backoff;
 use super::draft::{Draft, StepDraft, dedup_deps};
+use super::limits::{walk_concurrency, walk_rate_limit};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
@@ -49,6 +50,8 @@ pub(super) const PROJECT_STEP_KEYS: &[&str] = &[
     "dependent_system",
     "backoff",
     "max_deferrals",
+    "concurrency",
+    "rate_limit",
 ];
 pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("handler_class", "handler"),
@@ -58,6 +61,8 @@ pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("default_retryable", "retryable"),
     ("default_retry_limit", "retry_limit"),
     ("timeout_seconds", "timeout_ms"),
+    ("ratelimit", "rate_limit"),
+    ("rate", "rate_limit"),
 ];
 
 /// Step settings that `defaults` (project format) can change.
@@ -179,6 +184,8 @@ fn walk_project_step(
         .optional_int(object, &path, "max_deferrals", 0, MAX_DEFERRALS.into())
         .map_or(defaults.max_deferrals, |max| max as i32);
     let dependent_system = w.optional_label(object, &path, "dependent_system", "dependent system");
+    let concurrency = walk_concurrency(w, object, &path, name.as_deref());
+    let rate_limit = walk_rate_limit(w, object, &path, name.as_deref());
     StepDraft {
         name_path: join(&path, "name"),
         path,
@@ -194,5 +201,7 @@ fn walk_project_step(
         dependent_system,
         backoff,
         max_deferrals,
+        concurrency,
+        rate_limit,
     }
 }

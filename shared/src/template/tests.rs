@@ -73,6 +73,8 @@ fn expected_project() -> TemplateDefinition {
         dependent_system: None,
         backoff: Backoff::default(),
         max_deferrals: DEFAULT_MAX_DEFERRALS,
+        concurrency: None,
+        rate_limit: None,
     };
     let mut validate = step("validate", "Ecommerce::Validate", &[]);
     validate.description = Some("Check the order".to_owned());
@@ -262,6 +264,8 @@ fn tasker_engine_template_maps_to_definition() {
         dependent_system: Some("ecommerce_system".to_owned()),
         backoff: Backoff::default(),
         max_deferrals: DEFAULT_MAX_DEFERRALS,
+        concurrency: None,
+        rate_limit: None,
     };
     let mut validate = step("validate_order", "ValidateOrder", &[]);
     validate.description = Some("Validate the order contents".to_owned());

@@ -9,9 +9,10 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use serde_json::{Map, Value, json};
 use tasker_shared::template::{
-    Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS, DEFAULT_VERSION,
-    MAX_DOCUMENT_VALUES, StepDefinition, TemplateDefinition, TemplateLimits, codes, parse_template,
-    parse_template_with_limits, template_from_value, template_keys,
+    Backoff, ConcurrencyLimit, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
+    DEFAULT_VERSION, MAX_DOCUMENT_VALUES, RateLimit, StepDefinition, TemplateDefinition,
+    TemplateLimits, codes, parse_template, parse_template_with_limits, template_from_value,
+    template_keys,
 };
 
 use crate::strategies::{any_string, json_value, mutate, mutations, syntax_soup};
@@ -281,8 +282,38 @@ struct GenStep {
     dependent_system: Option<String>,
     backoff: Option<GenBackoff>,
     max_deferrals: Option<i32>,
+    concurrency: Option<ConcurrencyLimit>,
+    rate_limit: Option<RateLimit>,
     /// tasker-engine format: write the first dependency as `depends_on_step`.
     single_dep_key: bool,
+}
+
+/// Keys that compile: the generator writes limits that must parse back unchanged.
+const KEYS: &[&str] = &[
+    "context.customer_id",
+    "'partner-api'",
+    "task.name + ':' + string(task.priority)",
+    "context.region == 'eu'",
+];
+
+fn concurrency() -> impl Strategy<Value = ConcurrencyLimit> {
+    (select(KEYS), 1_i32..=10_000).prop_map(|(key, limit)| ConcurrencyLimit {
+        key: key.to_owned(),
+        limit,
+    })
+}
+
+fn rate_limit() -> impl Strategy<Value = RateLimit> {
+    (
+        select(KEYS),
+        1_i32..=10_000,
+        select(&["1s", "10s", "1m", "1h", "24h"][..]),
+    )
+        .prop_map(|(key, limit, per)| RateLimit {
+            key: key.to_owned(),
+            limit,
+            per: per.to_owned(),
+        })
 }
 
 fn step() -> impl Strategy<Value = GenStep> {
@@ -302,12 +333,14 @@ fn step() -> impl Strategy<Value = GenStep> {
             option::of(0_i32..=10_000),
             any::<bool>(),
         ),
+        (option::of(concurrency()), option::of(rate_limit())),
     )
         .prop_map(
             |(
                 (stem, handler, deps),
                 (description, retryable, retry_limit, timeout_ms),
                 (config, skippable, dependent_system, backoff, max_deferrals, single_dep_key),
+                (concurrency, rate_limit),
             )| GenStep {
                 stem,
                 handler,
@@ -321,6 +354,8 @@ fn step() -> impl Strategy<Value = GenStep> {
                 dependent_system,
                 backoff,
                 max_deferrals,
+                concurrency,
+                rate_limit,
                 single_dep_key,
             },
         )
@@ -512,6 +547,8 @@ impl GenTemplate {
                 if let Some(backoff) = &step.backoff {
                     object.insert("backoff".into(), backoff.render());
                 }
+                insert_opt(&mut object, "concurrency", step.concurrency.clone());
+                insert_opt(&mut object, "rate_limit", step.rate_limit.clone());
                 Value::Object(object)
             })
             .collect();
@@ -560,6 +597,8 @@ impl GenTemplate {
                             .max_deferrals
                             .or(defaults.max_deferrals)
                             .unwrap_or(DEFAULT_MAX_DEFERRALS),
+                        concurrency: step.concurrency.clone(),
+                        rate_limit: step.rate_limit.clone(),
                     }
                 })
                 .collect(),
@@ -678,6 +717,8 @@ impl GenTemplate {
                             .or_else(|| self.default_dependent_system.clone()),
                         backoff: Backoff::default(),
                         max_deferrals: DEFAULT_MAX_DEFERRALS,
+                        concurrency: None,
+                        rate_limit: None,
                     }
                 })
                 .collect(),

@@ -95,6 +95,7 @@ async fn a_batch_writes_what_each_creation_writes_alone() {
             claim,
             resolved.versions_known,
         )
+        .unwrap()
     };
 
     // Alone, claimed and not; then the same four in one batch, with a second use of a
@@ -169,13 +170,14 @@ async fn a_batch_is_refused_whole_when_a_template_gained_a_version() {
     assert_eq!(status, 201);
 
     let batch = [
-        Creation::new(resolved.template.clone(), new_task(None, 1), None, None),
+        Creation::new(resolved.template.clone(), new_task(None, 1), None, None).unwrap(),
         Creation::new(
             resolved.template.clone(),
             new_task(None, 2),
             None,
             resolved.versions_known,
-        ),
+        )
+        .unwrap(),
     ];
     let error = tasks::create_many(&env.pool, &batch).await.unwrap_err();
     let sqlx::Error::Database(error) = error else {

@@ -7,6 +7,7 @@ mod coordinators;
 mod creation;
 mod dags;
 mod failures;
+mod flow_control;
 mod hostile;
 mod observability;
 mod operator;

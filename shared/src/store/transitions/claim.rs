@@ -1,12 +1,13 @@
 //! Claiming steps for dispatch: the one claim path.
 //!
-//! Every claim goes through `tasker_claim_steps` (migrations/0010), whatever found the
-//! steps: the dispatcher's scan of ready steps ([`claim_ready`]), the children a batch of
-//! results completed ([`claim_children`]), a new task's first steps (claimed inside
-//! `tasker_create_tasks`, migrations/0011, read back with [`claimed_in`]). The function
-//! applies the claim rule (`tasker_step_claimable`), writes the `dispatched` history rows,
-//! starts the tasks and returns each claimed step's message. A new condition on claiming
-//! goes there.
+//! Every claim goes through `tasker_claim_steps` (migrations/0013), whatever found the
+//! steps: the dispatcher's scan of ready steps ([`claim_ready`]) and of steps held by a
+//! limit ([`claim_held`]), the children a batch of results completed and the held steps
+//! of the keys it freed ([`claim_children`]), a new task's first steps (claimed inside
+//! `tasker_create_tasks`, read back with [`claimed_in`]). The function applies the claim
+//! rule (`tasker_step_claimable`) and the limits (holding the steps that do not fit),
+//! writes the `dispatched` history rows, starts the tasks and returns each claimed step's
+//! message. A new condition on claiming goes there.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -63,19 +64,41 @@ pub async fn claim_ready(
 }
 
 /// Count the completion of `completed` steps against their children, and claim each
-/// child whose last parent this was. The caller holds the children's rows
+/// child whose last parent this was, and the held steps of `freed` concurrency keys (a
+/// step of each finished) that now fit. The caller holds the children's rows
 /// ([`lock_batch`](super::lock_batch)).
 pub async fn claim_children(
     conn: &mut PgConnection,
     completed: &[Uuid],
+    freed: &[String],
     lease_ms: i64,
 ) -> sqlx::Result<Vec<Dispatch>> {
-    if completed.is_empty() {
+    if completed.is_empty() && freed.is_empty() {
         return Ok(Vec::new());
     }
     let rows: Vec<ClaimedRow> = sqlx::query_as(include_str!("../../../sql/claim/children.sql"))
         .bind(completed)
         .bind(lease_ms)
+        .bind(freed)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().map(Dispatch::from).collect())
+}
+
+/// Claim held steps that may fit again: rate-held steps whose slot came (up to `limit`
+/// per key) and, with `every_key`, the held steps of every concurrency key that has some
+/// (up to `limit` keys). Results release their keys' held steps themselves; this is for
+/// the slots freed otherwise (an expired lease, a cancelled task) and for time.
+pub async fn claim_held(
+    conn: &mut PgConnection,
+    limit: i64,
+    lease_ms: i64,
+    every_key: bool,
+) -> sqlx::Result<Vec<Dispatch>> {
+    let rows: Vec<ClaimedRow> = sqlx::query_as(include_str!("../../../sql/claim/held.sql"))
+        .bind(limit)
+        .bind(lease_ms)
+        .bind(every_key)
         .fetch_all(conn)
         .await?;
     Ok(rows.into_iter().map(Dispatch::from).collect())

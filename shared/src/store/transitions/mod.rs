@@ -39,7 +39,7 @@ mod operator;
 mod worker;
 
 pub(crate) use claim::claimed_in;
-pub use claim::{Dispatch, claim_children, claim_ready, next_due};
+pub use claim::{Dispatch, claim_children, claim_held, claim_ready, next_due};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };

@@ -361,8 +361,8 @@ pub async fn apply_results(
         write.push(row, result, change);
     }
     let completed = write.completed();
-    write.execute(&mut *conn).await?;
-    let claimed = claim_children(&mut *conn, &completed, lease_ms).await?;
+    let freed = write.execute(&mut *conn).await?;
+    let claimed = claim_children(&mut *conn, &completed, &freed, lease_ms).await?;
 
     let mut tasks: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
     tasks.sort_unstable();
@@ -428,11 +428,13 @@ impl ResultWrites {
             .collect()
     }
 
-    async fn execute(self, conn: &mut PgConnection) -> sqlx::Result<()> {
+    /// Write the changes; returns the concurrency keys of the changed steps, each of
+    /// which freed a slot.
+    async fn execute(self, conn: &mut PgConnection) -> sqlx::Result<Vec<String>> {
         if self.step_ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        sqlx::query(include_str!("../../../sql/results/apply.sql"))
+        sqlx::query_scalar(include_str!("../../../sql/results/apply.sql"))
             .bind(self.step_ids)
             .bind(self.from_status)
             .bind(self.to_status)
@@ -447,8 +449,7 @@ impl ResultWrites {
             .bind(self.finished_at)
             .bind(self.worker_ids)
             .bind(self.error_codes)
-            .execute(conn)
-            .await?;
-        Ok(())
+            .fetch_all(conn)
+            .await
     }
 }

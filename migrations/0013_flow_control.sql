@@ -1,0 +1,629 @@
+-- Flow control: concurrency and rate limits per key, enforced by the one claim.
+--
+-- A step of a template with `concurrency: {key, limit}` or `rate_limit: {key, limit, per}`
+-- carries its evaluated keys (concurrency_key, scoped `namespace/name.step=value`;
+-- rate_key, the value itself: one budget for every step that names it) and limits.
+-- tasker_claim_steps counts them at claim time, with the keys serialised fleet-wide:
+--
+-- - concurrency: at most concurrency_limit steps of the key `enqueued` or `in_progress`;
+-- - rate: at most rate_limit starts of the key within any rate_window_ms. A start is the
+--   worker's (started_at, as the worker reported it), and a step claimed and not yet
+--   started counts as starting now: so the limit holds for the starts themselves, whatever
+--   the delivery takes, not only for the claims.
+--
+-- A claimable step that does not fit is *held* (held = the reason) and leaves the
+-- dispatcher's scan (steps_claim_order), so one key's backlog never fills its batches and
+-- other keys go on. A rate-held step gets the time its slot opens as next_attempt_at.
+-- Held steps come back through the same claim: the result that frees a concurrency slot
+-- names its key (p_release_keys), and the dispatcher offers rate-held steps whose slot
+-- came and, now and then, every held key (shared/sql/claim/held.sql).
+--
+-- Templates without limits pay one probe of their candidates' keys per claim.
+
+ALTER TABLE steps
+    ADD COLUMN concurrency_key TEXT,
+    ADD COLUMN concurrency_limit INT,
+    ADD COLUMN rate_key TEXT,
+    ADD COLUMN rate_limit INT,
+    ADD COLUMN rate_window_ms INT,
+    ADD COLUMN held TEXT CHECK (held IN ('concurrency_limited', 'rate_limited'));
+
+-- The dispatcher's scan passes over held steps.
+DROP INDEX steps_claim_order;
+CREATE INDEX steps_claim_order ON steps (priority DESC, next_attempt_at NULLS FIRST, created_at)
+    WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
+      AND held IS NULL;
+-- How many of a key run: the claim counts them.
+CREATE INDEX steps_running_by_key ON steps (concurrency_key)
+    WHERE concurrency_key IS NOT NULL AND status IN ('enqueued', 'in_progress');
+-- Held steps per key, in the order they are offered again.
+CREATE INDEX steps_held_by_key ON steps (concurrency_key, priority DESC, created_at)
+    WHERE held = 'concurrency_limited' AND status IN ('pending', 'waiting_for_retry');
+-- The starts of a rate key within its window, and those claimed and not yet started.
+CREATE INDEX steps_started_by_rate ON steps (rate_key, started_at)
+    WHERE rate_key IS NOT NULL;
+CREATE INDEX steps_pending_by_rate ON steps (rate_key)
+    WHERE rate_key IS NOT NULL AND status = 'enqueued';
+CREATE INDEX steps_held_by_rate ON steps (rate_key, next_attempt_at)
+    WHERE held = 'rate_limited' AND status IN ('pending', 'waiting_for_retry');
+
+-- The one claim of migration 0010, with the limits. Callers of every kind (dispatcher,
+-- results, creation) call it as before; p_release_keys names concurrency keys whose
+-- slots the caller freed (or may have): their held steps are offered too.
+DROP FUNCTION tasker_claim_steps(UUID[], INT[], BIGINT);
+
+CREATE FUNCTION tasker_claim_steps(
+    p_step_ids UUID[], p_parents_done INT[], p_lease_ms BIGINT, p_release_keys TEXT[]
+)
+RETURNS TABLE (
+    step_id UUID,
+    task_id UUID,
+    name TEXT,
+    handler TEXT,
+    config JSONB,
+    attempts INT,
+    retry_limit INT,
+    deferrals INT,
+    dispatch_token UUID,
+    timeout_ms BIGINT,
+    namespace TEXT,
+    template TEXT,
+    context JSONB,
+    parents JSONB,
+    dispatched_at TIMESTAMPTZ,
+    trace_parent TEXT
+)
+LANGUAGE plpgsql
+-- One plan per connection that is index probes at every table size (migration 0011).
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_locks BIGINT[];
+    v_lock BIGINT;
+    v_ids UUID[] := COALESCE(p_step_ids, '{}');
+    v_now TIMESTAMPTZ;
+BEGIN
+    -- Two claims of one key run one after the other, fleet-wide: each takes its keys'
+    -- transaction locks, in one order, before it counts. The counting statements below
+    -- start after the lock is granted, so they see what the previous holder committed.
+    SELECT array_agg(DISTINCT k.lock ORDER BY k.lock) INTO v_locks
+    FROM (SELECT hashtextextended('tasker concurrency ' || s.concurrency_key, 0) AS lock
+          FROM steps s
+          WHERE s.step_id = ANY (v_ids) AND s.concurrency_key IS NOT NULL
+          UNION ALL
+          SELECT hashtextextended('tasker rate ' || s.rate_key, 0)
+          FROM steps s
+          WHERE s.step_id = ANY (v_ids) AND s.rate_key IS NOT NULL
+          UNION ALL
+          SELECT hashtextextended('tasker concurrency ' || r.key, 0)
+          FROM unnest(p_release_keys) AS r(key)) k;
+    IF v_locks IS NULL THEN
+        NULL;
+    ELSE
+        FOREACH v_lock IN ARRAY v_locks LOOP
+            PERFORM pg_advisory_xact_lock(v_lock);
+        END LOOP;
+    END IF;
+
+    -- The held steps of the released keys, as many per key as its limit, are offered
+    -- too. Rows another transaction holds are left to it.
+    IF cardinality(p_release_keys) > 0 THEN
+        v_ids := v_ids || ARRAY(
+            SELECT h.step_id
+            FROM unnest(p_release_keys) AS r(key)
+            CROSS JOIN LATERAL (
+                SELECT s.step_id
+                FROM steps s
+                WHERE s.held = 'concurrency_limited'
+                  AND s.status IN ('pending', 'waiting_for_retry')
+                  AND s.concurrency_key = r.key
+                  AND s.step_id <> ALL (v_ids)
+                ORDER BY s.priority DESC, s.created_at
+                LIMIT (SELECT f.concurrency_limit FROM steps f
+                       WHERE f.held = 'concurrency_limited'
+                         AND f.status IN ('pending', 'waiting_for_retry')
+                         AND f.concurrency_key = r.key
+                       ORDER BY f.priority DESC, f.created_at
+                       LIMIT 1)
+                FOR UPDATE SKIP LOCKED) h);
+    END IF;
+
+    -- Rate windows count in wall-clock time from here, after the locks: now() is when
+    -- the transaction began, which for a batch of results (or a claim that waited for a
+    -- key) is earlier than the claim.
+    v_now := clock_timestamp();
+
+    RETURN QUERY
+    WITH input AS (
+        SELECT i.step_id, COALESCE(i.done, 0) AS done
+        FROM unnest(v_ids, p_parents_done) AS i(step_id, done)
+        WHERE i.step_id IS NOT NULL
+    ),
+    current AS (
+        -- By primary key only: the caller holds these rows.
+        SELECT s.step_id, s.status AS from_status, i.done,
+               s.remaining_parents - i.done AS remaining,
+               tasker_step_claimable(s.status, s.remaining_parents - i.done,
+                                     s.next_attempt_at, s.attempts, s.retry_limit) AS claimable,
+               s.held AS was_held, s.priority, s.created_at,
+               s.concurrency_key, s.concurrency_limit,
+               s.rate_key, s.rate_limit, s.rate_window_ms
+        FROM steps s JOIN input i ON i.step_id = s.step_id
+        WHERE s.step_id = ANY (v_ids)
+    ),
+    running AS (
+        -- Per concurrency key of a claimable step: how many are queued or running.
+        SELECT k.key,
+               (SELECT count(*) FROM steps r
+                WHERE r.concurrency_key = k.key
+                  AND r.status IN ('enqueued', 'in_progress'))::INT AS n
+        FROM (SELECT DISTINCT c.concurrency_key AS key FROM current c
+              WHERE c.claimable AND c.concurrency_key IS NOT NULL) k
+    ),
+    fitting AS (
+        -- The claimable steps within their concurrency limit, best first per key.
+        SELECT c.step_id, c.priority, c.created_at, c.rate_key, c.rate_limit,
+               c.rate_window_ms
+        FROM (SELECT c.*, row_number() OVER (PARTITION BY c.concurrency_key
+                                             ORDER BY c.priority DESC, c.created_at,
+                                                      c.step_id) AS rank
+              FROM current c
+              WHERE c.claimable) c
+        LEFT JOIN running r ON r.key = c.concurrency_key
+        WHERE c.concurrency_key IS NULL OR c.rank <= c.concurrency_limit - r.n
+    ),
+    windows AS (
+        -- Per rate key of a fitting step: the starts within the window, oldest first, and
+        -- how many were claimed and have not started.
+        SELECT k.key,
+               ARRAY(SELECT t.started_at FROM steps t
+                     WHERE t.rate_key = k.key
+                       AND t.started_at > v_now - k.window_ms * INTERVAL '1 millisecond'
+                       AND t.status <> 'enqueued'
+                     ORDER BY t.started_at) AS starts,
+               (SELECT count(*) FROM steps t
+                WHERE t.rate_key = k.key AND t.status = 'enqueued')::INT AS pending
+        FROM (SELECT f.rate_key AS key, max(f.rate_window_ms) AS window_ms FROM fitting f
+              WHERE f.rate_key IS NOT NULL GROUP BY f.rate_key) k
+    ),
+    rated AS (
+        -- The fitting steps with their rank per rate key, and how much of the window is
+        -- taken.
+        SELECT f.step_id, f.rate_key, f.rate_limit, f.rate_window_ms, w.starts,
+               row_number() OVER (PARTITION BY f.rate_key
+                                  ORDER BY f.priority DESC, f.created_at, f.step_id) AS rank,
+               cardinality(w.starts) + w.pending AS used
+        FROM fitting f
+        LEFT JOIN windows w ON w.key = f.rate_key
+    ),
+    decided AS (
+        SELECT c.step_id, c.from_status, c.done, c.remaining, c.claimable, c.was_held,
+               c.claimable AND r.step_id IS NOT NULL
+                   AND (r.rate_key IS NULL OR r.rank <= r.rate_limit - r.used) AS claim,
+               CASE WHEN NOT c.claimable THEN c.was_held
+                    WHEN r.step_id IS NULL THEN 'concurrency_limited'
+                    WHEN r.rate_key IS NOT NULL AND r.rank > r.rate_limit - r.used
+                        THEN 'rate_limited'
+               END AS held,
+               -- A rate-held step's slot: when enough starts have left the window. Once
+               -- the claims of this statement are made, the window holds `used` starts
+               -- and the free slots' claims (at least the limit); the held step of rank
+               -- `rank` needs `used + rank - limit` of them gone. Those known are the
+               -- starts, oldest first; the rest start from now on, so at best a window
+               -- from now (checked again then).
+               CASE WHEN r.rate_key IS NOT NULL AND r.rank > r.rate_limit - r.used THEN
+                   CASE WHEN r.used + r.rank - r.rate_limit <= cardinality(r.starts)
+                        THEN r.starts[(r.used + r.rank - r.rate_limit)::INT]
+                        ELSE v_now
+                   END
+                   + r.rate_window_ms * INTERVAL '1 millisecond'
+                     * (1 + GREATEST(r.used + r.rank - r.rate_limit - cardinality(r.starts) - 1,
+                                     0) / GREATEST(r.rate_limit, 1))
+               END AS next_slot
+        FROM current c
+        LEFT JOIN rated r ON r.step_id = c.step_id
+    ),
+    changed AS (
+        UPDATE steps s
+        SET remaining_parents = d.remaining,
+            ready_at = CASE WHEN d.done > 0 AND d.remaining = 0 THEN now() ELSE s.ready_at END,
+            status = CASE WHEN d.claim THEN 'enqueued' ELSE s.status END,
+            attempts = s.attempts + CASE WHEN d.claim THEN 1 ELSE 0 END,
+            dispatch_token = CASE WHEN d.claim THEN gen_random_uuid() ELSE s.dispatch_token END,
+            lease_expires_at = CASE WHEN d.claim
+                                    THEN now() + p_lease_ms * INTERVAL '1 millisecond'
+                                    ELSE s.lease_expires_at END,
+            next_attempt_at = CASE WHEN d.claim THEN NULL
+                                   WHEN NOT d.claimable THEN s.next_attempt_at
+                                   WHEN d.held = 'rate_limited' THEN d.next_slot
+                                   WHEN d.held = 'concurrency_limited' THEN NULL
+                                   ELSE s.next_attempt_at END,
+            held = d.held,
+            enqueued_at = CASE WHEN d.claim THEN now() ELSE s.enqueued_at END,
+            updated_at = CASE WHEN d.claim THEN now() ELSE s.updated_at END
+        FROM decided d
+        WHERE s.step_id = d.step_id
+          AND (d.claim OR d.done > 0 OR d.held IS DISTINCT FROM d.was_held
+               OR (d.claimable AND d.held = 'rate_limited'))
+        RETURNING s.step_id, s.task_id, s.name, s.handler, s.config, s.attempts,
+                  s.retry_limit, s.deferrals, s.dispatch_token, s.timeout_ms,
+                  d.from_status, d.claim
+    ),
+    claimed AS (
+        SELECT * FROM changed WHERE claim
+    ),
+    step_history AS (
+        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+        SELECT step_id, task_id, from_status, 'enqueued', 'dispatched',
+               jsonb_build_object('attempt', attempts, 'dispatch_token', dispatch_token)
+        FROM claimed
+        ORDER BY step_id
+    ),
+    started_tasks AS (
+        -- Task rows are locked in id order, as everywhere else, so two coordinators
+        -- starting the same tasks cannot deadlock. The tasks are found by primary key
+        -- only: the status test is written so that no index can serve it (`IS TRUE`);
+        -- offered `status = 'pending'`, a cached plan walked tasks_by_status.
+        UPDATE tasks t SET status = 'in_progress', updated_at = now()
+        WHERE t.task_id = ANY (ARRAY(
+                  SELECT k.task_id FROM tasks k
+                  WHERE k.task_id = ANY (ARRAY(SELECT task_id FROM claimed))
+                    AND (k.status = 'pending') IS TRUE
+                  ORDER BY k.task_id
+                  FOR UPDATE))
+          AND (t.status = 'pending') IS TRUE
+        RETURNING t.task_id
+    ),
+    task_history AS (
+        INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+        SELECT task_id, 'pending', 'in_progress', 'first_step_dispatched'
+        FROM started_tasks
+        ORDER BY task_id
+    )
+    SELECT c.step_id, c.task_id, c.name, c.handler, c.config, c.attempts, c.retry_limit,
+           c.deferrals, c.dispatch_token, c.timeout_ms, t.namespace,
+           t.name || '@' || t.version, t.context,
+           COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
+                     FROM steps p
+                     WHERE p.step_id = ANY (ARRAY(SELECT e.from_step FROM step_edges e
+                                                  WHERE e.to_step = c.step_id))),
+                    '{}'::jsonb),
+           now(), t.trace_parent
+    FROM claimed c JOIN tasks t ON t.task_id = c.task_id;
+END $$;
+
+-- tasker_create_tasks of migration 0012, with each step's limits and keys.
+DROP FUNCTION tasker_create_tasks(
+    UUID[], BIGINT[], TEXT[], TEXT[], TEXT[], JSONB[], TEXT[], TEXT[], TEXT[], JSONB[],
+    TEXT[], TEXT[], INT[], UUID[], INT[], UUID[], TEXT[], TEXT[], JSONB[], INT[], INT[],
+    BOOLEAN[], BIGINT[], BIGINT[], BIGINT[], BOOLEAN[], JSONB[], INT[], UUID[], UUID[],
+    UUID[], UUID[], BIGINT, SMALLINT[]);
+
+CREATE FUNCTION tasker_create_tasks(
+    p_task_ids UUID[], p_template_ids BIGINT[], p_namespaces TEXT[], p_names TEXT[],
+    p_versions TEXT[], p_contexts JSONB[], p_initiators TEXT[], p_source_systems TEXT[],
+    p_reasons TEXT[], p_tags JSONB[], p_idempotency_keys TEXT[], p_trace_parents TEXT[],
+    p_versions_known INT[],
+    p_step_task_ids UUID[], p_positions INT[], p_step_ids UUID[], p_step_names TEXT[],
+    p_handlers TEXT[], p_configs JSONB[], p_parents INT[], p_retry_limits INT[],
+    p_retryable BOOLEAN[], p_timeouts_ms BIGINT[], p_backoff_base_ms BIGINT[],
+    p_backoff_max_ms BIGINT[], p_backoff_jitter BOOLEAN[], p_backoff_schedules JSONB[],
+    p_max_deferrals INT[],
+    p_edge_task_ids UUID[], p_edge_from UUID[], p_edge_to UUID[],
+    p_first_steps UUID[], p_lease_ms BIGINT, p_priorities SMALLINT[],
+    p_concurrency_keys TEXT[], p_concurrency_limits INT[], p_rate_keys TEXT[],
+    p_rate_limits INT[], p_rate_windows_ms INT[]
+) RETURNS TABLE (
+    created_task_id UUID,
+    created_at TIMESTAMPTZ,
+    step_id UUID,
+    task_id UUID,
+    name TEXT,
+    handler TEXT,
+    config JSONB,
+    attempts INT,
+    retry_limit INT,
+    deferrals INT,
+    dispatch_token UUID,
+    timeout_ms BIGINT,
+    namespace TEXT,
+    template TEXT,
+    context JSONB,
+    parents JSONB,
+    dispatched_at TIMESTAMPTZ,
+    trace_parent TEXT
+)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_created UUID[];
+    v_created_at TIMESTAMPTZ[];
+BEGIN
+    -- A task that named no version carries how many versions its template's name had
+    -- when the coordinator looked; if that changed, nothing is written (TK001).
+    IF EXISTS (
+        SELECT 1
+        FROM (SELECT DISTINCT k.namespace, k.name, k.known
+              FROM unnest(p_namespaces, p_names, p_versions_known) AS k(namespace, name, known)
+              WHERE k.known IS NOT NULL) k
+        WHERE k.known <> (
+            SELECT count(*)
+            FROM templates t JOIN namespaces n USING (namespace_id)
+            WHERE n.name = k.namespace AND t.name = k.name
+        )
+    ) THEN
+        RAISE EXCEPTION 'the versions of a template changed'
+            USING ERRCODE = 'TK001';
+    END IF;
+    WITH input_tasks AS (
+        SELECT t.*
+        FROM unnest(p_task_ids, p_template_ids, p_namespaces, p_names, p_versions, p_contexts,
+                    p_initiators, p_source_systems, p_reasons, p_tags, p_idempotency_keys,
+                    p_trace_parents, p_priorities)
+               WITH ORDINALITY
+               AS t(task_id, template_id, namespace, name, version, context, initiator,
+                    source_system, reason, tags, idempotency_key, trace_parent, priority, n)
+    ),
+    task AS (
+        INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
+                           initiator, source_system, reason, tags, idempotency_key,
+                           trace_parent, priority)
+        SELECT t.task_id, t.template_id, t.namespace, t.name, t.version, 'pending',
+               t.context, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key,
+               t.trace_parent, t.priority
+        FROM input_tasks t
+        ORDER BY t.n
+        ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL
+        DO NOTHING
+        RETURNING tasks.task_id, tasks.created_at, tasks.priority
+    ),
+    input AS (
+        SELECT s.*
+        FROM unnest(p_step_task_ids, p_positions, p_step_ids, p_step_names, p_handlers,
+                    p_configs, p_parents, p_retry_limits, p_retryable, p_timeouts_ms,
+                    p_backoff_base_ms, p_backoff_max_ms, p_backoff_jitter,
+                    p_backoff_schedules, p_max_deferrals, p_concurrency_keys,
+                    p_concurrency_limits, p_rate_keys, p_rate_limits, p_rate_windows_ms)
+               WITH ORDINALITY
+               AS s(task_id, position, step_id, name, handler, config, parents, retry_limit,
+                    retryable, timeout_ms, base_ms, max_ms, jitter, schedule, max_deferrals,
+                    concurrency_key, concurrency_limit, rate_key, rate_limit, rate_window_ms,
+                    n)
+    ),
+    new_steps AS (
+        INSERT INTO steps (step_id, task_id, name, position, handler, config, status,
+                           remaining_parents, attempts, retry_limit, retryable, timeout_ms,
+                           backoff_base_ms, backoff_max_ms, backoff_jitter,
+                           backoff_schedule_ms, max_deferrals, ready_at, priority,
+                           concurrency_key, concurrency_limit, rate_key, rate_limit,
+                           rate_window_ms)
+        SELECT s.step_id, task.task_id, s.name, s.position, s.handler, s.config, 'pending',
+               s.parents, 0, s.retry_limit, s.retryable, s.timeout_ms, s.base_ms, s.max_ms,
+               s.jitter,
+               CASE WHEN jsonb_typeof(s.schedule) = 'array'
+                    THEN ARRAY(SELECT jsonb_array_elements_text(s.schedule)::BIGINT) END,
+               s.max_deferrals, CASE WHEN s.parents = 0 THEN now() END, task.priority,
+               s.concurrency_key, s.concurrency_limit, s.rate_key, s.rate_limit,
+               s.rate_window_ms
+        FROM task JOIN input s ON s.task_id = task.task_id
+        ORDER BY s.n
+    ),
+    new_edges AS (
+        INSERT INTO step_edges (task_id, from_step, to_step)
+        SELECT task.task_id, e.from_step, e.to_step
+        FROM task
+        JOIN unnest(p_edge_task_ids, p_edge_from, p_edge_to) AS e(task_id, from_step, to_step)
+          ON e.task_id = task.task_id
+    ),
+    task_history AS (
+        INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+        SELECT task.task_id, NULL, 'pending', 'created'
+        FROM task
+        ORDER BY task.task_id
+    )
+    SELECT array_agg(task.task_id), array_agg(task.created_at)
+    INTO v_created, v_created_at
+    FROM task;
+
+    -- The first steps are claimed by the one claim, in this statement's transaction.
+    -- Those of a task that was not written (its idempotency key was taken) do not
+    -- exist, and the claim passes over them.
+    RETURN QUERY
+    SELECT c.task_id, c.created_at, m.*
+    FROM unnest(v_created, v_created_at) AS c(task_id, created_at)
+    LEFT JOIN tasker_claim_steps(CASE WHEN p_lease_ms IS NOT NULL THEN p_first_steps END,
+                                 NULL, p_lease_ms, NULL) m ON m.task_id = c.task_id;
+END $$;
+
+
+-- Readiness says why a held step waits: the key, its limit, and for a rate limit the
+-- next slot (next_attempt_at). Two columns more than migration 0010's.
+DROP FUNCTION tasker_step_readiness(UUID);
+
+CREATE FUNCTION tasker_step_readiness(p_task_id UUID)
+RETURNS TABLE (
+    step_id UUID,
+    name TEXT,
+    status TEXT,
+    ready BOOLEAN,
+    waiting_on TEXT[],
+    next_attempt_at TIMESTAMPTZ,
+    attempts INT,
+    retry_limit INT,
+    reason TEXT,
+    message TEXT,
+    limit_key TEXT,
+    limit_value INT
+) LANGUAGE sql STABLE AS $$
+    WITH parents AS (
+        SELECT s.step_id,
+               COALESCE(array_agg(p.name ORDER BY p.position)
+                   FILTER (WHERE p.status NOT IN ('complete', 'resolved_manually')), '{}') AS waiting_on,
+               COALESCE(array_agg(p.name ORDER BY p.position)
+                   FILTER (WHERE p.status IN ('error', 'cancelled')), '{}') AS failed_parents
+        FROM steps s
+        LEFT JOIN step_edges e ON e.to_step = s.step_id
+        LEFT JOIN steps p ON p.step_id = e.from_step
+        WHERE s.task_id = p_task_id
+        GROUP BY s.step_id
+    ),
+    judged AS (
+        SELECT s.step_id, s.name, s.status, s.position, pa.waiting_on, s.next_attempt_at,
+               s.attempts, s.retry_limit, s.last_error, s.deferrals, s.max_deferrals,
+               s.concurrency_key, s.concurrency_limit, s.rate_key, s.rate_limit,
+               s.rate_window_ms,
+               CASE
+                   WHEN t.status = 'cancelled' AND s.status NOT IN ('complete', 'resolved_manually')
+                       THEN 'task_cancelled'
+                   WHEN s.held IS NOT NULL AND s.status IN ('pending', 'waiting_for_retry')
+                       THEN s.held
+                   WHEN tasker_step_claimable(s.status, s.remaining_parents, s.next_attempt_at,
+                                              s.attempts, s.retry_limit)
+                       THEN 'ready'
+                   WHEN s.status = 'complete' THEN 'complete'
+                   WHEN s.status = 'resolved_manually' THEN 'resolved_manually'
+                   WHEN s.status = 'cancelled' THEN 'cancelled'
+                   WHEN s.status = 'enqueued' THEN 'enqueued'
+                   WHEN s.status = 'in_progress' THEN 'running'
+                   WHEN s.status = 'error' AND s.last_error ->> 'code' = 'deferral_limit'
+                       THEN 'deferrals_exhausted'
+                   WHEN s.status = 'error' AND s.attempts >= s.retry_limit
+                        AND COALESCE(s.last_error ->> 'kind', '') <> 'permanent'
+                       THEN 'attempts_exhausted'
+                   WHEN s.status = 'error' THEN 'failed_permanently'
+                   WHEN cardinality(pa.failed_parents) > 0 THEN 'blocked_by_failed_parent'
+                   WHEN cardinality(pa.waiting_on) > 0 THEN 'waiting_on_parents'
+                   WHEN s.next_attempt_at > now() THEN 'in_backoff'
+                   ELSE 'attempts_exhausted'
+               END AS reason,
+               pa.failed_parents
+        FROM steps s
+        JOIN tasks t ON t.task_id = s.task_id
+        JOIN parents pa ON pa.step_id = s.step_id
+        WHERE s.task_id = p_task_id
+    ),
+    shown AS (
+        -- A concurrency key is shown as its value (the part after the scope).
+        SELECT j.*,
+               CASE j.reason
+                   WHEN 'concurrency_limited' THEN substr(j.concurrency_key,
+                                                          strpos(j.concurrency_key, '=') + 1)
+                   WHEN 'rate_limited' THEN j.rate_key
+               END AS key,
+               CASE j.reason
+                   WHEN 'concurrency_limited' THEN j.concurrency_limit
+                   WHEN 'rate_limited' THEN j.rate_limit
+               END AS key_limit,
+               CASE WHEN j.reason = 'concurrency_limited' THEN
+                   (SELECT count(*) FROM steps r
+                    WHERE r.concurrency_key = j.concurrency_key
+                      AND r.status IN ('enqueued', 'in_progress'))
+               END AS key_running
+        FROM judged j
+    )
+    SELECT step_id, name, status, reason = 'ready', waiting_on, next_attempt_at, attempts,
+           retry_limit, reason,
+           CASE reason
+               WHEN 'task_cancelled' THEN 'the task was cancelled; nothing more runs'
+               WHEN 'concurrency_limited' THEN 'held: at most ' || key_limit
+                                               || ' at once for key ' || key || ' ('
+                                               || key_running || ' queued or running)'
+               WHEN 'rate_limited' THEN 'held: at most ' || key_limit || ' starts per '
+                                        || (rate_window_ms / 1000) || ' s for key ' || key
+                                        || '; next slot at '
+                                        || to_char(next_attempt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+               WHEN 'complete' THEN 'finished successfully'
+               WHEN 'resolved_manually' THEN 'resolved by an operator'
+               WHEN 'cancelled' THEN 'cancelled'
+               WHEN 'enqueued' THEN 'dispatched (attempt ' || attempts || '); waiting for a worker to take it'
+               WHEN 'running' THEN 'running on a worker (attempt ' || attempts || ' of ' || retry_limit || ')'
+               WHEN 'deferrals_exhausted' THEN 'deferred ' || deferrals || ' times, the limit; resolve or retry the task'
+               WHEN 'attempts_exhausted' THEN 'all ' || retry_limit || ' attempts failed; last error: '
+                                              || COALESCE(last_error ->> 'message', 'unknown')
+               WHEN 'failed_permanently' THEN 'failed permanently: ' || COALESCE(last_error ->> 'message', 'unknown')
+               WHEN 'blocked_by_failed_parent' THEN 'cannot run: parent ' || array_to_string(failed_parents, ', ')
+                                                   || ' failed'
+               WHEN 'waiting_on_parents' THEN 'waiting on ' || array_to_string(waiting_on, ', ')
+               WHEN 'in_backoff' THEN 'attempt ' || (attempts + 1) || ' of ' || retry_limit || ' after backoff, at '
+                                      || to_char(next_attempt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+               ELSE 'ready to be dispatched'
+           END,
+           key, key_limit
+    FROM shown
+    ORDER BY position
+$$;
+
+-- The execution context counts a held step as waiting, not ready.
+CREATE OR REPLACE FUNCTION tasker_task_execution_context(p_task_id UUID)
+RETURNS TABLE (
+    total_steps BIGINT,
+    pending_steps BIGINT,
+    enqueued_steps BIGINT,
+    in_progress_steps BIGINT,
+    completed_steps BIGINT,
+    waiting_for_retry_steps BIGINT,
+    failed_steps BIGINT,
+    cancelled_steps BIGINT,
+    ready_steps BIGINT,
+    execution_status TEXT,
+    recommended_action TEXT,
+    health TEXT,
+    completion_percentage DOUBLE PRECISION
+) LANGUAGE sql STABLE AS $$
+    WITH counts AS (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE s.status = 'pending') AS pending,
+               count(*) FILTER (WHERE s.status = 'enqueued') AS enqueued,
+               count(*) FILTER (WHERE s.status = 'in_progress') AS in_progress,
+               count(*) FILTER (WHERE s.status IN ('complete', 'resolved_manually')) AS done,
+               count(*) FILTER (WHERE s.status = 'waiting_for_retry') AS retrying,
+               count(*) FILTER (WHERE s.status = 'error') AS failed,
+               count(*) FILTER (WHERE s.status = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE s.held IS NULL
+                                  AND tasker_step_claimable(s.status, s.remaining_parents,
+                                                            s.next_attempt_at, s.attempts,
+                                                            s.retry_limit)) AS ready,
+               count(*) FILTER (WHERE s.status IN ('pending', 'waiting_for_retry')
+                                  AND s.remaining_parents = 0) AS runnable
+        FROM steps s
+        WHERE s.task_id = p_task_id
+    ),
+    judged AS (
+        SELECT c.*, t.status AS task_status,
+               CASE
+                   WHEN t.status = 'cancelled' THEN 'cancelled'
+                   WHEN c.total > 0 AND c.done = c.total THEN 'all_complete'
+                   WHEN c.failed > 0 AND c.enqueued + c.in_progress + c.runnable = 0
+                       THEN 'blocked_by_failures'
+                   WHEN c.ready > 0 THEN 'has_ready_steps'
+                   WHEN c.enqueued + c.in_progress > 0 THEN 'processing'
+                   ELSE 'waiting_for_dependencies'
+               END AS execution_status
+        FROM counts c CROSS JOIN tasks t
+        WHERE t.task_id = p_task_id
+    )
+    SELECT total, pending, enqueued, in_progress, done, retrying, failed, cancelled, ready,
+           execution_status,
+           CASE execution_status
+               WHEN 'cancelled' THEN 'none'
+               WHEN 'all_complete' THEN CASE WHEN task_status = 'complete' THEN 'none' ELSE 'finalize_task' END
+               WHEN 'blocked_by_failures' THEN 'handle_failures'
+               WHEN 'has_ready_steps' THEN 'execute_ready_steps'
+               WHEN 'processing' THEN 'wait_for_completion'
+               ELSE 'wait_for_dependencies'
+           END,
+           CASE
+               WHEN execution_status = 'cancelled' THEN 'unknown'
+               WHEN failed + retrying = 0 THEN 'healthy'
+               WHEN execution_status = 'blocked_by_failures' THEN 'blocked'
+               ELSE 'recovering'
+           END,
+           CASE WHEN total = 0 THEN 0 ELSE round(100.0 * done / total, 2)::DOUBLE PRECISION END
+    FROM judged
+$$;

@@ -1,0 +1,240 @@
+//! Flow control: concurrency and rate limits hold for the whole fleet (several
+//! coordinators and workers), measured from the workers' own start and finish times; held
+//! steps explain themselves; malformed limits are refused naming the step and the key.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tasker_tests::api::Api;
+use tasker_tests::{TaskStatus, TestEnv};
+
+const PER_CUSTOMER: &str = "namespace: flow\nname: per_customer\nsteps:\n  - name: prepare\n    handler: tasker.noop\n  - name: call\n    handler: tasker.sleep\n    depends_on: [prepare]\n    config: {ms: 60}\n    concurrency: {key: context.customer, limit: 2}\n";
+
+/// Each run of step `step` in the database: its key (the context's `field`), and the
+/// worker's start and finish times.
+async fn runs(
+    pool: &sqlx::PgPool,
+    step: &str,
+    field: &str,
+) -> Vec<(String, DateTime<Utc>, DateTime<Utc>)> {
+    sqlx::query_as(
+        "SELECT t.context ->> $2, s.started_at, s.completed_at
+         FROM steps s JOIN tasks t USING (task_id)
+         WHERE s.name = $1 ORDER BY s.started_at",
+    )
+    .bind(step)
+    .bind(field)
+    .fetch_all(pool)
+    .await
+    .expect("runs")
+}
+
+/// The most runs that overlapped at any instant.
+fn most_at_once<'a>(
+    runs: impl Iterator<Item = &'a (String, DateTime<Utc>, DateTime<Utc>)>,
+) -> usize {
+    // Ends sort before starts at the same instant: a run that ends as another starts
+    // does not overlap it.
+    let mut edges: Vec<(DateTime<Utc>, i32)> = runs
+        .flat_map(|(_, start, end)| [(*start, 1), (*end, -1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, delta) in edges {
+        now += delta;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+async fn wait_all(env: &TestEnv, ids: &[uuid::Uuid], timeout: Duration) {
+    for id in ids {
+        let task = env
+            .api
+            .wait_for_task(*id, &[TaskStatus::Complete, TaskStatus::Error], timeout)
+            .await
+            .unwrap();
+        assert_eq!(task.status, TaskStatus::Complete, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_concurrency_limit_holds_across_coordinators_and_workers() {
+    let mut env = TestEnv::start("flow-concurrency").await.unwrap();
+    env.register_template(PER_CUSTOMER).await.unwrap();
+    let (_second, second_url) = env.start_coordinator("coordinator-2", &[]).await.unwrap();
+    let second = Api::new(second_url);
+    for n in 1..=3 {
+        env.start_worker_binary(
+            tasker_tests::binary("tasker-worker"),
+            &format!("flow-{n}"),
+            &["flow"],
+            8,
+        )
+        .await
+        .unwrap();
+    }
+
+    // Customer a has a backlog; b and c a few each. Created through both coordinators.
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        let customer = match n % 6 {
+            0 => "b",
+            1 => "c",
+            _ => "a",
+        };
+        let api = if n % 2 == 0 { &env.api } else { &second };
+        let task = api
+            .create_task(&json!({"namespace": "flow", "name": "per_customer",
+                                 "context": {"customer": customer}}))
+            .await
+            .unwrap();
+        ids.push(task.task_id);
+    }
+    wait_all(&env, &ids, Duration::from_secs(120)).await;
+
+    let runs = runs(&env.pool, "call", "customer").await;
+    assert_eq!(runs.len(), 60);
+    for customer in ["a", "b", "c"] {
+        let most = most_at_once(runs.iter().filter(|(key, _, _)| key == customer));
+        assert!(
+            most <= 2,
+            "customer {customer} ran {most} at once, over its limit of 2"
+        );
+    }
+    // The limit is per key: other customers ran beside a's two.
+    let most = most_at_once(runs.iter());
+    assert!(
+        most > 2,
+        "all customers together ran at most {most} at once"
+    );
+    env.finish().await.unwrap();
+}
+
+const RATED: &str = "namespace: flow\nname: partner\nsteps:\n  - name: call\n    handler: tasker.noop\n    rate_limit: {key: \"'partner-api'\", limit: 20, per: 1s}\n";
+
+#[tokio::test]
+async fn a_rate_limit_holds_in_every_second_and_the_backlog_completes() {
+    let mut env = TestEnv::start("flow-rate").await.unwrap();
+    env.register_template(RATED).await.unwrap();
+    let (_second, second_url) = env.start_coordinator("coordinator-2", &[]).await.unwrap();
+    let second = Api::new(second_url);
+    for n in 1..=3 {
+        env.start_worker_binary(
+            tasker_tests::binary("tasker-worker"),
+            &format!("rate-{n}"),
+            &["flow"],
+            8,
+        )
+        .await
+        .unwrap();
+    }
+    // Ten seconds' worth.
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        let api = if n % 2 == 0 { &env.api } else { &second };
+        let task = api
+            .create_task(&json!({"namespace": "flow", "name": "partner", "context": {"n": n}}))
+            .await
+            .unwrap();
+        ids.push(task.task_id);
+    }
+    // The last one waits for a slot (the first 20 took the first second's), and says so:
+    // its key, limit and next slot.
+    let readiness = env
+        .get(&format!("/v1/tasks/{}/readiness", ids.last().unwrap()))
+        .await
+        .unwrap()
+        .1;
+    let step = &readiness["steps"][0];
+    assert_eq!(step["reason"], "rate_limited", "{step}");
+    assert_eq!(step["key"], "partner-api");
+    assert_eq!(step["limit"], 20);
+    assert!(step["next_attempt_at"].is_string(), "{step}");
+    wait_all(&env, &ids, Duration::from_secs(120)).await;
+
+    let runs = runs(&env.pool, "call", "n").await;
+    assert_eq!(runs.len(), 200);
+    let starts: Vec<DateTime<Utc>> = runs.iter().map(|(_, start, _)| *start).collect();
+    let second = chrono::TimeDelta::seconds(1);
+    let busiest = starts
+        .iter()
+        .map(|from| {
+            starts
+                .iter()
+                .filter(|t| **t >= *from && **t < *from + second)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest <= 20,
+        "{busiest} starts within one second, over the limit of 20"
+    );
+    let span = *starts.last().unwrap() - starts[0];
+    assert!(
+        span >= chrono::TimeDelta::seconds(9),
+        "200 starts at 20 a second took {span}"
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_limits_are_refused_naming_the_step_and_the_key() {
+    let env = TestEnv::start("flow-malformed").await.unwrap();
+    let template = "namespace: flow\nname: bad\nsteps:\n  - name: zero\n    handler: h\n    concurrency: {key: context.customer, limit: 0}\n  - name: stranger\n    handler: h\n    concurrency: {key: context.customer, limit: 1, scope: all}\n  - name: window\n    handler: h\n    rate_limit: {key: \"'api'\", limit: 5, per: 2d}\n  - name: broken\n    handler: h\n    rate_limit: {key: \"context.customer +\", limit: 5, per: 1s}\n  - name: typo\n    handler: h\n    concurrency: {key: contxt.customer, limit: 1}\n";
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    let problems: Vec<(String, String, String)> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["path"].as_str().unwrap().to_owned(),
+                p["code"].as_str().unwrap().to_owned(),
+                p["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let find = |path: &str| {
+        problems
+            .iter()
+            .find(|(p, _, _)| p == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {problems:?}"))
+    };
+    let (_, code, message) = find("steps[0].concurrency.limit");
+    assert_eq!(code, "invalid_value");
+    assert!(message.contains("step `zero`"), "{message}");
+    let (_, code, _) = find("steps[1].concurrency.scope");
+    assert_eq!(code, "unknown_key");
+    let (_, code, message) = find("steps[2].rate_limit.per");
+    assert_eq!(code, "invalid_value");
+    assert!(message.contains("step `window`"), "{message}");
+    let (_, code, message) = find("steps[3].rate_limit.key");
+    assert_eq!(code, "invalid_expression");
+    assert!(message.contains("step `broken`"), "{message}");
+    let (_, code, message) = find("steps[4].concurrency.key");
+    assert_eq!(code, "invalid_expression");
+    assert!(message.contains("`contxt`"), "{message}");
+    assert_eq!(problems.len(), 5, "{problems:?}");
+
+    // A key the task's context cannot give is refused at creation, naming step and key.
+    let (status, _) = env.register_template(PER_CUSTOMER).await.unwrap();
+    assert_eq!(status, 201);
+    let (status, body) = env
+        .create_task(json!({"namespace": "flow", "name": "per_customer", "context": {}}))
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_limit_key");
+    let detail: &Value = &body["error"]["details"][0];
+    assert_eq!(detail["path"], "steps[1].concurrency.key");
+    assert!(
+        detail["message"].as_str().unwrap().contains("step `call`"),
+        "{detail}"
+    );
+    assert_eq!(crate::task_count(&env.pool).await, 0);
+    env.finish().await.unwrap();
+}
