@@ -47,6 +47,10 @@ struct Args {
     /// Diamond tasks (4 steps each) for the throughput run.
     #[arg(long, default_value_t = 10_000)]
     diamonds: usize,
+    /// After the diamonds: as many diamonds again with a concurrency limit of 2 on every
+    /// step, keyed by task over this many keys (0 skips the run).
+    #[arg(long, default_value_t = 1_000)]
+    limit_keys: usize,
     /// Linear chains for the second throughput run.
     #[arg(long, default_value_t = 1_000)]
     chains: usize,
@@ -175,6 +179,22 @@ async fn main() -> anyhow::Result<()> {
     let run = system.throughput("diamond", args.diamonds, 4, None).await?;
     run.print("diamonds", broker);
     let max_tasks_per_s = run.steps_per_s / 4.0;
+    if args.limit_keys > 0 {
+        let limited = system
+            .throughput("limited_diamond", args.diamonds, 4, None)
+            .await?;
+        limited.print(
+            &format!(
+                "diamonds, every step limited to 2 at once per key ({} keys)",
+                args.limit_keys
+            ),
+            broker,
+        );
+        println!(
+            "         against the unlimited diamonds  {:>9.2}",
+            limited.steps_per_s / run.steps_per_s
+        );
+    }
     let half = system
         .throughput(
             "diamond",
@@ -520,9 +540,13 @@ impl System {
         };
         for template in [
             "namespace: bench\nname: diamond\nsteps:\n  - {name: a, handler: tasker.noop}\n  - {name: b, handler: tasker.noop, depends_on: [a]}\n  - {name: c, handler: tasker.noop, depends_on: [a]}\n  - {name: d, handler: tasker.noop, depends_on: [b, c]}\n".to_owned(),
+            "namespace: bench\nname: limited_diamond\nsteps:\n  - {name: a, handler: tasker.noop, concurrency: {key: context.k, limit: 2}}\n  - {name: b, handler: tasker.noop, depends_on: [a], concurrency: {key: context.k, limit: 2}}\n  - {name: c, handler: tasker.noop, depends_on: [a], concurrency: {key: context.k, limit: 2}}\n  - {name: d, handler: tasker.noop, depends_on: [b, c], concurrency: {key: context.k, limit: 2}}\n".to_owned(),
             chain("chain", args.chain_length),
             chain("long_chain", args.long_chain),
         ] {
+            if template.contains("limited_diamond") && args.limit_keys == 0 {
+                continue;
+            }
             let response = self.http.post(format!("{}/v1/templates", self.bases[0])).body(template).send().await?;
             anyhow::ensure!(response.status().is_success(), "registering a template: {}", response.text().await?);
         }
@@ -536,7 +560,12 @@ impl System {
         let body: Value = self
             .http
             .post(format!("{base}/v1/tasks"))
-            .json(&json!({"namespace": "bench", "name": name}))
+            .json(&if name == "limited_diamond" {
+                let keys = self.args.limit_keys.max(1);
+                json!({"namespace": "bench", "name": name, "context": {"k": n % keys}})
+            } else {
+                json!({"namespace": "bench", "name": name})
+            })
             .send()
             .await?
             .json()
