@@ -11,10 +11,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::metrics::{CoordinatorMetrics, Queue, Status};
+use crate::metrics::{CoordinatorMetrics, Queue, Reason, Status};
 use crate::service::Service;
 use tasker_shared::broker::Topology;
 use tasker_shared::store::{inspect, templates};
+
+/// Why a step may be held (`tasker_steps_held{reason}`).
+const HELD_REASONS: &[&str] = &["concurrency_limited", "rate_limited"];
 
 pub(crate) struct Gauges {
     pool: PgPool,
@@ -71,6 +74,19 @@ impl Gauges {
                 .set(count);
         }
         self.metrics.ready_backlog.set(work.ready_backlog);
+        for reason in HELD_REASONS {
+            let count = work
+                .held
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, n)| *n);
+            self.metrics
+                .steps_held
+                .get_or_create(&Reason {
+                    reason: (*reason).to_owned(),
+                })
+                .set(count);
+        }
 
         let mut queues: Vec<String> = templates::namespaces(&self.pool)
             .await?

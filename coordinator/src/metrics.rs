@@ -73,6 +73,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) result_batch_size: Histogram,
     pub(crate) create_batch_size: Histogram,
     pub(crate) ready_backlog: Gauge,
+    pub(crate) steps_held: Family<Reason, Gauge>,
     pub(crate) tasks_by_status: Family<Status, Gauge>,
     pub(crate) steps_by_status: Family<Status, Gauge>,
     pub(crate) queue_messages: Family<Queue, Gauge>,
@@ -244,6 +245,12 @@ impl CoordinatorMetrics {
             "Steps ready to run but not yet dispatched",
             ready_backlog.clone(),
         );
+        let steps_held = Family::<Reason, Gauge>::default();
+        registry.register(
+            "tasker_steps_held",
+            "Steps ready to run but held by a limit, by reason (concurrency_limited, rate_limited)",
+            steps_held.clone(),
+        );
         let tasks_by_status = Family::<Status, Gauge>::default();
         registry.register(
             "tasker_tasks",
@@ -305,6 +312,7 @@ impl CoordinatorMetrics {
             result_batch_size,
             create_batch_size,
             ready_backlog,
+            steps_held,
             tasks_by_status,
             steps_by_status,
             queue_messages,

@@ -143,6 +143,8 @@ pub struct WorkInFlight {
     pub steps: Vec<(String, i64)>,
     /// Steps ready to run but not yet dispatched.
     pub ready_backlog: i64,
+    /// Steps held by a limit, by reason.
+    pub held: Vec<(String, i64)>,
 }
 
 /// See [`WorkInFlight`].
@@ -158,10 +160,14 @@ pub async fn work_in_flight(pool: &PgPool) -> sqlx::Result<WorkInFlight> {
     let ready_backlog = sqlx::query_scalar(include_str!("../../sql/inspect/ready_backlog.sql"))
         .fetch_one(pool)
         .await?;
+    let held = sqlx::query_as(include_str!("../../sql/inspect/held_steps.sql"))
+        .fetch_all(pool)
+        .await?;
     Ok(WorkInFlight {
         tasks,
         steps,
         ready_backlog,
+        held,
     })
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tasker_tests::api::Api;
 use tasker_tests::{TaskStatus, TestEnv};
 
-const PER_CUSTOMER: &str = "namespace: flow\nname: per_customer\nsteps:\n  - name: prepare\n    handler: tasker.noop\n  - name: call\n    handler: tasker.sleep\n    depends_on: [prepare]\n    config: {ms: 60}\n    concurrency: {key: context.customer, limit: 2}\n";
+const PER_CUSTOMER: &str = "namespace: flow\nname: per_customer\nsteps:\n  - name: prepare\n    handler: tasker.noop\n  - name: call\n    handler: tasker.sleep\n    depends_on: [prepare]\n    config: {ms: 100}\n    concurrency: {key: context.customer, limit: 2}\n";
 
 /// Each run of step `step` in the database: its key (the context's `field`), and the
 /// worker's start and finish times.
@@ -63,8 +63,11 @@ async fn wait_all(env: &TestEnv, ids: &[uuid::Uuid], timeout: Duration) {
 async fn a_concurrency_limit_holds_across_coordinators_and_workers() {
     let mut env = TestEnv::start("flow-concurrency").await.unwrap();
     env.register_template(PER_CUSTOMER).await.unwrap();
-    let (_second, second_url) = env.start_coordinator("coordinator-2", &[]).await.unwrap();
-    let second = Api::new(second_url);
+    let (_second, second_url) = env
+        .start_coordinator("coordinator-2", &[("TASKER_GAUGE_INTERVAL_MS", "100")])
+        .await
+        .unwrap();
+    let second = Api::new(second_url.clone());
     for n in 1..=3 {
         env.start_worker_binary(
             tasker_tests::binary("tasker-worker"),
@@ -92,6 +95,9 @@ async fn a_concurrency_limit_holds_across_coordinators_and_workers() {
             .unwrap();
         ids.push(task.task_id);
     }
+    // Customer a's backlog shows in the metrics while it waits.
+    let held = r#"tasker_steps_held{reason="concurrency_limited"}"#;
+    tasker_tests::wait_for_metric(&format!("{second_url}/metrics"), held, 1.0).await;
     wait_all(&env, &ids, Duration::from_secs(120)).await;
 
     let runs = runs(&env.pool, "call", "customer").await;
