@@ -101,9 +101,7 @@ BEGIN
           UNION ALL
           SELECT hashtextextended('tasker concurrency ' || r.key, 0)
           FROM unnest(p_release_keys) AS r(key)) k;
-    IF v_locks IS NULL THEN
-        NULL;
-    ELSE
+    IF v_locks IS NOT NULL THEN
         FOREACH v_lock IN ARRAY v_locks LOOP
             PERFORM pg_advisory_xact_lock(v_lock);
         END LOOP;
@@ -155,77 +153,79 @@ BEGIN
         FROM steps s JOIN input i ON i.step_id = s.step_id
         WHERE s.step_id = ANY (v_ids)
     ),
-    running AS (
-        -- Per concurrency key of a claimable step: how many are queued or running.
-        SELECT k.key,
-               (SELECT count(*) FROM steps r
-                WHERE r.concurrency_key = k.key
-                  AND r.status IN ('enqueued', 'in_progress'))::INT AS n
-        FROM (SELECT DISTINCT c.concurrency_key AS key FROM current c
-              WHERE c.claimable AND c.concurrency_key IS NOT NULL) k
+    limited AS (
+        -- The claimable steps with a limit, ranked per concurrency key (best first), each
+        -- with how many of its key are queued or running. Steps without limits never
+        -- get here: for them the claim is the rule alone.
+        SELECT c.step_id, c.priority, c.created_at, c.concurrency_key, c.concurrency_limit,
+               c.rate_key, c.rate_limit, c.rate_window_ms,
+               row_number() OVER (PARTITION BY c.concurrency_key
+                                  ORDER BY c.priority DESC, c.created_at, c.step_id) AS rank,
+               CASE WHEN c.concurrency_key IS NOT NULL THEN
+                   (SELECT count(*) FROM steps r
+                    WHERE r.concurrency_key = c.concurrency_key
+                      AND r.status IN ('enqueued', 'in_progress'))::INT
+               END AS running
+        FROM current c
+        WHERE c.claimable AND (c.concurrency_key IS NOT NULL OR c.rate_key IS NOT NULL)
     ),
     fitting AS (
-        -- The claimable steps within their concurrency limit, best first per key.
-        SELECT c.step_id, c.priority, c.created_at, c.rate_key, c.rate_limit,
-               c.rate_window_ms
-        FROM (SELECT c.*, row_number() OVER (PARTITION BY c.concurrency_key
-                                             ORDER BY c.priority DESC, c.created_at,
-                                                      c.step_id) AS rank
-              FROM current c
-              WHERE c.claimable) c
-        LEFT JOIN running r ON r.key = c.concurrency_key
-        WHERE c.concurrency_key IS NULL OR c.rank <= c.concurrency_limit - r.n
+        -- Within their concurrency limit, the rate-limited ones ranked per rate key, each
+        -- with its key's starts within the window (oldest first) and how many of the key
+        -- were claimed and have not started.
+        SELECT f.*,
+               row_number() OVER (PARTITION BY f.fits, f.rate_key
+                                  ORDER BY f.priority DESC, f.created_at, f.step_id) AS rate_rank,
+               CASE WHEN f.fits AND f.rate_key IS NOT NULL THEN
+                   ARRAY(SELECT t.started_at FROM steps t
+                         WHERE t.rate_key = f.rate_key
+                           AND t.started_at > v_now - f.rate_window_ms * INTERVAL '1 millisecond'
+                           AND t.status <> 'enqueued'
+                         ORDER BY t.started_at)
+               END AS starts,
+               CASE WHEN f.fits AND f.rate_key IS NOT NULL THEN
+                   (SELECT count(*) FROM steps t
+                    WHERE t.rate_key = f.rate_key AND t.status = 'enqueued')::INT
+               END AS pending
+        FROM (SELECT l.*,
+                     l.concurrency_key IS NULL OR l.rank <= l.concurrency_limit - l.running
+                         AS fits
+              FROM limited l) f
     ),
-    windows AS (
-        -- Per rate key of a fitting step: the starts within the window, oldest first, and
-        -- how many were claimed and have not started.
-        SELECT k.key,
-               ARRAY(SELECT t.started_at FROM steps t
-                     WHERE t.rate_key = k.key
-                       AND t.started_at > v_now - k.window_ms * INTERVAL '1 millisecond'
-                       AND t.status <> 'enqueued'
-                     ORDER BY t.started_at) AS starts,
-               (SELECT count(*) FROM steps t
-                WHERE t.rate_key = k.key AND t.status = 'enqueued')::INT AS pending
-        FROM (SELECT f.rate_key AS key, max(f.rate_window_ms) AS window_ms FROM fitting f
-              WHERE f.rate_key IS NOT NULL GROUP BY f.rate_key) k
-    ),
-    rated AS (
-        -- The fitting steps with their rank per rate key, and how much of the window is
-        -- taken.
-        SELECT f.step_id, f.rate_key, f.rate_limit, f.rate_window_ms, w.starts,
-               row_number() OVER (PARTITION BY f.rate_key
-                                  ORDER BY f.priority DESC, f.created_at, f.step_id) AS rank,
-               cardinality(w.starts) + w.pending AS used
-        FROM fitting f
-        LEFT JOIN windows w ON w.key = f.rate_key
-    ),
-    decided AS (
-        SELECT c.step_id, c.from_status, c.done, c.remaining, c.claimable, c.was_held,
-               c.claimable AND r.step_id IS NOT NULL
-                   AND (r.rate_key IS NULL OR r.rank <= r.rate_limit - r.used) AS claim,
-               CASE WHEN NOT c.claimable THEN c.was_held
-                    WHEN r.step_id IS NULL THEN 'concurrency_limited'
-                    WHEN r.rate_key IS NOT NULL AND r.rank > r.rate_limit - r.used
+    limits AS (
+        -- What the limits allow: claim, or hold (and for a rate, until when).
+        SELECT f.step_id,
+               f.fits AND (f.rate_key IS NULL OR f.rate_rank <= f.rate_limit - f.used) AS claim,
+               CASE WHEN NOT f.fits THEN 'concurrency_limited'
+                    WHEN f.rate_key IS NOT NULL AND f.rate_rank > f.rate_limit - f.used
                         THEN 'rate_limited'
                END AS held,
                -- A rate-held step's slot: when enough starts have left the window. Once
                -- the claims of this statement are made, the window holds `used` starts
                -- and the free slots' claims (at least the limit); the held step of rank
-               -- `rank` needs `used + rank - limit` of them gone. Those known are the
-               -- starts, oldest first; the rest start from now on, so at best a window
-               -- from now (checked again then).
-               CASE WHEN r.rate_key IS NOT NULL AND r.rank > r.rate_limit - r.used THEN
-                   CASE WHEN r.used + r.rank - r.rate_limit <= cardinality(r.starts)
-                        THEN r.starts[(r.used + r.rank - r.rate_limit)::INT]
+               -- `rate_rank` needs `used + rate_rank - limit` of them gone. Those known are
+               -- the starts, oldest first; the rest start from now on, so at best a
+               -- window from now (checked again then).
+               CASE WHEN f.rate_key IS NOT NULL AND f.rate_rank > f.rate_limit - f.used THEN
+                   CASE WHEN f.used + f.rate_rank - f.rate_limit <= cardinality(f.starts)
+                        THEN f.starts[(f.used + f.rate_rank - f.rate_limit)::INT]
                         ELSE v_now
                    END
-                   + r.rate_window_ms * INTERVAL '1 millisecond'
-                     * (1 + GREATEST(r.used + r.rank - r.rate_limit - cardinality(r.starts) - 1,
-                                     0) / GREATEST(r.rate_limit, 1))
+                   + f.rate_window_ms * INTERVAL '1 millisecond'
+                     * (1 + GREATEST(f.used + f.rate_rank - f.rate_limit
+                                     - cardinality(f.starts) - 1, 0)
+                            / GREATEST(f.rate_limit, 1))
                END AS next_slot
+        FROM (SELECT f.*, COALESCE(cardinality(f.starts), 0) + COALESCE(f.pending, 0) AS used
+              FROM fitting f) f
+    ),
+    decided AS (
+        SELECT c.step_id, c.from_status, c.done, c.remaining, c.claimable, c.was_held,
+               COALESCE(l.claim, c.claimable) AS claim,
+               CASE WHEN c.claimable THEN l.held ELSE c.was_held END AS held,
+               l.next_slot
         FROM current c
-        LEFT JOIN rated r ON r.step_id = c.step_id
+        LEFT JOIN limits l ON l.step_id = c.step_id
     ),
     changed AS (
         UPDATE steps s
@@ -535,7 +535,12 @@ RETURNS TABLE (
                                                || ' at once for key ' || key || ' ('
                                                || key_running || ' queued or running)'
                WHEN 'rate_limited' THEN 'held: at most ' || key_limit || ' starts per '
-                                        || (rate_window_ms / 1000) || ' s for key ' || key
+                                        || CASE WHEN rate_window_ms % 3600000 = 0
+                                                THEN (rate_window_ms / 3600000) || 'h'
+                                                WHEN rate_window_ms % 60000 = 0
+                                                THEN (rate_window_ms / 60000) || 'm'
+                                                ELSE (rate_window_ms / 1000) || 's' END
+                                        || ' for key ' || key
                                         || '; next slot at '
                                         || to_char(next_attempt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
                WHEN 'complete' THEN 'finished successfully'

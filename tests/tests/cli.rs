@@ -488,3 +488,29 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     let _ = std::fs::remove_dir_all(&dir);
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_held_step_explains_itself() {
+    let env = TestEnv::start("cli-held").await.unwrap();
+    let (status, _) = env
+        .register_template("namespace: clihold\nname: partner\nsteps:\n  - name: call\n    handler: tasker.noop\n    rate_limit: {key: \"'partner-api'\", limit: 1, per: 1h}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    // The first takes the hour's one start; the second waits for the next hour.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, task) = env
+            .create_task(json!({"namespace": "clihold", "name": "partner"}))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    let run = tasker(&env, &["tasks", "explain", &ids[1]]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let line = row(&run, "call");
+    assert!(line.contains("rate_limited"), "{run}");
+    assert!(line.contains("for key partner-api; next slot at"), "{run}");
+    env.finish().await.unwrap();
+}

@@ -1,7 +1,10 @@
 -- Held steps that may fit again, offered to the one claim (lease of $2 ms): per rate key,
--- up to $1 rate-held steps whose slot came; and, when $3, every concurrency key with held
--- steps (up to $1 keys), whose held steps the claim offers itself, as many per key as its
--- limit. Keys are found by skipping through the held indexes, one probe per key.
+-- up to $1 rate-held steps whose slot came; and, when $3, the concurrency keys with held
+-- steps and a free slot as last committed (up to $1 keys), whose held steps the claim
+-- offers itself, as many per key as its limit. Keys are found by skipping through the
+-- held indexes, one probe per key. Keys without a free slot are left out before the
+-- claim locks anything: a claim of every held key would hold them all at once, and every
+-- result batch of any of them would wait for it.
 WITH RECURSIVE rate_keys AS (
     (SELECT rate_key AS key FROM steps
      WHERE held = 'rate_limited' AND status IN ('pending', 'waiting_for_retry')
@@ -41,4 +44,15 @@ FROM tasker_claim_steps(
           WHERE k.key IS NOT NULL),
     NULL,
     $2,
-    ARRAY(SELECT k.key FROM concurrency_keys k WHERE k.key IS NOT NULL AND $3 LIMIT $1))
+    ARRAY(SELECT k.key
+          FROM concurrency_keys k
+          CROSS JOIN LATERAL (SELECT h.concurrency_limit FROM steps h
+                              WHERE h.held = 'concurrency_limited'
+                                AND h.status IN ('pending', 'waiting_for_retry')
+                                AND h.concurrency_key = k.key
+                              LIMIT 1) l
+          WHERE k.key IS NOT NULL AND $3
+            AND (SELECT count(*) FROM steps r
+                 WHERE r.concurrency_key = k.key
+                   AND r.status IN ('enqueued', 'in_progress')) < l.concurrency_limit
+          LIMIT $1))

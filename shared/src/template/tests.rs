@@ -1586,3 +1586,115 @@ fn priority_is_read_from_zero_to_nine_and_defaults_to_five() {
     let legacy = "name: t\nnamespace_name: n\nversion: 1.0.0\ntask_handler_class: T\nstep_templates:\n  - name: a\n    handler_class: H\n";
     assert_eq!(parse_template(legacy, "t").unwrap().priority, 5);
 }
+
+const LIMITED: &str = "namespace: shop\nname: sync\nsteps:\n  - name: fetch\n    handler: h\n    concurrency: {key: context.customer, limit: 2}\n  - name: call\n    handler: h\n    depends_on: [fetch]\n    rate_limit: {key: \"'partner'\", limit: 100, per: 10s}\n  - name: plain\n    handler: h\n";
+
+#[test]
+fn limits_are_read_and_their_keys_evaluated_per_task() {
+    let definition = parse_template(LIMITED, "test").unwrap();
+    assert_eq!(
+        definition.steps[0].concurrency,
+        Some(ConcurrencyLimit {
+            key: "context.customer".into(),
+            limit: 2
+        })
+    );
+    let rate = definition.steps[1].rate_limit.clone().unwrap();
+    assert_eq!(
+        (rate.limit, rate.per.as_str(), rate.per_ms()),
+        (100, "10s", 10_000)
+    );
+    assert!(definition.has_limits());
+
+    let context = json!({"customer": 42});
+    let inputs = KeyInputs {
+        context: &context,
+        tags: &json!([]),
+        priority: 5,
+    };
+    let keys = definition.limit_keys(inputs).unwrap();
+    assert_eq!(
+        keys[0].concurrency,
+        Some(("shop/sync.fetch=42".to_owned(), 2))
+    );
+    assert_eq!(keys[1].rate, Some(("partner".to_owned(), 100, 10_000)));
+    assert_eq!(keys[2], LimitKeys::default());
+
+    // A key the context cannot give, or that gives a list, is a problem naming the
+    // step and the key.
+    for context in [json!({}), json!({"customer": [1, 2]})] {
+        let problems = definition
+            .limit_keys(KeyInputs {
+                context: &context,
+                ..inputs
+            })
+            .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "steps[0].concurrency.key");
+        assert_eq!(problems[0].code, codes::INVALID_EXPRESSION);
+        assert!(
+            problems[0].message.contains("step `fetch`"),
+            "{}",
+            problems[0].message
+        );
+    }
+    // A template without limits evaluates nothing.
+    let plain = parse_template(
+        "namespace: a\nname: b\nsteps:\n  - {name: s, handler: h}\n",
+        "test",
+    )
+    .unwrap();
+    assert_eq!(plain.limit_keys(inputs).unwrap(), Vec::new());
+}
+
+#[test]
+fn every_malformed_limit_is_a_problem_naming_the_step_and_the_key() {
+    let text = "namespace: shop\nname: bad\nsteps:\n  - name: a\n    handler: h\n    concurrency: {key: context.x, limit: 0}\n  - name: b\n    handler: h\n    concurrency: {limit: 1}\n  - name: c\n    handler: h\n    rate_limit: {key: context.x, limit: 1, per: 1d}\n  - name: d\n    handler: h\n    rate_limit: {key: \"context.x ==\", limit: 1, per: 1s}\n  - name: e\n    handler: h\n    rate_limit: {key: customer.id, limit: 1, per: 1s, burst: 2}\n  - name: f\n    handler: h\n    concurrency: 3\n";
+    let problems = parse_template(text, "test").unwrap_err().0;
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("steps[0].concurrency.limit", codes::INVALID_VALUE),
+            ("steps[1].concurrency.key", codes::MISSING_KEY),
+            ("steps[2].rate_limit.per", codes::INVALID_VALUE),
+            ("steps[3].rate_limit.key", codes::INVALID_EXPRESSION),
+            ("steps[4].rate_limit.burst", codes::UNKNOWN_KEY),
+            ("steps[4].rate_limit.key", codes::INVALID_EXPRESSION),
+            ("steps[5].concurrency", codes::NOT_AN_OBJECT),
+        ],
+        "{problems:#?}"
+    );
+    for (problem, step) in problems.iter().zip(["a", "b", "c", "d"]) {
+        assert!(
+            problem.message.contains(&format!("step `{step}`")),
+            "{problem}"
+        );
+    }
+    assert!(
+        problems[5].message.contains("`customer`"),
+        "{}",
+        problems[5]
+    );
+}
+
+#[test]
+fn rate_windows_are_whole_seconds_minutes_or_hours_up_to_a_day() {
+    for (per, ms) in [
+        ("1s", 1_000),
+        ("10s", 10_000),
+        ("1m", 60_000),
+        ("1h", 3_600_000),
+        ("24h", 86_400_000),
+    ] {
+        assert_eq!(window_ms(per), Some(ms), "{per}");
+    }
+    for per in [
+        "", "s", "0s", "25h", "1.5s", "-1s", "1d", "100ms", " 1s", "1 s",
+    ] {
+        assert_eq!(window_ms(per), None, "{per:?}");
+    }
+}
