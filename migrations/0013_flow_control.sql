@@ -18,7 +18,21 @@
 -- names its key (p_release_keys), and the dispatcher offers rate-held steps whose slot
 -- came and, now and then, every held key (shared/sql/claim/held.sql).
 --
+-- A template's own `concurrency` ({key, limit, on_limit} entries) limits its tasks: at
+-- most `limit` started and unfinished tasks per key value. A task carries its evaluated
+-- keys (concurrency_keys, scoped `namespace/name=value`), and its first steps are marked
+-- task_limited: claiming one starts the task, so that claim counts the key's running
+-- tasks. Past the limit, `queue` holds the first steps (held_task_key names the key; the
+-- dispatcher offers them again when the key has room, woken by a finishing task),
+-- `cancel_newest` cancels the new task and `cancel_oldest` the key's oldest running task,
+-- both with the history reason `cancelled_by_concurrency_limit`.
+--
 -- Templates without limits pay one probe of their candidates' keys per claim.
+
+ALTER TABLE tasks
+    ADD COLUMN concurrency_keys TEXT[],
+    ADD COLUMN concurrency_limits INT[],
+    ADD COLUMN concurrency_on_limit TEXT[];
 
 ALTER TABLE steps
     ADD COLUMN concurrency_key TEXT,
@@ -26,13 +40,22 @@ ALTER TABLE steps
     ADD COLUMN rate_key TEXT,
     ADD COLUMN rate_limit INT,
     ADD COLUMN rate_window_ms INT,
-    ADD COLUMN held TEXT CHECK (held IN ('concurrency_limited', 'rate_limited'));
+    ADD COLUMN held TEXT CHECK (held IN ('concurrency_limited', 'rate_limited')),
+    ADD COLUMN task_limited BOOLEAN NOT NULL DEFAULT false,
+    ADD COLUMN held_task_key TEXT;
 
 -- The dispatcher's scan passes over held steps.
 DROP INDEX steps_claim_order;
 CREATE INDEX steps_claim_order ON steps (priority DESC, next_attempt_at NULLS FIRST, created_at)
     WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
       AND held IS NULL;
+-- How many tasks of a key run, and which is the oldest.
+CREATE INDEX tasks_running_by_key ON tasks USING gin (concurrency_keys)
+    WHERE status = 'in_progress' AND concurrency_keys IS NOT NULL;
+-- First steps held for their task's key, in the order they are offered again.
+CREATE INDEX steps_held_by_task_key ON steps (held_task_key, priority DESC, created_at)
+    WHERE held_task_key IS NOT NULL AND held = 'concurrency_limited'
+      AND status IN ('pending', 'waiting_for_retry');
 -- How many of a key run: the claim counts them.
 CREATE INDEX steps_running_by_key ON steps (concurrency_key)
     WHERE concurrency_key IS NOT NULL AND status IN ('enqueued', 'in_progress');
@@ -100,7 +123,15 @@ BEGIN
           WHERE s.step_id = ANY (v_ids) AND s.rate_key IS NOT NULL
           UNION ALL
           SELECT hashtextextended('tasker concurrency ' || r.key, 0)
-          FROM unnest(p_release_keys) AS r(key)) k;
+          FROM unnest(p_release_keys) AS r(key)
+          UNION ALL
+          SELECT hashtextextended('tasker task ' || tk.key, 0)
+          FROM steps s
+          CROSS JOIN LATERAL (SELECT t.concurrency_keys FROM tasks t
+                              WHERE t.task_id = s.task_id
+                                AND (t.status = 'pending') IS TRUE) t
+          CROSS JOIN LATERAL unnest(t.concurrency_keys) AS tk(key)
+          WHERE s.step_id = ANY (v_ids) AND s.task_limited) k;
     IF v_locks IS NOT NULL THEN
         FOREACH v_lock IN ARRAY v_locks LOOP
             PERFORM pg_advisory_xact_lock(v_lock);
@@ -147,11 +178,57 @@ BEGIN
                s.remaining_parents - i.done AS remaining,
                tasker_step_claimable(s.status, s.remaining_parents - i.done,
                                      s.next_attempt_at, s.attempts, s.retry_limit) AS claimable,
-               s.held AS was_held, s.priority, s.created_at,
-               s.concurrency_key, s.concurrency_limit,
+               s.held AS was_held, s.held_task_key AS was_task_key, s.priority, s.created_at,
+               s.task_id, s.task_limited, s.concurrency_key, s.concurrency_limit,
                s.rate_key, s.rate_limit, s.rate_window_ms
         FROM steps s JOIN input i ON i.step_id = s.step_id
         WHERE s.step_id = ANY (v_ids)
+    ),
+    starting AS (
+        -- The claimable first steps of tasks not yet started whose template limits its
+        -- tasks: per step and limit, the task's rank among those starting with the key
+        -- (best first) and how many tasks of the key run.
+        SELECT st.*,
+               dense_rank() OVER (PARTITION BY st.key
+                                  ORDER BY st.priority DESC, st.created_at, st.task_id) AS rank,
+               (SELECT count(*) FROM tasks r
+                WHERE r.concurrency_keys @> ARRAY[st.key]
+                  AND r.status = 'in_progress')::INT AS running
+        FROM (SELECT c.step_id, c.task_id, t.priority, t.created_at, e.key, e.lim, e.on_limit
+              FROM current c
+              CROSS JOIN LATERAL (SELECT k.* FROM tasks k
+                                  WHERE k.task_id = c.task_id
+                                    AND (k.status = 'pending') IS TRUE) t
+              CROSS JOIN LATERAL unnest(t.concurrency_keys, t.concurrency_limits,
+                                        t.concurrency_on_limit) AS e(key, lim, on_limit)
+              WHERE c.claimable AND c.task_limited) st
+    ),
+    task_limits AS (
+        -- Per such step: its task is cancelled (cancel_newest past the limit, or
+        -- cancel_oldest past what cancelling every running task frees), or waits for a
+        -- key (queue), or starts.
+        SELECT s.step_id, s.task_id,
+               bool_or(s.rank > s.lim - s.running AND s.on_limit = 'cancel_newest'
+                       OR s.rank > s.lim AND s.on_limit = 'cancel_oldest') AS cancel,
+               min(s.key) FILTER (WHERE s.rank > s.lim - s.running AND s.on_limit = 'queue')
+                   AS waits_for
+        FROM starting s
+        GROUP BY s.step_id, s.task_id
+    ),
+    victims AS (
+        -- cancel_oldest: each key's oldest running tasks, as many as the tasks starting
+        -- past its limit, but never a task this claim has a step of.
+        SELECT v.task_id
+        FROM (SELECT s.key, max(s.rank) - max(s.lim - s.running) AS over
+              FROM starting s
+              WHERE s.on_limit = 'cancel_oldest'
+              GROUP BY s.key) o
+        CROSS JOIN LATERAL (SELECT t.task_id FROM tasks t
+                            WHERE t.concurrency_keys @> ARRAY[o.key]
+                              AND t.status = 'in_progress'
+                              AND t.task_id <> ALL (ARRAY(SELECT c.task_id FROM current c))
+                            ORDER BY t.created_at
+                            LIMIT GREATEST(o.over, 0)) v
     ),
     limited AS (
         -- The claimable steps with a limit, ranked per concurrency key (best first), each
@@ -168,6 +245,8 @@ BEGIN
                END AS running
         FROM current c
         WHERE c.claimable AND (c.concurrency_key IS NOT NULL OR c.rate_key IS NOT NULL)
+          AND c.step_id <> ALL (ARRAY(SELECT t.step_id FROM task_limits t
+                                      WHERE t.cancel OR t.waits_for IS NOT NULL))
     ),
     fitting AS (
         -- Within their concurrency limit, the rate-limited ones ranked per rate key, each
@@ -220,12 +299,58 @@ BEGIN
               FROM fitting f) f
     ),
     decided AS (
+        -- A step of a task cancelled here is left to the cancel below, as it was.
         SELECT c.step_id, c.from_status, c.done, c.remaining, c.claimable, c.was_held,
-               COALESCE(l.claim, c.claimable) AS claim,
-               CASE WHEN c.claimable THEN l.held ELSE c.was_held END AS held,
+               c.was_task_key,
+               c.claimable AND NOT COALESCE(t.cancel, false) AND t.waits_for IS NULL
+                   AND COALESCE(l.claim, true) AS claim,
+               CASE WHEN NOT c.claimable OR COALESCE(t.cancel, false) THEN c.was_held
+                    WHEN t.waits_for IS NOT NULL THEN 'concurrency_limited'
+                    ELSE l.held
+               END AS held,
+               CASE WHEN NOT c.claimable OR COALESCE(t.cancel, false) THEN c.was_task_key
+                    ELSE t.waits_for
+               END AS held_task_key,
                l.next_slot
         FROM current c
         LEFT JOIN limits l ON l.step_id = c.step_id
+        LEFT JOIN task_limits t ON t.step_id = c.step_id
+    ),
+    to_cancel AS (
+        SELECT DISTINCT t.task_id, 'pending' AS from_status FROM task_limits t WHERE t.cancel
+        UNION
+        SELECT v.task_id, 'in_progress' FROM victims v
+    ),
+    cancelled_tasks AS (
+        UPDATE tasks t SET status = 'cancelled', completed_at = now(), updated_at = now()
+        FROM to_cancel x
+        WHERE t.task_id = x.task_id AND t.task_id = ANY (ARRAY(SELECT task_id FROM to_cancel))
+          AND t.status IN ('pending', 'in_progress')
+        RETURNING t.task_id, x.from_status
+    ),
+    cancelled_task_history AS (
+        INSERT INTO task_transitions (task_id, from_status, to_status, reason)
+        SELECT task_id, from_status, 'cancelled', 'cancelled_by_concurrency_limit'
+        FROM cancelled_tasks
+        ORDER BY task_id
+    ),
+    cancelled_steps AS (
+        UPDATE steps s
+        SET status = 'cancelled', lease_expires_at = NULL, next_attempt_at = NULL,
+            held = NULL, held_task_key = NULL, completed_at = now(), updated_at = now()
+        FROM (SELECT o.step_id, o.status FROM steps o
+              WHERE o.task_id = ANY (ARRAY(SELECT task_id FROM to_cancel))
+                AND o.status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
+              ORDER BY o.step_id FOR UPDATE) old
+        WHERE s.step_id = old.step_id
+        RETURNING s.step_id, s.task_id, old.status AS from_status
+    ),
+    cancelled_step_history AS (
+        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+        SELECT step_id, task_id, from_status, 'cancelled', 'task_cancelled',
+               jsonb_build_object('reason', 'concurrency limit')
+        FROM cancelled_steps
+        ORDER BY step_id
     ),
     changed AS (
         UPDATE steps s
@@ -243,12 +368,14 @@ BEGIN
                                    WHEN d.held = 'concurrency_limited' THEN NULL
                                    ELSE s.next_attempt_at END,
             held = d.held,
+            held_task_key = d.held_task_key,
             enqueued_at = CASE WHEN d.claim THEN now() ELSE s.enqueued_at END,
             updated_at = CASE WHEN d.claim THEN now() ELSE s.updated_at END
         FROM decided d
         WHERE s.step_id = d.step_id
           AND (d.claim OR d.done > 0 OR d.held IS DISTINCT FROM d.was_held
-               OR (d.claimable AND d.held = 'rate_limited'))
+               OR d.held_task_key IS DISTINCT FROM d.was_task_key
+               OR (d.claimable AND d.held = 'rate_limited' AND d.next_slot IS NOT NULL))
         RETURNING s.step_id, s.task_id, s.name, s.handler, s.config, s.attempts,
                   s.retry_limit, s.deferrals, s.dispatch_token, s.timeout_ms,
                   d.from_status, d.claim
@@ -316,10 +443,12 @@ CREATE FUNCTION tasker_create_tasks(
     p_edge_task_ids UUID[], p_edge_from UUID[], p_edge_to UUID[],
     p_first_steps UUID[], p_lease_ms BIGINT, p_priorities SMALLINT[],
     p_concurrency_keys TEXT[], p_concurrency_limits INT[], p_rate_keys TEXT[],
-    p_rate_limits INT[], p_rate_windows_ms INT[]
+    p_rate_limits INT[], p_rate_windows_ms INT[],
+    p_limit_task_ids UUID[], p_limit_keys TEXT[], p_limit_limits INT[], p_limit_on_limit TEXT[]
 ) RETURNS TABLE (
     created_task_id UUID,
     created_at TIMESTAMPTZ,
+    cancelled BOOLEAN,
     step_id UUID,
     task_id UUID,
     name TEXT,
@@ -373,15 +502,25 @@ BEGIN
     task AS (
         INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
                            initiator, source_system, reason, tags, idempotency_key,
-                           trace_parent, priority)
+                           trace_parent, priority, concurrency_keys, concurrency_limits,
+                           concurrency_on_limit)
         SELECT t.task_id, t.template_id, t.namespace, t.name, t.version, 'pending',
                t.context, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key,
-               t.trace_parent, t.priority
+               t.trace_parent, t.priority, l.keys, l.limits, l.on_limit
         FROM input_tasks t
+        LEFT JOIN LATERAL (
+            SELECT array_agg(l.key ORDER BY l.n) AS keys,
+                   array_agg(l.lim ORDER BY l.n) AS limits,
+                   array_agg(l.on_limit ORDER BY l.n) AS on_limit
+            FROM unnest(p_limit_task_ids, p_limit_keys, p_limit_limits, p_limit_on_limit)
+                 WITH ORDINALITY AS l(task_id, key, lim, on_limit, n)
+            WHERE l.task_id = t.task_id
+            HAVING count(*) > 0) l ON true
         ORDER BY t.n
         ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
-        RETURNING tasks.task_id, tasks.created_at, tasks.priority
+        RETURNING tasks.task_id, tasks.created_at, tasks.priority,
+                  tasks.concurrency_keys IS NOT NULL AS task_limited
     ),
     input AS (
         SELECT s.*
@@ -402,7 +541,7 @@ BEGIN
                            backoff_base_ms, backoff_max_ms, backoff_jitter,
                            backoff_schedule_ms, max_deferrals, ready_at, priority,
                            concurrency_key, concurrency_limit, rate_key, rate_limit,
-                           rate_window_ms)
+                           rate_window_ms, task_limited)
         SELECT s.step_id, task.task_id, s.name, s.position, s.handler, s.config, 'pending',
                s.parents, 0, s.retry_limit, s.retryable, s.timeout_ms, s.base_ms, s.max_ms,
                s.jitter,
@@ -410,7 +549,7 @@ BEGIN
                     THEN ARRAY(SELECT jsonb_array_elements_text(s.schedule)::BIGINT) END,
                s.max_deferrals, CASE WHEN s.parents = 0 THEN now() END, task.priority,
                s.concurrency_key, s.concurrency_limit, s.rate_key, s.rate_limit,
-               s.rate_window_ms
+               s.rate_window_ms, task.task_limited AND s.parents = 0
         FROM task JOIN input s ON s.task_id = task.task_id
         ORDER BY s.n
     ),
@@ -435,10 +574,19 @@ BEGIN
     -- Those of a task that was not written (its idempotency key was taken) do not
     -- exist, and the claim passes over them.
     RETURN QUERY
-    SELECT c.task_id, c.created_at, m.*
+    SELECT c.task_id, c.created_at, false, m.*
     FROM unnest(v_created, v_created_at) AS c(task_id, created_at)
     LEFT JOIN tasker_claim_steps(CASE WHEN p_lease_ms IS NOT NULL THEN p_first_steps END,
                                  NULL, p_lease_ms, NULL) m ON m.task_id = c.task_id;
+    -- A task its template's concurrency cancelled at once (on_limit: cancel_newest).
+    RETURN QUERY
+    SELECT t.task_id, t.created_at, true,
+           NULL::UUID, NULL::UUID, NULL::TEXT, NULL::TEXT, NULL::JSONB, NULL::INT, NULL::INT,
+           NULL::INT, NULL::UUID, NULL::BIGINT, NULL::TEXT, NULL::TEXT, NULL::JSONB,
+           NULL::JSONB, NULL::TIMESTAMPTZ, NULL::TEXT
+    FROM tasks t
+    WHERE t.task_id = ANY (v_created) AND (t.status = 'cancelled') IS TRUE
+      AND t.concurrency_keys IS NOT NULL;
 END $$;
 
 
@@ -477,7 +625,8 @@ RETURNS TABLE (
         SELECT s.step_id, s.name, s.status, s.position, pa.waiting_on, s.next_attempt_at,
                s.attempts, s.retry_limit, s.last_error, s.deferrals, s.max_deferrals,
                s.concurrency_key, s.concurrency_limit, s.rate_key, s.rate_limit,
-               s.rate_window_ms,
+               s.rate_window_ms, s.held_task_key, t.concurrency_keys AS task_keys,
+               t.concurrency_limits AS task_limits,
                CASE
                    WHEN t.status = 'cancelled' AND s.status NOT IN ('complete', 'resolved_manually')
                        THEN 'task_cancelled'
@@ -509,18 +658,25 @@ RETURNS TABLE (
         WHERE s.task_id = p_task_id
     ),
     shown AS (
-        -- A concurrency key is shown as its value (the part after the scope).
+        -- A concurrency key is shown as its value (the part after the scope). A step held
+        -- for its task's key (the template's concurrency) counts tasks, not steps.
         SELECT j.*,
-               CASE j.reason
-                   WHEN 'concurrency_limited' THEN substr(j.concurrency_key,
-                                                          strpos(j.concurrency_key, '=') + 1)
-                   WHEN 'rate_limited' THEN j.rate_key
+               CASE WHEN j.reason = 'concurrency_limited' AND j.held_task_key IS NOT NULL
+                        THEN substr(j.held_task_key, strpos(j.held_task_key, '=') + 1)
+                    WHEN j.reason = 'concurrency_limited'
+                        THEN substr(j.concurrency_key, strpos(j.concurrency_key, '=') + 1)
+                    WHEN j.reason = 'rate_limited' THEN j.rate_key
                END AS key,
-               CASE j.reason
-                   WHEN 'concurrency_limited' THEN j.concurrency_limit
-                   WHEN 'rate_limited' THEN j.rate_limit
+               CASE WHEN j.reason = 'concurrency_limited' AND j.held_task_key IS NOT NULL
+                        THEN j.task_limits[array_position(j.task_keys, j.held_task_key)]
+                    WHEN j.reason = 'concurrency_limited' THEN j.concurrency_limit
+                    WHEN j.reason = 'rate_limited' THEN j.rate_limit
                END AS key_limit,
-               CASE WHEN j.reason = 'concurrency_limited' THEN
+               CASE WHEN j.reason = 'concurrency_limited' AND j.held_task_key IS NOT NULL THEN
+                   (SELECT count(*) FROM tasks r
+                    WHERE r.concurrency_keys @> ARRAY[j.held_task_key]
+                      AND r.status = 'in_progress')
+                    WHEN j.reason = 'concurrency_limited' THEN
                    (SELECT count(*) FROM steps r
                     WHERE r.concurrency_key = j.concurrency_key
                       AND r.status IN ('enqueued', 'in_progress'))
@@ -531,9 +687,13 @@ RETURNS TABLE (
            retry_limit, reason,
            CASE reason
                WHEN 'task_cancelled' THEN 'the task was cancelled; nothing more runs'
-               WHEN 'concurrency_limited' THEN 'held: at most ' || key_limit
-                                               || ' at once for key ' || key || ' ('
-                                               || key_running || ' queued or running)'
+               WHEN 'concurrency_limited' THEN
+                   CASE WHEN held_task_key IS NOT NULL
+                        THEN 'waiting: at most ' || key_limit || ' tasks at once for key ' || key
+                             || ' (' || key_running || ' running)'
+                        ELSE 'held: at most ' || key_limit || ' at once for key ' || key || ' ('
+                             || key_running || ' queued or running)'
+                   END
                WHEN 'rate_limited' THEN 'held: at most ' || key_limit || ' starts per '
                                         || CASE WHEN rate_window_ms % 3600000 = 0
                                                 THEN (rate_window_ms / 3600000) || 'h'

@@ -244,7 +244,9 @@ impl ResultProcessor {
         self.metrics.finished(&finished);
         report.dispatched = claimed.len();
         report.tasks_finished = finished.len();
-        if applied.retries_scheduled > 0 {
+        // A retry falls due later; a finished task of a limited template may let a
+        // waiting one start: the dispatcher offers those.
+        if applied.retries_scheduled > 0 || finished.iter().any(|task| task.limited) {
             self.wake_dispatcher.notify_one();
         }
         if applied.stale > 0 {

@@ -127,6 +127,9 @@ status_enum! {
         BlockedByFailures => "blocked_by_failures",
         /// Task: an operator cancelled it.
         CancelledByOperator => "cancelled_by_operator",
+        /// Task: its template's concurrency cancelled it (`on_limit`: `cancel_newest` or
+        /// `cancel_oldest`).
+        CancelledByConcurrencyLimit => "cancelled_by_concurrency_limit",
         /// Task or step: an operator retried the failed task.
         RetryRequested => "retry_requested",
         /// Task: an operator resolved a failed step, and the task runs on.

@@ -896,3 +896,123 @@ async fn a_rate_limit_holds_steps_until_their_slot() {
     }
     db.finish().await;
 }
+
+fn per_customer(on_limit: &str) -> String {
+    format!(
+        "namespace: flow\nname: {on_limit}\nconcurrency:\n  - {{key: context.customer, limit: 1, on_limit: {on_limit}}}\nsteps:\n  - name: a\n    handler: h\n  - name: b\n    handler: h\n    depends_on: [a]\n"
+    )
+}
+
+async fn create_outcome(
+    db: &TestDb,
+    template: &Arc<TemplateRecord>,
+    context: Value,
+) -> (TaskStatus, Uuid, Vec<Dispatch>) {
+    let new = Arc::new(NewTask {
+        context,
+        tags: json!([]),
+        ..NewTask::default()
+    });
+    let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None).unwrap();
+    match tasks::create(&db.pool, &creation).await.unwrap() {
+        Created::New(task, _, dispatches) => (task.status, task.task_id, dispatches),
+        other => panic!("not created: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_template_concurrency_queues_tasks_until_one_of_the_key_finishes() {
+    let db = TestDb::new("task_queue").await;
+    let template = db.template(&per_customer("queue")).await;
+    let (first, one, a1) = create_outcome(&db, &template, json!({"customer": "x"})).await;
+    let (second, two, a2) = create_outcome(&db, &template, json!({"customer": "x"})).await;
+    let (other, _, a3) = create_outcome(&db, &template, json!({"customer": "y"})).await;
+    assert_eq!(
+        (first, second, other),
+        (
+            TaskStatus::InProgress,
+            TaskStatus::Pending,
+            TaskStatus::InProgress
+        )
+    );
+    assert_eq!((a1.len(), a2.len(), a3.len()), (1, 0, 1));
+    let readiness = tasker_shared::store::inspect::readiness(&db.pool, two)
+        .await
+        .unwrap();
+    assert_eq!(readiness[0].reason, "concurrency_limited");
+    assert_eq!(readiness[0].key.as_deref(), Some("x"));
+    assert_eq!(readiness[0].limit, Some(1));
+    assert!(
+        readiness[0].message.contains("tasks at once"),
+        "{}",
+        readiness[0].message
+    );
+    // Nothing is offered while the first runs, even after its first step completes.
+    let (applied, _) = db.apply(&[result(&a1[0], Outcome::Success, None)]).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(
+        transitions::claim_held(&mut conn, 10, LEASE_MS, true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+    // Once it finishes, the waiting task starts.
+    let (_, finished) = db
+        .apply(&[result(&applied.claimed[0], Outcome::Success, None)])
+        .await;
+    assert_eq!(finished, 1);
+    assert_eq!(db.task_status(one).await, TaskStatus::Complete);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let started = transitions::claim_held(&mut conn, 10, LEASE_MS, false)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].message.task_id, two);
+    assert_eq!(db.task_status(two).await, TaskStatus::InProgress);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_template_concurrency_cancels_the_newest_or_the_oldest() {
+    let db = TestDb::new("task_cancel").await;
+    let newest = db.template(&per_customer("cancel_newest")).await;
+    let (first, _, _) = create_outcome(&db, &newest, json!({"customer": "x"})).await;
+    let (second, two, claimed) = create_outcome(&db, &newest, json!({"customer": "x"})).await;
+    assert_eq!(
+        (first, second),
+        (TaskStatus::InProgress, TaskStatus::Cancelled)
+    );
+    assert!(claimed.is_empty());
+    assert_eq!(db.task_status(two).await, TaskStatus::Cancelled);
+    assert_eq!(
+        db.task_reasons(two).await,
+        [
+            TransitionReason::Created,
+            TransitionReason::CancelledByConcurrencyLimit
+        ]
+    );
+    assert_eq!(db.step(two, "a").await.status, StepStatus::Cancelled);
+
+    let oldest = db.template(&per_customer("cancel_oldest")).await;
+    let (_, one, running) = create_outcome(&db, &oldest, json!({"customer": "x"})).await;
+    let (status, _, claimed) = create_outcome(&db, &oldest, json!({"customer": "x"})).await;
+    assert_eq!(status, TaskStatus::InProgress);
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(db.task_status(one).await, TaskStatus::Cancelled);
+    assert_eq!(
+        db.task_reasons(one).await,
+        [
+            TransitionReason::Created,
+            TransitionReason::FirstStepDispatched,
+            TransitionReason::CancelledByConcurrencyLimit
+        ]
+    );
+    // The cancelled task's running step answers too late: its result is stale.
+    let (applied, _) = db
+        .apply(&[result(&running[0], Outcome::Success, None)])
+        .await;
+    assert_eq!(applied.stale, 1);
+    db.finish().await;
+}

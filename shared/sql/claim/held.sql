@@ -1,5 +1,7 @@
 -- Held steps that may fit again, offered to the one claim (lease of $2 ms): per rate key,
--- up to $1 rate-held steps whose slot came; and, when $3, the concurrency keys with held
+-- up to $1 rate-held steps whose slot came; per template concurrency key with fewer
+-- running tasks than its limit, the first steps of as many waiting tasks (best first) as
+-- the limit; and, when $3, the concurrency keys with held
 -- steps and a free slot as last committed (up to $1 keys), whose held steps the claim
 -- offers itself, as many per key as its limit. Keys are found by skipping through the
 -- held indexes, one probe per key. Keys without a free slot are left out before the
@@ -16,6 +18,35 @@ WITH RECURSIVE rate_keys AS (
             ORDER BY s.rate_key LIMIT 1)
     FROM rate_keys k
     WHERE k.key IS NOT NULL
+),
+task_keys AS (
+    (SELECT held_task_key AS key FROM steps
+     WHERE held_task_key IS NOT NULL AND held = 'concurrency_limited'
+       AND status IN ('pending', 'waiting_for_retry')
+     ORDER BY held_task_key LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.held_task_key FROM steps s
+            WHERE s.held_task_key IS NOT NULL AND s.held = 'concurrency_limited'
+              AND s.status IN ('pending', 'waiting_for_retry')
+              AND s.held_task_key > k.key
+            ORDER BY s.held_task_key LIMIT 1)
+    FROM task_keys k
+    WHERE k.key IS NOT NULL
+),
+task_room AS (
+    -- Each such key's limit, from a waiting task, and how many of its tasks run.
+    SELECT k.key, l.lim,
+           (SELECT count(*) FROM tasks r
+            WHERE r.concurrency_keys @> ARRAY[k.key] AND r.status = 'in_progress') AS running
+    FROM task_keys k
+    CROSS JOIN LATERAL (
+        SELECT t.concurrency_limits[array_position(t.concurrency_keys, k.key)] AS lim
+        FROM steps h JOIN tasks t ON t.task_id = h.task_id
+        WHERE h.held_task_key = k.key AND h.held = 'concurrency_limited'
+          AND h.status IN ('pending', 'waiting_for_retry')
+        LIMIT 1) l
+    WHERE k.key IS NOT NULL
+    LIMIT $1
 ),
 concurrency_keys AS (
     (SELECT concurrency_key AS key FROM steps
@@ -41,7 +72,17 @@ FROM tasker_claim_steps(
               ORDER BY s.next_attempt_at
               LIMIT $1
               FOR UPDATE SKIP LOCKED) h
-          WHERE k.key IS NOT NULL),
+          WHERE k.key IS NOT NULL)
+    || ARRAY(SELECT h.step_id
+             FROM task_room r
+             CROSS JOIN LATERAL (
+                 SELECT s.step_id FROM steps s
+                 WHERE s.held_task_key = r.key AND s.held = 'concurrency_limited'
+                   AND s.status IN ('pending', 'waiting_for_retry')
+                 ORDER BY s.priority DESC, s.created_at
+                 LIMIT r.lim
+                 FOR UPDATE SKIP LOCKED) h
+             WHERE r.running < r.lim),
     NULL,
     $2,
     ARRAY(SELECT k.key

@@ -37,7 +37,8 @@ finished AS (
     SET status = l.to_status, completed_at = now(), updated_at = now()
     FROM locked l
     WHERE t.task_id = l.task_id
-    RETURNING t.task_id, t.namespace, t.status, l.from_status
+    RETURNING t.task_id, t.namespace, t.status, l.from_status,
+              t.concurrency_keys IS NOT NULL AS limited
 ),
 history AS (
     INSERT INTO task_transitions (task_id, from_status, to_status, reason)
@@ -45,4 +46,4 @@ history AS (
            CASE WHEN status = 'complete' THEN 'all_steps_done' ELSE 'blocked_by_failures' END
     FROM finished
 )
-SELECT task_id, namespace, status FROM finished
+SELECT task_id, namespace, status, limited FROM finished

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::states::{StepStatus, TaskStatus};
 use crate::store::templates::TemplateRecord;
 use crate::store::transitions::{Dispatch, claimed_in};
-use crate::template::{KeyInputs, LimitKeys, Problem};
+use crate::template::{KeyInputs, Limits, Problem};
 
 /// A task as the API shows it (without steps).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -150,9 +150,9 @@ pub struct Creation {
     edge_to: Vec<Uuid>,
     /// Each step's parents, by position in template order.
     parents: Vec<Vec<usize>>,
-    /// Each step's limits with their keys evaluated, in template order; empty when the
+    /// The task's and each step's limits with their keys evaluated; empty when the
     /// template has none.
-    limits: Vec<LimitKeys>,
+    limits: Limits,
 }
 
 impl Creation {
@@ -238,8 +238,9 @@ impl Creation {
     }
 
     /// The task and its steps as the statement wrote them (built here, not read back),
-    /// with the claimed ones' messages.
-    fn created(&self, mut task: TaskRecord, dispatches: Vec<Dispatch>) -> Created {
+    /// with the claimed ones' messages; or cancelled at once, by its template's
+    /// concurrency (`on_limit: cancel_newest`).
+    fn created(&self, mut task: TaskRecord, dispatches: Vec<Dispatch>, cancelled: bool) -> Created {
         let definition = &self.template.definition;
         let claimed: HashMap<Uuid, i32> = dispatches
             .iter()
@@ -247,6 +248,10 @@ impl Creation {
             .collect();
         if !dispatches.is_empty() {
             task.status = TaskStatus::InProgress;
+        }
+        if cancelled {
+            task.status = TaskStatus::Cancelled;
+            task.completed_at = Some(task.updated_at);
         }
         let steps = definition
             .steps
@@ -257,7 +262,9 @@ impl Creation {
                 step_id: *step_id,
                 name: step.name.clone(),
                 handler: step.handler.clone(),
-                status: if claimed.contains_key(step_id) {
+                status: if cancelled {
+                    StepStatus::Cancelled
+                } else if claimed.contains_key(step_id) {
                     StepStatus::Enqueued
                 } else {
                     StepStatus::Pending
@@ -289,9 +296,10 @@ impl Creation {
         pool: &PgPool,
         created_at: Option<DateTime<Utc>>,
         dispatches: Vec<Dispatch>,
+        cancelled: bool,
     ) -> sqlx::Result<Created> {
         match created_at {
-            Some(created_at) => Ok(self.created(self.record(created_at), dispatches)),
+            Some(created_at) => Ok(self.created(self.record(created_at), dispatches, cancelled)),
             None => {
                 let definition = &self.template.definition;
                 let key = self.new.idempotency_key.as_deref().unwrap_or_default();
@@ -356,7 +364,7 @@ pub async fn create_many(
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
                                   $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, \
-                                  $39)",
+                                  $39, $40, $41, $42, $43)",
     )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -397,23 +405,29 @@ pub async fn create_many(
     .bind(steps.rate_keys)
     .bind(steps.rate_limits)
     .bind(steps.rate_windows_ms)
+    .bind(tasks.limit_task_ids)
+    .bind(tasks.limit_keys)
+    .bind(tasks.limit_limits)
+    .bind(tasks.limit_on_limit)
     .fetch_all(pool)
     .await?;
-    let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>)> = HashMap::new();
+    let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
     for row in &rows {
         let task_id: Uuid = row.try_get("created_task_id")?;
-        let (_, dispatches) = created
-            .entry(task_id)
-            .or_insert((row.try_get("created_at")?, Vec::new()));
+        let (_, dispatches, cancelled) =
+            created
+                .entry(task_id)
+                .or_insert((row.try_get("created_at")?, Vec::new(), false));
+        *cancelled |= row.try_get::<bool, _>("cancelled")?;
         dispatches.extend(claimed_in(row)?);
     }
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
-        let (created_at, claimed) = match created.remove(&creation.task_id) {
-            Some((created_at, claimed)) => (Some(created_at), claimed),
-            None => (None, Vec::new()),
+        let (created_at, claimed, cancelled) = match created.remove(&creation.task_id) {
+            Some((created_at, claimed, cancelled)) => (Some(created_at), claimed, cancelled),
+            None => (None, Vec::new(), false),
         };
-        outcomes.push(creation.outcome(pool, created_at, claimed).await);
+        outcomes.push(creation.outcome(pool, created_at, claimed, cancelled).await);
     }
     Ok(outcomes)
 }
@@ -435,6 +449,12 @@ struct TaskColumns<'a> {
     trace_parents: Vec<Option<&'a str>>,
     versions_known: Vec<Option<i32>>,
     priorities: Vec<i16>,
+    /// The tasks' template concurrency limits, one entry per limit (of the task in
+    /// `limit_task_ids`).
+    limit_task_ids: Vec<Uuid>,
+    limit_keys: Vec<&'a str>,
+    limit_limits: Vec<i32>,
+    limit_on_limit: Vec<&'static str>,
 }
 
 impl<'a> TaskColumns<'a> {
@@ -454,6 +474,12 @@ impl<'a> TaskColumns<'a> {
         self.trace_parents.push(new.trace_parent.as_deref());
         self.versions_known.push(creation.versions_known);
         self.priorities.push(creation.priority());
+        for limit in &creation.limits.task {
+            self.limit_task_ids.push(creation.task_id);
+            self.limit_keys.push(&limit.key);
+            self.limit_limits.push(limit.limit);
+            self.limit_on_limit.push(limit.on_limit.as_str());
+        }
     }
 }
 
@@ -502,7 +528,7 @@ impl<'a> StepColumns<'a> {
             self.backoff_schedules
                 .push(serde_json::json!(step.backoff.schedule_ms));
             self.max_deferrals.push(step.max_deferrals);
-            let limits = creation.limits.get(position);
+            let limits = creation.limits.steps.get(position);
             let concurrency = limits.and_then(|l| l.concurrency.as_ref());
             let rate = limits.and_then(|l| l.rate.as_ref());
             self.concurrency_keys

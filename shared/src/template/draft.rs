@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::{Backoff, ConcurrencyLimit, RateLimit, StepDefinition, TemplateDefinition};
+use super::{
+    Backoff, ConcurrencyLimit, RateLimit, StepDefinition, TaskConcurrency, TemplateDefinition,
+};
 
 /// A dependency reference as written in the source.
 pub(super) struct Dep {
@@ -42,6 +44,7 @@ pub(super) struct Draft {
     pub(super) description: Option<String>,
     pub(super) context_schema: Option<Value>,
     pub(super) priority: i16,
+    pub(super) concurrency: Vec<TaskConcurrency>,
     pub(super) steps: Vec<StepDraft>,
 }
 
@@ -55,6 +58,7 @@ impl Draft {
             description: self.description,
             context_schema: self.context_schema,
             priority: self.priority,
+            concurrency: self.concurrency,
             steps: self
                 .steps
                 .into_iter()

@@ -154,6 +154,7 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
         description,
         context_schema,
         priority: DEFAULT_PRIORITY,
+        concurrency: Vec::new(),
         steps,
     }
 }

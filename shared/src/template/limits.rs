@@ -1,8 +1,12 @@
 //! The flow-control keys of a step, and the CEL expressions that name their keys.
 //!
 //! ```yaml
-//! concurrency: {key: "context.customer_id", limit: 2}          # at most 2 running per customer
-//! rate_limit: {key: "'partner-api'", limit: 100, per: 1s}      # 100 starts a second, fleet-wide
+//! concurrency:                                                # the template's: tasks per key
+//!   - {key: context.customer_id, limit: 1, on_limit: queue}
+//! steps:
+//!   - name: call
+//!     concurrency: {key: "context.customer_id", limit: 2}    # at most 2 running per customer
+//!     rate_limit: {key: "'partner-api'", limit: 100, per: 1s} # 100 starts a second, fleet-wide
 //! ```
 //!
 //! A key is a CEL expression over `context` (the task's context) and `task` (`namespace`,
@@ -16,11 +20,15 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use serde_json::{Map, Value, json};
 
+use super::walker::item;
 use super::walker::{Walker, field, join};
-use super::{ConcurrencyLimit, Problem, RateLimit, TemplateDefinition, codes};
+use super::{
+    ConcurrencyLimit, OnLimit, Problem, RateLimit, TaskConcurrency, TemplateDefinition, codes,
+};
 
 pub(super) const CONCURRENCY_KEYS: &[&str] = &["key", "limit"];
 pub(super) const RATE_LIMIT_KEYS: &[&str] = &["key", "limit", "per"];
+pub(super) const TASK_CONCURRENCY_KEYS: &[&str] = &["key", "limit", "on_limit"];
 pub(super) const HINTS: &[(&str, &str)] = &[
     ("max", "limit"),
     ("max_concurrency", "limit"),
@@ -29,6 +37,8 @@ pub(super) const HINTS: &[(&str, &str)] = &[
     ("expression", "key"),
 ];
 
+/// Most entries of a template's `concurrency`.
+pub const MAX_TASK_LIMITS: usize = 4;
 /// Most steps of one key at once.
 pub const MAX_CONCURRENCY: i64 = 10_000;
 /// Most starts of one key per window: the claim keeps the window's start times.
@@ -49,8 +59,9 @@ pub(super) fn walk_concurrency(
 ) -> Option<ConcurrencyLimit> {
     let spec = limit_object(w, object, path, "concurrency", CONCURRENCY_KEYS)?;
     let path = join(path, "concurrency");
-    let key = key(w, spec, &path, step);
-    let limit = limit(w, spec, &path, step, MAX_CONCURRENCY);
+    let who = about(step);
+    let key = key(w, spec, &path, &who);
+    let limit = limit(w, spec, &path, &who, MAX_CONCURRENCY);
     Some(ConcurrencyLimit {
         key: key?,
         limit: limit?,
@@ -66,14 +77,86 @@ pub(super) fn walk_rate_limit(
 ) -> Option<RateLimit> {
     let spec = limit_object(w, object, path, "rate_limit", RATE_LIMIT_KEYS)?;
     let path = join(path, "rate_limit");
-    let key = key(w, spec, &path, step);
-    let limit = limit(w, spec, &path, step, MAX_RATE);
-    let per = window(w, spec, &path, step);
+    let who = about(step);
+    let key = key(w, spec, &path, &who);
+    let limit = limit(w, spec, &path, &who, MAX_RATE);
+    let per = window(w, spec, &path, &who);
     Some(RateLimit {
         key: key?,
         limit: limit?,
         per: per?,
     })
+}
+
+/// Read a template's `concurrency`: a list of `{key, limit, on_limit}`.
+pub(super) fn walk_task_concurrency(
+    w: &mut Walker,
+    root: &Map<String, Value>,
+) -> Vec<TaskConcurrency> {
+    let Some(value) = field(root, "concurrency") else {
+        return Vec::new();
+    };
+    let Some(list) = value.as_array() else {
+        w.wrong_type(
+            "concurrency",
+            "a list of `{key, limit, on_limit}` (a step's `concurrency` is one object)",
+            value,
+        );
+        return Vec::new();
+    };
+    if list.len() > MAX_TASK_LIMITS {
+        w.report(
+            "concurrency",
+            codes::INVALID_VALUE,
+            format!(
+                "a template may have at most {MAX_TASK_LIMITS} concurrency limits, this one has {}",
+                list.len()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut limits = Vec::new();
+    for (index, entry) in list.iter().enumerate() {
+        let path = item("concurrency", index);
+        let Some(spec) = entry.as_object() else {
+            w.not_an_object(&path, entry, "a concurrency limit");
+            continue;
+        };
+        w.unknown_keys(spec, &path, TASK_CONCURRENCY_KEYS, HINTS);
+        let who = format!("the template's concurrency[{index}]");
+        let key = key(w, spec, &path, &who);
+        let limit = limit(w, spec, &path, &who, MAX_CONCURRENCY);
+        let on_limit = on_limit(w, spec, &path);
+        if let (Some(key), Some(limit), Some(on_limit)) = (key, limit, on_limit) {
+            limits.push(TaskConcurrency {
+                key,
+                limit,
+                on_limit,
+            });
+        }
+    }
+    limits
+}
+
+fn on_limit(w: &mut Walker, spec: &Map<String, Value>, path: &str) -> Option<OnLimit> {
+    let Some(value) = field(spec, "on_limit") else {
+        return Some(OnLimit::Queue);
+    };
+    match value.as_str() {
+        Some("queue") => Some(OnLimit::Queue),
+        Some("cancel_newest") => Some(OnLimit::CancelNewest),
+        Some("cancel_oldest") => Some(OnLimit::CancelOldest),
+        _ => {
+            w.report(
+                join(path, "on_limit"),
+                codes::INVALID_VALUE,
+                format!(
+                    "`on_limit` must be `queue`, `cancel_newest` or `cancel_oldest`, got {value}"
+                ),
+            );
+            None
+        }
+    }
 }
 
 fn limit_object<'a>(
@@ -93,17 +176,12 @@ fn limit_object<'a>(
     Some(spec)
 }
 
-/// How a message names the step: by name when it has a usable one.
+/// How a message names a step: by name when it has a usable one.
 fn about(step: Option<&str>) -> String {
     step.map_or_else(|| "this step".to_owned(), |name| format!("step `{name}`"))
 }
 
-fn key(
-    w: &mut Walker,
-    spec: &Map<String, Value>,
-    path: &str,
-    step: Option<&str>,
-) -> Option<String> {
+fn key(w: &mut Walker, spec: &Map<String, Value>, path: &str, who: &str) -> Option<String> {
     let key_path = join(path, "key");
     let Some(value) = field(spec, "key") else {
         w.report(
@@ -111,7 +189,7 @@ fn key(
             codes::MISSING_KEY,
             format!(
                 "{}: missing required key `key` (a CEL expression such as `context.customer_id`)",
-                about(step)
+                who
             ),
         );
         return None;
@@ -123,7 +201,7 @@ fn key(
             w.report(
                 key_path,
                 codes::INVALID_EXPRESSION,
-                format!("{}: the key {error}", about(step)),
+                format!("{}: the key {error}", who),
             );
             None
         }
@@ -134,7 +212,7 @@ fn limit(
     w: &mut Walker,
     spec: &Map<String, Value>,
     path: &str,
-    step: Option<&str>,
+    who: &str,
     max: i64,
 ) -> Option<i32> {
     let limit_path = join(path, "limit");
@@ -142,7 +220,7 @@ fn limit(
         w.report(
             limit_path,
             codes::MISSING_KEY,
-            format!("{}: missing required key `limit`", about(step)),
+            format!("{}: missing required key `limit`", who),
         );
         return None;
     };
@@ -154,7 +232,7 @@ fn limit(
                 codes::INVALID_VALUE,
                 format!(
                     "{}: `limit` must be an integer between 1 and {max}, got {value}",
-                    about(step)
+                    who
                 ),
             );
             None
@@ -162,21 +240,13 @@ fn limit(
     }
 }
 
-fn window(
-    w: &mut Walker,
-    spec: &Map<String, Value>,
-    path: &str,
-    step: Option<&str>,
-) -> Option<String> {
+fn window(w: &mut Walker, spec: &Map<String, Value>, path: &str, who: &str) -> Option<String> {
     let per_path = join(path, "per");
     let Some(value) = field(spec, "per") else {
         w.report(
             per_path,
             codes::MISSING_KEY,
-            format!(
-                "{}: missing required key `per` (`1s`, `1m` or `1h`)",
-                about(step)
-            ),
+            format!("{}: missing required key `per` (`1s`, `1m` or `1h`)", who),
         );
         return None;
     };
@@ -189,7 +259,7 @@ fn window(
                 format!(
                     "{}: `per` must be a window such as `1s`, `1m`, `1h` or `10s` (at most \
                      a day), got {value}",
-                    about(step)
+                    who
                 ),
             );
             None
@@ -281,24 +351,48 @@ pub struct LimitKeys {
     pub rate: Option<(String, i32, i32)>,
 }
 
+/// One of a task's template concurrency limits, its key evaluated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskKey {
+    /// The key, scoped to the template and the entry (`namespace/name=value`, or
+    /// `namespace/name#n=value` for the entry at position n > 0).
+    pub key: String,
+    /// At most this many started and unfinished tasks.
+    pub limit: i32,
+    /// What a task past the limit does.
+    pub on_limit: OnLimit,
+}
+
+/// A task's limits with their keys evaluated: empty when its template has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Each step's, in template order (empty when no step has a limit).
+    pub steps: Vec<LimitKeys>,
+    /// The template's own (`concurrency`).
+    pub task: Vec<TaskKey>,
+}
+
 impl TemplateDefinition {
-    /// Whether any step has a limit.
+    /// Whether the template or any step has a limit.
     pub fn has_limits(&self) -> bool {
-        self.steps
-            .iter()
-            .any(|step| step.concurrency.is_some() || step.rate_limit.is_some())
+        !self.concurrency.is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|step| step.concurrency.is_some() || step.rate_limit.is_some())
     }
 
-    /// Evaluate the limit keys of every step (in template order) for a task created with
-    /// `inputs`: empty when no step has a limit.
+    /// Evaluate the limit keys of the template and of every step for a task created with
+    /// `inputs`.
     ///
     /// # Errors
     ///
     /// Every key that cannot be evaluated (a missing context field, say) or gives
-    /// something other than a string, number or boolean, named by step and key.
-    pub fn limit_keys(&self, inputs: KeyInputs<'_>) -> Result<Vec<LimitKeys>, Vec<Problem>> {
+    /// something other than a string, number or boolean, named by step (or template
+    /// entry) and key.
+    pub fn limit_keys(&self, inputs: KeyInputs<'_>) -> Result<Limits, Vec<Problem>> {
         if !self.has_limits() {
-            return Ok(Vec::new());
+            return Ok(Limits::default());
         }
         let task = json!({
             "namespace": self.namespace,
@@ -321,39 +415,65 @@ impl TemplateDefinition {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let mut evaluate = |source: &str, path: String, step: &str| {
+        let mut evaluate = |source: &str, path: String, who: &str| {
             evaluate(&context, source).map_err(|error| {
                 problems.push(Problem::new(
                     path,
                     codes::INVALID_EXPRESSION,
-                    format!("step `{step}`: the key `{source}` {error}"),
+                    format!("{who}: the key `{source}` {error}"),
                 ));
             })
         };
+        let task: Vec<TaskKey> = self
+            .concurrency
+            .iter()
+            .enumerate()
+            .filter_map(|(n, limit)| {
+                let path = format!("concurrency[{n}].key");
+                let value = evaluate(&limit.key, path, "the template's concurrency").ok()?;
+                let scope = if n == 0 {
+                    format!("{}/{}", self.namespace, self.name)
+                } else {
+                    format!("{}/{}#{n}", self.namespace, self.name)
+                };
+                Some(TaskKey {
+                    key: format!("{scope}={value}"),
+                    limit: limit.limit,
+                    on_limit: limit.on_limit,
+                })
+            })
+            .collect();
+        let steps_limited = self
+            .steps
+            .iter()
+            .any(|step| step.concurrency.is_some() || step.rate_limit.is_some());
         let keys: Vec<LimitKeys> = self
             .steps
             .iter()
+            .filter(|_| steps_limited)
             .enumerate()
             .map(|(n, step)| LimitKeys {
                 concurrency: step.concurrency.as_ref().and_then(|limit| {
                     let path = format!("steps[{n}].concurrency.key");
-                    evaluate(&limit.key, path, &step.name).ok().map(|value| {
-                        let scoped =
-                            format!("{}/{}.{}={value}", self.namespace, self.name, step.name);
-                        (scoped, limit.limit)
-                    })
+                    evaluate(&limit.key, path, &format!("step `{}`", step.name))
+                        .ok()
+                        .map(|value| {
+                            let scoped =
+                                format!("{}/{}.{}={value}", self.namespace, self.name, step.name);
+                            (scoped, limit.limit)
+                        })
                 }),
                 rate: step.rate_limit.as_ref().and_then(|limit| {
                     let path = format!("steps[{n}].rate_limit.key");
                     let window = i32::try_from(limit.per_ms()).unwrap_or(i32::MAX);
-                    evaluate(&limit.key, path, &step.name)
+                    evaluate(&limit.key, path, &format!("step `{}`", step.name))
                         .ok()
                         .map(|value| (value, limit.limit, window))
                 }),
             })
             .collect();
         if problems.is_empty() {
-            Ok(keys)
+            Ok(Limits { steps: keys, task })
         } else {
             Err(problems)
         }

@@ -58,7 +58,10 @@ pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;
 use graph::check_graph;
 use legacy::walk_legacy;
-pub use limits::{KeyInputs, LimitKeys, MAX_CONCURRENCY, MAX_KEY_BYTES, MAX_RATE, window_ms};
+pub use limits::{
+    KeyInputs, LimitKeys, Limits, MAX_CONCURRENCY, MAX_KEY_BYTES, MAX_RATE, MAX_TASK_LIMITS,
+    TaskKey, window_ms,
+};
 use project::walk_project;
 use schema::{compile_schema, guarded};
 use walker::{Walker, kind};
@@ -164,6 +167,7 @@ pub fn template_keys() -> TemplateKeys {
         top: collect(
             &[
                 project::PROJECT_TOP_KEYS,
+                limits::TASK_CONCURRENCY_KEYS,
                 project::PROJECT_DEFAULT_KEYS,
                 legacy::LEGACY_TOP_KEYS,
                 legacy::LEGACY_EVENT_KEYS,
@@ -249,6 +253,10 @@ pub struct TemplateDefinition {
     /// ready steps, the higher priority is claimed first.
     #[serde(default = "default_priority")]
     pub priority: i16,
+    /// At most so many unfinished tasks of this template at once per key value, each
+    /// entry with what a task past the limit does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub concurrency: Vec<TaskConcurrency>,
     /// The steps, in the order of the source file.
     pub steps: Vec<StepDefinition>,
 }
@@ -344,6 +352,53 @@ pub struct ConcurrencyLimit {
     pub key: String,
     /// At most this many at once, 1 to 10,000.
     pub limit: i32,
+}
+
+/// A template's concurrency limit: at most `limit` of its tasks started and unfinished at
+/// once per value of `key`, across the whole fleet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TaskConcurrency {
+    /// A CEL expression over `context` and `task`, evaluated when a task is created.
+    pub key: String,
+    /// At most this many at once, 1 to 10,000.
+    pub limit: i32,
+    /// What a task past the limit does (default `queue`).
+    #[serde(default)]
+    pub on_limit: OnLimit,
+}
+
+/// What a task past its template's concurrency limit does.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// It waits, `pending`, until a task of its key finishes.
+    #[default]
+    Queue,
+    /// It is cancelled.
+    CancelNewest,
+    /// The oldest running task of its key is cancelled, and it starts.
+    CancelOldest,
+}
+
+impl OnLimit {
+    /// As written in templates and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLimit::Queue => "queue",
+            OnLimit::CancelNewest => "cancel_newest",
+            OnLimit::CancelOldest => "cancel_oldest",
+        }
+    }
 }
 
 /// A step's rate limit: at most `limit` starts per window `per` per value of `key`. The

@@ -4,7 +4,7 @@ use serde_json::{Map, Value};
 
 use super::backoff::walk_backoff;
 use super::draft::{Draft, StepDraft, dedup_deps};
-use super::limits::{walk_concurrency, walk_rate_limit};
+use super::limits::{walk_concurrency, walk_rate_limit, walk_task_concurrency};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
@@ -18,6 +18,7 @@ pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
     "description",
     "context_schema",
     "priority",
+    "concurrency",
     "defaults",
     "steps",
 ];
@@ -99,6 +100,7 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
     let priority = w
         .optional_int(root, "", "priority", 0, MAX_PRIORITY.into())
         .map_or(DEFAULT_PRIORITY, |priority| priority as i16);
+    let concurrency = walk_task_concurrency(w, root);
 
     let mut defaults = StepDefaults::default();
     if let Some(value) = field(root, "defaults") {
@@ -151,6 +153,7 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         description,
         context_schema,
         priority,
+        concurrency,
         steps,
     }
 }

@@ -97,6 +97,7 @@ fn expected_project() -> TemplateDefinition {
             "properties": {"order_id": {"type": "integer"}}
         })),
         priority: 5,
+        concurrency: Vec::new(),
         steps: vec![
             validate,
             charge,
@@ -312,6 +313,7 @@ fn tasker_engine_template_maps_to_definition() {
             }
         })),
         priority: 5,
+        concurrency: Vec::new(),
         steps: vec![validate, reserve, payment, confirm, ship],
     };
     assert_eq!(definition, expected);
@@ -1612,7 +1614,7 @@ fn limits_are_read_and_their_keys_evaluated_per_task() {
         tags: &json!([]),
         priority: 5,
     };
-    let keys = definition.limit_keys(inputs).unwrap();
+    let keys = definition.limit_keys(inputs).unwrap().steps;
     assert_eq!(
         keys[0].concurrency,
         Some(("shop/sync.fetch=42".to_owned(), 2))
@@ -1644,7 +1646,7 @@ fn limits_are_read_and_their_keys_evaluated_per_task() {
         "test",
     )
     .unwrap();
-    assert_eq!(plain.limit_keys(inputs).unwrap(), Vec::new());
+    assert_eq!(plain.limit_keys(inputs).unwrap(), Limits::default());
 }
 
 #[test]
@@ -1697,4 +1699,70 @@ fn rate_windows_are_whole_seconds_minutes_or_hours_up_to_a_day() {
     ] {
         assert_eq!(window_ms(per), None, "{per:?}");
     }
+}
+
+#[test]
+fn a_template_concurrency_is_a_list_of_keys_limits_and_what_to_do_past_them() {
+    let text = "namespace: shop\nname: import\nconcurrency:\n  - {key: context.customer, limit: 1}\n  - {key: \"'all'\", limit: 10, on_limit: cancel_oldest}\nsteps:\n  - {name: a, handler: h}\n";
+    let definition = parse_template(text, "test").unwrap();
+    assert_eq!(
+        definition.concurrency,
+        [
+            TaskConcurrency {
+                key: "context.customer".into(),
+                limit: 1,
+                on_limit: OnLimit::Queue
+            },
+            TaskConcurrency {
+                key: "'all'".into(),
+                limit: 10,
+                on_limit: OnLimit::CancelOldest
+            },
+        ]
+    );
+    let context = json!({"customer": "c1"});
+    let limits = definition
+        .limit_keys(KeyInputs {
+            context: &context,
+            tags: &json!([]),
+            priority: 5,
+        })
+        .unwrap();
+    assert_eq!(
+        limits.task,
+        [
+            TaskKey {
+                key: "shop/import=c1".into(),
+                limit: 1,
+                on_limit: OnLimit::Queue
+            },
+            TaskKey {
+                key: "shop/import#1=all".into(),
+                limit: 10,
+                on_limit: OnLimit::CancelOldest
+            },
+        ]
+    );
+    assert!(limits.steps.is_empty(), "no step has a limit");
+
+    let bad = "namespace: shop\nname: import\nconcurrency:\n  - {key: context.customer, limit: 1, on_limit: drop}\n  - {key: \"context.\", limit: 1}\n  - {limit: 0}\nsteps:\n  - {name: a, handler: h}\n";
+    let problems = parse_template(bad, "test").unwrap_err().0;
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("concurrency[0].on_limit", codes::INVALID_VALUE),
+            ("concurrency[1].key", codes::INVALID_EXPRESSION),
+            ("concurrency[2].key", codes::MISSING_KEY),
+            ("concurrency[2].limit", codes::INVALID_VALUE),
+        ],
+        "{problems:#?}"
+    );
+    let one = "namespace: shop\nname: import\nconcurrency: {key: context.customer, limit: 1}\nsteps:\n  - {name: a, handler: h}\n";
+    let problems = parse_template(one, "test").unwrap_err().0;
+    assert_eq!(problems[0].path, "concurrency");
+    assert_eq!(problems[0].code, codes::WRONG_TYPE);
 }

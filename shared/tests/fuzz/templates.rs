@@ -10,9 +10,9 @@ use proptest::sample::select;
 use serde_json::{Map, Value, json};
 use tasker_shared::template::{
     Backoff, ConcurrencyLimit, DEFAULT_MAX_DEFERRALS, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
-    DEFAULT_VERSION, MAX_DOCUMENT_VALUES, RateLimit, StepDefinition, TemplateDefinition,
-    TemplateLimits, codes, parse_template, parse_template_with_limits, template_from_value,
-    template_keys,
+    DEFAULT_VERSION, MAX_DOCUMENT_VALUES, OnLimit, RateLimit, StepDefinition, TaskConcurrency,
+    TemplateDefinition, TemplateLimits, codes, parse_template, parse_template_with_limits,
+    template_from_value, template_keys,
 };
 
 use crate::strategies::{any_string, json_value, mutate, mutations, syntax_soup};
@@ -303,6 +303,19 @@ fn concurrency() -> impl Strategy<Value = ConcurrencyLimit> {
     })
 }
 
+fn task_concurrency() -> impl Strategy<Value = TaskConcurrency> {
+    (
+        select(KEYS),
+        1_i32..=10_000,
+        select(&[OnLimit::Queue, OnLimit::CancelNewest, OnLimit::CancelOldest][..]),
+    )
+        .prop_map(|(key, limit, on_limit)| TaskConcurrency {
+            key: key.to_owned(),
+            limit,
+            on_limit,
+        })
+}
+
 fn rate_limit() -> impl Strategy<Value = RateLimit> {
     (
         select(KEYS),
@@ -398,6 +411,8 @@ struct GenTemplate {
     context_schema: Option<Value>,
     /// Project format only (tasker-engine files have none: their tasks get 5).
     priority: Option<i16>,
+    /// Project format only: the template's own concurrency limits.
+    concurrency: Vec<TaskConcurrency>,
     defaults: Option<GenDefaults>,
     steps: Vec<GenStep>,
     /// tasker-engine format only.
@@ -415,6 +430,7 @@ fn template() -> impl Strategy<Value = GenTemplate> {
             option::of(context_schema()),
             option::of(defaults()),
             option::of(0..=9i16),
+            vec(task_concurrency(), 0..3),
         ),
         vec(step(), 1..16),
         (
@@ -429,7 +445,7 @@ fn template() -> impl Strategy<Value = GenTemplate> {
         .prop_map(
             |(
                 (namespace, name, version),
-                (description, context_schema, defaults, priority),
+                (description, context_schema, defaults, priority, concurrency),
                 steps,
                 (task_handler_class, default_dependent_system, environment),
             )| {
@@ -440,6 +456,7 @@ fn template() -> impl Strategy<Value = GenTemplate> {
                     description,
                     context_schema,
                     priority,
+                    concurrency,
                     defaults,
                     steps,
                     task_handler_class,
@@ -511,6 +528,9 @@ impl GenTemplate {
         if let Some(priority) = self.priority {
             root.insert("priority".into(), json!(priority));
         }
+        if !self.concurrency.is_empty() {
+            root.insert("concurrency".into(), json!(self.concurrency));
+        }
         if let Some(defaults) = &self.defaults {
             let mut object = Map::new();
             insert_opt(&mut object, "retryable", defaults.retryable);
@@ -569,6 +589,7 @@ impl GenTemplate {
             description: self.description.clone(),
             context_schema: self.context_schema.clone(),
             priority: self.priority.unwrap_or(5),
+            concurrency: self.concurrency.clone(),
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];
@@ -698,6 +719,7 @@ impl GenTemplate {
             description: self.description.clone(),
             context_schema: self.context_schema.clone(),
             priority: 5,
+            concurrency: Vec::new(),
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];

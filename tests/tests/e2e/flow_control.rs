@@ -244,3 +244,80 @@ async fn malformed_limits_are_refused_naming_the_step_and_the_key() {
     assert_eq!(crate::task_count(&env.pool).await, 0);
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_template_concurrency_cancels_the_oldest_and_says_so_in_its_events() {
+    let env = TestEnv::start("flow-template").await.unwrap();
+    let (status, body) = env
+        .register_template("namespace: flow\nname: import\nconcurrency:\n  - {key: context.customer, limit: 1, on_limit: cancel_oldest}\nsteps:\n  - {name: load, handler: tasker.noop}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let connection = lapin::Connection::connect(
+        &tasker_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            format!("{}.events", env.prefix).into(),
+            "task.cancelled".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    // No worker: the first import stays running while the second arrives.
+    let body = json!({"namespace": "flow", "name": "import", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&body).await.unwrap();
+    assert_eq!(first.status, TaskStatus::InProgress);
+    let second = env.api.create_task(&body).await.unwrap();
+    assert_eq!(second.status, TaskStatus::InProgress);
+    let first = env.api.task(first.task_id).await.unwrap();
+    assert_eq!(first.status, TaskStatus::Cancelled);
+    assert_eq!(
+        first.step("load").status,
+        tasker_tests::StepStatus::Cancelled
+    );
+
+    let delivery = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::StreamExt::next(&mut consumer),
+    )
+    .await
+    .expect("a task.cancelled event")
+    .unwrap()
+    .unwrap();
+    let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(event["event"], "task.cancelled", "{event}");
+    assert_eq!(event["task_id"], json!(first.task_id), "{event}");
+    assert_eq!(event["reason"], "cancelled_by_concurrency_limit", "{event}");
+    env.finish().await.unwrap();
+}

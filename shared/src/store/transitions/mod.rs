@@ -63,6 +63,9 @@ pub struct FinishedTask {
     pub namespace: String,
     /// `complete` or `error`.
     pub status: TaskStatus,
+    /// Whether its template limits its tasks (`concurrency`): its finishing frees a slot
+    /// of its keys, which the dispatcher offers to a waiting task.
+    pub limited: bool,
 }
 
 /// Finish the given tasks that can finish: `complete` when every step is complete or
