@@ -22,7 +22,7 @@
 -- most `limit` started and unfinished tasks per key value. A task carries its evaluated
 -- keys (concurrency_keys, scoped `namespace/name=value`), and its first steps are marked
 -- task_limited: claiming one starts the task, so that claim counts the key's running
--- tasks. Past the limit, `queue` holds the first steps (held_task_key names the key; the
+-- tasks (task_slots). Past the limit, `queue` holds the first steps (held_task_key names the key; the
 -- dispatcher offers them again when the key has room, woken by a finishing task),
 -- `cancel_newest` cancels the new task and `cancel_oldest` the key's oldest running task,
 -- both with the history reason `cancelled_by_concurrency_limit`.
@@ -49,9 +49,15 @@ DROP INDEX steps_claim_order;
 CREATE INDEX steps_claim_order ON steps (priority DESC, next_attempt_at NULLS FIRST, created_at)
     WHERE status IN ('pending', 'waiting_for_retry') AND remaining_parents = 0
       AND held IS NULL;
--- How many tasks of a key run, and which is the oldest.
-CREATE INDEX tasks_running_by_key ON tasks USING gin (concurrency_keys)
-    WHERE status = 'in_progress' AND concurrency_keys IS NOT NULL;
+-- The started tasks of each template concurrency key: a row from the claim that starts
+-- a task until it finishes or is cancelled. Counted by key, each row checked against its
+-- task's status (a row an operator's action left behind does not count).
+CREATE TABLE task_slots (
+    key TEXT NOT NULL,
+    task_id UUID NOT NULL,
+    PRIMARY KEY (key, task_id)
+);
+CREATE INDEX task_slots_by_task ON task_slots (task_id);
 -- First steps held for their task's key, in the order they are offered again.
 CREATE INDEX steps_held_by_task_key ON steps (held_task_key, priority DESC, created_at)
     WHERE held_task_key IS NOT NULL AND held = 'concurrency_limited'
@@ -191,9 +197,10 @@ BEGIN
         SELECT st.*,
                dense_rank() OVER (PARTITION BY st.key
                                   ORDER BY st.priority DESC, st.created_at, st.task_id) AS rank,
-               (SELECT count(*) FROM tasks r
-                WHERE r.concurrency_keys @> ARRAY[st.key]
-                  AND r.status = 'in_progress')::INT AS running
+               (SELECT count(*) FROM task_slots r
+                WHERE r.key = st.key
+                  AND (SELECT t.status FROM tasks t WHERE t.task_id = r.task_id)
+                      = 'in_progress')::INT AS running
         FROM (SELECT c.step_id, c.task_id, t.priority, t.created_at, e.key, e.lim, e.on_limit
               FROM current c
               CROSS JOIN LATERAL (SELECT k.* FROM tasks k
@@ -223,10 +230,11 @@ BEGIN
               FROM starting s
               WHERE s.on_limit = 'cancel_oldest'
               GROUP BY s.key) o
-        CROSS JOIN LATERAL (SELECT t.task_id FROM tasks t
-                            WHERE t.concurrency_keys @> ARRAY[o.key]
-                              AND t.status = 'in_progress'
-                              AND t.task_id <> ALL (ARRAY(SELECT c.task_id FROM current c))
+        CROSS JOIN LATERAL (SELECT r.task_id FROM task_slots r
+                            CROSS JOIN LATERAL (SELECT t.status, t.created_at FROM tasks t
+                                                WHERE t.task_id = r.task_id) t
+                            WHERE r.key = o.key AND (t.status = 'in_progress') IS TRUE
+                              AND r.task_id <> ALL (ARRAY(SELECT c.task_id FROM current c))
                             ORDER BY t.created_at
                             LIMIT GREATEST(o.over, 0)) v
     ),
@@ -322,17 +330,23 @@ BEGIN
         SELECT v.task_id, 'in_progress' FROM victims v
     ),
     cancelled_tasks AS (
+        -- By primary key only, the status tested where no index can serve it (`IS
+        -- TRUE`): offered `status IN (...)`, the plan kept for this function read every
+        -- unfinished task at every claim.
         UPDATE tasks t SET status = 'cancelled', completed_at = now(), updated_at = now()
-        FROM to_cancel x
-        WHERE t.task_id = x.task_id AND t.task_id = ANY (ARRAY(SELECT task_id FROM to_cancel))
-          AND t.status IN ('pending', 'in_progress')
-        RETURNING t.task_id, x.from_status
+        WHERE t.task_id = ANY (ARRAY(SELECT task_id FROM to_cancel))
+          AND (t.status IN ('pending', 'in_progress')) IS TRUE
+        RETURNING t.task_id
     ),
     cancelled_task_history AS (
         INSERT INTO task_transitions (task_id, from_status, to_status, reason)
-        SELECT task_id, from_status, 'cancelled', 'cancelled_by_concurrency_limit'
-        FROM cancelled_tasks
-        ORDER BY task_id
+        SELECT c.task_id, x.from_status, 'cancelled', 'cancelled_by_concurrency_limit'
+        FROM cancelled_tasks c JOIN to_cancel x ON x.task_id = c.task_id
+        ORDER BY c.task_id
+    ),
+    freed_slots AS (
+        DELETE FROM task_slots
+        WHERE task_id = ANY (ARRAY(SELECT task_id FROM cancelled_tasks))
     ),
     cancelled_steps AS (
         UPDATE steps s
@@ -340,7 +354,8 @@ BEGIN
             held = NULL, held_task_key = NULL, completed_at = now(), updated_at = now()
         FROM (SELECT o.step_id, o.status FROM steps o
               WHERE o.task_id = ANY (ARRAY(SELECT task_id FROM to_cancel))
-                AND o.status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
+                AND (o.status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry'))
+                    IS TRUE
               ORDER BY o.step_id FOR UPDATE) old
         WHERE s.step_id = old.step_id
         RETURNING s.step_id, s.task_id, old.status AS from_status
@@ -403,7 +418,14 @@ BEGIN
                   ORDER BY k.task_id
                   FOR UPDATE))
           AND (t.status = 'pending') IS TRUE
-        RETURNING t.task_id
+        RETURNING t.task_id, t.concurrency_keys
+    ),
+    taken_slots AS (
+        -- A task of a template with a concurrency takes a slot of each of its keys.
+        INSERT INTO task_slots (key, task_id)
+        SELECT k.key, s.task_id
+        FROM started_tasks s CROSS JOIN LATERAL unnest(s.concurrency_keys) AS k(key)
+        ON CONFLICT DO NOTHING
     ),
     task_history AS (
         INSERT INTO task_transitions (task_id, from_status, to_status, reason)
@@ -673,9 +695,10 @@ RETURNS TABLE (
                     WHEN j.reason = 'rate_limited' THEN j.rate_limit
                END AS key_limit,
                CASE WHEN j.reason = 'concurrency_limited' AND j.held_task_key IS NOT NULL THEN
-                   (SELECT count(*) FROM tasks r
-                    WHERE r.concurrency_keys @> ARRAY[j.held_task_key]
-                      AND r.status = 'in_progress')
+                   (SELECT count(*) FROM task_slots r
+                    WHERE r.key = j.held_task_key
+                      AND (SELECT t.status FROM tasks t WHERE t.task_id = r.task_id)
+                          = 'in_progress')
                     WHEN j.reason = 'concurrency_limited' THEN
                    (SELECT count(*) FROM steps r
                     WHERE r.concurrency_key = j.concurrency_key

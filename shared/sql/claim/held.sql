@@ -36,8 +36,10 @@ task_keys AS (
 task_room AS (
     -- Each such key's limit, from a waiting task, and how many of its tasks run.
     SELECT k.key, l.lim,
-           (SELECT count(*) FROM tasks r
-            WHERE r.concurrency_keys @> ARRAY[k.key] AND r.status = 'in_progress') AS running
+           (SELECT count(*) FROM task_slots r
+            WHERE r.key = k.key
+              AND (SELECT t.status FROM tasks t WHERE t.task_id = r.task_id)
+                  = 'in_progress') AS running
     FROM task_keys k
     CROSS JOIN LATERAL (
         SELECT t.concurrency_limits[array_position(t.concurrency_keys, k.key)] AS lim
