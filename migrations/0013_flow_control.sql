@@ -238,91 +238,93 @@ BEGIN
                             ORDER BY t.created_at
                             LIMIT GREATEST(o.over, 0)) v
     ),
-    limited AS (
-        -- The claimable steps with a limit, ranked per concurrency key (best first), each
-        -- with how many of its key are queued or running. Steps without limits never
-        -- get here: for them the claim is the rule alone.
-        SELECT c.step_id, c.priority, c.created_at, c.concurrency_key, c.concurrency_limit,
-               c.rate_key, c.rate_limit, c.rate_window_ms,
-               row_number() OVER (PARTITION BY c.concurrency_key
-                                  ORDER BY c.priority DESC, c.created_at, c.step_id) AS rank,
-               CASE WHEN c.concurrency_key IS NOT NULL THEN
+    gated AS (
+        -- Each candidate with what its task's start decided (the template's
+        -- concurrency), and whether its own limits are to be counted: claimable, its
+        -- task not held back, with a concurrency or rate key. The rest take the rule
+        -- alone. Computed over the candidates in one pass (window functions), never by
+        -- joining them to per-key sets: without hash joins (this function's settings)
+        -- such a join is a nested loop, quadratic in a batch.
+        SELECT c.*, COALESCE(t.cancel, false) AS cancel, t.waits_for,
+               c.claimable AND NOT COALESCE(t.cancel, false) AND t.waits_for IS NULL
+                   AND (c.concurrency_key IS NOT NULL OR c.rate_key IS NOT NULL) AS limited
+        FROM current c
+        LEFT JOIN task_limits t ON t.step_id = c.step_id
+    ),
+    ranked AS (
+        -- Per concurrency key: the rank (best first) and how many are queued or running.
+        SELECT g.*,
+               row_number() OVER (PARTITION BY g.limited, g.concurrency_key
+                                  ORDER BY g.priority DESC, g.created_at, g.step_id) AS rank,
+               CASE WHEN g.limited AND g.concurrency_key IS NOT NULL THEN
                    (SELECT count(*) FROM steps r
-                    WHERE r.concurrency_key = c.concurrency_key
+                    WHERE r.concurrency_key = g.concurrency_key
                       AND r.status IN ('enqueued', 'in_progress'))::INT
                END AS running
-        FROM current c
-        WHERE c.claimable AND (c.concurrency_key IS NOT NULL OR c.rate_key IS NOT NULL)
-          AND c.step_id <> ALL (ARRAY(SELECT t.step_id FROM task_limits t
-                                      WHERE t.cancel OR t.waits_for IS NOT NULL))
+        FROM gated g
     ),
     fitting AS (
-        -- Within their concurrency limit, the rate-limited ones ranked per rate key, each
-        -- with its key's starts within the window (oldest first) and how many of the key
-        -- were claimed and have not started.
+        SELECT r.*,
+               NOT r.limited OR r.concurrency_key IS NULL
+                   OR r.rank <= r.concurrency_limit - r.running AS fits
+        FROM ranked r
+    ),
+    rated AS (
+        -- Per rate key, among those that fit: the rank, the key's starts within the
+        -- window (oldest first) and how many were claimed and have not started.
         SELECT f.*,
-               row_number() OVER (PARTITION BY f.fits, f.rate_key
+               row_number() OVER (PARTITION BY f.limited AND f.fits, f.rate_key
                                   ORDER BY f.priority DESC, f.created_at, f.step_id) AS rate_rank,
-               CASE WHEN f.fits AND f.rate_key IS NOT NULL THEN
+               CASE WHEN f.limited AND f.fits AND f.rate_key IS NOT NULL THEN
                    ARRAY(SELECT t.started_at FROM steps t
                          WHERE t.rate_key = f.rate_key
                            AND t.started_at > v_now - f.rate_window_ms * INTERVAL '1 millisecond'
                            AND t.status <> 'enqueued'
                          ORDER BY t.started_at)
                END AS starts,
-               CASE WHEN f.fits AND f.rate_key IS NOT NULL THEN
+               CASE WHEN f.limited AND f.fits AND f.rate_key IS NOT NULL THEN
                    (SELECT count(*) FROM steps t
                     WHERE t.rate_key = f.rate_key AND t.status = 'enqueued')::INT
                END AS pending
-        FROM (SELECT l.*,
-                     l.concurrency_key IS NULL OR l.rank <= l.concurrency_limit - l.running
-                         AS fits
-              FROM limited l) f
+        FROM fitting f
     ),
-    limits AS (
-        -- What the limits allow: claim, or hold (and for a rate, until when).
-        SELECT f.step_id,
-               f.fits AND (f.rate_key IS NULL OR f.rate_rank <= f.rate_limit - f.used) AS claim,
-               CASE WHEN NOT f.fits THEN 'concurrency_limited'
-                    WHEN f.rate_key IS NOT NULL AND f.rate_rank > f.rate_limit - f.used
-                        THEN 'rate_limited'
+    decided AS (
+        -- Claim, or hold (and for a rate, until when). A step of a task cancelled here is
+        -- left to the cancel below, as it was.
+        SELECT r.step_id, r.from_status, r.done, r.remaining, r.claimable, r.was_held,
+               r.was_task_key,
+               r.claimable AND NOT r.cancel AND r.waits_for IS NULL AND r.fits
+                   AND NOT r.rate_held AS claim,
+               CASE WHEN NOT r.claimable OR r.cancel THEN r.was_held
+                    WHEN r.waits_for IS NOT NULL OR NOT r.fits THEN 'concurrency_limited'
+                    WHEN r.rate_held THEN 'rate_limited'
                END AS held,
+               CASE WHEN NOT r.claimable OR r.cancel THEN r.was_task_key
+                    ELSE r.waits_for
+               END AS held_task_key,
                -- A rate-held step's slot: when enough starts have left the window. Once
                -- the claims of this statement are made, the window holds `used` starts
                -- and the free slots' claims (at least the limit); the held step of rank
                -- `rate_rank` needs `used + rate_rank - limit` of them gone. Those known are
                -- the starts, oldest first; the rest start from now on, so at best a
                -- window from now (checked again then).
-               CASE WHEN f.rate_key IS NOT NULL AND f.rate_rank > f.rate_limit - f.used THEN
-                   CASE WHEN f.used + f.rate_rank - f.rate_limit <= cardinality(f.starts)
-                        THEN f.starts[(f.used + f.rate_rank - f.rate_limit)::INT]
+               CASE WHEN r.rate_held THEN
+                   CASE WHEN r.used + r.rate_rank - r.rate_limit <= cardinality(r.starts)
+                        THEN r.starts[(r.used + r.rate_rank - r.rate_limit)::INT]
                         ELSE v_now
                    END
-                   + f.rate_window_ms * INTERVAL '1 millisecond'
-                     * (1 + GREATEST(f.used + f.rate_rank - f.rate_limit
-                                     - cardinality(f.starts) - 1, 0)
-                            / GREATEST(f.rate_limit, 1))
+                   + r.rate_window_ms * INTERVAL '1 millisecond'
+                     * (1 + GREATEST(r.used + r.rate_rank - r.rate_limit
+                                     - cardinality(r.starts) - 1, 0)
+                            / GREATEST(r.rate_limit, 1))
                END AS next_slot
-        FROM (SELECT f.*, COALESCE(cardinality(f.starts), 0) + COALESCE(f.pending, 0) AS used
-              FROM fitting f) f
-    ),
-    decided AS (
-        -- A step of a task cancelled here is left to the cancel below, as it was.
-        SELECT c.step_id, c.from_status, c.done, c.remaining, c.claimable, c.was_held,
-               c.was_task_key,
-               c.claimable AND NOT COALESCE(t.cancel, false) AND t.waits_for IS NULL
-                   AND COALESCE(l.claim, true) AS claim,
-               CASE WHEN NOT c.claimable OR COALESCE(t.cancel, false) THEN c.was_held
-                    WHEN t.waits_for IS NOT NULL THEN 'concurrency_limited'
-                    ELSE l.held
-               END AS held,
-               CASE WHEN NOT c.claimable OR COALESCE(t.cancel, false) THEN c.was_task_key
-                    ELSE t.waits_for
-               END AS held_task_key,
-               l.next_slot
-        FROM current c
-        LEFT JOIN limits l ON l.step_id = c.step_id
-        LEFT JOIN task_limits t ON t.step_id = c.step_id
+        FROM (SELECT r.*,
+                     COALESCE(cardinality(r.starts), 0) + COALESCE(r.pending, 0) AS used,
+                     r.limited AND r.fits AND r.rate_key IS NOT NULL
+                         AND r.rate_rank > r.rate_limit - (COALESCE(cardinality(r.starts), 0)
+                                                           + COALESCE(r.pending, 0))
+                         AS rate_held
+              FROM rated r) r
     ),
     to_cancel AS (
         SELECT DISTINCT t.task_id, 'pending' AS from_status FROM task_limits t WHERE t.cancel
@@ -470,7 +472,6 @@ CREATE FUNCTION tasker_create_tasks(
 ) RETURNS TABLE (
     created_task_id UUID,
     created_at TIMESTAMPTZ,
-    cancelled BOOLEAN,
     step_id UUID,
     task_id UUID,
     name TEXT,
@@ -596,19 +597,10 @@ BEGIN
     -- Those of a task that was not written (its idempotency key was taken) do not
     -- exist, and the claim passes over them.
     RETURN QUERY
-    SELECT c.task_id, c.created_at, false, m.*
+    SELECT c.task_id, c.created_at, m.*
     FROM unnest(v_created, v_created_at) AS c(task_id, created_at)
     LEFT JOIN tasker_claim_steps(CASE WHEN p_lease_ms IS NOT NULL THEN p_first_steps END,
                                  NULL, p_lease_ms, NULL) m ON m.task_id = c.task_id;
-    -- A task its template's concurrency cancelled at once (on_limit: cancel_newest).
-    RETURN QUERY
-    SELECT t.task_id, t.created_at, true,
-           NULL::UUID, NULL::UUID, NULL::TEXT, NULL::TEXT, NULL::JSONB, NULL::INT, NULL::INT,
-           NULL::INT, NULL::UUID, NULL::BIGINT, NULL::TEXT, NULL::TEXT, NULL::JSONB,
-           NULL::JSONB, NULL::TIMESTAMPTZ, NULL::TEXT
-    FROM tasks t
-    WHERE t.task_id = ANY (v_created) AND (t.status = 'cancelled') IS TRUE
-      AND t.concurrency_keys IS NOT NULL;
 END $$;
 
 

@@ -414,12 +414,31 @@ pub async fn create_many(
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
     for row in &rows {
         let task_id: Uuid = row.try_get("created_task_id")?;
-        let (_, dispatches, cancelled) =
+        let (_, dispatches, _) =
             created
                 .entry(task_id)
                 .or_insert((row.try_get("created_at")?, Vec::new(), false));
-        *cancelled |= row.try_get::<bool, _>("cancelled")?;
         dispatches.extend(claimed_in(row)?);
+    }
+    // A task its template's concurrency cancelled at once (on_limit: cancel_newest). Asked
+    // for those templates only, by primary key.
+    let limited: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| !creation.limits.task.is_empty())
+        .map(|creation| creation.task_id)
+        .collect();
+    if !limited.is_empty() {
+        let cancelled: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT task_id FROM tasks WHERE task_id = ANY($1) AND status = 'cancelled'",
+        )
+        .bind(&limited)
+        .fetch_all(pool)
+        .await?;
+        for task_id in cancelled {
+            if let Some((_, _, cancelled)) = created.get_mut(&task_id) {
+                *cancelled = true;
+            }
+        }
     }
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
