@@ -112,7 +112,6 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_locks BIGINT[];
-    v_lock BIGINT;
     v_ids UUID[] := COALESCE(p_step_ids, '{}');
     v_now TIMESTAMPTZ;
 BEGIN
@@ -138,10 +137,10 @@ BEGIN
                                 AND (t.status = 'pending') IS TRUE) t
           CROSS JOIN LATERAL unnest(t.concurrency_keys) AS tk(key)
           WHERE s.step_id = ANY (v_ids) AND s.task_limited) k;
+    -- One statement takes them all, in the array's (sorted) order: a statement per
+    -- lock cost more than the claim itself in a batch of a hundred keys.
     IF v_locks IS NOT NULL THEN
-        FOREACH v_lock IN ARRAY v_locks LOOP
-            PERFORM pg_advisory_xact_lock(v_lock);
-        END LOOP;
+        PERFORM pg_advisory_xact_lock(l.lock) FROM unnest(v_locks) AS l(lock);
     END IF;
 
     -- The held steps of the released keys, as many per key as its limit, are offered

@@ -105,6 +105,49 @@ pub async fn metric(url: &str, sample: &str) -> f64 {
         .map_or(0.0, |(_, value)| value.parse().expect("a number"))
 }
 
+/// Subscribe to the lifecycle events of the prefix `prefix` whose routing key matches
+/// `binding` (`#` for all), as any system would: an exclusive queue of its own bound to
+/// the events exchange. Keep the connection as long as the consumer.
+pub async fn subscribe_events(
+    prefix: &str,
+    binding: &str,
+) -> anyhow::Result<(lapin::Connection, lapin::Consumer)> {
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            format!("{prefix}.events").into(),
+            binding.into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    Ok((connection, consumer))
+}
+
 /// Wait until the sample reaches at least `target`, for at most 30 s; returns its value.
 pub async fn wait_for_metric(url: &str, sample: &str, target: f64) -> f64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

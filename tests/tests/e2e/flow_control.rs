@@ -253,44 +253,7 @@ async fn a_template_concurrency_cancels_the_oldest_and_says_so_in_its_events() {
         .await
         .unwrap();
     assert_eq!(status, 201, "{body}");
-    let connection = lapin::Connection::connect(
-        &tasker_tests::amqp_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            format!("{}.events", env.prefix).into(),
-            "task.cancelled".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    let (_connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "task.cancelled")
         .await
         .unwrap();
 

@@ -316,44 +316,7 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     env.start_worker("w1", &[NAMESPACE]).await.unwrap();
 
     // Any system binds its own queue to the keys it wants; here, everything.
-    let connection = lapin::Connection::connect(
-        &tasker_tests::amqp_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            format!("{}.events", env.prefix).into(),
-            "#".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    let (_connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
         .await
         .unwrap();
 
