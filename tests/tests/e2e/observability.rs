@@ -316,7 +316,7 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     env.start_worker("w1", &[NAMESPACE]).await.unwrap();
 
     // Any system binds its own queue to the keys it wants; here, everything.
-    let (_connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
+    let (connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
         .await
         .unwrap();
 
