@@ -118,25 +118,30 @@ BEGIN
     -- Two claims of one key run one after the other, fleet-wide: each takes its keys'
     -- transaction locks, in one order, before it counts. The counting statements below
     -- start after the lock is granted, so they see what the previous holder committed.
-    SELECT array_agg(DISTINCT k.lock ORDER BY k.lock) INTO v_locks
-    FROM (SELECT hashtextextended('tasker concurrency ' || s.concurrency_key, 0) AS lock
+    --
+    -- One pass over the candidates by primary key (OFFSET 0 keeps it the driving scan: a
+    -- plan kept for this function once walked every task for the template concurrency's
+    -- keys, at every claim).
+    SELECT array_agg(DISTINCT hashtextextended(k.key, 0)
+                     ORDER BY hashtextextended(k.key, 0)) INTO v_locks
+    FROM (SELECT ARRAY['tasker concurrency ' || s.concurrency_key, 'tasker rate ' || s.rate_key]
+                 || CASE WHEN s.task_limited THEN
+                        ARRAY(SELECT 'tasker task ' || tk.key
+                              FROM unnest((SELECT t.concurrency_keys FROM tasks t
+                                           WHERE t.task_id = s.task_id
+                                             AND (t.status = 'pending') IS TRUE)) AS tk(key))
+                    END AS keys
           FROM steps s
-          WHERE s.step_id = ANY (v_ids) AND s.concurrency_key IS NOT NULL
-          UNION ALL
-          SELECT hashtextextended('tasker rate ' || s.rate_key, 0)
-          FROM steps s
-          WHERE s.step_id = ANY (v_ids) AND s.rate_key IS NOT NULL
-          UNION ALL
-          SELECT hashtextextended('tasker concurrency ' || r.key, 0)
-          FROM unnest(p_release_keys) AS r(key)
-          UNION ALL
-          SELECT hashtextextended('tasker task ' || tk.key, 0)
-          FROM steps s
-          CROSS JOIN LATERAL (SELECT t.concurrency_keys FROM tasks t
-                              WHERE t.task_id = s.task_id
-                                AND (t.status = 'pending') IS TRUE) t
-          CROSS JOIN LATERAL unnest(t.concurrency_keys) AS tk(key)
-          WHERE s.step_id = ANY (v_ids) AND s.task_limited) k;
+          WHERE s.step_id = ANY (v_ids)
+          OFFSET 0) s
+    CROSS JOIN LATERAL unnest(s.keys) AS k(key)
+    WHERE k.key IS NOT NULL;
+    IF cardinality(p_release_keys) > 0 THEN
+        v_locks := ARRAY(SELECT DISTINCT l FROM unnest(v_locks || ARRAY(
+                             SELECT hashtextextended('tasker concurrency ' || r.key, 0)
+                             FROM unnest(p_release_keys) AS r(key))) AS l
+                         WHERE l IS NOT NULL ORDER BY l);
+    END IF;
     -- One statement takes them all, in the array's (sorted) order: a statement per
     -- lock cost more than the claim itself in a batch of a hundred keys.
     IF v_locks IS NOT NULL THEN
@@ -204,7 +209,8 @@ BEGIN
               FROM current c
               CROSS JOIN LATERAL (SELECT k.* FROM tasks k
                                   WHERE k.task_id = c.task_id
-                                    AND (k.status = 'pending') IS TRUE) t
+                                    AND (k.status = 'pending') IS TRUE
+                                  OFFSET 0) t
               CROSS JOIN LATERAL unnest(t.concurrency_keys, t.concurrency_limits,
                                         t.concurrency_on_limit) AS e(key, lim, on_limit)
               WHERE c.claimable AND c.task_limited) st
@@ -231,7 +237,7 @@ BEGIN
               GROUP BY s.key) o
         CROSS JOIN LATERAL (SELECT r.task_id FROM task_slots r
                             CROSS JOIN LATERAL (SELECT t.status, t.created_at FROM tasks t
-                                                WHERE t.task_id = r.task_id) t
+                                                WHERE t.task_id = r.task_id OFFSET 0) t
                             WHERE r.key = o.key AND (t.status = 'in_progress') IS TRUE
                               AND r.task_id <> ALL (ARRAY(SELECT c.task_id FROM current c))
                             ORDER BY t.created_at
@@ -521,6 +527,11 @@ BEGIN
                AS t(task_id, template_id, namespace, name, version, context, initiator,
                     source_system, reason, tags, idempotency_key, trace_parent, priority, n)
     ),
+    input_limits AS (
+        SELECT l.*
+        FROM unnest(p_limit_task_ids, p_limit_keys, p_limit_limits, p_limit_on_limit)
+             WITH ORDINALITY AS l(task_id, key, lim, on_limit, n)
+    ),
     task AS (
         INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
                            initiator, source_system, reason, tags, idempotency_key,
@@ -528,16 +539,18 @@ BEGIN
                            concurrency_on_limit)
         SELECT t.task_id, t.template_id, t.namespace, t.name, t.version, 'pending',
                t.context, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key,
-               t.trace_parent, t.priority, l.keys, l.limits, l.on_limit
+               t.trace_parent, t.priority,
+               -- A batch without template concurrency skips these subqueries.
+               CASE WHEN cardinality(p_limit_task_ids) > 0 THEN
+                   NULLIF(ARRAY(SELECT l.key FROM input_limits l
+                                WHERE l.task_id = t.task_id ORDER BY l.n), '{}') END,
+               CASE WHEN cardinality(p_limit_task_ids) > 0 THEN
+                   NULLIF(ARRAY(SELECT l.lim FROM input_limits l
+                                WHERE l.task_id = t.task_id ORDER BY l.n), '{}') END,
+               CASE WHEN cardinality(p_limit_task_ids) > 0 THEN
+                   NULLIF(ARRAY(SELECT l.on_limit FROM input_limits l
+                                WHERE l.task_id = t.task_id ORDER BY l.n), '{}') END
         FROM input_tasks t
-        LEFT JOIN LATERAL (
-            SELECT array_agg(l.key ORDER BY l.n) AS keys,
-                   array_agg(l.lim ORDER BY l.n) AS limits,
-                   array_agg(l.on_limit ORDER BY l.n) AS on_limit
-            FROM unnest(p_limit_task_ids, p_limit_keys, p_limit_limits, p_limit_on_limit)
-                 WITH ORDINALITY AS l(task_id, key, lim, on_limit, n)
-            WHERE l.task_id = t.task_id
-            HAVING count(*) > 0) l ON true
         ORDER BY t.n
         ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
