@@ -16,18 +16,22 @@
 -- other keys go on. A rate-held step gets the time its slot opens as next_attempt_at.
 -- Held steps come back through the same claim: the result that frees a concurrency slot
 -- names its key (p_release_keys), and the dispatcher offers rate-held steps whose slot
--- came and, now and then, every held key (shared/sql/claim/held.sql).
+-- came and, every second, the held keys with room (shared/sql/claim/held.sql).
 --
 -- A template's own `concurrency` ({key, limit, on_limit} entries) limits its tasks: at
 -- most `limit` started and unfinished tasks per key value. A task carries its evaluated
 -- keys (concurrency_keys, scoped `namespace/name=value`), and its first steps are marked
 -- task_limited: claiming one starts the task, so that claim counts the key's running
--- tasks (task_slots). Past the limit, `queue` holds the first steps (held_task_key names the key; the
--- dispatcher offers them again when the key has room, woken by a finishing task),
--- `cancel_newest` cancels the new task and `cancel_oldest` the key's oldest running task,
--- both with the history reason `cancelled_by_concurrency_limit`.
+-- tasks (task_slots). Past the limit, `queue` holds the first steps (held_task_key names
+-- the key; the dispatcher offers them again when the key has room, woken by a finishing
+-- task), `cancel_newest` cancels the new task and `cancel_oldest` the key's oldest
+-- running task, both with the history reason `cancelled_by_concurrency_limit`.
 --
--- Templates without limits pay one probe of their candidates' keys per claim.
+-- Templates without limits pay one pass over their candidates' keys per claim.
+--
+-- Every statement here finds rows by key (primary keys, the partial indexes below): the
+-- claim keeps one plan per connection (migration 0011), and a plan that could drive
+-- from a status index or a whole table did, at every claim.
 
 ALTER TABLE tasks
     ADD COLUMN concurrency_keys TEXT[],

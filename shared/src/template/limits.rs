@@ -20,8 +20,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use serde_json::{Map, Value, json};
 
-use super::walker::item;
-use super::walker::{Walker, field, join};
+use super::walker::{Walker, field, item, join};
 use super::{
     ConcurrencyLimit, OnLimit, Problem, RateLimit, TaskConcurrency, TemplateDefinition, codes,
 };
@@ -41,7 +40,7 @@ pub(super) const HINTS: &[(&str, &str)] = &[
 pub const MAX_TASK_LIMITS: usize = 4;
 /// Most steps of one key at once.
 pub const MAX_CONCURRENCY: i64 = 10_000;
-/// Most starts of one key per window: the claim keeps the window's start times.
+/// Most starts of one key per window: the claim reads the window's start times.
 pub const MAX_RATE: i64 = 10_000;
 /// Longest rate window: one day.
 const MAX_WINDOW_MS: i64 = 86_400_000;
