@@ -9,9 +9,11 @@
 //! function (`transitions::claim`).
 //!
 //! Steps held by a limit are not in its scan. After each drain it offers the rate-held
-//! steps whose slot came (their slot times count as due times), and at most every
-//! [`HELD_SWEEP`] the held steps of every concurrency key: results release their own
-//! keys' held steps, this catches slots freed otherwise (an expired lease, a cancel).
+//! steps whose slot came (their slot times count as due times) and the first steps of
+//! tasks waiting for their template's concurrency where the key has room (a finishing
+//! task of such a template wakes it); and at most every [`HELD_SWEEP`], the held steps
+//! of every concurrency key with a free slot: results release their own keys' held
+//! steps, this catches slots freed otherwise (an expired lease, a cancel).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +32,7 @@ use tasker_shared::store::transitions;
 /// not take it.
 const DUE_RECHECK: Duration = Duration::from_millis(10);
 
-/// How often the held steps of every concurrency key are offered again.
+/// How often the held steps of every concurrency key with room are offered again.
 const HELD_SWEEP: Duration = Duration::from_secs(1);
 
 /// The dispatcher's settings.

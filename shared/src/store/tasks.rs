@@ -156,8 +156,8 @@ pub struct Creation {
 }
 
 impl Creation {
-    /// Choose the ids for creating `new` from `template`, and evaluate its steps' limit
-    /// keys.
+    /// Choose the ids for creating `new` from `template`, and evaluate its limit keys (the
+    /// template's and its steps').
     ///
     /// # Errors
     ///

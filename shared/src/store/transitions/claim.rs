@@ -86,9 +86,11 @@ pub async fn claim_children(
 }
 
 /// Claim held steps that may fit again: rate-held steps whose slot came (up to `limit`
-/// per key) and, with `every_key`, the held steps of every concurrency key that has some
-/// (up to `limit` keys). Results release their keys' held steps themselves; this is for
-/// the slots freed otherwise (an expired lease, a cancelled task) and for time.
+/// per key), the first steps of tasks waiting for a template concurrency key with room,
+/// and, with `every_key`, the held steps of every concurrency key with a free slot (up
+/// to `limit` keys). Results release their keys' held steps themselves; this is for the
+/// slots freed otherwise (an expired lease, a cancelled task), for time, and for tasks
+/// that finished.
 pub async fn claim_held(
     conn: &mut PgConnection,
     limit: i64,
