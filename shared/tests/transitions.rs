@@ -88,16 +88,7 @@ impl TestDb {
     /// Create a task of `template`, claiming its first steps, and answer its id and
     /// the claimed steps' dispatches.
     async fn create(&self, template: &Arc<TemplateRecord>) -> (Uuid, Vec<Dispatch>) {
-        let new = Arc::new(NewTask {
-            context: json!({"order": 1}),
-            tags: json!([]),
-            ..NewTask::default()
-        });
-        let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None).unwrap();
-        match tasks::create(&self.pool, &creation).await.unwrap() {
-            Created::New(task, _, dispatches) => (task.task_id, dispatches),
-            other => panic!("not created: {other:?}"),
-        }
+        create_with(self, template, json!({"order": 1})).await
     }
 
     async fn step(&self, task_id: Uuid, name: &str) -> StepRow {
@@ -725,22 +716,15 @@ async fn the_dispatcher_claims_the_higher_priority_first() {
     db.finish().await;
 }
 
-/// Create a task of `template` with `context`, claiming its first steps.
+/// Create a task of `template` with `context`, claiming its first steps: its id and the
+/// claimed steps' dispatches.
 async fn create_with(
     db: &TestDb,
     template: &Arc<TemplateRecord>,
     context: Value,
 ) -> (Uuid, Vec<Dispatch>) {
-    let new = Arc::new(NewTask {
-        context,
-        tags: json!([]),
-        ..NewTask::default()
-    });
-    let creation = Creation::new(template.clone(), new, Some(LEASE_MS), None).unwrap();
-    match tasks::create(&db.pool, &creation).await.unwrap() {
-        Created::New(task, _, dispatches) => (task.task_id, dispatches),
-        other => panic!("not created: {other:?}"),
-    }
+    let (_, task_id, dispatches) = create_outcome(db, template, context).await;
+    (task_id, dispatches)
 }
 
 async fn held(db: &TestDb, task_id: Uuid) -> Option<String> {
@@ -903,6 +887,7 @@ fn per_customer(on_limit: &str) -> String {
     )
 }
 
+/// The same, with the task's status as created.
 async fn create_outcome(
     db: &TestDb,
     template: &Arc<TemplateRecord>,
