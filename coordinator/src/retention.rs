@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
 use tasker_shared::config::DatabaseSettings;
+use tasker_shared::span::{SpanError, parse_span};
 use tasker_shared::store::retention::{self, PruneScope, Pruned};
 
 /// Tasks removed per transaction.
@@ -34,27 +35,21 @@ impl FromStr for Age {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{text}` has no unit: write e.g. 30d, 12h or 90m"))?;
-        let (number, unit) = text.split_at(split);
-        let number: i64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` does not start with a whole number"))?;
-        let age = match unit {
-            "s" => TimeDelta::try_seconds(number),
-            "m" => TimeDelta::try_minutes(number),
-            "h" => TimeDelta::try_hours(number),
-            "d" => TimeDelta::try_days(number),
-            "w" => TimeDelta::try_weeks(number),
-            _ => {
+        let age = match parse_span(text, &["s", "m", "h", "d", "w"]) {
+            Ok(age) if age <= TimeDelta::days(100 * 365) => age,
+            Ok(_) | Err(SpanError::TooLong) => return Err(format!("`{text}` is too long")),
+            Err(SpanError::NoUnit) => {
+                return Err(format!("`{text}` has no unit: write e.g. 30d, 12h or 90m"));
+            }
+            Err(SpanError::NotANumber) => {
+                return Err(format!("`{text}` does not start with a whole number"));
+            }
+            Err(SpanError::UnknownUnit(unit)) => {
                 return Err(format!(
                     "`{unit}` in `{text}` is not a unit: s, m, h, d or w"
                 ));
             }
-        }
-        .filter(|age| *age <= TimeDelta::days(100 * 365))
-        .ok_or_else(|| format!("`{text}` is too long"))?;
+        };
         if age < TimeDelta::minutes(1) {
             return Err(format!("`{text}` is shorter than a minute"));
         }

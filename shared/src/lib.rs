@@ -15,6 +15,7 @@
 //! - [`db`]: the PostgreSQL pool and the embedded migrations.
 //! - [`store`]: every query; [`store::transitions`] is the only place states change.
 //! - [`events`]: lifecycle event names and payloads.
+//! - [`span`]: spans of time as written (`90s`, `12h`, `30d`).
 //! - re-exported from `tasker-protocol`: [`messages`], [`broker`], [`signing`],
 //!   [`config`], [`metrics`], [`telemetry`], [`shutdown_signal`].
 
@@ -23,6 +24,7 @@
 pub mod db;
 pub mod decision;
 pub mod events;
+pub mod span;
 pub mod states;
 pub mod store;
 pub mod template;

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Duration, Utc};
 use clap::{Args, Subcommand};
 use tasker_shared::config::DatabaseSettings;
+use tasker_shared::span::{SpanError, parse_span};
 
 use super::api_tokens::{self, ApiToken};
 use super::scope::Scopes;
@@ -150,29 +151,17 @@ fn table(tokens: &[ApiToken], now: DateTime<Utc>) -> String {
 /// `90s`, `15m`, `12h`, `30d`, `2w`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit: add s, m, h, d or w (e.g. 30d)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: i64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a number"))?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => {
-            return Err(format!(
-                "unknown unit `{unit}` in `{text}`: use s, m, h, d or w"
-            ));
-        }
-    };
-    match number.checked_mul(seconds) {
-        Some(total) if total > 0 && total <= 100 * 365 * 86_400 => Ok(Duration::seconds(total)),
-        _ => Err(format!(
+    match parse_span(text, &["s", "m", "h", "d", "w"]) {
+        Ok(span) if span > Duration::zero() && span <= Duration::days(100 * 365) => Ok(span),
+        Ok(_) | Err(SpanError::TooLong) => Err(format!(
             "`{text}` must be more than 0 and at most 100 years"
+        )),
+        Err(SpanError::NoUnit) => Err(format!(
+            "`{text}` has no unit: add s, m, h, d or w (e.g. 30d)"
+        )),
+        Err(SpanError::NotANumber) => Err(format!("`{text}` does not start with a number")),
+        Err(SpanError::UnknownUnit(unit)) => Err(format!(
+            "unknown unit `{unit}` in `{text}`: use s, m, h, d or w"
         )),
     }
 }

@@ -269,17 +269,9 @@ fn window(w: &mut Walker, spec: &Map<String, Value>, path: &str, who: &str) -> O
 /// A rate window in milliseconds: a whole number of seconds, minutes or hours (`1s`,
 /// `10s`, `1m`, `1h`), from one second to one day.
 pub fn window_ms(per: &str) -> Option<i64> {
-    let unit = match per.chars().last()? {
-        's' => 1_000,
-        'm' => 60_000,
-        'h' => 3_600_000,
-        _ => return None,
-    };
-    let count = &per[..per.len() - 1];
-    if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let ms = count.parse::<i64>().ok()?.checked_mul(unit)?;
+    let ms = crate::span::parse_span(per, &["s", "m", "h"])
+        .ok()?
+        .num_milliseconds();
     (1_000..=MAX_WINDOW_MS).contains(&ms).then_some(ms)
 }
 
