@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tasker_tests::api::Api;
-use tasker_tests::{TaskStatus, TestEnv};
+use tasker_tests::{Process, TaskStatus, TestEnv};
 
 const PER_CUSTOMER: &str = "namespace: flow\nname: per_customer\nsteps:\n  - name: prepare\n    handler: tasker.noop\n  - name: call\n    handler: tasker.sleep\n    depends_on: [prepare]\n    config: {ms: 100}\n    concurrency: {key: context.customer, limit: 2}\n";
 
@@ -59,15 +59,10 @@ async fn wait_all(env: &TestEnv, ids: &[uuid::Uuid], timeout: Duration) {
     }
 }
 
-#[tokio::test]
-async fn a_concurrency_limit_holds_across_coordinators_and_workers() {
-    let mut env = TestEnv::start("flow-concurrency").await.unwrap();
-    env.register_template(PER_CUSTOMER).await.unwrap();
-    let (_second, second_url) = env
-        .start_coordinator("coordinator-2", &[("TASKER_GAUGE_INTERVAL_MS", "100")])
-        .await
-        .unwrap();
-    let second = Api::new(second_url.clone());
+/// The fleet of the fleet-wide tests, beside the test's own coordinator: a second
+/// coordinator (with `env`), its URL and a client of it, and three workers of 8.
+async fn fleet(env: &mut TestEnv, vars: &[(&str, &str)]) -> (Process, String, Api) {
+    let (second, url) = env.start_coordinator("coordinator-2", vars).await.unwrap();
     for n in 1..=3 {
         env.start_worker_binary(
             tasker_tests::binary("tasker-worker"),
@@ -78,6 +73,15 @@ async fn a_concurrency_limit_holds_across_coordinators_and_workers() {
         .await
         .unwrap();
     }
+    (second, url.clone(), Api::new(url))
+}
+
+#[tokio::test]
+async fn a_concurrency_limit_holds_across_coordinators_and_workers() {
+    let mut env = TestEnv::start("flow-concurrency").await.unwrap();
+    env.register_template(PER_CUSTOMER).await.unwrap();
+    let (_second, second_url, second) =
+        fleet(&mut env, &[("TASKER_GAUGE_INTERVAL_MS", "100")]).await;
 
     // Customer a has a backlog; b and c a few each. Created through both coordinators.
     let mut ids = Vec::new();
@@ -124,18 +128,7 @@ const RATED: &str = "namespace: flow\nname: partner\nsteps:\n  - name: call\n   
 async fn a_rate_limit_holds_in_every_second_and_the_backlog_completes() {
     let mut env = TestEnv::start("flow-rate").await.unwrap();
     env.register_template(RATED).await.unwrap();
-    let (_second, second_url) = env.start_coordinator("coordinator-2", &[]).await.unwrap();
-    let second = Api::new(second_url);
-    for n in 1..=3 {
-        env.start_worker_binary(
-            tasker_tests::binary("tasker-worker"),
-            &format!("rate-{n}"),
-            &["flow"],
-            8,
-        )
-        .await
-        .unwrap();
-    }
+    let (_second, _, second) = fleet(&mut env, &[]).await;
     // Ten seconds' worth.
     let mut ids = Vec::new();
     for n in 0..200 {
