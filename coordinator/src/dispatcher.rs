@@ -8,12 +8,12 @@
 //! by the result processor, in its own transaction; all three claim through the same SQL
 //! function (`transitions::claim`).
 //!
-//! Steps held by a limit are not in its scan. After each drain it offers the rate-held
-//! steps whose slot came (their slot times count as due times) and the first steps of
-//! tasks waiting for their template's concurrency where the key has room (a finishing
-//! task of such a template wakes it); and at most every [`HELD_SWEEP`], the held steps
-//! of every concurrency key with a free slot: results release their own keys' held
-//! steps, this catches slots freed otherwise (an expired lease, a cancel).
+//! Steps held by a limit are not in its scan of ready steps. The same claim offers the
+//! rate-held steps whose slot came (their slot times count as due times) and the first
+//! steps of tasks waiting for their template's concurrency where the key has room (a
+//! finishing task of such a template wakes it); and at most every [`HELD_SWEEP`], the
+//! held steps of every concurrency key with a free slot: results release their own
+//! keys' held steps, this catches slots freed otherwise (an expired lease, a cancel).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,8 +74,9 @@ impl Dispatcher {
         }
     }
 
-    /// Claim one batch, commit, publish it. Returns how many steps were dispatched.
-    pub(crate) async fn dispatch_once(&self) -> anyhow::Result<usize> {
+    /// Claim one batch (with `every_key`, also the held steps of every concurrency key
+    /// with room), commit, publish it. Returns how many steps were dispatched.
+    pub(crate) async fn dispatch_once(&self, every_key: bool) -> anyhow::Result<usize> {
         // Without a broker nothing claimed could be published: leave the steps ready until
         // the coordinator has reconnected (which wakes this loop).
         if !self.publisher.connected() {
@@ -83,30 +84,7 @@ impl Dispatcher {
         }
         // One statement, so no explicit transaction: one round trip per batch.
         let mut conn = self.pool.acquire().await?;
-        let messages =
-            transitions::claim_ready(&mut conn, self.config.batch_size, self.config.lease_ms)
-                .await?;
-        drop(conn);
-        if messages.is_empty() {
-            return Ok(0);
-        }
-        self.wake_events.notify_one();
-        let claimed = messages.len();
-        tracing::debug!(claimed, "dispatching");
-        self.publisher
-            .dispatch(messages, self.metrics.clone())
-            .await;
-        Ok(claimed)
-    }
-
-    /// Claim held steps that may fit again (see the module's documentation), commit,
-    /// publish them. Returns how many steps were dispatched.
-    pub(crate) async fn release_held(&self, every_key: bool) -> anyhow::Result<usize> {
-        if !self.publisher.connected() {
-            return Ok(0);
-        }
-        let mut conn = self.pool.acquire().await?;
-        let messages = transitions::claim_held(
+        let messages = transitions::claim_ready(
             &mut conn,
             self.config.batch_size,
             self.config.lease_ms,
@@ -119,7 +97,7 @@ impl Dispatcher {
         }
         self.wake_events.notify_one();
         let claimed = messages.len();
-        tracing::debug!(claimed, "dispatching held steps");
+        tracing::debug!(claimed, "dispatching");
         self.publisher
             .dispatch(messages, self.metrics.clone())
             .await;
@@ -163,10 +141,14 @@ impl Service for Dispatcher {
             let mut last_sweep = tokio::time::Instant::now();
             loop {
                 // Drain: keep claiming while batches come back full.
+                let mut every_key = last_sweep.elapsed() >= HELD_SWEEP;
+                if every_key {
+                    last_sweep = tokio::time::Instant::now();
+                }
                 loop {
-                    match self.dispatch_once().await {
+                    match self.dispatch_once(every_key).await {
                         Ok(n) if (n as i64) < self.config.batch_size => break,
-                        Ok(_) => continue,
+                        Ok(_) => every_key = false,
                         Err(error) => {
                             self.metrics.database_errors.inc();
                             tracing::warn!(
@@ -176,17 +158,6 @@ impl Service for Dispatcher {
                             break;
                         }
                     }
-                }
-                let every_key = last_sweep.elapsed() >= HELD_SWEEP;
-                if every_key {
-                    last_sweep = tokio::time::Instant::now();
-                }
-                if let Err(error) = self.release_held(every_key).await {
-                    self.metrics.database_errors.inc();
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "releasing held steps failed; retrying shortly"
-                    );
                 }
                 let idle = self.idle_for().await;
                 tokio::select! {

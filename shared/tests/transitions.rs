@@ -217,7 +217,7 @@ async fn a_diamond_is_claimed_through_one_path_and_completes() {
     // Nothing else is ready: the dispatcher claims nothing.
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(
-        transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
             .await
             .unwrap()
             .is_empty()
@@ -337,7 +337,7 @@ async fn results_retry_defer_fail_and_stale_as_decided() {
     let mut conn = db.pool.acquire().await.unwrap();
     let due = transitions::next_due(&mut conn).await.unwrap();
     assert!(due.is_some_and(|due| due <= Utc::now()));
-    let second = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+    let second = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
         .unwrap();
     drop(conn);
@@ -356,7 +356,7 @@ async fn results_retry_defer_fail_and_stale_as_decided() {
     let step = db.step(task, "only").await;
     assert_eq!((step.attempts, step.deferrals), (1, 1));
     let mut conn = db.pool.acquire().await.unwrap();
-    let third = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+    let third = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
         .unwrap();
     drop(conn);
@@ -390,7 +390,7 @@ async fn results_retry_defer_fail_and_stale_as_decided() {
         (StepStatus::Pending, 0, 0)
     );
     let mut conn = db.pool.acquire().await.unwrap();
-    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
         .unwrap();
     drop(conn);
@@ -479,7 +479,7 @@ async fn leases_expire_operators_resolve_and_cancel() {
     );
     assert_eq!(db.step(task, "a").await.status, StepStatus::WaitingForRetry);
     let mut conn = db.pool.acquire().await.unwrap();
-    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
         .unwrap();
     drop(conn);
@@ -513,7 +513,7 @@ async fn leases_expire_operators_resolve_and_cancel() {
         (StepStatus::ResolvedManually, Some(json!({"by": "hand"})))
     );
     let mut conn = db.pool.acquire().await.unwrap();
-    let children = transitions::claim_ready(&mut conn, 10, LEASE_MS)
+    let children = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
         .unwrap();
     drop(conn);
@@ -705,7 +705,7 @@ async fn the_dispatcher_claims_the_higher_priority_first() {
     let mut order = Vec::new();
     let mut conn = db.pool.acquire().await.unwrap();
     for _ in 0..4 {
-        let claimed = transitions::claim_ready(&mut conn, 1, LEASE_MS)
+        let claimed = transitions::claim_ready(&mut conn, 1, LEASE_MS, false)
             .await
             .unwrap();
         assert_eq!(claimed.len(), 1);
@@ -770,7 +770,7 @@ async fn a_concurrency_limit_holds_steps_and_a_result_releases_them() {
     // The dispatcher's scan passes over held steps.
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(
-        transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
             .await
             .unwrap()
             .is_empty()
@@ -797,7 +797,7 @@ async fn a_concurrency_limit_holds_steps_and_a_result_releases_them() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(
-        transitions::claim_ready(&mut conn, 10, LEASE_MS)
+        transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
             .await
             .unwrap()
             .is_empty()
@@ -856,7 +856,7 @@ async fn a_rate_limit_holds_steps_until_their_slot() {
     // Not before the slot...
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(
-        transitions::claim_held(&mut conn, 10, LEASE_MS, true)
+        transitions::claim_ready(&mut conn, 10, LEASE_MS, true)
             .await
             .unwrap()
             .is_empty()
@@ -865,7 +865,7 @@ async fn a_rate_limit_holds_steps_until_their_slot() {
     let slot = db.step(created[4].0, "call").await.next_attempt_at.unwrap();
     let wait = (slot - Utc::now()).to_std().unwrap_or_default();
     tokio::time::sleep(wait + std::time::Duration::from_millis(20)).await;
-    let released = transitions::claim_held(&mut conn, 10, LEASE_MS, true)
+    let released = transitions::claim_ready(&mut conn, 10, LEASE_MS, true)
         .await
         .unwrap();
     drop(conn);
@@ -936,7 +936,7 @@ async fn a_template_concurrency_queues_tasks_until_one_of_the_key_finishes() {
     let (applied, _) = db.apply(&[result(&a1[0], Outcome::Success, None)]).await;
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(
-        transitions::claim_held(&mut conn, 10, LEASE_MS, true)
+        transitions::claim_ready(&mut conn, 10, LEASE_MS, true)
             .await
             .unwrap()
             .is_empty()
@@ -949,7 +949,7 @@ async fn a_template_concurrency_queues_tasks_until_one_of_the_key_finishes() {
     assert_eq!(finished, 1);
     assert_eq!(db.task_status(one).await, TaskStatus::Complete);
     let mut conn = db.pool.acquire().await.unwrap();
-    let started = transitions::claim_held(&mut conn, 10, LEASE_MS, false)
+    let started = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
         .unwrap();
     drop(conn);

@@ -40,11 +40,6 @@ finished AS (
     RETURNING t.task_id, t.namespace, t.status, l.from_status,
               t.concurrency_keys IS NOT NULL AS limited
 ),
--- A finished task of a template with a concurrency gives back its slots.
-freed_slots AS (
-    DELETE FROM task_slots
-    WHERE task_id = ANY (ARRAY(SELECT task_id FROM finished WHERE limited))
-),
 history AS (
     INSERT INTO task_transitions (task_id, from_status, to_status, reason)
     SELECT task_id, from_status, status,

@@ -359,6 +359,9 @@ pub async fn create_many(
         .iter()
         .find_map(|creation| creation.claim_lease_ms);
     let first_steps: Vec<Uuid> = creations.iter().flat_map(Creation::first_steps).collect();
+    let step_limits = creations
+        .iter()
+        .any(|creation| !creation.limits.steps.is_empty());
     let rows = sqlx::query(
         "SELECT * \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
@@ -400,11 +403,13 @@ pub async fn create_many(
     .bind(first_steps)
     .bind(lease_ms)
     .bind(tasks.priorities)
-    .bind(steps.concurrency_keys)
-    .bind(steps.concurrency_limits)
-    .bind(steps.rate_keys)
-    .bind(steps.rate_limits)
-    .bind(steps.rate_windows_ms)
+    // Without step limits in the batch, their columns go as NULL: no array of NULLs to
+    // encode and decode per step.
+    .bind(step_limits.then_some(steps.concurrency_keys))
+    .bind(step_limits.then_some(steps.concurrency_limits))
+    .bind(step_limits.then_some(steps.rate_keys))
+    .bind(step_limits.then_some(steps.rate_limits))
+    .bind(step_limits.then_some(steps.rate_windows_ms))
     .bind(tasks.limit_task_ids)
     .bind(tasks.limit_keys)
     .bind(tasks.limit_limits)

@@ -1,8 +1,8 @@
 //! Claiming steps for dispatch: the one claim path.
 //!
 //! Every claim goes through `tasker_claim_steps` (migrations/0013), whatever found the
-//! steps: the dispatcher's scan of ready steps ([`claim_ready`]) and of steps held by a
-//! limit ([`claim_held`]), the children a batch of results completed and the held steps
+//! steps: the dispatcher's scan of ready steps and of steps held by a limit
+//! ([`claim_ready`]), the children a batch of results completed and the held steps
 //! of the keys it freed ([`claim_children`]), a new task's first steps (claimed inside
 //! `tasker_create_tasks`, read back with [`claimed_in`]). The function applies the claim
 //! rule (`tasker_step_claimable`) and the limits (holding the steps that do not fit),
@@ -47,17 +47,24 @@ pub struct Dispatch {
     pub trace_parent: Option<String>,
 }
 
-/// Claim up to `limit` ready steps, oldest first, with a lease of `lease_ms`, and return
-/// the messages to publish once the caller's transaction commits. Rows locked by another
-/// coordinator are skipped, so two coordinators never claim the same step.
+/// Claim up to `limit` ready steps, best first, with a lease of `lease_ms`, and the held
+/// steps that may fit again: rate-held steps whose slot came (up to `limit` per key), the
+/// first steps of tasks waiting for a template concurrency key with room, and, with
+/// `every_key`, the held steps of every concurrency key with a free slot (up to `limit`
+/// keys). Results release their keys' held steps themselves; `every_key` is for slots
+/// freed otherwise (an expired lease, a cancelled task). Returns the messages to publish
+/// once the caller's transaction commits. Rows locked by another coordinator are
+/// skipped, so two coordinators never claim the same step.
 pub async fn claim_ready(
     conn: &mut PgConnection,
     limit: i64,
     lease_ms: i64,
+    every_key: bool,
 ) -> sqlx::Result<Vec<Dispatch>> {
     let rows: Vec<ClaimedRow> = sqlx::query_as(include_str!("../../../sql/claim/ready.sql"))
         .bind(limit)
         .bind(lease_ms)
+        .bind(every_key)
         .fetch_all(conn)
         .await?;
     Ok(rows.into_iter().map(Dispatch::from).collect())
@@ -80,27 +87,6 @@ pub async fn claim_children(
         .bind(completed)
         .bind(lease_ms)
         .bind(freed)
-        .fetch_all(conn)
-        .await?;
-    Ok(rows.into_iter().map(Dispatch::from).collect())
-}
-
-/// Claim held steps that may fit again: rate-held steps whose slot came (up to `limit`
-/// per key), the first steps of tasks waiting for a template concurrency key with room,
-/// and, with `every_key`, the held steps of every concurrency key with a free slot (up
-/// to `limit` keys). Results release their keys' held steps themselves; this is for the
-/// slots freed otherwise (an expired lease, a cancelled task), for time, and for tasks
-/// that finished.
-pub async fn claim_held(
-    conn: &mut PgConnection,
-    limit: i64,
-    lease_ms: i64,
-    every_key: bool,
-) -> sqlx::Result<Vec<Dispatch>> {
-    let rows: Vec<ClaimedRow> = sqlx::query_as(include_str!("../../../sql/claim/held.sql"))
-        .bind(limit)
-        .bind(lease_ms)
-        .bind(every_key)
         .fetch_all(conn)
         .await?;
     Ok(rows.into_iter().map(Dispatch::from).collect())

@@ -39,7 +39,7 @@ mod operator;
 mod worker;
 
 pub(crate) use claim::claimed_in;
-pub use claim::{Dispatch, claim_children, claim_held, claim_ready, next_due};
+pub use claim::{Dispatch, claim_children, claim_ready, next_due};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };
@@ -87,8 +87,20 @@ pub async fn finish_tasks(
         .bind(tasks)
         .execute(&mut *conn)
         .await?;
-    sqlx::query_as(include_str!("../../../sql/tasks/finish.sql"))
+    let finished: Vec<FinishedTask> = sqlx::query_as(include_str!("../../../sql/tasks/finish.sql"))
         .bind(tasks)
-        .fetch_all(conn)
-        .await
+        .fetch_all(&mut *conn)
+        .await?;
+    let freed: Vec<Uuid> = finished
+        .iter()
+        .filter(|task| task.limited)
+        .map(|task| task.task_id)
+        .collect();
+    if !freed.is_empty() {
+        sqlx::query(include_str!("../../../sql/tasks/free_slots.sql"))
+            .bind(&freed)
+            .execute(conn)
+            .await?;
+    }
+    Ok(finished)
 }
