@@ -52,6 +52,7 @@ pub(crate) struct CoordinatorMetrics {
     registry: Registry,
     pub(crate) tasks_created: Family<Namespace, Counter>,
     pub(crate) tasks_finished: Family<NamespaceStatus, Counter>,
+    pub(crate) deadlines_exceeded: Family<Namespace, Counter>,
     pub(crate) steps_dispatched: Family<Namespace, Counter>,
     pub(crate) steps_finished: Family<NamespaceStatus, Counter>,
     pub(crate) retries_scheduled: Family<Namespace, Counter>,
@@ -128,6 +129,12 @@ impl CoordinatorMetrics {
             "tasker_steps_finished",
             "Steps that reached complete or error, by namespace and status",
             steps_finished.clone(),
+        );
+        let deadlines_exceeded = Family::<Namespace, Counter>::default();
+        registry.register(
+            "tasker_tasks_deadline_exceeded",
+            "Tasks ended in error by their deadline (`timeout` or `deadline`), also counted in tasker_tasks_finished_total",
+            deadlines_exceeded.clone(),
         );
         let retries_scheduled = Family::<Namespace, Counter>::default();
         registry.register(
@@ -296,6 +303,7 @@ impl CoordinatorMetrics {
             retries_scheduled,
             deferrals,
             leases_expired,
+            deadlines_exceeded,
             lost_messages,
             stale_results,
             pruned_tasks,

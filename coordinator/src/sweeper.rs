@@ -16,9 +16,13 @@
 //!   counted in `tasker_step_retries_scheduled_total` or `tasker_steps_finished_total`
 //!   as a worker's reported failure would be.
 //!
+//! Each interval it also ends the tasks past their deadline (`error`, reason
+//! `deadline_exceeded`, their unfinished steps cancelled) and tells workers that their
+//! queued and running dispatches are superseded (a worker aborts such a run).
+//!
 //! Workers are told which dispatches were replaced (a `superseded` control message), so
-//! a copy still queued somewhere is acked without being run. Tasks left with nothing to
-//! run are finished.
+//! a copy still queued somewhere is acked without being run, and a run of it is aborted.
+//! Tasks left with nothing to run are finished.
 //!
 //! Running steps' leases are only expired once this coordinator has reached both the
 //! database and the broker for a whole heartbeat lease: after an outage, the heartbeats
@@ -36,11 +40,12 @@ use tracing::Instrument;
 
 use crate::control::Control;
 use crate::link::BrokerLink;
-use crate::metrics::{CoordinatorMetrics, count_reason};
+use crate::metrics::{CoordinatorMetrics, Namespace, count_reason};
 use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::Topology;
-use tasker_shared::store::transitions;
+use tasker_shared::states::TaskStatus;
+use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask};
 
 /// Most leases expired per transaction.
 const SWEEP_BATCH: i64 = 1_000;
@@ -210,9 +215,11 @@ impl Sweeper {
 
     async fn expire(&self, running: bool) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
+        let late = transitions::expire_deadlines(&mut tx, SWEEP_BATCH).await?;
         let expired = transitions::expire_leases(&mut tx, SWEEP_BATCH, running).await?;
         let finished = transitions::finish_tasks(&mut tx, &expired.tasks).await?;
         tx.commit().await?;
+        self.ended_late(&late).await;
         self.metrics.workers_lost(&expired.lost_workers);
         self.metrics.finished(&finished);
         for (reason, count) in [
@@ -223,7 +230,7 @@ impl Sweeper {
                 count_reason(&self.metrics.leases_expired, reason, count as u64);
             }
         }
-        let changed = expired.requeued.len() + expired.timed_out;
+        let changed = expired.requeued.len() + expired.timed_out + late.len();
         if changed > 0 {
             tracing::info!(
                 requeued = expired.requeued.len(),
@@ -237,6 +244,47 @@ impl Sweeper {
         // After the wake: the new dispatches need not wait for this broadcast.
         self.announce_superseded(&expired.requeued).await;
         Ok(changed)
+    }
+}
+
+impl Sweeper {
+    /// Count and announce the tasks [`transitions::expire_deadlines`] ended.
+    async fn ended_late(&self, expired: &[ExpiredTask]) {
+        if expired.is_empty() {
+            return;
+        }
+        let finished: Vec<FinishedTask> = expired
+            .iter()
+            .map(|task| FinishedTask {
+                task_id: task.task_id,
+                namespace: task.namespace.clone(),
+                status: TaskStatus::Error,
+                limited: task.limited,
+            })
+            .collect();
+        self.metrics.finished(&finished);
+        for task in expired {
+            self.metrics
+                .deadlines_exceeded
+                .get_or_create(&Namespace {
+                    namespace: task.namespace.clone(),
+                })
+                .inc();
+        }
+        tracing::info!(tasks = expired.len(), "ended tasks past their deadline");
+        // Their queued and running dispatches are superseded: a worker aborts a run and
+        // drops a copy it receives later, as for a lost lease. (A task's cancel would make
+        // workers drop the task for good, and a retry may run it again.)
+        let dispatches: Vec<(uuid::Uuid, uuid::Uuid)> = expired
+            .iter()
+            .flat_map(|task| {
+                task.running_steps
+                    .iter()
+                    .copied()
+                    .zip(task.running_tokens.iter().copied())
+            })
+            .collect();
+        self.announce_superseded(&dispatches).await;
     }
 }
 

@@ -130,6 +130,9 @@ status_enum! {
         /// Task: its template's concurrency cancelled it (`on_limit`: `cancel_newest` or
         /// `cancel_oldest`).
         CancelledByConcurrencyLimit => "cancelled_by_concurrency_limit",
+        /// Task: past its deadline (`timeout` or `deadline`), ended in `error`; step: its
+        /// task's deadline cancelled it.
+        DeadlineExceeded => "deadline_exceeded",
         /// Task or step: an operator retried the failed task.
         RetryRequested => "retry_requested",
         /// Task: an operator resolved a failed step, and the task runs on.

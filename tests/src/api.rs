@@ -31,6 +31,8 @@ pub struct Task {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
     /// Empty in list pages.
     #[serde(default)]
     pub steps: Vec<Step>,

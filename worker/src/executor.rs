@@ -147,9 +147,25 @@ impl InFlight {
         self.cancelled.contains(&task_id)
     }
 
-    /// Remember dispatches (step id, dispatch token) that were replaced by newer ones.
-    pub(crate) fn supersede(&self, dispatches: impl IntoIterator<Item = (Uuid, Uuid)>) {
+    /// Remember dispatches (step id, dispatch token) that were replaced by newer ones or
+    /// ended by the coordinator (a task past its deadline), and abort those running here;
+    /// returns how many were running.
+    pub(crate) fn supersede(&self, dispatches: impl IntoIterator<Item = (Uuid, Uuid)>) -> usize {
+        let dispatches: Vec<(Uuid, Uuid)> = dispatches.into_iter().collect();
+        let mut aborted = 0;
+        {
+            let steps = self.lock();
+            for (step_id, dispatch_token) in &dispatches {
+                if let Some(running) = steps.get(step_id)
+                    && running.dispatch_token == *dispatch_token
+                {
+                    running.abort.abort();
+                    aborted += 1;
+                }
+            }
+        }
         self.superseded.insert(dispatches);
+        aborted
     }
 
     /// Whether this worker runs this dispatch of `step_id` now.
@@ -434,5 +450,24 @@ mod tests {
             !inflight.is_superseded(step, new),
             "the newer dispatch runs"
         );
+    }
+
+    #[tokio::test]
+    async fn a_superseded_dispatch_that_runs_here_is_aborted() {
+        let inflight = InFlight::default();
+        let (step, running, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let run = tokio::spawn(std::future::pending::<()>());
+        inflight.lock().insert(
+            step,
+            Running {
+                task_id: Uuid::new_v4(),
+                dispatch_token: running,
+                abort: run.abort_handle(),
+            },
+        );
+        assert_eq!(inflight.supersede([(step, other)]), 0, "another dispatch");
+        assert!(!run.is_finished());
+        assert_eq!(inflight.supersede([(step, running)]), 1);
+        assert!(run.await.unwrap_err().is_cancelled());
     }
 }

@@ -678,11 +678,14 @@ async fn follow(
                 }
             }
             Ok(ControlMessage::Superseded { dispatches }) => {
-                shared.inflight.supersede(
+                let aborted = shared.inflight.supersede(
                     dispatches
                         .into_iter()
                         .map(|d| (d.step_id, d.dispatch_token)),
                 );
+                if aborted > 0 {
+                    tracing::info!(aborted, "dispatches superseded: aborted their runs");
+                }
             }
             Ok(ControlMessage::Hello { .. } | ControlMessage::WorkerStatus { .. }) => {}
             // Advisory and fanned out to every process: dropped and logged, not
@@ -877,7 +880,8 @@ async fn run_step(
     shared.metrics.in_flight.dec();
     drop(slot);
     let Some(result) = result else {
-        // Aborted because the task was cancelled: nothing to report.
+        // Aborted because the task was cancelled or the dispatch superseded: nothing to
+        // report.
         ack(shared, &delivery).await;
         return;
     };

@@ -188,6 +188,17 @@ struct CreateArgs {
     /// template's).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
     priority: Option<u8>,
+    /// Run its first steps no earlier than this time (RFC 3339, e.g.
+    /// 2026-12-24T06:00:00Z).
+    #[arg(long, value_name = "TIME", conflicts_with = "delay", value_parser = rfc3339)]
+    run_at: Option<String>,
+    /// Run its first steps after this long: a whole number and s, m, h or d (`90s`,
+    /// `15m`).
+    #[arg(long, value_name = "SPAN", value_parser = delay_ms)]
+    delay: Option<i64>,
+    /// End it in error if it has not finished by this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339)]
+    deadline: Option<String>,
     /// Show the task's progress and wait until it finishes.
     #[arg(long)]
     wait: bool,
@@ -288,6 +299,20 @@ enum StepsCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+fn rfc3339(text: &str) -> Result<String, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|at| at.to_utc().to_rfc3339())
+        .map_err(|error| {
+            format!("`{text}` is not an RFC 3339 time such as 2026-12-24T06:00:00Z: {error}")
+        })
+}
+
+fn delay_ms(text: &str) -> Result<i64, String> {
+    tasker_shared::span::parse_span(text, &["s", "m", "h", "d"])
+        .map(|span| span.num_milliseconds())
+        .map_err(|_| format!("`{text}` is not a whole number and one of s, m, h, d (`90s`, `15m`)"))
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -686,6 +711,15 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
     }
     if let Some(priority) = args.priority {
         body["priority"] = json!(priority);
+    }
+    if let Some(at) = &args.run_at {
+        body["run_at"] = json!(at);
+    }
+    if let Some(ms) = args.delay {
+        body["delay_ms"] = json!(ms);
+    }
+    if let Some(at) = &args.deadline {
+        body["deadline"] = json!(at);
     }
     let response = context.client.post(&["v1", "tasks"], body).await?;
     let mut task = response.body;

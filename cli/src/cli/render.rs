@@ -319,6 +319,12 @@ pub(crate) fn task(task: &Value, style: Style, now: DateTime<Utc>) -> String {
             ));
         }
     }
+    if let Some(at) = time(task, "run_at") {
+        header.push(("Runs at", full_time(at)));
+    }
+    if let Some(at) = time(task, "deadline_at") {
+        header.push(("Deadline", full_time(at)));
+    }
     // Shown when it is not the default, which most tasks have.
     if let Some(priority) = task["priority"]
         .as_i64()

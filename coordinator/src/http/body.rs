@@ -352,6 +352,22 @@ impl Fields {
         }
     }
 
+    /// A point in time written as RFC 3339 (`2026-12-05T07:00:00Z`); `None` when absent
+    /// or null.
+    pub(crate) fn timestamp(&mut self, key: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let text = self.string(key, false, 64)?;
+        match chrono::DateTime::parse_from_rfc3339(&text) {
+            Ok(at) => Some(at.to_utc()),
+            Err(error) => {
+                self.problem(
+                    key,
+                    format!("`{key}` must be an RFC 3339 time such as 2026-12-05T07:00:00Z, found `{text}` ({error})"),
+                );
+                None
+            }
+        }
+    }
+
     /// Any JSON value; `None` when absent. Strings and keys holding U+0000 are problems.
     pub(crate) fn value(&mut self, key: &str) -> Option<Value> {
         let value = self.object.remove(key)?;

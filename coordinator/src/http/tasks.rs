@@ -80,6 +80,16 @@ pub(crate) struct CreateTaskRequest {
     /// `priority` (default 5) when absent.
     #[schema(minimum = 0, maximum = 9)]
     priority: Option<i16>,
+    /// Run the task's first steps no earlier than this (RFC 3339); the task is created
+    /// now, `pending`. Not with `delay_ms`.
+    run_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Run the task's first steps this many milliseconds from now (at most a year). Not
+    /// with `run_at`.
+    #[schema(minimum = 0, maximum = 31_622_400_000_i64)]
+    delay_ms: Option<i64>,
+    /// End the task in `error` (reason `deadline_exceeded`) if it has not finished by
+    /// then (RFC 3339, in the future); its template's `timeout` may end it earlier.
+    deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The fields of a create-task body.
@@ -94,7 +104,13 @@ pub(crate) const CREATE_FIELDS: &[&str] = &[
     "tags",
     "idempotency_key",
     "priority",
+    "run_at",
+    "delay_ms",
+    "deadline",
 ];
+
+/// Longest `delay_ms`, and furthest `run_at`: a year (366 days).
+const MAX_DELAY_MS: i64 = 31_622_400_000;
 
 /// The body of `GET /v1/tasks`.
 #[derive(Serialize, ToSchema)]
@@ -168,9 +184,24 @@ pub(crate) async fn create(
         priority: fields
             .integer("priority", 0, MAX_PRIORITY.into())
             .map(|priority| priority as i16),
+        run_at: run_at(&mut fields),
+        deadline: fields.timestamp("deadline"),
         trace_parent: tasker_shared::telemetry::traceparent(&tracing::Span::current()),
     });
     tasker_shared::telemetry::record_trace_id(&tracing::Span::current());
+    if let Some(deadline) = new.deadline {
+        if deadline <= chrono::Utc::now() {
+            fields.problem(
+                "deadline",
+                format!("`deadline` {} has passed", deadline.to_rfc3339()),
+            );
+        } else if new.run_at.is_some_and(|run_at| deadline <= run_at) {
+            fields.problem(
+                "deadline",
+                "`deadline` must be after the time the task runs (`run_at` or `delay_ms`)",
+            );
+        }
+    }
     fields.finish("invalid_request")?;
     let (Some(namespace), Some(name)) = (namespace, name) else {
         return Err(ApiError::malformed("namespace and name are required"));
@@ -490,4 +521,24 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
         steps,
         execution,
     })
+}
+
+/// When to run a new task's first steps: `run_at`, or `delay_ms` from now; not both.
+fn run_at(fields: &mut Fields) -> Option<chrono::DateTime<chrono::Utc>> {
+    let at = fields.timestamp("run_at");
+    let delay = fields.integer("delay_ms", 0, MAX_DELAY_MS);
+    let now = chrono::Utc::now();
+    match (at, delay) {
+        (Some(_), Some(_)) => {
+            fields.problem("delay_ms", "give `run_at` or `delay_ms`, not both");
+            None
+        }
+        (Some(at), None) if at > now + chrono::TimeDelta::milliseconds(MAX_DELAY_MS) => {
+            fields.problem("run_at", "`run_at` is more than a year away");
+            None
+        }
+        (Some(at), None) => Some(at),
+        (None, Some(ms)) => Some(now + chrono::TimeDelta::milliseconds(ms)),
+        (None, None) => None,
+    }
 }

@@ -28,7 +28,7 @@ pub struct StepReadiness {
     pub attempts: i32,
     /// Attempts allowed.
     pub retry_limit: i32,
-    /// A code: `ready`, `waiting_on_parents`, `blocked_by_failed_parent`, `in_backoff`,
+    /// A code: `ready`, `waiting_on_parents`, `blocked_by_failed_parent`, `scheduled`, `in_backoff`,
     /// `concurrency_limited`, `rate_limited`, `attempts_exhausted`, `deferrals_exhausted`,
     /// `failed_permanently`, `enqueued`, `running`, `complete`, `resolved_manually`,
     /// `cancelled`, `task_cancelled`.

@@ -47,6 +47,11 @@ pub struct TaskRecord {
     pub updated_at: DateTime<Utc>,
     /// When it finished.
     pub completed_at: Option<DateTime<Utc>>,
+    /// When its first steps may run, when created to run later (`run_at`, `delay_ms`).
+    pub run_at: Option<DateTime<Utc>>,
+    /// When it ends in `error` (`deadline_exceeded`) unless finished: the earlier of its
+    /// creation's `deadline` and its template's `timeout` from when it may start.
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
 /// A step as the API shows it.
@@ -103,6 +108,10 @@ pub struct NewTask {
     pub trace_parent: Option<String>,
     /// Priority, 0 to 9; the template's when absent.
     pub priority: Option<i16>,
+    /// Run its first steps no earlier than this.
+    pub run_at: Option<DateTime<Utc>>,
+    /// End it in `error` if it has not finished by then.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// Whether a create made a new task or found the one with the same idempotency key.
@@ -125,7 +134,7 @@ const TEMPLATE_CHANGED: &str = "TK001";
 
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, priority, context, \
      initiator, source_system, reason, tags, idempotency_key, created_at, updated_at, \
-     completed_at";
+     completed_at, run_at, deadline_at";
 
 /// A task about to be created: the caller's request, checked against its template, with
 /// the ids of the task and its steps chosen.
@@ -153,6 +162,9 @@ pub struct Creation {
     /// The task's and each step's limits with their keys evaluated; empty when the
     /// template has none.
     limits: Limits,
+    /// The creation's `deadline` or its template's `timeout` from when it may start,
+    /// whichever comes first.
+    deadline_at: Option<DateTime<Utc>>,
 }
 
 impl Creation {
@@ -173,6 +185,14 @@ impl Creation {
             tags: &new.tags,
             priority: new.priority.unwrap_or(template.definition.priority),
         })?;
+        let timeout = template
+            .definition
+            .timeout_ms()
+            .map(|ms| new.run_at.unwrap_or_else(Utc::now) + chrono::TimeDelta::milliseconds(ms));
+        let deadline_at = match (new.deadline, timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let steps = &template.definition.steps;
         let step_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
         let parents = template.definition.parent_indices();
@@ -194,6 +214,7 @@ impl Creation {
             edge_to,
             parents,
             limits,
+            deadline_at,
         })
     }
 
@@ -234,6 +255,8 @@ impl Creation {
             created_at,
             updated_at: created_at,
             completed_at: None,
+            run_at: new.run_at,
+            deadline_at: self.deadline_at,
         }
     }
 
@@ -281,7 +304,8 @@ impl Creation {
                     .collect(),
                 results: None,
                 last_error: None,
-                next_attempt_at: None,
+                // A first step of a task to run later is due then.
+                next_attempt_at: new_run_at(&self.new, parents),
                 started_at: None,
                 completed_at: None,
             })
@@ -311,6 +335,13 @@ impl Creation {
             }
         }
     }
+}
+
+/// When a step of a new task is first due: its task's `run_at`, for a step without parents
+/// of a task to run later.
+fn new_run_at(new: &NewTask, parents: &[usize]) -> Option<DateTime<Utc>> {
+    new.run_at
+        .filter(|at| parents.is_empty() && *at > Utc::now())
 }
 
 /// Whether an error is `tasker_create_tasks` refusing because a template's versions
@@ -367,7 +398,7 @@ pub async fn create_many(
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
                                   $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, \
-                                  $39, $40, $41, $42, $43)",
+                                  $39, $40, $41, $42, $43, $44, $45)",
     )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -414,6 +445,8 @@ pub async fn create_many(
     .bind(tasks.limit_keys)
     .bind(tasks.limit_limits)
     .bind(tasks.limit_on_limit)
+    .bind(tasks.run_at)
+    .bind(tasks.deadlines)
     .fetch_all(pool)
     .await?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
@@ -479,6 +512,8 @@ struct TaskColumns<'a> {
     limit_keys: Vec<&'a str>,
     limit_limits: Vec<i32>,
     limit_on_limit: Vec<&'static str>,
+    run_at: Vec<Option<DateTime<Utc>>>,
+    deadlines: Vec<Option<DateTime<Utc>>>,
 }
 
 impl<'a> TaskColumns<'a> {
@@ -498,6 +533,8 @@ impl<'a> TaskColumns<'a> {
         self.trace_parents.push(new.trace_parent.as_deref());
         self.versions_known.push(creation.versions_known);
         self.priorities.push(creation.priority());
+        self.run_at.push(new.run_at);
+        self.deadlines.push(creation.deadline_at);
         for limit in &creation.limits.task {
             self.limit_task_ids.push(creation.task_id);
             self.limit_keys.push(&limit.key);

@@ -45,6 +45,7 @@ pub(super) struct Draft {
     pub(super) context_schema: Option<Value>,
     pub(super) priority: i16,
     pub(super) concurrency: Vec<TaskConcurrency>,
+    pub(super) timeout: Option<String>,
     pub(super) steps: Vec<StepDraft>,
 }
 
@@ -58,6 +59,7 @@ impl Draft {
             description: self.description,
             context_schema: self.context_schema,
             priority: self.priority,
+            timeout: self.timeout,
             concurrency: self.concurrency,
             steps: self
                 .steps

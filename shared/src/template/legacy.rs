@@ -155,6 +155,7 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
         context_schema,
         priority: DEFAULT_PRIORITY,
         concurrency: Vec::new(),
+        timeout: None,
         steps,
     }
 }

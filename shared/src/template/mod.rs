@@ -257,12 +257,36 @@ pub struct TemplateDefinition {
     /// entry with what a task past the limit does.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub concurrency: Vec<TaskConcurrency>,
+    /// How long a task may take, from when it may start (its `run_at`, or its
+    /// creation): past it, it ends in `error` with the reason `deadline_exceeded`. A
+    /// whole number of seconds, minutes, hours or days (`30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
     /// The steps, in the order of the source file.
     pub steps: Vec<StepDefinition>,
 }
 
 fn default_priority() -> i16 {
     DEFAULT_PRIORITY
+}
+
+/// Longest template `timeout`: a year.
+const MAX_TASK_TIMEOUT_MS: i64 = 366 * 86_400_000;
+
+/// A template `timeout` in milliseconds, when valid: a whole number of seconds, minutes,
+/// hours or days, from one second to a year.
+pub fn timeout_ms(text: &str) -> Option<i64> {
+    let ms = crate::span::parse_span(text, &["s", "m", "h", "d"])
+        .ok()?
+        .num_milliseconds();
+    (1_000..=MAX_TASK_TIMEOUT_MS).contains(&ms).then_some(ms)
+}
+
+impl TemplateDefinition {
+    /// Its `timeout` in milliseconds.
+    pub fn timeout_ms(&self) -> Option<i64> {
+        self.timeout.as_deref().and_then(timeout_ms)
+    }
 }
 
 /// How long a failed step waits before its next attempt. A handler's `retry_after` wins,

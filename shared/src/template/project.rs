@@ -19,6 +19,7 @@ pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
     "context_schema",
     "priority",
     "concurrency",
+    "timeout",
     "defaults",
     "steps",
 ];
@@ -101,6 +102,7 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         .optional_int(root, "", "priority", 0, MAX_PRIORITY.into())
         .map_or(DEFAULT_PRIORITY, |priority| priority as i16);
     let concurrency = walk_task_concurrency(w, root);
+    let timeout = task_timeout(w, root);
 
     let mut defaults = StepDefaults::default();
     if let Some(value) = field(root, "defaults") {
@@ -154,8 +156,25 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         context_schema,
         priority,
         concurrency,
+        timeout,
         steps,
     }
+}
+
+/// The template's `timeout`: how long a task may take, from when it may start.
+fn task_timeout(w: &mut Walker, root: &Map<String, Value>) -> Option<String> {
+    let text = w.optional_string(root, "", "timeout")?;
+    if super::timeout_ms(text).is_none() {
+        w.report(
+            "timeout",
+            "invalid_value",
+            format!(
+                "`timeout` is `{text}`: expected a whole number of seconds, minutes, hours or days (`90s`, `30m`, `12h`, `7d`), from 1s to 365d"
+            ),
+        );
+        return None;
+    }
+    Some(text.to_owned())
 }
 
 fn walk_project_step(

@@ -98,6 +98,7 @@ fn expected_project() -> TemplateDefinition {
         })),
         priority: 5,
         concurrency: Vec::new(),
+        timeout: None,
         steps: vec![
             validate,
             charge,
@@ -314,6 +315,7 @@ fn tasker_engine_template_maps_to_definition() {
         })),
         priority: 5,
         concurrency: Vec::new(),
+        timeout: None,
         steps: vec![validate, reserve, payment, confirm, ship],
     };
     assert_eq!(definition, expected);
@@ -1765,4 +1767,34 @@ fn a_template_concurrency_is_a_list_of_keys_limits_and_what_to_do_past_them() {
     let problems = parse_template(one, "test").unwrap_err().0;
     assert_eq!(problems[0].path, "concurrency");
     assert_eq!(problems[0].code, codes::WRONG_TYPE);
+}
+
+#[test]
+fn a_template_timeout_is_a_span_from_a_second_to_a_year() {
+    let text = |timeout: &str| {
+        format!(
+            "namespace: shop\nname: t\ntimeout: {timeout}\nsteps:\n  - {{name: a, handler: h}}\n"
+        )
+    };
+    let definition = parse_template(&text("30m"), "production").unwrap();
+    assert_eq!(definition.timeout.as_deref(), Some("30m"));
+    assert_eq!(definition.timeout_ms(), Some(1_800_000));
+    let stored: TemplateDefinition =
+        serde_json::from_value(serde_json::to_value(&definition).unwrap()).unwrap();
+    assert_eq!(stored, definition, "the stored form reads back");
+    assert_eq!(timeout_ms("366d"), Some(366 * 86_400_000));
+    // A bare number reads as YAML's integer: a wrong type, with the same path.
+    assert_eq!(problems(&text("30"))[0].path, "timeout");
+    for bad in ["0s", "367d", "30x", "1w", "soon"] {
+        let found = problems(&text(bad));
+        assert_eq!(found.len(), 1, "{bad}: {found:?}");
+        assert_eq!(found[0].path, "timeout", "{bad}");
+        assert_eq!(found[0].code, codes::INVALID_VALUE, "{bad}");
+    }
+    let plain = parse_template(
+        "namespace: shop\nname: t\nsteps:\n  - {name: a, handler: h}\n",
+        "production",
+    )
+    .unwrap();
+    assert_eq!(plain.timeout_ms(), None);
 }

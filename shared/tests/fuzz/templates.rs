@@ -590,6 +590,7 @@ impl GenTemplate {
             context_schema: self.context_schema.clone(),
             priority: self.priority.unwrap_or(5),
             concurrency: self.concurrency.clone(),
+            timeout: None,
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];
@@ -720,6 +721,7 @@ impl GenTemplate {
             context_schema: self.context_schema.clone(),
             priority: 5,
             concurrency: Vec::new(),
+            timeout: None,
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];

@@ -18,6 +18,7 @@ mod redispatch;
 mod retention;
 mod signing;
 mod tasker_engine;
+mod time;
 mod validation;
 mod workers;
 

@@ -13,6 +13,7 @@
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
 //! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
+//! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error | `deadline_exceeded` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
 //! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
@@ -103,4 +104,46 @@ pub async fn finish_tasks(
             .await?;
     }
     Ok(finished)
+}
+
+/// A task [`expire_deadlines`] ended.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExpiredTask {
+    /// The task.
+    pub task_id: Uuid,
+    /// Its namespace.
+    pub namespace: String,
+    /// Whether its template limits its tasks (`concurrency`): its slots were freed.
+    pub limited: bool,
+    /// Its steps that were queued or running, and their dispatch tokens: workers should
+    /// drop those dispatches.
+    pub running_steps: Vec<Uuid>,
+    /// The dispatch tokens of `running_steps`, in the same order.
+    pub running_tokens: Vec<Uuid>,
+}
+
+/// End up to `limit` unfinished tasks past their deadline: `error` with the reason
+/// `deadline_exceeded`, their unfinished steps `cancelled`. Rows another coordinator
+/// holds are left to it.
+pub async fn expire_deadlines(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> sqlx::Result<Vec<ExpiredTask>> {
+    let expired: Vec<ExpiredTask> =
+        sqlx::query_as(include_str!("../../../sql/tasks/expire_deadlines.sql"))
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+    let freed: Vec<Uuid> = expired
+        .iter()
+        .filter(|task| task.limited)
+        .map(|task| task.task_id)
+        .collect();
+    if !freed.is_empty() {
+        sqlx::query(include_str!("../../../sql/tasks/free_slots.sql"))
+            .bind(&freed)
+            .execute(conn)
+            .await?;
+    }
+    Ok(expired)
 }
