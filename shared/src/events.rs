@@ -29,6 +29,7 @@ pub const EVENT_NAMES: &[&str] = &[
     "step.deferred",
     "step.cancelled",
     "step.resolved_manually",
+    "step.skipped",
 ];
 
 /// One lifecycle event (the JSON body; the routing key is `event`).
@@ -121,6 +122,7 @@ pub fn event_name(change: Change, reason: TransitionReason) -> Option<&'static s
             (S::WaitingForRetry, _) => Some("step.retry_scheduled"),
             (S::Cancelled, _) => Some("step.cancelled"),
             (S::ResolvedManually, _) => Some("step.resolved_manually"),
+            (S::Skipped, _) => Some("step.skipped"),
             (S::Pending | S::Enqueued, _) => None,
         },
         Change::Task { from, to } => match (from, to) {
@@ -192,6 +194,11 @@ mod tests {
             Some("task.resolved_manually")
         );
         assert_eq!(event_name(step(S::Enqueued), R::Dispatched), None);
+        assert_eq!(
+            event_name(step(S::Skipped), R::ConditionFalse),
+            Some("step.skipped")
+        );
+        assert_eq!(event_name(step(S::Pending), R::ConditionTrue), None);
         assert_eq!(
             event_name(step(S::WaitingForRetry), R::Deferred),
             Some("step.deferred")

@@ -110,6 +110,9 @@ status_enum! {
         Cancelled => "cancelled",
         /// An operator resolved it by hand; its dependents may run.
         ResolvedManually => "resolved_manually",
+        /// Not run: bypassed at creation, or its `when` condition was false. Its
+        /// dependents take it as done.
+        Skipped => "skipped",
     }
 }
 
@@ -130,6 +133,12 @@ status_enum! {
         /// Task: its template's concurrency cancelled it (`on_limit`: `cancel_newest` or
         /// `cancel_oldest`).
         CancelledByConcurrencyLimit => "cancelled_by_concurrency_limit",
+        /// Step: a creation's `bypass_steps` skipped it.
+        Bypassed => "bypassed",
+        /// Step: its `when` condition was false; skipped.
+        ConditionFalse => "condition_false",
+        /// Step: its `when` condition was true; it runs.
+        ConditionTrue => "condition_true",
         /// Task: past its deadline (`timeout` or `deadline`), ended in `error`; step: its
         /// task's deadline cancelled it.
         DeadlineExceeded => "deadline_exceeded",
@@ -204,6 +213,7 @@ impl StepStatus {
                 | StepStatus::Error
                 | StepStatus::Cancelled
                 | StepStatus::ResolvedManually
+                | StepStatus::Skipped
         )
     }
 
@@ -216,6 +226,8 @@ impl StepStatus {
             // A result may arrive before the worker's "started" notice is applied.
             (Enqueued | InProgress, Complete | WaitingForRetry | Error) => true,
             (Pending | WaitingForRetry | Error, ResolvedManually) => true,
+            // Bypassed at creation, or its condition was false.
+            (Pending, Skipped) => true,
             // An operator retries a failed task: its failed steps start over.
             (Error, Pending) => true,
             (from, Cancelled) => !from.is_terminal(),

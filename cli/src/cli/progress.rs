@@ -190,6 +190,7 @@ fn step_bar(status: &str, tick: usize) -> String {
     };
     match status {
         StepStatus::Complete | StepStatus::ResolvedManually | StepStatus::Error => "█".repeat(BAR),
+        StepStatus::Skipped => "·".repeat(BAR),
         StepStatus::Cancelled => "─".repeat(BAR),
         StepStatus::InProgress => {
             let block = 3;

@@ -43,7 +43,7 @@ impl Style {
 
 /// The terminal colour of a task's or step's status (a task's statuses are step statuses
 /// too): complete green, error red, running blue, retrying orange (yellow), pending grey,
-/// cancelled magenta, resolved by hand cyan. A status this build does not know (from a
+/// cancelled magenta, resolved by hand cyan, skipped dim. A status this build does not know (from a
 /// newer server) is left plain.
 pub(crate) fn status_color(status: &str) -> Option<&'static str> {
     Some(match status.parse::<StepStatus>().ok()? {
@@ -54,6 +54,7 @@ pub(crate) fn status_color(status: &str) -> Option<&'static str> {
         StepStatus::Pending => "90",
         StepStatus::Cancelled => "35",
         StepStatus::ResolvedManually => "36",
+        StepStatus::Skipped => "2",
     })
 }
 

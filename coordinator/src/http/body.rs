@@ -352,6 +352,46 @@ impl Fields {
         }
     }
 
+    /// A list of strings (each at most `max_len` characters, at most `max` of them);
+    /// empty when absent or null.
+    pub(crate) fn string_list(&mut self, key: &str, max_len: usize, max: usize) -> Vec<String> {
+        let items = match self.object.remove(key) {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(items)) if items.len() <= max => items,
+            Some(Value::Array(items)) => {
+                self.problem(
+                    key,
+                    format!("`{key}` has {} entries; at most {max}", items.len()),
+                );
+                return Vec::new();
+            }
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("`{key}` must be a list of strings, found {}", kind(&other)),
+                );
+                return Vec::new();
+            }
+        };
+        let mut list = Vec::with_capacity(items.len());
+        for (n, item) in items.into_iter().enumerate() {
+            match item {
+                Value::String(text) if text.chars().count() <= max_len && !text.contains('\0') => {
+                    list.push(text)
+                }
+                Value::String(_) => self.problem(
+                    &format!("{key}[{n}]"),
+                    format!("longer than {max_len} characters, or holds U+0000"),
+                ),
+                other => self.problem(
+                    &format!("{key}[{n}]"),
+                    format!("must be a string, found {}", kind(&other)),
+                ),
+            }
+        }
+        list
+    }
+
     /// A point in time written as RFC 3339 (`2026-12-05T07:00:00Z`); `None` when absent
     /// or null.
     pub(crate) fn timestamp(&mut self, key: &str) -> Option<chrono::DateTime<chrono::Utc>> {

@@ -47,6 +47,10 @@ const CLASS_DEFS: &[(&str, &str)] = &[
         "resolved_manually",
         "fill:#e2d9f3,stroke:#6f42c1,color:#3d2373",
     ),
+    (
+        "skipped",
+        "fill:#fafafa,stroke:#bdbdbd,color:#9e9e9e,stroke-dasharray:2 2",
+    ),
 ];
 
 /// Words a Mermaid flowchart does not accept as a node id.
@@ -218,7 +222,7 @@ pub(crate) async fn template(
     operation_id = "task_diagram",
     params(("task_id" = Uuid, Path, description = "The task's id.")),
     responses(
-        (status = 200, description = "A Mermaid `flowchart TD`: a node per step labelled `name<br/>status` with the class of its status (`classDef complete`, `error`, `in_progress`, `enqueued`, `waiting_for_retry`, `pending`, `cancelled`, `resolved_manually`, each defined when used), an edge from each step it depends on.",
+        (status = 200, description = "A Mermaid `flowchart TD`: a node per step labelled `name<br/>status` with the class of its status (`classDef complete`, `error`, `in_progress`, `enqueued`, `waiting_for_retry`, `pending`, `cancelled`, `resolved_manually`, `skipped`, each defined when used), an edge from each step it depends on.",
             body = String, content_type = "text/vnd.mermaid",
             example = json!("flowchart TD\n    %% task 019ae3c2-0000-7000-8000-000000000001 billing/charge 1.0.0: in_progress\n    authorize[\"authorize<br/>complete\"]:::complete\n    capture[\"capture<br/>in_progress\"]:::in_progress\n    authorize --> capture\n    classDef complete fill:#d4edda,stroke:#28a745,color:#155724\n    classDef in_progress fill:#cce5ff,stroke:#0d6efd,color:#084298\n")),
         (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),

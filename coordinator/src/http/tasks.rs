@@ -25,7 +25,7 @@ use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{
     self, Created, Creation, NewTask, Order, Page, StepRecord, TaskFilter, TaskRecord,
 };
-use tasker_shared::template::MAX_PRIORITY;
+use tasker_shared::template::{MAX_PRIORITY, Problem};
 
 /// A task with its steps and its execution context.
 #[derive(Serialize, ToSchema)]
@@ -90,6 +90,9 @@ pub(crate) struct CreateTaskRequest {
     /// End the task in `error` (reason `deadline_exceeded`) if it has not finished by
     /// then (RFC 3339, in the future); its template's `timeout` may end it earlier.
     deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// Steps not to run: each must be marked `skippable: true` in the template. They are
+    /// `skipped`, and their dependents go on without them.
+    bypass_steps: Option<Vec<String>>,
 }
 
 /// The fields of a create-task body.
@@ -107,6 +110,7 @@ pub(crate) const CREATE_FIELDS: &[&str] = &[
     "run_at",
     "delay_ms",
     "deadline",
+    "bypass_steps",
 ];
 
 /// Longest `delay_ms`, and furthest `run_at`: a year (366 days).
@@ -151,7 +155,7 @@ const LARGE_TEMPLATE_STEPS: usize = 1_000;
         (status = 409, description = "`idempotency_conflict`: the key was used with another version or context.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `context_too_large`: the context is larger than `TASKER_MAX_CONTEXT_BYTES`.", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is sent as something other than JSON.", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (every field problem, including strings holding U+0000), `invalid_context` (every place the context breaks the template's schema) or `invalid_limit_key` (each limit key that cannot be evaluated for this task, by step and key).", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (every field problem, including strings holding U+0000), `invalid_context` (every place the context breaks the template's schema), `invalid_limit_key` (each limit key that cannot be evaluated for this task, by step and key) or `invalid_condition` (a first step's `when` that fails for this context, by step); `invalid_request` also names each `bypass_steps` entry that is no step (`unknown_step`) or not `skippable` (`not_skippable`).", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
@@ -186,6 +190,7 @@ pub(crate) async fn create(
             .map(|priority| priority as i16),
         run_at: run_at(&mut fields),
         deadline: fields.timestamp("deadline"),
+        bypass_steps: fields.string_list("bypass_steps", SHORT_TEXT, MAX_BYPASSED),
         trace_parent: tasker_shared::telemetry::traceparent(&tracing::Span::current()),
     });
     tasker_shared::telemetry::record_trace_id(&tracing::Span::current());
@@ -282,17 +287,7 @@ pub(crate) async fn create(
         } else {
             Creation::new(template.clone(), new.clone(), claim, versions_known)
         };
-        let creation = creation.map_err(|problems| {
-            let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
-            ApiError::invalid(
-                "invalid_limit_key",
-                format!(
-                    "{} limit key(s) of the template cannot be evaluated for this task",
-                    details.len()
-                ),
-                details,
-            )
-        })?;
+        let creation = creation.map_err(creation_problems)?;
         match state.creator.create(creation).await? {
             Created::TemplateChanged if checked => checked = false,
             created => break (template, created),
@@ -541,4 +536,32 @@ fn run_at(fields: &mut Fields) -> Option<chrono::DateTime<chrono::Utc>> {
         (None, Some(ms)) => Some(now + chrono::TimeDelta::milliseconds(ms)),
         (None, None) => None,
     }
+}
+
+/// Most `bypass_steps`.
+const MAX_BYPASSED: usize = 1_000;
+
+/// The answer to a creation its template refuses for this task: steps it cannot bypass
+/// (`invalid_request`), a first step's condition that fails (`invalid_condition`), or
+/// limit keys it cannot evaluate (`invalid_limit_key`).
+fn creation_problems(problems: Vec<Problem>) -> ApiError {
+    let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
+    let count = details.len();
+    let (code, message) = if problems.iter().any(|p| p.path.starts_with("bypass_steps")) {
+        (
+            "invalid_request",
+            format!("{count} problem(s) in the request"),
+        )
+    } else if problems.iter().any(|p| p.code == "expression_error") {
+        (
+            "invalid_condition",
+            format!("{count} condition(s) of the template cannot be evaluated for this task"),
+        )
+    } else {
+        (
+            "invalid_limit_key",
+            format!("{count} limit key(s) of the template cannot be evaluated for this task"),
+        )
+    };
+    ApiError::invalid(code, message, details)
 }

@@ -3,7 +3,7 @@
 WITH counts AS (
     SELECT task_id,
            count(*) AS total,
-           count(*) FILTER (WHERE status IN ('complete', 'resolved_manually')) AS done,
+           count(*) FILTER (WHERE status IN ('complete', 'resolved_manually', 'skipped')) AS done,
            count(*) FILTER (WHERE status = 'error') AS failed,
            count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')
                                OR (status = 'pending' AND remaining_parents = 0)) AS live

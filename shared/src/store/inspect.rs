@@ -28,7 +28,7 @@ pub struct StepReadiness {
     pub attempts: i32,
     /// Attempts allowed.
     pub retry_limit: i32,
-    /// A code: `ready`, `waiting_on_parents`, `blocked_by_failed_parent`, `scheduled`, `in_backoff`,
+    /// A code: `ready`, `waiting_on_parents`, `blocked_by_failed_parent`, `scheduled`, `evaluating_condition`, `skipped`, `in_backoff`,
     /// `concurrency_limited`, `rate_limited`, `attempts_exhausted`, `deferrals_exhausted`,
     /// `failed_permanently`, `enqueued`, `running`, `complete`, `resolved_manually`,
     /// `cancelled`, `task_cancelled`.
@@ -65,7 +65,7 @@ pub struct ExecutionContext {
     pub enqueued_steps: i64,
     /// Running.
     pub in_progress_steps: i64,
-    /// Complete or resolved manually.
+    /// Complete, resolved manually or skipped.
     pub completed_steps: i64,
     /// Waiting for their next attempt.
     pub waiting_for_retry_steps: i64,
@@ -73,6 +73,8 @@ pub struct ExecutionContext {
     pub failed_steps: i64,
     /// Cancelled.
     pub cancelled_steps: i64,
+    /// Skipped (bypassed at creation, or their condition was false); counted as done.
+    pub skipped_steps: i64,
     /// Ready to be claimed now.
     pub ready_steps: i64,
     /// `has_ready_steps`, `processing`, `blocked_by_failures`, `all_complete`,

@@ -9,10 +9,12 @@ use serde_json::Value;
 use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
-use crate::states::{StepStatus, TaskStatus};
+use crate::states::{StepStatus, TaskStatus, TransitionReason};
 use crate::store::templates::TemplateRecord;
 use crate::store::transitions::{Dispatch, claimed_in};
-use crate::template::{KeyInputs, Limits, Problem};
+use crate::template::{
+    KeyInputs, Limits, Problem, TemplateDefinition, condition_task, evaluate_condition,
+};
 
 /// A task as the API shows it (without steps).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -112,6 +114,8 @@ pub struct NewTask {
     pub run_at: Option<DateTime<Utc>>,
     /// End it in `error` if it has not finished by then.
     pub deadline: Option<DateTime<Utc>>,
+    /// Steps to skip (each marked `skippable: true` in the template).
+    pub bypass_steps: Vec<String>,
 }
 
 /// Whether a create made a new task or found the one with the same idempotency key.
@@ -165,6 +169,126 @@ pub struct Creation {
     /// The creation's `deadline` or its template's `timeout` from when it may start,
     /// whichever comes first.
     deadline_at: Option<DateTime<Utc>>,
+    /// Which steps are skipped at creation, which wait to judge a condition, and each
+    /// one's parents still to finish.
+    plan: StepPlan,
+}
+
+/// A new task's steps before they are written: each one's parents still to finish (its
+/// parents less those skipped), why it is skipped at creation (bypassed, or its
+/// condition false with no parent to wait for), and the condition it waits to judge.
+#[derive(Debug, Clone, Default)]
+struct StepPlan {
+    remaining: Vec<i32>,
+    skipped: Vec<Option<TransitionReason>>,
+    conditions: Vec<Option<String>>,
+}
+
+impl StepPlan {
+    /// Plan the steps of `definition` (with `parents` by position) for `new`.
+    fn new(
+        definition: &TemplateDefinition,
+        parents: &[Vec<usize>],
+        new: &NewTask,
+        priority: i16,
+    ) -> Result<Self, Vec<Problem>> {
+        let steps = &definition.steps;
+        let mut plan = StepPlan {
+            remaining: parents.iter().map(|p| p.len() as i32).collect(),
+            skipped: vec![None; steps.len()],
+            conditions: vec![None; steps.len()],
+        };
+        let mut problems = Vec::new();
+        for (n, name) in new.bypass_steps.iter().enumerate() {
+            let path = format!("bypass_steps[{n}]");
+            match steps.iter().position(|step| &step.name == name) {
+                None => problems.push(Problem::new(
+                    path,
+                    "unknown_step",
+                    format!(
+                        "no step `{name}` in {}/{} {}",
+                        definition.namespace, definition.name, definition.version
+                    ),
+                )),
+                Some(i) if !steps[i].skippable => problems.push(Problem::new(
+                    path,
+                    "not_skippable",
+                    format!(
+                        "step `{name}` is not marked `skippable: true`, so it cannot be bypassed"
+                    ),
+                )),
+                Some(i) => plan.skipped[i] = Some(TransitionReason::Bypassed),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        if new.bypass_steps.is_empty() && steps.iter().all(|step| step.when.is_none()) {
+            return Ok(plan);
+        }
+        // Parents before children: a step's parents still to finish are its parents not
+        // skipped; one with none is judged now if it has a condition.
+        let task = condition_task(definition, priority, &new.tags);
+        let no_parents = serde_json::json!({});
+        for i in parent_first(parents) {
+            plan.remaining[i] = parents[i]
+                .iter()
+                .filter(|&&parent| plan.skipped[parent].is_none())
+                .count() as i32;
+            if plan.skipped[i].is_some() {
+                continue;
+            }
+            let Some(condition) = &steps[i].when else {
+                continue;
+            };
+            if plan.remaining[i] > 0 {
+                plan.conditions[i] = Some(condition.clone());
+                continue;
+            }
+            match evaluate_condition(condition, &new.context, &no_parents, &task) {
+                Ok(true) => {}
+                Ok(false) => plan.skipped[i] = Some(TransitionReason::ConditionFalse),
+                Err(error) => problems.push(Problem::new(
+                    format!("steps[{i}].when"),
+                    "expression_error",
+                    format!("step `{}`: the condition {error}", steps[i].name),
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(plan)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether step `i` is skipped at creation.
+    fn skipped(&self, i: usize) -> bool {
+        self.skipped.get(i).is_some_and(Option::is_some)
+    }
+}
+
+/// The positions of a graph's steps, each after its parents (the graph has no cycle).
+fn parent_first(parents: &[Vec<usize>]) -> Vec<usize> {
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); parents.len()];
+    for (child, parents) in parents.iter().enumerate() {
+        for &parent in parents {
+            children[parent].push(child);
+        }
+    }
+    let mut waiting: Vec<usize> = parents.iter().map(Vec::len).collect();
+    let mut order: Vec<usize> = (0..parents.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut next = 0;
+    while next < order.len() {
+        for &child in &children[order[next]] {
+            waiting[child] -= 1;
+            if waiting[child] == 0 {
+                order.push(child);
+            }
+        }
+        next += 1;
+    }
+    order
 }
 
 impl Creation {
@@ -196,6 +320,12 @@ impl Creation {
         let steps = &template.definition.steps;
         let step_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
         let parents = template.definition.parent_indices();
+        let plan = StepPlan::new(
+            &template.definition,
+            &parents,
+            &new,
+            new.priority.unwrap_or(template.definition.priority),
+        )?;
         let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
         for (child, parents) in parents.iter().enumerate() {
             for &parent in parents {
@@ -215,17 +345,26 @@ impl Creation {
             parents,
             limits,
             deadline_at,
+            plan,
         })
     }
 
-    /// The steps to claim with the task: those without parents, when it claims at all.
+    /// The steps to claim with the task: those with no parent to wait for, and not
+    /// skipped, when it claims at all.
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
         let claims = self.claim_lease_ms.is_some();
-        self.parents
+        self.plan
+            .remaining
             .iter()
             .zip(&self.step_ids)
-            .filter(move |(parents, _)| claims && parents.is_empty())
-            .map(|(_, step_id)| *step_id)
+            .enumerate()
+            .filter(move |(i, (remaining, _))| claims && **remaining == 0 && !self.plan.skipped(*i))
+            .map(|(_, (_, step_id))| *step_id)
+    }
+
+    /// Whether every step is skipped at creation: the task is complete at once.
+    fn all_skipped(&self) -> bool {
+        (0..self.step_ids.len()).all(|i| self.plan.skipped(i))
     }
 
     /// The task's priority: the one asked for, else its template's.
@@ -275,17 +414,23 @@ impl Creation {
         if cancelled {
             task.status = TaskStatus::Cancelled;
             task.completed_at = Some(task.updated_at);
+        } else if self.all_skipped() {
+            task.status = TaskStatus::Complete;
+            task.completed_at = Some(task.updated_at);
         }
         let steps = definition
             .steps
             .iter()
             .zip(&self.step_ids)
             .zip(&self.parents)
-            .map(|((step, step_id), parents)| StepRecord {
+            .enumerate()
+            .map(|(i, ((step, step_id), parents))| StepRecord {
                 step_id: *step_id,
                 name: step.name.clone(),
                 handler: step.handler.clone(),
-                status: if cancelled {
+                status: if self.plan.skipped(i) {
+                    StepStatus::Skipped
+                } else if cancelled {
                     StepStatus::Cancelled
                 } else if claimed.contains_key(step_id) {
                     StepStatus::Enqueued
@@ -305,9 +450,11 @@ impl Creation {
                 results: None,
                 last_error: None,
                 // A first step of a task to run later is due then.
-                next_attempt_at: new_run_at(&self.new, parents),
+                next_attempt_at: self.new.run_at.filter(|at| {
+                    self.plan.remaining[i] == 0 && !self.plan.skipped(i) && *at > Utc::now()
+                }),
                 started_at: None,
-                completed_at: None,
+                completed_at: self.plan.skipped(i).then_some(task.created_at),
             })
             .collect();
         Created::New(task, steps, dispatches)
@@ -335,13 +482,6 @@ impl Creation {
             }
         }
     }
-}
-
-/// When a step of a new task is first due: its task's `run_at`, for a step without parents
-/// of a task to run later.
-fn new_run_at(new: &NewTask, parents: &[usize]) -> Option<DateTime<Utc>> {
-    new.run_at
-        .filter(|at| parents.is_empty() && *at > Utc::now())
 }
 
 /// Whether an error is `tasker_create_tasks` refusing because a template's versions
@@ -393,12 +533,17 @@ pub async fn create_many(
     let step_limits = creations
         .iter()
         .any(|creation| !creation.limits.steps.is_empty());
+    // Whether a step is skipped at creation or waits to judge a condition.
+    let shapes = creations.iter().any(|creation| {
+        creation.plan.skipped.iter().any(Option::is_some)
+            || creation.plan.conditions.iter().any(Option::is_some)
+    });
     let rows = sqlx::query(
         "SELECT * \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
                                   $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, \
-                                  $39, $40, $41, $42, $43, $44, $45)",
+                                  $39, $40, $41, $42, $43, $44, $45, $46, $47)",
     )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -447,6 +592,8 @@ pub async fn create_many(
     .bind(tasks.limit_on_limit)
     .bind(tasks.run_at)
     .bind(tasks.deadlines)
+    .bind(shapes.then_some(steps.skipped))
+    .bind(shapes.then_some(steps.conditions))
     .fetch_all(pool)
     .await?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
@@ -477,6 +624,17 @@ pub async fn create_many(
                 *cancelled = true;
             }
         }
+    }
+    // A task whose every step was skipped at creation is complete at once.
+    let all_skipped: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| creation.all_skipped() && created.contains_key(&creation.task_id))
+        .map(|creation| creation.task_id)
+        .collect();
+    if !all_skipped.is_empty() {
+        let mut tx = pool.begin().await?;
+        crate::store::transitions::finish_tasks(&mut tx, &all_skipped).await?;
+        tx.commit().await?;
     }
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
@@ -567,6 +725,8 @@ struct StepColumns<'a> {
     rate_keys: Vec<Option<&'a str>>,
     rate_limits: Vec<Option<i32>>,
     rate_windows_ms: Vec<Option<i32>>,
+    skipped: Vec<Option<&'static str>>,
+    conditions: Vec<Option<&'a str>>,
 }
 
 impl<'a> StepColumns<'a> {
@@ -579,7 +739,11 @@ impl<'a> StepColumns<'a> {
             self.names.push(&step.name);
             self.handlers.push(&step.handler);
             self.configs.push(&step.config);
-            self.parents.push(step.depends_on.len() as i32);
+            self.parents.push(creation.plan.remaining[position]);
+            self.skipped
+                .push(creation.plan.skipped[position].map(TransitionReason::as_str));
+            self.conditions
+                .push(creation.plan.conditions[position].as_deref());
             self.retry_limits.push(step.retry_limit);
             self.retryable.push(step.retryable);
             self.timeouts_ms.push(step.timeout_ms);

@@ -34,6 +34,7 @@ pub(super) struct StepDraft {
     pub(super) max_deferrals: i32,
     pub(super) concurrency: Option<ConcurrencyLimit>,
     pub(super) rate_limit: Option<RateLimit>,
+    pub(super) when: Option<String>,
 }
 
 /// A template as read from the source, before the graph checks.
@@ -79,6 +80,7 @@ impl Draft {
                     max_deferrals: step.max_deferrals,
                     concurrency: step.concurrency,
                     rate_limit: step.rate_limit,
+                    when: step.when,
                 })
                 .collect(),
         }

@@ -251,6 +251,7 @@ fn walk_legacy_step(
         max_deferrals: DEFAULT_MAX_DEFERRALS,
         concurrency: None,
         rate_limit: None,
+        when: None,
     }
 }
 

@@ -176,7 +176,7 @@ fn limit_object<'a>(
 }
 
 /// How a message names a step: by name when it has a usable one.
-fn about(step: Option<&str>) -> String {
+pub(super) fn about(step: Option<&str>) -> String {
     step.map_or_else(|| "this step".to_owned(), |name| format!("step `{name}`"))
 }
 
@@ -284,26 +284,52 @@ const MAX_CACHED: usize = 10_000;
 /// Compile a key, or say why it cannot be: it does not parse, or it uses a variable
 /// other than `context` and `task`.
 fn compile(source: &str) -> Result<Arc<cel::Program>, String> {
-    if let Some(program) = PROGRAMS
+    compile_with(
+        source,
+        VARIABLES,
+        "a key may use `context` (the task's context) and `task` (its namespace, name, \
+         version, priority and tags)",
+    )
+}
+
+/// Compile a CEL expression (each source once per process, up to [`MAX_CACHED`]), and
+/// check that it uses only the variables `allowed`; `allowed_text` says which, for the
+/// message.
+pub(super) fn compile_with(
+    source: &str,
+    allowed: &[&str],
+    allowed_text: &str,
+) -> Result<Arc<cel::Program>, String> {
+    let cached = PROGRAMS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(source)
-    {
-        return Ok(program.clone());
-    }
-    let program = cel::Program::compile(source)
-        .map_err(|error| format!("`{source}` does not compile: {error}"))?;
+        .cloned();
+    let program = match cached {
+        Some(program) => program,
+        None => {
+            let program = Arc::new(
+                cel::Program::compile(source)
+                    .map_err(|error| format!("`{source}` does not compile: {error}"))?,
+            );
+            let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            cache.insert(source.to_owned(), program.clone());
+            program
+        }
+    };
     let references = program.references();
     let mut unknown: Vec<&str> = references
         .variables()
         .into_iter()
-        .filter(|name| !VARIABLES.contains(name))
+        .filter(|name| !allowed.contains(name))
         .collect();
     if !unknown.is_empty() {
         unknown.sort_unstable();
         return Err(format!(
-            "`{source}` uses {}; a key may use `context` (the task's context) and `task` \
-             (its namespace, name, version, priority and tags)",
+            "`{source}` uses {}; {allowed_text}",
             unknown
                 .iter()
                 .map(|name| format!("`{name}`"))
@@ -311,12 +337,6 @@ fn compile(source: &str) -> Result<Arc<cel::Program>, String> {
                 .join(", ")
         ));
     }
-    let program = Arc::new(program);
-    let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
-    if cache.len() >= MAX_CACHED {
-        cache.clear();
-    }
-    cache.insert(source.to_owned(), program.clone());
     Ok(program)
 }
 

@@ -38,6 +38,7 @@
 //! * `graph`: duplicate names, unknown and self dependencies, and cycles.
 
 mod backoff;
+mod conditions;
 mod document;
 mod draft;
 mod graph;
@@ -53,6 +54,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
+pub use conditions::{condition_task, evaluate_condition};
 use document::parse_document;
 pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;
@@ -487,6 +489,9 @@ pub struct StepDefinition {
     /// At most so many starts of this step per window per key value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// A CEL condition, evaluated once its parents are done: false skips the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
 }
 
 /// One thing wrong with a template (or with a task context).
@@ -502,7 +507,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(path: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
         Self {
             path: path.into(),
             code: code.to_owned(),

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::backoff::walk_backoff;
+use super::conditions::walk_when;
 use super::draft::{Draft, StepDraft, dedup_deps};
 use super::limits::{walk_concurrency, walk_rate_limit, walk_task_concurrency};
 use super::walker::{Walker, field, item, join, retry_limit};
@@ -54,6 +55,7 @@ pub(super) const PROJECT_STEP_KEYS: &[&str] = &[
     "max_deferrals",
     "concurrency",
     "rate_limit",
+    "when",
 ];
 pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("handler_class", "handler"),
@@ -208,6 +210,7 @@ fn walk_project_step(
     let dependent_system = w.optional_label(object, &path, "dependent_system", "dependent system");
     let concurrency = walk_concurrency(w, object, &path, name.as_deref());
     let rate_limit = walk_rate_limit(w, object, &path, name.as_deref());
+    let when = walk_when(w, object, &path, name.as_deref());
     StepDraft {
         name_path: join(&path, "name"),
         path,
@@ -225,5 +228,6 @@ fn walk_project_step(
         max_deferrals,
         concurrency,
         rate_limit,
+        when,
     }
 }

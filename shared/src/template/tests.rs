@@ -75,6 +75,7 @@ fn expected_project() -> TemplateDefinition {
         max_deferrals: DEFAULT_MAX_DEFERRALS,
         concurrency: None,
         rate_limit: None,
+        when: None,
     };
     let mut validate = step("validate", "Ecommerce::Validate", &[]);
     validate.description = Some("Check the order".to_owned());
@@ -268,6 +269,7 @@ fn tasker_engine_template_maps_to_definition() {
         max_deferrals: DEFAULT_MAX_DEFERRALS,
         concurrency: None,
         rate_limit: None,
+        when: None,
     };
     let mut validate = step("validate_order", "ValidateOrder", &[]);
     validate.description = Some("Validate the order contents".to_owned());
@@ -1797,4 +1799,36 @@ fn a_template_timeout_is_a_span_from_a_second_to_a_year() {
     )
     .unwrap();
     assert_eq!(plain.timeout_ms(), None);
+}
+
+#[test]
+fn a_condition_sees_context_parents_and_task_and_must_give_a_boolean() {
+    let definition = parse_template(
+        "namespace: shop\nname: t\nsteps:\n  - {name: a, handler: h}\n  - {name: b, handler: h, depends_on: [a], when: \"parents.a.total > context.min && task.priority > 3\"}\n",
+        "production",
+    )
+    .unwrap();
+    let when = definition.steps[1].when.as_deref().unwrap();
+    let task = condition_task(&definition, 5, &json!([]));
+    let context = json!({"min": 10});
+    assert_eq!(
+        evaluate_condition(when, &context, &json!({"a": {"total": 12}}), &task),
+        Ok(true)
+    );
+    assert_eq!(
+        evaluate_condition(when, &context, &json!({"a": {"total": 8}}), &task),
+        Ok(false)
+    );
+    let missing = evaluate_condition(when, &context, &json!({}), &task).unwrap_err();
+    assert!(missing.contains("failed"), "{missing}");
+    let not_bool = evaluate_condition("context.min", &context, &json!({}), &task).unwrap_err();
+    assert!(not_bool.contains("not a boolean"), "{not_bool}");
+
+    let found = problems(
+        "namespace: shop\nname: t\nsteps:\n  - {name: a, handler: h, when: \"item == 1\"}\n",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "steps[0].when");
+    assert_eq!(found[0].code, codes::INVALID_EXPRESSION);
+    assert!(found[0].message.contains("`item`"), "{}", found[0].message);
 }

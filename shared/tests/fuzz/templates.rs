@@ -621,6 +621,7 @@ impl GenTemplate {
                             .unwrap_or(DEFAULT_MAX_DEFERRALS),
                         concurrency: step.concurrency.clone(),
                         rate_limit: step.rate_limit.clone(),
+                        when: None,
                     }
                 })
                 .collect(),
@@ -743,6 +744,7 @@ impl GenTemplate {
                         max_deferrals: DEFAULT_MAX_DEFERRALS,
                         concurrency: None,
                         rate_limit: None,
+                        when: None,
                     }
                 })
                 .collect(),

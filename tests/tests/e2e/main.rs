@@ -3,6 +3,7 @@
 //! own database and queue prefix (see `tasker_tests::TestEnv`).
 
 mod auth;
+mod conditions;
 mod coordinators;
 mod creation;
 mod dags;

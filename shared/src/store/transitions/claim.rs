@@ -8,6 +8,10 @@
 //! rule (`tasker_step_claimable`) and the limits (holding the steps that do not fit),
 //! writes the `dispatched` history rows, starts the tasks and returns each claimed step's
 //! message. A new condition on claiming goes there.
+//!
+//! A step with a `when` condition is not claimed but returned without a dispatch token:
+//! each function here has it judged in the same transaction ([`super::conditions`]), and
+//! returns the steps that claims.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -17,25 +21,39 @@ use uuid::Uuid;
 
 use crate::messages::{SCHEMA_VERSION, StepMessage};
 
-/// A row of `tasker_claim_steps`: a claimed step's message.
+/// A row of `tasker_claim_steps`: a claimed step's message, or (without a dispatch
+/// token, the rest empty) a step whose condition is to be judged.
 #[derive(sqlx::FromRow)]
-struct ClaimedRow {
+pub(super) struct ClaimedRow {
     step_id: Uuid,
     task_id: Uuid,
     name: String,
-    handler: String,
-    config: Value,
-    attempts: i32,
-    retry_limit: i32,
-    deferrals: i32,
-    dispatch_token: Uuid,
-    timeout_ms: i64,
-    namespace: String,
-    template: String,
-    context: Value,
-    parents: Value,
-    dispatched_at: DateTime<Utc>,
+    handler: Option<String>,
+    config: Option<Value>,
+    attempts: Option<i32>,
+    retry_limit: Option<i32>,
+    deferrals: Option<i32>,
+    dispatch_token: Option<Uuid>,
+    timeout_ms: Option<i64>,
+    namespace: Option<String>,
+    template: Option<String>,
+    context: Option<Value>,
+    parents: Option<Value>,
+    dispatched_at: Option<DateTime<Utc>>,
     trace_parent: Option<String>,
+}
+
+/// The claimed steps of a claim's rows, and the steps whose condition is to be judged.
+pub(super) fn split(rows: Vec<ClaimedRow>) -> (Vec<Dispatch>, Vec<Uuid>) {
+    let mut dispatches = Vec::with_capacity(rows.len());
+    let mut to_judge = Vec::new();
+    for row in rows {
+        match row.dispatch_token {
+            Some(token) => dispatches.push(row.into_dispatch(token)),
+            None => to_judge.push(row.step_id),
+        }
+    }
+    (dispatches, to_judge)
 }
 
 /// A claimed step, ready to publish.
@@ -65,9 +83,19 @@ pub async fn claim_ready(
         .bind(limit)
         .bind(lease_ms)
         .bind(every_key)
-        .fetch_all(conn)
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(rows.into_iter().map(Dispatch::from).collect())
+    let (mut dispatches, to_judge) = split(rows);
+    if !to_judge.is_empty() {
+        // Judged in a transaction of their own (the claim above has committed): a step
+        // skipped counts for its children in the same one, and its task may finish.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let judged = super::conditions::judge(&mut tx, to_judge, lease_ms).await?;
+        super::finish_tasks(&mut tx, &judged.tasks).await?;
+        tx.commit().await?;
+        dispatches.extend(judged.dispatches);
+    }
+    Ok(dispatches)
 }
 
 /// Count the completion of `completed` steps against their children, and claim each
@@ -80,8 +108,24 @@ pub async fn claim_children(
     freed: &[String],
     lease_ms: i64,
 ) -> sqlx::Result<Vec<Dispatch>> {
+    let (mut dispatches, to_judge) = children_rows(conn, completed, freed, lease_ms).await?;
+    if !to_judge.is_empty() {
+        // The caller finishes the tasks of its batch, these among them.
+        let judged = super::conditions::judge(conn, to_judge, lease_ms).await?;
+        dispatches.extend(judged.dispatches);
+    }
+    Ok(dispatches)
+}
+
+/// [`claim_children`] without judging conditions: the claimed steps and those to judge.
+pub(super) async fn children_rows(
+    conn: &mut PgConnection,
+    completed: &[Uuid],
+    freed: &[String],
+    lease_ms: i64,
+) -> sqlx::Result<(Vec<Dispatch>, Vec<Uuid>)> {
     if completed.is_empty() && freed.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let rows: Vec<ClaimedRow> = sqlx::query_as(include_str!("../../../sql/claim/children.sql"))
         .bind(completed)
@@ -89,42 +133,59 @@ pub async fn claim_children(
         .bind(freed)
         .fetch_all(conn)
         .await?;
-    Ok(rows.into_iter().map(Dispatch::from).collect())
+    Ok(split(rows))
+}
+
+/// Claim the steps `step_ids` (whose conditions held) through the one claim.
+pub(super) async fn claim_steps(
+    conn: &mut PgConnection,
+    step_ids: &[Uuid],
+    lease_ms: i64,
+) -> sqlx::Result<(Vec<Dispatch>, Vec<Uuid>)> {
+    let rows: Vec<ClaimedRow> =
+        sqlx::query_as("SELECT * FROM tasker_claim_steps($1, NULL, $2, NULL)")
+            .bind(step_ids)
+            .bind(lease_ms)
+            .fetch_all(conn)
+            .await?;
+    Ok(split(rows))
 }
 
 /// The claimed step in a row of `tasker_create_tasks`, which returns a created task's
 /// first steps as `tasker_claim_steps` claimed them (none: `step_id` is NULL).
 pub(crate) fn claimed_in(row: &PgRow) -> sqlx::Result<Option<Dispatch>> {
-    if row.try_get::<Option<Uuid>, _>("step_id")?.is_none() {
-        return Ok(None);
+    // A creation judges its first steps' conditions itself: none comes back to judge.
+    match row.try_get::<Option<Uuid>, _>("dispatch_token")? {
+        Some(token) => ClaimedRow::from_row(row).map(|row| Some(row.into_dispatch(token))),
+        None => Ok(None),
     }
-    ClaimedRow::from_row(row).map(|row| Some(Dispatch::from(row)))
 }
 
-impl From<ClaimedRow> for Dispatch {
-    fn from(row: ClaimedRow) -> Self {
+impl ClaimedRow {
+    /// The message of a claimed step (the claim fills every column of one).
+    fn into_dispatch(self, dispatch_token: Uuid) -> Dispatch {
         Dispatch {
-            trace_parent: row.trace_parent,
+            trace_parent: self.trace_parent,
             message: StepMessage {
                 schema_version: SCHEMA_VERSION,
-                task_id: row.task_id,
-                step_id: row.step_id,
-                step_name: row.name,
-                namespace: row.namespace,
-                template: row.template,
-                handler: row.handler,
-                config: row.config,
-                context: row.context,
-                parents: match row.parents {
-                    Value::Object(map) => map.into_iter().collect(),
+                task_id: self.task_id,
+                step_id: self.step_id,
+                step_name: self.name,
+                namespace: self.namespace.unwrap_or_default(),
+                template: self.template.unwrap_or_default(),
+                handler: self.handler.unwrap_or_default(),
+                config: self.config.unwrap_or_default(),
+                context: self.context.unwrap_or_default(),
+                parents: match self.parents {
+                    Some(Value::Object(map)) => map.into_iter().collect(),
                     _ => Default::default(),
                 },
-                attempt: row.attempts,
-                retry_limit: row.retry_limit,
-                deferrals: row.deferrals,
-                dispatch_token: row.dispatch_token,
-                timeout_ms: row.timeout_ms,
-                dispatched_at: row.dispatched_at,
+                attempt: self.attempts.unwrap_or_default(),
+                retry_limit: self.retry_limit.unwrap_or_default(),
+                deferrals: self.deferrals.unwrap_or_default(),
+                dispatch_token,
+                timeout_ms: self.timeout_ms.unwrap_or_default(),
+                dispatched_at: self.dispatched_at.unwrap_or_default(),
             },
         }
     }

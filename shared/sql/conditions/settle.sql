@@ -1,0 +1,39 @@
+-- Write what the conditions of the steps $1 gave ($2: `true`, `false` or `error`, with
+-- the message $3): true clears the condition (the step is claimed next), false skips the
+-- step, an error fails it permanently (`expression_error`). Each step once: one whose
+-- condition another transaction settled is left alone. Returns the steps changed.
+WITH input AS (
+    SELECT i.step_id, i.outcome, i.message
+    FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[]) AS i(step_id, outcome, message)
+),
+changed AS (
+    UPDATE steps s
+    SET condition = NULL,
+        status = CASE i.outcome WHEN 'false' THEN 'skipped'
+                                WHEN 'error' THEN 'error'
+                                ELSE s.status END,
+        completed_at = CASE WHEN i.outcome <> 'true' THEN now() END,
+        last_error = CASE WHEN i.outcome = 'error'
+                          THEN jsonb_build_object('kind', 'permanent', 'code', 'expression_error',
+                                                  'message', i.message)
+                          ELSE s.last_error END,
+        updated_at = now()
+    FROM input i
+    WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
+      AND s.condition IS NOT NULL AND s.status = 'pending'
+    RETURNING s.step_id, s.task_id, i.outcome, i.message
+),
+history AS (
+    INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+    SELECT step_id, task_id, 'pending',
+           CASE outcome WHEN 'false' THEN 'skipped' WHEN 'error' THEN 'error' ELSE 'pending' END,
+           CASE outcome WHEN 'false' THEN 'condition_false'
+                        WHEN 'error' THEN 'failed'
+                        ELSE 'condition_true' END,
+           CASE WHEN outcome = 'error'
+                THEN jsonb_build_object('error_code', 'expression_error', 'message', message)
+                ELSE '{}'::jsonb END
+    FROM changed
+    ORDER BY step_id
+)
+SELECT step_id, task_id, outcome FROM changed
