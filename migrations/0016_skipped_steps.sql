@@ -157,8 +157,7 @@ BEGIN
                    s.condition IS NOT NULL
                    AND tasker_step_claimable(s.status, s.remaining_parents - i.done,
                                              s.next_attempt_at, s.attempts, s.retry_limit)
-                       AS judge,
-                   s.task_id, s.name AS step_name
+                       AS judge
             FROM steps s JOIN input i ON i.step_id = s.step_id
             WHERE s.step_id = ANY (v_ids)
         ),
@@ -178,16 +177,15 @@ BEGIN
                 enqueued_at = CASE WHEN c.claim THEN now() ELSE s.enqueued_at END,
                 updated_at = CASE WHEN c.claim THEN now() ELSE s.updated_at END
             FROM current c
-            WHERE s.step_id = c.step_id AND (c.claim OR c.done > 0)
+            -- A step to judge passes through too (unchanged): `current` is read once,
+            -- which keeps it inlined into this statement.
+            WHERE s.step_id = c.step_id AND (c.claim OR c.done > 0 OR c.judge)
             RETURNING s.step_id, s.task_id, s.name, s.handler, s.config, s.attempts,
                       s.retry_limit, s.deferrals, s.dispatch_token, s.timeout_ms,
-                      c.from_status, c.claim
+                      c.from_status, c.claim, c.judge
         ),
         claimed AS (
             SELECT * FROM changed WHERE claim
-        ),
-        markers AS (
-            SELECT c.step_id, c.task_id, c.step_name FROM current c WHERE c.judge
         ),
         step_history AS (
             INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
@@ -215,7 +213,7 @@ BEGIN
             ORDER BY task_id
         )
         SELECT c.step_id, c.task_id, c.name, c.handler, c.config, c.attempts, c.retry_limit,
-               c.deferrals, c.dispatch_token, c.timeout_ms, t.namespace,
+               c.deferrals, CASE WHEN c.claim THEN c.dispatch_token END, c.timeout_ms, t.namespace,
                t.name || '@' || t.version, t.context,
                COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
                          FROM steps p
@@ -224,12 +222,9 @@ BEGIN
                            AND p.status <> 'skipped'),
                         '{}'::jsonb),
                now(), t.trace_parent
-        FROM claimed c JOIN tasks t ON t.task_id = c.task_id
-        UNION ALL
-        -- A step whose condition is to be evaluated: no message, no dispatch token.
-        SELECT m.step_id, m.task_id, m.step_name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-               NULL, NULL, NULL, NULL, NULL, NULL
-        FROM markers m;
+        -- A step whose condition is to be judged comes without a dispatch token.
+        FROM changed c JOIN tasks t ON t.task_id = c.task_id
+        WHERE c.claim OR c.judge;
         RETURN;
     END IF;
 

@@ -1,14 +1,15 @@
 -- Write what the conditions of the steps $1 gave ($2: `true`, `false` or `error`, with
 -- the message $3): true clears the condition (the step is claimed next), false skips the
--- step, an error fails it permanently (`expression_error`). Each step once: one whose
--- condition another transaction settled is left alone. Returns the steps changed.
+-- step, an error fails it permanently (`expression_error`) and keeps the condition, so
+-- that an operator's retry judges it again. Each step once: one whose condition another
+-- transaction settled is left alone. Returns the steps changed.
 WITH input AS (
     SELECT i.step_id, i.outcome, i.message
     FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[]) AS i(step_id, outcome, message)
 ),
 changed AS (
     UPDATE steps s
-    SET condition = NULL,
+    SET condition = CASE WHEN i.outcome = 'error' THEN s.condition END,
         status = CASE i.outcome WHEN 'false' THEN 'skipped'
                                 WHEN 'error' THEN 'error'
                                 ELSE s.status END,

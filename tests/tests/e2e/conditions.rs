@@ -193,6 +193,29 @@ async fn a_condition_that_fails_fails_its_step_and_bad_ones_are_refused() {
         "{error:?}"
     );
     assert_eq!(second.attempts, 0, "it never ran");
+
+    // A retry judges the condition again, and it fails again: the parent's results are
+    // the same. The step still never runs.
+    let response = env
+        .http
+        .post(format!("{}/v1/tasks/{}/retry", env.base_url, task.task_id))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let again = env
+        .api
+        .wait_for_task(task.task_id, &[TaskStatus::Error], WAIT)
+        .await
+        .unwrap();
+    assert_eq!(again.step("second").attempts, 0);
+    let failures = crate::step_history(&env.pool, task.task_id)
+        .await
+        .into_iter()
+        .filter(|(step, _, to, reason, _)| step == "second" && to == "error" && reason == "failed")
+        .count();
+    assert_eq!(failures, 2, "judged twice");
     env.finish().await.unwrap();
 }
 
