@@ -877,15 +877,6 @@ BEGIN
         FROM task JOIN input s ON s.task_id = task.task_id
         ORDER BY s.n
     ),
-    skipped_history AS (
-        -- A step skipped at creation (bypassed, or its condition false with no parent to
-        -- wait for) says so in its history.
-        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason)
-        SELECT s.step_id, task.task_id, 'pending', 'skipped', s.skipped
-        FROM task JOIN input s ON s.task_id = task.task_id
-        WHERE s.skipped IS NOT NULL
-        ORDER BY s.step_id
-    ),
     new_edges AS (
         INSERT INTO step_edges (task_id, from_step, to_step)
         SELECT task.task_id, e.from_step, e.to_step
@@ -902,6 +893,18 @@ BEGIN
     SELECT array_agg(task.task_id), array_agg(task.created_at)
     INTO v_created, v_created_at
     FROM task;
+
+    -- A step skipped at creation (bypassed, or its condition false with no parent to wait
+    -- for) says so in its history: in a statement of its own, run only when there is
+    -- one (as a part of the statement above, it cost every creation the opening of the
+    -- history table and its indexes).
+    IF p_skipped IS NOT NULL THEN
+        INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason)
+        SELECT s.step_id, s.task_id, 'pending', 'skipped', s.skipped
+        FROM unnest(p_step_ids, p_step_task_ids, p_skipped) AS s(step_id, task_id, skipped)
+        WHERE s.skipped IS NOT NULL AND s.task_id = ANY (v_created)
+        ORDER BY s.step_id;
+    END IF;
 
     -- Whether a first step may carry a key: only those of templates with limits.
     v_keyed := COALESCE(cardinality(p_limit_task_ids), 0) > 0
