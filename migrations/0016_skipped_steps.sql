@@ -16,6 +16,9 @@ ALTER TABLE steps ADD CONSTRAINT steps_status_check CHECK (status IN
     ('pending', 'enqueued', 'in_progress', 'complete', 'waiting_for_retry', 'error',
      'cancelled', 'resolved_manually', 'skipped'));
 ALTER TABLE steps ADD COLUMN condition TEXT;
+-- Whether a task's template has limits (a step's or its own): a result of its steps
+-- tells the claim of their children whether to look for keys.
+ALTER TABLE tasks ADD COLUMN keyed BOOLEAN NOT NULL DEFAULT false;
 
 -- The one claim of migration 0014: a step whose condition waits is returned to the caller
 -- instead of claimed, and a skipped parent is left out of a message's parents.
@@ -751,7 +754,7 @@ CREATE FUNCTION tasker_create_tasks(
     p_rate_limits INT[], p_rate_windows_ms INT[],
     p_limit_task_ids UUID[], p_limit_keys TEXT[], p_limit_limits INT[], p_limit_on_limit TEXT[],
     p_run_at TIMESTAMPTZ[], p_deadlines TIMESTAMPTZ[],
-    p_skipped TEXT[], p_conditions TEXT[]
+    p_skipped TEXT[], p_conditions TEXT[], p_keyed_tasks BOOLEAN[]
 ) RETURNS TABLE (
     created_task_id UUID,
     created_at TIMESTAMPTZ,
@@ -801,11 +804,11 @@ BEGIN
         SELECT t.*
         FROM unnest(p_task_ids, p_template_ids, p_namespaces, p_names, p_versions, p_contexts,
                     p_initiators, p_source_systems, p_reasons, p_tags, p_idempotency_keys,
-                    p_trace_parents, p_priorities, p_run_at, p_deadlines)
+                    p_trace_parents, p_priorities, p_run_at, p_deadlines, p_keyed_tasks)
                WITH ORDINALITY
                AS t(task_id, template_id, namespace, name, version, context, initiator,
                     source_system, reason, tags, idempotency_key, trace_parent, priority,
-                    run_at, deadline_at, n)
+                    run_at, deadline_at, keyed, n)
     ),
     input_limits AS (
         SELECT l.*
@@ -815,11 +818,11 @@ BEGIN
     task AS (
         INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
                            initiator, source_system, reason, tags, idempotency_key,
-                           trace_parent, priority, run_at, deadline_at, concurrency_keys,
+                           trace_parent, priority, run_at, deadline_at, keyed, concurrency_keys,
                            concurrency_limits, concurrency_on_limit)
         SELECT t.task_id, t.template_id, t.namespace, t.name, t.version, 'pending',
                t.context, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key,
-               t.trace_parent, t.priority, t.run_at, t.deadline_at,
+               t.trace_parent, t.priority, t.run_at, t.deadline_at, COALESCE(t.keyed, false),
                -- A batch without template concurrency skips these subqueries.
                CASE WHEN cardinality(p_limit_task_ids) > 0 THEN
                    NULLIF(ARRAY(SELECT l.key FROM input_limits l
@@ -907,9 +910,7 @@ BEGIN
     END IF;
 
     -- Whether a first step may carry a key: only those of templates with limits.
-    v_keyed := COALESCE(cardinality(p_limit_task_ids), 0) > 0
-               OR EXISTS (SELECT 1 FROM unnest(p_concurrency_keys) AS k(key) WHERE k.key IS NOT NULL)
-               OR EXISTS (SELECT 1 FROM unnest(p_rate_keys) AS k(key) WHERE k.key IS NOT NULL);
+    v_keyed := COALESCE(true = ANY (p_keyed_tasks), false);
 
     -- The first steps are claimed by the one claim, in this statement's transaction.
     -- Those of a task that was not written (its idempotency key was taken) do not

@@ -533,6 +533,9 @@ pub async fn create_many(
     let step_limits = creations
         .iter()
         .any(|creation| !creation.limits.steps.is_empty());
+    let keyed = creations
+        .iter()
+        .any(|creation| !creation.limits.steps.is_empty() || !creation.limits.task.is_empty());
     // Whether a step is skipped at creation or waits to judge a condition.
     let shapes = creations.iter().any(|creation| {
         creation.plan.skipped.iter().any(Option::is_some)
@@ -543,7 +546,7 @@ pub async fn create_many(
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
                                   $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, \
-                                  $39, $40, $41, $42, $43, $44, $45, $46, $47)",
+                                  $39, $40, $41, $42, $43, $44, $45, $46, $47, $48)",
     )
     .bind(tasks.task_ids)
     .bind(tasks.template_ids)
@@ -594,6 +597,7 @@ pub async fn create_many(
     .bind(tasks.deadlines)
     .bind(shapes.then_some(steps.skipped))
     .bind(shapes.then_some(steps.conditions))
+    .bind(keyed.then_some(tasks.keyed))
     .fetch_all(pool)
     .await?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
@@ -672,6 +676,8 @@ struct TaskColumns<'a> {
     limit_on_limit: Vec<&'static str>,
     run_at: Vec<Option<DateTime<Utc>>>,
     deadlines: Vec<Option<DateTime<Utc>>>,
+    /// Whether the task's template has limits (a step's or its own).
+    keyed: Vec<bool>,
 }
 
 impl<'a> TaskColumns<'a> {
@@ -692,6 +698,8 @@ impl<'a> TaskColumns<'a> {
         self.versions_known.push(creation.versions_known);
         self.priorities.push(creation.priority());
         self.run_at.push(new.run_at);
+        self.keyed
+            .push(!creation.limits.steps.is_empty() || !creation.limits.task.is_empty());
         self.deadlines.push(creation.deadline_at);
         for limit in &creation.limits.task {
             self.limit_task_ids.push(creation.task_id);

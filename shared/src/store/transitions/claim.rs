@@ -100,15 +100,18 @@ pub async fn claim_ready(
 
 /// Count the completion of `completed` steps against their children, and claim each
 /// child whose last parent this was, and the held steps of `freed` concurrency keys (a
-/// step of each finished) that now fit. The caller holds the children's rows
-/// ([`lock_batch`](super::lock_batch)).
+/// step of each finished) that now fit. `keyed`: `Some(false)` when no template of the
+/// completed steps has limits, which spares the claim's look for keys (a child with one
+/// all the same is left for the dispatcher); `None` when not known. The caller holds the
+/// children's rows ([`lock_batch`](super::lock_batch)).
 pub async fn claim_children(
     conn: &mut PgConnection,
     completed: &[Uuid],
     freed: &[String],
+    keyed: Option<bool>,
     lease_ms: i64,
 ) -> sqlx::Result<Vec<Dispatch>> {
-    let (mut dispatches, to_judge) = children_rows(conn, completed, freed, lease_ms).await?;
+    let (mut dispatches, to_judge) = children_rows(conn, completed, freed, keyed, lease_ms).await?;
     if !to_judge.is_empty() {
         // The caller finishes the tasks of its batch, these among them.
         let judged = super::conditions::judge(conn, to_judge, lease_ms).await?;
@@ -122,6 +125,7 @@ pub(super) async fn children_rows(
     conn: &mut PgConnection,
     completed: &[Uuid],
     freed: &[String],
+    keyed: Option<bool>,
     lease_ms: i64,
 ) -> sqlx::Result<(Vec<Dispatch>, Vec<Uuid>)> {
     if completed.is_empty() && freed.is_empty() {
@@ -131,6 +135,7 @@ pub(super) async fn children_rows(
         .bind(completed)
         .bind(lease_ms)
         .bind(freed)
+        .bind(keyed)
         .fetch_all(conn)
         .await?;
     Ok(split(rows))

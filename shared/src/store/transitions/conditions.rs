@@ -104,7 +104,8 @@ pub(super) async fn judge(
             judged.dispatches.extend(dispatches);
         }
         if !skipped.is_empty() {
-            let (dispatches, next) = children_rows(&mut *conn, &skipped, &[], lease_ms).await?;
+            let (dispatches, next) =
+                children_rows(&mut *conn, &skipped, &[], None, lease_ms).await?;
             judged.dispatches.extend(dispatches);
             to_judge = next;
         }

@@ -274,6 +274,8 @@ struct CurrentRow {
     step_id: Uuid,
     task_id: Uuid,
     namespace: String,
+    /// Whether its task's template has limits.
+    keyed: bool,
     status: StepStatus,
     dispatch_token: Option<Uuid>,
     attempts: i32,
@@ -361,8 +363,12 @@ pub async fn apply_results(
         write.push(row, result, change);
     }
     let completed = write.completed();
+    // Whether the claim of their children must look for keys.
+    let keyed = completed
+        .iter()
+        .any(|step| current.get(step).is_some_and(|row| row.keyed));
     let freed = write.execute(&mut *conn).await?;
-    let claimed = claim_children(&mut *conn, &completed, &freed, lease_ms).await?;
+    let claimed = claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
 
     let mut tasks: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
     tasks.sort_unstable();
