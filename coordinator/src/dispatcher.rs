@@ -82,7 +82,8 @@ impl Dispatcher {
         if !self.publisher.connected() {
             return Ok(0);
         }
-        // One statement, so no explicit transaction: one round trip per batch.
+        // One statement, so no explicit transaction: one round trip per batch (and a
+        // transaction of its own when steps with a condition are to be judged).
         let mut conn = self.pool.acquire().await?;
         let messages = transitions::claim_ready(
             &mut conn,

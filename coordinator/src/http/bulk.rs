@@ -95,6 +95,23 @@ impl utoipa::PartialSchema for FilterTag {
 
 impl ToSchema for FilterTag {}
 
+/// A tag the task list matches: 1 to 128 characters. Unlike a bulk action's filter, a
+/// list query may hold U+0000, as its `namespace` and `name` may: such a value matches
+/// no stored task, and the page is empty.
+pub(crate) struct ListTag;
+
+impl utoipa::PartialSchema for ListTag {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(SHORT_TEXT))
+            .into()
+    }
+}
+
+impl ToSchema for ListTag {}
+
 bulk_request!(
     BulkCancelRequest,
     "Only tasks in this status: `pending` or `in_progress` (default: both).",

@@ -14,7 +14,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::auth::SecurityDoc;
 use super::body::StorableJson;
-use super::bulk::{self, BulkCancelRequest, BulkResult, BulkRetryRequest};
+use super::bulk::{self, BulkCancelRequest, BulkResult, BulkRetryRequest, ListTag};
 use super::diagram;
 use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
@@ -78,6 +78,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         StepStatus,
         ExecutionContext,
         TaskPage,
+        ListTag,
         ReasonRequest,
         ResolveRequest,
         BulkCancelRequest,

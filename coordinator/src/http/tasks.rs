@@ -18,7 +18,7 @@ use super::body::{
     Fields, JSON_TYPES, body_rejection, content_type, json_len, json_object, path_rejection,
     query_rejection, storable_object, storable_value, too_large,
 };
-use super::bulk::FilterTag;
+use super::bulk::ListTag;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
@@ -364,7 +364,7 @@ pub(crate) async fn get(
         ("namespace" = Option<String>, Query, description = "Only tasks of this template namespace."),
         ("name" = Option<String>, Query, description = "Only tasks of this template name."),
         ("status" = Option<TaskStatus>, Query, description = "Only tasks in this status."),
-        ("tag" = Option<Vec<FilterTag>>, Query, explode = true, max_items = 20, description = "Only tasks whose `tags` hold this tag; repeat it (`tag=a&tag=b`) for tasks holding all of them (at most 20)."),
+        ("tag" = Option<Vec<ListTag>>, Query, explode = true, max_items = 20, description = "Only tasks whose `tags` hold this tag; repeat it (`tag=a&tag=b`) for tasks holding all of them (at most 20). A tag holding U+0000 matches nothing."),
         ("created_after" = Option<DateTime<Utc>>, Query, description = "Only tasks created after this instant (RFC 3339; encode `+` as `%2B`)."),
         ("created_before" = Option<DateTime<Utc>>, Query, description = "Only tasks created before this instant (RFC 3339; encode `+` as `%2B`)."),
         ("order" = Option<String>, Query, pattern = "^-?created_at$", description = "`-created_at` (newest first, the default) or `created_at` (oldest first).", example = "-created_at"),

@@ -533,9 +533,7 @@ pub async fn create_many(
     let step_limits = creations
         .iter()
         .any(|creation| !creation.limits.steps.is_empty());
-    let keyed = creations
-        .iter()
-        .any(|creation| !creation.limits.steps.is_empty() || !creation.limits.task.is_empty());
+    let keyed = creations.iter().any(|creation| !creation.limits.is_empty());
     // Whether a step is skipped at creation or waits to judge a condition.
     let shapes = creations.iter().any(|creation| {
         creation.plan.skipped.iter().any(Option::is_some)
@@ -698,8 +696,7 @@ impl<'a> TaskColumns<'a> {
         self.versions_known.push(creation.versions_known);
         self.priorities.push(creation.priority());
         self.run_at.push(new.run_at);
-        self.keyed
-            .push(!creation.limits.steps.is_empty() || !creation.limits.task.is_empty());
+        self.keyed.push(!creation.limits.is_empty());
         self.deadlines.push(creation.deadline_at);
         for limit in &creation.limits.task {
             self.limit_task_ids.push(creation.task_id);

@@ -383,6 +383,13 @@ pub struct Limits {
     pub task: Vec<TaskKey>,
 }
 
+impl Limits {
+    /// Whether the task has no limit at all (neither its template's nor a step's).
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty() && self.task.is_empty()
+    }
+}
+
 impl TemplateDefinition {
     /// Whether the template or any step has a limit.
     pub fn has_limits(&self) -> bool {
