@@ -51,15 +51,32 @@ pub(super) fn walk_when(
     }
 }
 
-/// What a condition sees of its task.
-pub fn condition_task(definition: &TemplateDefinition, priority: i16, tags: &Value) -> Value {
+/// What an expression (a limit key, a condition) sees of its task: the variable `task`.
+pub fn task_variable(
+    namespace: &str,
+    name: &str,
+    version: &str,
+    priority: i16,
+    tags: &Value,
+) -> Value {
     serde_json::json!({
-        "namespace": definition.namespace,
-        "name": definition.name,
-        "version": definition.version,
+        "namespace": namespace,
+        "name": name,
+        "version": version,
         "priority": priority,
         "tags": tags,
     })
+}
+
+/// [`task_variable`] for a task of `definition`.
+pub fn condition_task(definition: &TemplateDefinition, priority: i16, tags: &Value) -> Value {
+    task_variable(
+        &definition.namespace,
+        &definition.name,
+        &definition.version,
+        priority,
+        tags,
+    )
 }
 
 /// Evaluate the condition `source` with the task's `context`, the step's `parents`

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::walker::{Walker, field, item, join};
 use super::{
@@ -412,13 +412,7 @@ impl TemplateDefinition {
         if !self.has_limits() {
             return Ok(Limits::default());
         }
-        let task = json!({
-            "namespace": self.namespace,
-            "name": self.name,
-            "version": self.version,
-            "priority": inputs.priority,
-            "tags": inputs.tags,
-        });
+        let task = super::condition_task(self, inputs.priority, inputs.tags);
         let mut context = cel::Context::default();
         let mut problems = Vec::new();
         for (name, value) in [("context", inputs.context), ("task", &task)] {

@@ -54,7 +54,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
-pub use conditions::{condition_task, evaluate_condition};
+pub use conditions::{condition_task, evaluate_condition, task_variable};
 use document::parse_document;
 pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;

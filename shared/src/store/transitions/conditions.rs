@@ -8,13 +8,13 @@
 //! judged in turn; an expression that fails, or gives no boolean, fails the step
 //! permanently with the code `expression_error`.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Dispatch;
 use super::claim::{children_rows, claim_steps};
-use crate::template::evaluate_condition;
+use crate::template::{evaluate_condition, task_variable};
 
 /// A step waiting for its condition, with what the condition sees.
 #[derive(sqlx::FromRow)]
@@ -56,13 +56,13 @@ pub(super) async fn judge(
                 .await?;
         let (mut ids, mut outcomes, mut messages) = (Vec::new(), Vec::new(), Vec::new());
         for step in &pending {
-            let task = json!({
-                "namespace": step.namespace,
-                "name": step.name,
-                "version": step.version,
-                "priority": step.priority,
-                "tags": step.tags,
-            });
+            let task = task_variable(
+                &step.namespace,
+                &step.name,
+                &step.version,
+                step.priority,
+                &step.tags,
+            );
             let (outcome, message) =
                 match evaluate_condition(&step.condition, &step.context, &step.parents, &task) {
                     Ok(true) => ("true", None),

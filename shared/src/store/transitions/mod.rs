@@ -94,17 +94,11 @@ pub async fn finish_tasks(
         .bind(tasks)
         .fetch_all(&mut *conn)
         .await?;
-    let freed: Vec<Uuid> = finished
-        .iter()
-        .filter(|task| task.limited)
-        .map(|task| task.task_id)
-        .collect();
-    if !freed.is_empty() {
-        sqlx::query(include_str!("../../../sql/tasks/free_slots.sql"))
-            .bind(&freed)
-            .execute(conn)
-            .await?;
-    }
+    free_slots(
+        conn,
+        finished.iter().filter(|t| t.limited).map(|t| t.task_id),
+    )
+    .await?;
     Ok(finished)
 }
 
@@ -136,16 +130,26 @@ pub async fn expire_deadlines(
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
-    let freed: Vec<Uuid> = expired
-        .iter()
-        .filter(|task| task.limited)
-        .map(|task| task.task_id)
-        .collect();
-    if !freed.is_empty() {
+    free_slots(
+        conn,
+        expired.iter().filter(|t| t.limited).map(|t| t.task_id),
+    )
+    .await?;
+    Ok(expired)
+}
+
+/// Give back the template-concurrency slots of `tasks`, ended tasks of limited templates
+/// (a statement only when there are some).
+async fn free_slots(
+    conn: &mut PgConnection,
+    tasks: impl Iterator<Item = Uuid>,
+) -> sqlx::Result<()> {
+    let tasks: Vec<Uuid> = tasks.collect();
+    if !tasks.is_empty() {
         sqlx::query(include_str!("../../../sql/tasks/free_slots.sql"))
-            .bind(&freed)
+            .bind(&tasks)
             .execute(conn)
             .await?;
     }
-    Ok(expired)
+    Ok(())
 }
