@@ -129,20 +129,27 @@ async fn a_rate_limit_holds_in_every_second_and_the_backlog_completes() {
     let mut env = TestEnv::start("flow-rate").await.unwrap();
     env.register_template(RATED).await.unwrap();
     let (_second, _, second) = fleet(&mut env, &[]).await;
-    // Ten seconds' worth.
-    let mut ids = Vec::new();
-    for n in 0..200 {
+    // Ten seconds' worth, created at once (on a slow machine, one by one could take
+    // longer than the limit needs to run them).
+    let creations = (0..200).map(|n| {
         let api = if n % 2 == 0 { &env.api } else { &second };
-        let task = api
-            .create_task(&json!({"namespace": "flow", "name": "partner", "context": {"n": n}}))
+        async move {
+            api.create_task(&json!({"namespace": "flow", "name": "partner", "context": {"n": n}}))
+                .await
+                .unwrap()
+                .task_id
+        }
+    });
+    let ids: Vec<uuid::Uuid> = futures::future::join_all(creations).await;
+    // A step waiting for a slot (the first 20 took the first second's) says so: its key,
+    // limit and next slot.
+    let held: uuid::Uuid =
+        sqlx::query_scalar("SELECT task_id FROM steps WHERE held = 'rate_limited' LIMIT 1")
+            .fetch_one(&env.pool)
             .await
-            .unwrap();
-        ids.push(task.task_id);
-    }
-    // The last one waits for a slot (the first 20 took the first second's), and says so:
-    // its key, limit and next slot.
+            .expect("a step held by the rate limit");
     let readiness = env
-        .get(&format!("/v1/tasks/{}/readiness", ids.last().unwrap()))
+        .get(&format!("/v1/tasks/{held}/readiness"))
         .await
         .unwrap()
         .1;
