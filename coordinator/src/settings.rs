@@ -120,6 +120,11 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_MAX_PENDING_CREATES", default_value_t = 1_024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_creates: u32,
+    /// Most elements a `for_each` list may have; a longer one fails its step with
+    /// `fan_out_too_large`.
+    #[arg(long, env = "TASKER_MAX_FAN_OUT", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_fan_out: u32,
 }
 
 /// Authentication of API calls (docs/security.md). Off by default, for local runs.

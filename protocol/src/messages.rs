@@ -82,6 +82,12 @@ pub struct StepMessage {
     pub timeout_ms: i64,
     /// When the coordinator claimed the step.
     pub dispatched_at: DateTime<Utc>,
+    /// An instance of a `for_each` step: its element of the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<Value>,
+    /// An instance of a `for_each` step: its element's index in the list, from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<i32>,
 }
 
 /// A message a worker sends to the coordinators' results queue.

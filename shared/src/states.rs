@@ -139,6 +139,13 @@ status_enum! {
         ConditionFalse => "condition_false",
         /// Step: its `when` condition was true; it runs.
         ConditionTrue => "condition_true",
+        /// Step: its `for_each` list was evaluated, one instance per element (`pending`
+        /// until they are done).
+        FannedOut => "fanned_out",
+        /// Step: every instance of its `for_each` is done (`complete`).
+        InstancesDone => "instances_done",
+        /// Step: an instance of its `for_each` failed for good (`error`).
+        InstanceFailed => "instance_failed",
         /// Task: past its deadline (`timeout` or `deadline`), ended in `error`; step: its
         /// task's deadline cancelled it.
         DeadlineExceeded => "deadline_exceeded",

@@ -234,6 +234,18 @@ fn step_message() -> StepMessage {
         dispatch_token: id(3),
         timeout_ms: 30_000,
         dispatched_at: at(0, 123_456_789),
+        item: None,
+        index: None,
+    }
+}
+
+/// An instance of a `for_each` step: its element and index.
+fn instance_message() -> StepMessage {
+    StepMessage {
+        step_name: "load[2]".into(),
+        item: Some(json!({"file": "c.csv"})),
+        index: Some(2),
+        ..step_message()
     }
 }
 
@@ -614,9 +626,19 @@ fn step_messages_validate_and_the_schema_lists_exactly_their_fields() {
         let value = to_value(&message);
         assert_valid(STEP_SCHEMA, "step.schema.json", &value);
         assert_eq!(decodes_as_step(&value).unwrap(), message);
-        // Every field is always written; all but the defaulted ones are required.
-        assert_fields(&schema, &value, &value, &STEP_DEFAULTED);
+        // Every field but an instance's is always written; all but the defaulted ones
+        // are required.
+        assert_fields(
+            &schema,
+            &value,
+            &to_value(&instance_message()),
+            &STEP_DEFAULTED,
+        );
     }
+    // An instance of a `for_each` step carries its element and index as well.
+    let instance = to_value(&instance_message());
+    assert_valid(STEP_SCHEMA, "step.schema.json", &instance);
+    assert_eq!(decodes_as_step(&instance).unwrap(), instance_message());
 }
 
 #[test]

@@ -77,6 +77,15 @@ pub struct Step {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// A `for_each` step: its list's length, once evaluated.
+    #[serde(default)]
+    pub instances: Option<i32>,
+    /// An instance: its `for_each` step.
+    #[serde(default)]
+    pub instance_of: Option<String>,
+    /// An instance: its element's index.
+    #[serde(default)]
+    pub index: Option<i32>,
 }
 
 /// A step's `last_error`.

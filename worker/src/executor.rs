@@ -235,6 +235,8 @@ pub(crate) async fn execute(
         retry_limit: message.retry_limit,
         deferrals: message.deferrals,
         timeout,
+        item: message.item.clone(),
+        index: message.index,
     };
     let started_at = Utc::now();
     // A task of its own, so a panic is caught as a JoinError instead of unwinding here,

@@ -71,6 +71,10 @@ pub struct StepContext {
     pub deferrals: i32,
     /// How long this attempt may run.
     pub timeout: Duration,
+    /// An instance of a `for_each` step: its element of the list.
+    pub item: Option<Value>,
+    /// An instance of a `for_each` step: its element's index in the list, from 0.
+    pub index: Option<i32>,
 }
 
 /// A failed attempt, and what should happen next.

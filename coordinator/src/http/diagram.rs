@@ -76,6 +76,8 @@ pub(crate) struct Node<'a> {
     pub(crate) depends_on: &'a [String],
     /// The step's status, for a task's diagram.
     pub(crate) status: Option<&'a str>,
+    /// The label's second line when not the status (a group of instances).
+    pub(crate) detail: Option<&'a str>,
 }
 
 /// A Mermaid `flowchart TD`: `title` as a comment, a node per step (labelled
@@ -95,7 +97,7 @@ pub(crate) fn flowchart(title: &str, nodes: &[Node<'_>]) -> String {
     for (node, id) in nodes.iter().zip(&ids) {
         let _ = write!(out, "    {id}[\"{}", escape(node.name));
         if let Some(status) = node.status {
-            let _ = write!(out, "<br/>{}\"]", escape(status));
+            let _ = write!(out, "<br/>{}\"]", escape(node.detail.unwrap_or(status)));
             if let Some((class, _)) = CLASS_DEFS.iter().find(|(class, _)| *class == status) {
                 let _ = write!(out, ":::{class}");
                 if !used.contains(class) {
@@ -205,6 +207,7 @@ pub(crate) async fn template(
             name: &step.name,
             depends_on: &step.depends_on,
             status: None,
+            detail: None,
         })
         .collect();
     let title = format!(
@@ -247,12 +250,14 @@ pub(crate) async fn task(
         .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
     let steps = tasks::steps(&mut *tx, task_id).await?;
     tx.commit().await?;
-    let nodes: Vec<Node<'_>> = steps
+    let drawn = grown(&steps);
+    let nodes: Vec<Node<'_>> = drawn
         .iter()
-        .map(|step| Node {
-            name: &step.name,
-            depends_on: &step.depends_on,
-            status: Some(step.status.as_str()),
+        .map(|node| Node {
+            name: &node.name,
+            depends_on: &node.depends_on,
+            status: Some(node.status),
+            detail: node.detail.as_deref(),
         })
         .collect();
     let title = format!(
@@ -262,9 +267,106 @@ pub(crate) async fn task(
     Ok(mermaid(flowchart(&title, &nodes)))
 }
 
+/// More instances of one `for_each` step than this are drawn as one node.
+const MAX_DRAWN_INSTANCES: usize = 12;
+
+/// A node of a task's grown graph.
+struct Drawn {
+    name: String,
+    depends_on: Vec<String>,
+    status: &'static str,
+    detail: Option<String>,
+}
+
+/// A task's steps as drawn: a `for_each` step's instances between its parents and the
+/// step itself, which gathers them; past [`MAX_DRAWN_INSTANCES`], one node for them all,
+/// coloured by the most pressing status among them and labelled with their counts.
+fn grown(steps: &[tasks::StepRecord]) -> Vec<Drawn> {
+    let mut instances: HashMap<&str, Vec<&tasks::StepRecord>> = HashMap::new();
+    for step in steps {
+        if let Some(of) = &step.instance_of {
+            instances.entry(of.as_str()).or_default().push(step);
+        }
+    }
+    let mut drawn = Vec::with_capacity(steps.len());
+    for step in steps.iter().filter(|step| step.instance_of.is_none()) {
+        let Some(group) = instances.get(step.name.as_str()) else {
+            drawn.push(Drawn {
+                name: step.name.clone(),
+                depends_on: step.depends_on.clone(),
+                status: step.status.as_str(),
+                detail: None,
+            });
+            continue;
+        };
+        let gathered = if group.len() <= MAX_DRAWN_INSTANCES {
+            for instance in group {
+                drawn.push(Drawn {
+                    name: instance.name.clone(),
+                    depends_on: step.depends_on.clone(),
+                    status: instance.status.as_str(),
+                    detail: None,
+                });
+            }
+            group.iter().map(|instance| instance.name.clone()).collect()
+        } else {
+            let name = format!("{}[0…{}]", step.name, group.len() - 1);
+            let mut counts: Vec<(&'static str, usize)> = Vec::new();
+            for instance in group {
+                let status = instance.status.as_str();
+                match counts.iter_mut().find(|(s, _)| *s == status) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((status, 1)),
+                }
+            }
+            counts.sort_by_key(|(status, _)| urgency(status));
+            drawn.push(Drawn {
+                name: name.clone(),
+                depends_on: step.depends_on.clone(),
+                status: counts[0].0,
+                detail: Some(
+                    counts
+                        .iter()
+                        .map(|(status, n)| format!("{n} {status}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+            });
+            vec![name]
+        };
+        drawn.push(Drawn {
+            name: step.name.clone(),
+            depends_on: gathered,
+            status: step.status.as_str(),
+            detail: None,
+        });
+    }
+    drawn
+}
+
+/// Which status colours a group of instances: the one an operator looks at first.
+fn urgency(status: &str) -> usize {
+    const ORDER: &[&str] = &[
+        "error",
+        "in_progress",
+        "waiting_for_retry",
+        "enqueued",
+        "pending",
+        "cancelled",
+        "resolved_manually",
+        "complete",
+    ];
+    ORDER
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(ORDER.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tasker_shared::states::StepStatus;
+    use tasker_shared::store::tasks::StepRecord;
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
@@ -278,16 +380,19 @@ mod tests {
                 name: "fetch",
                 depends_on: &none,
                 status: Some("complete"),
+                detail: None,
             },
             Node {
                 name: "charge",
                 depends_on: &fetch,
                 status: Some("error"),
+                detail: None,
             },
             Node {
                 name: "end",
                 depends_on: &both,
                 status: Some("pending"),
+                detail: None,
             },
         ];
         let text = flowchart("task x", &nodes);
@@ -312,11 +417,13 @@ mod tests {
                 name: "a b",
                 depends_on: &none,
                 status: None,
+                detail: None,
             },
             Node {
                 name: "c",
                 depends_on: &a,
                 status: None,
+                detail: None,
             },
         ];
         let text = flowchart("template t", &nodes);
@@ -324,6 +431,87 @@ mod tests {
             text,
             "flowchart TD\n    %% template t\n    step_1[\"a b\"]\n    c[\"c\"]\n    step_1 --> c\n"
         );
+    }
+
+    fn step(name: &str, status: StepStatus, depends_on: &[&str], of: Option<&str>) -> StepRecord {
+        StepRecord {
+            step_id: uuid::Uuid::nil(),
+            name: name.to_owned(),
+            handler: "tasker.noop".to_owned(),
+            status,
+            attempts: 0,
+            retry_limit: 1,
+            deferrals: 0,
+            retryable: true,
+            timeout_ms: 1,
+            depends_on: names(depends_on),
+            results: None,
+            last_error: None,
+            next_attempt_at: None,
+            started_at: None,
+            completed_at: None,
+            instances: None,
+            instance_of: of.map(str::to_owned),
+            index: None,
+        }
+    }
+
+    #[test]
+    fn instances_are_drawn_between_the_parents_and_their_step_or_as_one_node() {
+        let mut steps = vec![
+            step("list", StepStatus::Complete, &[], None),
+            step("load", StepStatus::Pending, &["list"], None),
+        ];
+        steps.push(step(
+            "load[0]",
+            StepStatus::Complete,
+            &["list"],
+            Some("load"),
+        ));
+        steps.push(step(
+            "load[1]",
+            StepStatus::InProgress,
+            &["list"],
+            Some("load"),
+        ));
+        steps.push(step("report", StepStatus::Pending, &["load"], None));
+        let drawn = grown(&steps);
+        let edges: Vec<(&str, Vec<&str>)> = drawn
+            .iter()
+            .map(|d| {
+                (
+                    d.name.as_str(),
+                    d.depends_on.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            edges,
+            [
+                ("list", vec![]),
+                ("load[0]", vec!["list"]),
+                ("load[1]", vec!["list"]),
+                ("load", vec!["load[0]", "load[1]"]),
+                ("report", vec!["load"]),
+            ]
+        );
+
+        // Many: one node, coloured by the most pressing status, with the counts.
+        let mut steps = vec![step("load", StepStatus::Pending, &[], None)];
+        for n in 0..20 {
+            let status = if n == 7 {
+                StepStatus::Error
+            } else {
+                StepStatus::Complete
+            };
+            steps.push(step(&format!("load[{n}]"), status, &[], Some("load")));
+        }
+        let drawn = grown(&steps);
+        assert_eq!(drawn.len(), 2);
+        assert_eq!(drawn[0].name, "load[0…19]");
+        assert_eq!(drawn[0].status, "error");
+        assert_eq!(drawn[0].detail.as_deref(), Some("1 error, 19 complete"));
+        assert_eq!(drawn[1].depends_on, ["load[0…19]"]);
     }
 
     #[test]

@@ -1,13 +1,22 @@
 -- The steps $1 that wait for their condition, with what it sees: the task's context and
 -- description, and each parent's results by name (a skipped parent left out, as in a
--- step message).
+-- step message); for a `for_each` step, its list and `max_parallel` from the template,
+-- and how many instances it has (NULL until expanded; then its parents are its
+-- instances, which the fan-in reads itself).
 SELECT s.step_id, s.task_id, s.condition, t.context, t.namespace, t.name, t.version,
-       t.priority, t.tags,
-       COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
-                 FROM steps p
-                 WHERE p.step_id = ANY (ARRAY(SELECT e.from_step FROM step_edges e
-                                              WHERE e.to_step = s.step_id))
-                   AND p.status <> 'skipped'),
-                '{}'::jsonb) AS parents
+       t.priority, t.tags, s.instances, d.step ->> 'for_each' AS for_each,
+       (d.step ->> 'max_parallel')::INT AS max_parallel,
+       CASE WHEN s.instances IS NULL THEN
+           COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
+                     FROM steps p
+                     WHERE p.step_id = ANY (ARRAY(SELECT e.from_step FROM step_edges e
+                                                  WHERE e.to_step = s.step_id))
+                       AND p.status <> 'skipped'),
+                    '{}'::jsonb)
+       END AS parents
 FROM steps s JOIN tasks t ON t.task_id = s.task_id
+LEFT JOIN LATERAL (SELECT x.step
+                   FROM templates tp
+                   CROSS JOIN LATERAL jsonb_array_elements(tp.definition -> 'steps') AS x(step)
+                   WHERE tp.template_id = t.template_id AND x.step ->> 'name' = s.name) d ON true
 WHERE s.step_id = ANY ($1) AND s.condition IS NOT NULL AND s.status = 'pending'

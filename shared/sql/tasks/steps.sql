@@ -1,10 +1,15 @@
--- A task's ($1) steps in template order, each with the names of its parents.
+-- A task's ($1) steps in template order (a `for_each` step followed by its instances in
+-- element order), each with the names of its parents (a step's instances are not among
+-- them).
 SELECT s.step_id, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.deferrals,
        s.retryable,
        s.timeout_ms, s.results, s.last_error, s.next_attempt_at, s.started_at,
-       s.completed_at,
+       s.completed_at, s.instances,
+       (SELECT f.name FROM steps f WHERE f.step_id = s.fan_out_of) AS instance_of,
+       s.item_index AS index,
        ARRAY(SELECT p.name FROM step_edges e JOIN steps p ON p.step_id = e.from_step
-             WHERE e.to_step = s.step_id ORDER BY p.position) AS depends_on
+             WHERE e.to_step = s.step_id AND p.fan_out_of IS NULL
+             ORDER BY p.position) AS depends_on
 FROM steps s
 WHERE s.task_id = $1
-ORDER BY s.position
+ORDER BY s.position, s.item_index NULLS FIRST

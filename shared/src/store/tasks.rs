@@ -89,6 +89,15 @@ pub struct StepRecord {
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished.
     pub completed_at: Option<DateTime<Utc>>,
+    /// A `for_each` step: how many elements its list had, once evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<i32>,
+    /// An instance: the `for_each` step it is an instance of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_of: Option<String>,
+    /// An instance: its element's index in the list, from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<i32>,
 }
 
 /// What a caller asks for when creating a task (already checked against the template).
@@ -223,11 +232,18 @@ impl StepPlan {
         if !problems.is_empty() {
             return Err(problems);
         }
-        if new.bypass_steps.is_empty() && steps.iter().all(|step| step.when.is_none()) {
+        if new.bypass_steps.is_empty()
+            && steps
+                .iter()
+                .all(|step| step.when.is_none() && step.for_each.is_none())
+        {
             return Ok(plan);
         }
         // Parents before children: a step's parents still to finish are its parents not
-        // skipped; one with none is judged now if it has a condition.
+        // skipped; one with none is judged now if it has a condition. A `for_each` step
+        // waits to be judged as if its condition were `true` (when it has none): its list
+        // is evaluated then, by the coordinator after the task is written when it has no
+        // parent to wait for.
         let task = condition_task(definition, priority, &new.tags);
         let no_parents = serde_json::json!({});
         for i in parent_first(parents) {
@@ -238,14 +254,18 @@ impl StepPlan {
             if plan.skipped[i].is_some() {
                 continue;
             }
-            let Some(condition) = &steps[i].when else {
-                continue;
+            let fans_out = steps[i].for_each.is_some();
+            let condition = match &steps[i].when {
+                Some(condition) => condition.as_str(),
+                None if fans_out => "true",
+                None => continue,
             };
             if plan.remaining[i] > 0 {
-                plan.conditions[i] = Some(condition.clone());
+                plan.conditions[i] = Some(condition.to_owned());
                 continue;
             }
             match evaluate_condition(condition, &new.context, &no_parents, &task) {
+                Ok(true) if fans_out => plan.conditions[i] = Some("true".to_owned()),
                 Ok(true) => {}
                 Ok(false) => plan.skipped[i] = Some(TransitionReason::ConditionFalse),
                 Err(error) => problems.push(Problem::new(
@@ -349,8 +369,8 @@ impl Creation {
         })
     }
 
-    /// The steps to claim with the task: those with no parent to wait for, and not
-    /// skipped, when it claims at all.
+    /// The steps to claim with the task: those with no parent to wait for, not skipped
+    /// and not fanning out, when it claims at all.
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
         let claims = self.claim_lease_ms.is_some();
         self.plan
@@ -358,8 +378,42 @@ impl Creation {
             .iter()
             .zip(&self.step_ids)
             .enumerate()
-            .filter(move |(i, (remaining, _))| claims && **remaining == 0 && !self.plan.skipped(*i))
+            .filter(move |(i, (remaining, _))| {
+                claims
+                    && **remaining == 0
+                    && !self.plan.skipped(*i)
+                    && self.plan.conditions[*i].is_none()
+            })
             .map(|(_, (_, step_id))| *step_id)
+    }
+
+    /// The `for_each` steps without a parent to wait for, to expand once the task is
+    /// written, when it claims and may start now (else the dispatcher finds them when
+    /// they are due).
+    fn first_fan_outs(&self) -> impl Iterator<Item = Uuid> + '_ {
+        let now =
+            self.claim_lease_ms.is_some() && self.new.run_at.is_none_or(|at| at <= Utc::now());
+        self.plan
+            .remaining
+            .iter()
+            .zip(&self.step_ids)
+            .enumerate()
+            .filter(move |(i, (remaining, _))| {
+                now && **remaining == 0 && self.plan.conditions[*i].is_some()
+            })
+            .map(|(_, (_, step_id))| *step_id)
+    }
+
+    /// Whether its steps' claims count keys: its template has limits, or bounds the
+    /// instances of a `for_each` (`max_parallel`).
+    fn keyed(&self) -> bool {
+        !self.limits.is_empty()
+            || self
+                .template
+                .definition
+                .steps
+                .iter()
+                .any(|step| step.max_parallel.is_some())
     }
 
     /// Whether every step is skipped at creation: the task is complete at once.
@@ -455,6 +509,9 @@ impl Creation {
                 }),
                 started_at: None,
                 completed_at: self.plan.skipped(i).then_some(task.created_at),
+                instances: None,
+                instance_of: None,
+                index: None,
             })
             .collect();
         Created::New(task, steps, dispatches)
@@ -533,7 +590,7 @@ pub async fn create_many(
     let step_limits = creations
         .iter()
         .any(|creation| !creation.limits.steps.is_empty());
-    let keyed = creations.iter().any(|creation| !creation.limits.is_empty());
+    let keyed = creations.iter().any(Creation::keyed);
     // Whether a step is skipped at creation or waits to judge a condition.
     let shapes = creations.iter().any(|creation| {
         creation.plan.skipped.iter().any(Option::is_some)
@@ -627,6 +684,19 @@ pub async fn create_many(
             }
         }
     }
+    // First steps that fan out: expanded now, their instances claimed.
+    let fan_outs: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| created.contains_key(&creation.task_id))
+        .flat_map(Creation::first_fan_outs)
+        .collect();
+    if let (false, Some(lease_ms)) = (fan_outs.is_empty(), lease_ms) {
+        for dispatch in crate::store::transitions::judge_steps(pool, fan_outs, lease_ms).await? {
+            if let Some((_, dispatches, _)) = created.get_mut(&dispatch.message.task_id) {
+                dispatches.push(dispatch);
+            }
+        }
+    }
     // A task whose every step was skipped at creation is complete at once.
     let all_skipped: Vec<Uuid> = creations
         .iter()
@@ -696,7 +766,7 @@ impl<'a> TaskColumns<'a> {
         self.versions_known.push(creation.versions_known);
         self.priorities.push(creation.priority());
         self.run_at.push(new.run_at);
-        self.keyed.push(!creation.limits.is_empty());
+        self.keyed.push(creation.keyed());
         self.deadlines.push(creation.deadline_at);
         for limit in &creation.limits.task {
             self.limit_task_ids.push(creation.task_id);

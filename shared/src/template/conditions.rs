@@ -16,6 +16,17 @@
 //! in the transaction that makes the step ready. True, the step runs; false, it is
 //! `skipped`, which its dependents take as done; anything else fails the step
 //! permanently (`expression_error`).
+//!
+//! A step's `for_each` is a CEL list over the same variables, evaluated at the same
+//! moment (after `when`, if both): the step runs once per element.
+//!
+//! ```yaml
+//!   - name: load
+//!     handler: etl.load_file
+//!     depends_on: [list_files]
+//!     for_each: "parents.list_files.files"   # one instance per file
+//!     max_parallel: 10                        # at most ten at once
+//! ```
 
 use serde_json::{Map, Value};
 
@@ -50,6 +61,55 @@ pub(super) fn walk_when(
         }
     }
 }
+
+/// A step's `for_each` (compiled) and `max_parallel`; `None` for what is absent or
+/// reported as a problem. `limited`: the step has a `concurrency` of its own, which
+/// `max_parallel` cannot be combined with.
+pub(super) fn walk_for_each(
+    w: &mut Walker,
+    object: &Map<String, Value>,
+    path: &str,
+    step: Option<&str>,
+    limited: bool,
+) -> (Option<String>, Option<i32>) {
+    let for_each = field(object, "for_each").and_then(|value| {
+        let list_path = join(path, "for_each");
+        let source = w.string(value, &list_path)?;
+        match compile_with(source, VARIABLES, VARIABLES_TEXT) {
+            Ok(_) => Some(source.to_owned()),
+            Err(error) => {
+                w.report(
+                    list_path,
+                    codes::INVALID_EXPRESSION,
+                    format!("{}: the list {error}", about(step)),
+                );
+                None
+            }
+        }
+    });
+    let max_parallel = w
+        .optional_int(object, path, "max_parallel", 1, MAX_PARALLEL)
+        .map(|n| n as i32);
+    if max_parallel.is_some() {
+        if field(object, "for_each").is_none() {
+            w.report(
+                join(path, "max_parallel"),
+                codes::INVALID_VALUE,
+                format!("{}: `max_parallel` bounds the instances of a `for_each`, and the step has none", about(step)),
+            );
+        } else if limited {
+            w.report(
+                join(path, "max_parallel"),
+                codes::INVALID_VALUE,
+                format!("{}: `max_parallel` cannot be combined with the step's own `concurrency`; use one of them", about(step)),
+            );
+        }
+    }
+    (for_each, max_parallel)
+}
+
+/// The largest `max_parallel`.
+const MAX_PARALLEL: i64 = 100_000;
 
 /// What an expression (a limit key, a condition) sees of its task: the variable `task`.
 pub fn task_variable(
@@ -93,6 +153,46 @@ pub fn evaluate_condition(
     parents: &Value,
     task: &Value,
 ) -> Result<bool, String> {
+    match execute(source, context, parents, task)? {
+        cel::Value::Bool(value) => Ok(value),
+        other => Err(format!(
+            "`{source}` gave a {}, not a boolean",
+            other.type_of()
+        )),
+    }
+}
+
+/// Evaluate the `for_each` list `source` with the variables of [`evaluate_condition`].
+///
+/// # Errors
+///
+/// Why it gave no list: as [`evaluate_condition`], or an element that is not JSON.
+pub fn evaluate_list(
+    source: &str,
+    context: &Value,
+    parents: &Value,
+    task: &Value,
+) -> Result<Vec<Value>, String> {
+    match execute(source, context, parents, task)? {
+        cel::Value::List(items) => items
+            .iter()
+            .map(|item| {
+                item.json().map_err(|error| {
+                    format!("`{source}` gave an element that is not JSON: {error}")
+                })
+            })
+            .collect(),
+        other => Err(format!("`{source}` gave a {}, not a list", other.type_of())),
+    }
+}
+
+/// Run `source` with the variables `context`, `parents` and `task`.
+fn execute(
+    source: &str,
+    context: &Value,
+    parents: &Value,
+    task: &Value,
+) -> Result<cel::Value, String> {
     let program = compile_with(source, VARIABLES, VARIABLES_TEXT)?;
     let mut variables = cel::Context::default();
     for (name, value) in [("context", context), ("parents", parents), ("task", task)] {
@@ -100,12 +200,7 @@ pub fn evaluate_condition(
             .add_variable(name, value)
             .map_err(|error| format!("the {name} cannot be given to `{source}`: {error}"))?;
     }
-    match program.execute(&variables) {
-        Ok(cel::Value::Bool(value)) => Ok(value),
-        Ok(other) => Err(format!(
-            "`{source}` gave a {}, not a boolean",
-            other.type_of()
-        )),
-        Err(error) => Err(format!("`{source}` failed: {error}")),
-    }
+    program
+        .execute(&variables)
+        .map_err(|error| format!("`{source}` failed: {error}"))
 }

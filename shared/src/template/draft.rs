@@ -35,6 +35,8 @@ pub(super) struct StepDraft {
     pub(super) concurrency: Option<ConcurrencyLimit>,
     pub(super) rate_limit: Option<RateLimit>,
     pub(super) when: Option<String>,
+    pub(super) for_each: Option<String>,
+    pub(super) max_parallel: Option<i32>,
 }
 
 /// A template as read from the source, before the graph checks.
@@ -81,6 +83,8 @@ impl Draft {
                     concurrency: step.concurrency,
                     rate_limit: step.rate_limit,
                     when: step.when,
+                    for_each: step.for_each,
+                    max_parallel: step.max_parallel,
                 })
                 .collect(),
         }

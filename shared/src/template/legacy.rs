@@ -252,6 +252,8 @@ fn walk_legacy_step(
         concurrency: None,
         rate_limit: None,
         when: None,
+        for_each: None,
+        max_parallel: None,
     }
 }
 

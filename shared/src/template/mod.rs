@@ -54,7 +54,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
-pub use conditions::{condition_task, evaluate_condition, task_variable};
+pub use conditions::{condition_task, evaluate_condition, evaluate_list, task_variable};
 use document::parse_document;
 pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;
@@ -492,6 +492,14 @@ pub struct StepDefinition {
     /// A CEL condition, evaluated once its parents are done: false skips the step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
+    /// A CEL list, evaluated once its parents are done: the step runs once per element
+    /// (an instance, with `item` and `index`), and its dependents see the list of the
+    /// instances' results in element order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// At most so many instances of a `for_each` step run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<i32>,
 }
 
 /// One thing wrong with a template (or with a task context).

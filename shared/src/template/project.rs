@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::backoff::walk_backoff;
-use super::conditions::walk_when;
+use super::conditions::{walk_for_each, walk_when};
 use super::draft::{Draft, StepDraft, dedup_deps};
 use super::limits::{walk_concurrency, walk_rate_limit, walk_task_concurrency};
 use super::walker::{Walker, field, item, join, retry_limit};
@@ -56,6 +56,8 @@ pub(super) const PROJECT_STEP_KEYS: &[&str] = &[
     "concurrency",
     "rate_limit",
     "when",
+    "for_each",
+    "max_parallel",
 ];
 pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("handler_class", "handler"),
@@ -67,6 +69,8 @@ pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("timeout_seconds", "timeout_ms"),
     ("ratelimit", "rate_limit"),
     ("rate", "rate_limit"),
+    ("foreach", "for_each"),
+    ("parallelism", "max_parallel"),
 ];
 
 /// Step settings that `defaults` (project format) can change.
@@ -211,6 +215,8 @@ fn walk_project_step(
     let concurrency = walk_concurrency(w, object, &path, name.as_deref());
     let rate_limit = walk_rate_limit(w, object, &path, name.as_deref());
     let when = walk_when(w, object, &path, name.as_deref());
+    let (for_each, max_parallel) =
+        walk_for_each(w, object, &path, name.as_deref(), concurrency.is_some());
     StepDraft {
         name_path: join(&path, "name"),
         path,
@@ -229,5 +235,7 @@ fn walk_project_step(
         concurrency,
         rate_limit,
         when,
+        for_each,
+        max_parallel,
     }
 }

@@ -76,6 +76,8 @@ fn expected_project() -> TemplateDefinition {
         concurrency: None,
         rate_limit: None,
         when: None,
+        for_each: None,
+        max_parallel: None,
     };
     let mut validate = step("validate", "Ecommerce::Validate", &[]);
     validate.description = Some("Check the order".to_owned());
@@ -270,6 +272,8 @@ fn tasker_engine_template_maps_to_definition() {
         concurrency: None,
         rate_limit: None,
         when: None,
+        for_each: None,
+        max_parallel: None,
     };
     let mut validate = step("validate_order", "ValidateOrder", &[]);
     validate.description = Some("Validate the order contents".to_owned());

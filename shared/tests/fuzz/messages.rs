@@ -212,6 +212,8 @@ fn step_message() -> impl Strategy<Value = StepMessage> {
                 dispatch_token,
                 timeout_ms,
                 dispatched_at,
+                item: None,
+                index: None,
             },
         )
 }

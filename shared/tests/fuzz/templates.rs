@@ -622,6 +622,8 @@ impl GenTemplate {
                         concurrency: step.concurrency.clone(),
                         rate_limit: step.rate_limit.clone(),
                         when: None,
+                        for_each: None,
+                        max_parallel: None,
                     }
                 })
                 .collect(),
@@ -745,6 +747,8 @@ impl GenTemplate {
                         concurrency: None,
                         rate_limit: None,
                         when: None,
+                        for_each: None,
+                        max_parallel: None,
                     }
                 })
                 .collect(),

@@ -51,6 +51,10 @@ struct Args {
     /// step, keyed by task over this many keys (0 skips the run).
     #[arg(long, default_value_t = 1_000)]
     limit_keys: usize,
+    /// After the diamonds: one task whose step fans out (`for_each`) over this many no-op
+    /// instances, then fans in, against the diamonds' steps/s (0 skips the run).
+    #[arg(long, default_value_t = 10_000)]
+    fan_out: usize,
     /// Linear chains for the second throughput run.
     #[arg(long, default_value_t = 1_000)]
     chains: usize,
@@ -113,6 +117,26 @@ struct Args {
 }
 
 const PREFIX: &str = "bench";
+
+/// The fan-out's list is built from a context list this long, repeated: a list of
+/// 10,000 in the context would ride in every instance's message.
+const FAN_OUT_PART: usize = 100;
+
+/// The fan-out template: a first step over `n` elements (the context's list repeated,
+/// the last part cut short), then a step after it.
+fn fan_out(n: usize) -> String {
+    let part = FAN_OUT_PART.min(n.max(1));
+    let mut terms = vec!["context.l"; n / part];
+    let rest = n % part;
+    let rest_term = format!("context.l.filter(x, x < {rest})");
+    if rest > 0 {
+        terms.push(&rest_term);
+    }
+    format!(
+        "namespace: bench\nname: fan_out\nsteps:\n  - {{name: items, handler: tasker.noop, for_each: \"{}\"}}\n  - {{name: after, handler: tasker.noop, depends_on: [items]}}\n",
+        terms.join(" + ")
+    )
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -193,6 +217,24 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "         against the unlimited diamonds  {:>9.2}",
             limited.steps_per_s / run.steps_per_s
+        );
+    }
+    if args.fan_out > 0 {
+        // The instances and the step after them run on workers; the fanned-out step
+        // itself does not.
+        let fan = system
+            .throughput("fan_out", 1, args.fan_out + 1, None)
+            .await?;
+        fan.print(
+            &format!(
+                "one fan-out of {} no-op instances, then a fan-in",
+                args.fan_out
+            ),
+            broker,
+        );
+        println!(
+            "         against the diamonds            {:>9.2}",
+            fan.steps_per_s / run.steps_per_s
         );
     }
     let half = system
@@ -543,8 +585,11 @@ impl System {
             "namespace: bench\nname: limited_diamond\nsteps:\n  - {name: a, handler: tasker.noop, concurrency: {key: context.k, limit: 2}}\n  - {name: b, handler: tasker.noop, depends_on: [a], concurrency: {key: context.k, limit: 2}}\n  - {name: c, handler: tasker.noop, depends_on: [a], concurrency: {key: context.k, limit: 2}}\n  - {name: d, handler: tasker.noop, depends_on: [b, c], concurrency: {key: context.k, limit: 2}}\n".to_owned(),
             chain("chain", args.chain_length),
             chain("long_chain", args.long_chain),
+            fan_out(args.fan_out),
         ] {
-            if template.contains("limited_diamond") && args.limit_keys == 0 {
+            if template.contains("limited_diamond") && args.limit_keys == 0
+                || template.contains("fan_out") && args.fan_out == 0
+            {
                 continue;
             }
             let response = self.http.post(format!("{}/v1/templates", self.bases[0])).body(template).send().await?;
@@ -563,6 +608,9 @@ impl System {
             .json(&if name == "limited_diamond" {
                 let keys = self.args.limit_keys.max(1);
                 json!({"namespace": "bench", "name": name, "context": {"k": n % keys}})
+            } else if name == "fan_out" {
+                let part: Vec<usize> = (0..FAN_OUT_PART.min(self.args.fan_out)).collect();
+                json!({"namespace": "bench", "name": name, "context": {"l": part}})
             } else {
                 json!({"namespace": "bench", "name": name})
             })

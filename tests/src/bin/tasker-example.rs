@@ -40,13 +40,19 @@ struct Args {
 
 /// (namespace, name, context for task i)
 fn workload(i: usize) -> (&'static str, &'static str, Value) {
-    match i % 3 {
+    match i % 4 {
         0 => (
             "ecommerce",
             "order_fulfillment",
             json!({"order_id": 1000 + i, "customer": format!("customer-{i}")}),
         ),
         1 => ("data", "etl_pipeline", json!({"run": i})),
+        2 => {
+            let files: Vec<String> = (0..i % 12)
+                .map(|n| format!("batch-{i}/part-{n}.csv"))
+                .collect();
+            ("data", "file_import", json!({"files": files}))
+        }
         _ => ("ops", "flaky_sync", json!({"batch": i})),
     }
 }
@@ -207,7 +213,7 @@ async fn summary(pool: &sqlx::PgPool, ids: &[Uuid], wall: Duration) -> anyhow::R
                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM t.completed_at - t.created_at)) * 1000,
                percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM t.completed_at - t.created_at)) * 1000,
                (SELECT count(*) FROM steps s WHERE s.task_id = ANY(array_agg(t.task_id))),
-               (SELECT coalesce(sum(s.attempts - 1), 0) FROM steps s WHERE s.task_id = ANY(array_agg(t.task_id)))
+               (SELECT coalesce(sum(greatest(s.attempts - 1, 0)), 0) FROM steps s WHERE s.task_id = ANY(array_agg(t.task_id)))
         FROM tasks t
         WHERE t.task_id = ANY($1)
         GROUP BY 1

@@ -8,6 +8,7 @@ mod coordinators;
 mod creation;
 mod dags;
 mod failures;
+mod fan_out;
 mod flow_control;
 mod hostile;
 mod observability;

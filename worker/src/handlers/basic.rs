@@ -36,13 +36,20 @@ impl StepHandler for Sleep {
     }
 }
 
-/// Succeeds with its config, the task's context and its parents' results.
+/// Succeeds with its config, the task's context and its parents' results, and as an
+/// instance of a `for_each` step, its `item` and `index`.
 pub(crate) struct Echo;
 
 #[async_trait::async_trait]
 impl StepHandler for Echo {
     async fn call(&self, step: &StepContext) -> Result<Value, StepError> {
-        Ok(json!({"config": step.config, "context": step.context, "parents": step.parents}))
+        let mut echoed =
+            json!({"config": step.config, "context": step.context, "parents": step.parents});
+        if let Some(index) = step.index {
+            echoed["item"] = step.item.clone().unwrap_or_default();
+            echoed["index"] = index.into();
+        }
+        Ok(echoed)
     }
 }
 

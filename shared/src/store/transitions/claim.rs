@@ -86,6 +86,7 @@ pub async fn claim_ready(
         .fetch_all(&mut *conn)
         .await?;
     let (mut dispatches, to_judge) = split(rows);
+    with_items(&mut *conn, &mut dispatches).await?;
     if !to_judge.is_empty() {
         // Judged in a transaction of their own (the claim above has committed): a step
         // skipped counts for its children in the same one, and its task may finish.
@@ -96,6 +97,21 @@ pub async fn claim_ready(
         dispatches.extend(judged.dispatches);
     }
     Ok(dispatches)
+}
+
+/// Judge the steps `step_ids`, which wait for their condition or fan out (a new task's
+/// first `for_each` steps), in a transaction of their own, and finish the tasks that
+/// judging finished. Returns the claimed steps.
+pub(crate) async fn judge_steps(
+    pool: &sqlx::PgPool,
+    step_ids: Vec<Uuid>,
+    lease_ms: i64,
+) -> sqlx::Result<Vec<Dispatch>> {
+    let mut tx = pool.begin().await?;
+    let judged = super::conditions::judge(&mut tx, step_ids, lease_ms).await?;
+    super::finish_tasks(&mut tx, &judged.tasks).await?;
+    tx.commit().await?;
+    Ok(judged.dispatches)
 }
 
 /// Count the completion of `completed` steps against their children, and claim each
@@ -136,9 +152,11 @@ pub(super) async fn children_rows(
         .bind(lease_ms)
         .bind(freed)
         .bind(keyed)
-        .fetch_all(conn)
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(split(rows))
+    let (mut dispatches, to_judge) = split(rows);
+    with_items(conn, &mut dispatches).await?;
+    Ok((dispatches, to_judge))
 }
 
 /// Claim the steps `step_ids` (whose conditions held) through the one claim.
@@ -151,9 +169,41 @@ pub(super) async fn claim_steps(
         sqlx::query_as("SELECT * FROM tasker_claim_steps($1, NULL, $2, NULL)")
             .bind(step_ids)
             .bind(lease_ms)
+            .fetch_all(&mut *conn)
+            .await?;
+    let (mut dispatches, to_judge) = split(rows);
+    with_items(conn, &mut dispatches).await?;
+    Ok((dispatches, to_judge))
+}
+
+/// Give the instances of `for_each` steps among `dispatches` their element and index.
+/// An instance is known by its name (`<step>[<index>]`: a template's step names have no
+/// bracket), so a claim without one asks nothing more.
+async fn with_items(conn: &mut PgConnection, dispatches: &mut [Dispatch]) -> sqlx::Result<()> {
+    let instances: Vec<Uuid> = dispatches
+        .iter()
+        .filter(|dispatch| dispatch.message.step_name.ends_with(']'))
+        .map(|dispatch| dispatch.message.step_id)
+        .collect();
+    if instances.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(Uuid, Option<Value>, Option<i32>)> =
+        sqlx::query_as(include_str!("../../../sql/fan_out/items.sql"))
+            .bind(&instances)
             .fetch_all(conn)
             .await?;
-    Ok(split(rows))
+    let items: std::collections::HashMap<Uuid, (Option<Value>, Option<i32>)> = rows
+        .into_iter()
+        .map(|(step_id, item, index)| (step_id, (item, index)))
+        .collect();
+    for dispatch in dispatches {
+        if let Some((item, index)) = items.get(&dispatch.message.step_id) {
+            dispatch.message.item.clone_from(item);
+            dispatch.message.index = *index;
+        }
+    }
+    Ok(())
 }
 
 /// The claimed step in a row of `tasker_create_tasks`, which returns a created task's
@@ -191,6 +241,8 @@ impl ClaimedRow {
                 dispatch_token,
                 timeout_ms: self.timeout_ms.unwrap_or_default(),
                 dispatched_at: self.dispatched_at.unwrap_or_default(),
+                item: None,
+                index: None,
             },
         }
     }

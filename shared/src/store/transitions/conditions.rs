@@ -7,6 +7,15 @@
 //! `condition_false`) and counts it done for its children, which may be claimed or
 //! judged in turn; an expression that fails, or gives no boolean, fails the step
 //! permanently with the code `expression_error`.
+//!
+//! A `for_each` step comes here too (its condition is its `when`, else `true`): once its
+//! condition holds, its list is evaluated and the step expanded into one instance per
+//! element (`fan_out/expand.sql`), which are claimed at once; a list longer than
+//! [`max_fan_out`] fails it (`fan_out_too_large`). It comes back when its last instance
+//! is done, and completes with their results in element order (`fan_out/gather.sql`),
+//! which counts for its children in turn; an empty list completes it at once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -14,7 +23,22 @@ use uuid::Uuid;
 
 use super::Dispatch;
 use super::claim::{children_rows, claim_steps};
-use crate::template::{evaluate_condition, task_variable};
+use crate::template::{evaluate_condition, evaluate_list, task_variable};
+
+/// The most elements a `for_each` list may have unless set otherwise (the coordinator's
+/// `TASKER_MAX_FAN_OUT`).
+static MAX_FAN_OUT: AtomicUsize = AtomicUsize::new(10_000);
+
+/// The most elements a `for_each` list may have; a longer one fails its step with
+/// `fan_out_too_large`.
+pub fn max_fan_out() -> usize {
+    MAX_FAN_OUT.load(Ordering::Relaxed)
+}
+
+/// Set [`max_fan_out`] for this process (the coordinator's `TASKER_MAX_FAN_OUT`).
+pub fn set_max_fan_out(max: usize) {
+    MAX_FAN_OUT.store(max, Ordering::Relaxed);
+}
 
 /// A step waiting for its condition, with what the condition sees.
 #[derive(sqlx::FromRow)]
@@ -28,7 +52,12 @@ struct Pending {
     version: String,
     priority: i16,
     tags: Value,
-    parents: Value,
+    /// The step's instances, once expanded (`for_each`).
+    instances: Option<i32>,
+    for_each: Option<String>,
+    max_parallel: Option<i32>,
+    /// NULL once the step is expanded.
+    parents: Option<Value>,
 }
 
 /// What judging did.
@@ -54,8 +83,17 @@ pub(super) async fn judge(
                 .bind(&to_judge)
                 .fetch_all(&mut *conn)
                 .await?;
-        let (mut ids, mut outcomes, mut messages) = (Vec::new(), Vec::new(), Vec::new());
+        let mut settle = Settle::default();
+        let mut expand = Expand::default();
+        let mut gather = Vec::new();
+        let no_parents = Value::Object(Default::default());
         for step in &pending {
+            if step.instances.is_some() {
+                // Expanded, and its last instance is done.
+                gather.push(step.step_id);
+                continue;
+            }
+            let parents = step.parents.as_ref().unwrap_or(&no_parents);
             let task = task_variable(
                 &step.namespace,
                 &step.name,
@@ -63,23 +101,89 @@ pub(super) async fn judge(
                 step.priority,
                 &step.tags,
             );
-            let (outcome, message) =
-                match evaluate_condition(&step.condition, &step.context, &step.parents, &task) {
-                    Ok(true) => ("true", None),
-                    Ok(false) => ("false", None),
-                    Err(error) => ("error", Some(error)),
-                };
-            ids.push(step.step_id);
-            outcomes.push(outcome);
-            messages.push(message);
-            tracing::debug!(step_id = %step.step_id, task_id = %step.task_id, outcome,
+            let outcome = match evaluate_condition(&step.condition, &step.context, parents, &task) {
+                Ok(true) => match &step.for_each {
+                    None => Ok(true),
+                    Some(list) => match evaluate_list(list, &step.context, parents, &task) {
+                        Ok(items) if items.len() > max_fan_out() => Err((
+                            "fan_out_too_large",
+                            format!(
+                                "`{list}` gave {} elements; at most {} may fan out (TASKER_MAX_FAN_OUT)",
+                                items.len(),
+                                max_fan_out()
+                            ),
+                        )),
+                        Ok(items) => {
+                            expand.push(step.step_id, items, step.max_parallel);
+                            continue;
+                        }
+                        Err(error) => Err(("expression_error", error)),
+                    },
+                },
+                Ok(false) => Ok(false),
+                Err(error) => Err(("expression_error", error)),
+            };
+            tracing::debug!(step_id = %step.step_id, task_id = %step.task_id, ?outcome,
                 "condition judged");
+            settle.push(step.step_id, outcome);
+        }
+        to_judge = Vec::new();
+        if !expand.step_ids.is_empty() {
+            let instances: Vec<Uuid> =
+                sqlx::query_scalar(include_str!("../../../sql/fan_out/expand.sql"))
+                    .bind(&expand.step_ids)
+                    .bind(&expand.items)
+                    .bind(&expand.max_parallel)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            tracing::debug!(
+                steps = expand.step_ids.len(),
+                instances = instances.len(),
+                "fanned out"
+            );
+            if !instances.is_empty() {
+                let (dispatches, _) = claim_steps(&mut *conn, &instances, lease_ms).await?;
+                judged.dispatches.extend(dispatches);
+            }
+            // An empty list: complete at once.
+            gather.extend(
+                expand
+                    .step_ids
+                    .iter()
+                    .zip(&expand.items)
+                    .filter(|(_, items)| items.as_array().is_some_and(Vec::is_empty))
+                    .map(|(step, _)| *step),
+            );
+        }
+        if !gather.is_empty() {
+            let gathered: Vec<Uuid> =
+                sqlx::query_scalar(include_str!("../../../sql/fan_out/gather.sql"))
+                    .bind(&gather)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            if !gathered.is_empty() {
+                let (dispatches, next) =
+                    children_rows(&mut *conn, &gathered, &[], None, lease_ms).await?;
+                judged.dispatches.extend(dispatches);
+                to_judge.extend(next);
+                // A task whose last step this was may finish.
+                judged.tasks.extend(
+                    pending
+                        .iter()
+                        .filter(|step| gathered.contains(&step.step_id))
+                        .map(|step| step.task_id),
+                );
+            }
+        }
+        if settle.ids.is_empty() {
+            continue;
         }
         let settled: Vec<(Uuid, Uuid, String)> =
             sqlx::query_as(include_str!("../../../sql/conditions/settle.sql"))
-                .bind(&ids)
-                .bind(&outcomes)
-                .bind(&messages)
+                .bind(&settle.ids)
+                .bind(&settle.outcomes)
+                .bind(&settle.messages)
+                .bind(&settle.codes)
                 .fetch_all(&mut *conn)
                 .await?;
         let held: Vec<Uuid> = settled
@@ -98,7 +202,6 @@ pub(super) async fn judge(
                 .filter(|(_, _, outcome)| outcome != "true")
                 .map(|(_, task, _)| *task),
         );
-        to_judge = Vec::new();
         if !held.is_empty() {
             let (dispatches, _) = claim_steps(&mut *conn, &held, lease_ms).await?;
             judged.dispatches.extend(dispatches);
@@ -107,10 +210,57 @@ pub(super) async fn judge(
             let (dispatches, next) =
                 children_rows(&mut *conn, &skipped, &[], None, lease_ms).await?;
             judged.dispatches.extend(dispatches);
-            to_judge = next;
+            to_judge.extend(next);
         }
     }
     judged.tasks.sort_unstable();
     judged.tasks.dedup();
     Ok(judged)
+}
+
+/// What the conditions judged gave, as `conditions/settle.sql` takes it.
+#[derive(Default)]
+struct Settle {
+    ids: Vec<Uuid>,
+    outcomes: Vec<&'static str>,
+    messages: Vec<Option<String>>,
+    codes: Vec<Option<&'static str>>,
+}
+
+impl Settle {
+    fn push(&mut self, step_id: Uuid, outcome: Result<bool, (&'static str, String)>) {
+        self.ids.push(step_id);
+        match outcome {
+            Ok(true) => self.record("true", None, None),
+            Ok(false) => self.record("false", None, None),
+            Err((code, message)) => self.record("error", Some(message), Some(code)),
+        }
+    }
+
+    fn record(
+        &mut self,
+        outcome: &'static str,
+        message: Option<String>,
+        code: Option<&'static str>,
+    ) {
+        self.outcomes.push(outcome);
+        self.messages.push(message);
+        self.codes.push(code);
+    }
+}
+
+/// The `for_each` steps to expand, as `fan_out/expand.sql` takes them.
+#[derive(Default)]
+struct Expand {
+    step_ids: Vec<Uuid>,
+    items: Vec<Value>,
+    max_parallel: Vec<Option<i32>>,
+}
+
+impl Expand {
+    fn push(&mut self, step_id: Uuid, items: Vec<Value>, max_parallel: Option<i32>) {
+        self.step_ids.push(step_id);
+        self.items.push(Value::Array(items));
+        self.max_parallel.push(max_parallel);
+    }
 }

@@ -8,10 +8,10 @@
 //! | function | step transition | reason recorded |
 //! |---|---|---|
 //! | [`claim_ready`], [`claim_children`], task creation | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
-//! | `conditions::judge` (inside [`claim_ready`] and [`claim_children`]) | pending → skipped / error; pending (condition cleared, then claimed) | `condition_false`, `failed` (`expression_error`), `condition_true` |
+//! | `conditions::judge` (inside [`claim_ready`] and [`claim_children`]) | pending → skipped / error; pending (condition cleared, then claimed); a `for_each` step: pending (instances created and claimed), pending → complete when they are done | `condition_false`, `failed` (`expression_error`, `fan_out_too_large`), `condition_true`, `fanned_out`, `instances_done` |
 //! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
-//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched` |
+//! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
 //! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
 //! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error | `deadline_exceeded` |
@@ -41,8 +41,9 @@ mod leases;
 mod operator;
 mod worker;
 
-pub(crate) use claim::claimed_in;
 pub use claim::{Dispatch, claim_children, claim_ready, next_due};
+pub(crate) use claim::{claimed_in, judge_steps};
+pub use conditions::{max_fan_out, set_max_fan_out};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };

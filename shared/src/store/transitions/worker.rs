@@ -363,11 +363,19 @@ pub async fn apply_results(
         write.push(row, result, change);
     }
     let completed = write.completed();
+    let failed = write.failed();
     // Whether the claim of their children must look for keys.
     let keyed = completed
         .iter()
         .any(|step| current.get(step).is_some_and(|row| row.keyed));
     let freed = write.execute(&mut *conn).await?;
+    if !failed.is_empty() {
+        // An instance of a `for_each` step failed for good: so does the step.
+        sqlx::query(include_str!("../../../sql/fan_out/instance_failed.sql"))
+            .bind(&failed)
+            .execute(&mut *conn)
+            .await?;
+    }
     let claimed = claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
 
     let mut tasks: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
@@ -430,6 +438,16 @@ impl ResultWrites {
             .iter()
             .zip(&self.to_status)
             .filter(|(_, to)| **to == StepStatus::Complete)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The steps these results fail for good.
+    fn failed(&self) -> Vec<Uuid> {
+        self.step_ids
+            .iter()
+            .zip(&self.to_status)
+            .filter(|(_, to)| **to == StepStatus::Error)
             .map(|(id, _)| *id)
             .collect()
     }

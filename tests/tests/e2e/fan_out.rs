@@ -1,0 +1,353 @@
+//! `for_each`: a step that runs once per element of a list, its instances bounded by
+//! `max_parallel`, its dependents given the instances' results in element order.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tasker_tests::{StepStatus, TaskStatus, TestEnv};
+
+/// List → fan out over what the list step returned → fan in.
+const FILES: &str = r#"namespace: fan
+name: files
+steps:
+  - name: list
+    handler: tasker.echo
+  - name: load
+    handler: tasker.echo
+    depends_on: [list]
+    for_each: "parents.list.context.files"
+  - name: report
+    handler: tasker.echo
+    depends_on: [load]
+"#;
+
+/// A first step that fans out over the context, at most three at once.
+const SLOW: &str = r#"namespace: fan
+name: slow
+steps:
+  - name: nap
+    handler: tasker.sleep
+    config: {ms: 150}
+    for_each: "context.regions"
+    max_parallel: 3
+  - name: done
+    handler: tasker.noop
+    depends_on: [nap]
+"#;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn finished(env: &TestEnv, task_id: uuid::Uuid) -> tasker_tests::Task {
+    env.api
+        .wait_for_task(
+            task_id,
+            &[
+                TaskStatus::Complete,
+                TaskStatus::Error,
+                TaskStatus::Cancelled,
+            ],
+            WAIT,
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn each_element_runs_once_and_the_fan_in_sees_the_results_in_order() {
+    let mut env = TestEnv::start("fan-out-order").await.unwrap();
+    let (status, body) = env.register_template(FILES).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("fan-1", &["fan"]).await.unwrap();
+    env.start_worker("fan-2", &["fan"]).await.unwrap();
+
+    // Small elements: the report echoes every instance's echo of the context.
+    let files: Vec<Value> = (0..300).map(|n| json!(n * 7)).collect();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "files", "context": {"files": files}}))
+        .await
+        .unwrap();
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(
+        done.status,
+        TaskStatus::Complete,
+        "{:?}",
+        done.steps
+            .iter()
+            .map(|s| (&s.name, s.status, &s.last_error))
+            .filter(|s| s.1 != StepStatus::Complete)
+            .collect::<Vec<_>>()
+    );
+
+    // The fan-in sees one result per element, in element order, each with its item.
+    let load = &done.step("report").results.as_ref().unwrap()["parents"]["load"];
+    let load = load.as_array().expect("the instances' results as a list");
+    assert_eq!(load.len(), 300);
+    for (n, result) in load.iter().enumerate() {
+        assert_eq!(result["index"], n, "{result}");
+        assert_eq!(result["item"], files[n], "{result}");
+        assert!(
+            result["parents"]["list"].is_object(),
+            "an instance sees the step's parents"
+        );
+    }
+    // The step shows its instances; each instance is a step like any other, run once.
+    let step = done.step("load");
+    assert_eq!(step.status, StepStatus::Complete);
+    assert_eq!(step.instances, Some(300));
+    assert_eq!(
+        step.depends_on,
+        ["list"],
+        "its instances are not its parents"
+    );
+    let instances: Vec<_> = done
+        .steps
+        .iter()
+        .filter(|s| s.instance_of.as_deref() == Some("load"))
+        .collect();
+    assert_eq!(instances.len(), 300);
+    for (n, instance) in instances.iter().enumerate() {
+        assert_eq!(instance.name, format!("load[{n}]"));
+        assert_eq!(instance.index, Some(n as i32));
+        assert_eq!(instance.status, StepStatus::Complete);
+        assert_eq!(instance.attempts, 1);
+    }
+    let dispatched: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.name, count(*) FROM step_transitions t JOIN steps s USING (step_id)
+         WHERE t.task_id = $1 AND t.reason = 'dispatched' AND s.fan_out_of IS NOT NULL
+         GROUP BY s.name",
+    )
+    .bind(task.task_id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(dispatched.len(), 300);
+    assert!(
+        dispatched.iter().all(|(_, n)| *n == 1),
+        "each instance dispatched once"
+    );
+    let history = crate::step_history(&env.pool, task.task_id).await;
+    let load_history: Vec<(&str, &str)> = history
+        .iter()
+        .filter(|(step, ..)| step == "load")
+        .map(|(_, _, to, reason, _)| (to.as_str(), reason.as_str()))
+        .collect();
+    assert_eq!(
+        load_history,
+        [("pending", "fanned_out"), ("complete", "instances_done")]
+    );
+
+    // The diagram shows the grown graph: the instances (as one node, there are many)
+    // between the list and the step that gathers them.
+    let diagram = env
+        .http
+        .get(format!(
+            "{}/v1/tasks/{}/diagram",
+            env.base_url, task.task_id
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        diagram.contains("[\"load[0…299]<br/>300 complete\"]:::complete"),
+        "{diagram}"
+    );
+    assert!(diagram.contains("    list --> step_"), "{diagram}");
+    assert!(diagram.contains(" --> load\n"), "{diagram}");
+
+    // An empty list completes the step at once, with an empty list for its dependents.
+    let empty = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "files", "context": {"files": []}}))
+        .await
+        .unwrap();
+    let done = finished(&env, empty.task_id).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(done.step("load").instances, Some(0));
+    assert_eq!(
+        done.step("report").results.as_ref().unwrap()["parents"]["load"],
+        json!([])
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn max_parallel_bounds_the_instances_running_at_once() {
+    let mut env = TestEnv::start("fan-out-parallel").await.unwrap();
+    let (status, body) = env.register_template(SLOW).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("fan-1", &["fan"]).await.unwrap();
+    env.start_worker("fan-2", &["fan"]).await.unwrap();
+
+    let regions: Vec<String> = (0..24).map(|n| format!("r{n}")).collect();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "slow", "context": {"regions": regions}}))
+        .await
+        .unwrap();
+    // Explained while it runs (eight rounds of 150 ms): the step counts its instances,
+    // and those waiting name what holds them.
+    let (_, readiness) = env
+        .get(&format!("/v1/tasks/{}/readiness", task.task_id))
+        .await
+        .unwrap();
+    let steps = readiness["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["name"], "nap", "{readiness}");
+    assert_eq!(steps[0]["reason"], "waiting_on_instances", "{readiness}");
+    assert!(
+        steps[0]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with(" of 24 instances done"),
+        "{readiness}"
+    );
+    assert_eq!(steps[1]["name"], "nap[0]", "{readiness}");
+    let held = steps
+        .iter()
+        .find(|s| s["reason"] == "concurrency_limited")
+        .unwrap_or_else(|| panic!("no instance held: {readiness}"));
+    assert_eq!(held["key"], "nap (max_parallel)", "{readiness}");
+    assert_eq!(held["limit"], 3, "{readiness}");
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(done.step("nap").instances, Some(24));
+
+    // From the workers' own start and end times: never more than three at once, and more
+    // than one (16 worker slots would otherwise run all 24 together).
+    let runs: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT started_at, completed_at FROM steps
+             WHERE task_id = $1 AND fan_out_of IS NOT NULL",
+    )
+    .bind(task.task_id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(runs.len(), 24);
+    let mut most = 0;
+    for (start, _) in &runs {
+        let running = runs.iter().filter(|(s, e)| s <= start && start < e).count();
+        most = most.max(running);
+    }
+    assert!(most <= 3, "{most} instances ran at once");
+    assert!(most >= 2, "the instances ran one at a time");
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_instance_is_retried_then_fails_its_step_and_a_long_list_is_refused() {
+    let mut env = TestEnv::start("fan-out-failures").await.unwrap();
+    let template = r#"namespace: fan
+name: flaky
+steps:
+  - name: call
+    handler: tasker.fail
+    config: {times: 1, kind: retryable}
+    retry_limit: 2
+    backoff: {schedule: [0.01]}
+    for_each: "context.items"
+  - name: after
+    handler: tasker.noop
+    depends_on: [call]
+"#;
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("fan-1", &["fan"]).await.unwrap();
+
+    // Each instance fails its first attempt and is retried by its policy.
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "flaky", "context": {"items": [1, 2, 3]}}))
+        .await
+        .unwrap();
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    for n in 0..3 {
+        assert_eq!(done.step(&format!("call[{n}]")).attempts, 2);
+    }
+
+    // Out of attempts: the instance fails, and so do its step and the task.
+    let template = template
+        .replace("name: flaky", "name: broken")
+        .replace("retry_limit: 2", "retry_limit: 1");
+    let (status, body) = env.register_template(&template).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "broken", "context": {"items": [1, 2]}}))
+        .await
+        .unwrap();
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    let call = done.step("call");
+    assert_eq!(call.status, StepStatus::Error);
+    assert_eq!(
+        call.last_error.as_ref().unwrap().code.as_deref(),
+        Some("instance_failed")
+    );
+    assert_eq!(done.step("after").status, StepStatus::Pending);
+
+    // More elements than TASKER_MAX_FAN_OUT (10,000 by default): the step fails, clearly.
+    let items: Vec<u32> = (0..10_001).collect();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "flaky", "context": {"items": items}}))
+        .await
+        .unwrap();
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    let error = done.step("call").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("fan_out_too_large"));
+    assert!(
+        error.message.contains("10001 elements"),
+        "{}",
+        error.message
+    );
+    assert!(
+        !done.steps.iter().any(|s| s.instance_of.is_some()),
+        "no instance created"
+    );
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_fan_outs_are_refused_at_registration() {
+    let env = TestEnv::start("fan-out-invalid").await.unwrap();
+    let template = r#"namespace: fan
+name: bad
+steps:
+  - name: a
+    handler: tasker.noop
+    for_each: "context.items.map("
+  - name: b
+    handler: tasker.noop
+    max_parallel: 2
+  - name: c
+    handler: tasker.noop
+    for_each: "context.items"
+    max_parallel: 0
+"#;
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    let problems: Vec<(&str, &str)> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["path"].as_str().unwrap(), p["code"].as_str().unwrap()))
+        .collect();
+    assert!(
+        problems.contains(&("steps[0].for_each", "invalid_expression")),
+        "{body}"
+    );
+    assert!(
+        problems.contains(&("steps[1].max_parallel", "invalid_value")),
+        "{body}"
+    );
+    assert!(
+        problems.contains(&("steps[2].max_parallel", "invalid_value")),
+        "{body}"
+    );
+    env.finish().await.unwrap();
+}
