@@ -1,9 +1,11 @@
 //! The chaos suite: break things on purpose during a run of multi-step workflows and
 //! check that nothing is lost and nothing is applied twice.
 //!
-//! One run of at least 2,000 diamond tasks (four `tasker.sleep` steps each), submitted
+//! One run of at least 2,000 tasks, submitted
 //! steadily while these faults are injected one at a time, each after the previous one
-//! healed:
+//! healed. Nine in ten are diamonds (four `tasker.sleep` steps); one in ten fans out
+//! (`for_each`) over five parts and back in, so instances and the fan-in go through
+//! every fault too:
 //!
 //! 1. a worker is killed with SIGKILL while it runs steps (then a new one is started);
 //! 2. a second coordinator is killed with SIGKILL between committing a claim and
@@ -62,15 +64,30 @@ fn template() -> String {
     yaml
 }
 
+/// The fan-out: five parts between a split and a join.
+const FAN: &str = "namespace: chaos\nname: fan\nversion: 1.0.0\nsteps:\n  \
+    - {name: split, handler: tasker.sleep, config: {ms: 20}, retry_limit: 5}\n  \
+    - {name: part, handler: tasker.sleep, config: {ms: 30}, retry_limit: 5, depends_on: [split], for_each: \"context.parts\"}\n  \
+    - {name: join, handler: tasker.sleep, config: {ms: 10}, retry_limit: 5, depends_on: [part]}\n";
+/// Steps of a fan task: split, part, its five instances, join.
+const FAN_STEPS: i64 = 8;
+
 /// Create one task, idempotently: a failed or unanswered request is repeated with the
 /// same key until the coordinator answers 200 or 201 (it may be without its database for
 /// a while).
 async fn submit(http: &reqwest::Client, base_url: &str, key: &str, n: usize) -> Duration {
     let started = Instant::now();
-    let body = json!({
-        "namespace": "chaos", "name": "diamond",
-        "context": {"order": n}, "idempotency_key": key,
-    });
+    let body = if n % 10 == 5 {
+        json!({
+            "namespace": "chaos", "name": "fan",
+            "context": {"order": n, "parts": [1, 2, 3, 4, 5]}, "idempotency_key": key,
+        })
+    } else {
+        json!({
+            "namespace": "chaos", "name": "diamond",
+            "context": {"order": n}, "idempotency_key": key,
+        })
+    };
     loop {
         let response = http
             .post(format!("{base_url}/v1/tasks"))
@@ -220,8 +237,10 @@ async fn run(queue_type: &str) {
     let mut env = TestEnv::start_with(&format!("chaos-{queue_type}"), options)
         .await
         .unwrap();
-    let (status, body) = env.register_template(&template()).await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for template in [template(), FAN.to_owned()] {
+        let (status, body) = env.register_template(&template).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
     let worker_env = [("TASKER_HEARTBEAT_INTERVAL_MS", "500")];
     for id in ["w1", "w2", "w3"] {
         env.start_worker_with(binary("tasker-worker"), id, &["chaos"], 16, &worker_env)
@@ -429,10 +448,20 @@ async fn run(queue_type: &str) {
     .fetch_all(&env.pool)
     .await
     .unwrap();
-    let (steps, attempts, over_limit, max_attempts): (i64, i64, i64, i32) = sqlx::query_as(
-        "SELECT count(*), sum(attempts)::bigint, count(*) FILTER (WHERE attempts > retry_limit),
-                max(attempts)
+    let (steps, extra_attempts, over_limit, max_attempts): (i64, i64, i64, i32) = sqlx::query_as(
+        // A fanned-out step never runs itself (no attempt): only its instances do.
+        "SELECT count(*), (sum(attempts) - count(*) FILTER (WHERE instances IS NULL))::bigint,
+                count(*) FILTER (WHERE attempts > retry_limit), max(attempts)
          FROM steps",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let (fans, fanned_wrong): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasks WHERE name = 'fan'),
+                (SELECT count(*) FROM steps
+                 WHERE name = 'part' AND (results IS NULL OR jsonb_array_length(results) <> 5
+                                          OR instances <> 5))",
     )
     .fetch_one(&env.pool)
     .await
@@ -447,7 +476,7 @@ async fn run(queue_type: &str) {
     let redispatched = metric(&url, "tasker_leases_expired_total{reason=\"lease_lost\"}").await;
     let stale = metric(&url, "tasker_stale_results_dropped_total").await;
     println!(
-        "\nchaos run: {tasks} tasks, {steps} steps, 3 workers, 2 coordinators, {:.1} s",
+        "\nchaos run: {tasks} tasks ({fans} fanning out), {steps} steps, 3 workers, 2 coordinators, {:.1} s",
         elapsed.as_secs_f64()
     );
     println!(
@@ -477,7 +506,7 @@ async fn run(queue_type: &str) {
          steps completed twice: {}; tasks not complete: {open}; coordinator reconnects to RabbitMQ: {reconnects}; \
          slowest task submission: {:.1} s",
         reports.len(),
-        attempts - steps,
+        extra_attempts,
         twice.len(),
         slowest_submit.as_secs_f64()
     );
@@ -495,7 +524,9 @@ async fn run(queue_type: &str) {
         over_limit, 0,
         "steps used more attempts than their retry limit"
     );
-    assert_eq!(steps, tasks * 4);
+    assert!(fans > 0, "no task fanned out");
+    assert_eq!(steps, (tasks - fans) * 4 + fans * FAN_STEPS);
+    assert_eq!(fanned_wrong, 0, "fan-ins without their five results");
     // Nobody restarted these: they reconnected by themselves.
     assert!(env.coordinator.running(), "the first coordinator exited");
     assert!(

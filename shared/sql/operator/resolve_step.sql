@@ -1,5 +1,7 @@
 -- Resolve step $2 of task $1 with results $3 (it was in $4; $5 metadata), and count it
--- as done for its dependents.
+-- as done for its dependents. An instance of a `for_each` step counts for that step,
+-- which, failed by its instances (`instance_failed`), waits again for them once none is
+-- left in `error`.
 WITH resolved AS (
     UPDATE steps
     SET status = 'resolved_manually', results = $3, lease_expires_at = NULL,
@@ -10,9 +12,24 @@ WITH resolved AS (
 history AS (
     INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
     SELECT step_id, task_id, $4, 'resolved_manually', 'resolved_by_operator', $5 FROM resolved
+),
+counted AS (
+    UPDATE steps c
+    SET remaining_parents = c.remaining_parents - 1,
+        ready_at = CASE WHEN c.remaining_parents = 1 THEN now() ELSE c.ready_at END,
+        status = CASE WHEN v.revive THEN 'pending' ELSE c.status END,
+        completed_at = CASE WHEN v.revive THEN NULL ELSE c.completed_at END
+    FROM step_edges e
+    JOIN resolved r ON r.step_id = e.from_step
+    CROSS JOIN LATERAL (
+        SELECT c2.status = 'error' AND c2.last_error ->> 'code' = 'instance_failed'
+               AND NOT EXISTS (SELECT 1 FROM steps o
+                               WHERE o.fan_out_of = c2.step_id AND o.status = 'error'
+                                 AND o.step_id <> r.step_id) AS revive
+        FROM steps c2 WHERE c2.step_id = e.to_step) v
+    WHERE c.step_id = e.to_step
+    RETURNING c.step_id, c.task_id, v.revive
 )
-UPDATE steps c
-SET remaining_parents = c.remaining_parents - 1,
-    ready_at = CASE WHEN c.remaining_parents = 1 THEN now() ELSE c.ready_at END
-FROM step_edges e JOIN resolved r ON r.step_id = e.from_step
-WHERE c.step_id = e.to_step
+INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
+SELECT step_id, task_id, 'error', 'pending', 'resolved_by_operator', $5
+FROM counted WHERE revive

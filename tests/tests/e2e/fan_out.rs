@@ -289,6 +289,26 @@ steps:
     );
     assert_eq!(done.step("after").status, StepStatus::Pending);
 
+    // Resolving the failed instances by hand: the step waits for them again, gathers
+    // them (with the results given) and the task goes on.
+    for n in 0..2 {
+        let (status, body) = env
+            .post(
+                &format!("/v1/tasks/{}/steps/call%5B{n}%5D/resolve", task.task_id),
+                json!({"results": {"by_hand": n}}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(
+        done.step("call").results,
+        Some(json!([{"by_hand": 0}, {"by_hand": 1}]))
+    );
+    assert_eq!(done.step("after").status, StepStatus::Complete);
+
     // More elements than TASKER_MAX_FAN_OUT (10,000 by default): the step fails, clearly.
     let items: Vec<u32> = (0..10_001).collect();
     let task = env
