@@ -55,7 +55,7 @@ struct Args {
     /// instances, then fans in, against the diamonds' steps/s (0 skips the run).
     #[arg(long, default_value_t = 10_000)]
     fan_out: usize,
-    /// Linear chains for the second throughput run.
+    /// Linear chains for the second throughput run (0 skips it).
     #[arg(long, default_value_t = 1_000)]
     chains: usize,
     /// Steps per chain in that run.
@@ -249,10 +249,12 @@ async fn main() -> anyhow::Result<()> {
         "latency  ready→started at half throughput p50 {:>6.1} ms   p99 {:>6.1} ms   ({:.0} steps/s offered)",
         half.ready_to_started_p50_ms, half.ready_to_started_p99_ms, half.steps_per_s
     );
-    let chains = system
-        .throughput("chain", args.chains, args.chain_length, None)
-        .await?;
-    chains.print(&format!("chains of {}", args.chain_length), broker);
+    if args.chains > 0 {
+        let chains = system
+            .throughput("chain", args.chains, args.chain_length, None)
+            .await?;
+        chains.print(&format!("chains of {}", args.chain_length), broker);
+    }
 
     if args.stored > 0 {
         let started = Instant::now();

@@ -218,6 +218,9 @@ pub struct AppliedResults {
     /// Children the results made ready, claimed in the same transaction: the caller
     /// publishes them after the commit.
     pub claimed: Vec<Dispatch>,
+    /// Tasks with a `for_each` step still waiting for instances these results did not
+    /// finish: they have work left, whatever else happened.
+    pub fanning_out: Vec<Uuid>,
 }
 
 impl AppliedResults {
@@ -236,6 +239,7 @@ impl AppliedResults {
                     .filter(|c| c.waits_for_retry())
                     .map(|c| c.task_id),
             )
+            .chain(self.fanning_out.iter().copied())
             .collect();
         self.tasks
             .iter()
@@ -288,6 +292,8 @@ struct CurrentRow {
     backoff_jitter: bool,
     backoff_schedule_ms: Option<Vec<i64>>,
     ready_at: Option<DateTime<Utc>>,
+    /// An instance's `for_each` step.
+    fan_out_of: Option<Uuid>,
 }
 
 impl CurrentRow {
@@ -377,6 +383,25 @@ pub async fn apply_results(
             .await?;
     }
     let claimed = claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
+    // A task whose instances complete is not finished while their step waits for more:
+    // asked here by primary key, it spares counting all its steps (thousands) per batch.
+    let mut fan_outs: Vec<Uuid> = completed
+        .iter()
+        .filter_map(|step| current.get(step).and_then(|row| row.fan_out_of))
+        .collect();
+    fan_outs.sort_unstable();
+    fan_outs.dedup();
+    let fanning_out = if fan_outs.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT task_id FROM steps \
+             WHERE step_id = ANY($1) AND status = 'pending' AND remaining_parents > 0",
+        )
+        .bind(&fan_outs)
+        .fetch_all(&mut *conn)
+        .await?
+    };
 
     let mut tasks: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
     tasks.sort_unstable();
@@ -388,6 +413,7 @@ pub async fn apply_results(
         tasks,
         changes,
         claimed,
+        fanning_out,
     })
 }
 
