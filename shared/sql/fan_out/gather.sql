@@ -1,6 +1,6 @@
 -- Complete the `for_each` steps $1 whose instances are all done (an empty list: none):
 -- their results are the list of their instances' results in element order (a resolved
--- instance's `null`). Each step once. Returns the steps completed.
+-- instance's `null`). Each step once. Returns the steps completed, with their tasks.
 WITH done AS (
     UPDATE steps s
     SET status = 'complete', condition = NULL,
@@ -18,4 +18,4 @@ history AS (
     FROM done
     ORDER BY step_id
 )
-SELECT step_id FROM done
+SELECT step_id, task_id FROM done

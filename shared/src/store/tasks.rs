@@ -373,18 +373,9 @@ impl Creation {
     /// and not fanning out, when it claims at all.
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
         let claims = self.claim_lease_ms.is_some();
-        self.plan
-            .remaining
-            .iter()
-            .zip(&self.step_ids)
-            .enumerate()
-            .filter(move |(i, (remaining, _))| {
-                claims
-                    && **remaining == 0
-                    && !self.plan.skipped(*i)
-                    && self.plan.conditions[*i].is_none()
-            })
-            .map(|(_, (_, step_id))| *step_id)
+        self.roots()
+            .filter(move |&i| claims && self.plan.conditions[i].is_none())
+            .map(|i| self.step_ids[i])
     }
 
     /// The `for_each` steps without a parent to wait for, to expand once the task is
@@ -393,15 +384,14 @@ impl Creation {
     fn first_fan_outs(&self) -> impl Iterator<Item = Uuid> + '_ {
         let now =
             self.claim_lease_ms.is_some() && self.new.run_at.is_none_or(|at| at <= Utc::now());
-        self.plan
-            .remaining
-            .iter()
-            .zip(&self.step_ids)
-            .enumerate()
-            .filter(move |(i, (remaining, _))| {
-                now && **remaining == 0 && self.plan.conditions[*i].is_some()
-            })
-            .map(|(_, (_, step_id))| *step_id)
+        self.roots()
+            .filter(move |&i| now && self.plan.conditions[i].is_some())
+            .map(|i| self.step_ids[i])
+    }
+
+    /// The positions of the steps with no parent to wait for, and not skipped.
+    fn roots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.step_ids.len()).filter(|&i| self.plan.remaining[i] == 0 && !self.plan.skipped(i))
     }
 
     /// Whether its steps' claims count keys: its template has limits, or bounds the

@@ -156,23 +156,20 @@ pub(super) async fn judge(
             );
         }
         if !gather.is_empty() {
-            let gathered: Vec<Uuid> =
-                sqlx::query_scalar(include_str!("../../../sql/fan_out/gather.sql"))
+            let (gathered, tasks): (Vec<Uuid>, Vec<Uuid>) =
+                sqlx::query_as::<_, (Uuid, Uuid)>(include_str!("../../../sql/fan_out/gather.sql"))
                     .bind(&gather)
                     .fetch_all(&mut *conn)
-                    .await?;
+                    .await?
+                    .into_iter()
+                    .unzip();
             if !gathered.is_empty() {
                 let (dispatches, next) =
                     children_rows(&mut *conn, &gathered, &[], None, lease_ms).await?;
                 judged.dispatches.extend(dispatches);
                 to_judge.extend(next);
                 // A task whose last step this was may finish.
-                judged.tasks.extend(
-                    pending
-                        .iter()
-                        .filter(|step| gathered.contains(&step.step_id))
-                        .map(|step| step.task_id),
-                );
+                judged.tasks.extend(tasks);
             }
         }
         if settle.ids.is_empty() {
