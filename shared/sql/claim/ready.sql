@@ -2,8 +2,8 @@
 -- allows, higher priority first, then oldest due (the steps_claim_order index), skipping
 -- rows another coordinator holds and steps held by a limit; and the held steps that may
 -- fit again: per rate key, up to $1 rate-held steps whose slot came; per template
--- concurrency key with fewer running tasks than its limit, the first steps of as many
--- waiting tasks (best first) as the limit; and, when $3, the concurrency keys with held
+-- concurrency key with fewer running tasks than its limit, every held first step of at
+-- most as many waiting tasks (best first) as the limit; and, when $3, the concurrency keys with held
 -- steps and a free slot as last committed (up to $1 keys), whose held steps the claim
 -- offers itself, as many per key as its limit. Held keys are found by skipping through
 -- the held indexes, one probe per key (none when nothing is held). Keys without a free
@@ -85,15 +85,22 @@ offered AS MATERIALIZED (
                      LIMIT $1
                      FOR UPDATE SKIP LOCKED) h
                  WHERE k.key IS NOT NULL)
-        || ARRAY(SELECT h.step_id
+        || ARRAY(SELECT f.step_id
                  FROM task_room r
                  CROSS JOIN LATERAL (
-                     SELECT s.step_id FROM steps s
-                     WHERE s.held_task_key = r.key AND s.held = 'concurrency_limited'
-                       AND s.status IN ('pending', 'waiting_for_retry')
-                     ORDER BY s.priority DESC, s.created_at
-                     LIMIT r.lim
-                     FOR UPDATE SKIP LOCKED) h
+                     SELECT DISTINCT s.task_id FROM (
+                         SELECT s.task_id FROM steps s
+                         WHERE s.held_task_key = r.key AND s.held = 'concurrency_limited'
+                           AND s.status IN ('pending', 'waiting_for_retry')
+                         ORDER BY s.priority DESC, s.created_at
+                         LIMIT r.lim) s) h
+                 -- Every held first step of those tasks: a task starts with all of them.
+                 CROSS JOIN LATERAL (
+                     SELECT f.step_id FROM steps f
+                     WHERE f.task_id = h.task_id AND f.held_task_key = r.key
+                       AND f.held = 'concurrency_limited'
+                       AND f.status IN ('pending', 'waiting_for_retry')
+                     FOR UPDATE SKIP LOCKED) f
                  WHERE r.running < r.lim) AS ids,
         ARRAY(SELECT k.key
               FROM concurrency_keys k

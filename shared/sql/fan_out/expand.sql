@@ -5,7 +5,8 @@
 -- from the step's parents (its message's parents) and to the step, whose parents still
 -- to finish are now its instances. `max_parallel` is the instances' concurrency key
 -- (`fan_out:<step id>`), which the claim counts like any other; created_at follows the
--- element order, which is the order instances are claimed in. Returns the instances,
+-- element order, which is the order instances are claimed in. The instances of a first
+-- step are first steps too: like it, they wait for their template's concurrency. Returns the instances,
 -- in element order (a step with an empty list has none: its caller completes it).
 WITH input AS (
     SELECT i.step_id, i.items, i.max_parallel
@@ -23,22 +24,22 @@ expanded AS (
               s.retryable, s.timeout_ms, s.backoff_base_ms, s.backoff_max_ms,
               s.backoff_jitter, s.backoff_schedule_ms, s.max_deferrals, s.priority,
               s.rate_key, s.rate_limit, s.rate_window_ms, s.concurrency_key,
-              s.concurrency_limit, i.items, i.max_parallel
+              s.concurrency_limit, s.task_limited, i.items, i.max_parallel
 ),
 created AS (
     INSERT INTO steps (step_id, task_id, name, position, handler, config, status,
                        remaining_parents, retry_limit, retryable, timeout_ms,
                        backoff_base_ms, backoff_max_ms, backoff_jitter, backoff_schedule_ms,
                        max_deferrals, priority, rate_key, rate_limit, rate_window_ms,
-                       concurrency_key, concurrency_limit, ready_at, created_at, fan_out_of,
-                       item, item_index)
+                       concurrency_key, concurrency_limit, task_limited, ready_at, created_at,
+                       fan_out_of, item, item_index)
     SELECT gen_random_uuid(), x.task_id, x.name || '[' || (e.n - 1) || ']', x.position,
            x.handler, x.config, 'pending', 0, x.retry_limit, x.retryable, x.timeout_ms,
            x.backoff_base_ms, x.backoff_max_ms, x.backoff_jitter, x.backoff_schedule_ms,
            x.max_deferrals, x.priority, x.rate_key, x.rate_limit, x.rate_window_ms,
            CASE WHEN x.max_parallel IS NULL THEN x.concurrency_key
                 ELSE 'fan_out:' || x.step_id END,
-           COALESCE(x.max_parallel, x.concurrency_limit),
+           COALESCE(x.max_parallel, x.concurrency_limit), x.task_limited,
            now(), now() + (e.n - 1) * INTERVAL '1 microsecond', x.step_id, e.item,
            (e.n - 1)::INT
     FROM expanded x

@@ -371,3 +371,56 @@ steps:
     );
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_first_step_fanning_out_waits_for_its_templates_concurrency() {
+    let mut env = TestEnv::start("fan-out-task-limit").await.unwrap();
+    let template = r#"namespace: fan
+name: per_region
+concurrency:
+  - {key: context.customer, limit: 1, on_limit: queue}
+steps:
+  - name: sync
+    handler: tasker.sleep
+    config: {ms: 300}
+    for_each: "context.regions"
+"#;
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("fan-1", &["fan"]).await.unwrap();
+
+    // One task of the customer at a time: the second's instances wait for the first.
+    let context = json!({"customer": "acme", "regions": ["eu", "us"]});
+    let first = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "per_region", "context": context}))
+        .await
+        .unwrap();
+    let second = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "per_region", "context": context}))
+        .await
+        .unwrap();
+    let first = finished(&env, first.task_id).await;
+    let second = finished(&env, second.task_id).await;
+    assert_eq!(first.status, TaskStatus::Complete);
+    assert_eq!(second.status, TaskStatus::Complete);
+    let first_end = first
+        .steps
+        .iter()
+        .filter_map(|s| s.completed_at)
+        .max()
+        .unwrap();
+    let second_start = second
+        .steps
+        .iter()
+        .filter(|s| s.instance_of.is_some())
+        .filter_map(|s| s.started_at)
+        .min()
+        .unwrap();
+    assert!(
+        second_start >= first_end,
+        "the second task started at {second_start}, before the first ended at {first_end}"
+    );
+    env.finish().await.unwrap();
+}

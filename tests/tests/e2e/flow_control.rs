@@ -284,3 +284,41 @@ async fn a_template_concurrency_cancels_the_oldest_and_says_so_in_its_events() {
     assert_eq!(event["reason"], "cancelled_by_concurrency_limit", "{event}");
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_queued_task_starts_with_all_its_first_steps() {
+    let mut env = TestEnv::start("flow-template-queue").await.unwrap();
+    let (status, body) = env
+        .register_template("namespace: flow\nname: sync\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: orders, handler: tasker.sleep, config: {ms: 200}}\n  - {name: invoices, handler: tasker.sleep, config: {ms: 200}}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+
+    // The second task waits for the first; when its turn comes, both its first steps run.
+    let body = json!({"namespace": "flow", "name": "sync", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&body).await.unwrap();
+    let second = env.api.create_task(&body).await.unwrap();
+    wait_all(
+        &env,
+        &[first.task_id, second.task_id],
+        Duration::from_secs(60),
+    )
+    .await;
+    let first = env.api.task(first.task_id).await.unwrap();
+    let second = env.api.task(second.task_id).await.unwrap();
+    let first_end = first
+        .steps
+        .iter()
+        .filter_map(|s| s.completed_at)
+        .max()
+        .unwrap();
+    for step in &second.steps {
+        assert_eq!(step.status, tasker_tests::StepStatus::Complete, "{step:?}");
+        assert!(
+            step.started_at.unwrap() >= first_end,
+            "{step:?} before {first_end}"
+        );
+    }
+    env.finish().await.unwrap();
+}
