@@ -34,10 +34,11 @@ pub(crate) struct Effects {
 
 impl Effects {
     /// A task was created, with its first steps claimed (`dispatches`) or left for the
-    /// dispatcher (none claimed).
-    pub(crate) fn created(task: &TaskRecord, dispatches: Vec<Dispatch>) -> Self {
+    /// dispatcher (none claimed, or, when a first step `fans_out`, its instances past the
+    /// first batch).
+    pub(crate) fn created(task: &TaskRecord, dispatches: Vec<Dispatch>, fans_out: bool) -> Self {
         Effects {
-            wake_dispatcher: dispatches.is_empty(),
+            wake_dispatcher: dispatches.is_empty() || fans_out,
             wake_events: true,
             dispatches,
             created_in: vec![task.namespace.clone()],

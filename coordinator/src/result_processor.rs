@@ -245,8 +245,12 @@ impl ResultProcessor {
         report.dispatched = claimed.len();
         report.tasks_finished = finished.len();
         // A retry falls due later; a finished task of a limited template may let a
-        // waiting one start: the dispatcher offers those.
-        if applied.retries_scheduled > 0 || finished.iter().any(|task| task.limited) {
+        // waiting one start; a fan-out's instances past the first batch wait ready: the
+        // dispatcher offers those.
+        if applied.retries_scheduled > 0
+            || applied.more_ready
+            || finished.iter().any(|task| task.limited)
+        {
             self.wake_dispatcher.notify_one();
         }
         if applied.stale > 0 {

@@ -297,7 +297,13 @@ pub(crate) async fn create(
         Created::New(task, steps, dispatches) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
-            crate::operations::Effects::created(&task, dispatches)
+            // A first step's instances past the first batch are the dispatcher's.
+            let fans_out = template
+                .definition
+                .steps
+                .iter()
+                .any(|step| step.for_each.is_some() && step.depends_on.is_empty());
+            crate::operations::Effects::created(&task, dispatches, fans_out)
                 .apply(&state)
                 .await;
             // As created: no second read. `execution` is computed on GET.

@@ -91,7 +91,9 @@ pub async fn claim_ready(
         // Judged in a transaction of their own (the claim above has committed): a step
         // skipped counts for its children in the same one, and its task may finish.
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let judged = super::conditions::judge(&mut tx, to_judge, lease_ms).await?;
+        // A fan-out claims at most one batch of its instances here: a full batch keeps
+        // the dispatcher claiming, and the rest are ready steps.
+        let judged = super::conditions::judge(&mut tx, to_judge, lease_ms, limit as usize).await?;
         super::finish_tasks(&mut tx, &judged.tasks).await?;
         tx.commit().await?;
         dispatches.extend(judged.dispatches);
@@ -99,16 +101,23 @@ pub async fn claim_ready(
     Ok(dispatches)
 }
 
+/// How many of a fan-out's instances the transaction that expands it claims, outside the
+/// dispatcher (one dispatcher batch by default); the rest are ready steps, and the caller
+/// wakes the dispatcher for them.
+pub(super) const FIRST_INSTANCES_CLAIMED: usize = 256;
+
 /// Judge the steps `step_ids`, which wait for their condition or fan out (a new task's
 /// first `for_each` steps), in a transaction of their own, and finish the tasks that
-/// judging finished. Returns the claimed steps.
+/// judging finished. Returns the claimed steps (of a fan-out, the first
+/// [`FIRST_INSTANCES_CLAIMED`]; the caller wakes the dispatcher for the rest).
 pub(crate) async fn judge_steps(
     pool: &sqlx::PgPool,
     step_ids: Vec<Uuid>,
     lease_ms: i64,
 ) -> sqlx::Result<Vec<Dispatch>> {
     let mut tx = pool.begin().await?;
-    let judged = super::conditions::judge(&mut tx, step_ids, lease_ms).await?;
+    let judged =
+        super::conditions::judge(&mut tx, step_ids, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
     super::finish_tasks(&mut tx, &judged.tasks).await?;
     tx.commit().await?;
     Ok(judged.dispatches)
@@ -119,21 +128,26 @@ pub(crate) async fn judge_steps(
 /// step of each finished) that now fit. `keyed`: `Some(false)` when no template of the
 /// completed steps has limits, which spares the claim's look for keys (a child with one
 /// all the same is left for the dispatcher); `None` when not known. The caller holds the
-/// children's rows ([`lock_batch`](super::lock_batch)).
+/// children's rows ([`lock_batch`](super::lock_batch)). Also says whether steps were
+/// left ready for the dispatcher (a fan-out's instances past
+/// [`FIRST_INSTANCES_CLAIMED`]).
 pub async fn claim_children(
     conn: &mut PgConnection,
     completed: &[Uuid],
     freed: &[String],
     keyed: Option<bool>,
     lease_ms: i64,
-) -> sqlx::Result<Vec<Dispatch>> {
+) -> sqlx::Result<(Vec<Dispatch>, bool)> {
     let (mut dispatches, to_judge) = children_rows(conn, completed, freed, keyed, lease_ms).await?;
+    let mut more_ready = false;
     if !to_judge.is_empty() {
         // The caller finishes the tasks of its batch, these among them.
-        let judged = super::conditions::judge(conn, to_judge, lease_ms).await?;
+        let judged =
+            super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
         dispatches.extend(judged.dispatches);
+        more_ready = judged.more_ready;
     }
-    Ok(dispatches)
+    Ok((dispatches, more_ready))
 }
 
 /// [`claim_children`] without judging conditions: the claimed steps and those to judge.

@@ -10,7 +10,9 @@
 //!
 //! A `for_each` step comes here too (its condition is its `when`, else `true`): once its
 //! condition holds, its list is evaluated and the step expanded into one instance per
-//! element (`fan_out/expand.sql`), which are claimed at once; a list longer than
+//! element (`fan_out/expand.sql`), of which the first `claim_first` are claimed at once
+//! and the rest left ready for the dispatcher (`more_ready`), so a large fan-out is
+//! published while it is still being claimed; a list longer than
 //! [`max_fan_out`] fails it (`fan_out_too_large`). It comes back when its last instance
 //! is done, and completes with their results in element order (`fan_out/gather.sql`),
 //! which counts for its children in turn; an empty list completes it at once.
@@ -67,14 +69,18 @@ pub(super) struct Judged {
     pub(super) dispatches: Vec<Dispatch>,
     /// Tasks with a step skipped or failed: they may have finished.
     pub(super) tasks: Vec<Uuid>,
+    /// Instances were left ready, unclaimed: the dispatcher is to claim them.
+    pub(super) more_ready: bool,
 }
 
 /// Judge the conditions of the steps `to_judge`, and of the steps their skipping makes
-/// ready, claiming those that run (lease of `lease_ms`).
+/// ready, claiming those that run (lease of `lease_ms`), and of a fan-out's instances
+/// the first `claim_first`.
 pub(super) async fn judge(
     conn: &mut PgConnection,
     mut to_judge: Vec<Uuid>,
     lease_ms: i64,
+    claim_first: usize,
 ) -> sqlx::Result<Judged> {
     let mut judged = Judged::default();
     while !to_judge.is_empty() {
@@ -141,10 +147,12 @@ pub(super) async fn judge(
                 instances = instances.len(),
                 "fanned out"
             );
-            if !instances.is_empty() {
-                let (dispatches, _) = claim_steps(&mut *conn, &instances, lease_ms).await?;
+            let first = &instances[..instances.len().min(claim_first)];
+            if !first.is_empty() {
+                let (dispatches, _) = claim_steps(&mut *conn, first, lease_ms).await?;
                 judged.dispatches.extend(dispatches);
             }
+            judged.more_ready |= instances.len() > first.len();
             // An empty list: complete at once.
             gather.extend(
                 expand

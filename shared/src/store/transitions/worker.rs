@@ -221,6 +221,9 @@ pub struct AppliedResults {
     /// Tasks with a `for_each` step still waiting for instances these results did not
     /// finish: they have work left, whatever else happened.
     pub fanning_out: Vec<Uuid>,
+    /// Steps were made ready and left to the dispatcher (a fan-out's instances past the
+    /// first batch): the caller wakes it.
+    pub more_ready: bool,
 }
 
 impl AppliedResults {
@@ -382,7 +385,8 @@ pub async fn apply_results(
             .execute(&mut *conn)
             .await?;
     }
-    let claimed = claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
+    let (claimed, more_ready) =
+        claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
     // A task whose instances complete is not finished while their step waits for more:
     // asked here by primary key, it spares counting all its steps (thousands) per batch.
     let mut fan_outs: Vec<Uuid> = completed
@@ -414,6 +418,7 @@ pub async fn apply_results(
         changes,
         claimed,
         fanning_out,
+        more_ready,
     })
 }
 
