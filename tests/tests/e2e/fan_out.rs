@@ -289,6 +289,42 @@ steps:
     );
     assert_eq!(done.step("after").status, StepStatus::Pending);
 
+    // A retry of the task runs the failed instances again (here they fail again, the
+    // same way), and their step waits for them, then fails with them once more.
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{}/retry", task.task_id), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = finished(&env, task.task_id).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    let history = crate::step_history(&env.pool, task.task_id).await;
+    let of = |name: &str| -> Vec<&str> {
+        history
+            .iter()
+            .filter(|(step, ..)| step == name)
+            .map(|(_, _, _, reason, _)| reason.as_str())
+            .collect()
+    };
+    assert_eq!(
+        of("call"),
+        [
+            "fanned_out",
+            "instance_failed",
+            "retry_requested",
+            "instance_failed"
+        ]
+    );
+    for n in 0..2 {
+        let instance = of(&format!("call[{n}]"));
+        assert_eq!(
+            instance.iter().filter(|r| **r == "dispatched").count(),
+            2,
+            "{instance:?}"
+        );
+        assert!(instance.contains(&"retry_requested"), "{instance:?}");
+    }
+
     // Resolving the failed instances by hand: the step waits for them again, gathers
     // them (with the results given) and the task goes on.
     for n in 0..2 {
