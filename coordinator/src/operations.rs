@@ -136,6 +136,30 @@ pub(crate) async fn resolve_step(
     })
 }
 
+/// Deliver a signal to the `tasker.wait` steps of a task ([`transitions::signal`]); the
+/// task finishes if that was its last step. Answers what was delivered.
+pub(crate) async fn signal(
+    pool: &PgPool,
+    task_id: Uuid,
+    signal: &str,
+    payload: &Value,
+    lease_ms: i64,
+) -> Result<(transitions::Signalled, Effects), OperatorError> {
+    let mut tx = pool.begin().await?;
+    let mut signalled = transitions::signal(&mut tx, task_id, signal, payload, lease_ms).await?;
+    transitions::finish_tasks(&mut tx, &[task_id]).await?;
+    tx.commit().await?;
+    tracing::info!(%task_id, %signal, steps = signalled.steps.len(),
+        completed = signalled.completed, "signal received");
+    let effects = Effects {
+        wake_dispatcher: signalled.more_ready,
+        wake_events: true,
+        dispatches: std::mem::take(&mut signalled.claimed),
+        ..Effects::default()
+    };
+    Ok((signalled, effects))
+}
+
 /// Close a task in `error` by hand ([`transitions::resolve_task`]).
 pub(crate) async fn resolve_task(
     pool: &PgPool,

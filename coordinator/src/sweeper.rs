@@ -18,7 +18,8 @@
 //!
 //! Each interval it also ends the tasks past their deadline (`error`, reason
 //! `deadline_exceeded`, their unfinished steps cancelled) and tells workers that their
-//! queued and running dispatches are superseded (a worker aborts such a run).
+//! queued and running dispatches are superseded (a worker aborts such a run), and fails
+//! the `tasker.wait` steps past their timeout (`wait_timeout`).
 //!
 //! Workers are told which dispatches were replaced (a `superseded` control message), so
 //! a copy still queued somewhere is acked without being run, and a run of it is aborted.
@@ -217,7 +218,10 @@ impl Sweeper {
         let mut tx = self.pool.begin().await?;
         let late = transitions::expire_deadlines(&mut tx, SWEEP_BATCH).await?;
         let expired = transitions::expire_leases(&mut tx, SWEEP_BATCH, running).await?;
-        let finished = transitions::finish_tasks(&mut tx, &expired.tasks).await?;
+        let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
+        let mut tasks = expired.tasks.clone();
+        tasks.extend(&waits);
+        let finished = transitions::finish_tasks(&mut tx, &tasks).await?;
         tx.commit().await?;
         self.ended_late(&late).await;
         self.metrics.workers_lost(&expired.lost_workers);
@@ -230,7 +234,7 @@ impl Sweeper {
                 count_reason(&self.metrics.leases_expired, reason, count as u64);
             }
         }
-        let changed = expired.requeued.len() + expired.timed_out + late.len();
+        let changed = expired.requeued.len() + expired.timed_out + late.len() + waits.len();
         if changed > 0 {
             tracing::info!(
                 requeued = expired.requeued.len(),

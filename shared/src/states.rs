@@ -146,6 +146,10 @@ status_enum! {
         InstancesDone => "instances_done",
         /// Step: an instance of its `for_each` failed for good (`error`).
         InstanceFailed => "instance_failed",
+        /// Step (`tasker.wait`): it waits for its signal (`pending`).
+        WaitingForSignal => "waiting_for_signal",
+        /// Step (`tasker.wait`): its signal came (`complete`, or kept until it waits).
+        SignalReceived => "signal_received",
         /// Task: past its deadline (`timeout` or `deadline`), ended in `error`; step: its
         /// task's deadline cancelled it.
         DeadlineExceeded => "deadline_exceeded",

@@ -514,3 +514,57 @@ async fn a_held_step_explains_itself() {
     assert!(line.contains("for key partner-api; next slot at"), "{run}");
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_waiting_step_explains_itself_and_takes_its_signal() {
+    let env = TestEnv::start("cli-signal").await.unwrap();
+    let (status, _) = env
+        .register_template("namespace: cliwait\nname: approval\nsteps:\n  - name: approve\n    handler: tasker.wait\n    config: {signal: approved}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    // No worker needed: the coordinator runs the wait.
+    let (status, task) = env
+        .create_task(json!({"namespace": "cliwait", "name": "approval"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    let run = tasker(&env, &["tasks", "explain", &id]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        row(&run, "approve").contains("waiting for the signal `approved`"),
+        "{run}"
+    );
+
+    let run = tasker(
+        &env,
+        &[
+            "tasks",
+            "signal",
+            &id,
+            "approved",
+            "--data",
+            r#"{"by": "cli"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stdout
+            .contains("signal `approved` received: approve completed"),
+        "{run}"
+    );
+    let (_, done) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(done["status"], "complete", "{done:#}");
+    assert_eq!(
+        done["steps"][0]["results"],
+        json!({"by": "cli"}),
+        "{done:#}"
+    );
+    // Again: refused, and the CLI says why.
+    let run = tasker(&env, &["tasks", "signal", &id, "approved"]).await;
+    assert_ne!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("invalid_state"), "{run}");
+    env.finish().await.unwrap();
+}

@@ -159,6 +159,17 @@ enum TasksCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Send a signal to a task: its `tasker.wait` steps waiting for it complete with the
+    /// payload as their results.
+    Signal {
+        /// The task id.
+        id: String,
+        /// The signal, as the step's `config.signal` names it.
+        signal: String,
+        /// The payload: JSON, `@file` or `@-` for stdin (default `{}`).
+        #[arg(long)]
+        data: Option<String>,
+    },
     /// Explain, per step, why it is or is not running.
     Explain {
         /// The task id.
@@ -488,6 +499,34 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             context.print(&response.body, |task, style| {
                 render::task(task, style, Utc::now())
+            });
+            Ok(())
+        }
+        Command::Tasks(TasksCommand::Signal { id, signal, data }) => {
+            let payload = match data {
+                Some(text) => json_argument("--data", &text)?,
+                None => json!({}),
+            };
+            let response = context
+                .client
+                .post(&["v1", "tasks", &id, "signals", &signal], payload)
+                .await?;
+            context.print(&response.body, |answer, _| {
+                let steps = answer["steps"]
+                    .as_array()
+                    .map(|steps| {
+                        steps
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                if answer["completed"] == true {
+                    format!("signal `{signal}` received: {steps} completed\n")
+                } else {
+                    format!("signal `{signal}` kept: {steps} will complete when it waits\n")
+                }
             });
             Ok(())
         }

@@ -148,6 +148,12 @@ pub(crate) fn routes() -> Vec<Route> {
             operate::resolve,
         ),
         route(
+            Method::POST,
+            "/v1/tasks/{task_id}/signals/{signal}",
+            operate,
+            operate::signal,
+        ),
+        route(
             Method::GET,
             "/v1/tasks/{task_id}/readiness",
             read,

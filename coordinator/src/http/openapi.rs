@@ -18,7 +18,9 @@ use super::bulk::{self, BulkCancelRequest, BulkResult, BulkRetryRequest, ListTag
 use super::diagram;
 use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
-use super::operate::{self, ReadinessView, ReasonRequest, ResolveRequest, TransitionHistory};
+use super::operate::{
+    self, ReadinessView, ReasonRequest, ResolveRequest, SignalView, TransitionHistory,
+};
 use super::tasks::{self, CreateTaskRequest, TaskPage, TaskView};
 use super::templates::{
     self, TemplateDocument, TemplateList, TemplateRegistration, TemplateWarning,
@@ -53,6 +55,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         bulk::cancel,
         bulk::retry,
         operate::resolve,
+        operate::signal,
         operate::readiness,
         operate::history,
         health::live,
@@ -81,6 +84,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         ListTag,
         ReasonRequest,
         ResolveRequest,
+        SignalView,
         BulkCancelRequest,
         BulkRetryRequest,
         BulkResult,

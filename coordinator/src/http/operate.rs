@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::body::{
-    Fields, JSON_TYPES, body_rejection, content_type, json_object, path_rejection, storable_value,
+    Fields, JSON_TYPES, body_rejection, content_type, json_object, nul_pointers, path_rejection,
+    storable_value,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
@@ -30,6 +31,9 @@ impl From<OperatorError> for ApiError {
             }
             OperatorError::StepNotFound { .. } => {
                 ApiError::not_found("step_not_found", error.to_string())
+            }
+            OperatorError::SignalNotFound { .. } => {
+                ApiError::not_found("signal_not_found", error.to_string())
             }
             OperatorError::Conflict(message) => {
                 ApiError::new(StatusCode::CONFLICT, "invalid_state", message)
@@ -285,6 +289,100 @@ pub(crate) async fn resolve(
         )
     })?;
     Ok(Json(resolved))
+}
+
+/// What a signal reached.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SignalView {
+    /// The task.
+    task_id: Uuid,
+    /// The signal.
+    signal: String,
+    /// The `tasker.wait` steps that received it.
+    steps: Vec<String>,
+    /// Whether one of them was waiting and so completed with the payload; false when
+    /// they wait later (their parents are not done), and will complete then.
+    completed: bool,
+}
+
+/// `POST /v1/tasks/{task_id}/signals/{signal}`: the body (any JSON; empty is `{}`) is
+/// the payload the `tasker.wait` steps waiting for `signal` complete with.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{task_id}/signals/{signal}",
+    tag = "operate",
+    operation_id = "signal_task",
+    params(
+        ("task_id" = Uuid, Path, description = "The task's id."),
+        ("signal" = String, Path, description = "The signal, as a `tasker.wait` step's `config.signal` names it."),
+    ),
+    request_body(content = Option<Value>, content_type = "application/json",
+        description = "The payload: the waiting step's results, which its dependents see."),
+    responses(
+        (status = 200, description = "The signal was delivered.", body = SignalView),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID, or the body is not JSON.", body = ErrorBody),
+        (status = 404, description = "`task_not_found`, or `signal_not_found`: no step of the task waits for this signal.", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the task is finished, the signal was already received, or its step no longer waits (timed out, skipped, cancelled).", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is larger than the limit.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a body sent as something other than JSON.", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: the payload holds a NUL character.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn signal(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<SignalView>> {
+    let Path((task_id, signal)) = path.map_err(path_rejection)?;
+    let task_id = parse_task_id(&task_id)?;
+    let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
+    let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(Map::new())
+    } else {
+        content_type(&headers, JSON_TYPES)?;
+        serde_json::from_slice(&body)
+            .map_err(|error| ApiError::malformed(format!("the body is not valid JSON: {error}")))?
+    };
+    let nul: Vec<Value> = nul_pointers(&payload, "")
+        .into_iter()
+        .map(|pointer| {
+            serde_json::json!({"path": pointer, "message": "holds a NUL character (U+0000), which cannot be stored"})
+        })
+        .collect();
+    if !nul.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            "the payload holds a NUL character (U+0000)",
+            nul,
+        ));
+    }
+    if signal.contains('\0') {
+        // No signal name holds U+0000 (nor can PostgreSQL compare with one).
+        return Err(OperatorError::SignalNotFound {
+            task_id,
+            signal: signal.escape_debug().to_string(),
+        }
+        .into());
+    }
+    let lease_ms = state.publisher.lease_ms();
+    let (signalled, effects) =
+        operations::signal(&state.pool, task_id, &signal, &payload, lease_ms).await?;
+    effects.apply(&state).await;
+    let names: Vec<String> = tasks::steps(&state.pool, task_id)
+        .await?
+        .into_iter()
+        .filter(|step| signalled.steps.contains(&step.step_id))
+        .map(|step| step.name)
+        .collect();
+    Ok(Json(SignalView {
+        task_id,
+        signal,
+        steps: names,
+        completed: signalled.completed,
+    }))
 }
 
 /// `GET /v1/tasks/{task_id}/readiness`: per step, why it is or is not running.

@@ -2,9 +2,10 @@
 -- description, and each parent's results by name (a skipped parent left out, as in a
 -- step message); for a `for_each` step, its list and `max_parallel` from the template,
 -- and how many instances it has (NULL until expanded; then its parents are its
--- instances, which the fan-in reads itself).
+-- instances, which the fan-in reads itself); its handler and config (`tasker.wait`).
 SELECT s.step_id, s.task_id, s.condition, t.context, t.namespace, t.name, t.version,
-       t.priority, t.tags, s.instances, d.step ->> 'for_each' AS for_each,
+       t.priority, t.tags, s.handler, s.config, s.instances,
+       d.step ->> 'for_each' AS for_each,
        (d.step ->> 'max_parallel')::INT AS max_parallel,
        CASE WHEN s.instances IS NULL THEN
            COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))

@@ -28,7 +28,8 @@ pub struct StepReadiness {
     pub attempts: i32,
     /// Attempts allowed.
     pub retry_limit: i32,
-    /// A code: `ready`, `waiting_on_parents`, `waiting_on_instances`, `blocked_by_failed_parent`,
+    /// A code: `ready`, `waiting_on_parents`, `waiting_on_instances`, `waiting_for_signal`,
+    /// `blocked_by_failed_parent`,
     /// `scheduled`, `evaluating_condition`, `skipped`, `in_backoff`,
     /// `concurrency_limited`, `rate_limited`, `attempts_exhausted`, `deferrals_exhausted`,
     /// `failed_permanently`, `enqueued`, `running`, `complete`, `resolved_manually`,

@@ -235,15 +235,15 @@ impl StepPlan {
         if new.bypass_steps.is_empty()
             && steps
                 .iter()
-                .all(|step| step.when.is_none() && step.for_each.is_none())
+                .all(|step| step.when.is_none() && !step.run_by_coordinator())
         {
             return Ok(plan);
         }
         // Parents before children: a step's parents still to finish are its parents not
-        // skipped; one with none is judged now if it has a condition. A `for_each` step
-        // waits to be judged as if its condition were `true` (when it has none): its list
-        // is evaluated then, by the coordinator after the task is written when it has no
-        // parent to wait for.
+        // skipped; one with none is judged now if it has a condition. A step the
+        // coordinator runs (`for_each`, `tasker.wait`) waits to be judged as if its
+        // condition were `true` (when it has none): it fans out or starts waiting then,
+        // by the coordinator after the task is written when it has no parent to wait for.
         let task = condition_task(definition, priority, &new.tags);
         let no_parents = serde_json::json!({});
         for i in parent_first(parents) {
@@ -254,10 +254,10 @@ impl StepPlan {
             if plan.skipped[i].is_some() {
                 continue;
             }
-            let fans_out = steps[i].for_each.is_some();
+            let by_coordinator = steps[i].run_by_coordinator();
             let condition = match &steps[i].when {
                 Some(condition) => condition.as_str(),
-                None if fans_out => "true",
+                None if by_coordinator => "true",
                 None => continue,
             };
             if plan.remaining[i] > 0 {
@@ -265,7 +265,7 @@ impl StepPlan {
                 continue;
             }
             match evaluate_condition(condition, &new.context, &no_parents, &task) {
-                Ok(true) if fans_out => plan.conditions[i] = Some("true".to_owned()),
+                Ok(true) if by_coordinator => plan.conditions[i] = Some("true".to_owned()),
                 Ok(true) => {}
                 Ok(false) => plan.skipped[i] = Some(TransitionReason::ConditionFalse),
                 Err(error) => problems.push(Problem::new(
@@ -370,7 +370,7 @@ impl Creation {
     }
 
     /// The steps to claim with the task: those with no parent to wait for, not skipped
-    /// and not fanning out, when it claims at all.
+    /// and not run by the coordinator, when it claims at all.
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
         let claims = self.claim_lease_ms.is_some();
         self.roots()
@@ -378,10 +378,10 @@ impl Creation {
             .map(|i| self.step_ids[i])
     }
 
-    /// The `for_each` steps without a parent to wait for, to expand once the task is
-    /// written, when it claims and may start now (else the dispatcher finds them when
-    /// they are due).
-    fn first_fan_outs(&self) -> impl Iterator<Item = Uuid> + '_ {
+    /// The steps the coordinator runs (`for_each`, `tasker.wait`) without a parent to
+    /// wait for, to judge once the task is written, when it claims and may start now
+    /// (else the dispatcher finds them when they are due).
+    fn first_coordinator_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
         let now =
             self.claim_lease_ms.is_some() && self.new.run_at.is_none_or(|at| at <= Utc::now());
         self.roots()
@@ -674,11 +674,12 @@ pub async fn create_many(
             }
         }
     }
-    // First steps that fan out: expanded now, their instances claimed.
+    // First steps the coordinator runs: fanned out (the first instances claimed) or
+    // waiting, now.
     let fan_outs: Vec<Uuid> = creations
         .iter()
         .filter(|creation| created.contains_key(&creation.task_id))
-        .flat_map(Creation::first_fan_outs)
+        .flat_map(Creation::first_coordinator_steps)
         .collect();
     if let (false, Some(lease_ms)) = (fan_outs.is_empty(), lease_ms) {
         for dispatch in crate::store::transitions::judge_steps(pool, fan_outs, lease_ms).await? {

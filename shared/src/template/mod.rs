@@ -48,6 +48,7 @@ mod project;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod waits;
 mod walker;
 
 use std::cmp::Reverse;
@@ -66,6 +67,7 @@ pub use limits::{
 };
 use project::walk_project;
 use schema::{compile_schema, guarded};
+pub use waits::{WAIT_HANDLER, wait_timeout_ms};
 use walker::{Walker, kind};
 
 /// Problem codes carried in [`Problem::code`].
@@ -500,6 +502,14 @@ pub struct StepDefinition {
     /// At most so many instances of a `for_each` step run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<i32>,
+}
+
+impl StepDefinition {
+    /// Whether the coordinator takes the step once its parents are done, instead of a
+    /// worker: it fans out (`for_each`) or waits for a signal (`tasker.wait`).
+    pub fn run_by_coordinator(&self) -> bool {
+        self.for_each.is_some() || self.handler == WAIT_HANDLER
+    }
 }
 
 /// One thing wrong with a template (or with a task context).

@@ -6,6 +6,7 @@ use super::backoff::walk_backoff;
 use super::conditions::{walk_for_each, walk_when};
 use super::draft::{Draft, StepDraft, dedup_deps};
 use super::limits::{walk_concurrency, walk_rate_limit, walk_task_concurrency};
+use super::waits::{WAIT_HANDLER, walk_wait};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
@@ -215,6 +216,9 @@ fn walk_project_step(
     let concurrency = walk_concurrency(w, object, &path, name.as_deref());
     let rate_limit = walk_rate_limit(w, object, &path, name.as_deref());
     let when = walk_when(w, object, &path, name.as_deref());
+    if handler.as_deref() == Some(WAIT_HANDLER) {
+        walk_wait(w, object, &path, name.as_deref());
+    }
     let (for_each, max_parallel) =
         walk_for_each(w, object, &path, name.as_deref(), concurrency.is_some());
     StepDraft {

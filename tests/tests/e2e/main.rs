@@ -22,6 +22,7 @@ mod signing;
 mod tasker_engine;
 mod time;
 mod validation;
+mod waits;
 mod workers;
 
 use std::collections::HashMap;

@@ -16,6 +16,10 @@
 //! [`max_fan_out`] fails it (`fan_out_too_large`). It comes back when its last instance
 //! is done, and completes with their results in element order (`fan_out/gather.sql`),
 //! which counts for its children in turn; an empty list completes it at once.
+//!
+//! A `tasker.wait` step comes here the same way; once its condition holds it starts
+//! waiting for its signal (`waits/start.sql`), or completes at once when the signal came
+//! before.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,7 +29,9 @@ use uuid::Uuid;
 
 use super::Dispatch;
 use super::claim::{children_rows, claim_steps};
-use crate::template::{evaluate_condition, evaluate_list, task_variable};
+use crate::template::{
+    WAIT_HANDLER, evaluate_condition, evaluate_list, task_variable, wait_timeout_ms,
+};
 
 /// The most elements a `for_each` list may have unless set otherwise (the coordinator's
 /// `TASKER_MAX_FAN_OUT`).
@@ -54,6 +60,8 @@ struct Pending {
     version: String,
     priority: i16,
     tags: Value,
+    handler: String,
+    config: Value,
     /// The step's instances, once expanded (`for_each`).
     instances: Option<i32>,
     for_each: Option<String>,
@@ -92,6 +100,9 @@ pub(super) async fn judge(
         let mut settle = Settle::default();
         let mut expand = Expand::default();
         let mut gather = Vec::new();
+        let mut waits: (Vec<Uuid>, Vec<Option<i64>>) = Default::default();
+        // Fan-ins and waits completed here: they count for their children.
+        let mut completed = Vec::new();
         let no_parents = Value::Object(Default::default());
         for step in &pending {
             if step.instances.is_some() {
@@ -108,6 +119,11 @@ pub(super) async fn judge(
                 &step.tags,
             );
             let outcome = match evaluate_condition(&step.condition, &step.context, parents, &task) {
+                Ok(true) if step.handler == WAIT_HANDLER => {
+                    waits.0.push(step.step_id);
+                    waits.1.push(wait_timeout_ms(&step.config));
+                    continue;
+                }
                 Ok(true) => match &step.for_each {
                     None => Ok(true),
                     Some(list) => match evaluate_list(list, &step.context, parents, &task) {
@@ -163,22 +179,38 @@ pub(super) async fn judge(
                     .map(|(step, _)| *step),
             );
         }
+        if !waits.0.is_empty() {
+            let started: Vec<(Uuid, Uuid, bool)> =
+                sqlx::query_as(include_str!("../../../sql/waits/start.sql"))
+                    .bind(&waits.0)
+                    .bind(&waits.1)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            // A signal that came before it waited: complete at once.
+            for (step_id, task_id, done) in started {
+                if done {
+                    completed.push(step_id);
+                    judged.tasks.push(task_id);
+                }
+            }
+        }
         if !gather.is_empty() {
-            let (gathered, tasks): (Vec<Uuid>, Vec<Uuid>) =
-                sqlx::query_as::<_, (Uuid, Uuid)>(include_str!("../../../sql/fan_out/gather.sql"))
+            let gathered: Vec<(Uuid, Uuid)> =
+                sqlx::query_as(include_str!("../../../sql/fan_out/gather.sql"))
                     .bind(&gather)
                     .fetch_all(&mut *conn)
-                    .await?
-                    .into_iter()
-                    .unzip();
-            if !gathered.is_empty() {
-                let (dispatches, next) =
-                    children_rows(&mut *conn, &gathered, &[], None, lease_ms).await?;
-                judged.dispatches.extend(dispatches);
-                to_judge.extend(next);
+                    .await?;
+            for (step_id, task_id) in gathered {
+                completed.push(step_id);
                 // A task whose last step this was may finish.
-                judged.tasks.extend(tasks);
+                judged.tasks.push(task_id);
             }
+        }
+        if !completed.is_empty() {
+            let (dispatches, next) =
+                children_rows(&mut *conn, &completed, &[], None, lease_ms).await?;
+            judged.dispatches.extend(dispatches);
+            to_judge.extend(next);
         }
         if settle.ids.is_empty() {
             continue;

@@ -8,12 +8,14 @@
 //! | function | step transition | reason recorded |
 //! |---|---|---|
 //! | [`claim_ready`], [`claim_children`], task creation | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
-//! | `conditions::judge` (inside [`claim_ready`] and [`claim_children`]) | pending → skipped / error; pending (condition cleared, then claimed); a `for_each` step: pending (instances created and claimed), pending → complete when they are done | `condition_false`, `failed` (`expression_error`, `fan_out_too_large`), `condition_true`, `fanned_out`, `instances_done` |
+//! | `conditions::judge` (inside [`claim_ready`] and [`claim_children`]) | pending → skipped / error; pending (condition cleared, then claimed); a `for_each` step: pending (instances created and claimed), pending → complete when they are done; a `tasker.wait` step: pending (waiting), or pending → complete when its signal came before | `condition_false`, `failed` (`expression_error`, `fan_out_too_large`), `condition_true`, `fanned_out`, `instances_done`, `waiting_for_signal`, `signal_received` |
 //! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
 //! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
+//! | [`expire_waits`] | a `tasker.wait` step past its timeout: pending → error | `failed` (`wait_timeout`) |
+//! | [`signal`] | a `tasker.wait` step: pending → complete (its children claimed), or keeps the payload until it waits | `signal_received` |
 //! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error | `deadline_exceeded` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
@@ -47,7 +49,9 @@ pub use conditions::{max_fan_out, set_max_fan_out};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };
-pub use operator::{OperatorError, cancel_task, resolve_step, resolve_task, retry_task};
+pub use operator::{
+    OperatorError, Signalled, cancel_task, resolve_step, resolve_task, retry_task, signal,
+};
 pub use worker::{
     AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
     lock_batch, mark_started, wait_for_steps,
@@ -137,6 +141,16 @@ pub async fn expire_deadlines(
     )
     .await?;
     Ok(expired)
+}
+
+/// Fail up to `limit` `tasker.wait` steps whose timeout passed without their signal
+/// (`wait_timeout`). Rows another coordinator holds are left to it. Returns their tasks,
+/// to finish.
+pub async fn expire_waits(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(include_str!("../../../sql/waits/expire.sql"))
+        .bind(limit)
+        .fetch_all(conn)
+        .await
 }
 
 /// Give back the template-concurrency slots of `tasks`, ended tasks of limited templates

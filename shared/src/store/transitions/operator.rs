@@ -1,4 +1,5 @@
-//! What operators do: cancel a task, retry a failed task, resolve a step by hand.
+//! What operators do: cancel a task, retry a failed task, resolve a step by hand, and
+//! signal a step that waits (`tasker.wait`).
 //!
 //! Each runs in the caller's transaction, locks the task row first (so it serialises
 //! with result application and with other operators), checks the task's state, and
@@ -8,6 +9,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::Dispatch;
 use crate::states::{StepStatus, TaskStatus, TransitionReason};
 
 /// Why an operator action was refused.
@@ -23,6 +25,14 @@ pub enum OperatorError {
         task_id: Uuid,
         /// The step name asked for.
         step: String,
+    },
+    /// No step of the task waits for this signal.
+    #[error("no step of task {task_id} waits for the signal `{signal}`")]
+    SignalNotFound {
+        /// The task.
+        task_id: Uuid,
+        /// The signal asked for.
+        signal: String,
     },
     /// The action does not apply in the task's or step's current state.
     #[error("{0}")]
@@ -206,4 +216,95 @@ pub async fn resolve_step(
         .await?;
     }
     Ok(())
+}
+
+/// What [`signal`] did.
+#[derive(Debug, Default)]
+pub struct Signalled {
+    /// The `tasker.wait` steps that received the signal.
+    pub steps: Vec<Uuid>,
+    /// Whether one of them was waiting, and so completed (the others keep the payload
+    /// until they wait).
+    pub completed: bool,
+    /// Children the completed steps made ready, claimed (lease of `lease_ms`): the
+    /// caller publishes them after the commit.
+    pub claimed: Vec<Dispatch>,
+    /// Steps were left ready for the dispatcher.
+    pub more_ready: bool,
+}
+
+/// Deliver `signal` with `payload` to the `tasker.wait` steps of task `task_id` that wait
+/// for it: one waiting completes with the payload as its results and counts for its
+/// children (claimed here); one whose parents are not done yet keeps the payload and
+/// completes when it would start waiting. The caller finishes the task afterwards.
+///
+/// # Errors
+///
+/// [`OperatorError::TaskNotFound`]; [`OperatorError::SignalNotFound`] when no step of the
+/// task waits for `signal`; [`OperatorError::Conflict`] when the task is finished, or
+/// every such step already received it or no longer waits (timed out, skipped, cancelled).
+pub async fn signal(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    signal: &str,
+    payload: &Value,
+    lease_ms: i64,
+) -> Result<Signalled, OperatorError> {
+    let status = lock_task(conn, task_id).await?;
+    if status.is_finished() {
+        return Err(OperatorError::Conflict(format!(
+            "task {task_id} is {status}; it takes no signal"
+        )));
+    }
+    let delivered: Vec<(Uuid, bool)> =
+        sqlx::query_as(include_str!("../../../sql/waits/signal.sql"))
+            .bind(task_id)
+            .bind(signal)
+            .bind(payload)
+            .fetch_all(&mut *conn)
+            .await?;
+    if delivered.is_empty() {
+        let seen: Vec<(StepStatus, bool)> = sqlx::query_as(
+            "SELECT status, signalled_at IS NOT NULL FROM steps \
+             WHERE task_id = $1 AND handler = 'tasker.wait' AND config ->> 'signal' = $2",
+        )
+        .bind(task_id)
+        .bind(signal)
+        .fetch_all(&mut *conn)
+        .await?;
+        return Err(if seen.is_empty() {
+            OperatorError::SignalNotFound {
+                task_id,
+                signal: signal.to_owned(),
+            }
+        } else if seen.iter().any(|(_, received)| *received) {
+            OperatorError::Conflict(format!(
+                "task {task_id} already received the signal `{signal}`"
+            ))
+        } else {
+            OperatorError::Conflict(format!(
+                "no step of task {task_id} waits for the signal `{signal}` any more ({})",
+                seen.iter()
+                    .map(|(status, _)| status.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        });
+    }
+    let completed: Vec<Uuid> = delivered
+        .iter()
+        .filter(|(_, completed)| *completed)
+        .map(|(step, _)| *step)
+        .collect();
+    let (claimed, more_ready) = if completed.is_empty() {
+        (Vec::new(), false)
+    } else {
+        super::claim_children(conn, &completed, &[], None, lease_ms).await?
+    };
+    Ok(Signalled {
+        steps: delivered.iter().map(|(step, _)| *step).collect(),
+        completed: !completed.is_empty(),
+        claimed,
+        more_ready,
+    })
 }

@@ -1,3 +1,5 @@
+-- Steps the coordinator evaluates or runs: `for_each` (fan-out) and `tasker.wait`.
+--
 -- Fan-out: a step with `for_each` runs once per element of a list, as instances.
 --
 -- - The list is evaluated when the step's parents are done, where conditions are judged
@@ -19,9 +21,24 @@ ALTER TABLE steps
 -- A step's instances in element order: the fan-in reads their results through it.
 CREATE INDEX steps_instances ON steps (fan_out_of, item_index) WHERE fan_out_of IS NOT NULL;
 
+-- `tasker.wait`: a step the coordinator runs, holding no worker slot. It is judged like a
+-- condition (its `when`, else `true`); then it waits: `wait_signal` is the signal it
+-- waits for, its `remaining_parents` is 1 (the signal is its last parent), `wait_until`
+-- when it fails (`wait_timeout`; NULL: never). `signalled_at`: when its signal came (its
+-- payload is its results), which may be before it waits.
+ALTER TABLE steps
+    ADD COLUMN wait_signal TEXT,
+    ADD COLUMN wait_until TIMESTAMPTZ,
+    ADD COLUMN signalled_at TIMESTAMPTZ;
+
+-- The sweeper's look for waits past their timeout.
+CREATE INDEX steps_wait_until ON steps (wait_until)
+    WHERE wait_until IS NOT NULL AND status = 'pending';
+
 -- Readiness of migration 0016 with fan-out: a step whose instances run is
 -- `waiting_on_instances` ("fanned out: k of n instances done"), never waiting on them by
 -- name; an instance held by `max_parallel` names its step; instances follow their step.
+-- A `tasker.wait` step waiting is `waiting_for_signal`.
 CREATE OR REPLACE FUNCTION tasker_step_readiness(p_task_id UUID)
 RETURNS TABLE (
     step_id UUID,
@@ -54,7 +71,8 @@ RETURNS TABLE (
     ),
     judged AS (
         SELECT s.step_id, s.name, s.status, s.position, s.item_index, pa.waiting_on,
-               s.next_attempt_at, s.instances, pa.instances_done, s.fan_out_of,
+               s.next_attempt_at, s.instances, pa.instances_done, s.fan_out_of, s.wait_signal,
+               s.wait_until,
                s.attempts, s.retry_limit, s.last_error, s.deferrals, s.max_deferrals,
                s.concurrency_key, s.concurrency_limit, s.rate_key, s.rate_limit,
                s.rate_window_ms, s.held_task_key, t.concurrency_keys AS task_keys,
@@ -65,6 +83,9 @@ RETURNS TABLE (
                    WHEN s.status = 'skipped' THEN 'skipped'
                    WHEN s.status = 'pending' AND s.instances > 0 AND s.remaining_parents > 0
                        THEN 'waiting_on_instances'
+                   WHEN s.status = 'pending' AND s.wait_signal IS NOT NULL
+                        AND s.remaining_parents > 0
+                       THEN 'waiting_for_signal'
                    WHEN s.condition IS NOT NULL
                         AND tasker_step_claimable(s.status, s.remaining_parents, s.next_attempt_at,
                                                   s.attempts, s.retry_limit)
@@ -151,6 +172,8 @@ RETURNS TABLE (
                WHEN 'evaluating_condition' THEN 'ready; its condition is being evaluated'
                WHEN 'waiting_on_instances' THEN 'fanned out: ' || instances_done || ' of '
                                                 || instances || ' instances done'
+               WHEN 'waiting_for_signal' THEN 'waiting for the signal `' || wait_signal || '`'
+                                              || COALESCE(', until ' || to_char(wait_until AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), '')
                WHEN 'complete' THEN 'finished successfully'
                WHEN 'resolved_manually' THEN 'resolved by an operator'
                WHEN 'cancelled' THEN 'cancelled'
