@@ -31,6 +31,17 @@ ALTER TABLE steps
     ADD COLUMN wait_until TIMESTAMPTZ,
     ADD COLUMN signalled_at TIMESTAMPTZ;
 
+-- A step's definition in its task's template (NULL for a fan-out's instance, whose name
+-- is not the template's): what the coordinator reads of it when it decides about the
+-- step (`for_each`, `max_parallel`, `trigger`), so task creation stores none of it.
+CREATE FUNCTION tasker_step_definition(p_template_id BIGINT, p_name TEXT)
+RETURNS JSONB LANGUAGE sql STABLE AS $$
+    SELECT x.step
+    FROM templates tp
+    CROSS JOIN LATERAL jsonb_array_elements(tp.definition -> 'steps') AS x(step)
+    WHERE tp.template_id = p_template_id AND x.step ->> 'name' = p_name
+$$;
+
 -- The sweeper's look for waits past their timeout.
 CREATE INDEX steps_wait_until ON steps (wait_until)
     WHERE wait_until IS NOT NULL AND status = 'pending';

@@ -146,6 +146,8 @@ status_enum! {
         InstancesDone => "instances_done",
         /// Step: an instance of its `for_each` failed for good (`error`).
         InstanceFailed => "instance_failed",
+        /// Step: a `trigger: one_failed` step none of whose parents failed; skipped.
+        TriggerNotMet => "trigger_not_met",
         /// Step (`tasker.wait`): it waits for its signal (`pending`).
         WaitingForSignal => "waiting_for_signal",
         /// Step (`tasker.wait`): its signal came (`complete`, or kept until it waits).

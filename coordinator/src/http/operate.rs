@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::body::{
-    Fields, JSON_TYPES, body_rejection, content_type, json_object, nul_pointers, path_rejection,
-    storable_value,
+    Fields, JSON_TYPES, StorableJson, body_rejection, content_type, json_object, nul_pointers,
+    path_rejection, storable_value,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
@@ -316,7 +316,7 @@ pub(crate) struct SignalView {
         ("task_id" = Uuid, Path, description = "The task's id."),
         ("signal" = String, Path, description = "The signal, as a `tasker.wait` step's `config.signal` names it."),
     ),
-    request_body(content = Option<Value>, content_type = "application/json",
+    request_body(content = Option<StorableJson>, content_type = "application/json",
         description = "The payload: the waiting step's results, which its dependents see."),
     responses(
         (status = 200, description = "The signal was delivered.", body = SignalView),

@@ -2,10 +2,13 @@
 -- description, and each parent's results by name (a skipped parent left out, as in a
 -- step message); for a `for_each` step, its list and `max_parallel` from the template,
 -- and how many instances it has (NULL until expanded; then its parents are its
--- instances, which the fan-in reads itself); its handler and config (`tasker.wait`).
+-- instances, which the fan-in reads itself); its handler and config (`tasker.wait`);
+-- its `trigger` and whether a parent ended in `error`.
 SELECT s.step_id, s.task_id, s.condition, t.context, t.namespace, t.name, t.version,
        t.priority, t.tags, s.handler, s.config, s.instances,
-       d.step ->> 'for_each' AS for_each,
+       d.step ->> 'for_each' AS for_each, d.step ->> 'trigger' AS trigger,
+       EXISTS (SELECT 1 FROM step_edges e JOIN steps p ON p.step_id = e.from_step
+               WHERE e.to_step = s.step_id AND p.status = 'error') AS parent_failed,
        (d.step ->> 'max_parallel')::INT AS max_parallel,
        CASE WHEN s.instances IS NULL THEN
            COALESCE((SELECT jsonb_object_agg(p.name, COALESCE(p.results, 'null'::jsonb))
@@ -16,8 +19,5 @@ SELECT s.step_id, s.task_id, s.condition, t.context, t.namespace, t.name, t.vers
                     '{}'::jsonb)
        END AS parents
 FROM steps s JOIN tasks t ON t.task_id = s.task_id
-LEFT JOIN LATERAL (SELECT x.step
-                   FROM templates tp
-                   CROSS JOIN LATERAL jsonb_array_elements(tp.definition -> 'steps') AS x(step)
-                   WHERE tp.template_id = t.template_id AND x.step ->> 'name' = s.name) d ON true
+CROSS JOIN LATERAL (SELECT tasker_step_definition(t.template_id, s.name) AS step) d
 WHERE s.step_id = ANY ($1) AND s.condition IS NOT NULL AND s.status = 'pending'

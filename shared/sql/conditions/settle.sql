@@ -1,4 +1,5 @@
--- Write what the conditions of the steps $1 gave ($2: `true`, `false` or `error`, with
+-- Write what the conditions of the steps $1 gave ($2: `true`, `false`, `untriggered` (a
+-- `one_failed` step none of whose parents failed: skipped) or `error`, with
 -- the message $3 and code $4): true clears the condition (the step is claimed next),
 -- false skips the step, an error fails it permanently (`expression_error`, or the code
 -- given: `fan_out_too_large` for a `for_each` list too long) and keeps the condition, so
@@ -12,6 +13,7 @@ changed AS (
     UPDATE steps s
     SET condition = CASE WHEN i.outcome = 'error' THEN s.condition END,
         status = CASE i.outcome WHEN 'false' THEN 'skipped'
+                                WHEN 'untriggered' THEN 'skipped'
                                 WHEN 'error' THEN 'error'
                                 ELSE s.status END,
         completed_at = CASE WHEN i.outcome <> 'true' THEN now() END,
@@ -28,8 +30,10 @@ changed AS (
 history AS (
     INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
     SELECT step_id, task_id, 'pending',
-           CASE outcome WHEN 'false' THEN 'skipped' WHEN 'error' THEN 'error' ELSE 'pending' END,
+           CASE outcome WHEN 'false' THEN 'skipped' WHEN 'untriggered' THEN 'skipped'
+                        WHEN 'error' THEN 'error' ELSE 'pending' END,
            CASE outcome WHEN 'false' THEN 'condition_false'
+                        WHEN 'untriggered' THEN 'trigger_not_met'
                         WHEN 'error' THEN 'failed'
                         ELSE 'condition_true' END,
            CASE WHEN outcome = 'error'

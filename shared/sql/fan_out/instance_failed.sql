@@ -1,5 +1,5 @@
 -- The `for_each` steps of the instances $1 (which failed for good) fail with them, the
--- first failed instance named.
+-- first failed instance named. Returns the steps failed.
 WITH failed AS (
     SELECT DISTINCT ON (i.fan_out_of) i.fan_out_of, i.name
     FROM steps i
@@ -20,3 +20,4 @@ SELECT step_id, task_id, 'pending', 'error', 'instance_failed',
        jsonb_build_object('error_code', 'instance_failed', 'instance', name)
 FROM changed
 ORDER BY step_id
+RETURNING step_id

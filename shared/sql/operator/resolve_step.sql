@@ -1,5 +1,6 @@
 -- Resolve step $2 of task $1 with results $3 (it was in $4; $5 metadata), and count it
--- as done for its dependents. An instance of a `for_each` step counts for that step,
+-- as done for its dependents; those that counted its failure already (`trigger:
+-- all_done` or `one_failed`, resolving a step in `error`) are left as they are. An instance of a `for_each` step counts for that step,
 -- which, failed by its instances (`instance_failed`), waits again for them once none is
 -- left in `error`.
 WITH resolved AS (
@@ -21,6 +22,7 @@ counted AS (
         completed_at = CASE WHEN v.revive THEN NULL ELSE c.completed_at END
     FROM step_edges e
     JOIN resolved r ON r.step_id = e.from_step
+    JOIN tasks t ON t.task_id = r.task_id
     CROSS JOIN LATERAL (
         SELECT c2.status = 'error' AND c2.last_error ->> 'code' = 'instance_failed'
                AND NOT EXISTS (SELECT 1 FROM steps o
@@ -28,6 +30,11 @@ counted AS (
                                  AND o.step_id <> r.step_id) AS revive
         FROM steps c2 WHERE c2.step_id = e.to_step) v
     WHERE c.step_id = e.to_step
+      AND NOT ($4 = 'error'
+               AND NOT EXISTS (SELECT 1 FROM steps f
+                               WHERE f.step_id = r.step_id AND f.fan_out_of = c.step_id)
+               AND COALESCE(tasker_step_definition(t.template_id, c.name) ->> 'trigger'
+                            IN ('all_done', 'one_failed'), false))
     RETURNING c.step_id, c.task_id, v.revive
 )
 INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)

@@ -1,7 +1,7 @@
 -- Fail up to $1 `tasker.wait` steps whose timeout passed without their signal
 -- (`wait_timeout`, for good); they are judged again, and wait again, when an operator
--- retries their task. Rows another coordinator holds are left to it. Returns the
--- steps' tasks.
+-- retries their task. Rows another coordinator holds are left to it. Returns the steps
+-- and their tasks.
 WITH due AS (
     SELECT s.step_id
     FROM steps s
@@ -28,4 +28,4 @@ history AS (
     FROM failed
     ORDER BY step_id
 )
-SELECT DISTINCT task_id FROM failed
+SELECT step_id, task_id FROM failed

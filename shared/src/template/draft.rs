@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::{
     Backoff, ConcurrencyLimit, RateLimit, StepDefinition, TaskConcurrency, TemplateDefinition,
+    Trigger,
 };
 
 /// A dependency reference as written in the source.
@@ -37,6 +38,7 @@ pub(super) struct StepDraft {
     pub(super) when: Option<String>,
     pub(super) for_each: Option<String>,
     pub(super) max_parallel: Option<i32>,
+    pub(super) trigger: Trigger,
 }
 
 /// A template as read from the source, before the graph checks.
@@ -85,6 +87,7 @@ impl Draft {
                     when: step.when,
                     for_each: step.for_each,
                     max_parallel: step.max_parallel,
+                    trigger: step.trigger,
                 })
                 .collect(),
         }

@@ -9,7 +9,7 @@ use super::draft::{Dep, Draft, StepDraft, dedup_deps};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
-    MAX_NAMESPACE_LEN, codes,
+    MAX_NAMESPACE_LEN, Trigger, codes,
 };
 
 pub(super) const LEGACY_TOP_KEYS: &[&str] = &[
@@ -254,6 +254,7 @@ fn walk_legacy_step(
         when: None,
         for_each: None,
         max_parallel: None,
+        trigger: Trigger::AllSuccess,
     }
 }
 

@@ -502,13 +502,59 @@ pub struct StepDefinition {
     /// At most so many instances of a `for_each` step run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<i32>,
+    /// When it runs after its parents: all succeeded (the default), all finished
+    /// whatever the outcome, or one failed.
+    #[serde(default, skip_serializing_if = "Trigger::is_all_success")]
+    pub trigger: Trigger,
+}
+
+/// A step's `trigger`: which outcomes of its parents let it run.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Every parent completed (or was skipped or resolved).
+    #[default]
+    AllSuccess,
+    /// Every parent finished, whatever the outcome: a clean-up step.
+    AllDone,
+    /// Only if a parent ended in `error`: a compensation step. Skipped otherwise.
+    OneFailed,
+}
+
+impl Trigger {
+    /// The default, left out of a stored definition.
+    pub fn is_all_success(&self) -> bool {
+        *self == Trigger::AllSuccess
+    }
+
+    /// The name in a template.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::AllSuccess => "all_success",
+            Trigger::AllDone => "all_done",
+            Trigger::OneFailed => "one_failed",
+        }
+    }
 }
 
 impl StepDefinition {
-    /// Whether the coordinator takes the step once its parents are done, instead of a
-    /// worker: it fans out (`for_each`) or waits for a signal (`tasker.wait`).
+    /// Whether the coordinator decides about the step once its parents are done, before
+    /// any worker sees it: it fans out (`for_each`), waits for a signal (`tasker.wait`),
+    /// or runs only if a parent failed (`trigger: one_failed`).
     pub fn run_by_coordinator(&self) -> bool {
-        self.for_each.is_some() || self.handler == WAIT_HANDLER
+        self.for_each.is_some()
+            || self.handler == WAIT_HANDLER
+            || self.trigger == Trigger::OneFailed
     }
 }
 

@@ -5,12 +5,13 @@ use serde_json::{Map, Value};
 use super::backoff::walk_backoff;
 use super::conditions::{walk_for_each, walk_when};
 use super::draft::{Draft, StepDraft, dedup_deps};
+use super::limits::about;
 use super::limits::{walk_concurrency, walk_rate_limit, walk_task_concurrency};
 use super::waits::{WAIT_HANDLER, walk_wait};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
-    MAX_DEFERRALS, MAX_NAMESPACE_LEN, MAX_PRIORITY, MAX_TIMEOUT_MS,
+    MAX_DEFERRALS, MAX_NAMESPACE_LEN, MAX_PRIORITY, MAX_TIMEOUT_MS, Trigger, codes,
 };
 
 pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
@@ -59,6 +60,7 @@ pub(super) const PROJECT_STEP_KEYS: &[&str] = &[
     "when",
     "for_each",
     "max_parallel",
+    "trigger",
 ];
 pub(super) const PROJECT_STEP_HINTS: &[(&str, &str)] = &[
     ("handler_class", "handler"),
@@ -221,6 +223,7 @@ fn walk_project_step(
     }
     let (for_each, max_parallel) =
         walk_for_each(w, object, &path, name.as_deref(), concurrency.is_some());
+    let trigger = walk_trigger(w, object, &path, name.as_deref(), deps.is_empty());
     StepDraft {
         name_path: join(&path, "name"),
         path,
@@ -241,5 +244,49 @@ fn walk_project_step(
         when,
         for_each,
         max_parallel,
+        trigger,
     }
+}
+
+/// A step's `trigger`; the default when absent or reported as a problem. `first`: the
+/// step has no parents, so only the default means anything.
+fn walk_trigger(
+    w: &mut Walker,
+    object: &Map<String, Value>,
+    path: &str,
+    step: Option<&str>,
+    first: bool,
+) -> Trigger {
+    let Some(text) = w.optional_string(object, path, "trigger") else {
+        return Trigger::AllSuccess;
+    };
+    let trigger = match text {
+        "all_success" => Trigger::AllSuccess,
+        "all_done" => Trigger::AllDone,
+        "one_failed" => Trigger::OneFailed,
+        other => {
+            w.report(
+                join(path, "trigger"),
+                codes::INVALID_VALUE,
+                format!(
+                    "{}: `trigger` is `{other}`: expected `all_success`, `all_done` or `one_failed`",
+                    about(step)
+                ),
+            );
+            return Trigger::AllSuccess;
+        }
+    };
+    if first && trigger != Trigger::AllSuccess {
+        w.report(
+            join(path, "trigger"),
+            codes::INVALID_VALUE,
+            format!(
+                "{}: `trigger: {}` decides on the step's parents, and it has none",
+                about(step),
+                trigger.as_str()
+            ),
+        );
+        return Trigger::AllSuccess;
+    }
+    trigger
 }

@@ -78,6 +78,7 @@ fn expected_project() -> TemplateDefinition {
         when: None,
         for_each: None,
         max_parallel: None,
+        trigger: Trigger::AllSuccess,
     };
     let mut validate = step("validate", "Ecommerce::Validate", &[]);
     validate.description = Some("Check the order".to_owned());
@@ -274,6 +275,7 @@ fn tasker_engine_template_maps_to_definition() {
         when: None,
         for_each: None,
         max_parallel: None,
+        trigger: Trigger::AllSuccess,
     };
     let mut validate = step("validate_order", "ValidateOrder", &[]);
     validate.description = Some("Validate the order contents".to_owned());

@@ -624,6 +624,7 @@ impl GenTemplate {
                         when: None,
                         for_each: None,
                         max_parallel: None,
+                        trigger: Default::default(),
                     }
                 })
                 .collect(),
@@ -749,6 +750,7 @@ impl GenTemplate {
                         when: None,
                         for_each: None,
                         max_parallel: None,
+                        trigger: Default::default(),
                     }
                 })
                 .collect(),

@@ -21,6 +21,7 @@ mod retention;
 mod signing;
 mod tasker_engine;
 mod time;
+mod triggers;
 mod validation;
 mod waits;
 mod workers;

@@ -17,6 +17,9 @@
 //! is done, and completes with their results in element order (`fan_out/gather.sql`),
 //! which counts for its children in turn; an empty list completes it at once.
 //!
+//! A `trigger: one_failed` step comes here too: when none of its parents failed, it is
+//! skipped (history `trigger_not_met`) without its condition being evaluated.
+//!
 //! A `tasker.wait` step comes here the same way; once its condition holds it starts
 //! waiting for its signal (`waits/start.sql`), or completes at once when the signal came
 //! before.
@@ -66,6 +69,9 @@ struct Pending {
     instances: Option<i32>,
     for_each: Option<String>,
     max_parallel: Option<i32>,
+    /// Its `trigger` (NULL: `all_success`), and whether a parent ended in `error`.
+    trigger: Option<String>,
+    parent_failed: bool,
     /// NULL once the step is expanded.
     parents: Option<Value>,
 }
@@ -108,6 +114,11 @@ pub(super) async fn judge(
             if step.instances.is_some() {
                 // Expanded, and its last instance is done.
                 gather.push(step.step_id);
+                continue;
+            }
+            if step.trigger.as_deref() == Some("one_failed") && !step.parent_failed {
+                // A compensation whose parents all succeeded: not run.
+                settle.untriggered(step.step_id);
                 continue;
             }
             let parents = step.parents.as_ref().unwrap_or(&no_parents);
@@ -230,18 +241,28 @@ pub(super) async fn judge(
             .collect();
         let skipped: Vec<Uuid> = settled
             .iter()
-            .filter(|(_, _, outcome)| outcome == "false")
+            .filter(|(_, _, outcome)| outcome == "false" || outcome == "untriggered")
             .map(|(step, _, _)| *step)
             .collect();
+        let errors: Vec<Uuid> = settled
+            .iter()
+            .filter(|(_, _, outcome)| outcome == "error")
+            .map(|(step, _, _)| *step)
+            .collect();
+        // A step failed here counts for its clean-up and compensation children, which are
+        // claimed (or judged) below.
+        let mut held_too = super::failures::failed(&mut *conn, &errors).await?;
         judged.tasks.extend(
             settled
                 .iter()
                 .filter(|(_, _, outcome)| outcome != "true")
                 .map(|(_, task, _)| *task),
         );
-        if !held.is_empty() {
-            let (dispatches, _) = claim_steps(&mut *conn, &held, lease_ms).await?;
+        held_too.extend(held);
+        if !held_too.is_empty() {
+            let (dispatches, next) = claim_steps(&mut *conn, &held_too, lease_ms).await?;
             judged.dispatches.extend(dispatches);
+            to_judge.extend(next);
         }
         if !skipped.is_empty() {
             let (dispatches, next) =
@@ -272,6 +293,12 @@ impl Settle {
             Ok(false) => self.record("false", None, None),
             Err((code, message)) => self.record("error", Some(message), Some(code)),
         }
+    }
+
+    /// A `one_failed` step none of whose parents failed: skipped.
+    fn untriggered(&mut self, step_id: Uuid) {
+        self.ids.push(step_id);
+        self.record("untriggered", None, None);
     }
 
     fn record(

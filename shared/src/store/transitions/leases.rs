@@ -36,7 +36,9 @@ struct ExpiredRow {
 /// was found lost ([`release_lost_queue`]): it goes back to `waiting_for_retry`, ready at
 /// once, and the attempt is not counted. A step whose publish the broker confirmed has no
 /// lease ([`record_publish`]): a long queue never sends it back. A step `in_progress` past its lease
-/// lost its worker: that is a retryable timeout (or `error` when attempts are exhausted).
+/// lost its worker: that is a retryable timeout (or `error` when attempts are exhausted,
+/// which counts for its clean-up and compensation children: they are left ready for the
+/// dispatcher).
 ///
 /// With `running: false` only `enqueued` steps are healed: the caller could not hear
 /// workers' heartbeats lately (database or broker unreachable), so a running step's
@@ -50,8 +52,16 @@ pub async fn expire_leases(
         sqlx::query_as(include_str!("../../../sql/leases/expire_leases.sql"))
             .bind(limit)
             .bind(running)
-            .fetch_all(conn)
+            .fetch_all(&mut *conn)
             .await?;
+    // Out of attempts: counted for their `for_each` steps and clean-up children (which
+    // the dispatcher claims once ready).
+    let failed: Vec<Uuid> = rows
+        .iter()
+        .filter(|r| r.to_status == StepStatus::Error)
+        .map(|r| r.step_id)
+        .collect();
+    super::failures::failed(conn, &failed).await?;
 
     // A claimed step always has a token: the claim set it.
     let requeued: Vec<(Uuid, Uuid)> = rows

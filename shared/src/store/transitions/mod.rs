@@ -39,6 +39,7 @@
 
 pub mod claim;
 mod conditions;
+mod failures;
 mod leases;
 mod operator;
 mod worker;
@@ -144,13 +145,20 @@ pub async fn expire_deadlines(
 }
 
 /// Fail up to `limit` `tasker.wait` steps whose timeout passed without their signal
-/// (`wait_timeout`). Rows another coordinator holds are left to it. Returns their tasks,
-/// to finish.
+/// (`wait_timeout`); their clean-up and compensation children are left ready for the
+/// dispatcher. Rows another coordinator holds are left to it. Returns their tasks, to
+/// finish.
 pub async fn expire_waits(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(include_str!("../../../sql/waits/expire.sql"))
+    let failed: Vec<(Uuid, Uuid)> = sqlx::query_as(include_str!("../../../sql/waits/expire.sql"))
         .bind(limit)
-        .fetch_all(conn)
-        .await
+        .fetch_all(&mut *conn)
+        .await?;
+    let steps: Vec<Uuid> = failed.iter().map(|(step, _)| *step).collect();
+    failures::failed(conn, &steps).await?;
+    let mut tasks: Vec<Uuid> = failed.into_iter().map(|(_, task)| task).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    Ok(tasks)
 }
 
 /// Give back the template-concurrency slots of `tasks`, ended tasks of limited templates

@@ -116,6 +116,12 @@ pub async fn retry_task(
         )));
     }
     let metadata = json!({"reason": reason});
+    // First, while the failed steps are still in `error`: their clean-up and
+    // compensation children wait for them again.
+    sqlx::query(include_str!("../../../sql/triggers/uncount_failed.sql"))
+        .bind(task_id)
+        .execute(&mut *conn)
+        .await?;
     let reset = sqlx::query(include_str!("../../../sql/operator/retry_task.sql"))
         .bind(task_id)
         .bind(&metadata)

@@ -378,15 +378,11 @@ pub async fn apply_results(
         .iter()
         .any(|step| current.get(step).is_some_and(|row| row.keyed));
     let freed = write.execute(&mut *conn).await?;
-    if !failed.is_empty() {
-        // An instance of a `for_each` step failed for good: so does the step.
-        sqlx::query(include_str!("../../../sql/fan_out/instance_failed.sql"))
-            .bind(&failed)
-            .execute(&mut *conn)
-            .await?;
-    }
-    let (claimed, more_ready) =
+    let (mut claimed, more_ready) =
         claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
+    // Steps failed for good: their `for_each` steps fail, their clean-up and compensation
+    // children may run.
+    claimed.extend(super::failures::failed_and_claimed(&mut *conn, &failed, lease_ms).await?);
     // A task whose instances complete is not finished while their step waits for more:
     // asked here by primary key, it spares counting all its steps (thousands) per batch.
     let mut fan_outs: Vec<Uuid> = completed

@@ -1,0 +1,57 @@
+//! What a step's failure for good does beyond the step: an instance of a `for_each` step
+//! fails that step (`fan_out/instance_failed.sql`), and the children that run whatever
+//! their parents' outcome (`trigger: all_done`) or only after a failure (`one_failed`)
+//! count the failed steps as finished (`triggers/count_failed.sql`). Every path that
+//! fails a step calls [`failed`]: results, conditions and lists that cannot be
+//! evaluated, expired leases, waits past their timeout.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::Dispatch;
+use super::claim::{FIRST_INSTANCES_CLAIMED, claim_steps};
+
+/// Count the steps `failed` (just failed for good) for their `for_each` steps and their
+/// children; returns the children this made ready, for the caller to claim (or to leave
+/// to the dispatcher).
+pub(super) async fn failed(conn: &mut PgConnection, failed: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    if failed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut all: Vec<Uuid> =
+        sqlx::query_scalar(include_str!("../../../sql/fan_out/instance_failed.sql"))
+            .bind(failed)
+            .fetch_all(&mut *conn)
+            .await?;
+    all.extend_from_slice(failed);
+    let counted: Vec<(Uuid, bool)> =
+        sqlx::query_as(include_str!("../../../sql/triggers/count_failed.sql"))
+            .bind(&all)
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(counted
+        .into_iter()
+        .filter(|(_, ready)| *ready)
+        .map(|(step, _)| step)
+        .collect())
+}
+
+/// [`failed`], then claim (or judge) the children it made ready, with a lease of
+/// `lease_ms`. Returns the claimed steps.
+pub(super) async fn failed_and_claimed(
+    conn: &mut PgConnection,
+    steps: &[Uuid],
+    lease_ms: i64,
+) -> sqlx::Result<Vec<Dispatch>> {
+    let ready = failed(conn, steps).await?;
+    if ready.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut dispatches, to_judge) = claim_steps(conn, &ready, lease_ms).await?;
+    if !to_judge.is_empty() {
+        let judged =
+            super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
+        dispatches.extend(judged.dispatches);
+    }
+    Ok(dispatches)
+}
