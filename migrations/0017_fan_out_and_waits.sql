@@ -179,7 +179,7 @@ RETURNS TABLE (
                                         || ' for key ' || key
                                         || '; next slot at '
                                         || to_char(next_attempt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
-               WHEN 'skipped' THEN 'skipped (bypassed at creation, or its condition was false); its dependents go on without it'
+               WHEN 'skipped' THEN 'skipped (bypassed at creation, its condition was false, or no parent failed for a one_failed step); its dependents go on without it'
                WHEN 'evaluating_condition' THEN 'ready; its condition is being evaluated'
                WHEN 'waiting_on_instances' THEN 'fanned out: ' || instances_done || ' of '
                                                 || instances || ' instances done'

@@ -110,7 +110,8 @@ status_enum! {
         Cancelled => "cancelled",
         /// An operator resolved it by hand; its dependents may run.
         ResolvedManually => "resolved_manually",
-        /// Not run: bypassed at creation, or its `when` condition was false. Its
+        /// Not run: bypassed at creation, its `when` condition was false, or none of the
+        /// parents of a `trigger: one_failed` step failed. Its
         /// dependents take it as done.
         Skipped => "skipped",
     }
