@@ -38,18 +38,7 @@ steps:
 const WAIT: Duration = Duration::from_secs(120);
 
 async fn finished(env: &TestEnv, task_id: uuid::Uuid) -> tasker_tests::Task {
-    env.api
-        .wait_for_task(
-            task_id,
-            &[
-                TaskStatus::Complete,
-                TaskStatus::Error,
-                TaskStatus::Cancelled,
-            ],
-            WAIT,
-        )
-        .await
-        .unwrap()
+    crate::finished(env, task_id, WAIT).await
 }
 
 #[tokio::test]
@@ -387,12 +376,7 @@ steps:
 "#;
     let (status, body) = env.register_template(template).await.unwrap();
     assert_eq!(status, 422, "{body}");
-    let problems: Vec<(&str, &str)> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["path"].as_str().unwrap(), p["code"].as_str().unwrap()))
-        .collect();
+    let problems = crate::problems(&body);
     assert!(
         problems.contains(&("steps[0].for_each", "invalid_expression")),
         "{body}"

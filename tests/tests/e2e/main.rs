@@ -48,6 +48,37 @@ pub(crate) async fn step_history(
     .expect("step history")
 }
 
+/// The task once it finished (`complete`, `error` or `cancelled`), within `timeout`.
+pub(crate) async fn finished(
+    env: &tasker_tests::TestEnv,
+    task_id: uuid::Uuid,
+    timeout: std::time::Duration,
+) -> tasker_tests::Task {
+    use tasker_tests::TaskStatus;
+    env.api
+        .wait_for_task(
+            task_id,
+            &[
+                TaskStatus::Complete,
+                TaskStatus::Error,
+                TaskStatus::Cancelled,
+            ],
+            timeout,
+        )
+        .await
+        .unwrap()
+}
+
+/// The (path, code) of each problem an error answer lists.
+pub(crate) fn problems(body: &Value) -> Vec<(&str, &str)> {
+    body["error"]["details"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no details in {body}"))
+        .iter()
+        .map(|p| (p["path"].as_str().unwrap(), p["code"].as_str().unwrap()))
+        .collect()
+}
+
 /// How many tasks the database holds.
 pub(crate) async fn task_count(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM tasks")

@@ -38,14 +38,7 @@ async fn run(env: &TestEnv, name: &str) -> tasker_tests::Task {
         .create_task(&json!({"namespace": "saga", "name": name}))
         .await
         .unwrap();
-    env.api
-        .wait_for_task(
-            task.task_id,
-            &[TaskStatus::Complete, TaskStatus::Error],
-            WAIT,
-        )
-        .await
-        .unwrap()
+    crate::finished(env, task.task_id, WAIT).await
 }
 
 #[tokio::test]
@@ -158,12 +151,7 @@ async fn malformed_triggers_are_refused_at_registration() {
     let template = "namespace: saga\nname: bad\nsteps:\n  - {name: a, handler: tasker.noop, trigger: one_failed}\n  - {name: b, handler: tasker.noop, depends_on: [a], trigger: sometimes}\n";
     let (status, body) = env.register_template(template).await.unwrap();
     assert_eq!(status, 422, "{body}");
-    let problems: Vec<(&str, &str)> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["path"].as_str().unwrap(), p["code"].as_str().unwrap()))
-        .collect();
+    let problems = crate::problems(&body);
     assert_eq!(
         problems,
         [

@@ -112,15 +112,7 @@ async fn a_waiting_step_holds_no_worker_slot_and_completes_with_the_signal() {
         .unwrap();
     assert_eq!(status, 409, "{body}");
 
-    let done = env
-        .api
-        .wait_for_task(
-            task.task_id,
-            &[TaskStatus::Complete, TaskStatus::Error],
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let done = crate::finished(&env, task.task_id, WAIT).await;
     assert_eq!(done.status, TaskStatus::Complete);
     assert_eq!(done.step("approve").results, Some(json!({"by": "ann"})));
     assert_eq!(
@@ -190,15 +182,7 @@ steps:
         .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["completed"], false, "{body}");
-    let done = env
-        .api
-        .wait_for_task(
-            early.task_id,
-            &[TaskStatus::Complete, TaskStatus::Error],
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let done = crate::finished(&env, early.task_id, WAIT).await;
     assert_eq!(done.status, TaskStatus::Complete);
     assert_eq!(done.step("approve").results, Some(json!({"ok": true})));
 
@@ -208,15 +192,7 @@ steps:
         .create_task(&json!({"namespace": "wait", "name": "slow"}))
         .await
         .unwrap();
-    let done = env
-        .api
-        .wait_for_task(
-            late.task_id,
-            &[TaskStatus::Complete, TaskStatus::Error],
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let done = crate::finished(&env, late.task_id, WAIT).await;
     assert_eq!(done.status, TaskStatus::Error);
     let approve = done.step("approve");
     assert_eq!(approve.status, StepStatus::Error);
@@ -242,15 +218,7 @@ steps:
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let done = env
-        .api
-        .wait_for_task(
-            late.task_id,
-            &[TaskStatus::Complete, TaskStatus::Error],
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let done = crate::finished(&env, late.task_id, WAIT).await;
     assert_eq!(done.status, TaskStatus::Complete);
     env.finish().await.unwrap();
 }
@@ -273,12 +241,7 @@ steps:
 "#;
     let (status, body) = env.register_template(template).await.unwrap();
     assert_eq!(status, 422, "{body}");
-    let problems: Vec<(&str, &str)> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["path"].as_str().unwrap(), p["code"].as_str().unwrap()))
-        .collect();
+    let problems = crate::problems(&body);
     for expected in [
         ("steps[0].config", "missing_key"),
         ("steps[1].config.signal", "invalid_value"),
