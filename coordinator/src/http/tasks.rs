@@ -400,7 +400,14 @@ pub(crate) async fn list(
     let mut problem = |path: &str, message: String| {
         problems.push(json!({"path": path, "message": message}));
     };
+    let mut tags_given = 0;
     for (key, value) in query {
+        if key == "tag" {
+            tags_given += 1;
+            if tags_given == MAX_TAGS + 1 {
+                problem("tag", format!("at most {MAX_TAGS} `tag` parameters"));
+            }
+        }
         match key.as_str() {
             "tag" if value.is_empty() || value.chars().count() > SHORT_TEXT => {
                 problem("tag", format!("a tag must be 1 to {SHORT_TEXT} characters"));
@@ -423,12 +430,7 @@ pub(crate) async fn list(
                     ),
                 ),
             },
-            "tag" => {
-                filter.tags.push(value);
-                if filter.tags.len() == MAX_TAGS + 1 {
-                    problem("tag", format!("at most {MAX_TAGS} `tag` parameters"));
-                }
-            }
+            "tag" => filter.tags.push(value),
             "created_after" | "created_before" => match DateTime::parse_from_rfc3339(&value) {
                 Ok(at) if key == "created_after" => filter.created_after = Some(at.to_utc()),
                 Ok(at) => filter.created_before = Some(at.to_utc()),

@@ -656,6 +656,20 @@ async fn bad_ids_and_query_parameters_are_named() {
         assert_eq!(answer.status, StatusCode::OK, "{query}: {}", answer.body);
         assert_eq!(answer.body["tasks"], json!([]), "{query}");
     }
+    // More than 20 tags is refused whatever the tags hold, U+0000 or nothing.
+    let many = (0..19)
+        .map(|i| format!("tag=t{i}"))
+        .chain(["tag=a%00b".into(), "tag=".into()])
+        .collect::<Vec<_>>()
+        .join("&");
+    let answer = get(format!("/v1/tasks?{many}")).await;
+    refused(
+        &answer,
+        "21 tags",
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        &["at most 20 `tag` parameters", "a tag must be 1 to"],
+    );
     for path in [
         "/v1/templates/host%00ile/target",
         "/v1/templates/hostile/tar%00get",
