@@ -84,16 +84,43 @@ pub(crate) async fn cancel_task(
     task_id: Uuid,
     reason: Option<&str>,
 ) -> Result<(u64, Effects), OperatorError> {
+    let mut tries = 0;
+    let cancelled = loop {
+        // A deadlock with a child task finishing at the same moment: again.
+        match cancel_transaction(pool, task_id, reason).await {
+            Err(OperatorError::Database(sqlx::Error::Database(error)))
+                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
+            {
+                tries += 1;
+                tracing::warn!(%error, tries, "cancel chosen as a deadlock victim; again");
+            }
+            result => break result?,
+        }
+    };
+    tracing::info!(%task_id, steps_cancelled = cancelled.steps,
+        child_tasks_cancelled = cancelled.descendants.len(), reason = ?reason,
+        "task cancelled");
+    let mut tasks = vec![task_id];
+    tasks.extend(cancelled.descendants);
+    let effects = Effects {
+        wake_events: true,
+        // The step that started a cancelled child task is to be judged.
+        wake_dispatcher: true,
+        cancelled: tasks,
+        ..Effects::default()
+    };
+    Ok((cancelled.steps, effects))
+}
+
+async fn cancel_transaction(
+    pool: &PgPool,
+    task_id: Uuid,
+    reason: Option<&str>,
+) -> Result<transitions::Cancelled, OperatorError> {
     let mut tx = pool.begin().await?;
     let cancelled = transitions::cancel_task(&mut tx, task_id, reason).await?;
     tx.commit().await?;
-    tracing::info!(%task_id, steps_cancelled = cancelled, reason = ?reason, "task cancelled");
-    let effects = Effects {
-        wake_events: true,
-        cancelled: vec![task_id],
-        ..Effects::default()
-    };
-    Ok((cancelled, effects))
+    Ok(cancelled)
 }
 
 /// Retry a task in `error` ([`transitions::retry_task`]). Answers how many steps were
@@ -126,7 +153,8 @@ pub(crate) async fn resolve_step(
 ) -> Result<Effects, OperatorError> {
     let mut tx = pool.begin().await?;
     transitions::resolve_step(&mut tx, task_id, step, results, reason).await?;
-    transitions::finish_tasks(&mut tx, &[task_id]).await?;
+    // Steps a finished child makes ready are left to the dispatcher, woken below.
+    transitions::finish_tasks(&mut tx, &[task_id], None).await?;
     tx.commit().await?;
     tracing::info!(%task_id, %step, reason = ?reason, "step resolved manually");
     Ok(Effects {
@@ -147,8 +175,10 @@ pub(crate) async fn signal(
 ) -> Result<(transitions::Signalled, Effects), OperatorError> {
     let mut tx = pool.begin().await?;
     let mut signalled = transitions::signal(&mut tx, task_id, signal, payload, lease_ms).await?;
-    transitions::finish_tasks(&mut tx, &[task_id]).await?;
+    let finished = transitions::finish_tasks(&mut tx, &[task_id], Some(lease_ms)).await?;
     tx.commit().await?;
+    signalled.claimed.extend(finished.claimed);
+    signalled.more_ready |= finished.more_ready;
     tracing::info!(%task_id, %signal, steps = signalled.steps.len(),
         completed = signalled.completed, "signal received");
     let effects = Effects {
@@ -207,11 +237,12 @@ pub(crate) async fn bulk_batch(
             result => break result?,
         }
     };
+    let (changed, descendants) = changed;
     let effects = Effects {
         wake_events: true,
-        wake_dispatcher: action == BulkAction::Retry,
+        wake_dispatcher: true,
         cancelled: match action {
-            BulkAction::Cancel => changed.clone(),
+            BulkAction::Cancel => changed.iter().chain(&descendants).copied().collect(),
             BulkAction::Retry => Vec::new(),
         },
         ..Effects::default()
@@ -224,20 +255,26 @@ async fn bulk_transaction(
     ids: &[Uuid],
     action: BulkAction,
     reason: Option<&str>,
-) -> Result<Vec<Uuid>, OperatorError> {
+) -> Result<(Vec<Uuid>, Vec<Uuid>), OperatorError> {
     let mut tx = pool.begin().await?;
     let mut changed = Vec::with_capacity(ids.len());
+    // Child tasks cancelled with their parents.
+    let mut descendants = Vec::new();
     for &task_id in ids {
         let outcome = match action {
-            BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason).await,
-            BulkAction::Retry => transitions::retry_task(&mut tx, task_id, reason).await,
+            BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason)
+                .await
+                .map(|cancelled| descendants.extend(cancelled.descendants)),
+            BulkAction::Retry => transitions::retry_task(&mut tx, task_id, reason)
+                .await
+                .map(|_| ()),
         };
         match outcome {
-            Ok(_) => changed.push(task_id),
+            Ok(()) => changed.push(task_id),
             Err(OperatorError::Conflict(_) | OperatorError::TaskNotFound(_)) => {}
             Err(error) => return Err(error),
         }
     }
     tx.commit().await?;
-    Ok(changed)
+    Ok((changed, descendants))
 }

@@ -231,8 +231,12 @@ impl ResultProcessor {
         let mut applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
-        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish()).await?;
-        let claimed = std::mem::take(&mut applied.claimed);
+        let finished =
+            transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms)).await?;
+        let mut claimed = std::mem::take(&mut applied.claimed);
+        claimed.extend(finished.claimed);
+        let finished_children = finished.more_ready;
+        let finished = finished.tasks;
         tx.commit().await?;
         drop(spans);
         self.wake_events.notify_one();
@@ -249,6 +253,7 @@ impl ResultProcessor {
         // dispatcher offers those.
         if applied.retries_scheduled > 0
             || applied.more_ready
+            || finished_children
             || finished.iter().any(|task| task.limited)
         {
             self.wake_dispatcher.notify_one();

@@ -221,8 +221,10 @@ impl Sweeper {
         let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
         let mut tasks = expired.tasks.clone();
         tasks.extend(&waits);
-        let finished = transitions::finish_tasks(&mut tx, &tasks).await?;
+        // Steps of finished children are left to the dispatcher, woken below.
+        let finished = transitions::finish_tasks(&mut tx, &tasks, None).await?;
         tx.commit().await?;
+        let finished = finished.tasks;
         self.ended_late(&late).await;
         self.metrics.workers_lost(&expired.lost_workers);
         self.metrics.finished(&finished);
@@ -264,6 +266,7 @@ impl Sweeper {
                 namespace: task.namespace.clone(),
                 status: TaskStatus::Error,
                 limited: task.limited,
+                has_parent: false,
             })
             .collect();
         self.metrics.finished(&finished);

@@ -153,6 +153,16 @@ status_enum! {
         WaitingForSignal => "waiting_for_signal",
         /// Step (`tasker.wait`): its signal came (`complete`, or kept until it waits).
         SignalReceived => "signal_received",
+        /// Step (`tasker.task`): it started its child task and waits for it (`pending`).
+        ChildTaskStarted => "child_task_started",
+        /// Step (`tasker.task`): its child task completed (`complete`, with the child's
+        /// leaf results).
+        ChildTaskDone => "child_task_done",
+        /// Step (`tasker.task`): its child task failed and is retried, an attempt of the
+        /// step (`pending`).
+        ChildTaskRetried => "child_task_retried",
+        /// Task: its parent task was cancelled.
+        ParentCancelled => "parent_cancelled",
         /// Task: past its deadline (`timeout` or `deadline`), ended in `error`; step: its
         /// task's deadline cancelled it.
         DeadlineExceeded => "deadline_exceeded",

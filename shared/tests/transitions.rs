@@ -144,11 +144,11 @@ impl TestDb {
         let applied = transitions::apply_results(&mut tx, results, LEASE_MS)
             .await
             .unwrap();
-        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish())
+        let finished = transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(30_000))
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        (applied, finished.len())
+        (applied, finished.tasks.len())
     }
 }
 
@@ -533,7 +533,7 @@ async fn leases_expire_operators_resolve_and_cancel() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(cancelled, 3, "b, c running and d pending");
+    assert_eq!(cancelled.steps, 3, "b, c running and d pending");
     assert_eq!(db.task_status(task).await, TaskStatus::Cancelled);
     let (applied, _) = db
         .apply(&[result(&children[0], Outcome::Success, None)])

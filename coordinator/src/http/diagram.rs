@@ -453,6 +453,7 @@ mod tests {
             instances: None,
             instance_of: of.map(str::to_owned),
             index: None,
+            child_task_id: None,
         }
     }
 

@@ -27,7 +27,7 @@ use super::templates::{
 };
 use tasker_shared::states::{StepStatus, TaskStatus};
 use tasker_shared::store::inspect::{ExecutionContext, StepReadiness, Transition};
-use tasker_shared::store::tasks::{StepRecord, TaskRecord};
+use tasker_shared::store::tasks::{ChildTask, StepRecord, TaskRecord};
 use tasker_shared::store::templates::{TemplateRecord, TemplateSummary};
 use tasker_shared::template::{StepDefinition, TemplateDefinition};
 
@@ -79,6 +79,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         TaskStatus,
         StepRecord,
         StepStatus,
+        ChildTask,
         ExecutionContext,
         TaskPage,
         ListTag,

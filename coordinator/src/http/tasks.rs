@@ -23,7 +23,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{
-    self, Created, Creation, NewTask, Order, Page, StepRecord, TaskFilter, TaskRecord,
+    self, ChildTask, Created, Creation, NewTask, Order, Page, StepRecord, TaskFilter, TaskRecord,
 };
 use tasker_shared::template::{MAX_PRIORITY, Problem};
 
@@ -34,6 +34,8 @@ pub(crate) struct TaskView {
     task: TaskRecord,
     /// The task's steps.
     steps: Vec<StepRecord>,
+    /// The tasks its `tasker.task` steps started, oldest first.
+    children: Vec<ChildTask>,
     /// Where the task stands: computed on read, absent from the answer to a create.
     #[serde(skip_serializing_if = "Option::is_none")]
     execution: Option<ExecutionContext>,
@@ -312,6 +314,8 @@ pub(crate) async fn create(
                 Json(TaskView {
                     task,
                     steps,
+                    // A child starts once the creation committed: listed on GET.
+                    children: Vec::new(),
                     execution: None,
                 }),
             ))
@@ -517,11 +521,13 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
         .await?
         .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
     let steps = tasks::steps(&mut *tx, task_id).await?;
+    let children = tasks::children(&mut *tx, task_id).await?;
     let execution = inspect::execution_context(&mut *tx, task_id).await?;
     tx.commit().await?;
     Ok(TaskView {
         task,
         steps,
+        children,
         execution,
     })
 }

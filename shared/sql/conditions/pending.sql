@@ -3,9 +3,14 @@
 -- step message); for a `for_each` step, its list and `max_parallel` from the template,
 -- and how many instances it has (NULL until expanded; then its parents are its
 -- instances, which the fan-in reads itself); its handler and config (`tasker.wait`);
--- its `trigger` and whether a parent ended in `error`.
-SELECT s.step_id, s.task_id, s.condition, t.context, t.namespace, t.name, t.version,
-       t.priority, t.tags, s.handler, s.config, s.instances,
+-- its `trigger` and whether a parent ended in `error`; for a `tasker.task` step, what a
+-- child inherits (trace, deadline), its child (once started) and the child's status, and
+-- its attempts.
+SELECT s.step_id, s.task_id, s.name AS step_name, s.condition, t.context, t.namespace,
+       t.name, t.version, t.priority, t.tags, t.trace_parent, t.deadline_at, s.handler,
+       s.config, s.instances, s.child_task_id,
+       (SELECT c.status FROM tasks c WHERE c.task_id = s.child_task_id) AS child_status,
+       s.attempts, s.retry_limit, s.retryable,
        d.step ->> 'for_each' AS for_each, d.step ->> 'trigger' AS trigger,
        EXISTS (SELECT 1 FROM step_edges e JOIN steps p ON p.step_id = e.from_step
                WHERE e.to_step = s.step_id AND p.status = 'error') AS parent_failed,

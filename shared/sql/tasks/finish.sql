@@ -38,7 +38,8 @@ finished AS (
     FROM locked l
     WHERE t.task_id = l.task_id
     RETURNING t.task_id, t.namespace, t.status, l.from_status,
-              t.concurrency_keys IS NOT NULL AS limited
+              t.concurrency_keys IS NOT NULL AS limited,
+              t.parent_step_id IS NOT NULL AS has_parent
 ),
 history AS (
     INSERT INTO task_transitions (task_id, from_status, to_status, reason)
@@ -46,4 +47,4 @@ history AS (
            CASE WHEN status = 'complete' THEN 'all_steps_done' ELSE 'blocked_by_failures' END
     FROM finished
 )
-SELECT task_id, namespace, status, limited FROM finished
+SELECT task_id, namespace, status, limited, has_parent FROM finished

@@ -1,12 +1,12 @@
 -- A task's ($1) steps in template order (a `for_each` step followed by its instances in
 -- element order), each with the names of its parents (a step's instances are not among
--- them).
+-- them), and a `tasker.task` step's child.
 SELECT s.step_id, s.name, s.handler, s.status, s.attempts, s.retry_limit, s.deferrals,
        s.retryable,
        s.timeout_ms, s.results, s.last_error, s.next_attempt_at, s.started_at,
        s.completed_at, s.instances,
        (SELECT f.name FROM steps f WHERE f.step_id = s.fan_out_of) AS instance_of,
-       s.item_index AS index,
+       s.item_index AS index, s.child_task_id,
        ARRAY(SELECT p.name FROM step_edges e JOIN steps p ON p.step_id = e.from_step
              WHERE e.to_step = s.step_id AND p.fan_out_of IS NULL
              ORDER BY p.position) AS depends_on

@@ -54,6 +54,8 @@ pub struct TaskRecord {
     /// When it ends in `error` (`deadline_exceeded`) unless finished: the earlier of its
     /// creation's `deadline` and its template's `timeout` from when it may start.
     pub deadline_at: Option<DateTime<Utc>>,
+    /// The task whose `tasker.task` step started this one, if any.
+    pub parent_task_id: Option<Uuid>,
 }
 
 /// A step as the API shows it.
@@ -98,6 +100,30 @@ pub struct StepRecord {
     /// An instance: its element's index in the list, from 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<i32>,
+    /// A `tasker.task` step: the child task it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_task_id: Option<Uuid>,
+}
+
+/// A task that a `tasker.task` step started, as its parent task lists it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ChildTask {
+    /// The child task.
+    pub task_id: Uuid,
+    /// The parent's step that started it.
+    pub step: String,
+    /// Its template's namespace.
+    pub namespace: String,
+    /// Its template's name.
+    pub name: String,
+    /// Its template's version.
+    pub version: String,
+    /// Its status.
+    pub status: TaskStatus,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it finished.
+    pub completed_at: Option<DateTime<Utc>>,
 }
 
 /// What a caller asks for when creating a task (already checked against the template).
@@ -147,7 +173,7 @@ const TEMPLATE_CHANGED: &str = "TK001";
 
 const TASK_COLUMNS: &str = "task_id, namespace, name, version, status, priority, context, \
      initiator, source_system, reason, tags, idempotency_key, created_at, updated_at, \
-     completed_at, run_at, deadline_at";
+     completed_at, run_at, deadline_at, parent_task_id";
 
 /// A task about to be created: the caller's request, checked against its template, with
 /// the ids of the task and its steps chosen.
@@ -369,6 +395,11 @@ impl Creation {
         })
     }
 
+    /// The id chosen for the task.
+    pub fn task_id(&self) -> Uuid {
+        self.task_id
+    }
+
     /// The steps to claim with the task: those with no parent to wait for, not skipped
     /// and not run by the coordinator, when it claims at all.
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
@@ -440,6 +471,7 @@ impl Creation {
             completed_at: None,
             run_at: new.run_at,
             deadline_at: self.deadline_at,
+            parent_task_id: None,
         }
     }
 
@@ -502,6 +534,7 @@ impl Creation {
                 instances: None,
                 instance_of: None,
                 index: None,
+                child_task_id: None,
             })
             .collect();
         Created::New(task, steps, dispatches)
@@ -562,6 +595,134 @@ pub async fn create_many(
     pool: &PgPool,
     creations: &[Creation],
 ) -> sqlx::Result<Vec<sqlx::Result<Created>>> {
+    let rows = insert(pool, creations).await?;
+    let lease_ms = creations
+        .iter()
+        .find_map(|creation| creation.claim_lease_ms);
+    let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
+    for row in &rows {
+        let task_id: Uuid = row.try_get("created_task_id")?;
+        let (_, dispatches, _) =
+            created
+                .entry(task_id)
+                .or_insert((row.try_get("created_at")?, Vec::new(), false));
+        dispatches.extend(claimed_in(row)?);
+    }
+    // A task its template's concurrency cancelled at once (on_limit: cancel_newest). Asked
+    // for those templates only, by primary key.
+    let limited: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| !creation.limits.task.is_empty())
+        .map(|creation| creation.task_id)
+        .collect();
+    if !limited.is_empty() {
+        let cancelled: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT task_id FROM tasks WHERE task_id = ANY($1) AND status = 'cancelled'",
+        )
+        .bind(&limited)
+        .fetch_all(pool)
+        .await?;
+        for task_id in cancelled {
+            if let Some((_, _, cancelled)) = created.get_mut(&task_id) {
+                *cancelled = true;
+            }
+        }
+    }
+    // First steps the coordinator runs: fanned out (the first instances claimed) or
+    // waiting, now.
+    let fan_outs: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| created.contains_key(&creation.task_id))
+        .flat_map(Creation::first_coordinator_steps)
+        .collect();
+    if let (false, Some(lease_ms)) = (fan_outs.is_empty(), lease_ms) {
+        // The first steps of child tasks started here (`tasker.task`) go with the first
+        // creation that judged any: the caller publishes each creation's dispatches.
+        let judging = creations
+            .iter()
+            .find(|creation| {
+                created.contains_key(&creation.task_id)
+                    && creation.first_coordinator_steps().next().is_some()
+            })
+            .map(|creation| creation.task_id);
+        for dispatch in crate::store::transitions::judge_steps(pool, fan_outs, lease_ms).await? {
+            let task_id = if created.contains_key(&dispatch.message.task_id) {
+                dispatch.message.task_id
+            } else {
+                judging.unwrap_or_default()
+            };
+            if let Some((_, dispatches, _)) = created.get_mut(&task_id) {
+                dispatches.push(dispatch);
+            }
+        }
+    }
+    // A task whose every step was skipped at creation is complete at once.
+    let all_skipped: Vec<Uuid> = creations
+        .iter()
+        .filter(|creation| creation.all_skipped() && created.contains_key(&creation.task_id))
+        .map(|creation| creation.task_id)
+        .collect();
+    if !all_skipped.is_empty() {
+        let mut tx = pool.begin().await?;
+        // No new task has a parent: nothing is left for the dispatcher.
+        crate::store::transitions::finish_tasks(&mut tx, &all_skipped, None).await?;
+        tx.commit().await?;
+    }
+    let mut outcomes = Vec::with_capacity(creations.len());
+    for creation in creations {
+        let (created_at, claimed, cancelled) = match created.remove(&creation.task_id) {
+            Some((created_at, claimed, cancelled)) => (Some(created_at), claimed, cancelled),
+            None => (None, Vec::new(), false),
+        };
+        outcomes.push(creation.outcome(pool, created_at, claimed, cancelled).await);
+    }
+    Ok(outcomes)
+}
+
+/// A child task [`create_children`] created.
+#[derive(Debug)]
+pub(crate) struct NewChild {
+    /// The child.
+    pub task_id: Uuid,
+    /// Its first steps, claimed.
+    pub dispatches: Vec<Dispatch>,
+    /// Its first steps the coordinator runs, to judge.
+    pub to_judge: Vec<Uuid>,
+    /// Every step was skipped at creation: it is to finish at once.
+    pub all_skipped: bool,
+}
+
+/// Create child tasks (without idempotency keys) in the caller's transaction, claiming
+/// their first steps: what [`create_many`] writes, in one statement, without judging or
+/// finishing anything (the caller does, in the same transaction).
+pub(crate) async fn create_children(
+    conn: &mut sqlx::PgConnection,
+    creations: &[Creation],
+) -> sqlx::Result<Vec<NewChild>> {
+    let rows = insert(&mut *conn, creations).await?;
+    let mut claimed: HashMap<Uuid, Vec<Dispatch>> = HashMap::new();
+    for row in &rows {
+        let task_id: Uuid = row.try_get("created_task_id")?;
+        claimed.entry(task_id).or_default().extend(claimed_in(row)?);
+    }
+    Ok(creations
+        .iter()
+        .map(|creation| NewChild {
+            task_id: creation.task_id,
+            dispatches: claimed.remove(&creation.task_id).unwrap_or_default(),
+            to_judge: creation.first_coordinator_steps().collect(),
+            all_skipped: creation.all_skipped(),
+        })
+        .collect())
+}
+
+/// Write `creations` with `tasker_create_tasks`: one row per claimed first step of each
+/// created task (one with a NULL step for a task with none), none for a task whose
+/// idempotency key was taken.
+async fn insert<'e>(
+    db: impl PgExecutor<'e>,
+    creations: &[Creation],
+) -> sqlx::Result<Vec<sqlx::postgres::PgRow>> {
     let mut tasks = TaskColumns::default();
     let mut steps = StepColumns::default();
     let (mut edge_task_ids, mut edge_from, mut edge_to) = (Vec::new(), Vec::new(), Vec::new());
@@ -586,7 +747,7 @@ pub async fn create_many(
         creation.plan.skipped.iter().any(Option::is_some)
             || creation.plan.conditions.iter().any(Option::is_some)
     });
-    let rows = sqlx::query(
+    sqlx::query(
         "SELECT * \
          FROM tasker_create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
@@ -643,71 +804,8 @@ pub async fn create_many(
     .bind(shapes.then_some(steps.skipped))
     .bind(shapes.then_some(steps.conditions))
     .bind(keyed.then_some(tasks.keyed))
-    .fetch_all(pool)
-    .await?;
-    let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
-    for row in &rows {
-        let task_id: Uuid = row.try_get("created_task_id")?;
-        let (_, dispatches, _) =
-            created
-                .entry(task_id)
-                .or_insert((row.try_get("created_at")?, Vec::new(), false));
-        dispatches.extend(claimed_in(row)?);
-    }
-    // A task its template's concurrency cancelled at once (on_limit: cancel_newest). Asked
-    // for those templates only, by primary key.
-    let limited: Vec<Uuid> = creations
-        .iter()
-        .filter(|creation| !creation.limits.task.is_empty())
-        .map(|creation| creation.task_id)
-        .collect();
-    if !limited.is_empty() {
-        let cancelled: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT task_id FROM tasks WHERE task_id = ANY($1) AND status = 'cancelled'",
-        )
-        .bind(&limited)
-        .fetch_all(pool)
-        .await?;
-        for task_id in cancelled {
-            if let Some((_, _, cancelled)) = created.get_mut(&task_id) {
-                *cancelled = true;
-            }
-        }
-    }
-    // First steps the coordinator runs: fanned out (the first instances claimed) or
-    // waiting, now.
-    let fan_outs: Vec<Uuid> = creations
-        .iter()
-        .filter(|creation| created.contains_key(&creation.task_id))
-        .flat_map(Creation::first_coordinator_steps)
-        .collect();
-    if let (false, Some(lease_ms)) = (fan_outs.is_empty(), lease_ms) {
-        for dispatch in crate::store::transitions::judge_steps(pool, fan_outs, lease_ms).await? {
-            if let Some((_, dispatches, _)) = created.get_mut(&dispatch.message.task_id) {
-                dispatches.push(dispatch);
-            }
-        }
-    }
-    // A task whose every step was skipped at creation is complete at once.
-    let all_skipped: Vec<Uuid> = creations
-        .iter()
-        .filter(|creation| creation.all_skipped() && created.contains_key(&creation.task_id))
-        .map(|creation| creation.task_id)
-        .collect();
-    if !all_skipped.is_empty() {
-        let mut tx = pool.begin().await?;
-        crate::store::transitions::finish_tasks(&mut tx, &all_skipped).await?;
-        tx.commit().await?;
-    }
-    let mut outcomes = Vec::with_capacity(creations.len());
-    for creation in creations {
-        let (created_at, claimed, cancelled) = match created.remove(&creation.task_id) {
-            Some((created_at, claimed, cancelled)) => (Some(created_at), claimed, cancelled),
-            None => (None, Vec::new(), false),
-        };
-        outcomes.push(creation.outcome(pool, created_at, claimed, cancelled).await);
-    }
-    Ok(outcomes)
+    .fetch_all(db)
+    .await
 }
 
 /// The task columns of a batch, one entry per task.
@@ -866,6 +964,19 @@ pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<V
         .bind(task_id)
         .fetch_all(db)
         .await
+}
+
+/// The child tasks of task `task_id` (started by its `tasker.task` steps), oldest first.
+pub async fn children<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Vec<ChildTask>> {
+    sqlx::query_as(
+        "SELECT c.task_id, s.name AS step, c.namespace, c.name, c.version, c.status, \
+                c.created_at, c.completed_at \
+         FROM tasks c JOIN steps s ON s.step_id = c.parent_step_id \
+         WHERE c.parent_task_id = $1 ORDER BY c.task_id",
+    )
+    .bind(task_id)
+    .fetch_all(db)
+    .await
 }
 
 /// Which tasks to read, list or operate on. Every criterion narrows; none is "every task".

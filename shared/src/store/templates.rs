@@ -94,20 +94,20 @@ pub async fn register(pool: &PgPool, definition: &TemplateDefinition) -> sqlx::R
 
 /// A template by namespace and name: the given version, or else the highest by semver
 /// (`tasker_find_template`, planned once per connection).
-pub async fn find(
-    pool: &PgPool,
+pub async fn find<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     namespace: &str,
     name: &str,
     version: Option<&str>,
 ) -> sqlx::Result<Option<TemplateRecord>> {
-    Ok(find_newest(pool, namespace, name, version)
+    Ok(find_newest(db, namespace, name, version)
         .await?
         .map(|(template, _)| template))
 }
 
 /// [`find`], and how many versions it chose from.
-async fn find_newest(
-    pool: &PgPool,
+async fn find_newest<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     namespace: &str,
     name: &str,
     version: Option<&str>,
@@ -116,7 +116,7 @@ async fn find_newest(
         .bind(namespace)
         .bind(name)
         .bind(version)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     let versions = rows.len();
     let newest = rows

@@ -186,6 +186,35 @@ pub fn evaluate_list(
     }
 }
 
+/// Evaluate a `tasker.task` step's child context `source` with the variables of
+/// [`evaluate_condition`].
+///
+/// # Errors
+///
+/// Why it gave no JSON object: as [`evaluate_condition`], or a value that is not JSON.
+pub fn evaluate_map(
+    source: &str,
+    context: &Value,
+    parents: &Value,
+    task: &Value,
+) -> Result<Value, String> {
+    match execute(source, context, parents, task)? {
+        map @ cel::Value::Map(_) => map
+            .json()
+            .map_err(|error| format!("`{source}` gave a value that is not JSON: {error}")),
+        other => Err(format!("`{source}` gave a {}, not a map", other.type_of())),
+    }
+}
+
+/// Compile an expression over the variables of a condition.
+///
+/// # Errors
+///
+/// Why it does not compile, or the variable it names that a condition cannot use.
+pub(super) fn compile_expression(source: &str) -> Result<(), String> {
+    compile_with(source, VARIABLES, VARIABLES_TEXT).map(|_| ())
+}
+
 /// Run `source` with the variables `context`, `parents` and `task`.
 fn execute(
     source: &str,

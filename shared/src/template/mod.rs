@@ -38,6 +38,7 @@
 //! * `graph`: duplicate names, unknown and self dependencies, and cycles.
 
 mod backoff;
+mod child_tasks;
 mod conditions;
 mod document;
 mod draft;
@@ -55,7 +56,10 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
-pub use conditions::{condition_task, evaluate_condition, evaluate_list, task_variable};
+pub use child_tasks::{ChildTemplate, TASK_HANDLER};
+pub use conditions::{
+    condition_task, evaluate_condition, evaluate_list, evaluate_map, task_variable,
+};
 use document::parse_document;
 pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;
@@ -550,10 +554,12 @@ impl Trigger {
 impl StepDefinition {
     /// Whether the coordinator decides about the step once its parents are done, before
     /// any worker sees it: it fans out (`for_each`), waits for a signal (`tasker.wait`),
+    /// starts a child task (`tasker.task`),
     /// or runs only if a parent failed (`trigger: one_failed`).
     pub fn run_by_coordinator(&self) -> bool {
         self.for_each.is_some()
             || self.handler == WAIT_HANDLER
+            || self.handler == TASK_HANDLER
             || self.trigger == Trigger::OneFailed
     }
 }

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::backoff::walk_backoff;
+use super::child_tasks::{TASK_HANDLER, walk_child_task};
 use super::conditions::{walk_for_each, walk_when};
 use super::draft::{Draft, StepDraft, dedup_deps};
 use super::limits::about;
@@ -218,8 +219,10 @@ fn walk_project_step(
     let concurrency = walk_concurrency(w, object, &path, name.as_deref());
     let rate_limit = walk_rate_limit(w, object, &path, name.as_deref());
     let when = walk_when(w, object, &path, name.as_deref());
-    if handler.as_deref() == Some(WAIT_HANDLER) {
-        walk_wait(w, object, &path, name.as_deref());
+    match handler.as_deref() {
+        Some(WAIT_HANDLER) => walk_wait(w, object, &path, name.as_deref()),
+        Some(TASK_HANDLER) => walk_child_task(w, object, &path, name.as_deref()),
+        _ => {}
     }
     let (for_each, max_parallel) =
         walk_for_each(w, object, &path, name.as_deref(), concurrency.is_some());

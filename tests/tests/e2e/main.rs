@@ -3,6 +3,7 @@
 //! own database and queue prefix (see `tasker_tests::TestEnv`).
 
 mod auth;
+mod child_tasks;
 mod conditions;
 mod coordinators;
 mod creation;

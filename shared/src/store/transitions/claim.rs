@@ -94,9 +94,15 @@ pub async fn claim_ready(
         // A fan-out claims at most one batch of its instances here: a full batch keeps
         // the dispatcher claiming, and the rest are ready steps.
         let judged = super::conditions::judge(&mut tx, to_judge, lease_ms, limit as usize).await?;
-        super::finish_tasks(&mut tx, &judged.tasks).await?;
+        let finished = super::finish_tasks(&mut tx, &judged.tasks, Some(lease_ms)).await?;
         tx.commit().await?;
         dispatches.extend(judged.dispatches);
+        dispatches.extend(finished.claimed);
+        // Steps left ready (a retried child task's): claimed now, while there is room.
+        let room = limit - dispatches.len() as i64;
+        if (judged.more_ready || finished.more_ready) && room > 0 {
+            dispatches.extend(Box::pin(claim_ready(conn, room, lease_ms, false)).await?);
+        }
     }
     Ok(dispatches)
 }
@@ -118,9 +124,11 @@ pub(crate) async fn judge_steps(
     let mut tx = pool.begin().await?;
     let judged =
         super::conditions::judge(&mut tx, step_ids, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
-    super::finish_tasks(&mut tx, &judged.tasks).await?;
+    let finished = super::finish_tasks(&mut tx, &judged.tasks, Some(lease_ms)).await?;
     tx.commit().await?;
-    Ok(judged.dispatches)
+    let mut dispatches = judged.dispatches;
+    dispatches.extend(finished.claimed);
+    Ok(dispatches)
 }
 
 /// Count the completion of `completed` steps against their children, and claim each

@@ -23,6 +23,9 @@
 //! A `tasker.wait` step comes here the same way; once its condition holds it starts
 //! waiting for its signal (`waits/start.sql`), or completes at once when the signal came
 //! before.
+//!
+//! A `tasker.task` step too: once its condition holds it starts its child task, and it
+//! comes back when the child ends ([`super::child_tasks`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -30,10 +33,14 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use chrono::{DateTime, Utc};
+
 use super::Dispatch;
+use super::child_tasks::{self, ChildStep};
 use super::claim::{children_rows, claim_steps};
+use crate::states::TaskStatus;
 use crate::template::{
-    WAIT_HANDLER, evaluate_condition, evaluate_list, task_variable, wait_timeout_ms,
+    TASK_HANDLER, WAIT_HANDLER, evaluate_condition, evaluate_list, task_variable, wait_timeout_ms,
 };
 
 /// The most elements a `for_each` list may have unless set otherwise (the coordinator's
@@ -56,6 +63,7 @@ pub fn set_max_fan_out(max: usize) {
 struct Pending {
     step_id: Uuid,
     task_id: Uuid,
+    step_name: String,
     condition: String,
     context: Value,
     namespace: String,
@@ -63,8 +71,16 @@ struct Pending {
     version: String,
     priority: i16,
     tags: Value,
+    trace_parent: Option<String>,
+    deadline_at: Option<DateTime<Utc>>,
     handler: String,
     config: Value,
+    /// A `tasker.task` step's child, once started, and the child's status.
+    child_task_id: Option<Uuid>,
+    child_status: Option<TaskStatus>,
+    attempts: i32,
+    retry_limit: i32,
+    retryable: bool,
     /// The step's instances, once expanded (`for_each`).
     instances: Option<i32>,
     for_each: Option<String>,
@@ -107,6 +123,7 @@ pub(super) async fn judge(
         let mut expand = Expand::default();
         let mut gather = Vec::new();
         let mut waits: (Vec<Uuid>, Vec<Option<i64>>) = Default::default();
+        let mut children = Vec::new();
         // Fan-ins and waits completed here: they count for their children.
         let mut completed = Vec::new();
         let no_parents = Value::Object(Default::default());
@@ -135,6 +152,25 @@ pub(super) async fn judge(
                     waits.1.push(wait_timeout_ms(&step.config));
                     continue;
                 }
+                Ok(true) if step.handler == TASK_HANDLER => {
+                    children.push(ChildStep {
+                        step_id: step.step_id,
+                        task_id: step.task_id,
+                        step_name: step.step_name.clone(),
+                        config: step.config.clone(),
+                        context: step.context.clone(),
+                        parents: parents.clone(),
+                        task,
+                        priority: step.priority,
+                        trace_parent: step.trace_parent.clone(),
+                        deadline_at: step.deadline_at,
+                        child: step.child_task_id.zip(step.child_status),
+                        attempts: step.attempts,
+                        retry_limit: step.retry_limit,
+                        retryable: step.retryable,
+                    });
+                    continue;
+                }
                 Ok(true) => match &step.for_each {
                     None => Ok(true),
                     Some(list) => match evaluate_list(list, &step.context, parents, &task) {
@@ -161,6 +197,17 @@ pub(super) async fn judge(
             settle.push(step.step_id, outcome);
         }
         to_judge = Vec::new();
+        if !children.is_empty() {
+            let ran = child_tasks::run(&mut *conn, children, lease_ms).await?;
+            judged.dispatches.extend(ran.dispatches);
+            judged.tasks.extend(ran.tasks);
+            judged.more_ready |= ran.more_ready;
+            to_judge.extend(ran.to_judge);
+            completed.extend(ran.completed);
+            for (step_id, code, message) in ran.failed {
+                settle.push(step_id, Err((code, message)));
+            }
+        }
         if !expand.step_ids.is_empty() {
             let instances: Vec<Uuid> =
                 sqlx::query_scalar(include_str!("../../../sql/fan_out/expand.sql"))

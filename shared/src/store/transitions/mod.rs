@@ -13,11 +13,12 @@
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
-//! | [`finish_tasks`] | task in_progress → complete / error | `all_steps_done`, `blocked_by_failures` |
+//! | `child_tasks::run` (inside `conditions::judge`) | a `tasker.task` step: pending (its child task created, its first steps claimed), pending → complete when the child completed, pending (the child retried), or pending → error | `child_task_started`, `child_task_done`, `child_task_retried`, `failed` (`child_task_failed`, `child_task_cancelled`, `template_not_found`, `invalid_context`) |
+//! | [`finish_tasks`] | task in_progress → complete / error; the step that started a finished child judged | `all_steps_done`, `blocked_by_failures` |
 //! | [`expire_waits`] | a `tasker.wait` step past its timeout: pending → error | `failed` (`wait_timeout`) |
 //! | [`signal`] | a `tasker.wait` step: pending → complete (its children claimed), or keeps the payload until it waits | `signal_received` |
 //! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error | `deadline_exceeded` |
-//! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled | `task_cancelled`, `cancelled_by_operator` |
+//! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled, and its unfinished child tasks with it | `task_cancelled`, `cancelled_by_operator`, `parent_cancelled` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
 //! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
 //! | [`resolve_task`] | none; task error → resolved_manually | `resolved_by_operator` |
@@ -37,6 +38,7 @@
 //! analyzed the planner guesses that each step has a two-hundredth of all edges, and
 //! scanned the whole table instead.
 
+mod child_tasks;
 pub mod claim;
 mod conditions;
 mod failures;
@@ -51,7 +53,8 @@ pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
 };
 pub use operator::{
-    OperatorError, Signalled, cancel_task, resolve_step, resolve_task, retry_task, signal,
+    Cancelled, OperatorError, Signalled, cancel_task, resolve_step, resolve_task, retry_task,
+    signal,
 };
 pub use worker::{
     AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
@@ -75,15 +78,66 @@ pub struct FinishedTask {
     /// Whether its template limits its tasks (`concurrency`): its finishing frees a slot
     /// of its keys, which the dispatcher offers to a waiting task.
     pub limited: bool,
+    /// Whether a `tasker.task` step started it: that step is judged now.
+    pub has_parent: bool,
+}
+
+/// What [`finish_tasks`] did.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// The tasks finished: those asked for that could, and the parent tasks their ends
+    /// finished in turn.
+    pub tasks: Vec<FinishedTask>,
+    /// Steps that finished children made ready, claimed: the caller publishes them once
+    /// it committed.
+    pub claimed: Vec<Dispatch>,
+    /// Steps were left ready for the dispatcher.
+    pub more_ready: bool,
 }
 
 /// Finish the given tasks that can finish: `complete` when every step is complete or
 /// resolved; `error` when a step is in `error` and nothing else can run (no step queued,
 /// running, waiting for a retry, or ready).
+///
+/// A finished task that a `tasker.task` step started hands that step back to the
+/// coordinator ([`child_tasks`]): with `lease_ms`, it is judged here (completed with the
+/// child's results, its child retried, or failed), its children claimed, and its task
+/// finished in turn; without, it is left ready for the dispatcher (`more_ready`).
 pub async fn finish_tasks(
     conn: &mut PgConnection,
     tasks: &[Uuid],
-) -> sqlx::Result<Vec<FinishedTask>> {
+    lease_ms: Option<i64>,
+) -> sqlx::Result<Finished> {
+    let mut finished = Finished::default();
+    let mut tasks = tasks.to_vec();
+    while !tasks.is_empty() {
+        let round = finish_round(conn, &tasks).await?;
+        let children: Vec<Uuid> = round
+            .iter()
+            .filter(|task| task.has_parent)
+            .map(|task| task.task_id)
+            .collect();
+        finished.tasks.extend(round);
+        let woken = child_tasks::wake_parents(conn, &children).await?;
+        if woken.is_empty() {
+            break;
+        }
+        let Some(lease_ms) = lease_ms else {
+            finished.more_ready = true;
+            break;
+        };
+        // The parents' tasks may finish in turn.
+        let judged =
+            conditions::judge(conn, woken, lease_ms, claim::FIRST_INSTANCES_CLAIMED).await?;
+        finished.claimed.extend(judged.dispatches);
+        finished.more_ready |= judged.more_ready;
+        tasks = judged.tasks;
+    }
+    Ok(finished)
+}
+
+/// [`finish_tasks`] without the parents of finished children.
+async fn finish_round(conn: &mut PgConnection, tasks: &[Uuid]) -> sqlx::Result<Vec<FinishedTask>> {
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
@@ -136,6 +190,9 @@ pub async fn expire_deadlines(
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
+    // Children among them: their steps are left ready for the dispatcher.
+    let ended: Vec<Uuid> = expired.iter().map(|task| task.task_id).collect();
+    child_tasks::wake_parents(conn, &ended).await?;
     free_slots(
         conn,
         expired.iter().filter(|t| t.limited).map(|t| t.task_id),

@@ -69,14 +69,26 @@ async fn move_task(
     Ok(())
 }
 
+/// What [`cancel_task`] did.
+#[derive(Debug, Default)]
+pub struct Cancelled {
+    /// How many steps were cancelled, of the task and of its descendants.
+    pub steps: u64,
+    /// The task's unfinished child tasks (`tasker.task`), their children and so on,
+    /// cancelled with it.
+    pub descendants: Vec<Uuid>,
+}
+
 /// Cancel a task: every unfinished step becomes `cancelled` (results still in flight
-/// will be fenced out) and the task `cancelled`. Refused once the task has finished.
-/// Returns how many steps were cancelled.
+/// will be fenced out) and the task `cancelled`, and so do its unfinished child tasks,
+/// theirs and so on (history `parent_cancelled`). Refused once the task has finished. A
+/// task that a `tasker.task` step started hands that step back to the coordinator, which
+/// fails it (`child_task_cancelled`).
 pub async fn cancel_task(
     conn: &mut PgConnection,
     task_id: Uuid,
     reason: Option<&str>,
-) -> Result<u64, OperatorError> {
+) -> Result<Cancelled, OperatorError> {
     let status = lock_task(conn, task_id).await?;
     if status.is_finished() {
         return Err(OperatorError::Conflict(format!(
@@ -84,12 +96,10 @@ pub async fn cancel_task(
         )));
     }
     let metadata = json!({"reason": reason});
-    let cancelled = sqlx::query(include_str!("../../../sql/operator/cancel_task.sql"))
-        .bind(task_id)
-        .bind(&metadata)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let mut cancelled = Cancelled {
+        steps: cancel_steps(conn, task_id, &metadata).await?,
+        descendants: Vec::new(),
+    };
     move_task(
         conn,
         task_id,
@@ -99,7 +109,52 @@ pub async fn cancel_task(
         &metadata,
     )
     .await?;
+    let mut parents = vec![task_id];
+    while !parents.is_empty() {
+        let children: Vec<(Uuid, Uuid, TaskStatus)> = sqlx::query_as(
+            "SELECT task_id, parent_task_id, status FROM tasks \
+             WHERE parent_task_id = ANY($1) AND status IN ('pending', 'in_progress') \
+             ORDER BY task_id FOR UPDATE",
+        )
+        .bind(&parents)
+        .fetch_all(&mut *conn)
+        .await?;
+        parents = Vec::with_capacity(children.len());
+        for (child, parent, status) in children {
+            let metadata = json!({"reason": reason, "parent_task_id": parent});
+            cancelled.steps += cancel_steps(conn, child, &metadata).await?;
+            move_task(
+                conn,
+                child,
+                status,
+                TaskStatus::Cancelled,
+                TransitionReason::ParentCancelled,
+                &metadata,
+            )
+            .await?;
+            parents.push(child);
+        }
+        cancelled.descendants.extend(&parents);
+    }
+    // The step that started this task, if it still waits for it.
+    super::child_tasks::wake_parents(conn, &[task_id]).await?;
     Ok(cancelled)
+}
+
+/// Cancel every unfinished step of a task; returns how many.
+async fn cancel_steps(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    metadata: &Value,
+) -> sqlx::Result<u64> {
+    Ok(
+        sqlx::query(include_str!("../../../sql/operator/cancel_task.sql"))
+            .bind(task_id)
+            .bind(metadata)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+    )
 }
 
 /// Retry a task in `error`: its failed steps go back to `pending` with a fresh attempt

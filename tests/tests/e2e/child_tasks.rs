@@ -1,0 +1,341 @@
+//! `tasker.task`: a step the coordinator runs, holding no worker slot, that starts a task
+//! of another template and completes with its leaf results; retried, failed and
+//! cancelled with it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tasker_tests::{StepStatus, TaskStatus, TestEnv, binary};
+use uuid::Uuid;
+
+/// A region's import: `load` and `count` are its leaves.
+const REGION: &str = r#"namespace: kids
+name: region
+context_schema:
+  type: object
+  required: [region]
+  properties: {region: {type: string}}
+steps:
+  - name: fetch
+    handler: tasker.echo
+  - name: load
+    handler: tasker.echo
+    depends_on: [fetch]
+  - name: count
+    handler: tasker.noop
+"#;
+
+/// Plans, imports a region as a child task, reports.
+const NIGHTLY: &str = r#"namespace: kids
+name: nightly
+steps:
+  - name: plan
+    handler: tasker.echo
+  - name: import
+    handler: tasker.task
+    depends_on: [plan]
+    config:
+      namespace: kids
+      name: region
+      context: '{"region": context.region, "planned": parents.plan.context.region}'
+  - name: report
+    handler: tasker.echo
+    depends_on: [import]
+"#;
+
+/// A child that waits for a signal, and its parent.
+const HELD: &str = "namespace: kids\nname: held\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n";
+const HOLDER: &str = "namespace: kids\nname: holder\nsteps:\n  - {name: start, handler: tasker.task, config: {namespace: kids, name: held}}\n  - {name: after, handler: tasker.noop, depends_on: [start]}\n";
+
+/// A child that always fails, and a parent whose step tries it twice.
+const BROKEN: &str = "namespace: kids\nname: broken\nsteps:\n  - {name: boom, handler: tasker.fail, retry_limit: 1, config: {kind: permanent}}\n";
+const TRIER: &str = "namespace: kids\nname: trier\nsteps:\n  - {name: try, handler: tasker.task, retry_limit: 2, config: {namespace: kids, name: broken}}\n  - {name: clean, handler: tasker.noop, depends_on: [try], trigger: all_done}\n";
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn register(env: &TestEnv, templates: &[&str]) {
+    for template in templates {
+        let (status, body) = env.register_template(template).await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+}
+
+async fn task_json(env: &TestEnv, task_id: Uuid) -> Value {
+    let (status, body) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The child of a parent's step, once started.
+async fn child_of(env: &TestEnv, parent: Uuid, step: &str) -> Uuid {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let task = task_json(env, parent).await;
+        if let Some(child) = TestEnv::step(&task, step)["child_task_id"].as_str() {
+            return child.parse().unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{step} started no child: {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_child_task_runs_on_the_only_worker_slot_and_completes_its_step_with_its_leaves() {
+    let mut env = TestEnv::start("child-tasks").await.unwrap();
+    register(&env, &[REGION, NIGHTLY]).await;
+    // One worker running one step at a time: the step that waits for its child holds none.
+    env.start_worker_with(binary("tasker-worker"), "one", &["kids"], 1, &[])
+        .await
+        .unwrap();
+
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "nightly", "context": {"region": "eu"}}))
+        .await
+        .unwrap();
+    let done = crate::finished(&env, task.task_id, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+
+    // The step's results are the child's leaves by name; its dependents see them.
+    let import = done.step("import");
+    let results = import.results.clone().unwrap();
+    let mut leaves: Vec<&String> = results.as_object().unwrap().keys().collect();
+    leaves.sort();
+    assert_eq!(leaves, ["count", "load"], "{results}");
+    assert_eq!(
+        results["load"]["context"],
+        json!({"region": "eu", "planned": "eu"})
+    );
+    assert_eq!(results["count"], json!({}));
+    assert_eq!(
+        done.step("report").results.clone().unwrap()["parents"]["import"],
+        results
+    );
+    assert_eq!(import.attempts, 1);
+
+    // The parent lists its child; the child names its parent.
+    let parent = task_json(&env, task.task_id).await;
+    let child_id = TestEnv::step(&parent, "import")["child_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let children = parent["children"].as_array().unwrap();
+    assert_eq!(children.len(), 1, "{parent}");
+    assert_eq!(children[0]["task_id"], child_id.as_str());
+    assert_eq!(children[0]["step"], "import");
+    assert_eq!(children[0]["name"], "region");
+    assert_eq!(children[0]["status"], "complete");
+    assert_eq!(parent["parent_task_id"], Value::Null);
+    let child = task_json(&env, child_id.parse().unwrap()).await;
+    assert_eq!(child["parent_task_id"], task.task_id.to_string());
+    assert_eq!(child["status"], "complete");
+    assert_eq!(child["context"], json!({"region": "eu", "planned": "eu"}));
+
+    let history: Vec<String> = crate::step_history(&env.pool, task.task_id)
+        .await
+        .into_iter()
+        .filter(|(name, ..)| name == "import")
+        .map(|(_, _, to, reason, _)| format!("{to}:{reason}"))
+        .collect();
+    assert_eq!(
+        history,
+        ["pending:child_task_started", "complete:child_task_done"],
+        "{history:?}"
+    );
+
+    // A context the child's schema refuses fails the step for good.
+    let bad = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "nightly", "context": {"region": 7}}))
+        .await
+        .unwrap();
+    let failed = crate::finished(&env, bad.task_id, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    let error = failed.step("import").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("invalid_context"), "{error:?}");
+    assert!(error.message.contains("kids/region"), "{error:?}");
+    assert_eq!(failed.step("report").status, StepStatus::Pending);
+    assert!(
+        task_json(&env, bad.task_id).await["children"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_step() {
+    let mut env = TestEnv::start("child-cancel").await.unwrap();
+    register(&env, &[HELD, HOLDER]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let holder = json!({"namespace": "kids", "name": "holder"});
+    let create = || env.api.create_task(&holder);
+
+    // The waiting step says which child it waits for.
+    let parent = create().await.unwrap();
+    let child = child_of(&env, parent.task_id, "start").await;
+    let (_, readiness) = env
+        .get(&format!("/v1/tasks/{}/readiness", parent.task_id))
+        .await
+        .unwrap();
+    let start = readiness["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "start")
+        .unwrap()
+        .clone();
+    assert_eq!(start["reason"], "waiting_for_child_task", "{readiness}");
+    assert!(
+        start["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("waiting for child task {child} (kids/held")),
+        "{start}"
+    );
+
+    // Cancelling the parent cancels the child.
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/cancel", parent.task_id),
+            json!({"reason": "not tonight"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let cancelled = crate::finished(&env, child, WAIT).await;
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+    assert_eq!(cancelled.step("hold").status, StepStatus::Cancelled);
+    assert_eq!(
+        crate::task_history(&env.pool, child).await.last().unwrap(),
+        "parent_cancelled"
+    );
+
+    // Cancelling a child fails the step that started it (for good), and its task.
+    let parent = create().await.unwrap();
+    let child = child_of(&env, parent.task_id, "start").await;
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let failed = crate::finished(&env, parent.task_id, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    let error = failed.step("start").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
+
+    // A signal to the child completes it, and its parent goes on.
+    let parent = create().await.unwrap();
+    let child = child_of(&env, parent.task_id, "start").await;
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{child}/signals/go"),
+            json!({"ok": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = crate::finished(&env, parent.task_id, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(
+        done.step("start").results,
+        Some(json!({"hold": {"ok": true}}))
+    );
+    assert_eq!(done.step("after").status, StepStatus::Complete);
+}
+
+#[tokio::test]
+async fn a_failed_child_is_retried_by_its_steps_policy_then_fails_it() {
+    let mut env = TestEnv::start("child-retry").await.unwrap();
+    register(&env, &[BROKEN, TRIER]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "trier"}))
+        .await
+        .unwrap();
+    let done = crate::finished(&env, task.task_id, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    let step = done.step("try");
+    assert_eq!(step.status, StepStatus::Error);
+    assert_eq!(step.attempts, 2);
+    let error = step.last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("child_task_failed"));
+    assert!(
+        error
+            .message
+            .contains("(attempt 2 of 2): boom: tasker.fail"),
+        "{error:?}"
+    );
+    // The clean-up ran after it.
+    assert_eq!(done.step("clean").status, StepStatus::Complete);
+
+    // One child, run twice: the step retried it rather than starting another.
+    let parent = task_json(&env, task.task_id).await;
+    let children = parent["children"].as_array().unwrap();
+    assert_eq!(children.len(), 1, "{parent}");
+    let child: Uuid = children[0]["task_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(children[0]["status"], "error");
+    let runs = crate::step_history(&env.pool, child)
+        .await
+        .into_iter()
+        .filter(|(_, _, _, reason, _)| reason == "started")
+        .count();
+    assert_eq!(runs, 2);
+    let reasons: Vec<String> = crate::step_history(&env.pool, task.task_id)
+        .await
+        .into_iter()
+        .filter(|(name, ..)| name == "try")
+        .map(|(_, _, _, reason, _)| reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        ["child_task_started", "child_task_retried", "failed"],
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_child_task_step_is_checked_at_registration_and_a_missing_template_fails_it() {
+    let env = TestEnv::start("child-checks").await.unwrap();
+    let bad = r#"namespace: kids
+name: bad
+steps:
+  - {name: a, handler: tasker.task}
+  - {name: b, handler: tasker.task, config: {namespace: kids, name: x, context: "nope.y", colour: 1}}
+  - {name: c, handler: tasker.task, for_each: "[1]", config: {name: x, version: one}}
+"#;
+    let (status, body) = env.register_template(bad).await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    let mut problems = crate::problems(&body);
+    problems.sort();
+    assert_eq!(
+        problems,
+        [
+            ("steps[0].config", "missing_key"),
+            ("steps[1].config.colour", "unknown_key"),
+            ("steps[1].config.context", "invalid_expression"),
+            ("steps[2].config.namespace", "missing_key"),
+            ("steps[2].config.version", "invalid_value"),
+            ("steps[2].for_each", "invalid_value"),
+        ],
+        "{body}"
+    );
+
+    let orphan = "namespace: kids\nname: orphan\nsteps:\n  - {name: a, handler: tasker.task, config: {namespace: kids, name: nowhere}}\n";
+    register(&env, &[orphan]).await;
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "orphan"}))
+        .await
+        .unwrap();
+    let done = crate::finished(&env, task.task_id, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Error);
+    let error = done.step("a").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("template_not_found"));
+    assert!(error.message.contains("kids/nowhere"), "{error:?}");
+}
