@@ -3,9 +3,10 @@
 //!
 //! One run of at least 2,000 tasks, submitted
 //! steadily while these faults are injected one at a time, each after the previous one
-//! healed. Nine in ten are diamonds (four `tasker.sleep` steps); one in ten fans out
-//! (`for_each`) over five parts and back in, so instances and the fan-in go through
-//! every fault too:
+//! healed. Eight in ten are diamonds (four `tasker.sleep` steps); one in ten fans out
+//! (`for_each`) over five parts and back in, and one in ten starts a diamond as a child
+//! task (`tasker.task`), so instances, the fan-in and child tasks go through every fault
+//! too:
 //!
 //! 1. a worker is killed with SIGKILL while it runs steps (then a new one is started);
 //! 2. a second coordinator is killed with SIGKILL between committing a claim and
@@ -18,7 +19,9 @@
 //! Only the killed processes are restarted by the test: every other process must
 //! reconnect by itself, and every worker must be consuming its queue again within 30 s of
 //! the end of each fault. Afterwards every task is `complete`, no step has more than one
-//! `complete` transition, and no step used more attempts than its retry limit. The run
+//! `complete` transition, no step used more attempts than its retry limit, every fan-in
+//! has its five results, and every parent has exactly one child, whose leaf results its
+//! step holds. The run
 //! prints each fault, when it was injected, how long it lasted (a service restart), how
 //! long after it the work in flight at the injection took to finish, and the extra
 //! attempts it caused.
@@ -72,6 +75,14 @@ const FAN: &str = "namespace: chaos\nname: fan\nversion: 1.0.0\nsteps:\n  \
 /// Steps of a fan task: split, part, its five instances, join.
 const FAN_STEPS: i64 = 8;
 
+/// A parent: its `sub` step starts a diamond as its child task.
+const PARENT: &str = "namespace: chaos\nname: parent\nversion: 1.0.0\nsteps:\n  \
+    - {name: prep, handler: tasker.sleep, config: {ms: 20}, retry_limit: 5}\n  \
+    - {name: sub, handler: tasker.task, retry_limit: 5, depends_on: [prep], config: {namespace: chaos, name: diamond, context: '{\"order\": context.order, \"child\": true}'}}\n  \
+    - {name: after, handler: tasker.sleep, config: {ms: 10}, retry_limit: 5, depends_on: [sub]}\n";
+/// Steps of a parent task (its child is a diamond of its own).
+const PARENT_STEPS: i64 = 3;
+
 /// Create one task, idempotently: a failed or unanswered request is repeated with the
 /// same key until the coordinator answers 200 or 201 (it may be without its database for
 /// a while).
@@ -81,6 +92,11 @@ async fn submit(http: &reqwest::Client, base_url: &str, key: &str, n: usize) -> 
         json!({
             "namespace": "chaos", "name": "fan",
             "context": {"order": n, "parts": [1, 2, 3, 4, 5]}, "idempotency_key": key,
+        })
+    } else if n % 10 == 8 {
+        json!({
+            "namespace": "chaos", "name": "parent",
+            "context": {"order": n}, "idempotency_key": key,
         })
     } else {
         json!({
@@ -237,7 +253,7 @@ async fn run(queue_type: &str) {
     let mut env = TestEnv::start_with(&format!("chaos-{queue_type}"), options)
         .await
         .unwrap();
-    for template in [template(), FAN.to_owned()] {
+    for template in [template(), FAN.to_owned(), PARENT.to_owned()] {
         let (status, body) = env.register_template(&template).await.unwrap();
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
@@ -466,6 +482,19 @@ async fn run(queue_type: &str) {
     .fetch_one(&env.pool)
     .await
     .unwrap();
+    // Each parent has one child, a complete diamond whose leaf (`ship`) its step holds.
+    let (parents, children, orphans, unheld): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasks WHERE name = 'parent'),
+                (SELECT count(*) FROM tasks WHERE parent_task_id IS NOT NULL),
+                (SELECT count(*) FROM tasks p WHERE p.name = 'parent'
+                 AND (SELECT count(*) FROM tasks c WHERE c.parent_task_id = p.task_id) <> 1),
+                (SELECT count(*) FROM steps s WHERE s.name = 'sub'
+                 AND (s.results -> 'ship' ->> 'slept_ms' IS DISTINCT FROM '20'
+                      OR s.child_task_id IS NULL))",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
     let reconnects = metric(
         &format!("{}/metrics", env.base_url),
         "tasker_broker_reconnects_total",
@@ -476,7 +505,7 @@ async fn run(queue_type: &str) {
     let redispatched = metric(&url, "tasker_leases_expired_total{reason=\"lease_lost\"}").await;
     let stale = metric(&url, "tasker_stale_results_dropped_total").await;
     println!(
-        "\nchaos run: {tasks} tasks ({fans} fanning out), {steps} steps, 3 workers, 2 coordinators, {:.1} s",
+        "\nchaos run: {tasks} tasks ({fans} fanning out, {parents} starting {children} child tasks), {steps} steps, 3 workers, 2 coordinators, {:.1} s",
         elapsed.as_secs_f64()
     );
     println!(
@@ -525,8 +554,21 @@ async fn run(queue_type: &str) {
         "steps used more attempts than their retry limit"
     );
     assert!(fans > 0, "no task fanned out");
-    assert_eq!(steps, (tasks - fans) * 4 + fans * FAN_STEPS);
+    assert!(parents > 0, "no task started a child");
+    assert_eq!(
+        steps,
+        (tasks - fans - parents) * 4 + fans * FAN_STEPS + parents * PARENT_STEPS
+    );
     assert_eq!(fanned_wrong, 0, "fan-ins without their five results");
+    assert_eq!(
+        children, parents,
+        "child tasks: {children} for {parents} parents"
+    );
+    assert_eq!(orphans, 0, "parents without exactly one child");
+    assert_eq!(
+        unheld, 0,
+        "child-task steps without their child's leaf results"
+    );
     // Nobody restarted these: they reconnected by themselves.
     assert!(env.coordinator.running(), "the first coordinator exited");
     assert!(

@@ -334,6 +334,7 @@ pub(crate) fn task(task: &Value, style: Style, now: DateTime<Utc>) -> String {
         header.push(("Priority", priority.to_string()));
     }
     for (label, key) in [
+        ("Parent", "parent_task_id"),
         ("Key", "idempotency_key"),
         ("Initiator", "initiator"),
         ("Source", "source_system"),
@@ -356,7 +357,35 @@ pub(crate) fn task(task: &Value, style: Style, now: DateTime<Utc>) -> String {
         out.push('\n');
         out.push_str(&steps_table(steps, style, now));
     }
+    let children = task["children"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if !children.is_empty() {
+        out.push('\n');
+        out.push_str(&children_table(children, style));
+    }
     out
+}
+
+/// The child tasks of a task (`tasker.task` steps): id, step, template, status.
+fn children_table(children: &[Value], style: Style) -> String {
+    let mut table = Table::new(&["CHILD TASK", "STEP", "TEMPLATE", "STATUS"]);
+    for child in children {
+        table.row(vec![
+            text(child, "task_id").into(),
+            text(child, "step").into(),
+            format!(
+                "{}/{} {}",
+                text(child, "namespace"),
+                text(child, "name"),
+                text(child, "version")
+            )
+            .into(),
+            Cell::status(text(child, "status")),
+        ]);
+    }
+    table.render(style)
 }
 
 /// The steps of a task: name, status, attempts, started, duration, last error.
@@ -544,6 +573,11 @@ mod tests {
                  "last_error": {"kind": "permanent", "code": "declined", "message": "card declined"}},
                 {"name": "end", "status": "pending", "attempts": 0, "retry_limit": 3,
                  "depends_on": ["fetch", "charge"]}
+            ],
+            "children": [
+                {"task_id": "0195f3c2-0000-7000-8000-000000000002", "step": "fetch",
+                 "namespace": "shop", "name": "lookup", "version": "2.0.0",
+                 "status": "complete"}
             ]
         })
     }
@@ -572,6 +606,16 @@ mod tests {
         let column = lines[header].find("STATUS").unwrap();
         assert_eq!(lines[header + 1].find("complete"), Some(column));
         assert_eq!(lines[header + 2].find("error"), Some(column));
+        // The child tasks its steps started.
+        let children = lines
+            .iter()
+            .position(|l| l.starts_with("CHILD TASK"))
+            .unwrap();
+        assert!(
+            lines[children + 1].starts_with("0195f3c2-0000-7000-8000-000000000002  fetch"),
+            "{text}"
+        );
+        assert!(lines[children + 1].contains("shop/lookup 2.0.0"), "{text}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub struct StepReadiness {
     /// Attempts allowed.
     pub retry_limit: i32,
     /// A code: `ready`, `waiting_on_parents`, `waiting_on_instances`, `waiting_for_signal`,
+    /// `waiting_for_child_task`,
     /// `blocked_by_failed_parent`,
     /// `scheduled`, `evaluating_condition`, `skipped`, `in_backoff`,
     /// `concurrency_limited`, `rate_limited`, `attempts_exhausted`, `deferrals_exhausted`,

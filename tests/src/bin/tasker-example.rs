@@ -215,7 +215,7 @@ async fn summary(pool: &sqlx::PgPool, ids: &[Uuid], wall: Duration) -> anyhow::R
                (SELECT count(*) FROM steps s WHERE s.task_id = ANY(array_agg(t.task_id))),
                (SELECT coalesce(sum(greatest(s.attempts - 1, 0)), 0) FROM steps s WHERE s.task_id = ANY(array_agg(t.task_id)))
         FROM tasks t
-        WHERE t.task_id = ANY($1)
+        WHERE t.task_id = ANY($1) OR t.parent_task_id = ANY($1)
         GROUP BY 1
         ORDER BY 1
         "#,
@@ -227,15 +227,16 @@ async fn summary(pool: &sqlx::PgPool, ids: &[Uuid], wall: Duration) -> anyhow::R
         "{:<28} {:>6} {:>9} {:>10} {:>10} {:>7} {:>8}",
         "template", "tasks", "complete", "p50 ms", "p95 ms", "steps", "retries"
     );
-    let mut total_steps = 0;
+    let (mut total_tasks, mut total_steps) = (0, 0);
     for (template, tasks, complete, p50, p95, steps, retries) in rows {
+        total_tasks += tasks;
         total_steps += steps;
         println!(
             "{template:<28} {tasks:>6} {complete:>9} {p50:>10.0} {p95:>10.0} {steps:>7} {retries:>8}"
         );
     }
     println!(
-        "\n{} tasks, {total_steps} steps in {:.1}s ({:.0} steps/s, debug build, including the retries' backoff)",
+        "\n{total_tasks} tasks ({} submitted, the rest child tasks), {total_steps} steps in {:.1}s ({:.0} steps/s, debug build, including the retries' backoff)",
         ids.len(),
         wall.as_secs_f64(),
         total_steps as f64 / wall.as_secs_f64()
