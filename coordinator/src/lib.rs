@@ -34,6 +34,7 @@ mod operations;
 mod publisher;
 mod result_processor;
 mod retention;
+mod scheduler;
 mod service;
 mod settings;
 mod startup;

@@ -48,6 +48,19 @@ pub(crate) struct Reason {
     pub(crate) reason: String,
 }
 
+/// `schedule`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ScheduleLabel {
+    pub(crate) schedule: String,
+}
+
+/// `schedule`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ScheduleReason {
+    pub(crate) schedule: String,
+    pub(crate) reason: String,
+}
+
 pub(crate) struct CoordinatorMetrics {
     registry: Registry,
     pub(crate) tasks_created: Family<Namespace, Counter>,
@@ -80,6 +93,9 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) queue_messages: Family<Queue, Gauge>,
     pub(crate) queue_consumers: Family<Queue, Gauge>,
     pub(crate) events_published: Family<Event, Counter>,
+    pub(crate) schedule_fires: Family<ScheduleLabel, Counter>,
+    pub(crate) schedule_skips: Family<ScheduleReason, Counter>,
+    pub(crate) schedule_lateness: Histogram,
 }
 
 /// A counter family by reason whose known reasons exist from the start, at 0, so rate()
@@ -214,6 +230,25 @@ impl CoordinatorMetrics {
             "Times the coordinator reconnected to RabbitMQ after losing its connection",
             broker_reconnects.clone(),
         );
+        let schedule_fires = Family::<ScheduleLabel, Counter>::default();
+        registry.register(
+            "tasker_schedule_fires",
+            "Tasks schedules created, by schedule",
+            schedule_fires.clone(),
+        );
+        let schedule_skips = Family::<ScheduleReason, Counter>::default();
+        registry.register(
+            "tasker_schedule_skips",
+            "Fire times schedules ran no task for, by schedule and reason: overlap (the previous task still ran), missed (no coordinator ran then; catch_up), failed (the task could not be created)",
+            schedule_skips.clone(),
+        );
+        let schedule_lateness = latency_histogram();
+        registry.register_with_unit(
+            "tasker_schedule_lateness",
+            "From a fire time to its task being created",
+            Unit::Seconds,
+            schedule_lateness.clone(),
+        );
         let queue_latency = latency_histogram();
         registry.register_with_unit(
             "tasker_step_queue_latency",
@@ -315,6 +350,9 @@ impl CoordinatorMetrics {
             broker_reconnects,
             control_dropped,
             queue_latency,
+            schedule_fires,
+            schedule_skips,
+            schedule_lateness,
             dispatch_batch_size,
             publish_duration,
             result_batch_size,

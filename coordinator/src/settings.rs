@@ -84,6 +84,10 @@ pub struct CoordinatorSettings {
     /// How often a coordinator looks for finished tasks past the retention.
     #[arg(long, env = "TASKER_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
     pub retention_interval_ms: u64,
+    /// How late a schedule's fire time may be and still run: one past it was missed (no
+    /// coordinator ran then), and runs only as its `catch_up` says.
+    #[arg(long, env = "TASKER_SCHEDULE_GRACE_MS", default_value_t = 10_000)]
+    pub schedule_grace_ms: u64,
     /// How often expired leases are swept.
     #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
     pub sweep_interval_ms: u64,

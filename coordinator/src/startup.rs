@@ -151,6 +151,7 @@ impl Application {
             ),
             wake_dispatcher: Arc::new(Notify::new()),
             wake_events: Arc::new(Notify::new()),
+            wake_scheduler: Arc::new(Notify::new()),
             environment: settings.environment.clone(),
             limits: crate::http::Limits::from(&settings),
             broker: Arc::new(BrokerLink::new(session.connection.clone())),
@@ -226,6 +227,11 @@ impl Application {
             },
         );
         database_services.start(sweeper);
+        database_services.start(crate::scheduler::Scheduler {
+            state: self.state.clone(),
+            grace: chrono::TimeDelta::milliseconds(settings.schedule_grace_ms as i64),
+            wake: self.state.wake_scheduler.clone(),
+        });
         if let Retention::Keep(keep) = settings.retention {
             let retention = RetentionLoop {
                 pool: self.state.pool.clone(),

@@ -24,6 +24,7 @@
 pub mod db;
 pub mod decision;
 pub mod events;
+pub mod schedule;
 pub mod span;
 pub mod states;
 pub mod store;

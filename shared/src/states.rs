@@ -201,6 +201,33 @@ status_enum! {
     }
 }
 
+status_enum! {
+    /// What a schedule does at a fire time while the task of its previous fire runs.
+    #[derive(utoipa::ToSchema)]
+    Overlap {
+        /// Fire anyway: the tasks run side by side.
+        Allow => "allow",
+        /// Do not fire (`schedule.skipped`, reason `overlap`).
+        Skip => "skip",
+        /// Cancel the running task, then fire.
+        CancelPrevious => "cancel_previous",
+    }
+}
+
+status_enum! {
+    /// Which fire times a schedule runs when it finds them past by more than the grace
+    /// (`TASKER_SCHEDULE_GRACE_MS`): no coordinator ran at the time.
+    #[derive(utoipa::ToSchema)]
+    CatchUp {
+        /// None of them.
+        None => "none",
+        /// The newest of them, once.
+        Latest => "latest",
+        /// Every one of them (the last 100 at most), oldest first.
+        All => "all",
+    }
+}
+
 impl TaskStatus {
     /// Whether nothing more happens to a task in this state without an operator.
     pub fn is_finished(self) -> bool {

@@ -530,6 +530,29 @@ impl TestEnv {
         Ok((response.status(), response.json().await?))
     }
 
+    /// `PATCH` a JSON body to a path of the API.
+    pub async fn patch(&self, path: &str, body: Value) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self
+            .http
+            .patch(format!("{}{path}", self.base_url))
+            .json(&body)
+            .send()
+            .await?;
+        Ok((response.status(), response.json().await?))
+    }
+
+    /// `DELETE` a path of the API: the status, and the body when there is one.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(StatusCode, Option<Value>)> {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base_url))
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        Ok((status, serde_json::from_str(&text).ok()))
+    }
+
     /// Poll the task until `done` holds for its JSON.
     pub async fn wait_until(
         &self,

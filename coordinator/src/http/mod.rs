@@ -9,6 +9,7 @@ mod error;
 mod health;
 pub(crate) mod openapi;
 mod operate;
+mod schedules;
 pub(crate) mod server;
 mod tasks;
 mod templates;
@@ -48,6 +49,8 @@ pub(crate) struct AppState {
     pub(crate) wake_dispatcher: Arc<Notify>,
     /// Wakes the events relay after the API committed transitions.
     pub(crate) wake_events: Arc<Notify>,
+    /// Wakes the scheduler after the API changed a schedule.
+    pub(crate) wake_scheduler: Arc<Notify>,
     /// Selects tasker-engine `environments` overrides.
     pub(crate) environment: String,
     /// The current RabbitMQ connection (replaced after a reconnect).
@@ -164,6 +167,21 @@ pub(crate) fn routes() -> Vec<Route> {
             "/v1/tasks/{task_id}/transitions",
             read,
             operate::history,
+        ),
+        route(Method::POST, "/v1/schedules", write, schedules::create),
+        route(Method::GET, "/v1/schedules", read, schedules::list),
+        route(Method::GET, "/v1/schedules/{name}", read, schedules::get),
+        route(
+            Method::PATCH,
+            "/v1/schedules/{name}",
+            write,
+            schedules::update,
+        ),
+        route(
+            Method::DELETE,
+            "/v1/schedules/{name}",
+            write,
+            schedules::delete,
         ),
         route(Method::GET, "/health/live", Access::Open, health::live),
         route(Method::GET, "/health/ready", Access::Open, health::ready),

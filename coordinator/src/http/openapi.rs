@@ -21,12 +21,16 @@ use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStat
 use super::operate::{
     self, ReadinessView, ReasonRequest, ResolveRequest, SignalView, TransitionHistory,
 };
+use super::schedules::{
+    self, CreateScheduleRequest, ScheduleList, ScheduleView, UpdateScheduleRequest,
+};
 use super::tasks::{self, CreateTaskRequest, TaskPage, TaskView};
 use super::templates::{
     self, TemplateDocument, TemplateList, TemplateRegistration, TemplateWarning,
 };
-use tasker_shared::states::{StepStatus, TaskStatus};
+use tasker_shared::states::{CatchUp, Overlap, StepStatus, TaskStatus};
 use tasker_shared::store::inspect::{ExecutionContext, StepReadiness, Transition};
+use tasker_shared::store::schedules::{FireRecord, ScheduleRecord};
 use tasker_shared::store::tasks::{ChildTask, StepRecord, TaskRecord};
 use tasker_shared::store::templates::{TemplateRecord, TemplateSummary};
 use tasker_shared::template::{StepDefinition, TemplateDefinition};
@@ -58,6 +62,11 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         operate::signal,
         operate::readiness,
         operate::history,
+        schedules::create,
+        schedules::list,
+        schedules::get,
+        schedules::update,
+        schedules::delete,
         health::live,
         health::ready,
         health::status,
@@ -81,6 +90,14 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         StepStatus,
         ChildTask,
         ExecutionContext,
+        ScheduleView,
+        ScheduleList,
+        ScheduleRecord,
+        FireRecord,
+        CreateScheduleRequest,
+        UpdateScheduleRequest,
+        Overlap,
+        CatchUp,
         TaskPage,
         ListTag,
         ReasonRequest,
@@ -108,6 +125,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         (name = "templates", description = "Workflow templates."),
         (name = "tasks", description = "Tasks: creating and reading them."),
         (name = "operate", description = "Operator controls and the views that explain a task."),
+        (name = "schedules", description = "Tasks created on a clock."),
         (name = "health", description = "Liveness, readiness, status and metrics."),
         (name = "meta", description = "This description."),
     ),

@@ -231,6 +231,69 @@ pub(crate) async fn register_template(
     state: &AppState,
     definition: &TemplateDefinition,
 ) -> ApiResult<(StatusCode, TemplateRecord)> {
+    if definition.schedules.is_empty() {
+        return register_version(state, definition).await;
+    }
+    // A file's schedules are written on their own: they are not part of the version, so
+    // changing one needs no new version.
+    let mut stored = definition.clone();
+    let schedules = std::mem::take(&mut stored.schedules);
+    let registered = register_version(state, &stored).await?;
+    apply_schedules(state, &stored, &schedules).await?;
+    Ok(registered)
+}
+
+/// Write a template file's schedules: each fires the newest version of the template,
+/// with the file's context. One of the same name created through the API is left as it
+/// is (a warning says so).
+async fn apply_schedules(
+    state: &AppState,
+    definition: &TemplateDefinition,
+    list: &[tasker_shared::template::TemplateSchedule],
+) -> ApiResult<()> {
+    use tasker_shared::schedule::Schedule;
+    use tasker_shared::states::{CatchUp, Overlap};
+    use tasker_shared::store::schedules::{self, ScheduleFields};
+    for schedule in list {
+        let timezone = schedule
+            .timezone
+            .clone()
+            .unwrap_or_else(|| "UTC".to_owned());
+        let next = Schedule::parse(&schedule.cron, &timezone)
+            .ok()
+            .and_then(|parsed| parsed.next_after(chrono::Utc::now()));
+        let fields = ScheduleFields {
+            name: schedule.name.clone(),
+            namespace: definition.namespace.clone(),
+            template: definition.name.clone(),
+            version: None,
+            cron: schedule.cron.clone(),
+            timezone,
+            context: schedule
+                .context
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({})),
+            overlap: Overlap::Allow,
+            catch_up: CatchUp::None,
+            paused: false,
+        };
+        if schedules::upsert_from_template(&state.pool, &fields, next).await? {
+            tracing::info!(schedule = %fields.name, namespace = %fields.namespace,
+                template = %fields.template, cron = %fields.cron, "schedule loaded from template");
+        } else {
+            tracing::warn!(schedule = %fields.name,
+                "a schedule of this name was created through the API; the template's is ignored");
+        }
+    }
+    state.wake_scheduler.notify_one();
+    Ok(())
+}
+
+/// Store one template version, or find it stored.
+async fn register_version(
+    state: &AppState,
+    definition: &TemplateDefinition,
+) -> ApiResult<(StatusCode, TemplateRecord)> {
     match templates::register(&state.pool, definition).await? {
         Registered::Created {
             template,

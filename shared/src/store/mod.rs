@@ -12,6 +12,7 @@
 pub mod events;
 pub mod inspect;
 pub mod retention;
+pub mod schedules;
 pub mod tasks;
 pub mod templates;
 pub mod transitions;
@@ -21,7 +22,7 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
 
-use crate::states::{StepStatus, TaskStatus, TransitionReason};
+use crate::states::{CatchUp, Overlap, StepStatus, TaskStatus, TransitionReason};
 
 macro_rules! text_enum_sql {
     ($name:ty) => {
@@ -63,3 +64,5 @@ macro_rules! text_enum_sql {
 text_enum_sql!(TaskStatus);
 text_enum_sql!(StepStatus);
 text_enum_sql!(TransitionReason);
+text_enum_sql!(Overlap);
+text_enum_sql!(CatchUp);

@@ -52,6 +52,7 @@ pub(super) struct Draft {
     pub(super) concurrency: Vec<TaskConcurrency>,
     pub(super) timeout: Option<String>,
     pub(super) steps: Vec<StepDraft>,
+    pub(super) schedules: Vec<super::TemplateSchedule>,
 }
 
 impl Draft {
@@ -66,6 +67,7 @@ impl Draft {
             priority: self.priority,
             timeout: self.timeout,
             concurrency: self.concurrency,
+            schedules: self.schedules,
             steps: self
                 .steps
                 .into_iter()

@@ -157,6 +157,7 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
         concurrency: Vec::new(),
         timeout: None,
         steps,
+        schedules: Vec::new(),
     }
 }
 

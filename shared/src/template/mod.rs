@@ -272,6 +272,25 @@ pub struct TemplateDefinition {
     pub timeout: Option<String>,
     /// The steps, in the order of the source file.
     pub steps: Vec<StepDefinition>,
+    /// Schedules that create tasks of this template, written when the file is loaded
+    /// from `TASKER_TEMPLATES_DIR` (or registered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<TemplateSchedule>,
+}
+
+/// A schedule a template file carries: `schedules: [{name, cron, timezone?, context?}]`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TemplateSchedule {
+    /// Its name (unique among every schedule).
+    pub name: String,
+    /// Five or six cron fields.
+    pub cron: String,
+    /// An IANA time zone; `UTC` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The context of each task; `{}` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Value>,
 }
 
 fn default_priority() -> i16 {

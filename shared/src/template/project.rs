@@ -2,6 +2,7 @@
 
 use serde_json::{Map, Value};
 
+use super::TemplateSchedule;
 use super::backoff::walk_backoff;
 use super::child_tasks::{TASK_HANDLER, walk_child_task};
 use super::conditions::{walk_for_each, walk_when};
@@ -26,6 +27,7 @@ pub(super) const PROJECT_TOP_KEYS: &[&str] = &[
     "timeout",
     "defaults",
     "steps",
+    "schedules",
 ];
 pub(super) const PROJECT_TOP_HINTS: &[(&str, &str)] = &[
     ("namespace_name", "namespace"),
@@ -158,6 +160,7 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         }
     }
 
+    let schedules = walk_schedules(w, root);
     Draft {
         namespace,
         name,
@@ -168,7 +171,83 @@ pub(super) fn walk_project(w: &mut Walker, root: &Map<String, Value>) -> Draft {
         concurrency,
         timeout,
         steps,
+        schedules,
     }
+}
+
+/// The template's `schedules`: each `{name, cron, timezone?, context?}`, its cron and
+/// time zone checked, names unique.
+fn walk_schedules(w: &mut Walker, root: &Map<String, Value>) -> Vec<TemplateSchedule> {
+    let Some(value) = field(root, "schedules") else {
+        return Vec::new();
+    };
+    let Some(list) = value.as_array() else {
+        w.wrong_type("schedules", "a list of schedules", value);
+        return Vec::new();
+    };
+    let mut schedules: Vec<TemplateSchedule> = Vec::with_capacity(list.len());
+    for (index, value) in list.iter().enumerate() {
+        let path = item("schedules", index);
+        let Some(object) = value.as_object() else {
+            w.not_an_object(&path, value, "a schedule");
+            continue;
+        };
+        w.unknown_keys(object, &path, &["name", "cron", "timezone", "context"], &[]);
+        let name = w
+            .required(object, &path, "name", "schedule name")
+            .and_then(|value| w.string(value, &join(&path, "name")))
+            .map(str::to_owned);
+        if let Some(name) = &name {
+            let valid = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !valid {
+                w.report(
+                    join(&path, "name"),
+                    codes::INVALID_VALUE,
+                    format!("schedule name `{name}`: 1 to 128 letters, digits, `_`, `-` and `.`"),
+                );
+            } else if schedules.iter().any(|s| &s.name == name) {
+                w.report(
+                    join(&path, "name"),
+                    codes::INVALID_VALUE,
+                    format!("schedule name `{name}` is used twice"),
+                );
+            }
+        }
+        let cron = w
+            .required(object, &path, "cron", "cron")
+            .and_then(|value| w.string(value, &join(&path, "cron")))
+            .map(str::to_owned);
+        let timezone = w
+            .optional_string(object, &path, "timezone")
+            .map(str::to_owned);
+        let context = field(object, "context").cloned();
+        if let Some(context) = &context
+            && !context.is_object()
+        {
+            w.wrong_type(&join(&path, "context"), "an object", context);
+        }
+        if let Some(cron) = &cron
+            && let Err(problems) =
+                crate::schedule::Schedule::parse(cron, timezone.as_deref().unwrap_or("UTC"))
+        {
+            for (key, message) in problems {
+                w.report(join(&path, key), codes::INVALID_VALUE, message);
+            }
+        }
+        if let (Some(name), Some(cron)) = (name, cron) {
+            schedules.push(TemplateSchedule {
+                name,
+                cron,
+                timezone,
+                context,
+            });
+        }
+    }
+    schedules
 }
 
 /// The template's `timeout`: how long a task may take, from when it may start.

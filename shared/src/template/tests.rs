@@ -103,6 +103,7 @@ fn expected_project() -> TemplateDefinition {
         priority: 5,
         concurrency: Vec::new(),
         timeout: None,
+        schedules: Vec::new(),
         steps: vec![
             validate,
             charge,
@@ -324,6 +325,7 @@ fn tasker_engine_template_maps_to_definition() {
         priority: 5,
         concurrency: Vec::new(),
         timeout: None,
+        schedules: Vec::new(),
         steps: vec![validate, reserve, payment, confirm, ship],
     };
     assert_eq!(definition, expected);

@@ -591,6 +591,7 @@ impl GenTemplate {
             priority: self.priority.unwrap_or(5),
             concurrency: self.concurrency.clone(),
             timeout: None,
+            schedules: Vec::new(),
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];
@@ -726,6 +727,7 @@ impl GenTemplate {
             priority: 5,
             concurrency: Vec::new(),
             timeout: None,
+            schedules: Vec::new(),
             steps: (0..self.steps.len())
                 .map(|i| {
                     let step = &self.steps[i];

@@ -19,6 +19,7 @@ mod queues;
 mod reconnect;
 mod redispatch;
 mod retention;
+mod schedules;
 mod signing;
 mod tasker_engine;
 mod time;

@@ -1,0 +1,286 @@
+//! The scheduler: creates the tasks of schedules whose fire time came.
+//!
+//! Every coordinator runs one. It sleeps until the earliest `next_fire_at` (at most
+//! [`IDLE`], to see schedules other coordinators wrote; this coordinator's API wakes it),
+//! then, in one transaction, locks the due schedules, skipping those another coordinator
+//! holds, and for each fire time due (the [`plan`] of its `catch_up`) creates a task with
+//! the idempotency key `schedule:<name>:<fire time>` (skipping or cancelling a previous
+//! task that still runs, as its `overlap` says), records the fires and moves
+//! `next_fire_at` past now. A coordinator that dies mid-way leaves the row to the next
+//! one, whose creations find the tasks already made: one task per fire time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::http::AppState;
+use crate::metrics::{ScheduleLabel, ScheduleReason};
+use crate::operations::{self, Effects};
+use crate::service::Service;
+use tasker_shared::schedule::{Schedule, plan};
+use tasker_shared::states::{Overlap, TaskStatus};
+use tasker_shared::store::schedules::{self, FireOutcome, ScheduleRecord, idempotency_key};
+use tasker_shared::store::tasks::{Created, Creation, NewTask};
+
+/// Most schedules handled per transaction.
+const BATCH: i64 = 100;
+/// The longest sleep: how soon a schedule another coordinator wrote is seen.
+pub(crate) const IDLE: Duration = Duration::from_secs(5);
+/// The pause when due schedules are all held by another coordinator.
+const HELD_ELSEWHERE: Duration = Duration::from_millis(50);
+
+pub(crate) struct Scheduler {
+    pub(crate) state: AppState,
+    /// How late a fire time may be and still count as on time.
+    pub(crate) grace: TimeDelta,
+    /// Woken when this coordinator's API changes a schedule.
+    pub(crate) wake: Arc<Notify>,
+}
+
+impl Service for Scheduler {
+    const NAME: &'static str = "scheduler";
+
+    async fn run(self, stop: CancellationToken) {
+        let span = tracing::info_span!("scheduler");
+        async move {
+            tracing::info!("started");
+            loop {
+                let sleep = match self.step().await {
+                    Ok(sleep) => sleep,
+                    Err(error) => {
+                        self.state.metrics.database_errors.inc();
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "scheduling failed; retrying shortly"
+                        );
+                        Duration::from_secs(1)
+                    }
+                };
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(sleep) => {}
+                }
+            }
+            tracing::info!("stopped");
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl Scheduler {
+    /// Fire what is due; returns how long to sleep.
+    async fn step(&self) -> anyhow::Result<Duration> {
+        let Some(next) = schedules::next_due(&self.state.pool).await? else {
+            return Ok(IDLE);
+        };
+        let now = Utc::now();
+        if next > now {
+            return Ok((next - now).to_std().unwrap_or_default().min(IDLE));
+        }
+        Ok(match self.fire_due().await? {
+            0 => HELD_ELSEWHERE,
+            _ => Duration::ZERO,
+        })
+    }
+
+    /// Lock the due schedules and fire them; returns how many there were.
+    async fn fire_due(&self) -> anyhow::Result<usize> {
+        let mut tx = self.state.pool.begin().await?;
+        let due = schedules::lock_due(&mut tx, BATCH).await?;
+        for record in &due {
+            let now = Utc::now();
+            let schedule = match Schedule::parse(&record.cron, &record.timezone) {
+                Ok(schedule) => schedule,
+                Err(problems) => {
+                    // Checked when written; a schedule that no longer parses stops.
+                    tracing::error!(schedule = %record.name, ?problems, "schedule cannot be read; it stops");
+                    schedules::record_fires(&mut tx, &record.name, &[], None).await?;
+                    continue;
+                }
+            };
+            let from = record.next_fire_at.unwrap_or(now);
+            let times = schedule.due(from, now);
+            let fires = self.fire(&mut tx, record, &times, now).await?;
+            schedules::record_fires(&mut tx, &record.name, &fires, schedule.next_after(now))
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(due.len())
+    }
+
+    /// Fire a locked schedule's due `times`, as its `catch_up` and `overlap` say.
+    async fn fire(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        record: &ScheduleRecord,
+        times: &[DateTime<Utc>],
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<(DateTime<Utc>, FireOutcome)>> {
+        let metrics = &self.state.metrics;
+        let mut previous = match record.overlap {
+            Overlap::Allow => None,
+            _ => schedules::previous_task(&mut *tx, &record.name).await?,
+        };
+        let mut fires = Vec::with_capacity(times.len());
+        for (at, runs) in plan(times, now, self.grace, record.catch_up) {
+            if !runs {
+                self.skipped(record, at, "missed");
+                fires.push((at, FireOutcome::Missed));
+                continue;
+            }
+            if let Some((task, _)) = previous.filter(|(_, status)| !status.is_finished()) {
+                match record.overlap {
+                    Overlap::Skip => {
+                        self.skipped(record, at, "overlap");
+                        fires.push((at, FireOutcome::Skipped));
+                        continue;
+                    }
+                    Overlap::CancelPrevious => self.cancel(record, task).await,
+                    Overlap::Allow => {}
+                }
+            }
+            match self.create(record, at).await {
+                Ok(task) => {
+                    metrics
+                        .schedule_fires
+                        .get_or_create(&ScheduleLabel {
+                            schedule: record.name.clone(),
+                        })
+                        .inc();
+                    metrics
+                        .schedule_lateness
+                        .observe((Utc::now() - at).as_seconds_f64().max(0.0));
+                    tracing::info!(schedule = %record.name, fire_at = %at, task_id = %task, "schedule fired");
+                    previous = Some((task, TaskStatus::Pending));
+                    fires.push((at, FireOutcome::Fired(task)));
+                }
+                Err(error) => {
+                    tracing::warn!(schedule = %record.name, fire_at = %at, error = format!("{error:#}"),
+                        "schedule fired no task");
+                    self.skipped(record, at, "failed");
+                    fires.push((at, FireOutcome::Failed));
+                }
+            }
+        }
+        Ok(fires)
+    }
+
+    fn skipped(&self, record: &ScheduleRecord, at: DateTime<Utc>, reason: &str) {
+        tracing::info!(schedule = %record.name, fire_at = %at, reason, "schedule skipped a fire time");
+        self.state
+            .metrics
+            .schedule_skips
+            .get_or_create(&ScheduleReason {
+                schedule: record.name.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Cancel the previous fire's task (`overlap: cancel_previous`).
+    async fn cancel(&self, record: &ScheduleRecord, task: Uuid) {
+        let reason = format!(
+            "schedule {} fired again (overlap: cancel_previous)",
+            record.name
+        );
+        match operations::cancel_task(&self.state.pool, task, Some(&reason)).await {
+            Ok((_, effects)) => effects.apply(&self.state).await,
+            // Finished meanwhile: nothing to cancel.
+            Err(error) => {
+                tracing::debug!(schedule = %record.name, %task, %error, "previous task not cancelled")
+            }
+        }
+    }
+
+    /// Create the task of `record` for the fire time `at` (or find the one created
+    /// before, by its idempotency key).
+    async fn create(&self, record: &ScheduleRecord, at: DateTime<Utc>) -> anyhow::Result<Uuid> {
+        let state = &self.state;
+        let new = Arc::new(NewTask {
+            context: record.context.clone(),
+            initiator: Some(format!("schedule:{}", record.name)),
+            reason: Some(format!(
+                "schedule {} at {}",
+                record.name,
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            )),
+            tags: json!([format!("schedule:{}", record.name)]),
+            idempotency_key: Some(idempotency_key(&record.name, at)),
+            ..NewTask::default()
+        });
+        let claim = state
+            .publisher
+            .connected()
+            .then(|| state.publisher.lease_ms());
+        let mut checked = true;
+        loop {
+            let resolved = if checked {
+                state
+                    .templates
+                    .resolve(
+                        &state.pool,
+                        &record.namespace,
+                        &record.template,
+                        record.version.as_deref(),
+                    )
+                    .await?
+            } else {
+                state
+                    .templates
+                    .reload(
+                        &state.pool,
+                        &record.namespace,
+                        &record.template,
+                        record.version.as_deref(),
+                    )
+                    .await?
+            };
+            let Some(resolved) = resolved else {
+                anyhow::bail!(
+                    "no template {}/{}{}",
+                    record.namespace,
+                    record.template,
+                    record
+                        .version
+                        .as_deref()
+                        .map(|v| format!(" {v}"))
+                        .unwrap_or_default()
+                );
+            };
+            let template = resolved.template;
+            if let Err(problems) = template.definition.validate_context(&new.context) {
+                anyhow::bail!("the context breaks the template's schema: {problems:?}");
+            }
+            let versions_known = resolved.versions_known.filter(|_| checked);
+            let creation = Creation::new(template.clone(), new.clone(), claim, versions_known)
+                .map_err(|problems| {
+                    anyhow::anyhow!("the template refused the task: {problems:?}")
+                })?;
+            match state.creator.create(creation).await? {
+                Created::TemplateChanged if checked => checked = false,
+                Created::TemplateChanged => anyhow::bail!("the template's versions kept changing"),
+                Created::Existing(task) => return Ok(task.task_id),
+                Created::New(task, _, dispatches) => {
+                    let fans_out = template
+                        .definition
+                        .steps
+                        .iter()
+                        .any(|step| step.for_each.is_some() && step.depends_on.is_empty());
+                    let task_id = task.task_id;
+                    Effects::created(&task, dispatches, fans_out)
+                        .apply(state)
+                        .await;
+                    return Ok(task_id);
+                }
+            }
+        }
+    }
+}

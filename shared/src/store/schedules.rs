@@ -1,0 +1,356 @@
+//! Schedules: stored crons that create tasks, and the record of their fires.
+//!
+//! A fire time is handled once, whatever the number of coordinators: the one that finds
+//! a schedule due locks its row ([`lock_due`], skipping rows another holds), creates the
+//! tasks (idempotency key [`idempotency_key`]), then records the fires and moves
+//! `next_fire_at` past now ([`record_fires`]) in the same transaction.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor, PgPool};
+use uuid::Uuid;
+
+use crate::states::{CatchUp, Overlap, TaskStatus};
+
+/// The fires kept per schedule.
+pub const FIRES_KEPT: i64 = 100;
+
+/// A schedule as stored.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ScheduleRecord {
+    /// Its name (unique).
+    pub name: String,
+    /// The template's namespace.
+    pub namespace: String,
+    /// The template's name.
+    pub template: String,
+    /// The template's version; the newest at each fire when absent.
+    pub version: Option<String>,
+    /// Five fields (minute hour day-of-month month day-of-week), or six (a second first).
+    pub cron: String,
+    /// The IANA time zone the cron is read in.
+    pub timezone: String,
+    /// The context of each task it creates.
+    pub context: Value,
+    /// What a fire does while the previous fire's task runs.
+    pub overlap: Overlap,
+    /// Which fire times it runs when no coordinator ran at the time.
+    pub catch_up: CatchUp,
+    /// Whether it is paused (it fires nothing, and catches nothing up on resume).
+    pub paused: bool,
+    /// `api`, or `template` (a template file's `schedules:`).
+    pub source: String,
+    /// The next fire time (none while paused).
+    pub next_fire_at: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A schedule to write: everything but its times.
+#[derive(Debug, Clone)]
+pub struct ScheduleFields {
+    /// Its name.
+    pub name: String,
+    /// The template's namespace.
+    pub namespace: String,
+    /// The template's name.
+    pub template: String,
+    /// The template's version (`None`: the newest at each fire).
+    pub version: Option<String>,
+    /// The cron.
+    pub cron: String,
+    /// The time zone.
+    pub timezone: String,
+    /// The tasks' context.
+    pub context: Value,
+    /// Overlap policy.
+    pub overlap: Overlap,
+    /// Catch-up policy.
+    pub catch_up: CatchUp,
+    /// Paused.
+    pub paused: bool,
+}
+
+impl From<&ScheduleRecord> for ScheduleFields {
+    fn from(record: &ScheduleRecord) -> Self {
+        ScheduleFields {
+            name: record.name.clone(),
+            namespace: record.namespace.clone(),
+            template: record.template.clone(),
+            version: record.version.clone(),
+            cron: record.cron.clone(),
+            timezone: record.timezone.clone(),
+            context: record.context.clone(),
+            overlap: record.overlap,
+            catch_up: record.catch_up,
+            paused: record.paused,
+        }
+    }
+}
+
+/// One fire of a schedule, as its `last_runs` show it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct FireRecord {
+    /// The fire time.
+    pub time: DateTime<Utc>,
+    /// The task it created (none when skipped, missed or failed).
+    pub task_id: Option<Uuid>,
+    /// `fired`, `skipped` (overlap), `missed` (catch-up) or `failed`.
+    pub outcome: String,
+    /// The task's status now (none when there is no task, or it was pruned).
+    pub status: Option<TaskStatus>,
+}
+
+const COLUMNS: &str = "name, namespace, template, version, cron, timezone, context, overlap, \
+     catch_up, paused, source, next_fire_at, created_at, updated_at";
+
+/// The idempotency key of the task a schedule creates at `fire_at`.
+pub fn idempotency_key(schedule: &str, fire_at: DateTime<Utc>) -> String {
+    format!(
+        "schedule:{schedule}:{}",
+        fire_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    )
+}
+
+/// Create a schedule from the API, firing first at `next_fire_at`; `None` when the name
+/// is taken.
+pub async fn create(
+    pool: &PgPool,
+    fields: &ScheduleFields,
+    next_fire_at: Option<DateTime<Utc>>,
+) -> sqlx::Result<Option<ScheduleRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO schedules (name, namespace, template, version, cron, timezone, context, \
+                                overlap, catch_up, paused, next_fire_at, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'api') \
+         ON CONFLICT (name) DO NOTHING RETURNING {COLUMNS}"
+    )))
+    .bind(&fields.name)
+    .bind(&fields.namespace)
+    .bind(&fields.template)
+    .bind(&fields.version)
+    .bind(&fields.cron)
+    .bind(&fields.timezone)
+    .bind(&fields.context)
+    .bind(fields.overlap)
+    .bind(fields.catch_up)
+    .bind(fields.paused)
+    .bind(next_fire_at)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Create or replace a template file's schedule, keeping whether it is paused and, when
+/// its cron and time zone are unchanged, its next fire. A schedule of that name created
+/// through the API is left alone: returns `false`.
+pub async fn upsert_from_template(
+    pool: &PgPool,
+    fields: &ScheduleFields,
+    next_fire_at: Option<DateTime<Utc>>,
+) -> sqlx::Result<bool> {
+    let written = sqlx::query(
+        "INSERT INTO schedules (name, namespace, template, version, cron, timezone, context, \
+                                overlap, catch_up, paused, next_fire_at, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, false, $10, 'template') \
+         ON CONFLICT (name) DO UPDATE \
+         SET namespace = EXCLUDED.namespace, template = EXCLUDED.template, \
+             version = EXCLUDED.version, context = EXCLUDED.context, \
+             next_fire_at = CASE WHEN schedules.paused THEN NULL \
+                                 WHEN (schedules.cron, schedules.timezone) \
+                                      = (EXCLUDED.cron, EXCLUDED.timezone) \
+                                 THEN schedules.next_fire_at \
+                                 ELSE EXCLUDED.next_fire_at END, \
+             cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, updated_at = now() \
+         WHERE schedules.source = 'template'",
+    )
+    .bind(&fields.name)
+    .bind(&fields.namespace)
+    .bind(&fields.template)
+    .bind(&fields.version)
+    .bind(&fields.cron)
+    .bind(&fields.timezone)
+    .bind(&fields.context)
+    .bind(fields.overlap)
+    .bind(fields.catch_up)
+    .bind(next_fire_at)
+    .execute(pool)
+    .await?;
+    Ok(written.rows_affected() == 1)
+}
+
+/// Replace a schedule's fields and its next fire; `None` when there is no such schedule.
+pub async fn update(
+    pool: &PgPool,
+    fields: &ScheduleFields,
+    next_fire_at: Option<DateTime<Utc>>,
+) -> sqlx::Result<Option<ScheduleRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE schedules SET namespace = $2, template = $3, version = $4, cron = $5, \
+                timezone = $6, context = $7, overlap = $8, catch_up = $9, paused = $10, \
+                next_fire_at = $11, updated_at = now() \
+         WHERE name = $1 RETURNING {COLUMNS}"
+    )))
+    .bind(&fields.name)
+    .bind(&fields.namespace)
+    .bind(&fields.template)
+    .bind(&fields.version)
+    .bind(&fields.cron)
+    .bind(&fields.timezone)
+    .bind(&fields.context)
+    .bind(fields.overlap)
+    .bind(fields.catch_up)
+    .bind(fields.paused)
+    .bind(next_fire_at)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Delete a schedule (its fires with it); `false` when there is none.
+pub async fn delete(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM schedules WHERE name = $1")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
+/// A schedule by name.
+pub async fn get<'e>(db: impl PgExecutor<'e>, name: &str) -> sqlx::Result<Option<ScheduleRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM schedules WHERE name = $1"
+    )))
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}
+
+/// Every schedule, by name.
+pub async fn list<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Vec<ScheduleRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM schedules ORDER BY name"
+    )))
+    .fetch_all(db)
+    .await
+}
+
+/// A schedule's last `n` fires, newest first, with their tasks' status.
+pub async fn last_runs<'e>(
+    db: impl PgExecutor<'e>,
+    name: &str,
+    n: i64,
+) -> sqlx::Result<Vec<FireRecord>> {
+    sqlx::query_as(
+        "SELECT f.fire_at AS time, f.task_id, f.outcome, \
+                (SELECT t.status FROM tasks t WHERE t.task_id = f.task_id) AS status \
+         FROM schedule_fires f WHERE f.schedule = $1 ORDER BY f.fire_at DESC LIMIT $2",
+    )
+    .bind(name)
+    .bind(n)
+    .fetch_all(db)
+    .await
+}
+
+/// When the next schedule is due (possibly past), if any is not paused.
+pub async fn next_due<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("SELECT min(next_fire_at) FROM schedules WHERE NOT paused")
+        .fetch_one(db)
+        .await
+}
+
+/// Lock up to `limit` due schedules, oldest fire first, skipping those another
+/// coordinator holds.
+pub async fn lock_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<ScheduleRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM schedules \
+         WHERE NOT paused AND next_fire_at <= now() \
+         ORDER BY next_fire_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// The task of a schedule's last fire, and its status, if it still exists.
+pub async fn previous_task(
+    conn: &mut PgConnection,
+    name: &str,
+) -> sqlx::Result<Option<(Uuid, TaskStatus)>> {
+    sqlx::query_as(
+        "SELECT t.task_id, t.status FROM schedule_fires f JOIN tasks t ON t.task_id = f.task_id \
+         WHERE f.schedule = $1 AND f.outcome = 'fired' ORDER BY f.fire_at DESC LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await
+}
+
+/// What became of one fire time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FireOutcome {
+    /// It created (or found) this task.
+    Fired(Uuid),
+    /// The previous task still ran (`overlap: skip`).
+    Skipped,
+    /// No coordinator ran at the time, and `catch_up` said not to run it.
+    Missed,
+    /// The task could not be created.
+    Failed,
+}
+
+impl FireOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            FireOutcome::Fired(_) => "fired",
+            FireOutcome::Skipped => "skipped",
+            FireOutcome::Missed => "missed",
+            FireOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Record a locked schedule's fires, move its next fire to `next_fire_at`, and keep its
+/// last [`FIRES_KEPT`] fires.
+pub async fn record_fires(
+    conn: &mut PgConnection,
+    name: &str,
+    fires: &[(DateTime<Utc>, FireOutcome)],
+    next_fire_at: Option<DateTime<Utc>>,
+) -> sqlx::Result<()> {
+    let times: Vec<DateTime<Utc>> = fires.iter().map(|(at, _)| *at).collect();
+    let tasks: Vec<Option<Uuid>> = fires
+        .iter()
+        .map(|(_, outcome)| match outcome {
+            FireOutcome::Fired(task) => Some(*task),
+            _ => None,
+        })
+        .collect();
+    let outcomes: Vec<&str> = fires.iter().map(|(_, outcome)| outcome.as_str()).collect();
+    sqlx::query(
+        "WITH fired AS ( \
+             INSERT INTO schedule_fires (schedule, fire_at, task_id, outcome) \
+             SELECT $1, f.fire_at, f.task_id, f.outcome \
+             FROM unnest($2::TIMESTAMPTZ[], $3::UUID[], $4::TEXT[]) AS f(fire_at, task_id, outcome) \
+             ON CONFLICT DO NOTHING) \
+         UPDATE schedules SET next_fire_at = $5 WHERE name = $1",
+    )
+    .bind(name)
+    .bind(&times)
+    .bind(&tasks)
+    .bind(&outcomes)
+    .bind(next_fire_at)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM schedule_fires WHERE schedule = $1 AND fire_at < \
+             (SELECT fire_at FROM schedule_fires WHERE schedule = $1 \
+              ORDER BY fire_at DESC OFFSET $2 LIMIT 1)",
+    )
+    .bind(name)
+    .bind(FIRES_KEPT - 1)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! Schedules: tasks created on a clock, once per fire time whatever the number of
+//! coordinators, caught up or not after downtime, skipped or cancelling on overlap.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tasker_tests::TestEnv;
+use uuid::Uuid;
+
+/// A task that stays unfinished while no worker runs: the schedules' tasks here.
+const NIGHTLY: &str = "namespace: clock\nname: nightly\ncontext_schema: {type: object, properties: {day: {type: string}}}\nsteps:\n  - {name: run, handler: tasker.noop}\n";
+
+async fn create(env: &TestEnv, body: Value) -> (u16, Value) {
+    let (status, body) = env.post("/v1/schedules", body).await.unwrap();
+    (status.as_u16(), body)
+}
+
+/// The fires of a schedule, oldest first: (fire time, task, outcome).
+async fn fires(env: &TestEnv, name: &str) -> Vec<(DateTime<Utc>, Option<Uuid>, String)> {
+    sqlx::query_as(
+        "SELECT fire_at, task_id, outcome FROM schedule_fires WHERE schedule = $1 ORDER BY fire_at",
+    )
+    .bind(name)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// The tasks a schedule created, by idempotency key.
+async fn tasks_of(env: &TestEnv, name: &str) -> Vec<(Uuid, String, String)> {
+    sqlx::query_as(
+        "SELECT task_id, idempotency_key, status FROM tasks WHERE idempotency_key LIKE $1 ORDER BY idempotency_key",
+    )
+    .bind(format!("schedule:{name}:%"))
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn two_coordinators_fire_each_second_once_even_when_one_is_killed() {
+    let env = TestEnv::start("schedule-twice").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    let (mut second, _) = env.start_coordinator("second", &[]).await.unwrap();
+    let (status, body) = create(
+        &env,
+        json!({"name": "tick", "namespace": "clock", "template": "nightly", "cron": "* * * * * *",
+               "context": {"day": "today"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["next_runs"].as_array().unwrap().len(), 5, "{body}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    second.kill().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, _) = env
+        .patch("/v1/schedules/tick", json!({"paused": true}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // One fire per second, none twice, none missed, each with its task.
+    let fires = fires(&env, "tick").await;
+    assert!(fires.len() >= 9, "{} fires in 12 s: {fires:?}", fires.len());
+    for pair in fires.windows(2) {
+        assert_eq!(
+            (pair[1].0 - pair[0].0).num_milliseconds(),
+            1000,
+            "a second fired twice or not at all: {fires:?}"
+        );
+    }
+    assert!(
+        fires
+            .iter()
+            .all(|(_, task, outcome)| task.is_some() && outcome == "fired")
+    );
+    let tasks = tasks_of(&env, "tick").await;
+    assert_eq!(tasks.len(), fires.len(), "{tasks:?}");
+    let (_, body) = env.get("/v1/schedules/tick").await.unwrap();
+    assert_eq!(body["paused"], true);
+    assert_eq!(body["next_runs"], json!([]));
+    assert_eq!(body["last_runs"].as_array().unwrap().len(), 10, "{body}");
+    assert_eq!(body["last_runs"][0]["outcome"], "fired");
+    let task: Uuid = body["last_runs"][0]["task_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let task = env.api.task(task).await.unwrap();
+    assert_eq!(task.context, json!({"day": "today"}));
+}
+
+#[tokio::test]
+async fn missed_windows_are_caught_up_as_each_schedule_says() {
+    let env = TestEnv::start("schedule-catch-up").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    for catch_up in ["none", "latest", "all"] {
+        let (status, body) = create(
+            &env,
+            json!({"name": format!("new_year_{catch_up}"), "namespace": "clock",
+                   "template": "nightly", "cron": "0 0 1 1 *", "catch_up": catch_up}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // As if no coordinator had run since before 2024: three new years went by.
+    sqlx::query("UPDATE schedules SET next_fire_at = '2024-01-01T00:00:00Z'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let due: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM schedules WHERE next_fire_at <= now()")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        if due == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let outcomes = |fires: Vec<(DateTime<Utc>, Option<Uuid>, String)>| -> Vec<String> {
+        fires
+            .into_iter()
+            .map(|(at, _, outcome)| format!("{}:{outcome}", at.format("%Y")))
+            .collect()
+    };
+    assert_eq!(
+        outcomes(fires(&env, "new_year_none").await),
+        ["2024:missed", "2025:missed", "2026:missed"]
+    );
+    assert_eq!(
+        outcomes(fires(&env, "new_year_latest").await),
+        ["2024:missed", "2025:missed", "2026:fired"]
+    );
+    assert_eq!(
+        outcomes(fires(&env, "new_year_all").await),
+        ["2024:fired", "2025:fired", "2026:fired"]
+    );
+    assert_eq!(tasks_of(&env, "new_year_none").await.len(), 0);
+    assert_eq!(
+        tasks_of(&env, "new_year_latest").await[0].1,
+        "schedule:new_year_latest:2026-01-01T00:00:00.000Z"
+    );
+    assert_eq!(tasks_of(&env, "new_year_all").await.len(), 3);
+    // The next fire is the next new year.
+    let (_, body) = env.get("/v1/schedules/new_year_all").await.unwrap();
+    assert_eq!(body["next_fire_at"], "2027-01-01T00:00:00Z", "{body}");
+}
+
+#[tokio::test]
+async fn overlap_skips_or_cancels_a_task_that_still_runs() {
+    let env = TestEnv::start("schedule-overlap").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    for overlap in ["skip", "cancel_previous"] {
+        let (status, body) = create(
+            &env,
+            json!({"name": overlap, "namespace": "clock", "template": "nightly",
+                   "cron": "* * * * * *", "overlap": overlap}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    for name in ["skip", "cancel_previous"] {
+        let (status, _) = env
+            .patch(&format!("/v1/schedules/{name}"), json!({"paused": true}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    // No worker runs: the first task never finishes, so the others are skipped.
+    let skipped = fires(&env, "skip").await;
+    assert!(skipped.len() >= 3, "{skipped:?}");
+    assert_eq!(skipped[0].2, "fired");
+    assert!(
+        skipped[1..]
+            .iter()
+            .all(|(_, task, outcome)| task.is_none() && outcome == "skipped")
+    );
+    assert_eq!(tasks_of(&env, "skip").await.len(), 1);
+    // Each fire cancels the task before it: only the last runs.
+    let tasks = tasks_of(&env, "cancel_previous").await;
+    assert!(tasks.len() >= 3, "{tasks:?}");
+    let (last, earlier) = tasks.split_last().unwrap();
+    assert!(
+        earlier.iter().all(|(_, _, status)| status == "cancelled"),
+        "{tasks:?}"
+    );
+    assert_ne!(last.2, "cancelled", "{tasks:?}");
+}
+
+#[tokio::test]
+async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files() {
+    let env = TestEnv::start("schedule-api").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    // Every problem named at once.
+    let (status, body) = create(
+        &env,
+        json!({"name": "bad name!", "namespace": "clock", "template": "nowhere",
+               "cron": "61 * * *", "timezone": "Mars/Olympus", "overlap": "sometimes",
+               "colour": "red"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_schedule");
+    let mut paths: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        ["colour", "cron", "name", "overlap", "template", "timezone"],
+        "{body}"
+    );
+    // A context the template's schema refuses.
+    let (status, body) = create(
+        &env,
+        json!({"name": "typed", "namespace": "clock", "template": "nightly",
+               "cron": "0 7 * * *", "context": {"day": 7}}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "context/day", "{body}");
+
+    // Paris mornings; the name is taken once.
+    let morning = json!({"name": "morning", "namespace": "clock", "template": "nightly",
+                         "cron": "0 7 * * *", "timezone": "Europe/Paris"});
+    let (status, body) = create(&env, morning.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let next: Vec<DateTime<Utc>> = serde_json::from_value(body["next_runs"].clone()).unwrap();
+    assert_eq!(next.len(), 5);
+    assert!(
+        next.windows(2)
+            .all(|w| w[1] - w[0] == chrono::TimeDelta::days(1))
+    );
+    let (status, _) = create(&env, morning).await;
+    assert_eq!(status, 409);
+
+    // Changed: another clock, paused, resumed.
+    let (status, body) = env
+        .patch(
+            "/v1/schedules/morning",
+            json!({"cron": "30 6 * * 1-5", "timezone": "UTC"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let first: DateTime<Utc> = serde_json::from_value(body["next_runs"][0].clone()).unwrap();
+    assert_eq!(first.format("%H:%M").to_string(), "06:30");
+    let (status, body) = env
+        .patch(
+            "/v1/schedules/morning",
+            json!({"paused": true, "name": "x"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{body}");
+    let (_, body) = env
+        .patch("/v1/schedules/morning", json!({"paused": true}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (body["paused"].clone(), body["next_fire_at"].clone()),
+        (json!(true), Value::Null)
+    );
+    let (_, body) = env
+        .patch("/v1/schedules/morning", json!({"paused": false}))
+        .await
+        .unwrap();
+    assert_eq!(body["next_runs"].as_array().unwrap().len(), 5, "{body}");
+
+    // A template file's schedules.
+    let with_schedule = format!(
+        "{NIGHTLY}schedules:\n  - {{name: nightly_run, cron: '0 2 * * *', timezone: Europe/Paris, context: {{day: tomorrow}}}}\n"
+    )
+    .replace("name: nightly\n", "name: filed\n");
+    let (status, body) = env.register_template(&with_schedule).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = env.get("/v1/schedules/nightly_run").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "template");
+    assert_eq!(body["template"], "filed");
+    assert_eq!(body["context"], json!({"day": "tomorrow"}));
+    let bad = with_schedule.replace("'0 2 * * *'", "'0 2 * *'");
+    let (status, body) = env
+        .register_template(&bad.replace("1.0.0", "2.0.0"))
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("schedules[0].cron"), "{body}");
+
+    let (_, list) = env.get("/v1/schedules").await.unwrap();
+    let names: Vec<&str> = list["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["morning", "nightly_run"]);
+    let (status, _) = env.delete("/v1/schedules/morning").await.unwrap();
+    assert_eq!(status, 204);
+    let (status, body) = env.get("/v1/schedules/morning").await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "schedule_not_found");
+}
