@@ -39,5 +39,10 @@ CREATE TABLE schedule_fires (
     task_id    UUID,
     outcome    TEXT NOT NULL CHECK (outcome IN ('fired', 'skipped', 'missed', 'failed')),
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- From the history's sequence: the events relay publishes fires with the transitions
+    -- (`schedule.fired`, `schedule.skipped`).
+    transition_id BIGINT NOT NULL DEFAULT nextval('transition_ids'),
     PRIMARY KEY (schedule, fire_at)
 );
+
+CREATE INDEX schedule_fires_by_transition ON schedule_fires (transition_id);

@@ -168,11 +168,15 @@ impl Service for EventRelay {
 }
 
 fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
-    let change = Change::parse(
-        row.step_id.is_some(),
-        row.from_status.as_deref(),
-        &row.to_status,
-    );
+    let change = if row.schedule.is_some() {
+        Ok(Change::Schedule)
+    } else {
+        Change::parse(
+            row.step_id.is_some(),
+            row.from_status.as_deref(),
+            &row.to_status,
+        )
+    };
     let change = match change {
         Ok(change) => change,
         Err(error) => {
@@ -192,6 +196,7 @@ fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
         priority: row.priority,
         step_id: row.step_id,
         step_name: row.step_name,
+        schedule: row.schedule,
         from_status: row.from_status,
         to_status: row.to_status,
         reason: row.reason.to_string(),

@@ -30,6 +30,8 @@ pub const EVENT_NAMES: &[&str] = &[
     "step.cancelled",
     "step.resolved_manually",
     "step.skipped",
+    "schedule.fired",
+    "schedule.skipped",
 ];
 
 /// One lifecycle event (the JSON body; the routing key is `event`).
@@ -42,13 +44,15 @@ pub struct LifecycleEvent {
     pub event_id: i64,
     /// When the change was recorded.
     pub occurred_at: DateTime<Utc>,
-    /// The task.
-    pub task_id: Uuid,
+    /// The task (for `schedule.*` events, the task the fire created: none when skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<Uuid>,
     /// Its namespace.
     pub namespace: String,
     /// Its template's name.
     pub task_name: String,
-    /// Its template's version.
+    /// Its template's version (for a `schedule.skipped` event, the schedule's version,
+    /// empty when it follows the newest).
     pub version: String,
     /// The task's priority, 0 to 9 (events recorded before priorities existed read as 5).
     #[serde(default = "default_priority")]
@@ -59,6 +63,9 @@ pub struct LifecycleEvent {
     /// The step's name, for `step.*` events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_name: Option<String>,
+    /// The schedule, for `schedule.*` events (the metadata holds its `fire_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// Status before.
     pub from_status: Option<String>,
     /// Status after.
@@ -89,6 +96,8 @@ pub enum Change {
         /// After.
         to: StepStatus,
     },
+    /// A schedule reached a fire time (its reason says what it did).
+    Schedule,
 }
 
 impl Change {
@@ -111,6 +120,10 @@ pub fn event_name(change: Change, reason: TransitionReason) -> Option<&'static s
     use TaskStatus as T;
     use TransitionReason as R;
     match change {
+        Change::Schedule => match reason {
+            R::ScheduleFired => Some("schedule.fired"),
+            _ => Some("schedule.skipped"),
+        },
         Change::Step { to } => match (to, reason) {
             (S::InProgress, _) => Some("step.started"),
             (S::Complete, _) => Some("step.completed"),

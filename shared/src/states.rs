@@ -163,6 +163,15 @@ status_enum! {
         ChildTaskRetried => "child_task_retried",
         /// Task: its parent task was cancelled.
         ParentCancelled => "parent_cancelled",
+        /// Schedule: a fire time created its task.
+        ScheduleFired => "schedule_fired",
+        /// Schedule: a fire time created no task, the previous still running
+        /// (`overlap: skip`).
+        ScheduleSkipped => "schedule_skipped",
+        /// Schedule: a fire time no coordinator ran at, which its `catch_up` does not run.
+        ScheduleMissed => "schedule_missed",
+        /// Schedule: a fire time whose task could not be created.
+        ScheduleFailed => "schedule_failed",
         /// Task: past its deadline (`timeout` or `deadline`), ended in `error`; step: its
         /// task's deadline cancelled it.
         DeadlineExceeded => "deadline_exceeded",

@@ -568,3 +568,60 @@ async fn a_waiting_step_explains_itself_and_takes_its_signal() {
     assert!(run.stderr.contains("invalid_state"), "{run}");
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_cli_creates_pauses_shows_and_deletes_schedules() {
+    let env = TestEnv::start("cli-schedules").await.unwrap();
+    let (status, body) = env
+        .register_template(
+            "namespace: cli\nname: report\nsteps:\n  - {name: build, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let run = tasker(
+        &env,
+        &[
+            "schedules",
+            "create",
+            "morning",
+            "cli/report",
+            "0 7 * * MON-FRI",
+            "--timezone",
+            "Europe/Paris",
+            "--overlap",
+            "skip",
+            "--context",
+            r#"{"format": "pdf"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stdout
+            .contains("Cron      0 7 * * MON-FRI (Europe/Paris)"),
+        "{run}"
+    );
+    assert!(run.stdout.contains("Next      "), "{run}");
+    let run = tasker(&env, &["schedules", "list"]).await;
+    assert!(row(&run, "morning").ends_with("active"), "{run}");
+    let run = tasker(&env, &["schedules", "pause", "morning"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains("State     paused"), "{run}");
+    let run = tasker(&env, &["schedules", "list"]).await;
+    assert!(row(&run, "morning").ends_with("paused"), "{run}");
+    // A bad cron: the API's answer names the field.
+    let run = tasker(
+        &env,
+        &["schedules", "create", "bad", "cli/report", "0 7 * *"],
+    )
+    .await;
+    assert_ne!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("cron"), "{run}");
+    let run = tasker(&env, &["schedules", "delete", "morning"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let run = tasker(&env, &["schedules", "get", "morning"]).await;
+    assert_ne!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("schedule_not_found"), "{run}");
+    env.finish().await.unwrap();
+}

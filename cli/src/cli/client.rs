@@ -146,6 +146,20 @@ impl Client {
             .success()
     }
 
+    /// `PATCH` a JSON body; a non-2xx answer is an error.
+    pub(crate) async fn patch(&self, segments: &[&str], body: Value) -> Result<Response, CliError> {
+        self.send(Method::PATCH, segments, &[], Body::Json(body))
+            .await?
+            .success()
+    }
+
+    /// `DELETE`; a non-2xx answer is an error.
+    pub(crate) async fn delete(&self, segments: &[&str]) -> Result<Response, CliError> {
+        self.send(Method::DELETE, segments, &[], Body::None)
+            .await?
+            .success()
+    }
+
     fn transport_error(&self, error: &reqwest::Error) -> CliError {
         if error.is_builder() {
             return CliError::Usage(format!("cannot build a request to {}: {error}", self.base));

@@ -109,6 +109,66 @@ enum Command {
     /// Act on single steps.
     #[command(subcommand)]
     Steps(StepsCommand),
+    /// Create, inspect, pause and delete schedules: tasks created on a clock.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
+}
+
+#[derive(Subcommand)]
+enum SchedulesCommand {
+    /// List the schedules.
+    List,
+    /// Show a schedule with its next fire times and its last fires.
+    Get {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Create a schedule.
+    Create(ScheduleArgs),
+    /// Stop a schedule's fires until it is resumed.
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Fire a paused schedule again, from its next fire time (nothing is caught up).
+    Resume {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Delete a schedule (the tasks it created stay).
+    Delete {
+        /// The schedule's name.
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct ScheduleArgs {
+    /// Its name: letters, digits, `_`, `-` and `.`.
+    name: String,
+    /// The template: NAMESPACE/NAME.
+    template: String,
+    /// Five cron fields (minute hour day-of-month month day-of-week), or six (a second
+    /// first), quoted: '0 7 * * MON-FRI'.
+    cron: String,
+    /// An IANA time zone (default UTC).
+    #[arg(long)]
+    timezone: Option<String>,
+    /// Template version (default: the newest at each fire).
+    #[arg(long)]
+    version: Option<String>,
+    /// Each task's context: a JSON object, `@file.json`, or `@-` for stdin.
+    #[arg(long)]
+    context: Option<String>,
+    /// While the previous fire's task runs: allow (default), skip or cancel_previous.
+    #[arg(long, value_parser = PossibleValuesParser::new(["allow", "skip", "cancel_previous"]))]
+    overlap: Option<String>,
+    /// Fire times no coordinator ran at: none (default), latest or all.
+    #[arg(long, value_parser = PossibleValuesParser::new(["none", "latest", "all"]))]
+    catch_up: Option<String>,
+    /// Create it paused.
+    #[arg(long)]
+    paused: bool,
 }
 
 #[derive(Subcommand)]
@@ -530,6 +590,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             });
             Ok(())
         }
+        Command::Schedules(command) => schedules(&context, command).await,
         Command::Tasks(TasksCommand::Explain { id }) => {
             let body = context
                 .client
@@ -969,6 +1030,66 @@ async fn operate_many(
     }
     if answer["has_more"].as_bool() == Some(true) {
         errln!("more tasks match than --limit: run again for the rest");
+    }
+    Ok(())
+}
+
+async fn schedules(context: &Context, command: SchedulesCommand) -> Result<(), CliError> {
+    let client = &context.client;
+    match command {
+        SchedulesCommand::List => {
+            let body = client.get(&["v1", "schedules"], &[]).await?;
+            context.print(&body, render::schedule_list);
+        }
+        SchedulesCommand::Get { name } => {
+            let body = client.get(&["v1", "schedules", &name], &[]).await?;
+            context.print(&body, render::schedule);
+        }
+        SchedulesCommand::Create(args) => {
+            let Some((namespace, template)) = args.template.split_once('/') else {
+                return Err(CliError::Usage(format!(
+                    "the template is NAMESPACE/NAME, not `{}`",
+                    args.template
+                )));
+            };
+            let mut body = json!({
+                "name": args.name, "namespace": namespace, "template": template,
+                "cron": args.cron, "paused": args.paused,
+            });
+            for (key, value) in [
+                ("timezone", args.timezone),
+                ("version", args.version),
+                ("overlap", args.overlap),
+                ("catch_up", args.catch_up),
+            ] {
+                if let Some(value) = value {
+                    body[key] = json!(value);
+                }
+            }
+            if let Some(text) = args.context {
+                body["context"] = json_argument("--context", &text)?;
+            }
+            let response = client.post(&["v1", "schedules"], body).await?;
+            context.print(&response.body, render::schedule);
+        }
+        SchedulesCommand::Pause { name } => {
+            let response = client
+                .patch(&["v1", "schedules", &name], json!({"paused": true}))
+                .await?;
+            context.print(&response.body, render::schedule);
+        }
+        SchedulesCommand::Resume { name } => {
+            let response = client
+                .patch(&["v1", "schedules", &name], json!({"paused": false}))
+                .await?;
+            context.print(&response.body, render::schedule);
+        }
+        SchedulesCommand::Delete { name } => {
+            client.delete(&["v1", "schedules", &name]).await?;
+            if context.output == Output::Table {
+                errln!("deleted schedule {name}");
+            }
+        }
     }
     Ok(())
 }

@@ -494,6 +494,116 @@ pub(crate) fn template_list(body: &Value, style: Style) -> String {
     table.render(style)
 }
 
+/// `GET /v1/schedules`: one line per schedule.
+pub(crate) fn schedule_list(body: &Value, style: Style) -> String {
+    let schedules = body["schedules"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if schedules.is_empty() {
+        return "no schedules\n".to_owned();
+    }
+    let mut table = Table::new(&["NAME", "TEMPLATE", "CRON", "TIMEZONE", "NEXT FIRE", "STATE"]);
+    for schedule in schedules {
+        table.row(vec![
+            text(schedule, "name").into(),
+            format!(
+                "{}/{}",
+                text(schedule, "namespace"),
+                text(schedule, "template")
+            )
+            .into(),
+            text(schedule, "cron").into(),
+            text(schedule, "timezone").into(),
+            time(schedule, "next_fire_at")
+                .map(full_time)
+                .unwrap_or_else(|| "-".into())
+                .into(),
+            Cell::status(if schedule["paused"] == true {
+                "paused"
+            } else {
+                "active"
+            }),
+        ]);
+    }
+    table.render(style)
+}
+
+/// One schedule: its settings, next fire times and last fires.
+pub(crate) fn schedule(schedule: &Value, style: Style) -> String {
+    let mut out = String::new();
+    let version = schedule["version"].as_str().unwrap_or("newest");
+    for (label, value) in [
+        ("Schedule", style.bold(text(schedule, "name"))),
+        (
+            "Template",
+            format!(
+                "{}/{} ({version})",
+                text(schedule, "namespace"),
+                text(schedule, "template")
+            ),
+        ),
+        (
+            "Cron",
+            format!(
+                "{} ({})",
+                text(schedule, "cron"),
+                text(schedule, "timezone")
+            ),
+        ),
+        (
+            "Policy",
+            format!(
+                "overlap {}, catch_up {}",
+                text(schedule, "overlap"),
+                text(schedule, "catch_up")
+            ),
+        ),
+        (
+            "State",
+            if schedule["paused"] == true {
+                "paused".to_owned()
+            } else {
+                "active".to_owned()
+            },
+        ),
+        (
+            "Context",
+            truncate(&compact_json(&schedule["context"]), 100),
+        ),
+    ] {
+        let _ = writeln!(out, "{label:<9} {value}");
+    }
+    let next: Vec<String> = schedule["next_runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect();
+    if !next.is_empty() {
+        let _ = writeln!(out, "Next      {}", next.join(", "));
+    }
+    let runs = schedule["last_runs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if !runs.is_empty() {
+        out.push('\n');
+        let mut table = Table::new(&["FIRED FOR", "OUTCOME", "TASK", "STATUS"]);
+        for run in runs {
+            table.row(vec![
+                text(run, "time").into(),
+                text(run, "outcome").into(),
+                run["task_id"].as_str().unwrap_or("-").into(),
+                Cell::status(run["status"].as_str().unwrap_or("-")),
+            ]);
+        }
+        out.push_str(&table.render(style));
+    }
+    out
+}
+
 /// `GET /v1/tasks/{id}/readiness`: one line per step, why it is (not) running.
 pub(crate) fn readiness(body: &Value, style: Style) -> String {
     let steps = body["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
@@ -616,6 +726,43 @@ mod tests {
             "{text}"
         );
         assert!(lines[children + 1].contains("shop/lookup 2.0.0"), "{text}");
+    }
+
+    #[test]
+    fn a_schedule_shows_its_clock_its_next_fires_and_its_last_runs() {
+        let body = json!({
+            "name": "morning", "namespace": "reports", "template": "daily", "version": null,
+            "cron": "0 7 * * *", "timezone": "Europe/Paris", "overlap": "skip",
+            "catch_up": "none", "paused": false, "context": {"format": "pdf"},
+            "next_fire_at": "2026-12-06T06:00:00Z",
+            "next_runs": ["2026-12-06T06:00:00Z", "2026-12-07T06:00:00Z"],
+            "last_runs": [{"time": "2026-12-05T06:00:00Z", "outcome": "fired",
+                           "task_id": "0195f3c2-0000-7000-8000-000000000009",
+                           "status": "complete"}]
+        });
+        let text = schedule(&body, Style::PLAIN);
+        assert!(text.contains("Template  reports/daily (newest)"), "{text}");
+        assert!(
+            text.contains("Cron      0 7 * * * (Europe/Paris)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Policy    overlap skip, catch_up none"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Next      2026-12-06T06:00:00Z, 2026-12-07T06:00:00Z"),
+            "{text}"
+        );
+        let run = text.lines().find(|l| l.starts_with("2026-12-05")).unwrap();
+        assert!(run.contains("fired") && run.contains("complete"), "{run}");
+        let list = schedule_list(&json!({"schedules": [body]}), Style::PLAIN);
+        let row = list.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("morning  reports/daily  0 7 * * *"),
+            "{list}"
+        );
+        assert!(row.ends_with("active"), "{list}");
     }
 
     #[test]

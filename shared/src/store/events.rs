@@ -14,8 +14,8 @@ pub struct RecordedTransition {
     pub transition_id: i64,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
-    /// The task.
-    pub task_id: Uuid,
+    /// The task (none for a schedule's fire that created none).
+    pub task_id: Option<Uuid>,
     /// The step, for step transitions.
     pub step_id: Option<Uuid>,
     /// The step's name.
@@ -36,6 +36,8 @@ pub struct RecordedTransition {
     pub version: String,
     /// The task's priority.
     pub priority: i16,
+    /// The schedule, for a schedule's fire.
+    pub schedule: Option<String>,
 }
 
 /// Take the relay's cursor for this transaction, or `None` when another coordinator holds

@@ -55,6 +55,14 @@ struct Args {
     /// instances, then fans in, against the diamonds' steps/s (0 skips the run).
     #[arg(long, default_value_t = 10_000)]
     fan_out: usize,
+    /// After the idle measure: this many schedules none of which is due, the idle
+    /// statements again, then one schedule firing every second for `schedule_seconds`,
+    /// its fire-to-task lateness (0 skips it).
+    #[arg(long, default_value_t = 1_000)]
+    schedules: usize,
+    /// How long the every-second schedule fires, in seconds.
+    #[arg(long, default_value_t = 30)]
+    schedule_seconds: u64,
     /// Linear chains for the second throughput run (0 skips it).
     #[arg(long, default_value_t = 1_000)]
     chains: usize,
@@ -199,6 +207,25 @@ async fn main() -> anyhow::Result<()> {
 
     let idle = system.idle_statements(Duration::from_secs(20)).await?;
     println!("idle     coordinator statements          {idle:>9.2} /s  (over 20 s, nothing to do)");
+
+    if args.schedules > 0 {
+        system.idle_schedules(args.schedules).await?;
+        let idle = system.idle_statements(Duration::from_secs(20)).await?;
+        println!(
+            "idle     coordinator statements          {idle:>9.2} /s  (over 20 s, {} schedules none of which is due)",
+            args.schedules
+        );
+        let lateness = system
+            .schedule_lateness(Duration::from_secs(args.schedule_seconds))
+            .await?;
+        println!(
+            "latency  schedule fire time → task      p50 {:>6.1} ms   p99 {:>6.1} ms   max {:>6.1} ms   ({} fires, one a second)",
+            percentile(&lateness, 0.5),
+            percentile(&lateness, 0.99),
+            percentile(&lateness, 1.0),
+            lateness.len()
+        );
+    }
 
     let run = system.throughput("diamond", args.diamonds, 4, None).await?;
     run.print("diamonds", broker);
@@ -703,6 +730,69 @@ impl System {
             counts.creating_statements += sample("tasker_create_batch_size_count")?;
         }
         Ok(counts)
+    }
+
+    /// Create `n` schedules of diamonds that fire once a year on 1 January.
+    async fn idle_schedules(&self, n: usize) -> anyhow::Result<()> {
+        for i in 0..n {
+            let base = &self.bases[i % self.bases.len()];
+            let response = self
+                .http
+                .post(format!("{base}/v1/schedules"))
+                .json(&json!({"name": format!("yearly_{i}"), "namespace": "bench",
+                              "template": "diamond", "cron": "0 0 1 1 *"}))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "creating a schedule: {}",
+                response.text().await?
+            );
+        }
+        Ok(())
+    }
+
+    /// A schedule firing every second for `over`: each fire's lateness, from its fire
+    /// time to its task's creation, in milliseconds.
+    async fn schedule_lateness(&self, over: Duration) -> anyhow::Result<Vec<f64>> {
+        let base = &self.bases[0];
+        let response = self
+            .http
+            .post(format!("{base}/v1/schedules"))
+            .json(&json!({"name": "every_second", "namespace": "bench",
+                          "template": "diamond", "cron": "* * * * * *"}))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().is_success(), "{}", response.text().await?);
+        tokio::time::sleep(over).await;
+        self.http
+            .patch(format!("{base}/v1/schedules/every_second"))
+            .json(&json!({"paused": true}))
+            .send()
+            .await?;
+        let late: Vec<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM t.created_at - f.fire_at) * 1000)::FLOAT8 \
+             FROM schedule_fires f JOIN tasks t ON t.task_id = f.task_id \
+             WHERE f.schedule = 'every_second'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        // Its tasks finish before the next run starts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tasks WHERE status IN ('pending', 'in_progress')",
+        )
+        .fetch_one(&self.pool)
+        .await?
+            > 0
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the scheduled tasks did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(late)
     }
 
     async fn idle_statements(&self, over: Duration) -> anyhow::Result<f64> {
