@@ -112,6 +112,61 @@ enum Command {
     /// Create, inspect, pause and delete schedules: tasks created on a clock.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// Figures from the stored tasks: per template, per step, a template's critical path.
+    #[command(subcommand)]
+    Analytics(AnalyticsCommand),
+}
+
+#[derive(Subcommand)]
+enum AnalyticsCommand {
+    /// Per template: tasks, outcomes, duration percentiles, throughput.
+    Templates {
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        window: WindowArgs,
+    },
+    /// Per step of a template: runs, attempts, error and retry rates, run and wait
+    /// percentiles.
+    Steps {
+        /// The template: NAMESPACE/NAME.
+        template: String,
+        #[command(flatten)]
+        window: WindowArgs,
+    },
+    /// A template's critical path: the chain of steps with the largest mean time from
+    /// ready to done.
+    Bottlenecks {
+        /// The template: NAMESPACE/NAME.
+        template: String,
+        #[command(flatten)]
+        window: WindowArgs,
+    },
+}
+
+/// The window of task creation times (default the last 24 hours, at most 31 days).
+#[derive(Args)]
+struct WindowArgs {
+    /// From this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339)]
+    since: Option<String>,
+    /// Up to this time (RFC 3339; default now).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339)]
+    until: Option<String>,
+}
+
+impl WindowArgs {
+    fn query(self) -> Vec<(&'static str, String)> {
+        let mut query = Vec::new();
+        if let Some(since) = self.since {
+            query.push(("since", since));
+        }
+        if let Some(until) = self.until {
+            query.push(("until", until));
+        }
+        query
+    }
 }
 
 #[derive(Subcommand)]
@@ -591,6 +646,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Schedules(command) => schedules(&context, command).await,
+        Command::Analytics(command) => analytics(&context, command).await,
         Command::Tasks(TasksCommand::Explain { id }) => {
             let body = context
                 .client
@@ -1091,5 +1147,50 @@ async fn schedules(context: &Context, command: SchedulesCommand) -> Result<(), C
             }
         }
     }
+    Ok(())
+}
+
+async fn analytics(context: &Context, command: AnalyticsCommand) -> Result<(), CliError> {
+    let template = |text: &str| -> Result<Vec<(&'static str, String)>, CliError> {
+        match text.split_once('/') {
+            Some((namespace, name)) => Ok(vec![
+                ("namespace", namespace.to_owned()),
+                ("name", name.to_owned()),
+            ]),
+            None => Err(CliError::Usage(format!(
+                "the template is NAMESPACE/NAME, not `{text}`"
+            ))),
+        }
+    };
+    let (path, query, render): (&str, _, fn(&Value, Style) -> String) = match command {
+        AnalyticsCommand::Templates { namespace, window } => {
+            let mut query = window.query();
+            if let Some(namespace) = namespace {
+                query.push(("namespace", namespace));
+            }
+            ("templates", query, render::analytics_templates)
+        }
+        AnalyticsCommand::Steps {
+            template: t,
+            window,
+        } => {
+            let mut query = template(&t)?;
+            query.extend(window.query());
+            ("steps", query, render::analytics_steps)
+        }
+        AnalyticsCommand::Bottlenecks {
+            template: t,
+            window,
+        } => {
+            let mut query = template(&t)?;
+            query.extend(window.query());
+            ("bottlenecks", query, render::analytics_bottlenecks)
+        }
+    };
+    let body = context
+        .client
+        .get(&["v1", "analytics", path], &query)
+        .await?;
+    context.print(&body, render);
     Ok(())
 }

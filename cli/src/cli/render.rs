@@ -494,6 +494,110 @@ pub(crate) fn template_list(body: &Value, style: Style) -> String {
     table.render(style)
 }
 
+/// Percentiles as `p50 / p95 / p99` in milliseconds, or `-`.
+fn percentiles(value: &Value) -> String {
+    match (
+        value["p50"].as_f64(),
+        value["p95"].as_f64(),
+        value["p99"].as_f64(),
+    ) {
+        (Some(p50), Some(p95), Some(p99)) => format!("{p50:.0} / {p95:.0} / {p99:.0}"),
+        _ => "-".to_owned(),
+    }
+}
+
+fn rate(value: &Value) -> String {
+    value
+        .as_f64()
+        .map(|rate| format!("{:.1}%", rate * 100.0))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+/// `GET /v1/analytics/templates`: one line per template.
+pub(crate) fn analytics_templates(body: &Value, style: Style) -> String {
+    let rows = body["templates"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if rows.is_empty() {
+        return "no tasks in the window\n".to_owned();
+    }
+    let mut table = Table::new(&[
+        "TEMPLATE",
+        "TASKS",
+        "COMPLETE",
+        "ERROR",
+        "CANCELLED",
+        "DURATION MS P50/P95/P99",
+        "PER MIN",
+    ]);
+    for row in rows {
+        table.row(vec![
+            format!("{}/{}", text(row, "namespace"), text(row, "name")).into(),
+            row["tasks"].to_string().into(),
+            row["complete"].to_string().into(),
+            row["error"].to_string().into(),
+            row["cancelled"].to_string().into(),
+            percentiles(&row["duration_ms"]).into(),
+            format!("{:.1}", row["throughput_per_min"].as_f64().unwrap_or(0.0)).into(),
+        ]);
+    }
+    table.render(style)
+}
+
+/// `GET /v1/analytics/steps`: one line per step.
+pub(crate) fn analytics_steps(body: &Value, style: Style) -> String {
+    let rows = body["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if rows.is_empty() {
+        return "no steps in the window\n".to_owned();
+    }
+    let mut table = Table::new(&[
+        "STEP",
+        "RUNS",
+        "ATTEMPTS",
+        "ERRORS",
+        "RETRIED",
+        "RUN MS P50/P95/P99",
+        "WAIT MS P50/P95/P99",
+    ]);
+    for row in rows {
+        table.row(vec![
+            text(row, "step").into(),
+            row["runs"].to_string().into(),
+            row["mean_attempts"]
+                .as_f64()
+                .map(|a| format!("{a:.1}"))
+                .unwrap_or_else(|| "-".into())
+                .into(),
+            rate(&row["error_rate"]).into(),
+            rate(&row["retry_rate"]).into(),
+            percentiles(&row["run_ms"]).into(),
+            percentiles(&row["wait_ms"]).into(),
+        ]);
+    }
+    table.render(style)
+}
+
+/// `GET /v1/analytics/bottlenecks`: the critical path, one line per step.
+pub(crate) fn analytics_bottlenecks(body: &Value, style: Style) -> String {
+    let rows = body["path"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let mut table = Table::new(&["STEP", "MEAN MS", "SHARE"]);
+    for row in rows {
+        table.row(vec![
+            text(row, "step").into(),
+            format!("{:.1}", row["mean_ms"].as_f64().unwrap_or(0.0)).into(),
+            rate(&row["share"]).into(),
+        ]);
+    }
+    format!(
+        "critical path of {}/{}: {:.1} ms\n{}",
+        text(body, "namespace"),
+        text(body, "name"),
+        body["total_ms"].as_f64().unwrap_or(0.0),
+        table.render(style)
+    )
+}
+
 /// `GET /v1/schedules`: one line per schedule.
 pub(crate) fn schedule_list(body: &Value, style: Style) -> String {
     let schedules = body["schedules"]
@@ -763,6 +867,33 @@ mod tests {
             "{list}"
         );
         assert!(row.ends_with("active"), "{list}");
+    }
+
+    #[test]
+    fn analytics_tables_show_percentiles_and_rates() {
+        let steps = json!({"steps": [
+            {"step": "slow", "runs": 3, "mean_attempts": 1.0, "error_rate": 0.0,
+             "retry_rate": 0.0, "run_ms": {"p50": 403.2, "p95": 404.0, "p99": 404.4},
+             "wait_ms": {"p50": 4.0, "p95": 5.0, "p99": 5.0}},
+            {"step": "never", "runs": 0, "mean_attempts": null, "error_rate": null,
+             "retry_rate": null, "run_ms": null, "wait_ms": null}
+        ]});
+        let text = analytics_steps(&steps, Style::PLAIN);
+        let slow = text.lines().find(|l| l.starts_with("slow")).unwrap();
+        assert!(
+            slow.contains("403 / 404 / 404") && slow.contains("0.0%"),
+            "{text}"
+        );
+        let never = text.lines().find(|l| l.starts_with("never")).unwrap();
+        assert!(never.contains(" -"), "{text}");
+        let path = json!({"namespace": "s", "name": "shop", "total_ms": 420.5,
+            "path": [{"step": "slow", "mean_ms": 400.0, "share": 0.9512}]});
+        let text = analytics_bottlenecks(&path, Style::PLAIN);
+        assert!(
+            text.starts_with("critical path of s/shop: 420.5 ms"),
+            "{text}"
+        );
+        assert!(text.contains("95.1%"), "{text}");
     }
 
     #[test]

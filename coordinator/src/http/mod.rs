@@ -1,5 +1,6 @@
 //! The HTTP API (`docs/api.md` describes its contract).
 
+mod analytics;
 mod auth;
 mod body;
 mod budget;
@@ -167,6 +168,19 @@ pub(crate) fn routes() -> Vec<Route> {
             "/v1/tasks/{task_id}/transitions",
             read,
             operate::history,
+        ),
+        route(
+            Method::GET,
+            "/v1/analytics/templates",
+            read,
+            analytics::templates,
+        ),
+        route(Method::GET, "/v1/analytics/steps", read, analytics::steps),
+        route(
+            Method::GET,
+            "/v1/analytics/bottlenecks",
+            read,
+            analytics::bottlenecks,
         ),
         route(Method::POST, "/v1/schedules", write, schedules::create),
         route(Method::GET, "/v1/schedules", read, schedules::list),

@@ -12,6 +12,7 @@ use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::{RefOr, Required};
 use utoipa::{Modify, OpenApi};
 
+use super::analytics::{self, Bottlenecks, StepAnalytics, TemplateAnalytics};
 use super::auth::SecurityDoc;
 use super::body::StorableJson;
 use super::bulk::{self, BulkCancelRequest, BulkResult, BulkRetryRequest, ListTag};
@@ -29,6 +30,7 @@ use super::templates::{
     self, TemplateDocument, TemplateList, TemplateRegistration, TemplateWarning,
 };
 use tasker_shared::states::{CatchUp, Overlap, StepStatus, TaskStatus};
+use tasker_shared::store::analytics::{PathStep, Percentiles, StepStats, TemplateStats};
 use tasker_shared::store::inspect::{ExecutionContext, StepReadiness, Transition};
 use tasker_shared::store::schedules::{FireRecord, ScheduleRecord};
 use tasker_shared::store::tasks::{ChildTask, StepRecord, TaskRecord};
@@ -62,6 +64,9 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         operate::signal,
         operate::readiness,
         operate::history,
+        analytics::templates,
+        analytics::steps,
+        analytics::bottlenecks,
         schedules::create,
         schedules::list,
         schedules::get,
@@ -90,6 +95,13 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         StepStatus,
         ChildTask,
         ExecutionContext,
+        TemplateAnalytics,
+        StepAnalytics,
+        Bottlenecks,
+        TemplateStats,
+        StepStats,
+        PathStep,
+        Percentiles,
         ScheduleView,
         ScheduleList,
         ScheduleRecord,
@@ -126,6 +138,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         (name = "tasks", description = "Tasks: creating and reading them."),
         (name = "operate", description = "Operator controls and the views that explain a task."),
         (name = "schedules", description = "Tasks created on a clock."),
+        (name = "analytics", description = "Figures from the stored tasks and steps."),
         (name = "health", description = "Liveness, readiness, status and metrics."),
         (name = "meta", description = "This description."),
     ),

@@ -9,6 +9,7 @@
 //! Queries are plain SQL checked by the end-to-end tests (not sqlx's compile-time macros,
 //! which would need a live database to build).
 
+pub mod analytics;
 pub mod events;
 pub mod inspect;
 pub mod retention;

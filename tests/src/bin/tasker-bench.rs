@@ -297,6 +297,7 @@ async fn main() -> anyhow::Result<()> {
             "history  throughput with history / without  {:>6.2}",
             with_history.steps_per_s / run.steps_per_s
         );
+        system.analytics_timings().await?;
     }
 
     let duplicates = system.duplicate_dispatches().await?;
@@ -1007,6 +1008,52 @@ impl System {
         .execute(&self.pool)
         .await?;
         sqlx::query("ANALYZE").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Time each analytics call over a window holding the stored history: the first
+    /// call, and the median of five more.
+    async fn analytics_timings(&self) -> anyhow::Result<()> {
+        let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM steps")
+            .fetch_one(&self.pool)
+            .await?;
+        let since = (chrono::Utc::now() - chrono::TimeDelta::days(2))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let base = &self.bases[0];
+        for (what, path) in [
+            (
+                "templates",
+                format!("/v1/analytics/templates?since={since}"),
+            ),
+            (
+                "steps",
+                format!("/v1/analytics/steps?namespace=bench&name=diamond&since={since}"),
+            ),
+            (
+                "bottlenecks",
+                format!("/v1/analytics/bottlenecks?namespace=bench&name=diamond&since={since}"),
+            ),
+        ] {
+            let mut times = Vec::new();
+            for _ in 0..6 {
+                let started = Instant::now();
+                let response = self.http.get(format!("{base}{path}")).send().await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "{path}: {}",
+                    response.text().await?
+                );
+                response.bytes().await?;
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            let first = times[0];
+            let mut rest = times[1..].to_vec();
+            rest.sort_by(f64::total_cmp);
+            println!(
+                "analytics {what:<12} first {first:>7.1} ms   median of 5 {:>7.1} ms   ({steps} stored steps, a 2-day window)",
+                rest[2]
+            );
+        }
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! process), `tasker-worker` processes, real PostgreSQL, real RabbitMQ. Each test has its
 //! own database and queue prefix (see `tasker_tests::TestEnv`).
 
+mod analytics;
 mod auth;
 mod child_tasks;
 mod conditions;
