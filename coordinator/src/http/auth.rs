@@ -315,6 +315,10 @@ mod tests {
                 ("GET", "/metrics" | "/health/status") => Access::Monitoring,
                 ("POST", "/v1/templates") => Access::Scope(Scope::TemplatesWrite),
                 ("POST", "/v1/tasks") => Access::Scope(Scope::TasksWrite),
+                // A schedule creates tasks.
+                ("POST", "/v1/schedules") | ("PATCH" | "DELETE", "/v1/schedules/{name}") => {
+                    Access::Scope(Scope::TasksWrite)
+                }
                 ("POST", path) if path.starts_with("/v1/tasks/") => {
                     Access::Scope(Scope::TasksOperate)
                 }
