@@ -147,7 +147,9 @@ impl Scheduler {
                     Overlap::Allow => {}
                 }
             }
-            match self.create(record, at).await {
+            // A database or overload error leaves the whole batch to the next try (the
+            // tasks made meanwhile are found again by their keys); a refusal is for good.
+            match self.create(record, at).await? {
                 Ok(task) => {
                     metrics
                         .schedule_fires
@@ -162,8 +164,8 @@ impl Scheduler {
                     previous = Some((task, TaskStatus::Pending));
                     fires.push((at, FireOutcome::Fired(task)));
                 }
-                Err(error) => {
-                    tracing::warn!(schedule = %record.name, fire_at = %at, error = format!("{error:#}"),
+                Err(refused) => {
+                    tracing::warn!(schedule = %record.name, fire_at = %at, error = %refused,
                         "schedule fired no task");
                     self.skipped(record, at, "failed");
                     fires.push((at, FireOutcome::Failed));
@@ -201,8 +203,13 @@ impl Scheduler {
     }
 
     /// Create the task of `record` for the fire time `at` (or find the one created
-    /// before, by its idempotency key).
-    async fn create(&self, record: &ScheduleRecord, at: DateTime<Utc>) -> anyhow::Result<Uuid> {
+    /// before, by its idempotency key). The inner error is a refusal that trying again
+    /// would not change (the template gone, the context refused); the outer one is not.
+    async fn create(
+        &self,
+        record: &ScheduleRecord,
+        at: DateTime<Utc>,
+    ) -> anyhow::Result<Result<Uuid, String>> {
         let state = &self.state;
         let new = Arc::new(NewTask {
             context: record.context.clone(),
@@ -244,7 +251,7 @@ impl Scheduler {
                     .await?
             };
             let Some(resolved) = resolved else {
-                anyhow::bail!(
+                return Ok(Err(format!(
                     "no template {}/{}{}",
                     record.namespace,
                     record.template,
@@ -253,21 +260,30 @@ impl Scheduler {
                         .as_deref()
                         .map(|v| format!(" {v}"))
                         .unwrap_or_default()
-                );
+                )));
             };
             let template = resolved.template;
             if let Err(problems) = template.definition.validate_context(&new.context) {
-                anyhow::bail!("the context breaks the template's schema: {problems:?}");
+                return Ok(Err(format!(
+                    "the context breaks the template's schema: {}",
+                    listed(&problems)
+                )));
             }
             let versions_known = resolved.versions_known.filter(|_| checked);
-            let creation = Creation::new(template.clone(), new.clone(), claim, versions_known)
-                .map_err(|problems| {
-                    anyhow::anyhow!("the template refused the task: {problems:?}")
-                })?;
+            let creation = match Creation::new(template.clone(), new.clone(), claim, versions_known)
+            {
+                Ok(creation) => creation,
+                Err(problems) => {
+                    return Ok(Err(format!(
+                        "the template refused the task: {}",
+                        listed(&problems)
+                    )));
+                }
+            };
             match state.creator.create(creation).await? {
                 Created::TemplateChanged if checked => checked = false,
                 Created::TemplateChanged => anyhow::bail!("the template's versions kept changing"),
-                Created::Existing(task) => return Ok(task.task_id),
+                Created::Existing(task) => return Ok(Ok(task.task_id)),
                 Created::New(task, _, dispatches) => {
                     let fans_out = template
                         .definition
@@ -278,9 +294,18 @@ impl Scheduler {
                     Effects::created(&task, dispatches, fans_out)
                         .apply(state)
                         .await;
-                    return Ok(task_id);
+                    return Ok(Ok(task_id));
                 }
             }
         }
     }
+}
+
+/// Problems as one line.
+fn listed(problems: &[tasker_shared::template::Problem]) -> String {
+    problems
+        .iter()
+        .map(|problem| format!("{}: {}", problem.path, problem.message))
+        .collect::<Vec<_>>()
+        .join("; ")
 }

@@ -1,17 +1,21 @@
--- Per step of template $1/$2, over its tasks whose ids are $3 (included) to $4
--- (excluded): a fan-out's instances count for their step (the step itself never runs);
+-- Per step of template $1/$2, over its newest $5 tasks whose ids are $3 (included) to
+-- $4 (excluded): a fan-out's instances count for their step (the step itself never runs);
 -- a step not run (skipped, never reached) counts in no rate. Run time is the last
 -- attempt's, start to completion; wait is ready to started; done is ready to completion.
 WITH s AS (
-    SELECT COALESCE(f.name, s.name) AS step, s.position, s.status, s.attempts,
+    SELECT CASE WHEN s.fan_out_of IS NULL THEN s.name
+                ELSE (SELECT f.name FROM steps f WHERE f.step_id = s.fan_out_of) END AS step,
+           s.position, s.status, s.attempts,
            extract(epoch FROM s.completed_at - s.started_at)::FLOAT8 * 1000 AS run_ms,
            extract(epoch FROM s.started_at - s.ready_at)::FLOAT8 * 1000 AS wait_ms,
            extract(epoch FROM s.completed_at - s.ready_at)::FLOAT8 * 1000 AS done_ms
-    FROM tasks t
-    JOIN steps s ON s.task_id = t.task_id
-    LEFT JOIN steps f ON f.step_id = s.fan_out_of
-    WHERE t.namespace = $1 AND t.name = $2 AND t.task_id >= $3 AND t.task_id < $4
-      AND s.instances IS NULL
+    FROM (SELECT t.task_id FROM tasks t
+          WHERE t.namespace = $1 AND t.name = $2 AND t.task_id >= $3 AND t.task_id < $4
+          ORDER BY t.task_id DESC
+          LIMIT $5) t
+    -- One index probe per task (OFFSET 0 keeps the planner from hashing every step).
+    CROSS JOIN LATERAL (SELECT * FROM steps s
+                        WHERE s.task_id = t.task_id AND s.instances IS NULL OFFSET 0) s
 )
 SELECT step, min(position) AS position,
        count(*) FILTER (WHERE attempts > 0) AS runs,

@@ -3,8 +3,10 @@
 //!
 //! Task ids are UUIDv7, so a window of creation times is a range of ids: every query
 //! reads `tasks_by_template` (namespace, name, task id) over that range only, then each
-//! task's steps by `steps_by_task`. Percentiles are exact (`percentile_cont` over the
-//! window's rows), not estimates.
+//! task's steps by `steps_by_task`. The figures come from the newest [`MAX_CONSIDERED`]
+//! tasks of a template in the window (the answer says how many it considered, and how
+//! many the window holds), so a call's cost is bounded whatever the window holds.
+//! Percentiles are exact (`percentile_cont` over those rows), not estimates.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -12,6 +14,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::template::TemplateDefinition;
+
+/// The most tasks of one template whose figures a call reads: the newest of the window.
+pub const MAX_CONSIDERED: i64 = 5_000;
 
 /// The 50th, 95th and 99th percentiles, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
@@ -47,7 +52,11 @@ pub struct TemplateStats {
     pub name: String,
     /// Tasks created in the window.
     pub tasks: i64,
-    /// Of them, complete.
+    /// The newest of them that the other figures come from (all of them, up to 5,000).
+    pub considered: i64,
+    /// Since when: the creation time of the oldest task considered.
+    pub considered_since: Option<DateTime<Utc>>,
+    /// Of those considered, complete.
     pub complete: i64,
     /// In error.
     pub error: i64,
@@ -55,7 +64,8 @@ pub struct TemplateStats {
     pub cancelled: i64,
     /// Creation to completion of the complete ones (none when there is none).
     pub duration_ms: Option<Percentiles>,
-    /// Tasks that finished (complete or error) per minute of the window.
+    /// Tasks considered that finished (complete or error) per minute, from the oldest
+    /// considered to the end of the window.
     pub throughput_per_min: f64,
 }
 
@@ -127,23 +137,44 @@ pub async fn templates(
         i64,
         i64,
         i64,
+        i64,
+        Option<Uuid>,
         Option<Vec<Option<f64>>>,
     );
     let rows: Vec<Row> = sqlx::query_as(include_str!("../../sql/analytics/templates.sql"))
         .bind(namespace)
         .bind(from)
         .bind(to)
+        .bind(MAX_CONSIDERED)
         .fetch_all(pool)
         .await?;
-    let minutes = ((until - since).num_milliseconds() as f64 / 60_000.0).max(1.0 / 60.0);
     Ok(rows
         .into_iter()
         .map(
-            |(namespace, name, tasks, complete, error, cancelled, finished, duration)| {
+            |(
+                namespace,
+                name,
+                tasks,
+                considered,
+                complete,
+                error,
+                cancelled,
+                finished,
+                oldest,
+                duration,
+            )| {
+                // All of the window, or from the oldest task considered on.
+                let from = match oldest.and_then(created_at) {
+                    Some(at) if considered < tasks => at.max(since),
+                    _ => since,
+                };
+                let minutes = ((until - from).num_milliseconds() as f64 / 60_000.0).max(1.0 / 60.0);
                 TemplateStats {
                     namespace,
                     name,
                     tasks,
+                    considered,
+                    considered_since: Some(from),
                     complete,
                     error,
                     cancelled,
@@ -181,6 +212,7 @@ pub async fn steps(
         .bind(name)
         .bind(from)
         .bind(to)
+        .bind(MAX_CONSIDERED)
         .fetch_all(pool)
         .await?;
     Ok(rows
@@ -246,6 +278,14 @@ pub fn critical_path(definition: &TemplateDefinition, stats: &[StepStats]) -> (V
     }
     path.reverse();
     (path, round(total))
+}
+
+/// The creation time a UUIDv7 carries (its first 48 bits, in milliseconds).
+fn created_at(id: Uuid) -> Option<DateTime<Utc>> {
+    let bytes = id.as_bytes();
+    let mut ms = [0u8; 8];
+    ms[2..].copy_from_slice(&bytes[..6]);
+    DateTime::from_timestamp_millis(i64::from_be_bytes(ms))
 }
 
 fn round(value: f64) -> f64 {
