@@ -27,6 +27,7 @@ use tasker_shared::schedule::{Schedule, plan};
 use tasker_shared::states::{Overlap, TaskStatus};
 use tasker_shared::store::schedules::{self, FireOutcome, ScheduleRecord, idempotency_key};
 use tasker_shared::store::tasks::{Created, Creation, NewTask};
+use tasker_shared::template::Problem;
 
 /// Most schedules handled per transaction.
 const BATCH: i64 = 100;
@@ -97,20 +98,25 @@ impl Scheduler {
         let due = schedules::lock_due(&mut tx, BATCH).await?;
         for record in &due {
             let now = Utc::now();
-            let schedule = match Schedule::parse(&record.cron, &record.timezone) {
+            let schedule = match Schedule::parse(&record.fields.cron, &record.fields.timezone) {
                 Ok(schedule) => schedule,
                 Err(problems) => {
                     // Checked when written; a schedule that no longer parses stops.
-                    tracing::error!(schedule = %record.name, ?problems, "schedule cannot be read; it stops");
-                    schedules::record_fires(&mut tx, &record.name, &[], None).await?;
+                    tracing::error!(schedule = %record.fields.name, ?problems, "schedule cannot be read; it stops");
+                    schedules::record_fires(&mut tx, &record.fields.name, &[], None).await?;
                     continue;
                 }
             };
             let from = record.next_fire_at.unwrap_or(now);
             let times = schedule.due(from, now);
             let fires = self.fire(&mut tx, record, &times, now).await?;
-            schedules::record_fires(&mut tx, &record.name, &fires, schedule.next_after(now))
-                .await?;
+            schedules::record_fires(
+                &mut tx,
+                &record.fields.name,
+                &fires,
+                schedule.next_after(now),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(due.len())
@@ -125,19 +131,19 @@ impl Scheduler {
         now: DateTime<Utc>,
     ) -> anyhow::Result<Vec<(DateTime<Utc>, FireOutcome)>> {
         let metrics = &self.state.metrics;
-        let mut previous = match record.overlap {
+        let mut previous = match record.fields.overlap {
             Overlap::Allow => None,
-            _ => schedules::previous_task(&mut *tx, &record.name).await?,
+            _ => schedules::previous_task(&mut *tx, &record.fields.name).await?,
         };
         let mut fires = Vec::with_capacity(times.len());
-        for (at, runs) in plan(times, now, self.grace, record.catch_up) {
+        for (at, runs) in plan(times, now, self.grace, record.fields.catch_up) {
             if !runs {
                 self.skipped(record, at, "missed");
                 fires.push((at, FireOutcome::Missed));
                 continue;
             }
             if let Some((task, _)) = previous.filter(|(_, status)| !status.is_finished()) {
-                match record.overlap {
+                match record.fields.overlap {
                     Overlap::Skip => {
                         self.skipped(record, at, "overlap");
                         fires.push((at, FireOutcome::Skipped));
@@ -154,18 +160,18 @@ impl Scheduler {
                     metrics
                         .schedule_fires
                         .get_or_create(&ScheduleLabel {
-                            schedule: record.name.clone(),
+                            schedule: record.fields.name.clone(),
                         })
                         .inc();
                     metrics
                         .schedule_lateness
                         .observe((Utc::now() - at).as_seconds_f64().max(0.0));
-                    tracing::info!(schedule = %record.name, fire_at = %at, task_id = %task, "schedule fired");
+                    tracing::info!(schedule = %record.fields.name, fire_at = %at, task_id = %task, "schedule fired");
                     previous = Some((task, TaskStatus::Pending));
                     fires.push((at, FireOutcome::Fired(task)));
                 }
                 Err(refused) => {
-                    tracing::warn!(schedule = %record.name, fire_at = %at, error = %refused,
+                    tracing::warn!(schedule = %record.fields.name, fire_at = %at, error = %refused,
                         "schedule fired no task");
                     self.skipped(record, at, "failed");
                     fires.push((at, FireOutcome::Failed));
@@ -176,12 +182,12 @@ impl Scheduler {
     }
 
     fn skipped(&self, record: &ScheduleRecord, at: DateTime<Utc>, reason: &str) {
-        tracing::info!(schedule = %record.name, fire_at = %at, reason, "schedule skipped a fire time");
+        tracing::info!(schedule = %record.fields.name, fire_at = %at, reason, "schedule skipped a fire time");
         self.state
             .metrics
             .schedule_skips
             .get_or_create(&ScheduleReason {
-                schedule: record.name.clone(),
+                schedule: record.fields.name.clone(),
                 reason: reason.to_owned(),
             })
             .inc();
@@ -191,13 +197,13 @@ impl Scheduler {
     async fn cancel(&self, record: &ScheduleRecord, task: Uuid) {
         let reason = format!(
             "schedule {} fired again (overlap: cancel_previous)",
-            record.name
+            record.fields.name
         );
         match operations::cancel_task(&self.state.pool, task, Some(&reason)).await {
             Ok((_, effects)) => effects.apply(&self.state).await,
             // Finished meanwhile: nothing to cancel.
             Err(error) => {
-                tracing::debug!(schedule = %record.name, %task, %error, "previous task not cancelled")
+                tracing::debug!(schedule = %record.fields.name, %task, %error, "previous task not cancelled")
             }
         }
     }
@@ -212,15 +218,15 @@ impl Scheduler {
     ) -> anyhow::Result<Result<Uuid, String>> {
         let state = &self.state;
         let new = Arc::new(NewTask {
-            context: record.context.clone(),
-            initiator: Some(format!("schedule:{}", record.name)),
+            context: record.fields.context.clone(),
+            initiator: Some(format!("schedule:{}", record.fields.name)),
             reason: Some(format!(
                 "schedule {} at {}",
-                record.name,
+                record.fields.name,
                 at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             )),
-            tags: json!([format!("schedule:{}", record.name)]),
-            idempotency_key: Some(idempotency_key(&record.name, at)),
+            tags: json!([format!("schedule:{}", record.fields.name)]),
+            idempotency_key: Some(idempotency_key(&record.fields.name, at)),
             ..NewTask::default()
         });
         let claim = state
@@ -234,9 +240,9 @@ impl Scheduler {
                     .templates
                     .resolve(
                         &state.pool,
-                        &record.namespace,
-                        &record.template,
-                        record.version.as_deref(),
+                        &record.fields.namespace,
+                        &record.fields.template,
+                        record.fields.version.as_deref(),
                     )
                     .await?
             } else {
@@ -244,18 +250,19 @@ impl Scheduler {
                     .templates
                     .reload(
                         &state.pool,
-                        &record.namespace,
-                        &record.template,
-                        record.version.as_deref(),
+                        &record.fields.namespace,
+                        &record.fields.template,
+                        record.fields.version.as_deref(),
                     )
                     .await?
             };
             let Some(resolved) = resolved else {
                 return Ok(Err(format!(
                     "no template {}/{}{}",
-                    record.namespace,
-                    record.template,
+                    record.fields.namespace,
+                    record.fields.template,
                     record
+                        .fields
                         .version
                         .as_deref()
                         .map(|v| format!(" {v}"))
@@ -266,7 +273,7 @@ impl Scheduler {
             if let Err(problems) = template.definition.validate_context(&new.context) {
                 return Ok(Err(format!(
                     "the context breaks the template's schema: {}",
-                    listed(&problems)
+                    Problem::listed(&problems)
                 )));
             }
             let versions_known = resolved.versions_known.filter(|_| checked);
@@ -276,7 +283,7 @@ impl Scheduler {
                 Err(problems) => {
                     return Ok(Err(format!(
                         "the template refused the task: {}",
-                        listed(&problems)
+                        Problem::listed(&problems)
                     )));
                 }
             };
@@ -299,13 +306,4 @@ impl Scheduler {
             }
         }
     }
-}
-
-/// Problems as one line.
-fn listed(problems: &[tasker_shared::template::Problem]) -> String {
-    problems
-        .iter()
-        .map(|problem| format!("{}: {}", problem.path, problem.message))
-        .collect::<Vec<_>>()
-        .join("; ")
 }

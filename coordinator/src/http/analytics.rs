@@ -130,6 +130,18 @@ fn window(
     })
 }
 
+/// The window and the template (namespace and name, both required) of a call about one
+/// template.
+fn template_window(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<(Window, String, String)> {
+    let Query(query) = query.map_err(query_rejection)?;
+    let mut window = window(query, &["namespace", "name", "since", "until"], true)?;
+    let namespace = window.namespace.take().unwrap_or_default();
+    let name = window.name.take().unwrap_or_default();
+    Ok((window, namespace, name))
+}
+
 /// Per template: tasks, outcomes, duration percentiles and throughput.
 #[utoipa::path(
     get,
@@ -192,12 +204,7 @@ pub(crate) async fn steps(
     State(state): State<AppState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<StepAnalytics>> {
-    let Query(query) = query.map_err(query_rejection)?;
-    let window = window(query, &["namespace", "name", "since", "until"], true)?;
-    let (namespace, name) = (
-        window.namespace.unwrap_or_default(),
-        window.name.unwrap_or_default(),
-    );
+    let (window, namespace, name) = template_window(query)?;
     let steps =
         analytics::steps(&state.pool, &namespace, &name, window.since, window.until).await?;
     Ok(Json(StepAnalytics {
@@ -234,12 +241,7 @@ pub(crate) async fn bottlenecks(
     State(state): State<AppState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<Bottlenecks>> {
-    let Query(query) = query.map_err(query_rejection)?;
-    let window = window(query, &["namespace", "name", "since", "until"], true)?;
-    let (namespace, name) = (
-        window.namespace.unwrap_or_default(),
-        window.name.unwrap_or_default(),
-    );
+    let (window, namespace, name) = template_window(query)?;
     let template = state
         .templates
         .resolve(&state.pool, &namespace, &name, None)

@@ -32,7 +32,7 @@ use super::templates::{
 use tasker_shared::states::{CatchUp, Overlap, StepStatus, TaskStatus};
 use tasker_shared::store::analytics::{PathStep, Percentiles, StepStats, TemplateStats};
 use tasker_shared::store::inspect::{ExecutionContext, StepReadiness, Transition};
-use tasker_shared::store::schedules::{FireRecord, ScheduleRecord};
+use tasker_shared::store::schedules::{FireRecord, ScheduleFields, ScheduleRecord};
 use tasker_shared::store::tasks::{ChildTask, StepRecord, TaskRecord};
 use tasker_shared::store::templates::{TemplateRecord, TemplateSummary};
 use tasker_shared::template::{StepDefinition, TemplateDefinition};
@@ -105,6 +105,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         ScheduleView,
         ScheduleList,
         ScheduleRecord,
+        ScheduleFields,
         FireRecord,
         CreateScheduleRequest,
         UpdateScheduleRequest,

@@ -129,17 +129,7 @@ pub(crate) async fn create(
             "a schedule name holds only letters, digits, `_`, `-` and `.`",
         );
     }
-    let draft = Draft {
-        namespace: fields.string("namespace", true, SHORT_TEXT),
-        template: fields.string("template", true, SHORT_TEXT),
-        version: fields.string("version", false, SHORT_TEXT),
-        cron: fields.string("cron", true, SHORT_TEXT),
-        timezone: fields.string("timezone", false, SHORT_TEXT),
-        context: fields.value("context"),
-        overlap: choice(&mut fields, "overlap"),
-        catch_up: choice(&mut fields, "catch_up"),
-        paused: flag(&mut fields, "paused"),
-    };
+    let draft = Draft::read(&mut fields, true);
     let schedule = ScheduleFields {
         name: name.unwrap_or_default(),
         namespace: draft.namespace.clone().unwrap_or_default(),
@@ -164,7 +154,7 @@ pub(crate) async fn create(
                 format!("a schedule named `{}` exists", schedule.name),
             )
         })?;
-    tracing::info!(schedule = %created.name, cron = %created.cron, timezone = %created.timezone,
+    tracing::info!(schedule = %created.fields.name, cron = %created.fields.cron, timezone = %created.fields.timezone,
         "schedule created");
     state.wake_scheduler.notify_one();
     Ok((StatusCode::CREATED, Json(view(&state, created).await?)))
@@ -243,18 +233,8 @@ pub(crate) async fn update(
     content_type(&headers, JSON_TYPES)?;
     let current = find(&state, &name).await?;
     let mut fields = Fields::new(json_object(&body)?, &FIELDS[1..]);
-    let draft = Draft {
-        namespace: fields.string("namespace", false, SHORT_TEXT),
-        template: fields.string("template", false, SHORT_TEXT),
-        version: fields.string("version", false, SHORT_TEXT),
-        cron: fields.string("cron", false, SHORT_TEXT),
-        timezone: fields.string("timezone", false, SHORT_TEXT),
-        context: fields.value("context"),
-        overlap: choice(&mut fields, "overlap"),
-        catch_up: choice(&mut fields, "catch_up"),
-        paused: flag(&mut fields, "paused"),
-    };
-    let before = ScheduleFields::from(&current);
+    let draft = Draft::read(&mut fields, false);
+    let before = current.fields.clone();
     let schedule = ScheduleFields {
         name: before.name.clone(),
         namespace: draft.namespace.unwrap_or_else(|| before.namespace.clone()),
@@ -282,7 +262,7 @@ pub(crate) async fn update(
     let updated = schedules::update(&state.pool, &schedule, next)
         .await?
         .ok_or_else(|| not_found(&name))?;
-    tracing::info!(schedule = %updated.name, paused = updated.paused, "schedule changed");
+    tracing::info!(schedule = %updated.fields.name, paused = updated.fields.paused, "schedule changed");
     state.wake_scheduler.notify_one();
     Ok(Json(view(&state, updated).await?))
 }
@@ -347,6 +327,24 @@ struct Draft {
     overlap: Option<Overlap>,
     catch_up: Option<CatchUp>,
     paused: Option<bool>,
+}
+
+impl Draft {
+    /// Read the fields of a schedule but its name: a create `requires` the template and
+    /// the cron, a change requires nothing.
+    fn read(fields: &mut Fields, requires: bool) -> Self {
+        Draft {
+            namespace: fields.string("namespace", requires, SHORT_TEXT),
+            template: fields.string("template", requires, SHORT_TEXT),
+            version: fields.string("version", false, SHORT_TEXT),
+            cron: fields.string("cron", requires, SHORT_TEXT),
+            timezone: fields.string("timezone", false, SHORT_TEXT),
+            context: fields.value("context"),
+            overlap: choice(fields, "overlap"),
+            catch_up: choice(fields, "catch_up"),
+            paused: flag(fields, "paused"),
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -501,8 +499,8 @@ fn not_found(name: &str) -> ApiError {
 }
 
 async fn view(state: &AppState, schedule: ScheduleRecord) -> ApiResult<ScheduleView> {
-    let next_runs = match (&schedule.next_fire_at, schedule.paused) {
-        (Some(next), false) => Schedule::parse(&schedule.cron, &schedule.timezone)
+    let next_runs = match (&schedule.next_fire_at, schedule.fields.paused) {
+        (Some(next), false) => Schedule::parse(&schedule.fields.cron, &schedule.fields.timezone)
             .map(|parsed| {
                 let mut runs = vec![*next];
                 runs.extend(parsed.next_runs(*next, NEXT_RUNS - 1));
@@ -511,7 +509,7 @@ async fn view(state: &AppState, schedule: ScheduleRecord) -> ApiResult<ScheduleV
             .unwrap_or_default(),
         _ => Vec::new(),
     };
-    let last_runs = schedules::last_runs(&state.pool, &schedule.name, LAST_RUNS).await?;
+    let last_runs = schedules::last_runs(&state.pool, &schedule.fields.name, LAST_RUNS).await?;
     Ok(ScheduleView {
         schedule,
         next_runs,

@@ -16,9 +16,26 @@ use crate::states::{CatchUp, Overlap, TaskStatus};
 /// The fires kept per schedule.
 pub const FIRES_KEPT: i64 = 100;
 
-/// A schedule as stored.
+/// A schedule as stored: its fields, and its times.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ScheduleRecord {
+    /// What it fires, when and how.
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub fields: ScheduleFields,
+    /// `api`, or `template` (a template file's `schedules:`).
+    pub source: String,
+    /// The next fire time (none while paused).
+    pub next_fire_at: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A schedule's fields: what it fires, when and how.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ScheduleFields {
     /// Its name (unique).
     pub name: String,
     /// The template's namespace.
@@ -39,56 +56,6 @@ pub struct ScheduleRecord {
     pub catch_up: CatchUp,
     /// Whether it is paused (it fires nothing, and catches nothing up on resume).
     pub paused: bool,
-    /// `api`, or `template` (a template file's `schedules:`).
-    pub source: String,
-    /// The next fire time (none while paused).
-    pub next_fire_at: Option<DateTime<Utc>>,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
-    /// When it last changed.
-    pub updated_at: DateTime<Utc>,
-}
-
-/// A schedule to write: everything but its times.
-#[derive(Debug, Clone)]
-pub struct ScheduleFields {
-    /// Its name.
-    pub name: String,
-    /// The template's namespace.
-    pub namespace: String,
-    /// The template's name.
-    pub template: String,
-    /// The template's version (`None`: the newest at each fire).
-    pub version: Option<String>,
-    /// The cron.
-    pub cron: String,
-    /// The time zone.
-    pub timezone: String,
-    /// The tasks' context.
-    pub context: Value,
-    /// Overlap policy.
-    pub overlap: Overlap,
-    /// Catch-up policy.
-    pub catch_up: CatchUp,
-    /// Paused.
-    pub paused: bool,
-}
-
-impl From<&ScheduleRecord> for ScheduleFields {
-    fn from(record: &ScheduleRecord) -> Self {
-        ScheduleFields {
-            name: record.name.clone(),
-            namespace: record.namespace.clone(),
-            template: record.template.clone(),
-            version: record.version.clone(),
-            cron: record.cron.clone(),
-            timezone: record.timezone.clone(),
-            context: record.context.clone(),
-            overlap: record.overlap,
-            catch_up: record.catch_up,
-            paused: record.paused,
-        }
-    }
 }
 
 /// One fire of a schedule, as its `last_runs` show it.
@@ -122,22 +89,15 @@ pub async fn create(
     fields: &ScheduleFields,
     next_fire_at: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Option<ScheduleRecord>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO schedules (name, namespace, template, version, cron, timezone, context, \
-                                overlap, catch_up, paused, next_fire_at, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'api') \
-         ON CONFLICT (name) DO NOTHING RETURNING {COLUMNS}"
-    )))
-    .bind(&fields.name)
-    .bind(&fields.namespace)
-    .bind(&fields.template)
-    .bind(&fields.version)
-    .bind(&fields.cron)
-    .bind(&fields.timezone)
-    .bind(&fields.context)
-    .bind(fields.overlap)
-    .bind(fields.catch_up)
-    .bind(fields.paused)
+    with_fields(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO schedules (name, namespace, template, version, cron, timezone, \
+                                    context, overlap, catch_up, paused, next_fire_at, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'api') \
+             ON CONFLICT (name) DO NOTHING RETURNING {COLUMNS}"
+        ))),
+        fields,
+    )
     .bind(next_fire_at)
     .fetch_optional(pool)
     .await
@@ -151,10 +111,12 @@ pub async fn upsert_from_template(
     fields: &ScheduleFields,
     next_fire_at: Option<DateTime<Utc>>,
 ) -> sqlx::Result<bool> {
-    let written = sqlx::query(
-        "INSERT INTO schedules (name, namespace, template, version, cron, timezone, context, \
+    // A new one is not paused; one there keeps its pause ($10 is not written on update).
+    let written: Option<(String,)> = with_fields(
+        sqlx::query_as(
+            "INSERT INTO schedules (name, namespace, template, version, cron, timezone, context, \
                                 overlap, catch_up, paused, next_fire_at, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, false, $10, 'template') \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'template') \
          ON CONFLICT (name) DO UPDATE \
          SET namespace = EXCLUDED.namespace, template = EXCLUDED.template, \
              version = EXCLUDED.version, context = EXCLUDED.context, \
@@ -164,21 +126,32 @@ pub async fn upsert_from_template(
                                  THEN schedules.next_fire_at \
                                  ELSE EXCLUDED.next_fire_at END, \
              cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, updated_at = now() \
-         WHERE schedules.source = 'template'",
+         WHERE schedules.source = 'template' RETURNING name",
+        ),
+        fields,
     )
-    .bind(&fields.name)
-    .bind(&fields.namespace)
-    .bind(&fields.template)
-    .bind(&fields.version)
-    .bind(&fields.cron)
-    .bind(&fields.timezone)
-    .bind(&fields.context)
-    .bind(fields.overlap)
-    .bind(fields.catch_up)
     .bind(next_fire_at)
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(written.rows_affected() == 1)
+    Ok(written.is_some())
+}
+
+/// `query` with a schedule's fields bound as `$1` to `$10`, in the table's order.
+fn with_fields<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    fields: &'q ScheduleFields,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(&fields.name)
+        .bind(&fields.namespace)
+        .bind(&fields.template)
+        .bind(&fields.version)
+        .bind(&fields.cron)
+        .bind(&fields.timezone)
+        .bind(&fields.context)
+        .bind(fields.overlap)
+        .bind(fields.catch_up)
+        .bind(fields.paused)
 }
 
 /// Replace a schedule's fields and its next fire; `None` when there is no such schedule.
@@ -187,22 +160,15 @@ pub async fn update(
     fields: &ScheduleFields,
     next_fire_at: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Option<ScheduleRecord>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE schedules SET namespace = $2, template = $3, version = $4, cron = $5, \
-                timezone = $6, context = $7, overlap = $8, catch_up = $9, paused = $10, \
-                next_fire_at = $11, updated_at = now() \
-         WHERE name = $1 RETURNING {COLUMNS}"
-    )))
-    .bind(&fields.name)
-    .bind(&fields.namespace)
-    .bind(&fields.template)
-    .bind(&fields.version)
-    .bind(&fields.cron)
-    .bind(&fields.timezone)
-    .bind(&fields.context)
-    .bind(fields.overlap)
-    .bind(fields.catch_up)
-    .bind(fields.paused)
+    with_fields(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE schedules SET namespace = $2, template = $3, version = $4, cron = $5, \
+                    timezone = $6, context = $7, overlap = $8, catch_up = $9, paused = $10, \
+                    next_fire_at = $11, updated_at = now() \
+             WHERE name = $1 RETURNING {COLUMNS}"
+        ))),
+        fields,
+    )
     .bind(next_fire_at)
     .fetch_optional(pool)
     .await

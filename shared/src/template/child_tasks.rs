@@ -23,7 +23,8 @@ use serde_json::{Map, Value};
 
 use super::conditions::compile_expression;
 use super::limits::about;
-use super::walker::{Walker, field, join, template_name_error};
+use super::waits::coordinator_config;
+use super::walker::{Walker, join, template_name_error};
 use super::{MAX_NAMESPACE_LEN, codes};
 
 /// The handler the coordinator runs as a child task.
@@ -62,23 +63,15 @@ pub(super) fn walk_child_task(
     path: &str,
     step: Option<&str>,
 ) {
-    if field(object, "for_each").is_some() {
-        w.report(
-            join(path, "for_each"),
-            codes::INVALID_VALUE,
-            format!("{}: a `tasker.task` step cannot fan out", about(step)),
-        );
-    }
     let config_path = join(path, "config");
-    let Some(config) = field(object, "config").and_then(Value::as_object) else {
-        w.report(
-            config_path,
-            codes::MISSING_KEY,
-            format!(
-                "{}: `tasker.task` needs `config: {{namespace: <namespace>, name: <template>, version?: <version>, context?: <CEL map>}}`",
-                about(step)
-            ),
-        );
+    let Some(config) = coordinator_config(
+        w,
+        object,
+        path,
+        step,
+        TASK_HANDLER,
+        "{namespace: <namespace>, name: <template>, version?: <version>, context?: <CEL map>}",
+    ) else {
         return;
     };
     w.unknown_keys(

@@ -596,6 +596,15 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// Problems as one line: `path: message; path: message`.
+    pub fn listed(problems: &[Problem]) -> String {
+        problems
+            .iter()
+            .map(|problem| format!("{}: {}", problem.path, problem.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     pub(crate) fn new(path: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
         Self {
             path: path.into(),

@@ -24,6 +24,34 @@ pub const WAIT_HANDLER: &str = "tasker.wait";
 /// The longest signal name.
 const MAX_SIGNAL_LEN: usize = 128;
 
+/// The `config` of a step the coordinator runs (`handler`), which cannot fan out: the
+/// object, or `None` with `missing_key` reported (`usage` says what it needs).
+pub(super) fn coordinator_config<'a>(
+    w: &mut Walker,
+    object: &'a Map<String, Value>,
+    path: &str,
+    step: Option<&str>,
+    handler: &str,
+    usage: &str,
+) -> Option<&'a Map<String, Value>> {
+    if field(object, "for_each").is_some() {
+        w.report(
+            join(path, "for_each"),
+            codes::INVALID_VALUE,
+            format!("{}: a `{handler}` step cannot fan out", about(step)),
+        );
+    }
+    let config = field(object, "config").and_then(Value::as_object);
+    if config.is_none() {
+        w.report(
+            join(path, "config"),
+            codes::MISSING_KEY,
+            format!("{}: `{handler}` needs `config: {usage}`", about(step)),
+        );
+    }
+    config
+}
+
 /// Check a `tasker.wait` step's `config` (at `path`) and that it does not fan out.
 pub(super) fn walk_wait(
     w: &mut Walker,
@@ -31,23 +59,15 @@ pub(super) fn walk_wait(
     path: &str,
     step: Option<&str>,
 ) {
-    if field(object, "for_each").is_some() {
-        w.report(
-            join(path, "for_each"),
-            codes::INVALID_VALUE,
-            format!("{}: a `tasker.wait` step cannot fan out", about(step)),
-        );
-    }
     let config_path = join(path, "config");
-    let Some(config) = field(object, "config").and_then(Value::as_object) else {
-        w.report(
-            config_path,
-            codes::MISSING_KEY,
-            format!(
-                "{}: `tasker.wait` needs `config: {{signal: <name>, timeout?: <duration>}}`",
-                about(step)
-            ),
-        );
+    let Some(config) = coordinator_config(
+        w,
+        object,
+        path,
+        step,
+        WAIT_HANDLER,
+        "{signal: <name>, timeout?: <duration>}",
+    ) else {
         return;
     };
     w.unknown_keys(config, &config_path, &["signal", "timeout"], &[]);

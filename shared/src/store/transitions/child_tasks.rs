@@ -296,7 +296,7 @@ async fn creation(
             "invalid_context",
             format!(
                 "the child's context does not match the schema of {about}: {}",
-                listed(&problems)
+                Problem::listed(&problems)
             ),
         )));
     }
@@ -317,19 +317,13 @@ async fn creation(
         Creation::new(template, Arc::new(new), Some(lease_ms), None).map_err(|problems| {
             (
                 "child_task_refused",
-                format!("{about} refused the child task: {}", listed(&problems)),
+                format!(
+                    "{about} refused the child task: {}",
+                    Problem::listed(&problems)
+                ),
             )
         }),
     )
-}
-
-/// Problems as one line.
-fn listed(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|problem| format!("{}: {}", problem.path, problem.message))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// Hand the `tasker.task` steps whose children are among the ended `tasks` back to the
