@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::body::query_rejection;
 use super::error::{ApiError, ApiResult, ErrorBody};
+use super::tasks::SHORT_TEXT;
 use tasker_shared::store::analytics::{self, PathStep, StepStats, TemplateStats};
 
 /// The longest window.
@@ -83,10 +84,16 @@ fn window(
             continue;
         }
         match key.as_str() {
-            "namespace" | "name" if value.is_empty() || value.contains('\0') => problem(
-                &key,
-                format!("`{key}` must be 1 to 128 characters without U+0000"),
-            ),
+            "namespace" | "name"
+                if value.is_empty()
+                    || value.contains('\0')
+                    || value.chars().count() > SHORT_TEXT =>
+            {
+                problem(
+                    &key,
+                    format!("`{key}` must be 1 to {SHORT_TEXT} characters without U+0000"),
+                )
+            }
             "namespace" => namespace = Some(value),
             "name" => name = Some(value),
             _ => match DateTime::parse_from_rfc3339(&value) {

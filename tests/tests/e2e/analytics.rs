@@ -118,6 +118,15 @@ async fn analytics_find_the_slow_step_and_the_retried_one() {
         .unwrap();
     assert_eq!(status, 400, "more than 31 days");
     let (status, body) = env
+        .get(&format!(
+            "/v1/analytics/templates?namespace={}",
+            "n".repeat(129)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "namespace", "{body}");
+    let (status, body) = env
         .get("/v1/analytics/bottlenecks?namespace=stats&name=nowhere")
         .await
         .unwrap();
