@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::metrics::{CoordinatorMetrics, Queue, Reason, Status};
+use crate::metrics::{CoordinatorMetrics, Namespace, Queue, Reason, Status};
 use crate::service::Service;
 use tasker_shared::broker::Topology;
 use tasker_shared::store::{inspect, templates};
@@ -88,8 +88,22 @@ impl Gauges {
                 .set(count);
         }
 
-        let mut queues: Vec<String> = templates::namespaces(&self.pool)
-            .await?
+        let namespaces = templates::namespaces(&self.pool).await?;
+        // Every namespace has the gauge: 0 where nothing waits.
+        for namespace in &namespaces {
+            let oldest = work
+                .ready_by_namespace
+                .iter()
+                .find(|(n, _, _)| n == namespace)
+                .map_or(0.0, |(_, _, seconds)| seconds.max(0.0));
+            self.metrics
+                .oldest_ready
+                .get_or_create(&Namespace {
+                    namespace: namespace.clone(),
+                })
+                .set(oldest);
+        }
+        let mut queues: Vec<String> = namespaces
             .iter()
             .map(|namespace| self.topology.step_queue(namespace))
             .collect();

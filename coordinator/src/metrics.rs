@@ -48,6 +48,21 @@ pub(crate) struct Reason {
     pub(crate) reason: String,
 }
 
+/// `namespace`, `template`, `status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TaskOutcome {
+    pub(crate) namespace: String,
+    pub(crate) template: String,
+    pub(crate) status: String,
+}
+
+/// Buckets for whole tasks: 10 ms to about 12 hours, each four times the last.
+fn task_duration_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.01, 4.0, 12,
+    ))
+}
+
 /// `schedule`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ScheduleLabel {
@@ -93,6 +108,8 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) queue_messages: Family<Queue, Gauge>,
     pub(crate) queue_consumers: Family<Queue, Gauge>,
     pub(crate) events_published: Family<Event, Counter>,
+    pub(crate) task_duration: Family<TaskOutcome, Histogram>,
+    pub(crate) oldest_ready: Family<Namespace, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub(crate) schedule_fires: Family<ScheduleLabel, Counter>,
     pub(crate) schedule_skips: Family<ScheduleReason, Counter>,
     pub(crate) schedule_lateness: Histogram,
@@ -230,6 +247,22 @@ impl CoordinatorMetrics {
             "Times the coordinator reconnected to RabbitMQ after losing its connection",
             broker_reconnects.clone(),
         );
+        let task_duration = Family::<TaskOutcome, Histogram>::new_with_constructor(
+            task_duration_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "tasker_task_duration",
+            "Tasks from creation to complete or error, by namespace, template and status",
+            Unit::Seconds,
+            task_duration.clone(),
+        );
+        let oldest_ready = Family::<Namespace, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "tasker_oldest_ready_step_age",
+            "How long the oldest step ready to run but not yet dispatched has waited, by namespace (0: none waits); refreshed",
+            Unit::Seconds,
+            oldest_ready.clone(),
+        );
         let schedule_fires = Family::<ScheduleLabel, Counter>::default();
         registry.register(
             "tasker_schedule_fires",
@@ -350,6 +383,8 @@ impl CoordinatorMetrics {
             broker_reconnects,
             control_dropped,
             queue_latency,
+            task_duration,
+            oldest_ready,
             schedule_fires,
             schedule_skips,
             schedule_lateness,
@@ -457,6 +492,13 @@ impl CoordinatorMetrics {
                     task.status.as_str(),
                 ))
                 .inc();
+            self.task_duration
+                .get_or_create(&TaskOutcome {
+                    namespace: task.namespace.clone(),
+                    template: task.name.clone(),
+                    status: task.status.as_str().to_owned(),
+                })
+                .observe(task.seconds.max(0.0));
         }
     }
 }

@@ -267,6 +267,8 @@ impl Sweeper {
                 status: TaskStatus::Error,
                 limited: task.limited,
                 has_parent: false,
+                name: task.name.clone(),
+                seconds: task.seconds,
             })
             .collect();
         self.metrics.finished(&finished);

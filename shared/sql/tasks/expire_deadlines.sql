@@ -18,7 +18,8 @@ ended AS (
     FROM due d
     WHERE t.task_id = d.task_id
     RETURNING t.task_id, t.namespace, d.from_status, t.deadline_at,
-              t.concurrency_keys IS NOT NULL AS limited
+              t.concurrency_keys IS NOT NULL AS limited, t.name,
+              extract(epoch FROM t.completed_at - t.created_at)::FLOAT8 AS seconds
 ),
 task_history AS (
     INSERT INTO task_transitions (task_id, from_status, to_status, reason, metadata)
@@ -44,7 +45,7 @@ step_history AS (
     FROM cancelled
     ORDER BY step_id
 )
-SELECT e.task_id, e.namespace, e.limited,
+SELECT e.task_id, e.namespace, e.name, e.seconds, e.limited,
        ARRAY(SELECT c.step_id FROM cancelled c
              WHERE c.task_id = e.task_id AND c.from_status IN ('enqueued', 'in_progress')
              ORDER BY c.step_id) AS running_steps,

@@ -39,7 +39,8 @@ finished AS (
     WHERE t.task_id = l.task_id
     RETURNING t.task_id, t.namespace, t.status, l.from_status,
               t.concurrency_keys IS NOT NULL AS limited,
-              t.parent_step_id IS NOT NULL AS has_parent
+              t.parent_step_id IS NOT NULL AS has_parent, t.name,
+              extract(epoch FROM t.completed_at - t.created_at)::FLOAT8 AS seconds
 ),
 history AS (
     INSERT INTO task_transitions (task_id, from_status, to_status, reason)
@@ -47,4 +48,4 @@ history AS (
            CASE WHEN status = 'complete' THEN 'all_steps_done' ELSE 'blocked_by_failures' END
     FROM finished
 )
-SELECT task_id, namespace, status, limited, has_parent FROM finished
+SELECT task_id, namespace, status, limited, has_parent, name, seconds FROM finished

@@ -148,6 +148,8 @@ pub struct WorkInFlight {
     pub steps: Vec<(String, i64)>,
     /// Steps ready to run but not yet dispatched.
     pub ready_backlog: i64,
+    /// Of those, by namespace: how many, and how long the oldest has waited (seconds).
+    pub ready_by_namespace: Vec<(String, i64, f64)>,
     /// Steps held by a limit, by reason.
     pub held: Vec<(String, i64)>,
 }
@@ -162,9 +164,11 @@ pub async fn work_in_flight(pool: &PgPool) -> sqlx::Result<WorkInFlight> {
     let steps = sqlx::query_as(include_str!("../../sql/inspect/steps_in_flight.sql"))
         .fetch_all(pool)
         .await?;
-    let ready_backlog = sqlx::query_scalar(include_str!("../../sql/inspect/ready_backlog.sql"))
-        .fetch_one(pool)
-        .await?;
+    let ready_by_namespace: Vec<(String, i64, f64)> =
+        sqlx::query_as(include_str!("../../sql/inspect/ready_backlog.sql"))
+            .fetch_all(pool)
+            .await?;
+    let ready_backlog = ready_by_namespace.iter().map(|(_, n, _)| n).sum();
     let held = sqlx::query_as(include_str!("../../sql/inspect/held_steps.sql"))
         .fetch_all(pool)
         .await?;
@@ -172,6 +176,7 @@ pub async fn work_in_flight(pool: &PgPool) -> sqlx::Result<WorkInFlight> {
         tasks,
         steps,
         ready_backlog,
+        ready_by_namespace,
         held,
     })
 }

@@ -35,6 +35,14 @@ async fn analytics_find_the_slow_step_and_the_retried_one() {
         assert_eq!(done.status, TaskStatus::Complete);
     }
 
+    // The dashboards' histogram of task durations, by template (counted just after each
+    // task's commit).
+    tasker_tests::wait_for_metric(
+        &env.metrics_url(),
+        r#"tasker_task_duration_seconds_count{namespace="stats",template="shop",status="complete"}"#,
+        3.0,
+    )
+    .await;
     let (status, body) = env
         .get("/v1/analytics/templates?namespace=stats")
         .await

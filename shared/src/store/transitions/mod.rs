@@ -80,6 +80,10 @@ pub struct FinishedTask {
     pub limited: bool,
     /// Whether a `tasker.task` step started it: that step is judged now.
     pub has_parent: bool,
+    /// Its template's name.
+    pub name: String,
+    /// From its creation to its end, in seconds.
+    pub seconds: f64,
 }
 
 /// What [`finish_tasks`] did.
@@ -169,6 +173,10 @@ pub struct ExpiredTask {
     pub task_id: Uuid,
     /// Its namespace.
     pub namespace: String,
+    /// Its template's name.
+    pub name: String,
+    /// From its creation to its end, in seconds.
+    pub seconds: f64,
     /// Whether its template limits its tasks (`concurrency`): its slots were freed.
     pub limited: bool,
     /// Its steps that were queued or running, and their dispatch tokens: workers should
