@@ -159,6 +159,7 @@ pub(super) async fn run(
                 .bind(&again.1)
                 .fetch_all(&mut *conn)
                 .await?;
+        let mut changed = Vec::new();
         for (step, child, retried) in waiting {
             if !retried {
                 continue;
@@ -167,10 +168,12 @@ pub(super) async fn run(
             match super::operator::retry_task(&mut *conn, child, Some(&reason)).await {
                 Ok(_) => ran.more_ready = true,
                 Err(super::OperatorError::Database(error)) => return Err(error),
-                // No longer in error: it runs, and its end wakes the step.
-                Err(_) => {}
+                // No longer in error: an operator resolved or retried it meanwhile.
+                Err(_) => changed.push(child),
             }
         }
+        // Their steps are judged again at once, by what the children are now.
+        ran.to_judge.extend(wake_parents(conn, &changed).await?);
     }
     if !starts.is_empty() {
         start(conn, starts, &mut ran).await?;
