@@ -96,6 +96,8 @@ impl Scheduler {
     async fn fire_due(&self) -> anyhow::Result<usize> {
         let mut tx = self.state.pool.begin().await?;
         let due = schedules::lock_due(&mut tx, BATCH).await?;
+        // Counted once the fires are committed: a batch tried again counts once.
+        let mut counts = Vec::new();
         for record in &due {
             let now = Utc::now();
             let schedule = match Schedule::parse(&record.fields.cron, &record.fields.timezone) {
@@ -109,7 +111,7 @@ impl Scheduler {
             };
             let from = record.next_fire_at.unwrap_or(now);
             let times = schedule.due(from, now);
-            let fires = self.fire(&mut tx, record, &times, now).await?;
+            let fires = self.fire(&mut tx, record, &times, now, &mut counts).await?;
             schedules::record_fires(
                 &mut tx,
                 &record.fields.name,
@@ -119,6 +121,27 @@ impl Scheduler {
             .await?;
         }
         tx.commit().await?;
+        let metrics = &self.state.metrics;
+        for count in counts {
+            match count {
+                Count::Fired { schedule, lateness } => {
+                    metrics
+                        .schedule_fires
+                        .get_or_create(&ScheduleLabel { schedule })
+                        .inc();
+                    metrics.schedule_lateness.observe(lateness);
+                }
+                Count::Skipped { schedule, reason } => {
+                    metrics
+                        .schedule_skips
+                        .get_or_create(&ScheduleReason {
+                            schedule,
+                            reason: reason.to_owned(),
+                        })
+                        .inc();
+                }
+            }
+        }
         Ok(due.len())
     }
 
@@ -129,8 +152,8 @@ impl Scheduler {
         record: &ScheduleRecord,
         times: &[DateTime<Utc>],
         now: DateTime<Utc>,
+        counts: &mut Vec<Count>,
     ) -> anyhow::Result<Vec<(DateTime<Utc>, FireOutcome)>> {
-        let metrics = &self.state.metrics;
         let mut previous = match record.fields.overlap {
             Overlap::Allow => None,
             _ => schedules::previous_task(&mut *tx, &record.fields.name).await?,
@@ -138,14 +161,14 @@ impl Scheduler {
         let mut fires = Vec::with_capacity(times.len());
         for (at, runs) in plan(times, now, self.grace, record.fields.catch_up) {
             if !runs {
-                self.skipped(record, at, "missed");
+                counts.push(skipped(record, at, "missed"));
                 fires.push((at, FireOutcome::Missed));
                 continue;
             }
             if let Some((task, _)) = previous.filter(|(_, status)| !status.is_finished()) {
                 match record.fields.overlap {
                     Overlap::Skip => {
-                        self.skipped(record, at, "overlap");
+                        counts.push(skipped(record, at, "overlap"));
                         fires.push((at, FireOutcome::Skipped));
                         continue;
                     }
@@ -157,15 +180,10 @@ impl Scheduler {
             // tasks made meanwhile are found again by their keys); a refusal is for good.
             match self.create(record, at).await? {
                 Ok(task) => {
-                    metrics
-                        .schedule_fires
-                        .get_or_create(&ScheduleLabel {
-                            schedule: record.fields.name.clone(),
-                        })
-                        .inc();
-                    metrics
-                        .schedule_lateness
-                        .observe((Utc::now() - at).as_seconds_f64().max(0.0));
+                    counts.push(Count::Fired {
+                        schedule: record.fields.name.clone(),
+                        lateness: (Utc::now() - at).as_seconds_f64().max(0.0),
+                    });
                     tracing::info!(schedule = %record.fields.name, fire_at = %at, task_id = %task, "schedule fired");
                     previous = Some((task, TaskStatus::Pending));
                     fires.push((at, FireOutcome::Fired(task)));
@@ -173,24 +191,12 @@ impl Scheduler {
                 Err(refused) => {
                     tracing::warn!(schedule = %record.fields.name, fire_at = %at, error = %refused,
                         "schedule fired no task");
-                    self.skipped(record, at, "failed");
+                    counts.push(skipped(record, at, "failed"));
                     fires.push((at, FireOutcome::Failed));
                 }
             }
         }
         Ok(fires)
-    }
-
-    fn skipped(&self, record: &ScheduleRecord, at: DateTime<Utc>, reason: &str) {
-        tracing::info!(schedule = %record.fields.name, fire_at = %at, reason, "schedule skipped a fire time");
-        self.state
-            .metrics
-            .schedule_skips
-            .get_or_create(&ScheduleReason {
-                schedule: record.fields.name.clone(),
-                reason: reason.to_owned(),
-            })
-            .inc();
     }
 
     /// Cancel the previous fire's task (`overlap: cancel_previous`).
@@ -305,5 +311,25 @@ impl Scheduler {
                 }
             }
         }
+    }
+}
+
+/// A fire's metrics, counted after its transaction committed.
+enum Count {
+    /// A task created, this late after its fire time (seconds).
+    Fired { schedule: String, lateness: f64 },
+    /// A fire time that created none, and why (`missed`, `overlap`, `failed`).
+    Skipped {
+        schedule: String,
+        reason: &'static str,
+    },
+}
+
+/// Log a fire time that created no task, and its count.
+fn skipped(record: &ScheduleRecord, at: DateTime<Utc>, reason: &'static str) -> Count {
+    tracing::info!(schedule = %record.fields.name, fire_at = %at, reason, "schedule skipped a fire time");
+    Count::Skipped {
+        schedule: record.fields.name.clone(),
+        reason,
     }
 }

@@ -267,9 +267,10 @@ impl StepPlan {
         }
         // Parents before children: a step's parents still to finish are its parents not
         // skipped; one with none is judged now if it has a condition. A step the
-        // coordinator runs (`for_each`, `tasker.wait`) waits to be judged as if its
-        // condition were `true` (when it has none): it fans out or starts waiting then,
-        // by the coordinator after the task is written when it has no parent to wait for.
+        // coordinator runs (`for_each`, `tasker.wait`, `tasker.task`, `one_failed`) waits to
+        // be judged as if its condition were `true` (when it has none): it fans out, starts
+        // waiting or starts its child then, by the coordinator after the task is written
+        // when it has no parent to wait for.
         let task = condition_task(definition, priority, &new.tags);
         let no_parents = serde_json::json!({});
         for i in parent_first(parents) {
@@ -409,7 +410,7 @@ impl Creation {
             .map(|i| self.step_ids[i])
     }
 
-    /// The steps the coordinator runs (`for_each`, `tasker.wait`) without a parent to
+    /// The steps the coordinator runs (`for_each`, `tasker.wait`, `tasker.task`) without a parent to
     /// wait for, to judge once the task is written, when it claims and may start now
     /// (else the dispatcher finds them when they are due).
     fn first_coordinator_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
@@ -628,8 +629,8 @@ pub async fn create_many(
             }
         }
     }
-    // First steps the coordinator runs: fanned out (the first instances claimed) or
-    // waiting, now.
+    // First steps the coordinator runs: fanned out (the first instances claimed), waiting,
+    // or started as a child task, now.
     let fan_outs: Vec<Uuid> = creations
         .iter()
         .filter(|creation| created.contains_key(&creation.task_id))

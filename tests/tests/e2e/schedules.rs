@@ -193,6 +193,15 @@ async fn overlap_skips_or_cancels_a_task_that_still_runs() {
             .all(|(_, task, outcome)| task.is_none() && outcome == "skipped")
     );
     assert_eq!(tasks_of(&env, "skip").await.len(), 1);
+    // Counted once each, after the fire committed.
+    let overlaps = (skipped.len() - 1) as f64;
+    let counted = tasker_tests::wait_for_metric(
+        &env.metrics_url(),
+        r#"tasker_schedule_skips_total{schedule="skip",reason="overlap"}"#,
+        overlaps,
+    )
+    .await;
+    assert_eq!(counted, overlaps);
     // Each fire cancels the task before it: only the last runs.
     let tasks = tasks_of(&env, "cancel_previous").await;
     assert!(tasks.len() >= 3, "{tasks:?}");
