@@ -96,7 +96,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) broker_errors: Counter,
     pub(crate) broker_reconnects: Counter,
     pub(crate) control_dropped: Counter,
-    pub(crate) queue_latency: Histogram,
+    pub(crate) queue_latency: Family<Namespace, Histogram>,
     pub(crate) dispatch_batch_size: Histogram,
     pub(crate) publish_duration: Histogram,
     pub(crate) result_batch_size: Histogram,
@@ -282,10 +282,12 @@ impl CoordinatorMetrics {
             Unit::Seconds,
             schedule_lateness.clone(),
         );
-        let queue_latency = latency_histogram();
+        let queue_latency = Family::<Namespace, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         registry.register_with_unit(
             "tasker_step_queue_latency",
-            "From a step becoming ready to a worker starting it",
+            "From a step becoming ready to a worker starting it, by namespace",
             Unit::Seconds,
             queue_latency.clone(),
         );
@@ -444,7 +446,9 @@ impl CoordinatorMetrics {
         self.stale_results.inc_by(applied.stale as u64);
         for change in &applied.changes {
             if let Some(latency) = change.queue_latency {
-                self.queue_latency.observe(latency);
+                self.queue_latency
+                    .get_or_create(&Self::namespace(&change.namespace))
+                    .observe(latency);
             }
             match (change.to_status, change.deferred) {
                 (StepStatus::WaitingForRetry, true) => {

@@ -223,8 +223,11 @@ impl ResultProcessor {
                 ),
             }
         }
-        for latency in transitions::mark_started(&mut tx, &started, self.lease).await? {
-            self.metrics.queue_latency.observe(latency);
+        for started in transitions::mark_started(&mut tx, &started, self.lease).await? {
+            self.metrics
+                .queue_latency
+                .get_or_create(&CoordinatorMetrics::namespace(&started.namespace))
+                .observe(started.latency);
             report.started += 1;
         }
         report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;

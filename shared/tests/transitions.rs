@@ -240,6 +240,7 @@ async fn a_diamond_is_claimed_through_one_path_and_completes() {
         .await
         .unwrap();
     assert_eq!(latencies.len(), 1);
+    assert_eq!(latencies[0].namespace, "shapes");
     let beat = RunningStep {
         step_id: first[0].message.step_id,
         dispatch_token: first[0].message.dispatch_token,

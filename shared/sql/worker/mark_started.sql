@@ -1,6 +1,6 @@
 -- Started notices: per step ($1) its dispatch token ($2), start time ($3), whether the
 -- message was redelivered ($4) and the worker ($7); lease grace ($5) and heartbeat lease
--- ($6) in ms. Answers each changed step's queue latency in seconds.
+-- ($6) in ms. Answers each changed step's queue latency in seconds and its task's namespace.
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[],
                          $7::text[])
@@ -35,4 +35,5 @@ history AS (
            jsonb_build_object('attempt', attempts, 'worker_id', worker_id)
     FROM moved
 )
-SELECT COALESCE(latency, 0) FROM moved
+SELECT COALESCE(m.latency, 0) AS latency, t.namespace
+FROM moved m JOIN tasks t ON t.task_id = m.task_id

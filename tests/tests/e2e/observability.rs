@@ -129,7 +129,7 @@ async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them
         1.0
     );
     assert_eq!(
-        sample(&coordinator, "tasker_step_queue_latency_seconds_count"),
+        sample(&coordinator, &ns("tasker_step_queue_latency_seconds_count")),
         13.0,
         "every dispatch started once"
     );

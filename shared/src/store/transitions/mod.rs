@@ -57,8 +57,8 @@ pub use operator::{
     signal,
 };
 pub use worker::{
-    AppliedResults, HeldStep, LeasePolicy, Started, StepChange, apply_results, heartbeat,
-    lock_batch, mark_started, wait_for_steps,
+    AppliedResults, HeldStep, LeasePolicy, QueueLatency, Started, StepChange, apply_results,
+    heartbeat, lock_batch, mark_started, wait_for_steps,
 };
 
 use sqlx::PgConnection;

@@ -31,6 +31,15 @@ pub struct Started {
     pub step: StepStarted,
 }
 
+/// How long a step that started waited for a worker.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueLatency {
+    /// From becoming ready to starting, in seconds.
+    pub latency: f64,
+    /// The task's namespace.
+    pub namespace: String,
+}
+
 /// Mark steps `in_progress` from workers' started notices (all workers of a batch in one
 /// statement), with a lease of `min(timeout + grace, heartbeat lease)`.
 ///
@@ -41,16 +50,16 @@ pub struct Started {
 /// yet answer; the dispatch token lets only one result through. A notice applied again
 /// (a redelivered batch of notices) carries the start time already stored and changes
 /// nothing. Notices for steps that moved on are ignored. Returns, per step that changed,
-/// its queue latency in seconds (from becoming ready to starting).
+/// its queue latency.
 pub async fn mark_started(
     conn: &mut PgConnection,
     started: &[Started],
     lease: LeasePolicy,
-) -> sqlx::Result<Vec<f64>> {
+) -> sqlx::Result<Vec<QueueLatency>> {
     if started.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar(include_str!("../../../sql/worker/mark_started.sql"))
+    sqlx::query_as(include_str!("../../../sql/worker/mark_started.sql"))
         .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
         .bind(
             started
