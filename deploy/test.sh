@@ -64,6 +64,12 @@ if ! python3 -m pip --version >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command 
 fi
 python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --quiet \
     || python3 -m pip install -r deploy/examples/python_worker/requirements-test.txt --quiet --break-system-packages
+# The console's browser tests (tests/tests/e2e/console.rs) drive Debian's Chromium through
+# chromedriver, and fail when either is missing (TASKER_SKIP_BROWSER=1 skips them instead).
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
+    && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+fi
 deploy/validate.sh
 # What a reviewer checks first: formatting, and every lint with warnings as errors.
 cargo fmt --all --check

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::metrics::{CoordinatorMetrics, Namespace, Queue, Reason, Status};
+use crate::metrics::{CoordinatorMetrics, Namespace, Queue, QueueDepth, Reason, Status};
 use crate::service::Service;
 use tasker_shared::broker::Topology;
 use tasker_shared::store::{inspect, templates};
@@ -103,13 +103,14 @@ impl Gauges {
                 })
                 .set(oldest);
         }
-        let mut queues: Vec<String> = namespaces
+        let mut queues: Vec<(String, &'static str)> = namespaces
             .iter()
-            .map(|namespace| self.topology.step_queue(namespace))
+            .map(|namespace| (self.topology.step_queue(namespace), "steps"))
             .collect();
-        queues.push(self.topology.results_queue());
-        queues.push(self.topology.dead_letter_queue());
-        for queue in queues {
+        queues.push((self.topology.results_queue(), "results"));
+        queues.push((self.topology.dead_letter_queue(), "dead_letter"));
+        let mut depths = Vec::with_capacity(queues.len());
+        for (queue, kind) in queues {
             let (messages, consumers) = self
                 .topology
                 .queue_stats(&self.channel, &queue)
@@ -117,6 +118,12 @@ impl Gauges {
                 .inspect_err(|_| {
                     self.metrics.broker_errors.inc();
                 })?;
+            depths.push(QueueDepth {
+                queue: queue.clone(),
+                kind,
+                messages,
+                consumers,
+            });
             let label = Queue { queue };
             self.metrics
                 .queue_messages
@@ -127,6 +134,11 @@ impl Gauges {
                 .get_or_create(&label)
                 .set(i64::from(consumers));
         }
+        *self
+            .metrics
+            .queue_depths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = depths;
         Ok(())
     }
 }

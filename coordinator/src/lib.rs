@@ -29,6 +29,7 @@ mod events;
 mod gauges;
 mod http;
 mod link;
+mod live;
 mod metrics;
 mod operations;
 mod publisher;

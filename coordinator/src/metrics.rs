@@ -107,6 +107,8 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) steps_by_status: Family<Status, Gauge>,
     pub(crate) queue_messages: Family<Queue, Gauge>,
     pub(crate) queue_consumers: Family<Queue, Gauge>,
+    /// The queues' depths as the gauges loop last read them, for `/health/status`.
+    pub(crate) queue_depths: std::sync::Mutex<Vec<QueueDepth>>,
     pub(crate) events_published: Family<Event, Counter>,
     pub(crate) task_duration: Family<TaskOutcome, Histogram>,
     pub(crate) oldest_ready: Family<Namespace, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -385,6 +387,7 @@ impl CoordinatorMetrics {
             broker_reconnects,
             control_dropped,
             queue_latency,
+            queue_depths: std::sync::Mutex::default(),
             task_duration,
             oldest_ready,
             schedule_fires,
@@ -419,6 +422,19 @@ impl CoordinatorMetrics {
             status: status.to_owned(),
         }
     }
+}
+
+/// One queue's depth, as the gauges loop last read it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct QueueDepth {
+    /// The queue's name.
+    pub(crate) queue: String,
+    /// `steps`, `results` or `dead_letter`.
+    pub(crate) kind: &'static str,
+    /// Messages ready for delivery.
+    pub(crate) messages: u32,
+    /// Consumers attached.
+    pub(crate) consumers: u32,
 }
 
 use tasker_shared::store::transitions::{AppliedResults, Dispatch, FinishedTask};

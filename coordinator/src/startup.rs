@@ -131,6 +131,7 @@ impl Application {
         }
         let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
         let metrics = Arc::new(CoordinatorMetrics::new());
+        let broker = Arc::new(BrokerLink::new(session.connection.clone()));
         let state = AppState {
             auth,
             pool: pool.clone(),
@@ -154,7 +155,12 @@ impl Application {
             wake_scheduler: Arc::new(Notify::new()),
             environment: settings.environment.clone(),
             limits: crate::http::Limits::from(&settings),
-            broker: Arc::new(BrokerLink::new(session.connection.clone())),
+            broker: broker.clone(),
+            live: Arc::new(crate::live::LiveEvents::new(
+                broker,
+                topology.clone(),
+                settings.events,
+            )),
         };
         if let Some(dir) = &settings.templates_dir {
             load_templates(&state, dir).await?;
@@ -195,6 +201,13 @@ impl Application {
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
         let stop = CancellationToken::new();
+        // The console's event streams end as soon as the coordinator stops.
+        let live = self.state.live.clone();
+        let stopping = stop.clone();
+        self.tasks.spawn(async move {
+            stopping.cancelled().await;
+            live.close();
+        });
         let mut database_services = Services::new(self.tasks.clone(), stop.child_token());
         let dispatcher = Dispatcher::new(
             self.state.pool.clone(),

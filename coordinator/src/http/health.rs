@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use crate::control::WorkerSeen;
+use crate::metrics::QueueDepth;
 
 /// The body of `GET /health/live`.
 #[derive(Serialize, ToSchema)]
@@ -99,6 +100,9 @@ pub(crate) struct Status {
     /// The workers heard from recently, with their namespaces and load.
     #[schema(value_type = Vec<WorkerStatus>)]
     workers: Vec<WorkerSeen>,
+    /// Tasker's queues (steps per namespace, results, dead letters) as the gauges loop
+    /// last read them (every `TASKER_GAUGE_INTERVAL_MS`); empty until its first pass.
+    queues: Vec<QueueDepth>,
 }
 
 /// 200 while the process runs.
@@ -158,6 +162,12 @@ pub(crate) async fn status(State(state): State<AppState>) -> Result<Json<Status>
         },
         counts,
         workers: state.control.recent_workers(),
+        queues: state
+            .metrics
+            .queue_depths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }))
 }
 

@@ -5,6 +5,7 @@ mod auth;
 mod body;
 mod budget;
 mod bulk;
+mod console;
 mod diagram;
 mod error;
 mod health;
@@ -60,6 +61,8 @@ pub(crate) struct AppState {
     pub(crate) limits: Limits,
     /// Checks bearer tokens (`TASKER_AUTH`); the router hands it to the guarded routes.
     pub(crate) auth: Arc<Authenticator>,
+    /// Lifecycle events for the console's live streams.
+    pub(crate) live: Arc<crate::live::LiveEvents>,
 }
 
 /// One route of the API: a method, a path and its handler.
@@ -197,6 +200,8 @@ pub(crate) fn routes() -> Vec<Route> {
             write,
             schedules::delete,
         ),
+        route(Method::GET, "/v1/whoami", read, console::whoami),
+        route(Method::GET, "/v1/events/stream", read, console::stream),
         route(Method::GET, "/health/live", Access::Open, health::live),
         route(Method::GET, "/health/ready", Access::Open, health::ready),
         route(
@@ -223,6 +228,7 @@ fn stateless_router(max_body_bytes: usize, max_inflight_body_bytes: usize) -> Ro
             let filter = MethodFilter::try_from(r.method).expect("a method axum can route");
             router.route(r.path, auth::guard(r.access, (r.handler)(filter)))
         })
+        .merge(console::routes())
         .fallback(health::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -16,6 +16,7 @@ use super::analytics::{self, Bottlenecks, StepAnalytics, TemplateAnalytics};
 use super::auth::SecurityDoc;
 use super::body::StorableJson;
 use super::bulk::{self, BulkCancelRequest, BulkResult, BulkRetryRequest, ListTag};
+use super::console::{self, WhoAmI};
 use super::diagram;
 use super::error::{ErrorBody, ErrorDetail};
 use super::health::{self, Check, Checks, Counts, Live, Ready, Status, WorkerStatus};
@@ -72,6 +73,8 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         schedules::get,
         schedules::update,
         schedules::delete,
+        console::whoami,
+        console::stream,
         health::live,
         health::ready,
         health::status,
@@ -111,6 +114,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         UpdateScheduleRequest,
         Overlap,
         CatchUp,
+        WhoAmI,
         TaskPage,
         ListTag,
         ReasonRequest,
@@ -130,6 +134,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         Check,
         Counts,
         WorkerStatus,
+        crate::metrics::QueueDepth,
         ErrorBody,
         ErrorDetail,
         StorableJson,
@@ -140,6 +145,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         (name = "operate", description = "Operator controls and the views that explain a task."),
         (name = "schedules", description = "Tasks created on a clock."),
         (name = "analytics", description = "Figures from the stored tasks and steps."),
+        (name = "console", description = "What the web console (`/ui/`) needs beside the API: the token's scopes and live events."),
         (name = "health", description = "Liveness, readiness, status and metrics."),
         (name = "meta", description = "This description."),
     ),

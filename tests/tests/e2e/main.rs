@@ -6,6 +6,7 @@ mod analytics;
 mod auth;
 mod child_tasks;
 mod conditions;
+mod console;
 mod coordinators;
 mod creation;
 mod dags;

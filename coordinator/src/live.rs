@@ -1,0 +1,229 @@
+//! Live updates for the console: lifecycle events fanned out to the open event streams
+//! (`GET /v1/events/stream`).
+//!
+//! Viewers never poll the database. While at least one stream is open, the coordinator
+//! consumes the events exchange through one private queue (server-named, exclusive,
+//! auto-deleted, bounded to [`QUEUE_LENGTH`] messages, oldest dropped first) and hands
+//! each event to every open stream through a broadcast channel; each stream keeps the
+//! events its filter asks for. With no stream open for [`LINGER`], the consumer stops
+//! and its queue disappears, so a coordinator nobody watches pays nothing.
+//!
+//! The events are the ones the relay publishes (`docs/observability.md`, "Lifecycle
+//! events"): with `TASKER_EVENTS=false` there are none, and [`LiveEvents::enabled`] says
+//! so. A stream that falls behind gets a `lagged` event and should reload what it shows.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::link::BrokerLink;
+use tasker_shared::broker::Topology;
+
+/// Events held for streams that read slower than events arrive.
+const BUFFER: usize = 4096;
+/// Messages the private queue keeps while the consumer is behind (oldest dropped first).
+const QUEUE_LENGTH: i64 = 10_000;
+/// How long the consumer outlives the last stream.
+const LINGER: Duration = Duration::from_secs(30);
+/// How long to wait before consuming again after the broker failed.
+const RETRY: Duration = Duration::from_secs(1);
+/// Most streams open at once on one coordinator.
+pub(crate) const MAX_STREAMS: usize = 256;
+
+/// One lifecycle event as received: its JSON body and what streams filter on.
+#[derive(Debug)]
+pub(crate) struct LiveEvent {
+    /// The event's JSON, as published.
+    pub(crate) json: String,
+    /// `task.completed`, `step.failed`…
+    pub(crate) event: String,
+    pub(crate) task_id: Option<Uuid>,
+    pub(crate) namespace: String,
+}
+
+/// The fields of a lifecycle event that streams filter on.
+#[derive(Deserialize)]
+struct Header {
+    event: String,
+    #[serde(default)]
+    task_id: Option<Uuid>,
+    #[serde(default)]
+    namespace: String,
+}
+
+/// The hub: one per coordinator.
+pub(crate) struct LiveEvents {
+    broker: Arc<BrokerLink>,
+    topology: Topology,
+    /// `TASKER_EVENTS`: without the relay there is nothing to stream.
+    enabled: bool,
+    sender: broadcast::Sender<Arc<LiveEvent>>,
+    /// Whether the consumer runs.
+    consuming: Mutex<bool>,
+    /// Cancelled when the coordinator stops: the open streams end, so they do not hold
+    /// the shutdown's drain.
+    closing: CancellationToken,
+}
+
+impl LiveEvents {
+    pub(crate) fn new(broker: Arc<BrokerLink>, topology: Topology, enabled: bool) -> Self {
+        LiveEvents {
+            broker,
+            topology,
+            enabled,
+            sender: broadcast::channel(BUFFER).0,
+            consuming: Mutex::new(false),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Cancelled when the coordinator stops.
+    pub(crate) fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    /// End every open stream and the consumer: the coordinator is stopping.
+    pub(crate) fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// Whether lifecycle events are published at all (`TASKER_EVENTS`).
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// How many streams are open.
+    pub(crate) fn streams(&self) -> usize {
+        self.sender.receiver_count()
+    }
+
+    /// Receive every event from now on, starting the consumer if it is not running.
+    pub(crate) fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<Arc<LiveEvent>> {
+        let receiver = self.sender.subscribe();
+        if self.enabled {
+            let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
+            if !*consuming {
+                *consuming = true;
+                tokio::spawn(self.clone().consume());
+            }
+        }
+        receiver
+    }
+
+    /// Consume the events exchange until no stream has been open for [`LINGER`].
+    async fn consume(self: Arc<Self>) {
+        let mut idle_since: Option<tokio::time::Instant> = None;
+        loop {
+            match self.consume_once(&mut idle_since).await {
+                Ok(()) => {
+                    let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
+                    // A stream may have opened since the last look: it saw `consuming`
+                    // still set and counts on this loop.
+                    if self.sender.receiver_count() == 0 {
+                        *consuming = false;
+                        tracing::debug!("no event stream open: stopped consuming events");
+                        return;
+                    }
+                    idle_since = None;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "live events: cannot consume the events exchange; retrying"
+                    );
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// One subscription: returns once no stream has been open for [`LINGER`].
+    async fn consume_once(
+        &self,
+        idle_since: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<()> {
+        let channel = self.broker.connection().create_channel().await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(QUEUE_LENGTH));
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".to_owned().into()),
+        );
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.events_exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::debug!("consuming lifecycle events for the open event streams");
+        let mut tick = tokio::time::interval(LINGER / 6);
+        loop {
+            tokio::select! {
+                () = self.closing.cancelled() => {
+                    let _ = channel.close(200, "the coordinator is stopping".into()).await;
+                    return Ok(());
+                }
+                delivery = consumer.next() => {
+                    let delivery = match delivery {
+                        Some(Ok(delivery)) => delivery,
+                        Some(Err(error)) => return Err(error.into()),
+                        None => anyhow::bail!("the events consumer ended"),
+                    };
+                    if let Err(error) = self.topology.verify(&delivery.data, &delivery.properties) {
+                        tracing::warn!(%error, "live events: dropped an event that does not verify");
+                        continue;
+                    }
+                    let Ok(json) = String::from_utf8(delivery.data) else { continue };
+                    let Ok(header) = serde_json::from_str::<Header>(&json) else { continue };
+                    // No receiver: the send fails, and the tick below notices.
+                    let _ = self.sender.send(Arc::new(LiveEvent {
+                        json,
+                        event: header.event,
+                        task_id: header.task_id,
+                        namespace: header.namespace,
+                    }));
+                }
+                _ = tick.tick() => {
+                    if self.sender.receiver_count() > 0 {
+                        *idle_since = None;
+                    } else if idle_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= LINGER {
+                        let _ = channel.close(200, "no event stream open".into()).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}

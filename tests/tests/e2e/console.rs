@@ -1,0 +1,553 @@
+//! The web console (`/ui/`, docs/console.md) in a real browser: Debian's headless Chromium
+//! driven through chromedriver (WebDriver), against a coordinator with authentication on,
+//! real workers, PostgreSQL and RabbitMQ.
+//!
+//! Without `chromium` and `chromedriver` these tests fail saying what to install
+//! (deploy/test.sh installs them), unless `TASKER_SKIP_BROWSER=1`. With
+//! `TASKER_CONSOLE_SCREENSHOTS=<dir>` they save a screenshot of each page they check (the
+//! ones in docs/console/ come from there).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use tasker_tests::http_stub::{Answer, HttpStub};
+use tasker_tests::{EnvOptions, TestEnv};
+use tokio::process::{Child, Command};
+
+const SECRET: &str = "test-only-console-hs256-secret-0123456789";
+
+/// How long a page may take to show what a test waits for: generous, for a slow machine.
+const PATIENCE: Duration = Duration::from_secs(45);
+
+fn token(subject: &str, scope: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    encode(
+        &Header::default(),
+        &json!({"sub": subject, "scope": scope, "iat": now, "exp": now + 3600}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn auth_options() -> EnvOptions {
+    EnvOptions {
+        coordinator_env: vec![
+            ("TASKER_AUTH".into(), "on".into()),
+            ("TASKER_JWT_HS256_SECRET".into(), SECRET.into()),
+            // The workers page reads the queues: read them often.
+            ("TASKER_GAUGE_INTERVAL_MS".into(), "500".into()),
+        ],
+        ..EnvOptions::default()
+    }
+}
+
+/// Whether the browser tests should run; panics naming what is missing.
+fn browser_available() -> bool {
+    if std::env::var("TASKER_SKIP_BROWSER").is_ok_and(|v| v == "1") {
+        eprintln!("TASKER_SKIP_BROWSER=1: the console's browser test is skipped");
+        return false;
+    }
+    for program in ["chromium", "chromedriver"] {
+        let found = std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
+        });
+        assert!(
+            found,
+            "`{program}` is not installed: `apt-get install chromium chromium-driver` \
+             (deploy/test.sh does it), or set TASKER_SKIP_BROWSER=1"
+        );
+    }
+    true
+}
+
+/// A headless Chromium session through its own chromedriver.
+struct Browser {
+    client: Client,
+    _driver: Child,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let url = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        while reqwest::get(format!("{url}/status")).await.is_err() {
+            assert!(started.elapsed() < PATIENCE, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1400,1000"],
+            }),
+        );
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&url)
+            .await
+            .expect("a Chromium session");
+        Browser {
+            client,
+            _driver: driver,
+        }
+    }
+
+    /// Open the console at `route` (e.g. `#/tasks/<id>`) and sign in with `token`.
+    async fn sign_in(&self, base_url: &str, route: &str, token: &str) {
+        self.client
+            .goto(&format!("{base_url}/ui/{route}"))
+            .await
+            .unwrap();
+        self.wait_for("#token-input").await;
+        let input = self
+            .client
+            .find(Locator::Css("#token-input"))
+            .await
+            .unwrap();
+        input.send_keys(token).await.unwrap();
+        self.client
+            .find(Locator::Css("#token-save"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Wait until `script` (the body of a function) returns something truthy; returns it.
+    async fn wait_until(&self, what: &str, script: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let value = self.client.execute(script, vec![]).await.unwrap();
+            let truthy = match &value {
+                Value::Null | Value::Bool(false) => false,
+                Value::String(s) => !s.is_empty(),
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                _ => true,
+            };
+            if truthy {
+                return value;
+            }
+            if started.elapsed() > PATIENCE {
+                let page = self
+                    .client
+                    .execute("return document.body.innerText", vec![])
+                    .await
+                    .unwrap_or_default();
+                panic!("waited {PATIENCE:?} for {what}; the page shows:\n{page}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_for(&self, selector: &str) {
+        self.wait_until(
+            &format!("`{selector}`"),
+            &format!("return !!document.querySelector({selector:?})"),
+        )
+        .await;
+    }
+
+    async fn exists(&self, selector: &str) -> bool {
+        self.client
+            .execute(
+                &format!("return !!document.querySelector({selector:?})"),
+                vec![],
+            )
+            .await
+            .unwrap()
+            .as_bool()
+            .unwrap()
+    }
+
+    async fn click(&self, selector: &str) {
+        self.wait_for(selector).await;
+        self.client
+            .find(Locator::Css(selector))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Save a screenshot as `<TASKER_CONSOLE_SCREENSHOTS>/<name>.png`, when asked for.
+    async fn screenshot(&self, name: &str) {
+        let Some(dir) = std::env::var_os("TASKER_CONSOLE_SCREENSHOTS") else {
+            return;
+        };
+        // Let charts and fonts settle.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let png = self.client.screenshot().await.unwrap();
+        let path = PathBuf::from(dir).join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        eprintln!("saved {}", path.display());
+    }
+
+    async fn close(self) {
+        self.client.close().await.unwrap();
+    }
+}
+
+/// POST or GET with a bearer token.
+async fn call(
+    env: &TestEnv,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = env
+        .http
+        .request(method, format!("{}{path}", env.base_url))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn register(env: &TestEnv, admin: &str, yaml: &str) {
+    let response = env
+        .http
+        .post(format!("{}/v1/templates", env.base_url))
+        .bearer_auth(admin)
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{:?}",
+        response.text().await
+    );
+}
+
+async fn wait_for_status(env: &TestEnv, admin: &str, task_id: &str, status: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, task) = call(
+            env,
+            reqwest::Method::GET,
+            &format!("/v1/tasks/{task_id}"),
+            admin,
+            None,
+        )
+        .await;
+        if task["status"] == status {
+            return task;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "task {task_id} never reached {status}: {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The on-call path: a failing task's page marks the failed step; a read-only token is
+/// offered no action and the API refuses it one; an operator retries in one click and the
+/// graph turns complete live, without the page reloading.
+#[tokio::test]
+async fn a_failed_task_is_retried_from_its_page_and_turns_complete_live() {
+    if !browser_available() {
+        return;
+    }
+    let mut env = TestEnv::start_with("console_retry", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    let reader = token("viewer", "tasks:read");
+    let operator = token("oncall", "tasks:read tasks:operate");
+    // The partner refuses the first charge (a permanent error: the task fails), then
+    // accepts: the operator's retry succeeds.
+    let partner = HttpStub::start(vec![
+        Answer::new(409, r#"{"error": "card on hold"}"#),
+        Answer::new(200, r#"{"charged": true}"#),
+    ])
+    .await
+    .unwrap();
+    register(
+        &env,
+        &admin,
+        &format!(
+            "namespace: console\nname: checkout\nversion: 1.0.0\nsteps:\n  - {{name: reserve, handler: tasker.noop}}\n  - {{name: charge, handler: tasker.http, depends_on: [reserve], config: {{url: \"{}\", method: POST}}}}\n  - {{name: confirm, handler: tasker.noop, depends_on: [charge]}}\n  - {{name: email, handler: tasker.noop, depends_on: [charge]}}\n",
+            partner.url
+        ),
+    )
+    .await;
+    env.start_worker_calling_stubs("console-worker", &["console"])
+        .await
+        .unwrap();
+    let (status, created) = call(
+        &env,
+        reqwest::Method::POST,
+        "/v1/tasks",
+        &admin,
+        Some(json!({"namespace": "console", "name": "checkout", "context": {"order": 7}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let task_id = created["task_id"].as_str().unwrap().to_owned();
+    wait_for_status(&env, &admin, &task_id, "error").await;
+
+    let browser = Browser::start().await;
+    // Read-only: the failed step is marked, no action is offered, and the API refuses the
+    // retry the page did not offer.
+    browser
+        .sign_in(&env.base_url, &format!("#/tasks/{task_id}"), &reader)
+        .await;
+    browser
+        .wait_for("#task-graph g.node.status-error[data-step='charge']")
+        .await;
+    browser.wait_for("#read-only").await;
+    assert!(
+        !browser.exists("#action-retry").await,
+        "a reader is offered a retry"
+    );
+    assert!(browser.exists("#task-status .status-error").await);
+    let error = browser
+        .wait_until(
+            "the failed step's error",
+            "return document.querySelector('#step-error')?.innerText",
+        )
+        .await;
+    assert!(
+        error.as_str().unwrap().contains("409"),
+        "the step's error is shown: {error}"
+    );
+    let refused = browser
+        .client
+        .execute_async(
+            &format!(
+                "const done = arguments[arguments.length - 1];
+                 fetch('/v1/tasks/{task_id}/retry', {{method: 'POST',
+                     headers: {{Authorization: 'Bearer ' + sessionStorage.getItem('tasker.token'),
+                               'Content-Type': 'application/json'}}, body: '{{}}'}})
+                   .then(async r => done([r.status, (await r.json()).error.code]));"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused, json!([403, "insufficient_scope"]));
+    assert_eq!(
+        call(
+            &env,
+            reqwest::Method::GET,
+            &format!("/v1/tasks/{task_id}"),
+            &admin,
+            None
+        )
+        .await
+        .1["status"],
+        "error",
+        "the refused retry changed nothing"
+    );
+
+    // The operator: forget the reader's token, sign in again, retry in one click.
+    browser.click("#sign-out").await;
+    browser
+        .sign_in(&env.base_url, &format!("#/tasks/{task_id}"), &operator)
+        .await;
+    browser
+        .wait_for("#task-graph g.node.status-error[data-step='charge']")
+        .await;
+    browser.wait_for("#live.on").await;
+    browser.screenshot("task-failed").await;
+    // A marker the page keeps only as long as it is not reloaded.
+    browser
+        .client
+        .execute("window.__notReloaded = true; return true", vec![])
+        .await
+        .unwrap();
+    browser.click("#action-retry").await;
+    browser.wait_for("#task-status .status-complete").await;
+    for step in ["reserve", "charge", "confirm", "email"] {
+        assert!(
+            browser
+                .exists(&format!(
+                    "#task-graph g.node.status-complete[data-step='{step}']"
+                ))
+                .await,
+            "{step} is drawn complete"
+        );
+    }
+    assert_eq!(
+        browser
+            .client
+            .execute("return window.__notReloaded === true", vec![])
+            .await
+            .unwrap(),
+        json!(true),
+        "the page turned complete without reloading"
+    );
+    let history = browser
+        .wait_until(
+            "the retry in the history",
+            "return document.querySelector('#history-table')?.innerText",
+        )
+        .await;
+    assert!(
+        history
+            .as_str()
+            .unwrap()
+            .contains("retried from the console"),
+        "{history}"
+    );
+    browser.screenshot("task-complete").await;
+
+    // The task list shows it complete, and a new task appears there live.
+    browser
+        .client
+        .goto(&format!("{}/ui/#/tasks", env.base_url))
+        .await
+        .unwrap();
+    browser
+        .wait_for(&format!(
+            "#tasks-table tr[data-task-id='{task_id}'] .status-complete"
+        ))
+        .await;
+    browser.wait_for("#live.on").await;
+    let (_, second) = call(
+        &env,
+        reqwest::Method::POST,
+        "/v1/tasks",
+        &admin,
+        Some(json!({"namespace": "console", "name": "checkout", "context": {"order": 8}})),
+    )
+    .await;
+    browser
+        .wait_for(&format!(
+            "#tasks-table tr[data-task-id='{}']",
+            second["task_id"].as_str().unwrap()
+        ))
+        .await;
+    browser.screenshot("tasks").await;
+    browser.close().await;
+    env.finish().await.unwrap();
+}
+
+/// Analytics: the step a test made slow is the slowest step and lies on the bottleneck
+/// path drawn on the template's graph; the other pages render what the API holds.
+#[tokio::test]
+async fn the_analytics_page_shows_the_step_made_slow() {
+    if !browser_available() {
+        return;
+    }
+    let mut env = TestEnv::start_with("console_analytics", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    register(
+        &env,
+        &admin,
+        "namespace: insight\nname: report\nversion: 1.0.0\nsteps:\n  - {name: gather, handler: tasker.noop}\n  - {name: render, handler: tasker.sleep, depends_on: [gather], config: {ms: 400}}\n  - {name: index, handler: tasker.noop, depends_on: [gather]}\n  - {name: publish, handler: tasker.noop, depends_on: [render, index]}\n",
+    )
+    .await;
+    env.start_worker("insight-worker", &["insight"])
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (status, created) = call(
+            &env,
+            reqwest::Method::POST,
+            "/v1/tasks",
+            &admin,
+            Some(json!({"namespace": "insight", "name": "report", "context": {"n": n}})),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["task_id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        wait_for_status(&env, &admin, id, "complete").await;
+    }
+    let browser = Browser::start().await;
+    browser
+        .sign_in(
+            &env.base_url,
+            "#/analytics?namespace=insight&name=report",
+            &admin,
+        )
+        .await;
+    let slowest = browser
+        .wait_until(
+            "the slowest step",
+            "return document.querySelector('#slowest-step')?.innerText",
+        )
+        .await;
+    assert_eq!(slowest, json!("render"));
+    assert!(
+        browser
+            .exists("#bottleneck-graph g.node.critical[data-step='render']")
+            .await
+    );
+    assert!(
+        !browser
+            .exists("#bottleneck-graph g.node.critical[data-step='index']")
+            .await
+    );
+    let path = browser
+        .wait_until(
+            "the bottleneck path",
+            "return document.querySelector('#bottleneck-path')?.innerText",
+        )
+        .await;
+    assert!(path.as_str().unwrap().starts_with("gather"), "{path}");
+    assert!(
+        browser
+            .exists("#step-run-bars .critical[data-step='render']")
+            .await
+    );
+    browser.screenshot("analytics").await;
+
+    // The template's graph, the workers and their queues.
+    browser
+        .client
+        .goto(&format!("{}/ui/#/templates/insight/report", env.base_url))
+        .await
+        .unwrap();
+    browser
+        .wait_for("#template-graph g.node[data-step='publish']")
+        .await;
+    browser.screenshot("template").await;
+    browser
+        .client
+        .goto(&format!("{}/ui/#/workers", env.base_url))
+        .await
+        .unwrap();
+    browser.wait_for("#workers-table td").await;
+    let dead = browser
+        .wait_until(
+            "the dead-letter count",
+            "return document.querySelector('#dead-letter-count')?.innerText",
+        )
+        .await;
+    assert_eq!(dead, json!("0"));
+    browser.screenshot("workers").await;
+    browser.close().await;
+    env.finish().await.unwrap();
+}
