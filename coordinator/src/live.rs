@@ -19,7 +19,7 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -67,6 +67,9 @@ pub(crate) struct LiveEvents {
     sender: broadcast::Sender<Arc<LiveEvent>>,
     /// Whether the consumer runs.
     consuming: Mutex<bool>,
+    /// Whether the consumer's queue is bound: events published from then on reach the
+    /// streams.
+    bound: watch::Sender<bool>,
     /// Cancelled when the coordinator stops: the open streams end, so they do not hold
     /// the shutdown's drain.
     closing: CancellationToken,
@@ -80,6 +83,7 @@ impl LiveEvents {
             enabled,
             sender: broadcast::channel(BUFFER).0,
             consuming: Mutex::new(false),
+            bound: watch::Sender::new(false),
             closing: CancellationToken::new(),
         }
     }
@@ -117,11 +121,25 @@ impl LiveEvents {
         receiver
     }
 
+    /// Wait (at most `patience`) until events published from now on reach the streams;
+    /// whether they do.
+    pub(crate) async fn ready(&self, patience: Duration) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let mut bound = self.bound.subscribe();
+        tokio::time::timeout(patience, bound.wait_for(|bound| *bound))
+            .await
+            .is_ok_and(|bound| bound.is_ok())
+    }
+
     /// Consume the events exchange until no stream has been open for [`LINGER`].
     async fn consume(self: Arc<Self>) {
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
-            match self.consume_once(&mut idle_since).await {
+            let consumed = self.consume_once(&mut idle_since).await;
+            self.bound.send_replace(false);
+            match consumed {
                 Ok(()) => {
                     let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
                     // A stream may have opened since the last look: it saw `consuming`
@@ -188,6 +206,7 @@ impl LiveEvents {
             )
             .await?;
         tracing::debug!("consuming lifecycle events for the open event streams");
+        self.bound.send_replace(true);
         let mut tick = tokio::time::interval(LINGER / 6);
         loop {
             tokio::select! {

@@ -179,7 +179,7 @@ function openStream(params, onEvent) {
           const payload = JSON.parse(data.join("\n"));
           if (name === "ready") {
             if (payload.events) setLive("on", "live");
-            else setLive("off", "events off");
+            else setLive("off", app.me?.events ? "not live" : "events off");
           } else if (name === "lagged") {
             onEvent(null);
           } else {

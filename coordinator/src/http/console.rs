@@ -165,6 +165,9 @@ pub(crate) async fn whoami(
     })
 }
 
+/// How long a new stream waits for the events consumer to be bound before `ready`.
+const READY_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Which events a stream carries.
 struct Filter {
     task_id: Option<Uuid>,
@@ -226,8 +229,9 @@ impl Filter {
 
 /// Lifecycle events as they happen, as server-sent events.
 ///
-/// The first event is `ready` (`{"events": bool}`: whether lifecycle events are
-/// published at all); each lifecycle event follows as an unnamed event whose data is its
+/// The first event is `ready` (`{"events": bool}`): with `true`, every lifecycle event
+/// published from then on reaches the stream; `false` when `TASKER_EVENTS` is off (or the
+/// broker cannot be consumed: reconnect later). Each lifecycle event follows as an unnamed event whose data is its
 /// JSON (`docs/observability.md`, "Lifecycle events"); `lagged` means the stream fell
 /// behind and missed some: reload what you show. A comment every 15 s keeps proxies from
 /// closing the connection.
@@ -261,10 +265,14 @@ pub(crate) async fn stream(
     let live = state.live.clone();
     let receiver = live.subscribe();
     let closing = live.closing();
-    let ready = Event::default()
-        .event("ready")
-        .data(json!({"events": live.enabled()}).to_string());
-    let first = futures::stream::once(async move { Ok(ready) });
+    // The stream is subscribed before `ready` is sent: nothing published after `ready`
+    // is missed.
+    let first = futures::stream::once(async move {
+        let live = live.ready(READY_PATIENCE).await;
+        Ok(Event::default()
+            .event("ready")
+            .data(json!({"events": live}).to_string()))
+    });
     let events = futures::stream::unfold(
         (receiver, filter, closing),
         |(mut receiver, filter, closing)| async move {

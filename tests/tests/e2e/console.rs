@@ -551,3 +551,135 @@ async fn the_analytics_page_shows_the_step_made_slow() {
     browser.close().await;
     env.finish().await.unwrap();
 }
+
+/// Read server-sent events from `response` until `done` says so: (event name, data).
+async fn read_events(
+    response: &mut reqwest::Response,
+    mut done: impl FnMut(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    let started = Instant::now();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while !done(&events) {
+        let left = PATIENCE.saturating_sub(started.elapsed());
+        let chunk = tokio::time::timeout(left, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no more events in {PATIENCE:?}; got {events:#?}"))
+            .unwrap()
+            .expect("the stream stays open");
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(cut) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..cut + 2).collect();
+            let mut name = "message".to_owned();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    name = value.trim().to_owned();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push_str(value.trim_start());
+                }
+            }
+            if !data.is_empty() {
+                events.push((name, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+/// `GET /v1/events/stream` without a browser: it names every bad parameter, opens with
+/// `ready`, and carries the lifecycle events its filter asks for and no others.
+#[tokio::test]
+async fn the_event_stream_carries_the_filtered_events_live() {
+    let mut env = TestEnv::start("console_stream").await.unwrap();
+    for namespace in ["watched", "other"] {
+        env.register_template(&format!(
+            "namespace: {namespace}\nname: flow\nsteps:\n  - {{name: a, handler: tasker.noop}}\n  - {{name: b, handler: tasker.noop, depends_on: [a]}}\n"
+        ))
+        .await
+        .unwrap();
+    }
+    env.start_worker("stream-worker", &["watched", "other"])
+        .await
+        .unwrap();
+    let (status, me) = env.get("/v1/whoami").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(me["authentication"], false);
+    assert_eq!(me["events"], true);
+
+    let bad = env
+        .http
+        .get(format!(
+            "{}/v1/events/stream?task_id=nope&kind=job&namespace=&colour=red",
+            env.base_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.unwrap();
+    let paths: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["task_id", "kind", "namespace", "colour"], "{body}");
+
+    let mut stream = env
+        .http
+        .get(format!(
+            "{}/v1/events/stream?namespace=watched&kind=task",
+            env.base_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let ready = read_events(&mut stream, |events| !events.is_empty()).await;
+    assert_eq!(ready[0], ("ready".to_owned(), json!({"events": true})));
+
+    let other = env
+        .run_task(
+            json!({"namespace": "other", "name": "flow", "context": {}}),
+            PATIENCE,
+        )
+        .await
+        .unwrap();
+    let watched = env
+        .run_task(
+            json!({"namespace": "watched", "name": "flow", "context": {}}),
+            PATIENCE,
+        )
+        .await
+        .unwrap();
+    let watched_id = watched["task_id"].as_str().unwrap();
+    let events = read_events(&mut stream, |events| {
+        events
+            .iter()
+            .any(|(_, e)| e["event"] == "task.completed" && e["task_id"] == watched_id)
+    })
+    .await;
+    let names: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["task.created", "task.started", "task.completed"],
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().all(|(name, e)| name == "message"
+            && e["task_id"] == watched_id
+            && e["namespace"] == "watched"),
+        "only the watched namespace's task events, not {}: {events:#?}",
+        other["task_id"]
+    );
+    drop(stream);
+    env.finish().await.unwrap();
+}
