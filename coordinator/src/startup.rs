@@ -161,6 +161,7 @@ impl Application {
                 topology.clone(),
                 settings.events,
             )),
+            status_counts: Arc::default(),
         };
         if let Some(dir) = &settings.templates_dir {
             load_templates(&state, dir).await?;

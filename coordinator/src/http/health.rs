@@ -60,7 +60,7 @@ pub(crate) struct Ready {
 }
 
 /// Tasks and steps by status.
-#[derive(Serialize, ToSchema)]
+#[derive(Clone, Serialize, ToSchema)]
 pub(crate) struct Counts {
     /// Tasks by status (finished ones included).
     tasks: BTreeMap<String, i64>,
@@ -142,11 +142,7 @@ async fn reachability(state: &AppState) -> (bool, bool) {
 pub(crate) async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let (database_ok, broker_ok) = reachability(&state).await;
     let counts = if database_ok {
-        let (tasks, steps) = tasker_shared::store::inspect::totals(&state.pool).await?;
-        Some(Counts {
-            tasks: tasks.into_iter().collect(),
-            steps: steps.into_iter().collect(),
-        })
+        Some(state.status_counts.get(&state.pool).await?)
     } else {
         None
     };
@@ -231,4 +227,33 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl axum::respons
         )],
         state.metrics.render(),
     )
+}
+
+/// How long `/health/status` reuses its counts: they read the whole history, and every open
+/// workers page of the console asks for them every few seconds.
+const COUNTS_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The counts of `/health/status`, read at most once per [`COUNTS_FRESH`] whoever asks.
+#[derive(Default)]
+pub(crate) struct CountsCache {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Counts)>>,
+}
+
+impl CountsCache {
+    async fn get(&self, pool: &sqlx::PgPool) -> sqlx::Result<Counts> {
+        // Held across the read: callers arriving meanwhile wait for it instead of reading too.
+        let mut last = self.last.lock().await;
+        if let Some((at, counts)) = last.as_ref()
+            && at.elapsed() < COUNTS_FRESH
+        {
+            return Ok(counts.clone());
+        }
+        let (tasks, steps) = tasker_shared::store::inspect::totals(pool).await?;
+        let counts = Counts {
+            tasks: tasks.into_iter().collect(),
+            steps: steps.into_iter().collect(),
+        };
+        *last = Some((std::time::Instant::now(), counts.clone()));
+        Ok(counts)
+    }
 }

@@ -63,6 +63,8 @@ pub(crate) struct AppState {
     pub(crate) auth: Arc<Authenticator>,
     /// Lifecycle events for the console's live streams.
     pub(crate) live: Arc<crate::live::LiveEvents>,
+    /// `/health/status`'s counts, shared by its callers for a few seconds.
+    pub(crate) status_counts: Arc<health::CountsCache>,
 }
 
 /// One route of the API: a method, a path and its handler.

@@ -297,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
             "history  throughput with history / without  {:>6.2}",
             with_history.steps_per_s / run.steps_per_s
         );
-        system.analytics_timings().await?;
+        system.history_timings().await?;
     }
 
     let duplicates = system.duplicate_dispatches().await?;
@@ -1011,46 +1011,73 @@ impl System {
         Ok(())
     }
 
-    /// Time each analytics call over a window holding the stored history: the first
-    /// call, and the median of five more.
-    async fn analytics_timings(&self) -> anyhow::Result<()> {
+    /// Time each analytics call over a window holding the stored history, and the calls
+    /// the console's pages make (with their files): the first call, and the median of
+    /// five more.
+    async fn history_timings(&self) -> anyhow::Result<()> {
         let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM steps")
             .fetch_one(&self.pool)
             .await?;
+        let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+            .fetch_one(&self.pool)
+            .await?;
+        let task_id: uuid::Uuid = sqlx::query_scalar(
+            "SELECT task_id FROM tasks ORDER BY task_id OFFSET (SELECT count(*) / 2 FROM tasks) LIMIT 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         let since = (chrono::Utc::now() - chrono::TimeDelta::days(2))
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let base = &self.bases[0];
         for (what, path) in [
             (
-                "templates",
+                "analytics templates",
                 format!("/v1/analytics/templates?since={since}"),
             ),
             (
-                "steps",
+                "analytics steps",
                 format!("/v1/analytics/steps?namespace=bench&name=diamond&since={since}"),
             ),
             (
-                "bottlenecks",
+                "analytics bottlenecks",
                 format!("/v1/analytics/bottlenecks?namespace=bench&name=diamond&since={since}"),
             ),
+            (
+                "ui files",
+                "/ui/ /ui/app.js /ui/graph.js /ui/style.css".to_owned(),
+            ),
+            ("ui whoami", "/v1/whoami".to_owned()),
+            ("ui tasks", "/v1/tasks?limit=50".to_owned()),
+            (
+                "ui filtered",
+                "/v1/tasks?limit=50&namespace=bench&name=diamond&status=error".to_owned(),
+            ),
+            (
+                "ui a task",
+                format!("/v1/tasks/{task_id} /v1/tasks/{task_id}/transitions"),
+            ),
+            ("ui workers", "/health/status".to_owned()),
         ] {
             let mut times = Vec::new();
             for _ in 0..6 {
                 let started = Instant::now();
-                let response = self.http.get(format!("{base}{path}")).send().await?;
-                anyhow::ensure!(
-                    response.status().is_success(),
-                    "{path}: {}",
-                    response.text().await?
-                );
-                response.bytes().await?;
+                // A page's calls, one after another as a browser's first load would.
+                for path in path.split(' ') {
+                    let response = self.http.get(format!("{base}{path}")).send().await?;
+                    anyhow::ensure!(
+                        response.status().is_success(),
+                        "{path}: {}",
+                        response.text().await?
+                    );
+                    response.bytes().await?;
+                }
                 times.push(started.elapsed().as_secs_f64() * 1000.0);
             }
             let first = times[0];
             let mut rest = times[1..].to_vec();
             rest.sort_by(f64::total_cmp);
             println!(
-                "analytics {what:<12} first {first:>7.1} ms   median of 5 {:>7.1} ms   ({steps} stored steps, a 2-day window)",
+                "history  {what:<21} first {first:>7.1} ms   median of 5 {:>7.1} ms   ({tasks} stored tasks, {steps} steps)",
                 rest[2]
             );
         }

@@ -36,6 +36,13 @@ struct Args {
     /// Folder of templates to register.
     #[arg(long, default_value = "deploy/templates")]
     templates: PathBuf,
+    /// After the batch, keep the coordinator and workers running (until Ctrl-C) to look
+    /// around in the web console.
+    #[arg(long)]
+    keep: bool,
+    /// The coordinator's address (`TASKER_HTTP_ADDR`); port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    http_addr: String,
 }
 
 /// (namespace, name, context for task i)
@@ -74,12 +81,13 @@ async fn main() -> anyhow::Result<()> {
         .env("DATABASE_URL", &args.database_url)
         .env("AMQP_URL", &args.amqp_url)
         .env("TASKER_AMQP_PREFIX", prefix)
-        .env("TASKER_HTTP_ADDR", "127.0.0.1:0")
+        .env("TASKER_HTTP_ADDR", &args.http_addr)
         .env("TASKER_TEMPLATES_DIR", &args.templates);
     let (mut coordinator, address) =
         spawn_coordinator(coordinator, "coordinator", &log_dir).await?;
     let base = format!("http://{address}");
     println!("coordinator   {base}   (logs in {})", log_dir.display());
+    println!("console       {base}/ui/   (live while the example runs; --keep keeps it up)");
 
     let mut workers = Vec::new();
     for n in 1..=args.workers {
@@ -178,6 +186,11 @@ async fn main() -> anyhow::Result<()> {
     let wall = started.elapsed();
     println!("\n");
     summary(&pool, &task_ids, wall).await?;
+
+    if args.keep {
+        println!("\nthe coordinator and workers keep running: {base}/ui/ (Ctrl-C stops them)");
+        tokio::signal::ctrl_c().await?;
+    }
 
     for worker in &mut workers {
         worker.terminate().await?;

@@ -385,8 +385,13 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
 }
 
 #[tokio::test]
-async fn health_status_shows_counts_and_the_workers_heard_from() {
-    let mut env = TestEnv::start("status").await.unwrap();
+async fn health_status_shows_counts_the_workers_heard_from_and_the_queues() {
+    // The queues are read by the gauges loop: often, so the new namespace's shows soon.
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_GAUGE_INTERVAL_MS".into(), "200".into())],
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("status", options).await.unwrap();
     env.register_template(
         "namespace: obs\nname: single\nsteps:\n  - {name: one, handler: tasker.noop}\n",
     )
@@ -410,12 +415,14 @@ async fn health_status_shows_counts_and_the_workers_heard_from() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         let (_, status) = env.get("/health/status").await.unwrap();
-        if status["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+        if status["workers"].as_array().is_some_and(|w| !w.is_empty())
+            && status["queues"].as_array().is_some_and(|q| q.len() == 3)
+        {
             break status;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no worker listed: {status}"
+            "no worker or no queue listed: {status}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -428,6 +435,27 @@ async fn health_status_shows_counts_and_the_workers_heard_from() {
     assert_eq!(worker["namespaces"], json!([NAMESPACE]));
     assert_eq!(worker["concurrency"], 5);
     assert_eq!(worker["in_flight"], 0);
+    // The queues as the gauges loop read them: this namespace's steps, results, dead letters.
+    let queues: Vec<(String, String, u64)> = status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            (
+                q["queue"].as_str().unwrap().to_owned(),
+                q["kind"].as_str().unwrap().to_owned(),
+                q["messages"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let prefix = &env.prefix;
+    for expected in [
+        (format!("{prefix}.steps.{NAMESPACE}"), "steps".to_owned(), 0),
+        (format!("{prefix}.results"), "results".to_owned(), 0),
+        (format!("{prefix}.dead_letter"), "dead_letter".to_owned(), 0),
+    ] {
+        assert!(queues.contains(&expected), "{expected:?} in {queues:?}");
+    }
 
     // A worker that stops is no longer listed after three intervals.
     env.workers[0].terminate().await.unwrap();
