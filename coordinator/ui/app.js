@@ -77,11 +77,19 @@ function flash(message, kind = "info") {
   flash.timer = setTimeout(() => (el.hidden = true), kind === "error" ? 12_000 : 5_000);
 }
 
-function debounce(fn, wait) {
+// Call `fn` at most once per `wait` ms, and once more after the last call: a page
+// reloads at a steady pace however many events arrive, and always shows the last state.
+function throttle(fn, wait) {
   let timer = null;
-  return (...args) => {
-    clearTimeout(timer);
-    timer = setTimeout(() => fn(...args), wait);
+  let last = 0;
+  return () => {
+    if (timer) return;
+    const delay = Math.max(0, last + wait - Date.now());
+    timer = setTimeout(() => {
+      timer = null;
+      last = Date.now();
+      fn();
+    }, delay);
   };
 }
 
@@ -363,7 +371,7 @@ async function tasksPage(main, params) {
   };
   more.addEventListener("click", () => load(true).catch((e) => flash(e.message, "error")));
   await load(false);
-  const refresh = debounce(() => load(false).catch((e) => flash(e.message, "error")), 700);
+  const refresh = throttle(() => load(false).catch((e) => flash(e.message, "error")), 700);
   openStream({ kind: "task", namespace: filters.namespace || undefined }, refresh);
 }
 
@@ -607,7 +615,7 @@ async function taskPage(main, taskId) {
     render();
   };
   await load();
-  const refresh = debounce(() => load().catch((e) => flash(e.message, "error")), 250);
+  const refresh = throttle(() => load().catch((e) => flash(e.message, "error")), 250);
   openStream({ task_id: taskId }, refresh);
 }
 
@@ -746,7 +754,7 @@ async function schedulesPage(main) {
     );
   };
   await render();
-  const refresh = debounce(() => render().catch((e) => flash(e.message, "error")), 1000);
+  const refresh = throttle(() => render().catch((e) => flash(e.message, "error")), 1000);
   openStream({ kind: "schedule" }, refresh);
 }
 
