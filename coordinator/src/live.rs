@@ -139,24 +139,27 @@ impl LiveEvents {
         loop {
             let consumed = self.consume_once(&mut idle_since).await;
             self.bound.send_replace(false);
-            match consumed {
-                Ok(()) => {
-                    let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
-                    // A stream may have opened since the last look: it saw `consuming`
-                    // still set and counts on this loop.
-                    if self.sender.receiver_count() == 0 {
-                        *consuming = false;
-                        tracing::debug!("no event stream open: stopped consuming events");
-                        return;
-                    }
-                    idle_since = None;
+            {
+                let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
+                // A stream may have opened since the last look: it saw `consuming` still
+                // set and counts on this loop.
+                if self.sender.receiver_count() == 0 || self.closing.is_cancelled() {
+                    *consuming = false;
+                    tracing::debug!("no event stream open: stopped consuming events");
+                    return;
                 }
+            }
+            match consumed {
+                Ok(()) => idle_since = None,
                 Err(error) => {
                     tracing::warn!(
                         error = format!("{error:#}"),
                         "live events: cannot consume the events exchange; retrying"
                     );
-                    tokio::time::sleep(RETRY).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY) => {}
+                        () = self.closing.cancelled() => {}
+                    }
                 }
             }
         }
