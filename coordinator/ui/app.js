@@ -573,7 +573,8 @@ async function taskPage(main, taskId) {
     }
     if (can("tasks:operate") && step.handler === "tasker.wait" && !FINISHED_STEP.has(step.status)) {
       const payload = h("textarea", { id: "signal-payload", rows: 3, placeholder: "{}" });
-      const signalName = h("input", { id: "signal-name", placeholder: "signal name" });
+      const definition = definitions.get(step.instance_of || step.name);
+      const signalName = h("input", { id: "signal-name", placeholder: "signal name", value: definition?.config?.signal || "" });
       children.push(
         h("h3", {}, "Send a signal"),
         signalName,
@@ -592,7 +593,16 @@ async function taskPage(main, taskId) {
         }, "Send"),
       );
     }
+    // A redraw (a live update) keeps what the user was typing for this step.
+    const typed = stepPanel.dataset.step === step.name
+      ? [...stepPanel.querySelectorAll("textarea, input")].map((el) => [el.id, el.value])
+      : [];
     stepPanel.replaceChildren(...children);
+    stepPanel.dataset.step = step.name;
+    for (const [id, value] of typed) {
+      const el = id && stepPanel.querySelector(`#${id}`);
+      if (el) el.value = value;
+    }
   };
 
   const render = () => {
@@ -604,9 +614,20 @@ async function taskPage(main, taskId) {
     renderStep(data.task, data.history);
   };
 
+  // The template's step definitions (for a tasker.wait step's signal), read once.
+  let definitions = null;
   const load = async () => {
     const [task, history] = await Promise.all([api(`/v1/tasks/${taskId}`), api(`/v1/tasks/${taskId}/transitions`)]);
     if (!current(page)) return;
+    if (definitions === null) {
+      definitions = new Map();
+      try {
+        const template = await api(`/v1/templates/${encodeURIComponent(task.namespace)}/${encodeURIComponent(task.name)}${query({ version: task.version })}`);
+        template.steps.forEach((s) => definitions.set(s.name, s));
+      } catch {
+        // Shown without: only the signal's name is not filled in.
+      }
+    }
     if (selected === null) {
       const failed = task.steps.find((s) => s.status === "error") || task.steps.find((s) => s.status === "waiting_for_retry");
       selected = failed ? failed.name : null;

@@ -303,9 +303,10 @@ mod tests {
         );
     }
 
-    /// `http/mod.rs` builds the router from `routes()` alone: it has exactly one call that
-    /// adds a route (the fold over the table) and none that adds routes another way. The
-    /// router is also built, so overlapping or malformed paths in the table panic here.
+    /// `http/mod.rs` builds the API from `routes()` alone: it has exactly one call that
+    /// adds a route (the fold over the table) and none that adds routes another way, but
+    /// for the console's files (`/ui/`: files, not API calls), merged once. The router is
+    /// also built, so overlapping or malformed paths in the table panic here.
     #[test]
     fn router_is_built_only_from_the_route_table() {
         let source = include_str!("mod.rs");
@@ -314,7 +315,21 @@ mod tests {
             1,
             "http/mod.rs must add routes only by folding over routes()"
         );
-        for other in [".route_service(", ".nest(", ".nest_service(", ".merge("] {
+        assert_eq!(
+            source.matches(".merge(").count(),
+            source.matches(".merge(console::routes())").count(),
+            "http/mod.rs merges nothing but the console's files"
+        );
+        assert_eq!(source.matches(".merge(console::routes())").count(), 1);
+        let console = include_str!("console.rs");
+        assert!(
+            console
+                .lines()
+                .filter(|line| line.contains(".route(\""))
+                .all(|line| line.contains(".route(\"/ui")),
+            "console::routes() serves only /ui: API calls belong in routes()"
+        );
+        for other in [".route_service(", ".nest(", ".nest_service("] {
             assert!(
                 !source.contains(other),
                 "http/mod.rs adds routes with `{other}`, beside routes(): add them to routes()"

@@ -93,10 +93,15 @@ struct Args {
     /// Concurrent task-creation requests while submitting.
     #[arg(long, default_value_t = 16)]
     submitters: usize,
-    /// Publish lifecycle events during the runs (the relay is off by default here, to
-    /// measure dispatch; run once with it on to see its cost).
-    #[arg(long)]
+    /// Publish lifecycle events during the runs (`TASKER_EVENTS`; on, as shipped):
+    /// `--events false` turns them off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
     events: bool,
+    /// With events on, run the diamonds once more with them off and print the difference:
+    /// what the events cost.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    events_cost: bool,
     /// Soak instead of the standard runs: push this many diamond tasks through in rounds
     /// and print every process's resident memory after each round.
     #[arg(long, default_value_t = 0)]
@@ -229,6 +234,20 @@ async fn main() -> anyhow::Result<()> {
 
     let run = system.throughput("diamond", args.diamonds, 4, None).await?;
     run.print("diamonds", broker);
+    if args.events && args.events_cost {
+        system
+            .restart_coordinators("coordinator-no-events", &[("TASKER_EVENTS", "false")])
+            .await?;
+        let quiet = system.throughput("diamond", args.diamonds, 4, None).await?;
+        quiet.print("diamonds, lifecycle events off", broker);
+        println!(
+            "events   cost of lifecycle events: steps/s {:+.1} %, CPU µs per step {:+.0} ({:+.1} %)",
+            (run.steps_per_s / quiet.steps_per_s - 1.0) * 100.0,
+            run.cpu_per_step() - quiet.cpu_per_step(),
+            (run.cpu_per_step() / quiet.cpu_per_step() - 1.0) * 100.0
+        );
+        system.restart_coordinators("coordinator", &[]).await?;
+    }
     let max_tasks_per_s = run.steps_per_s / 4.0;
     if args.limit_keys > 0 {
         let limited = system
@@ -504,13 +523,18 @@ impl Run {
             .iter()
             .map(|(part, seconds)| format!("{part} {:.0}", seconds * 1e6 / self.steps as f64))
             .collect();
-        let total: f64 = self.cpu.iter().map(|(_, seconds)| seconds).sum();
         println!(
             "         CPU µs per step                {:>9.0}  ({})",
-            total * 1e6 / self.steps as f64,
+            self.cpu_per_step(),
             per_step.join(", ")
         );
         self.print_events_behind();
+    }
+
+    /// CPU µs per step, every part together.
+    fn cpu_per_step(&self) -> f64 {
+        let total: f64 = self.cpu.iter().map(|(_, seconds)| seconds).sum();
+        total * 1e6 / self.steps as f64
     }
 
     fn print_events_behind(&self) {

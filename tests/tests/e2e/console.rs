@@ -178,15 +178,25 @@ impl Browser {
             .unwrap()
     }
 
+    /// Click what `selector` finds. Live updates redraw the page: an element found just
+    /// before a redraw is gone when clicked, so a stale one is looked up again.
     async fn click(&self, selector: &str) {
-        self.wait_for(selector).await;
-        self.client
-            .find(Locator::Css(selector))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        let started = Instant::now();
+        loop {
+            self.wait_for(selector).await;
+            let clicked = match self.client.find(Locator::Css(selector)).await {
+                Ok(element) => element.click().await,
+                Err(error) => Err(error),
+            };
+            match clicked {
+                Ok(()) => return,
+                Err(error) if started.elapsed() < PATIENCE => {
+                    eprintln!("clicking {selector} again: {error}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("cannot click {selector}: {error}"),
+            }
+        }
     }
 
     /// Save a screenshot as `<TASKER_CONSOLE_SCREENSHOTS>/<name>.png`, when asked for.
@@ -548,6 +558,81 @@ async fn the_analytics_page_shows_the_step_made_slow() {
         .await;
     assert_eq!(dead, json!("0"));
     browser.screenshot("workers").await;
+
+    // A task waiting for a signal: the page fills in the signal's name, sends it, and the
+    // task completes; another waiting task is cancelled (two clicks).
+    register(
+        &env,
+        &admin,
+        "namespace: insight\nname: approval\nversion: 1.0.0\nsteps:\n  - {name: ask, handler: tasker.noop}\n  - {name: approved, handler: tasker.wait, depends_on: [ask], config: {signal: manager_ok}}\n  - {name: ship, handler: tasker.noop, depends_on: [approved]}\n",
+    )
+    .await;
+    let mut waiting = Vec::new();
+    for n in 0..2 {
+        let (_, created) = call(
+            &env,
+            reqwest::Method::POST,
+            "/v1/tasks",
+            &admin,
+            Some(json!({"namespace": "insight", "name": "approval", "context": {"n": n}})),
+        )
+        .await;
+        waiting.push(created["task_id"].as_str().unwrap().to_owned());
+    }
+    browser
+        .client
+        .goto(&format!("{}/ui/#/tasks/{}", env.base_url, waiting[0]))
+        .await
+        .unwrap();
+    browser
+        .click("#task-graph g.node[data-step='approved']")
+        .await;
+    let signal = browser
+        .wait_until(
+            "the signal's name",
+            "return document.querySelector('#signal-name')?.value",
+        )
+        .await;
+    assert_eq!(signal, json!("manager_ok"));
+    browser
+        .client
+        .find(Locator::Css("#signal-payload"))
+        .await
+        .unwrap()
+        .send_keys(r#"{"by": "dana"}"#)
+        .await
+        .unwrap();
+    browser.click("#action-signal").await;
+    browser.wait_for("#task-status .status-complete").await;
+    let (_, task) = call(
+        &env,
+        reqwest::Method::GET,
+        &format!("/v1/tasks/{}", waiting[0]),
+        &admin,
+        None,
+    )
+    .await;
+    let approved = task["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "approved")
+        .unwrap();
+    assert_eq!(approved["results"], json!({"by": "dana"}));
+
+    browser
+        .client
+        .goto(&format!("{}/ui/#/tasks/{}", env.base_url, waiting[1]))
+        .await
+        .unwrap();
+    browser.click("#action-cancel").await;
+    assert!(
+        browser.exists("#task-status .status-in_progress").await
+            || browser.exists("#task-status .status-pending").await,
+        "one click does not cancel"
+    );
+    browser.click("#action-cancel").await;
+    browser.wait_for("#task-status .status-cancelled").await;
     browser.close().await;
     env.finish().await.unwrap();
 }
