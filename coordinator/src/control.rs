@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
 use lapin::Channel;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +18,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
-use tasker_shared::broker::{Topology, persistent};
+use tasker_shared::broker::{Topology, persistent, subscribe_private};
 use tasker_shared::messages::{ControlMessage, RunningStep, valid_worker_id};
 use tasker_shared::store::templates;
 
@@ -239,37 +237,12 @@ impl Service for Control {
 impl Control {
     async fn subscribe(&self) -> lapin::Result<lapin::Consumer> {
         // A private, server-named queue that disappears with this process.
-        let channel = self.channel();
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.control_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
+        subscribe_private(
+            &self.channel(),
+            &self.topology.control_exchange(),
+            "",
+            FieldTable::default(),
+        )
+        .await
     }
 }

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
@@ -24,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::link::BrokerLink;
-use tasker_shared::broker::Topology;
+use tasker_shared::broker::{Topology, subscribe_private};
 
 /// Events held for streams that read slower than events arrive.
 const BUFFER: usize = 4096;
@@ -177,37 +176,8 @@ impl LiveEvents {
             "x-overflow".into(),
             AMQPValue::LongString("drop-head".to_owned().into()),
         );
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.events_exchange().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer =
+            subscribe_private(&channel, &self.topology.events_exchange(), "#", arguments).await?;
         tracing::debug!("consuming lifecycle events for the open event streams");
         self.bound.send_replace(true);
         let mut tick = tokio::time::interval(LINGER / 6);

@@ -24,8 +24,8 @@ use std::time::Duration;
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -384,6 +384,49 @@ impl Topology {
         anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
         Ok(())
     }
+}
+
+/// Consume `exchange`'s messages routed by `routing_key` through a private queue: named by
+/// the server, exclusive to `channel`'s connection, gone with it, declared with
+/// `arguments` (a length limit, say), its messages acknowledged on delivery. For
+/// advisory fan-out: control messages, lifecycle events for a live view.
+pub async fn subscribe_private(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    arguments: FieldTable,
+) -> lapin::Result<lapin::Consumer> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Properties for a durable JSON message.

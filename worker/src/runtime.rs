@@ -42,11 +42,13 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
-use tasker_protocol::broker::{self, TRACEPARENT_HEADER, Topology, header_str, persistent};
+use tasker_protocol::broker::{
+    self, TRACEPARENT_HEADER, Topology, header_str, persistent, subscribe_private,
+};
 use tasker_protocol::config::QueueType;
 use tasker_protocol::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
@@ -590,37 +592,13 @@ async fn follow(
 ) {
     let (topology, worker_id) = (&shared.topology, &shared.worker_id);
     let subscribe = async {
-        let queue = control
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        control
-            .queue_bind(
-                queue.name().clone(),
-                topology.control_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let consumer = control
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let consumer = subscribe_private(
+            &control,
+            &topology.control_exchange(),
+            "",
+            FieldTable::default(),
+        )
+        .await?;
         if deliveries.is_some() {
             let hello = serde_json::to_vec(&ControlMessage::Hello {
                 worker_id: worker_id.clone(),
