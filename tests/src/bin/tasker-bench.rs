@@ -238,8 +238,18 @@ async fn main() -> anyhow::Result<()> {
         system
             .restart_coordinators("coordinator-no-events", &[("TASKER_EVENTS", "false")])
             .await?;
-        let quiet = system.throughput("diamond", args.diamonds, 4, None).await?;
+        // The run above left its dead row versions: without them, as it found the tables.
+        system.vacuum().await?;
+        let mut quiet = system.throughput("diamond", args.diamonds, 4, None).await?;
+        quiet.events_behind = None;
         quiet.print("diamonds, lifecycle events off", broker);
+        // Nobody wanted this run's events: the relay starts after them, as the runs
+        // below would otherwise carry their burst.
+        sqlx::query(
+            "UPDATE event_relay SET last_transition_id = (SELECT last_value FROM transition_ids)",
+        )
+        .execute(&system.pool)
+        .await?;
         println!(
             "events   cost of lifecycle events: steps/s {:+.1} %, CPU µs per step {:+.0} ({:+.1} %)",
             (run.steps_per_s / quiet.steps_per_s - 1.0) * 100.0,
