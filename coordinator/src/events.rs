@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
-use tasker_shared::broker::{Topology, persistent};
+use tasker_shared::broker::{Topology, persistent, publish_together};
 use tasker_shared::events::{Change, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
     RecordedTransition, advance_cursor, lock_cursor, transitions_after,
@@ -93,21 +93,26 @@ impl EventRelay {
     }
 
     async fn publish(&self, events: &[LifecycleEvent]) -> anyhow::Result<()> {
-        let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
-            let body = serde_json::to_vec(event)?;
-            confirms.push(
-                self.channel
-                    .basic_publish(
-                        self.topology.events_exchange().into(),
-                        event.event.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        persistent(),
-                    )
-                    .await?,
-            );
+        let bodies = events
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<Vec<_>, _>>()?;
+        let exchange = self.topology.events_exchange();
+        // In order: consumers see the events as they were recorded.
+        let mut publishes = Vec::with_capacity(events.len());
+        for (event, body) in events.iter().zip(&bodies) {
+            publishes.push(self.channel.basic_publish(
+                exchange.as_str().into(),
+                event.event.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                persistent(),
+            ));
         }
+        let confirms = publish_together(publishes)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         for confirmation in join_all(
             confirms
                 .into_iter()

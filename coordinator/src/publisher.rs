@@ -19,7 +19,7 @@ use lapin::types::ShortString;
 use lapin::types::{AMQPValue, FieldTable};
 use sqlx::PgPool;
 use tasker_shared::broker::TRACEPARENT_HEADER;
-use tasker_shared::broker::{Topology, persistent};
+use tasker_shared::broker::{Topology, persistent, publish_together};
 use tasker_shared::store::transitions::{self, Dispatch};
 use tasker_shared::telemetry;
 use tokio::sync::Semaphore;
@@ -265,6 +265,7 @@ impl StepPublisher {
         let mut report = Published::default();
         let mut confirms = Vec::with_capacity(dispatches.len());
         let mut spans = Vec::with_capacity(dispatches.len());
+        let mut publishes = Vec::with_capacity(dispatches.len());
         for dispatch in dispatches {
             let message = &dispatch.message;
             let span = tracing::debug_span!("dispatch_step", task_id = %message.task_id,
@@ -273,7 +274,12 @@ impl StepPublisher {
             telemetry::adopt(&span, dispatch.trace_parent.as_deref());
             let traceparent = telemetry::traceparent(&span);
             spans.push(span);
-            match self.publish_one(message, traceparent).await {
+            publishes.push(self.publish_one(message, traceparent));
+        }
+        let published = publish_together(publishes).await;
+        for (dispatch, publish) in dispatches.iter().zip(published) {
+            let message = &dispatch.message;
+            match publish {
                 Ok(confirm) => confirms.push((message, confirm)),
                 Err(error) => {
                     report.failed += 1;

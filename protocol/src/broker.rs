@@ -429,6 +429,30 @@ pub async fn subscribe_private(
         .await
 }
 
+/// Run `publishes` (each a `basic_publish`, or something that ends in one) together: each
+/// is polled once, in order, before the next starts, which queues its frames; then all
+/// are awaited. A lapin publish resolves once its I/O loop has written the frames, so
+/// publishes awaited one by one cost a wake of that loop and back per message; started
+/// together, the frames queued meanwhile go out together. Messages on one channel still
+/// leave in the order given.
+pub async fn publish_together<F: std::future::Future>(publishes: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut started = Vec::new();
+    for publish in publishes {
+        let mut publish = Box::pin(publish);
+        let first = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
+        started.push((publish, first));
+    }
+    let mut outputs = Vec::with_capacity(started.len());
+    for (publish, first) in started {
+        outputs.push(match first {
+            Poll::Ready(output) => output,
+            Poll::Pending => publish.await,
+        });
+    }
+    outputs
+}
+
 /// Properties for a durable JSON message.
 pub fn persistent() -> BasicProperties {
     BasicProperties::default()
