@@ -237,6 +237,20 @@ async fn call(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Create a task from `namespace`/`name` with `context`; its id.
+async fn create(env: &TestEnv, admin: &str, namespace: &str, name: &str, context: Value) -> String {
+    let (status, created) = call(
+        env,
+        reqwest::Method::POST,
+        "/v1/tasks",
+        admin,
+        Some(json!({"namespace": namespace, "name": name, "context": context})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    created["task_id"].as_str().unwrap().to_owned()
+}
+
 async fn register(env: &TestEnv, admin: &str, yaml: &str) {
     let response = env
         .http
@@ -310,16 +324,7 @@ async fn a_failed_task_is_retried_from_its_page_and_turns_complete_live() {
     env.start_worker_calling_stubs("console-worker", &["console"])
         .await
         .unwrap();
-    let (status, created) = call(
-        &env,
-        reqwest::Method::POST,
-        "/v1/tasks",
-        &admin,
-        Some(json!({"namespace": "console", "name": "checkout", "context": {"order": 7}})),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
-    let task_id = created["task_id"].as_str().unwrap().to_owned();
+    let task_id = create(&env, &admin, "console", "checkout", json!({"order": 7})).await;
     wait_for_status(&env, &admin, &task_id, "error").await;
 
     let browser = Browser::start().await;
@@ -440,19 +445,9 @@ async fn a_failed_task_is_retried_from_its_page_and_turns_complete_live() {
         ))
         .await;
     browser.wait_for("#live.on").await;
-    let (_, second) = call(
-        &env,
-        reqwest::Method::POST,
-        "/v1/tasks",
-        &admin,
-        Some(json!({"namespace": "console", "name": "checkout", "context": {"order": 8}})),
-    )
-    .await;
+    let second = create(&env, &admin, "console", "checkout", json!({"order": 8})).await;
     browser
-        .wait_for(&format!(
-            "#tasks-table tr[data-task-id='{}']",
-            second["task_id"].as_str().unwrap()
-        ))
+        .wait_for(&format!("#tasks-table tr[data-task-id='{second}']"))
         .await;
     browser.screenshot("tasks").await;
     browser.close().await;
@@ -481,16 +476,7 @@ async fn the_analytics_page_shows_the_step_made_slow() {
         .unwrap();
     let mut ids = Vec::new();
     for n in 0..3 {
-        let (status, created) = call(
-            &env,
-            reqwest::Method::POST,
-            "/v1/tasks",
-            &admin,
-            Some(json!({"namespace": "insight", "name": "report", "context": {"n": n}})),
-        )
-        .await;
-        assert_eq!(status, 201, "{created}");
-        ids.push(created["task_id"].as_str().unwrap().to_owned());
+        ids.push(create(&env, &admin, "insight", "report", json!({"n": n})).await);
     }
     for id in &ids {
         wait_for_status(&env, &admin, id, "complete").await;
@@ -569,15 +555,7 @@ async fn the_analytics_page_shows_the_step_made_slow() {
     .await;
     let mut waiting = Vec::new();
     for n in 0..2 {
-        let (_, created) = call(
-            &env,
-            reqwest::Method::POST,
-            "/v1/tasks",
-            &admin,
-            Some(json!({"namespace": "insight", "name": "approval", "context": {"n": n}})),
-        )
-        .await;
-        waiting.push(created["task_id"].as_str().unwrap().to_owned());
+        waiting.push(create(&env, &admin, "insight", "approval", json!({"n": n})).await);
     }
     browser
         .client
