@@ -651,10 +651,18 @@ async fn read_events(
 }
 
 /// `GET /v1/events/stream` without a browser: it names every bad parameter, opens with
-/// `ready`, and carries the lifecycle events its filter asks for and no others.
+/// `ready`, and carries the lifecycle events its filter asks for and no others, with
+/// message signing on (lifecycle events are not signed).
 #[tokio::test]
 async fn the_event_stream_carries_the_filtered_events_live() {
-    let mut env = TestEnv::start("console_stream").await.unwrap();
+    const KEY: &str = "console-stream-test-key-0123456789abcdef";
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_MESSAGE_KEY".into(), KEY.into())],
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("console_stream", options)
+        .await
+        .unwrap();
     for namespace in ["watched", "other"] {
         env.register_template(&format!(
             "namespace: {namespace}\nname: flow\nsteps:\n  - {{name: a, handler: tasker.noop}}\n  - {{name: b, handler: tasker.noop, depends_on: [a]}}\n"
@@ -662,9 +670,15 @@ async fn the_event_stream_carries_the_filtered_events_live() {
         .await
         .unwrap();
     }
-    env.start_worker("stream-worker", &["watched", "other"])
-        .await
-        .unwrap();
+    env.start_worker_with(
+        tasker_tests::binary("tasker-worker"),
+        "stream-worker",
+        &["watched", "other"],
+        8,
+        &[("TASKER_MESSAGE_KEY", KEY)],
+    )
+    .await
+    .unwrap();
     let (status, me) = env.get("/v1/whoami").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(me["authentication"], false);
