@@ -56,7 +56,13 @@ async fn register_workload(env: &TestEnv) {
 
 #[tokio::test]
 async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them() {
-    let mut env = TestEnv::start("metrics").await.unwrap();
+    // Gauges refreshed often, so the per-namespace ones exist for the namespace the
+    // workload registers when the families are read.
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_GAUGE_INTERVAL_MS".into(), "200".into())],
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("metrics", options).await.unwrap();
     register_workload(&env).await;
     let (_, worker_metrics) = env
         .start_metered_worker("metered", &[NAMESPACE], 8)
