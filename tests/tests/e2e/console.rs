@@ -67,7 +67,19 @@ fn browser_available() -> bool {
 /// A headless Chromium session through its own chromedriver.
 struct Browser {
     client: Client,
-    _driver: Child,
+    driver: Child,
+}
+
+impl Drop for Browser {
+    /// A test that panicked never closed its session: end chromedriver and the Chromium
+    /// it started (its own process group), so a failure leaves no browser behind.
+    fn drop(&mut self) {
+        if let Some(group) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .status();
+        }
+    }
 }
 
 impl Browser {
@@ -79,6 +91,8 @@ impl Browser {
             .port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // Its own process group, with the browser it starts: see `Drop`.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -104,10 +118,7 @@ impl Browser {
             .connect(&url)
             .await
             .expect("a Chromium session");
-        Browser {
-            client,
-            _driver: driver,
-        }
+        Browser { client, driver }
     }
 
     /// Open the console at `route` (e.g. `#/tasks/<id>`) and sign in with `token`.
@@ -213,7 +224,7 @@ impl Browser {
     }
 
     async fn close(self) {
-        self.client.close().await.unwrap();
+        self.client.clone().close().await.unwrap();
     }
 }
 
