@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::body::query_rejection;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::tasks::SHORT_TEXT;
+use super::tasks::name_parameter_problem;
 use tasker_shared::store::analytics::{self, PathStep, StepStats, TemplateStats};
 
 /// The longest window.
@@ -84,15 +84,8 @@ fn window(
             continue;
         }
         match key.as_str() {
-            "namespace" | "name"
-                if value.is_empty()
-                    || value.contains('\0')
-                    || value.chars().count() > SHORT_TEXT =>
-            {
-                problem(
-                    &key,
-                    format!("`{key}` must be 1 to {SHORT_TEXT} characters without U+0000"),
-                )
+            "namespace" | "name" if let Some(message) = name_parameter_problem(&key, &value) => {
+                problem(&key, message)
             }
             "namespace" => namespace = Some(value),
             "name" => name = Some(value),

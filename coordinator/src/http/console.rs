@@ -6,6 +6,7 @@
 //! API with the token the user pasted, so the scopes apply as they do to any client.
 
 use std::convert::Infallible;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::Json;
@@ -29,7 +30,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::body::query_rejection;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::tasks::SHORT_TEXT;
+use super::tasks::name_parameter_problem;
 use crate::auth::{Principal, Scope};
 use crate::live::{LiveEvent, MAX_STREAMS};
 
@@ -84,15 +85,15 @@ pub(crate) fn routes() -> Router<AppState> {
 
 /// An asset, with an entity tag so a browser revalidates instead of downloading again.
 fn asset(name: &str, headers: &HeaderMap) -> Response {
-    let Some(asset) = ASSETS.iter().find(|a| a.name == name) else {
+    let Some(index) = ASSETS.iter().position(|a| a.name == name) else {
         return ApiError::not_found("route_not_found", format!("no console file `{name}`"))
             .into_response();
     };
-    let etag = format!("\"{:016x}\"", fingerprint(asset.body));
+    let (asset, etag) = (&ASSETS[index], &ETAGS[index]);
     let fresh = headers
         .get(IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag));
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag.as_str()));
     let mut response = if fresh {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -105,11 +106,19 @@ fn asset(name: &str, headers: &HeaderMap) -> Response {
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
-    if let Ok(value) = HeaderValue::from_str(&etag) {
+    if let Ok(value) = HeaderValue::from_str(etag) {
         headers.insert(ETAG, value);
     }
     response
 }
+
+/// Each asset's entity tag, in [`ASSETS`] order, computed once.
+static ETAGS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    ASSETS
+        .iter()
+        .map(|asset| format!("\"{:016x}\"", fingerprint(asset.body)))
+        .collect()
+});
 
 /// FNV-1a: a stable fingerprint of an asset for its entity tag.
 fn fingerprint(body: &str) -> u64 {
@@ -190,12 +199,8 @@ impl Filter {
                     Ok(id) => filter.task_id = Some(id),
                     Err(_) => problems.push(json!({"path": "task_id", "message": "`task_id` must be a UUID"})),
                 },
-                "namespace"
-                    if value.is_empty()
-                        || value.contains('\0')
-                        || value.chars().count() > SHORT_TEXT =>
-                {
-                    problems.push(json!({"path": "namespace", "message": format!("`namespace` must be 1 to {SHORT_TEXT} characters without U+0000")}));
+                "namespace" if let Some(message) = name_parameter_problem(&key, &value) => {
+                    problems.push(json!({"path": "namespace", "message": message}));
                 }
                 "namespace" => filter.namespace = Some(value),
                 "kind" if ["task", "step", "schedule"].contains(&value.as_str()) => {

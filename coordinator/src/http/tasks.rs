@@ -130,6 +130,13 @@ pub(crate) struct TaskPage {
 /// Longest `initiator`, `source_system` and `reason` (as tasker-engine), and longest
 /// namespace, name or tag in a filter.
 pub(crate) const SHORT_TEXT: usize = 128;
+
+/// Why the query parameter `key` cannot name a namespace or template (1 to
+/// [`SHORT_TEXT`] characters, no U+0000), or `None` when it can.
+pub(crate) fn name_parameter_problem(key: &str, value: &str) -> Option<String> {
+    (value.is_empty() || value.contains('\0') || value.chars().count() > SHORT_TEXT)
+        .then(|| format!("`{key}` must be 1 to {SHORT_TEXT} characters without U+0000"))
+}
 /// Longest idempotency key.
 const KEY_LENGTH: usize = 255;
 /// Most tasks per page.

@@ -690,6 +690,37 @@ async fn the_event_stream_carries_the_filtered_events_live() {
     )
     .await
     .unwrap();
+    // The console's files: open, under the content security policy, revalidated by tag.
+    let page = env
+        .http
+        .get(format!("{}/ui/", env.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    let etag = page.headers()["etag"].clone();
+    let again = env
+        .http
+        .get(format!("{}/ui/", env.base_url))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let missing = env
+        .http
+        .get(format!("{}/ui/nope.js", env.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
     let (status, me) = env.get("/v1/whoami").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(me["authentication"], false);
