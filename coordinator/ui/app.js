@@ -297,7 +297,7 @@ async function tasksPage(main, params) {
     created_after: params.get("created_after") || "",
     created_before: params.get("created_before") || "",
   };
-  const field = (name, label, input) => h("label", {}, label, input);
+  const field = (label, input) => h("label", {}, label, input);
   const text = (name) => h("input", { name, value: filters[name], id: `filter-${name}` });
   const localTime = (name) => {
     const v = filters[name] ? new Date(filters[name]) : null;
@@ -313,12 +313,12 @@ async function tasksPage(main, params) {
   const form = h(
     "form",
     { class: "filters", id: "task-filters" },
-    field("namespace", "Namespace", text("namespace")),
-    field("name", "Template", text("name")),
-    field("status", "Status", status),
-    field("tag", "Tag", text("tag")),
-    field("created_after", "Created after", localTime("created_after")),
-    field("created_before", "Created before", localTime("created_before")),
+    field("Namespace", text("namespace")),
+    field("Template", text("name")),
+    field("Status", status),
+    field("Tag", text("tag")),
+    field("Created after", localTime("created_after")),
+    field("Created before", localTime("created_before")),
     h("button", { type: "submit" }, "Filter"),
   );
   form.addEventListener("submit", (event) => {
