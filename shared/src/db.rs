@@ -23,7 +23,12 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         // plan cached then (estimating a handful of rows) turns into minutes-long nested
         // loops once the tables hold tens of thousands of rows. Measured with
         // tasker-bench: claims stuck for minutes with the default `auto`.
-        .options([("plan_cache_mode", "force_custom_plan")]);
+        //
+        // No JIT compilation: Tasker's statements touch a few hundred rows by key, where
+        // compiling costs more than it saves. Over-estimated row counts (statistics not
+        // yet gathered, `unnest` of a batch) crossed `jit_above_cost` and spent 25-30 ms
+        // compiling statements that ran in 5-10 ms (BENCHMARKS.md).
+        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))
