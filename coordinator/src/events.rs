@@ -122,13 +122,21 @@ impl EventRelay {
         {
             anyhow::ensure!(confirmation?.is_ack(), "the broker refused an event");
         }
+        // Counted per name, then added: one look-up of each series per batch.
+        let mut published: Vec<(&str, u64)> = Vec::new();
         for event in events {
+            match published.iter_mut().find(|(name, _)| *name == event.event) {
+                Some((_, count)) => *count += 1,
+                None => published.push((&event.event, 1)),
+            }
+        }
+        for (name, count) in published {
             self.metrics
                 .events_published
                 .get_or_create(&crate::metrics::Event {
-                    event: event.event.clone(),
+                    event: name.to_owned(),
                 })
-                .inc();
+                .inc_by(count);
         }
         Ok(())
     }

@@ -14,7 +14,8 @@ FROM (
             st.from_status, st.to_status, st.reason,
             -- Not published: whoever holds a token can complete its step.
             st.metadata - 'dispatch_token' AS metadata, NULL::text AS schedule
-     FROM step_transitions st JOIN steps s USING (step_id)
+     FROM step_transitions st
+     CROSS JOIN LATERAL (SELECT k.name FROM steps k WHERE k.step_id = st.step_id OFFSET 0) s
      WHERE st.transition_id > $1
      ORDER BY st.transition_id LIMIT $2)
     UNION ALL
@@ -25,8 +26,12 @@ FROM (
      WHERE f.transition_id > $1
      ORDER BY f.transition_id LIMIT $2)
 ) e
-LEFT JOIN tasks t ON t.task_id = e.task_id
-LEFT JOIN schedules sc ON sc.name = e.schedule
+-- Names by primary key, one probe per row (OFFSET 0 keeps each lookup where it is): as
+-- plain joins, the planner hashed the whole tasks table at every call.
+LEFT JOIN LATERAL (SELECT k.task_id, k.namespace, k.name, k.version, k.priority FROM tasks k
+                   WHERE k.task_id = e.task_id OFFSET 0) t ON true
+LEFT JOIN LATERAL (SELECT c.namespace, c.template, c.version FROM schedules c
+                   WHERE c.name = e.schedule OFFSET 0) sc ON true
 WHERE t.task_id IS NOT NULL OR e.schedule IS NOT NULL
 ORDER BY e.transition_id
 LIMIT $2
