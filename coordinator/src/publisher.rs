@@ -1,16 +1,25 @@
 //! Publishing claimed steps to RabbitMQ, after the claim committed.
 //!
 //! Publishes a whole batch, then awaits all of its confirms together (one broker round
-//! trip per batch, not per step), then records the outcome with one statement
-//! (`record_publish`): a confirmed step is safe in a durable queue and loses its dispatch
-//! lease, so a long queue never sends it back; a step whose publish is refused,
-//! unroutable or unconfirmed stays `enqueued` with its lease ended at once, so the next
-//! sweep dispatches it again without spending an attempt. Step messages carry no
-//! expiration: a confirmed message waits in its queue as long as the queue is long.
+//! trip per batch, not per step), then records the outcome (`record_publish`): a step
+//! whose publish is refused, unroutable or unconfirmed stays `enqueued` with its lease
+//! ended at once, so the next sweep dispatches it again without spending an attempt. A
+//! confirmed step is safe in a durable queue and loses its dispatch lease, so a long
+//! queue never sends it back; but not at once: the lift waits one to two
+//! [`LeaseLifter`] ticks (5 to 10 s with the default lease, always well within it), and
+//! is skipped for the steps whose started notice or result this coordinator applied
+//! meanwhile ([`StepPublisher::settled`]). Most steps start, and their notices are
+//! applied, within that time even when results queue up, so most never get the write:
+//! lifting every lease at its confirm was a fourth write of each step row, and
+//! PostgreSQL's largest cost per step after the claim (BENCHMARKS.md). A coordinator
+//! that dies before a lift leaves those steps with their lease: any still queued when it
+//! expires (they waited longer than the lease) is dispatched again and its first copy
+//! superseded, as for an unconfirmed step. Step messages carry no expiration: a
+//! confirmed message waits in its queue as long as the queue is long.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use lapin::Channel;
@@ -23,9 +32,12 @@ use tasker_shared::broker::{Topology, persistent, publish_together};
 use tasker_shared::store::transitions::{self, Dispatch};
 use tasker_shared::telemetry;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::metrics::CoordinatorMetrics;
+use crate::service::Service;
 
 /// Batches [`StepPublisher::dispatch`] publishes at once.
 const PUBLISHING_BATCHES: u32 = 4;
@@ -55,6 +67,9 @@ pub(crate) struct StepPublisher {
     waiting: Mutex<Vec<Dispatch>>,
     /// Where the batches published in the background run: the application's tracker.
     tasks: TaskTracker,
+    /// Confirmed steps whose lease is still to be lifted. A std Mutex: held only to
+    /// insert, remove or swap, never across an await.
+    lifts: Mutex<Lifts>,
     #[cfg(feature = "failpoints")]
     failpoint: failpoint::PauseAfterClaims,
 }
@@ -64,9 +79,18 @@ pub(crate) struct StepPublisher {
 pub(crate) struct Published {
     pub(crate) failed: usize,
     /// (step id, dispatch token) of each step the broker confirmed.
-    pub(crate) confirmed: Vec<(uuid::Uuid, uuid::Uuid)>,
+    pub(crate) confirmed: Vec<(Uuid, Uuid)>,
     /// (step id, dispatch token) of each step the broker did not take.
-    pub(crate) unpublished: Vec<(uuid::Uuid, uuid::Uuid)>,
+    pub(crate) unpublished: Vec<(Uuid, Uuid)>,
+}
+
+/// Confirmed steps waiting for their lease to be lifted, by step id (with the dispatch
+/// token they were published under), in two generations: a [`LeaseLifter`] tick lifts
+/// the older and makes the younger older, so a step waits one to two ticks.
+#[derive(Debug, Default)]
+struct Lifts {
+    young: HashMap<Uuid, Uuid>,
+    old: HashMap<Uuid, Uuid>,
 }
 
 impl StepPublisher {
@@ -87,6 +111,7 @@ impl StepPublisher {
             publishing: Arc::new(Semaphore::new(PUBLISHING_BATCHES as usize)),
             waiting: Mutex::new(Vec::new()),
             tasks,
+            lifts: Mutex::default(),
             #[cfg(feature = "failpoints")]
             failpoint: failpoint::PauseAfterClaims::default(),
         }
@@ -221,7 +246,8 @@ impl StepPublisher {
         waiting.drain(..n).collect()
     }
 
-    /// Wait until every step handed to [`dispatch`](Self::dispatch) is published.
+    /// Wait until every step handed to [`dispatch`](Self::dispatch) is published, then
+    /// lift every confirmed step's lease still to be lifted.
     pub(crate) async fn flush(&self) {
         let Ok(_all) = self.publishing.acquire_many(PUBLISHING_BATCHES).await else {
             return;
@@ -229,10 +255,62 @@ impl StepPublisher {
         loop {
             let batch = self.take_waiting();
             if batch.is_empty() {
-                return;
+                break;
             }
             self.publish(&batch).await;
         }
+        self.lift(true).await;
+    }
+
+    /// Steps whose started notice or result (under these dispatch tokens) this
+    /// coordinator has committed: they are no longer `enqueued` under that token, so
+    /// their lease needs no lift.
+    pub(crate) fn settled(&self, steps: impl IntoIterator<Item = (Uuid, Uuid)>) {
+        let mut lifts = self.lock_lifts();
+        let Lifts { young, old } = &mut *lifts;
+        if young.is_empty() && old.is_empty() {
+            return;
+        }
+        for (step, token) in steps {
+            for generation in [&mut *young, &mut *old] {
+                if generation.get(&step) == Some(&token) {
+                    generation.remove(&step);
+                }
+            }
+        }
+    }
+
+    /// Lift the leases of the older generation (`all`: of both), and make the younger
+    /// one older. Those that cannot be written now (database unreachable) wait for the
+    /// next tick, still well within their lease.
+    async fn lift(&self, all: bool) {
+        let due: Vec<(Uuid, Uuid)> = {
+            let mut lifts = self.lock_lifts();
+            let young = std::mem::take(&mut lifts.young);
+            let mut due = std::mem::replace(&mut lifts.old, young);
+            if all {
+                due.extend(lifts.old.drain());
+            }
+            due.into_iter().collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let lifted = async {
+            let mut conn = self.pool.acquire().await?;
+            transitions::record_publish(&mut conn, &due, &[]).await
+        };
+        if let Err(error) = lifted.await {
+            tracing::warn!(%error, steps = due.len(),
+                "cannot lift the leases of confirmed steps; trying again at the next tick");
+            self.lock_lifts().old.extend(due);
+        }
+    }
+
+    fn lock_lifts(&self) -> std::sync::MutexGuard<'_, Lifts> {
+        self.lifts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Publish every message, wait for the broker to confirm them all, and record which
@@ -245,19 +323,25 @@ impl StepPublisher {
         published
     }
 
-    /// Lift the lease of the confirmed steps and end it for the others (see the module
-    /// docs). If the database cannot be reached, the confirmed steps keep their lease and
-    /// are dispatched again when it expires (their copies are then superseded).
+    /// End the lease of the steps the broker did not take, and keep the confirmed ones
+    /// for the [`LeaseLifter`] (see the module docs). If the database cannot be reached,
+    /// the unpublished steps are dispatched again when their lease expires.
     async fn record(&self, published: &Published) {
+        if !published.confirmed.is_empty() {
+            self.lock_lifts()
+                .young
+                .extend(published.confirmed.iter().copied());
+        }
+        if published.unpublished.is_empty() {
+            return;
+        }
         let recorded = async {
             let mut conn = self.pool.acquire().await?;
-            transitions::record_publish(&mut conn, &published.confirmed, &published.unpublished)
-                .await
+            transitions::record_publish(&mut conn, &[], &published.unpublished).await
         };
         if let Err(error) = recorded.await {
-            tracing::warn!(%error, confirmed = published.confirmed.len(),
-                unpublished = published.unpublished.len(),
-                "cannot record the outcome of a publish; those steps wait for their lease to expire");
+            tracing::warn!(%error, unpublished = published.unpublished.len(),
+                "cannot record a failed publish; those steps wait for their lease to expire");
         }
     }
 
@@ -356,6 +440,38 @@ impl StepPublisher {
                 self.topology.signed(&body, properties),
             )
             .await?)
+    }
+}
+
+/// Lifts the leases of confirmed steps, one generation per tick: a tick is an eighth of
+/// the dispatch lease, at most 5 s, so a lift is written long before the lease it lifts
+/// would expire, and a step that waits in its queue is lifted after 5 to 10 s (with
+/// the default lease). At the stop, lifts them all.
+pub(crate) struct LeaseLifter {
+    pub(crate) publisher: Arc<StepPublisher>,
+}
+
+impl LeaseLifter {
+    fn tick(&self) -> Duration {
+        let eighth = u64::try_from(self.publisher.lease_ms / 8).unwrap_or(0);
+        Duration::from_millis(eighth.clamp(10, 5_000))
+    }
+}
+
+impl Service for LeaseLifter {
+    const NAME: &'static str = "lease_lifter";
+
+    /// Run until `stop` is cancelled.
+    async fn run(self, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.tick());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => self.publisher.lift(false).await,
+            }
+        }
+        self.publisher.lift(true).await;
     }
 }
 

@@ -242,6 +242,16 @@ impl ResultProcessor {
         let finished = finished.tasks;
         tx.commit().await?;
         drop(spans);
+        self.publisher.settled(
+            started
+                .iter()
+                .map(|started| (started.step.step_id, started.step.dispatch_token))
+                .chain(
+                    results
+                        .iter()
+                        .map(|result| (result.step_id, result.dispatch_token)),
+                ),
+        );
         self.wake_events.notify_one();
         self.metrics
             .result_batch_size

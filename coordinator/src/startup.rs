@@ -223,6 +223,9 @@ impl Application {
             },
         );
         database_services.start(dispatcher);
+        database_services.start(crate::publisher::LeaseLifter {
+            publisher: self.state.publisher.clone(),
+        });
         let sweeper = Sweeper::new(
             self.state.pool.clone(),
             self.state.metrics.clone(),
