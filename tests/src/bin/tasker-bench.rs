@@ -500,6 +500,17 @@ struct Run {
     /// With events on: transitions the relay had not yet published when the last task
     /// completed (work the run's time does not include).
     events_behind: Option<i64>,
+    /// Updates of `steps` rows per step (PostgreSQL's table statistics).
+    step_updates_per_step: f64,
+    /// Bytes of write-ahead log per step: every row and index entry written.
+    wal_bytes_per_step: f64,
+}
+
+/// What PostgreSQL wrote so far: `steps` row updates and bytes of write-ahead log.
+#[derive(Default)]
+struct Written {
+    step_updates: f64,
+    wal_bytes: f64,
 }
 
 impl Run {
@@ -527,6 +538,10 @@ impl Run {
         println!(
             "         tasks per creating statement   {:>9.1}  (creations that arrive together are written together)",
             self.tasks_per_create_statement
+        );
+        println!(
+            "         step row updates per step      {:>9.2}  (WAL {:.0} bytes per step)",
+            self.step_updates_per_step, self.wal_bytes_per_step
         );
         let per_step: Vec<String> = self
             .cpu
@@ -848,6 +863,7 @@ impl System {
         rate: Option<f64>,
     ) -> anyhow::Result<Run> {
         let before = self.counts().await?;
+        let written_before = self.written().await?;
         let cpu_before = self.cpu_by_part();
         let started = Instant::now();
         let mut ids = Vec::with_capacity(tasks);
@@ -876,6 +892,7 @@ impl System {
             .map(|((part, after), (_, before))| (part, after - before))
             .collect();
         let after = self.counts().await?;
+        let written = self.written().await?;
         let events_behind = if self.args.events {
             Some(
                 sqlx::query_scalar(
@@ -909,6 +926,26 @@ impl System {
                 / (after.creating_statements - before.creating_statements),
             cpu,
             events_behind,
+            step_updates_per_step: (written.step_updates - written_before.step_updates)
+                / steps as f64,
+            wal_bytes_per_step: (written.wal_bytes - written_before.wal_bytes) / steps as f64,
+        })
+    }
+
+    /// What PostgreSQL has written so far. A server process reports its table statistics
+    /// at most once a second, and an idle one within a second: this waits that long
+    /// first, so the runs' counts are complete.
+    async fn written(&self) -> anyhow::Result<Written> {
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let (step_updates, wal_bytes): (f64, f64) = sqlx::query_as(
+            "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'steps')::float8,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Written {
+            step_updates,
+            wal_bytes,
         })
     }
 
