@@ -1,12 +1,13 @@
 //! What the worker tells coordinators besides results:
-//! - started notices, batched (one message per few milliseconds, not one per step), so
-//!   steps show `in_progress` and get a running lease. A notice whose step's result the
-//!   broker has already confirmed when its batch leaves is dropped: the result records
-//!   the start itself, so a step shorter than the linger costs the coordinator one write,
-//!   not two;
+//! - started notices, so steps show `in_progress` and get a running lease. Each notice
+//!   is held [`LINGER`] from its step's start, then sent with the others due (one
+//!   message per few milliseconds, not one per step). A notice whose step's result the
+//!   broker has confirmed by then is dropped: the result records the start itself, so a
+//!   step shorter than the linger costs the coordinator one write, not two;
 //! - heartbeats for every running step, so a long step keeps its lease while a worker
 //!   that died loses its steps within one heartbeat lease.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tasker_protocol::messages::{
     ControlMessage, HeartbeatBatch, SCHEMA_VERSION, StartedBatch, StepStarted, WorkerMessage,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::executor::InFlight;
 #[cfg(feature = "failpoints")]
@@ -26,8 +28,13 @@ use crate::runtime::BROKER_PATIENCE;
 
 /// Most notices in one message.
 const MAX_BATCH: usize = 256;
-/// Longest a notice waits for company.
-const LINGER: Duration = Duration::from_millis(20);
+/// How long a notice is held after its step started. Under load a result's confirm
+/// takes tens of milliseconds; held for 20 ms from the first notice of a batch, four
+/// notices in ten still went out for no-op steps (BENCHMARKS.md).
+const LINGER: Duration = Duration::from_millis(50);
+/// Notices due within this much of the oldest one leave with it, so a steady stream of
+/// starts makes one message per this interval at most.
+const GATHER: Duration = Duration::from_millis(10);
 
 /// A started notice waiting for its batch.
 pub(crate) struct Notice {
@@ -36,40 +43,51 @@ pub(crate) struct Notice {
     pub(crate) answered: Arc<AtomicBool>,
 }
 
-/// Collect notices from `receiver` and publish them in batches until the sender side is
-/// dropped and everything received has been sent.
+/// Collect notices from `receiver` and publish them, each [`LINGER`] after it arrived
+/// (with those due within [`GATHER`] of it), until the sender side is dropped; then
+/// send what is left at once.
 pub(crate) async fn run(
     mut receiver: mpsc::UnboundedReceiver<Notice>,
     channel: Channel,
     topology: Topology,
     worker_id: String,
 ) {
-    let mut batch = Vec::new();
-    while let Some(first) = receiver.recv().await {
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(notice)) => batch.push(notice),
-                Ok(None) | Err(_) => break,
+    let mut held: VecDeque<(Instant, Notice)> = VecDeque::new();
+    let mut open = true;
+    loop {
+        let due = held.front().map(|(arrived, _)| *arrived + LINGER);
+        tokio::select! {
+            received = receiver.recv(), if open => match received {
+                Some(notice) => held.push_back((Instant::now(), notice)),
+                None => open = false,
+            },
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+        }
+        // Everything once the session ends; otherwise what is due, with its company.
+        let horizon = Instant::now() + GATHER;
+        let leaves = |arrived: &Instant| !open || *arrived + LINGER <= horizon;
+        let mut steps = Vec::new();
+        while held.front().is_some_and(|(arrived, _)| leaves(arrived)) {
+            let Some((_, notice)) = held.pop_front() else {
+                break;
+            };
+            if !notice.answered.load(Ordering::Acquire) {
+                steps.push(notice.step);
             }
         }
-        let steps: Vec<StepStarted> = batch
-            .drain(..)
-            .filter(|notice| !notice.answered.load(Ordering::Acquire))
-            .map(|notice| notice.step)
-            .collect();
-        if steps.is_empty() {
-            continue;
+        for chunk in steps.chunks(MAX_BATCH) {
+            let message = WorkerMessage::Started(StartedBatch {
+                schema_version: SCHEMA_VERSION,
+                worker_id: worker_id.clone(),
+                steps: chunk.to_vec(),
+            });
+            // Best effort: a lost notice only means the step shows `enqueued` until its
+            // result arrives.
+            publish(&channel, &topology, &message).await;
         }
-        let message = WorkerMessage::Started(StartedBatch {
-            schema_version: SCHEMA_VERSION,
-            worker_id: worker_id.clone(),
-            steps,
-        });
-        // Best effort: a lost notice only means the step shows `enqueued` until its
-        // result arrives.
-        publish(&channel, &topology, &message).await;
+        if !open && held.is_empty() {
+            return;
+        }
     }
 }
 
