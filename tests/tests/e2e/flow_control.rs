@@ -322,3 +322,68 @@ async fn a_queued_task_starts_with_all_its_first_steps() {
     }
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn cancelling_a_running_task_lets_the_queued_one_start_and_frees_its_slot() {
+    let mut env = TestEnv::start("flow-template-cancel").await.unwrap();
+    let (status, body) = env
+        .register_template("namespace: flow\nname: export\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: dump, handler: tasker.sleep, config: {ms: 60000}, timeout_ms: 120000}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+
+    let body = json!({"namespace": "flow", "name": "export", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&body).await.unwrap();
+    env.api
+        .wait_until(
+            first.task_id,
+            "its step running",
+            Duration::from_secs(30),
+            |task| {
+                task.steps
+                    .iter()
+                    .any(|step| step.status == tasker_tests::StepStatus::InProgress)
+            },
+        )
+        .await
+        .unwrap();
+    let second = env.api.create_task(&body).await.unwrap();
+    let (status, body) = env
+        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["steps"][0]["reason"], "concurrency_limited", "{body}");
+
+    // The operator cancels the running task: the queued one starts at once, not after
+    // the first one's minute, and the cancelled task holds no slot of the key.
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/cancel", first.task_id),
+            json!({"reason": "stuck export"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    env.api
+        .wait_until(
+            second.task_id,
+            "its step running",
+            Duration::from_secs(20),
+            |task| {
+                task.steps
+                    .iter()
+                    .any(|step| step.status == tasker_tests::StepStatus::InProgress)
+            },
+        )
+        .await
+        .unwrap();
+    let slots: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = 'flow/export=c1'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(slots, vec![second.task_id]);
+    env.finish().await.unwrap();
+}

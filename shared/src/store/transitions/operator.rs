@@ -136,6 +136,11 @@ pub async fn cancel_task(
         }
         cancelled.descendants.extend(&parents);
     }
+    // Their template-concurrency slots, if they hold any (a started task of a template
+    // with a `concurrency` holds one per key), so the keys' counts stop reading them.
+    let mut ended = vec![task_id];
+    ended.extend(&cancelled.descendants);
+    super::free_slots(conn, ended.into_iter()).await?;
     // The step that started this task, if it still waits for it.
     super::child_tasks::wake_parents(conn, &[task_id]).await?;
     Ok(cancelled)
