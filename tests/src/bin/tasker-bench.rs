@@ -933,16 +933,30 @@ impl System {
     }
 
     /// What PostgreSQL has written so far. A server process reports its table statistics
-    /// at most once a second, and an idle one within a second: this waits that long
-    /// first, so the runs' counts are complete.
+    /// at most once a second (an idle one within a second or so): this reads them until
+    /// two readings 600 ms apart agree, so a run's counts are complete.
     async fn written(&self) -> anyhow::Result<Written> {
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
-        let (step_updates, wal_bytes): (f64, f64) = sqlx::query_as(
-            "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'steps')::float8,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let read = || async {
+            sqlx::query_as::<_, (f64, f64)>(
+                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'steps')::float8,
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8",
+            )
+            .fetch_one(&self.pool)
+            .await
+        };
+        let (mut step_updates, _) = read().await?;
+        let mut wal_bytes;
+        let mut readings = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let (updates, wal) = read().await?;
+            wal_bytes = wal;
+            readings += 1;
+            if updates == step_updates || readings == 20 {
+                break;
+            }
+            step_updates = updates;
+        }
         Ok(Written {
             step_updates,
             wal_bytes,
