@@ -1,6 +1,7 @@
 //! Re-dispatch only what may be lost: a confirmed step waits in its queue however long
-//! the queue is, and a step whose queue was deleted (and perhaps declared again, empty)
-//! is dispatched again.
+//! the queue is (also when the coordinator that published it stops before its usual
+//! lift of the lease), and a step whose queue was deleted (and perhaps declared again,
+//! empty) is dispatched again.
 
 use std::time::{Duration, Instant};
 
@@ -253,5 +254,61 @@ async fn steps_whose_queue_was_deleted_and_declared_again_are_dispatched_again()
     wait_until_confirmed(&env).await;
     lose_queue(&env, true).await;
     lost_then_run(&mut env, &ids, "queue_short").await;
+    env.finish().await.unwrap();
+}
+
+/// Ready messages in `queue` (a passive declare).
+async fn ready_messages(queue: &str) -> u32 {
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+    declared.message_count()
+}
+
+#[tokio::test]
+async fn a_coordinator_that_stops_lifts_the_leases_of_its_confirmed_steps_first() {
+    // A coordinator lifts a confirmed step's lease seconds after the confirm (5-10 s with
+    // this lease), unless the step started meanwhile. Stopped before then, it lifts them
+    // all on its way out: its backlog then waits in the queue without a lease, and no
+    // coordinator dispatches it again.
+    let env = TestEnv::start("redispatch-stop").await.unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let (mut second, url) = env
+        .start_coordinator("stopping", &[("TASKER_DISPATCH_LEASE_MS", "600000")])
+        .await
+        .unwrap();
+    let api = tasker_tests::Api::new(url);
+    for i in 0..TASKS {
+        api.create_task(&json!({"namespace": "backlog", "name": "one", "context": {"i": i}}))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready_messages(&env.queue("backlog")).await < TASKS as u32 {
+        assert!(Instant::now() < deadline, "steps not published in 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = second.terminate().await.unwrap();
+    assert!(status.success(), "{status:?}: {}", second.log());
+    assert_eq!(
+        confirmed(&env).await,
+        TASKS as i64,
+        "every step waits in its queue, its lease lifted"
+    );
+    assert_eq!(reasons(&env, "lease_lost").await, 0);
     env.finish().await.unwrap();
 }
