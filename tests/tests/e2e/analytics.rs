@@ -112,12 +112,7 @@ async fn analytics_find_the_slow_step_and_the_retried_one() {
         .await
         .unwrap();
     assert_eq!(status, 400, "{body}");
-    let mut paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let mut paths = crate::detail_paths(&body);
     paths.sort();
     assert_eq!(paths, ["colour", "name", "since"], "{body}");
     let (status, _) = env

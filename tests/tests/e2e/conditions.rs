@@ -264,12 +264,7 @@ async fn bypassed_steps_are_skipped_and_only_skippable_ones_may_be() {
         .unwrap();
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid_request", "{body}");
-    let paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths = crate::detail_paths(&body);
     assert_eq!(
         paths,
         ["bypass_steps[2]"],

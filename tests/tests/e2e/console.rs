@@ -737,12 +737,7 @@ async fn the_event_stream_carries_the_filtered_events_live() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     let body: Value = bad.json().await.unwrap();
-    let paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths = crate::detail_paths(&body);
     assert_eq!(paths, ["task_id", "kind", "namespace", "colour"], "{body}");
 
     let mut stream = env

@@ -189,14 +189,12 @@ async fn listing_pages_with_a_cursor_and_filters() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let paths: Vec<&str> = bad["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths = crate::detail_paths(&bad);
     for expected in ["status", "limit", "color"] {
-        assert!(paths.contains(&expected), "{expected} not named in {bad}");
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not named in {bad}"
+        );
     }
     env.finish().await.unwrap();
 }

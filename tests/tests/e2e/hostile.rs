@@ -99,16 +99,6 @@ fn refused(answer: &Answer, what: &str, status: StatusCode, code: &str, needles:
     }
 }
 
-/// The paths named in an error's details.
-fn detail_paths(answer: &Answer) -> Vec<String> {
-    answer.body["error"]["details"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no details in {}", answer.body))
-        .iter()
-        .map(|d| d["path"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
 /// A test's world whose coordinator is a process, with extra environment:
 /// [`still_serving`] reads its log for the 500s it answered (an in-process coordinator
 /// keeps no log).
@@ -262,7 +252,7 @@ async fn malformed_bodies_wrong_types_and_unknown_fields_are_named() {
             "must be a JSON object",
         ],
     );
-    let paths = detail_paths(&answer);
+    let paths = crate::detail_paths(&answer.body);
     for expected in [
         "namespace",
         "name",
@@ -623,14 +613,14 @@ async fn bad_ids_and_query_parameters_are_named() {
             &[*needle],
         );
         assert!(
-            detail_paths(&answer).iter().any(|p| p == path),
+            crate::detail_paths(&answer.body).iter().any(|p| p == path),
             "{query}: {}",
             answer.body
         );
     }
     // Every bad parameter at once.
     let answer = get("/v1/tasks?cursor=x&limit=-1&status=bogus".into()).await;
-    let mut paths = detail_paths(&answer);
+    let mut paths = crate::detail_paths(&answer.body);
     paths.sort();
     assert_eq!(paths, ["cursor", "limit", "status"], "{}", answer.body);
     // Good ones still work, SQL-looking filters match nothing and break nothing.
@@ -742,12 +732,7 @@ async fn nul_characters_are_refused_where_they_are_not_stored() {
     let (status, answer) = env.create_task(body).await.unwrap();
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert_eq!(answer["error"]["code"], "invalid_request");
-    let paths: Vec<&str> = answer["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths = crate::detail_paths(&answer);
     for expected in [
         "initiator",
         "reason",
@@ -757,9 +742,12 @@ async fn nul_characters_are_refused_where_they_are_not_stored() {
         "context/key\u{0}",
         "tags/0",
     ] {
-        assert!(paths.contains(&expected), "{expected} not in {paths:?}");
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not in {paths:?}"
+        );
     }
-    assert!(!paths.contains(&"context/plain"), "{paths:?}");
+    assert!(!paths.iter().any(|p| p == "context/plain"), "{paths:?}");
     assert!(answer.to_string().contains("U+0000"), "{answer}");
     let (status, body) = env
         .create_task(json!({"namespace": "host\u{0}ile", "name": "target"}))
@@ -976,7 +964,7 @@ async fn sql_looking_and_unicode_strings_are_stored_verbatim() {
         "invalid_template",
         &[],
     );
-    let paths = detail_paths(&answer);
+    let paths = crate::detail_paths(&answer.body);
     for expected in ["namespace", "name", "steps[0].name"] {
         assert!(
             paths.iter().any(|p| p == expected),
@@ -991,7 +979,12 @@ async fn sql_looking_and_unicode_strings_are_stored_verbatim() {
         "invalid_template",
         &["64", "128"],
     );
-    assert_eq!(detail_paths(&answer).len(), 3, "{}", answer.body);
+    assert_eq!(
+        crate::detail_paths(&answer.body).len(),
+        3,
+        "{}",
+        answer.body
+    );
     let (status, body) = env
         .create_task(json!({"namespace": sql, "name": sql}))
         .await
@@ -1091,7 +1084,7 @@ async fn size_limits_answer_413_or_422_naming_the_setting_and_its_value() {
             "too_many_steps",
         ],
     );
-    assert_eq!(detail_paths(&answer), ["steps"]);
+    assert_eq!(crate::detail_paths(&answer.body), ["steps"]);
 
     still_serving(&env).await;
     env.finish().await.unwrap();

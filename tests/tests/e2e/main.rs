@@ -83,6 +83,16 @@ pub(crate) fn problems(body: &Value) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// The path of each problem an error answer lists, in its order.
+pub(crate) fn detail_paths(body: &Value) -> Vec<String> {
+    body["error"]["details"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no details in {body}"))
+        .iter()
+        .map(|d| d["path"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 /// How many tasks the database holds.
 pub(crate) async fn task_count(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM tasks")

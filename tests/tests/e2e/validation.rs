@@ -24,15 +24,6 @@ steps:
     depends_on: [validate]
 "#;
 
-fn detail_paths(body: &Value) -> Vec<String> {
-    body["error"]["details"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no details in {body}"))
-        .iter()
-        .map(|d| d["path"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_context_that_breaks_the_schema_is_refused_naming_each_field() {
     let env = TestEnv::start("context").await.unwrap();
@@ -223,7 +214,7 @@ async fn malformed_requests_get_a_4xx_naming_every_problem() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: Value = response.json().await.unwrap();
-    let paths = detail_paths(&body);
+    let paths = crate::detail_paths(&body);
     for expected in ["namespace", "name", "context", "colour", "reason"] {
         assert!(
             paths.iter().any(|p| p == expected),
