@@ -507,7 +507,6 @@ struct Run {
 }
 
 /// What PostgreSQL wrote so far: `steps` row updates and bytes of write-ahead log.
-#[derive(Default)]
 struct Written {
     step_updates: f64,
     wal_bytes: f64,
