@@ -191,8 +191,8 @@ async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Consumers of `queue` now (0 when it does not exist).
-pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
+/// `queue` as the broker has it now (a passive declare), or `None` when it does not exist.
+async fn inspect_queue(queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let declared = channel
@@ -206,7 +206,23 @@ pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
         )
         .await;
     let _ = connection.close(200, "OK".into()).await;
-    Ok(declared.map(|q| q.consumer_count()).unwrap_or(0))
+    Ok(declared.ok())
+}
+
+/// Consumers of `queue` now (0 when it does not exist).
+pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
+    Ok(inspect_queue(queue)
+        .await?
+        .map(|q| q.consumer_count())
+        .unwrap_or(0))
+}
+
+/// Ready messages in `queue` now (0 when it does not exist).
+pub async fn queue_messages(queue: &str) -> anyhow::Result<u32> {
+    Ok(inspect_queue(queue)
+        .await?
+        .map(|q| q.message_count())
+        .unwrap_or(0))
 }
 
 /// Wait until `queue` has at least `consumers` consumers; returns how long that took.

@@ -276,12 +276,7 @@ async fn bypassed_steps_are_skipped_and_only_skippable_ones_may_be() {
         .await
         .unwrap();
     assert_eq!(status, 422, "{body}");
-    let details: Vec<(&str, &str)> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| (d["path"].as_str().unwrap(), d["code"].as_str().unwrap()))
-        .collect();
+    let details = crate::problems(&body);
     assert_eq!(
         details,
         [

@@ -601,13 +601,10 @@ async fn the_analytics_page_shows_the_step_made_slow() {
         None,
     )
     .await;
-    let approved = task["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "approved")
-        .unwrap();
-    assert_eq!(approved["results"], json!({"by": "dana"}));
+    assert_eq!(
+        crate::steps_by_name(&task)["approved"]["results"],
+        json!({"by": "dana"})
+    );
 
     browser
         .client

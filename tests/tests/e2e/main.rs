@@ -89,7 +89,12 @@ pub(crate) fn detail_paths(body: &Value) -> Vec<String> {
         .as_array()
         .unwrap_or_else(|| panic!("no details in {body}"))
         .iter()
-        .map(|d| d["path"].as_str().unwrap_or_default().to_owned())
+        .map(|d| {
+            d["path"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a problem without a path in {body}"))
+                .to_owned()
+        })
         .collect()
 }
 

@@ -510,16 +510,6 @@ steps:
   - {name: y, handler: tasker.noop, depends_on: [x]}
 "#;
 
-/// The `path`s of a 422's or 400's details.
-fn problem_paths(body: &Value) -> Vec<String> {
-    body["error"]["details"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no details in {body}"))
-        .iter()
-        .map(|d| d["path"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn ids(body: &Value) -> Vec<String> {
     body["task_ids"]
         .as_array()
@@ -566,7 +556,7 @@ async fn bulk_cancel_and_retry_act_on_what_the_filter_matches() {
             .await
             .unwrap();
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-        assert_eq!(problem_paths(&body), [""], "{body}");
+        assert_eq!(crate::detail_paths(&body), [""], "{body}");
     }
     let (status, body) = env
         .post(
@@ -577,7 +567,7 @@ async fn bulk_cancel_and_retry_act_on_what_the_filter_matches() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let mut paths = problem_paths(&body);
+    let mut paths = crate::detail_paths(&body);
     paths.sort();
     assert_eq!(
         paths,
@@ -597,7 +587,7 @@ async fn bulk_cancel_and_retry_act_on_what_the_filter_matches() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert_eq!(problem_paths(&body), ["status"], "{body}");
+    assert_eq!(crate::detail_paths(&body), ["status"], "{body}");
 
     // Dry runs: tags (all must match), the time window, the limit.
     let (status, body) = env
@@ -808,7 +798,7 @@ async fn task_lists_filter_and_page_both_ways_and_diagrams_answer_mermaid() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let mut paths = problem_paths(&body);
+    let mut paths = crate::detail_paths(&body);
     paths.sort();
     assert_eq!(paths, ["colour", "created_after", "order", "status"]);
 

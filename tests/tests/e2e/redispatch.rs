@@ -257,28 +257,6 @@ async fn steps_whose_queue_was_deleted_and_declared_again_are_dispatched_again()
     env.finish().await.unwrap();
 }
 
-/// Ready messages in `queue` (a passive declare).
-async fn ready_messages(queue: &str) -> u32 {
-    let connection =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let _ = connection.close(200, "OK".into()).await;
-    declared.message_count()
-}
-
 #[tokio::test]
 async fn a_coordinator_that_stops_lifts_the_leases_of_its_confirmed_steps_first() {
     // A coordinator lifts a confirmed step's lease seconds after the confirm (5-10 s with
@@ -298,7 +276,11 @@ async fn a_coordinator_that_stops_lifts_the_leases_of_its_confirmed_steps_first(
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ready_messages(&env.queue("backlog")).await < TASKS as u32 {
+    while tasker_tests::queue_messages(&env.queue("backlog"))
+        .await
+        .unwrap()
+        < TASKS as u32
+    {
         assert!(Instant::now() < deadline, "steps not published in 30 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -272,12 +272,7 @@ async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files(
     .await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid_schedule");
-    let mut paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let mut paths = crate::detail_paths(&body);
     paths.sort();
     assert_eq!(
         paths,

@@ -217,12 +217,7 @@ async fn bad_times_are_refused_naming_the_field() {
         let (status, answer) = env.create_task(body.clone()).await.unwrap();
         assert_eq!(status, 422, "{body} → {answer}");
         assert_eq!(answer["error"]["code"], "invalid_request");
-        let found: Vec<&str> = answer["error"]["details"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["path"].as_str().unwrap())
-            .collect();
+        let found = crate::detail_paths(&answer);
         assert_eq!(found, paths, "{body} → {answer}");
     }
     assert_eq!(crate::task_count(&env.pool).await, 0);
