@@ -1,7 +1,7 @@
 //! One lifecycle for every background service.
 //!
 //! A [`Service`] (dispatcher, result processor, sweeper, retention, control, gauges,
-//! events relay, and the schedulers to come) runs until its [`CancellationToken`] is
+//! events relay, scheduler, lease lifter) runs until its [`CancellationToken`] is
 //! cancelled; returning before that means it failed. [`Services`] starts a group of them
 //! with one token and stops them together.
 //!
@@ -15,7 +15,8 @@
 //! shutdown ─▶ session services stopped (5 s, then abandoned and named in the log)
 //!          ─▶ root token ─┬▶ database services (child token): awaited
 //!                         └▶ HTTP server: stops accepting, answers the requests in progress
-//!          ─▶ publisher flushed (10 s) ▶ server awaited ▶ task creator closed
+//!          ─▶ publisher flushed, confirmed leases lifted (10 s) ▶ server awaited
+//!          ─▶ task creator closed
 //!          ─▶ tracker closed and awaited (5 s, then the tasks left are counted in the log)
 //! ```
 
