@@ -64,7 +64,8 @@ pub(crate) struct LiveEvents {
     /// `TASKER_EVENTS`: without the relay there is nothing to stream.
     enabled: bool,
     sender: broadcast::Sender<Arc<LiveEvent>>,
-    /// Whether the consumer runs.
+    /// Whether the consumer runs. Also the lock under which streams are counted and
+    /// opened.
     consuming: Mutex<bool>,
     /// Whether the consumer's queue is bound: events published from then on reach the
     /// streams.
@@ -102,22 +103,20 @@ impl LiveEvents {
         self.enabled
     }
 
-    /// How many streams are open.
-    pub(crate) fn streams(&self) -> usize {
-        self.sender.receiver_count()
-    }
-
-    /// Receive every event from now on, starting the consumer if it is not running.
-    pub(crate) fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<Arc<LiveEvent>> {
-        let receiver = self.sender.subscribe();
-        if self.enabled {
-            let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
-            if !*consuming {
-                *consuming = true;
-                tokio::spawn(self.clone().consume());
-            }
+    /// Receive every event from now on, starting the consumer if it is not running; `None`
+    /// when [`MAX_STREAMS`] streams are open. Streams are counted and opened under one
+    /// lock, so concurrent requests cannot pass the limit together.
+    pub(crate) fn subscribe(self: &Arc<Self>) -> Option<broadcast::Receiver<Arc<LiveEvent>>> {
+        let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
+        if self.sender.receiver_count() >= MAX_STREAMS {
+            return None;
         }
-        receiver
+        let receiver = self.sender.subscribe();
+        if self.enabled && !*consuming {
+            *consuming = true;
+            tokio::spawn(self.clone().consume());
+        }
+        Some(receiver)
     }
 
     /// Wait (at most `patience`) until events published from now on reach the streams;

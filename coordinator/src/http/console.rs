@@ -262,13 +262,12 @@ pub(crate) async fn stream(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let Query(query) = query.map_err(query_rejection)?;
     let filter = Filter::parse(query)?;
-    if state.live.streams() >= MAX_STREAMS {
+    let live = state.live.clone();
+    let Some(receiver) = live.subscribe() else {
         return Err(ApiError::overloaded(format!(
             "{MAX_STREAMS} event streams are open on this coordinator; try again later"
         )));
-    }
-    let live = state.live.clone();
-    let receiver = live.subscribe();
+    };
     let closing = live.closing();
     // The stream is subscribed before `ready` is sent: nothing published after `ready`
     // is missed.
