@@ -386,3 +386,55 @@ fn has_running_step(task: &tasker_tests::Task) -> bool {
         .iter()
         .any(|step| step.status == tasker_tests::StepStatus::InProgress)
 }
+
+#[tokio::test]
+async fn a_retried_task_counts_against_its_key_while_it_runs() {
+    let mut env = TestEnv::start("flow-template-retry").await.unwrap();
+    // The second step waits in the coordinator for a signal that never comes, and fails
+    // after 3 s: the task ends in `error`.
+    let (status, body) = env
+        .register_template("namespace: flow\nname: approve\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: prepare, handler: tasker.noop}\n  - {name: sign, handler: tasker.wait, depends_on: [prepare], config: {signal: ok, timeout: 3s}}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+    let request = json!({"namespace": "flow", "name": "approve", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&request).await.unwrap();
+    env.api
+        .wait_for_task(first.task_id, &[TaskStatus::Error], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Retried by the operator, it runs again whatever the limit, and holds its key: a
+    // task of the same customer created now waits for it.
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{}/retry", first.task_id), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let slots: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = 'flow/approve=c1'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(slots, vec![first.task_id]);
+    let second = env.api.create_task(&request).await.unwrap();
+    let (status, readiness) = env
+        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{readiness}");
+    assert_eq!(
+        readiness["steps"][0]["reason"], "concurrency_limited",
+        "{readiness}"
+    );
+
+    // Once the retried task has ended (its wait times out again), the second one starts.
+    env.api
+        .wait_until(second.task_id, "started", Duration::from_secs(30), |task| {
+            task.status != TaskStatus::Pending
+        })
+        .await
+        .unwrap();
+    env.finish().await.unwrap();
+}

@@ -197,6 +197,11 @@ pub async fn retry_task(
         &metadata,
     )
     .await?;
+    // Its slots were given back when it failed: running again, it counts again.
+    sqlx::query(include_str!("../../../sql/operator/retake_slots.sql"))
+        .bind(task_id)
+        .execute(&mut *conn)
+        .await?;
     Ok(reset)
 }
 
