@@ -66,9 +66,34 @@ pub(crate) struct BatchReport {
     pub(crate) dispatched: usize,
     pub(crate) tasks_finished: usize,
     pub(crate) dead_lettered: usize,
-    /// Deliveries not applied because another transaction held their steps: the
-    /// caller keeps them, unacked, for the next batch.
-    pub(crate) held: Vec<usize>,
+    /// Deliveries not applied because another transaction held their steps.
+    pub(crate) held: usize,
+}
+
+/// A delivery of the results queue and what it says.
+pub(crate) struct Received {
+    delivery: Delivery,
+    /// The worker's message, or why the delivery is poison.
+    message: Result<WorkerMessage, String>,
+}
+
+impl Received {
+    /// Its share of a batch: the steps it names (at least one).
+    fn weight(&self) -> usize {
+        self.message
+            .as_ref()
+            .map_or(1, |message| message.step_count().max(1))
+    }
+}
+
+/// What [`ResultProcessor::apply_batch`] did with a batch.
+pub(crate) struct Applied {
+    pub(crate) report: BatchReport,
+    /// The deliveries applied or dead-lettered: the caller acks them.
+    pub(crate) deliveries: Vec<Delivery>,
+    /// The deliveries whose steps another transaction held: the caller keeps them,
+    /// unacked, for the next batch.
+    pub(crate) held: Vec<Received>,
 }
 
 pub(crate) struct ResultProcessorConfig {
@@ -125,26 +150,28 @@ impl ResultProcessor {
             .await
     }
 
-    /// Apply one batch of deliveries; the caller acks them after this returns `Ok`,
-    /// except those the report lists as held.
-    pub(crate) async fn apply_batch(&self, deliveries: &[Delivery]) -> anyhow::Result<BatchReport> {
+    /// Apply one batch of deliveries. Returns the deliveries applied (dead-lettered ones
+    /// included), for the caller to ack, and those held back for a later batch.
+    pub(crate) async fn apply_batch(&self, batch: Vec<Received>) -> anyhow::Result<Applied> {
         let mut report = BatchReport::default();
-        let mut messages: Vec<(usize, WorkerMessage)> = Vec::with_capacity(deliveries.len());
-        for (index, delivery) in deliveries.iter().enumerate() {
-            match self.decode(delivery) {
-                Ok(message) => messages.push((index, message)),
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
+        let mut messages: Vec<(Delivery, WorkerMessage)> = Vec::with_capacity(batch.len());
+        for received in batch {
+            match received.message {
+                Ok(message) => messages.push((received.delivery, message)),
                 Err(error) => {
                     tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
                     self.topology
                         .dead_letter(
                             &self.confirm_channel,
-                            &delivery.data,
+                            &received.delivery.data,
                             &self.topology.results_queue(),
-                            &error.to_string(),
+                            &error,
                         )
                         .await?;
                     report.dead_lettered += 1;
                     self.metrics.dead_lettered.inc();
+                    deliveries.push(received.delivery);
                 }
             }
         }
@@ -158,7 +185,7 @@ impl ResultProcessor {
         steps.dedup();
         let result_steps: Vec<uuid::Uuid> = messages
             .iter()
-            .filter_map(|(_, message)| message.result_step())
+            .flat_map(|(_, message)| message.result_steps())
             .collect();
         let held: HashMap<uuid::Uuid, HeldStep> =
             transitions::lock_batch(&mut tx, &steps, &result_steps)
@@ -166,16 +193,22 @@ impl ResultProcessor {
                 .into_iter()
                 .map(|step| (step.step_id, step))
                 .collect();
-        // A result for a held step waits for a later batch. So does a started notice or
+        // A message with a result for a held step waits for a later batch (a batch of
+        // results waits whole: its delivery is acked once). So does a started notice or
         // heartbeat naming a held step that may still run; a held step that has moved
         // on is just left out of its notice, so one busy step does not hold back the
         // many others a notice names.
-        let notice_waits = |message: &WorkerMessage| {
-            message
+        let waits = |message: &WorkerMessage| match message {
+            WorkerMessage::Result(_) | WorkerMessage::Results(_) => message
+                .result_steps()
+                .iter()
+                .any(|id| held.contains_key(id)),
+            WorkerMessage::Started(_) | WorkerMessage::Heartbeat(_) => message
                 .steps()
                 .iter()
-                .any(|id| held.get(id).is_some_and(HeldStep::may_still_run))
+                .any(|id| held.get(id).is_some_and(HeldStep::may_still_run)),
         };
+        let mut held_back: Vec<Received> = Vec::new();
 
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: Vec<Started> = Vec::new();
@@ -183,24 +216,25 @@ impl ResultProcessor {
         // One `apply_result` span per result, a child of the worker's `execute_step`,
         // open until the batch commits.
         let mut spans = Vec::new();
-        for (index, message) in messages {
+        for (delivery, message) in messages {
+            if waits(&message) {
+                held_back.push(Received {
+                    delivery,
+                    message: Ok(message),
+                });
+                continue;
+            }
             match message {
-                WorkerMessage::Result(ref result) if held.contains_key(&result.step_id) => {
-                    report.held.push(index);
-                }
-                WorkerMessage::Started(_) | WorkerMessage::Heartbeat(_)
-                    if notice_waits(&message) =>
-                {
-                    report.held.push(index);
-                }
                 WorkerMessage::Result(result) => {
-                    let span = tracing::debug_span!("apply_result", task_id = %result.task_id,
-                        step_id = %result.step_id, outcome = ?result.outcome,
-                        trace_id = tracing::field::Empty);
-                    let traceparent = header_str(&deliveries[index].properties, TRACEPARENT_HEADER);
-                    tasker_shared::telemetry::adopt(&span, traceparent.as_deref());
-                    spans.push(span);
+                    let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
+                    spans.push(apply_span(&result, traceparent.as_deref()));
                     results.push(result);
+                }
+                WorkerMessage::Results(batch) => {
+                    for batched in batch.results {
+                        spans.push(apply_span(&batched.result, batched.traceparent.as_deref()));
+                        results.push(batched.result);
+                    }
                 }
                 WorkerMessage::Started(batch) => {
                     let worker_id = batch.worker_id;
@@ -222,6 +256,7 @@ impl ResultProcessor {
                         .filter(|step| !held.contains_key(&step.step_id)),
                 ),
             }
+            deliveries.push(delivery);
         }
         for started in transitions::mark_started(&mut tx, &started, self.lease).await? {
             self.metrics
@@ -255,8 +290,8 @@ impl ResultProcessor {
         self.wake_events.notify_one();
         self.metrics
             .result_batch_size
-            .observe((deliveries.len() - report.held.len()) as f64);
-        self.metrics.results_held.inc_by(report.held.len() as u64);
+            .observe(deliveries.len() as f64);
+        self.metrics.results_held.inc_by(held_back.len() as u64);
         self.metrics.applied(&applied);
         self.metrics.finished(&finished);
         report.dispatched = claimed.len();
@@ -285,7 +320,12 @@ impl ResultProcessor {
             // broker confirms these.
             self.publisher.dispatch(claimed, self.metrics.clone()).await;
         }
-        Ok(report)
+        report.held = held_back.len();
+        Ok(Applied {
+            report,
+            deliveries,
+            held: held_back,
+        })
     }
 }
 
@@ -306,18 +346,18 @@ impl Service for ResultProcessor {
             tracing::info!(queue = %self.topology.results_queue(), "started");
             // Deliveries a batch held back (another coordinator was applying their
             // steps): they lead the next batch.
-            let mut held: Vec<Delivery> = Vec::new();
+            let mut held: Vec<Received> = Vec::new();
             let mut held_wait = HELD_RETRY;
             loop {
-                let mut deliveries = std::mem::take(&mut held);
+                let mut batch = std::mem::take(&mut held);
                 // Wait for the transaction that holds their steps (usually the other
                 // coordinator's batch, a few milliseconds) rather than poll for it.
-                let next = if deliveries.is_empty() {
+                let next = if batch.is_empty() {
                     tokio::select! {
                         () = stop.cancelled() => break,
                         next = consumer.next() => Some(next),
                     }
-                } else if self.wait_for_holders(&deliveries).await {
+                } else if self.wait_for_holders(&batch).await {
                     // Free now: retry at once, with whatever is already buffered.
                     None
                 } else {
@@ -332,21 +372,27 @@ impl Service for ResultProcessor {
                 match next {
                     None => {}
                     Some(None) => break,
-                    Some(Some(Ok(delivery))) => deliveries.push(delivery),
+                    Some(Some(Ok(delivery))) => batch.push(self.receive(delivery)),
                     Some(Some(Err(error))) => {
                         tracing::error!(%error, "results consumer failed");
                         break;
                     }
                 }
-                // Take what is already buffered, without waiting.
-                while (deliveries.len() as i64) < self.batch_size {
+                // Take what is already buffered, without waiting, up to the batch size
+                // in steps (a message of results or notices names many).
+                let mut weight: usize = batch.iter().map(Received::weight).sum();
+                while (weight as i64) < self.batch_size {
                     match consumer.next().now_or_never() {
-                        Some(Some(Ok(delivery))) => deliveries.push(delivery),
+                        Some(Some(Ok(delivery))) => {
+                            let received = self.receive(delivery);
+                            weight += received.weight();
+                            batch.push(received);
+                        }
                         _ => break,
                     }
                 }
-                let size = deliveries.len();
-                held = self.finish_batch(deliveries).await;
+                let size = batch.len();
+                held = self.finish_batch(batch).await;
                 // A row held for longer than a batch (an operator's open transaction, a
                 // stalled coordinator) is retried less and less often, not spun on.
                 held_wait = if held.len() < size {
@@ -363,6 +409,12 @@ impl Service for ResultProcessor {
 }
 
 impl ResultProcessor {
+    /// A delivery with what it says.
+    fn receive(&self, delivery: Delivery) -> Received {
+        let message = self.decode(&delivery);
+        Received { delivery, message }
+    }
+
     /// What a delivery on the results queue says: a worker's message, or, for a step
     /// message a step queue dead-lettered (quorum queues route those here), the failed
     /// attempt it stands for. `Err` says why it is poison.
@@ -382,16 +434,10 @@ impl ResultProcessor {
     /// Wait, in a transaction of its own, until the steps of held-back deliveries come
     /// free, for at most [`HELD_WAIT`]. Returns whether they did; a failure counts as
     /// not (the next batch holds them again).
-    async fn wait_for_holders(&self, held: &[Delivery]) -> bool {
-        let messages: Vec<WorkerMessage> = held
-            .iter()
-            .filter_map(|delivery| self.decode(delivery).ok())
-            .collect();
-        let steps: Vec<uuid::Uuid> = messages.iter().flat_map(WorkerMessage::steps).collect();
-        let results: Vec<uuid::Uuid> = messages
-            .iter()
-            .filter_map(WorkerMessage::result_step)
-            .collect();
+    async fn wait_for_holders(&self, held: &[Received]) -> bool {
+        let messages = held.iter().filter_map(|r| r.message.as_ref().ok());
+        let steps: Vec<uuid::Uuid> = messages.clone().flat_map(WorkerMessage::steps).collect();
+        let results: Vec<uuid::Uuid> = messages.flat_map(WorkerMessage::result_steps).collect();
         let wait = async {
             let mut tx = self.pool.begin().await?;
             let free = transitions::wait_for_steps(&mut tx, &steps, &results, HELD_WAIT).await?;
@@ -408,42 +454,33 @@ impl ResultProcessor {
     }
 
     /// Apply and acknowledge a batch; returns the deliveries it held back, unacked.
-    async fn finish_batch(&self, mut deliveries: Vec<Delivery>) -> Vec<Delivery> {
-        let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
+    async fn finish_batch(&self, batch: Vec<Received>) -> Vec<Received> {
+        let Some(last) = batch.iter().max_by_key(|r| r.delivery.delivery_tag) else {
             return Vec::new();
         };
-        match self.apply_batch(&deliveries).await {
-            Ok(report) => {
-                tracing::debug!(?report, "batch applied");
-                // Removed from the back, so the indices stay valid; kept in arrival order.
-                let mut held: Vec<Delivery> = report
-                    .held
-                    .iter()
-                    .rev()
-                    .map(|&index| deliveries.remove(index))
-                    .collect();
-                held.reverse();
-                if let Err(error) = ack(&deliveries, &held).await {
+        let last = last.delivery.acker.clone();
+        let size = batch.len();
+        match self.apply_batch(batch).await {
+            Ok(applied) => {
+                tracing::debug!(report = ?applied.report, "batch applied");
+                if let Err(error) = ack(&applied.deliveries, &applied.held).await {
                     self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "ack failed; the batch will be redelivered and applied again as a no-op (results fenced, notices matched by start time)");
                 }
-                held
+                applied.held
             }
             Err(error) => {
                 self.metrics.database_errors.inc();
                 tracing::warn!(
                     error = format!("{error:#}"),
-                    size = deliveries.len(),
+                    size,
                     "applying results failed; requeueing the batch"
                 );
                 let requeue = BasicNackOptions {
                     multiple: true,
                     requeue: true,
                 };
-                let last = deliveries.iter().find(|d| d.delivery_tag == last_tag);
-                if let Some(last) = last
-                    && let Err(error) = last.acker.nack(requeue).await
-                {
+                if let Err(error) = last.nack(requeue).await {
                     self.metrics.broker_errors.inc();
                     tracing::warn!(%error, "nack failed");
                 }
@@ -453,6 +490,16 @@ impl ResultProcessor {
             }
         }
     }
+}
+
+/// The span of applying one result: a child of the worker's `execute_step` (through
+/// `traceparent`), open until its batch commits.
+fn apply_span(result: &StepResult, traceparent: Option<&str>) -> tracing::Span {
+    let span = tracing::debug_span!("apply_result", task_id = %result.task_id,
+        step_id = %result.step_id, outcome = ?result.outcome,
+        trace_id = tracing::field::Empty);
+    tasker_shared::telemetry::adopt(&span, traceparent);
+    span
 }
 
 /// The longest wait for the transaction holding the steps of held-back deliveries:
@@ -468,10 +515,10 @@ const HELD_RETRY_MAX: Duration = Duration::from_millis(500);
 /// delivery below the first held one is in the batch (the held ones always lead the
 /// next), so one `multiple` ack covers those; the few applied after it are acked one
 /// by one.
-async fn ack(applied: &[Delivery], held: &[Delivery]) -> lapin::Result<()> {
+async fn ack(applied: &[Delivery], held: &[Received]) -> lapin::Result<()> {
     let first_held = held
         .iter()
-        .map(|d| d.delivery_tag)
+        .map(|r| r.delivery.delivery_tag)
         .min()
         .unwrap_or(u64::MAX);
     let below = applied

@@ -2,7 +2,8 @@
 //!
 //! - [`StepMessage`]: coordinator → worker, on the steps exchange, routed by namespace.
 //! - [`WorkerMessage`]: worker → coordinator, on the results queue: a step's
-//!   [`StepResult`], or a batch of [`StepStarted`] notices.
+//!   [`StepResult`], a [`ResultBatch`] of several, a batch of [`StepStarted`] notices,
+//!   or a heartbeat.
 //! - [`ControlMessage`]: anyone → everyone, on the fanout control exchange.
 //!
 //! Step and worker messages carry `schema_version`; a receiver refuses versions it does
@@ -96,6 +97,8 @@ pub struct StepMessage {
 pub enum WorkerMessage {
     /// The outcome of one attempt.
     Result(StepResult),
+    /// The outcomes of several attempts, in one message.
+    Results(ResultBatch),
     /// Steps the worker has started since its last notice.
     Started(StartedBatch),
     /// Steps the worker is still running: keeps their leases alive.
@@ -156,6 +159,27 @@ pub struct StepResult {
     pub finished_at: DateTime<Utc>,
     /// The worker that ran the attempt.
     pub worker_id: String,
+}
+
+/// Results sent together: each is what a [`WorkerMessage::Result`] would carry, with its
+/// own trace context (a single result carries that in the `traceparent` header).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultBatch {
+    /// Always [`SCHEMA_VERSION`] when produced by this build.
+    pub schema_version: u32,
+    /// The results.
+    pub results: Vec<BatchedResult>,
+}
+
+/// One result of a [`ResultBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchedResult {
+    /// The result, its fields inline.
+    #[serde(flatten)]
+    pub result: StepResult,
+    /// The W3C `traceparent` of the attempt's span, if it was traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A batch of "I have started these steps" notices from one worker.
@@ -274,27 +298,45 @@ impl WorkerMessage {
     /// Decode and check the version.
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
         let message: WorkerMessage = serde_json::from_slice(body)?;
-        let version = match &message {
-            WorkerMessage::Result(result) => result.schema_version,
-            WorkerMessage::Started(batch) => batch.schema_version,
-            WorkerMessage::Heartbeat(batch) => batch.schema_version,
-        };
-        check_version(version)?;
+        match &message {
+            WorkerMessage::Result(result) => check_version(result.schema_version)?,
+            WorkerMessage::Results(batch) => {
+                check_version(batch.schema_version)?;
+                for batched in &batch.results {
+                    check_version(batched.result.schema_version)?;
+                }
+            }
+            WorkerMessage::Started(batch) => check_version(batch.schema_version)?,
+            WorkerMessage::Heartbeat(batch) => check_version(batch.schema_version)?,
+        }
         Ok(message)
     }
 
-    /// The step a result is for (`None` for notices and heartbeats).
-    pub fn result_step(&self) -> Option<Uuid> {
+    /// The steps whose results the message carries (none for notices and heartbeats).
+    pub fn result_steps(&self) -> Vec<Uuid> {
         match self {
-            WorkerMessage::Result(result) => Some(result.step_id),
-            _ => None,
+            WorkerMessage::Result(result) => vec![result.step_id],
+            WorkerMessage::Results(batch) => {
+                batch.results.iter().map(|b| b.result.step_id).collect()
+            }
+            WorkerMessage::Started(_) | WorkerMessage::Heartbeat(_) => Vec::new(),
+        }
+    }
+
+    /// How many steps the message is about (without listing them).
+    pub fn step_count(&self) -> usize {
+        match self {
+            WorkerMessage::Result(_) => 1,
+            WorkerMessage::Results(batch) => batch.results.len(),
+            WorkerMessage::Started(batch) => batch.steps.len(),
+            WorkerMessage::Heartbeat(batch) => batch.steps.len(),
         }
     }
 
     /// The steps the message is about.
     pub fn steps(&self) -> Vec<Uuid> {
         match self {
-            WorkerMessage::Result(result) => vec![result.step_id],
+            WorkerMessage::Result(_) | WorkerMessage::Results(_) => self.result_steps(),
             WorkerMessage::Started(batch) => batch.steps.iter().map(|s| s.step_id).collect(),
             WorkerMessage::Heartbeat(batch) => batch.steps.iter().map(|s| s.step_id).collect(),
         }
@@ -345,6 +387,59 @@ mod tests {
         assert_eq!(value["type"], "result");
         assert_eq!(value["outcome"], "retryable_error");
         assert_eq!(WorkerMessage::decode(&body).unwrap(), result);
+    }
+
+    #[test]
+    fn a_result_batch_carries_each_result_inline_with_its_trace_context() {
+        let result = |n: u128, traceparent: Option<&str>| BatchedResult {
+            result: StepResult {
+                schema_version: SCHEMA_VERSION,
+                task_id: Uuid::from_u128(n),
+                step_id: Uuid::from_u128(n + 1),
+                dispatch_token: Uuid::from_u128(n + 2),
+                outcome: Outcome::Success,
+                results: Some(json!({"n": n as u64})),
+                error: None,
+                started_at: Utc::now(),
+                finished_at: Utc::now(),
+                worker_id: "w1".into(),
+            },
+            traceparent: traceparent.map(str::to_owned),
+        };
+        let batch = WorkerMessage::Results(ResultBatch {
+            schema_version: SCHEMA_VERSION,
+            results: vec![
+                result(
+                    10,
+                    Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                ),
+                result(20, None),
+            ],
+        });
+        let body = serde_json::to_vec(&batch).unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["type"], "results");
+        assert_eq!(
+            value["results"][0]["step_id"],
+            Uuid::from_u128(11).to_string()
+        );
+        assert_eq!(value["results"][0]["results"], json!({"n": 10}));
+        assert!(value["results"][0]["traceparent"].is_string());
+        assert!(value["results"][1].get("traceparent").is_none());
+        assert_eq!(WorkerMessage::decode(&body).unwrap(), batch);
+        assert_eq!(
+            batch.result_steps(),
+            vec![Uuid::from_u128(11), Uuid::from_u128(21)]
+        );
+        assert_eq!(batch.steps(), batch.result_steps());
+        assert_eq!(batch.step_count(), 2);
+
+        let mut future = value.clone();
+        future["results"][1]["schema_version"] = json!(2);
+        assert!(matches!(
+            WorkerMessage::decode(future.to_string().as_bytes()),
+            Err(DecodeError::UnsupportedVersion(2))
+        ));
     }
 
     #[test]

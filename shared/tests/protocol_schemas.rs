@@ -23,29 +23,32 @@ use jsonschema::Validator;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tasker_shared::messages::{
-    ControlMessage, DecodeError, HeartbeatBatch, Outcome, RunningStep, SCHEMA_VERSION,
-    StartedBatch, StepError, StepMessage, StepResult, StepStarted, WorkerMessage,
+    BatchedResult, ControlMessage, DecodeError, HeartbeatBatch, Outcome, ResultBatch, RunningStep,
+    SCHEMA_VERSION, StartedBatch, StepError, StepMessage, StepResult, StepStarted, WorkerMessage,
 };
 use uuid::Uuid;
 
 const STEP_SCHEMA: &str = include_str!("../../docs/schemas/step.schema.json");
 const RESULT_SCHEMA: &str = include_str!("../../docs/schemas/result.schema.json");
+const RESULTS_SCHEMA: &str = include_str!("../../docs/schemas/results.schema.json");
 const STARTED_SCHEMA: &str = include_str!("../../docs/schemas/started.schema.json");
 const HEARTBEAT_SCHEMA: &str = include_str!("../../docs/schemas/heartbeat.schema.json");
 const CONTROL_SCHEMA: &str = include_str!("../../docs/schemas/control.schema.json");
 const PROTOCOL_MD: &str = include_str!("../../docs/protocol.md");
 
-const ALL_SCHEMAS: [(&str, &str); 5] = [
+const ALL_SCHEMAS: [(&str, &str); 6] = [
     ("step.schema.json", STEP_SCHEMA),
     ("result.schema.json", RESULT_SCHEMA),
+    ("results.schema.json", RESULTS_SCHEMA),
     ("started.schema.json", STARTED_SCHEMA),
     ("heartbeat.schema.json", HEARTBEAT_SCHEMA),
     ("control.schema.json", CONTROL_SCHEMA),
 ];
 
 /// The schemas of the messages that share the results queue.
-const WORKER_SCHEMAS: [(&str, &str); 3] = [
+const WORKER_SCHEMAS: [(&str, &str); 4] = [
     ("result.schema.json", RESULT_SCHEMA),
+    ("results.schema.json", RESULTS_SCHEMA),
     ("started.schema.json", STARTED_SCHEMA),
     ("heartbeat.schema.json", HEARTBEAT_SCHEMA),
 ];
@@ -63,6 +66,7 @@ const STARTED_ITEM_DEFAULTED: [&str; 1] = ["redelivered"];
 fn worker_schema(message: &WorkerMessage) -> (&'static str, &'static str, &'static str) {
     match message {
         WorkerMessage::Result(_) => ("result.schema.json", RESULT_SCHEMA, "result"),
+        WorkerMessage::Results(_) => ("results.schema.json", RESULTS_SCHEMA, "results"),
         WorkerMessage::Started(_) => ("started.schema.json", STARTED_SCHEMA, "started"),
         WorkerMessage::Heartbeat(_) => ("heartbeat.schema.json", HEARTBEAT_SCHEMA, "heartbeat"),
     }
@@ -356,6 +360,38 @@ fn results() -> Vec<(&'static str, StepResult)> {
     ]
 }
 
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/// Batches of results: every result shape, traced and not; one alone; none.
+fn result_batches() -> Vec<(&'static str, ResultBatch)> {
+    let every_shape = results()
+        .into_iter()
+        .enumerate()
+        .map(|(n, (_, result))| BatchedResult {
+            result: StepResult {
+                step_id: id(100 + n as u128),
+                ..result
+            },
+            traceparent: n.is_multiple_of(2).then(|| TRACEPARENT.to_owned()),
+        })
+        .collect();
+    let batch = |results| ResultBatch {
+        schema_version: SCHEMA_VERSION,
+        results,
+    };
+    vec![
+        ("every result shape, half traced", batch(every_shape)),
+        (
+            "one result, not traced",
+            batch(vec![BatchedResult {
+                result: result(Outcome::Success, None, None),
+                traceparent: None,
+            }]),
+        ),
+        ("no results", batch(Vec::new())),
+    ]
+}
+
 fn started_batches() -> Vec<(&'static str, StartedBatch)> {
     let notice = |n: u128, redelivered: bool| StepStarted {
         step_id: id(10 + n),
@@ -414,6 +450,11 @@ fn worker_messages() -> Vec<(&'static str, WorkerMessage)> {
         results()
             .into_iter()
             .map(|(n, m)| (n, WorkerMessage::Result(m))),
+    );
+    all.extend(
+        result_batches()
+            .into_iter()
+            .map(|(n, m)| (n, WorkerMessage::Results(m))),
     );
     all.extend(
         started_batches()
@@ -682,6 +723,50 @@ fn the_result_schema_lists_exactly_the_fields_rust_writes() {
 }
 
 #[test]
+fn the_results_schema_lists_exactly_the_fields_rust_writes() {
+    let schema = parse(RESULTS_SCHEMA);
+    let batch = |result, traceparent: Option<&str>| {
+        to_value(&WorkerMessage::Results(ResultBatch {
+            schema_version: SCHEMA_VERSION,
+            results: vec![BatchedResult {
+                result,
+                traceparent: traceparent.map(str::to_owned),
+            }],
+        }))
+    };
+    let bare = batch(result(Outcome::Success, None, None), None);
+    let full = batch(
+        result(
+            Outcome::RetryableError,
+            Some(json!({"partial": true})),
+            Some(error("m", Some("c"), Some(1.0))),
+        ),
+        Some(TRACEPARENT),
+    );
+    assert_valid(RESULTS_SCHEMA, "results.schema.json", &full);
+    assert_fields(&schema, &bare, &full, &[]);
+    let item = &schema["properties"]["results"]["items"];
+    assert_fields(item, &bare["results"][0], &full["results"][0], &[]);
+    let error_schema = &schema["$defs"]["step_error"];
+    let bare_error = to_value(&error("m", None, None));
+    assert_fields(error_schema, &bare_error, &full["results"][0]["error"], &[]);
+
+    // Each entry is a result message without its type tag, plus its trace context.
+    let single = to_value(&WorkerMessage::Result(result(
+        Outcome::RetryableError,
+        Some(json!({"partial": true})),
+        Some(error("m", Some("c"), Some(1.0))),
+    )));
+    let entry = without(full["results"][0].clone(), "/traceparent");
+    assert_eq!(without(single, "/type"), entry);
+    assert_eq!(
+        parse(RESULT_SCHEMA)["$defs"],
+        schema["$defs"],
+        "the two schemas describe `error` alike"
+    );
+}
+
+#[test]
 fn the_started_and_heartbeat_schemas_list_exactly_the_fields_rust_writes() {
     let schema = parse(STARTED_SCHEMA);
     let value = to_value(&WorkerMessage::Started(started_batches()[0].1.clone()));
@@ -843,6 +928,55 @@ fn invalid_results_are_refused_by_the_schema_and_the_decoder() {
         let case = format!("a result with {case}");
         let decodes = decodes_as_worker_message(value).is_ok();
         assert_refused(RESULT_SCHEMA, &case, value, decodes);
+    }
+}
+
+#[test]
+fn invalid_result_batches_are_refused_by_the_schema_and_the_decoder() {
+    let good = to_value(&WorkerMessage::Results(result_batches()[0].1.clone()));
+    let cases = [
+        ("no results", without(good.clone(), "/results")),
+        (
+            "results as an object",
+            with(good.clone(), "/results", json!({})),
+        ),
+        (
+            "schema_version 2",
+            with(good.clone(), "/schema_version", json!(2)),
+        ),
+        (
+            "a result of schema_version 2",
+            with(good.clone(), "/results/1/schema_version", json!(2)),
+        ),
+        (
+            "a result without dispatch_token",
+            without(good.clone(), "/results/0/dispatch_token"),
+        ),
+        (
+            "a result without schema_version",
+            without(good.clone(), "/results/2/schema_version"),
+        ),
+        (
+            "a result with outcome `failed`",
+            with(good.clone(), "/results/3/outcome", json!("failed")),
+        ),
+        (
+            "a result with a bad step_id",
+            with(good.clone(), "/results/0/step_id", json!("nope")),
+        ),
+        (
+            "a numeric traceparent",
+            with(good.clone(), "/results/0/traceparent", json!(7)),
+        ),
+        (
+            "type `result`",
+            with(good.clone(), "/type", json!("result")),
+        ),
+    ];
+    for (case, value) in &cases {
+        let case = format!("a batch of results with {case}");
+        let decodes = decodes_as_worker_message(value).is_ok();
+        assert_refused(RESULTS_SCHEMA, &case, value, decodes);
     }
 }
 
@@ -1048,7 +1182,26 @@ fn unknown_fields_are_accepted_by_the_schema_and_ignored_by_the_decoder() {
     ));
     let started = WorkerMessage::Started(started_batches()[0].1.clone());
     let heartbeat = WorkerMessage::Heartbeat(heartbeats()[0].1.clone());
+    let batch = WorkerMessage::Results(result_batches()[0].1.clone());
     let cases = [
+        (
+            &batch,
+            "a batch of results with an unknown field",
+            "/worker_id",
+            json!("w"),
+        ),
+        (
+            &batch,
+            "a batched result with an unknown field",
+            "/results/2/duration_ms",
+            json!(12),
+        ),
+        (
+            &batch,
+            "a batched result with an unknown field in error",
+            "/results/3/error/stack",
+            json!("at line 3"),
+        ),
         (
             &failure,
             "a result with an unknown field",
@@ -1233,7 +1386,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
                 assert_valid(STEP_SCHEMA, "step.schema.json", &value);
                 decodes_as_step(&value).expect("the step example decodes");
             }
-            "result" | "started" | "heartbeat" => {
+            "result" | "results" | "started" | "heartbeat" => {
                 let message = decodes_as_worker_message(&value)
                     .unwrap_or_else(|error| panic!("{error}:\n{block}"));
                 let (file, schema, _) = worker_schema(&message);
@@ -1250,6 +1403,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
     for kind in [
         "step",
         "result",
+        "results",
         "started",
         "heartbeat",
         "namespaces",

@@ -24,6 +24,7 @@
 //! - `failpoint`: the fault-test hook that holds a step at one stage (only with the
 //!   `failpoints` feature).
 //! - `runtime`: [`Worker`]: consuming, concurrency, publishing, acking, shutdown.
+//! - `results`: results published in batches, each step answered at its confirm.
 //! - `notices`: batched started notices, heartbeats and the worker's status broadcast.
 //! - `metrics`: the Prometheus metrics and their HTTP server.
 
@@ -37,6 +38,7 @@ pub mod handler;
 pub mod handlers;
 mod metrics;
 mod notices;
+mod results;
 mod runtime;
 mod settings;
 

@@ -32,6 +32,7 @@ pub(crate) struct WorkerMetrics {
     registry: Registry,
     pub(crate) step_duration: Family<HandlerOutcome, Histogram>,
     pub(crate) in_flight: Gauge,
+    pub(crate) result_batch_size: Histogram,
     pub(crate) dead_lettered: Family<Reason, Counter>,
     pub(crate) skipped_cancelled: Counter,
     pub(crate) skipped_superseded: Counter,
@@ -59,6 +60,12 @@ impl WorkerMetrics {
             "tasker_worker_steps_in_flight",
             "Steps running on this worker now",
             in_flight.clone(),
+        );
+        let result_batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]);
+        registry.register(
+            "tasker_worker_result_batch_size",
+            "Results per message this worker published (one message per broker confirm)",
+            result_batch_size.clone(),
         );
         let concurrency_gauge: Gauge = Gauge::default();
         concurrency_gauge.set(i64::from(concurrency));
@@ -124,6 +131,7 @@ impl WorkerMetrics {
             registry,
             step_duration,
             in_flight,
+            result_batch_size,
             dead_lettered,
             skipped_cancelled,
             skipped_superseded,

@@ -4,7 +4,8 @@
 //!  namespace queues ──consumers──▶ deliveries (bounded) ──▶ one task per step
 //!                                                            │ started notice ──▶ batcher ──▶ results queue
 //!                                                            │ run handler (timeout, panic caught)
-//!                                                            └ publish result, await confirm, then ack
+//!                                                            └ result ──▶ sender ──▶ results queue
+//!                                                              (confirmed, then ack)
 //! ```
 //!
 //! Concurrency is bounded twice: a semaphore of `concurrency` permits bounds the running
@@ -52,7 +53,7 @@ use tasker_protocol::broker::{
 use tasker_protocol::config::QueueType;
 use tasker_protocol::messages::{
     ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
-    StepStarted, WorkerMessage,
+    StepStarted,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::task::TaskTracker;
@@ -64,6 +65,7 @@ use crate::failpoint::{Failpoint, Stage};
 use crate::handler::HandlerRegistry;
 use crate::metrics::{HandlerOutcome, WorkerMetrics};
 use crate::notices::Notice;
+use crate::results::{RESULT_PATIENCE, ResultSender, current_channel};
 use crate::settings::WorkerSettings;
 
 /// The longest one broker call of a step (a publish's send, an ack, a nack) may take
@@ -73,10 +75,6 @@ pub(crate) const BROKER_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The longest a session's set-up (channels, prefetch, consumers) may take.
 const SETUP_PATIENCE: Duration = Duration::from_secs(30);
-
-/// How long a finished step waits for a broker session to publish its result on, when
-/// the connection it came on was lost.
-const RESULT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A connected worker, ready to run.
 pub struct Worker {
@@ -104,6 +102,8 @@ struct Shared {
     /// The confirm-mode channel of the current session, for results and dead letters;
     /// `None` between sessions.
     publish: watch::Sender<Option<Channel>>,
+    /// Publishes results, several to a message under load.
+    results: ResultSender,
     inflight: InFlight,
     metrics: Arc<WorkerMetrics>,
     /// `TASKER_MAX_RESULT_BYTES`: larger results fail the step (see the executor).
@@ -116,15 +116,7 @@ impl Shared {
     /// The current session's publishing channel, waiting up to `patience` for a session
     /// whose connection is up.
     async fn publish_channel(&self, patience: Duration) -> anyhow::Result<Channel> {
-        let mut current = self.publish.subscribe();
-        let channel = tokio::time::timeout(
-            patience,
-            current.wait_for(|c| c.as_ref().is_some_and(|c| c.status().connected())),
-        )
-        .await
-        .context("no connection to RabbitMQ")?
-        .context("the worker is stopping")?;
-        channel.clone().context("no connection to RabbitMQ")
+        current_channel(self.publish.subscribe(), patience).await
     }
 }
 
@@ -228,11 +220,18 @@ impl Worker {
             }
             None => None,
         };
+        let publish = watch::channel(None).0;
+        let results = ResultSender::start(
+            publish.subscribe(),
+            self.topology.clone(),
+            self.metrics.clone(),
+        );
         let shared = Arc::new(Shared {
             registry: self.registry.clone(),
             topology: self.topology.clone(),
             worker_id: self.worker_id.clone(),
-            publish: watch::channel(None).0,
+            publish,
+            results,
             inflight: InFlight::default(),
             metrics: self.metrics.clone(),
             max_result_bytes: self.max_result_bytes,
@@ -823,7 +822,7 @@ async fn run_step(
             finished_at: now,
             worker_id: shared.worker_id.clone(),
         };
-        if publish_result(shared, &result, None).await.is_ok() {
+        if shared.results.publish(result, None).await.is_ok() {
             shared.metrics.dead_letter("unknown_handler");
             dead_letter(shared, &delivery, &reason, &source_queue).await;
         } else {
@@ -887,12 +886,10 @@ async fn run_step(
     }
     #[cfg(feature = "failpoints")]
     failpoint(shared, session, Stage::Publishing).await;
-    let published = publish_result(
-        shared,
-        &result,
-        tasker_protocol::telemetry::traceparent(&span),
-    )
-    .await;
+    let published = shared
+        .results
+        .publish(result, tasker_protocol::telemetry::traceparent(&span))
+        .await;
     shared.inflight.remove(message.step_id);
     match published {
         Ok(()) => {
@@ -938,70 +935,6 @@ async fn ack(shared: &Shared, delivery: &Delivery) {
             );
         }
     }
-}
-
-/// Publish a result on the current session's channel and wait for the broker's confirm.
-/// If the connection the step came on was lost, it waits for the next session (up to
-/// [`RESULT_PATIENCE`]); if the connection fails during the publish, it tries once more
-/// on the next session (a duplicate result is dropped by the coordinator's fence).
-async fn publish_result(
-    shared: &Shared,
-    result: &StepResult,
-    traceparent: Option<String>,
-) -> anyhow::Result<()> {
-    let body = serde_json::to_vec(&WorkerMessage::Result(result.clone()))?;
-    let mut properties = persistent();
-    if let Some(traceparent) = traceparent {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            TRACEPARENT_HEADER.into(),
-            lapin::types::AMQPValue::LongString(traceparent.into()),
-        );
-        properties = properties.with_headers(headers);
-    }
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let channel = shared.publish_channel(RESULT_PATIENCE).await?;
-        match publish_on(&channel, &shared.topology, &body, properties.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(error) if tries < 2 && !channel.status().connected() => {
-                tracing::info!(
-                    error = format!("{error:#}"),
-                    "the connection failed while publishing a result; publishing again on the next one"
-                );
-            }
-            Err(error) => return Err(error),
-        }
-    }
-}
-
-async fn publish_on(
-    channel: &Channel,
-    topology: &Topology,
-    body: &[u8],
-    properties: lapin::BasicProperties,
-) -> anyhow::Result<()> {
-    let publish = channel.basic_publish(
-        "".into(),
-        topology.results_queue().into(),
-        BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        },
-        body,
-        topology.signed(body, properties),
-    );
-    let confirm = tokio::time::timeout(BROKER_PATIENCE, publish)
-        .await
-        .context("no answer from the broker to a publish")??;
-    let confirm = broker::await_confirm(confirm).await?;
-    anyhow::ensure!(confirm.is_ack(), "the broker refused the result");
-    anyhow::ensure!(
-        confirm.take_message().is_none(),
-        "the results queue is missing"
-    );
-    Ok(())
 }
 
 async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str, source_queue: &str) {

@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use serde_json::{Map, Value, json};
 use tasker_shared::messages::{
-    ControlMessage, HeartbeatBatch, Outcome, RunningStep, SCHEMA_VERSION, StartedBatch, StepError,
-    StepMessage, StepResult, StepStarted, WorkerMessage,
+    BatchedResult, ControlMessage, HeartbeatBatch, Outcome, ResultBatch, RunningStep,
+    SCHEMA_VERSION, StartedBatch, StepError, StepMessage, StepResult, StepStarted, WorkerMessage,
 };
 use uuid::Uuid;
 
@@ -32,12 +32,15 @@ pub(crate) fn decode_every_way(body: &[u8]) -> (bool, bool, bool) {
         );
     });
     let worker = WorkerMessage::decode(body).inspect(|message| {
-        let version = match message {
-            WorkerMessage::Result(result) => result.schema_version,
-            WorkerMessage::Started(batch) => batch.schema_version,
-            WorkerMessage::Heartbeat(batch) => batch.schema_version,
+        let versions = match message {
+            WorkerMessage::Result(result) => vec![result.schema_version],
+            WorkerMessage::Results(batch) => std::iter::once(batch.schema_version)
+                .chain(batch.results.iter().map(|b| b.result.schema_version))
+                .collect(),
+            WorkerMessage::Started(batch) => vec![batch.schema_version],
+            WorkerMessage::Heartbeat(batch) => vec![batch.schema_version],
         };
-        assert_eq!(version, SCHEMA_VERSION);
+        assert!(versions.iter().all(|v| *v == SCHEMA_VERSION));
         let again = serde_json::to_vec(message).expect("encodes");
         assert_eq!(
             &WorkerMessage::decode(&again).expect("decodes again"),
@@ -241,8 +244,8 @@ fn step_error() -> impl Strategy<Value = StepError> {
         })
 }
 
-fn worker_message() -> impl Strategy<Value = WorkerMessage> {
-    let result = (
+fn step_result() -> impl Strategy<Value = StepResult> {
+    (
         (uuid(), uuid(), uuid(), outcome()),
         (option::of(exact_json()), option::of(step_error())),
         (timestamp(), timestamp(), any::<String>()),
@@ -253,7 +256,7 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
                 (results, error),
                 (started_at, finished_at, worker_id),
             )| {
-                WorkerMessage::Result(StepResult {
+                StepResult {
                     schema_version: SCHEMA_VERSION,
                     task_id,
                     step_id,
@@ -265,9 +268,28 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
                     started_at,
                     finished_at,
                     worker_id,
-                })
+                }
             },
-        );
+        )
+}
+
+fn worker_message() -> impl Strategy<Value = WorkerMessage> {
+    let result = step_result().prop_map(WorkerMessage::Result);
+    let results = vec(
+        (step_result(), option::of(any::<String>())).prop_map(|(result, traceparent)| {
+            BatchedResult {
+                result,
+                traceparent,
+            }
+        }),
+        0..4,
+    )
+    .prop_map(|results| {
+        WorkerMessage::Results(ResultBatch {
+            schema_version: SCHEMA_VERSION,
+            results,
+        })
+    });
     let started = (
         any::<String>(),
         vec(
@@ -306,7 +328,7 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
                 steps,
             })
         });
-    prop_oneof![result, started, heartbeat]
+    prop_oneof![result, results, started, heartbeat]
 }
 
 fn control_message() -> impl Strategy<Value = ControlMessage> {

@@ -618,3 +618,128 @@ async fn a_duplicated_result_changes_state_once() {
     let _ = connection.close(200, "OK".into()).await;
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_of_results_is_applied_whole_and_once() {
+    // The test plays a worker that sends its results in `results` batches.
+    let env = TestEnv::start("batched").await.unwrap();
+    let template = "namespace: failing\nname: trio\nsteps:\n  - name: a\n    handler: tasker.noop\n  - name: b\n    handler: tasker.noop\n  - name: c\n    handler: tasker.noop\n  - name: d\n    handler: tasker.echo\n    depends_on: [a, b, c]\n";
+    env.register_template(template).await.unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "failing", "name": "trio"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+
+    let (_connection, channel) = tasker_tests::confirm_channel().await;
+    let take = |count: usize| {
+        let channel = channel.clone();
+        let queue = env.queue("failing");
+        async move {
+            let mut steps: Vec<Value> = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while steps.len() < count {
+                let got = channel
+                    .basic_get(
+                        queue.as_str().into(),
+                        lapin::options::BasicGetOptions { no_ack: true },
+                    )
+                    .await
+                    .unwrap();
+                match got {
+                    Some(message) => {
+                        steps.push(serde_json::from_slice(&message.delivery.data).unwrap())
+                    }
+                    None => {
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "{count} step messages"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            steps
+        }
+    };
+    let now = Utc::now().to_rfc3339();
+    let entry = |step: &Value| {
+        json!({
+            "schema_version": 1, "task_id": step["task_id"], "step_id": step["step_id"],
+            "dispatch_token": step["dispatch_token"], "outcome": "success",
+            "results": {"ran": step["step_name"]}, "started_at": now, "finished_at": now,
+            "worker_id": "batcher"
+        })
+    };
+    let batch = |entries: Vec<Value>| {
+        json!({"type": "results", "schema_version": 1, "results": entries}).to_string()
+    };
+    let results_queue = format!("{}.results", env.prefix);
+
+    let roots = take(3).await;
+    let roots_batch = batch(roots.iter().map(entry).collect());
+    tasker_tests::publish(&channel, "", &results_queue, roots_batch.as_bytes()).await;
+    // The same batch again, as a redelivery would bring it: every result in it is stale.
+    tasker_tests::publish(&channel, "", &results_queue, roots_batch.as_bytes()).await;
+    let stale = "tasker_stale_results_dropped_total";
+    assert_eq!(
+        tasker_tests::wait_for_metric(&env.metrics_url(), stale, 3.0).await,
+        3.0
+    );
+
+    // The join step was dispatched once its three parents completed together.
+    let join = take(1).await.remove(0);
+    assert_eq!(join["step_name"], "d");
+    let parents: Vec<&str> = join["parents"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p["ran"].as_str().unwrap())
+        .collect();
+    assert_eq!(parents, ["a", "b", "c"]);
+
+    // A batch with one result of an unknown version is dead-lettered whole: its good
+    // result is not applied either.
+    let mut bad = entry(&join);
+    bad["schema_version"] = json!(2);
+    let mixed = batch(vec![entry(&join), bad]);
+    tasker_tests::publish(&channel, "", &results_queue, mixed.as_bytes()).await;
+    let letters =
+        tasker_tests::take_dead_letters(&channel, &format!("{}.dead_letter", env.prefix), 1).await;
+    assert_eq!(letters[0].body, mixed.as_bytes());
+    assert!(
+        letters[0].reason.contains("unsupported schema_version 2"),
+        "{}",
+        letters[0].reason
+    );
+    let (_, now_task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+    assert_eq!(TestEnv::step(&now_task, "d")["status"], "enqueued");
+
+    tasker_tests::publish(
+        &channel,
+        "",
+        &results_queue,
+        batch(vec![entry(&join)]).as_bytes(),
+    )
+    .await;
+    let done = env
+        .wait_for_task(&id, &["complete", "error"], Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "complete");
+    for name in ["a", "b", "c", "d"] {
+        let step = TestEnv::step(&done, name);
+        assert_eq!(step["status"], "complete", "{name}");
+        assert_eq!(step["results"], json!({"ran": name}), "{name}");
+    }
+    let completions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND to_status = 'complete'",
+    )
+    .bind(&id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(completions, 4);
+    assert_eq!(tasker_tests::metric(&env.metrics_url(), stale).await, 3.0);
+    env.finish().await.unwrap();
+}

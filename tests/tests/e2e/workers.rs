@@ -201,3 +201,46 @@ async fn sigterm_lets_a_worker_finish_its_running_step_before_it_exits() {
     assert_eq!(done["status"], "complete");
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn results_that_finish_together_leave_the_worker_together() {
+    // 64 instances start at once on a worker that runs them all, sleep alike and finish
+    // within a few milliseconds: while the first results wait for their confirms, the
+    // rest gather into `results` batches. Each result still lands on its own step.
+    let mut env = TestEnv::start("result-batches").await.unwrap();
+    let template = "namespace: batching\nname: wide\nsteps:\n  - name: nap\n    handler: tasker.sleep\n    config: {ms: 300}\n    for_each: \"context.items\"\n  - name: after\n    handler: tasker.echo\n    depends_on: [nap]\n";
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    let (_, worker_metrics) = env
+        .start_metered_worker("wide-1", &["batching"], 64)
+        .await
+        .unwrap();
+    let items: Vec<u64> = (0..64).collect();
+    let task = env
+        .run_task(
+            json!({"namespace": "batching", "name": "wide", "context": {"items": items}}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete");
+    let after = TestEnv::step(&task, "after");
+    let naps = after["results"]["parents"]["nap"].as_array().unwrap();
+    assert_eq!(naps.len(), 64);
+    assert!(naps.iter().all(|nap| nap["slept_ms"] == 300), "{naps:?}");
+
+    let results =
+        tasker_tests::metric(&worker_metrics, "tasker_worker_result_batch_size_sum").await;
+    let messages =
+        tasker_tests::metric(&worker_metrics, "tasker_worker_result_batch_size_count").await;
+    assert_eq!(results, 65.0, "every result went through the sender");
+    assert!(
+        messages < results,
+        "{messages} messages for {results} results: none was batched"
+    );
+    assert_eq!(
+        tasker_tests::metric(&env.metrics_url(), "tasker_stale_results_dropped_total").await,
+        0.0
+    );
+    env.finish().await.unwrap();
+}
