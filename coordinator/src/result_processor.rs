@@ -3,8 +3,9 @@
 //! A consumer of the results queue (a coordinator runs `TASKER_RESULT_CONSUMERS` of them,
 //! each on its own channel, in descending consumer priority: the broker hands a lower
 //! one messages only while the higher ones have their prefetch full). It takes the
-//! first delivery, then whatever else the prefetch buffer already holds (up to the
-//! batch size), and in **one transaction**:
+//! first delivery, then whatever else the prefetch buffer already holds (until the
+//! messages name the batch size's worth of steps: a `results` batch or a notice names
+//! many), and in **one transaction**:
 //! marks started steps `in_progress`, applies results (fenced by dispatch token, decided
 //! by `decision::decide`), claims the dependents they made ready with their messages
 //! (`transitions::claim_children`), and finishes tasks that can finish. After the commit

@@ -454,6 +454,8 @@ struct System {
     bases: Vec<String>,
     coordinators: Vec<Process>,
     workers: Vec<Process>,
+    /// Each worker's `/metrics` URL.
+    worker_metrics: Vec<String>,
     submitters: usize,
     /// What started the coordinators, to start them again.
     args: Args,
@@ -480,6 +482,20 @@ struct Counts {
     creations: f64,
     /// Creating statements (`tasker_create_batch_size_count`).
     creating_statements: f64,
+    /// Results the workers published (`tasker_worker_result_batch_size_sum`).
+    results: f64,
+    /// Messages they published them in (`tasker_worker_result_batch_size_count`).
+    result_messages: f64,
+}
+
+/// One sample without labels, by name, from a `/metrics` page.
+fn sample(text: &str, name: &str) -> anyhow::Result<f64> {
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no {name}"))?
+        .trim()
+        .parse::<f64>()?)
 }
 
 struct Run {
@@ -495,6 +511,8 @@ struct Run {
     statements_per_step: f64,
     /// Tasks the coordinators wrote per creating statement (`tasker_create_batch_size`).
     tasks_per_create_statement: f64,
+    /// Results per message the workers published them in.
+    results_per_message: f64,
     /// CPU seconds each part of the system spent during the run.
     cpu: Vec<(&'static str, f64)>,
     /// With events on: transitions the relay had not yet published when the last task
@@ -537,6 +555,10 @@ impl Run {
         println!(
             "         tasks per creating statement   {:>9.1}  (creations that arrive together are written together)",
             self.tasks_per_create_statement
+        );
+        println!(
+            "         results per result message     {:>9.1}  (results that finish together leave together)",
+            self.results_per_message
         );
         println!(
             "         step row updates per step      {:>9.2}  (WAL {:.0} bytes per step)",
@@ -590,9 +612,16 @@ impl System {
             coordinators.push(process);
         }
         let mut workers = Vec::new();
+        let mut worker_metrics = Vec::new();
         for n in 0..args.workers {
+            // A free port, for the worker's metrics.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            worker_metrics.push(format!("http://127.0.0.1:{port}/metrics"));
             let mut command = Command::new(binary("tasker-worker"));
             command
+                .env("TASKER_METRICS_ADDR", format!("127.0.0.1:{port}"))
                 .env("AMQP_URL", &args.amqp_url)
                 .env("TASKER_AMQP_PREFIX", PREFIX)
                 .env("TASKER_NAMESPACES", "bench")
@@ -611,6 +640,7 @@ impl System {
             bases,
             coordinators,
             workers,
+            worker_metrics,
             submitters: args.submitters,
             args: args.clone(),
             database_url: database_url.to_owned(),
@@ -748,11 +778,11 @@ impl System {
         Ok(self.counts().await?.statements)
     }
 
-    /// A coordinator's `/metrics` page.
-    async fn scrape(&self, base: &str) -> anyhow::Result<String> {
+    /// A `/metrics` page.
+    async fn scrape(&self, url: &str) -> anyhow::Result<String> {
         Ok(self
             .http
-            .get(format!("{base}/metrics"))
+            .get(url)
             .send()
             .await?
             .error_for_status()?
@@ -764,19 +794,15 @@ impl System {
     async fn counts(&self) -> anyhow::Result<Counts> {
         let mut counts = Counts::default();
         for base in &self.bases {
-            let text = self.scrape(base).await?;
-            // One sample without labels, by name.
-            let sample = |name: &str| -> anyhow::Result<f64> {
-                Ok(text
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                    .with_context(|| format!("no {name}"))?
-                    .trim()
-                    .parse::<f64>()?)
-            };
-            counts.statements += sample("tasker_db_statements_total")?;
-            counts.creations += sample("tasker_create_batch_size_sum")?;
-            counts.creating_statements += sample("tasker_create_batch_size_count")?;
+            let text = self.scrape(&format!("{base}/metrics")).await?;
+            counts.statements += sample(&text, "tasker_db_statements_total")?;
+            counts.creations += sample(&text, "tasker_create_batch_size_sum")?;
+            counts.creating_statements += sample(&text, "tasker_create_batch_size_count")?;
+        }
+        for url in &self.worker_metrics {
+            let text = self.scrape(url).await?;
+            counts.results += sample(&text, "tasker_worker_result_batch_size_sum")?;
+            counts.result_messages += sample(&text, "tasker_worker_result_batch_size_count")?;
         }
         Ok(counts)
     }
@@ -923,6 +949,8 @@ impl System {
             statements_per_step: (after.statements - before.statements) / steps as f64,
             tasks_per_create_statement: (after.creations - before.creations)
                 / (after.creating_statements - before.creating_statements),
+            results_per_message: (after.results - before.results)
+                / (after.result_messages - before.result_messages),
             cpu,
             events_behind,
             step_updates_per_step: (written.step_updates - written_before.step_updates)
@@ -1028,7 +1056,7 @@ impl System {
     async fn pruned(&self) -> anyhow::Result<f64> {
         let mut pruned = 0.0;
         for base in &self.bases {
-            let text = self.scrape(base).await?;
+            let text = self.scrape(&format!("{base}/metrics")).await?;
             pruned += samples(&text, "tasker_pruned_tasks_total")
                 .iter()
                 .map(|(_, value)| value)
@@ -1410,7 +1438,7 @@ impl System {
     async fn burst_counts(&self) -> anyhow::Result<BurstCounts> {
         let mut counts = BurstCounts::default();
         for base in &self.bases {
-            let text = self.scrape(base).await?;
+            let text = self.scrape(&format!("{base}/metrics")).await?;
             for (labels, value) in samples(&text, "tasker_leases_expired_total") {
                 let reason = label(&labels, "reason").unwrap_or("");
                 if reason != "lease_expired" {
