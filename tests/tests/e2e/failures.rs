@@ -563,20 +563,9 @@ async fn a_duplicated_result_changes_state_once() {
     .await
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let message = loop {
-        let got = channel
-            .basic_get(
-                env.queue("failing").into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap();
-        if let Some(message) = got {
-            break message;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let step: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    let step = take_steps(&channel, &env.queue("failing"), 1)
+        .await
+        .remove(0);
     let now = Utc::now().to_rfc3339();
     let result = json!({
         "type": "result", "schema_version": 1, "task_id": step["task_id"], "step_id": step["step_id"],
@@ -607,14 +596,7 @@ async fn a_duplicated_result_changes_state_once() {
         tasker_tests::wait_for_metric(&env.metrics_url(), stale, 1.0).await,
         1.0
     );
-    let completions: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND to_status = 'complete'",
-    )
-    .bind(&id)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(completions, 1);
+    assert_eq!(completions(&env, &id).await, 1);
     let _ = connection.close(200, "OK".into()).await;
     env.finish().await.unwrap();
 }
@@ -632,36 +614,7 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
     let id = task["task_id"].as_str().unwrap().to_owned();
 
     let (_connection, channel) = tasker_tests::confirm_channel().await;
-    let take = |count: usize| {
-        let channel = channel.clone();
-        let queue = env.queue("failing");
-        async move {
-            let mut steps: Vec<Value> = Vec::new();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while steps.len() < count {
-                let got = channel
-                    .basic_get(
-                        queue.as_str().into(),
-                        lapin::options::BasicGetOptions { no_ack: true },
-                    )
-                    .await
-                    .unwrap();
-                match got {
-                    Some(message) => {
-                        steps.push(serde_json::from_slice(&message.delivery.data).unwrap())
-                    }
-                    None => {
-                        assert!(
-                            tokio::time::Instant::now() < deadline,
-                            "{count} step messages"
-                        );
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-            steps
-        }
-    };
+    let queue = env.queue("failing");
     let now = Utc::now().to_rfc3339();
     let entry = |step: &Value| {
         json!({
@@ -676,7 +629,7 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
     };
     let results_queue = format!("{}.results", env.prefix);
 
-    let roots = take(3).await;
+    let roots = take_steps(&channel, &queue, 3).await;
     let roots_batch = batch(roots.iter().map(entry).collect());
     tasker_tests::publish(&channel, "", &results_queue, roots_batch.as_bytes()).await;
     // The same batch again, as a redelivery would bring it: every result in it is stale.
@@ -688,7 +641,7 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
     );
 
     // The join step was dispatched once its three parents completed together.
-    let join = take(1).await.remove(0);
+    let join = take_steps(&channel, &queue, 1).await.remove(0);
     assert_eq!(join["step_name"], "d");
     let parents: Vec<&str> = join["parents"]
         .as_object()
@@ -732,14 +685,46 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
         assert_eq!(step["status"], "complete", "{name}");
         assert_eq!(step["results"], json!({"ran": name}), "{name}");
     }
-    let completions: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND to_status = 'complete'",
-    )
-    .bind(&id)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(completions, 4);
+    assert_eq!(completions(&env, &id).await, 4);
     assert_eq!(tasker_tests::metric(&env.metrics_url(), stale).await, 3.0);
     env.finish().await.unwrap();
+}
+
+/// Take `count` step messages from `queue`, as a worker would receive them (acked at
+/// once), waiting up to 20 s for them.
+async fn take_steps(channel: &lapin::Channel, queue: &str, count: usize) -> Vec<Value> {
+    let mut steps = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while steps.len() < count {
+        let got = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        match got {
+            Some(message) => steps.push(serde_json::from_slice(&message.delivery.data).unwrap()),
+            None => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {count} step messages arrived",
+                    steps.len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    steps
+}
+
+/// How many `complete` transitions the task's steps have.
+async fn completions(env: &TestEnv, task_id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM step_transitions WHERE task_id = $1::uuid AND to_status = 'complete'",
+    )
+    .bind(task_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
 }
