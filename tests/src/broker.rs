@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use lapin::message::Delivery;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -68,40 +69,56 @@ pub struct DeadLetter {
     pub source_queue: String,
 }
 
+/// Take `count` messages from `queue` (acked as they are taken), waiting up to
+/// `patience` for them; panics naming how many came.
+pub async fn take_messages(
+    channel: &Channel,
+    queue: &str,
+    count: usize,
+    patience: Duration,
+) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut messages = Vec::new();
+    while messages.len() < count {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        match got {
+            Some(message) => messages.push(message.delivery),
+            None => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {count} messages arrived in {queue}: {:?}",
+                    messages.len(),
+                    messages
+                        .iter()
+                        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+                        .collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    messages
+}
+
 /// Take `count` messages from the dead-letter queue `queue`, waiting up to 30 s for them.
 ///
 /// Whether more arrive is for the caller to check, with
 /// [`assert_no_dead_letters`], once every message that could be dead-lettered has been
 /// dealt with (a counter reached, a task finished).
 pub async fn take_dead_letters(channel: &Channel, queue: &str, count: usize) -> Vec<DeadLetter> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut letters = Vec::new();
-    while letters.len() < count {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get");
-        match got {
-            Some(message) => {
-                let properties = &message.delivery.properties;
-                letters.push(DeadLetter {
-                    body: message.delivery.data.clone(),
-                    reason: header(properties, "x-tasker-reason")
-                        .expect("every dead letter has an x-tasker-reason header"),
-                    source_queue: header(properties, "x-tasker-source-queue").unwrap_or_default(),
-                });
-            }
-            None => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {} of {count} dead letters arrived: {letters:?}",
-                    letters.len()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    letters
+    take_messages(channel, queue, count, Duration::from_secs(30))
+        .await
+        .into_iter()
+        .map(|delivery| DeadLetter {
+            reason: header(&delivery.properties, "x-tasker-reason")
+                .expect("every dead letter has an x-tasker-reason header"),
+            source_queue: header(&delivery.properties, "x-tasker-source-queue").unwrap_or_default(),
+            body: delivery.data,
+        })
+        .collect()
 }
 
 /// The dead-letter queue `queue` is empty now.

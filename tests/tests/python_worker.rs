@@ -446,38 +446,21 @@ async fn dead_letters(
     env: &TestEnv,
     count: usize,
 ) -> Vec<(Vec<u8>, String, String)> {
-    let deadline = tokio::time::Instant::now() + LONG;
-    let mut letters = Vec::new();
-    while letters.len() < count {
-        let got = channel
-            .basic_get(
-                format!("{}.dead_letter", env.prefix).into(),
-                lapin::options::BasicGetOptions { no_ack: true },
+    let queue = format!("{}.dead_letter", env.prefix);
+    tasker_tests::take_messages(channel, &queue, count, LONG)
+        .await
+        .into_iter()
+        .map(|delivery| {
+            let properties = &delivery.properties;
+            (
+                delivery.data.clone(),
+                header_str(properties, "x-tasker-reason")
+                    .expect("every dead letter has an x-tasker-reason header"),
+                header_str(properties, "x-tasker-source-queue")
+                    .expect("every dead letter has an x-tasker-source-queue header"),
             )
-            .await
-            .unwrap();
-        match got {
-            Some(message) => {
-                let properties = &message.delivery.properties;
-                letters.push((
-                    message.delivery.data.clone(),
-                    header_str(properties, "x-tasker-reason")
-                        .expect("every dead letter has an x-tasker-reason header"),
-                    header_str(properties, "x-tasker-source-queue")
-                        .expect("every dead letter has an x-tasker-source-queue header"),
-                ));
-            }
-            None => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {} of {count} dead letters came: {letters:?}",
-                    letters.len()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    letters
+        })
+        .collect()
 }
 
 /// Publish `body` with a publisher confirm, signed with [`KEY`] when `signed`.

@@ -693,29 +693,11 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
 /// Take `count` step messages from `queue`, as a worker would receive them (acked at
 /// once), waiting up to 20 s for them.
 async fn take_steps(channel: &lapin::Channel, queue: &str, count: usize) -> Vec<Value> {
-    let mut steps = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while steps.len() < count {
-        let got = channel
-            .basic_get(
-                queue.into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap();
-        match got {
-            Some(message) => steps.push(serde_json::from_slice(&message.delivery.data).unwrap()),
-            None => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {} of {count} step messages arrived",
-                    steps.len()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    steps
+    tasker_tests::take_messages(channel, queue, count, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(|delivery| serde_json::from_slice(&delivery.data).unwrap())
+        .collect()
 }
 
 /// How many `complete` transitions the task's steps have.
