@@ -17,7 +17,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tasker_protocol::broker::{self, TRACEPARENT_HEADER, Topology, persistent};
-use tasker_protocol::messages::{SCHEMA_VERSION, StepResult, WorkerMessage};
+use tasker_protocol::messages::{BatchedResult, SCHEMA_VERSION, StepResult, WorkerMessage};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::WorkerMetrics;
@@ -35,10 +35,10 @@ const MAX_BYTES: usize = 512 * 1024;
 /// the connection it came on was lost.
 pub(crate) const RESULT_PATIENCE: Duration = Duration::from_secs(60);
 
-/// A result waiting to leave, and the step waiting for its confirm.
+/// A result (with its trace context) waiting to leave, and the step waiting for its
+/// confirm.
 struct Outgoing {
-    result: StepResult,
-    traceparent: Option<String>,
+    entry: BatchedResult,
     confirmed: oneshot::Sender<anyhow::Result<()>>,
 }
 
@@ -80,8 +80,10 @@ impl ResultSender {
         let (confirmed, answer) = oneshot::channel();
         self.0
             .send(Outgoing {
-                result,
-                traceparent,
+                entry: BatchedResult {
+                    result,
+                    traceparent,
+                },
                 confirmed,
             })
             .map_err(|_| anyhow::anyhow!("the worker's result sender has stopped"))?;
@@ -149,13 +151,12 @@ fn next_message(
     Vec<oneshot::Sender<anyhow::Result<()>>>,
 ) {
     let mut answers = Vec::new();
-    if waiting.len() == 1 {
-        let Some(outgoing) = waiting.pop_front() else {
-            unreachable!("one result is waiting");
-        };
-        answers.push(outgoing.confirmed);
+    if waiting.len() == 1
+        && let Some(Outgoing { entry, confirmed }) = waiting.pop_front()
+    {
+        answers.push(confirmed);
         let mut properties = persistent();
-        if let Some(traceparent) = outgoing.traceparent {
+        if let Some(traceparent) = entry.traceparent {
             let mut headers = FieldTable::default();
             headers.insert(
                 TRACEPARENT_HEADER.into(),
@@ -163,7 +164,7 @@ fn next_message(
             );
             properties = properties.with_headers(headers);
         }
-        let body = serde_json::to_vec(&WorkerMessage::Result(outgoing.result))
+        let body = serde_json::to_vec(&WorkerMessage::Result(entry.result))
             .expect("a result encodes as JSON");
         return (body, properties, answers);
     }
@@ -175,11 +176,7 @@ fn next_message(
         let Some(next) = waiting.front() else {
             break;
         };
-        let entry = serde_json::to_vec(&Entry {
-            result: &next.result,
-            traceparent: &next.traceparent,
-        })
-        .expect("a result encodes as JSON");
+        let entry = serde_json::to_vec(&next.entry).expect("a result encodes as JSON");
         if !answers.is_empty() && body.len() + entry.len() > MAX_BYTES {
             break;
         }
@@ -193,15 +190,6 @@ fn next_message(
     }
     body.extend_from_slice(b"]}");
     (body, persistent(), answers)
-}
-
-/// A [`BatchedResult`] by reference, written exactly as serde writes one.
-#[derive(serde::Serialize)]
-struct Entry<'a> {
-    #[serde(flatten)]
-    result: &'a StepResult,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    traceparent: &'a Option<String>,
 }
 
 impl Publisher {
@@ -294,18 +282,17 @@ mod tests {
         let traceparent = n
             .is_multiple_of(2)
             .then(|| "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned());
-        let expected = BatchedResult {
-            result: result.clone(),
-            traceparent: traceparent.clone(),
+        let entry = BatchedResult {
+            result,
+            traceparent,
         };
         let (confirmed, _) = oneshot::channel();
         (
             Outgoing {
-                result,
-                traceparent,
+                entry: entry.clone(),
                 confirmed,
             },
-            expected,
+            entry,
         )
     }
 
@@ -349,7 +336,7 @@ mod tests {
         assert!(body.len() <= MAX_BYTES);
         assert_eq!(waiting.len(), 3);
         assert_eq!(
-            waiting.front().map(|o| o.result.step_id),
+            waiting.front().map(|o| o.entry.result.step_id),
             Some(expected[2].result.step_id)
         );
         let huge = json!("x".repeat(MAX_BYTES * 2));
