@@ -1,8 +1,9 @@
 -- The `tasker.task` steps $1 (judged to run) start their children $2 (in the same
 -- order), each an attempt of the step: the child is now their last parent still to
 -- finish, and they keep their condition, so that the child's end hands them to the
--- coordinator again. Each step once: one another transaction started is left alone. A
--- task whose first step this is starts too. Returns the steps started.
+-- coordinator again. Each step once: one another transaction started is left alone.
+-- (Its task started when the claim handed the step over to be judged.) Returns the steps
+-- started.
 WITH input AS (
     SELECT i.step_id, i.child_task_id
     FROM unnest($1::UUID[], $2::UUID[]) AS i(step_id, child_task_id)
@@ -23,15 +24,5 @@ history AS (
            jsonb_build_object('child_task_id', child_task_id)
     FROM started
     ORDER BY step_id
-),
-begun AS (
-    UPDATE tasks t
-    SET status = 'in_progress', updated_at = now()
-    WHERE t.task_id IN (SELECT task_id FROM started) AND t.status = 'pending'
-    RETURNING t.task_id
-),
-task_history AS (
-    INSERT INTO task_transitions (task_id, from_status, to_status, reason)
-    SELECT task_id, 'pending', 'in_progress', 'first_step_dispatched' FROM begun
 )
 SELECT step_id FROM started

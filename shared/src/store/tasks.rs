@@ -1,17 +1,19 @@
 //! Creating tasks and reading them.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::states::{StepStatus, TaskStatus, TransitionReason};
 use crate::store::templates::TemplateRecord;
-use crate::store::transitions::{Dispatch, claimed_in};
+use crate::store::transitions::{Dispatch, FirstStep, first_step_in};
 use crate::template::{
     KeyInputs, Limits, Problem, TemplateDefinition, condition_task, evaluate_condition,
 };
@@ -401,23 +403,14 @@ impl Creation {
         self.task_id
     }
 
-    /// The steps to claim with the task: those with no parent to wait for, not skipped
-    /// and not run by the coordinator, when it claims at all.
+    /// The steps to claim with the task, when it claims at all: those with no parent to
+    /// wait for, and not skipped. The claim hands back those the coordinator runs
+    /// (`for_each`, `tasker.wait`, `tasker.task`) to be judged, once their time has come
+    /// (else the dispatcher finds them when they are due).
     fn first_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
         let claims = self.claim_lease_ms.is_some();
         self.roots()
-            .filter(move |&i| claims && self.plan.conditions[i].is_none())
-            .map(|i| self.step_ids[i])
-    }
-
-    /// The steps the coordinator runs (`for_each`, `tasker.wait`, `tasker.task`) without a parent to
-    /// wait for, to judge once the task is written, when it claims and may start now
-    /// (else the dispatcher finds them when they are due).
-    fn first_coordinator_steps(&self) -> impl Iterator<Item = Uuid> + '_ {
-        let now =
-            self.claim_lease_ms.is_some() && self.new.run_at.is_none_or(|at| at <= Utc::now());
-        self.roots()
-            .filter(move |&i| now && self.plan.conditions[i].is_some())
+            .filter(move |_| claims)
             .map(|i| self.step_ids[i])
     }
 
@@ -600,14 +593,25 @@ pub async fn create_many(
     let lease_ms = creations
         .iter()
         .find_map(|creation| creation.claim_lease_ms);
+    let mut first = first_steps(&rows)?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
-    for row in &rows {
-        let task_id: Uuid = row.try_get("created_task_id")?;
-        let (_, dispatches, _) =
-            created
-                .entry(task_id)
-                .or_insert((row.try_get("created_at")?, Vec::new(), false));
-        dispatches.extend(claimed_in(row)?);
+    // First steps the coordinator runs, handed back by the claim: fanned out (the first
+    // instances claimed), waiting, or started as a child task, now. The first steps of
+    // child tasks started here (`tasker.task`) go with the first creation that judged
+    // any: the caller publishes each creation's dispatches.
+    let mut to_judge = Vec::new();
+    let mut judging = None;
+    for creation in creations {
+        if let Some(steps) = first.remove(&creation.task_id) {
+            if !steps.to_judge.is_empty() {
+                judging.get_or_insert(creation.task_id);
+                to_judge.extend(steps.to_judge);
+            }
+            created.insert(
+                creation.task_id,
+                (steps.created_at, steps.dispatches, false),
+            );
+        }
     }
     // A task its template's concurrency cancelled at once (on_limit: cancel_newest). Asked
     // for those templates only, by primary key.
@@ -629,24 +633,8 @@ pub async fn create_many(
             }
         }
     }
-    // First steps the coordinator runs: fanned out (the first instances claimed), waiting,
-    // or started as a child task, now.
-    let fan_outs: Vec<Uuid> = creations
-        .iter()
-        .filter(|creation| created.contains_key(&creation.task_id))
-        .flat_map(Creation::first_coordinator_steps)
-        .collect();
-    if let (false, Some(lease_ms)) = (fan_outs.is_empty(), lease_ms) {
-        // The first steps of child tasks started here (`tasker.task`) go with the first
-        // creation that judged any: the caller publishes each creation's dispatches.
-        let judging = creations
-            .iter()
-            .find(|creation| {
-                created.contains_key(&creation.task_id)
-                    && creation.first_coordinator_steps().next().is_some()
-            })
-            .map(|creation| creation.task_id);
-        for dispatch in crate::store::transitions::judge_steps(pool, fan_outs, lease_ms).await? {
+    if let (false, Some(lease_ms)) = (to_judge.is_empty(), lease_ms) {
+        for dispatch in crate::store::transitions::judge_steps(pool, to_judge, lease_ms).await? {
             let task_id = if created.contains_key(&dispatch.message.task_id) {
                 dispatch.message.task_id
             } else {
@@ -701,20 +689,50 @@ pub(crate) async fn create_children(
     creations: &[Creation],
 ) -> sqlx::Result<Vec<NewChild>> {
     let rows = insert(&mut *conn, creations).await?;
-    let mut claimed: HashMap<Uuid, Vec<Dispatch>> = HashMap::new();
-    for row in &rows {
-        let task_id: Uuid = row.try_get("created_task_id")?;
-        claimed.entry(task_id).or_default().extend(claimed_in(row)?);
-    }
+    let mut first = first_steps(&rows)?;
     Ok(creations
         .iter()
-        .map(|creation| NewChild {
-            task_id: creation.task_id,
-            dispatches: claimed.remove(&creation.task_id).unwrap_or_default(),
-            to_judge: creation.first_coordinator_steps().collect(),
-            all_skipped: creation.all_skipped(),
+        .map(|creation| {
+            let steps = first.remove(&creation.task_id).unwrap_or_default();
+            NewChild {
+                task_id: creation.task_id,
+                dispatches: steps.dispatches,
+                to_judge: steps.to_judge,
+                all_skipped: creation.all_skipped(),
+            }
         })
         .collect())
+}
+
+/// A created task's first steps, as the claim in `tasker_create_tasks` returned them.
+#[derive(Default)]
+struct FirstSteps {
+    created_at: DateTime<Utc>,
+    /// Claimed: to publish.
+    dispatches: Vec<Dispatch>,
+    /// Steps the coordinator runs, to judge.
+    to_judge: Vec<Uuid>,
+}
+
+/// The first steps of each task that `tasker_create_tasks` created, from its rows.
+fn first_steps(rows: &[PgRow]) -> sqlx::Result<HashMap<Uuid, FirstSteps>> {
+    let mut tasks: HashMap<Uuid, FirstSteps> = HashMap::new();
+    for row in rows {
+        let task_id: Uuid = row.try_get("created_task_id")?;
+        let steps = match tasks.entry(task_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(FirstSteps {
+                created_at: row.try_get("created_at")?,
+                ..FirstSteps::default()
+            }),
+        };
+        match first_step_in(row)? {
+            Some(FirstStep::Claimed(dispatch)) => steps.dispatches.push(*dispatch),
+            Some(FirstStep::ToJudge(step_id)) => steps.to_judge.push(step_id),
+            None => {}
+        }
+    }
+    Ok(tasks)
 }
 
 /// Write `creations` with `tasker_create_tasks`: one row per claimed first step of each

@@ -372,12 +372,7 @@ async fn cancelling_a_running_task_lets_the_queued_one_start_and_frees_its_slot(
         )
         .await
         .unwrap();
-    let slots: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = 'flow/export=c1'")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(slots, vec![second.task_id]);
+    assert_eq!(slots(&env, "flow/export=c1").await, [second.task_id]);
     env.finish().await.unwrap();
 }
 
@@ -412,12 +407,7 @@ async fn a_retried_task_counts_against_its_key_while_it_runs() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let slots: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = 'flow/approve=c1'")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(slots, vec![first.task_id]);
+    assert_eq!(slots(&env, "flow/approve=c1").await, [first.task_id]);
     let second = env.api.create_task(&request).await.unwrap();
     let (status, readiness) = env
         .get(&format!("/v1/tasks/{}/readiness", second.task_id))
@@ -436,5 +426,141 @@ async fn a_retried_task_counts_against_its_key_while_it_runs() {
         })
         .await
         .unwrap();
+    env.finish().await.unwrap();
+}
+
+/// The task ids holding a slot of the template concurrency key `key`.
+async fn slots(env: &TestEnv, key: &str) -> Vec<uuid::Uuid> {
+    sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = $1 ORDER BY task_id")
+        .bind(key)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_task_whose_first_step_waits_holds_its_slot_while_it_waits() {
+    let mut env = TestEnv::start("flow-template-wait").await.unwrap();
+    let (status, body) = env
+        .register_template("namespace: flow\nname: gate\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: approve, handler: tasker.wait, config: {signal: ok}}\n  - {name: ship, handler: tasker.noop, depends_on: [approve]}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+    let customer =
+        |c: &str| json!({"namespace": "flow", "name": "gate", "context": {"customer": c}});
+    let signal = |task: uuid::Uuid| format!("/v1/tasks/{task}/signals/ok");
+
+    // The first task waits for its signal, started and holding the key's one slot.
+    let first = env.api.create_task(&customer("c1")).await.unwrap();
+    crate::until_reason(&env, first.task_id, "approve", "waiting_for_signal").await;
+    assert_eq!(
+        env.api.task(first.task_id).await.unwrap().status,
+        TaskStatus::InProgress
+    );
+    assert_eq!(slots(&env, "flow/gate=c1").await, [first.task_id]);
+
+    // A second task of the same customer is queued, its wait not begun; another
+    // customer's task waits for its signal at once.
+    let second = env.api.create_task(&customer("c1")).await.unwrap();
+    let other = env.api.create_task(&customer("c2")).await.unwrap();
+    crate::until_reason(&env, other.task_id, "approve", "waiting_for_signal").await;
+    let held = crate::readiness(&env, second.task_id).await;
+    assert_eq!(held["steps"][0]["reason"], "concurrency_limited", "{held}");
+    assert_eq!(
+        env.api.task(second.task_id).await.unwrap().status,
+        TaskStatus::Pending
+    );
+
+    // The first one's signal ends it; then the second starts waiting, holding the slot.
+    let (status, body) = env.post(&signal(first.task_id), json!({})).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = crate::finished(&env, first.task_id, Duration::from_secs(60)).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    crate::until_reason(&env, second.task_id, "approve", "waiting_for_signal").await;
+    assert_eq!(slots(&env, "flow/gate=c1").await, [second.task_id]);
+    for task in [second.task_id, other.task_id] {
+        let (status, body) = env.post(&signal(task), json!({})).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let done = crate::finished(&env, task, Duration::from_secs(60)).await;
+        assert_eq!(done.status, TaskStatus::Complete);
+    }
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_whose_first_step_fans_out_takes_its_slot() {
+    let mut env = TestEnv::start("flow-template-fan").await.unwrap();
+    let (status, body) = env
+        .register_template("namespace: flow\nname: spread\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: nap, handler: tasker.sleep, config: {ms: 300}, for_each: context.parts}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+
+    // Two tasks of one customer: the second's instances run after the first's.
+    let body = json!({"namespace": "flow", "name": "spread", "context": {"customer": "c1", "parts": [1, 2]}});
+    let first = env.api.create_task(&body).await.unwrap();
+    let second = env.api.create_task(&body).await.unwrap();
+    wait_all(
+        &env,
+        &[first.task_id, second.task_id],
+        Duration::from_secs(60),
+    )
+    .await;
+    let first = env.api.task(first.task_id).await.unwrap();
+    let second = env.api.task(second.task_id).await.unwrap();
+    let first_end = first
+        .steps
+        .iter()
+        .filter_map(|s| s.completed_at)
+        .max()
+        .unwrap();
+    let instances: Vec<_> = second.steps.iter().filter(|s| s.name != "nap").collect();
+    assert_eq!(instances.len(), 2, "{:?}", second.steps);
+    for step in instances {
+        assert!(
+            step.started_at.unwrap() >= first_end,
+            "{step:?} before {first_end}"
+        );
+    }
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_whose_first_step_runs_a_child_task_takes_its_slot() {
+    let mut env = TestEnv::start("flow-template-child").await.unwrap();
+    for template in [
+        "namespace: flow\nname: inner\nsteps:\n  - {name: nap, handler: tasker.sleep, config: {ms: 300}}\n",
+        "namespace: flow\nname: outer\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: run, handler: tasker.task, config: {namespace: flow, name: inner}}\n",
+    ] {
+        let (status, body) = env.register_template(template).await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+
+    // Two tasks of one customer: the second's child starts once the first has ended.
+    let body = json!({"namespace": "flow", "name": "outer", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&body).await.unwrap();
+    let second = env.api.create_task(&body).await.unwrap();
+    wait_all(
+        &env,
+        &[first.task_id, second.task_id],
+        Duration::from_secs(60),
+    )
+    .await;
+    let (first_end, second_child_start): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+        "SELECT (SELECT completed_at FROM tasks WHERE task_id = $1),
+                (SELECT created_at FROM tasks WHERE parent_task_id = $2)",
+    )
+    .bind(first.task_id)
+    .bind(second.task_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        second_child_start >= first_end,
+        "the second task's child began at {second_child_start}, before the first ended at {first_end}"
+    );
     env.finish().await.unwrap();
 }

@@ -52,6 +52,40 @@ pub(crate) async fn step_history(
     .expect("step history")
 }
 
+/// A task's readiness (`GET /v1/tasks/{id}/readiness`).
+pub(crate) async fn readiness(env: &tasker_tests::TestEnv, task_id: uuid::Uuid) -> Value {
+    env.get(&format!("/v1/tasks/{task_id}/readiness"))
+        .await
+        .unwrap()
+        .1
+}
+
+/// Wait (up to a minute) until the step `name` of the task has readiness `reason`.
+pub(crate) async fn until_reason(
+    env: &tasker_tests::TestEnv,
+    task_id: uuid::Uuid,
+    name: &str,
+    reason: &str,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = readiness(env, task_id).await;
+        if let Some(step) = r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name && s["reason"] == reason)
+        {
+            return step.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never {reason}: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The task once it finished (`complete`, `error` or `cancelled`), within `timeout`.
 pub(crate) async fn finished(
     env: &tasker_tests::TestEnv,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tasker_tests::{EnvOptions, StepStatus, TaskStatus, TestEnv, binary};
 
 const APPROVAL: &str = r#"namespace: wait
@@ -24,34 +24,6 @@ const QUICK: &str = "namespace: wait\nname: quick\nsteps:\n  - {name: a, handler
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn readiness(env: &TestEnv, task_id: uuid::Uuid) -> Value {
-    env.get(&format!("/v1/tasks/{task_id}/readiness"))
-        .await
-        .unwrap()
-        .1
-}
-
-/// Wait until the step `name` of the task has readiness `reason`.
-async fn until_reason(env: &TestEnv, task_id: uuid::Uuid, name: &str, reason: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r = readiness(env, task_id).await;
-        if let Some(step) = r["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name && s["reason"] == reason)
-        {
-            return step.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never {reason}: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_waiting_step_holds_no_worker_slot_and_completes_with_the_signal() {
     let mut env = TestEnv::start("wait-signal").await.unwrap();
@@ -69,7 +41,7 @@ async fn a_waiting_step_holds_no_worker_slot_and_completes_with_the_signal() {
         .create_task(&json!({"namespace": "wait", "name": "approval"}))
         .await
         .unwrap();
-    let approve = until_reason(&env, task.task_id, "approve", "waiting_for_signal").await;
+    let approve = crate::until_reason(&env, task.task_id, "approve", "waiting_for_signal").await;
     assert_eq!(
         approve["message"], "waiting for the signal `approved`",
         "{approve}"
@@ -212,7 +184,7 @@ steps:
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    until_reason(&env, late.task_id, "approve", "waiting_for_signal").await;
+    crate::until_reason(&env, late.task_id, "approve", "waiting_for_signal").await;
     let (status, body) = env
         .post(&format!("/v1/tasks/{}/signals/go", late.task_id), json!({}))
         .await

@@ -1,17 +1,19 @@
 //! Claiming steps for dispatch: the one claim path.
 //!
-//! Every claim goes through `tasker_claim_steps` (migrations/0013), whatever found the
-//! steps: the dispatcher's scan of ready steps and of steps held by a limit
-//! ([`claim_ready`]), the children a batch of results completed and the held steps
+//! Every claim goes through `tasker_claim_steps` (migrations/0013, last changed in 0020),
+//! whatever found the steps: the dispatcher's scan of ready steps and of steps held by a
+//! limit ([`claim_ready`]), the children a batch of results completed and the held steps
 //! of the keys it freed ([`claim_children`]), a new task's first steps (claimed inside
-//! `tasker_create_tasks`, read back with [`claimed_in`]). The function applies the claim
-//! rule (`tasker_step_claimable`) and the limits (holding the steps that do not fit),
-//! writes the `dispatched` history rows, starts the tasks and returns each claimed step's
-//! message. A new condition on claiming goes there.
+//! `tasker_create_tasks`, read back with [`first_step_in`]). The function applies the
+//! claim rule (`tasker_step_claimable`) and the limits (holding the steps that do not
+//! fit), writes the `dispatched` history rows, starts the tasks and returns each claimed
+//! step's message. A new condition on claiming goes there.
 //!
-//! A step with a `when` condition is not claimed but returned without a dispatch token:
-//! each function here has it judged in the same transaction ([`super::conditions`]), and
-//! returns the steps that claims.
+//! A step with a condition (a `when`, or one the coordinator runs: `for_each`,
+//! `tasker.wait`, `tasker.task`) is not claimed but returned without a dispatch token,
+//! once it passed what a claim of it would (its task's start, under its template's
+//! `concurrency`): each function here has it judged in the same transaction
+//! ([`super::conditions`]), and returns the steps that claims.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -228,13 +230,24 @@ async fn with_items(conn: &mut PgConnection, dispatches: &mut [Dispatch]) -> sql
     Ok(())
 }
 
-/// The claimed step in a row of `tasker_create_tasks`, which returns a created task's
-/// first steps as `tasker_claim_steps` claimed them (none: `step_id` is NULL).
-pub(crate) fn claimed_in(row: &PgRow) -> sqlx::Result<Option<Dispatch>> {
-    // A creation judges its first steps' conditions itself: none comes back to judge.
+/// What the claim in a creation did with one of a created task's first steps.
+pub(crate) enum FirstStep {
+    /// Claimed: its message, to publish.
+    Claimed(Box<Dispatch>),
+    /// A step the coordinator runs (`for_each`, `tasker.wait`, `tasker.task`), handed back
+    /// to be judged; its task started (or was held or cancelled) as a claim's would.
+    ToJudge(Uuid),
+}
+
+/// The first step in a row of `tasker_create_tasks`, which returns a created task's
+/// first steps as `tasker_claim_steps` returned them (none: `step_id` is NULL).
+pub(crate) fn first_step_in(row: &PgRow) -> sqlx::Result<Option<FirstStep>> {
     match row.try_get::<Option<Uuid>, _>("dispatch_token")? {
-        Some(token) => ClaimedRow::from_row(row).map(|row| Some(row.into_dispatch(token))),
-        None => Ok(None),
+        Some(token) => ClaimedRow::from_row(row)
+            .map(|row| Some(FirstStep::Claimed(Box::new(row.into_dispatch(token))))),
+        None => Ok(row
+            .try_get::<Option<Uuid>, _>("step_id")?
+            .map(FirstStep::ToJudge)),
     }
 }
 

@@ -47,7 +47,7 @@ mod operator;
 mod worker;
 
 pub use claim::{Dispatch, claim_children, claim_ready, next_due};
-pub(crate) use claim::{claimed_in, judge_steps};
+pub(crate) use claim::{FirstStep, first_step_in, judge_steps};
 pub use conditions::{max_fan_out, set_max_fan_out};
 pub use leases::{
     ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
