@@ -70,6 +70,7 @@ impl EventRelay {
         let Some(cursor) = lock_cursor(&mut tx).await? else {
             return Ok(0);
         };
+        tasker_shared::db::plan_by_key(&mut tx).await?;
         let rows = transitions_after(&mut tx, cursor, BATCH).await?;
         let now = chrono::Utc::now();
         let mut last = cursor;

@@ -178,6 +178,7 @@ impl ResultProcessor {
         }
 
         let mut tx = self.pool.begin().await?;
+        tasker_shared::db::plan_by_key(&mut tx).await?;
         let mut steps: Vec<uuid::Uuid> = messages
             .iter()
             .flat_map(|(_, message)| message.steps())

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -33,6 +33,24 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options))
+}
+
+/// Plan the statements of the caller's transaction once per connection, as index probes
+/// whatever the tables' statistics say: what the claim function does for its own
+/// statements (migration 0011), for a transaction of statements that each touch rows by
+/// key (a batch of results, the events relay's read). The pool plans every execution
+/// anew (`force_custom_plan`, above), which for these statements cost more than running
+/// them (BENCHMARKS.md); a plan for index probes is right at every table size.
+pub async fn plan_by_key(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), \
+                set_config('enable_seqscan', 'off', true), \
+                set_config('enable_hashjoin', 'off', true), \
+                set_config('enable_mergejoin', 'off', true)",
+    )
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// Create the database if it is missing, then apply every pending migration.
