@@ -556,10 +556,16 @@ impl Run {
             "         tasks per creating statement   {:>9.1}  (creations that arrive together are written together)",
             self.tasks_per_create_statement
         );
-        println!(
-            "         results per result message     {:>9.1}  (results that finish together leave together)",
-            self.results_per_message
-        );
+        if self.results_per_message.is_finite() {
+            println!(
+                "         results per result message     {:>9.1}  (results that finish together leave together)",
+                self.results_per_message
+            );
+        } else {
+            println!(
+                "         results per result message          n/a  (the workers do not count them)"
+            );
+        }
         println!(
             "         step row updates per step      {:>9.2}  (WAL {:.0} bytes per step)",
             self.step_updates_per_step, self.wal_bytes_per_step
@@ -799,10 +805,13 @@ impl System {
             counts.creations += sample(&text, "tasker_create_batch_size_sum")?;
             counts.creating_statements += sample(&text, "tasker_create_batch_size_count")?;
         }
+        // Workers built before results were batched have no such metric: none counted
+        // (the line then says so), so the bench can measure those builds too.
         for url in &self.worker_metrics {
             let text = self.scrape(url).await?;
-            counts.results += sample(&text, "tasker_worker_result_batch_size_sum")?;
-            counts.result_messages += sample(&text, "tasker_worker_result_batch_size_count")?;
+            counts.results += sample(&text, "tasker_worker_result_batch_size_sum").unwrap_or(0.0);
+            counts.result_messages +=
+                sample(&text, "tasker_worker_result_batch_size_count").unwrap_or(0.0);
         }
         Ok(counts)
     }
