@@ -593,7 +593,7 @@ pub async fn create_many(
     let lease_ms = creations
         .iter()
         .find_map(|creation| creation.claim_lease_ms);
-    let mut first = first_steps(&rows)?;
+    let mut first = returned_first_steps(&rows)?;
     let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
     // First steps the coordinator runs, handed back by the claim: fanned out (the first
     // instances claimed), waiting, or started as a child task, now. The first steps of
@@ -689,7 +689,7 @@ pub(crate) async fn create_children(
     creations: &[Creation],
 ) -> sqlx::Result<Vec<NewChild>> {
     let rows = insert(&mut *conn, creations).await?;
-    let mut first = first_steps(&rows)?;
+    let mut first = returned_first_steps(&rows)?;
     Ok(creations
         .iter()
         .map(|creation| {
@@ -715,7 +715,7 @@ struct FirstSteps {
 }
 
 /// The first steps of each task that `tasker_create_tasks` created, from its rows.
-fn first_steps(rows: &[PgRow]) -> sqlx::Result<HashMap<Uuid, FirstSteps>> {
+fn returned_first_steps(rows: &[PgRow]) -> sqlx::Result<HashMap<Uuid, FirstSteps>> {
     let mut tasks: HashMap<Uuid, FirstSteps> = HashMap::new();
     for row in rows {
         let task_id: Uuid = row.try_get("created_task_id")?;
