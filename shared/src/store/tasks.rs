@@ -470,15 +470,19 @@ impl Creation {
     }
 
     /// The task and its steps as the statement wrote them (built here, not read back),
-    /// with the claimed ones' messages; or cancelled at once, by its template's
-    /// concurrency (`on_limit: cancel_newest`).
-    fn created(&self, mut task: TaskRecord, dispatches: Vec<Dispatch>, cancelled: bool) -> Created {
+    /// with the claimed ones' messages: started when a first step was claimed or taken up
+    /// to be judged; or cancelled at once, by its template's concurrency (`on_limit:
+    /// cancel_newest`).
+    fn created(&self, written: Written) -> Created {
         let definition = &self.template.definition;
-        let claimed: HashMap<Uuid, i32> = dispatches
+        let mut task = self.record(written.created_at);
+        let cancelled = written.cancelled;
+        let claimed: HashMap<Uuid, i32> = written
+            .dispatches
             .iter()
             .map(|d| (d.message.step_id, d.message.attempt))
             .collect();
-        if !dispatches.is_empty() {
+        if written.started() {
             task.status = TaskStatus::InProgress;
         }
         if cancelled {
@@ -531,20 +535,14 @@ impl Creation {
                 child_task_id: None,
             })
             .collect();
-        Created::New(task, steps, dispatches)
+        Created::New(task, steps, written.dispatches)
     }
 
-    /// What became of this creation, given when its statement created it (never: the
-    /// idempotency key was taken) and the steps claimed with it.
-    async fn outcome(
-        &self,
-        pool: &PgPool,
-        created_at: Option<DateTime<Utc>>,
-        dispatches: Vec<Dispatch>,
-        cancelled: bool,
-    ) -> sqlx::Result<Created> {
-        match created_at {
-            Some(created_at) => Ok(self.created(self.record(created_at), dispatches, cancelled)),
+    /// What became of this creation, given what its statement wrote of it (nothing: the
+    /// idempotency key was taken).
+    async fn outcome(&self, pool: &PgPool, written: Option<Written>) -> sqlx::Result<Created> {
+        match written {
+            Some(written) => Ok(self.created(written)),
             None => {
                 let definition = &self.template.definition;
                 let key = self.new.idempotency_key.as_deref().unwrap_or_default();
@@ -593,8 +591,7 @@ pub async fn create_many(
     let lease_ms = creations
         .iter()
         .find_map(|creation| creation.claim_lease_ms);
-    let mut first = returned_first_steps(&rows)?;
-    let mut created: HashMap<Uuid, (DateTime<Utc>, Vec<Dispatch>, bool)> = HashMap::new();
+    let mut created = written(&rows)?;
     // First steps the coordinator runs, handed back by the claim: fanned out (the first
     // instances claimed), waiting, or started as a child task, now. The first steps of
     // child tasks started here (`tasker.task`) go with the first creation that judged
@@ -602,15 +599,11 @@ pub async fn create_many(
     let mut to_judge = Vec::new();
     let mut judging = None;
     for creation in creations {
-        if let Some(steps) = first.remove(&creation.task_id) {
-            if !steps.to_judge.is_empty() {
-                judging.get_or_insert(creation.task_id);
-                to_judge.extend(steps.to_judge);
-            }
-            created.insert(
-                creation.task_id,
-                (steps.created_at, steps.dispatches, false),
-            );
+        if let Some(written) = created.get(&creation.task_id)
+            && !written.to_judge.is_empty()
+        {
+            judging.get_or_insert(creation.task_id);
+            to_judge.extend_from_slice(&written.to_judge);
         }
     }
     // A task its template's concurrency cancelled at once (on_limit: cancel_newest). Asked
@@ -628,8 +621,8 @@ pub async fn create_many(
         .fetch_all(pool)
         .await?;
         for task_id in cancelled {
-            if let Some((_, _, cancelled)) = created.get_mut(&task_id) {
-                *cancelled = true;
+            if let Some(written) = created.get_mut(&task_id) {
+                written.cancelled = true;
             }
         }
     }
@@ -640,8 +633,8 @@ pub async fn create_many(
             } else {
                 judging.unwrap_or_default()
             };
-            if let Some((_, dispatches, _)) = created.get_mut(&task_id) {
-                dispatches.push(dispatch);
+            if let Some(written) = created.get_mut(&task_id) {
+                written.dispatches.push(dispatch);
             }
         }
     }
@@ -659,11 +652,8 @@ pub async fn create_many(
     }
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
-        let (created_at, claimed, cancelled) = match created.remove(&creation.task_id) {
-            Some((created_at, claimed, cancelled)) => (Some(created_at), claimed, cancelled),
-            None => (None, Vec::new(), false),
-        };
-        outcomes.push(creation.outcome(pool, created_at, claimed, cancelled).await);
+        let written = created.remove(&creation.task_id);
+        outcomes.push(creation.outcome(pool, written).await);
     }
     Ok(outcomes)
 }
@@ -689,41 +679,52 @@ pub(crate) async fn create_children(
     creations: &[Creation],
 ) -> sqlx::Result<Vec<NewChild>> {
     let rows = insert(&mut *conn, creations).await?;
-    let mut first = returned_first_steps(&rows)?;
+    let mut created = written(&rows)?;
     Ok(creations
         .iter()
         .map(|creation| {
-            let steps = first.remove(&creation.task_id).unwrap_or_default();
+            let written = created.remove(&creation.task_id).unwrap_or_default();
             NewChild {
                 task_id: creation.task_id,
-                dispatches: steps.dispatches,
-                to_judge: steps.to_judge,
+                dispatches: written.dispatches,
+                to_judge: written.to_judge,
                 all_skipped: creation.all_skipped(),
             }
         })
         .collect())
 }
 
-/// A created task's first steps, as the claim in `tasker_create_tasks` returned them.
+/// What `tasker_create_tasks` wrote of one task: when, and its first steps as the claim
+/// returned them.
 #[derive(Default)]
-struct FirstSteps {
+struct Written {
     created_at: DateTime<Utc>,
     /// Claimed: to publish.
     dispatches: Vec<Dispatch>,
     /// Steps the coordinator runs, to judge.
     to_judge: Vec<Uuid>,
+    /// Its template's concurrency cancelled it at once (`on_limit: cancel_newest`).
+    cancelled: bool,
 }
 
-/// The first steps of each task that `tasker_create_tasks` created, from its rows.
-fn returned_first_steps(rows: &[PgRow]) -> sqlx::Result<HashMap<Uuid, FirstSteps>> {
-    let mut tasks: HashMap<Uuid, FirstSteps> = HashMap::new();
+impl Written {
+    /// Whether the claim started the task: a first step claimed or taken up to be judged
+    /// (else it waits for its time or for a key of its template's concurrency).
+    fn started(&self) -> bool {
+        !self.dispatches.is_empty() || !self.to_judge.is_empty()
+    }
+}
+
+/// What `tasker_create_tasks` wrote of each task it created, from its rows.
+fn written(rows: &[PgRow]) -> sqlx::Result<HashMap<Uuid, Written>> {
+    let mut tasks: HashMap<Uuid, Written> = HashMap::new();
     for row in rows {
         let task_id: Uuid = row.try_get("created_task_id")?;
         let steps = match tasks.entry(task_id) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => entry.insert(FirstSteps {
+            Entry::Vacant(entry) => entry.insert(Written {
                 created_at: row.try_get("created_at")?,
-                ..FirstSteps::default()
+                ..Written::default()
             }),
         };
         match first_step_in(row)? {

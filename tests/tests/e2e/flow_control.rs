@@ -457,8 +457,10 @@ async fn a_task_whose_first_step_waits_holds_its_slot_while_it_waits() {
         |c: &str| json!({"namespace": "flow", "name": "gate", "context": {"customer": c}});
     let signal = |task: uuid::Uuid| format!("/v1/tasks/{task}/signals/ok");
 
-    // The first task waits for its signal, started and holding the key's one slot.
+    // The first task waits for its signal, started and holding the key's one slot; the
+    // creation says it started.
     let first = env.api.create_task(&customer("c1")).await.unwrap();
+    assert_eq!(first.status, TaskStatus::InProgress);
     crate::until_reason(&env, first.task_id, "approve", "waiting_for_signal").await;
     assert_eq!(
         env.api.task(first.task_id).await.unwrap().status,
@@ -469,6 +471,7 @@ async fn a_task_whose_first_step_waits_holds_its_slot_while_it_waits() {
     // A second task of the same customer is queued, its wait not begun; another
     // customer's task waits for its signal at once.
     let second = env.api.create_task(&customer("c1")).await.unwrap();
+    assert_eq!(second.status, TaskStatus::Pending);
     let other = env.api.create_task(&customer("c2")).await.unwrap();
     crate::until_reason(&env, other.task_id, "approve", "waiting_for_signal").await;
     let held = crate::readiness(&env, second.task_id).await;
