@@ -498,30 +498,6 @@ async fn a_task_whose_first_step_waits_holds_its_slot_while_it_waits() {
 }
 
 #[tokio::test]
-async fn a_task_whose_first_step_fans_out_takes_its_slot() {
-    let mut env = TestEnv::start("flow-template-fan").await.unwrap();
-    let (status, body) = env
-        .register_template("namespace: flow\nname: spread\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: nap, handler: tasker.sleep, config: {ms: 300}, for_each: context.parts}\n")
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    env.start_worker("flow-1", &["flow"]).await.unwrap();
-
-    // Two tasks of one customer: the second's instances run after the first's.
-    let body = json!({"namespace": "flow", "name": "spread", "context": {"customer": "c1", "parts": [1, 2]}});
-    let (first_end, second) = two_in_a_row(&env, &body).await;
-    let instances: Vec<_> = second.steps.iter().filter(|s| s.name != "nap").collect();
-    assert_eq!(instances.len(), 2, "{:?}", second.steps);
-    for step in instances {
-        assert!(
-            step.started_at.unwrap() >= first_end,
-            "{step:?} before {first_end}"
-        );
-    }
-    env.finish().await.unwrap();
-}
-
-#[tokio::test]
 async fn a_task_whose_first_step_runs_a_child_task_takes_its_slot() {
     let mut env = TestEnv::start("flow-template-child").await.unwrap();
     for template in [
