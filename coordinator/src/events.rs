@@ -66,11 +66,13 @@ impl EventRelay {
 
     /// Relay one batch. Returns how many transitions the cursor moved past.
     pub(crate) async fn relay_once(&self) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self
+            .pool
+            .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
+            .await?;
         let Some(cursor) = lock_cursor(&mut tx).await? else {
             return Ok(0);
         };
-        tasker_shared::db::plan_by_key(&mut tx).await?;
         let rows = transitions_after(&mut tx, cursor, BATCH).await?;
         let now = chrono::Utc::now();
         let mut last = cursor;

@@ -177,8 +177,10 @@ impl ResultProcessor {
             }
         }
 
-        let mut tx = self.pool.begin().await?;
-        tasker_shared::db::plan_by_key(&mut tx).await?;
+        let mut tx = self
+            .pool
+            .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
+            .await?;
         let mut steps: Vec<uuid::Uuid> = messages
             .iter()
             .flat_map(|(_, message)| message.steps())

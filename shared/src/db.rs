@@ -3,7 +3,7 @@
 use anyhow::Context;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{PgPool, Postgres};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -35,23 +35,18 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .connect_lazy_with(options))
 }
 
-/// Plan the statements of the caller's transaction once per connection, as index probes
-/// whatever the tables' statistics say: what the claim function does for its own
-/// statements (migration 0011), for a transaction of statements that each touch rows by
-/// key (a batch of results, the events relay's read). The pool plans every execution
-/// anew (`force_custom_plan`, above), which for these statements cost more than running
-/// them (BENCHMARKS.md); a plan for index probes is right at every table size.
-pub async fn plan_by_key(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query(
-        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), \
-                set_config('enable_seqscan', 'off', true), \
-                set_config('enable_hashjoin', 'off', true), \
-                set_config('enable_mergejoin', 'off', true)",
-    )
-    .execute(conn)
-    .await
-    .map(drop)
-}
+/// A `BEGIN` (for `begin_with`) whose transaction plans its statements once per
+/// connection, as index probes whatever the tables' statistics say: what the claim
+/// function does for its own statements (migration 0011), for a transaction of
+/// statements that each touch rows by key (a batch of results, the events relay's read).
+/// The pool plans every execution anew (`force_custom_plan`, above), which for these
+/// statements cost more than running them (BENCHMARKS.md); a plan for index probes is
+/// right at every table size. One round trip, as a plain `BEGIN`.
+pub const BEGIN_PLANNED_BY_KEY: &str = "BEGIN; \
+    SET LOCAL plan_cache_mode = force_generic_plan; \
+    SET LOCAL enable_seqscan = off; \
+    SET LOCAL enable_hashjoin = off; \
+    SET LOCAL enable_mergejoin = off";
 
 /// Create the database if it is missing, then apply every pending migration.
 pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {

@@ -200,6 +200,42 @@ fn names(dispatches: &[Dispatch]) -> Vec<&str> {
 const DIAMOND: &str = "namespace: shapes\nname: diamond\nsteps:\n  - name: a\n    handler: h\n  - name: b\n    handler: h\n    depends_on: [a]\n  - name: c\n    handler: h\n    depends_on: [a]\n  - name: d\n    handler: h\n    depends_on: [b, c]\n";
 
 #[tokio::test]
+async fn a_transaction_begun_planned_by_key_sets_its_plans_for_itself_alone() {
+    let db = TestDb::new("planned").await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let setting = "SELECT current_setting($1)";
+    let mut tx = conn
+        .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
+        .await
+        .unwrap();
+    for (name, value) in [
+        ("plan_cache_mode", "force_generic_plan"),
+        ("enable_seqscan", "off"),
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+    ] {
+        let shown: String = sqlx::query_scalar(setting)
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(shown, value, "{name} in the transaction");
+    }
+    tx.commit().await.unwrap();
+    // The connection's next statements plan as the connection does.
+    for (name, value) in [("plan_cache_mode", "auto"), ("enable_seqscan", "on")] {
+        let shown: String = sqlx::query_scalar(setting)
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(shown, value, "{name} after it");
+    }
+    drop(conn);
+    db.finish_without_history().await;
+}
+
+#[tokio::test]
 async fn a_diamond_is_claimed_through_one_path_and_completes() {
     let db = TestDb::new("diamond").await;
     let template = db.template(DIAMOND).await;
