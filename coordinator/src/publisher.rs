@@ -25,10 +25,8 @@ use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::types::{AMQPValue, FieldTable};
 use sqlx::PgPool;
-use tasker_shared::broker::TRACEPARENT_HEADER;
-use tasker_shared::broker::{Topology, persistent, publish_together};
+use tasker_shared::broker::{Topology, persistent, publish_together, with_traceparent};
 use tasker_shared::store::transitions::{self, Dispatch};
 use tasker_shared::telemetry;
 use tokio::sync::Semaphore;
@@ -417,16 +415,10 @@ impl StepPublisher {
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         self.ensure_namespace(&message.namespace).await?;
         let body = serde_json::to_vec(message)?;
-        let mut properties =
-            persistent().with_message_id(ShortString::from(message.dispatch_token.to_string()));
-        if let Some(traceparent) = traceparent {
-            let mut headers = FieldTable::default();
-            headers.insert(
-                TRACEPARENT_HEADER.into(),
-                AMQPValue::LongString(traceparent.into()),
-            );
-            properties = properties.with_headers(headers);
-        }
+        let properties = with_traceparent(
+            persistent().with_message_id(ShortString::from(message.dispatch_token.to_string())),
+            traceparent,
+        );
         Ok(self
             .channel()
             .basic_publish(

@@ -460,6 +460,23 @@ pub fn persistent() -> BasicProperties {
         .with_content_type(ShortString::from("application/json"))
 }
 
+/// `properties` with a W3C trace context in the [`TRACEPARENT_HEADER`] header, when there
+/// is one (an attempt or a task that was traced).
+pub fn with_traceparent(
+    properties: BasicProperties,
+    traceparent: Option<String>,
+) -> BasicProperties {
+    let Some(traceparent) = traceparent else {
+        return properties;
+    };
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(traceparent.into()),
+    );
+    properties.with_headers(headers)
+}
+
 /// Whether the broker answered 404 (no such queue or exchange).
 pub fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)

@@ -14,9 +14,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use tasker_protocol::broker::{self, TRACEPARENT_HEADER, Topology, persistent};
+use tasker_protocol::broker::{self, Topology, persistent};
 use tasker_protocol::messages::{BatchedResult, SCHEMA_VERSION, StepResult, WorkerMessage};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -155,15 +154,7 @@ fn next_message(
         && let Some(Outgoing { entry, confirmed }) = waiting.pop_front()
     {
         answers.push(confirmed);
-        let mut properties = persistent();
-        if let Some(traceparent) = entry.traceparent {
-            let mut headers = FieldTable::default();
-            headers.insert(
-                TRACEPARENT_HEADER.into(),
-                AMQPValue::LongString(traceparent.into()),
-            );
-            properties = properties.with_headers(headers);
-        }
+        let properties = broker::with_traceparent(persistent(), entry.traceparent);
         let body = serde_json::to_vec(&WorkerMessage::Result(entry.result))
             .expect("a result encodes as JSON");
         return (body, properties, answers);
@@ -304,11 +295,14 @@ mod tests {
         assert_eq!(answers.len(), 1);
         assert!(waiting.is_empty());
         assert_eq!(
+            broker::header_str(&properties, broker::TRACEPARENT_HEADER),
+            expected.traceparent
+        );
+        assert!(expected.traceparent.is_some());
+        assert_eq!(
             WorkerMessage::decode(&body).unwrap(),
             WorkerMessage::Result(expected.result)
         );
-        let headers = properties.headers().as_ref().expect("headers");
-        assert!(headers.inner().contains_key(TRACEPARENT_HEADER));
     }
 
     #[test]
