@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use lapin::message::Delivery;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tasker_shared::broker::{REASON_HEADER, SOURCE_HEADER, header_str};
 use tokio::process::Command;
 
 use crate::amqp_url;
@@ -49,14 +49,6 @@ pub async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body:
         confirm.take_message().is_none(),
         "a publish to {exchange}/{routing_key} was not routed"
     );
-}
-
-fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(value) => Some(value.to_string()),
-        AMQPValue::ShortString(value) => Some(value.to_string()),
-        _ => None,
-    }
 }
 
 /// A message taken from a dead-letter queue.
@@ -113,9 +105,9 @@ pub async fn take_dead_letters(channel: &Channel, queue: &str, count: usize) -> 
         .await
         .into_iter()
         .map(|delivery| DeadLetter {
-            reason: header(&delivery.properties, "x-tasker-reason")
+            reason: header_str(&delivery.properties, REASON_HEADER)
                 .expect("every dead letter has an x-tasker-reason header"),
-            source_queue: header(&delivery.properties, "x-tasker-source-queue").unwrap_or_default(),
+            source_queue: header_str(&delivery.properties, SOURCE_HEADER).unwrap_or_default(),
             body: delivery.data,
         })
         .collect()

@@ -490,12 +490,10 @@ struct Counts {
 
 /// One sample without labels, by name, from a `/metrics` page.
 fn sample(text: &str, name: &str) -> anyhow::Result<f64> {
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .with_context(|| format!("no {name}"))?
-        .trim()
-        .parse::<f64>()?)
+    samples(text, name)
+        .into_iter()
+        .find_map(|(labels, value)| labels.is_empty().then_some(value))
+        .with_context(|| format!("no {name}"))
 }
 
 struct Run {
@@ -1674,4 +1672,24 @@ fn percentile(values: &[f64], q: f64) -> f64 {
     }
     let index = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[index]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sample, samples};
+
+    #[test]
+    fn metrics_are_read_by_exact_name_with_and_without_labels() {
+        let text = "# HELP tasker_a_total A.\n\
+                    tasker_a_total 3\n\
+                    tasker_a_total_more 9\n\
+                    tasker_b{reason=\"x\"} 2\n\
+                    tasker_b{reason=\"y\"} 5\n";
+        assert_eq!(sample(text, "tasker_a_total").unwrap(), 3.0);
+        assert!(sample(text, "tasker_b").is_err(), "only labelled samples");
+        assert!(sample(text, "tasker_c").is_err());
+        let b: Vec<f64> = samples(text, "tasker_b").iter().map(|(_, v)| *v).collect();
+        assert_eq!(b, [2.0, 5.0]);
+        assert_eq!(samples(text, "tasker_b")[1].0, [("reason", "y")]);
+    }
 }
