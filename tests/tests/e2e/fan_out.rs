@@ -411,26 +411,8 @@ steps:
 
     // One task of the customer at a time: the second's instances wait for the first.
     let context = json!({"customer": "acme", "regions": ["eu", "us"]});
-    let first = env
-        .api
-        .create_task(&json!({"namespace": "fan", "name": "per_region", "context": context}))
-        .await
-        .unwrap();
-    let second = env
-        .api
-        .create_task(&json!({"namespace": "fan", "name": "per_region", "context": context}))
-        .await
-        .unwrap();
-    let first = finished(&env, first.task_id).await;
-    let second = finished(&env, second.task_id).await;
-    assert_eq!(first.status, TaskStatus::Complete);
-    assert_eq!(second.status, TaskStatus::Complete);
-    let first_end = first
-        .steps
-        .iter()
-        .filter_map(|s| s.completed_at)
-        .max()
-        .unwrap();
+    let body = json!({"namespace": "fan", "name": "per_region", "context": context});
+    let (first_end, second) = crate::two_in_a_row(&env, &body).await;
     let second_start = second
         .steps
         .iter()

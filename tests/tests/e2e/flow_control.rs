@@ -297,7 +297,7 @@ async fn a_queued_task_starts_with_all_its_first_steps() {
 
     // The second task waits for the first; when its turn comes, both its first steps run.
     let body = json!({"namespace": "flow", "name": "sync", "context": {"customer": "c1"}});
-    let (first_end, second) = two_in_a_row(&env, &body).await;
+    let (first_end, second) = crate::two_in_a_row(&env, &body).await;
     for step in &second.steps {
         assert_eq!(step.status, tasker_tests::StepStatus::Complete, "{step:?}");
         assert!(
@@ -414,27 +414,6 @@ async fn a_retried_task_counts_against_its_key_while_it_runs() {
     env.finish().await.unwrap();
 }
 
-/// Create two tasks with `body` and wait until both completed: when the first one's last
-/// step ended, and the second one.
-async fn two_in_a_row(env: &TestEnv, body: &Value) -> (DateTime<Utc>, tasker_tests::Task) {
-    let first = env.api.create_task(body).await.unwrap();
-    let second = env.api.create_task(body).await.unwrap();
-    wait_all(
-        env,
-        &[first.task_id, second.task_id],
-        Duration::from_secs(60),
-    )
-    .await;
-    let first = env.api.task(first.task_id).await.unwrap();
-    let first_end = first
-        .steps
-        .iter()
-        .filter_map(|s| s.completed_at)
-        .max()
-        .unwrap();
-    (first_end, env.api.task(second.task_id).await.unwrap())
-}
-
 /// The task ids holding a slot of the template concurrency key `key`.
 async fn slots(env: &TestEnv, key: &str) -> Vec<uuid::Uuid> {
     sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = $1 ORDER BY task_id")
@@ -511,7 +490,7 @@ async fn a_task_whose_first_step_runs_a_child_task_takes_its_slot() {
 
     // Two tasks of one customer: the second's child starts once the first has ended.
     let body = json!({"namespace": "flow", "name": "outer", "context": {"customer": "c1"}});
-    let (first_end, second) = two_in_a_row(&env, &body).await;
+    let (first_end, second) = crate::two_in_a_row(&env, &body).await;
     let second_child_start: DateTime<Utc> =
         sqlx::query_scalar("SELECT created_at FROM tasks WHERE parent_task_id = $1")
             .bind(second.task_id)

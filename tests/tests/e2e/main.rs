@@ -107,6 +107,29 @@ pub(crate) async fn finished(
         .unwrap()
 }
 
+/// Create two tasks with `body` and wait (up to a minute each) until both completed:
+/// when the first one's last step ended, and the second one.
+pub(crate) async fn two_in_a_row(
+    env: &tasker_tests::TestEnv,
+    body: &Value,
+) -> (chrono::DateTime<chrono::Utc>, tasker_tests::Task) {
+    let minute = std::time::Duration::from_secs(60);
+    let first = env.api.create_task(body).await.unwrap();
+    let second = env.api.create_task(body).await.unwrap();
+    let first = finished(env, first.task_id, minute).await;
+    let second = finished(env, second.task_id, minute).await;
+    for task in [&first, &second] {
+        assert_eq!(task.status, tasker_tests::TaskStatus::Complete, "{task:?}");
+    }
+    let first_end = first
+        .steps
+        .iter()
+        .filter_map(|s| s.completed_at)
+        .max()
+        .unwrap();
+    (first_end, second)
+}
+
 /// The (path, code) of each problem an error answer lists.
 pub(crate) fn problems(body: &Value) -> Vec<(&str, &str)> {
     body["error"]["details"]
