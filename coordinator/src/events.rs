@@ -10,6 +10,7 @@
 //! may be a transaction still in flight: the relay waits at a gap until it fills, or
 //! until the row after it is older than `GAP_PATIENCE` (then the gap was a rollback).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +26,9 @@ use crate::service::Service;
 use tasker_shared::broker::{Topology, persistent, publish_together};
 use tasker_shared::events::{Change, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
-    RecordedTransition, advance_cursor, lock_cursor, transitions_after,
+    Names, RecordedTransition, advance_cursor, lock_cursor, names_of, transitions_after,
 };
+use uuid::Uuid;
 
 /// Most transitions relayed per transaction.
 const BATCH: i64 = 500;
@@ -76,19 +78,32 @@ impl EventRelay {
         let rows = transitions_after(&mut tx, cursor, BATCH).await?;
         let now = chrono::Utc::now();
         let mut last = cursor;
-        let mut events = Vec::new();
+        let mut relayed = Vec::new();
         for row in rows {
             if row.transition_id != last + 1 && now - row.created_at < GAP_PATIENCE {
                 break;
             }
             last = row.transition_id;
-            if let Some(event) = to_event(row) {
-                events.push(event);
+            if let Some(name) = event_of(&row) {
+                relayed.push((row, name));
             }
         }
         if last == cursor {
             return Ok(0);
         }
+        let names = if relayed.is_empty() {
+            Names::default()
+        } else {
+            let ids = |id: fn(&RecordedTransition) -> Option<Uuid>| {
+                let ids: HashSet<Uuid> = relayed.iter().filter_map(|(row, _)| id(row)).collect();
+                ids.into_iter().collect::<Vec<_>>()
+            };
+            names_of(&mut tx, &ids(|row| row.task_id), &ids(|row| row.step_id)).await?
+        };
+        let events: Vec<LifecycleEvent> = relayed
+            .into_iter()
+            .filter_map(|(row, name)| to_event(row, name, &names))
+            .collect();
         self.publish(&events).await?;
         advance_cursor(&mut tx, last).await?;
         tx.commit().await?;
@@ -183,7 +198,8 @@ impl Service for EventRelay {
     }
 }
 
-fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
+/// The event a transition is published as, if any.
+fn event_of(row: &RecordedTransition) -> Option<&'static str> {
     let change = if row.schedule.is_some() {
         Ok(Change::Schedule)
     } else {
@@ -193,25 +209,51 @@ fn to_event(row: RecordedTransition) -> Option<LifecycleEvent> {
             &row.to_status,
         )
     };
-    let change = match change {
-        Ok(change) => change,
+    match change {
+        Ok(change) => event_name(change, row.reason),
         Err(error) => {
             tracing::warn!(transition_id = row.transition_id, %error, "history row not relayed");
-            return None;
+            None
         }
+    }
+}
+
+/// The event `name` about `row`, or `None` when its task, step or schedule is gone
+/// (retention deletes a task with its history; the cursor moves past such a row).
+fn to_event(row: RecordedTransition, name: &str, names: &Names) -> Option<LifecycleEvent> {
+    let task = row.task_id.and_then(|id| names.tasks.get(&id));
+    let (namespace, task_name, version, priority) = match (task, &row.schedule) {
+        (Some(task), _) => (
+            task.namespace.clone(),
+            task.name.clone(),
+            task.version.clone(),
+            task.priority,
+        ),
+        // A fire that created no task (or whose task is gone) names its schedule's
+        // template.
+        (None, Some(_)) => (
+            row.schedule_namespace?,
+            row.schedule_template?,
+            row.schedule_version.unwrap_or_default(),
+            5,
+        ),
+        _ => return None,
     };
-    let name = event_name(change, row.reason)?;
+    let step_name = match row.step_id {
+        Some(id) => Some(names.steps.get(&id)?.clone()),
+        None => None,
+    };
     Some(LifecycleEvent {
         event: name.to_owned(),
         event_id: row.transition_id,
         occurred_at: row.created_at,
         task_id: row.task_id,
-        namespace: row.namespace,
-        task_name: row.task_name,
-        version: row.version,
-        priority: row.priority,
+        namespace,
+        task_name,
+        version,
+        priority,
         step_id: row.step_id,
-        step_name: row.step_name,
+        step_name,
         schedule: row.schedule,
         from_status: row.from_status,
         to_status: row.to_status,

@@ -1,5 +1,7 @@
 //! The lifecycle events relay's reads and its cursor (see [`crate::events`]).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -7,7 +9,8 @@ use uuid::Uuid;
 
 use crate::states::TransitionReason;
 
-/// A recorded transition, with what an event about it needs.
+/// A recorded transition: what an event about it needs, but for the names of its task
+/// and step (read once per batch with [`names_of`]).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RecordedTransition {
     /// Its id (one sequence across task and step transitions).
@@ -18,8 +21,6 @@ pub struct RecordedTransition {
     pub task_id: Option<Uuid>,
     /// The step, for step transitions.
     pub step_id: Option<Uuid>,
-    /// The step's name.
-    pub step_name: Option<String>,
     /// Status before.
     pub from_status: Option<String>,
     /// Status after.
@@ -28,16 +29,37 @@ pub struct RecordedTransition {
     pub reason: TransitionReason,
     /// Attempt, worker, error code…
     pub metadata: Value,
-    /// The task's namespace.
-    pub namespace: String,
-    /// Its template's name.
-    pub task_name: String,
-    /// Its template's version.
-    pub version: String,
-    /// The task's priority.
-    pub priority: i16,
     /// The schedule, for a schedule's fire.
     pub schedule: Option<String>,
+    /// The schedule's namespace, for a fire (none when the schedule is gone).
+    pub schedule_namespace: Option<String>,
+    /// The schedule's template.
+    pub schedule_template: Option<String>,
+    /// The schedule's template version (empty: its newest).
+    pub schedule_version: Option<String>,
+}
+
+/// What an event names of its task: the template and the priority.
+#[derive(Debug, Clone)]
+pub struct TaskNames {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its template's name.
+    pub name: String,
+    /// Its template's version.
+    pub version: String,
+    /// Its priority.
+    pub priority: i16,
+}
+
+/// The names of the tasks and steps of a batch of transitions; a task or step that is
+/// gone (deleted by retention) is absent.
+#[derive(Debug, Default)]
+pub struct Names {
+    /// By task id.
+    pub tasks: HashMap<Uuid, TaskNames>,
+    /// Step names by step id.
+    pub steps: HashMap<Uuid, String>,
 }
 
 /// Take the relay's cursor for this transaction, or `None` when another coordinator holds
@@ -70,4 +92,40 @@ pub async fn transitions_after(
         .bind(limit)
         .fetch_all(conn)
         .await
+}
+
+/// The names of the tasks `task_ids` and of the steps `step_ids`.
+pub async fn names_of(
+    conn: &mut PgConnection,
+    task_ids: &[Uuid],
+    step_ids: &[Uuid],
+) -> sqlx::Result<Names> {
+    type Row = (
+        bool,
+        Uuid,
+        Option<String>,
+        String,
+        Option<String>,
+        Option<i16>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(include_str!("../../sql/events/names.sql"))
+        .bind(task_ids)
+        .bind(step_ids)
+        .fetch_all(conn)
+        .await?;
+    let mut names = Names::default();
+    for (is_task, id, namespace, name, version, priority) in rows {
+        if is_task {
+            let task = TaskNames {
+                namespace: namespace.unwrap_or_default(),
+                name,
+                version: version.unwrap_or_default(),
+                priority: priority.unwrap_or_default(),
+            };
+            names.tasks.insert(id, task);
+        } else {
+            names.steps.insert(id, name);
+        }
+    }
+    Ok(names)
 }

@@ -379,8 +379,14 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
             "task.completed"
         ]
     );
+    // Task and step events alike name the task's template.
+    for (_, event) in [&seen[0], &seen[3]] {
+        assert_eq!(event["namespace"], NAMESPACE);
+        assert_eq!(event["task_name"], "pair");
+        assert_eq!(event["version"], task["version"]);
+    }
     let completed = &seen[3].1;
-    assert_eq!(completed["namespace"], NAMESPACE);
+    assert_eq!(completed["step_name"], "first");
     assert_eq!(completed["task_name"], "pair");
     assert_eq!(completed["priority"], 5);
     assert_eq!(completed["to_status"], "complete");
