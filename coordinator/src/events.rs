@@ -261,3 +261,102 @@ fn to_event(row: RecordedTransition, name: &str, names: &Names) -> Option<Lifecy
         metadata: row.metadata,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tasker_shared::states::TransitionReason;
+    use tasker_shared::store::events::TaskNames;
+
+    fn step_row(id: i64, task_id: Uuid, step_id: Uuid, from: &str, to: &str) -> RecordedTransition {
+        RecordedTransition {
+            transition_id: id,
+            created_at: chrono::Utc::now(),
+            task_id: Some(task_id),
+            step_id: Some(step_id),
+            from_status: Some(from.to_owned()),
+            to_status: to.to_owned(),
+            reason: TransitionReason::Succeeded,
+            metadata: serde_json::json!({"attempt": 1}),
+            schedule: None,
+            schedule_namespace: None,
+            schedule_template: None,
+            schedule_version: None,
+        }
+    }
+
+    #[test]
+    fn an_event_takes_its_task_and_step_names_from_the_batch_and_a_gone_task_has_none() {
+        let (task, step) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut names = Names::default();
+        names.tasks.insert(
+            task,
+            TaskNames {
+                namespace: "shop".into(),
+                name: "checkout".into(),
+                version: "2.0.0".into(),
+                priority: 7,
+            },
+        );
+        names.steps.insert(step, "charge".into());
+        let row = step_row(9, task, step, "in_progress", "complete");
+        let name = event_of(&row).expect("a completion is an event");
+        let event = to_event(row, name, &names).expect("its names are known");
+        assert_eq!(event.event, "step.completed");
+        assert_eq!(
+            (
+                event.namespace.as_str(),
+                event.task_name.as_str(),
+                event.version.as_str()
+            ),
+            ("shop", "checkout", "2.0.0")
+        );
+        assert_eq!(
+            (event.priority, event.step_name.as_deref()),
+            (7, Some("charge"))
+        );
+
+        // A dispatch is no event; a row whose task (or step) is gone is passed over.
+        assert_eq!(
+            event_of(&step_row(10, task, step, "pending", "enqueued")),
+            None
+        );
+        let gone = step_row(11, Uuid::now_v7(), step, "in_progress", "complete");
+        assert!(to_event(gone, "step.completed", &names).is_none());
+        let step_gone = step_row(12, task, Uuid::now_v7(), "in_progress", "complete");
+        assert!(to_event(step_gone, "step.completed", &names).is_none());
+    }
+
+    #[test]
+    fn a_fire_that_created_no_task_names_its_schedules_template() {
+        let row = RecordedTransition {
+            transition_id: 3,
+            created_at: chrono::Utc::now(),
+            task_id: None,
+            step_id: None,
+            from_status: None,
+            to_status: "skipped".into(),
+            reason: TransitionReason::ScheduleSkipped,
+            metadata: serde_json::json!({"outcome": "skipped"}),
+            schedule: Some("nightly".into()),
+            schedule_namespace: Some("ops".into()),
+            schedule_template: Some("report".into()),
+            schedule_version: Some(String::new()),
+        };
+        let name = event_of(&row).expect("a fire is an event");
+        let event = to_event(row, name, &Names::default()).expect("its schedule is known");
+        assert_eq!(event.event, "schedule.skipped");
+        assert_eq!(
+            (
+                event.namespace.as_str(),
+                event.task_name.as_str(),
+                event.version.as_str()
+            ),
+            ("ops", "report", "")
+        );
+        assert_eq!(
+            (event.priority, event.schedule.as_deref()),
+            (5, Some("nightly"))
+        );
+    }
+}

@@ -387,7 +387,6 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     }
     let completed = &seen[3].1;
     assert_eq!(completed["step_name"], "first");
-    assert_eq!(completed["task_name"], "pair");
     assert_eq!(completed["priority"], 5);
     assert_eq!(completed["to_status"], "complete");
     assert_eq!(completed["metadata"]["worker_id"], "w1");
