@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use sqlx::PgPool;
@@ -23,7 +22,7 @@ use tracing::Instrument;
 
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
-use tasker_shared::broker::{Topology, persistent, publish_together};
+use tasker_shared::broker::{Topology, await_confirms, persistent, publish_together};
 use tasker_shared::events::{Change, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
     Names, RecordedTransition, advance_cursor, lock_cursor, names_of, transitions_after,
@@ -131,13 +130,7 @@ impl EventRelay {
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
-        for confirmation in join_all(
-            confirms
-                .into_iter()
-                .map(tasker_shared::broker::await_confirm),
-        )
-        .await
-        {
+        for confirmation in await_confirms(confirms).await {
             anyhow::ensure!(confirmation?.is_ack(), "the broker refused an event");
         }
         // Counted per name, then added: one look-up of each series per batch.

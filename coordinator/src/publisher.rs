@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -373,11 +372,9 @@ impl StepPublisher {
                 }
             }
         }
-        let outcomes = join_all(confirms.into_iter().map(|(message, confirm)| async move {
-            (message, tasker_shared::broker::await_confirm(confirm).await)
-        }))
-        .await;
-        for (message, outcome) in outcomes {
+        let (messages, confirms): (Vec<_>, Vec<_>) = confirms.into_iter().unzip();
+        let outcomes = tasker_shared::broker::await_confirms(confirms).await;
+        for (message, outcome) in messages.into_iter().zip(outcomes) {
             match outcome {
                 Ok(confirmation) => {
                     let acked = confirmation.is_ack();

@@ -594,7 +594,28 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn await_confirm(
     confirm: lapin::PublisherConfirm,
 ) -> anyhow::Result<lapin::Confirmation> {
+    confirmed_by(confirm, tokio::time::Instant::now() + CONFIRM_TIMEOUT).await
+}
+
+/// Await the confirms of messages published together, as [`await_confirm`] does, with
+/// one [`CONFIRM_TIMEOUT`] for them all. One after the other: the broker confirms a
+/// channel's messages in the order they were published, so once the first is in, the
+/// rest usually are too and cost no timer each.
+pub async fn await_confirms(
+    confirms: Vec<lapin::PublisherConfirm>,
+) -> Vec<anyhow::Result<lapin::Confirmation>> {
     let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    let mut confirmations = Vec::with_capacity(confirms.len());
+    for confirm in confirms {
+        confirmations.push(confirmed_by(confirm, deadline).await);
+    }
+    confirmations
+}
+
+async fn confirmed_by(
+    confirm: lapin::PublisherConfirm,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<lapin::Confirmation> {
     let mut confirm = std::pin::pin!(confirm);
     loop {
         match tokio::time::timeout(Duration::from_millis(100), &mut confirm).await {
