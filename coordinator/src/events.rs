@@ -278,6 +278,11 @@ mod tests {
         }
     }
 
+    /// The namespace, name and version an event names.
+    fn template(event: &LifecycleEvent) -> (&str, &str, &str) {
+        (&event.namespace, &event.task_name, &event.version)
+    }
+
     #[test]
     fn an_event_takes_its_task_and_step_names_from_the_batch_and_a_gone_task_has_none() {
         let (task, step) = (Uuid::now_v7(), Uuid::now_v7());
@@ -296,14 +301,7 @@ mod tests {
         let name = event_of(&row).expect("a completion is an event");
         let event = to_event(row, name, &names).expect("its names are known");
         assert_eq!(event.event, "step.completed");
-        assert_eq!(
-            (
-                event.namespace.as_str(),
-                event.task_name.as_str(),
-                event.version.as_str()
-            ),
-            ("shop", "checkout", "2.0.0")
-        );
+        assert_eq!(template(&event), ("shop", "checkout", "2.0.0"));
         assert_eq!(
             (event.priority, event.step_name.as_deref()),
             (7, Some("charge"))
@@ -339,14 +337,7 @@ mod tests {
         let name = event_of(&row).expect("a fire is an event");
         let event = to_event(row, name, &Names::default()).expect("its schedule is known");
         assert_eq!(event.event, "schedule.skipped");
-        assert_eq!(
-            (
-                event.namespace.as_str(),
-                event.task_name.as_str(),
-                event.version.as_str()
-            ),
-            ("ops", "report", "")
-        );
+        assert_eq!(template(&event), ("ops", "report", ""));
         assert_eq!(
             (event.priority, event.schedule.as_deref()),
             (5, Some("nightly"))
