@@ -235,7 +235,9 @@ pub(crate) enum FirstStep {
     /// Claimed: its message, to publish.
     Claimed(Box<Dispatch>),
     /// A step the coordinator runs (`for_each`, `tasker.wait`, `tasker.task`), handed back
-    /// to be judged; its task started (or was held or cancelled) as a claim's would.
+    /// to be judged: its task started, as a claim of it would have started it. (A step
+    /// whose task waits for a key of its template's concurrency, or was cancelled by it,
+    /// is not handed back.)
     ToJudge(Uuid),
 }
 
