@@ -76,7 +76,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints -- -D warnings
 # The shipped configuration (no test hooks) must be clean too.
 cargo clippy -p tasker-coordinator -p tasker-worker "${locked[@]}" -- -D warnings
-# Every statement under shared/sql/ prepared against a freshly migrated database.
+# Every statement under shared/sql/ prepared against a freshly migrated database, and
+# none planned to compare a list it is given with every row it reads of a table.
 cargo test -p tasker-shared --test sql "${locked[@]}"
 cargo build --workspace --bins --examples "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints
 cargo test --workspace "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints "${cargo_args[@]}" -- "${harness_args[@]}"

@@ -1,8 +1,12 @@
-//! Checks every statement under `shared/sql/` against the schema: each one is prepared
-//! (parsed, its names resolved, its types checked; not run) in a fresh database with
-//! every migration applied. A statement that names an unknown table, column or
-//! function, or mixes types, fails here with its file, line and PostgreSQL's message,
-//! before any test runs it (`deploy/test.sh` runs this check right after the lints).
+//! Checks every statement under `shared/sql/` against the schema, in a fresh database
+//! with every migration applied:
+//!
+//! - each one prepares (parsed, its names resolved, its types checked; not run). A
+//!   statement that names an unknown table, column or function, or mixes types, fails
+//!   here with its file, line and PostgreSQL's message, before any test runs it
+//!   (`deploy/test.sh` runs this check right after the lints);
+//! - none is planned to compare every row of an input list with every row it reads of a
+//!   table (below, [`no_statement_matches_a_list_against_a_whole_table`]).
 //!
 //! A `{NAME}` in a file stands for the file `name.sql` of the same folder, a fragment
 //! that the code substitutes the same way (`retention/candidates.sql`). A fragment is
@@ -18,43 +22,89 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, SqlSafeStr};
 
 #[tokio::test]
 async fn every_sql_file_prepares_against_the_migrated_schema() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
-    let mut files = Vec::new();
-    sql_files(&root, &mut files);
-    assert!(!files.is_empty(), "no .sql files under {}", root.display());
-    let statements = expand(&files);
-
-    let server = std::env::var("TASKER_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let database = format!("tasker_sqlcheck_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&format!("{server}/postgres"))
-        .await
-        .expect("connecting to PostgreSQL's `postgres` database");
-    admin
-        .execute(AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
-        .await
-        .expect("creating the check's database");
-
+    let statements = statements();
+    let database = Database::create("sqlcheck").await;
     // Nothing may panic until the database is dropped again.
-    let checked = check(&format!("{server}/{database}"), &statements).await;
-
-    admin
-        .execute(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-        )))
-        .await
-        .expect("dropping the check's database");
-    let _ = admin.close().await;
+    let checked = check(&database.url, &statements).await;
+    database.remove().await;
 
     let failures = checked.expect("migrating the check's database");
     assert!(
         failures.is_empty(),
-        "{} of {} statements under {} do not prepare against the schema:\n\n{}",
+        "{} of {} statements under shared/sql do not prepare against the schema:\n\n{}",
         failures.len(),
         statements.len(),
-        root.display(),
         failures.join("\n\n")
     );
+}
+
+/// Under the settings of a transaction that works by key (`BEGIN_PLANNED_BY_KEY`: one
+/// generic plan per connection; sequential scans, hash and merge joins off), a statement
+/// that joins a list it is given (`unnest($1)`) with a table must probe the table's index
+/// once per row of the list. The other plan the planner can choose reads the rows once
+/// (say by `step_id = ANY ($1)`), keeps them in a Materialize node and compares every
+/// row of the list with all of them: the square of the batch (300 results, 44,850
+/// comparisons). It looks cheap to the planner, which takes an `unnest` for ten rows, so
+/// it is chosen as soon as a statement offers it. Checked on the plan PostgreSQL makes
+/// in an empty database, as a coordinator's first connection does.
+#[tokio::test]
+async fn no_statement_matches_a_list_against_a_whole_table() {
+    let statements = statements();
+    let database = Database::create("plancheck").await;
+    let checked = plans(&database.url, &statements).await;
+    database.remove().await;
+
+    let findings = checked.expect("migrating the check's database");
+    assert!(
+        findings.is_empty(),
+        "{} statements under shared/sql compare a list with every row they read:\n\n{}",
+        findings.len(),
+        findings.join("\n\n")
+    );
+}
+
+/// The statements under `shared/sql/`, their fragments in place.
+fn statements() -> Vec<(PathBuf, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+    let mut files = Vec::new();
+    sql_files(&root, &mut files);
+    assert!(!files.is_empty(), "no .sql files under {}", root.display());
+    expand(&files)
+}
+
+/// A database of its own for one check.
+struct Database {
+    admin: PgConnection,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create(check: &str) -> Database {
+        let server = std::env::var("TASKER_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("tasker_{check}_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .expect("connecting to PostgreSQL's `postgres` database");
+        admin
+            .execute(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .await
+            .expect("creating the check's database");
+        let url = format!("{server}/{name}");
+        Database { admin, name, url }
+    }
+
+    async fn remove(mut self) {
+        self.admin
+            .execute(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            )))
+            .await
+            .expect("dropping the check's database");
+        let _ = self.admin.close().await;
+    }
 }
 
 /// Apply every migration, then prepare each statement. Returns one message per statement
@@ -75,13 +125,108 @@ async fn check(url: &str, statements: &[(PathBuf, String)]) -> sqlx::Result<Vec<
     Ok(failures)
 }
 
-/// `file:line:column: message`, with the line of the statement PostgreSQL points at (in
-/// the statement as prepared, its fragments in place).
-fn explain(file: &Path, sql: &str, error: &sqlx::Error) -> String {
+/// Apply every migration, then plan each statement that prepares as a transaction that
+/// works by key would. Returns one message per nested loop that matches its outer rows
+/// against a table kept in a Materialize node.
+async fn plans(url: &str, statements: &[(PathBuf, String)]) -> sqlx::Result<Vec<String>> {
+    let mut conn = PgConnection::connect(url).await?;
+    tasker_shared::db::MIGRATOR.run(&mut conn).await?;
+    let mut findings = Vec::new();
+    for (file, sql) in statements {
+        let mut tx = conn
+            .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
+            .await?;
+        // A statement that does not prepare is the other test's to report.
+        let prepared = (&mut *tx)
+            .execute(AssertSqlSafe(format!("PREPARE tasker_plan_check AS {sql}")))
+            .await;
+        if prepared.is_ok() {
+            let parameters: i32 = sqlx::query_scalar(
+                "SELECT cardinality(parameter_types) FROM pg_prepared_statements \
+                 WHERE name = 'tasker_plan_check'",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let arguments = vec!["NULL"; usize::try_from(parameters).unwrap_or(0)].join(", ");
+            let explain = if arguments.is_empty() {
+                "EXPLAIN (FORMAT JSON) EXECUTE tasker_plan_check".to_owned()
+            } else {
+                format!("EXPLAIN (FORMAT JSON) EXECUTE tasker_plan_check({arguments})")
+            };
+            let plan: serde_json::Value = sqlx::query_scalar(AssertSqlSafe(explain))
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut joins = Vec::new();
+            materialized_joins(&plan[0]["Plan"], &mut joins);
+            for join in joins {
+                findings.push(format!("{}: {join}", name(file)));
+            }
+        }
+        tx.rollback().await?;
+        // PREPARE outlives the transaction.
+        let _ = (&mut conn).execute("DEALLOCATE tasker_plan_check").await;
+    }
+    let _ = conn.close().await;
+    Ok(findings)
+}
+
+/// Each nested loop under `node` whose inner side is a Materialize node over a table,
+/// as "`join filter` against `tables`".
+fn materialized_joins(node: &serde_json::Value, into: &mut Vec<String>) {
+    let children = node["Plans"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if let [_, inner] = children
+        && node["Node Type"] == "Nested Loop"
+        && inner["Node Type"] == "Materialize"
+    {
+        let mut tables = Vec::new();
+        relations(inner, &mut tables);
+        if !tables.is_empty() {
+            into.push(format!(
+                "{} against {} read whole and kept in a Materialize node",
+                node["Join Filter"]
+                    .as_str()
+                    .unwrap_or("a join without a filter"),
+                tables.join(", ")
+            ));
+        }
+    }
+    for child in children {
+        materialized_joins(child, into);
+    }
+}
+
+/// The tables `node` and the nodes under it read.
+fn relations(node: &serde_json::Value, into: &mut Vec<String>) {
+    if let Some(table) = node["Relation Name"].as_str() {
+        into.push(table.to_owned());
+    }
+    for child in node["Plans"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        relations(child, into);
+    }
+}
+
+/// `file`, from the workspace's root.
+fn name(file: &Path) -> String {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new(""));
-    let name = file.strip_prefix(workspace).unwrap_or(file).display();
+    file.strip_prefix(workspace)
+        .unwrap_or(file)
+        .display()
+        .to_string()
+}
+
+/// `file:line:column: message`, with the line of the statement PostgreSQL points at (in
+/// the statement as prepared, its fragments in place).
+fn explain(file: &Path, sql: &str, error: &sqlx::Error) -> String {
+    let name = name(file);
     let Some(pg) = error
         .as_database_error()
         .and_then(|e| e.try_downcast_ref::<PgDatabaseError>())

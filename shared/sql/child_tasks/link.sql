@@ -4,5 +4,5 @@
 UPDATE tasks t
 SET parent_task_id = i.parent_task_id, parent_step_id = i.parent_step_id
 FROM unnest($1::UUID[], $2::UUID[], $3::UUID[]) AS i(task_id, parent_task_id, parent_step_id)
-WHERE t.task_id = i.task_id AND t.task_id = ANY ($1)
+WHERE t.task_id = i.task_id
 RETURNING t.task_id, t.status IN ('complete', 'error', 'cancelled', 'resolved_manually') AS ended

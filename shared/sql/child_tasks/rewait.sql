@@ -12,7 +12,7 @@ waiting AS (
         attempts = s.attempts + CASE WHEN i.retried THEN 1 ELSE 0 END,
         updated_at = now()
     FROM input i
-    WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
+    WHERE s.step_id = i.step_id
       AND s.status = 'pending' AND s.condition IS NOT NULL AND s.remaining_parents = 0
     RETURNING s.step_id, s.task_id, s.child_task_id, s.attempts, i.retried
 ),

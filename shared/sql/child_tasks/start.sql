@@ -13,7 +13,7 @@ started AS (
     SET child_task_id = i.child_task_id, remaining_parents = 1, condition = 'true',
         attempts = s.attempts + 1, started_at = now(), updated_at = now()
     FROM input i
-    WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
+    WHERE s.step_id = i.step_id
       AND s.status = 'pending' AND s.condition IS NOT NULL AND s.remaining_parents = 0
       AND s.child_task_id IS NULL
     RETURNING s.step_id, s.task_id, s.child_task_id

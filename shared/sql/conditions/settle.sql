@@ -23,7 +23,7 @@ changed AS (
                           ELSE s.last_error END,
         updated_at = now()
     FROM input i
-    WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
+    WHERE s.step_id = i.step_id
       AND s.condition IS NOT NULL AND s.status = 'pending'
     RETURNING s.step_id, s.task_id, i.outcome, i.message, i.code
 ),

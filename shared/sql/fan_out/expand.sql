@@ -18,7 +18,7 @@ expanded AS (
         remaining_parents = jsonb_array_length(i.items),
         updated_at = now()
     FROM input i
-    WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
+    WHERE s.step_id = i.step_id
       AND s.status = 'pending' AND s.condition IS NOT NULL AND s.instances IS NULL
     RETURNING s.step_id, s.task_id, s.name, s.position, s.handler, s.config, s.retry_limit,
               s.retryable, s.timeout_ms, s.backoff_base_ms, s.backoff_max_ms,

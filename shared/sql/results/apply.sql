@@ -26,10 +26,9 @@ updated AS (
         lease_expires_at = NULL,
         updated_at = now()
     FROM input i
-    -- By primary key only (the transitions module's "Plans"): offered a join on status,
-    -- the planner walked steps_unfinished for every result, a cost that grows with the
-    -- backlog. The rows are locked since results/current.sql read the statuses decided on.
-    WHERE s.step_id = i.step_id AND s.step_id = ANY ($1)
+    -- One primary-key probe per result (the transitions module's "Plans"). The rows are
+    -- locked since results/current.sql read the statuses decided on.
+    WHERE s.step_id = i.step_id
     RETURNING s.step_id, s.task_id, s.next_attempt_at, i.from_status, i.to_status, i.reason,
               i.run_attempt, i.worker_id, i.error_code, i.started_at, i.finished_at,
               s.concurrency_key

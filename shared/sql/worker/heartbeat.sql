@@ -1,12 +1,11 @@
 -- Heartbeats: extend the leases of the running steps $1 under tokens $2, up to their
 -- timeout plus grace ($3 ms) and at most the heartbeat lease ($4 ms) from now.
--- By primary key only (the module's "Plans").
+-- One primary-key probe per step (the module's "Plans").
 WITH locked AS (
     SELECT s.step_id, s.status
     FROM steps s
     JOIN unnest($1::uuid[], $2::uuid[]) AS i(step_id, token)
       ON i.step_id = s.step_id AND s.dispatch_token = i.token
-    WHERE s.step_id = ANY ($1)
     ORDER BY s.step_id
     FOR UPDATE OF s
 )

@@ -6,12 +6,12 @@ WITH input AS (
                          $7::text[])
         AS i(step_id, token, started_at, redelivered, worker_id)
 ),
--- By primary key only (the module's "Plans"). The status is checked in `moved`.
+-- One primary-key probe per notice (the module's "Plans"). The status is checked in
+-- `moved`.
 locked AS (
     SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id,
            i.redelivered AND i.started_at IS DISTINCT FROM s.started_at AS new_run
     FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
-    WHERE s.step_id = ANY ($1)
     ORDER BY s.step_id
     FOR UPDATE OF s
 ),
