@@ -77,7 +77,7 @@ cargo clippy --workspace --all-targets "${locked[@]}" --features tasker-coordina
 # The shipped configuration (no test hooks) must be clean too.
 cargo clippy -p tasker-coordinator -p tasker-worker "${locked[@]}" -- -D warnings
 # Every statement under shared/sql/ prepared against a freshly migrated database, and
-# none planned to compare a list it is given with every row it reads of a table.
+# none planned to read more than the rows it is given (docs/testing.md).
 cargo test -p tasker-shared --test sql "${locked[@]}"
 cargo build --workspace --bins --examples "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints
 cargo test --workspace "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints "${cargo_args[@]}" -- "${harness_args[@]}"

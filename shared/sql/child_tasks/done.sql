@@ -12,7 +12,7 @@ WITH done AS (
                               AND NOT EXISTS (SELECT 1 FROM step_edges e
                                               WHERE e.from_step = c.step_id)),
                            '{}'::jsonb)
-    WHERE s.step_id = ANY ($1) AND s.status = 'pending' AND s.condition IS NOT NULL
+    WHERE s.step_id = ANY ($1) AND (s.status = 'pending') IS TRUE AND s.condition IS NOT NULL
       AND s.remaining_parents = 0
     RETURNING s.step_id, s.task_id, s.child_task_id
 ),

@@ -12,8 +12,10 @@ waiting AS (
         attempts = s.attempts + CASE WHEN i.retried THEN 1 ELSE 0 END,
         updated_at = now()
     FROM input i
+    -- One primary-key probe per row (the transitions module's "Plans"): no index can
+    -- serve the status test written with IS TRUE.
     WHERE s.step_id = i.step_id
-      AND s.status = 'pending' AND s.condition IS NOT NULL AND s.remaining_parents = 0
+      AND (s.status = 'pending') IS TRUE AND s.condition IS NOT NULL AND s.remaining_parents = 0
     RETURNING s.step_id, s.task_id, s.child_task_id, s.attempts, i.retried
 ),
 history AS (

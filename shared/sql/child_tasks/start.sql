@@ -13,8 +13,10 @@ started AS (
     SET child_task_id = i.child_task_id, remaining_parents = 1, condition = 'true',
         attempts = s.attempts + 1, started_at = now(), updated_at = now()
     FROM input i
+    -- One primary-key probe per row (the transitions module's "Plans"): no index can
+    -- serve the status test written with IS TRUE.
     WHERE s.step_id = i.step_id
-      AND s.status = 'pending' AND s.condition IS NOT NULL AND s.remaining_parents = 0
+      AND (s.status = 'pending') IS TRUE AND s.condition IS NOT NULL AND s.remaining_parents = 0
       AND s.child_task_id IS NULL
     RETURNING s.step_id, s.task_id, s.child_task_id
 ),

@@ -6,5 +6,5 @@ SET remaining_parents = 0, ready_at = now(), updated_at = now()
 FROM (SELECT c.task_id, c.parent_step_id FROM tasks c
       WHERE c.task_id = ANY ($1) AND c.parent_step_id IS NOT NULL) c
 WHERE s.step_id = c.parent_step_id AND s.child_task_id = c.task_id
-  AND s.status = 'pending' AND s.remaining_parents = 1
+  AND (s.status = 'pending') IS TRUE AND s.remaining_parents = 1
 RETURNING s.step_id

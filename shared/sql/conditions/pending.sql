@@ -25,4 +25,4 @@ SELECT s.step_id, s.task_id, s.name AS step_name, s.condition, t.context, t.name
        END AS parents
 FROM steps s JOIN tasks t ON t.task_id = s.task_id
 CROSS JOIN LATERAL (SELECT tasker_step_definition(t.template_id, s.name) AS step) d
-WHERE s.step_id = ANY ($1) AND s.condition IS NOT NULL AND s.status = 'pending'
+WHERE s.step_id = ANY ($1) AND s.condition IS NOT NULL AND (s.status = 'pending') IS TRUE

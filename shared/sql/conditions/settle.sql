@@ -23,8 +23,10 @@ changed AS (
                           ELSE s.last_error END,
         updated_at = now()
     FROM input i
+    -- One primary-key probe per row (the transitions module's "Plans"): no index can
+    -- serve the status test written with IS TRUE.
     WHERE s.step_id = i.step_id
-      AND s.condition IS NOT NULL AND s.status = 'pending'
+      AND s.condition IS NOT NULL AND (s.status = 'pending') IS TRUE
     RETURNING s.step_id, s.task_id, i.outcome, i.message, i.code
 ),
 history AS (

@@ -18,8 +18,10 @@ expanded AS (
         remaining_parents = jsonb_array_length(i.items),
         updated_at = now()
     FROM input i
+    -- One primary-key probe per row (the transitions module's "Plans"): no index can
+    -- serve the status test written with IS TRUE.
     WHERE s.step_id = i.step_id
-      AND s.status = 'pending' AND s.condition IS NOT NULL AND s.instances IS NULL
+      AND (s.status = 'pending') IS TRUE AND s.condition IS NOT NULL AND s.instances IS NULL
     RETURNING s.step_id, s.task_id, s.name, s.position, s.handler, s.config, s.retry_limit,
               s.retryable, s.timeout_ms, s.backoff_base_ms, s.backoff_max_ms,
               s.backoff_jitter, s.backoff_schedule_ms, s.max_deferrals, s.priority,

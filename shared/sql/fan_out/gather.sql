@@ -7,7 +7,7 @@ WITH done AS (
         results = COALESCE((SELECT jsonb_agg(i.results ORDER BY i.item_index)
                             FROM steps i WHERE i.fan_out_of = s.step_id), '[]'::jsonb),
         completed_at = now(), updated_at = now()
-    WHERE s.step_id = ANY ($1) AND s.status = 'pending' AND s.instances IS NOT NULL
+    WHERE s.step_id = ANY ($1) AND (s.status = 'pending') IS TRUE AND s.instances IS NOT NULL
       AND s.remaining_parents = 0
     RETURNING s.step_id, s.task_id, s.instances
 ),

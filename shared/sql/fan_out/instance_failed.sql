@@ -3,7 +3,7 @@
 WITH failed AS (
     SELECT DISTINCT ON (i.fan_out_of) i.fan_out_of, i.name
     FROM steps i
-    WHERE i.step_id = ANY ($1) AND i.fan_out_of IS NOT NULL
+    WHERE i.step_id = ANY ($1) AND (i.fan_out_of IS NOT NULL) IS TRUE
     ORDER BY i.fan_out_of, i.item_index
 ),
 changed AS (
@@ -12,7 +12,7 @@ changed AS (
         last_error = jsonb_build_object('kind', 'permanent', 'code', 'instance_failed',
                                         'message', 'instance `' || f.name || '` failed')
     FROM failed f
-    WHERE s.step_id = f.fan_out_of AND s.status = 'pending'
+    WHERE s.step_id = f.fan_out_of AND (s.status = 'pending') IS TRUE
     RETURNING s.step_id, s.task_id, f.name
 )
 INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)

@@ -7,7 +7,7 @@ WITH target AS (
     SELECT s.step_id
     FROM steps s
     WHERE s.task_id = $1 AND s.handler = 'tasker.wait' AND s.config ->> 'signal' = $2
-      AND s.status = 'pending' AND s.signalled_at IS NULL
+      AND (s.status = 'pending') IS TRUE AND s.signalled_at IS NULL
     ORDER BY s.step_id
     FOR UPDATE
 ),

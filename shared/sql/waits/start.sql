@@ -17,8 +17,10 @@ started AS (
         completed_at = CASE WHEN s.signalled_at IS NOT NULL THEN now() END,
         updated_at = now()
     FROM input i
+    -- One primary-key probe per row (the transitions module's "Plans"): no index can
+    -- serve the status test written with IS TRUE.
     WHERE s.step_id = i.step_id
-      AND s.status = 'pending' AND s.condition IS NOT NULL AND s.remaining_parents = 0
+      AND (s.status = 'pending') IS TRUE AND s.condition IS NOT NULL AND s.remaining_parents = 0
     RETURNING s.step_id, s.task_id, s.status = 'complete' AS completed, s.wait_signal,
               s.wait_until
 ),
