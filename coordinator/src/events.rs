@@ -228,7 +228,7 @@ fn to_event(row: RecordedTransition, name: &str, names: &Names) -> Option<Lifecy
             row.schedule_namespace?,
             row.schedule_template?,
             row.schedule_version.unwrap_or_default(),
-            5,
+            tasker_shared::template::DEFAULT_PRIORITY,
         ),
         _ => return None,
     };

@@ -45,9 +45,9 @@
 //! the batch (300 results: 44,850 comparisons). `shared/tests/sql.rs` checks every
 //! statement's plan for that shape; the claim function reads its candidates with a
 //! lateral probe (migration 0021). A status test beside the key is written so that no
-//! index can serve it (`(s.status = 'pending') IS TRUE`): after an `ANALYZE` taken while
-//! nothing was pending, a plain `s.status = 'pending'` made the planner walk every pending
-//! step (`steps_unfinished`) at each call, whatever the list.
+//! index can serve it (`(s.status = 'pending') IS TRUE`): in an empty database, or after
+//! an `ANALYZE` taken while nothing was pending, a plain `s.status = 'pending'` made the
+//! planner walk every pending step (`steps_unfinished`) at each call, whatever the list.
 
 mod child_tasks;
 pub mod claim;
