@@ -98,6 +98,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) control_dropped: Counter,
     pub(crate) queue_latency: Family<Namespace, Histogram>,
     pub(crate) dispatch_batch_size: Histogram,
+    pub(crate) step_message_batch_size: Histogram,
     pub(crate) publish_duration: Histogram,
     pub(crate) result_batch_size: Histogram,
     pub(crate) create_batch_size: Histogram,
@@ -299,6 +300,12 @@ impl CoordinatorMetrics {
             "Steps claimed per claim statement",
             dispatch_batch_size.clone(),
         );
+        let step_message_batch_size = batch_histogram();
+        registry.register(
+            "tasker_step_message_batch_size",
+            "Steps carried per step message published (one, or a batch of a namespace's steps)",
+            step_message_batch_size.clone(),
+        );
         let publish_duration = latency_histogram();
         registry.register_with_unit(
             "tasker_step_publish_duration",
@@ -394,6 +401,7 @@ impl CoordinatorMetrics {
             schedule_skips,
             schedule_lateness,
             dispatch_batch_size,
+            step_message_batch_size,
             publish_duration,
             result_batch_size,
             create_batch_size,
@@ -437,6 +445,7 @@ pub(crate) struct QueueDepth {
     pub(crate) consumers: u32,
 }
 
+use crate::publisher::Published;
 use tasker_shared::store::transitions::{AppliedResults, Dispatch, FinishedTask};
 
 impl CoordinatorMetrics {
@@ -444,17 +453,20 @@ impl CoordinatorMetrics {
     pub(crate) fn dispatched(
         &self,
         dispatches: &[Dispatch],
-        failed: usize,
+        published: &Published,
         took: std::time::Duration,
     ) {
         self.dispatch_batch_size.observe(dispatches.len() as f64);
+        for &steps in &published.carried {
+            self.step_message_batch_size.observe(steps as f64);
+        }
         self.publish_duration.observe(took.as_secs_f64());
         for dispatch in dispatches {
             self.steps_dispatched
                 .get_or_create(&Self::namespace(&dispatch.message.namespace))
                 .inc();
         }
-        self.publish_failures.inc_by(failed as u64);
+        self.publish_failures.inc_by(published.failed as u64);
     }
 
     /// A batch of results was applied.

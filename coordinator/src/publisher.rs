@@ -1,5 +1,11 @@
 //! Publishing claimed steps to RabbitMQ, after the claim committed.
 //!
+//! Steps of one namespace published together travel together: up to
+//! [`STEPS_PER_MESSAGE`] in one message (a [`StepBatch`](tasker_shared::messages::StepBatch)),
+//! so the broker stores, delivers and acknowledges one message where it would have handled
+//! eight; most of its work is per message, not per byte (BENCHMARKS.md). A step claimed
+//! alone still travels in a step message of its own.
+//!
 //! Publishes a whole batch, then awaits all of its confirms together (one broker round
 //! trip per batch, not per step), then records the outcome (`record_publish`): a step
 //! whose publish is refused, unroutable or unconfirmed stays `enqueued` with its lease
@@ -26,6 +32,9 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use sqlx::PgPool;
 use tasker_shared::broker::{Topology, persistent, publish_together, with_traceparent};
+use tasker_shared::messages::{
+    BatchedStep, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, step_batch_body,
+};
 use tasker_shared::store::transitions::{self, Dispatch};
 use tasker_shared::telemetry;
 use tokio::sync::Semaphore;
@@ -75,6 +84,8 @@ pub(crate) struct StepPublisher {
 #[derive(Debug, Default)]
 pub(crate) struct Published {
     pub(crate) failed: usize,
+    /// How many steps each message published carried.
+    pub(crate) carried: Vec<usize>,
     /// (step id, dispatch token) of each step the broker confirmed.
     pub(crate) confirmed: Vec<(Uuid, Uuid)>,
     /// (step id, dispatch token) of each step the broker did not take.
@@ -214,7 +225,7 @@ impl StepPublisher {
                     }
                     let started = Instant::now();
                     let published = publisher.publish(&batch).await;
-                    metrics.dispatched(&batch, published.failed, started.elapsed());
+                    metrics.dispatched(&batch, &published, started.elapsed());
                 }
                 drop(permit);
                 // Steps may have arrived after the last take, while every slot was busy:
@@ -344,92 +355,220 @@ impl StepPublisher {
 
     async fn publish_all(&self, dispatches: &[Dispatch]) -> Published {
         let mut report = Published::default();
-        let mut confirms = Vec::with_capacity(dispatches.len());
+        let mut traceparents = Vec::with_capacity(dispatches.len());
         let mut spans = Vec::with_capacity(dispatches.len());
-        let mut publishes = Vec::with_capacity(dispatches.len());
         for dispatch in dispatches {
             let message = &dispatch.message;
             let span = tracing::debug_span!("dispatch_step", task_id = %message.task_id,
                 step_id = %message.step_id, step = %message.step_name, attempt = message.attempt,
                 trace_id = tracing::field::Empty);
             telemetry::adopt(&span, dispatch.trace_parent.as_deref());
-            let traceparent = telemetry::traceparent(&span);
+            traceparents.push(telemetry::traceparent(&span));
             spans.push(span);
-            publishes.push(self.publish_one(message, traceparent));
         }
+        let outgoing = match messages(dispatches, &mut traceparents) {
+            Ok(outgoing) => outgoing,
+            Err(error) => {
+                // A step that cannot be written as JSON: none can be trusted; the sweeper
+                // dispatches them again when their lease expires.
+                tracing::warn!(%error, "writing step messages failed");
+                report.failed = dispatches.len();
+                report.unpublished = dispatches
+                    .iter()
+                    .map(|d| (d.message.step_id, d.message.dispatch_token))
+                    .collect();
+                return report;
+            }
+        };
+        let steps_of = |message: &Outgoing| {
+            message
+                .steps
+                .iter()
+                .map(|&i| &dispatches[i].message)
+                .collect::<Vec<_>>()
+        };
+        report.carried = outgoing.iter().map(|m| m.steps.len()).collect();
+        let publishes = outgoing
+            .iter()
+            .map(|message| self.publish_one(&dispatches[message.steps[0]].message, message))
+            .collect();
         let published = publish_together(publishes).await;
-        for (dispatch, publish) in dispatches.iter().zip(published) {
-            let message = &dispatch.message;
+        let mut confirms = Vec::with_capacity(outgoing.len());
+        for (message, publish) in outgoing.iter().zip(published) {
             match publish {
                 Ok(confirm) => confirms.push((message, confirm)),
                 Err(error) => {
-                    report.failed += 1;
-                    report
-                        .unpublished
-                        .push((message.step_id, message.dispatch_token));
-                    tracing::warn!(%error, step_id = %message.step_id, task_id = %message.task_id,
-                        "publishing a step failed; the sweeper will dispatch it again");
+                    for step in steps_of(message) {
+                        report.failed += 1;
+                        report.unpublished.push((step.step_id, step.dispatch_token));
+                        tracing::warn!(%error, step_id = %step.step_id, task_id = %step.task_id,
+                            "publishing a step failed; the sweeper will dispatch it again");
+                    }
                 }
             }
         }
         let (messages, confirms): (Vec<_>, Vec<_>) = confirms.into_iter().unzip();
         let outcomes = tasker_shared::broker::await_confirms(confirms).await;
         for (message, outcome) in messages.into_iter().zip(outcomes) {
+            let steps = steps_of(message);
             match outcome {
                 Ok(confirmation) => {
                     let acked = confirmation.is_ack();
                     // A mandatory message the broker could not route comes back with an ack.
                     let returned = confirmation.take_message().is_some();
-                    if acked && !returned {
-                        report
-                            .confirmed
-                            .push((message.step_id, message.dispatch_token));
-                    } else {
-                        report.failed += 1;
-                        report
-                            .unpublished
-                            .push((message.step_id, message.dispatch_token));
-                        tracing::warn!(step_id = %message.step_id, namespace = %message.namespace,
-                            "the broker refused or could not route a step; it will be dispatched again when its lease expires");
+                    for step in steps {
+                        if acked && !returned {
+                            report.confirmed.push((step.step_id, step.dispatch_token));
+                        } else {
+                            report.failed += 1;
+                            report.unpublished.push((step.step_id, step.dispatch_token));
+                            tracing::warn!(step_id = %step.step_id, namespace = %step.namespace,
+                                "the broker refused or could not route a step; it will be dispatched again when its lease expires");
+                        }
                     }
                 }
                 Err(error) => {
-                    report.failed += 1;
-                    report
-                        .unpublished
-                        .push((message.step_id, message.dispatch_token));
-                    tracing::warn!(%error, step_id = %message.step_id, "no confirm for a step");
+                    for step in steps {
+                        report.failed += 1;
+                        report.unpublished.push((step.step_id, step.dispatch_token));
+                        tracing::warn!(%error, step_id = %step.step_id, "no confirm for a step");
+                    }
                 }
             }
         }
         report
     }
 
+    /// Publish one message: a step alone (its trace context in the `traceparent` header)
+    /// or a batch of steps of `first`'s namespace.
     async fn publish_one(
         &self,
-        message: &tasker_shared::messages::StepMessage,
-        traceparent: Option<String>,
+        first: &StepMessage,
+        message: &Outgoing,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
-        self.ensure_namespace(&message.namespace).await?;
-        let body = serde_json::to_vec(message)?;
-        let properties = with_traceparent(
-            persistent().with_message_id(ShortString::from(message.dispatch_token.to_string())),
-            traceparent,
-        );
+        self.ensure_namespace(&first.namespace).await?;
+        let properties = if message.batch {
+            persistent().with_type(ShortString::from(STEP_BATCH_TYPE))
+        } else {
+            with_traceparent(
+                persistent().with_message_id(ShortString::from(first.dispatch_token.to_string())),
+                message.traceparent.clone(),
+            )
+        };
         Ok(self
             .channel()
             .basic_publish(
                 self.topology.steps_exchange().into(),
-                message.namespace.as_str().into(),
+                first.namespace.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &body,
-                self.topology.signed(&body, properties),
+                &message.body,
+                self.topology.signed(&message.body, properties),
             )
             .await?)
     }
+}
+
+/// Most bytes of step JSON one batch carries: a step that would take a batch past it
+/// goes in the next message (one larger than this travels alone).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// What one published message carries.
+#[derive(Debug)]
+struct Outgoing {
+    /// The steps, as indices into the published dispatches (all of one namespace).
+    steps: Vec<usize>,
+    /// The message's body: a step message, or a [`StepBatch`](tasker_shared::messages::StepBatch) of them.
+    body: Vec<u8>,
+    /// Whether it is a [`StepBatch`](tasker_shared::messages::StepBatch).
+    batch: bool,
+    /// A single step's trace context, for the `traceparent` header (a batch carries each
+    /// step's in its body).
+    traceparent: Option<String>,
+}
+
+/// The messages that carry `dispatches`: the steps of one namespace go together, up to
+/// [`STEPS_PER_MESSAGE`] and [`MAX_BATCH_BYTES`] in one [`StepBatch`](tasker_shared::messages::StepBatch), in the order they
+/// were claimed; a step that goes alone is a step message as always. `traceparents` (one
+/// per dispatch) are taken.
+fn messages(
+    dispatches: &[Dispatch],
+    traceparents: &mut [Option<String>],
+) -> serde_json::Result<Vec<Outgoing>> {
+    // Namespaces in the order they first appear, each with its steps in claim order.
+    let mut namespaces: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, dispatch) in dispatches.iter().enumerate() {
+        let namespace = dispatch.message.namespace.as_str();
+        match namespaces.iter_mut().find(|(n, _)| *n == namespace) {
+            Some((_, steps)) => steps.push(i),
+            None => namespaces.push((namespace, vec![i])),
+        }
+    }
+    let mut outgoing = Vec::new();
+    for (_, steps) in namespaces {
+        for chunk in steps.chunks(STEPS_PER_MESSAGE) {
+            // Each step written as a batch member; a member without a trace context is
+            // written exactly as the step's own message.
+            let bodies = chunk
+                .iter()
+                .map(|&i| {
+                    serde_json::to_vec(&BatchedStep {
+                        step: &dispatches[i].message,
+                        traceparent: traceparents[i].clone(),
+                    })
+                })
+                .collect::<serde_json::Result<Vec<_>>>()?;
+            let mut group: Vec<(usize, Vec<u8>)> = Vec::new();
+            let mut bytes = 0;
+            for (&i, body) in chunk.iter().zip(bodies) {
+                if !group.is_empty() && bytes + body.len() > MAX_BATCH_BYTES {
+                    outgoing.push(message_of(
+                        std::mem::take(&mut group),
+                        dispatches,
+                        traceparents,
+                    )?);
+                    bytes = 0;
+                }
+                bytes += body.len();
+                group.push((i, body));
+            }
+            outgoing.push(message_of(group, dispatches, traceparents)?);
+        }
+    }
+    Ok(outgoing)
+}
+
+/// The message of one group of steps written as batch members (see [`messages`]).
+fn message_of(
+    group: Vec<(usize, Vec<u8>)>,
+    dispatches: &[Dispatch],
+    traceparents: &mut [Option<String>],
+) -> serde_json::Result<Outgoing> {
+    if let [(i, body)] = group.as_slice() {
+        let i = *i;
+        let traceparent = traceparents[i].take();
+        let body = match traceparent {
+            // The member carries its trace context in the body: the step's own message
+            // carries it in the header instead.
+            Some(_) => serde_json::to_vec(&dispatches[i].message)?,
+            None => body.clone(),
+        };
+        return Ok(Outgoing {
+            steps: vec![i],
+            body,
+            batch: false,
+            traceparent,
+        });
+    }
+    let (steps, bodies): (Vec<usize>, Vec<Vec<u8>>) = group.into_iter().unzip();
+    Ok(Outgoing {
+        steps,
+        body: step_batch_body(&bodies),
+        batch: true,
+        traceparent: None,
+    })
 }
 
 /// Lifts the leases of confirmed steps, one generation per tick: a tick is an eighth of
@@ -498,6 +637,152 @@ mod failpoint {
                 tracing::warn!(claimed = claimed.len(), "failpoint: paused after claim");
             }
             holds
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::{Value, json};
+    use tasker_shared::messages::{SCHEMA_VERSION, StepBatch};
+
+    use super::*;
+
+    fn dispatch(n: u128, namespace: &str, context: Value) -> Dispatch {
+        Dispatch {
+            message: StepMessage {
+                schema_version: SCHEMA_VERSION,
+                task_id: Uuid::from_u128(n),
+                step_id: Uuid::from_u128(1_000 + n),
+                step_name: format!("s{n}"),
+                namespace: namespace.to_owned(),
+                template: "t@1".into(),
+                handler: "noop".into(),
+                config: json!({}),
+                context,
+                parents: BTreeMap::new(),
+                attempt: 1,
+                retry_limit: 3,
+                deferrals: 0,
+                dispatch_token: Uuid::from_u128(2_000 + n),
+                timeout_ms: 1_000,
+                dispatched_at: chrono::Utc::now(),
+                item: None,
+                index: None,
+            },
+            trace_parent: None,
+        }
+    }
+
+    fn step_ids(message: &Outgoing) -> Vec<Uuid> {
+        if message.batch {
+            StepBatch::decode(&message.body)
+                .unwrap()
+                .steps
+                .into_iter()
+                .map(|s| s.step.step_id)
+                .collect()
+        } else {
+            vec![StepMessage::decode(&message.body).unwrap().step_id]
+        }
+    }
+
+    #[test]
+    fn steps_of_one_namespace_travel_together_up_to_the_most_a_message_carries() {
+        // 19 steps of `a` and 2 of `b`, interleaved, claimed in this order.
+        let dispatches: Vec<Dispatch> = (0..21)
+            .map(|n| {
+                dispatch(
+                    n,
+                    if n % 10 == 3 { "b" } else { "a" },
+                    json!({"n": n as u64}),
+                )
+            })
+            .collect();
+        let mut traceparents = vec![None; dispatches.len()];
+        let outgoing = messages(&dispatches, &mut traceparents).unwrap();
+        let sizes: Vec<usize> = outgoing.iter().map(|m| m.steps.len()).collect();
+        assert_eq!(
+            sizes,
+            [
+                STEPS_PER_MESSAGE,
+                STEPS_PER_MESSAGE,
+                19 - 2 * STEPS_PER_MESSAGE,
+                2
+            ]
+        );
+        // Every step once, each namespace's in claim order, the body saying what `steps` says.
+        let mut seen = Vec::new();
+        for message in &outgoing {
+            let namespace = &dispatches[message.steps[0]].message.namespace;
+            assert!(
+                message
+                    .steps
+                    .iter()
+                    .all(|&i| &dispatches[i].message.namespace == namespace)
+            );
+            assert!(message.steps.windows(2).all(|w| w[0] < w[1]));
+            let ids: Vec<Uuid> = message
+                .steps
+                .iter()
+                .map(|&i| dispatches[i].message.step_id)
+                .collect();
+            assert_eq!(step_ids(message), ids);
+            assert_eq!(message.batch, message.steps.len() > 1);
+            seen.extend(message.steps.iter().copied());
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..21).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_step_claimed_alone_travels_in_a_step_message_with_its_trace_context_in_the_header() {
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let dispatches = vec![dispatch(1, "a", json!({})), dispatch(2, "b", json!({}))];
+        let mut traceparents = vec![Some(traceparent.to_owned()), None];
+        let outgoing = messages(&dispatches, &mut traceparents).unwrap();
+        assert_eq!(outgoing.len(), 2);
+        assert!(!outgoing[0].batch);
+        assert_eq!(outgoing[0].traceparent.as_deref(), Some(traceparent));
+        assert_eq!(
+            outgoing[0].body,
+            serde_json::to_vec(&dispatches[0].message).unwrap()
+        );
+        assert_eq!(outgoing[1].traceparent, None);
+        assert_eq!(
+            outgoing[1].body,
+            serde_json::to_vec(&dispatches[1].message).unwrap()
+        );
+
+        // Together, each carries its own in the body.
+        let dispatches = vec![dispatch(1, "a", json!({})), dispatch(2, "a", json!({}))];
+        let mut traceparents = vec![Some(traceparent.to_owned()), None];
+        let outgoing = messages(&dispatches, &mut traceparents).unwrap();
+        assert_eq!(outgoing.len(), 1);
+        assert!(outgoing[0].batch && outgoing[0].traceparent.is_none());
+        let batch = StepBatch::decode(&outgoing[0].body).unwrap();
+        assert_eq!(batch.steps[0].traceparent.as_deref(), Some(traceparent));
+        assert_eq!(batch.steps[1].traceparent, None);
+    }
+
+    #[test]
+    fn large_steps_split_a_batch_and_one_larger_than_a_batch_travels_alone() {
+        let big = |n| dispatch(n, "a", json!({"blob": "x".repeat(MAX_BATCH_BYTES / 3)}));
+        let huge = dispatch(9, "a", json!({"blob": "x".repeat(MAX_BATCH_BYTES)}));
+        let dispatches = vec![big(1), big(2), big(3), huge, big(4)];
+        let mut traceparents = vec![None; dispatches.len()];
+        let outgoing = messages(&dispatches, &mut traceparents).unwrap();
+        let groups: Vec<Vec<usize>> = outgoing.iter().map(|m| m.steps.clone()).collect();
+        assert_eq!(groups, [vec![0, 1], vec![2], vec![3], vec![4]]);
+        assert!(
+            outgoing
+                .iter()
+                .all(|m| m.steps.len() == 1 || m.body.len() <= MAX_BATCH_BYTES + 64)
+        );
+        for message in &outgoing {
+            assert_eq!(step_ids(message).len(), message.steps.len());
         }
     }
 }

@@ -36,7 +36,8 @@ use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header_str};
 use tasker_shared::messages::{
-    Outcome, RunningStep, SCHEMA_VERSION, StepError, StepMessage, StepResult, WorkerMessage,
+    BatchedResult, Outcome, ResultBatch, RunningStep, SCHEMA_VERSION, StepBatch, StepError,
+    StepMessage, StepResult, WorkerMessage,
 };
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
@@ -430,7 +431,11 @@ impl ResultProcessor {
             ));
         }
         match self.topology.dead_lettered_step(&delivery.properties) {
-            Some(reason) => undeliverable(&delivery.data, &reason),
+            Some(reason) => undeliverable(
+                &delivery.data,
+                broker::carries_step_batch(&delivery.properties),
+                &reason,
+            ),
             None => WorkerMessage::decode(&delivery.data).map_err(|e| e.to_string()),
         }
     }
@@ -547,8 +552,17 @@ async fn ack(applied: &[Delivery], held: &[Received]) -> lapin::Result<()> {
 /// is. The step is retried with backoff like any retryable failure, so a message that
 /// kills its workers reaches `error` after its retry limit instead of circulating, and a
 /// message dropped by the queue for another reason is not left `enqueued` for ever.
-fn undeliverable(body: &[u8], reason: &str) -> Result<WorkerMessage, String> {
-    let step = StepMessage::decode(body).map_err(|e| format!("a dead-lettered step: {e}"))?;
+fn undeliverable(body: &[u8], batch: bool, reason: &str) -> Result<WorkerMessage, String> {
+    let steps = if batch {
+        StepBatch::decode(body)
+            .map_err(|e| format!("a dead-lettered batch of steps: {e}"))?
+            .steps
+            .into_iter()
+            .map(|batched| batched.step)
+            .collect()
+    } else {
+        vec![StepMessage::decode(body).map_err(|e| format!("a dead-lettered step: {e}"))?]
+    };
     let (code, message) = if reason == "delivery_limit" {
         (
             "delivery_limit",
@@ -565,20 +579,130 @@ fn undeliverable(body: &[u8], reason: &str) -> Result<WorkerMessage, String> {
         )
     };
     let now = chrono::Utc::now();
-    Ok(WorkerMessage::Result(StepResult {
+    let mut results: Vec<StepResult> = steps
+        .into_iter()
+        .map(|step| StepResult {
+            schema_version: SCHEMA_VERSION,
+            task_id: step.task_id,
+            step_id: step.step_id,
+            dispatch_token: step.dispatch_token,
+            outcome: Outcome::RetryableError,
+            results: None,
+            error: Some(StepError {
+                message: message.clone(),
+                code: Some(code.to_owned()),
+                retry_after_seconds: None,
+            }),
+            started_at: now,
+            finished_at: now,
+            worker_id: "rabbitmq".to_owned(),
+        })
+        .collect();
+    if !batch && let Some(result) = results.pop() {
+        return Ok(WorkerMessage::Result(result));
+    }
+    // Each step of a batch is the failed attempt it stands for; a step of it that did
+    // run is past that dispatch, and its failure is dropped by the fence.
+    Ok(WorkerMessage::Results(ResultBatch {
         schema_version: SCHEMA_VERSION,
-        task_id: step.task_id,
-        step_id: step.step_id,
-        dispatch_token: step.dispatch_token,
-        outcome: Outcome::RetryableError,
-        results: None,
-        error: Some(StepError {
-            message,
-            code: Some(code.to_owned()),
-            retry_after_seconds: None,
-        }),
-        started_at: now,
-        finished_at: now,
-        worker_id: "rabbitmq".to_owned(),
+        results: results
+            .into_iter()
+            .map(|result| BatchedResult {
+                result,
+                traceparent: None,
+            })
+            .collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tasker_shared::messages::BatchedStep;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn step(n: u128) -> StepMessage {
+        StepMessage {
+            schema_version: SCHEMA_VERSION,
+            task_id: Uuid::from_u128(n),
+            step_id: Uuid::from_u128(100 + n),
+            step_name: "s".into(),
+            namespace: "ns".into(),
+            template: "t@1".into(),
+            handler: "noop".into(),
+            config: json!({}),
+            context: json!({}),
+            parents: Default::default(),
+            attempt: 2,
+            retry_limit: 3,
+            deferrals: 0,
+            dispatch_token: Uuid::from_u128(200 + n),
+            timeout_ms: 1_000,
+            dispatched_at: chrono::Utc::now(),
+            item: None,
+            index: None,
+        }
+    }
+
+    #[test]
+    fn a_dead_lettered_step_or_batch_is_the_failed_attempt_of_each_step_it_carried() {
+        let single = serde_json::to_vec(&step(1)).unwrap();
+        let WorkerMessage::Result(result) =
+            undeliverable(&single, false, "delivery_limit").unwrap()
+        else {
+            panic!("a single step's message is one result");
+        };
+        assert_eq!(
+            (result.step_id, result.dispatch_token),
+            (Uuid::from_u128(101), Uuid::from_u128(201))
+        );
+        assert_eq!(result.outcome, Outcome::RetryableError);
+        assert_eq!(
+            result.error.unwrap().code.as_deref(),
+            Some("delivery_limit")
+        );
+
+        let (first, second) = (step(1), step(2));
+        let batch = serde_json::to_vec(&StepBatch {
+            schema_version: SCHEMA_VERSION,
+            steps: vec![
+                BatchedStep {
+                    step: &first,
+                    traceparent: None,
+                },
+                BatchedStep {
+                    step: &second,
+                    traceparent: None,
+                },
+            ],
+        })
+        .unwrap();
+        let WorkerMessage::Results(results) = undeliverable(&batch, true, "expired").unwrap()
+        else {
+            panic!("a batch is the results of its steps");
+        };
+        let fences: Vec<_> = results
+            .results
+            .iter()
+            .map(|r| (r.result.step_id, r.result.dispatch_token))
+            .collect();
+        assert_eq!(
+            fences,
+            [
+                (Uuid::from_u128(101), Uuid::from_u128(201)),
+                (Uuid::from_u128(102), Uuid::from_u128(202))
+            ]
+        );
+        let codes: Vec<_> = results
+            .results
+            .iter()
+            .map(|r| r.result.error.as_ref().unwrap().code.clone())
+            .collect();
+        assert_eq!(codes, vec![Some("dead_lettered".to_owned()); 2]);
+        // A batch's body read as one step, or the reverse, is poison.
+        assert!(undeliverable(&batch, false, "expired").is_err());
+        assert!(undeliverable(&single, true, "expired").is_err());
+    }
 }

@@ -8,8 +8,9 @@
 //! - a confirmed step whose queue was deleted or lost: each sweep interval compares the
 //!   confirmed steps that have waited longer than the dispatch lease, per namespace, with
 //!   the namespace's queue ([`lost_in_queue`]). A missing queue means every confirmed step
-//!   of it is gone. A queue holding fewer messages than those steps, beyond what workers
-//!   may hold, at two checks in a row, means the oldest of them are gone. Those steps
+//!   of it is gone. A queue whose messages, with those workers may hold, could not carry
+//!   those steps (a message carries up to `STEPS_PER_MESSAGE`), at two checks in a row,
+//!   means the oldest of them are gone. Those steps
 //!   have their lease ended and are dispatched again;
 //! - a step `in_progress` past its lease lost its worker and counts as a timed-out
 //!   attempt: retried after its backoff, or `error` if that was its last attempt, and
@@ -45,6 +46,7 @@ use crate::metrics::{CoordinatorMetrics, Namespace, count_reason};
 use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::Topology;
+use tasker_shared::messages::STEPS_PER_MESSAGE;
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask};
 
@@ -347,9 +349,11 @@ impl Service for Sweeper {
 struct QueueCheck {
     /// Confirmed steps still `enqueued` after the dispatch lease.
     confirmed: u64,
-    /// The step queue's (ready messages, consumers), or `None` when it does not exist.
+    /// The step queue's (ready messages, consumers), or `None` when it does not exist. A
+    /// message carries one step or a batch of up to [`STEPS_PER_MESSAGE`].
     step_queue: Option<(u32, u32)>,
-    /// What the workers serving the namespace may hold unacked: twice their concurrency.
+    /// The messages the workers serving the namespace may hold unacked: twice their
+    /// concurrency.
     held_by_workers: u64,
     /// Results (and started notices) waiting in the results queue.
     results_ready: u32,
@@ -387,7 +391,9 @@ fn lost_in_queue(check: QueueCheck) -> Option<Lost> {
     if check.results_ready > 0 {
         return None;
     }
-    let elsewhere = u64::from(ready) + check.held_by_workers;
+    // A message may carry up to STEPS_PER_MESSAGE steps: only what no count of the
+    // messages could hold is lost.
+    let elsewhere = (u64::from(ready) + check.held_by_workers) * STEPS_PER_MESSAGE as u64;
     (check.confirmed > elsewhere).then(|| Lost::Short(check.confirmed - elsewhere))
 }
 
@@ -438,6 +444,13 @@ mod tests {
     fn steps_in_the_queue_or_held_by_workers_are_not_lost() {
         assert_eq!(lost_in_queue(check(100, Some((100, 2)), 0)), None);
         assert_eq!(lost_in_queue(check(132, Some((100, 2)), 0)), None);
+        // Each message may be a batch.
+        let most = (100 + 32) * STEPS_PER_MESSAGE as u64;
+        assert_eq!(lost_in_queue(check(most, Some((100, 2)), 0)), None);
+        assert_eq!(
+            lost_in_queue(check(most + 1, Some((100, 2)), 0)),
+            Some(Lost::Short(1))
+        );
     }
 
     #[test]
@@ -451,8 +464,14 @@ mod tests {
         // 1,000 waiting steps; the queue, recreated, holds 10 newer messages.
         assert_eq!(
             lost_in_queue(check(1_000, Some((10, 2)), 0)),
-            Some(Lost::Short(1_000 - 10 - 32))
+            Some(Lost::Short(1_000 - (10 + 32) * STEPS_PER_MESSAGE as u64))
         );
+        // Recreated empty, with no worker holding anything: every one of them.
+        let none_held = QueueCheck {
+            held_by_workers: 0,
+            ..check(7, Some((0, 0)), 0)
+        };
+        assert_eq!(lost_in_queue(none_held), Some(Lost::Short(7)));
     }
 
     #[test]

@@ -482,6 +482,16 @@ pub fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
+/// Whether a message on a step queue carries a [`StepBatch`](crate::messages::StepBatch)
+/// (its AMQP `type` is [`STEP_BATCH_TYPE`](crate::messages::STEP_BATCH_TYPE)) rather than
+/// one step.
+pub fn carries_step_batch(properties: &BasicProperties) -> bool {
+    properties
+        .kind()
+        .as_ref()
+        .is_some_and(|kind| kind.as_str() == crate::messages::STEP_BATCH_TYPE)
+}
+
 /// Read a string header from a message's properties.
 pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     let headers = properties.headers().as_ref()?;

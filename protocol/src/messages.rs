@@ -1,6 +1,8 @@
 //! The message protocol between coordinators and workers (AMQP 0-9-1, JSON bodies).
 //!
-//! - [`StepMessage`]: coordinator → worker, on the steps exchange, routed by namespace.
+//! - [`StepMessage`]: coordinator → worker, on the steps exchange, routed by namespace;
+//!   or a [`StepBatch`] of up to [`STEPS_PER_MESSAGE`] steps of one namespace in one
+//!   message (AMQP `type` [`STEP_BATCH_TYPE`]).
 //! - [`WorkerMessage`]: worker → coordinator, on the results queue: a step's
 //!   [`StepResult`], a [`ResultBatch`] of several, a batch of [`StepStarted`] notices,
 //!   or a heartbeat.
@@ -89,6 +91,39 @@ pub struct StepMessage {
     /// An instance of a `for_each` step: its element's index in the list, from 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<i32>,
+}
+
+/// Most steps one [`StepBatch`] carries.
+pub const STEPS_PER_MESSAGE: usize = 8;
+
+/// The AMQP `type` property of a message that carries a [`StepBatch`] (a single step's
+/// message has none).
+pub const STEP_BATCH_TYPE: &str = "steps";
+
+/// Steps of one namespace claimed together and sent in one message: each is what a step
+/// message would carry, with its own trace context (a single step carries that in the
+/// `traceparent` header). A worker runs each as it would run a step message of its own
+/// and acknowledges the message once every step in it is answered.
+///
+/// Generic over how a step is held so that a coordinator can publish borrowed steps
+/// (`StepBatch<&StepMessage>`); a worker decodes owned ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepBatch<S = StepMessage> {
+    /// Always [`SCHEMA_VERSION`] when produced by this build.
+    pub schema_version: u32,
+    /// The steps, 1 to [`STEPS_PER_MESSAGE`] of them.
+    pub steps: Vec<BatchedStep<S>>,
+}
+
+/// One step of a [`StepBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchedStep<S = StepMessage> {
+    /// The step, its fields inline.
+    #[serde(flatten)]
+    pub step: S,
+    /// The W3C `traceparent` of the step's dispatch span, if it was traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A message a worker sends to the coordinators' results queue.
@@ -283,6 +318,9 @@ pub enum DecodeError {
     /// The message speaks a protocol version this build does not.
     #[error("unsupported schema_version {0} (this build speaks {SCHEMA_VERSION})")]
     UnsupportedVersion(u32),
+    /// A batch that carries nothing.
+    #[error("a steps message without steps")]
+    Empty,
 }
 
 impl StepMessage {
@@ -291,6 +329,43 @@ impl StepMessage {
         let message: StepMessage = serde_json::from_slice(body)?;
         check_version(message.schema_version)?;
         Ok(message)
+    }
+}
+
+/// The body of a [`StepBatch`] whose steps serialize (each as a [`BatchedStep`]) to
+/// `steps`: what `serde_json::to_vec` of the batch writes, from steps serialized one by
+/// one (so a publisher can weigh each before it chooses which go together).
+pub fn step_batch_body(steps: &[Vec<u8>]) -> Vec<u8> {
+    const HEAD: &[u8] = b"{\"schema_version\":";
+    let version = SCHEMA_VERSION.to_string();
+    let size = steps.iter().map(|s| s.len() + 1).sum::<usize>() + HEAD.len() + 16;
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(HEAD);
+    body.extend_from_slice(version.as_bytes());
+    body.extend_from_slice(b",\"steps\":[");
+    for (i, step) in steps.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(step);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+impl StepBatch {
+    /// Decode and check the versions (the batch's and each step's); a batch without
+    /// steps is refused.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let batch: StepBatch = serde_json::from_slice(body)?;
+        check_version(batch.schema_version)?;
+        for batched in &batch.steps {
+            check_version(batched.step.schema_version)?;
+        }
+        if batch.steps.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        Ok(batch)
     }
 }
 
@@ -387,6 +462,85 @@ mod tests {
         assert_eq!(value["type"], "result");
         assert_eq!(value["outcome"], "retryable_error");
         assert_eq!(WorkerMessage::decode(&body).unwrap(), result);
+    }
+
+    fn step(n: u128) -> StepMessage {
+        StepMessage {
+            schema_version: SCHEMA_VERSION,
+            task_id: Uuid::from_u128(n),
+            step_id: Uuid::from_u128(n + 1),
+            step_name: format!("s{n}"),
+            namespace: "ns".into(),
+            template: "t@1".into(),
+            handler: "noop".into(),
+            config: json!({"k": "v"}),
+            context: json!({"order": n as u64}),
+            parents: BTreeMap::from([("a".to_owned(), json!({"x": 1}))]),
+            attempt: 1,
+            retry_limit: 3,
+            deferrals: 0,
+            dispatch_token: Uuid::from_u128(n + 2),
+            timeout_ms: 1_000,
+            dispatched_at: Utc::now(),
+            item: None,
+            index: None,
+        }
+    }
+
+    #[test]
+    fn a_step_batch_carries_each_step_inline_with_its_trace_context_and_is_written_as_serde_would()
+    {
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let (first, second) = (step(10), step(20));
+        let borrowed = StepBatch {
+            schema_version: SCHEMA_VERSION,
+            steps: vec![
+                BatchedStep {
+                    step: &first,
+                    traceparent: Some(traceparent.to_owned()),
+                },
+                BatchedStep {
+                    step: &second,
+                    traceparent: None,
+                },
+            ],
+        };
+        let body = serde_json::to_vec(&borrowed).unwrap();
+        // Assembled from the steps written one by one: the same bytes.
+        let one_by_one: Vec<Vec<u8>> = borrowed
+            .steps
+            .iter()
+            .map(|s| serde_json::to_vec(s).unwrap())
+            .collect();
+        assert_eq!(step_batch_body(&one_by_one), body);
+        // A batched step without a trace context is written as the step alone.
+        assert_eq!(one_by_one[1], serde_json::to_vec(&second).unwrap());
+
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            value["steps"][0]["step_id"],
+            Uuid::from_u128(11).to_string()
+        );
+        assert_eq!(value["steps"][0]["traceparent"], traceparent);
+        assert!(value["steps"][1].get("traceparent").is_none());
+        let decoded = StepBatch::decode(&body).unwrap();
+        assert_eq!(decoded.steps[0].step, first);
+        assert_eq!(decoded.steps[0].traceparent.as_deref(), Some(traceparent));
+        assert_eq!(decoded.steps[1].step, second);
+
+        let mut future = value.clone();
+        future["steps"][1]["schema_version"] = json!(2);
+        assert!(matches!(
+            StepBatch::decode(future.to_string().as_bytes()),
+            Err(DecodeError::UnsupportedVersion(2))
+        ));
+        let empty = json!({"schema_version": 1, "steps": []});
+        assert!(matches!(
+            StepBatch::decode(empty.to_string().as_bytes()),
+            Err(DecodeError::Empty)
+        ));
+        // A single step's message is not a batch.
+        assert!(StepBatch::decode(&serde_json::to_vec(&first).unwrap()).is_err());
     }
 
     #[test]

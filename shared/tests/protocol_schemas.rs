@@ -23,12 +23,14 @@ use jsonschema::Validator;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tasker_shared::messages::{
-    BatchedResult, ControlMessage, DecodeError, HeartbeatBatch, Outcome, ResultBatch, RunningStep,
-    SCHEMA_VERSION, StartedBatch, StepError, StepMessage, StepResult, StepStarted, WorkerMessage,
+    BatchedResult, BatchedStep, ControlMessage, DecodeError, HeartbeatBatch, Outcome, ResultBatch,
+    RunningStep, SCHEMA_VERSION, StartedBatch, StepBatch, StepError, StepMessage, StepResult,
+    StepStarted, WorkerMessage, step_batch_body,
 };
 use uuid::Uuid;
 
 const STEP_SCHEMA: &str = include_str!("../../docs/schemas/step.schema.json");
+const STEPS_SCHEMA: &str = include_str!("../../docs/schemas/steps.schema.json");
 const RESULT_SCHEMA: &str = include_str!("../../docs/schemas/result.schema.json");
 const RESULTS_SCHEMA: &str = include_str!("../../docs/schemas/results.schema.json");
 const STARTED_SCHEMA: &str = include_str!("../../docs/schemas/started.schema.json");
@@ -36,8 +38,9 @@ const HEARTBEAT_SCHEMA: &str = include_str!("../../docs/schemas/heartbeat.schema
 const CONTROL_SCHEMA: &str = include_str!("../../docs/schemas/control.schema.json");
 const PROTOCOL_MD: &str = include_str!("../../docs/protocol.md");
 
-const ALL_SCHEMAS: [(&str, &str); 6] = [
+const ALL_SCHEMAS: [(&str, &str); 7] = [
     ("step.schema.json", STEP_SCHEMA),
+    ("steps.schema.json", STEPS_SCHEMA),
     ("result.schema.json", RESULT_SCHEMA),
     ("results.schema.json", RESULTS_SCHEMA),
     ("started.schema.json", STARTED_SCHEMA),
@@ -182,6 +185,10 @@ fn decodes_as_step(value: &Value) -> Result<StepMessage, DecodeError> {
     StepMessage::decode(value.to_string().as_bytes())
 }
 
+fn decodes_as_step_batch(value: &Value) -> Result<StepBatch, DecodeError> {
+    StepBatch::decode(value.to_string().as_bytes())
+}
+
 fn decodes_as_worker_message(value: &Value) -> Result<WorkerMessage, DecodeError> {
     WorkerMessage::decode(value.to_string().as_bytes())
 }
@@ -268,6 +275,57 @@ fn root_step_message() -> StepMessage {
         dispatched_at: at(0, 0),
         ..step_message()
     }
+}
+
+/// Every step shape.
+fn step_messages() -> Vec<(&'static str, StepMessage)> {
+    vec![
+        ("a step with parents", step_message()),
+        ("an instance of a `for_each` step", instance_message()),
+        ("a root step", root_step_message()),
+    ]
+}
+
+fn step_batch(steps: Vec<BatchedStep>) -> StepBatch {
+    StepBatch {
+        schema_version: SCHEMA_VERSION,
+        steps,
+    }
+}
+
+fn batched(step: StepMessage, traceparent: Option<&str>) -> BatchedStep {
+    BatchedStep {
+        step,
+        traceparent: traceparent.map(str::to_owned),
+    }
+}
+
+/// Batches of steps: every step shape, traced and not; one alone, traced and not.
+fn step_batches() -> Vec<(&'static str, StepBatch)> {
+    let every_shape = step_messages()
+        .into_iter()
+        .flat_map(|(_, step)| [(step.clone(), Some(TRACEPARENT)), (step, None)])
+        .enumerate()
+        .map(|(n, (step, traceparent))| {
+            let step = StepMessage {
+                step_id: id(100 + n as u128),
+                dispatch_token: id(200 + n as u128),
+                ..step
+            };
+            batched(step, traceparent)
+        })
+        .collect();
+    vec![
+        ("every step shape, traced and not", step_batch(every_shape)),
+        (
+            "one step, traced",
+            step_batch(vec![batched(step_message(), Some(TRACEPARENT))]),
+        ),
+        (
+            "one root step, not traced",
+            step_batch(vec![batched(root_step_message(), None)]),
+        ),
+    ]
 }
 
 fn result(outcome: Outcome, results: Option<Value>, error: Option<StepError>) -> StepResult {
@@ -683,6 +741,78 @@ fn step_messages_validate_and_the_schema_lists_exactly_their_fields() {
 }
 
 #[test]
+fn step_batches_validate_and_decode() {
+    for (name, batch) in step_batches() {
+        let value = to_value(&batch);
+        assert_valid(STEPS_SCHEMA, "steps.schema.json", &value);
+        assert_eq!(decodes_as_step_batch(&value).unwrap(), batch, "{name}");
+        // The coordinator writes the steps one by one, then puts them together: the same
+        // bytes as serde's.
+        let members: Vec<Vec<u8>> = batch
+            .steps
+            .iter()
+            .map(|step| serde_json::to_vec(step).unwrap())
+            .collect();
+        let body = step_batch_body(&members);
+        assert_eq!(body, serde_json::to_vec(&batch).unwrap(), "{name}");
+        assert_eq!(StepBatch::decode(&body).unwrap(), batch, "{name}");
+        // Each entry is its step's message, plus its trace context when it has one.
+        let entries = value["steps"].as_array().unwrap();
+        assert_eq!(entries.len(), batch.steps.len(), "{name}");
+        for (entry, batched) in entries.iter().zip(&batch.steps) {
+            let step = to_value(&batched.step);
+            assert_valid(STEP_SCHEMA, "step.schema.json", &step);
+            match &batched.traceparent {
+                Some(traceparent) => {
+                    assert_eq!(entry["traceparent"], traceparent.as_str(), "{name}");
+                    assert_eq!(without(entry.clone(), "/traceparent"), step, "{name}");
+                }
+                None => assert_eq!(entry, &step, "{name}"),
+            }
+        }
+    }
+}
+
+/// The two messages of a step queue are told apart by the AMQP `type` property, not by
+/// the body; neither body passes for the other, nor does a message of the results queue.
+#[test]
+fn step_batches_and_step_messages_validate_against_their_own_schema_only() {
+    for (name, batch) in step_batches() {
+        let value = to_value(&batch);
+        assert!(
+            !validator(STEP_SCHEMA).is_valid(&value),
+            "{name} also passes step.schema.json"
+        );
+        assert!(
+            decodes_as_step(&value).is_err(),
+            "{name} decodes as a step message"
+        );
+    }
+    for (name, step) in step_messages() {
+        let value = to_value(&step);
+        assert!(
+            !validator(STEPS_SCHEMA).is_valid(&value),
+            "{name} also passes steps.schema.json"
+        );
+        assert!(
+            decodes_as_step_batch(&value).is_err(),
+            "{name} decodes as a batch of steps"
+        );
+    }
+    for (name, message) in worker_messages() {
+        let value = to_value(&message);
+        assert!(
+            !validator(STEPS_SCHEMA).is_valid(&value),
+            "{name} passes steps.schema.json"
+        );
+        assert!(
+            decodes_as_step_batch(&value).is_err(),
+            "{name} decodes as a batch of steps"
+        );
+    }
+}
+
+#[test]
 fn worker_messages_validate_against_their_own_schema_only() {
     for (name, message) in worker_messages() {
         let value = to_value(&message);
@@ -767,6 +897,52 @@ fn the_results_schema_lists_exactly_the_fields_rust_writes() {
 }
 
 #[test]
+fn the_steps_schema_lists_exactly_the_fields_rust_writes() {
+    let schema = parse(STEPS_SCHEMA);
+    let bare = to_value(&step_batch(vec![batched(step_message(), None)]));
+    let full = to_value(&step_batch(vec![batched(
+        instance_message(),
+        Some(TRACEPARENT),
+    )]));
+    assert_valid(STEPS_SCHEMA, "steps.schema.json", &full);
+    assert_fields(&schema, &bare, &full, &[]);
+    let item = &schema["properties"]["steps"]["items"];
+    assert_fields(item, &bare["steps"][0], &full["steps"][0], &STEP_DEFAULTED);
+    // Traced without the optional fields, and untraced with them.
+    let traced = to_value(&step_batch(vec![batched(
+        step_message(),
+        Some(TRACEPARENT),
+    )]));
+    let mut expected = keys(&bare["steps"][0]);
+    expected.insert("traceparent".to_owned());
+    assert_eq!(keys(&traced["steps"][0]), expected);
+    let untraced = to_value(&step_batch(vec![batched(instance_message(), None)]));
+    assert_eq!(
+        keys(&untraced["steps"][0]),
+        keys(&to_value(&instance_message()))
+    );
+
+    // Each entry is a step message plus its trace context, described alike: the same
+    // required list, and each field with the same keywords but its description.
+    let entry = without(full["steps"][0].clone(), "/traceparent");
+    assert_eq!(entry, to_value(&instance_message()));
+    let step_schema = parse(STEP_SCHEMA);
+    assert_eq!(required(item), required(&step_schema), "the required list");
+    let mut expected = properties(&step_schema);
+    expected.insert("traceparent".to_owned());
+    assert_eq!(properties(item), expected, "the properties");
+    for (field, described) in step_schema["properties"].as_object().unwrap() {
+        let keywords = |property: &Value| without(property.clone(), "/description");
+        assert_eq!(
+            keywords(&item["properties"][field]),
+            keywords(described),
+            "`{field}` differs from step.schema.json's"
+        );
+    }
+    assert_eq!(item["properties"]["traceparent"]["type"], "string");
+}
+
+#[test]
 fn the_started_and_heartbeat_schemas_list_exactly_the_fields_rust_writes() {
     let schema = parse(STARTED_SCHEMA);
     let value = to_value(&WorkerMessage::Started(started_batches()[0].1.clone()));
@@ -791,6 +967,12 @@ fn defaulted_fields_may_be_left_out_in_both() {
     let step = without(to_value(&step_message()), "/deferrals");
     assert_valid(STEP_SCHEMA, "step.schema.json", &step);
     assert_eq!(decodes_as_step(&step).unwrap().deferrals, 0);
+
+    let batch = without(to_value(&step_batches()[0].1), "/steps/1/deferrals");
+    assert_valid(STEPS_SCHEMA, "steps.schema.json", &batch);
+    let decoded = decodes_as_step_batch(&batch).unwrap();
+    assert_eq!(decoded.steps[1].step.deferrals, 0);
+    assert_eq!(decoded.steps[0].step.deferrals, step_message().deferrals);
 
     let started = without(
         to_value(&WorkerMessage::Started(started_batches()[0].1.clone())),
@@ -981,6 +1163,68 @@ fn invalid_result_batches_are_refused_by_the_schema_and_the_decoder() {
 }
 
 #[test]
+fn invalid_step_batches_are_refused_by_the_schema_and_the_decoder() {
+    let good = to_value(&step_batches()[0].1);
+    let cases = [
+        ("no steps", without(good.clone(), "/steps")),
+        (
+            "steps as an object",
+            with(good.clone(), "/steps", json!({})),
+        ),
+        ("steps as null", with(good.clone(), "/steps", Value::Null)),
+        (
+            "no steps in `steps`",
+            with(good.clone(), "/steps", json!([])),
+        ),
+        (
+            "no schema_version",
+            without(good.clone(), "/schema_version"),
+        ),
+        (
+            "schema_version 2",
+            with(good.clone(), "/schema_version", json!(2)),
+        ),
+        (
+            "a step of schema_version 2",
+            with(good.clone(), "/steps/3/schema_version", json!(2)),
+        ),
+        (
+            "a step without schema_version",
+            without(good.clone(), "/steps/1/schema_version"),
+        ),
+        (
+            "a step without dispatch_token",
+            without(good.clone(), "/steps/0/dispatch_token"),
+        ),
+        (
+            "a step without handler",
+            without(good.clone(), "/steps/5/handler"),
+        ),
+        (
+            "a step with a bad step_id",
+            with(good.clone(), "/steps/2/step_id", json!("nope")),
+        ),
+        (
+            "a step with attempt as a string",
+            with(good.clone(), "/steps/4/attempt", json!("2")),
+        ),
+        (
+            "a numeric traceparent",
+            with(good.clone(), "/steps/0/traceparent", json!(7)),
+        ),
+        (
+            "a step as a string",
+            with(good.clone(), "/steps", json!(["{}"])),
+        ),
+    ];
+    for (case, value) in &cases {
+        let case = format!("a batch of steps with {case}");
+        let decodes = decodes_as_step_batch(value).is_ok();
+        assert_refused(STEPS_SCHEMA, &case, value, decodes);
+    }
+}
+
+#[test]
 fn invalid_started_notices_and_heartbeats_are_refused_by_the_schema_and_the_decoder() {
     let started = to_value(&WorkerMessage::Started(started_batches()[0].1.clone()));
     let heartbeat = to_value(&WorkerMessage::Heartbeat(heartbeats()[0].1.clone()));
@@ -1097,6 +1341,27 @@ fn a_future_schema_version_is_refused_with_the_dead_letter_reason() {
             "{name}"
         );
     }
+    // A batch of steps, whether the batch or one of its steps speaks another version.
+    let batch = to_value(&step_batches()[0].1);
+    for pointer in ["/schema_version", "/steps/1/schema_version"] {
+        let value = with(batch.clone(), pointer, json!(2));
+        assert!(
+            matches!(
+                decodes_as_step_batch(&value),
+                Err(DecodeError::UnsupportedVersion(2))
+            ),
+            "a batch of steps with {pointer} 2"
+        );
+    }
+}
+
+#[test]
+fn a_batch_without_steps_is_refused_with_the_dead_letter_reason() {
+    let empty = with(to_value(&step_batches()[1].1), "/steps", json!([]));
+    assert!(!validator(STEPS_SCHEMA).is_valid(&empty));
+    let error = decodes_as_step_batch(&empty).unwrap_err();
+    assert!(matches!(error, DecodeError::Empty));
+    assert_eq!(error.to_string(), "a steps message without steps");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1173,6 +1438,49 @@ fn unknown_fields_are_accepted_by_the_schema_and_ignored_by_the_decoder() {
         let decoded = decodes_as_step(value)
             .unwrap_or_else(|error| panic!("the decoder refuses a step with {case}: {error}"));
         assert_eq!(decoded, step, "a step with {case}");
+    }
+
+    let batch = step_batches()[0].1.clone();
+    let batch_value = to_value(&batch);
+    let batch_cases = [
+        (
+            "a batch of steps with an unknown field",
+            with(batch_value.clone(), "/priority", json!(5)),
+        ),
+        (
+            "a batch of steps with a type tag (the AMQP `type` property says what it is)",
+            with(batch_value.clone(), "/type", json!("steps")),
+        ),
+        (
+            "a batched step with an unknown field",
+            with(batch_value.clone(), "/steps/1/priority", json!(5)),
+        ),
+        (
+            "a batched step with an unknown object field",
+            with(
+                batch_value.clone(),
+                "/steps/2/trace",
+                json!({"id": "abc", "sampled": true}),
+            ),
+        ),
+        (
+            "a batched step with an unknown null field",
+            with(batch_value.clone(), "/steps/3/region", Value::Null),
+        ),
+        (
+            "a batched step with a tracestate",
+            with(
+                batch_value.clone(),
+                "/steps/0/tracestate",
+                json!("vendor=value"),
+            ),
+        ),
+    ];
+    for (case, value) in &batch_cases {
+        assert_valid(STEPS_SCHEMA, "steps.schema.json", value);
+        let decoded = decodes_as_step_batch(value)
+            .unwrap_or_else(|error| panic!("the decoder refuses {case}: {error}"));
+        assert_eq!(decoded, batch, "{case}");
     }
 
     let failure = WorkerMessage::Result(result(
@@ -1270,6 +1578,8 @@ fn the_decoder_accepts_some_messages_the_schema_refuses() {
         None,
         Some(error("m", None, Some(1.0))),
     )));
+    let steps = to_value(&step_batches()[0].1);
+    let results = to_value(&WorkerMessage::Results(result_batches()[0].1.clone()));
     let cases = [
         (
             STEP_SCHEMA,
@@ -1324,10 +1634,32 @@ fn the_decoder_accepts_some_messages_the_schema_refuses() {
             "a negative retry_after_seconds",
             with(result.clone(), "/error/retry_after_seconds", json!(-1.5)),
         ),
+        (
+            STEP_SCHEMA,
+            "an instance's index as null",
+            with(to_value(&instance_message()), "/index", Value::Null),
+        ),
+        (
+            STEPS_SCHEMA,
+            "a batched step's traceparent as null",
+            with(steps.clone(), "/steps/0/traceparent", Value::Null),
+        ),
+        (
+            STEPS_SCHEMA,
+            "a batched step with attempt 0",
+            with(steps.clone(), "/steps/1/attempt", json!(0)),
+        ),
+        (
+            RESULTS_SCHEMA,
+            "a batched result's traceparent as null",
+            with(results.clone(), "/results/0/traceparent", Value::Null),
+        ),
     ];
     for (schema, case, value) in &cases {
         let decodes = if *schema == STEP_SCHEMA {
             decodes_as_step(value).is_ok()
+        } else if *schema == STEPS_SCHEMA {
+            decodes_as_step_batch(value).is_ok()
         } else {
             decodes_as_worker_message(value).is_ok()
         };
@@ -1380,11 +1712,22 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
     for block in json_blocks(PROTOCOL_MD) {
         let value: Value = serde_json::from_str(&block)
             .unwrap_or_else(|error| panic!("not JSON ({error}):\n{block}"));
-        let kind = value["type"].as_str().unwrap_or("step").to_owned();
+        // The step queues' messages have no `type` in the body (a batch of steps has it
+        // as an AMQP property): a batch is the one with `steps`.
+        let kind = match value["type"].as_str() {
+            Some(kind) => kind,
+            None if value.get("steps").is_some() => "steps",
+            None => "step",
+        }
+        .to_owned();
         match kind.as_str() {
             "step" => {
                 assert_valid(STEP_SCHEMA, "step.schema.json", &value);
                 decodes_as_step(&value).expect("the step example decodes");
+            }
+            "steps" => {
+                assert_valid(STEPS_SCHEMA, "steps.schema.json", &value);
+                decodes_as_step_batch(&value).unwrap_or_else(|error| panic!("{error}:\n{block}"));
             }
             "result" | "results" | "started" | "heartbeat" => {
                 let message = decodes_as_worker_message(&value)
@@ -1402,6 +1745,7 @@ fn every_json_example_in_protocol_md_is_a_valid_message() {
     }
     for kind in [
         "step",
+        "steps",
         "result",
         "results",
         "started",

@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use lapin::message::Delivery;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tasker_shared::broker::{REASON_HEADER, SOURCE_HEADER, header_str};
+use tasker_shared::broker::{REASON_HEADER, SOURCE_HEADER, carries_step_batch, header_str};
+use tasker_shared::messages::{StepBatch, StepMessage};
 use tokio::process::Command;
 
 use crate::amqp_url;
@@ -232,6 +235,40 @@ pub async fn queue_messages(queue: &str) -> anyhow::Result<u32> {
         .await?
         .map(|q| q.message_count())
         .unwrap_or(0))
+}
+
+/// The steps waiting in the step queue `queue`, message by message: how many each
+/// message carries (one, or a batch). Every message is handed back to the queue; call it
+/// while nothing consumes the queue.
+pub async fn queued_steps(queue: &str) -> anyhow::Result<Vec<usize>> {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let mut carried = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        let delivery = message.delivery;
+        carried.push(if carries_step_batch(&delivery.properties) {
+            StepBatch::decode(&delivery.data)?.steps.len()
+        } else {
+            StepMessage::decode(&delivery.data)?;
+            1
+        });
+    }
+    if !carried.is_empty() {
+        channel
+            .basic_nack(
+                0,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await?;
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(carried)
 }
 
 /// Wait until `queue` has at least `consumers` consumers; returns how long that took.

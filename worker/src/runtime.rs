@@ -8,6 +8,11 @@
 //!                                                              (confirmed, then ack)
 //! ```
 //!
+//! A message carries one step, or a batch of up to `STEPS_PER_MESSAGE` steps of one
+//! namespace (AMQP `type` `steps`): each step of a batch runs as a step message of its
+//! own would, and the message is acked once every one of them is answered (or handed
+//! back whole once they are, if one of them was).
+//!
 //! Concurrency is bounded twice: a semaphore of `concurrency` permits bounds the running
 //! handlers (across broker sessions), and the broker's prefetch (channel-wide, twice
 //! `concurrency`) bounds the messages held. A step frees its handler slot as soon as its
@@ -34,7 +39,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,8 +57,8 @@ use tasker_protocol::broker::{
 };
 use tasker_protocol::config::QueueType;
 use tasker_protocol::messages::{
-    ControlMessage, Outcome, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
-    StepStarted,
+    BatchedStep, ControlMessage, Outcome, SCHEMA_VERSION, StepBatch, StepError as WireError,
+    StepMessage, StepResult, StepStarted,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::task::TaskTracker;
@@ -411,6 +416,12 @@ impl Worker {
                         break Err(anyhow::anyhow!("every consumer stopped"));
                     };
                     let held = unacked.clone().acquire_owned().await?;
+                    if broker::carries_step_batch(&delivery.properties) {
+                        let received = Received { queue, delivery };
+                        start_batch(shared, &session, received, held, running, steps, connection)
+                            .await?;
+                        continue;
+                    }
                     let slot = running.clone().acquire_owned().await?;
                     let (shared, session) = (shared.clone(), session.clone());
                     steps.spawn(async move {
@@ -686,6 +697,62 @@ struct Received {
     delivery: Delivery,
 }
 
+/// Start the steps of a message that carries several ([`StepBatch`]): each as a handler
+/// slot comes free, as that many step messages in a row would start; the message is acked
+/// once every one of them is answered. Returns when the last has started, or when the
+/// connection is lost (the broker hands the message back, and the steps not started run
+/// from that copy). A batch that does not verify or decode is dead-lettered whole.
+async fn start_batch(
+    shared: &Arc<Shared>,
+    session: &Arc<SessionHandles>,
+    received: Received,
+    held: OwnedSemaphorePermit,
+    running: &Arc<Semaphore>,
+    steps: &TaskTracker,
+    connection: &Connection,
+) -> anyhow::Result<()> {
+    let Received { queue, delivery } = received;
+    let batch = match open(shared, &delivery, StepBatch::decode) {
+        Ok(batch) => batch.steps,
+        Err(reason) => {
+            let shared = shared.clone();
+            steps.spawn(async move {
+                let delivered = Delivered::Alone(Box::new(delivery));
+                dead_letter(&shared, &delivered, None, &reason, &queue).await;
+                drop(held);
+            });
+            return Ok(());
+        }
+    };
+    let answers = Arc::new(Answers {
+        left: AtomicUsize::new(batch.len()),
+        requeue: AtomicBool::new(false),
+        delivery,
+        _held: held,
+    });
+    for BatchedStep { step, traceparent } in batch {
+        let slot = running.clone().acquire_owned().await?;
+        if !connection.status().connected() {
+            break;
+        }
+        let (shared, session, queue) = (shared.clone(), session.clone(), queue.clone());
+        let delivered = Delivered::Part(answers.clone());
+        steps.spawn(async move {
+            run(
+                &shared,
+                &session,
+                delivered,
+                step,
+                traceparent,
+                &queue,
+                slot,
+            )
+            .await;
+        });
+    }
+    Ok(())
+}
+
 /// Run one delivered step to the end: its result confirmed by the broker, then the ack.
 /// `slot` is a handler slot, given back as soon as the handler returns.
 async fn handle(
@@ -695,35 +762,72 @@ async fn handle(
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
 ) {
+    let delivered = Delivered::Alone(Box::new(delivery));
+    let message = match open(shared, delivered.delivery(), StepMessage::decode) {
+        Ok(message) => message,
+        Err(reason) => {
+            dead_letter(shared, &delivered, None, &reason, source_queue).await;
+            return;
+        }
+    };
+    // A single step carries its trace context in the message's traceparent header.
+    let parent = header_str(&delivered.delivery().properties, TRACEPARENT_HEADER);
+    run(
+        shared,
+        session,
+        delivered,
+        message,
+        parent,
+        source_queue,
+        slot,
+    )
+    .await;
+}
+
+/// A delivery's message, verified and decoded with `decode`; or, when it is poison, why
+/// (counted, and to be dead-lettered).
+fn open<T, E: std::fmt::Display>(
+    shared: &Shared,
+    delivery: &Delivery,
+    decode: impl FnOnce(&[u8]) -> Result<T, E>,
+) -> Result<T, String> {
     if let Err(error) = shared.topology.verify(&delivery.data, &delivery.properties) {
         tracing::warn!(%error, "step message that does not verify; dead-lettering it");
         shared
             .metrics
             .dead_letter(tasker_protocol::signing::BAD_SIGNATURE);
-        let reason = format!("{}: {error}", tasker_protocol::signing::BAD_SIGNATURE);
-        dead_letter(shared, &delivery, &reason, source_queue).await;
-        return;
+        return Err(format!(
+            "{}: {error}",
+            tasker_protocol::signing::BAD_SIGNATURE
+        ));
     }
-    let message = match StepMessage::decode(&delivery.data) {
-        Ok(message) => message,
-        Err(error) => {
-            tracing::warn!(%error, "poison step message; dead-lettering it");
-            shared.metrics.dead_letter("undecodable");
-            dead_letter(shared, &delivery, &error.to_string(), source_queue).await;
-            return;
-        }
-    };
-    // The step's span: a child of the coordinator's dispatch (through the message's
-    // traceparent header); every log line about the step carries its ids and trace id.
+    decode(&delivery.data).map_err(|error| {
+        tracing::warn!(%error, "poison step message; dead-lettering it");
+        shared.metrics.dead_letter("undecodable");
+        error.to_string()
+    })
+}
+
+/// Run one step in its span, a child of the coordinator's dispatch (`parent`, the W3C
+/// trace context the message carried); every log line about the step carries its ids
+/// and trace id.
+async fn run(
+    shared: &Shared,
+    session: &SessionHandles,
+    delivered: Delivered,
+    message: StepMessage,
+    parent: Option<String>,
+    source_queue: &str,
+    slot: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!("execute_step", task_id = %message.task_id,
         step_id = %message.step_id, step = %message.step_name, handler = %message.handler,
         attempt = message.attempt, trace_id = tracing::field::Empty);
-    let parent = header_str(&delivery.properties, TRACEPARENT_HEADER);
     tasker_protocol::telemetry::adopt(&span, parent.as_deref());
     run_step(
         shared,
         session,
-        delivery,
+        delivered,
         message,
         source_queue.to_owned(),
         span.clone(),
@@ -731,6 +835,52 @@ async fn handle(
     )
     .instrument(span)
     .await;
+}
+
+/// A message that carries several steps ([`StepBatch`]), answered by them: acked when
+/// the last of them is answered, or handed back to the broker if any of them was.
+struct Answers {
+    delivery: Delivery,
+    /// Steps not yet answered.
+    left: AtomicUsize,
+    /// Whether one of them was handed back.
+    requeue: AtomicBool,
+    /// One of the worker's unacked-message permits, given back with the message.
+    _held: OwnedSemaphorePermit,
+}
+
+impl Answers {
+    async fn answer(&self, shared: &Shared, hand_back: bool) {
+        if hand_back {
+            self.requeue.store(true, Ordering::Release);
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if self.requeue.load(Ordering::Acquire) {
+            // Its answered steps are skipped when it comes back to this worker, and their
+            // duplicate results dropped by the coordinator's fence when another runs them.
+            requeue_delivery(&self.delivery).await;
+        } else {
+            ack_delivery(shared, &self.delivery).await;
+        }
+    }
+}
+
+/// A step's delivery, answered to the broker when the step is done: a message of its own,
+/// or one step of a message that carries several ([`Answers`]).
+enum Delivered {
+    Alone(Box<Delivery>),
+    Part(Arc<Answers>),
+}
+
+impl Delivered {
+    fn delivery(&self) -> &Delivery {
+        match self {
+            Delivered::Alone(delivery) => delivery,
+            Delivered::Part(answers) => &answers.delivery,
+        }
+    }
 }
 
 /// Hold here if the fault-test hook is armed for `stage`, until `session` is lost.
@@ -753,7 +903,7 @@ async fn failpoint(shared: &Shared, session: &SessionHandles, stage: Stage) {
 /// superseded, or this worker already answered the same dispatch (a redelivery after the
 /// connection it first came on was lost). A copy of a dispatch this worker is running
 /// waits for that run first. Acks the copy when it need not run.
-async fn skip_copy(shared: &Shared, delivery: &Delivery, message: &StepMessage) -> bool {
+async fn skip_copy(shared: &Shared, delivered: &Delivered, message: &StepMessage) -> bool {
     let inflight = &shared.inflight;
     let (step_id, token) = (message.step_id, message.dispatch_token);
     let reason = if inflight.is_cancelled(message.task_id) {
@@ -781,7 +931,7 @@ async fn skip_copy(shared: &Shared, delivery: &Delivery, message: &StepMessage) 
         "this worker already published the result of this dispatch"
     };
     tracing::info!("skipped: {reason}");
-    ack(shared, delivery).await;
+    ack(shared, delivered).await;
     true
 }
 
@@ -789,13 +939,13 @@ async fn skip_copy(shared: &Shared, delivery: &Delivery, message: &StepMessage) 
 async fn run_step(
     shared: &Shared,
     session: &SessionHandles,
-    delivery: Delivery,
+    delivered: Delivered,
     message: StepMessage,
     source_queue: String,
     span: tracing::Span,
     slot: OwnedSemaphorePermit,
 ) {
-    if skip_copy(shared, &delivery, &message).await {
+    if skip_copy(shared, &delivered, &message).await {
         return;
     }
     let Some(handler) = shared.registry.get(&message.handler) else {
@@ -824,9 +974,9 @@ async fn run_step(
         };
         if shared.results.publish(result, None).await.is_ok() {
             shared.metrics.dead_letter("unknown_handler");
-            dead_letter(shared, &delivery, &reason, &source_queue).await;
+            dead_letter(shared, &delivered, Some(&message), &reason, &source_queue).await;
         } else {
-            requeue(&delivery).await;
+            requeue(shared, &delivered).await;
         }
         return;
     };
@@ -839,7 +989,7 @@ async fn run_step(
             step_id: message.step_id,
             dispatch_token: message.dispatch_token,
             started_at: chrono::Utc::now(),
-            redelivered: delivery.redelivered,
+            redelivered: delivered.delivery().redelivered,
         },
         answered: answered.clone(),
     });
@@ -859,7 +1009,7 @@ async fn run_step(
     let Some(result) = result else {
         // Aborted because the task was cancelled or the dispatch superseded: nothing to
         // report.
-        ack(shared, &delivery).await;
+        ack(shared, &delivered).await;
         return;
     };
     let outcome = serde_json::to_value(result.outcome)
@@ -900,7 +1050,7 @@ async fn run_step(
                 .mark_answered(message.step_id, message.dispatch_token);
             #[cfg(feature = "failpoints")]
             failpoint(shared, session, Stage::Acking).await;
-            ack(shared, &delivery).await;
+            ack(shared, &delivered).await;
         }
         Err(error) => {
             shared.metrics.broker_errors.inc();
@@ -908,15 +1058,32 @@ async fn run_step(
                 error = format!("{error:#}"),
                 "cannot publish the result; handing the step back"
             );
-            requeue(&delivery).await;
+            requeue(shared, &delivered).await;
         }
     }
 }
 
-/// Ack a step message, giving up after [`BROKER_PATIENCE`]. A failed ack is harmless: the
+/// Answer a step done: its message is acked (a batch's, once all of its steps are).
+async fn ack(shared: &Shared, delivered: &Delivered) {
+    match delivered {
+        Delivered::Alone(delivery) => ack_delivery(shared, delivery).await,
+        Delivered::Part(answers) => answers.answer(shared, false).await,
+    }
+}
+
+/// Hand a step back to the broker (a batch's message, once all of its steps are
+/// answered).
+async fn requeue(shared: &Shared, delivered: &Delivered) {
+    match delivered {
+        Delivered::Alone(delivery) => requeue_delivery(delivery).await,
+        Delivered::Part(answers) => answers.answer(shared, true).await,
+    }
+}
+
+/// Ack a message, giving up after [`BROKER_PATIENCE`]. A failed ack is harmless: the
 /// broker redelivers the message when the connection closes, and the copy is skipped
 /// (this worker answered it) or its result dropped by the coordinator's fence.
-async fn ack(shared: &Shared, delivery: &Delivery) {
+async fn ack_delivery(shared: &Shared, delivery: &Delivery) {
     let acked = tokio::time::timeout(
         BROKER_PATIENCE,
         delivery.acker.ack(BasicAckOptions::default()),
@@ -937,33 +1104,52 @@ async fn ack(shared: &Shared, delivery: &Delivery) {
     }
 }
 
-async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str, source_queue: &str) {
+/// Copy a message to the dead-letter queue with `reason`, then answer it. A step of a
+/// batch (`step`) goes there alone, as a step message of its own.
+async fn dead_letter(
+    shared: &Shared,
+    delivered: &Delivered,
+    step: Option<&StepMessage>,
+    reason: &str,
+    source_queue: &str,
+) {
+    let body = match (delivered, step) {
+        (Delivered::Part(_), Some(step)) => match serde_json::to_vec(step) {
+            Ok(body) => std::borrow::Cow::Owned(body),
+            Err(error) => {
+                tracing::error!(%error, "cannot write a step to dead-letter it; handing it back");
+                requeue(shared, delivered).await;
+                return;
+            }
+        },
+        _ => std::borrow::Cow::Borrowed(delivered.delivery().data.as_slice()),
+    };
     let sent = async {
         let channel = shared.publish_channel(BROKER_PATIENCE).await?;
         tokio::time::timeout(
             broker::CONFIRM_TIMEOUT + BROKER_PATIENCE,
             shared
                 .topology
-                .dead_letter(&channel, &delivery.data, source_queue, reason),
+                .dead_letter(&channel, &body, source_queue, reason),
         )
         .await
         .context("no answer from the broker to a dead letter")?
     };
     match sent.await {
-        Ok(()) => ack(shared, delivery).await,
+        Ok(()) => ack(shared, delivered).await,
         Err(error) => {
             tracing::error!(
                 error = format!("{error:#}"),
                 "cannot dead-letter a message; handing it back"
             );
-            requeue(delivery).await;
+            requeue(shared, delivered).await;
         }
     }
 }
 
 /// Hand a message back to the broker after a pause (so a broker in trouble is not
 /// hammered with the same message).
-async fn requeue(delivery: &Delivery) {
+async fn requeue_delivery(delivery: &Delivery) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     nack_requeue(delivery).await;
 }

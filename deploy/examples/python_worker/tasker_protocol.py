@@ -2,7 +2,9 @@
 
 - `decode_step` reads a step message the way the Rust decoder does: unknown fields are
   ignored, anything the Rust worker would refuse raises `Poison` with the reason to
-  dead-letter it with.
+  dead-letter it with. `decode_batch` reads a batch of steps (AMQP `type` `steps`) with
+  the same strictness, and `step_message_body` writes one of its steps as a step message
+  of its own (to dead-letter it alone).
 - `result_message`, `started_message` and `encode_result` write exactly what
   `docs/schemas/` describes, and turn a handler's answer that cannot travel (not JSON,
   NaN, over `max_result_bytes`) into a permanent failure instead of a crash.
@@ -18,6 +20,8 @@ import re
 from datetime import datetime, timezone
 
 SCHEMA_VERSION = 1
+STEP_BATCH_TYPE = "steps"  # the AMQP `type` of a batch of steps (protocol/src/messages.rs)
+TRACEPARENT = "traceparent"  # a step message's header, a batched step's field
 SIGNATURE_HEADER = "x-tasker-signature"
 REASON_HEADER = "x-tasker-reason"
 SOURCE_HEADER = "x-tasker-source-queue"
@@ -37,7 +41,8 @@ _I32, _I64, _U64 = 2**31, 2**63, 2**64
 
 
 class Poison(Exception):
-    """A step message that must not run; `str()` is the reason it is dead-lettered with."""
+    """A step message (or batch of steps) that must not run; `str()` is the reason it is
+    dead-lettered with."""
 
 
 class BadSignature(Exception):
@@ -129,29 +134,106 @@ def decode_step(body):
     the wrong type (`schema_version` must be an integer: `true` and `1.0` are not), ids
     that are not UUIDs, or a `schema_version` other than 1. Unknown fields are ignored.
     """
+    step = _parse(body)
+    if not isinstance(step, dict):
+        raise Poison(f"undecodable message: a step message is a JSON object, not {type(step).__name__}")
+    _check_step(step)
+    _check_version(step["schema_version"])
+    return step
+
+
+def decode_batch(body):
+    """The steps of the batch of steps in `body` (bytes), in order, as `(step, traceparent)`
+    pairs: each step a dict as `decode_step` returns it (without its `traceparent`), the
+    trace context a string or None. Raises `Poison` with the reason, as `StepBatch::decode`
+    refuses the whole batch: a body `decode_step` would refuse for its form (not JSON, a
+    duplicate field…), a batch that is not an object with an integer `schema_version` and
+    a `steps` array, any step that `decode_step` would refuse, a `traceparent` that is not
+    a string (null counts as absent), then a `schema_version` other than 1 on the batch or
+    on any step, then a batch without steps. Unknown fields are ignored, in the batch and
+    in each step.
+    """
+    batch = _parse(body)
+    if not isinstance(batch, dict):
+        raise Poison(f"undecodable message: a steps message is a JSON object, not {type(batch).__name__}")
+    _check_fields(batch, {"schema_version": _VERSION, "steps": (lambda v: isinstance(v, list), "an array")})
+    steps = []
+    for i, step in enumerate(batch["steps"]):
+        where = f"steps[{i}]"
+        if not isinstance(step, dict):
+            raise Poison(f"undecodable message: `{where}` must be a step (a JSON object), not {_show(step)}")
+        _check_step(step, where + ".")
+        trace = step.get(TRACEPARENT)
+        if trace is not None and not isinstance(trace, str):
+            raise Poison(f"undecodable message: `{where}.{TRACEPARENT}` must be a string, not {_show(trace)}")
+        steps.append(({k: v for k, v in step.items() if k != TRACEPARENT}, trace))
+    # As the Rust decoder: the versions once the whole batch has decoded, then emptiness.
+    _check_version(batch["schema_version"])
+    for step, _ in steps:
+        _check_version(step["schema_version"])
+    if not steps:
+        raise Poison("a steps message without steps")
+    return steps
+
+
+# The fields of a step message in the order the Rust worker writes them (`StepMessage`).
+STEP_MESSAGE_ORDER = ("schema_version", "task_id", "step_id", "step_name", "namespace", "template", "handler",
+                      "config", "context", "parents", "attempt", "retry_limit", "deferrals", "dispatch_token",
+                      "timeout_ms", "dispatched_at", "item", "index")
+
+
+def step_message_body(step):
+    """A step of a batch (a dict from `decode_batch`) written as a step message of its own,
+    as the Rust worker writes it to dead-letter it alone: the fields of
+    docs/schemas/step.schema.json in its order, `deferrals` 0 when absent, `item` and
+    `index` only when present and not null; no `traceparent`, no field it does not know.
+    The values are the step's own, unchanged. Publish it again, as it is, as a step
+    message (no AMQP `type`)."""
+    message = {name: step[name] for name in STEP_MESSAGE_ORDER if name in step}
+    if message.get("deferrals") is None:
+        message["deferrals"] = 0
+    for name in ("item", "index"):
+        if message.get(name) is None:
+            message.pop(name, None)
+    return encode({name: message[name] for name in STEP_MESSAGE_ORDER if name in message})
+
+
+def _parse(body):
+    """`body` as JSON, parsed as strictly as serde_json parses it; `Poison` if it is not."""
     try:
-        step = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant,
-                          object_pairs_hook=_no_duplicates)
+        value = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant,
+                           object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise Poison(f"undecodable message: {error}") from None
     try:  # serde refuses a lone surrogate ("\ud800"), which UTF-8 cannot carry; json does not
-        encode(step)
+        encode(value)
     except (ValueError, RecursionError) as error:
         raise Poison(f"undecodable message: {error}") from None
-    if not isinstance(step, dict):
-        raise Poison(f"undecodable message: a step message is a JSON object, not {type(step).__name__}")
-    fields = {"schema_version": _integer(0, 2**32), **STEP_FIELDS}
-    for name, (check, what) in fields.items():
-        if name not in step:
-            raise Poison(f"undecodable message: missing field `{name}`")
-        if not check(step[name]):
-            raise Poison(f"undecodable message: `{name}` must be {what}, not {_show(step[name])}")
+    return value
+
+
+_VERSION = _integer(0, 2**32)
+
+
+def _check_step(step, where=""):
+    """Every field of a step message (`where` names a step of a batch in the reasons)."""
+    _check_fields(step, {"schema_version": _VERSION, **STEP_FIELDS}, where)
     for name, (check, what) in OPTIONAL_STEP_FIELDS.items():
         if step.get(name) is not None and not check(step[name]):
-            raise Poison(f"undecodable message: `{name}` must be {what}, not {_show(step[name])}")
-    if step["schema_version"] != SCHEMA_VERSION:
-        raise Poison(f"unsupported schema_version {step['schema_version']} (this build speaks {SCHEMA_VERSION})")
-    return step
+            raise Poison(f"undecodable message: `{where}{name}` must be {what}, not {_show(step[name])}")
+
+
+def _check_fields(message, fields, where=""):
+    for name, (check, what) in fields.items():
+        if name not in message:
+            raise Poison(f"undecodable message: missing field `{where}{name}`")
+        if not check(message[name]):
+            raise Poison(f"undecodable message: `{where}{name}` must be {what}, not {_show(message[name])}")
+
+
+def _check_version(version):
+    if version != SCHEMA_VERSION:
+        raise Poison(f"unsupported schema_version {version} (this build speaks {SCHEMA_VERSION})")
 
 
 def _show(value):
@@ -230,7 +312,8 @@ class MessageKeys:
     """TASKER_MESSAGE_KEY and TASKER_MESSAGE_KEY_PREVIOUS. With a key, every message this
     worker publishes (results, started notices; not dead letters) carries
     `x-tasker-signature: v1=<hex HMAC-SHA256 of the exact body bytes>`, and a step message
-    is accepted only if its signature verifies under one of the two keys."""
+    or batch of steps (over its whole body) is accepted only if its signature verifies
+    under one of the two keys."""
 
     def __init__(self, current=None, previous=None):
         def read(name, value):

@@ -1,5 +1,6 @@
 """Unit tests of the Python worker, without a broker: the worker runs against fake pika
-channels that record what it publishes, acks and nacks.
+channels that record what it publishes, acks and nacks. It is fed step messages and
+batches of steps (AMQP `type` `steps`), good and poison.
 
 Every message it publishes to the results queue (results and started notices) is checked
 against docs/schemas/ with format assertion on (`uuid`, `date-time`), and for exactness:
@@ -16,6 +17,7 @@ import logging
 import pathlib
 import types
 import unittest
+from unittest import mock
 
 import jsonschema
 import pika
@@ -42,6 +44,19 @@ def step_message(**changes):
     return {k: v for k, v in step.items() if v is not ...}
 
 
+def batched_step(n, **changes):
+    """Step `n` of a batch: its own ids, a `step_name` of `s<n>`."""
+    return step_message(**{"step_id": f"0199c7a2-4b1f-7a10-8e2b-6f4c1d9e3a{n:02d}",
+                           "dispatch_token": f"6f1d3c2a-8b4e-4f7a-9c21-0d5e7b8a9f{n:02d}",
+                           "step_name": f"s{n}", **changes})
+
+
+def batch_of(*steps, **changes):
+    """The body of a batch of `steps`, with `changes` (a value of `...` removes the field)."""
+    batch = {"schema_version": 1, "steps": list(steps), **changes}
+    return json.dumps({k: v for k, v in batch.items() if v is not ...}).encode()
+
+
 def deeply_nested():
     value = []
     for _ in range(100000):
@@ -56,7 +71,8 @@ def body_of(step):
 class FakeChannel:
     def __init__(self):
         self.published, self.acked, self.nacked, self.consumers = [], [], [], {}
-        self.consumer_tags, self.refuse = [], False
+        self.consumer_tags, self.refuse = [], False  # refuse: True, or refuse(exchange, body)
+        self.settled = []  # (seq, tag, "ack" | "nack") in the order of ORDER
 
     def basic_qos(self, prefetch_count):
         self.prefetch = prefetch_count
@@ -79,16 +95,18 @@ class FakeChannel:
 
     def basic_publish(self, exchange, routing_key, body, properties, mandatory=False):
         assert isinstance(body, bytes), "the worker publishes the bytes it signed"
-        if self.refuse:
+        if self.refuse is True or (callable(self.refuse) and self.refuse(exchange, body)):
             raise pika.exceptions.NackError([])
         self.published.append(types.SimpleNamespace(exchange=exchange, routing_key=routing_key, body=body,
                                                     properties=properties, mandatory=mandatory, seq=next(ORDER)))
 
     def basic_ack(self, tag):
         self.acked.append(tag)
+        self.settled.append((next(ORDER), tag, "ack"))
 
     def basic_nack(self, tag, requeue):
         self.nacked.append((tag, requeue))
+        self.settled.append((next(ORDER), tag, "nack"))
 
 
 class FakeConnection:
@@ -142,11 +160,12 @@ class WorkerTest(unittest.TestCase):
         for entry in message.get("steps", []):
             self.assertLessEqual(set(entry), set(schema["properties"]["steps"]["items"]["properties"]))
 
-    def deliver(self, body, headers=None, routing_key="mixed", redelivered=False):
-        """Hand `body` to the consumer of the `mixed` queue, as pika does."""
+    def deliver(self, body, headers=None, routing_key="mixed", redelivered=False, kind=None):
+        """Hand `body` to the consumer of the `mixed` queue, as pika does; `kind` is the AMQP
+        `type` property (`steps` on a batch of steps)."""
         self.tag += 1
         delivery = types.SimpleNamespace(delivery_tag=self.tag, redelivered=redelivered, routing_key=routing_key)
-        self.steps.consumers[QUEUE](self.steps, delivery, pika.BasicProperties(headers=headers), body)
+        self.steps.consumers[QUEUE](self.steps, delivery, pika.BasicProperties(headers=headers, type=kind), body)
         return self.tag
 
     def sent(self):
@@ -156,9 +175,12 @@ class WorkerTest(unittest.TestCase):
         return sorted(sent, key=lambda m: m.seq)
 
     def result(self):
-        results = [json.loads(m.body) for m in self.sent() if json.loads(m.body)["type"] == "result"]
+        results = self.results_sent()
         self.assertEqual(len(results), 1, results)
         return results[0]
+
+    def results_sent(self):
+        return [json.loads(m.body) for m in self.sent() if json.loads(m.body)["type"] == "result"]
 
     def dead_letters(self):
         return [m for m in self.results.published if m.exchange == "tasker.dlx"]
@@ -339,6 +361,150 @@ class WorkerTest(unittest.TestCase):
         tag = self.deliver(body_of(step_message()))
         self.assertEqual((self.steps.acked, self.steps.nacked), ([], [(tag, True)]))
 
+    # --- batches of steps --------------------------------------------------------------------
+    def ids(self, n):
+        step = batched_step(n)
+        return step["step_id"], step["dispatch_token"]
+
+    def test_a_batch_runs_every_step_in_order_and_is_acked_once(self):
+        seen = []
+
+        def greet(step):
+            seen.append(step)
+            return worker.greet(step)
+        self.start({"python.greet": greet, "python.sum": worker.total})
+        trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        body = batch_of(batched_step(1, traceparent=trace, some_new_field={"x": 1}),
+                        batched_step(2, handler="python.sum", config={"numbers": [1, 2]}, deferrals=...),
+                        batched_step(3, traceparent=None, item={"line": 1}, index=0),
+                        some_new_field=[1])
+        tag = self.deliver(body, kind="steps", redelivered=True)
+        self.assertEqual((self.steps.acked, self.steps.nacked), ([tag], []), "acked once, for every step")
+        sent = [json.loads(m.body) for m in self.sent()]
+        order = [(m["type"], m["steps"][0]["step_id"] if m["type"] == "started" else m["step_id"]) for m in sent]
+        one, two, three = (self.ids(n)[0] for n in (1, 2, 3))
+        self.assertEqual(order, [("started", one), ("result", one), ("started", two), ("result", two),
+                                 ("started", three), ("result", three)], "one step at a time, in order")
+        for notice in sent[0::2]:
+            self.assertEqual(notice["steps"][0]["redelivered"], True, "copied from the batch's delivery")
+        results = sent[1::2]
+        for n, result in enumerate(results, 1):
+            self.assertEqual((result["task_id"], result["step_id"], result["dispatch_token"]), (TASK, *self.ids(n)))
+            self.assertEqual(result["outcome"], "success")
+        self.assertEqual(results[0]["results"], {"greeting": "hello you", "parents": ["a"]})
+        self.assertEqual(results[1]["results"], {"total": 3})
+        # Each step's traceparent goes onto its own result, as a step message's header would.
+        self.assertEqual([m.properties.headers for m in self.results.published], [{"traceparent": trace}, None, None])
+        self.assertEqual([step["step_name"] for step in seen], ["s1", "s3"])
+        for step in seen:
+            self.assertNotIn("traceparent", step, "handlers see a step as a step message carries it")
+        self.assertEqual(seen[1]["item"], {"line": 1})
+        self.assertEqual(self.dead_letters(), [])
+        self.assertGreater(self.steps.settled[0][0], max(m.seq for m in self.sent()), "acked after the last result")
+
+    def test_a_step_of_a_batch_with_an_unknown_handler_is_dead_lettered_alone_and_the_rest_run(self):
+        trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        nope = batched_step(2, handler="python.nope", traceparent=trace, some_new_field=1, deferrals=..., item=None,
+                            config={"z": 1, "a": [2]})
+        tag = self.deliver(batch_of(batched_step(1), nope, batched_step(3)), kind="steps")
+        self.assertEqual((self.steps.acked, self.steps.nacked), ([tag], []), "answered: acked with the others")
+        results = self.results_sent()
+        self.assertEqual([(r["step_id"], r["outcome"]) for r in results],
+                         [(self.ids(1)[0], "success"), (self.ids(2)[0], "permanent_error"),
+                          (self.ids(3)[0], "success")])
+        reason = "unknown handler `python.nope`; this worker has: python.greet, python.sum"
+        self.assertEqual(results[1]["error"], {"message": reason, "code": "unknown_handler"})
+        self.assertEqual(results[1]["started_at"], results[1]["finished_at"])
+        self.assertEqual([m.exchange for m in self.results.published], ["", "", "tasker.dlx", ""],
+                         "its result first, then its dead letter, then the next step")
+        [letter] = self.dead_letters()
+        self.assertEqual(letter.properties.headers, {"x-tasker-reason": reason, "x-tasker-source-queue": QUEUE})
+        self.assertEqual((letter.routing_key, letter.properties.delivery_mode, letter.properties.type), ("", 2, None))
+        # Alone: the step written as a step message of its own, as the Rust worker writes
+        # it (its fields in order, `deferrals` 0 when absent, no null `item`), so it can be
+        # published again as one; not the batch, no `traceparent`, no unknown field.
+        expected = {k: v for k, v in nope.items() if k not in ("traceparent", "some_new_field", "item")}
+        expected["deferrals"] = 0
+        order = [k for k in protocol.STEP_MESSAGE_ORDER if k in expected]
+        self.assertEqual(letter.body, json.dumps({k: expected[k] for k in order}, separators=(",", ":")).encode())
+        self.assertEqual(protocol.decode_step(letter.body), expected)
+
+    def test_a_batch_that_does_not_decode_is_dead_lettered_whole_and_none_of_its_steps_runs(self):
+        good = batched_step(1)
+        duplicate = batch_of(good).replace(b'{"schema_version": 1,', b'{"schema_version": 1, "schema_version": 1,', 1)
+        nan = batch_of(good, batched_step(2)).replace(b'"attempt": 1', b'"attempt": NaN')
+        for body, reason in [
+            (b"not json", "undecodable message:"),
+            (b"\xff", "undecodable message:"),
+            (b"[]", "undecodable message: a steps message is a JSON object, not list"),
+            (duplicate, "undecodable message: duplicate field `schema_version`"),
+            (nan, "undecodable message:"),
+            (batch_of(good, schema_version=...), "undecodable message: missing field `schema_version`"),
+            (batch_of(steps=...), "undecodable message: missing field `steps`"),
+            (batch_of(steps={"0": good}), "undecodable message: `steps` must be an array"),
+            (batch_of(good, 7), "undecodable message: `steps[1]` must be a step (a JSON object), not 7"),
+            (batch_of(good, batched_step(2, attempt=...)), "undecodable message: missing field `steps[1].attempt`"),
+            (batch_of(good, batched_step(2, step_id="not-a-uuid")),
+             "undecodable message: `steps[1].step_id` must be a hyphenated UUID string"),
+            (batch_of(good, batched_step(2, traceparent=7)),
+             "undecodable message: `steps[1].traceparent` must be a string"),
+            (batch_of(good, schema_version=True), "undecodable message: `schema_version` must be an integer"),
+            (batch_of(good, schema_version=1.0), "undecodable message: `schema_version` must be an integer"),
+            (batch_of(good, batched_step(2, schema_version=1.0)),
+             "undecodable message: `steps[1].schema_version` must be an integer"),
+            (batch_of(good, schema_version=2), "unsupported schema_version 2 (this build speaks 1)"),
+            (batch_of(good, batched_step(2, schema_version=2)), "unsupported schema_version 2 (this build speaks 1)"),
+            # As the Rust decoder: the whole batch decodes first, then the versions, then emptiness.
+            (batch_of(batched_step(2, schema_version=2), batched_step(3, attempt="1")),
+             "undecodable message: `steps[1].attempt`"),
+            (batch_of(), "a steps message without steps"),
+            (batch_of(schema_version=0), "unsupported schema_version 0 (this build speaks 1)"),
+            # A step message is not a batch.
+            (body_of(step_message()), "undecodable message: missing field `steps`"),
+        ]:
+            with self.subTest(body=body[:80]):
+                self.assert_dead_lettered(body, reason, kind="steps")
+        self.assertEqual(self.sent(), [], "no notice and no result: none of its steps ran")
+        self.assertEqual(self.steps.nacked, [])
+
+    def test_a_message_is_a_batch_by_its_type_property_only(self):
+        # The bodies carry no tag: a batch without `type` is read as a step message.
+        self.assert_dead_lettered(batch_of(batched_step(1)), "undecodable message: missing field `task_id`")
+        self.assertEqual(self.sent(), [])
+        tag = self.deliver(body_of(step_message()), kind="something_else")
+        self.assertEqual(self.result()["outcome"], "success")
+        self.assertEqual(self.steps.acked[-1], tag)
+
+    def test_a_step_handed_back_requeues_the_whole_batch_once_every_step_is_answered(self):
+        steps = [batched_step(1), batched_step(2), batched_step(3)]
+        second = self.ids(2)[0].encode()
+        self.results.refuse = lambda exchange, body: exchange == "" and b'"type":"result"' in body and second in body
+        worker.REQUEUE_PAUSE = 0.5
+        with mock.patch.object(worker.time, "sleep") as sleep:
+            tag = self.deliver(batch_of(*steps), kind="steps")
+        sleep.assert_called_once_with(0.5)
+        self.assertEqual((self.steps.acked, self.steps.nacked), ([], [(tag, True)]), "handed back whole, once")
+        self.assertEqual([r["step_id"] for r in self.results_sent()], [self.ids(1)[0], self.ids(3)[0]],
+                         "the steps after the one handed back still run")
+        self.assertGreater(self.steps.settled[0][0], max(m.seq for m in self.sent()), "once all are answered")
+        # It comes back: the steps this worker answered are skipped (acked without running
+        # or sending anything); the one handed back runs.
+        self.results.refuse = False
+        before = len(self.sent())
+        tag = self.deliver(batch_of(*steps), kind="steps", redelivered=True)
+        again = [json.loads(m.body) for m in self.sent()[before:]]
+        self.assertEqual([m["type"] for m in again], ["started", "result"])
+        self.assertEqual(again[0]["steps"][0]["step_id"], self.ids(2)[0])
+        self.assertEqual(again[0]["steps"][0]["redelivered"], True)
+        self.assertEqual((again[1]["step_id"], again[1]["outcome"]), (self.ids(2)[0], "success"))
+        self.assertEqual(self.steps.acked, [tag])
+
+    def test_a_step_whose_dead_letter_is_refused_hands_its_batch_back(self):
+        self.results.refuse = lambda exchange, body: exchange == "tasker.dlx"
+        tag = self.deliver(batch_of(batched_step(1, handler="python.nope"), batched_step(2)), kind="steps")
+        self.assertEqual((self.steps.acked, self.steps.nacked), ([], [(tag, True)]))
+        self.assertEqual([r["outcome"] for r in self.results_sent()], ["permanent_error", "success"])
+
     # --- signatures ---------------------------------------------------------------------------
     def signed(self, body, key=KEY):
         return {"x-tasker-signature": "v1=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()}
@@ -376,6 +542,27 @@ class WorkerTest(unittest.TestCase):
         # Checked before decoding: an unsigned poison message is refused for its signature.
         self.assert_dead_lettered(b"not json", "bad_signature:")
         self.assertEqual(self.sent(), [])
+
+    def test_a_batch_is_signed_once_over_its_whole_body(self):
+        self.start(TASKER_MESSAGE_KEY=KEY, TASKER_MESSAGE_KEY_PREVIOUS=OLD)
+        body = batch_of(batched_step(1), batched_step(2))
+        tag = self.deliver(body, headers=self.signed(body), kind="steps")
+        self.assertEqual(self.steps.acked, [tag])
+        self.assertEqual(len(self.sent()), 4)
+        for message in self.sent():
+            self.assertEqual(message.properties.headers, self.signed(message.body))
+        rotated = batch_of(batched_step(3), batched_step(4))
+        self.deliver(rotated, headers=self.signed(rotated, OLD), kind="steps")
+        self.assertEqual(len(self.sent()), 8, "the previous key verifies too")
+        # Unsigned, or a signature over one step's bytes: dead-lettered whole, before decoding.
+        one = json.dumps(batched_step(1)).encode()
+        for headers, reason in [(None, "bad_signature: the message is not signed"),
+                                (self.signed(one), "bad_signature: the message's signature does not verify"),
+                                (self.signed(b"[]"), "bad_signature: the message's signature does not verify")]:
+            with self.subTest(headers=headers):
+                self.assert_dead_lettered(body, reason, headers=headers, kind="steps")
+        self.assert_dead_lettered(b"[]", "bad_signature: the message is not signed", kind="steps")
+        self.assertEqual(len(self.sent()), 8)
 
     def test_without_a_key_nothing_is_signed_or_checked(self):
         body = body_of(step_message())

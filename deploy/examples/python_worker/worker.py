@@ -2,8 +2,11 @@
 
 It consumes `<prefix>.steps.<namespace>` for each namespace in TASKER_NAMESPACES, runs the
 step's handler, publishes the result with a publisher confirm, and only then acks the step.
+A batch of steps (AMQP `type` `steps`) runs step by step, and is acked once every step in
+it is answered.
 What it reads and writes is in tasker_protocol.py; this file is the broker and the handlers.
 """
+import collections
 import functools
 import logging
 import os
@@ -22,6 +25,7 @@ PERSISTENT = dict(delivery_mode=2, content_type="application/json")
 DELIVERY_LIMIT = 20  # deliveries a quorum step queue allows (protocol/src/broker.rs DELIVERY_LIMIT)
 RESULTS_DELIVERY_LIMIT = 1_000_000_000  # in effect none (protocol/src/broker.rs RESULTS_DELIVERY_LIMIT)
 REQUEUE_PAUSE = 0.5  # seconds before a step is handed back, so a broker in trouble is not hammered
+ANSWERED_MEMORY = 10_000  # dispatches whose result was confirmed, remembered to skip their copies (as Rust)
 
 
 # --- handlers: step message (a dict) -> results (any JSON value) -------------------------
@@ -101,6 +105,9 @@ class Worker:
         self.connection, self.settings, self.stopping = connection, settings, False
         self.handlers = HANDLERS if handlers is None else handlers
         self.keys, prefix = settings.keys, settings.prefix
+        # (step_id, dispatch_token) of the last ANSWERED_MEMORY results the broker confirmed:
+        # a copy of one (a batch handed back for another of its steps) is acked without running.
+        self.answered = collections.OrderedDict()
         self.steps = connection.channel()  # consumes step messages, manual acks
         # Quorum queues refuse a channel-wide prefetch; pika's default is per consumer.
         self.steps.basic_qos(prefetch_count=settings.prefetch)
@@ -138,7 +145,7 @@ class Worker:
             return False
 
     def settle(self, delivery, ok):
-        """Ack after a confirmed publish; otherwise hand the step back after a pause."""
+        """Ack a message whose steps are all answered; otherwise hand it back after a pause."""
         if ok:
             self.steps.basic_ack(delivery.delivery_tag)
         else:
@@ -146,32 +153,60 @@ class Worker:
             self.steps.basic_nack(delivery.delivery_tag, requeue=True)
 
     def dead_letter(self, queue, delivery, body, reason):
-        """Copy the body, byte for byte, to `<prefix>.dlx` with why and where from; ack the
-        original once the copy is confirmed (never reject it: a quorum step queue would hand
+        """Copy the message to `<prefix>.dlx` (`copy_to_dead_letters`), then ack it; hand it
+        back if the copy is not confirmed (never reject it: a quorum step queue would hand
         a rejected step to the coordinators as a failed attempt, not to the operators)."""
+        self.settle(delivery, self.copy_to_dead_letters(queue, body, reason))
+
+    def copy_to_dead_letters(self, queue, body, reason):
+        """Publish `body`, byte for byte, to `<prefix>.dlx` with why and where from; True once
+        the broker confirmed it."""
         log.warning("dead-lettering a message from %s: %s", queue, reason)
         headers = {protocol.REASON_HEADER: protocol.cut(reason, protocol.MAX_REASON_BYTES),
                    protocol.SOURCE_HEADER: queue}
-        ok = self.publish(body, headers, f"{self.settings.prefix}.dlx", "", mandatory=False, sign=False)
-        self.settle(delivery, ok)
+        return self.publish(body, headers, f"{self.settings.prefix}.dlx", "", mandatory=False, sign=False)
 
     def on_step(self, queue, channel, delivery, props, body):
         if self.stopping:  # a SIGTERM came while this one waited in the prefetch buffer
             return self.steps.basic_nack(delivery.delivery_tag, requeue=True)
-        try:
+        try:  # a batch of steps is signed once, over its whole body
             self.keys.verify(body, props.headers)
         except protocol.BadSignature as error:
             return self.dead_letter(queue, delivery, body, f"{protocol.BAD_SIGNATURE}: {error}")
+        if props.type == protocol.STEP_BATCH_TYPE:  # the bodies carry no tag: the property tells
+            return self.on_batch(queue, delivery, body)
         try:
             step = protocol.decode_step(body)
         except protocol.Poison as error:
             return self.dead_letter(queue, delivery, body, str(error))
-        self.run(step, queue, delivery, props, body)
+        trace = (props.headers or {}).get(protocol.TRACEPARENT)
+        self.settle(delivery, self.run(step, queue, delivery.redelivered, trace, body))
 
-    def run(self, step, queue, delivery, props, body):
-        trace = (props.headers or {}).get("traceparent")
-        headers = {"traceparent": trace} if isinstance(trace, str) else None
+    def on_batch(self, queue, delivery, body):
+        """A batch of steps: dead-lettered whole if it does not decode (none of its steps
+        runs); otherwise each step runs, in order, as a step message of its own would. The
+        message is acked once every step is answered, or handed back whole, once all are
+        answered, if any step was (a batch cannot be handed back in part)."""
+        try:
+            steps = protocol.decode_batch(body)
+        except protocol.Poison as error:
+            return self.dead_letter(queue, delivery, body, str(error))
+        answered = [self.run(step, queue, delivery.redelivered, trace) for step, trace in steps]
+        self.settle(delivery, all(answered))
+
+    def run(self, step, queue, redelivered, trace, body=None):
+        """Run one step and publish its result. Returns True when the step is answered (its
+        result confirmed, or it is skipped), False when it must be handed back; the caller
+        acks or nacks its message. `body` is the step message's own, None for a step of a
+        batch: with an unknown handler, that step is dead-lettered alone, written as a step
+        message of its own."""
+        headers = {protocol.TRACEPARENT: trace} if isinstance(trace, str) else None
         worker_id, handler_name = self.settings.worker_id, step["handler"]
+        dispatch = (step["step_id"], step["dispatch_token"])
+        if dispatch in self.answered:
+            log.info("step %s (%s): skipped, this worker already published its result",
+                     step["step_name"], handler_name)
+            return True
         handler = self.handlers.get(handler_name)
         if handler is None:
             reason = f"unknown handler `{handler_name}`; this worker has: {', '.join(sorted(self.handlers))}"
@@ -179,10 +214,11 @@ class Worker:
             result = protocol.result_message(step, worker_id, "permanent_error", at, at,
                                              error=(reason, "unknown_handler"))
             if not self.publish(protocol.encode(result), headers):
-                return self.settle(delivery, False)
-            return self.dead_letter(queue, delivery, body, reason)
+                return False
+            body = protocol.step_message_body(step) if body is None else body
+            return self.copy_to_dead_letters(queue, body, reason)
         started_at = protocol.now()
-        notice = protocol.started_message(worker_id, step, started_at, delivery.redelivered)
+        notice = protocol.started_message(worker_id, step, started_at, redelivered)
         notice_body = protocol.encode(notice)
         self.notices.basic_publish("", self.settings.results_queue, notice_body,
                                    pika.BasicProperties(headers=self.keys.sign(notice_body) or None, **PERSISTENT))
@@ -194,10 +230,15 @@ class Worker:
         result = protocol.result_message(step, worker_id, outcome, started_at, protocol.now(),
                                          results=results, error=error)
         # A result that cannot be sent (not JSON, too large) becomes a permanent failure.
-        result, body = protocol.encode_result(result, self.settings.max_result_bytes)
+        result, result_body = protocol.encode_result(result, self.settings.max_result_bytes)
         why = result.get("error", {}).get("message", "")
         log.info("step %s (%s): %s %s", step["step_name"], handler_name, result["outcome"], why[:500])
-        self.settle(delivery, self.publish(body, headers))
+        if not self.publish(result_body, headers):
+            return False
+        self.answered[dispatch] = True
+        if len(self.answered) > ANSWERED_MEMORY:
+            self.answered.popitem(last=False)
+        return True
 
     def run_until_stopped(self):
         while not self.stopping:  # wake up regularly to notice a SIGTERM
@@ -218,8 +259,8 @@ def main(handlers=None):
         sys.exit(f"py-worker cannot start: {error}")
     worker = Worker(pika.BlockingConnection(pika.URLParameters(settings.amqp_url)), settings, handlers)
 
-    def stop(signum, _frame):  # finish the current step, then stop consuming
-        log.info("signal %s: stopping after the current step", signum)
+    def stop(signum, _frame):  # finish the current message (every step of a batch), then stop consuming
+        log.info("signal %s: stopping after the current message", signum)
         worker.stopping = True
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

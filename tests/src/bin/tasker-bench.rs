@@ -486,6 +486,10 @@ struct Counts {
     results: f64,
     /// Messages they published them in (`tasker_worker_result_batch_size_count`).
     result_messages: f64,
+    /// Steps the coordinators published (`tasker_step_message_batch_size_sum`).
+    steps_published: f64,
+    /// Step messages they published them in (`tasker_step_message_batch_size_count`).
+    step_messages: f64,
 }
 
 /// One sample without labels, by name, from a `/metrics` page.
@@ -511,6 +515,8 @@ struct Run {
     tasks_per_create_statement: f64,
     /// Results per message the workers published them in.
     results_per_message: f64,
+    /// Steps per step message the coordinators published them in.
+    steps_per_message: f64,
     /// CPU seconds each part of the system spent during the run.
     cpu: Vec<(&'static str, f64)>,
     /// With events on: transitions the relay had not yet published when the last task
@@ -562,6 +568,16 @@ impl Run {
         } else {
             println!(
                 "         results per result message          n/a  (the workers do not count them)"
+            );
+        }
+        if self.steps_per_message.is_finite() {
+            println!(
+                "         steps per step message         {:>9.1}  (steps of a namespace claimed together travel together)",
+                self.steps_per_message
+            );
+        } else {
+            println!(
+                "         steps per step message              n/a  (the coordinators do not count them)"
             );
         }
         println!(
@@ -802,6 +818,11 @@ impl System {
             counts.statements += sample(&text, "tasker_db_statements_total")?;
             counts.creations += sample(&text, "tasker_create_batch_size_sum")?;
             counts.creating_statements += sample(&text, "tasker_create_batch_size_count")?;
+            // Coordinators built before steps travelled together have no such metric.
+            counts.steps_published +=
+                sample(&text, "tasker_step_message_batch_size_sum").unwrap_or(0.0);
+            counts.step_messages +=
+                sample(&text, "tasker_step_message_batch_size_count").unwrap_or(0.0);
         }
         // Workers built before results were batched have no such metric: none counted
         // (the line then says so), so the bench can measure those builds too.
@@ -958,6 +979,8 @@ impl System {
                 / (after.creating_statements - before.creating_statements),
             results_per_message: (after.results - before.results)
                 / (after.result_messages - before.result_messages),
+            steps_per_message: (after.steps_published - before.steps_published)
+                / (after.step_messages - before.step_messages),
             cpu,
             events_behind,
             step_updates_per_step: (written.step_updates - written_before.step_updates)

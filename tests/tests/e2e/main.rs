@@ -4,6 +4,7 @@
 
 mod analytics;
 mod auth;
+mod batches;
 mod child_tasks;
 mod conditions;
 mod console;

@@ -156,6 +156,17 @@ async fn metrics_count_exactly_what_happened_and_the_dashboard_only_queries_them
         0.0
     );
     assert!(sample(&coordinator, "tasker_dispatch_batch_size_count") >= 1.0);
+    // Every step dispatched travelled in a step message, alone or with others.
+    let dispatched = sample(&coordinator, &ns("tasker_steps_dispatched_total"));
+    assert_eq!(
+        sample(&coordinator, "tasker_step_message_batch_size_sum"),
+        dispatched
+    );
+    let messages = sample(&coordinator, "tasker_step_message_batch_size_count");
+    assert!(
+        (1.0..=dispatched).contains(&messages),
+        "{messages} messages"
+    );
     // One after another, each creation is written alone.
     assert_eq!(sample(&coordinator, "tasker_create_batch_size_count"), 7.0);
     assert_eq!(sample(&coordinator, "tasker_create_batch_size_sum"), 7.0);

@@ -203,8 +203,16 @@ async fn delete_queue(queue: &str) -> u32 {
 /// Delete the namespace's queue (with every step message in it), and declare it again
 /// empty when `declare_again`, as a worker starting meanwhile would.
 async fn lose_queue(env: &TestEnv, declare_again: bool) {
+    let carried = tasker_tests::queued_steps(&env.queue("backlog"))
+        .await
+        .unwrap();
+    assert_eq!(
+        carried.iter().sum::<usize>(),
+        TASKS,
+        "the queue held every step"
+    );
     let deleted = delete_queue(&env.queue("backlog")).await;
-    assert_eq!(deleted, TASKS as u32, "the queue held every step");
+    assert_eq!(deleted as usize, carried.len(), "in these messages");
     if declare_again {
         let connection =
             lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
@@ -276,10 +284,12 @@ async fn a_coordinator_that_stops_lifts_the_leases_of_its_confirmed_steps_first(
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while tasker_tests::queue_messages(&env.queue("backlog"))
+    while tasker_tests::queued_steps(&env.queue("backlog"))
         .await
         .unwrap()
-        < TASKS as u32
+        .iter()
+        .sum::<usize>()
+        < TASKS
     {
         assert!(Instant::now() < deadline, "steps not published in 30 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
