@@ -98,6 +98,28 @@ pub async fn take_messages(
     messages
 }
 
+/// Take messages from the step queue `queue` (acked as they are taken), as a worker
+/// would receive them, until they carried `count` steps, waiting up to 20 s for each:
+/// each step as JSON, a batch's in order (a batched step's `traceparent` left in).
+pub async fn take_steps(channel: &Channel, queue: &str, count: usize) -> Vec<serde_json::Value> {
+    let mut steps = Vec::new();
+    while steps.len() < count {
+        let delivery = take_messages(channel, queue, 1, Duration::from_secs(20))
+            .await
+            .remove(0);
+        let body: serde_json::Value =
+            serde_json::from_slice(&delivery.data).expect("a step message is JSON");
+        if carries_step_batch(&delivery.properties) {
+            let batch = body["steps"].as_array().expect("a batch has steps");
+            steps.extend(batch.iter().cloned());
+        } else {
+            steps.push(body);
+        }
+    }
+    assert_eq!(steps.len(), count, "more steps came than asked for");
+    steps
+}
+
 /// Take `count` messages from the dead-letter queue `queue`, waiting up to 30 s for them.
 ///
 /// Whether more arrive is for the caller to check, with

@@ -563,7 +563,7 @@ async fn a_duplicated_result_changes_state_once() {
     .await
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let step = take_steps(&channel, &env.queue("failing"), 1)
+    let step = tasker_tests::take_steps(&channel, &env.queue("failing"), 1)
         .await
         .remove(0);
     let now = Utc::now().to_rfc3339();
@@ -629,7 +629,7 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
     };
     let results_queue = format!("{}.results", env.prefix);
 
-    let roots = take_steps(&channel, &queue, 3).await;
+    let roots = tasker_tests::take_steps(&channel, &queue, 3).await;
     let roots_batch = batch(roots.iter().map(entry).collect());
     tasker_tests::publish(&channel, "", &results_queue, roots_batch.as_bytes()).await;
     // The same batch again, as a redelivery would bring it: every result in it is stale.
@@ -641,7 +641,9 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
     );
 
     // The join step was dispatched once its three parents completed together.
-    let join = take_steps(&channel, &queue, 1).await.remove(0);
+    let join = tasker_tests::take_steps(&channel, &queue, 1)
+        .await
+        .remove(0);
     assert_eq!(join["step_name"], "d");
     let parents: Vec<&str> = join["parents"]
         .as_object()
@@ -688,16 +690,6 @@ async fn a_batch_of_results_is_applied_whole_and_once() {
     assert_eq!(completions(&env, &id).await, 4);
     assert_eq!(tasker_tests::metric(&env.metrics_url(), stale).await, 3.0);
     env.finish().await.unwrap();
-}
-
-/// Take `count` step messages from `queue`, as a worker would receive them (acked at
-/// once), waiting up to 20 s for them.
-async fn take_steps(channel: &lapin::Channel, queue: &str, count: usize) -> Vec<Value> {
-    tasker_tests::take_messages(channel, queue, count, Duration::from_secs(20))
-        .await
-        .iter()
-        .map(|delivery| serde_json::from_slice(&delivery.data).unwrap())
-        .collect()
 }
 
 /// How many `complete` transitions the task's steps have.
