@@ -447,7 +447,7 @@ impl StepPublisher {
         message: &Outgoing,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         self.ensure_namespace(&first.namespace).await?;
-        let properties = if message.batch {
+        let properties = if message.is_batch() {
             persistent().with_type(ShortString::from(STEP_BATCH_TYPE))
         } else {
             with_traceparent(
@@ -471,6 +471,14 @@ impl StepPublisher {
     }
 }
 
+impl Outgoing {
+    /// Whether it carries several steps, as a [`StepBatch`](tasker_shared::messages::StepBatch)
+    /// (one step travels as a step message of its own).
+    fn is_batch(&self) -> bool {
+        self.steps.len() > 1
+    }
+}
+
 /// Most bytes of step JSON one batch carries: a step that would take a batch past it
 /// goes in the next message (one larger than this travels alone).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -482,8 +490,6 @@ struct Outgoing {
     steps: Vec<usize>,
     /// The message's body: a step message, or a [`StepBatch`](tasker_shared::messages::StepBatch) of them.
     body: Vec<u8>,
-    /// Whether it is a [`StepBatch`](tasker_shared::messages::StepBatch).
-    batch: bool,
     /// A single step's trace context, for the `traceparent` header (a batch carries each
     /// step's in its body).
     traceparent: Option<String>,
@@ -558,7 +564,6 @@ fn message_of(
         return Ok(Outgoing {
             steps: vec![i],
             body,
-            batch: false,
             traceparent,
         });
     }
@@ -566,7 +571,6 @@ fn message_of(
     Ok(Outgoing {
         steps,
         body: step_batch_body(&bodies),
-        batch: true,
         traceparent: None,
     })
 }
@@ -677,7 +681,7 @@ mod tests {
     }
 
     fn step_ids(message: &Outgoing) -> Vec<Uuid> {
-        if message.batch {
+        if message.is_batch() {
             StepBatch::decode(&message.body)
                 .unwrap()
                 .steps
@@ -730,7 +734,7 @@ mod tests {
                 .map(|&i| dispatches[i].message.step_id)
                 .collect();
             assert_eq!(step_ids(message), ids);
-            assert_eq!(message.batch, message.steps.len() > 1);
+
             seen.extend(message.steps.iter().copied());
         }
         seen.sort_unstable();
@@ -744,7 +748,7 @@ mod tests {
         let mut traceparents = vec![Some(traceparent.to_owned()), None];
         let outgoing = messages(&dispatches, &mut traceparents).unwrap();
         assert_eq!(outgoing.len(), 2);
-        assert!(!outgoing[0].batch);
+        assert!(!outgoing[0].is_batch());
         assert_eq!(outgoing[0].traceparent.as_deref(), Some(traceparent));
         assert_eq!(
             outgoing[0].body,
@@ -761,7 +765,7 @@ mod tests {
         let mut traceparents = vec![Some(traceparent.to_owned()), None];
         let outgoing = messages(&dispatches, &mut traceparents).unwrap();
         assert_eq!(outgoing.len(), 1);
-        assert!(outgoing[0].batch && outgoing[0].traceparent.is_none());
+        assert!(outgoing[0].is_batch() && outgoing[0].traceparent.is_none());
         let batch = StepBatch::decode(&outgoing[0].body).unwrap();
         assert_eq!(batch.steps[0].traceparent.as_deref(), Some(traceparent));
         assert_eq!(batch.steps[1].traceparent, None);

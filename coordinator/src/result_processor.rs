@@ -36,8 +36,8 @@ use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header_str};
 use tasker_shared::messages::{
-    BatchedResult, Outcome, ResultBatch, RunningStep, SCHEMA_VERSION, StepBatch, StepError,
-    StepMessage, StepResult, WorkerMessage,
+    BatchedResult, Outcome, ResultBatch, RunningStep, SCHEMA_VERSION, StepError, StepResult,
+    WorkerMessage, steps_of,
 };
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
@@ -553,16 +553,8 @@ async fn ack(applied: &[Delivery], held: &[Received]) -> lapin::Result<()> {
 /// kills its workers reaches `error` after its retry limit instead of circulating, and a
 /// message dropped by the queue for another reason is not left `enqueued` for ever.
 fn undeliverable(body: &[u8], batch: bool, reason: &str) -> Result<WorkerMessage, String> {
-    let steps = if batch {
-        StepBatch::decode(body)
-            .map_err(|e| format!("a dead-lettered batch of steps: {e}"))?
-            .steps
-            .into_iter()
-            .map(|batched| batched.step)
-            .collect()
-    } else {
-        vec![StepMessage::decode(body).map_err(|e| format!("a dead-lettered step: {e}"))?]
-    };
+    let what = if batch { "batch of steps" } else { "step" };
+    let steps = steps_of(body, batch).map_err(|e| format!("a dead-lettered {what}: {e}"))?;
     let (code, message) = if reason == "delivery_limit" {
         (
             "delivery_limit",
@@ -618,7 +610,7 @@ fn undeliverable(body: &[u8], batch: bool, reason: &str) -> Result<WorkerMessage
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use tasker_shared::messages::BatchedStep;
+    use tasker_shared::messages::{BatchedStep, StepBatch, StepMessage};
     use uuid::Uuid;
 
     use super::*;

@@ -353,6 +353,20 @@ pub fn step_batch_body(steps: &[Vec<u8>]) -> Vec<u8> {
     body
 }
 
+/// The steps a message on a step queue carries: a batch's (`batch`, its AMQP `type` is
+/// [`STEP_BATCH_TYPE`]), or a step message's one step.
+pub fn steps_of(body: &[u8], batch: bool) -> Result<Vec<StepMessage>, DecodeError> {
+    if batch {
+        Ok(StepBatch::decode(body)?
+            .steps
+            .into_iter()
+            .map(|batched| batched.step)
+            .collect())
+    } else {
+        Ok(vec![StepMessage::decode(body)?])
+    }
+}
+
 impl StepBatch {
     /// Decode and check the versions (the batch's and each step's); a batch without
     /// steps is refused.

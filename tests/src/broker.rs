@@ -10,7 +10,7 @@ use lapin::options::{
 };
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tasker_shared::broker::{REASON_HEADER, SOURCE_HEADER, carries_step_batch, header_str};
-use tasker_shared::messages::{StepBatch, StepMessage};
+use tasker_shared::messages::steps_of;
 use tokio::process::Command;
 
 use crate::amqp_url;
@@ -271,12 +271,8 @@ pub async fn queued_steps(queue: &str) -> anyhow::Result<Vec<usize>> {
         .await?
     {
         let delivery = message.delivery;
-        carried.push(if carries_step_batch(&delivery.properties) {
-            StepBatch::decode(&delivery.data)?.steps.len()
-        } else {
-            StepMessage::decode(&delivery.data)?;
-            1
-        });
+        let batch = carries_step_batch(&delivery.properties);
+        carried.push(steps_of(&delivery.data, batch)?.len());
     }
     if !carried.is_empty() {
         channel

@@ -10,7 +10,7 @@ use std::time::Duration;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use serde_json::json;
 use tasker_shared::broker::carries_step_batch;
-use tasker_shared::messages::{STEPS_PER_MESSAGE, StepBatch, StepMessage};
+use tasker_shared::messages::{STEPS_PER_MESSAGE, StepMessage, steps_of};
 use tasker_tests::{
     TestEnv, assert_no_dead_letters, confirm_channel, queue_messages, take_dead_letters,
 };
@@ -74,16 +74,8 @@ async fn steps_claimed_together_travel_in_one_message_and_each_runs_once() {
         .unwrap()
     {
         let delivery = message.delivery;
-        let steps: Vec<StepMessage> = if carries_step_batch(&delivery.properties) {
-            StepBatch::decode(&delivery.data)
-                .expect("a batch decodes")
-                .steps
-                .into_iter()
-                .map(|batched| batched.step)
-                .collect()
-        } else {
-            vec![StepMessage::decode(&delivery.data).expect("a step decodes")]
-        };
+        let batch = carries_step_batch(&delivery.properties);
+        let steps = steps_of(&delivery.data, batch).expect("the message decodes");
         sizes.push(steps.len());
         carried.extend(steps);
     }
