@@ -35,7 +35,7 @@ use tasker_shared::broker::{Topology, persistent, publish_together, with_tracepa
 use tasker_shared::messages::{
     BatchedStep, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, step_batch_body,
 };
-use tasker_shared::store::transitions::{self, Dispatch};
+use tasker_shared::store::transitions::{self, ConfirmedStep, Dispatch};
 use tasker_shared::telemetry;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -86,19 +86,19 @@ pub(crate) struct Published {
     pub(crate) failed: usize,
     /// How many steps each message published carried.
     pub(crate) carried: Vec<usize>,
-    /// (step id, dispatch token) of each step the broker confirmed.
-    pub(crate) confirmed: Vec<(Uuid, Uuid)>,
+    /// Each step the broker confirmed, with the message it travelled in.
+    pub(crate) confirmed: Vec<ConfirmedStep>,
     /// (step id, dispatch token) of each step the broker did not take.
     pub(crate) unpublished: Vec<(Uuid, Uuid)>,
 }
 
-/// Confirmed steps waiting for their lease to be lifted, by step id (with the dispatch
-/// token they were published under), in two generations: a [`LeaseLifter`] tick lifts
-/// the older and makes the younger older, so a step waits one to two ticks.
+/// Confirmed steps waiting for their lease to be lifted, by step id, in two generations:
+/// a [`LeaseLifter`] tick lifts the older and makes the younger older, so a step waits
+/// one to two ticks.
 #[derive(Debug, Default)]
 struct Lifts {
-    young: HashMap<Uuid, Uuid>,
-    old: HashMap<Uuid, Uuid>,
+    young: HashMap<Uuid, ConfirmedStep>,
+    old: HashMap<Uuid, ConfirmedStep>,
 }
 
 impl StepPublisher {
@@ -281,7 +281,10 @@ impl StepPublisher {
         }
         for (step, token) in steps {
             for generation in [&mut *young, &mut *old] {
-                if generation.get(&step) == Some(&token) {
+                if generation
+                    .get(&step)
+                    .is_some_and(|confirmed| confirmed.dispatch_token == token)
+                {
                     generation.remove(&step);
                 }
             }
@@ -292,14 +295,14 @@ impl StepPublisher {
     /// one older. Those that cannot be written now (database unreachable) wait for the
     /// next tick, still well within their lease.
     async fn lift(&self, all: bool) {
-        let due: Vec<(Uuid, Uuid)> = {
+        let due: Vec<ConfirmedStep> = {
             let mut lifts = self.lock_lifts();
             let young = std::mem::take(&mut lifts.young);
             let mut due = std::mem::replace(&mut lifts.old, young);
             if all {
                 due.extend(lifts.old.drain());
             }
-            due.into_iter().collect()
+            due.into_values().collect()
         };
         if due.is_empty() {
             return;
@@ -311,7 +314,9 @@ impl StepPublisher {
         if let Err(error) = lifted.await {
             tracing::warn!(%error, steps = due.len(),
                 "cannot lift the leases of confirmed steps; trying again at the next tick");
-            self.lock_lifts().old.extend(due);
+            self.lock_lifts()
+                .old
+                .extend(due.into_iter().map(|step| (step.step_id, step)));
         }
     }
 
@@ -338,7 +343,7 @@ impl StepPublisher {
         if !published.confirmed.is_empty() {
             self.lock_lifts()
                 .young
-                .extend(published.confirmed.iter().copied());
+                .extend(published.confirmed.iter().map(|step| (step.step_id, *step)));
         }
         if published.unpublished.is_empty() {
             return;
@@ -411,6 +416,8 @@ impl StepPublisher {
         let outcomes = tasker_shared::broker::await_confirms(confirms).await;
         for (message, outcome) in messages.into_iter().zip(outcomes) {
             let steps = steps_of(message);
+            // A message is known by the dispatch token of its first step.
+            let message = steps[0].dispatch_token;
             match outcome {
                 Ok(confirmation) => {
                     let acked = confirmation.is_ack();
@@ -418,7 +425,11 @@ impl StepPublisher {
                     let returned = confirmation.take_message().is_some();
                     for step in steps {
                         if acked && !returned {
-                            report.confirmed.push((step.step_id, step.dispatch_token));
+                            report.confirmed.push(ConfirmedStep {
+                                step_id: step.step_id,
+                                dispatch_token: step.dispatch_token,
+                                message,
+                            });
                         } else {
                             report.failed += 1;
                             report.unpublished.push((step.step_id, step.dispatch_token));
@@ -447,13 +458,13 @@ impl StepPublisher {
         message: &Outgoing,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         self.ensure_namespace(&first.namespace).await?;
+        // Known by the dispatch token of its first step, as the database records it.
+        let properties =
+            persistent().with_message_id(ShortString::from(first.dispatch_token.to_string()));
         let properties = if message.is_batch() {
-            persistent().with_type(ShortString::from(STEP_BATCH_TYPE))
+            properties.with_type(ShortString::from(STEP_BATCH_TYPE))
         } else {
-            with_traceparent(
-                persistent().with_message_id(ShortString::from(first.dispatch_token.to_string())),
-                message.traceparent.clone(),
-            )
+            with_traceparent(properties, message.traceparent.clone())
         };
         Ok(self
             .channel()
@@ -514,32 +525,31 @@ fn messages(
     }
     let mut outgoing = Vec::new();
     for (_, steps) in namespaces {
-        for chunk in steps.chunks(STEPS_PER_MESSAGE) {
-            // Each step written as a batch member; a member without a trace context is
-            // written exactly as the step's own message.
-            let bodies = chunk
-                .iter()
-                .map(|&i| {
-                    serde_json::to_vec(&BatchedStep {
-                        step: &dispatches[i].message,
-                        traceparent: traceparents[i].clone(),
-                    })
-                })
-                .collect::<serde_json::Result<Vec<_>>>()?;
-            let mut group: Vec<(usize, Vec<u8>)> = Vec::new();
-            let mut bytes = 0;
-            for (&i, body) in chunk.iter().zip(bodies) {
-                if !group.is_empty() && bytes + body.len() > MAX_BATCH_BYTES {
-                    outgoing.push(message_of(
-                        std::mem::take(&mut group),
-                        dispatches,
-                        traceparents,
-                    )?);
-                    bytes = 0;
-                }
-                bytes += body.len();
-                group.push((i, body));
+        // Each step written as a batch member (a member without a trace context is
+        // written exactly as the step's own message), packed in claim order until a
+        // message holds STEPS_PER_MESSAGE steps or the next would take it past
+        // MAX_BATCH_BYTES.
+        let mut group: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut bytes = 0;
+        for i in steps {
+            let body = serde_json::to_vec(&BatchedStep {
+                step: &dispatches[i].message,
+                traceparent: traceparents[i].clone(),
+            })?;
+            if !group.is_empty()
+                && (group.len() == STEPS_PER_MESSAGE || bytes + body.len() > MAX_BATCH_BYTES)
+            {
+                outgoing.push(message_of(
+                    std::mem::take(&mut group),
+                    dispatches,
+                    traceparents,
+                )?);
+                bytes = 0;
             }
+            bytes += body.len();
+            group.push((i, body));
+        }
+        if !group.is_empty() {
             outgoing.push(message_of(group, dispatches, traceparents)?);
         }
     }
@@ -788,5 +798,14 @@ mod tests {
         for message in &outgoing {
             assert_eq!(step_ids(message).len(), message.steps.len());
         }
+
+        // A message begun after a split by size fills up with the steps after it.
+        let large = |n| dispatch(n, "a", json!({"blob": "x".repeat(MAX_BATCH_BYTES * 3 / 5)}));
+        let mut dispatches = vec![large(1), large(2)];
+        dispatches.extend((3..10).map(|n| dispatch(n, "a", json!({}))));
+        let mut traceparents = vec![None; dispatches.len()];
+        let outgoing = messages(&dispatches, &mut traceparents).unwrap();
+        let sizes: Vec<usize> = outgoing.iter().map(|m| m.steps.len()).collect();
+        assert_eq!(sizes, [1, STEPS_PER_MESSAGE]);
     }
 }

@@ -6,12 +6,13 @@
 //!   dispatched again without spending an attempt. A step whose publish was confirmed has
 //!   no lease: it is safe in a durable queue, however long the queue is;
 //! - a confirmed step whose queue was deleted or lost: each sweep interval compares the
-//!   confirmed steps that have waited longer than the dispatch lease, per namespace, with
-//!   the namespace's queue ([`lost_in_queue`]). A missing queue means every confirmed step
-//!   of it is gone. A queue whose messages, with those workers may hold, could not carry
-//!   those steps (a message carries up to `STEPS_PER_MESSAGE`), at two checks in a row,
-//!   means the oldest of them are gone. Those steps
-//!   have their lease ended and are dispatched again;
+//!   messages that carry the confirmed steps which have waited longer than the dispatch
+//!   lease, per namespace, with the namespace's queue ([`lost_in_queue`]). Steps that
+//!   travelled together (a batch) need one message; the database records which message
+//!   each confirmed step travelled in. A missing queue means every confirmed step of it
+//!   is gone. A queue holding fewer messages than those, with what workers may hold, at
+//!   two checks in a row, means the oldest of those messages are gone. Their steps have
+//!   their lease ended and are dispatched again;
 //! - a step `in_progress` past its lease lost its worker and counts as a timed-out
 //!   attempt: retried after its backoff, or `error` if that was its last attempt, and
 //!   counted in `tasker_step_retries_scheduled_total` or `tasker_steps_finished_total`
@@ -132,14 +133,15 @@ impl Sweeper {
         *self.healthy_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Compare confirmed steps that waited longer than the dispatch lease with their
-    /// queues, and end the lease of those whose messages are gone (see [`lost_in_queue`]).
+    /// Compare the messages of confirmed steps that waited longer than the dispatch lease
+    /// with their queues, and end the lease of those whose messages are gone (see
+    /// [`lost_in_queue`]).
     /// Returns how many steps were handed back.
     async fn audit_queues(&self) -> anyhow::Result<u64> {
         let queues = &self.queues;
         let waiting = {
             let mut conn = self.pool.acquire().await?;
-            transitions::confirmed_waiting(&mut conn, queues.lease_ms).await?
+            transitions::confirmed_waiting(&mut conn, queues.lease_ms, STEPS_PER_MESSAGE).await?
         };
         if waiting.is_empty() {
             return Ok(0);
@@ -193,7 +195,7 @@ impl Sweeper {
             let mut conn = self.pool.acquire().await?;
             let n = transitions::release_lost_queue(&mut conn, &namespace, older_than_ms, limit)
                 .await?;
-            tracing::warn!(%namespace, %queue, reason = lost.reason(), confirmed,
+            tracing::warn!(%namespace, %queue, reason = lost.reason(), messages = confirmed,
                 ?step_queue, steps = n,
                 "a step queue lost confirmed messages; dispatching those steps again");
             count_reason(&self.metrics.lost_messages, lost.reason(), n);
@@ -347,10 +349,10 @@ impl Service for Sweeper {
 /// What [`lost_in_queue`] weighs for one namespace.
 #[derive(Debug, Clone, Copy)]
 struct QueueCheck {
-    /// Confirmed steps still `enqueued` after the dispatch lease.
+    /// The messages that carry the confirmed steps still `enqueued` after the dispatch
+    /// lease (a step alone, or a batch of steps).
     confirmed: u64,
-    /// The step queue's (ready messages, consumers), or `None` when it does not exist. A
-    /// message carries one step or a batch of up to [`STEPS_PER_MESSAGE`].
+    /// The step queue's (ready messages, consumers), or `None` when it does not exist.
     step_queue: Option<(u32, u32)>,
     /// The messages the workers serving the namespace may hold unacked: twice their
     /// concurrency.
@@ -364,7 +366,8 @@ struct QueueCheck {
 enum Lost {
     /// The queue does not exist: every confirmed step of the namespace.
     Missing,
-    /// The queue holds too few messages: this many of the oldest confirmed steps.
+    /// The queue holds too few messages: this many of the oldest messages of confirmed
+    /// steps.
     Short(u64),
 }
 
@@ -391,9 +394,7 @@ fn lost_in_queue(check: QueueCheck) -> Option<Lost> {
     if check.results_ready > 0 {
         return None;
     }
-    // A message may carry up to STEPS_PER_MESSAGE steps: only what no count of the
-    // messages could hold is lost.
-    let elsewhere = (u64::from(ready) + check.held_by_workers) * STEPS_PER_MESSAGE as u64;
+    let elsewhere = u64::from(ready) + check.held_by_workers;
     (check.confirmed > elsewhere).then(|| Lost::Short(check.confirmed - elsewhere))
 }
 
@@ -441,14 +442,13 @@ mod tests {
     }
 
     #[test]
-    fn steps_in_the_queue_or_held_by_workers_are_not_lost() {
+    fn messages_in_the_queue_or_held_by_workers_are_not_lost() {
         assert_eq!(lost_in_queue(check(100, Some((100, 2)), 0)), None);
         assert_eq!(lost_in_queue(check(132, Some((100, 2)), 0)), None);
-        // Each message may be a batch.
-        let most = (100 + 32) * STEPS_PER_MESSAGE as u64;
-        assert_eq!(lost_in_queue(check(most, Some((100, 2)), 0)), None);
+        // Counted in messages, whatever each carries: one more than the queue and the
+        // workers can hold is one lost.
         assert_eq!(
-            lost_in_queue(check(most + 1, Some((100, 2)), 0)),
+            lost_in_queue(check(133, Some((100, 2)), 0)),
             Some(Lost::Short(1))
         );
     }
@@ -460,11 +460,11 @@ mod tests {
     }
 
     #[test]
-    fn a_short_queue_lost_the_oldest_steps_beyond_what_workers_may_hold() {
-        // 1,000 waiting steps; the queue, recreated, holds 10 newer messages.
+    fn a_short_queue_lost_the_oldest_messages_beyond_what_workers_may_hold() {
+        // 1,000 messages of waiting steps; the queue, recreated, holds 10 newer ones.
         assert_eq!(
             lost_in_queue(check(1_000, Some((10, 2)), 0)),
-            Some(Lost::Short(1_000 - (10 + 32) * STEPS_PER_MESSAGE as u64))
+            Some(Lost::Short(1_000 - 10 - 32))
         );
         // Recreated empty, with no worker holding anything: every one of them.
         let none_held = QueueCheck {

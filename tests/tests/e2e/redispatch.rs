@@ -265,6 +265,111 @@ async fn steps_whose_queue_was_deleted_and_declared_again_are_dispatched_again()
     env.finish().await.unwrap();
 }
 
+/// Announce (or, with `interval_ms` 1, retire at once) a worker of the backlog that
+/// consumes nothing: the queue check counts twice its `concurrency` in messages as held.
+async fn announce_worker(env: &TestEnv, concurrency: u16, interval_ms: u64) {
+    let (connection, channel) = tasker_tests::confirm_channel().await;
+    let status = json!({"type": "worker_status", "worker_id": "holder", "namespaces": ["backlog"],
+                        "all_namespaces": false, "concurrency": concurrency, "in_flight": 0,
+                        "interval_ms": interval_ms});
+    tasker_tests::publish(
+        &channel,
+        &format!("{}.control", env.prefix),
+        "",
+        status.to_string().as_bytes(),
+    )
+    .await;
+    let _ = connection.close(200, "OK".into()).await;
+}
+
+/// Steps of the backlog dispatched again because their message was lost.
+async fn lost(env: &TestEnv) -> f64 {
+    metric(
+        &env.metrics_url(),
+        "tasker_lost_messages_total{reason=\"queue_short\"}",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
+    // Ten tasks whose two first steps travel together: ten messages of two steps. The
+    // queue is lost and declared again, empty, while a worker that may hold two messages
+    // (concurrency 1) is announced. Eight messages are missing beyond what it may hold:
+    // their sixteen steps are dispatched again, and no more while it is there.
+    let options = EnvOptions {
+        coordinator_env: vec![
+            ("TASKER_DISPATCH_LEASE_MS".into(), "1000".into()),
+            ("TASKER_SWEEP_INTERVAL_MS".into(), "500".into()),
+        ],
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("queue-short-messages", options)
+        .await
+        .unwrap();
+    env.register_template(
+        "namespace: backlog\nname: pair\nsteps:\n  - {name: a, handler: tasker.noop}\n  - {name: b, handler: tasker.noop}\n",
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..TASKS / 2 {
+        let task = env
+            .api
+            .create_task(&json!({"namespace": "backlog", "name": "pair", "context": {"i": i}}))
+            .await
+            .unwrap();
+        ids.push(task.task_id);
+    }
+    wait_until_confirmed(&env).await;
+    let carried = tasker_tests::queued_steps(&env.queue("backlog"))
+        .await
+        .unwrap();
+    assert_eq!(
+        carried,
+        vec![2; TASKS / 2],
+        "a task's first steps in one message"
+    );
+
+    announce_worker(&env, 1, 60_000).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, health) = env.get("/health/status").await.unwrap();
+        if health["workers"].to_string().contains("holder") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker was never listed: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lose_queue(&env, true).await;
+    let held = 2;
+    let expected = ((TASKS / 2 - held) * 2) as f64;
+    let sample = "tasker_lost_messages_total{reason=\"queue_short\"}";
+    assert_eq!(
+        wait_for_metric(&env.metrics_url(), sample, expected).await,
+        expected,
+        "the steps of the eight oldest messages"
+    );
+    // Several checks later, still those: the two others may be the worker's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lost(&env).await, expected);
+
+    // Without that worker, they are missing too.
+    announce_worker(&env, 1, 1).await;
+    wait_for_metric(&env.metrics_url(), sample, TASKS as f64).await;
+    run_all(&mut env, &ids).await;
+    assert_eq!(lost(&env).await, TASKS as f64);
+    assert_eq!(
+        reasons(&env, "lease_lost").await,
+        TASKS as i64,
+        "each lost step dispatched again once"
+    );
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_coordinator_that_stops_lifts_the_leases_of_its_confirmed_steps_first() {
     // A coordinator lifts a confirmed step's lease seconds after the confirm (5-10 s with

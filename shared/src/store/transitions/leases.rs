@@ -85,54 +85,86 @@ pub async fn expire_leases(
     })
 }
 
+/// A step whose publish the broker confirmed: its id, the dispatch token it was published
+/// under, and the message it travelled in (the dispatch token of the message's first
+/// step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfirmedStep {
+    /// The step.
+    pub step_id: Uuid,
+    /// The dispatch it was published as.
+    pub dispatch_token: Uuid,
+    /// Its message: the dispatch token of the first step the message carries.
+    pub message: Uuid,
+}
+
 /// Record what the broker did with published steps. A step whose publish it confirmed
 /// is safe in a durable queue: its dispatch lease is lifted (`lease_expires_at` NULL), so
-/// no wait in the queue, however long, sends it back. A step whose message it did not
-/// take (no connection, refused, unroutable, no confirm) has its lease ended at once, so
-/// the next sweep hands it back without spending an attempt. Only steps still `enqueued`
-/// under the same dispatch token are touched: a step dispatched again since, or already
-/// started, is left alone. One statement for both lists.
+/// no wait in the queue, however long, sends it back, and the message it travelled in is
+/// recorded (`dispatch_message`, what the sweeper's queue check counts). A step whose
+/// message it did not take (no connection, refused, unroutable, no confirm) has its lease
+/// ended at once, so the next sweep hands it back without spending an attempt. Only steps
+/// still `enqueued` under the same dispatch token are touched: a step dispatched again
+/// since, or already started, is left alone. One statement for both lists.
 pub async fn record_publish(
     conn: &mut PgConnection,
-    confirmed: &[(Uuid, Uuid)],
+    confirmed: &[ConfirmedStep],
     unpublished: &[(Uuid, Uuid)],
 ) -> sqlx::Result<u64> {
     if confirmed.is_empty() && unpublished.is_empty() {
         return Ok(0);
     }
-    let (mut steps, mut tokens): (Vec<Uuid>, Vec<Uuid>) = confirmed.iter().copied().unzip();
-    let mut taken = vec![true; steps.len()];
+    let n = confirmed.len() + unpublished.len();
+    let (mut steps, mut tokens, mut taken, mut messages) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for step in confirmed {
+        steps.push(step.step_id);
+        tokens.push(step.dispatch_token);
+        taken.push(true);
+        messages.push(Some(step.message));
+    }
     for (step, token) in unpublished {
         steps.push(*step);
         tokens.push(*token);
         taken.push(false);
+        messages.push(None);
     }
     let done = sqlx::query(include_str!("../../../sql/leases/record_publish.sql"))
         .bind(&steps)
         .bind(&tokens)
         .bind(&taken)
+        .bind(&messages)
         .execute(conn)
         .await?;
     Ok(done.rows_affected())
 }
 
-/// Steps whose publish the broker confirmed, still waiting in their queue after
-/// `older_than_ms`, counted per namespace: what the sweeper compares with the queues
-/// (see [`release_lost_queue`]).
+/// Confirmed steps still waiting in their queue after `older_than_ms`, per namespace, as
+/// the messages they need there: steps that travelled together count once, and a step
+/// whose message is not recorded (lifted by a coordinator of an earlier release) as a
+/// share of a message of up to `steps_per_message`. What the sweeper compares with the
+/// queues (see [`release_lost_queue`]).
 pub async fn confirmed_waiting(
     conn: &mut PgConnection,
     older_than_ms: i64,
+    steps_per_message: usize,
 ) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(include_str!("../../../sql/leases/confirmed_waiting.sql"))
         .bind(older_than_ms)
+        .bind(steps_per_message as i64)
         .fetch_all(conn)
         .await
 }
 
 /// End at once the lease of the confirmed steps of `namespace` still waiting after
-/// `older_than_ms` (all of them when `older_than_ms` is 0), oldest first and at most
-/// `limit` (`None`: all): their messages are gone with their queue, and the next sweep
-/// dispatches them again without spending an attempt. Returns how many.
+/// `older_than_ms` (all of them when `older_than_ms` is 0) that travelled in its oldest
+/// `limit` messages (`None`: all; a step whose message is not recorded counts as one):
+/// those messages are gone, and the next sweep dispatches their steps again without
+/// spending an attempt. Returns how many steps.
 pub async fn release_lost_queue(
     conn: &mut PgConnection,
     namespace: &str,

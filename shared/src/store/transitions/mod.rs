@@ -61,7 +61,8 @@ pub use claim::{Dispatch, claim_children, claim_ready, next_due};
 pub(crate) use claim::{FirstStep, first_step_in, judge_steps};
 pub use conditions::{max_fan_out, set_max_fan_out};
 pub use leases::{
-    ExpiredLeases, confirmed_waiting, expire_leases, record_publish, release_lost_queue,
+    ConfirmedStep, ExpiredLeases, confirmed_waiting, expire_leases, record_publish,
+    release_lost_queue,
 };
 pub use operator::{
     Cancelled, OperatorError, Signalled, cancel_task, resolve_step, resolve_task, retry_task,
