@@ -262,3 +262,75 @@ async fn a_burst_of_creations_each_get_their_task() {
     }
     env.finish().await.unwrap();
 }
+
+/// One batch is written at a time, but a batch waiting on a lock holds up the others only
+/// briefly: while another transaction holds an idempotency key's index entry, a creation
+/// with that key waits for it, and creations without it are answered meanwhile.
+#[tokio::test]
+async fn a_creation_waiting_on_a_lock_holds_up_the_others_only_briefly() {
+    let env = TestEnv::start("create-lock-wait").await.unwrap();
+    env.register_template(DIAMOND).await.unwrap();
+    let template = diamond(&env.pool).await;
+    // A transaction inserting a task with the key, left open.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (task_id, template_id, namespace, name, version, status, context,
+                            idempotency_key)
+         VALUES ($1, $2, 'batch', 'diamond', '1.0.0', 'pending', '{}', 'held')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(template.template.template_id)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+
+    let keyed = {
+        let url = format!("{}/v1/tasks", env.base_url);
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"namespace": "batch", "name": "diamond", "idempotency_key": "held"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    // Until the keyed creation waits on the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the keyed creation never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let others = async {
+        for n in 0..3 {
+            let (status, task) = env
+                .create_task(json!({"namespace": "batch", "name": "diamond", "context": {"n": n}}))
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{task}");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), others)
+        .await
+        .expect("creations without the key were held up by the one waiting on it");
+    assert!(!keyed.is_finished(), "the keyed creation still waits");
+
+    // The key's first insert rolls back: the keyed creation writes its task.
+    holder.rollback().await.unwrap();
+    assert_eq!(keyed.await.unwrap(), 201);
+    env.finish().await.unwrap();
+}
