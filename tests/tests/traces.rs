@@ -200,6 +200,56 @@ async fn a_task_is_one_trace_and_each_execution_is_a_child_of_its_dispatch() {
         );
     }
 
+    // A step no handler of the worker runs fails in its trace too: its result, sent by
+    // the worker that dead-letters it, is applied under its execution.
+    let template =
+        "namespace: traced\nname: unknown\nsteps:\n  - {name: lost, handler: no.such.handler}\n";
+    let response = http
+        .post(format!("{base}/v1/templates"))
+        .body(template)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let task: Value = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({"namespace": "traced", "name": "unknown"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let failed_id = task["task_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (execution, apply) = loop {
+        telemetry.flush();
+        let spans = exporter.get_finished_spans().unwrap();
+        let one = |name: &str| {
+            spans
+                .iter()
+                .find(|s| s.name == name && attribute(s, "task_id").as_deref() == Some(&failed_id))
+                .cloned()
+        };
+        if let (Some(execution), Some(apply)) = (one("execute_step"), one("apply_result")) {
+            break (execution, apply);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no execute_step and apply_result spans for the unknown handler's step"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        apply.span_context.trace_id(),
+        execution.span_context.trace_id()
+    );
+    assert_eq!(
+        apply.parent_span_id,
+        execution.span_context.span_id(),
+        "the unknown handler's failure applied under its execute_step"
+    );
+
     let _ = stop_worker.send(());
     worker.await.unwrap().unwrap();
     let _ = stop_app.send(());

@@ -972,7 +972,9 @@ async fn run_step(
             finished_at: now,
             worker_id: shared.worker_id.clone(),
         };
-        if shared.results.publish(result, None).await.is_ok() {
+        // In the step's trace, as any result: its failure shows under its execution.
+        let traceparent = tasker_protocol::telemetry::traceparent(&span);
+        if shared.results.publish(result, traceparent).await.is_ok() {
             shared.metrics.dead_letter("unknown_handler");
             dead_letter(shared, &delivered, Some(&message), &reason, &source_queue).await;
         } else {
