@@ -39,6 +39,32 @@ fn attribute(span: &SpanData, key: &str) -> Option<String> {
         })
 }
 
+/// Register `template` (of namespace `traced`) and create a task of it, `name`: its id.
+async fn register_and_create(
+    http: &reqwest::Client,
+    base: &str,
+    template: &str,
+    name: &str,
+) -> String {
+    let response = http
+        .post(format!("{base}/v1/templates"))
+        .body(template.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let task: Value = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({"namespace": "traced", "name": name}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    task["task_id"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_is_one_trace_and_each_execution_is_a_child_of_its_dispatch() {
     let exporter = InMemorySpanExporter::default();
@@ -95,23 +121,7 @@ async fn a_task_is_one_trace_and_each_execution_is_a_child_of_its_dispatch() {
 
     let http = reqwest::Client::new();
     let template = "namespace: traced\nname: diamond\nsteps:\n  - {name: a, handler: tasker.echo}\n  - {name: b, handler: tasker.echo, depends_on: [a]}\n  - {name: c, handler: tasker.echo, depends_on: [a]}\n  - {name: d, handler: tasker.echo, depends_on: [b, c]}\n";
-    let response = http
-        .post(format!("{base}/v1/templates"))
-        .body(template)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-    let task: Value = http
-        .post(format!("{base}/v1/tasks"))
-        .json(&json!({"namespace": "traced", "name": "diamond"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    let task_id = register_and_create(&http, &base, template, "diamond").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let task: Value = http
@@ -204,23 +214,7 @@ async fn a_task_is_one_trace_and_each_execution_is_a_child_of_its_dispatch() {
     // the worker that dead-letters it, is applied under its execution.
     let template =
         "namespace: traced\nname: unknown\nsteps:\n  - {name: lost, handler: no.such.handler}\n";
-    let response = http
-        .post(format!("{base}/v1/templates"))
-        .body(template)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-    let task: Value = http
-        .post(format!("{base}/v1/tasks"))
-        .json(&json!({"namespace": "traced", "name": "unknown"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let failed_id = task["task_id"].as_str().unwrap().to_owned();
+    let failed_id = register_and_create(&http, &base, template, "unknown").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (execution, apply) = loop {
         telemetry.flush();
