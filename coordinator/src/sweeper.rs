@@ -47,7 +47,6 @@ use crate::metrics::{CoordinatorMetrics, Namespace, count_reason};
 use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::Topology;
-use tasker_shared::messages::STEPS_PER_MESSAGE;
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask};
 
@@ -141,7 +140,7 @@ impl Sweeper {
         let queues = &self.queues;
         let waiting = {
             let mut conn = self.pool.acquire().await?;
-            transitions::confirmed_waiting(&mut conn, queues.lease_ms, STEPS_PER_MESSAGE).await?
+            transitions::confirmed_waiting(&mut conn, queues.lease_ms).await?
         };
         if waiting.is_empty() {
             return Ok(0);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use opentelemetry::Value as OtelValue;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
-use serde_json::{Value, json};
+use serde_json::json;
 use tasker_coordinator::{Application, CoordinatorSettings};
 use tasker_shared::config::{LogFormat, LogSettings};
 use tasker_worker::{HandlerRegistry, Worker, WorkerSettings};
@@ -41,28 +41,23 @@ fn attribute(span: &SpanData, key: &str) -> Option<String> {
 
 /// Register `template` (of namespace `traced`) and create a task of it, `name`: its id.
 async fn register_and_create(
-    http: &reqwest::Client,
+    api: &tasker_tests::Api,
     base: &str,
     template: &str,
     name: &str,
 ) -> String {
-    let response = http
+    let response = reqwest::Client::new()
         .post(format!("{base}/v1/templates"))
         .body(template.to_owned())
         .send()
         .await
         .unwrap();
     assert!(response.status().is_success());
-    let task: Value = http
-        .post(format!("{base}/v1/tasks"))
-        .json(&json!({"namespace": "traced", "name": name}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let task = api
+        .create_task(&json!({"namespace": "traced", "name": name}))
         .await
         .unwrap();
-    task["task_id"].as_str().unwrap().to_owned()
+    task.task_id.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,28 +114,17 @@ async fn a_task_is_one_trace_and_each_execution_is_a_child_of_its_dispatch() {
         let _ = worker_stopped.await;
     }));
 
-    let http = reqwest::Client::new();
+    let api = tasker_tests::Api::new(base.clone());
     let template = "namespace: traced\nname: diamond\nsteps:\n  - {name: a, handler: tasker.echo}\n  - {name: b, handler: tasker.echo, depends_on: [a]}\n  - {name: c, handler: tasker.echo, depends_on: [a]}\n  - {name: d, handler: tasker.echo, depends_on: [b, c]}\n";
-    let task_id = register_and_create(&http, &base, template, "diamond").await;
+    let task_id = register_and_create(&api, &base, template, "diamond").await;
+    api.wait_for_task(
+        task_id.parse().unwrap(),
+        &[tasker_tests::TaskStatus::Complete],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let task: Value = http
-            .get(format!("{base}/v1/tasks/{task_id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if task["status"] == "complete" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task did not complete: {task}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     // Every span of the task has ended once the last apply_result closed.
     let spans = loop {
@@ -214,7 +198,7 @@ async fn a_task_is_one_trace_and_each_execution_is_a_child_of_its_dispatch() {
     // the worker that dead-letters it, is applied under its execution.
     let template =
         "namespace: traced\nname: unknown\nsteps:\n  - {name: lost, handler: no.such.handler}\n";
-    let failed_id = register_and_create(&http, &base, template, "unknown").await;
+    let failed_id = register_and_create(&api, &base, template, "unknown").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (execution, apply) = loop {
         telemetry.flush();

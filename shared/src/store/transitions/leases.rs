@@ -3,6 +3,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::messages::STEPS_PER_MESSAGE;
 use crate::states::StepStatus;
 
 /// What [`expire_leases`] did.
@@ -146,16 +147,15 @@ pub async fn record_publish(
 /// Confirmed steps still waiting in their queue after `older_than_ms`, per namespace, as
 /// the messages they need there: steps that travelled together count once, and a step
 /// whose message is not recorded (lifted by a coordinator of an earlier release) as a
-/// share of a message of up to `steps_per_message`. What the sweeper compares with the
+/// share of a message of up to [`STEPS_PER_MESSAGE`]. What the sweeper compares with the
 /// queues (see [`release_lost_queue`]).
 pub async fn confirmed_waiting(
     conn: &mut PgConnection,
     older_than_ms: i64,
-    steps_per_message: usize,
 ) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(include_str!("../../../sql/leases/confirmed_waiting.sql"))
         .bind(older_than_ms)
-        .bind(steps_per_message as i64)
+        .bind(STEPS_PER_MESSAGE as i64)
         .fetch_all(conn)
         .await
 }
