@@ -9,6 +9,9 @@
 //! Transition ids come from one sequence but commit out of order, so a gap in the ids
 //! may be a transaction still in flight: the relay waits at a gap until it fills, or
 //! until the row after it is older than `GAP_PATIENCE` (then the gap was a rollback).
+//! A step's claim is no event and a quarter of the history: the read leaves claims out
+//! but gives each row the id before it among all (`previous`), so what was left out is
+//! never taken for a gap, and the cursor still moves past it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
+use serde_json::value::RawValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -78,12 +82,16 @@ impl EventRelay {
         let now = chrono::Utc::now();
         let mut last = cursor;
         let mut relayed = Vec::new();
-        for row in rows {
-            if row.transition_id != last + 1 && now - row.created_at < GAP_PATIENCE {
+        for row in &rows {
+            // The rows read skip claims, which are no events: a row's predecessor is
+            // the id before it among all, not the row before it here.
+            let before = row.previous.unwrap_or(cursor);
+            if row.transition_id != before + 1 && now - row.created_at < GAP_PATIENCE {
+                last = before;
                 break;
             }
             last = row.transition_id;
-            if let Some(name) = event_of(&row) {
+            if let Some(name) = event_of(row) {
                 relayed.push((row, name));
             }
         }
@@ -99,7 +107,7 @@ impl EventRelay {
             };
             names_of(&mut tx, &ids(|row| row.task_id), &ids(|row| row.step_id)).await?
         };
-        let events: Vec<LifecycleEvent> = relayed
+        let events: Vec<Event<'_>> = relayed
             .into_iter()
             .filter_map(|(row, name)| to_event(row, name, &names))
             .collect();
@@ -109,7 +117,7 @@ impl EventRelay {
         Ok((last - cursor) as usize)
     }
 
-    async fn publish(&self, events: &[LifecycleEvent]) -> anyhow::Result<()> {
+    async fn publish(&self, events: &[Event<'_>]) -> anyhow::Result<()> {
         let bodies = events
             .iter()
             .map(serde_json::to_vec)
@@ -120,7 +128,7 @@ impl EventRelay {
         for (event, body) in events.iter().zip(&bodies) {
             publishes.push(self.channel.basic_publish(
                 exchange.as_str().into(),
-                event.event.as_str().into(),
+                event.event.into(),
                 BasicPublishOptions::default(),
                 body,
                 persistent(),
@@ -138,7 +146,7 @@ impl EventRelay {
         for event in events {
             match published.iter_mut().find(|(name, _)| *name == event.event) {
                 Some((_, count)) => *count += 1,
-                None => published.push((&event.event, 1)),
+                None => published.push((event.event, 1)),
             }
         }
         for (name, count) in published {
@@ -211,33 +219,37 @@ fn event_of(row: &RecordedTransition) -> Option<&'static str> {
     }
 }
 
+/// An event as the relay publishes it: borrowed from its history row and the batch's
+/// names.
+type Event<'a> = LifecycleEvent<&'a str, &'a RawValue>;
+
 /// The event `name` about `row`, or `None` when its task, step or schedule is gone
 /// (retention deletes a task with its history; the cursor moves past such a row).
-fn to_event(row: RecordedTransition, name: &str, names: &Names) -> Option<LifecycleEvent> {
+fn to_event<'a>(row: &'a RecordedTransition, name: &'a str, names: &'a Names) -> Option<Event<'a>> {
     let task = row.task_id.and_then(|id| names.tasks.get(&id));
     let (namespace, task_name, version, priority) = match (task, &row.schedule) {
         (Some(task), _) => (
-            task.namespace.clone(),
-            task.name.clone(),
-            task.version.clone(),
+            task.namespace.as_str(),
+            task.name.as_str(),
+            task.version.as_str(),
             task.priority,
         ),
         // A fire that created no task (or whose task is gone) names its schedule's
         // template.
         (None, Some(_)) => (
-            row.schedule_namespace?,
-            row.schedule_template?,
-            row.schedule_version.unwrap_or_default(),
+            row.schedule_namespace.as_deref()?,
+            row.schedule_template.as_deref()?,
+            row.schedule_version.as_deref().unwrap_or_default(),
             tasker_shared::template::DEFAULT_PRIORITY,
         ),
         _ => return None,
     };
     let step_name = match row.step_id {
-        Some(id) => Some(names.steps.get(&id)?.clone()),
+        Some(id) => Some(names.steps.get(&id)?.as_str()),
         None => None,
     };
     Some(LifecycleEvent {
-        event: name.to_owned(),
+        event: name,
         event_id: row.transition_id,
         occurred_at: row.created_at,
         task_id: row.task_id,
@@ -247,11 +259,11 @@ fn to_event(row: RecordedTransition, name: &str, names: &Names) -> Option<Lifecy
         priority,
         step_id: row.step_id,
         step_name,
-        schedule: row.schedule,
-        from_status: row.from_status,
-        to_status: row.to_status,
-        reason: row.reason.to_string(),
-        metadata: row.metadata,
+        schedule: row.schedule.as_deref(),
+        from_status: row.from_status.as_deref(),
+        to_status: &row.to_status,
+        reason: row.reason.as_str(),
+        metadata: &row.metadata.0,
     })
 }
 
@@ -261,16 +273,21 @@ mod tests {
     use tasker_shared::states::TransitionReason;
     use tasker_shared::store::events::TaskNames;
 
+    fn metadata(json: &str) -> sqlx::types::Json<Box<RawValue>> {
+        sqlx::types::Json(RawValue::from_string(json.to_owned()).expect("JSON"))
+    }
+
     fn step_row(id: i64, task_id: Uuid, step_id: Uuid, from: &str, to: &str) -> RecordedTransition {
         RecordedTransition {
             transition_id: id,
+            previous: Some(id - 1),
             created_at: chrono::Utc::now(),
             task_id: Some(task_id),
             step_id: Some(step_id),
             from_status: Some(from.to_owned()),
             to_status: to.to_owned(),
             reason: TransitionReason::Succeeded,
-            metadata: serde_json::json!({"attempt": 1}),
+            metadata: metadata(r#"{"attempt":1}"#),
             schedule: None,
             schedule_namespace: None,
             schedule_template: None,
@@ -279,8 +296,8 @@ mod tests {
     }
 
     /// The namespace, name and version an event names.
-    fn template(event: &LifecycleEvent) -> (&str, &str, &str) {
-        (&event.namespace, &event.task_name, &event.version)
+    fn template<'a>(event: &Event<'a>) -> (&'a str, &'a str, &'a str) {
+        (event.namespace, event.task_name, event.version)
     }
 
     #[test]
@@ -299,12 +316,12 @@ mod tests {
         names.steps.insert(step, "charge".into());
         let row = step_row(9, task, step, "in_progress", "complete");
         let name = event_of(&row).expect("a completion is an event");
-        let event = to_event(row, name, &names).expect("its names are known");
+        let event = to_event(&row, name, &names).expect("its names are known");
         assert_eq!(event.event, "step.completed");
         assert_eq!(template(&event), ("shop", "checkout", "2.0.0"));
         assert_eq!(
-            (event.priority, event.step_name.as_deref()),
-            (7, Some("charge"))
+            (event.priority, event.step_name, event.metadata.get()),
+            (7, Some("charge"), r#"{"attempt":1}"#)
         );
 
         // A dispatch is no event; a row whose task (or step) is gone is passed over.
@@ -313,34 +330,33 @@ mod tests {
             None
         );
         let gone = step_row(11, Uuid::now_v7(), step, "in_progress", "complete");
-        assert!(to_event(gone, "step.completed", &names).is_none());
+        assert!(to_event(&gone, "step.completed", &names).is_none());
         let step_gone = step_row(12, task, Uuid::now_v7(), "in_progress", "complete");
-        assert!(to_event(step_gone, "step.completed", &names).is_none());
+        assert!(to_event(&step_gone, "step.completed", &names).is_none());
     }
 
     #[test]
     fn a_fire_that_created_no_task_names_its_schedules_template() {
         let row = RecordedTransition {
             transition_id: 3,
+            previous: None,
             created_at: chrono::Utc::now(),
             task_id: None,
             step_id: None,
             from_status: None,
             to_status: "skipped".into(),
             reason: TransitionReason::ScheduleSkipped,
-            metadata: serde_json::json!({"outcome": "skipped"}),
+            metadata: metadata(r#"{"outcome":"skipped"}"#),
             schedule: Some("nightly".into()),
             schedule_namespace: Some("ops".into()),
             schedule_template: Some("report".into()),
             schedule_version: Some(String::new()),
         };
         let name = event_of(&row).expect("a fire is an event");
-        let event = to_event(row, name, &Names::default()).expect("its schedule is known");
+        let names = Names::default();
+        let event = to_event(&row, name, &names).expect("its schedule is known");
         assert_eq!(event.event, "schedule.skipped");
         assert_eq!(template(&event), ("ops", "report", ""));
-        assert_eq!(
-            (event.priority, event.schedule.as_deref()),
-            (5, Some("nightly"))
-        );
+        assert_eq!((event.priority, event.schedule), (5, Some("nightly")));
     }
 }

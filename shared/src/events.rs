@@ -35,10 +35,14 @@ pub const EVENT_NAMES: &[&str] = &[
 ];
 
 /// One lifecycle event (the JSON body; the routing key is `event`).
+///
+/// Generic over how its texts and metadata are held, so that the relay publishes events
+/// that borrow the rows they come from (`LifecycleEvent<&str, &RawValue>`); a consumer
+/// deserializes owned ones (the defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LifecycleEvent {
+pub struct LifecycleEvent<S = String, M = Value> {
     /// The event name, e.g. `step.completed`.
-    pub event: String,
+    pub event: S,
     /// Increasing across all events: the transition's id. Consumers can use it to drop
     /// the duplicates an at-least-once relay may send.
     pub event_id: i64,
@@ -48,12 +52,12 @@ pub struct LifecycleEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<Uuid>,
     /// Its namespace.
-    pub namespace: String,
+    pub namespace: S,
     /// Its template's name.
-    pub task_name: String,
+    pub task_name: S,
     /// Its template's version (for a `schedule.skipped` event, the schedule's version,
     /// empty when it follows the newest).
-    pub version: String,
+    pub version: S,
     /// The task's priority, 0 to 9 (events recorded before priorities existed read as 5).
     #[serde(default = "default_priority")]
     pub priority: i16,
@@ -62,19 +66,19 @@ pub struct LifecycleEvent {
     pub step_id: Option<Uuid>,
     /// The step's name, for `step.*` events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_name: Option<String>,
+    pub step_name: Option<S>,
     /// The schedule, for `schedule.*` events (the metadata holds its `fire_at`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<String>,
+    pub schedule: Option<S>,
     /// Status before.
-    pub from_status: Option<String>,
+    pub from_status: Option<S>,
     /// Status after.
-    pub to_status: String,
+    pub to_status: S,
     /// Why (the history's reason: `succeeded`, `retry_scheduled`, `cancelled_by_operator`…).
-    pub reason: String,
+    pub reason: S,
     /// The history's metadata: attempt, worker_id, error_code, next_attempt_at, an
     /// operator's reason…
-    pub metadata: Value,
+    pub metadata: M,
 }
 
 fn default_priority() -> i16 {

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::states::TransitionReason;
@@ -15,6 +16,9 @@ use crate::states::TransitionReason;
 pub struct RecordedTransition {
     /// Its id (one sequence across task and step transitions).
     pub transition_id: i64,
+    /// The id before it among the transitions read (`None` for the first): where it
+    /// follows the one before without a gap, `transition_id - 1`.
+    pub previous: Option<i64>,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
     /// The task (none for a schedule's fire that created none).
@@ -27,8 +31,8 @@ pub struct RecordedTransition {
     pub to_status: String,
     /// Why.
     pub reason: TransitionReason,
-    /// Attempt, worker, error code…
-    pub metadata: Value,
+    /// Attempt, worker, error code…, as stored (an object).
+    pub metadata: Json<Box<RawValue>>,
     /// The schedule, for a schedule's fire.
     pub schedule: Option<String>,
     /// The schedule's namespace, for a fire (none when the schedule is gone).
@@ -81,7 +85,10 @@ pub async fn advance_cursor(conn: &mut PgConnection, to: i64) -> sqlx::Result<()
     Ok(())
 }
 
-/// Up to `limit` transitions after `after`, task and step ones together, in id order.
+/// Of the `limit` transitions after `after` (task and step ones together, in id order),
+/// those that may be events, each one that follows a gap in the ids, and the last: a
+/// step's claim (to `enqueued`, or back to `pending`) is no event and is left unread
+/// unless it is one of those.
 pub async fn transitions_after(
     conn: &mut PgConnection,
     after: i64,

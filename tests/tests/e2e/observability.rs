@@ -406,6 +406,135 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     env.finish().await.unwrap();
 }
 
+/// The relay's cursor, once it is at the newest transition.
+async fn relayed_up_to(env: &TestEnv, id: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let cursor: i64 = sqlx::query_scalar("SELECT last_transition_id FROM event_relay")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if cursor == id {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay stays at {cursor}, not {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// History is published in id order: a transition whose transaction has not committed
+/// holds back those recorded after it, and is published, first, once it commits. A step's
+/// claim is no event: it is never sent, holds nothing back, and the cursor moves past it.
+#[tokio::test]
+async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_EVENTS_POLL_MS".into(), "100".into())],
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("events_order", options).await.unwrap();
+    env.register_template("namespace: obs\nname: pair\nsteps:\n  - {name: first, handler: tasker.noop}\n  - {name: second, handler: tasker.echo, depends_on: [first]}\n")
+        .await
+        .unwrap();
+    env.start_worker("w1", &[NAMESPACE]).await.unwrap();
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "pair"}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let task_id: uuid::Uuid = task["task_id"].as_str().unwrap().parse().unwrap();
+    let step_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT step_id FROM steps WHERE task_id = $1 AND name = 'first'")
+            .bind(task_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    let newest: i64 = sqlx::query_scalar(
+        "SELECT greatest((SELECT max(transition_id) FROM step_transitions), \
+                         (SELECT max(transition_id) FROM task_transitions))",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    relayed_up_to(&env, newest).await;
+    let (connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
+        .await
+        .unwrap();
+
+    // Rows of the task's own kinds, marked so that they can be told apart.
+    let task_row = "INSERT INTO task_transitions (task_id, from_status, to_status, reason, metadata) \
+                    VALUES ($1, 'in_progress', 'complete', 'all_steps_done', jsonb_build_object('mark', $2::text)) \
+                    RETURNING transition_id";
+    let claim_row = "INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata) \
+                     VALUES ($1, $2, 'pending', 'enqueued', 'dispatched', jsonb_build_object('attempt', 2)) \
+                     RETURNING transition_id";
+    let mut held = env.pool.begin().await.unwrap();
+    let held_id: i64 = sqlx::query_scalar(task_row)
+        .bind(task_id)
+        .bind("held")
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+    let claim = |pool| {
+        sqlx::query_scalar::<_, i64>(claim_row)
+            .bind(step_id)
+            .bind(task_id)
+            .fetch_one(pool)
+    };
+    claim(&env.pool).await.unwrap();
+    let after_id: i64 = sqlx::query_scalar(task_row)
+        .bind(task_id)
+        .bind("after")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let last_claim = claim(&env.pool).await.unwrap();
+
+    // The relay polls every 100 ms: given half a second, it would have sent `after`
+    // had it not waited for `held`.
+    let early = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+    assert!(
+        early.is_err(),
+        "an event passed an uncommitted one: {early:?}"
+    );
+    held.commit().await.unwrap();
+    let committed = tokio::time::Instant::now();
+
+    let mut marks = Vec::new();
+    while marks.len() < 2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("no more events after {marks:?}"))
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        marks.push((
+            event["event_id"].as_i64().unwrap(),
+            event["metadata"]["mark"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        marks,
+        [(held_id, "held".to_owned()), (after_id, "after".to_owned())]
+    );
+    // Within a few polls: the claim between `held` and `after` is not taken for a gap,
+    // which the relay would wait out for seconds (5).
+    assert!(
+        committed.elapsed() < Duration::from_secs(3),
+        "both arrived {:?} after the commit",
+        committed.elapsed()
+    );
+    relayed_up_to(&env, last_claim).await;
+    let claims = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(claims.is_err(), "a claim was sent: {claims:?}");
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn health_status_shows_counts_the_workers_heard_from_and_the_queues() {
     // The queues are read by the gauges loop: often, so the new namespace's shows soon.
