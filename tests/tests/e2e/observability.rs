@@ -324,13 +324,19 @@ fn metric_names(expr: &str) -> Vec<String> {
     names
 }
 
-#[tokio::test]
-async fn a_task_s_lifecycle_events_arrive_in_order() {
-    let mut env = TestEnv::start("events").await.unwrap();
+/// A test's world with the two-step template `pair` and a worker `w1` for it.
+async fn pair_with_worker(test: &str, options: EnvOptions) -> TestEnv {
+    let mut env = TestEnv::start_with(test, options).await.unwrap();
     env.register_template("namespace: obs\nname: pair\nsteps:\n  - {name: first, handler: tasker.noop}\n  - {name: second, handler: tasker.echo, depends_on: [first]}\n")
         .await
         .unwrap();
     env.start_worker("w1", &[NAMESPACE]).await.unwrap();
+    env
+}
+
+#[tokio::test]
+async fn a_task_s_lifecycle_events_arrive_in_order() {
+    let env = pair_with_worker("events", EnvOptions::default()).await;
 
     // Any system binds its own queue to the keys it wants; here, everything.
     let (connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
@@ -434,11 +440,7 @@ async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
         coordinator_env: vec![("TASKER_EVENTS_POLL_MS".into(), "100".into())],
         ..EnvOptions::default()
     };
-    let mut env = TestEnv::start_with("events_order", options).await.unwrap();
-    env.register_template("namespace: obs\nname: pair\nsteps:\n  - {name: first, handler: tasker.noop}\n  - {name: second, handler: tasker.echo, depends_on: [first]}\n")
-        .await
-        .unwrap();
-    env.start_worker("w1", &[NAMESPACE]).await.unwrap();
+    let env = pair_with_worker("events_order", options).await;
     let task = env
         .run_task(
             json!({"namespace": NAMESPACE, "name": "pair"}),
