@@ -140,6 +140,7 @@ pub fn event_name(change: Change, reason: TransitionReason) -> Option<&'static s
             (S::Cancelled, _) => Some("step.cancelled"),
             (S::ResolvedManually, _) => Some("step.resolved_manually"),
             (S::Skipped, _) => Some("step.skipped"),
+            // The relay does not even read these rows (events/transitions_after.sql).
             (S::Pending | S::Enqueued, _) => None,
         },
         Change::Task { from, to } => match (from, to) {
