@@ -412,7 +412,7 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     env.finish().await.unwrap();
 }
 
-/// The relay's cursor, once it is at the newest transition.
+/// Wait until the relay's cursor is at `id` (at most 30 s).
 async fn relayed_up_to(env: &TestEnv, id: i64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
