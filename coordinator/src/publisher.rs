@@ -395,7 +395,7 @@ impl StepPublisher {
         report.carried = outgoing.iter().map(|m| m.steps.len()).collect();
         let publishes = outgoing
             .iter()
-            .map(|message| self.publish_one(&dispatches[message.steps[0]].message, message))
+            .map(|message| self.publish_one(message.first(dispatches), message))
             .collect();
         let published = publish_together(publishes).await;
         let mut confirms = Vec::with_capacity(outgoing.len());
@@ -416,8 +416,7 @@ impl StepPublisher {
         let outcomes = tasker_shared::broker::await_confirms(confirms).await;
         for (message, outcome) in messages.into_iter().zip(outcomes) {
             let steps = steps_of(message);
-            // A message is known by the dispatch token of its first step.
-            let message = steps[0].dispatch_token;
+            let message = message.first(dispatches).dispatch_token;
             match outcome {
                 Ok(confirmation) => {
                     let acked = confirmation.is_ack();
@@ -458,7 +457,7 @@ impl StepPublisher {
         message: &Outgoing,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         self.ensure_namespace(&first.namespace).await?;
-        // Known by the dispatch token of its first step, as the database records it.
+        // Named by its first step's dispatch token (Outgoing::first).
         let properties =
             persistent().with_message_id(ShortString::from(first.dispatch_token.to_string()));
         let properties = if message.is_batch() {
@@ -487,6 +486,12 @@ impl Outgoing {
     /// (one step travels as a step message of its own).
     fn is_batch(&self) -> bool {
         self.steps.len() > 1
+    }
+
+    /// The first step it carries. Its dispatch token names the message: the AMQP
+    /// `message_id`, and what a confirmed step records as the message it travelled in.
+    fn first<'a>(&self, dispatches: &'a [Dispatch]) -> &'a StepMessage {
+        &dispatches[self.steps[0]].message
     }
 }
 

@@ -26,12 +26,13 @@ async fn short_lease(test: &str) -> TestEnv {
     env
 }
 
-async fn create_tasks(env: &TestEnv) -> Vec<Uuid> {
+/// `count` tasks of the backlog's template `name`.
+async fn create_tasks(env: &TestEnv, name: &str, count: usize) -> Vec<Uuid> {
     let mut ids = Vec::new();
-    for i in 0..TASKS {
+    for i in 0..count {
         let task = env
             .api
-            .create_task(&json!({"namespace": "backlog", "name": "one", "context": {"i": i}}))
+            .create_task(&json!({"namespace": "backlog", "name": name, "context": {"i": i}}))
             .await
             .unwrap();
         ids.push(task.task_id);
@@ -143,7 +144,7 @@ async fn sweep_past(env: &TestEnv, canary: &str) {
 #[tokio::test]
 async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_once() {
     let mut env = short_lease("confirmed-waits").await;
-    let ids = create_tasks(&env).await;
+    let ids = create_tasks(&env, "one", TASKS).await;
     wait_until_confirmed(&env).await;
     // No worker: the steps wait. Proof that sweeps looked at them past their lease: two
     // canaries, confirmed after the backlog, whose queues are deleted one after the
@@ -248,7 +249,7 @@ async fn lost_then_run(env: &mut TestEnv, ids: &[Uuid], reason: &str) {
 #[tokio::test]
 async fn steps_whose_queue_was_deleted_are_dispatched_again() {
     let mut env = short_lease("queue-deleted").await;
-    let ids = create_tasks(&env).await;
+    let ids = create_tasks(&env, "one", TASKS).await;
     wait_until_confirmed(&env).await;
     lose_queue(&env, false).await;
     lost_then_run(&mut env, &ids, "queue_missing").await;
@@ -258,7 +259,7 @@ async fn steps_whose_queue_was_deleted_are_dispatched_again() {
 #[tokio::test]
 async fn steps_whose_queue_was_deleted_and_declared_again_are_dispatched_again() {
     let mut env = short_lease("queue-redeclared").await;
-    let ids = create_tasks(&env).await;
+    let ids = create_tasks(&env, "one", TASKS).await;
     wait_until_confirmed(&env).await;
     lose_queue(&env, true).await;
     lost_then_run(&mut env, &ids, "queue_short").await;
@@ -282,13 +283,12 @@ async fn announce_worker(env: &TestEnv, concurrency: u16, interval_ms: u64) {
     let _ = connection.close(200, "OK".into()).await;
 }
 
-/// Steps of the backlog dispatched again because their message was lost.
+/// Steps of the backlog dispatched again because their queue was found short.
+const QUEUE_SHORT: &str = "tasker_lost_messages_total{reason=\"queue_short\"}";
+
+/// Its value now.
 async fn lost(env: &TestEnv) -> f64 {
-    metric(
-        &env.metrics_url(),
-        "tasker_lost_messages_total{reason=\"queue_short\"}",
-    )
-    .await
+    metric(&env.metrics_url(), QUEUE_SHORT).await
 }
 
 #[tokio::test]
@@ -312,15 +312,7 @@ async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
     )
     .await
     .unwrap();
-    let mut ids = Vec::new();
-    for i in 0..TASKS / 2 {
-        let task = env
-            .api
-            .create_task(&json!({"namespace": "backlog", "name": "pair", "context": {"i": i}}))
-            .await
-            .unwrap();
-        ids.push(task.task_id);
-    }
+    let ids = create_tasks(&env, "pair", TASKS / 2).await;
     wait_until_confirmed(&env).await;
     let carried = tasker_tests::queued_steps(&env.queue("backlog"))
         .await
@@ -347,9 +339,8 @@ async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
     lose_queue(&env, true).await;
     let held = 2;
     let expected = ((TASKS / 2 - held) * 2) as f64;
-    let sample = "tasker_lost_messages_total{reason=\"queue_short\"}";
     assert_eq!(
-        wait_for_metric(&env.metrics_url(), sample, expected).await,
+        wait_for_metric(&env.metrics_url(), QUEUE_SHORT, expected).await,
         expected,
         "the steps of the eight oldest messages"
     );
@@ -359,7 +350,7 @@ async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
 
     // Without that worker, they are missing too.
     announce_worker(&env, 1, 1).await;
-    wait_for_metric(&env.metrics_url(), sample, TASKS as f64).await;
+    wait_for_metric(&env.metrics_url(), QUEUE_SHORT, TASKS as f64).await;
     run_all(&mut env, &ids).await;
     assert_eq!(lost(&env).await, TASKS as f64);
     assert_eq!(
