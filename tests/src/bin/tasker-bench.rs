@@ -164,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
 
     let broker = broker_ceiling(&args.amqp_url, 20_000).await?;
     let database_url = format!("{}/tasker_bench", args.postgres);
-    let _ = sqlx::Postgres::drop_database(&database_url).await;
+    let _ = sqlx::Postgres::force_drop_database(&database_url).await;
     sqlx::Postgres::create_database(&database_url).await?;
     let pool = PgPool::connect(&database_url).await?;
     let postgres = postgres_ceiling(&pool, 20_000).await?;
@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         broker / 2.0
     );
     drop(pool);
-    let _ = sqlx::Postgres::drop_database(&database_url).await;
+    let _ = sqlx::Postgres::force_drop_database(&database_url).await;
 
     let mut system = System::start(&args, &database_url).await?;
     system.register_templates(&args).await?;
