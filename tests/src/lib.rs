@@ -244,6 +244,7 @@ impl Drop for TestEnv {
                 return;
             };
             runtime.block_on(async move {
+                let namespaces = with_registered_namespaces(&database_url, namespaces).await;
                 drop_database(&database_url).await;
                 let _ = delete_broker_objects(&prefix, &namespaces).await;
             });
@@ -392,6 +393,11 @@ impl TestEnv {
             command.env(key, value);
         }
         let mut worker = Process::spawn(command, worker_id.to_owned(), &self.log_dir)?;
+        // Its queues are deleted with the test's, templates or not.
+        self.namespaces
+            .lock()
+            .unwrap()
+            .extend(namespaces.iter().map(|n| (*n).to_owned()));
         worker
             .wait_for_log("worker started", Duration::from_secs(30))
             .await?;
@@ -615,6 +621,7 @@ impl TestEnv {
         self.pool.close().await;
         self.finished = true;
         let namespaces = self.namespaces.lock().unwrap().clone();
+        let namespaces = with_registered_namespaces(&self.database_url, namespaces).await;
         let (_, deleted) = tokio::join!(
             drop_database(&self.database_url),
             delete_broker_objects(&self.prefix, &namespaces)
@@ -622,6 +629,23 @@ impl TestEnv {
         deleted?;
         stopped
     }
+}
+
+/// `tracked` with every namespace the test's database has templates of: a test may
+/// register templates by other ways than [`TestEnv`]'s (a templates directory, a raw
+/// request), and each namespace has a step queue to delete.
+async fn with_registered_namespaces(database_url: &str, mut tracked: Vec<String>) -> Vec<String> {
+    if let Ok(mut conn) = PgConnection::connect(database_url).await {
+        let registered: Vec<String> = sqlx::query_scalar("SELECT name FROM namespaces")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+        let _ = conn.close().await;
+        tracked.extend(registered);
+    }
+    tracked.sort_unstable();
+    tracked.dedup();
+    tracked
 }
 
 /// A connection to the server's `postgres` database, to create and drop others.
