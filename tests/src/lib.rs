@@ -579,6 +579,26 @@ impl TestEnv {
         .await
     }
 
+    /// Poll until the events relay's cursor is at transition `id`: every transition up
+    /// to it was published or passed over.
+    pub async fn wait_for_relay(&self, id: i64, timeout: Duration) -> anyhow::Result<i64> {
+        api::poll_until(
+            &format!("the events relay at transition {id}"),
+            timeout,
+            self.coordinator.lines().as_ref(),
+            || async {
+                Ok(
+                    sqlx::query_scalar("SELECT last_transition_id FROM event_relay")
+                        .fetch_one(&self.pool)
+                        .await?,
+                )
+            },
+            |cursor: &i64| *cursor == id,
+            |cursor| format!("the relay is at {cursor}"),
+        )
+        .await
+    }
+
     /// The step of a task JSON with this name.
     pub fn step<'a>(task: &'a Value, name: &str) -> &'a Value {
         task["steps"]

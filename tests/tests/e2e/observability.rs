@@ -357,16 +357,11 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
         .iter()
         .any(|(name, _): &(String, Value)| name == "task.completed")
     {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("no more events after {seen:?}"))
-            .unwrap()
-            .unwrap();
-        let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        let (routing_key, event) = next_event(&mut consumer, &seen).await;
         // A dispatch token completes its step: events never carry one.
         assert!(!event.to_string().contains("dispatch_token"), "{event}");
         assert_eq!(
-            delivery.routing_key.as_str(),
+            routing_key,
             event["event"].as_str().unwrap(),
             "routed by event name"
         );
@@ -412,23 +407,19 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     env.finish().await.unwrap();
 }
 
-/// Wait until the relay's cursor is at `id` (at most 30 s).
-async fn relayed_up_to(env: &TestEnv, id: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let cursor: i64 = sqlx::query_scalar("SELECT last_transition_id FROM event_relay")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-        if cursor == id {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the relay stays at {cursor}, not {id}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The next lifecycle event `consumer` receives within 10 s, with its routing key;
+/// `so_far` says what came before when none does.
+async fn next_event(
+    consumer: &mut lapin::Consumer,
+    so_far: &impl std::fmt::Debug,
+) -> (String, Value) {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("no more events after {so_far:?}"))
+        .unwrap()
+        .unwrap();
+    let event = serde_json::from_slice(&delivery.data).unwrap();
+    (delivery.routing_key.to_string(), event)
 }
 
 /// History is published in id order: a transition whose transaction has not committed
@@ -462,7 +453,9 @@ async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    relayed_up_to(&env, newest).await;
+    env.wait_for_relay(newest, Duration::from_secs(30))
+        .await
+        .unwrap();
     let (connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
         .await
         .unwrap();
@@ -508,12 +501,7 @@ async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
 
     let mut marks = Vec::new();
     while marks.len() < 2 {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("no more events after {marks:?}"))
-            .unwrap()
-            .unwrap();
-        let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        let (_, event) = next_event(&mut consumer, &marks).await;
         marks.push((
             event["event_id"].as_i64().unwrap(),
             event["metadata"]["mark"].as_str().unwrap().to_owned(),
@@ -530,7 +518,9 @@ async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
         "both arrived {:?} after the commit",
         committed.elapsed()
     );
-    relayed_up_to(&env, last_claim).await;
+    env.wait_for_relay(last_claim, Duration::from_secs(30))
+        .await
+        .unwrap();
     let claims = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
     assert!(claims.is_err(), "a claim was sent: {claims:?}");
     let _ = connection.close(200, "OK".into()).await;
