@@ -3,8 +3,10 @@
 //! The history is the outbox: every committed transition that means something to the
 //! outside (`task.completed`, `step.failed`…, see `tasker_shared::events`) is published,
 //! in order, at least once, then the relay's cursor moves past it in the same
-//! transaction. Nothing on the dispatch path waits for it. One coordinator relays at a
-//! time (the one holding the cursor's row lock); the others skip.
+//! transaction. `TASKER_EVENTS` may name only some events (routing-key patterns): the
+//! others are not published, and the cursor moves past them too. Nothing on the dispatch
+//! path waits for it. One coordinator relays at a time (the one holding the cursor's row
+//! lock); the others skip.
 //!
 //! Transition ids come from one sequence but commit out of order, so a gap in the ids
 //! may be a transaction still in flight: the relay waits at a gap until it fills, or
@@ -27,7 +29,7 @@ use tracing::Instrument;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
 use tasker_shared::broker::{Topology, await_confirms, persistent, publish_together};
-use tasker_shared::events::{Change, LifecycleEvent, event_name};
+use tasker_shared::events::{Change, EventSelection, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
     Names, RecordedTransition, advance_cursor, lock_cursor, names_of, transitions_after,
 };
@@ -43,6 +45,8 @@ pub(crate) struct EventRelay {
     pool: PgPool,
     channel: Channel,
     topology: Topology,
+    /// Which events are published (`TASKER_EVENTS`).
+    selection: EventSelection,
     metrics: Arc<CoordinatorMetrics>,
     /// Woken by this coordinator's loops and API after they commit transitions; the
     /// poll is the safety net for other coordinators' transitions.
@@ -55,6 +59,7 @@ impl EventRelay {
         pool: PgPool,
         channel: Channel,
         topology: Topology,
+        selection: EventSelection,
         metrics: Arc<CoordinatorMetrics>,
         wake: Arc<tokio::sync::Notify>,
         poll: Duration,
@@ -63,6 +68,7 @@ impl EventRelay {
             pool,
             channel,
             topology,
+            selection,
             metrics,
             wake,
             poll,
@@ -91,7 +97,7 @@ impl EventRelay {
                 break;
             }
             last = row.transition_id;
-            if let Some(name) = event_of(row) {
+            if let Some(name) = event_of(row).filter(|name| self.selection.publishes(name)) {
                 relayed.push((row, name));
             }
         }
@@ -168,7 +174,7 @@ impl Service for EventRelay {
     async fn run(self, stop: CancellationToken) {
         let span = tracing::info_span!("event_relay");
         async move {
-            tracing::info!(exchange = %self.topology.events_exchange(), "started");
+            tracing::info!(exchange = %self.topology.events_exchange(), events = %self.selection, "started");
             loop {
                 loop {
                     match self.relay_once().await {

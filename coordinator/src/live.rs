@@ -10,7 +10,8 @@
 //!
 //! The events are the ones the relay publishes (`docs/observability.md`, "Lifecycle
 //! events"): with `TASKER_EVENTS=false` there are none, and [`LiveEvents::enabled`] says
-//! so. A stream that falls behind gets a `lagged` event and should reload what it shows.
+//! so; with patterns there, only those ([`LiveEvents::only`]). A stream that falls
+//! behind gets a `lagged` event and should reload what it shows.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use uuid::Uuid;
 
 use crate::link::BrokerLink;
 use tasker_shared::broker::{Topology, subscribe_private};
+use tasker_shared::events::EventSelection;
 
 /// Events held for streams that read slower than events arrive.
 const BUFFER: usize = 4096;
@@ -62,7 +64,7 @@ pub(crate) struct LiveEvents {
     broker: Arc<BrokerLink>,
     topology: Topology,
     /// `TASKER_EVENTS`: without the relay there is nothing to stream.
-    enabled: bool,
+    selection: EventSelection,
     sender: broadcast::Sender<Arc<LiveEvent>>,
     /// Whether the consumer runs. Also the lock under which streams are counted and
     /// opened.
@@ -76,11 +78,15 @@ pub(crate) struct LiveEvents {
 }
 
 impl LiveEvents {
-    pub(crate) fn new(broker: Arc<BrokerLink>, topology: Topology, enabled: bool) -> Self {
+    pub(crate) fn new(
+        broker: Arc<BrokerLink>,
+        topology: Topology,
+        selection: EventSelection,
+    ) -> Self {
         LiveEvents {
             broker,
             topology,
-            enabled,
+            selection,
             sender: broadcast::channel(BUFFER).0,
             consuming: Mutex::new(false),
             bound: watch::Sender::new(false),
@@ -100,7 +106,12 @@ impl LiveEvents {
 
     /// Whether lifecycle events are published at all (`TASKER_EVENTS`).
     pub(crate) fn enabled(&self) -> bool {
-        self.enabled
+        self.selection.is_on()
+    }
+
+    /// The patterns of the events published, when `TASKER_EVENTS` names only some.
+    pub(crate) fn only(&self) -> Option<&[String]> {
+        self.selection.patterns()
     }
 
     /// Receive every event from now on, starting the consumer if it is not running; `None`
@@ -112,7 +123,7 @@ impl LiveEvents {
             return None;
         }
         let receiver = self.sender.subscribe();
-        if self.enabled && !*consuming {
+        if self.enabled() && !*consuming {
             *consuming = true;
             tokio::spawn(self.clone().consume());
         }
@@ -122,7 +133,7 @@ impl LiveEvents {
     /// Wait (at most `patience`) until events published from now on reach the streams;
     /// whether they do.
     pub(crate) async fn ready(&self, patience: Duration) -> bool {
-        if !self.enabled {
+        if !self.enabled() {
             return false;
         }
         let mut bound = self.bound.subscribe();

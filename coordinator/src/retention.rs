@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
 use tasker_shared::config::DatabaseSettings;
+use tasker_shared::events::EventSelection;
 use tasker_shared::span::{SpanError, parse_span};
 use tasker_shared::store::retention::{self, PruneScope, Pruned};
 
@@ -207,9 +208,9 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = PRUNE_BATCH, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     batch_size: i64,
     /// Whether lifecycle events are on (as for `serve`): then tasks whose transitions the
-    /// events relay has not published yet are kept.
-    #[arg(long, env = "TASKER_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
-    events: bool,
+    /// events relay has not passed yet are kept.
+    #[arg(long, env = "TASKER_EVENTS", default_value = "true", value_parser = crate::settings::parse_events)]
+    events: EventSelection,
 }
 
 impl PruneArgs {
@@ -223,7 +224,7 @@ impl PruneArgs {
         let pool = tasker_shared::db::connect_lazy(&self.database)?;
         let scope = PruneScope {
             finished_before: Utc::now() - self.older_than.0,
-            keep_unrelayed: self.events,
+            keep_unrelayed: self.events.is_on(),
         };
         if self.dry_run {
             let count = retention::count_prunable(&pool, scope).await?;

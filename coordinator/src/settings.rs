@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tasker_shared::config::{BrokerSettings, DatabaseSettings};
+use tasker_shared::events::EventSelection;
 
 /// Everything `tasker-coordinator serve` needs.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,9 +67,11 @@ pub struct CoordinatorSettings {
     /// results wake it at once; this is the safety net.
     #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 5_000)]
     pub poll_interval_ms: u64,
-    /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange.
-    #[arg(long, env = "TASKER_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub events: bool,
+    /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange:
+    /// `true`, `false`, or the routing-key patterns of those to publish
+    /// (`task.*,step.failed`).
+    #[arg(long, env = "TASKER_EVENTS", default_value = "true", value_parser = parse_events)]
+    pub events: EventSelection,
     /// How often the events relay looks for transitions committed by other coordinators
     /// (this coordinator's own commits wake it at once).
     #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 10_000)]
@@ -181,6 +184,11 @@ pub enum AuthMode {
 /// A secret setting: never printed, by `Debug` or otherwise.
 pub use tasker_shared::config::Secret;
 
+/// `TASKER_EVENTS`: `true`, `false`, or event patterns ([`EventSelection`]).
+pub(crate) fn parse_events(value: &str) -> Result<EventSelection, String> {
+    value.parse()
+}
+
 #[cfg(test)]
 mod auth_tests {
     use clap::Parser;
@@ -198,6 +206,7 @@ mod auth_tests {
         let cli = Cli::try_parse_from(["test"]).unwrap();
         assert_eq!(cli.settings.auth.mode, AuthMode::Off);
         assert!(!cli.settings.auth.metrics_auth);
+        assert_eq!(cli.settings.events, EventSelection::All);
         let cli = Cli::try_parse_from([
             "test",
             "--auth",

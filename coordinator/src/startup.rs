@@ -159,7 +159,7 @@ impl Application {
             live: Arc::new(crate::live::LiveEvents::new(
                 broker,
                 topology.clone(),
-                settings.events,
+                settings.events.clone(),
             )),
             status_counts: Arc::default(),
         };
@@ -254,7 +254,7 @@ impl Application {
                 pool: self.state.pool.clone(),
                 metrics: self.state.metrics.clone(),
                 keep,
-                keep_unrelayed: settings.events,
+                keep_unrelayed: settings.events.is_on(),
                 every: Duration::from_millis(settings.retention_interval_ms.max(100)),
             };
             database_services.start(retention);
@@ -423,11 +423,12 @@ async fn run_session(
             state.metrics.clone(),
             Duration::from_millis(settings.gauge_interval_ms),
         );
-        let relay = if settings.events {
+        let relay = if settings.events.is_on() {
             Some(EventRelay::new(
                 state.pool.clone(),
                 broker::confirm_channel(&session.connection).await?,
                 topology.clone(),
+                settings.events.clone(),
                 state.metrics.clone(),
                 state.wake_events.clone(),
                 Duration::from_millis(settings.events_poll_ms),

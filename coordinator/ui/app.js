@@ -186,7 +186,7 @@ function openStream(params, onEvent) {
           if (!data.length) continue;
           const payload = JSON.parse(data.join("\n"));
           if (name === "ready") {
-            if (payload.events) setLive("on", "live");
+            if (payload.events) setLive("on", payload.only ? `live: ${payload.only.join(", ")} only` : "live");
             else setLive("off", app.me?.events ? "not live" : "events off");
           } else if (name === "lagged") {
             onEvent(null);

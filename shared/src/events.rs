@@ -34,6 +34,124 @@ pub const EVENT_NAMES: &[&str] = &[
     "schedule.skipped",
 ];
 
+/// Which lifecycle events the relay publishes (`TASKER_EVENTS`): `true` (every one, the
+/// default), `false` (none: the relay is off), or routing-key patterns separated by commas
+/// (`task.*,step.failed`), matched as a topic exchange matches them: `*` is one word,
+/// `#` any number. Events that no pattern matches are not published; the relay's cursor
+/// moves past them all the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventSelection {
+    /// Every event.
+    All,
+    /// No event: the relay does not run.
+    None,
+    /// The events the patterns match.
+    Only {
+        /// The patterns, as given.
+        patterns: Vec<String>,
+        /// The names they match, among [`EVENT_NAMES`].
+        names: Vec<&'static str>,
+    },
+}
+
+impl EventSelection {
+    /// Whether the relay runs (any event at all is published).
+    pub fn is_on(&self) -> bool {
+        !matches!(self, EventSelection::None)
+    }
+
+    /// Whether the event `name` is published.
+    pub fn publishes(&self, name: &str) -> bool {
+        match self {
+            EventSelection::All => true,
+            EventSelection::None => false,
+            EventSelection::Only { names, .. } => names.contains(&name),
+        }
+    }
+
+    /// The patterns, when only some events are published.
+    pub fn patterns(&self) -> Option<&[String]> {
+        match self {
+            EventSelection::Only { patterns, .. } => Some(patterns),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for EventSelection {
+    type Err = String;
+
+    /// `true`, `false`, or patterns separated by commas; every problem is named: a
+    /// malformed pattern, or one that matches no event.
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "true" => return Ok(EventSelection::All),
+            "false" => return Ok(EventSelection::None),
+            _ => {}
+        }
+        let mut patterns = Vec::new();
+        let mut problems = Vec::new();
+        for pattern in value.split(',').map(str::trim) {
+            let words: Vec<&str> = pattern.split('.').collect();
+            let well_formed = words.iter().all(|word| {
+                matches!(*word, "*" | "#")
+                    || !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            });
+            if !well_formed {
+                problems.push(format!(
+                    "`{pattern}` is not a routing-key pattern (words of a-z and `_`, or `*` or `#`, separated by dots)"
+                ));
+            } else if !EVENT_NAMES.iter().any(|name| topic_matches(&words, name)) {
+                problems.push(format!("`{pattern}` matches no event"));
+            } else if !patterns.iter().any(|known| known == pattern) {
+                patterns.push(pattern.to_owned());
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!(
+                "expected `true`, `false` or event patterns separated by commas: {} (events: {})",
+                problems.join("; "),
+                EVENT_NAMES.join(", ")
+            ));
+        }
+        let names = EVENT_NAMES
+            .iter()
+            .copied()
+            .filter(|name| {
+                patterns
+                    .iter()
+                    .any(|pattern| topic_matches(&pattern.split('.').collect::<Vec<_>>(), name))
+            })
+            .collect();
+        Ok(EventSelection::Only { patterns, names })
+    }
+}
+
+impl std::fmt::Display for EventSelection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EventSelection::All => f.write_str("true"),
+            EventSelection::None => f.write_str("false"),
+            EventSelection::Only { patterns, .. } => f.write_str(&patterns.join(",")),
+        }
+    }
+}
+
+/// Whether a topic pattern (split into its words) matches `name`, as RabbitMQ's topic
+/// exchange matches a binding key: `*` one word, `#` zero or more.
+fn topic_matches(pattern: &[&str], name: &str) -> bool {
+    fn matches(pattern: &[&str], words: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => words.is_empty(),
+            Some((&"#", rest)) => (0..=words.len()).any(|skip| matches(rest, &words[skip..])),
+            Some((&word, rest)) => words.split_first().is_some_and(|(first, others)| {
+                (word == "*" || word == *first) && matches(rest, others)
+            }),
+        }
+    }
+    matches(pattern, &name.split('.').collect::<Vec<_>>())
+}
+
 /// One lifecycle event (the JSON body; the routing key is `event`).
 ///
 /// Generic over how its texts and metadata are held, so that the relay publishes events
@@ -168,6 +286,65 @@ mod tests {
 
     fn step(to: StepStatus) -> Change {
         Change::Step { to }
+    }
+
+    #[test]
+    fn event_selections_match_as_a_topic_exchange_does() {
+        let only = |value: &str| -> Vec<&'static str> {
+            match value.parse::<EventSelection>() {
+                Ok(EventSelection::Only { names, .. }) => names,
+                other => panic!("{value}: {other:?}"),
+            }
+        };
+        assert_eq!("true".parse(), Ok(EventSelection::All));
+        assert_eq!("false".parse(), Ok(EventSelection::None));
+        assert_eq!(
+            only("task.*"),
+            EVENT_NAMES
+                .iter()
+                .copied()
+                .filter(|n| n.starts_with("task."))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            only(" step.failed , task.completed"),
+            ["task.completed", "step.failed"]
+        );
+        assert_eq!(only("#"), EVENT_NAMES);
+        assert_eq!(only("#.failed"), ["task.failed", "step.failed"]);
+        assert_eq!(
+            only("*.resolved_manually"),
+            ["task.resolved_manually", "step.resolved_manually"]
+        );
+        assert_eq!(only("schedule.#"), ["schedule.fired", "schedule.skipped"]);
+        let selection: EventSelection = "task.*,task.*,step.failed".parse().unwrap();
+        assert_eq!(
+            selection.patterns(),
+            Some(&["task.*".to_owned(), "step.failed".to_owned()][..])
+        );
+        assert!(selection.publishes("step.failed") && !selection.publishes("step.completed"));
+        assert_eq!(selection.to_string(), "task.*,step.failed");
+    }
+
+    #[test]
+    fn a_bad_event_selection_names_every_problem() {
+        let error = "tsk.*,step..failed,Task.created,,step.failed"
+            .parse::<EventSelection>()
+            .unwrap_err();
+        assert!(error.contains("`tsk.*` matches no event"), "{error}");
+        assert!(
+            error.contains("`step..failed` is not a routing-key pattern"),
+            "{error}"
+        );
+        assert!(error.contains("`Task.created` is not"), "{error}");
+        assert!(error.contains("`` is not"), "{error}");
+        assert!(!error.contains("`step.failed`"), "{error}");
+        assert!(
+            error.contains("events: task.created, task.started"),
+            "{error}"
+        );
+        // `*` is exactly one word: no event has three.
+        assert!("task.*.*".parse::<EventSelection>().is_err());
     }
 
     #[test]

@@ -141,6 +141,10 @@ pub(crate) struct WhoAmI {
     /// Whether lifecycle events are published (`TASKER_EVENTS`): without them
     /// `/v1/events/stream` stays silent.
     events: bool,
+    /// When `TASKER_EVENTS` names only some events: their routing-key patterns
+    /// (`task.*`); the others are never published, so no view updates on them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events_only: Option<Vec<String>>,
 }
 
 /// Who the bearer token is and what it may do (the console offers only what it allows).
@@ -158,18 +162,21 @@ pub(crate) async fn whoami(
     principal: Option<Extension<Principal>>,
 ) -> Json<WhoAmI> {
     let events = state.live.enabled();
+    let events_only = state.live.only().map(<[String]>::to_vec);
     Json(match principal {
         Some(Extension(principal)) => WhoAmI {
             authentication: true,
             subject: Some(principal.subject),
             scopes: principal.scopes.names(),
             events,
+            events_only,
         },
         None => WhoAmI {
             authentication: false,
             subject: None,
             scopes: Scope::ALL.iter().map(|s| s.as_str().to_owned()).collect(),
             events,
+            events_only,
         },
     })
 }
@@ -236,10 +243,11 @@ impl Filter {
 ///
 /// The first event is `ready` (`{"events": bool}`): with `true`, every lifecycle event
 /// published from then on reaches the stream; `false` when `TASKER_EVENTS` is off (or the
-/// broker cannot be consumed: reconnect later). Each lifecycle event follows as an unnamed event whose data is its
-/// JSON (`docs/observability.md`, "Lifecycle events"); `lagged` means the stream fell
-/// behind and missed some: reload what you show. A comment every 15 s keeps proxies from
-/// closing the connection.
+/// broker cannot be consumed: reconnect later). When `TASKER_EVENTS` names only some
+/// events, `ready` carries their patterns too (`"only": ["task.*"]`). Each lifecycle
+/// event follows as an unnamed event whose data is its JSON (`docs/observability.md`,
+/// "Lifecycle events"); `lagged` means the stream fell behind and missed some: reload
+/// what you show. A comment every 15 s keeps proxies from closing the connection.
 #[utoipa::path(
     get,
     path = "/v1/events/stream",
@@ -272,10 +280,11 @@ pub(crate) async fn stream(
     // The stream is subscribed before `ready` is sent: nothing published after `ready`
     // is missed.
     let first = futures::stream::once(async move {
-        let live = live.ready(READY_PATIENCE).await;
-        Ok(Event::default()
-            .event("ready")
-            .data(json!({"events": live}).to_string()))
+        let ready = match (live.ready(READY_PATIENCE).await, live.only()) {
+            (true, Some(only)) => json!({"events": true, "only": only}),
+            (ready, _) => json!({"events": ready}),
+        };
+        Ok(Event::default().event("ready").data(ready.to_string()))
     });
     let events = futures::stream::unfold(
         (receiver, filter, closing),

@@ -102,6 +102,11 @@ struct Args {
     /// what the events cost.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     events_cost: bool,
+    /// With the events' cost measured, run the diamonds once more publishing only the
+    /// events these routing-key patterns match (`TASKER_EVENTS=task.*`) and print what
+    /// they cost.
+    #[arg(long, value_name = "PATTERNS")]
+    events_only: Option<String>,
     /// Soak instead of the standard runs: push this many diamond tasks through in rounds
     /// and print every process's resident memory after each round.
     #[arg(long, default_value_t = 0)]
@@ -250,12 +255,32 @@ async fn main() -> anyhow::Result<()> {
         )
         .execute(&system.pool)
         .await?;
-        println!(
-            "events   cost of lifecycle events: steps/s {:+.1} %, CPU µs per step {:+.0} ({:+.1} %)",
-            (run.steps_per_s / quiet.steps_per_s - 1.0) * 100.0,
-            run.cpu_per_step() - quiet.cpu_per_step(),
-            (run.cpu_per_step() / quiet.cpu_per_step() - 1.0) * 100.0
-        );
+        let cost = |with: &Run| {
+            format!(
+                "steps/s {:+.1} %, CPU µs per step {:+.0} ({:+.1} %)",
+                (with.steps_per_s / quiet.steps_per_s - 1.0) * 100.0,
+                with.cpu_per_step() - quiet.cpu_per_step(),
+                (with.cpu_per_step() / quiet.cpu_per_step() - 1.0) * 100.0
+            )
+        };
+        println!("events   cost of lifecycle events: {}", cost(&run));
+        if let Some(patterns) = &args.events_only {
+            system
+                .restart_coordinators("coordinator-some-events", &[("TASKER_EVENTS", patterns)])
+                .await?;
+            system.vacuum().await?;
+            let some = system.throughput("diamond", args.diamonds, 4, None).await?;
+            some.print(&format!("diamonds, only the events {patterns}"), broker);
+            println!(
+                "events   cost of the events {patterns} alone: {}",
+                cost(&some)
+            );
+            sqlx::query(
+                "UPDATE event_relay SET last_transition_id = (SELECT last_value FROM transition_ids)",
+            )
+            .execute(&system.pool)
+            .await?;
+        }
         system.restart_coordinators("coordinator", &[]).await?;
     }
     let max_tasks_per_s = run.steps_per_s / 4.0;

@@ -467,6 +467,36 @@ async fn a_failed_task_is_retried_from_its_page_and_turns_complete_live() {
 
 /// Analytics: the step a test made slow is the slowest step and lies on the bottleneck
 /// path drawn on the template's graph; the other pages render what the API holds.
+/// With `TASKER_EVENTS` naming only some events, the badge says which: the pages change
+/// live on those alone.
+#[tokio::test]
+async fn the_badge_names_the_events_published_when_only_some_are() {
+    if !browser_available() {
+        return;
+    }
+    let mut options = auth_options();
+    options
+        .coordinator_env
+        .push(("TASKER_EVENTS".into(), "task.*".into()));
+    let env = TestEnv::start_with("console_some_events", options)
+        .await
+        .unwrap();
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&env.base_url, "#/tasks", &token("viewer", "tasks:read"))
+        .await;
+    browser.wait_for("#live.on").await;
+    let badge = browser
+        .wait_until(
+            "the live badge",
+            "return document.querySelector('#live')?.innerText",
+        )
+        .await;
+    assert_eq!(badge, json!("live: task.* only"));
+    browser.close().await;
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn the_analytics_page_shows_the_step_made_slow() {
     if !browser_available() {
@@ -624,7 +654,7 @@ async fn the_analytics_page_shows_the_step_made_slow() {
 }
 
 /// Read server-sent events from `response` until `done` says so: (event name, data).
-async fn read_events(
+pub(crate) async fn read_events(
     response: &mut reqwest::Response,
     mut done: impl FnMut(&[(String, Value)]) -> bool,
 ) -> Vec<(String, Value)> {

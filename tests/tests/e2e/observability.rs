@@ -407,6 +407,97 @@ async fn a_task_s_lifecycle_events_arrive_in_order() {
     env.finish().await.unwrap();
 }
 
+/// `TASKER_EVENTS` with patterns publishes the events they match and no others; the
+/// relay's cursor still moves past the rest, and the console is told what it will get.
+#[tokio::test]
+async fn only_the_events_tasker_events_names_are_published() {
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_EVENTS".into(), "task.*, step.failed".into())],
+        ..EnvOptions::default()
+    };
+    let env = pair_with_worker("events_only", options).await;
+    env.register_template("namespace: obs\nname: broken\nsteps:\n  - {name: boom, handler: tasker.fail, retry_limit: 1, config: {kind: permanent}}\n")
+        .await
+        .unwrap();
+    let (connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
+        .await
+        .unwrap();
+
+    let (status, me) = env.get("/v1/whoami").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(me["events"], true);
+    assert_eq!(me["events_only"], json!(["task.*", "step.failed"]));
+    let mut stream = env
+        .http
+        .get(format!("{}/v1/events/stream", env.base_url))
+        .send()
+        .await
+        .unwrap();
+    let ready = crate::console::read_events(&mut stream, |events| !events.is_empty()).await;
+    assert_eq!(
+        ready[0],
+        (
+            "ready".to_owned(),
+            json!({"events": true, "only": ["task.*", "step.failed"]})
+        )
+    );
+    drop(stream);
+
+    for name in ["pair", "broken"] {
+        env.run_task(
+            json!({"namespace": NAMESPACE, "name": name}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    }
+    // Published in order: once the last task's failure arrives, everything before it has.
+    let mut seen = Vec::new();
+    while !seen.iter().any(|name| name == "task.failed") {
+        let (routing_key, _) = next_event(&mut consumer, &seen).await;
+        seen.push(routing_key);
+    }
+    assert_eq!(
+        seen,
+        [
+            "task.created",
+            "task.started",
+            "task.completed",
+            "task.created",
+            "task.started",
+            "step.failed",
+            "task.failed"
+        ]
+    );
+    let last: i64 = sqlx::query_scalar(
+        "SELECT max(transition_id) FROM (SELECT transition_id FROM task_transitions \
+         UNION ALL SELECT transition_id FROM step_transitions) t",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    env.wait_for_relay(last, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+
+    // A pattern that matches nothing is a typo: the coordinator says so and does not start.
+    let stderr = tasker_tests::coordinator_refusing_to_start(
+        &env.database_url,
+        &[
+            ("TASKER_AMQP_PREFIX", env.prefix.as_str()),
+            ("TASKER_EVENTS", "tsk.*,step..failed"),
+        ],
+    )
+    .await;
+    assert!(
+        stderr.contains("`tsk.*` matches no event")
+            && stderr.contains("`step..failed` is not a routing-key pattern"),
+        "{stderr}"
+    );
+    env.finish().await.unwrap();
+}
+
 /// The next lifecycle event `consumer` receives within 10 s, with its routing key;
 /// `so_far` says what came before when none does.
 async fn next_event(
