@@ -38,7 +38,7 @@ pub const EVENT_NAMES: &[&str] = &[
 /// default), `false` (none: the relay is off), or routing-key patterns separated by commas
 /// (`task.*,step.failed`), matched as a topic exchange matches them: `*` is one word,
 /// `#` any number. Events that no pattern matches are not published; the relay's cursor
-/// moves past them all the same.
+/// moves past them all the same. Patterns that match every event are `true`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventSelection {
     /// Every event.
@@ -114,7 +114,7 @@ impl std::str::FromStr for EventSelection {
                 EVENT_NAMES.join(", ")
             ));
         }
-        let names = EVENT_NAMES
+        let names: Vec<&'static str> = EVENT_NAMES
             .iter()
             .copied()
             .filter(|name| {
@@ -123,6 +123,10 @@ impl std::str::FromStr for EventSelection {
                     .any(|pattern| topic_matches(&pattern.split('.').collect::<Vec<_>>(), name))
             })
             .collect();
+        // Patterns that match every event (`#`) are no selection.
+        if names.len() == EVENT_NAMES.len() {
+            return Ok(EventSelection::All);
+        }
         Ok(EventSelection::Only { patterns, names })
     }
 }
@@ -310,7 +314,8 @@ mod tests {
             only(" step.failed , task.completed"),
             ["task.completed", "step.failed"]
         );
-        assert_eq!(only("#"), EVENT_NAMES);
+        assert_eq!("#".parse(), Ok(EventSelection::All));
+        assert_eq!("task.*,step.#,schedule.*".parse(), Ok(EventSelection::All));
         assert_eq!(only("#.failed"), ["task.failed", "step.failed"]);
         assert_eq!(
             only("*.resolved_manually"),
