@@ -47,6 +47,8 @@ pub(crate) struct EventRelay {
     topology: Topology,
     /// Which events are published (`TASKER_EVENTS`).
     selection: EventSelection,
+    /// The step statuses whose history rows may be published (the rest are not read).
+    step_statuses: Vec<&'static str>,
     metrics: Arc<CoordinatorMetrics>,
     /// Woken by this coordinator's loops and API after they commit transitions; the
     /// poll is the safety net for other coordinators' transitions.
@@ -68,6 +70,7 @@ impl EventRelay {
             pool,
             channel,
             topology,
+            step_statuses: selection.step_statuses(),
             selection,
             metrics,
             wake,
@@ -84,7 +87,7 @@ impl EventRelay {
         let Some(cursor) = lock_cursor(&mut tx).await? else {
             return Ok(0);
         };
-        let rows = transitions_after(&mut tx, cursor, BATCH).await?;
+        let rows = transitions_after(&mut tx, cursor, BATCH, &self.step_statuses).await?;
         let now = chrono::Utc::now();
         let mut last = cursor;
         let mut relayed = Vec::new();

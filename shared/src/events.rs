@@ -76,6 +76,21 @@ impl EventSelection {
             _ => None,
         }
     }
+
+    /// The step statuses whose history rows may become a published event: the relay
+    /// leaves the others' rows unread (every step row but claims, when all are
+    /// published; none, for `task.*`).
+    pub fn step_statuses(&self) -> Vec<&'static str> {
+        StepStatus::ALL
+            .iter()
+            .filter(|&&to| {
+                TransitionReason::ALL.iter().any(|&reason| {
+                    event_name(Change::Step { to }, reason).is_some_and(|name| self.publishes(name))
+                })
+            })
+            .map(|status| status.as_str())
+            .collect()
+    }
 }
 
 impl std::str::FromStr for EventSelection {
@@ -262,7 +277,7 @@ pub fn event_name(change: Change, reason: TransitionReason) -> Option<&'static s
             (S::Cancelled, _) => Some("step.cancelled"),
             (S::ResolvedManually, _) => Some("step.resolved_manually"),
             (S::Skipped, _) => Some("step.skipped"),
-            // The relay does not even read these rows (events/transitions_after.sql).
+            // The relay does not even read these rows (`EventSelection::step_statuses`).
             (S::Pending | S::Enqueued, _) => None,
         },
         Change::Task { from, to } => match (from, to) {
@@ -329,6 +344,28 @@ mod tests {
         );
         assert!(selection.publishes("step.failed") && !selection.publishes("step.completed"));
         assert_eq!(selection.to_string(), "task.*,step.failed");
+        assert_eq!(selection.step_statuses(), ["error"]);
+        assert_eq!(
+            EventSelection::All.step_statuses(),
+            [
+                "in_progress",
+                "complete",
+                "waiting_for_retry",
+                "error",
+                "cancelled",
+                "resolved_manually",
+                "skipped"
+            ]
+        );
+        assert!(
+            "task.*"
+                .parse::<EventSelection>()
+                .unwrap()
+                .step_statuses()
+                .is_empty()
+        );
+        let retries: EventSelection = "step.deferred".parse().unwrap();
+        assert_eq!(retries.step_statuses(), ["waiting_for_retry"]);
     }
 
     #[test]

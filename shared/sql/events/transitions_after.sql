@@ -2,9 +2,10 @@
 -- fires: their outcome as the reason, their schedule's template), in id order: each
 -- that may be an event, each that follows a gap in the ids (`previous` is the id before
 -- it among those $2; the relay waits for a gap's transaction to commit), and the last
--- (the cursor moves to it). A step's move to `enqueued` or back to `pending` (its claim)
--- is no event: a quarter of the history, neither decoded nor sent. The names of the
--- tasks and steps are read once per batch (events/names.sql), not once per row.
+-- (the cursor moves to it). A step's row is read only when its status is among $3, those
+-- that may become a published event: never a move to `enqueued` or back to `pending`
+-- (a claim, a quarter of the history), none when no step event is published. The names
+-- of the tasks and steps are read once per batch (events/names.sql), not once per row.
 WITH window_rows AS (
     SELECT e.*,
            lag(e.transition_id) OVER (ORDER BY e.transition_id) AS previous,
@@ -41,7 +42,7 @@ FROM window_rows w
 -- without a schedule probe for nothing.
 LEFT JOIN LATERAL (SELECT c.namespace, c.template, c.version FROM schedules c
                    WHERE c.name = w.schedule OFFSET 0) sc ON true
-WHERE w.step_id IS NULL OR w.to_status NOT IN ('pending', 'enqueued')
+WHERE w.step_id IS NULL OR w.to_status = ANY ($3)
    OR w.transition_id <> COALESCE(w.previous, $1) + 1
    OR w.transition_id = w.last
 ORDER BY w.transition_id

@@ -87,16 +87,19 @@ pub async fn advance_cursor(conn: &mut PgConnection, to: i64) -> sqlx::Result<()
 
 /// Of the `limit` transitions after `after` (task and step ones together, in id order),
 /// those that may be events, each one that follows a gap in the ids, and the last: a
-/// step's claim (to `enqueued`, or back to `pending`) is no event and is left unread
-/// unless it is one of those.
+/// step's row whose status is not among `step_statuses` (a claim, to `enqueued` or back
+/// to `pending`, never is) becomes no published event and is left unread unless it is
+/// one of those.
 pub async fn transitions_after(
     conn: &mut PgConnection,
     after: i64,
     limit: i64,
+    step_statuses: &[&str],
 ) -> sqlx::Result<Vec<RecordedTransition>> {
     sqlx::query_as(include_str!("../../sql/events/transitions_after.sql"))
         .bind(after)
         .bind(limit)
+        .bind(step_statuses)
         .fetch_all(conn)
         .await
 }
