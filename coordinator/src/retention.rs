@@ -209,7 +209,7 @@ pub struct PruneArgs {
     batch_size: i64,
     /// Whether lifecycle events are on (as for `serve`): then tasks whose transitions the
     /// events relay has not passed yet are kept.
-    #[arg(long, env = "TASKER_EVENTS", default_value = "true", value_parser = crate::settings::parse_events)]
+    #[arg(long, env = "TASKER_EVENTS", default_value = "true")]
     events: EventSelection,
 }
 

@@ -70,7 +70,7 @@ pub struct CoordinatorSettings {
     /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange:
     /// `true`, `false`, or the routing-key patterns of those to publish
     /// (`task.*,step.failed`).
-    #[arg(long, env = "TASKER_EVENTS", default_value = "true", value_parser = parse_events)]
+    #[arg(long, env = "TASKER_EVENTS", default_value = "true")]
     pub events: EventSelection,
     /// How often the events relay looks for transitions committed by other coordinators
     /// (this coordinator's own commits wake it at once).
@@ -183,11 +183,6 @@ pub enum AuthMode {
 
 /// A secret setting: never printed, by `Debug` or otherwise.
 pub use tasker_shared::config::Secret;
-
-/// `TASKER_EVENTS`: `true`, `false`, or event patterns ([`EventSelection`]).
-pub(crate) fn parse_events(value: &str) -> Result<EventSelection, String> {
-    value.parse()
-}
 
 #[cfg(test)]
 mod auth_tests {

@@ -107,16 +107,15 @@ impl std::str::FromStr for EventSelection {
         let mut patterns = Vec::new();
         let mut problems = Vec::new();
         for pattern in value.split(',').map(str::trim) {
-            let words: Vec<&str> = pattern.split('.').collect();
-            let well_formed = words.iter().all(|word| {
-                matches!(*word, "*" | "#")
+            let well_formed = pattern.split('.').all(|word| {
+                matches!(word, "*" | "#")
                     || !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
             });
             if !well_formed {
                 problems.push(format!(
                     "`{pattern}` is not a routing-key pattern (words of a-z and `_`, or `*` or `#`, separated by dots)"
                 ));
-            } else if !EVENT_NAMES.iter().any(|name| topic_matches(&words, name)) {
+            } else if !EVENT_NAMES.iter().any(|name| topic_matches(pattern, name)) {
                 problems.push(format!("`{pattern}` matches no event"));
             } else if !patterns.iter().any(|known| known == pattern) {
                 patterns.push(pattern.to_owned());
@@ -132,11 +131,7 @@ impl std::str::FromStr for EventSelection {
         let names: Vec<&'static str> = EVENT_NAMES
             .iter()
             .copied()
-            .filter(|name| {
-                patterns
-                    .iter()
-                    .any(|pattern| topic_matches(&pattern.split('.').collect::<Vec<_>>(), name))
-            })
+            .filter(|name| patterns.iter().any(|pattern| topic_matches(pattern, name)))
             .collect();
         // Patterns that match every event (`#`) are no selection.
         if names.len() == EVENT_NAMES.len() {
@@ -156,9 +151,9 @@ impl std::fmt::Display for EventSelection {
     }
 }
 
-/// Whether a topic pattern (split into its words) matches `name`, as RabbitMQ's topic
-/// exchange matches a binding key: `*` one word, `#` zero or more.
-fn topic_matches(pattern: &[&str], name: &str) -> bool {
+/// Whether a topic pattern matches `name`, as RabbitMQ's topic exchange matches a binding
+/// key: words separated by dots, `*` one word, `#` zero or more.
+fn topic_matches(pattern: &str, name: &str) -> bool {
     fn matches(pattern: &[&str], words: &[&str]) -> bool {
         match pattern.split_first() {
             None => words.is_empty(),
@@ -168,7 +163,10 @@ fn topic_matches(pattern: &[&str], name: &str) -> bool {
             }),
         }
     }
-    matches(pattern, &name.split('.').collect::<Vec<_>>())
+    fn words(text: &str) -> Vec<&str> {
+        text.split('.').collect()
+    }
+    matches(&words(pattern), &words(name))
 }
 
 /// One lifecycle event (the JSON body; the routing key is `event`).

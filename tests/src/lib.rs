@@ -579,6 +579,20 @@ impl TestEnv {
         .await
     }
 
+    /// The id of the newest transition committed (task, step or schedule fire): where
+    /// the events relay's cursor stops once it has passed everything
+    /// ([`TestEnv::wait_for_relay`]). Not the sequence's last value: an id drawn by a
+    /// transaction that rolled back has no row, and the cursor never rests on it.
+    pub async fn newest_transition_id(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(greatest((SELECT max(transition_id) FROM task_transitions), \
+                                      (SELECT max(transition_id) FROM step_transitions), \
+                                      (SELECT max(transition_id) FROM schedule_fires)), 0)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Poll until the events relay's cursor is at transition `id`: every transition up
     /// to it was published or passed over.
     pub async fn wait_for_relay(&self, id: i64, timeout: Duration) -> anyhow::Result<i64> {

@@ -250,11 +250,7 @@ async fn main() -> anyhow::Result<()> {
         quiet.print("diamonds, lifecycle events off", broker);
         // Nobody wanted this run's events: the relay starts after them, as the runs
         // below would otherwise carry their burst.
-        sqlx::query(
-            "UPDATE event_relay SET last_transition_id = (SELECT last_value FROM transition_ids)",
-        )
-        .execute(&system.pool)
-        .await?;
+        system.relay_from_now().await?;
         let cost = |with: &Run| {
             format!(
                 "steps/s {:+.1} %, CPU µs per step {:+.0} ({:+.1} %)",
@@ -275,11 +271,7 @@ async fn main() -> anyhow::Result<()> {
                 "events   cost of the events {patterns} alone: {}",
                 cost(&some)
             );
-            sqlx::query(
-                "UPDATE event_relay SET last_transition_id = (SELECT last_value FROM transition_ids)",
-            )
-            .execute(&system.pool)
-            .await?;
+            system.relay_from_now().await?;
         }
         system.restart_coordinators("coordinator", &[]).await?;
     }
@@ -1168,12 +1160,7 @@ impl System {
             .execute(&self.pool)
             .await?;
         }
-        sqlx::query(
-            "UPDATE event_relay SET last_transition_id = GREATEST(last_transition_id,
-                 (SELECT last_value FROM transition_ids))",
-        )
-        .execute(&self.pool)
-        .await?;
+        self.relay_from_now().await?;
         sqlx::query("ANALYZE").execute(&self.pool).await?;
         Ok(())
     }
@@ -1357,6 +1344,19 @@ impl System {
             .fetch_one(&self.pool)
             .await?;
         Ok(autovacuum != "on")
+    }
+
+    /// Move the events relay's cursor past every transition recorded so far: history no
+    /// one will consume (stored, or from a run whose events were not the point) is not
+    /// published in the runs after.
+    async fn relay_from_now(&self) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE event_relay SET last_transition_id = GREATEST(last_transition_id,
+                 (SELECT last_value FROM transition_ids))",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// What autovacuum does between runs, where it is switched off.

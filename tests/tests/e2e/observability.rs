@@ -469,13 +469,7 @@ async fn only_the_events_tasker_events_names_are_published() {
             "task.failed"
         ]
     );
-    let last: i64 = sqlx::query_scalar(
-        "SELECT max(transition_id) FROM (SELECT transition_id FROM task_transitions \
-         UNION ALL SELECT transition_id FROM step_transitions) t",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let last = env.newest_transition_id().await.unwrap();
     env.wait_for_relay(last, Duration::from_secs(30))
         .await
         .unwrap();
@@ -537,13 +531,7 @@ async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    let newest: i64 = sqlx::query_scalar(
-        "SELECT greatest((SELECT max(transition_id) FROM step_transitions), \
-                         (SELECT max(transition_id) FROM task_transitions))",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let newest = env.newest_transition_id().await.unwrap();
     env.wait_for_relay(newest, Duration::from_secs(30))
         .await
         .unwrap();
