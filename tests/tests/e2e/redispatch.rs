@@ -1,7 +1,7 @@
 //! Re-dispatch only what may be lost: a confirmed step waits in its queue however long
 //! the queue is (also when the coordinator that published it stops before its usual
-//! lift of the lease), and a step whose queue was deleted (and perhaps declared again,
-//! empty) is dispatched again.
+//! lift of the lease), and a step whose queue was deleted, or emptied (as a queue lost
+//! and declared again is), is dispatched again.
 
 use std::time::{Duration, Instant};
 
@@ -127,7 +127,7 @@ async fn canary(env: &TestEnv, canary: &str) {
 /// steps waited past the lease with its queue, and then expired leases.
 async fn sweep_past(env: &TestEnv, canary: &str) {
     assert_eq!(
-        delete_queue(&env.queue(canary)).await,
+        lose_messages(&env.queue(canary), Loss::Deleted).await,
         1,
         "{canary}'s message"
     );
@@ -186,46 +186,44 @@ async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_on
     env.finish().await.unwrap();
 }
 
-/// Delete a queue with every message in it; returns how many it held.
-async fn delete_queue(queue: &str) -> u32 {
+/// How a test loses a step queue's messages behind Tasker's back.
+#[derive(Clone, Copy)]
+enum Loss {
+    /// The queue is deleted with them.
+    Deleted,
+    /// The queue stays, empty: as one lost and declared again (by a worker starting
+    /// meanwhile), or purged. Emptied in one step, with a purge: a delete then a declare
+    /// lets a queue check that falls in between find the queue missing instead.
+    Emptied,
+}
+
+/// Lose `queue`'s messages behind Tasker's back (`loss` says how); returns how many it
+/// held.
+async fn lose_messages(queue: &str, loss: Loss) -> u32 {
     let connection =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
             .await
             .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let deleted = channel
-        .queue_delete(queue.into(), Default::default())
-        .await
-        .unwrap();
+    let lost = match loss {
+        Loss::Deleted => channel.queue_delete(queue.into(), Default::default()).await,
+        Loss::Emptied => channel.queue_purge(queue.into(), Default::default()).await,
+    };
     let _ = connection.close(200, "OK".into()).await;
-    deleted
+    lost.unwrap()
 }
 
-/// Delete the namespace's queue (with every step message in it), and declare it again
-/// empty when `declare_again`, as a worker starting meanwhile would.
-async fn lose_queue(env: &TestEnv, declare_again: bool) {
-    let carried = tasker_tests::queued_steps(&env.queue("backlog"))
-        .await
-        .unwrap();
+/// Lose the backlog queue's step messages; checks that it held every step.
+async fn lose_queue(env: &TestEnv, loss: Loss) {
+    let queue = env.queue("backlog");
+    let carried = tasker_tests::queued_steps(&queue).await.unwrap();
     assert_eq!(
         carried.iter().sum::<usize>(),
         TASKS,
         "the queue held every step"
     );
-    let deleted = delete_queue(&env.queue("backlog")).await;
-    assert_eq!(deleted as usize, carried.len(), "in these messages");
-    if declare_again {
-        let connection =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        tasker_shared::broker::Topology::new(env.prefix.clone())
-            .declare_namespace(&channel, "backlog")
-            .await
-            .unwrap();
-        let _ = connection.close(200, "OK".into()).await;
-    }
+    let lost = lose_messages(&queue, loss).await;
+    assert_eq!(lost as usize, carried.len(), "in these messages");
 }
 
 /// Wait until the coordinator counted every step as lost for `reason`, then run them.
@@ -251,17 +249,17 @@ async fn steps_whose_queue_was_deleted_are_dispatched_again() {
     let mut env = short_lease("queue-deleted").await;
     let ids = create_tasks(&env, "one", TASKS).await;
     wait_until_confirmed(&env).await;
-    lose_queue(&env, false).await;
+    lose_queue(&env, Loss::Deleted).await;
     lost_then_run(&mut env, &ids, "queue_missing").await;
     env.finish().await.unwrap();
 }
 
 #[tokio::test]
-async fn steps_whose_queue_was_deleted_and_declared_again_are_dispatched_again() {
-    let mut env = short_lease("queue-redeclared").await;
+async fn steps_whose_queue_was_emptied_are_dispatched_again() {
+    let mut env = short_lease("queue-emptied").await;
     let ids = create_tasks(&env, "one", TASKS).await;
     wait_until_confirmed(&env).await;
-    lose_queue(&env, true).await;
+    lose_queue(&env, Loss::Emptied).await;
     lost_then_run(&mut env, &ids, "queue_short").await;
     env.finish().await.unwrap();
 }
@@ -294,9 +292,9 @@ async fn lost(env: &TestEnv) -> f64 {
 #[tokio::test]
 async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
     // Ten tasks whose two first steps travel together: ten messages of two steps. The
-    // queue is lost and declared again, empty, while a worker that may hold two messages
-    // (concurrency 1) is announced. Eight messages are missing beyond what it may hold:
-    // their sixteen steps are dispatched again, and no more while it is there.
+    // queue is emptied (as one lost and declared again is) while a worker that may hold
+    // two messages (concurrency 1) is announced. Eight messages are missing beyond what
+    // it may hold: their sixteen steps are dispatched again, and no more while it is there.
     let options = EnvOptions {
         coordinator_env: vec![
             ("TASKER_DISPATCH_LEASE_MS".into(), "1000".into()),
@@ -336,7 +334,7 @@ async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    lose_queue(&env, true).await;
+    lose_queue(&env, Loss::Emptied).await;
     let held = 2;
     let expected = ((TASKS / 2 - held) * 2) as f64;
     assert_eq!(
