@@ -210,6 +210,39 @@ impl Browser {
         }
     }
 
+    /// Type `text` into the field `selector` finds, so that it holds exactly that. A live
+    /// update that redraws the page while keys are sent leaves the field with part of
+    /// them (or the keys reach a field no longer on the page): it is filled again.
+    async fn fill(&self, selector: &str, text: &str) {
+        let started = Instant::now();
+        loop {
+            self.wait_for(selector).await;
+            let typed = match self.client.find(Locator::Css(selector)).await {
+                Ok(element) => match element.clear().await {
+                    Ok(()) => element.send_keys(text).await,
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            };
+            let holds = self
+                .client
+                .execute(
+                    &format!("return document.querySelector({selector:?})?.value"),
+                    vec![],
+                )
+                .await
+                .unwrap();
+            match typed {
+                Ok(()) if holds == json!(text) => return,
+                outcome if started.elapsed() < PATIENCE => {
+                    eprintln!("filling {selector} again: {outcome:?}, it holds {holds}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                outcome => panic!("cannot fill {selector}: {outcome:?}, it holds {holds}"),
+            }
+        }
+    }
+
     /// Save a screenshot as `<TASKER_CONSOLE_SCREENSHOTS>/<name>.png`, when asked for.
     async fn screenshot(&self, name: &str) {
         let Some(dir) = std::env::var_os("TASKER_CONSOLE_SCREENSHOTS") else {
@@ -603,6 +636,14 @@ async fn the_analytics_page_shows_the_step_made_slow() {
         .goto(&format!("{}/ui/#/tasks/{}", env.base_url, waiting[0]))
         .await
         .unwrap();
+    // Once the step waits, the task changes no more until the signal, so no live update
+    // redraws the form while it is being filled in.
+    browser
+        .wait_until(
+            "the history to show the step waiting for its signal",
+            "return [...document.querySelectorAll('td')].some((td) => td.textContent === 'waiting_for_signal')",
+        )
+        .await;
     browser
         .click("#task-graph g.node[data-step='approved']")
         .await;
@@ -613,14 +654,7 @@ async fn the_analytics_page_shows_the_step_made_slow() {
         )
         .await;
     assert_eq!(signal, json!("manager_ok"));
-    browser
-        .client
-        .find(Locator::Css("#signal-payload"))
-        .await
-        .unwrap()
-        .send_keys(r#"{"by": "dana"}"#)
-        .await
-        .unwrap();
+    browser.fill("#signal-payload", r#"{"by": "dana"}"#).await;
     browser.click("#action-signal").await;
     browser.wait_for("#task-status .status-complete").await;
     let (_, task) = call(
