@@ -186,8 +186,12 @@ function openStream(params, onEvent) {
           if (!data.length) continue;
           const payload = JSON.parse(data.join("\n"));
           if (name === "ready") {
-            if (payload.events) setLive("on", payload.only ? `live: ${payload.only.join(", ")} only` : "live");
-            else setLive("off", app.me?.events ? "not live" : "events off");
+            if (payload.events) {
+              setLive("on", payload.only ? `live: ${payload.only.join(", ")} only` : "live");
+              // What changed between the page's first read (or a dropped stream) and
+              // now reached no stream: read once more.
+              onEvent(null);
+            } else setLive("off", app.me?.events ? "not live" : "events off");
           } else if (name === "lagged") {
             onEvent(null);
           } else {

@@ -531,6 +531,83 @@ async fn the_badge_names_the_events_published_when_only_some_are() {
 }
 
 #[tokio::test]
+async fn a_page_shows_what_changed_before_its_live_stream_began() {
+    // A page reads what it shows, then opens its event stream: what changes in between
+    // reaches no stream. Here the browser holds the task page's stream back while the
+    // task completes; once the stream is ready the page must show the task complete.
+    if !browser_available() {
+        return;
+    }
+    let env = TestEnv::start_with("console_late_stream", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    register(
+        &env,
+        &admin,
+        "namespace: late\nname: gate\nversion: 1.0.0\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n",
+    )
+    .await;
+    let task = create(&env, &admin, "late", "gate", json!({})).await;
+    wait_for_status(&env, &admin, &task, "in_progress").await;
+
+    let browser = Browser::start().await;
+    browser.sign_in(&env.base_url, "#/tasks", &admin).await;
+    browser.wait_for("#live.on").await;
+    // From now on the page's event streams wait for `releaseStream()`. The console is
+    // one page, so the task page below opens in this document, with this fetch.
+    browser
+        .client
+        .execute(
+            "const fetchNow = window.fetch;
+             let release;
+             const held = new Promise((resolve) => (release = resolve));
+             window.releaseStream = release;
+             window.fetch = (url, init) => String(url).includes('/v1/events/stream')
+               ? held.then(() => fetchNow(url, init))
+               : fetchNow(url, init);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser
+        .client
+        .execute(&format!("location.hash = '#/tasks/{task}'"), vec![])
+        .await
+        .unwrap();
+    browser.wait_for("#task-status .status-in_progress").await;
+    let (status, _) = call(
+        &env,
+        reqwest::Method::POST,
+        &format!("/v1/tasks/{task}/signals/go"),
+        &admin,
+        Some(json!({})),
+    )
+    .await;
+    assert!(status < 300, "the signal answered {status}");
+    wait_for_status(&env, &admin, &task, "complete").await;
+    // Its events published, and a second for the coordinator to hand them to the
+    // streams open then (none of this page's): a stream opened after has not seen them.
+    let newest = env.newest_transition_id().await.unwrap();
+    env.wait_for_relay(newest, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        browser.exists("#task-status .status-in_progress").await,
+        "nothing told the page yet"
+    );
+    browser
+        .client
+        .execute("window.releaseStream()", vec![])
+        .await
+        .unwrap();
+    browser.wait_for("#task-status .status-complete").await;
+    browser.close().await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_analytics_page_shows_the_step_made_slow() {
     if !browser_available() {
         return;
