@@ -77,9 +77,9 @@ impl EventSelection {
         }
     }
 
-    /// The step statuses whose history rows may become a published event: the relay
-    /// leaves the others' rows unread (every step row but claims, when all are
-    /// published; none, for `task.*`).
+    /// The step statuses whose history rows may become a published event: the relay's
+    /// read returns only those rows (every step row but claims, when all are published;
+    /// none, for `task.*`), so the others are neither decoded nor named.
     pub fn step_statuses(&self) -> Vec<&'static str> {
         StepStatus::ALL
             .iter()
@@ -275,7 +275,7 @@ pub fn event_name(change: Change, reason: TransitionReason) -> Option<&'static s
             (S::Cancelled, _) => Some("step.cancelled"),
             (S::ResolvedManually, _) => Some("step.resolved_manually"),
             (S::Skipped, _) => Some("step.skipped"),
-            // The relay does not even read these rows (`EventSelection::step_statuses`).
+            // The relay's read does not return these rows (`EventSelection::step_statuses`).
             (S::Pending | S::Enqueued, _) => None,
         },
         Change::Task { from, to } => match (from, to) {

@@ -2,10 +2,11 @@
 -- fires: their outcome as the reason, their schedule's template), in id order: each
 -- that may be an event, each that follows a gap in the ids (`previous` is the id before
 -- it among those $2; the relay waits for a gap's transaction to commit), and the last
--- (the cursor moves to it). A step's row is read only when its status is among $3, those
--- that may become a published event: never a move to `enqueued` or back to `pending`
--- (a claim, a quarter of the history), none when no step event is published. The names
--- of the tasks and steps are read once per batch (events/names.sql), not once per row.
+-- (the cursor moves to it). A step's row is returned only when its status is among $3,
+-- those that may become a published event: never a move to `enqueued` or back to
+-- `pending` (a claim, a quarter of the history), none when no step event is published;
+-- the window reads every row all the same, for the gaps and the last. The names of the
+-- tasks and steps are read once per batch (events/names.sql), not once per row.
 WITH window_rows AS (
     SELECT e.*,
            lag(e.transition_id) OVER (ORDER BY e.transition_id) AS previous,

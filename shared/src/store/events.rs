@@ -88,8 +88,9 @@ pub async fn advance_cursor(conn: &mut PgConnection, to: i64) -> sqlx::Result<()
 /// Of the `limit` transitions after `after` (task and step ones together, in id order),
 /// those that may be events, each one that follows a gap in the ids, and the last: a
 /// step's row whose status is not among `step_statuses` (a claim, to `enqueued` or back
-/// to `pending`, never is) becomes no published event and is left unread unless it is
-/// one of those.
+/// to `pending`, never is) becomes no published event and is not returned unless it is
+/// one of those. PostgreSQL still reads every row of the window, for the gaps and the
+/// last.
 pub async fn transitions_after(
     conn: &mut PgConnection,
     after: i64,

@@ -498,8 +498,6 @@ async fn a_failed_task_is_retried_from_its_page_and_turns_complete_live() {
     env.finish().await.unwrap();
 }
 
-/// Analytics: the step a test made slow is the slowest step and lies on the bottleneck
-/// path drawn on the template's graph; the other pages render what the API holds.
 /// With `TASKER_EVENTS` naming only some events, the badge says which: the pages change
 /// live on those alone.
 #[tokio::test]
@@ -607,6 +605,8 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
     env.finish().await.unwrap();
 }
 
+/// Analytics: the step a test made slow is the slowest step and lies on the bottleneck
+/// path drawn on the template's graph; the other pages render what the API holds.
 #[tokio::test]
 async fn the_analytics_page_shows_the_step_made_slow() {
     if !browser_available() {
