@@ -98,6 +98,44 @@ pub(crate) struct Applied {
     pub(crate) held: Vec<Received>,
 }
 
+/// Why [`ResultProcessor::apply_batch`] applied nothing of a batch.
+pub(crate) struct Refused {
+    error: anyhow::Error,
+    /// When PostgreSQL refused one of the batch's statements for the data it was given
+    /// ([`refused_for_data`]), the deliveries those statements carried: one of them is
+    /// likely poison the decoder let through, and the caller applies them one by one.
+    /// Empty for any other failure: the whole batch is handed back to the queue.
+    suspects: Vec<Delivery>,
+    /// With suspects: the poison deliveries the batch dead-lettered already, to ack.
+    dead_lettered: Vec<Delivery>,
+    /// With suspects: the deliveries held back (another transaction held their steps).
+    held: Vec<Received>,
+}
+
+impl Refused {
+    /// A failure the whole batch is handed back for.
+    fn whole(error: impl Into<anyhow::Error>) -> Self {
+        Refused {
+            error: error.into(),
+            suspects: Vec::new(),
+            dead_lettered: Vec::new(),
+            held: Vec::new(),
+        }
+    }
+}
+
+/// Whether PostgreSQL refused a statement for the data it was given: SQLSTATE class 22
+/// ("data exception": a character it cannot store, a time or number out of range…) or
+/// 54000 (a value past a limit, such as the largest `jsonb`). Anything else (a lost
+/// connection, a lock timeout, a deadlock) may pass on a second try.
+fn refused_for_data(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(cause.downcast_ref::<sqlx::Error>(),
+                 Some(sqlx::Error::Database(db))
+                     if db.code().is_some_and(|code| code.starts_with("22") || code == "54000"))
+    })
+}
+
 pub(crate) struct ResultProcessorConfig {
     pub(crate) topology: Topology,
     pub(crate) batch_size: i64,
@@ -154,26 +192,19 @@ impl ResultProcessor {
 
     /// Apply one batch of deliveries. Returns the deliveries applied (dead-lettered ones
     /// included), for the caller to ack, and those held back for a later batch.
-    pub(crate) async fn apply_batch(&self, batch: Vec<Received>) -> anyhow::Result<Applied> {
+    pub(crate) async fn apply_batch(&self, batch: Vec<Received>) -> Result<Applied, Refused> {
         let mut report = BatchReport::default();
-        let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
+        let mut dead_lettered: Vec<Delivery> = Vec::new();
         let mut messages: Vec<(Delivery, WorkerMessage)> = Vec::with_capacity(batch.len());
         for received in batch {
             match received.message {
                 Ok(message) => messages.push((received.delivery, message)),
                 Err(error) => {
-                    tracing::warn!(%error, "poison message on the results queue; dead-lettering it");
-                    self.topology
-                        .dead_letter(
-                            &self.confirm_channel,
-                            &received.delivery.data,
-                            &self.topology.results_queue(),
-                            &error,
-                        )
-                        .await?;
+                    self.dead_letter(&received.delivery, &error)
+                        .await
+                        .map_err(Refused::whole)?;
                     report.dead_lettered += 1;
-                    self.metrics.dead_lettered.inc();
-                    deliveries.push(received.delivery);
+                    dead_lettered.push(received.delivery);
                 }
             }
         }
@@ -181,7 +212,8 @@ impl ResultProcessor {
         let mut tx = self
             .pool
             .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
-            .await?;
+            .await
+            .map_err(Refused::whole)?;
         let mut steps: Vec<uuid::Uuid> = messages
             .iter()
             .flat_map(|(_, message)| message.steps())
@@ -194,7 +226,8 @@ impl ResultProcessor {
             .collect();
         let held: HashMap<uuid::Uuid, HeldStep> =
             transitions::lock_batch(&mut tx, &steps, &result_steps)
-                .await?
+                .await
+                .map_err(Refused::whole)?
                 .into_iter()
                 .map(|step| (step.step_id, step))
                 .collect();
@@ -214,6 +247,7 @@ impl ResultProcessor {
                 .any(|id| held.get(id).is_some_and(HeldStep::may_still_run)),
         };
         let mut held_back: Vec<Received> = Vec::new();
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(messages.len());
 
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: Vec<Started> = Vec::new();
@@ -263,24 +297,45 @@ impl ResultProcessor {
             }
             deliveries.push(delivery);
         }
-        for started in transitions::mark_started(&mut tx, &started, self.lease).await? {
-            self.metrics
-                .queue_latency
-                .get_or_create(&CoordinatorMetrics::namespace(&started.namespace))
-                .observe(started.latency);
-            report.started += 1;
+        let written = async {
+            for started in transitions::mark_started(&mut tx, &started, self.lease).await? {
+                self.metrics
+                    .queue_latency
+                    .get_or_create(&CoordinatorMetrics::namespace(&started.namespace))
+                    .observe(started.latency);
+                report.started += 1;
+            }
+            report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
+            let applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
+            let finished =
+                transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms))
+                    .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>((applied, finished))
         }
-        report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
-        let mut applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
+        .await;
+        let (mut applied, finished) = match written {
+            Ok(written) => written,
+            Err(error) => {
+                let error = anyhow::Error::from(error);
+                if !refused_for_data(&error) {
+                    return Err(Refused::whole(error));
+                }
+                return Err(Refused {
+                    error,
+                    suspects: deliveries,
+                    dead_lettered,
+                    held: held_back,
+                });
+            }
+        };
+        deliveries.extend(dead_lettered);
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
-        let finished =
-            transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms)).await?;
         let mut claimed = std::mem::take(&mut applied.claimed);
         claimed.extend(finished.claimed);
         let finished_children = finished.more_ready;
         let finished = finished.tasks;
-        tx.commit().await?;
         drop(spans);
         self.publisher.settled(
             started
@@ -440,6 +495,21 @@ impl ResultProcessor {
         }
     }
 
+    /// Copy a poison delivery to the dead-letter queue with `reason`, and count it.
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+        tracing::warn!(%reason, "poison message on the results queue; dead-lettering it");
+        self.topology
+            .dead_letter(
+                &self.confirm_channel,
+                &delivery.data,
+                &self.topology.results_queue(),
+                reason,
+            )
+            .await?;
+        self.metrics.dead_lettered.inc();
+        Ok(())
+    }
+
     /// Wait, in a transaction of its own, until the steps of held-back deliveries come
     /// free, for at most [`HELD_WAIT`]. Returns whether they did; a failure counts as
     /// not (the next batch holds them again).
@@ -478,7 +548,11 @@ impl ResultProcessor {
                 }
                 applied.held
             }
-            Err(error) => {
+            Err(refused) if !refused.suspects.is_empty() => {
+                self.metrics.database_errors.inc();
+                self.apply_one_by_one(refused).await
+            }
+            Err(Refused { error, .. }) => {
                 self.metrics.database_errors.inc();
                 tracing::warn!(
                     error = format!("{error:#}"),
@@ -499,6 +573,87 @@ impl ResultProcessor {
             }
         }
     }
+}
+
+impl ResultProcessor {
+    /// Apply the deliveries of a batch PostgreSQL refused for its data one at a time, and
+    /// dead-letter the one it refuses alone, with its error as the reason: otherwise
+    /// that message would come back at the head of every batch and stop every result
+    /// behind it. A failure of another kind hands the rest back to the queue. Returns
+    /// the deliveries held back meanwhile, for the next batch.
+    async fn apply_one_by_one(&self, refused: Refused) -> Vec<Received> {
+        let Refused {
+            error,
+            mut suspects,
+            dead_lettered,
+            mut held,
+        } = refused;
+        tracing::warn!(
+            error = format!("{error:#}"),
+            messages = suspects.len(),
+            "PostgreSQL refused a batch of results for its data; applying its messages one by one"
+        );
+        if let Err(error) = ack_each(&dead_lettered).await {
+            self.metrics.broker_errors.inc();
+            tracing::warn!(%error, "ack failed");
+        }
+        suspects.sort_by_key(|delivery| delivery.delivery_tag);
+        let mut suspects = suspects.into_iter();
+        while let Some(delivery) = suspects.next() {
+            let acker = delivery.acker.clone();
+            let failed = match self.apply_batch(vec![self.receive(delivery)]).await {
+                Ok(applied) => {
+                    held.extend(applied.held);
+                    ack_each(&applied.deliveries)
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+                Err(Refused {
+                    error,
+                    suspects: alone,
+                    ..
+                }) if !alone.is_empty() => {
+                    let reason = format!("refused by PostgreSQL: {error:#}");
+                    match self.dead_letter(&alone[0], &reason).await {
+                        Ok(()) => acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map(drop)
+                            .map_err(anyhow::Error::from),
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(Refused { error, .. }) => Err(error),
+            };
+            if let Err(error) = failed {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "applying results one by one failed; requeueing the rest"
+                );
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                for acker in std::iter::once(acker).chain(suspects.map(|d| d.acker)) {
+                    if let Err(error) = acker.nack(requeue).await {
+                        self.metrics.broker_errors.inc();
+                        tracing::warn!(%error, "nack failed");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                break;
+            }
+        }
+        held
+    }
+}
+
+/// Acknowledge each of `deliveries` on its own.
+async fn ack_each(deliveries: &[Delivery]) -> lapin::Result<()> {
+    for delivery in deliveries {
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
 }
 
 /// The span of applying one result: a child of the worker's `execute_step` (through

@@ -48,6 +48,56 @@ pub fn valid_worker_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// Whether the JSON text `json` holds U+0000 in a string or a key, which PostgreSQL's
+/// `text` and `jsonb` cannot store. JSON can only write it escaped (`\u0000`: a raw
+/// control character in a string is not JSON), and a backslash starts an escape of at
+/// least two characters wherever it appears, so one pass over the escapes is exact.
+pub fn json_holds_nul(json: &[u8]) -> bool {
+    let mut rest = json;
+    while let Some(at) = rest.iter().position(|&b| b == b'\\') {
+        if rest[at + 1..].starts_with(b"u0000") {
+            return true;
+        }
+        rest = rest.get(at + 2..).unwrap_or_default();
+    }
+    false
+}
+
+/// The JSON pointers of the first `limit` strings and keys in `value` that hold U+0000
+/// (which PostgreSQL's `jsonb` cannot store), each with `prefix` in front.
+pub fn nul_pointers(value: &Value, prefix: &str, limit: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    // Iterative, so no input can exhaust the stack (parsed JSON is at most 128 deep anyway).
+    let mut pending: Vec<(String, &Value)> = vec![(prefix.to_owned(), value)];
+    while let Some((pointer, value)) = pending.pop() {
+        if found.len() >= limit {
+            break;
+        }
+        match value {
+            Value::String(text) if text.contains('\0') => found.push(pointer),
+            Value::Array(items) => pending.extend(
+                items
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .map(|(index, item)| (format!("{pointer}/{index}"), item)),
+            ),
+            Value::Object(map) => {
+                for (key, item) in map.iter().rev() {
+                    let child = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                    if key.contains('\0') {
+                        found.push(child.clone());
+                    }
+                    pending.push((child, item));
+                }
+            }
+            _ => {}
+        }
+    }
+    found.truncate(limit);
+    found
+}
+
 /// Everything a stateless worker needs to run one attempt of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepMessage {
@@ -321,6 +371,9 @@ pub enum DecodeError {
     /// A batch that carries nothing.
     #[error("a steps message without steps")]
     Empty,
+    /// A string or key holds U+0000: the message cannot be applied.
+    #[error("holds a NUL character (U+0000), which PostgreSQL cannot store")]
+    Nul,
 }
 
 impl StepMessage {
@@ -397,6 +450,10 @@ impl WorkerMessage {
             }
             WorkerMessage::Started(batch) => check_version(batch.schema_version)?,
             WorkerMessage::Heartbeat(batch) => check_version(batch.schema_version)?,
+        }
+        // Refused here, as poison, rather than by the database inside a batch.
+        if json_holds_nul(body) {
+            return Err(DecodeError::Nul);
         }
         Ok(message)
     }
@@ -624,5 +681,55 @@ mod tests {
             WorkerMessage::decode(future.to_string().as_bytes()),
             Err(DecodeError::UnsupportedVersion(99))
         ));
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_a_worker_message_is_refused_and_only_a_nul() {
+        let result = |results: Value, worker_id: &str| {
+            let message = json!({
+                "type": "result", "schema_version": SCHEMA_VERSION,
+                "task_id": Uuid::from_u128(1), "step_id": Uuid::from_u128(2),
+                "dispatch_token": Uuid::from_u128(3), "outcome": "success",
+                "results": results, "started_at": "2026-12-06T00:00:00Z",
+                "finished_at": "2026-12-06T00:00:01Z", "worker_id": worker_id,
+            });
+            serde_json::to_vec(&message).unwrap()
+        };
+        for refused in [
+            result(json!({"text": "a\u{0}b"}), "w"),
+            result(json!({"key\u{0}": 1}), "w"),
+            result(json!(["\\\u{0}"]), "w"),
+            result(Value::Null, "w\u{0}"),
+        ] {
+            assert!(
+                json_holds_nul(&refused),
+                "{}",
+                String::from_utf8_lossy(&refused)
+            );
+            assert!(matches!(
+                WorkerMessage::decode(&refused),
+                Err(DecodeError::Nul)
+            ));
+        }
+        // A backslash written as text before `u0000` is no NUL.
+        for stored in [
+            result(json!({"text": "\\u0000"}), "w"),
+            result(json!({"text": "\\\\u0000", "u0000": "\\"}), "w"),
+            result(json!({"text": "\u{1}\n\"\\"}), "w"),
+        ] {
+            assert!(
+                !json_holds_nul(&stored),
+                "{}",
+                String::from_utf8_lossy(&stored)
+            );
+            assert!(WorkerMessage::decode(&stored).is_ok());
+        }
+        let mut pointers = nul_pointers(
+            &json!({"a": ["ok", "x\u{0}"], "b\u{0}": {"c/d": "\u{0}"}}),
+            "",
+            10,
+        );
+        pointers.sort();
+        assert_eq!(pointers, ["/a/1", "/b\u{0}", "/b\u{0}/c~1d"]);
     }
 }

@@ -2,11 +2,14 @@
 //! panic or a timeout into a retryable failure, and builds the result message. It never
 //! touches the broker: the runtime publishes what it decides.
 //!
-//! It also keeps the result publishable: a handler's result larger than the worker's
-//! `TASKER_MAX_RESULT_BYTES` (serialised as JSON) becomes a permanent failure with code
-//! `result_too_large`, and error messages are cut to [`MAX_ERROR_MESSAGE_BYTES`]. Without
-//! that, an oversized result would fail at the broker (or bloat the database and every
-//! child step's message), be handed back, and run again forever.
+//! It also keeps the result publishable and storable: a handler's result larger than the
+//! worker's `TASKER_MAX_RESULT_BYTES` (serialised as JSON) becomes a permanent failure
+//! with code `result_too_large`, one holding U+0000 (which PostgreSQL cannot store) a
+//! permanent failure with code `result_not_storable`, and error messages are cut to
+//! [`MAX_ERROR_MESSAGE_BYTES`], with any U+0000 in them or in their code replaced by
+//! U+FFFD. Without that, an oversized result would fail at the broker (or bloat the
+//! database and every child step's message), be handed back, and run again forever, and
+//! the coordinator would dead-letter a result it cannot store.
 //!
 //! While the handler runs, the step is in the worker's [`InFlight`] registry: heartbeats
 //! keep its lease alive, and a cancel of its task aborts it.
@@ -35,6 +38,9 @@ pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 16 * 1024;
 
 /// The code of the permanent failure an oversized result becomes.
 pub(crate) const RESULT_TOO_LARGE: &str = "result_too_large";
+
+/// The code of the permanent failure a result holding U+0000 becomes.
+pub(crate) const RESULT_NOT_STORABLE: &str = "result_not_storable";
 
 /// The steps this worker is running, the tasks it has heard were cancelled, and the
 /// dispatches it has heard were superseded. A std Mutex: held only to insert, remove or
@@ -212,7 +218,8 @@ impl InFlight {
 
 /// Run `handler` for `message` and decide the result; `None` when the run was aborted
 /// because its task was cancelled (nothing to report: the coordinator ignores it anyway).
-/// A result over `max_result_bytes` of JSON is a permanent failure (`result_too_large`).
+/// A result over `max_result_bytes` of JSON is a permanent failure (`result_too_large`),
+/// and so is one holding U+0000 (`result_not_storable`).
 pub(crate) async fn execute(
     handler: Arc<dyn StepHandler>,
     message: &StepMessage,
@@ -268,7 +275,9 @@ pub(crate) async fn execute(
     // Left in `inflight` until the runtime has published the result: a redelivered copy
     // of this dispatch waits for it (see the runtime's `skip_copy`).
     let finished_at = Utc::now();
-    let outcome = outcome.and_then(|results| check_result_size(results, max_result_bytes));
+    let outcome = outcome
+        .and_then(|results| check_result_size(results, max_result_bytes))
+        .and_then(check_result_storable);
     let (outcome, results, error) = match outcome {
         Ok(results) => (Outcome::Success, Some(results), None),
         Err(StepError::Retryable {
@@ -304,7 +313,8 @@ pub(crate) async fn execute(
         ),
     };
     let error = error.map(|mut error| {
-        error.message = cap_message(error.message);
+        error.message = cap_message(without_nul(error.message));
+        error.code = error.code.map(without_nul);
         error
     });
     Some(StepResult {
@@ -333,6 +343,55 @@ fn check_result_size(results: Value, limit: usize) -> Result<Value, StepError> {
          return a reference to it"
     ))
     .with_code(RESULT_TOO_LARGE))
+}
+
+/// The result, or the permanent failure it becomes when a string or key in it holds
+/// U+0000, which PostgreSQL's `jsonb` cannot store.
+fn check_result_storable(results: Value) -> Result<Value, StepError> {
+    // A walk that names nothing first: the pointers are built only for a result refused.
+    let mut pending = vec![&results];
+    let mut holds_nul = false;
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::String(text) => holds_nul |= text.contains('\0'),
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => {
+                holds_nul |= map.keys().any(|key| key.contains('\0'));
+                pending.extend(map.values());
+            }
+            _ => {}
+        }
+        if holds_nul {
+            break;
+        }
+    }
+    if !holds_nul {
+        return Ok(results);
+    }
+    let pointers: Vec<String> = tasker_protocol::messages::nul_pointers(&results, "", 5)
+        .into_iter()
+        .map(|pointer| {
+            if pointer.is_empty() {
+                "the top (the result is that string)".to_owned()
+            } else {
+                pointer
+            }
+        })
+        .collect();
+    Err(StepError::permanent(format!(
+        "the handler's result holds a NUL character (U+0000), which cannot be stored, at {}",
+        pointers.join(", ")
+    ))
+    .with_code(RESULT_NOT_STORABLE))
+}
+
+/// `text` with every U+0000 replaced by U+FFFD, so an error message can be stored.
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
 }
 
 /// The length of `value` serialised as JSON (as the result message carries it), counted
@@ -413,6 +472,27 @@ mod tests {
             }
             other => panic!("expected a permanent failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_result_holding_a_nul_is_a_permanent_failure_naming_where() {
+        let fine = json!({"text": "\\u0000 is text here", "list": [1, "two", {"k": null}]});
+        assert_eq!(check_result_storable(fine.clone()).unwrap(), fine);
+        for (results, at) in [
+            (json!({"body": "a\u{0}b"}), "/body"),
+            (json!({"list": [1, {"k\u{0}": true}]}), "/list/1/k\u{0}"),
+            (json!("\u{0}"), "the top (the result is that string)"),
+        ] {
+            match check_result_storable(results) {
+                Err(StepError::Permanent { message, code }) => {
+                    assert_eq!(code.as_deref(), Some(RESULT_NOT_STORABLE));
+                    assert!(message.contains("U+0000"), "{message}");
+                    assert!(message.ends_with(&format!("at {at}")), "{message}");
+                }
+                other => panic!("expected a permanent failure, got {other:?}"),
+            }
+        }
+        assert_eq!(without_nul("a\u{0}b".to_owned()), "a\u{FFFD}b");
     }
 
     #[test]

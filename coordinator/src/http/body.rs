@@ -132,36 +132,7 @@ pub(crate) fn query_rejection(rejection: QueryRejection) -> ApiError {
 /// The JSON pointers of the first strings and keys in `value` that hold U+0000, which
 /// PostgreSQL's `jsonb` cannot store; `prefix` is put in front of each pointer.
 pub(crate) fn nul_pointers(value: &Value, prefix: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    // Iterative, so no input can exhaust the stack (parsed JSON is at most 128 deep anyway).
-    let mut pending: Vec<(String, &Value)> = vec![(prefix.to_owned(), value)];
-    while let Some((pointer, value)) = pending.pop() {
-        if found.len() >= MAX_LISTED {
-            break;
-        }
-        match value {
-            Value::String(text) if text.contains('\0') => found.push(pointer),
-            Value::Array(items) => pending.extend(
-                items
-                    .iter()
-                    .enumerate()
-                    .rev()
-                    .map(|(index, item)| (format!("{pointer}/{index}"), item)),
-            ),
-            Value::Object(map) => {
-                for (key, item) in map.iter().rev() {
-                    let child = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
-                    if key.contains('\0') {
-                        found.push(child.clone());
-                    }
-                    pending.push((child, item));
-                }
-            }
-            _ => {}
-        }
-    }
-    found.truncate(MAX_LISTED);
-    found
+    tasker_shared::messages::nul_pointers(value, prefix, MAX_LISTED)
 }
 
 /// Turn axum's body rejection (too large, unreadable) into our error body.

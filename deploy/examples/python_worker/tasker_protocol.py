@@ -6,8 +6,9 @@
   the same strictness, and `step_message_body` writes one of its steps as a step message
   of its own (to dead-letter it alone).
 - `result_message`, `started_message` and `encode_result` write exactly what
-  `docs/schemas/` describes, and turn a handler's answer that cannot travel (not JSON,
-  NaN, over `max_result_bytes`) into a permanent failure instead of a crash.
+  `docs/schemas/` describes, and turn a handler's answer that cannot travel or be stored
+  (not JSON, NaN, over `max_result_bytes`, holding U+0000) into a permanent failure
+  instead of a crash.
 - `MessageKeys` signs and checks bodies like `protocol/src/signing.rs`.
 
 Every limit and message text here mirrors the Rust worker, so an operator reads the same
@@ -32,6 +33,7 @@ MAX_REASON_BYTES = 1024  # x-tasker-reason, protocol/src/broker.rs
 MAX_ERROR_MESSAGE_BYTES = 16 * 1024  # worker/src/executor.rs
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024  # TASKER_MAX_RESULT_BYTES, worker/src/executor.rs
 RESULT_TOO_LARGE = "result_too_large"  # the Rust worker's code
+RESULT_NOT_STORABLE = "result_not_storable"  # the Rust worker's code: U+0000
 RESULT_NOT_JSON = "result_not_json"  # only this worker has it: serde cannot hold NaN
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -265,9 +267,10 @@ def result_message(step, worker_id, outcome, started_at, finished_at, results=No
         message["results"] = results
     elif error is not None:
         text, code = error
-        message["error"] = {"message": cut(text, MAX_ERROR_MESSAGE_BYTES, note=True)}
+        # PostgreSQL cannot store U+0000: replaced, as the Rust worker does.
+        message["error"] = {"message": cut(text.replace("\0", "\ufffd"), MAX_ERROR_MESSAGE_BYTES, note=True)}
         if code is not None:
-            message["error"]["code"] = code
+            message["error"]["code"] = code.replace("\0", "\ufffd")
     message.update(started_at=started_at, finished_at=finished_at, worker_id=worker_id)
     return message
 
@@ -277,6 +280,25 @@ def started_message(worker_id, step, started_at, redelivered):
     notice = {"step_id": step["step_id"], "dispatch_token": step["dispatch_token"],
               "started_at": started_at, "redelivered": bool(redelivered)}
     return {"type": "started", "schema_version": SCHEMA_VERSION, "worker_id": worker_id, "steps": [notice]}
+
+
+def nul_pointers(value, limit=5):
+    """The JSON pointers of the first `limit` strings and keys in `value` that hold U+0000,
+    which PostgreSQL cannot store (`nul_pointers` of protocol/src/messages.rs)."""
+    found, pending = [], [("", value)]
+    while pending and len(found) < limit:
+        pointer, value = pending.pop()
+        if isinstance(value, str) and "\0" in value:
+            found.append(pointer)
+        elif isinstance(value, list):
+            pending.extend((f"{pointer}/{i}", item) for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                child = f"{pointer}/{key.replace('~', '~0').replace('/', '~1')}"
+                if "\0" in key:
+                    found.append(child)
+                pending.append((child, item))
+    return found[:limit]
 
 
 def results_problem(results, max_result_bytes):
@@ -292,6 +314,11 @@ def results_problem(results, max_result_bytes):
         return (f"the handler's result is {len(text)} bytes of JSON, over this worker's limit of "
                 f"{max_result_bytes} bytes (TASKER_MAX_RESULT_BYTES); return less, or store the "
                 "data elsewhere and return a reference to it", RESULT_TOO_LARGE)
+    found = nul_pointers(results)
+    if found:
+        where = ", ".join(p if p else "the top (the result is that string)" for p in found)
+        return (f"the handler's result holds a NUL character (U+0000), which cannot be stored, at {where}",
+                RESULT_NOT_STORABLE)
     return None
 
 

@@ -331,6 +331,21 @@ class WorkerTest(unittest.TestCase):
             "the handler's result is 102 bytes of JSON, over this worker's limit of 100 bytes "
             "(TASKER_MAX_RESULT_BYTES); return less, or store the data elsewhere and return a reference to it"))
 
+    def test_a_result_holding_a_nul_is_a_permanent_failure_naming_where(self):
+        for answer, where in [({"body": {"text": "a\0b"}}, "/body/text"), ({"k\0": 1}, "/k\0"),
+                              ("\0", "the top (the result is that string)")]:
+            with self.subTest(answer=answer):
+                result = self.run_handler(answer)
+                self.tearDown()
+                self.assertEqual(result["outcome"], "permanent_error", result)
+                self.assertEqual(result["error"]["code"], "result_not_storable")
+                self.assertEqual(result["error"]["message"], "the handler's result holds a NUL character "
+                                 f"(U+0000), which cannot be stored, at {where}")
+        self.assertEqual(self.run_handler({"text": "\\u0000 is text"})["outcome"], "success")
+        self.tearDown()
+        error = self.run_handler(RuntimeError("a\0b"))["error"]
+        self.assertEqual(error, {"message": "RuntimeError: a\ufffdb"})
+
     def test_the_default_limit_is_the_rust_workers_1_mib(self):
         self.assertEqual(settings().max_result_bytes, 1024 * 1024)
         result = self.run_handler(lambda: "x" * (1024 * 1024))

@@ -11,13 +11,17 @@
 //! messages, no process stops, and a normal task still completes.
 //!
 //! A handler whose result is over the worker's `TASKER_MAX_RESULT_BYTES` fails its step
-//! permanently with code `result_too_large`: not a broker failure, not a retry loop.
+//! permanently with code `result_too_large`: not a broker failure, not a retry loop. One
+//! holding U+0000 fails with `result_not_storable`. A result PostgreSQL refuses for its
+//! data, sent by another producer, is dead-lettered without holding up the results beside
+//! it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tasker_shared::broker::Topology;
+use tasker_tests::http_stub::{Answer, HttpStub};
 use tasker_tests::{
     EnvOptions, StatusCode, TestEnv, assert_no_dead_letters, confirm_channel, metric, publish,
     take_dead_letters,
@@ -378,5 +382,210 @@ async fn an_oversized_result_is_a_permanent_step_error_not_a_broker_failure() {
     assert_eq!(dead_letters, 0);
     let _ = connection.close(200, "OK".into()).await;
     assert_alive(&env, &worker_metrics).await;
+    env.finish().await.unwrap();
+}
+
+/// Results whose data PostgreSQL cannot store, from a producer that is not Tasker's
+/// worker: a NUL character (refused as the message is decoded), and a start time outside
+/// PostgreSQL's timestamps (refused by PostgreSQL inside a batch: the coordinator then
+/// applies that batch's messages one at a time). Each lands in the dead-letter queue with
+/// why, exactly once; the results sent beside them are applied; the refused steps keep
+/// the state they had, and results keep flowing.
+#[tokio::test]
+async fn results_the_database_cannot_store_are_dead_lettered_and_the_rest_applied() {
+    let mut env = TestEnv::start("poison-unstorable").await.unwrap();
+    let (status, body) = env.register_template(TEMPLATE).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    // No worker serves this namespace: its steps wait, enqueued, for the results forged here.
+    let (status, body) = env
+        .register_template(
+            "namespace: unserved\nname: one\nsteps:\n  - {name: only, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{body}");
+    let (_, worker_metrics) = env
+        .start_metered_worker("poison-worker", &[NAMESPACE], 4)
+        .await
+        .unwrap();
+    assert_alive(&env, &worker_metrics).await;
+    let coordinator_metrics = format!("{}/metrics", env.base_url);
+    let dead_lettered = "tasker_dead_lettered_total";
+    let before = metric(&coordinator_metrics, dead_lettered).await;
+
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (status, task) = env
+            .create_task(json!({"namespace": "unserved", "name": "one"}))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+        tasks.push(task["task_id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    // Each task's step as dispatched: (task, step, dispatch token).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let dispatched: Vec<(Uuid, Uuid, Uuid)> = loop {
+        let rows: Vec<(Uuid, Uuid, Uuid)> = sqlx::query_as(
+            "SELECT task_id, step_id, dispatch_token FROM steps \
+             WHERE task_id = ANY($1) AND status = 'enqueued' AND dispatch_token IS NOT NULL \
+             ORDER BY array_position($1, task_id)",
+        )
+        .bind(&tasks)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        if rows.len() == tasks.len() {
+            break rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "steps not dispatched: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let result =
+        |(task_id, step_id, token): (Uuid, Uuid, Uuid), results: Value, started_at: &str| {
+            json!({
+            "type": "result", "schema_version": 1, "task_id": task_id, "step_id": step_id,
+            "dispatch_token": token, "outcome": "success", "results": results,
+            "started_at": started_at, "finished_at": chrono::Utc::now(), "worker_id": "impostor",
+        })
+        .to_string()
+        .into_bytes()
+        };
+    let now = chrono::Utc::now().to_rfc3339();
+    let with_nul = result(dispatched[0], json!({"text": "a\u{0}b"}), &now);
+    // chrono reads years up to ±262,143; PostgreSQL's timestamps begin in 4713 BC.
+    let out_of_range = result(
+        dispatched[1],
+        json!({"ok": true}),
+        "-200000-01-01T00:00:00Z",
+    );
+    let fine = [
+        result(dispatched[2], json!({"n": 2}), &now),
+        result(dispatched[3], json!({"n": 3}), &now),
+    ];
+
+    // Published together, confirmed after: the coordinator takes what has arrived as one
+    // batch, so the refused result usually shares a batch with the fine ones.
+    let (connection, channel) = confirm_channel().await;
+    let results_queue = format!("{}.results", env.prefix);
+    let mut confirms = Vec::new();
+    for body in [&with_nul, &out_of_range, &fine[0], &fine[1]] {
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    results_queue.as_str().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body,
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+
+    let dead_letter_queue = format!("{}.dead_letter", env.prefix);
+    let letters = take_dead_letters(&channel, &dead_letter_queue, 2).await;
+    let reason_of = |body: &[u8]| {
+        letters
+            .iter()
+            .find(|letter| letter.body == body)
+            .map(|letter| letter.reason.clone())
+            .unwrap_or_else(|| panic!("not dead-lettered: {}", String::from_utf8_lossy(body)))
+    };
+    let reason = reason_of(&with_nul);
+    assert!(reason.contains("U+0000"), "{reason}");
+    let reason = reason_of(&out_of_range);
+    assert!(
+        reason.contains("refused by PostgreSQL") && reason.contains("out of range"),
+        "{reason}"
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|letter| letter.source_queue == results_queue),
+        "{letters:?}"
+    );
+
+    // The fine results were applied; the refused ones changed nothing.
+    for (task, n) in [(tasks[2], 2), (tasks[3], 3)] {
+        let task = env
+            .wait_for_task(&task.to_string(), &["complete"], Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            TestEnv::step(&task, "only")["results"],
+            json!({"n": n}),
+            "{task:#}"
+        );
+    }
+    for task in &tasks[..2] {
+        let (_, task) = env.get(&format!("/v1/tasks/{task}")).await.unwrap();
+        let step = TestEnv::step(&task, "only");
+        assert_eq!(step["status"], "enqueued", "{task:#}");
+        assert!(step["results"].is_null(), "{task:#}");
+    }
+    // Counted once each, and nothing behind them is held up.
+    assert_metrics_reach(&[(coordinator_metrics.as_str(), dead_lettered, before + 2.0)]).await;
+    assert_alive(&env, &worker_metrics).await;
+    assert_metrics_reach(&[(coordinator_metrics.as_str(), dead_lettered, before + 2.0)]).await;
+    assert_no_dead_letters(&channel, &dead_letter_queue).await;
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
+
+/// A handler's answer that holds a NUL character (U+0000), which PostgreSQL cannot store:
+/// the worker fails the step permanently with code `result_not_storable`, naming where,
+/// instead of sending a result the coordinator would have to refuse.
+#[tokio::test]
+async fn a_result_holding_a_nul_is_a_permanent_step_error() {
+    let mut env = TestEnv::start("poison-nul-result").await.unwrap();
+    // JSON's escape and a raw NUL in a text body.
+    let stub = HttpStub::start(vec![
+        Answer::new(200, r#"{"text": "a\u0000b"}"#).header("content-type", "application/json"),
+        Answer::new(200, "raw \0 text").header("content-type", "text/plain"),
+    ])
+    .await
+    .unwrap();
+    let template = json!({"namespace": "nul", "name": "call", "steps": [
+        {"name": "call", "handler": "tasker.http", "retry_limit": 3, "config": {"url": stub.url}}
+    ]});
+    let (status, body) = env.register_template(&template.to_string()).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    env.start_worker_with(
+        tasker_tests::binary("tasker-worker"),
+        "loopback",
+        &["nul"],
+        4,
+        &[("TASKER_HTTP_ALLOW", "127.0.0.1")],
+    )
+    .await
+    .unwrap();
+    for at in ["/body/text", "/body"] {
+        let task = env
+            .run_task(
+                json!({"namespace": "nul", "name": "call"}),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        let step = TestEnv::step(&task, "call");
+        assert_eq!(step["status"], "error", "{step:#}");
+        assert_eq!(step["attempts"], 1, "a permanent error: {step:#}");
+        assert_eq!(
+            step["last_error"]["code"], "result_not_storable",
+            "{step:#}"
+        );
+        let message = step["last_error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("U+0000") && message.ends_with(&format!("at {at}")),
+            "{message}"
+        );
+    }
     env.finish().await.unwrap();
 }
