@@ -415,18 +415,29 @@ async fn run_session(
         services.start(processor);
     }
     services.start(state.control.clone());
+    // The channels no loop of their own watches: the broker closes a channel on an
+    // error (a publish to an exchange deleted meanwhile, say) while the connection stays
+    // up, and a closed channel never opens again. The session then ends and reconnects.
+    let mut watched = vec![
+        ("step publishing", session.publish_channel.clone()),
+        ("dead letters and control", session.confirm_channel.clone()),
+    ];
     let opened = async {
+        let channel = session.connection.create_channel().await?;
+        watched.push(("queue gauges", channel.clone()));
         let gauges = Gauges::new(
             state.pool.clone(),
-            session.connection.create_channel().await?,
+            channel,
             topology.clone(),
             state.metrics.clone(),
             Duration::from_millis(settings.gauge_interval_ms),
         );
         let relay = if settings.events.is_on() {
+            let channel = broker::confirm_channel(&session.connection).await?;
+            watched.push(("lifecycle events", channel.clone()));
             Some(EventRelay::new(
                 state.pool.clone(),
-                broker::confirm_channel(&session.connection).await?,
+                channel,
                 topology.clone(),
                 settings.events.clone(),
                 state.metrics.clone(),
@@ -465,8 +476,7 @@ async fn run_session(
                 tracing::warn!(service, "a loop of the broker session stopped");
                 Some(SessionEnd::BrokerLost("a broker loop stopped"))
             }
-            _ = health.tick() => (!session.connection.status().connected())
-                .then_some(SessionEnd::BrokerLost("the connection closed")),
+            _ = health.tick() => broken(&session.connection, &watched),
         };
     }
     // Loops stop at once when told; a broker in trouble must not hold the restart up.
@@ -483,6 +493,25 @@ async fn run_session(
         .await;
     }
     end.unwrap_or(SessionEnd::Shutdown)
+}
+
+/// Why a broker session must end, if it must: its connection closed, or one of the
+/// `channels` it holds did.
+fn broken(
+    connection: &lapin::Connection,
+    channels: &[(&'static str, lapin::Channel)],
+) -> Option<SessionEnd> {
+    if !connection.status().connected() {
+        return Some(SessionEnd::BrokerLost("the connection closed"));
+    }
+    let (name, _) = channels
+        .iter()
+        .find(|(_, channel)| !channel.status().connected())?;
+    tracing::warn!(
+        channel = name,
+        "the broker closed a channel of this session"
+    );
+    Some(SessionEnd::BrokerLost("a channel closed"))
 }
 
 /// Register every template file in `dir`; refuse to start when one is invalid, naming the

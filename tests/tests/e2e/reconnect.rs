@@ -108,3 +108,45 @@ async fn a_worker_comes_back_after_its_connection_is_cut_while_acking() {
 async fn a_worker_comes_back_after_its_connection_is_cut_while_heartbeating() {
     cut_at("heartbeating").await;
 }
+
+/// The broker closes a channel, not the connection, when a publish names an exchange that
+/// is gone (here an operator deleted the steps exchange). The coordinator notices its
+/// closed channel, connects again, declares what is missing, and publishes the step it
+/// could not: the task completes. (A closed channel never opens again: without that, no
+/// step would be dispatched until the coordinator restarted.)
+#[tokio::test]
+async fn the_coordinator_comes_back_after_the_broker_closes_its_publishing_channel() {
+    let mut env = TestEnv::start("cut-channel").await.unwrap();
+    let (status, body) = env
+        .register_template(
+            "namespace: lone\nname: one\nsteps:\n  - {name: only, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{body}");
+    env.start_worker("channel-worker", &["lone"]).await.unwrap();
+    let run = || {
+        env.run_task(
+            json!({"namespace": "lone", "name": "one"}),
+            Duration::from_secs(60),
+        )
+    };
+    assert_eq!(run().await.unwrap()["status"], "complete");
+
+    let (connection, channel) = tasker_tests::confirm_channel().await;
+    channel
+        .exchange_delete(
+            format!("{}.steps", env.prefix).as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+
+    for _ in 0..2 {
+        let task = run().await.unwrap();
+        assert_eq!(task["status"], "complete", "{task:#}");
+        assert_eq!(TestEnv::step(&task, "only")["attempts"], 1, "{task:#}");
+    }
+    env.finish().await.unwrap();
+}
