@@ -32,7 +32,7 @@
 //! and results that workers sent meanwhile are still in the results queue, and expiring
 //! those steps would run them again for nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,11 @@ impl Sweeper {
     /// Returns how many steps were handed back.
     async fn audit_queues(&self) -> anyhow::Result<u64> {
         let queues = &self.queues;
+        // Only what this audit finds carries over to the next: a namespace it does not
+        // check (none of its steps waits now, or the audit stops early on an error)
+        // needs two checks in a row again.
+        let mut short = std::mem::take(&mut *self.short.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut checked = HashSet::new();
         let waiting = {
             let mut conn = self.pool.acquire().await?;
             transitions::confirmed_waiting(&mut conn, queues.lease_ms).await?
@@ -166,11 +171,8 @@ impl Sweeper {
                 held_by_workers,
                 results_ready: results.map_or(0, |(ready, _)| ready),
             });
-            let confirmed_lost = {
-                let mut short = self.short.lock().unwrap_or_else(|p| p.into_inner());
-                confirm_shortfall(&mut short, &namespace, found)
-            };
-            let Some(lost) = confirmed_lost else {
+            checked.insert(namespace.clone());
+            let Some(lost) = confirm_shortfall(&mut short, &namespace, found) else {
                 continue;
             };
             let older_than_ms = match lost {
@@ -200,6 +202,8 @@ impl Sweeper {
             count_reason(&self.metrics.lost_messages, lost.reason(), n);
             released += n;
         }
+        short.retain(|namespace, _| checked.contains(namespace));
+        *self.short.lock().unwrap_or_else(|p| p.into_inner()) = short;
         Ok(released)
     }
 
@@ -400,7 +404,8 @@ fn lost_in_queue(check: QueueCheck) -> Option<Lost> {
 /// A shortfall is acted on when two checks in a row find it (the smaller of the two): a
 /// step whose result a coordinator is applying at the first check, or whose started
 /// notice is on its way, is not lost, and is no longer `enqueued` at the next. `short`
-/// holds, per namespace, the shortfall of the previous check.
+/// holds, per namespace, the shortfall of the previous check (the previous audit's: an
+/// audit keeps only the namespaces it checked).
 fn confirm_shortfall(
     short: &mut HashMap<String, u64>,
     namespace: &str,
