@@ -79,18 +79,36 @@ function flash(message, kind = "info") {
 
 // Call `fn` at most once per `wait` ms, and once more after the last call: a page
 // reloads at a steady pace however many events arrive, and always shows the last state.
+// Calls `fn` at most once every `wait` ms, and never while its previous call (a promise)
+// runs: a call asked for meanwhile runs once after it, so an older read never lands after
+// a newer one.
 function throttle(fn, wait) {
   let timer = null;
   let last = 0;
-  return () => {
+  let running = false;
+  let again = false;
+  const trigger = () => {
+    if (running) {
+      again = true;
+      return;
+    }
     if (timer) return;
-    const delay = Math.max(0, last + wait - Date.now());
-    timer = setTimeout(() => {
+    timer = setTimeout(async () => {
       timer = null;
+      running = true;
       last = Date.now();
-      fn();
-    }, delay);
+      try {
+        await fn();
+      } finally {
+        running = false;
+        if (again) {
+          again = false;
+          trigger();
+        }
+      }
+    }, Math.max(0, last + wait - Date.now()));
   };
+  return trigger;
 }
 
 class ApiError extends Error {
@@ -219,6 +237,8 @@ function closeStream() {
 
 function showSignIn(message) {
   closeStream();
+  // Whatever the page before was still reading must not draw over the form.
+  app.page += 1;
   app.me = null;
   document.getElementById("who").textContent = "";
   document.getElementById("sign-out").hidden = true;
@@ -264,11 +284,12 @@ function parseHash() {
 function route() {
   if (!app.me) return;
   app.page += 1;
+  const page = app.page;
   closeStream();
   const { parts, params } = parseHash();
-  const [page, ...rest] = parts;
+  const [name, ...rest] = parts;
   for (const link of document.querySelectorAll("#nav a")) {
-    link.classList.toggle("active", link.dataset.page === page);
+    link.classList.toggle("active", link.dataset.page === name);
   }
   const main = document.getElementById("main");
   main.replaceChildren(h("p", { class: "muted" }, "Loading…"));
@@ -279,8 +300,8 @@ function route() {
     workers: () => workersPage(main),
     analytics: () => analyticsPage(main, params),
   };
-  (pages[page] || pages.tasks)().catch((error) => {
-    main.replaceChildren(h("p", { class: "error", id: "page-error" }, error.message));
+  (pages[name] || pages.tasks)().catch((error) => {
+    if (current(page)) main.replaceChildren(h("p", { class: "error", id: "page-error" }, error.message));
   });
 }
 
@@ -363,7 +384,9 @@ async function tasksPage(main, params) {
       h("td", {}, (Array.isArray(t.tags) ? t.tags : []).map((tag) => h("span", { class: "tag" }, String(tag)))),
     );
   const load = async (append) => {
-    const answer = await api(`/v1/tasks${query({ ...filters, limit: 50, cursor: append ? cursor : null })}`);
+    // A live reload reads again as many rows as are shown ("Older tasks…" included).
+    const limit = append ? 50 : Math.min(500, Math.max(50, body.children.length));
+    const answer = await api(`/v1/tasks${query({ ...filters, limit, cursor: append ? cursor : null })}`);
     if (!current(page)) return;
     cursor = answer.next_cursor;
     if (!append) body.replaceChildren();
@@ -375,6 +398,7 @@ async function tasksPage(main, params) {
   };
   more.addEventListener("click", () => load(true).catch((e) => flash(e.message, "error")));
   await load(false);
+  if (!current(page)) return;
   const refresh = throttle(() => load(false).catch((e) => flash(e.message, "error")), 700);
   openStream({ kind: "task", namespace: filters.namespace || undefined }, refresh);
 }
@@ -620,9 +644,12 @@ async function taskPage(main, taskId) {
 
   // The template's step definitions (for a tasker.wait step's signal), read once.
   let definitions = null;
+  let reads = 0;
   const load = async () => {
+    // An action's reload and a live one may overlap: only the newest read is drawn.
+    const read = ++reads;
     const [task, history] = await Promise.all([api(`/v1/tasks/${taskId}`), api(`/v1/tasks/${taskId}/transitions`)]);
-    if (!current(page)) return;
+    if (!current(page) || read !== reads) return;
     if (definitions === null) {
       definitions = new Map();
       try {
@@ -640,6 +667,7 @@ async function taskPage(main, taskId) {
     render();
   };
   await load();
+  if (!current(page)) return;
   const refresh = throttle(() => load().catch((e) => flash(e.message, "error")), 250);
   openStream({ task_id: taskId }, refresh);
 }
@@ -648,7 +676,9 @@ async function taskPage(main, taskId) {
 // Templates
 
 async function templatesPage(main) {
+  const page = app.page;
   const { templates } = await api("/v1/templates");
+  if (!current(page)) return;
   const latest = new Map();
   for (const t of templates) {
     const key = `${t.namespace}/${t.name}`;
@@ -680,11 +710,13 @@ async function templatesPage(main) {
 }
 
 async function templatePage(main, namespace, name, params) {
+  const page = app.page;
   const version = params.get("version");
   const [record, list] = await Promise.all([
     api(`/v1/templates/${encodeURIComponent(namespace)}/${encodeURIComponent(name)}${query({ version })}`),
     api("/v1/templates"),
   ]);
+  if (!current(page)) return;
   const definition = record;
   const versions = list.templates.filter((t) => t.namespace === namespace && t.name === name).map((t) => t.version);
   const select = h(
@@ -779,6 +811,7 @@ async function schedulesPage(main) {
     );
   };
   await render();
+  if (!current(page)) return;
   const refresh = throttle(() => render().catch((e) => flash(e.message, "error")), 1000);
   openStream({ kind: "schedule" }, refresh);
 }

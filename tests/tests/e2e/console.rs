@@ -605,6 +605,80 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
     env.finish().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_page_left_while_it_loads_leaves_the_next_pages_live_updates_alone() {
+    // The user opens a task and goes back to the list before the task page has read
+    // everything. When the task page's last read arrives, it must not open its stream:
+    // that would close the list's, and the list would stop showing new tasks.
+    if !browser_available() {
+        return;
+    }
+    let env = TestEnv::start_with("console_left_page", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    register(
+        &env,
+        &admin,
+        "namespace: left\nname: one\nversion: 1.0.0\nsteps:\n  - {name: only, handler: tasker.noop}\n",
+    )
+    .await;
+    // No worker serves `left`: its tasks stay as created.
+    let first = create(&env, &admin, "left", "one", json!({})).await;
+
+    let browser = Browser::start().await;
+    browser.sign_in(&env.base_url, "#/tasks", &admin).await;
+    browser
+        .wait_for(&format!("tr[data-task-id='{first}']"))
+        .await;
+    // From now on the task page's history read waits for `releaseHistory()`.
+    browser
+        .client
+        .execute(
+            "const fetchNow = window.fetch;
+             let release;
+             const held = new Promise((resolve) => (release = resolve));
+             window.releaseHistory = release;
+             window.fetch = (url, init) => String(url).endsWith('/transitions')
+               ? held.then(() => fetchNow(url, init))
+               : fetchNow(url, init);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser
+        .client
+        .execute(&format!("location.hash = '#/tasks/{first}'"), vec![])
+        .await
+        .unwrap();
+    // The task page is drawn (its frame comes before its reads) and reading.
+    browser.wait_for("#task-graph").await;
+    browser
+        .client
+        .execute("location.hash = '#/tasks'", vec![])
+        .await
+        .unwrap();
+    browser.wait_for("#tasks-table").await;
+    browser.wait_for("#live.on").await;
+    browser
+        .client
+        .execute("window.releaseHistory()", vec![])
+        .await
+        .unwrap();
+    // Time for the left page to finish its load (and, before the fix, open its stream).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = create(&env, &admin, "left", "one", json!({})).await;
+    browser
+        .wait_for(&format!("tr[data-task-id='{second}']"))
+        .await;
+    assert!(
+        browser.exists("#tasks-table").await,
+        "the list is still the page shown"
+    );
+    browser.close().await;
+    env.finish().await.unwrap();
+}
+
 /// Analytics: the step a test made slow is the slowest step and lies on the bottleneck
 /// path drawn on the template's graph; the other pages render what the API holds.
 #[tokio::test]
