@@ -47,6 +47,22 @@ pub(crate) struct LiveEvent {
     pub(crate) event: String,
     pub(crate) task_id: Option<Uuid>,
     pub(crate) namespace: String,
+    /// Set on the marker sent once the consumer is bound again after it lost the broker:
+    /// events published meanwhile reached no stream, and every stream says `lagged`.
+    pub(crate) missed: bool,
+}
+
+impl LiveEvent {
+    /// The marker of events missed while the consumer was not bound.
+    fn missed() -> Self {
+        LiveEvent {
+            json: String::new(),
+            event: String::new(),
+            task_id: None,
+            namespace: String::new(),
+            missed: true,
+        }
+    }
 }
 
 /// The fields of a lifecycle event that streams filter on.
@@ -145,8 +161,11 @@ impl LiveEvents {
     /// Consume the events exchange until no stream has been open for [`LINGER`].
     async fn consume(self: Arc<Self>) {
         let mut idle_since: Option<tokio::time::Instant> = None;
+        // Whether the last subscription failed with streams open: they missed what was
+        // published until the next one is bound.
+        let mut missed = false;
         loop {
-            let consumed = self.consume_once(&mut idle_since).await;
+            let consumed = self.consume_once(&mut idle_since, missed).await;
             self.bound.send_replace(false);
             {
                 let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
@@ -158,6 +177,7 @@ impl LiveEvents {
                     return;
                 }
             }
+            missed = consumed.is_err();
             match consumed {
                 Ok(()) => idle_since = None,
                 Err(error) => {
@@ -174,10 +194,12 @@ impl LiveEvents {
         }
     }
 
-    /// One subscription: returns once no stream has been open for [`LINGER`].
+    /// One subscription: returns once no stream has been open for [`LINGER`]. After a
+    /// failed one (`missed`), the open streams are told that they missed events.
     async fn consume_once(
         &self,
         idle_since: &mut Option<tokio::time::Instant>,
+        missed: bool,
     ) -> anyhow::Result<()> {
         let channel = self.broker.connection().create_channel().await?;
         let mut arguments = FieldTable::default();
@@ -190,6 +212,9 @@ impl LiveEvents {
             subscribe_private(&channel, &self.topology.events_exchange(), "#", arguments).await?;
         tracing::debug!("consuming lifecycle events for the open event streams");
         self.bound.send_replace(true);
+        if missed {
+            let _ = self.sender.send(Arc::new(LiveEvent::missed()));
+        }
         let mut tick = tokio::time::interval(LINGER / 6);
         loop {
             tokio::select! {
@@ -214,6 +239,7 @@ impl LiveEvents {
                         event: header.event,
                         task_id: header.task_id,
                         namespace: header.namespace,
+                        missed: false,
                     }));
                 }
                 _ = tick.tick() => {

@@ -110,7 +110,7 @@ impl Application {
                  (docs/security.md)"
             );
         }
-        let connection = broker::connect(&settings.broker, "tasker-coordinator").await?;
+        let connection = broker::connect(&settings.broker, &connection_name(&topology)).await?;
         let session = BrokerSession::open(connection, &topology).await?;
         let tasks = TaskTracker::new();
         let publisher = StepPublisher::new(
@@ -285,10 +285,10 @@ impl Application {
                 Some(current) => current,
                 None => {
                     let topology = &self.topology;
-                    let reconnect =
-                        broker::reconnect(&settings.broker, "tasker-coordinator", |connection| {
-                            BrokerSession::open(connection, topology)
-                        });
+                    let name = connection_name(topology);
+                    let reconnect = broker::reconnect(&settings.broker, &name, |connection| {
+                        BrokerSession::open(connection, topology)
+                    });
                     tokio::select! {
                         () = &mut shutdown => break Ok(()),
                         current = reconnect => {
@@ -493,6 +493,13 @@ async fn run_session(
         .await;
     }
     end.unwrap_or(SessionEnd::Shutdown)
+}
+
+/// The name a coordinator's broker connection shows in RabbitMQ (`rabbitmqctl
+/// list_connections client_properties`): the deployment's queue prefix tells coordinators
+/// of different deployments on one broker apart.
+fn connection_name(topology: &Topology) -> String {
+    format!("tasker-coordinator {}", topology.prefix())
 }
 
 /// Why a broker session must end, if it must: its connection closed, or one of the

@@ -209,7 +209,12 @@ function openStream(params, onEvent) {
               // What changed between the page's first read (or a dropped stream) and
               // now reached no stream: read once more.
               onEvent(null);
-            } else setLive("off", app.me?.events ? "not live" : "events off");
+            } else if (app.me?.events) {
+              // Events are on but this coordinator could not consume them in time (the
+              // broker is away): this stream would stay silent, so connect again.
+              await reader.cancel();
+              throw new Error("not live yet");
+            } else setLive("off", "events off");
           } else if (name === "lagged") {
             onEvent(null);
           } else {

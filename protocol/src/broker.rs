@@ -140,6 +140,11 @@ impl Topology {
         self.keys.enabled()
     }
 
+    /// The prefix every name here starts with (`TASKER_AMQP_PREFIX`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The direct exchange steps are published to.
     pub fn steps_exchange(&self) -> String {
         format!("{}.steps", self.prefix)

@@ -246,8 +246,9 @@ impl Filter {
 /// broker cannot be consumed: reconnect later). When `TASKER_EVENTS` names only some
 /// events, `ready` carries their patterns too (`"only": ["task.*"]`). Each lifecycle
 /// event follows as an unnamed event whose data is its JSON (`docs/observability.md`,
-/// "Lifecycle events"); `lagged` means the stream fell behind and missed some: reload
-/// what you show. A comment every 15 s keeps proxies from closing the connection.
+/// "Lifecycle events"); `lagged` means the stream missed some (it fell behind, or the
+/// coordinator lost the broker for a while; `missed` says how many when it is known):
+/// reload what you show. A comment every 15 s keeps proxies from closing the connection.
 #[utoipa::path(
     get,
     path = "/v1/events/stream",
@@ -295,6 +296,10 @@ pub(crate) async fn stream(
                     received = receiver.recv() => received,
                 };
                 let event = match received {
+                    // The coordinator lost the broker for a while: how many is unknown.
+                    Ok(event) if event.missed => Event::default()
+                        .event("lagged")
+                        .data(json!({"missed": null}).to_string()),
                     Ok(event) if filter.accepts(&event) => Event::default().data(&event.json),
                     Ok(_) => continue,
                     Err(RecvError::Lagged(missed)) => Event::default()

@@ -838,6 +838,54 @@ async fn the_analytics_page_shows_the_step_made_slow() {
     env.finish().await.unwrap();
 }
 
+/// The coordinator loses the broker while a stream is open: the events published until
+/// its consumer is bound again reach no stream, so the stream says `lagged` (the page
+/// reloads), then carries events again.
+#[tokio::test]
+async fn a_stream_says_lagged_when_its_coordinator_lost_the_broker() {
+    let mut env = TestEnv::start("console_stream_gap").await.unwrap();
+    env.register_template(
+        "namespace: gap\nname: one\nsteps:\n  - {name: only, handler: tasker.noop}\n",
+    )
+    .await
+    .unwrap();
+    env.start_worker("gap-worker", &["gap"]).await.unwrap();
+    let mut stream = env
+        .http
+        .get(format!("{}/v1/events/stream?namespace=gap", env.base_url))
+        .send()
+        .await
+        .unwrap();
+    let ready = read_events(&mut stream, |events| !events.is_empty()).await;
+    assert_eq!(ready[0], ("ready".to_owned(), json!({"events": true})));
+
+    let name = format!("tasker-coordinator {}", env.prefix);
+    let closed = tasker_tests::close_broker_connections(&name).await.unwrap();
+    assert_eq!(closed, 1, "the coordinator's connection is named {name:?}");
+    let events = read_events(&mut stream, |events| {
+        events.iter().any(|(name, _)| name == "lagged")
+    })
+    .await;
+    assert_eq!(
+        events,
+        [("lagged".to_owned(), json!({"missed": null}))],
+        "{events:#?}"
+    );
+    let task = env
+        .run_task(json!({"namespace": "gap", "name": "one"}), PATIENCE)
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap();
+    read_events(&mut stream, |events| {
+        events
+            .iter()
+            .any(|(_, e)| e["event"] == "task.completed" && e["task_id"] == id)
+    })
+    .await;
+    drop(stream);
+    env.finish().await.unwrap();
+}
+
 /// Read server-sent events from `response` until `done` says so: (event name, data).
 pub(crate) async fn read_events(
     response: &mut reqwest::Response,
