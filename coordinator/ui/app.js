@@ -40,7 +40,7 @@ function badge(status) {
 function when(at) {
   if (!at) return "—";
   const d = new Date(at);
-  return d.toLocaleString(undefined, { hour12: false });
+  return d.toLocaleString(undefined, { hourCycle: "h23" });
 }
 
 function ms(value) {
@@ -934,7 +934,7 @@ function lineChart(points, series, { unit = ms } = {}) {
   }
   points.forEach((p, i) => {
     if (i % Math.ceil(points.length / 6) === 0) {
-      chart.append(el("text", { x: x(i), y: H - 6, class: "axis", "text-anchor": "middle" }, p.at.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", hour12: false })));
+      chart.append(el("text", { x: x(i), y: H - 6, class: "axis", "text-anchor": "middle" }, p.at.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", hourCycle: "h23" })));
     }
   });
   for (const s of series) {
