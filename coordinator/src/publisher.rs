@@ -27,9 +27,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
+use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use tasker_shared::broker::{Topology, persistent, publish_together, with_traceparent};
 use tasker_shared::messages::{
@@ -56,9 +56,10 @@ const MAX_WAITING: usize = 4 * MAX_PUBLISH_BATCH;
 /// Publishes step messages on one confirm-mode channel.
 pub(crate) struct StepPublisher {
     pool: PgPool,
-    /// The channel of the current broker connection; replaced after a reconnect. A std
-    /// RwLock: held only to clone or swap the handle, never across an await.
-    channel: RwLock<Channel>,
+    /// The current broker connection and the channel steps are published on; replaced
+    /// after a reconnect. A std RwLock: held only to clone or swap the handles, never
+    /// across an await.
+    session: RwLock<(Arc<Connection>, Channel)>,
     topology: Topology,
     /// The dispatch lease given at claim time: how long a claimed step may go without its
     /// publish being confirmed before it is dispatched again.
@@ -105,14 +106,14 @@ impl StepPublisher {
     /// A publisher whose background batches are tasks on `tasks`.
     pub(crate) fn new(
         pool: PgPool,
-        channel: Channel,
+        (connection, channel): (Arc<Connection>, Channel),
         topology: Topology,
         lease_ms: i64,
         tasks: TaskTracker,
     ) -> Self {
         StepPublisher {
             pool,
-            channel: RwLock::new(channel),
+            session: RwLock::new((connection, channel)),
             topology,
             lease_ms,
             declared: Mutex::new(HashSet::new()),
@@ -137,10 +138,10 @@ impl StepPublisher {
         self.lease_ms
     }
 
-    /// Publish on `channel` from now on (a new connection after the old one was lost), and
-    /// declare namespaces again on it.
-    pub(crate) fn use_channel(&self, channel: Channel) {
-        *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+    /// Publish on `channel` of `connection` from now on (a new connection after the old
+    /// one was lost), and declare namespaces again on it.
+    pub(crate) fn use_channel(&self, connection: Arc<Connection>, channel: Channel) {
+        *self.session.write().unwrap_or_else(|p| p.into_inner()) = (connection, channel);
         self.declared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -153,21 +154,33 @@ impl StepPublisher {
     }
 
     fn channel(&self) -> Channel {
-        self.channel
+        self.session
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .1
             .clone()
     }
 
     /// Make sure a namespace's queue exists and is bound, so its steps are never dropped
-    /// by the exchange for want of a queue.
+    /// by the exchange for want of a queue. Declared on a channel of its own: a refused
+    /// declaration (a queue of another type already there) closes the channel it was
+    /// made on, and the publishing channel must stay open.
     pub(crate) async fn ensure_namespace(&self, namespace: &str) -> lapin::Result<()> {
         if self.is_declared(namespace) {
             return Ok(());
         }
-        self.topology
-            .declare_namespace(&self.channel(), namespace)
-            .await?;
+        let connection = self
+            .session
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone();
+        let channel = connection.create_channel().await?;
+        let declared = self.topology.declare_namespace(&channel, namespace).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "OK".into()).await;
+        }
+        declared?;
         self.declared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

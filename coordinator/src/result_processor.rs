@@ -577,10 +577,11 @@ impl ResultProcessor {
 
 impl ResultProcessor {
     /// Apply the deliveries of a batch PostgreSQL refused for its data one at a time, and
-    /// dead-letter the one it refuses alone, with its error as the reason: otherwise
-    /// that message would come back at the head of every batch and stop every result
-    /// behind it. A failure of another kind hands the rest back to the queue. Returns
-    /// the deliveries held back meanwhile, for the next batch.
+    /// dead-letter those it refuses alone, with its error as the reason: otherwise such
+    /// a message would come back at the head of every batch and stop every result
+    /// behind it. When it refuses every one of several alone, or on a failure of
+    /// another kind, they go back to the queue instead. Returns the deliveries held
+    /// back meanwhile, for the next batch.
     async fn apply_one_by_one(&self, refused: Refused) -> Vec<Received> {
         let Refused {
             error,
@@ -598,6 +599,9 @@ impl ResultProcessor {
             tracing::warn!(%error, "ack failed");
         }
         suspects.sort_by_key(|delivery| delivery.delivery_tag);
+        let count = suspects.len();
+        let mut refused_alone: Vec<(Delivery, anyhow::Error)> = Vec::new();
+        let mut requeue: Vec<lapin::Acker> = Vec::new();
         let mut suspects = suspects.into_iter();
         while let Some(delivery) = suspects.next() {
             let acker = delivery.acker.clone();
@@ -610,18 +614,11 @@ impl ResultProcessor {
                 }
                 Err(Refused {
                     error,
-                    suspects: alone,
+                    suspects: mut alone,
                     ..
                 }) if !alone.is_empty() => {
-                    let reason = format!("refused by PostgreSQL: {error:#}");
-                    match self.dead_letter(&alone[0], &reason).await {
-                        Ok(()) => acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .map(drop)
-                            .map_err(anyhow::Error::from),
-                        Err(error) => Err(error),
-                    }
+                    refused_alone.push((alone.remove(0), error));
+                    Ok(())
                 }
                 Err(Refused { error, .. }) => Err(error),
             };
@@ -630,19 +627,50 @@ impl ResultProcessor {
                     error = format!("{error:#}"),
                     "applying results one by one failed; requeueing the rest"
                 );
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                for acker in std::iter::once(acker).chain(suspects.map(|d| d.acker)) {
-                    if let Err(error) = acker.nack(requeue).await {
-                        self.metrics.broker_errors.inc();
-                        tracing::warn!(%error, "nack failed");
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                requeue.push(acker);
+                requeue.extend(suspects.map(|delivery| delivery.acker));
                 break;
             }
+        }
+        // Every message of the batch refused on its own: the fault is not theirs (one of
+        // our statements, a setting), and dead-lettering them would lose every result.
+        // They go back to the queue, as any failed batch does. (A batch of one cannot
+        // tell the two apart: its message is dead-lettered.)
+        if count > 1 && refused_alone.len() == count {
+            tracing::error!(
+                messages = count,
+                "PostgreSQL refused every message of a batch on its own; requeueing them"
+            );
+            requeue.extend(refused_alone.drain(..).map(|(delivery, _)| delivery.acker));
+        }
+        for (delivery, error) in refused_alone {
+            let reason = format!("refused by PostgreSQL: {error:#}");
+            let done = match self.dead_letter(&delivery, &reason).await {
+                Ok(()) => delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(drop)
+                    .map_err(anyhow::Error::from),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = done {
+                tracing::warn!(error = format!("{error:#}"), "dead-lettering failed");
+                requeue.push(delivery.acker);
+            }
+        }
+        if !requeue.is_empty() {
+            let options = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            for acker in requeue {
+                if let Err(error) = acker.nack(options).await {
+                    self.metrics.broker_errors.inc();
+                    tracing::warn!(%error, "nack failed");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         held
     }

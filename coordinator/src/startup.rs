@@ -115,7 +115,7 @@ impl Application {
         let tasks = TaskTracker::new();
         let publisher = StepPublisher::new(
             pool.clone(),
-            session.publish_channel.clone(),
+            (session.connection.clone(), session.publish_channel.clone()),
             topology.clone(),
             settings.dispatch_lease_ms,
             tasks.clone(),
@@ -361,7 +361,9 @@ async fn run_session(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     database_services: &mut Services,
 ) -> SessionEnd {
-    state.publisher.use_channel(session.publish_channel.clone());
+    state
+        .publisher
+        .use_channel(session.connection.clone(), session.publish_channel.clone());
     state.control.use_channel(session.confirm_channel.clone());
     state.broker.replace(session.connection.clone());
     match tasker_shared::store::templates::namespaces(&state.pool).await {
@@ -415,19 +417,19 @@ async fn run_session(
         services.start(processor);
     }
     services.start(state.control.clone());
-    // The channels no loop of their own watches: the broker closes a channel on an
-    // error (a publish to an exchange deleted meanwhile, say) while the connection stays
-    // up, and a closed channel never opens again. The session then ends and reconnects.
+    // The channels that publish, which no loop of their own watches: the broker closes a
+    // channel on an error (a publish to an exchange deleted meanwhile, say) while the
+    // connection stays up, and a closed channel never opens again. The session then
+    // ends and reconnects. (The gauges' channel is not among them: a gauge that cannot
+    // be read is logged and counted, and must not restart the session at every read.)
     let mut watched = vec![
         ("step publishing", session.publish_channel.clone()),
         ("dead letters and control", session.confirm_channel.clone()),
     ];
     let opened = async {
-        let channel = session.connection.create_channel().await?;
-        watched.push(("queue gauges", channel.clone()));
         let gauges = Gauges::new(
             state.pool.clone(),
-            channel,
+            session.connection.create_channel().await?,
             topology.clone(),
             state.metrics.clone(),
             Duration::from_millis(settings.gauge_interval_ms),

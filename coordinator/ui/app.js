@@ -5,6 +5,8 @@
 import { drawGraph } from "./graph.js";
 
 const TOKEN_KEY = "tasker.token";
+// The longest an API read may take (analytics over a long window included).
+const API_TIMEOUT_MS = 60_000;
 const STATUSES = ["pending", "in_progress", "complete", "error", "cancelled", "resolved_manually"];
 const FINISHED_STEP = new Set(["complete", "error", "cancelled", "resolved_manually", "skipped"]);
 
@@ -77,11 +79,10 @@ function flash(message, kind = "info") {
   flash.timer = setTimeout(() => (el.hidden = true), kind === "error" ? 12_000 : 5_000);
 }
 
-// Call `fn` at most once per `wait` ms, and once more after the last call: a page
+// Call `fn` at most once every `wait` ms, and once more after the last call: a page
 // reloads at a steady pace however many events arrive, and always shows the last state.
-// Calls `fn` at most once every `wait` ms, and never while its previous call (a promise)
-// runs: a call asked for meanwhile runs once after it, so an older read never lands after
-// a newer one.
+// Never while its previous call (a promise) runs: a call asked for meanwhile runs once
+// after it, so an older read never lands after a newer one.
 function throttle(fn, wait) {
   let timer = null;
   let last = 0;
@@ -131,6 +132,8 @@ async function api(path, { method = "GET", body } = {}) {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
+    // A request nobody answers must not hold a page's reloads (they wait for each other).
+    signal: AbortSignal.timeout(API_TIMEOUT_MS),
   });
   const text = await response.text();
   let parsed = null;
@@ -663,6 +666,7 @@ async function taskPage(main, taskId) {
       } catch {
         // Shown without: only the signal's name is not filled in.
       }
+      if (!current(page) || read !== reads) return;
     }
     if (selected === null) {
       const failed = task.steps.find((s) => s.status === "error") || task.steps.find((s) => s.status === "waiting_for_retry");

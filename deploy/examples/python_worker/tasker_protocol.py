@@ -305,7 +305,7 @@ def results_problem(results, max_result_bytes):
     """Why a handler's results cannot be sent, as `(message, code)`, or None if they can."""
     try:
         text = encode(results)
-        json.loads(text, parse_int=_check_int)
+        sent = json.loads(text, parse_int=_check_int)  # what the coordinator will read
     except (ValueError, TypeError, RecursionError) as error:
         return (f"the handler's result cannot be sent as JSON ({describe(error)}); return only "
                 "dicts with string keys, lists, strings, booleans, None, finite floats and "
@@ -314,7 +314,7 @@ def results_problem(results, max_result_bytes):
         return (f"the handler's result is {len(text)} bytes of JSON, over this worker's limit of "
                 f"{max_result_bytes} bytes (TASKER_MAX_RESULT_BYTES); return less, or store the "
                 "data elsewhere and return a reference to it", RESULT_TOO_LARGE)
-    found = nul_pointers(results)
+    found = nul_pointers(sent)
     if found:
         where = ", ".join(p if p else "the top (the result is that string)" for p in found)
         return (f"the handler's result holds a NUL character (U+0000), which cannot be stored, at {where}",
@@ -329,8 +329,10 @@ def encode_result(message, max_result_bytes):
         problem = results_problem(message["results"], max_result_bytes)
         if problem is not None:
             message = {k: v for k, v in message.items() if k != "results"}
+            # The message names a key that may itself hold U+0000.
+            text = problem[0].replace("\0", "\ufffd")
             message.update(outcome="permanent_error",
-                           error={"message": cut(problem[0], MAX_ERROR_MESSAGE_BYTES, note=True), "code": problem[1]})
+                           error={"message": cut(text, MAX_ERROR_MESSAGE_BYTES, note=True), "code": problem[1]})
     return message, encode(message)
 
 

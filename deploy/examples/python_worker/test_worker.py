@@ -332,8 +332,8 @@ class WorkerTest(unittest.TestCase):
             "(TASKER_MAX_RESULT_BYTES); return less, or store the data elsewhere and return a reference to it"))
 
     def test_a_result_holding_a_nul_is_a_permanent_failure_naming_where(self):
-        for answer, where in [({"body": {"text": "a\0b"}}, "/body/text"), ({"k\0": 1}, "/k\0"),
-                              ("\0", "the top (the result is that string)")]:
+        for answer, where in [({"body": {"text": "a\0b"}}, "/body/text"), ({"k\0": 1}, "/k\ufffd"),
+                              ({1: ("x\0",)}, "/1/0"), ("\0", "the top (the result is that string)")]:
             with self.subTest(answer=answer):
                 result = self.run_handler(answer)
                 self.tearDown()
