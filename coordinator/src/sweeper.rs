@@ -32,7 +32,7 @@
 //! and results that workers sent meanwhile are still in the results queue, and expiring
 //! those steps would run them again for nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,10 +65,10 @@ pub(crate) struct Sweeper {
     /// Since when the database and the broker have both been reachable.
     healthy_since: Mutex<Option<Instant>>,
     queues: QueueAudit,
-    /// Per namespace, how many steps the previous queue check found missing from a queue
-    /// that exists: a shortfall is acted on only when the next check finds it again. A
-    /// std Mutex: held only to read or write the map, never across an await.
-    short: Mutex<HashMap<String, u64>>,
+    /// The shortfalls the previous queue audit found: one is acted on only when the next
+    /// audit finds it again. A std Mutex: held only to take or put back, never across an
+    /// await.
+    short: Mutex<Shortfalls>,
 }
 
 /// What the sweeper needs to check the step queues and tell workers of superseded
@@ -138,11 +138,9 @@ impl Sweeper {
     /// Returns how many steps were handed back.
     async fn audit_queues(&self) -> anyhow::Result<u64> {
         let queues = &self.queues;
-        // Only what this audit finds carries over to the next: a namespace it does not
-        // check (none of its steps waits now, or the audit stops early on an error)
-        // needs two checks in a row again.
+        // Put back only by an audit that ran to its end: one that stops early (nothing
+        // waits, or an error) leaves none, and the next needs two checks in a row again.
         let mut short = std::mem::take(&mut *self.short.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut checked = HashSet::new();
         let waiting = {
             let mut conn = self.pool.acquire().await?;
             transitions::confirmed_waiting(&mut conn, queues.lease_ms).await?
@@ -171,8 +169,7 @@ impl Sweeper {
                 held_by_workers,
                 results_ready: results.map_or(0, |(ready, _)| ready),
             });
-            checked.insert(namespace.clone());
-            let Some(lost) = confirm_shortfall(&mut short, &namespace, found) else {
+            let Some(lost) = short.confirm(&namespace, found) else {
                 continue;
             };
             let older_than_ms = match lost {
@@ -202,7 +199,7 @@ impl Sweeper {
             count_reason(&self.metrics.lost_messages, lost.reason(), n);
             released += n;
         }
-        short.retain(|namespace, _| checked.contains(namespace));
+        short.end_audit();
         *self.short.lock().unwrap_or_else(|p| p.into_inner()) = short;
         Ok(released)
     }
@@ -389,7 +386,7 @@ impl Lost {
 /// with its result (which also records its start) waiting in the results queue or being
 /// applied. So a queue is short only while no result waits, and only by more than the
 /// workers may hold; results being applied at this check are ruled out by the next
-/// ([`Sweeper::confirm_shortfall`]).
+/// ([`Shortfalls`]).
 fn lost_in_queue(check: QueueCheck) -> Option<Lost> {
     let Some((ready, _)) = check.step_queue else {
         return Some(Lost::Missing);
@@ -401,28 +398,35 @@ fn lost_in_queue(check: QueueCheck) -> Option<Lost> {
     (check.confirmed > elsewhere).then(|| Lost::Short(check.confirmed - elsewhere))
 }
 
-/// A shortfall is acted on when two checks in a row find it (the smaller of the two): a
+/// A shortfall is acted on when two audits in a row find it (the smaller of the two): a
 /// step whose result a coordinator is applying at the first check, or whose started
-/// notice is on its way, is not lost, and is no longer `enqueued` at the next. `short`
-/// holds, per namespace, the shortfall of the previous check (the previous audit's: an
-/// audit keeps only the namespaces it checked).
-fn confirm_shortfall(
-    short: &mut HashMap<String, u64>,
-    namespace: &str,
-    found: Option<Lost>,
-) -> Option<Lost> {
-    match found {
-        Some(Lost::Short(now)) => match short.remove(namespace) {
-            Some(before) => Some(Lost::Short(now.min(before))),
-            None => {
-                short.insert(namespace.to_owned(), now);
+/// notice is on its way, is not lost, and is no longer `enqueued` at the next.
+#[derive(Default)]
+struct Shortfalls {
+    /// Per namespace, the shortfall the previous audit found.
+    previous: HashMap<String, u64>,
+    /// Those this audit found for the first time.
+    found: HashMap<String, u64>,
+}
+
+impl Shortfalls {
+    /// What a check of `namespace` that found `found` confirms.
+    fn confirm(&mut self, namespace: &str, found: Option<Lost>) -> Option<Lost> {
+        let before = self.previous.remove(namespace);
+        match (found, before) {
+            (Some(Lost::Short(now)), Some(before)) => Some(Lost::Short(now.min(before))),
+            (Some(Lost::Short(now)), None) => {
+                self.found.insert(namespace.to_owned(), now);
                 None
             }
-        },
-        other => {
-            short.remove(namespace);
-            other
+            (other, _) => other,
         }
+    }
+
+    /// The audit is over: what it found first is what the next one confirms, and a
+    /// namespace it did not check starts again from one check.
+    fn end_audit(&mut self) {
+        self.previous = std::mem::take(&mut self.found);
     }
 }
 
@@ -479,31 +483,43 @@ mod tests {
     }
 
     #[test]
-    fn a_shortfall_counts_when_two_checks_in_a_row_find_it() {
-        let mut short = HashMap::new();
+    fn a_shortfall_counts_when_two_audits_in_a_row_find_it() {
+        let mut short = Shortfalls::default();
+        let mut audit = |found: Option<Lost>| {
+            let confirmed = short.confirm("a", found);
+            short.end_audit();
+            confirmed
+        };
+        assert_eq!(audit(Some(Lost::Short(50))), None);
         assert_eq!(
-            confirm_shortfall(&mut short, "a", Some(Lost::Short(50))),
-            None
-        );
-        assert_eq!(
-            confirm_shortfall(&mut short, "a", Some(Lost::Short(40))),
+            audit(Some(Lost::Short(40))),
             Some(Lost::Short(40)),
             "the smaller of the two"
         );
         // A shortfall that is gone at the next check is forgotten.
-        assert_eq!(
-            confirm_shortfall(&mut short, "a", Some(Lost::Short(9))),
-            None
-        );
-        assert_eq!(confirm_shortfall(&mut short, "a", None), None);
-        assert_eq!(
-            confirm_shortfall(&mut short, "a", Some(Lost::Short(9))),
-            None
-        );
+        assert_eq!(audit(Some(Lost::Short(9))), None);
+        assert_eq!(audit(None), None);
+        assert_eq!(audit(Some(Lost::Short(9))), None);
         // A missing queue needs no second look.
+        assert_eq!(short.confirm("b", Some(Lost::Missing)), Some(Lost::Missing));
+    }
+
+    #[test]
+    fn a_shortfall_is_forgotten_by_an_audit_that_does_not_check_its_namespace() {
+        let mut short = Shortfalls::default();
+        assert_eq!(short.confirm("a", Some(Lost::Short(5))), None);
+        assert_eq!(short.confirm("b", Some(Lost::Short(5))), None);
+        short.end_audit();
+        // Nothing of `a` waits at this audit: only `b` is checked.
         assert_eq!(
-            confirm_shortfall(&mut short, "b", Some(Lost::Missing)),
-            Some(Lost::Missing)
+            short.confirm("b", Some(Lost::Short(3))),
+            Some(Lost::Short(3))
+        );
+        short.end_audit();
+        assert_eq!(
+            short.confirm("a", Some(Lost::Short(5))),
+            None,
+            "one check, not two"
         );
     }
 }
