@@ -169,6 +169,35 @@ impl Browser {
         }
     }
 
+    /// From now on the page's requests whose URL `matches` (a JavaScript expression of
+    /// `url`) wait until [`Browser::release`] is called with `name`. The console is one
+    /// page, so this holds across its routes.
+    async fn hold_requests(&self, matches: &str, name: &str) {
+        let key = format!("releaseHeld_{name}");
+        let script = format!(
+            "const fetchNow = window.fetch;
+             let release;
+             const held = new Promise((resolve) => (release = resolve));
+             window[{key:?}] = release;
+             window.fetch = (url, init) => (({matches})(String(url)))
+               ? held.then(() => fetchNow(url, init))
+               : fetchNow(url, init);"
+        );
+        self.client.execute(&script, vec![]).await.unwrap();
+    }
+
+    /// Let the requests [`Browser::hold_requests`] held as `name` go.
+    async fn release(&self, name: &str) {
+        let script = format!("window[{:?}]()", format!("releaseHeld_{name}"));
+        self.client.execute(&script, vec![]).await.unwrap();
+    }
+
+    /// Go to a route of the console (`#/tasks/…`) in this document.
+    async fn go(&self, route: &str) {
+        let script = format!("location.hash = {route:?}");
+        self.client.execute(&script, vec![]).await.unwrap();
+    }
+
     async fn wait_for(&self, selector: &str) {
         self.wait_until(
             &format!("`{selector}`"),
@@ -552,27 +581,12 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
     let browser = Browser::start().await;
     browser.sign_in(&env.base_url, "#/tasks", &admin).await;
     browser.wait_for("#live.on").await;
-    // From now on the page's event streams wait for `releaseStream()`. The console is
-    // one page, so the task page below opens in this document, with this fetch.
+    // From now on the page's event streams wait; the task page below opens in this
+    // document, with this fetch.
     browser
-        .client
-        .execute(
-            "const fetchNow = window.fetch;
-             let release;
-             const held = new Promise((resolve) => (release = resolve));
-             window.releaseStream = release;
-             window.fetch = (url, init) => String(url).includes('/v1/events/stream')
-               ? held.then(() => fetchNow(url, init))
-               : fetchNow(url, init);",
-            vec![],
-        )
-        .await
-        .unwrap();
-    browser
-        .client
-        .execute(&format!("location.hash = '#/tasks/{task}'"), vec![])
-        .await
-        .unwrap();
+        .hold_requests("(url) => url.includes('/v1/events/stream')", "stream")
+        .await;
+    browser.go(&format!("#/tasks/{task}")).await;
     browser.wait_for("#task-status .status-in_progress").await;
     let (status, _) = call(
         &env,
@@ -595,11 +609,7 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
         browser.exists("#task-status .status-in_progress").await,
         "nothing told the page yet"
     );
-    browser
-        .client
-        .execute("window.releaseStream()", vec![])
-        .await
-        .unwrap();
+    browser.release("stream").await;
     browser.wait_for("#task-status .status-complete").await;
     browser.close().await;
     env.finish().await.unwrap();
@@ -631,40 +641,17 @@ async fn a_page_left_while_it_loads_leaves_the_next_pages_live_updates_alone() {
     browser
         .wait_for(&format!("tr[data-task-id='{first}']"))
         .await;
-    // From now on the task page's history read waits for `releaseHistory()`.
+    // From now on the task page's history read waits.
     browser
-        .client
-        .execute(
-            "const fetchNow = window.fetch;
-             let release;
-             const held = new Promise((resolve) => (release = resolve));
-             window.releaseHistory = release;
-             window.fetch = (url, init) => String(url).endsWith('/transitions')
-               ? held.then(() => fetchNow(url, init))
-               : fetchNow(url, init);",
-            vec![],
-        )
-        .await
-        .unwrap();
-    browser
-        .client
-        .execute(&format!("location.hash = '#/tasks/{first}'"), vec![])
-        .await
-        .unwrap();
+        .hold_requests("(url) => url.endsWith('/transitions')", "history")
+        .await;
+    browser.go(&format!("#/tasks/{first}")).await;
     // The task page is drawn (its frame comes before its reads) and reading.
     browser.wait_for("#task-graph").await;
-    browser
-        .client
-        .execute("location.hash = '#/tasks'", vec![])
-        .await
-        .unwrap();
+    browser.go("#/tasks").await;
     browser.wait_for("#tasks-table").await;
     browser.wait_for("#live.on").await;
-    browser
-        .client
-        .execute("window.releaseHistory()", vec![])
-        .await
-        .unwrap();
+    browser.release("history").await;
     // Time for the left page to finish its load (and, before the fix, open its stream).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let second = create(&env, &admin, "left", "one", json!({})).await;
