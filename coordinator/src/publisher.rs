@@ -139,7 +139,7 @@ impl StepPublisher {
     }
 
     /// Publish on `channel` of `connection` from now on (a new connection after the old
-    /// one was lost), and declare namespaces again on it.
+    /// one was lost), and declare namespaces again on that connection.
     pub(crate) fn use_channel(&self, connection: Arc<Connection>, channel: Channel) {
         *self.session.write().unwrap_or_else(|p| p.into_inner()) = (connection, channel);
         self.declared
