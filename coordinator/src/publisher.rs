@@ -27,9 +27,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use tasker_shared::broker::{Topology, persistent, publish_together, with_traceparent};
 use tasker_shared::messages::{
@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::link::BrokerLink;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
 
@@ -56,10 +57,12 @@ const MAX_WAITING: usize = 4 * MAX_PUBLISH_BATCH;
 /// Publishes step messages on one confirm-mode channel.
 pub(crate) struct StepPublisher {
     pool: PgPool,
-    /// The current broker connection and the channel steps are published on; replaced
-    /// after a reconnect. A std RwLock: held only to clone or swap the handles, never
-    /// across an await.
-    session: RwLock<(Arc<Connection>, Channel)>,
+    /// The channel of the current broker connection; replaced after a reconnect. A std
+    /// RwLock: held only to clone or swap the handle, never across an await.
+    channel: RwLock<Channel>,
+    /// The current broker connection, for the short-lived channels namespaces are
+    /// declared on.
+    broker: Arc<BrokerLink>,
     topology: Topology,
     /// The dispatch lease given at claim time: how long a claimed step may go without its
     /// publish being confirmed before it is dispatched again.
@@ -106,14 +109,15 @@ impl StepPublisher {
     /// A publisher whose background batches are tasks on `tasks`.
     pub(crate) fn new(
         pool: PgPool,
-        (connection, channel): (Arc<Connection>, Channel),
+        (broker, channel): (Arc<BrokerLink>, Channel),
         topology: Topology,
         lease_ms: i64,
         tasks: TaskTracker,
     ) -> Self {
         StepPublisher {
             pool,
-            session: RwLock::new((connection, channel)),
+            channel: RwLock::new(channel),
+            broker,
             topology,
             lease_ms,
             declared: Mutex::new(HashSet::new()),
@@ -138,10 +142,10 @@ impl StepPublisher {
         self.lease_ms
     }
 
-    /// Publish on `channel` of `connection` from now on (a new connection after the old
-    /// one was lost), and declare namespaces again on that connection.
-    pub(crate) fn use_channel(&self, connection: Arc<Connection>, channel: Channel) {
-        *self.session.write().unwrap_or_else(|p| p.into_inner()) = (connection, channel);
+    /// Publish on `channel` from now on (a new connection after the old one was lost), and
+    /// declare namespaces again (on the broker link's connection, replaced first).
+    pub(crate) fn use_channel(&self, channel: Channel) {
+        *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
         self.declared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -154,10 +158,9 @@ impl StepPublisher {
     }
 
     fn channel(&self) -> Channel {
-        self.session
+        self.channel
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .1
             .clone()
     }
 
@@ -169,13 +172,7 @@ impl StepPublisher {
         if self.is_declared(namespace) {
             return Ok(());
         }
-        let connection = self
-            .session
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone();
-        let channel = connection.create_channel().await?;
+        let channel = self.broker.connection().create_channel().await?;
         let declared = self.topology.declare_namespace(&channel, namespace).await;
         if channel.status().connected() {
             let _ = channel.close(200, "OK".into()).await;

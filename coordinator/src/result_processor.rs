@@ -573,9 +573,7 @@ impl ResultProcessor {
             }
         }
     }
-}
 
-impl ResultProcessor {
     /// Apply the deliveries of a batch PostgreSQL refused for its data one at a time, and
     /// dead-letter those it refuses alone, with its error as the reason: otherwise such
     /// a message would come back at the head of every batch and stop every result

@@ -113,9 +113,10 @@ impl Application {
         let connection = broker::connect(&settings.broker, &connection_name(&topology)).await?;
         let session = BrokerSession::open(connection, &topology).await?;
         let tasks = TaskTracker::new();
+        let broker = Arc::new(BrokerLink::new(session.connection.clone()));
         let publisher = StepPublisher::new(
             pool.clone(),
-            (session.connection.clone(), session.publish_channel.clone()),
+            (broker.clone(), session.publish_channel.clone()),
             topology.clone(),
             settings.dispatch_lease_ms,
             tasks.clone(),
@@ -131,7 +132,6 @@ impl Application {
         }
         let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
         let metrics = Arc::new(CoordinatorMetrics::new());
-        let broker = Arc::new(BrokerLink::new(session.connection.clone()));
         let state = AppState {
             auth,
             pool: pool.clone(),
@@ -361,11 +361,9 @@ async fn run_session(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     database_services: &mut Services,
 ) -> SessionEnd {
-    state
-        .publisher
-        .use_channel(session.connection.clone(), session.publish_channel.clone());
-    state.control.use_channel(session.confirm_channel.clone());
     state.broker.replace(session.connection.clone());
+    state.publisher.use_channel(session.publish_channel.clone());
+    state.control.use_channel(session.confirm_channel.clone());
     match tasker_shared::store::templates::namespaces(&state.pool).await {
         Ok(namespaces) => {
             for namespace in namespaces {

@@ -450,7 +450,8 @@ async function taskPage(main, taskId) {
     try {
       await api(path, { method: "POST", body: body ?? {} });
       flash(`${label}: done.`);
-      await load();
+      // Through the page's throttle, so it never overlaps a live reload.
+      refresh();
     } catch (error) {
       flash(`${label} refused: ${error.message}`, "error");
     }
@@ -652,12 +653,9 @@ async function taskPage(main, taskId) {
 
   // The template's step definitions (for a tasker.wait step's signal), read once.
   let definitions = null;
-  let reads = 0;
   const load = async () => {
-    // An action's reload and a live one may overlap: only the newest read is drawn.
-    const read = ++reads;
     const [task, history] = await Promise.all([api(`/v1/tasks/${taskId}`), api(`/v1/tasks/${taskId}/transitions`)]);
-    if (!current(page) || read !== reads) return;
+    if (!current(page)) return;
     if (definitions === null) {
       definitions = new Map();
       try {
@@ -666,7 +664,7 @@ async function taskPage(main, taskId) {
       } catch {
         // Shown without: only the signal's name is not filled in.
       }
-      if (!current(page) || read !== reads) return;
+      if (!current(page)) return;
     }
     if (selected === null) {
       const failed = task.steps.find((s) => s.status === "error") || task.steps.find((s) => s.status === "waiting_for_retry");
@@ -675,9 +673,10 @@ async function taskPage(main, taskId) {
     data = { task, history };
     render();
   };
+  // Every reload after the first (live ones, an action's) goes through it.
+  const refresh = throttle(() => load().catch((e) => flash(e.message, "error")), 250);
   await load();
   if (!current(page)) return;
-  const refresh = throttle(() => load().catch((e) => flash(e.message, "error")), 250);
   openStream({ task_id: taskId }, refresh);
 }
 

@@ -64,8 +64,12 @@ pub fn json_holds_nul(json: &[u8]) -> bool {
 }
 
 /// The JSON pointers of the first `limit` strings and keys in `value` that hold U+0000
-/// (which PostgreSQL's `jsonb` cannot store), each with `prefix` in front.
+/// (which PostgreSQL's `jsonb` cannot store), each with `prefix` in front. A value
+/// without any, the usual case, is walked once without building a pointer.
 pub fn nul_pointers(value: &Value, prefix: &str, limit: usize) -> Vec<String> {
+    if !holds_nul(value) {
+        return Vec::new();
+    }
     let mut found = Vec::new();
     // Iterative, so no input can exhaust the stack (parsed JSON is at most 128 deep anyway).
     let mut pending: Vec<(String, &Value)> = vec![(prefix.to_owned(), value)];
@@ -96,6 +100,25 @@ pub fn nul_pointers(value: &Value, prefix: &str, limit: usize) -> Vec<String> {
     }
     found.truncate(limit);
     found
+}
+
+/// Whether a string or key in `value` holds U+0000.
+fn holds_nul(value: &Value) -> bool {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::String(text) if text.contains('\0') => return true,
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => {
+                if map.keys().any(|key| key.contains('\0')) {
+                    return true;
+                }
+                pending.extend(map.values());
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Everything a stateless worker needs to run one attempt of one step.

@@ -348,27 +348,11 @@ fn check_result_size(results: Value, limit: usize) -> Result<Value, StepError> {
 /// The result, or the permanent failure it becomes when a string or key in it holds
 /// U+0000, which PostgreSQL's `jsonb` cannot store.
 fn check_result_storable(results: Value) -> Result<Value, StepError> {
-    // A walk that names nothing first: the pointers are built only for a result refused.
-    let mut pending = vec![&results];
-    let mut holds_nul = false;
-    while let Some(value) = pending.pop() {
-        match value {
-            Value::String(text) => holds_nul |= text.contains('\0'),
-            Value::Array(items) => pending.extend(items),
-            Value::Object(map) => {
-                holds_nul |= map.keys().any(|key| key.contains('\0'));
-                pending.extend(map.values());
-            }
-            _ => {}
-        }
-        if holds_nul {
-            break;
-        }
-    }
-    if !holds_nul {
+    let pointers = tasker_protocol::messages::nul_pointers(&results, "", 5);
+    if pointers.is_empty() {
         return Ok(results);
     }
-    let pointers: Vec<String> = tasker_protocol::messages::nul_pointers(&results, "", 5)
+    let pointers: Vec<String> = pointers
         .into_iter()
         .map(|pointer| {
             if pointer.is_empty() {
