@@ -15,7 +15,9 @@
 //! stay unacked and join the next batch ([`transitions::lock_batch`]). A crash before
 //! the ack redelivers the batch; the fence makes re-applying it a no-op. A crash before
 //! the publish leaves the claimed steps `enqueued` until the sweeper heals them.
-//! Undecodable messages go to the dead-letter queue with the reason.
+//! Undecodable messages go to the dead-letter queue with the reason; so does a message
+//! PostgreSQL refuses for its data, found by applying the refused batch one message at a
+//! time ([`ResultProcessor::apply_one_by_one`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
