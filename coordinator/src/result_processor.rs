@@ -96,7 +96,8 @@ pub(crate) struct Applied {
     /// The deliveries applied or dead-lettered: the caller acks them.
     pub(crate) deliveries: Vec<Delivery>,
     /// The deliveries whose steps another transaction held: the caller keeps them,
-    /// unacked, for the next batch.
+    /// unacked, for the next batch. A notice keeps only its held steps; the rest of it
+    /// was applied.
     pub(crate) held: Vec<Received>,
 }
 
@@ -234,70 +235,81 @@ impl ResultProcessor {
                 .map(|step| (step.step_id, step))
                 .collect();
         // A message with a result for a held step waits for a later batch (a batch of
-        // results waits whole: its delivery is acked once). So does a started notice or
-        // heartbeat naming a held step that may still run; a held step that has moved
-        // on is just left out of its notice, so one busy step does not hold back the
-        // many others a notice names.
-        let waits = |message: &WorkerMessage| match message {
-            WorkerMessage::Result(_) | WorkerMessage::Results(_) => message
-                .result_steps()
-                .iter()
-                .any(|id| held.contains_key(id)),
-            WorkerMessage::Started(_) | WorkerMessage::Heartbeat(_) => message
-                .steps()
-                .iter()
-                .any(|id| held.get(id).is_some_and(HeldStep::may_still_run)),
-        };
+        // results waits whole: its delivery is acked once). A started notice or
+        // heartbeat is split: the steps nobody holds are applied now, a held step that
+        // has moved on is left out, and only the held steps that may still run wait, in
+        // what is left of the notice; its delivery is acked once they are applied. So
+        // one step held for long (an operator's open transaction, a stalled
+        // coordinator) does not hold back the leases of the many others a worker's
+        // heartbeat names.
         let mut held_back: Vec<Received> = Vec::new();
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(messages.len());
 
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: Vec<Started> = Vec::new();
         let mut running: Vec<RunningStep> = Vec::new();
+        // Whether a step of a notice waits (`Some(true)`), is applied now (`None`), or is
+        // left out (`Some(false)`).
+        let wait = |step_id: &uuid::Uuid| held.get(step_id).map(HeldStep::may_still_run);
         // One `apply_result` span per result, a child of the worker's `execute_step`,
         // open until the batch commits.
         let mut spans = Vec::new();
         for (delivery, message) in messages {
-            if waits(&message) {
-                held_back.push(Received {
-                    delivery,
-                    message: Ok(message),
-                });
-                continue;
-            }
-            match message {
+            let rest = match message {
                 WorkerMessage::Result(result) => {
-                    let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
-                    spans.push(apply_span(&result, traceparent.as_deref()));
-                    results.push(result);
-                }
-                WorkerMessage::Results(batch) => {
-                    for batched in batch.results {
-                        spans.push(apply_span(&batched.result, batched.traceparent.as_deref()));
-                        results.push(batched.result);
+                    if held.contains_key(&result.step_id) {
+                        Some(WorkerMessage::Result(result))
+                    } else {
+                        let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
+                        spans.push(apply_span(&result, traceparent.as_deref()));
+                        results.push(result);
+                        None
                     }
                 }
-                WorkerMessage::Started(batch) => {
-                    let worker_id = batch.worker_id;
-                    started.extend(
-                        batch
-                            .steps
-                            .into_iter()
-                            .filter(|step| !held.contains_key(&step.step_id))
-                            .map(|step| Started {
-                                worker_id: worker_id.clone(),
-                                step,
-                            }),
-                    );
+                WorkerMessage::Results(batch) => {
+                    if batch
+                        .results
+                        .iter()
+                        .any(|r| held.contains_key(&r.result.step_id))
+                    {
+                        Some(WorkerMessage::Results(batch))
+                    } else {
+                        for batched in batch.results {
+                            spans.push(apply_span(&batched.result, batched.traceparent.as_deref()));
+                            results.push(batched.result);
+                        }
+                        None
+                    }
                 }
-                WorkerMessage::Heartbeat(batch) => running.extend(
-                    batch
-                        .steps
+                WorkerMessage::Started(mut batch) => {
+                    let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.steps)
                         .into_iter()
-                        .filter(|step| !held.contains_key(&step.step_id)),
-                ),
+                        .filter(|step| wait(&step.step_id) != Some(false))
+                        .partition(|step| wait(&step.step_id).is_some());
+                    started.extend(now.into_iter().map(|step| Started {
+                        worker_id: batch.worker_id.clone(),
+                        step,
+                    }));
+                    batch.steps = later;
+                    (!batch.steps.is_empty()).then_some(WorkerMessage::Started(batch))
+                }
+                WorkerMessage::Heartbeat(mut batch) => {
+                    let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.steps)
+                        .into_iter()
+                        .filter(|step| wait(&step.step_id) != Some(false))
+                        .partition(|step| wait(&step.step_id).is_some());
+                    running.extend(now);
+                    batch.steps = later;
+                    (!batch.steps.is_empty()).then_some(WorkerMessage::Heartbeat(batch))
+                }
+            };
+            match rest {
+                Some(message) => held_back.push(Received {
+                    delivery,
+                    message: Ok(message),
+                }),
+                None => deliveries.push(delivery),
             }
-            deliveries.push(delivery);
         }
         let written = async {
             for started in transitions::mark_started(&mut tx, &started, self.lease).await? {
@@ -323,11 +335,16 @@ impl ResultProcessor {
                 if !refused_for_data(&error) {
                     return Err(Refused::whole(error));
                 }
+                // A split notice's held part goes back whole: its other steps were
+                // not applied either.
                 return Err(Refused {
                     error,
                     suspects: deliveries,
                     dead_lettered,
-                    held: held_back,
+                    held: held_back
+                        .into_iter()
+                        .map(|held| self.receive(held.delivery))
+                        .collect(),
                 });
             }
         };

@@ -85,6 +85,90 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
     env.finish().await.unwrap();
 }
 
+const LONG: &str = "namespace: held\nname: long\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 8000}\n";
+
+/// A worker's heartbeat names all its running steps. One of them held by another
+/// transaction for longer than a lease (an operator's open transaction, a stalled
+/// coordinator) must not keep the others' leases from being extended: the sweeper would
+/// take them for lost and run them again.
+#[tokio::test]
+async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
+    let options = EnvOptions {
+        coordinator_env: vec![
+            ("TASKER_HEARTBEAT_LEASE_MS".into(), "1500".into()),
+            ("TASKER_SWEEP_INTERVAL_MS".into(), "300".into()),
+        ],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("held-heartbeat", options)
+        .await
+        .unwrap();
+    env.register_template(LONG).await.unwrap();
+    env.start_worker_with(
+        tasker_tests::binary("tasker-worker"),
+        "beating",
+        &["held"],
+        4,
+        &[("TASKER_HEARTBEAT_INTERVAL_MS", "250")],
+    )
+    .await
+    .unwrap();
+
+    let create = json!({"namespace": "held", "name": "long", "context": {}});
+    let held = env.api.create_task(&create).await.unwrap().task_id;
+    let other = env.api.create_task(&create).await.unwrap().task_id;
+    let mut running = Vec::new();
+    for task_id in [held, other] {
+        let task = env
+            .api
+            .wait_until(task_id, "step one running", Duration::from_secs(30), |t| {
+                t.step("one").status == StepStatus::InProgress
+            })
+            .await
+            .unwrap();
+        running.push(task.step("one").step_id);
+    }
+
+    // Hold the first step's row for twice the lease; the worker goes on beating for both.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
+        .bind(running[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = env.api.task(other).await.unwrap();
+    holder.rollback().await.unwrap();
+    assert_eq!(
+        during.step("one").status,
+        StepStatus::InProgress,
+        "the other step's lease was extended while the first was held: {during:#?}"
+    );
+
+    for task_id in [held, other] {
+        let task = env
+            .api
+            .wait_for_task(
+                task_id,
+                &[TaskStatus::Complete, TaskStatus::Error],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    }
+    let expired: Vec<_> = crate::step_history(&env.pool, other)
+        .await
+        .into_iter()
+        .filter(|(_, _, _, reason, _)| reason == "lease_expired")
+        .collect();
+    assert!(
+        expired.is_empty(),
+        "the running step was taken for lost: {expired:?}"
+    );
+    env.finish().await.unwrap();
+}
+
 fn versioned(version: &str) -> String {
     format!(
         "namespace: versions\nname: flow\nversion: {version}\nsteps:\n  - name: one\n    handler: tasker.noop\n"
