@@ -47,7 +47,10 @@ pub(crate) const RESULT_NOT_STORABLE: &str = "result_not_storable";
 /// read, never across an await.
 #[derive(Clone)]
 pub(crate) struct InFlight {
-    steps: Arc<Mutex<HashMap<Uuid, Running>>>,
+    /// By dispatch (step id, dispatch token): a step dispatched again while its earlier
+    /// dispatch still runs here is two runs, each heartbeated, superseded and removed on
+    /// its own.
+    steps: Arc<Mutex<HashMap<(Uuid, Uuid), Running>>>,
     cancelled: Arc<Recent<Uuid>>,
     /// (step id, dispatch token) of replaced dispatches.
     superseded: Arc<Recent<(Uuid, Uuid)>>,
@@ -117,33 +120,32 @@ impl<K: std::hash::Hash + Eq + Copy> Recent<K> {
 
 struct Running {
     task_id: Uuid,
-    dispatch_token: Uuid,
     abort: AbortHandle,
 }
 
 impl InFlight {
     fn insert(&self, message: &StepMessage, abort: AbortHandle) {
         self.lock().insert(
-            message.step_id,
+            (message.step_id, message.dispatch_token),
             Running {
                 task_id: message.task_id,
-                dispatch_token: message.dispatch_token,
                 abort,
             },
         );
     }
 
-    pub(crate) fn remove(&self, step_id: Uuid) {
-        self.lock().remove(&step_id);
+    /// Forget a dispatch that no longer runs here.
+    pub(crate) fn remove(&self, step_id: Uuid, dispatch_token: Uuid) {
+        self.lock().remove(&(step_id, dispatch_token));
     }
 
     /// Every running step, for a heartbeat.
     pub(crate) fn running(&self) -> Vec<RunningStep> {
         self.lock()
-            .iter()
-            .map(|(step_id, running)| RunningStep {
-                step_id: *step_id,
-                dispatch_token: running.dispatch_token,
+            .keys()
+            .map(|&(step_id, dispatch_token)| RunningStep {
+                step_id,
+                dispatch_token,
             })
             .collect()
     }
@@ -161,10 +163,8 @@ impl InFlight {
         let mut aborted = 0;
         {
             let steps = self.lock();
-            for (step_id, dispatch_token) in &dispatches {
-                if let Some(running) = steps.get(step_id)
-                    && running.dispatch_token == *dispatch_token
-                {
+            for dispatch in &dispatches {
+                if let Some(running) = steps.get(dispatch) {
                     running.abort.abort();
                     aborted += 1;
                 }
@@ -176,9 +176,7 @@ impl InFlight {
 
     /// Whether this worker runs this dispatch of `step_id` now.
     pub(crate) fn is_running(&self, step_id: Uuid, dispatch_token: Uuid) -> bool {
-        self.lock()
-            .get(&step_id)
-            .is_some_and(|running| running.dispatch_token == dispatch_token)
+        self.lock().contains_key(&(step_id, dispatch_token))
     }
 
     /// Remember that the broker confirmed this dispatch's result.
@@ -209,7 +207,7 @@ impl InFlight {
         aborted
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, Uuid), Running>> {
         self.steps
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -254,7 +252,7 @@ pub(crate) async fn execute(
     let outcome = match tokio::time::timeout(timeout, &mut run).await {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(join_error)) if join_error.is_cancelled() => {
-            inflight.remove(message.step_id);
+            inflight.remove(message.step_id, message.dispatch_token);
             tracing::info!("aborted: the task was cancelled");
             return None;
         }
@@ -524,10 +522,9 @@ mod tests {
         let (step, running, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let run = tokio::spawn(std::future::pending::<()>());
         inflight.lock().insert(
-            step,
+            (step, running),
             Running {
                 task_id: Uuid::new_v4(),
-                dispatch_token: running,
                 abort: run.abort_handle(),
             },
         );
@@ -535,5 +532,51 @@ mod tests {
         assert!(!run.is_finished());
         assert_eq!(inflight.supersede([(step, running)]), 1);
         assert!(run.await.unwrap_err().is_cancelled());
+    }
+
+    /// A step dispatched again while its earlier dispatch still runs here (its lease
+    /// expired): two runs, each beating, superseded and forgotten on its own.
+    #[tokio::test]
+    async fn two_dispatches_of_one_step_are_two_runs() {
+        let inflight = InFlight::default();
+        let (task, step, old, new) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let mut runs = Vec::new();
+        for token in [old, new] {
+            let run = tokio::spawn(std::future::pending::<()>());
+            let abort = run.abort_handle();
+            inflight.lock().insert(
+                (step, token),
+                Running {
+                    task_id: task,
+                    abort,
+                },
+            );
+            runs.push(run);
+        }
+        let mut beating: Vec<Uuid> = inflight
+            .running()
+            .iter()
+            .map(|r| r.dispatch_token)
+            .collect();
+        beating.sort();
+        let mut both = vec![old, new];
+        both.sort();
+        assert_eq!(beating, both, "the heartbeat names both dispatches");
+
+        assert_eq!(inflight.supersede([(step, old)]), 1);
+        let new_run = runs.pop().unwrap();
+        assert!(runs.pop().unwrap().await.unwrap_err().is_cancelled());
+        assert!(!new_run.is_finished(), "the newer run goes on");
+        inflight.remove(step, old);
+        assert!(
+            inflight.is_running(step, new),
+            "forgetting the old run keeps the new"
+        );
+        assert!(!inflight.is_running(step, old));
     }
 }

@@ -1042,14 +1042,20 @@ async fn run_step(
         .results
         .publish(result, tasker_protocol::telemetry::traceparent(&span))
         .await;
-    shared.inflight.remove(message.step_id);
+    // Answered before it stops counting as running, so a copy waiting for this run
+    // (`skip_copy`) never sees it as neither.
+    if published.is_ok() {
+        shared
+            .inflight
+            .mark_answered(message.step_id, message.dispatch_token);
+    }
+    shared
+        .inflight
+        .remove(message.step_id, message.dispatch_token);
     match published {
         Ok(()) => {
             // The result is safe with the broker and records the start itself.
             answered.store(true, Ordering::Release);
-            shared
-                .inflight
-                .mark_answered(message.step_id, message.dispatch_token);
             #[cfg(feature = "failpoints")]
             failpoint(shared, session, Stage::Acking).await;
             ack(shared, &delivered).await;
