@@ -72,8 +72,8 @@ impl StepHandler for Fail {
             .config
             .get("retry_after_seconds")
             .and_then(Value::as_f64)
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .filter(|s| *s >= 0.0)
+            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX));
         let kind = step
             .config
             .get("kind")

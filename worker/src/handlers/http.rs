@@ -281,7 +281,10 @@ fn headers(config: Option<&Value>) -> Result<HeaderMap, StepError> {
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        // Past what a `Duration` holds is "as late as may be": the retry policy's
+        // maximum caps it.
+        return (seconds >= 0.0)
+            .then(|| Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
     }
     let when = DateTime::parse_from_rfc2822(value)
         .ok()?
@@ -325,5 +328,9 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
+        // Beyond what a `Duration` holds: as late as may be (the policy's maximum caps
+        // it), not a panic.
+        assert_eq!(parse_retry_after("1e20", now), Some(Duration::MAX));
     }
 }
