@@ -1,7 +1,8 @@
 //! The worker runtime: consume steps, run them concurrently, publish results, ack.
 //!
 //! ```text
-//!  namespace queues ──consumers──▶ deliveries (bounded) ──▶ one task per step
+//!  namespace queues ──consumers──▶ deliveries (bounded) ──▶ one task per delivery
+//!                                          (waits for a handler slot, then per step)
 //!                                                            │ started notice ──▶ batcher ──▶ results queue
 //!                                                            │ run handler (timeout, panic caught)
 //!                                                            └ result ──▶ sender ──▶ results queue
@@ -23,8 +24,11 @@
 //!
 //! ## Broker sessions
 //! One connection is one session. A session ends when the connection is lost, when any
-//! of its consumers stops (the broker can close one channel and leave the connection up),
-//! or at shutdown. A lost session never waits for the broker: it stops its heartbeats,
+//! of its consumers stops or the broker closes any of its channels (it closes a channel,
+//! not the connection, on a channel error, and a closed channel never reopens), or at
+//! shutdown. The loop that watches for these never waits for a handler slot: each
+//! delivery waits for its slots in a task of its own, so a worker whose every slot is
+//! busy with long steps still notices a lost connection or a SIGTERM at once. A lost session never waits for the broker: it stops its heartbeats,
 //! closes the connection (so the broker requeues what this worker held) and reconnects at
 //! once. Handlers still running carry on; their results are published on the next
 //! session's channel, and a copy of their step redelivered to this worker meanwhile
@@ -34,7 +38,8 @@
 //! hold the session (and, before, the whole worker) with it.
 //!
 //! At shutdown the consumers are cancelled, messages received but not started are
-//! handed back to the broker, running steps finish and publish their results, and only
+//! handed back to the broker (those waiting for a slot too; a batch of which one step
+//! has started starts the rest, as its message is answered whole), running steps finish and publish their results, and only
 //! then does the connection close.
 
 use std::collections::HashSet;
@@ -61,6 +66,7 @@ use tasker_protocol::messages::{
     StepMessage, StepResult, StepStarted,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -354,6 +360,16 @@ impl Worker {
                 anyhow::bail!("opening a broker session took longer than {SETUP_PATIENCE:?}");
             }
         };
+        // RabbitMQ closes a channel, not the connection, on a channel error (a publish to
+        // an exchange an operator deleted, a message over its size limit), and lapin
+        // never reopens one: the session ends when any of its channels closes.
+        let watched = [
+            ("steps", consume.clone()),
+            ("started notices", notices.clone()),
+            ("heartbeats", heartbeat_channel.clone()),
+            ("control", control_channel.clone()),
+            ("results", publish.clone()),
+        ];
         shared.publish.send_replace(Some(publish));
         let (started_tx, started_rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(crate::notices::run(
@@ -398,36 +414,39 @@ impl Worker {
             namespaces = ?self.namespaces.as_deref().unwrap_or(&["*".to_owned()]),
             handlers = ?self.registry.names(), "worker started");
 
-        let unacked = Arc::new(Semaphore::new(usize::from(self.prefetch())));
+        // Each delivery waits for its handler slots in a task of its own, so this loop
+        // keeps watching the connection and shutdown while every slot is busy.
+        let starts = Starts {
+            shared: shared.clone(),
+            session: session.clone(),
+            unacked: Arc::new(Semaphore::new(usize::from(self.prefetch()))),
+            running: running.clone(),
+            steps: steps.clone(),
+            consume: consume.clone(),
+            draining: CancellationToken::new(),
+        };
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let outcome = loop {
             tokio::select! {
+                biased;
                 () = shutdown.as_mut() => break Ok(()),
+                () = failed.notified() => {
+                    break Err(anyhow::anyhow!("a consumer stopped (the broker closed its channel or cancelled it)"));
+                }
                 _ = health.tick() => {
                     if !connection.status().connected() {
                         break Err(anyhow::anyhow!("lost the connection to RabbitMQ"));
                     }
-                }
-                () = failed.notified() => {
-                    break Err(anyhow::anyhow!("a consumer stopped (the broker closed its channel or cancelled it)"));
+                    if let Some((name, _)) = watched.iter().find(|(_, c)| !c.status().connected()) {
+                        break Err(anyhow::anyhow!("the broker closed the {name} channel"));
+                    }
                 }
                 delivery = deliveries.recv() => {
-                    let Some(Received { queue, delivery }) = delivery else {
+                    let Some(received) = delivery else {
                         break Err(anyhow::anyhow!("every consumer stopped"));
                     };
-                    let held = unacked.clone().acquire_owned().await?;
-                    if broker::carries_step_batch(&delivery.properties) {
-                        let received = Received { queue, delivery };
-                        start_batch(shared, &session, received, held, running, steps, connection)
-                            .await?;
-                        continue;
-                    }
-                    let slot = running.clone().acquire_owned().await?;
-                    let (shared, session) = (shared.clone(), session.clone());
-                    steps.spawn(async move {
-                        handle(&shared, &session, &queue, delivery, slot).await;
-                        drop(held);
-                    });
+                    let starts = starts.clone();
+                    steps.spawn(async move { starts.start(received).await });
                 }
             }
         };
@@ -450,6 +469,8 @@ impl Worker {
         }
 
         tracing::info!("stopping: no new steps; finishing the running ones");
+        // Deliveries still waiting for a slot go back to the broker.
+        starts.draining.cancel();
         control.abort();
         let tags: Vec<ShortString> = consumers
             .tags
@@ -554,9 +575,11 @@ async fn start_consumer(
                         queue: queue.clone(),
                         delivery,
                     };
-                    if deliveries.send(received).await.is_err() {
-                        // The session is over and dropped its receiver.
-                        return;
+                    if let Err(mpsc::error::SendError(received)) = deliveries.send(received).await {
+                        // The session is over: hand back what the consumer still
+                        // buffers, until its cancel (or the connection's end) ends it.
+                        nack_requeue(&received.delivery).await;
+                        continue;
                     }
                 }
                 Some(Err(error)) => {
@@ -697,60 +720,128 @@ struct Received {
     delivery: Delivery,
 }
 
-/// Start the steps of a message that carries several ([`StepBatch`]): each as a handler
-/// slot comes free, as that many step messages in a row would start; the message is acked
-/// once every one of them is answered. Returns when the last has started, or when the
-/// connection is lost (the broker hands the message back, and the steps not started run
-/// from that copy). A batch that does not verify or decode is dead-lettered whole.
-async fn start_batch(
-    shared: &Arc<Shared>,
-    session: &Arc<SessionHandles>,
-    received: Received,
-    held: OwnedSemaphorePermit,
-    running: &Arc<Semaphore>,
-    steps: &TaskTracker,
-    connection: &Connection,
-) -> anyhow::Result<()> {
-    let Received { queue, delivery } = received;
-    let batch = match open(shared, &delivery, StepBatch::decode) {
-        Ok(batch) => batch.steps,
-        Err(reason) => {
-            let shared = shared.clone();
-            steps.spawn(async move {
-                let delivered = Delivered::Alone(Box::new(delivery));
-                dead_letter(&shared, &delivered, None, &reason, &queue).await;
+/// What a session's deliveries need to start their steps.
+#[derive(Clone)]
+struct Starts {
+    shared: Arc<Shared>,
+    session: Arc<SessionHandles>,
+    /// Messages received and not yet answered, across the session's consumers.
+    unacked: Arc<Semaphore>,
+    /// Handler slots, across sessions.
+    running: Arc<Semaphore>,
+    steps: TaskTracker,
+    /// The channel the deliveries came on.
+    consume: Channel,
+    /// Cancelled when the worker stops taking new steps.
+    draining: CancellationToken,
+}
+
+/// How a wait for a handler slot ended.
+enum Slot {
+    Free(OwnedSemaphorePermit),
+    /// The worker is stopping: the step is not started.
+    Draining,
+    /// The connection the delivery came on is gone: the broker hands it back.
+    Lost,
+}
+
+impl Starts {
+    /// Start a delivery's steps as handler slots come free and run them to the end.
+    async fn start(self, received: Received) {
+        let Ok(held) = self.unacked.clone().acquire_owned().await else {
+            return;
+        };
+        if broker::carries_step_batch(&received.delivery.properties) {
+            self.start_batch(received, held).await;
+            return;
+        }
+        let Received { queue, delivery } = received;
+        match self.slot(true).await {
+            Slot::Free(slot) => {
+                handle(&self.shared, &self.session, &queue, delivery, slot).await;
                 drop(held);
-            });
-            return Ok(());
+            }
+            Slot::Draining => nack_requeue(&delivery).await,
+            Slot::Lost => {}
         }
-    };
-    let answers = Arc::new(Answers {
-        left: AtomicUsize::new(batch.len()),
-        requeue: AtomicBool::new(false),
-        delivery,
-        _held: held,
-    });
-    for BatchedStep { step, traceparent } in batch {
-        let slot = running.clone().acquire_owned().await?;
-        if !connection.status().connected() {
-            break;
-        }
-        let (shared, session, queue) = (shared.clone(), session.clone(), queue.clone());
-        let delivered = Delivered::Part(answers.clone());
-        steps.spawn(async move {
-            run(
-                &shared,
-                &session,
-                delivered,
-                step,
-                traceparent,
-                &queue,
-                slot,
-            )
-            .await;
-        });
     }
-    Ok(())
+
+    /// Wait for a handler slot, unless the session is lost first, or (with `drain`) the
+    /// worker stops taking steps.
+    async fn slot(&self, drain: bool) -> Slot {
+        let mut lost = self.session.lost.subscribe();
+        let slot = tokio::select! {
+            biased;
+            () = self.draining.cancelled(), if drain => return Slot::Draining,
+            _ = lost.wait_for(|lost| *lost) => return Slot::Lost,
+            slot = self.running.clone().acquire_owned() => slot,
+        };
+        match slot {
+            // A step from a connection lost meanwhile is not started: the broker hands
+            // its message to another worker, or to this one's next session.
+            Ok(slot) if self.consume.status().connected() && !*lost.borrow() => Slot::Free(slot),
+            _ => Slot::Lost,
+        }
+    }
+
+    /// Start the steps of a message that carries several ([`StepBatch`]): each as a
+    /// handler slot comes free, as that many step messages in a row would start; the
+    /// message is acked once every one of them is answered. Stops when the connection is
+    /// lost (the broker hands the message back, and the steps not started run from that
+    /// copy). When the worker stops before the first step started, the message goes
+    /// back; once one started, the rest start too (a message is answered whole). A batch
+    /// that does not verify or decode is dead-lettered whole.
+    async fn start_batch(&self, received: Received, held: OwnedSemaphorePermit) {
+        let Received { queue, delivery } = received;
+        let batch = match open(&self.shared, &delivery, StepBatch::decode) {
+            Ok(batch) => batch.steps,
+            Err(reason) => {
+                let delivered = Delivered::Alone(Box::new(delivery));
+                dead_letter(&self.shared, &delivered, None, &reason, &queue).await;
+                drop(held);
+                return;
+            }
+        };
+        let first = match self.slot(true).await {
+            Slot::Free(slot) => slot,
+            Slot::Draining => {
+                nack_requeue(&delivery).await;
+                return;
+            }
+            Slot::Lost => return,
+        };
+        let answers = Arc::new(Answers {
+            left: AtomicUsize::new(batch.len()),
+            requeue: AtomicBool::new(false),
+            delivery,
+            _held: held,
+        });
+        let mut slot = Some(first);
+        for BatchedStep { step, traceparent } in batch {
+            let slot = match slot.take() {
+                Some(slot) => slot,
+                None => match self.slot(false).await {
+                    Slot::Free(slot) => slot,
+                    Slot::Draining | Slot::Lost => break,
+                },
+            };
+            let (shared, session, queue) =
+                (self.shared.clone(), self.session.clone(), queue.clone());
+            let delivered = Delivered::Part(answers.clone());
+            self.steps.spawn(async move {
+                run(
+                    &shared,
+                    &session,
+                    delivered,
+                    step,
+                    traceparent,
+                    &queue,
+                    slot,
+                )
+                .await;
+            });
+        }
+    }
 }
 
 /// Run one delivered step to the end: its result confirmed by the broker, then the ack.

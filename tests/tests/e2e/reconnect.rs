@@ -150,3 +150,144 @@ async fn the_coordinator_comes_back_after_the_broker_closes_its_publishing_chann
     }
     env.finish().await.unwrap();
 }
+
+/// A worker whose every handler slot is busy still watches its connection: cut while a
+/// long step runs and the next delivery waits for the slot, it reconnects at once (not
+/// when the step ends), goes on beating for the running step on the new connection, and
+/// the waiting step runs from the copy the broker hands back.
+#[tokio::test]
+async fn a_worker_with_every_slot_busy_comes_back_at_once_after_its_connection_is_cut() {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: vec![("TASKER_HEARTBEAT_LEASE_MS".into(), "6000".into())],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("cut-busy", options).await.unwrap();
+    env.register_template(
+        "namespace: busy\nname: long\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 25000}\n",
+    )
+    .await
+    .unwrap();
+    let worker_id = format!("{}-busy", env.prefix);
+    env.start_worker_with(
+        binary("tasker-worker"),
+        &worker_id,
+        &["busy"],
+        1,
+        &[("TASKER_HEARTBEAT_INTERVAL_MS", "300")],
+    )
+    .await
+    .unwrap();
+    let create = json!({"namespace": "busy", "name": "long", "context": {}});
+    let first = env.api.create_task(&create).await.unwrap().task_id;
+    let second = env.api.create_task(&create).await.unwrap().task_id;
+    env.api
+        .wait_until(first, "step one running", Duration::from_secs(30), |t| {
+            t.step("one").status == tasker_tests::StepStatus::InProgress
+        })
+        .await
+        .unwrap();
+    // The second step's message is delivered (the prefetch is twice the concurrency) and
+    // waits for the one slot: none is left ready in the queue.
+    let started = std::time::Instant::now();
+    while tasker_tests::queue_messages(&env.queue("busy"))
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the worker never took the second step's message"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let closed = close_broker_connections(&format!("tasker-worker {worker_id}"))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1, "the worker has one connection");
+    // The running step has about 20 s left.
+    env.workers[0]
+        .wait_for_log("reconnected to RabbitMQ", Duration::from_secs(12))
+        .await
+        .expect("the worker reconnects while its one slot is still busy");
+
+    for task_id in [first, second] {
+        let task = env
+            .api
+            .wait_for_task(
+                task_id,
+                &[TaskStatus::Complete, TaskStatus::Error],
+                Duration::from_secs(120),
+            )
+            .await
+            .unwrap();
+        assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+        let history = crate::step_history(&env.pool, task_id).await;
+        assert!(
+            history
+                .iter()
+                .all(|(_, _, _, reason, _)| reason != "lease_expired"),
+            "the running step's heartbeats went on over the new connection: {history:?}"
+        );
+    }
+    env.finish().await.unwrap();
+}
+
+/// The broker closes a worker's channel, not its connection, on a channel error: here the
+/// control exchange its heartbeats report to was deleted. The worker notices the closed
+/// channel, connects again (declaring the exchange anew) and its running step completes.
+#[tokio::test]
+async fn a_worker_comes_back_after_the_broker_closes_one_of_its_channels() {
+    let mut env = TestEnv::start("cut-worker-channel").await.unwrap();
+    env.register_template(
+        "namespace: beat\nname: one\nsteps:\n  - name: only\n    handler: tasker.sleep\n    config: {ms: 3000}\n",
+    )
+    .await
+    .unwrap();
+    env.start_worker_with(
+        binary("tasker-worker"),
+        "channel-worker",
+        &["beat"],
+        4,
+        &[("TASKER_HEARTBEAT_INTERVAL_MS", "200")],
+    )
+    .await
+    .unwrap();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "beat", "name": "one", "context": {}}))
+        .await
+        .unwrap();
+    env.api
+        .wait_until(task.task_id, "step running", Duration::from_secs(30), |t| {
+            t.step("only").status == tasker_tests::StepStatus::InProgress
+        })
+        .await
+        .unwrap();
+
+    let (connection, channel) = tasker_tests::confirm_channel().await;
+    channel
+        .exchange_delete(
+            format!("{}.control", env.prefix).as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+
+    env.workers[0]
+        .wait_for_log("reconnected to RabbitMQ", Duration::from_secs(30))
+        .await
+        .expect("the worker reconnects after the broker closed its heartbeat channel");
+    let task = env
+        .api
+        .wait_for_task(
+            task.task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    env.finish().await.unwrap();
+}

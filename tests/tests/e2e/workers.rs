@@ -202,6 +202,83 @@ async fn sigterm_lets_a_worker_finish_its_running_step_before_it_exits() {
     env.finish().await.unwrap();
 }
 
+/// SIGTERM while every handler slot is busy and a received step waits for one: the
+/// worker finishes the running step, hands the waiting one back without starting it, and
+/// exits; another worker runs it.
+#[tokio::test]
+async fn sigterm_with_every_slot_busy_hands_back_the_step_waiting_for_one() {
+    let mut env = TestEnv::start("sigterm-busy").await.unwrap();
+    env.register_template(
+        "namespace: full\nname: one\nsteps:\n  - name: only\n    handler: tasker.sleep\n    config: {ms: 3000}\n",
+    )
+    .await
+    .unwrap();
+    let index = env
+        .start_worker_binary(
+            tasker_tests::binary("tasker-worker"),
+            "full-leaving",
+            &["full"],
+            1,
+        )
+        .await
+        .unwrap();
+    let create = json!({"namespace": "full", "name": "one", "context": {}});
+    let running = env.api.create_task(&create).await.unwrap().task_id;
+    let waiting = env.api.create_task(&create).await.unwrap().task_id;
+    env.api
+        .wait_until(running, "step running", Duration::from_secs(30), |t| {
+            t.step("only").status == StepStatus::InProgress
+        })
+        .await
+        .unwrap();
+    // The second message is with the worker (its prefetch is twice its one slot).
+    let started = std::time::Instant::now();
+    while tasker_tests::queue_messages(&env.queue("full"))
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the worker never took the second step's message"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let exit = env.workers[index].terminate().await.unwrap();
+    assert!(exit.success(), "worker exit: {exit}");
+    let ran = env.api.task(running).await.unwrap();
+    assert_eq!(
+        ran.status,
+        TaskStatus::Complete,
+        "the running step finished: {ran:#?}"
+    );
+    let left = env.api.task(waiting).await.unwrap();
+    assert_eq!(
+        left.step("only").status,
+        StepStatus::Enqueued,
+        "the waiting step was handed back, not started: {left:#?}"
+    );
+
+    env.start_worker("full-arriving", &["full"]).await.unwrap();
+    let done = env
+        .api
+        .wait_for_task(
+            waiting,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(
+        workers_of(&env, &[waiting.to_string()]).await[&waiting.to_string()],
+        HashSet::from(["full-arriving".to_owned()]),
+        "only the new worker ran it"
+    );
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn results_that_finish_together_leave_the_worker_together() {
     // 64 instances start at once on a worker that runs them all, sleep alike and finish
