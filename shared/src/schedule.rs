@@ -16,7 +16,7 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDateTime, TimeDelta, TimeZone, Timelike, Utc};
+use chrono::{DateTime, NaiveDateTime, Offset, TimeDelta, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 
@@ -97,7 +97,7 @@ impl Schedule {
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // The cron is matched on the local wall clock, written as UTC so that the library
         // sees no offset change; each local time is then placed on the real clock.
-        let mut local = self.wall_clock(after);
+        let mut local = self.search_from(after);
         // A few local times may map to `after` or before it (a repeated hour, a gap):
         // bounded, since each step moves the wall clock forward.
         for _ in 0..10_000 {
@@ -149,8 +149,30 @@ impl Schedule {
     /// cron's finest field).
     fn wall_clock(&self, at: DateTime<Utc>) -> DateTime<Utc> {
         let local = at.with_timezone(&self.timezone).naive_local();
-        let whole = local.with_nanosecond(0).unwrap_or(local);
-        Utc.from_utc_datetime(&whole)
+        Self::whole_seconds(local)
+    }
+
+    /// The wall-clock time to search for the next fire after `after` from. A time the
+    /// clocks skipped fires on the offset before the change ([`Self::instant`]), so in
+    /// the hours after the clocks went forward it can lie after `after` although its
+    /// wall-clock time is before `after`'s (02:30 in Paris fires at 01:30 UTC, when the
+    /// clocks already read 03:30). There `after` is read on the earlier, smaller offset;
+    /// [`Self::next_after`] skips what that finds at or before `after`.
+    fn search_from(&self, after: DateTime<Utc>) -> DateTime<Utc> {
+        let now = self.wall_clock(after);
+        // Longer than any clock change.
+        let earlier = after - TimeDelta::hours(3);
+        let offset = self
+            .timezone
+            .offset_from_utc_datetime(&earlier.naive_utc())
+            .fix()
+            .local_minus_utc();
+        let on_earlier = Self::whole_seconds(after.naive_utc() + TimeDelta::seconds(offset.into()));
+        now.min(on_earlier)
+    }
+
+    fn whole_seconds(local: NaiveDateTime) -> DateTime<Utc> {
+        Utc.from_utc_datetime(&local.with_nanosecond(0).unwrap_or(local))
     }
 
     /// The instant a wall-clock time stands for: its first occurrence when the clocks go
@@ -272,6 +294,42 @@ mod tests {
                 "2026-10-25T00:30:00+00:00",
                 "2026-10-26T01:30:00+00:00",
             ]
+        );
+    }
+
+    /// The scheduler asks for the fires due from the stored next fire time on: on the
+    /// night the clocks go forward, that is the skipped time itself, whose wall clock
+    /// (03:30 CEST) is past the one it stands for (02:30).
+    #[test]
+    fn a_skipped_time_is_due_from_its_own_instant() {
+        let schedule = Schedule::parse("30 2 * * *", "Europe/Paris").unwrap();
+        let stored = schedule.next_after(utc("2026-03-28T01:30:00Z")).unwrap();
+        assert_eq!(stored.to_rfc3339(), "2026-03-29T01:30:00+00:00");
+        assert_eq!(
+            fires(&schedule, "2026-03-29T01:30:00Z", "2026-03-29T01:30:05Z"),
+            ["2026-03-29T01:30:00+00:00"]
+        );
+        // Asked from within the hour after the change, the next fire is still that one.
+        assert_eq!(
+            schedule
+                .next_after(utc("2026-03-29T01:10:00Z"))
+                .map(|at| at.to_rfc3339()),
+            Some("2026-03-29T01:30:00+00:00".to_owned())
+        );
+        let new_york = Schedule::parse("30 2 * * *", "America/New_York").unwrap();
+        let stored = new_york.next_after(utc("2026-03-07T07:30:00Z")).unwrap();
+        assert_eq!(stored.to_rfc3339(), "2026-03-08T07:30:00+00:00");
+        assert_eq!(
+            fires(&new_york, "2026-03-08T07:30:00Z", "2026-03-08T07:30:01Z"),
+            ["2026-03-08T07:30:00+00:00"]
+        );
+        // A schedule every second still finds its next fire just after a change.
+        let every_second = Schedule::parse("* * * * * *", "Europe/Paris").unwrap();
+        assert_eq!(
+            every_second
+                .next_after(utc("2026-03-29T01:00:30Z"))
+                .map(|at| at.to_rfc3339()),
+            Some("2026-03-29T01:00:31+00:00".to_owned())
         );
     }
 
