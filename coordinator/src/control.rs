@@ -22,6 +22,9 @@ use tasker_shared::broker::{Topology, persistent, subscribe_private};
 use tasker_shared::messages::{ControlMessage, RunningStep, valid_worker_id};
 use tasker_shared::store::templates;
 
+/// How long a broadcast may wait for the broker.
+const BROADCAST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Clone)]
 pub(crate) struct Control {
     pool: PgPool,
@@ -124,19 +127,34 @@ impl Control {
             .await
     }
 
+    /// Publish `message` to every worker, giving up after [`BROADCAST_PATIENCE`]: a
+    /// broadcast is advisory (workers fence stale work by its dispatch token anyway),
+    /// and its callers (an API request, the scheduler holding a schedule's lock, the
+    /// sweeper) must not wait on a broker that has stopped reading, as it does under a
+    /// memory or disk alarm.
     async fn broadcast(&self, message: &ControlMessage) -> anyhow::Result<()> {
         let body = serde_json::to_vec(message)?;
-        self.channel()
-            .basic_publish(
-                self.topology.control_exchange().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &body,
-                self.topology.signed(&body, persistent()),
-            )
-            .await?
-            .await?;
-        Ok(())
+        let channel = self.channel();
+        let published = async {
+            channel
+                .basic_publish(
+                    self.topology.control_exchange().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    self.topology.signed(&body, persistent()),
+                )
+                .await?
+                .await?;
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(BROADCAST_PATIENCE, published)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the broker took more than {BROADCAST_PATIENCE:?} to take a control message"
+                )
+            })?
     }
 }
 

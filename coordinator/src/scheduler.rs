@@ -2,12 +2,15 @@
 //!
 //! Every coordinator runs one. It sleeps until the earliest `next_fire_at` (at most
 //! [`IDLE`], to see schedules other coordinators wrote; this coordinator's API wakes it),
-//! then, in one transaction, locks the due schedules, skipping those another coordinator
-//! holds, and for each fire time due (the [`plan`] of its `catch_up`) creates a task with
+//! then, one schedule per transaction, locks a due schedule, skipping those another
+//! coordinator holds, and for each fire time due (the [`plan`] of its `catch_up`) creates a task with
 //! the idempotency key `schedule:<name>:<fire time>` (skipping or cancelling a previous
 //! task that still runs, as its `overlap` says), records the fires and moves
 //! `next_fire_at` past now. A coordinator that dies mid-way leaves the row to the next
-//! one, whose creations find the tasks already made: one task per fire time.
+//! one, whose creations find the tasks already made: one task per fire time. A
+//! transaction per schedule keeps a failure to that schedule (the fires of those before
+//! it stay recorded with the tasks they made) and holds no lock or history id across
+//! other schedules' creations.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +32,8 @@ use tasker_shared::store::schedules::{self, FireOutcome, ScheduleRecord, idempot
 use tasker_shared::store::tasks::{Created, Creation, NewTask};
 use tasker_shared::template::Problem;
 
-/// Most schedules handled per transaction.
-const BATCH: i64 = 100;
+/// Most schedules fired in one round (each in a transaction of its own).
+const BATCH: usize = 100;
 /// The longest sleep: how soon a schedule another coordinator wrote is seen.
 pub(crate) const IDLE: Duration = Duration::from_secs(5);
 /// The pause when due schedules are all held by another coordinator.
@@ -92,33 +95,48 @@ impl Scheduler {
         })
     }
 
-    /// Lock the due schedules and fire them; returns how many there were.
+    /// Fire the due schedules, one transaction each; returns how many there were.
     async fn fire_due(&self) -> anyhow::Result<usize> {
+        let mut fired = 0;
+        while fired < BATCH {
+            if !self.fire_one().await? {
+                break;
+            }
+            fired += 1;
+        }
+        Ok(fired)
+    }
+
+    /// Lock one due schedule and fire it; false when none is due that another
+    /// coordinator does not hold.
+    async fn fire_one(&self) -> anyhow::Result<bool> {
         let mut tx = self.state.pool.begin().await?;
-        let due = schedules::lock_due(&mut tx, BATCH).await?;
-        // Counted once the fires are committed: a batch tried again counts once.
+        let Some(record) = schedules::lock_due(&mut tx, 1).await?.pop() else {
+            return Ok(false);
+        };
+        // Counted once the fires are committed: a schedule tried again counts once.
         let mut counts = Vec::new();
-        for record in &due {
-            let now = Utc::now();
-            let schedule = match Schedule::parse(&record.fields.cron, &record.fields.timezone) {
-                Ok(schedule) => schedule,
-                Err(problems) => {
-                    // Checked when written; a schedule that no longer parses stops.
-                    tracing::error!(schedule = %record.fields.name, ?problems, "schedule cannot be read; it stops");
-                    schedules::record_fires(&mut tx, &record.fields.name, &[], None).await?;
-                    continue;
-                }
-            };
-            let from = record.next_fire_at.unwrap_or(now);
-            let times = schedule.due(from, now);
-            let fires = self.fire(&mut tx, record, &times, now, &mut counts).await?;
-            schedules::record_fires(
-                &mut tx,
-                &record.fields.name,
-                &fires,
-                schedule.next_after(now),
-            )
-            .await?;
+        let now = Utc::now();
+        match Schedule::parse(&record.fields.cron, &record.fields.timezone) {
+            Ok(schedule) => {
+                let from = record.next_fire_at.unwrap_or(now);
+                let times = schedule.due(from, now);
+                let fires = self
+                    .fire(&mut tx, &record, &times, now, &mut counts)
+                    .await?;
+                schedules::record_fires(
+                    &mut tx,
+                    &record.fields.name,
+                    &fires,
+                    schedule.next_after(now),
+                )
+                .await?;
+            }
+            Err(problems) => {
+                // Checked when written; a schedule that no longer parses stops.
+                tracing::error!(schedule = %record.fields.name, ?problems, "schedule cannot be read; it stops");
+                schedules::record_fires(&mut tx, &record.fields.name, &[], None).await?;
+            }
         }
         tx.commit().await?;
         let metrics = &self.state.metrics;
@@ -142,7 +160,7 @@ impl Scheduler {
                 }
             }
         }
-        Ok(due.len())
+        Ok(true)
     }
 
     /// Fire a locked schedule's due `times`, as its `catch_up` and `overlap` say.
