@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
 use tasker_shared::store::tasks::{self, Created, Creation};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,6 +42,10 @@ pub(crate) const MAX_BATCH: usize = 64;
 struct Job {
     creation: Creation,
     reply: oneshot::Sender<sqlx::Result<Created>>,
+    /// Its place among the admitted creations, given back once it is written: a request
+    /// that goes away (a client's time-out) leaves its creation to be written, and it
+    /// still counts against the limit until then.
+    admitted: OwnedSemaphorePermit,
 }
 
 /// Hands creations to the batching loop and waits for their outcome.
@@ -103,12 +107,16 @@ impl TaskCreator {
     /// Write `creation`, with whatever other creations wait at the same time; refused at
     /// once when `limit` creations are already admitted.
     pub(crate) async fn create(&self, creation: Creation) -> Result<Created, CreateError> {
-        let Ok(_admitted) = self.admitted.clone().try_acquire_owned() else {
+        let Ok(admitted) = self.admitted.clone().try_acquire_owned() else {
             return Err(CreateError::Overloaded { limit: self.limit });
         };
         let (reply, outcome) = oneshot::channel();
         self.jobs
-            .send(Job { creation, reply })
+            .send(Job {
+                creation,
+                reply,
+                admitted,
+            })
             .map_err(|_| sqlx::Error::PoolClosed)?;
         Ok(outcome.await.map_err(|_| sqlx::Error::PoolClosed)??)
     }
@@ -170,15 +178,18 @@ fn lock_running(
 }
 
 async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
-    let (creations, replies): (Vec<Creation>, Vec<_>) = jobs
-        .into_iter()
-        .map(|job| (job.creation, job.reply))
-        .unzip();
+    let mut creations = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        creations.push(job.creation);
+        // Each permit goes with its reply: given back once its creation is answered.
+        replies.push((job.reply, job.admitted));
+    }
     if creations.len() > 1 {
         match tasks::create_many(pool, &creations).await {
             Ok(outcomes) => {
                 batch_size.observe(creations.len() as f64);
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                for ((reply, _admitted), outcome) in replies.into_iter().zip(outcomes) {
                     // The request may have gone; its task stays created.
                     let _ = reply.send(outcome);
                 }
@@ -191,7 +202,7 @@ async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
             ),
         }
     }
-    for (creation, reply) in creations.iter().zip(replies) {
+    for (creation, (reply, _admitted)) in creations.iter().zip(replies) {
         batch_size.observe(1.0);
         let _ = reply.send(tasks::create(pool, creation).await);
     }

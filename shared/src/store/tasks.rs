@@ -583,6 +583,14 @@ pub async fn create(pool: &PgPool, creation: &Creation) -> sqlx::Result<Created>
 /// was written: the caller may then create each on its own, as with a template whose
 /// versions changed (`TK001`, refused for the whole batch here and answered per task by
 /// [`create`]).
+///
+/// Once it has committed, the tasks exist, and this answers for each of them (failing
+/// would make the caller write them a second time). What follows is tried three times
+/// over a failure that may pass (a pool timeout, a deadlock) and then logged: reading
+/// which tasks a limit cancelled at once (else answered as created); judging the first
+/// steps the coordinator runs (else their dispatch lease runs out and the sweeper hands
+/// them to the dispatcher, which judges them); finishing a task whose every step was
+/// skipped (else it stays unfinished, named in the log).
 pub async fn create_many(
     pool: &PgPool,
     creations: &[Creation],
@@ -614,12 +622,15 @@ pub async fn create_many(
         .map(|creation| creation.task_id)
         .collect();
     if !limited.is_empty() {
-        let cancelled: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT task_id FROM tasks WHERE task_id = ANY($1) AND status = 'cancelled'",
-        )
-        .bind(&limited)
-        .fetch_all(pool)
-        .await?;
+        let cancelled: Vec<Uuid> = again("reading which a limit cancelled", &limited, || {
+            sqlx::query_scalar(
+                "SELECT task_id FROM tasks WHERE task_id = ANY($1) AND status = 'cancelled'",
+            )
+            .bind(&limited)
+            .fetch_all(pool)
+        })
+        .await
+        .unwrap_or_default();
         for task_id in cancelled {
             if let Some(written) = created.get_mut(&task_id) {
                 written.cancelled = true;
@@ -627,7 +638,13 @@ pub async fn create_many(
         }
     }
     if let (false, Some(lease_ms)) = (to_judge.is_empty(), lease_ms) {
-        for dispatch in crate::store::transitions::judge_steps(pool, to_judge, lease_ms).await? {
+        // Judged in a transaction of its own: a failed try changed nothing.
+        let judged = again("judging their first steps", &to_judge, || {
+            crate::store::transitions::judge_steps(pool, to_judge.clone(), lease_ms)
+        })
+        .await
+        .unwrap_or_default();
+        for dispatch in judged {
             let task_id = if created.contains_key(&dispatch.message.task_id) {
                 dispatch.message.task_id
             } else {
@@ -645,10 +662,17 @@ pub async fn create_many(
         .map(|creation| creation.task_id)
         .collect();
     if !all_skipped.is_empty() {
-        let mut tx = pool.begin().await?;
-        // No new task has a parent: nothing is left for the dispatcher.
-        crate::store::transitions::finish_tasks(&mut tx, &all_skipped, None).await?;
-        tx.commit().await?;
+        let _ = again(
+            "finishing those whose every step was skipped",
+            &all_skipped,
+            || async {
+                let mut tx = pool.begin().await?;
+                // No new task has a parent: nothing is left for the dispatcher.
+                crate::store::transitions::finish_tasks(&mut tx, &all_skipped, None).await?;
+                tx.commit().await
+            },
+        )
+        .await;
     }
     let mut outcomes = Vec::with_capacity(creations.len());
     for creation in creations {
@@ -656,6 +680,23 @@ pub async fn create_many(
         outcomes.push(creation.outcome(pool, written).await);
     }
     Ok(outcomes)
+}
+
+/// Run `op` (a read, or a transaction of its own: a failed try changes nothing) up to
+/// three times; the last failure is logged, with `what` was not done and the `ids` (of
+/// tasks or steps) it was for.
+async fn again<T, F, Fut>(what: &str, ids: &[Uuid], op: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(50))
+        .with_max_times(2);
+    op.retry(policy).await.inspect_err(|error| {
+        tracing::error!(%error, ?ids, "tasks created, but {what} failed");
+    })
 }
 
 /// A child task [`create_children`] created.
