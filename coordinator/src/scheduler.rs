@@ -45,6 +45,9 @@ pub(crate) struct Scheduler {
     pub(crate) grace: TimeDelta,
     /// Woken when this coordinator's API changes a schedule.
     pub(crate) wake: Arc<Notify>,
+    /// Lifecycle events are on: fires the events relay has not published are kept past
+    /// the last hundred.
+    pub(crate) keep_unrelayed: bool,
 }
 
 impl Service for Scheduler {
@@ -129,13 +132,21 @@ impl Scheduler {
                     &record.fields.name,
                     &fires,
                     schedule.next_after(now),
+                    self.keep_unrelayed,
                 )
                 .await?;
             }
             Err(problems) => {
                 // Checked when written; a schedule that no longer parses stops.
                 tracing::error!(schedule = %record.fields.name, ?problems, "schedule cannot be read; it stops");
-                schedules::record_fires(&mut tx, &record.fields.name, &[], None).await?;
+                schedules::record_fires(
+                    &mut tx,
+                    &record.fields.name,
+                    &[],
+                    None,
+                    self.keep_unrelayed,
+                )
+                .await?;
             }
         }
         tx.commit().await?;

@@ -248,6 +248,7 @@ impl Application {
             state: self.state.clone(),
             grace: chrono::TimeDelta::milliseconds(settings.schedule_grace_ms as i64),
             wake: self.state.wake_scheduler.clone(),
+            keep_unrelayed: settings.events.is_on(),
         });
         if let Retention::Keep(keep) = settings.retention {
             let retention = RetentionLoop {

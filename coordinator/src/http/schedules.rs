@@ -18,7 +18,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::SHORT_TEXT;
 use tasker_shared::schedule::Schedule;
 use tasker_shared::states::{CatchUp, Overlap};
-use tasker_shared::store::schedules::{self, FireRecord, ScheduleFields, ScheduleRecord};
+use tasker_shared::store::schedules::{self, FireRecord, NextFire, ScheduleFields, ScheduleRecord};
 
 /// Fire times a schedule's answer lists ahead.
 const NEXT_RUNS: usize = 5;
@@ -253,11 +253,11 @@ pub(crate) async fn update(
     let clock_changed = (schedule.cron.as_str(), schedule.timezone.as_str())
         != (before.cron.as_str(), before.timezone.as_str());
     let next = if schedule.paused {
-        None
+        NextFire::Set(None)
     } else if clock_changed || before.paused || current.next_fire_at.is_none() {
-        first_fire(parsed.as_ref(), &schedule)
+        NextFire::Set(first_fire(parsed.as_ref(), &schedule))
     } else {
-        current.next_fire_at
+        NextFire::Keep
     };
     let updated = schedules::update(&state.pool, &schedule, next)
         .await?

@@ -154,22 +154,39 @@ fn with_fields<'q, O>(
         .bind(fields.paused)
 }
 
-/// Replace a schedule's fields and its next fire; `None` when there is no such schedule.
+/// What a change to a schedule does to its next fire.
+#[derive(Debug, Clone, Copy)]
+pub enum NextFire {
+    /// Left as stored: the scheduler may move it while the change is made, and must not
+    /// see it set back to a time it has fired.
+    Keep,
+    /// Set (the clock changed, or the schedule was paused or resumed).
+    Set(Option<DateTime<Utc>>),
+}
+
+/// Replace a schedule's fields and set or keep its next fire; `None` when there is no
+/// such schedule.
 pub async fn update(
     pool: &PgPool,
     fields: &ScheduleFields,
-    next_fire_at: Option<DateTime<Utc>>,
+    next: NextFire,
 ) -> sqlx::Result<Option<ScheduleRecord>> {
+    let (keep, next_fire_at) = match next {
+        NextFire::Keep => (true, None),
+        NextFire::Set(at) => (false, at),
+    };
     with_fields(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE schedules SET namespace = $2, template = $3, version = $4, cron = $5, \
                     timezone = $6, context = $7, overlap = $8, catch_up = $9, paused = $10, \
-                    next_fire_at = $11, updated_at = now() \
+                    next_fire_at = CASE WHEN $12 THEN next_fire_at ELSE $11 END, \
+                    updated_at = now() \
              WHERE name = $1 RETURNING {COLUMNS}"
         ))),
         fields,
     )
     .bind(next_fire_at)
+    .bind(keep)
     .fetch_optional(pool)
     .await
 }
@@ -278,12 +295,14 @@ impl FireOutcome {
 }
 
 /// Record a locked schedule's fires, move its next fire to `next_fire_at`, and keep its
-/// last [`FIRES_KEPT`] fires.
+/// last [`FIRES_KEPT`] fires; with `keep_unrelayed` (lifecycle events on), also those the
+/// events relay has not published yet.
 pub async fn record_fires(
     conn: &mut PgConnection,
     name: &str,
     fires: &[(DateTime<Utc>, FireOutcome)],
     next_fire_at: Option<DateTime<Utc>>,
+    keep_unrelayed: bool,
 ) -> sqlx::Result<()> {
     let times: Vec<DateTime<Utc>> = fires.iter().map(|(at, _)| *at).collect();
     let tasks: Vec<Option<Uuid>> = fires
@@ -312,10 +331,13 @@ pub async fn record_fires(
     sqlx::query(
         "DELETE FROM schedule_fires WHERE schedule = $1 AND fire_at < \
              (SELECT fire_at FROM schedule_fires WHERE schedule = $1 \
-              ORDER BY fire_at DESC OFFSET $2 LIMIT 1)",
+              ORDER BY fire_at DESC OFFSET $2 LIMIT 1) \
+           AND (NOT $3 OR transition_id <= \
+                (SELECT last_transition_id FROM event_relay WHERE id = 1))",
     )
     .bind(name)
     .bind(FIRES_KEPT - 1)
+    .bind(keep_unrelayed)
     .execute(conn)
     .await?;
     Ok(())
