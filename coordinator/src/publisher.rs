@@ -22,6 +22,12 @@
 //! expires (they waited longer than the lease) is dispatched again and its first copy
 //! superseded, as for an unconfirmed step. Step messages carry no expiration: a
 //! confirmed message waits in its queue as long as the queue is long.
+//!
+//! A step whose message is larger than the broker takes (`TASKER_MAX_STEP_MESSAGE_BYTES`,
+//! RabbitMQ's own `max_message_size` by default: its context and its parents' results
+//! together) is not published: the broker would close the publishing channel at every
+//! try. The publisher sends the coordinator a result for it instead, a permanent failure
+//! with code `step_message_too_large`, applied like any worker's.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,7 +39,8 @@ use lapin::types::ShortString;
 use sqlx::PgPool;
 use tasker_shared::broker::{Topology, persistent, publish_together, with_traceparent};
 use tasker_shared::messages::{
-    BatchedStep, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, step_batch_body,
+    BatchedStep, Outcome, SCHEMA_VERSION, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepError,
+    StepMessage, StepResult, WorkerMessage, step_batch_body,
 };
 use tasker_shared::store::transitions::{self, ConfirmedStep, Dispatch};
 use tasker_shared::telemetry;
@@ -80,6 +87,8 @@ pub(crate) struct StepPublisher {
     /// Confirmed steps whose lease is still to be lifted. A std Mutex: held only to
     /// insert, remove or swap, never across an await.
     lifts: Mutex<Lifts>,
+    /// The largest step message published (`TASKER_MAX_STEP_MESSAGE_BYTES`).
+    max_message_bytes: usize,
     #[cfg(feature = "failpoints")]
     failpoint: failpoint::PauseAfterClaims,
 }
@@ -125,9 +134,16 @@ impl StepPublisher {
             waiting: Mutex::new(Vec::new()),
             tasks,
             lifts: Mutex::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             #[cfg(feature = "failpoints")]
             failpoint: failpoint::PauseAfterClaims::default(),
         }
+    }
+
+    /// Publish no step message larger than `bytes`; such a step fails instead.
+    pub(crate) fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
     }
 
     /// Arm the chaos-test failpoint (see [`failpoint::PauseAfterClaims`]).
@@ -402,6 +418,13 @@ impl StepPublisher {
                 .map(|&i| &dispatches[i].message)
                 .collect::<Vec<_>>()
         };
+        let (outgoing, oversized): (Vec<Outgoing>, Vec<Outgoing>) = outgoing
+            .into_iter()
+            .partition(|message| message.body.len() <= self.max_message_bytes);
+        if !oversized.is_empty() {
+            self.fail_oversized(&oversized, dispatches, &mut report)
+                .await;
+        }
         report.carried = outgoing.iter().map(|m| m.steps.len()).collect();
         let publishes = outgoing
             .iter()
@@ -459,6 +482,99 @@ impl StepPublisher {
         report
     }
 
+    /// Fail the steps of messages larger than the broker takes, for good: a result of
+    /// the coordinator's own for each (code `step_message_too_large`), sent through the
+    /// results queue and applied, fenced by the dispatch token, as a worker's would be.
+    /// A step whose result the broker does not confirm is left to be dispatched again
+    /// (and refused again).
+    async fn fail_oversized(
+        &self,
+        oversized: &[Outgoing],
+        dispatches: &[Dispatch],
+        report: &mut Published,
+    ) {
+        let mut sent = Vec::new();
+        for message in oversized {
+            for &i in &message.steps {
+                let step = &dispatches[i].message;
+                let error = format!(
+                    "the step's message is {} bytes, more than the broker takes \
+                     (TASKER_MAX_STEP_MESSAGE_BYTES = {}): the task's context and the \
+                     step's parents' results travel in it; pass references to large data \
+                     instead",
+                    message.body.len(),
+                    self.max_message_bytes
+                );
+                tracing::warn!(step_id = %step.step_id, task_id = %step.task_id,
+                    bytes = message.body.len(), max = self.max_message_bytes,
+                    "a step message is too large to publish; the step fails");
+                let now = chrono::Utc::now();
+                let result = WorkerMessage::Result(StepResult {
+                    schema_version: SCHEMA_VERSION,
+                    task_id: step.task_id,
+                    step_id: step.step_id,
+                    dispatch_token: step.dispatch_token,
+                    outcome: Outcome::PermanentError,
+                    results: None,
+                    error: Some(StepError {
+                        message: error,
+                        code: Some(STEP_MESSAGE_TOO_LARGE.to_owned()),
+                        retry_after_seconds: None,
+                    }),
+                    started_at: now,
+                    finished_at: now,
+                    worker_id: "coordinator".to_owned(),
+                });
+                let confirm = async {
+                    let body = serde_json::to_vec(&result)?;
+                    let confirm = self
+                        .channel()
+                        .basic_publish(
+                            "".into(),
+                            self.topology.results_queue().as_str().into(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..BasicPublishOptions::default()
+                            },
+                            &body,
+                            self.topology.signed(&body, persistent()),
+                        )
+                        .await?;
+                    anyhow::Ok(confirm)
+                }
+                .await;
+                sent.push((step, confirm));
+            }
+        }
+        let (steps, confirms): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
+        let mut pending = Vec::new();
+        let mut pending_steps = Vec::new();
+        for (step, confirm) in steps.into_iter().zip(confirms) {
+            match confirm {
+                Ok(confirm) => {
+                    pending.push(confirm);
+                    pending_steps.push(step);
+                }
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), step_id = %step.step_id,
+                        "sending the failure of a step too large to publish failed");
+                    report.failed += 1;
+                    report.unpublished.push((step.step_id, step.dispatch_token));
+                }
+            }
+        }
+        let outcomes = tasker_shared::broker::await_confirms(pending).await;
+        for (step, outcome) in pending_steps.into_iter().zip(outcomes) {
+            let taken = outcome.is_ok_and(|confirmation| {
+                confirmation.is_ack() && confirmation.take_message().is_none()
+            });
+            if !taken {
+                report.failed += 1;
+                report.unpublished.push((step.step_id, step.dispatch_token));
+            }
+        }
+    }
+
     /// Publish one message: a step alone (its trace context in the `traceparent` header)
     /// or a batch of steps of `first`'s namespace.
     async fn publish_one(
@@ -508,6 +624,13 @@ impl Outgoing {
 /// Most bytes of step JSON one batch carries: a step that would take a batch past it
 /// goes in the next message (one larger than this travels alone).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// RabbitMQ's default `max_message_size` (128 MiB): the default of
+/// `TASKER_MAX_STEP_MESSAGE_BYTES`.
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+
+/// The code of the permanent failure of a step whose message is too large to publish.
+pub(crate) const STEP_MESSAGE_TOO_LARGE: &str = "step_message_too_large";
 
 /// What one published message carries.
 #[derive(Debug)]

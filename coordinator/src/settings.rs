@@ -108,6 +108,15 @@ pub struct CoordinatorSettings {
     /// message carries the context, so this also bounds message size.
     #[arg(long, env = "TASKER_MAX_CONTEXT_BYTES", default_value_t = 1024 * 1024)]
     pub max_context_bytes: usize,
+    /// Largest step message published, in bytes (the task's context and the step's
+    /// parents' results travel in it). A larger one is not sent: its step fails for good
+    /// with code `step_message_too_large`. Keep it at most RabbitMQ's `max_message_size`
+    /// (128 MiB by default), or the broker closes the publishing channel at every try.
+    #[arg(long, env = "TASKER_MAX_STEP_MESSAGE_BYTES",
+          default_value_t = crate::publisher::DEFAULT_MAX_MESSAGE_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1024 * 1024..=512 * 1024 * 1024))]
+    pub max_step_message_bytes: usize,
     /// Largest template document accepted by `POST /v1/templates`, in bytes (413 past it).
     #[arg(long, env = "TASKER_MAX_TEMPLATE_BYTES", default_value_t = 1024 * 1024)]
     pub max_template_bytes: usize,

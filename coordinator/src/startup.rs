@@ -121,6 +121,7 @@ impl Application {
             settings.dispatch_lease_ms,
             tasks.clone(),
         );
+        let publisher = publisher.max_message_bytes(settings.max_step_message_bytes);
         #[cfg(feature = "failpoints")]
         let publisher = publisher.pause_after_claims(settings.failpoint_pause_after_claims);
         let publisher = Arc::new(publisher);

@@ -702,3 +702,67 @@ async fn completions(env: &TestEnv, task_id: &str) -> i64 {
     .await
     .unwrap()
 }
+
+/// A step whose message would be larger than the broker takes (its context and its
+/// parents' results together, here over a 1 MiB limit) is not published: the broker
+/// would close the coordinator's channel at every try, and the step would be dispatched
+/// again for ever. It fails for good with code `step_message_too_large`, naming the
+/// sizes, and the coordinator goes on dispatching.
+#[tokio::test]
+async fn a_step_too_large_to_publish_fails_and_dispatch_goes_on() {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: vec![("TASKER_MAX_STEP_MESSAGE_BYTES".into(), "1048576".into())],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("too-large", options).await.unwrap();
+    env.register_template(
+        "namespace: failing\nname: swell\nsteps:\n  - name: echo\n    handler: tasker.echo\n  - name: after\n    handler: tasker.noop\n    depends_on: [echo]\n",
+    )
+    .await
+    .unwrap();
+    env.register_template(&one_step("small", "    handler: tasker.noop\n"))
+        .await
+        .unwrap();
+    env.start_worker("swelling", &["failing"]).await.unwrap();
+
+    // The context (700 KB) travels to `echo`, which returns it: `after`'s message
+    // carries it twice.
+    let context = json!({"blob": "x".repeat(700_000)});
+    let task = env
+        .api
+        .run_task(
+            &json!({"namespace": "failing", "name": "swell", "context": context}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskStatus::Error, "{task:#?}");
+    assert_eq!(task.step("echo").status, StepStatus::Complete);
+    let after = task.step("after");
+    assert_eq!(after.status, StepStatus::Error, "{task:#?}");
+    assert_eq!(after.attempts, 1, "failed for good, not retried");
+    let error = after.last_error.as_ref().expect("the step's error");
+    assert_eq!(error.code.as_deref(), Some("step_message_too_large"));
+    assert_eq!(error.kind, "permanent");
+    assert!(
+        error
+            .message
+            .contains("TASKER_MAX_STEP_MESSAGE_BYTES = 1048576"),
+        "{}",
+        error.message
+    );
+
+    // The coordinator's broker session is whole: the next tasks run.
+    for _ in 0..2 {
+        let small = env
+            .api
+            .run_task(
+                &json!({"namespace": "failing", "name": "small", "context": {}}),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        assert_eq!(small.status, TaskStatus::Complete);
+    }
+    env.finish().await.unwrap();
+}
