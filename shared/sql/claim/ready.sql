@@ -2,13 +2,15 @@
 -- allows, higher priority first, then oldest due (the steps_claim_order index), skipping
 -- rows another coordinator holds and steps held by a limit; and the held steps that may
 -- fit again: per rate key, up to $1 rate-held steps whose slot came; per template
--- concurrency key with fewer running tasks than its limit, every held first step of at
--- most as many waiting tasks (best first) as the limit; and, when $3, the concurrency keys with held
--- steps and a free slot as last committed (up to $1 keys), whose held steps the claim
--- offers itself, as many per key as its limit. Held keys are found by skipping through
--- the held indexes, one probe per key (none when nothing is held). Keys without a free
--- slot are left out before the claim locks anything: a claim of every held key would
--- hold them all at once, and every result batch of any of them would wait for it.
+-- concurrency key with fewer running tasks than its limit (up to $1 such keys), every
+-- held first step of at most as many waiting tasks (best first) as the limit; and, when
+-- $3, the concurrency keys with held steps and a free slot as last committed (up to $1
+-- keys), whose held steps the claim offers itself, as many per key as its limit. Held
+-- keys are found by skipping through the held indexes, one probe per key (none when
+-- nothing is held). Keys without a free slot are left out before the claim locks
+-- anything (and before the limit on keys, so full keys cannot hide those with room): a
+-- claim of every held key would hold them all at once, and every result batch of any of
+-- them would wait for it.
 WITH RECURSIVE rate_keys AS (
     (SELECT rate_key AS key FROM steps
      WHERE held = 'rate_limited' AND status IN ('pending', 'waiting_for_retry')
@@ -36,20 +38,24 @@ task_keys AS (
     WHERE k.key IS NOT NULL
 ),
 task_room AS (
-    -- Each such key's limit, from a waiting task, and how many of its tasks run.
-    SELECT k.key, l.lim,
-           (SELECT count(*) FROM task_slots r
-            WHERE r.key = k.key
-              AND (SELECT t.status FROM tasks t WHERE t.task_id = r.task_id)
-                  = 'in_progress') AS running
-    FROM task_keys k
-    CROSS JOIN LATERAL (
-        SELECT t.concurrency_limits[array_position(t.concurrency_keys, k.key)] AS lim
-        FROM steps h JOIN tasks t ON t.task_id = h.task_id
-        WHERE h.held_task_key = k.key AND h.held = 'concurrency_limited'
-          AND h.status IN ('pending', 'waiting_for_retry')
-        LIMIT 1) l
-    WHERE k.key IS NOT NULL
+    -- Each such key's limit, from a waiting task, and how many of its tasks run: up to
+    -- $1 keys with room (the full ones left out before the limit, so full keys that
+    -- sort first cannot hide those behind them).
+    SELECT * FROM (
+        SELECT k.key, l.lim,
+               (SELECT count(*) FROM task_slots r
+                WHERE r.key = k.key
+                  AND (SELECT t.status FROM tasks t WHERE t.task_id = r.task_id)
+                      = 'in_progress') AS running
+        FROM task_keys k
+        CROSS JOIN LATERAL (
+            SELECT t.concurrency_limits[array_position(t.concurrency_keys, k.key)] AS lim
+            FROM steps h JOIN tasks t ON t.task_id = h.task_id
+            WHERE h.held_task_key = k.key AND h.held = 'concurrency_limited'
+              AND h.status IN ('pending', 'waiting_for_retry')
+            LIMIT 1) l
+        WHERE k.key IS NOT NULL) keyed
+    WHERE keyed.running < keyed.lim
     LIMIT $1
 ),
 concurrency_keys AS (

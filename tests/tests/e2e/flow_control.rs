@@ -503,3 +503,53 @@ async fn a_task_whose_first_step_runs_a_child_task_takes_its_slot() {
     );
     env.finish().await.unwrap();
 }
+
+/// Template keys are looked at up to a claim's batch size at a time, in key order: full
+/// keys that sort first must not hide one with room. Here the batch is two steps, two
+/// keys (`held/stuck=1`, `held/stuck=2`) stay full (no worker serves their namespace) with
+/// tasks waiting, and a key after them frees its slot: its waiting task starts.
+#[tokio::test]
+async fn full_keys_that_sort_first_do_not_hide_a_key_with_room() {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: vec![("TASKER_BATCH_SIZE".into(), "2".into())],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("flow-many-keys", options)
+        .await
+        .unwrap();
+    for template in [
+        "namespace: held\nname: stuck\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: wait, handler: tasker.noop}\n",
+        "namespace: later\nname: quick\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: work, handler: tasker.sleep, config: {ms: 1500}}\n",
+    ] {
+        let (status, body) = env.register_template(template).await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    env.start_worker("later-1", &["later"]).await.unwrap();
+    for customer in ["1", "2"] {
+        let body = json!({"namespace": "held", "name": "stuck", "context": {"customer": customer}});
+        for _ in 0..2 {
+            env.api.create_task(&body).await.unwrap();
+        }
+    }
+
+    let body = json!({"namespace": "later", "name": "quick", "context": {"customer": "c"}});
+    let first = env.api.create_task(&body).await.unwrap();
+    let second = env.api.create_task(&body).await.unwrap();
+    for task_id in [first.task_id, second.task_id] {
+        let task = env
+            .api
+            .wait_for_task(
+                task_id,
+                &[
+                    TaskStatus::Complete,
+                    TaskStatus::Error,
+                    TaskStatus::Cancelled,
+                ],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    }
+    env.finish().await.unwrap();
+}
