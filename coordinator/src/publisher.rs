@@ -24,8 +24,8 @@
 //! confirmed message waits in its queue as long as the queue is long.
 //!
 //! A step whose message is larger than the broker takes (`TASKER_MAX_STEP_MESSAGE_BYTES`,
-//! RabbitMQ's own `max_message_size` by default: its context and its parents' results
-//! together) is not published: the broker would close the publishing channel at every
+//! 16 MiB, RabbitMQ's own `max_message_size` by default: its context and its parents'
+//! results together) is not published: the broker would close the publishing channel at every
 //! try. The publisher sends the coordinator a result for it instead, a permanent failure
 //! with code `step_message_too_large`, applied like any worker's.
 
@@ -625,9 +625,9 @@ impl Outgoing {
 /// goes in the next message (one larger than this travels alone).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-/// RabbitMQ's default `max_message_size` (128 MiB): the default of
-/// `TASKER_MAX_STEP_MESSAGE_BYTES`.
-pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+/// RabbitMQ's default `max_message_size` since 4.0 (16 MiB; 128 MiB before): the
+/// default of `TASKER_MAX_STEP_MESSAGE_BYTES`.
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The code of the permanent failure of a step whose message is too large to publish.
 pub(crate) const STEP_MESSAGE_TOO_LARGE: &str = "step_message_too_large";

@@ -235,21 +235,23 @@ impl ResultProcessor {
                 .map(|step| (step.step_id, step))
                 .collect();
         // A message with a result for a held step waits for a later batch (a batch of
-        // results waits whole: its delivery is acked once). A started notice or
-        // heartbeat is split: the steps nobody holds are applied now, a held step that
-        // has moved on is left out, and only the held steps that may still run wait, in
-        // what is left of the notice; its delivery is acked once they are applied. So
-        // one step held for long (an operator's open transaction, a stalled
-        // coordinator) does not hold back the leases of the many others a worker's
-        // heartbeat names.
+        // results waits whole: its delivery is acked once). A started notice is split:
+        // the steps nobody holds are applied now, a held step that has moved on is left
+        // out, and only the held steps that may still run wait, in what is left of the
+        // notice; its delivery is acked once they are applied. A heartbeat applies to the
+        // steps nobody holds and leaves the held ones out: the worker's next one names
+        // them again, and heartbeats kept waiting would pile up, one per worker and
+        // interval, in the consumer's prefetch. So one step held for long (an operator's
+        // open transaction, a stalled coordinator) holds back neither the leases of the
+        // many others a worker's heartbeat names nor the results queue.
         let mut held_back: Vec<Received> = Vec::new();
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(messages.len());
 
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: Vec<Started> = Vec::new();
         let mut running: Vec<RunningStep> = Vec::new();
-        // Whether a step of a notice waits (`Some(true)`), is applied now (`None`), or is
-        // left out (`Some(false)`).
+        // Whether a step of a started notice waits (`Some(true)`), is applied now (`None`),
+        // or is left out (`Some(false)`).
         let wait = |step_id: &uuid::Uuid| held.get(step_id).map(HeldStep::may_still_run);
         // One `apply_result` span per result, a child of the worker's `execute_step`,
         // open until the batch commits.
@@ -293,14 +295,14 @@ impl ResultProcessor {
                     batch.steps = later;
                     (!batch.steps.is_empty()).then_some(WorkerMessage::Started(batch))
                 }
-                WorkerMessage::Heartbeat(mut batch) => {
-                    let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.steps)
-                        .into_iter()
-                        .filter(|step| wait(&step.step_id) != Some(false))
-                        .partition(|step| wait(&step.step_id).is_some());
-                    running.extend(now);
-                    batch.steps = later;
-                    (!batch.steps.is_empty()).then_some(WorkerMessage::Heartbeat(batch))
+                WorkerMessage::Heartbeat(batch) => {
+                    running.extend(
+                        batch
+                            .steps
+                            .into_iter()
+                            .filter(|step| !held.contains_key(&step.step_id)),
+                    );
+                    None
                 }
             };
             match rest {

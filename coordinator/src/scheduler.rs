@@ -98,25 +98,62 @@ impl Scheduler {
         })
     }
 
-    /// Fire the due schedules, one transaction each; returns how many there were.
+    /// Fire the due schedules, one transaction each; returns how many there were. One
+    /// that fails is left for the next round, and the others are fired meanwhile (the
+    /// one failing, due first, would otherwise hold back every one behind it).
     async fn fire_due(&self) -> anyhow::Result<usize> {
         let mut fired = 0;
-        while fired < BATCH {
-            if !self.fire_one().await? {
-                break;
+        let mut failed: Vec<String> = Vec::new();
+        let mut first_error = None;
+        while fired + failed.len() < BATCH {
+            match self.fire_one(&failed).await {
+                Ok(Some(_)) => fired += 1,
+                Ok(None) => break,
+                // Nothing locked: the database itself failed.
+                Err((None, error)) => return Err(error),
+                Err((Some(name), error)) => {
+                    tracing::warn!(schedule = %name, error = format!("{error:#}"),
+                        "firing a schedule failed; trying it again shortly");
+                    failed.push(name);
+                    first_error.get_or_insert(error);
+                }
             }
-            fired += 1;
         }
-        Ok(fired)
+        match first_error {
+            Some(error) if fired == 0 => Err(error),
+            _ => Ok(fired + failed.len()),
+        }
     }
 
-    /// Lock one due schedule and fire it; false when none is due that another
-    /// coordinator does not hold.
-    async fn fire_one(&self) -> anyhow::Result<bool> {
-        let mut tx = self.state.pool.begin().await?;
-        let Some(record) = schedules::lock_due(&mut tx, 1).await?.pop() else {
-            return Ok(false);
+    /// Lock one due schedule (not one of `except`) and fire it; its name, or `None` when
+    /// none is due that another coordinator does not hold. A failure names the schedule
+    /// when one was locked.
+    async fn fire_one(
+        &self,
+        except: &[String],
+    ) -> Result<Option<String>, (Option<String>, anyhow::Error)> {
+        let unnamed = |error: sqlx::Error| (None, anyhow::Error::from(error));
+        let mut tx = self.state.pool.begin().await.map_err(unnamed)?;
+        let Some(record) = schedules::lock_due(&mut tx, 1, except)
+            .await
+            .map_err(unnamed)?
+            .pop()
+        else {
+            return Ok(None);
         };
+        let name = record.fields.name.clone();
+        self.fire_locked(tx, record)
+            .await
+            .map(|()| Some(name.clone()))
+            .map_err(|error| (Some(name), error))
+    }
+
+    /// Fire a locked schedule, record its fires and commit.
+    async fn fire_locked(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        record: ScheduleRecord,
+    ) -> anyhow::Result<()> {
         // Counted once the fires are committed: a schedule tried again counts once.
         let mut counts = Vec::new();
         let now = Utc::now();
@@ -171,7 +208,7 @@ impl Scheduler {
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Fire a locked schedule's due `times`, as its `catch_up` and `overlap` say.

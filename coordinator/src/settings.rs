@@ -111,7 +111,8 @@ pub struct CoordinatorSettings {
     /// Largest step message published, in bytes (the task's context and the step's
     /// parents' results travel in it). A larger one is not sent: its step fails for good
     /// with code `step_message_too_large`. Keep it at most RabbitMQ's `max_message_size`
-    /// (128 MiB by default), or the broker closes the publishing channel at every try.
+    /// (16 MiB by default since RabbitMQ 4.0, 128 MiB before), or the broker closes the
+    /// publishing channel at every try.
     #[arg(long, env = "TASKER_MAX_STEP_MESSAGE_BYTES",
           default_value_t = crate::publisher::DEFAULT_MAX_MESSAGE_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new()

@@ -28,19 +28,20 @@
 //! not the connection, on a channel error, and a closed channel never reopens), or at
 //! shutdown. The loop that watches for these never waits for a handler slot: each
 //! delivery waits for its slots in a task of its own, so a worker whose every slot is
-//! busy with long steps still notices a lost connection or a SIGTERM at once. A lost session never waits for the broker: it stops its heartbeats,
-//! closes the connection (so the broker requeues what this worker held) and reconnects at
-//! once. Handlers still running carry on; their results are published on the next
-//! session's channel, and a copy of their step redelivered to this worker meanwhile
-//! waits for them instead of running twice. Every broker call a step makes (publish,
-//! ack, nack) gives up after [`BROKER_PATIENCE`]: lapin can leave an ack that is issued
-//! just as the connection fails pending for ever, and a step task that never ends would
-//! hold the session (and, before, the whole worker) with it.
+//! busy with long steps still notices a lost connection or a SIGTERM at once. A lost
+//! session never waits for the broker: it stops its heartbeats, closes the connection
+//! (so the broker requeues what this worker held) and reconnects at once. Handlers
+//! still running carry on; their results are published on the next session's channel,
+//! and a copy of their step redelivered to this worker meanwhile waits for them instead
+//! of running twice. Every broker call a step makes (publish, ack, nack) gives up after
+//! [`BROKER_PATIENCE`]: lapin can leave an ack that is issued just as the connection
+//! fails pending for ever, and a step task that never ends would hold the worker's
+//! drain with it.
 //!
 //! At shutdown the consumers are cancelled, messages received but not started are
 //! handed back to the broker (those waiting for a slot too; a batch of which one step
-//! has started starts the rest, as its message is answered whole), running steps finish and publish their results, and only
-//! then does the connection close.
+//! has started starts the rest, as its message is answered whole), running steps
+//! finish and publish their results, and only then does the connection close.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -469,8 +470,6 @@ impl Worker {
         }
 
         tracing::info!("stopping: no new steps; finishing the running ones");
-        // Deliveries still waiting for a slot go back to the broker.
-        starts.draining.cancel();
         control.abort();
         let tags: Vec<ShortString> = consumers
             .tags
@@ -484,7 +483,9 @@ impl Worker {
             )
             .await;
         }
-        // Received but not started: hand back to the broker for another worker.
+        // Received but not started, and waiting for a slot (once no consumer of this
+        // worker would get them back): hand back to the broker for another worker.
+        starts.draining.cancel();
         deliveries.close();
         while let Ok(received) = deliveries.try_recv() {
             nack_requeue(&received.delivery).await;
@@ -495,6 +496,8 @@ impl Worker {
         steps.wait().await;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(BROKER_PATIENCE, heartbeats).await;
+        // The last handles on the started notices' sender: the batcher ends.
+        drop(starts);
         drop(session);
         let _ = tokio::time::timeout(BROKER_PATIENCE, batcher).await;
         let _ = tokio::time::timeout(BROKER_PATIENCE, consume.close(200, "worker stopped".into()))
@@ -736,7 +739,7 @@ struct Starts {
     draining: CancellationToken,
 }
 
-/// How a wait for a handler slot ended.
+/// How a wait for a handler slot (or a permit to hold one more message) ended.
 enum Slot {
     Free(OwnedSemaphorePermit),
     /// The worker is stopping: the step is not started.
@@ -748,8 +751,10 @@ enum Slot {
 impl Starts {
     /// Start a delivery's steps as handler slots come free and run them to the end.
     async fn start(self, received: Received) {
-        let Ok(held) = self.unacked.clone().acquire_owned().await else {
-            return;
+        let held = match self.permit(&self.unacked, true).await {
+            Slot::Free(held) => held,
+            Slot::Draining => return nack_requeue(&received.delivery).await,
+            Slot::Lost => return,
         };
         if broker::carries_step_batch(&received.delivery.properties) {
             self.start_batch(received, held).await;
@@ -769,12 +774,17 @@ impl Starts {
     /// Wait for a handler slot, unless the session is lost first, or (with `drain`) the
     /// worker stops taking steps.
     async fn slot(&self, drain: bool) -> Slot {
+        self.permit(&self.running, drain).await
+    }
+
+    /// Wait for a permit of `semaphore`, as [`Self::slot`] does.
+    async fn permit(&self, semaphore: &Arc<Semaphore>, drain: bool) -> Slot {
         let mut lost = self.session.lost.subscribe();
         let slot = tokio::select! {
             biased;
             () = self.draining.cancelled(), if drain => return Slot::Draining,
             _ = lost.wait_for(|lost| *lost) => return Slot::Lost,
-            slot = self.running.clone().acquire_owned() => slot,
+            slot = semaphore.clone().acquire_owned() => slot,
         };
         match slot {
             // A step from a connection lost meanwhile is not started: the broker hands

@@ -257,7 +257,7 @@ pub(crate) async fn update(
     } else if clock_changed || before.paused || current.next_fire_at.is_none() {
         NextFire::Set(first_fire(parsed.as_ref(), &schedule))
     } else {
-        NextFire::Keep
+        NextFire::Keep(first_fire(parsed.as_ref(), &schedule))
     };
     let updated = schedules::update(&state.pool, &schedule, next)
         .await?

@@ -158,8 +158,9 @@ fn with_fields<'q, O>(
 #[derive(Debug, Clone, Copy)]
 pub enum NextFire {
     /// Left as stored: the scheduler may move it while the change is made, and must not
-    /// see it set back to a time it has fired.
-    Keep,
+    /// see it set back to a time it has fired. When none is stored (a pause committed
+    /// meanwhile), set to the time given.
+    Keep(Option<DateTime<Utc>>),
     /// Set (the clock changed, or the schedule was paused or resumed).
     Set(Option<DateTime<Utc>>),
 }
@@ -172,14 +173,15 @@ pub async fn update(
     next: NextFire,
 ) -> sqlx::Result<Option<ScheduleRecord>> {
     let (keep, next_fire_at) = match next {
-        NextFire::Keep => (true, None),
+        NextFire::Keep(otherwise) => (true, otherwise),
         NextFire::Set(at) => (false, at),
     };
     with_fields(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE schedules SET namespace = $2, template = $3, version = $4, cron = $5, \
                     timezone = $6, context = $7, overlap = $8, catch_up = $9, paused = $10, \
-                    next_fire_at = CASE WHEN $12 THEN next_fire_at ELSE $11 END, \
+                    next_fire_at = CASE WHEN $12 AND next_fire_at IS NOT NULL \
+                                        THEN next_fire_at ELSE $11 END, \
                     updated_at = now() \
              WHERE name = $1 RETURNING {COLUMNS}"
         ))),
@@ -244,14 +246,19 @@ pub async fn next_due<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Option<DateTi
 }
 
 /// Lock up to `limit` due schedules, oldest fire first, skipping those another
-/// coordinator holds.
-pub async fn lock_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<ScheduleRecord>> {
+/// coordinator holds and those named in `except`.
+pub async fn lock_due(
+    conn: &mut PgConnection,
+    limit: i64,
+    except: &[String],
+) -> sqlx::Result<Vec<ScheduleRecord>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM schedules \
-         WHERE NOT paused AND next_fire_at <= now() \
+         WHERE NOT paused AND next_fire_at <= now() AND name <> ALL($2) \
          ORDER BY next_fire_at LIMIT $1 FOR UPDATE SKIP LOCKED"
     )))
     .bind(limit)
+    .bind(except)
     .fetch_all(conn)
     .await
 }

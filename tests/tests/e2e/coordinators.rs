@@ -85,7 +85,7 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
     env.finish().await.unwrap();
 }
 
-const LONG: &str = "namespace: held\nname: long\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 8000}\n";
+const LONG: &str = "namespace: held\nname: long\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 12000}\n";
 
 /// A worker's heartbeat names all its running steps. One of them held by another
 /// transaction for longer than a lease (an operator's open transaction, a stalled
@@ -95,7 +95,7 @@ const LONG: &str = "namespace: held\nname: long\nsteps:\n  - name: one\n    hand
 async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
     let options = EnvOptions {
         coordinator_env: vec![
-            ("TASKER_HEARTBEAT_LEASE_MS".into(), "1500".into()),
+            ("TASKER_HEARTBEAT_LEASE_MS".into(), "3000".into()),
             ("TASKER_SWEEP_INTERVAL_MS".into(), "300".into()),
         ],
         ..Default::default()
@@ -136,7 +136,7 @@ async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let during = env.api.task(other).await.unwrap();
     holder.rollback().await.unwrap();
     assert_eq!(

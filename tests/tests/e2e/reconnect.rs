@@ -158,7 +158,7 @@ async fn the_coordinator_comes_back_after_the_broker_closes_its_publishing_chann
 #[tokio::test]
 async fn a_worker_with_every_slot_busy_comes_back_at_once_after_its_connection_is_cut() {
     let options = tasker_tests::EnvOptions {
-        coordinator_env: vec![("TASKER_HEARTBEAT_LEASE_MS".into(), "6000".into())],
+        coordinator_env: vec![("TASKER_HEARTBEAT_LEASE_MS".into(), "12000".into())],
         ..Default::default()
     };
     let mut env = TestEnv::start_with("cut-busy", options).await.unwrap();

@@ -247,7 +247,16 @@ async fn sigterm_with_every_slot_busy_hands_back_the_step_waiting_for_one() {
 
     let exit = env.workers[index].terminate().await.unwrap();
     assert!(exit.success(), "worker exit: {exit}");
-    let ran = env.api.task(running).await.unwrap();
+    // Its result was published before the worker exited; the coordinator applies it.
+    let ran = env
+        .api
+        .wait_for_task(
+            running,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
     assert_eq!(
         ran.status,
         TaskStatus::Complete,
