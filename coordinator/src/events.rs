@@ -10,7 +10,14 @@
 //!
 //! Transition ids come from one sequence but commit out of order, so a gap in the ids
 //! may be a transaction still in flight: the relay waits at a gap until it fills, or
-//! until the row after it is older than `GAP_PATIENCE` (then the gap was a rollback).
+//! until every transaction that was running when it first saw the gap has ended (the
+//! transaction of a missing id had taken it before the id after it, which had
+//! committed: it was running then). A missing id is then a rollback's, and the relay
+//! moves past it. That is PostgreSQL's own account (`pg_current_snapshot`), not a
+//! clock: a transaction that holds an id for long (a slow commit, a long bulk
+//! operation) is waited for, not skipped, and a rollback's gap is passed at once. An
+//! unrelated transaction left open holds the relay back too, so after [`GAP_PATIENCE`]
+//! it moves past the gap anyway, and says so in the log.
 //! A step's claim is no event and a quarter of the history: the read leaves claims out
 //! but gives each row the id before it among all (`previous`), so what was left out is
 //! never taken for a gap, and the cursor still moves past it.
@@ -37,9 +44,21 @@ use uuid::Uuid;
 
 /// Most transitions relayed per transaction.
 const BATCH: i64 = 500;
-/// How long a gap in the transition ids may be waited on before it is taken for a
-/// rolled-back transaction.
-const GAP_PATIENCE: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+/// The longest wait at a gap in the transition ids while transactions that were running
+/// when it was seen stay open.
+const GAP_PATIENCE: Duration = Duration::from_secs(60);
+/// How soon the relay looks at a gap again.
+const GAP_RECHECK: Duration = Duration::from_millis(50);
+
+/// A gap in the transition ids the relay waits at.
+#[derive(Debug, Clone)]
+struct Gap {
+    /// The id before the gap (the cursor stops there).
+    before: i64,
+    /// The transactions running when the relay first saw it (`pg_current_snapshot()`).
+    snapshot: String,
+    seen: std::time::Instant,
+}
 
 pub(crate) struct EventRelay {
     pool: PgPool,
@@ -54,6 +73,8 @@ pub(crate) struct EventRelay {
     /// poll is the safety net for other coordinators' transitions.
     wake: Arc<tokio::sync::Notify>,
     poll: Duration,
+    /// The gap the relay waits at, if any. A std Mutex: held only to read or set it.
+    gap: std::sync::Mutex<Option<Gap>>,
 }
 
 impl EventRelay {
@@ -75,7 +96,53 @@ impl EventRelay {
             metrics,
             wake,
             poll,
+            gap: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether the relay waits at a gap now.
+    fn at_gap(&self) -> bool {
+        self.gap.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Whether the gap after the id `before` may be passed: every transaction that was
+    /// running when the relay first saw it has ended, so its missing ids were rolled
+    /// back (a committed one would have been read); or it has been waited on for
+    /// [`GAP_PATIENCE`].
+    async fn gap_passed(&self, conn: &mut sqlx::PgConnection, before: i64) -> sqlx::Result<bool> {
+        let known = self
+            .gap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|gap| gap.before == before);
+        let Some(gap) = known else {
+            let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+                .fetch_one(conn)
+                .await?;
+            *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = Some(Gap {
+                before,
+                snapshot,
+                seen: std::time::Instant::now(),
+            });
+            return Ok(false);
+        };
+        let ended: bool = sqlx::query_scalar(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= pg_snapshot_xmax($1::pg_snapshot)",
+        )
+        .bind(&gap.snapshot)
+        .fetch_one(conn)
+        .await?;
+        let waited = gap.seen.elapsed();
+        if !ended && waited < GAP_PATIENCE {
+            return Ok(false);
+        }
+        if !ended {
+            tracing::error!(after = before, waited = ?waited,
+                "a transaction open since the events relay met a gap in the transition ids is still open; moving past the gap: if that transaction wrote the missing ids, their events are not published");
+        }
+        *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(true)
     }
 
     /// Relay one batch. Returns how many transitions the cursor moved past.
@@ -88,14 +155,13 @@ impl EventRelay {
             return Ok(0);
         };
         let rows = transitions_after(&mut tx, cursor, BATCH, &self.step_statuses).await?;
-        let now = chrono::Utc::now();
         let mut last = cursor;
         let mut relayed = Vec::new();
         for row in &rows {
             // The rows read skip claims, which are no events: a row's predecessor is
             // the id before it among all, not the row before it here.
             let before = row.previous.unwrap_or(cursor);
-            if row.transition_id != before + 1 && now - row.created_at < GAP_PATIENCE {
+            if row.transition_id != before + 1 && !self.gap_passed(&mut tx, before).await? {
                 last = before;
                 break;
             }
@@ -193,13 +259,15 @@ impl Service for EventRelay {
                         }
                     }
                 }
+                // At a gap, look again soon: its transaction commits or ends.
+                let poll = if self.at_gap() { GAP_RECHECK } else { self.poll };
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = self.wake.notified() => {
                         // Let a burst of commits gather into one batch.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    () = tokio::time::sleep(self.poll) => {}
+                    () = tokio::time::sleep(poll) => {}
                 }
             }
         }

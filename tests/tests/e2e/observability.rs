@@ -606,6 +606,79 @@ async fn events_wait_for_a_transition_still_committing_and_pass_claims_over() {
     env.finish().await.unwrap();
 }
 
+/// A transition whose transaction stays open for long (here 7 s: a slow commit, a long
+/// bulk operation) is waited for, not taken for a rollback by a clock, and published
+/// once it commits; a rolled-back transaction's gap is passed as soon as it has ended.
+#[tokio::test]
+async fn events_wait_for_a_long_transaction_and_pass_a_rollback_at_once() {
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_EVENTS_POLL_MS".into(), "100".into())],
+        ..EnvOptions::default()
+    };
+    let env = pair_with_worker("events_gap", options).await;
+    let task = env
+        .run_task(
+            json!({"namespace": NAMESPACE, "name": "pair"}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let task_id: uuid::Uuid = task["task_id"].as_str().unwrap().parse().unwrap();
+    let newest = env.newest_transition_id().await.unwrap();
+    env.wait_for_relay(newest, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (connection, mut consumer) = tasker_tests::subscribe_events(&env.prefix, "#")
+        .await
+        .unwrap();
+    let task_row = "INSERT INTO task_transitions (task_id, from_status, to_status, reason, metadata) \
+                    VALUES ($1, 'in_progress', 'complete', 'all_steps_done', jsonb_build_object('mark', $2::text)) \
+                    RETURNING transition_id";
+    let row = |mark: &'static str| {
+        sqlx::query_scalar::<_, i64>(task_row)
+            .bind(task_id)
+            .bind(mark)
+    };
+
+    let mut held = env.pool.begin().await.unwrap();
+    let held_id = row("held").fetch_one(&mut *held).await.unwrap();
+    let after_id = row("after").fetch_one(&env.pool).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_secs(7), consumer.next()).await;
+    assert!(
+        early.is_err(),
+        "an event passed a transaction still open: {early:?}"
+    );
+    held.commit().await.unwrap();
+    let mut marks = Vec::new();
+    while marks.len() < 2 {
+        let (_, event) = next_event(&mut consumer, &marks).await;
+        marks.push((
+            event["event_id"].as_i64().unwrap(),
+            event["metadata"]["mark"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        marks,
+        [(held_id, "held".to_owned()), (after_id, "after".to_owned())],
+        "the long transaction's event was published, first"
+    );
+
+    let mut rolled = env.pool.begin().await.unwrap();
+    row("rolled back").fetch_one(&mut *rolled).await.unwrap();
+    let later_id = row("later").fetch_one(&env.pool).await.unwrap();
+    rolled.rollback().await.unwrap();
+    let ended = tokio::time::Instant::now();
+    let (_, event) = next_event(&mut consumer, &"the rollback").await;
+    assert_eq!(event["event_id"].as_i64(), Some(later_id), "{event}");
+    assert!(
+        ended.elapsed() < Duration::from_millis(2500),
+        "the rollback's gap held the relay {:?}",
+        ended.elapsed()
+    );
+    let _ = connection.close(200, "OK".into()).await;
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn health_status_shows_counts_the_workers_heard_from_and_the_queues() {
     // The queues are read by the gauges loop: often, so the new namespace's shows soon.
