@@ -414,6 +414,52 @@ async fn a_retried_task_counts_against_its_key_while_it_runs() {
     env.finish().await.unwrap();
 }
 
+/// A failed task gives its slot back; an operator resolving its failed step sets it
+/// running again, and it takes the slot back, as a retried task does.
+#[tokio::test]
+async fn a_task_resolved_by_hand_counts_against_its_key_again() {
+    let mut env = TestEnv::start("flow-template-resolve").await.unwrap();
+    // `sign` waits for a signal that never comes and fails after 3 s; once resolved,
+    // `hold` waits a minute, keeping the task running.
+    let (status, body) = env
+        .register_template("namespace: flow\nname: approve\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: prepare, handler: tasker.noop}\n  - {name: sign, handler: tasker.wait, depends_on: [prepare], config: {signal: ok, timeout: 3s}}\n  - {name: hold, handler: tasker.wait, depends_on: [sign], config: {signal: never, timeout: 60s}}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+    let request = json!({"namespace": "flow", "name": "approve", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&request).await.unwrap();
+    env.api
+        .wait_for_task(first.task_id, &[TaskStatus::Error], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        slots(&env, "flow/approve=c1").await.is_empty(),
+        "a failed task holds no slot"
+    );
+
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/steps/sign/resolve", first.task_id),
+            json!({"results": {"signed": "by hand"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(slots(&env, "flow/approve=c1").await, [first.task_id]);
+    let second = env.api.create_task(&request).await.unwrap();
+    let (status, readiness) = env
+        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{readiness}");
+    assert_eq!(
+        readiness["steps"][0]["reason"], "concurrency_limited",
+        "{readiness}"
+    );
+    env.finish().await.unwrap();
+}
+
 /// The task ids holding a slot of the template concurrency key `key`.
 async fn slots(env: &TestEnv, key: &str) -> Vec<uuid::Uuid> {
     sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = $1 ORDER BY task_id")

@@ -285,6 +285,12 @@ pub async fn resolve_step(
             &metadata,
         )
         .await?;
+        // Its slots were given back when it failed: running again, it counts again, as
+        // a retried task does.
+        sqlx::query(include_str!("../../../sql/operator/retake_slots.sql"))
+            .bind(task_id)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
