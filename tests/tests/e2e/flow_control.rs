@@ -460,6 +460,68 @@ async fn a_task_resolved_by_hand_counts_against_its_key_again() {
     env.finish().await.unwrap();
 }
 
+/// A delayed task whose first step the coordinator judges (a `tasker.wait`) and whose
+/// template's key is full waits for the slot without the dispatcher looking again every
+/// few milliseconds: its past `run_at` is no due time while the limit holds it.
+#[tokio::test]
+async fn a_delayed_task_waiting_for_its_key_keeps_the_dispatcher_idle() {
+    // The coordinator binary counts its statements (its telemetry layer does).
+    let options = tasker_tests::EnvOptions {
+        binary_coordinator: true,
+        ..Default::default()
+    };
+    let env = TestEnv::start_with("flow-delayed-held", options)
+        .await
+        .unwrap();
+    let (status, body) = env
+        .register_template("namespace: flow\nname: gate\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: approve, handler: tasker.wait, config: {signal: ok}}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let request = json!({"namespace": "flow", "name": "gate", "context": {"customer": "c1"}});
+    env.api.create_task(&request).await.unwrap();
+    let mut delayed = request.clone();
+    delayed["delay_ms"] = json!(500);
+    let waiting = env.api.create_task(&delayed).await.unwrap();
+    // Due, and held by the key.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, readiness) = env
+        .get(&format!("/v1/tasks/{}/readiness", waiting.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{readiness}");
+    assert_eq!(
+        readiness["steps"][0]["reason"], "concurrency_limited",
+        "{readiness}"
+    );
+
+    let row: (
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<String>,
+        String,
+    ) = sqlx::query_as(
+        "SELECT held, next_attempt_at, condition::text, status FROM steps WHERE task_id = $1",
+    )
+    .bind(waiting.task_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    eprintln!("DEBUG {row:?}");
+    let metrics = env.metrics_url();
+    let statements = "tasker_db_statements_total";
+    let before = tasker_tests::metric(&metrics, statements).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = tasker_tests::metric(&metrics, statements).await - before;
+    // Idle, a coordinator sends about one statement a second; looking again every 10 ms
+    // it sent hundreds.
+    assert!(
+        spent < 60.0,
+        "{spent} statements in 3 s while nothing could run"
+    );
+    env.finish().await.unwrap();
+}
+
 /// The task ids holding a slot of the template concurrency key `key`.
 async fn slots(env: &TestEnv, key: &str) -> Vec<uuid::Uuid> {
     sqlx::query_scalar("SELECT task_id FROM task_slots WHERE key = $1 ORDER BY task_id")
