@@ -157,18 +157,24 @@ impl EventRelay {
         let rows = transitions_after(&mut tx, cursor, BATCH, &self.step_statuses).await?;
         let mut last = cursor;
         let mut relayed = Vec::new();
+        let mut at_gap = false;
         for row in &rows {
             // The rows read skip claims, which are no events: a row's predecessor is
             // the id before it among all, not the row before it here.
             let before = row.previous.unwrap_or(cursor);
             if row.transition_id != before + 1 && !self.gap_passed(&mut tx, before).await? {
                 last = before;
+                at_gap = true;
                 break;
             }
             last = row.transition_id;
             if let Some(name) = event_of(row).filter(|name| self.selection.publishes(name)) {
                 relayed.push((row, name));
             }
+        }
+        if !at_gap {
+            // A gap waited at has filled: the relay no longer waits.
+            *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         if last == cursor {
             return Ok(0);

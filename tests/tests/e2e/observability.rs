@@ -679,6 +679,54 @@ async fn events_wait_for_a_long_transaction_and_pass_a_rollback_at_once() {
     env.finish().await.unwrap();
 }
 
+/// Once the transaction it waited for has committed, the relay no longer waits at its
+/// gap: it goes back to sleeping until woken or its poll (10 s), instead of looking again
+/// every 50 ms.
+#[tokio::test]
+async fn after_a_gap_fills_the_relay_goes_back_to_sleep() {
+    // The coordinator binary counts its statements (its telemetry layer does).
+    let options = EnvOptions {
+        binary_coordinator: true,
+        ..EnvOptions::default()
+    };
+    let env = pair_with_worker("events_gap_idle", options).await;
+    let run = || {
+        env.run_task(
+            json!({"namespace": NAMESPACE, "name": "pair"}),
+            Duration::from_secs(30),
+        )
+    };
+    let task = run().await.unwrap();
+    let task_id: uuid::Uuid = task["task_id"].as_str().unwrap().parse().unwrap();
+    let mut held = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO task_transitions (task_id, from_status, to_status, reason) \
+         VALUES ($1, 'in_progress', 'complete', 'all_steps_done')",
+    )
+    .bind(task_id)
+    .execute(&mut *held)
+    .await
+    .unwrap();
+    // The coordinator's own commits wake the relay, which meets the gap.
+    run().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.commit().await.unwrap();
+    run().await.unwrap();
+    let newest = env.newest_transition_id().await.unwrap();
+    env.wait_for_relay(newest, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let metrics = env.metrics_url();
+    let statements = "tasker_db_statements_total";
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = tasker_tests::metric(&metrics, statements).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = tasker_tests::metric(&metrics, statements).await - before;
+    assert!(spent < 40.0, "{spent} statements in 3 s with nothing to do");
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn health_status_shows_counts_the_workers_heard_from_and_the_queues() {
     // The queues are read by the gauges loop: often, so the new namespace's shows soon.
