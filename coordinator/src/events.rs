@@ -10,14 +10,17 @@
 //!
 //! Transition ids come from one sequence but commit out of order, so a gap in the ids
 //! may be a transaction still in flight: the relay waits at a gap until it fills, or
-//! until every transaction that was running when it first saw the gap has ended (the
-//! transaction of a missing id had taken it before the id after it, which had
-//! committed: it was running then). A missing id is then a rollback's, and the relay
-//! moves past it. That is PostgreSQL's own account (`pg_current_snapshot`), not a
-//! clock: a transaction that holds an id for long (a slow commit, a long bulk
-//! operation) is waited for, not skipped, and a rollback's gap is passed at once. An
-//! unrelated transaction left open holds the relay back too, so after [`GAP_PATIENCE`]
-//! it moves past the gap anyway, and says so in the log.
+//! until every transaction that was running when it first met the gap has ended. The
+//! transaction of a missing id took it before the ids after it, which had committed, so
+//! it was running then, with a transaction id smaller than the relay's own (taken before
+//! it read). Once none of those is running (`pg_snapshot_xip`), every id still missing
+//! below the highest read then was a rollback's, and the relay moves past all of them at
+//! once. That is PostgreSQL's own account, not a clock: a transaction that holds an id
+//! for long (a slow commit, a long bulk operation) is waited for, not skipped, and a
+//! rollback's gap is passed as soon as the transactions of its time have ended. One left
+//! open (a session idle in a transaction that wrote) would hold the events back for
+//! good, so after [`GAP_PATIENCE`] the relay gives up on it, says so in the log, and does
+//! not wait for it again.
 //! A step's claim is no event and a quarter of the history: the read leaves claims out
 //! but gives each row the id before it among all (`previous`), so what was left out is
 //! never taken for a gap, and the cursor still moves past it.
@@ -45,19 +48,35 @@ use uuid::Uuid;
 /// Most transitions relayed per transaction.
 const BATCH: i64 = 500;
 /// The longest wait at a gap in the transition ids while transactions that were running
-/// when it was seen stay open.
+/// when it was met stay open.
 const GAP_PATIENCE: Duration = Duration::from_secs(60);
 /// How soon the relay looks at a gap again.
 const GAP_RECHECK: Duration = Duration::from_millis(50);
+/// Most transactions given up on that are remembered.
+const GIVEN_UP_KEPT: usize = 64;
 
-/// A gap in the transition ids the relay waits at.
+/// Gaps in the transition ids the relay met.
+#[derive(Debug, Default)]
+struct Gaps {
+    /// The gaps being waited out, if any.
+    open: Option<Gap>,
+    /// Transactions (ids) that were still running when a wait gave up on them: not waited
+    /// for again.
+    given_up: Vec<i64>,
+}
+
+/// Gaps met in one read, waited out together.
 #[derive(Debug, Clone)]
 struct Gap {
-    /// The id before the gap (the cursor stops there).
-    before: i64,
-    /// The transactions running when the relay first saw it (`pg_current_snapshot()`).
-    snapshot: String,
+    /// The highest transition id read when the first was met: every id missing below it
+    /// belongs to a transaction that was running then, or has ended.
+    upto: i64,
+    /// The relay's own transaction id then: those transactions have smaller ones.
+    xid: i64,
     seen: std::time::Instant,
+    /// They have all ended (or were given up on): the ids still missing below `upto`
+    /// were rolled back.
+    passed: bool,
 }
 
 pub(crate) struct EventRelay {
@@ -73,8 +92,8 @@ pub(crate) struct EventRelay {
     /// poll is the safety net for other coordinators' transitions.
     wake: Arc<tokio::sync::Notify>,
     poll: Duration,
-    /// The gap the relay waits at, if any. A std Mutex: held only to read or set it.
-    gap: std::sync::Mutex<Option<Gap>>,
+    /// The gaps the relay waits at. A std Mutex: held only to read or change them.
+    gaps: std::sync::Mutex<Gaps>,
 }
 
 impl EventRelay {
@@ -96,52 +115,71 @@ impl EventRelay {
             metrics,
             wake,
             poll,
-            gap: std::sync::Mutex::new(None),
+            gaps: std::sync::Mutex::default(),
         }
+    }
+
+    fn gaps(&self) -> std::sync::MutexGuard<'_, Gaps> {
+        self.gaps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the relay waits at a gap now.
     fn at_gap(&self) -> bool {
-        self.gap.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.gaps().open.as_ref().is_some_and(|gap| !gap.passed)
     }
 
-    /// Whether the gap after the id `before` may be passed: every transaction that was
-    /// running when the relay first saw it has ended, so its missing ids were rolled
-    /// back (a committed one would have been read); or it has been waited on for
-    /// [`GAP_PATIENCE`].
-    async fn gap_passed(&self, conn: &mut sqlx::PgConnection, before: i64) -> sqlx::Result<bool> {
-        let known = self
-            .gap
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .filter(|gap| gap.before == before);
-        let Some(gap) = known else {
-            let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+    /// Whether the gap after the id `before` may be passed (see the module docs); `upto`
+    /// is the highest transition id this read returned.
+    async fn gap_passed(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        before: i64,
+        upto: i64,
+    ) -> sqlx::Result<bool> {
+        let open = self.gaps().open.clone().filter(|gap| before < gap.upto);
+        let Some(gap) = open else {
+            // First met: the transactions running now are those to wait for.
+            let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
                 .fetch_one(conn)
                 .await?;
-            *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = Some(Gap {
-                before,
-                snapshot,
+            self.gaps().open = Some(Gap {
+                upto,
+                xid,
                 seen: std::time::Instant::now(),
+                passed: false,
             });
             return Ok(false);
         };
-        let ended: bool = sqlx::query_scalar(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= pg_snapshot_xmax($1::pg_snapshot)",
+        if gap.passed {
+            return Ok(true);
+        }
+        let running: Vec<i64> = sqlx::query_scalar(
+            "SELECT x::text::bigint FROM pg_snapshot_xip(pg_current_snapshot()) AS x \
+             WHERE x < $1::text::xid8",
         )
-        .bind(&gap.snapshot)
-        .fetch_one(conn)
+        .bind(gap.xid.to_string())
+        .fetch_all(conn)
         .await?;
+        let mut gaps = self.gaps();
+        gaps.given_up.retain(|xid| running.contains(xid));
+        let waiting: Vec<i64> = running
+            .into_iter()
+            .filter(|xid| !gaps.given_up.contains(xid))
+            .collect();
         let waited = gap.seen.elapsed();
-        if !ended && waited < GAP_PATIENCE {
+        if !waiting.is_empty() && waited < GAP_PATIENCE {
             return Ok(false);
         }
-        if !ended {
-            tracing::error!(after = before, waited = ?waited,
-                "a transaction open since the events relay met a gap in the transition ids is still open; moving past the gap: if that transaction wrote the missing ids, their events are not published");
+        if !waiting.is_empty() {
+            tracing::error!(after = before, waited = ?waited, transactions = ?waiting,
+                "transactions open since the events relay met a gap in the transition ids are still open; moving past the gap, and not waiting for them again: if they wrote the missing ids, their events are not published");
+            gaps.given_up.extend(waiting);
+            let over = gaps.given_up.len().saturating_sub(GIVEN_UP_KEPT);
+            gaps.given_up.drain(..over);
         }
-        *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(open) = gaps.open.as_mut() {
+            open.passed = true;
+        }
         Ok(true)
     }
 
@@ -157,14 +195,13 @@ impl EventRelay {
         let rows = transitions_after(&mut tx, cursor, BATCH, &self.step_statuses).await?;
         let mut last = cursor;
         let mut relayed = Vec::new();
-        let mut at_gap = false;
+        let upto = rows.last().map_or(cursor, |row| row.transition_id);
         for row in &rows {
             // The rows read skip claims, which are no events: a row's predecessor is
             // the id before it among all, not the row before it here.
             let before = row.previous.unwrap_or(cursor);
-            if row.transition_id != before + 1 && !self.gap_passed(&mut tx, before).await? {
+            if row.transition_id != before + 1 && !self.gap_passed(&mut tx, before, upto).await? {
                 last = before;
-                at_gap = true;
                 break;
             }
             last = row.transition_id;
@@ -172,9 +209,12 @@ impl EventRelay {
                 relayed.push((row, name));
             }
         }
-        if !at_gap {
-            // A gap waited at has filled: the relay no longer waits.
-            *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        {
+            // Gaps filled or passed: the relay no longer waits.
+            let mut gaps = self.gaps();
+            if gaps.open.as_ref().is_some_and(|gap| last >= gap.upto) {
+                gaps.open = None;
+            }
         }
         if last == cursor {
             return Ok(0);
