@@ -289,6 +289,22 @@ pub async fn queued_steps(queue: &str) -> anyhow::Result<Vec<usize>> {
     Ok(carried)
 }
 
+/// Wait until `queue` holds no ready message (its consumers have taken them all, acked
+/// or not).
+pub async fn wait_until_taken(queue: &str, timeout: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let ready = queue_messages(queue).await?;
+        if ready == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("{queue} still holds {ready} ready messages after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Wait until `queue` has at least `consumers` consumers; returns how long that took.
 pub async fn wait_for_consumers(
     queue: &str,

@@ -370,43 +370,20 @@ fn has_running_step(task: &tasker_tests::Task) -> bool {
 #[tokio::test]
 async fn a_retried_task_counts_against_its_key_while_it_runs() {
     let mut env = TestEnv::start("flow-template-retry").await.unwrap();
-    // The second step waits in the coordinator for a signal that never comes, and fails
-    // after 3 s: the task ends in `error`.
-    let (status, body) = env
-        .register_template("namespace: flow\nname: approve\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: prepare, handler: tasker.noop}\n  - {name: sign, handler: tasker.wait, depends_on: [prepare], config: {signal: ok, timeout: 3s}}\n")
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    env.start_worker("flow-1", &["flow"]).await.unwrap();
-    let request = json!({"namespace": "flow", "name": "approve", "context": {"customer": "c1"}});
-    let first = env.api.create_task(&request).await.unwrap();
-    env.api
-        .wait_for_task(first.task_id, &[TaskStatus::Error], Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (request, first) = failed_approval(&mut env, "").await;
 
     // Retried by the operator, it runs again whatever the limit, and holds its key: a
     // task of the same customer created now waits for it.
     let (status, body) = env
-        .post(&format!("/v1/tasks/{}/retry", first.task_id), json!({}))
+        .post(&format!("/v1/tasks/{}/retry", first), json!({}))
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(slots(&env, "flow/approve=c1").await, [first.task_id]);
-    let second = env.api.create_task(&request).await.unwrap();
-    let (status, readiness) = env
-        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{readiness}");
-    assert_eq!(
-        readiness["steps"][0]["reason"], "concurrency_limited",
-        "{readiness}"
-    );
+    let second = holds_its_key(&env, first, &request).await;
 
     // Once the retried task has ended (its wait times out again), the second one starts.
     env.api
-        .wait_until(second.task_id, "started", Duration::from_secs(30), |task| {
+        .wait_until(second, "started", Duration::from_secs(30), |task| {
             task.status != TaskStatus::Pending
         })
         .await
@@ -419,20 +396,9 @@ async fn a_retried_task_counts_against_its_key_while_it_runs() {
 #[tokio::test]
 async fn a_task_resolved_by_hand_counts_against_its_key_again() {
     let mut env = TestEnv::start("flow-template-resolve").await.unwrap();
-    // `sign` waits for a signal that never comes and fails after 3 s; once resolved,
-    // `hold` waits a minute, keeping the task running.
-    let (status, body) = env
-        .register_template("namespace: flow\nname: approve\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: prepare, handler: tasker.noop}\n  - {name: sign, handler: tasker.wait, depends_on: [prepare], config: {signal: ok, timeout: 3s}}\n  - {name: hold, handler: tasker.wait, depends_on: [sign], config: {signal: never, timeout: 60s}}\n")
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    env.start_worker("flow-1", &["flow"]).await.unwrap();
-    let request = json!({"namespace": "flow", "name": "approve", "context": {"customer": "c1"}});
-    let first = env.api.create_task(&request).await.unwrap();
-    env.api
-        .wait_for_task(first.task_id, &[TaskStatus::Error], Duration::from_secs(30))
-        .await
-        .unwrap();
+    // Once `sign` is resolved, `hold` waits a minute, keeping the task running.
+    let hold = "  - {name: hold, handler: tasker.wait, depends_on: [sign], config: {signal: never, timeout: 60s}}\n";
+    let (request, first) = failed_approval(&mut env, hold).await;
     assert!(
         slots(&env, "flow/approve=c1").await.is_empty(),
         "a failed task holds no slot"
@@ -440,23 +406,13 @@ async fn a_task_resolved_by_hand_counts_against_its_key_again() {
 
     let (status, body) = env
         .post(
-            &format!("/v1/tasks/{}/steps/sign/resolve", first.task_id),
+            &format!("/v1/tasks/{}/steps/sign/resolve", first),
             json!({"results": {"signed": "by hand"}}),
         )
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(slots(&env, "flow/approve=c1").await, [first.task_id]);
-    let second = env.api.create_task(&request).await.unwrap();
-    let (status, readiness) = env
-        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{readiness}");
-    assert_eq!(
-        readiness["steps"][0]["reason"], "concurrency_limited",
-        "{readiness}"
-    );
+    holds_its_key(&env, first, &request).await;
     env.finish().await.unwrap();
 }
 
@@ -520,6 +476,42 @@ async fn a_delayed_task_waiting_for_its_key_keeps_the_dispatcher_idle() {
         "{spent} statements in 3 s while nothing could run"
     );
     env.finish().await.unwrap();
+}
+
+/// A task of `flow/approve` (one at a time per customer) that failed: its step `sign`
+/// waits in the coordinator for a signal that never comes and fails after 3 s. `more`
+/// adds steps (YAML lines). Returns the create request and the task's id.
+async fn failed_approval(env: &mut TestEnv, more: &str) -> (serde_json::Value, uuid::Uuid) {
+    let template = format!(
+        "namespace: flow\nname: approve\nconcurrency:\n  - {{key: context.customer, limit: 1}}\nsteps:\n  - {{name: prepare, handler: tasker.noop}}\n  - {{name: sign, handler: tasker.wait, depends_on: [prepare], config: {{signal: ok, timeout: 3s}}}}\n{more}"
+    );
+    let (status, body) = env.register_template(&template).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("flow-1", &["flow"]).await.unwrap();
+    let request = json!({"namespace": "flow", "name": "approve", "context": {"customer": "c1"}});
+    let first = env.api.create_task(&request).await.unwrap();
+    env.api
+        .wait_for_task(first.task_id, &[TaskStatus::Error], Duration::from_secs(30))
+        .await
+        .unwrap();
+    (request, first.task_id)
+}
+
+/// `task` holds its customer's slot again: a task created with `request` now waits for
+/// it. Returns the waiting task's id.
+async fn holds_its_key(env: &TestEnv, task: uuid::Uuid, request: &serde_json::Value) -> uuid::Uuid {
+    assert_eq!(slots(env, "flow/approve=c1").await, [task]);
+    let second = env.api.create_task(request).await.unwrap();
+    let (status, readiness) = env
+        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{readiness}");
+    assert_eq!(
+        readiness["steps"][0]["reason"], "concurrency_limited",
+        "{readiness}"
+    );
+    second.task_id
 }
 
 /// The task ids holding a slot of the template concurrency key `key`.
