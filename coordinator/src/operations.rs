@@ -178,7 +178,8 @@ pub(crate) async fn signal(
     let finished = transitions::finish_tasks(&mut tx, &[task_id], Some(lease_ms)).await?;
     tx.commit().await?;
     signalled.claimed.extend(finished.claimed);
-    signalled.more_ready |= finished.more_ready;
+    // A finished task of a limited template may let a waiting one start.
+    signalled.more_ready |= finished.more_ready || finished.tasks.iter().any(|task| task.limited);
     tracing::info!(%task_id, %signal, steps = signalled.steps.len(),
         completed = signalled.completed, "signal received");
     let effects = Effects {

@@ -306,7 +306,8 @@ pub struct Signalled {
     /// Children the completed steps made ready, claimed (lease of `lease_ms`): the
     /// caller publishes them after the commit.
     pub claimed: Vec<Dispatch>,
-    /// Steps were left ready for the dispatcher.
+    /// Steps were left ready for the dispatcher (the caller also sets it when the task
+    /// finished and its template limits its tasks: a waiting one may start).
     pub more_ready: bool,
 }
 
