@@ -12,15 +12,16 @@
 //! may be a transaction still in flight: the relay waits at a gap until it fills, or
 //! until every transaction that was running when it first met the gap has ended. The
 //! transaction of a missing id took it before the ids after it, which had committed, so
-//! it was running then, with a transaction id smaller than the relay's own (taken before
-//! it read). Once none of those is running (`pg_snapshot_xip`), every id still missing
-//! below the highest read then was a rollback's, and the relay moves past all of them at
-//! once. That is PostgreSQL's own account, not a clock: a transaction that holds an id
-//! for long (a slow commit, a long bulk operation) is waited for, not skipped, and a
-//! rollback's gap is passed as soon as the transactions of its time have ended. One left
-//! open (a session idle in a transaction that wrote) would hold the events back for
-//! good, so after [`GAP_PATIENCE`] the relay gives up on it, says so in the log, and does
-//! not wait for it again.
+//! it was running then, with a transaction id smaller than one the relay takes just
+//! after its read. Once none of those is running (`pg_snapshot_xip`), every id still
+//! missing below the highest read then was a rollback's, and the relay moves past all of
+//! them at once. That is PostgreSQL's own account, not a clock: a transaction that holds
+//! an id for long (a slow commit, a long bulk operation) is waited for, not skipped, and
+//! a rollback's gap is passed as soon as the transactions of its time have ended. One
+//! left open (a session idle in a transaction that wrote) would hold the events back for
+//! good, so after [`GAP_PATIENCE`] the relay gives up on it, says so in the log, and
+//! does not wait for it again.
+//!
 //! A step's claim is no event and a quarter of the history: the read leaves claims out
 //! but gives each row the id before it among all (`previous`), so what was left out is
 //! never taken for a gap, and the cursor still moves past it.
@@ -71,7 +72,8 @@ struct Gap {
     /// The highest transition id read when the first was met: every id missing below it
     /// belongs to a transaction that was running then, or has ended.
     upto: i64,
-    /// The relay's own transaction id then: those transactions have smaller ones.
+    /// A transaction id taken just after that read: those transactions have smaller
+    /// ones.
     xid: i64,
     seen: std::time::Instant,
     /// They have all ended (or were given up on): the ids still missing below `upto`
@@ -138,9 +140,11 @@ impl EventRelay {
     ) -> sqlx::Result<bool> {
         let open = self.gaps().open.clone().filter(|gap| before < gap.upto);
         let Some(gap) = open else {
-            // First met: the transactions running now are those to wait for.
+            // First met: the transactions running now are those to wait for. A new id,
+            // in a transaction of its own: this one's was taken before the read, and a
+            // transaction that wrote a missing id may have begun since.
             let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
-                .fetch_one(conn)
+                .fetch_one(&self.pool)
                 .await?;
             self.gaps().open = Some(Gap {
                 upto,
