@@ -3,14 +3,14 @@
 //! Every coordinator runs one. It sleeps until the earliest `next_fire_at` (at most
 //! [`IDLE`], to see schedules other coordinators wrote; this coordinator's API wakes it),
 //! then, one schedule per transaction, locks a due schedule, skipping those another
-//! coordinator holds, and for each fire time due (the [`plan`] of its `catch_up`) creates a task with
-//! the idempotency key `schedule:<name>:<fire time>` (skipping or cancelling a previous
-//! task that still runs, as its `overlap` says), records the fires and moves
-//! `next_fire_at` past now. A coordinator that dies mid-way leaves the row to the next
-//! one, whose creations find the tasks already made: one task per fire time. A
-//! transaction per schedule keeps a failure to that schedule (the fires of those before
-//! it stay recorded with the tasks they made) and holds no lock or history id across
-//! other schedules' creations.
+//! coordinator holds, and for each fire time due (the [`plan`] of its `catch_up`)
+//! creates a task with the idempotency key `schedule:<name>:<fire time>` (skipping or
+//! cancelling a previous task that still runs, as its `overlap` says), records the
+//! fires and moves `next_fire_at` past now. A coordinator that dies mid-way leaves the
+//! row to the next one, whose creations find the tasks already made: one task per fire
+//! time. A transaction per schedule keeps a failure to that schedule (the fires of those
+//! before it stay recorded with the tasks they made) and holds no lock or history id
+//! across other schedules' creations.
 
 use std::sync::Arc;
 use std::time::Duration;
