@@ -33,14 +33,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use sqlx::PgPool;
-use tasker_shared::broker::{Topology, persistent, publish_together, with_traceparent};
+use tasker_shared::broker::{
+    Topology, await_confirms, persistent, publish_together, with_traceparent,
+};
 use tasker_shared::messages::{
-    BatchedStep, Outcome, SCHEMA_VERSION, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepError,
-    StepMessage, StepResult, WorkerMessage, step_batch_body,
+    BatchedStep, Outcome, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, StepResult,
+    WorkerMessage, step_batch_body,
 };
 use tasker_shared::store::transitions::{self, ConfirmedStep, Dispatch};
 use tasker_shared::telemetry;
@@ -485,47 +488,35 @@ impl StepPublisher {
     /// Fail the steps of messages larger than the broker takes, for good: a result of
     /// the coordinator's own for each (code `step_message_too_large`), sent through the
     /// results queue and applied, fenced by the dispatch token, as a worker's would be.
-    /// A step whose result the broker does not confirm is left to be dispatched again
-    /// (and refused again).
+    /// A step whose result the broker does not take is left to be dispatched again (and
+    /// refused again). One at a time: such steps are rare.
     async fn fail_oversized(
         &self,
         oversized: &[Outgoing],
         dispatches: &[Dispatch],
         report: &mut Published,
     ) {
-        let mut sent = Vec::new();
         for message in oversized {
             for &i in &message.steps {
                 let step = &dispatches[i].message;
-                let error = format!(
-                    "the step's message is {} bytes, more than the broker takes \
-                     (TASKER_MAX_STEP_MESSAGE_BYTES = {}): the task's context and the \
-                     step's parents' results travel in it; pass references to large data \
-                     instead",
-                    message.body.len(),
-                    self.max_message_bytes
-                );
                 tracing::warn!(step_id = %step.step_id, task_id = %step.task_id,
                     bytes = message.body.len(), max = self.max_message_bytes,
                     "a step message is too large to publish; the step fails");
-                let now = chrono::Utc::now();
-                let result = WorkerMessage::Result(StepResult {
-                    schema_version: SCHEMA_VERSION,
-                    task_id: step.task_id,
-                    step_id: step.step_id,
-                    dispatch_token: step.dispatch_token,
-                    outcome: Outcome::PermanentError,
-                    results: None,
-                    error: Some(StepError {
-                        message: error,
-                        code: Some(STEP_MESSAGE_TOO_LARGE.to_owned()),
-                        retry_after_seconds: None,
-                    }),
-                    started_at: now,
-                    finished_at: now,
-                    worker_id: "coordinator".to_owned(),
-                });
-                let confirm = async {
+                let result = WorkerMessage::Result(StepResult::not_run(
+                    step,
+                    Outcome::PermanentError,
+                    STEP_MESSAGE_TOO_LARGE,
+                    format!(
+                        "the step's message is {} bytes, more than the broker takes \
+                         (TASKER_MAX_STEP_MESSAGE_BYTES = {}): the task's context and the \
+                         step's parents' results travel in it; pass references to large \
+                         data instead",
+                        message.body.len(),
+                        self.max_message_bytes
+                    ),
+                    "coordinator".to_owned(),
+                ));
+                let sent = async {
                     let body = serde_json::to_vec(&result)?;
                     let confirm = self
                         .channel()
@@ -540,37 +531,24 @@ impl StepPublisher {
                             self.topology.signed(&body, persistent()),
                         )
                         .await?;
-                    anyhow::Ok(confirm)
+                    let confirmation = await_confirms(vec![confirm])
+                        .await
+                        .pop()
+                        .context("no confirm")??;
+                    // A mandatory message the broker could not route comes back with an ack.
+                    anyhow::ensure!(
+                        confirmation.is_ack() && confirmation.take_message().is_none(),
+                        "the broker refused or could not route it"
+                    );
+                    anyhow::Ok(())
                 }
                 .await;
-                sent.push((step, confirm));
-            }
-        }
-        let (steps, confirms): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
-        let mut pending = Vec::new();
-        let mut pending_steps = Vec::new();
-        for (step, confirm) in steps.into_iter().zip(confirms) {
-            match confirm {
-                Ok(confirm) => {
-                    pending.push(confirm);
-                    pending_steps.push(step);
-                }
-                Err(error) => {
+                if let Err(error) = sent {
                     tracing::warn!(error = format!("{error:#}"), step_id = %step.step_id,
                         "sending the failure of a step too large to publish failed");
                     report.failed += 1;
                     report.unpublished.push((step.step_id, step.dispatch_token));
                 }
-            }
-        }
-        let outcomes = tasker_shared::broker::await_confirms(pending).await;
-        for (step, outcome) in pending_steps.into_iter().zip(outcomes) {
-            let taken = outcome.is_ok_and(|confirmation| {
-                confirmation.is_ack() && confirmation.take_message().is_none()
-            });
-            if !taken {
-                report.failed += 1;
-                report.unpublished.push((step.step_id, step.dispatch_token));
             }
         }
     }

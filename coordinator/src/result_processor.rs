@@ -38,8 +38,8 @@ use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header_str};
 use tasker_shared::messages::{
-    BatchedResult, Outcome, ResultBatch, RunningStep, SCHEMA_VERSION, StepError, StepResult,
-    WorkerMessage, steps_of,
+    BatchedResult, Outcome, ResultBatch, RunningStep, SCHEMA_VERSION, StepResult, WorkerMessage,
+    steps_of,
 };
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
@@ -772,24 +772,16 @@ fn undeliverable(body: &[u8], batch: bool, reason: &str) -> Result<WorkerMessage
             format!("the broker dead-lettered the step message ({reason}) before it ran"),
         )
     };
-    let now = chrono::Utc::now();
     let mut results: Vec<StepResult> = steps
-        .into_iter()
-        .map(|step| StepResult {
-            schema_version: SCHEMA_VERSION,
-            task_id: step.task_id,
-            step_id: step.step_id,
-            dispatch_token: step.dispatch_token,
-            outcome: Outcome::RetryableError,
-            results: None,
-            error: Some(StepError {
-                message: message.clone(),
-                code: Some(code.to_owned()),
-                retry_after_seconds: None,
-            }),
-            started_at: now,
-            finished_at: now,
-            worker_id: "rabbitmq".to_owned(),
+        .iter()
+        .map(|step| {
+            StepResult::not_run(
+                step,
+                Outcome::RetryableError,
+                code,
+                message.clone(),
+                "rabbitmq".to_owned(),
+            )
         })
         .collect();
     if !batch && let Some(result) = results.pop() {

@@ -269,6 +269,38 @@ pub struct StepResult {
     pub worker_id: String,
 }
 
+impl StepResult {
+    /// A failed attempt of `step` that no handler ran (an unknown handler, a message the
+    /// broker dead-lettered, one too large to publish): `outcome` with `code` and
+    /// `message`, started and finished now, by `by` (a worker id, or what stood in for
+    /// one).
+    pub fn not_run(
+        step: &StepMessage,
+        outcome: Outcome,
+        code: &str,
+        message: String,
+        by: String,
+    ) -> Self {
+        let now = Utc::now();
+        StepResult {
+            schema_version: SCHEMA_VERSION,
+            task_id: step.task_id,
+            step_id: step.step_id,
+            dispatch_token: step.dispatch_token,
+            outcome,
+            results: None,
+            error: Some(StepError {
+                message,
+                code: Some(code.to_owned()),
+                retry_after_seconds: None,
+            }),
+            started_at: now,
+            finished_at: now,
+            worker_id: by,
+        }
+    }
+}
+
 /// Results sent together: each is what a [`WorkerMessage::Result`] would carry, with its
 /// own trace context (a single result carries that in the `traceparent` header).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -90,6 +90,16 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// How many SQL statements the coordinator whose metrics page is `url` sends over
+/// `period` (`tasker_db_statements_total`, counted by the binary's telemetry layer: start
+/// the coordinator as a process, `binary_coordinator`).
+pub async fn statements_over(url: &str, period: std::time::Duration) -> f64 {
+    let sample = "tasker_db_statements_total";
+    let before = metric(url, sample).await;
+    tokio::time::sleep(period).await;
+    metric(url, sample).await - before
+}
+
 /// The value of one sample (`name{labels}`) of the Prometheus text page at `url`; 0 when
 /// the page does not have it yet.
 pub async fn metric(url: &str, sample: &str) -> f64 {

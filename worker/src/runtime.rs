@@ -63,8 +63,7 @@ use tasker_protocol::broker::{
 };
 use tasker_protocol::config::QueueType;
 use tasker_protocol::messages::{
-    BatchedStep, ControlMessage, Outcome, SCHEMA_VERSION, StepBatch, StepError as WireError,
-    StepMessage, StepResult, StepStarted,
+    BatchedStep, ControlMessage, Outcome, StepBatch, StepMessage, StepResult, StepStarted,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -1056,23 +1055,13 @@ async fn run_step(
             shared.registry.names().join(", ")
         );
         tracing::warn!(%reason, "dead-lettering the step and failing it");
-        let now = chrono::Utc::now();
-        let result = StepResult {
-            schema_version: SCHEMA_VERSION,
-            task_id: message.task_id,
-            step_id: message.step_id,
-            dispatch_token: message.dispatch_token,
-            outcome: Outcome::PermanentError,
-            results: None,
-            error: Some(WireError {
-                message: reason.clone(),
-                code: Some("unknown_handler".into()),
-                retry_after_seconds: None,
-            }),
-            started_at: now,
-            finished_at: now,
-            worker_id: shared.worker_id.clone(),
-        };
+        let result = StepResult::not_run(
+            &message,
+            Outcome::PermanentError,
+            "unknown_handler",
+            reason.clone(),
+            shared.worker_id.clone(),
+        );
         // In the step's trace, as any result: its failure shows under its execution.
         let traceparent = tasker_protocol::telemetry::traceparent(&span);
         if shared.results.publish(result, traceparent).await.is_ok() {

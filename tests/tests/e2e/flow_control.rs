@@ -443,21 +443,13 @@ async fn a_delayed_task_waiting_for_its_key_keeps_the_dispatcher_idle() {
     let waiting = env.api.create_task(&delayed).await.unwrap();
     // Due, and held by the key.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (status, readiness) = env
-        .get(&format!("/v1/tasks/{}/readiness", waiting.task_id))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{readiness}");
+    let readiness = crate::readiness(&env, waiting.task_id).await;
     assert_eq!(
         readiness["steps"][0]["reason"], "concurrency_limited",
         "{readiness}"
     );
 
-    let metrics = env.metrics_url();
-    let statements = "tasker_db_statements_total";
-    let before = tasker_tests::metric(&metrics, statements).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let spent = tasker_tests::metric(&metrics, statements).await - before;
+    let spent = tasker_tests::statements_over(&env.metrics_url(), Duration::from_secs(3)).await;
     // Idle, a coordinator sends about one statement a second; looking again every 10 ms
     // it sent hundreds.
     assert!(
@@ -511,11 +503,7 @@ async fn failed_approval(env: &mut TestEnv, more: &str) -> (serde_json::Value, u
 async fn holds_its_key(env: &TestEnv, task: uuid::Uuid, request: &serde_json::Value) -> uuid::Uuid {
     assert_eq!(slots(env, "flow/approve=c1").await, [task]);
     let second = env.api.create_task(request).await.unwrap();
-    let (status, readiness) = env
-        .get(&format!("/v1/tasks/{}/readiness", second.task_id))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{readiness}");
+    let readiness = crate::readiness(env, second.task_id).await;
     assert_eq!(
         readiness["steps"][0]["reason"], "concurrency_limited",
         "{readiness}"

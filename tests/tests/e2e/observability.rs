@@ -725,12 +725,8 @@ async fn after_a_gap_fills_the_relay_goes_back_to_sleep() {
         .await
         .unwrap();
 
-    let metrics = env.metrics_url();
-    let statements = "tasker_db_statements_total";
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = tasker_tests::metric(&metrics, statements).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let spent = tasker_tests::metric(&metrics, statements).await - before;
+    let spent = tasker_tests::statements_over(&env.metrics_url(), Duration::from_secs(3)).await;
     assert!(spent < 40.0, "{spent} statements in 3 s with nothing to do");
     env.finish().await.unwrap();
 }
