@@ -131,7 +131,10 @@ pub fn decide(step: &StepState, result: &StepResult, jitter: f64) -> Decision {
             let wanted = retry_after.unwrap_or(step.backoff.base_ms as f64 / 1000.0);
             let delay = (wanted.max(0.0) * 1000.0).min(MAX_DEFERRAL_MS);
             Change {
-                attempts: step.attempts - 1,
+                // The step runs again, even when a restart after a redelivery (which
+                // counts an attempt) spent its last one: the claim offers a step only
+                // with an attempt left.
+                attempts: (step.attempts - 1).min(step.retry_limit - 1).max(0),
                 deferrals: step.deferrals + 1,
                 ..change(
                     StepStatus::WaitingForRetry,
@@ -394,6 +397,20 @@ mod tests {
         assert_eq!(change.delay_ms, Some(10_000.0));
         assert_eq!((change.attempts, change.deferrals), (0, 1));
         assert_eq!(change.last_error.unwrap()["kind"], "deferred");
+    }
+
+    #[test]
+    fn a_deferral_after_a_restart_on_the_last_attempt_still_runs_again() {
+        // retry_limit 1: claimed (attempt 1), redelivered and restarted (attempt 2).
+        let state = StepState {
+            attempts: 2,
+            retry_limit: 1,
+            ..step()
+        };
+        let change = applied(decide(&state, &result(Outcome::Deferred, None), 0.0));
+        assert_eq!(change.to, StepStatus::WaitingForRetry);
+        // Below the limit, so the claim offers it when its delay is over.
+        assert_eq!(change.attempts, 0);
     }
 
     #[test]
