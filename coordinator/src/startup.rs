@@ -334,7 +334,9 @@ impl Application {
         // Stops the server (it answers the requests in progress) and every service.
         stop.cancel();
         database_services.stop(None).await;
-        // Batches claimed before the stop still go out (or fail and are handed back).
+        server.await?;
+        // Batches claimed before the stop, by the dispatcher or by the last requests, still
+        // go out (or fail and are handed back).
         if tokio::time::timeout(FLUSH, self.state.publisher.flush())
             .await
             .is_err()
@@ -344,7 +346,8 @@ impl Application {
                  them again when their lease expires"
             );
         }
-        server.await?;
+        // Nothing is left to publish or broadcast.
+        close_broker(&self.state.broker.connection(), "coordinator stopped").await;
         // No request is left to create a task.
         self.state.creator.close();
         wait_for_all(&self.tasks, LAST_TASKS).await;
@@ -483,18 +486,23 @@ async fn run_session(
     }
     // Loops stop at once when told; a broker in trouble must not hold the restart up.
     services.stop(Some(SESSION_STOP)).await;
+    let end = end.unwrap_or(SessionEnd::Shutdown);
     // Close what is left of the connection (a loop may have stopped on a channel error
-    // while the connection itself is up), so reconnecting does not leak it.
-    if session.connection.status().connected() {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            session
-                .connection
-                .close(200, "coordinator session ended".into()),
-        )
-        .await;
+    // while the connection itself is up), so reconnecting does not leak it. On shutdown
+    // it stays open: the steps claimed meanwhile are still to be published, and the
+    // requests still answered may broadcast cancels ([`close_broker`] closes it last).
+    if !matches!(end, SessionEnd::Shutdown) {
+        close_broker(&session.connection, "coordinator session ended").await;
     }
-    end.unwrap_or(SessionEnd::Shutdown)
+    end
+}
+
+/// Close `connection` if it is up, waiting for the broker a moment at most.
+async fn close_broker(connection: &lapin::Connection, why: &str) {
+    if connection.status().connected() {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), connection.close(200, why.into())).await;
+    }
 }
 
 /// The name a coordinator's broker connection shows in RabbitMQ (`rabbitmqctl

@@ -286,3 +286,79 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
     assert_eq!(succeeded, 80, "each of the 80 steps succeeded once");
     env.finish().await.unwrap();
 }
+
+const SIGNALLED: &str = "namespace: held\nname: signalled\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n  - {name: after, handler: tasker.noop, depends_on: [hold]}\n";
+
+#[tokio::test]
+async fn a_coordinator_stopping_publishes_what_its_last_requests_claimed() {
+    let mut env = TestEnv::start("stop-publishes").await.unwrap();
+    let (status, body) = env.register_template(SIGNALLED).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "held", "name": "signalled"}))
+        .await
+        .unwrap();
+    crate::until_reason(&env, task.task_id, "hold", "waiting_for_signal").await;
+
+    // A signal whose request is still being answered when the coordinator is asked to
+    // stop: it waits for the task's row, held here.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
+        .bind(task.task_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let signal = {
+        let http = env.http.clone();
+        let url = format!("{}/v1/tasks/{}/signals/go", env.base_url, task.task_id);
+        tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
+    };
+    let waiting = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            if blocked > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the signal waits for the task's row");
+    // The coordinator is asked to stop (its broker loops stop first), then the signal
+    // goes on.
+    let go_on = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        holder.commit().await.unwrap();
+        signal.await.unwrap().unwrap()
+    };
+    let (stopped, answer) = tokio::join!(env.coordinator.stop(), go_on);
+    stopped.unwrap();
+    assert_eq!(answer.status(), 200);
+
+    // `after`, which the signal made ready and claimed, went out: its message waits in
+    // the queue, its dispatch lease lifted.
+    let (status, lease_ended): (String, bool) = sqlx::query_as(
+        "SELECT status, lease_expires_at IS NOT NULL FROM steps \
+         WHERE task_id = $1 AND name = 'after'",
+    )
+    .bind(task.task_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), lease_ended), ("enqueued", false));
+    assert_eq!(
+        tasker_tests::broker::queue_messages(&env.queue("held"))
+            .await
+            .unwrap(),
+        1
+    );
+    env.finish().await.unwrap();
+}
