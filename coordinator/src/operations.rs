@@ -83,11 +83,12 @@ pub(crate) async fn cancel_task(
     pool: &PgPool,
     task_id: Uuid,
     reason: Option<&str>,
+    lease_ms: i64,
 ) -> Result<(u64, Effects), OperatorError> {
     let mut tries = 0;
     let cancelled = loop {
         // A deadlock with a child task finishing at the same moment: again.
-        match cancel_transaction(pool, task_id, reason).await {
+        match cancel_transaction(pool, task_id, reason, lease_ms).await {
             Err(OperatorError::Database(sqlx::Error::Database(error)))
                 if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
             {
@@ -104,8 +105,9 @@ pub(crate) async fn cancel_task(
     tasks.extend(cancelled.descendants);
     let effects = Effects {
         wake_events: true,
-        // The step that started a cancelled child task is to be judged.
+        // Slots freed, steps left ready by the judged parent step.
         wake_dispatcher: true,
+        dispatches: cancelled.parent.claimed,
         cancelled: tasks,
         ..Effects::default()
     };
@@ -116,9 +118,10 @@ async fn cancel_transaction(
     pool: &PgPool,
     task_id: Uuid,
     reason: Option<&str>,
+    lease_ms: i64,
 ) -> Result<transitions::Cancelled, OperatorError> {
     let mut tx = pool.begin().await?;
-    let cancelled = transitions::cancel_task(&mut tx, task_id, reason).await?;
+    let cancelled = transitions::cancel_task(&mut tx, task_id, reason, lease_ms).await?;
     tx.commit().await?;
     Ok(cancelled)
 }
@@ -150,16 +153,18 @@ pub(crate) async fn resolve_step(
     step: &str,
     results: Option<&Value>,
     reason: Option<&str>,
+    lease_ms: i64,
 ) -> Result<Effects, OperatorError> {
     let mut tx = pool.begin().await?;
     transitions::resolve_step(&mut tx, task_id, step, results, reason).await?;
-    // Steps a finished child makes ready are left to the dispatcher, woken below.
-    transitions::finish_tasks(&mut tx, &[task_id], None).await?;
+    // The step that started the task, when it finishes a child task, is judged here.
+    let finished = transitions::finish_tasks(&mut tx, &[task_id], Some(lease_ms)).await?;
     tx.commit().await?;
     tracing::info!(%task_id, %step, reason = ?reason, "step resolved manually");
     Ok(Effects {
         wake_dispatcher: true,
         wake_events: true,
+        dispatches: finished.claimed,
         ..Effects::default()
     })
 }
@@ -175,7 +180,8 @@ pub(crate) async fn signal(
 ) -> Result<(transitions::Signalled, Effects), OperatorError> {
     let mut tx = pool.begin().await?;
     let mut signalled = transitions::signal(&mut tx, task_id, signal, payload, lease_ms).await?;
-    let finished = transitions::finish_tasks(&mut tx, &[task_id], Some(lease_ms)).await?;
+    let finished =
+        transitions::finish_tasks(&mut tx, &signalled.may_finish, Some(lease_ms)).await?;
     tx.commit().await?;
     signalled.claimed.extend(finished.claimed);
     // A finished task of a limited template may let a waiting one start.
@@ -225,10 +231,11 @@ pub(crate) async fn bulk_batch(
     ids: &[Uuid],
     action: BulkAction,
     reason: Option<&str>,
+    lease_ms: i64,
 ) -> Result<(Vec<Uuid>, Effects), OperatorError> {
     let mut tries = 0;
     let changed = loop {
-        match bulk_transaction(pool, ids, action, reason).await {
+        match bulk_transaction(pool, ids, action, reason, lease_ms).await {
             Err(OperatorError::Database(sqlx::Error::Database(error)))
                 if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
             {
@@ -238,10 +245,11 @@ pub(crate) async fn bulk_batch(
             result => break result?,
         }
     };
-    let (changed, descendants) = changed;
+    let (changed, descendants, dispatches) = changed;
     let effects = Effects {
         wake_events: true,
         wake_dispatcher: true,
+        dispatches,
         cancelled: match action {
             BulkAction::Cancel => changed.iter().chain(&descendants).copied().collect(),
             BulkAction::Retry => Vec::new(),
@@ -256,16 +264,21 @@ async fn bulk_transaction(
     ids: &[Uuid],
     action: BulkAction,
     reason: Option<&str>,
-) -> Result<(Vec<Uuid>, Vec<Uuid>), OperatorError> {
+    lease_ms: i64,
+) -> Result<(Vec<Uuid>, Vec<Uuid>, Vec<Dispatch>), OperatorError> {
     let mut tx = pool.begin().await?;
     let mut changed = Vec::with_capacity(ids.len());
-    // Child tasks cancelled with their parents.
-    let mut descendants = Vec::new();
+    // Child tasks cancelled with their parents, and what the steps that started
+    // cancelled child tasks made ready when judged.
+    let (mut descendants, mut dispatches) = (Vec::new(), Vec::new());
     for &task_id in ids {
         let outcome = match action {
-            BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason)
+            BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason, lease_ms)
                 .await
-                .map(|cancelled| descendants.extend(cancelled.descendants)),
+                .map(|cancelled| {
+                    descendants.extend(cancelled.descendants);
+                    dispatches.extend(cancelled.parent.claimed);
+                }),
             BulkAction::Retry => transitions::retry_task(&mut tx, task_id, reason)
                 .await
                 .map(|_| ()),
@@ -277,5 +290,5 @@ async fn bulk_transaction(
         }
     }
     tx.commit().await?;
-    Ok((changed, descendants))
+    Ok((changed, descendants, dispatches))
 }

@@ -271,7 +271,14 @@ impl Scheduler {
             "schedule {} fired again (overlap: cancel_previous)",
             record.fields.name
         );
-        match operations::cancel_task(&self.state.pool, task, Some(&reason)).await {
+        match operations::cancel_task(
+            &self.state.pool,
+            task,
+            Some(&reason),
+            self.state.publisher.lease_ms(),
+        )
+        .await
+        {
             Ok((_, effects)) => effects.apply(&self.state).await,
             // Finished meanwhile: nothing to cancel.
             Err(error) => {

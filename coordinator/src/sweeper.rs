@@ -225,9 +225,19 @@ impl Sweeper {
         let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
         let mut tasks = expired.tasks.clone();
         tasks.extend(&waits);
-        // Steps of finished children are left to the dispatcher, woken below.
-        let finished = transitions::finish_tasks(&mut tx, &tasks, None).await?;
+        // The steps that started children ended here are judged here too.
+        let lease_ms = self.queues.lease_ms;
+        let mut finished = transitions::finish_tasks(&mut tx, &tasks, Some(lease_ms)).await?;
+        let late_children: Vec<uuid::Uuid> = late.iter().map(|task| task.task_id).collect();
+        let parents = transitions::children_ended(&mut tx, &late_children, lease_ms).await?;
         tx.commit().await?;
+        finished.tasks.extend(parents.tasks);
+        finished.claimed.extend(parents.claimed);
+        if !finished.claimed.is_empty() {
+            self.publisher
+                .dispatch(std::mem::take(&mut finished.claimed), self.metrics.clone())
+                .await;
+        }
         let finished = finished.tasks;
         self.ended_late(&late).await;
         self.metrics.workers_lost(&expired.lost_workers);

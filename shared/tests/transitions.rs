@@ -566,7 +566,7 @@ async fn leases_expire_operators_resolve_and_cancel() {
 
     // Cancelling stops everything unfinished; the results in flight are stale.
     let mut tx = db.pool.begin().await.unwrap();
-    let cancelled = transitions::cancel_task(&mut tx, task, Some("customer left"))
+    let cancelled = transitions::cancel_task(&mut tx, task, Some("customer left"), LEASE_MS)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -579,7 +579,7 @@ async fn leases_expire_operators_resolve_and_cancel() {
     assert_eq!(db.step(task, "d").await.status, StepStatus::Cancelled);
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
-        transitions::cancel_task(&mut tx, task, None).await,
+        transitions::cancel_task(&mut tx, task, None, LEASE_MS).await,
         Err(OperatorError::Conflict(_))
     ));
     drop(tx);

@@ -412,8 +412,14 @@ async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<Bu
     }
     let mut changed = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(BATCH) {
-        let (done, effects) =
-            operations::bulk_batch(&state.pool, chunk, action, request.reason.as_deref()).await?;
+        let (done, effects) = operations::bulk_batch(
+            &state.pool,
+            chunk,
+            action,
+            request.reason.as_deref(),
+            state.publisher.lease_ms(),
+        )
+        .await?;
         effects.apply(state).await;
         changed.extend(done);
     }

@@ -153,7 +153,13 @@ pub(crate) async fn cancel(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    let (_, effects) = operations::cancel_task(&state.pool, task_id, reason.as_deref()).await?;
+    let (_, effects) = operations::cancel_task(
+        &state.pool,
+        task_id,
+        reason.as_deref(),
+        state.publisher.lease_ms(),
+    )
+    .await?;
     effects.apply(&state).await;
     Ok(Json(task_view(&state, task_id).await?))
 }
@@ -277,6 +283,7 @@ pub(crate) async fn resolve(
         &step,
         results.as_ref(),
         reason.as_deref(),
+        state.publisher.lease_ms(),
     )
     .await?
     .apply(&state)

@@ -1,12 +1,17 @@
 -- Finish the tasks $1 that can finish (their rows already locked): `complete` when
 -- every step is complete or resolved, `error` when a step failed and nothing can run.
+-- A step that waits for its child task or its signal still runs: its task is not
+-- finished under it (the child would go on, and what it makes ready would run in a
+-- finished task).
 WITH counts AS (
     SELECT task_id,
            count(*) AS total,
            count(*) FILTER (WHERE status IN ('complete', 'resolved_manually', 'skipped')) AS done,
            count(*) FILTER (WHERE status = 'error') AS failed,
            count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')
-                               OR (status = 'pending' AND remaining_parents = 0)) AS live
+                               OR (status = 'pending'
+                                   AND (remaining_parents = 0 OR child_task_id IS NOT NULL
+                                        OR wait_signal IS NOT NULL))) AS live
     FROM steps
     WHERE task_id = ANY($1)
     GROUP BY task_id

@@ -248,6 +248,93 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
 }
 
 #[tokio::test]
+async fn a_child_that_ends_outside_a_result_is_judged_on_its_steps_last_attempt() {
+    let mut env = TestEnv::start("child-last-attempt").await.unwrap();
+    let holder = HOLDER.replace(
+        "handler: tasker.task,",
+        "handler: tasker.task, retry_limit: 1,",
+    );
+    register(&env, &[HELD, &holder]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+
+    // The only attempt of `start` is its child's run. The child ends by an operator's
+    // cancel, not by a result: the dispatcher judges `start` all the same.
+    let parent = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "holder"}))
+        .await
+        .unwrap();
+    let child = child_of(&env, parent.task_id, "start").await;
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let failed = crate::finished(&env, parent.task_id, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    let error = failed.step("start").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
+}
+
+#[tokio::test]
+async fn a_task_with_a_failed_branch_waits_for_its_running_child_before_it_fails() {
+    let mut env = TestEnv::start("child-beside-failure").await.unwrap();
+    // `start` runs a child waiting for a signal; `boom` fails for good meanwhile.
+    let holder = format!(
+        "{HOLDER}  - {{name: boom, handler: tasker.fail, retry_limit: 1, config: {{kind: permanent}}}}\n"
+    );
+    register(&env, &[HELD, &holder]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let parent = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "holder"}))
+        .await
+        .unwrap();
+    let child = child_of(&env, parent.task_id, "start").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TestEnv::step(&task_json(&env, parent.task_id).await, "boom")["status"] != "error" {
+        assert!(tokio::time::Instant::now() < deadline, "boom never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give a finish of the task its chance.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The child still runs: its parent is not finished under it.
+    let task = task_json(&env, parent.task_id).await;
+    assert_eq!(task["status"], "in_progress", "{task}");
+
+    // Once the child completes, `start` and its branch complete, and the task ends in
+    // error for `boom`.
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{child}/signals/go"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let failed = crate::finished(&env, parent.task_id, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    assert_eq!(failed.step("start").status, StepStatus::Complete);
+    assert_eq!(failed.step("after").status, StepStatus::Complete);
+}
+
+#[tokio::test]
+async fn a_child_with_every_step_skipped_completes_the_step_a_result_started_it_from() {
+    let mut env = TestEnv::start("child-all-skipped").await.unwrap();
+    let skipped = "namespace: kids\nname: skipped\nsteps:\n  - {name: never, handler: tasker.noop, when: \"false\"}\n";
+    // `start` is ready when `first`'s result comes: that result's transaction starts the
+    // child, whose only step is skipped at once.
+    let parent = "namespace: kids\nname: after_first\nsteps:\n  - {name: first, handler: tasker.noop}\n  - {name: start, handler: tasker.task, depends_on: [first], config: {namespace: kids, name: skipped}}\n";
+    register(&env, &[skipped, parent]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "after_first"}))
+        .await
+        .unwrap();
+    let done = crate::finished(&env, task.task_id, Duration::from_secs(20)).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(done.step("start").results, Some(json!({})));
+}
+
+#[tokio::test]
 async fn a_failed_child_is_retried_by_its_steps_policy_then_fails_it() {
     let mut env = TestEnv::start("child-retry").await.unwrap();
     register(&env, &[BROKEN, TRIER]).await;

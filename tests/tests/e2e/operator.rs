@@ -863,3 +863,84 @@ async fn task_lists_filter_and_page_both_ways_and_diagrams_answer_mermaid() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     env.finish().await.unwrap();
 }
+
+/// A step that waits for a signal: the task waits, no worker needed.
+const WAITER: &str = "namespace: ops\nname: waiter\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n";
+
+#[tokio::test]
+async fn a_cancel_waiting_on_a_result_also_cancels_the_steps_that_result_added() {
+    let env = TestEnv::start("cancel-added").await.unwrap();
+    let (status, body) = env.register_template(WAITER).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "ops", "name": "waiter"}))
+        .await
+        .unwrap();
+    let id = task.task_id.to_string();
+    crate::until_reason(&env, task.task_id, "hold", "waiting_for_signal").await;
+
+    // What a result that expands a `for_each` does: it holds the task's step and adds
+    // steps (the instances), ready to claim, in one transaction.
+    let mut result = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE task_id = $1 FOR UPDATE")
+        .bind(task.task_id)
+        .execute(&mut *result)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO steps SELECT (jsonb_populate_record(NULL::steps, to_jsonb(s) || \
+           jsonb_build_object('step_id', gen_random_uuid(), 'name', 'added', \
+             'handler', 'tasker.noop', 'remaining_parents', 0, 'condition', NULL, \
+             'wait_signal', NULL, 'config', '{}'::jsonb))).* \
+         FROM steps s WHERE s.task_id = $1",
+    )
+    .bind(task.task_id)
+    .execute(&mut *result)
+    .await
+    .unwrap();
+
+    // The cancel waits for that transaction.
+    let cancel = {
+        let api = env.http.clone();
+        let url = format!("{}/v1/tasks/{id}/cancel", env.base_url);
+        tokio::spawn(async move { api.post(url).json(&json!({})).send().await })
+    };
+    let waiting = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%cancelled%'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            if blocked > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the cancel waits for the result's locks");
+    result.commit().await.unwrap();
+    let answer = cancel.await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    // Nothing of a cancelled task is left to run.
+    let statuses: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, status FROM steps WHERE task_id = $1 ORDER BY name")
+            .bind(task.task_id)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        statuses,
+        [
+            ("added".to_owned(), "cancelled".to_owned()),
+            ("hold".to_owned(), "cancelled".to_owned())
+        ]
+    );
+    env.finish().await.unwrap();
+}

@@ -21,6 +21,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
+use super::conditions::Judged;
 use crate::messages::{SCHEMA_VERSION, StepMessage};
 
 /// A row of `tasker_claim_steps`: a claimed step's message, or (without a dispatch
@@ -138,26 +139,25 @@ pub(crate) async fn judge_steps(
 /// step of each finished) that now fit. `keyed`: `Some(false)` when no template of the
 /// completed steps has limits, which spares the claim's look for keys (a child with one
 /// all the same is left for the dispatcher); `None` when not known. The caller holds the
-/// children's rows ([`lock_batch`](super::lock_batch)). Also says whether steps were
-/// left ready for the dispatcher (a fan-out's instances past
-/// [`FIRST_INSTANCES_CLAIMED`]).
-pub async fn claim_children(
+/// children's rows ([`lock_batch`](super::lock_batch)). Answers the claimed steps, the
+/// tasks judging may have finished (a child task started with every step skipped, say:
+/// the caller finishes them with its own), and whether steps were left ready for the
+/// dispatcher (a fan-out's instances past [`FIRST_INSTANCES_CLAIMED`]).
+pub(super) async fn claim_children(
     conn: &mut PgConnection,
     completed: &[Uuid],
     freed: &[String],
     keyed: Option<bool>,
     lease_ms: i64,
-) -> sqlx::Result<(Vec<Dispatch>, bool)> {
-    let (mut dispatches, to_judge) = children_rows(conn, completed, freed, keyed, lease_ms).await?;
-    let mut more_ready = false;
-    if !to_judge.is_empty() {
-        // The caller finishes the tasks of its batch, these among them.
-        let judged =
-            super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
-        dispatches.extend(judged.dispatches);
-        more_ready = judged.more_ready;
-    }
-    Ok((dispatches, more_ready))
+) -> sqlx::Result<Judged> {
+    let (dispatches, to_judge) = children_rows(conn, completed, freed, keyed, lease_ms).await?;
+    let mut judged = if to_judge.is_empty() {
+        Judged::default()
+    } else {
+        super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?
+    };
+    judged.dispatches.splice(0..0, dispatches);
+    Ok(judged)
 }
 
 /// [`claim_children`] without judging conditions: the claimed steps and those to judge.

@@ -8,8 +8,8 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::Dispatch;
 use super::claim::{FIRST_INSTANCES_CLAIMED, claim_steps};
+use super::conditions::Judged;
 
 /// Count the steps `failed` (just failed for good) for their `for_each` steps and their
 /// children; returns the children this made ready, for the caller to claim (or to leave
@@ -37,21 +37,23 @@ pub(super) async fn failed(conn: &mut PgConnection, failed: &[Uuid]) -> sqlx::Re
 }
 
 /// [`failed`], then claim (or judge) the children it made ready, with a lease of
-/// `lease_ms`. Returns the claimed steps.
+/// `lease_ms`. Answers what judging did, the claimed steps among it (see
+/// [`super::claim_children`]).
 pub(super) async fn failed_and_claimed(
     conn: &mut PgConnection,
     steps: &[Uuid],
     lease_ms: i64,
-) -> sqlx::Result<Vec<Dispatch>> {
+) -> sqlx::Result<Judged> {
     let ready = failed(conn, steps).await?;
     if ready.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Judged::default());
     }
-    let (mut dispatches, to_judge) = claim_steps(conn, &ready, lease_ms).await?;
-    if !to_judge.is_empty() {
-        let judged =
-            super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
-        dispatches.extend(judged.dispatches);
-    }
-    Ok(dispatches)
+    let (dispatches, to_judge) = claim_steps(conn, &ready, lease_ms).await?;
+    let mut judged = if to_judge.is_empty() {
+        Judged::default()
+    } else {
+        super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?
+    };
+    judged.dispatches.splice(0..0, dispatches);
+    Ok(judged)
 }

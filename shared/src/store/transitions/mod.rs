@@ -57,7 +57,8 @@ mod leases;
 mod operator;
 mod worker;
 
-pub use claim::{Dispatch, claim_children, claim_ready, next_due};
+use claim::claim_children;
+pub use claim::{Dispatch, claim_ready, next_due};
 pub(crate) use claim::{FirstStep, first_step_in, judge_steps};
 pub use conditions::{max_fan_out, set_max_fan_out};
 pub use leases::{
@@ -113,28 +114,52 @@ pub struct Finished {
 
 /// Finish the given tasks that can finish: `complete` when every step is complete or
 /// resolved; `error` when a step is in `error` and nothing else can run (no step queued,
-/// running, waiting for a retry, or ready).
+/// running, waiting for a retry, waiting for its child task or signal, or ready).
 ///
 /// A finished task that a `tasker.task` step started hands that step back to the
 /// coordinator ([`child_tasks`]): with `lease_ms`, it is judged here (completed with the
 /// child's results, its child retried, or failed), its children claimed, and its task
-/// finished in turn; without, it is left ready for the dispatcher (`more_ready`).
+/// finished in turn; without (where no finished task can have a parent: a task created
+/// with every step skipped), it is left ready for the dispatcher (`more_ready`).
 pub async fn finish_tasks(
     conn: &mut PgConnection,
     tasks: &[Uuid],
     lease_ms: Option<i64>,
 ) -> sqlx::Result<Finished> {
+    finish_and_judge(conn, tasks.to_vec(), Vec::new(), lease_ms).await
+}
+
+/// Judge the `tasker.task` steps whose children, among `ended`, ended other than by
+/// [`finish_tasks`] (cancelled, past their deadline), claiming what they make ready
+/// with a lease of `lease_ms`, and finish their tasks in turn. The dispatcher could not:
+/// a step whose child ran on its last attempt has none left to be offered with.
+pub async fn children_ended(
+    conn: &mut PgConnection,
+    ended: &[Uuid],
+    lease_ms: i64,
+) -> sqlx::Result<Finished> {
+    finish_and_judge(conn, Vec::new(), ended.to_vec(), Some(lease_ms)).await
+}
+
+/// Finish `tasks`, then judge the steps of the children among them and `ended`, and so
+/// on up the parents.
+async fn finish_and_judge(
+    conn: &mut PgConnection,
+    mut tasks: Vec<Uuid>,
+    mut ended: Vec<Uuid>,
+    lease_ms: Option<i64>,
+) -> sqlx::Result<Finished> {
     let mut finished = Finished::default();
-    let mut tasks = tasks.to_vec();
-    while !tasks.is_empty() {
+    loop {
         let round = finish_round(conn, &tasks).await?;
-        let children: Vec<Uuid> = round
-            .iter()
-            .filter(|task| task.has_parent)
-            .map(|task| task.task_id)
-            .collect();
+        ended.extend(
+            round
+                .iter()
+                .filter(|task| task.has_parent)
+                .map(|task| task.task_id),
+        );
         finished.tasks.extend(round);
-        let woken = child_tasks::wake_parents(conn, &children).await?;
+        let woken = child_tasks::wake_parents(conn, &ended).await?;
         if woken.is_empty() {
             break;
         }
@@ -148,6 +173,7 @@ pub async fn finish_tasks(
         finished.claimed.extend(judged.dispatches);
         finished.more_ready |= judged.more_ready;
         tasks = judged.tasks;
+        ended.clear();
     }
     Ok(finished)
 }
@@ -200,7 +226,8 @@ pub struct ExpiredTask {
 
 /// End up to `limit` unfinished tasks past their deadline: `error` with the reason
 /// `deadline_exceeded`, their unfinished steps `cancelled`. Rows another coordinator
-/// holds are left to it.
+/// holds are left to it. The steps that started those of them that are child tasks are
+/// for [`children_ended`] to judge.
 pub async fn expire_deadlines(
     conn: &mut PgConnection,
     limit: i64,
@@ -210,9 +237,6 @@ pub async fn expire_deadlines(
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
-    // Children among them: their steps are left ready for the dispatcher.
-    let ended: Vec<Uuid> = expired.iter().map(|task| task.task_id).collect();
-    child_tasks::wake_parents(conn, &ended).await?;
     free_slots(
         conn,
         expired.iter().filter(|t| t.limited).map(|t| t.task_id),

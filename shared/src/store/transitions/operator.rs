@@ -77,6 +77,9 @@ pub struct Cancelled {
     /// The task's unfinished child tasks (`tasker.task`), their children and so on,
     /// cancelled with it.
     pub descendants: Vec<Uuid>,
+    /// When the task is a child task: its step judged (failed, `child_task_cancelled`),
+    /// what that made ready claimed, and the parent task finished if it can.
+    pub parent: super::Finished,
 }
 
 /// Cancel a task: every unfinished step becomes `cancelled` (results still in flight
@@ -88,6 +91,7 @@ pub async fn cancel_task(
     conn: &mut PgConnection,
     task_id: Uuid,
     reason: Option<&str>,
+    lease_ms: i64,
 ) -> Result<Cancelled, OperatorError> {
     let status = lock_task(conn, task_id).await?;
     if status.is_finished() {
@@ -98,7 +102,7 @@ pub async fn cancel_task(
     let metadata = json!({"reason": reason});
     let mut cancelled = Cancelled {
         steps: cancel_steps(conn, task_id, &metadata).await?,
-        descendants: Vec::new(),
+        ..Cancelled::default()
     };
     move_task(
         conn,
@@ -141,8 +145,8 @@ pub async fn cancel_task(
     let mut ended = vec![task_id];
     ended.extend(&cancelled.descendants);
     super::free_slots(conn, ended.into_iter()).await?;
-    // The step that started this task, if it still waits for it.
-    super::child_tasks::wake_parents(conn, &[task_id]).await?;
+    // The step that started this task, if it still waits for it, is judged now.
+    cancelled.parent = super::children_ended(conn, &[task_id], lease_ms).await?;
     Ok(cancelled)
 }
 
@@ -152,14 +156,20 @@ async fn cancel_steps(
     task_id: Uuid,
     metadata: &Value,
 ) -> sqlx::Result<u64> {
-    Ok(
-        sqlx::query(include_str!("../../../sql/operator/cancel_task.sql"))
+    let mut cancelled = 0;
+    // Twice: the first statement waits for the transactions that hold the task's steps
+    // (a result being applied) and then sees only the rows its snapshot had, not those
+    // they added (a fan-out's instances, which the claim would then dispatch). The
+    // second sees them, and later transactions wait for this one's locks.
+    for _ in 0..2 {
+        cancelled += sqlx::query(include_str!("../../../sql/operator/cancel_task.sql"))
             .bind(task_id)
             .bind(metadata)
             .execute(&mut *conn)
             .await?
-            .rows_affected(),
-    )
+            .rows_affected();
+    }
+    Ok(cancelled)
 }
 
 /// Retry a task in `error`: its failed steps go back to `pending` with a fresh attempt
@@ -309,6 +319,9 @@ pub struct Signalled {
     /// Steps were left ready for the dispatcher (the caller also sets it when the task
     /// finished and its template limits its tasks: a waiting one may start).
     pub more_ready: bool,
+    /// The tasks that may have finished, for the caller to finish: this one, and those
+    /// judging the children touched (a child task started with every step skipped).
+    pub may_finish: Vec<Uuid>,
 }
 
 /// Deliver `signal` with `payload` to the `tasker.wait` steps of task `task_id` that wait
@@ -374,15 +387,20 @@ pub async fn signal(
         .filter(|(_, completed)| *completed)
         .map(|(step, _)| *step)
         .collect();
-    let (claimed, more_ready) = if completed.is_empty() {
-        (Vec::new(), false)
+    let judged = if completed.is_empty() {
+        super::conditions::Judged::default()
     } else {
         super::claim_children(conn, &completed, &[], None, lease_ms).await?
     };
+    let mut may_finish = judged.tasks;
+    may_finish.push(task_id);
+    may_finish.sort_unstable();
+    may_finish.dedup();
     Ok(Signalled {
         steps: delivered.iter().map(|(step, _)| *step).collect(),
         completed: !completed.is_empty(),
-        claimed,
-        more_ready,
+        claimed: judged.dispatches,
+        more_ready: judged.more_ready,
+        may_finish,
     })
 }

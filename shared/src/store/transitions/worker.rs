@@ -230,6 +230,9 @@ pub struct AppliedResults {
     /// Tasks with a `for_each` step still waiting for instances these results did not
     /// finish: they have work left, whatever else happened.
     pub fanning_out: Vec<Uuid>,
+    /// Tasks that judging the children changed (a step skipped, a child task started
+    /// with every step skipped): they may have finished.
+    pub judged_tasks: Vec<Uuid>,
     /// Steps were made ready and left to the dispatcher (a fan-out's instances past the
     /// first batch): the caller wakes it.
     pub more_ready: bool,
@@ -253,11 +256,16 @@ impl AppliedResults {
             )
             .chain(self.fanning_out.iter().copied())
             .collect();
-        self.tasks
+        let mut tasks: Vec<Uuid> = self
+            .tasks
             .iter()
+            .chain(&self.judged_tasks)
             .filter(|task| !busy.contains(task))
             .copied()
-            .collect()
+            .collect();
+        tasks.sort_unstable();
+        tasks.dedup();
+        tasks
     }
 }
 
@@ -387,11 +395,15 @@ pub async fn apply_results(
         .iter()
         .any(|step| current.get(step).is_some_and(|row| row.keyed));
     let freed = write.execute(&mut *conn).await?;
-    let (mut claimed, more_ready) =
-        claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
+    let children = claim_children(&mut *conn, &completed, &freed, Some(keyed), lease_ms).await?;
     // Steps failed for good: their `for_each` steps fail, their clean-up and compensation
     // children may run.
-    claimed.extend(super::failures::failed_and_claimed(&mut *conn, &failed, lease_ms).await?);
+    let after_failures = super::failures::failed_and_claimed(&mut *conn, &failed, lease_ms).await?;
+    let mut claimed = children.dispatches;
+    claimed.extend(after_failures.dispatches);
+    let more_ready = children.more_ready || after_failures.more_ready;
+    let mut judged_tasks = children.tasks;
+    judged_tasks.extend(after_failures.tasks);
     // A task whose instances complete is not finished while their step waits for more:
     // asked here by primary key, it spares counting all its steps (thousands) per batch.
     let mut fan_outs: Vec<Uuid> = completed
@@ -423,6 +435,7 @@ pub async fn apply_results(
         changes,
         claimed,
         fanning_out,
+        judged_tasks,
         more_ready,
     })
 }
