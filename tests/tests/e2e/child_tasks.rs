@@ -197,6 +197,24 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
         "{start}"
     );
 
+    // The step cannot be resolved while its child runs.
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/steps/start/resolve", parent.task_id),
+            json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_state", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("waits for its child task {child}")),
+        "{body}"
+    );
+
     // Cancelling the parent cancels the child.
     let (status, body) = env
         .post(

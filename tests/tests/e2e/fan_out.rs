@@ -200,6 +200,22 @@ async fn max_parallel_bounds_the_instances_running_at_once() {
         .unwrap_or_else(|| panic!("no instance held: {readiness}"));
     assert_eq!(held["key"], "nap (max_parallel)", "{readiness}");
     assert_eq!(held["limit"], 3, "{readiness}");
+    // The step cannot be resolved by hand while its instances run.
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/steps/nap/resolve", task.task_id),
+            json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("instances still to finish"),
+        "{body}"
+    );
     let done = finished(&env, task.task_id).await;
     assert_eq!(done.status, TaskStatus::Complete);
     assert_eq!(done.step("nap").instances, Some(24));

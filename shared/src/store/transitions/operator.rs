@@ -261,19 +261,39 @@ pub async fn resolve_step(
             "task {task_id} is {status}; its steps can no longer be resolved"
         )));
     }
-    let current: Option<StepStatus> =
-        sqlx::query_scalar("SELECT status FROM steps WHERE task_id = $1 AND name = $2 FOR UPDATE")
-            .bind(task_id)
-            .bind(step)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let current = current.ok_or_else(|| OperatorError::StepNotFound {
+    // The step, and what of it still runs while it is `pending`: its child task
+    // (`tasker.task`), or its instances (`for_each`).
+    let current: Option<(StepStatus, Option<Uuid>, i64)> = sqlx::query_as(
+        "SELECT s.status, \
+                (SELECT c.task_id FROM tasks c WHERE c.task_id = s.child_task_id \
+                   AND c.status IN ('pending', 'in_progress')), \
+                (SELECT count(*) FROM steps i WHERE i.fan_out_of = s.step_id \
+                   AND i.status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')) \
+         FROM steps s WHERE s.task_id = $1 AND s.name = $2 FOR UPDATE OF s",
+    )
+    .bind(task_id)
+    .bind(step)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (current, child, instances) = current.ok_or_else(|| OperatorError::StepNotFound {
         task_id,
         step: step.to_owned(),
     })?;
     if !current.can_transition_to(StepStatus::ResolvedManually) {
         return Err(OperatorError::Conflict(format!(
             "step `{step}` is {current}; only a pending, waiting_for_retry or error step can be resolved"
+        )));
+    }
+    if let Some(child) = child {
+        return Err(OperatorError::Conflict(format!(
+            "step `{step}` waits for its child task {child}, which still runs; cancel or \
+             resolve that task instead"
+        )));
+    }
+    if instances > 0 {
+        return Err(OperatorError::Conflict(format!(
+            "step `{step}` has {instances} instances still to finish; resolve it once they \
+             have, or cancel the task"
         )));
     }
     let metadata = json!({"reason": reason});
