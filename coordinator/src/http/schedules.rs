@@ -231,7 +231,14 @@ pub(crate) async fn update(
     let Path(name) = path.map_err(path_rejection)?;
     let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
     content_type(&headers, JSON_TYPES)?;
-    let current = find(&state, &name).await?;
+    if name.contains('\0') {
+        return Err(not_found(&name));
+    }
+    // Read, merged and written under the row's lock: two changes at once both land.
+    let mut tx = state.pool.begin().await?;
+    let current = schedules::lock(&mut tx, &name)
+        .await?
+        .ok_or_else(|| not_found(&name))?;
     let mut fields = Fields::new(json_object(&body)?, &FIELDS[1..]);
     let draft = Draft::read(&mut fields, false);
     let before = current.fields.clone();
@@ -259,9 +266,10 @@ pub(crate) async fn update(
     } else {
         NextFire::Keep(first_fire(parsed.as_ref(), &schedule))
     };
-    let updated = schedules::update(&state.pool, &schedule, next)
+    let updated = schedules::update(&mut *tx, &schedule, next)
         .await?
         .ok_or_else(|| not_found(&name))?;
+    tx.commit().await?;
     tracing::info!(schedule = %updated.fields.name, paused = updated.fields.paused, "schedule changed");
     state.wake_scheduler.notify_one();
     Ok(Json(view(&state, updated).await?))
@@ -332,13 +340,23 @@ struct Draft {
 impl Draft {
     /// Read the fields of a schedule but its name: a create `requires` the template and
     /// the cron, a change requires nothing.
+    /// `requires`: the fields a new schedule must have are required. Given, none of them
+    /// (nor the time zone) may be empty.
     fn read(fields: &mut Fields, requires: bool) -> Self {
+        let text = |fields: &mut Fields, key: &str, required: bool| {
+            let value = fields.string(key, required, SHORT_TEXT);
+            if !required && value.as_deref() == Some("") {
+                fields.problem(key, format!("`{key}` must not be empty"));
+                return None;
+            }
+            value
+        };
         Draft {
-            namespace: fields.string("namespace", requires, SHORT_TEXT),
-            template: fields.string("template", requires, SHORT_TEXT),
+            namespace: text(fields, "namespace", requires),
+            template: text(fields, "template", requires),
             version: fields.string("version", false, SHORT_TEXT),
-            cron: fields.string("cron", requires, SHORT_TEXT),
-            timezone: fields.string("timezone", false, SHORT_TEXT),
+            cron: text(fields, "cron", requires),
+            timezone: text(fields, "timezone", false),
             context: fields.value("context"),
             overlap: choice(fields, "overlap"),
             catch_up: choice(fields, "catch_up"),

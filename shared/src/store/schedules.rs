@@ -167,8 +167,8 @@ pub enum NextFire {
 
 /// Replace a schedule's fields and set or keep its next fire; `None` when there is no
 /// such schedule.
-pub async fn update(
-    pool: &PgPool,
+pub async fn update<'e>(
+    db: impl PgExecutor<'e>,
     fields: &ScheduleFields,
     next: NextFire,
 ) -> sqlx::Result<Option<ScheduleRecord>> {
@@ -189,7 +189,7 @@ pub async fn update(
     )
     .bind(next_fire_at)
     .bind(keep)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
 }
 
@@ -200,6 +200,17 @@ pub async fn delete(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
         .execute(pool)
         .await?;
     Ok(deleted.rows_affected() == 1)
+}
+
+/// A schedule by name, its row locked until the caller's transaction ends: a change
+/// read, merged and written under it loses no concurrent change.
+pub async fn lock(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<ScheduleRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM schedules WHERE name = $1 FOR UPDATE"
+    )))
+    .bind(name)
+    .fetch_optional(conn)
+    .await
 }
 
 /// A schedule by name.

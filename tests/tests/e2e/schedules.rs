@@ -322,6 +322,71 @@ async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files(
         .await
         .unwrap();
     assert_eq!(status, 422, "{body}");
+    // A field given empty is refused, each named: it would never fire, or fail each time.
+    let (status, body) = env
+        .patch(
+            "/v1/schedules/morning",
+            json!({"cron": "", "namespace": "", "template": "", "timezone": ""}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{body}");
+    let mut named: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    named.sort_unstable();
+    assert_eq!(
+        named,
+        ["cron", "namespace", "template", "timezone"],
+        "{body}"
+    );
+
+    // Two changes at once, while the schedule's row is busy: both land.
+    let mut busy = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM schedules WHERE name = 'morning' FOR UPDATE")
+        .execute(&mut *busy)
+        .await
+        .unwrap();
+    let (pause, recontext) = (
+        env.patch("/v1/schedules/morning", json!({"paused": true})),
+        env.patch("/v1/schedules/morning", json!({"context": {"day": "mon"}})),
+    );
+    let release = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%schedules%'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            if blocked >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        busy.commit().await.unwrap();
+    };
+    let (paused, recontexted, ()) = tokio::join!(pause, recontext, release);
+    assert_eq!(paused.unwrap().0, 200);
+    assert_eq!(recontexted.unwrap().0, 200);
+    let (_, body) = env.get("/v1/schedules/morning").await.unwrap();
+    assert_eq!(
+        (body["paused"].clone(), body["context"].clone()),
+        (json!(true), json!({"day": "mon"})),
+        "{body}"
+    );
+    let (status, _) = env
+        .patch(
+            "/v1/schedules/morning",
+            json!({"paused": false, "context": {}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
     let (_, body) = env
         .patch("/v1/schedules/morning", json!({"paused": true}))
         .await
