@@ -760,12 +760,38 @@ pub fn template_from_value_with_warnings(
     check_graph(&mut walker, &draft);
     check_config_size(&mut walker, &draft, limits.max_config_bytes);
     if walker.problems.is_empty() {
+        check_schedule_contexts(&mut walker, &draft);
+    }
+    if walker.problems.is_empty() {
         Ok(ParsedTemplate {
             warnings: std::mem::take(&mut walker.warnings),
             definition: draft.into_definition(),
         })
     } else {
         Err(TemplateError(walker.into_problems()))
+    }
+}
+
+/// Each schedule's context, against the template's `context_schema`: a context it
+/// refuses would make every fire fail.
+fn check_schedule_contexts(w: &mut Walker, draft: &Draft) {
+    let Some(schema) = &draft.context_schema else {
+        return;
+    };
+    for (index, schedule) in draft.schedules.iter().enumerate() {
+        let context = schedule
+            .context
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let Err(problems) = validate_against_schema(schema, &context) {
+            for problem in problems {
+                w.report(
+                    format!("schedules[{index}].context{}", problem.path),
+                    codes::SCHEMA,
+                    problem.message,
+                );
+            }
+        }
     }
 }
 

@@ -1840,3 +1840,29 @@ fn a_condition_sees_context_parents_and_task_and_must_give_a_boolean() {
     assert_eq!(found[0].code, codes::INVALID_EXPRESSION);
     assert!(found[0].message.contains("`item`"), "{}", found[0].message);
 }
+
+#[test]
+fn a_schedule_whose_context_the_schema_refuses_is_refused() {
+    let found = problems(concat!(
+        "namespace: clock\nname: nightly\n",
+        "context_schema: {type: object, required: [day], properties: {day: {type: string}}}\n",
+        "steps:\n  - {name: run, handler: tasker.noop}\n",
+        "schedules:\n",
+        "  - {name: fine, cron: '0 2 * * *', context: {day: mon}}\n",
+        "  - {name: typed, cron: '0 3 * * *', context: {day: 7}}\n",
+        "  - {name: bare, cron: '0 4 * * *'}\n",
+    ));
+    let mut at: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    at.sort_unstable();
+    assert_eq!(
+        at,
+        [
+            ("schedules[1].context/day", codes::SCHEMA),
+            ("schedules[2].context", codes::SCHEMA)
+        ],
+        "{found:?}"
+    );
+}
