@@ -474,6 +474,9 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
         &["tasks", "list", "--status", "sleeping"],
         &["tasks", "list", "--order", "sideways"],
         &["tasks", "list", "--created-after", "last tuesday"],
+        // Past what the clock can hold: refused, not a panic.
+        &["tasks", "list", "--created-after", "100000000d"],
+        &["tasks", "create", "cli/flow", "--wait", "--timeout", "1e20"],
         &["tasks", "frobnicate"],
     ] {
         let run = tasker(&env, args).await;
@@ -624,4 +627,37 @@ async fn the_cli_creates_pauses_shows_and_deletes_schedules() {
     assert_ne!(run.code, 0, "{run}");
     assert!(run.stderr.contains("schedule_not_found"), "{run}");
     env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn wait_goes_on_while_the_coordinator_restarts() {
+    use tasker_tests::http_stub::{Answer, HttpStub};
+    let task = |status: &str| {
+        json!({"task_id": "01a24e00-0000-7000-8000-000000000001", "namespace": "cli",
+               "name": "flow", "version": "1.0.0", "status": status, "steps": []})
+        .to_string()
+    };
+    let unavailable = json!({"error": {"code": "database_unavailable",
+                                       "message": "PostgreSQL does not answer"}})
+    .to_string();
+    // Created; then the coordinator answers 503 twice (it restarts), then the task.
+    let coordinator = HttpStub::start(vec![
+        Answer::new(201, &task("pending")),
+        Answer::new(503, &unavailable),
+        Answer::new(503, &unavailable),
+        Answer::new(200, &task("complete")),
+    ])
+    .await
+    .unwrap();
+    let run = tasker_at(
+        &coordinator.url,
+        &["tasks", "create", "cli/flow", "--wait", "--timeout", "30"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stderr.contains("the coordinator does not answer"),
+        "{run}"
+    );
+    assert_eq!(coordinator.arrivals().len(), 4, "{run}");
 }

@@ -442,8 +442,15 @@ fn delay_ms(text: &str) -> Result<i64, String> {
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
+    /// A year: any wait longer is a mistake, and would overflow the clock.
+    const MAX_SECONDS: f64 = 31_536_000.0;
     match text.parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS => {
+            Ok(seconds)
+        }
+        Ok(seconds) if seconds.is_finite() && seconds > MAX_SECONDS => Err(format!(
+            "`{text}` seconds is more than a year ({MAX_SECONDS} seconds)"
+        )),
         _ => Err(format!("`{text}` is not a positive number of seconds")),
     }
 }
@@ -908,7 +915,7 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
             && next > deadline
         {
             tokio::time::sleep_until(deadline).await;
-            task = context.client.get(&["v1", "tasks", &id], &[]).await?;
+            task = poll_task(context, &id, Some(deadline)).await?;
             progress.update(&task);
             if render::task_finished(text(&task, "status")) {
                 break;
@@ -924,7 +931,7 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
             )));
         }
         tokio::time::sleep_until(next).await;
-        task = context.client.get(&["v1", "tasks", &id], &[]).await?;
+        task = poll_task(context, &id, deadline).await?;
     }
     if context.output == Output::Table {
         outln!();
@@ -979,6 +986,34 @@ fn filter_query(filter: &FilterArgs, query: &mut Vec<(&'static str, String)>) {
     }
 }
 
+/// The task `id`, asked again while the coordinator cannot answer (unreachable, or a
+/// 5xx while it restarts, say) until `deadline`: the task exists and goes on meanwhile.
+async fn poll_task(
+    context: &Context,
+    id: &str,
+    deadline: Option<Instant>,
+) -> Result<Value, CliError> {
+    let mut said = false;
+    loop {
+        let outcome = context.client.get(&["v1", "tasks", id], &[]).await;
+        let unanswered = match &outcome {
+            Err(CliError::Unreachable(why)) => why.clone(),
+            Err(CliError::Api {
+                status, message, ..
+            }) if *status >= 500 => message.clone(),
+            _ => return outcome,
+        };
+        if deadline.is_some_and(|deadline| Instant::now() + POLL_INTERVAL >= deadline) {
+            return outcome;
+        }
+        if !said {
+            errln!("task {id}: the coordinator does not answer ({unanswered}); asking again");
+            said = true;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// A time flag: RFC 3339 as given, or an age (`90s`, `30m`, `2h`, `7d`) as the RFC 3339
 /// time that long ago.
 fn time_argument(text: &str) -> Result<String, String> {
@@ -1001,7 +1036,10 @@ fn time_argument(text: &str) -> Result<String, String> {
         .ok_or_else(|| {
             format!("`{text}` is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor an age such as 30m, 2h or 7d")
         })?;
-    Ok((Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    let then = Utc::now()
+        .checked_sub_signed(age)
+        .ok_or_else(|| format!("`{text}` ago is before any time that can be written"))?;
+    Ok(then.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 /// `tasks cancel` and `tasks retry`: one task (post `{"reason"?}`, show the task as it is
