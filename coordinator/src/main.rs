@@ -39,13 +39,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let telemetry = tasker_shared::telemetry::init(&cli.log, "tasker-coordinator");
     let outcome = match cli.command {
-        Command::Serve(settings) => match Application::build(*settings).await {
-            Ok(app) => {
-                app.run_until_stopped(tasker_shared::shutdown_signal())
-                    .await
+        Command::Serve(settings) => {
+            // Listened for from now: a signal while it starts stops it too.
+            let mut shutdown = Box::pin(tasker_shared::shutdown_signal());
+            tokio::select! {
+                built = Application::build(*settings) => match built {
+                    Ok(app) => app.run_until_stopped(shutdown).await,
+                    Err(error) => Err(error),
+                },
+                () = &mut shutdown => {
+                    tracing::info!("stopped while starting");
+                    Ok(())
+                }
             }
-            Err(error) => Err(error),
-        },
+        }
         Command::Migrate(settings) => tasker_shared::db::migrate(&settings)
             .await
             .map(|()| tracing::info!("migrations applied")),

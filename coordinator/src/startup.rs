@@ -50,6 +50,10 @@ pub struct Application {
 const SESSION_STOP: Duration = Duration::from_secs(5);
 /// How long the publisher gets at shutdown to publish the batches claimed before it.
 const FLUSH: Duration = Duration::from_secs(10);
+/// How long the database loops (the dispatcher, the sweeper…) get to stop at shutdown: a
+/// round in progress ends, one stuck on an unanswering database is abandoned (what it
+/// claimed is dispatched again when its lease expires).
+const DATABASE_STOP: Duration = Duration::from_secs(10);
 /// How long the tasks left once everything else stopped (publishes handed over by the
 /// last requests, creations being written) get before they are abandoned.
 const LAST_TASKS: Duration = Duration::from_secs(5);
@@ -333,7 +337,7 @@ impl Application {
         };
         // Stops the server (it answers the requests in progress) and every service.
         stop.cancel();
-        database_services.stop(None).await;
+        database_services.stop(Some(DATABASE_STOP)).await;
         server.await?;
         // Batches claimed before the stop, by the dispatcher or by the last requests, still
         // go out (or fail and are handed back).
@@ -351,7 +355,14 @@ impl Application {
         // No request is left to create a task.
         self.state.creator.close();
         wait_for_all(&self.tasks, LAST_TASKS).await;
-        self.state.pool.close().await;
+        // Closing waits for every connection to come back: one a stuck query holds
+        // (an abandoned loop's, a lost network) must not keep the process up.
+        if tokio::time::timeout(LAST_TASKS, self.state.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still busy after {LAST_TASKS:?}; exiting anyway");
+        }
         tracing::info!("coordinator stopped");
         outcome
     }

@@ -22,30 +22,60 @@ pub mod metrics;
 pub mod signing;
 pub mod telemetry;
 
-/// Resolves on SIGTERM or Ctrl-C: the binaries' shutdown trigger.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
+/// The binaries' shutdown trigger: SIGTERM or Ctrl-C (SIGINT), listened for from the
+/// moment this is called (call it first, so a signal during start-up is not lost). The
+/// returned future resolves at the first; a second ends the process at once (exit 130),
+/// for an operator who will not wait for the drain.
+///
+/// Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let listen = |kind: tokio::signal::unix::SignalKind, name: &'static str| {
+        tokio::signal::unix::signal(kind)
+            .inspect_err(|error| tracing::error!(%error, "cannot listen for {name}"))
+            .ok()
     };
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
+    let (mut terminate, mut interrupt) = (
+        listen(tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+        listen(tokio::signal::unix::SignalKind::interrupt(), "Ctrl-C"),
+    );
+    async move {
+        #[cfg(unix)]
+        {
+            let mut next = async move || {
+                let terminated = async {
+                    match terminate.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let interrupted = async {
+                    match interrupt.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = terminated => "SIGTERM",
+                    _ = interrupted => "Ctrl-C",
+                }
+            };
+            let first = next().await;
+            tracing::info!("{first} received; shutting down (a second signal stops at once)");
+            tokio::spawn(async move {
+                let second = next().await;
+                tracing::warn!("{second} received again: stopping at once");
+                std::process::exit(130);
+            });
+        }
+        #[cfg(not(unix))]
+        {
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                tracing::error!(%error, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
+            tracing::info!("Ctrl-C received; shutting down");
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
-        () = terminate => tracing::info!("SIGTERM received; shutting down"),
     }
 }

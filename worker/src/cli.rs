@@ -28,13 +28,17 @@ struct Cli {
 pub async fn run(service: &'static str, registry: HandlerRegistry) -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = tasker_protocol::telemetry::init(&cli.log, service);
-    let outcome = match Worker::build(cli.worker, registry).await {
-        Ok(worker) => {
-            worker
-                .run_until_stopped(tasker_protocol::shutdown_signal())
-                .await
+    // Listened for from now: a signal while it starts stops it too.
+    let mut shutdown = Box::pin(tasker_protocol::shutdown_signal());
+    let outcome = tokio::select! {
+        built = Worker::build(cli.worker, registry) => match built {
+            Ok(worker) => worker.run_until_stopped(shutdown).await,
+            Err(error) => Err(error),
+        },
+        () = &mut shutdown => {
+            tracing::info!("stopped while starting");
+            Ok(())
         }
-        Err(error) => Err(error),
     };
     telemetry.shutdown();
     outcome

@@ -362,3 +362,58 @@ async fn a_coordinator_stopping_publishes_what_its_last_requests_claimed() {
     );
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_second_sigterm_stops_a_draining_coordinator_at_once() {
+    let options = EnvOptions {
+        binary_coordinator: true,
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::start_with("second-sigterm", options)
+        .await
+        .unwrap();
+    let (status, body) = env.register_template(SIGNALLED).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "held", "name": "signalled"}))
+        .await
+        .unwrap();
+    crate::until_reason(&env, task.task_id, "hold", "waiting_for_signal").await;
+    // A request the first SIGTERM waits for (up to its 10 s drain): a signal held up by
+    // the task's row, locked here.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
+        .bind(task.task_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let _signal = {
+        let http = env.http.clone();
+        let url = format!("{}/v1/tasks/{}/signals/go", env.base_url, task.task_id);
+        tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let process = env.coordinator.process();
+    let pid = process.pid().unwrap().to_string();
+    let sigterm = || {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+    };
+    sigterm();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(process.running(), "the first SIGTERM drains");
+    let second = std::time::Instant::now();
+    sigterm();
+    let deadline = second + Duration::from_secs(5);
+    while process.running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 5 s after the second SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.rollback().await.unwrap();
+}
