@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::Channel;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::link::BrokerLink;
 use crate::metrics::{CoordinatorMetrics, Namespace, Queue, QueueDepth, Reason, Status};
 use crate::service::Service;
 use tasker_shared::broker::Topology;
@@ -21,7 +21,10 @@ const HELD_REASONS: &[&str] = &["concurrency_limited", "rate_limited"];
 
 pub(crate) struct Gauges {
     pool: PgPool,
-    channel: Channel,
+    /// Each queue is read on a channel of its own, with a passive declaration: one that
+    /// is missing is not created (unbound) by reading it, and a channel the broker
+    /// closes takes nothing else with it.
+    broker: Arc<BrokerLink>,
     topology: Topology,
     metrics: Arc<CoordinatorMetrics>,
     interval: Duration,
@@ -30,14 +33,14 @@ pub(crate) struct Gauges {
 impl Gauges {
     pub(crate) fn new(
         pool: PgPool,
-        channel: Channel,
+        broker: Arc<BrokerLink>,
         topology: Topology,
         metrics: Arc<CoordinatorMetrics>,
         interval: Duration,
     ) -> Self {
         Gauges {
             pool,
-            channel,
+            broker,
             topology,
             metrics,
             interval,
@@ -110,14 +113,18 @@ impl Gauges {
         queues.push((self.topology.results_queue(), "results"));
         queues.push((self.topology.dead_letter_queue(), "dead_letter"));
         let mut depths = Vec::with_capacity(queues.len());
+        let connection = self.broker.connection();
         for (queue, kind) in queues {
             let (messages, consumers) = self
                 .topology
-                .queue_stats(&self.channel, &queue)
+                .queue_counts(&connection, &queue)
                 .await
                 .inspect_err(|_| {
                     self.metrics.broker_errors.inc();
-                })?;
+                })?
+                // Missing (deleted by hand): nothing in it, nobody on it. The sweeper
+                // dispatches again what it held; a worker declares it again.
+                .unwrap_or_default();
             depths.push(QueueDepth {
                 queue: queue.clone(),
                 kind,

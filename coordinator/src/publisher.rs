@@ -204,6 +204,13 @@ impl StepPublisher {
         Ok(())
     }
 
+    fn forget_namespace(&self, namespace: &str) {
+        self.declared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(namespace);
+    }
+
     fn is_declared(&self, namespace: &str) -> bool {
         self.declared
             .lock()
@@ -458,6 +465,11 @@ impl StepPublisher {
                     let acked = confirmation.is_ack();
                     // A mandatory message the broker could not route comes back with an ack.
                     let returned = confirmation.take_message().is_some();
+                    if returned && let Some(step) = steps.first() {
+                        // Its queue is gone, or unbound: declared and bound again before
+                        // the next publish to it.
+                        self.forget_namespace(&step.namespace);
+                    }
                     for step in steps {
                         if acked && !returned {
                             report.confirmed.push(ConfirmedStep {

@@ -434,8 +434,7 @@ async fn run_session(
     // The channels that publish, which no loop of their own watches: the broker closes a
     // channel on an error (a publish to an exchange deleted meanwhile, say) while the
     // connection stays up, and a closed channel never opens again. The session then
-    // ends and reconnects. (The gauges' channel is not among them: a gauge that cannot
-    // be read is logged and counted, and must not restart the session at every read.)
+    // ends and reconnects.
     let mut watched = vec![
         ("step publishing", session.publish_channel.clone()),
         ("dead letters and control", session.confirm_channel.clone()),
@@ -443,7 +442,7 @@ async fn run_session(
     let opened = async {
         let gauges = Gauges::new(
             state.pool.clone(),
-            session.connection.create_channel().await?,
+            state.broker.clone(),
             topology.clone(),
             state.metrics.clone(),
             Duration::from_millis(settings.gauge_interval_ms),

@@ -243,6 +243,11 @@ async fn inspect_queue(queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
     Ok(declared.ok())
 }
 
+/// Whether `queue` exists now.
+pub async fn queue_exists(queue: &str) -> anyhow::Result<bool> {
+    Ok(inspect_queue(queue).await?.is_some())
+}
+
 /// Consumers of `queue` now (0 when it does not exist).
 pub async fn queue_consumers(queue: &str) -> anyhow::Result<u32> {
     Ok(inspect_queue(queue)

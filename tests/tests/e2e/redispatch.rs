@@ -398,3 +398,45 @@ async fn a_coordinator_that_stops_lifts_the_leases_of_its_confirmed_steps_first(
     assert_eq!(reasons(&env, "lease_lost").await, 0);
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_step_queue_deleted_while_no_worker_reads_it_is_declared_again_for_the_next_step() {
+    let options = EnvOptions {
+        coordinator_env: vec![
+            ("TASKER_GAUGE_INTERVAL_MS".into(), "200".into()),
+            ("TASKER_SWEEP_INTERVAL_MS".into(), "200".into()),
+            ("TASKER_DISPATCH_LEASE_MS".into(), "1000".into()),
+        ],
+        ..EnvOptions::default()
+    };
+    let env = TestEnv::start_with("queue-deleted-idle", options)
+        .await
+        .unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let queue = env.queue("backlog");
+    // Declared when its first template was registered.
+    assert!(tasker_tests::broker::queue_exists(&queue).await.unwrap());
+    lose_messages(&queue, Loss::Deleted).await;
+
+    // Reading the gauges does not bring it back unbound.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !tasker_tests::broker::queue_exists(&queue).await.unwrap(),
+        "the gauges declared the deleted queue"
+    );
+
+    // The next step's publish finds no queue; it is dispatched again, to a queue
+    // declared and bound again, where a worker will find it.
+    let ids = create_tasks(&env, "one", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tasker_tests::broker::queue_messages(&queue).await.unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the step never reached its queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut env = env;
+    run_all(&mut env, &ids).await;
+    env.finish().await.unwrap();
+}
