@@ -13,8 +13,33 @@ use crate::metrics::CoordinatorMetrics;
 use tasker_shared::store::tasks::TaskRecord;
 use tasker_shared::store::transitions::{self, Dispatch, OperatorError};
 
-/// Bulk batches that the database chose as a deadlock victim are tried again this often.
+/// An operator's transaction that the database chose as a deadlock victim is tried
+/// again this often.
 const DEADLOCK_RETRIES: usize = 3;
+
+/// Run `transaction` again when the database broke a deadlock by failing it: operator
+/// actions lock a task, then its steps, while result batches and claims lock steps, then
+/// their tasks.
+async fn again_on_deadlock<T, F>(
+    action: &str,
+    mut transaction: impl FnMut() -> F,
+) -> Result<T, OperatorError>
+where
+    F: std::future::Future<Output = Result<T, OperatorError>>,
+{
+    let mut tries = 0;
+    loop {
+        match transaction().await {
+            Err(OperatorError::Database(sqlx::Error::Database(error)))
+                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
+            {
+                tries += 1;
+                tracing::warn!(%error, tries, action, "chosen as a deadlock victim; again");
+            }
+            result => return result,
+        }
+    }
+}
 
 /// What must happen once a change has committed, and only then.
 #[must_use = "effects do nothing until applied"]
@@ -85,19 +110,10 @@ pub(crate) async fn cancel_task(
     reason: Option<&str>,
     lease_ms: i64,
 ) -> Result<(u64, Effects), OperatorError> {
-    let mut tries = 0;
-    let cancelled = loop {
-        // A deadlock with a child task finishing at the same moment: again.
-        match cancel_transaction(pool, task_id, reason, lease_ms).await {
-            Err(OperatorError::Database(sqlx::Error::Database(error)))
-                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
-            {
-                tries += 1;
-                tracing::warn!(%error, tries, "cancel chosen as a deadlock victim; again");
-            }
-            result => break result?,
-        }
-    };
+    let cancelled = again_on_deadlock("cancel", || {
+        cancel_transaction(pool, task_id, reason, lease_ms)
+    })
+    .await?;
     tracing::info!(%task_id, steps_cancelled = cancelled.steps,
         child_tasks_cancelled = cancelled.descendants.len(), reason = ?reason,
         "task cancelled");
@@ -133,9 +149,13 @@ pub(crate) async fn retry_task(
     task_id: Uuid,
     reason: Option<&str>,
 ) -> Result<(u64, Effects), OperatorError> {
-    let mut tx = pool.begin().await?;
-    let reset = transitions::retry_task(&mut tx, task_id, reason).await?;
-    tx.commit().await?;
+    let reset = again_on_deadlock("retry", || async {
+        let mut tx = pool.begin().await?;
+        let reset = transitions::retry_task(&mut tx, task_id, reason).await?;
+        tx.commit().await?;
+        Ok(reset)
+    })
+    .await?;
     tracing::info!(%task_id, steps_reset = reset, reason = ?reason, "task retried");
     let effects = Effects {
         wake_dispatcher: true,
@@ -155,11 +175,15 @@ pub(crate) async fn resolve_step(
     reason: Option<&str>,
     lease_ms: i64,
 ) -> Result<Effects, OperatorError> {
-    let mut tx = pool.begin().await?;
-    transitions::resolve_step(&mut tx, task_id, step, results, reason).await?;
-    // The step that started the task, when it finishes a child task, is judged here.
-    let finished = transitions::finish_tasks(&mut tx, &[task_id], Some(lease_ms)).await?;
-    tx.commit().await?;
+    let finished = again_on_deadlock("resolve a step", || async {
+        let mut tx = pool.begin().await?;
+        transitions::resolve_step(&mut tx, task_id, step, results, reason).await?;
+        // The step that started the task, when it finishes a child task, is judged here.
+        let finished = transitions::finish_tasks(&mut tx, &[task_id], Some(lease_ms)).await?;
+        tx.commit().await?;
+        Ok(finished)
+    })
+    .await?;
     tracing::info!(%task_id, %step, reason = ?reason, "step resolved manually");
     Ok(Effects {
         wake_dispatcher: true,
@@ -178,11 +202,15 @@ pub(crate) async fn signal(
     payload: &Value,
     lease_ms: i64,
 ) -> Result<(transitions::Signalled, Effects), OperatorError> {
-    let mut tx = pool.begin().await?;
-    let mut signalled = transitions::signal(&mut tx, task_id, signal, payload, lease_ms).await?;
-    let finished =
-        transitions::finish_tasks(&mut tx, &signalled.may_finish, Some(lease_ms)).await?;
-    tx.commit().await?;
+    let (mut signalled, finished) = again_on_deadlock("signal", || async {
+        let mut tx = pool.begin().await?;
+        let signalled = transitions::signal(&mut tx, task_id, signal, payload, lease_ms).await?;
+        let finished =
+            transitions::finish_tasks(&mut tx, &signalled.may_finish, Some(lease_ms)).await?;
+        tx.commit().await?;
+        Ok((signalled, finished))
+    })
+    .await?;
     signalled.claimed.extend(finished.claimed);
     // A finished task of a limited template may let a waiting one start.
     signalled.more_ready |= finished.more_ready || finished.tasks.iter().any(|task| task.limited);
@@ -203,9 +231,13 @@ pub(crate) async fn resolve_task(
     task_id: Uuid,
     reason: Option<&str>,
 ) -> Result<Effects, OperatorError> {
-    let mut tx = pool.begin().await?;
-    transitions::resolve_task(&mut tx, task_id, reason).await?;
-    tx.commit().await?;
+    again_on_deadlock("resolve a task", || async {
+        let mut tx = pool.begin().await?;
+        transitions::resolve_task(&mut tx, task_id, reason).await?;
+        tx.commit().await?;
+        Ok(())
+    })
+    .await?;
     tracing::info!(%task_id, reason = ?reason, "task resolved manually");
     Ok(Effects {
         wake_events: true,
@@ -233,19 +265,10 @@ pub(crate) async fn bulk_batch(
     reason: Option<&str>,
     lease_ms: i64,
 ) -> Result<(Vec<Uuid>, Effects), OperatorError> {
-    let mut tries = 0;
-    let changed = loop {
-        match bulk_transaction(pool, ids, action, reason, lease_ms).await {
-            Err(OperatorError::Database(sqlx::Error::Database(error)))
-                if error.code().as_deref() == Some("40P01") && tries < DEADLOCK_RETRIES =>
-            {
-                tries += 1;
-                tracing::warn!(%error, tries, "bulk batch chosen as a deadlock victim; again");
-            }
-            result => break result?,
-        }
-    };
-    let (changed, descendants, dispatches) = changed;
+    let (changed, descendants, dispatches) = again_on_deadlock("bulk batch", || {
+        bulk_transaction(pool, ids, action, reason, lease_ms)
+    })
+    .await?;
     let effects = Effects {
         wake_events: true,
         wake_dispatcher: true,

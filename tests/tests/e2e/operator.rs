@@ -944,3 +944,61 @@ async fn a_cancel_waiting_on_a_result_also_cancels_the_steps_that_result_added()
     );
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_operator_action_chosen_as_a_deadlock_victim_is_tried_again() {
+    let mut env = TestEnv::start("operator-deadlock").await.unwrap();
+    let (status, body) = env.register_template(DOOMED).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    env.start_worker("w", &["bulkfail"]).await.unwrap();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "bulkfail", "name": "doomed"}))
+        .await
+        .unwrap();
+    let id = task.task_id.to_string();
+    env.wait_for_task(&id, &["error"], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // A transaction that holds the step, then wants the task, as a result batch does;
+    // the resolve holds the task, then wants the step.
+    let mut other = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE task_id = $1 FOR UPDATE")
+        .bind(task.task_id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let resolve = {
+        let http = env.http.clone();
+        let url = format!("{}/v1/tasks/{id}/steps/x/resolve", env.base_url);
+        tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
+    };
+    let waiting = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%FROM steps s%'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            if blocked > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the resolve waits for the step");
+    // The cycle: PostgreSQL fails one side (the resolve, waiting longest, finds it).
+    let _ = sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
+        .bind(task.task_id)
+        .execute(&mut *other)
+        .await;
+    other.rollback().await.unwrap();
+    let answer = resolve.await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    env.finish().await.unwrap();
+}
