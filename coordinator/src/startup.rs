@@ -240,7 +240,10 @@ impl Application {
             ),
             Duration::from_millis(settings.sweep_interval_ms),
             self.state.publisher.clone(),
-            Duration::from_millis(settings.heartbeat_lease_ms.max(0) as u64),
+            LeasePolicy {
+                grace_ms: settings.lease_grace_ms,
+                heartbeat_lease_ms: settings.heartbeat_lease_ms,
+            },
             QueueAudit {
                 control: self.state.control.clone(),
                 broker: self.state.broker.clone(),

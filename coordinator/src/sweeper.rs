@@ -48,7 +48,7 @@ use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::Topology;
 use tasker_shared::states::TaskStatus;
-use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask};
+use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask, LeasePolicy};
 
 /// Most leases expired per transaction.
 const SWEEP_BATCH: i64 = 1_000;
@@ -62,6 +62,9 @@ pub(crate) struct Sweeper {
     /// Whether the broker is reachable (heartbeats can arrive).
     publisher: Arc<StepPublisher>,
     heartbeat_lease: Duration,
+    /// Added to a step's timeout: past both, a running step's lease expires even while
+    /// its worker is heard from.
+    lease_grace_ms: i64,
     /// Since when the database and the broker have both been reachable.
     healthy_since: Mutex<Option<Instant>>,
     queues: QueueAudit,
@@ -89,7 +92,7 @@ impl Sweeper {
         (wake_dispatcher, wake_events): (Arc<Notify>, Arc<Notify>),
         interval: Duration,
         publisher: Arc<StepPublisher>,
-        heartbeat_lease: Duration,
+        lease: LeasePolicy,
         queues: QueueAudit,
     ) -> Self {
         Sweeper {
@@ -99,7 +102,8 @@ impl Sweeper {
             wake_events,
             interval,
             publisher,
-            heartbeat_lease,
+            heartbeat_lease: Duration::from_millis(lease.heartbeat_lease_ms.max(0) as u64),
+            lease_grace_ms: lease.grace_ms,
             // At start, heartbeats sent while no coordinator ran may still be queued.
             healthy_since: Mutex::new(None),
             queues,
@@ -221,7 +225,22 @@ impl Sweeper {
     async fn expire(&self, running: bool) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let late = transitions::expire_deadlines(&mut tx, SWEEP_BATCH).await?;
-        let expired = transitions::expire_leases(&mut tx, SWEEP_BATCH, running).await?;
+        // Workers heard from on the control exchange: their running steps' heartbeats may
+        // only be late, behind results the coordinators have not applied yet.
+        let alive: Vec<String> = self
+            .queues
+            .control
+            .recent_workers()
+            .into_iter()
+            .map(|worker| worker.worker_id)
+            .collect();
+        let expired = transitions::expire_leases(
+            &mut tx,
+            SWEEP_BATCH,
+            running,
+            (&alive, self.lease_grace_ms),
+        )
+        .await?;
         let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
         let mut tasks = expired.tasks.clone();
         tasks.extend(&waits);

@@ -224,9 +224,16 @@ async fn plan(conn: &mut PgConnection, sql: &str) -> sqlx::Result<Option<serde_j
     Ok(plan)
 }
 
-/// Whether `sql` is given a list of ids: `= ANY ($n)` or `unnest($n…)`.
+/// Whether `sql` is given a list of ids: `= ANY ($n)` or `unnest($n…)`. A list of names
+/// (`= ANY ($n::text[])`, the workers heard from) filters the rows a statement finds
+/// otherwise.
 fn given_ids(sql: &str) -> bool {
-    sql.contains("= ANY ($") || sql.contains("unnest($")
+    sql.contains("unnest($")
+        || sql.match_indices("= ANY ($").any(|(at, found)| {
+            !sql[at + found.len()..]
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .starts_with("::text[]")
+        })
 }
 
 /// Each scan under `node` that walks a status index of `steps`.

@@ -505,7 +505,7 @@ async fn leases_expire_operators_resolve_and_cancel() {
     .await
     .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    let expired = transitions::expire_leases(&mut tx, 10, false)
+    let expired = transitions::expire_leases(&mut tx, 10, false, (&[], 0))
         .await
         .unwrap();
     tx.commit().await.unwrap();

@@ -1,5 +1,7 @@
 -- Heal up to $1 steps past their lease: `enqueued` ones always, `in_progress` ones
--- only when $2.
+-- only when $2, and not those whose worker is among $4 (heard from lately) while they
+-- are within their timeout plus the lease grace ($3 ms): their heartbeats are late, not
+-- their worker gone.
 WITH expired AS (
     SELECT step_id, status AS from_status, dispatch_token,
            -- When it may run again: at once if it never started, after its
@@ -13,7 +15,10 @@ WITH expired AS (
                             * interval '1 millisecond'
            END AS next_attempt_at
     FROM steps
-    WHERE (status = 'enqueued' OR (status = 'in_progress' AND $2))
+    WHERE (status = 'enqueued'
+           OR (status = 'in_progress' AND $2
+               AND NOT (worker_id = ANY ($4::text[])
+                        AND now() < started_at + (timeout_ms + $3) * interval '1 millisecond')))
       AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT $1

@@ -19,6 +19,7 @@ moved AS (
     UPDATE steps s
     SET status = 'in_progress',
         started_at = l.started_at,
+        worker_id = l.worker_id,
         attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' THEN 1 ELSE 0 END,
         lease_expires_at = now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond',
         updated_at = now()

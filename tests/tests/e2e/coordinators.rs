@@ -169,6 +169,78 @@ async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
     env.finish().await.unwrap();
 }
 
+/// A running step whose heartbeats could not be applied for longer than a lease (they
+/// wait behind results, or its row was busy) is not taken for lost while its worker is
+/// heard from on the control exchange.
+#[tokio::test]
+async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
+    let options = EnvOptions {
+        coordinator_env: vec![
+            ("TASKER_HEARTBEAT_LEASE_MS".into(), "3000".into()),
+            ("TASKER_SWEEP_INTERVAL_MS".into(), "50".into()),
+        ],
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with("late-heartbeats", options)
+        .await
+        .unwrap();
+    env.register_template(LONG).await.unwrap();
+    env.start_worker_with(
+        tasker_tests::binary("tasker-worker"),
+        "alive",
+        &["held"],
+        4,
+        &[("TASKER_HEARTBEAT_INTERVAL_MS", "1000")],
+    )
+    .await
+    .unwrap();
+    let task_id = env
+        .api
+        .create_task(&json!({"namespace": "held", "name": "long", "context": {}}))
+        .await
+        .unwrap()
+        .task_id;
+    let task = env
+        .api
+        .wait_until(task_id, "step one running", Duration::from_secs(30), |t| {
+            t.step("one").status == StepStatus::InProgress
+        })
+        .await
+        .unwrap();
+
+    // No heartbeat of it is applied for longer than the lease.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
+        .bind(task.step("one").step_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    holder.rollback().await.unwrap();
+
+    let done = env
+        .api
+        .wait_for_task(
+            task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    let reasons: Vec<String> = crate::step_history(&env.pool, task_id)
+        .await
+        .into_iter()
+        .map(|(_, _, _, reason, _)| reason)
+        .collect();
+    assert!(
+        !reasons.iter().any(|r| r == "lease_expired"),
+        "the running step was taken for lost: {reasons:?}"
+    );
+    assert_eq!(done.step("one").attempts, 1, "{done:#?}");
+    env.finish().await.unwrap();
+}
+
 fn versioned(version: &str) -> String {
     format!(
         "namespace: versions\nname: flow\nversion: {version}\nsteps:\n  - name: one\n    handler: tasker.noop\n"

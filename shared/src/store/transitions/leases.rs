@@ -44,15 +44,21 @@ struct ExpiredRow {
 /// With `running: false` only `enqueued` steps are healed: the caller could not hear
 /// workers' heartbeats lately (database or broker unreachable), so a running step's
 /// expired lease may only mean its heartbeats and result are still waiting to be applied.
+/// Likewise a running step of one of the `alive` workers (heard from lately, on the
+/// control exchange), while within its timeout plus `grace_ms`: its heartbeats wait
+/// behind results not yet applied.
 pub async fn expire_leases(
     conn: &mut PgConnection,
     limit: i64,
     running: bool,
+    (alive, grace_ms): (&[String], i64),
 ) -> sqlx::Result<ExpiredLeases> {
     let rows: Vec<ExpiredRow> =
         sqlx::query_as(include_str!("../../../sql/leases/expire_leases.sql"))
             .bind(limit)
             .bind(running)
+            .bind(grace_ms)
+            .bind(alive)
             .fetch_all(&mut *conn)
             .await?;
     // Out of attempts: counted for their `for_each` steps and clean-up children (which
