@@ -328,7 +328,10 @@ pub(crate) async fn create(
             ))
         }
         Created::Existing(task) => {
-            if task.context != new.context || task.version != template.definition.version {
+            // A request that named no version is the same request whichever version is
+            // the newest now: only a version asked for must match.
+            let other_version = version.as_deref().is_some_and(|v| v != task.version);
+            if task.context != new.context || other_version {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "idempotency_conflict",

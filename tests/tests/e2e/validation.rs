@@ -184,6 +184,21 @@ async fn the_same_idempotency_key_twice_yields_one_task() {
     let (_, page) = env.get("/v1/tasks").await.unwrap();
     assert_eq!(page["tasks"].as_array().unwrap().len(), 1);
 
+    // A newer version registered since: the same request (naming no version) still
+    // finds its task; one naming another version is a conflict.
+    let (status, body) = env
+        .register_template(&CHECKOUT.replace("version: 1.2.0", "version: 1.3.0"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, again) = env.create_task(request.clone()).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["task_id"], first["task_id"]);
+    let mut pinned = request.clone();
+    pinned["version"] = json!("1.3.0");
+    let (status, body) = env.create_task(pinned).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
     // The same key for a different request is a conflict, not a silent reuse.
     let mut other = request.clone();
     other["context"]["order_id"] = json!(8);
