@@ -23,7 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::http::AppState;
-use crate::metrics::{ScheduleLabel, ScheduleReason};
+use crate::metrics::{CoordinatorMetrics, ScheduleLabel, ScheduleReason};
 use crate::operations::{self, Effects};
 use crate::service::Service;
 use tasker_shared::schedule::{Schedule, plan};
@@ -227,14 +227,14 @@ impl Scheduler {
         let mut fires = Vec::with_capacity(times.len());
         for (at, runs) in plan(times, now, self.grace, record.fields.catch_up) {
             if !runs {
-                counts.push(skipped(record, at, "missed"));
+                counts.push(skipped(record, at, SKIP_MISSED));
                 fires.push((at, FireOutcome::Missed));
                 continue;
             }
             if let Some((task, _)) = previous.filter(|(_, status)| !status.is_finished()) {
                 match record.fields.overlap {
                     Overlap::Skip => {
-                        counts.push(skipped(record, at, "overlap"));
+                        counts.push(skipped(record, at, SKIP_OVERLAP));
                         fires.push((at, FireOutcome::Skipped));
                         continue;
                     }
@@ -257,7 +257,7 @@ impl Scheduler {
                 Err(refused) => {
                     tracing::warn!(schedule = %record.fields.name, fire_at = %at, error = %refused,
                         "schedule fired no task");
-                    counts.push(skipped(record, at, "failed"));
+                    counts.push(skipped(record, at, SKIP_FAILED));
                     fires.push((at, FireOutcome::Failed));
                 }
             }
@@ -396,6 +396,25 @@ enum Count {
         schedule: String,
         reason: &'static str,
     },
+}
+
+/// Why a fire time created no task (`tasker_schedule_skips_total{reason}`).
+const SKIP_MISSED: &str = "missed";
+const SKIP_OVERLAP: &str = "overlap";
+const SKIP_FAILED: &str = "failed";
+
+/// Forget the metric series of the deleted schedule `name`: schedules made and deleted
+/// by the thousand (one per customer) must not grow `/metrics` until a restart.
+pub(crate) fn forget_schedule(metrics: &CoordinatorMetrics, name: &str) {
+    metrics.schedule_fires.remove(&ScheduleLabel {
+        schedule: name.to_owned(),
+    });
+    for reason in [SKIP_MISSED, SKIP_OVERLAP, SKIP_FAILED] {
+        metrics.schedule_skips.remove(&ScheduleReason {
+            schedule: name.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
 }
 
 /// Log a fire time that created no task, and its count.

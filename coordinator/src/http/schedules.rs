@@ -297,6 +297,7 @@ pub(crate) async fn delete(
     if name.contains('\0') || !schedules::delete(&state.pool, &name).await? {
         return Err(not_found(&name));
     }
+    crate::scheduler::forget_schedule(&state.metrics, &name);
     tracing::info!(schedule = %name, "schedule deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -97,6 +97,21 @@ async fn two_coordinators_fire_each_second_once_even_when_one_is_killed() {
         .unwrap();
     let task = env.api.task(task).await.unwrap();
     assert_eq!(task.context, json!({"day": "today"}));
+
+    // Deleted, its metric series go with it.
+    let series = "tasker_schedule_fires_total{schedule=\"tick\"}";
+    let scrape = || async {
+        reqwest::get(env.metrics_url())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(scrape().await.contains(series));
+    let (status, _) = env.delete("/v1/schedules/tick").await.unwrap();
+    assert_eq!(status, 204);
+    assert!(!scrape().await.contains(series));
 }
 
 #[tokio::test]
