@@ -16,7 +16,9 @@
 //! - a step `in_progress` past its lease lost its worker and counts as a timed-out
 //!   attempt: retried after its backoff, or `error` if that was its last attempt, and
 //!   counted in `tasker_step_retries_scheduled_total` or `tasker_steps_finished_total`
-//!   as a worker's reported failure would be.
+//!   as a worker's reported failure would be. Unless its worker is still heard from on
+//!   the control exchange and the step is within its timeout plus the lease grace: then
+//!   only its heartbeats are late, behind results not yet applied.
 //!
 //! Each interval it also ends the tasks past their deadline (`error`, reason
 //! `deadline_exceeded`, their unfinished steps cancelled) and tells workers that their

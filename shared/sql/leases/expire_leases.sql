@@ -17,7 +17,7 @@ WITH expired AS (
     FROM steps
     WHERE (status = 'enqueued'
            OR (status = 'in_progress' AND $2
-               AND NOT (worker_id = ANY ($4::text[])
+               AND NOT (COALESCE(worker_id = ANY ($4::text[]), false)
                         AND now() < started_at + (timeout_ms + $3) * interval '1 millisecond')))
       AND lease_expires_at < now()
     ORDER BY lease_expires_at

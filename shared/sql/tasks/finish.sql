@@ -10,9 +10,14 @@ WITH counts AS (
            count(*) FILTER (WHERE status = 'error') AS failed,
            count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')
                                OR (status = 'pending'
-                                   AND (remaining_parents = 0 OR child_task_id IS NOT NULL
-                                        OR wait_signal IS NOT NULL))) AS live
-    FROM steps
+                                   AND (remaining_parents = 0 OR wait_signal IS NOT NULL
+                                        OR (child_task_id IS NOT NULL
+                                            AND EXISTS (SELECT 1 FROM tasks c
+                                                        WHERE c.task_id = s.child_task_id
+                                                          AND c.status IN ('pending',
+                                                                           'in_progress'))))))
+               AS live
+    FROM steps s
     WHERE task_id = ANY($1)
     GROUP BY task_id
 ),

@@ -17,8 +17,9 @@
 //! | [`finish_tasks`] | task in_progress → complete / error; the step that started a finished child judged | `all_steps_done`, `blocked_by_failures` |
 //! | [`expire_waits`] | a `tasker.wait` step past its timeout: pending → error | `failed` (`wait_timeout`) |
 //! | [`signal`] | a `tasker.wait` step: pending → complete (its children claimed), or keeps the payload until it waits | `signal_received` |
-//! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error; the step that started an expired child left ready to judge | `deadline_exceeded` |
-//! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled, and its unfinished child tasks with it | `task_cancelled`, `cancelled_by_operator`, `parent_cancelled` |
+//! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error (the step that started an expired child is judged by [`children_ended`]) | `deadline_exceeded` |
+//! | [`children_ended`] | the `tasker.task` steps of children that ended outside [`finish_tasks`]: judged as there | as `child_tasks::run` |
+//! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled, and its unfinished child tasks with it; the step that started it, if a child, judged | `task_cancelled`, `cancelled_by_operator`, `parent_cancelled` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
 //! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
 //! | [`resolve_task`] | none; task error → resolved_manually | `resolved_by_operator` |

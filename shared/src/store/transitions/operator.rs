@@ -261,21 +261,14 @@ pub async fn resolve_step(
             "task {task_id} is {status}; its steps can no longer be resolved"
         )));
     }
-    // The step, and what of it still runs while it is `pending`: its child task
-    // (`tasker.task`), or its instances (`for_each`).
-    let current: Option<(StepStatus, Option<Uuid>, i64)> = sqlx::query_as(
-        "SELECT s.status, \
-                (SELECT c.task_id FROM tasks c WHERE c.task_id = s.child_task_id \
-                   AND c.status IN ('pending', 'in_progress')), \
-                (SELECT count(*) FROM steps i WHERE i.fan_out_of = s.step_id \
-                   AND i.status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')) \
-         FROM steps s WHERE s.task_id = $1 AND s.name = $2 FOR UPDATE OF s",
+    let current: Option<(Uuid, StepStatus)> = sqlx::query_as(
+        "SELECT step_id, status FROM steps WHERE task_id = $1 AND name = $2 FOR UPDATE",
     )
     .bind(task_id)
     .bind(step)
     .fetch_optional(&mut *conn)
     .await?;
-    let (current, child, instances) = current.ok_or_else(|| OperatorError::StepNotFound {
+    let (step_id, current) = current.ok_or_else(|| OperatorError::StepNotFound {
         task_id,
         step: step.to_owned(),
     })?;
@@ -284,6 +277,20 @@ pub async fn resolve_step(
             "step `{step}` is {current}; only a pending, waiting_for_retry or error step can be resolved"
         )));
     }
+    // What of the step still runs: its child task (`tasker.task`), or its instances
+    // (`for_each`). Read once the step is locked, in a statement of its own: its snapshot
+    // has what the transaction that held the step (starting the child, expanding the
+    // instances) wrote.
+    let (child, instances): (Option<Uuid>, i64) = sqlx::query_as(
+        "SELECT (SELECT c.task_id FROM tasks c WHERE c.task_id = s.child_task_id \
+                   AND c.status IN ('pending', 'in_progress')), \
+                (SELECT count(*) FROM steps i WHERE i.fan_out_of = s.step_id \
+                   AND i.status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')) \
+         FROM steps s WHERE s.step_id = $1",
+    )
+    .bind(step_id)
+    .fetch_one(&mut *conn)
+    .await?;
     if let Some(child) = child {
         return Err(OperatorError::Conflict(format!(
             "step `{step}` waits for its child task {child}, which still runs; cancel or \
