@@ -231,49 +231,59 @@ pub(crate) async fn update(
     let Path(name) = path.map_err(path_rejection)?;
     let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
     content_type(&headers, JSON_TYPES)?;
-    if name.contains('\0') {
-        return Err(not_found(&name));
-    }
-    // Read, merged and written under the row's lock: two changes at once both land.
-    let mut tx = state.pool.begin().await?;
-    let current = schedules::lock(&mut tx, &name)
-        .await?
-        .ok_or_else(|| not_found(&name))?;
-    let mut fields = Fields::new(json_object(&body)?, &FIELDS[1..]);
-    let draft = Draft::read(&mut fields, false);
-    let before = current.fields.clone();
-    let schedule = ScheduleFields {
-        name: before.name.clone(),
-        namespace: draft.namespace.unwrap_or_else(|| before.namespace.clone()),
-        template: draft.template.unwrap_or_else(|| before.template.clone()),
-        version: draft.version.or_else(|| before.version.clone()),
-        cron: draft.cron.unwrap_or_else(|| before.cron.clone()),
-        timezone: draft.timezone.unwrap_or_else(|| before.timezone.clone()),
-        context: draft.context.unwrap_or_else(|| before.context.clone()),
-        overlap: draft.overlap.unwrap_or(before.overlap),
-        catch_up: draft.catch_up.unwrap_or(before.catch_up),
-        paused: draft.paused.unwrap_or(before.paused),
+    let object = json_object(&body)?;
+    // Read, merged and written only if nobody changed it meanwhile (else again): two
+    // changes at once both land.
+    let mut tries = 0;
+    let updated = loop {
+        let current = find(&state, &name).await?;
+        let mut fields = Fields::new(object.clone(), &FIELDS[1..]);
+        let draft = Draft::read(&mut fields, false);
+        let before = current.fields.clone();
+        let schedule = ScheduleFields {
+            name: before.name.clone(),
+            namespace: draft.namespace.unwrap_or_else(|| before.namespace.clone()),
+            template: draft.template.unwrap_or_else(|| before.template.clone()),
+            version: draft.version.or_else(|| before.version.clone()),
+            cron: draft.cron.unwrap_or_else(|| before.cron.clone()),
+            timezone: draft.timezone.unwrap_or_else(|| before.timezone.clone()),
+            context: draft.context.unwrap_or_else(|| before.context.clone()),
+            overlap: draft.overlap.unwrap_or(before.overlap),
+            catch_up: draft.catch_up.unwrap_or(before.catch_up),
+            paused: draft.paused.unwrap_or(before.paused),
+        };
+        let parsed = check(&state, &mut fields, &schedule).await?;
+        fields.finish("invalid_schedule")?;
+        // The next fire stays unless the clock changed or the schedule was paused.
+        let clock_changed = (schedule.cron.as_str(), schedule.timezone.as_str())
+            != (before.cron.as_str(), before.timezone.as_str());
+        let next = if schedule.paused {
+            NextFire::Set(None)
+        } else if clock_changed || before.paused || current.next_fire_at.is_none() {
+            NextFire::Set(first_fire(parsed.as_ref(), &schedule))
+        } else {
+            NextFire::Keep(first_fire(parsed.as_ref(), &schedule))
+        };
+        if let Some(updated) =
+            schedules::update(&state.pool, &schedule, next, current.updated_at).await?
+        {
+            break updated;
+        }
+        tries += 1;
+        if tries == PATCH_TRIES {
+            return Err(ApiError::overloaded(format!(
+                "schedule `{}` changed {PATCH_TRIES} times while this change was made; try again",
+                name.escape_default()
+            )));
+        }
     };
-    let parsed = check(&state, &mut fields, &schedule).await?;
-    fields.finish("invalid_schedule")?;
-    // The next fire stays unless the clock changed or the schedule was paused.
-    let clock_changed = (schedule.cron.as_str(), schedule.timezone.as_str())
-        != (before.cron.as_str(), before.timezone.as_str());
-    let next = if schedule.paused {
-        NextFire::Set(None)
-    } else if clock_changed || before.paused || current.next_fire_at.is_none() {
-        NextFire::Set(first_fire(parsed.as_ref(), &schedule))
-    } else {
-        NextFire::Keep(first_fire(parsed.as_ref(), &schedule))
-    };
-    let updated = schedules::update(&mut *tx, &schedule, next)
-        .await?
-        .ok_or_else(|| not_found(&name))?;
-    tx.commit().await?;
     tracing::info!(schedule = %updated.fields.name, paused = updated.fields.paused, "schedule changed");
     state.wake_scheduler.notify_one();
     Ok(Json(view(&state, updated).await?))
 }
+
+/// How often a change is merged again into a schedule that changed meanwhile.
+const PATCH_TRIES: usize = 8;
 
 /// Delete a schedule; the tasks it created stay.
 #[utoipa::path(

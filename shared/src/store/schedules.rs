@@ -165,12 +165,14 @@ pub enum NextFire {
     Set(Option<DateTime<Utc>>),
 }
 
-/// Replace a schedule's fields and set or keep its next fire; `None` when there is no
-/// such schedule.
+/// Replace a schedule's fields and set or keep its next fire, if it is still as it was
+/// when read (`seen`: its `updated_at` then); `None` when it changed meanwhile or is gone.
+/// A change merged into what was read so loses no concurrent change.
 pub async fn update<'e>(
     db: impl PgExecutor<'e>,
     fields: &ScheduleFields,
     next: NextFire,
+    seen: DateTime<Utc>,
 ) -> sqlx::Result<Option<ScheduleRecord>> {
     let (keep, next_fire_at) = match next {
         NextFire::Keep(otherwise) => (true, otherwise),
@@ -183,12 +185,13 @@ pub async fn update<'e>(
                     next_fire_at = CASE WHEN $12 AND next_fire_at IS NOT NULL \
                                         THEN next_fire_at ELSE $11 END, \
                     updated_at = now() \
-             WHERE name = $1 RETURNING {COLUMNS}"
+             WHERE name = $1 AND updated_at = $13 RETURNING {COLUMNS}"
         ))),
         fields,
     )
     .bind(next_fire_at)
     .bind(keep)
+    .bind(seen)
     .fetch_optional(db)
     .await
 }
@@ -200,17 +203,6 @@ pub async fn delete(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
         .execute(pool)
         .await?;
     Ok(deleted.rows_affected() == 1)
-}
-
-/// A schedule by name, its row locked until the caller's transaction ends: a change
-/// read, merged and written under it loses no concurrent change.
-pub async fn lock(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<ScheduleRecord>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM schedules WHERE name = $1 FOR UPDATE"
-    )))
-    .bind(name)
-    .fetch_optional(conn)
-    .await
 }
 
 /// A schedule by name.
