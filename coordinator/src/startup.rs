@@ -54,8 +54,9 @@ const FLUSH: Duration = Duration::from_secs(10);
 /// round in progress ends, one stuck on an unanswering database is abandoned (what it
 /// claimed is dispatched again when its lease expires).
 const DATABASE_STOP: Duration = Duration::from_secs(10);
-/// How long the tasks left once everything else stopped (publishes handed over by the
-/// last requests, creations being written) get before they are abandoned.
+/// How long the tasks left once everything else stopped (creations being written, a
+/// connection's last answer) get before they are abandoned; and the pool's connections
+/// to come back.
 const LAST_TASKS: Duration = Duration::from_secs(5);
 
 /// What one RabbitMQ connection gives the coordinator: made at start and again after every

@@ -24,8 +24,10 @@ pub mod telemetry;
 
 /// The binaries' shutdown trigger: SIGTERM or Ctrl-C (SIGINT), listened for from the
 /// moment this is called (call it first, so a signal during start-up is not lost). The
-/// returned future resolves at the first; a second ends the process at once (exit 130),
-/// for an operator who will not wait for the drain.
+/// returned future resolves at the first; another one more than a second later ends the
+/// process at once (exit code 128 + the signal's number: 143, 130), for an operator who
+/// will not wait for the drain. One within that second is the same stop delivered twice
+/// (a terminal's Ctrl-C to the process group while a wrapper forwards SIGTERM).
 ///
 /// Call it inside a Tokio runtime.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -57,16 +59,21 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
                     }
                 };
                 tokio::select! {
-                    _ = terminated => "SIGTERM",
-                    _ = interrupted => "Ctrl-C",
+                    _ = terminated => ("SIGTERM", 143),
+                    _ = interrupted => ("Ctrl-C", 130),
                 }
             };
-            let first = next().await;
+            let (first, _) = next().await;
+            let received = tokio::time::Instant::now();
             tracing::info!("{first} received; shutting down (a second signal stops at once)");
             tokio::spawn(async move {
-                let second = next().await;
-                tracing::warn!("{second} received again: stopping at once");
-                std::process::exit(130);
+                loop {
+                    let (second, code) = next().await;
+                    if received.elapsed() > std::time::Duration::from_secs(1) {
+                        tracing::warn!("{second} received again: stopping at once");
+                        std::process::exit(code);
+                    }
+                }
             });
         }
         #[cfg(not(unix))]

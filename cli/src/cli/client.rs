@@ -13,6 +13,8 @@ use super::CliError;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one request may take in all.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle connection is kept for the next request.
+const IDLE_CONNECTION: Duration = Duration::from_secs(5);
 
 /// The API at one base URL, with an optional bearer token.
 pub(crate) struct Client {
@@ -60,6 +62,9 @@ impl Client {
             .default_headers(headers)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
+            // Under the coordinator's idle limit (TASKER_HTTP_HEADER_TIMEOUT_MS, 10 s by
+            // default): a connection it is closing is never reused.
+            .pool_idle_timeout(IDLE_CONNECTION)
             .user_agent(concat!("tasker-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| CliError::Failed(format!("cannot build the HTTP client: {error}")))?;

@@ -987,7 +987,8 @@ fn filter_query(filter: &FilterArgs, query: &mut Vec<(&'static str, String)>) {
 }
 
 /// The task `id`, asked again while the coordinator cannot answer (unreachable, or a
-/// 5xx while it restarts, say) until `deadline`: the task exists and goes on meanwhile.
+/// 5xx while it restarts, say) until `deadline` (then the `--timeout` error): the task
+/// exists and goes on meanwhile.
 async fn poll_task(
     context: &Context,
     id: &str,
@@ -1004,7 +1005,9 @@ async fn poll_task(
             _ => return outcome,
         };
         if deadline.is_some_and(|deadline| Instant::now() + POLL_INTERVAL >= deadline) {
-            return outcome;
+            return Err(CliError::Timeout(format!(
+                "task {id}: no answer from the coordinator by the timeout ({unanswered})"
+            )));
         }
         if !said {
             errln!("task {id}: the coordinator does not answer ({unanswered}); asking again");
