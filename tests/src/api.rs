@@ -110,7 +110,7 @@ impl Api {
     pub fn new(base_url: impl Into<String>) -> Self {
         Api {
             base_url: base_url.into(),
-            http: reqwest::Client::new(),
+            http: crate::http_client(),
             log: None,
         }
     }

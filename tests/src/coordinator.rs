@@ -72,7 +72,7 @@ pub(crate) fn settings_from_env(vars: &[(String, String)]) -> anyhow::Result<Coo
 
 /// Wait until `GET {base_url}/health/ready` answers 200.
 pub(crate) async fn wait_until_ready(base_url: &str, timeout: Duration) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    let http = crate::http_client();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let answer = http.get(format!("{base_url}/health/ready")).send().await;

@@ -90,6 +90,46 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// An HTTP client for the coordinator's API. It lets an idle connection go after 5 s:
+/// the coordinator closes one idle for `TASKER_HTTP_HEADER_TIMEOUT_MS` (10 s), and a
+/// request sent on it just then would fail (`IncompleteMessage`).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .expect("building an HTTP client")
+}
+
+/// Wait (up to 20 s) until `count` sessions of `pool`'s database wait for a lock in a
+/// statement that contains `statement`: requests have reached the row the test holds.
+///
+/// # Panics
+///
+/// When they have not by then.
+pub async fn wait_for_lock_waiters(pool: &PgPool, statement: &str, count: i64) {
+    let pattern = format!("%{statement}%");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE $1",
+        )
+        .bind(&pattern)
+        .fetch_one(pool)
+        .await
+        .expect("reading pg_stat_activity");
+        if waiting >= count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{waiting} of {count} statements like `{statement}` wait for a lock after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How many SQL statements the coordinator whose metrics page is `url` sends over
 /// `period` (`tasker_db_statements_total`, counted by the binary's telemetry layer: start
 /// the coordinator as a process, `binary_coordinator`).
@@ -327,7 +367,7 @@ impl TestEnv {
             prefix,
             api: Api::new(base_url.clone()).with_log(coordinator.lines()),
             base_url,
-            http: reqwest::Client::new(),
+            http: http_client(),
             pool,
             coordinator,
             workers: Vec::new(),

@@ -82,6 +82,17 @@ async fn child_of(env: &TestEnv, parent: Uuid, step: &str) -> Uuid {
     }
 }
 
+/// A new `holder` task, and the child its step `start` started.
+async fn holder_and_child(env: &TestEnv) -> (Uuid, Uuid) {
+    let parent = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "holder"}))
+        .await
+        .unwrap()
+        .task_id;
+    (parent, child_of(env, parent, "start").await)
+}
+
 #[tokio::test]
 async fn a_child_task_runs_on_the_only_worker_slot_and_completes_its_step_with_its_leaves() {
     let mut env = TestEnv::start("child-tasks").await.unwrap();
@@ -171,14 +182,11 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
     let mut env = TestEnv::start("child-cancel").await.unwrap();
     register(&env, &[HELD, HOLDER]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
-    let holder = json!({"namespace": "kids", "name": "holder"});
-    let create = || env.api.create_task(&holder);
 
     // The waiting step says which child it waits for.
-    let parent = create().await.unwrap();
-    let child = child_of(&env, parent.task_id, "start").await;
+    let (parent, child) = holder_and_child(&env).await;
     let (_, readiness) = env
-        .get(&format!("/v1/tasks/{}/readiness", parent.task_id))
+        .get(&format!("/v1/tasks/{parent}/readiness"))
         .await
         .unwrap();
     let start = readiness["steps"]
@@ -200,7 +208,7 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
     // The step cannot be resolved while its child runs.
     let (status, body) = env
         .post(
-            &format!("/v1/tasks/{}/steps/start/resolve", parent.task_id),
+            &format!("/v1/tasks/{parent}/steps/start/resolve"),
             json!({}),
         )
         .await
@@ -218,7 +226,7 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
     // Cancelling the parent cancels the child.
     let (status, body) = env
         .post(
-            &format!("/v1/tasks/{}/cancel", parent.task_id),
+            &format!("/v1/tasks/{parent}/cancel"),
             json!({"reason": "not tonight"}),
         )
         .await
@@ -233,21 +241,19 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
     );
 
     // Cancelling a child fails the step that started it (for good), and its task.
-    let parent = create().await.unwrap();
-    let child = child_of(&env, parent.task_id, "start").await;
+    let (parent, child) = holder_and_child(&env).await;
     let (status, body) = env
         .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let failed = crate::finished(&env, parent.task_id, WAIT).await;
+    let failed = crate::finished(&env, parent, WAIT).await;
     assert_eq!(failed.status, TaskStatus::Error);
     let error = failed.step("start").last_error.clone().unwrap();
     assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
 
     // A signal to the child completes it, and its parent goes on.
-    let parent = create().await.unwrap();
-    let child = child_of(&env, parent.task_id, "start").await;
+    let (parent, child) = holder_and_child(&env).await;
     let (status, body) = env
         .post(
             &format!("/v1/tasks/{child}/signals/go"),
@@ -256,7 +262,7 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let done = crate::finished(&env, parent.task_id, WAIT).await;
+    let done = crate::finished(&env, parent, WAIT).await;
     assert_eq!(done.status, TaskStatus::Complete);
     assert_eq!(
         done.step("start").results,
@@ -276,19 +282,14 @@ async fn a_child_that_ends_outside_a_result_is_judged_on_its_steps_last_attempt(
     env.start_worker("w", &["kids"]).await.unwrap();
 
     // The only attempt of `start` is its child's run. The child ends by an operator's
-    // cancel, not by a result: the dispatcher judges `start` all the same.
-    let parent = env
-        .api
-        .create_task(&json!({"namespace": "kids", "name": "holder"}))
-        .await
-        .unwrap();
-    let child = child_of(&env, parent.task_id, "start").await;
+    // cancel, not by a result: the cancel judges `start`.
+    let (parent, child) = holder_and_child(&env).await;
     let (status, body) = env
         .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let failed = crate::finished(&env, parent.task_id, WAIT).await;
+    let failed = crate::finished(&env, parent, WAIT).await;
     assert_eq!(failed.status, TaskStatus::Error);
     let error = failed.step("start").last_error.clone().unwrap();
     assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
@@ -303,21 +304,16 @@ async fn a_task_with_a_failed_branch_waits_for_its_running_child_before_it_fails
     );
     register(&env, &[HELD, &holder]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
-    let parent = env
-        .api
-        .create_task(&json!({"namespace": "kids", "name": "holder"}))
-        .await
-        .unwrap();
-    let child = child_of(&env, parent.task_id, "start").await;
+    let (parent, child) = holder_and_child(&env).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while TestEnv::step(&task_json(&env, parent.task_id).await, "boom")["status"] != "error" {
+    while TestEnv::step(&task_json(&env, parent).await, "boom")["status"] != "error" {
         assert!(tokio::time::Instant::now() < deadline, "boom never failed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Give a finish of the task its chance.
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The child still runs: its parent is not finished under it.
-    let task = task_json(&env, parent.task_id).await;
+    let task = task_json(&env, parent).await;
     assert_eq!(task["status"], "in_progress", "{task}");
 
     // Once the child completes, `start` and its branch complete, and the task ends in
@@ -327,7 +323,7 @@ async fn a_task_with_a_failed_branch_waits_for_its_running_child_before_it_fails
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let failed = crate::finished(&env, parent.task_id, WAIT).await;
+    let failed = crate::finished(&env, parent, WAIT).await;
     assert_eq!(failed.status, TaskStatus::Error);
     assert_eq!(failed.step("start").status, StepStatus::Complete);
     assert_eq!(failed.step("after").status, StepStatus::Complete);

@@ -87,32 +87,37 @@ async fn a_result_for_a_held_step_waits_and_does_not_block_the_others() {
 
 const LONG: &str = "namespace: held\nname: long\nsteps:\n  - name: one\n    handler: tasker.sleep\n    config: {ms: 12000}\n";
 
-/// A worker's heartbeat names all its running steps. One of them held by another
-/// transaction for longer than a lease (an operator's open transaction, a stalled
-/// coordinator) must not keep the others' leases from being extended: the sweeper would
-/// take them for lost and run them again.
-#[tokio::test]
-async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
+/// `LONG` registered, a heartbeat lease of 3 s, sweeps every `sweep_ms`, and a worker
+/// that beats every `beat_ms`.
+async fn long_steps_beating(test: &str, sweep_ms: &str, beat_ms: &str) -> TestEnv {
     let options = EnvOptions {
         coordinator_env: vec![
             ("TASKER_HEARTBEAT_LEASE_MS".into(), "3000".into()),
-            ("TASKER_SWEEP_INTERVAL_MS".into(), "300".into()),
+            ("TASKER_SWEEP_INTERVAL_MS".into(), sweep_ms.into()),
         ],
         ..Default::default()
     };
-    let mut env = TestEnv::start_with("held-heartbeat", options)
-        .await
-        .unwrap();
+    let mut env = TestEnv::start_with(test, options).await.unwrap();
     env.register_template(LONG).await.unwrap();
     env.start_worker_with(
         tasker_tests::binary("tasker-worker"),
         "beating",
         &["held"],
         4,
-        &[("TASKER_HEARTBEAT_INTERVAL_MS", "250")],
+        &[("TASKER_HEARTBEAT_INTERVAL_MS", beat_ms)],
     )
     .await
     .unwrap();
+    env
+}
+
+/// A worker's heartbeat names all its running steps. One of them held by another
+/// transaction for longer than a lease (an operator's open transaction, a stalled
+/// coordinator) must not keep the others' leases from being extended: the sweeper would
+/// take them for lost and run them again.
+#[tokio::test]
+async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
+    let env = long_steps_beating("held-heartbeat", "300", "250").await;
 
     let create = json!({"namespace": "held", "name": "long", "context": {}});
     let held = env.api.create_task(&create).await.unwrap().task_id;
@@ -174,26 +179,7 @@ async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
 /// heard from on the control exchange.
 #[tokio::test]
 async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
-    let options = EnvOptions {
-        coordinator_env: vec![
-            ("TASKER_HEARTBEAT_LEASE_MS".into(), "3000".into()),
-            ("TASKER_SWEEP_INTERVAL_MS".into(), "50".into()),
-        ],
-        ..Default::default()
-    };
-    let mut env = TestEnv::start_with("late-heartbeats", options)
-        .await
-        .unwrap();
-    env.register_template(LONG).await.unwrap();
-    env.start_worker_with(
-        tasker_tests::binary("tasker-worker"),
-        "alive",
-        &["held"],
-        4,
-        &[("TASKER_HEARTBEAT_INTERVAL_MS", "1000")],
-    )
-    .await
-    .unwrap();
+    let env = long_steps_beating("late-heartbeats", "50", "1000").await;
     let task_id = env
         .api
         .create_task(&json!({"namespace": "held", "name": "long", "context": {}}))
@@ -386,24 +372,8 @@ async fn a_coordinator_stopping_publishes_what_its_last_requests_claimed() {
         let url = format!("{}/v1/tasks/{}/signals/go", env.base_url, task.task_id);
         tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
     };
-    let waiting = async {
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-            if blocked > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("the signal waits for the task's row");
+    // The signal waits for the task's row.
+    tasker_tests::wait_for_lock_waiters(&env.pool, "FOR UPDATE", 1).await;
     // The coordinator is asked to stop (its broker loops stop first), then the signal
     // goes on.
     let go_on = async {
@@ -465,7 +435,7 @@ async fn a_second_sigterm_stops_a_draining_coordinator_at_once() {
         let url = format!("{}/v1/tasks/{}/signals/go", env.base_url, task.task_id);
         tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tasker_tests::wait_for_lock_waiters(&env.pool, "FOR UPDATE", 1).await;
     let process = env.coordinator.process();
     let pid = process.pid().unwrap().to_string();
     let sigterm = || {
@@ -475,7 +445,8 @@ async fn a_second_sigterm_stops_a_draining_coordinator_at_once() {
             .unwrap()
     };
     sigterm();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Past the second in which another signal is the same stop delivered twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(process.running(), "the first SIGTERM drains");
     let second = std::time::Instant::now();
     sigterm();
@@ -488,4 +459,5 @@ async fn a_second_sigterm_stops_a_draining_coordinator_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     holder.rollback().await.unwrap();
+    env.finish().await.unwrap();
 }

@@ -297,24 +297,7 @@ async fn a_creation_waiting_on_a_lock_holds_up_the_others_only_briefly() {
         })
     };
     // Until the keyed creation waits on the lock.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the keyed creation never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tasker_tests::wait_for_lock_waiters(&env.pool, "", 1).await;
     let others = async {
         for n in 0..3 {
             let (status, task) = env

@@ -906,24 +906,7 @@ async fn a_cancel_waiting_on_a_result_also_cancels_the_steps_that_result_added()
         let url = format!("{}/v1/tasks/{id}/cancel", env.base_url);
         tokio::spawn(async move { api.post(url).json(&json!({})).send().await })
     };
-    let waiting = async {
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%cancelled%'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-            if blocked > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("the cancel waits for the result's locks");
+    tasker_tests::wait_for_lock_waiters(&env.pool, "cancelled", 1).await;
     result.commit().await.unwrap();
     let answer = cancel.await.unwrap().unwrap();
     assert_eq!(answer.status(), StatusCode::OK);
@@ -974,24 +957,8 @@ async fn an_operator_action_chosen_as_a_deadlock_victim_is_tried_again() {
         let url = format!("{}/v1/tasks/{id}/steps/x/resolve", env.base_url);
         tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
     };
-    let waiting = async {
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%FROM steps s%'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-            if blocked > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("the resolve waits for the step");
+    // The resolve waits for the step.
+    tasker_tests::wait_for_lock_waiters(&env.pool, "AND name = $2 FOR UPDATE", 1).await;
     // The cycle: PostgreSQL fails one side (the resolve, waiting longest, finds it).
     let _ = sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
         .bind(task.task_id)

@@ -370,19 +370,7 @@ async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files(
         env.patch("/v1/schedules/morning", json!({"context": {"day": "mon"}})),
     );
     let release = async {
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%schedules%'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-            if blocked >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tasker_tests::wait_for_lock_waiters(&env.pool, "schedules", 2).await;
         busy.commit().await.unwrap();
     };
     let (paused, recontexted, ()) = tokio::join!(pause, recontext, release);

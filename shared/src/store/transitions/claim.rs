@@ -151,12 +151,24 @@ pub(super) async fn claim_children(
     lease_ms: i64,
 ) -> sqlx::Result<Judged> {
     let (dispatches, to_judge) = children_rows(conn, completed, freed, keyed, lease_ms).await?;
+    judge_after(conn, dispatches, to_judge, lease_ms).await
+}
+
+/// Judge `to_judge`, steps a claim handed over (a fan-out's first
+/// [`FIRST_INSTANCES_CLAIMED`] instances claimed), after the `claimed` ones: what judging
+/// did, those first among its dispatches.
+pub(super) async fn judge_after(
+    conn: &mut PgConnection,
+    claimed: Vec<Dispatch>,
+    to_judge: Vec<Uuid>,
+    lease_ms: i64,
+) -> sqlx::Result<Judged> {
     let mut judged = if to_judge.is_empty() {
         Judged::default()
     } else {
         super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?
     };
-    judged.dispatches.splice(0..0, dispatches);
+    judged.dispatches.splice(0..0, claimed);
     Ok(judged)
 }
 

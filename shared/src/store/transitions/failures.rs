@@ -8,7 +8,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::claim::{FIRST_INSTANCES_CLAIMED, claim_steps};
+use super::claim::{claim_steps, judge_after};
 use super::conditions::Judged;
 
 /// Count the steps `failed` (just failed for good) for their `for_each` steps and their
@@ -49,11 +49,5 @@ pub(super) async fn failed_and_claimed(
         return Ok(Judged::default());
     }
     let (dispatches, to_judge) = claim_steps(conn, &ready, lease_ms).await?;
-    let mut judged = if to_judge.is_empty() {
-        Judged::default()
-    } else {
-        super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?
-    };
-    judged.dispatches.splice(0..0, dispatches);
-    Ok(judged)
+    judge_after(conn, dispatches, to_judge, lease_ms).await
 }
