@@ -486,6 +486,13 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     // No coordinator there: exit 3.
     let run = tasker_at("http://127.0.0.1:1", &["tasks", "list"]).await;
     assert_eq!(run.code, 3, "{run}");
+    // A password in the URL is not shown.
+    let run = tasker_at("http://ops:hunter2@127.0.0.1:1", &["tasks", "list"]).await;
+    assert_eq!(run.code, 3, "{run}");
+    assert!(
+        !run.stderr.contains("hunter2") && run.stderr.contains("ops:***@"),
+        "{run}"
+    );
     assert!(run.stderr.contains("cannot reach the coordinator"), "{run}");
 
     let _ = std::fs::remove_dir_all(&dir);

@@ -167,7 +167,11 @@ impl Client {
 
     fn transport_error(&self, error: &reqwest::Error) -> CliError {
         if error.is_builder() {
-            return CliError::Usage(format!("cannot build a request to {}: {error}", self.base));
+            return CliError::Usage(format!(
+                "cannot build a request to {}: {}",
+                self.shown(),
+                self.hide_password(error.to_string())
+            ));
         }
         // reqwest's own message is terse ("error sending request"); the causes say why.
         let mut message = error.to_string();
@@ -181,9 +185,27 @@ impl Client {
             source = cause.source();
         }
         CliError::Unreachable(format!(
-            "cannot reach the coordinator at {}: {message}",
-            self.base
+            "cannot reach the coordinator at {}: {}",
+            self.shown(),
+            self.hide_password(message)
         ))
+    }
+
+    /// The base URL as it may be shown: a password in it as `***`.
+    fn shown(&self) -> Url {
+        let mut url = self.base.clone();
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        url
+    }
+
+    /// `text` with the base URL's password, if it has one, as `***`.
+    fn hide_password(&self, text: String) -> String {
+        match self.base.password().filter(|password| !password.is_empty()) {
+            Some(password) => text.replace(password, "***"),
+            None => text,
+        }
     }
 }
 
