@@ -347,33 +347,45 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
 
 const SIGNALLED: &str = "namespace: held\nname: signalled\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n  - {name: after, handler: tasker.noop, depends_on: [hold]}\n";
 
-#[tokio::test]
-async fn a_coordinator_stopping_publishes_what_its_last_requests_claimed() {
-    let mut env = TestEnv::start("stop-publishes").await.unwrap();
+/// A `signalled` task waiting for its signal, and a request signalling it that waits
+/// for the task's row, held by the returned transaction (its answer: the handle).
+async fn signal_held_up(
+    env: &TestEnv,
+) -> (
+    uuid::Uuid,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
     let (status, body) = env.register_template(SIGNALLED).await.unwrap();
     assert_eq!(status, 201, "{body}");
     let task = env
         .api
         .create_task(&json!({"namespace": "held", "name": "signalled"}))
         .await
-        .unwrap();
-    crate::until_reason(&env, task.task_id, "hold", "waiting_for_signal").await;
-
-    // A signal whose request is still being answered when the coordinator is asked to
-    // stop: it waits for the task's row, held here.
+        .unwrap()
+        .task_id;
+    crate::until_reason(env, task, "hold", "waiting_for_signal").await;
     let mut holder = env.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
-        .bind(task.task_id)
+        .bind(task)
         .execute(&mut *holder)
         .await
         .unwrap();
     let signal = {
         let http = env.http.clone();
-        let url = format!("{}/v1/tasks/{}/signals/go", env.base_url, task.task_id);
+        let url = format!("{}/v1/tasks/{task}/signals/go", env.base_url);
         tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
     };
-    // The signal waits for the task's row.
     tasker_tests::wait_for_lock_waiters(&env.pool, "FOR UPDATE", 1).await;
+    (task, holder, signal)
+}
+
+#[tokio::test]
+async fn a_coordinator_stopping_publishes_what_its_last_requests_claimed() {
+    let mut env = TestEnv::start("stop-publishes").await.unwrap();
+    // A signal whose request is still being answered when the coordinator is asked to
+    // stop.
+    let (task, holder, signal) = signal_held_up(&env).await;
     // The coordinator is asked to stop (its broker loops stop first), then the signal
     // goes on.
     let go_on = async {
@@ -391,7 +403,7 @@ async fn a_coordinator_stopping_publishes_what_its_last_requests_claimed() {
         "SELECT status, lease_expires_at IS NOT NULL FROM steps \
          WHERE task_id = $1 AND name = 'after'",
     )
-    .bind(task.task_id)
+    .bind(task)
     .fetch_one(&env.pool)
     .await
     .unwrap();
@@ -414,28 +426,8 @@ async fn a_second_sigterm_stops_a_draining_coordinator_at_once() {
     let mut env = TestEnv::start_with("second-sigterm", options)
         .await
         .unwrap();
-    let (status, body) = env.register_template(SIGNALLED).await.unwrap();
-    assert_eq!(status, 201, "{body}");
-    let task = env
-        .api
-        .create_task(&json!({"namespace": "held", "name": "signalled"}))
-        .await
-        .unwrap();
-    crate::until_reason(&env, task.task_id, "hold", "waiting_for_signal").await;
-    // A request the first SIGTERM waits for (up to its 10 s drain): a signal held up by
-    // the task's row, locked here.
-    let mut holder = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
-        .bind(task.task_id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    let _signal = {
-        let http = env.http.clone();
-        let url = format!("{}/v1/tasks/{}/signals/go", env.base_url, task.task_id);
-        tokio::spawn(async move { http.post(url).json(&json!({})).send().await })
-    };
-    tasker_tests::wait_for_lock_waiters(&env.pool, "FOR UPDATE", 1).await;
+    // A request the first SIGTERM waits for (up to its 10 s drain).
+    let (_, holder, _signal) = signal_held_up(&env).await;
     let process = env.coordinator.process();
     let pid = process.pid().unwrap().to_string();
     let sigterm = || {
