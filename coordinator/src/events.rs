@@ -15,7 +15,7 @@
 //! it was running then, with a transaction id smaller than one the relay takes just
 //! after its read. Once none of those is running (`pg_snapshot_xip`), every id still
 //! missing below the highest read then was a rollback's, and the relay moves past all of
-//! them at once. That is PostgreSQL's own account, not a clock: a transaction that holds
+//! them at once. So a transaction that holds
 //! an id for long (a slow commit, a long bulk operation) is waited for, not skipped, and
 //! a rollback's gap is passed as soon as the transactions of its time have ended. One
 //! left open (a session idle in a transaction that wrote) would hold the events back for

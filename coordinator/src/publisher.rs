@@ -24,22 +24,21 @@
 //! confirmed message waits in its queue as long as the queue is long.
 //!
 //! A step whose message is larger than the broker takes (`TASKER_MAX_STEP_MESSAGE_BYTES`,
-//! 16 MiB, RabbitMQ's own `max_message_size` by default: its context and its parents'
-//! results together) is not published: the broker would close the publishing channel at every
-//! try. The publisher sends the coordinator a result for it instead, a permanent failure
+//! 16 MiB by default, RabbitMQ's `max_message_size` since 4.0: its context and its
+//! parents' results together) is not published: the broker would close the publishing
+//! channel at every try. The publisher sends the coordinator a result for it instead, a permanent failure
 //! with code `step_message_too_large`, applied like any worker's.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use sqlx::PgPool;
 use tasker_shared::broker::{
-    Topology, await_confirms, persistent, publish_together, with_traceparent,
+    Topology, await_confirm, await_confirms, persistent, publish_together, with_traceparent,
 };
 use tasker_shared::messages::{
     BatchedStep, Outcome, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, StepResult,
@@ -456,7 +455,7 @@ impl StepPublisher {
             }
         }
         let (messages, confirms): (Vec<_>, Vec<_>) = confirms.into_iter().unzip();
-        let outcomes = tasker_shared::broker::await_confirms(confirms).await;
+        let outcomes = await_confirms(confirms).await;
         for (message, outcome) in messages.into_iter().zip(outcomes) {
             let steps = steps_of(message);
             let message = message.first(dispatches).dispatch_token;
@@ -543,10 +542,7 @@ impl StepPublisher {
                             self.topology.signed(&body, persistent()),
                         )
                         .await?;
-                    let confirmation = await_confirms(vec![confirm])
-                        .await
-                        .pop()
-                        .context("no confirm")??;
+                    let confirmation = await_confirm(confirm).await?;
                     // A mandatory message the broker could not route comes back with an ack.
                     anyhow::ensure!(
                         confirmation.is_ack() && confirmation.take_message().is_none(),

@@ -144,6 +144,17 @@ pub struct CoordinatorSettings {
     pub max_fan_out: u32,
 }
 
+impl CoordinatorSettings {
+    /// How long a running step's lease lasts: the heartbeat lease, and the grace past its
+    /// timeout.
+    pub(crate) fn lease_policy(&self) -> tasker_shared::store::transitions::LeasePolicy {
+        tasker_shared::store::transitions::LeasePolicy {
+            grace_ms: self.lease_grace_ms,
+            heartbeat_lease_ms: self.heartbeat_lease_ms,
+        }
+    }
+}
+
 /// Authentication of API calls (docs/security.md). Off by default, for local runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuthSettings {

@@ -28,7 +28,6 @@ use crate::service::{Services, wait_for_all};
 use crate::settings::CoordinatorSettings;
 use crate::sweeper::{QueueAudit, Sweeper};
 use tasker_shared::broker::{self, Topology};
-use tasker_shared::store::transitions::LeasePolicy;
 use tasker_shared::template::parse_template_with_warnings;
 
 /// A coordinator, built and ready to run.
@@ -241,10 +240,7 @@ impl Application {
             ),
             Duration::from_millis(settings.sweep_interval_ms),
             self.state.publisher.clone(),
-            LeasePolicy {
-                grace_ms: settings.lease_grace_ms,
-                heartbeat_lease_ms: settings.heartbeat_lease_ms,
-            },
+            settings.lease_policy(),
             QueueAudit {
                 control: self.state.control.clone(),
                 broker: self.state.broker.clone(),
@@ -425,10 +421,7 @@ async fn run_session(
                 topology: topology.clone(),
                 batch_size: settings.batch_size,
                 lease_ms: settings.dispatch_lease_ms,
-                lease: LeasePolicy {
-                    grace_ms: settings.lease_grace_ms,
-                    heartbeat_lease_ms: settings.heartbeat_lease_ms,
-                },
+                lease: settings.lease_policy(),
                 priority: i32::from(settings.result_consumers) - rank as i32,
             },
         );

@@ -63,10 +63,9 @@ pub(crate) struct Sweeper {
     interval: Duration,
     /// Whether the broker is reachable (heartbeats can arrive).
     publisher: Arc<StepPublisher>,
-    heartbeat_lease: Duration,
-    /// Added to a step's timeout: past both, a running step's lease expires even while
-    /// its worker is heard from.
-    lease_grace_ms: i64,
+    /// The heartbeat lease, and the grace added to a step's timeout: past both, a running
+    /// step's lease expires even while its worker is heard from.
+    lease: LeasePolicy,
     /// Since when the database and the broker have both been reachable.
     healthy_since: Mutex<Option<Instant>>,
     queues: QueueAudit,
@@ -104,8 +103,7 @@ impl Sweeper {
             wake_events,
             interval,
             publisher,
-            heartbeat_lease: Duration::from_millis(lease.heartbeat_lease_ms.max(0) as u64),
-            lease_grace_ms: lease.grace_ms,
+            lease,
             // At start, heartbeats sent while no coordinator ran may still be queued.
             healthy_since: Mutex::new(None),
             queues,
@@ -131,7 +129,8 @@ impl Sweeper {
             *since = None;
             return false;
         }
-        since.get_or_insert_with(Instant::now).elapsed() >= self.heartbeat_lease
+        let heartbeat_lease = Duration::from_millis(self.lease.heartbeat_lease_ms.max(0) as u64);
+        since.get_or_insert_with(Instant::now).elapsed() >= heartbeat_lease
     }
 
     fn set_unhealthy(&self) {
@@ -240,7 +239,7 @@ impl Sweeper {
             &mut tx,
             SWEEP_BATCH,
             running,
-            (&alive, self.lease_grace_ms),
+            (&alive, self.lease.grace_ms),
         )
         .await?;
         let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
@@ -248,12 +247,10 @@ impl Sweeper {
         tasks.extend(&waits);
         // The steps that started children ended here are judged here too.
         let lease_ms = self.queues.lease_ms;
-        let mut finished = transitions::finish_tasks(&mut tx, &tasks, Some(lease_ms)).await?;
         let late_children: Vec<uuid::Uuid> = late.iter().map(|task| task.task_id).collect();
-        let parents = transitions::children_ended(&mut tx, &late_children, lease_ms).await?;
+        let mut finished =
+            transitions::finish_and_judge(&mut tx, &tasks, &late_children, Some(lease_ms)).await?;
         tx.commit().await?;
-        finished.tasks.extend(parents.tasks);
-        finished.claimed.extend(parents.claimed);
         if !finished.claimed.is_empty() {
             self.publisher
                 .dispatch(std::mem::take(&mut finished.claimed), self.metrics.clone())

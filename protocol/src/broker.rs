@@ -249,13 +249,6 @@ impl Topology {
             .await
     }
 
-    /// Messages ready and consumers of a durable queue, declaring it if it is missing
-    /// (a passive declare would close the channel on a missing queue).
-    pub async fn queue_stats(&self, channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
-        let queue = self.declare_durable_queue(channel, queue).await?;
-        Ok((queue.message_count(), queue.consumer_count()))
-    }
-
     /// The arguments `queue` (one of the durable queues) is declared with.
     fn queue_arguments(&self, queue: &str) -> FieldTable {
         let mut arguments = FieldTable::default();

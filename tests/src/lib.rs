@@ -538,6 +538,18 @@ impl TestEnv {
         format!("{}/metrics", self.base_url)
     }
 
+    /// `POST /v1/templates` of each of `templates`, each answered 201 (a test's set-up).
+    ///
+    /// # Panics
+    ///
+    /// When one is not created.
+    pub async fn register_templates(&self, templates: &[&str]) {
+        for template in templates {
+            let (status, body) = self.register_template(template).await.unwrap();
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+    }
+
     /// `POST /v1/templates`.
     pub async fn register_template(&self, body: &str) -> anyhow::Result<(StatusCode, Value)> {
         let response = self

@@ -258,6 +258,22 @@ impl Fields {
             .push(json!({"path": path, "message": message.into()}));
     }
 
+    /// [`Fields::string`], where an empty string is a problem even when the field may be
+    /// left out.
+    pub(crate) fn non_empty_string(
+        &mut self,
+        key: &str,
+        required: bool,
+        max: usize,
+    ) -> Option<String> {
+        let text = self.string(key, required, max)?;
+        if text.is_empty() {
+            self.problem(key, format!("`{key}` must not be empty"));
+            return None;
+        }
+        Some(text)
+    }
+
     /// A string field, at most `max` characters; `None` when absent or null.
     pub(crate) fn string(&mut self, key: &str, required: bool, max: usize) -> Option<String> {
         match self.object.remove(key) {

@@ -207,8 +207,8 @@ fn read_request(
         .any(|key| object.get(*key).is_some_and(|value| !value.is_null()));
     let mut fields = Fields::new(object, BULK_FIELDS);
     let mut filter = TaskFilter {
-        namespace: non_empty(&mut fields, "namespace"),
-        name: non_empty(&mut fields, "name"),
+        namespace: fields.non_empty_string("namespace", false, SHORT_TEXT),
+        name: fields.non_empty_string("name", false, SHORT_TEXT),
         ..TaskFilter::default()
     };
     let applicable = action.statuses();
@@ -315,16 +315,6 @@ fn read_request(
         dry_run,
         reason,
     })
-}
-
-/// A string field that, when given, must not be empty.
-fn non_empty(fields: &mut Fields, key: &str) -> Option<String> {
-    let text = fields.string(key, false, SHORT_TEXT)?;
-    if text.is_empty() {
-        fields.problem(key, format!("`{key}` must not be empty"));
-        return None;
-    }
-    Some(text)
 }
 
 /// An RFC 3339 instant field.

@@ -257,12 +257,15 @@ pub(crate) async fn update(
         // The next fire stays unless the clock changed or the schedule was paused.
         let clock_changed = (schedule.cron.as_str(), schedule.timezone.as_str())
             != (before.cron.as_str(), before.timezone.as_str());
-        let next = if schedule.paused {
-            NextFire::Set(None)
-        } else if clock_changed || before.paused || current.next_fire_at.is_none() {
-            NextFire::Set(first_fire(parsed.as_ref(), &schedule))
+        let first = first_fire(parsed.as_ref(), &schedule);
+        let next = if schedule.paused
+            || clock_changed
+            || before.paused
+            || current.next_fire_at.is_none()
+        {
+            NextFire::Set(first)
         } else {
-            NextFire::Keep(first_fire(parsed.as_ref(), &schedule))
+            NextFire::Keep(first)
         };
         if let Some(updated) =
             schedules::update(&state.pool, &schedule, next, current.updated_at).await?
@@ -349,25 +352,16 @@ struct Draft {
 }
 
 impl Draft {
-    /// Read the fields of a schedule but its name: a create `requires` the template and
-    /// the cron, a change requires nothing.
-    /// `requires`: the fields a new schedule must have are required. Given, none of them
-    /// (nor the time zone) may be empty.
+    /// Read the fields of a schedule but its name: a create (`requires`) must give the
+    /// namespace, the template and the cron; given, none of them nor the time zone may be
+    /// empty.
     fn read(fields: &mut Fields, requires: bool) -> Self {
-        let text = |fields: &mut Fields, key: &str, required: bool| {
-            let value = fields.string(key, required, SHORT_TEXT);
-            if !required && value.as_deref() == Some("") {
-                fields.problem(key, format!("`{key}` must not be empty"));
-                return None;
-            }
-            value
-        };
         Draft {
-            namespace: text(fields, "namespace", requires),
-            template: text(fields, "template", requires),
+            namespace: fields.non_empty_string("namespace", requires, SHORT_TEXT),
+            template: fields.non_empty_string("template", requires, SHORT_TEXT),
             version: fields.string("version", false, SHORT_TEXT),
-            cron: text(fields, "cron", requires),
-            timezone: text(fields, "timezone", false),
+            cron: fields.non_empty_string("cron", requires, SHORT_TEXT),
+            timezone: fields.non_empty_string("timezone", false, SHORT_TEXT),
             context: fields.value("context"),
             overlap: choice(fields, "overlap"),
             catch_up: choice(fields, "catch_up"),

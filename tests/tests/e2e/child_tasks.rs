@@ -53,13 +53,6 @@ const TRIER: &str = "namespace: kids\nname: trier\nsteps:\n  - {name: try, handl
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn register(env: &TestEnv, templates: &[&str]) {
-    for template in templates {
-        let (status, body) = env.register_template(template).await.unwrap();
-        assert_eq!(status, 201, "{body}");
-    }
-}
-
 async fn task_json(env: &TestEnv, task_id: Uuid) -> Value {
     let (status, body) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -93,10 +86,25 @@ async fn holder_and_child(env: &TestEnv) -> (Uuid, Uuid) {
     (parent, child_of(env, parent, "start").await)
 }
 
+/// Cancel the child of a new `holder` task: its step `start` fails for good
+/// (`child_task_cancelled`), and so does the task.
+async fn cancelling_the_child_fails_its_step(env: &TestEnv) {
+    let (parent, child) = holder_and_child(env).await;
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let failed = crate::finished(env, parent, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    let error = failed.step("start").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
+}
+
 #[tokio::test]
 async fn a_child_task_runs_on_the_only_worker_slot_and_completes_its_step_with_its_leaves() {
     let mut env = TestEnv::start("child-tasks").await.unwrap();
-    register(&env, &[REGION, NIGHTLY]).await;
+    env.register_templates(&[REGION, NIGHTLY]).await;
     // One worker running one step at a time: the step that waits for its child holds none.
     env.start_worker_with(binary("tasker-worker"), "one", &["kids"], 1, &[])
         .await
@@ -180,7 +188,7 @@ async fn a_child_task_runs_on_the_only_worker_slot_and_completes_its_step_with_i
 #[tokio::test]
 async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_step() {
     let mut env = TestEnv::start("child-cancel").await.unwrap();
-    register(&env, &[HELD, HOLDER]).await;
+    env.register_templates(&[HELD, HOLDER]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
 
     // The waiting step says which child it waits for.
@@ -241,16 +249,7 @@ async fn cancelling_a_parent_cancels_its_child_and_a_cancelled_child_fails_its_s
     );
 
     // Cancelling a child fails the step that started it (for good), and its task.
-    let (parent, child) = holder_and_child(&env).await;
-    let (status, body) = env
-        .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let failed = crate::finished(&env, parent, WAIT).await;
-    assert_eq!(failed.status, TaskStatus::Error);
-    let error = failed.step("start").last_error.clone().unwrap();
-    assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
+    cancelling_the_child_fails_its_step(&env).await;
 
     // A signal to the child completes it, and its parent goes on.
     let (parent, child) = holder_and_child(&env).await;
@@ -278,21 +277,12 @@ async fn a_child_that_ends_outside_a_result_is_judged_on_its_steps_last_attempt(
         "handler: tasker.task,",
         "handler: tasker.task, retry_limit: 1,",
     );
-    register(&env, &[HELD, &holder]).await;
+    env.register_templates(&[HELD, &holder]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
 
     // The only attempt of `start` is its child's run. The child ends by an operator's
     // cancel, not by a result: the cancel judges `start`.
-    let (parent, child) = holder_and_child(&env).await;
-    let (status, body) = env
-        .post(&format!("/v1/tasks/{child}/cancel"), json!({}))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let failed = crate::finished(&env, parent, WAIT).await;
-    assert_eq!(failed.status, TaskStatus::Error);
-    let error = failed.step("start").last_error.clone().unwrap();
-    assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
+    cancelling_the_child_fails_its_step(&env).await;
 }
 
 #[tokio::test]
@@ -302,7 +292,7 @@ async fn a_task_with_a_failed_branch_waits_for_its_running_child_before_it_fails
     let holder = format!(
         "{HOLDER}  - {{name: boom, handler: tasker.fail, retry_limit: 1, config: {{kind: permanent}}}}\n"
     );
-    register(&env, &[HELD, &holder]).await;
+    env.register_templates(&[HELD, &holder]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
     let (parent, child) = holder_and_child(&env).await;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -336,7 +326,7 @@ async fn a_child_with_every_step_skipped_completes_the_step_a_result_started_it_
     // `start` is ready when `first`'s result comes: that result's transaction starts the
     // child, whose only step is skipped at once.
     let parent = "namespace: kids\nname: after_first\nsteps:\n  - {name: first, handler: tasker.noop}\n  - {name: start, handler: tasker.task, depends_on: [first], config: {namespace: kids, name: skipped}}\n";
-    register(&env, &[skipped, parent]).await;
+    env.register_templates(&[skipped, parent]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
     let task = env
         .api
@@ -351,7 +341,7 @@ async fn a_child_with_every_step_skipped_completes_the_step_a_result_started_it_
 #[tokio::test]
 async fn a_failed_child_is_retried_by_its_steps_policy_then_fails_it() {
     let mut env = TestEnv::start("child-retry").await.unwrap();
-    register(&env, &[BROKEN, TRIER]).await;
+    env.register_templates(&[BROKEN, TRIER]).await;
     env.start_worker("w", &["kids"]).await.unwrap();
 
     let task = env
@@ -428,7 +418,7 @@ steps:
     );
 
     let orphan = "namespace: kids\nname: orphan\nsteps:\n  - {name: a, handler: tasker.task, config: {namespace: kids, name: nowhere}}\n";
-    register(&env, &[orphan]).await;
+    env.register_templates(&[orphan]).await;
     let task = env
         .api
         .create_task(&json!({"namespace": "kids", "name": "orphan"}))

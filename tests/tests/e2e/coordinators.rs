@@ -111,75 +111,8 @@ async fn long_steps_beating(test: &str, sweep_ms: &str, beat_ms: &str) -> TestEn
     env
 }
 
-/// A worker's heartbeat names all its running steps. One of them held by another
-/// transaction for longer than a lease (an operator's open transaction, a stalled
-/// coordinator) must not keep the others' leases from being extended: the sweeper would
-/// take them for lost and run them again.
-#[tokio::test]
-async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
-    let env = long_steps_beating("held-heartbeat", "300", "250").await;
-
-    let create = json!({"namespace": "held", "name": "long", "context": {}});
-    let held = env.api.create_task(&create).await.unwrap().task_id;
-    let other = env.api.create_task(&create).await.unwrap().task_id;
-    let mut running = Vec::new();
-    for task_id in [held, other] {
-        let task = env
-            .api
-            .wait_until(task_id, "step one running", Duration::from_secs(30), |t| {
-                t.step("one").status == StepStatus::InProgress
-            })
-            .await
-            .unwrap();
-        running.push(task.step("one").step_id);
-    }
-
-    // Hold the first step's row for twice the lease; the worker goes on beating for both.
-    let mut holder = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
-        .bind(running[0])
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let during = env.api.task(other).await.unwrap();
-    holder.rollback().await.unwrap();
-    assert_eq!(
-        during.step("one").status,
-        StepStatus::InProgress,
-        "the other step's lease was extended while the first was held: {during:#?}"
-    );
-
-    for task_id in [held, other] {
-        let task = env
-            .api
-            .wait_for_task(
-                task_id,
-                &[TaskStatus::Complete, TaskStatus::Error],
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
-    }
-    let expired: Vec<_> = crate::step_history(&env.pool, other)
-        .await
-        .into_iter()
-        .filter(|(_, _, _, reason, _)| reason == "lease_expired")
-        .collect();
-    assert!(
-        expired.is_empty(),
-        "the running step was taken for lost: {expired:?}"
-    );
-    env.finish().await.unwrap();
-}
-
-/// A running step whose heartbeats could not be applied for longer than a lease (they
-/// wait behind results, or its row was busy) is not taken for lost while its worker is
-/// heard from on the control exchange.
-#[tokio::test]
-async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
-    let env = long_steps_beating("late-heartbeats", "50", "1000").await;
+/// A new `long` task once its step runs: the task and the step.
+async fn long_step_running(env: &TestEnv) -> (uuid::Uuid, uuid::Uuid) {
     let task_id = env
         .api
         .create_task(&json!({"namespace": "held", "name": "long", "context": {}}))
@@ -193,18 +126,12 @@ async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
         })
         .await
         .unwrap();
+    (task_id, task.step("one").step_id)
+}
 
-    // No heartbeat of it is applied for longer than the lease.
-    let mut holder = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
-        .bind(task.step("one").step_id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    holder.rollback().await.unwrap();
-
-    let done = env
+/// `task_id` once it ended: it completed.
+async fn completes(env: &TestEnv, task_id: uuid::Uuid) -> tasker_tests::Task {
+    let task = env
         .api
         .wait_for_task(
             task_id,
@@ -213,7 +140,12 @@ async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
         )
         .await
         .unwrap();
-    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
+    task
+}
+
+/// No step of `task_id` was taken for lost (`lease_expired`).
+async fn never_taken_for_lost(env: &TestEnv, task_id: uuid::Uuid) {
     let reasons: Vec<String> = crate::step_history(&env.pool, task_id)
         .await
         .into_iter()
@@ -223,6 +155,62 @@ async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
         !reasons.iter().any(|r| r == "lease_expired"),
         "the running step was taken for lost: {reasons:?}"
     );
+}
+
+/// A worker's heartbeat names all its running steps. One of them held by another
+/// transaction for longer than a lease (an operator's open transaction, a stalled
+/// coordinator) must not keep the others' leases from being extended: the sweeper would
+/// take them for lost and run them again.
+#[tokio::test]
+async fn a_held_step_does_not_hold_back_the_heartbeats_of_the_others() {
+    let env = long_steps_beating("held-heartbeat", "300", "250").await;
+
+    let (held, held_step) = long_step_running(&env).await;
+    let (other, _) = long_step_running(&env).await;
+
+    // Hold the first step's row for twice the lease; the worker goes on beating for both.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
+        .bind(held_step)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = env.api.task(other).await.unwrap();
+    holder.rollback().await.unwrap();
+    assert_eq!(
+        during.step("one").status,
+        StepStatus::InProgress,
+        "the other step's lease was extended while the first was held: {during:#?}"
+    );
+
+    for task_id in [held, other] {
+        completes(&env, task_id).await;
+    }
+    never_taken_for_lost(&env, other).await;
+    env.finish().await.unwrap();
+}
+
+/// A running step whose heartbeats could not be applied for longer than a lease (they
+/// wait behind results, or its row was busy) is not taken for lost while its worker is
+/// heard from on the control exchange.
+#[tokio::test]
+async fn late_heartbeats_of_a_worker_heard_from_do_not_expire_its_step() {
+    let env = long_steps_beating("late-heartbeats", "50", "1000").await;
+    let (task_id, step) = long_step_running(&env).await;
+
+    // No heartbeat of it is applied for longer than the lease.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM steps WHERE step_id = $1 FOR UPDATE")
+        .bind(step)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    holder.rollback().await.unwrap();
+
+    let done = completes(&env, task_id).await;
+    never_taken_for_lost(&env, task_id).await;
     assert_eq!(done.step("one").attempts, 1, "{done:#?}");
     env.finish().await.unwrap();
 }
@@ -304,14 +292,11 @@ async fn results_are_applied_by_as_many_consumers_as_configured() {
     let mut env = TestEnv::start_with("result-consumers", options)
         .await
         .unwrap();
-    let (connection, channel) = tasker_tests::confirm_channel().await;
     let topology = Topology::new(env.prefix.clone());
-    let (_, consumers) = topology
-        .queue_stats(&channel, &topology.results_queue())
+    let consumers = tasker_tests::broker::queue_consumers(&topology.results_queue())
         .await
         .unwrap();
     assert_eq!(consumers, 3);
-    let _ = connection.close(200, "OK".into()).await;
 
     env.register_template(QUICK).await.unwrap();
     env.start_worker("consumers-1", &["held"]).await.unwrap();

@@ -576,13 +576,11 @@ async fn a_task_whose_first_step_waits_holds_its_slot_while_it_waits() {
 #[tokio::test]
 async fn a_task_whose_first_step_runs_a_child_task_takes_its_slot() {
     let mut env = TestEnv::start("flow-template-child").await.unwrap();
-    for template in [
+    env.register_templates(&[
         "namespace: flow\nname: inner\nsteps:\n  - {name: nap, handler: tasker.sleep, config: {ms: 300}}\n",
         "namespace: flow\nname: outer\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: run, handler: tasker.task, config: {namespace: flow, name: inner}}\n",
-    ] {
-        let (status, body) = env.register_template(template).await.unwrap();
-        assert_eq!(status, 201, "{body}");
-    }
+    ])
+    .await;
     env.start_worker("flow-1", &["flow"]).await.unwrap();
 
     // Two tasks of one customer: the second's child starts once the first has ended.
@@ -614,13 +612,11 @@ async fn full_keys_that_sort_first_do_not_hide_a_key_with_room() {
     let mut env = TestEnv::start_with("flow-many-keys", options)
         .await
         .unwrap();
-    for template in [
+    env.register_templates(&[
         "namespace: held\nname: stuck\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: wait, handler: tasker.noop}\n",
         "namespace: later\nname: quick\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - {name: work, handler: tasker.sleep, config: {ms: 1500}}\n",
-    ] {
-        let (status, body) = env.register_template(template).await.unwrap();
-        assert_eq!(status, 201, "{body}");
-    }
+    ])
+    .await;
     env.start_worker("later-1", &["later"]).await.unwrap();
     for customer in ["1", "2"] {
         let body = json!({"namespace": "held", "name": "stuck", "context": {"customer": customer}});

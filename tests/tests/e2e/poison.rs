@@ -373,14 +373,11 @@ async fn an_oversized_result_is_a_permanent_step_error_not_a_broker_failure() {
         metric(&worker_metrics, "tasker_worker_broker_errors_total").await,
         0.0
     );
-    let (connection, channel) = confirm_channel().await;
     let topology = Topology::new(env.prefix.clone());
-    let (dead_letters, _) = topology
-        .queue_stats(&channel, &topology.dead_letter_queue())
+    let dead_letters = tasker_tests::broker::queue_messages(&topology.dead_letter_queue())
         .await
         .unwrap();
     assert_eq!(dead_letters, 0);
-    let _ = connection.close(200, "OK".into()).await;
     assert_alive(&env, &worker_metrics).await;
     env.finish().await.unwrap();
 }

@@ -8,8 +8,9 @@
 //! child, whatever its retries (`tasks.parent_step_id` is unique).
 //!
 //! When the child ends, the step is handed to the coordinator again
-//! ([`wake_parents`], called where tasks finish, are cancelled or expire) and judged by
-//! the child's status:
+//! ([`wake_parents`], from [`super::finish_and_judge`]: where tasks finish, and through
+//! [`super::children_ended`] where they are cancelled or expire) and judged by the
+//! child's status:
 //!
 //! | child | step |
 //! |---|---|

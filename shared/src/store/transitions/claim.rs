@@ -163,11 +163,8 @@ pub(super) async fn judge_after(
     to_judge: Vec<Uuid>,
     lease_ms: i64,
 ) -> sqlx::Result<Judged> {
-    let mut judged = if to_judge.is_empty() {
-        Judged::default()
-    } else {
-        super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?
-    };
+    let mut judged =
+        super::conditions::judge(conn, to_judge, lease_ms, FIRST_INSTANCES_CLAIMED).await?;
     judged.dispatches.splice(0..0, claimed);
     Ok(judged)
 }

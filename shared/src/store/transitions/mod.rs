@@ -127,7 +127,7 @@ pub async fn finish_tasks(
     tasks: &[Uuid],
     lease_ms: Option<i64>,
 ) -> sqlx::Result<Finished> {
-    finish_and_judge(conn, tasks.to_vec(), Vec::new(), lease_ms).await
+    finish_and_judge(conn, tasks, &[], lease_ms).await
 }
 
 /// Judge the `tasker.task` steps whose children, among `ended`, ended other than by
@@ -139,17 +139,19 @@ pub async fn children_ended(
     ended: &[Uuid],
     lease_ms: i64,
 ) -> sqlx::Result<Finished> {
-    finish_and_judge(conn, Vec::new(), ended.to_vec(), Some(lease_ms)).await
+    finish_and_judge(conn, &[], ended, Some(lease_ms)).await
 }
 
-/// Finish `tasks`, then judge the steps of the children among them and `ended`, and so
-/// on up the parents.
-async fn finish_and_judge(
+/// [`finish_tasks`] and [`children_ended`] at once: finish `tasks`, then judge the steps
+/// of the children among them and of `ended` (children that ended otherwise), and so on
+/// up the parents.
+pub async fn finish_and_judge(
     conn: &mut PgConnection,
-    mut tasks: Vec<Uuid>,
-    mut ended: Vec<Uuid>,
+    tasks: &[Uuid],
+    ended: &[Uuid],
     lease_ms: Option<i64>,
 ) -> sqlx::Result<Finished> {
+    let (mut tasks, mut ended) = (tasks.to_vec(), ended.to_vec());
     let mut finished = Finished::default();
     loop {
         let round = finish_round(conn, &tasks).await?;

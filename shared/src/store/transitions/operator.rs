@@ -343,8 +343,8 @@ pub struct Signalled {
     /// Children the completed steps made ready, claimed (lease of `lease_ms`): the
     /// caller publishes them after the commit.
     pub claimed: Vec<Dispatch>,
-    /// Steps were left ready for the dispatcher (the caller also sets it when the task
-    /// finished and its template limits its tasks: a waiting one may start).
+    /// Steps were left ready for the dispatcher (a fan-out's instances past the first
+    /// batch).
     pub more_ready: bool,
     /// The tasks that may have finished, for the caller to finish: this one, and those
     /// judging the children touched (a child task started with every step skipped).
@@ -414,11 +414,7 @@ pub async fn signal(
         .filter(|(_, completed)| *completed)
         .map(|(step, _)| *step)
         .collect();
-    let judged = if completed.is_empty() {
-        super::conditions::Judged::default()
-    } else {
-        super::claim_children(conn, &completed, &[], None, lease_ms).await?
-    };
+    let judged = super::claim_children(conn, &completed, &[], None, lease_ms).await?;
     let mut may_finish = judged.tasks;
     may_finish.push(task_id);
     may_finish.sort_unstable();
