@@ -286,6 +286,31 @@ impl Sweeper {
 }
 
 impl Sweeper {
+    /// Judge the `tasker.task` steps still waiting for children that ended inside a
+    /// claim ([`transitions::children_unheard`]), and publish what that claims.
+    async fn hand_back_children(&self) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let (children, mut finished) =
+            transitions::children_unheard(&mut tx, SWEEP_BATCH, self.queues.lease_ms).await?;
+        tx.commit().await?;
+        if children.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            children = children.len(),
+            "handed ended child tasks back to the steps that started them"
+        );
+        if !finished.claimed.is_empty() {
+            self.publisher
+                .dispatch(std::mem::take(&mut finished.claimed), self.metrics.clone())
+                .await;
+        }
+        self.metrics.finished(&finished.tasks);
+        self.wake_dispatcher.notify_one();
+        self.wake_events.notify_one();
+        Ok(())
+    }
+
     /// Count and announce the tasks [`transitions::expire_deadlines`] ended.
     async fn ended_late(&self, expired: &[ExpiredTask]) {
         if expired.is_empty() {
@@ -350,6 +375,13 @@ impl Service for Sweeper {
                     tracing::warn!(
                         error = format!("{error:#}"),
                         "cannot compare the step queues with the database"
+                    );
+                }
+                if let Err(error) = self.hand_back_children().await {
+                    self.metrics.database_errors.inc();
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "cannot hand ended child tasks back to their steps; retrying next interval"
                     );
                 }
                 loop {

@@ -177,7 +177,8 @@ status_enum! {
         DeadlineExceeded => "deadline_exceeded",
         /// Task or step: an operator retried the failed task.
         RetryRequested => "retry_requested",
-        /// Task: an operator resolved a failed step, and the task runs on.
+        /// Task: an operator resolved a failed step, and the task runs on; step: its task's
+        /// deadline had cancelled it, and it runs again as its task runs on.
         StepResolved => "step_resolved",
         /// Task or step: an operator resolved it by hand.
         ResolvedByOperator => "resolved_by_operator",

@@ -430,3 +430,84 @@ steps:
     assert_eq!(error.code.as_deref(), Some("template_not_found"));
     assert!(error.message.contains("kids/nowhere"), "{error:?}");
 }
+
+#[tokio::test]
+async fn a_child_cancelled_as_the_oldest_of_its_key_fails_the_step_that_started_it() {
+    let mut env = TestEnv::start("child-cancel-oldest").await.unwrap();
+    // One `held` at a time: a new one cancels the oldest running.
+    let held = HELD.replace(
+        "steps:",
+        "concurrency:\n  - {key: \"'one'\", limit: 1, on_limit: cancel_oldest}\nsteps:",
+    );
+    let holder = HOLDER.replace(
+        "handler: tasker.task,",
+        "handler: tasker.task, retry_limit: 1,",
+    );
+    env.register_templates(&[&held, &holder]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let (parent, child) = holder_and_child(&env).await;
+
+    // A `held` of its own: the claim of its first step cancels the child.
+    env.api
+        .create_task(&json!({"namespace": "kids", "name": "held"}))
+        .await
+        .unwrap();
+    let cancelled = env.api.task(child).await.unwrap();
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+    let failed = crate::finished(&env, parent, Duration::from_secs(30)).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    let error = failed.step("start").last_error.clone().unwrap();
+    assert_eq!(error.code.as_deref(), Some("child_task_cancelled"));
+}
+
+#[tokio::test]
+async fn a_retried_parent_past_its_deadline_retries_its_child() {
+    let mut env = TestEnv::start("child-deadline-retry").await.unwrap();
+    env.register_templates(&[HELD, HOLDER]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let deadline = chrono::Utc::now() + chrono::TimeDelta::milliseconds(1500);
+    let parent = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "holder",
+                              "deadline": deadline.to_rfc3339()}))
+        .await
+        .unwrap()
+        .task_id;
+    let child = child_of(&env, parent, "start").await;
+    // The deadline ends both: the child inherits it.
+    let late = crate::finished(&env, parent, WAIT).await;
+    assert_eq!(late.status, TaskStatus::Error);
+    assert_eq!(late.step("start").status, StepStatus::Cancelled);
+    env.api
+        .wait_for_task(child, &[TaskStatus::Error], WAIT)
+        .await
+        .unwrap();
+
+    // The retry gives `start` back, which retries its child, which waits for its signal
+    // again.
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{parent}/retry"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting = env.api.task(child).await.unwrap();
+        if waiting.status == TaskStatus::InProgress && waiting.deadline_at.is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the child was not retried: {waiting:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{child}/signals/go"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = crate::finished(&env, parent, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(done.step("after").status, StepStatus::Complete);
+}

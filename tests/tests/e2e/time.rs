@@ -223,3 +223,66 @@ async fn bad_times_are_refused_naming_the_field() {
     assert_eq!(crate::task_count(&env.pool).await, 0);
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn resolving_a_failed_step_of_a_task_past_its_deadline_runs_what_the_deadline_cancelled() {
+    let mut env = TestEnv::start("time-deadline-resolve").await.unwrap();
+    let (status, body) = env
+        .register_template("namespace: later\nname: half\nsteps:\n  - {name: boom, handler: tasker.fail, retry_limit: 1, config: {kind: permanent}}\n  - {name: nap, handler: tasker.sleep, config: {ms: 3000}}\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("later", &["later"]).await.unwrap();
+    let deadline = Utc::now() + TimeDelta::milliseconds(1000);
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "later", "name": "half",
+                              "deadline": deadline.to_rfc3339()}))
+        .await
+        .unwrap();
+    let ended = env
+        .api
+        .wait_for_task(task.task_id, &[TaskStatus::Error], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(ended.step("boom").status, StepStatus::Error);
+    assert_eq!(ended.step("nap").status, StepStatus::Cancelled);
+
+    // Resolving `boom` runs the task on: `nap` again, without the deadline.
+    let (status, body) = env
+        .post(
+            &format!("/v1/tasks/{}/steps/boom/resolve", task.task_id),
+            json!({"results": {"ok": true}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = env
+        .api
+        .wait_for_task(
+            task.task_id,
+            &[TaskStatus::Complete],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.deadline_at, None);
+    assert_eq!(done.step("nap").status, StepStatus::Complete);
+    let reasons: Vec<String> = crate::step_history(&env.pool, task.task_id)
+        .await
+        .into_iter()
+        .filter(|(name, ..)| name == "nap")
+        .map(|(_, _, _, reason, _)| reason)
+        .collect();
+    assert!(
+        reasons.ends_with(&[
+            "deadline_exceeded".to_owned(),
+            "step_resolved".to_owned(),
+            "dispatched".to_owned(),
+            "started".to_owned(),
+            "succeeded".to_owned()
+        ]),
+        "{reasons:?}"
+    );
+    env.finish().await.unwrap();
+}

@@ -19,6 +19,7 @@
 //! | [`signal`] | a `tasker.wait` step: pending → complete (its children claimed), or keeps the payload until it waits | `signal_received` |
 //! | [`expire_deadlines`] | every unfinished step → cancelled; task pending / in_progress → error (the step that started an expired child is judged by [`children_ended`]) | `deadline_exceeded` |
 //! | [`children_ended`] | the `tasker.task` steps of children that ended outside [`finish_tasks`]: judged as there | as `child_tasks::run` |
+//! | [`children_unheard`] | the `tasker.task` steps still waiting for children that ended in a claim (`cancel_oldest`): judged as there | as `child_tasks::run` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled, and its unfinished child tasks with it; the step that started it, if a child, judged | `task_cancelled`, `cancelled_by_operator`, `parent_cancelled` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
 //! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
@@ -140,6 +141,26 @@ pub async fn children_ended(
     lease_ms: i64,
 ) -> sqlx::Result<Finished> {
     finish_and_judge(conn, &[], ended, Some(lease_ms)).await
+}
+
+/// Judge, as [`children_ended`] does, the `tasker.task` steps that still wait for
+/// children that ended (up to `limit` children): children a claim cancelled as the oldest
+/// of their template's concurrency key (`on_limit: cancel_oldest`), whose end no path
+/// handed back. Returns those children, and what judging their steps did.
+pub async fn children_unheard(
+    conn: &mut PgConnection,
+    limit: i64,
+    lease_ms: i64,
+) -> sqlx::Result<(Vec<Uuid>, Finished)> {
+    let ended: Vec<Uuid> = sqlx::query_scalar(include_str!("../../../sql/child_tasks/unheard.sql"))
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    if ended.is_empty() {
+        return Ok((ended, Finished::default()));
+    }
+    let finished = children_ended(conn, &ended, lease_ms).await?;
+    Ok((ended, finished))
 }
 
 /// [`finish_tasks`] and [`children_ended`] at once: finish `tasks`, then judge the steps

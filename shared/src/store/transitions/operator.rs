@@ -186,25 +186,51 @@ pub async fn retry_task(
         )));
     }
     let metadata = json!({"reason": reason});
-    // First, while the failed steps are still in `error`: their clean-up and
-    // compensation children wait for them again.
-    sqlx::query(include_str!("../../../sql/triggers/uncount_failed.sql"))
+    reopen_task(
+        conn,
+        task_id,
+        true,
+        TransitionReason::RetryRequested,
+        &metadata,
+    )
+    .await
+}
+
+/// Run a task in `error` on: its steps its deadline cancelled go back to `pending` with
+/// fresh budgets, and with `failed_steps` (a retry) those in `error` too, after their
+/// clean-up and compensation children were made to wait for them again; the deadline is
+/// lifted, the task goes to `in_progress` (history `reason`) and takes its concurrency
+/// slots again. Returns how many steps were reset.
+async fn reopen_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    failed_steps: bool,
+    reason: TransitionReason,
+    metadata: &Value,
+) -> Result<u64, OperatorError> {
+    if failed_steps {
+        // First, while the failed steps are still in `error`: their clean-up and
+        // compensation children wait for them again.
+        sqlx::query(include_str!("../../../sql/triggers/uncount_failed.sql"))
+            .bind(task_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let reset = sqlx::query(include_str!("../../../sql/operator/reopen_steps.sql"))
         .bind(task_id)
-        .execute(&mut *conn)
-        .await?;
-    let reset = sqlx::query(include_str!("../../../sql/operator/retry_task.sql"))
-        .bind(task_id)
-        .bind(&metadata)
+        .bind(metadata)
+        .bind(failed_steps)
+        .bind(reason.as_str())
         .execute(&mut *conn)
         .await?
         .rows_affected();
     move_task(
         conn,
         task_id,
-        status,
+        TaskStatus::Error,
         TaskStatus::InProgress,
-        TransitionReason::RetryRequested,
-        &metadata,
+        reason,
+        metadata,
     )
     .await?;
     // Its slots were given back when it failed: running again, it counts again.
@@ -243,7 +269,8 @@ pub async fn resolve_task(
 
 /// Resolve a step by hand with `results` (what its dependents will see as its results):
 /// allowed while the step is `pending`, `waiting_for_retry` or `error`, in a task that is
-/// neither finished successfully nor cancelled. A task in `error` runs on. The caller then
+/// neither finished successfully nor cancelled. A task in `error` runs on: the steps its
+/// deadline cancelled run again, and the deadline is lifted, as in a retry. The caller then
 /// finishes the task ([`super::finish_tasks`]) and wakes the dispatcher.
 pub async fn resolve_step(
     conn: &mut PgConnection,
@@ -313,21 +340,15 @@ pub async fn resolve_step(
         .execute(&mut *conn)
         .await?;
     if status == TaskStatus::Error {
-        move_task(
+        // The task runs on, as a retried one does but for its other failed steps.
+        reopen_task(
             conn,
             task_id,
-            status,
-            TaskStatus::InProgress,
+            false,
             TransitionReason::StepResolved,
             &metadata,
         )
         .await?;
-        // Its slots were given back when it failed: running again, it counts again, as
-        // a retried task does.
-        sqlx::query(include_str!("../../../sql/operator/retake_slots.sql"))
-            .bind(task_id)
-            .execute(&mut *conn)
-            .await?;
     }
     Ok(())
 }
