@@ -286,14 +286,27 @@ impl Sweeper {
 }
 
 impl Sweeper {
-    /// Judge the `tasker.task` steps still waiting for children that ended inside a
-    /// claim ([`transitions::children_unheard`]), and publish what that claims.
+    /// What a claim that cancelled a task as the oldest of its template's concurrency key
+    /// left undone: cancel its unfinished child tasks ([`transitions::cancel_orphans`]),
+    /// and judge the `tasker.task` step that started it, if it is a child
+    /// ([`transitions::children_unheard`]); publish what that claims.
     async fn hand_back_children(&self) -> anyhow::Result<()> {
+        let lease_ms = self.queues.lease_ms;
         let mut tx = self.pool.begin().await?;
+        let orphans = transitions::cancel_orphans(&mut tx, SWEEP_BATCH, lease_ms).await?;
         let (children, mut finished) =
-            transitions::children_unheard(&mut tx, SWEEP_BATCH, self.queues.lease_ms).await?;
+            transitions::children_unheard(&mut tx, SWEEP_BATCH, lease_ms).await?;
         tx.commit().await?;
+        for task_id in &orphans {
+            if let Err(error) = self.queues.control.cancel_task(*task_id).await {
+                tracing::warn!(%task_id, error = format!("{error:#}"),
+                    "cannot tell workers about the cancel");
+            }
+        }
         if children.is_empty() {
+            if !orphans.is_empty() {
+                self.wake_events.notify_one();
+            }
             return Ok(());
         }
         tracing::info!(

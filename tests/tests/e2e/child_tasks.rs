@@ -511,3 +511,35 @@ async fn a_retried_parent_past_its_deadline_retries_its_child() {
     assert_eq!(done.status, TaskStatus::Complete);
     assert_eq!(done.step("after").status, StepStatus::Complete);
 }
+
+#[tokio::test]
+async fn the_children_of_a_parent_cancelled_as_the_oldest_of_its_key_are_cancelled_with_it() {
+    let mut env = TestEnv::start("child-orphans").await.unwrap();
+    // One `holder` at a time: a new one cancels the oldest running, whose child waits.
+    let holder = HOLDER.replace(
+        "steps:",
+        "concurrency:\n  - {key: \"'one'\", limit: 1, on_limit: cancel_oldest}\nsteps:",
+    );
+    env.register_templates(&[HELD, &holder]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let (parent, child) = holder_and_child(&env).await;
+
+    let (newer, _) = holder_and_child(&env).await;
+    assert_eq!(
+        env.api.task(parent).await.unwrap().status,
+        TaskStatus::Cancelled
+    );
+    let cancelled = env
+        .api
+        .wait_for_task(child, &[TaskStatus::Cancelled], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(cancelled.step("hold").status, StepStatus::Cancelled);
+    let history = crate::task_history(&env.pool, child).await;
+    assert_eq!(history.last().map(String::as_str), Some("parent_cancelled"));
+    // The newer one runs on.
+    assert_eq!(
+        env.api.task(newer).await.unwrap().status,
+        TaskStatus::InProgress
+    );
+}

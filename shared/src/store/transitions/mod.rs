@@ -21,6 +21,7 @@
 //! | [`children_ended`] | the `tasker.task` steps of children that ended outside [`finish_tasks`]: judged as there | as `child_tasks::run` |
 //! | [`children_unheard`] | the `tasker.task` steps still waiting for children that ended in a claim (`cancel_oldest`): judged as there | as `child_tasks::run` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled, and its unfinished child tasks with it; the step that started it, if a child, judged | `task_cancelled`, `cancelled_by_operator`, `parent_cancelled` |
+//! | [`cancel_orphans`] | as [`cancel_task`], for the unfinished children of a task a claim cancelled (`cancel_oldest`) | `task_cancelled`, `parent_cancelled` |
 //! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
 //! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
 //! | [`resolve_task`] | none; task error → resolved_manually | `resolved_by_operator` |
@@ -68,8 +69,8 @@ pub use leases::{
     release_lost_queue,
 };
 pub use operator::{
-    Cancelled, OperatorError, Signalled, cancel_task, resolve_step, resolve_task, retry_task,
-    signal,
+    Cancelled, OperatorError, Signalled, cancel_orphans, cancel_task, resolve_step, resolve_task,
+    retry_task, signal,
 };
 pub use worker::{
     AppliedResults, HeldStep, LeasePolicy, QueueLatency, Started, StepChange, apply_results,

@@ -99,20 +99,73 @@ pub async fn cancel_task(
             "task {task_id} is already {status}; only pending or in-progress tasks can be cancelled"
         )));
     }
-    let metadata = json!({"reason": reason});
-    let mut cancelled = Cancelled {
-        steps: cancel_steps(conn, task_id, &metadata).await?,
-        ..Cancelled::default()
-    };
-    move_task(
+    cancel_tree(
         conn,
         task_id,
         status,
-        TaskStatus::Cancelled,
         TransitionReason::CancelledByOperator,
-        &metadata,
+        &json!({"reason": reason}),
+        reason,
+        lease_ms,
     )
-    .await?;
+    .await
+    .map_err(OperatorError::from)
+}
+
+/// Cancel up to `limit` unfinished child tasks whose parent task was cancelled without
+/// them (a claim cancelled it as the oldest of its template's concurrency key), with
+/// their own children, as a cancel of the parent would have (history `parent_cancelled`).
+/// Rows another coordinator holds are left to it. Returns the tasks cancelled, theirs
+/// included: workers are to drop what they run for them.
+pub async fn cancel_orphans(
+    conn: &mut PgConnection,
+    limit: i64,
+    lease_ms: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    let orphans: Vec<(Uuid, Uuid, TaskStatus)> =
+        sqlx::query_as(include_str!("../../../sql/child_tasks/orphans.sql"))
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut cancelled = Vec::new();
+    for (task_id, parent, status) in orphans {
+        let tree = cancel_tree(
+            conn,
+            task_id,
+            status,
+            TransitionReason::ParentCancelled,
+            &json!({"parent_task_id": parent}),
+            None,
+            lease_ms,
+        )
+        .await?;
+        tracing::info!(%task_id, parent_task_id = %parent, steps_cancelled = tree.steps,
+            child_tasks_cancelled = tree.descendants.len(),
+            "child task cancelled: its parent task was cancelled by its template's concurrency");
+        cancelled.push(task_id);
+        cancelled.extend(tree.descendants);
+    }
+    Ok(cancelled)
+}
+
+/// Cancel the locked task `task_id`, in `status`, for `why` (history metadata
+/// `metadata`), and its unfinished child tasks, theirs and so on (`parent_cancelled`,
+/// with the operator's `reason`); free their slots, and judge the step that started the
+/// task if it still waits for it.
+async fn cancel_tree(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    status: TaskStatus,
+    why: TransitionReason,
+    metadata: &Value,
+    reason: Option<&str>,
+    lease_ms: i64,
+) -> sqlx::Result<Cancelled> {
+    let mut cancelled = Cancelled {
+        steps: cancel_steps(conn, task_id, metadata).await?,
+        ..Cancelled::default()
+    };
+    move_task(conn, task_id, status, TaskStatus::Cancelled, why, metadata).await?;
     let mut parents = vec![task_id];
     while !parents.is_empty() {
         let children: Vec<(Uuid, Uuid, TaskStatus)> = sqlx::query_as(

@@ -4,3 +4,9 @@
 -- cancelled as the oldest of its key (`on_limit: cancel_oldest`), inside a claim.
 CREATE INDEX steps_waiting_for_child ON steps (child_task_id)
     WHERE child_task_id IS NOT NULL AND remaining_parents = 1 AND status = 'pending';
+
+-- The child tasks that run. The sweeper looks through them for children whose parent
+-- task was cancelled without them (by a claim, as the oldest of its template's
+-- concurrency key), to cancel them as an operator's cancel of the parent would have.
+CREATE INDEX tasks_running_children ON tasks (parent_task_id)
+    WHERE parent_task_id IS NOT NULL AND status IN ('pending', 'in_progress');
