@@ -276,10 +276,103 @@ pub fn window_ms(per: &str) -> Option<i64> {
 }
 
 /// Compiled keys, by source: a template's keys are compiled when it is registered, and
-/// again at most once per coordinator (and then at most [`MAX_CACHED`] of them).
-static PROGRAMS: LazyLock<Mutex<HashMap<String, Arc<cel::Program>>>> =
-    LazyLock::new(Mutex::default);
+/// again at most once per coordinator (and then at most [`MAX_CACHED`] of them, of
+/// [`MAX_CACHED_BYTES`] of source in all).
+static PROGRAMS: LazyLock<Mutex<Programs>> = LazyLock::new(Mutex::default);
 const MAX_CACHED: usize = 10_000;
+const MAX_CACHED_BYTES: usize = 4 << 20;
+
+#[derive(Default)]
+struct Programs {
+    by_source: HashMap<String, Arc<cel::Program>>,
+    bytes: usize,
+}
+
+/// The most characters a CEL expression may have.
+pub const MAX_EXPRESSION_CHARS: usize = 4_096;
+/// The most operators (`+`, `&&`, `<=`, `!`, `?`…) a CEL expression may have, outside
+/// its string literals. CEL's parser and evaluator recurse once per operator of a chain
+/// (`1 + 1 + …`): a chain of about 1,300 of them overflows a 2 MiB thread stack, which
+/// aborts the process.
+pub const MAX_EXPRESSION_OPERATORS: usize = 256;
+/// The deepest a CEL expression may nest brackets (`(`, `[`, `{`).
+pub const MAX_EXPRESSION_NESTING: usize = 32;
+
+/// Refuse an expression too large to compile and evaluate safely (the limits above).
+fn check_size(source: &str) -> Result<(), String> {
+    let chars = source.chars().count();
+    let shown: String = source.chars().take(60).collect();
+    let shown = if chars > 60 {
+        format!("{shown}…")
+    } else {
+        shown
+    };
+    let too_large = |what: String| {
+        Err(format!(
+            "`{shown}` is too large: {what} (an expression may have at most \
+             {MAX_EXPRESSION_CHARS} characters, {MAX_EXPRESSION_OPERATORS} operators and \
+             {MAX_EXPRESSION_NESTING} levels of brackets)"
+        ))
+    };
+    if chars > MAX_EXPRESSION_CHARS {
+        return too_large(format!("{chars} characters"));
+    }
+    let (operators, nesting) = operators_and_nesting(source);
+    if operators > MAX_EXPRESSION_OPERATORS {
+        return too_large(format!("{operators} operators"));
+    }
+    if nesting > MAX_EXPRESSION_NESTING {
+        return too_large(format!("{nesting} levels of brackets"));
+    }
+    Ok(())
+}
+
+/// The operators (a run of operator characters counts once) and the deepest bracket
+/// nesting of a CEL source, outside its string literals (`'…'`, `"…"`, triple-quoted,
+/// raw with an `r` prefix).
+fn operators_and_nesting(source: &str) -> (usize, usize) {
+    let bytes = source.as_bytes();
+    let (mut operators, mut depth, mut deepest) = (0usize, 0usize, 0usize);
+    let mut in_operator = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if byte == b'\'' || byte == b'"' {
+            let raw = i > 0 && matches!(bytes[i - 1], b'r' | b'R');
+            let triple = bytes[i..].starts_with(&[byte; 3]);
+            let quote: &[u8] = if triple {
+                &bytes[i..i + 3]
+            } else {
+                &bytes[i..=i]
+            };
+            i += quote.len();
+            while i < bytes.len() && !bytes[i..].starts_with(quote) {
+                i += if bytes[i] == b'\\' && !raw { 2 } else { 1 };
+            }
+            i += quote.len();
+            in_operator = false;
+            continue;
+        }
+        let operator = matches!(
+            byte,
+            b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|' | b'?'
+        );
+        if operator && !in_operator {
+            operators += 1;
+        }
+        in_operator = operator;
+        match byte {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    (operators, deepest)
+}
 
 /// Compile a key, or say why it cannot be: it does not parse, or it uses a variable
 /// other than `context` and `task`.
@@ -303,20 +396,23 @@ pub(super) fn compile_with(
     let cached = PROGRAMS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
+        .by_source
         .get(source)
         .cloned();
     let program = match cached {
         Some(program) => program,
         None => {
+            check_size(source)?;
             let program = Arc::new(
                 cel::Program::compile(source)
                     .map_err(|error| format!("`{source}` does not compile: {error}"))?,
             );
             let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
+            if cache.by_source.len() >= MAX_CACHED || cache.bytes >= MAX_CACHED_BYTES {
+                *cache = Programs::default();
             }
-            cache.insert(source.to_owned(), program.clone());
+            cache.bytes += source.len();
+            cache.by_source.insert(source.to_owned(), program.clone());
             program
         }
     };

@@ -66,8 +66,8 @@ use draft::Draft;
 use graph::check_graph;
 use legacy::walk_legacy;
 pub use limits::{
-    KeyInputs, LimitKeys, Limits, MAX_CONCURRENCY, MAX_KEY_BYTES, MAX_RATE, MAX_TASK_LIMITS,
-    TaskKey, window_ms,
+    KeyInputs, LimitKeys, Limits, MAX_CONCURRENCY, MAX_EXPRESSION_CHARS, MAX_EXPRESSION_NESTING,
+    MAX_EXPRESSION_OPERATORS, MAX_KEY_BYTES, MAX_RATE, MAX_TASK_LIMITS, TaskKey, window_ms,
 };
 use project::walk_project;
 use schema::{compile_schema, guarded};

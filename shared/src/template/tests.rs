@@ -1866,3 +1866,65 @@ fn a_schedule_whose_context_the_schema_refuses_is_refused() {
         "{found:?}"
     );
 }
+
+#[test]
+fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_run() {
+    let template = |when: &str| {
+        format!("namespace: shop\nname: t\nsteps:\n  - {{name: a, handler: h, when: \"{when}\"}}\n")
+    };
+    let chain = |terms: usize| vec!["1"; terms].join(" + ");
+    // A chain past the operators' limit (one of 100,000 terms would overflow the stack
+    // of the thread compiling it), brackets nested too deep, a source too long.
+    for (when, said) in [
+        (format!("{} > 0", chain(100_000)), "characters"),
+        (format!("{} > 0", chain(300)), "300 operators"),
+        (
+            format!("{}1{} > 0", "(".repeat(40), ")".repeat(40)),
+            "40 levels",
+        ),
+    ] {
+        let found = problems(&template(&when));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, "steps[0].when");
+        assert_eq!(found[0].code, codes::INVALID_EXPRESSION);
+        assert!(
+            found[0].message.contains("is too large"),
+            "{}",
+            found[0].message
+        );
+        assert!(found[0].message.contains(said), "{}", found[0].message);
+        assert!(found[0].message.len() < 400, "{}", found[0].message);
+    }
+    // Operators inside string literals do not count.
+    let quoted = format!(
+        "'{}' != '' && \\\"{}\\\" != ''",
+        "+".repeat(1000),
+        "-".repeat(1000)
+    );
+    parse_template(&template(&quoted), "production").unwrap();
+
+    // Within the limits, compiled and evaluated on a thread with a 2 MiB stack (a
+    // runtime thread's).
+    let when = format!(
+        "{} == {} && {}1{} == 1",
+        chain(MAX_EXPRESSION_OPERATORS - 9),
+        MAX_EXPRESSION_OPERATORS - 9,
+        "(".repeat(MAX_EXPRESSION_NESTING),
+        ")".repeat(MAX_EXPRESSION_NESTING)
+    );
+    let outcome = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            parse_template(&template(&when), "production").map(|_| ())?;
+            Ok::<_, TemplateError>(evaluate_condition(
+                &when,
+                &json!({}),
+                &json!({}),
+                &json!({}),
+            ))
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(outcome.unwrap(), Ok(true));
+}
