@@ -31,8 +31,16 @@ pub(super) fn parse_document(text: &str) -> Result<Value, Problem> {
                 ));
             }
             Err(json_error) => {
-                // Flow-style YAML (`{a: 1}`) is not JSON; give YAML a chance
-                // but report the JSON error, which is the likelier intent.
+                // Flow-style YAML (`{a: 1}`) is not JSON; give YAML a chance, within the
+                // same bounds as any YAML, but report the JSON error, which is the
+                // likelier intent.
+                if too_deep(text).is_some() {
+                    return Err(Problem::new(
+                        "",
+                        codes::SYNTAX,
+                        format!("JSON syntax error: {json_error}"),
+                    ));
+                }
                 return match parse_yaml(text) {
                     Ok(value) => Ok(value),
                     Err(_) => Err(Problem::new(
@@ -75,9 +83,10 @@ const MAX_FLOW_DEPTH: usize = 128;
 /// quadratic in the nesting depth before its own limit refuses a document, and the depth
 /// scan below can be fooled (see there); this cap bounds the depth, and so the parser's
 /// worst case, whatever the document hides in its strings: in a release build, 0.29 s
-/// for 8,190 nested collections (just under this cap) and 1.1 s for 16,300. A
-/// flow-style template of a few thousand steps (`- {name: …, depends_on: […]}`) fits;
-/// larger ones can be written in block style or as JSON, which do not count.
+/// for 8,190 nested collections (just under this cap) and 1.1 s for 16,300. Every `[`
+/// and `{` counts, an inline list (`depends_on: [a]`) too: a template of a few thousand
+/// steps fits; larger ones can be written with block lists or as JSON, which does not
+/// count.
 const MAX_FLOW_COLLECTIONS: usize = 8_192;
 
 /// Why `text` may nest flow collections too deep for the YAML parser, if it may.

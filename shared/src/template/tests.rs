@@ -1537,6 +1537,21 @@ fn deeply_nested_documents_are_refused_quickly() {
             &text[..40]
         );
     }
+    // Flow-style YAML, which is not JSON, is bounded as any YAML: refused at once.
+    let text = format!("{{a: {deep}}}");
+    let started = std::time::Instant::now();
+    let error = parse_template(&text, "").unwrap_err();
+    assert_eq!(codes_of(&error), ["syntax"], "{error:#?}");
+    assert!(
+        error.0[0].message.starts_with("JSON syntax error"),
+        "{}",
+        error.0[0].message
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
