@@ -543,3 +543,74 @@ async fn the_children_of_a_parent_cancelled_as_the_oldest_of_its_key_are_cancell
         TaskStatus::InProgress
     );
 }
+
+#[tokio::test]
+async fn a_template_that_starts_itself_stops_at_the_depth_limit_without_retrying() {
+    let mut env = TestEnv::start("child-depth").await.unwrap();
+    // `again` starts another `again` as its first step, without end; its steps may retry.
+    let looping = "namespace: kids\nname: again\nsteps:\n  - {name: deeper, handler: tasker.task, retry_limit: 3, config: {namespace: kids, name: again}}\n";
+    env.register_templates(&[looping]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let root = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "again"}))
+        .await
+        .unwrap()
+        .task_id;
+    let failed = crate::finished(&env, root, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    let error = failed.step("deeper").last_error.clone().unwrap();
+    assert_eq!(
+        error.code.as_deref(),
+        Some("child_task_too_deep"),
+        "{error:?}"
+    );
+
+    // The root and 32 levels of children below it, each tried once.
+    let (tasks, deepest, retried): (i64, i16, i64) = sqlx::query_as(
+        "SELECT count(*), max(depth), \
+                (SELECT count(*) FROM step_transitions WHERE reason = 'child_task_retried') \
+         FROM tasks",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((tasks, deepest, retried), (33, 32, 0));
+}
+
+#[tokio::test]
+async fn a_tree_of_children_wider_than_one_transaction_takes_completes() {
+    let mut env = TestEnv::start("child-wide").await.unwrap();
+    // 300 children at once, each of which starts a grandchild as its first step: past
+    // the 256 children one transaction starts, the dispatcher takes up the rest.
+    let leaf = "namespace: kids\nname: leaf\nsteps:\n  - {name: work, handler: tasker.noop}\n";
+    let mid = "namespace: kids\nname: mid\nsteps:\n  - {name: down, handler: tasker.task, config: {namespace: kids, name: leaf}}\n";
+    let steps: String = (0..300)
+        .map(|i| {
+            format!(
+                "  - {{name: c{i}, handler: tasker.task, config: {{namespace: kids, name: mid}}}}\n"
+            )
+        })
+        .collect();
+    let wide = format!("namespace: kids\nname: wide\nsteps:\n{steps}");
+    env.register_templates(&[leaf, mid, &wide]).await;
+    env.start_worker("w", &["kids"]).await.unwrap();
+    let root = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "wide"}))
+        .await
+        .unwrap()
+        .task_id;
+    let done = crate::finished(&env, root, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(
+        done.step("c299").results,
+        Some(json!({"down": {"work": {}}}))
+    );
+    let (complete,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM tasks WHERE status = 'complete'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(complete, 601);
+}

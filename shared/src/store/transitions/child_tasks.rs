@@ -21,8 +21,9 @@
 //! | pending, in_progress (an operator retried it) | waits again |
 //!
 //! A step that cannot start its child fails permanently: `expression_error` (its context),
-//! `template_not_found`, `invalid_context` (the child template's schema), or
-//! `child_task_refused` (the child's own limit keys or conditions).
+//! `template_not_found`, `invalid_context` (the child template's schema),
+//! `child_task_refused` (the child's own limit keys or conditions), or
+//! `child_task_too_deep` (its task is [`MAX_CHILD_DEPTH`] levels below its root already).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub(super) struct ChildStep {
     pub(super) priority: i16,
     pub(super) trace_parent: Option<String>,
     pub(super) deadline_at: Option<DateTime<Utc>>,
+    /// How far below its root its task is: its child would be one deeper.
+    pub(super) depth: i16,
     /// Its child, once started, and the child's status.
     pub(super) child: Option<(Uuid, TaskStatus)>,
     pub(super) attempts: i32,
@@ -64,9 +67,13 @@ pub(super) struct ChildStep {
 pub(super) struct Ran {
     /// The new children's first steps, claimed.
     pub(super) dispatches: Vec<Dispatch>,
-    /// Steps to judge in turn: the new children's first steps the coordinator runs, and
-    /// the steps whose children ended as they were created.
+    /// Steps to judge in turn: those whose children ended as they were created, and
+    /// those a retried child's end hands back.
     pub(super) to_judge: Vec<Uuid>,
+    /// The new children's first steps the coordinator runs, to judge (or to leave ready).
+    pub(super) first_steps: Vec<Uuid>,
+    /// How many children were started.
+    pub(super) started: usize,
     /// Steps completed with their children's results: they count for their children.
     pub(super) completed: Vec<Uuid>,
     /// Steps to fail permanently, with the code and message.
@@ -90,7 +97,7 @@ pub(super) async fn run(
     let mut starts: Vec<(Uuid, Uuid, Creation)> = Vec::new();
     let mut done = Vec::new();
     let mut again: (Vec<Uuid>, Vec<bool>) = Default::default();
-    let mut failed_children: Vec<(Uuid, Uuid, i32, i32)> = Vec::new();
+    let mut failed_children: Vec<(Uuid, Uuid, i32, i32, bool)> = Vec::new();
     let mut found = HashMap::new();
     for step in steps {
         match step.child {
@@ -105,13 +112,13 @@ pub(super) async fn run(
                 again.0.push(step.step_id);
                 again.1.push(false);
             }
-            Some((_, TaskStatus::Error)) if step.retryable && step.attempts < step.retry_limit => {
-                again.0.push(step.step_id);
-                again.1.push(true);
-            }
-            Some((child, TaskStatus::Error)) => {
-                failed_children.push((step.step_id, child, step.attempts, step.retry_limit));
-            }
+            Some((child, TaskStatus::Error)) => failed_children.push((
+                step.step_id,
+                child,
+                step.attempts,
+                step.retry_limit,
+                step.retryable,
+            )),
             Some((child, TaskStatus::Cancelled)) => ran.failed.push((
                 step.step_id,
                 "child_task_cancelled",
@@ -124,22 +131,40 @@ pub(super) async fn run(
             .iter()
             .map(|(_, child, ..)| *child)
             .collect();
-        let failures: HashMap<Uuid, String> =
+        let failures: HashMap<Uuid, (String, bool)> =
             sqlx::query_as(include_str!("../../../sql/child_tasks/failure.sql"))
                 .bind(&children)
                 .fetch_all(&mut *conn)
                 .await?
                 .into_iter()
+                .map(|(task, failure, too_deep)| (task, (failure, too_deep)))
                 .collect();
-        for (step, child, attempts, retry_limit) in failed_children {
-            let failure = failures.get(&child).map_or("", String::as_str);
-            ran.failed.push((
-                step,
-                "child_task_failed",
-                format!(
-                    "child task {child} failed (attempt {attempts} of {retry_limit}): {failure}"
-                ),
-            ));
+        for (step, child, attempts, retry_limit, retryable) in failed_children {
+            let (failure, too_deep) = failures
+                .get(&child)
+                .map_or(("", false), |(failure, too_deep)| {
+                    (failure.as_str(), *too_deep)
+                });
+            if too_deep {
+                // Past the depth limit below: every retry would fail the same way, at every
+                // level up.
+                ran.failed.push((
+                    step,
+                    "child_task_too_deep",
+                    format!("child task {child} failed: {failure}"),
+                ));
+            } else if retryable && attempts < retry_limit {
+                again.0.push(step);
+                again.1.push(true);
+            } else {
+                ran.failed.push((
+                    step,
+                    "child_task_failed",
+                    format!(
+                        "child task {child} failed (attempt {attempts} of {retry_limit}): {failure}"
+                    ),
+                ));
+            }
         }
     }
     if !done.is_empty() {
@@ -218,9 +243,10 @@ async fn start(
             .fetch_all(&mut *conn)
             .await?;
     tracing::debug!(children = children.len(), "child tasks started");
+    ran.started += created.len();
     for child in created {
         ran.dispatches.extend(child.dispatches);
-        ran.to_judge.extend(child.to_judge);
+        ran.first_steps.extend(child.to_judge);
         if child.all_skipped {
             ran.tasks.push(child.task_id);
         }
@@ -235,6 +261,9 @@ async fn start(
     Ok(())
 }
 
+/// How far below its root task a child task may be.
+const MAX_CHILD_DEPTH: i16 = 32;
+
 /// The templates a batch looked up, by namespace, name and version asked for.
 type Found = HashMap<(String, String, Option<String>), Option<Arc<TemplateRecord>>>;
 
@@ -246,6 +275,16 @@ async fn creation(
     lease_ms: i64,
     found: &mut Found,
 ) -> sqlx::Result<Result<Creation, (&'static str, String)>> {
+    if step.depth >= MAX_CHILD_DEPTH {
+        return Ok(Err((
+            "child_task_too_deep",
+            format!(
+                "task {} is {} levels below its root task; a child task may be at most \
+                 {MAX_CHILD_DEPTH} (a template that starts itself without end?)",
+                step.task_id, step.depth
+            ),
+        )));
+    }
     let Some(child) = ChildTemplate::of(&step.config) else {
         return Ok(Err((
             "invalid_config",

@@ -43,6 +43,10 @@ use crate::template::{
     TASK_HANDLER, WAIT_HANDLER, evaluate_condition, evaluate_list, task_variable, wait_timeout_ms,
 };
 
+/// How many child tasks one transaction starts before it leaves their first steps to the
+/// dispatcher ([`judge`]).
+const MAX_CHILDREN_JUDGED: usize = 256;
+
 /// The most elements a `for_each` list may have unless set otherwise (the coordinator's
 /// `TASKER_MAX_FAN_OUT`).
 static MAX_FAN_OUT: AtomicUsize = AtomicUsize::new(10_000);
@@ -73,6 +77,8 @@ struct Pending {
     tags: Value,
     trace_parent: Option<String>,
     deadline_at: Option<DateTime<Utc>>,
+    /// How far below its root its task is (0: not a child task).
+    depth: i16,
     handler: String,
     config: Value,
     /// A `tasker.task` step's child, once started, and the child's status.
@@ -113,6 +119,7 @@ pub(super) async fn judge(
     claim_first: usize,
 ) -> sqlx::Result<Judged> {
     let mut judged = Judged::default();
+    let mut children_started = 0;
     while !to_judge.is_empty() {
         let pending: Vec<Pending> =
             sqlx::query_as(include_str!("../../../sql/conditions/pending.sql"))
@@ -164,6 +171,7 @@ pub(super) async fn judge(
                         priority: step.priority,
                         trace_parent: step.trace_parent.clone(),
                         deadline_at: step.deadline_at,
+                        depth: step.depth,
                         child: step.child_task_id.zip(step.child_status),
                         attempts: step.attempts,
                         retry_limit: step.retry_limit,
@@ -203,6 +211,16 @@ pub(super) async fn judge(
             judged.tasks.extend(ran.tasks);
             judged.more_ready |= ran.more_ready;
             to_judge.extend(ran.to_judge);
+            // The new children's first steps the coordinator runs (a `tasker.task` among
+            // them starts a grandchild, and so on): judged here up to a bound, so that a
+            // transaction stays short however wide the tree; past it, left ready for the
+            // dispatcher, which judges them in transactions of their own.
+            children_started += ran.started;
+            if children_started <= MAX_CHILDREN_JUDGED {
+                to_judge.extend(ran.first_steps);
+            } else {
+                judged.more_ready |= !ran.first_steps.is_empty();
+            }
             completed.extend(ran.completed);
             for (step_id, code, message) in ran.failed {
                 settle.push(step_id, Err((code, message)));

@@ -10,3 +10,8 @@ CREATE INDEX steps_waiting_for_child ON steps (child_task_id)
 -- concurrency key), to cancel them as an operator's cancel of the parent would have.
 CREATE INDEX tasks_running_children ON tasks (parent_task_id)
     WHERE parent_task_id IS NOT NULL AND status IN ('pending', 'in_progress');
+
+-- How far below its root a task is: 0 for a task created by a caller or a schedule, its
+-- parent's plus one for a child task. A `tasker.task` step of a task at the deepest level
+-- allowed fails instead of starting its child, so a template that starts itself stops.
+ALTER TABLE tasks ADD COLUMN depth SMALLINT NOT NULL DEFAULT 0;
