@@ -56,18 +56,21 @@ impl<'a> ChildTemplate<'a> {
     }
 }
 
-/// Check a `tasker.task` step's `config` (at `path`) and that it does not fan out.
+/// Check a `tasker.task` step's config (its key `config_key`, at `path`) and that it
+/// does not fan out.
 pub(super) fn walk_child_task(
     w: &mut Walker,
     object: &Map<String, Value>,
     path: &str,
+    config_key: &str,
     step: Option<&str>,
 ) {
-    let config_path = join(path, "config");
+    let config_path = join(path, config_key);
     let Some(config) = coordinator_config(
         w,
         object,
         path,
+        config_key,
         step,
         TASK_HANDLER,
         "{namespace: <namespace>, name: <template>, version?: <version>, context?: <CEL map>}",

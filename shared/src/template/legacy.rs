@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
+use super::child_tasks::{TASK_HANDLER, walk_child_task};
 use super::draft::{Dep, Draft, StepDraft, dedup_deps};
+use super::waits::{WAIT_HANDLER, walk_wait};
 use super::walker::{Walker, field, item, join, retry_limit};
 use super::{
     Backoff, DEFAULT_MAX_DEFERRALS, DEFAULT_PRIORITY, DEFAULT_RETRY_LIMIT, DEFAULT_TIMEOUT_MS,
@@ -233,6 +235,14 @@ fn walk_legacy_step(
 
     if let Some(value) = field(object, "custom_events") {
         walk_custom_events(w, value, &join(&path, "custom_events"));
+    }
+    // The handlers the coordinator runs take their config as in the project format.
+    match handler.as_deref() {
+        Some(WAIT_HANDLER) => walk_wait(w, object, &path, "handler_config", name.as_deref()),
+        Some(TASK_HANDLER) => {
+            walk_child_task(w, object, &path, "handler_config", name.as_deref());
+        }
+        _ => {}
     }
 
     StepDraft {

@@ -299,8 +299,8 @@ fn walk_project_step(
     let rate_limit = walk_rate_limit(w, object, &path, name.as_deref());
     let when = walk_when(w, object, &path, name.as_deref());
     match handler.as_deref() {
-        Some(WAIT_HANDLER) => walk_wait(w, object, &path, name.as_deref()),
-        Some(TASK_HANDLER) => walk_child_task(w, object, &path, name.as_deref()),
+        Some(WAIT_HANDLER) => walk_wait(w, object, &path, "config", name.as_deref()),
+        Some(TASK_HANDLER) => walk_child_task(w, object, &path, "config", name.as_deref()),
         _ => {}
     }
     let (for_each, max_parallel) =

@@ -1943,3 +1943,41 @@ fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_r
         .unwrap();
     assert_eq!(outcome.unwrap(), Ok(true));
 }
+
+#[test]
+fn a_tasker_engine_step_the_coordinator_runs_has_its_config_checked() {
+    let legacy = |steps: &str| {
+        format!(
+            "name: waits\nnamespace_name: shop\nversion: 1.0.0\ntask_handler_class: Waits\nstep_templates:\n{steps}"
+        )
+    };
+    let found = problems(&legacy(concat!(
+        "  - {name: hold, handler_class: tasker.wait}\n",
+        "  - {name: child, handler_class: tasker.task, handler_config: {namespace: shop, colour: red}}\n",
+    )));
+    let mut at: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    at.sort_unstable();
+    assert_eq!(
+        at,
+        [
+            ("step_templates[0].handler_config", "missing_key"),
+            ("step_templates[1].handler_config.colour", "unknown_key"),
+            ("step_templates[1].handler_config.name", "missing_key"),
+        ],
+        "{found:#?}"
+    );
+    assert!(
+        found[0].message.contains("needs `handler_config: {signal"),
+        "{}",
+        found[0].message
+    );
+    // Written as the project format takes it, under `handler_config`, it registers.
+    parse_template(
+        &legacy("  - {name: hold, handler_class: tasker.wait, handler_config: {signal: go, timeout: 1h}}\n"),
+        "production",
+    )
+    .unwrap();
+}

@@ -30,6 +30,7 @@ pub(super) fn coordinator_config<'a>(
     w: &mut Walker,
     object: &'a Map<String, Value>,
     path: &str,
+    config_key: &str,
     step: Option<&str>,
     handler: &str,
     usage: &str,
@@ -41,29 +42,32 @@ pub(super) fn coordinator_config<'a>(
             format!("{}: a `{handler}` step cannot fan out", about(step)),
         );
     }
-    let config = field(object, "config").and_then(Value::as_object);
+    let config = field(object, config_key).and_then(Value::as_object);
     if config.is_none() {
         w.report(
-            join(path, "config"),
+            join(path, config_key),
             codes::MISSING_KEY,
-            format!("{}: `{handler}` needs `config: {usage}`", about(step)),
+            format!("{}: `{handler}` needs `{config_key}: {usage}`", about(step)),
         );
     }
     config
 }
 
-/// Check a `tasker.wait` step's `config` (at `path`) and that it does not fan out.
+/// Check a `tasker.wait` step's config (its key `config_key`, at `path`) and that it
+/// does not fan out.
 pub(super) fn walk_wait(
     w: &mut Walker,
     object: &Map<String, Value>,
     path: &str,
+    config_key: &str,
     step: Option<&str>,
 ) {
-    let config_path = join(path, "config");
+    let config_path = join(path, config_key);
     let Some(config) = coordinator_config(
         w,
         object,
         path,
+        config_key,
         step,
         WAIT_HANDLER,
         "{signal: <name>, timeout?: <duration>}",
