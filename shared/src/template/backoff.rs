@@ -9,7 +9,10 @@
 use serde_json::{Map, Value};
 
 use super::walker::{Walker, field, join, kind};
-use super::{Backoff, codes};
+use super::{Backoff, MAX_RETRY_LIMIT, codes};
+
+/// The most delays a `schedule` may list: one per retry of a step's most attempts.
+const MAX_SCHEDULE: usize = MAX_RETRY_LIMIT as usize;
 
 pub(super) const KEYS: &[&str] = &["base_seconds", "max_seconds", "jitter", "schedule"];
 pub(super) const HINTS: &[(&str, &str)] = &[
@@ -61,6 +64,20 @@ pub(super) fn walk_backoff(
                 &schedule_path,
                 codes::INVALID_VALUE,
                 "`schedule` must list at least one delay",
+            );
+            return inherited.clone();
+        }
+        // A step has at most MAX_RETRY_LIMIT attempts, so no more waits; and the schedule
+        // is copied into every step, and every step row of every task.
+        if entries.len() > MAX_SCHEDULE {
+            w.report(
+                &schedule_path,
+                codes::INVALID_VALUE,
+                format!(
+                    "`schedule` lists {} delays; at most {MAX_SCHEDULE} (a step has at most \
+                     {MAX_RETRY_LIMIT} attempts)",
+                    entries.len()
+                ),
             );
             return inherited.clone();
         }

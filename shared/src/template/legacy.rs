@@ -1,7 +1,7 @@
 //! Walking a tasker-engine 1.x document (`step_templates`,
 //! `task_handler_class`, ...), including its per environment overrides.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
@@ -417,21 +417,26 @@ fn apply_environment(
         }
     }
     if let Some(Value::Array(steps)) = merged.get_mut("step_templates") {
+        // Each override finds its step by name once: a name given to several steps is
+        // refused anyway (`duplicate_step`), so the first is enough.
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        for (index, step) in steps.iter().enumerate() {
+            if let Some(name) = step.get("name").and_then(Value::as_str) {
+                by_name.entry(name.to_owned()).or_insert(index);
+            }
+        }
         for (step_name, overlay) in step_overrides {
-            for step in steps
-                .iter_mut()
-                .filter(|step| step.get("name").and_then(Value::as_str) == Some(step_name.as_str()))
-            {
-                let Value::Object(step) = step else { continue };
-                for (key, value) in overlay {
-                    if key == "name" || value.is_null() {
-                        continue;
-                    }
-                    match step.get_mut(key) {
-                        Some(base) if !base.is_null() => deep_merge(base, value),
-                        _ => {
-                            step.insert(key.clone(), value.clone());
-                        }
+            let Some(Value::Object(step)) = by_name.get(&step_name).map(|&i| &mut steps[i]) else {
+                continue;
+            };
+            for (key, value) in overlay {
+                if key == "name" || value.is_null() {
+                    continue;
+                }
+                match step.get_mut(key) {
+                    Some(base) if !base.is_null() => deep_merge(base, value),
+                    _ => {
+                        step.insert(key.clone(), value.clone());
                     }
                 }
             }

@@ -1981,3 +1981,45 @@ fn a_tasker_engine_step_the_coordinator_runs_has_its_config_checked() {
     )
     .unwrap();
 }
+
+#[test]
+fn many_environment_overrides_of_many_steps_are_refused_quickly() {
+    // 40,000 steps and as many overrides, through one alias each: the overrides used to
+    // be matched against every step (1.6 billion comparisons).
+    let uses = "\n  - *s".repeat(40_000);
+    let overrides = "\n      - *s".repeat(40_000);
+    let text = format!(
+        "name: big\nnamespace_name: shop\nversion: 1.0.0\ntask_handler_class: Big\n\
+         step_templates:\n  - &s {{name: a, handler_class: H}}{uses}\n\
+         environments:\n  production:\n    step_templates:{overrides}\n"
+    );
+    let started = std::time::Instant::now();
+    let error = parse_template(&text, "production").unwrap_err();
+    assert!(codes_of(&error).contains(&"too_many_steps"), "{error:#?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_backoff_schedule_longer_than_a_steps_attempts_is_refused() {
+    let delays = vec!["1"; 101].join(", ");
+    let found = problems(&format!(
+        "namespace: shop\nname: t\ndefaults:\n  backoff: {{schedule: [{delays}]}}\nsteps:\n  - {{name: a, handler: h}}\n"
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "defaults.backoff.schedule");
+    assert!(
+        found[0].message.contains("101 delays; at most 100"),
+        "{}",
+        found[0].message
+    );
+    let delays = vec!["1"; 100].join(", ");
+    parse_template(
+        &format!("namespace: shop\nname: t\nsteps:\n  - {{name: a, handler: h, backoff: {{schedule: [{delays}]}}}}\n"),
+        "production",
+    )
+    .unwrap();
+}
