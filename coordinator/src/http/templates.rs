@@ -104,11 +104,11 @@ pub(crate) struct TemplateList {
     responses(
         (status = 201, description = "The template is registered; `warnings` lists what a tasker-engine file holds that is accepted and not used.", body = TemplateRegistration),
         (status = 200, description = "The identical template was already registered.", body = TemplateRegistration),
-        (status = 400, description = "`malformed_request`: the body is not UTF-8, YAML or JSON, or could not be read.", body = ErrorBody),
+        (status = 400, description = "`malformed_request`: the body is not UTF-8, YAML or JSON, could not be read, or expands to more than 250,000 values or 16 MiB of text (YAML aliases counted at each use); `details` has the problems, code `syntax`.", body = ErrorBody),
         (status = 409, description = "`template_conflict`: this version is registered with another definition.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `template_too_large`: larger than `TASKER_MAX_TEMPLATE_BYTES`.", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is sent as something other than YAML, JSON or text.", body = ErrorBody),
-        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message` (more steps than `TASKER_MAX_TEMPLATE_STEPS` is the one problem `too_many_steps`; configs larger together than `TASKER_MAX_TEMPLATE_BYTES` once aliases are expanded, `config_too_large`; a document expanding to more than 250,000 values or 16 MiB of text, `syntax`).", body = ErrorBody),
+        (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message` (more steps than `TASKER_MAX_TEMPLATE_STEPS` is the one problem `too_many_steps`; configs larger together than `TASKER_MAX_TEMPLATE_BYTES` once aliases are expanded, `config_too_large`).", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),

@@ -233,6 +233,8 @@ impl Default for TemplateLimits {
 const MAX_NAME_LEN: usize = 128;
 /// Longest namespace.
 const MAX_NAMESPACE_LEN: usize = 64;
+/// Longest version.
+const MAX_VERSION_LEN: usize = 64;
 /// Longest handler class name or dependent system name.
 const MAX_LABEL_LEN: usize = 256;
 /// At most this many cycles are listed individually.

@@ -258,7 +258,7 @@ fn task_timeout(w: &mut Walker, root: &Map<String, Value>) -> Option<String> {
             "timeout",
             "invalid_value",
             format!(
-                "`timeout` is `{text}`: expected a whole number of seconds, minutes, hours or days (`90s`, `30m`, `12h`, `7d`), from 1s to 365d"
+                "`timeout` is `{text}`: expected a whole number of seconds, minutes, hours or days (`90s`, `30m`, `12h`, `7d`), from 1s to 366d"
             ),
         );
         return None;

@@ -2023,3 +2023,26 @@ fn a_backoff_schedule_longer_than_a_steps_attempts_is_refused() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_version_longer_than_an_index_takes_is_refused() {
+    let long = format!("1.0.0-{}", "a".repeat(4_000));
+    let found = problems(&format!(
+        "namespace: shop\nname: t\nversion: \"{long}\"\nsteps:\n  - {{name: a, handler: h}}\n"
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "version");
+    assert!(
+        found[0].message.contains("at most 64"),
+        "{}",
+        found[0].message
+    );
+    let fits = format!("1.0.0-{}", "a".repeat(58));
+    parse_template(
+        &format!(
+            "namespace: shop\nname: t\nversion: \"{fits}\"\nsteps:\n  - {{name: a, handler: h}}\n"
+        ),
+        "production",
+    )
+    .unwrap();
+}

@@ -9,7 +9,7 @@ use super::draft::Dep;
 use super::schema::schema_problems;
 use super::{
     DEFAULT_VERSION, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_PROBLEMS, MAX_RETRY_LIMIT, MAX_STEPS,
-    Problem, codes,
+    MAX_VERSION_LEN, Problem, codes,
 };
 
 /// Collects problems while walking a document.
@@ -508,7 +508,16 @@ impl Walker {
         let path = join(parent, "version");
         match value {
             Value::String(text) => {
-                if let Err(error) = semver::Version::parse(text) {
+                if text.chars().count() > MAX_VERSION_LEN {
+                    self.report(
+                        path,
+                        codes::INVALID_VALUE,
+                        format!(
+                            "the version is {} characters long; at most {MAX_VERSION_LEN}",
+                            text.chars().count()
+                        ),
+                    );
+                } else if let Err(error) = semver::Version::parse(text) {
                     self.report(
                         path,
                         codes::INVALID_VALUE,
