@@ -44,6 +44,12 @@ while (($#)); do
     cargo_args+=("$1")
     shift
 done
+# The whole workspace, unless the caller names packages (cargo ignores -p beside
+# --workspace).
+scope=(--workspace)
+for a in "${cargo_args[@]}"; do
+    [[ $a == -p || $a == -p* || $a == --package || $a == --package=* ]] && scope=()
+done
 # End-to-end tests each start their own coordinator and workers; 4 at a time
 # fits 2 cores. An explicit --test-threads from the caller wins.
 threads_given=no
@@ -80,4 +86,4 @@ cargo clippy -p tasker-coordinator -p tasker-worker "${locked[@]}" -- -D warning
 # none planned to read more than the rows it is given (docs/testing.md).
 cargo test -p tasker-shared --test sql "${locked[@]}"
 cargo build --workspace --bins --examples "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints
-cargo test --workspace "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints "${cargo_args[@]}" -- "${harness_args[@]}"
+cargo test "${scope[@]}" "${locked[@]}" --features tasker-coordinator/failpoints,tasker-worker/failpoints "${cargo_args[@]}" -- "${harness_args[@]}"

@@ -80,12 +80,18 @@ ensure_python_tools() {
         exit 2
     fi
     rm -rf "$venv"
-    mkdir -p "$(dirname "$venv")"
+    # Debian's python3 has no venv module (nor ensurepip) without python3-venv.
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null && [[ $(id -u) == 0 ]] \
+        && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    fi
+    # Marked before it is made, so that one left half-made by a failure is replaced next time.
+    mkdir -p "$venv"
+    : >"$venv/.tasker-venv"
     python3 -m venv "$venv" || {
         log "error: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
         exit 2
     }
-    : >"$venv/.tasker-venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
     printf '%s\n' "$want" >"$stamp"
 }
