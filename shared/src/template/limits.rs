@@ -451,7 +451,7 @@ pub struct KeyInputs<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitKeys {
     /// The concurrency key, scoped to the template and step
-    /// (`namespace/name.step=value`), and its limit.
+    /// (`namespace/name:step=value`), and its limit.
     pub concurrency: Option<(String, i32)>,
     /// The rate key (its value: shared by every step with the same one), its limit and
     /// window in milliseconds.
@@ -566,8 +566,11 @@ impl TemplateDefinition {
                     evaluate(&limit.key, path, &format!("step `{}`", step.name))
                         .ok()
                         .map(|value| {
+                            // `:` is in no name: `.` is in names, and joined the template
+                            // `orders` and its step `v2.charge` to the key of the template
+                            // `orders.v2` and its step `charge`.
                             let scoped =
-                                format!("{}/{}.{}={value}", self.namespace, self.name, step.name);
+                                format!("{}/{}:{}={value}", self.namespace, self.name, step.name);
                             (scoped, limit.limit)
                         })
                 }),

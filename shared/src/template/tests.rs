@@ -1644,7 +1644,7 @@ fn limits_are_read_and_their_keys_evaluated_per_task() {
     let keys = definition.limit_keys(inputs).unwrap().steps;
     assert_eq!(
         keys[0].concurrency,
-        Some(("shop/sync.fetch=42".to_owned(), 2))
+        Some(("shop/sync:fetch=42".to_owned(), 2))
     );
     assert_eq!(keys[1].rate, Some(("partner".to_owned(), 100, 10_000)));
     assert_eq!(keys[2], LimitKeys::default());
@@ -2045,4 +2045,28 @@ fn a_version_longer_than_an_index_takes_is_refused() {
         "production",
     )
     .unwrap();
+}
+
+#[test]
+fn step_concurrency_keys_of_different_templates_never_meet() {
+    let key = |text: &str| {
+        let definition = parse_template(text, "production").unwrap();
+        let context = json!({});
+        let keys = definition
+            .limit_keys(KeyInputs {
+                context: &context,
+                tags: &json!([]),
+                priority: 5,
+            })
+            .unwrap()
+            .steps;
+        keys[0].concurrency.clone().unwrap().0
+    };
+    let orders = key(
+        "namespace: shop\nname: orders\nsteps:\n  - {name: v2.charge, handler: h, concurrency: {key: \"'all'\", limit: 1}}\n",
+    );
+    let orders_v2 = key(
+        "namespace: shop\nname: orders.v2\nsteps:\n  - {name: charge, handler: h, concurrency: {key: \"'all'\", limit: 1}}\n",
+    );
+    assert_ne!(orders, orders_v2);
 }
