@@ -1038,3 +1038,29 @@ async fn a_template_concurrency_cancels_the_newest_or_the_oldest() {
     assert_eq!(applied.stale, 1);
     db.finish().await;
 }
+
+/// Templates of a namespace no template has yet, registered at once (coordinators
+/// starting together with the same templates directory, say): each is created.
+#[tokio::test]
+async fn templates_registered_at_once_into_a_new_namespace_are_all_created() {
+    let db = TestDb::new("register_race").await;
+    for round in 0..20 {
+        let mut registrations = tokio::task::JoinSet::new();
+        for n in 0..8 {
+            let pool = db.pool.clone();
+            let definition = parse_template(
+                &format!("namespace: ns{round}\nname: t{n}\nsteps:\n  - {{name: a, handler: h}}\n"),
+                "test",
+            )
+            .unwrap();
+            registrations.spawn(async move { templates::register(&pool, &definition).await });
+        }
+        for registered in registrations.join_all().await {
+            assert!(
+                matches!(registered, Ok(Registered::Created { .. })),
+                "round {round}: {registered:?}"
+            );
+        }
+    }
+    db.finish_without_history().await;
+}

@@ -56,40 +56,46 @@ pub enum Registered {
 /// Store a validated template, or report that it is already there.
 pub async fn register(pool: &PgPool, definition: &TemplateDefinition) -> sqlx::Result<Registered> {
     let body = serde_json::to_value(definition).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let row = sqlx::query(include_str!("../../sql/templates/register.sql"))
-        .bind(&definition.namespace)
-        .bind(&definition.name)
-        .bind(&definition.version)
-        .bind(&definition.description)
-        .bind(&body)
-        .fetch_optional(pool)
+    // Twice at most: a registration that created the namespace at the same moment, and
+    // committed while this statement waited for it, leaves this one's snapshot without
+    // the namespace, so nothing was written; the next statement sees it.
+    for _ in 0..2 {
+        let row = sqlx::query(include_str!("../../sql/templates/register.sql"))
+            .bind(&definition.namespace)
+            .bind(&definition.name)
+            .bind(&definition.version)
+            .bind(&definition.description)
+            .bind(&body)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Registered::Created {
+                template: TemplateRecord {
+                    definition: definition.clone(),
+                    created_at: row.try_get("created_at")?,
+                    template_id: row.try_get("template_id")?,
+                },
+                new_namespace: row
+                    .try_get::<Option<bool>, _>("new_namespace")?
+                    .unwrap_or(false),
+            });
+        }
+        let existing = find(
+            pool,
+            &definition.namespace,
+            &definition.name,
+            Some(&definition.version),
+        )
         .await?;
-
-    if let Some(row) = row {
-        return Ok(Registered::Created {
-            template: TemplateRecord {
-                definition: definition.clone(),
-                created_at: row.try_get("created_at")?,
-                template_id: row.try_get("template_id")?,
-            },
-            new_namespace: row
-                .try_get::<Option<bool>, _>("new_namespace")?
-                .unwrap_or(false),
-        });
+        if let Some(existing) = existing {
+            return Ok(if existing.definition == *definition {
+                Registered::Identical(existing)
+            } else {
+                Registered::Conflict(existing)
+            });
+        }
     }
-    let existing = find(
-        pool,
-        &definition.namespace,
-        &definition.name,
-        Some(&definition.version),
-    )
-    .await?
-    .ok_or(sqlx::Error::RowNotFound)?;
-    if existing.definition == *definition {
-        Ok(Registered::Identical(existing))
-    } else {
-        Ok(Registered::Conflict(existing))
-    }
+    Err(sqlx::Error::RowNotFound)
 }
 
 /// A template by namespace and name: the given version, or else the highest by semver
