@@ -95,7 +95,7 @@ pub(super) fn walk_legacy(w: &mut Walker, root: &Map<String, Value>, environment
     };
     let version = w.version(root, "");
     w.optional_string(root, "", "module_namespace");
-    if w.optional_bool(root, "", "concurrent") == Some(false) {
+    if legacy_bool(w, root, "", "concurrent") == Some(false) {
         w.warn(
             "concurrent",
             codes::IGNORED,
@@ -204,12 +204,10 @@ fn walk_legacy_step(
     let dependent_system = w
         .optional_label(object, &path, "dependent_system", "dependent system")
         .or_else(|| default_system.map(str::to_owned));
-    let retryable = w
-        .optional_bool(object, &path, "default_retryable")
-        .unwrap_or(true);
+    let retryable = legacy_bool(w, object, &path, "default_retryable").unwrap_or(true);
     let retry_limit =
         retry_limit(w, object, &path, "default_retry_limit").unwrap_or(DEFAULT_RETRY_LIMIT);
-    let skippable = w.optional_bool(object, &path, "skippable").unwrap_or(false);
+    let skippable = legacy_bool(w, object, &path, "skippable").unwrap_or(false);
 
     let mut deps = Vec::new();
     if let Some(value) = field(object, "depends_on_step") {
@@ -267,6 +265,25 @@ fn walk_legacy_step(
         max_parallel: None,
         trigger: Trigger::AllSuccess,
     }
+}
+
+/// A boolean of a tasker-engine file. tasker-engine read its files as YAML 1.1 (Ruby's
+/// Psych), where `yes`, `no`, `on` and `off` (in any case) are booleans too; here, as YAML
+/// 1.2, they arrive as strings, and are taken as the booleans they were written as.
+fn legacy_bool(
+    w: &mut Walker,
+    object: &Map<String, Value>,
+    parent: &str,
+    key: &str,
+) -> Option<bool> {
+    if let Some(Value::String(text)) = field(object, key) {
+        match text.to_ascii_lowercase().as_str() {
+            "yes" | "on" | "true" => return Some(true),
+            "no" | "off" | "false" => return Some(false),
+            _ => {}
+        }
+    }
+    w.optional_bool(object, parent, key)
 }
 
 /// `custom_events` (of the template or of a step): a list of `{name, description}`;

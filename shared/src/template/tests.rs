@@ -2070,3 +2070,27 @@ fn step_concurrency_keys_of_different_templates_never_meet() {
     );
     assert_ne!(orders, orders_v2);
 }
+
+#[test]
+fn tasker_engine_booleans_written_as_yaml_1_1_are_read_as_booleans() {
+    let definition = parse_template(
+        "name: flags\nnamespace_name: shop\nversion: 1.0.0\ntask_handler_class: Flags\nconcurrent: Yes\n\
+         step_templates:\n  - {name: a, handler_class: A, default_retryable: no, skippable: on}\n  - {name: b, handler_class: B, default_retryable: YES, skippable: Off}\n",
+        "production",
+    )
+    .unwrap();
+    assert_eq!(
+        (definition.steps[0].retryable, definition.steps[0].skippable),
+        (false, true)
+    );
+    assert_eq!(
+        (definition.steps[1].retryable, definition.steps[1].skippable),
+        (true, false)
+    );
+    // Anything else is still refused, naming the key.
+    let found = problems(
+        "name: flags\nnamespace_name: shop\nversion: 1.0.0\ntask_handler_class: Flags\nstep_templates:\n  - {name: a, handler_class: A, default_retryable: maybe}\n",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "step_templates[0].default_retryable");
+}
