@@ -72,7 +72,7 @@ pub use limits::{
 use project::walk_project;
 use schema::{compile_schema, guarded};
 pub use waits::{WAIT_HANDLER, wait_timeout_ms};
-use walker::{Walker, kind};
+use walker::{Walker, join, kind};
 
 /// Problem codes carried in [`Problem::code`].
 ///
@@ -764,6 +764,9 @@ pub fn template_from_value_with_warnings(
     if walker.problems.is_empty() {
         check_schedule_contexts(&mut walker, &draft);
     }
+    if legacy && walker.problems.is_empty() {
+        check_other_environments(&mut walker, root, environment, limits);
+    }
     if walker.problems.is_empty() {
         Ok(ParsedTemplate {
             warnings: std::mem::take(&mut walker.warnings),
@@ -771,6 +774,58 @@ pub fn template_from_value_with_warnings(
         })
     } else {
         Err(TemplateError(walker.into_problems()))
+    }
+}
+
+/// The most environments of a tasker-engine file checked besides the selected one.
+const MAX_OTHER_ENVIRONMENTS: usize = 16;
+
+/// A tasker-engine file's other environments, each merged and checked as the selected
+/// one was: a file valid here may not be where another coordinator loads it
+/// (`TASKER_ENV`). One problem per environment that fails, at `environments.<name>`,
+/// naming its first problems. Called once the selected environment passed, so what
+/// each reports is its own.
+fn check_other_environments(
+    w: &mut Walker,
+    root: &serde_json::Map<String, serde_json::Value>,
+    environment: &str,
+    limits: TemplateLimits,
+) {
+    let Some(environments) = root.get("environments").and_then(|e| e.as_object()) else {
+        return;
+    };
+    for (name, _) in environments
+        .iter()
+        .filter(|(name, value)| name.as_str() != environment && value.is_object())
+        .take(MAX_OTHER_ENVIRONMENTS)
+    {
+        let mut other = Walker::new(limits.max_steps.min(MAX_STEPS));
+        let draft = walk_legacy(&mut other, root, name);
+        check_graph(&mut other, &draft);
+        check_config_size(&mut other, &draft, limits.max_config_bytes);
+        let problems = other.into_problems();
+        if problems.is_empty() {
+            continue;
+        }
+        let shown: Vec<String> = problems
+            .iter()
+            .take(5)
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
+        let more = problems.len().saturating_sub(shown.len());
+        w.report(
+            join("environments", name),
+            codes::INVALID_VALUE,
+            format!(
+                "merged for environment `{name}`, the template is invalid: {}{}",
+                shown.join("; "),
+                if more > 0 {
+                    format!(" (and {more} more)")
+                } else {
+                    String::new()
+                }
+            ),
+        );
     }
 }
 

@@ -2094,3 +2094,40 @@ fn tasker_engine_booleans_written_as_yaml_1_1_are_read_as_booleans() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].path, "step_templates[0].default_retryable");
 }
+
+#[test]
+fn a_tasker_engine_environment_invalid_once_merged_is_refused_whichever_is_selected() {
+    let text = "name: envs\nnamespace_name: shop\nversion: 1.0.0\ntask_handler_class: Envs\n\
+        step_templates:\n  - {name: a, handler_class: A}\n  - {name: b, handler_class: B, depends_on_step: a}\n\
+        environments:\n  development:\n    step_templates:\n      - {name: a, handler_config: {url: http://localhost}}\n\
+        \x20 production:\n    step_templates:\n      - {name: b, default_retry_limit: 0}\n";
+    for selected in ["development", "production", "test"] {
+        let found = problems_in(text, selected);
+        let at: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
+        if selected == "production" {
+            assert_eq!(at, ["step_templates[1].default_retry_limit"], "{found:#?}");
+        } else {
+            assert_eq!(at, ["environments.production"], "{found:#?}");
+            assert!(
+                found[0]
+                    .message
+                    .contains("step_templates[1].default_retry_limit"),
+                "{}",
+                found[0].message
+            );
+        }
+    }
+    // Each environment valid: it registers.
+    parse_template(
+        &text.replace("default_retry_limit: 0", "default_retry_limit: 5"),
+        "test",
+    )
+    .unwrap();
+}
+
+fn problems_in(text: &str, environment: &str) -> Vec<Problem> {
+    match parse_template(text, environment) {
+        Ok(definition) => panic!("expected problems, got {definition:?}"),
+        Err(error) => error.0,
+    }
+}
