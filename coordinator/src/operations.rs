@@ -59,11 +59,14 @@ pub(crate) struct Effects {
 
 impl Effects {
     /// A task was created, with its first steps claimed (`dispatches`) or left for the
-    /// dispatcher (none claimed, or, when a first step `fans_out`, its instances past the
+    /// dispatcher (none claimed, or, when its first steps `leave_work`
+    /// ([`TemplateDefinition::first_steps_leave_work`]), what they made ready past the
     /// first batch).
-    pub(crate) fn created(task: &TaskRecord, dispatches: Vec<Dispatch>, fans_out: bool) -> Self {
+    ///
+    /// [`TemplateDefinition::first_steps_leave_work`]: tasker_shared::template::TemplateDefinition::first_steps_leave_work
+    pub(crate) fn created(task: &TaskRecord, dispatches: Vec<Dispatch>, leave_work: bool) -> Self {
         Effects {
-            wake_dispatcher: dispatches.is_empty() || fans_out,
+            wake_dispatcher: dispatches.is_empty() || leave_work,
             wake_events: true,
             dispatches,
             created_in: vec![task.namespace.clone()],

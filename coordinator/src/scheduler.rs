@@ -371,13 +371,9 @@ impl Scheduler {
                 Created::TemplateChanged => anyhow::bail!("the template's versions kept changing"),
                 Created::Existing(task) => return Ok(Ok(task.task_id)),
                 Created::New(task, _, dispatches) => {
-                    let fans_out = template
-                        .definition
-                        .steps
-                        .iter()
-                        .any(|step| step.for_each.is_some() && step.depends_on.is_empty());
+                    let leaves_work = template.definition.first_steps_leave_work();
                     let task_id = task.task_id;
-                    Effects::created(&task, dispatches, fans_out)
+                    Effects::created(&task, dispatches, leaves_work)
                         .apply(state)
                         .await;
                     return Ok(Ok(task_id));

@@ -292,6 +292,9 @@ impl Sweeper {
     /// ([`transitions::children_unheard`]); publish what that claims.
     async fn hand_back_children(&self) -> anyhow::Result<()> {
         let lease_ms = self.queues.lease_ms;
+        if !transitions::claims_left_children(&mut *self.pool.acquire().await?).await? {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         let orphans = transitions::cancel_orphans(&mut tx, SWEEP_BATCH, lease_ms).await?;
         let (children, mut finished) =
@@ -305,6 +308,8 @@ impl Sweeper {
         }
         if children.is_empty() {
             if !orphans.is_empty() {
+                // Their concurrency slots were freed: tasks waiting for them may start.
+                self.wake_dispatcher.notify_one();
                 self.wake_events.notify_one();
             }
             return Ok(());

@@ -306,13 +306,9 @@ pub(crate) async fn create(
         Created::New(task, steps, dispatches) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
-            // A first step's instances past the first batch are the dispatcher's.
-            let fans_out = template
-                .definition
-                .steps
-                .iter()
-                .any(|step| step.for_each.is_some() && step.depends_on.is_empty());
-            crate::operations::Effects::created(&task, dispatches, fans_out)
+            // What a first step leaves ready past the first batch is the dispatcher's.
+            let leaves_work = template.definition.first_steps_leave_work();
+            crate::operations::Effects::created(&task, dispatches, leaves_work)
                 .apply(&state)
                 .await;
             // As created: no second read. `execution` is computed on GET.

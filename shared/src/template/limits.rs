@@ -290,16 +290,21 @@ struct Programs {
 
 /// The most characters a CEL expression may have.
 pub const MAX_EXPRESSION_CHARS: usize = 4_096;
-/// The most operators (`+`, `&&`, `<=`, `!`, `?`…) a CEL expression may have, outside
-/// its string literals. CEL's parser and evaluator recurse once per operator of a chain
-/// (`1 + 1 + …`): a chain of about 1,300 of them overflows a 2 MiB thread stack, which
-/// aborts the process.
-pub const MAX_EXPRESSION_OPERATORS: usize = 256;
-/// The deepest a CEL expression may nest brackets (`(`, `[`, `{`).
-pub const MAX_EXPRESSION_NESTING: usize = 32;
+/// The deepest a CEL expression's syntax tree may be: each operator of a chain
+/// (`1 + 1 + …`), field of a path (`a.b.c…`), index, call or bracket is a level. CEL
+/// evaluates an expression by recursion over its tree, about a level per stack frame:
+/// chains of about 1,300 levels overflowed a 2 MiB thread stack, which aborts the
+/// process.
+pub const MAX_EXPRESSION_DEPTH: usize = 256;
+/// The stack of the thread an expression is compiled on: CEL's parser recurses once per
+/// level too, and the depth is known only once it has parsed. Enough for any expression
+/// of [`MAX_EXPRESSION_CHARS`]; only touched pages cost memory.
+const COMPILE_STACK_BYTES: usize = 256 << 20;
 
-/// Refuse an expression too large to compile and evaluate safely (the limits above).
-fn check_size(source: &str) -> Result<(), String> {
+/// Compile `source` on a thread of its own with a stack large enough for any expression
+/// of its length, and refuse it there (where its tree is dropped) when it is longer or
+/// deeper than the limits, so that what is returned runs safely on any thread.
+fn compile_guarded(source: &str) -> Result<cel::Program, String> {
     let chars = source.chars().count();
     let shown: String = source.chars().take(60).collect();
     let shown = if chars > 60 {
@@ -307,71 +312,81 @@ fn check_size(source: &str) -> Result<(), String> {
     } else {
         shown
     };
-    let too_large = |what: String| {
-        Err(format!(
-            "`{shown}` is too large: {what} (an expression may have at most \
-             {MAX_EXPRESSION_CHARS} characters, {MAX_EXPRESSION_OPERATORS} operators and \
-             {MAX_EXPRESSION_NESTING} levels of brackets)"
-        ))
-    };
     if chars > MAX_EXPRESSION_CHARS {
-        return too_large(format!("{chars} characters"));
+        return Err(format!(
+            "`{shown}` is too long: {chars} characters, at most {MAX_EXPRESSION_CHARS}"
+        ));
     }
-    let (operators, nesting) = operators_and_nesting(source);
-    if operators > MAX_EXPRESSION_OPERATORS {
-        return too_large(format!("{operators} operators"));
-    }
-    if nesting > MAX_EXPRESSION_NESTING {
-        return too_large(format!("{nesting} levels of brackets"));
-    }
-    Ok(())
+    let owned = source.to_owned();
+    let compiled = std::thread::Builder::new()
+        .name("cel-compile".to_owned())
+        .stack_size(COMPILE_STACK_BYTES)
+        .spawn(move || {
+            let program = cel::Program::compile(&owned)
+                .map_err(|error| format!("`{owned}` does not compile: {error}"))?;
+            let depth = expression_depth(program.expression());
+            if depth > MAX_EXPRESSION_DEPTH {
+                return Err(format!(
+                    "`{shown}` nests too deep: {depth} levels (operators of a chain, fields \
+                     of a path, indexes, calls, brackets), at most {MAX_EXPRESSION_DEPTH}"
+                ));
+            }
+            Ok(program)
+        })
+        .map_err(|error| format!("cannot compile `{source}`: {error}"))?
+        .join();
+    compiled.unwrap_or_else(|_| Err(format!("`{source}` could not be compiled")))
 }
 
-/// The operators (a run of operator characters counts once) and the deepest bracket
-/// nesting of a CEL source, outside its string literals (`'…'`, `"…"`, triple-quoted,
-/// raw with an `r` prefix).
-fn operators_and_nesting(source: &str) -> (usize, usize) {
-    let bytes = source.as_bytes();
-    let (mut operators, mut depth, mut deepest) = (0usize, 0usize, 0usize);
-    let mut in_operator = false;
-    let mut i = 0;
-    while i < bytes.len() {
-        let byte = bytes[i];
-        if byte == b'\'' || byte == b'"' {
-            let raw = i > 0 && matches!(bytes[i - 1], b'r' | b'R');
-            let triple = bytes[i..].starts_with(&[byte; 3]);
-            let quote: &[u8] = if triple {
-                &bytes[i..i + 3]
-            } else {
-                &bytes[i..=i]
-            };
-            i += quote.len();
-            while i < bytes.len() && !bytes[i..].starts_with(quote) {
-                i += if bytes[i] == b'\\' && !raw { 2 } else { 1 };
+/// The depth of an expression's syntax tree, walked without recursion.
+fn expression_depth(root: &cel::common::ast::IdedExpr) -> usize {
+    use cel::common::ast::{EntryExpr, Expr};
+    let mut deepest = 0;
+    let mut stack = vec![(root, 1_usize)];
+    while let Some((node, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        let below = depth + 1;
+        match &node.expr {
+            Expr::Call(call) => {
+                stack.extend(call.target.as_deref().map(|target| (target, below)));
+                stack.extend(call.args.iter().map(|arg| (arg, below)));
             }
-            i += quote.len();
-            in_operator = false;
-            continue;
-        }
-        let operator = matches!(
-            byte,
-            b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|' | b'?'
-        );
-        if operator && !in_operator {
-            operators += 1;
-        }
-        in_operator = operator;
-        match byte {
-            b'(' | b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
+            Expr::Comprehension(c) => stack.extend(
+                [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .map(|e| (e, below)),
+            ),
+            Expr::List(list) => stack.extend(list.elements.iter().map(|e| (e, below))),
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    match &entry.expr {
+                        EntryExpr::MapEntry(e) => {
+                            stack.extend([(&e.key, below), (&e.value, below)])
+                        }
+                        EntryExpr::StructField(f) => stack.push((&f.value, below)),
+                    }
+                }
             }
-            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            Expr::Struct(st) => {
+                for entry in &st.entries {
+                    match &entry.expr {
+                        EntryExpr::MapEntry(e) => {
+                            stack.extend([(&e.key, below), (&e.value, below)])
+                        }
+                        EntryExpr::StructField(f) => stack.push((&f.value, below)),
+                    }
+                }
+            }
+            Expr::Select(select) => stack.push((&select.operand, below)),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
         }
-        i += 1;
     }
-    (operators, deepest)
+    deepest
 }
 
 /// Compile a key, or say why it cannot be: it does not parse, or it uses a variable
@@ -402,11 +417,7 @@ pub(super) fn compile_with(
     let program = match cached {
         Some(program) => program,
         None => {
-            check_size(source)?;
-            let program = Arc::new(
-                cel::Program::compile(source)
-                    .map_err(|error| format!("`{source}` does not compile: {error}"))?,
-            );
+            let program = Arc::new(compile_guarded(source)?);
             let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
             if cache.by_source.len() >= MAX_CACHED || cache.bytes >= MAX_CACHED_BYTES {
                 *cache = Programs::default();

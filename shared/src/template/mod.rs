@@ -66,8 +66,8 @@ use draft::Draft;
 use graph::check_graph;
 use legacy::walk_legacy;
 pub use limits::{
-    KeyInputs, LimitKeys, Limits, MAX_CONCURRENCY, MAX_EXPRESSION_CHARS, MAX_EXPRESSION_NESTING,
-    MAX_EXPRESSION_OPERATORS, MAX_KEY_BYTES, MAX_RATE, MAX_TASK_LIMITS, TaskKey, window_ms,
+    KeyInputs, LimitKeys, Limits, MAX_CONCURRENCY, MAX_EXPRESSION_CHARS, MAX_EXPRESSION_DEPTH,
+    MAX_KEY_BYTES, MAX_RATE, MAX_TASK_LIMITS, TaskKey, window_ms,
 };
 use project::walk_project;
 use schema::{compile_schema, guarded};
@@ -315,6 +315,16 @@ impl TemplateDefinition {
     /// Its `timeout` in milliseconds.
     pub fn timeout_ms(&self) -> Option<i64> {
         self.timeout.as_deref().and_then(timeout_ms)
+    }
+
+    /// Whether a new task's creation may leave steps ready for the dispatcher beyond the
+    /// ones it claims: a first step fans out (its instances past the first batch), or
+    /// starts a child task (whose own first steps past the bound of children one
+    /// transaction starts).
+    pub fn first_steps_leave_work(&self) -> bool {
+        self.steps.iter().any(|step| {
+            step.depends_on.is_empty() && (step.for_each.is_some() || step.handler == TASK_HANDLER)
+        })
     }
 }
 

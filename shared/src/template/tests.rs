@@ -1888,29 +1888,33 @@ fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_r
         format!("namespace: shop\nname: t\nsteps:\n  - {{name: a, handler: h, when: \"{when}\"}}\n")
     };
     let chain = |terms: usize| vec!["1"; terms].join(" + ");
-    // A chain past the operators' limit (one of 100,000 terms would overflow the stack
-    // of the thread compiling it), brackets nested too deep, a source too long.
+    // Each would overflow the stack of the thread evaluating it, or compiling it: a chain
+    // of operators, a path of fields, of indexes, one hidden after a comment (which holds
+    // a quote), and a source too long.
     for (when, said) in [
-        (format!("{} > 0", chain(100_000)), "characters"),
-        (format!("{} > 0", chain(300)), "300 operators"),
+        (format!("{} > 0", chain(100_000)), "too long"),
+        (format!("{} > 0", chain(300)), "nests too deep"),
         (
-            format!("{}1{} > 0", "(".repeat(40), ")".repeat(40)),
-            "40 levels",
+            format!("has(context{})", ".a".repeat(600)),
+            "nests too deep",
+        ),
+        (
+            format!("context{} == 1", "[0]".repeat(400)),
+            "nests too deep",
+        ),
+        (
+            format!("context.x > 0 // don't\\n || {} > 0", chain(1_000)),
+            "nests too deep",
         ),
     ] {
         let found = problems(&template(&when));
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].path, "steps[0].when");
         assert_eq!(found[0].code, codes::INVALID_EXPRESSION);
-        assert!(
-            found[0].message.contains("is too large"),
-            "{}",
-            found[0].message
-        );
         assert!(found[0].message.contains(said), "{}", found[0].message);
         assert!(found[0].message.len() < 400, "{}", found[0].message);
     }
-    // Operators inside string literals do not count.
+    // Operators inside string literals are no levels.
     let quoted = format!(
         "'{}' != '' && \\\"{}\\\" != ''",
         "+".repeat(1000),
@@ -1920,12 +1924,12 @@ fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_r
 
     // Within the limits, compiled and evaluated on a thread with a 2 MiB stack (a
     // runtime thread's).
+    let terms = MAX_EXPRESSION_DEPTH - 16;
     let when = format!(
-        "{} == {} && {}1{} == 1",
-        chain(MAX_EXPRESSION_OPERATORS - 9),
-        MAX_EXPRESSION_OPERATORS - 9,
-        "(".repeat(MAX_EXPRESSION_NESTING),
-        ")".repeat(MAX_EXPRESSION_NESTING)
+        "{} == {terms} && {}1{} == 1",
+        chain(terms),
+        "(".repeat(32),
+        ")".repeat(32)
     );
     let outcome = std::thread::Builder::new()
         .stack_size(2 << 20)

@@ -13,7 +13,7 @@
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
-//! | `child_tasks::run` (inside `conditions::judge`) | a `tasker.task` step: pending (its child task created, its first steps claimed), pending → complete when the child completed, pending (the child retried), or pending → error | `child_task_started`, `child_task_done`, `child_task_retried`, `failed` (`child_task_failed`, `child_task_cancelled`, `template_not_found`, `invalid_context`) |
+//! | `child_tasks::run` (inside `conditions::judge`) | a `tasker.task` step: pending (its child task created, its first steps claimed), pending → complete when the child completed, pending (the child retried), or pending → error | `child_task_started`, `child_task_done`, `child_task_retried`, `failed` (`child_task_failed`, `child_task_cancelled`, `child_task_too_deep`, `child_task_refused`, `template_not_found`, `invalid_context`, `invalid_config`, `expression_error`) |
 //! | [`finish_tasks`] | task in_progress → complete / error; the step that started a finished child judged | `all_steps_done`, `blocked_by_failures` |
 //! | [`expire_waits`] | a `tasker.wait` step past its timeout: pending → error | `failed` (`wait_timeout`) |
 //! | [`signal`] | a `tasker.wait` step: pending → complete (its children claimed), or keeps the payload until it waits | `signal_received` |
@@ -22,8 +22,8 @@
 //! | [`children_unheard`] | the `tasker.task` steps still waiting for children that ended in a claim (`cancel_oldest`): judged as there | as `child_tasks::run` |
 //! | [`cancel_task`] | every unfinished step → cancelled; task → cancelled, and its unfinished child tasks with it; the step that started it, if a child, judged | `task_cancelled`, `cancelled_by_operator`, `parent_cancelled` |
 //! | [`cancel_orphans`] | as [`cancel_task`], for the unfinished children of a task a claim cancelled (`cancel_oldest`) | `task_cancelled`, `parent_cancelled` |
-//! | [`retry_task`] | error → pending (fresh attempt budget); task error → in_progress | `retry_requested` |
-//! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; task error → in_progress | `resolved_by_operator`; task `step_resolved` |
+//! | [`retry_task`] | error, and cancelled by the task's deadline → pending (fresh attempt budget; a `tasker.task` step whose child ended, handed to be judged); task error → in_progress, its deadline lifted | `retry_requested` |
+//! | [`resolve_step`] | pending / waiting_for_retry / error → resolved_manually; in a task in error, the steps its deadline cancelled → pending as in a retry; task error → in_progress | `resolved_by_operator`; `step_resolved` |
 //! | [`resolve_task`] | none; task error → resolved_manually | `resolved_by_operator` |
 //!
 //! Results are fenced: a result is applied only while the step is `enqueued` or
@@ -142,6 +142,15 @@ pub async fn children_ended(
     lease_ms: i64,
 ) -> sqlx::Result<Finished> {
     finish_and_judge(conn, &[], ended, Some(lease_ms)).await
+}
+
+/// Whether a claim that cancelled tasks as the oldest of their template's concurrency key
+/// left work for [`children_unheard`] or [`cancel_orphans`]: one read, without a
+/// transaction, so that a sweep with nothing to do costs one statement.
+pub async fn claims_left_children(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar(include_str!("../../../sql/child_tasks/left_by_claims.sql"))
+        .fetch_one(conn)
+        .await
 }
 
 /// Judge, as [`children_ended`] does, the `tasker.task` steps that still wait for
