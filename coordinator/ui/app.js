@@ -182,6 +182,9 @@ function openStream(params, onEvent) {
     },
   };
   setLive("off", "connecting");
+  // Between tries: 2 s, doubling up to 30 s while the stream is refused (a coordinator at
+  // its limit of streams, say), jittered so that many tabs do not come back together.
+  let delay = 2000;
   const connect = async () => {
     try {
       const headers = { Accept: "text/event-stream" };
@@ -208,6 +211,7 @@ function openStream(params, onEvent) {
           const payload = JSON.parse(data.join("\n"));
           if (name === "ready") {
             if (payload.events) {
+              delay = 2000;
               setLive("on", payload.only ? `live: ${payload.only.join(", ")} only` : "live");
               // What changed between the page's first read (or a dropped stream) and
               // now reached no stream: read once more.
@@ -227,9 +231,16 @@ function openStream(params, onEvent) {
       }
     } catch (error) {
       if (stopped) return;
+      if (error.status === 401) {
+        // The token was revoked or has expired: another try would be refused as well.
+        showSignIn("The token was refused; paste another.");
+        return;
+      }
       setLive("off", "reconnecting");
     }
-    if (!stopped) setTimeout(connect, 2000);
+    if (stopped) return;
+    setTimeout(connect, delay * (0.75 + Math.random() / 2));
+    delay = Math.min(delay * 2, 30000);
   };
   connect();
 }
@@ -404,10 +415,17 @@ async function tasksPage(main, params) {
       ? `${body.children.length} task${body.children.length === 1 ? "" : "s"} shown, newest first${cursor ? "" : " (all that match)"}.`
       : "No task matches.";
   };
-  more.addEventListener("click", () => load(true).catch((e) => flash(e.message, "error")));
+  // One read at a time, "Older tasks…" and live reloads alike, in the order asked: an
+  // older answer must not replace, or cut into, a newer one.
+  let reading = Promise.resolve();
+  const serially = (append) => {
+    reading = reading.then(() => load(append), () => load(append));
+    return reading.catch((e) => flash(e.message, "error"));
+  };
+  more.addEventListener("click", () => serially(true));
   await load(false);
   if (!current(page)) return;
-  const refresh = throttle(() => load(false).catch((e) => flash(e.message, "error")), 700);
+  const refresh = throttle(() => serially(false), 700);
   openStream({ kind: "task", namespace: filters.namespace || undefined }, refresh);
 }
 
@@ -415,6 +433,9 @@ async function taskPage(main, taskId) {
   const page = app.page;
   let selected = null;
   let data = null;
+  // Until when a first click on "Cancel task" waits for the second: kept here, not on
+  // the button, which every live reload draws anew.
+  let cancelArmedUntil = 0;
   const header = h("div", { class: "task-head" });
   const actions = h("div", { class: "actions", id: "task-actions" });
   const graph = document.createElementNS("http://www.w3.org/2000/svg", "svg");
@@ -489,10 +510,14 @@ async function taskPage(main, taskId) {
       );
     }
     if (task.status === "pending" || task.status === "in_progress") {
-      const cancel = h("button", { id: "action-cancel", class: "danger" }, "Cancel task");
+      const armed = () => Date.now() < cancelArmedUntil;
+      const cancel = h("button", { id: "action-cancel", class: "danger" }, armed() ? "Click again to cancel" : "Cancel task");
       cancel.addEventListener("click", () => {
-        if (cancel.dataset.armed) return act("Cancel", `/v1/tasks/${taskId}/cancel`, { reason: "cancelled from the console" });
-        cancel.dataset.armed = "1";
+        if (armed()) {
+          cancelArmedUntil = 0;
+          return act("Cancel", `/v1/tasks/${taskId}/cancel`, { reason: "cancelled from the console" });
+        }
+        cancelArmedUntil = Date.now() + 10_000;
         cancel.textContent = "Click again to cancel";
       });
       actions.append(cancel);
@@ -834,7 +859,9 @@ async function workersPage(main) {
     try {
       status = await api("/health/status");
     } catch (error) {
-      if (error.status === 401 || error.status === 403) {
+      // A 401 put the sign-in form up: this page is gone, and must not draw over it.
+      if (!current(page)) return;
+      if (error.status === 403) {
         main.replaceChildren(h("h1", {}, "Workers"), h("p", { class: "error" }, "This token cannot read /health/status (it needs metrics:read)."));
         return;
       }
@@ -1037,7 +1064,7 @@ async function analyticsPage(main, params) {
     return {
       at: new Date(+since + (i + 1) * width),
       values: t
-        ? { p50: t.duration_ms?.p50, p95: t.duration_ms?.p95, p99: t.duration_ms?.p99, errors: t.tasks ? t.error / t.tasks : null }
+        ? { p50: t.duration_ms?.p50, p95: t.duration_ms?.p95, p99: t.duration_ms?.p99, errors: t.finished ? t.error / t.finished : null }
         : { p50: null, p95: null, p99: null, errors: null },
     };
   });

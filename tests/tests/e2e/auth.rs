@@ -188,7 +188,7 @@ fn assert_forbidden(answer: &Answer, scope: &str) {
 }
 
 /// Run `tasker-coordinator token …` against the test's database.
-async fn token_command(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn token_command(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         Command::new(tasker_tests::binary("tasker-coordinator"))
@@ -211,7 +211,7 @@ async fn token_command(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
 }
 
 /// `token create`: answers the secret printed on stdout.
-async fn create_token(env: &TestEnv, name: &str, scopes: &str) -> String {
+pub(crate) async fn create_token(env: &TestEnv, name: &str, scopes: &str) -> String {
     let (ok, stdout, stderr) =
         token_command(env, &["create", "--name", name, "--scopes", scopes]).await;
     assert!(ok, "token create failed:\n{stderr}");

@@ -616,6 +616,90 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
 }
 
 #[tokio::test]
+async fn cancel_stays_armed_across_a_live_reload_and_the_second_click_cancels() {
+    if !browser_available() {
+        return;
+    }
+    let env = TestEnv::start_with("console_cancel", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    register(
+        &env,
+        &admin,
+        "namespace: arm\nname: gates\nversion: 1.0.0\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n  - {name: tick, handler: tasker.wait, config: {signal: tick}}\n",
+    )
+    .await;
+    let task = create(&env, &admin, "arm", "gates", json!({})).await;
+    wait_for_status(&env, &admin, &task, "in_progress").await;
+
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&env.base_url, &format!("#/tasks/{task}"), &admin)
+        .await;
+    browser.wait_for("#live.on").await;
+    browser.click("#action-cancel").await;
+    // A step moves between the two clicks: the page reloads and draws its actions anew.
+    let (status, _) = call(
+        &env,
+        reqwest::Method::POST,
+        &format!("/v1/tasks/{task}/signals/tick"),
+        &admin,
+        Some(json!({})),
+    )
+    .await;
+    assert!(status < 300, "the signal answered {status}");
+    browser
+        .wait_for("#task-graph g.node.status-complete[data-step='tick']")
+        .await;
+    let label = browser
+        .wait_until(
+            "the cancel button",
+            "return document.querySelector('#action-cancel')?.innerText",
+        )
+        .await;
+    assert_eq!(
+        label, "Click again to cancel",
+        "the first click was forgotten"
+    );
+    browser.click("#action-cancel").await;
+    wait_for_status(&env, &admin, &task, "cancelled").await;
+    browser.close().await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_token_revoked_while_the_workers_page_polls_brings_the_sign_in_form_back() {
+    if !browser_available() {
+        return;
+    }
+    let mut options = auth_options();
+    options
+        .coordinator_env
+        .push(("TASKER_METRICS_AUTH".into(), "on".into()));
+    let env = TestEnv::start_with("console_revoked", options)
+        .await
+        .unwrap();
+    let oncall = crate::auth::create_token(&env, "oncall", "tasks:read,metrics:read").await;
+
+    let browser = Browser::start().await;
+    browser.sign_in(&env.base_url, "#/workers", &oncall).await;
+    browser.wait_for("#queues-table").await;
+    let (revoked, _, stderr) = crate::auth::token_command(&env, &["revoke", "oncall"]).await;
+    assert!(revoked, "{stderr}");
+    // The page's next read of /health/status (every 5 s) is refused: the sign-in form
+    // comes back, and stays.
+    browser.wait_for("#token-form").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        browser.exists("#token-form").await,
+        "the sign-in form was drawn over"
+    );
+    browser.close().await;
+    env.finish().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_page_left_while_it_loads_leaves_the_next_pages_live_updates_alone() {
     // The user opens a task and goes back to the list before the task page has read
     // everything. When the task page's last read arrives, it must not open its stream:
