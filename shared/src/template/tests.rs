@@ -1515,21 +1515,27 @@ fn schema_violations_past_the_cap_are_not_listed() {
 #[test]
 fn deeply_nested_documents_are_refused_quickly() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    for text in [
-        format!(
-            r#"{{"namespace": "n", "name": "t", "steps": [{{"name": "a", "handler": "H", "config": {deep}}}]}}"#
+    for (text, said) in [
+        (
+            format!(
+                r#"{{"namespace": "n", "name": "t", "steps": [{{"name": "a", "handler": "H", "config": {deep}}}]}}"#
+            ),
+            "recursion limit exceeded",
         ),
-        format!("namespace: n\nname: t\nsteps:\n  - name: a\n    handler: H\n    config: {deep}\n"),
-        deep.clone(),
+        (
+            format!(
+                "namespace: n\nname: t\nsteps:\n  - name: a\n    handler: H\n    config: {deep}\n"
+            ),
+            "recursion limit exceeded",
+        ),
+        (deep.clone(), "recursion limit exceeded"),
+        // Flow-style YAML, which is not JSON, is bounded as any YAML.
+        (format!("{{a: {deep}}}"), "JSON syntax error"),
     ] {
         let started = std::time::Instant::now();
         let error = parse_template(&text, "").unwrap_err();
         assert_eq!(codes_of(&error), ["syntax"], "{error:#?}");
-        assert!(
-            error.0[0].message.contains("recursion limit exceeded"),
-            "{}",
-            error.0[0].message
-        );
+        assert!(error.0[0].message.contains(said), "{}", error.0[0].message);
         assert!(
             started.elapsed() < std::time::Duration::from_secs(2),
             "{:?} for {}...",
@@ -1537,21 +1543,6 @@ fn deeply_nested_documents_are_refused_quickly() {
             &text[..40]
         );
     }
-    // Flow-style YAML, which is not JSON, is bounded as any YAML: refused at once.
-    let text = format!("{{a: {deep}}}");
-    let started = std::time::Instant::now();
-    let error = parse_template(&text, "").unwrap_err();
-    assert_eq!(codes_of(&error), ["syntax"], "{error:#?}");
-    assert!(
-        error.0[0].message.starts_with("JSON syntax error"),
-        "{}",
-        error.0[0].message
-    );
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[test]
