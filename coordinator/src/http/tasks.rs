@@ -164,7 +164,7 @@ const LARGE_TEMPLATE_STEPS: usize = 1_000;
         (status = 409, description = "`idempotency_conflict`: the key was used with another version or context.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `context_too_large`: the context is larger than `TASKER_MAX_CONTEXT_BYTES`.", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is sent as something other than JSON.", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (every field problem, including strings holding U+0000), `invalid_context` (every place the context breaks the template's schema), `invalid_limit_key` (each limit key that cannot be evaluated for this task, by step and key) or `invalid_condition` (a first step's `when` that fails for this context, by step); `invalid_request` also names each `bypass_steps` entry that is no step (`unknown_step`) or not `skippable` (`not_skippable`).", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: every field problem, including strings holding U+0000 (before the template is read). Otherwise every problem the template finds in one answer's `details`: each place the context breaks the template's schema, each `bypass_steps` entry that is no step (`unknown_step`) or not `skippable` (`not_skippable`), each first step's `when` that fails for this context (by step), each limit key that cannot be evaluated for this task (by step and key); the code names the first kind present: `invalid_context`, else `invalid_request`, else `invalid_condition`, else `invalid_limit_key`.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
@@ -271,20 +271,12 @@ pub(crate) async fn create(
             )
         })?;
         let template = resolved.template;
-        template
+        // Checked whatever the context's problems, so that one answer names them all.
+        let context_problems = template
             .definition
             .validate_context(&new.context)
-            .map_err(|problems| {
-                let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
-                ApiError::invalid(
-                    "invalid_context",
-                    format!(
-                        "the context breaks the template's schema in {} place(s)",
-                        details.len()
-                    ),
-                    details,
-                )
-            })?;
+            .err()
+            .unwrap_or_default();
         let versions_known = resolved.versions_known.filter(|_| checked);
         // Ids and edges for a large template take milliseconds of CPU (linear in steps
         // and edges): off the async threads, so other requests go on meanwhile.
@@ -296,7 +288,11 @@ pub(crate) async fn create(
         } else {
             Creation::new(template.clone(), new.clone(), claim, versions_known)
         };
-        let creation = creation.map_err(creation_problems)?;
+        let creation = match creation {
+            Ok(creation) if context_problems.is_empty() => creation,
+            Ok(_) => return Err(creation_problems(context_problems, Vec::new())),
+            Err(problems) => return Err(creation_problems(context_problems, problems)),
+        };
         match state.creator.create(creation).await? {
             Created::TemplateChanged if checked => checked = false,
             created => break (template, created),
@@ -561,13 +557,22 @@ fn run_at(fields: &mut Fields) -> Option<chrono::DateTime<chrono::Utc>> {
 /// Most `bypass_steps`.
 const MAX_BYPASSED: usize = 1_000;
 
-/// The answer to a creation its template refuses for this task: steps it cannot bypass
-/// (`invalid_request`), a first step's condition that fails (`invalid_condition`), or
-/// limit keys it cannot evaluate (`invalid_limit_key`).
-fn creation_problems(problems: Vec<Problem>) -> ApiError {
-    let details: Vec<Value> = problems.iter().map(|p| json!(p)).collect();
-    let count = details.len();
-    let (code, message) = if problems.iter().any(|p| p.path.starts_with("bypass_steps")) {
+/// The answer to a creation its template refuses for this task, every problem in its
+/// details: the context breaks the schema (`invalid_context`, its problems first); else
+/// steps it cannot bypass (`invalid_request`), a first step's condition that fails
+/// (`invalid_condition`), or limit keys it cannot evaluate (`invalid_limit_key`), the
+/// code naming the first kind found.
+fn creation_problems(context: Vec<Problem>, problems: Vec<Problem>) -> ApiError {
+    let count = context.len() + problems.len();
+    let (code, message) = if !context.is_empty() {
+        (
+            "invalid_context",
+            format!(
+                "the context breaks the template's schema in {} place(s); {count} problem(s) in all",
+                context.len()
+            ),
+        )
+    } else if problems.iter().any(|p| p.path.starts_with("bypass_steps")) {
         (
             "invalid_request",
             format!("{count} problem(s) in the request"),
@@ -583,5 +588,6 @@ fn creation_problems(problems: Vec<Problem>) -> ApiError {
             format!("{count} limit key(s) of the template cannot be evaluated for this task"),
         )
     };
+    let details: Vec<Value> = context.iter().chain(&problems).map(|p| json!(p)).collect();
     ApiError::invalid(code, message, details)
 }

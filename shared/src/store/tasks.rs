@@ -257,15 +257,18 @@ impl StepPlan {
                 Some(i) => plan.skipped[i] = Some(TransitionReason::Bypassed),
             }
         }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
+        // The conditions are judged whatever the bypass list's problems, so that one
+        // answer names them all.
         if new.bypass_steps.is_empty()
             && steps
                 .iter()
                 .all(|step| step.when.is_none() && !step.run_by_coordinator())
         {
-            return Ok(plan);
+            return if problems.is_empty() {
+                Ok(plan)
+            } else {
+                Err(problems)
+            };
         }
         // Parents before children: a step's parents still to finish are its parents not
         // skipped; one with none is judged now if it has a condition. A step the
@@ -346,7 +349,9 @@ impl Creation {
     ///
     /// # Errors
     ///
-    /// The keys that cannot be evaluated for this task, named by step and key.
+    /// Every problem at once: the `bypass_steps` entries that are no step or not
+    /// skippable, the first steps' conditions that cannot be evaluated for this task, and
+    /// the limit keys that cannot, named by step and key.
     pub fn new(
         template: Arc<TemplateRecord>,
         new: Arc<NewTask>,
@@ -357,7 +362,7 @@ impl Creation {
             context: &new.context,
             tags: &new.tags,
             priority: new.priority.unwrap_or(template.definition.priority),
-        })?;
+        });
         let timeout = template
             .definition
             .timeout_ms()
@@ -374,7 +379,15 @@ impl Creation {
             &parents,
             &new,
             new.priority.unwrap_or(template.definition.priority),
-        )?;
+        );
+        let (limits, plan) = match (limits, plan) {
+            (Ok(limits), Ok(plan)) => (limits, plan),
+            (limits, plan) => {
+                let mut problems = plan.err().unwrap_or_default();
+                problems.extend(limits.err().unwrap_or_default());
+                return Err(problems);
+            }
+        };
         let (mut edge_from, mut edge_to) = (Vec::new(), Vec::new());
         for (child, parents) in parents.iter().enumerate() {
             for &parent in parents {

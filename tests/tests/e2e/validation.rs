@@ -257,3 +257,60 @@ async fn malformed_requests_get_a_4xx_naming_every_problem() {
     assert_eq!(ready["checks"], json!({"database": "ok", "broker": "ok"}));
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_creation_with_problems_of_every_kind_names_them_all_in_one_answer() {
+    let env = TestEnv::start("every_kind").await.unwrap();
+    let (status, body) = env
+        .register_template(
+            r#"
+namespace: shop
+name: picky
+context_schema:
+  type: object
+  required: [order_id]
+  properties:
+    order_id: {type: integer}
+steps:
+  - name: check
+    handler: tasker.noop
+    when: "context.amount > 10"
+  - name: ship
+    handler: tasker.noop
+    concurrency: {key: context.warehouse, limit: 2}
+  - name: wrap
+    handler: tasker.noop
+    skippable: true
+"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // The context breaks the schema, the bypass list names a step that is not skippable
+    // and one that does not exist, the first step's condition and the step's key cannot
+    // be evaluated for this context: one answer, every problem.
+    let (status, body) = env
+        .create_task(
+            json!({"namespace": "shop", "name": "picky", "context": {"order_id": "x"},
+                            "bypass_steps": ["ship", "nope"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_context", "{body}");
+    let paths = crate::detail_paths(&body);
+    for path in [
+        "/order_id",
+        "bypass_steps[0]",
+        "bypass_steps[1]",
+        "steps[0].when",
+        "steps[1].concurrency.key",
+    ] {
+        assert!(
+            paths.iter().any(|p| p == path),
+            "{path} not named: {paths:?}"
+        );
+    }
+    env.finish().await.unwrap();
+}
