@@ -41,6 +41,12 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub http_header_timeout_ms: u64,
+    /// How long a request's body may take to arrive once its headers have: a body sent
+    /// slowly, or never finished, would otherwise hold its share of
+    /// `TASKER_MAX_INFLIGHT_BODY_BYTES` for ever (answered 408).
+    #[arg(long, env = "TASKER_HTTP_BODY_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub http_body_timeout_ms: u64,
     /// Result batches applied at once, each by its own consumer of the results queue
     /// (the second gets messages only while the first has its prefetch full). On two
     /// cores a second one brought no throughput and cost CPU per step (BENCHMARKS.md).

@@ -272,6 +272,7 @@ impl Application {
             self.state.clone(),
             settings.max_body_bytes,
             settings.max_inflight_body_bytes,
+            Duration::from_millis(settings.http_body_timeout_ms),
         );
         let server = self.tasks.spawn(crate::http::server::serve(
             self.listener,

@@ -138,20 +138,24 @@ pub(crate) fn nul_pointers(value: &Value, prefix: &str) -> Vec<String> {
 /// Turn axum's body rejection (too large, unreadable) into our error body.
 pub(crate) fn body_rejection(rejection: BytesRejection, limits: &Limits) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        let max = limits.max_body_bytes;
-        let message =
-            format!("the body is larger than the limit of {max} bytes (TASKER_MAX_BODY_BYTES)");
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            message.clone(),
-        )
-        .with_details(vec![json!({
-            "path": "", "message": message, "limit": "TASKER_MAX_BODY_BYTES", "max": max
-        })])
+        payload_too_large(limits.max_body_bytes)
     } else {
         ApiError::malformed(rejection.body_text())
     }
+}
+
+/// 413 `payload_too_large`: the body is larger than `max` (`TASKER_MAX_BODY_BYTES`).
+pub(crate) fn payload_too_large(max: usize) -> ApiError {
+    let message =
+        format!("the body is larger than the limit of {max} bytes (TASKER_MAX_BODY_BYTES)");
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        message.clone(),
+    )
+    .with_details(vec![json!({
+        "path": "", "message": message, "limit": "TASKER_MAX_BODY_BYTES", "max": max
+    })])
 }
 
 /// Parse a JSON object body: 400 for bytes that are not JSON, 422 for JSON that is not

@@ -17,6 +17,7 @@ mod tasks;
 mod templates;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -223,7 +224,11 @@ pub(crate) fn routes() -> Vec<Route> {
 }
 
 /// The API without its state: [`routes`], the fallback and the body limit.
-fn stateless_router(max_body_bytes: usize, max_inflight_body_bytes: usize) -> Router<AppState> {
+fn stateless_router(
+    max_body_bytes: usize,
+    max_inflight_body_bytes: usize,
+    body_timeout: Duration,
+) -> Router<AppState> {
     routes()
         .into_iter()
         .fold(Router::new(), |router, r| {
@@ -235,7 +240,7 @@ fn stateless_router(max_body_bytes: usize, max_inflight_body_bytes: usize) -> Ro
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
-            budget::BodyBudget::new(max_inflight_body_bytes, max_body_bytes),
+            budget::BodyBudget::new(max_inflight_body_bytes, max_body_bytes, body_timeout),
             budget::limit,
         ))
 }
@@ -244,10 +249,11 @@ pub(crate) fn router(
     state: AppState,
     max_body_bytes: usize,
     max_inflight_body_bytes: usize,
+    body_timeout: Duration,
 ) -> Router {
     // The guarded routes find the authenticator in every request's extensions.
     let authenticator: Arc<Authenticator> = state.auth.clone();
-    stateless_router(max_body_bytes, max_inflight_body_bytes)
+    stateless_router(max_body_bytes, max_inflight_body_bytes, body_timeout)
         .layer(axum::Extension(authenticator))
         .with_state(state)
 }

@@ -338,7 +338,8 @@ mod tests {
                 "http/mod.rs adds routes with `{other}`, beside routes(): add them to routes()"
             );
         }
-        let _router = super::super::stateless_router(1024, 4096);
+        let _router =
+            super::super::stateless_router(1024, 4096, std::time::Duration::from_secs(60));
     }
 
     /// The document is OpenAPI 3.1 JSON: it reads back, unchanged, through an OpenAPI 3.1

@@ -1032,6 +1032,32 @@ async fn size_limits_answer_413_or_422_naming_the_setting_and_its_value() {
             &["TASKER_MAX_BODY_BYTES", "262144"],
         );
     }
+    // A chunked body, which declares no length, past the limit: the same answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = env.base_url.trim_start_matches("http://").to_owned();
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let head = "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut request = head.as_bytes().to_vec();
+        request.extend_from_slice(format!("{:x}\r\n", huge.len()).as_bytes());
+        request.extend_from_slice(huge.as_bytes());
+        request.extend_from_slice(b"\r\n0\r\n\r\n");
+        stream.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0_u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            while !String::from_utf8_lossy(&answer).contains("262144") {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buffer[..n]),
+                }
+            }
+        })
+        .await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "chunked: {answer}");
+        assert!(answer.contains("payload_too_large"), "chunked: {answer}");
+    }
     // The context limit: 65,536 bytes of compact JSON. Just under passes, just over is 413.
     let under = json!({"blob": "x".repeat(65_536 - 11)});
     assert_eq!(serde_json::to_string(&under).unwrap().len(), 65_536);
@@ -1712,6 +1738,63 @@ async fn request_bodies_in_progress_are_bounded() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    still_serving(&env).await;
+    env.finish().await.unwrap();
+}
+
+/// A body that never finishes is answered 408 once `TASKER_HTTP_BODY_TIMEOUT_MS` has
+/// passed, and gives its share of `TASKER_MAX_INFLIGHT_BODY_BYTES` back while its client
+/// still holds the connection.
+#[tokio::test]
+async fn a_body_that_never_finishes_is_answered_408_and_gives_its_budget_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = hostile_env(
+        "hostile-slow-body",
+        &[
+            ("TASKER_MAX_INFLIGHT_BODY_BYTES", "1000000"),
+            ("TASKER_HTTP_BODY_TIMEOUT_MS", "1500"),
+        ],
+    )
+    .await;
+    env.register_template(TEMPLATE).await.unwrap();
+    let address = env.base_url.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n{\"namespace\"",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&answer).contains("TASKER_HTTP_BODY_TIMEOUT_MS") {
+            match stalled.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(read.is_ok(), "no answer in 20 s: {answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // Its share is back, though its connection is still open: a body of 800 KB fits.
+    let big = json!({"namespace": "hostile", "name": "target",
+                     "context": {"pad": "x".repeat(800_000)}})
+    .to_string();
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/tasks", env.base_url))
+        .header("content-type", "application/json")
+        .body(big)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    drop(stalled);
     still_serving(&env).await;
     env.finish().await.unwrap();
 }
