@@ -23,7 +23,11 @@
 //! Each interval it also ends the tasks past their deadline (`error`, reason
 //! `deadline_exceeded`, their unfinished steps cancelled) and tells workers that their
 //! queued and running dispatches are superseded (a worker aborts such a run), and fails
-//! the `tasker.wait` steps past their timeout (`wait_timeout`).
+//! the `tasker.wait` steps past their timeout (`wait_timeout`). And it takes up what a
+//! claim that cancelled a task as the oldest of its template's concurrency key
+//! (`on_limit: cancel_oldest`) left: the `tasker.task` step that started that task, if a
+//! child, is judged, and the task's own unfinished children are cancelled
+//! (`parent_cancelled`); one read when there is none.
 //!
 //! Workers are told which dispatches were replaced (a `superseded` control message), so
 //! a copy still queued somewhere is acked without being run, and a run of it is aborted.

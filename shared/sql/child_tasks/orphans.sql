@@ -1,14 +1,8 @@
--- Up to $1 unfinished child tasks whose parent task a claim cancelled without them, as
--- the oldest of its template's concurrency key (`on_limit: cancel_oldest`; an operator's
--- cancel takes the children with it): the tasks_running_children index. Locked; rows
--- another coordinator holds are left to it.
+-- Up to $1 unfinished child tasks whose parent task a claim cancelled without them.
+-- Locked; rows another coordinator holds are left to it.
 SELECT c.task_id, c.parent_task_id, c.status
 FROM tasks c
-WHERE c.parent_task_id IS NOT NULL AND c.status IN ('pending', 'in_progress')
-  AND (SELECT p.status FROM tasks p WHERE p.task_id = c.parent_task_id) = 'cancelled'
-  AND (SELECT h.reason FROM task_transitions h
-       WHERE h.task_id = c.parent_task_id
-       ORDER BY h.transition_id DESC LIMIT 1) = 'cancelled_by_concurrency_limit'
+WHERE {ORPHAN_OF_A_CLAIM}
 ORDER BY c.task_id
 LIMIT $1
 FOR UPDATE SKIP LOCKED

@@ -16,6 +16,16 @@ fn codes_of(error: &TemplateError) -> Vec<&str> {
         .collect()
 }
 
+/// Each problem's path and code, sorted.
+fn paths_and_codes(found: &[Problem]) -> Vec<(&str, &str)> {
+    let mut at: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.path.as_str(), p.code.as_str()))
+        .collect();
+    at.sort_unstable();
+    at
+}
+
 fn problems(text: &str) -> Vec<Problem> {
     match parse_template(text, "production") {
         Ok(definition) => panic!("expected problems, got {definition:?}"),
@@ -1858,11 +1868,7 @@ fn a_schedule_whose_context_the_schema_refuses_is_refused() {
         "  - {name: typed, cron: '0 3 * * *', context: {day: 7}}\n",
         "  - {name: bare, cron: '0 4 * * *'}\n",
     ));
-    let mut at: Vec<(&str, &str)> = found
-        .iter()
-        .map(|p| (p.path.as_str(), p.code.as_str()))
-        .collect();
-    at.sort_unstable();
+    let at = paths_and_codes(&found);
     assert_eq!(
         at,
         [
@@ -1950,11 +1956,7 @@ fn a_tasker_engine_step_the_coordinator_runs_has_its_config_checked() {
         "  - {name: hold, handler_class: tasker.wait}\n",
         "  - {name: child, handler_class: tasker.task, handler_config: {namespace: shop, colour: red}}\n",
     )));
-    let mut at: Vec<(&str, &str)> = found
-        .iter()
-        .map(|p| (p.path.as_str(), p.code.as_str()))
-        .collect();
-    at.sort_unstable();
+    let at = paths_and_codes(&found);
     assert_eq!(
         at,
         [

@@ -1034,7 +1034,7 @@ async fn size_limits_answer_413_or_422_naming_the_setting_and_its_value() {
     }
     // A chunked body, which declares no length, past the limit: the same answer.
     {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let address = env.base_url.trim_start_matches("http://").to_owned();
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
         let head = "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -1043,18 +1043,7 @@ async fn size_limits_answer_413_or_422_naming_the_setting_and_its_value() {
         request.extend_from_slice(huge.as_bytes());
         request.extend_from_slice(b"\r\n0\r\n\r\n");
         stream.write_all(&request).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buffer = [0_u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(20), async {
-            while !String::from_utf8_lossy(&answer).contains("262144") {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => answer.extend_from_slice(&buffer[..n]),
-                }
-            }
-        })
-        .await;
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = read_answer(&mut stream, "262144", Duration::from_secs(20)).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "chunked: {answer}");
         assert!(answer.contains("payload_too_large"), "chunked: {answer}");
     }
@@ -1515,6 +1504,24 @@ async fn long_query_strings_get_short_answers() {
     env.finish().await.unwrap();
 }
 
+/// What the server answers on `stream`, read until it holds `until`, the stream ends or
+/// `within` passes.
+async fn read_answer(stream: &mut tokio::net::TcpStream, until: &str, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let _ = tokio::time::timeout(within, async {
+        while !String::from_utf8_lossy(&answer).contains(until) {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Whether the server closes `stream` within `within` (reads until end of stream).
 async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
     use tokio::io::AsyncReadExt;
@@ -1747,7 +1754,7 @@ async fn request_bodies_in_progress_are_bounded() {
 /// still holds the connection.
 #[tokio::test]
 async fn a_body_that_never_finishes_is_answered_408_and_gives_its_budget_back() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let env = hostile_env(
         "hostile-slow-body",
         &[
@@ -1765,20 +1772,16 @@ async fn a_body_that_never_finishes_is_answered_408_and_gives_its_budget_back() 
         )
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    let mut buffer = [0_u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(20), async {
-        while !String::from_utf8_lossy(&answer).contains("TASKER_HTTP_BODY_TIMEOUT_MS") {
-            match stalled.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buffer[..n]),
-            }
-        }
-    })
+    let answer = read_answer(
+        &mut stalled,
+        "TASKER_HTTP_BODY_TIMEOUT_MS",
+        Duration::from_secs(20),
+    )
     .await;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    assert!(read.is_ok(), "no answer in 20 s: {answer:?}");
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "no 408 in 20 s: {answer:?}"
+    );
     assert!(answer.contains("request_timeout"), "{answer}");
 
     // Its share is back, though its connection is still open: a body of 800 KB fits.

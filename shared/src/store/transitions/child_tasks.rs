@@ -26,7 +26,7 @@
 //! `child_task_too_deep` (its task is [`MAX_CHILD_DEPTH`] levels below its root already).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -260,6 +260,32 @@ async fn start(
     ran.to_judge.extend(wake_parents(conn, &ended).await?);
     Ok(())
 }
+
+/// A statement of `shared/sql/child_tasks/` with its conditions in place (as
+/// `shared/tests/sql.rs` does when it checks them): the steps waiting for a child that
+/// ended without handing them back, and the children of a task a claim cancelled. The
+/// sweeper's probe and its work read the same conditions.
+fn with_conditions(statement: &str) -> String {
+    statement
+        .replace(
+            "{WAITING_FOR_ENDED_CHILD}",
+            include_str!("../../../sql/child_tasks/waiting_for_ended_child.sql"),
+        )
+        .replace(
+            "{ORPHAN_OF_A_CLAIM}",
+            include_str!("../../../sql/child_tasks/orphan_of_a_claim.sql"),
+        )
+}
+
+/// Whether a claim left work for [`UNHEARD`] or [`ORPHANS`].
+pub(super) static LEFT_BY_CLAIMS: LazyLock<String> =
+    LazyLock::new(|| with_conditions(include_str!("../../../sql/child_tasks/left_by_claims.sql")));
+/// Children that ended while their step still waits for them.
+pub(super) static UNHEARD: LazyLock<String> =
+    LazyLock::new(|| with_conditions(include_str!("../../../sql/child_tasks/unheard.sql")));
+/// Running children of a task a claim cancelled.
+pub(super) static ORPHANS: LazyLock<String> =
+    LazyLock::new(|| with_conditions(include_str!("../../../sql/child_tasks/orphans.sql")));
 
 /// How far below its root task a child task may be.
 const MAX_CHILD_DEPTH: i16 = 32;

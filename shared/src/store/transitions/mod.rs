@@ -148,7 +148,7 @@ pub async fn children_ended(
 /// left work for [`children_unheard`] or [`cancel_orphans`]: one read, without a
 /// transaction, so that a sweep with nothing to do costs one statement.
 pub async fn claims_left_children(conn: &mut PgConnection) -> sqlx::Result<bool> {
-    sqlx::query_scalar(include_str!("../../../sql/child_tasks/left_by_claims.sql"))
+    sqlx::query_scalar(child_tasks::LEFT_BY_CLAIMS.as_str())
         .fetch_one(conn)
         .await
 }
@@ -162,7 +162,7 @@ pub async fn children_unheard(
     limit: i64,
     lease_ms: i64,
 ) -> sqlx::Result<(Vec<Uuid>, Finished)> {
-    let ended: Vec<Uuid> = sqlx::query_scalar(include_str!("../../../sql/child_tasks/unheard.sql"))
+    let ended: Vec<Uuid> = sqlx::query_scalar(child_tasks::UNHEARD.as_str())
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;

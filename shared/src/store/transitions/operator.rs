@@ -123,7 +123,7 @@ pub async fn cancel_orphans(
     lease_ms: i64,
 ) -> sqlx::Result<Vec<Uuid>> {
     let orphans: Vec<(Uuid, Uuid, TaskStatus)> =
-        sqlx::query_as(include_str!("../../../sql/child_tasks/orphans.sql"))
+        sqlx::query_as(super::child_tasks::ORPHANS.as_str())
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
