@@ -148,6 +148,11 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_MAX_FAN_OUT", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_fan_out: u32,
+    /// Most tasks a tree of child tasks may hold, its root included; a `tasker.task` step
+    /// whose tree is full fails with `child_task_tree_too_large`.
+    #[arg(long, env = "TASKER_MAX_TASK_TREE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+    pub max_task_tree: u32,
 }
 
 impl CoordinatorSettings {

@@ -104,6 +104,7 @@ impl Application {
     pub async fn build(settings: CoordinatorSettings) -> anyhow::Result<Self> {
         tasker_shared::db::migrate(&settings.database).await?;
         tasker_shared::store::transitions::set_max_fan_out(settings.max_fan_out as usize);
+        tasker_shared::store::transitions::set_max_task_tree(settings.max_task_tree as usize);
         let pool = tasker_shared::db::connect_lazy(&settings.database)?;
         warn_without_autovacuum(&pool).await;
         let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;

@@ -4,10 +4,11 @@
 -- and how many instances it has (NULL until expanded; then its parents are its
 -- instances, which the fan-in reads itself); its handler and config (`tasker.wait`);
 -- its `trigger` and whether a parent ended in `error`; for a `tasker.task` step, what a
--- child inherits (trace, deadline), its task's depth below its root, its child (once
--- started) and the child's status, and its attempts.
+-- child inherits (trace, deadline), its task's depth below its root and that root, its
+-- child (once started) and the child's status, and its attempts.
 SELECT s.step_id, s.task_id, s.name AS step_name, s.condition, t.context, t.namespace,
-       t.name, t.version, t.priority, t.tags, t.trace_parent, t.deadline_at, t.depth, s.handler,
+       t.name, t.version, t.priority, t.tags, t.trace_parent, t.deadline_at, t.depth,
+       COALESCE(t.root_task_id, t.task_id) AS root_task_id, s.handler,
        s.config, s.instances, s.child_task_id,
        (SELECT c.status FROM tasks c WHERE c.task_id = s.child_task_id) AS child_status,
        s.attempts, s.retry_limit, s.retryable,

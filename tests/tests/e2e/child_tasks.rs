@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tasker_tests::{StepStatus, TaskStatus, TestEnv, binary};
+use tasker_tests::{EnvOptions, StepStatus, TaskStatus, TestEnv, binary};
 use uuid::Uuid;
 
 /// A region's import: `load` and `count` are its leaves.
@@ -613,4 +613,50 @@ async fn a_tree_of_children_wider_than_one_transaction_takes_completes() {
             .await
             .unwrap();
     assert_eq!(complete, 601);
+}
+
+#[tokio::test]
+async fn a_template_that_starts_itself_from_two_steps_stops_at_the_tree_limit_without_retrying() {
+    // TASKER_MAX_TASK_TREE is read by the coordinator process: a binary one, so that no
+    // other test's coordinator in this process shares the limit.
+    let options = EnvOptions {
+        binary_coordinator: true,
+        coordinator_env: vec![("TASKER_MAX_TASK_TREE".into(), "20".into())],
+        ..EnvOptions::default()
+    };
+    let env = TestEnv::start_with("child-tree", options).await.unwrap();
+    // `fork` starts two more `fork`s: a tree that doubles at each level, 2^32 tasks before
+    // its depth stops it. Its steps may retry.
+    let fork = "namespace: kids\nname: fork\nsteps:\n  - {name: left, handler: tasker.task, retry_limit: 3, config: {namespace: kids, name: fork}}\n  - {name: right, handler: tasker.task, retry_limit: 3, config: {namespace: kids, name: fork}}\n";
+    env.register_templates(&[fork]).await;
+    let root = env
+        .api
+        .create_task(&json!({"namespace": "kids", "name": "fork"}))
+        .await
+        .unwrap()
+        .task_id;
+    let failed = crate::finished(&env, root, WAIT).await;
+    assert_eq!(failed.status, TaskStatus::Error);
+    for step in ["left", "right"] {
+        let error = failed.step(step).last_error.clone().unwrap();
+        assert_eq!(
+            error.code.as_deref(),
+            Some("child_task_tree_too_large"),
+            "{step}: {error:?}"
+        );
+    }
+
+    // The tree stopped at 20 tasks, every one of them ended in error, none retried.
+    let (tasks, failed_tasks, in_tree, retried): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'error'), \
+                count(*) FILTER (WHERE root_task_id = $1 OR task_id = $1), \
+                (SELECT count(*) FROM step_transitions WHERE reason = 'child_task_retried') \
+         FROM tasks",
+    )
+    .bind(root)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((tasks, failed_tasks, in_tree, retried), (20, 20, 20, 0));
+    env.finish().await.unwrap();
 }

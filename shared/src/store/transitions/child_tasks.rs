@@ -22,10 +22,13 @@
 //!
 //! A step that cannot start its child fails permanently: `expression_error` (its context),
 //! `template_not_found`, `invalid_context` (the child template's schema),
-//! `child_task_refused` (the child's own limit keys or conditions), or
-//! `child_task_too_deep` (its task is [`MAX_CHILD_DEPTH`] levels below its root already).
+//! `child_task_refused` (the child's own limit keys or conditions),
+//! `child_task_too_deep` (its task is [`MAX_CHILD_DEPTH`] levels below its root already)
+//! or `child_task_tree_too_large` (its tree holds [`max_task_tree`] tasks already). A
+//! child that failed for either bound fails its step with the same code, without a retry.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
@@ -55,6 +58,8 @@ pub(super) struct ChildStep {
     pub(super) deadline_at: Option<DateTime<Utc>>,
     /// How far below its root its task is: its child would be one deeper.
     pub(super) depth: i16,
+    /// Its task's root task: its child would join that tree.
+    pub(super) root: Uuid,
     /// Its child, once started, and the child's status.
     pub(super) child: Option<(Uuid, TaskStatus)>,
     pub(super) attempts: i32,
@@ -99,12 +104,34 @@ pub(super) async fn run(
     let mut again: (Vec<Uuid>, Vec<bool>) = Default::default();
     let mut failed_children: Vec<(Uuid, Uuid, i32, i32, bool)> = Vec::new();
     let mut found = HashMap::new();
+    let mut trees = tree_sizes(conn, &steps).await?;
     for step in steps {
         match step.child {
-            None => match creation(conn, &step, lease_ms, &mut found).await? {
-                Ok(creation) => starts.push((step.step_id, step.task_id, creation)),
-                Err((code, message)) => ran.failed.push((step.step_id, code, message)),
-            },
+            None => {
+                let tree = trees.entry(step.root).or_insert(1);
+                if *tree >= max_task_tree() as i64 {
+                    ran.failed.push((
+                        step.step_id,
+                        TREE_TOO_LARGE,
+                        format!(
+                            "the tree of child tasks of root task {} holds {} tasks already; \
+                             at most {} (TASKER_MAX_TASK_TREE; a template that starts itself \
+                             from several steps?)",
+                            step.root,
+                            *tree,
+                            max_task_tree()
+                        ),
+                    ));
+                    continue;
+                }
+                match creation(conn, &step, lease_ms, &mut found).await? {
+                    Ok(creation) => {
+                        *tree += 1;
+                        starts.push((step.step_id, step.task_id, creation));
+                    }
+                    Err((code, message)) => ran.failed.push((step.step_id, code, message)),
+                }
+            }
             Some((_, TaskStatus::Complete | TaskStatus::ResolvedManually)) => {
                 done.push(step.step_id);
             }
@@ -131,26 +158,30 @@ pub(super) async fn run(
             .iter()
             .map(|(_, child, ..)| *child)
             .collect();
-        let failures: HashMap<Uuid, (String, bool)> =
+        let failures: HashMap<Uuid, (String, Option<String>)> =
             sqlx::query_as(include_str!("../../../sql/child_tasks/failure.sql"))
                 .bind(&children)
                 .fetch_all(&mut *conn)
                 .await?
                 .into_iter()
-                .map(|(task, failure, too_deep)| (task, (failure, too_deep)))
+                .map(|(task, failure, unmendable)| (task, (failure, unmendable)))
                 .collect();
         for (step, child, attempts, retry_limit, retryable) in failed_children {
-            let (failure, too_deep) = failures
+            let (failure, unmendable) = failures
                 .get(&child)
-                .map_or(("", false), |(failure, too_deep)| {
-                    (failure.as_str(), *too_deep)
+                .map_or(("", None), |(failure, unmendable)| {
+                    (failure.as_str(), unmendable.as_deref())
                 });
-            if too_deep {
-                // Past the depth limit below: every retry would fail the same way, at every
-                // level up.
+            if let Some(code) = unmendable {
+                // Past a bound of child tasks below: every retry would fail the same way,
+                // at every level up.
                 ran.failed.push((
                     step,
-                    "child_task_too_deep",
+                    if code == TOO_DEEP {
+                        TOO_DEEP
+                    } else {
+                        TREE_TOO_LARGE
+                    },
                     format!("child task {child} failed: {failure}"),
                 ));
             } else if retryable && attempts < retry_limit {
@@ -290,6 +321,52 @@ pub(super) static ORPHANS: LazyLock<String> =
 /// How far below its root task a child task may be.
 const MAX_CHILD_DEPTH: i16 = 32;
 
+/// The codes of a step that cannot start its child for the bounds of child tasks.
+const TOO_DEEP: &str = "child_task_too_deep";
+const TREE_TOO_LARGE: &str = "child_task_tree_too_large";
+
+/// Most tasks a tree of child tasks may hold, its root included (the coordinator's
+/// `TASKER_MAX_TASK_TREE`).
+static MAX_TASK_TREE: AtomicUsize = AtomicUsize::new(10_000);
+
+/// Most tasks a tree of child tasks may hold, its root included: a `tasker.task` step
+/// whose tree holds as many fails instead of starting its child
+/// (`child_task_tree_too_large`). Coordinators count the tree before they start children,
+/// each for its own transaction, so trees growing in several at once may pass it by
+/// what those start together (at most 256 children each).
+pub fn max_task_tree() -> usize {
+    MAX_TASK_TREE.load(Ordering::Relaxed)
+}
+
+/// Set [`max_task_tree`] for this process (the coordinator's `TASKER_MAX_TASK_TREE`).
+pub fn set_max_task_tree(max: usize) {
+    MAX_TASK_TREE.store(max, Ordering::Relaxed);
+}
+
+/// How many tasks the trees of the `steps` that start a child hold, by root task.
+async fn tree_sizes(
+    conn: &mut PgConnection,
+    steps: &[ChildStep],
+) -> sqlx::Result<HashMap<Uuid, i64>> {
+    let mut roots: Vec<Uuid> = steps
+        .iter()
+        .filter(|step| step.child.is_none())
+        .map(|step| step.root)
+        .collect();
+    roots.sort_unstable();
+    roots.dedup();
+    if roots.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sizes: Vec<(Uuid, i64)> =
+        sqlx::query_as(include_str!("../../../sql/child_tasks/tree_sizes.sql"))
+            .bind(&roots)
+            .bind(max_task_tree() as i64)
+            .fetch_all(conn)
+            .await?;
+    Ok(sizes.into_iter().collect())
+}
+
 /// The templates a batch looked up, by namespace, name and version asked for.
 type Found = HashMap<(String, String, Option<String>), Option<Arc<TemplateRecord>>>;
 
@@ -303,7 +380,7 @@ async fn creation(
 ) -> sqlx::Result<Result<Creation, (&'static str, String)>> {
     if step.depth >= MAX_CHILD_DEPTH {
         return Ok(Err((
-            "child_task_too_deep",
+            TOO_DEEP,
             format!(
                 "task {} is {} levels below its root task; a child task may be at most \
                  {MAX_CHILD_DEPTH} (a template that starts itself without end?)",

@@ -79,6 +79,8 @@ struct Pending {
     deadline_at: Option<DateTime<Utc>>,
     /// How far below its root its task is (0: not a child task).
     depth: i16,
+    /// Its task's root task (its task itself when not a child task).
+    root_task_id: Uuid,
     handler: String,
     config: Value,
     /// A `tasker.task` step's child, once started, and the child's status.
@@ -172,6 +174,7 @@ pub(super) async fn judge(
                         trace_parent: step.trace_parent.clone(),
                         deadline_at: step.deadline_at,
                         depth: step.depth,
+                        root: step.root_task_id,
                         child: step.child_task_id.zip(step.child_status),
                         attempts: step.attempts,
                         retry_limit: step.retry_limit,

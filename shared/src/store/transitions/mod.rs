@@ -13,7 +13,7 @@
 //! | [`heartbeat`] | none: extends the lease of running steps | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
-//! | `child_tasks::run` (inside `conditions::judge`) | a `tasker.task` step: pending (its child task created, its first steps claimed), pending → complete when the child completed, pending (the child retried), or pending → error | `child_task_started`, `child_task_done`, `child_task_retried`, `failed` (`child_task_failed`, `child_task_cancelled`, `child_task_too_deep`, `child_task_refused`, `template_not_found`, `invalid_context`, `invalid_config`, `expression_error`) |
+//! | `child_tasks::run` (inside `conditions::judge`) | a `tasker.task` step: pending (its child task created, its first steps claimed), pending → complete when the child completed, pending (the child retried), or pending → error | `child_task_started`, `child_task_done`, `child_task_retried`, `failed` (`child_task_failed`, `child_task_cancelled`, `child_task_too_deep`, `child_task_tree_too_large`, `child_task_refused`, `template_not_found`, `invalid_context`, `invalid_config`, `expression_error`) |
 //! | [`finish_tasks`] | task in_progress → complete / error; the step that started a finished child judged | `all_steps_done`, `blocked_by_failures` |
 //! | [`expire_waits`] | a `tasker.wait` step past its timeout: pending → error | `failed` (`wait_timeout`) |
 //! | [`signal`] | a `tasker.wait` step: pending → complete (its children claimed), or keeps the payload until it waits | `signal_received` |
@@ -60,6 +60,7 @@ mod leases;
 mod operator;
 mod worker;
 
+pub use child_tasks::{max_task_tree, set_max_task_tree};
 use claim::claim_children;
 pub use claim::{Dispatch, claim_ready, next_due};
 pub(crate) use claim::{FirstStep, first_step_in, judge_steps};
