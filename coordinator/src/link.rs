@@ -33,4 +33,11 @@ impl BrokerLink {
     pub(crate) fn connected(&self) -> bool {
         self.connection().status().connected()
     }
+
+    /// Whether the broker blocks the current connection's publishers (a memory or disk
+    /// alarm, `connection.blocked`): nothing this coordinator or a worker publishes gets
+    /// through until it lifts.
+    pub(crate) fn blocked(&self) -> bool {
+        self.connection().status().blocked()
+    }
 }

@@ -33,12 +33,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use lapin::BasicProperties;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use sqlx::PgPool;
 use tasker_shared::broker::{
-    Topology, await_confirm, await_confirms, persistent, publish_together, with_traceparent,
+    Topology, await_confirm_on, await_confirms_on, persistent, publish_together, with_traceparent,
 };
 use tasker_shared::messages::{
     BatchedStep, Outcome, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, StepResult,
@@ -57,6 +58,8 @@ use crate::service::Service;
 
 /// Batches [`StepPublisher::dispatch`] publishes at once.
 const PUBLISHING_BATCHES: u32 = 4;
+/// How long [`StepPublisher::takes_messages`] waits for its probe's confirm.
+const PROBE_PATIENCE: Duration = Duration::from_secs(5);
 /// Most steps in one published batch.
 const MAX_PUBLISH_BATCH: usize = 1_000;
 /// Steps waiting for a publishing slot beyond which [`StepPublisher::dispatch`] waits for
@@ -173,6 +176,39 @@ impl StepPublisher {
     /// Whether the broker can take messages now (the channel's connection is up).
     pub(crate) fn connected(&self) -> bool {
         self.channel().status().connected()
+    }
+
+    /// Whether the broker takes in and confirms a message now: a transient one that no
+    /// queue receives (the default exchange, a routing key no queue has), confirmed
+    /// within [`PROBE_PATIENCE`]. A connection can be up while the broker reads nothing
+    /// from it: during a memory or disk alarm RabbitMQ stops reading from a connection
+    /// once it publishes (and only then says `connection.blocked`), and what workers
+    /// publish then, heartbeats and results, waits in their clients.
+    pub(crate) async fn takes_messages(&self) -> bool {
+        if self.broker.blocked() {
+            return false;
+        }
+        let channel = self.channel();
+        let probe = async {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    self.topology.probe_routing_key().into(),
+                    BasicPublishOptions::default(),
+                    b"",
+                    BasicProperties::default(),
+                )
+                .await?;
+            anyhow::Ok(
+                tasker_shared::broker::await_confirm(confirm)
+                    .await?
+                    .is_ack(),
+            )
+        };
+        matches!(
+            tokio::time::timeout(PROBE_PATIENCE, probe).await,
+            Ok(Ok(true))
+        ) && !self.broker.blocked()
     }
 
     fn channel(&self) -> Channel {
@@ -455,7 +491,7 @@ impl StepPublisher {
             }
         }
         let (messages, confirms): (Vec<_>, Vec<_>) = confirms.into_iter().unzip();
-        let outcomes = await_confirms(confirms).await;
+        let outcomes = await_confirms_on(confirms, self.broker.connection().status()).await;
         for (message, outcome) in messages.into_iter().zip(outcomes) {
             let steps = steps_of(message);
             let message = message.first(dispatches).dispatch_token;
@@ -542,7 +578,8 @@ impl StepPublisher {
                             self.topology.signed(&body, persistent()),
                         )
                         .await?;
-                    let confirmation = await_confirm(confirm).await?;
+                    let confirmation =
+                        await_confirm_on(confirm, self.broker.connection().status()).await?;
                     // A mandatory message the broker could not route comes back with an ack.
                     anyhow::ensure!(
                         confirmation.is_ack() && confirmation.take_message().is_none(),

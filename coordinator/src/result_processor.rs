@@ -522,6 +522,7 @@ impl ResultProcessor {
         self.topology
             .dead_letter(
                 &self.confirm_channel,
+                None,
                 &delivery.data,
                 &self.topology.results_queue(),
                 reason,

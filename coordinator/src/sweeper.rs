@@ -36,7 +36,11 @@
 //! Running steps' leases are only expired once this coordinator has reached both the
 //! database and the broker for a whole heartbeat lease: after an outage, the heartbeats
 //! and results that workers sent meanwhile are still in the results queue, and expiring
-//! those steps would run them again for nothing.
+//! those steps would run them again for nothing. Each interval begins with a probe, a
+//! message the broker must confirm ([`StepPublisher::takes_messages`]): while the broker
+//! takes nothing (a memory or disk alarm blocks publishers) the sweeper does nothing, and
+//! counts the block as an outage: workers' heartbeats and results, and this
+//! coordinator's step messages, wait in their clients until it lifts, and arrive then.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -384,10 +388,25 @@ impl Service for Sweeper {
         let span = tracing::info_span!("sweeper");
         async move {
             tracing::info!(interval = ?self.interval, "started");
+            let mut blocked = false;
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(self.interval) => {}
+                }
+                if self.publisher.connected() && !self.publisher.takes_messages().await {
+                    if !std::mem::replace(&mut blocked, true) {
+                        tracing::warn!(
+                            "RabbitMQ takes no message from this coordinator (blocked by a \
+                             memory or disk alarm?): no lease expires until it has taken \
+                             messages again for a heartbeat lease"
+                        );
+                    }
+                    self.set_unhealthy();
+                    continue;
+                }
+                if std::mem::take(&mut blocked) {
+                    tracing::info!("RabbitMQ takes messages again");
                 }
                 // Once per interval, not per batch: its comparison needs the batches of
                 // the previous interval to have been dispatched again.

@@ -160,6 +160,12 @@ impl Topology {
         format!("{}.results", self.prefix)
     }
 
+    /// The routing key of a coordinator's probe of the broker: published to the default
+    /// exchange, where no queue has this name, so the broker confirms and drops it.
+    pub fn probe_routing_key(&self) -> String {
+        format!("{}.probe", self.prefix)
+    }
+
     /// The fanout exchange for control messages.
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.prefix)
@@ -351,9 +357,11 @@ impl Topology {
 
     /// Publish a poison message to the dead-letter exchange with the reason, and wait for
     /// the broker's confirm. The caller acks the original only after this returns `Ok`.
+    /// With `connection`, its confirm is awaited as [`await_confirm_on`] does.
     pub async fn dead_letter(
         &self,
         channel: &Channel,
+        connection: Option<&lapin::ConnectionStatus>,
         body: &[u8],
         source_queue: &str,
         reason: &str,
@@ -367,18 +375,17 @@ impl Topology {
             SOURCE_HEADER.into(),
             AMQPValue::LongString(source_queue.into()),
         );
-        let confirm = await_confirm(
-            channel
-                .basic_publish(
-                    self.dead_letter_exchange().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    persistent().with_headers(headers),
-                )
-                .await?,
-        )
-        .await?;
+        let publish = channel
+            .basic_publish(
+                self.dead_letter_exchange().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                persistent().with_headers(headers),
+            )
+            .await?;
+        let mut deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        let confirm = confirmed_by(publish, &mut deadline, connection).await?;
         anyhow::ensure!(confirm.is_ack(), "the broker refused the dead letter");
         Ok(())
     }
@@ -602,7 +609,21 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn await_confirm(
     confirm: lapin::PublisherConfirm,
 ) -> anyhow::Result<lapin::Confirmation> {
-    confirmed_by(confirm, tokio::time::Instant::now() + CONFIRM_TIMEOUT).await
+    let mut deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    confirmed_by(confirm, &mut deadline, None).await
+}
+
+/// Await a publisher confirm as [`await_confirm`] does, for as long as the broker blocks
+/// the publishers of `connection` (a memory or disk alarm: `connection.blocked`) and
+/// [`CONFIRM_TIMEOUT`] after. The broker takes in and confirms what was published during
+/// the block once it lifts: a publish given up on meanwhile would still arrive, after
+/// the caller had handed its work back to be done again.
+pub async fn await_confirm_on(
+    confirm: lapin::PublisherConfirm,
+    connection: &lapin::ConnectionStatus,
+) -> anyhow::Result<lapin::Confirmation> {
+    let mut deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    confirmed_by(confirm, &mut deadline, Some(connection)).await
 }
 
 /// Await the confirms of messages published together, as [`await_confirm`] does, with
@@ -612,23 +633,53 @@ pub async fn await_confirm(
 pub async fn await_confirms(
     confirms: Vec<lapin::PublisherConfirm>,
 ) -> Vec<anyhow::Result<lapin::Confirmation>> {
-    let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    confirmed_together(confirms, None).await
+}
+
+/// [`await_confirms`], for as long as the broker blocks the publishers of `connection`
+/// and [`CONFIRM_TIMEOUT`] after (see [`await_confirm_on`]).
+pub async fn await_confirms_on(
+    confirms: Vec<lapin::PublisherConfirm>,
+    connection: &lapin::ConnectionStatus,
+) -> Vec<anyhow::Result<lapin::Confirmation>> {
+    confirmed_together(confirms, Some(connection)).await
+}
+
+async fn confirmed_together(
+    confirms: Vec<lapin::PublisherConfirm>,
+    connection: Option<&lapin::ConnectionStatus>,
+) -> Vec<anyhow::Result<lapin::Confirmation>> {
+    let mut deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
     let mut confirmations = Vec::with_capacity(confirms.len());
     for confirm in confirms {
-        confirmations.push(confirmed_by(confirm, deadline).await);
+        confirmations.push(confirmed_by(confirm, &mut deadline, connection).await);
     }
     confirmations
 }
 
+/// Poll `confirm` every 100 ms until `deadline`, which moves to [`CONFIRM_TIMEOUT`] from
+/// now while `connection`'s publishers are blocked.
 async fn confirmed_by(
     confirm: lapin::PublisherConfirm,
-    deadline: tokio::time::Instant,
+    deadline: &mut tokio::time::Instant,
+    connection: Option<&lapin::ConnectionStatus>,
 ) -> anyhow::Result<lapin::Confirmation> {
     let mut confirm = std::pin::pin!(confirm);
+    let mut told = false;
     loop {
         match tokio::time::timeout(Duration::from_millis(100), &mut confirm).await {
             Ok(confirmation) => return Ok(confirmation?),
-            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            Err(_) if connection.is_some_and(|c| c.blocked() && c.connected()) => {
+                if !told {
+                    told = true;
+                    tracing::warn!(
+                        "RabbitMQ blocks publishers (a memory or disk alarm): waiting for the \
+                         block to lift and the broker to confirm"
+                    );
+                }
+                *deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+            }
+            Err(_) if tokio::time::Instant::now() < *deadline => continue,
             Err(_) => anyhow::bail!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
         }
     }

@@ -14,7 +14,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Connection, ConnectionStatus};
 use tasker_protocol::broker::{self, Topology, persistent};
 use tasker_protocol::messages::{BatchedResult, SCHEMA_VERSION, StepResult, WorkerMessage};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -34,6 +34,64 @@ const MAX_BYTES: usize = 512 * 1024;
 /// the connection it came on was lost.
 pub(crate) const RESULT_PATIENCE: Duration = Duration::from_secs(60);
 
+/// A broker session's confirm-mode channel for results and dead letters, with its
+/// connection's status.
+#[derive(Clone)]
+pub(crate) struct PublishChannel {
+    pub(crate) channel: Channel,
+    pub(crate) connection: ConnectionStatus,
+}
+
+impl PublishChannel {
+    pub(crate) fn new(channel: Channel, connection: &Connection) -> Self {
+        PublishChannel {
+            channel,
+            connection: connection.status().clone(),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Wait for `publish`, a publish on this channel: at most `patience` past the last
+    /// moment the broker was seen blocking the connection's publishers
+    /// (`connection.blocked`: a memory or disk alarm). lapin
+    /// keeps what is published while blocked and writes it, and any ack or nack queued
+    /// after it, once the block lifts: a result given up on meanwhile would reach the
+    /// coordinator after its step was handed back, and the step would run twice.
+    pub(crate) async fn written<T>(
+        &self,
+        patience: Duration,
+        publish: impl Future<Output = T>,
+    ) -> anyhow::Result<T> {
+        let mut publish = std::pin::pin!(publish);
+        let mut deadline = tokio::time::Instant::now() + patience;
+        let mut told = false;
+        loop {
+            let tick = deadline.min(tokio::time::Instant::now() + BLOCKED_CHECK);
+            if let Ok(written) = tokio::time::timeout_at(tick, &mut publish).await {
+                return Ok(written);
+            }
+            if self.connection.blocked() && self.connected() {
+                if !told {
+                    told = true;
+                    tracing::warn!(
+                        "RabbitMQ blocks this worker's publishers (a memory or disk alarm): \
+                         waiting for it to lift before publishing"
+                    );
+                }
+                deadline = tokio::time::Instant::now() + patience;
+            } else if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("no answer from the broker to a publish");
+            }
+        }
+    }
+}
+
+/// How often a publish that has not been written looks whether the broker blocks it.
+const BLOCKED_CHECK: Duration = Duration::from_secs(1);
+
 /// A result (with its trace context) waiting to leave, and the step waiting for its
 /// confirm.
 struct Outgoing {
@@ -50,7 +108,7 @@ impl ResultSender {
     /// Start the sender task. `channels` is the current broker session's confirm-mode
     /// channel (`None` between sessions).
     pub(crate) fn start(
-        channels: watch::Receiver<Option<Channel>>,
+        channels: watch::Receiver<Option<PublishChannel>>,
         topology: Topology,
         metrics: std::sync::Arc<WorkerMetrics>,
     ) -> Self {
@@ -95,7 +153,7 @@ impl ResultSender {
 /// What publishing needs.
 #[derive(Clone)]
 struct Publisher {
-    channels: watch::Receiver<Option<Channel>>,
+    channels: watch::Receiver<Option<PublishChannel>>,
     topology: Topology,
     metrics: std::sync::Arc<WorkerMetrics>,
 }
@@ -193,7 +251,7 @@ impl Publisher {
             let channel = current_channel(self.channels.clone(), RESULT_PATIENCE).await?;
             match publish_on(&channel, &self.topology, body, properties.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(error) if tries < 2 && !channel.status().connected() => {
+                Err(error) if tries < 2 && !channel.connected() => {
                     tracing::info!(
                         error = format!("{error:#}"),
                         "the connection failed while publishing results; publishing again on the next one"
@@ -208,12 +266,12 @@ impl Publisher {
 /// The current session's channel, waiting up to `patience` for a session whose
 /// connection is up.
 pub(crate) async fn current_channel(
-    mut channels: watch::Receiver<Option<Channel>>,
+    mut channels: watch::Receiver<Option<PublishChannel>>,
     patience: Duration,
-) -> anyhow::Result<Channel> {
+) -> anyhow::Result<PublishChannel> {
     let channel = tokio::time::timeout(
         patience,
-        channels.wait_for(|c| c.as_ref().is_some_and(|c| c.status().connected())),
+        channels.wait_for(|c| c.as_ref().is_some_and(PublishChannel::connected)),
     )
     .await
     .context("no connection to RabbitMQ")?
@@ -222,12 +280,12 @@ pub(crate) async fn current_channel(
 }
 
 async fn publish_on(
-    channel: &Channel,
+    channel: &PublishChannel,
     topology: &Topology,
     body: &[u8],
     properties: BasicProperties,
 ) -> anyhow::Result<()> {
-    let publish = channel.basic_publish(
+    let publish = channel.channel.basic_publish(
         "".into(),
         topology.results_queue().into(),
         BasicPublishOptions {
@@ -237,10 +295,8 @@ async fn publish_on(
         body,
         topology.signed(body, properties),
     );
-    let confirm = tokio::time::timeout(BROKER_PATIENCE, publish)
-        .await
-        .context("no answer from the broker to a publish")??;
-    let confirm = broker::await_confirm(confirm).await?;
+    let confirm = channel.written(BROKER_PATIENCE, publish).await??;
+    let confirm = broker::await_confirm_on(confirm, &channel.connection).await?;
     anyhow::ensure!(confirm.is_ack(), "the broker refused the result");
     anyhow::ensure!(
         confirm.take_message().is_none(),

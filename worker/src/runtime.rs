@@ -76,7 +76,7 @@ use crate::failpoint::{Failpoint, Stage};
 use crate::handler::HandlerRegistry;
 use crate::metrics::{HandlerOutcome, WorkerMetrics};
 use crate::notices::Notice;
-use crate::results::{RESULT_PATIENCE, ResultSender, current_channel};
+use crate::results::{PublishChannel, RESULT_PATIENCE, ResultSender, current_channel};
 use crate::settings::WorkerSettings;
 
 /// The longest one broker call of a step (a publish's send, an ack, a nack) may take
@@ -112,7 +112,7 @@ struct Shared {
     worker_id: String,
     /// The confirm-mode channel of the current session, for results and dead letters;
     /// `None` between sessions.
-    publish: watch::Sender<Option<Channel>>,
+    publish: watch::Sender<Option<PublishChannel>>,
     /// Publishes results, several to a message under load.
     results: ResultSender,
     inflight: InFlight,
@@ -126,7 +126,7 @@ struct Shared {
 impl Shared {
     /// The current session's publishing channel, waiting up to `patience` for a session
     /// whose connection is up.
-    async fn publish_channel(&self, patience: Duration) -> anyhow::Result<Channel> {
+    async fn publish_channel(&self, patience: Duration) -> anyhow::Result<PublishChannel> {
         current_channel(self.publish.subscribe(), patience).await
     }
 }
@@ -370,7 +370,9 @@ impl Worker {
             ("control", control_channel.clone()),
             ("results", publish.clone()),
         ];
-        shared.publish.send_replace(Some(publish));
+        shared
+            .publish
+            .send_replace(Some(PublishChannel::new(publish, connection)));
         let (started_tx, started_rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(crate::notices::run(
             started_rx,
@@ -1224,14 +1226,19 @@ async fn dead_letter(
     };
     let sent = async {
         let channel = shared.publish_channel(BROKER_PATIENCE).await?;
-        tokio::time::timeout(
-            broker::CONFIRM_TIMEOUT + BROKER_PATIENCE,
-            shared
-                .topology
-                .dead_letter(&channel, &body, source_queue, reason),
-        )
-        .await
-        .context("no answer from the broker to a dead letter")?
+        channel
+            .written(
+                broker::CONFIRM_TIMEOUT + BROKER_PATIENCE,
+                shared.topology.dead_letter(
+                    &channel.channel,
+                    Some(&channel.connection),
+                    &body,
+                    source_queue,
+                    reason,
+                ),
+            )
+            .await
+            .context("no answer from the broker to a dead letter")?
     };
     match sent.await {
         Ok(()) => ack(shared, delivered).await,
