@@ -402,6 +402,7 @@ impl Worker {
             },
             stop_rx,
         ));
+        let draining = CancellationToken::new();
         let control = tokio::spawn(follow_control(
             shared.clone(),
             control_channel,
@@ -409,6 +410,7 @@ impl Worker {
             consumers.clone(),
             // Only a worker serving every namespace follows the announcements.
             self.namespaces.is_none().then(|| deliveries_tx.clone()),
+            draining.clone(),
             failed.clone(),
         ));
         drop(deliveries_tx);
@@ -425,7 +427,7 @@ impl Worker {
             running: running.clone(),
             steps: steps.clone(),
             consume: consume.clone(),
-            draining: CancellationToken::new(),
+            draining,
         };
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let outcome = loop {
@@ -471,7 +473,6 @@ impl Worker {
         }
 
         tracing::info!("stopping: no new steps; finishing the running ones");
-        control.abort();
         let tags: Vec<ShortString> = consumers
             .tags
             .lock()
@@ -492,9 +493,11 @@ impl Worker {
             nack_requeue(&received.delivery).await;
         }
         // Every step task, of this session and of lost ones, ends: its handler has a
-        // timeout and each broker call a limit. Heartbeats go on meanwhile.
+        // timeout and each broker call a limit. Heartbeats go on meanwhile, and cancels
+        // still abort running steps (the control loop consumes no new namespace).
         steps.close();
         steps.wait().await;
+        control.abort();
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(BROKER_PATIENCE, heartbeats).await;
         // The last handles on the started notices' sender: the batcher ends.
@@ -604,15 +607,18 @@ async fn start_consumer(
 }
 
 /// Follow the control exchange: abort the steps of cancelled tasks and, for a worker
-/// serving every namespace (`deliveries` given), consume each namespace announced.
+/// serving every namespace (`deliveries` given), consume each namespace announced until
+/// it is `draining`.
 async fn follow_control(
     shared: Arc<Shared>,
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
     deliveries: Option<mpsc::Sender<Received>>,
+    draining: CancellationToken,
     failed: Arc<Notify>,
 ) {
+    let deliveries = deliveries.map(|deliveries| (deliveries, draining));
     follow(shared, control, consume, consumers, deliveries, &failed).await;
     // Without the control exchange this worker misses cancels and namespaces: end the
     // session so the next one subscribes again.
@@ -624,7 +630,7 @@ async fn follow(
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
-    deliveries: Option<mpsc::Sender<Received>>,
+    deliveries: Option<(mpsc::Sender<Received>, CancellationToken)>,
     failed: &Arc<Notify>,
 ) {
     let (topology, worker_id) = (&shared.topology, &shared.worker_id);
@@ -667,9 +673,12 @@ async fn follow(
         }
         match serde_json::from_slice(&delivery.data) {
             Ok(ControlMessage::Namespaces { namespaces }) => {
-                let Some(deliveries) = &deliveries else {
+                let Some((deliveries, draining)) = &deliveries else {
                     continue;
                 };
+                if draining.is_cancelled() {
+                    continue;
+                }
                 for namespace in namespaces {
                     if let Err(error) = start_consumer(
                         &consume,
@@ -1008,33 +1017,51 @@ async fn failpoint(shared: &Shared, session: &SessionHandles, stage: Stage) {
 async fn skip_copy(shared: &Shared, delivered: &Delivered, message: &StepMessage) -> bool {
     let inflight = &shared.inflight;
     let (step_id, token) = (message.step_id, message.dispatch_token);
-    let reason = if inflight.is_cancelled(message.task_id) {
-        shared.metrics.skipped_cancelled.inc();
-        "the task was cancelled"
-    } else if inflight.is_superseded(step_id, token) {
-        shared.metrics.skipped_superseded.inc();
-        "this dispatch was superseded by a newer one"
-    } else {
-        if inflight.is_running(step_id, token) {
-            tracing::info!("a copy of a step this worker runs: waiting for that run");
-            let patience = Duration::from_millis(u64::try_from(message.timeout_ms).unwrap_or(0))
-                + RESULT_PATIENCE;
-            let _ = tokio::time::timeout(patience, async {
-                while inflight.is_running(step_id, token) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reason = match withdrawn(shared, message) {
+        Some(reason) => reason,
+        None => {
+            if inflight.is_running(step_id, token) {
+                tracing::info!("a copy of a step this worker runs: waiting for that run");
+                let patience =
+                    Duration::from_millis(u64::try_from(message.timeout_ms).unwrap_or(0))
+                        + RESULT_PATIENCE;
+                let _ = tokio::time::timeout(patience, async {
+                    while inflight.is_running(step_id, token) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await;
+            }
+            // That run may have ended for a cancel or a newer dispatch, which this copy
+            // obeys too.
+            match withdrawn(shared, message) {
+                Some(reason) => reason,
+                None if inflight.was_answered(step_id, token) => {
+                    shared.metrics.skipped_duplicate.inc();
+                    "this worker already published the result of this dispatch"
                 }
-            })
-            .await;
+                None => return false,
+            }
         }
-        if !inflight.was_answered(step_id, token) {
-            return false;
-        }
-        shared.metrics.skipped_duplicate.inc();
-        "this worker already published the result of this dispatch"
     };
     tracing::info!("skipped: {reason}");
     ack(shared, delivered).await;
     true
+}
+
+/// Why a step is no longer to run, if it is not: its task was cancelled, or its dispatch
+/// superseded (counted).
+fn withdrawn(shared: &Shared, message: &StepMessage) -> Option<&'static str> {
+    let inflight = &shared.inflight;
+    if inflight.is_cancelled(message.task_id) {
+        shared.metrics.skipped_cancelled.inc();
+        Some("the task was cancelled")
+    } else if inflight.is_superseded(message.step_id, message.dispatch_token) {
+        shared.metrics.skipped_superseded.inc();
+        Some("this dispatch was superseded by a newer one")
+    } else {
+        None
+    }
 }
 
 /// The part of [`handle`] inside the step's span.
@@ -1067,6 +1094,10 @@ async fn run_step(
         // In the step's trace, as any result: its failure shows under its execution.
         let traceparent = tasker_protocol::telemetry::traceparent(&span);
         if shared.results.publish(result, traceparent).await.is_ok() {
+            // A redelivered copy (its batch handed back for another step) is skipped.
+            shared
+                .inflight
+                .mark_answered(message.step_id, message.dispatch_token);
             shared.metrics.dead_letter("unknown_handler");
             dead_letter(shared, &delivered, Some(&message), &reason, &source_queue).await;
         } else {

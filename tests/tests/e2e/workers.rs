@@ -202,6 +202,73 @@ async fn sigterm_lets_a_worker_finish_its_running_step_before_it_exits() {
     env.finish().await.unwrap();
 }
 
+/// A task cancelled while a worker drains after SIGTERM: the worker aborts its running
+/// step, as it would before, instead of finishing it.
+#[tokio::test]
+async fn a_cancel_during_a_sigterm_drain_aborts_the_running_step() {
+    let mut env = TestEnv::start("drain-cancel").await.unwrap();
+    env.register_template(&sleepy("echo", 60_000))
+        .await
+        .unwrap();
+    let index = env.start_worker("leaving", &["echo"]).await.unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "echo", "name": "sleepy"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        if task["steps"][0]["status"] == "in_progress"
+            && task["steps"][1]["status"] == "in_progress"
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "steps never started: {task:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One SIGTERM (a second would stop the worker at once), then the cancel.
+    let pid = env.workers[index].pid().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    env.workers[index]
+        .wait_for_log("stopping: no new steps", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (status, cancelled) = env
+        .post(
+            &format!("/v1/tasks/{id}/cancel"),
+            json!({"reason": "withdrawn"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 200, "{cancelled}");
+
+    // Both 60 s sleeps were aborted: the worker exits long before they would end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while env.workers[index].running() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the draining worker ran its cancelled steps on; log:\n{}",
+            env.workers[index].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        env.workers[index]
+            .log()
+            .contains("task cancelled: aborted its running steps"),
+        "{}",
+        env.workers[index].log()
+    );
+    env.finish().await.unwrap();
+}
+
 /// SIGTERM while every handler slot is busy and a received step waits for one: the
 /// worker finishes the running step, hands the waiting one back without starting it, and
 /// exits; another worker runs it.
