@@ -59,12 +59,14 @@ task_room AS (
     LIMIT $1
 ),
 concurrency_keys AS (
+    -- Steps held by their own key, not those whose task waits (task_keys above).
     (SELECT concurrency_key AS key FROM steps
-     WHERE held = 'concurrency_limited' AND status IN ('pending', 'waiting_for_retry')
+     WHERE held = 'concurrency_limited' AND held_task_key IS NULL
+       AND status IN ('pending', 'waiting_for_retry')
      ORDER BY concurrency_key LIMIT 1)
     UNION ALL
     SELECT (SELECT s.concurrency_key FROM steps s
-            WHERE s.held = 'concurrency_limited'
+            WHERE s.held = 'concurrency_limited' AND s.held_task_key IS NULL
               AND s.status IN ('pending', 'waiting_for_retry')
               AND s.concurrency_key > k.key
             ORDER BY s.concurrency_key LIMIT 1)
@@ -112,6 +114,7 @@ offered AS MATERIALIZED (
               FROM concurrency_keys k
               CROSS JOIN LATERAL (SELECT h.concurrency_limit FROM steps h
                                   WHERE h.held = 'concurrency_limited'
+                                    AND h.held_task_key IS NULL
                                     AND h.status IN ('pending', 'waiting_for_retry')
                                     AND h.concurrency_key = k.key
                                   LIMIT 1) l

@@ -186,6 +186,88 @@ async fn a_rate_limit_holds_in_every_second_and_the_backlog_completes() {
     env.finish().await.unwrap();
 }
 
+/// A step held by its own concurrency key is offered when the key frees a slot, even
+/// while older first steps of the key wait for their task's turn under the template's
+/// concurrency (those are offered when their task may start).
+#[tokio::test]
+async fn a_key_s_free_slot_goes_to_a_step_that_can_run_not_to_a_queued_task() {
+    let mut env = TestEnv::start("flow-queued-first").await.unwrap();
+    // One task per customer at a time; one call at a time to the partner.
+    let job = "namespace: flow\nname: job\nconcurrency:\n  - {key: context.customer, limit: 1}\nsteps:\n  - name: call\n    handler: tasker.sleep\n    config: {ms: 1500}\n    concurrency: {key: \"'partner'\", limit: 1}\n";
+    env.register_template(job).await.unwrap();
+    env.start_worker("w", &["flow"]).await.unwrap();
+    let mut ids = Vec::new();
+    // a1 runs; a2 and a3 wait for customer a; c waits for the partner only.
+    for (name, customer) in [("a1", "a"), ("a2", "a"), ("a3", "a"), ("c", "c")] {
+        let context = json!({"customer": customer, "n": name});
+        let task = env
+            .api
+            .create_task(&json!({"namespace": "flow", "name": "job", "context": context}))
+            .await
+            .unwrap()
+            .task_id;
+        ids.push(task);
+    }
+    wait_all(&env, &ids, Duration::from_secs(60)).await;
+    let order: Vec<String> = runs(&env.pool, "call", "n")
+        .await
+        .into_iter()
+        .map(|(name, ..)| name)
+        .collect();
+    // The partner's slot freed by a1 went to c, which could run, before a3 (and a2).
+    let position = |name: &str| order.iter().position(|n| n == name).unwrap();
+    assert!(
+        position("c") < position("a3"),
+        "c waited behind customer a's queue: {order:?}"
+    );
+    env.finish().await.unwrap();
+}
+
+/// A rate limit counts a step's retries as starts: a handler that fails at once, retried
+/// after 50 ms, still starts at most twice in ten seconds.
+#[tokio::test]
+async fn a_rate_limit_counts_every_retry_of_a_step() {
+    let mut env = TestEnv::start("flow-rate-retries").await.unwrap();
+    let flaky = "namespace: flow\nname: flaky\nsteps:\n  - name: call\n    handler: tasker.fail\n    retry_limit: 5\n    config: {times: 10}\n    backoff: {base_seconds: 0.05, jitter: false}\n    rate_limit: {key: \"'flaky-api'\", limit: 2, per: 10s}\n";
+    env.register_template(flaky).await.unwrap();
+    env.start_worker("w", &["flow"]).await.unwrap();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "flow", "name": "flaky"}))
+        .await
+        .unwrap()
+        .task_id;
+    let starts = || async {
+        let starts: Vec<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT created_at FROM step_transitions \
+             WHERE task_id = $1 AND to_status = 'in_progress' ORDER BY transition_id",
+        )
+        .bind(task)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        starts
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let starts = loop {
+        let starts = starts().await;
+        if starts.len() >= 3 {
+            break starts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no third start in 40 s: {starts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let gap = starts[2] - starts[0];
+    assert!(
+        gap >= chrono::TimeDelta::milliseconds(9_500),
+        "three starts within {gap} against a limit of 2 per 10 s: {starts:?}"
+    );
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn malformed_limits_are_refused_naming_the_step_and_the_key() {
     let env = TestEnv::start("flow-malformed").await.unwrap();
