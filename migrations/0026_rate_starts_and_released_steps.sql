@@ -29,9 +29,14 @@ CREATE INDEX steps_held_by_key ON steps (concurrency_key, priority DESC, created
     WHERE held = 'concurrency_limited' AND held_task_key IS NULL
       AND status IN ('pending', 'waiting_for_retry');
 
--- The claim of migration 0021 with those two changes, and the rate keys of released held
--- steps locked before they are counted (two claims of one rate key, one of them through
--- a released step, counted it at once and let both budgets through).
+-- The claim of migration 0021 with those two changes, and:
+-- - the rate keys of released held steps locked before they are counted (two claims of
+--   one rate key, one of them through a released step, counted it at once and let both
+--   budgets through);
+-- - `cancel_oldest` cancels running tasks only for the tasks that do start (a new task
+--   whose first step its own limits hold started nothing, yet cancelled one), and may
+--   cancel a running task that has a step in the same claim (left out, the new task
+--   started past the limit): that step is then neither claimed nor judged.
 CREATE OR REPLACE FUNCTION tasker_claim_steps(
     p_step_ids UUID[], p_parents_done INT[], p_lease_ms BIGINT, p_release_keys TEXT[],
     p_keyed BOOLEAN DEFAULT NULL
@@ -325,22 +330,6 @@ BEGIN
             FROM starting s
             GROUP BY s.step_id, s.task_id
         ),
-        victims AS (
-            -- cancel_oldest: each key's oldest running tasks, as many as the tasks starting
-            -- past its limit, but never a task this claim has a step of.
-            SELECT v.task_id
-            FROM (SELECT s.key, max(s.rank) - max(s.lim - s.running) AS over
-                  FROM starting s
-                  WHERE s.on_limit = 'cancel_oldest'
-                  GROUP BY s.key) o
-            CROSS JOIN LATERAL (SELECT r.task_id FROM task_slots r
-                                CROSS JOIN LATERAL (SELECT t.status, t.created_at FROM tasks t
-                                                    WHERE t.task_id = r.task_id OFFSET 0) t
-                                WHERE r.key = o.key AND (t.status = 'in_progress') IS TRUE
-                                  AND r.task_id <> ALL (ARRAY(SELECT c.task_id FROM current c))
-                                ORDER BY t.created_at
-                                LIMIT GREATEST(o.over, 0)) v
-        ),
         gated AS (
             -- Each candidate with what its task's start decided (the template's
             -- concurrency), and whether its own limits are to be counted: claimable, its
@@ -430,6 +419,27 @@ BEGIN
                              AS rate_held
                   FROM rated r) r
         ),
+        victims AS (
+            -- cancel_oldest: each key's oldest running tasks, as many as the tasks that do
+            -- start here (a step claimed or to judge; one held by its own limits starts
+            -- nothing) past its limit. A running task with a candidate here is one too:
+            -- its candidates are then neither claimed nor judged, and are cancelled with it.
+            SELECT v.task_id
+            FROM (SELECT s.key, count(DISTINCT s.task_id) - max(s.lim - s.running) AS over
+                  FROM starting s
+                  JOIN current c ON c.step_id = s.step_id
+                  JOIN task_limits t ON t.step_id = s.step_id
+                  JOIN decided d ON d.step_id = s.step_id
+                  WHERE s.on_limit = 'cancel_oldest' AND NOT t.cancel AND t.waits_for IS NULL
+                    AND (d.claim OR c.judge)
+                  GROUP BY s.key) o
+            CROSS JOIN LATERAL (SELECT r.task_id FROM task_slots r
+                                CROSS JOIN LATERAL (SELECT t.status, t.created_at FROM tasks t
+                                                    WHERE t.task_id = r.task_id OFFSET 0) t
+                                WHERE r.key = o.key AND (t.status = 'in_progress') IS TRUE
+                                ORDER BY t.created_at
+                                LIMIT GREATEST(o.over, 0)) v
+        ),
         to_cancel AS (
             SELECT DISTINCT t.task_id, 'pending' AS from_status FROM task_limits t WHERE t.cancel
             UNION
@@ -494,6 +504,9 @@ BEGIN
                 updated_at = CASE WHEN d.claim THEN now() ELSE s.updated_at END
             FROM decided d
             WHERE s.step_id = d.step_id
+              -- A running task cancelled here as the oldest of its key: its steps are
+              -- cancelled below, and left alone here (one statement updates a row once).
+              AND s.task_id <> ALL (ARRAY(SELECT v.task_id FROM victims v))
               AND (d.claim OR d.done > 0 OR d.held IS DISTINCT FROM d.was_held
                    OR d.held_task_key IS DISTINCT FROM d.was_task_key
                    OR (d.claimable AND d.held = 'rate_limited' AND d.next_slot IS NOT NULL))
@@ -509,6 +522,7 @@ BEGIN
             SELECT c.step_id, c.task_id, c.step_name
             FROM current c LEFT JOIN task_limits t ON t.step_id = c.step_id
             WHERE c.judge AND NOT COALESCE(t.cancel, false) AND t.waits_for IS NULL
+              AND c.task_id <> ALL (ARRAY(SELECT v.task_id FROM victims v))
         ),
         step_history AS (
             INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)

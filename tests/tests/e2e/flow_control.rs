@@ -223,6 +223,50 @@ async fn a_key_s_free_slot_goes_to_a_step_that_can_run_not_to_a_queued_task() {
     env.finish().await.unwrap();
 }
 
+/// `cancel_oldest` cancels the running task when the new one starts, not when the new
+/// one's first step is held by its own limit: the running task goes on until then.
+#[tokio::test]
+async fn cancel_oldest_cancels_only_once_the_new_task_starts() {
+    let mut env = TestEnv::start("flow-oldest-held").await.unwrap();
+    let latest = "namespace: flow\nname: latest\nconcurrency:\n  - {key: context.customer, limit: 1, on_limit: cancel_oldest}\nsteps:\n  - name: call\n    handler: tasker.sleep\n    config: {ms: 1500}\n    concurrency: {key: \"'partner'\", limit: 1}\n  - {name: after, handler: tasker.sleep, config: {ms: 3000}, depends_on: [call]}\n";
+    env.register_template(latest).await.unwrap();
+    env.start_worker("w", &["flow"]).await.unwrap();
+    let body = json!({"namespace": "flow", "name": "latest", "context": {"customer": "y"}});
+    let old = env.api.create_task(&body).await.unwrap().task_id;
+    env.api
+        .wait_until(old, "its call running", Duration::from_secs(30), |task| {
+            task.step("call").status == tasker_tests::StepStatus::InProgress
+        })
+        .await
+        .unwrap();
+    // The new task's call waits for the partner's slot: it starts nothing yet.
+    let new = env.api.create_task(&body).await.unwrap().task_id;
+
+    let new = env
+        .api
+        .wait_for_task(new, &[TaskStatus::Complete], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(new.status, TaskStatus::Complete);
+    let old = env.api.task(old).await.unwrap();
+    assert_eq!(old.status, TaskStatus::Cancelled, "{old:#?}");
+    // Cancelled once the new task could start: after its own call had finished, by the
+    // claim that would have dispatched its next step (which never ran: two tasks of the
+    // customer would have run at once).
+    assert_eq!(
+        old.step("call").status,
+        tasker_tests::StepStatus::Complete,
+        "{old:#?}"
+    );
+    let after = old.step("after");
+    assert_eq!(
+        (after.status, after.attempts),
+        (tasker_tests::StepStatus::Cancelled, 0),
+        "{old:#?}"
+    );
+    env.finish().await.unwrap();
+}
+
 /// A rate limit counts a step's retries as starts: a handler that fails at once, retried
 /// after 50 ms, still starts at most twice in ten seconds.
 #[tokio::test]
