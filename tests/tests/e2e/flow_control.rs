@@ -267,6 +267,38 @@ async fn cancel_oldest_cancels_only_once_the_new_task_starts() {
     env.finish().await.unwrap();
 }
 
+/// A task waiting for its template's concurrency has no slot yet: its first step cannot
+/// be resolved by hand (its dependents would run past the limit).
+#[tokio::test]
+async fn a_queued_task_s_step_cannot_be_resolved_before_it_starts() {
+    let mut env = TestEnv::start("flow-resolve-queued").await.unwrap();
+    let job = "namespace: flow\nname: one_at_a_time\nconcurrency:\n  - {key: \"'all'\", limit: 1}\nsteps:\n  - {name: first, handler: tasker.sleep, config: {ms: 3000}}\n  - {name: then, handler: tasker.noop, depends_on: [first]}\n";
+    env.register_template(job).await.unwrap();
+    env.start_worker("w", &["flow"]).await.unwrap();
+    let body = json!({"namespace": "flow", "name": "one_at_a_time"});
+    let running = env.api.create_task(&body).await.unwrap().task_id;
+    let queued = env.api.create_task(&body).await.unwrap().task_id;
+    let (status, answer) = env
+        .post(
+            &format!("/v1/tasks/{queued}/steps/first/resolve"),
+            json!({"results": {}, "reason": "skip the wait"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 409, "{answer}");
+    assert!(answer.to_string().contains("has not started"), "{answer}");
+    let task = env.api.task(queued).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Pending, "{task:#?}");
+    // It still runs in its turn.
+    for task in [running, queued] {
+        env.api
+            .wait_for_task(task, &[TaskStatus::Complete], Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    env.finish().await.unwrap();
+}
+
 /// A rate limit counts a step's retries as starts: a handler that fails at once, retried
 /// after 50 ms, still starts at most twice in ten seconds.
 #[tokio::test]

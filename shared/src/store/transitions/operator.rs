@@ -352,6 +352,22 @@ pub async fn resolve_step(
         task_id,
         step: step.to_owned(),
     })?;
+    if status == TaskStatus::Pending {
+        // A task its template's concurrency holds back starts with a slot of each key; a
+        // step resolved now would run its dependents without one, past the limit.
+        let (keys,): (Option<Vec<String>>,) =
+            sqlx::query_as("SELECT concurrency_keys FROM tasks WHERE task_id = $1")
+                .bind(task_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        if let Some(keys) = keys.filter(|keys| !keys.is_empty()) {
+            return Err(OperatorError::Conflict(format!(
+                "task {task_id} has not started, and its template's concurrency gives it a \
+                 slot of key {} only when it does; resolve its steps once it runs, or cancel it",
+                keys.join(", ")
+            )));
+        }
+    }
     if !current.can_transition_to(StepStatus::ResolvedManually) {
         return Err(OperatorError::Conflict(format!(
             "step `{step}` is {current}; only a pending, waiting_for_retry or error step can be resolved"
