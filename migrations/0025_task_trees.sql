@@ -4,11 +4,12 @@
 -- a tree, stops at TASKER_MAX_TASK_TREE tasks.
 ALTER TABLE tasks ADD COLUMN root_task_id UUID;
 
+-- From the roots of the trees there are (found from their children, by index).
 WITH RECURSIVE tree AS (
     SELECT t.task_id, t.task_id AS root_task_id
     FROM tasks t
-    WHERE t.parent_task_id IS NULL
-      AND EXISTS (SELECT 1 FROM tasks c WHERE c.parent_task_id = t.task_id)
+    WHERE t.task_id IN (SELECT c.parent_task_id FROM tasks c WHERE c.parent_task_id IS NOT NULL)
+      AND t.parent_task_id IS NULL
     UNION ALL
     SELECT c.task_id, tree.root_task_id
     FROM tasks c JOIN tree ON c.parent_task_id = tree.task_id

@@ -102,9 +102,28 @@ BEGIN
         CROSS JOIN LATERAL unnest(s.keys) AS k(key);
     END IF;
     IF cardinality(p_release_keys) > 0 THEN
+        -- With each released key, the rate keys of the held steps it will offer (read
+        -- before any lock: the few offered otherwise are locked after the others).
         v_locks := ARRAY(SELECT DISTINCT l FROM unnest(v_locks || ARRAY(
                              SELECT hashtextextended('tasker concurrency ' || r.key, 0)
-                             FROM unnest(p_release_keys) AS r(key))) AS l
+                             FROM unnest(p_release_keys) AS r(key)) || ARRAY(
+                             SELECT hashtextextended('tasker rate ' || h.rate_key, 0)
+                             FROM unnest(p_release_keys) AS r(key)
+                             CROSS JOIN LATERAL (
+                                 SELECT s.rate_key
+                                 FROM steps s
+                                 WHERE s.held = 'concurrency_limited' AND s.held_task_key IS NULL
+                                   AND s.status IN ('pending', 'waiting_for_retry')
+                                   AND s.concurrency_key = r.key
+                                 ORDER BY s.priority DESC, s.created_at
+                                 LIMIT (SELECT f.concurrency_limit FROM steps f
+                                        WHERE f.held = 'concurrency_limited'
+                                          AND f.held_task_key IS NULL
+                                          AND f.status IN ('pending', 'waiting_for_retry')
+                                          AND f.concurrency_key = r.key
+                                        ORDER BY f.priority DESC, f.created_at
+                                        LIMIT 1)) h
+                             WHERE h.rate_key IS NOT NULL)) AS l
                          WHERE l IS NOT NULL ORDER BY l);
     END IF;
     -- One statement takes them all, in the array's (sorted) order: a statement per
@@ -134,10 +153,11 @@ BEGIN
                        ORDER BY f.priority DESC, f.created_at
                        LIMIT 1)
                 FOR UPDATE SKIP LOCKED) h);
-        -- A released step's rate key is counted below, and may be the first of a task its
-        -- template limits: those keys are taken too (after the others, so two such
-        -- claims may deadlock, and PostgreSQL ends one; only a step with both a
-        -- concurrency and a rate, or a first step under both limits, can).
+        -- A released step's rate key is counted below (taken above, unless the step was
+        -- not among those held when the keys were read), and it may be the first of a
+        -- task its template limits: those keys are taken too, after the others, so two
+        -- such claims may deadlock, and PostgreSQL ends one (only a first step under both
+        -- kinds of concurrency, or a step held since the keys were read, can).
         SELECT array_agg(DISTINCT hashtextextended('tasker task ' || tk.key, 0))
         INTO v_task_locks
         FROM steps s
@@ -369,7 +389,12 @@ BEGIN
                                       ORDER BY f.priority DESC, f.created_at, f.step_id) AS rate_rank,
                    CASE WHEN f.limited AND f.fits AND f.rate_key IS NOT NULL THEN
                        ARRAY(SELECT x.started_at FROM steps t
-                             CROSS JOIN LATERAL unnest(t.rate_starts) AS x(started_at)
+                             -- A start a coordinator older than this function wrote
+                             -- (during a rolling upgrade) is in started_at alone.
+                             CROSS JOIN LATERAL unnest(COALESCE(
+                                 t.rate_starts,
+                                 CASE WHEN t.status <> 'enqueued' THEN ARRAY[t.started_at] END))
+                                 AS x(started_at)
                              WHERE t.rate_key = f.rate_key
                                AND t.started_at > v_now - f.rate_window_ms * INTERVAL '1 millisecond'
                                AND x.started_at > v_now - f.rate_window_ms * INTERVAL '1 millisecond'
@@ -641,7 +666,12 @@ BEGIN
                                       ORDER BY f.priority DESC, f.created_at, f.step_id) AS rate_rank,
                    CASE WHEN f.limited AND f.fits AND f.rate_key IS NOT NULL THEN
                        ARRAY(SELECT x.started_at FROM steps t
-                             CROSS JOIN LATERAL unnest(t.rate_starts) AS x(started_at)
+                             -- A start a coordinator older than this function wrote
+                             -- (during a rolling upgrade) is in started_at alone.
+                             CROSS JOIN LATERAL unnest(COALESCE(
+                                 t.rate_starts,
+                                 CASE WHEN t.status <> 'enqueued' THEN ARRAY[t.started_at] END))
+                                 AS x(started_at)
                              WHERE t.rate_key = f.rate_key
                                AND t.started_at > v_now - f.rate_window_ms * INTERVAL '1 millisecond'
                                AND x.started_at > v_now - f.rate_window_ms * INTERVAL '1 millisecond'

@@ -41,6 +41,9 @@
 //! takes nothing (a memory or disk alarm blocks publishers) the sweeper does nothing, and
 //! counts the block as an outage: workers' heartbeats and results, and this
 //! coordinator's step messages, wait in their clients until it lifts, and arrive then.
+//! No lease expires, queued steps' included, until a heartbeat lease after the probe was
+//! last refused: the steps published during the alarm are confirmed once it clears, and
+//! their leases lifted seconds later.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -76,6 +79,11 @@ pub(crate) struct Sweeper {
     lease: LeasePolicy,
     /// Since when the database and the broker have both been reachable.
     healthy_since: Mutex<Option<Instant>>,
+    /// Until when no lease expires at all, queued steps' included: a heartbeat lease
+    /// after the broker last took no message (a memory or disk alarm). The steps
+    /// published during the alarm are confirmed once it clears, and their leases lifted
+    /// seconds after; until then they look unconfirmed.
+    quiet_until: Mutex<Option<Instant>>,
     queues: QueueAudit,
     /// The shortfalls the previous queue audit found: one is acted on only when the next
     /// audit finds it again. A std Mutex: held only to take or put back, never across an
@@ -114,6 +122,7 @@ impl Sweeper {
             lease,
             // At start, heartbeats sent while no coordinator ran may still be queued.
             healthy_since: Mutex::new(None),
+            quiet_until: Mutex::new(None),
             queues,
             short: Mutex::default(),
         }
@@ -243,13 +252,17 @@ impl Sweeper {
             .into_iter()
             .map(|worker| worker.worker_id)
             .collect();
-        let expired = transitions::expire_leases(
-            &mut tx,
-            SWEEP_BATCH,
-            running,
-            (&alive, self.lease.grace_ms),
-        )
-        .await?;
+        let quiet = self
+            .quiet_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+        let expired = if quiet {
+            transitions::ExpiredLeases::default()
+        } else {
+            transitions::expire_leases(&mut tx, SWEEP_BATCH, running, (&alive, self.lease.grace_ms))
+                .await?
+        };
         let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
         let mut tasks = expired.tasks.clone();
         tasks.extend(&waits);
@@ -403,6 +416,10 @@ impl Service for Sweeper {
                         );
                     }
                     self.set_unhealthy();
+                    let heartbeat_lease =
+                        Duration::from_millis(self.lease.heartbeat_lease_ms.max(0) as u64);
+                    *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Instant::now() + self.interval + heartbeat_lease);
                     continue;
                 }
                 if std::mem::take(&mut blocked) {

@@ -600,12 +600,9 @@ pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> 
 /// How long a publisher confirm may take before the publish counts as failed.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Await a publisher confirm, polling it again every 100 ms until [`CONFIRM_TIMEOUT`].
-///
-/// Measured with tasker-bench under load: now and then a confirm future stayed pending
-/// although the broker had confirmed (lapin did not wake the task), leaving a step
-/// unacked on a worker indefinitely. Polling again recovers it within 100 ms; a confirm
-/// that never comes fails the publish instead of hanging it.
+/// Await a publisher confirm, polling it again every 100 ms until [`CONFIRM_TIMEOUT`]
+/// (see [`patiently`]): a confirm that never comes fails the publish instead of hanging
+/// it.
 pub async fn await_confirm(
     confirm: lapin::PublisherConfirm,
 ) -> anyhow::Result<lapin::Confirmation> {
@@ -657,30 +654,50 @@ async fn confirmed_together(
     confirmations
 }
 
-/// Poll `confirm` every 100 ms until `deadline`, which moves to [`CONFIRM_TIMEOUT`] from
-/// now while `connection`'s publishers are blocked.
+/// Await `confirm` until `deadline`, as [`patiently`] does.
 async fn confirmed_by(
     confirm: lapin::PublisherConfirm,
     deadline: &mut tokio::time::Instant,
     connection: Option<&lapin::ConnectionStatus>,
 ) -> anyhow::Result<lapin::Confirmation> {
-    let mut confirm = std::pin::pin!(confirm);
+    match patiently(confirm, deadline, CONFIRM_TIMEOUT, connection).await {
+        Some(confirmation) => Ok(confirmation?),
+        None => anyhow::bail!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
+    }
+}
+
+/// Await `future` (a publish, or its confirm), polling it again every 100 ms, until
+/// `deadline`; `None` past it. While the broker blocks the publishers of `connection` (a
+/// memory or disk alarm, `connection.blocked`) the deadline moves to `patience` from
+/// now: lapin holds what is published during the block and writes it once it lifts, and
+/// the broker then takes it in and confirms it, so a publish given up on meanwhile would
+/// still arrive, after its work was handed back to be done again.
+///
+/// Polling again: now and then a lapin confirm future stayed pending although the broker
+/// had confirmed (measured with tasker-bench under load), and polling recovers it.
+pub async fn patiently<F: std::future::Future>(
+    future: F,
+    deadline: &mut tokio::time::Instant,
+    patience: Duration,
+    connection: Option<&lapin::ConnectionStatus>,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
     let mut told = false;
     loop {
-        match tokio::time::timeout(Duration::from_millis(100), &mut confirm).await {
-            Ok(confirmation) => return Ok(confirmation?),
-            Err(_) if connection.is_some_and(|c| c.blocked() && c.connected()) => {
-                if !told {
-                    told = true;
-                    tracing::warn!(
-                        "RabbitMQ blocks publishers (a memory or disk alarm): waiting for the \
-                         block to lift and the broker to confirm"
-                    );
-                }
-                *deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        if let Ok(output) = tokio::time::timeout(Duration::from_millis(100), &mut future).await {
+            return Some(output);
+        }
+        if connection.is_some_and(|c| c.blocked() && c.connected()) {
+            if !told {
+                told = true;
+                tracing::warn!(
+                    "RabbitMQ blocks publishers (a memory or disk alarm): waiting for the \
+                     block to lift"
+                );
             }
-            Err(_) if tokio::time::Instant::now() < *deadline => continue,
-            Err(_) => anyhow::bail!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
+            *deadline = tokio::time::Instant::now() + patience;
+        } else if tokio::time::Instant::now() >= *deadline {
+            return None;
         }
     }
 }

@@ -1,8 +1,9 @@
 //! A RabbitMQ memory alarm: the broker stops reading from every connection that
 //! publishes, so a worker's results and heartbeats and the coordinator's step messages
 //! wait in their clients until the alarm clears. Nothing may run twice for it: no lease
-//! expires while the broker takes nothing, no publish is given up on while it is blocked
-//! (the broker takes it in once the alarm clears, after its work was handed back).
+//! expires while the broker takes nothing, nor right after, before the confirms of what
+//! was published meanwhile are in; no publish is given up on while it is blocked (the
+//! broker takes it in once the alarm clears, after its work was handed back).
 //!
 //! The alarm is the machine broker's (`rabbitmqctl set_vm_memory_high_watermark`), so
 //! this is a test binary of its own (cargo runs test binaries one after another), run by
@@ -21,16 +22,24 @@ const ALARM: Duration = Duration::from_secs(35);
 #[tokio::test]
 async fn a_memory_alarm_delays_steps_without_running_any_twice() {
     let options = EnvOptions {
-        // Leases that would expire many times over during the alarm.
+        // Leases that would expire many times over during the alarm: a running step's,
+        // and a claimed step's whose publish waits for the alarm to clear.
         coordinator_env: vec![
             ("TASKER_HEARTBEAT_LEASE_MS".into(), "3000".into()),
+            ("TASKER_DISPATCH_LEASE_MS".into(), "5000".into()),
             ("TASKER_SWEEP_INTERVAL_MS".into(), "500".into()),
         ],
         ..EnvOptions::default()
     };
     let mut env = TestEnv::start_with("alarm", options).await.unwrap();
-    env.register_templates(&["namespace: alarm\nname: pair\nsteps:\n  - {name: slow, handler: tasker.sleep, config: {ms: 2000}}\n  - {name: after, handler: tasker.noop, depends_on: [slow]}\n"])
-        .await;
+    let pair = "name: pair\nsteps:\n  - {name: slow, handler: tasker.sleep, config: {ms: 2000}}\n  - {name: after, handler: tasker.noop, depends_on: [slow]}\n";
+    // `waiting` has no worker until after the alarm: its claimed step stays queued, its
+    // dispatch lease long past, while the confirm of its publish comes in.
+    env.register_templates(&[
+        &format!("namespace: alarm\n{pair}"),
+        &format!("namespace: waiting\n{pair}"),
+    ])
+    .await;
     env.start_worker_with(
         binary("tasker-worker"),
         "w",
@@ -53,13 +62,23 @@ async fn a_memory_alarm_delays_steps_without_running_any_twice() {
         .unwrap();
 
     let alarm = Alarm::raise();
-    // The running step finishes during the alarm; a task created during it is claimed
-    // and waits to be published.
+    // The running step finishes during the alarm; tasks created during it are claimed
+    // and wait to be published.
     let created = env.api.create_task(&pair).await.unwrap().task_id;
+    let queued = env
+        .api
+        .create_task(&json!({"namespace": "waiting", "name": "pair"}))
+        .await
+        .unwrap()
+        .task_id;
     tokio::time::sleep(ALARM).await;
     drop(alarm);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.start_worker_with(binary("tasker-worker"), "late", &["waiting"], 8, &[])
+        .await
+        .unwrap();
 
-    for task in [running, created] {
+    for task in [running, created, queued] {
         let done = env
             .api
             .wait_for_task(task, &[TaskStatus::Complete], Duration::from_secs(60))

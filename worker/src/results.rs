@@ -54,43 +54,23 @@ impl PublishChannel {
         self.channel.status().connected()
     }
 
-    /// Wait for `publish`, a publish on this channel: at most `patience` past the last
-    /// moment the broker was seen blocking the connection's publishers
-    /// (`connection.blocked`: a memory or disk alarm). lapin
-    /// keeps what is published while blocked and writes it, and any ack or nack queued
-    /// after it, once the block lifts: a result given up on meanwhile would reach the
-    /// coordinator after its step was handed back, and the step would run twice.
+    /// Wait for `publish`, a publish on this channel, at most `patience`, or longer while
+    /// the broker blocks the connection's publishers ([`broker::patiently`]): lapin
+    /// keeps what is published during the block and writes it, with any ack or nack
+    /// queued after it, once the block lifts, so a result given up on meanwhile would
+    /// reach the coordinator after its step was handed back, and the step would run
+    /// twice.
     pub(crate) async fn written<T>(
         &self,
         patience: Duration,
         publish: impl Future<Output = T>,
     ) -> anyhow::Result<T> {
-        let mut publish = std::pin::pin!(publish);
         let mut deadline = tokio::time::Instant::now() + patience;
-        let mut told = false;
-        loop {
-            let tick = deadline.min(tokio::time::Instant::now() + BLOCKED_CHECK);
-            if let Ok(written) = tokio::time::timeout_at(tick, &mut publish).await {
-                return Ok(written);
-            }
-            if self.connection.blocked() && self.connected() {
-                if !told {
-                    told = true;
-                    tracing::warn!(
-                        "RabbitMQ blocks this worker's publishers (a memory or disk alarm): \
-                         waiting for it to lift before publishing"
-                    );
-                }
-                deadline = tokio::time::Instant::now() + patience;
-            } else if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!("no answer from the broker to a publish");
-            }
-        }
+        broker::patiently(publish, &mut deadline, patience, Some(&self.connection))
+            .await
+            .context("no answer from the broker to a publish")
     }
 }
-
-/// How often a publish that has not been written looks whether the broker blocks it.
-const BLOCKED_CHECK: Duration = Duration::from_secs(1);
 
 /// A result (with its trace context) waiting to leave, and the step waiting for its
 /// confirm.

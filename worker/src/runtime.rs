@@ -36,7 +36,10 @@
 //! of running twice. Every broker call a step makes (publish, ack, nack) gives up after
 //! [`BROKER_PATIENCE`]: lapin can leave an ack that is issued just as the connection
 //! fails pending for ever, and a step task that never ends would hold the worker's
-//! drain with it.
+//! drain with it. The one exception is a publish (a result, a dead letter) while the
+//! broker blocks the connection's publishers for a memory or disk alarm: it waits for
+//! the alarm to clear, since what lapin holds then is written afterwards whatever this
+//! worker decides.
 //!
 //! At shutdown the consumers are cancelled, messages received but not started are
 //! handed back to the broker (those waiting for a slot too; a batch of which one step
@@ -81,7 +84,8 @@ use crate::settings::WorkerSettings;
 
 /// The longest one broker call of a step (a publish's send, an ack, a nack) may take
 /// before it counts as failed. A publish's confirm has its own limit
-/// ([`broker::CONFIRM_TIMEOUT`]).
+/// ([`broker::CONFIRM_TIMEOUT`]); neither counts while the broker blocks the connection's
+/// publishers (see [`crate::results::PublishChannel::written`]).
 pub(crate) const BROKER_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The longest a session's set-up (channels, prefetch, consumers) may take.
@@ -402,7 +406,9 @@ impl Worker {
             },
             stop_rx,
         ));
-        let draining = CancellationToken::new();
+        // Cancelled when the worker starts to drain: the control loop, which goes on
+        // meanwhile for cancels, consumes no new namespace from then on.
+        let closing = CancellationToken::new();
         let control = tokio::spawn(follow_control(
             shared.clone(),
             control_channel,
@@ -410,7 +416,7 @@ impl Worker {
             consumers.clone(),
             // Only a worker serving every namespace follows the announcements.
             self.namespaces.is_none().then(|| deliveries_tx.clone()),
-            draining.clone(),
+            closing.clone(),
             failed.clone(),
         ));
         drop(deliveries_tx);
@@ -427,7 +433,7 @@ impl Worker {
             running: running.clone(),
             steps: steps.clone(),
             consume: consume.clone(),
-            draining,
+            draining: CancellationToken::new(),
         };
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let outcome = loop {
@@ -473,6 +479,7 @@ impl Worker {
         }
 
         tracing::info!("stopping: no new steps; finishing the running ones");
+        closing.cancel();
         let tags: Vec<ShortString> = consumers
             .tags
             .lock()
@@ -493,8 +500,9 @@ impl Worker {
             nack_requeue(&received.delivery).await;
         }
         // Every step task, of this session and of lost ones, ends: its handler has a
-        // timeout and each broker call a limit. Heartbeats go on meanwhile, and cancels
-        // still abort running steps (the control loop consumes no new namespace).
+        // timeout and each broker call a limit (but for publishes during a broker alarm,
+        // until it clears). Heartbeats go on meanwhile, and cancels still abort running
+        // steps (the control loop consumes no new namespace).
         steps.close();
         steps.wait().await;
         control.abort();
@@ -608,17 +616,17 @@ async fn start_consumer(
 
 /// Follow the control exchange: abort the steps of cancelled tasks and, for a worker
 /// serving every namespace (`deliveries` given), consume each namespace announced until
-/// it is `draining`.
+/// the worker is `closing`.
 async fn follow_control(
     shared: Arc<Shared>,
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
     deliveries: Option<mpsc::Sender<Received>>,
-    draining: CancellationToken,
+    closing: CancellationToken,
     failed: Arc<Notify>,
 ) {
-    let deliveries = deliveries.map(|deliveries| (deliveries, draining));
+    let deliveries = deliveries.map(|deliveries| (deliveries, closing));
     follow(shared, control, consume, consumers, deliveries, &failed).await;
     // Without the control exchange this worker misses cancels and namespaces: end the
     // session so the next one subscribes again.
@@ -673,10 +681,10 @@ async fn follow(
         }
         match serde_json::from_slice(&delivery.data) {
             Ok(ControlMessage::Namespaces { namespaces }) => {
-                let Some((deliveries, draining)) = &deliveries else {
+                let Some((deliveries, closing)) = &deliveries else {
                     continue;
                 };
-                if draining.is_cancelled() {
+                if closing.is_cancelled() {
                     continue;
                 }
                 for namespace in namespaces {
@@ -817,7 +825,7 @@ impl Starts {
             Ok(batch) => batch.steps,
             Err(reason) => {
                 let delivered = Delivered::Alone(Box::new(delivery));
-                dead_letter(&self.shared, &delivered, None, &reason, &queue).await;
+                let _ = dead_letter(&self.shared, &delivered, None, &reason, &queue).await;
                 drop(held);
                 return;
             }
@@ -877,7 +885,7 @@ async fn handle(
     let message = match open(shared, delivered.delivery(), StepMessage::decode) {
         Ok(message) => message,
         Err(reason) => {
-            dead_letter(shared, &delivered, None, &reason, source_queue).await;
+            let _ = dead_letter(shared, &delivered, None, &reason, source_queue).await;
             return;
         }
     };
@@ -1094,12 +1102,13 @@ async fn run_step(
         // In the step's trace, as any result: its failure shows under its execution.
         let traceparent = tasker_protocol::telemetry::traceparent(&span);
         if shared.results.publish(result, traceparent).await.is_ok() {
-            // A redelivered copy (its batch handed back for another step) is skipped.
-            shared
-                .inflight
-                .mark_answered(message.step_id, message.dispatch_token);
             shared.metrics.dead_letter("unknown_handler");
-            dead_letter(shared, &delivered, Some(&message), &reason, &source_queue).await;
+            if dead_letter(shared, &delivered, Some(&message), &reason, &source_queue).await {
+                // A redelivered copy (its batch handed back for another step) is skipped.
+                shared
+                    .inflight
+                    .mark_answered(message.step_id, message.dispatch_token);
+            }
         } else {
             requeue(shared, &delivered).await;
         }
@@ -1236,21 +1245,22 @@ async fn ack_delivery(shared: &Shared, delivery: &Delivery) {
 }
 
 /// Copy a message to the dead-letter queue with `reason`, then answer it. A step of a
-/// batch (`step`) goes there alone, as a step message of its own.
+/// batch (`step`) goes there alone, as a step message of its own. Returns whether the
+/// copy was filed (otherwise the message is handed back).
 async fn dead_letter(
     shared: &Shared,
     delivered: &Delivered,
     step: Option<&StepMessage>,
     reason: &str,
     source_queue: &str,
-) {
+) -> bool {
     let body = match (delivered, step) {
         (Delivered::Part(_), Some(step)) => match serde_json::to_vec(step) {
             Ok(body) => std::borrow::Cow::Owned(body),
             Err(error) => {
                 tracing::error!(%error, "cannot write a step to dead-letter it; handing it back");
                 requeue(shared, delivered).await;
-                return;
+                return false;
             }
         },
         _ => std::borrow::Cow::Borrowed(delivered.delivery().data.as_slice()),
@@ -1272,13 +1282,17 @@ async fn dead_letter(
             .context("no answer from the broker to a dead letter")?
     };
     match sent.await {
-        Ok(()) => ack(shared, delivered).await,
+        Ok(()) => {
+            ack(shared, delivered).await;
+            true
+        }
         Err(error) => {
             tracing::error!(
                 error = format!("{error:#}"),
                 "cannot dead-letter a message; handing it back"
             );
             requeue(shared, delivered).await;
+            false
         }
     }
 }
