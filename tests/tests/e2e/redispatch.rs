@@ -69,9 +69,9 @@ async fn reasons(env: &TestEnv, reason: &str) -> i64 {
     reasons_in(env, "backlog", reason).await
 }
 
-async fn wait_until_confirmed(env: &TestEnv) {
+async fn wait_until_confirmed(env: &TestEnv, steps: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while confirmed(env).await < TASKS as i64 {
+    while confirmed(env).await < steps as i64 {
         assert!(Instant::now() < deadline, "steps not confirmed in 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -145,7 +145,7 @@ async fn sweep_past(env: &TestEnv, canary: &str) {
 async fn a_confirmed_step_waits_in_its_queue_past_the_dispatch_lease_and_runs_once() {
     let mut env = short_lease("confirmed-waits").await;
     let ids = create_tasks(&env, "one", TASKS).await;
-    wait_until_confirmed(&env).await;
+    wait_until_confirmed(&env, TASKS).await;
     // No worker: the steps wait. Proof that sweeps looked at them past their lease: two
     // canaries, confirmed after the backlog, whose queues are deleted one after the
     // other. The sweep that notices the second one's loss runs after the one that
@@ -248,7 +248,7 @@ async fn lost_then_run(env: &mut TestEnv, ids: &[Uuid], reason: &str) {
 async fn steps_whose_queue_was_deleted_are_dispatched_again() {
     let mut env = short_lease("queue-deleted").await;
     let ids = create_tasks(&env, "one", TASKS).await;
-    wait_until_confirmed(&env).await;
+    wait_until_confirmed(&env, TASKS).await;
     lose_queue(&env, Loss::Deleted).await;
     lost_then_run(&mut env, &ids, "queue_missing").await;
     env.finish().await.unwrap();
@@ -258,7 +258,7 @@ async fn steps_whose_queue_was_deleted_are_dispatched_again() {
 async fn steps_whose_queue_was_emptied_are_dispatched_again() {
     let mut env = short_lease("queue-emptied").await;
     let ids = create_tasks(&env, "one", TASKS).await;
-    wait_until_confirmed(&env).await;
+    wait_until_confirmed(&env, TASKS).await;
     lose_queue(&env, Loss::Emptied).await;
     lost_then_run(&mut env, &ids, "queue_short").await;
     env.finish().await.unwrap();
@@ -310,8 +310,14 @@ async fn a_short_queue_is_counted_in_messages_whatever_each_carries() {
     )
     .await
     .unwrap();
-    let ids = create_tasks(&env, "pair", TASKS / 2).await;
-    wait_until_confirmed(&env).await;
+    // One at a time, each published before the next is created: steps claimed while
+    // a publish waits for its confirm would join the next message (on a busy machine,
+    // three tasks' steps in one).
+    let mut ids = Vec::new();
+    for i in 0..TASKS / 2 {
+        ids.extend(create_tasks(&env, "pair", 1).await);
+        wait_until_confirmed(&env, 2 * (i + 1)).await;
+    }
     let carried = tasker_tests::queued_steps(&env.queue("backlog"))
         .await
         .unwrap();
