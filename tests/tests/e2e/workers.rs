@@ -145,6 +145,24 @@ async fn a_task_waits_for_a_worker_and_completes_once_one_starts() {
     env.finish().await.unwrap();
 }
 
+/// Wait until both sleeps of a `sleepy` task run.
+async fn both_sleeps_running(env: &TestEnv, id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        if task["steps"][0]["status"] == "in_progress"
+            && task["steps"][1]["status"] == "in_progress"
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "steps never started: {task:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn sigterm_lets_a_worker_finish_its_running_step_before_it_exits() {
     let mut env = TestEnv::start("sigterm").await.unwrap();
@@ -157,20 +175,7 @@ async fn sigterm_lets_a_worker_finish_its_running_step_before_it_exits() {
     let id = task["task_id"].as_str().unwrap().to_owned();
 
     // Wait until both sleeps are running, then ask the worker to stop.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
-        if task["steps"][0]["status"] == "in_progress"
-            && task["steps"][1]["status"] == "in_progress"
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "steps never started: {task:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    both_sleeps_running(&env, &id).await;
     let exit = env.workers[index].terminate().await.unwrap();
     assert!(
         exit.success(),
@@ -216,20 +221,7 @@ async fn a_cancel_during_a_sigterm_drain_aborts_the_running_step() {
         .await
         .unwrap();
     let id = task["task_id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, task) = env.get(&format!("/v1/tasks/{id}")).await.unwrap();
-        if task["steps"][0]["status"] == "in_progress"
-            && task["steps"][1]["status"] == "in_progress"
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "steps never started: {task:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    both_sleeps_running(&env, &id).await;
     // One SIGTERM (a second would stop the worker at once), then the cancel.
     let pid = env.workers[index].pid().unwrap();
     std::process::Command::new("kill")
