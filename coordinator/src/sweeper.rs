@@ -41,9 +41,9 @@
 //! takes nothing (a memory or disk alarm blocks publishers) the sweeper does nothing, and
 //! counts the block as an outage: workers' heartbeats and results, and this
 //! coordinator's step messages, wait in their clients until it lifts, and arrive then.
-//! No lease expires, queued steps' included, until a heartbeat lease after the probe was
-//! last refused: the steps published during the alarm are confirmed once it clears, and
-//! their leases lifted seconds later.
+//! No lease expires, queued steps' included, until an interval and a heartbeat lease
+//! after the probe was last refused: the steps published during the alarm are confirmed
+//! once it clears, and their leases lifted seconds later.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -146,12 +146,23 @@ impl Sweeper {
             *since = None;
             return false;
         }
-        let heartbeat_lease = Duration::from_millis(self.lease.heartbeat_lease_ms.max(0) as u64);
-        since.get_or_insert_with(Instant::now).elapsed() >= heartbeat_lease
+        since.get_or_insert_with(Instant::now).elapsed() >= self.heartbeat_lease()
     }
 
     fn set_unhealthy(&self) {
         *self.healthy_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The broker refused the probe: an outage, and no lease expires for a heartbeat
+    /// lease after the next interval.
+    fn broker_refused(&self) {
+        self.set_unhealthy();
+        *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + self.interval + self.heartbeat_lease());
+    }
+
+    fn heartbeat_lease(&self) -> Duration {
+        Duration::from_millis(self.lease.heartbeat_lease_ms.max(0) as u64)
     }
 
     /// Compare the messages of confirmed steps that waited longer than the dispatch lease
@@ -415,11 +426,7 @@ impl Service for Sweeper {
                              messages again for a heartbeat lease"
                         );
                     }
-                    self.set_unhealthy();
-                    let heartbeat_lease =
-                        Duration::from_millis(self.lease.heartbeat_lease_ms.max(0) as u64);
-                    *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Instant::now() + self.interval + heartbeat_lease);
+                    self.broker_refused();
                     continue;
                 }
                 if std::mem::take(&mut blocked) {

@@ -23,10 +23,10 @@ updated AS (
         ready_at = COALESCE(now() + i.delay_ms * INTERVAL '1 millisecond', s.ready_at),
         started_at = i.started_at,
         -- A start its notice did not record counts against a rate limit.
-        rate_starts = CASE WHEN s.rate_key IS NOT NULL
-                                AND i.started_at IS DISTINCT FROM s.started_at
-                           THEN tasker_rate_starts(s.rate_starts, i.started_at, s.rate_window_ms)
-                           ELSE s.rate_starts END,
+        rate_starts = CASE WHEN s.rate_key IS NOT NULL THEN
+                          tasker_rate_starts(s.rate_starts, s.started_at, i.started_at,
+                                             s.rate_window_ms)
+                      END,
         completed_at = CASE WHEN i.to_status IN ('complete', 'error') THEN i.finished_at END,
         lease_expires_at = NULL,
         updated_at = now()

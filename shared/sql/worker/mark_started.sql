@@ -20,10 +20,10 @@ moved AS (
     SET status = 'in_progress',
         started_at = l.started_at,
         -- Every start counts against a rate limit, a retry's too.
-        rate_starts = CASE WHEN s.rate_key IS NOT NULL
-                                AND l.started_at IS DISTINCT FROM s.started_at
-                           THEN tasker_rate_starts(s.rate_starts, l.started_at, s.rate_window_ms)
-                           ELSE s.rate_starts END,
+        rate_starts = CASE WHEN s.rate_key IS NOT NULL THEN
+                          tasker_rate_starts(s.rate_starts, s.started_at, l.started_at,
+                                             s.rate_window_ms)
+                      END,
         worker_id = l.worker_id,
         attempts = s.attempts + CASE WHEN l.from_status = 'in_progress' THEN 1 ELSE 0 END,
         lease_expires_at = now() + least(s.timeout_ms + $5, $6) * interval '1 millisecond',

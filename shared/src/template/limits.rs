@@ -340,7 +340,7 @@ fn compile_guarded(source: &str) -> Result<cel::Program, String> {
 
 /// The depth of an expression's syntax tree, walked without recursion.
 fn expression_depth(root: &cel::common::ast::IdedExpr) -> usize {
-    use cel::common::ast::{EntryExpr, Expr};
+    use cel::common::ast::{EntryExpr, Expr, MapExpr, StructExpr};
     let mut deepest = 0;
     let mut stack = vec![(root, 1_usize)];
     while let Some((node, depth)) = stack.pop() {
@@ -362,18 +362,8 @@ fn expression_depth(root: &cel::common::ast::IdedExpr) -> usize {
                 .map(|e| (e, below)),
             ),
             Expr::List(list) => stack.extend(list.elements.iter().map(|e| (e, below))),
-            Expr::Map(map) => {
-                for entry in &map.entries {
-                    match &entry.expr {
-                        EntryExpr::MapEntry(e) => {
-                            stack.extend([(&e.key, below), (&e.value, below)])
-                        }
-                        EntryExpr::StructField(f) => stack.push((&f.value, below)),
-                    }
-                }
-            }
-            Expr::Struct(st) => {
-                for entry in &st.entries {
+            Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+                for entry in entries {
                     match &entry.expr {
                         EntryExpr::MapEntry(e) => {
                             stack.extend([(&e.key, below), (&e.value, below)])

@@ -324,6 +324,33 @@ async fn create(env: &TestEnv, admin: &str, namespace: &str, name: &str, context
     created["task_id"].as_str().unwrap().to_owned()
 }
 
+/// Register `yaml`, a template of `namespace`/`name` whose first steps wait for signals,
+/// and create a task of it; its id, once it runs.
+async fn waiting_task(
+    env: &TestEnv,
+    admin: &str,
+    (namespace, name): (&str, &str),
+    yaml: &str,
+) -> String {
+    register(env, admin, yaml).await;
+    let task = create(env, admin, namespace, name, json!({})).await;
+    wait_for_status(env, admin, &task, "in_progress").await;
+    task
+}
+
+/// Send `signal` to the task.
+async fn signal(env: &TestEnv, admin: &str, task: &str, signal: &str) {
+    let (status, answer) = call(
+        env,
+        reqwest::Method::POST,
+        &format!("/v1/tasks/{task}/signals/{signal}"),
+        admin,
+        Some(json!({})),
+    )
+    .await;
+    assert!(status < 300, "the signal answered {status}: {answer}");
+}
+
 async fn register(env: &TestEnv, admin: &str, yaml: &str) {
     let response = env
         .http
@@ -569,14 +596,13 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
         .await
         .unwrap();
     let admin = token("setup", "admin");
-    register(
+    let task = waiting_task(
         &env,
         &admin,
+        ("late", "gate"),
         "namespace: late\nname: gate\nversion: 1.0.0\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n",
     )
     .await;
-    let task = create(&env, &admin, "late", "gate", json!({})).await;
-    wait_for_status(&env, &admin, &task, "in_progress").await;
 
     let browser = Browser::start().await;
     browser.sign_in(&env.base_url, "#/tasks", &admin).await;
@@ -588,15 +614,7 @@ async fn a_page_shows_what_changed_before_its_live_stream_began() {
         .await;
     browser.go(&format!("#/tasks/{task}")).await;
     browser.wait_for("#task-status .status-in_progress").await;
-    let (status, _) = call(
-        &env,
-        reqwest::Method::POST,
-        &format!("/v1/tasks/{task}/signals/go"),
-        &admin,
-        Some(json!({})),
-    )
-    .await;
-    assert!(status < 300, "the signal answered {status}");
+    signal(&env, &admin, &task, "go").await;
     wait_for_status(&env, &admin, &task, "complete").await;
     // Its events published, and a second for the coordinator to hand them to the
     // streams open then (none of this page's): a stream opened after has not seen them.
@@ -624,14 +642,13 @@ async fn cancel_stays_armed_across_a_live_reload_and_the_second_click_cancels() 
         .await
         .unwrap();
     let admin = token("setup", "admin");
-    register(
+    let task = waiting_task(
         &env,
         &admin,
+        ("arm", "gates"),
         "namespace: arm\nname: gates\nversion: 1.0.0\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n  - {name: tick, handler: tasker.wait, config: {signal: tick}}\n",
     )
     .await;
-    let task = create(&env, &admin, "arm", "gates", json!({})).await;
-    wait_for_status(&env, &admin, &task, "in_progress").await;
 
     let browser = Browser::start().await;
     browser
@@ -640,15 +657,7 @@ async fn cancel_stays_armed_across_a_live_reload_and_the_second_click_cancels() 
     browser.wait_for("#live.on").await;
     browser.click("#action-cancel").await;
     // A step moves between the two clicks: the page reloads and draws its actions anew.
-    let (status, _) = call(
-        &env,
-        reqwest::Method::POST,
-        &format!("/v1/tasks/{task}/signals/tick"),
-        &admin,
-        Some(json!({})),
-    )
-    .await;
-    assert!(status < 300, "the signal answered {status}");
+    signal(&env, &admin, &task, "tick").await;
     browser
         .wait_for("#task-graph g.node.status-complete[data-step='tick']")
         .await;

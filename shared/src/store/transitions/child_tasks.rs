@@ -161,6 +161,7 @@ pub(super) async fn run(
         let failures: HashMap<Uuid, (String, Option<String>)> =
             sqlx::query_as(include_str!("../../../sql/child_tasks/failure.sql"))
                 .bind(&children)
+                .bind(UNMENDABLE)
                 .fetch_all(&mut *conn)
                 .await?
                 .into_iter()
@@ -175,15 +176,12 @@ pub(super) async fn run(
             if let Some(code) = unmendable {
                 // Past a bound of child tasks below: every retry would fail the same way,
                 // at every level up.
-                ran.failed.push((
-                    step,
-                    if code == TOO_DEEP {
-                        TOO_DEEP
-                    } else {
-                        TREE_TOO_LARGE
-                    },
-                    format!("child task {child} failed: {failure}"),
-                ));
+                let code = UNMENDABLE
+                    .into_iter()
+                    .find(|known| *known == code)
+                    .unwrap_or(TREE_TOO_LARGE);
+                ran.failed
+                    .push((step, code, format!("child task {child} failed: {failure}")));
             } else if retryable && attempts < retry_limit {
                 again.0.push(step);
                 again.1.push(true);
@@ -321,9 +319,11 @@ pub(super) static ORPHANS: LazyLock<String> =
 /// How far below its root task a child task may be.
 const MAX_CHILD_DEPTH: i16 = 32;
 
-/// The codes of a step that cannot start its child for the bounds of child tasks.
+/// The codes of a step that cannot start its child for the bounds of child tasks; a
+/// child that failed so fails the step above it with the same code, without a retry.
 const TOO_DEEP: &str = "child_task_too_deep";
 const TREE_TOO_LARGE: &str = "child_task_tree_too_large";
+const UNMENDABLE: [&str; 2] = [TOO_DEEP, TREE_TOO_LARGE];
 
 /// Most tasks a tree of child tasks may hold, its root included (the coordinator's
 /// `TASKER_MAX_TASK_TREE`).
