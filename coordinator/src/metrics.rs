@@ -90,6 +90,7 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) stale_results: Counter,
     pub(crate) pruned_tasks: Counter,
     pub(crate) results_held: Counter,
+    pub(crate) runs_withdrawn: Counter,
     pub(crate) dead_lettered: Counter,
     pub(crate) publish_failures: Counter,
     pub(crate) database_errors: Counter,
@@ -213,6 +214,12 @@ impl CoordinatorMetrics {
             "tasker_result_messages_held",
             "Worker messages put off to the next result batch because another transaction (another coordinator's batch) held their steps",
             results_held.clone(),
+        );
+        let runs_withdrawn = Counter::default();
+        registry.register(
+            "tasker_runs_withdrawn",
+            "Runs a worker reported (a started notice or a heartbeat) whose step was cancelled or is under another dispatch: the worker was told to abort them",
+            runs_withdrawn.clone(),
         );
         let dead_lettered = Counter::default();
         registry.register(
@@ -387,6 +394,7 @@ impl CoordinatorMetrics {
             stale_results,
             pruned_tasks,
             results_held,
+            runs_withdrawn,
             dead_lettered,
             publish_failures,
             database_errors,

@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::control::Control;
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::service::Service;
@@ -58,6 +59,8 @@ pub(crate) struct ResultProcessor {
     lease_ms: i64,
     lease: LeasePolicy,
     priority: i32,
+    /// Tells workers to abort the runs withdrawn from them.
+    control: Control,
 }
 
 /// What one batch did, for logs and tests.
@@ -67,6 +70,9 @@ pub(crate) struct BatchReport {
     pub(crate) results_stale: usize,
     pub(crate) started: usize,
     pub(crate) heartbeats: u64,
+    /// Runs reported by notices or heartbeats whose step was cancelled or dispatched
+    /// again: their workers are told to abort them.
+    pub(crate) withdrawn: usize,
     pub(crate) dispatched: usize,
     pub(crate) tasks_finished: usize,
     pub(crate) dead_lettered: usize,
@@ -147,6 +153,7 @@ pub(crate) struct ResultProcessorConfig {
     /// The consumer's priority (RabbitMQ's `x-priority`): the broker delivers to a
     /// lower one only while every higher one has its prefetch full.
     pub(crate) priority: i32,
+    pub(crate) control: Control,
 }
 
 impl ResultProcessor {
@@ -172,6 +179,7 @@ impl ResultProcessor {
             lease_ms: config.lease_ms,
             lease: config.lease,
             priority: config.priority,
+            control: config.control,
         }
     }
 
@@ -313,15 +321,20 @@ impl ResultProcessor {
                 None => deliveries.push(delivery),
             }
         }
+        let mut withdrawn = Vec::new();
         let written = async {
-            for started in transitions::mark_started(&mut tx, &started, self.lease).await? {
+            let marked = transitions::mark_started(&mut tx, &started, self.lease).await?;
+            for started in marked.latencies {
                 self.metrics
                     .queue_latency
                     .get_or_create(&CoordinatorMetrics::namespace(&started.namespace))
                     .observe(started.latency);
                 report.started += 1;
             }
-            report.heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
+            let heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
+            report.heartbeats = heartbeats.extended;
+            withdrawn = marked.withdrawn;
+            withdrawn.extend(heartbeats.withdrawn);
             let applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
             let finished =
                 transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms))
@@ -377,6 +390,8 @@ impl ResultProcessor {
         self.metrics.finished(&finished);
         report.dispatched = claimed.len();
         report.tasks_finished = finished.len();
+        report.withdrawn = withdrawn.len();
+        self.withdraw(withdrawn);
         // A retry falls due later; a finished task of a limited template may let a
         // waiting one start; a fan-out's instances past the first batch wait ready: the
         // dispatcher offers those.
@@ -407,6 +422,36 @@ impl ResultProcessor {
             deliveries,
             held: held_back,
         })
+    }
+}
+
+impl ResultProcessor {
+    /// Tell workers to abort `runs` (committed as no longer wanted), in the background:
+    /// the broadcast is advisory (the fence drops their results), and the batch is not
+    /// to wait for the broker.
+    fn withdraw(&self, runs: Vec<RunningStep>) {
+        if runs.is_empty() {
+            return;
+        }
+        self.metrics.runs_withdrawn.inc_by(runs.len() as u64);
+        tracing::info!(
+            runs = runs.len(),
+            "telling workers to abort runs whose step was cancelled or dispatched again"
+        );
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let runs: Vec<(uuid::Uuid, uuid::Uuid)> = runs
+                .into_iter()
+                .map(|run| (run.step_id, run.dispatch_token))
+                .collect();
+            if let Err(error) = control.superseded(&runs).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    runs = runs.len(),
+                    "cannot tell workers to abort withdrawn runs; they run on, their results dropped"
+                );
+            }
+        });
     }
 }
 

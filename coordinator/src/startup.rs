@@ -425,6 +425,7 @@ async fn run_session(
                 lease_ms: settings.dispatch_lease_ms,
                 lease: settings.lease_policy(),
                 priority: i32::from(settings.result_consumers) - rank as i32,
+                control: state.control.clone(),
             },
         );
         services.start(processor);

@@ -404,10 +404,11 @@ pub enum ControlMessage {
         /// How often it sends this message.
         interval_ms: u64,
     },
-    /// These dispatches were replaced by a newer dispatch of the same step (their step was
-    /// handed back for another dispatch because its message may have been lost). Any copy
-    /// of them still queued is stale: its result would be dropped, so a worker that
-    /// receives one acks it without running it.
+    /// These dispatches are no longer wanted: replaced by a newer dispatch of the same
+    /// step (handed back because its message may have been lost), ended with their task's
+    /// deadline, or reported running although their step was cancelled. Any copy of them
+    /// is stale: its result would be dropped, so a worker aborts a run of one and acks a
+    /// queued one without running it.
     Superseded {
         /// The replaced dispatches: each step with the token of the dispatch replaced.
         dispatches: Vec<RunningStep>,

@@ -272,21 +272,26 @@ async fn a_diamond_is_claimed_through_one_path_and_completes() {
         },
     };
     let mut tx = db.pool.begin().await.unwrap();
-    let latencies = transitions::mark_started(&mut tx, &[started], LEASE)
+    let marked = transitions::mark_started(&mut tx, &[started], LEASE)
         .await
         .unwrap();
-    assert_eq!(latencies.len(), 1);
-    assert_eq!(latencies[0].namespace, "shapes");
+    assert_eq!(marked.latencies.len(), 1);
+    assert_eq!(marked.latencies[0].namespace, "shapes");
+    assert!(marked.withdrawn.is_empty());
     let beat = RunningStep {
         step_id: first[0].message.step_id,
         dispatch_token: first[0].message.dispatch_token,
     };
-    assert_eq!(
-        transitions::heartbeat(&mut tx, &[beat], LEASE)
-            .await
-            .unwrap(),
-        1
-    );
+    // A heartbeat under a token the step no longer has names a run to withdraw.
+    let stale = RunningStep {
+        step_id: first[0].message.step_id,
+        dispatch_token: Uuid::new_v4(),
+    };
+    let beats = transitions::heartbeat(&mut tx, &[beat, stale.clone()], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(beats.extended, 1);
+    assert_eq!(beats.withdrawn, [stale]);
     tx.commit().await.unwrap();
 
     let (applied, finished) = db.apply(&[result(&first[0], Outcome::Success, None)]).await;
@@ -577,6 +582,37 @@ async fn leases_expire_operators_resolve_and_cancel() {
         .await;
     assert_eq!(applied.stale, 1);
     assert_eq!(db.step(task, "d").await.status, StepStatus::Cancelled);
+    // A worker that did not hear of the cancel reports the runs: withdrawn, and their
+    // steps left as they are.
+    let runs: Vec<RunningStep> = children
+        .iter()
+        .map(|dispatch| RunningStep {
+            step_id: dispatch.message.step_id,
+            dispatch_token: dispatch.message.dispatch_token,
+        })
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    let notice = Started {
+        worker_id: "w1".into(),
+        step: StepStarted {
+            step_id: runs[1].step_id,
+            dispatch_token: runs[1].dispatch_token,
+            started_at: Utc::now(),
+            redelivered: false,
+        },
+    };
+    let marked = transitions::mark_started(&mut tx, &[notice], LEASE)
+        .await
+        .unwrap();
+    assert!(marked.latencies.is_empty());
+    assert_eq!(marked.withdrawn, runs[1..]);
+    let mut beats = transitions::heartbeat(&mut tx, &runs, LEASE).await.unwrap();
+    beats.withdrawn.sort_by_key(|run| run.step_id);
+    let mut all = runs.clone();
+    all.sort_by_key(|run| run.step_id);
+    assert_eq!((beats.extended, beats.withdrawn), (0, all));
+    tx.commit().await.unwrap();
+    assert_eq!(db.step(task, "c").await.status, StepStatus::Cancelled);
     let mut tx = db.pool.begin().await.unwrap();
     assert!(matches!(
         transitions::cancel_task(&mut tx, task, None, LEASE_MS).await,

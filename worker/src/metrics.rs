@@ -38,6 +38,7 @@ pub(crate) struct WorkerMetrics {
     pub(crate) skipped_superseded: Counter,
     pub(crate) skipped_duplicate: Counter,
     pub(crate) aborted_cancelled: Counter,
+    pub(crate) aborted_superseded: Counter,
     pub(crate) broker_errors: Counter,
     pub(crate) broker_reconnects: Counter,
     pub(crate) control_dropped: Counter,
@@ -109,6 +110,12 @@ impl WorkerMetrics {
             "Running steps aborted because their task was cancelled",
             aborted_cancelled.clone(),
         );
+        let aborted_superseded = Counter::default();
+        registry.register(
+            "tasker_worker_steps_aborted_superseded",
+            "Running steps aborted because a coordinator said their dispatch is no longer wanted (a `superseded` control message)",
+            aborted_superseded.clone(),
+        );
         let broker_errors = Counter::default();
         registry.register(
             "tasker_worker_broker_errors",
@@ -137,6 +144,7 @@ impl WorkerMetrics {
             skipped_superseded,
             skipped_duplicate,
             aborted_cancelled,
+            aborted_superseded,
             broker_errors,
             broker_reconnects,
             control_dropped,

@@ -715,6 +715,7 @@ async fn follow(
                         .into_iter()
                         .map(|d| (d.step_id, d.dispatch_token)),
                 );
+                shared.metrics.aborted_superseded.inc_by(aborted as u64);
                 if aborted > 0 {
                     tracing::info!(aborted, "dispatches superseded: aborted their runs");
                 }

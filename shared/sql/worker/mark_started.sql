@@ -1,6 +1,9 @@
 -- Started notices: per step ($1) its dispatch token ($2), start time ($3), whether the
 -- message was redelivered ($4) and the worker ($7); lease grace ($5) and heartbeat lease
--- ($6) in ms. Answers each changed step's queue latency in seconds and its task's namespace.
+-- ($6) in ms. Answers each changed step's queue latency in seconds and its task's namespace,
+-- then (latency and namespace NULL) each run withdrawn from its worker: the step was
+-- cancelled, or is no longer under that dispatch (handed back and dispatched again, or
+-- removed), as `heartbeat.sql` answers them.
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bool[],
                          $7::text[])
@@ -9,7 +12,8 @@ WITH input AS (
 -- One primary-key probe per notice (the module's "Plans"). The status is checked in
 -- `moved`.
 locked AS (
-    SELECT s.step_id, s.status AS from_status, i.started_at, i.worker_id,
+    SELECT s.step_id, s.dispatch_token AS token, s.status AS from_status, i.started_at,
+           i.worker_id,
            i.redelivered AND i.started_at IS DISTINCT FROM s.started_at AS new_run
     FROM steps s JOIN input i ON i.step_id = s.step_id AND s.dispatch_token = i.token
     ORDER BY s.step_id
@@ -41,5 +45,11 @@ history AS (
            jsonb_build_object('attempt', attempts, 'worker_id', worker_id)
     FROM moved
 )
-SELECT COALESCE(m.latency, 0) AS latency, t.namespace
+SELECT COALESCE(m.latency, 0) AS latency, t.namespace, NULL::uuid AS step_id, NULL::uuid AS token
 FROM moved m JOIN tasks t ON t.task_id = m.task_id
+UNION ALL
+SELECT NULL, NULL, i.step_id, i.token
+FROM input i
+WHERE NOT EXISTS (SELECT 1 FROM locked l
+                  WHERE l.step_id = i.step_id AND l.token = i.token
+                    AND l.from_status <> 'cancelled')

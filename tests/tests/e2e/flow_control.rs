@@ -267,6 +267,57 @@ async fn cancel_oldest_cancels_only_once_the_new_task_starts() {
     env.finish().await.unwrap();
 }
 
+/// A task cancelled as the oldest of its key is cancelled by the claim that starts the new
+/// one, which announces nothing to workers: the worker's next heartbeat names the running
+/// step, and the started notice of the step that waited for its slot names that one;
+/// both are aborted, not run to their end.
+#[tokio::test]
+async fn the_steps_of_a_task_cancelled_as_the_oldest_of_its_key_are_aborted_on_their_worker() {
+    let mut env = TestEnv::start("flow-oldest-abort").await.unwrap();
+    env.register_template("namespace: flow\nname: deploy\nconcurrency:\n  - {key: context.branch, limit: 1, on_limit: cancel_oldest}\nsteps:\n  - {name: build, handler: tasker.sleep, config: {ms: 120000}}\n  - {name: lint, handler: tasker.sleep, config: {ms: 120000}}\n")
+        .await
+        .unwrap();
+    // One slot: `lint` waits in the worker for `build`'s.
+    let (worker, metrics) = env.start_metered_worker("w", &["flow"], 1).await.unwrap();
+    let body = json!({"namespace": "flow", "name": "deploy", "context": {"branch": "main"}});
+    let old = env.api.create_task(&body).await.unwrap().task_id;
+    env.api
+        .wait_until(old, "one step running", Duration::from_secs(30), |task| {
+            task.steps
+                .iter()
+                .any(|step| step.status == tasker_tests::StepStatus::InProgress)
+        })
+        .await
+        .unwrap();
+    let new = env.api.create_task(&body).await.unwrap().task_id;
+    let old = env.api.task(old).await.unwrap();
+    assert_eq!(old.status, TaskStatus::Cancelled, "{old:#?}");
+
+    // Within a heartbeat interval (10 s) and a start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tasker_tests::metric(&metrics, "tasker_worker_steps_aborted_superseded_total").await < 2.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cancelled task's steps ran on; worker log:\n{}",
+            env.workers[worker].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let withdrawn = tasker_tests::metric(&env.metrics_url(), "tasker_runs_withdrawn_total").await;
+    assert!(withdrawn >= 2.0, "{withdrawn}");
+    // The new task runs in the slot they left.
+    env.api
+        .wait_until(new, "its steps running", Duration::from_secs(30), |task| {
+            task.steps
+                .iter()
+                .any(|step| step.status == tasker_tests::StepStatus::InProgress)
+        })
+        .await
+        .unwrap();
+    env.finish().await.unwrap();
+}
+
 /// A task waiting for its template's concurrency has no slot yet: its first step cannot
 /// be resolved by hand (its dependents would run past the limit).
 #[tokio::test]

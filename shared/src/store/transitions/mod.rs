@@ -9,8 +9,8 @@
 //! |---|---|---|
 //! | [`claim_ready`], [`claim_children`], task creation | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
 //! | `conditions::judge` (inside [`claim_ready`] and [`claim_children`]) | pending → skipped / error; pending (condition cleared, then claimed); a `for_each` step: pending (instances created and claimed), pending → complete when they are done; a `tasker.wait` step: pending (waiting), or pending → complete when its signal came before | `condition_false`, `failed` (`expression_error`, `fan_out_too_large`), `condition_true`, `fanned_out`, `instances_done`, `waiting_for_signal`, `signal_received` |
-//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt) | `started`, `restarted_after_redelivery` |
-//! | [`heartbeat`] | none: extends the lease of running steps | — |
+//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt); answers runs withdrawn (step cancelled, or under another dispatch) | `started`, `restarted_after_redelivery` |
+//! | [`heartbeat`] | none: extends the lease of running steps; answers runs withdrawn, as [`mark_started`] | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
 //! | `child_tasks::run` (inside `conditions::judge`) | a `tasker.task` step: pending (its child task created, its first steps claimed), pending → complete when the child completed, pending (the child retried), or pending → error | `child_task_started`, `child_task_done`, `child_task_retried`, `failed` (`child_task_failed`, `child_task_cancelled`, `child_task_too_deep`, `child_task_tree_too_large`, `child_task_refused`, `template_not_found`, `invalid_context`, `invalid_config`, `expression_error`) |
@@ -74,8 +74,8 @@ pub use operator::{
     retry_task, signal,
 };
 pub use worker::{
-    AppliedResults, HeldStep, LeasePolicy, QueueLatency, Started, StepChange, apply_results,
-    heartbeat, lock_batch, mark_started, wait_for_steps,
+    AppliedResults, Heartbeats, HeldStep, LeasePolicy, QueueLatency, Started, StartedSteps,
+    StepChange, apply_results, heartbeat, lock_batch, mark_started, wait_for_steps,
 };
 
 use sqlx::PgConnection;

@@ -32,12 +32,44 @@ pub struct Started {
 }
 
 /// How long a step that started waited for a worker.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct QueueLatency {
     /// From becoming ready to starting, in seconds.
     pub latency: f64,
     /// The task's namespace.
     pub namespace: String,
+}
+
+/// What [`mark_started`] did.
+#[derive(Debug, Default)]
+pub struct StartedSteps {
+    /// Per step that changed, its queue latency.
+    pub latencies: Vec<QueueLatency>,
+    /// The runs withdrawn from their workers (see [`Heartbeats::withdrawn`]).
+    pub withdrawn: Vec<RunningStep>,
+}
+
+/// What [`heartbeat`] did.
+#[derive(Debug, Default)]
+pub struct Heartbeats {
+    /// Leases extended.
+    pub extended: u64,
+    /// Runs a worker reported that are no longer wanted: their step was cancelled (a
+    /// claim cancelled its task as the oldest of its template's concurrency key, or a
+    /// cancel's broadcast did not reach the worker), or is no longer under that dispatch
+    /// (handed back and dispatched again, or removed). The caller tells workers to
+    /// abort them: a run nobody announced as withdrawn would otherwise go on until it
+    /// ends, its result dropped by the fence.
+    pub withdrawn: Vec<RunningStep>,
+}
+
+/// A row of `mark_started.sql`: a changed step's latency, or a withdrawn run.
+#[derive(sqlx::FromRow)]
+struct StartedRow {
+    latency: Option<f64>,
+    namespace: Option<String>,
+    step_id: Option<Uuid>,
+    token: Option<Uuid>,
 }
 
 /// Mark steps `in_progress` from workers' started notices (all workers of a batch in one
@@ -49,46 +81,61 @@ pub struct QueueLatency {
 /// new run counts as a new attempt, even past the retry limit, since the first run may
 /// yet answer; the dispatch token lets only one result through. A notice applied again
 /// (a redelivered batch of notices) carries the start time already stored and changes
-/// nothing. Notices for steps that moved on are ignored. Returns, per step that changed,
-/// its queue latency.
+/// nothing. Notices for steps that moved on are ignored; those of runs withdrawn from
+/// their worker are answered. Returns, per step that changed, its queue latency.
 pub async fn mark_started(
     conn: &mut PgConnection,
     started: &[Started],
     lease: LeasePolicy,
-) -> sqlx::Result<Vec<QueueLatency>> {
+) -> sqlx::Result<StartedSteps> {
     if started.is_empty() {
-        return Ok(Vec::new());
+        return Ok(StartedSteps::default());
     }
-    sqlx::query_as(include_str!("../../../sql/worker/mark_started.sql"))
-        .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
-        .bind(
-            started
-                .iter()
-                .map(|s| s.step.dispatch_token)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            started
-                .iter()
-                .map(|s| s.step.started_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            started
-                .iter()
-                .map(|s| s.step.redelivered)
-                .collect::<Vec<_>>(),
-        )
-        .bind(lease.grace_ms)
-        .bind(lease.heartbeat_lease_ms)
-        .bind(
-            started
-                .iter()
-                .map(|s| s.worker_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(conn)
-        .await
+    let rows: Vec<StartedRow> =
+        sqlx::query_as(include_str!("../../../sql/worker/mark_started.sql"))
+            .bind(started.iter().map(|s| s.step.step_id).collect::<Vec<_>>())
+            .bind(
+                started
+                    .iter()
+                    .map(|s| s.step.dispatch_token)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                started
+                    .iter()
+                    .map(|s| s.step.started_at)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                started
+                    .iter()
+                    .map(|s| s.step.redelivered)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(lease.grace_ms)
+            .bind(lease.heartbeat_lease_ms)
+            .bind(
+                started
+                    .iter()
+                    .map(|s| s.worker_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(conn)
+            .await?;
+    let mut answer = StartedSteps::default();
+    for row in rows {
+        match (row.latency, row.namespace, row.step_id, row.token) {
+            (Some(latency), Some(namespace), ..) => {
+                answer.latencies.push(QueueLatency { latency, namespace })
+            }
+            (_, _, Some(step_id), Some(dispatch_token)) => answer.withdrawn.push(RunningStep {
+                step_id,
+                dispatch_token,
+            }),
+            _ => {}
+        }
+    }
+    Ok(answer)
 }
 
 /// A step [`lock_batch`] could not lock: another transaction holds its row, or for a
@@ -191,23 +238,34 @@ pub async fn wait_for_steps(
 
 /// Extend the leases of steps a worker says it is still running, up to the step's
 /// timeout plus grace. Not a state change, so nothing is added to the history.
-/// Returns how many leases were extended.
+/// Returns how many leases were extended, and the runs withdrawn from their worker.
 pub async fn heartbeat(
     conn: &mut PgConnection,
     running: &[RunningStep],
     lease: LeasePolicy,
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<Heartbeats> {
     if running.is_empty() {
-        return Ok(0);
+        return Ok(Heartbeats::default());
     }
-    let result = sqlx::query(include_str!("../../../sql/worker/heartbeat.sql"))
-        .bind(running.iter().map(|s| s.step_id).collect::<Vec<_>>())
-        .bind(running.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
-        .bind(lease.grace_ms)
-        .bind(lease.heartbeat_lease_ms)
-        .execute(conn)
-        .await?;
-    Ok(result.rows_affected())
+    let (extended, steps, tokens): (i64, Vec<Uuid>, Vec<Uuid>) =
+        sqlx::query_as(include_str!("../../../sql/worker/heartbeat.sql"))
+            .bind(running.iter().map(|s| s.step_id).collect::<Vec<_>>())
+            .bind(running.iter().map(|s| s.dispatch_token).collect::<Vec<_>>())
+            .bind(lease.grace_ms)
+            .bind(lease.heartbeat_lease_ms)
+            .fetch_one(conn)
+            .await?;
+    Ok(Heartbeats {
+        extended: extended as u64,
+        withdrawn: steps
+            .into_iter()
+            .zip(tokens)
+            .map(|(step_id, dispatch_token)| RunningStep {
+                step_id,
+                dispatch_token,
+            })
+            .collect(),
+    })
 }
 
 /// What [`apply_results`] did.
