@@ -346,6 +346,77 @@ async fn a_diamond_is_claimed_through_one_path_and_completes() {
 
 const ONE: &str = "namespace: failing\nname: one\nsteps:\n  - name: only\n    handler: h\n    retry_limit: 2\n    max_deferrals: 1\n    backoff: {base_seconds: 0.001}\n";
 
+/// A step skipped by the coordinator counts for its child while another batch counts the
+/// child's other parent: neither count is lost, and the last one claims the child.
+#[tokio::test]
+async fn a_skipped_parent_and_a_concurrent_result_both_count_for_their_child() {
+    let db = TestDb::new("skip_race").await;
+    let template = db
+        .template("namespace: shapes\nname: join\nsteps:\n  - {name: a, handler: h}\n  - {name: b, handler: h, depends_on: [a], when: \"false\"}\n  - {name: y, handler: h}\n  - {name: c, handler: h, depends_on: [b, y]}\n")
+        .await;
+    let (task, first) = db.create(&template).await;
+    let by_name = |name: &str| first.iter().find(|d| d.message.step_name == name).unwrap();
+    let (a, y) = (
+        result(by_name("a"), Outcome::Success, None),
+        result(by_name("y"), Outcome::Success, None),
+    );
+
+    // y's batch counts y for c, and holds c's row.
+    let mut other = db.pool.begin().await.unwrap();
+    assert!(
+        transitions::lock_batch(&mut other, &[y.step_id], &[y.step_id])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    transitions::apply_results(&mut other, &[y], LEASE_MS)
+        .await
+        .unwrap();
+    // a's batch skips b, and counts it for c: it waits for y's batch.
+    let pool = db.pool.clone();
+    let skipping = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        assert!(
+            transitions::lock_batch(&mut tx, &[a.step_id], &[a.step_id])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let applied = transitions::apply_results(&mut tx, &[a], LEASE_MS)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        applied
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>(waiting)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's batch never waited for c"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    other.commit().await.unwrap();
+    let applied = skipping.await.unwrap();
+
+    assert_eq!(db.step(task, "b").await.status, StepStatus::Skipped);
+    let c = db.step(task, "c").await;
+    assert_eq!(
+        (c.remaining_parents, c.status),
+        (0, StepStatus::Enqueued),
+        "{c:?}"
+    );
+    assert_eq!(names(&applied.claimed), ["c"]);
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn results_retry_defer_fail_and_stale_as_decided() {
     let db = TestDb::new("results").await;
@@ -675,6 +746,7 @@ fn reason_fits_step(reason: TransitionReason, to: StepStatus) -> bool {
         R::TaskCancelled => to == S::Cancelled,
         R::RetryRequested => to == S::Pending,
         R::ResolvedByOperator => to == S::ResolvedManually,
+        R::ConditionFalse => to == S::Skipped,
         _ => false,
     }
 }

@@ -192,6 +192,21 @@ pub(super) async fn children_rows(
     Ok((dispatches, to_judge))
 }
 
+/// Lock the children of `parents`, steps done in the caller's transaction by something
+/// else than a result (judged, skipped, signalled), before [`children_rows`] counts them:
+/// the claim counts a child's parents from the row as it read it, and a transaction
+/// that counted another parent of the child meanwhile (another result batch) would have
+/// its count overwritten, leaving the child waiting for a parent that is done. The result
+/// path locks its results' children up front ([`lock_batch`](super::lock_batch)); the
+/// children of the steps judged after them it did not know.
+pub(super) async fn lock_children(conn: &mut PgConnection, parents: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(include_str!("../../../sql/claim/lock_children.sql"))
+        .bind(parents)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Claim the steps `step_ids` (whose conditions held) through the one claim.
 pub(super) async fn claim_steps(
     conn: &mut PgConnection,

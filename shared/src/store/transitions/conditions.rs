@@ -37,7 +37,7 @@ use chrono::{DateTime, Utc};
 
 use super::Dispatch;
 use super::child_tasks::{self, ChildStep};
-use super::claim::{children_rows, claim_steps};
+use super::claim::{children_rows, claim_steps, lock_children};
 use crate::states::TaskStatus;
 use crate::template::{
     TASK_HANDLER, WAIT_HANDLER, evaluate_condition, evaluate_list, task_variable, wait_timeout_ms,
@@ -286,6 +286,7 @@ pub(super) async fn judge(
             }
         }
         if !completed.is_empty() {
+            lock_children(&mut *conn, &completed).await?;
             let (dispatches, next) =
                 children_rows(&mut *conn, &completed, &[], None, lease_ms).await?;
             judged.dispatches.extend(dispatches);
@@ -333,6 +334,7 @@ pub(super) async fn judge(
             to_judge.extend(next);
         }
         if !skipped.is_empty() {
+            lock_children(&mut *conn, &skipped).await?;
             let (dispatches, next) =
                 children_rows(&mut *conn, &skipped, &[], None, lease_ms).await?;
             judged.dispatches.extend(dispatches);

@@ -504,6 +504,7 @@ pub async fn signal(
         .filter(|(_, completed)| *completed)
         .map(|(step, _)| *step)
         .collect();
+    super::claim::lock_children(&mut *conn, &completed).await?;
     let judged = super::claim_children(conn, &completed, &[], None, lease_ms).await?;
     let mut may_finish = judged.tasks;
     may_finish.push(task_id);
