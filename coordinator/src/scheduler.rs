@@ -85,10 +85,11 @@ impl Service for Scheduler {
 impl Scheduler {
     /// Fire what is due; returns how long to sleep.
     async fn step(&self) -> anyhow::Result<Duration> {
-        let Some(next) = schedules::next_due(&self.state.pool).await? else {
+        // The database's clock, which decides what is due, decides when too: a
+        // coordinator's clock ahead of it would find every fire late.
+        let Some((next, now)) = schedules::next_due(&self.state.pool).await? else {
             return Ok(IDLE);
         };
-        let now = Utc::now();
         if next > now {
             return Ok((next - now).to_std().unwrap_or_default().min(IDLE));
         }
@@ -156,7 +157,8 @@ impl Scheduler {
     ) -> anyhow::Result<()> {
         // Counted once the fires are committed: a schedule tried again counts once.
         let mut counts = Vec::new();
-        let now = Utc::now();
+        // The database's clock, as in `step`: the time the schedule was found due by.
+        let now = schedules::database_now(&mut tx).await?;
         match Schedule::parse(&record.fields.cron, &record.fields.timezone) {
             Ok(schedule) => {
                 let from = record.next_fire_at.unwrap_or(now);
@@ -220,12 +222,39 @@ impl Scheduler {
         now: DateTime<Utc>,
         counts: &mut Vec<Count>,
     ) -> anyhow::Result<Vec<(DateTime<Utc>, FireOutcome)>> {
+        let clock = std::time::Instant::now();
+        let since = |now: DateTime<Utc>, at: DateTime<Utc>| {
+            (now - at).as_seconds_f64().max(0.0) + clock.elapsed().as_secs_f64()
+        };
         let mut previous = match record.fields.overlap {
             Overlap::Allow => None,
             _ => schedules::previous_task(&mut *tx, &record.fields.name).await?,
         };
+        let planned = plan(times, now, self.grace, record.fields.catch_up);
+        // A missed time may have its task already, made by a fire that did not commit.
+        let missed: Vec<DateTime<Utc>> = planned
+            .iter()
+            .filter(|(_, runs)| !runs)
+            .map(|(at, _)| *at)
+            .collect();
+        let made = schedules::tasks_fired(
+            &mut *tx,
+            (&record.fields.namespace, &record.fields.template),
+            &record.fields.name,
+            &missed,
+        )
+        .await?;
         let mut fires = Vec::with_capacity(times.len());
-        for (at, runs) in plan(times, now, self.grace, record.fields.catch_up) {
+        for (at, runs) in planned {
+            if let Some(&(task, status)) = made.get(&at) {
+                counts.push(Count::Fired {
+                    schedule: record.fields.name.clone(),
+                    lateness: since(now, at),
+                });
+                previous = Some((task, status));
+                fires.push((at, FireOutcome::Fired(task)));
+                continue;
+            }
             if !runs {
                 counts.push(skipped(record, at, SKIP_MISSED));
                 fires.push((at, FireOutcome::Missed));
@@ -248,7 +277,7 @@ impl Scheduler {
                 Ok(task) => {
                     counts.push(Count::Fired {
                         schedule: record.fields.name.clone(),
-                        lateness: (Utc::now() - at).as_seconds_f64().max(0.0),
+                        lateness: since(now, at),
                     });
                     tracing::info!(schedule = %record.fields.name, fire_at = %at, task_id = %task, "schedule fired");
                     previous = Some((task, TaskStatus::Pending));

@@ -5,6 +5,8 @@
 //! tasks (idempotency key [`idempotency_key`]), then records the fires and moves
 //! `next_fire_at` past now ([`record_fires`]) in the same transaction.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -241,10 +243,24 @@ pub async fn last_runs<'e>(
     .await
 }
 
-/// When the next schedule is due (possibly past), if any is not paused.
-pub async fn next_due<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar("SELECT min(next_fire_at) FROM schedules WHERE NOT paused")
-        .fetch_one(db)
+/// When the next schedule is due (possibly past), if any is not paused, and the
+/// database's time now.
+pub async fn next_due<'e>(
+    db: impl PgExecutor<'e>,
+) -> sqlx::Result<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+    let (next, now): (Option<DateTime<Utc>>, DateTime<Utc>) = sqlx::query_as(
+        "SELECT min(next_fire_at), clock_timestamp() FROM schedules WHERE NOT paused",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(next.map(|next| (next, now)))
+}
+
+/// The database's time now (`clock_timestamp()`), which decides which schedules are due
+/// ([`lock_due`]).
+pub async fn database_now(conn: &mut PgConnection) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(conn)
         .await
 }
 
@@ -280,6 +296,41 @@ pub async fn previous_task(
     .await
 }
 
+/// The tasks already created for some fire times of schedule `name` of template
+/// `namespace`/`template` (found by their idempotency keys), with their status: a fire
+/// whose transaction did not commit (its coordinator died, or a later fire of the batch
+/// failed) created its task all the same.
+pub async fn tasks_fired(
+    conn: &mut PgConnection,
+    (namespace, template): (&str, &str),
+    name: &str,
+    times: &[DateTime<Utc>],
+) -> sqlx::Result<HashMap<DateTime<Utc>, (Uuid, TaskStatus)>> {
+    if times.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let keys: Vec<String> = times.iter().map(|at| idempotency_key(name, *at)).collect();
+    let found: Vec<(String, Uuid, TaskStatus)> = sqlx::query_as(
+        "SELECT idempotency_key, task_id, status FROM tasks \
+         WHERE namespace = $1 AND name = $2 AND idempotency_key = ANY ($3)",
+    )
+    .bind(namespace)
+    .bind(template)
+    .bind(&keys)
+    .fetch_all(conn)
+    .await?;
+    Ok(times
+        .iter()
+        .zip(&keys)
+        .filter_map(|(at, key)| {
+            found
+                .iter()
+                .find(|(found, _, _)| found == key)
+                .map(|(_, task, status)| (*at, (*task, *status)))
+        })
+        .collect())
+}
+
 /// What became of one fire time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FireOutcome {
@@ -305,8 +356,9 @@ impl FireOutcome {
 }
 
 /// Record a locked schedule's fires, move its next fire to `next_fire_at`, and keep its
-/// last [`FIRES_KEPT`] fires; with `keep_unrelayed` (lifecycle events on), also those the
-/// events relay has not published yet.
+/// last [`FIRES_KEPT`] fires, and the last that created a task however long ago (the
+/// task `overlap` looks for: [`previous_task`]); with `keep_unrelayed` (lifecycle events
+/// on), also those the events relay has not published yet.
 pub async fn record_fires(
     conn: &mut PgConnection,
     name: &str,
@@ -342,6 +394,9 @@ pub async fn record_fires(
         "DELETE FROM schedule_fires WHERE schedule = $1 AND fire_at < \
              (SELECT fire_at FROM schedule_fires WHERE schedule = $1 \
               ORDER BY fire_at DESC OFFSET $2 LIMIT 1) \
+           AND NOT (outcome = 'fired' AND fire_at = \
+                    (SELECT max(fire_at) FROM schedule_fires \
+                     WHERE schedule = $1 AND outcome = 'fired')) \
            AND (NOT $3 OR transition_id <= \
                 (SELECT last_transition_id FROM event_relay WHERE id = 1))",
     )

@@ -273,6 +273,125 @@ async fn overlap_skips_or_cancels_a_task_that_still_runs() {
     let _ = connection.close(200, "OK".into()).await;
 }
 
+/// A fire whose task was made but whose record did not commit (its coordinator died
+/// between the two) is recorded as fired with that task when the schedule is next
+/// reached, however late, not as missed.
+#[tokio::test]
+async fn a_fire_whose_task_exists_is_recorded_as_fired_however_late() {
+    let env = TestEnv::start("schedule-made").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    let (status, body) = create(
+        &env,
+        json!({"name": "new_year", "namespace": "clock", "template": "nightly",
+               "cron": "0 0 1 1 *", "overlap": "skip"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The task of the fire of 2026, made by the coordinator that then died.
+    let (status, made) = env
+        .post(
+            "/v1/tasks",
+            json!({"namespace": "clock", "name": "nightly",
+                   "idempotency_key": "schedule:new_year:2026-01-01T00:00:00.000Z"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 201, "{made}");
+    let made: Uuid = made["task_id"].as_str().unwrap().parse().unwrap();
+    sqlx::query("UPDATE schedules SET next_fire_at = '2025-01-01T00:00:00Z'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while fires(&env, "new_year").await.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fires: Vec<(String, Option<Uuid>, String)> = fires(&env, "new_year")
+        .await
+        .into_iter()
+        .map(|(at, task, outcome)| (at.format("%Y").to_string(), task, outcome))
+        .collect();
+    assert_eq!(
+        fires,
+        [
+            ("2025".to_owned(), None, "missed".to_owned()),
+            ("2026".to_owned(), Some(made), "fired".to_owned())
+        ]
+    );
+    assert_eq!(tasks_of(&env, "new_year").await.len(), 1);
+}
+
+/// `overlap: skip` still finds its running task after more fires without a task than a
+/// schedule keeps (missed while no coordinator ran, then skipped): the fires kept always
+/// include the last one that created a task.
+#[tokio::test]
+async fn overlap_finds_the_running_task_past_a_hundred_fires_without_one() {
+    let env = TestEnv::start("schedule-overlap-kept").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    let (status, body) = create(
+        &env,
+        json!({"name": "skip", "namespace": "clock", "template": "nightly",
+               "cron": "* * * * * *", "overlap": "skip"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tasks_of(&env, "skip").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never fired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // As if the task had been created 300 s ago, and no coordinator had run for the
+    // last 200 s: 200 fire times missed at once, after it.
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM schedules WHERE name = 'skip' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM schedule_fires WHERE schedule = 'skip' AND task_id IS NULL")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE schedule_fires SET fire_at = fire_at - INTERVAL '300 seconds'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE schedules SET next_fire_at = now() - INTERVAL '200 seconds'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let fires = fires(&env, "skip").await;
+        if fires
+            .iter()
+            .filter(|(_, _, outcome)| outcome == "missed")
+            .count()
+            >= 90
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{fires:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few fires later, the task still runs, and each fire skipped for it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, _) = env
+        .patch("/v1/schedules/skip", json!({"paused": true}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let tasks = tasks_of(&env, "skip").await;
+    let fires = fires(&env, "skip").await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert!(
+        fires.iter().any(|(_, task, _)| Some(tasks[0].0) == *task),
+        "{fires:?}"
+    );
+    assert_eq!(fires.last().unwrap().2, "skipped", "{fires:?}");
+}
+
 #[tokio::test]
 async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files() {
     let env = TestEnv::start("schedule-api").await.unwrap();
