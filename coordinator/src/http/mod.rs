@@ -223,26 +223,32 @@ pub(crate) fn routes() -> Vec<Route> {
     ]
 }
 
-/// The API without its state: [`routes`], the fallback and the body limit.
+/// The API without its state: [`routes`], the fallback and the body limit. A route's
+/// body counts against the bodies in progress ([`budget`]) once its caller passed the
+/// route's guard: a request refused for its token holds none of it, whatever its
+/// `Content-Length` said.
 fn stateless_router(
     max_body_bytes: usize,
     max_inflight_body_bytes: usize,
     body_timeout: Duration,
 ) -> Router<AppState> {
+    let budget = axum::middleware::from_fn_with_state(
+        budget::BodyBudget::new(max_inflight_body_bytes, max_body_bytes, body_timeout),
+        budget::limit,
+    );
     routes()
         .into_iter()
         .fold(Router::new(), |router, r| {
             let filter = MethodFilter::try_from(r.method).expect("a method axum can route");
-            router.route(r.path, auth::guard(r.access, (r.handler)(filter)))
+            router.route(
+                r.path,
+                auth::guard(r.access, (r.handler)(filter).layer(budget.clone())),
+            )
         })
         .merge(console::routes())
         .fallback(health::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(
-            budget::BodyBudget::new(max_inflight_body_bytes, max_body_bytes, body_timeout),
-            budget::limit,
-        ))
 }
 
 pub(crate) fn router(

@@ -1,8 +1,10 @@
 //! The API's connection handling: at most `TASKER_HTTP_MAX_CONNECTIONS` connections at
 //! once (the next ones wait in the kernel's accept queue), and a client must start within
-//! `TASKER_HTTP_HEADER_TIMEOUT_MS` of connecting and send a request's headers (HTTP/1)
-//! within that long of their first byte, or of its previous answer: silent and
-//! slow-header clients cannot hold connections open for ever. Requests already being answered when the coordinator
+//! `TASKER_HTTP_HEADER_TIMEOUT_MS` of connecting and send a request's headers within that
+//! long of their first byte, or of its previous answer: silent and slow-header clients
+//! cannot hold connections open for ever. HTTP/1 only: telling HTTP/2 from HTTP/1 waits
+//! for a preface with no time limit, and an HTTP/2 connection has no header timeout, so
+//! a client that sent one byte, or a preface and nothing more, held its slot for ever. Requests already being answered when the coordinator
 //! stops are finished first; every connection is a task on the application's tracker, so
 //! none outlives the coordinator (see `service`).
 
@@ -44,7 +46,7 @@ pub(crate) async fn serve(
     let graceful = GracefulShutdown::new();
     // Cancelled when the drain is over: the connections still open are then dropped.
     let abandon = CancellationToken::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -89,7 +91,7 @@ pub(crate) async fn serve(
                 _ => return,
             }
             let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
             // Errors here are the client's (gone, too slow, not HTTP): nothing to do.
             tokio::select! {

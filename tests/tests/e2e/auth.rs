@@ -224,6 +224,59 @@ pub(crate) async fn create_token(env: &TestEnv, name: &str, scopes: &str) -> Str
     secret
 }
 
+/// A request without a valid token is refused before its body is read: a body that never
+/// comes holds none of `TASKER_MAX_INFLIGHT_BODY_BYTES` against the clients that may send
+/// one.
+#[tokio::test]
+async fn a_request_without_a_token_holds_no_body_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::start_with(
+        "auth-budget",
+        auth_env(&[("TASKER_MAX_INFLIGHT_BODY_BYTES", "1000000")]),
+    )
+    .await
+    .unwrap();
+    let admin = hs256(&claims(json!({"scope": "admin"})));
+    let created = env
+        .http
+        .post(format!("{}/v1/templates", env.base_url))
+        .bearer_auth(&admin)
+        .header("content-type", "application/yaml")
+        .body("namespace: authz\nname: big\nsteps:\n  - {name: a, handler: tasker.noop}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    // 900 KB announced, a few bytes sent, no token.
+    let address = env.base_url.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n{\"namespace\"")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&head).contains("\r\n\r\n") {
+            match stalled.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+
+    // Meanwhile a client with a token sends a 200 KB body and is served.
+    let big = json!({"namespace": "authz", "name": "big", "context": {"pad": "x".repeat(200_000)}});
+    let answer = call(&env, Method::POST, "/v1/tasks", Some(&admin), Some(big)).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    drop(stalled);
+    env.finish().await.unwrap();
+}
+
 #[tokio::test]
 async fn auth_on_refuses_bad_tokens_and_admits_each_scope_to_its_routes() {
     let env = TestEnv::start_with("auth", logged(auth_env(&[])))

@@ -1540,7 +1540,9 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) 
 
 /// Slow-header clients are cut off after `TASKER_HTTP_HEADER_TIMEOUT_MS`, and at most
 /// `TASKER_HTTP_MAX_CONNECTIONS` connections are served at once: the next client waits
-/// until one closes, and is then served.
+/// until one closes, and is then served. The API speaks HTTP/1 only: a client that
+/// starts an HTTP/2 preface and stops, or sends one whole and nothing more, is cut off
+/// too.
 #[tokio::test]
 async fn slow_headers_are_cut_off_and_connections_are_capped() {
     let env = hostile_env(
@@ -1554,18 +1556,18 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     env.register_template(TEMPLATE).await.unwrap();
     let address = env.base_url.trim_start_matches("http://").to_owned();
 
-    // Four connections, two that send half a request and two that send nothing: they
-    // take every slot.
+    // Four connections that take every slot: half a request, nothing, the first byte of
+    // an HTTP/2 preface, a whole preface.
     let mut slow = Vec::new();
-    for n in 0..4 {
+    for start in [
+        &b"GET /health/live HTTP/1.1\r\nHost: x\r\n"[..],
+        b"",
+        b"P",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
         use tokio::io::AsyncWriteExt;
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
-        if n % 2 == 0 {
-            stream
-                .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
-                .await
-                .unwrap();
-        }
+        stream.write_all(start).await.unwrap();
         slow.push(stream);
     }
     // Meanwhile a new client is not served (it waits to be accepted) until the server
