@@ -142,6 +142,64 @@ async fn finished_tasks_past_the_retention_go_with_everything_that_belongs_to_th
     env.finish().await.unwrap();
 }
 
+/// A tree of child tasks goes whole: while one of its tasks is unfinished (a parent still
+/// running, a child still running), none of them is removed, however old the others.
+#[tokio::test]
+async fn a_tree_of_child_tasks_is_pruned_whole() {
+    let env = env_with(
+        "prune-tree",
+        &[("TASKER_RETENTION", "off"), ("TASKER_EVENTS", "false")],
+    )
+    .await;
+    env.register_template(
+        "namespace: kept\nname: tree\nsteps:\n  - {name: sub, handler: tasker.task, config: {namespace: kept, name: diamond}}\n",
+    )
+    .await
+    .unwrap();
+    let parent = run(&env, "tree", TaskStatus::Complete).await;
+    let child: Uuid = sqlx::query_scalar("SELECT task_id FROM tasks WHERE parent_task_id = $1")
+        .bind(parent)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let set = |task: Uuid, status: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query(
+                "UPDATE tasks SET status = $2, completed_at = CASE WHEN $2 = 'in_progress' \
+                 THEN NULL ELSE now() - interval '2 minutes' END WHERE task_id = $1",
+            )
+            .bind(task)
+            .bind(status)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let present = |task: Uuid| {
+        let pool = env.pool.clone();
+        async move { rows(&pool, task).await[0] == 1 }
+    };
+    // As if the parent still ran: the old child stays, for the parent's retry.
+    set(parent, "in_progress").await;
+    set(child, "error").await;
+    let removed = prune(&env, &["--older-than", "1m"], "false").await;
+    assert!(removed.starts_with("removed 0 finished tasks"), "{removed}");
+    assert!(present(child).await);
+    // As if the child still ran: the old parent stays.
+    set(parent, "cancelled").await;
+    set(child, "in_progress").await;
+    let removed = prune(&env, &["--older-than", "1m"], "false").await;
+    assert!(removed.starts_with("removed 0 finished tasks"), "{removed}");
+    assert!(present(parent).await);
+    // Both finished long ago: both go.
+    set(child, "cancelled").await;
+    let removed = prune(&env, &["--older-than", "1m"], "false").await;
+    assert!(removed.starts_with("removed 2 finished tasks"), "{removed}");
+    assert!(!present(parent).await && !present(child).await);
+    env.finish().await.unwrap();
+}
+
 async fn prune(env: &TestEnv, args: &[&str], events: &str) -> String {
     let output = tokio::process::Command::new(binary("tasker-coordinator"))
         .arg("prune")
