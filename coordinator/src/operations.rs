@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::http::AppState;
 use crate::metrics::CoordinatorMetrics;
+use tasker_shared::states::TaskStatus;
 use tasker_shared::store::tasks::TaskRecord;
 use tasker_shared::store::transitions::{self, Dispatch, OperatorError};
 
@@ -260,16 +261,18 @@ pub(crate) enum BulkAction {
 /// One bulk batch: each task through the single-task transition, in one transaction
 /// (again when the database broke a deadlock by failing it: a result batch may lock the
 /// same tasks in another order). A task its guard refuses (finished, or no longer in
-/// `error`, since it was matched) or that is gone is skipped. Answers the tasks changed.
+/// `error`, since it was matched), that is no longer in one of the filter's `statuses`
+/// (a `pending` task that started since), or that is gone is skipped. Answers the tasks
+/// changed.
 pub(crate) async fn bulk_batch(
     pool: &PgPool,
     ids: &[Uuid],
-    action: BulkAction,
+    (action, statuses): (BulkAction, &[TaskStatus]),
     reason: Option<&str>,
     lease_ms: i64,
 ) -> Result<(Vec<Uuid>, Effects), OperatorError> {
     let (changed, descendants, dispatches) = again_on_deadlock("bulk batch", || {
-        bulk_transaction(pool, ids, action, reason, lease_ms)
+        bulk_transaction(pool, ids, (action, statuses), reason, lease_ms)
     })
     .await?;
     let effects = Effects {
@@ -288,7 +291,7 @@ pub(crate) async fn bulk_batch(
 async fn bulk_transaction(
     pool: &PgPool,
     ids: &[Uuid],
-    action: BulkAction,
+    (action, statuses): (BulkAction, &[TaskStatus]),
     reason: Option<&str>,
     lease_ms: i64,
 ) -> Result<(Vec<Uuid>, Vec<Uuid>, Vec<Dispatch>), OperatorError> {
@@ -298,6 +301,18 @@ async fn bulk_transaction(
     // cancelled child tasks made ready when judged.
     let (mut descendants, mut dispatches) = (Vec::new(), Vec::new());
     for &task_id in ids {
+        if !statuses.is_empty() {
+            // Matched before this batch: the status may have moved since. Locked here,
+            // as the transition locks it (again, within this transaction).
+            let status: Option<TaskStatus> =
+                sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1 FOR UPDATE")
+                    .bind(task_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if !status.is_some_and(|status| statuses.contains(&status)) {
+                continue;
+            }
+        }
         let outcome = match action {
             BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason, lease_ms)
                 .await

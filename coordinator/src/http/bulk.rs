@@ -405,7 +405,7 @@ async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<Bu
         let (done, effects) = operations::bulk_batch(
             &state.pool,
             chunk,
-            action,
+            (action, &request.filter.statuses),
             request.reason.as_deref(),
             state.publisher.lease_ms(),
         )

@@ -528,6 +528,77 @@ async fn create_tagged(env: &TestEnv, tags: Value) -> String {
     task["task_id"].as_str().unwrap().to_owned()
 }
 
+/// A bulk cancel of `pending` tasks leaves alone a matched task that started before its
+/// batch reached it: the filter is checked again under the task's lock.
+#[tokio::test]
+async fn a_bulk_cancel_by_status_skips_a_task_that_left_that_status() {
+    let env = TestEnv::start("bulk-moved").await.unwrap();
+    env.register_template(IDLE).await.unwrap();
+    // Not to start for a minute: `pending`.
+    let (status, task) = env
+        .create_task(json!({"namespace": "bulk", "name": "idle", "delay_ms": 60_000}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let task: uuid::Uuid = task["task_id"].as_str().unwrap().parse().unwrap();
+    // The test holds the task's row; the bulk cancel matches it, then waits for it.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE")
+        .bind(task)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (status, answer) = {
+        let cancel = env.post(
+            "/v1/tasks/cancel",
+            json!({"namespace": "bulk", "status": "pending", "reason": "clear the backlog"}),
+        );
+        tokio::pin!(cancel);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bulk cancel never waited"
+            );
+            tokio::select! {
+                answer = &mut cancel => panic!("answered without waiting: {answer:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        // Meanwhile the task started.
+        sqlx::query("UPDATE tasks SET status = 'in_progress' WHERE task_id = $1")
+            .bind(task)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder.commit().await.unwrap();
+        cancel.await.unwrap()
+    };
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        (answer["matched"].as_u64(), answer["changed"].as_u64()),
+        (Some(1), Some(0)),
+        "{answer}"
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1")
+        .bind(task)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "in_progress");
+    env.finish().await.unwrap();
+}
+
 /// Bulk cancel and retry: refused filters name every problem, a dry run changes nothing,
 /// tags, the time window, status and limit narrow, and each task changes exactly as a
 /// single cancel or retry would (history, reason).
