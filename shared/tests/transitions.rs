@@ -417,6 +417,78 @@ async fn a_skipped_parent_and_a_concurrent_result_both_count_for_their_child() {
     db.finish().await;
 }
 
+/// A task's deadline passes while a batch fans its step out: the instances the batch
+/// created and claimed are cancelled with the rest, and named for workers to drop.
+#[tokio::test]
+async fn a_deadline_cancels_the_instances_a_concurrent_batch_created() {
+    let db = TestDb::new("deadline_fan").await;
+    let template = db
+        .template("namespace: shapes\nname: fan\nsteps:\n  - {name: a, handler: h}\n  - {name: load, handler: h, depends_on: [a], for_each: \"context.items\"}\n")
+        .await;
+    let (task, first) = create_with(&db, &template, json!({"items": [1, 2, 3]})).await;
+    sqlx::query("UPDATE tasks SET deadline_at = now() - INTERVAL '1 second' WHERE task_id = $1")
+        .bind(task)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // a's batch fans `load` out, and holds its rows.
+    let a = result(&first[0], Outcome::Success, None);
+    let mut batch = db.pool.begin().await.unwrap();
+    assert!(
+        transitions::lock_batch(&mut batch, &[a.step_id], &[a.step_id])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let applied = transitions::apply_results(&mut batch, &[a], LEASE_MS)
+        .await
+        .unwrap();
+    assert_eq!(applied.claimed.len(), 3);
+    // The sweeper ends the task: it waits for the batch.
+    let pool = db.pool.clone();
+    let sweep = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        let expired = transitions::expire_deadlines(&mut tx, 10).await.unwrap();
+        tx.commit().await.unwrap();
+        expired
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>(waiting)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep never waited for the batch"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    batch.commit().await.unwrap();
+    let expired = sweep.await.unwrap();
+
+    assert_eq!(expired.len(), 1);
+    assert_eq!(db.task_status(task).await, TaskStatus::Error);
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM steps WHERE task_id = $1 \
+         AND status IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')",
+    )
+    .bind(task)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(unfinished, 0);
+    let mut named = expired[0].running_steps.clone();
+    named.sort_unstable();
+    let mut instances: Vec<Uuid> = applied.claimed.iter().map(|d| d.message.step_id).collect();
+    instances.sort_unstable();
+    assert_eq!(named, instances);
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn results_retry_defer_fail_and_stale_as_decided() {
     let db = TestDb::new("results").await;
@@ -705,8 +777,10 @@ async fn check_history(pool: &PgPool) {
     for (from, to, reason) in &steps {
         let from = from.expect("a step's history row names where it came from");
         let redelivered = from == StepStatus::InProgress && *to == StepStatus::InProgress;
+        // A step the coordinator judges records what it did without leaving `pending`.
+        let judged = from == StepStatus::Pending && *to == StepStatus::Pending;
         assert!(
-            from.can_transition_to(*to) || redelivered,
+            from.can_transition_to(*to) || redelivered || judged,
             "step {from} → {to} ({reason}) is not an allowed transition"
         );
         assert!(
@@ -747,6 +821,8 @@ fn reason_fits_step(reason: TransitionReason, to: StepStatus) -> bool {
         R::RetryRequested => to == S::Pending,
         R::ResolvedByOperator => to == S::ResolvedManually,
         R::ConditionFalse => to == S::Skipped,
+        R::FannedOut => to == S::Pending,
+        R::DeadlineExceeded => to == S::Cancelled,
         _ => false,
     }
 }

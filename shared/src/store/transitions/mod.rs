@@ -267,11 +267,31 @@ pub async fn expire_deadlines(
     conn: &mut PgConnection,
     limit: i64,
 ) -> sqlx::Result<Vec<ExpiredTask>> {
-    let expired: Vec<ExpiredTask> =
+    let mut expired: Vec<ExpiredTask> =
         sqlx::query_as(include_str!("../../../sql/tasks/expire_deadlines.sql"))
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
+    if expired.is_empty() {
+        return Ok(expired);
+    }
+    // Again, as a cancel does: the statement above waited for the transactions holding
+    // the tasks' steps, and saw only the rows its snapshot had.
+    let tasks: Vec<Uuid> = expired.iter().map(|task| task.task_id).collect();
+    let missed: Vec<(Uuid, Uuid, Option<Uuid>)> =
+        sqlx::query_as(include_str!("../../../sql/tasks/expire_deadline_steps.sql"))
+            .bind(&tasks)
+            .fetch_all(&mut *conn)
+            .await?;
+    for (step_id, task_id, token) in missed {
+        if let (Some(task), Some(token)) = (
+            expired.iter_mut().find(|task| task.task_id == task_id),
+            token,
+        ) {
+            task.running_steps.push(step_id);
+            task.running_tokens.push(token);
+        }
+    }
     free_slots(
         conn,
         expired.iter().filter(|t| t.limited).map(|t| t.task_id),
