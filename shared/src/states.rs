@@ -289,8 +289,9 @@ impl StepStatus {
             (Pending | WaitingForRetry | Error, ResolvedManually) => true,
             // Bypassed at creation, or its condition was false.
             (Pending, Skipped) => true,
-            // An operator retries a failed task: its failed steps start over.
-            (Error, Pending) => true,
+            // An operator retries a failed task: its failed steps start over, and those
+            // its deadline cancelled.
+            (Error | Cancelled, Pending) => true,
             (from, Cancelled) => !from.is_terminal(),
             _ => false,
         }

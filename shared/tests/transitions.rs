@@ -489,6 +489,97 @@ async fn a_deadline_cancels_the_instances_a_concurrent_batch_created() {
     db.finish().await;
 }
 
+/// A clean-up step (`trigger: all_done`) that ran after its parent failed, and was
+/// cancelled by the task's deadline, waits again for that parent when an operator
+/// retries the task: it runs once the retried parent is done, not beside it.
+#[tokio::test]
+async fn a_retry_after_a_deadline_makes_a_clean_up_wait_for_its_parent_again() {
+    let db = TestDb::new("retry_cleanup").await;
+    let template = db
+        .template("namespace: shapes\nname: ship\nsteps:\n  - {name: ship, handler: h, retry_limit: 1}\n  - {name: release, handler: h, depends_on: [ship], trigger: all_done}\n")
+        .await;
+    let (task, first) = db.create(&template).await;
+    let (applied, _) = db
+        .apply(&[result(
+            &first[0],
+            Outcome::PermanentError,
+            failure("no truck", None),
+        )])
+        .await;
+    assert_eq!(names(&applied.claimed), ["release"]);
+    sqlx::query("UPDATE tasks SET deadline_at = now() - INTERVAL '1 second' WHERE task_id = $1")
+        .bind(task)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        transitions::expire_deadlines(&mut tx, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(db.step(task, "release").await.status, StepStatus::Cancelled);
+
+    let mut tx = db.pool.begin().await.unwrap();
+    transitions::retry_task(&mut tx, task, Some("trucks are back"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let release = db.step(task, "release").await;
+    assert_eq!(
+        (release.status, release.remaining_parents),
+        (StepStatus::Pending, 1)
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(names(&again), ["ship"]);
+    let (applied, _) = db.apply(&[result(&again[0], Outcome::Success, None)]).await;
+    assert_eq!(names(&applied.claimed), ["release"]);
+    db.finish().await;
+}
+
+/// Resolving the failed parent of a compensation that fans out (`trigger: one_failed`,
+/// `for_each`) leaves its instances as they were: they had counted nothing, and run on.
+#[tokio::test]
+async fn resolving_the_parent_of_a_fanned_out_compensation_leaves_its_instances_ready() {
+    let db = TestDb::new("resolve_fan").await;
+    let template = db
+        .template("namespace: shapes\nname: refunds\nsteps:\n  - {name: charge, handler: h, retry_limit: 1}\n  - {name: refund, handler: h, depends_on: [charge], trigger: one_failed, for_each: \"context.payments\", max_parallel: 1}\n")
+        .await;
+    let (task, first) = create_with(&db, &template, json!({"payments": [1, 2, 3]})).await;
+    let (applied, _) = db
+        .apply(&[result(
+            &first[0],
+            Outcome::PermanentError,
+            failure("declined", None),
+        )])
+        .await;
+    assert_eq!(names(&applied.claimed), ["refund[0]"]);
+    let mut tx = db.pool.begin().await.unwrap();
+    transitions::resolve_step(&mut tx, task, "charge", None, Some("refunded by hand"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for instance in ["refund[0]", "refund[1]", "refund[2]"] {
+        assert_eq!(
+            db.step(task, instance).await.remaining_parents,
+            0,
+            "{instance}"
+        );
+    }
+    let (applied, _) = db
+        .apply(&[result(&applied.claimed[0], Outcome::Success, None)])
+        .await;
+    assert_eq!(names(&applied.claimed), ["refund[1]"]);
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn results_retry_defer_fail_and_stale_as_decided() {
     let db = TestDb::new("results").await;

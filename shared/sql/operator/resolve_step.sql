@@ -33,7 +33,8 @@ counted AS (
       AND NOT ($4 = 'error'
                AND NOT EXISTS (SELECT 1 FROM steps f
                                WHERE f.step_id = r.step_id AND f.fan_out_of = c.step_id)
-               AND COALESCE(tasker_step_definition(t.template_id, c.name) ->> 'trigger'
+               AND COALESCE(tasker_step_definition(t.template_id, split_part(c.name, '[', 1))
+                            ->> 'trigger'
                             IN ('all_done', 'one_failed'), false))
     RETURNING c.step_id, c.task_id, v.revive
 )

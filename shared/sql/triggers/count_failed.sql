@@ -17,7 +17,7 @@ triggered AS (
     -- By primary key: no index can serve the status test written with IS TRUE (the
     -- transitions module's "Plans").
     WHERE (s.status = 'pending') IS TRUE
-      AND tasker_step_definition(t.template_id, s.name) ->> 'trigger'
+      AND tasker_step_definition(t.template_id, split_part(s.name, '[', 1)) ->> 'trigger'
           IN ('all_done', 'one_failed')
 )
 UPDATE steps s
