@@ -289,6 +289,10 @@ impl StepStatus {
             (Pending | WaitingForRetry | Error, ResolvedManually) => true,
             // Bypassed at creation, or its condition was false.
             (Pending, Skipped) => true,
+            // A step the coordinator runs ends without a worker: a fan-out gathered, a
+            // child task done, a signal received; or it fails: its expression, its fan-out
+            // (too large, or an instance out of attempts), its child task, its wait.
+            (Pending, Complete | Error) => true,
             // An operator retries a failed task: its failed steps start over, and those
             // its deadline cancelled.
             (Error | Cancelled, Pending) => true,

@@ -580,6 +580,75 @@ async fn resolving_the_parent_of_a_fanned_out_compensation_leaves_its_instances_
     db.finish().await;
 }
 
+/// A fan-out failed by an instance counted as failed for its clean-up step, which ran and
+/// failed too. Resolving that instance revives the fan-out: the clean-up waits for it
+/// again, and a retry of the task then runs the clean-up once it is done.
+#[tokio::test]
+async fn resolving_a_failed_instance_makes_the_clean_up_wait_for_its_fan_out_again() {
+    let db = TestDb::new("resolve_instance").await;
+    let template = db
+        .template("namespace: shapes\nname: loads\nsteps:\n  - {name: a, handler: h}\n  - {name: load, handler: h, depends_on: [a], retry_limit: 1, for_each: \"context.items\"}\n  - {name: cleanup, handler: h, depends_on: [load], retry_limit: 1, trigger: all_done}\n")
+        .await;
+    let (task, first) = create_with(&db, &template, json!({"items": [1, 2]})).await;
+    let (applied, _) = db.apply(&[result(&first[0], Outcome::Success, None)]).await;
+    assert_eq!(names(&applied.claimed), ["load[0]", "load[1]"]);
+    let instance = |name: &str| {
+        applied
+            .claimed
+            .iter()
+            .find(|d| d.message.step_name == name)
+            .unwrap()
+            .clone()
+    };
+    let (failed, _) = db
+        .apply(&[result(
+            &instance("load[1]"),
+            Outcome::PermanentError,
+            failure("bad row", None),
+        )])
+        .await;
+    assert_eq!(names(&failed.claimed), ["cleanup"]);
+    db.apply(&[result(&instance("load[0]"), Outcome::Success, None)])
+        .await;
+    let (_, finished) = db
+        .apply(&[result(
+            &failed.claimed[0],
+            Outcome::PermanentError,
+            failure("disk full", None),
+        )])
+        .await;
+    assert_eq!(finished, 1);
+    assert_eq!(db.task_status(task).await, TaskStatus::Error);
+
+    let mut tx = db.pool.begin().await.unwrap();
+    transitions::resolve_step(&mut tx, task, "load[1]", Some(&json!({})), None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(db.step(task, "load").await.status, StepStatus::Complete);
+    let cleanup = db.step(task, "cleanup").await;
+    assert_eq!(
+        (cleanup.status, cleanup.remaining_parents),
+        (StepStatus::Error, 0)
+    );
+
+    let mut tx = db.pool.begin().await.unwrap();
+    transitions::retry_task(&mut tx, task, None).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(names(&again), ["cleanup"]);
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn results_retry_defer_fail_and_stale_as_decided() {
     let db = TestDb::new("results").await;
@@ -910,9 +979,12 @@ fn reason_fits_step(reason: TransitionReason, to: StepStatus) -> bool {
         R::DeferralLimit | R::NotRetryable | R::AttemptsExhausted | R::Failed => to == S::Error,
         R::TaskCancelled => to == S::Cancelled,
         R::RetryRequested => to == S::Pending,
-        R::ResolvedByOperator => to == S::ResolvedManually,
+        // A fan-out failed by the instance resolved waits for its instances again.
+        R::ResolvedByOperator => matches!(to, S::ResolvedManually | S::Pending),
+        R::InstancesDone => to == S::Complete,
         R::ConditionFalse => to == S::Skipped,
         R::FannedOut => to == S::Pending,
+        R::InstanceFailed => to == S::Error,
         R::DeadlineExceeded => to == S::Cancelled,
         _ => false,
     }

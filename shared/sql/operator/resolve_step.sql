@@ -2,7 +2,9 @@
 -- as done for its dependents; those that counted its failure already (`trigger:
 -- all_done` or `one_failed`, resolving a step in `error`) are left as they are. An instance of a `for_each` step counts for that step,
 -- which, failed by its instances (`instance_failed`), waits again for them once none is
--- left in `error`.
+-- left in `error`; its clean-up and compensation children, which counted its failure
+-- (count_failed.sql), wait for it again if they will run again, as after a retry
+-- (uncount_failed.sql).
 WITH resolved AS (
     UPDATE steps
     SET status = 'resolved_manually', results = $3, lease_expires_at = NULL,
@@ -37,6 +39,17 @@ counted AS (
                             ->> 'trigger'
                             IN ('all_done', 'one_failed'), false))
     RETURNING c.step_id, c.task_id, v.revive
+),
+recounted AS (
+    UPDATE steps s
+    SET remaining_parents = s.remaining_parents + 1, updated_at = now()
+    FROM counted v
+    JOIN step_edges e ON e.from_step = v.step_id
+    JOIN tasks t ON t.task_id = v.task_id
+    WHERE v.revive AND s.step_id = e.to_step
+      AND s.status IN ('pending', 'error', 'cancelled')
+      AND tasker_step_definition(t.template_id, split_part(s.name, '[', 1)) ->> 'trigger'
+          IN ('all_done', 'one_failed')
 )
 INSERT INTO step_transitions (step_id, task_id, from_status, to_status, reason, metadata)
 SELECT step_id, task_id, 'error', 'pending', 'resolved_by_operator', $5
