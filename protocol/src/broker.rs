@@ -125,8 +125,15 @@ impl Topology {
     }
 
     /// Why a message was dead-lettered, when one of this topology's step queues did it
-    /// (RabbitMQ's `x-first-death-queue` and `x-first-death-reason` headers).
+    /// (RabbitMQ's `x-first-death-queue` and `x-first-death-reason` headers). Classic step
+    /// queues dead-letter nothing (they are declared without a dead-letter exchange), so
+    /// with them no message is taken for one: the headers are not signed, and a step
+    /// message a broker user copied to the results queue with them would otherwise fail
+    /// its step's attempt.
     pub fn dead_lettered_step(&self, properties: &BasicProperties) -> Option<String> {
+        if self.queue_type == QueueType::Classic {
+            return None;
+        }
         let queue = header_str(properties, "x-first-death-queue")?;
         let namespace = queue.strip_prefix(&self.step_queue(""))?;
         if namespace.is_empty() {
@@ -716,7 +723,7 @@ mod tests {
 
     #[test]
     fn step_messages_dead_lettered_by_a_step_queue_are_recognised() {
-        let topology = Topology::new("t1");
+        let topology = Topology::new("t1").with_queue_type(QueueType::Quorum);
         let dead = |queue: &str, reason: Option<&str>| {
             let mut headers = FieldTable::default();
             headers.insert(
@@ -745,6 +752,17 @@ mod tests {
         assert_eq!(dead("t1.steps.", Some("delivery_limit")), None);
         assert_eq!(
             topology.dead_lettered_step(&BasicProperties::default()),
+            None
+        );
+        // Classic step queues dead-letter nothing: the same headers are a forgery.
+        let classic = Topology::new("t1");
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString("t1.steps.payments".into()),
+        );
+        assert_eq!(
+            classic.dead_lettered_step(&BasicProperties::default().with_headers(headers)),
             None
         );
     }

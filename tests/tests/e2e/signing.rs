@@ -174,6 +174,68 @@ async fn unsigned_or_wrongly_signed_messages_are_refused_and_signed_ones_run() {
     env.finish().await.unwrap();
 }
 
+/// A signed step message copied to the results queue with the headers RabbitMQ puts on
+/// one a quorum step queue dead-lettered is poison, not a failed attempt: classic step
+/// queues dead-letter nothing, and those headers are not signed.
+#[tokio::test]
+async fn a_step_message_passed_off_as_dead_lettered_fails_nothing() {
+    let env = signed_env("signing-dead-lettered", KEY, None).await;
+    let (_, task) = env
+        .create_task(json!({"namespace": NAMESPACE, "name": "one"}))
+        .await
+        .unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    let (_connection, channel) = confirm_channel().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let step = loop {
+        let got = channel
+            .basic_get(
+                env.queue(NAMESPACE).into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            break message.delivery;
+        }
+        assert!(Instant::now() < deadline, "no step message was queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut headers = step.properties.headers().clone().unwrap_or_default();
+    for (name, value) in [
+        ("x-first-death-queue", env.queue(NAMESPACE)),
+        ("x-first-death-reason", "delivery_limit".to_owned()),
+    ] {
+        headers.insert(
+            name.into(),
+            lapin::types::AMQPValue::LongString(value.into()),
+        );
+    }
+    channel
+        .basic_publish(
+            "".into(),
+            format!("{}.results", env.prefix).into(),
+            Default::default(),
+            &step.data,
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dead_letter_queue = format!("{}.dead_letter", env.prefix);
+    let letters = take_dead_letters(&channel, &dead_letter_queue, 1).await;
+    assert_eq!(letters[0].source_queue, format!("{}.results", env.prefix));
+    let (_, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
+    let only = TestEnv::step(&task, "only");
+    assert_eq!(
+        (only["status"].as_str(), only["attempts"].as_i64()),
+        (Some("enqueued"), Some(1)),
+        "{task:#}"
+    );
+    env.finish().await.unwrap();
+}
+
 /// Mid-rotation: the coordinator still signs with the old key and accepts the new one,
 /// a worker already signs with the new key and accepts the old one. Work flows.
 #[tokio::test]
