@@ -157,11 +157,35 @@ impl OutboundPolicy {
     }
 }
 
-/// The IPv4 address behind an IPv4-mapped IPv6 one, so `::ffff:127.0.0.1` is loopback.
+/// The IPv4 address an IPv6 one reaches: IPv4-mapped (`::ffff:127.0.0.1`), IPv4-compatible
+/// (`::127.0.0.1`), NAT64's well-known prefix (`64:ff9b::/96`, where the network has a
+/// NAT64 gateway) and 6to4 (`2002:AABB:CCDD::/48`). So each is judged as the IPv4 address
+/// it stands for.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let s = v6.segments();
+    let low = std::net::Ipv4Addr::new(
+        (s[6] >> 8) as u8,
+        s[6] as u8,
+        (s[7] >> 8) as u8,
+        s[7] as u8,
+    );
+    match s {
+        // `::` and `::1` are IPv6's own unspecified and loopback addresses.
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => ip,
+        [0, 0, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => IpAddr::V4(low),
+        [0x2002, high, low16, ..] => IpAddr::V4(std::net::Ipv4Addr::new(
+            (high >> 8) as u8,
+            high as u8,
+            (low16 >> 8) as u8,
+            low16 as u8,
+        )),
+        _ => ip,
     }
 }
 
@@ -187,11 +211,15 @@ pub fn is_internal(ip: IpAddr) -> bool {
         }
         IpAddr::V6(v6) => {
             let first = v6.segments()[0];
+            let second = v6.segments()[1];
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
+                // NAT64's local-use prefix (64:ff9b:1::/48): the IPv4 it reaches is
+                // wherever the operator's translator puts it.
+                || (first == 0x64 && second == 0xff9b && v6.segments()[2] == 1)
         }
     }
 }
@@ -268,12 +296,25 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            // IPv4-compatible, NAT64 (well-known and local-use) and 6to4 forms.
+            "::10.0.0.1",
+            "64:ff9b::a00:1",
+            "64:ff9b::169.254.169.254",
+            "64:ff9b:1::8.8.8.8",
+            "2002:a00:1::1",
+            "2002:7f00:1::",
         ] {
             let ip: IpAddr = internal.parse().unwrap();
             assert!(is_internal(ip), "{internal}");
             assert!(open.check_address(internal, ip).is_err(), "{internal}");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             let ip: IpAddr = public.parse().unwrap();
             assert!(!is_internal(ip), "{public}");
             assert!(open.check_address(public, ip).is_ok(), "{public}");
