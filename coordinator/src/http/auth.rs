@@ -92,7 +92,7 @@ async fn check(access: Access, mut request: Request, next: Next) -> Response {
 
 /// The token of `Authorization: Bearer <token>`; else why not, for [`unauthorized`]
 /// (`None`: no credentials at all).
-fn bearer_token(headers: &HeaderMap) -> Result<String, Option<&'static str>> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<String, Option<&'static str>> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Err(None);

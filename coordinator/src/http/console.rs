@@ -184,6 +184,9 @@ pub(crate) async fn whoami(
 /// How long a new stream waits for the events consumer to be bound before `ready`.
 const READY_PATIENCE: Duration = Duration::from_secs(10);
 
+/// How often an open event stream's token is checked again (authentication on).
+const RECHECK: Duration = Duration::from_secs(30);
+
 /// Which events a stream carries.
 struct Filter {
     task_id: Option<Uuid>,
@@ -267,10 +270,18 @@ impl Filter {
 )]
 pub(crate) async fn stream(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let Query(query) = query.map_err(query_rejection)?;
     let filter = Filter::parse(query)?;
+    // With authentication on, the token that opened the stream is checked again every
+    // RECHECK: a stream ends once its token is revoked or expired (the client's next
+    // request is refused), as a request would be.
+    let token = principal
+        .and_then(|_| super::auth::bearer_token(&headers).ok())
+        .map(|token| (token, state.auth.clone()));
     let live = state.live.clone();
     let Some(receiver) = live.subscribe() else {
         return Err(ApiError::overloaded(format!(
@@ -287,12 +298,23 @@ pub(crate) async fn stream(
         };
         Ok(Event::default().event("ready").data(ready.to_string()))
     });
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let events = futures::stream::unfold(
-        (receiver, filter, closing),
-        |(mut receiver, filter, closing)| async move {
+        (receiver, filter, closing, recheck, token),
+        |(mut receiver, filter, closing, mut recheck, token)| async move {
             loop {
                 let received = tokio::select! {
                     () = closing.cancelled() => return None,
+                    _ = recheck.tick(), if token.is_some() => {
+                        let (token, auth) = token.as_ref()?;
+                        match auth.authenticate(token).await {
+                            Ok(principal) if principal.scopes.allows(Scope::TasksRead) => continue,
+                            // Revoked, expired, or its scope taken away; a database
+                            // that cannot answer ends it too (the client reconnects).
+                            _ => return None,
+                        }
+                    }
                     received = receiver.recv() => received,
                 };
                 let event = match received {
@@ -307,7 +329,7 @@ pub(crate) async fn stream(
                         .data(json!({"missed": missed}).to_string()),
                     Err(RecvError::Closed) => return None,
                 };
-                return Some((Ok(event), (receiver, filter, closing)));
+                return Some((Ok(event), (receiver, filter, closing, recheck, token)));
             }
         },
     );

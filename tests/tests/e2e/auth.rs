@@ -224,6 +224,43 @@ pub(crate) async fn create_token(env: &TestEnv, name: &str, scopes: &str) -> Str
     secret
 }
 
+/// An event stream ends once the token that opened it has expired (it is checked again
+/// every 30 s), as the token's next request would be refused.
+#[tokio::test]
+async fn an_event_stream_ends_when_its_token_expires() {
+    let env = TestEnv::start_with(
+        "auth-stream",
+        auth_env(&[("TASKER_JWT_LEEWAY_SECONDS", "0")]),
+    )
+    .await
+    .unwrap();
+    let short = hs256(&claims(json!({"scope": "tasks:read", "exp": now() + 3})));
+    let mut response = env
+        .http
+        .get(format!("{}/v1/events/stream", env.base_url))
+        .bearer_auth(&short)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let opened = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(90), async {
+        while let Some(_chunk) = response.chunk().await.unwrap_or(None) {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream outlived its token by more than 90 s"
+    );
+    assert!(
+        opened.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        opened.elapsed()
+    );
+    assert_unauthenticated(&get(&env, "/v1/whoami", Some(&short)).await, "expired");
+    env.finish().await.unwrap();
+}
+
 /// A request without a valid token is refused before its body is read: a body that never
 /// comes holds none of `TASKER_MAX_INFLIGHT_BODY_BYTES` against the clients that may send
 /// one.
