@@ -142,7 +142,7 @@ pub(crate) async fn create(
         catch_up: draft.catch_up.unwrap_or(CatchUp::None),
         paused: draft.paused.unwrap_or(false),
     };
-    let parsed = check(&state, &mut fields, &schedule).await?;
+    let parsed = check(&state, &mut fields, &schedule, true).await?;
     fields.finish("invalid_schedule")?;
     let next = first_fire(parsed.as_ref(), &schedule);
     let created = schedules::create(&state.pool, &schedule, next)
@@ -232,6 +232,11 @@ pub(crate) async fn update(
     let body = body.map_err(|rejection| body_rejection(rejection, &state.limits))?;
     content_type(&headers, JSON_TYPES)?;
     let object = json_object(&body)?;
+    // `"version": null` unpins: the newest version at each fire (absent keeps it).
+    let unpinned = object.get("version").is_some_and(Value::is_null);
+    // A pause alone is not checked against the template: a schedule whose template
+    // went away, or whose context its schema no longer accepts, can still be paused.
+    let pause_only = object.len() == 1 && object.get("paused") == Some(&Value::Bool(true));
     // Read, merged and written only if nobody changed it meanwhile (else again): two
     // changes at once both land.
     let mut tries = 0;
@@ -244,7 +249,11 @@ pub(crate) async fn update(
             name: before.name.clone(),
             namespace: draft.namespace.unwrap_or_else(|| before.namespace.clone()),
             template: draft.template.unwrap_or_else(|| before.template.clone()),
-            version: draft.version.or_else(|| before.version.clone()),
+            version: match draft.version {
+                Some(version) => Some(version),
+                None if unpinned => None,
+                None => before.version.clone(),
+            },
             cron: draft.cron.unwrap_or_else(|| before.cron.clone()),
             timezone: draft.timezone.unwrap_or_else(|| before.timezone.clone()),
             context: draft.context.unwrap_or_else(|| before.context.clone()),
@@ -252,7 +261,7 @@ pub(crate) async fn update(
             catch_up: draft.catch_up.unwrap_or(before.catch_up),
             paused: draft.paused.unwrap_or(before.paused),
         };
-        let parsed = check(&state, &mut fields, &schedule).await?;
+        let parsed = check(&state, &mut fields, &schedule, !pause_only).await?;
         fields.finish("invalid_schedule")?;
         // The next fire stays unless the clock changed or the schedule was paused.
         let clock_changed = (schedule.cron.as_str(), schedule.timezone.as_str())
@@ -426,10 +435,13 @@ fn flag(fields: &mut Fields, key: &str) -> Option<bool> {
 /// Check what a schedule would be written with: its cron and time zone, its template
 /// (registered), its context (an object the template's schema accepts, within the size
 /// limit). Every problem goes to `fields`; returns the parsed schedule when it parses.
+/// Check a schedule's fields, and with `against_template` its template and context
+/// against the registered template; the parsed cron.
 async fn check(
     state: &AppState,
     fields: &mut Fields,
     schedule: &ScheduleFields,
+    against_template: bool,
 ) -> ApiResult<Option<Schedule>> {
     let parsed = if schedule.cron.is_empty() {
         None
@@ -456,7 +468,7 @@ async fn check(
             );
         }
     }
-    if !schedule.namespace.is_empty() && !schedule.template.is_empty() {
+    if against_template && !schedule.namespace.is_empty() && !schedule.template.is_empty() {
         let resolved = state
             .templates
             .resolve(

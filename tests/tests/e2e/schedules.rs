@@ -395,7 +395,7 @@ async fn overlap_finds_the_running_task_past_a_hundred_fires_without_one() {
 #[tokio::test]
 async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files() {
     let env = TestEnv::start("schedule-api").await.unwrap();
-    env.register_template(NIGHTLY).await.unwrap();
+    let (_, template) = env.register_template(NIGHTLY).await.unwrap();
     // Every problem named at once.
     let (status, body) = create(
         &env,
@@ -448,6 +448,52 @@ async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files(
     assert_eq!(status, 200, "{body}");
     let first: DateTime<Utc> = serde_json::from_value(body["next_runs"][0].clone()).unwrap();
     assert_eq!(first.format("%H:%M").to_string(), "06:30");
+    // Pinned to a version, then back to the newest at each fire (`null`).
+    let (status, body) = env
+        .patch(
+            "/v1/schedules/morning",
+            json!({"version": template["version"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.as_u16(), &body["version"]),
+        (200, &template["version"]),
+        "{body}"
+    );
+    let (status, body) = env
+        .patch("/v1/schedules/morning", json!({"version": null}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.as_u16(), &body["version"]),
+        (200, &Value::Null),
+        "{body}"
+    );
+    // A context its template's schema no longer accepts (as after a new version): the
+    // schedule can still be paused, and is resumed only with a context that fits.
+    sqlx::query("UPDATE schedules SET context = '{\"day\": 7}' WHERE name = 'morning'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let (status, body) = env
+        .patch("/v1/schedules/morning", json!({"paused": true}))
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let (status, body) = env
+        .patch("/v1/schedules/morning", json!({"paused": false}))
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 422, "{body}");
+    let (status, body) = env
+        .patch(
+            "/v1/schedules/morning",
+            json!({"paused": false, "context": {}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
     let (status, body) = env
         .patch(
             "/v1/schedules/morning",
