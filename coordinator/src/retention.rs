@@ -214,13 +214,16 @@ pub struct PruneArgs {
 }
 
 impl PruneArgs {
-    /// Apply migrations, then prune (or count) and print the outcome.
+    /// Apply migrations, then prune, or with `--dry-run` count (changing nothing: no
+    /// database made, no migration applied), and print the outcome.
     ///
     /// # Errors
     ///
     /// The database's.
     pub async fn run(self) -> anyhow::Result<()> {
-        tasker_shared::db::migrate(&self.database).await?;
+        if !self.dry_run {
+            tasker_shared::db::migrate(&self.database).await?;
+        }
         let pool = tasker_shared::db::connect_lazy(&self.database)?;
         let scope = PruneScope {
             finished_before: Utc::now() - self.older_than.0,

@@ -256,5 +256,35 @@ async fn prune_once_counts_first_and_keeps_history_not_yet_published() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("`30` has no unit"), "{stderr}");
+
+    // A dry run changes nothing, not even by making a database that was not there.
+    let (server, _) = env.database_url.rsplit_once('/').unwrap();
+    let missing = format!("tasker_prune_nowhere_{}", uuid::Uuid::new_v4().simple());
+    let dry = tokio::process::Command::new(binary("tasker-coordinator"))
+        .args(["prune", "--older-than", "1m", "--dry-run"])
+        .env("DATABASE_URL", format!("{server}/{missing}"))
+        .output()
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&missing)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    if exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE \"{missing}\" WITH (FORCE)"
+        )))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    assert!(!exists, "the dry run made a database");
+    assert!(
+        !dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
     env.finish().await.unwrap();
 }
