@@ -128,8 +128,24 @@ impl Schedule {
     }
 
     /// The fire times from `from` (included) to `now` (included), oldest first: at most
-    /// the last [`MAX_DUE`].
+    /// the last [`MAX_DUE`]. Walked forward from a window before `now` that doubles until
+    /// it holds that many or reaches `from`: walked from `from`, a per-second cron after
+    /// a week without a coordinator took 600,000 steps (on an async thread, holding the
+    /// schedule's lock) to keep the last hundred.
     pub fn due(&self, from: DateTime<Utc>, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        let mut window = TimeDelta::minutes(1);
+        loop {
+            let start = now.checked_sub_signed(window).filter(|start| *start > from);
+            let due = self.walk(start.unwrap_or(from), now);
+            match start {
+                Some(_) if due.len() < MAX_DUE => window = window * 2,
+                _ => return due,
+            }
+        }
+    }
+
+    /// [`Schedule::due`], walked from `from`.
+    fn walk(&self, from: DateTime<Utc>, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         let mut due = std::collections::VecDeque::new();
         let mut at = from - TimeDelta::milliseconds(1);
         while let Some(next) = self.next_after(at) {
@@ -377,6 +393,48 @@ mod tests {
         let day = schedule.due(utc("2026-01-01T00:00:00Z"), utc("2026-01-02T00:00:00Z"));
         assert_eq!(day.len(), MAX_DUE);
         assert_eq!(day.last(), Some(&utc("2026-01-02T00:00:00Z")));
+    }
+
+    /// The last hundred fire times, found from a window before `now`, are those a walk
+    /// from `from` keeps, across daylight-saving changes, sparse and dense crons.
+    #[test]
+    fn due_finds_the_last_fire_times_as_a_walk_from_the_start_does() {
+        for (cron, zone) in [
+            ("* * * * * *", "UTC"),
+            ("*/7 * * * *", "Europe/Paris"),
+            ("30 2 * * *", "Europe/Paris"),
+            ("0 0 1 1 *", "UTC"),
+            ("15 1-3 * * 0", "America/New_York"),
+        ] {
+            let schedule = Schedule::parse(cron, zone).unwrap();
+            for (from, now) in [
+                ("2026-10-24T00:00:00Z", "2026-10-26T12:00:00Z"),
+                ("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"),
+                ("2020-01-01T00:00:00Z", "2026-12-07T09:00:00Z"),
+                ("2026-12-07T08:59:59Z", "2026-12-07T09:00:00Z"),
+            ] {
+                let (from, now) = (utc(from), utc(now));
+                // The walk from `from` is the slow way: kept short for the dense crons.
+                let longest = match cron {
+                    "* * * * * *" => TimeDelta::days(1),
+                    "*/7 * * * *" => TimeDelta::days(60),
+                    _ => TimeDelta::MAX,
+                };
+                if now - from > longest {
+                    continue;
+                }
+                assert_eq!(
+                    schedule.due(from, now),
+                    schedule.walk(from, now),
+                    "{cron} {zone} {from}"
+                );
+            }
+        }
+        // A per-second cron missed for ten years: the last hundred, at once.
+        let every_second = Schedule::parse("* * * * * *", "UTC").unwrap();
+        let due = every_second.due(utc("2016-01-01T00:00:00Z"), utc("2026-01-01T00:00:00Z"));
+        assert_eq!(due.len(), MAX_DUE);
+        assert_eq!(due.first(), Some(&utc("2025-12-31T23:58:21Z")));
     }
 
     #[test]
