@@ -25,6 +25,9 @@ use tasker_shared::store::templates;
 /// How long a broadcast may wait for the broker.
 const BROADCAST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Dispatches named per `superseded` message (docs/protocol.md).
+const SUPERSEDED_PER_MESSAGE: usize = 1_000;
+
 #[derive(Clone)]
 pub(crate) struct Control {
     pool: PgPool,
@@ -111,20 +114,24 @@ impl Control {
             .await
     }
 
-    /// Tell every worker that these dispatches (step id, dispatch token) were replaced.
+    /// Tell every worker that these dispatches (step id, dispatch token) are no longer
+    /// wanted, at most [`SUPERSEDED_PER_MESSAGE`] per message.
     pub(crate) async fn superseded(
         &self,
         dispatches: &[(uuid::Uuid, uuid::Uuid)],
     ) -> anyhow::Result<()> {
-        let dispatches = dispatches
-            .iter()
-            .map(|&(step_id, dispatch_token)| RunningStep {
-                step_id,
-                dispatch_token,
-            })
-            .collect();
-        self.broadcast(&ControlMessage::Superseded { dispatches })
-            .await
+        for chunk in dispatches.chunks(SUPERSEDED_PER_MESSAGE) {
+            let dispatches = chunk
+                .iter()
+                .map(|&(step_id, dispatch_token)| RunningStep {
+                    step_id,
+                    dispatch_token,
+                })
+                .collect();
+            self.broadcast(&ControlMessage::Superseded { dispatches })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Publish `message` to every worker, giving up after [`BROADCAST_PATIENCE`]: a

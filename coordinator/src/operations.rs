@@ -304,13 +304,10 @@ async fn bulk_transaction(
         if !statuses.is_empty() {
             // Matched before this batch: the status may have moved since. Locked here,
             // as the transition locks it (again, within this transaction).
-            let status: Option<TaskStatus> =
-                sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1 FOR UPDATE")
-                    .bind(task_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if !status.is_some_and(|status| statuses.contains(&status)) {
-                continue;
+            match transitions::lock_task(&mut tx, task_id).await {
+                Ok(status) if statuses.contains(&status) => {}
+                Ok(_) | Err(OperatorError::TaskNotFound(_)) => continue,
+                Err(error) => return Err(error),
             }
         }
         let outcome = match action {

@@ -430,26 +430,30 @@ impl ResultProcessor {
     /// the broadcast is advisory (the fence drops their results), and the batch is not
     /// to wait for the broker.
     fn withdraw(&self, runs: Vec<RunningStep>) {
+        // A run named by a notice and a heartbeat of the same batch, once.
+        let mut runs: Vec<(uuid::Uuid, uuid::Uuid)> = runs
+            .into_iter()
+            .map(|run| (run.step_id, run.dispatch_token))
+            .collect();
+        runs.sort_unstable();
+        runs.dedup();
         if runs.is_empty() {
             return;
         }
-        self.metrics.runs_withdrawn.inc_by(runs.len() as u64);
         tracing::info!(
             runs = runs.len(),
             "telling workers to abort runs whose step was cancelled or dispatched again"
         );
-        let control = self.control.clone();
+        let (control, metrics) = (self.control.clone(), self.metrics.clone());
         tokio::spawn(async move {
-            let runs: Vec<(uuid::Uuid, uuid::Uuid)> = runs
-                .into_iter()
-                .map(|run| (run.step_id, run.dispatch_token))
-                .collect();
             if let Err(error) = control.superseded(&runs).await {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     runs = runs.len(),
                     "cannot tell workers to abort withdrawn runs; they run on, their results dropped"
                 );
+            } else {
+                metrics.runs_withdrawn.inc_by(runs.len() as u64);
             }
         });
     }

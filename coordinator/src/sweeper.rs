@@ -239,15 +239,12 @@ impl Sweeper {
 
     /// Tell workers which dispatches were replaced, in messages of at most a thousand.
     async fn announce_superseded(&self, superseded: &[(uuid::Uuid, uuid::Uuid)]) {
-        for chunk in superseded.chunks(1_000) {
-            if let Err(error) = self.queues.control.superseded(chunk).await {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    steps = chunk.len(),
-                    "cannot tell workers of superseded dispatches; their copies will run and their results be dropped"
-                );
-                return;
-            }
+        if let Err(error) = self.queues.control.superseded(superseded).await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                steps = superseded.len(),
+                "cannot tell workers of superseded dispatches; their copies will run and their results be dropped"
+            );
         }
     }
 

@@ -129,9 +129,9 @@ impl Schedule {
 
     /// The fire times from `from` (included) to `now` (included), oldest first: at most
     /// the last [`MAX_DUE`]. Walked forward from a window before `now` that doubles until
-    /// it holds that many or reaches `from`: walked from `from`, a per-second cron after
-    /// a week without a coordinator took 600,000 steps (on an async thread, holding the
-    /// schedule's lock) to keep the last hundred.
+    /// it holds that many or reaches `from`, so the work is about that of a hundred fire
+    /// times however long no coordinator ran (a walk from `from` would take a step per
+    /// missed fire time: 600,000 for a per-second cron missed for a week).
     pub fn due(&self, from: DateTime<Utc>, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         let mut window = TimeDelta::minutes(1);
         loop {
@@ -429,6 +429,43 @@ mod tests {
                     "{cron} {zone} {from}"
                 );
             }
+        }
+        // Windows that start at a change of the clocks (Paris: 01:00 UTC on 2026-03-29 and
+        // 2026-10-25): a hundred fires of */7 take a window of 1,024 minutes, which from
+        // 17:54 starts at 00:50; per second, two minutes, from 01:01:30 (and during the
+        // hour that repeats, nothing fires a second time, so the window grows past it).
+        for (cron, from, now) in [
+            (
+                "*/7 * * * *",
+                "2026-10-24T12:00:00Z",
+                "2026-10-25T17:54:00Z",
+            ),
+            (
+                "*/7 * * * *",
+                "2026-03-28T12:00:00Z",
+                "2026-03-29T17:54:00Z",
+            ),
+            (
+                "* * * * * *",
+                "2026-10-25T00:00:00Z",
+                "2026-10-25T01:01:30Z",
+            ),
+            (
+                "* * * * * *",
+                "2026-10-25T00:00:00Z",
+                "2026-10-25T01:30:00Z",
+            ),
+            (
+                "* * * * * *",
+                "2026-03-29T00:00:00Z",
+                "2026-03-29T01:01:30Z",
+            ),
+        ] {
+            let schedule = Schedule::parse(cron, "Europe/Paris").unwrap();
+            let (from, now) = (utc(from), utc(now));
+            let due = schedule.due(from, now);
+            assert_eq!(due.len(), MAX_DUE, "{cron} {now}");
+            assert_eq!(due, schedule.walk(from, now), "{cron} {now}");
         }
         // A per-second cron missed for ten years: the last hundred, at once.
         let every_second = Schedule::parse("* * * * * *", "UTC").unwrap();

@@ -432,11 +432,10 @@ fn flag(fields: &mut Fields, key: &str) -> Option<bool> {
     }
 }
 
-/// Check what a schedule would be written with: its cron and time zone, its template
-/// (registered), its context (an object the template's schema accepts, within the size
-/// limit). Every problem goes to `fields`; returns the parsed schedule when it parses.
-/// Check a schedule's fields, and with `against_template` its template and context
-/// against the registered template; the parsed cron.
+/// Check what a schedule would be written with: its cron and time zone, its context (an
+/// object within the size limit) and, with `against_template`, its template (registered)
+/// and its context against the template's schema. Every problem goes to `fields`;
+/// returns the parsed schedule when it parses.
 async fn check(
     state: &AppState,
     fields: &mut Fields,

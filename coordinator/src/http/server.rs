@@ -2,10 +2,11 @@
 //! once (the next ones wait in the kernel's accept queue), and a client must start within
 //! `TASKER_HTTP_HEADER_TIMEOUT_MS` of connecting and send a request's headers within that
 //! long of their first byte, or of its previous answer: silent and slow-header clients
-//! cannot hold connections open for ever. HTTP/1 only: telling HTTP/2 from HTTP/1 waits
-//! for a preface with no time limit, and an HTTP/2 connection has no header timeout, so
-//! a client that sent one byte, or a preface and nothing more, held its slot for ever. Requests already being answered when the coordinator
-//! stops are finished first; every connection is a task on the application's tracker, so
+//! cannot hold connections open for ever. HTTP/1 only: telling HTTP/2 from HTTP/1 would
+//! wait for a preface with no time limit, and an HTTP/2 connection has no header
+//! timeout, so a client that sent one byte, or a preface and nothing more, would hold its
+//! slot for ever. Requests already being answered when the coordinator stops are
+//! finished first; every connection is a task on the application's tracker, so
 //! none outlives the coordinator (see `service`).
 
 use std::sync::Arc;

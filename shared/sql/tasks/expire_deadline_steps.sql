@@ -1,7 +1,7 @@
--- The unfinished steps of the tasks $1, which `expire_deadlines.sql` ended at their
--- deadline in this transaction, that its statement did not see: those a transaction it
--- waited for added (a fan-out's instances, which the claim would otherwise dispatch).
--- Cancelled as there. Returns those that were queued or running, with their tokens.
+-- Cancel the unfinished steps of the tasks $1, which `expire_deadlines.sql` ended at
+-- their deadline in this transaction (a result still in flight is fenced out). Returns
+-- those that were queued or running, with their dispatch tokens: workers are told to
+-- drop them.
 WITH cancelled AS (
     UPDATE steps s
     SET status = 'cancelled', lease_expires_at = NULL, next_attempt_at = NULL, held = NULL,

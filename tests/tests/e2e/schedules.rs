@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tasker_tests::TestEnv;
@@ -127,8 +127,10 @@ async fn missed_windows_are_caught_up_as_each_schedule_says() {
         .await;
         assert_eq!(status, 201, "{body}");
     }
-    // As if no coordinator had run since before 2024: three new years went by.
-    sqlx::query("UPDATE schedules SET next_fire_at = '2024-01-01T00:00:00Z'")
+    // As if no coordinator had run for more than two years: three new years went by.
+    let year = Utc::now().year();
+    sqlx::query("UPDATE schedules SET next_fire_at = make_timestamptz($1, 1, 1, 0, 0, 0, 'UTC')")
+        .bind(year - 2)
         .execute(&env.pool)
         .await
         .unwrap();
@@ -151,27 +153,44 @@ async fn missed_windows_are_caught_up_as_each_schedule_says() {
             .map(|(at, _, outcome)| format!("{}:{outcome}", at.format("%Y")))
             .collect()
     };
+    let (two_ago, last, this) = (year - 2, year - 1, year);
     assert_eq!(
         outcomes(fires(&env, "new_year_none").await),
-        ["2024:missed", "2025:missed", "2026:missed"]
+        [
+            format!("{two_ago}:missed"),
+            format!("{last}:missed"),
+            format!("{this}:missed")
+        ]
     );
     assert_eq!(
         outcomes(fires(&env, "new_year_latest").await),
-        ["2024:missed", "2025:missed", "2026:fired"]
+        [
+            format!("{two_ago}:missed"),
+            format!("{last}:missed"),
+            format!("{this}:fired")
+        ]
     );
     assert_eq!(
         outcomes(fires(&env, "new_year_all").await),
-        ["2024:fired", "2025:fired", "2026:fired"]
+        [
+            format!("{two_ago}:fired"),
+            format!("{last}:fired"),
+            format!("{this}:fired")
+        ]
     );
     assert_eq!(tasks_of(&env, "new_year_none").await.len(), 0);
     assert_eq!(
         tasks_of(&env, "new_year_latest").await[0].1,
-        "schedule:new_year_latest:2026-01-01T00:00:00.000Z"
+        format!("schedule:new_year_latest:{this}-01-01T00:00:00.000Z")
     );
     assert_eq!(tasks_of(&env, "new_year_all").await.len(), 3);
     // The next fire is the next new year.
     let (_, body) = env.get("/v1/schedules/new_year_all").await.unwrap();
-    assert_eq!(body["next_fire_at"], "2027-01-01T00:00:00Z", "{body}");
+    assert_eq!(
+        body["next_fire_at"],
+        format!("{}-01-01T00:00:00Z", this + 1),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -287,18 +306,20 @@ async fn a_fire_whose_task_exists_is_recorded_as_fired_however_late() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    // The task of the fire of 2026, made by the coordinator that then died.
+    // The task of this year's fire, made by the coordinator that then died.
+    let year = Utc::now().year();
     let (status, made) = env
         .post(
             "/v1/tasks",
             json!({"namespace": "clock", "name": "nightly",
-                   "idempotency_key": "schedule:new_year:2026-01-01T00:00:00.000Z"}),
+                   "idempotency_key": format!("schedule:new_year:{year}-01-01T00:00:00.000Z")}),
         )
         .await
         .unwrap();
     assert_eq!(status.as_u16(), 201, "{made}");
     let made: Uuid = made["task_id"].as_str().unwrap().parse().unwrap();
-    sqlx::query("UPDATE schedules SET next_fire_at = '2025-01-01T00:00:00Z'")
+    sqlx::query("UPDATE schedules SET next_fire_at = make_timestamptz($1, 1, 1, 0, 0, 0, 'UTC')")
+        .bind(year - 1)
         .execute(&env.pool)
         .await
         .unwrap();
@@ -315,8 +336,8 @@ async fn a_fire_whose_task_exists_is_recorded_as_fired_however_late() {
     assert_eq!(
         fires,
         [
-            ("2025".to_owned(), None, "missed".to_owned()),
-            ("2026".to_owned(), Some(made), "fired".to_owned())
+            ((year - 1).to_string(), None, "missed".to_owned()),
+            (year.to_string(), Some(made), "fired".to_owned())
         ]
     );
     assert_eq!(tasks_of(&env, "new_year").await.len(), 1);

@@ -197,8 +197,9 @@ pub(super) async fn children_rows(
 /// the claim counts a child's parents from the row as it read it, and a transaction
 /// that counted another parent of the child meanwhile (another result batch) would have
 /// its count overwritten, leaving the child waiting for a parent that is done. The result
-/// path locks its results' children up front ([`lock_batch`](super::lock_batch)); the
-/// children of the steps judged after them it did not know.
+/// path locks its results' children up front ([`lock_batch`](super::lock_batch)), not
+/// those of the steps it then judges. Waiting here can deadlock with another batch doing
+/// the same; PostgreSQL then fails one transaction, which its caller applies again.
 pub(super) async fn lock_children(conn: &mut PgConnection, parents: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(include_str!("../../../sql/claim/lock_children.sql"))
         .bind(parents)

@@ -70,8 +70,8 @@ pub use leases::{
     release_lost_queue,
 };
 pub use operator::{
-    Cancelled, OperatorError, Signalled, cancel_orphans, cancel_task, resolve_step, resolve_task,
-    retry_task, signal,
+    Cancelled, OperatorError, Signalled, cancel_orphans, cancel_task, lock_task, resolve_step,
+    resolve_task, retry_task, signal,
 };
 pub use worker::{
     AppliedResults, Heartbeats, HeldStep, LeasePolicy, QueueLatency, Started, StartedSteps,
@@ -275,21 +275,25 @@ pub async fn expire_deadlines(
     if expired.is_empty() {
         return Ok(expired);
     }
-    // Again, as a cancel does: the statement above waited for the transactions holding
-    // the tasks' steps, and saw only the rows its snapshot had.
+    // Twice, as a cancel does: the first statement waits for the transactions that hold
+    // the tasks' steps (a result being applied) and then sees only the rows its snapshot
+    // had, not those they added (a fan-out's instances, which the claim would then
+    // dispatch). The second sees them, and later transactions wait for this one's locks.
     let tasks: Vec<Uuid> = expired.iter().map(|task| task.task_id).collect();
-    let missed: Vec<(Uuid, Uuid, Option<Uuid>)> =
-        sqlx::query_as(include_str!("../../../sql/tasks/expire_deadline_steps.sql"))
-            .bind(&tasks)
-            .fetch_all(&mut *conn)
-            .await?;
-    for (step_id, task_id, token) in missed {
-        if let (Some(task), Some(token)) = (
-            expired.iter_mut().find(|task| task.task_id == task_id),
-            token,
-        ) {
-            task.running_steps.push(step_id);
-            task.running_tokens.push(token);
+    for _ in 0..2 {
+        let cancelled: Vec<(Uuid, Uuid, Option<Uuid>)> =
+            sqlx::query_as(include_str!("../../../sql/tasks/expire_deadline_steps.sql"))
+                .bind(&tasks)
+                .fetch_all(&mut *conn)
+                .await?;
+        for (step_id, task_id, token) in cancelled {
+            if let (Some(task), Some(token)) = (
+                expired.iter_mut().find(|task| task.task_id == task_id),
+                token,
+            ) {
+                task.running_steps.push(step_id);
+                task.running_tokens.push(token);
+            }
         }
     }
     free_slots(

@@ -42,7 +42,11 @@ pub enum OperatorError {
     Database(#[from] sqlx::Error),
 }
 
-async fn lock_task(conn: &mut PgConnection, task_id: Uuid) -> Result<TaskStatus, OperatorError> {
+/// Lock task `task_id` (for the rest of the transaction); its status.
+pub async fn lock_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+) -> Result<TaskStatus, OperatorError> {
     sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1 FOR UPDATE")
         .bind(task_id)
         .fetch_optional(&mut *conn)
@@ -504,7 +508,9 @@ pub async fn signal(
         .filter(|(_, completed)| *completed)
         .map(|(step, _)| *step)
         .collect();
-    super::claim::lock_children(&mut *conn, &completed).await?;
+    if !completed.is_empty() {
+        super::claim::lock_children(&mut *conn, &completed).await?;
+    }
     let judged = super::claim_children(conn, &completed, &[], None, lease_ms).await?;
     let mut may_finish = judged.tasks;
     may_finish.push(task_id);

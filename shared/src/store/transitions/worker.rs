@@ -169,9 +169,12 @@ impl HeldStep {
 /// different coordinators. Waiting for each other's locks serialized their batches, and
 /// a batch waiting halfway held the rows it had locked so far, so the other's next batch
 /// waited too: two coordinators ran diamonds up to a third slower than one
-/// (BENCHMARKS.md). Skipping what is held never waits, so it cannot deadlock either: the
-/// statements that follow only touch rows locked here. A step whose row does not exist
-/// is not held; applying its message counts it as stale.
+/// (BENCHMARKS.md). Skipping what is held never waits. The statements that follow touch
+/// the rows locked here, and the children of steps the coordinator judges done in the
+/// batch ([`super::claim::lock_children`]), which they wait for: two batches that each
+/// judge a step whose child the other holds deadlock, PostgreSQL fails one of them, and
+/// its messages are applied again in a later batch. A step whose row does not exist is
+/// not held; applying its message counts it as stale.
 pub async fn lock_batch(
     conn: &mut PgConnection,
     steps: &[Uuid],
@@ -208,8 +211,9 @@ static WAIT_FOR_STEPS: LazyLock<String> =
 /// would lock for these steps and results; returns whether they came free. The rows
 /// are locked in id order and stay locked until the caller's transaction ends: call it
 /// in a transaction of its own, before anything else, and end that transaction at once.
-/// It cannot deadlock: it holds nothing else, takes its rows in order, and the batches
-/// it waits for never wait on step rows. While it waits, the rows it already has are
+/// It cannot deadlock: it holds nothing else and takes its rows in order (a batch it
+/// waits for that waits in turn, for the children of a step it judged, ends, committed
+/// or failed by PostgreSQL's deadlock check). While it waits, the rows it already has are
 /// skipped by other batches (held back, not waited on), for at most `timeout`; a wait
 /// in the middle of a batch held a whole batch's rows for as long as it took. The
 /// caller's batch then finds the rows free, instead of polling for them.
