@@ -136,6 +136,22 @@ impl TestDb {
 
     /// Apply `results` in a transaction of their own (as the result processor does,
     /// after locking), finishing the tasks that may have finished.
+    /// Wait (at most 30 s) until a transaction of this database waits for a lock: `what`.
+    async fn until_a_transaction_waits_for_a_lock(&self, what: &str) {
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while sqlx::query_scalar::<_, i64>(waiting)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+            == 0
+        {
+            assert!(std::time::Instant::now() < deadline, "{what} never waited");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn apply(&self, results: &[StepResult]) -> (transitions::AppliedResults, usize) {
         let mut tx = self.pool.begin().await.unwrap();
         let ids: Vec<Uuid> = results.iter().map(|r| r.step_id).collect();
@@ -388,21 +404,8 @@ async fn a_skipped_parent_and_a_concurrent_result_both_count_for_their_child() {
         tx.commit().await.unwrap();
         applied
     });
-    let waiting = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>(waiting)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a's batch never waited for c"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    db.until_a_transaction_waits_for_a_lock("a's batch, for c")
+        .await;
     other.commit().await.unwrap();
     let applied = skipping.await.unwrap();
 
@@ -452,21 +455,8 @@ async fn a_deadline_cancels_the_instances_a_concurrent_batch_created() {
         tx.commit().await.unwrap();
         expired
     });
-    let waiting = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>(waiting)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sweep never waited for the batch"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    db.until_a_transaction_waits_for_a_lock("the sweep, for the batch")
+        .await;
     batch.commit().await.unwrap();
     let expired = sweep.await.unwrap();
 

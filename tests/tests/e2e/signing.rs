@@ -40,8 +40,8 @@ async fn signed_env(test: &str, key: &str, previous: Option<&str>) -> TestEnv {
     env
 }
 
-/// Take the one step message of a new task from its queue (it goes back with `nack`).
-async fn queued_step(env: &TestEnv, channel: &lapin::Channel) -> (Value, u64) {
+/// Take the one step message of a new task from its queue, unacked.
+async fn queued_delivery(env: &TestEnv, channel: &lapin::Channel) -> lapin::message::Delivery {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = channel
@@ -52,12 +52,18 @@ async fn queued_step(env: &TestEnv, channel: &lapin::Channel) -> (Value, u64) {
             .await
             .unwrap();
         if let Some(message) = got {
-            let body = serde_json::from_slice(&message.delivery.data).unwrap();
-            return (body, message.delivery.delivery_tag);
+            return message.delivery;
         }
         assert!(Instant::now() < deadline, "no step message was queued");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// [`queued_delivery`]'s body, and its tag (it goes back with `nack`).
+async fn queued_step(env: &TestEnv, channel: &lapin::Channel) -> (Value, u64) {
+    let delivery = queued_delivery(env, channel).await;
+    let body = serde_json::from_slice(&delivery.data).unwrap();
+    (body, delivery.delivery_tag)
 }
 
 #[tokio::test]
@@ -186,21 +192,7 @@ async fn a_step_message_passed_off_as_dead_lettered_fails_nothing() {
         .unwrap();
     let task_id = task["task_id"].as_str().unwrap().to_owned();
     let (_connection, channel) = confirm_channel().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let step = loop {
-        let got = channel
-            .basic_get(
-                env.queue(NAMESPACE).into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .unwrap();
-        if let Some(message) = got {
-            break message.delivery;
-        }
-        assert!(Instant::now() < deadline, "no step message was queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let step = queued_delivery(&env, &channel).await;
     let mut headers = step.properties.headers().clone().unwrap_or_default();
     for (name, value) in [
         ("x-first-death-queue", env.queue(NAMESPACE)),
