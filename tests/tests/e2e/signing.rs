@@ -59,6 +59,28 @@ async fn queued_delivery(env: &TestEnv, channel: &lapin::Channel) -> lapin::mess
     }
 }
 
+/// Publish `body` with `headers` to the results queue, as a worker (or an impostor)
+/// would, and wait for the broker's confirm.
+async fn publish_result(
+    env: &TestEnv,
+    channel: &lapin::Channel,
+    body: &[u8],
+    headers: lapin::types::FieldTable,
+) {
+    channel
+        .basic_publish(
+            "".into(),
+            format!("{}.results", env.prefix).into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 /// [`queued_delivery`]'s body, and its tag (it goes back with `nack`).
 async fn queued_step(env: &TestEnv, channel: &lapin::Channel) -> (Value, u64) {
     let delivery = queued_delivery(env, channel).await;
@@ -96,18 +118,7 @@ async fn unsigned_or_wrongly_signed_messages_are_refused_and_signed_ones_run() {
     .await;
     let other = tasker_shared::signing::MessageKeys::new(Some(NEXT), None).unwrap();
     let headers = other.sign(result.as_bytes(), Default::default());
-    channel
-        .basic_publish(
-            "".into(),
-            format!("{}.results", env.prefix).into(),
-            Default::default(),
-            result.as_bytes(),
-            lapin::BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_result(&env, &channel, result.as_bytes(), headers).await;
     let dead_letter_queue = format!("{}.dead_letter", env.prefix);
     let letters = take_dead_letters(&channel, &dead_letter_queue, 2).await;
     for letter in &letters {
@@ -203,18 +214,7 @@ async fn a_step_message_passed_off_as_dead_lettered_fails_nothing() {
             lapin::types::AMQPValue::LongString(value.into()),
         );
     }
-    channel
-        .basic_publish(
-            "".into(),
-            format!("{}.results", env.prefix).into(),
-            Default::default(),
-            &step.data,
-            lapin::BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_result(&env, &channel, &step.data, headers).await;
     let dead_letter_queue = format!("{}.dead_letter", env.prefix);
     let letters = take_dead_letters(&channel, &dead_letter_queue, 1).await;
     assert_eq!(letters[0].source_queue, format!("{}.results", env.prefix));
