@@ -263,7 +263,7 @@ pub(crate) enum BulkAction {
 /// same tasks in another order). A task its guard refuses (finished, or no longer in
 /// `error`, since it was matched), that is no longer in one of the filter's `statuses`
 /// (a `pending` task that started since), or that is gone is skipped. Answers the tasks
-/// changed.
+/// changed, in id order.
 pub(crate) async fn bulk_batch(
     pool: &PgPool,
     ids: &[Uuid],
@@ -300,15 +300,18 @@ async fn bulk_transaction(
     // Child tasks cancelled with their parents, and what the steps that started
     // cancelled child tasks made ready when judged.
     let (mut descendants, mut dispatches) = (Vec::new(), Vec::new());
-    for &task_id in ids {
-        if !statuses.is_empty() {
-            // Matched before this batch: the status may have moved since. Locked here,
-            // as the transition locks it (again, within this transaction).
-            match transitions::lock_task(&mut tx, task_id).await {
-                Ok(status) if statuses.contains(&status) => {}
-                Ok(_) | Err(OperatorError::TaskNotFound(_)) => continue,
-                Err(error) => return Err(error),
-            }
+    // The batch's tasks, locked in one statement and in id order, as every path locks
+    // tasks, with their status now: matched before this batch, a task may have left the
+    // filter's statuses since (a `pending` one started), or be gone.
+    let locked: Vec<(Uuid, TaskStatus)> = sqlx::query_as(
+        "SELECT task_id, status FROM tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (task_id, status) in locked {
+        if !statuses.is_empty() && !statuses.contains(&status) {
+            continue;
         }
         let outcome = match action {
             BulkAction::Cancel => transitions::cancel_task(&mut tx, task_id, reason, lease_ms)

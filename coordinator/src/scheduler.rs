@@ -157,7 +157,8 @@ impl Scheduler {
     ) -> anyhow::Result<()> {
         // Counted once the fires are committed: a schedule tried again counts once.
         let mut counts = Vec::new();
-        // The database's clock, as in `step`: the time the schedule was found due by.
+        // The database's clock, as in `step`, read once the schedule is locked (at or
+        // after the `now()` that found it due).
         let now = schedules::database_now(&mut tx).await?;
         match Schedule::parse(&record.fields.cron, &record.fields.timezone) {
             Ok(schedule) => {

@@ -256,8 +256,8 @@ pub async fn next_due<'e>(
     Ok(next.map(|next| (next, now)))
 }
 
-/// The database's time now (`clock_timestamp()`), which decides which schedules are due
-/// ([`lock_due`]).
+/// The database's time now (`clock_timestamp()`): the clock that decides which schedules
+/// are due ([`lock_due`], by its transaction's `now()`).
 pub async fn database_now(conn: &mut PgConnection) -> sqlx::Result<DateTime<Utc>> {
     sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(conn)

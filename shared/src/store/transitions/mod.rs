@@ -70,8 +70,8 @@ pub use leases::{
     release_lost_queue,
 };
 pub use operator::{
-    Cancelled, OperatorError, Signalled, cancel_orphans, cancel_task, lock_task, resolve_step,
-    resolve_task, retry_task, signal,
+    Cancelled, OperatorError, Signalled, cancel_orphans, cancel_task, resolve_step, resolve_task,
+    retry_task, signal,
 };
 pub use worker::{
     AppliedResults, Heartbeats, HeldStep, LeasePolicy, QueueLatency, Started, StartedSteps,

@@ -42,11 +42,7 @@ pub enum OperatorError {
     Database(#[from] sqlx::Error),
 }
 
-/// Lock task `task_id` (for the rest of the transaction); its status.
-pub async fn lock_task(
-    conn: &mut PgConnection,
-    task_id: Uuid,
-) -> Result<TaskStatus, OperatorError> {
+async fn lock_task(conn: &mut PgConnection, task_id: Uuid) -> Result<TaskStatus, OperatorError> {
     sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1 FOR UPDATE")
         .bind(task_id)
         .fetch_optional(&mut *conn)
