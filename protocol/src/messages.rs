@@ -63,6 +63,27 @@ pub fn json_holds_nul(json: &[u8]) -> bool {
     false
 }
 
+/// How many arrays and objects inside each other a JSON value Tasker stores and carries
+/// may hold (a task's context, a step's config, a result): every message that carries one
+/// wraps it a few levels deeper, and its readers (serde_json in the coordinator, the
+/// workers and the CLI) refuse more than 128 levels. `{}` and `[1]` are one level, `1` none.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Whether `value` holds more than `max` arrays and objects inside each other. Iterative,
+/// so no value, however deep, can exhaust the stack.
+pub fn nests_deeper_than(value: &Value, max: usize) -> bool {
+    let mut pending: Vec<(&Value, usize)> = vec![(value, 1)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Array(_) | Value::Object(_) if depth > max => return true,
+            Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
+            Value::Object(map) => pending.extend(map.values().map(|item| (item, depth + 1))),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The JSON pointers of the first `limit` strings and keys in `value` that hold U+0000
 /// (which PostgreSQL's `jsonb` cannot store), each with `prefix` in front. A value
 /// without any, the usual case, is walked once without building a pointer.
@@ -721,6 +742,72 @@ mod tests {
             WorkerMessage::decode(future.to_string().as_bytes()),
             Err(DecodeError::UnsupportedVersion(2))
         ));
+    }
+
+    /// `levels` arrays inside each other around `1`.
+    fn nested(levels: usize) -> Value {
+        serde_json::from_str(&format!("{}1{}", "[".repeat(levels), "]".repeat(levels))).unwrap()
+    }
+
+    #[test]
+    fn values_at_the_depth_limit_travel_in_every_message_that_carries_them() {
+        let deepest = json!({"nest": nested(MAX_JSON_DEPTH - 1)});
+        assert!(!nests_deeper_than(&deepest, MAX_JSON_DEPTH));
+        assert!(nests_deeper_than(
+            &json!({"nest": nested(MAX_JSON_DEPTH)}),
+            MAX_JSON_DEPTH
+        ));
+        assert!(!nests_deeper_than(&json!(1), 0));
+        assert!(nests_deeper_than(&json!([]), 0));
+        // A value nested far past what any parser reads is judged without recursion.
+        let mut huge = json!(1);
+        for _ in 0..200_000 {
+            huge = Value::Array(vec![huge]);
+        }
+        assert!(nests_deeper_than(&huge, MAX_JSON_DEPTH));
+        std::mem::forget(huge); // dropping it would recurse 200,000 deep
+
+        // As a step's config, context, parent's result and item, in a batch of steps.
+        let mut deep_step = step(1);
+        deep_step.config = deepest.clone();
+        deep_step.context = deepest.clone();
+        deep_step.parents = BTreeMap::from([("a".to_owned(), deepest.clone())]);
+        deep_step.item = Some(deepest.clone());
+        let batch = StepBatch {
+            schema_version: SCHEMA_VERSION,
+            steps: vec![BatchedStep {
+                step: &deep_step,
+                traceparent: None,
+            }],
+        };
+        let decoded = StepBatch::decode(&serde_json::to_vec(&batch).unwrap()).unwrap();
+        assert_eq!(decoded.steps[0].step, deep_step);
+        // As a result in a batch of results.
+        let result = StepResult {
+            schema_version: SCHEMA_VERSION,
+            task_id: Uuid::from_u128(1),
+            step_id: Uuid::from_u128(2),
+            dispatch_token: Uuid::from_u128(3),
+            outcome: Outcome::Success,
+            results: Some(deepest.clone()),
+            error: None,
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            worker_id: "w1".into(),
+        };
+        let batch = WorkerMessage::Results(ResultBatch {
+            schema_version: SCHEMA_VERSION,
+            results: vec![BatchedResult {
+                result,
+                traceparent: None,
+            }],
+        });
+        let body = serde_json::to_vec(&batch).unwrap();
+        assert_eq!(WorkerMessage::decode(&body).unwrap(), batch);
+        // What the API answers a task's reader with carries a step's result one level
+        // deeper than a batch does (`steps[i].results`): still well within the parser's 128.
+        let answer = json!({"task": {"steps": [{"results": deepest}]}});
+        assert!(serde_json::from_slice::<Value>(&serde_json::to_vec(&answer).unwrap()).is_ok());
     }
 
     #[test]

@@ -21,7 +21,8 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::Value;
 use tasker_protocol::messages::{
-    Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage, StepResult,
+    MAX_JSON_DEPTH, Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage,
+    StepResult, nests_deeper_than,
 };
 use tokio::task::AbortHandle;
 use tracing::Instrument;
@@ -274,6 +275,7 @@ pub(crate) async fn execute(
     // of this dispatch waits for it (see the runtime's `skip_copy`).
     let finished_at = Utc::now();
     let outcome = outcome
+        .and_then(check_result_depth)
         .and_then(|results| check_result_size(results, max_result_bytes))
         .and_then(check_result_storable);
     let (outcome, results, error) = match outcome {
@@ -345,6 +347,20 @@ fn check_result_size(results: Value, limit: usize) -> Result<Value, StepError> {
 
 /// The result, or the permanent failure it becomes when a string or key in it holds
 /// U+0000, which PostgreSQL's `jsonb` cannot store.
+/// A result nested deeper than [`MAX_JSON_DEPTH`] would make its message, and every
+/// result batched with it, unreadable to the coordinator: it fails its step instead.
+/// Checked first: the size's count walks the value recursively.
+fn check_result_depth(results: Value) -> Result<Value, StepError> {
+    if !nests_deeper_than(&results, MAX_JSON_DEPTH) {
+        return Ok(results);
+    }
+    Err(StepError::permanent(format!(
+        "the handler's result nests arrays and objects more than {MAX_JSON_DEPTH} levels \
+         deep, more than Tasker carries"
+    ))
+    .with_code(RESULT_NOT_STORABLE))
+}
+
 fn check_result_storable(results: Value) -> Result<Value, StepError> {
     let pointers = tasker_protocol::messages::nul_pointers(&results, "", 5);
     if pointers.is_empty() {

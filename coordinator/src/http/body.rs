@@ -14,6 +14,7 @@ use utoipa::openapi::{Ref, RefOr, Schema};
 
 use super::error::ApiError;
 use crate::settings::CoordinatorSettings;
+use tasker_shared::messages::{MAX_JSON_DEPTH, nests_deeper_than};
 
 /// At most this many problems of one kind (unknown fields, NUL characters) are listed.
 const MAX_LISTED: usize = 50;
@@ -59,6 +60,17 @@ pub(crate) fn too_large(
 }
 
 /// The length of `value` as compact JSON, without writing it out.
+/// Why `value`, the request's `field`, cannot be carried: it nests deeper than
+/// [`MAX_JSON_DEPTH`] levels.
+pub(crate) fn too_deep(field: &str, value: &Value) -> Option<String> {
+    nests_deeper_than(value, MAX_JSON_DEPTH).then(|| {
+        format!(
+            "`{field}` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, \
+             more than Tasker carries"
+        )
+    })
+}
+
 pub(crate) fn json_len(value: &Value) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::body::{
     Fields, JSON_TYPES, StorableJson, body_rejection, content_type, json_object, nul_pointers,
-    path_rejection, storable_value,
+    path_rejection, storable_value, too_deep,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
@@ -274,6 +274,12 @@ pub(crate) async fn resolve(
     }
     let mut fields = Fields::new(optional_object(&state, &headers, body)?, RESOLVE_FIELDS);
     let results = fields.value("results");
+    if let Some(problem) = results
+        .as_ref()
+        .and_then(|results| too_deep("results", results))
+    {
+        fields.problem("results", problem);
+    }
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
 

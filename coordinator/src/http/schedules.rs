@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::body::{
     Fields, JSON_TYPES, body_rejection, content_type, json_len, json_object, path_rejection,
+    too_deep,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::SHORT_TEXT;
@@ -457,6 +458,8 @@ async fn check(
     };
     if !schedule.context.is_object() {
         fields.problem("context", "`context` must be a JSON object");
+    } else if let Some(problem) = too_deep("context", &schedule.context) {
+        fields.problem("context", problem);
     } else {
         let size = json_len(&schedule.context);
         let max = state.limits.max_context_bytes;

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::body::{
     Fields, JSON_TYPES, body_rejection, content_type, json_len, json_object, path_rejection,
-    query_rejection, storable_object, storable_value, too_large,
+    query_rejection, storable_object, storable_value, too_deep, too_large,
 };
 use super::bulk::ListTag;
 use super::error::{ApiError, ApiResult, ErrorBody};
@@ -186,6 +186,8 @@ pub(crate) async fn create(
     let context = fields.value("context").unwrap_or_else(|| json!({}));
     if !context.is_object() {
         fields.problem("context", "`context` must be a JSON object");
+    } else if let Some(problem) = too_deep("context", &context) {
+        fields.problem("context", problem);
     }
     let new = Arc::new(NewTask {
         context,

@@ -33,7 +33,8 @@ MAX_REASON_BYTES = 1024  # x-tasker-reason, protocol/src/broker.rs
 MAX_ERROR_MESSAGE_BYTES = 16 * 1024  # worker/src/executor.rs
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024  # TASKER_MAX_RESULT_BYTES, worker/src/executor.rs
 RESULT_TOO_LARGE = "result_too_large"  # the Rust worker's code
-RESULT_NOT_STORABLE = "result_not_storable"  # the Rust worker's code: U+0000
+RESULT_NOT_STORABLE = "result_not_storable"  # the Rust worker's code: U+0000, or too deep
+MAX_JSON_DEPTH = 100  # arrays and objects inside each other that Tasker carries, protocol/src/messages.rs
 RESULT_NOT_JSON = "result_not_json"  # only this worker has it: serde cannot hold NaN
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -301,6 +302,19 @@ def nul_pointers(value, limit=5):
     return found[:limit]
 
 
+def nests_deeper_than(value, limit):
+    """Whether `value` holds more than `limit` lists and dicts inside each other
+    (`nests_deeper_than` of protocol/src/messages.rs)."""
+    pending = [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, (list, dict)):
+            if depth > limit:
+                return True
+            pending.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
 def results_problem(results, max_result_bytes):
     """Why a handler's results cannot be sent, as `(message, code)`, or None if they can."""
     try:
@@ -314,6 +328,9 @@ def results_problem(results, max_result_bytes):
         return (f"the handler's result is {len(text)} bytes of JSON, over this worker's limit of "
                 f"{max_result_bytes} bytes (TASKER_MAX_RESULT_BYTES); return less, or store the "
                 "data elsewhere and return a reference to it", RESULT_TOO_LARGE)
+    if nests_deeper_than(sent, MAX_JSON_DEPTH):
+        return (f"the handler's result nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, "
+                "more than Tasker carries", RESULT_NOT_STORABLE)
     found = nul_pointers(sent)
     if found:
         where = ", ".join(p if p else "the top (the result is that string)" for p in found)

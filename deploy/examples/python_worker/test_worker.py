@@ -346,6 +346,18 @@ class WorkerTest(unittest.TestCase):
         error = self.run_handler(RuntimeError("a\0b"))["error"]
         self.assertEqual(error, {"message": "RuntimeError: a\ufffdb"})
 
+    def test_a_result_deeper_than_tasker_carries_is_a_permanent_failure(self):
+        deepest = {"nest": 1}
+        for _ in range(99):
+            deepest = [deepest]
+        self.assertEqual(self.run_handler(deepest)["outcome"], "success")
+        self.tearDown()
+        result = self.run_handler([deepest])
+        self.assertEqual(result["outcome"], "permanent_error", result)
+        self.assertEqual(result["error"]["code"], "result_not_storable")
+        self.assertEqual(result["error"]["message"], "the handler's result nests arrays and objects "
+                         "more than 100 levels deep, more than Tasker carries")
+
     def test_the_default_limit_is_the_rust_workers_1_mib(self):
         self.assertEqual(settings().max_result_bytes, 1024 * 1024)
         result = self.run_handler(lambda: "x" * (1024 * 1024))

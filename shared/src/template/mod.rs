@@ -862,8 +862,36 @@ fn check_schedule_contexts(w: &mut Walker, draft: &Draft) {
     }
 }
 
-/// The steps' configs together, as they will be stored, within `max_bytes`.
+/// The steps' configs together, as they will be stored, within `max_bytes`; each, and
+/// each schedule's context, no deeper than the messages that carry them allow.
 fn check_config_size(w: &mut Walker, draft: &Draft, max_bytes: usize) {
+    use crate::messages::{MAX_JSON_DEPTH, nests_deeper_than};
+    let too_deep = format!(
+        "nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, more than Tasker carries"
+    );
+    for step in &draft.steps {
+        if nests_deeper_than(&step.config, MAX_JSON_DEPTH) {
+            // A tasker-engine step's `handler_config` is its config.
+            w.report(
+                format!("{}.config", step.path),
+                codes::INVALID_VALUE,
+                too_deep.clone(),
+            );
+        }
+    }
+    for (index, schedule) in draft.schedules.iter().enumerate() {
+        if schedule
+            .context
+            .as_ref()
+            .is_some_and(|context| nests_deeper_than(context, MAX_JSON_DEPTH))
+        {
+            w.report(
+                format!("schedules[{index}].context"),
+                codes::INVALID_VALUE,
+                too_deep.clone(),
+            );
+        }
+    }
     let total: usize = draft
         .steps
         .iter()

@@ -871,10 +871,10 @@ async fn deep_nesting_is_refused_past_the_parser_limit_and_stored_below_it() {
         &["recursion limit exceeded"],
     );
 
-    // Deep but allowed (120 levels): checked by the recursive schema, stored in jsonb and
-    // read back unchanged.
+    // Deep but allowed (100 levels, the most Tasker carries): checked by the recursive
+    // schema, stored in jsonb and read back unchanged.
     let context: Value =
-        serde_json::from_str(&format!(r#"{{"nest": {}}}"#, nested(120, "7"))).unwrap();
+        serde_json::from_str(&format!(r#"{{"nest": {}}}"#, nested(99, "7"))).unwrap();
     let (status, task) = env
         .create_task(json!({"namespace": "hostile", "name": "nested", "context": context}))
         .await
@@ -887,7 +887,7 @@ async fn deep_nesting_is_refused_past_the_parser_limit_and_stored_below_it() {
     assert_eq!(read["context"], context);
     // ... and a schema violation deep down is found and placed.
     let bad: Value =
-        serde_json::from_str(&format!(r#"{{"nest": {}}}"#, nested(120, "\"seven\""))).unwrap();
+        serde_json::from_str(&format!(r#"{{"nest": {}}}"#, nested(99, "\"seven\""))).unwrap();
     let (status, body) = env
         .create_task(json!({"namespace": "hostile", "name": "nested", "context": bad}))
         .await
@@ -901,12 +901,20 @@ async fn deep_nesting_is_refused_past_the_parser_limit_and_stored_below_it() {
             .starts_with("/nest/0/0/0"),
         "{body}"
     );
-    // A deep step config is stored too.
-    let template = format!(
-        "namespace: hostile\nname: deep-config\nsteps:\n  - name: a\n    handler: tasker.noop\n    config: {{k: {}}}\n",
-        nested(120, "1")
+    // A deep step config is stored too, up to the same limit.
+    let template = |levels| {
+        format!(
+            "namespace: hostile\nname: deep-config\nsteps:\n  - name: a\n    handler: tasker.noop\n    config: {{k: {}}}\n",
+            nested(levels, "1")
+        )
+    };
+    let (status, body) = env.register_template(&template(100)).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["error"]["details"][0]["path"], "steps[0].config",
+        "{body}"
     );
-    let (status, body) = env.register_template(&template).await.unwrap();
+    let (status, body) = env.register_template(&template(99)).await.unwrap();
     assert_eq!(status, StatusCode::CREATED, "{body}");
 
     still_serving(&env).await;

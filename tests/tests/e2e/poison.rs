@@ -586,3 +586,78 @@ async fn a_result_holding_a_nul_is_a_permanent_step_error() {
     }
     env.finish().await.unwrap();
 }
+
+/// `levels` arrays inside each other around `1`.
+fn nested(levels: usize) -> Value {
+    serde_json::from_str(&format!("{}1{}", "[".repeat(levels), "]".repeat(levels))).unwrap()
+}
+
+/// Tasker carries JSON values at most 100 arrays and objects deep (a deeper one would make
+/// the messages that carry it unreadable, with whatever else they carry): a context deeper
+/// is refused when the task is created, and a handler's result deeper fails its step
+/// permanently with `result_not_storable`, while the results sent beside it are applied.
+#[tokio::test]
+async fn values_deeper_than_tasker_carries_are_refused_by_the_api_and_by_the_worker() {
+    let mut env = TestEnv::start("poison-deep").await.unwrap();
+    let template = json!({"namespace": "deep", "name": "echo", "steps": [
+        {"name": "echo", "handler": "tasker.echo", "retry_limit": 3}
+    ]});
+    let (status, body) = env.register_template(&template.to_string()).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    env.start_worker("deep", &["deep"]).await.unwrap();
+
+    // The context object and 100 arrays: one level too many.
+    let (status, body) = env
+        .create_task(json!({"namespace": "deep", "name": "echo", "context": {"nest": nested(100)}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "context", "{body}");
+    assert!(
+        body["error"]["details"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100 levels"),
+        "{body}"
+    );
+
+    // At the limit, the context is carried; the echo wraps it one level deeper, which
+    // the worker refuses to send. Shallow tasks created with it finish.
+    let (status, deep) = env
+        .create_task(json!({"namespace": "deep", "name": "echo", "context": {"nest": nested(99)}}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{deep}");
+    let mut shallow = Vec::new();
+    for i in 0..20 {
+        let (status, task) = env
+            .create_task(json!({"namespace": "deep", "name": "echo", "context": {"i": i}}))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+        shallow.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    let task = env
+        .wait_for_task(
+            deep["task_id"].as_str().unwrap(),
+            &["error"],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let step = TestEnv::step(&task, "echo");
+    assert_eq!(step["attempts"], 1, "a permanent error: {step:#}");
+    assert_eq!(
+        step["last_error"]["code"], "result_not_storable",
+        "{step:#}"
+    );
+    for task_id in &shallow {
+        env.wait_for_task(task_id, &["complete"], Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    let (_connection, channel) = confirm_channel().await;
+    let topology = tasker_shared::broker::Topology::new(env.prefix.clone());
+    assert_no_dead_letters(&channel, &topology.dead_letter_queue()).await;
+    env.finish().await.unwrap();
+}
