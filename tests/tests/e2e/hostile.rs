@@ -1463,6 +1463,31 @@ async fn tasker_http_refuses_internal_destinations_redirects_and_huge_bodies() {
             .unwrap()
             .contains("TASKER_HTTP_MAX_RESPONSE_BYTES")
     );
+    // An unsuccessful answer is judged by its status, whatever the size of its body: a
+    // 503 with a large error page is retried when its `Retry-After` says.
+    let busy = HttpStub::start(vec![
+        http_stub::Answer::new(503, &"busy ".repeat(1_000)).header("retry-after", "1"),
+        http_stub::Answer::new(200, r#"{"done": true}"#),
+    ])
+    .await
+    .unwrap();
+    let template = json!({"namespace": "listed", "name": "busy", "steps": [
+        {"name": "call", "handler": "tasker.http", "retry_limit": 2, "config": {"url": busy.url}}
+    ]});
+    let (status, body) = env.register_template(&template.to_string()).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    let task = env
+        .run_task(
+            json!({"namespace": "listed", "name": "busy"}),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let step = TestEnv::step(&task, "call");
+    // Retried, not failed for good as a body too large.
+    assert_eq!(step["status"], "complete", "{step:#}");
+    assert_eq!(step["attempts"], 2, "{step:#}");
+    assert_eq!(busy.arrivals().len(), 2);
 
     // A setting that cannot be read stops the worker at start, naming it.
     let stderr =

@@ -32,6 +32,8 @@ pub const MAX_REDIRECTS: usize = 5;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// The setting for the largest response body read.
 pub const MAX_RESPONSE_VAR: &str = "TASKER_HTTP_MAX_RESPONSE_BYTES";
+/// How much of an unsuccessful answer's body is read, for its error's snippet.
+const ERROR_BODY_BYTES: usize = 4096;
 
 /// The `tasker.http` handler: one connection pool shared by every step.
 pub struct Http {
@@ -216,22 +218,48 @@ impl StepHandler for Http {
             ))
             .with_code("http_response_too_large")
         };
-        if response
-            .content_length()
-            .is_some_and(|length| length > self.max_response_bytes as u64)
+        // A success's body is the result, whole or not at all. Of any other answer only
+        // the start is read, for the error's snippet: its status decides what happens,
+        // whatever the size of its body (a large error page of a 503 is still a 503).
+        let success = status.is_success();
+        if success
+            && response
+                .content_length()
+                .is_some_and(|length| length > self.max_response_bytes as u64)
         {
             return Err(too_large());
         }
+        let limit = if success {
+            self.max_response_bytes
+        } else {
+            ERROR_BODY_BYTES.min(self.max_response_bytes)
+        };
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|error| {
-            StepError::retryable(format!(
-                "{shown}: reading the body: {}",
-                error.without_url()
-            ))
-            .with_code("http_network")
-        })? {
-            if bytes.len() + chunk.len() > self.max_response_bytes {
-                return Err(too_large());
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                // The status says what went wrong; the body was only for the message.
+                Err(_) if !success => break,
+                Err(error) => {
+                    let kind = if error.is_timeout() {
+                        "timeout"
+                    } else {
+                        "http_network"
+                    };
+                    return Err(StepError::retryable(format!(
+                        "{shown}: reading the body: {}",
+                        error.without_url()
+                    ))
+                    .with_code(kind));
+                }
+            };
+            if bytes.len() + chunk.len() > limit {
+                if success {
+                    return Err(too_large());
+                }
+                bytes.extend_from_slice(&chunk[..limit - bytes.len()]);
+                break;
             }
             bytes.extend_from_slice(&chunk);
         }
