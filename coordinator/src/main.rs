@@ -32,7 +32,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = tasker_shared::config::parse_or_exit();
     if let Command::Openapi = cli.command {
         print!("{}", tasker_coordinator::openapi_json());
         return Ok(());

@@ -28,7 +28,8 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_ENV", default_value = "development")]
     pub environment: String,
     /// Most steps claimed (or results applied) in one transaction.
-    #[arg(long, env = "TASKER_BATCH_SIZE", default_value_t = 256)]
+    #[arg(long, env = "TASKER_BATCH_SIZE", default_value_t = 256,
+          value_parser = clap::value_parser!(i64).range(1..=4096))]
     pub batch_size: i64,
     /// API connections served at once; further clients wait to be accepted. Keep it
     /// under the process's file-descriptor limit (`ulimit -n`) less the database pool.
@@ -58,20 +59,24 @@ pub struct CoordinatorSettings {
     /// confirmed step has no lease: it waits in its durable queue as long as the queue is
     /// long. Also the age past which the sweeper compares confirmed steps with their
     /// queue, to find messages lost with a deleted queue.
-    #[arg(long, env = "TASKER_DISPATCH_LEASE_MS", default_value_t = 60_000)]
+    #[arg(long, env = "TASKER_DISPATCH_LEASE_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(i64).range(1_000..))]
     pub dispatch_lease_ms: i64,
     /// Added to a running step's `timeout_ms` before its lease expires and the step is
     /// treated as lost (worker vanished).
-    #[arg(long, env = "TASKER_LEASE_GRACE_MS", default_value_t = 30_000)]
+    #[arg(long, env = "TASKER_LEASE_GRACE_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(i64).range(0..))]
     pub lease_grace_ms: i64,
     /// A running step whose worker sent no heartbeat for this long counts as lost (its
     /// worker vanished) and is retried. Keep it at least three times the workers'
     /// `TASKER_HEARTBEAT_INTERVAL_MS`.
-    #[arg(long, env = "TASKER_HEARTBEAT_LEASE_MS", default_value_t = 30_000)]
+    #[arg(long, env = "TASKER_HEARTBEAT_LEASE_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(i64).range(1_000..))]
     pub heartbeat_lease_ms: i64,
     /// How often the dispatcher looks for steps whose backoff expired. New tasks and
     /// results wake it at once; this is the safety net.
-    #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 5_000)]
+    #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub poll_interval_ms: u64,
     /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange:
     /// `true`, `false`, or the routing-key patterns of those to publish
@@ -80,10 +85,12 @@ pub struct CoordinatorSettings {
     pub events: EventSelection,
     /// How often the events relay looks for transitions committed by other coordinators
     /// (this coordinator's own commits wake it at once).
-    #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub events_poll_ms: u64,
     /// How often the gauges (work in flight, queue depths) are refreshed.
-    #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 15_000)]
+    #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub gauge_interval_ms: u64,
     /// How long finished tasks are kept (`30d`, `12h`…), or `off`: older ones are removed
     /// with their steps, edges and history, in bounded batches, by one coordinator at a
@@ -91,14 +98,16 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "TASKER_RETENTION", default_value = "30d")]
     pub retention: crate::retention::Retention,
     /// How often a coordinator looks for finished tasks past the retention.
-    #[arg(long, env = "TASKER_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    #[arg(long, env = "TASKER_RETENTION_INTERVAL_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub retention_interval_ms: u64,
     /// How late a schedule's fire time may be and still run: one past it was missed (no
     /// coordinator ran then), and runs only as its `catch_up` says.
     #[arg(long, env = "TASKER_SCHEDULE_GRACE_MS", default_value_t = 10_000)]
     pub schedule_grace_ms: u64,
     /// How often expired leases are swept.
-    #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub sweep_interval_ms: u64,
     /// For chaos tests only (built with the `failpoints` feature): after this many
     /// claimed batches, stop between the claim's commit and its publish, log

@@ -5,6 +5,56 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// `C` read from the command line and the environment, or the process exits with clap's
+/// error (code 2). A bad value that came from an environment variable is named as that
+/// variable: clap's message names only the flag it stands for.
+pub fn parse_or_exit<C: clap::Parser>() -> C {
+    C::try_parse().unwrap_or_else(|error| naming_the_variable(error, &C::command()).exit())
+}
+
+/// `error` with a tip naming the environment variable its bad value came from, if it came
+/// from one: the argument has one, it is set, and the flag is not on the command line.
+fn naming_the_variable(mut error: clap::Error, command: &clap::Command) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(invalid)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let Some((long, variable)) = flag_and_variable(command, invalid) else {
+        return error;
+    };
+    let on_command_line = std::env::args_os().any(|arg| {
+        let arg = arg.to_string_lossy();
+        arg == format!("--{long}") || arg.starts_with(&format!("--{long}="))
+    });
+    if on_command_line || std::env::var_os(&variable).is_none() {
+        return error;
+    }
+    error.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![
+            format!("the value was read from the environment variable {variable}").into(),
+        ]),
+    );
+    error
+}
+
+/// The long flag and environment variable of the argument clap's error shows as `shown`
+/// (`--batch-size <BATCH_SIZE>`), in `command` or any of its subcommands.
+fn flag_and_variable(command: &clap::Command, shown: &str) -> Option<(String, String)> {
+    let found = command.get_arguments().find_map(|arg| {
+        let long = arg.get_long()?;
+        let flag = format!("--{long}");
+        let matches = shown == flag || shown.starts_with(&format!("{flag} "));
+        let variable = arg.get_env().filter(|_| matches)?;
+        Some((long.to_owned(), variable.to_string_lossy().into_owned()))
+    });
+    found.or_else(|| {
+        command
+            .get_subcommands()
+            .find_map(|sub| flag_and_variable(sub, shown))
+    })
+}
+
 /// Where PostgreSQL's Tasker database is by default.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tasker";
 /// Where RabbitMQ is by default.
@@ -116,8 +166,10 @@ pub struct DatabaseSettings {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: SecretUrl,
-    /// Connections in the pool.
-    #[arg(long, env = "TASKER_DB_POOL_SIZE", default_value_t = 10)]
+    /// Connections in the pool (at least 2: a coordinator's loops hold one while they
+    /// ask for another).
+    #[arg(long, env = "TASKER_DB_POOL_SIZE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(2..))]
     pub db_pool_size: u32,
 }
 

@@ -26,7 +26,7 @@ struct Cli {
 /// # }
 /// ```
 pub async fn run(service: &'static str, registry: HandlerRegistry) -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = tasker_protocol::config::parse_or_exit();
     let telemetry = tasker_protocol::telemetry::init(&cli.log, service);
     // Listened for from now: a signal while it starts stops it too.
     let mut shutdown = Box::pin(tasker_protocol::shutdown_signal());

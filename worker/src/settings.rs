@@ -20,11 +20,13 @@ pub struct WorkerSettings {
     /// Steps run at once. The broker prefetch is twice this: the second half holds
     /// steps whose results are being published (docs/operating.md, "Concurrency and
     /// prefetch").
-    #[arg(long, env = "TASKER_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "TASKER_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// How often the worker tells coordinators which steps it is still running. Keep it
     /// well under the coordinators' `TASKER_HEARTBEAT_LEASE_MS`.
-    #[arg(long, env = "TASKER_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TASKER_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub heartbeat_interval_ms: u64,
     /// Serve Prometheus metrics (`/metrics`) and `/health/live` on this address. Unset:
     /// no HTTP server.

@@ -519,7 +519,7 @@ impl CliError {
 
 /// Parse the arguments, run the command, and exit with its code.
 pub(crate) fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = tasker_shared::config::parse_or_exit();
     let output = cli.output;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

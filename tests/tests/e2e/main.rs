@@ -23,6 +23,7 @@ mod reconnect;
 mod redispatch;
 mod retention;
 mod schedules;
+mod settings;
 mod signing;
 mod tasker_engine;
 mod time;
