@@ -35,8 +35,9 @@ const QUEUE_LENGTH: i64 = 10_000;
 const LINGER: Duration = Duration::from_secs(30);
 /// How long to wait before consuming again after the broker failed.
 const RETRY: Duration = Duration::from_secs(1);
-/// Most streams open at once on one coordinator.
-pub(crate) const MAX_STREAMS: usize = 256;
+/// Most streams open at once on one coordinator; fewer when the API serves fewer than
+/// twice as many connections (see [`LiveEvents::max_streams`]).
+const MAX_STREAMS: usize = 256;
 
 /// One lifecycle event as received: its JSON body and what streams filter on.
 #[derive(Debug)]
@@ -91,15 +92,22 @@ pub(crate) struct LiveEvents {
     /// Cancelled when the coordinator stops: the open streams end, so they do not hold
     /// the shutdown's drain.
     closing: CancellationToken,
+    /// Most streams open at once.
+    max_streams: usize,
 }
 
 impl LiveEvents {
+    /// `max_connections` is the API's (`TASKER_HTTP_MAX_CONNECTIONS`): streams take at
+    /// most half of them, so that a page of streams never leaves a probe or an
+    /// operator's request waiting to be accepted.
     pub(crate) fn new(
         broker: Arc<BrokerLink>,
         topology: Topology,
         selection: EventSelection,
+        max_connections: usize,
     ) -> Self {
         LiveEvents {
+            max_streams: MAX_STREAMS.min(max_connections / 2),
             broker,
             topology,
             selection,
@@ -130,12 +138,17 @@ impl LiveEvents {
         self.selection.patterns()
     }
 
+    /// Most streams open at once.
+    pub(crate) fn max_streams(&self) -> usize {
+        self.max_streams
+    }
+
     /// Receive every event from now on, starting the consumer if it is not running; `None`
-    /// when [`MAX_STREAMS`] streams are open. Streams are counted and opened under one
+    /// when [`LiveEvents::max_streams`] streams are open. Streams are counted and opened under one
     /// lock, so concurrent requests cannot pass the limit together.
     pub(crate) fn subscribe(self: &Arc<Self>) -> Option<broadcast::Receiver<Arc<LiveEvent>>> {
         let mut consuming = self.consuming.lock().unwrap_or_else(|p| p.into_inner());
-        if self.sender.receiver_count() >= MAX_STREAMS {
+        if self.sender.receiver_count() >= self.max_streams {
             return None;
         }
         let receiver = self.sender.subscribe();

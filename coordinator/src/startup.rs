@@ -166,6 +166,7 @@ impl Application {
                 broker,
                 topology.clone(),
                 settings.events.clone(),
+                settings.http_max_connections as usize,
             )),
             status_counts: Arc::default(),
         };

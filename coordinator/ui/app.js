@@ -14,6 +14,7 @@ const app = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   me: null,
   stream: null, // {abort()} of the page's live stream
+  wantedStream: null, // {params, onEvent} of the stream the page asks for, open or paused while hidden
   page: 0, // bumped on every navigation: late answers for an old page are dropped
 };
 
@@ -171,8 +172,26 @@ function setLive(state, text) {
   el.textContent = text;
 }
 
+// A hidden tab holds no stream: a browser opens at most six HTTP/1.1 connections to one
+// host, shared by all its tabs, and a stream holds one for as long as it is open. The
+// page reads what it shows again when it is shown (the new stream's `ready`).
 function openStream(params, onEvent) {
   closeStream();
+  app.wantedStream = { params, onEvent };
+  if (document.hidden) setLive("off", "paused while hidden");
+  else startStream();
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (!app.wantedStream) return;
+  if (document.hidden) {
+    stopStream();
+    setLive("off", "paused while hidden");
+  } else if (!app.stream) startStream();
+});
+
+function startStream() {
+  const { params, onEvent } = app.wantedStream;
   const controller = new AbortController();
   let stopped = false;
   app.stream = {
@@ -245,9 +264,14 @@ function openStream(params, onEvent) {
   connect();
 }
 
-function closeStream() {
+function stopStream() {
   if (app.stream) app.stream.abort();
   app.stream = null;
+}
+
+function closeStream() {
+  app.wantedStream = null;
+  stopStream();
   setLive("off hidden", "");
 }
 

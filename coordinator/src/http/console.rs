@@ -32,7 +32,7 @@ use super::body::query_rejection;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::name_parameter_problem;
 use crate::auth::{Principal, Scope};
-use crate::live::{LiveEvent, MAX_STREAMS};
+use crate::live::LiveEvent;
 
 /// One asset of the console.
 struct Asset {
@@ -285,7 +285,9 @@ pub(crate) async fn stream(
     let live = state.live.clone();
     let Some(receiver) = live.subscribe() else {
         return Err(ApiError::overloaded(format!(
-            "{MAX_STREAMS} event streams are open on this coordinator; try again later"
+            "{} event streams are open on this coordinator (at most half of \
+             TASKER_HTTP_MAX_CONNECTIONS, and 256); try again later",
+            live.max_streams()
         )));
     };
     let closing = live.closing();

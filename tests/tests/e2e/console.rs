@@ -1137,3 +1137,147 @@ async fn the_event_stream_carries_the_filtered_events_live() {
     drop(stream);
     env.finish().await.unwrap();
 }
+
+/// Event streams hold their connections for as long as they are open: they may take at
+/// most half of the API's connections, so that probes and other requests are still
+/// accepted however many pages watch.
+#[tokio::test]
+async fn event_streams_leave_half_the_connections_to_other_requests() {
+    let options = EnvOptions {
+        coordinator_env: vec![("TASKER_HTTP_MAX_CONNECTIONS".into(), "8".into())],
+        ..EnvOptions::default()
+    };
+    let env = TestEnv::start_with("console_stream_cap", options)
+        .await
+        .unwrap();
+    // Each stream on a connection of its own, as each browser tab's would be.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let client = reqwest::Client::new();
+        let stream = client
+            .get(format!("{}/v1/events/stream", env.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 200);
+        streams.push((client, stream));
+    }
+    let refused = reqwest::Client::new()
+        .get(format!("{}/v1/events/stream", env.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TASKER_HTTP_MAX_CONNECTIONS"),
+        "{body}"
+    );
+    // Liveness and the API still answer, each on a new connection.
+    for path in ["/health/live", "/v1/whoami"] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            reqwest::Client::new()
+                .get(format!("{}{path}", env.base_url))
+                .send(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} was not answered"))
+        .unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+    }
+    drop(streams);
+    env.finish().await.unwrap();
+}
+
+/// A hidden tab gives its event stream's connection back (a browser shares six per host
+/// among all its tabs), and a shown one opens a new stream and reads again what changed
+/// meanwhile.
+#[tokio::test]
+async fn a_hidden_tab_closes_its_stream_and_catches_up_when_shown() {
+    if !browser_available() {
+        return;
+    }
+    let mut env = TestEnv::start_with("console_hidden", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    register(
+        &env,
+        &admin,
+        "namespace: hidden\nname: gate\nversion: 1.0.0\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n",
+    )
+    .await;
+    env.start_worker("hidden-worker", &["hidden"])
+        .await
+        .unwrap();
+    let task = create(&env, &admin, "hidden", "gate", json!({})).await;
+
+    let browser = Browser::start().await;
+    browser.sign_in(&env.base_url, "#/tasks", &admin).await;
+    // Every stream the page opens from now on, by its abort signal.
+    browser
+        .client
+        .execute(
+            "const fetchNow = window.fetch;
+             window.streamSignals = [];
+             window.fetch = (url, init) => {
+               if (String(url).includes('/v1/events/stream')) window.streamSignals.push(init.signal);
+               return fetchNow(url, init);
+             };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser.go(&format!("#/tasks/{task}")).await;
+    browser.wait_for("#task-status .status-in_progress").await;
+    browser.wait_for("#live.on").await;
+    let set_hidden = |hidden: bool| {
+        format!(
+            "Object.defineProperty(document, 'hidden', {{configurable: true, get: () => {hidden}}});
+             document.dispatchEvent(new Event('visibilitychange'));"
+        )
+    };
+    browser
+        .client
+        .execute(&set_hidden(true), vec![])
+        .await
+        .unwrap();
+    let open = browser
+        .wait_until(
+            "the stream closed",
+            "return window.streamSignals.length > 0 && window.streamSignals.every((s) => s.aborted) ? window.streamSignals.length : null",
+        )
+        .await;
+    assert_eq!(open, json!(1), "one stream, aborted");
+    assert_eq!(
+        browser
+            .client
+            .execute("return document.querySelector('#live').innerText", vec![])
+            .await
+            .unwrap(),
+        json!("paused while hidden")
+    );
+
+    // What happens while hidden is read once shown.
+    signal(&env, &admin, &task, "go").await;
+    wait_for_status(&env, &admin, &task, "complete").await;
+    browser
+        .client
+        .execute(&set_hidden(false), vec![])
+        .await
+        .unwrap();
+    browser.wait_for("#task-status .status-complete").await;
+    browser.wait_for("#live.on").await;
+    let streams = browser
+        .client
+        .execute("return window.streamSignals.map((s) => s.aborted)", vec![])
+        .await
+        .unwrap();
+    assert_eq!(streams, json!([true, false]), "a new stream, open");
+    browser.close().await;
+    env.finish().await.unwrap();
+}
