@@ -1033,7 +1033,8 @@ async function analyticsPage(main, params) {
             "tr",
             { class: t.namespace === namespace && t.name === name ? "selected" : null },
             h("td", {}, h("a", { href: `#/analytics${query({ window: windowName, namespace: t.namespace, name: t.name })}` }, `${t.namespace}/${t.name}`)),
-            h("td", {}, t.tasks),
+            // The outcomes and durations come from the newest `considered` tasks.
+            h("td", {}, t.tasks, t.considered < t.tasks ? h("span", { class: "muted", title: "the other figures are those of the newest tasks" }, ` (newest ${t.considered})`) : null),
             h("td", {}, t.complete),
             h("td", { class: t.error ? "error-text" : null }, t.error),
             h("td", {}, t.cancelled),
@@ -1088,7 +1089,7 @@ async function analyticsPage(main, params) {
     return {
       at: new Date(+since + (i + 1) * width),
       values: t
-        ? { p50: t.duration_ms?.p50, p95: t.duration_ms?.p95, p99: t.duration_ms?.p99, errors: t.finished ? t.error / t.finished : null }
+        ? { p50: t.duration_ms?.p50, p95: t.duration_ms?.p95, p99: t.duration_ms?.p99, errors: t.complete + t.error ? t.error / (t.complete + t.error) : null }
         : { p50: null, p95: null, p99: null, errors: null },
     };
   });

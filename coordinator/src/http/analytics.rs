@@ -72,6 +72,9 @@ fn window(
         problems.push(json!({"path": path, "message": message}));
     };
     let (mut namespace, mut name, mut since, mut until) = (None, None, None, None);
+    // A time that could not be read is named once: no default stands in for it in the
+    // window's checks.
+    let mut unreadable_time = false;
     for (key, value) in query {
         if !allowed.contains(&key.as_str()) {
             problem(
@@ -92,12 +95,15 @@ fn window(
             _ => match DateTime::parse_from_rfc3339(&value) {
                 Ok(at) if key == "since" => since = Some(at.to_utc()),
                 Ok(at) => until = Some(at.to_utc()),
-                Err(error) => problem(
-                    &key,
-                    format!(
-                        "`{key}` must be an RFC 3339 time such as 2026-12-01T00:00:00Z (encode `+` as %2B): {error}"
-                    ),
-                ),
+                Err(error) => {
+                    unreadable_time = true;
+                    problem(
+                        &key,
+                        format!(
+                            "`{key}` must be an RFC 3339 time such as 2026-12-01T00:00:00Z (encode `+` as %2B): {error}"
+                        ),
+                    )
+                }
             },
         }
     }
@@ -111,13 +117,15 @@ fn window(
     }
     let until = until.unwrap_or_else(Utc::now);
     let since = since.unwrap_or(until - DEFAULT_WINDOW);
-    if since >= until {
-        problem("since", "`since` must be before `until`".to_owned());
+    let span = if since >= until {
+        Some("`since` must be before `until`")
     } else if until - since > MAX_WINDOW {
-        problem(
-            "since",
-            "the window is longer than 31 days; ask for a shorter one".to_owned(),
-        );
+        Some("the window is longer than 31 days; ask for a shorter one")
+    } else {
+        None
+    };
+    if let Some(message) = span.filter(|_| !unreadable_time) {
+        problem("since", message.to_owned());
     }
     if !problems.is_empty() {
         return Err(ApiError::malformed("invalid query parameters").with_details(problems));
@@ -151,7 +159,7 @@ fn template_window(
     params(
         ("namespace" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[^\\x00]*$", description = "Only this namespace's templates."),
         ("since" = Option<DateTime<Utc>>, Query, description = "Tasks created from this instant (RFC 3339; default 24 hours before `until`)."),
-        ("until" = Option<DateTime<Utc>>, Query, description = "Tasks created up to this instant (default now). The window is at most 31 days."),
+        ("until" = Option<DateTime<Utc>>, Query, description = "Tasks created before this instant (default now). The window is at most 31 days."),
     ),
     responses(
         (status = 200, description = "Per template.", body = TemplateAnalytics),
@@ -191,7 +199,7 @@ pub(crate) async fn templates(
         ("namespace" = String, Query, min_length = 1, max_length = 128, pattern = "^[^\\x00]*$", description = "The template's namespace."),
         ("name" = String, Query, min_length = 1, max_length = 128, pattern = "^[^\\x00]*$", description = "The template's name (every version)."),
         ("since" = Option<DateTime<Utc>>, Query, description = "Tasks created from this instant (default 24 hours before `until`)."),
-        ("until" = Option<DateTime<Utc>>, Query, description = "Tasks created up to this instant (default now); at most 31 days after `since`."),
+        ("until" = Option<DateTime<Utc>>, Query, description = "Tasks created before this instant (default now); at most 31 days after `since`."),
     ),
     responses(
         (status = 200, description = "Per step, in template order.", body = StepAnalytics),
@@ -227,7 +235,7 @@ pub(crate) async fn steps(
         ("namespace" = String, Query, min_length = 1, max_length = 128, pattern = "^[^\\x00]*$", description = "The template's namespace."),
         ("name" = String, Query, min_length = 1, max_length = 128, pattern = "^[^\\x00]*$", description = "The template's name; its newest version's graph is used."),
         ("since" = Option<DateTime<Utc>>, Query, description = "Tasks created from this instant (default 24 hours before `until`)."),
-        ("until" = Option<DateTime<Utc>>, Query, description = "Tasks created up to this instant (default now); at most 31 days after `since`."),
+        ("until" = Option<DateTime<Utc>>, Query, description = "Tasks created before this instant (default now); at most 31 days after `since`."),
     ),
     responses(
         (status = 200, description = "The critical path.", body = Bottlenecks),

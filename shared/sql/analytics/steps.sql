@@ -1,10 +1,11 @@
 -- Per step of template $1/$2, over its newest $5 tasks whose ids are $3 (included) to
--- $4 (excluded): a fan-out's instances count for their step (the step itself never runs);
+-- $4 (excluded), and of those at most $6 steps, the newest tasks' first (a fan-out of
+-- thousands of instances would otherwise make the call's cost unbounded): a fan-out's
+-- instances (named `step[index]`) count for their step (the step itself never runs);
 -- a step not run (skipped, never reached) counts in no rate. Run time is the last
 -- attempt's, start to completion; wait is ready to started; done is ready to completion.
 WITH s AS (
-    SELECT CASE WHEN s.fan_out_of IS NULL THEN s.name
-                ELSE (SELECT f.name FROM steps f WHERE f.step_id = s.fan_out_of) END AS step,
+    SELECT split_part(s.name, '[', 1) AS step,
            s.position, s.status, s.attempts,
            extract(epoch FROM s.completed_at - s.started_at)::FLOAT8 * 1000 AS run_ms,
            extract(epoch FROM s.started_at - s.ready_at)::FLOAT8 * 1000 AS wait_ms,
@@ -16,6 +17,7 @@ WITH s AS (
     -- One index probe per task (OFFSET 0 keeps the planner from hashing every step).
     CROSS JOIN LATERAL (SELECT * FROM steps s
                         WHERE s.task_id = t.task_id AND s.instances IS NULL OFFSET 0) s
+    LIMIT $6
 )
 SELECT step, min(position) AS position,
        count(*) FILTER (WHERE attempts > 0) AS runs,

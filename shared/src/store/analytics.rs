@@ -5,7 +5,9 @@
 //! reads `tasks_by_template` (namespace, name, task id) over that range only, then each
 //! task's steps by `steps_by_task`. The figures come from the newest [`MAX_CONSIDERED`]
 //! tasks of a template in the window (the answer says how many it considered, and how
-//! many the window holds), so a call's cost is bounded whatever the window holds.
+//! many the window holds), and the steps' from at most [`MAX_STEPS_CONSIDERED`] of their
+//! steps, so a call's cost is bounded whatever the window holds. A window is half open:
+//! a task created at `until` counts in the window that starts there, not in this one.
 //! Percentiles are exact (`percentile_cont` over those rows), not estimates.
 
 use chrono::{DateTime, Utc};
@@ -17,6 +19,10 @@ use crate::template::TemplateDefinition;
 
 /// The most tasks of one template whose figures a call reads: the newest of the window.
 pub const MAX_CONSIDERED: i64 = 5_000;
+/// The most step rows a call about a template's steps reads, from its newest tasks on: a
+/// fan-out's instances are steps, and 5,000 tasks of 10,000 instances each would be 50
+/// million rows.
+pub const MAX_STEPS_CONSIDERED: i64 = 100_000;
 
 /// The 50th, 95th and 99th percentiles, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
@@ -105,8 +111,8 @@ pub struct PathStep {
 }
 
 /// The window of creation times as a range of UUIDv7 task ids: from the first id of
-/// `since`'s millisecond (included) to the first of the millisecond after `until`
-/// (excluded).
+/// `since`'s millisecond (included) to the first of `until`'s (excluded), so that windows
+/// placed end to end count each task once.
 pub fn id_range(since: DateTime<Utc>, until: DateTime<Utc>) -> (Uuid, Uuid) {
     let floor = |ms: i64| {
         let ms = ms.max(0) as u64;
@@ -116,7 +122,7 @@ pub fn id_range(since: DateTime<Utc>, until: DateTime<Utc>) -> (Uuid, Uuid) {
     };
     (
         floor(since.timestamp_millis()),
-        floor(until.timestamp_millis() + 1),
+        floor(until.timestamp_millis()),
     )
 }
 
@@ -213,6 +219,7 @@ pub async fn steps(
         .bind(from)
         .bind(to)
         .bind(MAX_CONSIDERED)
+        .bind(MAX_STEPS_CONSIDERED)
         .fetch_all(pool)
         .await?;
     Ok(rows

@@ -134,5 +134,87 @@ async fn analytics_find_the_slow_step_and_the_retried_one() {
         .await
         .unwrap();
     assert_eq!(status, 404, "{body}");
+    // A time that cannot be read is the one problem named: no default stands in for it.
+    let (status, body) = env
+        .get("/v1/analytics/templates?since=2099-01-01T00:00:00Z&until=soon")
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(crate::detail_paths(&body), ["until"], "{body}");
+
+    // Windows placed end to end count each task once, the one created at their meeting
+    // point included: a window holds its `since`, not its `until`.
+    let (_, page) = env
+        .get("/v1/tasks?namespace=stats&name=shop&limit=1")
+        .await
+        .unwrap();
+    let newest = uuid::Uuid::parse_str(page["tasks"][0]["task_id"].as_str().unwrap()).unwrap();
+    // A UUIDv7 task id holds its creation's millisecond.
+    let (seconds, nanos) = newest.get_timestamp().unwrap().to_unix();
+    let created = chrono::DateTime::from_timestamp_millis(
+        (seconds * 1_000 + u64::from(nanos) / 1_000_000) as i64,
+    )
+    .unwrap();
+    let count = |since: chrono::DateTime<chrono::Utc>, until: chrono::DateTime<chrono::Utc>| {
+        let env = &env;
+        async move {
+            let path = format!(
+                "/v1/analytics/templates?namespace=stats&since={}&until={}",
+                since.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                until.format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            );
+            let (status, body) = env.get(&path).await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            body["templates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "shop")
+                .map_or(0, |t| t["tasks"].as_i64().unwrap())
+        }
+    };
+    let hour = chrono::TimeDelta::hours(1);
+    let before = count(created - hour, created).await;
+    let after = count(created, created + hour).await;
+    assert_eq!(
+        (before, after),
+        (2, 1),
+        "the newest task counts in the later window only"
+    );
+    env.finish().await.unwrap();
+}
+
+/// A fan-out's instances count for their step, and the steps' figures stay bounded by
+/// how many step rows are read.
+#[tokio::test]
+async fn a_fan_outs_instances_count_for_their_step() {
+    let mut env = TestEnv::start("analytics-fan-out").await.unwrap();
+    env.register_template(
+        "namespace: stats\nname: fan\nsteps:\n  - {name: each, handler: tasker.noop, for_each: context.items}\n  - {name: after, handler: tasker.noop, depends_on: [each]}\n",
+    )
+    .await
+    .unwrap();
+    env.start_worker("w", &["stats"]).await.unwrap();
+    for _ in 0..2 {
+        let task = env
+            .api
+            .create_task(&json!({"namespace": "stats", "name": "fan", "context": {"items": [1, 2, 3, 4, 5]}}))
+            .await
+            .unwrap();
+        let done = crate::finished(&env, task.task_id, Duration::from_secs(60)).await;
+        assert_eq!(done.status, TaskStatus::Complete);
+    }
+    let (status, body) = env
+        .get("/v1/analytics/steps?namespace=stats&name=fan")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let runs: Vec<(&str, i64)> = body["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["runs"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(runs, [("each", 10), ("after", 2)], "{body}");
     env.finish().await.unwrap();
 }

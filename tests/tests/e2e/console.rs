@@ -823,6 +823,8 @@ async fn the_analytics_page_shows_the_step_made_slow() {
             .exists("#step-run-bars .critical[data-step='render']")
             .await
     );
+    // The error rate over time is drawn (0 in the bucket that holds the three tasks).
+    assert!(browser.exists("polyline.series-errors").await);
     browser.screenshot("analytics").await;
 
     // The template's graph, the workers and their queues.
