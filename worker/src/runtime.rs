@@ -145,7 +145,7 @@ struct SessionHandles {
 /// The consumers this worker runs, so shutdown can cancel them.
 #[derive(Default)]
 struct Consumers {
-    /// Namespaces being consumed. A std Mutex: held only to read or insert.
+    /// Namespaces being consumed. A std Mutex: held only to read, insert or remove.
     namespaces: Mutex<HashSet<String>>,
     tags: Mutex<Vec<ShortString>>,
 }
@@ -318,7 +318,9 @@ impl Worker {
         steps: &TaskTracker,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> anyhow::Result<()> {
-        let connection = &connection;
+        // Shared with the control loop, which opens a channel for each namespace announced.
+        let owned = Arc::new(connection);
+        let connection = &*owned;
         // Set when a consumer stops: the session is over even if the connection is up.
         let failed = Arc::new(Notify::new());
         let (deliveries_tx, mut deliveries) =
@@ -340,6 +342,7 @@ impl Worker {
             if let Some(namespaces) = &self.namespaces {
                 for namespace in namespaces {
                     start_consumer(
+                        &consume,
                         &consume,
                         &self.topology,
                         &consumers,
@@ -411,6 +414,7 @@ impl Worker {
         let closing = CancellationToken::new();
         let control = tokio::spawn(follow_control(
             shared.clone(),
+            owned.clone(),
             control_channel,
             consume.clone(),
             consumers.clone(),
@@ -546,7 +550,13 @@ async fn declare_topology(
     Ok(connection)
 }
 
+/// Consume `namespace`'s step queue on `channel`, declaring it on `declare`: a channel of
+/// its own for a namespace announced while the session runs, since the broker closes the
+/// channel a declaration fails on (a queue of the other type, say), and the consuming
+/// channel's close would end the session, requeueing every step it holds, at every
+/// announcement.
 async fn start_consumer(
+    declare: &Channel,
     channel: &Channel,
     topology: &Topology,
     consumers: &Consumers,
@@ -554,26 +564,39 @@ async fn start_consumer(
     deliveries: mpsc::Sender<Received>,
     failed: Arc<Notify>,
 ) -> anyhow::Result<()> {
-    if !consumers
-        .namespaces
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(namespace.to_owned())
-    {
+    let namespaces = || {
+        consumers
+            .namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    };
+    if !namespaces().insert(namespace.to_owned()) {
         return Ok(());
     }
-    topology
-        .declare_namespace(channel, namespace)
-        .await
-        .map_err(|error| topology.declare_error(error))?;
-    let mut consumer = channel
-        .basic_consume(
-            topology.step_queue(namespace).into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let consumed = async {
+        topology
+            .declare_namespace(declare, namespace)
+            .await
+            .map_err(|error| topology.declare_error(error))?;
+        let consumer = channel
+            .basic_consume(
+                topology.step_queue(namespace).into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        anyhow::Ok(consumer)
+    }
+    .await;
+    let mut consumer = match consumed {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            // Not consumed: the next announcement tries again.
+            namespaces().remove(namespace);
+            return Err(error);
+        }
+    };
     consumers
         .tags
         .lock()
@@ -619,6 +642,7 @@ async fn start_consumer(
 /// the worker is `closing`.
 async fn follow_control(
     shared: Arc<Shared>,
+    connection: Arc<Connection>,
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
@@ -627,7 +651,16 @@ async fn follow_control(
     failed: Arc<Notify>,
 ) {
     let deliveries = deliveries.map(|deliveries| (deliveries, closing));
-    follow(shared, control, consume, consumers, deliveries, &failed).await;
+    follow(
+        shared,
+        &connection,
+        control,
+        consume,
+        consumers,
+        deliveries,
+        &failed,
+    )
+    .await;
     // Without the control exchange this worker misses cancels and namespaces: end the
     // session so the next one subscribes again.
     failed.notify_one();
@@ -635,6 +668,7 @@ async fn follow_control(
 
 async fn follow(
     shared: Arc<Shared>,
+    connection: &Connection,
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
@@ -688,17 +722,26 @@ async fn follow(
                     continue;
                 }
                 for namespace in namespaces {
-                    if let Err(error) = start_consumer(
-                        &consume,
-                        topology,
-                        &consumers,
-                        &namespace,
-                        deliveries.clone(),
-                        failed.clone(),
-                    )
-                    .await
-                    {
-                        tracing::error!(%error, %namespace, "cannot consume namespace");
+                    let started = async {
+                        let declare = connection.create_channel().await?;
+                        let started = start_consumer(
+                            &declare,
+                            &consume,
+                            topology,
+                            &consumers,
+                            &namespace,
+                            deliveries.clone(),
+                            failed.clone(),
+                        )
+                        .await;
+                        if declare.status().connected() {
+                            let _ = declare.close(200, "OK".into()).await;
+                        }
+                        started
+                    };
+                    if let Err(error) = started.await {
+                        tracing::error!(error = format!("{error:#}"), %namespace,
+                            "cannot consume namespace; its steps wait for another worker");
                     }
                 }
             }

@@ -380,3 +380,80 @@ async fn results_that_finish_together_leave_the_worker_together() {
     );
     env.finish().await.unwrap();
 }
+
+/// A namespace announced whose queue the worker cannot declare (one of the other type, or
+/// with other arguments) is logged and left to other workers: the broker closes the
+/// channel the declaration failed on, and that is not the channel the worker's running
+/// steps came on, so they go on and run once.
+#[tokio::test]
+async fn a_namespace_the_worker_cannot_declare_leaves_its_running_steps_alone() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let mut env = TestEnv::start("clash").await.unwrap();
+    env.register_template(&sleepy("steady", 3_000))
+        .await
+        .unwrap();
+    let (index, metrics) = env
+        .start_metered_worker("everything", &[], 4)
+        .await
+        .unwrap();
+    let (_, task) = env
+        .create_task(json!({"namespace": "steady", "name": "sleepy"}))
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap().to_owned();
+    both_sleeps_running(&env, &id).await;
+
+    // A queue where the namespace's would be, declared with an argument Tasker's lacks.
+    let (_connection, channel) = tasker_tests::confirm_channel().await;
+    let topology = tasker_shared::broker::Topology::new(env.prefix.clone());
+    let clash = topology.step_queue("clash");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
+    channel
+        .queue_declare(
+            clash.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    let announcement = json!({"type": "namespaces", "namespaces": ["clash"]});
+    tasker_tests::publish(
+        &channel,
+        &topology.control_exchange(),
+        "",
+        announcement.to_string().as_bytes(),
+    )
+    .await;
+    env.workers[index]
+        .wait_for_log("cannot consume namespace", Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    let done = env
+        .api
+        .wait_for_task(
+            uuid::Uuid::parse_str(&id).unwrap(),
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert!(done.steps.iter().all(|s| s.attempts == 1), "{done:#?}");
+    assert_eq!(
+        tasker_tests::metric(&metrics, "tasker_worker_broker_reconnects_total").await,
+        0.0,
+        "the session went on"
+    );
+    channel
+        .queue_delete(clash.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    env.finish().await.unwrap();
+}
