@@ -24,6 +24,7 @@ use tasker_protocol::messages::{
     MAX_JSON_DEPTH, Outcome, RunningStep, SCHEMA_VERSION, StepError as WireError, StepMessage,
     StepResult, nests_deeper_than,
 };
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -215,16 +216,23 @@ impl InFlight {
     }
 }
 
-/// Run `handler` for `message` and decide the result; `None` when the run was aborted
-/// because its task was cancelled (nothing to report: the coordinator ignores it anyway).
-/// A result over `max_result_bytes` of JSON is a permanent failure (`result_too_large`),
-/// and so is one holding U+0000 (`result_not_storable`).
+/// Run `handler` for `message` in its handler `slot` and decide the result; `None` when
+/// the run was aborted because its task was cancelled (nothing to report: the
+/// coordinator ignores it anyway). A result over `max_result_bytes` of JSON is a
+/// permanent failure (`result_too_large`), and so is one holding U+0000 or nested too
+/// deep (`result_not_storable`).
+///
+/// The slot is freed when the handler has ended. A handler past its timeout is aborted
+/// and its timeout reported at once, but one that blocks its thread (a synchronous call)
+/// ends only when that call returns: its slot stays taken until then, so no more
+/// handlers run at once than the worker's concurrency.
 pub(crate) async fn execute(
     handler: Arc<dyn StepHandler>,
     message: &StepMessage,
     worker_id: &str,
     inflight: &InFlight,
     max_result_bytes: usize,
+    slot: OwnedSemaphorePermit,
 ) -> Option<StepResult> {
     let timeout = Duration::from_millis(u64::try_from(message.timeout_ms).unwrap_or(0).max(1));
     let context = StepContext {
@@ -264,13 +272,41 @@ pub(crate) async fn execute(
         .with_code("panic")),
         Err(_) => {
             run.abort();
-            Err(StepError::retryable(format!(
-                "handler did not finish within timeout_ms = {}",
-                message.timeout_ms
-            ))
-            .with_code("timeout"))
+            tokio::spawn(async move {
+                let _ = run.await;
+                drop(slot);
+            });
+            return Some(finish(
+                message,
+                worker_id,
+                started_at,
+                Err(StepError::retryable(format!(
+                    "handler did not finish within timeout_ms = {}",
+                    message.timeout_ms
+                ))
+                .with_code("timeout")),
+                max_result_bytes,
+            ));
         }
     };
+    drop(slot);
+    Some(finish(
+        message,
+        worker_id,
+        started_at,
+        outcome,
+        max_result_bytes,
+    ))
+}
+
+/// The result of `message`'s run that ended with `outcome`.
+fn finish(
+    message: &StepMessage,
+    worker_id: &str,
+    started_at: chrono::DateTime<Utc>,
+    outcome: Result<Value, StepError>,
+    max_result_bytes: usize,
+) -> StepResult {
     // Left in `inflight` until the runtime has published the result: a redelivered copy
     // of this dispatch waits for it (see the runtime's `skip_copy`).
     let finished_at = Utc::now();
@@ -317,7 +353,7 @@ pub(crate) async fn execute(
         error.code = error.code.map(without_nul);
         error
     });
-    Some(StepResult {
+    StepResult {
         schema_version: SCHEMA_VERSION,
         task_id: message.task_id,
         step_id: message.step_id,
@@ -328,7 +364,7 @@ pub(crate) async fn execute(
         started_at,
         finished_at,
         worker_id: worker_id.to_owned(),
-    })
+    }
 }
 
 /// The result, or the permanent failure it becomes when its JSON is over `limit` bytes.
@@ -594,5 +630,65 @@ mod tests {
             "forgetting the old run keeps the new"
         );
         assert!(!inflight.is_running(step, old));
+    }
+
+    /// Blocks its thread for its duration (a synchronous call in an async handler).
+    struct Blocking(Duration);
+
+    #[async_trait::async_trait]
+    impl StepHandler for Blocking {
+        async fn call(&self, _: &StepContext) -> Result<Value, StepError> {
+            std::thread::sleep(self.0);
+            Ok(json!({}))
+        }
+    }
+
+    /// A handler past its timeout is reported at once, but a blocked one keeps its slot
+    /// until it has really ended: no more handlers run at once than the slots allow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_handler_past_its_timeout_keeps_its_slot_until_it_ends() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let message = StepMessage {
+            schema_version: SCHEMA_VERSION,
+            task_id: Uuid::new_v4(),
+            step_id: Uuid::new_v4(),
+            step_name: "block".into(),
+            namespace: "ns".into(),
+            template: "t@1".into(),
+            handler: "block".into(),
+            config: json!({}),
+            context: json!({}),
+            parents: Default::default(),
+            attempt: 1,
+            retry_limit: 3,
+            deferrals: 0,
+            dispatch_token: Uuid::new_v4(),
+            timeout_ms: 50,
+            dispatched_at: Utc::now(),
+            item: None,
+            index: None,
+        };
+        let slot = slots.clone().acquire_owned().await.unwrap();
+        let started = std::time::Instant::now();
+        let result = execute(
+            Arc::new(Blocking(Duration::from_millis(800))),
+            &message,
+            "w",
+            &InFlight::default(),
+            DEFAULT_MAX_RESULT_BYTES,
+            slot,
+        )
+        .await
+        .expect("a result");
+        assert_eq!(
+            result.error.and_then(|e| e.code).as_deref(),
+            Some("timeout")
+        );
+        if started.elapsed() < Duration::from_millis(700) {
+            assert_eq!(slots.available_permits(), 0, "the handler still runs");
+        }
+        let freed = tokio::time::timeout(Duration::from_secs(10), slots.acquire()).await;
+        assert!(freed.is_ok(), "the slot comes back once the handler ends");
+        assert!(started.elapsed() >= Duration::from_millis(800));
     }
 }

@@ -1180,10 +1180,10 @@ async fn run_step(
         &shared.worker_id,
         &shared.inflight,
         shared.max_result_bytes,
+        slot,
     )
     .await;
     shared.metrics.in_flight.dec();
-    drop(slot);
     let Some(result) = result else {
         // Aborted because the task was cancelled or the dispatch superseded: nothing to
         // report.
