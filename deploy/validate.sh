@@ -782,6 +782,17 @@ def compose_path_problems(compose_dir, svc, volumes):
     return problems
 
 
+def api_guard_problems(services):
+    """A coordinator whose API port is published on every interface must ask for tokens
+    (TASKER_AUTH: on): anyone on the network reaches it."""
+    for name, svc in services.items():
+        if "tasker-coordinator" not in (svc.get("command") or []):
+            continue
+        published = [str(p) for p in svc.get("ports") or [] if not str(p).startswith("127.0.0.1:")]
+        if published and str((svc.get("environment") or {}).get("TASKER_AUTH")) != "on":
+            yield f"service {name} publishes {', '.join(published)} on every interface without TASKER_AUTH: on"
+
+
 def check_image_paths():
     dockerfile_text = re.sub(r"\\\n\s*", " ", open("deploy/Dockerfile").read())  # join continued lines
     for image_path in sorted({p for paths in IMAGE_PATHS.values() for p in paths}):
@@ -848,6 +859,8 @@ if compose is not None:
                 fail(f"{where}: dockerfile {dockerfile} is not in the build context {context}")
         for problem in compose_path_problems(compose_dir, svc, volumes):
             fail(f"{where}: {problem}")
+    for problem in api_guard_problems(services):
+        fail(f"{compose_path}: {problem}")
     check_image_paths()
     worker = services.get("worker")
     if worker is None:
@@ -858,7 +871,7 @@ if compose is not None:
         ok(f"{compose_path}: depends_on, healthchecks waited for, build context, named volumes and "
            "bind-mount sources resolve; every absolute path in a command, entrypoint or environment "
            "lies in a mount of its service (and exists, for a bind mount) or is one the image has; "
-           "worker is scalable")
+           "worker is scalable; an API published beyond 127.0.0.1 asks for tokens")
 
 
 
@@ -928,9 +941,12 @@ if cluster is not None:
         fail(f"{cluster_path}: every Tasker service needs TASKER_QUEUE_TYPE: quorum")
     if len({env.get("AMQP_URL") for env in tasker.values()}) != 1:
         fail(f"{cluster_path}: the Tasker services use different AMQP_URLs")
+    for problem in api_guard_problems(services):
+        fail(f"{cluster_path}: {problem}")
     if failures == before:
         ok(f"{cluster_path}: depends_on, healthchecks, mounts and volumes resolve; rabbitmq.conf and "
-           f"haproxy.cfg name the {len(nodes)} nodes; {', '.join(sorted(tasker))} use quorum queues")
+           f"haproxy.cfg name the {len(nodes)} nodes; {', '.join(sorted(tasker))} use quorum queues; "
+           "an API published beyond 127.0.0.1 asks for tokens")
 
 # --- Grafana ----------------------------------------------------------------------------
 print("== Grafana (deploy/grafana)")

@@ -51,14 +51,14 @@ pub const BEGIN_PLANNED_BY_KEY: &str = "BEGIN; \
 /// Create the database if it is missing, then apply every pending migration.
 pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
     let url = settings.database_url.expose();
-    if !Postgres::database_exists(url)
+    if !database_exists(url)
         .await
         .with_context(|| format!("cannot reach PostgreSQL at {}", settings.database_url))?
     {
         tracing::info!(database = %settings.database_url, "creating database");
         if let Err(error) = Postgres::create_database(url).await {
             // Another process may have created it a moment ago.
-            if !Postgres::database_exists(url).await.unwrap_or(false) {
+            if !database_exists(url).await.unwrap_or(false) {
                 return Err(error).context("creating the database");
             }
         }
@@ -67,4 +67,20 @@ pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
     MIGRATOR.run(&pool).await.context("applying migrations")?;
     pool.close().await;
     Ok(())
+}
+
+/// Whether the database of `url` exists, asked of that database: a role may be allowed to
+/// connect to its own database only (no CONNECT on `postgres`, a pooler that knows one
+/// database), where sqlx's own check connects to `postgres`. Only a missing one
+/// (`3D000`) is created, through the server's maintenance database.
+async fn database_exists(url: &str) -> sqlx::Result<bool> {
+    use sqlx::Connection;
+    match sqlx::PgConnection::connect(url).await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            Ok(true)
+        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("3D000") => Ok(false),
+        Err(error) => Err(error),
+    }
 }

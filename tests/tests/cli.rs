@@ -438,6 +438,16 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     for args in [
         &["tasks", "cancel"][..],
         &["tasks", "retry", &id, "--namespace", "cli"],
+        // A status the action never acts on.
+        &["tasks", "cancel", "--status", "error"],
+        &[
+            "tasks",
+            "retry",
+            "--status",
+            "pending",
+            "--namespace",
+            "cli",
+        ],
     ] {
         let run = tasker(&env, args).await;
         assert_eq!(run.code, 2, "{args:?}: {run}");
@@ -667,4 +677,46 @@ async fn wait_goes_on_while_the_coordinator_restarts() {
         "{run}"
     );
     assert_eq!(coordinator.arrivals().len(), 4, "{run}");
+}
+
+/// `--wait --timeout S` ends by S even when the coordinator stops answering in the middle
+/// of the wait (a request of the poll is held, not refused).
+#[tokio::test]
+async fn wait_ends_at_its_timeout_when_the_coordinator_stops_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers the creation, then holds every other request unanswered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 65_536];
+                let read = socket.read(&mut request).await.unwrap_or(0);
+                if request[..read].starts_with(b"POST") {
+                    let task = json!({"task_id": "01900000-0000-7000-8000-000000000000",
+                        "namespace": "cli", "name": "flow", "status": "in_progress", "steps": []})
+                    .to_string();
+                    let answer = format!(
+                        "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{task}",
+                        task.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                }
+            });
+        }
+    });
+    let started = std::time::Instant::now();
+    let run = tasker_at(
+        &url,
+        &["tasks", "create", "cli/flow", "--wait", "--timeout", "2"],
+    )
+    .await;
+    assert_eq!(run.code, 5, "{run}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the wait ended {:?} after it began: {run}",
+        started.elapsed()
+    );
 }

@@ -902,9 +902,10 @@ async fn create(context: &Context, args: CreateArgs) -> Result<(), CliError> {
     let deadline = args
         .timeout
         .map(|seconds| Instant::now() + Duration::from_secs_f64(seconds));
-    let terminal = std::io::stderr().is_terminal();
-    let mut progress =
-        progress::Progress::new(terminal, context.output == Output::Json, colors(terminal));
+    // With `-o json`, nothing is drawn while it waits, even on a terminal.
+    let json = context.output == Output::Json;
+    let terminal = std::io::stderr().is_terminal() && !json;
+    let mut progress = progress::Progress::new(terminal, json, colors(terminal));
     loop {
         progress.update(&task);
         if render::task_finished(text(&task, "status")) {
@@ -996,7 +997,19 @@ async fn poll_task(
 ) -> Result<Value, CliError> {
     let mut said = false;
     loop {
-        let outcome = context.client.get(&["v1", "tasks", id], &[]).await;
+        let path = ["v1", "tasks", id];
+        let request = context.client.get(&path, &[]);
+        // A request still unanswered at the deadline ends the wait there.
+        let outcome = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, request)
+                .await
+                .map_err(|_| {
+                    CliError::Timeout(format!(
+                        "task {id}: the coordinator had not answered by the timeout"
+                    ))
+                })?,
+            None => request.await,
+        };
         let unanswered = match &outcome {
             Err(CliError::Unreachable(why)) => why.clone(),
             Err(CliError::Api {
@@ -1084,6 +1097,19 @@ async fn operate_many(
         return Err(CliError::Usage(format!(
             "give a task id, or at least one filter (--namespace, --name, --status, --tag, \
              --created-after, --created-before) to {action} every task it matches"
+        )));
+    }
+    let statuses: &[&str] = if action == "cancel" {
+        &["pending", "in_progress"]
+    } else {
+        &["error"]
+    };
+    if let Some(status) = args.status.as_deref()
+        && !statuses.contains(&status)
+    {
+        return Err(CliError::Usage(format!(
+            "--status {status}: {action} acts on tasks {}",
+            statuses.join(" or ")
         )));
     }
     let filter = args.filter;

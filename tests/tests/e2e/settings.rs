@@ -45,3 +45,76 @@ async fn settings_out_of_range_stop_the_process_naming_the_variable() {
     assert!(stderr.contains("'--batch-size <BATCH_SIZE>'"), "{stderr}");
     assert!(!stderr.contains("environment variable"), "{stderr}");
 }
+
+/// Run `sql` on `connection`.
+async fn run(connection: &mut sqlx::PgConnection, sql: String) {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(connection)
+        .await
+        .unwrap();
+}
+
+/// A role allowed to connect to its own database only (no CONNECT on `postgres` or
+/// `template1`, as with a `pg_hba.conf` or a pooler that knows one database) migrates it:
+/// whether the database exists is asked of the database itself.
+#[tokio::test]
+async fn a_role_confined_to_its_own_database_migrates_it() {
+    use sqlx::{Connection, PgConnection};
+    let server = tasker_tests::postgres_server();
+    let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (role, database) = (
+        format!("tasker_confined_{}", &id[..12]),
+        format!("tasker_test_confined_{}", &id[..12]),
+    );
+    run(&mut admin, format!("CREATE ROLE {role} LOGIN")).await;
+    run(
+        &mut admin,
+        format!("CREATE DATABASE {database} OWNER {role}"),
+    )
+    .await;
+    // Every role but superusers loses CONNECT there for the length of one command (the
+    // tests connect as a superuser, so nothing else notices).
+    run(
+        &mut admin,
+        "REVOKE CONNECT ON DATABASE postgres, template1 FROM PUBLIC".to_owned(),
+    )
+    .await;
+    let url = format!(
+        "{}/{database}",
+        server.replacen("://postgres@", &format!("://{role}@"), 1)
+    );
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(binary("tasker-coordinator"))
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    run(
+        &mut admin,
+        "GRANT CONNECT ON DATABASE postgres, template1 TO PUBLIC".to_owned(),
+    )
+    .await;
+    let output = output.expect("migrate finishes").unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let migrated: Option<i64> = if output.status.success() {
+        let mut own = PgConnection::connect(&url).await.unwrap();
+        let count = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&mut own)
+            .await
+            .unwrap();
+        own.close().await.unwrap();
+        Some(count)
+    } else {
+        None
+    };
+    run(&mut admin, format!("DROP DATABASE {database} WITH (FORCE)")).await;
+    run(&mut admin, format!("DROP ROLE {role}")).await;
+    assert!(output.status.success(), "migrate failed: {stderr}");
+    assert!(migrated.unwrap() >= 26, "{stderr}");
+}
