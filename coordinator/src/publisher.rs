@@ -173,6 +173,11 @@ impl StepPublisher {
             .clear();
     }
 
+    /// The exchanges and queues it publishes to.
+    pub(crate) fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
     /// Whether the broker can take messages now (the channel's connection is up).
     pub(crate) fn connected(&self) -> bool {
         self.channel().status().connected()

@@ -521,12 +521,14 @@ pub fn is_queue_conflict(error: &lapin::Error) -> bool {
         if amqp.get_id() == 406 && amqp.to_string().contains("inequivalent arg"))
 }
 
-/// What to do when `queue` exists with another type than `wanted`.
+/// What to do when `queue` exists with other arguments than Tasker declares with
+/// `wanted` (the broker's error, which follows, names the argument).
 pub fn conflict_advice(queue: &str, wanted: QueueType) -> String {
     format!(
-        "{queue} exists with other arguments than TASKER_QUEUE_TYPE={} declares \
-         (another queue type). A queue's type cannot change: give every process the same \
-         TASKER_QUEUE_TYPE, or drain and delete the old queues (docs/operating.md, \
+        "{queue} exists with other arguments than Tasker declares with \
+         TASKER_QUEUE_TYPE={} (another queue type, or an argument set by hand or by an \
+         older release). A queue's arguments cannot change: give every process the same \
+         TASKER_QUEUE_TYPE, or drain and delete the old queue (docs/operating.md, \
          \"Queue types\"), or use a new TASKER_AMQP_PREFIX",
         wanted.as_str()
     )

@@ -128,7 +128,7 @@ pub(crate) struct ErrorBody {
 pub(crate) struct ErrorDetail {
     /// A stable code to match on, such as `malformed_request`, `invalid_request`,
     /// `invalid_template`, `invalid_context`, `template_not_found`, `task_not_found`,
-    /// `step_not_found`, `route_not_found`, `template_conflict`, `idempotency_conflict`,
+    /// `step_not_found`, `route_not_found`, `template_conflict`, `queue_conflict`, `idempotency_conflict`,
     /// `invalid_state`, `payload_too_large`, `context_too_large`, `template_too_large`,
     /// `unsupported_media_type`, `method_not_allowed`, `database_unavailable`,
     /// `not_ready`, `unauthenticated` (401), `insufficient_scope` (403) or `internal`.

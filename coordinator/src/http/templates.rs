@@ -17,6 +17,7 @@ use super::body::{
     too_large,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
+use tasker_shared::broker::{conflict_advice, is_queue_conflict};
 use tasker_shared::store::templates::{self, Registered, TemplateRecord, TemplateSummary};
 use tasker_shared::template::{
     ParsedTemplate, Problem, TemplateDefinition, TemplateLimits, codes,
@@ -105,7 +106,7 @@ pub(crate) struct TemplateList {
         (status = 201, description = "The template is registered; `warnings` lists what a tasker-engine file holds that is accepted and not used.", body = TemplateRegistration),
         (status = 200, description = "The identical template was already registered.", body = TemplateRegistration),
         (status = 400, description = "`malformed_request`: the body is not UTF-8, YAML or JSON, could not be read, or expands to more than 250,000 values or 16 MiB of text (YAML aliases counted at each use); `details` has the problems, code `syntax`.", body = ErrorBody),
-        (status = 409, description = "`template_conflict`: this version is registered with another definition.", body = ErrorBody),
+        (status = 409, description = "`template_conflict`: this version is registered with another definition; `queue_conflict`: the namespace's step queue exists with other arguments than Tasker declares (nothing is stored).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is larger than `TASKER_MAX_BODY_BYTES`; `template_too_large`: larger than `TASKER_MAX_TEMPLATE_BYTES`.", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is sent as something other than YAML, JSON or text.", body = ErrorBody),
         (status = 422, description = "`invalid_template`: every problem in the template, each with `path`, `code` and `message` (more steps than `TASKER_MAX_TEMPLATE_STEPS` is the one problem `too_many_steps`; configs larger together than `TASKER_MAX_TEMPLATE_BYTES` once aliases are expanded, `config_too_large`).", body = ErrorBody),
@@ -294,6 +295,30 @@ async fn register_version(
     state: &AppState,
     definition: &TemplateDefinition,
 ) -> ApiResult<(StatusCode, TemplateRecord)> {
+    // The namespace's step queue, declared before the template is stored: a queue the
+    // broker refuses to declare (one of another type or with other arguments) would
+    // refuse every step of the template, dispatched again at every sweep. A broker away
+    // now is no reason to refuse: the queue is declared before the first publish to it.
+    if state.publisher.connected()
+        && let Err(error) = state
+            .publisher
+            .ensure_namespace(&definition.namespace)
+            .await
+        && is_queue_conflict(&error)
+    {
+        let queue = state.publisher.topology().step_queue(&definition.namespace);
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "queue_conflict",
+            format!(
+                "{}: {error}",
+                conflict_advice(
+                    &format!("the step queue {queue}"),
+                    state.publisher.topology().queue_type()
+                )
+            ),
+        ));
+    }
     match templates::register(&state.pool, definition).await? {
         Registered::Created {
             template,
@@ -305,11 +330,15 @@ async fn register_version(
                 .templates
                 .forget_newest(&definition.namespace, &definition.name);
             if new_namespace {
-                state
+                // Declared above unless the broker was away; then before its first step.
+                if let Err(error) = state
                     .publisher
                     .ensure_namespace(&definition.namespace)
                     .await
-                    .map_err(ApiError::internal)?;
+                {
+                    tracing::warn!(error = %error, namespace = %definition.namespace,
+                        "cannot declare the namespace's step queue yet");
+                }
                 if let Err(error) = state.control.announce_namespaces().await {
                     tracing::warn!(error = format!("{error:#}"), "cannot announce namespaces");
                 }

@@ -204,3 +204,52 @@ async fn processes_refuse_queues_of_the_other_type_and_say_why() {
     );
     env.finish().await.unwrap();
 }
+
+/// A template whose namespace's step queue exists as the other type is refused, and not
+/// stored: stored, every step of it would be refused by the broker and dispatched again
+/// at every sweep, for ever.
+#[tokio::test]
+async fn a_template_whose_step_queue_is_of_the_other_type_is_refused_and_not_stored() {
+    let env = TestEnv::start("queue-clash").await.unwrap();
+    let (_connection, channel) = confirm_channel().await;
+    let queue = env.queue("clash");
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    let (status, body) = env
+        .register_template(
+            "namespace: clash\nname: flow\nsteps:\n  - {name: a, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "queue_conflict", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&queue) && message.contains("x-queue-type"),
+        "{message}"
+    );
+    let (status, _) = env.get("/v1/templates/clash/flow").await.unwrap();
+    assert_eq!(status, 404, "nothing stored");
+    channel
+        .queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    env.finish().await.unwrap();
+}
