@@ -36,6 +36,37 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// More instances of one for_each step than this are drawn as one node.
+const MAX_DRAWN_INSTANCES = 12;
+// Which status an operator looks at first.
+const URGENCY = ["error", "in_progress", "waiting_for_retry", "enqueued", "pending", "cancelled", "resolved_manually", "skipped", "complete"];
+
+// A task's for_each instances by the step they belong to, each in its order.
+function instanceGroups(steps) {
+  const groups = new Map();
+  for (const s of steps) {
+    if (!s.instance_of) continue;
+    if (!groups.has(s.instance_of)) groups.set(s.instance_of, []);
+    groups.get(s.instance_of).push(s);
+  }
+  return groups;
+}
+
+function byUrgency(steps) {
+  const rank = (s) => {
+    const at = URGENCY.indexOf(s.status);
+    return at < 0 ? URGENCY.length : at;
+  };
+  return [...steps].sort((a, b) => rank(a) - rank(b));
+}
+
+// "3 error, 40 complete", most pressing first.
+function statusCounts(steps) {
+  const counts = new Map();
+  for (const s of byUrgency(steps)) counts.set(s.status, (counts.get(s.status) || 0) + 1);
+  return [...counts].map(([status, n]) => `${n} ${status.replaceAll("_", " ")}`).join(", ");
+}
+
 function badge(status) {
   return h("span", { class: `badge status-${status}` }, status.replaceAll("_", " "));
 }
@@ -548,24 +579,75 @@ async function taskPage(main, taskId) {
     }
   };
 
+  const stepNode = (s) => ({
+    id: s.name,
+    deps: s.depends_on,
+    label: s.name,
+    sublabel: `${s.status.replaceAll("_", " ")}${s.attempts > 1 ? ` · ${s.attempts} attempts` : ""}`,
+    classes: [`status-${s.status}`, s.name === selected ? "selected" : null].filter(Boolean),
+    title: `${s.name} (${s.handler}): ${s.status}`,
+  });
+
+  // A for_each step's instances sit between its parents and the step, which gathers
+  // them; past MAX_DRAWN_INSTANCES they are one node, coloured by their most pressing
+  // status (as in the task's Mermaid diagram). Selecting it selects that instance.
   const renderGraph = (task) => {
-    drawGraph(
-      graph,
-      task.steps.map((s) => ({
-        id: s.name,
-        deps: s.depends_on,
-        label: s.name,
-        sublabel: `${s.status.replaceAll("_", " ")}${s.attempts > 1 ? ` · ${s.attempts} attempts` : ""}`,
-        classes: [`status-${s.status}`, s.name === selected ? "selected" : null].filter(Boolean),
-        title: `${s.name} (${s.handler}): ${s.status}`,
-      })),
-      { onSelect: (name) => { selected = name; render(); } },
-    );
+    const groups = instanceGroups(task.steps);
+    const nodes = [];
+    for (const s of task.steps.filter((s) => !s.instance_of)) {
+      const group = groups.get(s.name);
+      if (!group) {
+        nodes.push(stepNode(s));
+        continue;
+      }
+      let gathered;
+      if (group.length <= MAX_DRAWN_INSTANCES) {
+        nodes.push(...group.map((i) => ({ ...stepNode(i), deps: s.depends_on })));
+        gathered = group.map((i) => i.name);
+      } else {
+        const id = `${s.name}[0…${group.length - 1}]`;
+        const urgent = byUrgency(group)[0];
+        nodes.push({
+          id,
+          deps: s.depends_on,
+          label: id,
+          sublabel: statusCounts(group),
+          classes: [`status-${urgent.status}`, "instances", group.some((i) => i.name === selected) ? "selected" : null].filter(Boolean),
+          title: `${group.length} instances of ${s.name}: ${statusCounts(group)}`,
+        });
+        gathered = [id];
+      }
+      nodes.push({ ...stepNode(s), deps: gathered });
+    }
+    drawGraph(graph, nodes, {
+      onSelect: (name) => {
+        const group = [...groups.entries()].find(([step, g]) => g.length > MAX_DRAWN_INSTANCES && name === `${step}[0…${g.length - 1}]`);
+        selected = group ? byUrgency(group[1])[0].name : name;
+        render();
+      },
+    });
   };
 
+  // Past MAX_DRAWN_INSTANCES, a for_each step's table shows a row of their counts and
+  // the most pressing of them.
   const renderSteps = (task) => {
+    const groups = instanceGroups(task.steps);
+    const shown = [];
+    for (const s of task.steps.filter((s) => !s.instance_of)) {
+      const group = groups.get(s.name) || [];
+      if (group.length <= MAX_DRAWN_INSTANCES) shown.push(...group);
+      else {
+        shown.push({ summary: true, name: s.name, count: group.length, counts: statusCounts(group) });
+        const pressing = byUrgency(group).filter((i) => i.status !== "complete").slice(0, MAX_DRAWN_INSTANCES);
+        const chosen = group.find((i) => i.name === selected);
+        if (chosen && !pressing.includes(chosen)) pressing.push(chosen);
+        shown.push(...pressing);
+      }
+      shown.push(s);
+    }
     stepsBody.replaceChildren(
-      ...task.steps.map((s) =>
+      ...shown.map((s) =>
+        s.summary ? h("tr", { class: "instances", "data-instances": s.name }, h("td", { colspan: 7, class: "muted" }, `${s.count} instances of ${s.name}: ${s.counts} (those not complete are listed, at most ${MAX_DRAWN_INSTANCES})`)) :
         h(
           "tr",
           { "data-step": s.name, class: s.name === selected ? "selected" : null, onclick: () => { selected = s.name; render(); } },
@@ -703,7 +785,8 @@ async function taskPage(main, taskId) {
   // The template's step definitions (for a tasker.wait step's signal), read once.
   let definitions = null;
   const load = async () => {
-    const [task, history] = await Promise.all([api(`/v1/tasks/${taskId}`), api(`/v1/tasks/${taskId}/transitions`)]);
+    // The history table shows the newest 200 transitions.
+    const [task, history] = await Promise.all([api(`/v1/tasks/${taskId}`), api(`/v1/tasks/${taskId}/transitions?limit=200`)]);
     if (!current(page)) return;
     if (definitions === null) {
       definitions = new Map();

@@ -3,8 +3,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::body::{
     Fields, JSON_TYPES, StorableJson, body_rejection, content_type, json_object, nul_pointers,
-    path_rejection, storable_value, too_deep,
+    path_rejection, query_rejection, storable_value, too_deep,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::{TaskView, parse_task_id, task_view};
@@ -429,10 +429,13 @@ pub(crate) async fn readiness(
     path = "/v1/tasks/{task_id}/transitions",
     tag = "operate",
     operation_id = "task_transitions",
-    params(("task_id" = Uuid, Path, description = "The task's id.")),
+    params(
+        ("task_id" = Uuid, Path, description = "The task's id."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "Only the newest this many step transitions (still oldest first); default all. The task's own are always all."),
+    ),
     responses(
         (status = 200, description = "The task's and its steps' transitions.", body = TransitionHistory),
-        (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID, or a bad or unknown query parameter.", body = ErrorBody),
         (status = 404, description = "`task_not_found`.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
@@ -441,16 +444,37 @@ pub(crate) async fn readiness(
 pub(crate) async fn history(
     State(state): State<AppState>,
     task_id: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<TransitionHistory>> {
     let Path(task_id) = task_id.map_err(path_rejection)?;
+    let Query(query) = query.map_err(query_rejection)?;
+    let mut limit = None;
+    let mut problems = Vec::new();
+    for (key, value) in query {
+        match key.as_str() {
+            "limit" => match value.parse::<i64>() {
+                Ok(n) if (1..=MAX_TRANSITIONS).contains(&n) => limit = Some(n),
+                _ => problems.push(serde_json::json!({"path": "limit",
+                    "message": format!("`limit` must be a whole number from 1 to {MAX_TRANSITIONS}")})),
+            },
+            _ => problems.push(serde_json::json!({"path": key,
+                "message": format!("unknown query parameter `{key}`; expected limit")})),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::malformed("invalid query parameters").with_details(problems));
+    }
     let task_id = existing_task(&state, &task_id).await?;
-    let (task, steps) = inspect::history(&state.pool, task_id).await?;
+    let (task, steps) = inspect::history(&state.pool, task_id, limit).await?;
     Ok(Json(TransitionHistory {
         task_id,
         task,
         steps,
     }))
 }
+
+/// The most step transitions `limit` may ask for.
+const MAX_TRANSITIONS: i64 = 10_000;
 
 async fn existing_task(state: &AppState, text: &str) -> ApiResult<Uuid> {
     let task_id = parse_task_id(text)?;

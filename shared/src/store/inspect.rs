@@ -121,10 +121,12 @@ pub struct Transition {
     pub created_at: DateTime<Utc>,
 }
 
-/// A task's history: its own transitions and its steps', each in order.
+/// A task's history: its own transitions and its steps' (the newest `limit` of those, or
+/// all), each in order.
 pub async fn history(
     pool: &PgPool,
     task_id: Uuid,
+    limit: Option<i64>,
 ) -> sqlx::Result<(Vec<Transition>, Vec<Transition>)> {
     let task = sqlx::query_as(include_str!("../../sql/inspect/task_history.sql"))
         .bind(task_id)
@@ -132,6 +134,7 @@ pub async fn history(
         .await?;
     let steps = sqlx::query_as(include_str!("../../sql/inspect/step_history.sql"))
         .bind(task_id)
+        .bind(limit)
         .fetch_all(pool)
         .await?;
     Ok((task, steps))

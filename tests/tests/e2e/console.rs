@@ -1283,3 +1283,84 @@ async fn a_hidden_tab_closes_its_stream_and_catches_up_when_shown() {
     browser.close().await;
     env.finish().await.unwrap();
 }
+
+/// A wide fan-out is drawn as one node for its instances, and the steps table lists
+/// their counts and only those not complete: the page's cost does not grow with them.
+/// The history it reads is the newest 200 transitions.
+#[tokio::test]
+async fn a_wide_fan_out_is_drawn_folded() {
+    if !browser_available() {
+        return;
+    }
+    let mut env = TestEnv::start_with("console_wide", auth_options())
+        .await
+        .unwrap();
+    let admin = token("setup", "admin");
+    register(
+        &env,
+        &admin,
+        "namespace: wide\nname: fan\nversion: 1.0.0\nsteps:\n  - {name: each, handler: tasker.noop, for_each: context.items}\n  - {name: after, handler: tasker.noop, depends_on: [each]}\n",
+    )
+    .await;
+    env.start_worker("wide-worker", &["wide"]).await.unwrap();
+    let items: Vec<u32> = (0..30).collect();
+    let task = create(&env, &admin, "wide", "fan", json!({"items": items})).await;
+    wait_for_status(&env, &admin, &task, "complete").await;
+
+    // The API's history, newest first cut.
+    let transitions = |query: &'static str| {
+        let (env, admin, task) = (&env, &admin, &task);
+        async move {
+            let answer = env
+                .http
+                .get(format!(
+                    "{}/v1/tasks/{task}/transitions{query}",
+                    env.base_url
+                ))
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap();
+            (
+                answer.status().as_u16(),
+                answer.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, all) = transitions("").await;
+    assert_eq!(status, 200, "{all}");
+    let (status, newest) = transitions("?limit=5").await;
+    assert_eq!(status, 200, "{newest}");
+    let all_steps = all["steps"].as_array().unwrap();
+    assert!(all_steps.len() > 50, "{all}");
+    assert_eq!(newest["steps"], json!(all_steps[all_steps.len() - 5..]));
+    assert_eq!(newest["task"], all["task"], "the task's own, all of them");
+    for query in ["?limit=0", "?colour=red"] {
+        let (status, body) = transitions(query).await;
+        assert_eq!(status, 400, "{query}: {body}");
+    }
+
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&env.base_url, &format!("#/tasks/{task}"), &admin)
+        .await;
+    browser
+        .wait_for("#task-graph g.node[data-step='each[0…29]']")
+        .await;
+    let nodes = browser
+        .client
+        .execute(
+            "return document.querySelectorAll('#task-graph g.node').length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(nodes, json!(3), "each's instances, each, after");
+    assert!(browser.exists("tr.instances[data-instances='each']").await);
+    assert!(
+        !browser.exists("tr[data-step='each[3]']").await,
+        "complete instances are not listed"
+    );
+    browser.close().await;
+    env.finish().await.unwrap();
+}
