@@ -8,6 +8,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
 };
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tasker_shared::broker::{REASON_HEADER, SOURCE_HEADER, carries_step_batch, header_str};
 use tasker_shared::messages::steps_of;
@@ -327,4 +328,23 @@ pub async fn wait_for_consumers(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Declare the durable `queue` with `argument` set (`x-queue-type`, `x-max-length`…), as
+/// an operator or another installation might have: Tasker's own declaration of it then
+/// fails as inequivalent.
+pub async fn declare_queue_with(channel: &Channel, queue: &str, argument: (&str, AMQPValue)) {
+    let mut arguments = FieldTable::default();
+    arguments.insert(argument.0.into(), argument.1);
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("queue declared");
 }

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use tasker_shared::broker::{DELIVERY_LIMIT, is_queue_conflict};
 use tasker_tests::{EnvOptions, Task, TaskStatus, TestEnv, amqp_url, confirm_channel};
@@ -213,22 +213,12 @@ async fn a_template_whose_step_queue_is_of_the_other_type_is_refused_and_not_sto
     let env = TestEnv::start("queue-clash").await.unwrap();
     let (_connection, channel) = confirm_channel().await;
     let queue = env.queue("clash");
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .unwrap();
+    tasker_tests::declare_queue_with(
+        &channel,
+        &queue,
+        ("x-queue-type", AMQPValue::LongString("quorum".into())),
+    )
+    .await;
     let (status, body) = env
         .register_template(
             "namespace: clash\nname: flow\nsteps:\n  - {name: a, handler: tasker.noop}\n",

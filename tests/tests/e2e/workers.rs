@@ -387,8 +387,8 @@ async fn results_that_finish_together_leave_the_worker_together() {
 /// steps came on, so they go on and run once.
 #[tokio::test]
 async fn a_namespace_the_worker_cannot_declare_leaves_its_running_steps_alone() {
-    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::options::QueueDeleteOptions;
+    use lapin::types::AMQPValue;
 
     let mut env = TestEnv::start("clash").await.unwrap();
     env.register_template(&sleepy("steady", 3_000))
@@ -407,25 +407,17 @@ async fn a_namespace_the_worker_cannot_declare_leaves_its_running_steps_alone() 
 
     // A queue where the namespace's would be, declared with an argument Tasker's lacks.
     let (_connection, channel) = tasker_tests::confirm_channel().await;
-    let topology = tasker_shared::broker::Topology::new(env.prefix.clone());
-    let clash = topology.step_queue("clash");
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
-    channel
-        .queue_declare(
-            clash.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .unwrap();
+    let clash = env.queue("clash");
+    tasker_tests::declare_queue_with(
+        &channel,
+        &clash,
+        ("x-max-length", AMQPValue::LongLongInt(5)),
+    )
+    .await;
     let announcement = json!({"type": "namespaces", "namespaces": ["clash"]});
     tasker_tests::publish(
         &channel,
-        &topology.control_exchange(),
+        &tasker_shared::broker::Topology::new(env.prefix.clone()).control_exchange(),
         "",
         announcement.to_string().as_bytes(),
     )
