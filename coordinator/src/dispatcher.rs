@@ -85,7 +85,7 @@ impl Dispatcher {
         // One statement, so no explicit transaction: one round trip per batch (and a
         // transaction of its own when steps with a condition are to be judged).
         let mut conn = self.pool.acquire().await?;
-        let messages = transitions::claim_ready(
+        let claim = transitions::claim_ready(
             &mut conn,
             self.config.batch_size,
             self.config.lease_ms,
@@ -93,6 +93,9 @@ impl Dispatcher {
         )
         .await?;
         drop(conn);
+        // Tasks whose last steps were judged here (skipped by `when`, a fan-out gathered).
+        self.metrics.finished(&claim.finished);
+        let messages = claim.dispatches;
         if messages.is_empty() {
             return Ok(0);
         }

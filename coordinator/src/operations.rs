@@ -12,7 +12,7 @@ use crate::http::AppState;
 use crate::metrics::CoordinatorMetrics;
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::tasks::TaskRecord;
-use tasker_shared::store::transitions::{self, Dispatch, OperatorError};
+use tasker_shared::store::transitions::{self, FinishedTask, OperatorError};
 
 /// An operator's transaction that the database chose as a deadlock victim is tried
 /// again this often.
@@ -51,7 +51,9 @@ pub(crate) struct Effects {
     /// Transitions were recorded: the events relay looks again.
     wake_events: bool,
     /// Claimed steps to publish.
-    dispatches: Vec<Dispatch>,
+    dispatches: Vec<transitions::Dispatch>,
+    /// Tasks finished, for `tasker_tasks_finished_total` and the durations.
+    finished: Vec<FinishedTask>,
     /// Tasks cancelled: workers are told to abort what they run for them.
     cancelled: Vec<Uuid>,
     /// Namespaces of created tasks, for `tasker_tasks_created_total`.
@@ -65,11 +67,30 @@ impl Effects {
     /// first batch).
     ///
     /// [`TemplateDefinition::first_steps_leave_work`]: tasker_shared::template::TemplateDefinition::first_steps_leave_work
-    pub(crate) fn created(task: &TaskRecord, dispatches: Vec<Dispatch>, leave_work: bool) -> Self {
+    pub(crate) fn created(
+        task: &TaskRecord,
+        dispatches: Vec<transitions::Dispatch>,
+        leave_work: bool,
+    ) -> Self {
+        // Finished as it was created: every step skipped, or its first steps judged to
+        // its end.
+        let finished =
+            matches!(task.status, TaskStatus::Complete | TaskStatus::Error).then(|| FinishedTask {
+                task_id: task.task_id,
+                namespace: task.namespace.clone(),
+                status: task.status,
+                limited: false,
+                has_parent: false,
+                name: task.name.clone(),
+                seconds: task.completed_at.map_or(0.0, |at| {
+                    (at - task.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6
+                }),
+            });
         Effects {
             wake_dispatcher: dispatches.is_empty() || leave_work,
             wake_events: true,
             dispatches,
+            finished: finished.into_iter().collect(),
             created_in: vec![task.namespace.clone()],
             ..Effects::default()
         }
@@ -90,6 +111,7 @@ impl Effects {
                 .get_or_create(&CoordinatorMetrics::namespace(namespace))
                 .inc();
         }
+        state.metrics.finished(&self.finished);
         if !self.dispatches.is_empty() {
             state
                 .publisher
@@ -128,6 +150,8 @@ pub(crate) async fn cancel_task(
         // Slots freed, steps left ready by the judged parent step.
         wake_dispatcher: true,
         dispatches: cancelled.parent.claimed,
+        // Its parent task, failed by the step that started this one.
+        finished: cancelled.parent.tasks,
         cancelled: tasks,
         ..Effects::default()
     };
@@ -193,6 +217,7 @@ pub(crate) async fn resolve_step(
         wake_dispatcher: true,
         wake_events: true,
         dispatches: finished.claimed,
+        finished: finished.tasks,
         ..Effects::default()
     })
 }
@@ -218,12 +243,14 @@ pub(crate) async fn signal(
     signalled.claimed.extend(finished.claimed);
     // A finished task of a limited template may let a waiting one start.
     signalled.more_ready |= finished.more_ready || finished.tasks.iter().any(|task| task.limited);
+    let finished = finished.tasks;
     tracing::info!(%task_id, %signal, steps = signalled.steps.len(),
         completed = signalled.completed, "signal received");
     let effects = Effects {
         wake_dispatcher: signalled.more_ready,
         wake_events: true,
         dispatches: std::mem::take(&mut signalled.claimed),
+        finished,
         ..Effects::default()
     };
     Ok((signalled, effects))
@@ -271,14 +298,15 @@ pub(crate) async fn bulk_batch(
     reason: Option<&str>,
     lease_ms: i64,
 ) -> Result<(Vec<Uuid>, Effects), OperatorError> {
-    let (changed, descendants, dispatches) = again_on_deadlock("bulk batch", || {
+    let (changed, descendants, parents) = again_on_deadlock("bulk batch", || {
         bulk_transaction(pool, ids, (action, statuses), reason, lease_ms)
     })
     .await?;
     let effects = Effects {
         wake_events: true,
         wake_dispatcher: true,
-        dispatches,
+        dispatches: parents.claimed,
+        finished: parents.tasks,
         cancelled: match action {
             BulkAction::Cancel => changed.iter().chain(&descendants).copied().collect(),
             BulkAction::Retry => Vec::new(),
@@ -294,12 +322,12 @@ async fn bulk_transaction(
     (action, statuses): (BulkAction, &[TaskStatus]),
     reason: Option<&str>,
     lease_ms: i64,
-) -> Result<(Vec<Uuid>, Vec<Uuid>, Vec<Dispatch>), OperatorError> {
+) -> Result<(Vec<Uuid>, Vec<Uuid>, transitions::Finished), OperatorError> {
     let mut tx = pool.begin().await?;
     let mut changed = Vec::with_capacity(ids.len());
     // Child tasks cancelled with their parents, and what the steps that started
-    // cancelled child tasks made ready when judged.
-    let (mut descendants, mut dispatches) = (Vec::new(), Vec::new());
+    // cancelled child tasks made ready when judged, and the parent tasks that finished.
+    let (mut descendants, mut parents) = (Vec::new(), transitions::Finished::default());
     // The batch's tasks, locked in one statement and in id order, as every path locks
     // tasks, with their status now: matched before this batch, a task may have left the
     // filter's statuses since (a `pending` one started), or be gone.
@@ -318,7 +346,8 @@ async fn bulk_transaction(
                 .await
                 .map(|cancelled| {
                     descendants.extend(cancelled.descendants);
-                    dispatches.extend(cancelled.parent.claimed);
+                    parents.claimed.extend(cancelled.parent.claimed);
+                    parents.tasks.extend(cancelled.parent.tasks);
                 }),
             BulkAction::Retry => transitions::retry_task(&mut tx, task_id, reason)
                 .await
@@ -331,5 +360,5 @@ async fn bulk_transaction(
         }
     }
     tx.commit().await?;
-    Ok((changed, descendants, dispatches))
+    Ok((changed, descendants, parents))
 }

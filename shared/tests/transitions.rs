@@ -272,6 +272,7 @@ async fn a_diamond_is_claimed_through_one_path_and_completes() {
         transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
             .await
             .unwrap()
+            .dispatches
             .is_empty()
     );
     drop(conn);
@@ -526,7 +527,8 @@ async fn a_retry_after_a_deadline_makes_a_clean_up_wait_for_its_parent_again() {
     let mut conn = db.pool.acquire().await.unwrap();
     let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(names(&again), ["ship"]);
     let (applied, _) = db.apply(&[result(&again[0], Outcome::Success, None)]).await;
@@ -618,7 +620,8 @@ async fn resolving_a_failed_instance_makes_the_clean_up_wait_for_its_fan_out_aga
     let mut conn = db.pool.acquire().await.unwrap();
     transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(db.step(task, "load").await.status, StepStatus::Complete);
     let cleanup = db.step(task, "cleanup").await;
@@ -633,7 +636,8 @@ async fn resolving_a_failed_instance_makes_the_clean_up_wait_for_its_fan_out_aga
     let mut conn = db.pool.acquire().await.unwrap();
     let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(names(&again), ["cleanup"]);
     db.finish().await;
@@ -674,7 +678,8 @@ async fn results_retry_defer_fail_and_stale_as_decided() {
     assert!(due.is_some_and(|due| due <= Utc::now()));
     let second = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(second.len(), 1);
     assert_eq!(second[0].message.attempt, 2);
@@ -693,7 +698,8 @@ async fn results_retry_defer_fail_and_stale_as_decided() {
     let mut conn = db.pool.acquire().await.unwrap();
     let third = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(third[0].message.attempt, 2);
     let (_, finished) = db
@@ -727,7 +733,8 @@ async fn results_retry_defer_fail_and_stale_as_decided() {
     let mut conn = db.pool.acquire().await.unwrap();
     let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     let (_, finished) = db
         .apply(&[result(
@@ -816,7 +823,8 @@ async fn leases_expire_operators_resolve_and_cancel() {
     let mut conn = db.pool.acquire().await.unwrap();
     let again = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(again.len(), 1);
     assert_ne!(
@@ -850,7 +858,8 @@ async fn leases_expire_operators_resolve_and_cancel() {
     let mut conn = db.pool.acquire().await.unwrap();
     let children = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(names(&children), ["b", "c"]);
     assert_eq!(children[0].message.parents["a"], json!({"by": "hand"}));
@@ -1081,7 +1090,8 @@ async fn the_dispatcher_claims_the_higher_priority_first() {
     for _ in 0..4 {
         let claimed = transitions::claim_ready(&mut conn, 1, LEASE_MS, false)
             .await
-            .unwrap();
+            .unwrap()
+            .dispatches;
         assert_eq!(claimed.len(), 1);
         order.push(claimed[0].message.task_id);
     }
@@ -1147,6 +1157,7 @@ async fn a_concurrency_limit_holds_steps_and_a_result_releases_them() {
         transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
             .await
             .unwrap()
+            .dispatches
             .is_empty()
     );
     drop(conn);
@@ -1174,6 +1185,7 @@ async fn a_concurrency_limit_holds_steps_and_a_result_releases_them() {
         transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
             .await
             .unwrap()
+            .dispatches
             .is_empty()
     );
     drop(conn);
@@ -1233,6 +1245,7 @@ async fn a_rate_limit_holds_steps_until_their_slot() {
         transitions::claim_ready(&mut conn, 10, LEASE_MS, true)
             .await
             .unwrap()
+            .dispatches
             .is_empty()
     );
     // ...and at it, both.
@@ -1241,7 +1254,8 @@ async fn a_rate_limit_holds_steps_until_their_slot() {
     tokio::time::sleep(wait + std::time::Duration::from_millis(20)).await;
     let released = transitions::claim_ready(&mut conn, 10, LEASE_MS, true)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(
         released.len(),
@@ -1313,6 +1327,7 @@ async fn a_template_concurrency_queues_tasks_until_one_of_the_key_finishes() {
         transitions::claim_ready(&mut conn, 10, LEASE_MS, true)
             .await
             .unwrap()
+            .dispatches
             .is_empty()
     );
     drop(conn);
@@ -1325,7 +1340,8 @@ async fn a_template_concurrency_queues_tasks_until_one_of_the_key_finishes() {
     let mut conn = db.pool.acquire().await.unwrap();
     let started = transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap();
+        .unwrap()
+        .dispatches;
     drop(conn);
     assert_eq!(started.len(), 1);
     assert_eq!(started[0].message.task_id, two);

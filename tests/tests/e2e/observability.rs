@@ -847,3 +847,54 @@ async fn the_coordinator_warns_when_autovacuum_is_off() {
     );
     env.finish().await.unwrap();
 }
+
+/// Tasks that end outside the result path are counted too (the task error-rate alert
+/// divides by them): one whose last step took a signal, and one whose every step was
+/// skipped as it was created.
+#[tokio::test]
+async fn tasks_ended_by_a_signal_or_at_creation_are_counted_as_finished() {
+    let env = TestEnv::start("obs-ends").await.unwrap();
+    for template in [
+        "namespace: ends\nname: gate\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n",
+        "namespace: ends\nname: nothing\nsteps:\n  - {name: maybe, handler: tasker.noop, when: \"false\"}\n",
+    ] {
+        let (status, body) = env.register_template(template).await.unwrap();
+        assert!(status.is_success(), "{body}");
+    }
+    let (status, gate) = env
+        .create_task(json!({"namespace": "ends", "name": "gate"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{gate}");
+    let (status, nothing) = env
+        .create_task(json!({"namespace": "ends", "name": "nothing"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{nothing}");
+    assert_eq!(nothing["status"], "complete", "{nothing}");
+    let gate_id = gate["task_id"].as_str().unwrap();
+    // Once its step waits (a signal sent before is kept for it, and ends it as well).
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{gate_id}/signals/go"), json!({}))
+        .await
+        .unwrap();
+    assert!(status == 200 || status == 202, "{status}: {body}");
+    env.wait_for_task(gate_id, &["complete"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    tasker_tests::wait_for_metric(
+        &env.metrics_url(),
+        "tasker_tasks_finished_total{namespace=\"ends\",status=\"complete\"}",
+        2.0,
+    )
+    .await;
+    let (samples, _) = parse_metrics(&scrape(&env.metrics_url()).await);
+    assert_eq!(
+        sample(
+            &samples,
+            "tasker_task_duration_seconds_count{namespace=\"ends\",template=\"gate\",status=\"complete\"}"
+        ),
+        1.0
+    );
+    env.finish().await.unwrap();
+}

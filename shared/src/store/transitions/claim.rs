@@ -68,20 +68,30 @@ pub struct Dispatch {
     pub trace_parent: Option<String>,
 }
 
+/// What [`claim_ready`] did: the steps it claimed, and the tasks that judging steps (a
+/// `when`, a finished fan-out) finished, for the caller to count.
+#[derive(Debug, Default)]
+pub struct ReadyClaim {
+    /// To publish once the caller's transaction commits.
+    pub dispatches: Vec<Dispatch>,
+    /// Finished by steps judged.
+    pub finished: Vec<super::FinishedTask>,
+}
+
 /// Claim up to `limit` ready steps, best first, with a lease of `lease_ms`, and the held
 /// steps that may fit again: rate-held steps whose slot came (up to `limit` per key), the
 /// first steps of tasks waiting for a template concurrency key with room, and, with
 /// `every_key`, the held steps of every concurrency key with a free slot (up to `limit`
 /// keys). Results release their keys' held steps themselves; `every_key` is for slots
 /// freed otherwise (an expired lease, a cancelled task). Returns the messages to publish
-/// once the caller's transaction commits. Rows locked by another coordinator are
-/// skipped, so two coordinators never claim the same step.
+/// once the caller's transaction commits, and the tasks finished. Rows locked by another
+/// coordinator are skipped, so two coordinators never claim the same step.
 pub async fn claim_ready(
     conn: &mut PgConnection,
     limit: i64,
     lease_ms: i64,
     every_key: bool,
-) -> sqlx::Result<Vec<Dispatch>> {
+) -> sqlx::Result<ReadyClaim> {
     let rows: Vec<ClaimedRow> = sqlx::query_as(include_str!("../../../sql/claim/ready.sql"))
         .bind(limit)
         .bind(lease_ms)
@@ -90,6 +100,7 @@ pub async fn claim_ready(
         .await?;
     let (mut dispatches, to_judge) = split(rows);
     with_items(&mut *conn, &mut dispatches).await?;
+    let mut finished_tasks = Vec::new();
     if !to_judge.is_empty() {
         // Judged in a transaction of their own (the claim above has committed): a step
         // skipped counts for its children in the same one, and its task may finish.
@@ -101,13 +112,19 @@ pub async fn claim_ready(
         tx.commit().await?;
         dispatches.extend(judged.dispatches);
         dispatches.extend(finished.claimed);
+        finished_tasks = finished.tasks;
         // Steps left ready (a retried child task's): claimed now, while there is room.
         let room = limit - dispatches.len() as i64;
         if (judged.more_ready || finished.more_ready) && room > 0 {
-            dispatches.extend(Box::pin(claim_ready(conn, room, lease_ms, false)).await?);
+            let more = Box::pin(claim_ready(conn, room, lease_ms, false)).await?;
+            dispatches.extend(more.dispatches);
+            finished_tasks.extend(more.finished);
         }
     }
-    Ok(dispatches)
+    Ok(ReadyClaim {
+        dispatches,
+        finished: finished_tasks,
+    })
 }
 
 /// How many of a fan-out's instances the transaction that expands it claims, outside the

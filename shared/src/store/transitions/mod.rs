@@ -62,7 +62,7 @@ mod worker;
 
 pub use child_tasks::{max_task_tree, set_max_task_tree};
 use claim::claim_children;
-pub use claim::{Dispatch, claim_ready, next_due};
+pub use claim::{Dispatch, ReadyClaim, claim_ready, next_due};
 pub(crate) use claim::{FirstStep, first_step_in, judge_steps};
 pub use conditions::{max_fan_out, set_max_fan_out};
 pub use leases::{
