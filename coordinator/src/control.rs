@@ -27,6 +27,12 @@ const BROADCAST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5
 
 /// Dispatches named per `superseded` message (docs/protocol.md).
 const SUPERSEDED_PER_MESSAGE: usize = 1_000;
+/// The longest status interval believed: a worker's own word sets how long it counts as
+/// alive (its steps' leases wait for it), and one that says "for ever" must not be.
+const MAX_STATUS_INTERVAL_MS: u64 = 600_000;
+/// Most workers remembered; past it, the one heard from longest ago is forgotten (ids
+/// are the workers' own: a flood of made-up ones must not grow the coordinator).
+const MAX_WORKERS_KEPT: usize = 10_000;
 
 #[derive(Clone)]
 pub(crate) struct Control {
@@ -235,10 +241,10 @@ impl Service for Control {
                             last_seen: chrono::Utc::now(),
                             interval_ms,
                         };
-                        self.workers
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(worker_id, seen);
+                        remember(
+                            &mut self.workers.lock().unwrap_or_else(|p| p.into_inner()),
+                            seen,
+                        );
                     }
                     Ok(_) => {}
                     // Advisory and fanned out to every process: dropped and logged, not
@@ -269,5 +275,58 @@ impl Control {
             FieldTable::default(),
         )
         .await
+    }
+}
+
+/// Keep `seen`, its interval at most [`MAX_STATUS_INTERVAL_MS`]; past
+/// [`MAX_WORKERS_KEPT`] workers, forget the one heard from longest ago.
+fn remember(workers: &mut HashMap<String, WorkerSeen>, mut seen: WorkerSeen) {
+    seen.interval_ms = seen.interval_ms.min(MAX_STATUS_INTERVAL_MS);
+    if workers.len() >= MAX_WORKERS_KEPT && !workers.contains_key(&seen.worker_id) {
+        let oldest = workers
+            .values()
+            .min_by_key(|w| w.last_seen)
+            .map(|w| w.worker_id.clone());
+        if let Some(oldest) = oldest {
+            workers.remove(&oldest);
+        }
+    }
+    workers.insert(seen.worker_id.clone(), seen);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(id: usize, interval_ms: u64, ago_s: i64) -> WorkerSeen {
+        WorkerSeen {
+            worker_id: format!("w{id}"),
+            namespaces: Vec::new(),
+            all_namespaces: true,
+            concurrency: 1,
+            in_flight: 0,
+            last_seen: chrono::Utc::now() - chrono::TimeDelta::seconds(ago_s),
+            interval_ms,
+        }
+    }
+
+    #[test]
+    fn a_workers_word_on_its_interval_and_the_number_of_workers_are_bounded() {
+        let mut workers = HashMap::new();
+        remember(&mut workers, seen(0, u64::MAX, 0));
+        assert_eq!(workers["w0"].interval_ms, MAX_STATUS_INTERVAL_MS);
+        for id in 1..MAX_WORKERS_KEPT {
+            remember(&mut workers, seen(id, 1_000, 10));
+        }
+        // w1 was heard from as long ago as the others but w0 more recently; one more
+        // worker makes room by forgetting one of those heard from longest ago.
+        remember(&mut workers, seen(MAX_WORKERS_KEPT, 1_000, 0));
+        assert_eq!(workers.len(), MAX_WORKERS_KEPT);
+        assert!(
+            workers.contains_key("w0") && workers.contains_key(&format!("w{MAX_WORKERS_KEPT}"))
+        );
+        // A worker already known is updated, not counted again.
+        remember(&mut workers, seen(0, 1_000, 0));
+        assert_eq!(workers.len(), MAX_WORKERS_KEPT);
     }
 }

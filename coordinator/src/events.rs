@@ -300,7 +300,13 @@ impl Service for EventRelay {
                         Ok(n) if (n as i64) < BATCH => break,
                         Ok(_) => continue,
                         Err(error) => {
-                            self.metrics.broker_errors.inc();
+                            // The database's failures are not the broker's: each alert
+                            // names the dependency to look at.
+                            if error.downcast_ref::<sqlx::Error>().is_some() {
+                                self.metrics.database_errors.inc();
+                            } else {
+                                self.metrics.broker_errors.inc();
+                            }
                             tracing::warn!(
                                 error = format!("{error:#}"),
                                 "relaying events failed; retrying shortly"

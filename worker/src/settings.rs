@@ -26,7 +26,7 @@ pub struct WorkerSettings {
     /// How often the worker tells coordinators which steps it is still running. Keep it
     /// well under the coordinators' `TASKER_HEARTBEAT_LEASE_MS`.
     #[arg(long, env = "TASKER_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub heartbeat_interval_ms: u64,
     /// Serve Prometheus metrics (`/metrics`) and `/health/live` on this address. Unset:
     /// no HTTP server.
