@@ -469,7 +469,13 @@ impl CoordinatorMetrics {
             self.step_message_batch_size.observe(steps as f64);
         }
         self.publish_duration.observe(took.as_secs_f64());
-        for dispatch in dispatches {
+        // A step the broker did not take is dispatched again, and counted then.
+        let unpublished: std::collections::HashSet<(uuid::Uuid, uuid::Uuid)> =
+            published.unpublished.iter().copied().collect();
+        for dispatch in dispatches
+            .iter()
+            .filter(|d| !unpublished.contains(&(d.message.step_id, d.message.dispatch_token)))
+        {
             self.steps_dispatched
                 .get_or_create(&Self::namespace(&dispatch.message.namespace))
                 .inc();
