@@ -295,9 +295,15 @@ impl Application {
                 None => {
                     let topology = &self.topology;
                     let name = connection_name(topology);
-                    let reconnect = broker::reconnect(&settings.broker, &name, |connection| {
-                        BrokerSession::open(connection, topology)
-                    });
+                    let metrics = &self.state.metrics;
+                    let reconnect = broker::reconnect(
+                        &settings.broker,
+                        &name,
+                        |connection| BrokerSession::open(connection, topology),
+                        || {
+                            metrics.broker_errors.inc();
+                        },
+                    );
                     tokio::select! {
                         () = &mut shutdown => break Ok(()),
                         current = reconnect => {

@@ -574,9 +574,15 @@ pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Co
 /// Connect again after the connection was lost, and keep trying (every few seconds at
 /// most) until the broker answers: a broker restart or a network outage must not stop a
 /// process. `open` runs on every fresh connection (declare the topology, open channels);
-/// if it fails, the connection is dropped and the next attempt starts over. Callers race
-/// this against their shutdown signal.
-pub async fn reconnect<T, F, Fut>(settings: &BrokerSettings, name: &str, open: F) -> T
+/// if it fails, the connection is dropped and the next attempt starts over. `failed` is
+/// called at every failed attempt (a broker error counted for each, so an outage shows
+/// for as long as it lasts). Callers race this against their shutdown signal.
+pub async fn reconnect<T, F, Fut>(
+    settings: &BrokerSettings,
+    name: &str,
+    open: F,
+    failed: impl Fn(),
+) -> T
 where
     F: Fn(Connection) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -587,6 +593,7 @@ where
         let reconnected = attempt
             .retry(connect_backoff().without_max_times())
             .notify(|error: &anyhow::Error, wait| {
+                failed();
                 tracing::warn!(error = format!("{error:#}"), ?wait, broker = %settings.amqp_url,
                     "RabbitMQ not reachable; retrying");
             })

@@ -264,9 +264,15 @@ impl Worker {
                 None => {
                     let name = format!("tasker-worker {}", self.worker_id);
                     let topology = &self.topology;
-                    let reconnect = broker::reconnect(&self.broker, &name, |connection| {
-                        declare_topology(connection, topology)
-                    });
+                    let metrics = &self.metrics;
+                    let reconnect = broker::reconnect(
+                        &self.broker,
+                        &name,
+                        |connection| declare_topology(connection, topology),
+                        || {
+                            metrics.broker_errors.inc();
+                        },
+                    );
                     tokio::select! {
                         () = &mut shutdown => break,
                         current = reconnect => {

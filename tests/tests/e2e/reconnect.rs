@@ -282,3 +282,62 @@ async fn a_worker_comes_back_after_the_broker_closes_one_of_its_channels() {
     assert_eq!(task.status, TaskStatus::Complete, "{task:#?}");
     env.finish().await.unwrap();
 }
+
+/// A TCP relay to RabbitMQ that can be cut: the broker is then away for whoever connects
+/// through it (a network outage), while the tests beside go on.
+struct Relay {
+    port: u16,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let broker = reqwest::Url::parse(&tasker_tests::amqp_url()).unwrap();
+        let broker = format!(
+            "{}:{}",
+            broker.host_str().unwrap(),
+            broker.port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let mut cut = stopped.clone();
+                let (mut client, _) = tokio::select! {
+                    _ = cut.wait_for(|cut| *cut) => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    let Ok(mut broker) = tokio::net::TcpStream::connect(broker).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.wait_for(|cut| *cut) => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, stop }
+    }
+}
+
+/// While RabbitMQ stays away, a worker counts a broker error at every attempt to connect
+/// again, not once: an alert on the errors' increase holds for the whole outage.
+#[tokio::test]
+async fn broker_errors_keep_counting_while_the_broker_stays_away() {
+    let mut env = TestEnv::start("away").await.unwrap();
+    let relay = Relay::start().await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port);
+    let (_, metrics) = env
+        .start_metered_worker_with("away", &["away"], 2, &[("AMQP_URL", url.as_str())])
+        .await
+        .unwrap();
+    relay.stop.send_replace(true);
+    let errors =
+        tasker_tests::wait_for_metric(&metrics, "tasker_worker_broker_errors_total", 3.0).await;
+    assert!(errors >= 3.0, "{errors}");
+    env.finish().await.unwrap();
+}
