@@ -47,6 +47,24 @@ impl Gauges {
         }
     }
 
+    /// Drop the gauges by status, namespace and queue, rather than export old values as
+    /// today's: several coordinators are read with `max`, and one that cannot look (its
+    /// broker session or database lost) must not hide what the others see (a queue
+    /// without consumers, say).
+    fn forget(&self) {
+        self.metrics.tasks_by_status.clear();
+        self.metrics.steps_by_status.clear();
+        self.metrics.steps_held.clear();
+        self.metrics.oldest_ready.clear();
+        self.metrics.queue_messages.clear();
+        self.metrics.queue_consumers.clear();
+        self.metrics
+            .queue_depths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Refresh every gauge once.
     pub(crate) async fn refresh_once(&self) -> anyhow::Result<()> {
         let work = inspect::work_in_flight(&self.pool).await?;
@@ -160,12 +178,15 @@ impl Service for Gauges {
             loop {
                 if let Err(error) = self.refresh_once().await {
                     tracing::warn!(error = format!("{error:#}"), "cannot refresh the gauges");
+                    self.forget();
                 }
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(self.interval) => {}
                 }
             }
+            // Stopped with its broker session: nothing refreshes them until the next.
+            self.forget();
         }
         .instrument(span)
         .await

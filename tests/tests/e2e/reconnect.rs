@@ -341,3 +341,46 @@ async fn broker_errors_keep_counting_while_the_broker_stays_away() {
     assert!(errors >= 3.0, "{errors}");
     env.finish().await.unwrap();
 }
+
+/// A coordinator that loses RabbitMQ drops its queue gauges instead of exporting the
+/// last values it read (a `max` over coordinators would let an old consumer count hide
+/// a queue nobody consumes any more), and reads them again once it is back.
+#[tokio::test]
+async fn a_coordinator_without_its_broker_drops_its_queue_gauges() {
+    let relay = Relay::start().await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port);
+    let env = TestEnv::start_with(
+        "gauges-away",
+        tasker_tests::EnvOptions {
+            coordinator_env: vec![
+                ("AMQP_URL".into(), url),
+                ("TASKER_GAUGE_INTERVAL_MS".into(), "200".into()),
+            ],
+            ..tasker_tests::EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_template(TEMPLATE).await.unwrap();
+    let results = format!("tasker_queue_consumers{{queue=\"{}.results\"}}", env.prefix);
+    tasker_tests::wait_for_metric(&env.metrics_url(), &results, 1.0).await;
+    relay.stop.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = reqwest::get(env.metrics_url())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if !text.contains("tasker_queue_consumers{") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue gauges stayed:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finish().await.unwrap();
+}
