@@ -96,8 +96,16 @@ impl Effects {
         }
     }
 
-    /// Carry the effects out.
+    /// Carry the effects out, in a task of its own: a client that hangs up once the change
+    /// has committed drops its request's future, not what the commit promised (steps
+    /// claimed and not yet published would wait for their lease to run out).
     pub(crate) async fn apply(self, state: &AppState) {
+        let state = state.clone();
+        // A panic in it is the task's; the request has its answer either way.
+        let _ = tokio::spawn(async move { self.carry_out(&state).await }).await;
+    }
+
+    async fn carry_out(self, state: &AppState) {
         if self.wake_events {
             state.wake_events.notify_one();
         }

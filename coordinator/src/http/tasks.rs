@@ -249,7 +249,7 @@ pub(crate) async fn create(
     // the database, as a create did before templates were kept, and the second create
     // is not checked (a registration racing it may or may not count).
     let mut checked = true;
-    let (template, created) = loop {
+    let created = loop {
         let resolved = if checked {
             state
                 .templates
@@ -295,20 +295,16 @@ pub(crate) async fn create(
             Ok(_) => return Err(creation_problems(context_problems, Vec::new())),
             Err(problems) => return Err(creation_problems(context_problems, problems)),
         };
-        match state.creator.create(creation).await? {
+        let leaves_work = template.definition.first_steps_leave_work();
+        match create_detached(&state, creation, leaves_work).await? {
             Created::TemplateChanged if checked => checked = false,
-            created => break (template, created),
+            created => break created,
         }
     };
     match created {
-        Created::New(task, steps, dispatches) => {
+        Created::New(task, steps, _) => {
             span.record("task_id", tracing::field::display(task.task_id));
             tracing::info!(task_id = %task.task_id, namespace = %task.namespace, name = %task.name, "task created");
-            // What a first step leaves ready past the first batch is the dispatcher's.
-            let leaves_work = template.definition.first_steps_leave_work();
-            crate::operations::Effects::created(&task, dispatches, leaves_work)
-                .apply(&state)
-                .await;
             // As created: no second read. `execution` is computed on GET.
             Ok((
                 StatusCode::CREATED,
@@ -537,6 +533,33 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
 }
 
 /// When to run a new task's first steps: `run_at`, or `delay_ms` from now; not both.
+/// Write `creation`, then carry out what its commit promised (publish the first steps
+/// claimed with it, count it), in a task of its own: a client that hangs up while its
+/// task is written drops its request, not the steps claimed for its task, which would
+/// otherwise wait, claimed and unpublished, for their lease to run out. Answers the
+/// creation without its dispatches, which are published.
+async fn create_detached(
+    state: &AppState,
+    creation: Creation,
+    leaves_work: bool,
+) -> ApiResult<Created> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        match state.creator.create(creation).await? {
+            Created::New(task, steps, dispatches) => {
+                // What a first step leaves ready past the first batch is the dispatcher's.
+                crate::operations::Effects::created(&task, dispatches, leaves_work)
+                    .apply(&state)
+                    .await;
+                Ok(Created::New(task, steps, Vec::new()))
+            }
+            created => Ok(created),
+        }
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
 fn run_at(fields: &mut Fields) -> Option<chrono::DateTime<chrono::Utc>> {
     let at = fields.timestamp("run_at");
     let delay = fields.integer("delay_ms", 0, MAX_DELAY_MS);

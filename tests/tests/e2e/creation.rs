@@ -317,3 +317,59 @@ async fn a_creation_waiting_on_a_lock_holds_up_the_others_only_briefly() {
     assert_eq!(keyed.await.unwrap(), 201);
     env.finish().await.unwrap();
 }
+
+/// A client that hangs up while its task is being written leaves the task created and
+/// its first step published: what the commit claimed does not wait, unpublished, for its
+/// lease to run out (a minute) because the request that asked for it went away.
+#[tokio::test]
+async fn a_client_that_hangs_up_while_its_task_is_written_leaves_it_running() {
+    use sqlx::Connection;
+    use tokio::io::AsyncWriteExt;
+    let mut env = TestEnv::start("creation-gone").await.unwrap();
+    env.register_template(
+        "namespace: gone\nname: one\nsteps:\n  - {name: a, handler: tasker.noop}\n",
+    )
+    .await
+    .unwrap();
+    env.start_worker("gone", &["gone"]).await.unwrap();
+
+    // Creations wait for this lock while the client hangs up.
+    let mut holder = sqlx::PgConnection::connect(&env.database_url)
+        .await
+        .unwrap();
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tasks IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let address = env.base_url.trim_start_matches("http://").to_owned();
+    let mut client = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let body = json!({"namespace": "gone", "name": "one"}).to_string();
+    let request = format!(
+        "POST /v1/tasks HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    env.until_a_transaction_waits_for_a_lock().await;
+    drop(client);
+    // Time for the coordinator to notice the hang-up (and drop the request's work).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.commit().await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks")
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap();
+        if status.as_deref() == Some("complete") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the task is {status:?} 15 s after its creation committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.finish().await.unwrap();
+}
