@@ -30,6 +30,11 @@ impl ApiError {
         }
     }
 
+    /// The answer's status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub(crate) fn with_details(mut self, details: Vec<Value>) -> Self {
         self.details = details;
         self

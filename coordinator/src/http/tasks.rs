@@ -218,10 +218,14 @@ pub(crate) async fn create(
             );
         }
     }
-    fields.finish("invalid_request")?;
+    let checked = fields.finish("invalid_request");
     let (Some(namespace), Some(name)) = (namespace, name) else {
+        checked?;
         return Err(ApiError::malformed("namespace and name are required"));
     };
+    if let Err(error) = checked {
+        return or_earlier(&state, (&namespace, &name), &new, version.as_deref(), error).await;
+    }
     let max = state.limits.max_context_bytes;
     let size = json_len(&new.context);
     if size > max {
@@ -291,9 +295,16 @@ pub(crate) async fn create(
             Creation::new(template.clone(), new.clone(), claim, versions_known)
         };
         let creation = match creation {
-            Ok(creation) if context_problems.is_empty() => creation,
-            Ok(_) => return Err(creation_problems(context_problems, Vec::new())),
-            Err(problems) => return Err(creation_problems(context_problems, problems)),
+            Ok(creation) if context_problems.is_empty() => Ok(creation),
+            Ok(_) => Err(creation_problems(context_problems, Vec::new())),
+            Err(problems) => Err(creation_problems(context_problems, problems)),
+        };
+        let creation = match creation {
+            Ok(creation) => creation,
+            Err(error) => {
+                let names = (namespace.as_str(), name.as_str());
+                return or_earlier(&state, names, &new, version.as_deref(), error).await;
+            }
         };
         let leaves_work = template.definition.first_steps_leave_work();
         match create_detached(&state, creation, leaves_work).await? {
@@ -317,22 +328,7 @@ pub(crate) async fn create(
                 }),
             ))
         }
-        Created::Existing(task) => {
-            // A request that named no version is the same request whichever version is
-            // the newest now: only a version asked for must match.
-            let other_version = version.as_deref().is_some_and(|v| v != task.version);
-            if task.context != new.context || other_version {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_conflict",
-                    format!(
-                        "idempotency_key was already used for task {} with a different version or context",
-                        task.task_id
-                    ),
-                ));
-            }
-            Ok((StatusCode::OK, Json(task_view(&state, task.task_id).await?)))
-        }
+        Created::Existing(task) => earlier(&state, task, &new, version.as_deref()).await,
         // Only a checked create can be refused.
         Created::TemplateChanged => Err(ApiError::internal(anyhow::anyhow!(
             "an unchecked create of {namespace}/{name} was refused as stale"
@@ -533,6 +529,53 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
 }
 
 /// When to run a new task's first steps: `run_at`, or `delay_ms` from now; not both.
+/// The answer to a request repeated with an idempotency key: the task it created (200), or
+/// 409 when the request differs from the first.
+async fn earlier(
+    state: &AppState,
+    task: TaskRecord,
+    new: &NewTask,
+    version: Option<&str>,
+) -> ApiResult<(StatusCode, Json<TaskView>)> {
+    // A request that named no version is the same request whichever version is the
+    // newest now: only a version asked for must match.
+    let other_version = version.is_some_and(|v| v != task.version);
+    if task.context != new.context || other_version {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_conflict",
+            format!(
+                "idempotency_key was already used for task {} with a different version or context",
+                task.task_id
+            ),
+        ));
+    }
+    Ok((StatusCode::OK, Json(task_view(state, task.task_id).await?)))
+}
+
+/// `error` (a 422), unless the request carries an idempotency key a task of this
+/// template was created with: a repeated request is answered with that task, as if it
+/// had been written, not judged again against what changed since (the newest version's
+/// context schema, a deadline now past, a delay counted from now).
+async fn or_earlier(
+    state: &AppState,
+    (namespace, name): (&str, &str),
+    new: &NewTask,
+    version: Option<&str>,
+    error: ApiError,
+) -> ApiResult<(StatusCode, Json<TaskView>)> {
+    let Some(key) = new.idempotency_key.as_deref() else {
+        return Err(error);
+    };
+    if error.status() != StatusCode::UNPROCESSABLE_ENTITY {
+        return Err(error);
+    }
+    match tasks::find_by_idempotency_key(&state.pool, namespace, name, key).await? {
+        Some(task) => earlier(state, task, new, version).await,
+        None => Err(error),
+    }
+}
+
 /// Write `creation`, then carry out what its commit promised (publish the first steps
 /// claimed with it, count it), in a task of its own: a client that hangs up while its
 /// task is written drops its request, not the steps claimed for its task, which would

@@ -1006,7 +1006,8 @@ impl<'a> StepColumns<'a> {
     }
 }
 
-async fn find_by_idempotency_key(
+/// The task of template `namespace`/`name` created with idempotency key `key`, if any.
+pub async fn find_by_idempotency_key(
     pool: &PgPool,
     namespace: &str,
     name: &str,

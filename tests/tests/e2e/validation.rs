@@ -205,6 +205,43 @@ async fn the_same_idempotency_key_twice_yields_one_task() {
     let (status, body) = env.create_task(other).await.unwrap();
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "idempotency_conflict");
+
+    // A repeat is answered with its task, not judged again against what changed since:
+    // the newest version's schema now wants a field the first request did not send...
+    let (status, body) = env
+        .register_template(
+            &CHECKOUT
+                .replace("version: 1.2.0", "version: 1.4.0")
+                .replace(
+                    "required: [order_id, email]",
+                    "required: [order_id, email, phone]",
+                )
+                .replace(
+                    "email: {type: string}",
+                    "email: {type: string}\n    phone: {type: string}",
+                ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, again) = env.create_task(request.clone()).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["task_id"], first["task_id"]);
+    // ... and a deadline passed since the first request.
+    let deadline = (chrono::Utc::now() + chrono::TimeDelta::milliseconds(1_500)).to_rfc3339();
+    let mut timed = json!({"namespace": "shop", "name": "checkout", "version": "1.2.0",
+        "idempotency_key": "order-9", "deadline": deadline,
+        "context": {"order_id": 9, "email": "a@b.c"}});
+    let (status, made) = env.create_task(timed.clone()).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
+    let (status, again) = env.create_task(timed.clone()).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["task_id"], made["task_id"]);
+    // Without its key the same late request is judged as new: refused.
+    timed.as_object_mut().unwrap().remove("idempotency_key");
+    let (status, body) = env.create_task(timed).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     env.finish().await.unwrap();
 }
 
