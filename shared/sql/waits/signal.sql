@@ -1,13 +1,15 @@
 -- Deliver the signal $2 with the payload $3 to the `tasker.wait` steps of task $1 that
 -- wait for it (the caller holds the task's row; these rows are locked by id): one that
 -- waits completes with the payload as results; one not waiting yet keeps the payload
--- and completes when it would start waiting. Returns the steps delivered to and whether
--- each completed.
+-- and completes when it would start waiting. A step past its wait's timeout takes none:
+-- it fails with `wait_timeout` at the next sweep. Returns the steps delivered to and
+-- whether each completed.
 WITH target AS (
     SELECT s.step_id
     FROM steps s
     WHERE s.task_id = $1 AND s.handler = 'tasker.wait' AND s.config ->> 'signal' = $2
       AND (s.status = 'pending') IS TRUE AND s.signalled_at IS NULL
+      AND (s.wait_until > now()) IS NOT FALSE
     ORDER BY s.step_id
     FOR UPDATE
 ),

@@ -225,3 +225,47 @@ steps:
     }
     env.finish().await.unwrap();
 }
+
+/// A signal that comes after its wait's timeout is refused, even before the sweeper has
+/// failed the step (`wait_timeout`): the timeout, not the sweep, is the deadline.
+#[tokio::test]
+async fn a_signal_past_the_waits_timeout_is_refused_before_the_sweep() {
+    let env = TestEnv::start_with(
+        "wait-late",
+        tasker_tests::EnvOptions {
+            // No sweep during the test: the step stays `pending` past its timeout.
+            coordinator_env: vec![("TASKER_SWEEP_INTERVAL_MS".into(), "600000".into())],
+            ..tasker_tests::EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (status, body) = env
+        .register_template(
+            "namespace: wait\nname: brief\nsteps:\n  - {name: approve, handler: tasker.wait, config: {signal: go, timeout: 1s}}\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "wait", "name": "brief"}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, body) = env
+        .post(&format!("/v1/tasks/{}/signals/go", task.task_id), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{body}"
+    );
+    let still = env.api.task(task.task_id).await.unwrap();
+    assert_eq!(still.step("approve").status, StepStatus::Pending);
+    env.finish().await.unwrap();
+}

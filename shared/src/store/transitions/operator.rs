@@ -472,8 +472,10 @@ pub async fn signal(
             .fetch_all(&mut *conn)
             .await?;
     if delivered.is_empty() {
-        let seen: Vec<(StepStatus, bool)> = sqlx::query_as(
-            "SELECT status, signalled_at IS NOT NULL FROM steps \
+        let seen: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT CASE WHEN status = 'pending' AND wait_until <= now() THEN 'timed out' \
+                         ELSE status END, \
+                    signalled_at IS NOT NULL FROM steps \
              WHERE task_id = $1 AND handler = 'tasker.wait' AND config ->> 'signal' = $2",
         )
         .bind(task_id)
@@ -493,7 +495,7 @@ pub async fn signal(
             OperatorError::Conflict(format!(
                 "no step of task {task_id} waits for the signal `{signal}` any more ({})",
                 seen.iter()
-                    .map(|(status, _)| status.as_str())
+                    .map(|(status, _)| status.replace('_', " "))
                     .collect::<Vec<_>>()
                     .join(", ")
             ))
