@@ -540,7 +540,7 @@ async fn earlier(
     // A request that named no version is the same request whichever version is the
     // newest now: only a version asked for must match.
     let other_version = version.is_some_and(|v| v != task.version);
-    if task.context != new.context || other_version {
+    if !same_json(&task.context, &new.context) || other_version {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "idempotency_conflict",
@@ -551,6 +551,27 @@ async fn earlier(
         ));
     }
     Ok((StatusCode::OK, Json(task_view(state, task.task_id).await?)))
+}
+
+/// Whether `a` and `b` are the same JSON, numbers compared by value: `jsonb` stores
+/// `1e16` as `10000000000000000`, which reads back as an integer where the request sent
+/// a float.
+fn same_json(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i128(), y.as_i128()) {
+            (Some(x), Some(y)) => x == y,
+            _ => x.as_f64() == y.as_f64(),
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(key, x)| y.get(key).is_some_and(|y| same_json(x, y)))
+        }
+        _ => a == b,
+    }
 }
 
 /// `error` (a 422), unless the request carries an idempotency key a task of this

@@ -242,6 +242,22 @@ async fn the_same_idempotency_key_twice_yields_one_task() {
     timed.as_object_mut().unwrap().remove("idempotency_key");
     let (status, body) = env.create_task(timed).await.unwrap();
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // A float that `jsonb` stores as an integer is the same number when repeated.
+    let (status, body) = env
+        .register_template(
+            "namespace: shop\nname: loose\nsteps:\n  - {name: a, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let big = r#"{"namespace": "shop", "name": "loose", "idempotency_key": "big", "context": {"n": 1e16, "m": [2.5, 3.0]}}"#;
+    let big: Value = serde_json::from_str(big).unwrap();
+    let (status, made) = env.create_task(big.clone()).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let (status, again) = env.create_task(big).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["task_id"], made["task_id"]);
     env.finish().await.unwrap();
 }
 
