@@ -10,7 +10,8 @@
 //!
 //! A batch is all or nothing. When its statement fails (a template's versions changed,
 //! `TK001`, or any other error), each creation is written again on its own with
-//! `tasks::create`, which answers for that creation alone.
+//! `tasks::create`, which answers for that creation alone; but when the database could
+//! not be reached, each is answered with that error at once.
 //!
 //! The batching loop and each batch's write are tasks on the application's tracker; the
 //! loop ends once the API has answered its last request and [`TaskCreator::close`] is
@@ -169,6 +170,23 @@ async fn gather(
     }
 }
 
+/// For a batch that failed because the database could not be reached (no connection
+/// from the pool in time, the pool closed, the connection broken), that error again for
+/// each of its creations; `None` for a failure of the batch itself.
+fn unreachable(error: &sqlx::Error) -> Option<Box<dyn Fn() -> sqlx::Error + Send>> {
+    match error {
+        sqlx::Error::PoolTimedOut => Some(Box::new(|| sqlx::Error::PoolTimedOut)),
+        sqlx::Error::PoolClosed => Some(Box::new(|| sqlx::Error::PoolClosed)),
+        sqlx::Error::Io(io) => {
+            let (kind, text) = (io.kind(), io.to_string());
+            Some(Box::new(move || {
+                sqlx::Error::Io(std::io::Error::new(kind, text.clone()))
+            }))
+        }
+        _ => None,
+    }
+}
+
 fn lock_running(
     running: &Mutex<Vec<(u64, Instant)>>,
 ) -> std::sync::MutexGuard<'_, Vec<(u64, Instant)>> {
@@ -195,11 +213,21 @@ async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
                 }
                 return;
             }
-            Err(error) => tracing::debug!(
-                %error,
-                creations = creations.len(),
-                "batch of creations refused; writing each on its own"
-            ),
+            Err(error) => {
+                // No connection to be had: each alone would wait as long again, one
+                // after the other, while every creation behind them waits too.
+                if let Some(unreachable) = unreachable(&error) {
+                    for (reply, _admitted) in replies {
+                        let _ = reply.send(Err(unreachable()));
+                    }
+                    return;
+                }
+                tracing::debug!(
+                    %error,
+                    creations = creations.len(),
+                    "batch of creations refused; writing each on its own"
+                );
+            }
         }
     }
     for (creation, (reply, _admitted)) in creations.iter().zip(replies) {
