@@ -109,6 +109,7 @@ impl Gauges {
                 .set(count);
         }
 
+        crate::scheduler::forget_deleted_schedules(&self.pool, &self.metrics).await?;
         let namespaces = templates::namespaces(&self.pool).await?;
         // Every namespace has the gauge: 0 where nothing waits.
         for namespace in &namespaces {

@@ -117,6 +117,9 @@ pub(crate) struct CoordinatorMetrics {
     pub(crate) schedule_fires: Family<ScheduleLabel, Counter>,
     pub(crate) schedule_skips: Family<ScheduleReason, Counter>,
     pub(crate) schedule_lateness: Histogram,
+    /// The schedules this coordinator has series for: those deleted (through any
+    /// coordinator) are forgotten by the gauges loop.
+    pub(crate) schedules_counted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A counter family by reason whose known reasons exist from the start, at 0, so rate()
@@ -403,6 +406,7 @@ impl CoordinatorMetrics {
             control_dropped,
             queue_latency,
             queue_depths: std::sync::Mutex::default(),
+            schedules_counted: std::sync::Mutex::default(),
             task_duration,
             oldest_ready,
             schedule_fires,

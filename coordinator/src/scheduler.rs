@@ -192,6 +192,14 @@ impl Scheduler {
         tx.commit().await?;
         let metrics = &self.state.metrics;
         for count in counts {
+            let schedule = match &count {
+                Count::Fired { schedule, .. } | Count::Skipped { schedule, .. } => schedule,
+            };
+            metrics
+                .schedules_counted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(schedule.clone());
             match count {
                 Count::Fired { schedule, lateness } => {
                     metrics
@@ -430,8 +438,15 @@ const SKIP_OVERLAP: &str = "overlap";
 const SKIP_FAILED: &str = "failed";
 
 /// Forget the metric series of the deleted schedule `name`: schedules made and deleted
-/// by the thousand (one per customer) must not grow `/metrics` until a restart.
+/// by the thousand (one per customer) must not grow `/metrics` until a restart. The
+/// coordinator that deletes one forgets it at once; the others at their gauges' next
+/// refresh ([`forget_deleted_schedules`]).
 pub(crate) fn forget_schedule(metrics: &CoordinatorMetrics, name: &str) {
+    metrics
+        .schedules_counted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(name);
     metrics.schedule_fires.remove(&ScheduleLabel {
         schedule: name.to_owned(),
     });
@@ -450,4 +465,33 @@ fn skipped(record: &ScheduleRecord, at: DateTime<Utc>, reason: &'static str) -> 
         schedule: record.fields.name.clone(),
         reason,
     }
+}
+
+/// Forget the series of the schedules counted here that no longer exist (deleted through
+/// another coordinator, or by one whose fire committed after the delete was seen).
+pub(crate) async fn forget_deleted_schedules(
+    pool: &sqlx::PgPool,
+    metrics: &CoordinatorMetrics,
+) -> sqlx::Result<()> {
+    let counted: Vec<String> = metrics
+        .schedules_counted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    if counted.is_empty() {
+        return Ok(());
+    }
+    let existing: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT name FROM schedules WHERE name = ANY($1)")
+            .bind(&counted)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    for name in counted.iter().filter(|name| !existing.contains(*name)) {
+        forget_schedule(metrics, name);
+    }
+    Ok(())
 }

@@ -624,3 +624,64 @@ async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files(
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "schedule_not_found");
 }
+
+/// A schedule's series go from a coordinator that fired it once it is deleted through
+/// another: schedules made and deleted by the thousand must not grow `/metrics`.
+#[tokio::test]
+async fn a_deleted_schedules_series_go_from_the_coordinator_that_fired_it() {
+    let gauges = [("TASKER_GAUGE_INTERVAL_MS", "200")];
+    let env = TestEnv::start_with(
+        "schedule-series",
+        tasker_tests::EnvOptions {
+            coordinator_env: vec![("TASKER_GAUGE_INTERVAL_MS".into(), "200".into())],
+            ..tasker_tests::EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    let (_second, second_url) = env.start_coordinator("second", &gauges).await.unwrap();
+    let (status, body) = create(
+        &env,
+        json!({"name": "shared-tick", "namespace": "clock", "template": "nightly", "cron": "* * * * * *"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let series = "tasker_schedule_fires_total{schedule=\"shared-tick\"}";
+    let scrape = |url: String| async move {
+        reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // A coordinator that fired it; the schedule is deleted through the other.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (fired_on, other) = loop {
+        if scrape(second_url.clone()).await.contains(series) {
+            break (second_url.clone(), env.base_url.clone());
+        }
+        if scrape(env.base_url.clone()).await.contains(series) {
+            break (env.base_url.clone(), second_url.clone());
+        }
+        assert!(tokio::time::Instant::now() < deadline, "it never fired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let deleted = env
+        .http
+        .delete(format!("{other}/v1/schedules/shared-tick"))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while scrape(fired_on.clone()).await.contains(series) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the series stayed on a coordinator"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finish().await.unwrap();
+}
