@@ -620,8 +620,7 @@ async fn resolving_a_failed_instance_makes_the_clean_up_wait_for_its_fan_out_aga
     let mut conn = db.pool.acquire().await.unwrap();
     transitions::claim_ready(&mut conn, 10, LEASE_MS, false)
         .await
-        .unwrap()
-        .dispatches;
+        .unwrap();
     drop(conn);
     assert_eq!(db.step(task, "load").await.status, StepStatus::Complete);
     let cleanup = db.step(task, "cleanup").await;

@@ -425,8 +425,9 @@ impl Worker {
             consume.clone(),
             consumers.clone(),
             // Only a worker serving every namespace follows the announcements.
-            self.namespaces.is_none().then(|| deliveries_tx.clone()),
-            closing.clone(),
+            self.namespaces
+                .is_none()
+                .then(|| (deliveries_tx.clone(), closing.clone())),
             failed.clone(),
         ));
         drop(deliveries_tx);
@@ -644,19 +645,17 @@ async fn start_consumer(
 }
 
 /// Follow the control exchange: abort the steps of cancelled tasks and, for a worker
-/// serving every namespace (`deliveries` given), consume each namespace announced until
-/// the worker is `closing`.
+/// serving every namespace (`deliveries` given, with the token of its closing), consume
+/// each namespace announced until the worker is closing.
 async fn follow_control(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     control: Channel,
     consume: Channel,
     consumers: Arc<Consumers>,
-    deliveries: Option<mpsc::Sender<Received>>,
-    closing: CancellationToken,
+    deliveries: Option<(mpsc::Sender<Received>, CancellationToken)>,
     failed: Arc<Notify>,
 ) {
-    let deliveries = deliveries.map(|deliveries| (deliveries, closing));
     follow(
         shared,
         &connection,
