@@ -170,23 +170,6 @@ async fn gather(
     }
 }
 
-/// For a batch that failed because the database could not be reached (no connection
-/// from the pool in time, the pool closed, the connection broken), that error again for
-/// each of its creations; `None` for a failure of the batch itself.
-fn unreachable(error: &sqlx::Error) -> Option<Box<dyn Fn() -> sqlx::Error + Send>> {
-    match error {
-        sqlx::Error::PoolTimedOut => Some(Box::new(|| sqlx::Error::PoolTimedOut)),
-        sqlx::Error::PoolClosed => Some(Box::new(|| sqlx::Error::PoolClosed)),
-        sqlx::Error::Io(io) => {
-            let (kind, text) = (io.kind(), io.to_string());
-            Some(Box::new(move || {
-                sqlx::Error::Io(std::io::Error::new(kind, text.clone()))
-            }))
-        }
-        _ => None,
-    }
-}
-
 fn lock_running(
     running: &Mutex<Vec<(u64, Instant)>>,
 ) -> std::sync::MutexGuard<'_, Vec<(u64, Instant)>> {
@@ -216,9 +199,12 @@ async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
             Err(error) => {
                 // No connection to be had: each alone would wait as long again, one
                 // after the other, while every creation behind them waits too.
-                if let Some(unreachable) = unreachable(&error) {
+                if crate::http::error::database_unreachable(&error) {
+                    tracing::warn!(%error, creations = creations.len(),
+                        "the database is not reachable; a batch of creations refused");
+                    // Each is answered as the database's absence is (503).
                     for (reply, _admitted) in replies {
-                        let _ = reply.send(Err(unreachable()));
+                        let _ = reply.send(Err(sqlx::Error::PoolTimedOut));
                     }
                     return;
                 }

@@ -100,12 +100,16 @@ impl Effects {
     /// has committed drops its request's future, not what the commit promised (steps
     /// claimed and not yet published would wait for their lease to run out).
     pub(crate) async fn apply(self, state: &AppState) {
-        let state = state.clone();
+        let carried = state.clone();
         // A panic in it is the task's; the request has its answer either way.
-        let _ = tokio::spawn(async move { self.carry_out(&state).await }).await;
+        let _ = state
+            .effects
+            .spawn(async move { self.carry_out(&carried).await })
+            .await;
     }
 
-    async fn carry_out(self, state: &AppState) {
+    /// Carry the effects out here, in a task that already outlives its request.
+    pub(crate) async fn carry_out(self, state: &AppState) {
         if self.wake_events {
             state.wake_events.notify_one();
         }

@@ -61,7 +61,14 @@ pub(crate) struct ResultProcessor {
     priority: i32,
     /// Tells workers to abort the runs withdrawn from them.
     control: Control,
+    /// Hashes of the bodies this processor copied to the dead-letter queue lately, newest
+    /// last: a poison message its batch handed back (the database away, say) comes again
+    /// at every try, and is copied once.
+    copied: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// How many dead-lettered bodies are remembered.
+const COPIES_REMEMBERED: usize = 1_024;
 
 /// What one batch did, for logs and tests.
 #[derive(Debug, Default)]
@@ -180,6 +187,7 @@ impl ResultProcessor {
             lease: config.lease,
             priority: config.priority,
             control: config.control,
+            copied: std::sync::Mutex::default(),
         }
     }
 
@@ -567,6 +575,17 @@ impl ResultProcessor {
 
     /// Copy a poison delivery to the dead-letter queue with `reason`, and count it.
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            delivery.data.hash(&mut hasher);
+            hasher.finish()
+        };
+        let copies = || self.copied.lock().unwrap_or_else(|p| p.into_inner());
+        if delivery.redelivered && copies().contains(&hash) {
+            tracing::debug!("poison message handed back with its batch; copied already");
+            return Ok(());
+        }
         tracing::warn!(%reason, "poison message on the results queue; dead-lettering it");
         self.topology
             .dead_letter(
@@ -578,6 +597,11 @@ impl ResultProcessor {
             )
             .await?;
         self.metrics.dead_lettered.inc();
+        let mut copies = copies();
+        if copies.len() >= COPIES_REMEMBERED {
+            copies.pop_front();
+        }
+        copies.push_back(hash);
         Ok(())
     }
 

@@ -169,6 +169,7 @@ impl Application {
                 settings.http_max_connections as usize,
             )),
             status_counts: Arc::default(),
+            effects: TaskTracker::new(),
         };
         if let Some(dir) = &settings.templates_dir {
             load_templates(&state, dir).await?;
@@ -348,6 +349,8 @@ impl Application {
         stop.cancel();
         database_services.stop(Some(DATABASE_STOP)).await;
         server.await?;
+        // What the last requests' commits promised, their clients gone or not.
+        wait_for_all(&self.state.effects, FLUSH).await;
         // Batches claimed before the stop, by the dispatcher or by the last requests, still
         // go out (or fail and are handed back).
         if tokio::time::timeout(FLUSH, self.state.publisher.flush())

@@ -533,7 +533,6 @@ impl TestEnv {
         format!("{}.steps.{namespace}", self.prefix)
     }
 
-    /// The URL of the coordinator's `/metrics`.
     /// Wait (at most 30 s) until a transaction of this test's database waits for a lock.
     pub async fn until_a_transaction_waits_for_a_lock(&self) {
         let waiting = "SELECT count(*) FROM pg_stat_activity \
@@ -554,6 +553,7 @@ impl TestEnv {
         .unwrap();
     }
 
+    /// The URL of the coordinator's `/metrics`.
     pub fn metrics_url(&self) -> String {
         format!("{}/metrics", self.base_url)
     }

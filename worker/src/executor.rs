@@ -381,8 +381,6 @@ fn check_result_size(results: Value, limit: usize) -> Result<Value, StepError> {
     .with_code(RESULT_TOO_LARGE))
 }
 
-/// The result, or the permanent failure it becomes when a string or key in it holds
-/// U+0000, which PostgreSQL's `jsonb` cannot store.
 /// A result nested deeper than [`MAX_JSON_DEPTH`] would make its message, and every
 /// result batched with it, unreadable to the coordinator: it fails its step instead.
 /// Checked first: the size's count walks the value recursively.
@@ -397,6 +395,8 @@ fn check_result_depth(results: Value) -> Result<Value, StepError> {
     .with_code(RESULT_NOT_STORABLE))
 }
 
+/// The result, or the permanent failure it becomes when a string or key in it holds
+/// U+0000, which PostgreSQL's `jsonb` cannot store.
 fn check_result_storable(results: Value) -> Result<Value, StepError> {
     let pointers = tasker_protocol::messages::nul_pointers(&results, "", 5);
     if pointers.is_empty() {

@@ -727,6 +727,15 @@ async fn follow(
                     continue;
                 }
                 for namespace in namespaces {
+                    // Every announcement names every namespace: most are consumed already.
+                    if consumers
+                        .namespaces
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&namespace)
+                    {
+                        continue;
+                    }
                     let started = async {
                         let declare = connection.create_channel().await?;
                         let started = start_consumer(

@@ -59,7 +59,6 @@ pub(crate) fn too_large(
     })])
 }
 
-/// The length of `value` as compact JSON, without writing it out.
 /// Why `value`, the request's `field`, cannot be carried: it nests deeper than
 /// [`MAX_JSON_DEPTH`] levels.
 pub(crate) fn too_deep(field: &str, value: &Value) -> Option<String> {
@@ -71,6 +70,7 @@ pub(crate) fn too_deep(field: &str, value: &Value) -> Option<String> {
     })
 }
 
+/// The length of `value` as compact JSON, without writing it out.
 pub(crate) fn json_len(value: &Value) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {

@@ -35,6 +35,13 @@ impl ApiError {
         self.status
     }
 
+    /// The fields its problems name (`details[].path`).
+    pub(crate) fn problem_paths(&self) -> impl Iterator<Item = &str> {
+        self.details
+            .iter()
+            .filter_map(|detail| detail.get("path").and_then(Value::as_str))
+    }
+
     pub(crate) fn with_details(mut self, details: Vec<Value>) -> Self {
         self.details = details;
         self
@@ -78,10 +85,20 @@ impl ApiError {
     }
 }
 
+/// Whether `error` says the database could not be reached (no connection from the pool
+/// in time, the pool closed, the connection broken), rather than that it refused
+/// something.
+pub(crate) fn database_unreachable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+    )
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+            error if database_unreachable(error) => {
                 tracing::error!(%error, "database unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -7,7 +7,7 @@ mod budget;
 mod bulk;
 mod console;
 mod diagram;
-mod error;
+pub(crate) mod error;
 mod health;
 pub(crate) mod openapi;
 mod operate;
@@ -66,6 +66,10 @@ pub(crate) struct AppState {
     pub(crate) live: Arc<crate::live::LiveEvents>,
     /// `/health/status`'s counts, shared by its callers for a few seconds.
     pub(crate) status_counts: Arc<health::CountsCache>,
+    /// What requests' commits promised (publish claimed steps, tell workers), carried out
+    /// in tasks of their own, which a client that hangs up does not drop; waited for at
+    /// shutdown before the last publishes.
+    pub(crate) effects: tokio_util::task::TaskTracker,
 }
 
 /// One route of the API: a method, a path and its handler.

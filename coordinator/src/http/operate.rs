@@ -372,6 +372,14 @@ pub(crate) async fn signal(
             nul,
         ));
     }
+    // The payload becomes the step's results, carried to its children.
+    if let Some(problem) = too_deep("payload", &payload) {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            problem,
+            vec![serde_json::json!({"path": "", "message": "nests too deep"})],
+        ));
+    }
     if signal.contains('\0') {
         // No signal name holds U+0000 (nor can PostgreSQL compare with one).
         return Err(OperatorError::SignalNotFound {

@@ -224,7 +224,15 @@ pub(crate) async fn create(
         return Err(ApiError::malformed("namespace and name are required"));
     };
     if let Err(error) = checked {
-        return or_earlier(&state, (&namespace, &name), &new, version.as_deref(), error).await;
+        // Only a request refused for the time it came at is judged as a repeat: one with
+        // a malformed field (its version, context or key, say) is refused as it is.
+        if error
+            .problem_paths()
+            .all(|path| ["deadline", "run_at", "delay_ms"].contains(&path))
+        {
+            return or_earlier(&state, (&namespace, &name), &new, version.as_deref(), error).await;
+        }
+        return Err(error);
     }
     let max = state.limits.max_context_bytes;
     let size = json_len(&new.context);
@@ -528,7 +536,6 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
     })
 }
 
-/// When to run a new task's first steps: `run_at`, or `delay_ms` from now; not both.
 /// The answer to a request repeated with an idempotency key: the task it created (200), or
 /// 409 when the request differs from the first.
 async fn earlier(
@@ -560,7 +567,11 @@ fn same_json(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => match (x.as_i128(), y.as_i128()) {
             (Some(x), Some(y)) => x == y,
-            _ => x.as_f64() == y.as_f64(),
+            // An integer and a float: equal only when the float is that whole number
+            // (a float holds integers past 2^53 only roughly).
+            (Some(i), None) => whole(y) == Some(i),
+            (None, Some(i)) => whole(x) == Some(i),
+            (None, None) => x.as_f64() == y.as_f64(),
         },
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
@@ -572,6 +583,12 @@ fn same_json(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
+}
+
+/// The whole number a float is, if it is one.
+fn whole(number: &serde_json::Number) -> Option<i128> {
+    let float = number.as_f64()?;
+    (float.fract() == 0.0 && float.abs() < 1e38).then_some(float as i128)
 }
 
 /// `error` (a 422), unless the request carries an idempotency key a task of this
@@ -591,9 +608,10 @@ async fn or_earlier(
     if error.status() != StatusCode::UNPROCESSABLE_ENTITY {
         return Err(error);
     }
-    match tasks::find_by_idempotency_key(&state.pool, namespace, name, key).await? {
-        Some(task) => earlier(state, task, new, version).await,
-        None => Err(error),
+    // A look-up that fails answers the refusal, not the database's trouble.
+    match tasks::find_by_idempotency_key(&state.pool, namespace, name, key).await {
+        Ok(Some(task)) => earlier(state, task, new, version).await,
+        _ => Err(error),
     }
 }
 
@@ -607,23 +625,26 @@ async fn create_detached(
     creation: Creation,
     leaves_work: bool,
 ) -> ApiResult<Created> {
-    let state = state.clone();
-    tokio::spawn(async move {
-        match state.creator.create(creation).await? {
-            Created::New(task, steps, dispatches) => {
-                // What a first step leaves ready past the first batch is the dispatcher's.
-                crate::operations::Effects::created(&task, dispatches, leaves_work)
-                    .apply(&state)
-                    .await;
-                Ok(Created::New(task, steps, Vec::new()))
+    let carried = state.clone();
+    state
+        .effects
+        .spawn(async move {
+            match carried.creator.create(creation).await? {
+                Created::New(task, steps, dispatches) => {
+                    // What a first step leaves ready past the first batch is the dispatcher's.
+                    crate::operations::Effects::created(&task, dispatches, leaves_work)
+                        .carry_out(&carried)
+                        .await;
+                    Ok(Created::New(task, steps, Vec::new()))
+                }
+                created => Ok(created),
             }
-            created => Ok(created),
-        }
-    })
-    .await
-    .map_err(ApiError::internal)?
+        })
+        .await
+        .map_err(ApiError::internal)?
 }
 
+/// When to run a new task's first steps: `run_at`, or `delay_ms` from now; not both.
 fn run_at(fields: &mut Fields) -> Option<chrono::DateTime<chrono::Utc>> {
     let at = fields.timestamp("run_at");
     let delay = fields.integer("delay_ms", 0, MAX_DELAY_MS);
@@ -679,4 +700,31 @@ fn creation_problems(context: Vec<Problem>, problems: Vec<Problem>) -> ApiError 
     };
     let details: Vec<Value> = context.iter().chain(&problems).map(|p| json!(p)).collect();
     ApiError::invalid(code, message, details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_the_same_when_its_numbers_are_equal_in_value() {
+        let same = |a: &str, b: &str| {
+            same_json(
+                &serde_json::from_str(a).unwrap(),
+                &serde_json::from_str(b).unwrap(),
+            )
+        };
+        // jsonb writes 1e16 as 10000000000000000.
+        assert!(same(
+            r#"{"n": 1e16, "m": [2.5]}"#,
+            r#"{"n": 10000000000000000, "m": [2.5]}"#
+        ));
+        assert!(same("3.0", "3"));
+        assert!(!same("2.5", "2"));
+        // Past 2^53 a float is not the integer next to it.
+        assert!(!same("9007199254740992.0", "9007199254740993"));
+        assert!(!same(r#"{"a": 1}"#, r#"{"a": 1, "b": 2}"#));
+        assert!(!same(r#"[1, 2]"#, r#"[2, 1]"#));
+        assert!(!same(r#""1""#, "1"));
+    }
 }

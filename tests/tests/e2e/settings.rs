@@ -75,13 +75,26 @@ async fn a_role_confined_to_its_own_database_migrates_it() {
         format!("CREATE DATABASE {database} OWNER {role}"),
     )
     .await;
-    // Every role but superusers loses CONNECT there for the length of one command (the
-    // tests connect as a superuser, so nothing else notices).
-    run(
-        &mut admin,
-        "REVOKE CONNECT ON DATABASE postgres, template1 FROM PUBLIC".to_owned(),
-    )
-    .await;
+    // Every role but superusers loses CONNECT on the maintenance databases while the
+    // migration runs (the tests connect as a superuser, so nothing else notices), and
+    // gets back exactly what it had: on a server where PUBLIC had none, nothing changes.
+    let mut revoked = Vec::new();
+    for maintenance in ["postgres", "template1"] {
+        let granted: bool =
+            sqlx::query_scalar("SELECT has_database_privilege('public', $1, 'CONNECT')")
+                .bind(maintenance)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        if granted {
+            run(
+                &mut admin,
+                format!("REVOKE CONNECT ON DATABASE {maintenance} FROM PUBLIC"),
+            )
+            .await;
+            revoked.push(maintenance);
+        }
+    }
     let url = format!(
         "{}/{database}",
         server.replacen("://postgres@", &format!("://{role}@"), 1)
@@ -95,11 +108,13 @@ async fn a_role_confined_to_its_own_database_migrates_it() {
             .output(),
     )
     .await;
-    run(
-        &mut admin,
-        "GRANT CONNECT ON DATABASE postgres, template1 TO PUBLIC".to_owned(),
-    )
-    .await;
+    for maintenance in revoked {
+        run(
+            &mut admin,
+            format!("GRANT CONNECT ON DATABASE {maintenance} TO PUBLIC"),
+        )
+        .await;
+    }
     let output = output.expect("migrate finishes").unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let migrated: Option<i64> = if output.status.success() {
