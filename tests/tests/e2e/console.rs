@@ -368,6 +368,18 @@ async fn register(env: &TestEnv, admin: &str, yaml: &str) {
     );
 }
 
+/// A test's coordinator with authentication on, `template` registered and a worker for
+/// `namespace`; the admin token.
+async fn console_env(test: &str, template: &str, namespace: &str) -> (TestEnv, String) {
+    let mut env = TestEnv::start_with(test, auth_options()).await.unwrap();
+    let admin = token("setup", "admin");
+    register(&env, &admin, template).await;
+    env.start_worker(&format!("{namespace}-worker"), &[namespace])
+        .await
+        .unwrap();
+    (env, admin)
+}
+
 async fn wait_for_status(env: &TestEnv, admin: &str, task_id: &str, status: &str) -> Value {
     let started = Instant::now();
     loop {
@@ -766,19 +778,12 @@ async fn the_analytics_page_shows_the_step_made_slow() {
     if !browser_available() {
         return;
     }
-    let mut env = TestEnv::start_with("console_analytics", auth_options())
-        .await
-        .unwrap();
-    let admin = token("setup", "admin");
-    register(
-        &env,
-        &admin,
+    let (env, admin) = console_env(
+        "console_analytics",
         "namespace: insight\nname: report\nversion: 1.0.0\nsteps:\n  - {name: gather, handler: tasker.noop}\n  - {name: render, handler: tasker.sleep, depends_on: [gather], config: {ms: 400}}\n  - {name: index, handler: tasker.noop, depends_on: [gather]}\n  - {name: publish, handler: tasker.noop, depends_on: [render, index]}\n",
+        "insight",
     )
     .await;
-    env.start_worker("insight-worker", &["insight"])
-        .await
-        .unwrap();
     let mut ids = Vec::new();
     for n in 0..3 {
         ids.push(create(&env, &admin, "insight", "report", json!({"n": n})).await);
@@ -1203,19 +1208,12 @@ async fn a_hidden_tab_closes_its_stream_and_catches_up_when_shown() {
     if !browser_available() {
         return;
     }
-    let mut env = TestEnv::start_with("console_hidden", auth_options())
-        .await
-        .unwrap();
-    let admin = token("setup", "admin");
-    register(
-        &env,
-        &admin,
+    let (env, admin) = console_env(
+        "console_hidden",
         "namespace: hidden\nname: gate\nversion: 1.0.0\nsteps:\n  - {name: hold, handler: tasker.wait, config: {signal: go}}\n",
+        "hidden",
     )
     .await;
-    env.start_worker("hidden-worker", &["hidden"])
-        .await
-        .unwrap();
     let task = create(&env, &admin, "hidden", "gate", json!({})).await;
 
     let browser = Browser::start().await;
@@ -1292,17 +1290,12 @@ async fn a_wide_fan_out_is_drawn_folded() {
     if !browser_available() {
         return;
     }
-    let mut env = TestEnv::start_with("console_wide", auth_options())
-        .await
-        .unwrap();
-    let admin = token("setup", "admin");
-    register(
-        &env,
-        &admin,
+    let (env, admin) = console_env(
+        "console_wide",
         "namespace: wide\nname: fan\nversion: 1.0.0\nsteps:\n  - {name: each, handler: tasker.noop, for_each: context.items}\n  - {name: after, handler: tasker.noop, depends_on: [each]}\n",
+        "wide",
     )
     .await;
-    env.start_worker("wide-worker", &["wide"]).await.unwrap();
     let items: Vec<u32> = (0..30).collect();
     let task = create(&env, &admin, "wide", "fan", json!({"items": items})).await;
     wait_for_status(&env, &admin, &task, "complete").await;
