@@ -76,7 +76,7 @@ pub struct CoordinatorSettings {
     /// How often the dispatcher looks for steps whose backoff expired. New tasks and
     /// results wake it at once; this is the safety net.
     #[arg(long, env = "TASKER_POLL_INTERVAL_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub poll_interval_ms: u64,
     /// Publish lifecycle events (`task.completed`, `step.failed`…) to the events exchange:
     /// `true`, `false`, or the routing-key patterns of those to publish
@@ -86,11 +86,11 @@ pub struct CoordinatorSettings {
     /// How often the events relay looks for transitions committed by other coordinators
     /// (this coordinator's own commits wake it at once).
     #[arg(long, env = "TASKER_EVENTS_POLL_MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub events_poll_ms: u64,
     /// How often the gauges (work in flight, queue depths) are refreshed.
     #[arg(long, env = "TASKER_GAUGE_INTERVAL_MS", default_value_t = 15_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub gauge_interval_ms: u64,
     /// How long finished tasks are kept (`30d`, `12h`…), or `off`: older ones are removed
     /// with their steps, edges and history, in bounded batches, by one coordinator at a
@@ -107,7 +107,7 @@ pub struct CoordinatorSettings {
     pub schedule_grace_ms: u64,
     /// How often expired leases are swept.
     #[arg(long, env = "TASKER_SWEEP_INTERVAL_MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub sweep_interval_ms: u64,
     /// For chaos tests only (built with the `failpoints` feature): after this many
     /// claimed batches, stop between the claim's commit and its publish, log

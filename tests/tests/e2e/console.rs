@@ -1246,13 +1246,15 @@ async fn a_hidden_tab_closes_its_stream_and_catches_up_when_shown() {
         .execute(&set_hidden(true), vec![])
         .await
         .unwrap();
-    let open = browser
+    // Every stream the page opened (one, or more if it had to connect again) is closed.
+    let closed = browser
         .wait_until(
             "the stream closed",
             "return window.streamSignals.length > 0 && window.streamSignals.every((s) => s.aborted) ? window.streamSignals.length : null",
         )
-        .await;
-    assert_eq!(open, json!(1), "one stream, aborted");
+        .await
+        .as_u64()
+        .unwrap();
     assert_eq!(
         browser
             .client
@@ -1277,7 +1279,15 @@ async fn a_hidden_tab_closes_its_stream_and_catches_up_when_shown() {
         .execute("return window.streamSignals.map((s) => s.aborted)", vec![])
         .await
         .unwrap();
-    assert_eq!(streams, json!([true, false]), "a new stream, open");
+    let streams: Vec<bool> = serde_json::from_value(streams).unwrap();
+    assert!(
+        streams.len() as u64 > closed && streams.last() == Some(&false),
+        "a new stream, open: {streams:?}"
+    );
+    assert!(
+        streams[..closed as usize].iter().all(|aborted| *aborted),
+        "{streams:?}"
+    );
     browser.close().await;
     env.finish().await.unwrap();
 }
