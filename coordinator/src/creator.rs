@@ -199,7 +199,7 @@ async fn write(pool: &PgPool, jobs: Vec<Job>, batch_size: &Histogram) {
             Err(error) => {
                 // No connection to be had: each alone would wait as long again, one
                 // after the other, while every creation behind them waits too.
-                if crate::http::error::database_unreachable(&error) {
+                if tasker_shared::db::unreachable(&error) {
                     tracing::warn!(%error, creations = creations.len(),
                         "the database is not reachable; a batch of creations refused");
                     // Each is answered as the database's absence is (503).

@@ -390,12 +390,7 @@ impl Sweeper {
         // workers drop the task for good, and a retry may run it again.)
         let dispatches: Vec<(uuid::Uuid, uuid::Uuid)> = expired
             .iter()
-            .flat_map(|task| {
-                task.running_steps
-                    .iter()
-                    .copied()
-                    .zip(task.running_tokens.iter().copied())
-            })
+            .flat_map(|task| task.running.iter().copied())
             .collect();
         self.announce_superseded(&dispatches).await;
     }

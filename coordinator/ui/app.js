@@ -594,6 +594,8 @@ async function taskPage(main, taskId) {
   const renderGraph = (task) => {
     const groups = instanceGroups(task.steps);
     const nodes = [];
+    // A folded node's id → the instance selecting it selects.
+    const folded = new Map();
     for (const s of task.steps.filter((s) => !s.instance_of)) {
       const group = groups.get(s.name);
       if (!group) {
@@ -607,13 +609,15 @@ async function taskPage(main, taskId) {
       } else {
         const id = `${s.name}[0…${group.length - 1}]`;
         const urgent = byUrgency(group)[0];
+        const counts = statusCounts(group);
+        folded.set(id, urgent.name);
         nodes.push({
           id,
           deps: s.depends_on,
           label: id,
-          sublabel: statusCounts(group),
+          sublabel: counts,
           classes: [`status-${urgent.status}`, "instances", group.some((i) => i.name === selected) ? "selected" : null].filter(Boolean),
-          title: `${group.length} instances of ${s.name}: ${statusCounts(group)}`,
+          title: `${group.length} instances of ${s.name}: ${counts}`,
         });
         gathered = [id];
       }
@@ -621,8 +625,7 @@ async function taskPage(main, taskId) {
     }
     drawGraph(graph, nodes, {
       onSelect: (name) => {
-        const group = [...groups.entries()].find(([step, g]) => g.length > MAX_DRAWN_INSTANCES && name === `${step}[0…${g.length - 1}]`);
-        selected = group ? byUrgency(group[1])[0].name : name;
+        selected = folded.get(name) ?? name;
         render();
       },
     });

@@ -69,6 +69,15 @@ pub fn json_holds_nul(json: &[u8]) -> bool {
 /// workers and the CLI) refuse more than 128 levels. `{}` and `[1]` are one level, `1` none.
 pub const MAX_JSON_DEPTH: usize = 100;
 
+/// What is wrong with a value nested deeper than [`MAX_JSON_DEPTH`], after its name:
+/// "`context` nests arrays and objects more than 100 levels deep…".
+pub fn too_deep_problem() -> String {
+    format!(
+        "nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, more than Tasker \
+         carries"
+    )
+}
+
 /// Whether `value` holds more than `max` arrays and objects inside each other. Iterative,
 /// so no value, however deep, can exhaust the stack.
 pub fn nests_deeper_than(value: &Value, max: usize) -> bool {

@@ -84,3 +84,13 @@ async fn database_exists(url: &str) -> sqlx::Result<bool> {
         Err(error) => Err(error),
     }
 }
+
+/// Whether `error` says the database could not be reached (no connection from the pool
+/// in time, the pool closed, the connection broken), rather than that it refused
+/// something.
+pub fn unreachable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+    )
+}

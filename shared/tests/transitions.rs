@@ -472,7 +472,7 @@ async fn a_deadline_cancels_the_instances_a_concurrent_batch_created() {
     .await
     .unwrap();
     assert_eq!(unfinished, 0);
-    let mut named = expired[0].running_steps.clone();
+    let mut named: Vec<Uuid> = expired[0].running.iter().map(|(step, _)| *step).collect();
     named.sort_unstable();
     let mut instances: Vec<Uuid> = applied.claimed.iter().map(|d| d.message.step_id).collect();
     instances.sort_unstable();

@@ -533,26 +533,6 @@ impl TestEnv {
         format!("{}.steps.{namespace}", self.prefix)
     }
 
-    /// Wait (at most 30 s) until a transaction of this test's database waits for a lock.
-    pub async fn until_a_transaction_waits_for_a_lock(&self) {
-        let waiting = "SELECT count(*) FROM pg_stat_activity \
-                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
-        api::poll_until(
-            "a transaction waiting for a lock",
-            Duration::from_secs(30),
-            None,
-            || async {
-                Ok(sqlx::query_scalar::<_, i64>(waiting)
-                    .fetch_one(&self.pool)
-                    .await?)
-            },
-            |waiting| *waiting > 0,
-            |waiting| format!("{waiting} waiting"),
-        )
-        .await
-        .unwrap();
-    }
-
     /// The URL of the coordinator's `/metrics`.
     pub fn metrics_url(&self) -> String {
         format!("{}/metrics", self.base_url)

@@ -14,7 +14,7 @@ use utoipa::openapi::{Ref, RefOr, Schema};
 
 use super::error::ApiError;
 use crate::settings::CoordinatorSettings;
-use tasker_shared::messages::{MAX_JSON_DEPTH, nests_deeper_than};
+use tasker_shared::messages::{MAX_JSON_DEPTH, nests_deeper_than, too_deep_problem};
 
 /// At most this many problems of one kind (unknown fields, NUL characters) are listed.
 const MAX_LISTED: usize = 50;
@@ -62,12 +62,7 @@ pub(crate) fn too_large(
 /// Why `value`, the request's `field`, cannot be carried: it nests deeper than
 /// [`MAX_JSON_DEPTH`] levels.
 pub(crate) fn too_deep(field: &str, value: &Value) -> Option<String> {
-    nests_deeper_than(value, MAX_JSON_DEPTH).then(|| {
-        format!(
-            "`{field}` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, \
-             more than Tasker carries"
-        )
-    })
+    nests_deeper_than(value, MAX_JSON_DEPTH).then(|| format!("`{field}` {}", too_deep_problem()))
 }
 
 /// The length of `value` as compact JSON, without writing it out.

@@ -85,20 +85,10 @@ impl ApiError {
     }
 }
 
-/// Whether `error` says the database could not be reached (no connection from the pool
-/// in time, the pool closed, the connection broken), rather than that it refused
-/// something.
-pub(crate) fn database_unreachable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-    )
-}
-
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
-            error if database_unreachable(error) => {
+            error if tasker_shared::db::unreachable(error) => {
                 tracing::error!(%error, "database unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,

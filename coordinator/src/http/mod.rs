@@ -7,7 +7,7 @@ mod budget;
 mod bulk;
 mod console;
 mod diagram;
-pub(crate) mod error;
+mod error;
 mod health;
 pub(crate) mod openapi;
 mod operate;

@@ -376,8 +376,8 @@ pub(crate) async fn signal(
     if let Some(problem) = too_deep("payload", &payload) {
         return Err(ApiError::invalid(
             "invalid_request",
-            problem,
-            vec![serde_json::json!({"path": "", "message": "nests too deep"})],
+            "the payload nests too deep",
+            vec![serde_json::json!({"path": "", "message": problem})],
         ));
     }
     if signal.contains('\0') {

@@ -1,8 +1,7 @@
 -- End up to $1 unfinished tasks past their deadline: `error` with the reason
 -- `deadline_exceeded` (their steps are cancelled by `expire_deadline_steps.sql`). Rows
 -- another coordinator holds are left to it; each task is ended once. Returns each ended
--- task and whether its template limits its tasks (its slots are freed by the caller),
--- with no running steps yet.
+-- task and whether its template limits its tasks (its slots are freed by the caller).
 WITH due AS (
     SELECT t.task_id, t.status AS from_status
     FROM tasks t
@@ -27,6 +26,5 @@ task_history AS (
     FROM ended
     ORDER BY task_id
 )
-SELECT e.task_id, e.namespace, e.name, e.seconds, e.limited,
-       '{}'::UUID[] AS running_steps, '{}'::UUID[] AS running_tokens
+SELECT e.task_id, e.namespace, e.name, e.seconds, e.limited
 FROM ended e

@@ -770,6 +770,7 @@ pub fn template_from_value_with_warnings(
         walk_project(&mut walker, root)
     };
     check_graph(&mut walker, &draft);
+    check_depth(&mut walker, &draft);
     check_config_size(&mut walker, &draft, limits.max_config_bytes);
     if walker.problems.is_empty() {
         check_schedule_contexts(&mut walker, &draft);
@@ -812,6 +813,7 @@ fn check_other_environments(
         let mut other = Walker::new(limits.max_steps.min(MAX_STEPS));
         let draft = walk_legacy(&mut other, root, name);
         check_graph(&mut other, &draft);
+        check_depth(&mut other, &draft);
         check_config_size(&mut other, &draft, limits.max_config_bytes);
         let problems = other.into_problems();
         if problems.is_empty() {
@@ -862,20 +864,17 @@ fn check_schedule_contexts(w: &mut Walker, draft: &Draft) {
     }
 }
 
-/// The steps' configs together, as they will be stored, within `max_bytes`; each, and
-/// each schedule's context, no deeper than the messages that carry them allow.
-fn check_config_size(w: &mut Walker, draft: &Draft, max_bytes: usize) {
-    use crate::messages::{MAX_JSON_DEPTH, nests_deeper_than};
-    let too_deep = format!(
-        "nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, more than Tasker carries"
-    );
+/// Each step's config, and each schedule's context, no deeper than the messages that
+/// carry them allow.
+fn check_depth(w: &mut Walker, draft: &Draft) {
+    use crate::messages::{MAX_JSON_DEPTH, nests_deeper_than, too_deep_problem};
     for step in &draft.steps {
         if nests_deeper_than(&step.config, MAX_JSON_DEPTH) {
             // A tasker-engine step's `handler_config` is its config.
             w.report(
                 format!("{}.config", step.path),
                 codes::INVALID_VALUE,
-                too_deep.clone(),
+                too_deep_problem(),
             );
         }
     }
@@ -888,10 +887,14 @@ fn check_config_size(w: &mut Walker, draft: &Draft, max_bytes: usize) {
             w.report(
                 format!("schedules[{index}].context"),
                 codes::INVALID_VALUE,
-                too_deep.clone(),
+                too_deep_problem(),
             );
         }
     }
+}
+
+/// The steps' configs together, as they will be stored, within `max_bytes`.
+fn check_config_size(w: &mut Walker, draft: &Draft, max_bytes: usize) {
     let total: usize = draft
         .steps
         .iter()

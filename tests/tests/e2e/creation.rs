@@ -350,7 +350,7 @@ async fn a_client_that_hangs_up_while_its_task_is_written_leaves_it_running() {
         body.len()
     );
     client.write_all(request.as_bytes()).await.unwrap();
-    env.until_a_transaction_waits_for_a_lock().await;
+    tasker_tests::wait_for_lock_waiters(&env.pool, "tasker_create_tasks", 1).await;
     drop(client);
     // Time for the coordinator to notice the hang-up (and drop the request's work).
     tokio::time::sleep(Duration::from_millis(500)).await;

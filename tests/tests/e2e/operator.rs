@@ -554,26 +554,9 @@ async fn a_bulk_cancel_by_status_skips_a_task_that_left_that_status() {
             json!({"namespace": "bulk", "status": "pending", "reason": "clear the backlog"}),
         );
         tokio::pin!(cancel);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the bulk cancel never waited"
-            );
-            tokio::select! {
-                answer = &mut cancel => panic!("answered without waiting: {answer:?}"),
-                () = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
+        tokio::select! {
+            answer = &mut cancel => panic!("answered without waiting: {answer:?}"),
+            () = tasker_tests::wait_for_lock_waiters(&env.pool, "", 1) => {}
         }
         // Meanwhile the task started.
         sqlx::query("UPDATE tasks SET status = 'in_progress' WHERE task_id = $1")

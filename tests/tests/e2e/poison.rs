@@ -659,5 +659,25 @@ async fn values_deeper_than_tasker_carries_are_refused_by_the_api_and_by_the_wor
     let (_connection, channel) = confirm_channel().await;
     let topology = tasker_shared::broker::Topology::new(env.prefix.clone());
     assert_no_dead_letters(&channel, &topology.dead_letter_queue()).await;
+
+    // A signal's payload becomes its step's results: held to the same limit.
+    let gate = json!({"namespace": "deep", "name": "gate", "steps": [
+        {"name": "hold", "handler": "tasker.wait", "config": {"signal": "go"}}
+    ]});
+    let (status, body) = env.register_template(&gate.to_string()).await.unwrap();
+    assert!(status.is_success(), "{body}");
+    let (status, waiting) = env
+        .create_task(json!({"namespace": "deep", "name": "gate"}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{waiting}");
+    let signal = format!(
+        "/v1/tasks/{}/signals/go",
+        waiting["task_id"].as_str().unwrap()
+    );
+    let (status, body) = env.post(&signal, nested(101)).await.unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = env.post(&signal, nested(100)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
     env.finish().await.unwrap();
 }

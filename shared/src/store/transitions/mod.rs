@@ -252,11 +252,10 @@ pub struct ExpiredTask {
     pub seconds: f64,
     /// Whether its template limits its tasks (`concurrency`): its slots were freed.
     pub limited: bool,
-    /// Its steps that were queued or running, and their dispatch tokens: workers should
-    /// drop those dispatches.
-    pub running_steps: Vec<Uuid>,
-    /// The dispatch tokens of `running_steps`, in the same order.
-    pub running_tokens: Vec<Uuid>,
+    /// Its steps that were queued or running, each with its dispatch token: workers
+    /// should drop those dispatches.
+    #[sqlx(skip)]
+    pub running: Vec<(Uuid, Uuid)>,
 }
 
 /// End up to `limit` unfinished tasks past their deadline: `error` with the reason
@@ -291,8 +290,7 @@ pub async fn expire_deadlines(
                 expired.iter_mut().find(|task| task.task_id == task_id),
                 token,
             ) {
-                task.running_steps.push(step_id);
-                task.running_tokens.push(token);
+                task.running.push((step_id, token));
             }
         }
     }
