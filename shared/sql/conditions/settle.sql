@@ -2,7 +2,8 @@
 -- `one_failed` step none of whose parents failed: skipped) or `error`, with
 -- the message $3 and code $4): true clears the condition (the step is claimed next),
 -- false skips the step, an error fails it permanently (`expression_error`, or the code
--- given: `fan_out_too_large` for a `for_each` list too long) and keeps the condition, so
+-- given: `fan_out_too_large` for a `for_each` list too long, `results_too_large` for
+-- instances' results too large together) and keeps the condition, so
 -- that an operator's retry judges it again. Each step once: one whose condition another
 -- transaction settled is left alone. Returns the steps changed.
 WITH input AS (

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tasker_tests::{StepStatus, TaskStatus, TestEnv};
+use tasker_tests::{StepStatus, TaskStatus, TestEnv, assert_no_dead_letters, confirm_channel};
 
 /// List → fan out over what the list step returned → fan in.
 const FILES: &str = r#"namespace: fan
@@ -370,6 +370,87 @@ steps:
         !done.steps.iter().any(|s| s.instance_of.is_some()),
         "no instance created"
     );
+    env.finish().await.unwrap();
+}
+
+/// Instances whose results together are past jsonb's 256 MiB: the step fails for good
+/// with `results_too_large`, and every instance's result is stored, none dead-lettered.
+#[tokio::test]
+async fn instances_whose_results_are_too_large_together_fail_their_step() {
+    let mut env = TestEnv::start("fan-out-too-large").await.unwrap();
+    let template = r#"namespace: fan
+name: large
+steps:
+  - name: each
+    handler: tasker.echo
+    for_each: "context.items"
+  - name: after
+    handler: tasker.noop
+    depends_on: [each]
+"#;
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("fan-1", &["fan"]).await.unwrap();
+
+    // Each instance echoes the context: about 900 KB, under the worker's 1 MiB, and 310
+    // of them about 280 MB together.
+    let pad = "x".repeat(900_000);
+    let items: Vec<u32> = (0..310).collect();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "large",
+                             "context": {"pad": pad, "items": items}}))
+        .await
+        .unwrap();
+    // Polled in the database: the task's own page would carry every instance's result.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let status = loop {
+        let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1")
+            .bind(task.task_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if status != "pending" && status != "in_progress" {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the task still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, "error");
+    let steps: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT name, status, last_error ->> 'code', last_error ->> 'message'
+         FROM steps WHERE task_id = $1 AND fan_out_of IS NULL ORDER BY name",
+    )
+    .bind(task.task_id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let (_, each_status, code, message) = &steps[1];
+    assert_eq!(
+        (steps[1].0.as_str(), each_status.as_str(), code.as_deref()),
+        ("each", "error", Some("results_too_large")),
+        "{steps:?}"
+    );
+    assert!(message.as_ref().unwrap().contains("256 MiB"), "{message:?}");
+    assert_eq!(
+        (steps[0].0.as_str(), steps[0].1.as_str()),
+        ("after", "pending")
+    );
+    let complete: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM steps
+         WHERE task_id = $1 AND fan_out_of IS NOT NULL AND status = 'complete'
+           AND results IS NOT NULL",
+    )
+    .bind(task.task_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(complete, 310, "every instance's result stored");
+    let (_connection, channel) = confirm_channel().await;
+    assert_no_dead_letters(&channel, &format!("{}.dead_letter", env.prefix)).await;
     env.finish().await.unwrap();
 }
 

@@ -14,7 +14,7 @@
 //!
 //! | child | step |
 //! |---|---|
-//! | complete, resolved_manually | complete, with the child's leaf results by step name |
+//! | complete, resolved_manually | complete, with the child's leaf results by step name (error, `results_too_large`, when they are larger together than one jsonb value holds) |
 //! | error, attempts left (`retry_limit`, `retryable`) | the child is retried (an operator's retry of it: its failed steps run again), an attempt of the step |
 //! | error, no attempt left | error, `child_task_failed`, naming the child's failed steps |
 //! | cancelled | error, `child_task_cancelled` |
@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::Dispatch;
+use super::{Dispatch, conditions};
 use crate::states::TaskStatus;
 use crate::store::tasks::{Creation, NewTask, create_children};
 use crate::store::templates::{self, TemplateRecord};
@@ -197,14 +197,22 @@ pub(super) async fn run(
         }
     }
     if !done.is_empty() {
-        let completed: Vec<(Uuid, Uuid)> =
-            sqlx::query_as(include_str!("../../../sql/child_tasks/done.sql"))
-                .bind(&done)
-                .fetch_all(&mut *conn)
-                .await?;
+        let (completed, too_large) = conditions::complete_within_limits(
+            &mut *conn,
+            include_str!("../../../sql/child_tasks/done.sql"),
+            &done,
+        )
+        .await?;
         for (step, task) in completed {
             ran.completed.push(step);
             ran.tasks.push(task);
+        }
+        for step in too_large {
+            ran.failed.push((
+                step,
+                conditions::RESULTS_TOO_LARGE,
+                conditions::results_too_large("its child task's results (of its last steps)"),
+            ));
         }
     }
     if !again.0.is_empty() {

@@ -1,6 +1,6 @@
 //! Claiming steps for dispatch: the one claim path.
 //!
-//! Every claim goes through `tasker_claim_steps` (migrations/0013, last changed in 0026),
+//! Every claim goes through `tasker_claim_steps` (migrations/0013, last changed in 0027),
 //! whatever found the steps: the dispatcher's scan of ready steps and of steps held by a
 //! limit ([`claim_ready`]), the children a batch of results completed and the held steps
 //! of the keys it freed ([`claim_children`]), a new task's first steps (claimed inside

@@ -15,7 +15,8 @@
 //! published while it is still being claimed; a list longer than
 //! [`max_fan_out`] fails it (`fan_out_too_large`). It comes back when its last instance
 //! is done, and completes with their results in element order (`fan_out/gather.sql`),
-//! which counts for its children in turn; an empty list completes it at once.
+//! which counts for its children in turn; an empty list completes it at once. Results
+//! larger together than PostgreSQL stores in one value fail it (`results_too_large`).
 //!
 //! A `trigger: one_failed` step comes here too: when none of its parents failed, it is
 //! skipped (history `trigger_not_met`) without its condition being evaluated.
@@ -30,7 +31,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
@@ -274,15 +275,25 @@ pub(super) async fn judge(
             }
         }
         if !gather.is_empty() {
-            let gathered: Vec<(Uuid, Uuid)> =
-                sqlx::query_as(include_str!("../../../sql/fan_out/gather.sql"))
-                    .bind(&gather)
-                    .fetch_all(&mut *conn)
-                    .await?;
+            let (gathered, too_large) = complete_within_limits(
+                &mut *conn,
+                include_str!("../../../sql/fan_out/gather.sql"),
+                &gather,
+            )
+            .await?;
             for (step_id, task_id) in gathered {
                 completed.push(step_id);
                 // A task whose last step this was may finish.
                 judged.tasks.push(task_id);
+            }
+            for step_id in too_large {
+                settle.push(
+                    step_id,
+                    Err((
+                        RESULTS_TOO_LARGE,
+                        results_too_large("its instances' results"),
+                    )),
+                );
             }
         }
         if !completed.is_empty() {
@@ -344,6 +355,79 @@ pub(super) async fn judge(
     judged.tasks.sort_unstable();
     judged.tasks.dedup();
     Ok(judged)
+}
+
+/// The code that fails a step completed with the results of others (a `for_each` step
+/// with its instances', a `tasker.task` step with its child's) when those together are
+/// larger than PostgreSQL stores in one value.
+pub(super) const RESULTS_TOO_LARGE: &str = "results_too_large";
+
+/// The message of [`RESULTS_TOO_LARGE`], for the results `whose`.
+pub(super) fn results_too_large(whose: &str) -> String {
+    format!(
+        "{whose} together are larger than PostgreSQL stores in one value (256 MiB of \
+         jsonb): return less from each step, or store the data elsewhere and return where"
+    )
+}
+
+/// Run `sql`, a statement that completes the steps `$1` with results it aggregates from
+/// other steps' (`fan_out/gather.sql`, `child_tasks/done.sql`) and returns each step it
+/// completed with its task. Returns those, and the steps whose aggregate PostgreSQL
+/// refused as too large for one value (jsonb's 256 MiB): those the caller fails. Each
+/// try runs in a savepoint, so that a refusal leaves the caller's transaction, and the
+/// other steps, whole.
+pub(super) async fn complete_within_limits(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    steps: &[Uuid],
+) -> sqlx::Result<(Vec<(Uuid, Uuid)>, Vec<Uuid>)> {
+    match complete_in_savepoint(&mut *conn, sql, steps).await {
+        Ok(gathered) => return Ok((gathered, Vec::new())),
+        Err(error) if !beyond_limits(&error) => return Err(error),
+        Err(_) if steps.len() == 1 => return Ok((Vec::new(), steps.to_vec())),
+        Err(_) => {}
+    }
+    let mut gathered = Vec::new();
+    let mut too_large = Vec::new();
+    for step in steps {
+        match complete_in_savepoint(&mut *conn, sql, std::slice::from_ref(step)).await {
+            Ok(done) => gathered.extend(done),
+            Err(error) if beyond_limits(&error) => too_large.push(*step),
+            Err(error) => return Err(error),
+        }
+    }
+    Ok((gathered, too_large))
+}
+
+async fn complete_in_savepoint(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    steps: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
+    let mut savepoint = conn.begin().await?;
+    let gathered = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(steps)
+        .fetch_all(&mut *savepoint)
+        .await;
+    match gathered {
+        Ok(gathered) => {
+            savepoint.commit().await?;
+            Ok(gathered)
+        }
+        Err(error) => {
+            savepoint.rollback().await?;
+            Err(error)
+        }
+    }
+}
+
+/// Whether PostgreSQL refused a statement for exceeding one of its limits (SQLSTATE
+/// 54000, `program_limit_exceeded`: a jsonb value past 256 MiB, a string past 1 GB).
+fn beyond_limits(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "54000")
 }
 
 /// What the conditions judged gave, as `conditions/settle.sql` takes it.
