@@ -171,6 +171,13 @@ pub struct DatabaseSettings {
     #[arg(long, env = "TASKER_DB_POOL_SIZE", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(2..))]
     pub db_pool_size: u32,
+    /// How long PostgreSQL lets one of Tasker's connections sit idle inside a
+    /// transaction before it ends the session (`idle_in_transaction_session_timeout`): a
+    /// coordinator that stops mid-transaction (paused, frozen, cut off) releases the rows
+    /// it holds after this, instead of holding back every result and sweep that needs them.
+    #[arg(long, env = "TASKER_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
+    pub db_idle_in_transaction_timeout_ms: u64,
 }
 
 /// How to reach RabbitMQ, and the names Tasker's exchanges and queues start with.

@@ -28,7 +28,17 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         // compiling costs more than it saves. Over-estimated row counts (statistics not
         // yet gathered, `unnest` of a batch) crossed `jit_above_cost` and spent 25-30 ms
         // compiling statements that ran in 5-10 ms (BENCHMARKS.md).
-        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")]);
+        //
+        // A connection left idle inside a transaction (its process paused or cut off)
+        // is ended by PostgreSQL after the configured time, releasing its row locks.
+        .options([
+            ("plan_cache_mode", "force_custom_plan".to_string()),
+            ("jit", "off".to_string()),
+            (
+                "idle_in_transaction_session_timeout",
+                settings.db_idle_in_transaction_timeout_ms.to_string(),
+            ),
+        ]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))

@@ -1416,3 +1416,55 @@ async fn templates_registered_at_once_into_a_new_namespace_are_all_created() {
     }
     db.finish_without_history().await;
 }
+
+/// A connection of Tasker's left idle inside a transaction (its coordinator paused
+/// mid-batch) is ended by PostgreSQL after `TASKER_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`:
+/// the rows it locked are released to the others, and its transaction is lost to it.
+#[tokio::test]
+async fn a_transaction_left_idle_releases_its_rows() {
+    let db = TestDb::new("idle_transaction").await;
+    db.pool
+        .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
+        .await
+        .unwrap();
+    let settings = tasker_shared::config::DatabaseSettings {
+        database_url: format!("{}/{}", db.server, db.name).parse().unwrap(),
+        db_pool_size: 2,
+        db_idle_in_transaction_timeout_ms: 1_000,
+    };
+    let tasker = tasker_shared::db::connect_lazy(&settings).unwrap();
+    let mut paused = tasker.begin().await.unwrap();
+    sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
+        .execute(&mut *paused)
+        .await
+        .unwrap();
+
+    // Another transaction waits for the row: at most until PostgreSQL ends the paused
+    // one's session, not for as long as it stays paused.
+    let mut other = PgConnection::connect(&format!("{}/{}", db.server, db.name))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    sqlx::query("SET statement_timeout = '30s'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE held SET n = n + 1 WHERE id = 1")
+        .execute(&mut other)
+        .await
+        .expect("the row is released while its holder stays paused");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    let error = paused.commit().await.unwrap_err();
+    assert!(
+        error.to_string().contains("idle-in-transaction timeout")
+            || matches!(error, sqlx::Error::Io(_)),
+        "{error}"
+    );
+    let n: i32 = sqlx::query_scalar("SELECT n FROM held WHERE id = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    tasker.close().await;
+    db.finish_without_history().await;
+}

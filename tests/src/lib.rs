@@ -786,6 +786,7 @@ async fn migrated_template() -> anyhow::Result<String> {
         let settings = tasker_shared::config::DatabaseSettings {
             database_url: format!("{}/{building}", postgres_server()).parse()?,
             db_pool_size: 2,
+            db_idle_in_transaction_timeout_ms: 60_000,
         };
         tasker_shared::db::migrate(&settings).await?;
         for sql in [

@@ -24,6 +24,11 @@ async fn settings_out_of_range_stop_the_process_naming_the_variable() {
         ("TASKER_POLL_INTERVAL_MS", "5", "10.."),
         ("TASKER_DISPATCH_LEASE_MS", "0", "1000.."),
         ("TASKER_DB_POOL_SIZE", "1", "2.."),
+        (
+            "TASKER_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+            "0",
+            "1000..=86400000",
+        ),
     ] {
         let stderr = coordinator_refusing_to_start(nowhere, &[(variable, value)]).await;
         names(&stderr, variable, range);
