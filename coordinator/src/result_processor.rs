@@ -343,7 +343,23 @@ impl ResultProcessor {
             report.heartbeats = heartbeats.extended;
             withdrawn = marked.withdrawn;
             withdrawn.extend(heartbeats.withdrawn);
-            let applied = transitions::apply_results(&mut tx, &results, self.lease_ms).await?;
+            // Runs lost to a crash loop fail their steps, and their workers are told.
+            let applied = if marked.lost.is_empty() {
+                transitions::apply_results(&mut tx, &results, self.lease_ms).await?
+            } else {
+                let mut with_lost = results.clone();
+                for run in &marked.lost {
+                    tracing::warn!(step_id = %run.step_id, task_id = %run.task_id,
+                        attempts = run.attempts,
+                        "a redelivered step was started again and again without an answer: failing it");
+                    with_lost.push(lost_run_result(run));
+                    withdrawn.push(RunningStep {
+                        step_id: run.step_id,
+                        dispatch_token: run.dispatch_token,
+                    });
+                }
+                transitions::apply_results(&mut tx, &with_lost, self.lease_ms).await?
+            };
             let finished =
                 transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms))
                     .await?;
@@ -821,6 +837,38 @@ async fn ack(applied: &[Delivery], held: &[Received]) -> lapin::Result<()> {
     }
     Ok(())
 }
+
+/// The failure of a step whose redelivered message was started past its `retry_limit`
+/// by [`transitions::RESTARTS_PAST_RETRY_LIMIT`] without an answer (see
+/// [`transitions::mark_started`]): permanent, so that its message stops taking workers
+/// down. Its later copies are answered as withdrawn, and workers skip them.
+fn lost_run_result(run: &transitions::LostRun) -> StepResult {
+    let now = chrono::Utc::now();
+    StepResult {
+        schema_version: SCHEMA_VERSION,
+        task_id: run.task_id,
+        step_id: run.step_id,
+        dispatch_token: run.dispatch_token,
+        outcome: Outcome::PermanentError,
+        results: None,
+        error: Some(tasker_shared::messages::StepError {
+            message: format!(
+                "the step's message was started {} times and no run answered: each worker \
+                 that took it stopped or lost its broker connection while running it (does \
+                 the handler crash its worker?); it is not started again",
+                run.attempts + 1
+            ),
+            code: Some(WORKER_LOST.to_owned()),
+            retry_after_seconds: None,
+        }),
+        started_at: now,
+        finished_at: now,
+        worker_id: "coordinator".to_owned(),
+    }
+}
+
+/// The code of [`lost_run_result`].
+const WORKER_LOST: &str = "worker_lost";
 
 /// A step message its step queue dead-lettered (`reason`, RabbitMQ's
 /// `x-first-death-reason`: most often `delivery_limit`, delivered that many times and

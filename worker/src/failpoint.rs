@@ -74,6 +74,23 @@ impl Failpoint {
     }
 }
 
+/// `failpoint.crash`, a handler that takes its worker down as soon as it runs (an exit
+/// without any clean-up, and without a core dump): what a handler crashing in native
+/// code, or killed for its memory, does to its worker, for the tests of crash loops.
+/// Registered only with the `failpoints` feature.
+pub(crate) struct Crash;
+
+#[async_trait::async_trait]
+impl crate::handler::StepHandler for Crash {
+    async fn call(
+        &self,
+        _step: &crate::handler::StepContext,
+    ) -> Result<serde_json::Value, crate::handler::StepError> {
+        tracing::error!("failpoint.crash: the worker exits");
+        std::process::exit(134)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,9 @@
 //!   is held [`LINGER`] from its step's start, then sent with the others due (one
 //!   message per few milliseconds, not one per step). A notice whose step's result the
 //!   broker has confirmed by then is dropped: the result records the start itself, so a
-//!   step shorter than the linger costs the coordinator one write, not two;
+//!   step shorter than the linger costs the coordinator one write, not two. A notice
+//!   of a redelivered copy leaves at once: its handler waits for the coordinator's
+//!   answer (see the runtime's `withdrawn_on_redelivery`);
 //! - heartbeats for every running step, so a long step keeps its lease while a worker
 //!   that died loses its steps within one heartbeat lease.
 
@@ -41,6 +43,8 @@ pub(crate) struct Notice {
     pub(crate) step: StepStarted,
     /// Set once the broker has confirmed the step's result: the notice is then not needed.
     pub(crate) answered: Arc<AtomicBool>,
+    /// Sent at once, not held (a redelivered copy, whose handler waits for the answer).
+    pub(crate) urgent: bool,
 }
 
 /// Collect notices from `receiver` and publish them, each [`LINGER`] after it arrived
@@ -58,6 +62,14 @@ pub(crate) async fn run(
         let due = held.front().map(|(arrived, _)| *arrived + LINGER);
         tokio::select! {
             received = receiver.recv(), if open => match received {
+                Some(notice) if notice.urgent => {
+                    let message = WorkerMessage::Started(StartedBatch {
+                        schema_version: SCHEMA_VERSION,
+                        worker_id: worker_id.clone(),
+                        steps: vec![notice.step],
+                    });
+                    publish(&channel, &topology, &message).await;
+                }
                 Some(notice) => held.push_back((Instant::now(), notice)),
                 None => open = false,
             },

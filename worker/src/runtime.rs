@@ -1115,6 +1115,29 @@ async fn skip_copy(shared: &Shared, delivered: &Delivered, message: &StepMessage
     true
 }
 
+/// How long a redelivered copy of a step waits, its started notice sent, for the
+/// coordinator to withdraw it before its handler runs.
+const REDELIVERY_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the coordinator withdraws this redelivered copy within [`REDELIVERY_CHECK`]
+/// of its started notice: its step ended under this dispatch, was cancelled or
+/// dispatched again, or its message was started too often without an answer (a
+/// handler that crashes its worker: the coordinator failed the step with
+/// `worker_lost`). A copy nobody withdraws runs after the wait; the next copy asks again.
+async fn withdrawn_on_redelivery(shared: &Shared, message: &StepMessage) -> bool {
+    let deadline = tokio::time::Instant::now() + REDELIVERY_CHECK;
+    loop {
+        if let Some(reason) = withdrawn(shared, message) {
+            tracing::info!("redelivered copy skipped: {reason}");
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Why a step is no longer to run, if it is not: its task was cancelled, or its dispatch
 /// superseded (counted).
 fn withdrawn(shared: &Shared, message: &StepMessage) -> Option<&'static str> {
@@ -1124,7 +1147,7 @@ fn withdrawn(shared: &Shared, message: &StepMessage) -> Option<&'static str> {
         Some("the task was cancelled")
     } else if inflight.is_superseded(message.step_id, message.dispatch_token) {
         shared.metrics.skipped_superseded.inc();
-        Some("this dispatch was superseded by a newer one")
+        Some("the coordinator withdrew this dispatch (dispatched again, or its step ended)")
     } else {
         None
     }
@@ -1176,15 +1199,21 @@ async fn run_step(
     #[cfg(feature = "failpoints")]
     failpoint(shared, session, Stage::Received).await;
     let answered = Arc::new(AtomicBool::new(false));
+    let redelivered = delivered.delivery().redelivered;
     let _ = session.started.send(Notice {
         step: StepStarted {
             step_id: message.step_id,
             dispatch_token: message.dispatch_token,
             started_at: chrono::Utc::now(),
-            redelivered: delivered.delivery().redelivered,
+            redelivered,
         },
         answered: answered.clone(),
+        urgent: redelivered,
     });
+    if redelivered && withdrawn_on_redelivery(shared, &message).await {
+        ack(shared, &delivered).await;
+        return;
+    }
     #[cfg(feature = "failpoints")]
     failpoint(shared, session, Stage::Running).await;
     shared.metrics.in_flight.inc();

@@ -448,6 +448,99 @@ async fn a_redelivered_step_on_its_last_attempt_runs_again_and_completes_once() 
     env.finish().await.unwrap();
 }
 
+/// A step whose handler takes down every worker that runs it (a crash in native code,
+/// an out-of-memory kill): on a classic queue its message is redelivered for ever. Each
+/// restart counts an attempt; past `retry_limit` by three, the coordinator fails the step
+/// with `worker_lost`, and the next worker skips the message and acks it.
+#[tokio::test]
+async fn a_step_that_crashes_every_worker_fails_and_stops_taking_workers_down() {
+    let mut env = TestEnv::start("crash-loop").await.unwrap();
+    env.register_template(&one_step(
+        "crashing",
+        "    handler: failpoint.crash\n    retry_limit: 1\n",
+    ))
+    .await
+    .unwrap();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "failing", "name": "crashing"}))
+        .await
+        .unwrap();
+    let pool = env.pool.clone();
+    let status = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM tasks WHERE task_id = $1")
+            .bind(task.task_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+
+    // One worker at a time, the next started once the last one is gone, until the task
+    // ends: the crash loop a fleet that restarts its workers goes through.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut crashed = 0;
+    let survivor = 'loop_: loop {
+        let worker = env
+            .start_worker_with(
+                binary("tasker-worker"),
+                &format!("w{crashed}"),
+                &["failing"],
+                1,
+                &[],
+            )
+            .await
+            .unwrap();
+        loop {
+            if status().await == "error" {
+                break 'loop_ worker;
+            }
+            if !env.workers[worker].running() {
+                crashed += 1;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still crashing workers after {crashed} crashes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // The first run's notice may not leave before its worker dies; then one start per
+    // attempt up to retry_limit (1) + 3, the last of which the coordinator refuses.
+    assert!((2..=5).contains(&crashed), "{crashed} workers crashed");
+    let (code, message): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT last_error ->> 'code', last_error ->> 'message' FROM steps WHERE task_id = $1",
+    )
+    .bind(task.task_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(code.as_deref(), Some("worker_lost"), "{message:?}");
+
+    // The message is gone: the survivor acked it without running it, stays up, and
+    // hands nothing back when it stops.
+    let queue = format!("{}.steps.failing", env.prefix);
+    let settled = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !env.workers[survivor]
+        .log()
+        .contains("redelivered copy skipped")
+    {
+        assert!(
+            env.workers[survivor].running(),
+            "the survivor crashed too:\n{}",
+            env.workers[survivor].log()
+        );
+        assert!(
+            tokio::time::Instant::now() < settled,
+            "the copy was not skipped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.workers[survivor].terminate().await.unwrap();
+    assert_eq!(tasker_tests::queue_messages(&queue).await.unwrap(), 0);
+    env.finish().await.unwrap();
+}
+
 /// With no other worker to take the killed worker's messages back from the broker, only
 /// the sweeper notices: it counts each lost run as a failed attempt, retries the step
 /// that has attempts left and fails the one that has none, and the metrics count those

@@ -15,10 +15,13 @@ pub mod outbound;
 use crate::handler::HandlerRegistry;
 
 pub(crate) fn register_builtins(registry: HandlerRegistry) -> HandlerRegistry {
-    registry
+    let registry = registry
         .register("tasker.noop", basic::Noop)
         .register("tasker.sleep", basic::Sleep)
         .register("tasker.echo", basic::Echo)
         .register("tasker.fail", basic::Fail)
-        .register("tasker.http", http::Http::new())
+        .register("tasker.http", http::Http::new());
+    #[cfg(feature = "failpoints")]
+    let registry = registry.register("failpoint.crash", crate::failpoint::Crash);
+    registry
 }

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | [`claim_ready`], [`claim_children`], task creation | pending / waiting_for_retry → enqueued (one path: `tasker_claim_steps`, see [`claim`]) | `dispatched` |
 //! | `conditions::judge` (inside [`claim_ready`] and [`claim_children`]) | pending → skipped / error; pending (condition cleared, then claimed); a `for_each` step: pending (instances created and claimed), pending → complete when they are done; a `tasker.wait` step: pending (waiting), or pending → complete when its signal came before | `condition_false`, `failed` (`expression_error`, `fan_out_too_large`, `results_too_large`), `condition_true`, `fanned_out`, `instances_done`, `waiting_for_signal`, `signal_received` |
-//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt); answers runs withdrawn (step cancelled, or under another dispatch) | `started`, `restarted_after_redelivery` |
+//! | [`mark_started`] | enqueued → in_progress (in_progress → in_progress on redelivery: a new attempt, up to `retry_limit` + [`RESTARTS_PAST_RETRY_LIMIT`]; past it, returned as lost for the caller to fail through [`apply_results`]); answers runs withdrawn (step cancelled, or under another dispatch, or ended under it for a redelivered copy) | `started`, `restarted_after_redelivery` |
 //! | [`heartbeat`] | none: extends the lease of running steps; answers runs withdrawn, as [`mark_started`] | — |
 //! | [`apply_results`] | enqueued / in_progress → complete / waiting_for_retry / error, as [`decide`](crate::decision::decide) says; children made ready are claimed; the `for_each` step of an instance that fails: pending → error | `succeeded`, `retry_scheduled`, `deferred`, `failed`, `not_retryable`, `attempts_exhausted`, `deferral_limit`; `dispatched`; `instance_failed` |
 //! | [`expire_leases`] | enqueued → waiting_for_retry; in_progress → waiting_for_retry / error | `lease_lost`, `lease_expired` |
@@ -74,8 +74,9 @@ pub use operator::{
     retry_task, signal,
 };
 pub use worker::{
-    AppliedResults, Heartbeats, HeldStep, LeasePolicy, QueueLatency, Started, StartedSteps,
-    StepChange, apply_results, heartbeat, lock_batch, mark_started, wait_for_steps,
+    AppliedResults, Heartbeats, HeldStep, LeasePolicy, LostRun, QueueLatency,
+    RESTARTS_PAST_RETRY_LIMIT, Started, StartedSteps, StepChange, apply_results, heartbeat,
+    lock_batch, mark_started, wait_for_steps,
 };
 
 use sqlx::PgConnection;

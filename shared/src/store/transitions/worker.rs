@@ -45,8 +45,33 @@ pub struct QueueLatency {
 pub struct StartedSteps {
     /// Per step that changed, its queue latency.
     pub latencies: Vec<QueueLatency>,
-    /// The runs withdrawn from their workers (see [`Heartbeats::withdrawn`]).
+    /// The runs withdrawn from their workers (see [`Heartbeats::withdrawn`]), and the
+    /// redelivered copies of steps that ended under the same dispatch.
     pub withdrawn: Vec<RunningStep>,
+    /// Runs lost to a crash loop, not started: the caller fails their steps (see
+    /// [`RESTARTS_PAST_RETRY_LIMIT`]).
+    pub lost: Vec<LostRun>,
+}
+
+/// How many runs past its `retry_limit` a step restarted after a redelivery may count.
+/// The worker that ran it before may only have lost its broker connection and still be
+/// running, so a restart cannot fail the step at its limit; but a message whose handler
+/// kills every worker that starts it is redelivered for ever on a classic queue, so past
+/// this the coordinator fails it (`worker_lost`).
+pub const RESTARTS_PAST_RETRY_LIMIT: i32 = 3;
+
+/// A redelivered new run of a step whose attempts reached `retry_limit` +
+/// [`RESTARTS_PAST_RETRY_LIMIT`]: not started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LostRun {
+    /// The step's task.
+    pub task_id: Uuid,
+    /// The step.
+    pub step_id: Uuid,
+    /// The dispatch it ran under.
+    pub dispatch_token: Uuid,
+    /// The step's attempts, every one of them started.
+    pub attempts: i32,
 }
 
 /// What [`heartbeat`] did.
@@ -63,13 +88,16 @@ pub struct Heartbeats {
     pub withdrawn: Vec<RunningStep>,
 }
 
-/// A row of `mark_started.sql`: a changed step's latency, or a withdrawn run.
+/// A row of `mark_started.sql`: a changed step's latency, a withdrawn run, or a lost one
+/// (with its task and attempts).
 #[derive(sqlx::FromRow)]
 struct StartedRow {
     latency: Option<f64>,
     namespace: Option<String>,
     step_id: Option<Uuid>,
     token: Option<Uuid>,
+    task_id: Option<Uuid>,
+    attempts: Option<i32>,
 }
 
 /// Mark steps `in_progress` from workers' started notices (all workers of a batch in one
@@ -79,10 +107,14 @@ struct StartedRow {
 /// redelivered message and with another start time, means a second run: its first
 /// worker died mid-step, or lost its broker connection and may still be running it. The
 /// new run counts as a new attempt, even past the retry limit, since the first run may
-/// yet answer; the dispatch token lets only one result through. A notice applied again
-/// (a redelivered batch of notices) carries the start time already stored and changes
-/// nothing. Notices for steps that moved on are ignored; those of runs withdrawn from
-/// their worker are answered. Returns, per step that changed, its queue latency.
+/// yet answer; the dispatch token lets only one result through. Past the limit by
+/// [`RESTARTS_PAST_RETRY_LIMIT`], the run is not started but returned as lost: every
+/// worker that started the message stopped before answering, as one whose handler
+/// kills its worker does. A notice applied again (a redelivered batch of notices)
+/// carries the start time already stored and changes nothing. Notices for steps that
+/// moved on are ignored; those of runs withdrawn from their worker, and redelivered
+/// copies of steps that ended under the same dispatch, are answered. Returns, per step
+/// that changed, its queue latency.
 pub async fn mark_started(
     conn: &mut PgConnection,
     started: &[Started],
@@ -120,6 +152,7 @@ pub async fn mark_started(
                     .map(|s| s.worker_id.clone())
                     .collect::<Vec<_>>(),
             )
+            .bind(RESTARTS_PAST_RETRY_LIMIT)
             .fetch_all(conn)
             .await?;
     let mut answer = StartedSteps::default();
@@ -128,10 +161,18 @@ pub async fn mark_started(
             (Some(latency), Some(namespace), ..) => {
                 answer.latencies.push(QueueLatency { latency, namespace })
             }
-            (_, _, Some(step_id), Some(dispatch_token)) => answer.withdrawn.push(RunningStep {
-                step_id,
-                dispatch_token,
-            }),
+            (_, _, Some(step_id), Some(dispatch_token)) => match row.task_id.zip(row.attempts) {
+                Some((task_id, attempts)) => answer.lost.push(LostRun {
+                    task_id,
+                    step_id,
+                    dispatch_token,
+                    attempts,
+                }),
+                None => answer.withdrawn.push(RunningStep {
+                    step_id,
+                    dispatch_token,
+                }),
+            },
             _ => {}
         }
     }
