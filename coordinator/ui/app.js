@@ -708,6 +708,27 @@ async function taskPage(main, taskId) {
     ];
     if (step.last_error) children.push(h("h3", {}, "Last error"), h("div", { id: "step-error" }, json(step.last_error)));
     if (step.results !== null && step.results !== undefined) children.push(h("h3", {}, "Results"), json(step.results));
+    else if (step.results_omitted) {
+      // The task's page carries results up to 16 MiB; this step's are read on demand.
+      const held = h(
+        "div",
+        { id: "step-results" },
+        h("p", { class: "muted" }, "Left out of the task's page: its steps' results together pass 16 MiB. "),
+        h("button", {
+          id: "load-results",
+          class: "secondary",
+          onclick: async () => {
+            try {
+              const whole = await api(`/v1/tasks/${taskId}/steps/${encodeURIComponent(step.name)}`);
+              held.replaceChildren(json(whole.results));
+            } catch (error) {
+              flash(`Cannot load the results: ${error.message}`, "error");
+            }
+          },
+        }, "Load results"),
+      );
+      children.push(h("h3", {}, "Results"), held);
+    }
     if (attempts.length) {
       children.push(
         h("h3", {}, "Attempts"),

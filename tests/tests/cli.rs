@@ -276,6 +276,17 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     env.wait_for_task(&failed, &["complete"], Duration::from_secs(30))
         .await
         .unwrap();
+    // steps show: the step with its results, as a table or as the API's JSON.
+    let run = tasker(&env, &["steps", "show", &failed, "x"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains(r#"Results   {"ok":true}"#), "{run}");
+    let run = tasker(&env, &["-o", "json", "steps", "show", &failed, "x"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let step: Value = serde_json::from_str(&run.stdout).expect("the step as JSON");
+    assert_eq!(step["results"], json!({"ok": true}));
+    let run = tasker(&env, &["steps", "show", &failed, "nope"]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("step_not_found"), "{run}");
 
     // API errors: exit 1, the error readable on stderr (and as JSON on stdout with -o json).
     let run = tasker(&env, &["tasks", "cancel", &failed]).await;

@@ -412,6 +412,13 @@ struct OperateArgs {
 
 #[derive(Subcommand)]
 enum StepsCommand {
+    /// Show one step with its results whole (a task's page leaves out results past 16 MiB).
+    Show {
+        /// The task id.
+        id: String,
+        /// The step's name (an instance's: `load[3]`).
+        step: String,
+    },
     /// Resolve a step by hand: it counts as done and its dependents run.
     Resolve {
         /// The task id.
@@ -668,6 +675,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .get_text(&["v1", "tasks", &id, "diagram"], &[])
                 .await?;
             out!("{diagram}");
+            Ok(())
+        }
+        Command::Steps(StepsCommand::Show { id, step }) => {
+            let response = context
+                .client
+                .get(&["v1", "tasks", &id, "steps", &step], &[])
+                .await?;
+            context.print(&response, render::step);
             Ok(())
         }
         Command::Steps(StepsCommand::Resolve {

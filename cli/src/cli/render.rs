@@ -433,6 +433,12 @@ pub(crate) fn step(step: &Value, style: Style) -> String {
             "Results",
             truncate(&compact_json(&step["results"]), 200)
         );
+    } else if step["results_omitted"] == true {
+        let _ = writeln!(
+            out,
+            "{:<9} left out of the task's page: `tasker steps show`",
+            "Results"
+        );
     }
     let error = last_error(step);
     if !error.is_empty() {

@@ -446,6 +446,8 @@ mod tests {
             timeout_ms: 1,
             depends_on: names(depends_on),
             results: None,
+            results_omitted: false,
+            results_size: None,
             last_error: None,
             next_attempt_at: None,
             started_at: None,

@@ -156,6 +156,12 @@ pub(crate) fn routes() -> Vec<Route> {
             operate::retry,
         ),
         route(
+            Method::GET,
+            "/v1/tasks/{task_id}/steps/{step_name}",
+            read,
+            tasks::step,
+        ),
+        route(
             Method::POST,
             "/v1/tasks/{task_id}/steps/{step_name}/resolve",
             operate,

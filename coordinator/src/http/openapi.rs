@@ -55,6 +55,7 @@ use tasker_shared::template::{StepDefinition, TemplateDefinition};
         tasks::create,
         tasks::list,
         tasks::get,
+        tasks::step,
         diagram::task,
         operate::cancel,
         operate::retry,

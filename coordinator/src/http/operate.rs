@@ -294,13 +294,14 @@ pub(crate) async fn resolve(
     .await?
     .apply(&state)
     .await;
-    let steps = tasks::steps(&state.pool, task_id).await?;
-    let resolved = steps.into_iter().find(|s| s.name == step).ok_or_else(|| {
-        ApiError::not_found(
-            "step_not_found",
-            format!("task {task_id} has no step `{step}`"),
-        )
-    })?;
+    let resolved = tasks::step(&state.pool, task_id, &step)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "step_not_found",
+                format!("task {task_id} has no step `{step}`"),
+            )
+        })?;
     Ok(Json(resolved))
 }
 

@@ -352,7 +352,7 @@ pub(crate) async fn create(
     operation_id = "get_task",
     params(("task_id" = Uuid, Path, description = "The task's id.")),
     responses(
-        (status = 200, description = "The task, its steps and its execution context.", body = TaskView),
+        (status = 200, description = "The task, its steps and its execution context. The steps' results come with the first steps in template order whose results fit in 16 MiB of JSON together; the later ones have `results: null` and `results_omitted: true` (read them with `GET /v1/tasks/{task_id}/steps/{step_name}`).", body = TaskView),
         (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
         (status = 404, description = "`task_not_found`.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
@@ -366,6 +366,48 @@ pub(crate) async fn get(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     Ok(Json(task_view(&state, task_id).await?))
+}
+
+/// One step of a task, with its results whole.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{task_id}/steps/{step_name}",
+    tag = "tasks",
+    operation_id = "get_step",
+    params(
+        ("task_id" = Uuid, Path, description = "The task's id."),
+        ("step_name" = String, Path, description = "The step's name: its name in the template, or an instance's (`load[3]`, encoded `load%5B3%5D`)."),
+    ),
+    responses(
+        (status = 200, description = "The step, with its results.", body = StepRecord),
+        (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`task_not_found` or `step_not_found`.", body = ErrorBody),
+        (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn step(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Json<StepRecord>> {
+    let Path((task_id, name)) = path.map_err(path_rejection)?;
+    let task_id = parse_task_id(&task_id)?;
+    // No step name holds U+0000 (nor can PostgreSQL compare with one).
+    let found = match name.contains('\0') {
+        true => None,
+        false => tasks::step(&state.pool, task_id, &name).await?,
+    };
+    match found {
+        Some(step) => Ok(Json(step)),
+        None if tasks::get(&state.pool, task_id).await?.is_none() => Err(ApiError::not_found(
+            "task_not_found",
+            format!("no task {task_id}"),
+        )),
+        None => Err(ApiError::not_found(
+            "step_not_found",
+            format!("task {task_id} has no step `{}`", name.escape_debug()),
+        )),
+    }
 }
 
 /// Tasks, filtered, one page at a time, newest or oldest first.
@@ -524,7 +566,7 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
     let task = tasks::get(&mut *tx, task_id)
         .await?
         .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
-    let steps = tasks::steps(&mut *tx, task_id).await?;
+    let steps = tasks::steps_with_results(&mut tx, task_id).await?;
     let children = tasks::children(&mut *tx, task_id).await?;
     let execution = inspect::execution_context(&mut *tx, task_id).await?;
     tx.commit().await?;

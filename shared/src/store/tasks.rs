@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
-use sqlx::{PgExecutor, PgPool, Row};
+use sqlx::{PgConnection, PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::states::{StepStatus, TaskStatus, TransitionReason};
@@ -83,8 +83,16 @@ pub struct StepRecord {
     pub timeout_ms: i64,
     /// Names of the steps it waits for.
     pub depends_on: Vec<String>,
-    /// Its handler's output, once complete (or as resolved by an operator).
+    /// Its handler's output, once complete (or as resolved by an operator); `null` when
+    /// left out of a task's page (`results_omitted`).
     pub results: Option<Value>,
+    /// Its results were left out of this page of the task: the earlier steps' took the
+    /// page's budget (16 MiB of JSON). `GET /v1/tasks/{task_id}/steps/{step_name}` has them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub results_omitted: bool,
+    /// The size of its results as JSON, when measured to choose which to read.
+    #[serde(skip)]
+    pub results_size: Option<i64>,
     /// The last failure: `{"kind","message","code"?}`.
     pub last_error: Option<Value>,
     /// When the next attempt may start, while waiting for a retry.
@@ -535,6 +543,8 @@ impl Creation {
                     .map(|&parent| definition.steps[parent].name.clone())
                     .collect(),
                 results: None,
+                results_omitted: false,
+                results_size: None,
                 last_error: None,
                 // A first step of a task to run later is due then.
                 next_attempt_at: self.new.run_at.filter(|at| {
@@ -1033,11 +1043,77 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Opt
     .await
 }
 
-/// A task's steps in template order, each with the names of its parents.
+/// Most bytes of step results (as JSON) [`steps_with_results`] carries together.
+pub const MAX_VIEW_RESULTS_BYTES: i64 = 16 * 1024 * 1024;
+
+/// A task's steps in template order, each with the names of its parents, without their
+/// results (`results_omitted` where they have some): for a reader of statuses.
 pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>> {
     sqlx::query_as(include_str!("../../sql/tasks/steps.sql"))
         .bind(task_id)
+        .bind(None::<&str>)
+        .bind(false)
+        .bind(false)
         .fetch_all(db)
+        .await
+}
+
+/// A task's steps in template order, each with the names of its parents and with its
+/// results while they fit in [`MAX_VIEW_RESULTS_BYTES`] with those already taken: a step
+/// whose results would pass it is left out (`results_omitted`, to be read with [`step`])
+/// and the later ones are still taken if they fit. So one read of a task whose steps
+/// hold gigabytes of results stays bounded.
+pub async fn steps_with_results(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+) -> sqlx::Result<Vec<StepRecord>> {
+    let mut steps: Vec<StepRecord> = sqlx::query_as(include_str!("../../sql/tasks/steps.sql"))
+        .bind(task_id)
+        .bind(None::<&str>)
+        .bind(false)
+        .bind(true)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut room = MAX_VIEW_RESULTS_BYTES;
+    let mut taken = Vec::new();
+    for step in &steps {
+        if let Some(size) = step.results_size.filter(|size| *size <= room) {
+            room -= size;
+            taken.push(step.step_id);
+        }
+    }
+    if taken.is_empty() {
+        return Ok(steps);
+    }
+    let mut results: HashMap<Uuid, Value> = sqlx::query_as(
+        "SELECT step_id, results FROM steps WHERE step_id = ANY ($1) AND results IS NOT NULL",
+    )
+    .bind(&taken)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    for step in &mut steps {
+        if let Some(results) = results.remove(&step.step_id) {
+            step.results = Some(results);
+            step.results_omitted = false;
+        }
+    }
+    Ok(steps)
+}
+
+/// The step `name` of task `task_id`, with its results whole.
+pub async fn step<'e>(
+    db: impl PgExecutor<'e>,
+    task_id: Uuid,
+    name: &str,
+) -> sqlx::Result<Option<StepRecord>> {
+    sqlx::query_as(include_str!("../../sql/tasks/steps.sql"))
+        .bind(task_id)
+        .bind(name)
+        .bind(true)
+        .bind(false)
+        .fetch_optional(db)
         .await
 }
 

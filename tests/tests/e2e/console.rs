@@ -1367,3 +1367,45 @@ async fn a_wide_fan_out_is_drawn_folded() {
     browser.close().await;
     env.finish().await.unwrap();
 }
+
+/// A step whose results the task's page left out (its steps' results pass 16 MiB
+/// together) shows so, and loads them on demand.
+#[tokio::test]
+async fn results_left_out_of_the_task_page_load_on_demand() {
+    if !browser_available() {
+        return;
+    }
+    let (env, admin) = console_env(
+        "console_omitted",
+        "namespace: large\nname: fan\nversion: 1.0.0\nsteps:\n  - {name: each, handler: tasker.echo, for_each: context.items}\n  - {name: more, handler: tasker.echo, for_each: context.items}\n",
+        "large",
+    )
+    .await;
+    // Twenty-four instances echoing about 900 KB each, and two gathered lists of twelve:
+    // about 43 MB, of which the page carries the first 16 MiB.
+    let pad = "x".repeat(900_000);
+    let items: Vec<u32> = (0..12).collect();
+    let task = create(&env, &admin, "large", "fan", json!({"pad": pad, "items": items})).await;
+    wait_for_status(&env, &admin, &task, "complete").await;
+
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&env.base_url, &format!("#/tasks/{task}"), &admin)
+        .await;
+    browser
+        .click("#task-graph g.node[data-step='each[11]']")
+        .await;
+    browser.wait_for("#step-results #load-results").await;
+    browser.click("#load-results").await;
+    let shown = browser
+        .wait_until(
+            "the step's results, loaded",
+            "return document.querySelector('#step-results pre.json')?.textContent",
+        )
+        .await;
+    let shown: Value = serde_json::from_str(shown.as_str().unwrap()).unwrap();
+    assert_eq!(shown["index"], 11);
+    assert_eq!(shown["context"]["pad"].as_str().map(str::len), Some(900_000));
+    browser.close().await;
+    env.finish().await.unwrap();
+}

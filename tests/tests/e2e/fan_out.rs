@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tasker_tests::{StepStatus, TaskStatus, TestEnv, assert_no_dead_letters, confirm_channel};
+use tasker_tests::{
+    StatusCode, StepStatus, TaskStatus, TestEnv, assert_no_dead_letters, confirm_channel,
+};
 
 /// List → fan out over what the list step returned → fan in.
 const FILES: &str = r#"namespace: fan
@@ -373,6 +375,114 @@ steps:
     env.finish().await.unwrap();
 }
 
+/// The status a task ended in, polled in the database: its page, read again and again,
+/// would carry up to 16 MiB of results each time.
+async fn ended(env: &TestEnv, task_id: uuid::Uuid) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1")
+            .bind(task_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if status != "pending" && status != "in_progress" {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the task still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A task whose steps hold more results than one page carries (16 MiB of JSON): the
+/// page takes each step's results while they fit with those before, leaves out the
+/// others (`results_omitted`), and the step's own page has them whole.
+#[tokio::test]
+async fn a_task_page_carries_results_up_to_its_budget_and_a_step_page_the_rest() {
+    let mut env = TestEnv::start("fan-out-page").await.unwrap();
+    let template = r#"namespace: fan
+name: page
+steps:
+  - name: each
+    handler: tasker.echo
+    for_each: "context.items"
+  - name: beside
+    handler: tasker.noop
+"#;
+    let (status, body) = env.register_template(template).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("fan-1", &["fan"]).await.unwrap();
+    // Twenty instances of about 900 KB each: about 18 MB, and as much again gathered.
+    let pad = "x".repeat(900_000);
+    let items: Vec<u32> = (0..20).collect();
+    let task = env
+        .api
+        .create_task(&json!({"namespace": "fan", "name": "page",
+                             "context": {"pad": pad, "items": items}}))
+        .await
+        .unwrap();
+    assert_eq!(ended(&env, task.task_id).await, "complete");
+
+    let (status, page) = env
+        .get(&format!("/v1/tasks/{}", task.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{page}");
+    let steps = page["steps"].as_array().unwrap();
+    let by_name = |name: &str| steps.iter().find(|s| s["name"] == name).unwrap();
+    // The gathered list alone passes the budget: left out, and the later steps go on.
+    assert!(by_name("each")["results"].is_null());
+    assert_eq!(by_name("each")["results_omitted"], true);
+    let carried: Vec<usize> = (0..20)
+        .filter(|n| !by_name(&format!("each[{n}]"))["results"].is_null())
+        .collect();
+    assert_eq!(
+        carried,
+        (0..18).collect::<Vec<_>>(),
+        "the first 18 fit in 16 MiB"
+    );
+    for n in 18..20 {
+        assert_eq!(by_name(&format!("each[{n}]"))["results_omitted"], true);
+    }
+    assert_eq!(by_name("beside")["results"], json!({}));
+    assert!(by_name("beside").get("results_omitted").is_none());
+
+    // A step's page has its results whole, an instance's too.
+    let (status, each) = env
+        .get(&format!("/v1/tasks/{}/steps/each", task.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(each["results"].as_array().unwrap().len(), 20);
+    assert_eq!(each["results"][19]["item"], 19);
+    let (status, last) = env
+        .get(&format!("/v1/tasks/{}/steps/each%5B19%5D", task.task_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(last["results"]["index"], 19);
+    for (path, code) in [
+        (
+            format!("/v1/tasks/{}/steps/nothing", task.task_id),
+            "step_not_found",
+        ),
+        (
+            format!("/v1/tasks/{}/steps/each", uuid::Uuid::now_v7()),
+            "task_not_found",
+        ),
+    ] {
+        let (status, body) = env.get(&path).await.unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some(code)),
+            "{path}"
+        );
+    }
+    env.finish().await.unwrap();
+}
+
 /// Instances whose results together are past jsonb's 256 MiB: the step fails for good
 /// with `results_too_large`, and every instance's result is stored, none dead-lettered.
 #[tokio::test]
@@ -402,24 +512,7 @@ steps:
                              "context": {"pad": pad, "items": items}}))
         .await
         .unwrap();
-    // Polled in the database: the task's own page would carry every instance's result.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let status = loop {
-        let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE task_id = $1")
-            .bind(task.task_id)
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-        if status != "pending" && status != "in_progress" {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the task still {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(status, "error");
+    assert_eq!(ended(&env, task.task_id).await, "error");
     let steps: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
         "SELECT name, status, last_error ->> 'code', last_error ->> 'message'
          FROM steps WHERE task_id = $1 AND fan_out_of IS NULL ORDER BY name",
