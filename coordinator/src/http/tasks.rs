@@ -424,7 +424,7 @@ pub(crate) async fn step(
         ("created_after" = Option<DateTime<Utc>>, Query, description = "Only tasks created after this instant (RFC 3339; encode `+` as `%2B`)."),
         ("created_before" = Option<DateTime<Utc>>, Query, description = "Only tasks created before this instant (RFC 3339; encode `+` as `%2B`)."),
         ("order" = Option<String>, Query, pattern = "^-?created_at$", description = "`-created_at` (newest first, the default) or `created_at` (oldest first).", example = "-created_at"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Tasks per page, 1 to 500; default 50."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Tasks per page, 1 to 500; default 50. A page ends earlier, with a `next_cursor`, once its tasks' contexts pass 16 MiB of JSON together (the first task always comes)."),
         ("cursor" = Option<Uuid>, Query, description = "The `next_cursor` of the previous page, sent with the same filters and order."),
     ),
     responses(

@@ -1186,7 +1186,17 @@ fn first_id_at(at: DateTime<Utc>) -> Uuid {
 /// key, each ordered by `task_id`. The time window becomes a `task_id` range (UUIDv7
 /// ids sort by creation) widened by [`CLOCK_MARGIN`], and the exact `created_at` test.
 fn select_where(columns: &str, filter: &TaskFilter) -> sqlx::QueryBuilder<sqlx::Postgres> {
-    let mut query = sqlx::QueryBuilder::new(format!("SELECT {columns} FROM tasks WHERE TRUE"));
+    filter_into(
+        sqlx::QueryBuilder::new(format!("SELECT {columns} FROM tasks WHERE TRUE")),
+        filter,
+    )
+}
+
+/// `query`, which ends in a `WHERE` clause, with `filter`'s criteria added to it.
+fn filter_into(
+    mut query: sqlx::QueryBuilder<sqlx::Postgres>,
+    filter: &TaskFilter,
+) -> sqlx::QueryBuilder<sqlx::Postgres> {
     if let Some(namespace) = &filter.namespace {
         query.push(" AND namespace = ").push_bind(namespace.clone());
     }
@@ -1232,11 +1242,21 @@ pub async fn list(
     filter: &TaskFilter,
     page: Page,
 ) -> sqlx::Result<(Vec<TaskRecord>, Option<Uuid>)> {
-    let mut query = select_where(TASK_COLUMNS, filter);
     let (after, direction) = match page.order {
         Order::Oldest => (">", "ASC"),
         Order::Newest => ("<", "DESC"),
     };
+    // The page's tasks (one more, to know whether more follow), then only those whose
+    // contexts, with those before them, fit in the budget: the first always.
+    let mut query = filter_into(
+        sqlx::QueryBuilder::new(format!(
+            "SELECT * FROM (SELECT p.*, count(*) OVER () AS fetched, \
+                    row_number() OVER w AS place, \
+                    sum(octet_length(p.context::text)) OVER w AS listed_through \
+             FROM (SELECT {TASK_COLUMNS} FROM tasks WHERE TRUE"
+        )),
+        filter,
+    );
     if let Some(cursor) = page.cursor {
         query
             .push(format_args!(" AND task_id {after} "))
@@ -1244,15 +1264,37 @@ pub async fn list(
     }
     query
         .push(format_args!(" ORDER BY task_id {direction} LIMIT "))
-        .push_bind(page.limit + 1);
-    let mut tasks: Vec<TaskRecord> = query.build_query_as().fetch_all(pool).await?;
+        .push_bind(page.limit + 1)
+        .push(format_args!(
+            ") p WINDOW w AS (ORDER BY p.task_id {direction} ROWS UNBOUNDED PRECEDING)) q \
+             WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_CONTEXT_BYTES} \
+             ORDER BY q.task_id {direction}"
+        ));
+    let rows: Vec<Listed> = query.build_query_as().fetch_all(pool).await?;
+    let fetched = rows.first().map_or(0, |row| row.fetched);
+    let mut tasks: Vec<TaskRecord> = rows.into_iter().map(|row| row.task).collect();
     let next = if tasks.len() as i64 > page.limit {
         tasks.truncate(page.limit as usize);
+        tasks.last().map(|t| t.task_id)
+    } else if (tasks.len() as i64) < fetched {
+        // Cut short by the contexts' size: the next page goes on from here.
         tasks.last().map(|t| t.task_id)
     } else {
         None
     };
     Ok((tasks, next))
+}
+
+/// Most bytes of task contexts (as JSON) one page of [`list`] carries: a page ends
+/// early, with a cursor, once its tasks' contexts pass it (the first task always comes).
+pub const MAX_PAGE_CONTEXT_BYTES: i64 = 16 * 1024 * 1024;
+
+/// A row of [`list`]: a task, with how many tasks the page read.
+#[derive(sqlx::FromRow)]
+struct Listed {
+    #[sqlx(flatten)]
+    task: TaskRecord,
+    fetched: i64,
 }
 
 /// The ids of the oldest `limit` tasks matching `filter` (what a bulk operation acts on).

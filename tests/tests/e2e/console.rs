@@ -1385,7 +1385,14 @@ async fn results_left_out_of_the_task_page_load_on_demand() {
     // about 43 MB, of which the page carries the first 16 MiB.
     let pad = "x".repeat(900_000);
     let items: Vec<u32> = (0..12).collect();
-    let task = create(&env, &admin, "large", "fan", json!({"pad": pad, "items": items})).await;
+    let task = create(
+        &env,
+        &admin,
+        "large",
+        "fan",
+        json!({"pad": pad, "items": items}),
+    )
+    .await;
     wait_for_status(&env, &admin, &task, "complete").await;
 
     let browser = Browser::start().await;
@@ -1405,7 +1412,10 @@ async fn results_left_out_of_the_task_page_load_on_demand() {
         .await;
     let shown: Value = serde_json::from_str(shown.as_str().unwrap()).unwrap();
     assert_eq!(shown["index"], 11);
-    assert_eq!(shown["context"]["pad"].as_str().map(str::len), Some(900_000));
+    assert_eq!(
+        shown["context"]["pad"].as_str().map(str::len),
+        Some(900_000)
+    );
     browser.close().await;
     env.finish().await.unwrap();
 }

@@ -772,6 +772,59 @@ async fn bulk_cancel_and_retry_act_on_what_the_filter_matches() {
     env.finish().await.unwrap();
 }
 
+/// A page of `GET /v1/tasks` carries at most 16 MiB of contexts: it ends early with a
+/// cursor, and the next page goes on from there.
+#[tokio::test]
+async fn a_task_list_page_ends_early_once_its_contexts_pass_16_mib() {
+    let env = TestEnv::start("listing-large").await.unwrap();
+    env.register_template(IDLE).await.unwrap();
+    // Twenty contexts of about 900 KB: 18 fit in one page's 16 MiB.
+    let pad = "x".repeat(900_000);
+    let mut created = Vec::new();
+    for n in 0..20 {
+        let task = env
+            .api
+            .create_task(&json!({"namespace": "bulk", "name": "idle",
+                                 "context": {"pad": pad, "n": n}}))
+            .await
+            .unwrap();
+        created.push(task.task_id.to_string());
+    }
+    let (status, first) = env
+        .get("/v1/tasks?namespace=bulk&order=created_at&limit=50")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let listed = |page: &Value| -> Vec<String> {
+        page["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(listed(&first), created[..18]);
+    assert_eq!(first["tasks"][17]["context"]["n"], 17, "contexts whole");
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a cursor past the cut");
+    let (status, second) = env
+        .get(&format!(
+            "/v1/tasks?namespace=bulk&order=created_at&limit=50&cursor={cursor}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(listed(&second), created[18..]);
+    assert!(second["next_cursor"].is_null(), "{}", second["next_cursor"]);
+    // Newest first, the same cut.
+    let (_, newest) = env.get("/v1/tasks?namespace=bulk&limit=50").await.unwrap();
+    let mut expected: Vec<String> = created[2..].to_vec();
+    expected.reverse();
+    assert_eq!(listed(&newest), expected);
+    env.finish().await.unwrap();
+}
+
 /// `GET /v1/tasks` filters by tags and time, pages in both orders, and names bad
 /// parameters; both diagrams answer Mermaid.
 #[tokio::test]
