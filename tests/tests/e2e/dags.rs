@@ -153,14 +153,7 @@ async fn listing_pages_with_a_cursor_and_filters() {
 
     let (status, first) = env.get("/v1/tasks?limit=2").await.unwrap();
     assert_eq!(status, StatusCode::OK);
-    let ids = |page: &serde_json::Value| -> Vec<String> {
-        page["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["task_id"].as_str().unwrap().to_owned())
-            .collect()
-    };
+    let ids = crate::listed_ids;
     assert_eq!(ids(&first), created[..2]);
     let cursor = first["next_cursor"].as_str().unwrap();
     let (_, second) = env

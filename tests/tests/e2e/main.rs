@@ -89,6 +89,16 @@ pub(crate) async fn until_reason(
 }
 
 /// The task once it finished (`complete`, `error` or `cancelled`), within `timeout`.
+/// The ids of the tasks of a `GET /v1/tasks` page, in its order.
+pub(crate) fn listed_ids(page: &Value) -> Vec<String> {
+    page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 pub(crate) async fn finished(
     env: &tasker_tests::TestEnv,
     task_id: uuid::Uuid,

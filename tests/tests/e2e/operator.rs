@@ -795,14 +795,7 @@ async fn a_task_list_page_ends_early_once_its_contexts_pass_16_mib() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK, "{first}");
-    let listed = |page: &Value| -> Vec<String> {
-        page["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["task_id"].as_str().unwrap().to_owned())
-            .collect()
-    };
+    let listed = crate::listed_ids;
     assert_eq!(listed(&first), created[..18]);
     assert_eq!(first["tasks"][17]["context"]["n"], 17, "contexts whole");
     let cursor = first["next_cursor"]
