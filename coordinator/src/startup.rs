@@ -105,7 +105,13 @@ impl Application {
         tasker_shared::db::migrate(&settings.database).await?;
         tasker_shared::store::transitions::set_max_fan_out(settings.max_fan_out as usize);
         tasker_shared::store::transitions::set_max_task_tree(settings.max_task_tree as usize);
-        let pool = tasker_shared::db::connect_lazy(&settings.database)?;
+        let pool = tasker_shared::db::connect_lazy_with(
+            &settings.database,
+            &[(
+                tasker_shared::db::MAX_GATHERED_BYTES,
+                settings.max_step_message_bytes.to_string(),
+            )],
+        )?;
         warn_without_autovacuum(&pool).await;
         let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;
         if !topology.signs() {

@@ -15,6 +15,20 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Open a pool. Connections are made lazily, so a database that is down at start does not
 /// stop the process: `/health/ready` reports it and work resumes when it is back.
 pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    connect_lazy_with(settings, &[])
+}
+
+/// The setting (`tasker.max_gathered_bytes`) that tells Tasker's statements how many bytes
+/// of JSON a step completed with the results of others may hold (see
+/// `fan_out/gather.sql`); a coordinator sets it to its `TASKER_MAX_STEP_MESSAGE_BYTES`.
+pub const MAX_GATHERED_BYTES: &str = "tasker.max_gathered_bytes";
+
+/// [`connect_lazy`], with `settings` of Tasker's own (such as [`MAX_GATHERED_BYTES`]) set
+/// on every connection.
+pub fn connect_lazy_with(
+    settings: &DatabaseSettings,
+    tasker_settings: &[(&str, String)],
+) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(settings.database_url.expose())
         .with_context(|| format!("invalid DATABASE_URL {}", settings.database_url))?
         .application_name("tasker")
@@ -38,7 +52,8 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
                 "idle_in_transaction_session_timeout",
                 settings.db_idle_in_transaction_timeout_ms.to_string(),
             ),
-        ]);
+        ])
+        .options(tasker_settings.iter().cloned());
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))

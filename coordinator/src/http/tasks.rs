@@ -352,7 +352,7 @@ pub(crate) async fn create(
     operation_id = "get_task",
     params(("task_id" = Uuid, Path, description = "The task's id.")),
     responses(
-        (status = 200, description = "The task, its steps and its execution context. The steps' results come with the first steps in template order whose results fit in 16 MiB of JSON together; the later ones have `results: null` and `results_omitted: true` (read them with `GET /v1/tasks/{task_id}/steps/{step_name}`).", body = TaskView),
+        (status = 200, description = "The task, its steps and its execution context. The steps carry their results while those fit in 16 MiB of JSON together, taken in template order (a step whose results would pass it is left out, and later ones are still taken if they fit); a step left out has `results: null` and `results_omitted: true` (read it with `GET /v1/tasks/{task_id}/steps/{step_name}`).", body = TaskView),
         (status = 400, description = "`malformed_request`: `task_id` is not a UUID.", body = ErrorBody),
         (status = 404, description = "`task_not_found`.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),

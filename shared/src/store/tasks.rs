@@ -86,8 +86,8 @@ pub struct StepRecord {
     /// Its handler's output, once complete (or as resolved by an operator); `null` when
     /// left out of a task's page (`results_omitted`).
     pub results: Option<Value>,
-    /// Its results were left out of this page of the task: the earlier steps' took the
-    /// page's budget (16 MiB of JSON). `GET /v1/tasks/{task_id}/steps/{step_name}` has them.
+    /// Its results were left out of this page of the task: they did not fit in what was
+    /// left of the page's 16 MiB of JSON. `GET /v1/tasks/{task_id}/steps/{step_name}` has them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub results_omitted: bool,
     /// The size of its results as JSON, when measured to choose which to read.

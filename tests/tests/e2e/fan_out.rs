@@ -414,9 +414,9 @@ steps:
     let (status, body) = env.register_template(template).await.unwrap();
     assert_eq!(status, 201, "{body}");
     env.start_worker("fan-1", &["fan"]).await.unwrap();
-    // Twenty instances of about 900 KB each: about 18 MB, and as much again gathered.
+    // Seventeen instances of about 900 KB each: about 15 MB, and as much again gathered.
     let pad = "x".repeat(900_000);
-    let items: Vec<u32> = (0..20).collect();
+    let items: Vec<u32> = (0..17).collect();
     let task = env
         .api
         .create_task(&json!({"namespace": "fan", "name": "page",
@@ -432,37 +432,34 @@ steps:
     assert_eq!(status, 200, "{page}");
     let steps = page["steps"].as_array().unwrap();
     let by_name = |name: &str| steps.iter().find(|s| s["name"] == name).unwrap();
-    // The gathered list alone passes the budget: left out, and the later steps go on.
-    assert!(by_name("each")["results"].is_null());
-    assert_eq!(by_name("each")["results_omitted"], true);
-    let carried: Vec<usize> = (0..20)
+    // The gathered list (about 15 MB) comes first, then what room is left takes the
+    // first instance; the others are left out, and a later small step is still taken.
+    assert_eq!(
+        by_name("each")["results"].as_array().map(Vec::len),
+        Some(17)
+    );
+    assert!(by_name("each").get("results_omitted").is_none());
+    let carried: Vec<usize> = (0..17)
         .filter(|n| !by_name(&format!("each[{n}]"))["results"].is_null())
         .collect();
-    assert_eq!(
-        carried,
-        (0..18).collect::<Vec<_>>(),
-        "the first 18 fit in 16 MiB"
-    );
-    for n in 18..20 {
+    assert_eq!(carried, [0], "one instance fits in what is left of 16 MiB");
+    for n in 1..17 {
         assert_eq!(by_name(&format!("each[{n}]"))["results_omitted"], true);
     }
     assert_eq!(by_name("beside")["results"], json!({}));
     assert!(by_name("beside").get("results_omitted").is_none());
 
     // A step's page has its results whole, an instance's too.
-    let (status, each) = env
-        .get(&format!("/v1/tasks/{}/steps/each", task.task_id))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    assert_eq!(each["results"].as_array().unwrap().len(), 20);
-    assert_eq!(each["results"][19]["item"], 19);
     let (status, last) = env
-        .get(&format!("/v1/tasks/{}/steps/each%5B19%5D", task.task_id))
+        .get(&format!("/v1/tasks/{}/steps/each%5B16%5D", task.task_id))
         .await
         .unwrap();
     assert_eq!(status, 200);
-    assert_eq!(last["results"]["index"], 19);
+    assert_eq!(last["results"]["index"], 16);
+    assert_eq!(
+        last["results"]["context"]["pad"].as_str().map(str::len),
+        Some(900_000)
+    );
     for (path, code) in [
         (
             format!("/v1/tasks/{}/steps/nothing", task.task_id),
@@ -483,11 +480,47 @@ steps:
     env.finish().await.unwrap();
 }
 
-/// Instances whose results together are past jsonb's 256 MiB: the step fails for good
-/// with `results_too_large`, and every instance's result is stored, none dead-lettered.
+/// Instances whose results together are more than the step's dependents' messages may
+/// carry (`TASKER_MAX_STEP_MESSAGE_BYTES`, 16 MiB by default): the step fails for good with
+/// `results_too_large`, and every instance's result is stored, none dead-lettered.
 #[tokio::test]
 async fn instances_whose_results_are_too_large_together_fail_their_step() {
-    let mut env = TestEnv::start("fan-out-too-large").await.unwrap();
+    let env = too_large_together("fan-out-too-large", 20, &[]).await;
+    env.finish().await.unwrap();
+}
+
+/// With the message limit raised to 512 MiB, past what PostgreSQL stores in one value
+/// (jsonb's 256 MiB): the same, PostgreSQL's refusal caught.
+#[tokio::test]
+async fn instances_whose_results_pass_what_postgresql_stores_fail_their_step() {
+    let env = too_large_together(
+        "fan-out-past-jsonb",
+        310,
+        &[("TASKER_MAX_STEP_MESSAGE_BYTES", "536870912")],
+    )
+    .await;
+    env.finish().await.unwrap();
+}
+
+/// A task fanning out over `instances` elements whose instances each echo a context of
+/// about 900 KB (under the worker's 1 MiB), run to its end on a coordinator with
+/// `coordinator_env`, checked: its `for_each` step failed for good with
+/// `results_too_large` (with the limit of the message in its error, 16 MiB by default,
+/// or jsonb's 256 MiB), its dependent never ran, each instance's result is stored and
+/// nothing was dead-lettered.
+async fn too_large_together(
+    test: &str,
+    instances: u32,
+    coordinator_env: &[(&str, &str)],
+) -> TestEnv {
+    let options = tasker_tests::EnvOptions {
+        coordinator_env: coordinator_env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let mut env = TestEnv::start_with(test, options).await.unwrap();
     let template = r#"namespace: fan
 name: large
 steps:
@@ -501,11 +534,8 @@ steps:
     let (status, body) = env.register_template(template).await.unwrap();
     assert_eq!(status, 201, "{body}");
     env.start_worker("fan-1", &["fan"]).await.unwrap();
-
-    // Each instance echoes the context: about 900 KB, under the worker's 1 MiB, and 310
-    // of them about 280 MB together.
     let pad = "x".repeat(900_000);
-    let items: Vec<u32> = (0..310).collect();
+    let items: Vec<u32> = (0..instances).collect();
     let task = env
         .api
         .create_task(&json!({"namespace": "fan", "name": "large",
@@ -527,7 +557,12 @@ steps:
         ("each", "error", Some("results_too_large")),
         "{steps:?}"
     );
-    assert!(message.as_ref().unwrap().contains("256 MiB"), "{message:?}");
+    let message = message.as_deref().unwrap();
+    let limit = match coordinator_env.is_empty() {
+        true => "TASKER_MAX_STEP_MESSAGE_BYTES = 16777216",
+        false => "256 MiB",
+    };
+    assert!(message.contains(limit), "{message}");
     assert_eq!(
         (steps[0].0.as_str(), steps[0].1.as_str()),
         ("after", "pending")
@@ -541,10 +576,14 @@ steps:
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    assert_eq!(complete, 310, "every instance's result stored");
+    assert_eq!(
+        complete,
+        i64::from(instances),
+        "every instance's result stored"
+    );
     let (_connection, channel) = confirm_channel().await;
     assert_no_dead_letters(&channel, &format!("{}.dead_letter", env.prefix)).await;
-    env.finish().await.unwrap();
+    env
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@
 //!
 //! | child | step |
 //! |---|---|
-//! | complete, resolved_manually | complete, with the child's leaf results by step name (error, `results_too_large`, when they are larger together than one jsonb value holds) |
+//! | complete, resolved_manually | complete, with the child's leaf results by step name (error, `results_too_large`, when they are larger together than its dependents' messages may carry) |
 //! | error, attempts left (`retry_limit`, `retryable`) | the child is retried (an operator's retry of it: its failed steps run again), an attempt of the step |
 //! | error, no attempt left | error, `child_task_failed`, naming the child's failed steps |
 //! | cancelled | error, `child_task_cancelled` |
@@ -207,11 +207,11 @@ pub(super) async fn run(
             ran.completed.push(step);
             ran.tasks.push(task);
         }
-        for step in too_large {
+        for (step, size) in too_large {
             ran.failed.push((
                 step,
                 conditions::RESULTS_TOO_LARGE,
-                conditions::results_too_large("its child task's results (of its last steps)"),
+                conditions::results_too_large("its child task's results (of its last steps)", size),
             ));
         }
     }

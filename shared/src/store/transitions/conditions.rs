@@ -16,7 +16,8 @@
 //! [`max_fan_out`] fails it (`fan_out_too_large`). It comes back when its last instance
 //! is done, and completes with their results in element order (`fan_out/gather.sql`),
 //! which counts for its children in turn; an empty list completes it at once. Results
-//! larger together than PostgreSQL stores in one value fail it (`results_too_large`).
+//! larger together than its dependents' messages may carry (`TASKER_MAX_STEP_MESSAGE_BYTES`)
+//! fail it (`results_too_large`).
 //!
 //! A `trigger: one_failed` step comes here too: when none of its parents failed, it is
 //! skipped (history `trigger_not_met`) without its condition being evaluated.
@@ -286,12 +287,12 @@ pub(super) async fn judge(
                 // A task whose last step this was may finish.
                 judged.tasks.push(task_id);
             }
-            for step_id in too_large {
+            for (step_id, size) in too_large {
                 settle.push(
                     step_id,
                     Err((
                         RESULTS_TOO_LARGE,
-                        results_too_large("its instances' results"),
+                        results_too_large("its instances' results", size),
                     )),
                 );
             }
@@ -358,61 +359,96 @@ pub(super) async fn judge(
 }
 
 /// The code that fails a step completed with the results of others (a `for_each` step
-/// with its instances', a `tasker.task` step with its child's) when those together are
-/// larger than PostgreSQL stores in one value.
+/// with its instances', a `tasker.task` step with its child's) when those are larger
+/// together than its dependents' messages may carry, or than PostgreSQL stores in one
+/// value.
 pub(super) const RESULTS_TOO_LARGE: &str = "results_too_large";
 
-/// The message of [`RESULTS_TOO_LARGE`], for the results `whose`.
-pub(super) fn results_too_large(whose: &str) -> String {
-    format!(
-        "{whose} together are larger than PostgreSQL stores in one value (256 MiB of \
-         jsonb): return less from each step, or store the data elsewhere and return where"
-    )
+/// Why the results `whose` fail their step: `(size, max)`, `size` bytes of JSON
+/// together, more than the `max` its connection's [`crate::db::MAX_GATHERED_BYTES`] allows
+/// (the coordinator's `TASKER_MAX_STEP_MESSAGE_BYTES`); `None`, more than PostgreSQL stores
+/// in one value.
+pub(super) fn results_too_large(whose: &str, size: Option<(i64, i64)>) -> String {
+    match size {
+        Some((size, max)) => format!(
+            "{whose} are {size} bytes of JSON together, more than the step's dependents' \
+             messages may carry (TASKER_MAX_STEP_MESSAGE_BYTES = {max}): return less from \
+             each step, or store the data elsewhere and return where"
+        ),
+        None => format!(
+            "{whose} together are larger than PostgreSQL stores in one value (256 MiB of \
+             jsonb): return less from each step, or store the data elsewhere and return where"
+        ),
+    }
 }
 
 /// Run `sql`, a statement that completes the steps `$1` with results it aggregates from
-/// other steps' (`fan_out/gather.sql`, `child_tasks/done.sql`) and returns each step it
-/// completed with its task. Returns those, and the steps whose aggregate PostgreSQL
-/// refused as too large for one value (jsonb's 256 MiB): those the caller fails. Each
-/// try runs in a savepoint, so that a refusal leaves the caller's transaction, and the
-/// other steps, whole.
+/// other steps' (`fan_out/gather.sql`, `child_tasks/done.sql`) when they are at most
+/// [`crate::db::MAX_GATHERED_BYTES`] of JSON, returning each step it completed with its
+/// task, then each step it left for being larger with that size and the limit. Returns
+/// the steps completed with their tasks, and the steps to fail with the size of their
+/// results and the limit (`None`: PostgreSQL refused them as too large for one value,
+/// past jsonb's 256 MiB). Each try runs in a savepoint, so that
+/// a refusal leaves the caller's transaction, and the other steps, whole.
 pub(super) async fn complete_within_limits(
     conn: &mut PgConnection,
     sql: &'static str,
     steps: &[Uuid],
-) -> sqlx::Result<(Vec<(Uuid, Uuid)>, Vec<Uuid>)> {
+) -> sqlx::Result<(Vec<(Uuid, Uuid)>, Vec<(Uuid, Option<(i64, i64)>)>)> {
     match complete_in_savepoint(&mut *conn, sql, steps).await {
-        Ok(gathered) => return Ok((gathered, Vec::new())),
+        Ok(done) => return Ok(done),
         Err(error) if !beyond_limits(&error) => return Err(error),
-        Err(_) if steps.len() == 1 => return Ok((Vec::new(), steps.to_vec())),
+        Err(_) if steps.len() == 1 => return Ok((Vec::new(), vec![(steps[0], None)])),
         Err(_) => {}
     }
-    let mut gathered = Vec::new();
+    let mut completed = Vec::new();
     let mut too_large = Vec::new();
     for step in steps {
         match complete_in_savepoint(&mut *conn, sql, std::slice::from_ref(step)).await {
-            Ok(done) => gathered.extend(done),
-            Err(error) if beyond_limits(&error) => too_large.push(*step),
+            Ok((done, large)) => {
+                completed.extend(done);
+                too_large.extend(large);
+            }
+            Err(error) if beyond_limits(&error) => too_large.push((*step, None)),
             Err(error) => return Err(error),
         }
     }
-    Ok((gathered, too_large))
+    Ok((completed, too_large))
 }
 
+/// A row of [`complete_within_limits`]'s statement: a step completed, with its task, or
+/// one left for its results' size, with that size and the limit.
+#[derive(sqlx::FromRow)]
+struct Completion {
+    step_id: Uuid,
+    task_id: Option<Uuid>,
+    size: Option<i64>,
+    max: Option<i64>,
+}
+
+/// [`complete_within_limits`]'s statement, once, in a savepoint.
 async fn complete_in_savepoint(
     conn: &mut PgConnection,
     sql: &'static str,
     steps: &[Uuid],
-) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
+) -> sqlx::Result<(Vec<(Uuid, Uuid)>, Vec<(Uuid, Option<(i64, i64)>)>)> {
     let mut savepoint = conn.begin().await?;
-    let gathered = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let rows: sqlx::Result<Vec<Completion>> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(steps)
         .fetch_all(&mut *savepoint)
         .await;
-    match gathered {
-        Ok(gathered) => {
+    match rows {
+        Ok(rows) => {
             savepoint.commit().await?;
-            Ok(gathered)
+            let mut completed = Vec::new();
+            let mut too_large = Vec::new();
+            for row in rows {
+                match row.task_id {
+                    Some(task) => completed.push((row.step_id, task)),
+                    None => too_large.push((row.step_id, row.size.zip(row.max))),
+                }
+            }
+            Ok((completed, too_large))
         }
         Err(error) => {
             savepoint.rollback().await?;
