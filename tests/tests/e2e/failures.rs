@@ -507,8 +507,9 @@ async fn a_step_that_crashes_every_worker_fails_and_stops_taking_workers_down() 
     };
     // One start per attempt up to retry_limit (1) + 3, the last of which the coordinator
     // refuses: four crashes, five when the first run's notice did not leave before its
-    // worker died, one more should the coordinator's answer come after a worker's 1 s wait.
-    assert!((4..=6).contains(&crashed), "{crashed} workers crashed");
+    // worker died, one more each time the coordinator's answer comes after a worker's 1 s
+    // wait (on a slow machine, once or twice).
+    assert!((4..=7).contains(&crashed), "{crashed} workers crashed");
     let (code, message): (Option<String>, Option<String>) = sqlx::query_as(
         "SELECT last_error ->> 'code', last_error ->> 'message' FROM steps WHERE task_id = $1",
     )

@@ -371,9 +371,9 @@ pub(super) const RESULTS_TOO_LARGE: &str = "results_too_large";
 pub(super) fn results_too_large(whose: &str, size: Option<(i64, i64)>) -> String {
     match size {
         Some((size, max)) => format!(
-            "{whose} are {size} bytes of JSON together, more than the step's dependents' \
-             messages may carry (TASKER_MAX_STEP_MESSAGE_BYTES = {max}): return less from \
-             each step, or store the data elsewhere and return where"
+            "{whose} are about {size} bytes of JSON together (as PostgreSQL prints it), more \
+             than the step's dependents' messages may carry (TASKER_MAX_STEP_MESSAGE_BYTES = \
+             {max}): return less from each step, or store the data elsewhere and return where"
         ),
         None => format!(
             "{whose} together are larger than PostgreSQL stores in one value (256 MiB of \
