@@ -487,6 +487,9 @@ async function tasksPage(main, params) {
 async function taskPage(main, taskId) {
   const page = app.page;
   let selected = null;
+  // Results read on demand for steps the task's page left out, by step name: kept across
+  // the page's re-renders (every event re-reads the task).
+  const loadedResults = new Map();
   let data = null;
   // Until when a first click on "Cancel task" waits for the second: kept here, not on
   // the button, which every live reload draws anew.
@@ -708,7 +711,9 @@ async function taskPage(main, taskId) {
     ];
     if (step.last_error) children.push(h("h3", {}, "Last error"), h("div", { id: "step-error" }, json(step.last_error)));
     if (step.results !== null && step.results !== undefined) children.push(h("h3", {}, "Results"), json(step.results));
-    else if (step.results_omitted) {
+    else if (step.results_omitted && loadedResults.has(step.name)) {
+      children.push(h("h3", {}, "Results"), h("div", { id: "step-results" }, json(loadedResults.get(step.name))));
+    } else if (step.results_omitted) {
       // The task's page carries results up to 16 MiB; this step's are read on demand.
       const held = h(
         "div",
@@ -720,7 +725,9 @@ async function taskPage(main, taskId) {
           onclick: async () => {
             try {
               const whole = await api(`/v1/tasks/${taskId}/steps/${encodeURIComponent(step.name)}`);
-              held.replaceChildren(json(whole.results));
+              loadedResults.set(step.name, whole.results);
+              // Drawn by the page's render, which a live update may have run meanwhile.
+              render();
             } catch (error) {
               flash(`Cannot load the results: ${error.message}`, "error");
             }
