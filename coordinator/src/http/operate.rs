@@ -267,10 +267,11 @@ pub(crate) async fn resolve(
     let task_id = parse_task_id(&task_id)?;
     if step.contains('\0') {
         // No step name holds U+0000 (nor can PostgreSQL compare with one).
-        return Err(ApiError::not_found(
-            "step_not_found",
-            format!("task {task_id} has no step `{}`", step.escape_debug()),
-        ));
+        return Err(OperatorError::StepNotFound {
+            task_id,
+            step: step.escape_debug().to_string(),
+        }
+        .into());
     }
     let mut fields = Fields::new(optional_object(&state, &headers, body)?, RESOLVE_FIELDS);
     let results = fields.value("results");
@@ -296,12 +297,7 @@ pub(crate) async fn resolve(
     .await;
     let resolved = tasks::step(&state.pool, task_id, &step)
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "step_not_found",
-                format!("task {task_id} has no step `{step}`"),
-            )
-        })?;
+        .ok_or(OperatorError::StepNotFound { task_id, step })?;
     Ok(Json(resolved))
 }
 

@@ -25,6 +25,7 @@ use tasker_shared::store::inspect::{self, ExecutionContext};
 use tasker_shared::store::tasks::{
     self, ChildTask, Created, Creation, NewTask, Order, Page, StepRecord, TaskFilter, TaskRecord,
 };
+use tasker_shared::store::transitions::OperatorError;
 use tasker_shared::template::{MAX_PRIORITY, Problem};
 
 /// A task with its steps and its execution context.
@@ -399,14 +400,14 @@ pub(crate) async fn step(
     };
     match found {
         Some(step) => Ok(Json(step)),
-        None if tasks::get(&state.pool, task_id).await?.is_none() => Err(ApiError::not_found(
-            "task_not_found",
-            format!("no task {task_id}"),
-        )),
-        None => Err(ApiError::not_found(
-            "step_not_found",
-            format!("task {task_id} has no step `{}`", name.escape_debug()),
-        )),
+        None if tasks::get(&state.pool, task_id).await?.is_none() => {
+            Err(OperatorError::TaskNotFound(task_id).into())
+        }
+        None => Err(OperatorError::StepNotFound {
+            task_id,
+            step: name.escape_debug().to_string(),
+        }
+        .into()),
     }
 }
 

@@ -1043,8 +1043,10 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Opt
     .await
 }
 
-/// Most bytes of step results (as JSON) [`steps_with_results`] carries together.
-pub const MAX_VIEW_RESULTS_BYTES: i64 = 16 * 1024 * 1024;
+/// Most bytes of JSON one answer carries of the values whose size its caller cannot
+/// bound: the step results of [`steps_with_results`], the task contexts of a page of
+/// [`list`].
+pub const MAX_PAGE_JSON_BYTES: i64 = 16 * 1024 * 1024;
 
 /// A task's steps in template order, each with the names of its parents, without their
 /// results (`results_omitted` where they have some): for a reader of statuses.
@@ -1059,7 +1061,7 @@ pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<V
 }
 
 /// A task's steps in template order, each with the names of its parents and with its
-/// results while they fit in [`MAX_VIEW_RESULTS_BYTES`] with those already taken: a step
+/// results while they fit in [`MAX_PAGE_JSON_BYTES`] with those already taken: a step
 /// whose results would pass it is left out (`results_omitted`, to be read with [`step`])
 /// and the later ones are still taken if they fit. So one read of a task whose steps
 /// hold gigabytes of results stays bounded.
@@ -1074,7 +1076,7 @@ pub async fn steps_with_results(
         .bind(true)
         .fetch_all(&mut *conn)
         .await?;
-    let mut room = MAX_VIEW_RESULTS_BYTES;
+    let mut room = MAX_PAGE_JSON_BYTES;
     let mut taken = Vec::new();
     for step in &steps {
         if let Some(size) = step.results_size.filter(|size| *size <= room) {
@@ -1236,7 +1238,9 @@ fn filter_into(
 }
 
 /// Tasks matching `filter`, one page at a time in `page.order`: returns the page and
-/// the cursor of the next (pass it back with the same filter and order).
+/// the cursor of the next (pass it back with the same filter and order). A page ends
+/// early, with a cursor, once its tasks' contexts pass [`MAX_PAGE_JSON_BYTES`] (the first
+/// task always comes).
 pub async fn list(
     pool: &PgPool,
     filter: &TaskFilter,
@@ -1267,7 +1271,7 @@ pub async fn list(
         .push_bind(page.limit + 1)
         .push(format_args!(
             ") p WINDOW w AS (ORDER BY p.task_id {direction} ROWS UNBOUNDED PRECEDING)) q \
-             WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_CONTEXT_BYTES} \
+             WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_JSON_BYTES} \
              ORDER BY q.task_id {direction}"
         ));
     let rows: Vec<Listed> = query.build_query_as().fetch_all(pool).await?;
@@ -1284,10 +1288,6 @@ pub async fn list(
     };
     Ok((tasks, next))
 }
-
-/// Most bytes of task contexts (as JSON) one page of [`list`] carries: a page ends
-/// early, with a cursor, once its tasks' contexts pass it (the first task always comes).
-pub const MAX_PAGE_CONTEXT_BYTES: i64 = 16 * 1024 * 1024;
 
 /// A row of [`list`]: a task, with how many tasks the page read.
 #[derive(sqlx::FromRow)]

@@ -633,7 +633,9 @@ async fn a_deleted_schedules_series_go_from_the_coordinator_that_fired_it() {
     let env = TestEnv::start_with(
         "schedule-series",
         tasker_tests::EnvOptions {
-            coordinator_env: vec![("TASKER_GAUGE_INTERVAL_MS".into(), "200".into())],
+            coordinator_env: gauges
+                .map(|(name, value)| (name.into(), value.into()))
+                .to_vec(),
             ..tasker_tests::EnvOptions::default()
         },
     )
