@@ -30,7 +30,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::config::{BrokerSettings, QueueType};
+use crate::config::{BrokerSettings, QueueType, SecretUrl};
 
 /// Deliveries of one step message a quorum step queue allows before it dead-letters the
 /// message: workers that crash on it cannot keep it in circulation. RabbitMQ before 4.3
@@ -545,27 +545,49 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// The wait between connection attempts: 200 ms growing to 5 s, jittered.
+/// The wait between connection attempts: 200 ms growing to 2 s, each wait lengthened by
+/// a random part of itself (so at most 4 s), so that a fleet does not come back in step
+/// and a broker back from an outage is served again within seconds.
 fn connect_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
+        .with_max_delay(Duration::from_secs(2))
         .with_jitter()
 }
 
+/// How long one connection attempt may take, from the TCP connect through the AMQP
+/// handshake to what the caller opens on the new connection. lapin sets no limit of its
+/// own: a peer that takes the socket and never answers (a node booting or stopping, a
+/// load balancer in front of a dead node) would hold the attempt, and with it the
+/// process's return to work, for ever.
+pub const ATTEMPT_PATIENCE: Duration = Duration::from_secs(20);
+
+/// `attempt`, given up after `patience`.
+async fn within<T>(
+    patience: Duration,
+    attempt: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(patience, attempt)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {patience:?}")))
+}
+
 /// One connection attempt, named `name` in RabbitMQ's management UI.
-async fn connect_once(settings: &BrokerSettings, name: &str) -> lapin::Result<Connection> {
+async fn connect_once(url: &SecretUrl, name: &str) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(settings.amqp_url.expose(), properties).await
+    within(ATTEMPT_PATIENCE, async {
+        Ok(Connection::connect(url.expose(), properties).await?)
+    })
+    .await
 }
 
 /// Connect to RabbitMQ, retrying with backoff for about a minute so that a process started
 /// alongside the broker waits for it instead of failing.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Connection> {
-    (|| connect_once(settings, name))
-        .retry(connect_backoff().with_max_times(15))
-        .notify(|error, wait| {
-            tracing::warn!(%error, ?wait, broker = %settings.amqp_url, "RabbitMQ not reachable yet; retrying");
+    (|| connect_once(&settings.amqp_url, name))
+        .retry(connect_backoff().with_max_times(25))
+        .notify(|error: &anyhow::Error, wait| {
+            tracing::warn!(error = format!("{error:#}"), ?wait, broker = %settings.amqp_url, "RabbitMQ not reachable yet; retrying");
         })
         .await
         .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.amqp_url))
@@ -574,7 +596,8 @@ pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Co
 /// Connect again after the connection was lost, and keep trying (every few seconds at
 /// most) until the broker answers: a broker restart or a network outage must not stop a
 /// process. `open` runs on every fresh connection (declare the topology, open channels);
-/// if it fails, the connection is dropped and the next attempt starts over. `failed` is
+/// if it fails, or the attempt as a whole takes longer than [`ATTEMPT_PATIENCE`], the
+/// connection is dropped and the next attempt starts over. `failed` is
 /// called at every failed attempt (a broker error counted for each, so an outage shows
 /// for as long as it lasts). Callers race this against their shutdown signal.
 pub async fn reconnect<T, F, Fut>(
@@ -587,7 +610,11 @@ where
     F: Fn(Connection) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let attempt = || async { open(connect_once(settings, name).await?).await };
+    let attempt = || {
+        within(ATTEMPT_PATIENCE, async {
+            open(connect_once(&settings.amqp_url, name).await?).await
+        })
+    };
     loop {
         // The backoff never runs out, so this only returns Ok; loop anyway to stay total.
         let reconnected = attempt
@@ -721,6 +748,37 @@ pub async fn patiently<F: std::future::Future>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that takes the socket and never speaks AMQP (a node booting or stopping, a
+    /// load balancer in front of a dead node) ends the attempt after its patience, so
+    /// the caller tries again, instead of holding it for ever.
+    #[tokio::test]
+    async fn a_silent_peer_ends_a_connection_attempt_after_its_patience() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: SecretUrl = format!("amqp://guest:guest@{}/%2f", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                sockets.push(socket);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let attempt = connect_once(&url, "silent");
+        let error = tokio::time::timeout(ATTEMPT_PATIENCE + Duration::from_secs(10), attempt)
+            .await
+            .expect("the attempt ends by itself")
+            .expect_err("no connection from a peer that never answers");
+        assert!(error.to_string().contains("no answer within"), "{error:#}");
+        assert!(
+            started.elapsed() >= ATTEMPT_PATIENCE,
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
+    }
 
     #[test]
     fn names_live_under_the_prefix() {

@@ -159,6 +159,40 @@ async fn in_flight(pool: &PgPool) -> Vec<(Uuid, i32)> {
 
 /// Wait until every step of `snapshot` is complete; returns how long that took from
 /// `since` and the attempts spent beyond those counted in the snapshot.
+/// Wait until every worker consumes `queue` again, within [`CONSUMING_AGAIN_WITHIN`] of
+/// the end of a fault; returns how long it took. Past it, the failure carries each
+/// worker's last connection events, to tell which one stayed away and where it stood.
+async fn every_worker_consuming(env: &TestEnv, queue: &str) -> Duration {
+    let error = match wait_for_consumers(queue, WORKERS, CONSUMING_AGAIN_WITHIN).await {
+        Ok(took) => return took,
+        Err(error) => error,
+    };
+    let events = [
+        "session lost",
+        "lost the connection",
+        "not reachable",
+        "reconnected",
+        "consuming",
+    ];
+    let workers: Vec<String> = env
+        .workers
+        .iter()
+        .map(|worker| {
+            let log = worker.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|line| events.iter().any(|event| line.contains(event)))
+                .collect();
+            let last = &lines[lines.len().saturating_sub(8)..];
+            format!("{}:\n  {}", worker.name, last.join("\n  "))
+        })
+        .collect();
+    panic!(
+        "not every worker consumes again: {error}\n{}",
+        workers.join("\n")
+    )
+}
+
 async fn healed(pool: &PgPool, snapshot: &[(Uuid, i32)], since: Instant) -> (Duration, i64) {
     let ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
     let before: i64 = snapshot.iter().map(|(_, a)| i64::from(*a)).sum();
@@ -295,16 +329,6 @@ async fn run(queue_type: &str) {
     };
     let mut reports = Vec::new();
     let queue = env.queue("chaos");
-    // Every worker consumes again within CONSUMING_AGAIN_WITHIN of the end of a fault;
-    // returns how long it took.
-    let consuming = |queue: &String| {
-        let queue = queue.clone();
-        async move {
-            wait_for_consumers(&queue, WORKERS, CONSUMING_AGAIN_WITHIN)
-                .await
-                .unwrap_or_else(|error| panic!("not every worker consumes again: {error}"))
-        }
-    };
     let mut coordinators: Vec<Process> = Vec::new();
 
     // 1. A worker killed with SIGKILL mid-step.
@@ -337,7 +361,7 @@ async fn run(queue_type: &str) {
     )
     .await
     .unwrap();
-    let consuming_again = consuming(&queue).await;
+    let consuming_again = every_worker_consuming(&env, &queue).await;
     let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
     eprintln!("chaos: killed w1 while it ran {running_on_w1} steps");
     reports.push(FaultReport {
@@ -380,7 +404,7 @@ async fn run(queue_type: &str) {
         .await
         .unwrap();
     coordinators.push(restarted);
-    let consuming_again = consuming(&queue).await;
+    let consuming_again = every_worker_consuming(&env, &queue).await;
     let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
     reports.push(FaultReport {
         fault: "coordinator SIGKILL after claim",
@@ -398,7 +422,7 @@ async fn run(queue_type: &str) {
     let injected = Instant::now();
     let closed = close_broker_connections("tasker-worker w2").await.unwrap();
     assert_eq!(closed, 1, "w2 has one broker connection");
-    let consuming_again = consuming(&queue).await;
+    let consuming_again = every_worker_consuming(&env, &queue).await;
     let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
     reports.push(FaultReport {
         fault: "worker connection closed",
@@ -420,7 +444,7 @@ async fn run(queue_type: &str) {
         let injected = Instant::now();
         services(action).await;
         let outage = injected.elapsed();
-        let consuming_again = consuming(&queue).await;
+        let consuming_again = every_worker_consuming(&env, &queue).await;
         let (recovered, extra) = healed(&env.pool, &snapshot, injected).await;
         reports.push(FaultReport {
             fault,
