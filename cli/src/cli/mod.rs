@@ -171,8 +171,18 @@ impl WindowArgs {
 
 #[derive(Subcommand)]
 enum SchedulesCommand {
-    /// List the schedules.
-    List,
+    /// List the schedules by name, with each one's next fire and last run.
+    List {
+        /// Only schedules of this template namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Most schedules to show (1–500).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=500))]
+        limit: u16,
+        /// Continue after an earlier page (its `next_cursor`; give the same namespace).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// Show a schedule with its next fire times and its last fires.
     Get {
         /// The schedule's name.
@@ -1175,9 +1185,24 @@ async fn operate_many(
 async fn schedules(context: &Context, command: SchedulesCommand) -> Result<(), CliError> {
     let client = &context.client;
     match command {
-        SchedulesCommand::List => {
-            let body = client.get(&["v1", "schedules"], &[]).await?;
+        SchedulesCommand::List {
+            namespace,
+            limit,
+            cursor,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            for (key, value) in [("namespace", namespace), ("cursor", cursor)] {
+                if let Some(value) = value {
+                    query.push((key, value));
+                }
+            }
+            let body = client.get(&["v1", "schedules"], &query).await?;
             context.print(&body, render::schedule_list);
+            if context.output == Output::Table
+                && let Some(cursor) = body["next_cursor"].as_str()
+            {
+                errln!("more schedules: add --cursor {cursor}");
+            }
         }
         SchedulesCommand::Get { name } => {
             let body = client.get(&["v1", "schedules", &name], &[]).await?;

@@ -604,6 +604,18 @@ pub(crate) fn analytics_bottlenecks(body: &Value, style: Style) -> String {
     )
 }
 
+/// A schedule's fire as one cell: its time, and its task's status (or, without a task,
+/// what became of the fire: `skipped`, `missed`, `failed`).
+fn last_run(fire: &Value) -> String {
+    match time(fire, "time") {
+        None => "-".into(),
+        Some(at) => {
+            let what = fire["status"].as_str().or(fire["outcome"].as_str());
+            format!("{} {}", full_time(at), what.unwrap_or("-"))
+        }
+    }
+}
+
 /// `GET /v1/schedules`: one line per schedule.
 pub(crate) fn schedule_list(body: &Value, style: Style) -> String {
     let schedules = body["schedules"]
@@ -613,7 +625,15 @@ pub(crate) fn schedule_list(body: &Value, style: Style) -> String {
     if schedules.is_empty() {
         return "no schedules\n".to_owned();
     }
-    let mut table = Table::new(&["NAME", "TEMPLATE", "CRON", "TIMEZONE", "NEXT FIRE", "STATE"]);
+    let mut table = Table::new(&[
+        "NAME",
+        "TEMPLATE",
+        "CRON",
+        "TIMEZONE",
+        "NEXT FIRE",
+        "LAST RUN",
+        "STATE",
+    ]);
     for schedule in schedules {
         table.row(vec![
             text(schedule, "name").into(),
@@ -629,6 +649,7 @@ pub(crate) fn schedule_list(body: &Value, style: Style) -> String {
                 .map(full_time)
                 .unwrap_or_else(|| "-".into())
                 .into(),
+            last_run(&schedule["last_runs"][0]).into(),
             Cell::status(if schedule["paused"] == true {
                 "paused"
             } else {

@@ -2,8 +2,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::body::{
     Fields, JSON_TYPES, body_rejection, content_type, json_len, json_object, path_rejection,
-    too_deep,
+    query_rejection, too_deep,
 };
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::tasks::SHORT_TEXT;
@@ -37,12 +37,18 @@ pub(crate) struct ScheduleView {
     last_runs: Vec<FireRecord>,
 }
 
-/// Every schedule.
+/// A page of schedules.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct ScheduleList {
-    /// By name.
-    schedules: Vec<ScheduleRecord>,
+    /// By name, each with its next fire times and last fires.
+    schedules: Vec<ScheduleView>,
+    /// The `cursor` of the next page; `null` on the last.
+    next_cursor: Option<String>,
 }
+
+/// Schedules a page holds by default, and at most.
+const PAGE: i64 = 100;
+const MAX_PAGE: i64 = 500;
 
 /// The body of `POST /v1/schedules` (documentation only: the handler reads the body by
 /// hand, so that every problem is named at once).
@@ -161,21 +167,79 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, created).await?)))
 }
 
-/// Every schedule, by name.
+/// Schedules by name, one page at a time, each with its next fire times and last fires.
 #[utoipa::path(
     get,
     path = "/v1/schedules",
     tag = "schedules",
     operation_id = "list_schedules",
+    params(
+        ("namespace" = Option<String>, Query, description = "Only schedules of this template namespace."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Schedules per page, 1 to 500; default 100. A page ends earlier, with a `next_cursor`, once its schedules' contexts pass 16 MiB of JSON together (the first schedule always comes)."),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page, sent with the same `namespace`."),
+    ),
     responses(
-        (status = 200, description = "The schedules.", body = ScheduleList),
+        (status = 200, description = "One page of schedules.", body = ScheduleList),
+        (status = 400, description = "`malformed_request`: every bad or unknown query parameter.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
 )]
-pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<ScheduleList>> {
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<ScheduleList>> {
+    let Query(query) = query.map_err(query_rejection)?;
+    let mut problems = Vec::new();
+    let (mut namespace, mut cursor, mut limit) = (None, None, PAGE);
+    let mut matches_nothing = false;
+    for (key, value) in query {
+        let mut problem = |message: String| {
+            problems.push(json!({"path": key, "message": message}));
+        };
+        match key.as_str() {
+            // No stored name holds U+0000 (nor can PostgreSQL compare with one).
+            "namespace" if value.contains('\0') => matches_nothing = true,
+            "namespace" => namespace = Some(value),
+            "cursor" if value.is_empty() || value.contains('\0') => {
+                problem("`cursor` must be a `next_cursor` from an earlier page".to_owned());
+            }
+            "cursor" => cursor = Some(value),
+            "limit" => match value.parse::<i64>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
+                _ => problem(format!(
+                    "`limit` must be a whole number from 1 to {MAX_PAGE}"
+                )),
+            },
+            _ => problem(format!(
+                "unknown query parameter `{key}`; expected namespace, limit or cursor"
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::malformed("invalid query parameters").with_details(problems));
+    }
+    if matches_nothing {
+        return Ok(Json(ScheduleList {
+            schedules: Vec::new(),
+            next_cursor: None,
+        }));
+    }
+    let (page, next_cursor) =
+        schedules::page(&state.pool, namespace.as_deref(), cursor.as_deref(), limit).await?;
+    let names: Vec<String> = page.iter().map(|s| s.fields.name.clone()).collect();
+    let mut last_runs = schedules::last_runs_of(&state.pool, &names, LAST_RUNS).await?;
+    let schedules = page
+        .into_iter()
+        .map(|schedule| ScheduleView {
+            next_runs: next_runs(&schedule),
+            last_runs: last_runs.remove(&schedule.fields.name).unwrap_or_default(),
+            schedule,
+        })
+        .collect();
     Ok(Json(ScheduleList {
-        schedules: schedules::list(&state.pool).await?,
+        schedules,
+        next_cursor,
     }))
 }
 
@@ -536,7 +600,17 @@ fn not_found(name: &str) -> ApiError {
 }
 
 async fn view(state: &AppState, schedule: ScheduleRecord) -> ApiResult<ScheduleView> {
-    let next_runs = match (&schedule.next_fire_at, schedule.fields.paused) {
+    let last_runs = schedules::last_runs(&state.pool, &schedule.fields.name, LAST_RUNS).await?;
+    Ok(ScheduleView {
+        next_runs: next_runs(&schedule),
+        schedule,
+        last_runs,
+    })
+}
+
+/// A schedule's next [`NEXT_RUNS`] fire times (none while paused).
+fn next_runs(schedule: &ScheduleRecord) -> Vec<DateTime<Utc>> {
+    match (&schedule.next_fire_at, schedule.fields.paused) {
         (Some(next), false) => Schedule::parse(&schedule.fields.cron, &schedule.fields.timezone)
             .map(|parsed| {
                 let mut runs = vec![*next];
@@ -545,11 +619,5 @@ async fn view(state: &AppState, schedule: ScheduleRecord) -> ApiResult<ScheduleV
             })
             .unwrap_or_default(),
         _ => Vec::new(),
-    };
-    let last_runs = schedules::last_runs(&state.pool, &schedule.fields.name, LAST_RUNS).await?;
-    Ok(ScheduleView {
-        schedule,
-        next_runs,
-        last_runs,
-    })
+    }
 }

@@ -14,6 +14,7 @@ use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::states::{CatchUp, Overlap, TaskStatus};
+use crate::store::tasks::MAX_PAGE_JSON_BYTES;
 
 /// The fires kept per schedule.
 pub const FIRES_KEPT: i64 = 100;
@@ -217,13 +218,53 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, name: &str) -> sqlx::Result<Option
     .await
 }
 
-/// Every schedule, by name.
-pub async fn list<'e>(db: impl PgExecutor<'e>) -> sqlx::Result<Vec<ScheduleRecord>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM schedules ORDER BY name"
+/// Schedules by name, one page at a time: at most `limit` of those after `cursor` (the
+/// last name of the page before), only `namespace`'s when given; returns the page and the
+/// next page's cursor. A page ends early, with a cursor, once its schedules' contexts
+/// pass [`MAX_PAGE_JSON_BYTES`] of JSON together (the first always comes).
+pub async fn page<'e>(
+    db: impl PgExecutor<'e>,
+    namespace: Option<&str>,
+    cursor: Option<&str>,
+    limit: i64,
+) -> sqlx::Result<(Vec<ScheduleRecord>, Option<String>)> {
+    // The page's schedules (one more, to know whether more follow), then only those whose
+    // contexts, with those before them, fit in the budget: the first always.
+    let rows: Vec<Listed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM (SELECT p.*, count(*) OVER () AS fetched, \
+                row_number() OVER w AS place, \
+                sum(octet_length(p.context::text)) OVER w AS listed_through \
+         FROM (SELECT {COLUMNS} FROM schedules \
+               WHERE ($1::text IS NULL OR namespace = $1) AND ($2::text IS NULL OR name > $2) \
+               ORDER BY name LIMIT $3) p \
+         WINDOW w AS (ORDER BY p.name ROWS UNBOUNDED PRECEDING)) q \
+         WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_JSON_BYTES} \
+         ORDER BY q.name"
     )))
+    .bind(namespace)
+    .bind(cursor)
+    .bind(limit + 1)
     .fetch_all(db)
-    .await
+    .await?;
+    let fetched = rows.first().map_or(0, |row| row.fetched);
+    let mut schedules: Vec<ScheduleRecord> = rows.into_iter().map(|row| row.schedule).collect();
+    let cut = schedules.len() as i64 > limit;
+    if cut {
+        schedules.truncate(limit as usize);
+    }
+    // Cut at the limit, or short by the contexts' size: the next page goes on from here.
+    let next = (cut || (schedules.len() as i64) < fetched)
+        .then(|| schedules.last().map(|s| s.fields.name.clone()))
+        .flatten();
+    Ok((schedules, next))
+}
+
+/// A row of [`page`]: a schedule, with how many schedules the page read.
+#[derive(sqlx::FromRow)]
+struct Listed {
+    #[sqlx(flatten)]
+    schedule: ScheduleRecord,
+    fetched: i64,
 }
 
 /// A schedule's last `n` fires, newest first, with their tasks' status.
@@ -241,6 +282,40 @@ pub async fn last_runs<'e>(
     .bind(n)
     .fetch_all(db)
     .await
+}
+
+/// The last `n` fires of each of the schedules `names`, newest first, with their tasks'
+/// status: one statement for a page of schedules.
+pub async fn last_runs_of<'e>(
+    db: impl PgExecutor<'e>,
+    names: &[String],
+    n: i64,
+) -> sqlx::Result<HashMap<String, Vec<FireRecord>>> {
+    let rows: Vec<ScheduleFire> = sqlx::query_as(
+        "SELECT f.schedule, f.fire_at AS time, f.task_id, f.outcome, \
+                (SELECT t.status FROM tasks t WHERE t.task_id = f.task_id) AS status \
+         FROM unnest($1::text[]) AS s(name) \
+         CROSS JOIN LATERAL (SELECT * FROM schedule_fires f WHERE f.schedule = s.name \
+                             ORDER BY f.fire_at DESC LIMIT $2) f \
+         ORDER BY f.schedule, f.fire_at DESC",
+    )
+    .bind(names)
+    .bind(n)
+    .fetch_all(db)
+    .await?;
+    let mut runs: HashMap<String, Vec<FireRecord>> = HashMap::new();
+    for row in rows {
+        runs.entry(row.schedule).or_default().push(row.fire);
+    }
+    Ok(runs)
+}
+
+/// A row of [`last_runs_of`]: a fire, with its schedule's name.
+#[derive(sqlx::FromRow)]
+struct ScheduleFire {
+    schedule: String,
+    #[sqlx(flatten)]
+    fire: FireRecord,
 }
 
 /// When the next schedule is due (possibly past), if any is not paused, and the

@@ -1419,3 +1419,69 @@ async fn results_left_out_of_the_task_page_load_on_demand() {
     browser.close().await;
     env.finish().await.unwrap();
 }
+
+/// The schedules page shows each schedule's next fire times and last runs (each run's
+/// task linked, with its status), a hundred at a time, and the rest on "More schedules…".
+#[tokio::test]
+async fn the_schedules_page_shows_next_and_last_runs_and_pages_on() {
+    if !browser_available() {
+        return;
+    }
+    let (env, admin) = console_env(
+        "console_schedules",
+        "namespace: clock\nname: tick\nversion: 1.0.0\nsteps:\n  - {name: run, handler: tasker.noop}\n",
+        "clock",
+    )
+    .await;
+    let schedule = |name: String, cron: &str| json!({"name": name, "namespace": "clock", "template": "tick", "cron": cron});
+    let (status, body) = call(
+        &env,
+        reqwest::Method::POST,
+        "/v1/schedules",
+        &admin,
+        Some(schedule("a-every-second".into(), "* * * * * *")),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    for n in 0..104 {
+        let (status, body) = call(
+            &env,
+            reqwest::Method::POST,
+            "/v1/schedules",
+            &admin,
+            Some(schedule(format!("b-morning-{n:03}"), "0 7 * * *")),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    let browser = Browser::start().await;
+    browser.sign_in(&env.base_url, "#/schedules", &admin).await;
+    // Its runs' tasks complete (a worker serves the namespace): a linked status badge.
+    browser
+        .wait_until(
+            "a last run of the every-second schedule, its task complete",
+            "return document.querySelector(\"tr[data-schedule='a-every-second'] td.last-runs a .status-complete\")",
+        )
+        .await;
+    let next_runs = browser
+        .wait_until(
+            "the next fire times",
+            "return document.querySelectorAll(\"tr[data-schedule='b-morning-000'] td.next-runs div\").length",
+        )
+        .await;
+    assert_eq!(next_runs, 3);
+    let rows = "return document.querySelectorAll('#schedules-table tbody tr').length";
+    assert_eq!(browser.wait_until("the first page", rows).await, 100);
+    browser.click("#schedules-more").await;
+    browser
+        .wait_until(
+            "every schedule, after More schedules…",
+            "return document.querySelectorAll('#schedules-table tbody tr').length === 105",
+        )
+        .await;
+    assert!(browser.exists("tr[data-schedule='b-morning-103']").await);
+    assert!(!browser.exists("#schedules-more:not([hidden])").await);
+    browser.close().await;
+    env.finish().await.unwrap();
+}

@@ -625,6 +625,156 @@ async fn schedules_are_checked_changed_and_deleted_and_come_from_template_files(
     assert_eq!(body["error"]["code"], "schedule_not_found");
 }
 
+/// The names on a page of `GET /v1/schedules`.
+fn listed(page: &Value) -> Vec<String> {
+    page["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Every schedule's name, page after page of `limit`, in the namespace `filter` names
+/// (`&namespace=clock`, or nothing); the pages as read.
+async fn all_pages(env: &TestEnv, limit: u32, filter: &str) -> (Vec<String>, Vec<Value>) {
+    let (mut names, mut pages) = (Vec::new(), Vec::new());
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = env
+            .get(&format!("/v1/schedules?limit={limit}{filter}{cursor}"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{page}");
+        names.extend(listed(&page));
+        let next = page["next_cursor"].as_str().map(str::to_owned);
+        pages.push(page);
+        match next {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return (names, pages),
+        }
+    }
+}
+
+/// The list of schedules comes a page at a time, each schedule with its next fire
+/// times and its last runs (what the console's and the CLI's lists show), a page cut
+/// short once its contexts pass 16 MiB.
+#[tokio::test]
+async fn schedules_are_listed_in_pages_each_with_its_next_and_last_runs() {
+    let env = TestEnv::start("schedule-pages").await.unwrap();
+    env.register_template(NIGHTLY).await.unwrap();
+    env.register_template(&NIGHTLY.replace("namespace: clock", "namespace: other"))
+        .await
+        .unwrap();
+    // One fires every second; the others wait for 7 o'clock, one of them paused.
+    let (status, body) = create(
+        &env,
+        json!({"name": "a-every-second", "namespace": "clock", "template": "nightly",
+               "cron": "* * * * * *"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut expected = vec!["a-every-second".to_owned()];
+    for n in 0..5 {
+        let (namespace, name) = match n {
+            0 | 1 => ("other", format!("b-other-{n}")),
+            _ => ("clock", format!("c-clock-{n}")),
+        };
+        let (status, body) = create(
+            &env,
+            json!({"name": name, "namespace": namespace, "template": "nightly",
+                   "cron": "0 7 * * *", "paused": n == 4}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        expected.push(name);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while fires(&env, "a-every-second").await.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no fires in 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (names, pages) = all_pages(&env, 2, "").await;
+    assert_eq!(names, expected);
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    let by_name = |name: &str| {
+        pages
+            .iter()
+            .flat_map(|page| page["schedules"].as_array().unwrap())
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let firing = by_name("a-every-second");
+    let last_runs = firing["last_runs"].as_array().unwrap();
+    assert!(last_runs.len() >= 2, "{firing}");
+    assert_eq!(last_runs[0]["outcome"], "fired", "{firing}");
+    assert!(last_runs[0]["task_id"].is_string(), "{firing}");
+    assert!(last_runs[0]["status"].is_string(), "{firing}");
+    assert!(
+        last_runs[0]["time"].as_str() > last_runs[1]["time"].as_str(),
+        "newest first: {firing}"
+    );
+    assert_eq!(firing["next_runs"].as_array().unwrap().len(), 5, "{firing}");
+    let waiting = by_name("c-clock-2");
+    assert_eq!(
+        waiting["next_runs"].as_array().unwrap().len(),
+        5,
+        "{waiting}"
+    );
+    assert_eq!(waiting["last_runs"], json!([]), "{waiting}");
+    assert_eq!(by_name("c-clock-4")["next_runs"], json!([]), "paused");
+
+    // One namespace's.
+    let (names, _) = all_pages(&env, 500, "&namespace=other").await;
+    assert_eq!(names, ["b-other-0", "b-other-1"]);
+    let (names, _) = all_pages(&env, 1, "&namespace=clock").await;
+    assert_eq!(
+        names,
+        ["a-every-second", "c-clock-2", "c-clock-3", "c-clock-4"]
+    );
+
+    // Every bad parameter named at once.
+    let (status, body) = env
+        .get("/v1/schedules?limit=0&cursor=&colour=red")
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let mut paths = crate::detail_paths(&body);
+    paths.sort();
+    assert_eq!(paths, ["colour", "cursor", "limit"], "{body}");
+
+    // Contexts of about 900 KB: 18 fit in one page's 16 MiB, the rest come next.
+    let pad = "x".repeat(900_000);
+    env.register_template(
+        "namespace: big\nname: padded\nsteps:\n  - {name: run, handler: tasker.noop}\n",
+    )
+    .await
+    .unwrap();
+    let mut padded = Vec::new();
+    for n in 0..20 {
+        let name = format!("padded-{n:02}");
+        let (status, body) = create(
+            &env,
+            json!({"name": name, "namespace": "big", "template": "padded",
+                   "cron": "0 7 * * *", "context": {"pad": pad}}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        padded.push(name);
+    }
+    let (names, pages) = all_pages(&env, 500, "&namespace=big").await;
+    assert_eq!(names, padded);
+    assert_eq!(
+        listed(&pages[0]).len(),
+        18,
+        "the first page is cut at 16 MiB"
+    );
+    assert_eq!(pages[0]["schedules"][17]["context"]["pad"], pad.as_str());
+    env.finish().await.unwrap();
+}
+
 /// A schedule's series go from a coordinator that fired it once it is deleted through
 /// another: schedules made and deleted by the thousand must not grow `/metrics`.
 #[tokio::test]
