@@ -47,6 +47,9 @@ pub struct Application {
 /// How long the loops of a broker session get to stop before they are abandoned: a
 /// broker in trouble must not hold the reconnect up.
 const SESSION_STOP: Duration = Duration::from_secs(5);
+/// How long a broker session's opening (its namespaces' queues declared, its channels
+/// opened) may take before the session is given up and the coordinator reconnects.
+const SESSION_SETUP: Duration = Duration::from_secs(30);
 /// How long the publisher gets at shutdown to publish the batches claimed before it.
 const FLUSH: Duration = Duration::from_secs(10);
 /// How long the database loops (the dispatcher, the sweeper…) get to stop at shutdown: a
@@ -396,38 +399,61 @@ async fn run_session(
     database_services: &mut Services,
 ) -> SessionEnd {
     state.broker.replace(session.connection.clone());
-    state.publisher.use_channel(session.publish_channel.clone());
-    state.control.use_channel(session.confirm_channel.clone());
-    match tasker_shared::store::templates::namespaces(&state.pool).await {
-        Ok(namespaces) => {
-            for namespace in namespaces {
-                if let Err(error) = state.publisher.ensure_namespace(&namespace).await {
-                    tracing::warn!(%error, %namespace, "cannot declare a namespace's queue");
+    // The session's channels and declarations, before anything is published on the new
+    // connection (a broker in a memory or disk alarm blocks a connection once it
+    // publishes, and lapin then sends nothing, a channel's opening included), each
+    // bounded and shutdown heard meanwhile: neither a broker that does not answer nor
+    // one that blocks holds the session's loops, or a stop, for ever.
+    let setup = async {
+        match tasker_shared::store::templates::namespaces(&state.pool).await {
+            Ok(namespaces) => {
+                for namespace in namespaces {
+                    if let Err(error) = state.publisher.ensure_namespace(&namespace).await {
+                        tracing::warn!(%error, %namespace, "cannot declare a namespace's queue");
+                    }
                 }
             }
+            Err(error) => {
+                tracing::warn!(%error, "cannot list namespaces to declare their queues");
+            }
         }
-        Err(error) => tracing::warn!(%error, "cannot list namespaces to declare their queues"),
-    }
+        // Several consumers, each with its own channel: a `multiple` ack covers only its
+        // own channel's deliveries. Their batches skip each other's locked steps as
+        // another coordinator's would (transitions::lock_batch).
+        let mut consumer_channels = vec![session.channel.clone()];
+        for _ in 1..settings.result_consumers {
+            consumer_channels.push(session.connection.create_channel().await?);
+        }
+        let events_channel = match settings.events.is_on() {
+            true => Some(broker::confirm_channel(&session.connection).await?),
+            false => None,
+        };
+        lapin::Result::Ok((consumer_channels, events_channel))
+    };
+    let opened = tokio::select! {
+        () = shutdown.as_mut() => return SessionEnd::Shutdown,
+        opened = tokio::time::timeout(SESSION_SETUP, setup) => opened,
+    };
+    let (consumer_channels, events_channel) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot open the session's channels");
+            close_broker(&session.connection, "coordinator session not opened").await;
+            return SessionEnd::BrokerLost("cannot open the session's channels");
+        }
+        Err(_) => {
+            close_broker(&session.connection, "coordinator session not opened").await;
+            return SessionEnd::BrokerLost("opening the session took too long");
+        }
+    };
+    state.publisher.use_channel(session.publish_channel.clone());
+    state.control.use_channel(session.confirm_channel.clone());
     // Steps claimed while the broker was away could not be published; dispatch again.
     state.wake_dispatcher.notify_one();
 
     // Stopped with the database services too, on the same tracker.
     let mut services = database_services.child();
-    // Several consumers, each with its own channel: a `multiple` ack covers only its
-    // own channel's deliveries. Their batches skip each other's locked steps as another
-    // coordinator's would (transitions::lock_batch).
-    let mut consumer_channels = vec![Ok(session.channel.clone())];
-    for _ in 1..settings.result_consumers {
-        consumer_channels.push(session.connection.create_channel().await);
-    }
-    let consumer_channels: lapin::Result<Vec<lapin::Channel>> =
-        consumer_channels.into_iter().collect();
-    for (rank, channel) in consumer_channels
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    for (rank, channel) in consumer_channels.iter().enumerate() {
         let processor = ResultProcessor::new(
             state.pool.clone(),
             state.publisher.clone(),
@@ -455,18 +481,17 @@ async fn run_session(
         ("step publishing", session.publish_channel.clone()),
         ("dead letters and control", session.confirm_channel.clone()),
     ];
-    let opened = async {
-        let gauges = Gauges::new(
-            state.pool.clone(),
-            state.broker.clone(),
-            topology.clone(),
-            state.metrics.clone(),
-            Duration::from_millis(settings.gauge_interval_ms),
-        );
-        let relay = if settings.events.is_on() {
-            let channel = broker::confirm_channel(&session.connection).await?;
+    services.start(Gauges::new(
+        state.pool.clone(),
+        state.broker.clone(),
+        topology.clone(),
+        state.metrics.clone(),
+        Duration::from_millis(settings.gauge_interval_ms),
+    ));
+    match events_channel {
+        Some(channel) => {
             watched.push(("lifecycle events", channel.clone()));
-            Some(EventRelay::new(
+            services.start(EventRelay::new(
                 state.pool.clone(),
                 channel,
                 topology.clone(),
@@ -474,30 +499,11 @@ async fn run_session(
                 state.metrics.clone(),
                 state.wake_events.clone(),
                 Duration::from_millis(settings.events_poll_ms),
-            ))
-        } else {
-            None
-        };
-        lapin::Result::Ok((gauges, relay))
-    };
-    let mut end = match opened.await {
-        Ok((gauges, relay)) => {
-            services.start(gauges);
-            match relay {
-                Some(relay) => {
-                    services.start(relay);
-                }
-                None => tracing::info!("lifecycle events are off (TASKER_EVENTS=false)"),
-            }
-            None
+            ));
         }
-        Err(_) => Some(SessionEnd::BrokerLost("cannot open a channel")),
-    };
-    if consumer_channels.is_err() {
-        end = Some(SessionEnd::BrokerLost(
-            "cannot open a result consumer's channel",
-        ));
+        None => tracing::info!("lifecycle events are off (TASKER_EVENTS=false)"),
     }
+    let mut end = None;
     let mut health = tokio::time::interval(Duration::from_millis(500));
     while end.is_none() {
         end = tokio::select! {
