@@ -125,7 +125,12 @@ impl Application {
             );
         }
         let connection = broker::connect(&settings.broker, &connection_name(&topology)).await?;
-        let session = BrokerSession::open(connection, &topology).await?;
+        let session = broker::within(
+            broker::ATTEMPT_PATIENCE,
+            BrokerSession::open(connection, &topology),
+        )
+        .await
+        .context("opening the broker session")?;
         let tasks = TaskTracker::new();
         let broker = Arc::new(BrokerLink::new(session.connection.clone()));
         let publisher = StepPublisher::new(
@@ -139,12 +144,17 @@ impl Application {
         #[cfg(feature = "failpoints")]
         let publisher = publisher.pause_after_claims(settings.failpoint_pause_after_claims);
         let publisher = Arc::new(publisher);
-        for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
-            publisher
-                .ensure_namespace(&namespace)
-                .await
-                .map_err(|error| topology.declare_error(error))?;
-        }
+        broker::within(SESSION_SETUP, async {
+            for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
+                publisher
+                    .ensure_namespace(&namespace)
+                    .await
+                    .map_err(|error| topology.declare_error(error))?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .context("declaring the namespaces' queues")?;
         let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
         let metrics = Arc::new(CoordinatorMetrics::new());
         let state = AppState {

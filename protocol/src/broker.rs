@@ -562,8 +562,9 @@ fn connect_backoff() -> ExponentialBuilder {
 /// process's return to work, for ever.
 pub const ATTEMPT_PATIENCE: Duration = Duration::from_secs(20);
 
-/// `attempt`, given up after `patience`.
-async fn within<T>(
+/// `attempt`, given up after `patience`: for what is done on a new connection before a
+/// process's loops start (declarations, channels), which lapin does not bound.
+pub async fn within<T>(
     patience: Duration,
     attempt: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {

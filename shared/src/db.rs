@@ -94,19 +94,27 @@ pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the start-up's first connection may take.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Whether the database of `url` exists, asked of that database: a role may be allowed to
 /// connect to its own database only (no CONNECT on `postgres`, a pooler that knows one
 /// database), where sqlx's own check connects to `postgres`. Only a missing one
 /// (`3D000`) is created, through the server's maintenance database.
-async fn database_exists(url: &str) -> sqlx::Result<bool> {
+async fn database_exists(url: &str) -> anyhow::Result<bool> {
     use sqlx::Connection;
-    match sqlx::PgConnection::connect(url).await {
+    // A server (or a pooler in front of it) that takes the socket and never answers must
+    // not hold a start-up for ever: the process exits, and its supervisor starts it again.
+    let connected = tokio::time::timeout(CONNECT_PATIENCE, sqlx::PgConnection::connect(url))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_PATIENCE:?}"))?;
+    match connected {
         Ok(connection) => {
-            let _ = connection.close().await;
+            let _ = tokio::time::timeout(CONNECT_PATIENCE, connection.close()).await;
             Ok(true)
         }
         Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("3D000") => Ok(false),
-        Err(error) => Err(error),
+        Err(error) => Err(error.into()),
     }
 }
 

@@ -190,7 +190,12 @@ impl Worker {
         );
         let connection =
             broker::connect(&settings.broker, &format!("tasker-worker {worker_id}")).await?;
-        let connection = declare_topology(connection, &topology).await?;
+        let connection = broker::within(
+            broker::ATTEMPT_PATIENCE,
+            declare_topology(connection, &topology),
+        )
+        .await
+        .context("declaring the broker topology")?;
         Ok(Worker {
             registry: Arc::new(registry),
             connection: Some(connection),
