@@ -163,10 +163,14 @@ impl StepPublisher {
         self.lease_ms
     }
 
-    /// Publish on `channel` from now on (a new connection after the old one was lost), and
-    /// declare namespaces again (on the broker link's connection, replaced first).
+    /// Publish on `channel` from now on (a new connection after the old one was lost).
     pub(crate) fn use_channel(&self, channel: Channel) {
         *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+    }
+
+    /// Declare every namespace's queue again before publishing to it: on a new connection
+    /// (the broker link's, replaced first), whose broker may have lost its definitions.
+    pub(crate) fn forget_namespaces(&self) {
         self.declared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

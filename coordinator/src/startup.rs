@@ -47,9 +47,11 @@ pub struct Application {
 /// How long the loops of a broker session get to stop before they are abandoned: a
 /// broker in trouble must not hold the reconnect up.
 const SESSION_STOP: Duration = Duration::from_secs(5);
-/// How long a broker session's opening (its namespaces' queues declared, its channels
-/// opened) may take before the session is given up and the coordinator reconnects.
-const SESSION_SETUP: Duration = Duration::from_secs(30);
+/// How long each broker call of a session's opening (a namespace's queue declared, a
+/// channel opened) may take: past it, a channel not opened gives the session up and
+/// the coordinator reconnects; a queue not declared is declared again at its first
+/// publish.
+const SETUP_CALL: Duration = Duration::from_secs(10);
 /// How long the publisher gets at shutdown to publish the batches claimed before it.
 const FLUSH: Duration = Duration::from_secs(10);
 /// How long the database loops (the dispatcher, the sweeper…) get to stop at shutdown: a
@@ -144,17 +146,16 @@ impl Application {
         #[cfg(feature = "failpoints")]
         let publisher = publisher.pause_after_claims(settings.failpoint_pause_after_claims);
         let publisher = Arc::new(publisher);
-        broker::within(SESSION_SETUP, async {
-            for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
+        for namespace in tasker_shared::store::templates::namespaces(&pool).await? {
+            broker::within(SETUP_CALL, async {
                 publisher
                     .ensure_namespace(&namespace)
                     .await
-                    .map_err(|error| topology.declare_error(error))?;
-            }
-            anyhow::Ok(())
-        })
-        .await
-        .context("declaring the namespaces' queues")?;
+                    .map_err(|error| topology.declare_error(error))
+            })
+            .await
+            .with_context(|| format!("declaring the queue of namespace `{namespace}`"))?;
+        }
         let auth = Arc::new(Authenticator::from_settings(&settings.auth, pool.clone())?);
         let metrics = Arc::new(CoordinatorMetrics::new());
         let state = AppState {
@@ -414,50 +415,74 @@ async fn run_session(
     // publishes, and lapin then sends nothing, a channel's opening included), each
     // bounded and shutdown heard meanwhile: neither a broker that does not answer nor
     // one that blocks holds the session's loops, or a stop, for ever.
+    // Each broker call is bounded, not the whole: a thousand namespaces' queues take
+    // their time on a fresh broker.
+    state.publisher.forget_namespaces();
     let setup = async {
-        match tasker_shared::store::templates::namespaces(&state.pool).await {
-            Ok(namespaces) => {
+        let namespaces = tasker_shared::store::templates::namespaces(&state.pool);
+        match tokio::time::timeout(SETUP_CALL, namespaces).await {
+            Ok(Ok(namespaces)) => {
                 for namespace in namespaces {
-                    if let Err(error) = state.publisher.ensure_namespace(&namespace).await {
-                        tracing::warn!(%error, %namespace, "cannot declare a namespace's queue");
+                    let declared = state.publisher.ensure_namespace(&namespace);
+                    match tokio::time::timeout(SETUP_CALL, declared).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, %namespace, "cannot declare a namespace's queue");
+                        }
+                        Err(_) => anyhow::bail!(
+                            "declaring the queue of namespace `{namespace}`: no answer within {SETUP_CALL:?}"
+                        ),
                     }
                 }
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "cannot list namespaces to declare their queues");
             }
+            Err(_) => tracing::warn!(
+                "cannot list namespaces to declare their queues: no answer within {SETUP_CALL:?}"
+            ),
         }
         // Several consumers, each with its own channel: a `multiple` ack covers only its
         // own channel's deliveries. Their batches skip each other's locked steps as
         // another coordinator's would (transitions::lock_batch).
         let mut consumer_channels = vec![session.channel.clone()];
         for _ in 1..settings.result_consumers {
-            consumer_channels.push(session.connection.create_channel().await?);
+            let channel = session.connection.create_channel();
+            consumer_channels.push(broker::within(SETUP_CALL, channel).await?);
         }
         let events_channel = match settings.events.is_on() {
-            true => Some(broker::confirm_channel(&session.connection).await?),
+            true => {
+                let channel = broker::confirm_channel(&session.connection);
+                Some(broker::within(SETUP_CALL, channel).await?)
+            }
             false => None,
         };
-        lapin::Result::Ok((consumer_channels, events_channel))
+        anyhow::Ok((consumer_channels, events_channel))
+    };
+    let use_session = || {
+        state.publisher.use_channel(session.publish_channel.clone());
+        state.control.use_channel(session.confirm_channel.clone());
     };
     let opened = tokio::select! {
-        () = shutdown.as_mut() => return SessionEnd::Shutdown,
-        opened = tokio::time::timeout(SESSION_SETUP, setup) => opened,
+        () = shutdown.as_mut() => {
+            // The last publishes of the stop go out on this connection.
+            use_session();
+            return SessionEnd::Shutdown;
+        }
+        opened = setup => opened,
     };
     let (consumer_channels, events_channel) = match opened {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "cannot open the session's channels");
+        Ok(opened) => opened,
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot open the session's channels"
+            );
             close_broker(&session.connection, "coordinator session not opened").await;
             return SessionEnd::BrokerLost("cannot open the session's channels");
         }
-        Err(_) => {
-            close_broker(&session.connection, "coordinator session not opened").await;
-            return SessionEnd::BrokerLost("opening the session took too long");
-        }
     };
-    state.publisher.use_channel(session.publish_channel.clone());
-    state.control.use_channel(session.confirm_channel.clone());
+    use_session();
     // Steps claimed while the broker was away could not be published; dispatch again.
     state.wake_dispatcher.notify_one();
 

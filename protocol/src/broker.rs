@@ -564,32 +564,38 @@ pub const ATTEMPT_PATIENCE: Duration = Duration::from_secs(20);
 
 /// `attempt`, given up after `patience`: for what is done on a new connection before a
 /// process's loops start (declarations, channels), which lapin does not bound.
-pub async fn within<T>(
+pub async fn within<T, E: Into<anyhow::Error>>(
     patience: Duration,
-    attempt: impl std::future::Future<Output = anyhow::Result<T>>,
+    attempt: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
-    tokio::time::timeout(patience, attempt)
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {patience:?}")))
+    match tokio::time::timeout(patience, attempt).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(anyhow::anyhow!("no answer within {patience:?}")),
+    }
 }
 
 /// One connection attempt, named `name` in RabbitMQ's management UI.
 async fn connect_once(url: &SecretUrl, name: &str) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    within(ATTEMPT_PATIENCE, async {
-        Ok(Connection::connect(url.expose(), properties).await?)
-    })
+    within(
+        ATTEMPT_PATIENCE,
+        Connection::connect(url.expose(), properties),
+    )
     .await
 }
 
-/// Connect to RabbitMQ, retrying with backoff for about a minute so that a process started
-/// alongside the broker waits for it instead of failing.
+/// How long a process's start-up tries to reach RabbitMQ before it exits.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Connect to RabbitMQ, retrying with backoff for up to [`STARTUP_PATIENCE`] so that a
+/// process started alongside the broker waits for it instead of failing.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Connection> {
-    (|| connect_once(&settings.amqp_url, name))
-        .retry(connect_backoff().with_max_times(25))
+    let retried = (|| connect_once(&settings.amqp_url, name))
+        .retry(connect_backoff().without_max_times())
         .notify(|error: &anyhow::Error, wait| {
             tracing::warn!(error = format!("{error:#}"), ?wait, broker = %settings.amqp_url, "RabbitMQ not reachable yet; retrying");
-        })
+        });
+    within(STARTUP_PATIENCE, retried)
         .await
         .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.amqp_url))
 }

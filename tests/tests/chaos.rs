@@ -157,8 +157,6 @@ async fn in_flight(pool: &PgPool) -> Vec<(Uuid, i32)> {
     .await
 }
 
-/// Wait until every step of `snapshot` is complete; returns how long that took from
-/// `since` and the attempts spent beyond those counted in the snapshot.
 /// Wait until every worker consumes `queue` again, within [`CONSUMING_AGAIN_WITHIN`] of
 /// the end of a fault; returns how long it took. Past it, the failure carries each
 /// worker's last connection events, to tell which one stayed away and where it stood.
@@ -193,6 +191,8 @@ async fn every_worker_consuming(env: &TestEnv, queue: &str) -> Duration {
     )
 }
 
+/// Wait until every step of `snapshot` is complete; returns how long that took from
+/// `since` and the attempts spent beyond those counted in the snapshot.
 async fn healed(pool: &PgPool, snapshot: &[(Uuid, i32)], since: Instant) -> (Duration, i64) {
     let ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
     let before: i64 = snapshot.iter().map(|(_, a)| i64::from(*a)).sum();

@@ -1457,11 +1457,11 @@ async fn the_schedules_page_shows_next_and_last_runs_and_pages_on() {
 
     let browser = Browser::start().await;
     browser.sign_in(&env.base_url, "#/schedules", &admin).await;
-    // Its runs' tasks complete (a worker serves the namespace): a linked status badge.
+    // Each last run links its task, with the task's status.
     browser
         .wait_until(
-            "a last run of the every-second schedule, its task complete",
-            "return document.querySelector(\"tr[data-schedule='a-every-second'] td.last-runs a .status-complete\")",
+            "a last run of the every-second schedule, its task linked with its status",
+            "return document.querySelector(\"tr[data-schedule='a-every-second'] td.last-runs a[href^='#/tasks/'] .badge\")",
         )
         .await;
     let next_runs = browser

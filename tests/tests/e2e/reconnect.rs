@@ -151,6 +151,48 @@ async fn the_coordinator_comes_back_after_the_broker_closes_its_publishing_chann
     env.finish().await.unwrap();
 }
 
+/// A coordinator that reconnects declares every namespace's queue again before it
+/// publishes: a queue the broker lost meanwhile (an operator deleted it, a node came
+/// back without its definitions) is there again at once, not at its first publish.
+#[tokio::test]
+async fn a_coordinator_declares_the_namespaces_queues_again_when_it_reconnects() {
+    let env = TestEnv::start("redeclare").await.unwrap();
+    let (status, body) = env
+        .register_template(
+            "namespace: again\nname: one\nsteps:\n  - {name: only, handler: tasker.noop}\n",
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{body}");
+    let queue = env.queue("again");
+    assert!(tasker_tests::queue_exists(&queue).await.unwrap());
+    let (connection, channel) = tasker_tests::confirm_channel().await;
+    channel
+        .queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+    assert!(!tasker_tests::queue_exists(&queue).await.unwrap());
+
+    let coordinator = format!("tasker-coordinator {}", env.prefix);
+    let closed = tasker_tests::close_broker_connections(&coordinator)
+        .await
+        .unwrap();
+    assert_eq!(closed, 1, "the coordinator has one broker connection");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tasker_tests::queue_exists(&queue).await.unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue} not declared again 30 s after the coordinator lost its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finish().await.unwrap();
+}
+
 /// A worker whose every handler slot is busy still watches its connection: cut while a
 /// long step runs and the next delivery waits for the slot, it reconnects at once (not
 /// when the step ends), goes on beating for the running step on the new connection, and
