@@ -176,7 +176,7 @@ pub(crate) async fn create(
     params(
         ("namespace" = Option<String>, Query, description = "Only schedules of this template namespace."),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Schedules per page, 1 to 500; default 100. A page ends earlier, with a `next_cursor`, once its schedules' contexts pass 16 MiB of JSON together (the first schedule always comes)."),
-        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page, sent with the same `namespace`."),
+        ("cursor" = Option<String>, Query, min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.-]+$", description = "The `next_cursor` of the previous page (a schedule's name), sent with the same `namespace`."),
     ),
     responses(
         (status = 200, description = "One page of schedules.", body = ScheduleList),
@@ -201,7 +201,7 @@ pub(crate) async fn list(
             // No stored name holds U+0000 (nor can PostgreSQL compare with one).
             "namespace" if value.contains('\0') => matches_nothing = true,
             "namespace" => namespace = Some(value),
-            "cursor" if value.is_empty() || value.contains('\0') => {
+            "cursor" if value.len() > 128 || !valid_name(&value) => {
                 problem("`cursor` must be a `next_cursor` from an earlier page".to_owned());
             }
             "cursor" => cursor = Some(value),
