@@ -47,10 +47,9 @@ pub struct Application {
 /// How long the loops of a broker session get to stop before they are abandoned: a
 /// broker in trouble must not hold the reconnect up.
 const SESSION_STOP: Duration = Duration::from_secs(5);
-/// How long each broker call of a session's opening (a namespace's queue declared, a
-/// channel opened) may take: past it, a channel not opened gives the session up and
-/// the coordinator reconnects; a queue not declared is declared again at its first
-/// publish.
+/// How long each call of a session's opening (a namespace's queue declared, a channel
+/// opened) may take: past it, the session is given up and the coordinator reconnects
+/// (at start-up, it exits).
 const SETUP_CALL: Duration = Duration::from_secs(10);
 /// How long the publisher gets at shutdown to publish the batches claimed before it.
 const FLUSH: Duration = Duration::from_secs(10);

@@ -183,6 +183,16 @@ async function api(path, { method = "GET", body } = {}) {
   return parsed;
 }
 
+// `load` called one call at a time, in the order asked ("more" clicks and live reloads
+// alike): an older answer must not replace, or cut into, a newer one. Errors are flashed.
+function serialized(load) {
+  let reading = Promise.resolve();
+  return (...args) => {
+    reading = reading.then(() => load(...args), () => load(...args));
+    return reading.catch((e) => flash(e.message, "error"));
+  };
+}
+
 function query(params) {
   const q = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) {
@@ -470,13 +480,7 @@ async function tasksPage(main, params) {
       ? `${body.children.length} task${body.children.length === 1 ? "" : "s"} shown, newest first${cursor ? "" : " (all that match)"}.`
       : "No task matches.";
   };
-  // One read at a time, "Older tasks…" and live reloads alike, in the order asked: an
-  // older answer must not replace, or cut into, a newer one.
-  let reading = Promise.resolve();
-  const serially = (append) => {
-    reading = reading.then(() => load(append), () => load(append));
-    return reading.catch((e) => flash(e.message, "error"));
-  };
+  const serially = serialized(load);
   more.addEventListener("click", () => serially(true));
   await load(false);
   if (!current(page)) return;
@@ -985,12 +989,7 @@ async function schedulesPage(main) {
     table.hidden = !body.children.length;
     none.hidden = !!body.children.length;
   };
-  // One read at a time, in the order asked: an older answer must not replace a newer one.
-  let reading = Promise.resolve();
-  const serially = (append) => {
-    reading = reading.then(() => load(append), () => load(append));
-    return reading.catch((e) => flash(e.message, "error"));
-  };
+  const serially = serialized(load);
   more.addEventListener("click", () => serially(true));
   await load(false);
   if (!current(page)) return;
