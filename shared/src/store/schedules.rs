@@ -14,7 +14,7 @@ use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::states::{CatchUp, Overlap, TaskStatus};
-use crate::store::tasks::MAX_PAGE_JSON_BYTES;
+use crate::store::tasks::{Budgeted, budgeted_page, page_budget};
 
 /// The fires kept per schedule.
 pub const FIRES_KEPT: i64 = 100;
@@ -221,7 +221,8 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, name: &str) -> sqlx::Result<Option
 /// Schedules by name, one page at a time: at most `limit` of those after `cursor` (the
 /// last name of the page before), only `namespace`'s when given; returns the page and the
 /// next page's cursor. A page ends early, with a cursor, once its schedules' contexts
-/// pass [`MAX_PAGE_JSON_BYTES`] of JSON together (the first always comes).
+/// pass [`crate::store::tasks::MAX_PAGE_JSON_BYTES`] of JSON together (the first always
+/// comes).
 pub async fn page<'e>(
     db: impl PgExecutor<'e>,
     namespace: Option<&str>,
@@ -230,41 +231,22 @@ pub async fn page<'e>(
 ) -> sqlx::Result<(Vec<ScheduleRecord>, Option<String>)> {
     // The page's schedules (one more, to know whether more follow), then only those whose
     // contexts, with those before them, fit in the budget: the first always.
-    let rows: Vec<Listed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT * FROM (SELECT p.*, count(*) OVER () AS fetched, \
-                row_number() OVER w AS place, \
-                sum(octet_length(p.context::text)) OVER w AS listed_through \
-         FROM (SELECT {COLUMNS} FROM schedules \
-               WHERE ($1::text IS NULL OR namespace = $1) AND ($2::text IS NULL OR name > $2) \
-               ORDER BY name LIMIT $3) p \
-         WINDOW w AS (ORDER BY p.name ROWS UNBOUNDED PRECEDING)) q \
-         WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_JSON_BYTES} \
-         ORDER BY q.name"
+    let (head, tail) = page_budget("context", "name", "ASC");
+    let rows: Vec<Budgeted<ScheduleRecord>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{head}SELECT {COLUMNS} FROM schedules \
+         WHERE ($1::text IS NULL OR namespace = $1) AND ($2::text IS NULL OR name > $2) \
+         ORDER BY name LIMIT $3{tail}"
     )))
     .bind(namespace)
     .bind(cursor)
     .bind(limit + 1)
     .fetch_all(db)
     .await?;
-    let fetched = rows.first().map_or(0, |row| row.fetched);
-    let mut schedules: Vec<ScheduleRecord> = rows.into_iter().map(|row| row.schedule).collect();
-    let cut = schedules.len() as i64 > limit;
-    if cut {
-        schedules.truncate(limit as usize);
-    }
-    // Cut at the limit, or short by the contexts' size: the next page goes on from here.
-    let next = (cut || (schedules.len() as i64) < fetched)
+    let (schedules, more) = budgeted_page(rows, limit);
+    let next = more
         .then(|| schedules.last().map(|s| s.fields.name.clone()))
         .flatten();
     Ok((schedules, next))
-}
-
-/// A row of [`page`]: a schedule, with how many schedules the page read.
-#[derive(sqlx::FromRow)]
-struct Listed {
-    #[sqlx(flatten)]
-    schedule: ScheduleRecord,
-    fetched: i64,
 }
 
 /// A schedule's last `n` fires, newest first, with their tasks' status.

@@ -1048,6 +1048,49 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Opt
 /// [`list`].
 pub const MAX_PAGE_JSON_BYTES: i64 = 16 * 1024 * 1024;
 
+/// What wraps a query of a page's rows and one more (`SELECT … ORDER BY {key}
+/// {direction} LIMIT n + 1`), in front and behind, so that it returns only the rows whose
+/// `json` column, with the rows before them, fits in [`MAX_PAGE_JSON_BYTES`] (the first
+/// row always), each as a [`Budgeted`] row. [`budgeted_page`] makes the page of them.
+pub(crate) fn page_budget(json: &str, key: &str, direction: &str) -> (String, String) {
+    (
+        format!(
+            "SELECT * FROM (SELECT p.*, count(*) OVER () AS fetched, \
+                    row_number() OVER w AS place, \
+                    sum(octet_length(p.{json}::text)) OVER w AS listed_through \
+             FROM ("
+        ),
+        format!(
+            ") p WINDOW w AS (ORDER BY p.{key} {direction} ROWS UNBOUNDED PRECEDING)) q \
+             WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_JSON_BYTES} \
+             ORDER BY q.{key} {direction}"
+        ),
+    )
+}
+
+/// A row of a query wrapped by [`page_budget`]: the row, with how many rows the wrapped
+/// query read.
+#[derive(sqlx::FromRow)]
+pub(crate) struct Budgeted<T> {
+    #[sqlx(flatten)]
+    pub(crate) row: T,
+    fetched: i64,
+}
+
+/// The page of at most `limit` rows that `rows` (read through [`page_budget`]) make, and
+/// whether another page follows: there was a row past the limit, or the budget cut the
+/// rows read short.
+pub(crate) fn budgeted_page<T>(rows: Vec<Budgeted<T>>, limit: i64) -> (Vec<T>, bool) {
+    let fetched = rows.first().map_or(0, |row| row.fetched);
+    let mut page: Vec<T> = rows.into_iter().map(|row| row.row).collect();
+    let cut = page.len() as i64 > limit;
+    if cut {
+        page.truncate(limit as usize);
+    }
+    let more = cut || (page.len() as i64) < fetched;
+    (page, more)
+}
+
 /// A task's steps in template order, each with the names of its parents, without their
 /// results (`results_omitted` where they have some): for a reader of statuses.
 pub async fn steps<'e>(db: impl PgExecutor<'e>, task_id: Uuid) -> sqlx::Result<Vec<StepRecord>> {
@@ -1252,13 +1295,9 @@ pub async fn list(
     };
     // The page's tasks (one more, to know whether more follow), then only those whose
     // contexts, with those before them, fit in the budget: the first always.
+    let (head, tail) = page_budget("context", "task_id", direction);
     let mut query = filter_into(
-        sqlx::QueryBuilder::new(format!(
-            "SELECT * FROM (SELECT p.*, count(*) OVER () AS fetched, \
-                    row_number() OVER w AS place, \
-                    sum(octet_length(p.context::text)) OVER w AS listed_through \
-             FROM (SELECT {TASK_COLUMNS} FROM tasks WHERE TRUE"
-        )),
+        sqlx::QueryBuilder::new(format!("{head}SELECT {TASK_COLUMNS} FROM tasks WHERE TRUE")),
         filter,
     );
     if let Some(cursor) = page.cursor {
@@ -1269,32 +1308,11 @@ pub async fn list(
     query
         .push(format_args!(" ORDER BY task_id {direction} LIMIT "))
         .push_bind(page.limit + 1)
-        .push(format_args!(
-            ") p WINDOW w AS (ORDER BY p.task_id {direction} ROWS UNBOUNDED PRECEDING)) q \
-             WHERE q.place = 1 OR q.listed_through <= {MAX_PAGE_JSON_BYTES} \
-             ORDER BY q.task_id {direction}"
-        ));
-    let rows: Vec<Listed> = query.build_query_as().fetch_all(pool).await?;
-    let fetched = rows.first().map_or(0, |row| row.fetched);
-    let mut tasks: Vec<TaskRecord> = rows.into_iter().map(|row| row.task).collect();
-    let next = if tasks.len() as i64 > page.limit {
-        tasks.truncate(page.limit as usize);
-        tasks.last().map(|t| t.task_id)
-    } else if (tasks.len() as i64) < fetched {
-        // Cut short by the contexts' size: the next page goes on from here.
-        tasks.last().map(|t| t.task_id)
-    } else {
-        None
-    };
+        .push(tail);
+    let rows: Vec<Budgeted<TaskRecord>> = query.build_query_as().fetch_all(pool).await?;
+    let (tasks, more) = budgeted_page(rows, page.limit);
+    let next = more.then(|| tasks.last().map(|t| t.task_id)).flatten();
     Ok((tasks, next))
-}
-
-/// A row of [`list`]: a task, with how many tasks the page read.
-#[derive(sqlx::FromRow)]
-struct Listed {
-    #[sqlx(flatten)]
-    task: TaskRecord,
-    fetched: i64,
 }
 
 /// The ids of the oldest `limit` tasks matching `filter` (what a bulk operation acts on).

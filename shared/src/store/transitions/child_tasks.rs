@@ -197,7 +197,10 @@ pub(super) async fn run(
         }
     }
     if !done.is_empty() {
-        let (completed, too_large) = conditions::complete_within_limits(
+        let conditions::Completed {
+            completed,
+            too_large,
+        } = conditions::complete_within_limits(
             &mut *conn,
             include_str!("../../../sql/child_tasks/done.sql"),
             &done,

@@ -276,7 +276,10 @@ pub(super) async fn judge(
             }
         }
         if !gather.is_empty() {
-            let (gathered, too_large) = complete_within_limits(
+            let Completed {
+                completed: gathered,
+                too_large,
+            } = complete_within_limits(
                 &mut *conn,
                 include_str!("../../../sql/fan_out/gather.sql"),
                 &gather,
@@ -386,34 +389,42 @@ pub(super) fn results_too_large(whose: &str, size: Option<(i64, i64)>) -> String
 /// other steps' (`fan_out/gather.sql`, `child_tasks/done.sql`) when they are at most
 /// [`crate::db::MAX_GATHERED_BYTES`] of JSON, returning each step it completed with its
 /// task, then each step it left for being larger with that size and the limit. Returns
-/// the steps completed with their tasks, and the steps to fail with the size of their
-/// results and the limit (`None`: PostgreSQL refused them as too large for one value,
-/// past jsonb's 256 MiB). Each try runs in a savepoint, so that
-/// a refusal leaves the caller's transaction, and the other steps, whole.
+/// the steps completed and those to fail ([`Completed`]). Each try runs in a savepoint, so
+/// that a refusal leaves the caller's transaction, and the other steps, whole.
 pub(super) async fn complete_within_limits(
     conn: &mut PgConnection,
     sql: &'static str,
     steps: &[Uuid],
-) -> sqlx::Result<(Vec<(Uuid, Uuid)>, Vec<(Uuid, Option<(i64, i64)>)>)> {
-    match complete_in_savepoint(&mut *conn, sql, steps).await {
-        Ok(done) => return Ok(done),
+) -> sqlx::Result<Completed> {
+    let mut outcome = Completed::default();
+    match complete_in_savepoint(&mut *conn, sql, steps, &mut outcome).await {
+        Ok(()) => return Ok(outcome),
         Err(error) if !beyond_limits(&error) => return Err(error),
-        Err(_) if steps.len() == 1 => return Ok((Vec::new(), vec![(steps[0], None)])),
+        Err(_) if steps.len() == 1 => {
+            outcome.too_large.push((steps[0], None));
+            return Ok(outcome);
+        }
         Err(_) => {}
     }
-    let mut completed = Vec::new();
-    let mut too_large = Vec::new();
     for step in steps {
-        match complete_in_savepoint(&mut *conn, sql, std::slice::from_ref(step)).await {
-            Ok((done, large)) => {
-                completed.extend(done);
-                too_large.extend(large);
-            }
-            Err(error) if beyond_limits(&error) => too_large.push((*step, None)),
+        match complete_in_savepoint(&mut *conn, sql, std::slice::from_ref(step), &mut outcome).await
+        {
+            Ok(()) => {}
+            Err(error) if beyond_limits(&error) => outcome.too_large.push((*step, None)),
             Err(error) => return Err(error),
         }
     }
-    Ok((completed, too_large))
+    Ok(outcome)
+}
+
+/// What [`complete_within_limits`] did.
+#[derive(Default)]
+pub(super) struct Completed {
+    /// The steps completed, each with its task.
+    pub(super) completed: Vec<(Uuid, Uuid)>,
+    /// The steps to fail for their results' size, each with that size and the limit
+    /// (`None`: PostgreSQL refused them as too large for one value, past jsonb's 256 MiB).
+    pub(super) too_large: Vec<(Uuid, Option<(i64, i64)>)>,
 }
 
 /// A row of [`complete_within_limits`]'s statement: a step completed, with its task, or
@@ -426,12 +437,14 @@ struct Completion {
     max: Option<i64>,
 }
 
-/// [`complete_within_limits`]'s statement, once, in a savepoint.
+/// [`complete_within_limits`]'s statement, once, in a savepoint: what it did goes to
+/// `outcome` once it committed.
 async fn complete_in_savepoint(
     conn: &mut PgConnection,
     sql: &'static str,
     steps: &[Uuid],
-) -> sqlx::Result<(Vec<(Uuid, Uuid)>, Vec<(Uuid, Option<(i64, i64)>)>)> {
+    outcome: &mut Completed,
+) -> sqlx::Result<()> {
     let mut savepoint = conn.begin().await?;
     let rows: sqlx::Result<Vec<Completion>> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(steps)
@@ -440,15 +453,13 @@ async fn complete_in_savepoint(
     match rows {
         Ok(rows) => {
             savepoint.commit().await?;
-            let mut completed = Vec::new();
-            let mut too_large = Vec::new();
             for row in rows {
                 match row.task_id {
-                    Some(task) => completed.push((row.step_id, task)),
-                    None => too_large.push((row.step_id, row.size.zip(row.max))),
+                    Some(task) => outcome.completed.push((row.step_id, task)),
+                    None => outcome.too_large.push((row.step_id, row.size.zip(row.max))),
                 }
             }
-            Ok((completed, too_large))
+            Ok(())
         }
         Err(error) => {
             savepoint.rollback().await?;
