@@ -12,7 +12,7 @@ use futures::StreamExt;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use sqlx::PgPool;
+use tasker_shared::db::Database;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -36,7 +36,7 @@ const MAX_WORKERS_KEPT: usize = 10_000;
 
 #[derive(Clone)]
 pub(crate) struct Control {
-    pool: PgPool,
+    db: Database,
     /// The channel of the current broker connection, shared by every clone and replaced
     /// after a reconnect. A std RwLock: held only to clone or swap the handle.
     channel: Arc<RwLock<Channel>>,
@@ -60,13 +60,13 @@ pub(crate) struct WorkerSeen {
 
 impl Control {
     pub(crate) fn new(
-        pool: PgPool,
+        db: Database,
         channel: Channel,
         topology: Topology,
         metrics: Arc<CoordinatorMetrics>,
     ) -> Self {
         Control {
-            pool,
+            db,
             channel: Arc::new(RwLock::new(channel)),
             topology,
             workers: Arc::default(),
@@ -109,7 +109,10 @@ impl Control {
 
     /// Broadcast every namespace that has a template.
     pub(crate) async fn announce_namespaces(&self) -> anyhow::Result<()> {
-        let namespaces = templates::namespaces(&self.pool).await?;
+        let namespaces = self
+            .db
+            .run(async |conn| templates::namespaces(conn).await)
+            .await?;
         self.broadcast(&ControlMessage::Namespaces { namespaces })
             .await
     }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
+use tasker_shared::db::Database;
 use tasker_shared::store::tasks::{self, Created, Creation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -77,7 +78,7 @@ impl TaskCreator {
     /// `batch_size` observes how many creations each statement writes.
     /// At most `limit` creations are admitted at once (see [`CreateError::Overloaded`]).
     pub(crate) fn start(
-        pool: PgPool,
+        db: Database,
         batch_size: Histogram,
         limit: u32,
         tasks: &TaskTracker,
@@ -85,7 +86,7 @@ impl TaskCreator {
         let (jobs, receiver) = mpsc::unbounded_channel();
         let closed = CancellationToken::new();
         tasks.spawn(gather(
-            pool,
+            db,
             receiver,
             batch_size,
             tasks.clone(),
@@ -127,7 +128,7 @@ impl TaskCreator {
 /// task on `tasks`, until `closed` and nothing waits. A batch may start when no other is
 /// written, or when the one written has run for [`PATIENCE`].
 async fn gather(
-    pool: PgPool,
+    db: Database,
     mut receiver: mpsc::UnboundedReceiver<Job>,
     batch_size: Histogram,
     tasks: TaskTracker,
@@ -160,10 +161,23 @@ async fn gather(
         if received == 0 {
             return;
         }
-        let (pool, batch_size, running) = (pool.clone(), batch_size.clone(), running.clone());
+        let (db, batch_size, running) = (db.clone(), batch_size.clone(), running.clone());
         lock_running(&running).push((batch, Instant::now()));
         tasks.spawn(async move {
-            write(&pool, jobs, &batch_size).await;
+            // A batch whose answer never comes (its database host vanished) must not hold
+            // its slot, and with enough of them every creation, for ever: its requests are
+            // answered 503 (their replies dropped), as when the database is unreachable.
+            // Whether it was written is unknown; an idempotency key makes a retry safe.
+            let patience = db.patience();
+            if tokio::time::timeout(patience, write(db.pool(), jobs, &batch_size))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    ?patience,
+                    "PostgreSQL did not answer a batch of creations in time"
+                );
+            }
             lock_running(&running).retain(|(b, _)| *b != batch);
             drop(slot);
         });

@@ -18,7 +18,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -26,6 +25,7 @@ use tracing::Instrument;
 use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::service::Service;
+use tasker_shared::db::Database;
 use tasker_shared::store::transitions;
 
 /// How soon to claim again when a step in backoff is already due but the last claim did
@@ -47,7 +47,7 @@ pub(crate) struct DispatcherConfig {
 }
 
 pub(crate) struct Dispatcher {
-    pool: PgPool,
+    db: Database,
     publisher: Arc<StepPublisher>,
     metrics: Arc<CoordinatorMetrics>,
     wake: Arc<Notify>,
@@ -57,7 +57,7 @@ pub(crate) struct Dispatcher {
 
 impl Dispatcher {
     pub(crate) fn new(
-        pool: PgPool,
+        db: Database,
         publisher: Arc<StepPublisher>,
         metrics: Arc<CoordinatorMetrics>,
         wake: Arc<Notify>,
@@ -65,7 +65,7 @@ impl Dispatcher {
         config: DispatcherConfig,
     ) -> Self {
         Dispatcher {
-            pool,
+            db,
             publisher,
             metrics,
             wake,
@@ -84,15 +84,11 @@ impl Dispatcher {
         }
         // One statement, so no explicit transaction: one round trip per batch (and a
         // transaction of its own when steps with a condition are to be judged).
-        let mut conn = self.pool.acquire().await?;
-        let claim = transitions::claim_ready(
-            &mut conn,
-            self.config.batch_size,
-            self.config.lease_ms,
-            every_key,
-        )
-        .await?;
-        drop(conn);
+        let (batch_size, lease_ms) = (self.config.batch_size, self.config.lease_ms);
+        let claim = self
+            .db
+            .run(async |conn| transitions::claim_ready(conn, batch_size, lease_ms, every_key).await)
+            .await?;
         // Tasks whose last steps were judged here (skipped by `when`, a fan-out gathered).
         self.metrics.finished(&claim.finished);
         let messages = claim.dispatches;
@@ -114,11 +110,7 @@ impl Dispatcher {
         if !self.publisher.connected() {
             return self.config.poll_interval;
         }
-        let due = async {
-            let mut conn = self.pool.acquire().await?;
-            transitions::next_due(&mut conn).await
-        };
-        match due.await {
+        match self.db.run(transitions::next_due).await {
             // Already due: it fell due after the last claim looked, or another coordinator
             // holds it for a moment. Look again shortly, not at the next poll.
             Ok(Some(at)) => (at - chrono::Utc::now())

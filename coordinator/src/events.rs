@@ -33,13 +33,15 @@ use std::time::Duration;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use serde_json::value::RawValue;
-use sqlx::PgPool;
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::link::BrokerLink;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
 use tasker_shared::broker::{Topology, await_confirms, persistent, publish_together};
+use tasker_shared::db::Database;
 use tasker_shared::events::{Change, EventSelection, LifecycleEvent, event_name};
 use tasker_shared::store::events::{
     Names, RecordedTransition, advance_cursor, lock_cursor, names_of, transitions_after,
@@ -82,8 +84,10 @@ struct Gap {
 }
 
 pub(crate) struct EventRelay {
-    pool: PgPool,
+    db: Database,
     channel: Channel,
+    /// The connection's state: no batch is begun while RabbitMQ blocks it.
+    broker: Arc<BrokerLink>,
     topology: Topology,
     /// Which events are published (`TASKER_EVENTS`).
     selection: EventSelection,
@@ -100,8 +104,8 @@ pub(crate) struct EventRelay {
 
 impl EventRelay {
     pub(crate) fn new(
-        pool: PgPool,
-        channel: Channel,
+        db: Database,
+        (channel, broker): (Channel, Arc<BrokerLink>),
         topology: Topology,
         selection: EventSelection,
         metrics: Arc<CoordinatorMetrics>,
@@ -109,8 +113,9 @@ impl EventRelay {
         poll: Duration,
     ) -> Self {
         EventRelay {
-            pool,
+            db,
             channel,
+            broker,
             topology,
             step_statuses: selection.step_statuses(),
             selection,
@@ -143,8 +148,13 @@ impl EventRelay {
             // First met: the transactions running now are those to wait for. A new id,
             // in a transaction of its own: this one's was taken before the read, and a
             // transaction that wrote a missing id may have begun since.
-            let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
-                .fetch_one(&self.pool)
+            let xid: i64 = self
+                .db
+                .run(async |conn| {
+                    sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+                        .fetch_one(conn)
+                        .await
+                })
                 .await?;
             self.gaps().open = Some(Gap {
                 upto,
@@ -188,9 +198,20 @@ impl EventRelay {
     }
 
     /// Relay one batch. Returns how many transitions the cursor moved past.
+    ///
+    /// The batch, its publishing included, is bounded by the database's patience: the
+    /// cursor's row stays locked until the events are confirmed. While RabbitMQ blocks
+    /// the connection (a memory or disk alarm) no batch begins, so none is abandoned
+    /// and published again every patience for as long as the alarm lasts.
     pub(crate) async fn relay_once(&self) -> anyhow::Result<usize> {
-        let mut tx = self
-            .pool
+        if self.broker.blocked() {
+            return Ok(0);
+        }
+        self.db.run(async |conn| self.relay_on(conn).await).await
+    }
+
+    async fn relay_on(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<usize> {
+        let mut tx = conn
             .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
             .await?;
         let Some(cursor) = lock_cursor(&mut tx).await? else {

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -14,13 +13,14 @@ use crate::link::BrokerLink;
 use crate::metrics::{CoordinatorMetrics, Namespace, Queue, QueueDepth, Reason, Status};
 use crate::service::Service;
 use tasker_shared::broker::Topology;
+use tasker_shared::db::Database;
 use tasker_shared::store::{inspect, templates};
 
 /// Why a step may be held (`tasker_steps_held{reason}`).
 const HELD_REASONS: &[&str] = &["concurrency_limited", "rate_limited"];
 
 pub(crate) struct Gauges {
-    pool: PgPool,
+    db: Database,
     /// Each queue is read on a channel of its own, with a passive declaration: one that
     /// is missing is not created (unbound) by reading it, and a channel the broker
     /// closes takes nothing else with it.
@@ -32,14 +32,14 @@ pub(crate) struct Gauges {
 
 impl Gauges {
     pub(crate) fn new(
-        pool: PgPool,
+        db: Database,
         broker: Arc<BrokerLink>,
         topology: Topology,
         metrics: Arc<CoordinatorMetrics>,
         interval: Duration,
     ) -> Self {
         Gauges {
-            pool,
+            db,
             broker,
             topology,
             metrics,
@@ -67,7 +67,16 @@ impl Gauges {
 
     /// Refresh every gauge once.
     pub(crate) async fn refresh_once(&self) -> anyhow::Result<()> {
-        let work = inspect::work_in_flight(&self.pool).await?;
+        let metrics = &self.metrics;
+        let (work, namespaces) = self
+            .db
+            .run(async |conn| {
+                let work = inspect::work_in_flight(conn).await?;
+                crate::scheduler::forget_deleted_schedules(conn, metrics).await?;
+                let namespaces = templates::namespaces(conn).await?;
+                Ok::<_, sqlx::Error>((work, namespaces))
+            })
+            .await?;
         for status in ["pending", "in_progress"] {
             let count = work
                 .tasks
@@ -109,8 +118,6 @@ impl Gauges {
                 .set(count);
         }
 
-        crate::scheduler::forget_deleted_schedules(&self.pool, &self.metrics).await?;
-        let namespaces = templates::namespaces(&self.pool).await?;
         // Every namespace has the gauge: 0 where nothing waits.
         for namespace in &namespaces {
             let oldest = work

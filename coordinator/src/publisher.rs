@@ -37,10 +37,10 @@ use lapin::BasicProperties;
 use lapin::Channel;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use sqlx::PgPool;
 use tasker_shared::broker::{
     Topology, await_confirm_on, await_confirms_on, persistent, publish_together, with_traceparent,
 };
+use tasker_shared::db::Database;
 use tasker_shared::messages::{
     BatchedStep, Outcome, STEP_BATCH_TYPE, STEPS_PER_MESSAGE, StepMessage, StepResult,
     WorkerMessage, step_batch_body,
@@ -68,7 +68,7 @@ const MAX_WAITING: usize = 4 * MAX_PUBLISH_BATCH;
 
 /// Publishes step messages on one confirm-mode channel.
 pub(crate) struct StepPublisher {
-    pool: PgPool,
+    db: Database,
     /// The channel of the current broker connection; replaced after a reconnect. A std
     /// RwLock: held only to clone or swap the handle, never across an await.
     channel: RwLock<Channel>,
@@ -122,14 +122,14 @@ struct Lifts {
 impl StepPublisher {
     /// A publisher whose background batches are tasks on `tasks`.
     pub(crate) fn new(
-        pool: PgPool,
+        db: Database,
         (broker, channel): (Arc<BrokerLink>, Channel),
         topology: Topology,
         lease_ms: i64,
         tasks: TaskTracker,
     ) -> Self {
         StepPublisher {
-            pool,
+            db,
             channel: RwLock::new(channel),
             broker,
             topology,
@@ -387,11 +387,11 @@ impl StepPublisher {
         if due.is_empty() {
             return;
         }
-        let lifted = async {
-            let mut conn = self.pool.acquire().await?;
-            transitions::record_publish(&mut conn, &due, &[]).await
-        };
-        if let Err(error) = lifted.await {
+        let lifted = self
+            .db
+            .run(async |conn| transitions::record_publish(conn, &due, &[]).await)
+            .await;
+        if let Err(error) = lifted {
             tracing::warn!(%error, steps = due.len(),
                 "cannot lift the leases of confirmed steps; trying again at the next tick");
             self.lock_lifts()
@@ -428,11 +428,11 @@ impl StepPublisher {
         if published.unpublished.is_empty() {
             return;
         }
-        let recorded = async {
-            let mut conn = self.pool.acquire().await?;
-            transitions::record_publish(&mut conn, &[], &published.unpublished).await
-        };
-        if let Err(error) = recorded.await {
+        let recorded = self
+            .db
+            .run(async |conn| transitions::record_publish(conn, &[], &published.unpublished).await)
+            .await;
+        if let Err(error) = recorded {
             tracing::warn!(%error, unpublished = published.unpublished.len(),
                 "cannot record a failed publish; those steps wait for their lease to expire");
         }

@@ -28,7 +28,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
-use sqlx::PgPool;
+use sqlx::Connection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,6 +38,7 @@ use crate::metrics::CoordinatorMetrics;
 use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::{self as broker, TRACEPARENT_HEADER, Topology, header_str};
+use tasker_shared::db::Database;
 use tasker_shared::messages::{
     BatchedResult, Outcome, ResultBatch, RunningStep, SCHEMA_VERSION, StepResult, WorkerMessage,
     steps_of,
@@ -45,7 +46,7 @@ use tasker_shared::messages::{
 use tasker_shared::store::transitions::{self, HeldStep, LeasePolicy, Started};
 
 pub(crate) struct ResultProcessor {
-    pool: PgPool,
+    db: Database,
     publisher: Arc<StepPublisher>,
     metrics: Arc<CoordinatorMetrics>,
     /// Woken when a retry is scheduled, so the dispatcher sleeps until it is due.
@@ -140,6 +141,12 @@ impl Refused {
     }
 }
 
+impl From<sqlx::Error> for Refused {
+    fn from(error: sqlx::Error) -> Self {
+        Refused::whole(error)
+    }
+}
+
 /// Whether PostgreSQL refused a statement for the data it was given: SQLSTATE class 22
 /// ("data exception": a character it cannot store, a time or number out of range…) or
 /// 54000 (a value past a limit, such as the largest `jsonb`). Anything else (a lost
@@ -165,7 +172,7 @@ pub(crate) struct ResultProcessorConfig {
 
 impl ResultProcessor {
     pub(crate) fn new(
-        pool: PgPool,
+        db: Database,
         publisher: Arc<StepPublisher>,
         metrics: Arc<CoordinatorMetrics>,
         (wake_dispatcher, wake_events): (Arc<Notify>, Arc<Notify>),
@@ -174,7 +181,7 @@ impl ResultProcessor {
         config: ResultProcessorConfig,
     ) -> Self {
         ResultProcessor {
-            pool,
+            db,
             publisher,
             metrics,
             wake_dispatcher,
@@ -228,165 +235,167 @@ impl ResultProcessor {
             }
         }
 
-        let mut tx = self
-            .pool
-            .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
-            .await
-            .map_err(Refused::whole)?;
-        let mut steps: Vec<uuid::Uuid> = messages
-            .iter()
-            .flat_map(|(_, message)| message.steps())
-            .collect();
-        steps.sort_unstable();
-        steps.dedup();
-        let result_steps: Vec<uuid::Uuid> = messages
-            .iter()
-            .flat_map(|(_, message)| message.result_steps())
-            .collect();
-        let held: HashMap<uuid::Uuid, HeldStep> =
-            transitions::lock_batch(&mut tx, &steps, &result_steps)
-                .await
-                .map_err(Refused::whole)?
-                .into_iter()
-                .map(|step| (step.step_id, step))
-                .collect();
-        // A message with a result for a held step waits for a later batch (a batch of
-        // results waits whole: its delivery is acked once). A started notice is split:
-        // the steps nobody holds are applied now, a held step that has moved on is left
-        // out, and only the held steps that may still run wait, in what is left of the
-        // notice; its delivery is acked once they are applied. A heartbeat applies to the
-        // steps nobody holds and leaves the held ones out: the worker's next one names
-        // them again, and heartbeats kept waiting would pile up, one per worker and
-        // interval, in the consumer's prefetch. So one step held for long (an operator's
-        // open transaction, a stalled coordinator) holds back neither the leases of the
-        // many others a worker's heartbeat names nor the results queue.
         let mut held_back: Vec<Received> = Vec::new();
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(messages.len());
-
         let mut results: Vec<StepResult> = Vec::new();
         let mut started: Vec<Started> = Vec::new();
         let mut running: Vec<RunningStep> = Vec::new();
-        // Whether a step of a started notice waits (`Some(true)`), is applied now (`None`),
-        // or is left out (`Some(false)`).
-        let wait = |step_id: &uuid::Uuid| held.get(step_id).map(HeldStep::may_still_run);
+        let mut withdrawn = Vec::new();
         // One `apply_result` span per result, a child of the worker's `execute_step`,
         // open until the batch commits.
         let mut spans = Vec::new();
-        for (delivery, message) in messages {
-            let rest = match message {
-                WorkerMessage::Result(result) => {
-                    if held.contains_key(&result.step_id) {
-                        Some(WorkerMessage::Result(result))
-                    } else {
-                        let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
-                        spans.push(apply_span(&result, traceparent.as_deref()));
-                        results.push(result);
-                        None
-                    }
-                }
-                WorkerMessage::Results(batch) => {
-                    if batch
-                        .results
-                        .iter()
-                        .any(|r| held.contains_key(&r.result.step_id))
-                    {
-                        Some(WorkerMessage::Results(batch))
-                    } else {
-                        for batched in batch.results {
-                            spans.push(apply_span(&batched.result, batched.traceparent.as_deref()));
-                            results.push(batched.result);
-                        }
-                        None
-                    }
-                }
-                WorkerMessage::Started(mut batch) => {
-                    let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.steps)
-                        .into_iter()
-                        .filter(|step| wait(&step.step_id) != Some(false))
-                        .partition(|step| wait(&step.step_id).is_some());
-                    started.extend(now.into_iter().map(|step| Started {
-                        worker_id: batch.worker_id.clone(),
-                        step,
-                    }));
-                    batch.steps = later;
-                    (!batch.steps.is_empty()).then_some(WorkerMessage::Started(batch))
-                }
-                WorkerMessage::Heartbeat(batch) => {
-                    running.extend(
-                        batch
-                            .steps
-                            .into_iter()
-                            .filter(|step| !held.contains_key(&step.step_id)),
-                    );
-                    None
-                }
-            };
-            match rest {
-                Some(message) => held_back.push(Received {
-                    delivery,
-                    message: Ok(message),
-                }),
-                None => deliveries.push(delivery),
-            }
-        }
-        let mut withdrawn = Vec::new();
-        let written = async {
-            let marked = transitions::mark_started(&mut tx, &started, self.lease).await?;
-            for started in marked.latencies {
-                self.metrics
-                    .queue_latency
-                    .get_or_create(&CoordinatorMetrics::namespace(&started.namespace))
-                    .observe(started.latency);
-                report.started += 1;
-            }
-            let heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
-            report.heartbeats = heartbeats.extended;
-            withdrawn = marked.withdrawn;
-            withdrawn.extend(heartbeats.withdrawn);
-            // Runs lost to a crash loop fail their steps, and their workers are told.
-            let applied = if marked.lost.is_empty() {
-                transitions::apply_results(&mut tx, &results, self.lease_ms).await?
-            } else {
-                let mut with_lost = results.clone();
-                for run in &marked.lost {
-                    tracing::warn!(step_id = %run.step_id, task_id = %run.task_id,
-                        attempts = run.attempts,
-                        "a redelivered step was started again and again without an answer: failing it");
-                    with_lost.push(lost_run_result(run));
-                    withdrawn.push(RunningStep {
-                        step_id: run.step_id,
-                        dispatch_token: run.dispatch_token,
-                    });
-                }
-                transitions::apply_results(&mut tx, &with_lost, self.lease_ms).await?
-            };
-            let finished =
-                transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms))
+        // One bounded piece of work, from the transaction's start to its commit: a
+        // database that stops answering hands the whole batch back to the queue.
+        let (mut applied, finished) = self
+            .db
+            .run(async |conn| {
+                let mut tx = conn
+                    .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
                     .await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>((applied, finished))
-        }
-        .await;
-        let (mut applied, finished) = match written {
-            Ok(written) => written,
-            Err(error) => {
-                let error = anyhow::Error::from(error);
-                if !refused_for_data(&error) {
-                    return Err(Refused::whole(error));
-                }
-                // A split notice's held part goes back whole: its other steps were
-                // not applied either.
-                return Err(Refused {
-                    error,
-                    suspects: deliveries,
-                    dead_lettered,
-                    held: held_back
+                let mut steps: Vec<uuid::Uuid> = messages
+                    .iter()
+                    .flat_map(|(_, message)| message.steps())
+                    .collect();
+                steps.sort_unstable();
+                steps.dedup();
+                let result_steps: Vec<uuid::Uuid> = messages
+                    .iter()
+                    .flat_map(|(_, message)| message.result_steps())
+                    .collect();
+                let held: HashMap<uuid::Uuid, HeldStep> =
+                    transitions::lock_batch(&mut tx, &steps, &result_steps)
+                        .await
+                        .map_err(Refused::whole)?
                         .into_iter()
-                        .map(|held| self.receive(held.delivery))
-                        .collect(),
-                });
-            }
-        };
+                        .map(|step| (step.step_id, step))
+                        .collect();
+                // A message with a result for a held step waits for a later batch (a batch of
+                // results waits whole: its delivery is acked once). A started notice is split:
+                // the steps nobody holds are applied now, a held step that has moved on is left
+                // out, and only the held steps that may still run wait, in what is left of the
+                // notice; its delivery is acked once they are applied. A heartbeat applies to the
+                // steps nobody holds and leaves the held ones out: the worker's next one names
+                // them again, and heartbeats kept waiting would pile up, one per worker and
+                // interval, in the consumer's prefetch. So one step held for long (an operator's
+                // open transaction, a stalled coordinator) holds back neither the leases of the
+                // many others a worker's heartbeat names nor the results queue.
+                //
+                // Whether a step of a started notice waits (`Some(true)`), is applied now
+                // (`None`), or is left out (`Some(false)`).
+                let wait = |step_id: &uuid::Uuid| held.get(step_id).map(HeldStep::may_still_run);
+                for (delivery, message) in messages {
+                    let rest = match message {
+                        WorkerMessage::Result(result) => {
+                            if held.contains_key(&result.step_id) {
+                                Some(WorkerMessage::Result(result))
+                            } else {
+                                let traceparent = header_str(&delivery.properties, TRACEPARENT_HEADER);
+                                spans.push(apply_span(&result, traceparent.as_deref()));
+                                results.push(result);
+                                None
+                            }
+                        }
+                        WorkerMessage::Results(batch) => {
+                            if batch
+                                .results
+                                .iter()
+                                .any(|r| held.contains_key(&r.result.step_id))
+                            {
+                                Some(WorkerMessage::Results(batch))
+                            } else {
+                                for batched in batch.results {
+                                    spans.push(apply_span(&batched.result, batched.traceparent.as_deref()));
+                                    results.push(batched.result);
+                                }
+                                None
+                            }
+                        }
+                        WorkerMessage::Started(mut batch) => {
+                            let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.steps)
+                                .into_iter()
+                                .filter(|step| wait(&step.step_id) != Some(false))
+                                .partition(|step| wait(&step.step_id).is_some());
+                            started.extend(now.into_iter().map(|step| Started {
+                                worker_id: batch.worker_id.clone(),
+                                step,
+                            }));
+                            batch.steps = later;
+                            (!batch.steps.is_empty()).then_some(WorkerMessage::Started(batch))
+                        }
+                        WorkerMessage::Heartbeat(batch) => {
+                            running.extend(
+                                batch
+                                    .steps
+                                    .into_iter()
+                                    .filter(|step| !held.contains_key(&step.step_id)),
+                            );
+                            None
+                        }
+                    };
+                    match rest {
+                        Some(message) => held_back.push(Received {
+                            delivery,
+                            message: Ok(message),
+                        }),
+                        None => deliveries.push(delivery),
+                    }
+                }
+                let written = async {
+                    let marked = transitions::mark_started(&mut tx, &started, self.lease).await?;
+                    for started in marked.latencies {
+                        self.metrics
+                            .queue_latency
+                            .get_or_create(&CoordinatorMetrics::namespace(&started.namespace))
+                            .observe(started.latency);
+                        report.started += 1;
+                    }
+                    let heartbeats = transitions::heartbeat(&mut tx, &running, self.lease).await?;
+                    report.heartbeats = heartbeats.extended;
+                    withdrawn = marked.withdrawn;
+                    withdrawn.extend(heartbeats.withdrawn);
+                    // Runs lost to a crash loop fail their steps, and their workers are told.
+                    let applied = if marked.lost.is_empty() {
+                        transitions::apply_results(&mut tx, &results, self.lease_ms).await?
+                    } else {
+                        let mut with_lost = results.clone();
+                        for run in &marked.lost {
+                            tracing::warn!(step_id = %run.step_id, task_id = %run.task_id,
+                                attempts = run.attempts,
+                                "a redelivered step was started again and again without an answer: failing it");
+                            with_lost.push(lost_run_result(run));
+                            withdrawn.push(RunningStep {
+                                step_id: run.step_id,
+                                dispatch_token: run.dispatch_token,
+                            });
+                        }
+                        transitions::apply_results(&mut tx, &with_lost, self.lease_ms).await?
+                    };
+                    let finished =
+                        transitions::finish_tasks(&mut tx, &applied.may_finish(), Some(self.lease_ms))
+                            .await?;
+                    tx.commit().await?;
+                    Ok::<_, sqlx::Error>((applied, finished))
+                }
+                .await;
+                written.map_err(|error| {
+                    let error = anyhow::Error::from(error);
+                    if !refused_for_data(&error) {
+                        return Refused::whole(error);
+                    }
+                    // A split notice's held part goes back whole: its other steps were
+                    // not applied either.
+                    Refused {
+                        error,
+                        suspects: std::mem::take(&mut deliveries),
+                        dead_lettered: std::mem::take(&mut dead_lettered),
+                        held: std::mem::take(&mut held_back)
+                            .into_iter()
+                            .map(|held| self.receive(held.delivery))
+                            .collect(),
+                    }
+                })
+            })
+            .await?;
         deliveries.extend(dead_lettered);
         report.results_applied = applied.applied;
         report.results_stale = applied.stale;
@@ -628,12 +637,12 @@ impl ResultProcessor {
         let messages = held.iter().filter_map(|r| r.message.as_ref().ok());
         let steps: Vec<uuid::Uuid> = messages.clone().flat_map(WorkerMessage::steps).collect();
         let results: Vec<uuid::Uuid> = messages.flat_map(WorkerMessage::result_steps).collect();
-        let wait = async {
-            let mut tx = self.pool.begin().await?;
+        let wait = self.db.run(async |conn| {
+            let mut tx = conn.begin().await?;
             let free = transitions::wait_for_steps(&mut tx, &steps, &results, HELD_WAIT).await?;
             tx.rollback().await?;
             Ok::<_, sqlx::Error>(free)
-        };
+        });
         match wait.await {
             Ok(free) => free,
             Err(error) => {

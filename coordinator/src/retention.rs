@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use sqlx::PgPool;
+use tasker_shared::db::Database;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -110,7 +110,7 @@ impl Totals {
 
 /// The retention loop of `tasker-coordinator serve`.
 pub(crate) struct RetentionLoop {
-    pub(crate) pool: PgPool,
+    pub(crate) db: Database,
     pub(crate) metrics: Arc<CoordinatorMetrics>,
     pub(crate) keep: Age,
     /// Keep tasks whose history the events relay has not published yet.
@@ -153,7 +153,11 @@ impl RetentionLoop {
                 keep_unrelayed: self.keep_unrelayed,
             };
             let batch_started = Instant::now();
-            match retention::prune_batch(&self.pool, scope, PRUNE_BATCH).await {
+            let pruned = self
+                .db
+                .run(async |conn| retention::prune_batch(conn, scope, PRUNE_BATCH).await)
+                .await;
+            match pruned {
                 Ok(Some(batch)) => {
                     self.metrics.pruned_tasks.inc_by(batch.tasks);
                     totals.add(batch);

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
+use sqlx::Connection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -87,7 +88,12 @@ impl Scheduler {
     async fn step(&self) -> anyhow::Result<Duration> {
         // The database's clock, which decides what is due, decides when too: a
         // coordinator's clock ahead of it would find every fire late.
-        let Some((next, now)) = schedules::next_due(&self.state.pool).await? else {
+        let due = self
+            .state
+            .db
+            .run(async |conn| schedules::next_due(conn).await)
+            .await?;
+        let Some((next, now)) = due else {
             return Ok(IDLE);
         };
         if next > now {
@@ -128,31 +134,39 @@ impl Scheduler {
 
     /// Lock one due schedule (not one of `except`) and fire it; its name, or `None` when
     /// none is due that another coordinator does not hold. A failure names the schedule
-    /// when one was locked.
+    /// when one was locked. The whole fire, its tasks' creation and first publishes
+    /// included, is bounded by the database's patience: the schedule's row stays locked
+    /// until the fire commits, and a fire abandoned is fired again into the tasks it
+    /// made, found by their idempotency keys.
     async fn fire_one(
         &self,
         except: &[String],
     ) -> Result<Option<String>, (Option<String>, anyhow::Error)> {
-        let unnamed = |error: sqlx::Error| (None, anyhow::Error::from(error));
-        let mut tx = self.state.pool.begin().await.map_err(unnamed)?;
-        let Some(record) = schedules::lock_due(&mut tx, 1, except)
-            .await
-            .map_err(unnamed)?
-            .pop()
-        else {
-            return Ok(None);
-        };
-        let name = record.fields.name.clone();
-        self.fire_locked(tx, record)
-            .await
-            .map(|()| Some(name.clone()))
-            .map_err(|error| (Some(name), error))
+        let mut locked = None;
+        let fired = self
+            .state
+            .db
+            .run(async |conn| {
+                let mut tx = conn.begin().await?;
+                let Some(record) = schedules::lock_due(&mut tx, 1, except).await?.pop() else {
+                    return anyhow::Ok(false);
+                };
+                locked = Some(record.fields.name.clone());
+                self.fire_locked(tx, record).await?;
+                Ok(true)
+            })
+            .await;
+        match fired {
+            Ok(true) => Ok(locked),
+            Ok(false) => Ok(None),
+            Err(error) => Err((locked, error)),
+        }
     }
 
     /// Fire a locked schedule, record its fires and commit.
     async fn fire_locked(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         record: ScheduleRecord,
     ) -> anyhow::Result<()> {
         // Counted once the fires are committed: a schedule tried again counts once.
@@ -310,7 +324,7 @@ impl Scheduler {
             record.fields.name
         );
         match operations::cancel_task(
-            &self.state.pool,
+            self.state.db.pool(),
             task,
             Some(&reason),
             self.state.publisher.lease_ms(),
@@ -356,7 +370,7 @@ impl Scheduler {
                 state
                     .templates
                     .resolve(
-                        &state.pool,
+                        state.db.pool(),
                         &record.fields.namespace,
                         &record.fields.template,
                         record.fields.version.as_deref(),
@@ -366,7 +380,7 @@ impl Scheduler {
                 state
                     .templates
                     .reload(
-                        &state.pool,
+                        state.db.pool(),
                         &record.fields.namespace,
                         &record.fields.template,
                         record.fields.version.as_deref(),
@@ -470,7 +484,7 @@ fn skipped(record: &ScheduleRecord, at: DateTime<Utc>, reason: &'static str) -> 
 /// Forget the series of the schedules counted here that no longer exist (deleted through
 /// another coordinator, or by one whose fire committed after the delete was seen).
 pub(crate) async fn forget_deleted_schedules(
-    pool: &sqlx::PgPool,
+    conn: &mut sqlx::PgConnection,
     metrics: &CoordinatorMetrics,
 ) -> sqlx::Result<()> {
     let counted: Vec<String> = metrics
@@ -486,7 +500,7 @@ pub(crate) async fn forget_deleted_schedules(
     let existing: std::collections::HashSet<String> =
         sqlx::query_scalar("SELECT name FROM schedules WHERE name = ANY($1)")
             .bind(&counted)
-            .fetch_all(pool)
+            .fetch_all(conn)
             .await?
             .into_iter()
             .collect();

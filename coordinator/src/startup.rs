@@ -28,6 +28,7 @@ use crate::service::{Services, wait_for_all};
 use crate::settings::CoordinatorSettings;
 use crate::sweeper::{QueueAudit, Sweeper};
 use tasker_shared::broker::{self, Topology};
+use tasker_shared::db::Database;
 use tasker_shared::template::parse_template_with_warnings;
 
 /// A coordinator, built and ready to run.
@@ -117,6 +118,10 @@ impl Application {
             )],
         )?;
         warn_without_autovacuum(&pool).await;
+        let db = Database::new(
+            pool.clone(),
+            Duration::from_millis(settings.database.db_answer_timeout_ms),
+        );
         let topology = settings.broker.topology().map_err(anyhow::Error::msg)?;
         if !topology.signs() {
             tracing::warn!(
@@ -135,7 +140,7 @@ impl Application {
         let tasks = TaskTracker::new();
         let broker = Arc::new(BrokerLink::new(session.connection.clone()));
         let publisher = StepPublisher::new(
-            pool.clone(),
+            db.clone(),
             (broker.clone(), session.publish_channel.clone()),
             topology.clone(),
             settings.dispatch_lease_ms,
@@ -159,10 +164,10 @@ impl Application {
         let metrics = Arc::new(CoordinatorMetrics::new());
         let state = AppState {
             auth,
-            pool: pool.clone(),
+            db: db.clone(),
             templates: Arc::default(),
             creator: TaskCreator::start(
-                pool.clone(),
+                db.clone(),
                 metrics.create_batch_size.clone(),
                 settings.max_pending_creates,
                 &tasks,
@@ -170,7 +175,7 @@ impl Application {
             publisher,
             metrics: metrics.clone(),
             control: Control::new(
-                pool,
+                db,
                 session.confirm_channel.clone(),
                 topology.clone(),
                 metrics,
@@ -238,7 +243,7 @@ impl Application {
         });
         let mut database_services = Services::new(self.tasks.clone(), stop.child_token());
         let dispatcher = Dispatcher::new(
-            self.state.pool.clone(),
+            self.state.db.clone(),
             self.state.publisher.clone(),
             self.state.metrics.clone(),
             self.state.wake_dispatcher.clone(),
@@ -254,7 +259,7 @@ impl Application {
             publisher: self.state.publisher.clone(),
         });
         let sweeper = Sweeper::new(
-            self.state.pool.clone(),
+            self.state.db.clone(),
             self.state.metrics.clone(),
             (
                 self.state.wake_dispatcher.clone(),
@@ -279,7 +284,7 @@ impl Application {
         });
         if let Retention::Keep(keep) = settings.retention {
             let retention = RetentionLoop {
-                pool: self.state.pool.clone(),
+                db: self.state.db.clone(),
                 metrics: self.state.metrics.clone(),
                 keep,
                 keep_unrelayed: settings.events.is_on(),
@@ -388,7 +393,7 @@ impl Application {
         wait_for_all(&self.tasks, LAST_TASKS).await;
         // Closing waits for every connection to come back: one a stuck query holds
         // (an abandoned loop's, a lost network) must not keep the process up.
-        if tokio::time::timeout(LAST_TASKS, self.state.pool.close())
+        if tokio::time::timeout(LAST_TASKS, self.state.db.pool().close())
             .await
             .is_err()
         {
@@ -418,7 +423,7 @@ async fn run_session(
     // their time on a fresh broker.
     state.publisher.forget_namespaces();
     let setup = async {
-        let namespaces = tasker_shared::store::templates::namespaces(&state.pool);
+        let namespaces = tasker_shared::store::templates::namespaces(state.db.pool());
         match tokio::time::timeout(SETUP_CALL, namespaces).await {
             Ok(Ok(namespaces)) => {
                 for namespace in namespaces {
@@ -489,7 +494,7 @@ async fn run_session(
     let mut services = database_services.child();
     for (rank, channel) in consumer_channels.iter().enumerate() {
         let processor = ResultProcessor::new(
-            state.pool.clone(),
+            state.db.clone(),
             state.publisher.clone(),
             state.metrics.clone(),
             (state.wake_dispatcher.clone(), state.wake_events.clone()),
@@ -516,7 +521,7 @@ async fn run_session(
         ("dead letters and control", session.confirm_channel.clone()),
     ];
     services.start(Gauges::new(
-        state.pool.clone(),
+        state.db.clone(),
         state.broker.clone(),
         topology.clone(),
         state.metrics.clone(),
@@ -526,8 +531,8 @@ async fn run_session(
         Some(channel) => {
             watched.push(("lifecycle events", channel.clone()));
             services.start(EventRelay::new(
-                state.pool.clone(),
-                channel,
+                state.db.clone(),
+                (channel, state.broker.clone()),
                 topology.clone(),
                 settings.events.clone(),
                 state.metrics.clone(),

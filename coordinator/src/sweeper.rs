@@ -49,7 +49,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::Connection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -60,6 +60,7 @@ use crate::metrics::{CoordinatorMetrics, Namespace, count_reason};
 use crate::publisher::StepPublisher;
 use crate::service::Service;
 use tasker_shared::broker::Topology;
+use tasker_shared::db::Database;
 use tasker_shared::states::TaskStatus;
 use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask, LeasePolicy};
 
@@ -67,7 +68,7 @@ use tasker_shared::store::transitions::{self, ExpiredTask, FinishedTask, LeasePo
 const SWEEP_BATCH: i64 = 1_000;
 
 pub(crate) struct Sweeper {
-    pool: PgPool,
+    db: Database,
     metrics: Arc<CoordinatorMetrics>,
     wake_dispatcher: Arc<Notify>,
     wake_events: Arc<Notify>,
@@ -104,7 +105,7 @@ pub(crate) struct QueueAudit {
 
 impl Sweeper {
     pub(crate) fn new(
-        pool: PgPool,
+        db: Database,
         metrics: Arc<CoordinatorMetrics>,
         (wake_dispatcher, wake_events): (Arc<Notify>, Arc<Notify>),
         interval: Duration,
@@ -113,7 +114,7 @@ impl Sweeper {
         queues: QueueAudit,
     ) -> Self {
         Sweeper {
-            pool,
+            db,
             metrics,
             wake_dispatcher,
             wake_events,
@@ -174,10 +175,10 @@ impl Sweeper {
         // Put back only by an audit that ran to its end: one that stops early (nothing
         // waits, or an error) leaves none, and the next needs two checks in a row again.
         let mut short = std::mem::take(&mut *self.short.lock().unwrap_or_else(|p| p.into_inner()));
-        let waiting = {
-            let mut conn = self.pool.acquire().await?;
-            transitions::confirmed_waiting(&mut conn, queues.lease_ms).await?
-        };
+        let waiting = self
+            .db
+            .run(async |conn| transitions::confirmed_waiting(conn, queues.lease_ms).await)
+            .await?;
         if waiting.is_empty() {
             return Ok(0);
         }
@@ -223,8 +224,11 @@ impl Sweeper {
                 Lost::Missing => None,
                 Lost::Short(n) => Some(i64::try_from(n).unwrap_or(i64::MAX)),
             };
-            let mut conn = self.pool.acquire().await?;
-            let n = transitions::release_lost_queue(&mut conn, &namespace, older_than_ms, limit)
+            let n = self
+                .db
+                .run(async |conn| {
+                    transitions::release_lost_queue(conn, &namespace, older_than_ms, limit).await
+                })
                 .await?;
             tracing::warn!(%namespace, %queue, reason = lost.reason(), messages = confirmed,
                 ?step_queue, steps = n,
@@ -249,8 +253,6 @@ impl Sweeper {
     }
 
     async fn expire(&self, running: bool) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let late = transitions::expire_deadlines(&mut tx, SWEEP_BATCH).await?;
         // Workers heard from on the control exchange: their running steps' heartbeats may
         // only be late, behind results the coordinators have not applied yet.
         let alive: Vec<String> = self
@@ -265,21 +267,31 @@ impl Sweeper {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|until| Instant::now() < until);
-        let expired = if quiet {
-            transitions::ExpiredLeases::default()
-        } else {
-            transitions::expire_leases(&mut tx, SWEEP_BATCH, running, (&alive, self.lease.grace_ms))
-                .await?
-        };
-        let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
-        let mut tasks = expired.tasks.clone();
-        tasks.extend(&waits);
-        // The steps that started children ended here are judged here too.
         let lease_ms = self.queues.lease_ms;
-        let late_children: Vec<uuid::Uuid> = late.iter().map(|task| task.task_id).collect();
-        let mut finished =
-            transitions::finish_and_judge(&mut tx, &tasks, &late_children, Some(lease_ms)).await?;
-        tx.commit().await?;
+        let grace_ms = self.lease.grace_ms;
+        let (late, expired, waits, mut finished) = self
+            .db
+            .run(async |conn| {
+                let mut tx = conn.begin().await?;
+                let late = transitions::expire_deadlines(&mut tx, SWEEP_BATCH).await?;
+                let expired = if quiet {
+                    transitions::ExpiredLeases::default()
+                } else {
+                    transitions::expire_leases(&mut tx, SWEEP_BATCH, running, (&alive, grace_ms))
+                        .await?
+                };
+                let waits = transitions::expire_waits(&mut tx, SWEEP_BATCH).await?;
+                let mut tasks = expired.tasks.clone();
+                tasks.extend(&waits);
+                // The steps that started children ended here are judged here too.
+                let late_children: Vec<uuid::Uuid> = late.iter().map(|task| task.task_id).collect();
+                let finished =
+                    transitions::finish_and_judge(&mut tx, &tasks, &late_children, Some(lease_ms))
+                        .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>((late, expired, waits, finished))
+            })
+            .await?;
         if !finished.claimed.is_empty() {
             self.publisher
                 .dispatch(std::mem::take(&mut finished.claimed), self.metrics.clone())
@@ -321,14 +333,22 @@ impl Sweeper {
     /// ([`transitions::children_unheard`]); publish what that claims.
     async fn hand_back_children(&self) -> anyhow::Result<()> {
         let lease_ms = self.queues.lease_ms;
-        if !transitions::claims_left_children(&mut *self.pool.acquire().await?).await? {
+        let handed = self
+            .db
+            .run(async |conn| {
+                if !transitions::claims_left_children(conn).await? {
+                    return Ok::<_, sqlx::Error>(None);
+                }
+                let mut tx = conn.begin().await?;
+                let orphans = transitions::cancel_orphans(&mut tx, SWEEP_BATCH, lease_ms).await?;
+                let unheard = transitions::children_unheard(&mut tx, SWEEP_BATCH, lease_ms).await?;
+                tx.commit().await?;
+                Ok(Some((orphans, unheard)))
+            })
+            .await?;
+        let Some((orphans, (children, mut finished))) = handed else {
             return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        let orphans = transitions::cancel_orphans(&mut tx, SWEEP_BATCH, lease_ms).await?;
-        let (children, mut finished) =
-            transitions::children_unheard(&mut tx, SWEEP_BATCH, lease_ms).await?;
-        tx.commit().await?;
+        };
         for task_id in &orphans {
             if let Err(error) = self.queues.control.cancel_task(*task_id).await {
                 tracing::warn!(%task_id, error = format!("{error:#}"),

@@ -60,6 +60,71 @@ pub fn connect_lazy_with(
         .connect_lazy_with(options))
 }
 
+/// PostgreSQL as a coordinator's background work uses it: the pool, and how long that
+/// work waits for an answer.
+///
+/// TCP tells nothing when the database's host vanishes without closing its sockets (a
+/// failover that moves its address, a dropped NAT mapping, a host cut off), and the driver
+/// sets no keepalive: a statement already sent then waits for ever for its answer, and the
+/// loop that sent it with it. [`Database::run`] bounds each piece of work; past its
+/// patience the work is abandoned and its connection closed, not returned to the pool,
+/// where its next user would wait on it again.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: PgPool,
+    patience: Duration,
+}
+
+impl Database {
+    /// `pool`, whose work waits at most `patience` for PostgreSQL.
+    pub fn new(pool: PgPool, patience: Duration) -> Self {
+        Database { pool, patience }
+    }
+
+    /// How long work waits for PostgreSQL.
+    pub fn patience(&self) -> Duration {
+        self.patience
+    }
+
+    /// The pool, for work that bounds itself (or is bounded by its client: an HTTP
+    /// request).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Run `work` on a connection of the pool, waiting at most the patience for it; past
+    /// it, an I/O error of kind `TimedOut` that says so, and the connection is closed.
+    /// Work that ends on its own, with an error or not, returns its connection to the pool.
+    ///
+    /// # Errors
+    ///
+    /// No connection to be had (the pool's acquire timeout), `work`'s own, or no answer
+    /// in time.
+    pub async fn run<T, E: From<sqlx::Error>>(
+        &self,
+        work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.pool.acquire().await?;
+        let answered = tokio::time::timeout(self.patience, work(&mut conn)).await;
+        match answered {
+            Ok(done) => done,
+            Err(_) => {
+                // Its answer may still come (a statement slow, not lost): it would come
+                // to a connection whose state nobody knows.
+                conn.close_on_drop();
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "PostgreSQL did not answer within {:?}; the connection is closed",
+                        self.patience
+                    ),
+                ))
+                .into())
+            }
+        }
+    }
+}
+
 /// A `BEGIN` (for `begin_with`) whose transaction plans its statements once per
 /// connection, as index probes whatever the tables' statistics say: what the claim
 /// function does for its own statements (migration 0011), for a transaction of

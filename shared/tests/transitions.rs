@@ -1431,6 +1431,7 @@ async fn a_transaction_left_idle_releases_its_rows() {
         database_url: format!("{}/{}", db.server, db.name).parse().unwrap(),
         db_pool_size: 2,
         db_idle_in_transaction_timeout_ms: 1_000,
+        db_answer_timeout_ms: 30_000,
     };
     let tasker = tasker_shared::db::connect_lazy(&settings).unwrap();
     let mut paused = tasker.begin().await.unwrap();

@@ -29,6 +29,7 @@ pub mod broker;
 mod coordinator;
 pub mod http_stub;
 mod process;
+pub mod relay;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -223,8 +224,15 @@ fn coordinator_env(
     prefix: &str,
     options: &EnvOptions,
 ) -> Vec<(String, String)> {
+    let database_url = match &options.database_server {
+        Some(server) => {
+            let name = database_url.rsplit('/').next().unwrap_or_default();
+            format!("{server}/{name}")
+        }
+        None => database_url.to_owned(),
+    };
     let mut vars: Vec<(String, String)> = [
-        ("DATABASE_URL", database_url.to_owned()),
+        ("DATABASE_URL", database_url),
         ("AMQP_URL", amqp_url()),
         ("TASKER_AMQP_PREFIX", prefix.to_owned()),
         ("TASKER_HTTP_ADDR", "127.0.0.1:0".to_owned()),
@@ -311,6 +319,9 @@ pub struct EnvOptions {
     pub templates_dir: Option<PathBuf>,
     /// Extra environment for the coordinator (as the binary would read it).
     pub coordinator_env: Vec<(String, String)>,
+    /// The PostgreSQL server the coordinator reaches this test's database on (a relay's
+    /// `postgres://…@127.0.0.1:port`, say); unset: the server the test itself uses.
+    pub database_server: Option<String>,
     /// `TASKER_QUEUE_TYPE` for the coordinators and workers (unset: the default).
     pub queue_type: Option<String>,
     /// Start the `tasker-coordinator` binary instead of building the coordinator in the
@@ -787,6 +798,7 @@ async fn migrated_template() -> anyhow::Result<String> {
             database_url: format!("{}/{building}", postgres_server()).parse()?,
             db_pool_size: 2,
             db_idle_in_transaction_timeout_ms: 60_000,
+            db_answer_timeout_ms: 30_000,
         };
         tasker_shared::db::migrate(&settings).await?;
         for sql in [

@@ -175,7 +175,7 @@ pub(crate) async fn templates(
     let Query(query) = query.map_err(query_rejection)?;
     let window = window(query, &["namespace", "since", "until"], false)?;
     let templates = analytics::templates(
-        &state.pool,
+        state.db.pool(),
         window.namespace.as_deref(),
         window.since,
         window.until,
@@ -213,8 +213,14 @@ pub(crate) async fn steps(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<StepAnalytics>> {
     let (window, namespace, name) = template_window(query)?;
-    let steps =
-        analytics::steps(&state.pool, &namespace, &name, window.since, window.until).await?;
+    let steps = analytics::steps(
+        state.db.pool(),
+        &namespace,
+        &name,
+        window.since,
+        window.until,
+    )
+    .await?;
     Ok(Json(StepAnalytics {
         namespace,
         name,
@@ -252,7 +258,7 @@ pub(crate) async fn bottlenecks(
     let (window, namespace, name) = template_window(query)?;
     let template = state
         .templates
-        .resolve(&state.pool, &namespace, &name, None)
+        .resolve(state.db.pool(), &namespace, &name, None)
         .await?
         .ok_or_else(|| {
             ApiError::not_found(
@@ -261,8 +267,14 @@ pub(crate) async fn bottlenecks(
             )
         })?
         .template;
-    let steps =
-        analytics::steps(&state.pool, &namespace, &name, window.since, window.until).await?;
+    let steps = analytics::steps(
+        state.db.pool(),
+        &namespace,
+        &name,
+        window.since,
+        window.until,
+    )
+    .await?;
     let (path, total_ms) = analytics::critical_path(&template.definition, &steps);
     Ok(Json(Bottlenecks {
         namespace,

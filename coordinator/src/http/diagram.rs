@@ -242,7 +242,8 @@ pub(crate) async fn task(
     let task_id = parse_task_id(&task_id)?;
     // Task and steps in one snapshot, so the title and the nodes agree.
     let mut tx = state
-        .pool
+        .db
+        .pool()
         .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let task = tasks::get(&mut *tx, task_id)

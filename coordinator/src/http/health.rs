@@ -120,7 +120,7 @@ pub(crate) async fn live() -> Json<Live> {
 async fn reachability(state: &AppState) -> (bool, bool) {
     let database = tokio::time::timeout(
         Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.pool),
+        sqlx::query("SELECT 1").execute(state.db.pool()),
     )
     .await;
     (matches!(database, Ok(Ok(_))), state.broker.connected())
@@ -142,7 +142,7 @@ async fn reachability(state: &AppState) -> (bool, bool) {
 pub(crate) async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let (database_ok, broker_ok) = reachability(&state).await;
     let counts = if database_ok {
-        Some(state.status_counts.get(&state.pool).await?)
+        Some(state.status_counts.get(state.db.pool()).await?)
     } else {
         None
     };

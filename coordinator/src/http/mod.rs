@@ -24,7 +24,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter, on};
-use sqlx::PgPool;
+use tasker_shared::db::Database;
 use tokio::sync::Notify;
 
 use crate::auth::{Authenticator, Scope};
@@ -40,7 +40,9 @@ pub(crate) use templates::register_template;
 /// What every handler can reach.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub(crate) pool: PgPool,
+    /// PostgreSQL. Handlers use its pool (their clients bound how long they wait); the
+    /// scheduler and the task creator bound their own work with it.
+    pub(crate) db: Database,
     /// The templates task creations named (`TemplateCache`).
     pub(crate) templates: Arc<tasker_shared::store::templates::TemplateCache>,
     /// Writes task creations, batching those that arrive together.

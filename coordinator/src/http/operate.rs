@@ -154,7 +154,7 @@ pub(crate) async fn cancel(
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
     let (_, effects) = operations::cancel_task(
-        &state.pool,
+        state.db.pool(),
         task_id,
         reason.as_deref(),
         state.publisher.lease_ms(),
@@ -193,7 +193,7 @@ pub(crate) async fn retry(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    let (_, effects) = operations::retry_task(&state.pool, task_id, reason.as_deref()).await?;
+    let (_, effects) = operations::retry_task(state.db.pool(), task_id, reason.as_deref()).await?;
     effects.apply(&state).await;
     Ok(Json(task_view(&state, task_id).await?))
 }
@@ -227,7 +227,7 @@ pub(crate) async fn resolve_task(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    operations::resolve_task(&state.pool, task_id, reason.as_deref())
+    operations::resolve_task(state.db.pool(), task_id, reason.as_deref())
         .await?
         .apply(&state)
         .await;
@@ -285,7 +285,7 @@ pub(crate) async fn resolve(
     fields.finish("invalid_request")?;
 
     operations::resolve_step(
-        &state.pool,
+        state.db.pool(),
         task_id,
         &step,
         results.as_ref(),
@@ -295,7 +295,7 @@ pub(crate) async fn resolve(
     .await?
     .apply(&state)
     .await;
-    let resolved = tasks::step(&state.pool, task_id, &step)
+    let resolved = tasks::step(state.db.pool(), task_id, &step)
         .await?
         .ok_or(OperatorError::StepNotFound { task_id, step })?;
     Ok(Json(resolved))
@@ -387,9 +387,9 @@ pub(crate) async fn signal(
     }
     let lease_ms = state.publisher.lease_ms();
     let (signalled, effects) =
-        operations::signal(&state.pool, task_id, &signal, &payload, lease_ms).await?;
+        operations::signal(state.db.pool(), task_id, &signal, &payload, lease_ms).await?;
     effects.apply(&state).await;
-    let names: Vec<String> = tasks::steps(&state.pool, task_id)
+    let names: Vec<String> = tasks::steps(state.db.pool(), task_id)
         .await?
         .into_iter()
         .filter(|step| signalled.steps.contains(&step.step_id))
@@ -424,7 +424,7 @@ pub(crate) async fn readiness(
 ) -> ApiResult<Json<ReadinessView>> {
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = existing_task(&state, &task_id).await?;
-    let steps = inspect::readiness(&state.pool, task_id).await?;
+    let steps = inspect::readiness(state.db.pool(), task_id).await?;
     Ok(Json(ReadinessView { task_id, steps }))
 }
 
@@ -470,7 +470,7 @@ pub(crate) async fn history(
         return Err(ApiError::malformed("invalid query parameters").with_details(problems));
     }
     let task_id = existing_task(&state, &task_id).await?;
-    let (task, steps) = inspect::history(&state.pool, task_id, limit).await?;
+    let (task, steps) = inspect::history(state.db.pool(), task_id, limit).await?;
     Ok(Json(TransitionHistory {
         task_id,
         task,
@@ -483,7 +483,7 @@ const MAX_TRANSITIONS: i64 = 10_000;
 
 async fn existing_task(state: &AppState, text: &str) -> ApiResult<Uuid> {
     let task_id = parse_task_id(text)?;
-    tasks::get(&state.pool, task_id)
+    tasks::get(state.db.pool(), task_id)
         .await?
         .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
     Ok(task_id)

@@ -152,7 +152,7 @@ pub(crate) async fn create(
     let parsed = check(&state, &mut fields, &schedule, true).await?;
     fields.finish("invalid_schedule")?;
     let next = first_fire(parsed.as_ref(), &schedule);
-    let created = schedules::create(&state.pool, &schedule, next)
+    let created = schedules::create(state.db.pool(), &schedule, next)
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -225,10 +225,15 @@ pub(crate) async fn list(
             next_cursor: None,
         }));
     }
-    let (page, next_cursor) =
-        schedules::page(&state.pool, namespace.as_deref(), cursor.as_deref(), limit).await?;
+    let (page, next_cursor) = schedules::page(
+        state.db.pool(),
+        namespace.as_deref(),
+        cursor.as_deref(),
+        limit,
+    )
+    .await?;
     let names: Vec<String> = page.iter().map(|s| s.fields.name.clone()).collect();
-    let mut last_runs = schedules::last_runs_of(&state.pool, &names, LAST_RUNS).await?;
+    let mut last_runs = schedules::last_runs_of(state.db.pool(), &names, LAST_RUNS).await?;
     let schedules = page
         .into_iter()
         .map(|schedule| ScheduleView {
@@ -342,7 +347,7 @@ pub(crate) async fn update(
             NextFire::Keep(first)
         };
         if let Some(updated) =
-            schedules::update(&state.pool, &schedule, next, current.updated_at).await?
+            schedules::update(state.db.pool(), &schedule, next, current.updated_at).await?
         {
             break updated;
         }
@@ -381,7 +386,7 @@ pub(crate) async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
     let Path(name) = path.map_err(path_rejection)?;
-    if name.contains('\0') || !schedules::delete(&state.pool, &name).await? {
+    if name.contains('\0') || !schedules::delete(state.db.pool(), &name).await? {
         return Err(not_found(&name));
     }
     crate::scheduler::forget_schedule(&state.metrics, &name);
@@ -538,7 +543,7 @@ async fn check(
         let resolved = state
             .templates
             .resolve(
-                &state.pool,
+                state.db.pool(),
                 &schedule.namespace,
                 &schedule.template,
                 schedule.version.as_deref(),
@@ -587,7 +592,7 @@ async fn find(state: &AppState, name: &str) -> ApiResult<ScheduleRecord> {
     if name.contains('\0') {
         return Err(not_found(name));
     }
-    schedules::get(&state.pool, name)
+    schedules::get(state.db.pool(), name)
         .await?
         .ok_or_else(|| not_found(name))
 }
@@ -600,7 +605,7 @@ fn not_found(name: &str) -> ApiError {
 }
 
 async fn view(state: &AppState, schedule: ScheduleRecord) -> ApiResult<ScheduleView> {
-    let last_runs = schedules::last_runs(&state.pool, &schedule.fields.name, LAST_RUNS).await?;
+    let last_runs = schedules::last_runs(state.db.pool(), &schedule.fields.name, LAST_RUNS).await?;
     Ok(ScheduleView {
         next_runs: next_runs(&schedule),
         schedule,

@@ -266,12 +266,12 @@ pub(crate) async fn create(
         let resolved = if checked {
             state
                 .templates
-                .resolve(&state.pool, &namespace, &name, version.as_deref())
+                .resolve(state.db.pool(), &namespace, &name, version.as_deref())
                 .await?
         } else {
             state
                 .templates
-                .reload(&state.pool, &namespace, &name, version.as_deref())
+                .reload(state.db.pool(), &namespace, &name, version.as_deref())
                 .await?
         };
         let resolved = resolved.ok_or_else(|| {
@@ -396,11 +396,11 @@ pub(crate) async fn step(
     // No step name holds U+0000 (nor can PostgreSQL compare with one).
     let found = match name.contains('\0') {
         true => None,
-        false => tasks::step(&state.pool, task_id, &name).await?,
+        false => tasks::step(state.db.pool(), task_id, &name).await?,
     };
     match found {
         Some(step) => Ok(Json(step)),
-        None if tasks::get(&state.pool, task_id).await?.is_none() => {
+        None if tasks::get(state.db.pool(), task_id).await?.is_none() => {
             Err(OperatorError::TaskNotFound(task_id).into())
         }
         None => Err(OperatorError::StepNotFound {
@@ -538,7 +538,7 @@ pub(crate) async fn list(
             next_cursor: None,
         }));
     }
-    let (tasks, next_cursor) = tasks::list(&state.pool, &filter, page).await?;
+    let (tasks, next_cursor) = tasks::list(state.db.pool(), &filter, page).await?;
     Ok(Json(TaskPage { tasks, next_cursor }))
 }
 
@@ -561,7 +561,8 @@ pub(crate) fn parse_task_id(text: &str) -> ApiResult<Uuid> {
 /// read in one snapshot, so they never contradict each other.
 pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<TaskView> {
     let mut tx = state
-        .pool
+        .db
+        .pool()
         .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let task = tasks::get(&mut *tx, task_id)
@@ -652,7 +653,7 @@ async fn or_earlier(
         return Err(error);
     }
     // A look-up that fails answers the refusal, not the database's trouble.
-    match tasks::find_by_idempotency_key(&state.pool, namespace, name, key).await {
+    match tasks::find_by_idempotency_key(state.db.pool(), namespace, name, key).await {
         Ok(Some(task)) => earlier(state, task, new, version).await,
         _ => Err(error),
     }

@@ -158,22 +158,22 @@ pub struct WorkInFlight {
 }
 
 /// See [`WorkInFlight`].
-pub async fn work_in_flight(pool: &PgPool) -> sqlx::Result<WorkInFlight> {
+pub async fn work_in_flight(conn: &mut sqlx::PgConnection) -> sqlx::Result<WorkInFlight> {
     let tasks = sqlx::query_as(
         "SELECT status, count(*) FROM tasks WHERE status IN ('pending', 'in_progress') GROUP BY status",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let steps = sqlx::query_as(include_str!("../../sql/inspect/steps_in_flight.sql"))
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
     let ready_by_namespace: Vec<(String, i64, f64)> =
         sqlx::query_as(include_str!("../../sql/inspect/ready_backlog.sql"))
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
     let ready_backlog = ready_by_namespace.iter().map(|(_, n, _)| n).sum();
     let held = sqlx::query_as(include_str!("../../sql/inspect/held_steps.sql"))
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
     Ok(WorkInFlight {
         tasks,

@@ -89,12 +89,12 @@ fn with_candidates(statement: &str) -> String {
 
 /// Remove up to `limit` finished tasks of `scope` with their steps, edges and history,
 /// in one transaction. `None` when another coordinator is pruning right now.
-pub async fn prune_batch(
-    pool: &PgPool,
+pub async fn prune_batch<'c>(
+    db: impl sqlx::Acquire<'c, Database = Postgres>,
     scope: PruneScope,
     limit: i64,
 ) -> sqlx::Result<Option<Pruned>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(PRUNE_LOCK)
         .fetch_one(&mut *tx)

@@ -261,9 +261,9 @@ pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TemplateSummary>> {
 }
 
 /// The names of every namespace that has a template.
-pub async fn namespaces(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+pub async fn namespaces(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar("SELECT name FROM namespaces ORDER BY name")
-        .fetch_all(pool)
+        .fetch_all(db)
         .await
 }
 

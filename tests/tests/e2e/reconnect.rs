@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tasker_tests::relay::Relay;
 use tasker_tests::{TaskStatus, TestEnv, binary, close_broker_connections, wait_for_consumers};
 
 const TEMPLATE: &str = "namespace: cut\nname: pair\nsteps:\n  - name: first\n    handler: tasker.sleep\n    config: {ms: 1500}\n  - name: second\n    handler: tasker.noop\n    depends_on: [first]\n";
@@ -325,45 +326,16 @@ async fn a_worker_comes_back_after_the_broker_closes_one_of_its_channels() {
     env.finish().await.unwrap();
 }
 
-/// A TCP relay to RabbitMQ that can be cut: the broker is then away for whoever connects
-/// through it (a network outage), while the tests beside go on.
-struct Relay {
-    port: u16,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let broker = reqwest::Url::parse(&tasker_tests::amqp_url()).unwrap();
-        let broker = format!(
-            "{}:{}",
-            broker.host_str().unwrap(),
-            broker.port().unwrap_or(5672)
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            loop {
-                let mut cut = stopped.clone();
-                let (mut client, _) = tokio::select! {
-                    _ = cut.wait_for(|cut| *cut) => return,
-                    accepted = listener.accept() => accepted.unwrap(),
-                };
-                let broker = broker.clone();
-                tokio::spawn(async move {
-                    let Ok(mut broker) = tokio::net::TcpStream::connect(broker).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = cut.wait_for(|cut| *cut) => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
-                    }
-                });
-            }
-        });
-        Relay { port, stop }
-    }
+/// A relay to RabbitMQ, to cut: the broker is then away for whoever connects through it
+/// (a network outage), while the tests beside go on.
+async fn broker_relay() -> Relay {
+    let broker = reqwest::Url::parse(&tasker_tests::amqp_url()).unwrap();
+    let broker = format!(
+        "{}:{}",
+        broker.host_str().unwrap(),
+        broker.port().unwrap_or(5672)
+    );
+    Relay::start(broker).await
 }
 
 /// While RabbitMQ stays away, a worker counts a broker error at every attempt to connect
@@ -371,13 +343,13 @@ impl Relay {
 #[tokio::test]
 async fn broker_errors_keep_counting_while_the_broker_stays_away() {
     let mut env = TestEnv::start("away").await.unwrap();
-    let relay = Relay::start().await;
+    let relay = broker_relay().await;
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port);
     let (_, metrics) = env
         .start_metered_worker_with("away", &["away"], 2, &[("AMQP_URL", url.as_str())])
         .await
         .unwrap();
-    relay.stop.send_replace(true);
+    relay.cut();
     let errors =
         tasker_tests::wait_for_metric(&metrics, "tasker_worker_broker_errors_total", 3.0).await;
     assert!(errors >= 3.0, "{errors}");
@@ -389,7 +361,7 @@ async fn broker_errors_keep_counting_while_the_broker_stays_away() {
 /// a queue nobody consumes any more), and reads them again once it is back.
 #[tokio::test]
 async fn a_coordinator_without_its_broker_drops_its_queue_gauges() {
-    let relay = Relay::start().await;
+    let relay = broker_relay().await;
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port);
     let env = TestEnv::start_with(
         "gauges-away",
@@ -406,7 +378,7 @@ async fn a_coordinator_without_its_broker_drops_its_queue_gauges() {
     env.register_template(TEMPLATE).await.unwrap();
     let results = format!("tasker_queue_consumers{{queue=\"{}.results\"}}", env.prefix);
     tasker_tests::wait_for_metric(&env.metrics_url(), &results, 1.0).await;
-    relay.stop.send_replace(true);
+    relay.cut();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let text = reqwest::get(env.metrics_url())
@@ -424,5 +396,94 @@ async fn a_coordinator_without_its_broker_drops_its_queue_gauges() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    env.finish().await.unwrap();
+}
+
+/// A step that fails once, so its task needs the dispatcher to claim its retry.
+const SILENT_TEMPLATE: &str = r"
+name: after_silence
+namespace: silent
+version: 1.0.0
+steps:
+  - {name: flaky, handler: tasker.fail, config: {times: 1}, retry_limit: 3, backoff: {schedule: [0.2]}}
+  - {name: last, handler: tasker.noop, depends_on: [flaky]}
+";
+
+/// PostgreSQL's host vanishing without closing its sockets (a failover that moves its
+/// address elsewhere, a dropped NAT mapping) leaves every statement a coordinator had
+/// sent without an answer, for ever: TCP tells nothing, and the driver sets no keepalive.
+/// The coordinator gives up on them after `TASKER_DB_ANSWER_TIMEOUT_MS`, closes those
+/// connections and goes on with new ones: tasks are created again, a retry is claimed,
+/// and the events relay catches up.
+#[tokio::test]
+async fn a_coordinator_goes_on_when_postgresql_stops_answering_its_connections() {
+    let server = reqwest::Url::parse(&tasker_tests::postgres_server()).unwrap();
+    let relay = Relay::start(format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(5432)
+    ))
+    .await;
+    let mut through_relay = server.clone();
+    through_relay.set_host(Some("127.0.0.1")).unwrap();
+    through_relay.set_port(Some(relay.port)).unwrap();
+    let mut env = TestEnv::start_with(
+        "silent-database",
+        tasker_tests::EnvOptions {
+            database_server: Some(through_relay.as_str().trim_end_matches('/').to_owned()),
+            coordinator_env: vec![("TASKER_DB_ANSWER_TIMEOUT_MS".into(), "2000".into())],
+            ..tasker_tests::EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    env.register_templates(&[SILENT_TEMPLATE]).await;
+    env.start_worker("silent", &["silent"]).await.unwrap();
+
+    // Statements in flight: the loops' next ones (the sweeper's every 500 ms, the
+    // dispatcher's look for due retries…) wait for a lock the test holds, over the relay.
+    let mut hold = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    tasker_tests::wait_for_lock_waiters(&env.pool, "", 2).await;
+    relay.silence();
+    // Their answers now go nowhere.
+    hold.commit().await.unwrap();
+
+    // Created once a connection is to be had; the key makes a retried request one task.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let task_id = loop {
+        let (status, body) = env
+            .create_task(json!({
+                "namespace": "silent",
+                "name": "after_silence",
+                "version": "1.0.0",
+                "context": {},
+                "idempotency_key": "after-silence",
+            }))
+            .await
+            .unwrap();
+        if status.is_success() {
+            break body["task_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no task created within 90 s of PostgreSQL going silent: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let task = env
+        .wait_for_task(&task_id, &["complete", "error"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "complete", "{task:#}");
+    assert_eq!(TestEnv::step(&task, "flaky")["attempts"], 2, "{task:#}");
+    let newest = env.newest_transition_id().await.unwrap();
+    env.wait_for_relay(newest, Duration::from_secs(30))
+        .await
+        .unwrap();
+    drop(relay);
     env.finish().await.unwrap();
 }

@@ -29,6 +29,7 @@ async fn settings_out_of_range_stop_the_process_naming_the_variable() {
             "0",
             "1000..=86400000",
         ),
+        ("TASKER_DB_ANSWER_TIMEOUT_MS", "999", "1000..=3600000"),
     ] {
         let stderr = coordinator_refusing_to_start(nowhere, &[(variable, value)]).await;
         names(&stderr, variable, range);
