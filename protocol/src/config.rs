@@ -180,10 +180,10 @@ pub struct DatabaseSettings {
     pub db_idle_in_transaction_timeout_ms: u64,
     /// How long a coordinator's background work (dispatcher, result processor, sweeper,
     /// scheduler, events relay, gauges, retention, task creation) waits for PostgreSQL to
-    /// answer one piece of its work. Past it the work is abandoned and retried on a new
-    /// connection, and the connection it waited on is closed: a database host that
-    /// vanished without closing its sockets (a failover that moved its address, a dropped
-    /// NAT mapping) would otherwise hold a statement already sent for ever.
+    /// answer one piece of its work. Past it the work is abandoned (a loop's pass runs
+    /// again on a new connection, a batch of creations is answered 503): a database host
+    /// that vanished without closing its sockets (a failover that moved its address, a
+    /// dropped NAT mapping) would otherwise hold a statement already sent for ever.
     #[arg(long, env = "TASKER_DB_ANSWER_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1_000..=3_600_000))]
     pub db_answer_timeout_ms: u64,

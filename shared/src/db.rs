@@ -57,6 +57,20 @@ pub fn connect_lazy_with(
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                // A startup option, unknown to PostgreSQL 13, would refuse the connection.
+                if conn.server_version_num().is_some_and(|v| v >= 140_000) {
+                    let set = format!(
+                        "SET client_connection_check_interval = {CLIENT_CHECK_INTERVAL_MS}"
+                    );
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(set))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
         .connect_lazy_with(options))
 }
 
@@ -104,26 +118,50 @@ impl Database {
         &self,
         work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.pool.acquire().await?;
-        let answered = tokio::time::timeout(self.patience, work(&mut conn)).await;
-        match answered {
-            Ok(done) => done,
-            Err(_) => {
-                // Its answer may still come (a statement slow, not lost): it would come
-                // to a connection whose state nobody knows.
-                conn.close_on_drop();
-                Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "PostgreSQL did not answer within {:?}; the connection is closed",
-                        self.patience
-                    ),
-                ))
-                .into())
-            }
+        let mut held = Held {
+            conn: self.pool.acquire().await?,
+            done: false,
+        };
+        let answered = tokio::time::timeout(self.patience, work(&mut held.conn)).await;
+        held.done = answered.is_ok();
+        answered.unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "PostgreSQL did not answer within {:?} (or, for work that publishes \
+                     inside its transaction, RabbitMQ did not confirm); the connection is \
+                     closed",
+                    self.patience
+                ),
+            ))
+            .into())
+        })
+    }
+}
+
+/// A connection [`Database::run`] works on: closed when dropped before its work ended
+/// (past the patience, or given up by whoever awaited the run), not returned to the
+/// pool. An answer may still come to it (a statement slow, not lost), and sqlx would
+/// wait on a returned connection for it, without a bound, before its next use.
+struct Held {
+    conn: sqlx::pool::PoolConnection<Postgres>,
+    done: bool,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.close_on_drop();
         }
     }
 }
+
+/// How often a PostgreSQL backend running a statement for Tasker checks that its client
+/// is still there (`client_connection_check_interval`, PostgreSQL 14 and later): a
+/// statement [`Database::run`] gave up on ends soon after its connection is closed,
+/// instead of running on (or waiting on a lock) and holding a server connection and the
+/// rows it locked while the work is tried again beside it.
+const CLIENT_CHECK_INTERVAL_MS: u32 = 2_000;
 
 /// A `BEGIN` (for `begin_with`) whose transaction plans its statements once per
 /// connection, as index probes whatever the tables' statistics say: what the claim

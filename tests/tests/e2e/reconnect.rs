@@ -431,7 +431,13 @@ async fn a_coordinator_goes_on_when_postgresql_stops_answering_its_connections()
         "silent-database",
         tasker_tests::EnvOptions {
             database_server: Some(through_relay.as_str().trim_end_matches('/').to_owned()),
-            coordinator_env: vec![("TASKER_DB_ANSWER_TIMEOUT_MS".into(), "2000".into())],
+            coordinator_env: vec![
+                ("TASKER_DB_ANSWER_TIMEOUT_MS".into(), "2000".into()),
+                ("TASKER_DB_POOL_SIZE".into(), "2".into()),
+                ("TASKER_POLL_INTERVAL_MS".into(), "200".into()),
+            ],
+            // Its log says what it gave up on.
+            binary_coordinator: true,
             ..tasker_tests::EnvOptions::default()
         },
     )
@@ -440,8 +446,9 @@ async fn a_coordinator_goes_on_when_postgresql_stops_answering_its_connections()
     env.register_templates(&[SILENT_TEMPLATE]).await;
     env.start_worker("silent", &["silent"]).await.unwrap();
 
-    // Statements in flight: the loops' next ones (the sweeper's every 500 ms, the
-    // dispatcher's look for due retries…) wait for a lock the test holds, over the relay.
+    // Statements in flight: the loops' next ones wait for a lock the test holds, over the
+    // relay, until both connections of the pool are taken by such waits. Silenced for
+    // ever, they would leave the coordinator no connection at all.
     let mut hold = env.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *hold)
@@ -484,6 +491,12 @@ async fn a_coordinator_goes_on_when_postgresql_stops_answering_its_connections()
     env.wait_for_relay(newest, Duration::from_secs(30))
         .await
         .unwrap();
-    drop(relay);
+    env.coordinator
+        .wait_for_log(
+            "PostgreSQL did not answer within 2s",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
     env.finish().await.unwrap();
 }
