@@ -1469,3 +1469,75 @@ async fn a_transaction_left_idle_releases_its_rows() {
     tasker.close().await;
     db.finish_without_history().await;
 }
+
+/// Work [`tasker_shared::db::Database::run`] gives up on ends on the server too: a
+/// statement left waiting for a lock is ended soon after its connection is closed
+/// (`client_connection_check_interval`), rather than waiting, holding a server connection,
+/// for as long as the lock is held.
+#[tokio::test]
+async fn work_given_up_on_ends_on_the_server_too() {
+    let db = TestDb::new("given_up").await;
+    db.pool
+        .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
+        .await
+        .unwrap();
+    let settings = tasker_shared::config::DatabaseSettings {
+        database_url: format!("{}/{}", db.server, db.name).parse().unwrap(),
+        db_pool_size: 2,
+        db_idle_in_transaction_timeout_ms: 60_000,
+        db_answer_timeout_ms: 1_000,
+    };
+    let database = tasker_shared::db::Database::new(
+        tasker_shared::db::connect_lazy(&settings).unwrap(),
+        std::time::Duration::from_secs(1),
+    );
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let error = database
+        .run(async |conn| {
+            sqlx::query("UPDATE held SET n = n + 1 WHERE id = 1")
+                .execute(conn)
+                .await
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("did not answer within 1s"),
+        "{error}"
+    );
+    // The lock is still held: only the server's own check can end the waiting statement.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the statement given up on still waits for the lock after 15 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    holder.rollback().await.unwrap();
+    let n: i32 = sqlx::query_scalar("SELECT n FROM held WHERE id = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the update given up on did not run");
+    database.pool().close().await;
+    db.finish_without_history().await;
+}
