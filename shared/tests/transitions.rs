@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool};
 use uuid::Uuid;
 
+use tasker_shared::config::DatabaseSettings;
 use tasker_shared::decision::Backoff;
 use tasker_shared::messages::{
     Outcome, RunningStep, SCHEMA_VERSION, StepError, StepResult, StepStarted,
@@ -52,6 +53,17 @@ impl TestDb {
         let pool = PgPool::connect(&format!("{server}/{name}")).await.unwrap();
         tasker_shared::db::MIGRATOR.run(&pool).await.unwrap();
         TestDb { pool, name, server }
+    }
+
+    /// The settings a coordinator would reach this database with, with its two
+    /// timeouts.
+    fn settings(&self, idle_in_transaction_ms: u64, answer_ms: u64) -> DatabaseSettings {
+        DatabaseSettings {
+            database_url: format!("{}/{}", self.server, self.name).parse().unwrap(),
+            db_pool_size: 2,
+            db_idle_in_transaction_timeout_ms: idle_in_transaction_ms,
+            db_answer_timeout_ms: answer_ms,
+        }
     }
 
     /// Check the history, then drop the database.
@@ -1427,13 +1439,7 @@ async fn a_transaction_left_idle_releases_its_rows() {
         .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
         .await
         .unwrap();
-    let settings = tasker_shared::config::DatabaseSettings {
-        database_url: format!("{}/{}", db.server, db.name).parse().unwrap(),
-        db_pool_size: 2,
-        db_idle_in_transaction_timeout_ms: 1_000,
-        db_answer_timeout_ms: 30_000,
-    };
-    let tasker = tasker_shared::db::connect_lazy(&settings).unwrap();
+    let tasker = tasker_shared::db::connect_lazy(&db.settings(1_000, 30_000)).unwrap();
     let mut paused = tasker.begin().await.unwrap();
     sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
         .execute(&mut *paused)
@@ -1481,14 +1487,8 @@ async fn work_given_up_on_ends_on_the_server_too() {
         .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
         .await
         .unwrap();
-    let settings = tasker_shared::config::DatabaseSettings {
-        database_url: format!("{}/{}", db.server, db.name).parse().unwrap(),
-        db_pool_size: 2,
-        db_idle_in_transaction_timeout_ms: 60_000,
-        db_answer_timeout_ms: 1_000,
-    };
     let database = tasker_shared::db::Database::new(
-        tasker_shared::db::connect_lazy(&settings).unwrap(),
+        tasker_shared::db::connect_lazy(&db.settings(60_000, 1_000)).unwrap(),
         std::time::Duration::from_secs(1),
     );
     let mut holder = db.pool.begin().await.unwrap();

@@ -140,6 +140,16 @@ fn window(
 
 /// The window and the template (namespace and name, both required) of a call about one
 /// template.
+/// Per step, the analytics of a template's tasks created in `window`.
+async fn steps_in(
+    state: &AppState,
+    namespace: &str,
+    name: &str,
+    window: &Window,
+) -> sqlx::Result<Vec<analytics::StepStats>> {
+    analytics::steps(state.db.pool(), namespace, name, window.since, window.until).await
+}
+
 fn template_window(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<(Window, String, String)> {
@@ -213,14 +223,7 @@ pub(crate) async fn steps(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<StepAnalytics>> {
     let (window, namespace, name) = template_window(query)?;
-    let steps = analytics::steps(
-        state.db.pool(),
-        &namespace,
-        &name,
-        window.since,
-        window.until,
-    )
-    .await?;
+    let steps = steps_in(&state, &namespace, &name, &window).await?;
     Ok(Json(StepAnalytics {
         namespace,
         name,
@@ -267,14 +270,7 @@ pub(crate) async fn bottlenecks(
             )
         })?
         .template;
-    let steps = analytics::steps(
-        state.db.pool(),
-        &namespace,
-        &name,
-        window.since,
-        window.until,
-    )
-    .await?;
+    let steps = steps_in(&state, &namespace, &name, &window).await?;
     let (path, total_ms) = analytics::critical_path(&template.definition, &steps);
     Ok(Json(Bottlenecks {
         namespace,
