@@ -100,8 +100,8 @@ impl Database {
         self.patience
     }
 
-    /// The pool, for work that bounds itself (or is bounded by its client: an HTTP
-    /// request).
+    /// The pool, for work not bounded by the patience: an HTTP request's, and the reads a
+    /// bounded piece of work makes beside its own connection.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

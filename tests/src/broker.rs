@@ -244,6 +244,20 @@ async fn inspect_queue(queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
     Ok(declared.ok())
 }
 
+/// Delete `queue` (a test's own, declared outside Tasker; or one of Tasker's, to lose it).
+///
+/// # Errors
+///
+/// The broker unreachable, or refusing the deletion.
+pub async fn delete_queue(queue: &str) -> anyhow::Result<()> {
+    let (connection, channel) = confirm_channel().await;
+    channel
+        .queue_delete(queue.into(), Default::default())
+        .await?;
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(())
+}
+
 /// Whether `queue` exists now.
 pub async fn queue_exists(queue: &str) -> anyhow::Result<bool> {
     Ok(inspect_queue(queue).await?.is_some())

@@ -44,9 +44,9 @@ use uuid::Uuid;
 pub use api::{Api, Step, StepError, Task};
 pub use broker::{
     DeadLetter, assert_no_dead_letters, close_broker_connections, confirm_channel,
-    declare_queue_with, delete_broker_objects, delete_broker_objects_at, publish, queue_consumers,
-    queue_exists, queue_messages, queued_steps, take_dead_letters, take_messages, take_steps,
-    wait_for_consumers, wait_until_taken,
+    declare_queue_with, delete_broker_objects, delete_broker_objects_at, delete_queue, publish,
+    queue_consumers, queue_exists, queue_messages, queued_steps, take_dead_letters, take_messages,
+    take_steps, wait_for_consumers, wait_until_taken,
 };
 pub use coordinator::{Coordinator, InProcess};
 pub use process::{Process, spawn_coordinator};

@@ -40,8 +40,8 @@ pub(crate) use templates::register_template;
 /// What every handler can reach.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    /// PostgreSQL. Handlers use its pool (their clients bound how long they wait); the
-    /// scheduler and the task creator bound their own work with it.
+    /// PostgreSQL. Handlers use its pool, without the answer timeout; the scheduler and
+    /// the task creator bound their own work with it.
     pub(crate) db: Database,
     /// The templates task creations named (`TemplateCache`).
     pub(crate) templates: Arc<tasker_shared::store::templates::TemplateCache>,

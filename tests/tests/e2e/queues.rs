@@ -234,12 +234,6 @@ async fn a_template_whose_step_queue_is_of_the_other_type_is_refused_and_not_sto
     );
     let (status, _) = env.get("/v1/templates/clash/flow").await.unwrap();
     assert_eq!(status, 404, "nothing stored");
-    channel
-        .queue_delete(
-            queue.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .unwrap();
+    tasker_tests::delete_queue(&queue).await.unwrap();
     env.finish().await.unwrap();
 }

@@ -167,15 +167,7 @@ async fn a_coordinator_declares_the_namespaces_queues_again_when_it_reconnects()
     assert!(status.is_success(), "{body}");
     let queue = env.queue("again");
     assert!(tasker_tests::queue_exists(&queue).await.unwrap());
-    let (connection, channel) = tasker_tests::confirm_channel().await;
-    channel
-        .queue_delete(
-            queue.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .unwrap();
-    let _ = connection.close(200, "OK".into()).await;
+    tasker_tests::delete_queue(&queue).await.unwrap();
     assert!(!tasker_tests::queue_exists(&queue).await.unwrap());
 
     let coordinator = format!("tasker-coordinator {}", env.prefix);

@@ -387,7 +387,6 @@ async fn results_that_finish_together_leave_the_worker_together() {
 /// steps came on, so they go on and run once.
 #[tokio::test]
 async fn a_namespace_the_worker_cannot_declare_leaves_its_running_steps_alone() {
-    use lapin::options::QueueDeleteOptions;
     use lapin::types::AMQPValue;
 
     let mut env = TestEnv::start("clash").await.unwrap();
@@ -443,9 +442,6 @@ async fn a_namespace_the_worker_cannot_declare_leaves_its_running_steps_alone() 
         0.0,
         "the session went on"
     );
-    channel
-        .queue_delete(clash.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    tasker_tests::delete_queue(&clash).await.unwrap();
     env.finish().await.unwrap();
 }
