@@ -168,6 +168,8 @@ async fn gather(
             // its slot, and with enough of them every creation, for ever: its requests are
             // answered 503 (their replies dropped), as when the database is unreachable.
             // Whether it was written is unknown; an idempotency key makes a retry safe.
+            // The pool closes the connection it held unless the answer comes within the
+            // patience again (`tasker_shared::db`).
             let patience = db.patience();
             if tokio::time::timeout(patience, write(db.pool(), jobs, &batch_size))
                 .await

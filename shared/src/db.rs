@@ -54,9 +54,11 @@ pub fn connect_lazy_with(
             ),
         ])
         .options(tasker_settings.iter().cloned());
+    let patience = Duration::from_millis(settings.db_answer_timeout_ms);
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))
+        .after_release(move |conn, _| Box::pin(finish_answer(conn, patience)))
         .after_connect(|conn, _| {
             Box::pin(async move {
                 // A startup option, unknown to PostgreSQL 13, would refuse the connection.
@@ -74,15 +76,37 @@ pub fn connect_lazy_with(
         .connect_lazy_with(options))
 }
 
-/// PostgreSQL as a coordinator's background work uses it: the pool, and how long that
-/// work waits for an answer.
+/// Before a connection goes back to the pool: wait, at most `patience`, for the answers to
+/// what was sent on it. Work dropped before its answer came (a request whose client left,
+/// work given up past its patience) returns its connection still owed that answer, and
+/// the driver's own check of a returned connection waits for it without a bound: on a
+/// host that vanished, until TCP gives up (about 15 minutes with Linux's default
+/// `tcp_retries2`), the connection holding its place in the pool all the while. Past
+/// `patience` the connection is closed instead (the error makes the pool close it without
+/// a goodbye, which could wait too). A connection owed nothing is done with at once: no
+/// round trip is added to the driver's check.
+async fn finish_answer(conn: &mut sqlx::PgConnection, patience: Duration) -> sqlx::Result<bool> {
+    use sqlx::Connection;
+    // `flush` is the driver's wait for the answers outstanding (`wait_until_ready`).
+    match tokio::time::timeout(patience, conn.flush()).await {
+        Ok(answered) => answered.map(|()| true),
+        Err(_) => Err(unanswered(
+            patience,
+            " what was sent for work given up on; the connection is closed",
+        )),
+    }
+}
+
+/// PostgreSQL as a coordinator uses it: the pool, and how long each piece of its work (a
+/// loop's pass, an API request's read or write) waits for an answer.
 ///
 /// TCP tells nothing when the database's host vanishes without closing its sockets (a
 /// failover that moves its address, a dropped NAT mapping, a host cut off), and the driver
 /// sets no keepalive: a statement already sent then waits for ever for its answer, and the
-/// loop that sent it with it. [`Database::run`] bounds each piece of work; past its
-/// patience the work is abandoned and its connection closed, not returned to the pool,
-/// where its next user would wait on it again.
+/// loop or request that sent it with it. [`Database::run`] bounds a piece of work on one
+/// connection, [`Database::bounded`] one that takes its connections from the pool; past
+/// the patience the work is abandoned, and a connection left waiting for its answer is
+/// closed rather than used again (its next user would wait on it too).
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: PgPool,
@@ -100,8 +124,10 @@ impl Database {
         self.patience
     }
 
-    /// The pool, for work not bounded by the patience: an HTTP request's, and the reads a
-    /// bounded piece of work makes beside its own connection.
+    /// The pool, for work bounded otherwise: the reads a piece of work makes beside its
+    /// own connection (bounded with it), start-up's (bounded by its own timeouts). A
+    /// connection such work held when it was dropped goes back to the pool, which waits
+    /// at most the patience for the answer owed to it.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -125,18 +151,44 @@ impl Database {
         let answered = tokio::time::timeout(self.patience, work(&mut held.conn)).await;
         held.done = answered.is_ok();
         answered.unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "PostgreSQL did not answer within {:?} (or, for work that publishes \
-                     inside its transaction, RabbitMQ did not confirm); the connection is \
-                     closed",
-                    self.patience
-                ),
-            ))
+            Err(unanswered(
+                self.patience,
+                " (or, for work that publishes inside its transaction, RabbitMQ did not \
+                 confirm); the connection is closed",
+            )
             .into())
         })
     }
+
+    /// Wait at most the patience for `work`, which takes its connections from the pool
+    /// itself (an API request's reads and writes); past it, an I/O error of kind
+    /// `TimedOut` as [`run`](Self::run)'s, and `work` is dropped. A connection it held goes back to the
+    /// pool, which waits at most the patience again for the answer owed to it and
+    /// otherwise closes it.
+    ///
+    /// # Errors
+    ///
+    /// `work`'s own, or no answer in time.
+    pub async fn bounded<'a, T, E: From<sqlx::Error>, W>(
+        &'a self,
+        work: impl FnOnce(&'a PgPool) -> W,
+    ) -> Result<T, E>
+    where
+        W: Future<Output = Result<T, E>> + 'a,
+    {
+        tokio::time::timeout(self.patience, work(&self.pool))
+            .await
+            .unwrap_or_else(|_| Err(unanswered(self.patience, "; the work is given up").into()))
+    }
+}
+
+/// The error of work PostgreSQL did not answer within `patience` (`then` says what
+/// follows): an I/O error of kind `TimedOut`, which [`unreachable`] counts.
+fn unanswered(patience: Duration, then: &str) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("PostgreSQL did not answer within {patience:?}{then}"),
+    ))
 }
 
 /// A connection [`Database::run`] works on: closed when dropped before its work ended

@@ -1541,3 +1541,59 @@ async fn work_given_up_on_ends_on_the_server_too() {
     database.pool().close().await;
     db.finish_without_history().await;
 }
+
+/// Work given up on while its statement waits for an answer (an API request past the
+/// patience, or whose client left) gives its connection back to the pool still owed that
+/// answer. The pool waits for it at most the patience, then closes the connection: it
+/// serves again while the answer still does not come, rather than waiting for it as long
+/// as TCP lets it (on a host that vanished, about 15 minutes).
+#[tokio::test]
+async fn a_connection_given_back_unanswered_is_closed_after_the_patience() {
+    let db = TestDb::new("given_back").await;
+    db.pool
+        .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
+        .await
+        .unwrap();
+    let settings = DatabaseSettings {
+        db_pool_size: 1,
+        ..db.settings(60_000, 1_000)
+    };
+    let database = tasker_shared::db::Database::new(
+        tasker_shared::db::connect_lazy(&settings).unwrap(),
+        std::time::Duration::from_secs(1),
+    );
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let error = database
+        .bounded(|pool| sqlx::query("UPDATE held SET n = n + 1 WHERE id = 1").execute(pool))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("did not answer within 1s"),
+        "{error}"
+    );
+    // The lock is still held, so the update's answer does not come: the pool's one
+    // connection serves again only if it was closed and made anew.
+    let started = std::time::Instant::now();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(database.pool())
+        .await
+        .expect("the pool serves while the answer owed to its connection does not come");
+    assert_eq!(one, 1);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "the pool served after {:?}",
+        started.elapsed()
+    );
+    holder.rollback().await.unwrap();
+    database.pool().close().await;
+    db.finish_without_history().await;
+}

@@ -147,7 +147,10 @@ async fn steps_in(
     name: &str,
     window: &Window,
 ) -> sqlx::Result<Vec<analytics::StepStats>> {
-    analytics::steps(state.db.pool(), namespace, name, window.since, window.until).await
+    state
+        .db
+        .bounded(|pool| analytics::steps(pool, namespace, name, window.since, window.until))
+        .await
 }
 
 fn template_window(
@@ -184,13 +187,17 @@ pub(crate) async fn templates(
 ) -> ApiResult<Json<TemplateAnalytics>> {
     let Query(query) = query.map_err(query_rejection)?;
     let window = window(query, &["namespace", "since", "until"], false)?;
-    let templates = analytics::templates(
-        state.db.pool(),
-        window.namespace.as_deref(),
-        window.since,
-        window.until,
-    )
-    .await?;
+    let templates = state
+        .db
+        .bounded(|pool| {
+            analytics::templates(
+                pool,
+                window.namespace.as_deref(),
+                window.since,
+                window.until,
+            )
+        })
+        .await?;
     Ok(Json(TemplateAnalytics {
         since: window.since,
         until: window.until,
@@ -260,8 +267,8 @@ pub(crate) async fn bottlenecks(
 ) -> ApiResult<Json<Bottlenecks>> {
     let (window, namespace, name) = template_window(query)?;
     let template = state
-        .templates
-        .resolve(state.db.pool(), &namespace, &name, None)
+        .db
+        .bounded(|pool| state.templates.resolve(pool, &namespace, &name, None))
         .await?
         .ok_or_else(|| {
             ApiError::not_found(

@@ -388,7 +388,10 @@ pub(crate) async fn retry(
 
 async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<BulkResult> {
     // One more than the limit says whether more match.
-    let mut ids = tasks::matching_ids(state.db.pool(), &request.filter, request.limit + 1).await?;
+    let mut ids = state
+        .db
+        .bounded(|pool| tasks::matching_ids(pool, &request.filter, request.limit + 1))
+        .await?;
     let has_more = ids.len() as i64 > request.limit;
     ids.truncate(request.limit as usize);
     let matched = ids.len();
@@ -402,14 +405,18 @@ async fn run(state: &AppState, request: Request, action: Action) -> ApiResult<Bu
     }
     let mut changed = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(BATCH) {
-        let (done, effects) = operations::bulk_batch(
-            state.db.pool(),
-            chunk,
-            (action, &request.filter.statuses),
-            request.reason.as_deref(),
-            state.publisher.lease_ms(),
-        )
-        .await?;
+        let (done, effects) = state
+            .db
+            .bounded(|pool| {
+                operations::bulk_batch(
+                    pool,
+                    chunk,
+                    (action, &request.filter.statuses),
+                    request.reason.as_deref(),
+                    state.publisher.lease_ms(),
+                )
+            })
+            .await?;
         effects.apply(state).await;
         changed.extend(done);
     }

@@ -15,6 +15,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
+use sqlx::Connection as _;
 
 use super::AppState;
 use super::body::path_rejection;
@@ -241,16 +242,20 @@ pub(crate) async fn task(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     // Task and steps in one snapshot, so the title and the nodes agree.
-    let mut tx = state
+    let (task, steps) = state
         .db
-        .pool()
-        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .run(async |conn| {
+            let mut tx = conn
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?;
+            let task = tasks::get(&mut *tx, task_id).await?.ok_or_else(|| {
+                ApiError::not_found("task_not_found", format!("no task {task_id}"))
+            })?;
+            let steps = tasks::steps(&mut *tx, task_id).await?;
+            tx.commit().await?;
+            Ok::<_, ApiError>((task, steps))
+        })
         .await?;
-    let task = tasks::get(&mut *tx, task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
-    let steps = tasks::steps(&mut *tx, task_id).await?;
-    tx.commit().await?;
     let drawn = grown(&steps);
     let nodes: Vec<Node<'_>> = drawn
         .iter()

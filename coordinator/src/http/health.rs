@@ -142,7 +142,12 @@ async fn reachability(state: &AppState) -> (bool, bool) {
 pub(crate) async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let (database_ok, broker_ok) = reachability(&state).await;
     let counts = if database_ok {
-        Some(state.status_counts.get(state.db.pool()).await?)
+        Some(
+            state
+                .db
+                .bounded(|pool| state.status_counts.get(pool))
+                .await?,
+        )
     } else {
         None
     };

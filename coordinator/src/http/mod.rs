@@ -40,8 +40,9 @@ pub(crate) use templates::register_template;
 /// What every handler can reach.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    /// PostgreSQL. Handlers use its pool, without the answer timeout; the scheduler and
-    /// the task creator bound their own work with it.
+    /// PostgreSQL. Each read or write of a handler waits at most its patience
+    /// (`TASKER_DB_ANSWER_TIMEOUT_MS`), past which the request is answered 503
+    /// `database_unavailable`.
     pub(crate) db: Database,
     /// The templates task creations named (`TemplateCache`).
     pub(crate) templates: Arc<tasker_shared::store::templates::TemplateCache>,

@@ -153,13 +153,12 @@ pub(crate) async fn cancel(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    let (_, effects) = operations::cancel_task(
-        state.db.pool(),
-        task_id,
-        reason.as_deref(),
-        state.publisher.lease_ms(),
-    )
-    .await?;
+    let (_, effects) = state
+        .db
+        .bounded(|pool| {
+            operations::cancel_task(pool, task_id, reason.as_deref(), state.publisher.lease_ms())
+        })
+        .await?;
     effects.apply(&state).await;
     Ok(Json(task_view(&state, task_id).await?))
 }
@@ -193,7 +192,10 @@ pub(crate) async fn retry(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    let (_, effects) = operations::retry_task(state.db.pool(), task_id, reason.as_deref()).await?;
+    let (_, effects) = state
+        .db
+        .bounded(|pool| operations::retry_task(pool, task_id, reason.as_deref()))
+        .await?;
     effects.apply(&state).await;
     Ok(Json(task_view(&state, task_id).await?))
 }
@@ -227,7 +229,9 @@ pub(crate) async fn resolve_task(
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = parse_task_id(&task_id)?;
     let reason = reason_only(&state, &headers, body)?;
-    operations::resolve_task(state.db.pool(), task_id, reason.as_deref())
+    state
+        .db
+        .bounded(|pool| operations::resolve_task(pool, task_id, reason.as_deref()))
         .await?
         .apply(&state)
         .await;
@@ -284,18 +288,24 @@ pub(crate) async fn resolve(
     let reason = fields.string("reason", false, 1024);
     fields.finish("invalid_request")?;
 
-    operations::resolve_step(
-        state.db.pool(),
-        task_id,
-        &step,
-        results.as_ref(),
-        reason.as_deref(),
-        state.publisher.lease_ms(),
-    )
-    .await?
-    .apply(&state)
-    .await;
-    let resolved = tasks::step(state.db.pool(), task_id, &step)
+    state
+        .db
+        .bounded(|pool| {
+            operations::resolve_step(
+                pool,
+                task_id,
+                &step,
+                results.as_ref(),
+                reason.as_deref(),
+                state.publisher.lease_ms(),
+            )
+        })
+        .await?
+        .apply(&state)
+        .await;
+    let resolved = state
+        .db
+        .bounded(|pool| tasks::step(pool, task_id, &step))
         .await?
         .ok_or(OperatorError::StepNotFound { task_id, step })?;
     Ok(Json(resolved))
@@ -386,10 +396,14 @@ pub(crate) async fn signal(
         .into());
     }
     let lease_ms = state.publisher.lease_ms();
-    let (signalled, effects) =
-        operations::signal(state.db.pool(), task_id, &signal, &payload, lease_ms).await?;
+    let (signalled, effects) = state
+        .db
+        .bounded(|pool| operations::signal(pool, task_id, &signal, &payload, lease_ms))
+        .await?;
     effects.apply(&state).await;
-    let names: Vec<String> = tasks::steps(state.db.pool(), task_id)
+    let names: Vec<String> = state
+        .db
+        .bounded(|pool| tasks::steps(pool, task_id))
         .await?
         .into_iter()
         .filter(|step| signalled.steps.contains(&step.step_id))
@@ -424,7 +438,10 @@ pub(crate) async fn readiness(
 ) -> ApiResult<Json<ReadinessView>> {
     let Path(task_id) = task_id.map_err(path_rejection)?;
     let task_id = existing_task(&state, &task_id).await?;
-    let steps = inspect::readiness(state.db.pool(), task_id).await?;
+    let steps = state
+        .db
+        .bounded(|pool| inspect::readiness(pool, task_id))
+        .await?;
     Ok(Json(ReadinessView { task_id, steps }))
 }
 
@@ -470,7 +487,10 @@ pub(crate) async fn history(
         return Err(ApiError::malformed("invalid query parameters").with_details(problems));
     }
     let task_id = existing_task(&state, &task_id).await?;
-    let (task, steps) = inspect::history(state.db.pool(), task_id, limit).await?;
+    let (task, steps) = state
+        .db
+        .bounded(|pool| inspect::history(pool, task_id, limit))
+        .await?;
     Ok(Json(TransitionHistory {
         task_id,
         task,
@@ -483,7 +503,9 @@ const MAX_TRANSITIONS: i64 = 10_000;
 
 async fn existing_task(state: &AppState, text: &str) -> ApiResult<Uuid> {
     let task_id = parse_task_id(text)?;
-    tasks::get(state.db.pool(), task_id)
+    state
+        .db
+        .bounded(|pool| tasks::get(pool, task_id))
         .await?
         .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
     Ok(task_id)

@@ -152,7 +152,9 @@ pub(crate) async fn create(
     let parsed = check(&state, &mut fields, &schedule, true).await?;
     fields.finish("invalid_schedule")?;
     let next = first_fire(parsed.as_ref(), &schedule);
-    let created = schedules::create(state.db.pool(), &schedule, next)
+    let created = state
+        .db
+        .bounded(|pool| schedules::create(pool, &schedule, next))
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -225,15 +227,15 @@ pub(crate) async fn list(
             next_cursor: None,
         }));
     }
-    let (page, next_cursor) = schedules::page(
-        state.db.pool(),
-        namespace.as_deref(),
-        cursor.as_deref(),
-        limit,
-    )
-    .await?;
+    let (page, next_cursor) = state
+        .db
+        .bounded(|pool| schedules::page(pool, namespace.as_deref(), cursor.as_deref(), limit))
+        .await?;
     let names: Vec<String> = page.iter().map(|s| s.fields.name.clone()).collect();
-    let mut last_runs = schedules::last_runs_of(state.db.pool(), &names, LAST_RUNS).await?;
+    let mut last_runs = state
+        .db
+        .bounded(|pool| schedules::last_runs_of(pool, &names, LAST_RUNS))
+        .await?;
     let schedules = page
         .into_iter()
         .map(|schedule| ScheduleView {
@@ -346,8 +348,10 @@ pub(crate) async fn update(
         } else {
             NextFire::Keep(first)
         };
-        if let Some(updated) =
-            schedules::update(state.db.pool(), &schedule, next, current.updated_at).await?
+        if let Some(updated) = state
+            .db
+            .bounded(|pool| schedules::update(pool, &schedule, next, current.updated_at))
+            .await?
         {
             break updated;
         }
@@ -386,7 +390,12 @@ pub(crate) async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
     let Path(name) = path.map_err(path_rejection)?;
-    if name.contains('\0') || !schedules::delete(state.db.pool(), &name).await? {
+    if name.contains('\0')
+        || !state
+            .db
+            .bounded(|pool| schedules::delete(pool, &name))
+            .await?
+    {
         return Err(not_found(&name));
     }
     crate::scheduler::forget_schedule(&state.metrics, &name);
@@ -541,13 +550,15 @@ async fn check(
     }
     if against_template && !schedule.namespace.is_empty() && !schedule.template.is_empty() {
         let resolved = state
-            .templates
-            .resolve(
-                state.db.pool(),
-                &schedule.namespace,
-                &schedule.template,
-                schedule.version.as_deref(),
-            )
+            .db
+            .bounded(|pool| {
+                state.templates.resolve(
+                    pool,
+                    &schedule.namespace,
+                    &schedule.template,
+                    schedule.version.as_deref(),
+                )
+            })
             .await?;
         match resolved {
             None => fields.problem(
@@ -592,7 +603,9 @@ async fn find(state: &AppState, name: &str) -> ApiResult<ScheduleRecord> {
     if name.contains('\0') {
         return Err(not_found(name));
     }
-    schedules::get(state.db.pool(), name)
+    state
+        .db
+        .bounded(|pool| schedules::get(pool, name))
         .await?
         .ok_or_else(|| not_found(name))
 }
@@ -605,7 +618,10 @@ fn not_found(name: &str) -> ApiError {
 }
 
 async fn view(state: &AppState, schedule: ScheduleRecord) -> ApiResult<ScheduleView> {
-    let last_runs = schedules::last_runs(state.db.pool(), &schedule.fields.name, LAST_RUNS).await?;
+    let last_runs = state
+        .db
+        .bounded(|pool| schedules::last_runs(pool, &schedule.fields.name, LAST_RUNS))
+        .await?;
     Ok(ScheduleView {
         next_runs: next_runs(&schedule),
         schedule,

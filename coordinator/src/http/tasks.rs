@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::DateTime;
 use serde::Serialize;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -265,13 +266,21 @@ pub(crate) async fn create(
     let created = loop {
         let resolved = if checked {
             state
-                .templates
-                .resolve(state.db.pool(), &namespace, &name, version.as_deref())
+                .db
+                .bounded(|pool| {
+                    state
+                        .templates
+                        .resolve(pool, &namespace, &name, version.as_deref())
+                })
                 .await?
         } else {
             state
-                .templates
-                .reload(state.db.pool(), &namespace, &name, version.as_deref())
+                .db
+                .bounded(|pool| {
+                    state
+                        .templates
+                        .reload(pool, &namespace, &name, version.as_deref())
+                })
                 .await?
         };
         let resolved = resolved.ok_or_else(|| {
@@ -396,11 +405,21 @@ pub(crate) async fn step(
     // No step name holds U+0000 (nor can PostgreSQL compare with one).
     let found = match name.contains('\0') {
         true => None,
-        false => tasks::step(state.db.pool(), task_id, &name).await?,
+        false => {
+            state
+                .db
+                .bounded(|pool| tasks::step(pool, task_id, &name))
+                .await?
+        }
     };
     match found {
         Some(step) => Ok(Json(step)),
-        None if tasks::get(state.db.pool(), task_id).await?.is_none() => {
+        None if state
+            .db
+            .bounded(|pool| tasks::get(pool, task_id))
+            .await?
+            .is_none() =>
+        {
             Err(OperatorError::TaskNotFound(task_id).into())
         }
         None => Err(OperatorError::StepNotFound {
@@ -538,7 +557,10 @@ pub(crate) async fn list(
             next_cursor: None,
         }));
     }
-    let (tasks, next_cursor) = tasks::list(state.db.pool(), &filter, page).await?;
+    let (tasks, next_cursor) = state
+        .db
+        .bounded(|pool| tasks::list(pool, &filter, page))
+        .await?;
     Ok(Json(TaskPage { tasks, next_cursor }))
 }
 
@@ -560,24 +582,27 @@ pub(crate) fn parse_task_id(text: &str) -> ApiResult<Uuid> {
 /// The task as `GET /v1/tasks/{task_id}` shows it: task, steps and execution context
 /// read in one snapshot, so they never contradict each other.
 pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<TaskView> {
-    let mut tx = state
+    state
         .db
-        .pool()
-        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
-    let task = tasks::get(&mut *tx, task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
-    let steps = tasks::steps_with_results(&mut tx, task_id).await?;
-    let children = tasks::children(&mut *tx, task_id).await?;
-    let execution = inspect::execution_context(&mut *tx, task_id).await?;
-    tx.commit().await?;
-    Ok(TaskView {
-        task,
-        steps,
-        children,
-        execution,
-    })
+        .run(async |conn| {
+            let mut tx = conn
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?;
+            let task = tasks::get(&mut *tx, task_id).await?.ok_or_else(|| {
+                ApiError::not_found("task_not_found", format!("no task {task_id}"))
+            })?;
+            let steps = tasks::steps_with_results(&mut tx, task_id).await?;
+            let children = tasks::children(&mut *tx, task_id).await?;
+            let execution = inspect::execution_context(&mut *tx, task_id).await?;
+            tx.commit().await?;
+            Ok(TaskView {
+                task,
+                steps,
+                children,
+                execution,
+            })
+        })
+        .await
 }
 
 /// The answer to a request repeated with an idempotency key: the task it created (200), or
@@ -653,7 +678,11 @@ async fn or_earlier(
         return Err(error);
     }
     // A look-up that fails answers the refusal, not the database's trouble.
-    match tasks::find_by_idempotency_key(state.db.pool(), namespace, name, key).await {
+    match state
+        .db
+        .bounded(|pool| tasks::find_by_idempotency_key(pool, namespace, name, key))
+        .await
+    {
         Ok(Some(task)) => earlier(state, task, new, version).await,
         _ => Err(error),
     }

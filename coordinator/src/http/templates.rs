@@ -278,7 +278,11 @@ async fn apply_schedules(
             catch_up: CatchUp::None,
             paused: false,
         };
-        if schedules::upsert_from_template(state.db.pool(), &fields, next).await? {
+        if state
+            .db
+            .bounded(|pool| schedules::upsert_from_template(pool, &fields, next))
+            .await?
+        {
             tracing::info!(schedule = %fields.name, namespace = %fields.namespace,
                 template = %fields.template, cron = %fields.cron, "schedule loaded from template");
         } else {
@@ -319,7 +323,11 @@ async fn register_version(
             ),
         ));
     }
-    match templates::register(state.db.pool(), definition).await? {
+    match state
+        .db
+        .bounded(|pool| templates::register(pool, definition))
+        .await?
+    {
         Registered::Created {
             template,
             new_namespace,
@@ -370,7 +378,7 @@ async fn register_version(
     ),
 )]
 pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<TemplateList>> {
-    let templates = templates::list(state.db.pool()).await?;
+    let templates = state.db.bounded(templates::list).await?;
     Ok(Json(TemplateList { templates }))
 }
 
@@ -424,7 +432,10 @@ pub(crate) async fn requested(
     let found = if impossible {
         None
     } else {
-        templates::find(state.db.pool(), &namespace, &name, version).await?
+        state
+            .db
+            .bounded(|pool| templates::find(pool, &namespace, &name, version))
+            .await?
     };
     found.ok_or_else(|| {
         ApiError::not_found(

@@ -409,32 +409,7 @@ steps:
 /// and the events relay catches up.
 #[tokio::test]
 async fn a_coordinator_goes_on_when_postgresql_stops_answering_its_connections() {
-    let server = reqwest::Url::parse(&tasker_tests::postgres_server()).unwrap();
-    let relay = Relay::start(format!(
-        "{}:{}",
-        server.host_str().unwrap(),
-        server.port().unwrap_or(5432)
-    ))
-    .await;
-    let mut through_relay = server.clone();
-    through_relay.set_host(Some("127.0.0.1")).unwrap();
-    through_relay.set_port(Some(relay.port)).unwrap();
-    let mut env = TestEnv::start_with(
-        "silent-database",
-        tasker_tests::EnvOptions {
-            database_server: Some(through_relay.as_str().trim_end_matches('/').to_owned()),
-            coordinator_env: vec![
-                ("TASKER_DB_ANSWER_TIMEOUT_MS".into(), "2000".into()),
-                ("TASKER_DB_POOL_SIZE".into(), "2".into()),
-                ("TASKER_POLL_INTERVAL_MS".into(), "200".into()),
-            ],
-            // Its log says what it gave up on.
-            binary_coordinator: true,
-            ..tasker_tests::EnvOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (relay, mut env) = behind_a_database_relay("silent-database").await;
     env.register_templates(&[SILENT_TEMPLATE]).await;
     env.start_worker("silent", &["silent"]).await.unwrap();
 
@@ -491,4 +466,119 @@ async fn a_coordinator_goes_on_when_postgresql_stops_answering_its_connections()
         .await
         .unwrap();
     env.finish().await.unwrap();
+}
+
+/// A task that waits for a signal, for ever.
+const HELD_TEMPLATE: &str = "namespace: silent\nname: held\nversion: 1.0.0\nsteps:\n  \
+    - {name: hold, handler: tasker.wait, config: {signal: go}}\n";
+
+/// An API request whose statement PostgreSQL stops answering (its host vanished) is
+/// answered 503 `database_unavailable` once `TASKER_DB_ANSWER_TIMEOUT_MS` has passed,
+/// rather than waiting for ever; and the connection it held, still owed its answer, is
+/// closed after as long again rather than waited on, so the API serves again (without
+/// that, the driver's check of a returned connection holds it until TCP gives up).
+#[tokio::test]
+async fn api_requests_end_when_postgresql_stops_answering_them() {
+    let (relay, mut env) = behind_a_database_relay("silent-requests").await;
+    env.register_templates(&[HELD_TEMPLATE]).await;
+    let (status, body) = env
+        .create_task(json!({"namespace": "silent", "name": "held", "context": {}}))
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{status} {body}");
+    let task_id = body["task_id"].as_str().unwrap().to_owned();
+    // Started, its step waiting for its signal: no loop touches the task's row any more.
+    env.wait_for_task(&task_id, &["in_progress"], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Two cancels, each waiting for the task's row over the relay: the pool's two
+    // connections. Silenced, their answers go nowhere.
+    let mut hold = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1::uuid FOR UPDATE")
+        .bind(&task_id)
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let cancels: Vec<_> = (0..2)
+        .map(|_| {
+            let request = env
+                .http
+                .post(format!("{}/v1/tasks/{task_id}/cancel", env.base_url))
+                .timeout(Duration::from_secs(60))
+                .json(&json!({}));
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let response = request.send().await.expect("an answer within 60 s");
+                let status = response.status();
+                let body: serde_json::Value = response.json().await.unwrap();
+                (status, body, started.elapsed())
+            })
+        })
+        .collect();
+    tasker_tests::wait_for_lock_waiters(&env.pool, "FROM tasks WHERE task_id = $1 FOR UPDATE", 2)
+        .await;
+    relay.silence();
+    hold.commit().await.unwrap();
+    for cancel in cancels {
+        let (status, body, took) = cancel.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+        // 2 s of patience, from when the request had its connection.
+        assert!(took < Duration::from_secs(20), "answered after {took:?}");
+    }
+
+    // Both connections were owed answers that never come: closed, and the pool serves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, task) = env.get(&format!("/v1/tasks/{task_id}")).await.unwrap();
+        if status == 200 {
+            assert_eq!(task["task_id"], task_id.as_str(), "{task:#}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API still answers {status} 30 s after its requests were given up: {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    env.coordinator
+        .wait_for_log(
+            "PostgreSQL did not answer within 2s; the work is given up",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    env.finish().await.unwrap();
+}
+
+/// A coordinator (a process: its log is read) whose pool of two reaches PostgreSQL
+/// through a relay the test can silence, giving up on work after 2 s.
+async fn behind_a_database_relay(name: &str) -> (Relay, TestEnv) {
+    let server = reqwest::Url::parse(&tasker_tests::postgres_server()).unwrap();
+    let relay = Relay::start(format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(5432)
+    ))
+    .await;
+    let mut through_relay = server.clone();
+    through_relay.set_host(Some("127.0.0.1")).unwrap();
+    through_relay.set_port(Some(relay.port)).unwrap();
+    let env = TestEnv::start_with(
+        name,
+        tasker_tests::EnvOptions {
+            database_server: Some(through_relay.as_str().trim_end_matches('/').to_owned()),
+            coordinator_env: vec![
+                ("TASKER_DB_ANSWER_TIMEOUT_MS".into(), "2000".into()),
+                ("TASKER_DB_POOL_SIZE".into(), "2".into()),
+                ("TASKER_POLL_INTERVAL_MS".into(), "200".into()),
+            ],
+            binary_coordinator: true,
+            ..tasker_tests::EnvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    (relay, env)
 }
