@@ -28,6 +28,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -202,15 +203,37 @@ impl EventRelay {
     /// The batch, its publishing included, is bounded by the database's patience: the
     /// cursor's row stays locked until the events are confirmed. While RabbitMQ blocks
     /// the connection (a memory or disk alarm) no batch begins, so none is abandoned
-    /// and published again every patience for as long as the alarm lasts.
+    /// and published again every patience for as long as the alarm lasts. A batch that
+    /// runs out of patience while its events wait for their confirms fails as the
+    /// broker's error, not the database's.
     pub(crate) async fn relay_once(&self) -> anyhow::Result<usize> {
         if self.broker.blocked() {
             return Ok(0);
         }
-        self.db.run(async |conn| self.relay_on(conn).await).await
+        let publishing = AtomicBool::new(false);
+        let relayed = self
+            .db
+            .run(async |conn| self.relay_on(conn, &publishing).await)
+            .await;
+        relayed.map_err(|error| {
+            // Publishing makes no database errors: this one is the patience running out.
+            if publishing.load(Ordering::Relaxed) && error.downcast_ref::<sqlx::Error>().is_some() {
+                anyhow::anyhow!(
+                    "RabbitMQ did not confirm a batch of events within {:?}",
+                    self.db.patience()
+                )
+            } else {
+                error
+            }
+        })
     }
 
-    async fn relay_on(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<usize> {
+    /// Relay one batch on `conn`; `publishing` is true while its events are published.
+    async fn relay_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        publishing: &AtomicBool,
+    ) -> anyhow::Result<usize> {
         let mut tx = conn
             .begin_with(tasker_shared::db::BEGIN_PLANNED_BY_KEY)
             .await?;
@@ -257,7 +280,9 @@ impl EventRelay {
             .into_iter()
             .filter_map(|(row, name)| to_event(row, name, &names))
             .collect();
+        publishing.store(true, Ordering::Relaxed);
         self.publish(&events).await?;
+        publishing.store(false, Ordering::Relaxed);
         advance_cursor(&mut tx, last).await?;
         tx.commit().await?;
         Ok((last - cursor) as usize)
