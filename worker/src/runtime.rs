@@ -509,12 +509,17 @@ impl Worker {
             .await;
         }
         // Received but not started, and waiting for a slot (once no consumer of this
-        // worker would get them back): hand back to the broker for another worker.
+        // worker would get them back): hand back to the broker for another worker, all
+        // at once (each nack waits up to BROKER_PATIENCE on a broker in trouble).
         starts.draining.cancel();
         deliveries.close();
-        while let Ok(received) = deliveries.try_recv() {
-            nack_requeue(&received.delivery).await;
-        }
+        let waiting: Vec<Received> = std::iter::from_fn(|| deliveries.try_recv().ok()).collect();
+        futures::future::join_all(
+            waiting
+                .iter()
+                .map(|received| nack_requeue(&received.delivery)),
+        )
+        .await;
         // Every step task, of this session and of lost ones, ends: its handler has a
         // timeout and each broker call a limit (but for publishes during a broker alarm,
         // until it clears). Heartbeats go on meanwhile, and cancels still abort running
