@@ -852,35 +852,46 @@ async function taskPage(main, taskId) {
 
 async function templatesPage(main) {
   const page = app.page;
-  const { templates } = await api("/v1/templates");
+  const body = h("tbody");
+  const more = h("button", { class: "link", id: "templates-more", hidden: true }, "More templates…");
+  let cursor = null;
+  const load = async () => {
+    const answer = await api(`/v1/templates${query({ cursor })}`);
+    if (!current(page)) return;
+    cursor = answer.next_cursor;
+    // A page holds every version of each of its templates, oldest first.
+    const versions = new Map();
+    for (const t of answer.templates) {
+      const key = `${t.namespace}/${t.name}`;
+      (versions.get(key) || versions.set(key, []).get(key)).push(t);
+    }
+    for (const [key, all] of versions) {
+      const newest = all[all.length - 1];
+      body.append(
+        h(
+          "tr",
+          { "data-template": key },
+          h("td", {}, h("a", { href: `#/templates/${encodeURIComponent(newest.namespace)}/${encodeURIComponent(newest.name)}` }, key)),
+          h("td", {}, all.map((v) => v.version).join(", ")),
+          h("td", {}, newest.step_count),
+          h("td", {}, newest.description || ""),
+        ),
+      );
+    }
+    more.hidden = !cursor;
+  };
+  more.addEventListener("click", serialized(load));
+  await load();
   if (!current(page)) return;
-  const latest = new Map();
-  for (const t of templates) {
-    const key = `${t.namespace}/${t.name}`;
-    (latest.get(key) || latest.set(key, []).get(key)).push(t);
-  }
   main.replaceChildren(
     h("h1", {}, "Templates"),
     h(
       "table",
       { class: "grid", id: "templates-table" },
       h("thead", {}, h("tr", {}, ["Template", "Versions", "Steps", "Description"].map((c) => h("th", {}, c)))),
-      h(
-        "tbody",
-        {},
-        [...latest.entries()].map(([key, versions]) => {
-          const newest = versions[versions.length - 1];
-          return h(
-            "tr",
-            {},
-            h("td", {}, h("a", { href: `#/templates/${encodeURIComponent(newest.namespace)}/${encodeURIComponent(newest.name)}` }, key)),
-            h("td", {}, versions.map((v) => v.version).join(", ")),
-            h("td", {}, newest.step_count),
-            h("td", {}, newest.description || ""),
-          );
-        }),
-      ),
+      body,
     ),
+    more,
   );
 }
 
@@ -889,11 +900,11 @@ async function templatePage(main, namespace, name, params) {
   const version = params.get("version");
   const [record, list] = await Promise.all([
     api(`/v1/templates/${encodeURIComponent(namespace)}/${encodeURIComponent(name)}${query({ version })}`),
-    api("/v1/templates"),
+    api(`/v1/templates${query({ namespace, name })}`),
   ]);
   if (!current(page)) return;
   const definition = record;
-  const versions = list.templates.filter((t) => t.namespace === namespace && t.name === name).map((t) => t.version);
+  const versions = list.templates.map((t) => t.version);
   const select = h(
     "select",
     { id: "template-version" },

@@ -143,6 +143,36 @@ async fn the_cli_drives_templates_and_tasks_end_to_end() {
     assert_eq!(run.code, 0, "{run}");
     assert!(row(&run, "NAMESPACE").contains("VERSION"), "{run}");
     assert!(run.stdout.contains("a diamond"), "{run}");
+    // A page of one template, and the next, the last.
+    let run = tasker(&env, &["templates", "list", "--limit", "1"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stdout.contains("doomed") && !run.stdout.contains("flow"),
+        "{run}"
+    );
+    assert!(
+        run.stderr
+            .contains("more templates: add --cursor cli/doomed"),
+        "{run}"
+    );
+    let run = tasker(
+        &env,
+        &[
+            "templates",
+            "list",
+            "--limit",
+            "1",
+            "--cursor",
+            "cli/doomed",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stdout.contains("flow") && !run.stdout.contains("doomed"),
+        "{run}"
+    );
+    assert!(!run.stderr.contains("more templates"), "{run}");
 
     // The same template through the harness: identical (the CLI registered it), and the
     // harness now knows the namespace, so its queue is deleted at the end.

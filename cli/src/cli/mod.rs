@@ -243,8 +243,21 @@ enum TemplatesCommand {
         /// A template file (YAML or JSON) or a folder of them.
         path: PathBuf,
     },
-    /// List the registered templates.
-    List,
+    /// List the registered templates, each with all its versions.
+    List {
+        /// Only this namespace's templates.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only templates of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Most templates to show (1–500), each with all its versions.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=500))]
+        limit: u16,
+        /// Continue after an earlier page (its `next_cursor`; give the same filters).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// Print a Mermaid flowchart of a template's steps.
     Diagram {
         /// The template's namespace.
@@ -606,9 +619,25 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             out!("{diagram}");
             Ok(())
         }
-        Command::Templates(TemplatesCommand::List) => {
-            let body = context.client.get(&["v1", "templates"], &[]).await?;
+        Command::Templates(TemplatesCommand::List {
+            namespace,
+            name,
+            limit,
+            cursor,
+        }) => {
+            let mut query = vec![("limit", limit.to_string())];
+            for (key, value) in [("namespace", namespace), ("name", name), ("cursor", cursor)] {
+                if let Some(value) = value {
+                    query.push((key, value));
+                }
+            }
+            let body = context.client.get(&["v1", "templates"], &query).await?;
             context.print(&body, render::template_list);
+            if context.output == Output::Table
+                && let Some(cursor) = body["next_cursor"].as_str()
+            {
+                errln!("more templates: add --cursor {cursor}");
+            }
             Ok(())
         }
         Command::Tasks(TasksCommand::Create(args)) => create(&context, args).await,

@@ -79,12 +79,19 @@ impl From<Problem> for TemplateWarning {
     }
 }
 
-/// The body of `GET /v1/templates`.
+/// The body of `GET /v1/templates`: a page of templates.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct TemplateList {
-    /// Every registered template version.
+    /// Every version of each template of the page, by namespace, name and version
+    /// (semver).
     templates: Vec<TemplateSummary>,
+    /// The `cursor` of the next page; `null` on the last.
+    next_cursor: Option<String>,
 }
+
+/// Templates a page holds by default, and at most (each with all its versions).
+const PAGE: i64 = 100;
+const MAX_PAGE: i64 = 500;
 
 /// Register a template from a YAML or JSON body.
 ///
@@ -365,21 +372,89 @@ async fn register_version(
     }
 }
 
-/// Every template.
+/// Templates by namespace and name, one page at a time, each with every registered
+/// version.
 #[utoipa::path(
     get,
     path = "/v1/templates",
     tag = "templates",
     operation_id = "list_templates",
+    params(
+        ("namespace" = Option<String>, Query, description = "Only this namespace's templates."),
+        ("name" = Option<String>, Query, description = "Only templates of this name (every version of one template, with `namespace`)."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Templates per page, each with all its versions: 1 to 500; default 100."),
+        ("cursor" = Option<String>, Query, min_length = 3, max_length = 193, pattern = "^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", description = "The `next_cursor` of the previous page (`namespace/name` of its last template), sent with the same filters."),
+    ),
     responses(
-        (status = 200, description = "Every registered template version.", body = TemplateList),
+        (status = 200, description = "One page of templates.", body = TemplateList),
+        (status = 400, description = "`malformed_request`: every bad or unknown query parameter.", body = ErrorBody),
         (status = 500, description = "`internal`: see the coordinator's log.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`.", body = ErrorBody),
     ),
 )]
-pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<TemplateList>> {
-    let templates = state.db.bounded(templates::list).await?;
-    Ok(Json(TemplateList { templates }))
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<TemplateList>> {
+    let Query(query) = query.map_err(query_rejection)?;
+    let mut problems = Vec::new();
+    let mut filter = templates::TemplateFilter::default();
+    let mut limit = PAGE;
+    let mut matches_nothing = false;
+    for (key, value) in query {
+        let mut problem = |message: String| {
+            problems.push(json!({"path": key, "message": message}));
+        };
+        match key.as_str() {
+            // No stored name holds U+0000 (nor can PostgreSQL compare with one).
+            "namespace" | "name" if value.contains('\0') => matches_nothing = true,
+            "namespace" => filter.namespace = Some(value),
+            "name" => filter.name = Some(value),
+            "cursor" if !valid_cursor(&value) => {
+                problem("`cursor` must be a `next_cursor` from an earlier page".to_owned());
+            }
+            "cursor" => filter.cursor = Some(value),
+            "limit" => match value.parse::<i64>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
+                _ => problem(format!(
+                    "`limit` must be a whole number from 1 to {MAX_PAGE}"
+                )),
+            },
+            _ => problem(format!(
+                "unknown query parameter `{key}`; expected namespace, name, limit or cursor"
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::malformed("invalid query parameters").with_details(problems));
+    }
+    if matches_nothing {
+        return Ok(Json(TemplateList {
+            templates: Vec::new(),
+            next_cursor: None,
+        }));
+    }
+    let (templates, next_cursor) = state
+        .db
+        .bounded(|pool| templates::page(pool, &filter, limit))
+        .await?;
+    Ok(Json(TemplateList {
+        templates,
+        next_cursor,
+    }))
+}
+
+/// Whether `cursor` is one [`templates::page`] gives: `namespace/name`, both identifiers.
+fn valid_cursor(cursor: &str) -> bool {
+    let identifier = |part: &str| {
+        (1..=128).contains(&part.len())
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    cursor
+        .split_once('/')
+        .is_some_and(|(namespace, name)| identifier(namespace) && identifier(name))
 }
 
 /// One template: `?version=` or the latest.

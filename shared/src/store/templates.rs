@@ -239,12 +239,61 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Every template, ordered by namespace, name and version.
-pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TemplateSummary>> {
+/// Which templates a page lists ([`page`]).
+#[derive(Debug, Clone, Default)]
+pub struct TemplateFilter {
+    /// Only this namespace's.
+    pub namespace: Option<String>,
+    /// Only templates of this name.
+    pub name: Option<String>,
+    /// After this template (`namespace/name`, as [`page`] gives it).
+    pub cursor: Option<String>,
+}
+
+/// The first `limit` templates `filter` matches, ordered by namespace and name (in byte
+/// order), each with every version ordered by semver; with the cursor of the next page
+/// (`namespace/name` of this page's last template) when more follow. Neither part of a
+/// cursor holds `/` (identifiers are ASCII letters, digits, `_`, `-` and `.`).
+pub async fn page(
+    db: impl sqlx::PgExecutor<'_>,
+    filter: &TemplateFilter,
+    limit: i64,
+) -> sqlx::Result<(Vec<TemplateSummary>, Option<String>)> {
+    let after = filter
+        .cursor
+        .as_deref()
+        .map(|cursor| cursor.split_once('/').unwrap_or((cursor, "")));
     let mut summaries =
-        sqlx::query_as::<_, TemplateSummary>(include_str!("../../sql/templates/list.sql"))
-            .fetch_all(pool)
+        sqlx::query_as::<_, TemplateSummary>(include_str!("../../sql/templates/page.sql"))
+            .bind(after.map(|(namespace, _)| namespace))
+            .bind(after.map(|(_, name)| name))
+            .bind(limit + 1)
+            .bind(filter.namespace.as_deref())
+            .bind(filter.name.as_deref())
+            .fetch_all(db)
             .await?;
+    sort_by_version(&mut summaries);
+    // One template more than the page holds was read, to know whether more follow: the
+    // page ends where that one's versions begin.
+    let mut templates = 0;
+    let more = (0..summaries.len()).find(|&i| {
+        let (this, before) = (&summaries[i], i.checked_sub(1).map(|i| &summaries[i]));
+        if before.is_none_or(|b| (&b.namespace, &b.name) != (&this.namespace, &this.name)) {
+            templates += 1;
+        }
+        templates > limit
+    });
+    let next = more.map(|i| {
+        let last = &summaries[i - 1];
+        let cursor = format!("{}/{}", last.namespace, last.name);
+        summaries.truncate(i);
+        cursor
+    });
+    Ok((summaries, next))
+}
+
+/// Order by namespace, name (byte order) and version (semver).
+fn sort_by_version(summaries: &mut [TemplateSummary]) {
     summaries.sort_by(|a, b| {
         (
             &a.namespace,
@@ -257,7 +306,6 @@ pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TemplateSummary>> {
                 semver::Version::parse(&b.version).ok(),
             ))
     });
-    Ok(summaries)
 }
 
 /// The names of every namespace that has a template.

@@ -1485,3 +1485,60 @@ async fn the_schedules_page_shows_next_and_last_runs_and_pages_on() {
     browser.close().await;
     env.finish().await.unwrap();
 }
+
+/// The templates page lists a hundred templates, each with its versions, and the next
+/// ones on **More templates…**; a template's page offers every version of it.
+#[tokio::test]
+async fn the_templates_page_pages_on_and_a_template_offers_its_versions() {
+    if !browser_available() {
+        return;
+    }
+    let template = |name: &str, version: &str| {
+        format!(
+            "namespace: shelf\nname: {name}\nversion: {version}\nsteps:\n  - {{name: only, handler: tasker.noop}}\n"
+        )
+    };
+    let (env, admin) =
+        console_env("console_templates", &template("a-first", "1.0.0"), "shelf").await;
+    register(&env, &admin, &template("a-first", "1.10.0")).await;
+    register(&env, &admin, &template("a-first", "1.2.0")).await;
+    for n in 0..102 {
+        register(&env, &admin, &template(&format!("b-more-{n:03}"), "1.0.0")).await;
+    }
+
+    let browser = Browser::start().await;
+    browser.sign_in(&env.base_url, "#/templates", &admin).await;
+    let rows = "return document.querySelectorAll('#templates-table tbody tr').length";
+    assert_eq!(browser.wait_until("the first page", rows).await, 100);
+    let versions = browser
+        .wait_until(
+            "the versions of a-first",
+            "return document.querySelector(\"tr[data-template='shelf/a-first'] td:nth-child(2)\")?.innerText",
+        )
+        .await;
+    assert_eq!(versions, "1.0.0, 1.2.0, 1.10.0");
+    browser.click("#templates-more").await;
+    browser
+        .wait_until(
+            "every template, after More templates…",
+            "return document.querySelectorAll('#templates-table tbody tr').length === 103",
+        )
+        .await;
+    assert!(browser.exists("tr[data-template='shelf/b-more-101']").await);
+    assert!(!browser.exists("#templates-more:not([hidden])").await);
+
+    browser
+        .client
+        .goto(&format!("{}/ui/#/templates/shelf/a-first", env.base_url))
+        .await
+        .unwrap();
+    let offered = browser
+        .wait_until(
+            "the version choice",
+            "const o = [...document.querySelectorAll('#template-version option')].map((o) => o.value); return o.length ? o.join(' ') : null",
+        )
+        .await;
+    assert_eq!(offered, "1.0.0 1.2.0 1.10.0");
+    browser.close().await;
+    env.finish().await.unwrap();
+}

@@ -26,6 +26,7 @@ mod schedules;
 mod settings;
 mod signing;
 mod tasker_engine;
+mod templates;
 mod time;
 mod triggers;
 mod validation;
