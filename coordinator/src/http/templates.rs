@@ -383,7 +383,7 @@ async fn register_version(
         ("namespace" = Option<String>, Query, description = "Only this namespace's templates."),
         ("name" = Option<String>, Query, description = "Only templates of this name (every version of one template, with `namespace`)."),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Templates per page, each with all its versions: 1 to 500; default 100."),
-        ("cursor" = Option<String>, Query, min_length = 3, max_length = 193, pattern = "^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", description = "The `next_cursor` of the previous page (`namespace/name` of its last template), sent with the same filters."),
+        ("cursor" = Option<String>, Query, min_length = 3, max_length = 193, pattern = "^[A-Za-z0-9_.-]+/[A-Za-z0-9_./-]+$", description = "The `next_cursor` of the previous page (`namespace/name` of its last template), sent with the same filters."),
     ),
     responses(
         (status = 200, description = "One page of templates.", body = TemplateList),
@@ -444,17 +444,18 @@ pub(crate) async fn list(
     }))
 }
 
-/// Whether `cursor` is one [`templates::page`] gives: `namespace/name`, both identifiers.
+/// Whether `cursor` may be one [`templates::page`] gives: `namespace/name`, a namespace
+/// (an identifier) and a template name (identifiers joined by `/`).
 fn valid_cursor(cursor: &str) -> bool {
-    let identifier = |part: &str| {
-        (1..=128).contains(&part.len())
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    let of_identifiers = |part: &str, max: usize, slash: bool| {
+        (1..=max).contains(&part.len())
+            && part.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') || (slash && c == '/')
+            })
     };
-    cursor
-        .split_once('/')
-        .is_some_and(|(namespace, name)| identifier(namespace) && identifier(name))
+    cursor.split_once('/').is_some_and(|(namespace, name)| {
+        of_identifiers(namespace, 64, false) && of_identifiers(name, 128, true)
+    })
 }
 
 /// One template: `?version=` or the latest.

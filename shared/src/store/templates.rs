@@ -252,8 +252,8 @@ pub struct TemplateFilter {
 
 /// The first `limit` templates `filter` matches, ordered by namespace and name (in byte
 /// order), each with every version ordered by semver; with the cursor of the next page
-/// (`namespace/name` of this page's last template) when more follow. Neither part of a
-/// cursor holds `/` (identifiers are ASCII letters, digits, `_`, `-` and `.`).
+/// (`namespace/name` of this page's last template) when more follow. A namespace holds
+/// no `/` (a template name may): a cursor's first `/` ends its namespace.
 pub async fn page(
     db: impl sqlx::PgExecutor<'_>,
     filter: &TemplateFilter,

@@ -27,6 +27,7 @@ async fn templates_are_listed_in_pages_each_with_every_version() {
         ("pages-a", "Zed", "1.0.0"),
         ("pages-a", "ab", "1.0.0"),
         ("pages-a", "a-b", "1.0.0"),
+        ("pages-a", "ab/c", "1.0.0"),
         ("pages-b", "x", "1.2.0"),
         ("pages-c", "y", "0.1.0"),
     ] {
@@ -42,6 +43,7 @@ async fn templates_are_listed_in_pages_each_with_every_version() {
         "pages-a/Zed 1.0.0",
         "pages-a/a-b 1.0.0",
         "pages-a/ab 1.0.0",
+        "pages-a/ab/c 1.0.0",
         "pages-b/x 1.2.0",
         "pages-b/x 1.9.0",
         "pages-b/x 1.10.0",
@@ -52,7 +54,8 @@ async fn templates_are_listed_in_pages_each_with_every_version() {
     assert_eq!(listed(&page), every, "{page}");
     assert_eq!(page["next_cursor"], Value::Null, "{page}");
 
-    // Pages of two templates: the second holds all three versions of `pages-b/x`.
+    // Pages of two templates (a cursor's name may hold `/`); the last holds all three
+    // versions of `pages-b/x`.
     let (_, first) = env.get("/v1/templates?limit=2").await.unwrap();
     assert_eq!(listed(&first), every[..2], "{first}");
     assert_eq!(first["next_cursor"], "pages-a/a-b", "{first}");
@@ -60,19 +63,27 @@ async fn templates_are_listed_in_pages_each_with_every_version() {
         .get("/v1/templates?limit=2&cursor=pages-a/a-b")
         .await
         .unwrap();
-    assert_eq!(listed(&second), every[2..6], "{second}");
-    assert_eq!(second["next_cursor"], "pages-b/x", "{second}");
+    assert_eq!(listed(&second), every[2..4], "{second}");
+    assert_eq!(second["next_cursor"], "pages-a/ab/c", "{second}");
     let (_, last) = env
-        .get("/v1/templates?limit=2&cursor=pages-b/x")
+        .get("/v1/templates?limit=2&cursor=pages-a%2Fab%2Fc")
         .await
         .unwrap();
-    assert_eq!(listed(&last), every[6..], "{last}");
+    assert_eq!(listed(&last), every[4..], "{last}");
     assert_eq!(last["next_cursor"], Value::Null, "{last}");
+    // A page of one template with three versions.
+    let (_, one) = env
+        .get("/v1/templates?limit=1&cursor=pages-a/ab/c")
+        .await
+        .unwrap();
+    assert_eq!(listed(&one), every[4..7], "{one}");
+    assert_eq!(one["next_cursor"], "pages-b/x", "{one}");
 
     // Filters.
     for (query, expected) in [
-        ("namespace=pages-b", &every[3..6]),
-        ("namespace=pages-b&name=x", &every[3..6]),
+        ("namespace=pages-b", &every[4..7]),
+        ("namespace=pages-b&name=x", &every[4..7]),
+        ("name=ab%2Fc", &every[3..4]),
         ("name=ab", &every[2..3]),
         ("namespace=pages-a&limit=1&cursor=pages-a/Zed", &every[1..2]),
         ("namespace=nowhere", &[][..]),
