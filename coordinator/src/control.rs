@@ -2,8 +2,10 @@
 //!
 //! Workers started without `TASKER_NAMESPACES` serve every namespace. They learn the
 //! namespaces from `namespaces` broadcasts on the control exchange, which a coordinator
-//! sends at start, whenever a template brings a new namespace, and in answer to a
-//! worker's `hello`.
+//! sends at start, whenever a template brings a new namespace, in answer to a worker's
+//! `hello`, and every [`ANNOUNCE_AGAIN`]: an announcement lost (RabbitMQ away when the
+//! template was registered, the coordinator stopped or its request given up on between
+//! storing it and announcing) is made good within that.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,6 +18,7 @@ use tasker_shared::db::Database;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::link::BrokerLink;
 use crate::metrics::CoordinatorMetrics;
 use crate::service::Service;
 use tasker_shared::broker::{Topology, persistent, subscribe_private};
@@ -24,6 +27,9 @@ use tasker_shared::store::templates;
 
 /// How long a broadcast may wait for the broker.
 const BROADCAST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often the namespaces are announced again, whether or not one is new.
+const ANNOUNCE_AGAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Dispatches named per `superseded` message (docs/protocol.md).
 const SUPERSEDED_PER_MESSAGE: usize = 1_000;
@@ -37,6 +43,8 @@ const MAX_WORKERS_KEPT: usize = 10_000;
 #[derive(Clone)]
 pub(crate) struct Control {
     db: Database,
+    /// The broker connection, to leave the repeated announcements out during an alarm.
+    broker: Arc<BrokerLink>,
     /// The channel of the current broker connection, shared by every clone and replaced
     /// after a reconnect. A std RwLock: held only to clone or swap the handle.
     channel: Arc<RwLock<Channel>>,
@@ -61,12 +69,13 @@ pub(crate) struct WorkerSeen {
 impl Control {
     pub(crate) fn new(
         db: Database,
-        channel: Channel,
+        (broker, channel): (Arc<BrokerLink>, Channel),
         topology: Topology,
         metrics: Arc<CoordinatorMetrics>,
     ) -> Self {
         Control {
             db,
+            broker,
             channel: Arc::new(RwLock::new(channel)),
             topology,
             workers: Arc::default(),
@@ -191,9 +200,22 @@ impl Service for Control {
             if let Err(error) = self.announce_namespaces().await {
                 tracing::warn!(error = format!("{error:#}"), "cannot announce namespaces");
             }
+            let mut again = tokio::time::interval_at(
+                tokio::time::Instant::now() + ANNOUNCE_AGAIN,
+                ANNOUNCE_AGAIN,
+            );
+            again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
                     () = stop.cancelled() => break,
+                    // Not while RabbitMQ blocks publishers: a publish would block the
+                    // connection, acks included, until the alarm lifts.
+                    _ = again.tick(), if !self.broker.blocked() => {
+                        if let Err(error) = self.announce_namespaces().await {
+                            tracing::warn!(error = format!("{error:#}"), "cannot announce namespaces");
+                        }
+                        continue;
+                    }
                     next = consumer.next() => next,
                 };
                 let Some(Ok(delivery)) = next else { break };

@@ -176,7 +176,7 @@ impl Application {
             metrics: metrics.clone(),
             control: Control::new(
                 db,
-                session.confirm_channel.clone(),
+                (broker.clone(), session.confirm_channel.clone()),
                 topology.clone(),
                 metrics,
             ),

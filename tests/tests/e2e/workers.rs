@@ -445,3 +445,38 @@ async fn a_namespace_the_worker_cannot_declare_leaves_its_running_steps_alone() 
     tasker_tests::delete_queue(&clash).await.unwrap();
     env.finish().await.unwrap();
 }
+
+/// A namespace whose announcement never went out (its template stored while RabbitMQ was
+/// away, or by a coordinator that stopped before it announced) still reaches the workers
+/// that serve every namespace: the coordinator announces the namespaces again every 30 s.
+#[tokio::test]
+async fn a_namespace_never_announced_reaches_the_workers_at_the_next_announcement() {
+    let mut env = TestEnv::start("announce-again").await.unwrap();
+    env.start_metered_worker("everything", &[], 2)
+        .await
+        .unwrap();
+    // Stored without the API: nothing announces it.
+    let definition = tasker_shared::template::parse_template(&sleepy("quiet", 10), "test").unwrap();
+    tasker_shared::store::templates::register(&env.pool, &definition)
+        .await
+        .unwrap();
+    let (status, task) = env
+        .create_task(json!({"namespace": "quiet", "name": "sleepy"}))
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{status} {task}");
+    let done = env
+        .api
+        .wait_for_task(
+            uuid::Uuid::parse_str(task["task_id"].as_str().unwrap()).unwrap(),
+            &[TaskStatus::Complete, TaskStatus::Error],
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Complete, "{done:#?}");
+    tasker_tests::delete_queue(&env.queue("quiet"))
+        .await
+        .unwrap();
+    env.finish().await.unwrap();
+}
