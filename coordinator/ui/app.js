@@ -468,6 +468,8 @@ async function tasksPage(main, params) {
       h("td", {}, (Array.isArray(t.tags) ? t.tags : []).map((tag) => h("span", { class: "tag" }, String(tag)))),
     );
   const load = async (append) => {
+    // A second click queued behind the page that turned out the last has nothing to read.
+    if (append && !cursor) return;
     // A live reload reads again as many rows as are shown ("Older tasks…" included).
     const limit = append ? 50 : Math.min(500, Math.max(50, body.children.length));
     const answer = await api(`/v1/tasks${query({ ...filters, limit, cursor: append ? cursor : null })}`);
@@ -855,7 +857,9 @@ async function templatesPage(main) {
   const body = h("tbody");
   const more = h("button", { class: "link", id: "templates-more", hidden: true }, "More templates…");
   let cursor = null;
-  const load = async () => {
+  const load = async (append) => {
+    // A second click queued behind the page that turned out the last has nothing to read.
+    if (append && !cursor) return;
     const answer = await api(`/v1/templates${query({ cursor })}`);
     if (!current(page)) return;
     cursor = answer.next_cursor;
@@ -880,8 +884,9 @@ async function templatesPage(main) {
     }
     more.hidden = !cursor;
   };
-  more.addEventListener("click", serialized(load));
-  await load();
+  const serially = serialized(load);
+  more.addEventListener("click", () => serially(true));
+  await load(false);
   if (!current(page)) return;
   main.replaceChildren(
     h("h1", {}, "Templates"),
@@ -989,6 +994,8 @@ async function schedulesPage(main) {
       ),
     );
   const load = async (append) => {
+    // A second click queued behind the page that turned out the last has nothing to read.
+    if (append && !cursor) return;
     // A live reload reads again as many rows as are shown ("More schedules…" included).
     const limit = append ? 100 : Math.min(500, Math.max(100, body.children.length));
     const answer = await api(`/v1/schedules${query({ limit, cursor: append ? cursor : null })}`);

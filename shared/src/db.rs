@@ -84,7 +84,8 @@ pub fn connect_lazy_with(
 /// `tcp_retries2`), the connection holding its place in the pool all the while. Past
 /// `patience` the connection is closed instead (the error makes the pool close it without
 /// a goodbye, which could wait too). A connection owed nothing is done with at once: no
-/// round trip is added to the driver's check.
+/// round trip is added to the driver's check, which follows without a bound (a host that
+/// vanishes just then still holds the connection until TCP gives up).
 async fn finish_answer(conn: &mut sqlx::PgConnection, patience: Duration) -> sqlx::Result<bool> {
     use sqlx::Connection;
     // `flush` is the driver's wait for the answers outstanding (`wait_until_ready`).
@@ -161,8 +162,8 @@ impl Database {
     }
 
     /// Wait at most the patience for `work`, which takes its connections from the pool
-    /// itself (an API request's reads and writes); past it, an I/O error of kind
-    /// `TimedOut` as [`run`](Self::run)'s, and `work` is dropped. A connection it held goes back to the
+    /// itself (an API request's reads and writes), the wait for them included; past it,
+    /// an I/O error of kind `TimedOut` as [`run`](Self::run)'s, and `work` is dropped. A connection it held goes back to the
     /// pool, which waits at most the patience again for the answer owed to it and
     /// otherwise closes it.
     ///
@@ -178,7 +179,13 @@ impl Database {
     {
         tokio::time::timeout(self.patience, work(&self.pool))
             .await
-            .unwrap_or_else(|_| Err(unanswered(self.patience, "; the work is given up").into()))
+            .unwrap_or_else(|_| {
+                Err(unanswered(
+                    self.patience,
+                    " (a connection from the pool included); the work is given up",
+                )
+                .into())
+            })
     }
 }
 

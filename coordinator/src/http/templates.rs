@@ -383,7 +383,7 @@ async fn register_version(
         ("namespace" = Option<String>, Query, description = "Only this namespace's templates."),
         ("name" = Option<String>, Query, description = "Only templates of this name (every version of one template, with `namespace`)."),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Templates per page, each with all its versions: 1 to 500; default 100."),
-        ("cursor" = Option<String>, Query, min_length = 3, max_length = 193, pattern = "^[A-Za-z0-9_.-]+/[A-Za-z0-9_./-]+$", description = "The `next_cursor` of the previous page (`namespace/name` of its last template), sent with the same filters."),
+        ("cursor" = Option<String>, Query, min_length = 3, max_length = 193, pattern = "^[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_./-]{1,128}$", description = "The `next_cursor` of the previous page (`namespace/name` of its last template), sent with the same filters."),
     ),
     responses(
         (status = 200, description = "One page of templates.", body = TemplateList),

@@ -524,7 +524,7 @@ async fn api_requests_end_when_postgresql_stops_answering_them() {
         let (status, body, took) = cancel.await.unwrap();
         assert_eq!(status, 503, "{body}");
         assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
-        // 2 s of patience, from when the request had its connection.
+        // 2 s of patience, from when the request asked the pool for its connection.
         assert!(took < Duration::from_secs(20), "answered after {took:?}");
     }
 
@@ -544,7 +544,7 @@ async fn api_requests_end_when_postgresql_stops_answering_them() {
     }
     env.coordinator
         .wait_for_log(
-            "PostgreSQL did not answer within 2s; the work is given up",
+            "PostgreSQL did not answer within 2s (a connection from the pool included)",
             Duration::from_secs(5),
         )
         .await
