@@ -66,6 +66,34 @@ impl TestDb {
         }
     }
 
+    /// Tasker's pool of `pool_size` connections on this database, whose work waits at
+    /// most 1 s for an answer.
+    fn impatient(&self, pool_size: u32) -> tasker_shared::db::Database {
+        let settings = DatabaseSettings {
+            db_pool_size: pool_size,
+            ..self.settings(60_000, 1_000)
+        };
+        tasker_shared::db::Database::new(
+            tasker_shared::db::connect_lazy(&settings).unwrap(),
+            std::time::Duration::from_secs(1),
+        )
+    }
+
+    /// A table `held` of one row (`id` 1, `n` 0), and a transaction of the test's that
+    /// holds the row's lock: an update of it waits, unanswered, until the transaction ends.
+    async fn hold_a_row(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        self.pool
+            .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
+            .await
+            .unwrap();
+        let mut holder = self.pool.begin().await.unwrap();
+        sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    }
+
     /// Check the history, then drop the database.
     async fn finish(self) {
         check_history(&self.pool).await;
@@ -1476,6 +1504,18 @@ async fn a_transaction_left_idle_releases_its_rows() {
     db.finish_without_history().await;
 }
 
+/// `error` says the work waited 1 s for an answer, in vain.
+fn given_up_after_1s(error: &sqlx::Error) {
+    assert!(
+        matches!(error, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("did not answer within 1s"),
+        "{error}"
+    );
+}
+
 /// Work [`tasker_shared::db::Database::run`] gives up on ends on the server too: a
 /// statement left waiting for a lock is ended soon after its connection is closed
 /// (`client_connection_check_interval`), rather than waiting, holding a server connection,
@@ -1483,19 +1523,8 @@ async fn a_transaction_left_idle_releases_its_rows() {
 #[tokio::test]
 async fn work_given_up_on_ends_on_the_server_too() {
     let db = TestDb::new("given_up").await;
-    db.pool
-        .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
-        .await
-        .unwrap();
-    let database = tasker_shared::db::Database::new(
-        tasker_shared::db::connect_lazy(&db.settings(60_000, 1_000)).unwrap(),
-        std::time::Duration::from_secs(1),
-    );
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let database = db.impatient(2);
+    let holder = db.hold_a_row().await;
 
     let error = database
         .run(async |conn| {
@@ -1505,14 +1534,7 @@ async fn work_given_up_on_ends_on_the_server_too() {
         })
         .await
         .unwrap_err();
-    assert!(
-        matches!(&error, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut),
-        "{error}"
-    );
-    assert!(
-        error.to_string().contains("did not answer within 1s"),
-        "{error}"
-    );
+    given_up_after_1s(&error);
     // The lock is still held: only the server's own check can end the waiting statement.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
@@ -1550,36 +1572,14 @@ async fn work_given_up_on_ends_on_the_server_too() {
 #[tokio::test]
 async fn a_connection_given_back_unanswered_is_closed_after_the_patience() {
     let db = TestDb::new("given_back").await;
-    db.pool
-        .execute("CREATE TABLE held (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO held VALUES (1, 0)")
-        .await
-        .unwrap();
-    let settings = DatabaseSettings {
-        db_pool_size: 1,
-        ..db.settings(60_000, 1_000)
-    };
-    let database = tasker_shared::db::Database::new(
-        tasker_shared::db::connect_lazy(&settings).unwrap(),
-        std::time::Duration::from_secs(1),
-    );
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT n FROM held WHERE id = 1 FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let database = db.impatient(1);
+    let holder = db.hold_a_row().await;
 
     let error = database
         .bounded(|pool| sqlx::query("UPDATE held SET n = n + 1 WHERE id = 1").execute(pool))
         .await
         .unwrap_err();
-    assert!(
-        matches!(&error, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut),
-        "{error}"
-    );
-    assert!(
-        error.to_string().contains("did not answer within 1s"),
-        "{error}"
-    );
+    given_up_after_1s(&error);
     // The lock is still held, so the update's answer does not come: the pool's one
     // connection serves again only if it was closed and made anew.
     let started = std::time::Instant::now();

@@ -15,12 +15,11 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use sqlx::Connection as _;
 
 use super::AppState;
 use super::body::path_rejection;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::tasks::parse_task_id;
+use super::tasks::{parse_task_id, snapshot};
 use tasker_shared::store::tasks;
 
 /// The media type of a Mermaid diagram.
@@ -245,12 +244,7 @@ pub(crate) async fn task(
     let (task, steps) = state
         .db
         .run(async |conn| {
-            let mut tx = conn
-                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await?;
-            let task = tasks::get(&mut *tx, task_id).await?.ok_or_else(|| {
-                ApiError::not_found("task_not_found", format!("no task {task_id}"))
-            })?;
+            let (mut tx, task) = snapshot(conn, task_id).await?;
             let steps = tasks::steps(&mut *tx, task_id).await?;
             tx.commit().await?;
             Ok::<_, ApiError>((task, steps))

@@ -585,12 +585,7 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
     state
         .db
         .run(async |conn| {
-            let mut tx = conn
-                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await?;
-            let task = tasks::get(&mut *tx, task_id).await?.ok_or_else(|| {
-                ApiError::not_found("task_not_found", format!("no task {task_id}"))
-            })?;
+            let (mut tx, task) = snapshot(conn, task_id).await?;
             let steps = tasks::steps_with_results(&mut tx, task_id).await?;
             let children = tasks::children(&mut *tx, task_id).await?;
             let execution = inspect::execution_context(&mut *tx, task_id).await?;
@@ -603,6 +598,21 @@ pub(crate) async fn task_view(state: &AppState, task_id: Uuid) -> ApiResult<Task
             })
         })
         .await
+}
+
+/// A read-only snapshot begun on `conn` (`REPEATABLE READ`), for reads that must agree with
+/// each other, and the task `task_id` in it; 404 `task_not_found` without one.
+pub(crate) async fn snapshot(
+    conn: &mut sqlx::PgConnection,
+    task_id: Uuid,
+) -> ApiResult<(sqlx::Transaction<'_, sqlx::Postgres>, TaskRecord)> {
+    let mut tx = conn
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let task = tasks::get(&mut *tx, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task_not_found", format!("no task {task_id}")))?;
+    Ok((tx, task))
 }
 
 /// The answer to a request repeated with an idempotency key: the task it created (200), or
