@@ -126,7 +126,8 @@ impl Database {
     }
 
     /// The pool, for work bounded otherwise: the reads a piece of work makes beside its
-    /// own connection (bounded with it), start-up's (bounded by its own timeouts). A
+    /// own connection (bounded with it), a batch of task creations and start-up's reads
+    /// (each bounded by a timeout of its own). A
     /// connection such work held when it was dropped goes back to the pool, which waits
     /// at most the patience for the answer owed to it.
     pub fn pool(&self) -> &PgPool {

@@ -444,8 +444,10 @@ pub(crate) async fn list(
     }))
 }
 
-/// Whether `cursor` may be one [`templates::page`] gives: `namespace/name`, a namespace
-/// (an identifier) and a template name (identifiers joined by `/`).
+/// Whether `cursor` may be one [`templates::page`] gives: `namespace/name`, in the
+/// characters and lengths of a namespace and a template name. Only those, not the whole
+/// rule of names (`tasker_shared::template`): a cursor is a position in byte order, and
+/// the OpenAPI pattern, which clients are held to, says no more.
 fn valid_cursor(cursor: &str) -> bool {
     let of_identifiers = |part: &str, max: usize, slash: bool| {
         (1..=max).contains(&part.len())
