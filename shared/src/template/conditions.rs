@@ -30,6 +30,7 @@
 
 use serde_json::{Map, Value};
 
+use super::cost;
 use super::limits::{about, compile_with};
 use super::walker::{Walker, field, join};
 use super::{TemplateDefinition, codes};
@@ -223,13 +224,13 @@ fn execute(
     task: &Value,
 ) -> Result<cel::Value, String> {
     let program = compile_with(source, VARIABLES, VARIABLES_TEXT)?;
-    let mut variables = cel::Context::default();
+    let mut variables = cost::context();
     for (name, value) in [("context", context), ("parents", parents), ("task", task)] {
         variables
             .add_variable(name, value)
             .map_err(|error| format!("the {name} cannot be given to `{source}`: {error}"))?;
     }
     program
-        .execute(&variables)
+        .run(&variables)
         .map_err(|error| format!("`{source}` failed: {error}"))
 }

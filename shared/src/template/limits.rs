@@ -20,6 +20,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use serde_json::{Map, Value};
 
+use super::cost;
 use super::walker::{Walker, field, item, join};
 use super::{
     ConcurrencyLimit, OnLimit, Problem, RateLimit, TaskConcurrency, TemplateDefinition, codes,
@@ -284,7 +285,7 @@ const MAX_CACHED_BYTES: usize = 4 << 20;
 
 #[derive(Default)]
 struct Programs {
-    by_source: HashMap<String, Arc<cel::Program>>,
+    by_source: HashMap<String, Arc<Compiled>>,
     bytes: usize,
 }
 
@@ -301,10 +302,31 @@ pub const MAX_EXPRESSION_DEPTH: usize = 256;
 /// of [`MAX_EXPRESSION_CHARS`]; only touched pages cost memory.
 const COMPILE_STACK_BYTES: usize = 256 << 20;
 
+/// An expression as compiled, and as run: with the charges that bound its work laid in
+/// ([`cost::meter`]).
+pub(super) struct Compiled {
+    metered: cel::IdedExpr,
+    /// The variables it reads, sorted: names it does not bind itself (a macro binds its
+    /// loop's variable: `x` in `context.items.all(x, x > 0)`).
+    variables: Vec<String>,
+}
+
+impl Compiled {
+    /// Evaluate with `context` (from [`cost::context`]), within the expressions' cost
+    /// bound.
+    ///
+    /// # Errors
+    ///
+    /// CEL's error, or that the evaluation did more work than an expression may.
+    pub(super) fn run(&self, context: &cel::Context<'_, '_>) -> Result<cel::Value, String> {
+        cost::run(&self.metered, context)
+    }
+}
+
 /// Compile `source` on a thread of its own with a stack large enough for any expression
 /// of its length, and refuse it there (where its tree is dropped) when it is longer or
 /// deeper than the limits, so that what is returned runs safely on any thread.
-fn compile_guarded(source: &str) -> Result<cel::Program, String> {
+fn compile_guarded(source: &str) -> Result<Compiled, String> {
     let chars = source.chars().count();
     let shown: String = source.chars().take(60).collect();
     let shown = if chars > 60 {
@@ -331,7 +353,12 @@ fn compile_guarded(source: &str) -> Result<cel::Program, String> {
                      of a path, indexes, calls, brackets), at most {MAX_EXPRESSION_DEPTH}"
                 ));
             }
-            Ok(program)
+            let metered = cost::meter(program.expression());
+            let mut variables = Vec::new();
+            free_variables(program.expression(), &mut Vec::new(), &mut variables);
+            variables.sort_unstable();
+            variables.dedup();
+            Ok(Compiled { metered, variables })
         })
         .map_err(|error| format!("cannot compile `{source}`: {error}"))?
         .join();
@@ -379,9 +406,63 @@ fn expression_depth(root: &cel::common::ast::IdedExpr) -> usize {
     deepest
 }
 
+/// Add to `found` the names `node` reads and does not bind, with `bound` the names the
+/// macros around it bind. Recursive: run it on the compiling thread, whose stack holds
+/// any expression of the limits.
+fn free_variables(
+    node: &cel::common::ast::IdedExpr,
+    bound: &mut Vec<String>,
+    found: &mut Vec<String>,
+) {
+    use cel::common::ast::{EntryExpr, Expr, MapExpr, StructExpr};
+    match &node.expr {
+        Expr::Ident(name) => {
+            // CEL's own names (a macro's accumulator) begin with `@`.
+            if !name.starts_with('@') && !bound.contains(name) {
+                found.push(name.clone());
+            }
+        }
+        Expr::Call(call) => {
+            for operand in call.target.as_deref().into_iter().chain(&call.args) {
+                free_variables(operand, bound, found);
+            }
+        }
+        Expr::Comprehension(c) => {
+            free_variables(&c.iter_range, bound, found);
+            free_variables(&c.accu_init, bound, found);
+            let outer = bound.len();
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.clone());
+            bound.push(c.accu_var.clone());
+            for part in [&c.loop_cond, &c.loop_step, &c.result] {
+                free_variables(part, bound, found);
+            }
+            bound.truncate(outer);
+        }
+        Expr::List(list) => {
+            for element in &list.elements {
+                free_variables(element, bound, found);
+            }
+        }
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+            for entry in entries {
+                match &entry.expr {
+                    EntryExpr::MapEntry(e) => {
+                        free_variables(&e.key, bound, found);
+                        free_variables(&e.value, bound, found);
+                    }
+                    EntryExpr::StructField(f) => free_variables(&f.value, bound, found),
+                }
+            }
+        }
+        Expr::Select(select) => free_variables(&select.operand, bound, found),
+        Expr::Literal(_) | Expr::Unspecified => {}
+    }
+}
+
 /// Compile a key, or say why it cannot be: it does not parse, or it uses a variable
 /// other than `context` and `task`.
-fn compile(source: &str) -> Result<Arc<cel::Program>, String> {
+fn compile(source: &str) -> Result<Arc<Compiled>, String> {
     compile_with(
         source,
         VARIABLES,
@@ -397,7 +478,7 @@ pub(super) fn compile_with(
     source: &str,
     allowed: &[&str],
     allowed_text: &str,
-) -> Result<Arc<cel::Program>, String> {
+) -> Result<Arc<Compiled>, String> {
     let cached = PROGRAMS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -417,14 +498,13 @@ pub(super) fn compile_with(
             program
         }
     };
-    let references = program.references();
-    let mut unknown: Vec<&str> = references
-        .variables()
-        .into_iter()
+    let unknown: Vec<&str> = program
+        .variables
+        .iter()
+        .map(String::as_str)
         .filter(|name| !allowed.contains(name))
         .collect();
     if !unknown.is_empty() {
-        unknown.sort_unstable();
         return Err(format!(
             "`{source}` uses {}; {allowed_text}",
             unknown
@@ -510,7 +590,7 @@ impl TemplateDefinition {
             return Ok(Limits::default());
         }
         let task = super::condition_task(self, inputs.priority, inputs.tags);
-        let mut context = cel::Context::default();
+        let mut context = cost::context();
         let mut problems = Vec::new();
         for (name, value) in [("context", inputs.context), ("task", &task)] {
             if let Err(error) = context.add_variable(name, value) {
@@ -596,7 +676,7 @@ impl TemplateDefinition {
 fn evaluate(context: &cel::Context<'_, '_>, source: &str) -> Result<String, String> {
     let program = compile(source)?;
     let value = program
-        .execute(context)
+        .run(context)
         .map_err(|error| format!("cannot be evaluated: {error}"))?;
     let text = match value {
         cel::Value::String(text) => text.to_string(),

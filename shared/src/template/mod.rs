@@ -40,6 +40,7 @@
 mod backoff;
 mod child_tasks;
 mod conditions;
+mod cost;
 mod document;
 mod draft;
 mod graph;
@@ -60,6 +61,7 @@ pub use child_tasks::{ChildTemplate, TASK_HANDLER};
 pub use conditions::{
     condition_task, evaluate_condition, evaluate_list, evaluate_map, task_variable,
 };
+pub use cost::MAX_EXPRESSION_COST;
 use document::parse_document;
 pub use document::{MAX_DOCUMENT_TEXT_BYTES, MAX_DOCUMENT_VALUES};
 use draft::Draft;

@@ -1947,6 +1947,113 @@ fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_r
 }
 
 #[test]
+fn macros_bind_their_own_variables_and_other_names_are_refused() {
+    let template = |when: &str| {
+        format!(
+            "namespace: shop\nname: t\nsteps:\n  - {{name: a, handler: h}}\n  - {{name: b, handler: h, depends_on: [a], when: \"{when}\"}}\n"
+        )
+    };
+    for when in [
+        "context.items.all(i, i.qty > 0)",
+        "context.items.exists(i, parents.a.skus.exists(s, s == i.sku))",
+        "context.items.map(i, i.qty).filter(q, q > 1).size() == 0",
+    ] {
+        parse_template(&template(when), "production").unwrap();
+    }
+    let context = json!({"items": [{"sku": "x", "qty": 2}, {"sku": "y", "qty": 1}]});
+    let parents = json!({"a": {"skus": ["y"]}});
+    assert_eq!(
+        evaluate_condition(
+            "context.items.exists(i, parents.a.skus.exists(s, s == i.sku))",
+            &context,
+            &parents,
+            &json!({}),
+        ),
+        Ok(true)
+    );
+    assert_eq!(
+        evaluate_list(
+            "context.items.map(i, i.qty)",
+            &context,
+            &parents,
+            &json!({})
+        ),
+        Ok(vec![json!(2), json!(1)])
+    );
+
+    // A name a macro binds is the macro's only: outside it, or another name, is refused.
+    for (when, named) in [
+        ("context.items.all(i, i.qty > 0) && i.qty > 0", "`i`"),
+        ("context.items.all(i, item.qty > 0)", "`item`"),
+    ] {
+        let found = problems(&template(when));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].code, codes::INVALID_EXPRESSION);
+        assert!(
+            found[0].message.contains(&format!("uses {named};")),
+            "{}",
+            found[0].message
+        );
+    }
+}
+
+#[test]
+fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
+    let items: Vec<Value> = (0..20_000)
+        .map(|id| json!({"id": id, "sku": format!("sku-{id}")}))
+        .collect();
+    let context = json!({"items": items, "text": "x".repeat(500_000)});
+    let run = |when: &str| evaluate_condition(when, &context, &json!({}), &json!({}));
+    // Linear work over 20,000 items, or a 500 KB text, runs (a pass costs about 80,000
+    // units: an item, its two fields and their values).
+    for when in [
+        "context.items.all(i, i.id >= 0 && i.sku.startsWith('sku-'))",
+        "context.items.filter(i, i.sku.endsWith('0')).size() == 2000",
+        "context.items.map(i, i.sku).exists(s, s == 'sku-19999')",
+        "context.items.all(i, i.sku.matches('^sku-[0-9]+$'))",
+        "size(context.text) == 500000 && !context.text.contains('y')",
+    ] {
+        assert_eq!(run(when), Ok(true), "{when}");
+    }
+    // Comparing each item with every other (400 million comparisons), copying the list
+    // into each element of a list (hundreds of MB), or reading the text at each item,
+    // stops with its units spent.
+    for when in [
+        "context.items.all(a, context.items.exists_one(b, a.id == b.id))",
+        "context.items.map(i, context.items).size() > 0",
+        "context.items.all(i, !context.text.contains(i.sku))",
+        // An error beside `||` does not make the spent units true.
+        "context.items.all(a, context.items.exists_one(b, a.id == b.id)) || true",
+    ] {
+        let error = run(when).unwrap_err();
+        assert!(
+            error.contains(&format!(
+                "did more work than an expression may: more than {MAX_EXPRESSION_COST} units"
+            )),
+            "{when}: {error}"
+        );
+    }
+    // A pattern is paid for and compiled once per evaluation, and a pattern whose
+    // program would be too large is refused, not compiled for each item.
+    let error = run(&format!(
+        "context.items.all(i, !i.sku.matches('{}'))",
+        "\\\\w{50}".repeat(20)
+    ))
+    .unwrap_err();
+    assert!(error.contains("not a pattern it can use"), "{error}");
+    // The same expression over a small context is within its units.
+    assert_eq!(
+        evaluate_condition(
+            "context.items.all(a, context.items.exists_one(b, a.id == b.id))",
+            &json!({"items": [{"id": 1}, {"id": 2}, {"id": 3}]}),
+            &json!({}),
+            &json!({}),
+        ),
+        Ok(true)
+    );
+}
+
+#[test]
 fn a_tasker_engine_step_the_coordinator_runs_has_its_config_checked() {
     let legacy = |steps: &str| {
         format!(

@@ -347,3 +347,104 @@ async fn a_condition_after_an_operator_resolves_a_parent_is_judged_by_the_dispat
     }
     env.finish().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_expression_that_does_too_much_work_fails_and_the_coordinator_goes_on() {
+    let mut env = TestEnv::start("conditions-costly").await.unwrap();
+    let (status, body) = env
+        .register_template(concat!(
+            "namespace: branch\nname: dedupe\nsteps:\n",
+            "  - {name: load, handler: tasker.echo}\n",
+            // Each item against every other: 400 million comparisons for 20,000 items.
+            "  - {name: check, handler: tasker.noop, depends_on: [load], ",
+            "when: \"context.items.all(a, context.items.exists_one(b, a.id == b.id))\"}\n",
+            "  - {name: each, handler: tasker.echo, depends_on: [load], ",
+            "for_each: \"context.items.filter(i, i.id < 3).map(i, i.id)\"}\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = env
+        .register_template(concat!(
+            "namespace: branch\nname: keyed\nsteps:\n",
+            "  - {name: a, handler: tasker.noop, ",
+            "concurrency: {key: \"string(context.items.map(i, context.items).size())\", limit: 1}}\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    env.start_worker("branch", &["branch"]).await.unwrap();
+
+    let items: Vec<Value> = (0..20_000).map(|id| json!({"id": id})).collect();
+    let large = json!({"items": items});
+    let costly = env
+        .api
+        .create_task(&json!({"namespace": "branch", "name": "dedupe", "context": large}))
+        .await
+        .unwrap();
+    // A limit key is evaluated at creation: one that does too much refuses it.
+    let (status, body) = env
+        .create_task(json!({"namespace": "branch", "name": "keyed", "context": large}))
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_limit_key", "{body}");
+    assert!(
+        body["error"]["details"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did more work than an expression may"),
+        "{body}"
+    );
+
+    let done = env
+        .api
+        .wait_for_task(
+            costly.task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Error);
+    let check = done.step("check");
+    assert_eq!(check.status, StepStatus::Error);
+    assert_eq!(check.attempts, 0, "it never ran");
+    let error = check.last_error.as_ref().unwrap();
+    assert_eq!(error.code.as_deref(), Some("expression_error"));
+    assert!(
+        error
+            .message
+            .contains("did more work than an expression may"),
+        "{error:?}"
+    );
+    // The macros beside it ran in full: three instances, one per id below 3.
+    assert_eq!(done.step("each").status, StepStatus::Complete);
+    for n in 0..3 {
+        let results = done.step(&format!("each[{n}]")).results.as_ref().unwrap();
+        assert_eq!(
+            (&results["item"], &results["index"]),
+            (&json!(n), &json!(n))
+        );
+    }
+
+    // The same template over a small context completes: the check runs and passes.
+    let small = env
+        .api
+        .create_task(&json!({"namespace": "branch", "name": "dedupe",
+            "context": {"items": [{"id": 0}, {"id": 1}, {"id": 2}]}}))
+        .await
+        .unwrap();
+    let done = env
+        .api
+        .wait_for_task(
+            small.task_id,
+            &[TaskStatus::Complete, TaskStatus::Error],
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(done.step("check").status, StepStatus::Complete);
+    env.finish().await.unwrap();
+}
