@@ -17,18 +17,22 @@
 //!   …), which may read all of it; `size()` charges a list or map one unit, and `in` a
 //!   map one unit (the key is charged as an operand);
 //! - `matches`: a unit per byte of its text for each [`STATES_PER_UNIT`] states of the
-//!   pattern's program (a search may step through all of them at each byte), and
-//!   [`PATTERN_UNITS`] and a unit per byte of the pattern each time it is compiled
-//!   (within [`PATTERN_SIZE_LIMIT`]; an evaluation keeps the last [`KEPT_PATTERNS`]);
-//! - each step of a macro's loop;
-//! - each element of a list and each key and value of a map written in the expression
-//!   (they are copied into it), and the expression's result (it is converted to JSON).
+//!   pattern's program (a search may step through all of them at each byte), the
+//!   pattern as text at each call (it is looked up), and [`PATTERN_UNITS`] and a unit
+//!   per byte of the pattern each time it is compiled (within [`PATTERN_SIZE_LIMIT`]
+//!   and [`MAX_PATTERN_BYTES`]; an evaluation keeps the last [`KEPT_PATTERNS`]);
+//! - the key of an index (`m[k]`), which is hashed or compared;
+//! - a unit for each step of a macro's loop;
+//! - each element of a list and each key and value of a map written in the expression,
+//!   literals too (the list is built each time it is evaluated), and the expression's
+//!   result (it is converted to JSON).
 //!
-//! Indexes and field selections (`a[0]`, `a.b`, `has(a.b)`) and the boolean operators
+//! Field selections (`a.b`, `has(a.b)`), the indexed value and the boolean operators
 //! are not charged: they borrow, and their operands are charged where they are used.
-//! Literals are not charged. The charges are counted, not timed, so an expression
-//! gives the same outcome on every machine. Once the units are spent, every charge
-//! fails and every macro's loop stops, so the evaluation ends at once.
+//! Other literals are not charged. The charges are counted, not timed, so an
+//! expression gives the same outcome on every machine. Once the units are spent,
+//! every charge fails, `all` and `exists` stop at their next step and the other macros
+//! at their step's failed charge, so the evaluation ends at once.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -56,6 +60,8 @@ pub(super) const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 pub(super) const STATES_PER_UNIT: u64 = 16;
 /// Compiled patterns an evaluation keeps.
 const KEPT_PATTERNS: usize = 8;
+/// The longest pattern `matches` takes, in bytes (as long as an expression).
+const MAX_PATTERN_BYTES: usize = 4096;
 /// Nesting past which a value is not weighed further: it is charged all that is left.
 const MAX_WEIGHED_DEPTH: usize = 512;
 
@@ -65,6 +71,7 @@ const WHOLE: &str = "@tasker_whole";
 const SIZE: &str = "@tasker_size";
 const LOOKUP: &str = "@tasker_lookup";
 const STEP: &str = "@tasker_step";
+const TICK: &str = "@tasker_tick";
 /// `matches`, for which the calls are renamed.
 const MATCHES: &str = "@tasker_matches";
 
@@ -86,6 +93,7 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
         (SIZE, charge_size),
         (LOOKUP, charge_lookup),
         (STEP, charge_step),
+        (TICK, charge_tick),
     ] {
         env.add_overload(name, name, vec![DYN_TYPE], op)
             .expect("the charges' names are declared once");
@@ -209,6 +217,13 @@ fn charge_step<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, 
     Ok(go_on)
 }
 
+/// Charge a step of a macro's loop, and hand back what it gave.
+fn charge_tick<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let value = args.pop().expect("a charge has one argument");
+    spend(1)?;
+    Ok(value)
+}
+
 /// Charge what `size()` reads: the bytes of a text, one unit for anything else.
 fn charge_size<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
     let value = args.pop().expect("a charge has one argument");
@@ -253,6 +268,18 @@ fn matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Executio
         ));
     };
     let pattern = pattern.inner();
+    // Looking the pattern up reads it.
+    spend(text_units(pattern.len(), TEXT_BYTES_PER_UNIT))?;
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(ExecutionError::function_error(
+            "matches",
+            format!(
+                "'{}…' is not a pattern it can use: {} bytes, at most {MAX_PATTERN_BYTES}",
+                shown(pattern),
+                pattern.len()
+            ),
+        ));
+    }
     PATTERNS.with_borrow_mut(|patterns| {
         if !patterns.contains_key(pattern) {
             spend(PATTERN_UNITS + pattern.len() as u64)?;
@@ -273,6 +300,11 @@ fn matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Executio
     })
 }
 
+/// The start of `pattern`, to name it in a message.
+fn shown(pattern: &str) -> String {
+    pattern.chars().take(60).collect()
+}
+
 /// A pattern of `matches`, compiled.
 struct Pattern {
     regex: regex::Regex,
@@ -283,8 +315,9 @@ struct Pattern {
 /// `pattern` compiled, or why it cannot be.
 fn compile_pattern(pattern: &str) -> Result<Pattern, String> {
     use regex_automata::nfa::thompson;
-    let refused =
-        |error: &dyn std::fmt::Display| format!("'{pattern}' is not a pattern it can use: {error}");
+    let refused = |error: &dyn std::fmt::Display| {
+        format!("'{}' is not a pattern it can use: {error}", shown(pattern))
+    };
     let program = thompson::Compiler::new()
         .configure(thompson::Config::new().nfa_size_limit(Some(PATTERN_SIZE_LIMIT)))
         .build(pattern)
@@ -318,13 +351,24 @@ struct Meter {
 }
 
 impl Meter {
-    /// `expression` wrapped in a call of the charge `function`.
+    /// `expression` wrapped in a call of the charge `function`, unless it is a literal,
+    /// which is read where it is written.
     fn charge(&mut self, function: &str, expression: IdedExpr) -> IdedExpr {
-        // A literal costs nothing; a list or map written out is charged by its parts
-        // (and `@result + [x]` must keep its shape).
+        if matches!(expression.expr, Expr::Literal(_)) {
+            return expression;
+        }
+        self.part(function, expression)
+    }
+
+    /// An element, key or value of a list or map written in the expression (which is
+    /// built each time it is evaluated) wrapped in a call of the charge `function`,
+    /// literals too.
+    fn part(&mut self, function: &str, expression: IdedExpr) -> IdedExpr {
+        // A list or map written out is charged by its parts (and `@result + [x]` must
+        // keep its shape); the accumulator of a macro is not the template's value.
         if matches!(
             expression.expr,
-            Expr::Literal(_) | Expr::List(_) | Expr::Map(_) | Expr::Struct(_)
+            Expr::List(_) | Expr::Map(_) | Expr::Struct(_)
         ) {
             return expression;
         }
@@ -333,6 +377,11 @@ impl Meter {
         {
             return expression;
         }
+        self.wrap(function, expression)
+    }
+
+    /// `expression` wrapped in a call of the charge `function`.
+    fn wrap(&mut self, function: &str, expression: IdedExpr) -> IdedExpr {
         self.next_id += 1;
         IdedExpr {
             id: self.next_id,
@@ -354,16 +403,17 @@ impl Meter {
                 let accu_init = self.node(&c.accu_init);
                 self.accumulators.push(c.accu_var.clone());
                 let loop_cond = self.node(&c.loop_cond);
-                // A loop whose condition is a literal (`map`, `filter`, `exists_one`)
-                // stops at its step's first error, and keeps the shape CEL recognises
-                // to append in place; the others (`all`, `exists`) go on past errors,
-                // so their condition stops them.
-                let loop_cond = if matches!(loop_cond.expr, Expr::Literal(_)) {
-                    loop_cond
-                } else {
-                    self.charge(STEP, loop_cond)
-                };
                 let loop_step = self.node(&c.loop_step);
+                // Each step is charged a unit. A loop whose condition is a literal
+                // (`map`, `filter`, `exists_one`) stops at its step's first error, so
+                // its step is charged, in the shape CEL recognises to append in place;
+                // the others (`all`, `exists`) go on past errors, so their condition
+                // is, and stops them.
+                let (loop_cond, loop_step) = if matches!(loop_cond.expr, Expr::Literal(_)) {
+                    (loop_cond, self.tick(loop_step, &c.accu_var))
+                } else {
+                    (self.wrap(STEP, loop_cond), loop_step)
+                };
                 let result = self.node(&c.result);
                 self.accumulators.pop();
                 Expr::Comprehension(Box::new(cel::common::ast::ComprehensionExpr {
@@ -384,7 +434,7 @@ impl Meter {
                     .iter()
                     .map(|element| {
                         let element = self.node(element);
-                        self.charge(WHOLE, element)
+                        self.part(WHOLE, element)
                     })
                     .collect();
                 Expr::List(list)
@@ -406,6 +456,41 @@ impl Meter {
         IdedExpr { id: node.id, expr }
     }
 
+    /// The step of a loop whose condition is a literal, charged a unit each time it runs
+    /// (and failing once the units are spent), in its shape: `@result + [x]` (`map`)
+    /// is charged by `x`, written as part of a list; `c ? … : @result` (`filter`,
+    /// `exists_one`) by its condition.
+    fn tick(&mut self, step: IdedExpr, accumulator: &str) -> IdedExpr {
+        let is_accumulator = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if n == accumulator);
+        match step.expr {
+            Expr::Call(call)
+                if call.func_name == operators::ADD
+                    && call.target.is_none()
+                    && matches!(call.args.as_slice(), [sum, part]
+                        if is_accumulator(sum) && matches!(part.expr, Expr::List(_))) =>
+            {
+                IdedExpr {
+                    id: step.id,
+                    expr: Expr::Call(call),
+                }
+            }
+            Expr::Call(mut call)
+                if call.func_name == operators::CONDITIONAL
+                    && call.target.is_none()
+                    && call.args.len() == 3
+                    && is_accumulator(&call.args[2]) =>
+            {
+                let condition = call.args.remove(0);
+                call.args.insert(0, self.wrap(TICK, condition));
+                IdedExpr {
+                    id: step.id,
+                    expr: Expr::Call(call),
+                }
+            }
+            expr => self.wrap(TICK, IdedExpr { id: step.id, expr }),
+        }
+    }
+
     fn entries(&mut self, entries: &[IdedEntryExpr]) -> Vec<IdedEntryExpr> {
         entries
             .iter()
@@ -415,15 +500,15 @@ impl Meter {
                     EntryExpr::MapEntry(e) => {
                         let mut e = e.clone();
                         let key = self.node(&e.key);
-                        e.key = self.charge(WHOLE, key);
+                        e.key = self.part(WHOLE, key);
                         let value = self.node(&e.value);
-                        e.value = self.charge(WHOLE, value);
+                        e.value = self.part(WHOLE, value);
                         EntryExpr::MapEntry(e)
                     }
                     EntryExpr::StructField(f) => {
                         let mut f = f.clone();
                         let value = self.node(&f.value);
-                        f.value = self.charge(WHOLE, value);
+                        f.value = self.part(WHOLE, value);
                         EntryExpr::StructField(f)
                     }
                 },
@@ -473,11 +558,13 @@ impl Meter {
             .enumerate()
             .map(|(n, arg)| {
                 let walked = self.node(arg);
-                if borrows {
+                // A member call's target is its first operand.
+                let position = n + usize::from(call.target.is_some());
+                // An index borrows its container, but reads all of its key.
+                let key = matches!(name, operators::INDEX | operators::OPT_INDEX) && position == 1;
+                if borrows && !key {
                     walked
                 } else {
-                    // A member call's target is its first operand.
-                    let position = n + usize::from(call.target.is_some());
                     self.charge(charge_of(name, position), walked)
                 }
             })

@@ -1922,6 +1922,8 @@ fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_r
 
     // Within the limits, compiled and evaluated on a thread with a 2 MiB stack (a
     // runtime thread's).
+    // The charges that bound an evaluation's work wrap operands that are not literals,
+    // which nests such a chain twice as deep when it is evaluated.
     let terms = MAX_EXPRESSION_DEPTH - 16;
     let when = format!(
         "{} == {terms} && {}1{} == 1",
@@ -1929,21 +1931,26 @@ fn expressions_too_large_to_run_safely_are_refused_and_those_within_the_limits_r
         "(".repeat(32),
         ")".repeat(32)
     );
+    let read = format!("{} > 0", vec!["context.one"; terms].join(" + "));
     let outcome = std::thread::Builder::new()
         .stack_size(2 << 20)
         .spawn(move || {
-            parse_template(&template(&when), "production").map(|_| ())?;
-            Ok::<_, TemplateError>(evaluate_condition(
-                &when,
-                &json!({}),
-                &json!({}),
-                &json!({}),
-            ))
+            let mut outcomes = Vec::new();
+            for when in [when, read] {
+                parse_template(&template(&when), "production").map(|_| ())?;
+                outcomes.push(evaluate_condition(
+                    &when,
+                    &json!({"one": 1}),
+                    &json!({}),
+                    &json!({}),
+                ));
+            }
+            Ok::<_, TemplateError>(outcomes)
         })
         .unwrap()
         .join()
         .unwrap();
-    assert_eq!(outcome.unwrap(), Ok(true));
+    assert_eq!(outcome.unwrap(), [Ok(true), Ok(true)]);
 }
 
 #[test]
@@ -2002,7 +2009,9 @@ fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
     let items: Vec<Value> = (0..20_000)
         .map(|id| json!({"id": id, "sku": format!("sku-{id}")}))
         .collect();
-    let context = json!({"items": items, "text": "x".repeat(500_000)});
+    // A pattern of a megabyte with a small program.
+    let pattern = format!("(?x){}a", " ".repeat(1 << 20));
+    let context = json!({"items": items, "text": "x".repeat(500_000), "pattern": pattern});
     let run = |when: &str| evaluate_condition(when, &context, &json!({}), &json!({}));
     // Linear work over 20,000 items, or a 500 KB text, runs (a pass costs about 80,000
     // units: an item, its two fields and their values).
@@ -2018,13 +2027,30 @@ fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
     // Comparing each item with every other (400 million comparisons), copying the list
     // into each element of a list (hundreds of MB), or reading the text at each item,
     // stops with its units spent.
-    for when in [
-        "context.items.all(a, context.items.exists_one(b, a.id == b.id))",
-        "context.items.map(i, context.items).size() > 0",
-        "context.items.all(i, !context.text.contains(i.sku))",
+    let mut costly = vec![
+        "context.items.all(a, context.items.exists_one(b, a.id == b.id))".to_owned(),
+        "context.items.map(i, context.items).size() > 0".to_owned(),
+        "context.items.all(i, !context.text.contains(i.sku))".to_owned(),
         // An error beside `||` does not make the spent units true.
-        "context.items.all(a, context.items.exists_one(b, a.id == b.id)) || true",
+        "context.items.all(a, context.items.exists_one(b, a.id == b.id)) || true".to_owned(),
+    ];
+    // Loops over lists written in the expression, 64 million steps of each macro, and
+    // 512,000 lookups of a megabyte (the pattern, a map's key).
+    let zeros = |n: usize| format!("[{}]", vec!["0"; n].join(","));
+    let z = zeros(400);
+    costly.extend([
+        format!("{z}.exists_one(a, {z}.exists_one(b, {z}.exists_one(c, true)))"),
+        format!("{z}.filter(a, {z}.filter(b, {z}.filter(c, false) == []) == []) == []"),
+        format!("{z}.map(a, {z}.map(b, {z}.map(c, 1))).size() == 0"),
+    ]);
+    let z = zeros(80);
+    for lookup in [
+        "''.matches(context.pattern)",
+        "{'k': 0}[context.pattern] == 0 || true",
     ] {
+        costly.push(format!("{z}.all(a, {z}.all(b, {z}.all(c, {lookup})))"));
+    }
+    for when in &costly {
         let error = run(when).unwrap_err();
         assert!(
             error.contains(&format!(
