@@ -19,13 +19,20 @@ fn main() {
     for n in [10_000_usize, 100_000, 400_000] {
         println!("\n{n} values:");
         let context = context(n);
+        let path = format!(
+            "context.items.exists(x, context{} == 1)",
+            ".aaaaaaaaaaaaaaa".repeat(250)
+        );
         let zeros = format!("[{}]", vec!["0"; 400].join(","));
         let written =
             format!("{zeros}.exists_one(a, {zeros}.exists_one(b, {zeros}.exists_one(c, true)))");
         let patterns = PATTERNS
             .iter()
             .map(|&(label, when)| (label, when.to_owned()))
-            .chain([("lists written, nested", written)]);
+            .chain([
+                ("lists written, nested", written),
+                ("a path of 250 fields", path.clone()),
+            ]);
         for (label, when) in patterns {
             let start = Instant::now();
             let outcome = evaluate_condition(&when, &context, &json!({}), &json!({}));

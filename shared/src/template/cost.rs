@@ -21,14 +21,15 @@
 //!   pattern as text at each call (it is looked up), and [`PATTERN_UNITS`] and a unit
 //!   per byte of the pattern each time it is compiled (within [`PATTERN_SIZE_LIMIT`]
 //!   and [`MAX_PATTERN_BYTES`]; an evaluation keeps the last [`KEPT_PATTERNS`]);
-//! - the key of an index (`m[k]`), which is hashed or compared;
+//! - the key of an index (`m[k]`), which is hashed or compared, and a unit per field of
+//!   a path that begins with a name (`context.a.b`: see [`Meter::path`]);
 //! - a unit for each step of a macro's loop;
 //! - each element of a list and each key and value of a map written in the expression,
 //!   literals too (the list is built each time it is evaluated), and the expression's
 //!   result (it is converted to JSON).
 //!
-//! Field selections (`a.b`, `has(a.b)`), the indexed value and the boolean operators
-//! are not charged: they borrow, and their operands are charged where they are used.
+//! The value a field or index is read from, and the boolean operators, are not
+//! charged: they borrow, and their operands are charged where they are used.
 //! Other literals are not charged. The charges are counted, not timed, so an
 //! expression gives the same outcome on every machine. Once the units are spent,
 //! every charge fails, `all` and `exists` stop at their next step and the other macros
@@ -39,9 +40,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use cel::common::ast::{
-    CallExpr, EntryExpr, Expr, IdedEntryExpr, IdedExpr, MapExpr, StructExpr, operators,
+    CallExpr, EntryExpr, Expr, IdedEntryExpr, IdedExpr, LiteralValue, MapExpr, SelectExpr,
+    StructExpr, operators,
 };
-use cel::common::types::{CelBool, CelBytes, CelList, CelMap, CelString, DYN_TYPE};
+use cel::common::types::{CelBool, CelBytes, CelInt, CelList, CelMap, CelString, DYN_TYPE};
 use cel::common::value::{CowVal, Val};
 use cel::{Env, ExecutionError};
 
@@ -62,6 +64,8 @@ pub(super) const STATES_PER_UNIT: u64 = 16;
 const KEPT_PATTERNS: usize = 8;
 /// The longest pattern `matches` takes, in bytes (as long as an expression).
 const MAX_PATTERN_BYTES: usize = 4096;
+/// The fields of a path between two of its charges' calls.
+const FIELDS_PER_CHARGE: usize = 8;
 /// Nesting past which a value is not weighed further: it is charged all that is left.
 const MAX_WEIGHED_DEPTH: usize = 512;
 
@@ -72,6 +76,7 @@ const SIZE: &str = "@tasker_size";
 const LOOKUP: &str = "@tasker_lookup";
 const STEP: &str = "@tasker_step";
 const TICK: &str = "@tasker_tick";
+const FIELDS: &str = "@tasker_fields";
 /// `matches`, for which the calls are renamed.
 const MATCHES: &str = "@tasker_matches";
 
@@ -98,8 +103,13 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
         env.add_overload(name, name, vec![DYN_TYPE], op)
             .expect("the charges' names are declared once");
     }
-    env.add_overload(MATCHES, MATCHES, vec![DYN_TYPE, DYN_TYPE], matches)
-        .expect("the charges' names are declared once");
+    for (name, op) in [
+        (MATCHES, matches as cel::common::functions::Function),
+        (FIELDS, charge_fields),
+    ] {
+        env.add_overload(name, name, vec![DYN_TYPE, DYN_TYPE], op)
+            .expect("the charges' names are declared once");
+    }
     Arc::new(env)
 });
 
@@ -221,6 +231,16 @@ fn charge_step<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, 
 fn charge_tick<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
     let value = args.pop().expect("a charge has one argument");
     spend(1)?;
+    Ok(value)
+}
+
+/// Charge the fields of a path (the second argument, a count), and hand back the value
+/// it begins with (the first).
+fn charge_fields<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let fields = args.pop().expect("a path's charge has two arguments");
+    let value = args.pop().expect("a path's charge has two arguments");
+    let fields = fields.downcast_ref::<CelInt>().map_or(1, |n| *n.inner());
+    spend(u64::try_from(fields).unwrap_or(1))?;
     Ok(value)
 }
 
@@ -382,13 +402,18 @@ impl Meter {
 
     /// `expression` wrapped in a call of the charge `function`.
     fn wrap(&mut self, function: &str, expression: IdedExpr) -> IdedExpr {
+        self.wrap_with(function, vec![expression])
+    }
+
+    /// A call of the charge `function` with `args`.
+    fn wrap_with(&mut self, function: &str, args: Vec<IdedExpr>) -> IdedExpr {
         self.next_id += 1;
         IdedExpr {
             id: self.next_id,
             expr: Expr::Call(CallExpr {
                 func_name: function.to_owned(),
                 target: None,
-                args: vec![expression],
+                args,
             }),
         }
     }
@@ -446,14 +471,51 @@ impl Meter {
                 type_name: type_name.clone(),
                 entries: self.entries(entries),
             }),
-            Expr::Select(select) => {
-                let mut select = select.clone();
-                select.operand = Box::new(self.node(&select.operand));
-                Expr::Select(select)
-            }
+            Expr::Select(_) => return self.path(node),
             Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => node.expr.clone(),
         };
         IdedExpr { id: node.id, expr }
+    }
+
+    /// A chain of fields (`x.a.b`, `has(x.a.b)`), charged a unit per field where it
+    /// begins (a field that fails fails those above it, which are read all the same).
+    /// CEL reads the fields under each field again to tell whether the chain is a
+    /// qualified name (work that grows with the square of the chain's length), and
+    /// resolves one that begins with a name by trying each of its prefixes as a
+    /// variable's name in each scope; a call every [`FIELDS_PER_CHARGE`] fields ends what
+    /// is read again, and the value it hands over is read one field at a time.
+    fn path(&mut self, top: &IdedExpr) -> IdedExpr {
+        let mut fields = Vec::new();
+        let mut bottom = top;
+        while let Expr::Select(select) = &bottom.expr {
+            fields.push((bottom.id, select));
+            bottom = &select.operand;
+        }
+        let mut path = match &bottom.expr {
+            Expr::Ident(_) => bottom.clone(),
+            _ => self.node(bottom),
+        };
+        let count = fields.len();
+        for (n, (id, select)) in fields.into_iter().rev().enumerate() {
+            if n % FIELDS_PER_CHARGE == 0 {
+                self.next_id += 1;
+                let units = if n == 0 { count as i64 } else { 0 };
+                let units = IdedExpr {
+                    id: self.next_id,
+                    expr: Expr::Literal(LiteralValue::Int(CelInt::from(units))),
+                };
+                path = self.wrap_with(FIELDS, vec![path, units]);
+            }
+            path = IdedExpr {
+                id,
+                expr: Expr::Select(SelectExpr {
+                    operand: Box::new(path),
+                    field: select.field.clone(),
+                    test: select.test,
+                }),
+            };
+        }
+        path
     }
 
     /// The step of a loop whose condition is a literal, charged a unit each time it runs

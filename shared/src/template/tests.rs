@@ -2011,7 +2011,12 @@ fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
         .collect();
     // A pattern of a megabyte with a small program.
     let pattern = format!("(?x){}a", " ".repeat(1 << 20));
-    let context = json!({"items": items, "text": "x".repeat(500_000), "pattern": pattern});
+    let context = json!({
+        "items": items,
+        "text": "x".repeat(500_000),
+        "pattern": pattern,
+        "zeros": vec![0; 100_000],
+    });
     let run = |when: &str| evaluate_condition(when, &context, &json!({}), &json!({}));
     // Linear work over 20,000 items, or a 500 KB text, runs (a pass costs about 80,000
     // units: an item, its two fields and their values).
@@ -2050,6 +2055,12 @@ fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
     ] {
         costly.push(format!("{z}.all(a, {z}.all(b, {z}.all(c, {lookup})))"));
     }
+    // A path of 250 fields at each of 100,000 steps (CEL would try each of its prefixes
+    // as a variable's name).
+    costly.push(format!(
+        "context.zeros.exists(x, context{} == 1)",
+        ".aaaaaaaaaaaaaaa".repeat(250)
+    ));
     for when in &costly {
         let error = run(when).unwrap_err();
         assert!(
