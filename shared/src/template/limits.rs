@@ -295,7 +295,8 @@ pub const MAX_EXPRESSION_CHARS: usize = 4_096;
 /// (`1 + 1 + …`), field of a path (`a.b.c…`), index, call or bracket is a level. CEL
 /// evaluates an expression by recursion over its tree, about a level per stack frame:
 /// a chain of 1,500 additions overflowed a 2 MiB thread stack (1,200 did not), which
-/// aborts the process.
+/// aborts the process. The charges that bound an evaluation's work ([`cost::meter`])
+/// wrap operands in calls: the depth evaluated is up to about twice the depth written.
 pub const MAX_EXPRESSION_DEPTH: usize = 256;
 /// The stack of the thread an expression is compiled on: CEL's parser recurses once per
 /// level too, and the depth is known only once it has parsed. Enough for any expression
@@ -324,8 +325,9 @@ impl Compiled {
 }
 
 /// Compile `source` on a thread of its own with a stack large enough for any expression
-/// of its length, and refuse it there (where its tree is dropped) when it is longer or
-/// deeper than the limits, so that what is returned runs safely on any thread.
+/// of its length, refuse it there (where its tree is dropped) when it is longer or
+/// deeper than the limits, and lay in the charges that bound its work, so that what is
+/// returned runs safely on any thread.
 fn compile_guarded(source: &str) -> Result<Compiled, String> {
     let chars = source.chars().count();
     let shown: String = source.chars().take(60).collect();
