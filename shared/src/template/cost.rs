@@ -585,8 +585,8 @@ impl Meter {
             && let (Some(text), [pattern]) | (None, [text, pattern]) =
                 (call.target.as_deref(), call.args.as_slice())
         {
-            // `text.matches(pattern)` or `matches(text, pattern)`: the text is charged
-            // here, the pattern by the function, which keeps it compiled.
+            // `text.matches(pattern)` or `matches(text, pattern)`: both are charged by
+            // the function, which knows the pattern's program and keeps it compiled.
             return CallExpr {
                 func_name: MATCHES.to_owned(),
                 target: None,
