@@ -47,9 +47,10 @@ use cel::common::types::{CelBool, CelBytes, CelInt, CelList, CelMap, CelString, 
 use cel::common::value::{CowVal, Val};
 use cel::{Env, ExecutionError};
 
-/// The most units one evaluation of an expression may spend: four linear passes over
-/// the largest task context `TASKER_MAX_CONTEXT_BYTES` allows by default (1 MiB holds
-/// at most about 500,000 values), and at most about half a second of one core.
+/// The most units one evaluation of an expression may spend: a simple pass over a list
+/// as long as the largest task context `TASKER_MAX_CONTEXT_BYTES` allows by default
+/// holds (1 MiB: about 500,000 values) costs a few units per element, and the costliest
+/// expressions measured spend this in about half a second of one core.
 pub const MAX_EXPRESSION_COST: u64 = 2_000_000;
 /// Bytes of text per unit.
 pub(super) const TEXT_BYTES_PER_UNIT: usize = 16;
