@@ -23,6 +23,7 @@ fn main() {
             "context.items.exists(x, context{} == 1)",
             ".aaaaaaaaaaaaaaa".repeat(250)
         );
+        let operands = format!("context.items.all(b, {})", vec!["b >= 0"; 500].join("&&"));
         let zeros = format!("[{}]", vec!["0"; 400].join(","));
         let written =
             format!("{zeros}.exists_one(a, {zeros}.exists_one(b, {zeros}.exists_one(c, true)))");
@@ -32,6 +33,7 @@ fn main() {
             .chain([
                 ("lists written, nested", written),
                 ("a path of 250 fields", path.clone()),
+                ("500 comparisons per step", operands.clone()),
             ]);
         for (label, when) in patterns {
             let start = Instant::now();

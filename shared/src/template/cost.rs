@@ -23,14 +23,14 @@
 //!   and [`MAX_PATTERN_BYTES`]; an evaluation keeps the last [`KEPT_PATTERNS`]);
 //! - the key of an index (`m[k]`), which is hashed or compared, and a unit per field of
 //!   a path that begins with a name (`context.a.b`: see [`Meter::path`]);
-//! - a unit for each step of a macro's loop;
+//! - each step of a macro's loop, by what it evaluates as written ([`step_units`]);
 //! - each element of a list and each key and value of a map written in the expression,
 //!   literals too (the list is built each time it is evaluated), and the expression's
 //!   result (it is converted to JSON).
 //!
-//! The value a field or index is read from, and the boolean operators, are not
-//! charged: they borrow, and their operands are charged where they are used.
-//! Other literals are not charged. The charges are counted, not timed, so an
+//! Outside a loop's steps, literals, the boolean operators and the value a field or
+//! index is read from are not charged: they run once, or borrow, and their operands
+//! are charged where they are used. The charges are counted, not timed, so an
 //! expression gives the same outcome on every machine. Once the units are spent,
 //! every charge fails, `all` and `exists` stop at their next step and the other macros
 //! at their step's failed charge, so the evaluation ends at once.
@@ -48,9 +48,9 @@ use cel::common::value::{CowVal, Val};
 use cel::{Env, ExecutionError};
 
 /// The most units one evaluation of an expression may spend: a simple pass over a list
-/// as long as the largest task context `TASKER_MAX_CONTEXT_BYTES` allows by default
-/// holds (1 MiB: about 500,000 values) costs a few units per element, and the costliest
-/// expressions measured spend this in about half a second of one core.
+/// costs a few units per element (the largest task context `TASKER_MAX_CONTEXT_BYTES`
+/// allows by default, 1 MiB, holds at most about 500,000 values), and the costliest
+/// expressions measured spend this in about a third of a second of one core.
 pub const MAX_EXPRESSION_COST: u64 = 2_000_000;
 /// Bytes of text per unit.
 pub(super) const TEXT_BYTES_PER_UNIT: usize = 16;
@@ -65,6 +65,9 @@ pub(super) const STATES_PER_UNIT: u64 = 16;
 const KEPT_PATTERNS: usize = 8;
 /// The longest pattern `matches` takes, in bytes (as long as an expression).
 const MAX_PATTERN_BYTES: usize = 4096;
+/// Nodes of a loop's step evaluated per unit charged: a node takes 10 to 40 ns, a value
+/// read or copied 100 to 150.
+const NODES_PER_UNIT: u64 = 4;
 /// The fields of a path between two of its charges' calls.
 const FIELDS_PER_CHARGE: usize = 8;
 /// Nesting past which a value is not weighed further: it is charged all that is left.
@@ -98,8 +101,6 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
         (WHOLE, charge_whole as cel::common::functions::Function),
         (SIZE, charge_size),
         (LOOKUP, charge_lookup),
-        (STEP, charge_step),
-        (TICK, charge_tick),
     ] {
         env.add_overload(name, name, vec![DYN_TYPE], op)
             .expect("the charges' names are declared once");
@@ -107,6 +108,8 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
     for (name, op) in [
         (MATCHES, matches as cel::common::functions::Function),
         (FIELDS, charge_fields),
+        (STEP, charge_step),
+        (TICK, charge_tick),
     ] {
         env.add_overload(name, name, vec![DYN_TYPE, DYN_TYPE], op)
             .expect("the charges' names are declared once");
@@ -218,30 +221,38 @@ fn charge_whole<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>,
     Ok(value)
 }
 
-/// Charge a step of a macro's loop, and hand back its condition to go on: false once
-/// the units are spent, which ends the loop.
-fn charge_step<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
-    let go_on = args.pop().expect("a charge has one argument");
-    if spend(1).is_err() {
+/// The value and the units of a charge of two arguments: what it hands back, and a
+/// count the meter wrote.
+fn value_and_units<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> (CowVal<'b, 'v>, u64) {
+    let units = args.pop().expect("this charge has two arguments");
+    let value = args.pop().expect("this charge has two arguments");
+    let units = units.downcast_ref::<CelInt>().map_or(1, |n| *n.inner());
+    (value, u64::try_from(units).unwrap_or(1))
+}
+
+/// Charge a step of a macro's loop (the units the meter counted for it), and hand back
+/// its condition to go on: false once the units are spent, which ends the loop.
+fn charge_step<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let (go_on, units) = value_and_units(args);
+    if spend(units).is_err() {
         return Ok(CowVal::Owned(Box::new(CelBool::from(false))));
     }
     Ok(go_on)
 }
 
-/// Charge a step of a macro's loop, and hand back what it gave.
-fn charge_tick<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
-    let value = args.pop().expect("a charge has one argument");
-    spend(1)?;
+/// Charge a step of a macro's loop (the units the meter counted for it), and hand back
+/// what it gave.
+fn charge_tick<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let (value, units) = value_and_units(args);
+    spend(units)?;
     Ok(value)
 }
 
-/// Charge the fields of a path (the second argument, a count), and hand back the value
-/// it begins with (the first).
-fn charge_fields<'b, 'v>(mut args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
-    let fields = args.pop().expect("a path's charge has two arguments");
-    let value = args.pop().expect("a path's charge has two arguments");
-    let fields = fields.downcast_ref::<CelInt>().map_or(1, |n| *n.inner());
-    spend(u64::try_from(fields).unwrap_or(1))?;
+/// Charge the fields of a path (the count the meter wrote), and hand back the value it
+/// begins with.
+fn charge_fields<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let (value, units) = value_and_units(args);
+    spend(units)?;
     Ok(value)
 }
 
@@ -430,15 +441,18 @@ impl Meter {
                 self.accumulators.push(c.accu_var.clone());
                 let loop_cond = self.node(&c.loop_cond);
                 let loop_step = self.node(&c.loop_step);
-                // Each step is charged a unit. A loop whose condition is a literal
+                // Each step is charged what it evaluates ([`step_units`]). A loop whose
+                // condition is a literal
                 // (`map`, `filter`, `exists_one`) stops at its step's first error, so
                 // its step is charged, in the shape CEL recognises to append in place;
                 // the others (`all`, `exists`) go on past errors, so their condition
                 // is, and stops them.
+                let units = step_units(&[&c.loop_cond, &c.loop_step], self.accumulators.len());
                 let (loop_cond, loop_step) = if matches!(loop_cond.expr, Expr::Literal(_)) {
-                    (loop_cond, self.tick(loop_step, &c.accu_var))
+                    (loop_cond, self.tick(loop_step, &c.accu_var, units))
                 } else {
-                    (self.wrap(STEP, loop_cond), loop_step)
+                    let units = self.count(units);
+                    (self.wrap_with(STEP, vec![loop_cond, units]), loop_step)
                 };
                 let result = self.node(&c.result);
                 self.accumulators.pop();
@@ -499,12 +513,7 @@ impl Meter {
         let count = fields.len();
         for (n, (id, select)) in fields.into_iter().rev().enumerate() {
             if n % FIELDS_PER_CHARGE == 0 {
-                self.next_id += 1;
-                let units = if n == 0 { count as i64 } else { 0 };
-                let units = IdedExpr {
-                    id: self.next_id,
-                    expr: Expr::Literal(LiteralValue::Int(CelInt::from(units))),
-                };
+                let units = self.count(if n == 0 { count as u64 } else { 0 });
                 path = self.wrap_with(FIELDS, vec![path, units]);
             }
             path = IdedExpr {
@@ -523,15 +532,22 @@ impl Meter {
     /// (and failing once the units are spent), in its shape: `@result + [x]` (`map`)
     /// is charged by `x`, written as part of a list; `c ? … : @result` (`filter`,
     /// `exists_one`) by its condition.
-    fn tick(&mut self, step: IdedExpr, accumulator: &str) -> IdedExpr {
+    fn tick(&mut self, step: IdedExpr, accumulator: &str, units: u64) -> IdedExpr {
         let is_accumulator = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if n == accumulator);
+        let units = self.count(units);
         match step.expr {
-            Expr::Call(call)
+            Expr::Call(mut call)
                 if call.func_name == operators::ADD
                     && call.target.is_none()
                     && matches!(call.args.as_slice(), [sum, part]
-                        if is_accumulator(sum) && matches!(part.expr, Expr::List(_))) =>
+                        if is_accumulator(sum) && matches!(&part.expr, Expr::List(list)
+                            if !list.elements.is_empty())) =>
             {
+                if let Expr::List(list) = &mut call.args[1].expr {
+                    let first = list.elements.remove(0);
+                    list.elements
+                        .insert(0, self.wrap_with(TICK, vec![first, units]));
+                }
                 IdedExpr {
                     id: step.id,
                     expr: Expr::Call(call),
@@ -544,13 +560,25 @@ impl Meter {
                     && is_accumulator(&call.args[2]) =>
             {
                 let condition = call.args.remove(0);
-                call.args.insert(0, self.wrap(TICK, condition));
+                call.args
+                    .insert(0, self.wrap_with(TICK, vec![condition, units]));
                 IdedExpr {
                     id: step.id,
                     expr: Expr::Call(call),
                 }
             }
-            expr => self.wrap(TICK, IdedExpr { id: step.id, expr }),
+            expr => self.wrap_with(TICK, vec![IdedExpr { id: step.id, expr }, units]),
+        }
+    }
+
+    /// A literal of `units`, for a charge of two arguments.
+    fn count(&mut self, units: u64) -> IdedExpr {
+        self.next_id += 1;
+        IdedExpr {
+            id: self.next_id,
+            expr: Expr::Literal(LiteralValue::Int(CelInt::from(
+                i64::try_from(units).unwrap_or(i64::MAX),
+            ))),
         }
     }
 
@@ -647,6 +675,59 @@ fn charge_of(name: &str, position: usize) -> &'static str {
         (operators::IN, 1) => LOOKUP,
         _ => WHOLE,
     }
+}
+
+/// What a step of a loop costs besides the values it reads: its condition and step as
+/// written (`parts`), a unit for each [`NODES_PER_UNIT`] nodes evaluated (an operator, a
+/// literal, a name, a field), a name counting once more for each of the `scopes` of
+/// macros it is looked up through, and a literal text by its length. A macro inside is
+/// counted by its list and first value; its own steps are charged by its own loop.
+/// Recursive: the meter runs on the compiling thread.
+fn step_units(parts: &[&IdedExpr], scopes: usize) -> u64 {
+    fn walk(node: &IdedExpr, scopes: u64, nodes: &mut u64, texts: &mut u64) {
+        *nodes += 1;
+        match &node.expr {
+            Expr::Literal(LiteralValue::String(text)) => {
+                *texts += text_units(text.inner().len(), TEXT_BYTES_PER_UNIT);
+            }
+            Expr::Literal(LiteralValue::Bytes(bytes)) => {
+                *texts += text_units(bytes.inner().len(), TEXT_BYTES_PER_UNIT);
+            }
+            Expr::Ident(_) => *nodes += scopes,
+            Expr::Call(call) => {
+                for operand in call.target.as_deref().into_iter().chain(&call.args) {
+                    walk(operand, scopes, nodes, texts);
+                }
+            }
+            Expr::Comprehension(c) => {
+                walk(&c.iter_range, scopes, nodes, texts);
+                walk(&c.accu_init, scopes, nodes, texts);
+            }
+            Expr::List(list) => {
+                for element in &list.elements {
+                    walk(element, scopes, nodes, texts);
+                }
+            }
+            Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+                for entry in entries {
+                    match &entry.expr {
+                        EntryExpr::MapEntry(e) => {
+                            walk(&e.key, scopes, nodes, texts);
+                            walk(&e.value, scopes, nodes, texts);
+                        }
+                        EntryExpr::StructField(f) => walk(&f.value, scopes, nodes, texts),
+                    }
+                }
+            }
+            Expr::Select(select) => walk(&select.operand, scopes, nodes, texts),
+            Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+    let (mut nodes, mut texts) = (0, 0);
+    for part in parts {
+        walk(part, scopes as u64, &mut nodes, &mut texts);
+    }
+    1 + nodes / NODES_PER_UNIT + texts
 }
 
 /// The highest node id in `root`, walked without recursion.

@@ -2016,6 +2016,7 @@ fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
         "text": "x".repeat(500_000),
         "pattern": pattern,
         "zeros": vec![0; 100_000],
+        "flags": vec![true; 200_000],
     });
     let run = |when: &str| evaluate_condition(when, &context, &json!({}), &json!({}));
     // Linear work over 20,000 items, or a 500 KB text, runs (a pass costs about 80,000
@@ -2060,6 +2061,17 @@ fn an_evaluation_that_does_more_work_than_an_expression_may_fails() {
     costly.push(format!(
         "context.zeros.exists(x, context{} == 1)",
         ".aaaaaaaaaaaaaaa".repeat(250)
+    ));
+    // Steps whose syntax is long: 1,300 operands, or literal texts of 2 and 1 KB
+    // searched, at each of 200,000 steps.
+    costly.push(format!(
+        "context.flags.all(b, {})",
+        vec!["b"; 1_300].join("&&")
+    ));
+    costly.push(format!(
+        "context.flags.all(b, !'{}'.contains('{}b'))",
+        "a".repeat(2_000),
+        "a".repeat(1_000)
     ));
     for when in &costly {
         let error = run(when).unwrap_err();
