@@ -535,7 +535,7 @@ impl Meter {
     fn tick(&mut self, step: IdedExpr, accumulator: &str, units: u64) -> IdedExpr {
         let is_accumulator = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if n == accumulator);
         let units = self.count(units);
-        match step.expr {
+        let expr = match step.expr {
             Expr::Call(mut call)
                 if call.func_name == operators::ADD
                     && call.target.is_none()
@@ -548,10 +548,7 @@ impl Meter {
                     list.elements
                         .insert(0, self.wrap_with(TICK, vec![first, units]));
                 }
-                IdedExpr {
-                    id: step.id,
-                    expr: Expr::Call(call),
-                }
+                Expr::Call(call)
             }
             Expr::Call(mut call)
                 if call.func_name == operators::CONDITIONAL
@@ -562,13 +559,11 @@ impl Meter {
                 let condition = call.args.remove(0);
                 call.args
                     .insert(0, self.wrap_with(TICK, vec![condition, units]));
-                IdedExpr {
-                    id: step.id,
-                    expr: Expr::Call(call),
-                }
+                Expr::Call(call)
             }
-            expr => self.wrap_with(TICK, vec![IdedExpr { id: step.id, expr }, units]),
-        }
+            expr => return self.wrap_with(TICK, vec![IdedExpr { id: step.id, expr }, units]),
+        };
+        IdedExpr { id: step.id, expr }
     }
 
     /// A literal of `units`, for a charge of two arguments.
@@ -694,33 +689,15 @@ fn step_units(parts: &[&IdedExpr], scopes: usize) -> u64 {
                 *texts += text_units(bytes.inner().len(), TEXT_BYTES_PER_UNIT);
             }
             Expr::Ident(_) => *nodes += scopes,
-            Expr::Call(call) => {
-                for operand in call.target.as_deref().into_iter().chain(&call.args) {
-                    walk(operand, scopes, nodes, texts);
-                }
-            }
             Expr::Comprehension(c) => {
                 walk(&c.iter_range, scopes, nodes, texts);
                 walk(&c.accu_init, scopes, nodes, texts);
             }
-            Expr::List(list) => {
-                for element in &list.elements {
-                    walk(element, scopes, nodes, texts);
+            _ => {
+                for operand in operands(node) {
+                    walk(operand, scopes, nodes, texts);
                 }
             }
-            Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
-                for entry in entries {
-                    match &entry.expr {
-                        EntryExpr::MapEntry(e) => {
-                            walk(&e.key, scopes, nodes, texts);
-                            walk(&e.value, scopes, nodes, texts);
-                        }
-                        EntryExpr::StructField(f) => walk(&f.value, scopes, nodes, texts),
-                    }
-                }
-            }
-            Expr::Select(select) => walk(&select.operand, scopes, nodes, texts),
-            Expr::Literal(_) | Expr::Unspecified => {}
         }
     }
     let (mut nodes, mut texts) = (0, 0);
@@ -730,37 +707,50 @@ fn step_units(parts: &[&IdedExpr], scopes: usize) -> u64 {
     1 + nodes / NODES_PER_UNIT + texts
 }
 
+/// The expressions directly under `node`: a call's target and arguments, a macro's
+/// list, first value, condition, step and result, the elements of a list, the keys and
+/// values of a map, the operand of a field.
+pub(super) fn operands(node: &IdedExpr) -> Vec<&IdedExpr> {
+    match &node.expr {
+        Expr::Call(call) => call
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(&call.args)
+            .collect(),
+        Expr::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Expr::List(list) => list.elements.iter().collect(),
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => entries
+            .iter()
+            .flat_map(|entry| match &entry.expr {
+                EntryExpr::MapEntry(e) => vec![&e.key, &e.value],
+                EntryExpr::StructField(f) => vec![&f.value],
+            })
+            .collect(),
+        Expr::Select(select) => vec![&select.operand],
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Vec::new(),
+    }
+}
+
 /// The highest node id in `root`, walked without recursion.
 fn highest_id(root: &IdedExpr) -> u64 {
     let mut highest = 0;
     let mut stack = vec![root];
     while let Some(node) = stack.pop() {
         highest = highest.max(node.id);
-        match &node.expr {
-            Expr::Call(call) => {
-                stack.extend(call.target.as_deref());
-                stack.extend(call.args.iter());
-            }
-            Expr::Comprehension(c) => stack.extend([
-                &c.iter_range,
-                &c.accu_init,
-                &c.loop_cond,
-                &c.loop_step,
-                &c.result,
-            ]),
-            Expr::List(list) => stack.extend(list.elements.iter()),
-            Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
-                for entry in entries {
-                    highest = highest.max(entry.id);
-                    match &entry.expr {
-                        EntryExpr::MapEntry(e) => stack.extend([&e.key, &e.value]),
-                        EntryExpr::StructField(f) => stack.push(&f.value),
-                    }
-                }
-            }
-            Expr::Select(select) => stack.push(&select.operand),
-            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        // A map's entries have ids of their own.
+        if let Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) =
+            &node.expr
+        {
+            highest = entries.iter().map(|entry| entry.id).fold(highest, u64::max);
         }
+        stack.extend(operands(node));
     }
     highest
 }

@@ -369,41 +369,11 @@ fn compile_guarded(source: &str) -> Result<Compiled, String> {
 
 /// The depth of an expression's syntax tree, walked without recursion.
 fn expression_depth(root: &cel::common::ast::IdedExpr) -> usize {
-    use cel::common::ast::{EntryExpr, Expr, MapExpr, StructExpr};
     let mut deepest = 0;
     let mut stack = vec![(root, 1_usize)];
     while let Some((node, depth)) = stack.pop() {
         deepest = deepest.max(depth);
-        let below = depth + 1;
-        match &node.expr {
-            Expr::Call(call) => {
-                stack.extend(call.target.as_deref().map(|target| (target, below)));
-                stack.extend(call.args.iter().map(|arg| (arg, below)));
-            }
-            Expr::Comprehension(c) => stack.extend(
-                [
-                    &c.iter_range,
-                    &c.accu_init,
-                    &c.loop_cond,
-                    &c.loop_step,
-                    &c.result,
-                ]
-                .map(|e| (e, below)),
-            ),
-            Expr::List(list) => stack.extend(list.elements.iter().map(|e| (e, below))),
-            Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
-                for entry in entries {
-                    match &entry.expr {
-                        EntryExpr::MapEntry(e) => {
-                            stack.extend([(&e.key, below), (&e.value, below)])
-                        }
-                        EntryExpr::StructField(f) => stack.push((&f.value, below)),
-                    }
-                }
-            }
-            Expr::Select(select) => stack.push((&select.operand, below)),
-            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
-        }
+        stack.extend(cost::operands(node).into_iter().map(|e| (e, depth + 1)));
     }
     deepest
 }
@@ -416,17 +386,12 @@ fn free_variables(
     bound: &mut Vec<String>,
     found: &mut Vec<String>,
 ) {
-    use cel::common::ast::{EntryExpr, Expr, MapExpr, StructExpr};
+    use cel::common::ast::Expr;
     match &node.expr {
         Expr::Ident(name) => {
             // CEL's own names (a macro's accumulator) begin with `@`.
             if !name.starts_with('@') && !bound.contains(name) {
                 found.push(name.clone());
-            }
-        }
-        Expr::Call(call) => {
-            for operand in call.target.as_deref().into_iter().chain(&call.args) {
-                free_variables(operand, bound, found);
             }
         }
         Expr::Comprehension(c) => {
@@ -441,24 +406,11 @@ fn free_variables(
             }
             bound.truncate(outer);
         }
-        Expr::List(list) => {
-            for element in &list.elements {
-                free_variables(element, bound, found);
+        _ => {
+            for operand in cost::operands(node) {
+                free_variables(operand, bound, found);
             }
         }
-        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
-            for entry in entries {
-                match &entry.expr {
-                    EntryExpr::MapEntry(e) => {
-                        free_variables(&e.key, bound, found);
-                        free_variables(&e.value, bound, found);
-                    }
-                    EntryExpr::StructField(f) => free_variables(&f.value, bound, found),
-                }
-            }
-        }
-        Expr::Select(select) => free_variables(&select.operand, bound, found),
-        Expr::Literal(_) | Expr::Unspecified => {}
     }
 }
 
